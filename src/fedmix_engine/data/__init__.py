@@ -1,0 +1,1 @@
+"""Site data: image I/O and validation, the SiteStore, synthetic federations, folder import."""

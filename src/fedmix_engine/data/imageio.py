@@ -1,0 +1,132 @@
+"""Reading, validating and normalising 2-D images and masks: the only place that does it.
+
+Accepted: TIFF (tifffile), PNG/JPEG/BMP (imageio); 8- or 16-bit integers or floats; grey
+(H×W) or colour (H×W×3, H×W×4 with alpha dropped). Refused with an :class:`InputError`
+naming the file: unreadable or corrupt files, 3-D stacks, empty images, non-finite floats.
+
+Normalisation (:func:`normalise_image`) maps every accepted image to float32 ``C×H×W`` in
+[0, 1]:
+
+- ``uint8``: divided by 255 (the scale of ultrasound and photographs is meaningful);
+- other integer types (e.g. 12-bit data in 16-bit containers): per-image min–max, because
+  the container's maximum says nothing about the detector's range;
+- floats: per-image min–max unless already within [0, 1];
+- colour to grey (``channels=1``) by ITU-R 601 luma; grey to colour (``channels=3``) by
+  repetition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedmix_engine.errors import InputError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def read_array(path: str | Path) -> np.ndarray:
+    """Read an image file as stored (no conversion); refuse what cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise InputError(path, f"unsupported file type '{suffix}'; use one of {', '.join(IMAGE_SUFFIXES)}")
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            array = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+
+            array = iio.imread(path)
+    except Exception as exc:  # the readers raise many types for corrupt files
+        raise InputError(path, f"unreadable or corrupt image file ({type(exc).__name__}: {exc})") from exc
+    array = np.asarray(array)
+    if array.size == 0:
+        raise InputError(path, "unreadable or corrupt image file (no pixel data)")
+    return array
+
+
+def validate_image(array: np.ndarray, where: str | Path) -> np.ndarray:
+    """Check that ``array`` is one 2-D image (grey or colour) and return it as H×W or H×W×3."""
+    array = np.asarray(array)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(where, f"pixel type {array.dtype} is not supported; use 8/16-bit integers or floats")
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]  # drop alpha
+    if array.ndim == 3 and array.shape[-1] == 3:
+        pass
+    elif array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] > 4:
+        raise InputError(
+            where, f"channels-first colour image {tuple(array.shape)}; save it channels-last (H×W×3)"
+        )
+    elif array.ndim != 2:
+        shape = "×".join(str(s) for s in array.shape)
+        if array.ndim == 3:
+            reason = (f"3-D stack ({shape}); FedMix sites hold 2-D images — split the stack or import one slice")
+        else:
+            reason = f"{array.ndim}-D array ({shape}); expected a 2-D grey (H×W) or colour (H×W×3) image"
+        raise InputError(where, reason)
+    if array.shape[0] < 8 or array.shape[1] < 8:
+        raise InputError(where, f"image of {array.shape[0]}×{array.shape[1]} pixels is too small (min 8×8)")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise InputError(where, "image contains NaN or infinite values")
+    return array
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read and validate one 2-D image file (stored values, no normalisation)."""
+    return validate_image(read_array(path), path)
+
+
+def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:
+    """Map a validated image to float32 ``channels×H×W`` in [0, 1] (rules in the module docstring)."""
+    if channels not in (1, 3):
+        raise InputError("channels", f"must be 1 or 3, not {channels}")
+    if array.dtype == np.uint8:
+        image = array.astype(np.float32) / 255.0
+    else:
+        image = array.astype(np.float32)
+        lo, hi = float(image.min()), float(image.max())
+        if np.issubdtype(array.dtype, np.integer) or lo < 0.0 or hi > 1.0:
+            image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    if image.ndim == 3:  # H×W×3
+        image = image @ _LUMA if channels == 1 else image
+        image = image[None] if channels == 1 else np.moveaxis(image, -1, 0)
+    else:
+        image = image[None] if channels == 1 else np.repeat(image[None], 3, axis=0)
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def validate_mask(mask: np.ndarray, image_shape: tuple[int, int], num_classes: int, where: str | Path) -> np.ndarray:
+    """Check a label mask (0 = background, 1..C = classes) against its image; return it as uint8."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4) and np.all(mask[..., :3] == mask[..., :1]):
+        mask = mask[..., 0]  # a grey mask saved as RGB(A)
+    if mask.ndim != 2:
+        raise InputError(where, f"mask must be 2-D (H×W), got shape {tuple(mask.shape)}")
+    if tuple(mask.shape) != tuple(image_shape[:2]):
+        raise InputError(
+            where, f"mask shape {mask.shape[0]}×{mask.shape[1]} ≠ image shape {image_shape[0]}×{image_shape[1]}"
+        )
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.all(np.isfinite(mask)) or not np.all(mask == np.round(mask)):
+            raise InputError(where, "mask must hold whole class numbers (0 = background), not fractions")
+    elif mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
+        raise InputError(where, f"mask pixel type {mask.dtype} is not supported")
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8)
+    lo, hi = int(mask.min()), int(mask.max())
+    if lo < 0 or hi > num_classes:
+        # a 0/255 binary mask is common; accept it for single-class sites
+        if num_classes == 1 and set(np.unique(mask).tolist()) <= {0, 255}:
+            return (mask > 0).astype(np.uint8)
+        raise InputError(
+            where, f"mask values {lo}..{hi} outside the class range 0..{num_classes} (0 = background)"
+        )
+    return mask.astype(np.uint8)

@@ -1,0 +1,18 @@
+"""One error type for bad user input, so every layer can name the file or field at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """Bad input from a user or a peer: says *where* (file or field) and *what to do*.
+
+    ``where`` is a path or a field name; the message is written for the person who
+    has to fix the input, not for the developer.
+    """
+
+    def __init__(self, where: str | Path, reason: str) -> None:
+        self.where = str(where)
+        self.reason = reason
+        super().__init__(f"{self.where}: {reason}")

@@ -1,0 +1,34 @@
+"""Shared fixtures: small real files on disk, never mocks of the file system."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def grey_image(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, size=(48, 64), dtype=np.uint8)
+
+
+@pytest.fixture
+def lesion_mask() -> np.ndarray:
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:20, 15:30] = 1
+    return mask
+
+
+@pytest.fixture
+def site(tmp_path: Path):
+    from fedmix_engine.data.site_store import SiteStore
+
+    store = SiteStore.create(tmp_path / "site", ["lesion"])
+    yield store
+    store.close()

@@ -1,0 +1,89 @@
+"""Image reading, validation and normalisation: each bad input names its file and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+
+from fedmix_engine.data.imageio import normalise_image, read_image, validate_mask
+from fedmix_engine.errors import InputError
+
+
+def test_reads_tiff_png_8_and_16_bit_grey_and_rgb(tmp_path: Path, rng: np.random.Generator) -> None:
+    grey16 = rng.integers(0, 4096, size=(32, 40), dtype=np.uint16)
+    rgb8 = rng.integers(0, 256, size=(32, 40, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "a.tif", grey16)
+    iio.imwrite(tmp_path / "b.png", rgb8)
+    assert read_image(tmp_path / "a.tif").dtype == np.uint16
+    np.testing.assert_array_equal(read_image(tmp_path / "b.png"), rgb8)
+
+
+def test_corrupt_tiff_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "case-07.tif"
+    bad.write_bytes(b"II*\x00" + b"\x00garbage" * 10)
+    with pytest.raises(InputError, match=r"case-07\.tif: unreadable or corrupt"):
+        read_image(bad)
+
+
+def test_truncated_png_names_the_file(tmp_path: Path, grey_image: np.ndarray) -> None:
+    path = tmp_path / "cut.png"
+    iio.imwrite(path, grey_image)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(InputError, match=r"cut\.png: unreadable or corrupt"):
+        read_image(path)
+
+
+def test_3d_stack_is_refused_with_advice(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((12, 64, 64), np.uint8))
+    with pytest.raises(InputError, match=r"stack\.tif: 3-D stack \(12×64×64\).*split the stack"):
+        read_image(tmp_path / "stack.tif")
+
+
+def test_4d_and_tiny_and_nan_and_unsupported(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "t.tif", np.zeros((2, 3, 32, 32), np.uint8))
+    with pytest.raises(InputError, match=r"t\.tif: 4-D array"):
+        read_image(tmp_path / "t.tif")
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((4, 4), np.uint8))
+    with pytest.raises(InputError, match=r"small\.tif: .*too small"):
+        read_image(tmp_path / "small.tif")
+    nan = np.zeros((16, 16), np.float32)
+    nan[3, 3] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    with pytest.raises(InputError, match=r"nan\.tif: image contains NaN"):
+        read_image(tmp_path / "nan.tif")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match=r"notes\.txt: unsupported file type"):
+        read_image(tmp_path / "notes.txt")
+    with pytest.raises(InputError, match=r"missing\.tif: file not found"):
+        read_image(tmp_path / "missing.tif")
+
+
+def test_normalisation_rules() -> None:
+    u8 = np.array([[0, 255], [51, 102]], np.uint8).repeat(8, 0).repeat(8, 1)
+    np.testing.assert_allclose(normalise_image(u8)[0, 0, 0], 0.0)
+    np.testing.assert_allclose(normalise_image(u8).max(), 1.0)
+    assert normalise_image(u8).shape == (1, 16, 16)
+    u16 = (u8.astype(np.uint16) * 4 + 100)  # 12-bit-like data: min–max, not /65535
+    out = normalise_image(u16)
+    assert out.min() == 0.0 and out.max() == 1.0
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 1] = 255  # pure green → luma 0.587
+    np.testing.assert_allclose(normalise_image(rgb)[0], 0.587, atol=1e-6)
+    assert normalise_image(rgb, channels=3).shape == (3, 16, 16)
+    assert normalise_image(u8, channels=3).shape == (3, 16, 16)
+    already = np.full((16, 16), 0.25, np.float32)
+    np.testing.assert_allclose(normalise_image(already), 0.25)
+
+
+def test_mask_validation_names_the_mask(lesion_mask: np.ndarray) -> None:
+    with pytest.raises(InputError, match=r"m\.tif: mask shape 48×60 ≠ image shape 48×64"):
+        validate_mask(lesion_mask[:, :60], (48, 64), 1, "m.tif")
+    with pytest.raises(InputError, match=r"m\.tif: mask values 0\.\.3 outside the class range 0\.\.2"):
+        validate_mask(lesion_mask * 3, (48, 64), 2, "m.tif")
+    assert validate_mask(lesion_mask * 255, (48, 64), 1, "m.tif").max() == 1  # 0/255 binary masks are common
+    with pytest.raises(InputError, match="whole class numbers"):
+        validate_mask(lesion_mask * 0.5, (48, 64), 1, "m.tif")
