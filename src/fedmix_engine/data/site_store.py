@@ -1,0 +1,550 @@
+"""The SiteStore: one site's images and annotations in a folder a clinician can back up.
+
+Layout (see ``docs/site-format.md``)::
+
+    site/
+      site.json          # name, classes, channels, format version
+      annotations.db     # SQLite: images, masks, boxes, tags (kind, class, author, time)
+      images/<id>.tif    # each image as imported (validated, never altered)
+      masks/<id>.tif     # uint8 label image, 0 = background, k = k-th class
+
+Durability: files are replaced atomically (temporary file + fsync + rename) and every
+metadata change is one SQLite transaction (WAL, ``synchronous=FULL``). A save that has
+returned survives ``kill -9``; a save interrupted half-way leaves the previous state.
+
+Supervision is per image: an image with a mask is *mask*-supervised; otherwise with boxes,
+*box*-supervised (boxes are exhaustive: a class with no box on a box-annotated image is
+background); otherwise with tags, *tag*-supervised; otherwise unlabelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import io
+import json
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.data.imageio import normalise_image, read_image, validate_image, validate_mask
+from fedmix_engine.errors import InputError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "site.json"
+DB_FILE = "annotations.db"
+Supervision = Literal["mask", "box", "tag", "none"]
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CLASS_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY, file TEXT NOT NULL, source TEXT NOT NULL,
+    height INTEGER NOT NULL, width INTEGER NOT NULL, channels INTEGER NOT NULL, dtype TEXT NOT NULL,
+    author TEXT NOT NULL, created_at TEXT NOT NULL, seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS masks (
+    image_id TEXT PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    file TEXT NOT NULL, author TEXT NOT NULL, created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS boxes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    class_name TEXT NOT NULL, y0 INTEGER NOT NULL, x0 INTEGER NOT NULL, y1 INTEGER NOT NULL, x1 INTEGER NOT NULL,
+    author TEXT NOT NULL, created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS boxes_by_image ON boxes(image_id);
+CREATE TABLE IF NOT EXISTS tags (
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    class_name TEXT NOT NULL, present INTEGER NOT NULL,
+    author TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (image_id, class_name)
+);
+"""
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _default_author() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's fixed settings: its name and the classes it annotates (background is implicit)."""
+
+    name: str
+    classes: tuple[str, ...]
+    channels: int = 1
+    format_version: int = FORMAT_VERSION
+
+    def class_index(self, class_name: str, where: str = "class") -> int:
+        """1-based label value of ``class_name`` (0 is background)."""
+        try:
+            return self.classes.index(class_name) + 1
+        except ValueError:
+            raise InputError(
+                where, f"unknown class '{class_name}'; this site's classes are: {', '.join(self.classes)}"
+            ) from None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"name": self.name, "classes": list(self.classes), "channels": self.channels,
+             "format_version": self.format_version},
+            indent=2,
+        ) + "\n"
+
+    @classmethod
+    def from_file(cls, path: Path) -> SiteConfig:
+        try:
+            raw = json.loads(path.read_text())
+            config = cls(str(raw["name"]), tuple(raw["classes"]), int(raw.get("channels", 1)),
+                         int(raw.get("format_version", FORMAT_VERSION)))
+        except FileNotFoundError:
+            raise InputError(path.parent, f"not a site folder (no {CONFIG_FILE}); create one with "
+                             "'fedmix-engine site init'") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(path, f"corrupt site config ({exc})") from exc
+        if config.format_version > FORMAT_VERSION:
+            raise InputError(path, f"site format {config.format_version} is newer than this "
+                             f"fedmix-engine understands ({FORMAT_VERSION}); upgrade napari-fedmix")
+        _check_classes(config.classes, str(path))
+        return config
+
+
+def _check_classes(classes: Iterable[str], where: str) -> tuple[str, ...]:
+    classes = tuple(classes)
+    if not classes:
+        raise InputError(where, "a site needs at least one class, e.g. --classes lesion")
+    for name in classes:
+        if not _CLASS_PATTERN.match(name):
+            raise InputError(where, f"class name '{name}' must start with a letter or digit and use "
+                             "letters, digits, spaces, '-' or '_' (max 64)")
+        if name.lower() == "background":
+            raise InputError(where, "'background' is implicit (label 0); do not list it as a class")
+    if len(set(classes)) != len(classes):
+        raise InputError(where, f"duplicate class names in {list(classes)}")
+    if len(classes) > 255:
+        raise InputError(where, "at most 255 classes (masks are 8-bit)")
+    return classes
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in pixel coordinates, half-open: rows y0..y1-1, columns x0..x1-1."""
+
+    class_name: str
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+    id: int | None = None
+    author: str = ""
+    created_at: str = ""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image with a summary of its supervision."""
+
+    id: str
+    file: str
+    height: int
+    width: int
+    channels: int
+    dtype: str
+    has_mask: bool
+    boxes: int
+    tags: dict[str, bool] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def supervision(self) -> Supervision:
+        if self.has_mask:
+            return "mask"
+        if self.boxes:
+            return "box"
+        if self.tags:
+            return "tag"
+        return "none"
+
+
+def image_id_from_path(path: str | Path) -> str:
+    """The default image id: the file stem, with characters outside [A-Za-z0-9._-] replaced."""
+    stem = Path(path).stem
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-") or "image"
+
+
+class SiteStore:
+    """One site's images and annotations on disk (see module docstring)."""
+
+    def __init__(self, root: Path, config: SiteConfig, readonly: bool, clock: Callable[[], str] | None):
+        self.root = root
+        self.config = config
+        self.readonly = readonly
+        self._clock = clock or _utc_now
+        self._lock = threading.RLock()
+        db = root / DB_FILE
+        if readonly:
+            if not db.exists():
+                raise InputError(root, f"site has no {DB_FILE}; it is damaged or not initialised")
+            self._db = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        self._db.execute("PRAGMA foreign_keys=ON")
+
+    # ----------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(cls, root: str | Path, classes: Iterable[str], name: str | None = None, channels: int = 1,
+               clock: Callable[[], str] | None = None) -> SiteStore:
+        """Create a new, empty site folder (refuses to overwrite an existing site)."""
+        root = Path(root)
+        classes = _check_classes(classes, "classes")
+        if channels not in (1, 3):
+            raise InputError("channels", f"must be 1 (grey) or 3 (colour), not {channels}")
+        if (root / CONFIG_FILE).exists():
+            raise InputError(root, "a site already exists here; open it instead of creating it")
+        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+            raise InputError(root, "folder is not empty; choose a new folder for the site")
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(exist_ok=True)
+        config = SiteConfig(name or root.resolve().name, classes, channels)
+        store = cls(root, config, readonly=False, clock=clock)
+        atomic_write_bytes(root / CONFIG_FILE, config.to_json().encode())
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path, readonly: bool = False, clock: Callable[[], str] | None = None) -> SiteStore:
+        """Open an existing site folder."""
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(root, "site folder not found")
+        return cls(root, SiteConfig.from_file(root / CONFIG_FILE), readonly, clock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise PermissionError(f"{self.root}: site opened read-only")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ----------------------------------------------------------------- images
+    def add_image(self, source: str | Path | np.ndarray, image_id: str | None = None,
+                  author: str | None = None) -> str:
+        """Validate an image (file or array) and add it under ``image_id`` (default: file stem)."""
+        if isinstance(source, np.ndarray):
+            if image_id is None:
+                raise InputError("image_id", "an id is required when adding an image from an array")
+            where: str | Path = f"image '{image_id}'"
+            array = validate_image(source, where)
+            origin = "array"
+        else:
+            where = Path(source)
+            array = read_image(where)
+            image_id = image_id or image_id_from_path(where)
+            origin = str(where)
+        if not _ID_PATTERN.match(image_id):
+            raise InputError(where, f"image id '{image_id}' must use letters, digits, '.', '-' or '_' "
+                             "(max 128, starting with a letter or digit)")
+        if self._query("SELECT 1 FROM images WHERE id=?", (image_id,)):
+            raise InputError(where, f"duplicate image id '{image_id}': the site already has an image with "
+                             "this id; rename the file or pass another id")
+        relative = f"images/{image_id}.tif"
+        _write_tiff(self.root / relative, array)
+        channels = 1 if array.ndim == 2 else 3
+        with self._transaction() as db:
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM images").fetchone()[0]
+            db.execute(
+                "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (image_id, relative, origin, array.shape[0], array.shape[1], channels, str(array.dtype),
+                 author or _default_author(), self._clock(), seq),
+            )
+        return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        """Remove an image and all its annotations."""
+        self._require_image(image_id)
+        with self._transaction() as db:
+            db.execute("DELETE FROM images WHERE id=?", (image_id,))
+        for sub in ("images", "masks"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / sub / f"{image_id}.tif").unlink()
+
+    def image_ids(self) -> list[str]:
+        return [row[0] for row in self._query("SELECT id FROM images ORDER BY seq")]
+
+    def __len__(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM images")[0][0])
+
+    def records(self) -> list[ImageRecord]:
+        """Every image with its supervision summary, in import order."""
+        box_counts = dict(self._query("SELECT image_id, COUNT(*) FROM boxes GROUP BY image_id"))
+        masked = {row[0] for row in self._query("SELECT image_id FROM masks")}
+        tags: dict[str, dict[str, bool]] = {}
+        for image_id, class_name, present in self._query("SELECT image_id, class_name, present FROM tags"):
+            tags.setdefault(image_id, {})[class_name] = bool(present)
+        rows = self._query("SELECT id, file, height, width, channels, dtype, source FROM images ORDER BY seq")
+        return [
+            ImageRecord(i, f, h, w, c, d, i in masked, box_counts.get(i, 0), tags.get(i, {}), src)
+            for i, f, h, w, c, d, src in rows
+        ]
+
+    def record(self, image_id: str) -> ImageRecord:
+        for rec in self.records():
+            if rec.id == image_id:
+                return rec
+        raise self._unknown(image_id)
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        """The image as imported (H×W or H×W×3, original dtype)."""
+        rows = self._query("SELECT file FROM images WHERE id=?", (image_id,))
+        if not rows:
+            raise self._unknown(image_id)
+        return read_image(self.root / rows[0][0])
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        """The image normalised for the model: float32 C×H×W in [0, 1] (C from the site config)."""
+        return normalise_image(self.read_image(image_id), self.config.channels)
+
+    # ----------------------------------------------------------------- masks
+    def set_mask(self, image_id: str, mask: np.ndarray | str | Path, author: str | None = None) -> None:
+        """Set (or replace) an image's label mask; an all-background mask is refused."""
+        height, width = self._require_image(image_id)
+        where: str | Path = f"mask of '{image_id}'"
+        if not isinstance(mask, np.ndarray):
+            where = Path(mask)
+            from fedmix_engine.data.imageio import read_array
+
+            mask = read_array(where)
+        mask = validate_mask(mask, (height, width), len(self.config.classes), where)
+        if not mask.any():
+            raise InputError(where, "mask is empty (all background); for an image without lesions set its "
+                             "tags to 'absent' instead, or clear the mask")
+        relative = f"masks/{image_id}.tif"
+        _write_tiff(self.root / relative, mask)  # atomic replace: old or new, never torn
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO masks VALUES (?,?,?,?)",
+                       (image_id, relative, author or _default_author(), self._clock()))
+
+    def clear_mask(self, image_id: str) -> None:
+        self._require_image(image_id)
+        with self._transaction() as db:
+            db.execute("DELETE FROM masks WHERE image_id=?", (image_id,))
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "masks" / f"{image_id}.tif").unlink()
+
+    def read_mask(self, image_id: str) -> np.ndarray | None:
+        """The label mask (uint8 H×W) or None when the image has none."""
+        self._require_image(image_id)
+        rows = self._query("SELECT file FROM masks WHERE image_id=?", (image_id,))
+        if not rows:
+            return None
+        import tifffile
+
+        return np.asarray(tifffile.imread(self.root / rows[0][0]), dtype=np.uint8)
+
+    # ----------------------------------------------------------------- boxes
+    def check_box(self, image_id: str, box: Box) -> Box:
+        """Validate a box against the image and the classes; returns it with integer corners."""
+        return self._check_box(image_id, box, self._require_image(image_id))
+
+    def _check_box(self, image_id: str, box: Box, size: tuple[int, int]) -> Box:
+        where = f"box on '{image_id}'"
+        self.config.class_index(box.class_name, where)
+        height, width = size
+        try:
+            y0, x0, y1, x1 = (round(float(v)) for v in (box.y0, box.x0, box.y1, box.x1))
+        except (TypeError, ValueError):
+            raise InputError(where, f"box corners must be numbers, got {(box.y0, box.x0, box.y1, box.x1)}") from None
+        if y1 <= y0 or x1 <= x0:
+            raise InputError(where, f"box ({y0},{x0})–({y1},{x1}) has zero area; y1 > y0 and x1 > x0 needed")
+        if y0 < 0 or x0 < 0 or y1 > height or x1 > width:
+            raise InputError(where, f"box ({y0},{x0})–({y1},{x1}) lies outside the {height}×{width} image")
+        return Box(box.class_name, y0, x0, y1, x1)
+
+    def add_box(self, image_id: str, class_name: str, y0: float, x0: float, y1: float, x1: float,
+                author: str | None = None) -> int:
+        """Add one box (pixel corners, half-open); returns its id."""
+        box = self._check_box(image_id, Box(class_name, y0, x0, y1, x1), self._require_image(image_id))
+        with self._transaction() as db:
+            cur = db.execute(
+                "INSERT INTO boxes (image_id, class_name, y0, x0, y1, x1, author, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                (image_id, box.class_name, box.y0, box.x0, box.y1, box.x1, author or _default_author(),
+                 self._clock()),
+            )
+            return int(cur.lastrowid)
+
+    def set_boxes(self, image_id: str, boxes: Iterable[Box], author: str | None = None) -> None:
+        """Replace all boxes of an image in one transaction (what saving a Shapes layer needs)."""
+        size = self._require_image(image_id)
+        checked = [self._check_box(image_id, b, size) for b in boxes]
+        with self._transaction() as db:
+            db.execute("DELETE FROM boxes WHERE image_id=?", (image_id,))
+            now, who = self._clock(), author or _default_author()
+            db.executemany(
+                "INSERT INTO boxes (image_id, class_name, y0, x0, y1, x1, author, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                [(image_id, b.class_name, b.y0, b.x0, b.y1, b.x1, who, now) for b in checked],
+            )
+
+    def remove_box(self, box_id: int) -> None:
+        with self._transaction() as db:
+            if db.execute("DELETE FROM boxes WHERE id=?", (box_id,)).rowcount == 0:
+                raise InputError("box_id", f"no box with id {box_id}")
+
+    def boxes(self, image_id: str) -> list[Box]:
+        self._require_image(image_id)
+        rows = self._query("SELECT class_name, y0, x0, y1, x1, id, author, created_at FROM boxes "
+                           "WHERE image_id=? ORDER BY id", (image_id,))
+        return [Box(*row) for row in rows]
+
+    # ----------------------------------------------------------------- tags
+    def set_tag(self, image_id: str, class_name: str, present: bool | None, author: str | None = None) -> None:
+        """Tag a class as present (True) or absent (False) in the image; None clears the tag."""
+        self._require_image(image_id)
+        self.config.class_index(class_name, f"tag on '{image_id}'")
+        with self._transaction() as db:
+            if present is None:
+                db.execute("DELETE FROM tags WHERE image_id=? AND class_name=?", (image_id, class_name))
+            else:
+                db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?,?,?)",
+                           (image_id, class_name, int(bool(present)), author or _default_author(), self._clock()))
+
+    def tags(self, image_id: str) -> dict[str, bool]:
+        self._require_image(image_id)
+        return {c: bool(p) for c, p in self._query(
+            "SELECT class_name, present FROM tags WHERE image_id=? ORDER BY class_name", (image_id,))}
+
+    # ----------------------------------------------------------------- summaries
+    def summary(self) -> dict[str, int]:
+        """Counts: images, images per supervision kind, boxes and tags."""
+        counts = {"images": 0, "mask": 0, "box": 0, "tag": 0, "none": 0}
+        for rec in self.records():
+            counts["images"] += 1
+            counts[rec.supervision] += 1
+        counts["boxes"] = int(self._query("SELECT COUNT(*) FROM boxes")[0][0])
+        counts["tags"] = int(self._query("SELECT COUNT(*) FROM tags")[0][0])
+        return counts
+
+    def problems(self) -> list[str]:
+        """Inconsistencies a backup or a crash may have left (missing files, stray files)."""
+        found = []
+        known = {}
+        for image_id, file in self._query("SELECT id, file FROM images"):
+            known[file] = image_id
+            if not (self.root / file).is_file():
+                found.append(f"{file}: image file missing for image '{image_id}'")
+        for image_id, file in self._query("SELECT image_id, file FROM masks"):
+            known[file] = image_id
+            if not (self.root / file).is_file():
+                found.append(f"{file}: mask file missing for image '{image_id}'")
+        for sub in ("images", "masks"):
+            for path in sorted((self.root / sub).glob("*")):
+                rel = f"{sub}/{path.name}"
+                if rel not in known:
+                    found.append(f"{rel}: stray file not registered in the site (left by an interrupted save?)")
+        return found
+
+    def training_view(self) -> TrainingView:
+        """A read-only view for the trainer (its own connection; safe in a worker thread)."""
+        return TrainingView(SiteStore.open(self.root, readonly=True))
+
+    # ----------------------------------------------------------------- helpers
+    def _require_image(self, image_id: str) -> tuple[int, int]:
+        rows = self._query("SELECT height, width FROM images WHERE id=?", (image_id,))
+        if not rows:
+            raise self._unknown(image_id)
+        return int(rows[0][0]), int(rows[0][1])
+
+    def _unknown(self, image_id: str) -> InputError:
+        return InputError(f"{self.root}", f"no image with id '{image_id}' in this site")
+
+
+class TrainingView:
+    """What a trainer may see of a site: read-only, and only the supervision the site holds.
+
+    A weak site's ground truth cannot leak through it: :meth:`mask` refuses any image the site
+    holds no mask for, and the view has no way to reach files outside the site folder.
+    """
+
+    def __init__(self, store: SiteStore):
+        self._store = store
+        self.config = store.config
+        self.root = store.root
+        self.records: list[ImageRecord] = store.records()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.config.classes
+
+    def image(self, image_id: str) -> np.ndarray:
+        """Normalised image, float32 C×H×W in [0, 1]."""
+        return self._store.load_image(image_id)
+
+    def mask(self, image_id: str) -> np.ndarray:
+        """The site's own mask for an image; refuses images the site has no mask for."""
+        mask = self._store.read_mask(image_id)
+        if mask is None:
+            raise PermissionError(f"{self.root}: image '{image_id}' has no mask at this site")
+        return mask
+
+    def boxes(self, image_id: str) -> list[Box]:
+        return self._store.boxes(image_id)
+
+    def tags(self, image_id: str) -> dict[str, bool]:
+        return self._store.tags(image_id)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> TrainingView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_tiff(path: Path, array: np.ndarray) -> None:
+    """Encode in memory, then replace the file atomically (small 2-D images only)."""
+    import tifffile
+
+    buffer = io.BytesIO()
+    photometric = "rgb" if array.ndim == 3 else "minisblack"
+    tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric=photometric, metadata=None)
+    atomic_write_bytes(path, buffer.getvalue())

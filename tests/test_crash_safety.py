@@ -1,0 +1,82 @@
+"""kill -9 in the middle of saving never loses an annotation whose save had returned."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmix_engine.data.site_store import SiteStore
+
+# The child saves masks, boxes and tags in a tight loop and prints one line after each save
+# returns; the parent SIGKILLs it at an arbitrary moment.
+CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from fedmix_engine.data.site_store import SiteStore
+    store = SiteStore.open(sys.argv[1])
+    ids = store.image_ids()
+    i = 0
+    while True:
+        image_id = ids[i % len(ids)]
+        mask = np.zeros((48, 64), np.uint8)
+        mask[i % 40: i % 40 + 5, 3:9] = 1
+        store.set_mask(image_id, mask)
+        print(f"mask {image_id} {i}", flush=True)
+        store.add_box(image_id, "lesion", i % 40, 0, i % 40 + 5, 10)
+        print(f"box {image_id} {i}", flush=True)
+        store.set_tag(image_id, "lesion", bool(i % 2))
+        print(f"tag {image_id} {i}", flush=True)
+        i += 1
+""")
+
+
+@pytest.mark.parametrize("kill_after", [31, 98, 160])
+def test_sigkill_during_saves_loses_nothing_acknowledged(tmp_path: Path, grey_image, kill_after: int) -> None:
+    with SiteStore.create(tmp_path / "site", ["lesion"]) as store:
+        for k in range(4):
+            store.add_image(grey_image, f"img-{k}")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "site")], stdout=subprocess.PIPE, text=True)
+    acked: list[tuple[str, str, int]] = []
+    deadline = time.monotonic() + 60
+    while len(acked) < kill_after and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        kind, image_id, i = line.split()
+        acked.append((kind, image_id, int(i)))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(acked) >= kill_after, "child did not save enough before the deadline"
+
+    with SiteStore.open(tmp_path / "site") as store:
+        stored = Counter((image_id, b.y0) for image_id in store.image_ids() for b in store.boxes(image_id))
+        expected = Counter((image_id, i % 40) for kind, image_id, i in acked if kind == "box")
+        missing = expected - stored
+        assert not missing, f"acknowledged boxes lost: {missing}"
+        assert sum(stored.values()) <= sum(expected.values()) + 1  # at most the one in flight
+        # the last acknowledged mask and tag of each image are the ones on disk (or a newer one)
+        for image_id in store.image_ids():
+            last_mask = max((i for k, m, i in acked if k == "mask" and m == image_id), default=None)
+            if last_mask is not None:
+                mask = store.read_mask(image_id)
+                assert mask is not None, f"{image_id}: acknowledged mask lost"
+                rows = np.flatnonzero(mask.any(axis=1))
+                assert rows[0] in {last_mask % 40, (last_mask + len(store.image_ids())) % 40}
+            last_tag = max((i for k, m, i in acked if k == "tag" and m == image_id), default=None)
+            if last_tag is not None:
+                tag = store.tags(image_id)["lesion"]
+                later = last_tag + len(store.image_ids())
+                assert tag in {bool(last_tag % 2), bool(later % 2)}
+        assert all("interrupted save" in p for p in store.problems())
+        # the store is still writable after the crash
+        store.set_tag(store.image_ids()[0], "lesion", True)

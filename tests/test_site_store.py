@@ -1,0 +1,149 @@
+"""The SiteStore: per-image supervision, validation with named errors, persistence, read-only view."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from fedmix_engine.data.site_store import Box, SiteStore
+from fedmix_engine.errors import InputError
+
+
+def test_mixed_supervision_per_image_survives_reopen(tmp_path: Path, grey_image, lesion_mask) -> None:
+    with SiteStore.create(tmp_path / "s", ["lesion", "cyst"]) as store:
+        for i in range(4):
+            store.add_image(grey_image, f"img-{i}")
+        store.set_mask("img-0", lesion_mask * 2, author="dr-a")
+        store.add_box("img-1", "lesion", 5, 5, 20, 30, author="dr-b")
+        store.add_box("img-1", "cyst", 25, 30, 40, 50)
+        store.set_tag("img-2", "lesion", True)
+        store.set_tag("img-2", "cyst", False)
+    with SiteStore.open(tmp_path / "s", readonly=True) as store:
+        kinds = {r.id: r.supervision for r in store.records()}
+        assert kinds == {"img-0": "mask", "img-1": "box", "img-2": "tag", "img-3": "none"}
+        assert store.read_mask("img-0").max() == 2
+        boxes = store.boxes("img-1")
+        assert [(b.class_name, b.y0, b.x0, b.y1, b.x1) for b in boxes] == [
+            ("lesion", 5, 5, 20, 30), ("cyst", 25, 30, 40, 50)]
+        assert boxes[0].author == "dr-b" and boxes[0].created_at
+        assert store.tags("img-2") == {"cyst": False, "lesion": True}
+        assert store.summary() == {"images": 4, "mask": 1, "box": 1, "tag": 1, "none": 1, "boxes": 2, "tags": 2}
+        assert store.problems() == []
+        np.testing.assert_array_equal(store.read_image("img-3"), grey_image)
+
+
+def test_images_of_different_sizes_depths_and_colour(site: SiteStore, tmp_path: Path, rng) -> None:
+    tifffile.imwrite(tmp_path / "deep.tif", rng.integers(0, 4096, (30, 50), dtype=np.uint16))
+    site.add_image(tmp_path / "deep.tif")
+    site.add_image(rng.integers(0, 256, (64, 40, 3), dtype=np.uint8), "colour")
+    site.add_image(rng.random((20, 20)).astype(np.float32), "float")
+    shapes = {r.id: (r.height, r.width, r.channels, r.dtype) for r in site.records()}
+    assert shapes == {"deep": (30, 50, 1, "uint16"), "colour": (64, 40, 3, "uint8"), "float": (20, 20, 1, "float32")}
+    for image_id in shapes:
+        image = site.load_image(image_id)
+        assert image.dtype == np.float32 and image.shape[0] == 1 and 0.0 <= image.min() <= image.max() <= 1.0
+
+
+def test_duplicate_id_and_bad_id_are_refused(site: SiteStore, grey_image, tmp_path: Path) -> None:
+    site.add_image(grey_image, "case-01")
+    with pytest.raises(InputError, match="duplicate image id 'case-01'"):
+        site.add_image(grey_image, "case-01")
+    tifffile.imwrite(tmp_path / "case-01.tif", grey_image)
+    with pytest.raises(InputError, match=r"case-01\.tif: duplicate image id"):
+        site.add_image(tmp_path / "case-01.tif")
+    with pytest.raises(InputError, match=r"image id '\.\./evil'"):
+        site.add_image(grey_image, "../evil")
+    assert site.image_ids() == ["case-01"]
+
+
+def test_mask_errors_name_the_image_and_keep_the_old_mask(site: SiteStore, grey_image, lesion_mask) -> None:
+    site.add_image(grey_image, "a")
+    site.set_mask("a", lesion_mask)
+    with pytest.raises(InputError, match=r"mask of 'a': mask shape 10×10 ≠ image shape 48×64"):
+        site.set_mask("a", np.ones((10, 10), np.uint8))
+    with pytest.raises(InputError, match=r"mask of 'a': mask values 0\.\.2 outside the class range 0\.\.1"):
+        site.set_mask("a", lesion_mask * 2)
+    with pytest.raises(InputError, match=r"mask of 'a': mask is empty"):
+        site.set_mask("a", np.zeros_like(lesion_mask))
+    np.testing.assert_array_equal(site.read_mask("a"), lesion_mask)  # nothing already saved was lost
+    site.clear_mask("a")
+    assert site.read_mask("a") is None and not (site.root / "masks" / "a.tif").exists()
+
+
+def test_box_errors(site: SiteStore, grey_image) -> None:
+    site.add_image(grey_image, "a")
+    with pytest.raises(InputError, match=r"box on 'a': box \(40,10\)–\(60,20\) lies outside the 48×64 image"):
+        site.add_box("a", "lesion", 40, 10, 60, 20)
+    with pytest.raises(InputError, match=r"box on 'a': .* has zero area"):
+        site.add_box("a", "lesion", 10, 10, 10, 20)
+    with pytest.raises(InputError, match=r"box on 'a': unknown class 'tumour'; this site's classes are: lesion"):
+        site.add_box("a", "tumour", 1, 1, 5, 5)
+    with pytest.raises(InputError, match="no image with id 'zzz'"):
+        site.add_box("zzz", "lesion", 1, 1, 5, 5)
+    assert site.boxes("a") == []
+    box_id = site.add_box("a", "lesion", 1, 1, 5, 5)
+    site.set_boxes("a", [Box("lesion", 2, 2, 9, 9), Box("lesion", 20.4, 20, 30, 30.6)])
+    assert [(b.y0, b.x0, b.y1, b.x1) for b in site.boxes("a")] == [(2, 2, 9, 9), (20, 20, 30, 31)]
+    with pytest.raises(InputError, match=f"no box with id {box_id}"):
+        site.remove_box(box_id)
+
+
+def test_tag_errors_and_clearing(site: SiteStore, grey_image) -> None:
+    site.add_image(grey_image, "a")
+    with pytest.raises(InputError, match="tag on 'a': unknown class 'cyst'"):
+        site.set_tag("a", "cyst", True)
+    site.set_tag("a", "lesion", False)
+    assert site.record("a").supervision == "tag"
+    site.set_tag("a", "lesion", None)
+    assert site.record("a").supervision == "none"
+
+
+def test_class_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="at least one class"):
+        SiteStore.create(tmp_path / "x", [])
+    with pytest.raises(InputError, match="'background' is implicit"):
+        SiteStore.create(tmp_path / "y", ["background", "lesion"])
+    with pytest.raises(InputError, match="duplicate class names"):
+        SiteStore.create(tmp_path / "z", ["a", "a"])
+    SiteStore.create(tmp_path / "ok", ["lesion"]).close()
+    with pytest.raises(InputError, match="a site already exists here"):
+        SiteStore.create(tmp_path / "ok", ["lesion"])
+    with pytest.raises(InputError, match="not a site folder"):
+        SiteStore.open(tmp_path)
+
+
+def test_remove_image_removes_files_and_annotations(site: SiteStore, grey_image, lesion_mask) -> None:
+    site.add_image(grey_image, "a")
+    site.set_mask("a", lesion_mask)
+    site.remove_image("a")
+    assert site.image_ids() == [] and site.summary()["images"] == 0
+    assert not any((site.root / "images").iterdir()) and not any((site.root / "masks").iterdir())
+
+
+def test_problems_reports_stray_and_missing_files(site: SiteStore, grey_image) -> None:
+    site.add_image(grey_image, "a")
+    (site.root / "images" / "a.tif").unlink()
+    tifffile.imwrite(site.root / "masks" / "ghost.tif", np.ones((4, 4), np.uint8))
+    problems = site.problems()
+    assert any("images/a.tif: image file missing" in p for p in problems)
+    assert any("masks/ghost.tif: stray file" in p for p in problems)
+
+
+def test_training_view_is_read_only_and_cannot_reach_missing_masks(site: SiteStore, grey_image, lesion_mask) -> None:
+    site.add_image(grey_image, "strong")
+    site.add_image(grey_image, "weak")
+    site.set_mask("strong", lesion_mask)
+    site.set_tag("weak", "lesion", True)
+    with site.training_view() as view:
+        assert view.mask("strong").sum() == lesion_mask.sum()
+        with pytest.raises(PermissionError, match="'weak' has no mask at this site"):
+            view.mask("weak")
+        assert not hasattr(view, "set_mask") and not hasattr(view, "add_box")
+        assert view.image("weak").shape == (1, 48, 64)
+    ro = SiteStore.open(site.root, readonly=True)
+    with pytest.raises(PermissionError, match="read-only"):
+        ro.set_tag("weak", "lesion", False)
+    ro.close()
