@@ -1,0 +1,158 @@
+"""Bring an existing folder of images (and masks, box and tag tables) into a SiteStore.
+
+CSV formats (header row required, extra columns ignored; ``image`` is the file name or stem):
+
+- boxes: ``image,class,y0,x0,y1,x1`` — pixel corners, rows y, columns x, half-open
+  (the box covers rows y0..y1-1). All boxes of one image are replaced together, so a re-import
+  is idempotent.
+- tags: ``image,class,present`` — ``present``/``absent`` (also yes/no, true/false, 1/0).
+
+Every problem (unreadable image, mask of the wrong shape, a CSV row naming an unknown image
+or class …) is reported with its file and line; the rest is imported. Nothing is silently
+dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmix_engine.data.imageio import IMAGE_SUFFIXES
+from fedmix_engine.data.site_store import Box, SiteStore, image_id_from_path
+from fedmix_engine.errors import InputError
+
+_TRUE = {"present", "yes", "true", "1", "y"}
+_FALSE = {"absent", "no", "false", "0", "n"}
+_MASK_SUFFIXES = ("_mask", "-mask", "_label", "-label", "_labels", "_seg")
+
+
+@dataclass
+class ImportReport:
+    """What an import did; ``problems`` lists each refused item with its file (and line)."""
+
+    images_added: int = 0
+    images_already_present: int = 0
+    masks: int = 0
+    boxes: int = 0
+    tags: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"images added: {self.images_added} (already present: {self.images_already_present})",
+               f"masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}"]
+        if self.problems:
+            out.append(f"{len(self.problems)} problem(s):")
+            out.extend(f"  {p}" for p in self.problems)
+        return out
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise InputError(folder, "folder not found")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise InputError(path, f"missing column(s) {', '.join(missing)}; expected header: {','.join(required)}")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            rows.append((line, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}))
+        return rows
+
+
+def _resolve_image(ids: set[str], name: str) -> str | None:
+    if name in ids:
+        return name
+    candidate = image_id_from_path(name)
+    return candidate if candidate in ids else None
+
+
+def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None = None,
+                  boxes_csv: str | Path | None = None, tags_csv: str | Path | None = None,
+                  author: str | None = None, progress: Callable[[int, int], None] | None = None) -> ImportReport:
+    """Import images, masks (matched by file stem) and box/tag tables into ``store``."""
+    report = ImportReport()
+    files = _image_files(Path(images))
+    sources = {rec.id: rec.source for rec in store.records()}
+    for n, path in enumerate(files, start=1):
+        image_id = image_id_from_path(path)
+        if sources.get(image_id) == str(path):
+            report.images_already_present += 1
+        else:
+            try:
+                store.add_image(path, author=author)
+                report.images_added += 1
+            except InputError as exc:
+                report.problems.append(str(exc))
+        if progress:
+            progress(n, len(files))
+    ids = set(store.image_ids())
+
+    if masks is not None:
+        for path in _image_files(Path(masks)):
+            stem = image_id_from_path(path)
+            target = stem if stem in ids else next(
+                (stem[: -len(s)] for s in _MASK_SUFFIXES if stem.endswith(s) and stem[: -len(s)] in ids), None)
+            if target is None:
+                report.problems.append(f"{path}: no image with the same name (stem '{stem}') in the site")
+                continue
+            try:
+                store.set_mask(target, path, author=author)
+                report.masks += 1
+            except InputError as exc:
+                report.problems.append(str(exc))
+
+    if boxes_csv is not None:
+        path = Path(boxes_csv)
+        grouped: dict[str, list[Box]] = defaultdict(list)
+        for line, row in _read_csv(path, ("image", "class", "y0", "x0", "y1", "x1")):
+            where = f"{path}:{line}"
+            image_id = _resolve_image(ids, row["image"])
+            if image_id is None:
+                report.problems.append(f"{where}: image '{row['image']}' is not in the site")
+                continue
+            try:
+                corners = [float(row[k]) for k in ("y0", "x0", "y1", "x1")]
+            except ValueError:
+                report.problems.append(f"{where}: box corners must be numbers, got "
+                                       f"{[row[k] for k in ('y0', 'x0', 'y1', 'x1')]}")
+                continue
+            try:
+                store.check_box(image_id, Box(row["class"], *corners))
+            except InputError as exc:
+                report.problems.append(f"{where}: {exc.reason}")
+                continue
+            grouped[image_id].append(Box(row["class"], *corners))
+        for image_id, boxes in grouped.items():
+            store.set_boxes(image_id, boxes, author=author)
+            report.boxes += len(boxes)
+
+    if tags_csv is not None:
+        path = Path(tags_csv)
+        for line, row in _read_csv(path, ("image", "class", "present")):
+            where = f"{path}:{line}"
+            image_id = _resolve_image(ids, row["image"])
+            if image_id is None:
+                report.problems.append(f"{where}: image '{row['image']}' is not in the site")
+                continue
+            value = row["present"].lower()
+            if value not in _TRUE | _FALSE:
+                report.problems.append(f"{where}: present must be 'present' or 'absent', got '{row['present']}'")
+                continue
+            try:
+                store.set_tag(image_id, row["class"], value in _TRUE, author=author)
+                report.tags += 1
+            except InputError as exc:
+                report.problems.append(f"{where}: {exc.reason}")
+    return report

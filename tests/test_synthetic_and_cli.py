@@ -1,0 +1,152 @@
+"""make-sample: layout, determinism, no ground truth in weak sites; site import/info through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from fedmix_engine.cli import main
+from fedmix_engine.data.site_store import SiteStore
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_make_sample_layout_determinism_and_no_leak(tmp_path: Path, capsys) -> None:
+    args = ["make-sample", "--sites", "3", "--images", "12", "--eval-images", "4", "--seed", "0", "--size", "64"]
+    assert main([*args[:1], str(tmp_path / "one"), *args[1:]]) == 0
+    assert main([*args[:1], str(tmp_path / "two"), *args[1:]]) == 0
+    one, two = _digest(tmp_path / "one"), _digest(tmp_path / "two")
+    assert one == two, "same seed must give byte-identical files"
+    assert main(["make-sample", str(tmp_path / "three"), "--sites", "3", "--images", "12", "--eval-images", "4",
+                 "--seed", "1", "--size", "64"]) == 0
+    assert _digest(tmp_path / "three") != one
+
+    root = tmp_path / "one"
+    assert {p.name for p in root.iterdir()} == {"site-a", "site-b", "site-c", "eval", "federation.json"}
+    for name in ("site-a", "site-b", "site-c"):
+        for split in ("val", "test", "oracle"):
+            assert (root / "eval" / name / split / "site.json").exists()
+    # weak sites hold no mask file at all; the strong site holds only masks (and absent tags)
+    assert not any((root / "site-b" / "masks").iterdir())
+    assert not any((root / "site-c" / "masks").iterdir())
+    with SiteStore.open(root / "site-a") as a, SiteStore.open(root / "site-b") as b, \
+            SiteStore.open(root / "site-c") as c:
+        assert a.summary()["mask"] > 0 and a.summary()["box"] == 0
+        assert b.summary()["box"] > 0 and b.summary()["mask"] == 0
+        assert c.summary()["tag"] == 12 and c.summary()["mask"] == c.summary()["box"] == 0
+        # boxes enclose the lesion with a 1–9 px margin (checked against the oracle's mask)
+        with SiteStore.open(root / "eval" / "site-b" / "oracle") as oracle:
+            for rec in b.records():
+                for box in b.boxes(rec.id):
+                    mask = oracle.read_mask(rec.id)
+                    inside = np.zeros_like(mask, bool)
+                    inside[box.y0:box.y1, box.x0:box.x1] = True
+                    rows, cols = np.nonzero(mask & inside)
+                    margins = [rows.min() - box.y0, cols.min() - box.x0,
+                               box.y1 - 1 - rows.max(), box.x1 - 1 - cols.max()]
+                    assert all(0 <= m <= 9 for m in margins), margins
+    out = capsys.readouterr().out
+    assert "site-c: 12 images (0 mask, 0 box, 12 tag)" in out
+
+
+def test_make_sample_mix_and_two_classes(tmp_path: Path) -> None:
+    assert main(["make-sample", str(tmp_path / "mix"), "--sites", "2", "--images", "20", "--eval-images", "2",
+                 "--size", "48", "--mix", "0.1,0.4,0.5", "--classes", "2"]) == 0
+    with SiteStore.open(tmp_path / "mix" / "site-a") as store:
+        counts = store.summary()
+        assert store.config.classes == ("lesion", "cyst")
+        assert counts["mask"] + counts["box"] + counts["tag"] == 20
+        assert counts["box"] >= 4 and counts["tag"] >= 8  # lesion-free box images become 'absent' tags
+        assert store.problems() == []
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--sites", "0"], "--sites: must be between 1 and 26"),
+    (["--mix", "0.5,0.5,0.5"], "--mix: three non-negative fractions"),
+    (["--supervision", "mask,scribble,tag"], "--supervision: unknown kind 'scribble'"),
+    (["--supervision", "mask,box"], "--supervision: names 2 kinds for 3 sites"),
+])
+def test_make_sample_bad_arguments(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    assert main(["make-sample", str(tmp_path / "x"), "--images", "2", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _write_clinic_folder(root: Path, rng: np.random.Generator) -> None:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(20):
+        iio.imwrite(root / "images" / f"case-{i:02d}.png", rng.integers(0, 256, (40, 50), dtype=np.uint8))
+    for i in range(5):
+        mask = np.zeros((40, 50), np.uint8)
+        mask[5 + i:15 + i, 10:20] = 255
+        iio.imwrite(root / "masks" / f"case-{i:02d}_mask.png", mask)
+    with open(root / "boxes.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "class", "y0", "x0", "y1", "x1"])
+        for i in range(5, 12):
+            w.writerow([f"case-{i:02d}.png", "lesion", 3, 4, 20, 30])
+        w.writerow(["case-05.png", "lesion", 25, 30, 35, 45])  # second box on one image
+        w.writerow(["case-99.png", "lesion", 1, 1, 5, 5])  # missing image: reported
+        w.writerow(["case-06", "lesion", 30, 30, 60, 45])  # outside: reported
+    with open(root / "tags.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "class", "present"])
+        for i in range(12, 20):
+            w.writerow([f"case-{i:02d}", "lesion", "present" if i % 2 else "absent"])
+        w.writerow(["case-98", "lesion", "present"])  # missing image: reported
+        w.writerow(["case-12", "tumour", "present"])  # unknown class: reported
+
+
+def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    site = tmp_path / "site"
+    assert main(["site", "init", str(site), "--classes", "lesion"]) == 0
+    code = main(["site", "import", str(site), "--images", str(clinic / "images"), "--masks", str(clinic / "masks"),
+                 "--boxes", str(clinic / "boxes.csv"), "--tags", str(clinic / "tags.csv")])
+    out = capsys.readouterr().out
+    assert code == 1, "problems must make the exit status non-zero"
+    assert "images added: 20" in out and "masks: 5  boxes: 8  tags: 8" in out
+    assert "boxes.csv:10: image 'case-99.png' is not in the site" in out
+    assert "boxes.csv:11: box (30,30)–(60,45) lies outside the 40×50 image" in out
+    assert "tags.csv:10: image 'case-98' is not in the site" in out
+    assert "tags.csv:11: unknown class 'tumour'" in out
+
+    assert main(["site", "info", str(site)]) == 0
+    info = capsys.readouterr().out
+    assert "mask-supervised: 5" in info
+    assert "box-supervised:  7  (boxes: 8)" in info
+    assert "tag-supervised:  8  (tags: 8)" in info
+    assert "problems: 0" in info
+
+    # re-import is idempotent: nothing duplicated
+    main(["site", "import", str(site), "--images", str(clinic / "images"), "--boxes", str(clinic / "boxes.csv")])
+    assert "already present: 20" in capsys.readouterr().out
+    with SiteStore.open(site) as store:
+        assert store.summary()["boxes"] == 8
+
+
+def test_site_import_reports_bad_images_and_keeps_the_rest(tmp_path: Path, capsys, rng) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    iio.imwrite(folder / "good.png", rng.integers(0, 256, (20, 20), dtype=np.uint8))
+    (folder / "broken.tif").write_bytes(b"II*\x00not a tiff at all")
+    np.save(folder / "ignored.npy", np.zeros(3))
+    assert main(["site", "import", str(tmp_path / "s"), "--classes", "lesion", "--images", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "images added: 1" in out and "broken.tif: unreadable or corrupt" in out
+
+
+def test_cli_errors_name_the_folder(tmp_path: Path, capsys) -> None:
+    assert main(["site", "info", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: site folder not found" in capsys.readouterr().err
+    assert main(["site", "import", str(tmp_path), "--images", str(tmp_path)]) == 2
+    assert "not a site folder" in capsys.readouterr().err
