@@ -4,7 +4,124 @@ commands so that ``fedmix-engine site ...`` never imports torch."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+from fedmix_engine.errors import InputError
+
+
+def _progress_bar(done: int, total: int, label: str, width: int = 24) -> None:
+    if not sys.stderr.isatty():
+        return
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    sys.stderr.flush()
+
+
+def _sites_from(args: argparse.Namespace) -> tuple[list[Path], Path | None]:
+    sites, eval_root = list(args.sites or []), args.eval
+    if args.sample:
+        sample = Path(args.sample)
+        if not sample.is_dir():
+            raise InputError(sample, "sample folder not found (make one with 'fedmix-engine make-sample')")
+        sites = sites or sorted(p for p in sample.iterdir() if p.is_dir() and p.name.startswith("site-"))
+        eval_root = eval_root or (sample / "eval" if (sample / "eval").is_dir() else None)
+    if not sites:
+        raise InputError("--sites", "give site folders with --sites, or a make-sample folder with --sample")
+    return sites, eval_root
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedmix_engine.fedmix.local_update import TrainConfig, TrainProgress
+    from fedmix_engine.model import ModelConfig
+    from fedmix_engine.simulate import RoundDone, SimulationConfig, SimulationResult, iter_simulation
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sites, eval_root = _sites_from(args)
+    from fedmix_engine.data.site_store import SiteStore
+
+    with SiteStore.open(sites[0], readonly=True) as first:
+        num_classes, channels = len(first.config.classes), first.config.channels
+    config = SimulationConfig(
+        method=args.method, rounds=args.rounds, seed=args.seed, lam=args.lam, beta=args.beta,
+        inference=args.inference, device=args.device, precision=args.precision,
+        model=ModelConfig(in_channels=channels, num_classes=num_classes, base_width=args.width),
+        train=TrainConfig(image_size=args.image_size, crop_size=args.crop_size, batch_size=args.batch_size,
+                          lr=args.lr, epochs=args.local_epochs, tau=args.tau, loss=args.loss),
+    )
+    out = args.out
+    print(f"simulating {config.method} on {len(sites)} site(s) for {config.rounds} round(s) → {out}")
+    names = None
+    for event in iter_simulation(sites, eval_root, config, out):
+        if isinstance(event, TrainProgress):
+            _progress_bar(event.step, event.total, event.stage)
+        elif isinstance(event, RoundDone):
+            if sys.stderr.isatty():
+                sys.stderr.write("\r" + " " * 60 + "\r")
+            if names is None:
+                names = list(event.n)
+                header = "round " + " ".join(f"{n[:10]:>10}" for n in names)
+                print(f"{header}   val Dice per site (weight, samples used)")
+            cells = " ".join(f"{event.val_dice.get(n, float('nan')):10.3f}" for n in names)
+            extra = ", ".join(f"{n}: w={event.weights.get(n, 0):.2f} n={event.n[n]}" for n in names)
+            print(f"{event.round:5d} {cells}   mean {event.val_mean:.3f} ({extra}) {event.seconds:.1f}s", flush=True)
+        elif isinstance(event, SimulationResult):
+            print(f"best round (validation): {event.best_round}")
+            print("test Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in event.test_dice.items())
+                  + f"  | mean {event.test_mean:.3f}")
+            if out:
+                print(f"wrote {out}/metrics.jsonl, summary.json, best.safetensors")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedmix_engine.predict import Predictor, predict_folder
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, inference=args.inference)
+    rows = predict_folder(predictor, args.input, args.out, args.threshold,
+                          progress=lambda done, total, row: _progress_bar(done, total, "predict"))
+    skipped = [r for r in rows if r.status != "ok"]
+    print(f"\rpredicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv)")
+    for r in skipped:
+        print(f"  {r.file}: {r.status}")
+    return 1 if skipped else 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the training-side subcommands."""
+    p = sub.add_parser("simulate", help="run FedMix or a baseline on N sites in one process")
+    p.add_argument("--sites", type=Path, nargs="+", help="site folders")
+    p.add_argument("--eval", type=Path, help="evaluation tree: <site>/val and <site>/test stores (and <site>/oracle)")
+    p.add_argument("--sample", type=Path, help="a make-sample folder: its site-* folders and eval/ tree")
+    p.add_argument("--method", default="fedmix",
+                   choices=("fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local"))
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lam", type=float, default=10.0, help="λ: weight of the loss term (paper: 10 breast/skin, 2 OCT)")
+    p.add_argument("--beta", type=float, default=1.5, help="β: loss exponent (paper: 1.5 breast, 3 skin/OCT)")
+    p.add_argument("--width", type=int, default=16, help="U-Net base width (64 = the paper's 17.3 M parameters)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--crop-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--tau", type=float, default=0.9, help="pseudo-label agreement threshold")
+    p.add_argument("--loss", default="dice", choices=("dice", "dice+bce"))
+    p.add_argument("--inference", default="net1", choices=("net1", "mean"))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPU")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--out", type=Path, default=Path("runs/simulate"))
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("predict", help="predict masks for a folder of images with a checkpoint")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("input", type=Path, help="folder of images")
+    p.add_argument("out", type=Path, help="output folder: <stem>_mask.tif per image and summary.csv")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--inference", choices=("net1", "mean"))
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)

@@ -1,0 +1,97 @@
+"""A site's training data as tensors, built only from what its read-only view exposes.
+
+Images are resized to ``image_size``² (bilinear, anti-aliased) as in the reference (which resizes
+to 256 and crops 224); masks and box masks with nearest neighbour. Unlabelled images are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from fedmix_engine.data.site_store import TrainingView
+
+KIND_MASK, KIND_BOX, KIND_TAG = 0, 1, 2
+KIND_NAMES = {KIND_MASK: "mask", KIND_BOX: "box", KIND_TAG: "tag"}
+TAG_ABSENT, TAG_PRESENT, TAG_UNKNOWN = 0, 1, -1
+
+
+@dataclass
+class SiteTensors:
+    """``N`` samples: images ``N×C×S×S`` float32; masks, boxes ``N×K×S×S`` bool; tags ``N×K`` int8.
+
+    ``masks`` is all-False for every sample whose kind is not mask: the trainer has nothing else.
+    """
+
+    ids: list[str]
+    kinds: torch.Tensor
+    images: torch.Tensor
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    tags: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def count(self, kind: int) -> int:
+        return int((self.kinds == kind).sum())
+
+    def subset(self, keep: torch.Tensor) -> SiteTensors:
+        index = torch.nonzero(keep, as_tuple=False).flatten()
+        return SiteTensors([self.ids[i] for i in index.tolist()], self.kinds[index], self.images[index],
+                           self.masks[index], self.boxes[index], self.tags[index], self.classes)
+
+
+def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
+    """float32 C×H×W → C×size×size."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
+    if tensor.shape[-2:] == (size, size):
+        return tensor[0]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def resize_channels(channels: np.ndarray, size: int) -> torch.Tensor:
+    """bool K×H×W → K×size×size (nearest)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.uint8))[None].float()
+    if tensor.shape[-2:] != (size, size):
+        tensor = F.interpolate(tensor, size=(size, size), mode="nearest")
+    return tensor[0] > 0.5
+
+
+def load_site_tensors(view: TrainingView, image_size: int, mask_only: bool = False) -> SiteTensors:
+    """Tensors for every labelled image of the site (``mask_only``: pixel-labelled images only)."""
+    classes = view.classes
+    k = len(classes)
+    ids, kinds, images, masks, boxes, tags = [], [], [], [], [], []
+    for rec in view.records:
+        kind = {"mask": KIND_MASK, "box": KIND_BOX, "tag": KIND_TAG}.get(rec.supervision)
+        if kind is None or (mask_only and kind != KIND_MASK):
+            continue
+        height, width = rec.height, rec.width
+        images.append(resize_image(view.image(rec.id), image_size))
+        if kind == KIND_MASK:
+            label = view.mask(rec.id)
+            masks.append(resize_channels(np.stack([label == c for c in range(1, k + 1)]), image_size))
+        else:
+            masks.append(torch.zeros((k, image_size, image_size), dtype=torch.bool))
+        box_raster = np.zeros((k, height, width), bool)
+        if kind == KIND_BOX:
+            for box in view.boxes(rec.id):
+                box_raster[classes.index(box.class_name), box.y0:box.y1, box.x0:box.x1] = True
+        boxes.append(resize_channels(box_raster, image_size))
+        tag_row = torch.full((k,), TAG_UNKNOWN, dtype=torch.int8)
+        for name, present in view.tags(rec.id).items():
+            tag_row[classes.index(name)] = TAG_PRESENT if present else TAG_ABSENT
+        tags.append(tag_row)
+        ids.append(rec.id)
+        kinds.append(kind)
+    if not ids:
+        empty = torch.zeros((0, k, image_size, image_size), dtype=torch.bool)
+        return SiteTensors([], torch.zeros(0, dtype=torch.int8), torch.zeros((0, view.config.channels, image_size,
+                           image_size)), empty, empty.clone(), torch.zeros((0, k), dtype=torch.int8), classes)
+    return SiteTensors(ids, torch.tensor(kinds, dtype=torch.int8), torch.stack(images), torch.stack(masks),
+                       torch.stack(boxes), torch.stack(tags), classes)

@@ -1,0 +1,198 @@
+"""One site's local update: global pair + the site's own data → new pair + report {n_k, ℓ_k, …}.
+
+The function a site runs each round, in the real federation, the simulator and the Flower client
+alike. It is a generator of small typed events (``TrainProgress``), ending with a ``LocalResult``;
+``local_update`` drains it for callers that do not need progress. Closing the generator early
+(e.g. a Stop button) stops after the current batch; the caller keeps the last good global pair.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fedmix_engine.data.tensors import KIND_MASK, SiteTensors
+from fedmix_engine.device import DevicePlan, autocast, grad_scaler, on_device
+from fedmix_engine.errors import InputError
+from fedmix_engine.fedmix.losses import LOSSES
+from fedmix_engine.fedmix.pair import PairState, build_pair, join_pair
+from fedmix_engine.fedmix.pseudo_labels import PseudoLabels, predict_binary, select_pseudo_labels
+from fedmix_engine.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings (reference values in comments; defaults sized for CPU)."""
+
+    image_size: int = 128  # reference: 256
+    crop_size: int = 112  # reference: 224
+    batch_size: int = 8  # reference: 16
+    lr: float = 1e-3  # reference: Adam 1e-3
+    weight_decay: float = 1e-4  # reference: 1e-4
+    epochs: int = 1  # local epochs per round (reference: 1)
+    tau: float = 0.9  # agreement threshold for pseudo-labels
+    min_box_fill: float = 0.5  # Dice(P¹, B) needed for a box pseudo-label
+    loss: str = "dice"  # "dice" (reference) or "dice+bce"
+    pseudo_labels: bool = True  # False: train on pixel masks only (baselines)
+    flip: bool = True  # horizontal flips (vertical flips would put the skin line at the bottom)
+    intensity: float = 0.1  # random gain/gamma jitter amplitude
+    pl_batch_size: int = 0  # 0: chosen per device (see device.plan_device)
+
+    def validate(self) -> None:
+        if self.crop_size > self.image_size:
+            raise InputError("crop_size", f"{self.crop_size} is larger than image_size {self.image_size}")
+        if self.crop_size % 16:
+            raise InputError("crop_size", f"must be a multiple of 16 (four 2× poolings), not {self.crop_size}")
+        if self.loss not in LOSSES:
+            raise InputError("loss", f"'{self.loss}' is not one of {', '.join(LOSSES)}")
+        if not 0 < self.tau <= 1 or not 0 <= self.min_box_fill <= 1:
+            raise InputError("tau", "tau must be in (0, 1] and min_box_fill in [0, 1]")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise InputError("batch_size", "batch_size and epochs must be ≥ 1")
+
+
+@dataclass
+class SiteState:
+    """What a site keeps between rounds: Adam moments of both networks."""
+
+    optimizers: tuple[dict, dict] | None = None
+    rounds_done: int = 0
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    stage: str  # "pseudo-labels" or "train"
+    step: int
+    total: int
+    loss: float | None = None
+
+
+@dataclass
+class LocalReport:
+    """Sent to the server with the weights: n_k and ℓ_k, plus counts and timings for people."""
+
+    n: int  # samples trained on this round (pixel-labelled + selected pseudo-labelled)
+    loss: float  # mean training loss of network 1 this round (ℓ_k)
+    loss2: float
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LocalResult:
+    pair: PairState
+    report: LocalReport
+    state: SiteState
+
+
+def _augment(images: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, crop: int, config: TrainConfig,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random crop (per sample), horizontal flip, intensity jitter; the same geometry for image and targets."""
+    n, _, size, _ = images.shape
+    ys = torch.randint(0, size - crop + 1, (n,), generator=gen).tolist()
+    xs = torch.randint(0, size - crop + 1, (n,), generator=gen).tolist()
+    flips = (torch.rand(n, generator=gen) < 0.5).tolist() if config.flip else [False] * n
+    out_x, out_1, out_2 = [], [], []
+    for i in range(n):
+        sl = (slice(ys[i], ys[i] + crop), slice(xs[i], xs[i] + crop))
+        x, a, b = images[i][:, sl[0], sl[1]], t1[i][:, sl[0], sl[1]], t2[i][:, sl[0], sl[1]]
+        if flips[i]:
+            x, a, b = x.flip(-1), a.flip(-1), b.flip(-1)
+        out_x.append(x)
+        out_1.append(a)
+        out_2.append(b)
+    x = torch.stack(out_x)
+    if config.intensity > 0:
+        gain = 1 + config.intensity * (2 * torch.rand((n, 1, 1, 1), generator=gen) - 1)
+        gamma = torch.exp(config.intensity * (2 * torch.rand((n, 1, 1, 1), generator=gen) - 1))
+        x = (x.clamp(0, 1) ** gamma * gain).clamp(0, 1)
+    return x, torch.stack(out_1), torch.stack(out_2)
+
+
+def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: ModelConfig, config: TrainConfig,
+                      plan: DevicePlan, state: SiteState | None = None, seed: int = 0,
+                      round_index: int = 0) -> Iterator[TrainProgress | LocalResult]:
+    """Run one local round, yielding progress events and finally a ``LocalResult``."""
+    config.validate()
+    state = state or SiteState()
+    gen = torch.Generator().manual_seed(seed * 100_003 + round_index)
+    with on_device(plan):
+        net1, net2 = build_pair(model_config, global_pair, plan.device)
+        t0 = time.perf_counter()
+        if config.pseudo_labels and (data.kinds != KIND_MASK).any():
+            pl_batch = config.pl_batch_size or plan.pl_batch_size
+            pred1 = predict_binary(net1, data.images, plan, pl_batch)
+            yield TrainProgress("pseudo-labels", 1, 2)
+            pred2 = predict_binary(net2, data.images, plan, pl_batch)
+            yield TrainProgress("pseudo-labels", 2, 2)
+            labels = select_pseudo_labels(pred1, pred2, data, config.tau, config.min_box_fill)
+        else:
+            is_mask = data.kinds == KIND_MASK
+            labels = PseudoLabels(data.masks, data.masks, is_mask, {"mask": int(is_mask.sum())})
+        t_pl = time.perf_counter() - t0
+
+        keep = torch.nonzero(labels.keep).flatten()
+        n = len(keep)
+        opt1 = torch.optim.Adam(net1.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        opt2 = torch.optim.Adam(net2.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if state.optimizers is not None:
+            opt1.load_state_dict(state.optimizers[0])
+            opt2.load_state_dict(state.optimizers[1])
+        scaler = grad_scaler(plan)
+        loss_fn = LOSSES[config.loss]
+        net1.train()
+        net2.train()
+        losses1, losses2 = [], []
+        t1 = time.perf_counter()
+        batches_per_epoch = (n + config.batch_size - 1) // config.batch_size
+        total = batches_per_epoch * config.epochs
+        step = 0
+        for _ in range(config.epochs):
+            order = keep[torch.randperm(n, generator=gen)] if n else keep
+            for start in range(0, n, config.batch_size):
+                idx = order[start:start + config.batch_size]
+                x, y1, y2 = _augment(data.images[idx], labels.target1[idx], labels.target2[idx], config.crop_size,
+                                     config, gen)
+                x = x.to(plan.device, non_blocking=True)
+                y1, y2 = y1.to(plan.device).float(), y2.to(plan.device).float()
+                with autocast(plan):
+                    loss1 = loss_fn(net1(x), y1)
+                    loss2 = loss_fn(net2(x), y2)
+                opt1.zero_grad(set_to_none=True)
+                opt2.zero_grad(set_to_none=True)
+                scaler.scale(loss1 + loss2).backward()
+                scaler.step(opt1)
+                scaler.step(opt2)
+                scaler.update()
+                losses1.append(float(loss1.detach()))
+                losses2.append(float(loss2.detach()))
+                step += 1
+                yield TrainProgress("train", step, total, losses1[-1])
+        t_train = time.perf_counter() - t1
+        new_pair = join_pair(net1, net2)
+        new_state = SiteState((opt1.state_dict(), opt2.state_dict()), state.rounds_done + 1)
+        report = LocalReport(
+            n=n,
+            loss=sum(losses1) / len(losses1) if losses1 else 0.0,
+            loss2=sum(losses2) / len(losses2) if losses2 else 0.0,
+            counts={**labels.counts, "trained": n},
+            seconds={"pseudo_labels": round(t_pl, 4), "train": round(t_train, 4)},
+        )
+    yield LocalResult(new_pair, report, new_state)
+
+
+def local_update(global_pair: PairState, data: SiteTensors, model_config: ModelConfig, config: TrainConfig,
+                 plan: DevicePlan, state: SiteState | None = None, seed: int = 0, round_index: int = 0) -> LocalResult:
+    """``iter_local_update`` without progress: returns the ``LocalResult``."""
+    result = None
+    for event in iter_local_update(global_pair, data, model_config, config, plan, state, seed, round_index):
+        if isinstance(event, LocalResult):
+            result = event
+    assert result is not None
+    return result

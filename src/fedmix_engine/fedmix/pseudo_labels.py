@@ -1,0 +1,110 @@
+"""Pseudo-labels from the global pair (G¹, G²): predict, refine by boxes and tags, select.
+
+For an image with boxes ``B`` (per class) and the global networks' binary predictions
+``Yⁱ = [σ(Gⁱ(x)) > 0.5]``:
+
+- refine:  ``Pⁱ = Yⁱ ⊙ B`` (a class with no box is background: boxes are exhaustive);
+- select:  keep if ``Dice(P¹, P²) ≥ τ`` (the networks agree) and, for each boxed class,
+  ``Dice(P¹_c, B_c) ≥ min_box_fill`` (the prediction fills enough of its box).
+
+For an image with tags ``T`` (present 1 / absent 0 / unknown):
+
+- refine:  ``Pⁱ = Yⁱ ⊙ T`` — an *absent* class is forced to background (a certain target: the
+  reference single-class code ignores it; we use it); present and unknown classes keep the prediction;
+- select:  keep if ``Dice(P¹, P²) ≥ τ`` and no class tagged *present* is empty in P¹ or P² (two
+  empty masks agree perfectly; the reference accepts them and teaches "no lesion" on lesion images).
+
+Cross pseudo supervision: network 1 trains on ``P²``, network 2 on ``P¹``. Pixel-labelled images
+train both networks on their mask. All images of a pass are predicted in batches on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedmix_engine.data.tensors import KIND_BOX, KIND_MASK, KIND_TAG, TAG_ABSENT, TAG_PRESENT, SiteTensors
+from fedmix_engine.device import DevicePlan, autocast
+
+
+@torch.no_grad()
+def predict_binary(net: nn.Module, images: torch.Tensor, plan: DevicePlan,
+                   batch_size: int | None = None) -> torch.Tensor:
+    """``[σ(net(x)) > 0.5]`` for ``N×C×H×W`` images, batched on the plan's device; bool, on the CPU."""
+    net.eval()
+    batch_size = batch_size or plan.pl_batch_size
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(plan.device, non_blocking=True)
+        with autocast(plan):
+            logits = net(batch)
+        out.append((logits > 0).cpu())  # σ(z) > 0.5 ⟺ z > 0
+    if not out:
+        return torch.zeros((0, 0, *images.shape[-2:]), dtype=torch.bool)
+    return torch.cat(out)
+
+
+def agreement_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample Dice between bool ``N×K×H×W`` masks over all classes; both empty → 1."""
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    total = a.sum(1) + b.sum(1)
+    inter = (a * b).sum(1)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+def refine(pred: torch.Tensor, kinds: torch.Tensor, boxes: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """Restrict predictions by boxes (box images) and by absent tags (tag images)."""
+    refined = pred.clone()
+    is_box = kinds == KIND_BOX
+    refined[is_box] &= boxes[is_box]
+    allowed = (tags != TAG_ABSENT)[:, :, None, None]
+    is_tag = kinds == KIND_TAG
+    refined[is_tag] &= allowed[is_tag]
+    return refined
+
+
+@dataclass
+class PseudoLabels:
+    """Targets for each network and which samples were selected, with counts for the report."""
+
+    target1: torch.Tensor  # what network 1 learns from (P², or the mask)
+    target2: torch.Tensor  # what network 2 learns from (P¹, or the mask)
+    keep: torch.Tensor  # bool N
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def select_pseudo_labels(pred1: torch.Tensor, pred2: torch.Tensor, data: SiteTensors, tau: float = 0.9,
+                         min_box_fill: float = 0.5) -> PseudoLabels:
+    """Refine the global pair's predictions by boxes and tags and keep the trustworthy ones."""
+    kinds, boxes, tags = data.kinds, data.boxes, data.tags
+    p1, p2 = refine(pred1, kinds, boxes, tags), refine(pred2, kinds, boxes, tags)
+    agree = agreement_dice(p1, p2) >= tau
+
+    # box fill: Dice(P¹_c, B_c) for every class that has a box; classes without one do not count
+    inter = (p1 & boxes).flatten(2).sum(2).float()
+    fill = 2 * inter / (p1.flatten(2).sum(2) + boxes.flatten(2).sum(2)).float().clamp_min(1)
+    has_box = boxes.flatten(2).any(2)
+    box_ok = torch.where(has_box, fill >= min_box_fill, torch.ones_like(has_box)).all(1) & has_box.any(1)
+
+    # tags: a class tagged present must be non-empty in both pseudo-labels
+    present = tags == TAG_PRESENT
+    nonempty = p1.flatten(2).any(2) & p2.flatten(2).any(2)
+    tag_ok = torch.where(present, nonempty, torch.ones_like(present)).all(1)
+
+    is_mask, is_box, is_tag = kinds == KIND_MASK, kinds == KIND_BOX, kinds == KIND_TAG
+    keep = is_mask | (is_box & agree & box_ok) | (is_tag & agree & tag_ok)
+    masks = data.masks
+    target1 = torch.where(is_mask[:, None, None, None], masks, p2)
+    target2 = torch.where(is_mask[:, None, None, None], masks, p1)
+    counts = {
+        "mask": int(is_mask.sum()),
+        "box_total": int(is_box.sum()), "box_selected": int((is_box & keep).sum()),
+        "box_rejected_agreement": int((is_box & ~agree).sum()),
+        "box_rejected_fill": int((is_box & agree & ~box_ok).sum()),
+        "tag_total": int(is_tag.sum()), "tag_selected": int((is_tag & keep).sum()),
+        "tag_rejected_agreement": int((is_tag & ~agree).sum()),
+        "tag_rejected_empty_present": int((is_tag & agree & ~tag_ok).sum()),
+    }
+    return PseudoLabels(target1, target2, keep, counts)

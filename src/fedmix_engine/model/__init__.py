@@ -1,0 +1,6 @@
+"""Segmentation networks behind one small interface: ``ModelConfig`` → ``build_model`` → ``nn.Module``
+mapping ``B×C×H×W`` images to ``B×K×H×W`` logits (one sigmoid channel per class)."""
+
+from fedmix_engine.model.config import ModelConfig, build_model, count_parameters
+
+__all__ = ["ModelConfig", "build_model", "count_parameters"]

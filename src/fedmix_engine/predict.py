@@ -1,0 +1,187 @@
+"""Model + image(s) → probability map and mask; evaluation on labelled sites; batch over folders.
+
+Inference uses network 1 of the global pair by default (``inference="net1"``, as in the paper) or
+the mean of both networks' probabilities (``"mean"``); ``benchmarks/quality.py`` measures which is
+better and docs/benchmarks.md reports it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from fedmix_engine.checkpoint import load_checkpoint
+from fedmix_engine.data.imageio import IMAGE_SUFFIXES, normalise_image, read_image
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.tensors import resize_image
+from fedmix_engine.device import DevicePlan, autocast, plan_device
+from fedmix_engine.errors import InputError
+from fedmix_engine.fedmix.metrics import dice, label_to_channels
+from fedmix_engine.fedmix.pair import PairState, build_pair
+from fedmix_engine.model import ModelConfig
+
+INFERENCE = ("net1", "mean")
+
+
+class Predictor:
+    """Probabilities from the global pair for images of any size (resized to the training size and back)."""
+
+    def __init__(self, pair: PairState, model_config: ModelConfig, image_size: int, plan: DevicePlan | None = None,
+                 inference: str = "net1", batch_size: int | None = None):
+        if inference not in INFERENCE:
+            raise InputError("inference", f"'{inference}' is not one of {', '.join(INFERENCE)}")
+        self.plan = plan or plan_device("auto")
+        self.model_config = model_config
+        self.image_size = image_size
+        self.inference = inference
+        self.batch_size = batch_size or self.plan.pl_batch_size
+        self.net1, self.net2 = build_pair(model_config, pair, self.plan.device)
+        self.net1.eval()
+        self.net2.eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", inference: str | None = None) -> Predictor:
+        pair, model_config, meta = load_checkpoint(path)
+        image_size = int(meta.get("image_size", 128))
+        return cls(pair, model_config, image_size, plan_device(device), inference or meta.get("inference", "net1"))
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for ``N×C×S×S`` images at the training size (CPU tensor out)."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size].to(self.plan.device)
+            with autocast(self.plan):
+                z1 = self.net1(batch).float()
+                if self.inference == "mean":
+                    p = (torch.sigmoid(z1) + torch.sigmoid(self.net2(batch).float())) / 2
+                    z1 = torch.logit(p.clamp(1e-6, 1 - 1e-6))
+            out.append(z1.cpu())
+        return torch.cat(out) if out else torch.zeros((0, self.model_config.num_classes, 1, 1))
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """float32 ``K×H×W`` class probabilities for one validated image (H×W or H×W×3)."""
+        normalised = normalise_image(image, self.model_config.in_channels)
+        height, width = normalised.shape[-2:]
+        z = self.logits(resize_image(normalised, self.image_size)[None])
+        z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
+        return torch.sigmoid(z[0]).numpy()
+
+    def mask(self, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """uint8 label image (0 = background; overlapping classes: the most probable wins)."""
+        return probabilities_to_labels(self.probabilities(image), threshold)
+
+
+def probabilities_to_labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    fg = prob > threshold
+    labels = (np.argmax(prob, axis=0) + 1).astype(np.uint8)
+    labels[~fg.any(axis=0)] = 0
+    return labels
+
+
+@dataclass
+class EvalSet:
+    """A labelled store preloaded for repeated evaluation (e.g. every round of a simulation)."""
+
+    name: str
+    ids: list[str]
+    images: torch.Tensor  # N×C×S×S at the training size
+    truths: list[np.ndarray]  # bool K×H×W at the original size
+
+    @classmethod
+    def from_store(cls, path: str | Path, image_size: int, num_classes: int) -> EvalSet:
+        with SiteStore.open(path, readonly=True) as store:
+            ids, images, truths = [], [], []
+            for rec in store.records():
+                mask = store.read_mask(rec.id)
+                tags = store.tags(rec.id)
+                if mask is None and not (tags and not any(tags.values())):
+                    continue  # no full ground truth (neither a mask nor "all absent")
+                if mask is None:
+                    mask = np.zeros((rec.height, rec.width), np.uint8)
+                ids.append(rec.id)
+                images.append(resize_image(store.load_image(rec.id), image_size))
+                truths.append(label_to_channels(mask, num_classes))
+        if not ids:
+            raise InputError(path, "no image with full ground truth (a mask, or every class tagged absent)")
+        return cls(Path(path).parent.name, ids, torch.stack(images), truths)
+
+
+def evaluate(predictor: Predictor, data: EvalSet) -> dict[str, float]:
+    """Mean per-image Dice (per-class Dice averaged; both empty → 1), and the mean over lesion images."""
+    z = predictor.logits(data.images)
+    scores, lesion_scores = [], []
+    for k, truth in enumerate(data.truths):
+        zk = F.interpolate(z[k:k + 1], size=truth.shape[-2:], mode="bilinear", align_corners=False)[0]
+        pred = (zk > 0).numpy()
+        score = float(np.mean([dice(p, t) for p, t in zip(pred, truth, strict=True)]))
+        scores.append(score)
+        if truth.any():
+            lesion_scores.append(score)
+    return {"dice": float(np.mean(scores)), "dice_lesion_images": float(np.mean(lesion_scores or [np.nan])),
+            "images": len(scores)}
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    file: str
+    height: int
+    width: int
+    foreground_fraction: float
+    status: str
+
+
+def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
+                        threshold: float = 0.5) -> Iterator[tuple[int, int, BatchRow]]:
+    """Predict every image in ``folder`` into ``out/<stem>_mask.tif``; yields (done, total, row).
+
+    Unreadable or odd files are skipped with their reason in the row; the run never stops on them.
+    A ``summary.csv`` (file, height, width, foreground_fraction, status) is written at the end.
+    """
+    import tifffile
+
+    from fedmix_engine.atomic import atomic_write_bytes
+
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise InputError(folder, "input folder not found")
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    rows: list[BatchRow] = []
+    for done, path in enumerate(files, start=1):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: not an image ({path.suffix or 'no suffix'})")
+        else:
+            try:
+                image = read_image(path)
+                mask = predictor.mask(image, threshold)
+                buffer = io.BytesIO()
+                tifffile.imwrite(buffer, mask, photometric="minisblack")
+                atomic_write_bytes(out / f"{path.stem}_mask.tif", buffer.getvalue())
+                row = BatchRow(path.name, mask.shape[0], mask.shape[1], round(float((mask > 0).mean()), 6), "ok")
+            except InputError as exc:
+                row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: {exc.reason}")
+        rows.append(row)
+        yield done, len(files), row
+    with open(out / "summary.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "height", "width", "foreground_fraction", "status"])
+        for r in rows:
+            writer.writerow([r.file, r.height, r.width, r.foreground_fraction, r.status])
+
+
+def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
+                   progress: Callable[[int, int, BatchRow], None] | None = None) -> list[BatchRow]:
+    rows = []
+    for done, total, row in iter_predict_folder(predictor, folder, out, threshold):
+        rows.append(row)
+        if progress:
+            progress(done, total, row)
+    return rows

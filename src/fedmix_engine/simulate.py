@@ -1,0 +1,265 @@
+"""N sites in one process, for research and benchmarks.
+
+Calls exactly the functions the real federation calls — ``local_update`` at each site and
+``StreamingAggregate`` at the server — so a simulated result is a federated result without the
+network. Model selection uses the validation split of every site (mean Dice); the test split is
+evaluated once, with the selected round's model.
+
+Methods (the paper's comparisons):
+
+========================  ======================================================================
+``fedmix``                all supervision, pseudo-labels, adaptive weights (λ, β)
+``fedmix-fixed``          same, weights by samples used (λ = 0)
+``fedavg``                same local update, FedAvg weights by full dataset size
+``fedavg-mask-only``      only pixel-labelled images, at any site; FedAvg weights by their count
+``supervised-upper``      every site fully labelled (``eval/<site>/oracle``), FedAvg: the upper bound
+``local``                 each site trains alone on all its supervision; no federation
+========================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from fedmix_engine.checkpoint import save_checkpoint
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.tensors import SiteTensors, load_site_tensors
+from fedmix_engine.device import DevicePlan, plan_device, release_memory
+from fedmix_engine.errors import InputError
+from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
+from fedmix_engine.fedmix.local_update import LocalResult, SiteState, TrainConfig, TrainProgress, iter_local_update
+from fedmix_engine.fedmix.pair import PairState, init_pair
+from fedmix_engine.model import ModelConfig
+from fedmix_engine.predict import EvalSet, Predictor, evaluate
+
+METHODS = ("fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    method: str = "fedmix"
+    rounds: int = 10
+    seed: int = 0
+    lam: float = 10.0
+    beta: float = 1.5
+    inference: str = "net1"
+    device: str = "auto"
+    precision: str = "fp32"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(base_width=16))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError("--method", f"'{self.method}' is not one of {', '.join(METHODS)}")
+        if self.rounds < 1:
+            raise InputError("--rounds", f"must be ≥ 1, not {self.rounds}")
+        self.train.validate()
+        self.model.validate()
+        AggregationRule(self.lam, self.beta)
+
+
+@dataclass(frozen=True)
+class RoundDone:
+    """One round's record (also a line of ``metrics.jsonl``)."""
+
+    round: int
+    weights: dict[str, float]
+    n: dict[str, int]
+    losses: dict[str, float]
+    counts: dict[str, dict[str, int]]
+    val_dice: dict[str, float]
+    val_mean: float
+    best_round: int
+    seconds: float
+
+
+@dataclass
+class SimulationResult:
+    method: str
+    best_round: int
+    val_dice: dict[str, float]
+    test_dice: dict[str, float]
+    test_mean: float
+    out_dir: Path | None
+    history: list[RoundDone] = field(default_factory=list)
+
+
+@dataclass
+class _Site:
+    name: str
+    data: SiteTensors
+    full_size: int
+    state: SiteState = field(default_factory=SiteState)
+    pair: PairState | None = None  # only for the "local" method
+    val: EvalSet | None = None
+    test: EvalSet | None = None
+
+
+def _site_name(path: Path) -> str:
+    with SiteStore.open(path, readonly=True) as store:
+        return store.config.name
+
+
+def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: SimulationConfig) -> list[_Site]:
+    if not site_dirs:
+        raise InputError("--sites", "give at least one site folder")
+    sites, classes = [], None
+    for path in site_dirs:
+        name = _site_name(path)
+        train_dir = path
+        if config.method == "supervised-upper":
+            if eval_root is None:
+                raise InputError("--eval", "supervised-upper needs the evaluation tree with <site>/oracle stores")
+            train_dir = eval_root / name / "oracle"
+            if not train_dir.is_dir():
+                raise InputError(train_dir, "no oracle store (fully labelled training images) for this site")
+        with SiteStore.open(train_dir, readonly=True) as store, store.training_view() as view:
+            if classes is None:
+                classes = view.classes
+            elif view.classes != classes:
+                raise InputError(path, f"classes {list(view.classes)} differ from the first site's {list(classes)}")
+            if view.config.channels != config.model.in_channels:
+                raise InputError(path, f"site has {view.config.channels} channel(s), the model expects "
+                                 f"{config.model.in_channels}")
+            data = load_site_tensors(view, config.train.image_size, mask_only=config.method == "fedavg-mask-only")
+        site = _Site(name, data, len(data))
+        if eval_root is not None:
+            for split in ("val", "test"):
+                split_dir = eval_root / name / split
+                if not split_dir.is_dir():
+                    raise InputError(split_dir, f"no {split} store for site '{name}' in the evaluation tree")
+                setattr(site, split, EvalSet.from_store(split_dir, config.train.image_size, len(classes)))
+        sites.append(site)
+    if config.model.num_classes != len(classes):
+        raise InputError("model.num_classes", f"{config.model.num_classes} ≠ the sites' {len(classes)} classes")
+    return sites
+
+
+def _evaluate_pair(pair: PairState, config: SimulationConfig, plan: DevicePlan, sites: list[_Site],
+                   split: str) -> dict[str, float]:
+    predictor = Predictor(pair, config.model, config.train.image_size, plan, config.inference)
+    return {s.name: evaluate(predictor, getattr(s, split))["dice"] for s in sites if getattr(s, split) is not None}
+
+
+def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
+                    out_dir: str | Path | None = None) -> Iterator[TrainProgress | RoundDone | SimulationResult]:
+    """Run a simulation, yielding per-batch progress, one ``RoundDone`` per round, then the result."""
+    config.validate()
+    plan = plan_device(config.device, config.precision)
+    eval_root = Path(eval_root) if eval_root is not None else None
+    sites = _load_sites([Path(p) for p in site_dirs], eval_root, config)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+        (out / "config.json").write_text(json.dumps(
+            {**asdict(config), "sites": [str(p) for p in site_dirs], "eval": str(eval_root),
+             "device": str(plan.device), "device_note": plan.note}, indent=2, default=str) + "\n")
+
+    rule = AggregationRule.for_method("fedmix" if config.method == "fedmix" else "fedavg", config.lam, config.beta)
+    train = config.train
+    if config.method in ("fedavg-mask-only", "supervised-upper"):
+        train = replace(train, pseudo_labels=config.method == "supervised-upper")
+    global_pair = init_pair(config.model, config.seed)
+    meta = {"image_size": train.image_size, "inference": config.inference, "method": config.method}
+    if config.method == "local":
+        for s in sites:
+            s.pair = {k: v.clone() for k, v in global_pair.items()}
+
+    best_round, best_val, best_pairs = 0, -np.inf, {}
+    per_site_best: dict[str, tuple[float, int, PairState]] = {}
+    history: list[RoundDone] = []
+    for rnd in range(1, config.rounds + 1):
+        t0 = time.perf_counter()
+        acc = StreamingAggregate(rule)
+        n, losses, counts = {}, {}, {}
+        for index, s in enumerate(sites):
+            start = s.pair if config.method == "local" else global_pair
+            result: LocalResult | None = None
+            for event in iter_local_update(start, s.data, config.model, train, plan, s.state,
+                                           seed=config.seed * 1000 + index, round_index=rnd):
+                if isinstance(event, LocalResult):
+                    result = event
+                else:
+                    yield event
+            assert result is not None
+            s.state = result.state
+            rep = result.report
+            n[s.name], losses[s.name], counts[s.name] = rep.n, round(rep.loss, 6), rep.counts
+            if config.method == "local":
+                s.pair = result.pair
+            else:
+                # FedAvg and the upper bound weigh by full dataset size; FedMix by samples used
+                weight_n = s.full_size if config.method in ("fedavg", "supervised-upper") and rep.n > 0 else rep.n
+                acc.add(s.name, result.pair, weight_n, rep.loss)
+        if config.method == "local":
+            weights = {s.name: 1.0 for s in sites}
+            val = {}
+            for s in sites:
+                if s.val is not None:
+                    score = _evaluate_pair(s.pair, config, plan, [s], "val")[s.name]
+                    val[s.name] = score
+                    if score > per_site_best.get(s.name, (-np.inf, 0, None))[0]:
+                        per_site_best[s.name] = (score, rnd, {k: v.clone() for k, v in s.pair.items()})
+        else:
+            weights = acc.weights()
+            new_pair = acc.result()
+            if new_pair is not None:
+                global_pair = new_pair
+            val = _evaluate_pair(global_pair, config, plan, sites, "val") if eval_root else {}
+        val_mean = float(np.mean(list(val.values()))) if val else float("nan")
+        if config.method != "local" and (not val or val_mean > best_val):
+            best_val, best_round = val_mean, rnd
+            best_pairs = {"global": {k: v.clone() for k, v in global_pair.items()}}
+        if out is not None and config.method != "local":
+            save_checkpoint(out / "final.safetensors", global_pair, config.model, {**meta, "round": rnd})
+            if best_round == rnd:
+                save_checkpoint(out / "best.safetensors", global_pair, config.model, {**meta, "round": rnd})
+        record = RoundDone(rnd, {k: round(v, 6) for k, v in weights.items()}, n, losses, counts,
+                           {k: round(v, 4) for k, v in val.items()}, round(val_mean, 4), best_round,
+                           round(time.perf_counter() - t0, 2))
+        history.append(record)
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(asdict(record)) + "\n")
+        yield record
+
+    if config.method == "local":
+        test = {}
+        for s in sites:
+            if s.test is not None and s.name in per_site_best:
+                test[s.name] = _evaluate_pair(per_site_best[s.name][2], config, plan, [s], "test")[s.name]
+        best_round = -1
+        val_final = {k: v[0] for k, v in per_site_best.items()}
+    else:
+        test = _evaluate_pair(best_pairs["global"], config, plan, sites, "test") if eval_root else {}
+        val_final = history[best_round - 1].val_dice if best_round else {}
+    test_mean = float(np.mean(list(test.values()))) if test else float("nan")
+    result = SimulationResult(config.method, best_round, val_final, {k: round(v, 4) for k, v in test.items()},
+                              round(test_mean, 4), out, history)
+    if out is not None:
+        (out / "summary.json").write_text(json.dumps(
+            {"method": config.method, "best_round": best_round, "val_dice": val_final, "test_dice": result.test_dice,
+             "test_mean": result.test_mean}, indent=2) + "\n")
+    release_memory(plan)
+    yield result
+
+
+def run_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
+                   out_dir: str | Path | None = None,
+                   on_round: Callable[[RoundDone], None] | None = None) -> SimulationResult:
+    """``iter_simulation`` without per-batch progress; calls ``on_round`` after every round."""
+    final = None
+    for event in iter_simulation(site_dirs, eval_root, config, out_dir):
+        if isinstance(event, RoundDone) and on_round:
+            on_round(event)
+        elif isinstance(event, SimulationResult):
+            final = event
+    assert final is not None
+    return final

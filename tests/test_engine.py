@@ -1,0 +1,202 @@
+"""Model, checkpoints, metrics, losses, device selection, the local update and the simulator."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
+from fedmix_engine.cli import main
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.data.tensors import KIND_BOX, KIND_TAG, load_site_tensors
+from fedmix_engine.device import plan_device
+from fedmix_engine.errors import InputError
+from fedmix_engine.fedmix.local_update import LocalResult, TrainConfig, TrainProgress, iter_local_update, local_update
+from fedmix_engine.fedmix.losses import soft_dice_loss
+from fedmix_engine.fedmix.metrics import dice, hd95, iou
+from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.model import ModelConfig, build_model, count_parameters
+
+TINY = ModelConfig(base_width=4)
+TINY_TRAIN = TrainConfig(image_size=32, crop_size=32, batch_size=4)
+CPU = plan_device("cpu")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fed") / "sample"
+    make_sample(out, sites=3, images=10, eval_images=4, seed=0, size=32)
+    return out
+
+
+def test_reference_unet_has_17_3_m_parameters_and_any_size_works() -> None:
+    assert round(count_parameters(build_model(ModelConfig())) / 1e6, 1) == 17.3
+    net = build_model(ModelConfig(in_channels=3, num_classes=2, base_width=4))
+    assert net(torch.zeros(1, 3, 37, 45)).shape == (1, 2, 37, 45)
+    with pytest.raises(InputError, match=r"model\.base_width"):
+        ModelConfig(base_width=3).validate()
+    assert ModelConfig.from_json(ModelConfig(base_width=8).to_json()) == ModelConfig(base_width=8)
+
+
+def test_checkpoint_roundtrip_and_nan_refused(tmp_path: Path) -> None:
+    pair = init_pair(TINY, seed=3)
+    path = save_checkpoint(tmp_path / "c.safetensors", pair, TINY, {"image_size": 32})
+    loaded, config, meta = load_checkpoint(path)
+    assert config == TINY and meta == {"image_size": 32}
+    assert all(torch.equal(loaded[k], pair[k]) for k in pair)
+    assert any(not torch.equal(pair[f"net1.{k}"], pair[f"net2.{k}"]) for k in ("inc.block.0.weight",)), \
+        "the two networks must start from different initialisations"
+    pair["net1.outc.conv.bias"][0] = float("nan")
+    save_checkpoint(tmp_path / "bad.safetensors", pair, TINY)
+    with pytest.raises(InputError, match=r"bad\.safetensors: tensor 'net1\.outc\.conv\.bias' contains NaN"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"cut\.safetensors: not a readable safetensors checkpoint"):
+        load_checkpoint(tmp_path / "cut.safetensors")
+
+
+def test_metric_empty_conventions_and_values() -> None:
+    empty, a = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
+    a[2:6, 2:6] = True
+    b = np.zeros_like(a)
+    b[2:6, 4:8] = True
+    assert dice(empty, empty) == 1.0 and iou(empty, empty) == 1.0 and hd95(empty, empty) == 0.0
+    assert dice(a, empty) == 0.0 and iou(a, empty) == 0.0 and math.isnan(hd95(a, empty))
+    assert dice(a, b) == pytest.approx(2 * 8 / 32) and iou(a, b) == pytest.approx(8 / 24)
+    assert hd95(a, b) == pytest.approx(2.0)
+
+
+def test_dice_loss_on_empty_targets_rewards_predicting_background() -> None:
+    target = torch.zeros(2, 1, 8, 8)
+    assert soft_dice_loss(torch.full((2, 1, 8, 8), -10.0), target) < 1e-3
+    assert soft_dice_loss(torch.full((2, 1, 8, 8), 10.0), target) > 0.99
+    target[0, 0, 2:6, 2:6] = 1
+    perfect = torch.where(target > 0, 10.0, -10.0)
+    assert soft_dice_loss(perfect, target) < 0.01
+
+
+def test_device_plan_selection_logic() -> None:
+    assert plan_device("auto", cuda_available=lambda: False).device.type == "cpu"
+    gpu = plan_device("auto", "bf16", cuda_available=lambda: True, bf16_supported=lambda: True)
+    assert gpu.device.type == "cuda" and gpu.precision == "bf16" and gpu.pl_batch_size > 1
+    old = plan_device("cuda:1", "bf16", cuda_available=lambda: True, bf16_supported=lambda: False)
+    assert str(old.device) == "cuda:1" and old.precision == "fp16" and "no bf16" in old.note
+    fallback = plan_device("cuda", "bf16", cuda_available=lambda: False)
+    assert fallback.device.type == "cpu" and fallback.precision == "fp32" and "no CUDA GPU" in fallback.note
+    assert fallback.pl_batch_size == 1
+    with pytest.raises(InputError, match="device: 'tpu'"):
+        plan_device("tpu")
+    with pytest.raises(InputError, match="precision"):
+        plan_device("cpu", "int8")
+
+
+def test_local_update_is_deterministic_and_reports_n_and_loss(sample: Path) -> None:
+    with SiteStore.open(sample / "site-b") as store, store.training_view() as view:
+        data = load_site_tensors(view, 32)
+    pair = init_pair(TINY, seed=0)
+    runs = [local_update(pair, data, TINY, TINY_TRAIN, CPU, seed=5, round_index=1) for _ in range(2)]
+    assert all(torch.equal(runs[0].pair[k], runs[1].pair[k]) for k in pair), "same seed → same weights on CPU"
+    report = runs[0].report
+    assert report.n == report.counts["box_selected"] + report.counts["tag_selected"] + report.counts["mask"]
+    assert report.counts["box_total"] == data.count(KIND_BOX) and report.counts["tag_total"] == data.count(KIND_TAG)
+    assert 0.0 <= report.loss <= 1.0
+    assert runs[0].state.optimizers is not None and runs[0].state.rounds_done == 1
+    other = local_update(pair, data, TINY, TINY_TRAIN, CPU, seed=6, round_index=1)
+    if report.n > 0:
+        assert any(not torch.equal(other.pair[k], runs[0].pair[k]) for k in pair)
+
+
+def test_local_update_yields_progress_and_can_be_stopped_after_a_batch(sample: Path) -> None:
+    with SiteStore.open(sample / "site-a") as store, store.training_view() as view:
+        data = load_site_tensors(view, 32)
+    pair = init_pair(TINY, seed=0)
+    events = iter_local_update(pair, data, TINY, TrainConfig(image_size=32, crop_size=32, batch_size=2), CPU)
+    first = next(e for e in events if isinstance(e, TrainProgress) and e.stage == "train")
+    assert first.step == 1 and first.total == math.ceil(len(data) / 2) and first.loss is not None
+    events.close()  # a Stop button: no further batch runs, the caller keeps its last good pair
+    full = list(iter_local_update(pair, data, TINY, TrainConfig(image_size=32, crop_size=32, batch_size=2), CPU))
+    assert isinstance(full[-1], LocalResult)
+    assert sum(isinstance(e, TrainProgress) and e.stage == "train" for e in full) == first.total
+
+
+def test_weak_site_ground_truth_is_unreachable_by_the_trainer(sample: Path, monkeypatch) -> None:
+    """Run a real local update on the tag site while recording every file the process opens."""
+    import builtins
+
+    import tifffile
+
+    opened: list[str] = []
+    real_open, real_imread = builtins.open, tifffile.imread
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    def spy_imread(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_imread(file, *args, **kwargs)
+
+    # a stray mask file dropped into the weak site's folder must not be picked up either
+    with SiteStore.open(sample / "eval" / "site-c" / "oracle") as oracle:
+        first = oracle.image_ids()[0]
+        leak = oracle.root / "masks" / f"{first}.tif"
+    stray = sample / "site-c" / "masks" / leak.name
+    if leak.exists():
+        stray.write_bytes(leak.read_bytes())
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(tifffile, "imread", spy_imread)
+    try:
+        with SiteStore.open(sample / "site-c", readonly=True) as store, store.training_view() as view:
+            data = load_site_tensors(view, 32)
+            result = local_update(init_pair(TINY, 0), data, TINY, TINY_TRAIN, CPU)
+    finally:
+        monkeypatch.undo()
+        stray.unlink(missing_ok=True)
+    assert not data.masks.any(), "a tag-only site has no mask to train on"
+    assert result.report.counts["mask"] == 0
+    assert opened and not [p for p in opened if "/masks/" in p or "/eval/" in p], opened
+
+
+def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path: Path, capsys) -> None:
+    start = time.monotonic()
+    code = main(["simulate", "--sample", str(sample), "--rounds", "2", "--width", "4", "--image-size", "32",
+                 "--crop-size", "32", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "run")])
+    elapsed = time.monotonic() - start
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert elapsed < 60
+    assert "best round (validation)" in out and "test Dice: site-a" in out
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    _, config, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert config.base_width == 4 and meta["image_size"] == 32
+    # the checkpoint predicts a folder: one mask per image, a CSV, and a corrupt file listed
+    images = tmp_path / "imgs"
+    images.mkdir()
+    with SiteStore.open(sample / "site-a") as store:
+        for image_id in store.image_ids()[:3]:
+            (images / f"{image_id}.tif").write_bytes((store.root / "images" / f"{image_id}.tif").read_bytes())
+    (images / "broken.tif").write_bytes(b"II*\x00junk")
+    assert main(["predict", str(tmp_path / "run" / "best.safetensors"), str(images), str(tmp_path / "pred")]) == 1
+    assert len(list((tmp_path / "pred").glob("*_mask.tif"))) == 3
+    summary = (tmp_path / "pred" / "summary.csv").read_text()
+    assert "broken.tif" in summary and "skipped: unreadable or corrupt" in summary
+
+
+@pytest.mark.parametrize("method", ["fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local"])
+def test_every_baseline_runs(sample: Path, method: str) -> None:
+    from fedmix_engine.simulate import SimulationConfig, run_simulation
+
+    config = SimulationConfig(method=method, rounds=1, model=TINY, train=TINY_TRAIN, device="cpu")
+    result = run_simulation(sorted(sample.glob("site-*")), sample / "eval", config)
+    assert set(result.test_dice) == {"site-a", "site-b", "site-c"}
+    assert all(0.0 <= v <= 1.0 for v in result.test_dice.values())
+    weights = result.history[0].weights
+    if method == "fedavg-mask-only":
+        assert weights["site-b"] == weights["site-c"] == 0.0 and weights["site-a"] == 1.0

@@ -1,0 +1,88 @@
+"""Each selection rule of design §4, on hand-built predictions."""
+
+from __future__ import annotations
+
+import torch
+
+from fedmix_engine.data.tensors import KIND_BOX, KIND_MASK, KIND_TAG, TAG_ABSENT, TAG_PRESENT, TAG_UNKNOWN, SiteTensors
+from fedmix_engine.fedmix.pseudo_labels import agreement_dice, select_pseudo_labels
+
+S = 16
+
+
+def _data(kinds: list[int], k: int = 1) -> SiteTensors:
+    n = len(kinds)
+    return SiteTensors([f"i{j}" for j in range(n)], torch.tensor(kinds, dtype=torch.int8), torch.zeros(n, 1, S, S),
+                       torch.zeros(n, k, S, S, dtype=torch.bool), torch.zeros(n, k, S, S, dtype=torch.bool),
+                       torch.full((n, k), TAG_UNKNOWN, dtype=torch.int8), tuple(f"c{c}" for c in range(k)))
+
+
+def _square(y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
+    m = torch.zeros(S, S, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_agreement_dice_treats_two_empty_masks_as_agreeing() -> None:
+    empty = torch.zeros(1, 1, S, S, dtype=torch.bool)
+    full = torch.ones(1, 1, S, S, dtype=torch.bool)
+    assert agreement_dice(empty, empty).item() == 1.0
+    assert agreement_dice(empty, full).item() == 0.0
+
+
+def test_box_pseudo_label_is_cut_to_the_box_and_needs_agreement_and_fill() -> None:
+    data = _data([KIND_BOX] * 3)
+    data.boxes[:, 0] = _square(4, 4, 12, 12)  # 64 px box
+    pred = torch.zeros(3, 1, S, S, dtype=torch.bool)
+    pred[:, 0] = _square(0, 0, 16, 16)  # predicts everything: refined to the box, fills it → kept
+    pred[1, 0] = _square(5, 5, 7, 7)  # 4 px inside a 64 px box: Dice(P¹, B) = 8/68 < 0.5 → rejected
+    pred2 = pred.clone()
+    pred2[2, 0] = _square(4, 4, 6, 12)  # net 2 disagrees on sample 2 → rejected
+    labels = select_pseudo_labels(pred, pred2, data, tau=0.9, min_box_fill=0.5)
+    assert labels.keep.tolist() == [True, False, False]
+    assert labels.target2[0, 0].equal(_square(4, 4, 12, 12)), "prediction outside the box is cut away"
+    assert labels.counts["box_rejected_fill"] == 1 and labels.counts["box_rejected_agreement"] == 1
+
+
+def test_empty_prediction_for_a_class_tagged_present_is_rejected() -> None:
+    data = _data([KIND_TAG, KIND_TAG])
+    data.tags[:, 0] = TAG_PRESENT
+    empty = torch.zeros(2, 1, S, S, dtype=torch.bool)
+    pred = empty.clone()
+    pred[1, 0] = _square(2, 2, 8, 8)
+    labels = select_pseudo_labels(pred, pred.clone(), data)
+    # both networks agree perfectly on sample 0 (both empty), but a present lesion cannot be empty
+    assert labels.keep.tolist() == [False, True]
+    assert labels.counts["tag_rejected_empty_present"] == 1
+
+
+def test_absent_class_is_forced_to_background_and_is_a_certain_target() -> None:
+    data = _data([KIND_TAG], k=2)
+    data.tags[0] = torch.tensor([TAG_ABSENT, TAG_PRESENT], dtype=torch.int8)
+    pred = torch.zeros(1, 2, S, S, dtype=torch.bool)
+    pred[0, 0] = _square(0, 0, 8, 8)  # predicts the absent class: zeroed
+    pred[0, 1] = _square(8, 8, 14, 14)
+    labels = select_pseudo_labels(pred, pred.clone(), data)
+    assert labels.keep.item()
+    assert not labels.target1[0, 0].any() and not labels.target2[0, 0].any()
+    assert labels.target1[0, 1].equal(_square(8, 8, 14, 14))
+    only_absent = _data([KIND_TAG])
+    only_absent.tags[0, 0] = TAG_ABSENT
+    noisy = torch.ones(1, 1, S, S, dtype=torch.bool)
+    labels = select_pseudo_labels(noisy, torch.zeros_like(noisy), only_absent)
+    assert labels.keep.item() and not labels.target1.any(), "all-absent images are kept as all-background"
+
+
+def test_mask_samples_train_on_their_mask_and_cross_supervision_swaps_targets() -> None:
+    data = _data([KIND_MASK, KIND_TAG])
+    data.masks[0, 0] = _square(1, 1, 5, 5)
+    data.tags[1, 0] = TAG_PRESENT
+    p1 = torch.zeros(2, 1, S, S, dtype=torch.bool)
+    p2 = p1.clone()
+    p1[1, 0] = _square(2, 2, 10, 10)
+    p2[1, 0] = _square(2, 2, 10, 11)  # agreement 0.94 ≥ 0.9
+    labels = select_pseudo_labels(p1, p2, data)
+    assert labels.keep.tolist() == [True, True]
+    assert labels.target1[0].equal(data.masks[0]) and labels.target2[0].equal(data.masks[0])
+    assert labels.target1[1, 0].equal(p2[1, 0]), "network 1 learns from network 2's pseudo-label"
+    assert labels.target2[1, 0].equal(p1[1, 0]), "network 2 learns from network 1's pseudo-label"
