@@ -147,3 +147,11 @@ def test_training_view_is_read_only_and_cannot_reach_missing_masks(site: SiteSto
     with pytest.raises(PermissionError, match="read-only"):
         ro.set_tag("weak", "lesion", False)
     ro.close()
+
+
+def test_relative_site_paths_work_read_only_too(tmp_path: Path, grey_image, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with SiteStore.create("rel-site", ["lesion"]) as store:
+        store.add_image(grey_image, "a")
+    with SiteStore.open("rel-site", readonly=True) as store, store.training_view() as view:
+        assert [r.id for r in view.records] == ["a"]

@@ -201,7 +201,7 @@ class SiteStore:
         if readonly:
             if not db.exists():
                 raise InputError(root, f"site has no {DB_FILE}; it is damaged or not initialised")
-            self._db = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, isolation_level=None,
+            self._db = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
                                        check_same_thread=False)
         else:
             self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
