@@ -40,13 +40,14 @@ class SiteDomain:
     lesion_radius: tuple[float, float]  # lesion radius range, as a fraction of the image size
     lesion_contrast: float  # lesion echogenicity relative to tissue (lower = darker)
     shadow_probability: float  # chance a solid lesion casts a posterior shadow
+    psf: tuple[float, float] = (0.7, 1.6)  # speckle grain (axial, lateral σ in px): differs by probe
 
 
 # Hand-chosen so that sites differ visibly; a 4th+ site interpolates between them.
 _DOMAINS = (
-    SiteDomain(1.00, 1.00, 0.55, (0.10, 0.20), 0.25, 0.5),
-    SiteDomain(1.35, 0.75, 0.75, (0.06, 0.13), 0.40, 0.7),
-    SiteDomain(0.80, 1.35, 0.95, (0.14, 0.26), 0.35, 0.3),
+    SiteDomain(1.00, 1.00, 0.55, (0.10, 0.20), 0.25, 0.5, (0.7, 1.6)),
+    SiteDomain(1.35, 0.75, 0.80, (0.07, 0.14), 0.40, 0.7, (1.0, 2.2)),  # bright, washed out, coarse grain
+    SiteDomain(0.70, 1.60, 1.10, (0.16, 0.30), 0.40, 0.2, (0.4, 0.8)),  # dark, fine grain, large lesions
 )
 
 
@@ -63,7 +64,8 @@ def site_domain(index: int, rng: np.random.Generator) -> SiteDomain:
 
     return SiteDomain(mix(da.gain, db.gain), mix(da.gamma, db.gamma), mix(da.speckle, db.speckle),
                       (mix(*[d.lesion_radius[0] for d in (da, db)]), mix(*[d.lesion_radius[1] for d in (da, db)])),
-                      mix(da.lesion_contrast, db.lesion_contrast), mix(da.shadow_probability, db.shadow_probability))
+                      mix(da.lesion_contrast, db.lesion_contrast), mix(da.shadow_probability, db.shadow_probability),
+                      (mix(da.psf[0], db.psf[0]), mix(da.psf[1], db.psf[1])))
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float | tuple[float, float]) -> np.ndarray:
@@ -128,7 +130,7 @@ def synth_image(rng: np.random.Generator, size: int, domain: SiteDomain, num_cla
 
     # speckle: Rayleigh-distributed magnitude of a complex field blurred by a wide lateral PSF
     field = rng.standard_normal((size, size)) + 1j * rng.standard_normal((size, size))
-    field = ndimage.gaussian_filter(field.real, (0.7, 1.6)) + 1j * ndimage.gaussian_filter(field.imag, (0.7, 1.6))
+    field = ndimage.gaussian_filter(field.real, domain.psf) + 1j * ndimage.gaussian_filter(field.imag, domain.psf)
     speckle = np.abs(field)
     speckle /= speckle.mean()
     image = tissue * (1.0 + domain.speckle * (speckle - 1.0))
