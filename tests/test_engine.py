@@ -200,3 +200,17 @@ def test_every_baseline_runs(sample: Path, method: str) -> None:
     weights = result.history[0].weights
     if method == "fedavg-mask-only":
         assert weights["site-b"] == weights["site-c"] == 0.0 and weights["site-a"] == 1.0
+
+
+def test_pseudo_label_warmup_trains_only_on_certain_targets(sample: Path) -> None:
+    with SiteStore.open(sample / "site-b") as store, store.training_view() as view:
+        data = load_site_tensors(view, 32)
+    data.kinds[0], data.tags[0], data.boxes[0] = KIND_TAG, 0, False  # one image tagged "absent"
+    absent = int(((data.kinds == KIND_TAG) & (data.tags == 0).all(1)).sum())
+    assert absent > 0 and data.count(KIND_BOX) > 0
+    config = TrainConfig(image_size=32, crop_size=32, batch_size=4, pl_warmup_rounds=2)
+    pair = init_pair(TINY, 0)
+    warm = local_update(pair, data, TINY, config, CPU, round_index=2).report
+    assert warm.n == absent and warm.counts["certain_negatives"] == absent and "box_selected" not in warm.counts
+    after = local_update(pair, data, TINY, config, CPU, round_index=3).report
+    assert after.counts["box_total"] == data.count(KIND_BOX), "pseudo-labels are considered after the warm-up"

@@ -50,7 +50,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         inference=args.inference, device=args.device, precision=args.precision,
         model=ModelConfig(in_channels=channels, num_classes=num_classes, base_width=args.width),
         train=TrainConfig(image_size=args.image_size, crop_size=args.crop_size, batch_size=args.batch_size,
-                          lr=args.lr, epochs=args.local_epochs, tau=args.tau, loss=args.loss),
+                          lr=args.lr, epochs=args.local_epochs, tau=args.tau, loss=args.loss,
+                          pl_warmup_rounds=args.pl_warmup),
     )
     out = args.out
     print(f"simulating {config.method} on {len(sites)} site(s) for {config.rounds} round(s) → {out}")
@@ -109,6 +110,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--tau", type=float, default=0.9, help="pseudo-label agreement threshold")
+    p.add_argument("--pl-warmup", type=int, default=0,
+                   help="rounds trained on certain targets only (masks, all-absent images) before pseudo-labels")
     p.add_argument("--loss", default="dice", choices=("dice", "dice+bce"))
     p.add_argument("--inference", default="net1", choices=("net1", "mean"))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

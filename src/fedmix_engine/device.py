@@ -84,9 +84,13 @@ def grad_scaler(plan: DevicePlan) -> torch.amp.GradScaler:
 
 
 def release_memory(plan: DevicePlan) -> None:
-    """Give cached GPU memory back to the driver (so the napari viewer and other apps keep theirs)."""
-    gc.collect()
+    """Give cached GPU memory back to the driver (so the napari viewer and other apps keep theirs).
+
+    CPU memory needs nothing: a full ``gc.collect()`` there holds the GIL for hundreds of
+    milliseconds in a big process such as napari (measured: a 338 ms GUI stall), for no gain.
+    """
     if plan.is_cuda and torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -33,7 +33,14 @@ from fedmix_engine.data.tensors import SiteTensors, load_site_tensors
 from fedmix_engine.device import DevicePlan, plan_device, release_memory
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
-from fedmix_engine.fedmix.local_update import LocalResult, SiteState, TrainConfig, TrainProgress, iter_local_update
+from fedmix_engine.fedmix.local_update import (
+    LocalResult,
+    SiteState,
+    TrainConfig,
+    TrainProgress,
+    iter_local_update,
+    site_seed,
+)
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import EvalSet, Predictor, evaluate
@@ -136,6 +143,7 @@ def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: Simulatio
                     raise InputError(split_dir, f"no {split} store for site '{name}' in the evaluation tree")
                 setattr(site, split, EvalSet.from_store(split_dir, config.train.image_size, len(classes)))
         sites.append(site)
+    sites.sort(key=lambda s: s.name)  # the server aggregates in name order too
     if config.model.num_classes != len(classes):
         raise InputError("model.num_classes", f"{config.model.num_classes} ≠ the sites' {len(classes)} classes")
     return sites
@@ -179,11 +187,11 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         t0 = time.perf_counter()
         acc = StreamingAggregate(rule)
         n, losses, counts = {}, {}, {}
-        for index, s in enumerate(sites):
+        for s in sites:
             start = s.pair if config.method == "local" else global_pair
             result: LocalResult | None = None
             for event in iter_local_update(start, s.data, config.model, train, plan, s.state,
-                                           seed=config.seed * 1000 + index, round_index=rnd):
+                                           seed=site_seed(config.seed, s.name), round_index=rnd):
                 if isinstance(event, LocalResult):
                     result = event
                 else:

@@ -9,12 +9,13 @@ alike. It is a generator of small typed events (``TrainProgress``), ending with 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from fedmix_engine.data.tensors import KIND_MASK, SiteTensors
+from fedmix_engine.data.tensors import KIND_MASK, KIND_TAG, TAG_ABSENT, SiteTensors
 from fedmix_engine.device import DevicePlan, autocast, grad_scaler, on_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.losses import LOSSES
@@ -40,6 +41,7 @@ class TrainConfig:
     flip: bool = True  # horizontal flips (vertical flips would put the skin line at the bottom)
     intensity: float = 0.1  # random gain/gamma jitter amplitude
     pl_batch_size: int = 0  # 0: chosen per device (see device.plan_device)
+    pl_warmup_rounds: int = 0  # rounds (1-based) before pseudo-labels are used; until then only certain targets
 
     def validate(self) -> None:
         if self.crop_size > self.image_size:
@@ -91,6 +93,11 @@ class LocalResult:
     state: SiteState
 
 
+def site_seed(federation_seed: int, site: str) -> int:
+    """The local-update seed of a site: the same in the simulator and the real federation."""
+    return federation_seed * 1000 + zlib.crc32(site.encode()) % 1000
+
+
 def _augment(images: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, crop: int, config: TrainConfig,
              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random crop (per sample), horizontal flip, intensity jitter; the same geometry for image and targets."""
@@ -125,16 +132,22 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
     with on_device(plan):
         net1, net2 = build_pair(model_config, global_pair, plan.device)
         t0 = time.perf_counter()
-        if config.pseudo_labels and (data.kinds != KIND_MASK).any():
+        warming_up = round_index <= config.pl_warmup_rounds
+        if config.pseudo_labels and not warming_up and (data.kinds != KIND_MASK).any():
             pl_batch = config.pl_batch_size or plan.pl_batch_size
             pred1 = predict_binary(net1, data.images, plan, pl_batch)
             yield TrainProgress("pseudo-labels", 1, 2)
             pred2 = predict_binary(net2, data.images, plan, pl_batch)
             yield TrainProgress("pseudo-labels", 2, 2)
             labels = select_pseudo_labels(pred1, pred2, data, config.tau, config.min_box_fill)
-        else:
+        else:  # certain targets only: pixel masks, and (when pseudo-labels are on) images with every class absent
             is_mask = data.kinds == KIND_MASK
-            labels = PseudoLabels(data.masks, data.masks, is_mask, {"mask": int(is_mask.sum())})
+            certain = is_mask
+            if config.pseudo_labels:
+                all_absent = (data.kinds == KIND_TAG) & (data.tags == TAG_ABSENT).all(1)
+                certain = is_mask | all_absent
+            labels = PseudoLabels(data.masks, data.masks, certain,
+                                  {"mask": int(is_mask.sum()), "certain_negatives": int((certain & ~is_mask).sum())})
         t_pl = time.perf_counter() - t0
 
         keep = torch.nonzero(labels.keep).flatten()
