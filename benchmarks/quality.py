@@ -1,0 +1,133 @@
+"""Quality benchmark: Dice on every site's held-out test images, per method, over several seeds.
+
+Settings: (a) paper-like — site A pixel masks, site B boxes, site C tags; (b) mixed within every
+site — 10 % masks, 40 % boxes, 50 % tags. Synthetic ultrasound-like data with domain shift between
+sites (``fedmix-engine make-sample``). Model selection on each site's validation split; the test
+split is evaluated once. Writes the table to docs/benchmarks.md.
+
+CPU configuration (default): 64² images, U-Net width 8, ≈ 25 minutes on 2 cores.
+``--full`` (for a GPU): 256² images cropped to 224, the reference width 64, more data and rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command, machine, publish
+from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.model import ModelConfig
+from fedmix_engine.predict import EvalSet, Predictor, evaluate
+from fedmix_engine.simulate import METHODS, SimulationConfig, run_simulation
+
+SETTINGS = {
+    "a": {"label": "(a) paper-like: A masks, B boxes, C tags", "supervision": ["mask", "box", "tag"], "mix": None},
+    "b": {"label": "(b) mixed in every site: 10 % masks, 40 % boxes, 50 % tags", "supervision": None,
+          "mix": [0.1, 0.4, 0.5]},
+}
+ORDER = ["supervised-upper", "fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-only", "local"]
+
+
+def profile(full: bool) -> dict:
+    if full:
+        return {"size": 256, "images": 200, "eval_images": 50, "rounds": 100, "width": 64,
+                "train": TrainConfig(image_size=256, crop_size=224, batch_size=16), "device": "auto",
+                "precision": "bf16"}
+    return {"size": 64, "images": 32, "eval_images": 15, "rounds": 14, "width": 8,
+            "train": TrainConfig(image_size=64, crop_size=48, batch_size=4, epochs=2), "device": "cpu",
+            "precision": "fp32"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="GPU configuration (reference width, 224² crops)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, help="override the profile's round count")
+    parser.add_argument("--settings", default="a,b")
+    parser.add_argument("--methods", default=",".join(ORDER))
+    parser.add_argument("--lam", type=float, default=10.0)
+    parser.add_argument("--beta", type=float, default=1.5)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-quality"))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    prof = profile(args.full)
+    rounds = args.rounds or prof["rounds"]
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"unknown method {m}")
+    settings = [s for s in args.settings.split(",") if s]
+    started = time.time()
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    inference: dict[str, list[float]] = {"net1": [], "mean": []}
+    selected: dict[str, list[int]] = {}
+    for setting in settings:
+        spec = SETTINGS[setting]
+        for seed in range(args.seeds):
+            data = args.workdir / f"data-{setting}-{seed}-{prof['size']}"
+            if not (data / "federation.json").exists():
+                make_sample(data, sites=3, images=prof["images"], eval_images=prof["eval_images"], seed=seed,
+                            size=prof["size"], supervision=spec["supervision"], mix=spec["mix"])
+            sites = sorted(data.glob("site-*"))
+            for method in methods:
+                config = SimulationConfig(method=method, rounds=rounds, seed=seed, lam=args.lam, beta=args.beta,
+                                          device=prof["device"], precision=prof["precision"],
+                                          model=ModelConfig(base_width=prof["width"]), train=prof["train"])
+                out = args.workdir / f"run-{setting}-{seed}-{method}"
+                t0 = time.time()
+                res = run_simulation(sites, data / "eval", config, out)
+                row = dict(res.test_dice)
+                row["overall"] = res.test_mean
+                results.setdefault((setting, method), []).append(row)
+                if method == "fedmix":
+                    selected.setdefault(setting, []).append(
+                        sum(h.counts[s].get("box_selected", 0) + h.counts[s].get("tag_selected", 0)
+                            for h in res.history[-1:] for s in h.counts))
+                    # inference with network 1 vs the mean of both networks, same checkpoint
+                    predictor = {m: Predictor.from_checkpoint(out / "best.safetensors", "cpu", m) for m in inference}
+                    for m, p in predictor.items():
+                        scores = [evaluate(p, EvalSet.from_store(data / "eval" / s.name / "test",
+                                                                 prof["train"].image_size, 1))["dice"] for s in sites]
+                        inference[m].append(float(np.mean(scores)))
+                print(f"[{time.time() - started:6.0f}s] setting {setting} seed {seed} {method:17s} "
+                      f"test {json.dumps(row)} ({time.time() - t0:.0f}s, best round {res.best_round})", flush=True)
+
+    lines = [f"## Quality ({'GPU --full' if args.full else 'CPU'} configuration)", "",
+             f"Command: `{command()}`  ", f"Machine: {machine()}  ",
+             f"Data: synthetic ultrasound-like federation, 3 sites, {prof['images']} training images per site, "
+             f"{prof['eval_images']} validation + {prof['eval_images']} test images per site, {prof['size']}² px.  ",
+             f"Model: U-Net width {prof['width']}; {rounds} rounds × {prof['train'].epochs} local epoch(s), batch "
+             f"{prof['train'].batch_size}, crops {prof['train'].crop_size}²; λ = {args.lam}, β = {args.beta}; "
+             f"{args.seeds} seeds; wall time {(time.time() - started) / 60:.1f} min.  ",
+             "Metric: per-image Dice on each site's test split (lesion-free images count 1 if predicted empty, "
+             "else 0), mean ± std over seeds; the round is chosen on the validation split.", ""]
+    for setting in settings:
+        site_names = sorted(k for k in results[(setting, methods[0])][0] if k != "overall")
+        lines += [f"### {SETTINGS[setting]['label']}", "",
+                  "| method | " + " | ".join(site_names) + " | overall |",
+                  "|---|" + "---|" * (len(site_names) + 1)]
+        for method in [m for m in ORDER if m in methods]:
+            rows = results[(setting, method)]
+            cells = []
+            for key in [*site_names, "overall"]:
+                values = np.array([r[key] for r in rows]) * 100
+                cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if inference["net1"]:
+        a, b = np.array(inference["net1"]) * 100, np.array(inference["mean"]) * 100
+        lines += [f"Inference with network 1 vs the mean of both networks (FedMix, same checkpoints, all settings and "
+                  f"seeds): {a.mean():.1f} vs {b.mean():.1f} mean test Dice (mean difference {np.mean(b - a):+.1f}).",
+                  ""]
+    publish("quality-full" if args.full else "quality", "\n".join(lines), not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
