@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mix", type=_floats, help="fractions of mask,box,tag images within every site")
     p.set_defaults(func=cmd_make_sample)
 
-    from fedmix_engine import cli_training
+    from fedmix_engine import cli_federation, cli_training
 
     cli_training.add_commands(sub)
+    cli_federation.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,149 @@
+"""Federation subcommands of ``fedmix-engine``: serve, join, token."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from fedmix_engine.errors import InputError
+
+# Federation settings: None means "not given" so that a restart can resume with the stored ones.
+SETTINGS = {"sites": 3, "min_sites": 2, "round_timeout": 600.0, "rounds": 10, "method": "fedmix", "lam": 10.0,
+            "beta": 1.5, "seed": 0, "max_upload_mb": 512.0, "width": 16, "classes": 1, "channels": 1,
+            "image_size": 128, "crop_size": 112, "batch_size": 8, "local_epochs": 1, "lr": 1e-3, "pl_warmup": 0}
+
+
+def _server_config(args: argparse.Namespace):
+    from fedmix_engine.federation.state import ServerConfig
+    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.model import ModelConfig
+
+    v = {k: (getattr(args, k) if getattr(args, k) is not None else d) for k, d in SETTINGS.items()}
+    return ServerConfig(
+        sites=v["sites"], min_sites=min(v["min_sites"], v["sites"]), round_timeout=v["round_timeout"],
+        rounds=v["rounds"], method=v["method"], lam=v["lam"], beta=v["beta"], seed=v["seed"],
+        max_upload_mb=v["max_upload_mb"],
+        model=ModelConfig(in_channels=v["channels"], num_classes=v["classes"], base_width=v["width"]),
+        train=TrainConfig(image_size=v["image_size"], crop_size=v["crop_size"], batch_size=v["batch_size"],
+                          epochs=v["local_epochs"], lr=v["lr"], pl_warmup_rounds=v["pl_warmup"]),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedmix_engine.federation.server import serve
+    from fedmix_engine.federation.state import CONFIG_FILE
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InputError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
+    given = any(getattr(args, k) is not None for k in SETTINGS)
+    resuming = (Path(args.state) / CONFIG_FILE).exists()
+    config = _server_config(args) if (given or not resuming) else None
+    if resuming and given:
+        from fedmix_engine.federation.state import ServerState
+
+        ServerState(args.state, config)  # refuses settings that differ from the stored ones
+    serve(args.state, args.host, args.port, args.tls_cert, args.tls_key, config, args.log_level)
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from fedmix_engine.federation.client import FederationClient, FederationError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    token = args.token or os.environ.get("FEDMIX_TOKEN", "")
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    client = FederationClient(args.server, token, args.site, device=args.device, ca_cert=args.ca_cert,
+                              poll_seconds=args.poll)
+    try:
+        for event in client.iter_join():
+            if event.kind != "training" or (event.progress and event.progress.step == event.progress.total):
+                print(event.message, flush=True)
+    except FederationError as exc:
+        print(f"error: {exc}")
+        return 3
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from fedmix_engine.federation.tokens import TokenStore
+
+    store = TokenStore(args.state)
+    if args.action == "add":
+        if not args.site:
+            raise InputError("SITE", "name the site: fedmix-engine token add SITE --state DIR")
+        token = store.add(args.site)
+        print(token)
+        print(f"(token for site '{args.site}': shown once, stored hashed in {store.path})", flush=True)
+    elif args.action == "revoke":
+        store.revoke(args.site)
+        print(f"revoked the token of site '{args.site}'")
+    else:
+        for site, info in sorted(store.sites().items()):
+            print(f"{site}\tcreated {info['created']}\t{'revoked' if info['revoked'] else 'active'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedmix_engine.federation.local_demo import run_demo
+
+    run_demo(args.out, rounds=args.rounds, images=args.images, size=args.size, width=args.width, seed=args.seed)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the aggregation server (resumes from --state after a restart)")
+    p.add_argument("--state", type=Path, required=True, help="state directory (rounds, uploads, tokens)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--log-level", default="warning")
+    group = p.add_argument_group("federation settings (fixed when the state directory is created)")
+    group.add_argument("--sites", type=int, help="expected sites per round (default 3)")
+    group.add_argument("--min-sites", type=int, help="quorum to close a round at its deadline (default 2)")
+    group.add_argument("--round-timeout", type=float, help="seconds before a round may close on quorum (default 600)")
+    group.add_argument("--rounds", type=int, help="rounds in the federation (default 10)")
+    group.add_argument("--method", choices=("fedmix", "fedavg"))
+    group.add_argument("--lam", type=float)
+    group.add_argument("--beta", type=float)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--max-upload-mb", type=float)
+    group.add_argument("--width", type=int, help="U-Net base width (64 = reference)")
+    group.add_argument("--classes", type=int, help="number of classes")
+    group.add_argument("--channels", type=int, choices=(1, 3))
+    group.add_argument("--image-size", type=int)
+    group.add_argument("--crop-size", type=int)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--local-epochs", type=int)
+    group.add_argument("--lr", type=float)
+    group.add_argument("--pl-warmup", type=int, help="rounds before pseudo-labels are used (default 0)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("join", help="take part in a federation with this site's data")
+    p.add_argument("--server", required=True, help="e.g. https://fedmix.example-hospital.org:8765")
+    p.add_argument("--token", help="this site's token (or FEDMIX_TOKEN, or --token-file)")
+    p.add_argument("--token-file", type=Path)
+    p.add_argument("--site", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ca-cert", help="CA or self-signed certificate to trust for HTTPS")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between status checks while waiting")
+    p.set_defaults(func=cmd_join)
+
+    p = sub.add_parser("demo", help="a real local federation: server + 3 site processes on 127.0.0.1")
+    p.add_argument("out", type=Path, nargs="?", default=Path("runs/demo"))
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--images", type=int, default=32, help="training images per site")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("token", help="create, revoke or list site tokens")
+    p.add_argument("action", choices=("add", "revoke", "list"))
+    p.add_argument("site", nargs="?")
+    p.add_argument("--state", type=Path, required=True)
+    p.set_defaults(func=cmd_token)

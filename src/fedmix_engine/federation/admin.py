@@ -1,0 +1,75 @@
+"""The admin's HTML page: round history with site weights, n_k, ℓ_k as small inline SVG plots."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def svg_lines(series: dict[str, list[tuple[int, float]]], title: str, width: int = 360, height: int = 160) -> str:
+    """A tiny line chart (one line per site) as inline SVG."""
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return f"<svg width='{width}' height='{height}'><text x='10' y='20'>{escape(title)}: no data</text></svg>"
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(0.0, min(ys)), max(max(ys), 1e-9)
+    pad = 30
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+
+    def sy(y: float) -> float:
+        return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+             f"aria-label='{escape(title)}'>",
+             f"<text x='{pad}' y='14' font-size='12'>{escape(title)}</text>",
+             f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#999'/>",
+             f"<text x='2' y='{sy(y1) + 4:.0f}' font-size='9'>{y1:.2g}</text>",
+             f"<text x='2' y='{sy(y0) + 4:.0f}' font-size='9'>{y0:.2g}</text>"]
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        colour = COLOURS[i % len(COLOURS)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f"<polyline fill='none' stroke='{colour}' stroke-width='2' points='{path}'/>")
+        parts.append(f"<text x='{width - pad + 2}' y='{20 + 12 * i}' font-size='10' fill='{colour}'>"
+                     f"{escape(name)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_admin_page(status: dict[str, Any]) -> str:
+    history = status["history"]
+    weights: dict[str, list[tuple[int, float]]] = {}
+    losses: dict[str, list[tuple[int, float]]] = {}
+    counts: dict[str, list[tuple[int, float]]] = {}
+    rows = []
+    for meta in history:
+        r = meta["round"]
+        for site, info in meta["sites"].items():
+            weights.setdefault(site, []).append((r, info["weight"]))
+            losses.setdefault(site, []).append((r, info["loss"]))
+            counts.setdefault(site, []).append((r, info["n"]))
+        cells = "; ".join(f"{escape(s)}: n={i['n']} ℓ={i['loss']:.3f} w={i['weight']:.2f}"
+                          for s, i in sorted(meta["sites"].items()))
+        rows.append(f"<tr><td>{r}</td><td>{len(meta['sites'])}</td><td>{cells}</td>"
+                    f"<td>{escape(meta['reason'])}</td></tr>")
+    state = "finished" if status["finished"] else f"round {status['round']} open"
+    waiting = ", ".join(status["uploaded"]) or "none yet"
+    return f"""<!doctype html><html><head><meta charset='utf-8'><title>FedMix server</title>
+<meta http-equiv='refresh' content='10'>
+<style>body{{font-family:sans-serif;margin:2em}}
+td,th{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}}</style>
+</head><body>
+<h1>FedMix aggregation server</h1>
+<p><b>{escape(state)}</b> — {status['last_round']} of {status['rounds']} rounds done; method {escape(status['method'])}
+(λ = {status['lam']}, β = {status['beta']}); {status['sites_expected']} sites expected, quorum {status['min_sites']}.
+Uploaded this round: {escape(waiting)}.</p>
+<div>{svg_lines(weights, "site weight w_k per round")} {svg_lines(losses, "training loss ℓ_k per round")}
+{svg_lines(counts, "samples used n_k per round")}</div>
+<table><tr><th>round</th><th>sites</th><th>n, ℓ, weight per site</th><th>closed because</th></tr>
+{''.join(reversed(rows))}</table>
+<p>JSON: <a href='/v1/status'>/v1/status</a></p>
+</body></html>"""

@@ -1,0 +1,243 @@
+"""``fedmix-engine join``: a site's side of the federation, and the Python API the napari widget uses.
+
+Loop: ask the server which round is open → download the global pair → run the engine's
+``local_update`` on the site's own data → upload weights + report → repeat until the server says
+the federation has finished. Network errors and server restarts are retried with exponential
+backoff; uploads are idempotent, so a retry never counts twice. The site's Adam state and the
+last global model are kept in ``SITE/models/`` so a restarted client resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.checkpoint import pair_from_bytes
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.tensors import load_site_tensors
+from fedmix_engine.device import plan_device
+from fedmix_engine.errors import InputError
+from fedmix_engine.federation.wire import API_VERSION, UpdateReport, encode_update
+from fedmix_engine.fedmix.local_update import (
+    LocalResult,
+    SiteState,
+    TrainConfig,
+    TrainProgress,
+    iter_local_update,
+    site_seed,
+)
+from fedmix_engine.model import ModelConfig
+
+log = logging.getLogger("fedmix_engine.client")
+
+
+def wait_for_server(url: str, timeout: float = 60.0, verify: Any = True) -> bool:
+    """Poll ``/v1/status`` until the server answers (True) or ``timeout`` seconds pass (False)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url.rstrip('/')}/{API_VERSION}/status", timeout=2, verify=verify)
+            return True
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return False
+
+
+class FederationError(RuntimeError):
+    """The server refused us for a reason retrying cannot fix (auth, version, settings)."""
+
+
+@dataclass(frozen=True)
+class JoinEvent:
+    """One small typed update for a GUI or a log: what the client is doing now."""
+
+    kind: str  # "connected", "waiting", "training", "uploaded", "round-closed", "finished"
+    message: str
+    round: int | None = None
+    progress: TrainProgress | None = None
+    report: dict[str, Any] | None = None
+
+
+class FederationClient:
+    def __init__(self, server: str, token: str, site_dir: str | Path, device: str = "auto",
+                 ca_cert: str | Path | None = None, poll_seconds: float = 1.0, max_backoff: float = 30.0,
+                 give_up_after: float = 3600.0, timeout: float = 120.0):
+        import httpx
+
+        if not token:
+            raise InputError("--token", "no token given: ask the federation's admin for this site's token")
+        self.site_dir = Path(site_dir)
+        with SiteStore.open(self.site_dir, readonly=True):
+            pass  # fail early, with the site's own error, if the folder is not a site
+        self.plan = plan_device(device)
+        self.poll_seconds, self.max_backoff, self.give_up_after = poll_seconds, max_backoff, give_up_after
+        verify: Any = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
+        self.http = httpx.Client(base_url=server.rstrip("/"), headers={"Authorization": f"Bearer {token}"},
+                                 verify=verify, timeout=timeout)
+        self.models_dir = self.site_dir / "models"
+        self.state = SiteState()
+
+    # ------------------------------------------------------------------ HTTP with retries
+    def _request(self, method: str, path: str, **kwargs):
+        import httpx
+
+        delay, started = 0.5, time.monotonic()
+        while True:
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code < 500:
+                    return response
+                reason = f"server error {response.status_code}"
+            if time.monotonic() - started > self.give_up_after:
+                raise FederationError(f"gave up after {self.give_up_after:.0f} s: {reason}")
+            log.warning("%s %s: %s; retrying in %.1f s", method, path, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, self.max_backoff)
+
+    def _json(self, path: str) -> dict:
+        response = self._request("GET", path)
+        self._raise_for_refusal(response, path)
+        return response.json()
+
+    @staticmethod
+    def _raise_for_refusal(response, path: str) -> None:
+        if response.status_code == 401:
+            raise FederationError(f"the server refused this site's token ({_detail(response)})")
+        if response.status_code == 404 and path.startswith(f"/{API_VERSION}/"):
+            raise FederationError(f"the server does not speak API {API_VERSION} (404 on {path}); update "
+                                  "napari-fedmix on this site or ask the admin which version the server runs")
+        if response.status_code >= 400:
+            raise FederationError(f"{path}: {response.status_code} {_detail(response)}")
+
+    # ------------------------------------------------------------------ the loop
+    def iter_join(self, should_stop: Callable[[], bool] | None = None) -> Iterator[JoinEvent]:
+        """Take part in the federation until it finishes, yielding events. Closing the generator stops
+        after the current training batch; nothing half-done is uploaded."""
+        cfg = self._json(f"/{API_VERSION}/config")
+        site, model_config = cfg["site"], ModelConfig.from_dict(cfg["model"])
+        train = TrainConfig(**cfg["train"])
+        self.state = self._load_state()
+        yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
+                        f"{self.plan.device} ({self.plan.note})")
+        with SiteStore.open(self.site_dir, readonly=True) as store:
+            classes, channels = len(store.config.classes), store.config.channels
+            if channels != model_config.in_channels or classes != model_config.num_classes:
+                raise FederationError(f"{self.site_dir}: site has {len(store.config.classes)} class(es) and "
+                                      f"{store.config.channels} channel(s); the federation's model expects "
+                                      f"{model_config.num_classes} and {model_config.in_channels}")
+        last_wait, seen_round = None, None
+        while True:
+            if should_stop and should_stop():
+                return
+            info = self._json(f"/{API_VERSION}/round")
+            if seen_round is not None and info["last_round"] > seen_round:
+                yield from self._closed_rounds(site, seen_round, info["last_round"])
+            seen_round = info["last_round"]
+            if info["finished"]:
+                path = self._download_global()
+                yield JoinEvent("finished", f"federation finished after {info['last_round']} rounds; model: {path}",
+                                info["last_round"])
+                return
+            r = info["round"]
+            if info["uploaded"]:
+                if last_wait != r:
+                    yield JoinEvent("waiting", f"round {r}: update delivered, waiting for the other sites", r)
+                    last_wait = r
+                time.sleep(self.poll_seconds)
+                continue
+            pair_bytes, model_round = self._download_model()
+            if model_round != r - 1:
+                time.sleep(self.poll_seconds)
+                continue  # the round moved on while we asked; start again
+            pair, _, _ = pair_from_bytes(pair_bytes, "global model from the server")
+            with SiteStore.open(self.site_dir, readonly=True) as store, store.training_view() as view:
+                data = load_site_tensors(view, train.image_size)
+            result: LocalResult | None = None
+            for event in iter_local_update(pair, data, model_config, train, self.plan, self.state,
+                                           seed=site_seed(cfg["seed"], site), round_index=r):
+                if isinstance(event, LocalResult):
+                    result = event
+                else:
+                    yield JoinEvent("training", f"round {r}: {event.stage} {event.step}/{event.total}", r, event)
+                    if should_stop and should_stop():
+                        return
+            assert result is not None
+            self.state = result.state
+            self._save_state()
+            rep = result.report
+            body = encode_update(result.pair, UpdateReport(rep.n, rep.loss, rep.loss2, rep.counts))
+            response = self._request("POST", f"/{API_VERSION}/rounds/{r}/update", content=body,
+                                     headers={"Content-Type": "application/octet-stream"})
+            if response.status_code == 409:
+                yield JoinEvent("waiting", f"round {r}: {_detail(response)}", r)
+                continue
+            self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
+            yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={rep.loss:.3f} "
+                            f"({_detail(response)})", r, report=rep.to_dict())
+
+    def _closed_rounds(self, site: str, after: int, upto: int) -> Iterator[JoinEvent]:
+        """This site's weight, n and loss in each round that closed since ``after`` (from /v1/status)."""
+        for meta in self._json(f"/{API_VERSION}/status")["history"]:
+            mine = meta["sites"].get(site)
+            if after < meta["round"] <= upto and mine is not None:
+                yield JoinEvent("round-closed", f"round {meta['round']} closed: this site's weight "
+                                f"{mine['weight']:.2f} of {len(meta['sites'])} sites", meta["round"], report=mine)
+
+    def join(self, on_event: Callable[[JoinEvent], None] | None = None) -> Path:
+        """Run ``iter_join`` to the end; returns the final global model's path."""
+        for event in self.iter_join():
+            if on_event:
+                on_event(event)
+        return self.models_dir / "global.safetensors"
+
+    # ------------------------------------------------------------------ models and state on disk
+    def _download_model(self) -> tuple[bytes, int]:
+        response = self._request("GET", f"/{API_VERSION}/model")
+        self._raise_for_refusal(response, f"/{API_VERSION}/model")
+        return response.content, int(response.headers["X-FedMix-Round"])
+
+    def _download_global(self) -> Path:
+        data, r = self._download_model()
+        pair_from_bytes(data, "final global model")  # validate before saving
+        path = self.models_dir / "global.safetensors"
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(self.models_dir / f"global-round-{r:04d}.safetensors", data)
+        return path
+
+    def _save_state(self) -> None:
+        import io
+
+        import torch
+
+        if self.state.optimizers is None:
+            return
+        buffer = io.BytesIO()
+        torch.save({"optimizers": self.state.optimizers, "rounds_done": self.state.rounds_done}, buffer)
+        atomic_write_bytes(self.models_dir / "client-state.pt", buffer.getvalue())
+
+    def _load_state(self) -> SiteState:
+        import torch
+
+        path = self.models_dir / "client-state.pt"
+        if not path.exists():
+            return SiteState()
+        saved = torch.load(path, weights_only=True)  # local file, still no arbitrary code
+        return SiteState(tuple(saved["optimizers"]), int(saved["rounds_done"]))
+
+
+def _detail(response) -> str:
+    try:
+        return str(response.json().get("detail") or response.json().get("message"))
+    except Exception:
+        return response.text[:200]

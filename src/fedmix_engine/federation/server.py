@@ -1,0 +1,128 @@
+"""``fedmix-engine serve``: the aggregation server (FastAPI on uvicorn).
+
+Routes are thin: authenticate (a dependency), validate, call one ``ServerState`` method, answer.
+Uploads are streamed to disk with a size limit, never held in memory whole, so 50 concurrent
+full-width uploads cost disk, not RAM.
+"""
+
+import asyncio
+import contextlib
+import tempfile
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from starlette.requests import ClientDisconnect
+
+from fedmix_engine import __version__
+from fedmix_engine.federation.admin import render_admin_page
+from fedmix_engine.federation.state import ServerState
+from fedmix_engine.federation.tokens import TokenStore
+from fedmix_engine.federation.wire import API_VERSION
+
+
+def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.5) -> FastAPI:
+    """The ASGI app for one state directory."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def watch_deadline() -> None:
+            while True:
+                await asyncio.sleep(deadline_poll)
+                await run_in_threadpool(state.close_if_due)
+
+        task = asyncio.create_task(watch_deadline())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="FedMix aggregation server", version=__version__, lifespan=lifespan)
+    max_bytes = int(state.config.max_upload_mb * 2**20)
+    upload_dir = state.root / "incoming"
+    upload_dir.mkdir(exist_ok=True)
+    for leftover in upload_dir.iterdir():  # bodies of requests cut by a crash were never acknowledged
+        leftover.unlink()
+
+    def site_of(authorization: str | None = Header(default=None)) -> str:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise HTTPException(401, "missing bearer token: pass the site token from 'fedmix-engine token add'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        site = tokens.site_for(authorization.split(" ", 1)[1].strip())
+        if site is None:
+            raise HTTPException(401, "unknown or revoked token: ask the federation's admin for a new one",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return site
+
+    @app.get(f"/{API_VERSION}/config")
+    def federation_config(site: str = Depends(site_of)) -> dict:
+        cfg = state.config
+        return {"api": API_VERSION, "server_version": __version__, "site": site, "model": cfg.model.__dict__,
+                "train": cfg.train.__dict__, "seed": cfg.seed, "rounds": cfg.rounds, "method": cfg.method}
+
+    @app.get(f"/{API_VERSION}/round")
+    def current_round(site: str = Depends(site_of)) -> dict:
+        return state.round_info(site)
+
+    @app.get(f"/{API_VERSION}/model")
+    def global_model(site: str = Depends(site_of)) -> FileResponse:
+        path, r = state.latest_global()
+        return FileResponse(path, media_type="application/octet-stream",
+                            headers={"X-FedMix-Round": str(r)}, filename=f"global-{r:06d}.safetensors")
+
+    @app.post(f"/{API_VERSION}/rounds/{{round_number}}/update")
+    async def upload(round_number: int, request: Request, site: str = Depends(site_of)) -> JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None and not declared.isdigit():
+            raise HTTPException(400, f"invalid Content-Length header {declared!r}")
+        if declared is not None and int(declared) > max_bytes:
+            raise HTTPException(413, f"update of {int(declared) / 2**20:.1f} MB exceeds the server's limit of "
+                                f"{state.config.max_upload_mb:g} MB")
+        fd, name = tempfile.mkstemp(dir=upload_dir, suffix=".part")
+        body = Path(name)
+        received = 0
+        try:
+            with open(fd, "wb") as handle:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise HTTPException(413, f"update exceeds the server's limit of "
+                                            f"{state.config.max_upload_mb:g} MB")
+                    handle.write(chunk)
+            if declared is not None and received != int(declared):
+                raise HTTPException(400, f"truncated body: {received} of {declared} bytes received")
+        except ClientDisconnect:
+            body.unlink(missing_ok=True)
+            raise HTTPException(400, "the connection closed before the body was complete") from None
+        except BaseException:
+            body.unlink(missing_ok=True)
+            raise
+        outcome = await run_in_threadpool(state.accept_upload, site, round_number, body)
+        if outcome.status >= 400:
+            raise HTTPException(outcome.status, outcome.message)
+        return JSONResponse({"accepted": True, "message": outcome.message, "round_closed": outcome.round_closed})
+
+    @app.get(f"/{API_VERSION}/status")
+    def status() -> dict:
+        return state.status()
+
+    @app.get("/", response_class=HTMLResponse)
+    def admin_page() -> str:
+        return render_admin_page(state.status())
+
+    return app
+
+
+def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_cert: str | None = None,
+          tls_key: str | None = None, config=None, log_level: str = "info") -> None:
+    """Run the server until interrupted (state is durable: restarting resumes where it was)."""
+    import uvicorn
+
+    state = ServerState(state_dir, config)
+    tokens = TokenStore(state_dir)
+    if not tokens.sites():
+        print(f"warning: no site tokens yet; create them with 'fedmix-engine token add SITE --state {state_dir}'")
+    app = create_app(state, tokens)
+    scheme = "https" if tls_cert else "http"
+    print(f"FedMix server: {scheme}://{host}:{port}/  round {state.current_round} of {state.config.rounds}"
+          f"{' (finished)' if state.finished else ''}; state in {state_dir}", flush=True)
+    uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level=log_level)

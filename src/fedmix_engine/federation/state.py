@@ -1,0 +1,293 @@
+"""The aggregation server's durable state: rounds, acknowledged uploads, completed global models.
+
+State directory::
+
+    state/
+      server.json                 federation settings (model, training, rounds, quorum, λ, β)
+      tokens.json                 hashed per-site tokens
+      rounds/000000/              initial global pair
+      rounds/000007/global.safetensors, meta.json    each completed round, committed by a directory rename
+      current/<site>.safetensors  acknowledged uploads of the open round (fsynced before the 200)
+      current/<site>.json         their reports and SHA-256
+      current/opened.json         when the open round started (its deadline survives restarts)
+
+An upload is acknowledged only after its file and report are durable, so a server killed at any
+moment restarts with every acknowledged upload. A round is committed by renaming a complete
+directory into place, then the uploads are removed; a crash in between is detected on restart
+(the round exists, the leftovers are discarded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
+from fedmix_engine.errors import InputError
+from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
+from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
+from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.fedmix.pair import PairState, init_pair
+from fedmix_engine.model import ModelConfig
+
+CONFIG_FILE = "server.json"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything every site must agree on, fixed when the state directory is created."""
+
+    sites: int = 3
+    min_sites: int = 2
+    round_timeout: float = 600.0
+    rounds: int = 10
+    method: str = "fedmix"
+    lam: float = 10.0
+    beta: float = 1.5
+    seed: int = 0
+    max_upload_mb: float = 512.0
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(base_width=16))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        if self.sites < 1 or not 1 <= self.min_sites <= self.sites:
+            raise InputError("--min-sites", f"need 1 ≤ min-sites ({self.min_sites}) ≤ sites ({self.sites})")
+        if self.rounds < 1 or self.round_timeout <= 0 or self.max_upload_mb <= 0:
+            raise InputError("--rounds", "rounds, round timeout and upload limit must be positive")
+        AggregationRule.for_method(self.method, self.lam, self.beta)
+        self.model.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ServerConfig:
+        raw = dict(raw)
+        model = ModelConfig.from_dict(raw.pop("model"))
+        train = TrainConfig(**raw.pop("train"))
+        return cls(**raw, model=model, train=train)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Result of an upload: HTTP status and a sentence for the site's operator."""
+
+    status: int
+    message: str
+    round_closed: bool = False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ServerState:
+    """Single source of truth for rounds; every method is safe to call from several threads."""
+
+    def __init__(self, root: str | Path, config: ServerConfig | None = None, clock=time.time):
+        self.root = Path(root)
+        self._clock = clock
+        self._lock = threading.RLock()
+        config_path = self.root / CONFIG_FILE
+        if config_path.exists():
+            stored = ServerConfig.from_dict(json.loads(config_path.read_text()))
+            if config is not None and config != stored:
+                raise InputError(config_path, "the state directory belongs to a federation with other settings; "
+                                 "use a new --state directory or omit the settings to resume")
+            self.config = stored
+        else:
+            if config is None:
+                raise InputError(self.root, "not a server state directory (no server.json); start 'serve' with "
+                                 "the federation settings to create one")
+            config.validate()
+            self.config = config
+            (self.root / "rounds").mkdir(parents=True, exist_ok=True)
+            self._commit_round(0, init_pair(config.model, config.seed), {"round": 0, "reason": "initial"})
+            atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+        self.rule = AggregationRule.for_method(self.config.method, self.config.lam, self.config.beta)
+        self.current_dir = self.root / "current"
+        self.current_dir.mkdir(exist_ok=True)
+        self._recover()
+
+    # ------------------------------------------------------------------ recovery
+    def _completed_rounds(self) -> list[int]:
+        out = []
+        for path in (self.root / "rounds").iterdir():
+            if path.name.endswith(".tmp"):
+                shutil.rmtree(path, ignore_errors=True)  # a commit interrupted before its rename
+            elif path.name.isdigit() and (path / "global.safetensors").exists() and (path / "meta.json").exists():
+                out.append(int(path.name))
+        return sorted(out)
+
+    def _recover(self) -> None:
+        completed = self._completed_rounds()
+        self.last_round = completed[-1]
+        self._history = [json.loads((self.round_dir(r) / "meta.json").read_text()) for r in completed if r > 0]
+        self.template = tensor_template(self.global_pair(self.last_round))
+        self.uploads: dict[str, dict] = {}
+        opened = self.current_dir / "opened.json"
+        if opened.exists() and json.loads(opened.read_text()).get("round") == self.current_round:
+            self.opened_at = float(json.loads(opened.read_text())["opened_at"])
+        else:
+            self._open_round()
+        for report_file in sorted(self.current_dir.glob("*.json")):
+            if report_file.name == "opened.json":
+                continue
+            info = json.loads(report_file.read_text())
+            weights = self.current_dir / f"{report_file.stem}.safetensors"
+            if info.get("round") == self.current_round and weights.exists() and _sha256(weights) == info["sha256"]:
+                self.uploads[report_file.stem] = info
+            else:  # left over from a committed round, or torn: never acknowledged in this state
+                report_file.unlink()
+                weights.unlink(missing_ok=True)
+        for stray in self.current_dir.glob("*.safetensors"):
+            if stray.stem not in self.uploads:
+                stray.unlink()
+        if not self.finished and len(self.uploads) >= self.config.sites:
+            self._close_round("all sites had reported before a restart")
+
+    def _open_round(self) -> None:
+        self.opened_at = self._clock()
+        atomic_write_bytes(self.current_dir / "opened.json",
+                           json.dumps({"round": self.current_round, "opened_at": self.opened_at}).encode())
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def current_round(self) -> int:
+        return self.last_round + 1
+
+    @property
+    def finished(self) -> bool:
+        return self.last_round >= self.config.rounds
+
+    @property
+    def deadline(self) -> float:
+        return self.opened_at + self.config.round_timeout
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / "rounds" / f"{r:06d}"
+
+    def global_path(self, r: int | None = None) -> Path:
+        return self.round_dir(self.last_round if r is None else r) / "global.safetensors"
+
+    def global_pair(self, r: int) -> PairState:
+        return load_checkpoint(self.global_path(r))[0]
+
+    def history(self) -> list[dict]:
+        with self._lock:
+            return list(self._history)
+
+    def latest_global(self) -> tuple[Path, int]:
+        """The newest committed global model and its round (what sites train from)."""
+        with self._lock:
+            return self.global_path(), self.last_round
+
+    def round_info(self, site: str) -> dict[str, Any]:
+        """What a polling site needs; cheap (no history)."""
+        with self._lock:
+            return {"round": None if self.finished else self.current_round, "last_round": self.last_round,
+                    "finished": self.finished, "uploaded": site in self.uploads,
+                    "deadline_in": None if self.finished else round(self.deadline - self._clock(), 1)}
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "api": "v1", "round": None if self.finished else self.current_round, "last_round": self.last_round,
+                "rounds": self.config.rounds, "finished": self.finished, "sites_expected": self.config.sites,
+                "min_sites": self.config.min_sites, "uploaded": sorted(self.uploads),
+                "deadline_in": None if self.finished else round(self.deadline - self._clock(), 1),
+                "method": self.config.method, "lam": self.config.lam, "beta": self.config.beta,
+                "history": self.history(),
+            }
+
+    # ------------------------------------------------------------------ uploads
+    def accept_upload(self, site: str, round_number: int, body: Path) -> Outcome:
+        """Validate a received body and make it count; ``body`` is consumed (moved or deleted)."""
+        try:
+            with self._lock:
+                if self.finished:
+                    return Outcome(409, f"the federation has finished ({self.config.rounds} rounds); nothing to upload")
+                if round_number < self.current_round:
+                    return Outcome(409, f"round {round_number} is closed (the server is at round "
+                                   f"{self.current_round}); download the new global model and train again")
+                if round_number > self.current_round:
+                    return Outcome(409, f"round {round_number} is not open; the open round is {self.current_round}")
+                sha = _sha256(body)
+                if site in self.uploads:
+                    if self.uploads[site]["sha256"] == sha:
+                        return Outcome(200, f"already accepted for round {round_number} (retry is harmless)")
+                    return Outcome(409, f"site '{site}' already uploaded a different update for round "
+                                   f"{round_number}; one update per site per round")
+                try:
+                    report = validate_update_file(body, self.template)
+                except InputError as exc:
+                    return Outcome(422, f"update refused: {exc}")
+                target = self.current_dir / f"{site}.safetensors"
+                os.replace(body, target)
+                info = {"site": site, "round": round_number, "sha256": sha, "received_at": self._clock(),
+                        **json.loads(report.to_json())}
+                atomic_write_bytes(self.current_dir / f"{site}.json", json.dumps(info).encode())
+                self.uploads[site] = info
+                closed = False
+                if len(self.uploads) >= self.config.sites:
+                    self._close_round("every expected site reported")
+                    closed = True
+                return Outcome(200, f"accepted for round {round_number}", closed)
+        finally:
+            body.unlink(missing_ok=True)
+
+    def close_if_due(self) -> bool:
+        """Close the open round at its deadline if at least ``min_sites`` have reported."""
+        with self._lock:
+            if self.finished or self._clock() < self.deadline or len(self.uploads) < self.config.min_sites:
+                return False
+            self._close_round(f"deadline passed with {len(self.uploads)} of {self.config.sites} sites")
+            return True
+
+    # ------------------------------------------------------------------ aggregation
+    def _close_round(self, reason: str) -> None:
+        acc = StreamingAggregate(self.rule)
+        for site in sorted(self.uploads):  # fixed order: results do not depend on arrival order
+            info = self.uploads[site]
+            acc.add(site, LazyUpdate(self.current_dir / f"{site}.safetensors"), info["n"], info["loss"])
+        new = acc.result() or self.global_pair(self.last_round)
+        weights = acc.weights()
+        meta = {"round": self.current_round, "reason": reason, "closed_at": self._clock(),
+                "sites": {s: {"n": i["n"], "loss": i["loss"], "weight": weights[s], "counts": i.get("counts", {}),
+                              "metrics": i.get("metrics", {})} for s, i in self.uploads.items()}}
+        self._commit_round(self.current_round, new, meta)
+        self._history.append(meta)
+        self.last_round += 1
+        for path in self.current_dir.iterdir():
+            path.unlink()
+        self.uploads = {}
+        if not self.finished:
+            self._open_round()
+
+    def _commit_round(self, r: int, pair: PairState, meta: dict) -> None:
+        final = self.round_dir(r)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_checkpoint(tmp / "global.safetensors", pair, self.config.model,
+                        {"round": r, "image_size": self.config.train.image_size})
+        atomic_write_bytes(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+        os.replace(tmp, final)
+        with contextlib.suppress(OSError):
+            fd = os.open(final.parent, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)

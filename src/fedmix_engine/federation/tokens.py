@@ -1,0 +1,78 @@
+"""Per-site bearer tokens: created once (printed once), stored only as SHA-256 hashes, revocable.
+
+Tokens are 256-bit random strings, so a fast hash is enough (no password stretching needed); the
+comparison is constant-time. The file is re-read when it changes, so ``token revoke`` takes effect
+on a running server without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.errors import InputError
+
+TOKENS_FILE = "tokens.json"
+_SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenStore:
+    def __init__(self, state_dir: str | Path):
+        self.path = Path(state_dir) / TOKENS_FILE
+        self._mtime: float | None = None
+        self._entries: dict[str, dict] = {}
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return {}
+        if mtime != self._mtime:
+            self._entries = json.loads(self.path.read_text())
+            self._mtime = mtime
+        return self._entries
+
+    def _save(self, entries: dict[str, dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, (json.dumps(entries, indent=2, sort_keys=True) + "\n").encode())
+        self.path.chmod(0o600)
+
+    def add(self, site: str) -> str:
+        """Create (or replace) a site's token and return it — the only time it is visible."""
+        if not _SITE.match(site):
+            raise InputError("SITE", f"site name '{site}' must use letters, digits, '.', '-' or '_' (max 64)")
+        token = f"fmx_{secrets.token_urlsafe(32)}"
+        entries = dict(self._load())
+        entries[site] = {"sha256": _hash(token), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                         "revoked": False}
+        self._save(entries)
+        return token
+
+    def revoke(self, site: str) -> None:
+        entries = dict(self._load())
+        if site not in entries:
+            raise InputError("SITE", f"no token for site '{site}'")
+        entries[site] = {**entries[site], "revoked": True}
+        self._save(entries)
+
+    def sites(self) -> dict[str, dict]:
+        return {site: {k: v for k, v in e.items() if k != "sha256"} for site, e in self._load().items()}
+
+    def site_for(self, token: str) -> str | None:
+        """The site a token belongs to, or None (unknown or revoked)."""
+        digest = _hash(token)
+        found = None
+        for site, entry in self._load().items():
+            if hmac.compare_digest(entry["sha256"], digest) and not entry.get("revoked"):
+                found = site
+        return found

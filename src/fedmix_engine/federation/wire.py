@@ -1,0 +1,154 @@
+"""What crosses the wire: safetensors bodies (weights) with the site's report in the header.
+
+An update is one safetensors file: the pair's tensors (``net1.*``, ``net2.*``) and, in the header
+metadata, ``fedmix-report`` = JSON ``{"n": int, "loss": float, "loss2": float, "counts": {...}}``.
+No pickle anywhere. Every update is validated against the global model before it counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmix_engine.errors import InputError
+
+API_VERSION = "v1"
+REPORT_KEY = "fedmix-report"
+MAX_COUNT_KEYS = 64
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    """The scalars a site sends with its weights (nothing about any image)."""
+
+    n: int
+    loss: float
+    loss2: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"n": self.n, "loss": self.loss, "loss2": self.loss2, "counts": self.counts},
+                          sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str | None) -> UpdateReport:
+        if not text:
+            raise InputError(REPORT_KEY, "missing: the update carries no report (n, loss)")
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            raise InputError(REPORT_KEY, "not valid JSON") from None
+        if not isinstance(raw, dict):
+            raise InputError(REPORT_KEY, "must be a JSON object")
+        n, loss, loss2 = raw.get("n"), raw.get("loss"), raw.get("loss2", 0.0)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise InputError(f"{REPORT_KEY}.n", f"sample count must be an integer ≥ 0, not {n!r}")
+        for name, value in (("loss", loss), ("loss2", loss2)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise InputError(f"{REPORT_KEY}.{name}", f"must be a finite number ≥ 0, not {value!r}")
+        counts = raw.get("counts", {})
+        if not isinstance(counts, dict) or len(counts) > MAX_COUNT_KEYS or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in counts.items()):
+            raise InputError(f"{REPORT_KEY}.counts", "must be an object of at most 64 integer counts")
+        return cls(n, float(loss), float(loss2), counts)
+
+
+def encode_update(pair: Mapping[str, torch.Tensor], report: UpdateReport) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in pair.items()}, metadata={REPORT_KEY: report.to_json()})
+
+
+def tensor_template(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Keys, shapes and dtypes every update must match."""
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The safetensors header of a file: (tensor entries, metadata). Refuses truncated files."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise InputError("body", "truncated: shorter than a safetensors header")
+        length = int.from_bytes(head, "little")
+        if length <= 1 or length > 100_000_000 or 8 + length > size:
+            raise InputError("body", "truncated or not safetensors: header length exceeds the body")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise InputError("body", "not safetensors: the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise InputError("body", "not safetensors: the header is not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for key, entry in header.items():
+        try:
+            end = max(end, int(entry["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise InputError(f"tensor '{key}'", "malformed safetensors entry") from None
+    if 8 + length + end != size:
+        raise InputError("body", f"truncated: {size} bytes received, the header describes {8 + length + end}")
+    return header, metadata
+
+
+class LazyUpdate(Mapping[str, torch.Tensor]):
+    """A safetensors file as a read-only mapping that loads one tensor at a time (memory-mapped).
+
+    Feeding it to ``StreamingAggregate.add`` keeps aggregation at two model-sized accumulators
+    plus one tensor, however large the model and however many sites.
+    """
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._reader = safe_open(str(path), framework="pt")
+        self._keys = list(self._reader.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._reader.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...], str]]) -> UpdateReport:
+    """Check an uploaded file against the global model: same keys, shapes, dtypes; all finite; a sane report.
+
+    Reads one tensor at a time (memory-mapped), so validating costs O(largest tensor), not O(model).
+    """
+    from safetensors import safe_open
+
+    header, metadata = read_header(path)
+    missing, extra = set(template) - set(header), set(header) - set(template)
+    if missing or extra:
+        raise InputError("tensors", f"keys differ from the global model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]}")
+    for key, entry in header.items():
+        shape, dtype = template[key]
+        got_dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"), entry.get("dtype"))
+        if tuple(entry.get("shape", ())) != shape or got_dtype != dtype:
+            raise InputError(f"tensor '{key}'", f"shape {tuple(entry.get('shape', ()))} {got_dtype} differs from the "
+                             f"global model's {shape} {dtype}")
+    report = UpdateReport.parse(metadata.get(REPORT_KEY))
+    with safe_open(str(path), framework="pt") as reader:
+        for key in header:
+            value = reader.get_tensor(key)
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise InputError(f"tensor '{key}'", "contains NaN or infinite values")
+    return report

@@ -1,0 +1,99 @@
+"""Real server processes on loopback for the federation tests (no mocks of HTTP)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+
+from fedmix_engine.checkpoint import pair_from_bytes
+from fedmix_engine.federation.tokens import TokenStore
+from fedmix_engine.federation.wire import UpdateReport, encode_update
+
+TINY_SETTINGS = ["--width", "4", "--image-size", "32", "--crop-size", "32", "--batch-size", "4", "--seed", "0"]
+# one torch thread per process: several processes share 2 cores without oversubscription
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, state: Path, args: list[str], tls: tuple[Path, Path] | None = None):
+        self.state, self.args, self.tls = state, args, tls
+        self.port = free_port()
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> Server:
+        cmd = [sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(self.state), "--port",
+               str(self.port), *self.args]
+        if self.tls:
+            cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+        with open(self.state.parent / f"server-{self.port}.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        verify = ssl.create_default_context(cafile=str(self.tls[0])) if self.tls else True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.state.parent / f'server-{self.port}.log').read_text()}")
+            try:
+                if httpx.get(f"{self.url}/v1/status", verify=verify, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError("server did not start")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def status(self) -> dict:
+        verify = ssl.create_default_context(cafile=str(self.tls[0])) if self.tls else True
+        return httpx.get(f"{self.url}/v1/status", verify=verify, timeout=10).json()
+
+
+@contextmanager
+def running_server(state: Path, args: list[str], tls: tuple[Path, Path] | None = None):
+    server = Server(state, args, tls)
+    try:
+        yield server.start()
+    finally:
+        server.kill()
+
+
+def make_tokens(state: Path, sites: list[str]) -> dict[str, str]:
+    store = TokenStore(state)
+    return {site: store.add(site) for site in sites}
+
+
+def global_pair(url: str, token: str, verify=True) -> tuple[dict[str, torch.Tensor], int]:
+    r = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"}, verify=verify, timeout=30)
+    r.raise_for_status()
+    pair, _, _ = pair_from_bytes(r.content, "test")
+    return pair, int(r.headers["X-FedMix-Round"])
+
+
+def fake_update(pair: dict[str, torch.Tensor], seed: int, n: int = 10, loss: float = 0.5) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    moved = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pair.items()}
+    return encode_update(moved, UpdateReport(n, loss))
+
+
+def upload(url: str, token: str, round_number: int, body: bytes, verify=True) -> httpx.Response:
+    return httpx.post(f"{url}/v1/rounds/{round_number}/update", content=body,
+                      headers={"Authorization": f"Bearer {token}"}, verify=verify, timeout=60)

@@ -1,0 +1,280 @@
+"""The aggregation server and site clients as real processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save
+
+from federation_helpers import ENV, TINY_SETTINGS, fake_update, global_pair, make_tokens, running_server, upload
+from fedmix_engine.checkpoint import load_checkpoint
+from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.federation.wire import UpdateReport, encode_update
+from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
+from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.model import ModelConfig
+from fedmix_engine.simulate import SimulationConfig, run_simulation
+
+SITES = ["site-a", "site-b", "site-c"]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fed") / "sample"
+    make_sample(out, sites=3, images=8, eval_images=3, seed=0, size=32)
+    return out
+
+
+def test_three_clients_complete_rounds_and_match_the_simulator(sample: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    tokens = make_tokens(state, SITES)
+    args = ["--sites", "3", "--min-sites", "3", "--rounds", "2", *TINY_SETTINGS]
+    with running_server(state, args) as server:
+        clients = [subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url,
+                                     "--token", tokens[name], "--site", str(sample / name), "--device", "cpu",
+                                     "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+                   for name in SITES]
+        outputs = [c.communicate(timeout=300)[0].decode() for c in clients]
+        assert all(c.returncode == 0 for c in clients), outputs
+        status = server.status()
+    assert status["finished"] and status["last_round"] == 2
+    assert all("federation finished after 2 rounds" in out for out in outputs), outputs
+    for name in SITES:
+        assert (sample / name / "models" / "global.safetensors").exists()
+    served, _, _ = load_checkpoint(state / "rounds" / "000002" / "global.safetensors")
+
+    config = SimulationConfig(method="fedmix", rounds=2, seed=0, device="cpu", model=ModelConfig(base_width=4),
+                              train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
+    torch.set_num_threads(1)  # as the client processes
+    try:
+        run_simulation([sample / n for n in SITES], None, config, tmp_path / "sim")
+    finally:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    simulated, _, _ = load_checkpoint(tmp_path / "sim" / "final.safetensors")
+    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    assert worst < 1e-5, f"transport changed the algorithm: max |Δθ| = {worst}"
+    weights = status["history"][-1]["sites"]
+    assert abs(sum(s["weight"] for s in weights.values()) - 1) < 1e-9
+
+
+def test_server_sigkilled_mid_round_keeps_acknowledged_uploads(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    tokens = make_tokens(state, SITES)
+    args = ["--sites", "3", "--min-sites", "3", "--rounds", "1", *TINY_SETTINGS]
+    bodies = {}
+    with running_server(state, args) as server:
+        pair, r = global_pair(server.url, tokens["site-a"])
+        assert r == 0
+        for k, name in enumerate(SITES):
+            bodies[name] = fake_update(pair, seed=k, n=10 * (k + 1), loss=0.2 * (k + 1))
+        for name in SITES[:2]:
+            assert upload(server.url, tokens[name], 1, bodies[name]).status_code == 200
+        server.kill()  # SIGKILL after two acknowledged uploads
+    with running_server(state, []) as server:  # restart with the stored settings
+        status = server.status()
+        assert status["round"] == 1 and status["uploaded"] == ["site-a", "site-b"], status
+        retry = upload(server.url, tokens["site-a"], 1, bodies["site-a"])
+        assert retry.status_code == 200 and "already accepted" in retry.json()["message"]
+        assert upload(server.url, tokens["site-c"], 1, bodies["site-c"]).status_code == 200
+        status = server.status()
+    assert status["finished"]
+    # the committed model is exactly the engine's aggregation of the three acknowledged updates
+    expected, _ = aggregate([(name, load_bytes(bodies[name]), 10 * (k + 1), 0.2 * (k + 1))
+                             for k, name in enumerate(SITES)], AggregationRule(10.0, 1.5))
+    served, _, _ = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
+    assert max(float((served[k] - expected[k]).abs().max()) for k in expected) < 1e-6
+
+
+def load_bytes(body: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(body)
+
+
+PARTIAL_UPLOAD = """
+import socket, sys, time
+port, token, total = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall((f"POST /v1/rounds/1/update HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Bearer {token}\\r\\n"
+           f"Content-Length: {total}\\r\\nContent-Type: application/octet-stream\\r\\n\\r\\n").encode())
+s.sendall(b"\\0" * (total // 2))
+print("half sent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_client_killed_mid_upload_round_closes_on_quorum_and_client_rejoins(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    tokens = make_tokens(state, SITES)
+    args = ["--sites", "3", "--min-sites", "2", "--rounds", "2", "--round-timeout", "3", *TINY_SETTINGS]
+    with running_server(state, args) as server:
+        pair, _ = global_pair(server.url, tokens["site-a"])
+        body_c = fake_update(pair, seed=9)
+        uploader = subprocess.Popen([sys.executable, "-c", PARTIAL_UPLOAD, str(server.port), tokens["site-c"],
+                                     str(len(body_c))], stdout=subprocess.PIPE, text=True)
+        assert uploader.stdout.readline().strip() == "half sent"
+        os.kill(uploader.pid, signal.SIGKILL)
+        uploader.wait(10)
+        for k, name in enumerate(SITES[:2]):
+            assert upload(server.url, tokens[name], 1, fake_update(pair, seed=k)).status_code == 200
+        deadline = time.monotonic() + 30
+        while server.status()["last_round"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        status = server.status()
+        assert status["last_round"] == 1, status
+        closed = status["history"][0]
+        assert set(closed["sites"]) == {"site-a", "site-b"} and "deadline passed with 2 of 3" in closed["reason"]
+        assert not list((state / "incoming").iterdir()), "the cut body must not be kept"
+        late = upload(server.url, tokens["site-c"], 1, body_c)
+        assert late.status_code == 409 and "round 1 is closed" in late.json()["detail"]
+        pair2, r = global_pair(server.url, tokens["site-c"])  # the client rejoins for round 2
+        assert r == 1
+        assert upload(server.url, tokens["site-c"], 2, fake_update(pair2, seed=3)).status_code == 200
+        assert server.status()["uploaded"] == ["site-c"]
+
+
+def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    tokens = make_tokens(state, [*SITES, "site-x"])
+    args = ["--sites", "3", "--min-sites", "3", "--rounds", "2", "--max-upload-mb", "2", *TINY_SETTINGS]
+    with running_server(state, args) as server:
+        url = server.url
+        pair, _ = global_pair(url, tokens["site-a"])
+        good = fake_update(pair, seed=1)
+        from fedmix_engine.federation.tokens import TokenStore
+
+        TokenStore(state).revoke("site-x")
+        renamed = {("net1.bogus" if k == "net1.outc.conv.bias" else k): v for k, v in pair.items()}
+        reshaped = {**pair, "net1.outc.conv.bias": torch.zeros(2)}
+        poisoned = {**pair, "net2.outc.conv.weight": pair["net2.outc.conv.weight"] * float("nan")}
+        infinite = {**pair, "net1.inc.block.0.weight": pair["net1.inc.block.0.weight"] + float("inf")}
+        cases = [
+            ("wrong token", "fmx_not-a-token", good, 1, 401, "unknown or revoked token"),
+            ("revoked token", tokens["site-x"], good, 1, 401, "unknown or revoked token"),
+            ("wrong key", tokens["site-a"], encode_update(renamed, UpdateReport(5, 0.3)), 1, 422, "keys differ"),
+            ("wrong shape", tokens["site-a"], encode_update(reshaped, UpdateReport(5, 0.3)), 1, 422,
+             "tensor 'net1.outc.conv.bias': shape (2,)"),
+            ("NaN", tokens["site-a"], encode_update(poisoned, UpdateReport(5, 0.3)), 1, 422, "NaN or infinite"),
+            ("Inf", tokens["site-a"], encode_update(infinite, UpdateReport(5, 0.3)), 1, 422, "NaN or infinite"),
+            ("oversized", tokens["site-a"], b"\0" * (3 * 2**20), 1, 413, "exceeds the server's limit"),
+            ("truncated", tokens["site-a"], good[: len(good) // 2], 1, 422, "truncated"),
+            ("closed round", tokens["site-a"], good, 0, 409, "round 0 is closed"),
+            ("future round", tokens["site-a"], good, 2, 409, "round 2 is not open"),
+            ("negative n", tokens["site-a"], encode_update(pair, UpdateReport(-3, 0.3)), 1, 422,
+             "sample count must be an integer ≥ 0"),
+            ("NaN loss", tokens["site-a"], save(pair, metadata={"fedmix-report": '{"n": 5, "loss": NaN}'}), 1, 422,
+             "loss: must be a finite number"),
+            ("no report", tokens["site-a"], save(pair), 1, 422, "carries no report"),
+        ]
+        for name, token, body, r, code, reason in cases:
+            response = upload(url, token, r, body)
+            assert response.status_code == code, (name, response.status_code, response.text)
+            assert reason in response.json()["detail"], (name, response.json())
+        status = server.status()
+        assert status["uploaded"] == [] and status["round"] == 1, "no bad update may count"
+        assert upload(url, tokens["site-a"], 1, good).status_code == 200
+        duplicate = upload(url, tokens["site-a"], 1, fake_update(pair, seed=5))
+        assert duplicate.status_code == 409 and "already uploaded a different update" in duplicate.json()["detail"]
+        assert server.status()["uploaded"] == ["site-a"]
+        page = httpx.get(url + "/").text
+        assert "FedMix aggregation server" in page and "site-a" in page and "<svg" in page
+
+
+def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    state = tmp_path / "state"
+    tokens = make_tokens(state, SITES)
+    args = ["--sites", "1", "--min-sites", "1", "--rounds", "1", *TINY_SETTINGS]
+    with running_server(state, args, tls=(cert, key)) as server:
+        trust = ssl.create_default_context(cafile=str(cert))
+        pair, _ = global_pair(server.url, tokens["site-a"], verify=trust)
+        assert upload(server.url, tokens["site-a"], 1, fake_update(pair, 1), verify=trust).status_code == 200
+        assert server.status()["finished"]
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port
+            httpx.get(f"http://127.0.0.1:{server.port}/v1/status", timeout=5).raise_for_status()
+        with pytest.raises(httpx.ConnectError):  # TLS without trusting the self-signed certificate
+            httpx.get(f"{server.url}/v1/status", timeout=5)
+
+
+def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None:
+    """Record every request body the server receives during a real round; none may hold pixels."""
+    import threading
+
+    import uvicorn
+
+    from fedmix_engine.federation.client import FederationClient
+    from fedmix_engine.federation.server import create_app
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.tokens import TokenStore
+
+    state_dir = tmp_path / "state"
+    tokens = make_tokens(state_dir, SITES)
+    config = ServerConfig(sites=3, min_sites=3, rounds=1, model=ModelConfig(base_width=4),
+                          train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
+    app = create_app(ServerState(state_dir, config), TokenStore(state_dir))
+    bodies: list[bytes] = []
+
+    async def recording(scope, receive, send):
+        chunks: list[bytes] = []
+
+        async def tap():
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    bodies.append(b"".join(chunks))
+            return message
+        await app(scope, tap, send)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(recording, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        threads = [threading.Thread(target=FederationClient(f"http://127.0.0.1:{port}", tokens[n], sample / n,
+                                                            device="cpu", poll_seconds=0.1).join) for n in SITES]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    payload = b"".join(bodies)
+    assert len(payload) > 0, "the uploads were recorded"
+    for magic in (b"II*\x00", b"MM\x00*", b"\x89PNG", b"\xff\xd8\xff"):
+        assert magic not in payload, f"image file bytes ({magic!r}) crossed the wire"
+    # every body is a safetensors update whose tensors are weights, never image-shaped
+    uploads = [b for b in bodies if len(b) > 0]
+    assert len(uploads) >= 3
+    import tempfile
+
+    for body in uploads:
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+            f.write(body)
+            f.flush()
+            tensors = load_file(f.name)
+        for key, value in tensors.items():
+            assert value.dim() < 2 or max(value.shape[-2:]) <= 3, f"{key} {tuple(value.shape)} looks like pixels"
+    report = json.loads((state_dir / "rounds" / "000001" / "meta.json").read_text())
+    assert set(report["sites"]) == set(SITES)
+    assert np.isfinite([s["loss"] for s in report["sites"].values()]).all()
