@@ -1,0 +1,87 @@
+"""Screenshots of every widget for docs/plugin.md, taken from a real napari window.
+
+Usage (no screen needed): xvfb-run -a .venv/bin/python docs/make_screenshots.py
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "images"
+
+
+def main() -> None:
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from fedmix_engine.data.synthetic import make_sample
+    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.model import ModelConfig
+    from fedmix_engine.simulate import SimulationConfig, run_simulation
+    from napari_fedmix.annotate_widget import AnnotateWidget
+    from napari_fedmix.predict_widget import BatchPredictWidget, PredictWidget
+    from napari_fedmix.train_widget import TrainWidget
+
+    work = Path(tempfile.mkdtemp())
+    make_sample(work / "fed", sites=1, images=24, eval_images=2, size=128, mix=[0.6, 0.2, 0.2], seed=3)
+    site = work / "fed" / "site-a"
+    config = SimulationConfig(rounds=15, device="cpu", model=ModelConfig(base_width=8),
+                              train=TrainConfig(image_size=128, crop_size=96, batch_size=4, epochs=2))
+    run_simulation([site], None, config, site / "models" / "local")
+    checkpoint = site / "models" / "local" / "final.safetensors"
+
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1400, 900)
+    shots = {}
+
+    annotate = AnnotateWidget(viewer)
+    viewer.window.add_dock_widget(annotate, name="Annotate site", area="right")
+    annotate.open_site(site)
+    box_row = next(i for i, rec in enumerate(annotate.store.records()) if rec.supervision == "box")
+    annotate.image_list.setCurrentRow(box_row)
+    QApplication.processEvents()
+    shots["plugin-annotate.png"] = viewer.screenshot(canvas_only=False, flash=False)
+
+    train = TrainWidget(viewer)
+    dock = viewer.window.add_dock_widget(train, name="Train & federate", area="right")
+    train.site.setText(str(site))
+    for r, (loss, n) in enumerate([(0.62, 9), (0.48, 11), (0.41, 12)], start=1):
+        train._add_point(r, loss, 1.0, n)
+    train.round_bar.setRange(0, 3)
+    train.round_bar.setValue(3)
+    train.status.setText("round 3: loss 0.410, 12 samples\nstopped; model: " + str(checkpoint))
+    QApplication.processEvents()
+    shots["plugin-train.png"] = viewer.screenshot(canvas_only=False, flash=False)
+    viewer.window.remove_dock_widget(dock)
+
+    predict = PredictWidget(viewer)
+    dock = viewer.window.add_dock_widget(predict, name="Predict", area="right")
+    predict.checkpoint.setText(str(checkpoint))
+    viewer.layers.selection.active = viewer.layers["FedMix image"]
+    predict._show(predict.predictor().probabilities(np.asarray(viewer.layers["FedMix image"].data)))
+    QApplication.processEvents()
+    shots["plugin-predict.png"] = viewer.screenshot(canvas_only=False, flash=False)
+    viewer.window.remove_dock_widget(dock)
+
+    batch = BatchPredictWidget(viewer)
+    viewer.window.add_dock_widget(batch, name="Batch predict", area="right")
+    batch.input.setText(str(site / "images"))
+    batch.checkpoint.setText(str(checkpoint))
+    batch.output.setText(str(work / "batch-out"))
+    QApplication.processEvents()
+    shots["plugin-batch.png"] = viewer.screenshot(canvas_only=False, flash=False)
+
+    import imageio.v3 as iio
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, image in shots.items():
+        iio.imwrite(OUT / name, image)
+        print(f"wrote {OUT / name}")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()

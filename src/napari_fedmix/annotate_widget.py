@@ -1,0 +1,291 @@
+"""Annotate a site: browse its images, draw masks and boxes, set tags; everything saved to the SiteStore.
+
+The widget only moves data between layers and the store. Saving happens on image switch, on a
+timer while edits are pending, and on demand; each save is the store's crash-safe transaction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QListWidget,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.errors import InputError
+from napari_fedmix.layer_records import boxes_to_shapes, save_annotations
+
+if TYPE_CHECKING:
+    import napari
+
+IMAGE_LAYER, MASK_LAYER, BOX_LAYER = "FedMix image", "FedMix mask", "FedMix boxes"
+AUTOSAVE_MS = 15_000
+
+
+class AnnotateWidget(QWidget):
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.store: SiteStore | None = None
+        self.current_id: str | None = None
+        self._dirty = False
+        self._loading = False
+
+        self.site_label = QLabel("no site open")
+        self.site_label.setWordWrap(True)
+        open_button, new_button = QPushButton("Open site…"), QPushButton("New site…")
+        open_button.clicked.connect(self._choose_site)
+        new_button.clicked.connect(self._choose_new_site)
+        import_files, import_folder = QPushButton("Import images…"), QPushButton("Import folder…")
+        import_files.clicked.connect(self._choose_images)
+        import_folder.clicked.connect(self._choose_folder)
+        self.image_list = QListWidget()
+        self.image_list.currentRowChanged.connect(self._on_row)
+        prev_button, next_button = QPushButton("◀ previous"), QPushButton("next ▶")
+        prev_button.clicked.connect(self.previous_image)
+        next_button.clicked.connect(self.next_image)
+        self.box_class = QComboBox()
+        self.box_class.currentTextChanged.connect(self._set_box_class)
+        self.tag_boxes: dict[str, QCheckBox] = {}
+        self.tags_row = QVBoxLayout()
+        save_button = QPushButton("Save now")
+        save_button.clicked.connect(self.save)
+        self.summary = QLabel("")
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.site_label)
+        layout.addLayout(_row(open_button, new_button))
+        layout.addLayout(_row(import_files, import_folder))
+        layout.addWidget(self.image_list)
+        layout.addLayout(_row(prev_button, next_button))
+        layout.addLayout(_row(QLabel("class of new boxes:"), self.box_class))
+        layout.addWidget(QLabel("image-level tags (✓ present, – absent, empty = unknown):"))
+        layout.addLayout(self.tags_row)
+        layout.addWidget(save_button)
+        layout.addWidget(self.summary)
+
+        self.timer = QTimer(self)
+        self.timer.timeout.connect(self._autosave)
+        self.timer.start(AUTOSAVE_MS)
+        self.viewer.bind_key("Alt-Right", lambda _v: self.next_image(), overwrite=True)
+        self.viewer.bind_key("Alt-Left", lambda _v: self.previous_image(), overwrite=True)
+
+    # ------------------------------------------------------------------ site
+    def open_site(self, path: str | Path) -> None:
+        self.save()
+        if self.store is not None:
+            self.store.close()
+        self.store = SiteStore.open(path)
+        self._after_site_change()
+
+    def create_site(self, path: str | Path, classes: list[str]) -> None:
+        self.save()
+        if self.store is not None:
+            self.store.close()
+        self.store = SiteStore.create(path, classes)
+        self._after_site_change()
+
+    def _after_site_change(self) -> None:
+        assert self.store is not None
+        self.site_label.setText(f"site: {self.store.config.name} ({self.store.root})")
+        self.box_class.clear()
+        self.box_class.addItems(list(self.store.config.classes))
+        for box in self.tag_boxes.values():
+            box.setParent(None)
+        self.tag_boxes = {}
+        for name in self.store.config.classes:
+            box = QCheckBox(name)
+            box.setTristate(True)
+            box.setCheckState(Qt.CheckState.PartiallyChecked)
+            box.stateChanged.connect(self._mark_dirty)
+            self.tag_boxes[name] = box
+            self.tags_row.addWidget(box)
+        self.current_id = None
+        self.refresh_list()
+        if self.image_list.count():
+            self.image_list.setCurrentRow(0)
+
+    def import_images(self, paths: list[str | Path]) -> list[str]:
+        """Add image files; returns the problems (each naming its file)."""
+        if self.store is None:
+            raise InputError("site", "open or create a site first")
+        problems = []
+        for path in paths:
+            try:
+                self.store.add_image(path)
+            except InputError as exc:
+                problems.append(str(exc))
+        self.refresh_list()
+        _notify(problems)
+        return problems
+
+    # ------------------------------------------------------------------ browsing
+    def refresh_list(self) -> None:
+        if self.store is None:
+            return
+        row = self.image_list.currentRow()
+        self._loading = True
+        self.image_list.clear()
+        for rec in self.store.records():
+            self.image_list.addItem(f"{rec.id}  —  {rec.supervision}")
+        self._loading = False
+        if 0 <= row < self.image_list.count():
+            self.image_list.setCurrentRow(row)
+        c = self.store.summary()
+        self.summary.setText(f"{c['images']} images: {c['mask']} mask · {c['box']} box · {c['tag']} tag · "
+                             f"{c['none']} unlabelled")
+
+    def show_image(self, image_id: str) -> None:
+        assert self.store is not None
+        self.save()
+        self._loading = True
+        try:
+            image = self.store.read_image(image_id)
+            mask = self.store.read_mask(image_id)
+            height, width = image.shape[:2]
+            self._layer(IMAGE_LAYER, lambda: self.viewer.add_image(image, name=IMAGE_LAYER), image,
+                        rgb=image.ndim == 3)
+            labels = mask if mask is not None else np.zeros((height, width), np.uint8)
+            self._layer(MASK_LAYER, lambda: self.viewer.add_labels(labels, name=MASK_LAYER, opacity=0.5), labels)
+            rectangles, classes = boxes_to_shapes(self.store.boxes(image_id))
+            shapes = self._shapes_layer()
+            shapes.data = []
+            if rectangles:
+                shapes.add_rectangles(rectangles)
+                shapes.features = {"class": classes}
+            tags = self.store.tags(image_id)
+            for name, box in self.tag_boxes.items():
+                state = {True: Qt.CheckState.Checked, False: Qt.CheckState.Unchecked}.get(
+                    tags.get(name), Qt.CheckState.PartiallyChecked)
+                box.setCheckState(state)
+            self.current_id = image_id
+            self.viewer.reset_view()
+            self.viewer.layers.selection.active = self.viewer.layers[MASK_LAYER]
+        finally:
+            self._loading = False
+        self._dirty = False
+
+    def next_image(self) -> None:
+        self.image_list.setCurrentRow(min(self.image_list.currentRow() + 1, self.image_list.count() - 1))
+
+    def previous_image(self) -> None:
+        self.image_list.setCurrentRow(max(self.image_list.currentRow() - 1, 0))
+
+    # ------------------------------------------------------------------ saving
+    def save(self) -> list[str]:
+        """Write the current image's mask, boxes and tags to the store; returns problems."""
+        if self.store is None or self.current_id is None or not self._dirty:
+            return []
+        shapes = self.viewer.layers[BOX_LAYER]
+        tags = {name: {Qt.CheckState.Checked: True, Qt.CheckState.Unchecked: False}.get(
+            Qt.CheckState(box.checkState())) for name, box in self.tag_boxes.items()}
+        problems = save_annotations(self.store, self.current_id, np.asarray(self.viewer.layers[MASK_LAYER].data),
+                                    list(shapes.data), list(shapes.features["class"]) if len(shapes.data) else [],
+                                    tags)
+        self._dirty = bool(problems)
+        self.refresh_list()
+        _notify(problems)
+        return problems
+
+    def _autosave(self) -> None:
+        if self._dirty:
+            self.save()
+
+    def _mark_dirty(self, *_args) -> None:
+        if not self._loading:
+            self._dirty = True
+
+    # ------------------------------------------------------------------ helpers
+    def _layer(self, name: str, create, data: np.ndarray, rgb: bool | None = None):
+        if name in self.viewer.layers and (rgb is None or self.viewer.layers[name].rgb == rgb):
+            layer = self.viewer.layers[name]
+            layer.data = data
+        else:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            layer = create()
+            if name == MASK_LAYER:
+                layer.events.paint.connect(self._mark_dirty)
+                layer.events.data.connect(self._mark_dirty)
+        return layer
+
+    def _shapes_layer(self):
+        if BOX_LAYER not in self.viewer.layers:
+            layer = self.viewer.add_shapes(name=BOX_LAYER, shape_type="rectangle", edge_color="yellow",
+                                           face_color="transparent", edge_width=2,
+                                           features={"class": np.array([], dtype=object)})
+            layer.feature_defaults["class"] = self.box_class.currentText()
+            layer.events.data.connect(self._mark_dirty)
+        return self.viewer.layers[BOX_LAYER]
+
+    def _set_box_class(self, name: str) -> None:
+        if name and BOX_LAYER in self.viewer.layers:
+            self.viewer.layers[BOX_LAYER].feature_defaults["class"] = name
+
+    def _on_row(self, row: int) -> None:
+        if self._loading or self.store is None or row < 0:
+            return
+        self.show_image(self.store.image_ids()[row])
+
+    def _choose_site(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open a FedMix site folder")
+        if path:
+            self._guard(lambda: self.open_site(path))
+
+    def _choose_new_site(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Choose an empty folder for the new site")
+        if not path:
+            return
+        text, ok = QInputDialog.getText(self, "Classes", "Class names, comma-separated:", text="lesion")
+        if ok:
+            self._guard(lambda: self.create_site(path, [c.strip() for c in text.split(",") if c.strip()]))
+
+    def _choose_images(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(self, "Images to import", filter="Images (*.tif *.tiff *.png *.jpg)")
+        if paths:
+            self._guard(lambda: self.import_images(paths))
+
+    def _choose_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Folder of images to import")
+        if path:
+            from fedmix_engine.data.imageio import IMAGE_SUFFIXES
+
+            files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            self._guard(lambda: self.import_images(files))
+
+    def _guard(self, action) -> None:
+        try:
+            action()
+        except InputError as exc:
+            _notify([str(exc)])
+
+    def closeEvent(self, event) -> None:
+        self.save()
+        super().closeEvent(event)
+
+
+def _row(*widgets: QWidget) -> QHBoxLayout:
+    row = QHBoxLayout()
+    for w in widgets:
+        row.addWidget(w)
+    return row
+
+
+def _notify(problems: list[str]) -> None:
+    if problems:
+        from napari.utils.notifications import show_warning
+
+        show_warning("\n".join(problems[:10]) + (f"\n… and {len(problems) - 10} more" if len(problems) > 10 else ""))

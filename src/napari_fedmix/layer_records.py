@@ -1,0 +1,60 @@
+"""Turn napari layer data into SiteStore records and back: geometry only, no ML."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedmix_engine.data.site_store import Box, SiteStore
+from fedmix_engine.errors import InputError
+
+
+def shapes_to_boxes(rectangles: list[np.ndarray], classes: list[str], image_shape: tuple[int, int]) -> list[Box]:
+    """Rectangles (napari Shapes data, rows of (y, x) corners) → boxes clipped to the image.
+
+    Clipping is the one forgiving step: a rectangle dragged past the image edge means "up to the
+    edge". A rectangle entirely outside the image or with no area is left for the store to refuse.
+    """
+    height, width = image_shape
+    boxes = []
+    for corners, name in zip(rectangles, classes, strict=True):
+        corners = np.asarray(corners, dtype=float)[:, -2:]
+        (y0, x0), (y1, x1) = corners.min(0), corners.max(0)
+        y0, x0 = max(0.0, np.floor(y0)), max(0.0, np.floor(x0))
+        y1, x1 = min(float(height), np.ceil(y1)), min(float(width), np.ceil(x1))
+        boxes.append(Box(name, int(y0), int(x0), int(y1), int(x1)))
+    return boxes
+
+
+def boxes_to_shapes(boxes: list[Box]) -> tuple[list[np.ndarray], list[str]]:
+    """Boxes → napari rectangle corner arrays and their class names."""
+    rectangles = [np.array([[b.y0, b.x0], [b.y0, b.x1], [b.y1, b.x1], [b.y1, b.x0]], dtype=float) for b in boxes]
+    return rectangles, [b.class_name for b in boxes]
+
+
+def save_annotations(store: SiteStore, image_id: str, mask: np.ndarray, rectangles: list[np.ndarray],
+                     box_classes: list[str], tags: dict[str, bool | None]) -> list[str]:
+    """Write one image's annotations as the widget holds them; returns problems (each names what).
+
+    The autosave path of the annotate widget, free of napari and Qt so that a crash test can drive
+    it in a plain process. Each part is its own crash-safe store transaction; a refused part (e.g.
+    a box outside the image) leaves that part as it was and the others are still saved.
+    """
+    problems = []
+    record = store.record(image_id)
+    try:
+        if mask.any():
+            store.set_mask(image_id, mask)
+        elif record.has_mask:
+            store.clear_mask(image_id)
+    except InputError as exc:
+        problems.append(str(exc))
+    try:
+        store.set_boxes(image_id, shapes_to_boxes(rectangles, box_classes, (record.height, record.width)))
+    except InputError as exc:
+        problems.append(str(exc))
+    for name, value in tags.items():
+        try:
+            store.set_tag(image_id, name, value)
+        except InputError as exc:
+            problems.append(str(exc))
+    return problems

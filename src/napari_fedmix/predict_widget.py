@@ -1,0 +1,216 @@
+"""Prediction overlays for the active image, and batch prediction of whole folders (both call the engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from fedmix_engine.errors import InputError
+
+if TYPE_CHECKING:
+    import napari
+
+PROB_LAYER, PRED_LAYER = "FedMix probability", "FedMix prediction"
+
+
+def _path_row(edit: QLineEdit, parent: QWidget, title: str, folder: bool) -> QHBoxLayout:
+    button = QPushButton("…")
+
+    def choose() -> None:
+        path = (QFileDialog.getExistingDirectory(parent, title) if folder
+                else QFileDialog.getOpenFileName(parent, title, filter="Checkpoints (*.safetensors)")[0])
+        if path:
+            edit.setText(path)
+
+    button.clicked.connect(choose)
+    row = QHBoxLayout()
+    row.addWidget(edit)
+    row.addWidget(button)
+    return row
+
+
+class PredictWidget(QWidget):
+    """Run the model on the active image into one reused pair of layers; threshold with a slider."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.checkpoint = QLineEdit()
+        self.checkpoint.setPlaceholderText("SITE/models/global.safetensors")
+        self.threshold = QSlider(Qt.Orientation.Horizontal)
+        self.threshold.setRange(1, 99)
+        self.threshold.setValue(50)
+        self.threshold.valueChanged.connect(self._apply_threshold)
+        self.button = QPushButton("Predict active image")
+        self.button.clicked.connect(self.predict_active)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self._probability: np.ndarray | None = None
+        self._predictor = None
+        self._predictor_path: str | None = None
+        form = QFormLayout(self)
+        form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", folder=False))
+        form.addRow("threshold", self.threshold)
+        form.addRow(self.button)
+        form.addRow(self.status)
+
+    def predictor(self):
+        from fedmix_engine.predict import Predictor
+
+        path = self.checkpoint.text().strip()
+        if not path:
+            raise InputError("model", "choose a checkpoint (.safetensors) first")
+        if self._predictor is None or self._predictor_path != path:
+            self._predictor = Predictor.from_checkpoint(path)
+            self._predictor_path = path
+        return self._predictor
+
+    def predict_active(self):
+        """Start prediction in a worker; returns the worker (tests wait on it)."""
+        from napari.qt.threading import create_worker
+
+        layer = self.viewer.layers.selection.active
+        if layer is None or layer.__class__.__name__ != "Image":
+            images = [lyr for lyr in self.viewer.layers if lyr.__class__.__name__ == "Image"
+                      and lyr.name != PROB_LAYER]
+            layer = images[-1] if images else None
+        if layer is None:
+            self.status.setText("no image layer to predict")
+            return None
+        try:
+            predictor = self.predictor()
+        except InputError as exc:
+            self.status.setText(str(exc))
+            return None
+        data = np.asarray(layer.data)
+        self.status.setText(f"predicting {layer.name}…")
+        worker = create_worker(predictor.probabilities, data, _start_thread=False)
+        worker.returned.connect(self._show)
+        worker.errored.connect(lambda exc: self.status.setText(f"error: {exc}"))
+        worker.start()
+        return worker
+
+    def _show(self, probability: np.ndarray) -> None:
+        self._probability = probability
+        shown = probability.max(axis=0)
+        if PROB_LAYER in self.viewer.layers:
+            self.viewer.layers[PROB_LAYER].data = shown
+        else:
+            self.viewer.add_image(shown, name=PROB_LAYER, colormap="magma", opacity=0.5, contrast_limits=(0, 1))
+        self._apply_threshold()
+        self.status.setText(f"foreground {float((self.viewer.layers[PRED_LAYER].data > 0).mean()):.1%} of the image")
+
+    def _apply_threshold(self) -> None:
+        if self._probability is None:
+            return
+        from fedmix_engine.predict import probabilities_to_labels
+
+        labels = probabilities_to_labels(self._probability, self.threshold.value() / 100)
+        if PRED_LAYER in self.viewer.layers:
+            self.viewer.layers[PRED_LAYER].data = labels
+        else:
+            self.viewer.add_labels(labels, name=PRED_LAYER, opacity=0.5)
+
+
+class BatchPredictWidget(QWidget):
+    """Predict every image of a folder into mask TIFFs and a CSV; odd files are skipped and listed."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.input, self.checkpoint, self.output = QLineEdit(), QLineEdit(), QLineEdit()
+        self.open_results = QCheckBox("open the masks as one stack when done")
+        self.run_button, self.cancel_button = QPushButton("Run"), QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.status = QLabel("")
+        self.skipped = QListWidget()
+        self.worker = None
+        self.rows: list = []
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        form.addRow("images folder", _path_row(self.input, self, "Folder of images", folder=True))
+        form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", folder=False))
+        form.addRow("output folder", _path_row(self.output, self, "Output folder", folder=True))
+        layout.addLayout(form)
+        layout.addWidget(self.open_results)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(QLabel("skipped files:"))
+        layout.addWidget(self.skipped)
+
+    def run(self):
+        from napari.qt.threading import create_worker
+
+        from fedmix_engine.predict import Predictor, iter_predict_folder
+
+        try:
+            if not (self.input.text() and self.output.text()):
+                raise InputError("folders", "choose an images folder and an output folder")
+            predictor = Predictor.from_checkpoint(self.checkpoint.text().strip() or "model.safetensors")
+        except InputError as exc:
+            self.status.setText(str(exc))
+            return None
+        self.rows, out = [], Path(self.output.text())
+        self.skipped.clear()
+        self.worker = create_worker(iter_predict_folder, predictor, self.input.text(), out, _start_thread=False)
+        self.worker.yielded.connect(self._on_row)
+        self.worker.errored.connect(lambda exc: self.status.setText(f"error: {exc}"))
+        self.worker.finished.connect(lambda: self._on_finished(out))
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.worker.start()
+        return self.worker
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _on_row(self, item) -> None:
+        done, total, row = item
+        self.rows.append(row)
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.status.setText(f"{done}/{total}: {row.file}")
+        if row.status != "ok":
+            self.skipped.addItem(f"{row.file}: {row.status}")
+
+    def _on_finished(self, out: Path) -> None:
+        ok = sum(r.status == "ok" for r in self.rows)
+        self.status.setText(f"{ok} mask(s) written to {out} (summary.csv); {len(self.rows) - ok} skipped")
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.worker = None
+        if self.open_results.isChecked() and ok:
+            import tifffile
+
+            masks = [tifffile.imread(p) for p in sorted(out.glob("*_mask.tif"))]
+            shapes = {m.shape for m in masks}
+            if len(shapes) == 1:
+                self.viewer.add_labels(np.stack(masks), name="FedMix batch masks")
+            else:
+                for path, mask in zip(sorted(out.glob("*_mask.tif")), masks, strict=True):
+                    self.viewer.add_labels(mask, name=path.stem)

@@ -1,0 +1,159 @@
+"""The napari widgets with a real viewer under Xvfb (pytest-qt, make_napari_viewer)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from qtpy.QtCore import Qt, QTimer
+
+from fedmix_engine.checkpoint import save_checkpoint
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.model import ModelConfig
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"scan-{i}.tif"
+        tifffile.imwrite(path, rng.integers(0, 255, (40, 48), dtype=np.uint8))
+        paths.append(path)
+    return paths
+
+
+def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewer, qtbot, tmp_path, images):
+    from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER, AnnotateWidget
+
+    viewer = make_napari_viewer()
+    widget = AnnotateWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.create_site(tmp_path / "site", ["lesion"])
+    assert widget.import_images(images) == []
+    widget.image_list.setCurrentRow(0)
+    mask = np.zeros((40, 48), np.uint8)
+    mask[5:15, 6:20] = 1
+    viewer.layers[MASK_LAYER].data = mask
+    viewer.layers[BOX_LAYER].add_rectangles([np.array([[2, 3], [12, 25]]), np.array([[20, 10], [60, 30]])])
+    widget.tag_boxes["lesion"].setCheckState(Qt.CheckState.Checked)
+    widget.next_image()  # autosave on switch
+    assert widget.current_id == "scan-1"
+
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("scan-0"), mask)
+        boxes = [(b.class_name, b.y0, b.x0, b.y1, b.x1) for b in store.boxes("scan-0")]
+        assert boxes == [("lesion", 2, 3, 12, 25), ("lesion", 20, 10, 40, 30)]  # the second clipped to the image
+        assert store.tags("scan-0") == {"lesion": True}
+        assert store.record("scan-1").supervision == "none"
+    assert "1 mask" in widget.summary.text()
+
+    reopened = AnnotateWidget(viewer)
+    qtbot.addWidget(reopened)
+    reopened.open_site(tmp_path / "site")
+    reopened.image_list.setCurrentRow(0)
+    np.testing.assert_array_equal(viewer.layers[MASK_LAYER].data, mask)
+    assert len(viewer.layers[BOX_LAYER].data) == 2
+    assert reopened.tag_boxes["lesion"].checkState() == Qt.CheckState.Checked
+    assert len([lyr for lyr in viewer.layers if lyr.name == MASK_LAYER]) == 1, "layers are reused, not duplicated"
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Path:
+    out = tmp_path / "sample"
+    make_sample(out, sites=1, images=8, eval_images=2, size=32, supervision=["box"])
+    return out / "site-a"
+
+
+def _start_local(widget, site: Path, rounds: int) -> None:
+    widget.site.setText(str(site))
+    widget.device.setCurrentText("cpu")
+    widget.rounds.setValue(rounds)
+    widget.width_spin.setValue(4)
+    widget.size.setValue(32)
+    widget.start()
+
+
+def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer, qtbot, sample):
+    from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER, PredictWidget
+    from napari_fedmix.train_widget import TrainWidget
+
+    viewer = make_napari_viewer()
+    train = TrainWidget(viewer)
+    qtbot.addWidget(train)
+    _start_local(train, sample, rounds=1)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    checkpoint = sample / "models" / "local" / "final.safetensors"
+    assert checkpoint.exists(), train.status.text()
+    assert train.round_bar.value() == 1 and "model:" in train.status.text()
+
+    with SiteStore.open(sample, readonly=True) as store:
+        viewer.add_image(store.read_image(store.image_ids()[0]), name="scan")
+    predict = PredictWidget(viewer)
+    qtbot.addWidget(predict)
+    predict.checkpoint.setText(str(checkpoint))
+    for _ in range(2):  # a second click reuses the same two layers
+        worker = predict.predict_active()
+        with qtbot.waitSignal(worker.finished, timeout=60_000):
+            pass
+        qtbot.waitUntil(lambda: PRED_LAYER in viewer.layers, timeout=10_000)
+    names = [layer.name for layer in viewer.layers]
+    assert names.count(PROB_LAYER) == 1 and names.count(PRED_LAYER) == 1
+    assert viewer.layers[PROB_LAYER].data.shape == viewer.layers["scan"].data.shape
+    predict.threshold.setValue(99)
+    assert viewer.layers[PRED_LAYER].data.sum() <= (predict._probability.max(0) > 0.5).sum()
+
+
+def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(make_napari_viewer, qtbot, sample):
+    from napari_fedmix.train_widget import TrainWidget
+
+    viewer = make_napari_viewer()
+    widget = TrainWidget(viewer)
+    qtbot.addWidget(widget)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    batches: list[int] = []
+    _start_local(widget, sample, rounds=200)
+    widget.worker.yielded.connect(lambda e: batches.append(1) if getattr(e, "stage", "") == "train" else None)
+    qtbot.waitUntil(lambda: len(batches) >= 12, timeout=120_000)
+    at_stop = len(batches)
+    widget.stop()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    timer.stop()
+    assert len(batches) - at_stop <= 1, "Stop must take effect after the current batch"
+    assert widget.start_button.isEnabled()
+    gaps = np.diff(ticks)
+    assert len(gaps) > 10 and gaps.max() < 0.2, f"event loop blocked for {gaps.max() * 1000:.0f} ms"
+
+
+def test_batch_predict_writes_masks_and_csv_and_lists_the_corrupt_file(make_napari_viewer, qtbot, tmp_path, images):
+    from napari_fedmix.predict_widget import BatchPredictWidget
+
+    (images[0].parent / "broken.tif").write_bytes(b"II*\x00 not really")
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                 ModelConfig(base_width=4), {"image_size": 32})
+    viewer = make_napari_viewer()
+    widget = BatchPredictWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.input.setText(str(images[0].parent))
+    widget.checkpoint.setText(str(checkpoint))
+    widget.output.setText(str(tmp_path / "out"))
+    widget.open_results.setChecked(True)
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+    assert len(list((tmp_path / "out").glob("*_mask.tif"))) == 3
+    csv_text = (tmp_path / "out" / "summary.csv").read_text()
+    assert "broken.tif" in csv_text and "unreadable or corrupt" in csv_text
+    assert widget.skipped.count() >= 1 and "broken.tif" in widget.skipped.item(0).text()
+    assert "FedMix batch masks" in viewer.layers and viewer.layers["FedMix batch masks"].data.shape == (3, 40, 48)
