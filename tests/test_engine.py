@@ -214,3 +214,5 @@ def test_pseudo_label_warmup_trains_only_on_certain_targets(sample: Path) -> Non
     assert warm.n == absent and warm.counts["certain_negatives"] == absent and "box_selected" not in warm.counts
     after = local_update(pair, data, TINY, config, CPU, round_index=3).report
     assert after.counts["box_total"] == data.count(KIND_BOX), "pseudo-labels are considered after the warm-up"
+    default = local_update(pair, data, TINY, TINY_TRAIN, CPU).report  # no warm-up, default round index
+    assert default.counts["box_total"] == data.count(KIND_BOX), "without a warm-up pseudo-labels are always used"

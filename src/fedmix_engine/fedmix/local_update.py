@@ -132,7 +132,7 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
     with on_device(plan):
         net1, net2 = build_pair(model_config, global_pair, plan.device)
         t0 = time.perf_counter()
-        warming_up = round_index <= config.pl_warmup_rounds
+        warming_up = config.pl_warmup_rounds > 0 and round_index <= config.pl_warmup_rounds
         if config.pseudo_labels and not warming_up and (data.kinds != KIND_MASK).any():
             pl_batch = config.pl_batch_size or plan.pl_batch_size
             pred1 = predict_binary(net1, data.images, plan, pl_batch)
