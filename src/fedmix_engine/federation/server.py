@@ -8,10 +8,10 @@ full-width uploads cost disk, not RAM.
 import asyncio
 import contextlib
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.requests import ClientDisconnect
 
@@ -23,18 +23,29 @@ from fedmix_engine.federation.wire import API_VERSION
 
 
 def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.5) -> FastAPI:
-    """The ASGI app for one state directory."""
+    """The ASGI app for one state directory.
+
+    Everything that touches the state (validation, aggregation, deadlines) runs on one dedicated
+    thread: it is serialised by the state's lock anyway, and tensors allocated in one thread stay in
+    one malloc arena. Spread over the 40-thread default pool, 50 concurrent uploads left freed
+    tensor memory in dozens of arenas (measured: 9.5 × the model above idle).
+    """
+    state_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmix-state")
+
+    async def on_state_thread(func, *args):
+        return await asyncio.get_running_loop().run_in_executor(state_thread, func, *args)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         async def watch_deadline() -> None:
             while True:
                 await asyncio.sleep(deadline_poll)
-                await run_in_threadpool(state.close_if_due)
+                await on_state_thread(state.close_if_due)
 
         task = asyncio.create_task(watch_deadline())
         yield
         task.cancel()
+        state_thread.shutdown(wait=False)
 
     app = FastAPI(title="FedMix aggregation server", version=__version__, lifespan=lifespan)
     max_bytes = int(state.config.max_upload_mb * 2**20)
@@ -96,7 +107,7 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         except BaseException:
             body.unlink(missing_ok=True)
             raise
-        outcome = await run_in_threadpool(state.accept_upload, site, round_number, body)
+        outcome = await on_state_thread(state.accept_upload, site, round_number, body)
         if outcome.status >= 400:
             raise HTTPException(outcome.status, outcome.message)
         return JSONResponse({"accepted": True, "message": outcome.message, "round_closed": outcome.round_closed})

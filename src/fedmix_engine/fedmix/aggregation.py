@@ -95,10 +95,13 @@ class StreamingAggregate:
     _sum_l: dict[str, torch.Tensor] = field(default_factory=dict)
     _other: dict[str, torch.Tensor] = field(default_factory=dict)
     _template: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    _result: dict[str, torch.Tensor] | None = None
 
     def add(self, site: str, state: Mapping[str, torch.Tensor], n: float, loss: float) -> None:
         """Fold one site's update in. Sites with n = 0 are recorded with weight 0 and not summed."""
         _check_report(n, loss, site)
+        if self._result is not None:
+            raise InputError(site, "this aggregate is already closed")
         if site in self.sites:
             raise InputError(site, "this site already contributed to this aggregate")
         if self._template:
@@ -140,7 +143,13 @@ class StreamingAggregate:
         return {site: float(wk) for site, wk in zip(self.sites, w, strict=True)}
 
     def result(self) -> dict[str, torch.Tensor] | None:
-        """The aggregated state dict (None when no site trained on anything)."""
+        """The aggregated state dict (None when no site trained on anything).
+
+        Frees each accumulator as soon as its tensor is combined, so the peak stays at two model
+        sizes; the aggregate is closed afterwards (``add`` refuses, ``result`` returns the same dict).
+        """
+        if self._result is not None:
+            return self._result
         active = [k for k, nk in enumerate(self.n) if nk > 0]
         if not active:
             return None
@@ -150,12 +159,15 @@ class StreamingAggregate:
         out: dict[str, torch.Tensor] = {}
         for key, (_, dtype) in self._template.items():
             if key in self._other:
-                out[key] = self._other[key].clone()
+                out[key] = self._other.pop(key)
                 continue
-            theta = self._sum_n[key] / total_n
+            theta = self._sum_n.pop(key).div_(total_n)
+            sum_l = self._sum_l.pop(key)
             if use_loss:
-                theta = (theta + self.rule.lam * (self._sum_l[key] / total_l)) / (1.0 + self.rule.lam)
+                theta = theta.add_(sum_l.div_(total_l), alpha=self.rule.lam).div_(1.0 + self.rule.lam)
+            del sum_l
             out[key] = theta.to(dtype)
+        self._result = out
         return out
 
 
