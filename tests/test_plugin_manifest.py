@@ -35,3 +35,14 @@ def test_every_python_name_imports_and_sample_data_is_layer_data() -> None:
     for rect in layers[2][0]:
         (y0, x0), (y1, x1) = rect.min(0), rect.max(0)
         assert np.any(mask[int(y0):int(y1), int(x0):int(x1)])
+
+
+def test_plugin_settings_are_declared_and_readable(plugin_settings) -> None:
+    from napari.settings import get_plugin_settings
+
+    from napari_fedmix.settings import plugin_defaults
+
+    settings = get_plugin_settings("napari-fedmix")
+    assert settings.training.device == "auto" and settings.sites.default_site_folder == ""
+    settings.training.device = "cpu"
+    assert plugin_defaults()["device"] == "cpu"

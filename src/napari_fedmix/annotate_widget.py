@@ -82,6 +82,11 @@ class AnnotateWidget(QWidget):
         self.timer.start(AUTOSAVE_MS)
         self.viewer.bind_key("Alt-Right", lambda _v: self.next_image(), overwrite=True)
         self.viewer.bind_key("Alt-Left", lambda _v: self.previous_image(), overwrite=True)
+        from napari_fedmix.settings import plugin_defaults
+
+        default_site = plugin_defaults()["default_site_folder"]
+        if default_site and (Path(default_site) / "site.json").exists():
+            self._guard(lambda: self.open_site(default_site))
 
     # ------------------------------------------------------------------ site
     def open_site(self, path: str | Path) -> None:

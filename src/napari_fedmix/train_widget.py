@@ -111,6 +111,11 @@ class TrainWidget(QWidget):
         self.plot = QSvgWidget()
         self.plot.setMinimumHeight(170)
 
+        from napari_fedmix.settings import plugin_defaults
+
+        defaults = plugin_defaults()
+        self.device.setCurrentText(defaults["device"])
+        self.site.setText(defaults["default_site_folder"])
         form = QFormLayout()
         site_row = QHBoxLayout()
         site_row.addWidget(self.site)

@@ -102,38 +102,52 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return header, metadata
 
 
-class LazyUpdate(Mapping[str, torch.Tensor]):
-    """A safetensors file as a read-only mapping that loads one tensor at a time (memory-mapped).
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
 
-    Feeding it to ``StreamingAggregate.add`` keeps aggregation at two model-sized accumulators
-    plus one tensor, however large the model and however many sites.
+
+class LazyUpdate(Mapping[str, torch.Tensor]):
+    """A safetensors file as a read-only mapping that reads one tensor at a time.
+
+    Plain ``seek``/``read``, not a memory map: mapped pages of a whole upload would count in the
+    server's RSS. Feeding it to ``StreamingAggregate.add`` keeps aggregation at two model-sized
+    accumulators plus one tensor, however large the model and however many sites.
     """
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self._reader = safe_open(str(path), framework="pt")
-        self._keys = list(self._reader.keys())
+        self.path = path
+        self._entries, _ = read_header(path)
+        with open(path, "rb") as handle:
+            self._data_start = 8 + int.from_bytes(handle.read(8), "little")
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._reader.get_tensor(key)
+        entry = self._entries[key]
+        begin, end = (int(v) for v in entry["data_offsets"])
+        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise InputError(f"tensor '{key}'", f"unsupported dtype {entry['dtype']}")
+        with open(self.path, "rb") as handle:
+            handle.seek(self._data_start + begin)
+            raw = bytearray(handle.read(end - begin))
+        if len(raw) != end - begin:
+            raise InputError(f"tensor '{key}'", "truncated data")
+        if not raw:
+            return torch.empty(tuple(entry["shape"]), dtype=dtype)
+        return torch.frombuffer(raw, dtype=dtype).reshape(tuple(entry["shape"]))
 
     def __iter__(self):
-        return iter(self._keys)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._entries)
 
 
 def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...], str]]) -> UpdateReport:
     """Check an uploaded file against the global model: same keys, shapes, dtypes; all finite; a sane report.
 
-    Reads one tensor at a time (memory-mapped), so validating costs O(largest tensor), not O(model).
+    Reads one tensor at a time, so validating costs O(largest tensor), not O(model).
     """
-    from safetensors import safe_open
-
     header, metadata = read_header(path)
     missing, extra = set(template) - set(header), set(header) - set(template)
     if missing or extra:
@@ -146,9 +160,7 @@ def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...
             raise InputError(f"tensor '{key}'", f"shape {tuple(entry.get('shape', ()))} {got_dtype} differs from the "
                              f"global model's {shape} {dtype}")
     report = UpdateReport.parse(metadata.get(REPORT_KEY))
-    with safe_open(str(path), framework="pt") as reader:
-        for key in header:
-            value = reader.get_tensor(key)
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise InputError(f"tensor '{key}'", "contains NaN or infinite values")
+    for key, value in LazyUpdate(path).items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InputError(f"tensor '{key}'", "contains NaN or infinite values")
     return report

@@ -1,0 +1,34 @@
+"""The wire format: updates read back exactly, one tensor at a time; malformed bodies refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fedmix_engine.errors import InputError
+from fedmix_engine.federation.wire import LazyUpdate, UpdateReport, encode_update, read_header, validate_update_file
+
+
+def test_lazy_update_reads_every_dtype_exactly(tmp_path: Path) -> None:
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64),
+               "c": torch.randn(2, 2).to(torch.bfloat16), "d": torch.zeros(0)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    lazy = LazyUpdate(tmp_path / "x.safetensors")
+    assert set(lazy) == set(tensors)
+    for key, value in tensors.items():
+        assert lazy[key].dtype == value.dtype and torch.equal(lazy[key], value)
+
+
+def test_validation_names_the_field(tmp_path: Path) -> None:
+    pair = {"w": torch.ones(2, 2)}
+    path = tmp_path / "u.safetensors"
+    path.write_bytes(encode_update(pair, UpdateReport(4, 0.25)))
+    assert validate_update_file(path, {"w": ((2, 2), "float32")}) == UpdateReport(4, 0.25)
+    with pytest.raises(InputError, match=r"tensor 'w': shape \(2, 2\) float32 differs"):
+        validate_update_file(path, {"w": ((3, 2), "float32")})
+    path.write_bytes(path.read_bytes() + b"extra")
+    with pytest.raises(InputError, match="truncated"):
+        read_header(path)
