@@ -216,3 +216,17 @@ def test_pseudo_label_warmup_trains_only_on_certain_targets(sample: Path) -> Non
     assert after.counts["box_total"] == data.count(KIND_BOX), "pseudo-labels are considered after the warm-up"
     default = local_update(pair, data, TINY, TINY_TRAIN, CPU).report  # no warm-up, default round index
     assert default.counts["box_total"] == data.count(KIND_BOX), "without a warm-up pseudo-labels are always used"
+
+
+def test_streamed_checkpoint_is_valid_safetensors_for_every_dtype(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    pair = init_pair(TINY, seed=1)
+    extra = {"x.half": torch.randn(3).half(), "x.bf16": torch.randn(2, 2).bfloat16(), "x.long": torch.arange(3),
+             "x.bool": torch.tensor([True, False]), "x.empty": torch.zeros(0)}
+    save_checkpoint(tmp_path / "c.safetensors", {**pair, **extra}, TINY, {"round": 3})
+    loaded = load_file(str(tmp_path / "c.safetensors"))  # the reference reader accepts it
+    for key, value in {**pair, **extra}.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+    _, config, meta = load_checkpoint(tmp_path / "c.safetensors")
+    assert config == TINY and meta == {"round": 3}
