@@ -89,7 +89,7 @@ def test_device_plan_selection_logic() -> None:
     assert str(old.device) == "cuda:1" and old.precision == "fp16" and "no bf16" in old.note
     fallback = plan_device("cuda", "bf16", cuda_available=lambda: False)
     assert fallback.device.type == "cpu" and fallback.precision == "fp32" and "no CUDA GPU" in fallback.note
-    assert fallback.pl_batch_size == 1
+    assert fallback.pl_batch_size == 4
     with pytest.raises(InputError, match="device: 'tpu'"):
         plan_device("tpu")
     with pytest.raises(InputError, match="precision"):
