@@ -22,13 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, napari, fedmix_engine; print('torch', torch.__version__, '| napari', napari.__version__)"
 	touch $(STAMP)
 
-## demo: make a synthetic 3-site federation (site A masks, B boxes, C tags) and run FedMix on it
+## demo: a real local federation — server + 3 site processes (A masks, B boxes, C tags) on 127.0.0.1
 demo: venv
-	rm -rf runs/demo
-	$(BIN)/fedmix-engine make-sample runs/demo/data --sites 3 --images 60 --seed 0
-	$(BIN)/fedmix-engine site info runs/demo/data/site-a
-	$(BIN)/fedmix-engine site info runs/demo/data/site-b
-	$(BIN)/fedmix-engine site info runs/demo/data/site-c
+	$(BIN)/fedmix-engine demo runs/demo
 
 ## test: lint, validate the napari manifest, run the whole suite (GUI tests under Xvfb via pytest-xvfb)
 test: venv lint
@@ -36,7 +32,7 @@ test: venv lint
 	$(BIN)/python -m pytest
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
 
 bench-speed: venv
 	$(BIN)/python benchmarks/speed.py

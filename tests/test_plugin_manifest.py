@@ -39,8 +39,13 @@ def test_every_python_name_imports_and_sample_data_is_layer_data() -> None:
 
 def test_plugin_settings_are_declared_and_readable(plugin_settings) -> None:
     from napari.settings import get_plugin_settings
+    from npe2 import PluginManager, PluginManifest
 
     from napari_fedmix.settings import plugin_defaults
+
+    manager = PluginManager.instance()
+    if "napari-fedmix" not in manager._manifests:  # napari's test fixtures do not discover installed plugins
+        manager.register(PluginManifest.from_file(MANIFEST))
 
     settings = get_plugin_settings("napari-fedmix")
     assert settings.training.device == "auto" and settings.sites.default_site_folder == ""
