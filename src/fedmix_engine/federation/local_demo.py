@@ -51,6 +51,8 @@ def _overlay_png(checkpoint: Path, data: Path, out: Path, per_site: int = 4) -> 
                 rgb = np.repeat(image[..., None], 3, axis=2).astype(np.uint8)
                 rgb[find_boundaries(truth > 0, mode="inner")] = (40, 220, 40)
                 rgb[find_boundaries(pred > 0, mode="inner")] = (255, 50, 50)
+                scale = max(1, 192 // max(rgb.shape[:2]))  # small synthetic images: enlarge for reading
+                rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
                 tiles.append(np.pad(rgb, ((2, 2), (2, 2), (0, 0)), constant_values=255))
             rows.append(np.concatenate(tiles, axis=1))
     width = max(r.shape[1] for r in rows)
