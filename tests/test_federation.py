@@ -289,3 +289,21 @@ def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None
     report = json.loads((state_dir / "rounds" / "000001" / "meta.json").read_text())
     assert set(report["sites"]) == set(SITES)
     assert np.isfinite([s["loss"] for s in report["sites"].values()]).all()
+
+
+def test_join_explains_a_bad_token_and_an_api_mismatch(sample: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    make_tokens(state, SITES)
+    args = ["--sites", "3", "--min-sites", "3", "--rounds", "1", *TINY_SETTINGS]
+    with running_server(state, args) as server:
+        def join(url: str, token: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", url, "--token", token,
+                                   "--site", str(sample / "site-a"), "--device", "cpu"],
+                                  capture_output=True, text=True, timeout=120, env=ENV)
+
+        bad = join(server.url, "fmx_wrong")
+        assert bad.returncode == 3 and "refused this site's token" in bad.stdout
+        assert "unknown or revoked token" in bad.stdout
+        mismatch = join(server.url + "/v0", make_tokens(state, ["site-z"])["site-z"])
+        assert mismatch.returncode == 3 and "does not speak API v1" in mismatch.stdout
+        assert server.status()["uploaded"] == []
