@@ -230,3 +230,12 @@ def test_streamed_checkpoint_is_valid_safetensors_for_every_dtype(tmp_path: Path
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
     _, config, meta = load_checkpoint(tmp_path / "c.safetensors")
     assert config == TINY and meta == {"round": 3}
+
+
+def test_validation_dice_from_a_file_or_downloaded_bytes(sample: Path, tmp_path: Path) -> None:
+    from fedmix_engine.predict import EvalSet, validation_dice
+
+    path = save_checkpoint(tmp_path / "c.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
+    data = EvalSet.from_store(sample / "eval" / "site-a" / "val", 32, 1)
+    from_file = validation_dice(path, data, "cpu")
+    assert 0.0 <= from_file <= 1.0 and validation_dice(path.read_bytes(), data, "cpu") == from_file

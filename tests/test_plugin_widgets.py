@@ -88,11 +88,15 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     viewer = make_napari_viewer()
     train = TrainWidget(viewer)
     qtbot.addWidget(train)
+    train.validation.setText(str(sample.parent / "eval" / "site-a" / "val"))
     _start_local(train, sample, rounds=1)
     qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
     checkpoint = sample / "models" / "local" / "final.safetensors"
     assert checkpoint.exists(), train.status.text()
     assert train.round_bar.value() == 1 and "model:" in train.status.text()
+    (r, dice), = train.history["validation Dice"]
+    assert r == 1 and 0.0 <= dice <= 1.0, "the plot shows the round's validation Dice"
+    assert len(train.history["loss"]) == 1
 
     with SiteStore.open(sample, readonly=True) as store:
         viewer.add_image(store.read_image(store.image_ids()[0]), name="scan")

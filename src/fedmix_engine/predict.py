@@ -129,6 +129,16 @@ def evaluate(predictor: Predictor, data: EvalSet) -> dict[str, float]:
             "images": len(scores)}
 
 
+def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str = "auto") -> float:
+    """Mean Dice of a saved pair (file or safetensors bytes) on a labelled store: one number per round."""
+    from fedmix_engine.checkpoint import pair_from_bytes
+
+    raw = checkpoint if isinstance(checkpoint, bytes) else Path(checkpoint).read_bytes()
+    pair, model_config, meta = pair_from_bytes(raw, "checkpoint")
+    predictor = Predictor(pair, model_config, int(meta.get("image_size", data.images.shape[-1])), plan_device(device))
+    return evaluate(predictor, data)["dice"]
+
+
 @dataclass(frozen=True)
 class BatchRow:
     file: str

@@ -8,6 +8,7 @@ event, i.e. after the current batch, and the last completed round's model stays 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,13 +71,22 @@ def _prepare_for_background_training(device: str) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
 
+@dataclass(frozen=True)
+class ValidationScore:
+    """Dice of the round's model on the validation site (shown in the plot)."""
+
+    round: int
+    dice: float
+
+
 class TrainWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()
         self.viewer = napari_viewer
         _warm_up_engine()
         self.worker = None
-        self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "weight": [], "samples used (÷100)": []}
+        self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "weight": [], "samples used (÷100)": [],
+                                                            "validation Dice": []}
         self.last_checkpoint: Path | None = None
 
         self.site = QLineEdit()
@@ -85,6 +95,8 @@ class TrainWidget(QWidget):
         self.mode = QComboBox()
         self.mode.addItems(["local (this site only)", "join a federation server"])
         self.server, self.token, self.ca_cert = QLineEdit(), QLineEdit(), QLineEdit()
+        self.validation = QLineEdit()
+        self.validation.setPlaceholderText("fully labelled site folder (optional)")
         self.server.setPlaceholderText("https://server:8765")
         self.token.setEchoMode(QLineEdit.EchoMode.Password)
         self.ca_cert.setPlaceholderText("certificate to trust (optional)")
@@ -125,6 +137,7 @@ class TrainWidget(QWidget):
         form.addRow("server", self.server)
         form.addRow("token", self.token)
         form.addRow("TLS certificate", self.ca_cert)
+        form.addRow("validation site", self.validation)
         form.addRow("device", self.device)
         form.addRow("rounds (local)", self.rounds)
         form.addRow("U-Net width (local)", self.width_spin)
@@ -176,7 +189,8 @@ class TrainWidget(QWidget):
         from fedmix_engine.data.site_store import SiteStore
         from fedmix_engine.fedmix.local_update import TrainConfig
         from fedmix_engine.model import ModelConfig
-        from fedmix_engine.simulate import SimulationConfig, iter_simulation
+        from fedmix_engine.predict import validation_dice
+        from fedmix_engine.simulate import RoundDone, SimulationConfig, iter_simulation
 
         with SiteStore.open(site, readonly=True) as store:
             classes, channels = len(store.config.classes), store.config.channels
@@ -187,15 +201,37 @@ class TrainWidget(QWidget):
                                   train=TrainConfig(image_size=size, crop_size=max(16, size * 7 // 8 // 16 * 16),
                                                     batch_size=4))
         self.last_checkpoint = site / "models" / "local" / "final.safetensors"
-        yield from iter_simulation([site], None, config, site / "models" / "local")
+        validation = self._validation_set(size, classes)
+        for event in iter_simulation([site], None, config, site / "models" / "local"):
+            yield event
+            if validation is not None and isinstance(event, RoundDone):
+                yield ValidationScore(event.round, validation_dice(self.last_checkpoint, validation, config.device))
 
     def _federation_events(self, site: Path):
         from fedmix_engine.federation.client import FederationClient
 
         client = FederationClient(self.server.text(), self.token.text().strip(), site,
                                   device=self.device.currentText(), ca_cert=self.ca_cert.text() or None)
+        from fedmix_engine.data.site_store import SiteStore
+        from fedmix_engine.predict import validation_dice
+
         self.last_checkpoint = site / "models" / "global.safetensors"
-        yield from client.iter_join()
+        validation = None
+        for event in client.iter_join():
+            yield event
+            if event.kind == "connected" and self.validation.text():
+                with SiteStore.open(site, readonly=True) as store:
+                    classes = len(store.config.classes)
+                validation = self._validation_set(int(client.train_config.image_size), classes)
+            if validation is not None and event.kind == "round-closed":
+                model, r = client.download_global()
+                yield ValidationScore(r, validation_dice(model, validation, self.device.currentText()))
+
+    def _validation_set(self, image_size: int, classes: int):
+        """The optional validation store, preloaded once (None when not given)."""
+        from fedmix_engine.predict import EvalSet
+
+        return EvalSet.from_store(self.validation.text(), image_size, classes) if self.validation.text() else None
 
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:
@@ -207,6 +243,8 @@ class TrainWidget(QWidget):
         if isinstance(progress, TrainProgress) and progress.stage == "train":
             self.batch_bar.setRange(0, progress.total)
             self.batch_bar.setValue(progress.step)
+        if isinstance(event, ValidationScore):
+            self._add_series("validation Dice", event.round, event.dice)
         if isinstance(event, RoundDone):
             site = next(iter(event.n))
             self.round_bar.setValue(event.round)
@@ -219,11 +257,14 @@ class TrainWidget(QWidget):
                 self.round_bar.setValue(event.round)
 
     def _add_point(self, r: int, loss: float, weight: float, n: int) -> None:
-        from fedmix_engine.federation.admin import svg_lines
-
         self.history["loss"].append((r, loss))
         self.history["weight"].append((r, weight))
-        self.history["samples used (÷100)"].append((r, n / 100))
+        self._add_series("samples used (÷100)", r, n / 100)
+
+    def _add_series(self, name: str, r: int, value: float) -> None:
+        from fedmix_engine.federation.admin import svg_lines
+
+        self.history[name].append((r, value))
         self.plot.load(svg_lines(self.history, "this site per round").encode())
 
     def _on_error(self, exc: Exception) -> None:

@@ -84,6 +84,7 @@ class FederationClient:
                                  verify=verify, timeout=timeout)
         self.models_dir = self.site_dir / "models"
         self.state = SiteState()
+        self.train_config: TrainConfig | None = None  # set from the server on connecting
 
     # ------------------------------------------------------------------ HTTP with retries
     def _request(self, method: str, path: str, **kwargs):
@@ -126,7 +127,7 @@ class FederationClient:
         after the current training batch; nothing half-done is uploaded."""
         cfg = self._json(f"/{API_VERSION}/config")
         site, model_config = cfg["site"], ModelConfig.from_dict(cfg["model"])
-        train = TrainConfig(**cfg["train"])
+        train = self.train_config = TrainConfig(**cfg["train"])
         self.state = self._load_state()
         yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
                         f"{self.plan.device} ({self.plan.note})")
@@ -202,6 +203,10 @@ class FederationClient:
         return self.models_dir / "global.safetensors"
 
     # ------------------------------------------------------------------ models and state on disk
+    def download_global(self) -> tuple[bytes, int]:
+        """The newest global model (safetensors bytes) and the round it completed."""
+        return self._download_model()
+
     def _download_model(self) -> tuple[bytes, int]:
         response = self._request("GET", f"/{API_VERSION}/model")
         self._raise_for_refusal(response, f"/{API_VERSION}/model")
