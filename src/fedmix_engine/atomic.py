@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -37,12 +37,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically."""
     with atomic_open(path) as handle:
         handle.write(data)
-
-
-def atomic_write_with(path: str | Path, writer: Callable[[BinaryIO], None]) -> None:
-    """Replace ``path`` atomically with whatever ``writer(handle)`` writes."""
-    with atomic_open(path) as handle:
-        writer(handle)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -12,11 +12,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from fedmix_engine.errors import InputError
+from fedmix_engine.safetensors_layout import DTYPES, read_header
 
 API_VERSION = "v1"
 REPORT_KEY = "fedmix-report"
@@ -70,43 +70,6 @@ def tensor_template(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The safetensors header of a file: (tensor entries, metadata). Refuses truncated files."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise InputError("body", "truncated: shorter than a safetensors header")
-        length = int.from_bytes(head, "little")
-        if length <= 1 or length > 100_000_000 or 8 + length > size:
-            raise InputError("body", "truncated or not safetensors: header length exceeds the body")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError:
-            raise InputError("body", "not safetensors: the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise InputError("body", "not safetensors: the header is not an object")
-    metadata = header.pop("__metadata__", None) or {}
-    end = 0
-    for key, entry in header.items():
-        try:
-            end = max(end, int(entry["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise InputError(f"tensor '{key}'", "malformed safetensors entry") from None
-    if 8 + length + end != size:
-        raise InputError("body", f"truncated: {size} bytes received, the header describes {8 + length + end}")
-    return header, metadata
-
-
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
-
-
 class LazyUpdate(Mapping[str, torch.Tensor]):
     """A safetensors file as a read-only mapping that reads one tensor at a time.
 
@@ -124,7 +87,7 @@ class LazyUpdate(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         begin, end = (int(v) for v in entry["data_offsets"])
-        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        dtype = DTYPES.get(entry["dtype"])
         if dtype is None:
             raise InputError(f"tensor '{key}'", f"unsupported dtype {entry['dtype']}")
         with open(self.path, "rb") as handle:
@@ -155,7 +118,8 @@ def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...
                          f"unexpected {sorted(extra)[:3]}")
     for key, entry in header.items():
         shape, dtype = template[key]
-        got_dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"), entry.get("dtype"))
+        known = DTYPES.get(entry.get("dtype"))
+        got_dtype = str(known).removeprefix("torch.") if known is not None else entry.get("dtype")
         if tuple(entry.get("shape", ())) != shape or got_dtype != dtype:
             raise InputError(f"tensor '{key}'", f"shape {tuple(entry.get('shape', ()))} {got_dtype} differs from the "
                              f"global model's {shape} {dtype}")
