@@ -32,3 +32,19 @@ def test_validation_names_the_field(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes() + b"extra")
     with pytest.raises(InputError, match="truncated"):
         read_header(path)
+
+
+def test_aggregating_a_lazy_upload_reads_each_tensor_once(tmp_path: Path, monkeypatch) -> None:
+    from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5)}
+    for name in ("one", "two"):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    reads: list[str] = []
+    original = LazyUpdate.__getitem__
+    monkeypatch.setattr(LazyUpdate, "__getitem__", lambda self, key: reads.append(key) or original(self, key))
+    acc = StreamingAggregate(AggregationRule())
+    acc.add("one", LazyUpdate(tmp_path / "one.safetensors"), 3, 0.5)
+    acc.add("two", LazyUpdate(tmp_path / "two.safetensors"), 3, 0.5)
+    assert sorted(reads) == ["a", "a", "b", "b"], "shape checks come from the header, not from reading tensors"
+    assert torch.allclose(acc.result()["a"], tensors["a"])

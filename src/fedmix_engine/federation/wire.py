@@ -99,6 +99,10 @@ class LazyUpdate(Mapping[str, torch.Tensor]):
             return torch.empty(tuple(entry["shape"]), dtype=dtype)
         return torch.frombuffer(raw, dtype=dtype).reshape(tuple(entry["shape"]))
 
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of every tensor, from the header (nothing read)."""
+        return {k: (tuple(e["shape"]), DTYPES.get(e["dtype"])) for k, e in self._entries.items()}
+
     def __iter__(self):
         return iter(self._entries)
 

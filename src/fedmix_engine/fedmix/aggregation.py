@@ -132,11 +132,12 @@ class StreamingAggregate:
             missing, extra = set(self._template) - set(state), set(state) - set(self._template)
             raise InputError(site, f"tensor keys differ from the other uploads (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(extra)[:3]})")
-        for key, value in state.items():
-            shape, dtype = self._template[key]
-            if tuple(value.shape) != shape or value.dtype != dtype:
-                raise InputError(f"{site}.{key}", f"shape {tuple(value.shape)} {value.dtype} differs from "
-                                 f"{shape} {dtype}")
+        # a mapping that reads lazily (an upload on disk) reports specs from its header, unread
+        specs = state.specs() if hasattr(state, "specs") else {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        for key, (shape, dtype) in specs.items():
+            if (shape, dtype) != self._template[key]:
+                want_shape, want_dtype = self._template[key]
+                raise InputError(f"{site}.{key}", f"shape {shape} {dtype} differs from {want_shape} {want_dtype}")
 
     def weights(self) -> dict[str, float]:
         w = fedmix_weights(self.n, self.losses, self.rule)
