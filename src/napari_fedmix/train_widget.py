@@ -175,9 +175,12 @@ class TrainWidget(QWidget):
         self.worker.yielded.connect(self._on_event)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
+        from fedmix_engine.device import plan_device
+
         self.start_button.setEnabled(False)
         self.stop_button.setEnabled(True)
-        self.status.setText("starting…")
+        self.device_note = plan_device(self.device.currentText()).note
+        self.status.setText(f"starting on {self.device_note}…")
         self.worker.start()
 
     def stop(self) -> None:
@@ -249,7 +252,8 @@ class TrainWidget(QWidget):
             site = next(iter(event.n))
             self.round_bar.setValue(event.round)
             self._add_point(event.round, event.losses[site], event.weights[site], event.n[site])
-            self.status.setText(f"round {event.round}: loss {event.losses[site]:.3f}, {event.n[site]} samples")
+            self.status.setText(f"round {event.round}: loss {event.losses[site]:.3f}, {event.n[site]} samples "
+                                f"({self.device_note})")
         elif isinstance(event, JoinEvent):
             self.status.setText(event.message)
             if event.kind == "round-closed" and event.report:
