@@ -88,6 +88,7 @@ class TrainWidget(QWidget):
         self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "weight": [], "samples used (÷100)": [],
                                                             "validation Dice": []}
         self.last_checkpoint: Path | None = None
+        self.device_note = ""
 
         self.site = QLineEdit()
         browse = QPushButton("…")
