@@ -9,26 +9,31 @@ from pathlib import Path
 
 from fedmix_engine.errors import InputError
 
-# Federation settings: None means "not given" so that a restart can resume with the stored ones.
-SETTINGS = {"sites": 3, "min_sites": 2, "round_timeout": 600.0, "rounds": 10, "method": "fedmix", "lam": 10.0,
-            "beta": 1.5, "seed": 0, "max_upload_mb": 512.0, "width": 16, "classes": 1, "channels": 1,
-            "image_size": 128, "crop_size": 112, "batch_size": 8, "local_epochs": 1, "lr": 1e-3, "pl_warmup": 0}
+# Federation settings as (field, option) per part of ServerConfig. An option left out (None) keeps
+# ServerConfig's default when the state directory is created, and the stored value on a restart.
+SERVER_OPTIONS = (("sites", "sites"), ("min_sites", "min_sites"), ("round_timeout", "round_timeout"),
+                  ("rounds", "rounds"), ("method", "method"), ("lam", "lam"), ("beta", "beta"), ("seed", "seed"),
+                  ("max_upload_mb", "max_upload_mb"))
+MODEL_OPTIONS = (("base_width", "width"), ("num_classes", "classes"), ("in_channels", "channels"))
+TRAIN_OPTIONS = (("image_size", "image_size"), ("crop_size", "crop_size"), ("batch_size", "batch_size"),
+                 ("epochs", "local_epochs"), ("lr", "lr"), ("pl_warmup_rounds", "pl_warmup"))
+SETTINGS = tuple(option for part in (SERVER_OPTIONS, MODEL_OPTIONS, TRAIN_OPTIONS) for _, option in part)
+
+
+def _given(args: argparse.Namespace, options: tuple[tuple[str, str], ...]) -> dict:
+    return {field: getattr(args, option) for field, option in options if getattr(args, option) is not None}
 
 
 def _server_config(args: argparse.Namespace):
-    from fedmix_engine.federation.state import ServerConfig
-    from fedmix_engine.fedmix.local_update import TrainConfig
-    from fedmix_engine.model import ModelConfig
+    from dataclasses import replace
 
-    v = {k: (getattr(args, k) if getattr(args, k) is not None else d) for k, d in SETTINGS.items()}
-    return ServerConfig(
-        sites=v["sites"], min_sites=min(v["min_sites"], v["sites"]), round_timeout=v["round_timeout"],
-        rounds=v["rounds"], method=v["method"], lam=v["lam"], beta=v["beta"], seed=v["seed"],
-        max_upload_mb=v["max_upload_mb"],
-        model=ModelConfig(in_channels=v["channels"], num_classes=v["classes"], base_width=v["width"]),
-        train=TrainConfig(image_size=v["image_size"], crop_size=v["crop_size"], batch_size=v["batch_size"],
-                          epochs=v["local_epochs"], lr=v["lr"], pl_warmup_rounds=v["pl_warmup"]),
-    )
+    from fedmix_engine.federation.state import ServerConfig
+
+    base = ServerConfig()
+    server = _given(args, SERVER_OPTIONS)
+    server["min_sites"] = min(server.get("min_sites", base.min_sites), server.get("sites", base.sites))
+    return replace(base, **server, model=replace(base.model, **_given(args, MODEL_OPTIONS)),
+                   train=replace(base.train, **_given(args, TRAIN_OPTIONS)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedmix_engine.checkpoint import load_checkpoint
+from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
 from fedmix_engine.data.imageio import IMAGE_SUFFIXES, normalise_image, read_image
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import resize_image
@@ -47,8 +47,13 @@ class Predictor:
         self.net2.eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", inference: str | None = None) -> Predictor:
-        pair, model_config, meta = load_checkpoint(path)
+    def from_checkpoint(cls, source: str | Path | bytes, device: str = "auto",
+                        inference: str | None = None) -> Predictor:
+        """From a checkpoint file, or its bytes (e.g. a global model just downloaded)."""
+        if isinstance(source, bytes):
+            pair, model_config, meta = pair_from_bytes(source, "checkpoint")
+        else:
+            pair, model_config, meta = load_checkpoint(source)
         image_size = int(meta.get("image_size", 128))
         return cls(pair, model_config, image_size, plan_device(device), inference or meta.get("inference", "net1"))
 
@@ -131,12 +136,7 @@ def evaluate(predictor: Predictor, data: EvalSet) -> dict[str, float]:
 
 def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str = "auto") -> float:
     """Mean Dice of a saved pair (file or safetensors bytes) on a labelled store: one number per round."""
-    from fedmix_engine.checkpoint import pair_from_bytes
-
-    raw = checkpoint if isinstance(checkpoint, bytes) else Path(checkpoint).read_bytes()
-    pair, model_config, meta = pair_from_bytes(raw, "checkpoint")
-    predictor = Predictor(pair, model_config, int(meta.get("image_size", data.images.shape[-1])), plan_device(device))
-    return evaluate(predictor, data)["dice"]
+    return evaluate(Predictor.from_checkpoint(checkpoint, device), data)["dice"]
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         for s in sites:
             s.pair = {k: v.clone() for k, v in global_pair.items()}
 
-    best_round, best_val, best_pairs = 0, -np.inf, {}
+    best_round, best_val, best_pair = 0, -np.inf, global_pair
     per_site_best: dict[str, tuple[float, int, PairState]] = {}
     history: list[RoundDone] = []
     for rnd in range(1, config.rounds + 1):
@@ -224,7 +224,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         val_mean = float(np.mean(list(val.values()))) if val else float("nan")
         if config.method != "local" and (not val or val_mean > best_val):
             best_val, best_round = val_mean, rnd
-            best_pairs = {"global": {k: v.clone() for k, v in global_pair.items()}}
+            best_pair = {k: v.clone() for k, v in global_pair.items()}
         if out is not None and config.method != "local":
             save_checkpoint(out / "final.safetensors", global_pair, config.model, {**meta, "round": rnd})
             if best_round == rnd:
@@ -246,7 +246,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         best_round = -1
         val_final = {k: v[0] for k, v in per_site_best.items()}
     else:
-        test = _evaluate_pair(best_pairs["global"], config, plan, sites, "test") if eval_root else {}
+        test = _evaluate_pair(best_pair, config, plan, sites, "test") if eval_root else {}
         val_final = history[best_round - 1].val_dice if best_round else {}
     test_mean = float(np.mean(list(test.values()))) if test else float("nan")
     result = SimulationResult(config.method, best_round, val_final, {k: round(v, 4) for k, v in test.items()},

@@ -146,7 +146,7 @@ class FederationClient:
                 yield from self._closed_rounds(site, seen_round, info["last_round"])
             seen_round = info["last_round"]
             if info["finished"]:
-                path = self._download_global()
+                path = self._save_final_model()
                 yield JoinEvent("finished", f"federation finished after {info['last_round']} rounds; model: {path}",
                                 info["last_round"])
                 return
@@ -157,7 +157,7 @@ class FederationClient:
                     last_wait = r
                 time.sleep(self.poll_seconds)
                 continue
-            pair_bytes, model_round = self._download_model()
+            pair_bytes, model_round = self.download_global()
             if model_round != r - 1:
                 time.sleep(self.poll_seconds)
                 continue  # the round moved on while we asked; start again
@@ -205,15 +205,12 @@ class FederationClient:
     # ------------------------------------------------------------------ models and state on disk
     def download_global(self) -> tuple[bytes, int]:
         """The newest global model (safetensors bytes) and the round it completed."""
-        return self._download_model()
-
-    def _download_model(self) -> tuple[bytes, int]:
         response = self._request("GET", f"/{API_VERSION}/model")
         self._raise_for_refusal(response, f"/{API_VERSION}/model")
         return response.content, int(response.headers["X-FedMix-Round"])
 
-    def _download_global(self) -> Path:
-        data, r = self._download_model()
+    def _save_final_model(self) -> Path:
+        data, r = self.download_global()
         pair_from_bytes(data, "final global model")  # validate before saving
         path = self.models_dir / "global.safetensors"
         atomic_write_bytes(path, data)
