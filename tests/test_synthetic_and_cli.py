@@ -42,7 +42,9 @@ def test_make_sample_layout_determinism_and_no_leak(tmp_path: Path, capsys) -> N
         assert a.summary()["mask"] > 0 and a.summary()["box"] == 0
         assert b.summary()["box"] > 0 and b.summary()["mask"] == 0
         assert c.summary()["tag"] == 12 and c.summary()["mask"] == c.summary()["box"] == 0
-        # boxes enclose the lesion with a 1–9 px margin (checked against the oracle's mask)
+        # boxes enclose the lesion with the paper's 1–9 px margin scaled to the image: at 64², 0–2 px
+        # (checked against the oracle's mask); tight enough that a perfect prediction passes the fill check
+        fills = []
         with SiteStore.open(root / "eval" / "site-b" / "oracle") as oracle:
             for rec in b.records():
                 for box in b.boxes(rec.id):
@@ -52,7 +54,11 @@ def test_make_sample_layout_determinism_and_no_leak(tmp_path: Path, capsys) -> N
                     rows, cols = np.nonzero(mask & inside)
                     margins = [rows.min() - box.y0, cols.min() - box.x0,
                                box.y1 - 1 - rows.max(), box.x1 - 1 - cols.max()]
-                    assert all(0 <= m <= 9 for m in margins), margins
+                    assert all(0 <= m <= 2 for m in margins), margins
+                    lesion = (mask > 0) & inside
+                    fill = 2 * lesion.sum() / (lesion.sum() + inside.sum())
+                    fills.append(fill)
+        assert np.mean(np.array(fills) >= 0.5) >= 0.8, fills
     out = capsys.readouterr().out
     assert "site-c: 12 images (0 mask, 0 box, 12 tag)" in out
 
