@@ -218,24 +218,36 @@ class FederationClient:
         return path
 
     def _save_state(self) -> None:
-        import io
-
-        import torch
-
-        if self.state.optimizers is None:
-            return
-        buffer = io.BytesIO()
-        torch.save({"optimizers": self.state.optimizers, "rounds_done": self.state.rounds_done}, buffer)
-        atomic_write_bytes(self.models_dir / "client-state.pt", buffer.getvalue())
+        save_site_state(self.models_dir, self.state)
 
     def _load_state(self) -> SiteState:
-        import torch
+        return load_site_state(self.models_dir)
 
-        path = self.models_dir / "client-state.pt"
-        if not path.exists():
-            return SiteState()
-        saved = torch.load(path, weights_only=True)  # local file, still no arbitrary code
-        return SiteState(tuple(saved["optimizers"]), int(saved["rounds_done"]))
+
+STATE_FILE = "client-state.pt"
+
+
+def save_site_state(models_dir: Path, state: SiteState, name: str = STATE_FILE) -> None:
+    """Keep the site's Adam moments between rounds (local only; never sent)."""
+    import io
+
+    import torch
+
+    if state.optimizers is None:
+        return
+    buffer = io.BytesIO()
+    torch.save({"optimizers": state.optimizers, "rounds_done": state.rounds_done}, buffer)
+    atomic_write_bytes(models_dir / name, buffer.getvalue())
+
+
+def load_site_state(models_dir: Path, name: str = STATE_FILE) -> SiteState:
+    import torch
+
+    path = models_dir / name
+    if not path.exists():
+        return SiteState()
+    saved = torch.load(path, weights_only=True)  # local file, still no arbitrary code
+    return SiteState(tuple(saved["optimizers"]), int(saved["rounds_done"]))
 
 
 def _detail(response) -> str:

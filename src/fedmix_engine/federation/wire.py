@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +45,11 @@ class UpdateReport:
             raw = json.loads(text)
         except ValueError:
             raise InputError(REPORT_KEY, "not valid JSON") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> UpdateReport:
+        """Validate a decoded report (from the safetensors metadata, or a Flower reply's records)."""
         if not isinstance(raw, dict):
             raise InputError(REPORT_KEY, "must be a JSON object")
         n, loss, loss2 = raw.get("n"), raw.get("loss"), raw.get("loss2", 0.0)
@@ -116,19 +122,32 @@ def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...
     Reads one tensor at a time, so validating costs O(largest tensor), not O(model).
     """
     header, metadata = read_header(path)
-    missing, extra = set(template) - set(header), set(header) - set(template)
+    specs = {}
+    for key, entry in header.items():
+        known = DTYPES.get(entry.get("dtype"))
+        specs[key] = (tuple(entry.get("shape", ())),
+                      str(known).removeprefix("torch.") if known is not None else str(entry.get("dtype")))
+    check_specs(specs, template)
+    report = UpdateReport.parse(metadata.get(REPORT_KEY))
+    for key, value in LazyUpdate(path).items():
+        check_finite(key, value)
+    return report
+
+
+def check_specs(specs: Mapping[str, tuple[tuple[int, ...], str]],
+                template: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+    """Same keys, shapes and dtypes as the global model (``tensor_template``), or an error naming the tensor."""
+    missing, extra = set(template) - set(specs), set(specs) - set(template)
     if missing or extra:
         raise InputError("tensors", f"keys differ from the global model: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(extra)[:3]}")
-    for key, entry in header.items():
-        shape, dtype = template[key]
-        known = DTYPES.get(entry.get("dtype"))
-        got_dtype = str(known).removeprefix("torch.") if known is not None else entry.get("dtype")
-        if tuple(entry.get("shape", ())) != shape or got_dtype != dtype:
-            raise InputError(f"tensor '{key}'", f"shape {tuple(entry.get('shape', ()))} {got_dtype} differs from the "
-                             f"global model's {shape} {dtype}")
-    report = UpdateReport.parse(metadata.get(REPORT_KEY))
-    for key, value in LazyUpdate(path).items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise InputError(f"tensor '{key}'", "contains NaN or infinite values")
-    return report
+    for key, (shape, dtype) in specs.items():
+        if (tuple(shape), dtype) != template[key]:
+            want_shape, want_dtype = template[key]
+            raise InputError(f"tensor '{key}'", f"shape {tuple(shape)} {dtype} differs from the global model's "
+                             f"{want_shape} {want_dtype}")
+
+
+def check_finite(key: str, value: torch.Tensor) -> None:
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise InputError(f"tensor '{key}'", "contains NaN or infinite values")
