@@ -9,8 +9,15 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+# The Flower adapter's environment: flwr pins exact minors of FastAPI/uvicorn/starlette/rich/packaging,
+# so it gets its own venv (engine + flwr + pytest, no napari). flwr 1.42.0 needs a certifi release the
+# package registry here does not have yet; 1.41.0 is the newest that installs.
+FLOWER_VENV ?= .venv-flower
+FLWR        ?= flwr==1.41.0
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
+FPIP        := $(FLOWER_VENV)/bin/python -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test lint bench-speed bench-quality clean
+.PHONY: venv flower-venv demo test test-flower lint bench-speed bench-quality clean
 
 venv: $(STAMP)
 
@@ -22,14 +29,29 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, napari, fedmix_engine; print('torch', torch.__version__, '| napari', napari.__version__)"
 	touch $(STAMP)
 
+flower-venv: $(FLOWER_STAMP)
+
+$(FLOWER_STAMP): pyproject.toml Makefile
+	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(FPIP) install --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(FPIP) install $(TORCH) 2>&1 | grep -v "is ignored" || true
+	$(FPIP) install -e ".[flower]" "$(FLWR)" "pytest>=8" 2>&1 | grep -v "is ignored" || true
+	$(FLOWER_VENV)/bin/python -c "import flwr, torch, fedmix_engine.federation.flower.app; print('flwr', flwr.__version__)"
+	touch $(FLOWER_STAMP)
+
 ## demo: a real local federation — server + 3 site processes (A masks, B boxes, C tags) on 127.0.0.1
 demo: venv
 	$(BIN)/fedmix-engine demo runs/demo
 
-## test: lint, validate the napari manifest, run the whole suite (GUI tests under Xvfb via pytest-xvfb)
+## test: lint, validate the napari manifest, run the whole suite (GUI tests under Xvfb via pytest-xvfb),
+## then the Flower adapter's tests in their own environment
 test: venv lint
 	$(BIN)/npe2 validate napari-fedmix --imports
 	$(BIN)/python -m pytest
+	$(MAKE) test-flower
+
+test-flower: flower-venv
+	$(FLOWER_VENV)/bin/python -m pytest -m flower tests/test_flower.py
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks docs
@@ -41,4 +63,4 @@ bench-quality: venv
 	$(BIN)/python benchmarks/quality.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOWER_VENV) runs build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""The engine is Qt-free and napari-free: a headless aggregator must not need a GUI stack."""
+"""The engine is Qt-free and napari-free: a headless aggregator must not need a GUI stack; and only
+the Flower adapter imports flwr, so nobody who does not use Flower needs it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import fedmix_engine
 GUI_MODULES = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt", "vispy",
                "napari_fedmix")
 ENGINE = Path(fedmix_engine.__file__).parent
+FLOWER_ADAPTER = ENGINE / "federation" / "flower"
+NEEDS_FLWR = ("records", "strategy", "app")  # the adapter's modules that import flwr; the rest must not
 
 
 def test_engine_source_never_imports_gui_modules() -> None:
@@ -27,15 +30,20 @@ def test_engine_source_never_imports_gui_modules() -> None:
                 names = [node.module]
             offenders += [f"{path.relative_to(ENGINE)}:{node.lineno} imports {n}" for n in names
                           if n.split(".")[0] in GUI_MODULES]
+            if not (path.parent == FLOWER_ADAPTER and path.stem in NEEDS_FLWR):
+                offenders += [f"{path.relative_to(ENGINE)}:{node.lineno} imports {n}" for n in names
+                              if n.split(".")[0] == "flwr"]
     assert not offenders, offenders
 
 
 def test_engine_imports_and_runs_with_gui_modules_unavailable(tmp_path: Path) -> None:
-    """Dynamic check: with every GUI module made unimportable, all engine modules import and the
-    CLI works — as in a headless install without the [napari] extra."""
+    """Dynamic check: with every GUI module and flwr made unimportable, all engine modules import (the
+    Flower adapter's flwr modules fail with an install hint) and the CLI works — as in a headless install
+    without the [napari] and [flower] extras."""
     code = textwrap.dedent(f"""
         import importlib, importlib.abc, pkgutil, sys
-        BLOCKED = {GUI_MODULES!r}
+        BLOCKED = {(*GUI_MODULES, "flwr")!r}
+        NEEDS_FLWR = {tuple(f"fedmix_engine.federation.flower.{m}" for m in NEEDS_FLWR)!r}
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in BLOCKED:
@@ -43,10 +51,19 @@ def test_engine_imports_and_runs_with_gui_modules_unavailable(tmp_path: Path) ->
         sys.meta_path.insert(0, Block())
         import fedmix_engine
         for info in pkgutil.walk_packages(fedmix_engine.__path__, "fedmix_engine."):
+            if info.name in NEEDS_FLWR:
+                try:
+                    importlib.import_module(info.name)
+                except ImportError as exc:
+                    assert "napari-fedmix[flower]" in str(exc), exc
+                else:
+                    raise AssertionError(info.name + " imported without flwr")
+                continue
             importlib.import_module(info.name)
         from fedmix_engine.cli import main
         assert main(["make-sample", sys.argv[1], "--sites", "1", "--images", "2", "--eval-images", "1",
                      "--size", "32"]) == 0
+        assert main(["flower-app", sys.argv[1] + "-flower", "--set", "num-server-rounds=2"]) == 0
         loaded = [m for m in sys.modules if m.split(".")[0] in BLOCKED]
         assert not loaded, loaded
         print("headless ok")

@@ -1,4 +1,4 @@
-"""Federation subcommands of ``fedmix-engine``: serve, join, token."""
+"""Federation subcommands of ``fedmix-engine``: serve, join, token, demo, flower-app."""
 
 from __future__ import annotations
 
@@ -99,6 +99,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower_app(args: argparse.Namespace) -> int:
+    from fedmix_engine.federation.flower.app_dir import write_flower_app
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise InputError("--set", f"'{item}' is not key=value")
+        try:  # numbers and booleans as TOML/JSON literals, anything else as a string
+            import json
+
+            overrides[key.strip()] = json.loads(raw)
+        except ValueError:
+            overrides[key.strip()] = raw
+    path = write_flower_app(args.dir, overrides)
+    print(f"wrote {path}\nrun it: flwr run {args.dir} <connection>  (SuperLink and SuperNodes: docs/federation.md)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the aggregation server (resumes from --state after a restart)")
     p.add_argument("--state", type=Path, required=True, help="state directory (rounds, uploads, tokens)")
@@ -146,6 +165,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("flower-app", help="write a Flower App folder that runs FedMix on a Flower deployment")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="run-config value, e.g. --set num-server-rounds=50 --set model-width=64 (repeatable)")
+    p.set_defaults(func=cmd_flower_app)
 
     p = sub.add_parser("token", help="create, revoke or list site tokens")
     p.add_argument("action", choices=("add", "revoke", "list"))

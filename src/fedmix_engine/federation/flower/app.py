@@ -1,0 +1,127 @@
+"""The Flower App: ``serverapp`` (runs in the SuperLink's deployment) and ``clientapp`` (runs at each site).
+
+Wired up by the app's ``pyproject.toml`` (``fedmix-engine flower-app DIR`` writes one)::
+
+    [tool.flwr.app.components]
+    serverapp = "fedmix_engine.federation.flower.app:serverapp"
+    clientapp = "fedmix_engine.federation.flower.app:clientapp"
+
+A site's SuperNode says where its SiteStore is: ``--node-config 'site-dir="/data/site-a"'``
+(optionally ``device="cuda"``). Images never leave the site; replies carry the pair and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.checkpoint import save_checkpoint
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.tensors import load_site_tensors
+from fedmix_engine.device import plan_device
+from fedmix_engine.errors import InputError
+from fedmix_engine.federation.client import load_site_state, save_site_state
+from fedmix_engine.federation.flower import FLWR_HINT
+from fedmix_engine.federation.flower.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    arrays_to_pair,
+    pair_to_arrays,
+    report_to_metrics,
+)
+from fedmix_engine.federation.flower.settings import FlowerRunSettings, parse_site_config
+from fedmix_engine.federation.flower.strategy import SITE_KEY, FedMixStrategy, RoundOutcome
+from fedmix_engine.federation.wire import UpdateReport, encode_update
+from fedmix_engine.fedmix.local_update import local_update, site_seed
+from fedmix_engine.fedmix.pair import init_pair
+
+try:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+except ImportError as exc:  # the [flower] extra is optional
+    raise ImportError(FLWR_HINT) from exc
+
+log = logging.getLogger(__name__)
+serverapp = ServerApp()
+clientapp = ClientApp()
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class RoundRecorder:
+    """Writes each round durably: ``global.safetensors`` (newest pair), ``rounds.jsonl`` and, with
+    ``keep-updates``, ``round-NNNN/`` holding that round's global pair and every accepted update."""
+
+    def __init__(self, settings: FlowerRunSettings):
+        self.settings = settings
+        self.out = settings.out_path()
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, outcome: RoundOutcome) -> None:
+        meta = {"round": outcome.round, "method": self.settings.method, "weights": outcome.weights}
+        if outcome.pair is not None:
+            save_checkpoint(self.out / "global.safetensors", outcome.pair, self.settings.model, meta)
+        if self.settings.keep_updates:
+            round_dir = self.out / f"round-{outcome.round:04d}"
+            if outcome.pair is not None:
+                save_checkpoint(round_dir / "global.safetensors", outcome.pair, self.settings.model, meta)
+            for name, state in outcome.updates.items():
+                rep = outcome.reports[name]
+                atomic_write_bytes(round_dir / "updates" / f"{_safe_name(name)}.safetensors",
+                                   encode_update(state, UpdateReport(rep.n, rep.loss, rep.loss2, rep.counts)))
+        line = {"round": outcome.round, "weights": outcome.weights, "refused": outcome.refused,
+                "reports": {k: json.loads(r.to_json()) for k, r in outcome.reports.items()}}
+        with open(self.out / "rounds.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        log.info("round %d: weights %s; refused %s", outcome.round,
+                 {k: round(w, 4) for k, w in outcome.weights.items()}, list(outcome.refused) or "none")
+
+
+@serverapp.main()
+def server_main(grid: Grid, context: Context) -> None:
+    settings = FlowerRunSettings.from_run_config(dict(context.run_config))
+    pair = init_pair(settings.model, settings.seed)
+    recorder = RoundRecorder(settings)
+    save_checkpoint(recorder.out / "global-initial.safetensors", pair, settings.model, {"round": 0})
+    strategy = FedMixStrategy(pair, settings.rule, on_round=recorder, keep_updates=settings.keep_updates,
+                              min_train_nodes=settings.min_sites, min_available_nodes=settings.min_sites)
+    strategy.start(grid=grid, initial_arrays=pair_to_arrays(pair), num_rounds=settings.rounds,
+                   timeout=settings.round_timeout, train_config=ConfigRecord(settings.site_config()))
+    log.info("FedMix on Flower finished %d round(s); global pair in %s", settings.rounds, recorder.out)
+
+
+@clientapp.train()
+def site_train(msg: Message, context: Context) -> Message:
+    """One local round on this site's SiteStore with the engine's ``local_update``."""
+    site_dir = context.node_config.get("site-dir")
+    if not site_dir:
+        raise InputError("--node-config", "this SuperNode has no site-dir: start it with "
+                         "--node-config 'site-dir=\"/path/to/site\"'")
+    site_dir = Path(str(site_dir))
+    model_config, train, seed, server_round = parse_site_config(dict(msg.content.config_records[CONFIG]))
+    pair = arrays_to_pair(msg.content.array_records[ARRAYS], None, "global pair from the SuperLink")
+    plan = plan_device(str(context.node_config.get("device", "auto")))
+    with SiteStore.open(site_dir, readonly=True) as store, store.training_view() as view:
+        site = store.config.name
+        if (store.config.channels, len(store.config.classes)) != (model_config.in_channels, model_config.num_classes):
+            raise InputError(site_dir, f"site has {len(store.config.classes)} class(es) and {store.config.channels} "
+                             f"channel(s); the federation's model expects {model_config.num_classes} and "
+                             f"{model_config.in_channels}")
+        data = load_site_tensors(view, train.image_size)
+    models_dir = site_dir / "models"
+    state_file = f"flower-run-{context.run_id}-state.pt"  # Adam moments, kept per run, never sent
+    result = local_update(pair, data, model_config, train, plan, load_site_state(models_dir, state_file),
+                          seed=site_seed(seed, site), round_index=server_round)
+    save_site_state(models_dir, result.state, state_file)
+    rep = result.report
+    content = RecordDict({ARRAYS: pair_to_arrays(result.pair),
+                          METRICS: report_to_metrics(UpdateReport(rep.n, rep.loss, rep.loss2, rep.counts)),
+                          CONFIG: ConfigRecord({SITE_KEY: site})})
+    return Message(content, reply_to=msg)
+

@@ -1,0 +1,49 @@
+"""Write a Flower App directory for FedMix: the ``pyproject.toml`` that ``flwr run`` ships to the SuperLink.
+
+The app's code is this installed package (components name ``fedmix_engine.federation.flower.app``),
+so the directory holds only the configuration; every SuperNode needs ``napari-fedmix[flower]``
+installed (SuperLink started with ``--disable-runtime-dependency-installation``). Needs no flwr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.federation.flower.settings import MODEL_KEYS, TRAIN_KEYS, FlowerRunSettings
+
+APP_NAME = "fedmix-flower"
+
+
+def default_run_config() -> dict[str, Any]:
+    s = FlowerRunSettings()
+    config: dict[str, Any] = {"num-server-rounds": s.rounds, "method": s.method, "lam": s.lam, "beta": s.beta,
+                              "seed": s.seed, "min-sites": s.min_sites, "round-timeout": s.round_timeout,
+                              "out-dir": s.out_dir, "keep-updates": s.keep_updates}
+    config.update({key: getattr(s.model, field) for key, field in MODEL_KEYS.items()})
+    config.update({key: getattr(s.train, field) for key, field in TRAIN_KEYS.items()})
+    return config
+
+
+def write_flower_app(directory: str | Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Create ``directory/pyproject.toml``; the run configuration is checked before anything is written."""
+    config = {**default_run_config(), **(overrides or {})}
+    FlowerRunSettings.from_run_config(config)  # fail here, naming the key, not on the SuperLink
+    from importlib.metadata import version
+
+    lines = ["# A Flower App running FedMix (written by `fedmix-engine flower-app`).",
+             "# Run: flwr run <this folder> <superlink connection>   (see docs/federation.md)",
+             "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
+             "[project]", f'name = "{APP_NAME}"', 'version = "1.0.0"',
+             'description = "FedMix: mixed-supervision federated segmentation (napari-fedmix)"',
+             'license = "BSD-3-Clause"', f'dependencies = ["napari-fedmix[flower]>={version("napari-fedmix")}"]', "",
+             "[tool.flwr.app]", 'publisher = "napari-fedmix"', "",
+             "[tool.flwr.app.components]", 'serverapp = "fedmix_engine.federation.flower.app:serverapp"',
+             'clientapp = "fedmix_engine.federation.flower.app:clientapp"', "",
+             "[tool.flwr.app.config]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in config.items()]  # JSON scalars are TOML scalars
+    path = Path(directory) / "pyproject.toml"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path

@@ -1,0 +1,106 @@
+"""``FedMixStrategy``: Flower's FedAvg driver loop with the engine's FedMix aggregation.
+
+Flower's ``FedAvg`` samples nodes, sends the global pair and collects replies; only
+``aggregate_train`` is replaced. It folds replies one at a time into the engine's
+``StreamingAggregate`` (adaptive weights from each site's n_k and ℓ_k, or FedAvg), so the
+arithmetic is exactly that of ``fedmix-engine serve`` and the simulator. Replies that failed
+(``has_error``) or do not pass the built-in server's checks are left out of the round and
+recorded with the reason; they never abort the run (the stock consistency check would).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from fedmix_engine.errors import InputError
+from fedmix_engine.federation.flower import FLWR_HINT
+from fedmix_engine.federation.flower.records import CONFIG, decode_reply, pair_to_arrays
+from fedmix_engine.federation.wire import UpdateReport, tensor_template
+from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
+
+try:
+    from flwr.app import ArrayRecord, Message, MetricRecord
+    from flwr.serverapp.strategy import FedAvg
+except ImportError as exc:  # the [flower] extra is optional
+    raise ImportError(FLWR_HINT) from exc
+
+log = logging.getLogger(__name__)
+SITE_KEY = "site"  # reply ConfigRecord field naming the site (for logs and weights; the node id is authoritative)
+
+
+@dataclass
+class RoundOutcome:
+    """What one round did: the new pair, each contribution's weight and report, and what was refused."""
+
+    round: int
+    pair: dict[str, torch.Tensor] | None
+    weights: dict[str, float]
+    reports: dict[str, UpdateReport]
+    refused: dict[str, str] = field(default_factory=dict)
+    updates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # only with keep_updates
+
+
+def contributor_name(message: Message) -> str:
+    """``<site> (node <id>)`` when the reply names its site, else ``node <id>``."""
+    node = f"node {message.metadata.src_node_id}"
+    if not message.has_error() and SITE_KEY in message.content.config_records.get(CONFIG, {}):
+        return f"{message.content.config_records[CONFIG][SITE_KEY]} ({node})"
+    return node
+
+
+class FedMixStrategy(FedAvg):
+    """FedAvg's sampling and messaging; FedMix's aggregation (``method``: fedmix, fedmix-fixed or fedavg)."""
+
+    def __init__(self, global_pair: Mapping[str, torch.Tensor], rule: AggregationRule,
+                 on_round: Callable[[RoundOutcome], None] | None = None, keep_updates: bool = False,
+                 **fedavg_options) -> None:
+        fedavg_options.setdefault("fraction_evaluate", 0.0)  # sites evaluate locally; nothing to aggregate
+        super().__init__(**fedavg_options)
+        self.rule = rule
+        self.template = tensor_template(global_pair)
+        self.on_round = on_round
+        self.keep_updates = keep_updates
+        self.history: list[RoundOutcome] = []
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        acc = StreamingAggregate(self.rule)
+        reports: dict[str, UpdateReport] = {}
+        refused: dict[str, str] = {}
+        kept: dict[str, dict[str, torch.Tensor]] = {}
+        for message in replies:
+            name = contributor_name(message)
+            if message.has_error():
+                refused[name] = f"the site reported an error: {message.error.reason}"
+                continue
+            try:
+                state, report = decode_reply(message.content, self.template, name)
+                acc.add(name, state, report.n, report.loss)
+            except InputError as exc:
+                refused[name] = str(exc)
+                continue
+            reports[name] = report
+            if self.keep_updates:
+                kept[name] = state
+            del state  # the accumulators hold what is needed; one decoded reply at a time
+        for name, reason in refused.items():
+            log.warning("round %d: left out %s", server_round, reason if reason.startswith(name) else
+                        f"{name}: {reason}")
+        pair = acc.result()
+        weights = acc.weights() if acc.sites else {}
+        outcome = RoundOutcome(server_round, pair, weights, reports, refused, kept)
+        self.history.append(outcome)
+        if self.on_round is not None:
+            self.on_round(outcome)
+        metrics = MetricRecord({"sites-aggregated": sum(1 for w in weights.values() if w > 0),
+                                "sites-refused": len(refused),
+                                "samples": int(sum(r.n for r in reports.values()))})
+        if pair is None:  # nobody trained on anything: keep the previous global pair
+            log.warning("round %d: no site trained on any sample; the global model is unchanged", server_round)
+            return None, metrics
+        return pair_to_arrays(pair), metrics
+

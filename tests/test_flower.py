@@ -1,0 +1,287 @@
+"""FedMix on Flower: the strategy on mock replies (as Flower tests its own strategies), the ClientApp
+handler on a real SiteStore, and a real deployment on loopback (SuperLink + 3 SuperNodes + ``flwr run``).
+
+Runs in the Flower environment (``make test`` creates ``.venv-flower``; flwr pins its own FastAPI and
+uvicorn, so it is kept out of the napari environment). Marked ``flower``; the main run deselects it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+from federation_helpers import ENV, free_port
+from fedmix_engine.checkpoint import load_checkpoint
+from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.errors import InputError
+from fedmix_engine.federation.flower.app import site_train
+from fedmix_engine.federation.flower.app_dir import write_flower_app
+from fedmix_engine.federation.flower.records import pair_to_arrays, report_to_metrics
+from fedmix_engine.federation.flower.settings import FlowerRunSettings
+from fedmix_engine.federation.flower.strategy import FedMixStrategy
+from fedmix_engine.federation.wire import LazyUpdate, UpdateReport, validate_update_file
+from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
+from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.model import ModelConfig
+from fedmix_engine.simulate import SimulationConfig, run_simulation
+
+pytestmark = pytest.mark.flower
+TINY = ModelConfig(base_width=4)
+SITES = ["site-a", "site-b", "site-c"]
+
+
+def _metadata(node: int) -> Metadata:
+    return Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+
+
+def reply(node: int, pair: dict[str, torch.Tensor] | None = None, n: int = 10, loss: float = 0.5,
+          site: str | None = None, arrays: ArrayRecord | None = None, metrics: MetricRecord | None = None) -> Message:
+    """A site's training reply as the SuperLink hands it to the strategy."""
+    content = RecordDict({"arrays": arrays if arrays is not None else pair_to_arrays(pair),
+                          "metrics": metrics if metrics is not None else report_to_metrics(UpdateReport(n, loss))})
+    if site:
+        content["config"] = ConfigRecord({"site": site})
+    return Message(content=content, metadata=_metadata(node))
+
+
+def site_pairs(count: int = 3) -> list[dict[str, torch.Tensor]]:
+    return [init_pair(TINY, seed) for seed in range(10, 10 + count)]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("method", ["fedmix", "fedmix-fixed", "fedavg"])
+def test_strategy_aggregates_exactly_like_the_engine(method: str) -> None:
+    rule = AggregationRule.for_method(method, 10.0, 1.5)
+    pairs, reports = site_pairs(), [(12, 0.31), (5, 0.72), (30, 0.12)]
+    strategy = FedMixStrategy(init_pair(TINY, 0), rule, min_available_nodes=3, min_train_nodes=3)
+    sites = list(enumerate(zip(pairs, reports, strict=True)))
+    replies = [reply(100 + k, p, n, loss, site=SITES[k]) for k, (p, (n, loss)) in sites]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    expected, weights = aggregate([(f"s{k}", p, n, loss) for k, (p, (n, loss)) in sites], rule)
+    got = arrays.to_torch_state_dict()
+    assert max_diff(got, expected) < 1e-6
+    outcome = strategy.history[-1]
+    assert list(outcome.weights) == [f"{SITES[k]} (node {100 + k})" for k in range(3)]
+    assert np.allclose(list(outcome.weights.values()), list(weights.values()), atol=1e-12)
+    assert metrics["sites-aggregated"] == 3 and metrics["sites-refused"] == 0 and metrics["samples"] == 47
+    if method == "fedmix":  # the adaptive rule gives the highest-loss site more than its data share
+        assert outcome.weights["site-b (node 101)"] > 5 / 47
+
+
+def _corrupt(pair: dict[str, torch.Tensor], key: str, value: np.ndarray) -> ArrayRecord:
+    record = pair_to_arrays(pair)
+    record[key] = Array(value)
+    return record
+
+
+def test_bad_replies_are_left_out_with_a_reason_and_the_round_still_aggregates() -> None:
+    rule = AggregationRule.for_method("fedmix")
+    good = site_pairs(2)
+    template = init_pair(TINY, 0)
+    key = next(iter(template))
+    nan = template[key].numpy().copy()
+    nan.flat[0] = np.nan
+    missing = pair_to_arrays(good[0])
+    del missing[key]
+    bad = {
+        "error": Message(error=Error(code=0, reason="ClientApp raised: disk full"), metadata=_metadata(1)),
+        "nan": reply(2, arrays=_corrupt(good[0], key, nan)),
+        "shape": reply(3, arrays=_corrupt(good[0], key, np.zeros((2, 2), np.float32))),
+        "dtype": reply(4, arrays=_corrupt(good[0], key, template[key].numpy().astype(np.float64))),
+        "missing": reply(5, arrays=missing),
+        "negative-n": reply(6, good[0], metrics=MetricRecord({"num-examples": -3, "train-loss": 0.2})),
+        "nan-loss": reply(7, good[0], metrics=MetricRecord({"num-examples": 3, "train-loss": math.nan})),
+        "no-report": reply(8, good[0], metrics=MetricRecord({"accuracy": 0.9})),
+    }
+    replies = [reply(100, good[0], 10, 0.4), *bad.values(), reply(101, good[1], 20, 0.6)]
+    strategy = FedMixStrategy(template, rule)
+    arrays, metrics = strategy.aggregate_train(3, replies)
+
+    expected, _ = aggregate([("a", good[0], 10, 0.4), ("b", good[1], 20, 0.6)], rule)
+    assert max_diff(arrays.to_torch_state_dict(), expected) < 1e-6
+    refused = strategy.history[-1].refused
+    assert metrics["sites-refused"] == len(bad) == len(refused)
+    reasons = dict(zip(bad, (refused[f"node {node}"] for node in range(1, 9)), strict=True))
+    assert "disk full" in reasons["error"]
+    assert "NaN or infinite" in reasons["nan"] and key in reasons["nan"]
+    assert "differs from the global model" in reasons["shape"] and key in reasons["shape"]
+    assert "float64" in reasons["dtype"]
+    assert "keys differ" in reasons["missing"]
+    assert ".n" in reasons["negative-n"] and ".loss" in reasons["nan-loss"]
+    assert "num-examples" in reasons["no-report"]
+
+
+def test_a_round_where_nobody_trained_keeps_the_global_pair() -> None:
+    strategy = FedMixStrategy(init_pair(TINY, 0), AggregationRule.for_method("fedmix"))
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, site_pairs(1)[0], n=0, loss=0.0)])
+    assert arrays is None and metrics["sites-aggregated"] == 0
+
+
+def test_site_train_runs_the_engine_update_on_the_site_store(tmp_path: Path) -> None:
+    make_sample(tmp_path / "s", sites=2, images=6, eval_images=1, seed=0, size=32)
+    settings = FlowerRunSettings.from_run_config({"model-width": 4, "image-size": 32, "crop-size": 32,
+                                                  "batch-size": 4})
+    pair = init_pair(settings.model, 0)
+    config = ConfigRecord({**settings.site_config(), "server-round": 1})
+    request = Message(content=RecordDict({"arrays": pair_to_arrays(pair), "config": config}),
+                      metadata=_metadata(0))
+    context = Context(run_id=42, node_id=7, node_config={"site-dir": str(tmp_path / "s" / "site-a")},
+                      state=RecordDict(), run_config={})
+    out = site_train(request, context)
+    assert not out.has_error()
+    assert out.content["config"]["site"] == "site-a"
+    metrics = out.content["metrics"]
+    assert metrics["num-examples"] == 6 and metrics["count-mask"] == 3 and 0 < metrics["train-loss"] < 2
+    trained = out.content["arrays"].to_torch_state_dict()
+    assert set(trained) == set(pair) and max_diff(trained, pair) > 0  # it trained
+    assert (tmp_path / "s" / "site-a" / "models" / "flower-run-42-state.pt").exists()  # Adam state kept
+
+    no_site = Context(run_id=42, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(InputError, match="site-dir"):
+        site_train(request, no_site)
+
+
+def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(tmp_path: Path) -> None:
+    import tomllib
+
+    from flwr.common.config import validate_config
+
+    for bad, field in (({"method": "krum"}, "method"), ({"lam": "ten"}, "lam"), ({"crop-size": 30}, "crop_size"),
+                       ({"unknown-key": 1}, "unknown")):
+        with pytest.raises(InputError, match=field):
+            FlowerRunSettings.from_run_config(bad)
+    path = write_flower_app(tmp_path / "app", {"num-server-rounds": 2, "model-width": 4})
+    config = tomllib.loads(path.read_text())
+    ok, errors, _ = validate_config(config, check_module=True, project_dir=tmp_path / "app")
+    assert ok, errors
+    assert FlowerRunSettings.from_run_config(config["tool"]["flwr"]["app"]["config"]).rounds == 2
+
+
+# ---------------------------------------------------------------------------------------------- deployment
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"port {port} not open after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simulator(tmp_path: Path) -> None:
+    """SuperLink + 3 SuperNodes (real processes, one per site) + ``flwr run``, 2 rounds, tiny model."""
+    sample = tmp_path / "sample"
+    make_sample(sample, sites=3, images=8, eval_images=3, seed=0, size=32)
+    out = tmp_path / "out"
+    app = tmp_path / "app"
+    write_flower_app(app, {"num-server-rounds": 2, "model-width": 4, "image-size": 32, "crop-size": 32,
+                           "batch-size": 4, "min-sites": 3, "round-timeout": 240.0, "out-dir": str(out),
+                           "keep-updates": True})
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    bin_dir = str(Path(sys.executable).parent)  # the SuperLink starts flower-superexec from PATH
+    env = {**ENV, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{ENV.get('PATH', '')}"}
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"{name}.log"
+        with open(log, "wb") as handle:  # the child keeps its own descriptor
+            proc = subprocess.Popen([str(Path(bin_dir) / args[0]), *args[1:]], stdout=handle,
+                                    stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+        procs.append(proc)
+        return proc, log
+
+    try:
+        link, link_log = start(["flower-superlink", "--insecure", "--port", str(port),
+                                "--disable-runtime-dependency-installation",
+                                "--database", str(tmp_path / "superlink.db")], "superlink")
+        _wait_for_port(port, link, link_log)
+        for k, name in enumerate(SITES):
+            start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                   "--node-config", f'site-dir="{sample / name}" device="cpu"'], f"node-{k}")
+        run = subprocess.run([str(Path(bin_dir) / "flwr"), "run", str(app), "loopback", "--stream"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=420)
+        logs = run.stdout[-4000:] + run.stderr[-2000:]
+        assert run.returncode == 0, logs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2], logs
+    rule = AggregationRule.for_method("fedmix", 10.0, 1.5)
+    for r in rounds:
+        assert r["refused"] == {} and len(r["reports"]) == 3
+        assert sorted(name.split(" ")[0] for name in r["reports"]) == SITES
+        assert abs(sum(r["weights"].values()) - 1) < 1e-9
+        # the engine's own aggregation of exactly the updates the sites sent
+        updates = sorted((out / f"round-{r['round']:04d}" / "updates").glob("*.safetensors"))
+        assert len(updates) == 3
+        template = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                    for k, v in LazyUpdate(updates[0]).items()}
+        reports = [validate_update_file(p, template) for p in updates]
+        sent = [(p.stem, LazyUpdate(p), rep.n, rep.loss) for p, rep in zip(updates, reports, strict=True)]
+        expected, weights = aggregate(sent, rule)
+        flower_global, model, meta = load_checkpoint(out / f"round-{r['round']:04d}" / "global.safetensors")
+        assert model.base_width == 4 and meta["round"] == r["round"]
+        assert max_diff(flower_global, expected) < 1e-6
+        assert np.allclose(sorted(weights.values()), sorted(r["weights"].values()), atol=1e-9)
+    final, _, _ = load_checkpoint(out / "global.safetensors")
+    assert max_diff(final, flower_global) == 0
+
+    # and Flower changed nothing about the algorithm: the simulator gives the same pair
+    config = SimulationConfig(method="fedmix", rounds=2, seed=0, device="cpu", model=TINY,
+                              train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
+    torch.set_num_threads(1)  # as the site processes
+    try:
+        run_simulation([sample / n for n in SITES], None, config, tmp_path / "sim")
+    finally:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    simulated, _, _ = load_checkpoint(tmp_path / "sim" / "final.safetensors")
+    assert max_diff(final, simulated) < 1e-5
+    for name in SITES:  # each site kept its optimiser state locally for the next round
+        assert list((sample / name / "models").glob("flower-run-*-state.pt"))
