@@ -204,43 +204,62 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float 
 
 @pytest.mark.slow
 def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simulator(tmp_path: Path) -> None:
-    """SuperLink + 3 SuperNodes (real processes, one per site) + ``flwr run``, 2 rounds, tiny model."""
+    """SuperLink with TLS and SuperNode authentication + 3 registered SuperNodes (real processes, one per
+    site) + ``flwr run``, 2 rounds, tiny model; an unregistered SuperNode is turned away."""
     sample = tmp_path / "sample"
     make_sample(sample, sites=3, images=8, eval_images=3, seed=0, size=32)
-    out = tmp_path / "out"
-    app = tmp_path / "app"
+    out, app, home, keys = tmp_path / "out", tmp_path / "app", tmp_path / "flwr-home", tmp_path / "keys"
     write_flower_app(app, {"num-server-rounds": 2, "model-width": 4, "image-size": 32, "crop-size": 32,
                            "batch-size": 4, "min-sites": 3, "round-timeout": 240.0, "out-dir": str(out),
                            "keep-updates": True})
-    home = tmp_path / "flwr-home"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"  # self-signed: its own CA
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    keys.mkdir()
+    for name in [*SITES, "intruder"]:  # SuperNode keys: EC P-384 in OpenSSH format, as Flower's guide makes them
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(keys / name)], check=True)
     home.mkdir()
     port = free_port()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    bin_dir = str(Path(sys.executable).parent)  # the SuperLink starts flower-superexec from PATH
+                                      f'address = "127.0.0.1:{port}"\nroot-certificates = "{cert}"\n')
+    bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec from PATH
     env = {**ENV, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{ENV.get('PATH', '')}"}
     procs: list[subprocess.Popen] = []
 
     def start(args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
         with open(log, "wb") as handle:  # the child keeps its own descriptor
-            proc = subprocess.Popen([str(Path(bin_dir) / args[0]), *args[1:]], stdout=handle,
-                                    stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+            proc = subprocess.Popen([str(bin_dir / args[0]), *args[1:]], stdout=handle, stderr=subprocess.STDOUT,
+                                    env=env, cwd=tmp_path, start_new_session=True)
         procs.append(proc)
         return proc, log
 
+    def flwr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(bin_dir / "flwr"), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=timeout)
+
     try:
-        link, link_log = start(["flower-superlink", "--insecure", "--port", str(port),
+        link, link_log = start(["flower-superlink", "--port", str(port), "--ssl-ca-certfile", str(cert),
+                                "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--enable-supernode-auth",
                                 "--disable-runtime-dependency-installation",
                                 "--database", str(tmp_path / "superlink.db")], "superlink")
         _wait_for_port(port, link, link_log)
-        for k, name in enumerate(SITES):
-            start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                   "--node-config", f'site-dir="{sample / name}" device="cpu"'], f"node-{k}")
-        run = subprocess.run([str(Path(bin_dir) / "flwr"), "run", str(app), "loopback", "--stream"], env=env,
-                             cwd=tmp_path, capture_output=True, text=True, timeout=420)
+        for name in SITES:
+            registered = flwr("supernode", "register", str(keys / f"{name}.pub"), "loopback")
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        supernode = ["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(cert)]
+        for name in SITES:
+            start([*supernode, "--auth-supernode-private-key", str(keys / name), "--port", str(free_port()),
+                   "--node-config", f'site-dir="{sample / name}" device="cpu"'], name)
+        intruder, intruder_log = start([*supernode, "--auth-supernode-private-key", str(keys / "intruder"),
+                                        "--port", str(free_port()), "--max-retries", "3",
+                                        "--node-config", f'site-dir="{sample / "site-a"}"'], "intruder")
+        run = flwr("run", str(app), "loopback", "--stream", timeout=420)
         logs = run.stdout[-4000:] + run.stderr[-2000:]
         assert run.returncode == 0, logs
+        assert intruder.wait(timeout=60) != 0, intruder_log.read_text()[-2000:]
+        assert "Failed to activate SuperNode" in intruder_log.read_text()
     finally:
         for proc in procs:
             if proc.poll() is None:
