@@ -5,16 +5,22 @@ site — 10 % masks, 40 % boxes, 50 % tags. Synthetic ultrasound-like data with 
 sites (``fedmix-engine make-sample``). Model selection on each site's validation split; the test
 split is evaluated once. Writes the table to docs/benchmarks.md.
 
-CPU configuration (default): 64² images, U-Net width 8, ≈ 25 minutes on 2 cores.
-``--full`` (for a GPU): 256² images cropped to 224, the reference width 64, more data and rounds.
+CPU configuration (default): 64² images, U-Net width 8, ≈ 25 minutes on 2 cores: the runs go to
+``--jobs`` worker processes with one torch thread each (a width-8 U-Net does not use two threads well:
+one run takes 1.1× as long on one thread as on two, so two single-thread runs side by side do ~1.8× the work).
+``--full`` (for a GPU): 256² images cropped to 224, the reference width 64, more data and rounds, one job.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +43,37 @@ ORDER = ["supervised-upper", "fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-on
 
 def profile(full: bool) -> dict:
     if full:
-        return {"size": 256, "images": 200, "eval_images": 50, "rounds": 100, "width": 64,
+        return {"size": 256, "images": 200, "eval_images": 50, "rounds": 100, "width": 64, "jobs": 1,
                 "train": TrainConfig(image_size=256, crop_size=224, batch_size=16), "device": "auto",
                 "precision": "bf16"}
-    return {"size": 64, "images": 32, "eval_images": 15, "rounds": 14, "width": 8,
+    return {"size": 64, "images": 32, "eval_images": 15, "rounds": 20, "width": 8, "jobs": 2,
             "train": TrainConfig(image_size=64, crop_size=48, batch_size=4, epochs=2), "device": "cpu",
             "precision": "fp32"}
+
+
+def run_one(job: dict) -> dict:
+    """One simulation in a worker process (one torch thread); returns its test row and diagnostics."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    data, out, method = Path(job["data"]), Path(job["out"]), job["method"]
+    sites = sorted(data.glob("site-*"))
+    t0 = time.time()
+    res = run_simulation(sites, data / "eval", job["config"], out)
+    row = dict(res.test_dice)
+    row["overall"] = res.test_mean
+    extra: dict = {"best_round": res.best_round, "seconds": time.time() - t0}
+    if method == "fedmix":
+        extra["selected"] = sum(h.counts[s].get("box_selected", 0) + h.counts[s].get("tag_selected", 0)
+                                for h in res.history[-1:] for s in h.counts)
+        # inference with network 1 vs the mean of both networks, same checkpoint
+        image_size = job["config"].train.image_size
+        for mode in ("net1", "mean"):
+            predictor = Predictor.from_checkpoint(out / "best.safetensors", "cpu", mode)
+            extra[mode] = float(np.mean([evaluate(predictor, EvalSet.from_store(data / "eval" / s.name / "test",
+                                                                                image_size, 1))["dice"]
+                                         for s in sites]))
+    return {**job, "row": row, **extra}
 
 
 def main() -> None:
@@ -54,6 +85,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(ORDER))
     parser.add_argument("--lam", type=float, default=10.0)
     parser.add_argument("--beta", type=float, default=1.5)
+    parser.add_argument("--pl-warmup", type=int, default=0,
+                        help="rounds on masks only before pseudo-labels, for every method that uses them")
+    parser.add_argument("--jobs", type=int, help="simulations in parallel, one torch thread each (CPU default 2)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
@@ -64,10 +98,10 @@ def main() -> None:
         if m not in METHODS:
             parser.error(f"unknown method {m}")
     settings = [s for s in args.settings.split(",") if s]
+    jobs_n = args.jobs or (prof["jobs"] if os.cpu_count() and os.cpu_count() >= prof["jobs"] else 1)
+    train = replace(prof["train"], pl_warmup_rounds=args.pl_warmup)
     started = time.time()
-    results: dict[tuple[str, str], list[dict[str, float]]] = {}
-    inference: dict[str, list[float]] = {"net1": [], "mean": []}
-    selected: dict[str, list[int]] = {}
+    jobs = []
     for setting in settings:
         spec = SETTINGS[setting]
         for seed in range(args.seeds):
@@ -75,29 +109,27 @@ def main() -> None:
             if not (data / "federation.json").exists():
                 make_sample(data, sites=3, images=prof["images"], eval_images=prof["eval_images"], seed=seed,
                             size=prof["size"], supervision=spec["supervision"], mix=spec["mix"])
-            sites = sorted(data.glob("site-*"))
             for method in methods:
                 config = SimulationConfig(method=method, rounds=rounds, seed=seed, lam=args.lam, beta=args.beta,
                                           device=prof["device"], precision=prof["precision"],
-                                          model=ModelConfig(base_width=prof["width"]), train=prof["train"])
-                out = args.workdir / f"run-{setting}-{seed}-{method}"
-                t0 = time.time()
-                res = run_simulation(sites, data / "eval", config, out)
-                row = dict(res.test_dice)
-                row["overall"] = res.test_mean
-                results.setdefault((setting, method), []).append(row)
-                if method == "fedmix":
-                    selected.setdefault(setting, []).append(
-                        sum(h.counts[s].get("box_selected", 0) + h.counts[s].get("tag_selected", 0)
-                            for h in res.history[-1:] for s in h.counts))
-                    # inference with network 1 vs the mean of both networks, same checkpoint
-                    predictor = {m: Predictor.from_checkpoint(out / "best.safetensors", "cpu", m) for m in inference}
-                    for m, p in predictor.items():
-                        scores = [evaluate(p, EvalSet.from_store(data / "eval" / s.name / "test",
-                                                                 prof["train"].image_size, 1))["dice"] for s in sites]
-                        inference[m].append(float(np.mean(scores)))
-                print(f"[{time.time() - started:6.0f}s] setting {setting} seed {seed} {method:17s} "
-                      f"test {json.dumps(row)} ({time.time() - t0:.0f}s, best round {res.best_round})", flush=True)
+                                          model=ModelConfig(base_width=prof["width"]), train=train)
+                jobs.append({"setting": setting, "seed": seed, "method": method, "config": config,
+                             "data": str(data), "out": str(args.workdir / f"run-{setting}-{seed}-{method}"),
+                             "threads": 1 if jobs_n > 1 else max(1, os.cpu_count() or 1)})
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    inference: dict[str, list[float]] = {"net1": [], "mean": []}
+    with ProcessPoolExecutor(jobs_n, mp_context=get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(run_one, job) for job in jobs]):
+            done = future.result()
+            results.setdefault((done["setting"], done["method"]), []).append(done["row"])
+            for mode in inference:
+                if mode in done:
+                    inference[mode].append(done[mode])
+            print(f"[{time.time() - started:6.0f}s] setting {done['setting']} seed {done['seed']} "
+                  f"{done['method']:17s} test {json.dumps({k: round(v, 3) for k, v in done['row'].items()})} "
+                  f"({done['seconds']:.0f}s, best round {done['best_round']}"
+                  + (f", pseudo-labels selected in the last round {done['selected']}" if "selected" in done else "")
+                  + ")", flush=True)
 
     lines = [f"## Quality ({'GPU --full' if args.full else 'CPU'} configuration)", "",
              f"Command: `{command()}`  ", f"Machine: {machine()}  ",
@@ -105,7 +137,8 @@ def main() -> None:
              f"{prof['eval_images']} validation + {prof['eval_images']} test images per site, {prof['size']}² px.  ",
              f"Model: U-Net width {prof['width']}; {rounds} rounds × {prof['train'].epochs} local epoch(s), batch "
              f"{prof['train'].batch_size}, crops {prof['train'].crop_size}²; λ = {args.lam}, β = {args.beta}; "
-             f"{args.seeds} seeds; wall time {(time.time() - started) / 60:.1f} min.  ",
+             f"pseudo-label warm-up {args.pl_warmup} round(s); {args.seeds} seeds; {jobs_n} parallel job(s); "
+             f"wall time {(time.time() - started) / 60:.1f} min.  ",
              "Metric: per-image Dice on each site's test split (lesion-free images count 1 if predicted empty, "
              "else 0), mean ± std over seeds; the round is chosen on the validation split.", ""]
     for setting in settings:

@@ -14,7 +14,7 @@ from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
 from fedmix_engine.cli import main
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.synthetic import make_sample
-from fedmix_engine.data.tensors import KIND_BOX, KIND_TAG, load_site_tensors
+from fedmix_engine.data.tensors import KIND_BOX, KIND_MASK, KIND_TAG, load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.local_update import LocalResult, TrainConfig, TrainProgress, iter_local_update, local_update
@@ -211,7 +211,12 @@ def test_pseudo_label_warmup_trains_only_on_certain_targets(sample: Path) -> Non
     config = TrainConfig(image_size=32, crop_size=32, batch_size=4, pl_warmup_rounds=2)
     pair = init_pair(TINY, 0)
     warm = local_update(pair, data, TINY, config, CPU, round_index=2).report
-    assert warm.n == absent and warm.counts["certain_negatives"] == absent and "box_selected" not in warm.counts
+    # a site without masks sits the warm-up out: negatives alone would teach "predict nothing"
+    assert warm.n == 0 and warm.counts["certain_negatives"] == 0 and "box_selected" not in warm.counts
+    first_box = int((data.kinds == KIND_BOX).nonzero()[0])
+    data.kinds[first_box], data.masks[first_box] = KIND_MASK, data.boxes[first_box]  # now the site has one mask
+    warm = local_update(pair, data, TINY, config, CPU, round_index=2).report
+    assert warm.n == absent + 1 and warm.counts["certain_negatives"] == absent and warm.counts["mask"] == 1
     after = local_update(pair, data, TINY, config, CPU, round_index=3).report
     assert after.counts["box_total"] == data.count(KIND_BOX), "pseudo-labels are considered after the warm-up"
     default = local_update(pair, data, TINY, TINY_TRAIN, CPU).report  # no warm-up, default round index

@@ -111,7 +111,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--tau", type=float, default=0.9, help="pseudo-label agreement threshold")
     p.add_argument("--pl-warmup", type=int, default=0,
-                   help="rounds trained on certain targets only (masks, all-absent images) before pseudo-labels")
+                   help="rounds trained on pixel masks only (and lesion-free images at sites that have masks) "
+                        "before pseudo-labels; sites without masks sit these rounds out")
     p.add_argument("--loss", default="dice", choices=("dice", "dice+bce"))
     p.add_argument("--inference", default="net1", choices=("net1", "mean"))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

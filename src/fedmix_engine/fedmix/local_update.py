@@ -41,7 +41,7 @@ class TrainConfig:
     flip: bool = True  # horizontal flips (vertical flips would put the skin line at the bottom)
     intensity: float = 0.1  # random gain/gamma jitter amplitude
     pl_batch_size: int = 0  # 0: chosen per device (see device.plan_device)
-    pl_warmup_rounds: int = 0  # rounds (1-based) before pseudo-labels are used; until then only certain targets
+    pl_warmup_rounds: int = 0  # rounds (1-based) before pseudo-labels; until then masks (+ negatives beside them)
 
     def validate(self) -> None:
         if self.crop_size > self.image_size:
@@ -143,7 +143,9 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
         else:  # certain targets only: pixel masks, and (when pseudo-labels are on) images with every class absent
             is_mask = data.kinds == KIND_MASK
             certain = is_mask
-            if config.pseudo_labels:
+            # During a warm-up, lesion-free images train only beside masks: a site holding nothing else would
+            # learn "predict nothing" and, averaged in with a large loss-driven weight, undo the mask sites.
+            if config.pseudo_labels and (not warming_up or bool(is_mask.any())):
                 all_absent = (data.kinds == KIND_TAG) & (data.tags == TAG_ABSENT).all(1)
                 certain = is_mask | all_absent
             labels = PseudoLabels(data.masks, data.masks, certain,
