@@ -97,3 +97,21 @@ def fake_update(pair: dict[str, torch.Tensor], seed: int, n: int = 10, loss: flo
 def upload(url: str, token: str, round_number: int, body: bytes, verify=True) -> httpx.Response:
     return httpx.post(f"{url}/v1/rounds/{round_number}/update", content=body,
                       headers={"Authorization": f"Bearer {token}"}, verify=verify, timeout=60)
+
+
+def simulate_like_the_sites(sample: Path, sites: list[str], rounds: int, out: Path) -> dict[str, torch.Tensor]:
+    """The simulator's final pair for the TINY_SETTINGS federation, one torch thread as in the site processes."""
+    from fedmix_engine.checkpoint import load_checkpoint
+    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.model import ModelConfig
+    from fedmix_engine.simulate import SimulationConfig, run_simulation
+
+    config = SimulationConfig(method="fedmix", rounds=rounds, seed=0, device="cpu", model=ModelConfig(base_width=4),
+                              train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
+    torch.set_num_threads(1)
+    try:
+        run_simulation([sample / n for n in sites], None, config, out)
+    finally:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return load_checkpoint(out / "final.safetensors")[0]
+

@@ -18,14 +18,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from federation_helpers import ENV, TINY_SETTINGS, fake_update, global_pair, make_tokens, running_server, upload
+from federation_helpers import (
+    ENV,
+    TINY_SETTINGS,
+    fake_update,
+    global_pair,
+    make_tokens,
+    running_server,
+    simulate_like_the_sites,
+    upload,
+)
 from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.federation.wire import UpdateReport, encode_update
 from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
 from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.model import ModelConfig
-from fedmix_engine.simulate import SimulationConfig, run_simulation
 
 SITES = ["site-a", "site-b", "site-c"]
 
@@ -55,14 +63,7 @@ def test_three_clients_complete_rounds_and_match_the_simulator(sample: Path, tmp
         assert (sample / name / "models" / "global.safetensors").exists()
     served, _, _ = load_checkpoint(state / "rounds" / "000002" / "global.safetensors")
 
-    config = SimulationConfig(method="fedmix", rounds=2, seed=0, device="cpu", model=ModelConfig(base_width=4),
-                              train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
-    torch.set_num_threads(1)  # as the client processes
-    try:
-        run_simulation([sample / n for n in SITES], None, config, tmp_path / "sim")
-    finally:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    simulated, _, _ = load_checkpoint(tmp_path / "sim" / "final.safetensors")
+    simulated = simulate_like_the_sites(sample, SITES, 2, tmp_path / "sim")
     worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
     assert worst < 1e-5, f"transport changed the algorithm: max |Δθ| = {worst}"
     weights = status["history"][-1]["sites"]

@@ -33,7 +33,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from federation_helpers import ENV, free_port
+from federation_helpers import ENV, free_port, simulate_like_the_sites
 from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.errors import InputError
@@ -42,12 +42,11 @@ from fedmix_engine.federation.flower.app_dir import write_flower_app
 from fedmix_engine.federation.flower.records import pair_to_arrays, report_to_metrics
 from fedmix_engine.federation.flower.settings import FlowerRunSettings
 from fedmix_engine.federation.flower.strategy import FedMixStrategy
+from fedmix_engine.federation.state import ServerConfig
 from fedmix_engine.federation.wire import LazyUpdate, UpdateReport, validate_update_file
 from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
-from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.fedmix.pair import init_pair
 from fedmix_engine.model import ModelConfig
-from fedmix_engine.simulate import SimulationConfig, run_simulation
 
 pytestmark = pytest.mark.flower
 TINY = ModelConfig(base_width=4)
@@ -91,6 +90,7 @@ def test_strategy_aggregates_exactly_like_the_engine(method: str) -> None:
     got = arrays.to_torch_state_dict()
     assert max_diff(got, expected) < 1e-6
     outcome = strategy.history[-1]
+    assert outcome.pair is None and outcome.updates == {}  # the history keeps no model copies
     assert list(outcome.weights) == [f"{SITES[k]} (node {100 + k})" for k in range(3)]
     assert np.allclose(list(outcome.weights.values()), list(weights.values()), atol=1e-12)
     assert metrics["sites-aggregated"] == 3 and metrics["sites-refused"] == 0 and metrics["samples"] == 47
@@ -151,7 +151,7 @@ def test_site_train_runs_the_engine_update_on_the_site_store(tmp_path: Path) -> 
     make_sample(tmp_path / "s", sites=2, images=6, eval_images=1, seed=0, size=32)
     settings = FlowerRunSettings.from_run_config({"model-width": 4, "image-size": 32, "crop-size": 32,
                                                   "batch-size": 4})
-    pair = init_pair(settings.model, 0)
+    pair = init_pair(settings.federation.model, 0)
     config = ConfigRecord({**settings.site_config(), "server-round": 1})
     request = Message(content=RecordDict({"arrays": pair_to_arrays(pair), "config": config}),
                       metadata=_metadata(0))
@@ -177,14 +177,17 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
     from flwr.common.config import validate_config
 
     for bad, field in (({"method": "krum"}, "method"), ({"lam": "ten"}, "lam"), ({"crop-size": 30}, "crop_size"),
-                       ({"unknown-key": 1}, "unknown")):
+                       ({"unknown-key": 1}, "unknown"), ({"min-sites": 0}, "min-sites")):
         with pytest.raises(InputError, match=field):
             FlowerRunSettings.from_run_config(bad)
     path = write_flower_app(tmp_path / "app", {"num-server-rounds": 2, "model-width": 4})
     config = tomllib.loads(path.read_text())
     ok, errors, _ = validate_config(config, check_module=True, project_dir=tmp_path / "app")
     assert ok, errors
-    assert FlowerRunSettings.from_run_config(config["tool"]["flwr"]["app"]["config"]).rounds == 2
+    settings = FlowerRunSettings.from_run_config(config["tool"]["flwr"]["app"]["config"])
+    assert settings.federation.rounds == 2 and settings.federation.model.base_width == 4
+    # the defaults are the built-in server's
+    assert FlowerRunSettings().federation == ServerConfig()
 
 
 # ---------------------------------------------------------------------------------------------- deployment
@@ -293,14 +296,7 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
     assert max_diff(final, flower_global) == 0
 
     # and Flower changed nothing about the algorithm: the simulator gives the same pair
-    config = SimulationConfig(method="fedmix", rounds=2, seed=0, device="cpu", model=TINY,
-                              train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
-    torch.set_num_threads(1)  # as the site processes
-    try:
-        run_simulation([sample / n for n in SITES], None, config, tmp_path / "sim")
-    finally:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    simulated, _, _ = load_checkpoint(tmp_path / "sim" / "final.safetensors")
+    simulated = simulate_like_the_sites(sample, SITES, 2, tmp_path / "sim")
     assert max_diff(final, simulated) < 1e-5
     for name in SITES:  # each site kept its optimiser state locally for the next round
         assert list((sample / name / "models").glob("flower-run-*-state.pt"))

@@ -64,13 +64,13 @@ class RoundRecorder:
         self.out.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, outcome: RoundOutcome) -> None:
-        meta = {"round": outcome.round, "method": self.settings.method, "weights": outcome.weights}
+        meta = {"round": outcome.round, "method": self.settings.federation.method, "weights": outcome.weights}
         if outcome.pair is not None:
-            save_checkpoint(self.out / "global.safetensors", outcome.pair, self.settings.model, meta)
+            save_checkpoint(self.out / "global.safetensors", outcome.pair, self.settings.federation.model, meta)
         if self.settings.keep_updates:
             round_dir = self.out / f"round-{outcome.round:04d}"
             if outcome.pair is not None:
-                save_checkpoint(round_dir / "global.safetensors", outcome.pair, self.settings.model, meta)
+                save_checkpoint(round_dir / "global.safetensors", outcome.pair, self.settings.federation.model, meta)
             for name, state in outcome.updates.items():
                 rep = outcome.reports[name]
                 atomic_write_bytes(round_dir / "updates" / f"{_safe_name(name)}.safetensors",
@@ -86,14 +86,15 @@ class RoundRecorder:
 @serverapp.main()
 def server_main(grid: Grid, context: Context) -> None:
     settings = FlowerRunSettings.from_run_config(dict(context.run_config))
-    pair = init_pair(settings.model, settings.seed)
+    fed = settings.federation
+    pair = init_pair(fed.model, fed.seed)
     recorder = RoundRecorder(settings)
-    save_checkpoint(recorder.out / "global-initial.safetensors", pair, settings.model, {"round": 0})
+    save_checkpoint(recorder.out / "global-initial.safetensors", pair, fed.model, {"round": 0})
     strategy = FedMixStrategy(pair, settings.rule, on_round=recorder, keep_updates=settings.keep_updates,
-                              min_train_nodes=settings.min_sites, min_available_nodes=settings.min_sites)
-    strategy.start(grid=grid, initial_arrays=pair_to_arrays(pair), num_rounds=settings.rounds,
-                   timeout=settings.round_timeout, train_config=ConfigRecord(settings.site_config()))
-    log.info("FedMix on Flower finished %d round(s); global pair in %s", settings.rounds, recorder.out)
+                              min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites)
+    strategy.start(grid=grid, initial_arrays=pair_to_arrays(pair), num_rounds=fed.rounds,
+                   timeout=fed.round_timeout, train_config=ConfigRecord(settings.site_config()))
+    log.info("FedMix on Flower finished %d round(s); global pair in %s", fed.rounds, recorder.out)
 
 
 @clientapp.train()

@@ -12,24 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.federation.flower.settings import MODEL_KEYS, TRAIN_KEYS, FlowerRunSettings
+from fedmix_engine.federation.flower.settings import FlowerRunSettings
 
 APP_NAME = "fedmix-flower"
 
 
-def default_run_config() -> dict[str, Any]:
-    s = FlowerRunSettings()
-    config: dict[str, Any] = {"num-server-rounds": s.rounds, "method": s.method, "lam": s.lam, "beta": s.beta,
-                              "seed": s.seed, "min-sites": s.min_sites, "round-timeout": s.round_timeout,
-                              "out-dir": s.out_dir, "keep-updates": s.keep_updates}
-    config.update({key: getattr(s.model, field) for key, field in MODEL_KEYS.items()})
-    config.update({key: getattr(s.train, field) for key, field in TRAIN_KEYS.items()})
-    return config
-
-
 def write_flower_app(directory: str | Path, overrides: dict[str, Any] | None = None) -> Path:
     """Create ``directory/pyproject.toml``; the run configuration is checked before anything is written."""
-    config = {**default_run_config(), **(overrides or {})}
+    config = {**FlowerRunSettings().to_run_config(), **(overrides or {})}
     FlowerRunSettings.from_run_config(config)  # fail here, naming the key, not on the SuperLink
     from importlib.metadata import version
 

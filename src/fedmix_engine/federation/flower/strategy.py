@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -64,7 +64,7 @@ class FedMixStrategy(FedAvg):
         self.template = tensor_template(global_pair)
         self.on_round = on_round
         self.keep_updates = keep_updates
-        self.history: list[RoundOutcome] = []
+        self.history: list[RoundOutcome] = []  # per round: weights, reports, refusals (no tensors)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -93,9 +93,9 @@ class FedMixStrategy(FedAvg):
         pair = acc.result()
         weights = acc.weights() if acc.sites else {}
         outcome = RoundOutcome(server_round, pair, weights, reports, refused, kept)
-        self.history.append(outcome)
         if self.on_round is not None:
             self.on_round(outcome)
+        self.history.append(replace(outcome, pair=None, updates={}))  # weights and reasons only: O(1) per round
         metrics = MetricRecord({"sites-aggregated": sum(1 for w in weights.values() if w > 0),
                                 "sites-refused": len(refused),
                                 "samples": int(sum(r.n for r in reports.values()))})
