@@ -46,7 +46,7 @@ def profile(full: bool) -> dict:
         return {"size": 256, "images": 200, "eval_images": 50, "rounds": 100, "width": 64, "jobs": 1,
                 "train": TrainConfig(image_size=256, crop_size=224, batch_size=16), "device": "auto",
                 "precision": "bf16"}
-    return {"size": 64, "images": 32, "eval_images": 15, "rounds": 20, "width": 8, "jobs": 2,
+    return {"size": 64, "images": 32, "eval_images": 15, "rounds": 18, "width": 8, "jobs": 2,
             "train": TrainConfig(image_size=64, crop_size=48, batch_size=4, epochs=2), "device": "cpu",
             "precision": "fp32"}
 
@@ -131,13 +131,15 @@ def main() -> None:
                   + (f", pseudo-labels selected in the last round {done['selected']}" if "selected" in done else "")
                   + ")", flush=True)
 
-    lines = [f"## Quality ({'GPU --full' if args.full else 'CPU'} configuration)", "",
+    variant = f", pseudo-label warm-up {args.pl_warmup} rounds" if args.pl_warmup else ""
+    lines = [f"## Quality ({'GPU --full' if args.full else 'CPU'} configuration{variant})", "",
              f"Command: `{command()}`  ", f"Machine: {machine()}  ",
              f"Data: synthetic ultrasound-like federation, 3 sites, {prof['images']} training images per site, "
              f"{prof['eval_images']} validation + {prof['eval_images']} test images per site, {prof['size']}² px.  ",
              f"Model: U-Net width {prof['width']}; {rounds} rounds × {prof['train'].epochs} local epoch(s), batch "
              f"{prof['train'].batch_size}, crops {prof['train'].crop_size}²; λ = {args.lam}, β = {args.beta}; "
-             f"pseudo-label warm-up {args.pl_warmup} round(s); {args.seeds} seeds; {jobs_n} parallel job(s); "
+             f"pseudo-label warm-up {args.pl_warmup} round(s); {args.seeds} seeds; {jobs_n} parallel job(s) of "
+             f"{jobs[0]['threads'] if jobs else 1} torch thread(s) each; "
              f"wall time {(time.time() - started) / 60:.1f} min.  ",
              "Metric: per-image Dice on each site's test split (lesion-free images count 1 if predicted empty, "
              "else 0), mean ± std over seeds; the round is chosen on the validation split.", ""]
@@ -159,7 +161,8 @@ def main() -> None:
         lines += [f"Inference with network 1 vs the mean of both networks (FedMix, same checkpoints, all settings and "
                   f"seeds): {a.mean():.1f} vs {b.mean():.1f} mean test Dice (mean difference {np.mean(b - a):+.1f}).",
                   ""]
-    publish("quality-full" if args.full else "quality", "\n".join(lines), not args.no_write)
+    name = ("quality-full" if args.full else "quality") + (f"-warmup{args.pl_warmup}" if args.pl_warmup else "")
+    publish(name, "\n".join(lines), not args.no_write)
 
 
 if __name__ == "__main__":
