@@ -156,3 +156,14 @@ def test_cli_errors_name_the_folder(tmp_path: Path, capsys) -> None:
     assert "nowhere: site folder not found" in capsys.readouterr().err
     assert main(["site", "import", str(tmp_path), "--images", str(tmp_path)]) == 2
     assert "not a site folder" in capsys.readouterr().err
+
+
+def test_flower_app_folder_from_the_cli(tmp_path: Path, capsys) -> None:
+    """Writing the Flower App needs no flwr; values are typed like TOML, bad ones refused before writing."""
+    assert main(["flower-app", str(tmp_path / "app"), "--set", "num-server-rounds=3", "--set", "keep-updates=true",
+                 "--set", "out-dir=/srv/fedmix/run"]) == 0
+    text = (tmp_path / "app" / "pyproject.toml").read_text()
+    assert "num-server-rounds = 3" in text and "keep-updates = true" in text and 'out-dir = "/srv/fedmix/run"' in text
+    assert 'clientapp = "fedmix_engine.federation.flower.app:clientapp"' in text
+    assert main(["flower-app", str(tmp_path / "bad"), "--set", "lam=ten"]) == 2
+    assert "'lam'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -100,6 +100,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_flower_app(args: argparse.Namespace) -> int:
+    import json
+
     from fedmix_engine.federation.flower.app_dir import write_flower_app
 
     overrides = {}
@@ -108,8 +110,6 @@ def cmd_flower_app(args: argparse.Namespace) -> int:
         if not sep:
             raise InputError("--set", f"'{item}' is not key=value")
         try:  # numbers and booleans as TOML/JSON literals, anything else as a string
-            import json
-
             overrides[key.strip()] = json.loads(raw)
         except ValueError:
             overrides[key.strip()] = raw
