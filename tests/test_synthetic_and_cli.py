@@ -167,3 +167,5 @@ def test_flower_app_folder_from_the_cli(tmp_path: Path, capsys) -> None:
     assert 'clientapp = "fedmix_engine.federation.flower.app:clientapp"' in text
     assert main(["flower-app", str(tmp_path / "bad"), "--set", "lam=ten"]) == 2
     assert "'lam'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["flower-app", str(tmp_path / "bad"), "--set", "round-timeout=1e400"]) == 2  # inf is not TOML
+    assert "'round-timeout'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -8,6 +8,7 @@ only where results go is Flower-specific. Bad values fail before round 1, naming
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,8 @@ class FlowerRunSettings:
             value = raw.get(key, default)
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if type(value) is not type(default):
-                raise InputError(f"run config '{key}'", f"must be {type(default).__name__}, not {value!r}")
+            if type(value) is not type(default) or (isinstance(value, float) and not math.isfinite(value)):
+                raise InputError(f"run config '{key}'", f"must be a finite {type(default).__name__}, not {value!r}")
             values[key] = value
 
         def pick(table: dict[str, str]) -> dict[str, Any]:
