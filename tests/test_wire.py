@@ -48,3 +48,21 @@ def test_aggregating_a_lazy_upload_reads_each_tensor_once(tmp_path: Path, monkey
     acc.add("two", LazyUpdate(tmp_path / "two.safetensors"), 3, 0.5)
     assert sorted(reads) == ["a", "a", "b", "b"], "shape checks come from the header, not from reading tensors"
     assert torch.allclose(acc.result()["a"], tensors["a"])
+
+
+def test_a_site_whose_classes_or_channels_differ_from_the_model_is_refused_by_name(tmp_path: Path) -> None:
+    from fedmix_engine.data.site_store import SiteStore
+    from fedmix_engine.data.synthetic import make_sample
+    from fedmix_engine.errors import InputError
+    from fedmix_engine.federation.client import check_site_fits_model
+    from fedmix_engine.federation.wire import UpdateReport
+    from fedmix_engine.fedmix.local_update import LocalReport
+    from fedmix_engine.model import ModelConfig
+
+    make_sample(tmp_path / "s", sites=1, images=2, eval_images=1, seed=0, size=32, classes=2)
+    with SiteStore.open(tmp_path / "s" / "site-a", readonly=True) as store:
+        check_site_fits_model(store, ModelConfig(base_width=4, num_classes=2))
+        with pytest.raises(InputError, match=r"site-a: site has 2 class\(es\) and 1 channel\(s\).*expects 1 and 1"):
+            check_site_fits_model(store, ModelConfig(base_width=4, num_classes=1))
+    sent = UpdateReport.from_local(LocalReport(5, 0.25, 0.5, {"mask": 5}, {"train": 1.0}))
+    assert sent == UpdateReport(5, 0.25, 0.5, {"mask": 5})  # timings stay at the site

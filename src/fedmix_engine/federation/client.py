@@ -132,11 +132,10 @@ class FederationClient:
         yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
                         f"{self.plan.device} ({self.plan.note})")
         with SiteStore.open(self.site_dir, readonly=True) as store:
-            classes, channels = len(store.config.classes), store.config.channels
-            if channels != model_config.in_channels or classes != model_config.num_classes:
-                raise FederationError(f"{self.site_dir}: site has {len(store.config.classes)} class(es) and "
-                                      f"{store.config.channels} channel(s); the federation's model expects "
-                                      f"{model_config.num_classes} and {model_config.in_channels}")
+            try:
+                check_site_fits_model(store, model_config)
+            except InputError as exc:
+                raise FederationError(str(exc)) from None
         last_wait, seen_round = None, None
         while True:
             if should_stop and should_stop():
@@ -177,7 +176,7 @@ class FederationClient:
             self.state = result.state
             self._save_state()
             rep = result.report
-            body = encode_update(result.pair, UpdateReport(rep.n, rep.loss, rep.loss2, rep.counts))
+            body = encode_update(result.pair, UpdateReport.from_local(rep))
             response = self._request("POST", f"/{API_VERSION}/rounds/{r}/update", content=body,
                                      headers={"Content-Type": "application/octet-stream"})
             if response.status_code == 409:
@@ -225,6 +224,14 @@ class FederationClient:
 
 
 STATE_FILE = "client-state.pt"
+
+
+def check_site_fits_model(store: SiteStore, model_config: ModelConfig) -> None:
+    """Refuse to train a federation's model on a site with other classes or channels, naming the site."""
+    classes, channels = len(store.config.classes), store.config.channels
+    if (channels, classes) != (model_config.in_channels, model_config.num_classes):
+        raise InputError(store.root, f"site has {classes} class(es) and {channels} channel(s); the federation's "
+                         f"model expects {model_config.num_classes} and {model_config.in_channels}")
 
 
 def save_site_state(models_dir: Path, state: SiteState, name: str = STATE_FILE) -> None:

@@ -12,12 +12,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedmix_engine.errors import InputError
 from fedmix_engine.safetensors_layout import DTYPES, read_header
+
+if TYPE_CHECKING:
+    from fedmix_engine.fedmix.local_update import LocalReport
 
 API_VERSION = "v1"
 REPORT_KEY = "fedmix-report"
@@ -46,6 +49,11 @@ class UpdateReport:
         except ValueError:
             raise InputError(REPORT_KEY, "not valid JSON") from None
         return cls.from_dict(raw)
+
+    @classmethod
+    def from_local(cls, report: LocalReport) -> UpdateReport:
+        """What of a local update's report is sent (its timings stay at the site)."""
+        return cls(report.n, report.loss, report.loss2, dict(report.counts))
 
     @classmethod
     def from_dict(cls, raw: Any) -> UpdateReport:

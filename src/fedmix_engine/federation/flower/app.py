@@ -22,7 +22,7 @@ from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
-from fedmix_engine.federation.client import load_site_state, save_site_state
+from fedmix_engine.federation.client import check_site_fits_model, load_site_state, save_site_state
 from fedmix_engine.federation.flower import FLWR_HINT
 from fedmix_engine.federation.flower.records import (
     ARRAYS,
@@ -72,9 +72,8 @@ class RoundRecorder:
             if outcome.pair is not None:
                 save_checkpoint(round_dir / "global.safetensors", outcome.pair, self.settings.federation.model, meta)
             for name, state in outcome.updates.items():
-                rep = outcome.reports[name]
                 atomic_write_bytes(round_dir / "updates" / f"{_safe_name(name)}.safetensors",
-                                   encode_update(state, UpdateReport(rep.n, rep.loss, rep.loss2, rep.counts)))
+                                   encode_update(state, outcome.reports[name]))
         line = {"round": outcome.round, "weights": outcome.weights, "refused": outcome.refused,
                 "reports": {k: json.loads(r.to_json()) for k, r in outcome.reports.items()}}
         with open(self.out / "rounds.jsonl", "a", encoding="utf-8") as handle:
@@ -110,19 +109,15 @@ def site_train(msg: Message, context: Context) -> Message:
     plan = plan_device(str(context.node_config.get("device", "auto")))
     with SiteStore.open(site_dir, readonly=True) as store, store.training_view() as view:
         site = store.config.name
-        if (store.config.channels, len(store.config.classes)) != (model_config.in_channels, model_config.num_classes):
-            raise InputError(site_dir, f"site has {len(store.config.classes)} class(es) and {store.config.channels} "
-                             f"channel(s); the federation's model expects {model_config.num_classes} and "
-                             f"{model_config.in_channels}")
+        check_site_fits_model(store, model_config)
         data = load_site_tensors(view, train.image_size)
     models_dir = site_dir / "models"
     state_file = f"flower-run-{context.run_id}-state.pt"  # Adam moments, kept per run, never sent
     result = local_update(pair, data, model_config, train, plan, load_site_state(models_dir, state_file),
                           seed=site_seed(seed, site), round_index=server_round)
     save_site_state(models_dir, result.state, state_file)
-    rep = result.report
     content = RecordDict({ARRAYS: pair_to_arrays(result.pair),
-                          METRICS: report_to_metrics(UpdateReport(rep.n, rep.loss, rep.loss2, rep.counts)),
+                          METRICS: report_to_metrics(UpdateReport.from_local(result.report)),
                           CONFIG: ConfigRecord({SITE_KEY: site})})
     return Message(content, reply_to=msg)
 
