@@ -86,3 +86,37 @@ def test_mask_samples_train_on_their_mask_and_cross_supervision_swaps_targets() 
     assert labels.target1[0].equal(data.masks[0]) and labels.target2[0].equal(data.masks[0])
     assert labels.target1[1, 0].equal(p2[1, 0]), "network 1 learns from network 2's pseudo-label"
     assert labels.target2[1, 0].equal(p1[1, 0]), "network 2 learns from network 1's pseudo-label"
+
+
+def test_only_images_whose_target_depends_on_the_networks_are_predicted() -> None:
+    from torch import nn
+
+    from fedmix_engine.device import plan_device
+    from fedmix_engine.fedmix.pseudo_labels import predict_binary, predict_where_needed
+
+    class CountingNet(nn.Module):
+        """Predicts something different on every image and counts what it was shown."""
+
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.shift, self.seen = shift, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen += len(x)
+            return x - self.shift
+
+    # mask, box, tag present, tag absent, tag unknown, box
+    data = _data([KIND_MASK, KIND_BOX, KIND_TAG, KIND_TAG, KIND_TAG, KIND_BOX])
+    data.images.copy_(torch.rand(data.images.shape, generator=torch.Generator().manual_seed(0)))
+    data.masks[0, 0] = _square(1, 1, 6, 6)
+    data.boxes[1, 0] = _square(2, 2, 12, 12)
+    data.boxes[5, 0] = _square(0, 0, 16, 16)
+    data.tags[2, 0], data.tags[3, 0] = TAG_PRESENT, TAG_ABSENT
+    plan = plan_device("cpu")
+    nets = CountingNet(0.3), CountingNet(0.35)
+    every = [predict_binary(net, data.images, plan, 2) for net in nets]
+    needed = [predict_where_needed(net, data, plan, 2) for net in nets]
+    assert [net.seen for net in nets] == [6 + 4, 6 + 4], "mask and all-absent images are not predicted"
+    full, lean = select_pseudo_labels(*every, data), select_pseudo_labels(*needed, data)
+    assert lean.keep.equal(full.keep) and lean.target1.equal(full.target1) and lean.target2.equal(full.target2)
+    assert lean.counts == full.counts

@@ -20,7 +20,12 @@ from fedmix_engine.device import DevicePlan, autocast, grad_scaler, on_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.losses import LOSSES
 from fedmix_engine.fedmix.pair import PairState, build_pair, join_pair
-from fedmix_engine.fedmix.pseudo_labels import PseudoLabels, predict_binary, select_pseudo_labels
+from fedmix_engine.fedmix.pseudo_labels import (
+    PseudoLabels,
+    needs_prediction,
+    predict_where_needed,
+    select_pseudo_labels,
+)
 from fedmix_engine.model import ModelConfig
 
 
@@ -135,11 +140,12 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
         warming_up = config.pl_warmup_rounds > 0 and round_index <= config.pl_warmup_rounds
         if config.pseudo_labels and not warming_up and (data.kinds != KIND_MASK).any():
             pl_batch = config.pl_batch_size or plan.pl_batch_size
-            pred1 = predict_binary(net1, data.images, plan, pl_batch)
+            pred1 = predict_where_needed(net1, data, plan, pl_batch)
             yield TrainProgress("pseudo-labels", 1, 2)
-            pred2 = predict_binary(net2, data.images, plan, pl_batch)
+            pred2 = predict_where_needed(net2, data, plan, pl_batch)
             yield TrainProgress("pseudo-labels", 2, 2)
             labels = select_pseudo_labels(pred1, pred2, data, config.tau, config.min_box_fill)
+            labels.counts["predicted"] = int(needs_prediction(data).sum())
         else:  # certain targets only: pixel masks, and (when pseudo-labels are on) images with every class absent
             is_mask = data.kinds == KIND_MASK
             certain = is_mask
