@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=1.5)
     parser.add_argument("--pl-warmup", type=int, default=0,
                         help="rounds on masks only before pseudo-labels, for every method that uses them")
+    parser.add_argument("--shift", default="mild", choices=("mild", "strong"),
+                        help="synthetic domain shift between sites (strong: + look-alike lobules, see make-sample)")
     parser.add_argument("--jobs", type=int, help="simulations in parallel, one torch thread each (CPU default 2)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -105,16 +107,17 @@ def main() -> None:
     for setting in settings:
         spec = SETTINGS[setting]
         for seed in range(args.seeds):
-            data = args.workdir / f"data-{setting}-{seed}-{prof['size']}"
+            suffix = "" if args.shift == "mild" else f"-{args.shift}"
+            data = args.workdir / f"data-{setting}-{seed}-{prof['size']}{suffix}"
             if not (data / "federation.json").exists():
                 make_sample(data, sites=3, images=prof["images"], eval_images=prof["eval_images"], seed=seed,
-                            size=prof["size"], supervision=spec["supervision"], mix=spec["mix"])
+                            size=prof["size"], supervision=spec["supervision"], mix=spec["mix"], shift=args.shift)
             for method in methods:
                 config = SimulationConfig(method=method, rounds=rounds, seed=seed, lam=args.lam, beta=args.beta,
                                           device=prof["device"], precision=prof["precision"],
                                           model=ModelConfig(base_width=prof["width"]), train=train)
                 jobs.append({"setting": setting, "seed": seed, "method": method, "config": config,
-                             "data": str(data), "out": str(args.workdir / f"run-{setting}-{seed}-{method}"),
+                             "data": str(data), "out": str(args.workdir / f"run-{setting}-{seed}-{method}{suffix}"),
                              "threads": 1 if jobs_n > 1 else max(1, os.cpu_count() or 1)})
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     inference: dict[str, list[float]] = {"net1": [], "mean": []}

@@ -74,6 +74,31 @@ def test_make_sample_mix_and_two_classes(tmp_path: Path) -> None:
         assert store.problems() == []
 
 
+def test_strong_shift_adds_lookalikes_outside_the_mask_and_leaves_mild_data_alone(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from fedmix_engine.data.synthetic import site_domain, synth_image
+
+    mild = site_domain(1, np.random.default_rng(0))
+    assert mild.lookalikes == 0 and site_domain(1, np.random.default_rng(0), "strong") == replace(mild, lookalikes=3.0)
+    for seed in range(5):
+        _, plain_mask = synth_image(np.random.default_rng(seed), 64, mild)
+        _, busy_mask = synth_image(np.random.default_rng(seed), 64, replace(mild, lookalikes=3.0))
+        assert np.array_equal(plain_mask, busy_mask), "look-alikes are never lesions"
+    from fedmix_engine.data.synthetic import _add_lookalikes
+
+    lesion = np.zeros((64, 64), np.uint8)
+    lesion[30:40, 30:40] = 1
+    tissue = _add_lookalikes(np.random.default_rng(1), np.ones((64, 64)), lesion, replace(mild, lookalikes=6.0),
+                             0.2, 0.6)
+    assert (tissue < 0.8).sum() > 20, "look-alikes darken the tissue"
+    assert (tissue[29:41, 29:41] > 0.99).all(), "and stay clear of the lesion"
+    # the mild preset draws nothing extra: its images are what they were before look-alikes existed
+    assert main(["make-sample", str(tmp_path / "s"), "--sites", "2", "--images", "3", "--eval-images", "1",
+                 "--size", "32", "--shift", "strong"]) == 0
+    assert '"shift": "strong"' in (tmp_path / "s" / "federation.json").read_text()
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--sites", "0"], "--sites: must be between 1 and 26"),
     (["--mix", "0.5,0.5,0.5"], "--mix: three non-negative fractions"),

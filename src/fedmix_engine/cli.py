@@ -70,7 +70,8 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
     from fedmix_engine.data.synthetic import make_sample
 
     make_sample(args.out, sites=args.sites, images=args.images, seed=args.seed, supervision=args.supervision,
-                mix=args.mix, classes=args.classes, size=args.size, eval_images=args.eval_images, progress=print)
+                mix=args.mix, classes=args.classes, size=args.size, eval_images=args.eval_images, shift=args.shift,
+                progress=print)
     manifest = Path(args.out) / "federation.json"
     print(f"wrote {args.sites} site(s) and evaluation data to {args.out} (manifest: {manifest})")
     return 0
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--classes", type=int, default=1, choices=(1, 2), help="1: lesion; 2: lesion and cyst")
+    p.add_argument("--shift", default="mild", choices=("mild", "strong"),
+                   help="domain shift between sites: mild (gain, grain, lesion size) or strong (+ look-alike lobules)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--supervision", type=_names, help="one kind per site, e.g. mask,box,tag (the default)")
     group.add_argument("--mix", type=_floats, help="fractions of mask,box,tag images within every site")

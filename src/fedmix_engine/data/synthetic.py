@@ -7,6 +7,13 @@ often, posterior acoustic shadowing; in the 2-class variant class ``cyst`` is ro
 anechoic and shows posterior enhancement. Sites differ in gain, contrast (gamma), speckle
 strength and lesion size: the domain shift that makes federation worthwhile.
 
+``shift="strong"`` adds what a change of gain and grain does not: *look-alikes*. Fat lobules are
+hypo-echoic too; a mask site whose images hold few of them (a referral centre imaging the lesion
+up close) teaches "dark blob = lesion", and the model then fires on every lobule of a site that
+images wide fields full of them. Only labels from those sites can correct it — and boxes (all
+background outside) and "absent" tags are exactly such labels, which is the premise of mixed
+supervision this preset lets a benchmark test.
+
 Ground truth a real site would not have goes to ``OUT/eval/<site>/`` only, never into a weak
 site's own store. Everything is a pure function of the seed: same seed, byte-identical files.
 """
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +48,7 @@ class SiteDomain:
     lesion_contrast: float  # lesion echogenicity relative to tissue (lower = darker)
     shadow_probability: float  # chance a solid lesion casts a posterior shadow
     psf: tuple[float, float] = (0.7, 1.6)  # speckle grain (axial, lateral σ in px): differs by probe
+    lookalikes: float = 0.0  # mean number of hypo-echoic fat lobules (not lesions) per image
 
 
 # Hand-chosen so that sites differ visibly; a 4th+ site interpolates between them.
@@ -51,13 +59,25 @@ _DOMAINS = (
 )
 
 
-def site_domain(index: int, rng: np.random.Generator) -> SiteDomain:
-    """Domain of the ``index``-th site: the three presets, then random mixtures of them."""
-    if index < len(_DOMAINS):
-        return _DOMAINS[index]
-    a, b = rng.choice(len(_DOMAINS), size=2, replace=False)
+# "strong": the same acquisition settings, plus look-alike lobules — rare at the first site (the
+# mask site of the paper-like setting), frequent at the others. Chosen before any method was run on it.
+_LOOKALIKES = (0.5, 3.0, 2.0)
+SHIFTS = {
+    "mild": _DOMAINS,
+    "strong": tuple(replace(d, lookalikes=k) for d, k in zip(_DOMAINS, _LOOKALIKES, strict=True)),
+}
+
+
+def site_domain(index: int, rng: np.random.Generator, shift: str = "mild") -> SiteDomain:
+    """Domain of the ``index``-th site: the three presets of ``shift``, then random mixtures of them."""
+    if shift not in SHIFTS:
+        raise InputError("--shift", f"unknown domain shift '{shift}'; use {' or '.join(SHIFTS)}")
+    presets = SHIFTS[shift]
+    if index < len(presets):
+        return presets[index]
+    a, b = rng.choice(len(presets), size=2, replace=False)
     t = float(rng.uniform(0.2, 0.8))
-    da, db = _DOMAINS[a], _DOMAINS[b]
+    da, db = presets[a], presets[b]
 
     def mix(x: float, y: float) -> float:
         return round((1 - t) * x + t * y, 4)
@@ -65,7 +85,7 @@ def site_domain(index: int, rng: np.random.Generator) -> SiteDomain:
     return SiteDomain(mix(da.gain, db.gain), mix(da.gamma, db.gamma), mix(da.speckle, db.speckle),
                       (mix(*[d.lesion_radius[0] for d in (da, db)]), mix(*[d.lesion_radius[1] for d in (da, db)])),
                       mix(da.lesion_contrast, db.lesion_contrast), mix(da.shadow_probability, db.shadow_probability),
-                      (mix(da.psf[0], db.psf[0]), mix(da.psf[1], db.psf[1])))
+                      (mix(da.psf[0], db.psf[0]), mix(da.psf[1], db.psf[1])), mix(da.lookalikes, db.lookalikes))
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float | tuple[float, float]) -> np.ndarray:
@@ -85,6 +105,28 @@ def _lesion_shape(rng: np.random.Generator, size: int, radius: float, irregular:
         for k in range(2, 7):
             boundary += radius * rng.uniform(0.0, 0.14 / (k - 1) ** 0.5) * np.cos(k * angle + rng.uniform(0, 2 * np.pi))
     return dist <= boundary
+
+
+def _add_lookalikes(rng: np.random.Generator, tissue: np.ndarray, mask: np.ndarray, domain: SiteDomain,
+                    fat_depth: float, gland_depth: float) -> np.ndarray:
+    """Hypo-echoic fat lobules: as dark as this site's lesions, but smooth, homogeneous, wider than
+    tall and without a shadow — separable by shape and texture once a model has seen them labelled
+    as background. They stay clear of lesions and are never part of the mask."""
+    size = tissue.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    keep_clear = ndimage.binary_dilation(mask > 0, iterations=3)
+    for _ in range(int(rng.poisson(domain.lookalikes))):
+        radius = rng.uniform(*domain.lesion_radius) * size  # as large as this site's lesions
+        aspect = rng.uniform(0.45, 0.7)  # "parallel orientation", a benign sign
+        cy = rng.uniform(fat_depth * size + radius * aspect, size * 0.8)  # interspersed in the gland, like lesions
+        cx = rng.uniform(radius, size - radius)
+        region = np.hypot((yy - cy) / aspect, xx - cx) <= radius
+        if (region & keep_clear).any() or region.sum() < 4:
+            continue
+        soft = ndimage.gaussian_filter(region.astype(np.float64), 1.0)
+        darkness = min(1.0, domain.lesion_contrast * rng.uniform(1.0, 1.5))  # iso- to mildly hypo-echoic
+        tissue = tissue * (1 - soft) + tissue * darkness * soft
+    return tissue
 
 
 def synth_image(rng: np.random.Generator, size: int, domain: SiteDomain, num_classes: int = 1,
@@ -127,6 +169,9 @@ def synth_image(rng: np.random.Generator, size: int, domain: SiteDomain, num_cla
             cols = ndimage.gaussian_filter1d(region.any(axis=0).astype(np.float64), radius / 4)
             below = (yy > centre[0] + radius).astype(np.float64)
             tissue *= 1.0 + 0.5 * cols[None, :] * ndimage.gaussian_filter(below, 2.0)
+
+    if domain.lookalikes > 0:  # drawn only here, so "mild" images stay byte-identical
+        tissue = _add_lookalikes(rng, tissue, mask, domain, fat_depth, gland_depth)
 
     # speckle: Rayleigh-distributed magnitude of a complex field blurred by a wide lateral PSF
     field = rng.standard_normal((size, size)) + 1j * rng.standard_normal((size, size))
@@ -199,12 +244,13 @@ def _kinds_for_site(n: int, site_kind: str | None, mix: Sequence[float] | None,
 def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0,
                 supervision: Sequence[str] | None = None, mix: Sequence[float] | None = None,
                 classes: int = 1, size: int = 128, eval_images: int = 20, lesion_free: float = 0.15,
-                progress: Callable[[str], None] | None = None) -> dict:
+                shift: str = "mild", progress: Callable[[str], None] | None = None) -> dict:
     """Write a synthetic federation to ``out`` and return its manifest.
 
     ``OUT/site-a`` … are SiteStores holding only each site's own supervision; ``OUT/eval/site-x/``
     holds ``val`` and ``test`` stores with full ground truth and ``oracle`` (the site's training
-    images fully labelled, for the supervised upper-bound baseline only).
+    images fully labelled, for the supervised upper-bound baseline only). ``shift``: "mild" (gain,
+    contrast, grain, lesion size) or "strong" (the same plus look-alike lobules; see the module doc).
     """
     out = Path(out)
     if sites < 1 or sites > 26:
@@ -213,6 +259,8 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
         raise InputError("--images", "needs at least one training and one evaluation image per site")
     if size < 32:
         raise InputError("--size", f"images must be at least 32 px, not {size}")
+    if shift not in SHIFTS:
+        raise InputError("--shift", f"unknown domain shift '{shift}'; use {' or '.join(SHIFTS)}")
     if classes not in CLASS_SETS:
         raise InputError("--classes", f"synthetic data has 1 or 2 classes, not {classes}")
     if mix is not None and supervision is not None:
@@ -233,11 +281,11 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
 
     class_names = CLASS_SETS[classes]
     clock = lambda: SYNTHETIC_TIME  # noqa: E731 — fixed time keeps the files byte-identical per seed
-    manifest: dict = {"seed": seed, "size": size, "classes": list(class_names), "sites": []}
+    manifest: dict = {"seed": seed, "size": size, "classes": list(class_names), "shift": shift, "sites": []}
     for index in range(sites):
         name = f"site-{chr(ord('a') + index)}"
         rng = np.random.default_rng([seed, index])
-        domain = site_domain(index, rng)
+        domain = site_domain(index, rng, shift)
         kinds = _kinds_for_site(images, site_kinds[index], mix, rng)
         site = SiteStore.create(out / name, class_names, name=name, clock=clock)
         oracle = SiteStore.create(out / "eval" / name / "oracle", class_names, name=f"{name}-oracle", clock=clock)
