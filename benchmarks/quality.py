@@ -134,10 +134,13 @@ def main() -> None:
                   + (f", pseudo-labels selected in the last round {done['selected']}" if "selected" in done else "")
                   + ")", flush=True)
 
-    variant = f", pseudo-label warm-up {args.pl_warmup} rounds" if args.pl_warmup else ""
+    variant = "".join([f", pseudo-label warm-up {args.pl_warmup} rounds" if args.pl_warmup else "",
+                       f", {rounds} rounds" if rounds != prof["rounds"] else "",
+                       f", {args.shift} domain shift" if args.shift != "mild" else ""])
     lines = [f"## Quality ({'GPU --full' if args.full else 'CPU'} configuration{variant})", "",
              f"Command: `{command()}`  ", f"Machine: {machine()}  ",
-             f"Data: synthetic ultrasound-like federation, 3 sites, {prof['images']} training images per site, "
+             f"Data: synthetic ultrasound-like federation ({args.shift} shift), 3 sites, "
+             f"{prof['images']} training images per site, "
              f"{prof['eval_images']} validation + {prof['eval_images']} test images per site, {prof['size']}² px.  ",
              f"Model: U-Net width {prof['width']}; {rounds} rounds × {prof['train'].epochs} local epoch(s), batch "
              f"{prof['train'].batch_size}, crops {prof['train'].crop_size}²; λ = {args.lam}, β = {args.beta}; "
@@ -165,6 +168,8 @@ def main() -> None:
                   f"seeds): {a.mean():.1f} vs {b.mean():.1f} mean test Dice (mean difference {np.mean(b - a):+.1f}).",
                   ""]
     name = ("quality-full" if args.full else "quality") + (f"-warmup{args.pl_warmup}" if args.pl_warmup else "")
+    name += f"-rounds{rounds}" if rounds != prof["rounds"] else ""
+    name += f"-{args.shift}" if args.shift != "mild" else ""
     publish(name, "\n".join(lines), not args.no_write)
 
 
