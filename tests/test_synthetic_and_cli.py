@@ -97,6 +97,12 @@ def test_strong_shift_adds_lookalikes_outside_the_mask_and_leaves_mild_data_alon
     assert main(["make-sample", str(tmp_path / "s"), "--sites", "2", "--images", "3", "--eval-images", "1",
                  "--size", "32", "--shift", "strong"]) == 0
     assert '"shift": "strong"' in (tmp_path / "s" / "federation.json").read_text()
+    from fedmix_engine.data.synthetic import make_sample
+    from fedmix_engine.errors import InputError
+
+    with pytest.raises(InputError, match="--shift: unknown domain shift 'extreme'"):
+        make_sample(tmp_path / "bad", images=2, eval_images=1, size=32, shift="extreme")
+    assert not (tmp_path / "bad").exists(), "refused before anything is written"
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -259,8 +259,6 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
         raise InputError("--images", "needs at least one training and one evaluation image per site")
     if size < 32:
         raise InputError("--size", f"images must be at least 32 px, not {size}")
-    if shift not in SHIFTS:
-        raise InputError("--shift", f"unknown domain shift '{shift}'; use {' or '.join(SHIFTS)}")
     if classes not in CLASS_SETS:
         raise InputError("--classes", f"synthetic data has 1 or 2 classes, not {classes}")
     if mix is not None and supervision is not None:
