@@ -80,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="GPU configuration (reference width, 224² crops)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … first-seed + seeds − 1")
     parser.add_argument("--rounds", type=int, help="override the profile's round count")
     parser.add_argument("--settings", default="a,b")
     parser.add_argument("--methods", default=",".join(ORDER))
@@ -106,7 +107,7 @@ def main() -> None:
     jobs = []
     for setting in settings:
         spec = SETTINGS[setting]
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             suffix = "" if args.shift == "mild" else f"-{args.shift}"
             data = args.workdir / f"data-{setting}-{seed}-{prof['size']}{suffix}"
             if not (data / "federation.json").exists():
@@ -134,6 +135,7 @@ def main() -> None:
                   + (f", pseudo-labels selected in the last round {done['selected']}" if "selected" in done else "")
                   + ")", flush=True)
 
+    seed_range = f" ({args.first_seed}–{args.first_seed + args.seeds - 1})" if args.first_seed else ""
     variant = "".join([f", pseudo-label warm-up {args.pl_warmup} rounds" if args.pl_warmup else "",
                        f", {rounds} rounds" if rounds != prof["rounds"] else "",
                        f", {args.shift} domain shift" if args.shift != "mild" else ""])
@@ -144,7 +146,8 @@ def main() -> None:
              f"{prof['eval_images']} validation + {prof['eval_images']} test images per site, {prof['size']}² px.  ",
              f"Model: U-Net width {prof['width']}; {rounds} rounds × {prof['train'].epochs} local epoch(s), batch "
              f"{prof['train'].batch_size}, crops {prof['train'].crop_size}²; λ = {args.lam}, β = {args.beta}; "
-             f"pseudo-label warm-up {args.pl_warmup} round(s); {args.seeds} seeds; {jobs_n} parallel job(s) of "
+             f"pseudo-label warm-up {args.pl_warmup} round(s); {args.seeds} seeds"
+             f"{seed_range}; {jobs_n} parallel job(s) of "
              f"{jobs[0]['threads'] if jobs else 1} torch thread(s) each; "
              f"wall time {(time.time() - started) / 60:.1f} min.  ",
              "Metric: per-image Dice on each site's test split (lesion-free images count 1 if predicted empty, "
