@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, publish
-from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.data.synthetic import SHIFTS, make_sample
 from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import EvalSet, Predictor, evaluate
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=1.5)
     parser.add_argument("--pl-warmup", type=int, default=0,
                         help="rounds on masks only before pseudo-labels, for every method that uses them")
-    parser.add_argument("--shift", default="mild", choices=("mild", "strong"),
+    parser.add_argument("--shift", default="mild", choices=tuple(SHIFTS),
                         help="synthetic domain shift between sites (strong: + look-alike lobules, see make-sample)")
     parser.add_argument("--jobs", type=int, help="simulations in parallel, one torch thread each (CPU default 2)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-quality"))
@@ -105,10 +105,10 @@ def main() -> None:
     train = replace(prof["train"], pl_warmup_rounds=args.pl_warmup)
     started = time.time()
     jobs = []
+    suffix = "" if args.shift == "mild" else f"-{args.shift}"  # data and run folders of a non-default shift
     for setting in settings:
         spec = SETTINGS[setting]
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            suffix = "" if args.shift == "mild" else f"-{args.shift}"
             data = args.workdir / f"data-{setting}-{seed}-{prof['size']}{suffix}"
             if not (data / "federation.json").exists():
                 make_sample(data, sites=3, images=prof["images"], eval_images=prof["eval_images"], seed=seed,

@@ -92,7 +92,7 @@ def test_only_images_whose_target_depends_on_the_networks_are_predicted() -> Non
     from torch import nn
 
     from fedmix_engine.device import plan_device
-    from fedmix_engine.fedmix.pseudo_labels import predict_binary, predict_where_needed
+    from fedmix_engine.fedmix.pseudo_labels import needs_prediction, predict_binary, predict_where_needed
 
     class CountingNet(nn.Module):
         """Predicts something different on every image and counts what it was shown."""
@@ -115,7 +115,7 @@ def test_only_images_whose_target_depends_on_the_networks_are_predicted() -> Non
     plan = plan_device("cpu")
     nets = CountingNet(0.3), CountingNet(0.35)
     every = [predict_binary(net, data.images, plan, 2) for net in nets]
-    needed = [predict_where_needed(net, data, plan, 2) for net in nets]
+    needed = [predict_where_needed(net, data, needs_prediction(data), plan, 2) for net in nets]
     assert [net.seen for net in nets] == [6 + 4, 6 + 4], "mask and all-absent images are not predicted"
     full, lean = select_pseudo_labels(*every, data), select_pseudo_labels(*needed, data)
     assert lean.keep.equal(full.keep) and lean.target1.equal(full.target1) and lean.target2.equal(full.target2)

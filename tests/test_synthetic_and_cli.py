@@ -74,10 +74,11 @@ def test_make_sample_mix_and_two_classes(tmp_path: Path) -> None:
         assert store.problems() == []
 
 
-def test_strong_shift_adds_lookalikes_outside_the_mask_and_leaves_mild_data_alone(tmp_path: Path) -> None:
+def test_strong_shift_adds_lookalikes_outside_the_mask_and_mild_has_none(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from fedmix_engine.data.synthetic import site_domain, synth_image
+    from fedmix_engine.data.synthetic import _add_lookalikes, make_sample, site_domain, synth_image
+    from fedmix_engine.errors import InputError
 
     mild = site_domain(1, np.random.default_rng(0))
     assert mild.lookalikes == 0 and site_domain(1, np.random.default_rng(0), "strong") == replace(mild, lookalikes=3.0)
@@ -85,7 +86,6 @@ def test_strong_shift_adds_lookalikes_outside_the_mask_and_leaves_mild_data_alon
         _, plain_mask = synth_image(np.random.default_rng(seed), 64, mild)
         _, busy_mask = synth_image(np.random.default_rng(seed), 64, replace(mild, lookalikes=3.0))
         assert np.array_equal(plain_mask, busy_mask), "look-alikes are never lesions"
-    from fedmix_engine.data.synthetic import _add_lookalikes
 
     lesion = np.zeros((64, 64), np.uint8)
     lesion[30:40, 30:40] = 1
@@ -93,13 +93,10 @@ def test_strong_shift_adds_lookalikes_outside_the_mask_and_leaves_mild_data_alon
                              0.2, 0.6)
     assert (tissue < 0.8).sum() > 20, "look-alikes darken the tissue"
     assert (tissue[29:41, 29:41] > 0.99).all(), "and stay clear of the lesion"
-    # the mild preset draws nothing extra: its images are what they were before look-alikes existed
+
     assert main(["make-sample", str(tmp_path / "s"), "--sites", "2", "--images", "3", "--eval-images", "1",
                  "--size", "32", "--shift", "strong"]) == 0
     assert '"shift": "strong"' in (tmp_path / "s" / "federation.json").read_text()
-    from fedmix_engine.data.synthetic import make_sample
-    from fedmix_engine.errors import InputError
-
     with pytest.raises(InputError, match="--shift: unknown domain shift 'extreme'"):
         make_sample(tmp_path / "bad", images=2, eval_images=1, size=32, shift="extreme")
     assert not (tmp_path / "bad").exists(), "refused before anything is written"

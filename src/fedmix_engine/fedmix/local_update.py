@@ -140,12 +140,13 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
         warming_up = config.pl_warmup_rounds > 0 and round_index <= config.pl_warmup_rounds
         if config.pseudo_labels and not warming_up and (data.kinds != KIND_MASK).any():
             pl_batch = config.pl_batch_size or plan.pl_batch_size
-            pred1 = predict_where_needed(net1, data, plan, pl_batch)
+            needed = needs_prediction(data)
+            pred1 = predict_where_needed(net1, data, needed, plan, pl_batch)
             yield TrainProgress("pseudo-labels", 1, 2)
-            pred2 = predict_where_needed(net2, data, plan, pl_batch)
+            pred2 = predict_where_needed(net2, data, needed, plan, pl_batch)
             yield TrainProgress("pseudo-labels", 2, 2)
             labels = select_pseudo_labels(pred1, pred2, data, config.tau, config.min_box_fill)
-            labels.counts["predicted"] = int(needs_prediction(data).sum())
+            labels.counts["predicted"] = int(needed.sum())
         else:  # certain targets only: pixel masks, and (when pseudo-labels are on) images with every class absent
             is_mask = data.kinds == KIND_MASK
             certain = is_mask

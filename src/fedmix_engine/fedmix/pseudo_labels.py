@@ -54,14 +54,14 @@ def needs_prediction(data: SiteTensors) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_where_needed(net: nn.Module, data: SiteTensors, plan: DevicePlan,
+def predict_where_needed(net: nn.Module, data: SiteTensors, needed: torch.Tensor, plan: DevicePlan,
                          batch_size: int | None = None) -> torch.Tensor:
-    """``predict_binary`` on the images that need it; all-background elsewhere (bool N×K×H×W).
+    """``predict_binary`` on the ``needed`` images (see ``needs_prediction``); all-background
+    elsewhere (bool N×K×H×W).
 
     Selecting on these is identical to selecting on a prediction of every image: the skipped
     images' targets ignore the prediction. On a site with ⅓ masks it saves ⅓ of the pass."""
     pred = torch.zeros(data.masks.shape, dtype=torch.bool)
-    needed = needs_prediction(data)
     if needed.any():
         pred[needed] = predict_binary(net, data.images[needed], plan, batch_size)
     return pred
