@@ -1,0 +1,46 @@
+"""The quality benchmark's table: paired differences by seed and the share of the gap closed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("quality_benchmark", BENCHMARKS / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(BENCHMARKS))
+
+
+def _row(a: float, b: float) -> dict[str, float]:
+    return {"site-a": a, "site-b": b, "overall": (a + b) / 2}
+
+
+def test_differences_are_paired_by_seed_not_by_completion_order(quality):
+    # seed 1 is hard for every method: unpaired, fedmix's spread would swamp its constant +0.04 lead
+    results = {
+        ("a", "fedavg-mask-only"): {0: _row(0.80, 0.60), 1: _row(0.40, 0.20), 2: _row(0.60, 0.40)},
+        ("a", "fedmix"): {2: _row(0.64, 0.44), 0: _row(0.84, 0.64), 1: _row(0.44, 0.24)},
+        ("a", "supervised-upper"): {0: _row(0.90, 0.70), 1: _row(0.50, 0.30), 2: _row(0.70, 0.50)},
+    }
+    lines = quality.table(results, "a", ["supervised-upper", "fedmix", "fedavg-mask-only"])
+    fedmix = next(line for line in lines if line.startswith("| fedmix |"))
+    assert fedmix.endswith("| +4.0 ± 0.0 |")  # every seed +4 points: no spread in the paired difference
+    assert "| 60.0 ± 16.3 |" in next(line for line in lines if line.startswith("| fedavg-mask-only |"))
+    assert lines[-1] == ("Gap between fedavg-mask-only and supervised-upper: 10.0 points; "
+                         "share of it closed: fedmix 40 %.")
+
+
+def test_paired_standard_error(quality):
+    mean, err = quality.paired({0: 3.0, 1: 5.0, 2: 7.0}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 9.0})
+    assert mean == pytest.approx(4.0)  # seed 3 has no partner and is left out
+    assert err == pytest.approx(2.0 / 3**0.5)
