@@ -40,6 +40,16 @@ def test_differences_are_paired_by_seed_not_by_completion_order(quality):
                          "share of it closed: fedmix 40 %.")
 
 
+def test_no_share_of_a_gap_within_noise(quality):
+    results = {
+        ("a", "fedavg-mask-only"): {0: _row(0.80, 0.60), 1: _row(0.40, 0.20), 2: _row(0.60, 0.40)},
+        ("a", "fedmix"): {0: _row(0.70, 0.50), 1: _row(0.30, 0.10), 2: _row(0.50, 0.30)},
+        ("a", "supervised-upper"): {0: _row(0.84, 0.64), 1: _row(0.36, 0.16), 2: _row(0.62, 0.42)},
+    }
+    lines = quality.table(results, "a", ["supervised-upper", "fedmix", "fedavg-mask-only"])
+    assert lines[-1].startswith("No gap between fedavg-mask-only and supervised-upper beyond noise (+0.7 ± 2.4)")
+
+
 def test_paired_standard_error(quality):
     mean, err = quality.paired({0: 3.0, 1: 5.0, 2: 7.0}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 9.0})
     assert mean == pytest.approx(4.0)  # seed 3 has no partner and is left out

@@ -151,7 +151,8 @@ def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: Simulatio
 
 def _evaluate_pair(pair: PairState, config: SimulationConfig, plan: DevicePlan, sites: list[_Site],
                    split: str) -> dict[str, float]:
-    predictor = Predictor(pair, config.model, config.train.image_size, plan, config.inference)
+    predictor = Predictor(pair, config.model, config.train.image_size, plan, config.inference,
+                          batch_size=config.train.pl_batch_size or None)
     return {s.name: evaluate(predictor, getattr(s, split))["dice"] for s in sites if getattr(s, split) is not None}
 
 

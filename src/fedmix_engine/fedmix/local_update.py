@@ -45,7 +45,7 @@ class TrainConfig:
     pseudo_labels: bool = True  # False: train on pixel masks only (baselines)
     flip: bool = True  # horizontal flips (vertical flips would put the skin line at the bottom)
     intensity: float = 0.1  # random gain/gamma jitter amplitude
-    pl_batch_size: int = 0  # 0: chosen per device (see device.plan_device)
+    pl_batch_size: int = 0  # pseudo-label and evaluation batch; 0: chosen per device (see device.plan_device)
     pl_warmup_rounds: int = 0  # rounds (1-based) before pseudo-labels; until then masks (+ negatives beside them)
 
     def validate(self) -> None:
