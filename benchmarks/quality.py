@@ -5,9 +5,10 @@ site — 10 % masks, 40 % boxes, 50 % tags. Synthetic ultrasound-like data with 
 sites (``fedmix-engine make-sample``). Model selection on each site's validation split; the test
 split is evaluated once. Writes the table to docs/benchmarks.md.
 
-CPU configuration (default): 64² images, U-Net width 8, ≈ 25 minutes on 2 cores: the runs go to
-``--jobs`` worker processes with one torch thread each (a width-8 U-Net does not use two threads well:
-one run takes 1.1× as long on one thread as on two, so two single-thread runs side by side do ~1.8× the work).
+CPU configuration (default): 64² images, U-Net width 8, 50 + 50 evaluation images per site, ≈ 27 minutes
+on 2 cores: the runs go to ``--jobs`` worker processes with one torch thread each (a width-8 U-Net does
+not use two threads well: one run takes 1.1× as long on one thread as on two, so two single-thread runs
+side by side do ~1.8× the work).
 ``--full`` (for a GPU): 256² images cropped to 224, the reference width 64, more data and rounds, one job.
 """
 
