@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -133,6 +133,11 @@ def run_one(job: dict) -> dict:
     return {**job, "row": row, **extra}
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """Turn SIGTERM into SystemExit so the worker pool is torn down on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="GPU configuration (reference width, 224² crops)")
@@ -143,6 +148,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(ORDER))
     parser.add_argument("--lam", type=float, default=10.0)
     parser.add_argument("--beta", type=float, default=1.5)
+    parser.add_argument("--lr", type=float, help="override the profile's Adam learning rate")
     parser.add_argument("--pl-warmup", type=int, default=0,
                         help="rounds on masks only before pseudo-labels, for every method that uses them")
     parser.add_argument("--shift", default="mild", choices=tuple(SHIFTS),
@@ -159,7 +165,7 @@ def main() -> None:
             parser.error(f"unknown method {m}")
     settings = [s for s in args.settings.split(",") if s]
     jobs_n = args.jobs or (prof["jobs"] if os.cpu_count() and os.cpu_count() >= prof["jobs"] else 1)
-    train = replace(prof["train"], pl_warmup_rounds=args.pl_warmup)
+    train = replace(prof["train"], pl_warmup_rounds=args.pl_warmup, lr=args.lr or prof["train"].lr)
     started = time.time()
     jobs, samples = [], []
     suffix = "" if args.shift == "mild" else f"-{args.shift}"  # data and run folders of a non-default shift
@@ -180,10 +186,12 @@ def main() -> None:
                              "threads": 1 if jobs_n > 1 else max(1, os.cpu_count() or 1)})
     results: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
     inference: dict[str, list[float]] = {"net1": [], "mean": []}
-    with ProcessPoolExecutor(jobs_n, mp_context=get_context("spawn")) as pool:
-        list(pool.map(make_one, samples))  # synthetic data first, in parallel too
-        for future in as_completed([pool.submit(run_one, job) for job in jobs]):
-            done = future.result()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # a multiprocessing Pool terminates its workers when the block is left, normally or by an error or
+    # SIGTERM (a ProcessPoolExecutor waits for them: a killed benchmark left two orphans computing)
+    with get_context("spawn").Pool(jobs_n) as pool:
+        pool.map(make_one, samples)  # synthetic data first, in parallel too
+        for done in pool.imap_unordered(run_one, jobs):
             results.setdefault((done["setting"], done["method"]), {})[done["seed"]] = done["row"]
             for mode in inference:
                 if mode in done:
@@ -197,14 +205,16 @@ def main() -> None:
     seed_range = f" ({args.first_seed}–{args.first_seed + args.seeds - 1})" if args.first_seed else ""
     variant = "".join([f", pseudo-label warm-up {args.pl_warmup} rounds" if args.pl_warmup else "",
                        f", {rounds} rounds" if rounds != prof["rounds"] else "",
+                       f", learning rate {train.lr:g}" if train.lr != prof["train"].lr else "",
                        f", {args.shift} domain shift" if args.shift != "mild" else ""])
     lines = [f"## Quality ({'GPU --full' if args.full else 'CPU'} configuration{variant})", "",
              f"Command: `{command()}`  ", f"Machine: {machine()}  ",
              f"Data: synthetic ultrasound-like federation ({args.shift} shift), 3 sites, "
              f"{prof['images']} training images per site, "
              f"{prof['eval_images']} validation + {prof['eval_images']} test images per site, {prof['size']}² px.  ",
-             f"Model: U-Net width {prof['width']}; {rounds} rounds × {prof['train'].epochs} local epoch(s), batch "
-             f"{prof['train'].batch_size}, crops {prof['train'].crop_size}²; λ = {args.lam}, β = {args.beta}; "
+             f"Model: U-Net width {prof['width']}; {rounds} rounds × {train.epochs} local epoch(s), batch "
+             f"{train.batch_size} (pseudo-labels and evaluation {train.pl_batch_size or 'per device'}), "
+             f"crops {train.crop_size}², Adam lr {train.lr:g}; λ = {args.lam}, β = {args.beta}; "
              f"pseudo-label warm-up {args.pl_warmup} round(s); {args.seeds} seeds"
              f"{seed_range}; {jobs_n} parallel job(s) of "
              f"{jobs[0]['threads'] if jobs else 1} torch thread(s) each; "
@@ -221,6 +231,7 @@ def main() -> None:
                   ""]
     name = ("quality-full" if args.full else "quality") + (f"-warmup{args.pl_warmup}" if args.pl_warmup else "")
     name += f"-rounds{rounds}" if rounds != prof["rounds"] else ""
+    name += f"-lr{train.lr:g}" if train.lr != prof["train"].lr else ""
     name += f"-{args.shift}" if args.shift != "mild" else ""
     publish(name, "\n".join(lines), not args.no_write)
 
