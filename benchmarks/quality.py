@@ -165,7 +165,7 @@ def main() -> None:
             parser.error(f"unknown method {m}")
     settings = [s for s in args.settings.split(",") if s]
     jobs_n = args.jobs or (prof["jobs"] if os.cpu_count() and os.cpu_count() >= prof["jobs"] else 1)
-    train = replace(prof["train"], pl_warmup_rounds=args.pl_warmup, lr=args.lr or prof["train"].lr)
+    train = replace(prof["train"], pl_warmup_rounds=args.pl_warmup, lr=prof["train"].lr if args.lr is None else args.lr)
     started = time.time()
     jobs, samples = [], []
     suffix = "" if args.shift == "mild" else f"-{args.shift}"  # data and run folders of a non-default shift

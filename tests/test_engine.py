@@ -44,6 +44,15 @@ def test_reference_unet_has_17_3_m_parameters_and_any_size_works() -> None:
     assert ModelConfig.from_json(ModelConfig(base_width=8).to_json()) == ModelConfig(base_width=8)
 
 
+def test_train_config_names_the_bad_field() -> None:
+    TrainConfig().validate()
+    for bad, field in [({"crop_size": 200}, "crop_size"), ({"crop_size": 40}, "crop_size"), ({"lr": 0.0}, "lr"),
+                       ({"lr": float("nan")}, "lr"), ({"weight_decay": -1.0}, "lr"), ({"tau": 0.0}, "tau"),
+                       ({"loss": "focal"}, "loss"), ({"epochs": 0}, "batch_size")]:
+        with pytest.raises(InputError, match=f"^{field}: "):
+            TrainConfig(**bad).validate()
+
+
 def test_checkpoint_roundtrip_and_nan_refused(tmp_path: Path) -> None:
     pair = init_pair(TINY, seed=3)
     path = save_checkpoint(tmp_path / "c.safetensors", pair, TINY, {"image_size": 32})

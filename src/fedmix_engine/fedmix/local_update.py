@@ -57,6 +57,8 @@ class TrainConfig:
             raise InputError("loss", f"'{self.loss}' is not one of {', '.join(LOSSES)}")
         if not 0 < self.tau <= 1 or not 0 <= self.min_box_fill <= 1:
             raise InputError("tau", "tau must be in (0, 1] and min_box_fill in [0, 1]")
+        if not self.lr > 0 or not self.weight_decay >= 0:  # written with `not` so that NaN is refused too
+            raise InputError("lr", f"lr must be > 0 and weight_decay ≥ 0, not {self.lr} and {self.weight_decay}")
         if self.batch_size < 1 or self.epochs < 1:
             raise InputError("batch_size", "batch_size and epochs must be ≥ 1")
 
