@@ -95,8 +95,8 @@ def table(results: dict[tuple[str, str], dict[int, dict[str, float]]], setting: 
         if gap > 2 * gap_err:  # a share of a gap within noise would be a ratio of noise
             closed = [f"{m} {100 * paired(overall(m), base)[0] / gap:.0f} %"
                       for m in ORDER if m in methods and m not in ("supervised-upper", BASELINE)]
-            lines += ["", f"Gap between {BASELINE} and supervised-upper: {gap:.1f} points; share of it closed: "
-                          + ", ".join(closed) + "."]
+            shares = f"; share of it closed: {', '.join(closed)}" if closed else ""
+            lines += ["", f"Gap between {BASELINE} and supervised-upper: {gap:.1f} points{shares}."]
         else:
             lines += ["", f"No gap between {BASELINE} and supervised-upper beyond noise ({gap:+.1f} ± {gap_err:.1f}):"
                           " no share of it to close."]

@@ -57,3 +57,10 @@ def test_paired_standard_error(quality):
     mean, err = quality.paired({0: 3.0, 1: 5.0, 2: 7.0}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 9.0})
     assert mean == pytest.approx(4.0)  # seed 3 has no partner and is left out
     assert err == pytest.approx(2.0 / 3**0.5)
+
+
+def test_gap_line_without_a_weak_label_method_names_no_shares(quality):
+    upper = {0: _row(0.90, 0.70), 1: _row(0.50, 0.30), 2: _row(0.70, 0.50)}
+    results = {("a", "fedavg-mask-only"): MASK_ONLY, ("a", "supervised-upper"): upper}
+    lines = quality.table(results, "a", ["supervised-upper", "fedavg-mask-only"])
+    assert lines[-1] == "Gap between fedavg-mask-only and supervised-upper: 10.0 points."
