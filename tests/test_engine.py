@@ -47,8 +47,10 @@ def test_reference_unet_has_17_3_m_parameters_and_any_size_works() -> None:
 def test_train_config_names_the_bad_field() -> None:
     TrainConfig().validate()
     for bad, field in [({"crop_size": 200}, "crop_size"), ({"crop_size": 40}, "crop_size"), ({"lr": 0.0}, "lr"),
-                       ({"lr": float("nan")}, "lr"), ({"weight_decay": -1.0}, "lr"), ({"tau": 0.0}, "tau"),
-                       ({"loss": "focal"}, "loss"), ({"epochs": 0}, "batch_size")]:
+                       ({"lr": float("nan")}, "lr"), ({"weight_decay": -1.0}, "weight_decay"), ({"tau": 0.0}, "tau"),
+                       ({"tau": float("nan")}, "tau"), ({"min_box_fill": 1.5}, "min_box_fill"),
+                       ({"loss": "focal"}, "loss"), ({"batch_size": 0}, "batch_size"), ({"epochs": 0}, "epochs"),
+                       ({"pl_batch_size": -1}, "pl_batch_size"), ({"pl_warmup_rounds": -2}, "pl_warmup_rounds")]:
         with pytest.raises(InputError, match=f"^{field}: "):
             TrainConfig(**bad).validate()
 

@@ -49,18 +49,26 @@ class TrainConfig:
     pl_warmup_rounds: int = 0  # rounds (1-based) before pseudo-labels; until then masks (+ negatives beside them)
 
     def validate(self) -> None:
+        """Refuse a setting that would fail late or train silently wrong; the error names its field."""
         if self.crop_size > self.image_size:
             raise InputError("crop_size", f"{self.crop_size} is larger than image_size {self.image_size}")
         if self.crop_size % 16:
             raise InputError("crop_size", f"must be a multiple of 16 (four 2× poolings), not {self.crop_size}")
         if self.loss not in LOSSES:
             raise InputError("loss", f"'{self.loss}' is not one of {', '.join(LOSSES)}")
-        if not 0 < self.tau <= 1 or not 0 <= self.min_box_fill <= 1:
-            raise InputError("tau", "tau must be in (0, 1] and min_box_fill in [0, 1]")
-        if not self.lr > 0 or not self.weight_decay >= 0:  # written with `not` so that NaN is refused too
-            raise InputError("lr", f"lr must be > 0 and weight_decay ≥ 0, not {self.lr} and {self.weight_decay}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise InputError("batch_size", "batch_size and epochs must be ≥ 1")
+        ranges = {  # each written as the condition that holds, so that NaN fails it too
+            "tau": (0 < self.tau <= 1, "in (0, 1]"),
+            "min_box_fill": (0 <= self.min_box_fill <= 1, "in [0, 1]"),
+            "lr": (self.lr > 0, "> 0"),
+            "weight_decay": (self.weight_decay >= 0, "≥ 0"),
+            "batch_size": (self.batch_size >= 1, "≥ 1"),
+            "epochs": (self.epochs >= 1, "≥ 1"),
+            "pl_batch_size": (self.pl_batch_size >= 0, "≥ 0 (0: chosen per device)"),
+            "pl_warmup_rounds": (self.pl_warmup_rounds >= 0, "≥ 0"),
+        }
+        for name, (holds, requirement) in ranges.items():
+            if not holds:
+                raise InputError(name, f"must be {requirement}, not {getattr(self, name)}")
 
 
 @dataclass
