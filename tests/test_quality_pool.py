@@ -15,24 +15,24 @@ from pathlib import Path
 QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
 
 
+def _state_and_parent(stat: Path) -> tuple[str, int] | None:
+    """A process's state letter and parent pid from /proc/PID/stat; None once it has gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        return fields[0], int(fields[1])
+    except (OSError, IndexError):
+        return None
+
+
 def _children(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (from /proc; zombies count as gone)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+    """Live child processes of ``pid`` (zombies count as gone)."""
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+            if (found := _state_and_parent(stat)) and found[1] == pid and found[0] != "Z"]
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    found = _state_and_parent(Path(f"/proc/{pid}/stat"))
+    return found is not None and found[0] != "Z"
 
 
 def test_sigterm_stops_the_benchmark_and_its_workers(tmp_path: Path) -> None:
