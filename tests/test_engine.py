@@ -255,3 +255,38 @@ def test_validation_dice_from_a_file_or_downloaded_bytes(sample: Path, tmp_path:
     data = EvalSet.from_store(sample / "eval" / "site-a" / "val", 32, 1)
     from_file = validation_dice(path, data, "cpu")
     assert 0.0 <= from_file <= 1.0 and validation_dice(path.read_bytes(), data, "cpu") == from_file
+
+
+def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp_path: Path) -> None:
+    import csv
+
+    import imageio.v3 as iio
+    import tifffile
+
+    from fedmix_engine.predict import NOT_RUN, Predictor, iter_predict_folder
+
+    predictor = Predictor(init_pair(TINY, 0), TINY, 32, CPU)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(folder / "scan.tif", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    iio.imwrite(folder / "Scan.png", rng.integers(0, 255, (36, 44), dtype=np.uint8))
+    tifffile.imwrite(folder / "zeta.tif", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+
+    def summary() -> list[dict[str, str]]:
+        with open(out / "summary.csv", newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    rows = [row for _, _, row in iter_predict_folder(predictor, folder, out)]
+    assert sorted(r.mask_file for r in rows) == ["Scan_png_mask.tif", "scan_tif_mask.tif", "zeta_mask.tif"]
+    assert tifffile.imread(out / "Scan_png_mask.tif").shape == (36, 44)  # not overwritten by scan.tif's mask
+    assert tifffile.imread(out / "scan_tif_mask.tif").shape == (40, 48)
+    assert [r["status"] for r in summary()] == ["ok"] * 3
+
+    # stopped after the first image: the summary of the finished run is replaced, the rest listed as not run
+    batch = iter_predict_folder(predictor, folder, out)
+    next(batch)
+    batch.close()
+    assert [(r["file"], r["status"]) for r in summary()] == [
+        ("Scan.png", "ok"), ("scan.tif", NOT_RUN), ("zeta.tif", NOT_RUN)]
+    assert summary()[0]["mask_file"] == "Scan_png_mask.tif"

@@ -124,7 +124,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict masks for a folder of images with a checkpoint")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("input", type=Path, help="folder of images")
-    p.add_argument("out", type=Path, help="output folder: <stem>_mask.tif per image and summary.csv")
+    p.add_argument("out", type=Path, help="output folder: <stem>_mask.tif per image (<stem>_<suffix>_mask.tif "
+                   "where two images share a stem) and summary.csv")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--inference", choices=("net1", "mean"))
     p.add_argument("--device", default="auto")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
 from fedmix_engine.data.imageio import IMAGE_SUFFIXES, normalise_image, read_image
 from fedmix_engine.data.site_store import SiteStore
@@ -146,45 +147,72 @@ class BatchRow:
     width: int
     foreground_fraction: float
     status: str
+    mask_file: str = ""  # the mask written for ``file`` ("" when none was)
+
+
+SUMMARY_COLUMNS = ("file", "mask_file", "height", "width", "foreground_fraction", "status")
+NOT_RUN = "not run: the batch was stopped before this file"
+
+
+def mask_names(files: list[Path]) -> dict[Path, str]:
+    """The output name of each input: ``<stem>_mask.tif``, or ``<stem>_<suffix>_mask.tif`` for inputs
+    sharing a stem (``scan.png`` and ``scan.tif`` must not overwrite each other's mask).
+
+    Stems are compared case-insensitively: ``Scan.tif`` and ``scan.png`` collide on macOS and Windows."""
+    stems: dict[str, int] = {}
+    for path in files:
+        stems[path.stem.lower()] = stems.get(path.stem.lower(), 0) + 1
+    return {path: f"{path.stem}_{path.suffix.lstrip('.').lower()}_mask.tif" if stems[path.stem.lower()] > 1
+            else f"{path.stem}_mask.tif" for path in files}
 
 
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
                         threshold: float = 0.5) -> Iterator[tuple[int, int, BatchRow]]:
-    """Predict every image in ``folder`` into ``out/<stem>_mask.tif``; yields (done, total, row).
+    """Predict every image in ``folder`` into ``out`` (names: ``mask_names``); yields (done, total, row).
 
     Unreadable or odd files are skipped with their reason in the row; the run never stops on them.
-    A ``summary.csv`` (file, height, width, foreground_fraction, status) is written at the end.
+    ``summary.csv`` (``SUMMARY_COLUMNS``) is written at the end, also when the run stops early
+    (the generator is closed, an error or Ctrl-C): the files not reached are listed as not run,
+    so a summary never describes an earlier run's masks.
     """
     import tifffile
-
-    from fedmix_engine.atomic import atomic_write_bytes
 
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise InputError(folder, "input folder not found")
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    names = mask_names([p for p in files if p.suffix.lower() in IMAGE_SUFFIXES])
     rows: list[BatchRow] = []
-    for done, path in enumerate(files, start=1):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: not an image ({path.suffix or 'no suffix'})")
-        else:
-            try:
-                image = read_image(path)
-                mask = predictor.mask(image, threshold)
-                buffer = io.BytesIO()
-                tifffile.imwrite(buffer, mask, photometric="minisblack")
-                atomic_write_bytes(out / f"{path.stem}_mask.tif", buffer.getvalue())
-                row = BatchRow(path.name, mask.shape[0], mask.shape[1], round(float((mask > 0).mean()), 6), "ok")
-            except InputError as exc:
-                row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: {exc.reason}")
-        rows.append(row)
-        yield done, len(files), row
-    with open(out / "summary.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "height", "width", "foreground_fraction", "status"])
-        for r in rows:
-            writer.writerow([r.file, r.height, r.width, r.foreground_fraction, r.status])
+    try:
+        for done, path in enumerate(files, start=1):
+            if path not in names:
+                row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: not an image ({path.suffix or 'no suffix'})")
+            else:
+                try:
+                    image = read_image(path)
+                    mask = predictor.mask(image, threshold)
+                    buffer = io.BytesIO()
+                    tifffile.imwrite(buffer, mask, photometric="minisblack")
+                    atomic_write_bytes(out / names[path], buffer.getvalue())
+                    row = BatchRow(path.name, mask.shape[0], mask.shape[1], round(float((mask > 0).mean()), 6), "ok",
+                                   names[path])
+                except InputError as exc:
+                    row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: {exc.reason}")
+            rows.append(row)
+            yield done, len(files), row
+    finally:
+        not_run = [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in files[len(rows):]]
+        _write_summary(out / "summary.csv", rows + not_run)
+
+
+def _write_summary(path: Path, rows: list[BatchRow]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(SUMMARY_COLUMNS)
+    for r in rows:
+        writer.writerow([getattr(r, column) for column in SUMMARY_COLUMNS])
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
 def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
