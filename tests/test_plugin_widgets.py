@@ -153,12 +153,61 @@ def test_batch_predict_writes_masks_and_csv_and_lists_the_corrupt_file(make_napa
     widget.checkpoint.setText(str(checkpoint))
     widget.output.setText(str(tmp_path / "out"))
     widget.open_results.setChecked(True)
+    (tmp_path / "out").mkdir()
+    tifffile.imwrite(tmp_path / "out" / "earlier_mask.tif", np.zeros((10, 10), np.uint8))  # not this run's
     worker = widget.run()
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass
     qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
-    assert len(list((tmp_path / "out").glob("*_mask.tif"))) == 3
+    assert len(list((tmp_path / "out").glob("scan-*_mask.tif"))) == 3
     csv_text = (tmp_path / "out" / "summary.csv").read_text()
     assert "broken.tif" in csv_text and "unreadable or corrupt" in csv_text
     assert widget.skipped.count() >= 1 and "broken.tif" in widget.skipped.item(0).text()
     assert "FedMix batch masks" in viewer.layers and viewer.layers["FedMix batch masks"].data.shape == (3, 40, 48)
+
+
+def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napari_viewer, qtbot, tmp_path, images,
+                                                                     monkeypatch):
+    import csv
+
+    from fedmix_engine.predict import NOT_RUN, Predictor
+    from napari_fedmix.predict_widget import BatchPredictWidget
+
+    checkpoint = save_checkpoint(tmp_path / "model" / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                 ModelConfig(base_width=4), {"image_size": 32})
+    widget = BatchPredictWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    widget.checkpoint.setText(str(checkpoint))
+
+    # a missing input folder is refused before anything starts
+    widget.input.setText(str(tmp_path / "no-such-folder"))
+    widget.output.setText(str(tmp_path / "out"))
+    assert widget.run() is None and "no-such-folder" in widget.status.text()
+
+    # an error inside the run (the output folder cannot be made: a file is in the way) stays on screen
+    (tmp_path / "model" / "a-file").write_text("")
+    widget.input.setText(str(images[0].parent))
+    widget.output.setText(str(tmp_path / "model" / "a-file" / "out"))
+    with qtbot.capture_exceptions() as relayed:  # napari also relays a worker's error to its notifications
+        assert widget.run() is not None
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)  # the run has finished
+    assert widget.status.text().startswith("error: ") and "a-file" in widget.status.text()
+    assert [type(e[1]) for e in relayed] == [type(widget.error)] and isinstance(widget.error, OSError)
+    assert widget.run_button.isEnabled()
+
+    # Cancel while the first image is predicted (from the worker's thread, so it cannot arrive late)
+    real_mask = Predictor.mask
+
+    def mask_then_cancel(self, image, threshold=0.5):
+        widget.worker.quit()  # what Cancel does, minus the label text (widgets belong to the GUI thread)
+        return real_mask(self, image, threshold)
+
+    monkeypatch.setattr(Predictor, "mask", mask_then_cancel)
+    widget.output.setText(str(tmp_path / "out"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text().startswith("stopped after 1 of 3 files; 1 mask(s) written")
+    with open(tmp_path / "out" / "summary.csv", newline="") as handle:
+        statuses = [row["status"] for row in csv.DictReader(handle)]
+    assert statuses == ["ok", NOT_RUN, NOT_RUN]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.tif")) == ["scan-0_mask.tif"]

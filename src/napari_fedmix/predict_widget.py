@@ -146,6 +146,7 @@ class BatchPredictWidget(QWidget):
         self.skipped = QListWidget()
         self.worker = None
         self.rows: list = []
+        self.total, self.error = 0, None
         layout = QVBoxLayout(self)
         form = QFormLayout()
         form.addRow("images folder", _path_row(self.input, self, "Folder of images", folder=True))
@@ -170,16 +171,19 @@ class BatchPredictWidget(QWidget):
         try:
             if not (self.input.text() and self.output.text()):
                 raise InputError("folders", "choose an images folder and an output folder")
+            if not Path(self.input.text()).is_dir():
+                raise InputError(self.input.text(), "images folder not found")
             predictor = Predictor.from_checkpoint(self.checkpoint.text().strip() or "model.safetensors")
         except InputError as exc:
             self.status.setText(str(exc))
             return None
-        self.rows, out = [], Path(self.output.text())
+        self.rows, self.total, self.error, out = [], 0, None, Path(self.output.text())
         self.skipped.clear()
-        self.worker = create_worker(iter_predict_folder, predictor, self.input.text(), out, _start_thread=False)
+        batch = iter_predict_folder(predictor, self.input.text(), out)
+        self.worker = create_worker(lambda: (yield from batch), _start_thread=False)
         self.worker.yielded.connect(self._on_row)
-        self.worker.errored.connect(lambda exc: self.status.setText(f"error: {exc}"))
-        self.worker.finished.connect(lambda: self._on_finished(out))
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(lambda: self._on_finished(batch, out))
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.worker.start()
@@ -187,30 +191,38 @@ class BatchPredictWidget(QWidget):
 
     def cancel(self) -> None:
         if self.worker is not None:
+            self.status.setText("stopping after the current image…")
             self.worker.quit()
 
     def _on_row(self, item) -> None:
-        done, total, row = item
+        done, self.total, row = item
         self.rows.append(row)
-        self.progress.setRange(0, total)
+        self.progress.setRange(0, self.total)
         self.progress.setValue(done)
-        self.status.setText(f"{done}/{total}: {row.file}")
+        self.status.setText(f"{done}/{self.total}: {row.file}")
         if row.status != "ok":
             self.skipped.addItem(f"{row.file}: {row.status}")
 
-    def _on_finished(self, out: Path) -> None:
-        ok = sum(r.status == "ok" for r in self.rows)
-        self.status.setText(f"{ok} mask(s) written to {out} (summary.csv); {len(self.rows) - ok} skipped")
+    def _on_error(self, exc: Exception) -> None:
+        self.error = exc
+        self.status.setText(f"error: {exc}" if isinstance(exc, InputError) else f"error: {type(exc).__name__}: {exc}")
+
+    def _on_finished(self, batch, out: Path) -> None:
+        batch.close()  # a cancelled run writes its summary.csv now (the rest listed as not run)
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.worker = None
-        if self.open_results.isChecked() and ok:
+        written = [out / r.mask_file for r in self.rows if r.status == "ok"]
+        skipped = sum(r.status != "ok" for r in self.rows)
+        if self.error is None:
+            stopped = f"stopped after {len(self.rows)} of {self.total} files; " if len(self.rows) < self.total else ""
+            self.status.setText(f"{stopped}{len(written)} mask(s) written to {out} (summary.csv); {skipped} skipped")
+        if self.open_results.isChecked() and written:
             import tifffile
 
-            masks = [tifffile.imread(p) for p in sorted(out.glob("*_mask.tif"))]
-            shapes = {m.shape for m in masks}
-            if len(shapes) == 1:
+            masks = [tifffile.imread(p) for p in written]
+            if len({m.shape for m in masks}) == 1:
                 self.viewer.add_labels(np.stack(masks), name="FedMix batch masks")
             else:
-                for path, mask in zip(sorted(out.glob("*_mask.tif")), masks, strict=True):
+                for path, mask in zip(written, masks, strict=True):
                     self.viewer.add_labels(mask, name=path.stem)
