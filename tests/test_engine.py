@@ -290,3 +290,24 @@ def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp
     assert [(r["file"], r["status"]) for r in summary()] == [
         ("Scan.png", "ok"), ("scan.tif", NOT_RUN), ("zeta.tif", NOT_RUN)]
     assert summary()[0]["mask_file"] == "Scan_png_mask.tif"
+
+
+def test_simulate_refuses_a_site_given_twice_a_file_as_out_and_negative_threads(sample: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    import shutil
+
+    common = ["simulate", "--eval", str(sample / "eval"), "--rounds", "1", "--width", "4", "--image-size", "32",
+              "--crop-size", "32", "--device", "cpu"]
+    copy = tmp_path / "copy-of-a"
+    shutil.copytree(sample / "site-a", copy)  # another folder, the same site.json name
+    for twice in ([sample / "site-a", sample / "site-a"], [sample / "site-a", copy]):
+        assert main([*common, "--sites", *map(str, twice), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert f"--sites: '{twice[0]}' and '{twice[1]}' are both site 'site-a'" in err
+    assert not (tmp_path / "run").exists(), "refused before anything was written or trained"
+    (tmp_path / "a-file").write_text("keep me")
+    assert main([*common, "--sites", str(sample / "site-a"), "--out", str(tmp_path / "a-file")]) == 2
+    assert "a-file: is a file: give a folder" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    assert main([*common, "--sites", str(sample / "site-a"), "--threads", "-1"]) == 2
+    assert "--threads: must be ≥ 0" in capsys.readouterr().err

@@ -38,6 +38,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedmix_engine.model import ModelConfig
     from fedmix_engine.simulate import RoundDone, SimulationConfig, SimulationResult, iter_simulation
 
+    if args.threads < 0:
+        raise InputError("--threads", f"must be ≥ 0 (0: torch's default), not {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     sites, eval_root = _sites_from(args)

@@ -116,9 +116,13 @@ def _site_name(path: Path) -> str:
 def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: SimulationConfig) -> list[_Site]:
     if not site_dirs:
         raise InputError("--sites", "give at least one site folder")
-    sites, classes = [], None
+    sites, classes, seen = [], None, {}
     for path in site_dirs:
         name = _site_name(path)
+        if name in seen:  # the server keys uploads by site name; found now, not after a round of training
+            raise InputError("--sites", f"'{seen[name]}' and '{path}' are both site '{name}': give each site once "
+                             "(sites are told apart by the name in site.json)")
+        seen[name] = path
         train_dir = path
         if config.method == "supervised-upper":
             if eval_root is None:
@@ -165,6 +169,8 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
     sites = _load_sites([Path(p) for p in site_dirs], eval_root, config)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
+        if out.exists() and not out.is_dir():
+            raise InputError(out, "is a file: give a folder for the run's metrics and checkpoints")
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
         (out / "config.json").write_text(json.dumps(
