@@ -179,7 +179,11 @@ def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Pat
 
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
-        raise InputError(folder, "input folder not found")
+        raise InputError(folder, "is a file, not a folder of images" if folder.exists() else "input folder not found")
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "is a file: give a folder for the masks and summary.csv")
+    if not 0 < threshold < 1:
+        raise InputError("threshold", f"a probability threshold must be in (0, 1), not {threshold}")
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     names = mask_names([p for p in files if p.suffix.lower() in IMAGE_SUFFIXES])
