@@ -308,3 +308,28 @@ def test_join_explains_a_bad_token_and_an_api_mismatch(sample: Path, tmp_path: P
         mismatch = join(server.url + "/v0", make_tokens(state, ["site-z"])["site-z"])
         assert mismatch.returncode == 3 and "does not speak API v1" in mismatch.stdout
         assert server.status()["uploaded"] == []
+
+
+def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_a_token_is_replaced(
+        tmp_path: Path, capsys) -> None:
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.tokens import TokenStore
+
+    state = tmp_path / "state"
+    assert main(["token", "add", "site-a", "--state", str(state)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert main(["token", "add", "site-a", "--state", str(state)]) == 0
+    second, note = capsys.readouterr().out.splitlines()
+    assert "the earlier token of this site no longer works" in note
+    tokens = TokenStore(state)
+    assert tokens.site_for(first) is None and tokens.site_for(second) == "site-a"
+
+    (tmp_path / "a-file").write_text("keep me")
+    for argv in (["token", "add", "site-b"], ["serve"]):
+        assert main([*argv, "--state", str(tmp_path / "a-file")]) == 2
+        assert "a-file: is a file, not a server state directory" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", "--state", str(state), "--port", "99999"])
+    assert refused.value.code == 2
+    assert "--port: a TCP port is a number from 1 to 65535, not '99999'" in capsys.readouterr().err

@@ -36,12 +36,24 @@ def _server_config(args: argparse.Namespace):
                    train=replace(base.train, **_given(args, TRAIN_OPTIONS)))
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is a number from 1 to 65535, not '{text}'")
+    return int(text)
+
+
+def _check_state_dir(state: Path) -> None:
+    if state.exists() and not state.is_dir():
+        raise InputError(state, "is a file, not a server state directory (--state names a folder)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.server import serve
     from fedmix_engine.federation.state import CONFIG_FILE
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InputError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
+    _check_state_dir(args.state)
     given = any(getattr(args, k) is not None for k in SETTINGS)
     resuming = (Path(args.state) / CONFIG_FILE).exists()
     config = _server_config(args) if (given or not resuming) else None
@@ -76,13 +88,16 @@ def cmd_join(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.tokens import TokenStore
 
+    _check_state_dir(args.state)
     store = TokenStore(args.state)
     if args.action == "add":
         if not args.site:
             raise InputError("SITE", "name the site: fedmix-engine token add SITE --state DIR")
+        replaced = args.site in store.sites()
         token = store.add(args.site)
         print(token)
-        print(f"(token for site '{args.site}': shown once, stored hashed in {store.path})", flush=True)
+        print(f"(token for site '{args.site}': shown once, stored hashed in {store.path}"
+              f"{'; the earlier token of this site no longer works' if replaced else ''})", flush=True)
     elif args.action == "revoke":
         store.revoke(args.site)
         print(f"revoked the token of site '{args.site}'")
@@ -122,7 +137,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the aggregation server (resumes from --state after a restart)")
     p.add_argument("--state", type=Path, required=True, help="state directory (rounds, uploads, tokens)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=_port, default=8765)
     p.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--log-level", default="warning")
