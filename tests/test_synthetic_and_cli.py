@@ -186,6 +186,22 @@ def test_cli_errors_name_the_folder(tmp_path: Path, capsys) -> None:
     assert "not a site folder" in capsys.readouterr().err
 
 
+def test_site_import_refuses_a_missing_input_before_creating_or_importing(tmp_path: Path, capsys, rng) -> None:
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    site = tmp_path / "new-site"
+    for extra, missing in ((["--masks", str(clinic / "maks")], "maks: folder not found"),
+                           (["--tags", str(clinic / "tag.csv")], "tag.csv: file not found")):
+        argv = ["site", "import", str(site), "--images", str(clinic / "images"), "--classes", "lesion", *extra]
+        assert main(argv) == 2
+        assert missing in capsys.readouterr().err
+        assert not site.exists(), "no half-made site for a typo"
+    assert main(["site", "import", str(site), "--images", str(clinic / "images"), "--classes", "lesion"]) == 0
+    capsys.readouterr()
+    assert main(["site", "import", str(site), "--images", str(clinic / "nowhere")]) == 2
+    assert "nowhere: folder not found" in capsys.readouterr().err
+
+
 def test_flower_app_folder_from_the_cli(tmp_path: Path, capsys) -> None:
     """Writing the Flower App needs no flwr; values are typed like TOML, bad ones refused before writing."""
     assert main(["flower-app", str(tmp_path / "app"), "--set", "num-server-rounds=3", "--set", "keep-updates=true",

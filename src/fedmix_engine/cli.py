@@ -33,9 +33,10 @@ def cmd_site_init(args: argparse.Namespace) -> int:
 
 
 def cmd_site_import(args: argparse.Namespace) -> int:
-    from fedmix_engine.data.importer import import_folder
+    from fedmix_engine.data.importer import check_sources, import_folder
     from fedmix_engine.data.site_store import CONFIG_FILE, SiteStore
 
+    check_sources(args.images, args.masks, args.boxes, args.tags)  # before a new site folder is made
     if not (Path(args.dir) / CONFIG_FILE).exists() and args.classes:
         store = SiteStore.create(args.dir, args.classes)
     else:

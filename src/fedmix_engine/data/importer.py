@@ -50,15 +50,11 @@ class ImportReport:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise InputError(folder, "folder not found")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                   and not p.name.startswith("."))
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    if not path.is_file():
-        raise InputError(path, "file not found")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
@@ -78,10 +74,20 @@ def _resolve_image(ids: set[str], name: str) -> str | None:
     return candidate if candidate in ids else None
 
 
+def check_sources(images: str | Path, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
+                  tags_csv: str | Path | None = None) -> None:
+    """Refuse a missing input before anything is imported (or a new site is created for it), so a
+    typo in ``--masks`` does not leave the images imported without their masks."""
+    for path, folder in ((images, True), (masks, True), (boxes_csv, False), (tags_csv, False)):
+        if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
+            raise InputError(path, "folder not found" if folder else "file not found")
+
+
 def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None = None,
                   boxes_csv: str | Path | None = None, tags_csv: str | Path | None = None,
                   author: str | None = None, progress: Callable[[int, int], None] | None = None) -> ImportReport:
     """Import images, masks (matched by file stem) and box/tag tables into ``store``."""
+    check_sources(images, masks, boxes_csv, tags_csv)
     report = ImportReport()
     files = _image_files(Path(images))
     sources = {rec.id: rec.source for rec in store.records()}
