@@ -307,7 +307,7 @@ def test_simulate_refuses_a_site_given_twice_a_file_as_out_and_negative_threads(
     assert not (tmp_path / "run").exists(), "refused before anything was written or trained"
     (tmp_path / "a-file").write_text("keep me")
     assert main([*common, "--sites", str(sample / "site-a"), "--out", str(tmp_path / "a-file")]) == 2
-    assert "a-file: is a file: give a folder" in capsys.readouterr().err
+    assert "a-file: is a file where a folder is needed" in capsys.readouterr().err
     assert (tmp_path / "a-file").read_text() == "keep me"
     assert main([*common, "--sites", str(sample / "site-a"), "--threads", "-1"]) == 2
     assert "--threads: must be ≥ 0" in capsys.readouterr().err
@@ -320,7 +320,7 @@ def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path
     (tmp_path / "in").mkdir()
     (tmp_path / "a-file").write_text("keep me")
     cases = [(tmp_path / "a-file", tmp_path / "out", 0.5, "a-file: is a file, not a folder of images"),
-             (tmp_path / "in", tmp_path / "a-file", 0.5, "a-file: is a file: give a folder"),
+             (tmp_path / "in", tmp_path / "a-file", 0.5, "a-file: is a file where a folder is needed"),
              (tmp_path / "in", tmp_path / "out", 1.5, "threshold: a probability threshold must be in (0, 1), not 1.5"),
              (tmp_path / "in", tmp_path / "out", float("nan"), "threshold: a probability threshold")]
     for folder, out, threshold, message in cases:

@@ -13,6 +13,7 @@ from qtpy.QtCore import Qt, QTimer
 from fedmix_engine.checkpoint import save_checkpoint
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.pair import init_pair
 from fedmix_engine.model import ModelConfig
 
@@ -191,8 +192,8 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
     with qtbot.capture_exceptions() as relayed:  # napari also relays a worker's error to its notifications
         assert widget.run() is not None
         qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)  # the run has finished
-    assert widget.status.text().startswith("error: ") and "a-file" in widget.status.text()
-    assert [type(e[1]) for e in relayed] == [type(widget.error)] and isinstance(widget.error, OSError)
+    assert widget.status.text().startswith("error: ") and "a-file: is a file where a folder" in widget.status.text()
+    assert [type(e[1]) for e in relayed] == [type(widget.error)] and isinstance(widget.error, InputError)
     assert widget.run_button.isEnabled()
 
     # Cancel while the first image is predicted (from the worker's thread, so it cannot arrive late)

@@ -202,6 +202,16 @@ def test_site_import_refuses_a_missing_input_before_creating_or_importing(tmp_pa
     assert "nowhere: folder not found" in capsys.readouterr().err
 
 
+def test_a_file_where_an_output_folder_belongs_is_named(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a-file").write_text("keep me")
+    for argv in (["make-sample", str(tmp_path / "a-file"), "--images", "2", "--size", "32"],
+                 ["make-sample", str(tmp_path / "a-file" / "sample"), "--images", "2", "--size", "32"],
+                 ["flower-app", str(tmp_path / "a-file")]):
+        assert main(argv) == 2
+        assert f"{tmp_path / 'a-file'}: is a file where a folder is needed" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "keep me"
+
+
 def test_flower_app_folder_from_the_cli(tmp_path: Path, capsys) -> None:
     """Writing the Flower App needs no flwr; values are typed like TOML, bad ones refused before writing."""
     assert main(["flower-app", str(tmp_path / "app"), "--set", "num-server-rounds=3", "--set", "keep-updates=true",

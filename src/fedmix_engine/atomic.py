@@ -13,12 +13,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from fedmix_engine.errors import InputError
+
+
+def make_folder(path: str | Path) -> Path:
+    """``mkdir -p`` that names the file in the way (an ``InputError``: ``--out`` given a file, or a
+    file where a parent folder should be) instead of a FileExistsError traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise InputError(blocker, "is a file where a folder is needed") from None
+    return path
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """Open a temporary file for binary writing that replaces ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
 from fedmix_engine.data.imageio import IMAGE_SUFFIXES, normalise_image, read_image
 from fedmix_engine.data.site_store import SiteStore
@@ -180,11 +180,9 @@ def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Pat
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise InputError(folder, "is a file, not a folder of images" if folder.exists() else "input folder not found")
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "is a file: give a folder for the masks and summary.csv")
     if not 0 < threshold < 1:
         raise InputError("threshold", f"a probability threshold must be in (0, 1), not {threshold}")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     names = mask_names([p for p in files if p.suffix.lower() in IMAGE_SUFFIXES])
     rows: list[BatchRow] = []

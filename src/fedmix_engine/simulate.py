@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmix_engine.atomic import make_folder
 from fedmix_engine.checkpoint import save_checkpoint
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import SiteTensors, load_site_tensors
@@ -169,9 +170,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
     sites = _load_sites([Path(p) for p in site_dirs], eval_root, config)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        if out.exists() and not out.is_dir():
-            raise InputError(out, "is a file: give a folder for the run's metrics and checkpoints")
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         (out / "metrics.jsonl").write_text("")
         (out / "config.json").write_text(json.dumps(
             {**asdict(config), "sites": [str(p) for p in site_dirs], "eval": str(eval_root),

@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.data.imageio import normalise_image, read_image, validate_image, validate_mask
 from fedmix_engine.errors import InputError
 
@@ -221,9 +221,9 @@ class SiteStore:
             raise InputError("channels", f"must be 1 (grey) or 3 (colour), not {channels}")
         if (root / CONFIG_FILE).exists():
             raise InputError(root, "a site already exists here; open it instead of creating it")
-        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+        if root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")):
             raise InputError(root, "folder is not empty; choose a new folder for the site")
-        (root / "images").mkdir(parents=True, exist_ok=True)
+        make_folder(root / "images")
         (root / "masks").mkdir(exist_ok=True)
         config = SiteConfig(name or root.resolve().name, classes, channels)
         store = cls(root, config, readonly=False, clock=clock)

@@ -274,7 +274,7 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
             if k not in KINDS:
                 raise InputError("--supervision", f"unknown kind '{k}'; use mask, box or tag")
         site_kinds = kinds
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise InputError(out, "output folder is not empty; choose a new folder")
 
     class_names = CLASS_SETS[classes]
