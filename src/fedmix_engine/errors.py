@@ -16,3 +16,9 @@ class InputError(ValueError):
         self.where = str(where)
         self.reason = reason
         super().__init__(f"{self.where}: {reason}")
+
+
+def error_line(exc: BaseException) -> str:
+    """One status line for a person: an ``InputError`` already says where and what; anything else
+    gets its type, since "[Errno 28] No space left on device" alone hides that it is an OSError."""
+    return f"error: {exc}" if isinstance(exc, InputError) else f"error: {type(exc).__name__}: {exc}"

@@ -166,6 +166,16 @@ def mask_names(files: list[Path]) -> dict[Path, str]:
             else f"{path.stem}_mask.tif" for path in files}
 
 
+def check_batch(folder: str | Path, threshold: float = 0.5) -> None:
+    """Refuse a batch whose input folder or threshold is wrong, before any work (a GUI calls it
+    before starting its worker)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "is a file, not a folder of images" if folder.exists() else "input folder not found")
+    if not 0 < threshold < 1:
+        raise InputError("threshold", f"a probability threshold must be in (0, 1), not {threshold}")
+
+
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
                         threshold: float = 0.5) -> Iterator[tuple[int, int, BatchRow]]:
     """Predict every image in ``folder`` into ``out`` (names: ``mask_names``); yields (done, total, row).
@@ -178,10 +188,7 @@ def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Pat
     import tifffile
 
     folder, out = Path(folder), Path(out)
-    if not folder.is_dir():
-        raise InputError(folder, "is a file, not a folder of images" if folder.exists() else "input folder not found")
-    if not 0 < threshold < 1:
-        raise InputError("threshold", f"a probability threshold must be in (0, 1), not {threshold}")
+    check_batch(folder, threshold)
     make_folder(out)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     names = mask_names([p for p in files if p.suffix.lower() in IMAGE_SUFFIXES])

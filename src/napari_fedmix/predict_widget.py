@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import InputError, error_line
 
 if TYPE_CHECKING:
     import napari
@@ -166,13 +166,12 @@ class BatchPredictWidget(QWidget):
     def run(self):
         from napari.qt.threading import create_worker
 
-        from fedmix_engine.predict import Predictor, iter_predict_folder
+        from fedmix_engine.predict import Predictor, check_batch, iter_predict_folder
 
         try:
             if not (self.input.text() and self.output.text()):
                 raise InputError("folders", "choose an images folder and an output folder")
-            if not Path(self.input.text()).is_dir():
-                raise InputError(self.input.text(), "images folder not found")
+            check_batch(self.input.text())
             predictor = Predictor.from_checkpoint(self.checkpoint.text().strip() or "model.safetensors")
         except InputError as exc:
             self.status.setText(str(exc))
@@ -205,7 +204,7 @@ class BatchPredictWidget(QWidget):
 
     def _on_error(self, exc: Exception) -> None:
         self.error = exc
-        self.status.setText(f"error: {exc}" if isinstance(exc, InputError) else f"error: {type(exc).__name__}: {exc}")
+        self.status.setText(error_line(exc))
 
     def _on_finished(self, batch, out: Path) -> None:
         batch.close()  # a cancelled run writes its summary.csv now (the rest listed as not run)

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import error_line
 
 if TYPE_CHECKING:
     import napari
@@ -273,7 +273,7 @@ class TrainWidget(QWidget):
         self.plot.load(svg_lines(self.history, "this site per round").encode())
 
     def _on_error(self, exc: Exception) -> None:
-        self.status.setText(f"error: {exc}" if isinstance(exc, InputError) else f"error: {type(exc).__name__}: {exc}")
+        self.status.setText(error_line(exc))
 
     def _on_finished(self) -> None:
         self.start_button.setEnabled(True)
