@@ -106,10 +106,11 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     qtbot.addWidget(predict)
     predict.checkpoint.setText(str(checkpoint))
     for _ in range(2):  # a second click reuses the same two layers
-        worker = predict.predict_active()
-        with qtbot.waitSignal(worker.finished, timeout=60_000):
-            pass
-        qtbot.waitUntil(lambda: PRED_LAYER in viewer.layers, timeout=10_000)
+        before = predict._probability
+        assert predict.predict_active() is not None
+        # waits for the result itself: a worker this small can finish before a waitSignal would connect
+        qtbot.waitUntil(lambda before=before: predict._probability is not before and PRED_LAYER in viewer.layers,
+                        timeout=60_000)
     names = [layer.name for layer in viewer.layers]
     assert names.count(PROB_LAYER) == 1 and names.count(PRED_LAYER) == 1
     assert viewer.layers[PROB_LAYER].data.shape == viewer.layers["scan"].data.shape
@@ -156,10 +157,8 @@ def test_batch_predict_writes_masks_and_csv_and_lists_the_corrupt_file(make_napa
     widget.open_results.setChecked(True)
     (tmp_path / "out").mkdir()
     tifffile.imwrite(tmp_path / "out" / "earlier_mask.tif", np.zeros((10, 10), np.uint8))  # not this run's
-    worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=60_000):
-        pass
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)  # finished (a signal could be missed)
     assert len(list((tmp_path / "out").glob("scan-*_mask.tif"))) == 3
     csv_text = (tmp_path / "out" / "summary.csv").read_text()
     assert "broken.tif" in csv_text and "unreadable or corrupt" in csv_text
