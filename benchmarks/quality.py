@@ -116,7 +116,7 @@ def run_one(job: dict) -> dict:
     data, out, method = Path(job["data"]), Path(job["out"]), job["method"]
     sites = sorted(data.glob("site-*"))
     t0 = time.time()
-    res = run_simulation(sites, data / "eval", job["config"], out)
+    res = run_simulation(sites, data / "eval", job["config"], out, overwrite=True)
     row = dict(res.test_dice)
     row["overall"] = res.test_mean
     extra: dict = {"best_round": res.best_round, "seconds": time.time() - t0}

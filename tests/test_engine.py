@@ -187,6 +187,18 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
     assert len(lines) == 2
     _, config, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
     assert config.base_width == 4 and meta["image_size"] == 32
+    # a second run into the same --out is refused before it empties the first one's metrics
+    again = ["simulate", "--sample", str(sample), "--rounds", "1", "--width", "4", "--image-size", "32",
+             "--crop-size", "32", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "run")]
+    best = (tmp_path / "run" / "best.safetensors").read_bytes()
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run'}: holds an earlier run (metrics.jsonl" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() == lines
+    assert (tmp_path / "run" / "best.safetensors").read_bytes() == best
+    assert main([*again, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
     # the checkpoint predicts a folder: one mask per image, a CSV, and a corrupt file listed
     images = tmp_path / "imgs"
     images.mkdir()

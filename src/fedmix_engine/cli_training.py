@@ -58,7 +58,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = args.out
     print(f"simulating {config.method} on {len(sites)} site(s) for {config.rounds} round(s) → {out}")
     names = None
-    for event in iter_simulation(sites, eval_root, config, out):
+    for event in iter_simulation(sites, eval_root, config, out, overwrite=args.overwrite):
         if isinstance(event, TrainProgress):
             _progress_bar(event.step, event.total, event.stage)
         elif isinstance(event, RoundDone):
@@ -120,7 +120,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--out", type=Path, default=Path("runs/simulate"))
+    p.add_argument("--out", type=Path, default=Path("runs/simulate"),
+                   help="output folder (metrics.jsonl, summary.json, checkpoints); must not hold an earlier run")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("predict", help="predict masks for a folder of images with a checkpoint")

@@ -161,14 +161,33 @@ def _evaluate_pair(pair: PairState, config: SimulationConfig, plan: DevicePlan, 
     return {s.name: evaluate(predictor, getattr(s, split))["dice"] for s in sites if getattr(s, split) is not None}
 
 
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "final.safetensors", "best.safetensors")
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """An earlier run's metrics and checkpoints are results: refuse to write over them unless asked,
+    before any work is done (a second run with the default ``--out`` used to empty the first's metrics)."""
+    if overwrite or not out.is_dir():
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise InputError(out, f"holds an earlier run ({', '.join(found)}); choose another output folder, "
+                              "or allow replacing it (--overwrite)")
+
+
 def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
-                    out_dir: str | Path | None = None) -> Iterator[TrainProgress | RoundDone | SimulationResult]:
-    """Run a simulation, yielding per-batch progress, one ``RoundDone`` per round, then the result."""
+                    out_dir: str | Path | None = None,
+                    overwrite: bool = False) -> Iterator[TrainProgress | RoundDone | SimulationResult]:
+    """Run a simulation, yielding per-batch progress, one ``RoundDone`` per round, then the result.
+
+    ``out_dir`` must not hold an earlier run unless ``overwrite`` is set."""
     config.validate()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_out_folder(out, overwrite)
     plan = plan_device(config.device, config.precision)
     eval_root = Path(eval_root) if eval_root is not None else None
     sites = _load_sites([Path(p) for p in site_dirs], eval_root, config)
-    out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         make_folder(out)
         (out / "metrics.jsonl").write_text("")
@@ -267,10 +286,11 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
 
 def run_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
                    out_dir: str | Path | None = None,
-                   on_round: Callable[[RoundDone], None] | None = None) -> SimulationResult:
+                   on_round: Callable[[RoundDone], None] | None = None,
+                   overwrite: bool = False) -> SimulationResult:
     """``iter_simulation`` without per-batch progress; calls ``on_round`` after every round."""
     final = None
-    for event in iter_simulation(site_dirs, eval_root, config, out_dir):
+    for event in iter_simulation(site_dirs, eval_root, config, out_dir, overwrite):
         if isinstance(event, RoundDone) and on_round:
             on_round(event)
         elif isinstance(event, SimulationResult):

@@ -206,7 +206,7 @@ class TrainWidget(QWidget):
                                                     batch_size=4))
         self.last_checkpoint = site / "models" / "local" / "final.safetensors"
         validation = self._validation_set(size, classes)
-        for event in iter_simulation([site], None, config, site / "models" / "local"):
+        for event in iter_simulation([site], None, config, site / "models" / "local", overwrite=True):
             yield event
             if validation is not None and isinstance(event, RoundDone):
                 yield ValidationScore(event.round, validation_dice(self.last_checkpoint, validation, config.device))
