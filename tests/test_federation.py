@@ -310,6 +310,37 @@ def test_join_explains_a_bad_token_and_an_api_mismatch(sample: Path, tmp_path: P
         assert server.status()["uploaded"] == []
 
 
+def test_join_refuses_a_missing_or_empty_token_file_a_url_without_scheme_and_a_bad_ca_cert(
+        sample: Path, tmp_path: Path, capsys) -> None:
+    from fedmix_engine.cli import main
+    from fedmix_engine.errors import InputError
+    from fedmix_engine.federation.client import FederationClient
+
+    site = str(sample / "site-a")
+    common = ["join", "--site", site, "--device", "cpu"]
+    (tmp_path / "token").write_text("fmx_something\n")
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "not-a-cert.pem").write_text("hello\n")
+    cases = [
+        (["--server", "http://127.0.0.1:9", "--token-file", str(tmp_path / "missing")],
+         f"{tmp_path / 'missing'}: token file not found"),
+        (["--server", "http://127.0.0.1:9", "--token-file", str(tmp_path / "empty")],
+         f"{tmp_path / 'empty'}: the token file is empty"),
+        (["--server", "https://127.0.0.1:9", "--token-file", str(tmp_path / "token"),
+          "--ca-cert", str(tmp_path / "nope.pem")], f"{tmp_path / 'nope.pem'}: CA certificate not found"),
+        (["--server", "https://127.0.0.1:9", "--token-file", str(tmp_path / "token"),
+          "--ca-cert", str(tmp_path / "not-a-cert.pem")], f"{tmp_path / 'not-a-cert.pem'}: not a PEM certificate"),
+    ]
+    for extra, expected in cases:
+        assert main([*common, *extra]) == 2, extra
+        assert expected in capsys.readouterr().err
+    # without a scheme every request failed with UnsupportedProtocol, retried for an hour
+    for server in ("127.0.0.1:9", "localhost:8765", "ftp://host", ""):
+        with pytest.raises(InputError, match=r"--server: .* is not an http:// or https:// URL"):
+            FederationClient(server, "fmx_something", site, device="cpu", give_up_after=1)
+    assert FederationClient(" http://127.0.0.1:9/ ", "t", site, device="cpu").http.base_url == "http://127.0.0.1:9"
+
+
 def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_a_token_is_replaced(
         tmp_path: Path, capsys) -> None:
     from fedmix_engine.cli import main
@@ -333,3 +364,27 @@ def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_
         main(["serve", "--state", str(state), "--port", "99999"])
     assert refused.value.code == 2
     assert "--port: a TCP port is a number from 1 to 65535, not '99999'" in capsys.readouterr().err
+
+
+def test_serve_names_a_missing_garbled_or_mismatched_tls_file_before_starting(tmp_path: Path, capsys) -> None:
+    from fedmix_engine.cli import main
+
+    pem = {}
+    for name in ("one", "two"):
+        cert, key = tmp_path / f"{name}-cert.pem", tmp_path / f"{name}-key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+        pem[name] = (cert, key)
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    state = tmp_path / "state"
+    cases = [
+        ((tmp_path / "missing.pem", pem["one"][1]), f"{tmp_path / 'missing.pem'}: TLS certificate not found"),
+        ((pem["one"][0], tmp_path / "missing.key"), f"{tmp_path / 'missing.key'}: TLS key not found"),
+        ((tmp_path / "garbage.pem", pem["one"][1]), f"{tmp_path / 'garbage.pem'}: certificate and key"),
+        ((pem["one"][0], pem["two"][1]), "KEY_VALUES_MISMATCH"),
+    ]
+    for (cert, key), expected in cases:
+        assert main(["serve", "--state", str(state), "--sites", "1", "--tls-cert", str(cert), "--tls-key", str(key),
+                     "--port", "9"]) == 2
+        assert expected in capsys.readouterr().err
+    assert not state.exists(), "refused before the state directory was created"

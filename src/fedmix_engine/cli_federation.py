@@ -47,12 +47,29 @@ def _check_state_dir(state: Path) -> None:
         raise InputError(state, "is a file, not a server state directory (--state names a folder)")
 
 
+def _check_tls(cert: str, key: str) -> None:
+    """Load the certificate and key once before anything starts, so a missing file, a non-PEM file
+    or a key of another certificate is named instead of surfacing as a traceback from uvicorn."""
+    import ssl
+
+    for path, what in ((Path(cert), "TLS certificate"), (Path(key), "TLS key")):
+        if not path.is_file():
+            raise InputError(path, f"{what} not found" if not path.exists() else f"is not a {what} file")
+    try:  # an empty password: an encrypted key fails here instead of prompting on a headless server
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise InputError(cert, f"certificate and key {key} do not load as a PEM pair ({exc.reason or exc}); "
+                               "both must be PEM, the key unencrypted and belonging to this certificate") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.server import serve
     from fedmix_engine.federation.state import CONFIG_FILE
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InputError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
+    if args.tls_cert:
+        _check_tls(args.tls_cert, args.tls_key)
     _check_state_dir(args.state)
     given = any(getattr(args, k) is not None for k in SETTINGS)
     resuming = (Path(args.state) / CONFIG_FILE).exists()
@@ -65,6 +82,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_token_file(path: Path) -> str:
+    """The token in ``--token-file``, or an error naming the file (not found, unreadable, empty)."""
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        raise InputError(path, "token file not found (the admin's 'fedmix-engine token add' prints the token)") \
+            from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read the token file ({exc})") from None
+    if not token:
+        raise InputError(path, "the token file is empty")
+    return token
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.client import FederationClient, FederationError
 
@@ -72,7 +103,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     token = args.token or os.environ.get("FEDMIX_TOKEN", "")
     if args.token_file:
-        token = Path(args.token_file).read_text().strip()
+        token = _read_token_file(Path(args.token_file))
     client = FederationClient(args.server, token, args.site, device=args.device, ca_cert=args.ca_cert,
                               poll_seconds=args.poll)
     try:

@@ -51,6 +51,32 @@ def wait_for_server(url: str, timeout: float = 60.0, verify: Any = True) -> bool
     return False
 
 
+def server_url(server: str) -> str:
+    """The server's base URL, refused up front when it cannot work: without a scheme httpx raises
+    UnsupportedProtocol on every request, which the retry loop would repeat for an hour."""
+    import httpx
+
+    try:
+        url = httpx.URL(server.strip())
+    except httpx.InvalidURL as exc:
+        raise InputError("--server", f"'{server}' is not a URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise InputError("--server", f"'{server}' is not an http:// or https:// URL with a host "
+                                     "(e.g. https://fedmix.example-hospital.org:8765)")
+    return str(url).rstrip("/")
+
+
+def trust_store(ca_cert: str | Path) -> ssl.SSLContext:
+    """An SSL context trusting ``ca_cert``; a missing or non-PEM file is named, not a bare OSError."""
+    path = Path(ca_cert)
+    if not path.is_file():
+        raise InputError(path, "CA certificate not found" if not path.exists() else "is not a certificate file")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise InputError(path, f"not a PEM certificate the TLS library can read ({exc.reason or exc})") from None
+
+
 class FederationError(RuntimeError):
     """The server refused us for a reason retrying cannot fix (auth, version, settings)."""
 
@@ -79,8 +105,8 @@ class FederationClient:
             pass  # fail early, with the site's own error, if the folder is not a site
         self.plan = plan_device(device)
         self.poll_seconds, self.max_backoff, self.give_up_after = poll_seconds, max_backoff, give_up_after
-        verify: Any = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
-        self.http = httpx.Client(base_url=server.rstrip("/"), headers={"Authorization": f"Bearer {token}"},
+        verify: Any = trust_store(ca_cert) if ca_cert else True
+        self.http = httpx.Client(base_url=server_url(server), headers={"Authorization": f"Bearer {token}"},
                                  verify=verify, timeout=timeout)
         self.models_dir = self.site_dir / "models"
         self.state = SiteState()
