@@ -340,3 +340,20 @@ def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path
             predict_folder(predictor, folder, out, threshold)
         assert message in str(refused.value)
     assert not (tmp_path / "out").exists() and (tmp_path / "a-file").read_text() == "keep me"
+
+
+def test_predictor_validates_an_in_memory_array_and_names_it(tmp_path: Path) -> None:
+    from fedmix_engine.predict import Predictor
+
+    predictor = Predictor(init_pair(TINY, 0), TINY, 32, CPU)
+    grey = np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)
+    rgba = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
+    np.testing.assert_allclose(predictor.probabilities(rgba), predictor.probabilities(grey), atol=1e-5)
+    nan = grey.astype(np.float32)
+    nan[3, 4] = np.nan
+    for array, message in ((np.zeros((5, 40, 48), np.uint8), "layer 'stack': 3-D stack (5×40×48)"),
+                           (np.zeros((2, 5, 40, 48), np.uint8), "layer 'stack': 4-D array"),
+                           (nan, "layer 'stack': image contains NaN")):
+        with pytest.raises(InputError) as refused:
+            predictor.probabilities(array, "layer 'stack'")
+        assert message in str(refused.value)

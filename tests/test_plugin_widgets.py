@@ -118,6 +118,43 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     assert viewer.layers[PRED_LAYER].data.sum() <= (predict._probability.max(0) > 0.5).sum()
 
 
+def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_stack(make_napari_viewer, qtbot,
+                                                                                      tmp_path):
+    from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER, PredictWidget
+
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                 ModelConfig(base_width=4), {"image_size": 32})
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    viewer.add_image(rng.integers(0, 255, (40, 48), dtype=np.uint8), name="scan", scale=(0.5, 2.0),
+                     translate=(10.0, -5.0))  # pixel spacing and offset, as a reader with metadata sets them
+    widget = PredictWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.checkpoint.setText(str(checkpoint))
+
+    def predict() -> np.ndarray:
+        before = widget._probability
+        assert widget.predict_active() is not None
+        qtbot.waitUntil(lambda: widget._probability is not before, timeout=60_000)
+        return widget._probability
+
+    first = predict()
+    for name in (PROB_LAYER, PRED_LAYER):
+        assert viewer.layers[name].data.shape == (40, 48)
+        np.testing.assert_allclose(viewer.layers[name].scale, (0.5, 2.0))
+        np.testing.assert_allclose(viewer.layers[name].translate, (10.0, -5.0))
+    viewer.layers.selection.active = viewer.layers[PROB_LAYER]  # the overlay is selected: still predict the scan
+    np.testing.assert_allclose(predict(), first)
+    viewer.add_image(rng.integers(0, 255, (30, 36), dtype=np.uint8), name="other")  # active, no spacing
+    assert predict().shape[-2:] == (30, 36)
+    for name in (PROB_LAYER, PRED_LAYER):  # the reused overlays move to the new image's geometry
+        np.testing.assert_allclose(viewer.layers[name].scale, (1.0, 1.0))
+        np.testing.assert_allclose(viewer.layers[name].translate, (0.0, 0.0))
+    viewer.add_image(np.zeros((5, 40, 48), np.uint8), name="stack")
+    assert widget.predict_active() is None, "refused before a worker starts"
+    assert "error: layer 'stack': 3-D stack (5×40×48)" in widget.status.text()
+
+
 def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(make_napari_viewer, qtbot, sample):
     from napari_fedmix.train_widget import TrainWidget
 

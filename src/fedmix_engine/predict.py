@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
-from fedmix_engine.data.imageio import IMAGE_SUFFIXES, normalise_image, read_image
+from fedmix_engine.data.imageio import IMAGE_SUFFIXES, normalise_image, read_image, validate_image
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import resize_image
 from fedmix_engine.device import DevicePlan, autocast, plan_device
@@ -72,17 +72,19 @@ class Predictor:
             out.append(z1.cpu())
         return torch.cat(out) if out else torch.zeros((0, self.model_config.num_classes, 1, 1))
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """float32 ``K×H×W`` class probabilities for one validated image (H×W or H×W×3)."""
-        normalised = normalise_image(image, self.model_config.in_channels)
+    def probabilities(self, image: np.ndarray, where: str | Path = "image") -> np.ndarray:
+        """float32 ``K×H×W`` class probabilities for one 2-D image (H×W, H×W×3 or H×W×4).
+
+        The array is validated here (a napari layer may hold a stack or NaNs); ``where`` names it."""
+        normalised = normalise_image(validate_image(image, where), self.model_config.in_channels)
         height, width = normalised.shape[-2:]
         z = self.logits(resize_image(normalised, self.image_size)[None])
         z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
         return torch.sigmoid(z[0]).numpy()
 
-    def mask(self, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    def mask(self, image: np.ndarray, threshold: float = 0.5, where: str | Path = "image") -> np.ndarray:
         """uint8 label image (0 = background; overlapping classes: the most probable wins)."""
-        return probabilities_to_labels(self.probabilities(image), threshold)
+        return probabilities_to_labels(self.probabilities(image, where), threshold)
 
 
 def probabilities_to_labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:

@@ -65,6 +65,7 @@ class PredictWidget(QWidget):
         self._probability: np.ndarray | None = None
         self._predictor = None
         self._predictor_path: str | None = None
+        self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}
         form = QFormLayout(self)
         form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", folder=False))
         form.addRow("threshold", self.threshold)
@@ -86,34 +87,43 @@ class PredictWidget(QWidget):
         """Start prediction in a worker; returns the worker (tests wait on it)."""
         from napari.qt.threading import create_worker
 
-        layer = self.viewer.layers.selection.active
-        if layer is None or layer.__class__.__name__ != "Image":
-            images = [lyr for lyr in self.viewer.layers if lyr.__class__.__name__ == "Image"
-                      and lyr.name != PROB_LAYER]
-            layer = images[-1] if images else None
+        layer = self._image_layer()
         if layer is None:
             self.status.setText("no image layer to predict")
             return None
+        from fedmix_engine.data.imageio import validate_image
+
+        where = f"layer '{layer.name}'"
         try:
+            data = validate_image(np.asarray(layer.data), where)  # a stack or NaNs: said here, not in a worker
             predictor = self.predictor()
         except InputError as exc:
-            self.status.setText(str(exc))
+            self.status.setText(error_line(exc))
             return None
-        data = np.asarray(layer.data)
+        # the overlays sit on the image's pixels: same scale and offset (pixel spacing from a reader)
+        geometry = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
         self.status.setText(f"predicting {layer.name}…")
-        worker = create_worker(predictor.probabilities, data, _start_thread=False)
-        worker.returned.connect(self._show)
-        worker.errored.connect(lambda exc: self.status.setText(f"error: {exc}"))
+        worker = create_worker(predictor.probabilities, data, where, _start_thread=False)
+        worker.returned.connect(lambda probability: self._show(probability, geometry))
+        worker.errored.connect(lambda exc: self.status.setText(error_line(exc)))
         worker.start()
         return worker
 
-    def _show(self, probability: np.ndarray) -> None:
-        self._probability = probability
+    def _image_layer(self):
+        """The active image layer, else the top one; never this widget's own probability overlay."""
+        images = [lyr for lyr in self.viewer.layers if lyr.__class__.__name__ == "Image" and lyr.name != PROB_LAYER]
+        active = self.viewer.layers.selection.active
+        return active if active in images else (images[-1] if images else None)
+
+    def _show(self, probability: np.ndarray, geometry: dict) -> None:
+        self._probability, self._geometry = probability, geometry
         shown = probability.max(axis=0)
         if PROB_LAYER in self.viewer.layers:
             self.viewer.layers[PROB_LAYER].data = shown
+            self._place(self.viewer.layers[PROB_LAYER])
         else:
-            self.viewer.add_image(shown, name=PROB_LAYER, colormap="magma", opacity=0.5, contrast_limits=(0, 1))
+            self.viewer.add_image(shown, name=PROB_LAYER, colormap="magma", opacity=0.5, contrast_limits=(0, 1),
+                                  **self._geometry)
         self._apply_threshold()
         self.status.setText(f"foreground {float((self.viewer.layers[PRED_LAYER].data > 0).mean()):.1%} of the image")
 
@@ -125,8 +135,12 @@ class PredictWidget(QWidget):
         labels = probabilities_to_labels(self._probability, self.threshold.value() / 100)
         if PRED_LAYER in self.viewer.layers:
             self.viewer.layers[PRED_LAYER].data = labels
+            self._place(self.viewer.layers[PRED_LAYER])
         else:
-            self.viewer.add_labels(labels, name=PRED_LAYER, opacity=0.5)
+            self.viewer.add_labels(labels, name=PRED_LAYER, opacity=0.5, **self._geometry)
+
+    def _place(self, overlay) -> None:
+        overlay.scale, overlay.translate = self._geometry["scale"], self._geometry["translate"]
 
 
 class BatchPredictWidget(QWidget):
