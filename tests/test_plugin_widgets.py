@@ -66,6 +66,30 @@ def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewe
     assert len([lyr for lyr in viewer.layers if lyr.name == MASK_LAYER]) == 1, "layers are reused, not duplicated"
 
 
+def test_annotate_a_site_that_fails_to_open_leaves_the_open_one_editable(make_napari_viewer, qtbot, tmp_path,
+                                                                          images):
+    from napari_fedmix.annotate_widget import MASK_LAYER, AnnotateWidget
+
+    viewer = make_napari_viewer()
+    widget = AnnotateWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.create_site(tmp_path / "site", ["lesion"])
+    assert widget.import_images(images) == []
+    widget.image_list.setCurrentRow(0)
+    (tmp_path / "not-a-site").mkdir()
+    with pytest.raises(InputError, match="not-a-site"):
+        widget.open_site(tmp_path / "not-a-site")
+    with pytest.raises(InputError, match="a site already exists here"):
+        widget.create_site(tmp_path / "site", ["lesion"])
+    assert widget.current_id == "scan-0" and str(tmp_path / "site") in widget.site_label.text()
+    mask = np.zeros((40, 48), np.uint8)
+    mask[5:15, 6:20] = 1
+    viewer.layers[MASK_LAYER].data = mask  # an edit after the failed attempts is still saved
+    assert widget.save() == []
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("scan-0"), mask)
+
+
 @pytest.fixture
 def sample(tmp_path: Path) -> Path:
     out = tmp_path / "sample"

@@ -90,17 +90,18 @@ class AnnotateWidget(QWidget):
 
     # ------------------------------------------------------------------ site
     def open_site(self, path: str | Path) -> None:
-        self.save()
-        if self.store is not None:
-            self.store.close()
-        self.store = SiteStore.open(path)
-        self._after_site_change()
+        self._switch_to(SiteStore.open(path))
 
     def create_site(self, path: str | Path, classes: list[str]) -> None:
+        self._switch_to(SiteStore.create(path, classes))
+
+    def _switch_to(self, store: SiteStore) -> None:
+        """Leave the open site only once the new one has opened: a folder that is not a site (or an
+        existing site given as new) must not leave the widget on a closed store, unable to save."""
         self.save()
         if self.store is not None:
             self.store.close()
-        self.store = SiteStore.create(path, classes)
+        self.store = store
         self._after_site_change()
 
     def _after_site_change(self) -> None:
