@@ -6,6 +6,7 @@ Written atomically, so a crash mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,15 @@ from typing import Any
 import torch
 
 from fedmix_engine import safetensors_layout
-from fedmix_engine.atomic import atomic_open
+from fedmix_engine.atomic import atomic_open, atomic_write_bytes
 from fedmix_engine.errors import InputError
+from fedmix_engine.fedmix.local_update import SiteState
 from fedmix_engine.fedmix.pair import PairState
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.safetensors_layout import header_from_bytes
 
 FORMAT = "fedmix-pair/1"
+STATE_FILE = "client-state.pt"
 
 
 def pair_from_bytes(data: bytes, where: str | Path) -> tuple[PairState, ModelConfig, dict[str, Any]]:
@@ -54,3 +57,20 @@ def load_checkpoint(path: str | Path) -> tuple[PairState, ModelConfig, dict[str,
     if not path.is_file():
         raise InputError(path, "checkpoint file not found")
     return pair_from_bytes(path.read_bytes(), path)
+
+
+def save_site_state(models_dir: Path, state: SiteState, name: str = STATE_FILE) -> None:
+    """Keep the site's Adam moments between rounds (local only; never sent)."""
+    if state.optimizers is None:
+        return
+    buffer = io.BytesIO()
+    torch.save({"optimizers": state.optimizers, "rounds_done": state.rounds_done}, buffer)
+    atomic_write_bytes(models_dir / name, buffer.getvalue())
+
+
+def load_site_state(models_dir: Path, name: str = STATE_FILE) -> SiteState:
+    path = models_dir / name
+    if not path.exists():
+        return SiteState()
+    saved = torch.load(path, weights_only=True)  # local file, still no arbitrary code
+    return SiteState(tuple(saved["optimizers"]), int(saved["rounds_done"]))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.checkpoint import pair_from_bytes
+from fedmix_engine.checkpoint import load_site_state, pair_from_bytes, save_site_state
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
@@ -249,38 +249,12 @@ class FederationClient:
         return load_site_state(self.models_dir)
 
 
-STATE_FILE = "client-state.pt"
-
-
 def check_site_fits_model(store: SiteStore, model_config: ModelConfig) -> None:
     """Refuse to train a federation's model on a site with other classes or channels, naming the site."""
     classes, channels = len(store.config.classes), store.config.channels
     if (channels, classes) != (model_config.in_channels, model_config.num_classes):
         raise InputError(store.root, f"site has {classes} class(es) and {channels} channel(s); the federation's "
                          f"model expects {model_config.num_classes} and {model_config.in_channels}")
-
-
-def save_site_state(models_dir: Path, state: SiteState, name: str = STATE_FILE) -> None:
-    """Keep the site's Adam moments between rounds (local only; never sent)."""
-    import io
-
-    import torch
-
-    if state.optimizers is None:
-        return
-    buffer = io.BytesIO()
-    torch.save({"optimizers": state.optimizers, "rounds_done": state.rounds_done}, buffer)
-    atomic_write_bytes(models_dir / name, buffer.getvalue())
-
-
-def load_site_state(models_dir: Path, name: str = STATE_FILE) -> SiteState:
-    import torch
-
-    path = models_dir / name
-    if not path.exists():
-        return SiteState()
-    saved = torch.load(path, weights_only=True)  # local file, still no arbitrary code
-    return SiteState(tuple(saved["optimizers"]), int(saved["rounds_done"]))
 
 
 def _detail(response) -> str:

@@ -17,12 +17,12 @@ import logging
 from pathlib import Path
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.checkpoint import save_checkpoint
+from fedmix_engine.checkpoint import load_site_state, save_checkpoint, save_site_state
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
-from fedmix_engine.federation.client import check_site_fits_model, load_site_state, save_site_state
+from fedmix_engine.federation.client import check_site_fits_model
 from fedmix_engine.federation.flower import FLWR_HINT
 from fedmix_engine.federation.flower.records import (
     ARRAYS,
