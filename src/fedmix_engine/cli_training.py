@@ -56,9 +56,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                           pl_warmup_rounds=args.pl_warmup),
     )
     out = args.out
-    print(f"simulating {config.method} on {len(sites)} site(s) for {config.rounds} round(s) → {out}")
+    action = "resuming" if args.resume else "simulating"
+    print(f"{action} {config.method} on {len(sites)} site(s) for {config.rounds} round(s) → {out}")
     names = None
-    for event in iter_simulation(sites, eval_root, config, out, overwrite=args.overwrite):
+    for event in iter_simulation(sites, eval_root, config, out, overwrite=args.overwrite, resume=args.resume):
         if isinstance(event, TrainProgress):
             _progress_bar(event.step, event.total, event.stage)
         elif isinstance(event, RoundDone):
@@ -123,6 +124,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/simulate"),
                    help="output folder (metrics.jsonl, summary.json, checkpoints); must not hold an earlier run")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after its last completed round (same settings; --rounds may "
+                        "be raised to extend a finished run)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("predict", help="predict masks for a folder of images with a checkpoint")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmix_engine.atomic import make_folder
+from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import save_checkpoint
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import SiteTensors, load_site_tensors
@@ -45,6 +45,7 @@ from fedmix_engine.fedmix.local_update import (
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import EvalSet, Predictor, evaluate
+from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
 
 METHODS = ("fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local")
 
@@ -175,24 +176,64 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
                               "or allow replacing it (--overwrite)")
 
 
+# what may differ when a run is resumed: where it runs, and how many rounds it should reach
+RESUME_MAY_DIFFER = ("rounds", "device")
+
+
+def _config_record(config: SimulationConfig) -> dict:
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def _check_resumable(out: Path, config: SimulationConfig) -> None:
+    """Resuming with other settings would silently mix two experiments: name every differing field."""
+    try:
+        stored = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(out / "config.json", f"cannot resume: the run's settings are unreadable ({exc})") from None
+    differ = []
+    for key, value in _config_record(config).items():
+        if key in RESUME_MAY_DIFFER or stored.get(key) == value:
+            continue
+        if isinstance(value, dict) and isinstance(stored.get(key), dict):  # model / train: name the inner field
+            differ += [f"{key}.{k}: {stored[key].get(k)!r} in the run, {v!r} now"
+                       for k, v in value.items() if stored[key].get(k) != v]
+        else:
+            differ.append(f"{key}: {stored.get(key)!r} in the run, {value!r} now")
+    if differ:
+        raise InputError(out, "cannot resume with other settings (" + "; ".join(differ) + ")")
+
+
 def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
-                    out_dir: str | Path | None = None,
-                    overwrite: bool = False) -> Iterator[TrainProgress | RoundDone | SimulationResult]:
+                    out_dir: str | Path | None = None, overwrite: bool = False,
+                    resume: bool = False) -> Iterator[TrainProgress | RoundDone | SimulationResult]:
     """Run a simulation, yielding per-batch progress, one ``RoundDone`` per round, then the result.
 
-    ``out_dir`` must not hold an earlier run unless ``overwrite`` is set."""
+    ``out_dir`` must not hold an earlier run unless ``overwrite`` is set; with ``resume`` the run in
+    ``out_dir`` continues after its last completed round (``run_snapshot``), up to ``config.rounds``."""
     config.validate()
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    if resume:
+        if out is None or overwrite:
+            raise InputError("--resume", "continues the run in --out; give --out, and not --overwrite")
+        snapshot = load_snapshot(out)
+        _check_resumable(out, config)
+        if snapshot.round > config.rounds:
+            raise InputError("--rounds", f"the run in {out} has already done {snapshot.round} rounds; "
+                                         f"give --rounds {snapshot.round} or more")
+    elif out is not None:
         check_out_folder(out, overwrite)
     plan = plan_device(config.device, config.precision)
     eval_root = Path(eval_root) if eval_root is not None else None
     sites = _load_sites([Path(p) for p in site_dirs], eval_root, config)
+    if resume and snapshot.sites != [s.name for s in sites]:
+        raise InputError("--sites", f"the run in {out} trained sites {snapshot.sites}, not {[s.name for s in sites]}")
     if out is not None:
         make_folder(out)
-        (out / "metrics.jsonl").write_text("")
+        if not resume:
+            clear_snapshots(out)  # an overwritten run's snapshots must never be resumed into this one
+            (out / "metrics.jsonl").write_text("")
         (out / "config.json").write_text(json.dumps(
-            {**asdict(config), "sites": [str(p) for p in site_dirs], "eval": str(eval_root),
+            {**_config_record(config), "sites": [str(p) for p in site_dirs], "eval": str(eval_root),
              "device": str(plan.device), "device_note": plan.note}, indent=2, default=str) + "\n")
 
     rule = AggregationRule.for_method("fedmix" if config.method == "fedmix" else "fedavg", config.lam, config.beta)
@@ -208,7 +249,21 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
     best_round, best_val, best_pair = 0, -np.inf, global_pair
     per_site_best: dict[str, tuple[float, int, PairState]] = {}
     history: list[RoundDone] = []
-    for rnd in range(1, config.rounds + 1):
+    if resume:
+        best_round, best_val, per_site_best = snapshot.best_round, snapshot.best_val, snapshot.site_best
+        history = [RoundDone(**record) for record in snapshot.history]
+        if snapshot.global_pair is not None:
+            global_pair, best_pair = snapshot.global_pair, snapshot.best_pair
+        for s in sites:
+            s.state = snapshot.states.get(s.name, SiteState())
+            if config.method == "local":
+                s.pair = snapshot.site_pairs[s.name]
+        # what followed the snapshot may have been cut short: the outputs are made again from it
+        atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in snapshot.history).encode())
+        if config.method != "local":
+            save_checkpoint(out / "final.safetensors", global_pair, config.model, {**meta, "round": snapshot.round})
+            save_checkpoint(out / "best.safetensors", best_pair, config.model, {**meta, "round": best_round})
+    for rnd in range((snapshot.round if resume else 0) + 1, config.rounds + 1):
         t0 = time.perf_counter()
         acc = StreamingAggregate(rule)
         n, losses, counts = {}, {}, {}
@@ -259,6 +314,12 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
                            round(time.perf_counter() - t0, 2))
         history.append(record)
         if out is not None:
+            federated = config.method != "local"
+            save_snapshot(out, Snapshot(
+                rnd, [s.name for s in sites], best_round, best_val, [asdict(r) for r in history],
+                global_pair if federated else None, best_pair if federated else None,
+                {s.name: s.state for s in sites if s.state.optimizers is not None},
+                {} if federated else {s.name: s.pair for s in sites}, per_site_best), config.model)
             with open(out / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(asdict(record)) + "\n")
         yield record
@@ -287,10 +348,10 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
 def run_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
                    out_dir: str | Path | None = None,
                    on_round: Callable[[RoundDone], None] | None = None,
-                   overwrite: bool = False) -> SimulationResult:
+                   overwrite: bool = False, resume: bool = False) -> SimulationResult:
     """``iter_simulation`` without per-batch progress; calls ``on_round`` after every round."""
     final = None
-    for event in iter_simulation(site_dirs, eval_root, config, out_dir, overwrite):
+    for event in iter_simulation(site_dirs, eval_root, config, out_dir, overwrite, resume):
         if isinstance(event, RoundDone) and on_round:
             on_round(event)
         elif isinstance(event, SimulationResult):

@@ -1,0 +1,120 @@
+"""A simulation cut short (SIGKILL, or a run that ended and is extended) resumes after its last
+completed round and computes exactly what the uninterrupted run computes (CPU, one thread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmix_engine.checkpoint import load_checkpoint
+from fedmix_engine.cli import main
+from fedmix_engine.data.synthetic import make_sample
+
+SETTINGS = ["--width", "4", "--image-size", "32", "--crop-size", "32", "--batch-size", "4", "--device", "cpu",
+            "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "sample"
+    make_sample(out, sites=3, images=8, eval_images=3, seed=0, size=32)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # --threads 1 sets the process-wide count
+    yield
+    torch.set_num_threads(threads)
+
+
+def records(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall times."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_pair(a: Path, b: Path) -> None:
+    pair_a, pair_b = load_checkpoint(a)[0], load_checkpoint(b)[0]
+    assert pair_a.keys() == pair_b.keys()
+    assert all(torch.equal(pair_a[k], pair_b[k]) for k in pair_a), f"{a} and {b} differ"
+
+
+@pytest.mark.parametrize("method", ["fedmix", "local"])
+def test_a_run_cut_short_resumes_to_exactly_the_uninterrupted_result(sample: Path, tmp_path: Path, method: str,
+                                                                     capsys) -> None:
+    common = ["simulate", "--sample", str(sample), "--method", method, *SETTINGS]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([*common, "--rounds", "3", "--out", str(whole)]) == 0
+    assert main([*common, "--rounds", "2", "--out", str(cut)]) == 0
+    # what a kill during round 3 leaves: a snapshot without its commit file and a torn metrics line
+    (cut / "snapshot-0003").mkdir()
+    (cut / "snapshot-0003" / "global.safetensors").write_bytes(b"torn")
+    with open(cut / "metrics.jsonl", "a") as handle:
+        handle.write('{"round": 3, "weig')
+    assert main([*common, "--rounds", "3", "--out", str(cut), "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert records(cut) == records(whole) and len(records(cut)) == 3
+    assert json.loads((cut / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
+    assert sorted(p.name for p in cut.glob("snapshot-*")) == ["snapshot-0003"], "older snapshots are dropped"
+    if method == "local":  # each site's own pair
+        for i in range(3):
+            assert_same_pair(cut / "snapshot-0003" / f"pair-{i}.safetensors",
+                             whole / "snapshot-0003" / f"pair-{i}.safetensors")
+    else:
+        assert_same_pair(cut / "final.safetensors", whole / "final.safetensors")
+        assert_same_pair(cut / "best.safetensors", whole / "best.safetensors")
+
+
+def test_simulate_killed_with_sigkill_resumes_to_the_uninterrupted_result(sample: Path, tmp_path: Path) -> None:
+    common = ["simulate", "--sample", str(sample), "--rounds", "6", *SETTINGS]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main([*common, "--out", str(whole)]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", *common, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "killed mid-run, not finished"
+    done = len((killed / "metrics.jsonl").read_text().splitlines())
+    assert 2 <= done < 6 and not (killed / "summary.json").exists()
+    assert main([*common, "--out", str(killed), "--resume"]) == 0
+    assert records(killed) == records(whole)
+    assert_same_pair(killed / "final.safetensors", whole / "final.safetensors")
+    assert_same_pair(killed / "best.safetensors", whole / "best.safetensors")
+
+
+def test_resume_refuses_other_settings_other_sites_fewer_rounds_and_a_folder_without_a_run(
+        sample: Path, tmp_path: Path, capsys) -> None:
+    common = ["simulate", "--sample", str(sample), *SETTINGS]
+    run = tmp_path / "run"
+    assert main([*common, "--rounds", "2", "--out", str(run)]) == 0
+    capsys.readouterr()
+    before = ((run / "metrics.jsonl").read_text(), (run / "final.safetensors").read_bytes())
+    sites = ["simulate", "--sites", str(sample / "site-a"), str(sample / "site-b"), "--eval", str(sample / "eval"),
+             *SETTINGS]
+    cases = [
+        ([*common, "--rounds", "3", "--lr", "0.01", "--out", str(run)],
+         f"{run}: cannot resume with other settings (train.lr: 0.001 in the run, 0.01 now)"),
+        ([*common, "--rounds", "1", "--out", str(run)], f"--rounds: the run in {run} has already done 2 rounds"),
+        ([*common, "--rounds", "3", "--overwrite", "--out", str(run)], "--resume: continues the run in --out"),
+        ([*sites, "--rounds", "3", "--out", str(run)], "--sites: the run in"),
+        ([*common, "--rounds", "3", "--out", str(tmp_path / "empty")],
+         f"{tmp_path / 'empty'}: no completed round to resume from"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--resume"]) == 2, argv
+        assert message in capsys.readouterr().err
+    assert ((run / "metrics.jsonl").read_text(), (run / "final.safetensors").read_bytes()) == before
