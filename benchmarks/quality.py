@@ -32,6 +32,7 @@ from fedmix_engine.data.synthetic import SHIFTS, make_sample
 from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import EvalSet, Predictor, evaluate
+from fedmix_engine.run_snapshot import latest_snapshot
 from fedmix_engine.simulate import METHODS, SimulationConfig, run_simulation
 
 SETTINGS = {
@@ -116,7 +117,9 @@ def run_one(job: dict) -> dict:
     data, out, method = Path(job["data"]), Path(job["out"]), job["method"]
     sites = sorted(data.glob("site-*"))
     t0 = time.time()
-    res = run_simulation(sites, data / "eval", job["config"], out, overwrite=True)
+    # --resume: a run with a snapshot continues (or, finished, is only evaluated); the others start afresh
+    resume = job["resume"] and latest_snapshot(out) is not None
+    res = run_simulation(sites, data / "eval", job["config"], out, overwrite=not resume, resume=resume)
     row = dict(res.test_dice)
     row["overall"] = res.test_mean
     extra: dict = {"best_round": res.best_round, "seconds": time.time() - t0}
@@ -156,6 +159,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, help="simulations in parallel, one torch thread each (CPU default 2)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the runs in --workdir from their last completed round (a killed benchmark, "
+                             "or a higher --rounds to extend finished runs); runs without a snapshot start afresh")
     args = parser.parse_args()
     prof = profile(args.full)
     rounds = args.rounds or prof["rounds"]
@@ -183,7 +189,7 @@ def main() -> None:
                                           model=ModelConfig(base_width=prof["width"]), train=train)
                 jobs.append({"setting": setting, "seed": seed, "method": method, "config": config,
                              "data": str(data), "out": str(args.workdir / f"run-{setting}-{seed}-{method}{suffix}"),
-                             "threads": 1 if jobs_n > 1 else max(1, os.cpu_count() or 1)})
+                             "threads": 1 if jobs_n > 1 else max(1, os.cpu_count() or 1), "resume": args.resume})
     results: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
     inference: dict[str, list[float]] = {"net1": [], "mean": []}
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -218,7 +224,8 @@ def main() -> None:
              f"pseudo-label warm-up {args.pl_warmup} round(s); {args.seeds} seeds"
              f"{seed_range}; {jobs_n} parallel job(s) of "
              f"{jobs[0]['threads'] if jobs else 1} torch thread(s) each; "
-             f"wall time {(time.time() - started) / 60:.1f} min.  ",
+             f"wall time {(time.time() - started) / 60:.1f} min"
+             f"{' (resumed: rounds run before the resume not counted)' if args.resume else ''}.  ",
              "Metric: per-image Dice on each site's test split (lesion-free images count 1 if predicted empty, "
              "else 0), mean ± std over seeds; the round is chosen on the validation split. "
              f"Δ: the method minus {BASELINE} on the same data (paired by seed), mean ± standard error.", ""]
