@@ -31,15 +31,23 @@ def images(tmp_path: Path) -> list[Path]:
     return paths
 
 
-def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewer, qtbot, tmp_path, images):
-    from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER, AnnotateWidget
+def _annotating(make_napari_viewer, qtbot, site: Path, images: list[Path]):
+    """A viewer and an annotate widget on a new one-class site holding ``images``, the first one shown."""
+    from napari_fedmix.annotate_widget import AnnotateWidget
 
     viewer = make_napari_viewer()
     widget = AnnotateWidget(viewer)
     qtbot.addWidget(widget)
-    widget.create_site(tmp_path / "site", ["lesion"])
+    widget.create_site(site, ["lesion"])
     assert widget.import_images(images) == []
     widget.image_list.setCurrentRow(0)
+    return viewer, widget
+
+
+def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewer, qtbot, tmp_path, images):
+    from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER, AnnotateWidget
+
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
     mask = np.zeros((40, 48), np.uint8)
     mask[5:15, 6:20] = 1
     viewer.layers[MASK_LAYER].data = mask
@@ -68,14 +76,9 @@ def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewe
 
 def test_annotate_a_site_that_fails_to_open_leaves_the_open_one_editable(make_napari_viewer, qtbot, tmp_path,
                                                                           images):
-    from napari_fedmix.annotate_widget import MASK_LAYER, AnnotateWidget
+    from napari_fedmix.annotate_widget import MASK_LAYER
 
-    viewer = make_napari_viewer()
-    widget = AnnotateWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.create_site(tmp_path / "site", ["lesion"])
-    assert widget.import_images(images) == []
-    widget.image_list.setCurrentRow(0)
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
     (tmp_path / "not-a-site").mkdir()
     with pytest.raises(InputError, match="not-a-site"):
         widget.open_site(tmp_path / "not-a-site")
