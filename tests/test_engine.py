@@ -357,3 +357,17 @@ def test_predictor_validates_an_in_memory_array_and_names_it(tmp_path: Path) -> 
         with pytest.raises(InputError) as refused:
             predictor.probabilities(array, "layer 'stack'")
         assert message in str(refused.value)
+
+
+def test_an_evaluation_store_labelled_for_other_classes_is_refused(tmp_path: Path) -> None:
+    from fedmix_engine.predict import EvalSet
+
+    image = np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)
+    mask = np.zeros((40, 48), np.uint8)
+    mask[4:10, 4:12], mask[20:30, 20:30] = 1, 2
+    with SiteStore.create(tmp_path / "two", ["lesion", "cyst"]) as store:
+        store.set_mask(store.add_image(image, "scan"), mask)
+    with pytest.raises(InputError) as refused:
+        EvalSet.from_store(tmp_path / "two", 32, 1)
+    assert f"{tmp_path / 'two'}: labelled for 2 class(es) (lesion, cyst); the model predicts 1" in str(refused.value)
+    assert len(EvalSet.from_store(tmp_path / "two", 32, 2).ids) == 1

@@ -116,6 +116,10 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     viewer = make_napari_viewer()
     train = TrainWidget(viewer)
     qtbot.addWidget(train)
+    train.validation.setText(str(sample / ".." / sample.name))  # the training site itself, spelled otherwise
+    _start_local(train, sample, rounds=1)
+    assert train.worker is None and "validation site: is the site being trained" in train.status.text()
+    assert not (sample / "models").exists(), "refused before training"
     train.validation.setText(str(sample.parent / "eval" / "site-a" / "val"))
     _start_local(train, sample, rounds=1)
     qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)

@@ -106,6 +106,9 @@ class EvalSet:
     @classmethod
     def from_store(cls, path: str | Path, image_size: int, num_classes: int) -> EvalSet:
         with SiteStore.open(path, readonly=True) as store:
+            if len(store.config.classes) != num_classes:  # label_to_channels would drop or invent classes
+                raise InputError(path, f"labelled for {len(store.config.classes)} class(es) "
+                                       f"({', '.join(store.config.classes)}); the model predicts {num_classes}")
             ids, images, truths = [], [], []
             for rec in store.records():
                 mask = store.read_mask(rec.id)

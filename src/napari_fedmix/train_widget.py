@@ -165,6 +165,10 @@ class TrainWidget(QWidget):
         if not self.site.text():
             self.status.setText("choose a site folder first")
             return
+        if self.validation.text() and Path(self.validation.text()).resolve() == site.resolve():
+            self.status.setText("error: validation site: is the site being trained, so its Dice would measure "
+                                "memorisation; choose a separate store with masks")
+            return
         self.history = {k: [] for k in self.history}
         if self.mode.currentIndex() == 0:
             generator, total = self._local_events(site), self.rounds.value()
