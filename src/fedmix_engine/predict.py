@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,9 +165,7 @@ def mask_names(files: list[Path]) -> dict[Path, str]:
     sharing a stem (``scan.png`` and ``scan.tif`` must not overwrite each other's mask).
 
     Stems are compared case-insensitively: ``Scan.tif`` and ``scan.png`` collide on macOS and Windows."""
-    stems: dict[str, int] = {}
-    for path in files:
-        stems[path.stem.lower()] = stems.get(path.stem.lower(), 0) + 1
+    stems = Counter(path.stem.lower() for path in files)
     return {path: f"{path.stem}_{path.suffix.lstrip('.').lower()}_mask.tif" if stems[path.stem.lower()] > 1
             else f"{path.stem}_mask.tif" for path in files}
 
