@@ -18,12 +18,29 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmix_engine.atomic import make_folder
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.client import wait_for_server
 from fedmix_engine.federation.tokens import TokenStore
 
 SITES = ("site-a", "site-b", "site-c")
+
+
+MARKER = ".fedmix-demo"
+
+
+def fresh_demo_folder(out: Path) -> Path:
+    """An empty ``out`` for the demo. Only a folder an earlier demo wrote (it holds ``MARKER``) is
+    emptied: ``demo ~/scans`` used to delete whatever was there."""
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise InputError(out, "is not empty and was not written by the demo; choose a new or empty folder "
+                                  "(the demo replaces its folder on every run)")
+        shutil.rmtree(out)
+    make_folder(out)
+    (out / MARKER).write_text("written by 'fedmix-engine demo'; the next demo into this folder replaces it\n")
+    return out
 
 
 def _free_port() -> int:
@@ -67,9 +84,7 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
 
     from fedmix_engine.predict import EvalSet, Predictor, evaluate
 
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh_demo_folder(Path(out))
     data, state = out / "data", out / "server-state"
     print(f"1/4 writing a synthetic federation to {data} (A: masks, B: boxes, C: tags)", flush=True)
     make_sample(data, sites=3, images=images, eval_images=12, seed=seed, size=size)
