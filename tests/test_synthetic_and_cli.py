@@ -223,3 +223,10 @@ def test_flower_app_folder_from_the_cli(tmp_path: Path, capsys) -> None:
     assert "'lam'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["flower-app", str(tmp_path / "bad"), "--set", "round-timeout=1e400"]) == 2  # inf is not TOML
     assert "'round-timeout'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["flower-app", str(tmp_path / "app"), "--set", "num-server-rounds=4"]) == 0  # its own: rewritten
+    assert "num-server-rounds = 4" in (tmp_path / "app" / "pyproject.toml").read_text()
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "pyproject.toml").write_text('[project]\nname = "mine"\n')
+    assert main(["flower-app", str(tmp_path / "project")]) == 2
+    assert "pyproject.toml: is another project's pyproject.toml" in capsys.readouterr().err
+    assert (tmp_path / "project" / "pyproject.toml").read_text() == '[project]\nname = "mine"\n'

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.errors import InputError
 from fedmix_engine.federation.flower.settings import FlowerRunSettings
 
 APP_NAME = "fedmix-flower"
+FIRST_LINE = "# A Flower App running FedMix (written by `fedmix-engine flower-app`)."  # rewriting ours is fine
 
 
 def write_flower_app(directory: str | Path, overrides: dict[str, Any] | None = None) -> Path:
@@ -23,7 +25,10 @@ def write_flower_app(directory: str | Path, overrides: dict[str, Any] | None = N
     FlowerRunSettings.from_run_config(config)  # fail here, naming the key, not on the SuperLink
     from importlib.metadata import version
 
-    lines = ["# A Flower App running FedMix (written by `fedmix-engine flower-app`).",
+    path = Path(directory) / "pyproject.toml"
+    if path.is_file() and not path.read_text(errors="replace").startswith(FIRST_LINE):
+        raise InputError(path, "is another project's pyproject.toml; write the Flower App into its own folder")
+    lines = [FIRST_LINE,
              "# Run: flwr run <this folder> <superlink connection>   (see docs/federation.md)",
              "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
              "[project]", f'name = "{APP_NAME}"', 'version = "1.0.0"',
@@ -34,6 +39,5 @@ def write_flower_app(directory: str | Path, overrides: dict[str, Any] | None = N
              'clientapp = "fedmix_engine.federation.flower.app:clientapp"', "",
              "[tool.flwr.app.config]"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in config.items()]  # JSON scalars are TOML scalars
-    path = Path(directory) / "pyproject.toml"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
