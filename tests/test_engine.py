@@ -334,12 +334,14 @@ def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path
     cases = [(tmp_path / "a-file", tmp_path / "out", 0.5, "a-file: is a file, not a folder of images"),
              (tmp_path / "in", tmp_path / "a-file", 0.5, "a-file: is a file where a folder is needed"),
              (tmp_path / "in", tmp_path / "out", 1.5, "threshold: a probability threshold must be in (0, 1), not 1.5"),
-             (tmp_path / "in", tmp_path / "out", float("nan"), "threshold: a probability threshold")]
+             (tmp_path / "in", tmp_path / "out", float("nan"), "threshold: a probability threshold"),
+             (tmp_path / "in", tmp_path / "x" / ".." / "in", 0.5, "in: is the images folder; write the masks to")]
     for folder, out, threshold, message in cases:
         with pytest.raises(InputError) as refused:
             predict_folder(predictor, folder, out, threshold)
         assert message in str(refused.value)
     assert not (tmp_path / "out").exists() and (tmp_path / "a-file").read_text() == "keep me"
+    assert not list((tmp_path / "in").iterdir())
 
 
 def test_predictor_validates_an_in_memory_array_and_names_it(tmp_path: Path) -> None:

@@ -170,12 +170,16 @@ def mask_names(files: list[Path]) -> dict[Path, str]:
             else f"{path.stem}_mask.tif" for path in files}
 
 
-def check_batch(folder: str | Path, threshold: float = 0.5) -> None:
-    """Refuse a batch whose input folder or threshold is wrong, before any work (a GUI calls it
-    before starting its worker)."""
+def check_batch(folder: str | Path, threshold: float = 0.5, out: str | Path | None = None) -> None:
+    """Refuse a batch whose input folder, output folder or threshold is wrong, before any work (a GUI
+    calls it before starting its worker)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "is a file, not a folder of images" if folder.exists() else "input folder not found")
+    if out is not None and Path(out).resolve() == folder.resolve():
+        # datasets such as BUSI keep "<name>_mask.png" beside "<name>.png": a prediction would replace it
+        raise InputError(out, "is the images folder; write the masks to another folder (a predicted "
+                              "<name>_mask.tif could replace a file of the same name among the images)")
     if not 0 < threshold < 1:
         raise InputError("threshold", f"a probability threshold must be in (0, 1), not {threshold}")
 
@@ -192,7 +196,7 @@ def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Pat
     import tifffile
 
     folder, out = Path(folder), Path(out)
-    check_batch(folder, threshold)
+    check_batch(folder, threshold, out)
     make_folder(out)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     names = mask_names([p for p in files if p.suffix.lower() in IMAGE_SUFFIXES])

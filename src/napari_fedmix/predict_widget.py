@@ -185,7 +185,7 @@ class BatchPredictWidget(QWidget):
         try:
             if not (self.input.text() and self.output.text()):
                 raise InputError("folders", "choose an images folder and an output folder")
-            check_batch(self.input.text())
+            check_batch(self.input.text(), out=self.output.text())
             predictor = Predictor.from_checkpoint(self.checkpoint.text().strip() or "model.safetensors")
         except InputError as exc:
             self.status.setText(str(exc))
