@@ -75,7 +75,7 @@ def test_a_run_cut_short_resumes_to_exactly_the_uninterrupted_result(sample: Pat
 
 
 def test_simulate_killed_with_sigkill_resumes_to_the_uninterrupted_result(sample: Path, tmp_path: Path) -> None:
-    common = ["simulate", "--sample", str(sample), "--rounds", "6", *SETTINGS]
+    common = ["simulate", "--sample", str(sample), "--rounds", "10", *SETTINGS]  # ≈ 0.2 s a round: a margin
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main([*common, "--out", str(whole)]) == 0
     proc = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", *common, "--out", str(killed)],
@@ -89,7 +89,7 @@ def test_simulate_killed_with_sigkill_resumes_to_the_uninterrupted_result(sample
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL, "killed mid-run, not finished"
     done = len((killed / "metrics.jsonl").read_text().splitlines())
-    assert 2 <= done < 6 and not (killed / "summary.json").exists()
+    assert 2 <= done < 10 and not (killed / "summary.json").exists()
     assert main([*common, "--out", str(killed), "--resume"]) == 0
     assert records(killed) == records(whole)
     assert_same_pair(killed / "final.safetensors", whole / "final.safetensors")
