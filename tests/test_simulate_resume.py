@@ -111,6 +111,8 @@ def test_resume_refuses_other_settings_other_sites_fewer_rounds_and_a_folder_wit
         ([*common, "--rounds", "1", "--out", str(run)], f"--rounds: the run in {run} has already done 2 rounds"),
         ([*common, "--rounds", "3", "--overwrite", "--out", str(run)], "--resume: continues the run in --out"),
         ([*sites, "--rounds", "3", "--out", str(run)], "--sites: the run in"),
+        (["simulate", "--sites", *map(str, sorted(sample.glob("site-*"))), *SETTINGS, "--rounds", "3", "--out",
+          str(run)], "cannot resume with other settings (eval: "),
         ([*common, "--rounds", "3", "--out", str(tmp_path / "empty")],
          f"{tmp_path / 'empty'}: no completed round to resume from"),
     ]

@@ -184,13 +184,17 @@ def _config_record(config: SimulationConfig) -> dict:
     return json.loads(json.dumps(asdict(config), default=str))
 
 
-def _check_resumable(out: Path, config: SimulationConfig) -> None:
+def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None) -> None:
     """Resuming with other settings would silently mix two experiments: name every differing field."""
     try:
         stored = json.loads((out / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise InputError(out / "config.json", f"cannot resume: the run's settings are unreadable ({exc})") from None
     differ = []
+    stored_eval = stored.get("eval") if stored.get("eval") not in (None, "None") else None
+    if (Path(stored_eval).resolve() if stored_eval else None) != (eval_root.resolve() if eval_root else None):
+        differ.append(f"eval: {stored_eval!r} in the run, {str(eval_root) if eval_root else None!r} now"
+                      " (the best round is chosen on its validation split)")
     for key, value in _config_record(config).items():
         if key in RESUME_MAY_DIFFER or stored.get(key) == value:
             continue
@@ -216,7 +220,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         if out is None or overwrite:
             raise InputError("--resume", "continues the run in --out; give --out, and not --overwrite")
         snapshot = load_snapshot(out)
-        _check_resumable(out, config)
+        _check_resumable(out, config, Path(eval_root) if eval_root is not None else None)
         if snapshot.round > config.rounds:
             raise InputError("--rounds", f"the run in {out} has already done {snapshot.round} rounds; "
                                          f"give --rounds {snapshot.round} or more")
@@ -233,7 +237,8 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
             clear_snapshots(out)  # an overwritten run's snapshots must never be resumed into this one
             (out / "metrics.jsonl").write_text("")
         (out / "config.json").write_text(json.dumps(
-            {**_config_record(config), "sites": [str(p) for p in site_dirs], "eval": str(eval_root),
+            {**_config_record(config), "sites": [str(p) for p in site_dirs],
+             "eval": str(eval_root.resolve()) if eval_root is not None else None,
              "device": str(plan.device), "device_note": plan.note}, indent=2, default=str) + "\n")
 
     rule = AggregationRule.for_method("fedmix" if config.method == "fedmix" else "fedavg", config.lam, config.beta)
