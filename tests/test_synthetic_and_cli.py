@@ -168,6 +168,30 @@ def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
         assert store.summary()["boxes"] == 8
 
 
+def test_site_import_of_a_busi_style_folder_takes_masks_beside_images_and_joins_a_lesion_each(
+        tmp_path: Path, capsys, rng) -> None:
+    busi = tmp_path / "Dataset_BUSI" / "benign"
+    busi.mkdir(parents=True)
+    lesions = {"benign (1)": [(slice(4, 10), slice(4, 10))], "benign (4)": [(slice(2, 6), slice(2, 6)),
+                                                                             (slice(12, 18), slice(10, 16))]}
+    for name, boxes in lesions.items():
+        iio.imwrite(busi / f"{name}.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+        for k, (rows, cols) in enumerate(boxes):
+            mask = np.zeros((20, 24), np.uint8)
+            mask[rows, cols] = 255  # BUSI masks are 0/255
+            iio.imwrite(busi / f"{name}_mask{'' if k == 0 else f'_{k}'}.png", mask)
+    iio.imwrite(busi / "benign (7).png", rng.integers(0, 256, (20, 24), dtype=np.uint8))  # no mask
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(busi), "--masks", str(busi)]) == 0
+    out = capsys.readouterr().out
+    assert "images added: 3" in out and "masks: 2" in out, out
+    with SiteStore.open(site) as store:
+        assert store.image_ids() == ["benign__1_", "benign__4_", "benign__7_"], "no mask imported as an image"
+        joined = store.read_mask("benign__4_")
+        assert joined[2:6, 2:6].all() and joined[12:18, 10:16].all() and joined.sum() == 16 + 36
+        assert store.read_mask("benign__1_").sum() == 36 and store.read_mask("benign__7_") is None
+
+
 def test_site_import_reports_bad_images_and_keeps_the_rest(tmp_path: Path, capsys, rng) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()

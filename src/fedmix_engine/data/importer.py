@@ -7,6 +7,11 @@ CSV formats (header row required, extra columns ignored; ``image`` is the file n
   is idempotent.
 - tags: ``image,class,present`` — ``present``/``absent`` (also yes/no, true/false, 1/0).
 
+Masks are matched to images by file stem: ``x.png`` or ``x_mask.png`` (also ``-mask``, ``_label``,
+``_seg`` …) belongs to image ``x``; ``x_mask_1.png``, ``x_mask_2.png`` … are further masks of ``x``
+(one lesion each, as in BUSI) and are joined. ``--masks`` may name the images folder itself: the
+mask files in it are then taken as masks, not imported as images.
+
 Every problem (unreadable image, mask of the wrong shape, a CSV row naming an unknown image
 or class …) is reported with its file and line; the rest is imported. Nothing is silently
 dropped.
@@ -15,18 +20,22 @@ dropped.
 from __future__ import annotations
 
 import csv
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmix_engine.data.imageio import IMAGE_SUFFIXES
+import numpy as np
+
+from fedmix_engine.data.imageio import IMAGE_SUFFIXES, read_array, validate_mask
 from fedmix_engine.data.site_store import Box, SiteStore, image_id_from_path
 from fedmix_engine.errors import InputError
 
 _TRUE = {"present", "yes", "true", "1", "y"}
 _FALSE = {"absent", "no", "false", "0", "n"}
-_MASK_SUFFIXES = ("_mask", "-mask", "_label", "-label", "_labels", "_seg")
+# "<image>_mask", and "<image>_mask_1", "_mask_2" … for further masks of one image (BUSI's lesions)
+_MASK_NAME = re.compile(r"^(?P<image>.+?)(?:_mask|-mask|_label|-label|_labels|_seg)(?:_\d+)?$")
 
 
 @dataclass
@@ -74,6 +83,25 @@ def _resolve_image(ids: set[str], name: str) -> str | None:
     return candidate if candidate in ids else None
 
 
+def _mask_target(stem: str, ids: set[str]) -> str | None:
+    """The image a mask file belongs to: the one with the same stem, or with the stem less a mask suffix."""
+    if stem in ids:
+        return stem
+    named = _MASK_NAME.match(stem)
+    return named["image"] if named and named["image"] in ids else None
+
+
+def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | None) -> None:
+    """One mask file is stored as it is; several for one image (a lesion each) are joined."""
+    if len(paths) == 1:
+        store.set_mask(target, paths[0], author=author)
+        return
+    record = store.record(target)
+    joined = np.maximum.reduce([validate_mask(read_array(p), (record.height, record.width),
+                                              len(store.config.classes), p) for p in paths])
+    store.set_mask(target, joined, author=author)
+
+
 def check_sources(images: str | Path, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
                   tags_csv: str | Path | None = None) -> None:
     """Refuse a missing input before anything is imported (or a new site is created for it), so a
@@ -90,6 +118,12 @@ def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None
     check_sources(images, masks, boxes_csv, tags_csv)
     report = ImportReport()
     files = _image_files(Path(images))
+    # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
+    same_folder = masks is not None and Path(masks).resolve() == Path(images).resolve()
+    stems = {image_id_from_path(p) for p in files}
+    beside = [p for p in files if (named := _MASK_NAME.match(image_id_from_path(p))) and named["image"] in stems
+              ] if same_folder else []
+    files = [p for p in files if p not in beside]
     sources = {rec.id: rec.source for rec in store.records()}
     for n, path in enumerate(files, start=1):
         image_id = image_id_from_path(path)
@@ -106,15 +140,17 @@ def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None
     ids = set(store.image_ids())
 
     if masks is not None:
-        for path in _image_files(Path(masks)):
+        by_image: dict[str, list[Path]] = defaultdict(list)
+        for path in beside if same_folder else _image_files(Path(masks)):
             stem = image_id_from_path(path)
-            target = stem if stem in ids else next(
-                (stem[: -len(s)] for s in _MASK_SUFFIXES if stem.endswith(s) and stem[: -len(s)] in ids), None)
+            target = _mask_target(stem, ids)
             if target is None:
                 report.problems.append(f"{path}: no image with the same name (stem '{stem}') in the site")
                 continue
+            by_image[target].append(path)
+        for target, paths in by_image.items():
             try:
-                store.set_mask(target, path, author=author)
+                _set_masks(store, target, paths, author)
                 report.masks += 1
             except InputError as exc:
                 report.problems.append(str(exc))
