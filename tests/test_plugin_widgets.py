@@ -93,6 +93,19 @@ def test_annotate_a_site_that_fails_to_open_leaves_the_open_one_editable(make_na
         np.testing.assert_array_equal(store.read_mask("scan-0"), mask)
 
 
+def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_viewer, qtbot, tmp_path, images):
+    from napari_fedmix.annotate_widget import MASK_LAYER
+
+    mask = np.zeros((40, 48), np.uint8)
+    mask[5:15, 6:20] = 255
+    tifffile.imwrite(images[0].parent / "scan-0_mask.tif", mask)  # beside scan-0.tif
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", [])
+    assert widget.import_folder(images[0].parent) == []
+    assert widget.image_list.count() == 3, "the mask file is not listed as an image"
+    widget.image_list.setCurrentRow(0)
+    assert int(viewer.layers[MASK_LAYER].data.sum()) == 10 * 14
+
+
 @pytest.fixture
 def sample(tmp_path: Path) -> Path:
     out = tmp_path / "sample"

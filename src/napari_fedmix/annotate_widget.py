@@ -264,13 +264,22 @@ class AnnotateWidget(QWidget):
         if paths:
             self._guard(lambda: self.import_images(paths))
 
+    def import_folder(self, folder: str | Path) -> list[str]:
+        """Add a folder's images, and the masks beside them (``x_mask.png`` next to ``x.png``, as in
+        BUSI) as masks rather than as images; returns the problems (each naming its file)."""
+        from fedmix_engine.data.importer import import_folder
+
+        if self.store is None:
+            raise InputError("site", "open or create a site first")
+        report = import_folder(self.store, folder, masks=folder)
+        self.refresh_list()
+        _notify(report.problems)
+        return report.problems
+
     def _choose_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Folder of images to import")
         if path:
-            from fedmix_engine.data.imageio import IMAGE_SUFFIXES
-
-            files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            self._guard(lambda: self.import_images(files))
+            self._guard(lambda: self.import_folder(path))
 
     def _guard(self, action) -> None:
         try:
