@@ -181,12 +181,15 @@ def test_site_import_of_a_busi_style_folder_takes_masks_beside_images_and_joins_
             mask[rows, cols] = 255  # BUSI masks are 0/255
             iio.imwrite(busi / f"{name}_mask{'' if k == 0 else f'_{k}'}.png", mask)
     iio.imwrite(busi / "benign (7).png", rng.integers(0, 256, (20, 24), dtype=np.uint8))  # no mask
+    iio.imwrite(busi / "normal (2).png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    iio.imwrite(busi / "normal (2)_mask.png", np.zeros((20, 24), np.uint8))  # BUSI's "normal": an empty mask
     site = tmp_path / "site"
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(busi), "--masks", str(busi)]) == 0
     out = capsys.readouterr().out
-    assert "images added: 3" in out and "masks: 2" in out, out
+    assert "images added: 4" in out and "masks: 2" in out and "empty masks: 1 (no lesion" in out, out
     with SiteStore.open(site) as store:
-        assert store.image_ids() == ["benign__1_", "benign__4_", "benign__7_"], "no mask imported as an image"
+        assert store.image_ids() == ["benign__1_", "benign__4_", "benign__7_", "normal__2_"], "masks are not images"
+        assert store.tags("normal__2_") == {"lesion": False} and store.read_mask("normal__2_") is None
         joined = store.read_mask("benign__4_")
         assert joined[2:6, 2:6].all() and joined[12:18, 10:16].all() and joined.sum() == 16 + 36
         assert store.read_mask("benign__1_").sum() == 36 and store.read_mask("benign__7_") is None

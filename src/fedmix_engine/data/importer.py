@@ -10,7 +10,8 @@ CSV formats (header row required, extra columns ignored; ``image`` is the file n
 Masks are matched to images by file stem: ``x.png`` or ``x_mask.png`` (also ``-mask``, ``_label``,
 ``_seg`` …) belongs to image ``x``; ``x_mask_1.png``, ``x_mask_2.png`` … are further masks of ``x``
 (one lesion each, as in BUSI) and are joined. ``--masks`` may name the images folder itself: the
-mask files in it are then taken as masks, not imported as images.
+mask files in it are then taken as masks, not imported as images. An all-background mask file is
+imported as every class tagged absent.
 
 Every problem (unreadable image, mask of the wrong shape, a CSV row naming an unknown image
 or class …) is reported with its file and line; the rest is imported. Nothing is silently
@@ -47,11 +48,14 @@ class ImportReport:
     masks: int = 0
     boxes: int = 0
     tags: int = 0
+    empty_masks: int = 0  # all-background mask files, stored as every class tagged absent
     problems: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"images added: {self.images_added} (already present: {self.images_already_present})",
                f"masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}"]
+        if self.empty_masks:
+            out.append(f"empty masks: {self.empty_masks} (no lesion: stored as every class tagged absent)")
         if self.problems:
             out.append(f"{len(self.problems)} problem(s):")
             out.extend(f"  {p}" for p in self.problems)
@@ -91,15 +95,22 @@ def _mask_target(stem: str, ids: set[str]) -> str | None:
     return named["image"] if named and named["image"] in ids else None
 
 
-def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | None) -> None:
-    """One mask file is stored as it is; several for one image (a lesion each) are joined."""
-    if len(paths) == 1:
-        store.set_mask(target, paths[0], author=author)
-        return
+def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | None) -> bool:
+    """Store one image's mask files (several, a lesion each, are joined); True if a mask was stored.
+
+    An all-background mask (BUSI's "normal" images) says that no class is present: it is stored as
+    every class tagged absent, the store's form of that fact (it keeps masks with foreground only)."""
     record = store.record(target)
     joined = np.maximum.reduce([validate_mask(read_array(p), (record.height, record.width),
                                               len(store.config.classes), p) for p in paths])
-    store.set_mask(target, joined, author=author)
+    if joined.any():
+        store.set_mask(target, joined, author=author)
+        return True
+    if store.read_mask(target) is not None:
+        store.clear_mask(target)  # the file now says "no lesion"
+    for name in store.config.classes:
+        store.set_tag(target, name, False, author=author)
+    return False
 
 
 def check_sources(images: str | Path, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
@@ -150,8 +161,10 @@ def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None
             by_image[target].append(path)
         for target, paths in by_image.items():
             try:
-                _set_masks(store, target, paths, author)
-                report.masks += 1
+                if _set_masks(store, target, paths, author):
+                    report.masks += 1
+                else:
+                    report.empty_masks += 1
             except InputError as exc:
                 report.problems.append(str(exc))
 
