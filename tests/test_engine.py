@@ -373,3 +373,23 @@ def test_an_evaluation_store_labelled_for_other_classes_is_refused(tmp_path: Pat
         EvalSet.from_store(tmp_path / "two", 32, 1)
     assert f"{tmp_path / 'two'}: labelled for 2 class(es) (lesion, cyst); the model predicts 1" in str(refused.value)
     assert len(EvalSet.from_store(tmp_path / "two", 32, 2).ids) == 1
+
+
+def test_batch_predict_skips_a_datasets_own_masks_beside_its_images(tmp_path: Path) -> None:
+    import imageio.v3 as iio
+
+    from fedmix_engine.predict import Predictor, predict_folder
+
+    predictor = Predictor(init_pair(TINY, 0), TINY, 32, CPU)
+    folder = tmp_path / "benign"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    iio.imwrite(folder / "benign (1).png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    for name in ("benign (1)_mask.png", "benign (1)_mask_1.png"):  # BUSI: a mask per lesion
+        iio.imwrite(folder / name, np.zeros((40, 48), np.uint8))
+    iio.imwrite(folder / "lone_mask.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))  # no "lone.png": an image
+    rows = {r.file: r for r in predict_folder(predictor, folder, tmp_path / "out")}
+    assert rows["benign (1).png"].status == "ok" and rows["lone_mask.png"].status == "ok"
+    for name in ("benign (1)_mask.png", "benign (1)_mask_1.png"):
+        assert rows[name].status == "skipped: a mask beside its image, not an image" and not rows[name].mask_file
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tif")) == ["benign (1)_mask.tif", "lone_mask_mask.tif"]

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
 from fedmix_engine.data.imageio import IMAGE_SUFFIXES, normalise_image, read_image, validate_image
+from fedmix_engine.data.importer import masks_beside_images
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import resize_image
 from fedmix_engine.device import DevicePlan, autocast, plan_device
@@ -199,11 +200,15 @@ def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Pat
     check_batch(folder, threshold, out)
     make_folder(out)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    names = mask_names([p for p in files if p.suffix.lower() in IMAGE_SUFFIXES])
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
+    names = mask_names([p for p in images if p not in beside])
     rows: list[BatchRow] = []
     try:
         for done, path in enumerate(files, start=1):
-            if path not in names:
+            if path in beside:
+                row = BatchRow(path.name, 0, 0, float("nan"), "skipped: a mask beside its image, not an image")
+            elif path not in names:
                 row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: not an image ({path.suffix or 'no suffix'})")
             else:
                 try:

@@ -36,7 +36,7 @@ from fedmix_engine.errors import InputError
 _TRUE = {"present", "yes", "true", "1", "y"}
 _FALSE = {"absent", "no", "false", "0", "n"}
 # "<image>_mask", and "<image>_mask_1", "_mask_2" … for further masks of one image (BUSI's lesions)
-_MASK_NAME = re.compile(r"^(?P<image>.+?)(?:_mask|-mask|_label|-label|_labels|_seg)(?:_\d+)?$")
+MASK_NAME = re.compile(r"^(?P<image>.+?)(?:_mask|-mask|_label|-label|_labels|_seg)(?:_\d+)?$")
 
 
 @dataclass
@@ -87,11 +87,17 @@ def _resolve_image(ids: set[str], name: str) -> str | None:
     return candidate if candidate in ids else None
 
 
+def masks_beside_images(files: list[Path]) -> list[Path]:
+    """The files that are, by name, another file's mask (``x_mask.png`` beside ``x.png``: BUSI's layout)."""
+    stems = {image_id_from_path(p) for p in files}
+    return [p for p in files if (named := MASK_NAME.match(image_id_from_path(p))) and named["image"] in stems]
+
+
 def _mask_target(stem: str, ids: set[str]) -> str | None:
     """The image a mask file belongs to: the one with the same stem, or with the stem less a mask suffix."""
     if stem in ids:
         return stem
-    named = _MASK_NAME.match(stem)
+    named = MASK_NAME.match(stem)
     return named["image"] if named and named["image"] in ids else None
 
 
@@ -131,9 +137,7 @@ def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None
     files = _image_files(Path(images))
     # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
     same_folder = masks is not None and Path(masks).resolve() == Path(images).resolve()
-    stems = {image_id_from_path(p) for p in files}
-    beside = [p for p in files if (named := _MASK_NAME.match(image_id_from_path(p))) and named["image"] in stems
-              ] if same_folder else []
+    beside = masks_beside_images(files) if same_folder else []
     files = [p for p in files if p not in beside]
     sources = {rec.id: rec.source for rec in store.records()}
     for n, path in enumerate(files, start=1):
