@@ -9,7 +9,8 @@ def sample_site() -> list[tuple[Any, dict, str]]:
     """One ultrasound-like image, its lesion mask and the lesion boxes a clinician would draw."""
     import numpy as np
 
-    from fedmix_engine.data.synthetic import boxes_from_mask, site_domain, synth_image
+    from fedmix_engine.data.synthetic import site_domain, synth_image
+    from fedmix_engine.data.weak_labels import boxes_from_mask
 
     rng = np.random.default_rng(7)
     image, mask = synth_image(rng, 192, site_domain(0, rng))

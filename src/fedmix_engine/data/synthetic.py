@@ -29,12 +29,12 @@ import numpy as np
 from scipy import ndimage
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.data.site_store import Box, SiteStore
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.weak_labels import annotate, kinds_for_site, store_ground_truth, supervision_plan
 from fedmix_engine.errors import InputError
 
 SYNTHETIC_TIME = "2000-01-01T00:00:00+00:00"
 CLASS_SETS = {1: ("lesion",), 2: ("lesion", "cyst")}
-KINDS = ("mask", "box", "tag")
 
 
 @dataclass(frozen=True)
@@ -185,62 +185,6 @@ def synth_image(rng: np.random.Generator, size: int, domain: SiteDomain, num_cla
     return np.clip(image * 255, 0, 255).astype(np.uint8), mask
 
 
-def boxes_from_mask(mask: np.ndarray, classes: Sequence[str], rng: np.random.Generator) -> list[Box]:
-    """One box per connected lesion, each side widened by a random margin: 1–9 px at 256² (the paper's
-    margins), scaled with the image size — unscaled, 1–9 px around a 10 px lesion of a 64² image makes
-    a box that even a perfect prediction fills to Dice ≈ 0.4, below the 0.5 box-fill check."""
-    height, width = mask.shape
-    scale = max(height, width) / 256
-    boxes = []
-    for index, name in enumerate(classes, start=1):
-        labelled, _ = ndimage.label(mask == index)
-        for sl in ndimage.find_objects(labelled):
-            if sl is None:
-                continue
-            m = np.rint(rng.integers(1, 10, size=4) * scale).astype(int)
-            boxes.append(Box(name, max(0, sl[0].start - int(m[0])), max(0, sl[1].start - int(m[1])),
-                             min(height, sl[0].stop + int(m[2])), min(width, sl[1].stop + int(m[3]))))
-    return boxes
-
-
-def store_ground_truth(store: SiteStore, image_id: str, mask: np.ndarray) -> None:
-    """Full ground truth: the mask when there is a lesion, else every class tagged absent."""
-    if mask.any():
-        store.set_mask(image_id, mask)
-    for index, name in enumerate(store.config.classes, start=1):
-        store.set_tag(image_id, name, bool((mask == index).any()))
-
-
-def _annotate(store: SiteStore, image_id: str, mask: np.ndarray, kind: str, rng: np.random.Generator) -> None:
-    """Record only what a clinician with this level of effort would have marked."""
-    classes = store.config.classes
-    if kind == "mask":
-        store_ground_truth(store, image_id, mask)
-    elif kind == "box":
-        boxes = boxes_from_mask(mask, classes, rng)
-        if boxes:
-            store.set_boxes(image_id, boxes)
-        else:  # nothing to box: the clinician says so with tags
-            for name in classes:
-                store.set_tag(image_id, name, False)
-    elif kind == "tag":
-        for index, name in enumerate(classes, start=1):
-            store.set_tag(image_id, name, bool((mask == index).any()))
-    else:
-        raise InputError("supervision", f"unknown supervision kind '{kind}'; use mask, box or tag")
-
-
-def _kinds_for_site(n: int, site_kind: str | None, mix: Sequence[float] | None,
-                    rng: np.random.Generator) -> list[str]:
-    if mix is None:
-        return [site_kind or "mask"] * n
-    counts = [round(f * n) for f in mix]
-    counts[-1] = n - sum(counts[:-1])
-    kinds = [k for k, c in zip(KINDS, counts, strict=True) for _ in range(max(c, 0))]
-    rng.shuffle(kinds)
-    return kinds
-
-
 def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0,
                 supervision: Sequence[str] | None = None, mix: Sequence[float] | None = None,
                 classes: int = 1, size: int = 128, eval_images: int = 20, lesion_free: float = 0.15,
@@ -261,19 +205,7 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
         raise InputError("--size", f"images must be at least 32 px, not {size}")
     if classes not in CLASS_SETS:
         raise InputError("--classes", f"synthetic data has 1 or 2 classes, not {classes}")
-    if mix is not None and supervision is not None:
-        raise InputError("--mix", "give either --supervision (one kind per site) or --mix (fractions), not both")
-    if mix is not None and (len(mix) != 3 or any(f < 0 for f in mix) or abs(sum(mix) - 1.0) > 1e-6):
-        raise InputError("--mix", f"three non-negative fractions (mask,box,tag) summing to 1, got {list(mix)}")
-    site_kinds: list[str | None] = [None] * sites
-    if mix is None:
-        kinds = list(supervision) if supervision else [KINDS[i % 3] for i in range(sites)]
-        if len(kinds) != sites:
-            raise InputError("--supervision", f"names {len(kinds)} kinds for {sites} sites")
-        for k in kinds:
-            if k not in KINDS:
-                raise InputError("--supervision", f"unknown kind '{k}'; use mask, box or tag")
-        site_kinds = kinds
+    site_kinds = supervision_plan(sites, supervision, mix)
     if out.is_dir() and any(out.iterdir()):
         raise InputError(out, "output folder is not empty; choose a new folder")
 
@@ -284,7 +216,7 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
         name = f"site-{chr(ord('a') + index)}"
         rng = np.random.default_rng([seed, index])
         domain = site_domain(index, rng, shift)
-        kinds = _kinds_for_site(images, site_kinds[index], mix, rng)
+        kinds = kinds_for_site(images, site_kinds[index], mix, rng)
         site = SiteStore.create(out / name, class_names, name=name, clock=clock)
         oracle = SiteStore.create(out / "eval" / name / "oracle", class_names, name=f"{name}-oracle", clock=clock)
         with site, oracle:
@@ -292,7 +224,7 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
                 image, mask = synth_image(rng, size, domain, classes, lesion_free=rng.random() < lesion_free)
                 image_id = f"{name}-{i:04d}"
                 site.add_image(image, image_id, author="synthetic")
-                _annotate(site, image_id, mask, kind, rng)
+                annotate(site, image_id, mask, kind, rng)
                 oracle.add_image(image, image_id, author="synthetic")
                 store_ground_truth(oracle, image_id, mask)
             summary = site.summary()
