@@ -78,6 +78,16 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_federation(args: argparse.Namespace) -> int:
+    from fedmix_engine.data.federation_split import make_federation
+
+    make_federation(args.sources, args.out, supervision=args.supervision, mix=args.mix, val=args.val,
+                    test=args.test, seed=args.seed, progress=print)
+    print(f"wrote {len(args.sources)} site(s) and evaluation data to {args.out} "
+          f"(manifest: {Path(args.out) / 'federation.json'}); run it: fedmix-engine simulate --sample {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmix-engine", description=__doc__)
@@ -121,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--supervision", type=_names, help="one kind per site, e.g. mask,box,tag (the default)")
     group.add_argument("--mix", type=_floats, help="fractions of mask,box,tag images within every site")
     p.set_defaults(func=cmd_make_sample)
+
+    p = sub.add_parser("make-federation", help="a mixed-supervision federation from real, fully labelled sites")
+    p.add_argument("out", type=Path)
+    p.add_argument("--from", dest="sources", type=Path, nargs="+", required=True,
+                   help="fully labelled site folders (every image: a mask, or every class tagged absent), one a site")
+    p.add_argument("--val", type=float, default=0.15, help="fraction of each site's images for validation")
+    p.add_argument("--test", type=float, default=0.15, help="fraction of each site's images for the test")
+    p.add_argument("--seed", type=int, default=0)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--supervision", type=_names, help="one kind per site, e.g. mask,box,tag (the default)")
+    group.add_argument("--mix", type=_floats, help="fractions of mask,box,tag images within every site")
+    p.set_defaults(func=cmd_make_federation)
 
     from fedmix_engine import cli_federation, cli_training
 

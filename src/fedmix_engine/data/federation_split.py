@@ -1,0 +1,121 @@
+"""A mixed-supervision federation made from real, fully labelled sites (``make-federation``).
+
+To reproduce the paper on real data (say BUSI, or each hospital's labelled scans), every source
+site is split, with a seed, into training, validation and test images. The training images keep
+only the supervision their site is given — the mask, boxes derived from it, or image-level tags
+(``weak_labels``) — and the full ground truth goes to ``OUT/eval/<site>/{val,test,oracle}``: the
+layout ``make-sample`` writes, so ``simulate --sample OUT`` and the benchmarks run on it unchanged.
+Sites are named ``site-a``, ``site-b`` … in the order given; ``federation.json`` records each
+one's source and which images went where.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.weak_labels import annotate, kinds_for_site, store_ground_truth, supervision_plan
+from fedmix_engine.errors import InputError
+
+
+def _full_truth(store: SiteStore, image_id: str) -> np.ndarray | None:
+    """The image's complete label mask: its mask, all background if every class is tagged absent, else None."""
+    mask = store.read_mask(image_id)
+    if mask is not None:
+        return mask
+    tags = store.tags(image_id)
+    if len(tags) == len(store.config.classes) and not any(tags.values()):
+        record = store.record(image_id)
+        return np.zeros((record.height, record.width), np.uint8)
+    return None
+
+
+def _split_sizes(n: int, val: float, test: float, where: Path) -> tuple[int, int, int]:
+    n_val, n_test = max(1, round(val * n)), max(1, round(test * n))
+    if n - n_val - n_test < 1:
+        raise InputError(where, f"{n} fully labelled image(s) cannot give training, validation ({n_val}) and "
+                                f"test ({n_test}) images; label more or lower --val/--test")
+    return n - n_val - n_test, n_val, n_test
+
+
+def make_federation(sources: Sequence[str | Path], out: str | Path, supervision: Sequence[str] | None = None,
+                    mix: Sequence[float] | None = None, val: float = 0.15, test: float = 0.15, seed: int = 0,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """Write ``OUT/site-a`` … and ``OUT/eval`` from fully labelled source sites; returns the manifest.
+
+    Everything is checked before anything is written: the sources open, share classes and channels,
+    and every image has full ground truth (a mask, or every class tagged absent)."""
+    out, sources = Path(out), [Path(s) for s in sources]
+    if not sources:
+        raise InputError("--from", "give at least one fully labelled site folder")
+    if len(sources) > 26:
+        raise InputError("--from", f"at most 26 sites (site-a … site-z), not {len(sources)}")
+    if len({s.resolve() for s in sources}) != len(sources):
+        raise InputError("--from", "a site folder is given twice")
+    for name, fraction in (("--val", val), ("--test", test)):
+        if not 0 < fraction < 1:
+            raise InputError(name, f"a fraction of each site's images in (0, 1), not {fraction}")
+    if val + test >= 1:
+        raise InputError("--test", f"--val {val} + --test {test} leave no training images")
+    kinds_per_site = supervision_plan(len(sources), supervision, mix)
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(out, "output folder is not empty; choose a new folder")
+
+    plans = []
+    for source in sources:
+        with SiteStore.open(source, readonly=True) as store:
+            config = store.config
+            if plans and (config.classes, config.channels) != (plans[0][1].classes, plans[0][1].channels):
+                raise InputError(source, f"classes {list(config.classes)} and {config.channels} channel(s) differ "
+                                         f"from {sources[0]}'s {list(plans[0][1].classes)} and "
+                                         f"{plans[0][1].channels}")
+            ids = store.image_ids()
+            unlabelled = [i for i in ids if _full_truth(store, i) is None]
+        if unlabelled:
+            raise InputError(source, f"{len(unlabelled)} image(s) without full ground truth (a mask, or every class "
+                                     f"tagged absent), e.g. {', '.join(unlabelled[:3])}; make-federation needs "
+                                     "fully labelled sites")
+        if not ids:
+            raise InputError(source, "the site holds no images")
+        plans.append((source, config, ids, _split_sizes(len(ids), val, test, source)))
+
+    manifest: dict = {"made_from": [str(s.resolve()) for s in sources], "seed": seed, "val": val, "test": test,
+                      "classes": list(plans[0][1].classes), "sites": []}
+    for index, (source, config, ids, (n_train, n_val, _)) in enumerate(plans):
+        name = f"site-{chr(ord('a') + index)}"
+        rng = np.random.default_rng([seed, index])
+        order = [ids[i] for i in rng.permutation(len(ids))]
+        parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+        kinds = kinds_for_site(n_train, kinds_per_site[index], mix, rng)
+        classes, channels = config.classes, config.channels
+        with SiteStore.open(source, readonly=True) as src, \
+                SiteStore.create(out / name, classes, name=name, channels=channels) as site, \
+                SiteStore.create(out / "eval" / name / "oracle", classes, name=f"{name}-oracle",
+                                 channels=channels) as oracle:
+            for image_id, kind in zip(parts["train"], kinds, strict=True):
+                image, truth = src.read_image(image_id), _full_truth(src, image_id)
+                site.add_image(image, image_id, author="make-federation")
+                annotate(site, image_id, truth, kind, rng)
+                oracle.add_image(image, image_id, author="make-federation")
+                store_ground_truth(oracle, image_id, truth)
+            summary = site.summary()
+            for split in ("val", "test"):
+                with SiteStore.create(out / "eval" / name / split, classes, name=f"{name}-{split}",
+                                      channels=channels) as held_out:
+                    for image_id in parts[split]:
+                        held_out.add_image(src.read_image(image_id), image_id, author="make-federation")
+                        store_ground_truth(held_out, image_id, _full_truth(src, image_id))
+        manifest["sites"].append({"name": name, "source": str(source.resolve()),
+                                  "supervision": kinds_per_site[index] or "mix", "summary": summary, **parts})
+        if progress:
+            progress(f"{name} ← {source}: {n_train} training images ({summary['mask']} mask, {summary['box']} box, "
+                     f"{summary['tag']} tag), {n_val} validation, {len(parts['test'])} test")
+    if mix is not None:
+        manifest["mix"] = list(mix)
+    atomic_write_bytes(out / "federation.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest

@@ -1,0 +1,79 @@
+"""``make-federation``: a mixed-supervision federation from real, fully labelled sites, in the
+layout ``simulate --sample`` reads; no weak site ever holds a mask."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmix_engine.cli import main
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.synthetic import make_sample
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three fully labelled sites (the oracle stores of a synthetic federation stand in for real ones)."""
+    out = tmp_path_factory.mktemp("labelled") / "sample"
+    make_sample(out, sites=3, images=10, eval_images=1, seed=0, size=32)
+    return [out / "eval" / name / "oracle" for name in ("site-a", "site-b", "site-c")]
+
+
+def test_make_federation_splits_each_site_and_keeps_only_its_supervision(labelled: list[Path], tmp_path: Path,
+                                                                         capsys) -> None:
+    out = tmp_path / "fed"
+    assert main(["make-federation", str(out), "--from", *map(str, labelled), "--val", "0.2", "--test", "0.2"]) == 0
+    assert "run it: fedmix-engine simulate --sample" in capsys.readouterr().out
+    manifest = json.loads((out / "federation.json").read_text())
+    for index, (site, source) in enumerate(zip(manifest["sites"], labelled, strict=True)):
+        with SiteStore.open(source, readonly=True) as src:
+            source_ids = set(src.image_ids())
+        parts = [set(site[k]) for k in ("train", "val", "test")]
+        assert [len(p) for p in parts] == [6, 2, 2] and set().union(*parts) == source_ids
+        assert site["name"] == f"site-{'abc'[index]}" and site["supervision"] == ("mask", "box", "tag")[index]
+        with SiteStore.open(out / site["name"], readonly=True) as weak:
+            assert set(weak.image_ids()) == parts[0]
+            masks = [i for i in weak.image_ids() if weak.read_mask(i) is not None]
+            boxes = [i for i in weak.image_ids() if weak.boxes(i)]
+            if site["supervision"] == "mask":
+                assert masks and not boxes
+            else:  # a weak site never holds a mask: the ground truth is under eval/ only
+                assert not masks and not list((out / site["name"] / "masks").iterdir())
+                assert bool(boxes) == (site["supervision"] == "box")
+        for split, ids in (("val", parts[1]), ("test", parts[2]), ("oracle", parts[0])):
+            with SiteStore.open(out / "eval" / site["name"] / split, readonly=True) as full, \
+                    SiteStore.open(source, readonly=True) as src:
+                assert set(full.image_ids()) == ids
+                for i in ids:  # the same pixels and the same full truth as the source
+                    np.testing.assert_array_equal(full.read_image(i), src.read_image(i))
+                    assert (full.read_mask(i) is None) == (src.read_mask(i) is None)
+    assert main(["simulate", "--sample", str(out), "--rounds", "1", "--width", "4", "--image-size", "32",
+                 "--crop-size", "32", "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    assert "test Dice: site-a" in capsys.readouterr().out
+
+
+def test_make_federation_refuses_unlabelled_sites_other_classes_and_bad_fractions_before_writing(
+        labelled: list[Path], tmp_path: Path, capsys) -> None:
+    weak = tmp_path / "weak"
+    with SiteStore.create(weak, ["lesion"]) as store:
+        store.add_image(np.zeros((32, 32), np.uint8) + 7, "unlabelled")
+    other = tmp_path / "other"
+    with SiteStore.create(other, ["lesion", "cyst"]) as store:
+        store.add_image(np.zeros((32, 32), np.uint8) + 7, "x")
+        store.set_tag("x", "lesion", False)
+        store.set_tag("x", "cyst", False)
+    out = tmp_path / "fed"
+    cases = [([str(labelled[0]), str(weak)], [], f"{weak}: 1 image(s) without full ground truth"),
+             ([str(labelled[0]), str(other)], [], f"{other}: classes ['lesion', 'cyst']"),
+             ([str(labelled[0]), str(labelled[0])], [], "--from: a site folder is given twice"),
+             ([str(labelled[0])], ["--val", "0.6", "--test", "0.5"], "leave no training images"),
+             ([str(labelled[0])], ["--test", "0"], "--test: a fraction"),
+             ([str(labelled[0]), str(labelled[1])], ["--supervision", "mask"], "--supervision: names 1 kinds"),
+             ([str(tmp_path / "nowhere")], [], "nowhere: site folder not found")]
+    for sources, extra, message in cases:
+        assert main(["make-federation", str(out), "--from", *sources, *extra]) == 2, message
+        assert message in capsys.readouterr().err
+        assert not out.exists(), "nothing written"
