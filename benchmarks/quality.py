@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … first-seed + seeds − 1")
     parser.add_argument("--rounds", type=int, help="override the profile's round count")
     parser.add_argument("--settings", default="a,b")
+    parser.add_argument("--federation", type=Path,
+                        help="run on this make-federation (or make-sample) folder instead of synthetic data: "
+                             "one setting, its own; the seeds vary initialisation and training only")
     parser.add_argument("--methods", default=",".join(ORDER))
     parser.add_argument("--lam", type=float, default=10.0)
     parser.add_argument("--beta", type=float, default=1.5)
@@ -170,6 +173,15 @@ def main() -> None:
         if m not in METHODS:
             parser.error(f"unknown method {m}")
     settings = [s for s in args.settings.split(",") if s]
+    if args.federation is not None:
+        manifest_path = args.federation / "federation.json"
+        if not manifest_path.is_file():
+            parser.error(f"{manifest_path}: not found (write the folder with fedmix-engine make-federation)")
+        manifest = json.loads(manifest_path.read_text())
+        kinds = ", ".join(f"{site['name'][-1].upper()} {site['supervision']}" for site in manifest["sites"])
+        SETTINGS["data"] = {"label": f"{args.federation.name}: {kinds}" + (
+            f" ({', '.join(f'{f:.0%}' for f in manifest['mix'])} masks/boxes/tags)" if "mix" in manifest else "")}
+        settings = ["data"]
     jobs_n = args.jobs or (prof["jobs"] if os.cpu_count() and os.cpu_count() >= prof["jobs"] else 1)
     train = replace(prof["train"], pl_warmup_rounds=args.pl_warmup, lr=prof["train"].lr if args.lr is None else args.lr)
     started = time.time()
@@ -179,7 +191,9 @@ def main() -> None:
         spec = SETTINGS[setting]
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             data = args.workdir / f"data-{setting}-{seed}-{prof['size']}-eval{prof['eval_images']}{suffix}"
-            if not (data / "federation.json").exists():
+            if setting == "data":
+                data = args.federation
+            elif not (data / "federation.json").exists():
                 samples.append({"out": data, "sites": 3, "images": prof["images"], "eval_images": prof["eval_images"],
                                 "seed": seed, "size": prof["size"], "supervision": spec["supervision"],
                                 "mix": spec["mix"], "shift": args.shift})
@@ -212,12 +226,16 @@ def main() -> None:
     variant = "".join([f", pseudo-label warm-up {args.pl_warmup} rounds" if args.pl_warmup else "",
                        f", {rounds} rounds" if rounds != prof["rounds"] else "",
                        f", learning rate {train.lr:g}" if train.lr != prof["train"].lr else "",
-                       f", {args.shift} domain shift" if args.shift != "mild" else ""])
+                       f", {args.shift} domain shift" if args.shift != "mild" else "",
+                       f", on {args.federation.name}" if args.federation else ""])
     lines = [f"## Quality ({'GPU --full' if args.full else 'CPU'} configuration{variant})", "",
              f"Command: `{command()}`  ", f"Machine: {machine()}  ",
-             f"Data: synthetic ultrasound-like federation ({args.shift} shift), 3 sites, "
-             f"{prof['images']} training images per site, "
-             f"{prof['eval_images']} validation + {prof['eval_images']} test images per site, {prof['size']}² px.  ",
+             (f"Data: {args.federation} (federation.json: {len(manifest['sites'])} sites made from "
+              f"{', '.join(manifest.get('made_from', ['synthetic data']))}), images resized to {prof['size']}² px.  "
+              if args.federation else
+              f"Data: synthetic ultrasound-like federation ({args.shift} shift), 3 sites, "
+              f"{prof['images']} training images per site, "
+              f"{prof['eval_images']} validation + {prof['eval_images']} test images per site, {prof['size']}² px.  "),
              f"Model: U-Net width {prof['width']}; {rounds} rounds × {train.epochs} local epoch(s), batch "
              f"{train.batch_size} (pseudo-labels and evaluation {train.pl_batch_size or 'per device'}), "
              f"crops {train.crop_size}², Adam lr {train.lr:g}; λ = {args.lam}, β = {args.beta}; "
@@ -240,6 +258,7 @@ def main() -> None:
     name += f"-rounds{rounds}" if rounds != prof["rounds"] else ""
     name += f"-lr{train.lr:g}" if train.lr != prof["train"].lr else ""
     name += f"-{args.shift}" if args.shift != "mild" else ""
+    name += f"-{args.federation.name}" if args.federation else ""
     publish(name, "\n".join(lines), not args.no_write)
 
 

@@ -77,3 +77,23 @@ def test_make_federation_refuses_unlabelled_sites_other_classes_and_bad_fraction
         assert main(["make-federation", str(out), "--from", *sources, *extra]) == 2, message
         assert message in capsys.readouterr().err
         assert not out.exists(), "nothing written"
+
+
+def test_the_quality_benchmark_runs_on_a_made_federation(labelled: list[Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from fedmix_engine.data.federation_split import make_federation
+
+    fed = tmp_path / "busi-like"
+    make_federation(labelled, fed, val=0.2, test=0.2)
+    quality = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+    run = subprocess.run([sys.executable, str(quality), "--federation", str(fed), "--methods",
+                          "supervised-upper,fedavg-mask-only", "--seeds", "2", "--rounds", "1", "--jobs", "1",
+                          "--no-write", "--workdir", str(tmp_path / "work")], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "### busi-like: A mask, B box, C tag" in run.stdout and f"Data: {fed}" in run.stdout
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| supervised-upper |")]
+    assert len(rows) == 1 and rows[0].count("±") == 5, "three sites, overall and Δ, over two seeds"
+    assert not list((tmp_path / "work").glob("data-*")), "no synthetic data made"
