@@ -120,3 +120,28 @@ def test_resume_refuses_other_settings_other_sites_fewer_rounds_and_a_folder_wit
         assert main([*argv, "--resume"]) == 2, argv
         assert message in capsys.readouterr().err
     assert ((run / "metrics.jsonl").read_text(), (run / "final.safetensors").read_bytes()) == before
+
+
+def test_with_a_snapshot_every_two_rounds_a_stop_after_round_3_resumes_from_round_2(sample: Path,
+                                                                                   tmp_path: Path) -> None:
+    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.model import ModelConfig
+    from fedmix_engine.simulate import RoundDone, SimulationConfig, iter_simulation, run_simulation
+
+    torch.set_num_threads(1)
+    sites, eval_root = sorted(sample.glob("site-*")), sample / "eval"
+    config = SimulationConfig(rounds=4, device="cpu", model=ModelConfig(base_width=4),
+                              train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
+    run_simulation(sites, eval_root, config, tmp_path / "whole", snapshot_every=2)
+    assert sorted(p.name for p in (tmp_path / "whole").glob("snapshot-*")) == ["snapshot-0004"]
+    events = iter_simulation(sites, eval_root, config, tmp_path / "cut", snapshot_every=2)
+    for event in events:
+        if isinstance(event, RoundDone) and event.round == 3:
+            break
+    events.close()  # stopped after round 3 was recorded; the last snapshot is round 2's
+    assert len(records(tmp_path / "cut")) == 3
+    assert sorted(p.name for p in (tmp_path / "cut").glob("snapshot-*")) == ["snapshot-0002"]
+    run_simulation(sites, eval_root, config, tmp_path / "cut", resume=True, snapshot_every=2)
+    assert records(tmp_path / "cut") == records(tmp_path / "whole")
+    assert_same_pair(tmp_path / "cut" / "final.safetensors", tmp_path / "whole" / "final.safetensors")
+    assert_same_pair(tmp_path / "cut" / "best.safetensors", tmp_path / "whole" / "best.safetensors")

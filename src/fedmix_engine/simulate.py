@@ -208,13 +208,17 @@ def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None
 
 
 def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
-                    out_dir: str | Path | None = None, overwrite: bool = False,
-                    resume: bool = False) -> Iterator[TrainProgress | RoundDone | SimulationResult]:
+                    out_dir: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+                    snapshot_every: int = 1) -> Iterator[TrainProgress | RoundDone | SimulationResult]:
     """Run a simulation, yielding per-batch progress, one ``RoundDone`` per round, then the result.
 
     ``out_dir`` must not hold an earlier run unless ``overwrite`` is set; with ``resume`` the run in
-    ``out_dir`` continues after its last completed round (``run_snapshot``), up to ``config.rounds``."""
+    ``out_dir`` continues after its last snapshot (``run_snapshot``), up to ``config.rounds``. A
+    snapshot is written every ``snapshot_every`` rounds and after the last (0: never): at the
+    reference width it is ≈ 1.1 GB for 3 sites, ≈ 2.6 s to write here."""
     config.validate()
+    if snapshot_every < 0:
+        raise InputError("--snapshot-every", f"must be ≥ 0 (0: no snapshots), not {snapshot_every}")
     out = Path(out_dir) if out_dir is not None else None
     if resume:
         if out is None or overwrite:
@@ -318,13 +322,14 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
                            {k: round(v, 4) for k, v in val.items()}, round(val_mean, 4), best_round,
                            round(time.perf_counter() - t0, 2))
         history.append(record)
-        if out is not None:
+        if out is not None and snapshot_every and (rnd % snapshot_every == 0 or rnd == config.rounds):
             federated = config.method != "local"
             save_snapshot(out, Snapshot(
                 rnd, [s.name for s in sites], best_round, best_val, [asdict(r) for r in history],
                 global_pair if federated else None, best_pair if federated else None,
                 {s.name: s.state for s in sites if s.state.optimizers is not None},
                 {} if federated else {s.name: s.pair for s in sites}, per_site_best), config.model)
+        if out is not None:
             with open(out / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(asdict(record)) + "\n")
         yield record
@@ -353,10 +358,10 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
 def run_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
                    out_dir: str | Path | None = None,
                    on_round: Callable[[RoundDone], None] | None = None,
-                   overwrite: bool = False, resume: bool = False) -> SimulationResult:
+                   overwrite: bool = False, resume: bool = False, snapshot_every: int = 1) -> SimulationResult:
     """``iter_simulation`` without per-batch progress; calls ``on_round`` after every round."""
     final = None
-    for event in iter_simulation(site_dirs, eval_root, config, out_dir, overwrite, resume):
+    for event in iter_simulation(site_dirs, eval_root, config, out_dir, overwrite, resume, snapshot_every):
         if isinstance(event, RoundDone) and on_round:
             on_round(event)
         elif isinstance(event, SimulationResult):
