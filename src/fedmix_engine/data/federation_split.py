@@ -19,7 +19,13 @@ import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.data.site_store import SiteStore
-from fedmix_engine.data.weak_labels import annotate, kinds_for_site, store_ground_truth, supervision_plan
+from fedmix_engine.data.weak_labels import (
+    add_training_image,
+    kinds_for_site,
+    store_ground_truth,
+    supervision_counts,
+    supervision_plan,
+)
 from fedmix_engine.errors import InputError
 
 
@@ -98,11 +104,8 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
                 SiteStore.create(out / "eval" / name / "oracle", classes, name=f"{name}-oracle",
                                  channels=channels) as oracle:
             for image_id, kind in zip(parts["train"], kinds, strict=True):
-                image, truth = src.read_image(image_id), _full_truth(src, image_id)
-                site.add_image(image, image_id, author="make-federation")
-                annotate(site, image_id, truth, kind, rng)
-                oracle.add_image(image, image_id, author="make-federation")
-                store_ground_truth(oracle, image_id, truth)
+                add_training_image(site, oracle, image_id, src.read_image(image_id), _full_truth(src, image_id), kind,
+                                   rng, author="make-federation")
             summary = site.summary()
             for split in ("val", "test"):
                 with SiteStore.create(out / "eval" / name / split, classes, name=f"{name}-{split}",
@@ -113,8 +116,8 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
         manifest["sites"].append({"name": name, "source": str(source.resolve()),
                                   "supervision": kinds_per_site[index] or "mix", "summary": summary, **parts})
         if progress:
-            progress(f"{name} ← {source}: {n_train} training images ({summary['mask']} mask, {summary['box']} box, "
-                     f"{summary['tag']} tag), {n_val} validation, {len(parts['test'])} test")
+            progress(f"{name} ← {source}: {n_train} training images ({supervision_counts(summary)}), "
+                     f"{n_val} validation, {len(parts['test'])} test")
     if mix is not None:
         manifest["mix"] = list(mix)
     atomic_write_bytes(out / "federation.json", (json.dumps(manifest, indent=2) + "\n").encode())

@@ -30,7 +30,13 @@ from scipy import ndimage
 
 from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.data.site_store import SiteStore
-from fedmix_engine.data.weak_labels import annotate, kinds_for_site, store_ground_truth, supervision_plan
+from fedmix_engine.data.weak_labels import (
+    add_training_image,
+    kinds_for_site,
+    store_ground_truth,
+    supervision_counts,
+    supervision_plan,
+)
 from fedmix_engine.errors import InputError
 
 SYNTHETIC_TIME = "2000-01-01T00:00:00+00:00"
@@ -223,10 +229,7 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
             for i, kind in enumerate(kinds):
                 image, mask = synth_image(rng, size, domain, classes, lesion_free=rng.random() < lesion_free)
                 image_id = f"{name}-{i:04d}"
-                site.add_image(image, image_id, author="synthetic")
-                annotate(site, image_id, mask, kind, rng)
-                oracle.add_image(image, image_id, author="synthetic")
-                store_ground_truth(oracle, image_id, mask)
+                add_training_image(site, oracle, image_id, image, mask, kind, rng, author="synthetic")
             summary = site.summary()
         for split in ("val", "test"):
             split_rng = np.random.default_rng([seed, index, 1 if split == "val" else 2])
@@ -240,8 +243,7 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
         manifest["sites"].append({"name": name, "supervision": site_kinds[index] or "mix", "domain": asdict(domain),
                                   "summary": summary})
         if progress:
-            progress(f"{name}: {summary['images']} images ({summary['mask']} mask, {summary['box']} box, "
-                     f"{summary['tag']} tag)")
+            progress(f"{name}: {summary['images']} images ({supervision_counts(summary)})")
     if mix is not None:
         manifest["mix"] = list(mix)
     atomic_write_bytes(out / "federation.json", (json.dumps(manifest, indent=2) + "\n").encode())

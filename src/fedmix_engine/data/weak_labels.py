@@ -90,3 +90,18 @@ def kinds_for_site(n: int, site_kind: str | None, mix: Sequence[float] | None,
     kinds = [k for k, c in zip(KINDS, counts, strict=True) for _ in range(max(c, 0))]
     rng.shuffle(kinds)
     return kinds
+
+
+def supervision_counts(summary: dict[str, int]) -> str:
+    """"12 mask, 0 box, 3 tag": a site's ``SiteStore.summary()`` as a person reads it."""
+    return f"{summary['mask']} mask, {summary['box']} box, {summary['tag']} tag"
+
+
+def add_training_image(site: SiteStore, oracle: SiteStore, image_id: str, image: np.ndarray, truth: np.ndarray,
+                       kind: str, rng: np.random.Generator, author: str) -> None:
+    """One training image: its site keeps only the supervision ``kind``; the oracle store (read by the
+    supervised upper bound alone) keeps the full truth."""
+    site.add_image(image, image_id, author=author)
+    annotate(site, image_id, truth, kind, rng)
+    oracle.add_image(image, image_id, author=author)
+    store_ground_truth(oracle, image_id, truth)
