@@ -55,6 +55,19 @@ def test_make_federation_splits_each_site_and_keeps_only_its_supervision(labelle
     assert "test Dice: site-a" in capsys.readouterr().out
 
 
+def test_one_source_dealt_into_two_sites(labelled: list[Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "fed"
+    assert main(["make-federation", str(out), "--from", str(labelled[0]), "--split-into", "2",
+                 "--supervision", "mask,tag", "--val", "0.2", "--test", "0.2"]) == 0
+    assert "wrote 2 site(s)" in capsys.readouterr().out
+    sites = json.loads((out / "federation.json").read_text())["sites"]
+    assert [s["name"] for s in sites] == ["site-a", "site-b"] and [s["supervision"] for s in sites] == ["mask", "tag"]
+    shares = [set(s["train"]) | set(s["val"]) | set(s["test"]) for s in sites]
+    with SiteStore.open(labelled[0], readonly=True) as src:
+        assert shares[0] | shares[1] == set(src.image_ids()) and not shares[0] & shares[1]
+    assert [(len(s["train"]), len(s["val"]), len(s["test"])) for s in sites] == [(3, 1, 1)] * 2
+
+
 def test_make_federation_refuses_unlabelled_sites_other_classes_and_bad_fractions_before_writing(
         labelled: list[Path], tmp_path: Path, capsys) -> None:
     weak = tmp_path / "weak"
@@ -72,6 +85,7 @@ def test_make_federation_refuses_unlabelled_sites_other_classes_and_bad_fraction
              ([str(labelled[0])], ["--val", "0.6", "--test", "0.5"], "leave no training images"),
              ([str(labelled[0])], ["--test", "0"], "--test: a fraction"),
              ([str(labelled[0]), str(labelled[1])], ["--supervision", "mask"], "--supervision: names 1 kinds"),
+             ([str(labelled[0]), str(labelled[1])], ["--split-into", "2"], "--split-into: deals one source"),
              ([str(tmp_path / "nowhere")], [], "nowhere: site folder not found")]
     for sources, extra, message in cases:
         assert main(["make-federation", str(out), "--from", *sources, *extra]) == 2, message

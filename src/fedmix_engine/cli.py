@@ -81,9 +81,9 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
 def cmd_make_federation(args: argparse.Namespace) -> int:
     from fedmix_engine.data.federation_split import make_federation
 
-    make_federation(args.sources, args.out, supervision=args.supervision, mix=args.mix, val=args.val,
-                    test=args.test, seed=args.seed, progress=print)
-    print(f"wrote {len(args.sources)} site(s) and evaluation data to {args.out} "
+    manifest = make_federation(args.sources, args.out, supervision=args.supervision, mix=args.mix, val=args.val,
+                               test=args.test, seed=args.seed, split_into=args.split_into, progress=print)
+    print(f"wrote {len(manifest['sites'])} site(s) and evaluation data to {args.out} "
           f"(manifest: {Path(args.out) / 'federation.json'}); run it: fedmix-engine simulate --sample {args.out}")
     return 0
 
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("--from", dest="sources", type=Path, nargs="+", required=True,
                    help="fully labelled site folders (every image: a mask, or every class tagged absent), one a site")
+    p.add_argument("--split-into", type=int, default=1, metavar="K",
+                   help="deal one source's images at random into K sites (a one-centre dataset as K sites)")
     p.add_argument("--val", type=float, default=0.15, help="fraction of each site's images for validation")
     p.add_argument("--test", type=float, default=0.15, help="fraction of each site's images for the test")
     p.add_argument("--seed", type=int, default=0)

@@ -51,16 +51,21 @@ def _split_sizes(n: int, val: float, test: float, where: Path) -> tuple[int, int
 
 def make_federation(sources: Sequence[str | Path], out: str | Path, supervision: Sequence[str] | None = None,
                     mix: Sequence[float] | None = None, val: float = 0.15, test: float = 0.15, seed: int = 0,
-                    progress: Callable[[str], None] | None = None) -> dict:
+                    split_into: int = 1, progress: Callable[[str], None] | None = None) -> dict:
     """Write ``OUT/site-a`` … and ``OUT/eval`` from fully labelled source sites; returns the manifest.
 
+    ``split_into`` K > 1 deals one source's images at random into K sites of (nearly) equal size:
+    a public dataset from one centre then stands for K sites without a domain shift between them.
     Everything is checked before anything is written: the sources open, share classes and channels,
     and every image has full ground truth (a mask, or every class tagged absent)."""
     out, sources = Path(out), [Path(s) for s in sources]
     if not sources:
         raise InputError("--from", "give at least one fully labelled site folder")
-    if len(sources) > 26:
-        raise InputError("--from", f"at most 26 sites (site-a … site-z), not {len(sources)}")
+    if split_into < 1 or (split_into > 1 and len(sources) != 1):
+        raise InputError("--split-into", f"deals one source into K ≥ 2 sites; got K = {split_into} for "
+                                         f"{len(sources)} source(s)")
+    if max(len(sources), split_into) > 26:
+        raise InputError("--from", f"at most 26 sites (site-a … site-z), not {max(len(sources), split_into)}")
     if len({s.resolve() for s in sources}) != len(sources):
         raise InputError("--from", "a site folder is given twice")
     for name, fraction in (("--val", val), ("--test", test)):
@@ -68,7 +73,7 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
             raise InputError(name, f"a fraction of each site's images in (0, 1), not {fraction}")
     if val + test >= 1:
         raise InputError("--test", f"--val {val} + --test {test} leave no training images")
-    kinds_per_site = supervision_plan(len(sources), supervision, mix)
+    kinds_per_site = supervision_plan(max(len(sources), split_into), supervision, mix)
     if out.is_dir() and any(out.iterdir()):
         raise InputError(out, "output folder is not empty; choose a new folder")
 
@@ -88,7 +93,10 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
                                      "fully labelled sites")
         if not ids:
             raise InputError(source, "the site holds no images")
-        plans.append((source, config, ids, _split_sizes(len(ids), val, test, source)))
+        dealt = np.random.default_rng([seed, 1_000]).permutation(len(ids)) if split_into > 1 else range(len(ids))
+        for k in range(split_into):  # image i of the dealt order goes to site i mod K
+            share = sorted(ids[i] for j, i in enumerate(dealt) if j % split_into == k)
+            plans.append((source, config, share, _split_sizes(len(share), val, test, source)))
 
     manifest: dict = {"made_from": [str(s.resolve()) for s in sources], "seed": seed, "val": val, "test": test,
                       "classes": list(plans[0][1].classes), "sites": []}
