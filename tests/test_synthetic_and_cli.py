@@ -209,6 +209,9 @@ def test_site_import_reports_bad_images_and_keeps_the_rest(tmp_path: Path, capsy
 def test_cli_errors_name_the_folder(tmp_path: Path, capsys) -> None:
     assert main(["site", "info", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: site folder not found" in capsys.readouterr().err
+    (tmp_path / "scan.tif").write_bytes(b"not a site")
+    assert main(["site", "info", str(tmp_path / "scan.tif")]) == 2
+    assert "scan.tif: is a file, not a site folder" in capsys.readouterr().err
     assert main(["site", "import", str(tmp_path), "--images", str(tmp_path)]) == 2
     assert "not a site folder" in capsys.readouterr().err
 

@@ -235,7 +235,7 @@ class SiteStore:
         """Open an existing site folder."""
         root = Path(root)
         if not root.is_dir():
-            raise InputError(root, "site folder not found")
+            raise InputError(root, "is a file, not a site folder" if root.exists() else "site folder not found")
         return cls(root, SiteConfig.from_file(root / CONFIG_FILE), readonly, clock)
 
     def close(self) -> None:
