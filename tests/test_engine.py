@@ -303,6 +303,12 @@ def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp
         ("Scan.png", "ok"), ("scan.tif", NOT_RUN), ("zeta.tif", NOT_RUN)]
     assert summary()[0]["mask_file"] == "Scan_png_mask.tif"
 
+    # closed before its first image (a Cancel before the worker ran): still this run's summary, all not run
+    batch = iter_predict_folder(predictor, folder, out)
+    assert batch.total == 3
+    batch.close()
+    assert [r["status"] for r in summary()] == [NOT_RUN] * 3
+
 
 def test_simulate_refuses_a_site_given_twice_a_file_as_out_and_negative_threads(sample: Path, tmp_path: Path,
                                                                                capsys) -> None:

@@ -265,19 +265,29 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
     widget.output.setText(str(tmp_path / "out"))
     assert widget.run() is None and "no-such-folder" in widget.status.text()
 
-    # an error inside the run (the output folder cannot be made: a file is in the way) stays on screen
+    # an output folder that cannot be made (a file is in the way) is refused before anything starts
     (tmp_path / "model" / "a-file").write_text("")
     widget.input.setText(str(images[0].parent))
     widget.output.setText(str(tmp_path / "model" / "a-file" / "out"))
+    assert widget.run() is None and "error: " in widget.status.text()
+    assert "a-file: is a file where a folder" in widget.status.text()
+
+    # an error inside the run stays on screen (not replaced by the finished line)
+    real_mask = Predictor.mask
+
+    def disk_full(self, image, threshold=0.5):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Predictor, "mask", disk_full)
+    widget.output.setText(str(tmp_path / "out"))
     with qtbot.capture_exceptions() as relayed:  # napari also relays a worker's error to its notifications
         assert widget.run() is not None
         qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)  # the run has finished
-    assert widget.status.text().startswith("error: ") and "a-file: is a file where a folder" in widget.status.text()
-    assert [type(e[1]) for e in relayed] == [type(widget.error)] and isinstance(widget.error, InputError)
+    assert widget.status.text() == "error: OSError: [Errno 28] No space left on device"
+    assert [type(e[1]) for e in relayed] == [OSError] and isinstance(widget.error, OSError)
     assert widget.run_button.isEnabled()
 
     # Cancel while the first image is predicted (from the worker's thread, so it cannot arrive late)
-    real_mask = Predictor.mask
 
     def mask_then_cancel(self, image, threshold=0.5):
         widget.worker.quit()  # what Cancel does, minus the label text (widgets belong to the GUI thread)

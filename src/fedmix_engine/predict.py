@@ -185,47 +185,69 @@ def check_batch(folder: str | Path, threshold: float = 0.5, out: str | Path | No
         raise InputError("threshold", f"a probability threshold must be in (0, 1), not {threshold}")
 
 
+class FolderBatch:
+    """Every image of a folder predicted into ``out``; iterate for (done, total, row).
+
+    Made eagerly: the checks, the output folder and a ``summary.csv`` listing every file as not run
+    happen when the batch is created, so a batch closed before its first image (a GUI's Cancel) still
+    leaves a summary of this run, never an earlier one's. The summary is rewritten as the run ends,
+    also early (``close()``, an error or Ctrl-C). Unreadable or odd files are skipped with their
+    reason in the row; the run never stops on them. Output names: ``mask_names``."""
+
+    def __init__(self, predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5) -> None:
+        folder, self.out = Path(folder), Path(out)
+        check_batch(folder, threshold, self.out)
+        make_folder(self.out)
+        self.files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        self.total = len(self.files)
+        _write_summary(self.out / "summary.csv", [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files])
+        self._run = self._rows(predictor, threshold)
+
+    def __iter__(self) -> FolderBatch:
+        return self
+
+    def __next__(self) -> tuple[int, int, BatchRow]:
+        return next(self._run)
+
+    def close(self) -> None:
+        self._run.close()
+
+    def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow]]:
+        import tifffile
+
+        images = [p for p in self.files if p.suffix.lower() in IMAGE_SUFFIXES]
+        beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
+        names = mask_names([p for p in images if p not in beside])
+        rows: list[BatchRow] = []
+        try:
+            for done, path in enumerate(self.files, start=1):
+                if path in beside:
+                    row = BatchRow(path.name, 0, 0, float("nan"), "skipped: a mask beside its image, not an image")
+                elif path not in names:
+                    row = BatchRow(path.name, 0, 0, float("nan"),
+                                   f"skipped: not an image ({path.suffix or 'no suffix'})")
+                else:
+                    try:
+                        image = read_image(path)
+                        mask = predictor.mask(image, threshold)
+                        buffer = io.BytesIO()
+                        tifffile.imwrite(buffer, mask, photometric="minisblack")
+                        atomic_write_bytes(self.out / names[path], buffer.getvalue())
+                        row = BatchRow(path.name, mask.shape[0], mask.shape[1], round(float((mask > 0).mean()), 6),
+                                       "ok", names[path])
+                    except InputError as exc:
+                        row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: {exc.reason}")
+                rows.append(row)
+                yield done, self.total, row
+        finally:
+            not_run = [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
+            _write_summary(self.out / "summary.csv", rows + not_run)
+
+
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
-                        threshold: float = 0.5) -> Iterator[tuple[int, int, BatchRow]]:
-    """Predict every image in ``folder`` into ``out`` (names: ``mask_names``); yields (done, total, row).
-
-    Unreadable or odd files are skipped with their reason in the row; the run never stops on them.
-    ``summary.csv`` (``SUMMARY_COLUMNS``) is written at the end, also when the run stops early
-    (the generator is closed, an error or Ctrl-C): the files not reached are listed as not run,
-    so a summary never describes an earlier run's masks.
-    """
-    import tifffile
-
-    folder, out = Path(folder), Path(out)
-    check_batch(folder, threshold, out)
-    make_folder(out)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
-    names = mask_names([p for p in images if p not in beside])
-    rows: list[BatchRow] = []
-    try:
-        for done, path in enumerate(files, start=1):
-            if path in beside:
-                row = BatchRow(path.name, 0, 0, float("nan"), "skipped: a mask beside its image, not an image")
-            elif path not in names:
-                row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: not an image ({path.suffix or 'no suffix'})")
-            else:
-                try:
-                    image = read_image(path)
-                    mask = predictor.mask(image, threshold)
-                    buffer = io.BytesIO()
-                    tifffile.imwrite(buffer, mask, photometric="minisblack")
-                    atomic_write_bytes(out / names[path], buffer.getvalue())
-                    row = BatchRow(path.name, mask.shape[0], mask.shape[1], round(float((mask > 0).mean()), 6), "ok",
-                                   names[path])
-                except InputError as exc:
-                    row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: {exc.reason}")
-            rows.append(row)
-            yield done, len(files), row
-    finally:
-        not_run = [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in files[len(rows):]]
-        _write_summary(out / "summary.csv", rows + not_run)
+                        threshold: float = 0.5) -> FolderBatch:
+    """Predict every image in ``folder`` into ``out``; see ``FolderBatch`` (checks happen here, now)."""
+    return FolderBatch(predictor, folder, out, threshold)
 
 
 def _write_summary(path: Path, rows: list[BatchRow]) -> None:

@@ -187,12 +187,13 @@ class BatchPredictWidget(QWidget):
                 raise InputError("folders", "choose an images folder and an output folder")
             check_batch(self.input.text(), out=self.output.text())
             predictor = Predictor.from_checkpoint(self.checkpoint.text().strip() or "model.safetensors")
+            out = Path(self.output.text())
+            batch = iter_predict_folder(predictor, self.input.text(), out)  # makes the folder, lists the files
         except InputError as exc:
-            self.status.setText(str(exc))
+            self.status.setText(error_line(exc))
             return None
-        self.rows, self.total, self.error, out = [], 0, None, Path(self.output.text())
+        self.rows, self.total, self.error = [], batch.total, None
         self.skipped.clear()
-        batch = iter_predict_folder(predictor, self.input.text(), out)
         self.worker = create_worker(lambda: (yield from batch), _start_thread=False)
         self.worker.yielded.connect(self._on_row)
         self.worker.errored.connect(self._on_error)
