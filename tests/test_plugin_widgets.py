@@ -199,6 +199,28 @@ def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_s
     assert "error: layer 'stack': 3-D stack (5×40×48)" in widget.status.text()
 
 
+def test_local_training_can_continue_its_last_run(make_napari_viewer, qtbot, sample):
+    from napari_fedmix.train_widget import TrainWidget
+
+    train = TrainWidget(make_napari_viewer())
+    qtbot.addWidget(train)
+    train.continue_local.setChecked(True)
+    _start_local(train, sample, rounds=1)  # nothing to continue yet
+    assert train.worker is None and "no earlier local run to continue" in train.status.text()
+    train.continue_local.setChecked(False)
+    _start_local(train, sample, rounds=1)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    metrics = sample / "models" / "local" / "metrics.jsonl"
+    first = metrics.read_text().splitlines()
+    assert len(first) == 1, train.status.text()
+    train.continue_local.setChecked(True)
+    _start_local(train, sample, rounds=2)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    lines = metrics.read_text().splitlines()
+    assert len(lines) == 3 and lines[0] == first[0], "round 1 kept, rounds 2 and 3 added"
+    assert train.round_bar.maximum() == 3 and train.round_bar.value() == 3 and "error" not in train.status.text()
+
+
 def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(make_napari_viewer, qtbot, sample):
     from napari_fedmix.train_widget import TrainWidget
 

@@ -86,6 +86,12 @@ def latest_snapshot(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def snapshot_round(out: Path) -> int | None:
+    """The round of the newest complete snapshot in ``out`` (what a resume continues after), or None."""
+    folder = latest_snapshot(out)
+    return int(folder.name[len(PREFIX):]) if folder is not None else None
+
+
 def clear_snapshots(out: Path) -> None:
     """Remove every snapshot folder (a new run starts in ``out``)."""
     for _, path in _snapshots(out):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -112,6 +113,7 @@ class TrainWidget(QWidget):
         self.size.setRange(32, 1024)
         self.size.setSingleStep(16)
         self.size.setValue(128)
+        self.continue_local = QCheckBox("continue the last local run (adds the rounds)")
         self.start_button, self.stop_button = QPushButton("Start"), QPushButton("Stop")
         self.stop_button.setEnabled(False)
         self.start_button.clicked.connect(self.start)
@@ -141,6 +143,7 @@ class TrainWidget(QWidget):
         form.addRow("validation site", self.validation)
         form.addRow("device", self.device)
         form.addRow("rounds (local)", self.rounds)
+        form.addRow("", self.continue_local)
         form.addRow("U-Net width (local)", self.width_spin)
         form.addRow("image size (local)", self.size)
         layout = QVBoxLayout(self)
@@ -171,7 +174,16 @@ class TrainWidget(QWidget):
             return
         self.history = {k: [] for k in self.history}
         if self.mode.currentIndex() == 0:
-            generator, total = self._local_events(site), self.rounds.value()
+            done = 0
+            if self.continue_local.isChecked():
+                from fedmix_engine.run_snapshot import snapshot_round
+
+                done = snapshot_round(site / "models" / "local") or 0
+                if not done:
+                    self.status.setText("error: continue: this site has no earlier local run to continue; "
+                                        "train once without 'continue'")
+                    return
+            generator, total = self._local_events(site, done), done + self.rounds.value()
         else:
             generator, total = self._federation_events(site), 0
         self.round_bar.setRange(0, total)
@@ -193,7 +205,8 @@ class TrainWidget(QWidget):
             self.status.setText("stopping after the current batch…")
             self.worker.quit()
 
-    def _local_events(self, site: Path):
+    def _local_events(self, site: Path, done: int = 0):
+        """The local run's events; ``done`` > 0 continues the run in ``SITE/models/local`` after that round."""
         from fedmix_engine.data.site_store import SiteStore
         from fedmix_engine.fedmix.local_update import TrainConfig
         from fedmix_engine.model import ModelConfig
@@ -203,14 +216,15 @@ class TrainWidget(QWidget):
         with SiteStore.open(site, readonly=True) as store:
             classes, channels = len(store.config.classes), store.config.channels
         size = self.size.value()
-        config = SimulationConfig(method="fedmix", rounds=self.rounds.value(), device=self.device.currentText(),
+        config = SimulationConfig(method="fedmix", rounds=done + self.rounds.value(), device=self.device.currentText(),
                                   model=ModelConfig(in_channels=channels, num_classes=classes,
                                                     base_width=self.width_spin.value()),
                                   train=TrainConfig(image_size=size, crop_size=max(16, size * 7 // 8 // 16 * 16),
                                                     batch_size=4))
         self.last_checkpoint = site / "models" / "local" / "final.safetensors"
         validation = self._validation_set(size, classes)
-        for event in iter_simulation([site], None, config, site / "models" / "local", overwrite=True):
+        for event in iter_simulation([site], None, config, site / "models" / "local", overwrite=not done,
+                                     resume=bool(done)):
             yield event
             if validation is not None and isinstance(event, RoundDone):
                 yield ValidationScore(event.round, validation_dice(self.last_checkpoint, validation, config.device))
