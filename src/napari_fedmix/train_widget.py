@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from fedmix_engine.errors import error_line
+from fedmix_engine.errors import InputError, error_line
 
 if TYPE_CHECKING:
     import napari
@@ -169,8 +169,9 @@ class TrainWidget(QWidget):
             self.status.setText("choose a site folder first")
             return
         if self.validation.text() and Path(self.validation.text()).resolve() == site.resolve():
-            self.status.setText("error: validation site: is the site being trained, so its Dice would measure "
-                                "memorisation; choose a separate store with masks")
+            same = InputError("validation site", "is the site being trained, so its Dice would measure "
+                                                 "memorisation; choose a separate store with masks")
+            self.status.setText(error_line(same))
             return
         self.history = {k: [] for k in self.history}
         if self.mode.currentIndex() == 0:
@@ -180,8 +181,8 @@ class TrainWidget(QWidget):
 
                 done = snapshot_round(site / "models" / "local") or 0
                 if not done:
-                    self.status.setText("error: continue: this site has no earlier local run to continue; "
-                                        "train once without 'continue'")
+                    self.status.setText(error_line(InputError("continue", "this site has no earlier local run to "
+                                                              "continue; train once without 'continue'")))
                     return
             generator, total = self._local_events(site, done), done + self.rounds.value()
         else:
