@@ -39,9 +39,16 @@ def _annotating(make_napari_viewer, qtbot, site: Path, images: list[Path]):
     widget = AnnotateWidget(viewer)
     qtbot.addWidget(widget)
     widget.create_site(site, ["lesion"])
-    assert widget.import_images(images) == []
+    assert _imported(qtbot, widget, widget.import_images(images)) == []
     widget.image_list.setCurrentRow(0)
     return viewer, widget
+
+
+def _imported(qtbot, widget, worker) -> list[str] | None:
+    """Wait for the annotate widget's import worker to finish; the problems it reported (None: cancelled)."""
+    assert worker is widget.import_worker
+    qtbot.waitUntil(lambda: widget.import_worker is None, timeout=60_000)
+    return None if widget.last_import is None else widget.last_import.problems
 
 
 def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewer, qtbot, tmp_path, images):
@@ -100,10 +107,63 @@ def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_v
     mask[5:15, 6:20] = 255
     tifffile.imwrite(images[0].parent / "scan-0_mask.tif", mask)  # beside scan-0.tif
     viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", [])
-    assert widget.import_folder(images[0].parent) == []
+    assert _imported(qtbot, widget, widget.import_folder(images[0].parent)) == []
     assert widget.image_list.count() == 3, "the mask file is not listed as an image"
-    widget.image_list.setCurrentRow(0)
+    assert widget.current_id == "scan-0", "the first image of an empty site is shown once imported"
     assert int(viewer.layers[MASK_LAYER].data.sum()) == 10 * 14
+
+
+def test_annotate_import_runs_beside_the_event_loop_and_a_cancelled_one_keeps_whole_images(
+        make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    import threading
+
+    real_add = SiteStore.add_image
+    threads: set[int] = set()
+
+    def slow_disk(self, source, *args, **kwargs):  # a network share: 20 ms per image
+        threads.add(threading.get_ident())
+        time.sleep(0.02)
+        return real_add(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(SiteStore, "add_image", slow_disk)
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "busi"
+    folder.mkdir()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:20, 5:30] = 255
+    for i in range(60):
+        tifffile.imwrite(folder / f"case{i:02d}.tif", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+        tifffile.imwrite(folder / f"case{i:02d}_mask.tif", mask)
+    _viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", [])
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    steps: list = []
+    worker = widget.import_folder(folder)
+    worker.yielded.connect(lambda step: steps.append((time.perf_counter(), step)))
+    with pytest.raises(InputError, match="an import is running"):
+        widget.import_folder(folder)  # one import at a time
+    assert not widget.import_bar.isHidden() and not any(b.isEnabled() for b in widget._site_buttons)
+    qtbot.waitUntil(lambda: len(steps) >= 20, timeout=60_000)
+    widget.stop_import()
+    assert _imported(qtbot, widget, worker) is None, "a cancelled import reports nothing"
+    timer.stop()
+    kept = widget.image_list.count()
+    assert 20 <= kept < 60 and steps[-1][1].stage == "images", "stopped during the images, not after"
+    assert widget.import_bar.isHidden() and all(b.isEnabled() for b in widget._site_buttons)
+    assert threads and threading.get_ident() not in threads, "images are added in a worker thread"
+    gaps = np.diff([t for t in ticks if t <= steps[-1][0]])  # while importing (then the first image is shown)
+    assert len(gaps) > 10 and gaps.max() < 0.2, f"event loop blocked for {gaps.max() * 1000:.0f} ms"
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert all(store.read_image(i).shape == (64, 64) for i in store.image_ids()), "every kept image is whole"
+
+    worker = widget.import_folder(folder)
+    assert _imported(qtbot, widget, worker) == []
+    report = widget.last_import
+    assert (report.images_added, report.images_already_present, report.masks) == (60 - kept, kept, 60)
+    assert widget.image_list.count() == 60 and widget.import_bar.format() == "masks %v/%m"
 
 
 @pytest.fixture

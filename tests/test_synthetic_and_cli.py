@@ -12,6 +12,7 @@ import pytest
 
 from fedmix_engine.cli import main
 from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.errors import InputError
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -260,3 +261,40 @@ def test_flower_app_folder_from_the_cli(tmp_path: Path, capsys) -> None:
     assert main(["flower-app", str(tmp_path / "project")]) == 2
     assert "pyproject.toml: is another project's pyproject.toml" in capsys.readouterr().err
     assert (tmp_path / "project" / "pyproject.toml").read_text() == '[project]\nname = "mine"\n'
+
+
+def test_import_steps_report_progress_and_an_import_stopped_midway_keeps_whole_images(tmp_path: Path, rng) -> None:
+    from fedmix_engine.data.importer import (
+        ImportProgress,
+        import_files_steps,
+        import_folder_steps,
+        run_steps,
+    )
+
+    folder = tmp_path / "busi"
+    folder.mkdir()
+    for i in range(5):
+        iio.imwrite(folder / f"case{i}.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+        mask = np.zeros((20, 24), np.uint8)
+        mask[3:9, 4:12] = 255
+        iio.imwrite(folder / f"case{i}_mask.png", mask)
+    with pytest.raises(InputError, match="nowhere: folder not found"):
+        import_folder_steps(SiteStore.create(tmp_path / "unused", ["lesion"]), tmp_path / "nowhere")  # before a step
+
+    with SiteStore.create(tmp_path / "site", ["lesion"]) as store:
+        steps = import_folder_steps(store, folder, masks=folder)
+        assert [next(steps) for _ in range(3)] == [ImportProgress("images", n, 5) for n in (1, 2, 3)]
+        steps.close()  # the GUI's Cancel: no further step runs
+        assert store.image_ids() == ["case0", "case1", "case2"]
+        assert all(store.read_image(i).shape == (20, 24) for i in store.image_ids())
+
+        updates: list[ImportProgress] = []
+        report = run_steps(import_folder_steps(store, folder, masks=folder), updates.append)
+        assert updates[-1] == ImportProgress("masks", 5, 5) and len(updates) == 10
+        assert (report.images_added, report.images_already_present, report.masks) == (2, 3, 5)
+
+        updates.clear()
+        report = run_steps(import_files_steps(store, [folder / "case0.png", tmp_path / "missing.png"]), updates.append)
+        assert [u.done for u in updates] == [1, 2] and report.images_already_present == 1
+        assert len(report.problems) == 1 and "missing.png" in report.problems[0]
+        assert store.image_ids() == [f"case{i}" for i in range(5)]

@@ -33,6 +33,7 @@ def cmd_site_init(args: argparse.Namespace) -> int:
 
 
 def cmd_site_import(args: argparse.Namespace) -> int:
+    from fedmix_engine.cli_training import clear_progress_bar, progress_bar
     from fedmix_engine.data.importer import check_sources, import_folder
     from fedmix_engine.data.site_store import CONFIG_FILE, SiteStore
 
@@ -42,7 +43,9 @@ def cmd_site_import(args: argparse.Namespace) -> int:
     else:
         store = SiteStore.open(args.dir)
     with store:
-        report = import_folder(store, args.images, args.masks, args.boxes, args.tags, author=args.author)
+        report = import_folder(store, args.images, args.masks, args.boxes, args.tags, author=args.author,
+                               progress=lambda step: progress_bar(step.done, step.total, step.stage))
+    clear_progress_bar()
     for line in report.lines():
         print(line)
     return 1 if report.problems else 0

@@ -10,12 +10,18 @@ from pathlib import Path
 from fedmix_engine.errors import InputError
 
 
-def _progress_bar(done: int, total: int, label: str, width: int = 24) -> None:
+def progress_bar(done: int, total: int, label: str, width: int = 24) -> None:
+    """One line of progress on a terminal's stderr (nothing when stderr is a file or a pipe)."""
     if not sys.stderr.isatty():
         return
     filled = int(width * done / max(total, 1))
     sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
     sys.stderr.flush()
+
+
+def clear_progress_bar() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + " " * 60 + "\r")
 
 
 def _sites_from(args: argparse.Namespace) -> tuple[list[Path], Path | None]:
@@ -62,10 +68,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for event in iter_simulation(sites, eval_root, config, out, overwrite=args.overwrite, resume=args.resume,
                                  snapshot_every=args.snapshot_every):
         if isinstance(event, TrainProgress):
-            _progress_bar(event.step, event.total, event.stage)
+            progress_bar(event.step, event.total, event.stage)
         elif isinstance(event, RoundDone):
-            if sys.stderr.isatty():
-                sys.stderr.write("\r" + " " * 60 + "\r")
+            clear_progress_bar()
             if names is None:
                 names = list(event.n)
                 header = "round " + " ".join(f"{n[:10]:>10}" for n in names)
@@ -87,7 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, inference=args.inference)
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
-                          progress=lambda done, total, row: _progress_bar(done, total, "predict"))
+                          progress=lambda done, total, row: progress_bar(done, total, "predict"))
     skipped = [r for r in rows if r.status != "ok"]
     print(f"\rpredicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv)")
     for r in skipped:

@@ -2,6 +2,7 @@
 
 The widget only moves data between layers and the store. Saving happens on image switch, on a
 timer while edits are pending, and on demand; each save is the store's crash-safe transaction.
+Imports run in a worker, one image per step, so a large folder shows progress and can be cancelled.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from qtpy.QtWidgets import (
     QInputDialog,
     QLabel,
     QListWidget,
+    QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
 from fedmix_engine.data.site_store import SiteStore
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.layer_records import boxes_to_shapes, save_annotations
 
 if TYPE_CHECKING:
@@ -52,6 +54,12 @@ class AnnotateWidget(QWidget):
         import_files, import_folder = QPushButton("Import images…"), QPushButton("Import folder…")
         import_files.clicked.connect(self._choose_images)
         import_folder.clicked.connect(self._choose_folder)
+        self._site_buttons = [open_button, new_button, import_files, import_folder]  # idle while importing
+        self.import_bar = QProgressBar()
+        self.cancel_import = QPushButton("Cancel import")
+        self.cancel_import.clicked.connect(self.stop_import)
+        self.import_worker = None
+        self.last_import = None  # the last finished import's ImportReport (None if it was cancelled)
         self.image_list = QListWidget()
         self.image_list.currentRowChanged.connect(self._on_row)
         prev_button, next_button = QPushButton("◀ previous"), QPushButton("next ▶")
@@ -69,6 +77,8 @@ class AnnotateWidget(QWidget):
         layout.addWidget(self.site_label)
         layout.addLayout(_row(open_button, new_button))
         layout.addLayout(_row(import_files, import_folder))
+        layout.addLayout(_row(self.import_bar, self.cancel_import))
+        self._show_import(False)
         layout.addWidget(self.image_list)
         layout.addLayout(_row(prev_button, next_button))
         layout.addLayout(_row(QLabel("class of new boxes:"), self.box_class))
@@ -124,19 +134,11 @@ class AnnotateWidget(QWidget):
         if self.image_list.count():
             self.image_list.setCurrentRow(0)
 
-    def import_images(self, paths: list[str | Path]) -> list[str]:
-        """Add image files; returns the problems (each naming its file)."""
-        if self.store is None:
-            raise InputError("site", "open or create a site first")
-        problems = []
-        for path in paths:
-            try:
-                self.store.add_image(path)
-            except InputError as exc:
-                problems.append(str(exc))
-        self.refresh_list()
-        _notify(problems)
-        return problems
+    def import_images(self, paths: list[str | Path]):
+        """Add image files in a worker; returns the worker (problems, each naming its file, are shown)."""
+        from fedmix_engine.data.importer import import_files_steps
+
+        return self._start_import(import_files_steps(self._open_store(), paths))
 
     # ------------------------------------------------------------------ browsing
     def refresh_list(self) -> None:
@@ -264,17 +266,61 @@ class AnnotateWidget(QWidget):
         if paths:
             self._guard(lambda: self.import_images(paths))
 
-    def import_folder(self, folder: str | Path) -> list[str]:
-        """Add a folder's images, and the masks beside them (``x_mask.png`` next to ``x.png``, as in
-        BUSI) as masks rather than as images; returns the problems (each naming its file)."""
-        from fedmix_engine.data.importer import import_folder
+    def import_folder(self, folder: str | Path):
+        """Add a folder's images, and the masks beside them (``x_mask.png`` next to ``x.png``, as in BUSI)
+        as masks rather than as images, in a worker; returns the worker."""
+        from fedmix_engine.data.importer import import_folder_steps
 
+        return self._start_import(import_folder_steps(self._open_store(), folder, masks=folder))
+
+    def _open_store(self) -> SiteStore:
         if self.store is None:
             raise InputError("site", "open or create a site first")
-        report = import_folder(self.store, folder, masks=folder)
-        self.refresh_list()
+        if self.import_worker is not None:
+            raise InputError("import", "an import is running; wait for it or cancel it")
+        return self.store
+
+    def _start_import(self, steps):
+        from napari.qt.threading import create_worker
+
+        self.last_import = None
+        worker = create_worker(lambda: (yield from steps), _start_thread=False)
+        worker.yielded.connect(self._on_import_step)
+        worker.returned.connect(self._on_imported)
+        worker.errored.connect(lambda exc: _notify([error_line(exc)]))
+        worker.finished.connect(self._on_import_finished)
+        self.import_worker = worker
+        self.import_bar.setRange(0, 0)  # busy until the first step says how many
+        self._show_import(True)
+        worker.start()
+        return worker
+
+    def stop_import(self) -> None:
+        """Stop after the current image: every image stored so far is whole; importing again adds the rest."""
+        if self.import_worker is not None:
+            self.import_worker.quit()
+
+    def _on_import_step(self, step) -> None:
+        self.import_bar.setRange(0, step.total)
+        self.import_bar.setValue(step.done)
+        self.import_bar.setFormat(f"{step.stage} %v/%m")
+
+    def _on_imported(self, report) -> None:
+        self.last_import = report
         _notify(report.problems)
-        return report.problems
+
+    def _on_import_finished(self) -> None:
+        self.import_worker = None
+        self._show_import(False)
+        self.refresh_list()
+        if self.current_id is None and self.image_list.count():
+            self.image_list.setCurrentRow(0)
+
+    def _show_import(self, running: bool) -> None:
+        self.import_bar.setVisible(running)
+        self.cancel_import.setVisible(running)
+        for button in self._site_buttons:
+            button.setEnabled(not running)
 
     def _choose_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Folder of images to import")
@@ -288,6 +334,7 @@ class AnnotateWidget(QWidget):
             _notify([str(exc)])
 
     def closeEvent(self, event) -> None:
+        self.stop_import()
         self.save()
         super().closeEvent(event)
 

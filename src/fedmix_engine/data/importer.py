@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,21 +128,25 @@ def check_sources(images: str | Path, masks: str | Path | None = None, boxes_csv
             raise InputError(path, "folder not found" if folder else "file not found")
 
 
-def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None = None,
-                  boxes_csv: str | Path | None = None, tags_csv: str | Path | None = None,
-                  author: str | None = None, progress: Callable[[int, int], None] | None = None) -> ImportReport:
-    """Import images, masks (matched by file stem) and box/tag tables into ``store``."""
-    check_sources(images, masks, boxes_csv, tags_csv)
-    report = ImportReport()
-    files = _image_files(Path(images))
-    # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
-    same_folder = masks is not None and Path(masks).resolve() == Path(images).resolve()
-    beside = masks_beside_images(files) if same_folder else []
-    files = [p for p in files if p not in beside]
+@dataclass(frozen=True)
+class ImportProgress:
+    """One step of an import: ``done`` of ``total`` items of ``stage`` ("images", then "masks")."""
+
+    stage: str
+    done: int
+    total: int
+
+
+ImportSteps = Generator[ImportProgress, None, ImportReport]
+
+
+def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
+                author: str | None) -> Iterator[ImportProgress]:
+    """Add image files one by one, yielding after each: an import stopped between two files keeps every
+    image it stored whole, and importing again adds the rest (a file already imported is skipped)."""
     sources = {rec.id: rec.source for rec in store.records()}
     for n, path in enumerate(files, start=1):
-        image_id = image_id_from_path(path)
-        if sources.get(image_id) == str(path):
+        if sources.get(image_id_from_path(path)) == str(path):
             report.images_already_present += 1
         else:
             try:
@@ -150,8 +154,52 @@ def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None
                 report.images_added += 1
             except InputError as exc:
                 report.problems.append(str(exc))
+        yield ImportProgress("images", n, len(files))
+
+
+def import_files_steps(store: SiteStore, paths: list[str | Path], author: str | None = None) -> ImportSteps:
+    """Import the given image files (no masks or tables), as steps a GUI worker can show and stop."""
+    report = ImportReport()
+    yield from _add_images(store, [Path(p) for p in paths], report, author)
+    return report
+
+
+def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None = None,
+                  boxes_csv: str | Path | None = None, tags_csv: str | Path | None = None,
+                  author: str | None = None,
+                  progress: Callable[[ImportProgress], None] | None = None) -> ImportReport:
+    """Import images, masks (matched by file stem) and box/tag tables into ``store``."""
+    return run_steps(import_folder_steps(store, images, masks, boxes_csv, tags_csv, author), progress)
+
+
+def run_steps(steps: ImportSteps, progress: Callable[[ImportProgress], None] | None = None) -> ImportReport:
+    """Run an import's steps to the end, telling ``progress`` each one; returns its report."""
+    while True:
+        try:
+            update = next(steps)
+        except StopIteration as finished:
+            return finished.value
         if progress:
-            progress(n, len(files))
+            progress(update)
+
+
+def import_folder_steps(store: SiteStore, images: str | Path, masks: str | Path | None = None,
+                        boxes_csv: str | Path | None = None, tags_csv: str | Path | None = None,
+                        author: str | None = None) -> ImportSteps:
+    """:func:`import_folder` as steps (one per image file, then one per image's masks) that return the
+    report; a missing source is refused here, before the first step."""
+    check_sources(images, masks, boxes_csv, tags_csv)
+    return _folder_steps(store, Path(images), masks, boxes_csv, tags_csv, author)
+
+
+def _folder_steps(store: SiteStore, images: Path, masks: str | Path | None, boxes_csv: str | Path | None,
+                  tags_csv: str | Path | None, author: str | None) -> ImportSteps:
+    report = ImportReport()
+    files = _image_files(images)
+    # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
+    same_folder = masks is not None and Path(masks).resolve() == images.resolve()
+    beside = masks_beside_images(files) if same_folder else []
+    yield from _add_images(store, [p for p in files if p not in beside], report, author)
     ids = set(store.image_ids())
 
     if masks is not None:
@@ -163,7 +211,7 @@ def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None
                 report.problems.append(f"{path}: no image with the same name (stem '{stem}') in the site")
                 continue
             by_image[target].append(path)
-        for target, paths in by_image.items():
+        for n, (target, paths) in enumerate(by_image.items(), start=1):
             try:
                 if _set_masks(store, target, paths, author):
                     report.masks += 1
@@ -171,6 +219,7 @@ def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None
                     report.empty_masks += 1
             except InputError as exc:
                 report.problems.append(str(exc))
+            yield ImportProgress("masks", n, len(by_image))
 
     if boxes_csv is not None:
         path = Path(boxes_csv)
