@@ -44,7 +44,7 @@ def test_3d_stack_is_refused_with_advice(tmp_path: Path) -> None:
 
 
 def test_4d_and_tiny_and_nan_and_unsupported(tmp_path: Path) -> None:
-    tifffile.imwrite(tmp_path / "t.tif", np.zeros((2, 3, 32, 32), np.uint8))
+    tifffile.imwrite(tmp_path / "t.tif", np.zeros((2, 3, 32, 32), np.uint8), photometric="minisblack")
     with pytest.raises(InputError, match=r"t\.tif: 4-D array"):
         read_image(tmp_path / "t.tif")
     tifffile.imwrite(tmp_path / "small.tif", np.zeros((4, 4), np.uint8))
