@@ -229,7 +229,7 @@ class FolderBatch:
                 else:
                     try:
                         image = read_image(path)
-                        mask = predictor.mask(image, threshold)
+                        mask = predictor.mask(image, threshold, path)
                         buffer = io.BytesIO()
                         tifffile.imwrite(buffer, mask, photometric="minisblack")
                         atomic_write_bytes(self.out / names[path], buffer.getvalue())
