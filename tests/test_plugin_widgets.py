@@ -100,6 +100,41 @@ def test_annotate_a_site_that_fails_to_open_leaves_the_open_one_editable(make_na
         np.testing.assert_array_equal(store.read_mask("scan-0"), mask)
 
 
+def test_annotate_edits_that_cannot_be_written_stay_on_screen_until_saved(make_napari_viewer, qtbot, tmp_path,
+                                                                          images, monkeypatch):
+    import errno
+
+    from napari_fedmix.annotate_widget import MASK_LAYER
+
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    mask = np.zeros((40, 48), np.uint8)
+    mask[5:15, 6:20] = 1
+    viewer.layers[MASK_LAYER].data = mask
+    real_set_mask = SiteStore.set_mask
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SiteStore, "set_mask", disk_full)
+    widget.next_image()  # the switch saves first; the save fails
+    assert widget.current_id == "scan-0" and widget.image_list.currentRow() == 0, "stays on the unsaved image"
+    np.testing.assert_array_equal(viewer.layers[MASK_LAYER].data, mask)
+    assert "edits to 'scan-0' not saved (OSError: [Errno 28] No space left" in widget.save_status.text()
+    (tmp_path / "other").mkdir()
+    SiteStore.create(tmp_path / "other", ["lesion"]).close()
+    with pytest.raises(InputError, match=r"not saved .* the site stays open"):
+        widget.open_site(tmp_path / "other")
+    assert str(tmp_path / "site") in widget.site_label.text()
+
+    monkeypatch.setattr(SiteStore, "set_mask", real_set_mask)  # space freed
+    widget._autosave()
+    assert widget.save_status.text() == "" and widget.unsaved is None
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("scan-0"), mask)
+    widget.next_image()
+    assert widget.current_id == "scan-1"
+
+
 def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_viewer, qtbot, tmp_path, images):
     from napari_fedmix.annotate_widget import MASK_LAYER
 

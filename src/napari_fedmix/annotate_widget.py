@@ -7,6 +7,7 @@ Imports run in a worker, one image per step, so a large folder shows progress an
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ class AnnotateWidget(QWidget):
         self.current_id: str | None = None
         self._dirty = False
         self._loading = False
+        self.unsaved: str | None = None  # why the shown image's edits could not be written (disk full …)
 
         self.site_label = QLabel("no site open")
         self.site_label.setWordWrap(True)
@@ -72,6 +74,9 @@ class AnnotateWidget(QWidget):
         save_button = QPushButton("Save now")
         save_button.clicked.connect(self.save)
         self.summary = QLabel("")
+        self.save_status = QLabel("")
+        self.save_status.setWordWrap(True)
+        self.save_status.setStyleSheet("color: #ff6b6b")
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.site_label)
@@ -86,6 +91,7 @@ class AnnotateWidget(QWidget):
         layout.addLayout(self.tags_row)
         layout.addWidget(save_button)
         layout.addWidget(self.summary)
+        layout.addWidget(self.save_status)
 
         self.timer = QTimer(self)
         self.timer.timeout.connect(self._autosave)
@@ -109,6 +115,9 @@ class AnnotateWidget(QWidget):
         """Leave the open site only once the new one has opened: a folder that is not a site (or an
         existing site given as new) must not leave the widget on a closed store, unable to save."""
         self.save()
+        if self.unsaved:
+            store.close()
+            raise InputError("site", f"{self.unsaved}; the site stays open until they are saved")
         if self.store is not None:
             self.store.close()
         self.store = store
@@ -159,6 +168,12 @@ class AnnotateWidget(QWidget):
     def show_image(self, image_id: str) -> None:
         assert self.store is not None
         self.save()
+        if self.unsaved:  # showing another image would replace the edits that could not be written
+            self._loading = True
+            self.image_list.setCurrentRow(self.store.image_ids().index(self.current_id))
+            self._loading = False
+            _notify([f"{self.unsaved}; staying on this image until they are saved"])
+            return
         self._loading = True
         try:
             image = self.store.read_image(image_id)
@@ -200,9 +215,20 @@ class AnnotateWidget(QWidget):
         shapes = self.viewer.layers[BOX_LAYER]
         tags = {name: {Qt.CheckState.Checked: True, Qt.CheckState.Unchecked: False}.get(
             Qt.CheckState(box.checkState())) for name, box in self.tag_boxes.items()}
-        problems = save_annotations(self.store, self.current_id, np.asarray(self.viewer.layers[MASK_LAYER].data),
-                                    list(shapes.data), list(shapes.features["class"]) if len(shapes.data) else [],
-                                    tags)
+        try:
+            problems = save_annotations(self.store, self.current_id, np.asarray(self.viewer.layers[MASK_LAYER].data),
+                                        list(shapes.data), list(shapes.features["class"]) if len(shapes.data) else [],
+                                        tags)
+        except (OSError, sqlite3.Error) as exc:  # disk full, share gone, read-only: keep the edits on screen
+            first = self.unsaved is None
+            self.unsaved = f"edits to '{self.current_id}' not saved ({error_line(exc).removeprefix('error: ')})"
+            self.save_status.setText(f"{self.unsaved}. They stay on screen; free space or fix the folder, then "
+                                     "press Save now.")
+            if first:  # once, not every autosave
+                _notify([self.unsaved])
+            return [self.unsaved]
+        self.unsaved = None
+        self.save_status.setText("")
         self._dirty = bool(problems)
         self.refresh_list()
         _notify(problems)
