@@ -298,3 +298,12 @@ def test_import_steps_report_progress_and_an_import_stopped_midway_keeps_whole_i
         assert [u.done for u in updates] == [1, 2] and report.images_already_present == 1
         assert len(report.problems) == 1 and "missing.png" in report.problems[0]
         assert store.image_ids() == [f"case{i}" for i in range(5)]
+
+
+def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fedmix_engine", "site", "info", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "nowhere: site folder not found" in done.stderr
