@@ -81,6 +81,28 @@ def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewe
     assert len([lyr for lyr in viewer.layers if lyr.name == MASK_LAYER]) == 1, "layers are reused, not duplicated"
 
 
+def test_annotate_save_keeps_the_view_and_another_site_shows_its_first_image(make_napari_viewer, qtbot, tmp_path,
+                                                                              images):
+    from napari_fedmix.annotate_widget import IMAGE_LAYER, MASK_LAYER
+
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    viewer.camera.zoom = 4.0  # zoomed in to draw
+    shown = viewer.layers[IMAGE_LAYER].data
+    mask = np.zeros((40, 48), np.uint8)
+    mask[5:15, 6:20] = 1
+    viewer.layers[MASK_LAYER].data = mask
+    widget._autosave()
+    assert "1 mask" in widget.summary.text(), "saved"
+    assert viewer.camera.zoom == 4.0, "an autosave must not reset the view"
+    assert viewer.layers[IMAGE_LAYER].data is shown, "nor re-read the shown image"
+
+    other = tmp_path / "other"
+    with SiteStore.create(other, ["lesion"]) as store:
+        store.add_image(np.full((20, 30), 7, np.uint8), "first")
+    widget.open_site(other)  # row 0 was selected in the old site too
+    assert widget.current_id == "first" and viewer.layers[IMAGE_LAYER].data.shape == (20, 30)
+
+
 def test_annotate_a_site_that_fails_to_open_leaves_the_open_one_editable(make_napari_viewer, qtbot, tmp_path,
                                                                           images):
     from napari_fedmix.annotate_widget import MASK_LAYER

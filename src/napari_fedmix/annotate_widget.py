@@ -139,6 +139,9 @@ class AnnotateWidget(QWidget):
             self.tag_boxes[name] = box
             self.tags_row.addWidget(box)
         self.current_id = None
+        self._loading = True
+        self.image_list.clear()  # no row carried over from the other site: row 0 below shows this site's first
+        self._loading = False
         self.refresh_list()
         if self.image_list.count():
             self.image_list.setCurrentRow(0)
@@ -154,13 +157,15 @@ class AnnotateWidget(QWidget):
         if self.store is None:
             return
         row = self.image_list.currentRow()
-        self._loading = True
-        self.image_list.clear()
-        for rec in self.store.records():
-            self.image_list.addItem(f"{rec.id}  —  {rec.supervision}")
-        self._loading = False
-        if 0 <= row < self.image_list.count():
-            self.image_list.setCurrentRow(row)
+        self._loading = True  # the shown image stays as it is: no re-read, and the view keeps its zoom
+        try:
+            self.image_list.clear()
+            for rec in self.store.records():
+                self.image_list.addItem(f"{rec.id}  —  {rec.supervision}")
+            if 0 <= row < self.image_list.count():
+                self.image_list.setCurrentRow(row)
+        finally:
+            self._loading = False
         c = self.store.summary()
         self.summary.setText(f"{c['images']} images: {c['mask']} mask · {c['box']} box · {c['tag']} tag · "
                              f"{c['none']} unlabelled")
