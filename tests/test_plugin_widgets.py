@@ -86,14 +86,15 @@ def test_annotate_save_keeps_the_view_and_another_site_shows_its_first_image(mak
     from napari_fedmix.annotate_widget import IMAGE_LAYER, MASK_LAYER
 
     viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
-    viewer.camera.zoom = 4.0  # zoomed in to draw
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari ≥ 0.9 : before
+    camera.zoom = 4.0  # zoomed in to draw
     shown = viewer.layers[IMAGE_LAYER].data
     mask = np.zeros((40, 48), np.uint8)
     mask[5:15, 6:20] = 1
     viewer.layers[MASK_LAYER].data = mask
     widget._autosave()
     assert "1 mask" in widget.summary.text(), "saved"
-    assert viewer.camera.zoom == 4.0, "an autosave must not reset the view"
+    assert camera.zoom == 4.0, "an autosave must not reset the view"
     assert viewer.layers[IMAGE_LAYER].data is shown, "nor re-read the shown image"
 
     other = tmp_path / "other"
@@ -314,6 +315,35 @@ def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_s
     viewer.add_image(np.zeros((5, 40, 48), np.uint8), name="stack")
     assert widget.predict_active() is None, "refused before a worker starts"
     assert "error: layer 'stack': 3-D stack (5×40×48)" in widget.status.text()
+
+
+def test_a_prediction_becomes_the_mask_to_correct_but_never_replaces_a_drawn_one(make_napari_viewer, qtbot,
+                                                                                  tmp_path, images):
+    from napari_fedmix.annotate_widget import MASK_LAYER
+    from napari_fedmix.predict_widget import PRED_LAYER, PredictWidget
+
+    viewer, annotate = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    widget = PredictWidget(viewer)
+    qtbot.addWidget(widget)
+    assert not widget.use_as_mask() and "predict the image first" in widget.status.text()
+    widget.checkpoint.setText(str(save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                                  ModelConfig(base_width=4), {"image_size": 32})))
+    widget.threshold.setValue(1)  # an untrained model: call (nearly) everything foreground
+    assert widget.predict_active() is not None
+    qtbot.waitUntil(lambda: widget._probability is not None, timeout=60_000)
+    predicted = np.array(viewer.layers[PRED_LAYER].data)
+    assert predicted.any()
+
+    assert widget.use_as_mask(), widget.status.text()
+    np.testing.assert_array_equal(viewer.layers[MASK_LAYER].data, predicted)
+    assert annotate.save() == []
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("scan-0"), predicted)  # saved like a drawn mask
+
+    assert not widget.use_as_mask() and "already holds labels" in widget.status.text()
+    annotate.next_image()  # scan-1, empty mask: the prediction is of scan-0
+    assert not widget.use_as_mask() and "shows another image" in widget.status.text()
+    assert not viewer.layers[MASK_LAYER].data.any()
 
 
 def test_local_training_can_continue_its_last_run(make_napari_viewer, qtbot, sample):

@@ -60,16 +60,20 @@ class PredictWidget(QWidget):
         self.threshold.valueChanged.connect(self._apply_threshold)
         self.button = QPushButton("Predict active image")
         self.button.clicked.connect(self.predict_active)
+        self.to_mask = QPushButton("Use the prediction as the mask, to correct")
+        self.to_mask.clicked.connect(self.use_as_mask)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self._probability: np.ndarray | None = None
         self._predictor = None
         self._predictor_path: str | None = None
         self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}
+        self._source: tuple[str, object] | None = None  # the predicted layer's name and data
         form = QFormLayout(self)
         form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", folder=False))
         form.addRow("threshold", self.threshold)
         form.addRow(self.button)
+        form.addRow(self.to_mask)
         form.addRow(self.status)
 
     def predictor(self):
@@ -104,7 +108,8 @@ class PredictWidget(QWidget):
         geometry = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
         self.status.setText(f"predicting {layer.name}…")
         worker = create_worker(predictor.probabilities, data, where, _start_thread=False)
-        worker.returned.connect(lambda probability: self._show(probability, geometry))
+        source = (layer.name, layer.data)
+        worker.returned.connect(lambda probability: self._show(probability, geometry, source))
         worker.errored.connect(lambda exc: self.status.setText(error_line(exc)))
         worker.start()
         return worker
@@ -115,8 +120,8 @@ class PredictWidget(QWidget):
         active = self.viewer.layers.selection.active
         return active if active in images else (images[-1] if images else None)
 
-    def _show(self, probability: np.ndarray, geometry: dict) -> None:
-        self._probability, self._geometry = probability, geometry
+    def _show(self, probability: np.ndarray, geometry: dict, source: tuple[str, object]) -> None:
+        self._probability, self._geometry, self._source = probability, geometry, source
         shown = probability.max(axis=0)
         if PROB_LAYER in self.viewer.layers:
             self.viewer.layers[PROB_LAYER].data = shown
@@ -138,6 +143,32 @@ class PredictWidget(QWidget):
             self._place(self.viewer.layers[PRED_LAYER])
         else:
             self.viewer.add_labels(labels, name=PRED_LAYER, opacity=0.5, **self._geometry)
+
+    def use_as_mask(self) -> bool:
+        """Copy the thresholded prediction into the annotate widget's mask layer, so that a clinician
+        corrects it instead of drawing from nothing; the annotate widget saves it like a drawn mask.
+
+        Refused (with the reason in the status line) unless the prediction is of the image the annotate
+        widget shows, that image is unchanged since, and its mask layer is empty: nothing drawn is replaced."""
+        from napari_fedmix.annotate_widget import IMAGE_LAYER, MASK_LAYER
+
+        layers = self.viewer.layers
+        if self._source is None or PRED_LAYER not in layers:
+            reason = "predict the image first"
+        elif self._source[0] != IMAGE_LAYER or MASK_LAYER not in layers:
+            reason = f"predict the annotate widget's image ('{IMAGE_LAYER}'), then use it as its mask"
+        elif layers[IMAGE_LAYER].data is not self._source[1]:
+            reason = "the annotate widget shows another image since this prediction; predict again"
+        elif np.asarray(layers[MASK_LAYER].data).any():
+            reason = f"'{MASK_LAYER}' already holds labels; clear them first, so that nothing drawn is replaced"
+        else:
+            layers[MASK_LAYER].data = np.asarray(layers[PRED_LAYER].data, dtype=np.uint8).copy()
+            layers.selection.active = layers[MASK_LAYER]
+            self.status.setText(f"the prediction is now '{MASK_LAYER}': correct it there; it is saved like a "
+                                "drawn mask")
+            return True
+        self.status.setText(reason)
+        return False
 
     def _place(self, overlay) -> None:
         overlay.scale, overlay.translate = self._geometry["scale"], self._geometry["translate"]
