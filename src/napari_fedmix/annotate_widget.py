@@ -7,7 +7,9 @@ Imports run in a worker, one image per step, so a large folder shows progress an
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -139,9 +141,8 @@ class AnnotateWidget(QWidget):
             self.tag_boxes[name] = box
             self.tags_row.addWidget(box)
         self.current_id = None
-        self._loading = True
-        self.image_list.clear()  # no row carried over from the other site: row 0 below shows this site's first
-        self._loading = False
+        with self._own_changes():
+            self.image_list.clear()  # no row carried over from the other site: row 0 below shows this site's first
         self.refresh_list()
         if self.image_list.count():
             self.image_list.setCurrentRow(0)
@@ -157,15 +158,12 @@ class AnnotateWidget(QWidget):
         if self.store is None:
             return
         row = self.image_list.currentRow()
-        self._loading = True  # the shown image stays as it is: no re-read, and the view keeps its zoom
-        try:
+        with self._own_changes():  # the shown image stays as it is: no re-read, and the view keeps its zoom
             self.image_list.clear()
             for rec in self.store.records():
                 self.image_list.addItem(f"{rec.id}  —  {rec.supervision}")
             if 0 <= row < self.image_list.count():
                 self.image_list.setCurrentRow(row)
-        finally:
-            self._loading = False
         c = self.store.summary()
         self.summary.setText(f"{c['images']} images: {c['mask']} mask · {c['box']} box · {c['tag']} tag · "
                              f"{c['none']} unlabelled")
@@ -174,13 +172,11 @@ class AnnotateWidget(QWidget):
         assert self.store is not None
         self.save()
         if self.unsaved:  # showing another image would replace the edits that could not be written
-            self._loading = True
-            self.image_list.setCurrentRow(self.store.image_ids().index(self.current_id))
-            self._loading = False
+            with self._own_changes():
+                self.image_list.setCurrentRow(self.store.image_ids().index(self.current_id))
             _notify([f"{self.unsaved}; staying on this image until they are saved"])
             return
-        self._loading = True
-        try:
+        with self._own_changes():
             image = self.store.read_image(image_id)
             mask = self.store.read_mask(image_id)
             height, width = image.shape[:2]
@@ -202,8 +198,6 @@ class AnnotateWidget(QWidget):
             self.current_id = image_id
             self.viewer.reset_view()
             self.viewer.layers.selection.active = self.viewer.layers[MASK_LAYER]
-        finally:
-            self._loading = False
         self._dirty = False
 
     def next_image(self) -> None:
@@ -248,6 +242,15 @@ class AnnotateWidget(QWidget):
             self._dirty = True
 
     # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def _own_changes(self) -> Iterator[None]:
+        """The widget's own list and layer changes: they neither switch the image nor count as edits."""
+        self._loading = True
+        try:
+            yield
+        finally:
+            self._loading = False
+
     def _layer(self, name: str, create, data: np.ndarray, rgb: bool | None = None):
         if name in self.viewer.layers and (rgb is None or self.viewer.layers[name].rgb == rgb):
             layer = self.viewer.layers[name]
