@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, publish
 from fedmix_engine.data.synthetic import SHIFTS, make_sample
+from fedmix_engine.errors import InputError, error_line
 from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import EvalSet, Predictor, evaluate
@@ -139,6 +141,16 @@ def run_one(job: dict) -> dict:
     return {**job, "row": row, **extra}
 
 
+def _results(done: Iterator[dict]) -> Iterator[dict]:
+    """The workers' results; a refused input in one of them (say, ``--resume`` with other settings)
+    ends the benchmark with its message and exit code 2, as the CLI does, and the pool is torn down."""
+    try:
+        yield from done
+    except InputError as exc:
+        print(error_line(exc), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     """Turn SIGTERM into SystemExit so the worker pool is torn down on the way out."""
     raise SystemExit(128 + signum)
@@ -215,7 +227,7 @@ def main() -> None:
     # SIGTERM (a ProcessPoolExecutor waits for them: a killed benchmark left two orphans computing)
     with get_context("spawn").Pool(jobs_n) as pool:
         pool.map(make_one, samples)  # synthetic data first, in parallel too
-        for done in pool.imap_unordered(run_one, jobs):
+        for done in _results(pool.imap_unordered(run_one, jobs)):
             results.setdefault((done["setting"], done["method"]), {})[done["seed"]] = done["row"]
             for mode in inference:
                 if mode in done:

@@ -87,3 +87,15 @@ def test_mask_validation_names_the_mask(lesion_mask: np.ndarray) -> None:
     assert validate_mask(lesion_mask * 255, (48, 64), 1, "m.tif").max() == 1  # 0/255 binary masks are common
     with pytest.raises(InputError, match="whole class numbers"):
         validate_mask(lesion_mask * 0.5, (48, 64), 1, "m.tif")
+
+
+def test_an_input_error_crosses_a_process_boundary_whole(tmp_path: Path) -> None:
+    """The benchmark's worker pool pickles a worker's error back to the parent; it must arrive intact."""
+    import pickle
+
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 16, 16), np.uint8))
+    with pytest.raises(InputError) as raised:
+        read_image(tmp_path / "stack.tif")
+    arrived = pickle.loads(pickle.dumps(raised.value))
+    assert type(arrived) is InputError and str(arrived) == str(raised.value)
+    assert (arrived.where, arrived.reason) == (raised.value.where, raised.value.reason)

@@ -17,6 +17,11 @@ class InputError(ValueError):
         self.reason = reason
         super().__init__(f"{self.where}: {reason}")
 
+    def __reduce__(self) -> tuple:
+        """Rebuilt from (where, reason) when it crosses a process boundary: a worker pool unpickling it
+        from its one-string ``args`` raised TypeError in its result thread, and the pool hung."""
+        return self.__class__, (self.where, self.reason)
+
 
 def error_line(exc: BaseException) -> str:
     """One status line for a person: an ``InputError`` already says where and what; anything else
