@@ -145,3 +145,24 @@ def test_with_a_snapshot_every_two_rounds_a_stop_after_round_3_resumes_from_roun
     assert records(tmp_path / "cut") == records(tmp_path / "whole")
     assert_same_pair(tmp_path / "cut" / "final.safetensors", tmp_path / "whole" / "final.safetensors")
     assert_same_pair(tmp_path / "cut" / "best.safetensors", tmp_path / "whole" / "best.safetensors")
+
+
+def test_a_moved_run_with_its_data_resumes_but_other_evaluation_images_are_refused(sample: Path, tmp_path: Path,
+                                                                                  capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    assert main(["simulate", "--sample", str(sample), *SETTINGS, "--rounds", "1", "--out", str(run)]) == 0
+    moved = tmp_path / "disk2"
+    shutil.copytree(sample, moved / "sample")  # a researcher moves the workdir: data and run together
+    shutil.move(run, moved / "run")
+    capsys.readouterr()
+    assert main(["simulate", "--sample", str(moved / "sample"), *SETTINGS, "--rounds", "2", "--out",
+                 str(moved / "run"), "--resume"]) == 0, capsys.readouterr().err
+    assert [r["round"] for r in records(moved / "run")] == [1, 2]
+
+    other = tmp_path / "other"  # the same layout and names, other images
+    make_sample(other, sites=3, images=8, eval_images=4, seed=0, size=32)
+    assert main(["simulate", "--sample", str(other), *SETTINGS, "--rounds", "3", "--out", str(moved / "run"),
+                 "--resume"]) == 2
+    assert "and not the same validation and test images" in capsys.readouterr().err

@@ -19,6 +19,7 @@ Methods (the paper's comparisons):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -184,6 +185,20 @@ def _config_record(config: SimulationConfig) -> dict:
     return json.loads(json.dumps(asdict(config), default=str))
 
 
+def eval_identity(eval_root: Path | None) -> str | None:
+    """A digest of an evaluation tree's validation and test stores (site, split, image ids, sizes and
+    which have masks): what a resumed run must evaluate on, whatever path the tree has now."""
+    if eval_root is None:
+        return None
+    digest = hashlib.sha256()
+    for split_dir in sorted(p for p in eval_root.glob("*/*") if p.name in ("val", "test") and p.is_dir()):
+        with SiteStore.open(split_dir, readonly=True) as store:
+            for rec in store.records():
+                digest.update(f"{split_dir.parent.name}/{split_dir.name}/{rec.id}/{rec.height}x{rec.width}/"
+                              f"{rec.has_mask}\n".encode())
+    return digest.hexdigest()
+
+
 def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None) -> None:
     """Resuming with other settings would silently mix two experiments: name every differing field."""
     try:
@@ -192,9 +207,14 @@ def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None
         raise InputError(out / "config.json", f"cannot resume: the run's settings are unreadable ({exc})") from None
     differ = []
     stored_eval = stored.get("eval") if stored.get("eval") not in (None, "None") else None
-    if (Path(stored_eval).resolve() if stored_eval else None) != (eval_root.resolve() if eval_root else None):
-        differ.append(f"eval: {stored_eval!r} in the run, {str(eval_root) if eval_root else None!r} now"
-                      " (the best round is chosen on its validation split)")
+    if "eval_identity" in stored:  # the same images wherever the tree now lies: a moved or copied workdir resumes
+        same_eval = stored["eval_identity"] == eval_identity(eval_root)
+    else:  # a run from before identities were recorded: its path
+        now = eval_root.resolve() if eval_root else None
+        same_eval = (Path(stored_eval).resolve() if stored_eval else None) == now
+    if not same_eval:
+        differ.append(f"eval: {stored_eval!r} in the run, {str(eval_root) if eval_root else None!r} now, and not "
+                      "the same validation and test images (the best round is chosen on its validation split)")
     for key, value in _config_record(config).items():
         if key in RESUME_MAY_DIFFER or stored.get(key) == value:
             continue
@@ -243,6 +263,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         (out / "config.json").write_text(json.dumps(
             {**_config_record(config), "sites": [str(p) for p in site_dirs],
              "eval": str(eval_root.resolve()) if eval_root is not None else None,
+             "eval_identity": eval_identity(eval_root),
              "device": str(plan.device), "device_note": plan.note}, indent=2, default=str) + "\n")
 
     rule = AggregationRule.for_method("fedmix" if config.method == "fedmix" else "fedavg", config.lam, config.beta)
