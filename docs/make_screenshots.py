@@ -6,9 +6,8 @@ Usage (no screen needed): xvfb-run -a .venv/bin/python docs/make_screenshots.py
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
-
-import numpy as np
 
 OUT = Path(__file__).resolve().parent / "images"
 
@@ -61,7 +60,10 @@ def main() -> None:
     dock = viewer.window.add_dock_widget(predict, name="Predict", area="right")
     predict.checkpoint.setText(str(checkpoint))
     viewer.layers.selection.active = viewer.layers["FedMix image"]
-    predict._show(predict.predictor().probabilities(np.asarray(viewer.layers["FedMix image"].data)))
+    predict.predict_active()  # the widget's own path: a worker, then the overlays
+    while predict._probability is None:
+        QApplication.processEvents()
+        time.sleep(0.05)
     QApplication.processEvents()
     shots["plugin-predict.png"] = viewer.screenshot(canvas_only=False, flash=False)
     viewer.window.remove_dock_widget(dock)
