@@ -444,7 +444,7 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
     # an error inside the run stays on screen (not replaced by the finished line)
     real_mask = Predictor.mask
 
-    def disk_full(self, image, threshold=0.5):
+    def disk_full(self, image, threshold=0.5, where="image"):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Predictor, "mask", disk_full)
@@ -458,9 +458,9 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
 
     # Cancel while the first image is predicted (from the worker's thread, so it cannot arrive late)
 
-    def mask_then_cancel(self, image, threshold=0.5):
+    def mask_then_cancel(self, image, threshold=0.5, where="image"):
         widget.worker.quit()  # what Cancel does, minus the label text (widgets belong to the GUI thread)
-        return real_mask(self, image, threshold)
+        return real_mask(self, image, threshold, where)
 
     monkeypatch.setattr(Predictor, "mask", mask_then_cancel)
     widget.output.setText(str(tmp_path / "out"))

@@ -4,4 +4,5 @@ import sys
 
 from fedmix_engine.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the package's modules (as a test walking them does) runs nothing
+    sys.exit(main())
