@@ -199,7 +199,7 @@ def eval_identity(eval_root: Path | None) -> str | None:
     return digest.hexdigest()
 
 
-def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None) -> None:
+def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None, identity: str | None) -> None:
     """Resuming with other settings would silently mix two experiments: name every differing field."""
     try:
         stored = json.loads((out / "config.json").read_text())
@@ -208,7 +208,7 @@ def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None
     differ = []
     stored_eval = stored.get("eval") if stored.get("eval") not in (None, "None") else None
     if "eval_identity" in stored:  # the same images wherever the tree now lies: a moved or copied workdir resumes
-        same_eval = stored["eval_identity"] == eval_identity(eval_root)
+        same_eval = stored["eval_identity"] == identity
     else:  # a run from before identities were recorded: its path
         now = eval_root.resolve() if eval_root else None
         same_eval = (Path(stored_eval).resolve() if stored_eval else None) == now
@@ -240,18 +240,19 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
     if snapshot_every < 0:
         raise InputError("--snapshot-every", f"must be ≥ 0 (0: no snapshots), not {snapshot_every}")
     out = Path(out_dir) if out_dir is not None else None
+    eval_root = Path(eval_root) if eval_root is not None else None
+    identity = eval_identity(eval_root) if out is not None else None
     if resume:
         if out is None or overwrite:
             raise InputError("--resume", "continues the run in --out; give --out, and not --overwrite")
         snapshot = load_snapshot(out)
-        _check_resumable(out, config, Path(eval_root) if eval_root is not None else None)
+        _check_resumable(out, config, eval_root, identity)
         if snapshot.round > config.rounds:
             raise InputError("--rounds", f"the run in {out} has already done {snapshot.round} rounds; "
                                          f"give --rounds {snapshot.round} or more")
     elif out is not None:
         check_out_folder(out, overwrite)
     plan = plan_device(config.device, config.precision)
-    eval_root = Path(eval_root) if eval_root is not None else None
     sites = _load_sites([Path(p) for p in site_dirs], eval_root, config)
     if resume and snapshot.sites != [s.name for s in sites]:
         raise InputError("--sites", f"the run in {out} trained sites {snapshot.sites}, not {[s.name for s in sites]}")
@@ -263,7 +264,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         (out / "config.json").write_text(json.dumps(
             {**_config_record(config), "sites": [str(p) for p in site_dirs],
              "eval": str(eval_root.resolve()) if eval_root is not None else None,
-             "eval_identity": eval_identity(eval_root),
+             "eval_identity": identity,
              "device": str(plan.device), "device_note": plan.note}, indent=2, default=str) + "\n")
 
     rule = AggregationRule.for_method("fedmix" if config.method == "fedmix" else "fedavg", config.lam, config.beta)
