@@ -94,7 +94,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
                           progress=lambda done, total, row: progress_bar(done, total, "predict"))
     skipped = [r for r in rows if r.status != "ok"]
-    print(f"\rpredicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv)")
+    clear_progress_bar()
+    print(f"predicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv)")
     for r in skipped:
         print(f"  {r.file}: {r.status}")
     return 1 if skipped else 0
