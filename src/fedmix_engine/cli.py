@@ -23,6 +23,24 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Append an option's default to its help, unless the help already says it or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's ``--help`` shows defaults; subparsers inherit the class from their parent."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(*args, **kwargs)
+
+
 # ------------------------------------------------------------------ site commands
 def cmd_site_init(args: argparse.Namespace) -> int:
     from fedmix_engine.data.site_store import SiteStore
@@ -93,17 +111,17 @@ def cmd_make_federation(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmix-engine", description=__doc__)
+    parser = _Parser(prog="fedmix-engine", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedmix-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     site = sub.add_parser("site", help="create, import into and inspect a site folder")
     site_sub = site.add_subparsers(dest="site_command", required=True, metavar="SITE_COMMAND")
     p = site_sub.add_parser("init", help="create an empty site folder")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=Path, help="the site folder to create (must not exist or be empty)")
     p.add_argument("--classes", type=_names, required=True, help="comma-separated class names, e.g. lesion")
     p.add_argument("--name", help="site name (default: the folder name)")
-    p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="model input channels (default 1: grey)")
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="image channels: 1 grey, 3 RGB")
     p.set_defaults(func=cmd_site_init)
 
     p = site_sub.add_parser("import", help="import a folder of images, masks and box/tag tables")
@@ -117,15 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_site_import)
 
     p = site_sub.add_parser("info", help="counts per supervision kind, classes, problems found")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=Path, help="a site folder")
     p.set_defaults(func=cmd_site_info)
 
     p = sub.add_parser("make-sample", help="write a synthetic multi-site federation (ultrasound-like)")
-    p.add_argument("out", type=Path)
-    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("out", type=Path, help="output folder: site-* folders and the eval/ tree")
+    p.add_argument("--sites", type=int, default=3, help="number of sites (hospitals), each its own domain")
     p.add_argument("--images", type=int, default=60, help="training images per site")
     p.add_argument("--eval-images", type=int, default=20, help="validation and test images per site, each")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--classes", type=int, default=1, choices=(1, 2), help="1: lesion; 2: lesion and cyst")
     p.add_argument("--shift", default="mild", choices=("mild", "strong"),
@@ -136,14 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_sample)
 
     p = sub.add_parser("make-federation", help="a mixed-supervision federation from real, fully labelled sites")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", type=Path, help="output folder: one weakened site per source and the eval/ tree")
     p.add_argument("--from", dest="sources", type=Path, nargs="+", required=True,
                    help="fully labelled site folders (every image: a mask, or every class tagged absent), one a site")
     p.add_argument("--split-into", type=int, default=1, metavar="K",
                    help="deal one source's images at random into K sites (a one-centre dataset as K sites)")
     p.add_argument("--val", type=float, default=0.15, help="fraction of each site's images for validation")
     p.add_argument("--test", type=float, default=0.15, help="fraction of each site's images for the test")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of which images keep which label")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--supervision", type=_names, help="one kind per site, e.g. mask,box,tag (the default)")
     group.add_argument("--mix", type=_floats, help="fractions of mask,box,tag images within every site")

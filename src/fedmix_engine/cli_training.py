@@ -108,23 +108,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", type=Path, help="evaluation tree: <site>/val and <site>/test stores (and <site>/oracle)")
     p.add_argument("--sample", type=Path, help="a make-sample folder: its site-* folders and eval/ tree")
     p.add_argument("--method", default="fedmix",
-                   choices=("fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local"))
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+                   choices=("fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local"),
+                   help="FedMix with adaptive or data-size weights, or a baseline of the paper (docs/engine.md)")
+    p.add_argument("--rounds", type=int, default=10, help="federated rounds")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, augmentation and batch order (CPU runs "
+                   "repeat exactly)")
     p.add_argument("--lam", type=float, default=10.0, help="λ: weight of the loss term (paper: 10 breast/skin, 2 OCT)")
     p.add_argument("--beta", type=float, default=1.5, help="β: loss exponent (paper: 1.5 breast, 3 skin/OCT)")
     p.add_argument("--width", type=int, default=16, help="U-Net base width (64 = the paper's 17.3 M parameters)")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--crop-size", type=int, default=112)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=128, help="images are resized to this side (reference: 256)")
+    p.add_argument("--crop-size", type=int, default=112,
+                   help="random training crop, a multiple of 16 (reference: 224)")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch (reference: 16)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (reference: 1e-3)")
+    p.add_argument("--local-epochs", type=int, default=1, help="epochs over a site's data per round")
     p.add_argument("--tau", type=float, default=0.9, help="pseudo-label agreement threshold")
     p.add_argument("--pl-warmup", type=int, default=0,
                    help="rounds trained on pixel masks only (and lesion-free images at sites that have masks) "
                         "before pseudo-labels; sites without masks sit these rounds out")
-    p.add_argument("--loss", default="dice", choices=("dice", "dice+bce"))
-    p.add_argument("--inference", default="net1", choices=("net1", "mean"))
+    p.add_argument("--loss", default="dice", choices=("dice", "dice+bce"), help="training loss (reference: dice)")
+    p.add_argument("--inference", default="net1", choices=("net1", "mean"),
+                   help="evaluate network 1 of the pair or the mean of both")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -140,11 +144,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("predict", help="predict masks for a folder of images with a checkpoint")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint (simulate's best.safetensors, "
+                   "a server round, or one the plugin saved)")
     p.add_argument("input", type=Path, help="folder of images")
     p.add_argument("out", type=Path, help="output folder: <stem>_mask.tif per image (<stem>_<suffix>_mask.tif "
                    "where two images share a stem) and summary.csv")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--inference", choices=("net1", "mean"))
-    p.add_argument("--device", default="auto")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is foreground")
+    p.add_argument("--inference", choices=("net1", "mean"),
+                   help="network 1 or the mean of both (default: what the checkpoint was evaluated with)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_predict)

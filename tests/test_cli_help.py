@@ -1,0 +1,70 @@
+"""Every option of ``fedmix-engine`` explains itself, and the defaults that help prints are the ones used."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from fedmix_engine.cli import build_parser
+from fedmix_engine.cli_federation import MODEL_OPTIONS, SERVER_OPTIONS, TRAIN_OPTIONS
+from fedmix_engine.federation.state import ServerConfig
+from fedmix_engine.fedmix.local_update import TrainConfig
+
+
+def _commands(parser: argparse.ArgumentParser, name: str = "fedmix-engine"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _commands(sub, f"{name} {sub_name}")
+
+
+def _option(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
+    return next(a for a in parser._actions if a.dest == dest)
+
+
+def _command(name: str) -> argparse.ArgumentParser:
+    return dict(_commands(build_parser()))[f"fedmix-engine {name}"]
+
+
+def test_every_argument_of_every_command_has_help():
+    missing = [f"{name}: {a.option_strings or a.dest}" for name, parser in _commands(build_parser())
+               for a in parser._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
+    assert missing == []
+
+
+def test_help_shows_defaults_once_and_not_for_flags_or_unset_options():
+    text = _command("simulate").format_help()
+    flat = " ".join(text.split())
+    assert "(default: 112)" in flat and "(default: runs/simulate)" in flat
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    site_init = " ".join(_command("site init").format_help().split())
+    assert site_init.count("(default: 1)") == 1  # --channels, added by the formatter
+    assert site_init.count("default") == 2  # --name's help says its own default; nothing appended to it
+
+
+@pytest.mark.parametrize("part, options, defaults", [
+    ("server", SERVER_OPTIONS, ServerConfig()),
+    ("model", MODEL_OPTIONS, ServerConfig().model),
+    ("train", TRAIN_OPTIONS, ServerConfig().train),
+])
+def test_serve_help_states_the_defaults_a_new_state_directory_gets(part, options, defaults):
+    serve = _command("serve")
+    for field, option in options:
+        action = _option(serve, option)
+        assert action.default is None  # unset options keep the stored value on a restart
+        stated = re.search(r"default ([^);]+)\)", action.help)
+        assert stated, f"--{option} does not state its default"
+        default = getattr(defaults, field)
+        said = type(default)(stated.group(1)) if isinstance(default, (int, float)) else stated.group(1)
+        assert said == default, f"--{option}: help says {stated.group(1)}, the default is {default}"
+
+
+def test_simulate_defaults_are_the_engine_defaults():
+    simulate, train = _command("simulate"), TrainConfig()
+    for option, field in (("image_size", "image_size"), ("crop_size", "crop_size"), ("batch_size", "batch_size"),
+                          ("lr", "lr"), ("local_epochs", "epochs"), ("tau", "tau"), ("loss", "loss"),
+                          ("pl_warmup", "pl_warmup_rounds")):
+        assert _option(simulate, option).default == getattr(train, field), option
