@@ -354,6 +354,15 @@ def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_
     assert "the earlier token of this site no longer works" in note
     tokens = TokenStore(state)
     assert tokens.site_for(first) is None and tokens.site_for(second) == "site-a"
+    assert main(["token", "revoke", "--state", str(state)]) == 2
+    assert "SITE: name the site: fedmix-engine token revoke SITE --state DIR" in capsys.readouterr().err
+    assert TokenStore(state).site_for(second) == "site-a"
+    assert main(["token", "list", "--state", str(tmp_path / "typo")]) == 0
+    listed = capsys.readouterr()
+    assert listed.out == "" and f"no site tokens in {tmp_path / 'typo'}" in listed.err
+    assert not (tmp_path / "typo").exists()
+    assert main(["token", "list", "--state", str(state)]) == 0
+    assert capsys.readouterr().out.startswith("site-a\tcreated ")
 
     (tmp_path / "a-file").write_text("keep me")
     for argv in (["token", "add", "site-b"], ["serve"]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from fedmix_engine.errors import InputError
@@ -120,10 +121,10 @@ def cmd_token(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.tokens import TokenStore
 
     _check_state_dir(args.state)
+    if args.action != "list" and not args.site:
+        raise InputError("SITE", f"name the site: fedmix-engine token {args.action} SITE --state DIR")
     store = TokenStore(args.state)
     if args.action == "add":
-        if not args.site:
-            raise InputError("SITE", "name the site: fedmix-engine token add SITE --state DIR")
         replaced = args.site in store.sites()
         token = store.add(args.site)
         print(token)
@@ -133,7 +134,10 @@ def cmd_token(args: argparse.Namespace) -> int:
         store.revoke(args.site)
         print(f"revoked the token of site '{args.site}'")
     else:
-        for site, info in sorted(store.sites().items()):
+        sites = store.sites()
+        if not sites:  # say so: a mistyped --state would otherwise look like a server without sites
+            print(f"no site tokens in {args.state}", file=sys.stderr)
+        for site, info in sorted(sites.items()):
             print(f"{site}\tcreated {info['created']}\t{'revoked' if info['revoked'] else 'active'}")
     return 0
 
