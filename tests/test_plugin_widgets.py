@@ -326,11 +326,21 @@ def test_a_prediction_becomes_the_mask_to_correct_but_never_replaces_a_drawn_one
     widget = PredictWidget(viewer)
     qtbot.addWidget(widget)
     assert not widget.use_as_mask() and "predict the image first" in widget.status.text()
-    widget.checkpoint.setText(str(save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
-                                                  ModelConfig(base_width=4), {"image_size": 32})))
     widget.threshold.setValue(1)  # an untrained model: call (nearly) everything foreground
+    two_classes = ModelConfig(base_width=4, num_classes=2)  # another site's model: lesion and cyst
+    widget.checkpoint.setText(str(save_checkpoint(tmp_path / "m2.safetensors", init_pair(two_classes, 0),
+                                                  two_classes, {"image_size": 32})))
     assert widget.predict_active() is not None
     qtbot.waitUntil(lambda: widget._probability is not None, timeout=60_000)
+    assert np.array(viewer.layers[PRED_LAYER].data).max() == 2
+    assert not widget.use_as_mask()
+    assert "the model predicts 2 class(es), the site has 1 (lesion)" in widget.status.text()
+    assert not viewer.layers[MASK_LAYER].data.any()
+
+    widget.checkpoint.setText(str(save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                                  ModelConfig(base_width=4), {"image_size": 32})))
+    assert widget.predict_active() is not None
+    qtbot.waitUntil(lambda: len(widget._probability) == 1, timeout=60_000)
     predicted = np.array(viewer.layers[PRED_LAYER].data)
     assert predicted.any()
 

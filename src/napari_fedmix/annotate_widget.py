@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import napari
 
 IMAGE_LAYER, MASK_LAYER, BOX_LAYER = "FedMix image", "FedMix mask", "FedMix boxes"
+CLASSES_KEY = "fedmix_classes"  # the mask layer's metadata: the site's class names, for other widgets
 AUTOSAVE_MS = 15_000
 
 
@@ -183,7 +184,9 @@ class AnnotateWidget(QWidget):
             self._layer(IMAGE_LAYER, lambda: self.viewer.add_image(image, name=IMAGE_LAYER), image,
                         rgb=image.ndim == 3)
             labels = mask if mask is not None else np.zeros((height, width), np.uint8)
-            self._layer(MASK_LAYER, lambda: self.viewer.add_labels(labels, name=MASK_LAYER, opacity=0.5), labels)
+            mask_layer = self._layer(MASK_LAYER, lambda: self.viewer.add_labels(labels, name=MASK_LAYER, opacity=0.5),
+                                     labels)
+            mask_layer.metadata[CLASSES_KEY] = list(self.store.config.classes)  # label k = class k (1-based)
             rectangles, classes = boxes_to_shapes(self.store.boxes(image_id))
             shapes = self._shapes_layer()
             shapes.data = []

@@ -150,7 +150,7 @@ class PredictWidget(QWidget):
 
         Refused (with the reason in the status line) unless the prediction is of the image the annotate
         widget shows, that image is unchanged since, and its mask layer is empty: nothing drawn is replaced."""
-        from napari_fedmix.annotate_widget import IMAGE_LAYER, MASK_LAYER
+        from napari_fedmix.annotate_widget import CLASSES_KEY, IMAGE_LAYER, MASK_LAYER
 
         layers = self.viewer.layers
         if self._source is None or PRED_LAYER not in layers:
@@ -159,6 +159,10 @@ class PredictWidget(QWidget):
             reason = f"predict the annotate widget's image ('{IMAGE_LAYER}'), then use it as its mask"
         elif layers[IMAGE_LAYER].data is not self._source[1]:
             reason = "the annotate widget shows another image since this prediction; predict again"
+        elif len(classes := layers[MASK_LAYER].metadata.get(CLASSES_KEY, [])) != len(self._probability):
+            reason = (f"the model predicts {len(self._probability)} class(es), the site has {len(classes)} "
+                      f"({', '.join(classes)}): its labels would not mean the site's classes; choose this "
+                      "site's model")
         elif np.asarray(layers[MASK_LAYER].data).any():
             reason = f"'{MASK_LAYER}' already holds labels; clear them first, so that nothing drawn is replaced"
         else:
