@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,34 @@ def test_relative_site_paths_work_read_only_too(tmp_path: Path, grey_image, monk
         store.add_image(grey_image, "a")
     with SiteStore.open("rel-site", readonly=True) as store, store.training_view() as view:
         assert [r.id for r in view.records] == ["a"]
+
+
+@pytest.fixture()
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_get_the_umask_like_a_plain_open_and_a_replaced_file_keeps_its_mode(tmp_path, umask_022):
+    from fedmix_engine.atomic import atomic_write_bytes
+    from fedmix_engine.federation.tokens import TokenStore
+
+    store = SiteStore.create(tmp_path / "site", ["lesion"])  # shared by the clinicians of one workstation
+    store.add_image(np.zeros((8, 8), np.uint8), "scan")
+    store.set_mask("scan", np.ones((8, 8), np.uint8))
+    store.close()
+    written = [tmp_path / "site" / "site.json", *(tmp_path / "site").glob("*/scan*")]
+    assert len(written) == 3
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}, "readable by the group, as with open()"
+
+    kept = tmp_path / "kept.csv"
+    kept.write_bytes(b"old")
+    kept.chmod(0o640)
+    atomic_write_bytes(kept, b"new")
+    assert kept.read_bytes() == b"new" and kept.stat().st_mode & 0o777 == 0o640
+
+    tokens = TokenStore(tmp_path / "state")
+    tokens.add("site-a")
+    assert tokens.path.stat().st_mode & 0o777 == 0o600, "token hashes stay private to the server's user"
+    assert not list(tmp_path.rglob("*.tmp")), "no temporary file is left behind"

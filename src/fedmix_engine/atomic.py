@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -28,12 +29,35 @@ def make_folder(path: str | Path) -> Path:
     return path
 
 
+def _create_temporary(path: Path, mode: int | None) -> tuple[int, str]:
+    """A new file beside ``path`` with ``mode`` if given, else the replaced file's mode, else what a
+    plain ``open`` would give (0o666 less the umask, applied by the kernel). ``tempfile.mkstemp`` made
+    every file 0o600: a site folder or a prediction written by one user was unreadable to the others."""
+    if mode is None:
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOINHERIT", 0)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666 if mode is None else mode)
+        except FileExistsError:
+            continue
+        if mode is not None and os.name == "posix":
+            with contextlib.suppress(OSError):  # a share without chmod: os.open's mode already bounds it
+                os.fchmod(fd, mode)  # exactly: the umask may have narrowed it
+        return fd, tmp
+
+
 @contextlib.contextmanager
-def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
-    """Open a temporary file for binary writing that replaces ``path`` only if the block succeeds."""
+def atomic_open(path: str | Path, mode: int | None = None) -> Iterator[BinaryIO]:
+    """Open a temporary file for binary writing that replaces ``path`` only if the block succeeds.
+
+    The result has ``mode`` if given (``0o600``: only its owner may read it), else the permissions of
+    the file it replaces, else those of a plain ``open`` under the umask."""
     path = Path(path)
     make_folder(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -47,9 +71,9 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically."""
-    with atomic_open(path) as handle:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically (permissions as in ``atomic_open``)."""
+    with atomic_open(path, mode) as handle:
         handle.write(data)
 
 

@@ -44,8 +44,7 @@ class TokenStore:
 
     def _save(self, entries: dict[str, dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, (json.dumps(entries, indent=2, sort_keys=True) + "\n").encode())
-        self.path.chmod(0o600)
+        atomic_write_bytes(self.path, (json.dumps(entries, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
 
     def add(self, site: str) -> str:
         """Create (or replace) a site's token and return it — the only time it is visible."""
