@@ -187,3 +187,75 @@ def test_written_files_get_the_umask_like_a_plain_open_and_a_replaced_file_keeps
     tokens.add("site-a")
     assert tokens.path.stat().st_mode & 0o777 == 0o600, "token hashes stay private to the server's user"
     assert not list(tmp_path.rglob("*.tmp")), "no temporary file is left behind"
+
+
+def _read_without_write_access(root: Path) -> str:
+    """Open ``root`` read-only as a user who cannot write to it: nobody (forked, when we are root) or us
+    with the folder made read-only. Returns 'ok <images>' or the error."""
+    def read() -> str:
+        try:
+            with SiteStore.open(root, readonly=True) as store:
+                return f"ok {len(store.records())}"
+        except Exception as exc:  # the message is the result
+            return f"{type(exc).__name__}: {exc}"
+
+    if os.geteuid() != 0:
+        root.chmod(0o555)
+        try:
+            return read()
+        finally:
+            root.chmod(0o755)
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(readable)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            message = read()
+        except BaseException as exc:  # the parent reads why
+            message = f"child: {exc}"
+        os.write(writable, message.encode())
+        os._exit(0)
+    os.close(writable)
+    with os.fdopen(readable, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+@pytest.fixture()
+def shared_dir(umask_022):
+    """A folder other users can reach (pytest's tmp_path sits in a 0700 folder)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="fedmix-shared-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_a_closed_site_is_readable_from_a_folder_the_reader_cannot_write(shared_dir):
+    import sqlite3
+
+    root = shared_dir / "site"
+    with SiteStore.create(root, ["lesion"]) as store:
+        store.add_image(np.zeros((8, 8), np.uint8), "scan")
+        store.set_tag("scan", "lesion", True)
+    assert sorted(p.name for p in root.iterdir()) == ["annotations.db", "images", "masks", "site.json"]
+    assert _read_without_write_access(root) == "ok 1"
+    with SiteStore.open(root, readonly=True) as reader:  # a reader leaves no WAL side files behind either
+        assert len(reader) == 1
+    assert not list(root.glob("annotations.db-*"))
+
+    with SiteStore.open(root) as writer:  # open for writing elsewhere: WAL while it lasts
+        writer.set_tag("scan", "lesion", False)
+        assert _read_without_write_access(root) == "ok 1"  # its -shm file exists and can be read
+    with sqlite3.connect(root / "annotations.db") as raw:  # left in WAL mode, as by a writer killed before close
+        raw.execute("PRAGMA journal_mode=WAL")
+    for side in root.glob("annotations.db-*"):
+        side.unlink()
+    message = _read_without_write_access(root)
+    assert message.startswith(f"InputError: {root / 'annotations.db'}: cannot be read"), message
+    assert "open the site once with write access" in message

@@ -9,8 +9,9 @@ Layout (see ``docs/site-format.md``)::
       masks/<id>.tif     # uint8 label image, 0 = background, k = k-th class
 
 Durability: files are replaced atomically (temporary file + fsync + rename) and every
-metadata change is one SQLite transaction (WAL, ``synchronous=FULL``). A save that has
-returned survives ``kill -9``; a save interrupted half-way leaves the previous state.
+metadata change is one SQLite transaction (WAL while open for writing, ``synchronous=FULL``).
+A save that has returned survives ``kill -9``; a save interrupted half-way leaves the previous
+state. A closed site is one database file without WAL side files, readable from a read-only folder.
 
 Supervision is per image: an image with a mask is *mask*-supervised; otherwise with boxes,
 *box*-supervised (boxes are exhaustive: a class with no box on a box-annotated image is
@@ -203,6 +204,13 @@ class SiteStore:
                 raise InputError(root, f"site has no {DB_FILE}; it is damaged or not initialised")
             self._db = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
                                        check_same_thread=False)
+            try:  # the first read: SQLite opens the file lazily, and a WAL file may need what it cannot create
+                self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except sqlite3.Error as exc:
+                self._db.close()
+                raise InputError(db, f"cannot be read ({exc}): the site is open for writing elsewhere or was not "
+                                     "closed cleanly, and this folder is not writable for you; open the site once "
+                                     "with write access (or copy the folder) and try again") from None
         else:
             self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -240,6 +248,13 @@ class SiteStore:
 
     def close(self) -> None:
         with self._lock:
+            if not self.readonly:
+                # Leave the database in rollback-journal mode (when no one else has it open): a closed site is
+                # then self-contained, and a reader without write access to the folder can open it (WAL needs a
+                # -shm file it would have to create). The next writer switches back to WAL.
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("PRAGMA busy_timeout=0")  # someone reading: stay in WAL, do not wait
+                    self._db.execute("PRAGMA journal_mode=DELETE")
             self._db.close()
 
     def __enter__(self) -> SiteStore:
