@@ -196,7 +196,7 @@ def test_site_import_of_a_busi_style_folder_takes_masks_beside_images_and_joins_
         assert store.read_mask("benign__1_").sum() == 36 and store.read_mask("benign__7_") is None
 
 
-def test_site_import_reports_bad_images_and_keeps_the_rest(tmp_path: Path, capsys, rng) -> None:
+def test_site_import_reports_bad_images_and_keeps_the_rest(tmp_path: Path, capsys, caplog, rng) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
     iio.imwrite(folder / "good.png", rng.integers(0, 256, (20, 20), dtype=np.uint8))
@@ -205,6 +205,7 @@ def test_site_import_reports_bad_images_and_keeps_the_rest(tmp_path: Path, capsy
     assert main(["site", "import", str(tmp_path / "s"), "--classes", "lesion", "--images", str(folder)]) == 1
     out = capsys.readouterr().out
     assert "images added: 1" in out and "broken.tif: unreadable or corrupt" in out
+    assert not [r.getMessage() for r in caplog.records if r.name == "tifffile"], "said once, by us, not by tifffile"
 
 
 def test_cli_errors_name_the_folder(tmp_path: Path, capsys) -> None:

@@ -4,6 +4,7 @@ function, and prints; bad input exits with status 2 and a message naming the fil
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # tifffile logs its own warning for a corrupt file ("invalid offset to first page"); the file is
+    # already named and skipped or refused by our message, so on the command line it is noise
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
