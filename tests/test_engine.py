@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -223,6 +224,33 @@ def test_every_baseline_runs(sample: Path, method: str) -> None:
     weights = result.history[0].weights
     if method == "fedavg-mask-only":
         assert weights["site-b"] == weights["site-c"] == 0.0 and weights["site-a"] == 1.0
+
+
+def test_simulator_audits_pseudo_labels_against_the_oracle_without_changing_training(sample: Path,
+                                                                                     tmp_path: Path) -> None:
+    import shutil
+
+    from fedmix_engine.simulate import SimulationConfig, run_simulation
+
+    blind = tmp_path / "no-oracle"
+    shutil.copytree(sample, blind)
+    for oracle in blind.glob("eval/*/oracle"):
+        shutil.rmtree(oracle)
+    config = SimulationConfig(rounds=2, model=TINY, train=TINY_TRAIN, device="cpu")
+    audited = run_simulation(sorted(sample.glob("site-*")), sample / "eval", config, tmp_path / "a")
+    plain = run_simulation(sorted(blind.glob("site-*")), blind / "eval", config, tmp_path / "b")
+    assert (tmp_path / "a" / "final.safetensors").read_bytes() == (tmp_path / "b" / "final.safetensors").read_bytes()
+    for with_truth, without in zip(audited.history, plain.history, strict=True):
+        assert without.pl_audit == {}
+        assert with_truth.weights == without.weights and with_truth.counts == without.counts
+        assert set(with_truth.pl_audit) == {"site-b", "site-c"}, "the mask site has no pseudo-labels to audit"
+        box, counts = with_truth.pl_audit["site-b"]["box"], with_truth.counts["site-b"]
+        assert (box["selected"], box["selected"] + box["rejected"]) == (counts["box_selected"], counts["box_total"])
+        tag = with_truth.pl_audit["site-c"]["tag"]
+        assert tag["selected"] + tag["rejected"] == with_truth.counts["site-c"]["predicted"]
+        assert all(v is None or 0 <= v <= 1 for v in (box["dice"], box["rejected_dice"], tag["rejected_dice"]))
+    line = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["pl_audit"] == audited.history[-1].pl_audit
 
 
 def test_pseudo_label_warmup_trains_only_on_certain_targets(sample: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedmix_engine.data.tensors import KIND_BOX, KIND_MASK, KIND_TAG, TAG_ABSENT, TAG_PRESENT, TAG_UNKNOWN, SiteTensors
-from fedmix_engine.fedmix.pseudo_labels import agreement_dice, select_pseudo_labels
+from fedmix_engine.fedmix.pseudo_labels import PseudoLabels, agreement_dice, select_pseudo_labels
 
 S = 16
 
@@ -120,3 +120,28 @@ def test_only_images_whose_target_depends_on_the_networks_are_predicted() -> Non
     full, lean = select_pseudo_labels(*every, data), select_pseudo_labels(*needed, data)
     assert lean.keep.equal(full.keep) and lean.target1.equal(full.target1) and lean.target2.equal(full.target2)
     assert lean.counts == full.counts
+
+
+def test_audit_compares_selected_and_rejected_pseudo_labels_with_the_hidden_truth() -> None:
+    from fedmix_engine.fedmix.pseudo_label_audit import audit_pseudo_labels
+
+    data = _data([KIND_MASK, KIND_BOX, KIND_BOX, KIND_TAG, KIND_TAG])
+    data.boxes[1:3, 0] = _square(0, 0, 16, 16)
+    data.tags[3, 0] = TAG_PRESENT
+    data.tags[4, 0] = TAG_ABSENT  # certain: not predicted, so not audited
+    truth = torch.zeros(5, 1, S, S, dtype=torch.bool)
+    truth[1:4, 0] = _square(0, 0, 4, 8)  # 32 px
+    p1 = torch.zeros_like(truth)
+    p1[1, 0] = _square(0, 0, 4, 8)  # box, selected: exact → Dice 1
+    p1[2, 0] = _square(0, 0, 4, 4)  # box, rejected: half of it → Dice 2·16/48
+    p1[3, 0] = _square(0, 0, 8, 8)  # tag, selected: twice the truth → Dice 2·32/96, size 2
+    labels = PseudoLabels(torch.zeros_like(p1), p1, torch.tensor([True, True, False, True, True]))
+    known = torch.ones(5, dtype=torch.bool)
+
+    audit = audit_pseudo_labels(labels, data, truth, known)
+    assert audit == {
+        "box": {"selected": 1, "rejected": 1, "dice": 1.0, "rejected_dice": round(32 / 48, 4), "size_ratio": 1.0},
+        "tag": {"selected": 1, "rejected": 0, "dice": round(64 / 96, 4), "rejected_dice": None, "size_ratio": 2.0},
+    }
+    known[3] = False  # an image the oracle does not hold is left out
+    assert "tag" not in audit_pseudo_labels(labels, data, truth, known)

@@ -37,6 +37,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 from fedmix_engine.fedmix.local_update import (
     LocalResult,
+    PseudoLabelsChosen,
     SiteState,
     TrainConfig,
     TrainProgress,
@@ -44,11 +45,13 @@ from fedmix_engine.fedmix.local_update import (
     site_seed,
 )
 from fedmix_engine.fedmix.pair import PairState, init_pair
+from fedmix_engine.fedmix.pseudo_label_audit import audit_pseudo_labels, load_truth
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import EvalSet, Predictor, evaluate
 from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
 
 METHODS = ("fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local")
+PSEUDO_LABEL_METHODS = ("fedmix", "fedmix-fixed", "fedavg", "local")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class RoundDone:
     val_mean: float
     best_round: int
     seconds: float
+    # per site and kind: the pseudo-labels against the hidden truth (pseudo_label_audit; needs eval/<site>/oracle)
+    pl_audit: dict[str, dict[str, dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,6 +114,7 @@ class _Site:
     pair: PairState | None = None  # only for the "local" method
     val: EvalSet | None = None
     test: EvalSet | None = None
+    truth: tuple | None = None  # the oracle's masks for the audit: (masks, known), never given to the trainer
 
 
 def _site_name(path: Path) -> str:
@@ -149,6 +155,8 @@ def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: Simulatio
                 if not split_dir.is_dir():
                     raise InputError(split_dir, f"no {split} store for site '{name}' in the evaluation tree")
                 setattr(site, split, EvalSet.from_store(split_dir, config.train.image_size, len(classes)))
+            if config.method in PSEUDO_LABEL_METHODS:
+                site.truth = load_truth(eval_root / name / "oracle", data, config.train.image_size)
         sites.append(site)
     sites.sort(key=lambda s: s.name)  # the server aggregates in name order too
     if config.model.num_classes != len(classes):
@@ -297,7 +305,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
     for rnd in range((snapshot.round if resume else 0) + 1, config.rounds + 1):
         t0 = time.perf_counter()
         acc = StreamingAggregate(rule)
-        n, losses, counts = {}, {}, {}
+        n, losses, counts, audits = {}, {}, {}, {}
         for s in sites:
             start = s.pair if config.method == "local" else global_pair
             result: LocalResult | None = None
@@ -305,6 +313,9 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
                                            seed=site_seed(config.seed, s.name), round_index=rnd):
                 if isinstance(event, LocalResult):
                     result = event
+                elif isinstance(event, PseudoLabelsChosen):
+                    if s.truth is not None:
+                        audits[s.name] = audit_pseudo_labels(event.labels, s.data, *s.truth)
                 else:
                     yield event
             assert result is not None
@@ -342,7 +353,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
                 save_checkpoint(out / "best.safetensors", global_pair, config.model, {**meta, "round": rnd})
         record = RoundDone(rnd, {k: round(v, 6) for k, v in weights.items()}, n, losses, counts,
                            {k: round(v, 4) for k, v in val.items()}, round(val_mean, 4), best_round,
-                           round(time.perf_counter() - t0, 2))
+                           round(time.perf_counter() - t0, 2), {k: v for k, v in audits.items() if v})
         history.append(record)
         if out is not None and snapshot_every and (rnd % snapshot_every == 0 or rnd == config.rounds):
             federated = config.method != "local"

@@ -194,7 +194,7 @@ class FederationClient:
                                            seed=site_seed(cfg["seed"], site), round_index=r):
                 if isinstance(event, LocalResult):
                     result = event
-                else:
+                elif isinstance(event, TrainProgress):
                     yield JoinEvent("training", f"round {r}: {event.stage} {event.step}/{event.total}", r, event)
                     if should_stop and should_stop():
                         return

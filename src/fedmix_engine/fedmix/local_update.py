@@ -87,6 +87,14 @@ class TrainProgress:
     loss: float | None = None
 
 
+@dataclass(frozen=True)
+class PseudoLabelsChosen:
+    """The round's targets after selection, for a caller that audits them (the simulator); the
+    federation ignores it."""
+
+    labels: PseudoLabels
+
+
 @dataclass
 class LocalReport:
     """Sent to the server with the weights: n_k and ℓ_k, plus counts and timings for people."""
@@ -139,8 +147,9 @@ def _augment(images: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, crop: int
 
 def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: ModelConfig, config: TrainConfig,
                       plan: DevicePlan, state: SiteState | None = None, seed: int = 0,
-                      round_index: int = 0) -> Iterator[TrainProgress | LocalResult]:
-    """Run one local round, yielding progress events and finally a ``LocalResult``."""
+                      round_index: int = 0) -> Iterator[TrainProgress | PseudoLabelsChosen | LocalResult]:
+    """Run one local round, yielding progress events (and the chosen pseudo-labels) and finally a
+    ``LocalResult``."""
     config.validate()
     state = state or SiteState()
     gen = torch.Generator().manual_seed(seed * 100_003 + round_index)
@@ -157,6 +166,7 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
             yield TrainProgress("pseudo-labels", 2, 2)
             labels = select_pseudo_labels(pred1, pred2, data, config.tau, config.min_box_fill)
             labels.counts["predicted"] = int(needed.sum())
+            yield PseudoLabelsChosen(labels)
         else:  # certain targets only: pixel masks, and (when pseudo-labels are on) images with every class absent
             is_mask = data.kinds == KIND_MASK
             certain = is_mask
