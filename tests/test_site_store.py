@@ -259,3 +259,14 @@ def test_a_closed_site_is_readable_from_a_folder_the_reader_cannot_write(shared_
     message = _read_without_write_access(root)
     assert message.startswith(f"InputError: {root / 'annotations.db'}: cannot be read"), message
     assert "open the site once with write access" in message
+
+
+def test_a_damaged_database_is_named_in_both_modes_and_left_as_it_was(tmp_path):
+    root = tmp_path / "site"
+    SiteStore.create(root, ["lesion"]).close()
+    garbage = np.random.default_rng(0).bytes(4096)
+    (root / "annotations.db").write_bytes(garbage)
+    for readonly in (True, False):
+        with pytest.raises(InputError, match=r"annotations\.db: cannot be .*file is not a database.*damaged"):
+            SiteStore.open(root, readonly=readonly)
+    assert (root / "annotations.db").read_bytes() == garbage, "nothing written over what may yet be rescued"

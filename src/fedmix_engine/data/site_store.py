@@ -42,6 +42,7 @@ from fedmix_engine.errors import InputError
 FORMAT_VERSION = 1
 CONFIG_FILE = "site.json"
 DB_FILE = "annotations.db"
+_DAMAGED = "it is damaged or not a site's database; restore the site folder from a backup"
 Supervision = Literal["mask", "box", "tag", "none"]
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CLASS_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
@@ -208,14 +209,21 @@ class SiteStore:
                 self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             except sqlite3.Error as exc:
                 self._db.close()
-                raise InputError(db, f"cannot be read ({exc}): the site is open for writing elsewhere or was not "
-                                     "closed cleanly, and this folder is not writable for you; open the site once "
-                                     "with write access (or copy the folder) and try again") from None
+                why = ("the site is open for writing elsewhere or was not closed cleanly, and this folder is not "
+                       "writable for you; open the site once with write access (or copy the folder) and try again"
+                       if isinstance(exc, sqlite3.OperationalError) else _DAMAGED)
+                raise InputError(db, f"cannot be read ({exc}): {why}") from None
         else:
             self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+            except sqlite3.Error as exc:  # a traceback named neither the file nor what to do
+                self._db.close()
+                why = "check that the folder and the file are writable for you" \
+                    if isinstance(exc, sqlite3.OperationalError) else _DAMAGED
+                raise InputError(db, f"cannot be opened for writing ({exc}): {why}") from None
         self._db.execute("PRAGMA foreign_keys=ON")
 
     # ----------------------------------------------------------------- lifecycle
