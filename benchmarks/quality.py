@@ -108,6 +108,41 @@ def table(results: dict[tuple[str, str], dict[int, dict[str, float]]], setting: 
     return lines
 
 
+def audit_totals(history: list) -> dict[str, list[float]]:
+    """Per kind, over every round and site of one run: [selected, rejected, Σ Dice·selected,
+    Σ Dice·rejected, Σ size ratio·selected] from the rounds' ``pl_audit`` (see pseudo_label_audit)."""
+    totals: dict[str, list[float]] = {}
+    for record in history:
+        for kinds in record.pl_audit.values():
+            for kind, a in kinds.items():
+                t = totals.setdefault(kind, [0.0] * 5)
+                t[0] += a["selected"]
+                t[1] += a["rejected"]
+                t[2] += (a["dice"] or 0) * a["selected"]
+                t[3] += (a["rejected_dice"] or 0) * a["rejected"]
+                t[4] += (a["size_ratio"] or 0) * a["selected"]
+    return totals
+
+
+def audit_table(audits: dict[tuple[str, str], dict[str, list[float]]], setting: str) -> list[str]:
+    """Markdown rows: how good the pseudo-labels were against the hidden truth, per method and kind."""
+    rows = [(method, kind, t) for (s, method), kinds in audits.items() if s == setting
+            for kind, t in sorted(kinds.items())]
+    if not rows:
+        return []
+    lines = ["Pseudo-labels against the hidden truth (all rounds, sites and seeds; images whose pseudo-label "
+             "came from the networks):", "",
+             "| method | kind | selected | Dice of selected | Dice of rejected | size of selected / truth |",
+             "|---|---|---|---|---|---|"]
+    for method, kind, (sel, rej, dice_sel, dice_rej, size) in sorted(rows, key=lambda r: (ORDER.index(r[0]), r[1])):
+        def share(total: float, count: float, fmt: str) -> str:
+            return format(total / count, fmt) if count else "—"
+
+        lines.append(f"| {method} | {kind} | {share(sel, sel + rej, '.0%')} of {sel + rej:.0f} | "
+                     f"{share(dice_sel, sel, '.2f')} | {share(dice_rej, rej, '.2f')} | {share(size, sel, '.2f')} |")
+    return [*lines, ""]
+
+
 def make_one(kwargs: dict) -> None:
     """Write one synthetic federation (in a worker process)."""
     make_sample(**kwargs)
@@ -127,7 +162,7 @@ def run_one(job: dict) -> dict:
                          snapshot_every=job["snapshot_every"])
     row = dict(res.test_dice)
     row["overall"] = res.test_mean
-    extra: dict = {"best_round": res.best_round, "seconds": time.time() - t0}
+    extra: dict = {"best_round": res.best_round, "seconds": time.time() - t0, "audit": audit_totals(res.history)}
     if method == "fedmix":
         extra["selected"] = sum(h.counts[s].get("box_selected", 0) + h.counts[s].get("tag_selected", 0)
                                 for h in res.history[-1:] for s in h.counts)
@@ -221,6 +256,7 @@ def main() -> None:
                              "threads": 1 if jobs_n > 1 else max(1, os.cpu_count() or 1), "resume": args.resume,
                              "snapshot_every": prof["snapshot_every"]})
     results: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    audits: dict[tuple[str, str], dict[str, list[float]]] = {}
     inference: dict[str, list[float]] = {"net1": [], "mean": []}
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # a multiprocessing Pool terminates its workers when the block is left, normally or by an error or
@@ -229,6 +265,9 @@ def main() -> None:
         pool.map(make_one, samples)  # synthetic data first, in parallel too
         for done in _results(pool.imap_unordered(run_one, jobs)):
             results.setdefault((done["setting"], done["method"]), {})[done["seed"]] = done["row"]
+            for kind, totals in done["audit"].items():
+                summed = audits.setdefault((done["setting"], done["method"]), {}).setdefault(kind, [0.0] * 5)
+                summed[:] = [x + y for x, y in zip(summed, totals, strict=True)]
             for mode in inference:
                 if mode in done:
                     inference[mode].append(done[mode])
@@ -264,7 +303,8 @@ def main() -> None:
              "else 0), mean ± std over seeds; the round is chosen on the validation split. "
              f"Δ: the method minus {BASELINE} on the same data (paired by seed), mean ± standard error.", ""]
     for setting in settings:
-        lines += [f"### {SETTINGS[setting]['label']}", "", *table(results, setting, methods), ""]
+        lines += [f"### {SETTINGS[setting]['label']}", "", *table(results, setting, methods), "",
+                  *audit_table(audits, setting)]
     if inference["net1"]:
         a, b = np.array(inference["net1"]) * 100, np.array(inference["mean"]) * 100
         lines += [f"Inference with network 1 vs the mean of both networks (FedMix, same checkpoints, all settings and "

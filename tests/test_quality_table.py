@@ -64,3 +64,21 @@ def test_gap_line_without_a_weak_label_method_names_no_shares(quality):
     results = {("a", "fedavg-mask-only"): MASK_ONLY, ("a", "supervised-upper"): upper}
     lines = quality.table(results, "a", ["supervised-upper", "fedavg-mask-only"])
     assert lines[-1] == "Gap between fedavg-mask-only and supervised-upper: 10.0 points."
+
+
+def test_audit_table_weighs_rounds_by_their_pseudo_label_counts(quality):
+    from types import SimpleNamespace
+
+    def rnd(**kinds):
+        return SimpleNamespace(pl_audit={"site-b": kinds})
+
+    history = [rnd(box={"selected": 1, "rejected": 3, "dice": 0.9, "rejected_dice": 0.5, "size_ratio": 1.2}),
+               rnd(box={"selected": 3, "rejected": 1, "dice": 0.7, "rejected_dice": 0.1, "size_ratio": 1.0}),
+               rnd(box={"selected": 0, "rejected": 4, "dice": None, "rejected_dice": 0.2, "size_ratio": None})]
+    totals = quality.audit_totals(history)
+    assert totals["box"] == pytest.approx([4, 8, 0.9 + 2.1, 1.5 + 0.1 + 0.8, 1.2 + 3.0])
+    lines = quality.audit_table({("a", "fedmix"): totals, ("b", "fedmix"): totals}, "a")
+    row = next(line for line in lines if line.startswith("| fedmix | box |"))
+    # 4 of 12 selected; Dice of the selected (0.9·1 + 0.7·3)/4 = 0.75, of the rejected 2.4/8 = 0.30
+    assert row == "| fedmix | box | 33% of 12 | 0.75 | 0.30 | 1.05 |"
+    assert quality.audit_table({("b", "fedmix"): totals}, "a") == []
