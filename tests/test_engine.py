@@ -184,6 +184,7 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
     assert code == 0, out
     assert elapsed < 60
     assert "best round (validation)" in out and "test Dice: site-a" in out
+    assert "pseudo-labels, last round, site-b box: kept " in out and "site-c tag: kept" in out
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
     _, config, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")

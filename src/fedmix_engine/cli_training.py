@@ -82,9 +82,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(f"best round (validation): {event.best_round}")
             print("test Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in event.test_dice.items())
                   + f"  | mean {event.test_mean:.3f}")
+            audited = event.history[-1].pl_audit if event.history else {}
+            for site, kinds in audited.items():  # the oracle was there: how good were the pseudo-labels?
+                for kind, a in kinds.items():
+                    print(f"pseudo-labels, last round, {site} {kind}: kept {a['selected']} of "
+                          f"{a['selected'] + a['rejected']}; Dice with the hidden truth {_figure(a['dice'])} "
+                          f"(rejected {_figure(a['rejected_dice'])}), size/truth {_figure(a['size_ratio'])}")
             if out:
                 print(f"wrote {out}/metrics.jsonl, summary.json, best.safetensors")
     return 0
+
+
+def _figure(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
