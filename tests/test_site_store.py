@@ -270,3 +270,23 @@ def test_a_damaged_database_is_named_in_both_modes_and_left_as_it_was(tmp_path):
         with pytest.raises(InputError, match=r"annotations\.db: cannot be .*file is not a database.*damaged"):
             SiteStore.open(root, readonly=readonly)
     assert (root / "annotations.db").read_bytes() == garbage, "nothing written over what may yet be rescued"
+
+
+def test_a_writer_that_is_never_closed_still_leaves_a_self_contained_site_at_exit(tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+
+    root = tmp_path / "site"
+    SiteStore.create(root, ["lesion"]).close()
+    child = ("import sys; from fedmix_engine.data.site_store import SiteStore\n"
+             "store = SiteStore.open(sys.argv[1])\n"  # as the annotate widget: open until napari quits
+             "store.add_image(__import__('numpy').zeros((8, 8), 'uint8'), 'scan')\n"
+             "assert (store.root / 'annotations.db-wal').exists()\n")
+    done = subprocess.run([sys.executable, "-c", child, str(root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not list(root.glob("annotations.db-*"))
+    with sqlite3.connect(f"{(root / 'annotations.db').as_uri()}?mode=ro", uri=True) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    with SiteStore.open(root, readonly=True) as store:
+        assert store.image_ids() == ["scan"]

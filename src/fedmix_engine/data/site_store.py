@@ -27,6 +27,7 @@ import json
 import re
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -225,6 +226,9 @@ class SiteStore:
                     if isinstance(exc, sqlite3.OperationalError) else _DAMAGED
                 raise InputError(db, f"cannot be opened for writing ({exc}): {why}") from None
         self._db.execute("PRAGMA foreign_keys=ON")
+        # close() runs it, or else garbage collection or interpreter exit (a napari session that ends
+        # with the site still open): either way the writer leaves the database as _close_database says
+        self._closer = weakref.finalize(self, _close_database, self._db, readonly)
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -256,14 +260,7 @@ class SiteStore:
 
     def close(self) -> None:
         with self._lock:
-            if not self.readonly:
-                # Leave the database in rollback-journal mode (when no one else has it open): a closed site is
-                # then self-contained, and a reader without write access to the folder can open it (WAL needs a
-                # -shm file it would have to create). The next writer switches back to WAL.
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("PRAGMA busy_timeout=0")  # someone reading: stay in WAL, do not wait
-                    self._db.execute("PRAGMA journal_mode=DELETE")
-            self._db.close()
+            self._closer()
 
     def __enter__(self) -> SiteStore:
         return self
@@ -561,6 +558,17 @@ class TrainingView:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_database(db: sqlite3.Connection, readonly: bool) -> None:
+    """Close; a writer first returns the database to rollback-journal mode (when no one else has it
+    open), so that a closed site is self-contained and a reader without write access to the folder
+    can open it (WAL needs a -shm file it would have to create). The next writer switches to WAL."""
+    if not readonly:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("PRAGMA busy_timeout=0")  # someone reading: stay in WAL, do not wait
+            db.execute("PRAGMA journal_mode=DELETE")
+    db.close()
 
 
 def _write_tiff(path: Path, array: np.ndarray) -> None:
