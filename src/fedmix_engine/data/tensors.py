@@ -62,6 +62,11 @@ def resize_channels(channels: np.ndarray, size: int) -> torch.Tensor:
     return tensor[0] > 0.5
 
 
+def label_to_masks(label: np.ndarray, num_classes: int, size: int) -> torch.Tensor:
+    """uint8 label image (k = k-th class) → bool K×size×size (nearest)."""
+    return resize_channels(np.stack([label == c for c in range(1, num_classes + 1)]), size)
+
+
 def load_site_tensors(view: TrainingView, image_size: int, mask_only: bool = False) -> SiteTensors:
     """Tensors for every labelled image of the site (``mask_only``: pixel-labelled images only)."""
     classes = view.classes
@@ -74,8 +79,7 @@ def load_site_tensors(view: TrainingView, image_size: int, mask_only: bool = Fal
         height, width = rec.height, rec.width
         images.append(resize_image(view.image(rec.id), image_size))
         if kind == KIND_MASK:
-            label = view.mask(rec.id)
-            masks.append(resize_channels(np.stack([label == c for c in range(1, k + 1)]), image_size))
+            masks.append(label_to_masks(view.mask(rec.id), k, image_size))
         else:
             masks.append(torch.zeros((k, image_size, image_size), dtype=torch.bool))
         box_raster = np.zeros((k, height, width), bool)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fedmix_engine.data.site_store import SiteStore
-from fedmix_engine.data.tensors import KIND_BOX, KIND_NAMES, KIND_TAG, SiteTensors, load_site_tensors
+from fedmix_engine.data.tensors import KIND_BOX, KIND_NAMES, KIND_TAG, SiteTensors, label_to_masks
 from fedmix_engine.fedmix.pseudo_labels import PseudoLabels, agreement_dice, needs_prediction
 
 
@@ -32,14 +32,13 @@ def load_truth(oracle_dir: Path, data: SiteTensors, image_size: int) -> tuple[to
     oracle holds (bool N); ``None`` when there is no oracle store."""
     if not (oracle_dir / "site.json").exists():
         return None
-    with SiteStore.open(oracle_dir, readonly=True) as store, store.training_view() as view:
-        oracle = load_site_tensors(view, image_size)
-    where = {image_id: i for i, image_id in enumerate(oracle.ids)}
-    known = torch.tensor([image_id in where for image_id in data.ids], dtype=torch.bool)
     truth = torch.zeros(data.masks.shape, dtype=torch.bool)
-    if known.any():
-        truth[known] = oracle.masks[[where[i] for i in data.ids if i in where]]
-    return truth, known
+    with SiteStore.open(oracle_dir, readonly=True) as store, store.training_view() as view:
+        records = {rec.id: rec for rec in view.records}
+        for row, image_id in enumerate(data.ids):  # masks only: the oracle's images are the site's own
+            if image_id in records and records[image_id].has_mask:  # else lesion-free: all background
+                truth[row] = label_to_masks(view.mask(image_id), len(data.classes), image_size)
+    return truth, torch.tensor([image_id in records for image_id in data.ids], dtype=torch.bool)
 
 
 def audit_pseudo_labels(labels: PseudoLabels, data: SiteTensors, truth: torch.Tensor,
