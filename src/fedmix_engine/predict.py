@@ -23,10 +23,10 @@ from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
 from fedmix_engine.data.imageio import IMAGE_SUFFIXES, normalise_image, read_image, validate_image
 from fedmix_engine.data.importer import masks_beside_images
 from fedmix_engine.data.site_store import SiteStore
-from fedmix_engine.data.tensors import resize_image
+from fedmix_engine.data.tensors import label_to_channels, resize_image
 from fedmix_engine.device import DevicePlan, autocast, plan_device
 from fedmix_engine.errors import InputError
-from fedmix_engine.fedmix.metrics import dice, label_to_channels
+from fedmix_engine.fedmix.metrics import dice
 from fedmix_engine.fedmix.pair import PairState, build_pair
 from fedmix_engine.model import ModelConfig
 

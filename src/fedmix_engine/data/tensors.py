@@ -62,9 +62,14 @@ def resize_channels(channels: np.ndarray, size: int) -> torch.Tensor:
     return tensor[0] > 0.5
 
 
+def label_to_channels(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """uint8 label image (0 = background, k = k-th class) → bool ``K×H×W``."""
+    return np.stack([label == k for k in range(1, num_classes + 1)])
+
+
 def label_to_masks(label: np.ndarray, num_classes: int, size: int) -> torch.Tensor:
-    """uint8 label image (k = k-th class) → bool K×size×size (nearest)."""
-    return resize_channels(np.stack([label == c for c in range(1, num_classes + 1)]), size)
+    """uint8 label image → bool ``K×size×size`` (nearest), as the trainer sees masks."""
+    return resize_channels(label_to_channels(label, num_classes), size)
 
 
 def load_site_tensors(view: TrainingView, image_size: int, mask_only: bool = False) -> SiteTensors:

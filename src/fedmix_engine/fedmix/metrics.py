@@ -48,11 +48,6 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: float = 1.0) -> float:
     return float(np.percentile(distances, 95))
 
 
-def label_to_channels(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """uint8 label image (0 = background) → bool ``K×H×W``."""
-    return np.stack([mask == k for k in range(1, num_classes + 1)])
-
-
 def per_class_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, list[float]]:
     """Dice, IoU and HD95 for each class channel of bool ``K×H×W`` arrays."""
     return {
