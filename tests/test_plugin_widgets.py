@@ -258,6 +258,7 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     assert checkpoint.exists(), train.status.text()
     assert train.round_bar.value() == 1 and "model:" in train.status.text()
     assert "CPU requested" in train.status.text(), "the device in use is shown"
+    assert "; pseudo-labels kept: " in train.status.text() and " box" in train.status.text(), train.status.text()
     (r, dice), = train.history["validation Dice"]
     assert r == 1 and 0.0 <= dice <= 1.0, "the plot shows the round's validation Dice"
     assert len(train.history["loss"]) == 1

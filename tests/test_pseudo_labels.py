@@ -145,3 +145,15 @@ def test_audit_compares_selected_and_rejected_pseudo_labels_with_the_hidden_trut
     }
     known[3] = False  # an image the oracle does not hold is left out
     assert "tag" not in audit_pseudo_labels(labels, data, truth, known)
+
+
+def test_kept_summary_names_only_the_kinds_a_site_has() -> None:
+    from fedmix_engine.fedmix.pseudo_labels import kept_summary
+
+    data = _data([KIND_MASK, KIND_BOX, KIND_BOX, KIND_TAG])
+    data.boxes[1:3, 0] = _square(4, 4, 12, 12)
+    pred = torch.zeros(4, 1, S, S, dtype=torch.bool)
+    pred[1, 0] = _square(5, 5, 11, 11)  # agrees with itself and fills its box: kept; image 2 is empty: not
+    counts = select_pseudo_labels(pred, pred, data).counts
+    assert kept_summary(counts) == "pseudo-labels kept: 1 of 2 box, 1 of 1 tag"
+    assert kept_summary({"mask": 3, "certain_negatives": 0}) == ""  # masks only, or a warm-up round

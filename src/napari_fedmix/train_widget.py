@@ -260,6 +260,7 @@ class TrainWidget(QWidget):
     def _on_event(self, event) -> None:
         from fedmix_engine.federation.client import JoinEvent
         from fedmix_engine.fedmix.local_update import TrainProgress
+        from fedmix_engine.fedmix.pseudo_labels import kept_summary
         from fedmix_engine.simulate import RoundDone
 
         progress = event.progress if isinstance(event, JoinEvent) else event
@@ -272,8 +273,9 @@ class TrainWidget(QWidget):
             site = next(iter(event.n))
             self.round_bar.setValue(event.round)
             self._add_point(event.round, event.losses[site], event.weights[site], event.n[site])
-            self.status.setText(f"round {event.round}: loss {event.losses[site]:.3f}, {event.n[site]} samples "
-                                f"({self.device_note})")
+            kept = kept_summary(event.counts.get(site, {}))
+            self.status.setText(f"round {event.round}: loss {event.losses[site]:.3f}, {event.n[site]} samples"
+                                f"{'; ' + kept if kept else ''} ({self.device_note})")
         elif isinstance(event, JoinEvent):
             self.status.setText(event.message)
             if event.kind == "round-closed" and event.report:

@@ -32,6 +32,7 @@ from fedmix_engine.fedmix.local_update import (
     iter_local_update,
     site_seed,
 )
+from fedmix_engine.fedmix.pseudo_labels import kept_summary
 from fedmix_engine.model import ModelConfig
 
 log = logging.getLogger("fedmix_engine.client")
@@ -209,7 +210,8 @@ class FederationClient:
                 yield JoinEvent("waiting", f"round {r}: {_detail(response)}", r)
                 continue
             self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
-            yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={rep.loss:.3f} "
+            kept = kept_summary(rep.counts)
+            yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={rep.loss:.3f}{'; ' + kept if kept else ''} "
                             f"({_detail(response)})", r, report=rep.to_dict())
 
     def _closed_rounds(self, site: str, after: int, upto: int) -> Iterator[JoinEvent]:
