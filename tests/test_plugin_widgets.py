@@ -256,7 +256,8 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
     checkpoint = sample / "models" / "local" / "final.safetensors"
     assert checkpoint.exists(), train.status.text()
-    assert train.round_bar.value() == 1 and "model:" in train.status.text()
+    assert train.round_bar.value() == 1 and "\nfinished; model: " in train.status.text()
+    assert "stopped" not in train.status.text()
     assert "CPU requested" in train.status.text(), "the device in use is shown"
     assert "; pseudo-labels kept: " in train.status.text() and " box" in train.status.text(), train.status.text()
     (r, dice), = train.history["validation Dice"]
@@ -398,6 +399,7 @@ def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(ma
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     timer.stop()
     assert len(batches) - at_stop <= 1, "Stop must take effect after the current batch"
+    assert "\nstopped; model: " in widget.status.text()
     assert widget.start_button.isEnabled()
     gaps = np.diff(ticks)
     assert len(gaps) > 10 and gaps.max() < 0.2, f"event loop blocked for {gaps.max() * 1000:.0f} ms"

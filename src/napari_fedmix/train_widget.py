@@ -90,6 +90,7 @@ class TrainWidget(QWidget):
                                                             "validation Dice": []}
         self.last_checkpoint: Path | None = None
         self.device_note = ""
+        self._stop_asked = False
 
         self.site = QLineEdit()
         browse = QPushButton("…")
@@ -199,11 +200,13 @@ class TrainWidget(QWidget):
         self.stop_button.setEnabled(True)
         self.device_note = plan_device(self.device.currentText()).note
         self.status.setText(f"starting on {self.device_note}…")
+        self._stop_asked = False
         self.worker.start()
 
     def stop(self) -> None:
         if self.worker is not None:
             self.status.setText("stopping after the current batch…")
+            self._stop_asked = True
             self.worker.quit()
 
     def _local_events(self, site: Path, done: int = 0):
@@ -301,7 +304,8 @@ class TrainWidget(QWidget):
         self.stop_button.setEnabled(False)
         if not self.status.text().startswith("error"):
             done = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.exists() else None
-            self.status.setText(f"{self.status.text()}\nstopped; model: {done or 'none yet'}")
+            ended = "stopped" if self._stop_asked else "finished"  # not "stopped" after every last round
+            self.status.setText(f"{self.status.text()}\n{ended}; model: {done or 'none yet'}")
         self.worker = None
 
     def _choose_site(self) -> None:
