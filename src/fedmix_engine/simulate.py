@@ -46,12 +46,12 @@ from fedmix_engine.fedmix.local_update import (
 )
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.fedmix.pseudo_label_audit import audit_pseudo_labels, load_truth
+from fedmix_engine.fedmix.pseudo_labels import needs_prediction
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import EvalSet, Predictor, evaluate
 from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
 
 METHODS = ("fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local")
-PSEUDO_LABEL_METHODS = ("fedmix", "fedmix-fixed", "fedavg", "local")
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: Simulatio
                 if not split_dir.is_dir():
                     raise InputError(split_dir, f"no {split} store for site '{name}' in the evaluation tree")
                 setattr(site, split, EvalSet.from_store(split_dir, config.train.image_size, len(classes)))
-            if config.method in PSEUDO_LABEL_METHODS:
+            if needs_prediction(data).any():  # a site (or a method's view of it) with pseudo-labels to audit
                 site.truth = load_truth(eval_root / name / "oracle", data, config.train.image_size)
         sites.append(site)
     sites.sort(key=lambda s: s.name)  # the server aggregates in name order too
