@@ -155,5 +155,5 @@ def test_kept_summary_names_only_the_kinds_a_site_has() -> None:
     pred = torch.zeros(4, 1, S, S, dtype=torch.bool)
     pred[1, 0] = _square(5, 5, 11, 11)  # agrees with itself and fills its box: kept; image 2 is empty: not
     counts = select_pseudo_labels(pred, pred, data).counts
-    assert kept_summary(counts) == "pseudo-labels kept: 1 of 2 box, 1 of 1 tag"
+    assert kept_summary(counts) == "; pseudo-labels kept: 1 of 2 box, 1 of 1 tag"
     assert kept_summary({"mask": 3, "certain_negatives": 0}) == ""  # masks only, or a warm-up round

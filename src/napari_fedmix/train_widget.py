@@ -90,7 +90,6 @@ class TrainWidget(QWidget):
                                                             "validation Dice": []}
         self.last_checkpoint: Path | None = None
         self.device_note = ""
-        self._stop_asked = False
 
         self.site = QLineEdit()
         browse = QPushButton("…")
@@ -200,13 +199,11 @@ class TrainWidget(QWidget):
         self.stop_button.setEnabled(True)
         self.device_note = plan_device(self.device.currentText()).note
         self.status.setText(f"starting on {self.device_note}…")
-        self._stop_asked = False
         self.worker.start()
 
     def stop(self) -> None:
         if self.worker is not None:
             self.status.setText("stopping after the current batch…")
-            self._stop_asked = True
             self.worker.quit()
 
     def _local_events(self, site: Path, done: int = 0):
@@ -276,9 +273,8 @@ class TrainWidget(QWidget):
             site = next(iter(event.n))
             self.round_bar.setValue(event.round)
             self._add_point(event.round, event.losses[site], event.weights[site], event.n[site])
-            kept = kept_summary(event.counts.get(site, {}))
             self.status.setText(f"round {event.round}: loss {event.losses[site]:.3f}, {event.n[site]} samples"
-                                f"{'; ' + kept if kept else ''} ({self.device_note})")
+                                f"{kept_summary(event.counts.get(site, {}))} ({self.device_note})")
         elif isinstance(event, JoinEvent):
             self.status.setText(event.message)
             if event.kind == "round-closed" and event.report:
@@ -304,7 +300,8 @@ class TrainWidget(QWidget):
         self.stop_button.setEnabled(False)
         if not self.status.text().startswith("error"):
             done = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.exists() else None
-            ended = "stopped" if self._stop_asked else "finished"  # not "stopped" after every last round
+            # not "stopped" after every last round: only when Stop asked the worker to quit
+            ended = "stopped" if self.worker is not None and self.worker.abort_requested else "finished"
             self.status.setText(f"{self.status.text()}\n{ended}; model: {done or 'none yet'}")
         self.worker = None
 

@@ -210,8 +210,7 @@ class FederationClient:
                 yield JoinEvent("waiting", f"round {r}: {_detail(response)}", r)
                 continue
             self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
-            kept = kept_summary(rep.counts)
-            yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={rep.loss:.3f}{'; ' + kept if kept else ''} "
+            yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={rep.loss:.3f}{kept_summary(rep.counts)} "
                             f"({_detail(response)})", r, report=rep.to_dict())
 
     def _closed_rounds(self, site: str, after: int, upto: int) -> Iterator[JoinEvent]:

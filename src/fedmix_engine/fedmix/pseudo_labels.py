@@ -132,9 +132,9 @@ def select_pseudo_labels(pred1: torch.Tensor, pred2: torch.Tensor, data: SiteTen
 
 
 def kept_summary(counts: dict[str, int]) -> str:
-    """One line for people from a round's counts: 'pseudo-labels kept: 20 of 25 box, 18 of 31 tag'
-    (the kinds the site has; a tag count includes images tagged all-absent, which are always kept),
-    or '' for a site without boxes or tags or in a round without pseudo-labels."""
+    """For a round's status line: '; pseudo-labels kept: 20 of 25 box, 18 of 31 tag' (the kinds the
+    site has; a tag count includes images tagged all-absent, which are always kept), or '' for a site
+    without boxes or tags or in a round without pseudo-labels."""
     parts = [f"{counts[f'{kind}_selected']} of {counts[f'{kind}_total']} {kind}" for kind in ("box", "tag")
              if counts.get(f"{kind}_total")]
-    return f"pseudo-labels kept: {', '.join(parts)}" if parts else ""
+    return f"; pseudo-labels kept: {', '.join(parts)}" if parts else ""
