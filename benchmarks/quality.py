@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=10.0)
     parser.add_argument("--beta", type=float, default=1.5)
     parser.add_argument("--lr", type=float, help="override the profile's Adam learning rate")
+    parser.add_argument("--loss", choices=("dice", "dice+bce"), default="dice",
+                        help="training loss of every method (the reference's is soft Dice)")
     parser.add_argument("--pl-warmup", type=int, default=0,
                         help="rounds on masks only before pseudo-labels, for every method that uses them")
     parser.add_argument("--shift", default="mild", choices=tuple(SHIFTS),
@@ -233,10 +235,12 @@ def main() -> None:
             f" ({', '.join(f'{f:.0%}' for f in manifest['mix'])} masks/boxes/tags)" if "mix" in manifest else "")}
         settings = ["data"]
     jobs_n = args.jobs or (prof["jobs"] if os.cpu_count() and os.cpu_count() >= prof["jobs"] else 1)
-    train = replace(prof["train"], pl_warmup_rounds=args.pl_warmup, lr=prof["train"].lr if args.lr is None else args.lr)
+    train = replace(prof["train"], pl_warmup_rounds=args.pl_warmup, lr=prof["train"].lr if args.lr is None else args.lr,
+                    loss=args.loss)
     started = time.time()
     jobs, samples = [], []
     suffix = "" if args.shift == "mild" else f"-{args.shift}"  # data and run folders of a non-default shift
+    run_suffix = suffix + ("" if args.loss == "dice" else f"-{args.loss.replace('+', '')}")
     for setting in settings:
         spec = SETTINGS[setting]
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -252,7 +256,7 @@ def main() -> None:
                                           device=prof["device"], precision=prof["precision"],
                                           model=ModelConfig(base_width=prof["width"]), train=train)
                 jobs.append({"setting": setting, "seed": seed, "method": method, "config": config,
-                             "data": str(data), "out": str(args.workdir / f"run-{setting}-{seed}-{method}{suffix}"),
+                             "data": str(data), "out": str(args.workdir / f"run-{setting}-{seed}-{method}{run_suffix}"),
                              "threads": 1 if jobs_n > 1 else max(1, os.cpu_count() or 1), "resume": args.resume,
                              "snapshot_every": prof["snapshot_every"]})
     results: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
@@ -282,6 +286,7 @@ def main() -> None:
                        f", {rounds} rounds" if rounds != prof["rounds"] else "",
                        f", learning rate {train.lr:g}" if train.lr != prof["train"].lr else "",
                        f", {args.shift} domain shift" if args.shift != "mild" else "",
+                       f", {args.loss} loss" if args.loss != "dice" else "",
                        f", on {args.federation.name}" if args.federation else ""])
     lines = [f"## Quality ({'GPU --full' if args.full else 'CPU'} configuration{variant})", "",
              f"Command: `{command()}`  ", f"Machine: {machine()}  ",
@@ -314,6 +319,7 @@ def main() -> None:
     name += f"-rounds{rounds}" if rounds != prof["rounds"] else ""
     name += f"-lr{train.lr:g}" if train.lr != prof["train"].lr else ""
     name += f"-{args.shift}" if args.shift != "mild" else ""
+    name += f"-{args.loss.replace('+', '')}" if args.loss != "dice" else ""
     name += f"-{args.federation.name}" if args.federation else ""
     publish(name, "\n".join(lines), not args.no_write)
 

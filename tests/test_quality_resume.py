@@ -23,3 +23,16 @@ def test_resume_extends_finished_runs_without_running_their_rounds_again(tmp_pat
     # the same round-1 record, wall time included: it was carried over, not trained again
     assert len(lines) == 2 and lines[0] == round_1 and '"round": 2' in lines[1]
     assert "resumed: rounds run before the resume not counted" in second.stdout
+
+
+def test_loss_option_trains_every_run_with_it_in_a_folder_of_its_own(tmp_path: Path) -> None:
+    """--loss dice+bce must reach the simulations (not just the table's title) and must not resume or
+    overwrite the soft-Dice runs of the same workdir."""
+    run = subprocess.run([sys.executable, str(QUALITY), "--settings", "a", "--methods", "fedavg-mask-only",
+                          "--seeds", "1", "--jobs", "1", "--no-write", "--workdir", str(tmp_path), "--rounds", "1",
+                          "--loss", "dice+bce"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    config = (tmp_path / "run-a-0-fedavg-mask-only-dicebce" / "config.json").read_text()
+    assert '"loss": "dice+bce"' in config
+    assert not (tmp_path / "run-a-0-fedavg-mask-only").exists()
+    assert "## Quality (CPU configuration, 1 rounds, dice+bce loss)" in run.stdout
