@@ -166,3 +166,26 @@ def test_a_moved_run_with_its_data_resumes_but_other_evaluation_images_are_refus
     assert main(["simulate", "--sample", str(other), *SETTINGS, "--rounds", "3", "--out", str(moved / "run"),
                  "--resume"]) == 2
     assert "and not the same validation and test images" in capsys.readouterr().err
+
+
+def test_a_run_records_where_it_ran_and_a_resume_elsewhere_says_so(sample: Path, tmp_path: Path, caplog) -> None:
+    """CPU runs repeat bit for bit only on one machine, torch build and thread count: config.json keeps
+    each environment with the round it started at, and a resume on another one warns."""
+    import platform
+
+    run = tmp_path / "run"
+    assert main(["simulate", "--sample", str(sample), *SETTINGS, "--rounds", "1", "--out", str(run)]) == 0
+    (first,) = json.loads((run / "config.json").read_text())["environments"]
+    assert first["from_round"] == 1 and first["torch"] == torch.__version__ and first["torch_threads"] == 1
+    assert first["python"] == platform.python_version() and first["gpu"] == "none"
+
+    assert main(["simulate", "--sample", str(sample), *SETTINGS, "--rounds", "2", "--out", str(run), "--resume"]) == 0
+    assert json.loads((run / "config.json").read_text())["environments"] == [first], "the same environment goes on"
+    assert "another environment" not in caplog.text
+
+    other_threads = [*SETTINGS[:-1], "2"]
+    assert main(["simulate", "--sample", str(sample), *other_threads, "--rounds", "3", "--out", str(run),
+                 "--resume"]) == 0
+    environments = json.loads((run / "config.json").read_text())["environments"]
+    assert [e["from_round"] for e in environments] == [1, 3] and environments[1]["torch_threads"] == 2
+    assert "resumed at round 3 on another environment (torch_threads: 1 → 2)" in caplog.text

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -33,6 +34,7 @@ from fedmix_engine.checkpoint import save_checkpoint
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import SiteTensors, load_site_tensors
 from fedmix_engine.device import DevicePlan, plan_device, release_memory
+from fedmix_engine.environment import changed_between, describe_environment
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 from fedmix_engine.fedmix.local_update import (
@@ -50,6 +52,8 @@ from fedmix_engine.fedmix.pseudo_labels import needs_prediction
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import EvalSet, Predictor, evaluate
 from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
+
+log = logging.getLogger(__name__)
 
 METHODS = ("fedmix", "fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local")
 
@@ -207,8 +211,9 @@ def eval_identity(eval_root: Path | None) -> str | None:
     return digest.hexdigest()
 
 
-def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None, identity: str | None) -> None:
-    """Resuming with other settings would silently mix two experiments: name every differing field."""
+def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None, identity: str | None) -> dict:
+    """Resuming with other settings would silently mix two experiments: name every differing field.
+    Returns the run's stored config.json."""
     try:
         stored = json.loads((out / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -233,6 +238,21 @@ def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None
             differ.append(f"{key}: {stored.get(key)!r} in the run, {value!r} now")
     if differ:
         raise InputError(out, "cannot resume with other settings (" + "; ".join(differ) + ")")
+    return stored
+
+
+def _environments(earlier: list[dict], from_round: int, plan: DevicePlan, out: Path) -> list[dict]:
+    """The run's environments so far plus this one, from the round it starts at; a resume on other
+    versions or hardware is said, since its later rounds will not repeat an uninterrupted run exactly."""
+    now = {"from_round": from_round, **describe_environment(plan.device)}
+    earlier = [e for e in earlier if e.get("from_round", 1) < from_round]  # later rounds are trained again
+    if earlier:
+        changed = changed_between(earlier[-1], now)
+        if not changed:
+            return earlier  # the same environment goes on
+        log.warning("%s: resumed at round %d on another environment (%s); the rounds from here on will not "
+                    "be bit-identical to an uninterrupted run", out, from_round, "; ".join(changed))
+    return [*earlier, now]
 
 
 def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
@@ -254,7 +274,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         if out is None or overwrite:
             raise InputError("--resume", "continues the run in --out; give --out, and not --overwrite")
         snapshot = load_snapshot(out)
-        _check_resumable(out, config, eval_root, identity)
+        stored = _check_resumable(out, config, eval_root, identity)
         if snapshot.round > config.rounds:
             raise InputError("--rounds", f"the run in {out} has already done {snapshot.round} rounds; "
                                          f"give --rounds {snapshot.round} or more")
@@ -266,6 +286,8 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         raise InputError("--sites", f"the run in {out} trained sites {snapshot.sites}, not {[s.name for s in sites]}")
     if out is not None:
         make_folder(out)
+        environments = _environments(stored.get("environments", []) if resume else [],
+                                     snapshot.round + 1 if resume else 1, plan, out)
         if not resume:
             clear_snapshots(out)  # an overwritten run's snapshots must never be resumed into this one
             (out / "metrics.jsonl").write_text("")
@@ -273,7 +295,8 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
             {**_config_record(config), "sites": [str(p) for p in site_dirs],
              "eval": str(eval_root.resolve()) if eval_root is not None else None,
              "eval_identity": identity,
-             "device": str(plan.device), "device_note": plan.note}, indent=2, default=str) + "\n")
+             "device": str(plan.device), "device_note": plan.note, "environments": environments},
+            indent=2, default=str) + "\n")
 
     rule = AggregationRule.for_method("fedmix" if config.method == "fedmix" else "fedavg", config.lam, config.beta)
     train = config.train
