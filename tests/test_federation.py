@@ -22,6 +22,7 @@ from federation_helpers import (
     ENV,
     TINY_SETTINGS,
     fake_update,
+    free_port,
     global_pair,
     make_tokens,
     running_server,
@@ -397,3 +398,49 @@ def test_serve_names_a_missing_garbled_or_mismatched_tls_file_before_starting(tm
                      "--port", "9"]) == 2
         assert expected in capsys.readouterr().err
     assert not state.exists(), "refused before the state directory was created"
+
+
+def test_a_restart_may_extend_a_finished_federation_but_never_change_what_sites_train(tmp_path: Path) -> None:
+    """An admin restarts ``serve`` with more rounds (or the same command minus some options): the
+    federation goes on from its last round. A change to what sites train or how they are weighed is
+    refused, naming each field, and leaves server.json as it was."""
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    created = ["--sites", "1", "--min-sites", "1", "--rounds", "1", *TINY_SETTINGS]
+    with running_server(state, created) as server:
+        pair, _ = global_pair(server.url, token)
+        assert upload(server.url, token, 1, fake_update(pair, seed=1)).status_code == 200
+        assert server.status()["finished"]
+    with running_server(state, ["--rounds", "1"]) as server:  # a subset of the creating options, all the same
+        assert server.status()["finished"] and server.status()["last_round"] == 1
+    with running_server(state, ["--rounds", "2", "--round-timeout", "900"]) as server:
+        status = server.status()
+        assert not status["finished"] and status["round"] == 2 and status["rounds"] == 2
+        pair, round_number = global_pair(server.url, token)
+        assert round_number == 1
+        assert upload(server.url, token, 2, fake_update(pair, seed=2)).status_code == 200
+        assert server.status()["finished"] and server.status()["last_round"] == 2
+    log = "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
+    assert "settings changed on this start: round_timeout: 600.0 → 900.0; rounds: 1 → 2" in log
+    settings = json.loads((state / "server.json").read_text())
+    assert settings["rounds"] == 2 and settings["round_timeout"] == 900.0
+    with running_server(state, []) as server:  # the extended settings are the federation's from now on
+        assert server.status()["finished"] and server.status()["rounds"] == 2
+
+    saved = (state / "server.json").read_bytes()
+    refusals = [
+        (["--lam", "3", "--lr", "0.01", "--rounds", "3"],
+         "these settings are fixed for the life of a federation (lam: 10.0 → 3.0; train.lr: 0.001 → 0.01)"),
+        (["--width", "8"], "(model.base_width: 4 → 8)"),
+        (["--rounds", "1"], "--rounds: the federation has completed 2 rounds; give --rounds 2 or more"),
+        (["--min-sites", "2"], "--min-sites: need 1 ≤ min-sites (2) ≤ sites (1)"),
+    ]
+    for args, message in refusals:
+        run = subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state),
+                              "--port", str(free_port()), *args], capture_output=True, text=True, timeout=60, env=ENV)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+        assert (state / "server.json").read_bytes() == saved
+    (state / "server.json").write_text('{"sites": 1, "rounds": ')
+    run = subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state), "--port",
+                          str(free_port())], capture_output=True, text=True, timeout=60, env=ENV)
+    assert run.returncode == 2 and f"{state / 'server.json'}: unreadable federation settings" in run.stderr

@@ -11,7 +11,8 @@ from pathlib import Path
 from fedmix_engine.errors import InputError
 
 # Federation settings as (field, option) per part of ServerConfig. An option left out (None) keeps
-# ServerConfig's default when the state directory is created, and the stored value on a restart.
+# ServerConfig's default when the state directory is created, and the stored value on a restart
+# (where only state.ADJUSTABLE ones may change).
 SERVER_OPTIONS = (("sites", "sites"), ("min_sites", "min_sites"), ("round_timeout", "round_timeout"),
                   ("rounds", "rounds"), ("method", "method"), ("lam", "lam"), ("beta", "beta"), ("seed", "seed"),
                   ("max_upload_mb", "max_upload_mb"))
@@ -25,14 +26,13 @@ def _given(args: argparse.Namespace, options: tuple[tuple[str, str], ...]) -> di
     return {field: getattr(args, option) for field, option in options if getattr(args, option) is not None}
 
 
-def _server_config(args: argparse.Namespace):
+def _server_config(args: argparse.Namespace, base):
+    """``base`` (a ServerConfig: the defaults, or a state directory's stored settings) with the given options."""
     from dataclasses import replace
 
-    from fedmix_engine.federation.state import ServerConfig
-
-    base = ServerConfig()
     server = _given(args, SERVER_OPTIONS)
-    server["min_sites"] = min(server.get("min_sites", base.min_sites), server.get("sites", base.sites))
+    if "min_sites" not in server:  # the default quorum shrinks with fewer sites; a given one is checked as given
+        server["min_sites"] = min(base.min_sites, server.get("sites", base.sites))
     return replace(base, **server, model=replace(base.model, **_given(args, MODEL_OPTIONS)),
                    train=replace(base.train, **_given(args, TRAIN_OPTIONS)))
 
@@ -65,7 +65,7 @@ def _check_tls(cert: str, key: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.server import serve
-    from fedmix_engine.federation.state import CONFIG_FILE
+    from fedmix_engine.federation.state import CONFIG_FILE, ServerConfig, load_server_config
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InputError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
@@ -73,12 +73,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _check_tls(args.tls_cert, args.tls_key)
     _check_state_dir(args.state)
     given = any(getattr(args, k) is not None for k in SETTINGS)
-    resuming = (Path(args.state) / CONFIG_FILE).exists()
-    config = _server_config(args) if (given or not resuming) else None
-    if resuming and given:
-        from fedmix_engine.federation.state import ServerState
-
-        ServerState(args.state, config)  # refuses settings that differ from the stored ones
+    stored = Path(args.state) / CONFIG_FILE
+    config = None
+    if not stored.exists():
+        config = _server_config(args, ServerConfig())
+    elif given:  # the stored settings with what was given; the state refuses a change to a fixed one
+        config = _server_config(args, load_server_config(stored))
     serve(args.state, args.host, args.port, args.tls_cert, args.tls_key, config, args.log_level)
     return 0
 
@@ -177,7 +177,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug", "trace"),
                    help="uvicorn's log level (info: one line per request)")
-    group = p.add_argument_group("federation settings (fixed when the state directory is created)")
+    group = p.add_argument_group("federation settings (stored when the state directory is created; a restart may "
+                                 "change only --rounds, --sites, --min-sites, --round-timeout, --max-upload-mb)")
     group.add_argument("--sites", type=int, help="expected sites per round (default 3)")
     group.add_argument("--min-sites", type=int, help="quorum to close a round at its deadline (default 2)")
     group.add_argument("--round-timeout", type=float, help="seconds before a round may close on quorum (default 600)")

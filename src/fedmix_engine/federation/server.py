@@ -130,6 +130,8 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
 
     state = ServerState(state_dir, config)
     tokens = TokenStore(state_dir)
+    if state.adjusted:
+        print(f"settings changed on this start: {'; '.join(state.adjusted)}")
     if not tokens.sites():
         print(f"warning: no site tokens yet; create them with 'fedmix-engine token add SITE --state {state_dir}'")
     app = create_app(state, tokens)

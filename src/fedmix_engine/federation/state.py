@@ -41,6 +41,11 @@ from fedmix_engine.model import ModelConfig
 
 CONFIG_FILE = "server.json"
 
+# What an admin may change when restarting a federation: how long it runs, with how many sites, how
+# long a round waits and how large an update may be. What every site trains and how updates are
+# weighed stay fixed: changing them mid-way would mix two experiments in one round history.
+ADJUSTABLE = ("sites", "min_sites", "round_timeout", "rounds", "max_upload_mb")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -87,6 +92,33 @@ class Outcome:
     round_closed: bool = False
 
 
+def _flat(config: ServerConfig) -> dict[str, Any]:
+    """Every setting by its dotted name (model.base_width, train.lr, ...)."""
+    flat = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def setting_changes(stored: ServerConfig, new: ServerConfig) -> tuple[list[str], list[str]]:
+    """The settings that differ, as 'name: stored → new', split into (adjustable, fixed)."""
+    before, after = _flat(stored), _flat(new)
+    changes = [(key, f"{key}: {before[key]} → {after[key]}") for key in after if before.get(key) != after[key]]
+    adjustable = [text for key, text in changes if key in ADJUSTABLE]
+    return adjustable, [text for key, text in changes if key not in ADJUSTABLE]
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    """A state directory's server.json, or an error naming it."""
+    try:
+        return ServerConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InputError(path, f"unreadable federation settings ({type(exc).__name__}: {exc})") from None
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -103,12 +135,12 @@ class ServerState:
         self._clock = clock
         self._lock = threading.RLock()
         config_path = self.root / CONFIG_FILE
+        self.adjusted: list[str] = []  # settings this start changed ('rounds: 10 → 20'), for the admin
         if config_path.exists():
-            stored = ServerConfig.from_dict(json.loads(config_path.read_text()))
-            if config is not None and config != stored:
-                raise InputError(config_path, "the state directory belongs to a federation with other settings; "
-                                 "use a new --state directory or omit the settings to resume")
+            stored = load_server_config(config_path)
             self.config = stored
+            if config is not None and config != stored:
+                self._adjust(stored, config, config_path)
         else:
             if config is None:
                 raise InputError(self.root, "not a server state directory (no server.json); start 'serve' with "
@@ -122,6 +154,21 @@ class ServerState:
         self.current_dir = self.root / "current"
         self.current_dir.mkdir(exist_ok=True)
         self._recover()
+
+    def _adjust(self, stored: ServerConfig, config: ServerConfig, config_path: Path) -> None:
+        """Take changed adjustable settings (e.g. more rounds for a finished federation); refuse the rest,
+        naming each, before anything is written."""
+        adjusted, fixed = setting_changes(stored, config)
+        if fixed:
+            raise InputError(config_path, f"these settings are fixed for the life of a federation ({'; '.join(fixed)});"
+                             " leave them out to resume it, or use a new --state directory for a new one "
+                             f"(adjustable on a restart: {', '.join(ADJUSTABLE)})")
+        config.validate()
+        done = self._completed_rounds()[-1]
+        if config.rounds < done:
+            raise InputError("--rounds", f"the federation has completed {done} rounds; give --rounds {done} or more")
+        atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+        self.config, self.adjusted = config, adjusted
 
     # ------------------------------------------------------------------ recovery
     def _completed_rounds(self) -> list[int]:
