@@ -17,9 +17,6 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from fedmix_engine.data.synthetic import make_sample
-    from fedmix_engine.fedmix.local_update import TrainConfig
-    from fedmix_engine.model import ModelConfig
-    from fedmix_engine.simulate import SimulationConfig, run_simulation
     from napari_fedmix.annotate_widget import AnnotateWidget
     from napari_fedmix.predict_widget import BatchPredictWidget, PredictWidget
     from napari_fedmix.train_widget import TrainWidget
@@ -27,10 +24,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     make_sample(work / "fed", sites=1, images=24, eval_images=2, size=128, mix=[0.6, 0.2, 0.2], seed=3)
     site = work / "fed" / "site-a"
-    config = SimulationConfig(rounds=15, device="cpu", model=ModelConfig(base_width=8),
-                              train=TrainConfig(image_size=128, crop_size=96, batch_size=4, epochs=2))
-    run_simulation([site], None, config, site / "models" / "local")
-    checkpoint = site / "models" / "local" / "final.safetensors"
 
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1400, 900)
@@ -47,12 +40,16 @@ def main() -> None:
     train = TrainWidget(viewer)
     dock = viewer.window.add_dock_widget(train, name="Train & federate", area="right")
     train.site.setText(str(site))
-    for r, (loss, n) in enumerate([(0.62, 9), (0.48, 11), (0.41, 12)], start=1):
-        train._add_point(r, loss, 1.0, n)
-    train.round_bar.setRange(0, 3)
-    train.round_bar.setValue(3)
-    train.status.setText("round 3: loss 0.410, 12 samples\nstopped; model: " + str(checkpoint))
+    # a real local run through the widget's own worker: the status line and plot are what a user sees
+    train.rounds.setValue(15)
+    train.width_spin.setValue(8)
+    train.device.setCurrentText("cpu")
+    train.start()
+    while train.worker is not None:
+        QApplication.processEvents()
+        time.sleep(0.05)
     QApplication.processEvents()
+    checkpoint = train.last_checkpoint
     shots["plugin-train.png"] = viewer.screenshot(canvas_only=False, flash=False)
     viewer.window.remove_dock_widget(dock)
 
