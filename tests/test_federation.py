@@ -416,6 +416,9 @@ def test_a_restart_may_extend_a_finished_federation_but_never_change_what_sites_
     with running_server(state, ["--rounds", "2", "--round-timeout", "900"]) as server:
         status = server.status()
         assert not status["finished"] and status["round"] == 2 and status["rounds"] == 2
+        (change,) = status["settings_changes"]  # the run's provenance, for the admin page and the JSON
+        assert change["from_round"] == 2 and change["changes"] == ["round_timeout: 600.0 → 900.0", "rounds: 1 → 2"]
+        assert "from round 2" in httpx.get(f"{server.url}/", timeout=10).text
         pair, round_number = global_pair(server.url, token)
         assert round_number == 1
         assert upload(server.url, token, 2, fake_update(pair, seed=2)).status_code == 200

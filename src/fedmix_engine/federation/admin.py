@@ -56,6 +56,9 @@ def render_admin_page(status: dict[str, Any]) -> str:
                           for s, i in sorted(meta["sites"].items()))
         rows.append(f"<tr><td>{r}</td><td>{len(meta['sites'])}</td><td>{cells}</td>"
                     f"<td>{escape(meta['reason'])}</td></tr>")
+    changed = "".join(f"<li>from round {c['from_round']} ({escape(c['at'])}): {escape('; '.join(c['changes']))}</li>"
+                      for c in status.get("settings_changes", []))
+    changed = f"<p>Settings changed on restarts:</p><ul>{changed}</ul>" if changed else ""
     state = "finished" if status["finished"] else f"round {status['round']} open"
     waiting = ", ".join(status["uploaded"]) or "none yet"
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>FedMix server</title>
@@ -67,6 +70,7 @@ td,th{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}}</style>
 <p><b>{escape(state)}</b> — {status['last_round']} of {status['rounds']} rounds done; method {escape(status['method'])}
 (λ = {status['lam']}, β = {status['beta']}); {status['sites_expected']} sites expected, quorum {status['min_sites']}.
 Uploaded this round: {escape(waiting)}.</p>
+{changed}
 <div>{svg_lines(weights, "site weight w_k per round")} {svg_lines(losses, "training loss ℓ_k per round")}
 {svg_lines(counts, "samples used n_k per round")}</div>
 <table><tr><th>round</th><th>sites</th><th>n, ℓ, weight per site</th><th>closed because</th></tr>

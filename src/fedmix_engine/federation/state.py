@@ -4,6 +4,7 @@ State directory::
 
     state/
       server.json                 federation settings (model, training, rounds, quorum, λ, β)
+      settings-changes.json       settings changed on restarts (e.g. more rounds), from which round
       tokens.json                 hashed per-site tokens
       rounds/000000/              initial global pair
       rounds/000007/global.safetensors, meta.json    each completed round, committed by a directory rename
@@ -40,6 +41,7 @@ from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.model import ModelConfig
 
 CONFIG_FILE = "server.json"
+CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
 
 # What an admin may change when restarting a federation: how long it runs, with how many sites, how
 # long a round waits and how large an update may be. What every site trains and how updates are
@@ -151,6 +153,7 @@ class ServerState:
             self._commit_round(0, init_pair(config.model, config.seed), {"round": 0, "reason": "initial"})
             atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
         self.rule = AggregationRule.for_method(self.config.method, self.config.lam, self.config.beta)
+        self._changes = self.settings_changes()
         self.current_dir = self.root / "current"
         self.current_dir.mkdir(exist_ok=True)
         self._recover()
@@ -167,8 +170,16 @@ class ServerState:
         done = self._completed_rounds()[-1]
         if config.rounds < done:
             raise InputError("--rounds", f"the federation has completed {done} rounds; give --rounds {done} or more")
+        # the record first: a crash before server.json is replaced repeats a change, never hides one
+        record = {"from_round": done + 1, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": adjusted}
+        atomic_write_bytes(self.root / CHANGES_FILE,
+                           (json.dumps([*self.settings_changes(), record], indent=2) + "\n").encode())
         atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
         self.config, self.adjusted = config, adjusted
+
+    def settings_changes(self) -> list[dict]:
+        path = self.root / CHANGES_FILE
+        return json.loads(path.read_text()) if path.exists() else []
 
     # ------------------------------------------------------------------ recovery
     def _completed_rounds(self) -> list[int]:
@@ -258,7 +269,7 @@ class ServerState:
                 "min_sites": self.config.min_sites, "uploaded": sorted(self.uploads),
                 "deadline_in": None if self.finished else round(self.deadline - self._clock(), 1),
                 "method": self.config.method, "lam": self.config.lam, "beta": self.config.beta,
-                "history": self.history(),
+                "history": self.history(), "settings_changes": self._changes,
             }
 
     # ------------------------------------------------------------------ uploads
