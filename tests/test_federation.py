@@ -447,3 +447,37 @@ def test_a_restart_may_extend_a_finished_federation_but_never_change_what_sites_
     run = subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state), "--port",
                           str(free_port())], capture_output=True, text=True, timeout=60, env=ENV)
     assert run.returncode == 2 and f"{state / 'server.json'}: unreadable federation settings" in run.stderr
+
+
+def test_a_site_in_two_federations_keeps_an_optimiser_state_for_each(sample: Path, tmp_path: Path) -> None:
+    """Adam's moments are kept per federation: a site that joins a second federation with another model
+    width used to load the first one's moments and crash on its first step (a size mismatch); one with
+    the same width would have trained on another run's moments without a word."""
+    def join(server, token: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url, "--token",
+                               token, "--site", str(site), "--device", "cpu", "--poll", "0.2"],
+                              capture_output=True, text=True, timeout=300, env=ENV)
+
+    import shutil
+
+    site = tmp_path / "site-a"
+    shutil.copytree(sample / "site-a", site)
+    for name, width in (("first", "4"), ("second", "8")):
+        state = tmp_path / name
+        token = make_tokens(state, ["site-a"])["site-a"]
+        with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "1", *TINY_SETTINGS,
+                                    "--width", width]) as server:
+            run = join(server, token)
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert server.status()["finished"]
+    ids = [(tmp_path / name / "federation-id").read_text() for name in ("first", "second")]
+    assert ids[0] != ids[1]
+    assert sorted(p.name for p in (site / "models").glob("*-state.pt")) == sorted(
+        f"federation-{i}-state.pt" for i in ids)
+
+    from fedmix_engine.federation.client import FederationError, state_file_for
+
+    assert state_file_for(None) == "client-state.pt"  # a server from before federation ids
+    for bad in ("../../etc/cron.d/x", "ABC", "", "0" * 65):  # the id names a file: nothing but a hex id
+        with pytest.raises(FederationError, match="malformed federation id"):
+            state_file_for(bad)

@@ -68,7 +68,8 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
     def federation_config(site: str = Depends(site_of)) -> dict:
         cfg = state.config
         return {"api": API_VERSION, "server_version": __version__, "site": site, "model": cfg.model.__dict__,
-                "train": cfg.train.__dict__, "seed": cfg.seed, "rounds": cfg.rounds, "method": cfg.method}
+                "train": cfg.train.__dict__, "seed": cfg.seed, "rounds": cfg.rounds, "method": cfg.method,
+                "federation": state.federation_id}
 
     @app.get(f"/{API_VERSION}/round")
     def current_round(site: str = Depends(site_of)) -> dict:

@@ -5,6 +5,7 @@ State directory::
     state/
       server.json                 federation settings (model, training, rounds, quorum, λ, β)
       settings-changes.json       settings changed on restarts (e.g. more rounds), from which round
+      federation-id               random id of this federation (sites keep their optimiser state under it)
       tokens.json                 hashed per-site tokens
       rounds/000000/              initial global pair
       rounds/000007/global.safetensors, meta.json    each completed round, committed by a directory rename
@@ -27,6 +28,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from fedmix_engine.model import ModelConfig
 
 CONFIG_FILE = "server.json"
 CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
+ID_FILE = "federation-id"  # sites keep their Adam moments per federation under this id
 
 # What an admin may change when restarting a federation: how long it runs, with how many sites, how
 # long a round waits and how large an update may be. What every site trains and how updates are
@@ -154,6 +157,7 @@ class ServerState:
             atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
         self.rule = AggregationRule.for_method(self.config.method, self.config.lam, self.config.beta)
         self._changes = self.settings_changes()
+        self.federation_id = self._federation_id()
         self.current_dir = self.root / "current"
         self.current_dir.mkdir(exist_ok=True)
         self._recover()
@@ -176,6 +180,13 @@ class ServerState:
                            (json.dumps([*self.settings_changes(), record], indent=2) + "\n").encode())
         atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
         self.config, self.adjusted = config, adjusted
+
+    def _federation_id(self) -> str:
+        """This federation's id, made on first start (also for a state directory from before ids)."""
+        path = self.root / ID_FILE
+        if not path.exists():
+            atomic_write_bytes(path, uuid.uuid4().hex.encode())
+        return path.read_text().strip()
 
     def settings_changes(self) -> list[dict]:
         path = self.root / CHANGES_FILE
