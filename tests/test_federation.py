@@ -481,3 +481,19 @@ def test_a_site_in_two_federations_keeps_an_optimiser_state_for_each(sample: Pat
     for bad in ("../../etc/cron.d/x", "ABC", "", "0" * 65):  # the id names a file: nothing but a hex id
         with pytest.raises(FederationError, match="malformed federation id"):
             state_file_for(bad)
+
+
+def test_a_running_server_sees_a_replaced_token_even_within_one_tick_of_the_file_clock(tmp_path: Path) -> None:
+    """The server re-reads tokens.json when it changes. File times come from a coarse clock (a few ms), so
+    an admin's change can leave the mtime the server already saw: the old token must stop working anyway."""
+    from fedmix_engine.federation.tokens import TokenStore
+
+    state = tmp_path / "state"
+    server_view, admin = TokenStore(state), TokenStore(state)
+    old = admin.add("site-a")
+    assert server_view.site_for(old) == "site-a"
+    seen = (state / "tokens.json").stat()
+    new = admin.add("site-a")  # replaced: the same size of file
+    assert (state / "tokens.json").stat().st_size == seen.st_size
+    os.utime(state / "tokens.json", ns=(seen.st_atime_ns, seen.st_mtime_ns))  # as if within the same tick
+    assert server_view.site_for(old) is None and server_view.site_for(new) == "site-a"

@@ -29,17 +29,20 @@ def _hash(token: str) -> str:
 class TokenStore:
     def __init__(self, state_dir: str | Path):
         self.path = Path(state_dir) / TOKENS_FILE
-        self._mtime: float | None = None
+        self._version: tuple[int, int, int] | None = None
         self._entries: dict[str, dict] = {}
 
     def _load(self) -> dict[str, dict]:
         try:
-            mtime = self.path.stat().st_mtime_ns
+            stat = self.path.stat()
         except FileNotFoundError:
             return {}
-        if mtime != self._mtime:
+        # every save replaces the file (a new inode): the inode tells a revoke apart from the add before it
+        # even when both fall in one tick of the file system's coarse clock and leave the same mtime
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if version != self._version:
             self._entries = json.loads(self.path.read_text())
-            self._mtime = mtime
+            self._version = version
         return self._entries
 
     def _save(self, entries: dict[str, dict]) -> None:
