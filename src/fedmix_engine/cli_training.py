@@ -122,7 +122,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="FedMix with adaptive or data-size weights, or a baseline of the paper (docs/engine.md)")
     p.add_argument("--rounds", type=int, default=10, help="federated rounds")
     p.add_argument("--seed", type=int, default=0, help="initialisation, augmentation and batch order (CPU runs "
-                   "repeat exactly)")
+                   "repeat exactly on one machine, torch build and --threads)")
     p.add_argument("--lam", type=float, default=10.0, help="λ: weight of the loss term (paper: 10 breast/skin, 2 OCT)")
     p.add_argument("--beta", type=float, default=1.5, help="β: loss exponent (paper: 1.5 breast, 3 skin/OCT)")
     p.add_argument("--width", type=int, default=16, help="U-Net base width (64 = the paper's 17.3 M parameters)")
