@@ -280,7 +280,9 @@ def test_streamed_checkpoint_is_valid_safetensors_for_every_dtype(tmp_path: Path
 
     pair = init_pair(TINY, seed=1)
     extra = {"x.half": torch.randn(3).half(), "x.bf16": torch.randn(2, 2).bfloat16(), "x.long": torch.arange(3),
-             "x.bool": torch.tensor([True, False]), "x.empty": torch.zeros(0)}
+             "x.bool": torch.tensor([True, False]), "x.empty": torch.zeros(0),
+             # 0-dim tensors, e.g. BatchNorm's num_batches_tracked in a network someone registers
+             "x.scalar_long": torch.tensor(7), "x.scalar_float": torch.tensor(0.5)}
     save_checkpoint(tmp_path / "c.safetensors", {**pair, **extra}, TINY, {"round": 3})
     loaded = load_file(str(tmp_path / "c.safetensors"))  # the reference reader accepts it
     for key, value in {**pair, **extra}.items():

@@ -78,7 +78,7 @@ def write(handle: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str
     handle.write(len(encoded).to_bytes(8, "little"))
     handle.write(encoded)
     for key in order:
-        value = tensors[key].detach().contiguous().cpu()
+        value = tensors[key].detach().contiguous().cpu().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
         if value.numel():
             handle.write(value.numpy().tobytes() if value.dtype == torch.bool
                          else memoryview(value.view(torch.uint8).numpy()))
