@@ -430,3 +430,46 @@ def test_batch_predict_skips_a_datasets_own_masks_beside_its_images(tmp_path: Pa
     for name in ("benign (1)_mask.png", "benign (1)_mask_1.png"):
         assert rows[name].status == "skipped: a mask beside its image, not an image" and not rows[name].mask_file
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tif")) == ["benign (1)_mask.tif", "lone_mask_mask.tif"]
+
+
+class _DroppedInNet(torch.nn.Module):
+    """What a researcher might register: no U-Net, with BatchNorm (whose num_batches_tracked is a 0-dim
+    int64 buffer: the streamed checkpoint writer could not view a 0-dim tensor as bytes)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(config.in_channels, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU(), torch.nn.Conv2d(8, config.num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_registered_network_trains_federates_checkpoints_and_predicts(sample: Path, tmp_path: Path) -> None:
+    from fedmix_engine.federation.wire import UpdateReport, encode_update, tensor_template, validate_update_file
+    from fedmix_engine.model import register_model
+    from fedmix_engine.predict import Predictor
+    from fedmix_engine.simulate import SimulationConfig, run_simulation
+
+    config = ModelConfig(name="test-dropped-in")
+    try:
+        config.validate()
+    except InputError:
+        register_model(config.name, _DroppedInNet)
+    with pytest.raises(InputError, match="already registered"):
+        register_model(config.name, _DroppedInNet)
+    result = run_simulation(sorted(sample.glob("site-*")), sample / "eval",
+                            SimulationConfig(rounds=2, model=config, train=TINY_TRAIN, device="cpu"), tmp_path / "run")
+    assert set(result.test_dice) == {"site-a", "site-b", "site-c"}
+    pair, stored, _ = load_checkpoint(tmp_path / "run" / "final.safetensors")
+    assert stored == config and pair["net1.body.1.num_batches_tracked"].dim() == 0
+    assert Predictor.from_checkpoint(tmp_path / "run" / "final.safetensors", device="cpu").mask(
+        np.random.default_rng(0).random((40, 50))).shape == (40, 50)
+    upload = tmp_path / "update.safetensors"  # what a site sends the server
+    upload.write_bytes(encode_update(pair, UpdateReport(5, 0.5)))
+    validate_update_file(upload, tensor_template(pair))
+
+    unknown = ModelConfig(name="nobody-registered-this")
+    save_checkpoint(tmp_path / "other.safetensors", pair, unknown)
+    with pytest.raises(InputError, match="unknown model 'nobody-registered-this'; known: unet, test-dropped-in"):
+        load_checkpoint(tmp_path / "other.safetensors")

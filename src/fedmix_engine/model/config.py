@@ -4,6 +4,7 @@ separated from the architecture that reads them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,21 @@ def _unet(config: ModelConfig) -> nn.Module:
     return UNet(config.in_channels, config.num_classes, config.base_width, config.bilinear)
 
 
-_REGISTRY = {"unet": _unet}
+_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {"unet": _unet}
+
+
+def register_model(name: str, builder: Callable[[ModelConfig], nn.Module]) -> None:
+    """Make another network available as ``ModelConfig(name=...)``.
+
+    ``builder(config)`` returns a module mapping ``B×in_channels×H×W`` images (H, W multiples of 16)
+    to ``B×num_classes×H×W`` logits; it may ignore ``base_width`` and ``bilinear``. Training,
+    aggregation, the wire and checkpoints work on its state dict unchanged. Every process that builds
+    or reads such a model (each site, the server, a predictor) must register it first; a checkpoint
+    naming an unregistered network is refused with the names that are known.
+    """
+    if not name or name in _REGISTRY:
+        raise InputError("model.name", f"'{name}' is empty or already registered")
+    _REGISTRY[name] = builder
 
 
 def build_model(config: ModelConfig) -> nn.Module:
