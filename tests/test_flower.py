@@ -300,3 +300,16 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
     assert max_diff(final, simulated) < 1e-5
     for name in SITES:  # each site kept its optimiser state locally for the next round
         assert list((sample / name / "models").glob("flower-run-*-state.pt"))
+
+
+def test_a_pair_with_0_dim_buffers_crosses_flower_records_unchanged() -> None:
+    """BatchNorm's num_batches_tracked is a 0-dim tensor (in a network registered with register_model):
+    np.ascontiguousarray made it shape (1,), and the receiver refused its own global model's layout."""
+    from fedmix_engine.federation.flower.records import arrays_to_pair, pair_to_arrays
+    from fedmix_engine.federation.wire import tensor_template
+
+    pair = {**init_pair(TINY, 0), "net1.bn.num_batches_tracked": torch.tensor(7),
+            "net2.bn.num_batches_tracked": torch.tensor(3), "net1.scale": torch.tensor(0.5)}
+    back = arrays_to_pair(pair_to_arrays(pair), tensor_template(pair), "round trip")
+    assert back.keys() == pair.keys()
+    assert all(back[k].shape == pair[k].shape and torch.equal(back[k], pair[k]) for k in pair)

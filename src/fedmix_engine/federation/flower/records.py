@@ -32,7 +32,9 @@ COUNT_PREFIX = "count-"
 
 def pair_to_arrays(pair: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """The dual pair's state dict (``net1.*``, ``net2.*``) as an ``ArrayRecord``, key order kept."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in pair.items()})
+    # torch's contiguous(), not np.ascontiguousarray: that one turns a 0-dim tensor (BatchNorm's
+    # num_batches_tracked) into shape (1,), which the receiver then refuses as another layout
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in pair.items()})
 
 
 def arrays_to_pair(record: ArrayRecord, template: Mapping[str, tuple[tuple[int, ...], str]] | None,
