@@ -54,7 +54,8 @@ ADJUSTABLE = ("sites", "min_sites", "round_timeout", "rounds", "max_upload_mb")
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything every site must agree on, fixed when the state directory is created."""
+    """Everything every site must agree on, stored when the state directory is created (a restart may change
+    only ``ADJUSTABLE``)."""
 
     sites: int = 3
     min_sites: int = 2
