@@ -474,13 +474,16 @@ def test_a_site_in_two_federations_keeps_an_optimiser_state_for_each(sample: Pat
     assert ids[0] != ids[1]
     assert sorted(p.name for p in (site / "models").glob("*-state.pt")) == sorted(
         f"federation-{i}-state.pt" for i in ids)
+    # both end at round 1: each final model keeps its own copy
+    assert sorted(p.name for p in (site / "models").glob("*-round-*.safetensors")) == sorted(
+        f"federation-{i}-round-0001.safetensors" for i in ids)
 
-    from fedmix_engine.federation.client import FederationError, state_file_for
+    from fedmix_engine.federation.client import FederationError, federation_prefix
 
-    assert state_file_for(None) == "client-state.pt"  # a server from before federation ids
-    for bad in ("../../etc/cron.d/x", "ABC", "", "0" * 65):  # the id names a file: nothing but a hex id
+    assert federation_prefix(None) == "client"  # a server from before federation ids: client-state.pt
+    for bad in ("../../etc/cron.d/x", "ABC", "", "0" * 65):  # the id names files: nothing but a hex id
         with pytest.raises(FederationError, match="malformed federation id"):
-            state_file_for(bad)
+            federation_prefix(bad)
 
 
 def test_a_running_server_sees_a_replaced_token_even_within_one_tick_of_the_file_clock(tmp_path: Path) -> None:

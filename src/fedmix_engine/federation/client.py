@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.checkpoint import STATE_FILE, load_site_state, pair_from_bytes, save_site_state
+from fedmix_engine.checkpoint import load_site_state, pair_from_bytes, save_site_state
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
@@ -112,7 +112,7 @@ class FederationClient:
                                  verify=verify, timeout=timeout)
         self.models_dir = self.site_dir / "models"
         self.state = SiteState()
-        self.state_file = STATE_FILE  # per federation once the server has said which one (iter_join)
+        self.prefix = federation_prefix(None)  # this federation's files in models/, once the server says which
         self.train_config: TrainConfig | None = None  # set from the server on connecting
 
     # ------------------------------------------------------------------ HTTP with retries
@@ -157,7 +157,7 @@ class FederationClient:
         cfg = self._json(f"/{API_VERSION}/config")
         site, model_config = cfg["site"], ModelConfig.from_dict(cfg["model"])
         train = self.train_config = TrainConfig(**cfg["train"])
-        self.state_file = state_file_for(cfg.get("federation"))
+        self.prefix = federation_prefix(cfg.get("federation"))
         self.state = self._load_state()
         yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
                         f"{self.plan.device} ({self.plan.note})")
@@ -243,25 +243,26 @@ class FederationClient:
         pair_from_bytes(data, "final global model")  # validate before saving
         path = self.models_dir / "global.safetensors"
         atomic_write_bytes(path, data)
-        atomic_write_bytes(self.models_dir / f"global-round-{r:04d}.safetensors", data)
+        atomic_write_bytes(self.models_dir / f"{self.prefix}-round-{r:04d}.safetensors", data)
         return path
 
     def _save_state(self) -> None:
-        save_site_state(self.models_dir, self.state, self.state_file)
+        save_site_state(self.models_dir, self.state, f"{self.prefix}-state.pt")
 
     def _load_state(self) -> SiteState:
-        return load_site_state(self.models_dir, self.state_file)
+        return load_site_state(self.models_dir, f"{self.prefix}-state.pt")
 
 
-def state_file_for(federation: str | None) -> str:
-    """Where a site keeps its Adam moments for one federation: another federation's (other model, other
-    run) must never be loaded into this one's optimiser. The id comes from the server and names a file,
-    so only a plain hex id is accepted."""
+def federation_prefix(federation: str | None) -> str:
+    """How a site's files for one federation begin (``<prefix>-state.pt``: Adam's moments;
+    ``<prefix>-round-NNNN.safetensors``: its final model): another federation's moments (other model,
+    other run) must never be loaded into this one's optimiser. The id comes from the server and names
+    files, so only a plain hex id is accepted."""
     if federation is None:  # a server from before federation ids
-        return STATE_FILE
+        return "client"
     if not re.fullmatch(r"[0-9a-f]{8,64}", str(federation)):
         raise FederationError(f"the server sent a malformed federation id {str(federation)[:80]!r}")
-    return f"federation-{federation}-state.pt"
+    return f"federation-{federation}"
 
 
 def check_site_fits_model(store: SiteStore, model_config: ModelConfig) -> None:
