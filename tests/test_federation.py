@@ -500,3 +500,40 @@ def test_a_running_server_sees_a_replaced_token_even_within_one_tick_of_the_file
     assert (state / "tokens.json").stat().st_size == seen.st_size
     os.utime(state / "tokens.json", ns=(seen.st_atime_ns, seen.st_mtime_ns))  # as if within the same tick
     assert server_view.site_for(old) is None and server_view.site_for(new) == "site-a"
+
+
+def test_a_client_stopped_before_its_upload_is_taken_trains_that_round_again_to_the_same_update(
+        sample: Path, tmp_path: Path) -> None:
+    """Adam's moments are saved only once the server has taken the update. They used to be saved
+    before the upload, so a client (or server) stopped during it trained the round again from moments
+    that already held that round's step, and the federation drifted from the uninterrupted one."""
+    import shutil
+
+    from federation_helpers import Server
+    from fedmix_engine.federation.client import FederationClient, FederationError
+
+    site = tmp_path / "site-a"
+    shutil.copytree(sample / "site-a", site, ignore=shutil.ignore_patterns("models"))
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    args = ["--sites", "1", "--min-sites", "1", "--rounds", "2", *TINY_SETTINGS]
+    server = Server(state, args).start()
+    torch.set_num_threads(1)  # as the site processes and simulate_like_the_sites
+    try:
+        client = FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1, give_up_after=1.0)
+        with pytest.raises(FederationError, match="gave up"):
+            for event in client.iter_join():
+                progress = event.progress
+                if progress is not None and progress.stage == "train" and progress.step == progress.total:
+                    server.kill()  # round 1 trained; its upload can no longer be taken
+        assert not list((site / "models").glob("*-state.pt")), "moments saved for an update never taken"
+        server = Server(state, args).start()  # the round is still open, with no upload
+        FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1).join()
+        assert server.status()["finished"]
+    finally:
+        server.kill()
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    served, _, _ = load_checkpoint(state / "rounds" / "000002" / "global.safetensors")
+    simulated = simulate_like_the_sites(sample, ["site-a"], 2, tmp_path / "sim")
+    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    assert worst < 1e-5, f"the stopped round trained from other moments: max |Δθ| = {worst}"

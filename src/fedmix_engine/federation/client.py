@@ -203,16 +203,18 @@ class FederationClient:
                     if should_stop and should_stop():
                         return
             assert result is not None
-            self.state = result.state
-            self._save_state()
             rep = result.report
             body = encode_update(result.pair, UpdateReport.from_local(rep))
             response = self._request("POST", f"/{API_VERSION}/rounds/{r}/update", content=body,
                                      headers={"Content-Type": "application/octet-stream"})
-            if response.status_code == 409:
+            if response.status_code == 409:  # too late: this round's optimiser step never counted
                 yield JoinEvent("waiting", f"round {r}: {_detail(response)}", r)
                 continue
             self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
+            # Adam's moments advance only with an accepted update: a client stopped before the server
+            # took it trains this round again from the same moments, to the same update
+            self.state = result.state
+            self._save_state()
             yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={rep.loss:.3f}{kept_summary(rep.counts)} "
                             f"({_detail(response)})", r, report=rep.to_dict())
 
