@@ -31,6 +31,7 @@ import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import save_checkpoint
+from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import SiteTensors, load_site_tensors
 from fedmix_engine.device import DevicePlan, plan_device, release_memory
@@ -228,14 +229,8 @@ def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None
     if not same_eval:
         differ.append(f"eval: {stored_eval!r} in the run, {str(eval_root) if eval_root else None!r} now, and not "
                       "the same validation and test images (the best round is chosen on its validation split)")
-    for key, value in _config_record(config).items():
-        if key in RESUME_MAY_DIFFER or stored.get(key) == value:
-            continue
-        if isinstance(value, dict) and isinstance(stored.get(key), dict):  # model / train: name the inner field
-            differ += [f"{key}.{k}: {stored[key].get(k)!r} in the run, {v!r} now"
-                       for k, v in value.items() if stored[key].get(k) != v]
-        else:
-            differ.append(f"{key}: {stored.get(key)!r} in the run, {value!r} now")
+    differ += [f"{key}: {was!r} in the run, {now!r} now"
+               for key, was, now in changed_fields(stored, _config_record(config)) if key not in RESUME_MAY_DIFFER]
     if differ:
         raise InputError(out, "cannot resume with other settings (" + "; ".join(differ) + ")")
     return stored

@@ -35,6 +35,7 @@ from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
+from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
@@ -98,21 +99,9 @@ class Outcome:
     round_closed: bool = False
 
 
-def _flat(config: ServerConfig) -> dict[str, Any]:
-    """Every setting by its dotted name (model.base_width, train.lr, ...)."""
-    flat = {}
-    for key, value in config.to_dict().items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
 def setting_changes(stored: ServerConfig, new: ServerConfig) -> tuple[list[str], list[str]]:
     """The settings that differ, as 'name: stored → new', split into (adjustable, fixed)."""
-    before, after = _flat(stored), _flat(new)
-    changes = [(key, f"{key}: {before[key]} → {after[key]}") for key in after if before.get(key) != after[key]]
+    changes = [(key, f"{key}: {was} → {now}") for key, was, now in changed_fields(stored.to_dict(), new.to_dict())]
     adjustable = [text for key, text in changes if key in ADJUSTABLE]
     return adjustable, [text for key, text in changes if key not in ADJUSTABLE]
 
