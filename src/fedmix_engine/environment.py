@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import fedmix_engine
+from fedmix_engine.config_diff import changed_fields
 
 # what makes the numbers of a run differ when it changes (measured: 1 vs 2 torch threads moved a width-8
 # pair by up to 9e-5 within 2 rounds on CPU)
@@ -49,6 +50,7 @@ def describe_environment(device: torch.device | None = None) -> dict[str, str | 
 
 
 def changed_between(before: dict, now: dict) -> list[str]:
-    """The reproducibility-relevant fields that differ, as 'key: before → now'."""
-    return [f"{key}: {before.get(key)} → {now.get(key)}" for key in REPRODUCIBILITY_KEYS
-            if key in before and before.get(key) != now.get(key)]
+    """The reproducibility-relevant fields that differ, as 'key: before → now' (fields ``before`` lacks,
+    from a run recorded by an older version, are not compared)."""
+    relevant = {key: now.get(key) for key in REPRODUCIBILITY_KEYS if key in before}
+    return [f"{key}: {was} → {value}" for key, was, value in changed_fields(before, relevant)]
