@@ -99,3 +99,32 @@ def test_an_input_error_crosses_a_process_boundary_whole(tmp_path: Path) -> None
     arrived = pickle.loads(pickle.dumps(raised.value))
     assert type(arrived) is InputError and str(arrived) == str(raised.value)
     assert (arrived.where, arrived.reason) == (raised.value.where, raised.value.reason)
+
+
+def test_singleton_axes_and_grey_alpha_are_one_2d_image(tmp_path: Path, rng: np.random.Generator) -> None:
+    """ImageJ and NumPy save a 2-D image as 1×H×W or H×W×1, and a grey PNG may carry alpha (H×W×2)."""
+    grey = rng.integers(0, 256, size=(32, 40), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "leading.tif", grey[None], photometric="minisblack")
+    tifffile.imwrite(tmp_path / "both.tif", grey[None, None], photometric="minisblack")
+    tifffile.imwrite(tmp_path / "trailing.tif", grey[..., None])
+    iio.imwrite(tmp_path / "alpha.png", np.stack([grey, np.full_like(grey, 255)], axis=-1))
+    assert [tifffile.imread(tmp_path / n).ndim for n in ("leading.tif", "both.tif", "trailing.tif")] == [3, 4, 3]
+    assert iio.imread(tmp_path / "alpha.png").shape == (32, 40, 2)
+    for name in ("leading.tif", "both.tif", "trailing.tif", "alpha.png"):
+        np.testing.assert_array_equal(read_image(tmp_path / name), grey, err_msg=name)
+    colour = rng.integers(0, 256, size=(1, 32, 40, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "colour.tif", colour, photometric="rgb")
+    np.testing.assert_array_equal(read_image(tmp_path / "colour.tif"), colour[0])
+    # a TIFF's second channel may be data, not alpha: refused rather than dropped; a real stack says so
+    tifffile.imwrite(tmp_path / "pair.tif", np.zeros((32, 40, 2), np.uint8), photometric="minisblack",
+                     planarconfig="contig")
+    with pytest.raises(InputError, match=r"pair\.tif: two-channel image \(32, 40, 2\)"):
+        read_image(tmp_path / "pair.tif")
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((2, 1, 32, 32), np.uint8), photometric="minisblack")
+    with pytest.raises(InputError, match=r"two\.tif: 4-D array \(2×1×32×32\)"):
+        read_image(tmp_path / "two.tif")
+
+
+def test_mask_with_a_singleton_axis_is_accepted(lesion_mask: np.ndarray) -> None:
+    for shaped in (lesion_mask[None], lesion_mask[..., None]):
+        np.testing.assert_array_equal(validate_mask(shaped, (48, 64), 1, "m.tif"), lesion_mask)

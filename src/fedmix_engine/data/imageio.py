@@ -1,7 +1,8 @@
 """Reading, validating and normalising 2-D images and masks: the only place that does it.
 
 Accepted: TIFF (tifffile), PNG/JPEG/BMP (imageio); 8- or 16-bit integers or floats; grey
-(H×W) or colour (H×W×3, H×W×4 with alpha dropped). Refused with an :class:`InputError`
+(H×W, or a grey PNG's H×W×2 with alpha dropped) or colour (H×W×3, H×W×4 with alpha dropped). Axes of length 1
+are dropped first: ImageJ and NumPy often save one 2-D image as 1×H×W or H×W×1. Refused with an :class:`InputError`
 naming the file: unreadable or corrupt files, 3-D stacks, empty images, non-finite floats.
 
 Normalisation (:func:`normalise_image`) maps every accepted image to float32 ``C×H×W`` in
@@ -44,6 +45,8 @@ def read_array(path: str | Path) -> np.ndarray:
             import imageio.v3 as iio
 
             array = iio.imread(path)
+            if array.ndim == 3 and array.shape[-1] == 2:
+                array = array[..., 0]  # PNG's grey + alpha mode: the format says the second channel is alpha
     except Exception as exc:  # the readers raise many types for corrupt files
         raise InputError(path, f"unreadable or corrupt image file ({type(exc).__name__}: {exc})") from exc
     array = np.asarray(array)
@@ -52,13 +55,25 @@ def read_array(path: str | Path) -> np.ndarray:
     return array
 
 
+def _without_length_one_axes(array: np.ndarray) -> np.ndarray:
+    """1×H×W, H×W×1 or 1×1×H×W is one 2-D image; keep the array as stored if dropping would leave < 2 axes."""
+    if array.ndim <= 2:
+        return array
+    squeezed = np.squeeze(array)
+    return squeezed if squeezed.ndim >= 2 else array
+
+
 def validate_image(array: np.ndarray, where: str | Path) -> np.ndarray:
     """Check that ``array`` is one 2-D image (grey or colour) and return it as H×W or H×W×3."""
-    array = np.asarray(array)
-    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise InputError(where, f"pixel type {array.dtype} is not supported; use 8/16-bit integers or floats")
+    stored = np.asarray(array)
+    numeric = np.issubdtype(stored.dtype, np.integer) or np.issubdtype(stored.dtype, np.floating)
+    if stored.dtype == bool or not numeric:
+        raise InputError(where, f"pixel type {stored.dtype} is not supported; use 8/16-bit integers or floats")
+    array = _without_length_one_axes(stored)
     if array.ndim == 3 and array.shape[-1] == 4:
         array = array[..., :3]  # drop alpha
+    elif array.ndim == 3 and array.shape[-1] == 2:
+        raise InputError(where, f"two-channel image {tuple(stored.shape)}; save it grey (H×W) or colour (H×W×3)")
     if array.ndim == 3 and array.shape[-1] == 3:
         pass
     elif array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] > 4:
@@ -66,11 +81,11 @@ def validate_image(array: np.ndarray, where: str | Path) -> np.ndarray:
             where, f"channels-first colour image {tuple(array.shape)}; save it channels-last (H×W×3)"
         )
     elif array.ndim != 2:
-        shape = "×".join(str(s) for s in array.shape)
-        if array.ndim == 3:
+        shape = "×".join(str(s) for s in stored.shape)
+        if stored.ndim == 3:
             reason = (f"3-D stack ({shape}); FedMix sites hold 2-D images — split the stack or import one slice")
         else:
-            reason = f"{array.ndim}-D array ({shape}); expected a 2-D grey (H×W) or colour (H×W×3) image"
+            reason = f"{stored.ndim}-D array ({shape}); expected a 2-D grey (H×W) or colour (H×W×3) image"
         raise InputError(where, reason)
     if array.shape[0] < 8 or array.shape[1] < 8:
         raise InputError(where, f"image of {array.shape[0]}×{array.shape[1]} pixels is too small (min 8×8)")
@@ -105,7 +120,7 @@ def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:
 
 def validate_mask(mask: np.ndarray, image_shape: tuple[int, int], num_classes: int, where: str | Path) -> np.ndarray:
     """Check a label mask (0 = background, 1..C = classes) against its image; return it as uint8."""
-    mask = np.asarray(mask)
+    mask = _without_length_one_axes(np.asarray(mask))
     if mask.ndim == 3 and mask.shape[-1] in (3, 4) and np.all(mask[..., :3] == mask[..., :1]):
         mask = mask[..., 0]  # a grey mask saved as RGB(A)
     if mask.ndim != 2:
