@@ -308,3 +308,35 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "fedmix_engine", "site", "info", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "nowhere: site folder not found" in done.stderr
+
+
+def test_site_import_reads_excel_tables_and_refuses_an_unreadable_one_before_importing(tmp_path: Path, capsys,
+                                                                                        rng) -> None:
+    """Excel writes semicolons where the comma is the decimal mark, and its plain 'CSV' is not UTF-8."""
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    (clinic / "tags;.csv").write_text("\ufeffImage;Class;Present\r\ncase-12;lesion;present\r\ncase-13;lesion;no\r\n",
+                                      encoding="utf-8")
+    (clinic / "boxes.tsv").write_text("image\tclass\ty0\tx0\ty1\tx1\ncase-05.png\tlesion\t3\t4\t20\t30\n")
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images"),
+                 "--boxes", str(clinic / "boxes.tsv"), "--tags", str(clinic / "tags;.csv")]) == 0
+    assert "boxes: 1  tags: 2" in capsys.readouterr().out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.tags("case-12") == {"lesion": True} and store.tags("case-13") == {"lesion": False}
+        assert len(store.boxes("case-05")) == 1
+
+    (clinic / "latin1.csv").write_bytes("image,class,present\ncase-14,lésion,present\n".encode("cp1252"))
+    fresh = tmp_path / "fresh"
+    assert main(["site", "import", str(fresh), "--classes", "lesion", "--images", str(clinic / "images"),
+                 "--tags", str(clinic / "latin1.csv")]) == 2
+    assert "latin1.csv: line 2 is not UTF-8 text (byte 0xe9)" in capsys.readouterr().err
+    assert not fresh.exists(), "nothing is created for an import that cannot be read"
+    other = tmp_path / "other"
+    assert main(["site", "init", str(other), "--classes", "lesion"]) == 0
+    (clinic / "huge.csv").write_text("image,class,present\ncase-14,lesion,\"" + "x" * 200_000 + "\"\n")
+    assert main(["site", "import", str(other), "--images", str(clinic / "images"),
+                 "--tags", str(clinic / "huge.csv")]) == 2
+    assert "huge.csv: not readable as CSV" in capsys.readouterr().err
+    with SiteStore.open(other, readonly=True) as store:
+        assert store.image_ids() == [], "the images wait until their tables can be read"

@@ -53,17 +53,17 @@ def cmd_site_init(args: argparse.Namespace) -> int:
 
 def cmd_site_import(args: argparse.Namespace) -> int:
     from fedmix_engine.cli_training import clear_progress_bar, progress_bar
-    from fedmix_engine.data.importer import check_sources, import_folder
+    from fedmix_engine.data.importer import import_sources_steps, read_sources, run_steps
     from fedmix_engine.data.site_store import CONFIG_FILE, SiteStore
 
-    check_sources(args.images, args.masks, args.boxes, args.tags)  # before a new site folder is made
+    sources = read_sources(args.images, args.masks, args.boxes, args.tags)  # before a new site folder is made
     if not (Path(args.dir) / CONFIG_FILE).exists() and args.classes:
         store = SiteStore.create(args.dir, args.classes)
     else:
         store = SiteStore.open(args.dir)
     with store:
-        report = import_folder(store, args.images, args.masks, args.boxes, args.tags, author=args.author,
-                               progress=lambda step: progress_bar(step.done, step.total, step.stage))
+        report = run_steps(import_sources_steps(store, sources, author=args.author),
+                           lambda step: progress_bar(step.done, step.total, step.stage))
     clear_progress_bar()
     for line in report.lines():
         print(line)

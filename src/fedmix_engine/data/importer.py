@@ -1,6 +1,8 @@
 """Bring an existing folder of images (and masks, box and tag tables) into a SiteStore.
 
-CSV formats (header row required, extra columns ignored; ``image`` is the file name or stem):
+CSV formats (header row required, extra columns ignored; ``image`` is the file name or stem;
+UTF-8 text, separated by commas, semicolons or tabs as the header shows — Excel writes semicolons
+where the comma is the decimal mark):
 
 - boxes: ``image,class,y0,x0,y1,x1`` — pixel corners, rows y, columns x, half-open
   (the box covers rows y0..y1-1). All boxes of one image are replaced together, so a re-import
@@ -21,6 +23,7 @@ dropped.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator
@@ -36,6 +39,8 @@ from fedmix_engine.errors import InputError
 _TRUE = {"present", "yes", "true", "1", "y"}
 _FALSE = {"absent", "no", "false", "0", "n"}
 # "<image>_mask", and "<image>_mask_1", "_mask_2" … for further masks of one image (BUSI's lesions)
+BOX_COLUMNS = ("image", "class", "y0", "x0", "y1", "x1")
+TAG_COLUMNS = ("image", "class", "present")
 MASK_NAME = re.compile(r"^(?P<image>.+?)(?:_mask|-mask|_label|-label|_labels|_seg)(?:_\d+)?$")
 
 
@@ -67,17 +72,38 @@ def _image_files(folder: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+TableRows = list[tuple[int, dict[str, str]]]
+_SEPARATORS = (",", ";", "\t")
+
+
+def _separator(text: str, required: tuple[str, ...]) -> str:
+    """The separator under which the header names every required column (a comma if none does)."""
+    first = text.splitlines()[0] if text else ""
+    for separator in _SEPARATORS:
+        if set(required) <= {name.strip().lower() for name in next(csv.reader([first], delimiter=separator))}:
+            return separator
+    return ","
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> TableRows:
+    """The rows of a table, each with its line number; refused whole, naming the file, if it cannot be read."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(path, f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save the table "
+                         "as UTF-8 (Excel: 'CSV UTF-8')") from exc
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_separator(text, required))
+    try:
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
         missing = [c for c in required if c not in header]
         if missing:
             raise InputError(path, f"missing column(s) {', '.join(missing)}; expected header: {','.join(required)}")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            rows.append((line, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}))
-        return rows
+        return [(line, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None})
+                for line, row in enumerate(reader, start=2)]
+    except csv.Error as exc:
+        raise InputError(path, f"not readable as CSV after line {reader.line_num} ({exc})") from exc
 
 
 def _resolve_image(ids: set[str], name: str) -> str | None:
@@ -119,13 +145,27 @@ def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | N
     return False
 
 
-def check_sources(images: str | Path, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
-                  tags_csv: str | Path | None = None) -> None:
-    """Refuse a missing input before anything is imported (or a new site is created for it), so a
-    typo in ``--masks`` does not leave the images imported without their masks."""
+@dataclass(frozen=True)
+class ImportSources:
+    """An import's inputs, checked and its tables read before anything is imported (or a new site is
+    created for them): a typo in ``--masks`` or a table Excel saved in another encoding does not leave the
+    images imported without their masks, boxes or tags."""
+
+    images: Path
+    masks: Path | None
+    boxes: tuple[Path, TableRows] | None
+    tags: tuple[Path, TableRows] | None
+
+
+def read_sources(images: str | Path, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
+                 tags_csv: str | Path | None = None) -> ImportSources:
+    """Refuse a missing folder or file, or a table that cannot be read; return the sources to import."""
     for path, folder in ((images, True), (masks, True), (boxes_csv, False), (tags_csv, False)):
         if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
             raise InputError(path, "folder not found" if folder else "file not found")
+    boxes = (Path(boxes_csv), _read_csv(Path(boxes_csv), BOX_COLUMNS)) if boxes_csv is not None else None
+    tags = (Path(tags_csv), _read_csv(Path(tags_csv), TAG_COLUMNS)) if tags_csv is not None else None
+    return ImportSources(Path(images), Path(masks) if masks is not None else None, boxes, tags)
 
 
 @dataclass(frozen=True)
@@ -187,24 +227,24 @@ def import_folder_steps(store: SiteStore, images: str | Path, masks: str | Path 
                         boxes_csv: str | Path | None = None, tags_csv: str | Path | None = None,
                         author: str | None = None) -> ImportSteps:
     """:func:`import_folder` as steps (one per image file, then one per image's masks) that return the
-    report; a missing source is refused here, before the first step."""
-    check_sources(images, masks, boxes_csv, tags_csv)
-    return _folder_steps(store, Path(images), masks, boxes_csv, tags_csv, author)
+    report; a missing source or an unreadable table is refused here, before the first step."""
+    return import_sources_steps(store, read_sources(images, masks, boxes_csv, tags_csv), author)
 
 
-def _folder_steps(store: SiteStore, images: Path, masks: str | Path | None, boxes_csv: str | Path | None,
-                  tags_csv: str | Path | None, author: str | None) -> ImportSteps:
+def import_sources_steps(store: SiteStore, sources: ImportSources, author: str | None = None) -> ImportSteps:
+    """The steps importing sources already read by :func:`read_sources`."""
+    images, masks = sources.images, sources.masks
     report = ImportReport()
     files = _image_files(images)
     # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
-    same_folder = masks is not None and Path(masks).resolve() == images.resolve()
+    same_folder = masks is not None and masks.resolve() == images.resolve()
     beside = masks_beside_images(files) if same_folder else []
     yield from _add_images(store, [p for p in files if p not in beside], report, author)
     ids = set(store.image_ids())
 
     if masks is not None:
         by_image: dict[str, list[Path]] = defaultdict(list)
-        for path in beside if same_folder else _image_files(Path(masks)):
+        for path in beside if same_folder else _image_files(masks):
             stem = image_id_from_path(path)
             target = _mask_target(stem, ids)
             if target is None:
@@ -221,10 +261,10 @@ def _folder_steps(store: SiteStore, images: Path, masks: str | Path | None, boxe
                 report.problems.append(str(exc))
             yield ImportProgress("masks", n, len(by_image))
 
-    if boxes_csv is not None:
-        path = Path(boxes_csv)
+    if sources.boxes is not None:
+        path, rows = sources.boxes
         grouped: dict[str, list[Box]] = defaultdict(list)
-        for line, row in _read_csv(path, ("image", "class", "y0", "x0", "y1", "x1")):
+        for line, row in rows:
             where = f"{path}:{line}"
             image_id = _resolve_image(ids, row["image"])
             if image_id is None:
@@ -246,9 +286,9 @@ def _folder_steps(store: SiteStore, images: Path, masks: str | Path | None, boxe
             store.set_boxes(image_id, boxes, author=author)
             report.boxes += len(boxes)
 
-    if tags_csv is not None:
-        path = Path(tags_csv)
-        for line, row in _read_csv(path, ("image", "class", "present")):
+    if sources.tags is not None:
+        path, rows = sources.tags
+        for line, row in rows:
             where = f"{path}:{line}"
             image_id = _resolve_image(ids, row["image"])
             if image_id is None:
