@@ -473,3 +473,27 @@ def test_a_registered_network_trains_federates_checkpoints_and_predicts(sample: 
     save_checkpoint(tmp_path / "other.safetensors", pair, unknown)
     with pytest.raises(InputError, match="unknown model 'nobody-registered-this'; known: unet, test-dropped-in"):
         load_checkpoint(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize(("source", "size"), [(128, 64), (512, 128), (600, 128), (300, 128), (64, 128), (90, 128)])
+def test_resized_masks_and_boxes_stay_on_their_image(source: int, size: int) -> None:
+    """A mask is resampled on the image's grid: a lesion's centre in the resized mask is where it is in the
+    resized image. torch's 'nearest' samples each block's top-left pixel, which moved every mask half a
+    training pixel down and right of its image (2 px at 600 → 128): the model learnt the offset and drew it
+    back on every full-size prediction."""
+    from fedmix_engine.data.tensors import resize_channels, resize_image
+
+    def centroid(weights: np.ndarray) -> tuple[float, float]:
+        centre = np.arange(size) + 0.5
+        return (float((weights.sum(1) * centre).sum() / weights.sum()),
+                float((weights.sum(0) * centre).sum() / weights.sum()))
+
+    yy, xx = np.mgrid[0:source, 0:source] + 0.5
+    for cy, cx, r in ((0.5, 0.5, 0.2), (0.31, 0.62, 0.11)):
+        disk = (yy - cy * source) ** 2 + (xx - cx * source) ** 2 <= (r * source) ** 2
+        mask = resize_channels(disk[None], size)[0].numpy()
+        image = resize_image(disk[None].astype(np.float32), size)[0].numpy()
+        (my, mx), (iy, ix) = centroid(mask.astype(np.float64)), centroid(image.astype(np.float64))
+        # 0.15: the threshold moves a small disk's edge by whole pixels; the old offset was 0.24–0.5 px
+        assert abs(my - iy) < 0.15 and abs(mx - ix) < 0.15, (source, size, (my, mx), (iy, ix))
+        assert abs(mask.mean() - image.mean()) < 0.02  # the area is kept too

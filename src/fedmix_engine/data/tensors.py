@@ -1,7 +1,9 @@
 """A site's training data as tensors, built only from what its read-only view exposes.
 
 Images are resized to ``image_size``² (bilinear, anti-aliased) as in the reference (which resizes
-to 256 and crops 224); masks and box masks with nearest neighbour. Unlabelled images are left out.
+to 256 and crops 224); masks and box masks with the same filter, then thresholded at one half, so
+they stay on their image's grid (a pixel is the class when at least half of it is). Unlabelled
+images are left out.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class SiteTensors:
 
 
 def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
-    """float32 C×H×W → C×size×size."""
+    """float32 C×H×W → C×size×size (bilinear, anti-aliased, pixel centres aligned)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
     if tensor.shape[-2:] == (size, size):
         return tensor[0]
@@ -55,11 +57,14 @@ def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
 
 
 def resize_channels(channels: np.ndarray, size: int) -> torch.Tensor:
-    """bool K×H×W → K×size×size (nearest)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.uint8))[None].float()
-    if tensor.shape[-2:] != (size, size):
-        tensor = F.interpolate(tensor, size=(size, size), mode="nearest")
-    return tensor[0] > 0.5
+    """bool K×H×W → K×size×size on the image's grid: :func:`resize_image`'s filter, then ≥ ½.
+
+    Not torch's ``nearest``: it takes each block's top-left pixel, which puts a mask up to half a
+    training pixel down and right of its image (2 source pixels at 600 → 128)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))
+    if tensor.shape[-2:] == (size, size):
+        return tensor > 0.5
+    return resize_image(tensor.numpy(), size) >= 0.5
 
 
 def label_to_channels(label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -68,7 +73,7 @@ def label_to_channels(label: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def label_to_masks(label: np.ndarray, num_classes: int, size: int) -> torch.Tensor:
-    """uint8 label image → bool ``K×size×size`` (nearest), as the trainer sees masks."""
+    """uint8 label image → bool ``K×size×size``, as the trainer sees masks (see :func:`resize_channels`)."""
     return resize_channels(label_to_channels(label, num_classes), size)
 
 
