@@ -97,13 +97,16 @@ def test_device_plan_selection_logic() -> None:
     assert plan_device("auto", cuda_available=lambda: False).device.type == "cpu"
     gpu = plan_device("auto", "bf16", cuda_available=lambda: True, bf16_supported=lambda: True)
     assert gpu.device.type == "cuda" and gpu.precision == "bf16" and gpu.pl_batch_size > 1
-    old = plan_device("cuda:1", "bf16", cuda_available=lambda: True, bf16_supported=lambda: False)
+    old = plan_device("cuda:1", "bf16", cuda_available=lambda: True, bf16_supported=lambda: False,
+                      device_count=lambda: 2)
     assert str(old.device) == "cuda:1" and old.precision == "fp16" and "no bf16" in old.note
     fallback = plan_device("cuda", "bf16", cuda_available=lambda: False)
     assert fallback.device.type == "cpu" and fallback.precision == "fp32" and "no CUDA GPU" in fallback.note
     assert fallback.pl_batch_size == 4
     with pytest.raises(InputError, match="device: 'tpu'"):
         plan_device("tpu")
+    with pytest.raises(InputError, match=r"device: 'cuda:2': this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        plan_device("cuda:2", cuda_available=lambda: True, device_count=lambda: 2)
     with pytest.raises(InputError, match="precision"):
         plan_device("cpu", "int8")
 
@@ -185,6 +188,7 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
     assert elapsed < 60
     assert "best round (validation)" in out and "test Dice: site-a" in out
     assert "pseudo-labels, last round, site-b box: kept " in out and "site-c tag: kept" in out
+    assert out.splitlines()[1] == "device: cpu, fp32 (CPU requested)", "said before the first round"
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
     _, config, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
@@ -198,8 +202,14 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
     assert f"{tmp_path / 'run'}: holds an earlier run (metrics.jsonl" in err and "--overwrite" in err
     assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() == lines
     assert (tmp_path / "run" / "best.safetensors").read_bytes() == best
-    assert main([*again, "--overwrite"]) == 0
-    capsys.readouterr()
+    on_gpu = ["--device", "cuda:0", "--precision", "bf16"]  # a GPU run's command, moved to a machine without one
+    assert main([*again, *on_gpu, "--overwrite"]) == 0
+    device_line = capsys.readouterr().out.splitlines()[1]
+    if torch.cuda.is_available():
+        assert device_line.startswith("device: cuda:0, "), device_line
+    else:
+        assert device_line == ("device: cpu, fp32 (cuda:0 requested but no CUDA GPU is available: using the CPU; "
+                               "bf16 autocast is GPU-only, using fp32)")
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
     # the checkpoint predicts a folder: one mask per image, a CSV, and a corrupt file listed
     images = tmp_path / "imgs"

@@ -42,7 +42,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from fedmix_engine.fedmix.local_update import TrainConfig, TrainProgress
     from fedmix_engine.model import ModelConfig
-    from fedmix_engine.simulate import RoundDone, SimulationConfig, SimulationResult, iter_simulation
+    from fedmix_engine.simulate import (
+        RoundDone,
+        SimulationConfig,
+        SimulationResult,
+        SimulationStarted,
+        iter_simulation,
+    )
 
     if args.threads < 0:
         raise InputError("--threads", f"must be ≥ 0 (0: torch's default), not {args.threads}")
@@ -67,7 +73,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     names = None
     for event in iter_simulation(sites, eval_root, config, out, overwrite=args.overwrite, resume=args.resume,
                                  snapshot_every=args.snapshot_every):
-        if isinstance(event, TrainProgress):
+        if isinstance(event, SimulationStarted):
+            print(f"device: {event.device}, {event.precision} ({event.note})", flush=True)
+        elif isinstance(event, TrainProgress):
             progress_bar(event.step, event.total, event.stage)
         elif isinstance(event, RoundDone):
             clear_progress_bar()

@@ -1,7 +1,7 @@
 """Device choice, mixed precision and memory release: the only place that knows about CUDA.
 
 Written so that the CUDA path runs where a GPU exists and its *selection logic* is testable on a
-CPU-only machine (``cuda_available`` can be injected).
+CPU-only machine (``cuda_available``, ``device_count`` and ``bf16_supported`` can be injected).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class DevicePlan:
 
 
 def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available: Callable[[], bool] | None = None,
-                bf16_supported: Callable[[], bool] | None = None) -> DevicePlan:
+                bf16_supported: Callable[[], bool] | None = None,
+                device_count: Callable[[], int] | None = None) -> DevicePlan:
     """Resolve ``auto|cpu|cuda|cuda:N`` and a precision into a plan, falling back to CPU with a note.
 
     Mixed precision is a GPU feature here: on CPU autocast is slower for convolutions, so bf16/fp16
@@ -43,6 +44,7 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
     batches keep it busy).
     """
     cuda_available = cuda_available or torch.cuda.is_available
+    device_count = device_count or torch.cuda.device_count
     bf16_supported = bf16_supported or (lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if precision not in PRECISIONS:
         raise InputError("precision", f"'{precision}' is not one of {', '.join(PRECISIONS)}")
@@ -59,6 +61,10 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
             raise InputError("device", f"'{requested}' is not a device; use auto, cpu, cuda or cuda:N") from None
         if not cuda_available():
             device, note = torch.device("cpu"), f"{requested} requested but no CUDA GPU is available: using the CPU"
+        elif (device.index or 0) >= (count := device_count()):
+            # torch would accept it here and fail at the first tensor moved there, mid-run
+            raise InputError("device", f"'{requested}': this machine has {count} CUDA GPU(s), "
+                                       f"cuda:0 to cuda:{count - 1}")
         else:
             note = f"{requested} requested"
     else:

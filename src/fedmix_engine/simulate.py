@@ -83,6 +83,17 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class SimulationStarted:
+    """The run's data is loaded and its device chosen: said first, so an asked-for GPU that is not
+    there is seen before the rounds, not after them."""
+
+    device: str
+    precision: str
+    note: str  # why this device and precision (a fallback says so)
+    first_round: int  # 1, or the round a resumed run continues from
+
+
+@dataclass(frozen=True)
 class RoundDone:
     """One round's record (also a line of ``metrics.jsonl``)."""
 
@@ -108,6 +119,9 @@ class SimulationResult:
     test_mean: float
     out_dir: Path | None
     history: list[RoundDone] = field(default_factory=list)
+
+
+SimulationEvent = SimulationStarted | TrainProgress | RoundDone | SimulationResult
 
 
 @dataclass
@@ -252,8 +266,9 @@ def _environments(earlier: list[dict], from_round: int, plan: DevicePlan, out: P
 
 def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
                     out_dir: str | Path | None = None, overwrite: bool = False, resume: bool = False,
-                    snapshot_every: int = 1) -> Iterator[TrainProgress | RoundDone | SimulationResult]:
-    """Run a simulation, yielding per-batch progress, one ``RoundDone`` per round, then the result.
+                    snapshot_every: int = 1) -> Iterator[SimulationEvent]:
+    """Run a simulation, yielding ``SimulationStarted``, per-batch progress, one ``RoundDone`` per round,
+    then the result.
 
     ``out_dir`` must not hold an earlier run unless ``overwrite`` is set; with ``resume`` the run in
     ``out_dir`` continues after its last snapshot (``run_snapshot``), up to ``config.rounds``. A
@@ -320,7 +335,9 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         if config.method != "local":
             save_checkpoint(out / "final.safetensors", global_pair, config.model, {**meta, "round": snapshot.round})
             save_checkpoint(out / "best.safetensors", best_pair, config.model, {**meta, "round": best_round})
-    for rnd in range((snapshot.round if resume else 0) + 1, config.rounds + 1):
+    first_round = (snapshot.round if resume else 0) + 1
+    yield SimulationStarted(str(plan.device), plan.precision, plan.note, first_round)
+    for rnd in range(first_round, config.rounds + 1):
         t0 = time.perf_counter()
         acc = StreamingAggregate(rule)
         n, losses, counts, audits = {}, {}, {}, {}
