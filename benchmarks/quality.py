@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, publish
 from fedmix_engine.data.synthetic import SHIFTS, make_sample
+from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError, error_line
 from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.model import ModelConfig
@@ -219,6 +220,9 @@ def main() -> None:
                              "or a higher --rounds to extend finished runs); runs without a snapshot start afresh")
     args = parser.parse_args()
     prof = profile(args.full)
+    if args.full and not (plan := plan_device(prof["device"], prof["precision"])).is_cuda:
+        parser.error(f"--full is the GPU configuration (width 64, 256² images, {prof['rounds']} rounds per "
+                     f"run), days of work on a CPU, and {plan.note}; leave out --full for the CPU profile")
     rounds = args.rounds or prof["rounds"]
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:

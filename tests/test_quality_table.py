@@ -82,3 +82,16 @@ def test_audit_table_weighs_rounds_by_their_pseudo_label_counts(quality):
     # 4 of 12 selected; Dice of the selected (0.9·1 + 0.7·3)/4 = 0.75, of the rejected 2.4/8 = 0.30
     assert row == "| fedmix | box | 33% of 12 | 0.75 | 0.30 | 1.05 |"
     assert quality.audit_table({("b", "fedmix"): totals}, "a") == []
+
+
+def test_the_gpu_configuration_is_refused_without_a_gpu(tmp_path: Path) -> None:
+    """--full on a CPU would train the reference width for days before printing a line."""
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--full", "--no-write", "--workdir",
+                           str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2, done.stderr
+    assert "--full is the GPU configuration" in done.stderr and "no GPU found" in done.stderr
+    assert not (tmp_path / "work").exists()
