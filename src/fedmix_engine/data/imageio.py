@@ -1,9 +1,10 @@
 """Reading, validating and normalising 2-D images and masks: the only place that does it.
 
 Accepted: TIFF (tifffile), PNG/JPEG/BMP (imageio); 8- or 16-bit integers or floats; grey
-(H×W, or a grey PNG's H×W×2 with alpha dropped) or colour (H×W×3, H×W×4 with alpha dropped). Axes of length 1
-are dropped first: ImageJ and NumPy often save one 2-D image as 1×H×W or H×W×1. Refused with an :class:`InputError`
-naming the file: unreadable or corrupt files, 3-D stacks, empty images, non-finite floats.
+(H×W, or a grey PNG's H×W×2 with alpha dropped) or colour (H×W×3, H×W×4 with alpha dropped).
+Axes of length 1 are dropped first: ImageJ and NumPy often save one 2-D image as 1×H×W or H×W×1.
+Refused with an :class:`InputError` naming the file: unreadable or corrupt files, 3-D stacks,
+two-channel TIFFs, empty images, non-finite floats.
 
 Normalisation (:func:`normalise_image`) maps every accepted image to float32 ``C×H×W`` in
 [0, 1]:

@@ -38,9 +38,9 @@ from fedmix_engine.errors import InputError
 
 _TRUE = {"present", "yes", "true", "1", "y"}
 _FALSE = {"absent", "no", "false", "0", "n"}
-# "<image>_mask", and "<image>_mask_1", "_mask_2" … for further masks of one image (BUSI's lesions)
 BOX_COLUMNS = ("image", "class", "y0", "x0", "y1", "x1")
 TAG_COLUMNS = ("image", "class", "present")
+# "<image>_mask", and "<image>_mask_1", "_mask_2" … for further masks of one image (BUSI's lesions)
 MASK_NAME = re.compile(r"^(?P<image>.+?)(?:_mask|-mask|_label|-label|_labels|_seg)(?:_\d+)?$")
 
 

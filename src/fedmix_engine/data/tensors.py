@@ -61,10 +61,10 @@ def resize_channels(channels: np.ndarray, size: int) -> torch.Tensor:
 
     Not torch's ``nearest``: it takes each block's top-left pixel, which puts a mask up to half a
     training pixel down and right of its image (2 source pixels at 600 → 128)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))
-    if tensor.shape[-2:] == (size, size):
-        return tensor > 0.5
-    return resize_image(tensor.numpy(), size) >= 0.5
+    coverage = np.ascontiguousarray(channels, dtype=np.float32)
+    if coverage.shape[-2:] == (size, size):
+        return torch.from_numpy(coverage) > 0.5
+    return resize_image(coverage, size) >= 0.5
 
 
 def label_to_channels(label: np.ndarray, num_classes: int) -> np.ndarray:
