@@ -340,3 +340,24 @@ def test_site_import_reads_excel_tables_and_refuses_an_unreadable_one_before_imp
     assert "huge.csv: not readable as CSV" in capsys.readouterr().err
     with SiteStore.open(other, readonly=True) as store:
         assert store.image_ids() == [], "the images wait until their tables can be read"
+
+
+def test_site_import_of_a_folder_without_images_says_what_it_holds(tmp_path: Path, capsys, rng) -> None:
+    """Per-patient sub-folders or a DICOM export imported nothing, said 'images added: 0' and exited 0."""
+    nested = tmp_path / "scans"
+    for patient in ("p01", "p02"):
+        (nested / patient).mkdir(parents=True)
+        iio.imwrite(nested / patient / "us.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(nested)]) == 2
+    assert "scans: no image files (.tif" in (err := capsys.readouterr().err)
+    assert "sub-folders (p01, p02) are not searched: import each one" in err
+    assert not site.exists(), "no empty site is left behind"
+    dicom = tmp_path / "export"
+    dicom.mkdir()
+    for i in range(3):
+        (dicom / f"IM{i}.dcm").write_bytes(b"DICM")
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(dicom)]) == 2
+    assert "export: no image files" in (err := capsys.readouterr().err) and "it holds 3 .dcm file(s)" in err
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(nested / "p01")]) == 0
+    assert "images added: 1" in capsys.readouterr().out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +106,21 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> TableRows:
         raise InputError(path, f"not readable as CSV after line {reader.line_num} ({exc})") from exc
 
 
+def _why_no_images(folder: Path) -> str:
+    """What a folder without image files holds instead: other file types (DICOM, say), sub-folders."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    suffixes = Counter(p.suffix.lower() or "no suffix" for p in entries if p.is_file())
+    subfolders = sorted(p.name for p in entries if p.is_dir())
+    reason = f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+    if suffixes:
+        found = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common(3))
+        reason += f"; it holds {found} file(s): export them as TIFF or PNG"
+    if subfolders:
+        shown = ", ".join(subfolders[:3]) + (", …" if len(subfolders) > 3 else "")
+        reason += f"; sub-folders ({shown}) are not searched: import each one"
+    return reason
+
+
 def _resolve_image(ids: set[str], name: str) -> str | None:
     if name in ids:
         return name
@@ -163,6 +178,8 @@ def read_sources(images: str | Path, masks: str | Path | None = None, boxes_csv:
     for path, folder in ((images, True), (masks, True), (boxes_csv, False), (tags_csv, False)):
         if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
             raise InputError(path, "folder not found" if folder else "file not found")
+    if not _image_files(Path(images)):
+        raise InputError(images, _why_no_images(Path(images)))
     boxes = (Path(boxes_csv), _read_csv(Path(boxes_csv), BOX_COLUMNS)) if boxes_csv is not None else None
     tags = (Path(tags_csv), _read_csv(Path(tags_csv), TAG_COLUMNS)) if tags_csv is not None else None
     return ImportSources(Path(images), Path(masks) if masks is not None else None, boxes, tags)
