@@ -373,12 +373,19 @@ def test_simulate_refuses_a_site_given_twice_a_file_as_out_and_negative_threads(
 
 
 def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path: Path) -> None:
+    import tifffile
+
     from fedmix_engine.predict import Predictor, predict_folder
 
     predictor = Predictor(init_pair(TINY, 0), TINY, 32, CPU)
     (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "scan.tif", np.zeros((16, 16), np.uint8))
+    (tmp_path / "patients" / "p01").mkdir(parents=True)  # a folder of folders: predicted nothing and said 'ok'
     (tmp_path / "a-file").write_text("keep me")
     cases = [(tmp_path / "a-file", tmp_path / "out", 0.5, "a-file: is a file, not a folder of images"),
+             (tmp_path / "patients", tmp_path / "out", 0.5,
+              "patients: no image files (.tif, .tiff, .png, .jpg, .jpeg, .bmp) in this folder; sub-folders (p01) "
+              "are not searched"),
              (tmp_path / "in", tmp_path / "a-file", 0.5, "a-file: is a file where a folder is needed"),
              (tmp_path / "in", tmp_path / "out", 1.5, "threshold: a probability threshold must be in (0, 1), not 1.5"),
              (tmp_path / "in", tmp_path / "out", float("nan"), "threshold: a probability threshold"),
@@ -388,7 +395,7 @@ def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path
             predict_folder(predictor, folder, out, threshold)
         assert message in str(refused.value)
     assert not (tmp_path / "out").exists() and (tmp_path / "a-file").read_text() == "keep me"
-    assert not list((tmp_path / "in").iterdir())
+    assert [p.name for p in (tmp_path / "in").iterdir()] == ["scan.tif"]
 
 
 def test_predictor_validates_an_in_memory_array_and_names_it(tmp_path: Path) -> None:

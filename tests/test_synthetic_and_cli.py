@@ -351,7 +351,7 @@ def test_site_import_of_a_folder_without_images_says_what_it_holds(tmp_path: Pat
     site = tmp_path / "site"
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(nested)]) == 2
     assert "scans: no image files (.tif" in (err := capsys.readouterr().err)
-    assert "sub-folders (p01, p02) are not searched: import each one" in err
+    assert "sub-folders (p01, p02) are not searched: give each one" in err
     assert not site.exists(), "no empty site is left behind"
     dicom = tmp_path / "export"
     dicom.mkdir()

@@ -20,7 +20,14 @@ from torch.nn import functional as F
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
-from fedmix_engine.data.imageio import IMAGE_SUFFIXES, normalise_image, read_image, validate_image
+from fedmix_engine.data.imageio import (
+    IMAGE_SUFFIXES,
+    image_files,
+    no_images_reason,
+    normalise_image,
+    read_image,
+    validate_image,
+)
 from fedmix_engine.data.importer import masks_beside_images
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import label_to_channels, resize_image
@@ -177,6 +184,8 @@ def check_batch(folder: str | Path, threshold: float = 0.5, out: str | Path | No
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "is a file, not a folder of images" if folder.exists() else "input folder not found")
+    if not image_files(folder):
+        raise InputError(folder, no_images_reason(folder))
     if out is not None and Path(out).resolve() == folder.resolve():
         # datasets such as BUSI keep "<name>_mask.png" beside "<name>.png": a prediction would replace it
         raise InputError(out, "is the images folder; write the masks to another folder (a predicted "

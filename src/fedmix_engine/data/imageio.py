@@ -19,6 +19,7 @@ Normalisation (:func:`normalise_image`) maps every accepted image to float32 ``C
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,28 @@ from fedmix_engine.errors import InputError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files at the top of ``folder`` (sub-folders are not searched; hidden files are skipped)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def no_images_reason(folder: Path) -> str:
+    """Why a folder has no image files to read, from what it holds instead: other file types (a DICOM
+    export, say) or sub-folders, which are not searched."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    suffixes = Counter(p.suffix.lower() or "no suffix" for p in entries if p.is_file())
+    subfolders = sorted(p.name for p in entries if p.is_dir())
+    reason = f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+    if suffixes:
+        found = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common(3))
+        reason += f"; it holds {found} file(s): export them as TIFF or PNG"
+    if subfolders:
+        shown = ", ".join(subfolders[:3]) + (", …" if len(subfolders) > 3 else "")
+        reason += f"; sub-folders ({shown}) are not searched: give each one"
+    return reason
 
 
 def read_array(path: str | Path) -> np.ndarray:

@@ -25,14 +25,14 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fedmix_engine.data.imageio import IMAGE_SUFFIXES, read_array, validate_mask
+from fedmix_engine.data.imageio import image_files, no_images_reason, read_array, validate_mask
 from fedmix_engine.data.site_store import Box, SiteStore, image_id_from_path
 from fedmix_engine.errors import InputError
 
@@ -67,11 +67,6 @@ class ImportReport:
         return out
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
-
-
 TableRows = list[tuple[int, dict[str, str]]]
 _SEPARATORS = (",", ";", "\t")
 
@@ -104,21 +99,6 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> TableRows:
                 for line, row in enumerate(reader, start=2)]
     except csv.Error as exc:
         raise InputError(path, f"not readable as CSV after line {reader.line_num} ({exc})") from exc
-
-
-def _why_no_images(folder: Path) -> str:
-    """What a folder without image files holds instead: other file types (DICOM, say), sub-folders."""
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    suffixes = Counter(p.suffix.lower() or "no suffix" for p in entries if p.is_file())
-    subfolders = sorted(p.name for p in entries if p.is_dir())
-    reason = f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
-    if suffixes:
-        found = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common(3))
-        reason += f"; it holds {found} file(s): export them as TIFF or PNG"
-    if subfolders:
-        shown = ", ".join(subfolders[:3]) + (", …" if len(subfolders) > 3 else "")
-        reason += f"; sub-folders ({shown}) are not searched: import each one"
-    return reason
 
 
 def _resolve_image(ids: set[str], name: str) -> str | None:
@@ -178,8 +158,8 @@ def read_sources(images: str | Path, masks: str | Path | None = None, boxes_csv:
     for path, folder in ((images, True), (masks, True), (boxes_csv, False), (tags_csv, False)):
         if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
             raise InputError(path, "folder not found" if folder else "file not found")
-    if not _image_files(Path(images)):
-        raise InputError(images, _why_no_images(Path(images)))
+    if not image_files(Path(images)):
+        raise InputError(images, no_images_reason(Path(images)))
     boxes = (Path(boxes_csv), _read_csv(Path(boxes_csv), BOX_COLUMNS)) if boxes_csv is not None else None
     tags = (Path(tags_csv), _read_csv(Path(tags_csv), TAG_COLUMNS)) if tags_csv is not None else None
     return ImportSources(Path(images), Path(masks) if masks is not None else None, boxes, tags)
@@ -252,7 +232,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     """The steps importing sources already read by :func:`read_sources`."""
     images, masks = sources.images, sources.masks
     report = ImportReport()
-    files = _image_files(images)
+    files = image_files(images)
     # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
     same_folder = masks is not None and masks.resolve() == images.resolve()
     beside = masks_beside_images(files) if same_folder else []
@@ -261,7 +241,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
 
     if masks is not None:
         by_image: dict[str, list[Path]] = defaultdict(list)
-        for path in beside if same_folder else _image_files(masks):
+        for path in beside if same_folder else image_files(masks):
             stem = image_id_from_path(path)
             target = _mask_target(stem, ids)
             if target is None:
