@@ -10,8 +10,9 @@ where the comma is the decimal mark):
 - tags: ``image,class,present`` — ``present``/``absent`` (also yes/no, true/false, 1/0).
 
 Masks are matched to images by file stem: ``x.png`` or ``x_mask.png`` (also ``-mask``, ``_label``,
-``_seg`` …) belongs to image ``x``; ``x_mask_1.png``, ``x_mask_2.png`` … are further masks of ``x``
-(one lesion each, as in BUSI) and are joined. ``--masks`` may name the images folder itself: the
+``_seg``, ``_segmentation``, ``_GT`` …, in any letter case) belongs to image ``x``;
+``x_mask_1.png``, ``x_mask_2.png`` … are further masks of ``x`` (one lesion each, as in BUSI) and
+are joined. ``--masks`` may name the images folder itself: the
 mask files in it are then taken as masks, not imported as images. An all-background mask file is
 imported as every class tagged absent.
 
@@ -40,8 +41,9 @@ _TRUE = {"present", "yes", "true", "1", "y"}
 _FALSE = {"absent", "no", "false", "0", "n"}
 BOX_COLUMNS = ("image", "class", "y0", "x0", "y1", "x1")
 TAG_COLUMNS = ("image", "class", "present")
-# "<image>_mask", and "<image>_mask_1", "_mask_2" … for further masks of one image (BUSI's lesions)
-MASK_NAME = re.compile(r"^(?P<image>.+?)(?:_mask|-mask|_label|-label|_labels|_seg)(?:_\d+)?$")
+# "<image>_mask", and "<image>_mask_1", "_mask_2" … for further masks of one image (BUSI's lesions);
+# "_segmentation" is ISIC's (the paper's skin lesion data), "_GT" many others'; any letter case
+MASK_NAME = re.compile(r"^(?P<image>.+?)[_-](?:mask|labels?|seg|segmentation|gt)(?:_\d+)?$", re.IGNORECASE)
 
 
 @dataclass
