@@ -128,3 +128,24 @@ def test_singleton_axes_and_grey_alpha_are_one_2d_image(tmp_path: Path, rng: np.
 def test_mask_with_a_singleton_axis_is_accepted(lesion_mask: np.ndarray) -> None:
     for shaped in (lesion_mask[None], lesion_mask[..., None]):
         np.testing.assert_array_equal(validate_mask(shaped, (48, 64), 1, "m.tif"), lesion_mask)
+
+
+def test_a_one_class_jpeg_mask_is_thresholded_and_a_grey_or_multiclass_one_refused(tmp_path: Path) -> None:
+    """Kvasir-SEG stores its 0/255 masks as JPEG: the edges hold every value between after compression."""
+    from fedmix_engine.data.imageio import read_mask_file
+
+    truth = np.zeros((60, 80), np.uint8)
+    truth[10:40, 21:53] = 255
+    iio.imwrite(tmp_path / "polyp.jpg", np.repeat(truth[..., None], 3, axis=-1), quality=75)
+    assert len(np.unique(iio.imread(tmp_path / "polyp.jpg"))) > 10, "the file really is smeared"
+    mask = validate_mask(read_mask_file(tmp_path / "polyp.jpg", 1), (60, 80), 1, "polyp.jpg")
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert np.sum(mask != (truth > 0)) <= 0.01 * truth.size
+    with pytest.raises(InputError, match=r"polyp\.jpg: a mask with several classes must be saved lossless"):
+        read_mask_file(tmp_path / "polyp.jpg", 2)
+    ramp = np.tile(np.linspace(0, 255, 80).astype(np.uint8), (60, 1))
+    iio.imwrite(tmp_path / "photo.jpg", ramp)
+    with pytest.raises(InputError, match=r"photo\.jpg: JPEG mask is not black and white \(\d+% of its pixels"):
+        read_mask_file(tmp_path / "photo.jpg", 1)
+    iio.imwrite(tmp_path / "exact.png", truth)  # lossless files are read as stored
+    np.testing.assert_array_equal(read_mask_file(tmp_path / "exact.png", 1), truth)

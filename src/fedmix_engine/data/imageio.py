@@ -142,6 +142,29 @@ def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+
+def read_mask_file(path: Path, num_classes: int) -> np.ndarray:
+    """A mask file's labels as stored, except a one-class mask saved as JPEG (Kvasir-SEG's): compression
+    smears its 0/255 edges into the values between, so it is thresholded at 128 if it is still two-toned
+    (≥ 95 % of its pixels within 32 of black or white). Check the result with :func:`validate_mask`."""
+    array = read_array(path)
+    if path.suffix.lower() not in LOSSY_SUFFIXES:
+        return array
+    if num_classes != 1:
+        raise InputError(path, "a mask with several classes must be saved lossless (PNG or TIFF): JPEG "
+                               "compression changes its class numbers")
+    grey = _without_length_one_axes(array).astype(np.float32)
+    if grey.ndim == 3 and grey.shape[-1] in (3, 4):
+        grey = grey[..., :3].mean(axis=-1)
+    two_toned = float(np.mean((grey <= 32) | (grey >= 223)))
+    if grey.ndim == 2 and two_toned < 0.95:
+        raise InputError(path, f"JPEG mask is not black and white ({1 - two_toned:.0%} of its pixels are grey); "
+                               "save masks as PNG or TIFF")
+    return (grey >= 128).astype(np.uint8) if grey.ndim == 2 else array
+
+
 def validate_mask(mask: np.ndarray, image_shape: tuple[int, int], num_classes: int, where: str | Path) -> np.ndarray:
     """Check a label mask (0 = background, 1..C = classes) against its image; return it as uint8."""
     mask = _without_length_one_axes(np.asarray(mask))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmix_engine.data.imageio import image_files, no_images_reason, read_array, validate_mask
+from fedmix_engine.data.imageio import image_files, no_images_reason, read_mask_file, validate_mask
 from fedmix_engine.data.site_store import Box, SiteStore, image_id_from_path
 from fedmix_engine.errors import InputError
 
@@ -130,8 +130,9 @@ def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | N
     An all-background mask (BUSI's "normal" images) says that no class is present: it is stored as
     every class tagged absent, the store's form of that fact (it keeps masks with foreground only)."""
     record = store.record(target)
-    joined = np.maximum.reduce([validate_mask(read_array(p), (record.height, record.width),
-                                              len(store.config.classes), p) for p in paths])
+    classes = len(store.config.classes)
+    joined = np.maximum.reduce([validate_mask(read_mask_file(p, classes), (record.height, record.width), classes, p)
+                                for p in paths])
     if joined.any():
         store.set_mask(target, joined, author=author)
         return True

@@ -370,9 +370,9 @@ class SiteStore:
         where: str | Path = f"mask of '{image_id}'"
         if not isinstance(mask, np.ndarray):
             where = Path(mask)
-            from fedmix_engine.data.imageio import read_array
+            from fedmix_engine.data.imageio import read_mask_file
 
-            mask = read_array(where)
+            mask = read_mask_file(where, len(self.config.classes))
         mask = validate_mask(mask, (height, width), len(self.config.classes), where)
         if not mask.any():
             raise InputError(where, "mask is empty (all background); for an image without lesions set its "
