@@ -376,9 +376,12 @@ def test_site_import_matches_isic_gt_and_kvasir_masks(tmp_path: Path, capsys, rn
         mask[5:15, 10:25] = 255
         iio.imwrite(masks / mask_name, mask)
     site = tmp_path / "isic"
-    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(images),
+    assert main(["site", "import", str(site), "--classes", "lesion", "--channels", "3", "--images", str(images),
                  "--masks", str(masks)]) == 0
     assert "masks: 4" in capsys.readouterr().out
+    assert main(["site", "import", str(site), "--channels", "1", "--images", str(images)]) == 2
+    assert "--channels: the site in" in capsys.readouterr().err
     with SiteStore.open(site, readonly=True) as store:
+        assert store.config.channels == 3 and store.load_image("cju0").shape == (3, 30, 40)  # dermoscopy is colour
         assert [int(store.read_mask(stem).sum()) for stem in names][:3] == [150, 150, 150]
         assert abs(int(store.read_mask("cju0").sum()) - 150) <= 10  # thresholded JPEG edges

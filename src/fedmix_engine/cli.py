@@ -58,9 +58,13 @@ def cmd_site_import(args: argparse.Namespace) -> int:
 
     sources = read_sources(args.images, args.masks, args.boxes, args.tags)  # before a new site folder is made
     if not (Path(args.dir) / CONFIG_FILE).exists() and args.classes:
-        store = SiteStore.create(args.dir, args.classes)
+        store = SiteStore.create(args.dir, args.classes, channels=args.channels or 1)
     else:
         store = SiteStore.open(args.dir)
+        if args.channels and args.channels != store.config.channels:
+            store.close()
+            raise InputError("--channels", f"the site in {args.dir} holds {store.config.channels}-channel images; "
+                                           "--channels applies when import creates a site")
     with store:
         report = run_steps(import_sources_steps(store, sources, author=args.author),
                            lambda step: progress_bar(step.done, step.total, step.stage))
@@ -132,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", type=Path, help="CSV with columns image,class,y0,x0,y1,x1")
     p.add_argument("--tags", type=Path, help="CSV with columns image,class,present (present/absent)")
     p.add_argument("--classes", type=_names, help="create the site with these classes if it does not exist")
+    p.add_argument("--channels", type=int, choices=(1, 3),
+                   help="image channels of a site created with --classes: 1 grey (the default), 3 RGB")
     p.add_argument("--author", help="recorded with every annotation (default: your user name)")
     p.set_defaults(func=cmd_site_import)
 
