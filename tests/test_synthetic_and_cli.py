@@ -385,3 +385,25 @@ def test_site_import_matches_isic_gt_and_kvasir_masks(tmp_path: Path, capsys, rn
         assert store.config.channels == 3 and store.load_image("cju0").shape == (3, 30, 40)  # dermoscopy is colour
         assert [int(store.read_mask(stem).sum()) for stem in names][:3] == [150, 150, 150]
         assert abs(int(store.read_mask("cju0").sum()) - 150) <= 10  # thresholded JPEG edges
+
+
+def test_site_import_of_a_busi_folder_joins_each_lesions_mask_and_tags_normal_images_absent(tmp_path: Path, capsys,
+                                                                                           rng) -> None:
+    benign = tmp_path / "Dataset_BUSI_with_GT" / "benign"
+    benign.mkdir(parents=True)
+    iio.imwrite(benign / "benign (1).png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))  # BUSI saves RGB
+    first, second = np.zeros((40, 50), np.uint8), np.zeros((40, 50), np.uint8)
+    first[5:10, 5:10], second[20:30, 30:40] = 255, 255
+    iio.imwrite(benign / "benign (1)_mask.png", first)
+    iio.imwrite(benign / "benign (1)_mask_1.png", second)
+    iio.imwrite(benign / "benign (2).png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    iio.imwrite(benign / "benign (2)_mask.png", np.zeros((40, 50), np.uint8))  # BUSI's "normal": an empty mask
+    site = tmp_path / "busi"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(benign),
+                 "--masks", str(benign)]) == 0
+    out = capsys.readouterr().out
+    assert "images added: 2" in out and "masks: 1" in out and "empty masks: 1" in out
+    with SiteStore.open(site, readonly=True) as store:
+        (lesion, normal) = store.records()
+        assert int(store.read_mask(lesion.id).sum()) == 25 + 100  # both lesions' masks, joined
+        assert store.tags(normal.id) == {"lesion": False}
