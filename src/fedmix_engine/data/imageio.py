@@ -158,11 +158,13 @@ def read_mask_file(path: Path, num_classes: int) -> np.ndarray:
     grey = _without_length_one_axes(array).astype(np.float32)
     if grey.ndim == 3 and grey.shape[-1] in (3, 4):
         grey = grey[..., :3].mean(axis=-1)
+    if grey.ndim != 2:
+        return array  # not one 2-D mask: validate_mask says so
     two_toned = float(np.mean((grey <= 32) | (grey >= 223)))
-    if grey.ndim == 2 and two_toned < 0.95:
+    if two_toned < 0.95:
         raise InputError(path, f"JPEG mask is not black and white ({1 - two_toned:.0%} of its pixels are grey); "
                                "save masks as PNG or TIFF")
-    return (grey >= 128).astype(np.uint8) if grey.ndim == 2 else array
+    return (grey >= 128).astype(np.uint8)
 
 
 def validate_mask(mask: np.ndarray, image_shape: tuple[int, int], num_classes: int, where: str | Path) -> np.ndarray:

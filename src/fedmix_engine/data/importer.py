@@ -12,9 +12,8 @@ where the comma is the decimal mark):
 Masks are matched to images by file stem: ``x.png`` or ``x_mask.png`` (also ``-mask``, ``_label``,
 ``_seg``, ``_segmentation``, ``_GT`` …, in any letter case) belongs to image ``x``;
 ``x_mask_1.png``, ``x_mask_2.png`` … are further masks of ``x`` (one lesion each, as in BUSI) and
-are joined. ``--masks`` may name the images folder itself: the
-mask files in it are then taken as masks, not imported as images. An all-background mask file is
-imported as every class tagged absent.
+are joined. ``--masks`` may name the images folder itself: the mask files in it are then taken as
+masks, not imported as images. An all-background mask file is imported as every class tagged absent.
 
 Every problem (unreadable image, mask of the wrong shape, a CSV row naming an unknown image
 or class …) is reported with its file and line; the rest is imported. Nothing is silently
