@@ -171,9 +171,9 @@ def run_one(job: dict) -> dict:
         image_size = job["config"].train.image_size
         for mode in ("net1", "mean"):
             predictor = Predictor.from_checkpoint(out / "best.safetensors", "cpu", mode)
-            extra[mode] = float(np.mean([evaluate(predictor, EvalSet.from_store(data / "eval" / s.name / "test",
-                                                                                image_size, 1))["dice"]
-                                         for s in sites]))
+            tests = [EvalSet.from_store(data / "eval" / s.name / "test", image_size, predictor.model_config.num_classes,
+                                        predictor.model_config.in_channels) for s in sites]
+            extra[mode] = float(np.mean([evaluate(predictor, test)["dice"] for test in tests]))
     return {**job, "row": row, **extra}
 
 

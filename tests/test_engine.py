@@ -305,7 +305,7 @@ def test_validation_dice_from_a_file_or_downloaded_bytes(sample: Path, tmp_path:
     from fedmix_engine.predict import EvalSet, validation_dice
 
     path = save_checkpoint(tmp_path / "c.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
-    data = EvalSet.from_store(sample / "eval" / "site-a" / "val", 32, 1)
+    data = EvalSet.from_store(sample / "eval" / "site-a" / "val", 32, 1, 1)
     from_file = validation_dice(path, data, "cpu")
     assert 0.0 <= from_file <= 1.0 and validation_dice(path.read_bytes(), data, "cpu") == from_file
 
@@ -415,7 +415,7 @@ def test_predictor_validates_an_in_memory_array_and_names_it(tmp_path: Path) -> 
         assert message in str(refused.value)
 
 
-def test_an_evaluation_store_labelled_for_other_classes_is_refused(tmp_path: Path) -> None:
+def test_an_evaluation_store_labelled_for_other_classes_or_channels_is_refused(tmp_path: Path) -> None:
     from fedmix_engine.predict import EvalSet
 
     image = np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)
@@ -424,9 +424,11 @@ def test_an_evaluation_store_labelled_for_other_classes_is_refused(tmp_path: Pat
     with SiteStore.create(tmp_path / "two", ["lesion", "cyst"]) as store:
         store.set_mask(store.add_image(image, "scan"), mask)
     with pytest.raises(InputError) as refused:
-        EvalSet.from_store(tmp_path / "two", 32, 1)
+        EvalSet.from_store(tmp_path / "two", 32, 1, 1)
     assert f"{tmp_path / 'two'}: labelled for 2 class(es) (lesion, cyst); the model predicts 1" in str(refused.value)
-    assert len(EvalSet.from_store(tmp_path / "two", 32, 2).ids) == 1
+    assert len(EvalSet.from_store(tmp_path / "two", 32, 2, 1).ids) == 1
+    with pytest.raises(InputError, match=r"two: holds 1-channel images; the model takes 3"):
+        EvalSet.from_store(tmp_path / "two", 32, 2, 3)
 
 
 def test_batch_predict_skips_a_datasets_own_masks_beside_its_images(tmp_path: Path) -> None:

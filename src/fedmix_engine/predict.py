@@ -113,11 +113,14 @@ class EvalSet:
     truths: list[np.ndarray]  # bool K×H×W at the original size
 
     @classmethod
-    def from_store(cls, path: str | Path, image_size: int, num_classes: int) -> EvalSet:
+    def from_store(cls, path: str | Path, image_size: int, num_classes: int, channels: int) -> EvalSet:
+        """The store's fully labelled images, for a model of ``num_classes`` classes and ``channels`` inputs."""
         with SiteStore.open(path, readonly=True) as store:
             if len(store.config.classes) != num_classes:  # label_to_channels would drop or invent classes
                 raise InputError(path, f"labelled for {len(store.config.classes)} class(es) "
                                        f"({', '.join(store.config.classes)}); the model predicts {num_classes}")
+            if store.config.channels != channels:  # found now, not by the network after a round of training
+                raise InputError(path, f"holds {store.config.channels}-channel images; the model takes {channels}")
             ids, images, truths = [], [], []
             for rec in store.records():
                 mask = store.read_mask(rec.id)

@@ -173,7 +173,8 @@ def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: Simulatio
                 split_dir = eval_root / name / split
                 if not split_dir.is_dir():
                     raise InputError(split_dir, f"no {split} store for site '{name}' in the evaluation tree")
-                setattr(site, split, EvalSet.from_store(split_dir, config.train.image_size, len(classes)))
+                setattr(site, split, EvalSet.from_store(split_dir, config.train.image_size, len(classes),
+                                                       config.model.in_channels))
             if needs_prediction(data).any():  # a site (or a method's view of it) with pseudo-labels to audit
                 site.truth = load_truth(eval_root / name / "oracle", data, config.train.image_size)
         sites.append(site)

@@ -223,7 +223,7 @@ class TrainWidget(QWidget):
                                   train=TrainConfig(image_size=size, crop_size=max(16, size * 7 // 8 // 16 * 16),
                                                     batch_size=4))
         self.last_checkpoint = site / "models" / "local" / "final.safetensors"
-        validation = self._validation_set(size, classes)
+        validation = self._validation_set(size, classes, channels)
         for event in iter_simulation([site], None, config, site / "models" / "local", overwrite=not done,
                                      resume=bool(done)):
             yield event
@@ -243,18 +243,20 @@ class TrainWidget(QWidget):
         for event in client.iter_join():
             yield event
             if event.kind == "connected" and self.validation.text():
-                with SiteStore.open(site, readonly=True) as store:
-                    classes = len(store.config.classes)
-                validation = self._validation_set(int(client.train_config.image_size), classes)
+                with SiteStore.open(site, readonly=True) as store:  # the client checked it fits the model
+                    classes, channels = len(store.config.classes), store.config.channels
+                validation = self._validation_set(int(client.train_config.image_size), classes, channels)
             if validation is not None and event.kind == "round-closed":
                 model, r = client.download_global()
                 yield ValidationScore(r, validation_dice(model, validation, self.device.currentText()))
 
-    def _validation_set(self, image_size: int, classes: int):
+    def _validation_set(self, image_size: int, classes: int, channels: int):
         """The optional validation store, preloaded once (None when not given)."""
         from fedmix_engine.predict import EvalSet
 
-        return EvalSet.from_store(self.validation.text(), image_size, classes) if self.validation.text() else None
+        if not self.validation.text():
+            return None
+        return EvalSet.from_store(self.validation.text(), image_size, classes, channels)
 
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:
