@@ -433,6 +433,7 @@ def test_an_evaluation_store_labelled_for_other_classes_or_channels_is_refused(t
 
 def test_batch_predict_skips_a_datasets_own_masks_beside_its_images(tmp_path: Path) -> None:
     import imageio.v3 as iio
+    import tifffile
 
     from fedmix_engine.predict import Predictor, predict_folder
 
@@ -449,6 +450,8 @@ def test_batch_predict_skips_a_datasets_own_masks_beside_its_images(tmp_path: Pa
     for name in ("benign (1)_mask.png", "benign (1)_mask_1.png"):
         assert rows[name].status == "skipped: a mask beside its image, not an image" and not rows[name].mask_file
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tif")) == ["benign (1)_mask.tif", "lone_mask_mask.tif"]
+    with tifffile.TiffFile(tmp_path / "out" / "benign (1)_mask.tif") as written:  # lossless, and small
+        assert written.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
 
 
 class _DroppedInNet(torch.nn.Module):

@@ -26,6 +26,7 @@ from fedmix_engine.data.imageio import (
     no_images_reason,
     normalise_image,
     read_image,
+    tiff_bytes,
     validate_image,
 )
 from fedmix_engine.data.importer import masks_beside_images
@@ -225,7 +226,6 @@ class FolderBatch:
         self._run.close()
 
     def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow]]:
-        import tifffile
 
         images = [p for p in self.files if p.suffix.lower() in IMAGE_SUFFIXES]
         beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
@@ -242,9 +242,7 @@ class FolderBatch:
                     try:
                         image = read_image(path)
                         mask = predictor.mask(image, threshold, path)
-                        buffer = io.BytesIO()
-                        tifffile.imwrite(buffer, mask, photometric="minisblack")
-                        atomic_write_bytes(self.out / names[path], buffer.getvalue())
+                        atomic_write_bytes(self.out / names[path], tiff_bytes(mask))
                         row = BatchRow(path.name, mask.shape[0], mask.shape[1], round(float((mask > 0).mean()), 6),
                                        "ok", names[path])
                     except InputError as exc:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import io
 import json
 import re
 import sqlite3
@@ -37,7 +36,7 @@ from typing import Literal
 import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
-from fedmix_engine.data.imageio import normalise_image, read_image, validate_image, validate_mask
+from fedmix_engine.data.imageio import normalise_image, read_image, tiff_bytes, validate_image, validate_mask
 from fedmix_engine.errors import InputError
 
 FORMAT_VERSION = 1
@@ -572,10 +571,5 @@ def _close_database(db: sqlite3.Connection, readonly: bool) -> None:
 
 
 def _write_tiff(path: Path, array: np.ndarray) -> None:
-    """Encode in memory, then replace the file atomically (small 2-D images only)."""
-    import tifffile
-
-    buffer = io.BytesIO()
-    photometric = "rgb" if array.ndim == 3 else "minisblack"
-    tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric=photometric, metadata=None)
-    atomic_write_bytes(path, buffer.getvalue())
+    """Encode in memory, then replace the file atomically (2-D images and masks)."""
+    atomic_write_bytes(path, tiff_bytes(array))
