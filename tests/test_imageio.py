@@ -149,3 +149,22 @@ def test_a_one_class_jpeg_mask_is_thresholded_and_a_grey_or_multiclass_one_refus
         read_mask_file(tmp_path / "photo.jpg", 1)
     iio.imwrite(tmp_path / "exact.png", truth)  # lossless files are read as stored
     np.testing.assert_array_equal(read_mask_file(tmp_path / "exact.png", 1), truth)
+
+
+def test_a_palette_png_mask_gives_its_indices_not_its_colours(tmp_path: Path) -> None:
+    """Indexed PNGs are a common way to store class masks; a reader turns them into their display colours."""
+    from PIL import Image
+
+    from fedmix_engine.data.imageio import read_mask_file
+
+    labels = np.zeros((40, 50), np.uint8)
+    labels[5:20, 5:30], labels[25:35, 30:45] = 1, 2
+    indexed = Image.fromarray(labels, mode="P")
+    indexed.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 253 * 3)
+    indexed.save(tmp_path / "case_mask.png")
+    assert iio.imread(tmp_path / "case_mask.png").shape == (40, 50, 3), "what a plain read gives"
+    np.testing.assert_array_equal(validate_mask(read_mask_file(tmp_path / "case_mask.png", 2), (40, 50), 2, "m"),
+                                  labels)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "case_mask.png").read_bytes()[:60])
+    with pytest.raises(InputError, match=r"cut\.png: unreadable or corrupt"):
+        read_mask_file(tmp_path / "cut.png", 2)

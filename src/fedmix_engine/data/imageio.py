@@ -160,10 +160,29 @@ def tiff_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _palette_indices(path: Path) -> np.ndarray | None:
+    """A palette PNG's or BMP's indices (a reader would turn them into its colours); None for any other
+    file, and for one that cannot be read, which read_array then reports."""
+    if path.suffix.lower() not in (".png", ".bmp"):
+        return None
+    try:
+        import imageio.v3 as iio
+
+        if iio.immeta(path).get("mode") != "P":
+            return None
+        return np.asarray(iio.imread(path, mode="P"))
+    except Exception:  # unreadable: said by read_array with the reader's reason
+        return None
+
+
 def read_mask_file(path: Path, num_classes: int) -> np.ndarray:
-    """A mask file's labels as stored, except a one-class mask saved as JPEG (Kvasir-SEG's): compression
-    smears its 0/255 edges into the values between, so it is thresholded at 128 if it is still two-toned
+    """A mask file's labels. As stored, with two exceptions: a palette ("indexed") PNG or BMP gives its
+    indices, since its colours only show the classes; a one-class JPEG mask (Kvasir-SEG's), whose
+    compression smears the 0/255 edges into every grey, is thresholded at 128 if it is still two-toned
     (≥ 95 % of its pixels within 32 of black or white). Check the result with :func:`validate_mask`."""
+    indices = _palette_indices(path)
+    if indices is not None:
+        return indices
     array = read_array(path)
     if path.suffix.lower() not in LOSSY_SUFFIXES:
         return array
