@@ -147,6 +147,11 @@ def test_a_one_class_jpeg_mask_is_thresholded_and_a_grey_or_multiclass_one_refus
     iio.imwrite(tmp_path / "photo.jpg", ramp)
     with pytest.raises(InputError, match=r"photo\.jpg: JPEG mask is not black and white \(\d+% of its pixels"):
         read_mask_file(tmp_path / "photo.jpg", 1)
+    iio.imwrite(tmp_path / "ones.jpg", (truth > 0).astype(np.uint8))  # 0/1: thresholding would erase it
+    with pytest.raises(InputError, match=r"ones\.jpg: JPEG mask has no white \(its brightest value is \d\)"):
+        read_mask_file(tmp_path / "ones.jpg", 1)
+    iio.imwrite(tmp_path / "none.jpg", np.zeros((60, 80), np.uint8))  # all black: a lesion-free image's mask
+    assert not read_mask_file(tmp_path / "none.jpg", 1).any()
     iio.imwrite(tmp_path / "exact.png", truth)  # lossless files are read as stored
     np.testing.assert_array_equal(read_mask_file(tmp_path / "exact.png", 1), truth)
 

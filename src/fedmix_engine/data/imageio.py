@@ -198,6 +198,9 @@ def read_mask_file(path: Path, num_classes: int) -> np.ndarray:
     if two_toned < 0.95:
         raise InputError(path, f"JPEG mask is not black and white ({1 - two_toned:.0%} of its pixels are grey); "
                                "save masks as PNG or TIFF")
+    if 0 < grey.max() < 128:  # a 0/1 mask saved as JPEG would read as "no lesion": refused, not guessed
+        raise InputError(path, f"JPEG mask has no white (its brightest value is {grey.max():.0f}); a mask "
+                               "marking the lesion 1 must be saved as PNG or TIFF")
     return (grey >= 128).astype(np.uint8)
 
 
