@@ -359,6 +359,9 @@ def test_site_import_of_a_folder_without_images_says_what_it_holds(tmp_path: Pat
         (dicom / f"IM{i}.dcm").write_bytes(b"DICM")
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(dicom)]) == 2
     assert "export: no image files" in (err := capsys.readouterr().err) and "it holds 3 .dcm file(s)" in err
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(nested / "p01"),
+                 "--masks", str(nested)]) == 2  # masks in sub-folders: they matched nothing, and nothing said so
+    assert "scans: no image files" in capsys.readouterr().err and not site.exists()
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(nested / "p01")]) == 0
     assert "images added: 1" in capsys.readouterr().out
 

@@ -160,8 +160,9 @@ def read_sources(images: str | Path, masks: str | Path | None = None, boxes_csv:
     for path, folder in ((images, True), (masks, True), (boxes_csv, False), (tags_csv, False)):
         if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
             raise InputError(path, "folder not found" if folder else "file not found")
-    if not image_files(Path(images)):
-        raise InputError(images, no_images_reason(Path(images)))
+    for folder in (images, masks):
+        if folder is not None and not image_files(Path(folder)):
+            raise InputError(folder, no_images_reason(Path(folder)))
     boxes = (Path(boxes_csv), _read_csv(Path(boxes_csv), BOX_COLUMNS)) if boxes_csv is not None else None
     tags = (Path(tags_csv), _read_csv(Path(tags_csv), TAG_COLUMNS)) if tags_csv is not None else None
     return ImportSources(Path(images), Path(masks) if masks is not None else None, boxes, tags)
