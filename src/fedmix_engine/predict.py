@@ -226,7 +226,6 @@ class FolderBatch:
         self._run.close()
 
     def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow]]:
-
         images = [p for p in self.files if p.suffix.lower() in IMAGE_SUFFIXES]
         beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
         names = mask_names([p for p in images if p not in beside])
