@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, publish
+from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.synthetic import SHIFTS, make_sample
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError, error_line
@@ -149,6 +150,12 @@ def make_one(kwargs: dict) -> None:
     make_sample(**kwargs)
 
 
+def _model_for(federation: Path, width: int) -> ModelConfig:
+    """The U-Net for a federation's images: its first site's channels and classes (synthetic data: grey, one)."""
+    with SiteStore.open(sorted(federation.glob("site-*"))[0], readonly=True) as site:
+        return ModelConfig(in_channels=site.config.channels, num_classes=len(site.config.classes), base_width=width)
+
+
 def run_one(job: dict) -> dict:
     """One simulation in a worker process (one torch thread); returns its test row and diagnostics."""
     import torch
@@ -168,11 +175,11 @@ def run_one(job: dict) -> dict:
         extra["selected"] = sum(h.counts[s].get("box_selected", 0) + h.counts[s].get("tag_selected", 0)
                                 for h in res.history[-1:] for s in h.counts)
         # inference with network 1 vs the mean of both networks, same checkpoint
-        image_size = job["config"].train.image_size
+        model = job["config"].model
+        tests = [EvalSet.from_store(data / "eval" / s.name / "test", job["config"].train.image_size, model.num_classes,
+                                    model.in_channels) for s in sites]
         for mode in ("net1", "mean"):
             predictor = Predictor.from_checkpoint(out / "best.safetensors", "cpu", mode)
-            tests = [EvalSet.from_store(data / "eval" / s.name / "test", image_size, predictor.model_config.num_classes,
-                                        predictor.model_config.in_channels) for s in sites]
             extra[mode] = float(np.mean([evaluate(predictor, test)["dice"] for test in tests]))
     return {**job, "row": row, **extra}
 
@@ -255,10 +262,10 @@ def main() -> None:
                 samples.append({"out": data, "sites": 3, "images": prof["images"], "eval_images": prof["eval_images"],
                                 "seed": seed, "size": prof["size"], "supervision": spec["supervision"],
                                 "mix": spec["mix"], "shift": args.shift})
+            model = _model_for(data, prof["width"]) if setting == "data" else ModelConfig(base_width=prof["width"])
             for method in methods:
                 config = SimulationConfig(method=method, rounds=rounds, seed=seed, lam=args.lam, beta=args.beta,
-                                          device=prof["device"], precision=prof["precision"],
-                                          model=ModelConfig(base_width=prof["width"]), train=train)
+                                          device=prof["device"], precision=prof["precision"], model=model, train=train)
                 jobs.append({"setting": setting, "seed": seed, "method": method, "config": config,
                              "data": str(data), "out": str(args.workdir / f"run-{setting}-{seed}-{method}{run_suffix}"),
                              "threads": 1 if jobs_n > 1 else max(1, os.cpu_count() or 1), "resume": args.resume,

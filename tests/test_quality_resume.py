@@ -36,3 +36,26 @@ def test_loss_option_trains_every_run_with_it_in_a_folder_of_its_own(tmp_path: P
     assert '"loss": "dice+bce"' in config
     assert not (tmp_path / "run-a-0-fedavg-mask-only").exists()
     assert "## Quality (CPU configuration, 1 rounds, dice+bce loss)" in run.stdout
+
+
+def test_a_federation_of_colour_images_gets_a_colour_model(tmp_path: Path) -> None:
+    """--federation: the model takes the federation's channels and classes (it was always grey, one class)."""
+    import numpy as np
+
+    from fedmix_engine.data.federation_split import make_federation
+    from fedmix_engine.data.site_store import SiteStore
+
+    rng = np.random.default_rng(0)
+    with SiteStore.create(tmp_path / "derm", ["lesion"], channels=3) as source:
+        for i in range(14):
+            image_id = source.add_image(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), f"isic-{i}")
+            mask = np.zeros((40, 40), np.uint8)
+            mask[8:20 + i, 10:25] = 1
+            source.set_mask(image_id, mask)
+    make_federation([tmp_path / "derm"], tmp_path / "fed", split_into=3, val=0.15, test=0.15)
+    run = subprocess.run([sys.executable, str(QUALITY), "--federation", str(tmp_path / "fed"), "--methods", "fedmix",
+                          "--seeds", "1", "--jobs", "1", "--no-write", "--workdir", str(tmp_path / "work"),
+                          "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    model = (tmp_path / "work" / "run-data-0-fedmix" / "config.json").read_text()
+    assert '"in_channels": 3' in model
