@@ -171,6 +171,20 @@ def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_v
     assert int(viewer.layers[MASK_LAYER].data.sum()) == 10 * 14
 
 
+def test_annotate_import_folder_with_masks_in_a_folder_of_their_own(make_napari_viewer, qtbot, tmp_path, images):
+    """ISIC and Kvasir-SEG keep their masks in a separate folder; the GUI could only import masks beside images."""
+    masks = tmp_path / "GroundTruth"
+    masks.mkdir()
+    mask = np.zeros((40, 48), np.uint8)
+    mask[5:15, 6:20] = 255
+    tifffile.imwrite(masks / "scan-1_segmentation.tif", mask)
+    _viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", [])
+    assert _imported(qtbot, widget, widget.import_folder(images[0].parent, masks)) == []
+    assert widget.last_import.masks == 1
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert int(store.read_mask("scan-1").sum()) == 10 * 14
+
+
 def test_annotate_import_runs_beside_the_event_loop_and_a_cancelled_one_keeps_whole_images(
         make_napari_viewer, qtbot, tmp_path, monkeypatch):
     import threading

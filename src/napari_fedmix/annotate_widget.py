@@ -303,12 +303,13 @@ class AnnotateWidget(QWidget):
         if paths:
             self._guard(lambda: self.import_images(paths))
 
-    def import_folder(self, folder: str | Path):
-        """Add a folder's images, and the masks beside them (``x_mask.png`` next to ``x.png``, as in BUSI)
-        as masks rather than as images, in a worker; returns the worker."""
+    def import_folder(self, folder: str | Path, masks: str | Path | None = None):
+        """Add a folder's images and their masks, in a worker; returns the worker. The masks are in
+        ``masks`` (ISIC, Kvasir-SEG: a folder of their own), or else beside the images (``x_mask.png``
+        next to ``x.png``, as in BUSI), and are taken as masks rather than as images."""
         from fedmix_engine.data.importer import import_folder_steps
 
-        return self._start_import(import_folder_steps(self._open_store(), folder, masks=folder))
+        return self._start_import(import_folder_steps(self._open_store(), folder, masks=masks or folder))
 
     def _open_store(self) -> SiteStore:
         if self.store is None:
@@ -362,7 +363,9 @@ class AnnotateWidget(QWidget):
     def _choose_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Folder of images to import")
         if path:
-            self._guard(lambda: self.import_folder(path))
+            masks = QFileDialog.getExistingDirectory(self, "Folder of their masks (Cancel: masks beside the "
+                                                           "images, like x_mask.png, or none)", path)
+            self._guard(lambda: self.import_folder(path, masks or None))
 
     def _guard(self, action) -> None:
         try:
