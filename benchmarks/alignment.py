@@ -29,6 +29,7 @@ from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.data.tensors import resize_channels
 from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.fedmix.metrics import dice
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor
 from fedmix_engine.simulate import SimulationConfig, run_simulation
@@ -80,7 +81,7 @@ def run_one(job: dict) -> dict:
                                                 batch_size=4))
     run_simulation(sorted(data.glob("site-*")), data / "eval", config, out, overwrite=True, snapshot_every=0)
     predictor = Predictor.from_checkpoint(out / "best.safetensors", "cpu")
-    shifts, dice, area = [], [], []
+    shifts, dices, area = [], [], []
     for test in sorted((data / "eval").glob("*/test")):
         with SiteStore.open(test, readonly=True) as store:
             for rec in store.records():
@@ -91,11 +92,11 @@ def run_one(job: dict) -> dict:
                 pred = predictor.mask(store.read_image(rec.id), 0.5, rec.id) > 0
                 if (moved := offset(pred, truth)) is not None:
                     shifts.append(moved)
-                dice.append(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+                dices.append(dice(pred, truth))
                 area.append(pred.sum() / truth.sum())
     down, right = np.array(shifts, float).T
-    return {**job, "down": float(down.mean()), "right": float(right.mean()), "dice": float(np.mean(dice)),
-            "area": float(np.median(area)), "images": len(dice)}
+    return {**job, "down": float(down.mean()), "right": float(right.mean()), "dice": float(np.mean(dices)),
+            "area": float(np.median(area)), "images": len(dices)}
 
 
 def _paired(rows: list[dict], key: str) -> tuple[float, float]:
