@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -38,3 +41,28 @@ def site(tmp_path: Path):
     store = SiteStore.create(tmp_path / "site", ["lesion"])
     yield store
     store.close()
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _benchmark(name: str) -> Iterator[ModuleType]:
+    """A script of benchmarks/ imported as a module; its ``from common import …`` needs benchmarks/ on the path."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def quality() -> Iterator[ModuleType]:
+    yield from _benchmark("quality")
+
+
+@pytest.fixture(scope="module")
+def alignment() -> Iterator[ModuleType]:
+    yield from _benchmark("alignment")

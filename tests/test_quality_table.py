@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def quality():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("quality_benchmark", BENCHMARKS / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(BENCHMARKS))
+QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
 
 
 def _row(a: float, b: float) -> dict[str, float]:
@@ -89,9 +78,8 @@ def test_the_gpu_configuration_is_refused_without_a_gpu(tmp_path: Path) -> None:
     import os
     import subprocess
 
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--full", "--no-write", "--workdir",
-                           str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    done = subprocess.run([sys.executable, str(QUALITY), "--full", "--no-write", "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 2, done.stderr
     assert "--full is the GPU configuration" in done.stderr and "no GPU found" in done.stderr
     assert not (tmp_path / "work").exists()
