@@ -131,6 +131,8 @@ class ServerState:
         self._lock = threading.RLock()
         config_path = self.root / CONFIG_FILE
         self.adjusted: list[str] = []  # settings this start changed ('rounds: 10 → 20'), for the admin
+        changes_path = self.root / CHANGES_FILE
+        self.changes: list[dict] = json.loads(changes_path.read_text()) if changes_path.exists() else []
         if config_path.exists():
             stored = load_server_config(config_path)
             self.config = stored
@@ -146,7 +148,6 @@ class ServerState:
             self._commit_round(0, init_pair(config.model, config.seed), {"round": 0, "reason": "initial"})
             atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
         self.rule = AggregationRule.for_method(self.config.method, self.config.lam, self.config.beta)
-        self._changes = self.settings_changes()
         self.federation_id = self._federation_id()
         self.current_dir = self.root / "current"
         self.current_dir.mkdir(exist_ok=True)
@@ -166,10 +167,10 @@ class ServerState:
             raise InputError("--rounds", f"the federation has completed {done} rounds; give --rounds {done} or more")
         # the record first: a crash before server.json is replaced repeats a change, never hides one
         record = {"from_round": done + 1, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": adjusted}
-        atomic_write_bytes(self.root / CHANGES_FILE,
-                           (json.dumps([*self.settings_changes(), record], indent=2) + "\n").encode())
+        changes = [*self.changes, record]
+        atomic_write_bytes(self.root / CHANGES_FILE, (json.dumps(changes, indent=2) + "\n").encode())
         atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-        self.config, self.adjusted = config, adjusted
+        self.config, self.adjusted, self.changes = config, adjusted, changes
 
     def _federation_id(self) -> str:
         """This federation's id, made on first start (also for a state directory from before ids)."""
@@ -177,10 +178,6 @@ class ServerState:
         if not path.exists():
             atomic_write_bytes(path, uuid.uuid4().hex.encode())
         return path.read_text().strip()
-
-    def settings_changes(self) -> list[dict]:
-        path = self.root / CHANGES_FILE
-        return json.loads(path.read_text()) if path.exists() else []
 
     # ------------------------------------------------------------------ recovery
     def _completed_rounds(self) -> list[int]:
@@ -270,7 +267,7 @@ class ServerState:
                 "min_sites": self.config.min_sites, "uploaded": sorted(self.uploads),
                 "deadline_in": None if self.finished else round(self.deadline - self._clock(), 1),
                 "method": self.config.method, "lam": self.config.lam, "beta": self.config.beta,
-                "history": self.history(), "settings_changes": self._changes,
+                "history": self.history(), "settings_changes": self.changes,
             }
 
     # ------------------------------------------------------------------ uploads
