@@ -384,8 +384,8 @@ def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path
     (tmp_path / "a-file").write_text("keep me")
     cases = [(tmp_path / "a-file", tmp_path / "out", 0.5, "a-file: is a file, not a folder of images"),
              (tmp_path / "patients", tmp_path / "out", 0.5,
-              "patients: no image files (.tif, .tiff, .png, .jpg, .jpeg, .bmp) in this folder; sub-folders (p01) "
-              "are not searched"),
+              "patients: no image files (.tif, .tiff, .png, .jpg, .jpeg, .bmp, .dcm, .dicom) in this folder; "
+              "sub-folders (p01) are not searched"),
              (tmp_path / "in", tmp_path / "a-file", 0.5, "a-file: is a file where a folder is needed"),
              (tmp_path / "in", tmp_path / "out", 1.5, "threshold: a probability threshold must be in (0, 1), not 1.5"),
              (tmp_path / "in", tmp_path / "out", float("nan"), "threshold: a probability threshold"),

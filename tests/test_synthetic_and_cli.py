@@ -343,7 +343,7 @@ def test_site_import_reads_excel_tables_and_refuses_an_unreadable_one_before_imp
 
 
 def test_site_import_of_a_folder_without_images_says_what_it_holds(tmp_path: Path, capsys, rng) -> None:
-    """Per-patient sub-folders or a DICOM export imported nothing, said 'images added: 0' and exited 0."""
+    """Per-patient sub-folders or a folder of volumes imported nothing, said 'images added: 0' and exited 0."""
     nested = tmp_path / "scans"
     for patient in ("p01", "p02"):
         (nested / patient).mkdir(parents=True)
@@ -353,12 +353,12 @@ def test_site_import_of_a_folder_without_images_says_what_it_holds(tmp_path: Pat
     assert "scans: no image files (.tif" in (err := capsys.readouterr().err)
     assert "sub-folders (p01, p02) are not searched: give each one" in err
     assert not site.exists(), "no empty site is left behind"
-    dicom = tmp_path / "export"
-    dicom.mkdir()
+    volumes = tmp_path / "export"
+    volumes.mkdir()
     for i in range(3):
-        (dicom / f"IM{i}.dcm").write_bytes(b"DICM")
-    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(dicom)]) == 2
-    assert "export: no image files" in (err := capsys.readouterr().err) and "it holds 3 .dcm file(s)" in err
+        (volumes / f"IM{i}.nii").write_bytes(b"\x5c\x01\x00\x00")
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(volumes)]) == 2
+    assert "export: no image files" in (err := capsys.readouterr().err) and "it holds 3 .nii file(s)" in err
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(nested / "p01"),
                  "--masks", str(nested)]) == 2  # masks in sub-folders: they matched nothing, and nothing said so
     assert "scans: no image files" in capsys.readouterr().err and not site.exists()

@@ -21,8 +21,9 @@ from torch.nn import functional as F
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
 from fedmix_engine.data.imageio import (
-    IMAGE_SUFFIXES,
     image_files,
+    image_stem,
+    is_image_path,
     no_images_reason,
     normalise_image,
     read_image,
@@ -177,9 +178,9 @@ def mask_names(files: list[Path]) -> dict[Path, str]:
     sharing a stem (``scan.png`` and ``scan.tif`` must not overwrite each other's mask).
 
     Stems are compared case-insensitively: ``Scan.tif`` and ``scan.png`` collide on macOS and Windows."""
-    stems = Counter(path.stem.lower() for path in files)
-    return {path: f"{path.stem}_{path.suffix.lstrip('.').lower()}_mask.tif" if stems[path.stem.lower()] > 1
-            else f"{path.stem}_mask.tif" for path in files}
+    stems = Counter(image_stem(path).lower() for path in files)
+    return {path: f"{image_stem(path)}_{path.suffix.lstrip('.').lower()}_mask.tif"
+            if stems[image_stem(path).lower()] > 1 else f"{image_stem(path)}_mask.tif" for path in files}
 
 
 def check_batch(folder: str | Path, threshold: float = 0.5, out: str | Path | None = None) -> None:
@@ -226,7 +227,7 @@ class FolderBatch:
         self._run.close()
 
     def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow]]:
-        images = [p for p in self.files if p.suffix.lower() in IMAGE_SUFFIXES]
+        images = [p for p in self.files if is_image_path(p)]
         beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
         names = mask_names([p for p in images if p not in beside])
         rows: list[BatchRow] = []

@@ -1,6 +1,7 @@
 """Reading, validating and normalising 2-D images and masks: the only place that does it.
 
-Accepted: TIFF (tifffile), PNG/JPEG/BMP (imageio); 8- or 16-bit integers or floats; grey
+Accepted: TIFF (tifffile), PNG/JPEG/BMP (imageio), DICOM (pydicom, see :mod:`.dicom`: as a viewer
+shows it); 8- or 16-bit integers or floats; grey
 (H×W, or a grey PNG's H×W×2 with alpha dropped) or colour (H×W×3, H×W×4 with alpha dropped).
 Axes of length 1 are dropped first: ImageJ and NumPy often save one 2-D image as 1×H×W or H×W×1.
 Refused with an :class:`InputError` naming the file: unreadable or corrupt files, 3-D stacks,
@@ -24,21 +25,38 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmix_engine.data.dicom import DICOM_SUFFIXES, is_dicom_path, read_dicom
 from fedmix_engine.errors import InputError
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+_PLAIN_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")  # read by tifffile or imageio
+IMAGE_SUFFIXES = (*_PLAIN_SUFFIXES, *DICOM_SUFFIXES)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() not in _PLAIN_SUFFIXES and is_dicom_path(path)
+
+
+def is_image_path(path: Path) -> bool:
+    """A file the engine reads as an image: by its suffix, or a DICOM file named otherwise (PACS exports)."""
+    return path.suffix.lower() in _PLAIN_SUFFIXES or _is_dicom(path)
+
+
+def image_stem(path: str | Path) -> str:
+    """A file's name without its image suffix: ``case1`` for ``case1.png``, but all of
+    ``1.2.840.113619.2.55.1`` for a DICOM file named by its UID, whose last number is not a suffix."""
+    path = Path(path)
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
 
 
 def image_files(folder: Path) -> list[Path]:
     """The image files at the top of ``folder`` (sub-folders are not searched; hidden files are skipped)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_path(p))
 
 
 def no_images_reason(folder: Path) -> str:
-    """Why a folder has no image files to read, from what it holds instead: other file types (a DICOM
-    export, say) or sub-folders, which are not searched."""
+    """Why a folder has no image files to read, from what it holds instead: other file types (NIfTI
+    volumes, say) or sub-folders, which are not searched."""
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
     suffixes = Counter(p.suffix.lower() or "no suffix" for p in entries if p.is_file())
     subfolders = sorted(p.name for p in entries if p.is_dir())
@@ -58,8 +76,11 @@ def read_array(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise InputError(path, "file not found")
     suffix = path.suffix.lower()
+    if _is_dicom(path):
+        return read_dicom(path)
     if suffix not in IMAGE_SUFFIXES:
-        raise InputError(path, f"unsupported file type '{suffix}'; use one of {', '.join(IMAGE_SUFFIXES)}")
+        raise InputError(path, f"unsupported file type '{suffix}'; use one of {', '.join(IMAGE_SUFFIXES)} "
+                               "(or a DICOM file without suffix)")
     try:
         if suffix in (".tif", ".tiff"):
             import tifffile
@@ -180,6 +201,9 @@ def read_mask_file(path: Path, num_classes: int) -> np.ndarray:
     indices, since its colours only show the classes; a one-class JPEG mask (Kvasir-SEG's), whose
     compression smears the 0/255 edges into every grey, is thresholded at 128 if it is still two-toned
     (≥ 95 % of its pixels within 32 of black or white). Check the result with :func:`validate_mask`."""
+    if _is_dicom(path):
+        raise InputError(path, "DICOM masks (SEG, RT structure sets) are not read; save each mask as PNG or TIFF "
+                               "with 0 = background and 1..C = classes")
     indices = _palette_indices(path)
     if indices is not None:
         return indices

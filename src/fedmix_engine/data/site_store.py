@@ -36,7 +36,14 @@ from typing import Literal
 import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
-from fedmix_engine.data.imageio import normalise_image, read_image, tiff_bytes, validate_image, validate_mask
+from fedmix_engine.data.imageio import (
+    image_stem,
+    normalise_image,
+    read_image,
+    tiff_bytes,
+    validate_image,
+    validate_mask,
+)
 from fedmix_engine.errors import InputError
 
 FORMAT_VERSION = 1
@@ -185,8 +192,9 @@ class ImageRecord:
 
 
 def image_id_from_path(path: str | Path) -> str:
-    """The default image id: the file stem, with characters outside [A-Za-z0-9._-] replaced."""
-    stem = Path(path).stem
+    """The default image id: the file's name without its image suffix (:func:`image_stem`), with
+    characters outside [A-Za-z0-9._-] replaced."""
+    stem = image_stem(path)
     return re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-") or "image"
 
 

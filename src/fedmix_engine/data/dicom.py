@@ -1,0 +1,159 @@
+"""Reading one DICOM image (pydicom) as the pixels a DICOM viewer shows, for import and prediction.
+
+Hospitals export images from their PACS as DICOM, often as files without a suffix (``IM00001`` in
+a DICOM media folder) or named by their instance UID (``1.2.840.113619.2.55.1``). A file counts as
+DICOM if it ends in ``.dcm``/``.dicom``, or carries the ``DICM`` marker of a DICOM file header.
+
+What is read, in the order of the standard's pixel pipeline (PS3.4 N.2):
+
+- greyscale (``MONOCHROME1/2``): the modality transform (rescale slope and intercept, e.g. CT's
+  Hounsfield units) and the VOI transform (the stored window, or VOI LUT), so a CT or MR slice
+  looks as the radiologist saw it, in [0, 1]; ``MONOCHROME1`` (white = 0) is inverted. Neither is applied
+  when the file does not ask for it, so an 8-bit ultrasound frame stays 8-bit (and is scaled by
+  /255, not per image);
+- colour: ``RGB`` as stored, ``YBR_*`` converted to RGB by pydicom, ``PALETTE COLOR`` through
+  its lookup table.
+
+Refused, naming the file: multi-frame files (cine loops, volumes: FedMix sites hold 2-D
+images), segmentations (``SEG``) and files without pixel data (structure sets, reports),
+compressed pixel data this installation has no decoder for, and files that are not DICOM.
+Only pixels are kept: the header (patient data) is not copied into a site.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedmix_engine.errors import InputError
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+_PIXEL_DATA = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_DICOMDIR = "DICOMDIR"  # a DICOM media folder's index: DICOM, but holds no image
+
+
+def has_dicom_marker(path: Path) -> bool:
+    """True if the file has the 128-byte preamble followed by ``DICM`` that starts a DICOM file."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_path(path: Path) -> bool:
+    """A DICOM image candidate: a ``.dcm``/``.dicom`` file, or any other with the DICOM marker (not the
+    media folder's DICOMDIR index)."""
+    if path.name.upper() == _DICOMDIR:
+        return False
+    return path.suffix.lower() in DICOM_SUFFIXES or has_dicom_marker(path)
+
+
+def _dataset(path: Path):
+    """The parsed file; one without the 128-byte preamble (written by older software) is read too."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        try:
+            dataset = pydicom.dcmread(path, force=True)
+        except Exception as exc:
+            raise InputError(path, f"not a DICOM file ({type(exc).__name__}: {exc})") from exc
+        if "SOPClassUID" not in dataset and not any(k in dataset for k in _PIXEL_DATA):
+            raise InputError(path, "not a DICOM file (no DICOM header)") from None
+        return dataset
+
+
+def pixel_spacing(path: str | Path) -> tuple[float, float] | None:
+    """Row and column spacing in mm (PixelSpacing, or an X-ray's ImagerPixelSpacing), for a viewer's
+    scale; None when the file gives neither or cannot be read (reading the image says why)."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        spacing = dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing")
+        rows, columns = (float(v) for v in spacing)
+    except Exception:  # no spacing, a malformed value or an unreadable file: no scale
+        return None
+    return (rows, columns) if rows > 0 and columns > 0 else None
+
+
+def _what_it_is(dataset) -> str:
+    """The file's kind for a message: its SOP class name, e.g. 'RT Structure Set Storage'."""
+    uid = dataset.get("SOPClassUID")
+    return getattr(uid, "name", None) or str(dataset.get("Modality", "unknown kind"))
+
+
+def read_dicom(path: str | Path) -> np.ndarray:
+    """One DICOM file's image, H×W (grey) or H×W×3 (colour), as a viewer shows it (module docstring)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    path = Path(path)
+    try:
+        dataset = _dataset(path)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(path, f"unreadable or corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
+    if str(dataset.get("Modality", "")) == "SEG":
+        raise InputError(path, "a DICOM segmentation (SEG), not an image; a site's masks are read from "
+                               "PNG or TIFF files")
+    if not any(k in dataset for k in _PIXEL_DATA):
+        raise InputError(path, f"DICOM file holds no image ({_what_it_is(dataset)})")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise InputError(path, f"multi-frame DICOM ({frames} frames: a cine loop or a volume); FedMix sites "
+                               "hold 2-D images — export the frame to label as its own file")
+    try:
+        array = dataset.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        named = f" (transfer syntax: {syntax.name})" if syntax is not None else ""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # pydicom's message for a missing decoder lists, one per line, the packages that would decode it
+        raise InputError(path, f"cannot decode the DICOM pixel data{named}: {'; '.join(lines)}") from exc
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "PALETTE COLOR":
+        return np.asarray(apply_color_lut(array, dataset))
+    if not photometric.startswith("MONOCHROME"):
+        return np.asarray(array)  # RGB, or YBR already converted to RGB by pydicom
+    return _grey_as_displayed(array, dataset, photometric == "MONOCHROME1", apply_modality_lut, apply_voi_lut)
+
+
+def _grey_as_displayed(array: np.ndarray, dataset, inverted: bool, modality_lut, voi_lut) -> np.ndarray:
+    """Apply the transforms the file asks for; the stored integers when it asks for none. A windowed
+    image is returned in [0, 1] over the window's whole output range (not the image's own min–max,
+    which would stretch a window the image does not fill)."""
+    rescaled = "ModalityLUTSequence" in dataset or (
+        float(dataset.get("RescaleSlope", 1) or 1) != 1 or float(dataset.get("RescaleIntercept", 0) or 0) != 0)
+    windowed = "VOILUTSequence" in dataset or ("WindowCenter" in dataset and "WindowWidth" in dataset)
+    if not (rescaled or windowed or inverted):
+        return np.asarray(array)
+    values = modality_lut(array, dataset) if rescaled else array  # a modality LUT indexes the stored integers
+    if windowed:
+        lo, hi = _voi_output_range(dataset, voi_lut)
+        values = (np.asarray(voi_lut(values, dataset), dtype=np.float64) - lo) / max(hi - lo, 1e-12)
+        values = np.clip(values, 0.0, 1.0)
+        if inverted:
+            values = 1.0 - values
+    else:
+        values = np.asarray(values, dtype=np.float64)
+        if inverted:
+            values = values.max() + values.min() - values
+    return values.astype(np.float32)
+
+
+def _voi_output_range(dataset, voi_lut) -> tuple[float, float]:
+    """What the VOI transform gives at the two ends of its input: a VOI LUT's first and last entries,
+    or a window's black and white levels (which pydicom derives from the bit depth and rescale)."""
+    if "VOILUTSequence" in dataset:
+        entries, first = dataset.VOILUTSequence[0].LUTDescriptor[:2]
+        ends = np.array([first, first + (entries or 2**16) - 1], dtype=np.int64)
+    else:
+        ends = np.array([-np.inf, np.inf])
+    out = np.asarray(voi_lut(ends, dataset), dtype=np.float64)
+    return float(out.min()), float(out.max())

@@ -1,0 +1,155 @@
+"""DICOM images: read as a viewer shows them, imported from PACS-style folders, refused with reasons.
+
+Real files from other software are pydicom's own test files, installed with it (no download): a CT
+slice with rescale, an MR slice with a window (uncompressed, RLE, JPEG 2000), colour JPEG and YBR
+secondary captures, a palette-colour ultrasound frame, a 30-frame ultrasound cine loop, a SEG, an
+RT structure set, a JPEG-LS file and a truncated one. Files for cases those lack are written here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from fedmix_engine.cli import main
+from fedmix_engine.data.imageio import image_files, normalise_image, read_image, read_mask_file
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.errors import InputError
+
+
+def bundled(name: str) -> Path:
+    path = Path(get_testdata_file(name))
+    assert path.is_file(), f"pydicom's test file {name} is installed with it"
+    return path
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attributes) -> Path:
+    """A minimal secondary-capture DICOM file as a scanner's export would carry it."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName, ds.PatientID = "US", "Doe^Jane", "MRN-0042"
+    ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=pixels.dtype.itemsize * 8)
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_greyscale_dicom_is_read_as_the_viewer_shows_it(tmp_path: Path) -> None:
+    ct = pydicom.dcmread(bundled("CT_small.dcm"))
+    image = read_image(bundled("CT_small.dcm"))  # rescale intercept -1024: Hounsfield units, no window stored
+    np.testing.assert_array_equal(image, ct.pixel_array.astype(np.float32) - 1024)
+
+    mr = pydicom.dcmread(bundled("MR_small.dcm"))  # window centre 600, width 1600 (PS3.3 C.11.2.1.2.1, LINEAR)
+    raw = mr.pixel_array.astype(np.float64)
+    expected = np.clip((raw - (600 - 0.5)) / (1600 - 1) + 0.5, 0, 1)
+    for name in ("MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"):
+        np.testing.assert_allclose(read_image(bundled(name)), expected, atol=1e-6, err_msg=name)
+    assert expected.min() > 0.2, "the window is not stretched to the image's own darkest pixel"
+    np.testing.assert_allclose(normalise_image(read_image(bundled("MR_small.dcm")))[0], expected, atol=1e-6)
+
+    ramp = np.tile(np.arange(0, 4000, 125, dtype=np.uint16), (16, 1))  # an X-ray's MONOCHROME1: 0 shows white
+    shown = read_image(write_dicom(tmp_path / "cr.dcm", ramp, "MONOCHROME1", WindowCenter=2000, WindowWidth=4000))
+    assert shown[0, 0] == pytest.approx(1.0, abs=1e-3) and shown[0, -1] < 0.05
+    ultrasound = np.random.default_rng(0).integers(0, 256, (24, 32), dtype=np.uint8)
+    kept = read_image(write_dicom(tmp_path / "us.dcm", ultrasound))
+    assert kept.dtype == np.uint8 and np.array_equal(kept, ultrasound), "8-bit frames keep the /255 scale"
+
+
+@pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning")  # the palette file's own oddity
+def test_colour_dicom_is_read_as_rgb() -> None:
+    ybr = read_image(bundled("SC_ybr_full_422_uncompressed.dcm"))  # stored as YCbCr; its top band is red
+    assert ybr.shape == (100, 100, 3) and ybr[5, 5, 0] > 240 and ybr[5, 5, 1:].max() < 15
+    assert read_image(bundled("SC_rgb_jpeg.dcm")).shape == (256, 256, 3)  # JPEG baseline, decoded by Pillow
+    palette = read_image(bundled("examples_palette.dcm"))  # an ultrasound frame in PALETTE COLOR
+    assert palette.shape == (350, 800, 3) and len(np.unique(palette.reshape(-1, 3), axis=0)) > 10
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("examples_ybr_color.dcm", "multi-frame DICOM (30 frames: a cine loop or a volume)"),
+    ("liver_1frame.dcm", "a DICOM segmentation (SEG), not an image"),
+    ("rtstruct.dcm", "DICOM file holds no image (RT Structure Set Storage)"),
+    ("MR_small_jpeg_ls_lossless.dcm", "cannot decode the DICOM pixel data (transfer syntax: JPEG-LS Lossless"),
+    ("MR_small_jpeg_ls_lossless.dcm", "pylibjpeg - requires pylibjpeg>=2.0"),  # what to install
+    ("MR_truncated.dcm", "cannot decode the DICOM pixel data"),
+])
+def test_dicom_files_that_hold_no_single_image_are_refused_by_name(name: str, reason: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the odd files before we refuse them
+        with pytest.raises(InputError, match=r".*") as refused:
+            read_image(bundled(name))
+    assert name in str(refused.value) and reason in str(refused.value)
+
+
+def test_a_file_named_dcm_that_is_not_dicom_is_refused(tmp_path: Path) -> None:
+    fake = tmp_path / "scan.dcm"
+    fake.write_bytes(b"this is a text file renamed to .dcm\n" * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(InputError, match=r"scan\.dcm: not a DICOM file"):
+            read_image(fake)
+
+
+def test_site_import_reads_a_pacs_export_and_keeps_no_patient_data(tmp_path: Path, capsys) -> None:
+    """A PACS export: files without suffix named by instance UID, a DICOMDIR index and a cine loop."""
+    export = tmp_path / "export"
+    export.mkdir()
+    rng = np.random.default_rng(1)
+    for uid in ("1.2.826.0.1.3680043.100", "1.2.826.0.1.3680043.101"):  # differ only in what looks like a suffix
+        write_dicom(export / uid, rng.integers(0, 256, (40, 48), dtype=np.uint8))
+    shutil.copy(bundled("examples_ybr_color.dcm"), export / "IM0003")
+    shutil.copy(bundled("CT_small.dcm"), export / "DICOMDIR")  # the index is skipped, whatever it holds
+    (export / "notes.txt").write_text("not an image")
+    assert [p.name for p in image_files(export)] == ["1.2.826.0.1.3680043.100", "1.2.826.0.1.3680043.101",
+                                                      "IM0003"]
+    tags = tmp_path / "tags.csv"
+    tags.write_text("image,class,present\n1.2.826.0.1.3680043.101,lesion,present\n")
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(export),
+                 "--tags", str(tags)]) == 1, "a problem was reported"
+    assert "IM0003: multi-frame DICOM (30 frames" in capsys.readouterr().out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.image_ids() == ["1.2.826.0.1.3680043.100", "1.2.826.0.1.3680043.101"]
+        assert store.tags("1.2.826.0.1.3680043.101") == {"lesion": True}
+        assert tifffile.imread(site / "images" / "1.2.826.0.1.3680043.100.tif").shape == (40, 48)
+    for stored in site.rglob("*"):
+        if stored.is_file():
+            content = stored.read_bytes()
+            assert b"Doe^Jane" not in content and b"MRN-0042" not in content, f"{stored} holds patient data"
+
+
+def test_a_dicom_mask_is_refused_with_the_formats_that_are_read(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"liver_1frame\.dcm: DICOM masks \(SEG, RT structure sets\) are not read"):
+        read_mask_file(bundled("liver_1frame.dcm"), 1)
+
+
+def test_batch_predict_names_masks_after_the_whole_uid(tmp_path: Path) -> None:
+    from fedmix_engine.device import plan_device
+    from fedmix_engine.fedmix.pair import init_pair
+    from fedmix_engine.model import ModelConfig
+    from fedmix_engine.predict import Predictor, predict_folder
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for uid in ("1.2.3.7", "1.2.3.8"):
+        write_dicom(folder / uid, rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    tiny = ModelConfig(base_width=4)
+    rows = predict_folder(Predictor(init_pair(tiny, 0), tiny, 32, plan_device("cpu")), folder, tmp_path / "out")
+    assert [(r.file, r.mask_file, r.status) for r in rows] == [
+        ("1.2.3.7", "1.2.3.7_mask.tif", "ok"), ("1.2.3.8", "1.2.3.8_mask.tif", "ok")]
+    assert tifffile.imread(tmp_path / "out" / "1.2.3.8_mask.tif").shape == (20, 24)
