@@ -498,3 +498,38 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
         statuses = [row["status"] for row in csv.DictReader(handle)]
     assert statuses == ["ok", NOT_RUN, NOT_RUN]
     assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.tif")) == ["scan-0_mask.tif"]
+
+
+def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spacing(make_napari_viewer, qtbot,
+                                                                                    tmp_path):
+    """napari has no DICOM reader of its own: File › Open of a .dcm failed before the plugin gave one."""
+    import warnings
+
+    from pydicom.data import get_testdata_file
+
+    from fedmix_engine.data.imageio import read_image
+    from napari_fedmix.predict_widget import PRED_LAYER, PredictWidget
+
+    viewer = make_napari_viewer()
+    mr = get_testdata_file("MR_small.dcm")  # windowed MR slice, 0.3125 mm pixels
+    [layer] = viewer.open(mr, plugin="napari-fedmix")
+    assert layer.name == "MR_small" and not layer.rgb
+    np.testing.assert_array_equal(layer.data, read_image(mr))
+    np.testing.assert_allclose(layer.scale, (0.3125, 0.3125))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the palette file's own VR oddity
+        [colour] = viewer.open(get_testdata_file("examples_palette.dcm"), plugin="napari-fedmix")
+    assert colour.rgb and colour.data.shape == (350, 800, 3)
+    with pytest.raises(Exception, match="multi-frame DICOM"):  # napari wraps the reader's InputError
+        viewer.open(get_testdata_file("examples_ybr_color.dcm"), plugin="napari-fedmix")
+
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                 ModelConfig(base_width=4), {"image_size": 32})
+    widget = PredictWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.checkpoint.setText(str(checkpoint))
+    viewer.layers.selection.active = layer
+    assert widget.predict_active() is not None
+    qtbot.waitUntil(lambda: PRED_LAYER in viewer.layers, timeout=60_000)
+    assert viewer.layers[PRED_LAYER].data.shape == (64, 64)
+    np.testing.assert_allclose(viewer.layers[PRED_LAYER].scale, (0.3125, 0.3125))

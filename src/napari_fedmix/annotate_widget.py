@@ -299,7 +299,11 @@ class AnnotateWidget(QWidget):
             self._guard(lambda: self.create_site(path, [c.strip() for c in text.split(",") if c.strip()]))
 
     def _choose_images(self) -> None:
-        paths, _ = QFileDialog.getOpenFileNames(self, "Images to import", filter="Images (*.tif *.tiff *.png *.jpg)")
+        from fedmix_engine.data.imageio import IMAGE_SUFFIXES
+
+        patterns = " ".join(f"*{suffix}" for suffix in IMAGE_SUFFIXES)
+        # "All files": DICOM exports are often named without a suffix
+        paths, _ = QFileDialog.getOpenFileNames(self, "Images to import", filter=f"Images ({patterns});;All files (*)")
         if paths:
             self._guard(lambda: self.import_images(paths))
 
