@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.layer_records import boxes_to_shapes, save_annotations
+from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
     import napari
@@ -323,13 +324,10 @@ class AnnotateWidget(QWidget):
         return self.store
 
     def _start_import(self, steps):
-        from napari.qt.threading import create_worker
-
         self.last_import = None
-        worker = create_worker(lambda: (yield from steps), _start_thread=False)
+        worker = make_worker(lambda: (yield from steps), on_error=lambda exc: _notify([error_line(exc)]))
         worker.yielded.connect(self._on_import_step)
         worker.returned.connect(self._on_imported)
-        worker.errored.connect(lambda exc: _notify([error_line(exc)]))
         worker.finished.connect(self._on_import_finished)
         self.import_worker = worker
         self.import_bar.setRange(0, 0)  # busy until the first step says how many

@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from fedmix_engine.errors import InputError, error_line
+from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
     import napari
@@ -161,8 +162,6 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
-        from napari.qt.threading import create_worker
-
         _prepare_for_background_training(self.device.currentText())
         site = Path(self.site.text())
         if not self.site.text():
@@ -189,9 +188,8 @@ class TrainWidget(QWidget):
             generator, total = self._federation_events(site), 0
         self.round_bar.setRange(0, total)
         self.round_bar.setValue(0)
-        self.worker = create_worker(lambda: (yield from generator), _start_thread=False)
+        self.worker = make_worker(lambda: (yield from generator), on_error=self._on_error)
         self.worker.yielded.connect(self._on_event)
-        self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
         from fedmix_engine.device import plan_device
 
