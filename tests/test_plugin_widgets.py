@@ -296,8 +296,8 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     assert viewer.layers[PRED_LAYER].data.sum() <= (predict._probability.max(0) > 0.5).sum()
 
 
-def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_stack(make_napari_viewer, qtbot,
-                                                                                      tmp_path):
+def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_bad_layer(make_napari_viewer,
+                                                                                          qtbot, tmp_path):
     from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER, PredictWidget
 
     checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
@@ -328,9 +328,71 @@ def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_s
     for name in (PROB_LAYER, PRED_LAYER):  # the reused overlays move to the new image's geometry
         np.testing.assert_allclose(viewer.layers[name].scale, (1.0, 1.0))
         np.testing.assert_allclose(viewer.layers[name].translate, (0.0, 0.0))
-    viewer.add_image(np.zeros((5, 40, 48), np.uint8), name="stack")
+    viewer.add_image(np.full((40, 48), np.nan, np.float32), name="nan")
     assert widget.predict_active() is None, "refused before a worker starts"
-    assert "error: layer 'stack': 3-D stack (5×40×48)" in widget.status.text()
+    assert "error: layer 'nan': image contains NaN" in widget.status.text()
+
+
+def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewer, qtbot, tmp_path):
+    """A cine loop or a volume's slices was refused ('3-D stack'); each frame is now predicted, the
+    overlays are stacks on the same axes, and Stop ends a long run without touching them."""
+    from fedmix_engine.predict import Predictor
+    from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER, PredictWidget
+
+    config = ModelConfig(base_width=4)
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(config, 0), config, {"image_size": 32})
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    loop = rng.integers(0, 255, (6, 40, 48), dtype=np.uint8)
+    viewer.add_image(np.zeros((40, 48), np.uint8), name="2-D first")  # 2-D overlays exist before the stack's
+    widget = PredictWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.checkpoint.setText(str(checkpoint))
+    statuses: list[str] = []
+
+    def predict(name: str) -> np.ndarray:
+        viewer.layers.selection.active = viewer.layers[name]
+        before = widget._probability
+        worker = widget.predict_active()
+        assert worker is not None, widget.status.text()
+        if hasattr(worker.signals, "yielded"):  # a stack's generator worker; a 2-D image's returns at once
+            worker.yielded.connect(lambda _: statuses.append(widget.status.text()))
+        qtbot.waitUntil(lambda: widget._probability is not before, timeout=60_000)
+        return widget._probability
+
+    predict("2-D first")
+    viewer.add_image(loop, name="loop", scale=(1.0, 0.5, 0.5))
+    probability = predict("loop")
+    reference = Predictor.from_checkpoint(checkpoint, "cpu")
+    for t in (0, 5):  # each frame as if it were a 2-D image of its own
+        np.testing.assert_allclose(probability[:, t], reference.probabilities(loop[t]), atol=1e-5)
+    for name in (PROB_LAYER, PRED_LAYER):
+        assert viewer.layers[name].data.shape == (6, 40, 48)
+        np.testing.assert_allclose(viewer.layers[name].scale, (1.0, 0.5, 0.5))
+    assert statuses and statuses[-1] == "predicting loop: frame 6 of 6"
+    assert "of the stack" in widget.status.text()
+
+    viewer.add_image(rng.integers(0, 255, (3, 40, 48, 3), dtype=np.uint8), name="colour loop", rgb=True)
+    assert predict("colour loop").shape == (1, 3, 40, 48)
+
+    bad = rng.random((4, 40, 48)).astype(np.float32)
+    bad[2, 5, 5] = np.nan
+    viewer.add_image(bad, name="bad loop")
+    viewer.layers.selection.active = viewer.layers["bad loop"]
+    widget.predict_active()
+    qtbot.waitUntil(lambda: "error" in widget.status.text(), timeout=60_000)
+    assert "layer 'bad loop', frame 2: image contains NaN" in widget.status.text()
+    assert viewer.layers[PRED_LAYER].data.shape == (3, 40, 48), "the last good prediction stays"
+
+    viewer.add_image(rng.integers(0, 255, (3000, 40, 48), dtype=np.uint8), name="long")
+    viewer.layers.selection.active = viewer.layers["long"]
+    shown = viewer.layers[PRED_LAYER].data
+    worker = widget.predict_active()
+    assert widget.stop_button.isEnabled()
+    widget.stop()
+    qtbot.waitUntil(lambda: widget.status.text().startswith("stopped"), timeout=60_000)
+    qtbot.waitUntil(lambda: not widget.stop_button.isEnabled(), timeout=10_000)
+    assert worker.abort_requested and viewer.layers[PRED_LAYER].data is shown, "the overlays were left alone"
 
 
 def test_a_prediction_becomes_the_mask_to_correct_but_never_replaces_a_drawn_one(make_napari_viewer, qtbot,
@@ -502,7 +564,8 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
 
 def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spacing(make_napari_viewer, qtbot,
                                                                                     tmp_path):
-    """napari has no DICOM reader of its own: File › Open of a .dcm failed before the plugin gave one."""
+    """napari has no DICOM reader of its own: File › Open of a .dcm failed before the plugin gave one.
+    A cine loop opens as a stack and is predicted frame by frame."""
     import warnings
 
     from pydicom.data import get_testdata_file
@@ -520,8 +583,10 @@ def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spac
         warnings.simplefilter("ignore")  # the palette file's own VR oddity
         [colour] = viewer.open(get_testdata_file("examples_palette.dcm"), plugin="napari-fedmix")
     assert colour.rgb and colour.data.shape == (350, 800, 3)
-    with pytest.raises(Exception, match="multi-frame DICOM"):  # napari wraps the reader's InputError
-        viewer.open(get_testdata_file("examples_ybr_color.dcm"), plugin="napari-fedmix")
+    [loop] = viewer.open(get_testdata_file("examples_ybr_color.dcm"), plugin="napari-fedmix")
+    assert loop.rgb and loop.data.shape == (30, 240, 320, 3), "a 30-frame ultrasound cine loop, as a stack"
+    with pytest.raises(Exception, match="a DICOM segmentation"):  # napari wraps the reader's InputError
+        viewer.open(get_testdata_file("liver_1frame.dcm"), plugin="napari-fedmix")
 
     checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
                                  ModelConfig(base_width=4), {"image_size": 32})
@@ -533,3 +598,6 @@ def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spac
     qtbot.waitUntil(lambda: PRED_LAYER in viewer.layers, timeout=60_000)
     assert viewer.layers[PRED_LAYER].data.shape == (64, 64)
     np.testing.assert_allclose(viewer.layers[PRED_LAYER].scale, (0.3125, 0.3125))
+    viewer.layers.selection.active = loop
+    assert widget.predict_active() is not None
+    qtbot.waitUntil(lambda: viewer.layers[PRED_LAYER].data.shape == (30, 240, 320), timeout=60_000)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +93,49 @@ class Predictor:
         z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
         return torch.sigmoid(z[0]).numpy()
 
+    def iter_stack_probabilities(self, stack: np.ndarray, rgb: bool,
+                                 where: str | Path = "stack") -> Generator[tuple[int, int], None, np.ndarray]:
+        """Probabilities for every 2-D frame of a stack (a cine loop, a volume's slices, a time series),
+        one batch of frames at a time: yields (frames done, frames), returns float32 ``K×…×H×W`` with
+        the stack's leading axes. ``rgb``: the last axis holds colour channels (napari's ``rgb``).
+
+        Each frame is validated and normalised on its own, as the same frame exported as a 2-D image
+        would be; a bad frame is refused by its index. Stopping between yields (a GUI's Stop) costs
+        at most one batch."""
+        frames, leading = stack_frames(stack, rgb, where)
+        height, width = frames.shape[1:3]
+        out = np.empty((self.model_config.num_classes, len(frames), height, width), np.float32)
+        for start in range(0, len(frames), self.batch_size):
+            chunk = range(start, min(start + self.batch_size, len(frames)))
+            normalised = [normalise_image(validate_image(frames[i], f"{where}, frame {_frame_index(i, leading)}"),
+                                          self.model_config.in_channels) for i in chunk]
+            z = self.logits(torch.stack([resize_image(n, self.image_size) for n in normalised]))
+            z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
+            out[:, chunk.start:chunk.stop] = torch.sigmoid(z).numpy().transpose(1, 0, 2, 3)
+            yield chunk.stop, len(frames)
+        return out.reshape((out.shape[0], *leading, height, width))
+
     def mask(self, image: np.ndarray, threshold: float = 0.5, where: str | Path = "image") -> np.ndarray:
         """uint8 label image (0 = background; overlapping classes: the most probable wins)."""
         return probabilities_to_labels(self.probabilities(image, where), threshold)
+
+
+def stack_frames(stack: np.ndarray, rgb: bool, where: str | Path = "stack") -> tuple[np.ndarray, tuple[int, ...]]:
+    """A stack as ``F×H×W`` (or ``F×H×W×C`` if ``rgb``) frames, and the leading axes they came from."""
+    stack = np.asarray(stack)
+    image_axes = 3 if rgb else 2
+    if stack.ndim <= image_axes:
+        raise InputError(where, f"not a stack of 2-D frames (shape {tuple(stack.shape)})")
+    leading = tuple(stack.shape[:-image_axes])
+    if 0 in leading:
+        raise InputError(where, f"empty stack (shape {tuple(stack.shape)})")
+    return stack.reshape((-1, *stack.shape[-image_axes:])), leading
+
+
+def _frame_index(flat: int, leading: tuple[int, ...]) -> str:
+    """A frame's position as napari's sliders show it: ``12`` in a loop, ``(3, 12)`` in a 4-D stack."""
+    index = np.unravel_index(flat, leading)
+    return str(int(index[0])) if len(index) == 1 else str(tuple(int(i) for i in index))
 
 
 def probabilities_to_labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:

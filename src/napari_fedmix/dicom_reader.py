@@ -22,17 +22,21 @@ def get_dicom_reader(path: str | list[str]) -> Callable[[str | list[str]], list[
 
 
 def read_dicom_layers(path: str | list[str]) -> list[LayerData]:
-    """One image layer per file, named after it and scaled in mm when the file gives its pixel spacing;
-    a file the engine refuses (a cine loop, a SEG, an undecodable one) raises its InputError, which
-    napari shows."""
-    from fedmix_engine.data.dicom import pixel_spacing
-    from fedmix_engine.data.imageio import image_stem, read_image
+    """One image layer per file, named after it and scaled in mm when the file gives its pixel spacing.
+    A multi-frame file (a cine loop) opens as a stack, which Predict predicts frame by frame; a file
+    the engine refuses (a SEG, an undecodable one) raises its InputError, which napari shows."""
+    from fedmix_engine.data.dicom import load_dicom
+    from fedmix_engine.data.imageio import image_stem, validate_image
 
     layers = []
     for p in [path] if isinstance(path, str) else path:
-        image = read_image(p)
-        attributes = {"name": image_stem(p), "rgb": image.ndim == 3, "metadata": {"source": str(p)}}
-        if (spacing := pixel_spacing(p)) is not None:
-            attributes.update(scale=spacing, units="mm")
-        layers.append((image, attributes, "image"))
+        image = load_dicom(p, frames=True)
+        pixels, frame_axes = image.pixels, 3 if image.colour else 2
+        if pixels.ndim == frame_axes:
+            pixels = validate_image(pixels, p)  # one frame: checked as import would check it
+        attributes = {"name": image_stem(p), "rgb": image.colour, "metadata": {"source": str(p)}}
+        if image.spacing is not None:
+            leading = pixels.ndim - frame_axes
+            attributes.update(scale=(1.0,) * leading + image.spacing, units=("pixel",) * leading + ("mm", "mm"))
+        layers.append((pixels, attributes, "image"))
     return layers

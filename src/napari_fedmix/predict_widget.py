@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 )
 
 from fedmix_engine.errors import InputError, error_line
+from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
     import napari
@@ -62,17 +63,24 @@ class PredictWidget(QWidget):
         self.button.clicked.connect(self.predict_active)
         self.to_mask = QPushButton("Use the prediction as the mask, to correct")
         self.to_mask.clicked.connect(self.use_as_mask)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.stop_button.clicked.connect(self.stop)
+        self.worker = None  # a running stack prediction
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self._probability: np.ndarray | None = None
         self._predictor = None
         self._predictor_path: str | None = None
-        self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}
+        self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}  # the predicted layer's, all axes
         self._source: tuple[str, object] | None = None  # the predicted layer's name and data
         form = QFormLayout(self)
         form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", folder=False))
         form.addRow("threshold", self.threshold)
-        form.addRow(self.button)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.button)
+        buttons.addWidget(self.stop_button)
+        form.addRow(buttons)
         form.addRow(self.to_mask)
         form.addRow(self.status)
 
@@ -88,31 +96,53 @@ class PredictWidget(QWidget):
         return self._predictor
 
     def predict_active(self):
-        """Start prediction in a worker; returns the worker (tests wait on it)."""
-        from napari.qt.threading import create_worker
+        """Start prediction in a worker; returns the worker (tests wait on it). A stack (a cine loop, a
+        volume's slices) is predicted frame by frame with progress, and Stop ends it between batches."""
+        from fedmix_engine.data.imageio import validate_image
+        from fedmix_engine.predict import stack_frames
 
         layer = self._image_layer()
         if layer is None:
             self.status.setText("no image layer to predict")
             return None
-        from fedmix_engine.data.imageio import validate_image
-
-        where = f"layer '{layer.name}'"
-        try:
-            data = validate_image(np.asarray(layer.data), where)  # a stack or NaNs: said here, not in a worker
+        where, rgb = f"layer '{layer.name}'", bool(getattr(layer, "rgb", False))
+        data = np.asarray(layer.data)
+        stack = data.ndim > (3 if rgb else 2)
+        try:  # a wrong shape or NaNs in a 2-D image: said here, not in a worker
+            if stack:
+                stack_frames(data, rgb, where)
+            else:
+                data = validate_image(data, where)
             predictor = self.predictor()
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
         # the overlays sit on the image's pixels: same scale and offset (pixel spacing from a reader)
-        geometry = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
-        self.status.setText(f"predicting {layer.name}…")
-        worker = create_worker(predictor.probabilities, data, where, _start_thread=False)
+        geometry = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
         source = (layer.name, layer.data)
+        self.status.setText(f"predicting {layer.name}…")
+        if stack:
+            worker = make_worker(predictor.iter_stack_probabilities, data, rgb, where, on_error=self._on_error)
+            worker.yielded.connect(lambda done: self.status.setText(
+                f"predicting {layer.name}: frame {done[0]} of {done[1]}"))
+            worker.aborted.connect(lambda: self.status.setText(
+                f"stopped: {layer.name} was not predicted (overlays unchanged)"))
+            worker.finished.connect(lambda: self.stop_button.setEnabled(False))
+            self.stop_button.setEnabled(True)
+            self.worker = worker
+        else:
+            worker = make_worker(predictor.probabilities, data, where, on_error=self._on_error)
         worker.returned.connect(lambda probability: self._show(probability, geometry, source))
-        worker.errored.connect(lambda exc: self.status.setText(error_line(exc)))
         worker.start()
         return worker
+
+    def _on_error(self, exc: Exception) -> None:
+        self.status.setText(error_line(exc))
+
+    def stop(self) -> None:
+        """Stop a running stack prediction after its current batch of frames."""
+        if self.worker is not None:
+            self.worker.quit()
 
     def _image_layer(self):
         """The active image layer, else the top one; never this widget's own probability overlay."""
@@ -122,15 +152,11 @@ class PredictWidget(QWidget):
 
     def _show(self, probability: np.ndarray, geometry: dict, source: tuple[str, object]) -> None:
         self._probability, self._geometry, self._source = probability, geometry, source
-        shown = probability.max(axis=0)
-        if PROB_LAYER in self.viewer.layers:
-            self.viewer.layers[PROB_LAYER].data = shown
-            self._place(self.viewer.layers[PROB_LAYER])
-        else:
-            self.viewer.add_image(shown, name=PROB_LAYER, colormap="magma", opacity=0.5, contrast_limits=(0, 1),
-                                  **self._geometry)
+        self._overlay(PROB_LAYER, probability.max(axis=0), self.viewer.add_image, colormap="magma", opacity=0.5,
+                      contrast_limits=(0, 1))
         self._apply_threshold()
-        self.status.setText(f"foreground {float((self.viewer.layers[PRED_LAYER].data > 0).mean()):.1%} of the image")
+        self.status.setText(f"foreground {float((self.viewer.layers[PRED_LAYER].data > 0).mean()):.1%} of the "
+                            + ("stack" if probability.ndim > 3 else "image"))
 
     def _apply_threshold(self) -> None:
         if self._probability is None:
@@ -138,11 +164,19 @@ class PredictWidget(QWidget):
         from fedmix_engine.predict import probabilities_to_labels
 
         labels = probabilities_to_labels(self._probability, self.threshold.value() / 100)
-        if PRED_LAYER in self.viewer.layers:
-            self.viewer.layers[PRED_LAYER].data = labels
-            self._place(self.viewer.layers[PRED_LAYER])
-        else:
-            self.viewer.add_labels(labels, name=PRED_LAYER, opacity=0.5, **self._geometry)
+        self._overlay(PRED_LAYER, labels, self.viewer.add_labels, opacity=0.5)
+
+    def _overlay(self, name: str, data: np.ndarray, add, **style) -> None:
+        """Put ``data`` in the reused overlay ``name`` at the predicted image's geometry; a layer of
+        another dimensionality (a 2-D image's overlay, now a stack's) is replaced, not reshaped."""
+        layers = self.viewer.layers
+        if name in layers and layers[name].ndim == data.ndim:
+            layers[name].data = data
+            self._place(layers[name])
+            return
+        if name in layers:
+            layers.remove(name)
+        add(data, name=name, **style, **self._geometry)
 
     def use_as_mask(self) -> bool:
         """Copy the thresholded prediction into the annotate widget's mask layer, so that a clinician
@@ -213,8 +247,6 @@ class BatchPredictWidget(QWidget):
         layout.addWidget(self.skipped)
 
     def run(self):
-        from napari.qt.threading import create_worker
-
         from fedmix_engine.predict import Predictor, check_batch, iter_predict_folder
 
         try:
@@ -229,9 +261,8 @@ class BatchPredictWidget(QWidget):
             return None
         self.rows, self.total, self.error = [], batch.total, None
         self.skipped.clear()
-        self.worker = create_worker(lambda: (yield from batch), _start_thread=False)
+        self.worker = make_worker(lambda: (yield from batch), on_error=self._on_error)
         self.worker.yielded.connect(self._on_row)
-        self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(lambda: self._on_finished(batch, out))
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)

@@ -22,6 +22,7 @@ Only pixels are kept: the header (patient data) is not copied into a site.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,16 +69,12 @@ def _dataset(path: Path):
         return dataset
 
 
-def pixel_spacing(path: str | Path) -> tuple[float, float] | None:
-    """Row and column spacing in mm (PixelSpacing, or an X-ray's ImagerPixelSpacing), for a viewer's
-    scale; None when the file gives neither or cannot be read (reading the image says why)."""
-    import pydicom
-
+def _pixel_spacing(dataset) -> tuple[float, float] | None:
+    """Row and column spacing in mm (PixelSpacing, or an X-ray's ImagerPixelSpacing); None when the
+    file gives neither or a malformed value."""
     try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        spacing = dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing")
-        rows, columns = (float(v) for v in spacing)
-    except Exception:  # no spacing, a malformed value or an unreadable file: no scale
+        rows, columns = (float(v) for v in dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing"))
+    except (TypeError, ValueError):
         return None
     return (rows, columns) if rows > 0 and columns > 0 else None
 
@@ -88,8 +85,24 @@ def _what_it_is(dataset) -> str:
     return getattr(uid, "name", None) or str(dataset.get("Modality", "unknown kind"))
 
 
+@dataclass(frozen=True)
+class DicomImage:
+    """A DICOM file's pixels as a viewer shows them, and what a viewer needs to place them."""
+
+    pixels: np.ndarray  # H×W or H×W×3; F×H×W or F×H×W×3 for a multi-frame file read with frames=True
+    colour: bool  # the last axis holds RGB (not the width of a grey frame)
+    spacing: tuple[float, float] | None  # row and column spacing in mm, when the file gives it
+
+
 def read_dicom(path: str | Path) -> np.ndarray:
-    """One DICOM file's image, H×W (grey) or H×W×3 (colour), as a viewer shows it (module docstring)."""
+    """One DICOM file's 2-D image, H×W (grey) or H×W×3 (colour), as a viewer shows it (module docstring)."""
+    return load_dicom(path).pixels
+
+
+def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
+    """:func:`read_dicom` with the pixel spacing. ``frames=True`` (napari's reader, to show and predict
+    a cine loop) also reads a multi-frame file, with the file-level rescale and window; an enhanced
+    multi-frame file's per-frame values (PerFrameFunctionalGroupsSequence) are not applied."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     path = Path(path)
@@ -104,9 +117,9 @@ def read_dicom(path: str | Path) -> np.ndarray:
                                "PNG or TIFF files")
     if not any(k in dataset for k in _PIXEL_DATA):
         raise InputError(path, f"DICOM file holds no image ({_what_it_is(dataset)})")
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise InputError(path, f"multi-frame DICOM ({frames} frames: a cine loop or a volume); FedMix sites "
+    count = int(dataset.get("NumberOfFrames", 1) or 1)
+    if count > 1 and not frames:
+        raise InputError(path, f"multi-frame DICOM ({count} frames: a cine loop or a volume); FedMix sites "
                                "hold 2-D images — export the frame to label as its own file")
     try:
         array = dataset.pixel_array
@@ -118,10 +131,12 @@ def read_dicom(path: str | Path) -> np.ndarray:
         raise InputError(path, f"cannot decode the DICOM pixel data{named}: {'; '.join(lines)}") from exc
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric == "PALETTE COLOR":
-        return np.asarray(apply_color_lut(array, dataset))
-    if not photometric.startswith("MONOCHROME"):
-        return np.asarray(array)  # RGB, or YBR already converted to RGB by pydicom
-    return _grey_as_displayed(array, dataset, photometric == "MONOCHROME1", apply_modality_lut, apply_voi_lut)
+        pixels = np.asarray(apply_color_lut(array, dataset))
+    elif not photometric.startswith("MONOCHROME"):
+        pixels = np.asarray(array)  # RGB, or YBR already converted to RGB by pydicom
+    else:
+        pixels = _grey_as_displayed(array, dataset, photometric == "MONOCHROME1", apply_modality_lut, apply_voi_lut)
+    return DicomImage(pixels, not photometric.startswith("MONOCHROME"), _pixel_spacing(dataset))
 
 
 def _grey_as_displayed(array: np.ndarray, dataset, inverted: bool, modality_lut, voi_lut) -> np.ndarray:
