@@ -519,3 +519,45 @@ def test_resized_masks_and_boxes_stay_on_their_image(source: int, size: int) -> 
         # 0.15: the threshold moves a small disk's edge by whole pixels; the old offset was 0.24–0.5 px
         assert abs(my - iy) < 0.15 and abs(mx - ix) < 0.15, (source, size, (my, mx), (iy, ix))
         assert abs(mask.mean() - image.mean()) < 0.02  # the area is kept too
+
+
+def test_batch_predict_writes_a_mask_stack_for_a_multi_page_tiff_or_a_cine_loop(tmp_path: Path) -> None:
+    """A folder of cine loops or multi-page TIFFs was skipped file by file ('3-D stack'); each is now
+    predicted frame by frame into a multi-page mask, while what is not a stack is still refused."""
+    import csv
+    import shutil
+    import warnings
+
+    import tifffile
+    from pydicom.data import get_testdata_file
+
+    from fedmix_engine.predict import Predictor, predict_folder
+
+    predictor = Predictor(init_pair(TINY, 0), TINY, 32, CPU)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    loop = rng.integers(0, 255, (6, 40, 48), dtype=np.uint8)
+    tifffile.imwrite(folder / "loop.tif", loop)
+    tifffile.imwrite(folder / "colour-loop.tif", rng.integers(0, 255, (3, 40, 48, 3), dtype=np.uint8),
+                     photometric="rgb")
+    tifffile.imwrite(folder / "planar.tif", rng.integers(0, 255, (3, 40, 48), dtype=np.uint8), photometric="rgb",
+                     planarconfig="separate")
+    tifffile.imwrite(folder / "two.tif", rng.integers(0, 255, (40, 48, 2), dtype=np.uint8))
+    shutil.copy(get_testdata_file("examples_ybr_color.dcm"), folder / "cine.dcm")  # 30-frame ultrasound loop
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = {r.file: r for r in predict_folder(predictor, folder, out)}
+    assert (rows["loop.tif"].frames, rows["loop.tif"].status) == (6, "ok")
+    masks = tifffile.imread(out / "loop_mask.tif")
+    assert masks.shape == (6, 40, 48)
+    for t in (0, 5):  # each page is the frame's own 2-D prediction
+        np.testing.assert_array_equal(masks[t], predictor.mask(loop[t]))
+    assert tifffile.imread(out / "colour-loop_mask.tif").shape == (3, 40, 48)
+    assert (rows["cine.dcm"].frames, rows["cine.dcm"].height, rows["cine.dcm"].width) == (30, 240, 320)
+    assert tifffile.imread(out / "cine_mask.tif").shape == (30, 240, 320)
+    assert rows["planar.tif"].status.startswith("skipped: channels-first colour image")
+    assert rows["two.tif"].status.startswith("skipped: two-channel image")
+    with open(out / "summary.csv", newline="") as handle:
+        summary = {row["file"]: row for row in csv.DictReader(handle)}
+    assert summary["loop.tif"]["frames"] == "6" and summary["two.tif"]["frames"] == "0"

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = site_sub.add_parser("import", help="import a folder of images, masks and box/tag tables")
     p.add_argument("dir", type=Path, help="site folder (created when --classes is given and it does not exist)")
-    p.add_argument("--images", type=Path, required=True, help="folder of images (tif, png, jpg, bmp)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="folder of images (tif, png, jpg, bmp, dcm, or DICOM files without a suffix)")
     p.add_argument("--masks", type=Path, help="folder of label masks, matched to images by file stem")
     p.add_argument("--boxes", type=Path, help="CSV with columns image,class,y0,x0,y1,x1")
     p.add_argument("--tags", type=Path, help="CSV with columns image,class,present (present/absent)")

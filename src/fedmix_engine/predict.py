@@ -26,7 +26,7 @@ from fedmix_engine.data.imageio import (
     is_image_path,
     no_images_reason,
     normalise_image,
-    read_image,
+    read_frames,
     tiff_bytes,
     validate_image,
 )
@@ -207,9 +207,10 @@ class BatchRow:
     foreground_fraction: float
     status: str
     mask_file: str = ""  # the mask written for ``file`` ("" when none was)
+    frames: int = 0  # 1 for a 2-D image, the frame count of a stack (0 when not predicted)
 
 
-SUMMARY_COLUMNS = ("file", "mask_file", "height", "width", "foreground_fraction", "status")
+SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "status")
 NOT_RUN = "not run: the batch was stopped before this file"
 
 
@@ -280,11 +281,15 @@ class FolderBatch:
                                    f"skipped: not an image ({path.suffix or 'no suffix'})")
                 else:
                     try:
-                        image = read_image(path)
-                        mask = predictor.mask(image, threshold, path)
-                        atomic_write_bytes(self.out / names[path], tiff_bytes(mask))
-                        row = BatchRow(path.name, mask.shape[0], mask.shape[1], round(float((mask > 0).mean()), 6),
-                                       "ok", names[path])
+                        pixels, colour = read_frames(path)
+                        if pixels.ndim > (3 if colour else 2):  # a cine loop or a multi-page TIFF
+                            probability = _drain(predictor.iter_stack_probabilities(pixels, colour, path))
+                            mask = probabilities_to_labels(probability, threshold)
+                        else:
+                            mask = predictor.mask(pixels, threshold, path)
+                        atomic_write_bytes(self.out / names[path], tiff_bytes(mask, stack=mask.ndim > 2))
+                        row = BatchRow(path.name, mask.shape[-2], mask.shape[-1], round(float((mask > 0).mean()), 6),
+                                       "ok", names[path], int(np.prod(mask.shape[:-2])))
                     except InputError as exc:
                         row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: {exc.reason}")
                 rows.append(row)
@@ -292,6 +297,15 @@ class FolderBatch:
         finally:
             not_run = [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
             _write_summary(self.out / "summary.csv", rows + not_run)
+
+
+def _drain(steps: Generator[tuple[int, int], None, np.ndarray]) -> np.ndarray:
+    """Run a stack prediction to the end (a batch reports progress per file, not per frame)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
 
 
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,

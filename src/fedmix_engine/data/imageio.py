@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmix_engine.data.dicom import DICOM_SUFFIXES, is_dicom_path, read_dicom
+from fedmix_engine.data.dicom import DICOM_SUFFIXES, is_dicom_path, load_dicom, read_dicom
 from fedmix_engine.errors import InputError
 
 _PLAIN_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")  # read by tifffile or imageio
@@ -144,6 +144,40 @@ def read_image(path: str | Path) -> np.ndarray:
     return validate_image(read_array(path), path)
 
 
+def read_frames(path: str | Path) -> tuple[np.ndarray, bool]:
+    """A file's pixels for prediction: one 2-D image, validated, or a stack of 2-D frames (a multi-page
+    TIFF, a multi-frame DICOM cine loop) as stored, whose frames the predictor validates one by one;
+    and whether the last axis holds colour. Import takes one 2-D image only (:func:`read_image`)."""
+    path = Path(path)
+    axes = ""
+    if _is_dicom(path):
+        image = load_dicom(path, frames=True)
+        array, colour = image.pixels, image.colour
+    else:
+        array = read_array(path)
+        axes = _tiff_axes(path) if path.suffix.lower() in (".tif", ".tiff") else ("YXS" if array.ndim == 3 else "YX")
+        colour = axes.endswith("S")
+        array = _without_length_one_axes(array)
+    frame_axes = 3 if colour else 2
+    frame = array.shape[-frame_axes:][:2]
+    planar = not colour and "S" in axes  # channels-first colour (SYX) is not a stack of grey frames
+    if array.ndim > frame_axes and min(frame) >= 8 and not planar:
+        return array, colour
+    image = validate_image(array, path)  # one image, or its refusal (an H×W×2 TIFF is not 48 frames of W×2)
+    return image, image.ndim == 3
+
+
+def _tiff_axes(path: Path) -> str:
+    """A TIFF's axes as tifffile names them: YX, YXS (colour samples), SYX (channels first), TYX, …"""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            return tiff.series[0].axes
+    except Exception:  # read_array has read it already; without axes, take the shape at its word
+        return ""
+
+
 def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:
     """Map a validated image to float32 ``channels×H×W`` in [0, 1] (rules in the module docstring)."""
     if channels not in (1, 3):
@@ -166,17 +200,19 @@ def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 
-def tiff_bytes(array: np.ndarray) -> bytes:
-    """A 2-D grey or H×W×3 colour array as a Deflate-compressed TIFF, the one way the engine writes images
-    and masks. Lossless and read by every TIFF reader (Fiji, PIL, OpenCV) without extra codecs; level 1,
-    because masks shrink ~100× at any level while images gain little beyond it (speckle is noise) and
-    higher levels cost up to 5× the time."""
+def tiff_bytes(array: np.ndarray, stack: bool = False) -> bytes:
+    """A 2-D grey or H×W×3 colour array (``stack``: grey frames …×H×W, one page each) as a
+    Deflate-compressed TIFF, the one way the engine writes images and masks. Lossless and read by
+    every TIFF reader (Fiji, PIL, OpenCV) without extra codecs; level 1, because masks shrink ~100×
+    at any level while images gain little beyond it (speckle is noise) and higher levels cost up to
+    5× the time."""
     import io
 
     import tifffile
 
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric="rgb" if array.ndim == 3 else "minisblack",
+    colour = array.ndim == 3 and not stack
+    tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric="rgb" if colour else "minisblack",
                      compression="zlib", compressionargs={"level": 1}, metadata=None)
     return buffer.getvalue()
 
