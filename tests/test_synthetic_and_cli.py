@@ -265,12 +265,8 @@ def test_flower_app_folder_from_the_cli(tmp_path: Path, capsys) -> None:
 
 
 def test_import_steps_report_progress_and_an_import_stopped_midway_keeps_whole_images(tmp_path: Path, rng) -> None:
-    from fedmix_engine.data.importer import (
-        ImportProgress,
-        import_files_steps,
-        import_folder_steps,
-        run_steps,
-    )
+    from fedmix_engine.data.importer import ImportProgress, import_files_steps, import_folder_steps
+    from fedmix_engine.steps import run_steps
 
     folder = tmp_path / "busi"
     folder.mkdir()

@@ -53,8 +53,9 @@ def cmd_site_init(args: argparse.Namespace) -> int:
 
 def cmd_site_import(args: argparse.Namespace) -> int:
     from fedmix_engine.cli_training import clear_progress_bar, progress_bar
-    from fedmix_engine.data.importer import import_sources_steps, read_sources, run_steps
+    from fedmix_engine.data.importer import import_sources_steps, read_sources
     from fedmix_engine.data.site_store import CONFIG_FILE, SiteStore
+    from fedmix_engine.steps import run_steps
 
     sources = read_sources(args.images, args.masks, args.boxes, args.tags)  # before a new site folder is made
     if not (Path(args.dir) / CONFIG_FILE).exists() and args.classes:

@@ -38,6 +38,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.metrics import dice
 from fedmix_engine.fedmix.pair import PairState, build_pair
 from fedmix_engine.model import ModelConfig
+from fedmix_engine.steps import run_steps
 
 INFERENCE = ("net1", "mean")
 
@@ -282,8 +283,8 @@ class FolderBatch:
                 else:
                     try:
                         pixels, colour = read_frames(path)
-                        if pixels.ndim > (3 if colour else 2):  # a cine loop or a multi-page TIFF
-                            probability = _drain(predictor.iter_stack_probabilities(pixels, colour, path))
+                        if pixels.ndim > (3 if colour else 2):  # a cine loop or a multi-page TIFF: whole
+                            probability = run_steps(predictor.iter_stack_probabilities(pixels, colour, path))
                             mask = probabilities_to_labels(probability, threshold)
                         else:
                             mask = predictor.mask(pixels, threshold, path)
@@ -297,15 +298,6 @@ class FolderBatch:
         finally:
             not_run = [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
             _write_summary(self.out / "summary.csv", rows + not_run)
-
-
-def _drain(steps: Generator[tuple[int, int], None, np.ndarray]) -> np.ndarray:
-    """Run a stack prediction to the end (a batch reports progress per file, not per frame)."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as finished:
-            return finished.value
 
 
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,

@@ -73,11 +73,17 @@ def no_images_reason(folder: Path) -> str:
 def read_array(path: str | Path) -> np.ndarray:
     """Read an image file as stored (no conversion); refuse what cannot be read."""
     path = Path(path)
+    if _is_dicom(path):
+        return read_dicom(path)
+    return _read_stored(path)[0]
+
+
+def _read_stored(path: Path) -> tuple[np.ndarray, str]:
+    """A non-DICOM image file as stored, and its axes: tifffile's for a TIFF (YX, YXS for colour
+    samples, SYX channels first, TYX, …), else YX or YXS by the shape."""
     if not path.is_file():
         raise InputError(path, "file not found")
     suffix = path.suffix.lower()
-    if _is_dicom(path):
-        return read_dicom(path)
     if suffix not in IMAGE_SUFFIXES:
         raise InputError(path, f"unsupported file type '{suffix}'; use one of {', '.join(IMAGE_SUFFIXES)} "
                                "(or a DICOM file without suffix)")
@@ -85,19 +91,22 @@ def read_array(path: str | Path) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            array = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tiff:  # what tifffile.imread reads: the first series
+                series = tiff.series[0]
+                array, axes = series.asarray(), series.axes
         else:
             import imageio.v3 as iio
 
             array = iio.imread(path)
             if array.ndim == 3 and array.shape[-1] == 2:
                 array = array[..., 0]  # PNG's grey + alpha mode: the format says the second channel is alpha
+            axes = "YXS" if array.ndim == 3 else "YX"
     except Exception as exc:  # the readers raise many types for corrupt files
         raise InputError(path, f"unreadable or corrupt image file ({type(exc).__name__}: {exc})") from exc
     array = np.asarray(array)
     if array.size == 0:
         raise InputError(path, "unreadable or corrupt image file (no pixel data)")
-    return array
+    return array, axes
 
 
 def _without_length_one_axes(array: np.ndarray) -> np.ndarray:
@@ -154,8 +163,7 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, bool]:
         image = load_dicom(path, frames=True)
         array, colour = image.pixels, image.colour
     else:
-        array = read_array(path)
-        axes = _tiff_axes(path) if path.suffix.lower() in (".tif", ".tiff") else ("YXS" if array.ndim == 3 else "YX")
+        array, axes = _read_stored(path)
         colour = axes.endswith("S")
         array = _without_length_one_axes(array)
     frame_axes = 3 if colour else 2
@@ -165,17 +173,6 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, bool]:
         return array, colour
     image = validate_image(array, path)  # one image, or its refusal (an H×W×2 TIFF is not 48 frames of W×2)
     return image, image.ndim == 3
-
-
-def _tiff_axes(path: Path) -> str:
-    """A TIFF's axes as tifffile names them: YX, YXS (colour samples), SYX (channels first), TYX, …"""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tiff:
-            return tiff.series[0].axes
-    except Exception:  # read_array has read it already; without axes, take the shape at its word
-        return ""
 
 
 def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:

@@ -35,6 +35,7 @@ import numpy as np
 from fedmix_engine.data.imageio import image_files, no_images_reason, read_mask_file, validate_mask
 from fedmix_engine.data.site_store import Box, SiteStore, image_id_from_path
 from fedmix_engine.errors import InputError
+from fedmix_engine.steps import run_steps
 
 _TRUE = {"present", "yes", "true", "1", "y"}
 _FALSE = {"absent", "no", "false", "0", "n"}
@@ -210,17 +211,6 @@ def import_folder(store: SiteStore, images: str | Path, masks: str | Path | None
                   progress: Callable[[ImportProgress], None] | None = None) -> ImportReport:
     """Import images, masks (matched by file stem) and box/tag tables into ``store``."""
     return run_steps(import_folder_steps(store, images, masks, boxes_csv, tags_csv, author), progress)
-
-
-def run_steps(steps: ImportSteps, progress: Callable[[ImportProgress], None] | None = None) -> ImportReport:
-    """Run an import's steps to the end, telling ``progress`` each one; returns its report."""
-    while True:
-        try:
-            update = next(steps)
-        except StopIteration as finished:
-            return finished.value
-        if progress:
-            progress(update)
 
 
 def import_folder_steps(store: SiteStore, images: str | Path, masks: str | Path | None = None,

@@ -1,0 +1,22 @@
+"""Long work as steps: a generator that yields progress and returns its result, so a GUI worker can
+show each step and stop between two, while a command line or a caller that needs only the result
+runs it to the end with :func:`run_steps`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import TypeVar
+
+Progress = TypeVar("Progress")
+Result = TypeVar("Result")
+
+
+def run_steps(steps: Generator[Progress, None, Result], progress: Callable[[Progress], None] | None = None) -> Result:
+    """Run the steps to the end, telling ``progress`` each one; returns the generator's result."""
+    while True:
+        try:
+            update = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if progress:
+            progress(update)
