@@ -561,3 +561,60 @@ def test_batch_predict_writes_a_mask_stack_for_a_multi_page_tiff_or_a_cine_loop(
     with open(out / "summary.csv", newline="") as handle:
         summary = {row["file"]: row for row in csv.DictReader(handle)}
     assert summary["loop.tif"]["frames"] == "6" and summary["two.tif"]["frames"] == "0"
+
+
+def test_gpu_out_of_memory_halves_the_forward_batch_and_names_what_to_change_in_training(sample: Path,
+                                                                                         monkeypatch) -> None:
+    """A GPU shared with napari can run out of memory: prediction and pseudo-labels went down with
+    torch's bare OutOfMemoryError. Injected here (no GPU), as torch raises it."""
+    import fedmix_engine.fedmix.local_update as local_update_module
+    from fedmix_engine.device import forward_in_batches
+    from fedmix_engine.predict import Predictor
+
+    def oom() -> torch.OutOfMemoryError:
+        return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    sizes: list[int] = []
+
+    def step(items: slice) -> torch.Tensor:
+        sizes.append(items.stop - items.start)
+        if items.stop - items.start > 3:
+            raise oom()
+        return torch.arange(items.start, items.stop)
+
+    out, fitted = forward_in_batches(step, 10, 8, CPU)
+    assert torch.cat(out).tolist() == list(range(10)) and fitted == 2 and sizes[:3] == [8, 4, 2]
+
+    def always(items: slice) -> torch.Tensor:
+        raise oom()
+
+    with pytest.raises(InputError, match=r"^cpu: out of memory predicting even one image at a time; .*--device cpu"):
+        forward_in_batches(always, 3, 4, CPU)
+
+    predictor = Predictor(init_pair(TINY, 0), TINY, 32, CPU, batch_size=8)
+    images = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = predictor.logits(images)
+    real_forward = predictor.net1.forward
+
+    def small_gpu(x: torch.Tensor) -> torch.Tensor:
+        if len(x) > 2:
+            raise oom()
+        return real_forward(x)
+
+    monkeypatch.setattr(predictor.net1, "forward", small_gpu)
+    torch.testing.assert_close(predictor.logits(images), expected)
+    assert predictor.batch_size == 2, "the batch that fitted is kept for the next call"
+    from fedmix_engine.fedmix.pseudo_labels import predict_binary
+
+    assert torch.equal(predict_binary(predictor.net1, images, CPU, batch_size=8), expected > 0)  # pseudo-labels
+
+    with SiteStore.open(sample / "site-a", readonly=True) as store, store.training_view() as view:
+        data = load_site_tensors(view, 32)
+
+    def loss_out_of_memory(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise oom()
+
+    monkeypatch.setitem(local_update_module.LOSSES, "dice", loss_out_of_memory)
+    with pytest.raises(InputError, match=r"^cpu: out of memory training at batch 4 with 32² crops \(U-Net width 4, "
+                                         r"fp32\); lower the batch or crop size \(--batch-size, --crop-size"):
+        local_update(init_pair(TINY, 0), data, TINY, TINY_TRAIN, CPU)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 from fedmix_engine.errors import InputError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,3 +110,38 @@ def on_device(plan: DevicePlan) -> Iterator[DevicePlan]:
         yield plan
     finally:
         release_memory(plan)
+
+
+def out_of_memory(plan: DevicePlan, doing: str, advice: str) -> InputError:
+    """The error for a GPU that ran out of memory: what was being done, the GPU's size, what to change."""
+    size = ""
+    if plan.is_cuda and torch.cuda.is_available():
+        size = f" ({torch.cuda.get_device_properties(plan.device).total_memory / 2**30:.1f} GiB)"
+    return InputError(str(plan.device), f"out of memory{size} {doing}; {advice}")
+
+
+def forward_in_batches(step: Callable[[slice], torch.Tensor], count: int, batch_size: int,
+                       plan: DevicePlan) -> tuple[list[torch.Tensor], int]:
+    """``step`` over consecutive slices of ``count`` items: a forward pass, its results on the CPU.
+
+    A GPU out-of-memory error (napari and other programs share the card) releases the cache and
+    retries the same slice at half the batch, down to one item: a forward pass keeps nothing between
+    batches, so the result is the same, only slower. Returns the results and the batch size that
+    fitted, for the caller to start from next time."""
+    out: list[torch.Tensor] = []
+    start = 0
+    while start < count:
+        stop = min(start + batch_size, count)
+        try:
+            out.append(step(slice(start, stop)))
+            start = stop
+            continue
+        except torch.OutOfMemoryError:
+            pass  # handled outside the except block, so its traceback (and the tensors it holds) is freed first
+        release_memory(plan)
+        if batch_size == 1:
+            raise out_of_memory(plan, "predicting even one image at a time",
+                                "close other programs using the GPU, or use the CPU (--device cpu)")
+        batch_size = max(1, batch_size // 2)
+        log.warning("out of memory on %s: forward passes now in batches of %d", plan.device, batch_size)
+    return out, batch_size

@@ -33,7 +33,7 @@ from fedmix_engine.data.imageio import (
 from fedmix_engine.data.importer import masks_beside_images
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import label_to_channels, resize_image
-from fedmix_engine.device import DevicePlan, autocast, plan_device
+from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.metrics import dice
 from fedmix_engine.fedmix.pair import PairState, build_pair
@@ -73,15 +73,16 @@ class Predictor:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for ``N×C×S×S`` images at the training size (CPU tensor out)."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size].to(self.plan.device)
+        def step(items: slice) -> torch.Tensor:
+            batch = images[items].to(self.plan.device)
             with autocast(self.plan):
                 z1 = self.net1(batch).float()
                 if self.inference == "mean":
                     p = (torch.sigmoid(z1) + torch.sigmoid(self.net2(batch).float())) / 2
                     z1 = torch.logit(p.clamp(1e-6, 1 - 1e-6))
-            out.append(z1.cpu())
+            return z1.cpu()
+
+        out, self.batch_size = forward_in_batches(step, len(images), self.batch_size, self.plan)
         return torch.cat(out) if out else torch.zeros((0, self.model_config.num_classes, 1, 1))
 
     def probabilities(self, image: np.ndarray, where: str | Path = "image") -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fedmix_engine.data.tensors import KIND_MASK, KIND_TAG, TAG_ABSENT, SiteTensors
-from fedmix_engine.device import DevicePlan, autocast, grad_scaler, on_device
+from fedmix_engine.device import DevicePlan, autocast, grad_scaler, on_device, out_of_memory
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.losses import LOSSES
 from fedmix_engine.fedmix.pair import PairState, build_pair, join_pair
@@ -201,19 +201,15 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
                 idx = order[start:start + config.batch_size]
                 x, y1, y2 = _augment(data.images[idx], labels.target1[idx], labels.target2[idx], config.crop_size,
                                      config, gen)
-                x = x.to(plan.device, non_blocking=True)
-                y1, y2 = y1.to(plan.device).float(), y2.to(plan.device).float()
-                with autocast(plan):
-                    loss1 = loss_fn(net1(x), y1)
-                    loss2 = loss_fn(net2(x), y2)
-                opt1.zero_grad(set_to_none=True)
-                opt2.zero_grad(set_to_none=True)
-                scaler.scale(loss1 + loss2).backward()
-                scaler.step(opt1)
-                scaler.step(opt2)
-                scaler.update()
-                losses1.append(float(loss1.detach()))
-                losses2.append(float(loss2.detach()))
+                losses = _train_step(net1, net2, opt1, opt2, scaler, loss_fn, x, y1, y2, plan)
+                if losses is None:  # not retried at a smaller batch: the soft Dice sums over the batch, so that
+                    # would change the training, not only its speed
+                    raise out_of_memory(plan, f"training at batch {config.batch_size} with {config.crop_size}² "
+                                              f"crops (U-Net width {model_config.base_width}, {plan.precision})",
+                                        "lower the batch or crop size (--batch-size, --crop-size; in a federation "
+                                        "the server sets them), or train on the CPU (--device cpu)")
+                losses1.append(losses[0])
+                losses2.append(losses[1])
                 step += 1
                 yield TrainProgress("train", step, total, losses1[-1])
         t_train = time.perf_counter() - t1
@@ -227,6 +223,28 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
             seconds={"pseudo_labels": round(t_pl, 4), "train": round(t_train, 4)},
         )
     yield LocalResult(new_pair, report, new_state)
+
+
+def _train_step(net1: torch.nn.Module, net2: torch.nn.Module, opt1: torch.optim.Optimizer, opt2: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, loss_fn, x: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor,
+                plan: DevicePlan) -> tuple[float, float] | None:
+    """One step of both networks (cross pseudo supervision: each its own targets); their losses, or None
+    when the GPU ran out of memory (caught here, so the step's tensors are freed as it returns)."""
+    try:
+        x = x.to(plan.device, non_blocking=True)
+        y1, y2 = y1.to(plan.device).float(), y2.to(plan.device).float()
+        with autocast(plan):
+            loss1 = loss_fn(net1(x), y1)
+            loss2 = loss_fn(net2(x), y2)
+        opt1.zero_grad(set_to_none=True)
+        opt2.zero_grad(set_to_none=True)
+        scaler.scale(loss1 + loss2).backward()
+        scaler.step(opt1)
+        scaler.step(opt2)
+        scaler.update()
+    except torch.OutOfMemoryError:
+        return None
+    return float(loss1.detach()), float(loss2.detach())
 
 
 def local_update(global_pair: PairState, data: SiteTensors, model_config: ModelConfig, config: TrainConfig,

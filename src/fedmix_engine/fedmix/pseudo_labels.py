@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fedmix_engine.data.tensors import KIND_BOX, KIND_MASK, KIND_TAG, TAG_ABSENT, TAG_PRESENT, SiteTensors
-from fedmix_engine.device import DevicePlan, autocast
+from fedmix_engine.device import DevicePlan, autocast, forward_in_batches
 
 
 @torch.no_grad()
@@ -36,13 +36,13 @@ def predict_binary(net: nn.Module, images: torch.Tensor, plan: DevicePlan,
                    batch_size: int | None = None) -> torch.Tensor:
     """``[σ(net(x)) > 0.5]`` for ``N×C×H×W`` images, batched on the plan's device; bool, on the CPU."""
     net.eval()
-    batch_size = batch_size or plan.pl_batch_size
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(plan.device, non_blocking=True)
+
+    def step(items: slice) -> torch.Tensor:
         with autocast(plan):
-            logits = net(batch)
-        out.append((logits > 0).cpu())  # σ(z) > 0.5 ⟺ z > 0
+            logits = net(images[items].to(plan.device, non_blocking=True))
+        return (logits > 0).cpu()  # σ(z) > 0.5 ⟺ z > 0
+
+    out, _ = forward_in_batches(step, len(images), batch_size or plan.pl_batch_size, plan)
     if not out:
         return torch.zeros((0, 0, *images.shape[-2:]), dtype=torch.bool)
     return torch.cat(out)
