@@ -571,8 +571,8 @@ def test_gpu_out_of_memory_halves_the_forward_batch_and_names_what_to_change_in_
     from fedmix_engine.device import forward_in_batches
     from fedmix_engine.predict import Predictor
 
-    def oom() -> torch.OutOfMemoryError:
-        return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    def oom() -> torch.cuda.OutOfMemoryError:
+        return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     sizes: list[int] = []
 

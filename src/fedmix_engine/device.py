@@ -136,7 +136,7 @@ def forward_in_batches(step: Callable[[slice], torch.Tensor], count: int, batch_
             out.append(step(slice(start, stop)))
             start = stop
             continue
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             pass  # handled outside the except block, so its traceback (and the tensors it holds) is freed first
         release_memory(plan)
         if batch_size == 1:

@@ -242,7 +242,7 @@ def _train_step(net1: torch.nn.Module, net2: torch.nn.Module, opt1: torch.optim.
         scaler.step(opt1)
         scaler.step(opt2)
         scaler.update()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         return None
     return float(loss1.detach()), float(loss2.detach())
 
