@@ -191,12 +191,10 @@ class TrainWidget(QWidget):
         self.worker = make_worker(lambda: (yield from generator), on_error=self._on_error)
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
-        from fedmix_engine.device import plan_device
-
         self.start_button.setEnabled(False)
         self.stop_button.setEnabled(True)
-        self.device_note = plan_device(self.device.currentText()).note
-        self.status.setText(f"starting on {self.device_note}…")
+        self.device_note = ""  # the engine says which device it chose (SimulationStarted, or on joining)
+        self.status.setText("starting…")
         self.worker.start()
 
     def stop(self) -> None:
@@ -261,8 +259,11 @@ class TrainWidget(QWidget):
         from fedmix_engine.federation.client import JoinEvent
         from fedmix_engine.fedmix.local_update import TrainProgress
         from fedmix_engine.fedmix.pseudo_labels import kept_summary
-        from fedmix_engine.simulate import RoundDone
+        from fedmix_engine.simulate import RoundDone, SimulationStarted
 
+        if isinstance(event, SimulationStarted):
+            self.device_note = event.note
+            self.status.setText(f"training on {event.device}, {event.precision} ({event.note})…")
         progress = event.progress if isinstance(event, JoinEvent) else event
         if isinstance(progress, TrainProgress) and progress.stage == "train":
             self.batch_bar.setRange(0, progress.total)
