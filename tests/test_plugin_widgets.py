@@ -388,10 +388,10 @@ def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewe
     viewer.layers.selection.active = viewer.layers["long"]
     shown = viewer.layers[PRED_LAYER].data
     worker = widget.predict_active()
-    assert widget.stop_button.isEnabled()
+    assert widget.stop_button.isEnabled() and not widget.button.isEnabled(), "one stack at a time"
     widget.stop()
     qtbot.waitUntil(lambda: widget.status.text().startswith("stopped"), timeout=60_000)
-    qtbot.waitUntil(lambda: not widget.stop_button.isEnabled(), timeout=10_000)
+    qtbot.waitUntil(lambda: widget.button.isEnabled() and not widget.stop_button.isEnabled(), timeout=10_000)
     assert worker.abort_requested and viewer.layers[PRED_LAYER].data is shown, "the overlays were left alone"
 
 

@@ -127,8 +127,9 @@ class PredictWidget(QWidget):
                 f"predicting {layer.name}: frame {done[0]} of {done[1]}"))
             worker.aborted.connect(lambda: self.status.setText(
                 f"stopped: {layer.name} was not predicted (overlays unchanged)"))
-            worker.finished.connect(lambda: self.stop_button.setEnabled(False))
+            worker.finished.connect(self._stack_finished)
             self.stop_button.setEnabled(True)
+            self.button.setEnabled(False)  # one stack at a time: a second would race the first for the overlays
             self.worker = worker
         else:
             worker = make_worker(predictor.probabilities, data, where, on_error=self._on_error)
@@ -138,6 +139,11 @@ class PredictWidget(QWidget):
 
     def _on_error(self, exc: Exception) -> None:
         self.status.setText(error_line(exc))
+
+    def _stack_finished(self) -> None:
+        self.stop_button.setEnabled(False)
+        self.button.setEnabled(True)
+        self.worker = None
 
     def stop(self) -> None:
         """Stop a running stack prediction after its current batch of frames."""

@@ -14,10 +14,11 @@ What is read, in the order of the standard's pixel pipeline (PS3.4 N.2):
 - colour: ``RGB`` as stored, ``YBR_*`` converted to RGB by pydicom, ``PALETTE COLOR`` through
   its lookup table.
 
-Refused, naming the file: multi-frame files (cine loops, volumes: FedMix sites hold 2-D
-images), segmentations (``SEG``) and files without pixel data (structure sets, reports),
-compressed pixel data this installation has no decoder for, and files that are not DICOM.
-Only pixels are kept: the header (patient data) is not copied into a site.
+Refused, naming the file: multi-frame files (cine loops, volumes) where one 2-D image is needed
+(import; napari's reader and batch prediction take them as stacks), segmentations (``SEG``) and
+files without pixel data (structure sets, reports), compressed pixel data this installation has no
+decoder for, and files that are not DICOM. Only pixels are kept: the header (patient data) is not
+copied into a site.
 """
 
 from __future__ import annotations
