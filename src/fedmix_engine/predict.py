@@ -89,11 +89,8 @@ class Predictor:
         """float32 ``K×H×W`` class probabilities for one 2-D image (H×W, H×W×3 or H×W×4).
 
         The array is validated here (a napari layer may hold a stack or NaNs); ``where`` names it."""
-        normalised = normalise_image(validate_image(image, where), self.model_config.in_channels)
-        height, width = normalised.shape[-2:]
-        z = self.logits(resize_image(normalised, self.image_size)[None])
-        z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
-        return torch.sigmoid(z[0]).numpy()
+        image = validate_image(image, where)
+        return run_steps(self.iter_stack_probabilities(image[None], image.ndim == 3, where))[:, 0]  # one frame
 
     def iter_stack_probabilities(self, stack: np.ndarray, rgb: bool,
                                  where: str | Path = "stack") -> Generator[tuple[int, int], None, np.ndarray]:
