@@ -601,3 +601,35 @@ def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spac
     viewer.layers.selection.active = loop
     assert widget.predict_active() is not None
     qtbot.waitUntil(lambda: viewer.layers[PRED_LAYER].data.shape == (30, 240, 320), timeout=60_000)
+
+
+def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napari_viewer, qtbot, tmp_path):
+    """A cine loop opened in napari could be predicted but not labelled: only files could enter a site.
+    The shown frame (where the slider is) is added, named after the layer and frame, and shown for
+    labelling; a 2-D layer is added whole; the site's own image layer and a repeat are refused."""
+    from napari_fedmix.annotate_widget import IMAGE_LAYER
+
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", [])
+    rng = np.random.default_rng(4)
+    loop = rng.integers(0, 255, (6, 40, 48), dtype=np.uint8)
+    path = tmp_path / "loop.tif"
+    tifffile.imwrite(path, loop)
+    [layer] = viewer.open(path)
+    viewer.dims.set_current_step(0, 4)
+    assert widget.add_shown_image() == "loop-frame4"
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_image("loop-frame4"), loop[4])
+        [record] = store.records()
+        assert record.source == f"napari layer 'loop' ({path}), frame 4"
+    assert widget.current_id == "loop-frame4" and viewer.layers[IMAGE_LAYER].data.shape == (40, 48)
+
+    colour = viewer.add_image(rng.integers(0, 255, (30, 36, 3), dtype=np.uint8), name="photo", rgb=True)
+    viewer.layers.selection.active = colour
+    assert widget.add_shown_image() == "photo"
+    assert viewer.layers.selection.active is not colour, "the added image is shown for labelling"
+    viewer.layers.selection.active = colour
+    with pytest.raises(InputError, match="duplicate image id 'photo'"):
+        widget.add_shown_image()
+    viewer.layers.selection.active = viewer.layers[IMAGE_LAYER]
+    with pytest.raises(InputError, match="already this site's image"):
+        widget.add_shown_image()

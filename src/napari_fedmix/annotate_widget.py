@@ -60,7 +60,9 @@ class AnnotateWidget(QWidget):
         import_files, import_folder = QPushButton("Import images…"), QPushButton("Import folder…")
         import_files.clicked.connect(self._choose_images)
         import_folder.clicked.connect(self._choose_folder)
-        self._site_buttons = [open_button, new_button, import_files, import_folder]  # idle while importing
+        add_shown = QPushButton("Add the image on screen (active layer; a stack's shown frame)")
+        add_shown.clicked.connect(lambda: self._guard(self.add_shown_image))
+        self._site_buttons = [open_button, new_button, import_files, import_folder, add_shown]  # idle while importing
         self.import_bar = QProgressBar()
         self.cancel_import = QPushButton("Cancel import")
         self.cancel_import.clicked.connect(self.stop_import)
@@ -86,6 +88,7 @@ class AnnotateWidget(QWidget):
         layout.addWidget(self.site_label)
         layout.addLayout(_row(open_button, new_button))
         layout.addLayout(_row(import_files, import_folder))
+        layout.addWidget(add_shown)
         layout.addLayout(_row(self.import_bar, self.cancel_import))
         self._show_import(False)
         layout.addWidget(self.image_list)
@@ -154,6 +157,32 @@ class AnnotateWidget(QWidget):
         from fedmix_engine.data.importer import import_files_steps
 
         return self._start_import(import_files_steps(self._open_store(), paths))
+
+    def add_shown_image(self) -> str:
+        """Add the image the active layer shows to the site and show it for labelling: for a stack (a
+        cine loop, a volume) the frame the sliders are on, so a loop opened in napari is labelled one
+        frame at a time. Its id is the layer's name (and frame); its origin names the layer's file."""
+        from fedmix_engine.data.site_store import image_id_from_path
+
+        store = self._open_store()
+        layer = self.viewer.layers.selection.active
+        if layer is None or layer.__class__.__name__ != "Image":
+            raise InputError("layer", "select the image layer to add (a loop shows the frame to add)")
+        if layer.name == IMAGE_LAYER:
+            raise InputError("layer", f"'{IMAGE_LAYER}' is already this site's image")
+        leading = layer.ndim - 2  # axes before the 2-D frame (napari does not count an RGB layer's channels)
+        position = layer.world_to_data(self.viewer.dims.point)[:leading]
+        index = tuple(int(np.clip(round(p), 0, n - 1)) for p, n in zip(position, layer.data.shape, strict=False))
+        frame = np.asarray(layer.data[index]) if leading else np.asarray(layer.data)
+        suffix = "-frame" + "-".join(str(i) for i in index) if leading else ""
+        image_id = image_id_from_path(layer.name) + suffix
+        path = getattr(layer.source, "path", None)
+        origin = (f"napari layer '{layer.name}'" + (f" ({path})" if path else "")
+                  + (f", frame {index[0] if leading == 1 else index}" if leading else ""))
+        store.add_image(frame, image_id=image_id, origin=origin)
+        self.refresh_list()
+        self.image_list.setCurrentRow(store.image_ids().index(image_id))
+        return image_id
 
     # ------------------------------------------------------------------ browsing
     def refresh_list(self) -> None:

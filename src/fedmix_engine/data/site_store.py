@@ -294,14 +294,16 @@ class SiteStore:
 
     # ----------------------------------------------------------------- images
     def add_image(self, source: str | Path | np.ndarray, image_id: str | None = None,
-                  author: str | None = None) -> str:
-        """Validate an image (file or array) and add it under ``image_id`` (default: file stem)."""
+                  author: str | None = None, origin: str | None = None) -> str:
+        """Validate an image (file or array) and add it under ``image_id`` (default: file stem).
+        ``origin`` says where an array came from (e.g. a napari layer's file and frame); a file's
+        origin is its path."""
         if isinstance(source, np.ndarray):
             if image_id is None:
                 raise InputError("image_id", "an id is required when adding an image from an array")
             where: str | Path = f"image '{image_id}'"
             array = validate_image(source, where)
-            origin = "array"
+            origin = origin or "array"
         else:
             where = Path(source)
             array = read_image(where)
