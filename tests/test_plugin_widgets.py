@@ -615,6 +615,7 @@ def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napar
     path = tmp_path / "loop.tif"
     tifffile.imwrite(path, loop)
     [layer] = viewer.open(path)
+    assert viewer.layers.selection.active is layer and layer.data.shape == (6, 40, 48)
     viewer.dims.set_current_step(0, 4)
     assert widget.add_shown_image() == "loop-frame4"
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
