@@ -60,7 +60,9 @@ class AnnotateWidget(QWidget):
         import_files, import_folder = QPushButton("Import images…"), QPushButton("Import folder…")
         import_files.clicked.connect(self._choose_images)
         import_folder.clicked.connect(self._choose_folder)
-        add_shown = QPushButton("Add the image on screen (active layer; a stack's shown frame)")
+        add_shown = QPushButton("Add the image on screen")
+        add_shown.setToolTip("Add the active image layer to the site; for a stack (a cine loop, a volume) the "
+                             "frame the sliders show")
         add_shown.clicked.connect(lambda: self._guard(self.add_shown_image))
         self._site_buttons = [open_button, new_button, import_files, import_folder, add_shown]  # idle while importing
         self.import_bar = QProgressBar()
