@@ -12,6 +12,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import pydicom
 import pytest
@@ -118,13 +119,19 @@ def test_site_import_reads_a_pacs_export_and_keeps_no_patient_data(tmp_path: Pat
                                                       "IM0003"]
     tags = tmp_path / "tags.csv"
     tags.write_text("image,class,present\n1.2.826.0.1.3680043.101,lesion,present\n")
+    masks = tmp_path / "masks"  # masks drawn elsewhere, named after the UID
+    masks.mkdir()
+    drawn = np.zeros((40, 48), np.uint8)
+    drawn[10:20, 12:30] = 255
+    iio.imwrite(masks / "1.2.826.0.1.3680043.100_mask.png", drawn)
     site = tmp_path / "site"
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(export),
-                 "--tags", str(tags)]) == 1, "a problem was reported"
+                 "--masks", str(masks), "--tags", str(tags)]) == 1, "a problem was reported"
     assert "IM0003: multi-frame DICOM (30 frames" in capsys.readouterr().out
     with SiteStore.open(site, readonly=True) as store:
         assert store.image_ids() == ["1.2.826.0.1.3680043.100", "1.2.826.0.1.3680043.101"]
         assert store.tags("1.2.826.0.1.3680043.101") == {"lesion": True}
+        np.testing.assert_array_equal(store.read_mask("1.2.826.0.1.3680043.100"), drawn // 255)
         assert tifffile.imread(site / "images" / "1.2.826.0.1.3680043.100.tif").shape == (40, 48)
     for stored in site.rglob("*"):
         if stored.is_file():
