@@ -331,6 +331,10 @@ def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_b
     viewer.add_image(np.full((40, 48), np.nan, np.float32), name="nan")
     assert widget.predict_active() is None, "refused before a worker starts"
     assert "error: layer 'nan': image contains NaN" in widget.status.text()
+    pyramid = [np.zeros((64, 96), np.uint8), np.zeros((32, 48), np.uint8)]  # a whole-slide image's levels
+    viewer.add_image(pyramid, name="slide", multiscale=True)
+    assert widget.predict_active() is None  # np.asarray of the levels raised a bare ValueError
+    assert "error: layer 'slide': a multiscale (pyramid) layer of 64×96 pixels" in widget.status.text()
 
 
 def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewer, qtbot, tmp_path):
@@ -633,4 +637,7 @@ def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napar
         widget.add_shown_image()
     viewer.layers.selection.active = viewer.layers[IMAGE_LAYER]
     with pytest.raises(InputError, match="already this site's image"):
+        widget.add_shown_image()
+    viewer.add_image([np.zeros((64, 96), np.uint8), np.zeros((32, 48), np.uint8)], name="slide", multiscale=True)
+    with pytest.raises(InputError, match="layer 'slide': a multiscale"):
         widget.add_shown_image()

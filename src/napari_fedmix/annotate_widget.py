@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
 
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.errors import InputError, error_line
-from napari_fedmix.layer_records import boxes_to_shapes, save_annotations
+from napari_fedmix.layer_records import boxes_to_shapes, image_layer_pixels, save_annotations
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class AnnotateWidget(QWidget):
         leading = layer.ndim - 2  # axes before the 2-D frame (napari does not count an RGB layer's channels)
         position = layer.world_to_data(self.viewer.dims.point)[:leading]
         index = tuple(int(np.clip(round(p), 0, n - 1)) for p, n in zip(position, layer.data.shape, strict=False))
-        frame = np.asarray(layer.data[index]) if leading else np.asarray(layer.data)
+        frame = image_layer_pixels(layer, index)
         suffix = "-frame" + "-".join(str(i) for i in index) if leading else ""
         image_id = image_id_from_path(layer.name) + suffix
         path = getattr(layer.source, "path", None)

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 )
 
 from fedmix_engine.errors import InputError, error_line
+from napari_fedmix.layer_records import image_layer_pixels
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -106,9 +107,9 @@ class PredictWidget(QWidget):
             self.status.setText("no image layer to predict")
             return None
         where, rgb = f"layer '{layer.name}'", bool(getattr(layer, "rgb", False))
-        data = np.asarray(layer.data)
-        stack = data.ndim > (3 if rgb else 2)
         try:  # a wrong shape or NaNs in a 2-D image: said here, not in a worker
+            data = image_layer_pixels(layer)
+            stack = data.ndim > (3 if rgb else 2)
             if stack:
                 stack_frames(data, rgb, where)
             else:
