@@ -641,3 +641,34 @@ def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napar
     viewer.add_image([np.zeros((64, 96), np.uint8), np.zeros((32, 48), np.uint8)], name="slide", multiscale=True)
     with pytest.raises(InputError, match="layer 'slide': a multiscale"):
         widget.add_shown_image()
+
+
+def test_batch_predict_widget_writes_dicom_seg_when_asked_and_lists_a_loop_without_one(make_napari_viewer, qtbot,
+                                                                                       tmp_path):
+    import shutil
+    import warnings
+
+    from pydicom.data import get_testdata_file
+
+    from napari_fedmix.predict_widget import BatchPredictWidget
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    shutil.copy(get_testdata_file("MR_small.dcm"), folder / "mr.dcm")
+    shutil.copy(get_testdata_file("examples_ybr_color.dcm"), folder / "cine.dcm")
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                 ModelConfig(base_width=4), {"image_size": 32})
+    widget = BatchPredictWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    widget.input.setText(str(folder))
+    widget.checkpoint.setText(str(checkpoint))
+    widget.output.setText(str(tmp_path / "out"))
+    widget.dicom_seg.setChecked(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert widget.run() is not None
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert (tmp_path / "out" / "mr_seg.dcm").is_file() and (tmp_path / "out" / "cine_mask.tif").is_file()
+    assert [widget.skipped.item(i).text() for i in range(widget.skipped.count())] == [
+        "cine.dcm: mask written, DICOM SEG not written: no DICOM SEG for a 30-frame image without a frame of "
+        "reference (a cine loop): highdicom cannot place its frames; the TIFF mask has them"]

@@ -109,14 +109,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fedmix_engine.predict import Predictor, predict_folder
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, inference=args.inference)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
-                          progress=lambda done, total, row: progress_bar(done, total, "predict"))
+                          progress=lambda done, total, row: progress_bar(done, total, "predict"),
+                          dicom_seg=args.dicom_seg, classes=classes)
     skipped = [r for r in rows if r.status != "ok"]
+    no_seg = [r for r in rows if r.seg_file.startswith("not written")]
     clear_progress_bar()
-    print(f"predicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv)")
+    segs = sum(r.seg_file.endswith(".dcm") for r in rows)
+    print(f"predicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv)"
+          + (f"; {segs} DICOM SEG(s)" if args.dicom_seg else ""))
     for r in skipped:
         print(f"  {r.file}: {r.status}")
-    return 1 if skipped else 0
+    for r in no_seg:
+        print(f"  {r.file}: mask written, DICOM SEG {r.seg_file}")
+    return 1 if skipped or no_seg else 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -172,4 +179,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inference", choices=("net1", "mean"),
                    help="network 1 or the mean of both (default: what the checkpoint was evaluated with)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="also write each DICOM image's mask as a DICOM SEG (<stem>_seg.dcm) for PACS and viewers")
+    p.add_argument("--classes", help="segment names for the DICOM SEG, comma-separated, one per model class "
+                                     "(default: lesion, or class 1, class 2, …)")
     p.set_defaults(func=cmd_predict)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +20,11 @@ from torch.nn import functional as F
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
+from fedmix_engine.data.dicom_seg import default_class_names, write_dicom_seg
 from fedmix_engine.data.imageio import (
     image_files,
     image_stem,
+    is_dicom_file,
     is_image_path,
     no_images_reason,
     normalise_image,
@@ -207,9 +209,10 @@ class BatchRow:
     status: str
     mask_file: str = ""  # the mask written for ``file`` ("" when none was)
     frames: int = 0  # 1 for a 2-D image, the frame count of a stack (0 when not predicted)
+    seg_file: str = ""  # the DICOM SEG written beside the mask, or "not written: <reason>"; "" when not asked
 
 
-SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "status")
+SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "status", "seg_file")
 NOT_RUN = "not run: the batch was stopped before this file"
 
 
@@ -246,11 +249,21 @@ class FolderBatch:
     happen when the batch is created, so a batch closed before its first image (a GUI's Cancel) still
     leaves a summary of this run, never an earlier one's. The summary is rewritten as the run ends,
     also early (``close()``, an error or Ctrl-C). Unreadable or odd files are skipped with their
-    reason in the row; the run never stops on them. Output names: ``mask_names``."""
+    reason in the row; the run never stops on them. Output names: ``mask_names``.
 
-    def __init__(self, predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5) -> None:
+    ``dicom_seg``: also write each DICOM image's mask as a DICOM SEG, ``<name>_seg.dcm``, with the
+    segments named ``classes`` (default: ``lesion``, or ``class k``), for the PACS and DICOM viewers."""
+
+    def __init__(self, predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
+                 dicom_seg: bool = False, classes: Sequence[str] | None = None) -> None:
         folder, self.out = Path(folder), Path(out)
         check_batch(folder, threshold, self.out)
+        count = predictor.model_config.num_classes
+        self.classes = list(classes) if classes else default_class_names(count)
+        if len(self.classes) != count:
+            raise InputError("classes", f"{len(self.classes)} name(s) ({', '.join(self.classes)}) for a model of "
+                                        f"{count} class(es)")
+        self.dicom_seg = dicom_seg
         make_folder(self.out)
         self.files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         self.total = len(self.files)
@@ -288,7 +301,8 @@ class FolderBatch:
                             mask = predictor.mask(pixels, threshold, path)
                         atomic_write_bytes(self.out / names[path], tiff_bytes(mask, stack=mask.ndim > 2))
                         row = BatchRow(path.name, mask.shape[-2], mask.shape[-1], round(float((mask > 0).mean()), 6),
-                                       "ok", names[path], int(np.prod(mask.shape[:-2])))
+                                       "ok", names[path], int(np.prod(mask.shape[:-2])),
+                                       self._segmentation(path, mask, names[path]))
                     except InputError as exc:
                         row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: {exc.reason}")
                 rows.append(row)
@@ -298,10 +312,22 @@ class FolderBatch:
             _write_summary(self.out / "summary.csv", rows + not_run)
 
 
-def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
-                        threshold: float = 0.5) -> FolderBatch:
+    def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
+        """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""
+        if not (self.dicom_seg and is_dicom_file(path)):
+            return ""
+        name = mask_file.removesuffix("_mask.tif") + "_seg.dcm"
+        try:
+            write_dicom_seg(path, mask, self.classes, self.out / name)
+        except InputError as exc:
+            return f"not written: {exc.reason}"
+        return name
+
+
+def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
+                        dicom_seg: bool = False, classes: Sequence[str] | None = None) -> FolderBatch:
     """Predict every image in ``folder`` into ``out``; see ``FolderBatch`` (checks happen here, now)."""
-    return FolderBatch(predictor, folder, out, threshold)
+    return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes)
 
 
 def _write_summary(path: Path, rows: list[BatchRow]) -> None:
@@ -314,9 +340,10 @@ def _write_summary(path: Path, rows: list[BatchRow]) -> None:
 
 
 def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
-                   progress: Callable[[int, int, BatchRow], None] | None = None) -> list[BatchRow]:
+                   progress: Callable[[int, int, BatchRow], None] | None = None, dicom_seg: bool = False,
+                   classes: Sequence[str] | None = None) -> list[BatchRow]:
     rows = []
-    for done, total, row in iter_predict_folder(predictor, folder, out, threshold):
+    for done, total, row in iter_predict_folder(predictor, folder, out, threshold, dicom_seg, classes):
         rows.append(row)
         if progress:
             progress(done, total, row)

@@ -227,6 +227,7 @@ class BatchPredictWidget(QWidget):
         self.viewer = napari_viewer
         self.input, self.checkpoint, self.output = QLineEdit(), QLineEdit(), QLineEdit()
         self.open_results = QCheckBox("open the masks as one stack when done")
+        self.dicom_seg = QCheckBox("also write DICOM images' masks as DICOM SEG (for the PACS)")
         self.run_button, self.cancel_button = QPushButton("Run"), QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.run_button.clicked.connect(self.run)
@@ -244,6 +245,7 @@ class BatchPredictWidget(QWidget):
         form.addRow("output folder", _path_row(self.output, self, "Output folder", folder=True))
         layout.addLayout(form)
         layout.addWidget(self.open_results)
+        layout.addWidget(self.dicom_seg)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -262,7 +264,8 @@ class BatchPredictWidget(QWidget):
             check_batch(self.input.text(), out=self.output.text())
             predictor = Predictor.from_checkpoint(self.checkpoint.text().strip() or "model.safetensors")
             out = Path(self.output.text())
-            batch = iter_predict_folder(predictor, self.input.text(), out)  # makes the folder, lists the files
+            batch = iter_predict_folder(predictor, self.input.text(), out,  # makes the folder, lists the files
+                                        dicom_seg=self.dicom_seg.isChecked())
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -289,6 +292,8 @@ class BatchPredictWidget(QWidget):
         self.status.setText(f"{done}/{self.total}: {row.file}")
         if row.status != "ok":
             self.skipped.addItem(f"{row.file}: {row.status}")
+        elif row.seg_file.startswith("not written"):
+            self.skipped.addItem(f"{row.file}: mask written, DICOM SEG {row.seg_file}")
 
     def _on_error(self, exc: Exception) -> None:
         self.error = exc

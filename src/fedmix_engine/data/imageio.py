@@ -33,13 +33,14 @@ IMAGE_SUFFIXES = (*_PLAIN_SUFFIXES, *DICOM_SUFFIXES)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """Read as DICOM: a .dcm/.dicom file, or one with the DICOM marker and no TIFF/PNG/JPEG/BMP suffix."""
     return path.suffix.lower() not in _PLAIN_SUFFIXES and is_dicom_path(path)
 
 
 def is_image_path(path: Path) -> bool:
     """A file the engine reads as an image: by its suffix, or a DICOM file named otherwise (PACS exports)."""
-    return path.suffix.lower() in _PLAIN_SUFFIXES or _is_dicom(path)
+    return path.suffix.lower() in _PLAIN_SUFFIXES or is_dicom_file(path)
 
 
 def image_stem(path: str | Path) -> str:
@@ -73,7 +74,7 @@ def no_images_reason(folder: Path) -> str:
 def read_array(path: str | Path) -> np.ndarray:
     """Read an image file as stored (no conversion); refuse what cannot be read."""
     path = Path(path)
-    if _is_dicom(path):
+    if is_dicom_file(path):
         return read_dicom(path)
     return _read_stored(path)[0]
 
@@ -159,7 +160,7 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, bool]:
     and whether the last axis holds colour. Import takes one 2-D image only (:func:`read_image`)."""
     path = Path(path)
     axes = ""
-    if _is_dicom(path):
+    if is_dicom_file(path):
         image = load_dicom(path, frames=True)
         array, colour = image.pixels, image.colour
     else:
@@ -234,7 +235,7 @@ def read_mask_file(path: Path, num_classes: int) -> np.ndarray:
     indices, since its colours only show the classes; a one-class JPEG mask (Kvasir-SEG's), whose
     compression smears the 0/255 edges into every grey, is thresholded at 128 if it is still two-toned
     (≥ 95 % of its pixels within 32 of black or white). Check the result with :func:`validate_mask`."""
-    if _is_dicom(path):
+    if is_dicom_file(path):
         raise InputError(path, "DICOM masks (SEG, RT structure sets) are not read; save each mask as PNG or TIFF "
                                "with 0 = background and 1..C = classes")
     indices = _palette_indices(path)
