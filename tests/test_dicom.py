@@ -199,6 +199,14 @@ def test_predictions_of_dicom_images_are_written_as_dicom_seg_of_their_source(tm
     assert referenced == ct.SOPInstanceUID and seg.StudyInstanceUID == ct.StudyInstanceUID
     with pytest.raises(InputError, match="mask label 2 has no class name"):
         write_dicom_seg(bundled("CT_small.dcm"), drawn * 2, ["lesion"], tmp_path / "two.dcm")
+    older = pydicom.dcmread(bundled("MR_small.dcm"))
+    older.preamble = None  # written by software that leaves out the 128-byte preamble: read, so also segmented
+    older.save_as(tmp_path / "older.dcm", enforce_file_format=False)
+    small = np.zeros((64, 64), np.uint8)
+    small[5:9, 5:9] = 1
+    np.testing.assert_array_equal(
+        hd.seg.segread(write_dicom_seg(tmp_path / "older.dcm", small, ["lesion"], tmp_path / "o.dcm")).pixel_array,
+        small)
 
     folder = tmp_path / "in"
     folder.mkdir()

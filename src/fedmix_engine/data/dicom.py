@@ -53,8 +53,9 @@ def is_dicom_path(path: Path) -> bool:
     return path.suffix.lower() in DICOM_SUFFIXES or has_dicom_marker(path)
 
 
-def _dataset(path: Path):
-    """The parsed file; one without the 128-byte preamble (written by older software) is read too."""
+def read_dataset(path: Path):
+    """The parsed file, as pydicom reads it; one without the 128-byte preamble (written by older
+    software) is read too."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -108,7 +109,7 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
 
     path = Path(path)
     try:
-        dataset = _dataset(path)
+        dataset = read_dataset(path)
     except InputError:
         raise
     except Exception as exc:

@@ -31,13 +31,13 @@ def write_dicom_seg(source: str | Path, labels: np.ndarray, classes: Sequence[st
     """Write ``labels`` (H×W, or F×H×W for a multi-frame source; 0 = background, k = ``classes[k-1]``)
     as a DICOM SEG of ``source`` to ``out``, atomically."""
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
 
     from fedmix_engine import __version__
+    from fedmix_engine.data.dicom import read_dataset
 
     source, out = Path(source), Path(out)
-    dataset = pydicom.dcmread(source)
+    dataset = read_dataset(source)  # as the image was read: also a file without the DICOM preamble
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if labels.shape[-2:] != (dataset.Rows, dataset.Columns) or (labels.ndim == 3 and len(labels) != frames):
         raise InputError(source, f"mask of shape {labels.shape} does not fit the image's {frames} frame(s) of "
@@ -63,8 +63,8 @@ def write_dicom_seg(source: str | Path, labels: np.ndarray, classes: Sequence[st
             instance_number=1, manufacturer="napari-fedmix", manufacturer_model_name="FedMix",
             software_versions=__version__, device_serial_number="none", content_label="FEDMIX",
             content_description="FedMix prediction", omit_empty_frames=False)
-    except (ValueError, TypeError, AttributeError) as exc:  # highdicom's refusals of a source it cannot reference
-        raise InputError(source, f"no DICOM SEG for this image: {exc}") from exc
+    except Exception as exc:  # highdicom refuses sources it cannot reference with many types; a batch goes on
+        raise InputError(source, f"no DICOM SEG for this image ({type(exc).__name__}: {exc})") from exc
     buffer = io.BytesIO()
     seg.save_as(buffer)
     atomic_write_bytes(out, buffer.getvalue())
