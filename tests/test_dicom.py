@@ -199,6 +199,13 @@ def test_predictions_of_dicom_images_are_written_as_dicom_seg_of_their_source(tm
     assert referenced == ct.SOPInstanceUID and seg.StudyInstanceUID == ct.StudyInstanceUID
     with pytest.raises(InputError, match="mask label 2 has no class name"):
         write_dicom_seg(bundled("CT_small.dcm"), drawn * 2, ["lesion"], tmp_path / "two.dcm")
+    two = drawn.copy()
+    two[80:100, 20:40] = 2
+    seg = hd.seg.segread(write_dicom_seg(bundled("CT_small.dcm"), two, ["lesion", "cyst"], tmp_path / "two.dcm"))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion", "cyst"]
+    for frame, groups in zip(seg.pixel_array, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        k = groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber  # one binary frame per class
+        np.testing.assert_array_equal(frame, two == k)
     older = pydicom.dcmread(bundled("MR_small.dcm"))
     older.preamble = None  # written by software that leaves out the 128-byte preamble: read, so also segmented
     older.save_as(tmp_path / "older.dcm", enforce_file_format=False)
