@@ -638,6 +638,11 @@ def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napar
     viewer.layers.selection.active = viewer.layers[IMAGE_LAYER]
     with pytest.raises(InputError, match="already this site's image"):
         widget.add_shown_image()
+    from napari_fedmix.predict_widget import PROB_LAYER
+
+    viewer.add_image(np.zeros((40, 48), np.float32), name=PROB_LAYER)
+    with pytest.raises(InputError, match="a prediction overlay, not an image"):
+        widget.add_shown_image()
     viewer.add_image([np.zeros((64, 96), np.uint8), np.zeros((32, 48), np.uint8)], name="slide", multiscale=True)
     with pytest.raises(InputError, match="layer 'slide': a multiscale"):
         widget.add_shown_image()

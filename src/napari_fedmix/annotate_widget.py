@@ -172,6 +172,10 @@ class AnnotateWidget(QWidget):
             raise InputError("layer", "select the image layer to add (a loop shows the frame to add)")
         if layer.name == IMAGE_LAYER:
             raise InputError("layer", f"'{IMAGE_LAYER}' is already this site's image")
+        from napari_fedmix.predict_widget import PROB_LAYER
+
+        if layer.name == PROB_LAYER:
+            raise InputError("layer", f"'{PROB_LAYER}' is a prediction overlay, not an image; select the image")
         leading = layer.ndim - 2  # axes before the 2-D frame (napari does not count an RGB layer's channels)
         position = layer.world_to_data(self.viewer.dims.point)[:leading]
         index = tuple(int(np.clip(round(p), 0, n - 1)) for p, n in zip(position, layer.data.shape, strict=False))
