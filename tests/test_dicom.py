@@ -18,9 +18,9 @@ import pydicom
 import pytest
 import tifffile
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
+from dicom_helpers import write_dicom, write_slice
 from fedmix_engine.cli import main
 from fedmix_engine.data.imageio import image_files, normalise_image, read_image, read_mask_file
 from fedmix_engine.data.site_store import SiteStore
@@ -30,23 +30,6 @@ from fedmix_engine.errors import InputError
 def bundled(name: str) -> Path:
     path = Path(get_testdata_file(name))
     assert path.is_file(), f"pydicom's test file {name} is installed with it"
-    return path
-
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attributes) -> Path:
-    """A minimal secondary-capture DICOM file as a scanner's export would carry it."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientName, ds.PatientID = "US", "Doe^Jane", "MRN-0042"
-    ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=pixels.dtype.itemsize * 8)
-    for key, value in attributes.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
     return path
 
 
@@ -245,3 +228,43 @@ def test_predictions_of_dicom_images_are_written_as_dicom_seg_of_their_source(tm
 
         predict_folder(Predictor.from_checkpoint(checkpoint, "cpu"), folder, tmp_path / "out2", dicom_seg=True,
                        classes=["a", "b"])
+
+
+def test_a_folder_of_slices_is_read_as_series_in_patient_order_with_their_spacing(tmp_path: Path) -> None:
+    """File names and instance numbers need not follow the slices' positions: the positions order them."""
+    from fedmix_engine.data.dicom_series import read_series
+
+    study = tmp_path / "study"
+    study.mkdir()
+    ct = generate_uid()
+    heights = {0: 40.0, 1: 42.5, 2: 45.0, 3: 47.5, 4: 50.0}
+    for name, k in zip(("IM9", "IM2", "IM7", "IM1", "IM5"), (3, 0, 4, 1, 2), strict=True):  # shuffled names
+        write_slice(study / name, 1000 + k, heights[k], instance=10 - k, series=ct, SeriesDescription="CT abdomen")
+    loose = generate_uid()
+    for k in (2, 0, 1):  # no positions: instance numbers order them
+        write_slice(study / f"loose{k}.dcm", 500 + k, None, instance=k + 1, series=loose)
+    write_dicom(study / "us.dcm", np.zeros((24, 32), np.uint8))  # a single frame: a series of its own
+    (study / "notes.txt").write_text("not DICOM")
+    shutil.copy(bundled("rtstruct.dcm"), study / "RS0001.dcm")  # study exports carry structure sets and SEGs beside
+    shutil.copy(bundled("liver_1frame.dcm"), study / "SEG0001")
+    shutil.copy(bundled("MR_truncated.dcm"), study / "IM_bad")
+    scanned = read_series(study)
+    by_name = {s.name: s for s in scanned.series}
+    assert sorted(scanned.skipped) == sorted([
+        f"{study / 'IM_bad'}: cannot decode the DICOM pixel data (transfer syntax: Explicit VR Little Endian): "
+        "The number of bytes of pixel data is less than expected (8130 vs 8192 bytes) - the dataset may be "
+        "corrupted, have an invalid group 0028 element value, or the transfer syntax may be incorrect",
+        f"{study / 'RS0001.dcm'}: not an image (RTSTRUCT)", f"{study / 'SEG0001'}: not an image (SEG)"])
+    assert set(by_name) == {"CT abdomen", "loose0", "us"}
+    volume = by_name["CT abdomen"]
+    assert volume.pixels.shape == (5, 16, 20)
+    assert [int(v) for v in volume.pixels[:, 0, 0]] == [1000, 1001, 1002, 1003, 1004], "ordered by position"
+    assert volume.spacing == pytest.approx((2.5, 0.7, 0.8))
+    assert [int(v) for v in by_name["loose0"].pixels[:, 0, 0]] == [500, 501, 502]
+    assert by_name["loose0"].spacing == pytest.approx((1.0, 0.7, 0.8))
+    assert by_name["us"].pixels.shape == (24, 32) and by_name["us"].spacing is None
+
+    write_dicom(study / "odd.dcm", np.zeros((8, 8), np.uint16), SeriesInstanceUID=ct, SeriesDescription="CT abdomen")
+    assert any("series 'CT abdomen' mixes slice sizes or colour" in line for line in read_series(study).skipped)
+    with pytest.raises(InputError, match="no DICOM image files"):
+        read_series(tmp_path)

@@ -677,3 +677,30 @@ def test_batch_predict_widget_writes_dicom_seg_when_asked_and_lists_a_loop_witho
     assert [widget.skipped.item(i).text() for i in range(widget.skipped.count())] == [
         "cine.dcm: mask written, DICOM SEG not written: no DICOM SEG for a 30-frame image without a frame of "
         "reference (a cine loop): highdicom cannot place its frames; the TIFF mask has them"]
+
+
+def test_napari_opens_a_dicom_study_folder_as_one_volume_per_series(make_napari_viewer, tmp_path):
+    """File › Open Folder of a CT series gave nothing napari could read; the plugin stacks its slices
+    in patient order, scaled in mm, and a file on its own becomes its own layer."""
+    from pydicom.uid import generate_uid
+
+    from dicom_helpers import write_dicom, write_slice
+
+    study = tmp_path / "study"
+    study.mkdir()
+    series = generate_uid()
+    for name, k in (("b", 2), ("c", 0), ("a", 1)):
+        write_slice(study / name, 100 + k, 10.0 + 3 * k, instance=k, series=series, SeriesDescription="MR t2")
+    write_dicom(study / "us.dcm", np.zeros((24, 32), np.uint8))
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    shutil.copy(get_testdata_file("rtstruct.dcm"), study / "RS0001.dcm")  # beside the images in a study export
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning, match=r"1 file\(s\) not opened: .*RS0001\.dcm: not an image \(RTSTRUCT\)"):
+        layers = {layer.name: layer for layer in viewer.open(study, plugin="napari-fedmix")}
+    assert set(layers) == {"MR t2", "us"}
+    assert layers["MR t2"].data.shape == (3, 16, 20) and list(layers["MR t2"].data[:, 0, 0]) == [100, 101, 102]
+    np.testing.assert_allclose(layers["MR t2"].scale, (3.0, 0.7, 0.8))
+    assert layers["us"].data.shape == (24, 32)

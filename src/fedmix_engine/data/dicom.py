@@ -53,20 +53,20 @@ def is_dicom_path(path: Path) -> bool:
     return path.suffix.lower() in DICOM_SUFFIXES or has_dicom_marker(path)
 
 
-def read_dataset(path: Path):
-    """The parsed file, as pydicom reads it; one without the 128-byte preamble (written by older
-    software) is read too."""
+def read_dataset(path: Path, pixels: bool = True):
+    """The parsed file, as pydicom reads it (``pixels=False``: its header only); one without the
+    128-byte preamble (written by older software) is read too."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except InvalidDicomError:
         try:
-            dataset = pydicom.dcmread(path, force=True)
+            dataset = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
         except Exception as exc:
             raise InputError(path, f"not a DICOM file ({type(exc).__name__}: {exc})") from exc
-        if "SOPClassUID" not in dataset and not any(k in dataset for k in _PIXEL_DATA):
+        if "SOPClassUID" not in dataset and "Rows" not in dataset:
             raise InputError(path, "not a DICOM file (no DICOM header)") from None
         return dataset
 

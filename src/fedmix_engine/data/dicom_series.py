@@ -1,0 +1,106 @@
+"""A folder of DICOM files as its series: the slices of a CT or MR series (one file each) stacked in
+the order of their position in the patient, so napari opens a study folder as volumes, not as one
+layer per file. A file on its own (an ultrasound frame, a cine loop) is a series of its own.
+
+Slices are ordered along the slice normal (ImageOrientationPatient × ImagePositionPatient), as
+DICOM viewers do, and spaced by the median distance between neighbours; without positions, by
+InstanceNumber and then file name, unspaced. Slices of one series must share their size and colour.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmix_engine.data.dicom import load_dicom, read_dataset
+from fedmix_engine.data.imageio import image_files, image_stem, is_dicom_file
+from fedmix_engine.errors import InputError
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series' pixels as a viewer shows them, and where they sit."""
+
+    name: str  # the SeriesDescription, else the first file's name
+    pixels: np.ndarray  # S×H×W(×3) for several files; a single file's H×W(×3) or F×H×W(×3)
+    colour: bool  # the last axis holds RGB
+    spacing: tuple[float, ...] | None  # mm per axis before the colour axis; 1 for an axis without one
+    files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class StudyFolder:
+    """A folder's series, and the files left out with why (a structure set, a report, a SEG, a file
+    that cannot be decoded: study exports hold them beside the images)."""
+
+    series: list[DicomSeries]
+    skipped: list[str]
+
+
+def read_series(folder: str | Path) -> StudyFolder:
+    """Every series of the DICOM files at the top of ``folder`` (sub-folders are not searched)."""
+    folder = Path(folder)
+    files = [p for p in image_files(folder) if is_dicom_file(p)]
+    if not files:
+        raise InputError(folder, "no DICOM image files at the top of this folder")
+    groups: dict[str, list[tuple[Path, object]]] = defaultdict(list)
+    skipped = []
+    for path in files:
+        try:
+            header = read_dataset(path, pixels=False)
+        except InputError as exc:
+            skipped.append(str(exc))
+            continue
+        if "Rows" not in header or str(header.get("Modality", "")) == "SEG":
+            skipped.append(f"{path}: not an image ({str(header.get('Modality', '')) or 'no pixel data'})")
+            continue
+        groups[str(header.get("SeriesInstanceUID", path))].append((path, header))
+    series = []
+    for members in groups.values():
+        try:
+            series.append(_series(members))
+        except InputError as exc:
+            skipped.append(str(exc))
+    return StudyFolder(series, skipped)
+
+
+def _series(members: list[tuple[Path, object]]) -> DicomSeries:
+    first_path, first = members[0]
+    name = str(first.get("SeriesDescription", "") or "").strip() or image_stem(first_path)
+    if len(members) == 1:
+        image = load_dicom(first_path, frames=True)
+        leading = image.pixels.ndim - (3 if image.colour else 2)  # a cine loop's frame axis
+        spacing = None if image.spacing is None else (1.0,) * leading + image.spacing
+        return DicomSeries(name, image.pixels, image.colour, spacing, (first_path,))
+    ordered, slice_spacing = _slice_order(members)
+    images = [load_dicom(path) for path in ordered]
+    shapes = {(image.pixels.shape, image.colour) for image in images}
+    if len(shapes) > 1:
+        sizes = ", ".join(sorted(str(shape) for shape, _ in shapes))
+        raise InputError(first_path.parent, f"series '{name}' mixes slice sizes or colour ({sizes}); open its "
+                                            "files one by one")
+    in_plane = images[0].spacing
+    spacing = None if in_plane is None and slice_spacing is None else (slice_spacing or 1.0, *(in_plane or (1.0, 1.0)))
+    return DicomSeries(name, np.stack([image.pixels for image in images]), images[0].colour, spacing,
+                       tuple(ordered))
+
+
+def _slice_order(members: list[tuple[Path, object]]) -> tuple[list[Path], float | None]:
+    """The files along the slice normal and the median slice distance; by InstanceNumber and name
+    (no distance) when a file lacks its position or orientation."""
+    try:
+        keys = []
+        for _path, header in members:
+            orientation = np.asarray(header.ImageOrientationPatient, dtype=float)
+            normal = np.cross(orientation[:3], orientation[3:])
+            keys.append(float(np.dot(normal, np.asarray(header.ImagePositionPatient, dtype=float))))
+    except (AttributeError, ValueError, TypeError):
+        ordered = sorted(members, key=lambda m: (int(m[1].get("InstanceNumber", 0) or 0), m[0].name))
+        return [path for path, _ in ordered], None
+    order = np.argsort(keys, kind="stable")
+    gaps = np.diff(np.asarray(keys)[order])
+    spacing = float(np.median(gaps)) if len(gaps) and np.median(gaps) > 0 else None
+    return [members[i][0] for i in order], spacing
