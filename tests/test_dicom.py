@@ -268,3 +268,27 @@ def test_a_folder_of_slices_is_read_as_series_in_patient_order_with_their_spacin
     assert any("series 'CT abdomen' mixes slice sizes or colour" in line for line in read_series(study).skipped)
     with pytest.raises(InputError, match="no DICOM image files"):
         read_series(tmp_path)
+
+
+def test_a_simulated_models_class_names_name_its_dicom_seg_segments(tmp_path: Path) -> None:
+    """Checkpoints carried no class names, so a two-class model's SEG said 'class 1', 'class 2'."""
+    import highdicom as hd
+
+    from fedmix_engine.data.synthetic import make_sample
+    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.model import ModelConfig
+    from fedmix_engine.predict import Predictor, predict_folder
+    from fedmix_engine.simulate import SimulationConfig, run_simulation
+
+    make_sample(tmp_path / "fed", sites=1, images=6, eval_images=1, seed=0, size=32, classes=2)
+    config = SimulationConfig(method="fedmix", rounds=1, device="cpu", model=ModelConfig(base_width=4, num_classes=2),
+                              train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
+    run_simulation([tmp_path / "fed" / "site-a"], None, config, tmp_path / "run")
+    predictor = Predictor.from_checkpoint(tmp_path / "run" / "final.safetensors", "cpu")
+    assert predictor.classes == ("lesion", "cyst")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(bundled("CT_small.dcm"), folder / "ct.dcm")
+    [row] = predict_folder(predictor, folder, tmp_path / "out", dicom_seg=True)
+    seg = hd.seg.segread(tmp_path / "out" / row.seg_file)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion", "cyst"]

@@ -182,5 +182,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dicom-seg", action="store_true",
                    help="also write each DICOM image's mask as a DICOM SEG (<stem>_seg.dcm) for PACS and viewers")
     p.add_argument("--classes", help="segment names for the DICOM SEG, comma-separated, one per model class "
-                                     "(default: lesion, or class 1, class 2, …)")
+                                     "(default: the checkpoint's class names if it has them, else lesion, or "
+                                     "class 1, class 2, …)")
     p.set_defaults(func=cmd_predict)

@@ -49,9 +49,10 @@ class Predictor:
     """Probabilities from the global pair for images of any size (resized to the training size and back)."""
 
     def __init__(self, pair: PairState, model_config: ModelConfig, image_size: int, plan: DevicePlan | None = None,
-                 inference: str = "net1", batch_size: int | None = None):
+                 inference: str = "net1", batch_size: int | None = None, classes: Sequence[str] | None = None):
         if inference not in INFERENCE:
             raise InputError("inference", f"'{inference}' is not one of {', '.join(INFERENCE)}")
+        self.classes = tuple(classes) if classes else None  # the label names, when the checkpoint has them
         self.plan = plan or plan_device("auto")
         self.model_config = model_config
         self.image_size = image_size
@@ -70,7 +71,8 @@ class Predictor:
         else:
             pair, model_config, meta = load_checkpoint(source)
         image_size = int(meta.get("image_size", 128))
-        return cls(pair, model_config, image_size, plan_device(device), inference or meta.get("inference", "net1"))
+        return cls(pair, model_config, image_size, plan_device(device), inference or meta.get("inference", "net1"),
+                   classes=meta.get("classes"))
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -252,14 +254,15 @@ class FolderBatch:
     reason in the row; the run never stops on them. Output names: ``mask_names``.
 
     ``dicom_seg``: also write each DICOM image's mask as a DICOM SEG, ``<name>_seg.dcm``, with the
-    segments named ``classes`` (default: ``lesion``, or ``class k``), for the PACS and DICOM viewers."""
+    segments named ``classes`` (default: the checkpoint's class names, which simulations and local
+    training store; else ``lesion``, or ``class k``), for the PACS and DICOM viewers."""
 
     def __init__(self, predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                  dicom_seg: bool = False, classes: Sequence[str] | None = None) -> None:
         folder, self.out = Path(folder), Path(out)
         check_batch(folder, threshold, self.out)
         count = predictor.model_config.num_classes
-        self.classes = list(classes) if classes else default_class_names(count)
+        self.classes = list(classes or predictor.classes or default_class_names(count))
         if len(self.classes) != count:
             raise InputError("classes", f"{len(self.classes)} name(s) ({', '.join(self.classes)}) for a model of "
                                         f"{count} class(es)")

@@ -314,7 +314,8 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
     if config.method in ("fedavg-mask-only", "supervised-upper"):
         train = replace(train, pseudo_labels=config.method == "supervised-upper")
     global_pair = init_pair(config.model, config.seed)
-    meta = {"image_size": train.image_size, "inference": config.inference, "method": config.method}
+    meta = {"image_size": train.image_size, "inference": config.inference, "method": config.method,
+            "classes": list(sites[0].data.classes)}  # names the predictions' labels (DICOM SEG segments)
     if config.method == "local":
         for s in sites:
             s.pair = {k: v.clone() for k, v in global_pair.items()}
