@@ -545,9 +545,12 @@ def test_batch_predict_writes_a_mask_stack_for_a_multi_page_tiff_or_a_cine_loop(
                      planarconfig="separate")
     tifffile.imwrite(folder / "two.tif", rng.integers(0, 255, (40, 48, 2), dtype=np.uint8))
     shutil.copy(get_testdata_file("examples_ybr_color.dcm"), folder / "cine.dcm")  # 30-frame ultrasound loop
+    frames: list[tuple[str, int, int]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = {r.file: r for r in predict_folder(predictor, folder, out)}
+        rows = {r.file: r for r in predict_folder(
+            predictor, folder, out, on_frames=lambda p, done, total: frames.append((p.name, done, total)))}
+    assert [f for f in frames if f[0] == "loop.tif"] == [("loop.tif", 4, 6), ("loop.tif", 6, 6)], "frame progress"
     assert (rows["loop.tif"].frames, rows["loop.tif"].status) == (6, "ok")
     masks = tifffile.imread(out / "loop_mask.tif")
     assert masks.shape == (6, 40, 48)

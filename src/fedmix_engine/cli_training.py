@@ -112,7 +112,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
                           progress=lambda done, total, row: progress_bar(done, total, "predict"),
-                          dicom_seg=args.dicom_seg, classes=classes)
+                          dicom_seg=args.dicom_seg, classes=classes,
+                          on_frames=lambda path, done, total: progress_bar(done, total, f"predict {path.name}: frame"))
     skipped = [r for r in rows if r.status != "ok"]
     no_seg = [r for r in rows if r.seg_file.startswith("not written")]
     clear_progress_bar()

@@ -12,6 +12,7 @@ import io
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +259,8 @@ class FolderBatch:
     training store; else ``lesion``, or ``class k``), for the PACS and DICOM viewers."""
 
     def __init__(self, predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
-                 dicom_seg: bool = False, classes: Sequence[str] | None = None) -> None:
+                 dicom_seg: bool = False, classes: Sequence[str] | None = None,
+                 on_frames: Callable[[Path, int, int], None] | None = None) -> None:
         folder, self.out = Path(folder), Path(out)
         check_batch(folder, threshold, self.out)
         count = predictor.model_config.num_classes
@@ -267,6 +269,7 @@ class FolderBatch:
             raise InputError("classes", f"{len(self.classes)} name(s) ({', '.join(self.classes)}) for a model of "
                                         f"{count} class(es)")
         self.dicom_seg = dicom_seg
+        self.on_frames = on_frames  # (file, frames done, frames) while a stack is predicted
         make_folder(self.out)
         self.files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         self.total = len(self.files)
@@ -298,7 +301,8 @@ class FolderBatch:
                     try:
                         pixels, colour = read_frames(path)
                         if pixels.ndim > (3 if colour else 2):  # a cine loop or a multi-page TIFF: whole
-                            probability = run_steps(predictor.iter_stack_probabilities(pixels, colour, path))
+                            tell = None if self.on_frames is None else partial(self._tell_frames, path)
+                            probability = run_steps(predictor.iter_stack_probabilities(pixels, colour, path), tell)
                             mask = probabilities_to_labels(probability, threshold)
                         else:
                             mask = predictor.mask(pixels, threshold, path)
@@ -315,6 +319,10 @@ class FolderBatch:
             _write_summary(self.out / "summary.csv", rows + not_run)
 
 
+    def _tell_frames(self, path: Path, step: tuple[int, int]) -> None:
+        assert self.on_frames is not None
+        self.on_frames(path, *step)
+
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""
         if not (self.dicom_seg and is_dicom_file(path)):
@@ -328,9 +336,10 @@ class FolderBatch:
 
 
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
-                        dicom_seg: bool = False, classes: Sequence[str] | None = None) -> FolderBatch:
+                        dicom_seg: bool = False, classes: Sequence[str] | None = None,
+                        on_frames: Callable[[Path, int, int], None] | None = None) -> FolderBatch:
     """Predict every image in ``folder`` into ``out``; see ``FolderBatch`` (checks happen here, now)."""
-    return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes)
+    return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes, on_frames)
 
 
 def _write_summary(path: Path, rows: list[BatchRow]) -> None:
@@ -344,9 +353,10 @@ def _write_summary(path: Path, rows: list[BatchRow]) -> None:
 
 def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                    progress: Callable[[int, int, BatchRow], None] | None = None, dicom_seg: bool = False,
-                   classes: Sequence[str] | None = None) -> list[BatchRow]:
+                   classes: Sequence[str] | None = None,
+                   on_frames: Callable[[Path, int, int], None] | None = None) -> list[BatchRow]:
     rows = []
-    for done, total, row in iter_predict_folder(predictor, folder, out, threshold, dicom_seg, classes):
+    for done, total, row in iter_predict_folder(predictor, folder, out, threshold, dicom_seg, classes, on_frames):
         rows.append(row)
         if progress:
             progress(done, total, row)
