@@ -259,9 +259,10 @@ def test_a_folder_of_slices_is_read_as_series_in_patient_order_with_their_spacin
     volume = by_name["CT abdomen"]
     assert volume.pixels.shape == (5, 16, 20)
     assert [int(v) for v in volume.pixels[:, 0, 0]] == [1000, 1001, 1002, 1003, 1004], "ordered by position"
-    assert volume.spacing == pytest.approx((2.5, 0.7, 0.8))
+    assert volume.spacing == pytest.approx((2.5, 0.7, 0.8)) and volume.units == ("mm", "mm", "mm")
     assert [int(v) for v in by_name["loose0"].pixels[:, 0, 0]] == [500, 501, 502]
     assert by_name["loose0"].spacing == pytest.approx((1.0, 0.7, 0.8))
+    assert by_name["loose0"].units == ("pixel", "mm", "mm"), "no slice distance without positions"
     assert by_name["us"].pixels.shape == (24, 32) and by_name["us"].spacing is None
 
     write_dicom(study / "odd.dcm", np.zeros((8, 8), np.uint16), SeriesInstanceUID=ct, SeriesDescription="CT abdomen")

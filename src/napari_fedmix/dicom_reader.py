@@ -34,36 +34,24 @@ def read_dicom_folder(path: str | list[str]) -> list[LayerData]:
 
     from fedmix_engine.data.dicom_series import read_series
 
-    folder = path if isinstance(path, str) else path[0]
-    study = read_series(folder)
+    study = read_series(path if isinstance(path, str) else path[0])
     if study.skipped:
         warnings.warn(f"{len(study.skipped)} file(s) not opened: " + "; ".join(study.skipped[:5]), stacklevel=2)
-    layers = []
-    for series in study.series:
-        attributes = {"name": series.name, "rgb": series.colour,
-                      "metadata": {"source": str(folder), "files": [str(f) for f in series.files]}}
-        if series.spacing is not None:
-            attributes["scale"] = series.spacing
-        layers.append((series.pixels, attributes, "image"))
-    return layers
+    return [_layer(series) for series in study.series]
 
 
 def read_dicom_layers(path: str | list[str]) -> list[LayerData]:
     """One image layer per file, named after it and scaled in mm when the file gives its pixel spacing.
     A multi-frame file (a cine loop) opens as a stack, which Predict predicts frame by frame; a file
     the engine refuses (a SEG, an undecodable one) raises its InputError, which napari shows."""
-    from fedmix_engine.data.dicom import load_dicom
-    from fedmix_engine.data.imageio import image_stem, validate_image
+    from fedmix_engine.data.dicom_series import series_of_file
 
-    layers = []
-    for p in [path] if isinstance(path, str) else path:
-        image = load_dicom(p, frames=True)
-        pixels, frame_axes = image.pixels, 3 if image.colour else 2
-        if pixels.ndim == frame_axes:
-            pixels = validate_image(pixels, p)  # one frame: checked as import would check it
-        attributes = {"name": image_stem(p), "rgb": image.colour, "metadata": {"source": str(p)}}
-        if image.spacing is not None:
-            leading = pixels.ndim - frame_axes
-            attributes.update(scale=(1.0,) * leading + image.spacing, units=("pixel",) * leading + ("mm", "mm"))
-        layers.append((pixels, attributes, "image"))
-    return layers
+    return [_layer(series_of_file(p)) for p in ([path] if isinstance(path, str) else path)]
+
+
+def _layer(series) -> LayerData:
+    """A series as napari layer data, placed in mm when its spacing is known."""
+    attributes = {"name": series.name, "rgb": series.colour, "metadata": {"files": [str(f) for f in series.files]}}
+    if series.spacing is not None:
+        attributes.update(scale=series.spacing, units=series.units)
+    return series.pixels, attributes, "image"

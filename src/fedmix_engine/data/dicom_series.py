@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmix_engine.data.dicom import load_dicom, read_dataset
-from fedmix_engine.data.imageio import image_files, image_stem, is_dicom_file
+from fedmix_engine.data.imageio import image_files, image_stem, is_dicom_file, validate_image
 from fedmix_engine.errors import InputError
 
 
@@ -27,7 +27,8 @@ class DicomSeries:
     name: str  # the SeriesDescription, else the first file's name
     pixels: np.ndarray  # S×H×W(×3) for several files; a single file's H×W(×3) or F×H×W(×3)
     colour: bool  # the last axis holds RGB
-    spacing: tuple[float, ...] | None  # mm per axis before the colour axis; 1 for an axis without one
+    spacing: tuple[float, ...] | None  # per axis before the colour axis, in ``units``
+    units: tuple[str, ...] | None  # "mm", or "pixel" for an axis without a distance (a cine loop's frames)
     files: tuple[Path, ...]
 
 
@@ -67,14 +68,22 @@ def read_series(folder: str | Path) -> StudyFolder:
     return StudyFolder(series, skipped)
 
 
+def series_of_file(path: str | Path, name: str | None = None) -> DicomSeries:
+    """One file as a series: a 2-D image (checked as import checks it) or a multi-frame stack."""
+    path = Path(path)
+    image = load_dicom(path, frames=True)
+    leading = image.pixels.ndim - (3 if image.colour else 2)  # a cine loop's frame axis
+    pixels = validate_image(image.pixels, path) if leading == 0 else image.pixels
+    spacing = None if image.spacing is None else (1.0,) * leading + image.spacing
+    units = None if image.spacing is None else ("pixel",) * leading + ("mm", "mm")
+    return DicomSeries(name or image_stem(path), pixels, image.colour, spacing, units, (path,))
+
+
 def _series(members: list[tuple[Path, object]]) -> DicomSeries:
     first_path, first = members[0]
     name = str(first.get("SeriesDescription", "") or "").strip() or image_stem(first_path)
     if len(members) == 1:
-        image = load_dicom(first_path, frames=True)
-        leading = image.pixels.ndim - (3 if image.colour else 2)  # a cine loop's frame axis
-        spacing = None if image.spacing is None else (1.0,) * leading + image.spacing
-        return DicomSeries(name, image.pixels, image.colour, spacing, (first_path,))
+        return series_of_file(first_path, name)
     ordered, slice_spacing = _slice_order(members)
     images = [load_dicom(path) for path in ordered]
     shapes = {(image.pixels.shape, image.colour) for image in images}
@@ -83,8 +92,11 @@ def _series(members: list[tuple[Path, object]]) -> DicomSeries:
         raise InputError(first_path.parent, f"series '{name}' mixes slice sizes or colour ({sizes}); open its "
                                             "files one by one")
     in_plane = images[0].spacing
-    spacing = None if in_plane is None and slice_spacing is None else (slice_spacing or 1.0, *(in_plane or (1.0, 1.0)))
-    return DicomSeries(name, np.stack([image.pixels for image in images]), images[0].colour, spacing,
+    spacing = units = None
+    if in_plane is not None or slice_spacing is not None:
+        spacing = (slice_spacing or 1.0, *(in_plane or (1.0, 1.0)))
+        units = ("mm" if slice_spacing else "pixel", *(("mm", "mm") if in_plane else ("pixel", "pixel")))
+    return DicomSeries(name, np.stack([image.pixels for image in images]), images[0].colour, spacing, units,
                        tuple(ordered))
 
 
