@@ -122,7 +122,8 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
     count = int(dataset.get("NumberOfFrames", 1) or 1)
     if count > 1 and not frames:
         raise InputError(path, f"multi-frame DICOM ({count} frames: a cine loop or a volume); FedMix sites "
-                               "hold 2-D images — export the frame to label as its own file")
+                               "hold 2-D images — open it in napari and add the frame to label (Annotate › Add "
+                               "the image on screen), or export that frame as its own file")
     try:
         array = dataset.pixel_array
     except Exception as exc:
