@@ -59,6 +59,8 @@ def test_serve_help_states_the_defaults_a_new_state_directory_gets(part, options
         assert stated, f"--{option} does not state its default"
         default = getattr(defaults, field)
         said = type(default)(stated.group(1)) if isinstance(default, (int, float)) else stated.group(1)
+        if isinstance(default, tuple):  # a list option: "none", or its comma-separated items
+            said = () if said == "none" else tuple(said.split(","))
         assert said == default, f"--{option}: help says {stated.group(1)}, the default is {default}"
 
 

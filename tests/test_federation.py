@@ -537,3 +537,44 @@ def test_a_client_stopped_before_its_upload_is_taken_trains_that_round_again_to_
     simulated = simulate_like_the_sites(sample, ["site-a"], 2, tmp_path / "sim")
     worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
     assert worst < 1e-5, f"the stopped round trained from other moments: max |Δθ| = {worst}"
+
+
+def test_a_site_whose_classes_are_named_or_ordered_otherwise_is_refused_at_joining(tmp_path: Path) -> None:
+    """Only the class count was compared: a site labelling cyst as 1 and lesion as 2 would have trained a
+    lesion-and-cyst federation's class 1 on cysts, silently. With --class-names the order is the
+    federation's; the global models carry the names (for DICOM SEG), and a restart cannot change them."""
+    from fedmix_engine.data.site_store import SiteStore
+
+    make_sample(tmp_path / "fed", sites=1, images=4, eval_images=1, seed=0, size=32, classes=2)  # lesion, cyst
+    swapped = tmp_path / "swapped"
+    with SiteStore.create(swapped, ["cyst", "lesion"]) as store:
+        store.add_image(np.zeros((32, 32), np.uint8), image_id="scan")
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a", "other"])
+    args = ["--sites", "1", "--min-sites", "1", "--rounds", "1", "--class-names", "lesion,cyst", *TINY_SETTINGS]
+
+    def join(site: Path, token: str, url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", url, "--token", token,
+                               "--site", str(site), "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                              env=ENV)
+
+    with running_server(state, args) as server:
+        refused = join(swapped, tokens["other"], server.url)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert "site's classes are cyst, lesion; the federation's are lesion, cyst, in this label order" \
+            in refused.stdout
+        assert server.status()["uploaded"] == []
+        joined = join(tmp_path / "fed" / "site-a", tokens["site-a"], server.url)
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+    _, model, meta = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
+    assert model.num_classes == 2 and meta["classes"] == ["lesion", "cyst"]
+    saved = (state / "server.json").read_bytes()
+    for where, change, message in (
+            (state, ["--class-names", "cyst,lesion"], "class_names: ('lesion', 'cyst') → ('cyst', 'lesion')"),
+            (tmp_path / "new", ["--class-names", "lesion", "--classes", "2"],
+             "--class-names: lesion: give the model's 2 class(es), each once, in label order"),
+            (tmp_path / "new", ["--class-names", "lesion,lesion"], "--class-names: lesion, lesion: give")):
+        run = subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(where), "--port",
+                              str(free_port()), *change], capture_output=True, text=True, timeout=60, env=ENV)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert (state / "server.json").read_bytes() == saved and not (tmp_path / "new" / "server.json").exists()

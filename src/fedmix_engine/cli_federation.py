@@ -15,7 +15,7 @@ from fedmix_engine.errors import InputError
 # (where only state.ADJUSTABLE ones may change).
 SERVER_OPTIONS = (("sites", "sites"), ("min_sites", "min_sites"), ("round_timeout", "round_timeout"),
                   ("rounds", "rounds"), ("method", "method"), ("lam", "lam"), ("beta", "beta"), ("seed", "seed"),
-                  ("max_upload_mb", "max_upload_mb"))
+                  ("max_upload_mb", "max_upload_mb"), ("class_names", "class_names"))
 MODEL_OPTIONS = (("base_width", "width"), ("num_classes", "classes"), ("in_channels", "channels"))
 TRAIN_OPTIONS = (("image_size", "image_size"), ("crop_size", "crop_size"), ("batch_size", "batch_size"),
                  ("epochs", "local_epochs"), ("lr", "lr"), ("pl_warmup_rounds", "pl_warmup"))
@@ -33,8 +33,15 @@ def _server_config(args: argparse.Namespace, base):
     server = _given(args, SERVER_OPTIONS)
     if "min_sites" not in server:  # the default quorum shrinks with fewer sites; a given one is checked as given
         server["min_sites"] = min(base.min_sites, server.get("sites", base.sites))
-    return replace(base, **server, model=replace(base.model, **_given(args, MODEL_OPTIONS)),
+    model = _given(args, MODEL_OPTIONS)
+    if "class_names" in server and "num_classes" not in model:  # the names say how many classes there are
+        model["num_classes"] = len(server["class_names"])
+    return replace(base, **server, model=replace(base.model, **model),
                    train=replace(base.train, **_given(args, TRAIN_OPTIONS)))
+
+
+def _class_names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(","))
 
 
 def _port(text: str) -> int:
@@ -190,7 +197,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--seed", type=int, help="seed of the initial global model (default 0)")
     group.add_argument("--max-upload-mb", type=float, help="largest update accepted, in MB (default 512)")
     group.add_argument("--width", type=int, help="U-Net base width (64 = reference; default 16)")
-    group.add_argument("--classes", type=int, help="number of classes (default 1)")
+    group.add_argument("--classes", type=int, help="number of classes (default 1), or as many as --class-names")
+    group.add_argument("--class-names", type=_class_names, metavar="NAME[,NAME…]",
+                       help="the classes in label order, e.g. lesion,cyst: a site whose classes differ in name or "
+                            "order is refused at joining (label k must mean the same at every site), and the global "
+                            "models name them; without them only the class count is checked (default none)")
     group.add_argument("--channels", type=int, choices=(1, 3), help="image channels: 1 grey, 3 RGB (default 1)")
     group.add_argument("--image-size", type=int, help="sites resize images to this side (default 128)")
     group.add_argument("--crop-size", type=int, help="random training crop, a multiple of 16 (default 112)")

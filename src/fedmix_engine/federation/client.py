@@ -13,7 +13,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +163,7 @@ class FederationClient:
                         f"{self.plan.device} ({self.plan.note})")
         with SiteStore.open(self.site_dir, readonly=True) as store:
             try:
-                check_site_fits_model(store, model_config)
+                check_site_fits_model(store, model_config, cfg.get("class_names", ()))
             except InputError as exc:
                 raise FederationError(str(exc)) from None
         last_wait, seen_round = None, None
@@ -267,12 +267,18 @@ def federation_prefix(federation: str | None) -> str:
     return f"federation-{federation}"
 
 
-def check_site_fits_model(store: SiteStore, model_config: ModelConfig) -> None:
-    """Refuse to train a federation's model on a site with other classes or channels, naming the site."""
+def check_site_fits_model(store: SiteStore, model_config: ModelConfig, class_names: Sequence[str] = ()) -> None:
+    """Refuse to train a federation's model on a site with other classes or channels, naming the site; with
+    the federation's ``class_names``, also a site whose classes are named or ordered otherwise: its label
+    k would train the model's class k on another class, and nothing else would notice."""
     classes, channels = len(store.config.classes), store.config.channels
     if (channels, classes) != (model_config.in_channels, model_config.num_classes):
         raise InputError(store.root, f"site has {classes} class(es) and {channels} channel(s); the federation's "
                          f"model expects {model_config.num_classes} and {model_config.in_channels}")
+    if class_names and tuple(store.config.classes) != tuple(class_names):
+        raise InputError(store.root, f"site's classes are {', '.join(store.config.classes)}; the federation's are "
+                                     f"{', '.join(class_names)}, in this label order (label k must mean the same "
+                                     "class at every site)")
 
 
 def _detail(response) -> str:

@@ -69,6 +69,7 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         cfg = state.config
         return {"api": API_VERSION, "server_version": __version__, "site": site, "model": cfg.model.__dict__,
                 "train": cfg.train.__dict__, "seed": cfg.seed, "rounds": cfg.rounds, "method": cfg.method,
+                "class_names": list(cfg.class_names),
                 "federation": state.federation_id}
 
     @app.get(f"/{API_VERSION}/round")

@@ -69,6 +69,9 @@ class ServerConfig:
     max_upload_mb: float = 512.0
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_width=16))
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the classes in label order: label k must mean the same class at every site, so a site whose names
+    # or order differ is refused at joining (empty: only the count is checked, as before names were stored)
+    class_names: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.sites < 1 or not 1 <= self.min_sites <= self.sites:
@@ -78,6 +81,10 @@ class ServerConfig:
         AggregationRule.for_method(self.method, self.lam, self.beta)
         self.model.validate()
         self.train.validate()
+        if self.class_names and (len(self.class_names) != self.model.num_classes
+                                 or len(set(self.class_names)) != len(self.class_names) or not all(self.class_names)):
+            raise InputError("--class-names", f"{', '.join(self.class_names) or '(none)'}: give the model's "
+                                              f"{self.model.num_classes} class(es), each once, in label order")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +94,8 @@ class ServerConfig:
         raw = dict(raw)
         model = ModelConfig.from_dict(raw.pop("model"))
         train = TrainConfig(**raw.pop("train"))
-        return cls(**raw, model=model, train=train)
+        names = tuple(raw.pop("class_names", ()))  # JSON gives a list; a server.json from before names: none
+        return cls(**raw, model=model, train=train, class_names=names)
 
 
 @dataclass(frozen=True)
@@ -339,8 +347,10 @@ class ServerState:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_checkpoint(tmp / "global.safetensors", pair, self.config.model,
-                        {"round": r, "image_size": self.config.train.image_size})
+        checkpoint_meta = {"round": r, "image_size": self.config.train.image_size}
+        if self.config.class_names:  # names the predictions' labels (DICOM SEG segments)
+            checkpoint_meta["classes"] = list(self.config.class_names)
+        save_checkpoint(tmp / "global.safetensors", pair, self.config.model, checkpoint_meta)
         atomic_write_bytes(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
         os.replace(tmp, final)
         with contextlib.suppress(OSError):
