@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmix_engine.atomic import make_folder
-from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.data.synthetic import CLASS_SETS, make_sample
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.client import wait_for_server
 from fedmix_engine.federation.tokens import TokenStore
@@ -96,7 +96,7 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
     server_cmd = [sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state), "--port", str(port),
                   "--sites", "3", "--min-sites", "2", "--round-timeout", str(round_timeout), "--rounds", str(rounds),
                   "--width", str(width), "--image-size", str(size), "--crop-size", str(crop), "--batch-size", "4",
-                  "--local-epochs", "2", "--seed", str(seed)]
+                  "--local-epochs", "2", "--seed", str(seed), "--class-names", ",".join(CLASS_SETS[1])]
     logs = out / "logs"
     logs.mkdir(parents=True)
     procs: list[subprocess.Popen] = []
