@@ -105,7 +105,7 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
     """:func:`read_dicom` with the pixel spacing. ``frames=True`` (napari's reader, to show and predict
     a cine loop) also reads a multi-frame file, with the file-level rescale and window; an enhanced
     multi-frame file's per-frame values (PerFrameFunctionalGroupsSequence) are not applied."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut
 
     path = Path(path)
     try:
@@ -138,11 +138,11 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
     elif not photometric.startswith("MONOCHROME"):
         pixels = np.asarray(array)  # RGB, or YBR already converted to RGB by pydicom
     else:
-        pixels = _grey_as_displayed(array, dataset, photometric == "MONOCHROME1", apply_modality_lut, apply_voi_lut)
+        pixels = _grey_as_displayed(array, dataset, photometric == "MONOCHROME1")
     return DicomImage(pixels, not photometric.startswith("MONOCHROME"), _pixel_spacing(dataset))
 
 
-def _grey_as_displayed(array: np.ndarray, dataset, inverted: bool, modality_lut, voi_lut) -> np.ndarray:
+def _grey_as_displayed(array: np.ndarray, dataset, inverted: bool) -> np.ndarray:
     """Apply the transforms the file asks for; the stored integers when it asks for none. A windowed
     image is returned in [0, 1] over the window's whole output range (not the image's own min–max,
     which would stretch a window the image does not fill)."""
@@ -151,10 +151,12 @@ def _grey_as_displayed(array: np.ndarray, dataset, inverted: bool, modality_lut,
     windowed = "VOILUTSequence" in dataset or ("WindowCenter" in dataset and "WindowWidth" in dataset)
     if not (rescaled or windowed or inverted):
         return np.asarray(array)
-    values = modality_lut(array, dataset) if rescaled else array  # a modality LUT indexes the stored integers
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(array, dataset) if rescaled else array  # a modality LUT indexes the stored integers
     if windowed:
-        lo, hi = _voi_output_range(dataset, voi_lut)
-        values = (np.asarray(voi_lut(values, dataset), dtype=np.float64) - lo) / max(hi - lo, 1e-12)
+        lo, hi = _voi_output_range(dataset)
+        values = (np.asarray(apply_voi_lut(values, dataset), dtype=np.float64) - lo) / max(hi - lo, 1e-12)
         values = np.clip(values, 0.0, 1.0)
         if inverted:
             values = 1.0 - values
@@ -165,7 +167,7 @@ def _grey_as_displayed(array: np.ndarray, dataset, inverted: bool, modality_lut,
     return values.astype(np.float32)
 
 
-def _voi_output_range(dataset, voi_lut) -> tuple[float, float]:
+def _voi_output_range(dataset) -> tuple[float, float]:
     """What the VOI transform gives at the two ends of its input: a VOI LUT's first and last entries,
     or a window's black and white levels (which pydicom derives from the bit depth and rescale)."""
     if "VOILUTSequence" in dataset:
@@ -173,5 +175,7 @@ def _voi_output_range(dataset, voi_lut) -> tuple[float, float]:
         ends = np.array([first, first + (entries or 2**16) - 1], dtype=np.int64)
     else:
         ends = np.array([-np.inf, np.inf])
-    out = np.asarray(voi_lut(ends, dataset), dtype=np.float64)
+    from pydicom.pixels import apply_voi_lut
+
+    out = np.asarray(apply_voi_lut(ends, dataset), dtype=np.float64)
     return float(out.min()), float(out.max())
