@@ -224,9 +224,10 @@ def mask_names(files: list[Path]) -> dict[Path, str]:
     sharing a stem (``scan.png`` and ``scan.tif`` must not overwrite each other's mask).
 
     Stems are compared case-insensitively: ``Scan.tif`` and ``scan.png`` collide on macOS and Windows."""
-    stems = Counter(image_stem(path).lower() for path in files)
-    return {path: f"{image_stem(path)}_{path.suffix.lstrip('.').lower()}_mask.tif"
-            if stems[image_stem(path).lower()] > 1 else f"{image_stem(path)}_mask.tif" for path in files}
+    stems = {path: image_stem(path) for path in files}
+    shared = Counter(stem.lower() for stem in stems.values())
+    return {path: f"{stem}_{path.suffix.lstrip('.').lower()}_mask.tif" if shared[stem.lower()] > 1
+            else f"{stem}_mask.tif" for path, stem in stems.items()}
 
 
 def check_batch(folder: str | Path, threshold: float = 0.5, out: str | Path | None = None) -> None:
