@@ -47,6 +47,7 @@ from fedmix_engine.federation.wire import LazyUpdate, UpdateReport, validate_upd
 from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
 from fedmix_engine.fedmix.pair import init_pair
 from fedmix_engine.model import ModelConfig
+from fedmix_engine.predict import Predictor
 
 pytestmark = pytest.mark.flower
 TINY = ModelConfig(base_width=4)
@@ -170,6 +171,18 @@ def test_site_train_runs_the_engine_update_on_the_site_store(tmp_path: Path) -> 
     with pytest.raises(InputError, match="site-dir"):
         site_train(request, no_site)
 
+    # a federation that fixed its class names refuses a site whose label 1 means another class
+    for names, trains in (("lesion", True), ("tumour", False)):
+        named = FlowerRunSettings.from_run_config({"model-width": 4, "image-size": 32, "crop-size": 32,
+                                                   "batch-size": 4, "class-names": names})
+        message = Message(content=RecordDict({"arrays": pair_to_arrays(pair), "config": ConfigRecord(
+            {**named.site_config(), "server-round": 2})}), metadata=_metadata(0))
+        if trains:
+            assert not site_train(message, context).has_error()
+        else:
+            with pytest.raises(InputError, match="site's classes are lesion; the federation's are tumour"):
+                site_train(message, context)
+
 
 def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(tmp_path: Path) -> None:
     import tomllib
@@ -188,6 +201,17 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
     assert settings.federation.rounds == 2 and settings.federation.model.base_width == 4
     # the defaults are the built-in server's
     assert FlowerRunSettings().federation == ServerConfig()
+
+    # class names fix the label order and, unless given, the class count (as `serve --class-names` does)
+    named = write_flower_app(tmp_path / "named", {"class-names": "lesion, cyst"})
+    written = tomllib.loads(named.read_text())["tool"]["flwr"]["app"]["config"]
+    assert written["class-names"] == "lesion,cyst" and written["num-classes"] == 2
+    settings = FlowerRunSettings.from_run_config(written)
+    assert settings.federation.class_names == ("lesion", "cyst") and settings.federation.model.num_classes == 2
+    for bad in ({"class-names": "lesion,lesion"}, {"class-names": "lesion,cyst", "num-classes": 3},
+                {"class-names": "lesion,"}):
+        with pytest.raises(InputError, match="class-names"):
+            FlowerRunSettings.from_run_config(bad)
 
 
 # ---------------------------------------------------------------------------------------------- deployment
@@ -214,7 +238,7 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
     out, app, home, keys = tmp_path / "out", tmp_path / "app", tmp_path / "flwr-home", tmp_path / "keys"
     write_flower_app(app, {"num-server-rounds": 2, "model-width": 4, "image-size": 32, "crop-size": 32,
                            "batch-size": 4, "min-sites": 3, "round-timeout": 240.0, "out-dir": str(out),
-                           "keep-updates": True})
+                           "keep-updates": True, "class-names": "lesion"})
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"  # self-signed: its own CA
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
@@ -290,10 +314,13 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
         expected, weights = aggregate(sent, rule)
         flower_global, model, meta = load_checkpoint(out / f"round-{r['round']:04d}" / "global.safetensors")
         assert model.base_width == 4 and meta["round"] == r["round"]
+        assert meta["image_size"] == 32 and meta["classes"] == ["lesion"]  # predict resizes to it; SEG names
         assert max_diff(flower_global, expected) < 1e-6
         assert np.allclose(sorted(weights.values()), sorted(r["weights"].values()), atol=1e-9)
     final, _, _ = load_checkpoint(out / "global.safetensors")
     assert max_diff(final, flower_global) == 0
+    predictor = Predictor.from_checkpoint(out / "global.safetensors", device="cpu")
+    assert predictor.image_size == 32 and predictor.classes == ("lesion",)
 
     # and Flower changed nothing about the algorithm: the simulator gives the same pair
     simulated = simulate_like_the_sites(sample, SITES, 2, tmp_path / "sim")

@@ -30,7 +30,11 @@ def _server_config(args: argparse.Namespace, base):
     """``base`` (a ServerConfig: the defaults, or a state directory's stored settings) with the given options."""
     from dataclasses import replace
 
+    from fedmix_engine.federation.state import parse_class_names
+
     server = _given(args, SERVER_OPTIONS)
+    if "class_names" in server:
+        server["class_names"] = parse_class_names(server["class_names"])
     if "min_sites" not in server:  # the default quorum shrinks with fewer sites; a given one is checked as given
         server["min_sites"] = min(base.min_sites, server.get("sites", base.sites))
     model = _given(args, MODEL_OPTIONS)
@@ -38,10 +42,6 @@ def _server_config(args: argparse.Namespace, base):
         model["num_classes"] = len(server["class_names"])
     return replace(base, **server, model=replace(base.model, **model),
                    train=replace(base.train, **_given(args, TRAIN_OPTIONS)))
-
-
-def _class_names(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(","))
 
 
 def _port(text: str) -> int:
@@ -198,7 +198,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--max-upload-mb", type=float, help="largest update accepted, in MB (default 512)")
     group.add_argument("--width", type=int, help="U-Net base width (64 = reference; default 16)")
     group.add_argument("--classes", type=int, help="number of classes (default 1), or as many as --class-names")
-    group.add_argument("--class-names", type=_class_names, metavar="NAME[,NAME…]",
+    group.add_argument("--class-names", metavar="NAME[,NAME…]",
                        help="the classes in label order, e.g. lesion,cyst: a site whose classes differ in name or "
                             "order is refused at joining (label k must mean the same at every site), and the global "
                             "models name them; without them only the class count is checked (default none)")

@@ -53,6 +53,11 @@ ID_FILE = "federation-id"  # sites keep their Adam moments per federation under 
 ADJUSTABLE = ("sites", "min_sites", "round_timeout", "rounds", "max_upload_mb")
 
 
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """``"lesion, cyst"`` → ``("lesion", "cyst")``: how ``--class-names`` and Flower's ``class-names`` are written."""
+    return tuple(name.strip() for name in text.split(","))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything every site must agree on, stored when the state directory is created (a restart may change
@@ -85,6 +90,14 @@ class ServerConfig:
                                  or len(set(self.class_names)) != len(self.class_names) or not all(self.class_names)):
             raise InputError("--class-names", f"{', '.join(self.class_names) or '(none)'}: give the model's "
                                               f"{self.model.num_classes} class(es), each once, in label order")
+
+    def checkpoint_meta(self, round_index: int) -> dict[str, Any]:
+        """What a global checkpoint of this federation carries besides its weights: the size its images were
+        trained at (prediction resizes to it) and, when fixed, the label names (DICOM SEG segments)."""
+        meta: dict[str, Any] = {"round": round_index, "image_size": self.train.image_size}
+        if self.class_names:
+            meta["classes"] = list(self.class_names)
+        return meta
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -347,10 +360,7 @@ class ServerState:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        checkpoint_meta = {"round": r, "image_size": self.config.train.image_size}
-        if self.config.class_names:  # names the predictions' labels (DICOM SEG segments)
-            checkpoint_meta["classes"] = list(self.config.class_names)
-        save_checkpoint(tmp / "global.safetensors", pair, self.config.model, checkpoint_meta)
+        save_checkpoint(tmp / "global.safetensors", pair, self.config.model, self.config.checkpoint_meta(r))
         atomic_write_bytes(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
         os.replace(tmp, final)
         with contextlib.suppress(OSError):

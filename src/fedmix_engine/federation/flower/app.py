@@ -64,7 +64,8 @@ class RoundRecorder:
         self.out.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, outcome: RoundOutcome) -> None:
-        meta = {"round": outcome.round, "method": self.settings.federation.method, "weights": outcome.weights}
+        fed = self.settings.federation
+        meta = {**fed.checkpoint_meta(outcome.round), "method": fed.method, "weights": outcome.weights}
         if outcome.pair is not None:
             save_checkpoint(self.out / "global.safetensors", outcome.pair, self.settings.federation.model, meta)
         if self.settings.keep_updates:
@@ -88,7 +89,7 @@ def server_main(grid: Grid, context: Context) -> None:
     fed = settings.federation
     pair = init_pair(fed.model, fed.seed)
     recorder = RoundRecorder(settings)
-    save_checkpoint(recorder.out / "global-initial.safetensors", pair, fed.model, {"round": 0})
+    save_checkpoint(recorder.out / "global-initial.safetensors", pair, fed.model, fed.checkpoint_meta(0))
     strategy = FedMixStrategy(pair, settings.rule, on_round=recorder, keep_updates=settings.keep_updates,
                               min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites)
     strategy.start(grid=grid, initial_arrays=pair_to_arrays(pair), num_rounds=fed.rounds,
@@ -104,17 +105,17 @@ def site_train(msg: Message, context: Context) -> Message:
         raise InputError("--node-config", "this SuperNode has no site-dir: start it with "
                          "--node-config 'site-dir=\"/path/to/site\"'")
     site_dir = Path(str(site_dir))
-    model_config, train, seed, server_round = parse_site_config(dict(msg.content.config_records[CONFIG]))
+    config = parse_site_config(dict(msg.content.config_records[CONFIG]))
     pair = arrays_to_pair(msg.content.array_records[ARRAYS], None, "global pair from the SuperLink")
     plan = plan_device(str(context.node_config.get("device", "auto")))
     with SiteStore.open(site_dir, readonly=True) as store, store.training_view() as view:
         site = store.config.name
-        check_site_fits_model(store, model_config)
-        data = load_site_tensors(view, train.image_size)
+        check_site_fits_model(store, config.model, config.class_names)
+        data = load_site_tensors(view, config.train.image_size)
     models_dir = site_dir / "models"
     state_file = f"flower-run-{context.run_id}-state.pt"  # Adam moments, kept per run, never sent
-    result = local_update(pair, data, model_config, train, plan, load_site_state(models_dir, state_file),
-                          seed=site_seed(seed, site), round_index=server_round)
+    result = local_update(pair, data, config.model, config.train, plan, load_site_state(models_dir, state_file),
+                          seed=site_seed(config.seed, site), round_index=config.round)
     save_site_state(models_dir, result.state, state_file)
     content = RecordDict({ARRAYS: pair_to_arrays(result.pair),
                           METRICS: report_to_metrics(UpdateReport.from_local(result.report)),

@@ -21,8 +21,9 @@ FIRST_LINE = "# A Flower App running FedMix (written by `fedmix-engine flower-ap
 
 def write_flower_app(directory: str | Path, overrides: dict[str, Any] | None = None) -> Path:
     """Create ``directory/pyproject.toml``; the run configuration is checked before anything is written."""
-    config = {**FlowerRunSettings().to_run_config(), **(overrides or {})}
-    FlowerRunSettings.from_run_config(config)  # fail here, naming the key, not on the SuperLink
+    # checked here, naming the key, not on the SuperLink; written whole, with what the overrides imply
+    # (class-names set the class count)
+    config = FlowerRunSettings.from_run_config(overrides or {}).to_run_config()
     from importlib.metadata import version
 
     path = Path(directory) / "pyproject.toml"

@@ -11,10 +11,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedmix_engine.errors import InputError
-from fedmix_engine.federation.state import ServerConfig
+from fedmix_engine.federation.state import ServerConfig, parse_class_names
 from fedmix_engine.fedmix.aggregation import AggregationRule
 from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.model import ModelConfig
@@ -26,6 +26,7 @@ MODEL_KEYS = {"model-width": "base_width", "num-classes": "num_classes", "in-cha
 TRAIN_KEYS = {"image-size": "image_size", "crop-size": "crop_size", "batch-size": "batch_size", "lr": "lr",
               "local-epochs": "epochs", "tau": "tau", "loss": "loss", "pl-warmup": "pl_warmup_rounds"}
 OUTPUT_KEYS = {"out-dir": "out_dir", "keep-updates": "keep_updates"}
+CLASS_NAMES_KEY = "class-names"  # ServerConfig.class_names, comma-separated ("" = only the count is checked)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class FlowerRunSettings:
         return {**{key: getattr(f, name) for key, name in FEDERATION_KEYS.items()},
                 **{key: getattr(f.model, name) for key, name in MODEL_KEYS.items()},
                 **{key: getattr(f.train, name) for key, name in TRAIN_KEYS.items()},
-                **{key: getattr(self, name) for key, name in OUTPUT_KEYS.items()}}
+                **{key: getattr(self, name) for key, name in OUTPUT_KEYS.items()},
+                CLASS_NAMES_KEY: ",".join(f.class_names)}
 
     @classmethod
     def from_run_config(cls, raw: dict[str, Any]) -> FlowerRunSettings:
@@ -64,9 +66,13 @@ class FlowerRunSettings:
         def pick(table: dict[str, str]) -> dict[str, Any]:
             return {name: values[key] for key, name in table.items()}
 
+        names = parse_class_names(values[CLASS_NAMES_KEY]) if values[CLASS_NAMES_KEY] else ()
+        model = pick(MODEL_KEYS)
+        if names and "num-classes" not in raw:  # the names say how many classes there are
+            model["num_classes"] = len(names)
         base = ServerConfig()
-        federation = replace(base, **pick(FEDERATION_KEYS), model=replace(base.model, **pick(MODEL_KEYS)),
-                             train=replace(base.train, **pick(TRAIN_KEYS)))
+        federation = replace(base, **pick(FEDERATION_KEYS), model=replace(base.model, **model),
+                             train=replace(base.train, **pick(TRAIN_KEYS)), class_names=names)
         federation = replace(federation, sites=max(federation.sites, federation.min_sites))
         try:
             federation.validate()
@@ -78,14 +84,22 @@ class FlowerRunSettings:
         """What each site receives every round (a Flower ConfigRecord: strings and numbers only)."""
         f = self.federation
         return {"fedmix-model": f.model.to_json(), "fedmix-train": json.dumps(asdict(f.train), sort_keys=True),
-                "fedmix-seed": f.seed}
+                "fedmix-seed": f.seed, "fedmix-classes": json.dumps(list(f.class_names))}
 
     def out_path(self) -> Path:
         return Path(self.out_dir).expanduser().resolve()
 
 
-def parse_site_config(config: dict[str, Any]) -> tuple[ModelConfig, TrainConfig, int, int]:
-    """(model, training settings, federation seed, round) from the ConfigRecord a site received."""
+class SiteRoundConfig(NamedTuple):
+    model: ModelConfig
+    train: TrainConfig
+    seed: int  # the federation's
+    round: int
+    class_names: tuple[str, ...]  # empty: the federation fixed only the class count
+
+
+def parse_site_config(config: dict[str, Any]) -> SiteRoundConfig:
+    """What a site needs for one round, from the ConfigRecord it received."""
     try:
         model = ModelConfig.from_json(str(config["fedmix-model"]))
         raw = json.loads(str(config["fedmix-train"]))
@@ -94,6 +108,7 @@ def parse_site_config(config: dict[str, Any]) -> tuple[ModelConfig, TrainConfig,
             raise InputError("fedmix-train", f"unknown field(s) {sorted(unknown)}: update napari-fedmix on this site")
         train = TrainConfig(**raw)
         train.validate()
-        return model, train, int(config["fedmix-seed"]), int(config["server-round"])
+        names = tuple(json.loads(str(config.get("fedmix-classes", "[]"))))  # absent from a server before names
+        return SiteRoundConfig(model, train, int(config["fedmix-seed"]), int(config["server-round"]), names)
     except KeyError as exc:
         raise InputError("config from the SuperLink", f"missing {exc}: is the server running the FedMix app?") from None
