@@ -54,6 +54,39 @@ def test_greyscale_dicom_is_read_as_the_viewer_shows_it(tmp_path: Path) -> None:
     assert kept.dtype == np.uint8 and np.array_equal(kept, ultrasound), "8-bit frames keep the /255 scale"
 
 
+def _group(**macros) -> pydicom.Dataset:
+    """A functional-group item: each macro (e.g. FrameVOILUTSequence) a sequence of one item."""
+    item = pydicom.Dataset()
+    for macro, values in macros.items():
+        inner = pydicom.Dataset()
+        for keyword, value in values.items():
+            setattr(inner, keyword, value)
+        setattr(item, macro, pydicom.Sequence([inner]))
+    return item
+
+
+def test_an_enhanced_multi_frame_file_shows_each_frame_with_its_own_rescale_and_window(tmp_path: Path) -> None:
+    """Enhanced CT/MR keep rescale, window and spacing in functional groups, not at the top level."""
+    from fedmix_engine.data.dicom import load_dicom
+    from fedmix_engine.data.dicom_series import series_of_file
+
+    stored = np.stack([np.full((16, 20), v, np.uint16) for v in (1064, 1064, 864)])
+    stored[:, 0, 0] = 2000  # far above every window: white
+    shared = _group(FrameVOILUTSequence={"WindowCenter": 40, "WindowWidth": 400},  # a soft-tissue window, in HU
+                    PixelMeasuresSequence={"PixelSpacing": [0.6, 0.7], "SliceThickness": 1.0})
+    per_frame = [_group(PixelValueTransformationSequence={"RescaleSlope": 1, "RescaleIntercept": b,
+                                                          "RescaleType": "HU"}) for b in (-1024, -1000, -1024)]
+    path = write_dicom(tmp_path / "enhanced.dcm", stored, SharedFunctionalGroupsSequence=pydicom.Sequence([shared]),
+                       PerFrameFunctionalGroupsSequence=pydicom.Sequence(per_frame))
+    image = load_dicom(path, frames=True)
+    assert image.pixels.shape == (3, 16, 20) and image.spacing == pytest.approx((0.6, 0.7))
+    # HU 40 is the window's centre, HU 64 (another intercept) 24 HU brighter, HU −160 its black level
+    assert [round(float(f[5, 5]), 3) for f in image.pixels] == pytest.approx([0.5, 0.56, 0.0], abs=0.003)
+    assert image.pixels[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    volume = series_of_file(path)
+    assert volume.spacing == pytest.approx((1.0, 0.6, 0.7)) and volume.pixels.dtype == np.float32
+
+
 @pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning")  # the palette file's own oddity
 def test_colour_dicom_is_read_as_rgb() -> None:
     ybr = read_image(bundled("SC_ybr_full_422_uncompressed.dcm"))  # stored as YCbCr; its top band is red

@@ -72,10 +72,12 @@ def read_dataset(path: Path, pixels: bool = True):
 
 
 def _pixel_spacing(dataset) -> tuple[float, float] | None:
-    """Row and column spacing in mm (PixelSpacing, or an X-ray's ImagerPixelSpacing); None when the
-    file gives neither or a malformed value."""
+    """Row and column spacing in mm (PixelSpacing, an enhanced file's shared PixelMeasuresSequence, or an
+    X-ray's ImagerPixelSpacing); None when the file gives none or a malformed value."""
+    measured = _macro((dataset.get("SharedFunctionalGroupsSequence") or [None])[0], "PixelMeasuresSequence")
+    given = measured if measured is not None and "PixelSpacing" in measured else dataset  # enhanced: shared
     try:
-        rows, columns = (float(v) for v in dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing"))
+        rows, columns = (float(v) for v in given.get("PixelSpacing") or given.get("ImagerPixelSpacing"))
     except (TypeError, ValueError):
         return None
     return (rows, columns) if rows > 0 and columns > 0 else None
@@ -103,8 +105,9 @@ def read_dicom(path: str | Path) -> np.ndarray:
 
 def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
     """:func:`read_dicom` with the pixel spacing. ``frames=True`` (napari's reader, to show and predict
-    a cine loop) also reads a multi-frame file, with the file-level rescale and window; an enhanced
-    multi-frame file's per-frame values (PerFrameFunctionalGroupsSequence) are not applied."""
+    a cine loop or a volume) also reads a multi-frame file; an enhanced one (Enhanced CT/MR) keeps its
+    rescale, window and pixel spacing in functional groups, per frame or shared, and each frame is shown
+    with its own (:func:`_frame_transforms`)."""
     from pydicom.pixels import apply_color_lut
 
     path = Path(path)
@@ -137,9 +140,50 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
         pixels = np.asarray(apply_color_lut(array, dataset))
     elif not photometric.startswith("MONOCHROME"):
         pixels = np.asarray(array)  # RGB, or YBR already converted to RGB by pydicom
+    elif any(sequence in dataset for sequence in _FUNCTIONAL_GROUPS):
+        views = _frame_transforms(dataset, count)
+        frames_of = array if count > 1 else array[None]
+        pixels = np.stack([_grey_as_displayed(frame, view, photometric == "MONOCHROME1")
+                           for frame, view in zip(frames_of, views, strict=True)])
+        pixels = pixels if count > 1 else pixels[0]
     else:
         pixels = _grey_as_displayed(array, dataset, photometric == "MONOCHROME1")
     return DicomImage(pixels, not photometric.startswith("MONOCHROME"), _pixel_spacing(dataset))
+
+
+_FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+# the functional-group macros that hold a frame's grey transforms: rescale (modality), window (VOI)
+_TRANSFORM_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+_TRANSFORM_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation", "RescaleSlope",
+                       "RescaleIntercept", "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
+                       "VOILUTSequence")
+
+
+def _macro(group, macro: str):
+    """A functional-group item's ``macro`` (its first item), or None."""
+    sequence = None if group is None else group.get(macro)
+    return sequence[0] if sequence else None
+
+
+def _frame_transforms(dataset, count: int) -> list:
+    """For an enhanced multi-frame file, one flat dataset per frame with the attributes pydicom's
+    rescale and window functions read: the file's own, overridden by the shared functional groups,
+    overridden by that frame's (the standard's precedence, PS3.3 C.7.6.16)."""
+    from pydicom.dataset import Dataset
+
+    shared = (dataset.get("SharedFunctionalGroupsSequence") or [None])[0]
+    per_frame = list(dataset.get("PerFrameFunctionalGroupsSequence") or [])
+    views = []
+    for index in range(count):
+        view = Dataset()
+        for keyword in _TRANSFORM_KEYWORDS:
+            if keyword in dataset:
+                view[keyword] = dataset[keyword]
+        for group in (shared, per_frame[index] if index < len(per_frame) else None):
+            for macro in _TRANSFORM_MACROS:
+                view.update(_macro(group, macro) or {})
+        views.append(view)
+    return views
 
 
 def _grey_as_displayed(array: np.ndarray, dataset, inverted: bool) -> np.ndarray:
