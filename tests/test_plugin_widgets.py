@@ -566,6 +566,58 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
     assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.tif")) == ["scan-0_mask.tif"]
 
 
+def test_batch_predict_shows_a_stacks_frames_and_cancel_stops_within_it(make_napari_viewer, qtbot, tmp_path,
+                                                                        monkeypatch):
+    """A long cine loop was one silent step: no progress until its last frame, and Cancel waited for it."""
+    import csv
+
+    import tifffile
+
+    from fedmix_engine.predict import NOT_RUN, Predictor
+    from napari_fedmix.predict_widget import BatchPredictWidget
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(folder / "a-loop.tif", rng.integers(0, 255, (8, 40, 48), dtype=np.uint8))
+    tifffile.imwrite(folder / "b-scan.tif", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                 ModelConfig(base_width=4), {"image_size": 32})
+    widget = BatchPredictWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    widget.input.setText(str(folder))
+    widget.checkpoint.setText(str(checkpoint))
+    widget.output.setText(str(tmp_path / "out"))
+    shown: list[str] = []
+    monkeypatch.setattr(widget.status, "setText", lambda text: shown.append(text))
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(
+        lambda cls, path, device="auto": Predictor(init_pair(ModelConfig(base_width=4), 0), ModelConfig(base_width=4),
+                                                   32, batch_size=2)))  # 8 frames: 4 batches
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    frames = [t for t in shown if "frame" in t]
+    assert frames == [f"1/2: a-loop.tif, frame {k} of 8" for k in (2, 4, 6, 8)], shown
+    assert shown[-1] == f"2 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped"
+
+    calls: list[int] = []
+    real_logits = Predictor.logits
+
+    def logits_then_cancel(self, batch):
+        calls.append(len(batch))
+        widget.worker.quit()  # Cancel during the loop's first batch (from the worker: it cannot arrive late)
+        return real_logits(self, batch)
+
+    monkeypatch.setattr(Predictor, "logits", logits_then_cancel)
+    widget.output.setText(str(tmp_path / "out2"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert calls == [2], "stopped after the batch of frames it was predicting, not after the whole loop"
+    assert shown[-1].startswith("stopped after 0 of 2 files; 0 mask(s) written")
+    with open(tmp_path / "out2" / "summary.csv", newline="") as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == [NOT_RUN, NOT_RUN]
+    assert not list((tmp_path / "out2").glob("*_mask.tif"))
+
+
 def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spacing(make_napari_viewer, qtbot,
                                                                                     tmp_path):
     """napari has no DICOM reader of its own: File › Open of a .dcm failed before the plugin gave one.

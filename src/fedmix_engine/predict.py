@@ -12,7 +12,6 @@ import io
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.metrics import dice
 from fedmix_engine.fedmix.pair import PairState, build_pair
 from fedmix_engine.model import ModelConfig
-from fedmix_engine.steps import run_steps
+from fedmix_engine.steps import map_steps, run_steps
 
 INFERENCE = ("net1", "mean")
 
@@ -204,6 +203,15 @@ def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str =
 
 
 @dataclass(frozen=True)
+class FrameStep:
+    """A batch predicting a stack (a cine loop, a multi-page TIFF) has done ``done`` of its ``frames``."""
+
+    file: Path
+    done: int
+    frames: int
+
+
+@dataclass(frozen=True)
 class BatchRow:
     file: str
     height: int
@@ -247,7 +255,9 @@ def check_batch(folder: str | Path, threshold: float = 0.5, out: str | Path | No
 
 
 class FolderBatch:
-    """Every image of a folder predicted into ``out``; iterate for (done, total, row).
+    """Every image of a folder predicted into ``out``; iterate for (done, total, row) per file and, with
+    ``frame_steps``, a :class:`FrameStep` per batch of a stack's frames, so a GUI shows a long cine
+    loop's progress and its Cancel stops within the loop (the file is then listed as not run).
 
     Made eagerly: the checks, the output folder and a ``summary.csv`` listing every file as not run
     happen when the batch is created, so a batch closed before its first image (a GUI's Cancel) still
@@ -261,7 +271,7 @@ class FolderBatch:
 
     def __init__(self, predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                  dicom_seg: bool = False, classes: Sequence[str] | None = None,
-                 on_frames: Callable[[Path, int, int], None] | None = None) -> None:
+                 frame_steps: bool = False) -> None:
         folder, self.out = Path(folder), Path(out)
         check_batch(folder, threshold, self.out)
         count = predictor.model_config.num_classes
@@ -270,7 +280,7 @@ class FolderBatch:
             raise InputError("classes", f"{len(self.classes)} name(s) ({', '.join(self.classes)}) for a model of "
                                         f"{count} class(es)")
         self.dicom_seg = dicom_seg
-        self.on_frames = on_frames  # (file, frames done, frames) while a stack is predicted
+        self.frame_steps = frame_steps
         make_folder(self.out)
         self.files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         self.total = len(self.files)
@@ -280,13 +290,13 @@ class FolderBatch:
     def __iter__(self) -> FolderBatch:
         return self
 
-    def __next__(self) -> tuple[int, int, BatchRow]:
+    def __next__(self) -> tuple[int, int, BatchRow] | FrameStep:
         return next(self._run)
 
     def close(self) -> None:
         self._run.close()
 
-    def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow]]:
+    def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow] | FrameStep]:
         images = [p for p in self.files if is_image_path(p)]
         beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
         names = mask_names([p for p in images if p not in beside])
@@ -302,8 +312,9 @@ class FolderBatch:
                     try:
                         pixels, colour = read_frames(path)
                         if pixels.ndim > (3 if colour else 2):  # a cine loop or a multi-page TIFF: whole
-                            tell = None if self.on_frames is None else partial(self._tell_frames, path)
-                            probability = run_steps(predictor.iter_stack_probabilities(pixels, colour, path), tell)
+                            steps = predictor.iter_stack_probabilities(pixels, colour, path)
+                            probability = ((yield from map_steps(steps, lambda step, path=path: FrameStep(path, *step)))
+                                           if self.frame_steps else run_steps(steps))
                             mask = probabilities_to_labels(probability, threshold)
                         else:
                             mask = predictor.mask(pixels, threshold, path)
@@ -320,10 +331,6 @@ class FolderBatch:
             _write_summary(self.out / "summary.csv", rows + not_run)
 
 
-    def _tell_frames(self, path: Path, step: tuple[int, int]) -> None:
-        assert self.on_frames is not None
-        self.on_frames(path, *step)
-
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""
         if not (self.dicom_seg and is_dicom_file(path)):
@@ -338,9 +345,9 @@ class FolderBatch:
 
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                         dicom_seg: bool = False, classes: Sequence[str] | None = None,
-                        on_frames: Callable[[Path, int, int], None] | None = None) -> FolderBatch:
+                        frame_steps: bool = False) -> FolderBatch:
     """Predict every image in ``folder`` into ``out``; see ``FolderBatch`` (checks happen here, now)."""
-    return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes, on_frames)
+    return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes, frame_steps)
 
 
 def _write_summary(path: Path, rows: list[BatchRow]) -> None:
@@ -356,8 +363,13 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, th
                    progress: Callable[[int, int, BatchRow], None] | None = None, dicom_seg: bool = False,
                    classes: Sequence[str] | None = None,
                    on_frames: Callable[[Path, int, int], None] | None = None) -> list[BatchRow]:
+    """The whole batch (``FolderBatch``), its rows; ``progress`` per file, ``on_frames`` per batch of a stack."""
     rows = []
-    for done, total, row in iter_predict_folder(predictor, folder, out, threshold, dicom_seg, classes, on_frames):
+    for step in iter_predict_folder(predictor, folder, out, threshold, dicom_seg, classes, on_frames is not None):
+        if isinstance(step, FrameStep):
+            on_frames(step.file, step.done, step.frames)
+            continue
+        done, total, row = step
         rows.append(row)
         if progress:
             progress(done, total, row)

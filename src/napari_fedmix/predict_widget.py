@@ -265,7 +265,7 @@ class BatchPredictWidget(QWidget):
             predictor = Predictor.from_checkpoint(self.checkpoint.text().strip() or "model.safetensors")
             out = Path(self.output.text())
             batch = iter_predict_folder(predictor, self.input.text(), out,  # makes the folder, lists the files
-                                        dicom_seg=self.dicom_seg.isChecked())
+                                        dicom_seg=self.dicom_seg.isChecked(), frame_steps=True)
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -281,10 +281,16 @@ class BatchPredictWidget(QWidget):
 
     def cancel(self) -> None:
         if self.worker is not None:
-            self.status.setText("stopping after the current image…")
+            self.status.setText("stopping after the current image (a stack: its current frames)…")
             self.worker.quit()
 
     def _on_row(self, item) -> None:
+        from fedmix_engine.predict import FrameStep
+
+        if isinstance(item, FrameStep):  # a stack's frames: Cancel stops between two batches of them
+            self.status.setText(f"{len(self.rows) + 1}/{self.total}: {item.file.name}, frame {item.done} of "
+                                f"{item.frames}")
+            return
         done, self.total, row = item
         self.rows.append(row)
         self.progress.setRange(0, self.total)
