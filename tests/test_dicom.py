@@ -85,6 +85,23 @@ def test_an_enhanced_multi_frame_file_shows_each_frame_with_its_own_rescale_and_
     assert image.pixels[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
     volume = series_of_file(path)
     assert volume.spacing == pytest.approx((1.0, 0.6, 0.7)) and volume.pixels.dtype == np.float32
+    assert volume.units == ("pixel", "mm", "mm"), "no frame positions: the frame axis has no distance"
+
+    # with its frames' positions (here along an oblique normal) a volume is scaled along its frames too
+    shared.PlaneOrientationSequence = pydicom.Sequence([pydicom.Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 0.6, 0.8]  # normal (0, −0.8, 0.6)
+    for group, z in zip(per_frame, (10.0, 12.5, 15.0), strict=True):
+        group.PlanePositionSequence = pydicom.Sequence([pydicom.Dataset()])
+        group.PlanePositionSequence[0].ImagePositionPatient = [-50.0, -0.8 * z, 0.6 * z]
+    write_dicom(path, stored, SharedFunctionalGroupsSequence=pydicom.Sequence([shared]),
+                PerFrameFunctionalGroupsSequence=pydicom.Sequence(per_frame))
+    volume = series_of_file(path)
+    assert volume.spacing == pytest.approx((2.5, 0.6, 0.7)) and volume.units == ("mm", "mm", "mm")
+    assert load_dicom(path, frames=True).pixels[:, 5, 5] == pytest.approx([0.5, 0.56, 0.0], abs=0.003), "not reordered"
+    per_frame[1].PlanePositionSequence[0].ImagePositionPatient = [-50.0, -0.8 * 20, 0.6 * 20]  # out of order
+    write_dicom(path, stored, SharedFunctionalGroupsSequence=pydicom.Sequence([shared]),
+                PerFrameFunctionalGroupsSequence=pydicom.Sequence(per_frame))
+    assert series_of_file(path).units == ("pixel", "mm", "mm"), "frames out of order: no distance is claimed"
 
 
 @pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning")  # the palette file's own oddity

@@ -96,6 +96,7 @@ class DicomImage:
     pixels: np.ndarray  # H×W or H×W×3; F×H×W or F×H×W×3 for a multi-frame file read with frames=True
     colour: bool  # the last axis holds RGB (not the width of a grey frame)
     spacing: tuple[float, float] | None  # row and column spacing in mm, when the file gives it
+    frame_spacing: float | None = None  # mm between frames: an enhanced volume's, when its frames are in order
 
 
 def read_dicom(path: str | Path) -> np.ndarray:
@@ -148,7 +149,35 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
         pixels = pixels if count > 1 else pixels[0]
     else:
         pixels = _grey_as_displayed(array, dataset, photometric == "MONOCHROME1")
-    return DicomImage(pixels, not photometric.startswith("MONOCHROME"), _pixel_spacing(dataset))
+    return DicomImage(pixels, not photometric.startswith("MONOCHROME"), _pixel_spacing(dataset),
+                      _frame_spacing(dataset, count))
+
+
+def position_along_normal(orientation, position) -> float:
+    """Where a slice lies along its normal (ImageOrientationPatient's row × column direction), from its
+    ImagePositionPatient: the key DICOM viewers sort a volume's slices by."""
+    cosines = np.asarray(orientation, dtype=float)
+    return float(np.dot(np.cross(cosines[:3], cosines[3:]), np.asarray(position, dtype=float)))
+
+
+def _frame_spacing(dataset, count: int) -> float | None:
+    """The median distance between an enhanced file's consecutive frames along the slice normal (per-frame
+    PlanePositionSequence; orientation per frame or shared); None for a cine loop, a frame without a
+    position, or frames not stored in one direction (frames are never reordered: a SEG refers to them
+    by their index in the file)."""
+    per_frame = list(dataset.get("PerFrameFunctionalGroupsSequence") or [])
+    if count < 2 or len(per_frame) != count:
+        return None
+    shared = (dataset.get("SharedFunctionalGroupsSequence") or [None])[0]
+    try:
+        keys = [position_along_normal(
+            (_macro(group, "PlaneOrientationSequence") or _macro(shared, "PlaneOrientationSequence"))
+            .ImageOrientationPatient, _macro(group, "PlanePositionSequence").ImagePositionPatient)
+            for group in per_frame]
+    except (AttributeError, ValueError, TypeError):
+        return None
+    gaps = np.diff(keys)
+    return float(np.median(np.abs(gaps))) if np.all(gaps > 0) or np.all(gaps < 0) else None
 
 
 _FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmix_engine.data.dicom import load_dicom, read_dataset
+from fedmix_engine.data.dicom import load_dicom, position_along_normal, read_dataset
 from fedmix_engine.data.imageio import image_files, image_stem, is_dicom_file, validate_image
 from fedmix_engine.errors import InputError
 
@@ -72,11 +72,23 @@ def series_of_file(path: str | Path, name: str | None = None) -> DicomSeries:
     """One file as a series: a 2-D image (checked as import checks it) or a multi-frame stack."""
     path = Path(path)
     image = load_dicom(path, frames=True)
-    leading = image.pixels.ndim - (3 if image.colour else 2)  # a cine loop's frame axis
-    pixels = validate_image(image.pixels, path) if leading == 0 else image.pixels
-    spacing = None if image.spacing is None else (1.0,) * leading + image.spacing
-    units = None if image.spacing is None else ("pixel",) * leading + ("mm", "mm")
-    return DicomSeries(name or image_stem(path), pixels, image.colour, spacing, units, (path,))
+    if image.pixels.ndim == (3 if image.colour else 2):
+        spacing, units = _geometry(image.spacing, ())
+        return DicomSeries(name or image_stem(path), validate_image(image.pixels, path), image.colour, spacing,
+                           units, (path,))
+    spacing, units = _geometry(image.spacing, (image.frame_spacing,))  # a cine loop's or a volume's frames
+    return DicomSeries(name or image_stem(path), image.pixels, image.colour, spacing, units, (path,))
+
+
+def _geometry(in_plane: tuple[float, float] | None,
+              leading: tuple[float | None, ...]) -> tuple[tuple[float, ...] | None, tuple[str, ...] | None]:
+    """Spacing and units per axis: ``leading`` axes (frames, slices; None: no distance) then rows and
+    columns; none at all when no axis has a distance."""
+    if in_plane is None and all(step is None for step in leading):
+        return None, None
+    spacing = tuple(step or 1.0 for step in leading) + (in_plane or (1.0, 1.0))
+    units = tuple("mm" if step else "pixel" for step in leading) + (("mm", "mm") if in_plane else ("pixel", "pixel"))
+    return spacing, units
 
 
 def _series(members: list[tuple[Path, object]]) -> DicomSeries:
@@ -91,11 +103,7 @@ def _series(members: list[tuple[Path, object]]) -> DicomSeries:
         sizes = ", ".join(sorted(str(shape) for shape, _ in shapes))
         raise InputError(first_path.parent, f"series '{name}' mixes slice sizes or colour ({sizes}); open its "
                                             "files one by one")
-    in_plane = images[0].spacing
-    spacing = units = None
-    if in_plane is not None or slice_spacing is not None:
-        spacing = (slice_spacing or 1.0, *(in_plane or (1.0, 1.0)))
-        units = ("mm" if slice_spacing else "pixel", *(("mm", "mm") if in_plane else ("pixel", "pixel")))
+    spacing, units = _geometry(images[0].spacing, (slice_spacing,))
     return DicomSeries(name, np.stack([image.pixels for image in images]), images[0].colour, spacing, units,
                        tuple(ordered))
 
@@ -104,11 +112,8 @@ def _slice_order(members: list[tuple[Path, object]]) -> tuple[list[Path], float 
     """The files along the slice normal and the median slice distance; by InstanceNumber and name
     (no distance) when a file lacks its position or orientation."""
     try:
-        keys = []
-        for _path, header in members:
-            orientation = np.asarray(header.ImageOrientationPatient, dtype=float)
-            normal = np.cross(orientation[:3], orientation[3:])
-            keys.append(float(np.dot(normal, np.asarray(header.ImagePositionPatient, dtype=float))))
+        keys = [position_along_normal(header.ImageOrientationPatient, header.ImagePositionPatient)
+                for _path, header in members]
     except (AttributeError, ValueError, TypeError):
         ordered = sorted(members, key=lambda m: (int(m[1].get("InstanceNumber", 0) or 0), m[0].name))
         return [path for path, _ in ordered], None
