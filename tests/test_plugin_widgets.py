@@ -566,6 +566,20 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
     assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.tif")) == ["scan-0_mask.tif"]
 
 
+def _batch_widget(viewer, qtbot, folder: Path, out: Path):
+    """The Batch predict widget filled in: ``folder`` into ``out`` with a tiny untrained model."""
+    from napari_fedmix.predict_widget import BatchPredictWidget
+
+    checkpoint = save_checkpoint(out.parent / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                 ModelConfig(base_width=4), {"image_size": 32})
+    widget = BatchPredictWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.input.setText(str(folder))
+    widget.checkpoint.setText(str(checkpoint))
+    widget.output.setText(str(out))
+    return widget
+
+
 def test_batch_predict_shows_a_stacks_frames_and_cancel_stops_within_it(make_napari_viewer, qtbot, tmp_path,
                                                                         monkeypatch):
     """A long cine loop was one silent step: no progress until its last frame, and Cancel waited for it."""
@@ -574,20 +588,13 @@ def test_batch_predict_shows_a_stacks_frames_and_cancel_stops_within_it(make_nap
     import tifffile
 
     from fedmix_engine.predict import NOT_RUN, Predictor
-    from napari_fedmix.predict_widget import BatchPredictWidget
 
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(0)
     tifffile.imwrite(folder / "a-loop.tif", rng.integers(0, 255, (8, 40, 48), dtype=np.uint8))
     tifffile.imwrite(folder / "b-scan.tif", rng.integers(0, 255, (40, 48), dtype=np.uint8))
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
-                                 ModelConfig(base_width=4), {"image_size": 32})
-    widget = BatchPredictWidget(make_napari_viewer())
-    qtbot.addWidget(widget)
-    widget.input.setText(str(folder))
-    widget.checkpoint.setText(str(checkpoint))
-    widget.output.setText(str(tmp_path / "out"))
+    widget = _batch_widget(make_napari_viewer(), qtbot, folder, tmp_path / "out")
     shown: list[str] = []
     monkeypatch.setattr(widget.status, "setText", lambda text: shown.append(text))
     monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(
@@ -707,19 +714,11 @@ def test_batch_predict_widget_writes_dicom_seg_when_asked_and_lists_a_loop_witho
 
     from pydicom.data import get_testdata_file
 
-    from napari_fedmix.predict_widget import BatchPredictWidget
-
     folder = tmp_path / "study"
     folder.mkdir()
     shutil.copy(get_testdata_file("MR_small.dcm"), folder / "mr.dcm")
     shutil.copy(get_testdata_file("examples_ybr_color.dcm"), folder / "cine.dcm")
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
-                                 ModelConfig(base_width=4), {"image_size": 32})
-    widget = BatchPredictWidget(make_napari_viewer())
-    qtbot.addWidget(widget)
-    widget.input.setText(str(folder))
-    widget.checkpoint.setText(str(checkpoint))
-    widget.output.setText(str(tmp_path / "out"))
+    widget = _batch_widget(make_napari_viewer(), qtbot, folder, tmp_path / "out")
     widget.dicom_seg.setChecked(True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
