@@ -330,7 +330,6 @@ class FolderBatch:
             not_run = [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
             _write_summary(self.out / "summary.csv", rows + not_run)
 
-
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""
         if not (self.dicom_seg and is_dicom_file(path)):
