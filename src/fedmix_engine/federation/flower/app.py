@@ -67,11 +67,11 @@ class RoundRecorder:
         fed = self.settings.federation
         meta = {**fed.checkpoint_meta(outcome.round), "method": fed.method, "weights": outcome.weights}
         if outcome.pair is not None:
-            save_checkpoint(self.out / "global.safetensors", outcome.pair, self.settings.federation.model, meta)
+            save_checkpoint(self.out / "global.safetensors", outcome.pair, fed.model, meta)
         if self.settings.keep_updates:
             round_dir = self.out / f"round-{outcome.round:04d}"
             if outcome.pair is not None:
-                save_checkpoint(round_dir / "global.safetensors", outcome.pair, self.settings.federation.model, meta)
+                save_checkpoint(round_dir / "global.safetensors", outcome.pair, fed.model, meta)
             for name, state in outcome.updates.items():
                 atomic_write_bytes(round_dir / "updates" / f"{_safe_name(name)}.safetensors",
                                    encode_update(state, outcome.reports[name]))
