@@ -9,7 +9,10 @@ Measured side by side in one run, median of ``--repeats``:
 3. the same update written the reference notebooks' way: pseudo-labels one image at a time with
    NumPy/PIL round trips, then the same training loop;
 4. the pseudo-label forward pass at batch sizes 1, 4, 16 (how ``pl_batch_size`` was chosen);
-5. aggregation time and memory for 2–16 sites.
+5. aggregation time and memory for 2–16 sites;
+6. prediction latency of one 512² image (napari's Predict button) against the network's forward pass
+   alone and a reference-style prediction (PIL resize there and back), and a stack's frames batched
+   against the same frames predicted one call each.
 
 ``--full``: larger site and more repeats, for a GPU (bf16 autocast, large pseudo-label batches).
 """
@@ -36,6 +39,8 @@ from fedmix_engine.fedmix.local_update import TrainConfig, local_update
 from fedmix_engine.fedmix.pair import build_pair, init_pair
 from fedmix_engine.fedmix.pseudo_labels import PseudoLabels
 from fedmix_engine.model import ModelConfig, build_model
+from fedmix_engine.predict import Predictor
+from fedmix_engine.steps import run_steps
 
 
 def median_time(fn, repeats: int) -> float:
@@ -115,6 +120,40 @@ def reference_style_update(pair, data: SiteTensors, model_config: ModelConfig, c
                          data.tags, data.classes)
     local_update(pair, forced.subset(labels.keep), model_config, config.__class__(**{**config.__dict__,
                  "pseudo_labels": False}), plan)
+
+
+def reference_style_predict(net: torch.nn.Module, image: np.ndarray, size: int, device: torch.device) -> np.ndarray:
+    """The reference notebooks' prediction: PIL resize to the training size, forward, PIL resize back."""
+    pil = Image.fromarray(image).resize((size, size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)[None, None].to(device)
+    with torch.no_grad():
+        p = torch.sigmoid(net(x))[0, 0].cpu().numpy()
+    return np.asarray(Image.fromarray(p).resize(image.shape[::-1], Image.BILINEAR))
+
+
+def prediction_latency(model_config: ModelConfig, size: int, plan, repeats: int, side: int = 512,
+                       frames: int = 8) -> dict[str, float]:
+    """Seconds for one ``side``² image through ``Predictor.probabilities`` (validate, normalise, resize,
+    forward, resize back), for the network's forward alone on the resized tensor, for the reference
+    style; and for a stack of ``frames`` batched vs one call per frame."""
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 256, (frames, side, side), dtype=np.uint8)
+    image = stack[0]
+    predictor = Predictor(init_pair(model_config, 0), model_config, size, plan)
+    predictor.probabilities(image)  # warm-up
+    x = torch.rand(1, model_config.in_channels, size, size, device=plan.device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            predictor.net1(x).sum().item()
+
+    return {"engine": median_time(lambda: predictor.probabilities(image), repeats),
+            "forward": median_time(forward, repeats),
+            "reference": median_time(lambda: reference_style_predict(predictor.net1, image, size, plan.device),
+                                     repeats),
+            "stack": median_time(lambda: run_steps(predictor.iter_stack_probabilities(stack, False)), repeats),
+            "per_frame": median_time(lambda: [predictor.probabilities(f) for f in stack], repeats),
+            "frames": frames, "side": side, "batch": predictor.batch_size}
 
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -286,6 +325,12 @@ def main() -> None:
         acc.result()
         agg_rows.append((sites, time.perf_counter() - t0))
 
+    latency = {}
+    for size in (int(s) for s in args.sizes.split(",")):
+        latency[size] = prediction_latency(model_config, size, plan, args.repeats)
+        print(f"predict one image at {size}²: {latency[size]['engine'] * 1e3:.0f} ms "
+              f"(forward {latency[size]['forward'] * 1e3:.0f} ms)", flush=True)
+
     lines = [f"## Speed ({'GPU --full' if args.full else 'CPU'} configuration)", "",
              f"Command: `{command()}`  ", f"Machine: {machine()}  ",
              f"Device: {plan.device} ({plan.note}); U-Net width {args.width} "
@@ -306,7 +351,23 @@ def main() -> None:
               + f". The engine uses batch {plan.pl_batch_size} on {plan.device.type}.", "",
               f"Streaming aggregation of a reference-width pair ({size_mb:.0f} MB): "
               + ", ".join(f"{n} sites {t:.2f} s" for n, t in agg_rows)
-              + " (memory: two model-sized accumulators whatever the number of sites).", ""]
+              + " (memory: two model-sized accumulators whatever the number of sites).", "",
+              "Prediction (napari's Predict button and batch predict; network 1 only, the default):", "",
+              "| training size | one image (ms) | network forward alone (ms) | forward GFLOP | GFLOP/s (share of "
+              "matmul) | reference-style (ms) | engine speed-up | stack, batched (frames/s) | stack, one call per "
+              "frame (frames/s) | batching speed-up |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for size, t in latency.items():
+        flops = forward_flops(model_config, size)
+        rate = flops / t["engine"] / 1e9
+        lines.append(f"| {size}² | {t['engine'] * 1e3:.0f} | {t['forward'] * 1e3:.0f} | {flops / 1e9:.1f} | "
+                     f"{rate:.0f} ({100 * rate / peak:.0f} %) | {t['reference'] * 1e3:.0f} | "
+                     f"{t['reference'] / t['engine']:.2f}× | {t['frames'] / t['stack']:.2f} | "
+                     f"{t['frames'] / t['per_frame']:.2f} | {t['per_frame'] / t['stack']:.2f}× |")
+    first = next(iter(latency.values()))
+    lines += ["", f"One {first['side']}² uint8 image, predicted at the training size and resized back; the stack is "
+              f"{first['frames']} such frames, batched {first['batch']} at a time (the predictor's batch on "
+              f"{plan.device.type}).", ""]
     if not args.skip_server:
         update_128 = next((wall for size, wall, *_ in rows if size == 128), rows[0][1])
         lines += [federation_overhead(model_config, update_128, args.concurrent, Path("runs/bench-speed")), ""]

@@ -66,3 +66,8 @@ def quality() -> Iterator[ModuleType]:
 @pytest.fixture(scope="module")
 def alignment() -> Iterator[ModuleType]:
     yield from _benchmark("alignment")
+
+
+@pytest.fixture(scope="module")
+def speed() -> Iterator[ModuleType]:
+    yield from _benchmark("speed")
