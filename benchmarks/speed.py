@@ -9,7 +9,8 @@ Measured side by side in one run, median of ``--repeats``:
 3. the same update written the reference notebooks' way: pseudo-labels one image at a time with
    NumPy/PIL round trips, then the same training loop;
 4. the pseudo-label forward pass at batch sizes 1, 4, 16 (how ``pl_batch_size`` was chosen);
-5. aggregation time and memory for 2–16 sites;
+5. aggregation time and peak memory for 2–16 sites and three model widths, streaming (the server's)
+   against a naive stack-and-average, each in a fresh process;
 6. prediction latency of one 512² image (napari's Predict button) against the network's forward pass
    alone and a reference-style prediction (PIL resize there and back), and a stack's frames batched
    against the same frames predicted one call each.
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, publish
 from fedmix_engine.data.tensors import KIND_BOX, KIND_MASK, KIND_TAG, TAG_PRESENT, SiteTensors
 from fedmix_engine.device import plan_device
-from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
+from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate, fedmix_weights
 from fedmix_engine.fedmix.local_update import TrainConfig, local_update
 from fedmix_engine.fedmix.pair import build_pair, init_pair
 from fedmix_engine.fedmix.pseudo_labels import PseudoLabels
@@ -154,6 +155,57 @@ def prediction_latency(model_config: ModelConfig, size: int, plan, repeats: int,
             "stack": median_time(lambda: run_steps(predictor.iter_stack_probabilities(stack, False)), repeats),
             "per_frame": median_time(lambda: [predictor.probabilities(f) for f in stack], repeats),
             "frames": frames, "side": side, "batch": predictor.batch_size}
+
+
+def _aggregation_peak(width: int, sites: int, naive: bool) -> tuple[float, float, float]:
+    """Run in a fresh process: (seconds, peak RSS above the start in MB, pair MB) for aggregating ``sites``
+    updates arriving one at a time as the server receives them (each a new model-sized state that is
+    dropped once folded in); ``naive`` keeps them all and averages a stack of each tensor."""
+    import gc
+    import os
+
+    model_config = ModelConfig(base_width=width)
+    template = init_pair(model_config, 0)
+    pair_mb = sum(v.numel() * v.element_size() for v in template.values()) / 2**20
+    rule = AggregationRule()
+    n, losses = [10.0 + k for k in range(sites)], [0.5 + 0.01 * k for k in range(sites)]
+
+    def update(k: int) -> dict[str, torch.Tensor]:
+        return {key: value + k for key, value in template.items()}
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    start = _rss_mb(os.getpid())
+    t0 = time.perf_counter()
+    if naive:
+        updates = [update(k) for k in range(sites)]
+        w = torch.tensor(fedmix_weights(n, losses, rule), dtype=torch.float32)
+        result = {key: (w.view(-1, *[1] * updates[0][key].dim()) * torch.stack([u[key] for u in updates])).sum(0)
+                  for key in template}
+    else:
+        acc = StreamingAggregate(rule)
+        for k in range(sites):
+            acc.add(f"s{k}", update(k), n[k], losses[k])
+        result = acc.result()
+    seconds = time.perf_counter() - t0
+    assert result is not None
+    return seconds, _rss_mb(os.getpid(), "VmHWM") - start, pair_mb
+
+
+def aggregation_memory(widths: tuple[int, ...], site_counts: tuple[int, ...]) -> list[tuple]:
+    """(width, pair MB, sites, streaming s, streaming peak MB, naive s, naive peak MB), each in its own process."""
+    import multiprocessing
+
+    rows = []
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for width in widths:
+            for sites in site_counts:
+                stream_s, stream_mb, pair_mb = pool.apply(_aggregation_peak, (width, sites, False))
+                naive_s, naive_mb, _ = pool.apply(_aggregation_peak, (width, sites, True))
+                rows.append((width, pair_mb, sites, stream_s, stream_mb, naive_s, naive_mb))
+                print(f"aggregate width {width}, {sites} sites: streaming {stream_s:.2f} s, +{stream_mb:.0f} MB; "
+                      f"naive {naive_s:.2f} s, +{naive_mb:.0f} MB", flush=True)
+    return rows
 
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -313,17 +365,9 @@ def main() -> None:
         run()
         pl_rows.append((batch, 16 / median_time(run, args.repeats)))
 
-    # aggregation: time and peak Python-side memory vs number of sites, reference-width pair
-    pair = init_pair(model_config, 0)
-    size_mb = sum(v.numel() * v.element_size() for v in pair.values()) / 2**20
-    agg_rows = []
-    for sites in (2, 4, 8, 16):
-        t0 = time.perf_counter()
-        acc = StreamingAggregate(AggregationRule())
-        for k in range(sites):
-            acc.add(f"s{k}", pair, 10 + k, 0.5)
-        acc.result()
-        agg_rows.append((sites, time.perf_counter() - t0))
+    # aggregation: time and peak memory vs number of sites and model size, streaming vs naive
+    widths = tuple(sorted({16, 32, args.width}))
+    agg_rows = aggregation_memory(widths, (2, 4, 8, 16))
 
     latency = {}
     for size in (int(s) for s in args.sizes.split(",")):
@@ -349,9 +393,16 @@ def main() -> None:
     lines += ["", f"Pseudo-label forward pass at {pl_size}², 16 images, by batch size (images/s): "
               + ", ".join(f"batch {b}: {r:.1f}" for b, r in pl_rows)
               + f". The engine uses batch {plan.pl_batch_size} on {plan.device.type}.", "",
-              f"Streaming aggregation of a reference-width pair ({size_mb:.0f} MB): "
-              + ", ".join(f"{n} sites {t:.2f} s" for n, t in agg_rows)
-              + " (memory: two model-sized accumulators whatever the number of sites).", "",
+              "Aggregation of one round (the server's streaming sum against a naive stack-and-average; "
+              "updates arrive one at a time, as uploads do; peak resident memory above the process's before "
+              "the first update, in MB and in pairs; each measurement in a fresh process):", "",
+              "| width | pair (MB) | sites | streaming (s) | streaming peak (MB) | streaming peak (pairs) | "
+              "naive (s) | naive peak (MB) | naive peak (pairs) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for width, pair_mb, sites, stream_s, stream_mb, naive_s, naive_mb in agg_rows:
+        lines.append(f"| {width} | {pair_mb:.0f} | {sites} | {stream_s:.2f} | {stream_mb:.0f} | "
+                     f"{stream_mb / pair_mb:.1f} | {naive_s:.2f} | {naive_mb:.0f} | {naive_mb / pair_mb:.1f} |")
+    lines += ["",
               "Prediction (napari's Predict button and batch predict; network 1 only, the default):", "",
               "| training size | one image (ms) | network forward alone (ms) | forward GFLOP | GFLOP/s (share of "
               "matmul) | reference-style (ms) | engine speed-up | stack, batched (frames/s) | stack, one call per "
