@@ -707,6 +707,21 @@ def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napar
         widget.add_shown_image()
 
 
+def test_a_video_opens_in_napari_and_its_shown_frame_enters_the_site(make_napari_viewer, qtbot, tmp_path):
+    """An MP4 cine loop or endoscopy clip: napari's own reader opens it once PyAV is installed (a
+    dependency), and Add the image on screen takes the frame on screen, as for any stack."""
+    from video_helpers import write_clip
+
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", [])
+    decoded = write_clip(tmp_path / "clip.mp4")
+    [layer] = viewer.open(tmp_path / "clip.mp4")
+    assert layer.rgb and layer.data.shape == (10, 40, 48, 3)
+    viewer.dims.set_current_step(0, 7)
+    assert widget.add_shown_image() == "clip-frame7"
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_image("clip-frame7"), decoded[7])
+
+
 def test_batch_predict_widget_writes_dicom_seg_when_asked_and_lists_a_loop_without_one(make_napari_viewer, qtbot,
                                                                                        tmp_path):
     import shutil

@@ -60,6 +60,7 @@ def atomic_open(path: str | Path, mode: int | None = None) -> Iterator[BinaryIO]
     fd, tmp = _create_temporary(path, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
+            handle.raw.name = tmp  # named like a file opened by path (tifffile reads .name), not by its number
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

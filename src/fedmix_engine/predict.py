@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +31,19 @@ from fedmix_engine.data.imageio import (
     normalise_image,
     read_frames,
     tiff_bytes,
+    tiff_pages,
     validate_image,
 )
 from fedmix_engine.data.importer import masks_beside_images
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import label_to_channels, resize_image
+from fedmix_engine.data.video import is_video_path, open_video
 from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.metrics import dice
 from fedmix_engine.fedmix.pair import PairState, build_pair
 from fedmix_engine.model import ModelConfig
-from fedmix_engine.steps import map_steps, run_steps
+from fedmix_engine.steps import run_steps
 
 INFERENCE = ("net1", "mean")
 
@@ -108,15 +111,37 @@ class Predictor:
         frames, leading = stack_frames(stack, rgb, where)
         height, width = frames.shape[1:3]
         out = np.empty((self.model_config.num_classes, len(frames), height, width), np.float32)
+        name = partial(_frame_index, leading=leading)
         for start in range(0, len(frames), self.batch_size):
-            chunk = range(start, min(start + self.batch_size, len(frames)))
-            normalised = [normalise_image(validate_image(frames[i], f"{where}, frame {_frame_index(i, leading)}"),
-                                          self.model_config.in_channels) for i in chunk]
-            z = self.logits(torch.stack([resize_image(n, self.image_size) for n in normalised]))
-            z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
-            out[:, chunk.start:chunk.stop] = torch.sigmoid(z).numpy().transpose(1, 0, 2, 3)
-            yield chunk.stop, len(frames)
+            stop = min(start + self.batch_size, len(frames))
+            out[:, start:stop] = self._chunk_probabilities(frames[start:stop], start, where, name)
+            yield stop, len(frames)
         return out.reshape((out.shape[0], *leading, height, width))
+
+    def iter_label_chunks(self, frames: Iterable[np.ndarray], threshold: float = 0.5, where: str | Path = "stack",
+                          frame_name: Callable[[int], str] = str) -> Iterator[np.ndarray]:
+        """Label masks (uint8 ``B×H×W``) of a stream of 2-D frames of one size, ``batch_size`` frames at a
+        time, taking frames from ``frames`` only as they are needed: a video is never held whole. Each
+        frame is validated and normalised as in :meth:`iter_stack_probabilities`; ``frame_name(i)``
+        names frame *i* in a refusal."""
+        chunk: list[np.ndarray] = []
+        start = 0
+        for frame in frames:
+            chunk.append(frame)
+            if len(chunk) == self.batch_size:
+                yield probabilities_to_labels(self._chunk_probabilities(chunk, start, where, frame_name), threshold)
+                start, chunk = start + len(chunk), []
+        if chunk:
+            yield probabilities_to_labels(self._chunk_probabilities(chunk, start, where, frame_name), threshold)
+
+    def _chunk_probabilities(self, frames: Sequence[np.ndarray], start: int, where: str | Path,
+                             frame_name: Callable[[int], str]) -> np.ndarray:
+        """float32 ``K×B×H×W`` probabilities of consecutive frames ``start``, ``start + 1``, … of one size."""
+        normalised = [normalise_image(validate_image(frame, f"{where}, frame {frame_name(start + k)}"),
+                                      self.model_config.in_channels) for k, frame in enumerate(frames)]
+        z = self.logits(torch.stack([resize_image(n, self.image_size) for n in normalised]))
+        z = F.interpolate(z, size=normalised[0].shape[-2:], mode="bilinear", align_corners=False)
+        return torch.sigmoid(z).numpy().transpose(1, 0, 2, 3)
 
     def mask(self, image: np.ndarray, threshold: float = 0.5, where: str | Path = "image") -> np.ndarray:
         """uint8 label image (0 = background; overlapping classes: the most probable wins)."""
@@ -244,7 +269,7 @@ def check_batch(folder: str | Path, threshold: float = 0.5, out: str | Path | No
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "is a file, not a folder of images" if folder.exists() else "input folder not found")
-    if not image_files(folder):
+    if not image_files(folder, videos=True):
         raise InputError(folder, no_images_reason(folder))
     if out is not None and Path(out).resolve() == folder.resolve():
         # datasets such as BUSI keep "<name>_mask.png" beside "<name>.png": a prediction would replace it
@@ -297,7 +322,7 @@ class FolderBatch:
         self._run.close()
 
     def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow] | FrameStep]:
-        images = [p for p in self.files if is_image_path(p)]
+        images = [p for p in self.files if is_image_path(p) or is_video_path(p)]
         beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
         names = mask_names([p for p in images if p not in beside])
         rows: list[BatchRow] = []
@@ -310,18 +335,8 @@ class FolderBatch:
                                    f"skipped: not an image ({path.suffix or 'no suffix'})")
                 else:
                     try:
-                        pixels, colour = read_frames(path)
-                        if pixels.ndim > (3 if colour else 2):  # a cine loop or a multi-page TIFF: whole
-                            steps = predictor.iter_stack_probabilities(pixels, colour, path)
-                            probability = ((yield from map_steps(steps, lambda step, path=path: FrameStep(path, *step)))
-                                           if self.frame_steps else run_steps(steps))
-                            mask = probabilities_to_labels(probability, threshold)
-                        else:
-                            mask = predictor.mask(pixels, threshold, path)
-                        atomic_write_bytes(self.out / names[path], tiff_bytes(mask, stack=mask.ndim > 2))
-                        row = BatchRow(path.name, mask.shape[-2], mask.shape[-1], round(float((mask > 0).mean()), 6),
-                                       "ok", names[path], int(np.prod(mask.shape[:-2])),
-                                       self._segmentation(path, mask, names[path]))
+                        steps = self._predict_file(predictor, path, names[path], threshold)
+                        row = (yield from steps) if self.frame_steps else run_steps(steps)
                     except InputError as exc:
                         row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: {exc.reason}")
                 rows.append(row)
@@ -329,6 +344,41 @@ class FolderBatch:
         finally:
             not_run = [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
             _write_summary(self.out / "summary.csv", rows + not_run)
+
+    def _predict_file(self, predictor: Predictor, path: Path, mask_file: str,
+                      threshold: float) -> Generator[FrameStep, None, BatchRow]:
+        """One file's mask into ``mask_file``: a 2-D image at once; a stack (a multi-page TIFF, a DICOM
+        cine loop) or a video batch by batch, a step per batch, its pages written as they come."""
+        if is_video_path(path):
+            video = open_video(path)
+            frames: Iterable[np.ndarray] = video
+            count, frame_name = video.frames, str
+        else:
+            pixels, colour = read_frames(path)
+            if pixels.ndim == (3 if colour else 2):
+                mask = predictor.mask(pixels, threshold, path)
+                atomic_write_bytes(self.out / mask_file, tiff_bytes(mask))
+                return BatchRow(path.name, *mask.shape, round(float((mask > 0).mean()), 6), "ok", mask_file, 1,
+                                self._segmentation(path, mask, mask_file))
+            frames, leading = stack_frames(pixels, colour, path)
+            count, frame_name = len(frames), partial(_frame_index, leading=leading)
+        kept: list[np.ndarray] | None = [] if self.dicom_seg and is_dicom_file(path) else None  # a SEG: whole
+        done = foreground = 0
+        with tiff_pages(self.out / mask_file) as write_page:
+            for labels in predictor.iter_label_chunks(frames, threshold, path, frame_name):
+                for page in labels:
+                    write_page(page)
+                done += len(labels)
+                foreground += int(np.count_nonzero(labels))
+                if kept is not None:
+                    kept.append(labels)
+                yield FrameStep(path, done, max(count, done))  # a container's count may be an estimate
+            if not done:
+                raise InputError(path, "no frame could be decoded")
+        height, width = labels.shape[1:]
+        segmentation = "" if kept is None else self._segmentation(path, np.concatenate(kept), mask_file)
+        return BatchRow(path.name, height, width, round(foreground / (done * height * width), 6), "ok", mask_file,
+                        done, segmentation)
 
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""

@@ -8,7 +8,6 @@ from collections.abc import Callable, Generator
 from typing import TypeVar
 
 Progress = TypeVar("Progress")
-Told = TypeVar("Told")
 Result = TypeVar("Result")
 
 
@@ -21,15 +20,3 @@ def run_steps(steps: Generator[Progress, None, Result], progress: Callable[[Prog
             return finished.value
         if progress:
             progress(update)
-
-
-def map_steps(steps: Generator[Progress, None, Result],
-              tell: Callable[[Progress], Told]) -> Generator[Told, None, Result]:
-    """The same steps, each yielded as ``tell(step)``, and the same result: for a caller that is itself
-    steps (``result = yield from map_steps(...)``) and names its inner work's progress in its own terms."""
-    while True:
-        try:
-            update = next(steps)
-        except StopIteration as finished:
-            return finished.value
-        yield tell(update)

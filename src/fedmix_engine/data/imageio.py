@@ -20,12 +20,16 @@ Normalisation (:func:`normalise_image`) maps every accepted image to float32 ``C
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from fedmix_engine.atomic import atomic_open
 from fedmix_engine.data.dicom import DICOM_SUFFIXES, is_dicom_path, load_dicom, read_dicom
+from fedmix_engine.data.video import VIDEO_SUFFIXES, is_video_path
 from fedmix_engine.errors import InputError
 
 _PLAIN_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")  # read by tifffile or imageio
@@ -47,12 +51,14 @@ def image_stem(path: str | Path) -> str:
     """A file's name without its image suffix: ``case1`` for ``case1.png``, but all of
     ``1.2.840.113619.2.55.1`` for a DICOM file named by its UID, whose last number is not a suffix."""
     path = Path(path)
-    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+    return path.stem if path.suffix.lower() in (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES) else path.name
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The image files at the top of ``folder`` (sub-folders are not searched; hidden files are skipped)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_path(p))
+def image_files(folder: Path, videos: bool = False) -> list[Path]:
+    """The image files at the top of ``folder`` (sub-folders are not searched; hidden files are skipped),
+    and its videos too with ``videos`` (batch prediction reads them; a site does not)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and (is_image_path(p) or (videos and is_video_path(p))))
 
 
 def no_images_reason(folder: Path) -> str:
@@ -62,7 +68,11 @@ def no_images_reason(folder: Path) -> str:
     suffixes = Counter(p.suffix.lower() or "no suffix" for p in entries if p.is_file())
     subfolders = sorted(p.name for p in entries if p.is_dir())
     reason = f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
-    if suffixes:
+    videos = sum(count for suffix, count in suffixes.items() if suffix in VIDEO_SUFFIXES)
+    if videos:
+        reason += (f"; its {videos} video(s) are not imported: a site holds 2-D images, so open a video in "
+                   "napari and add the frames to label (Annotate › Add the image on screen)")
+    elif suffixes:
         found = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common(3))
         reason += f"; it holds {found} file(s): export them as TIFF or PNG"
     if subfolders:
@@ -211,8 +221,22 @@ def tiff_bytes(array: np.ndarray, stack: bool = False) -> bytes:
     buffer = io.BytesIO()
     colour = array.ndim == 3 and not stack
     tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric="rgb" if colour else "minisblack",
-                     compression="zlib", compressionargs={"level": 1}, metadata=None)
+                     **_TIFF_WRITE)
     return buffer.getvalue()
+
+
+_TIFF_WRITE = {"compression": "zlib", "compressionargs": {"level": 1}, "metadata": None}
+
+
+@contextlib.contextmanager
+def tiff_pages(path: str | Path) -> Iterator[Callable[[np.ndarray], None]]:
+    """Write grey ``H×W`` pages to ``path`` one at a time, the file ``tiff_bytes(stack, stack=True)``
+    would be, so a long video's mask is never held whole; atomically: a run stopped half-way leaves
+    no file, or the one that was there."""
+    import tifffile
+
+    with atomic_open(path) as handle, tifffile.TiffWriter(handle) as tiff:
+        yield lambda page: tiff.write(np.ascontiguousarray(page), photometric="minisblack", **_TIFF_WRITE)
 
 
 def _palette_indices(path: Path) -> np.ndarray | None:

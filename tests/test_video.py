@@ -1,0 +1,88 @@
+"""Videos (ultrasound cine loops, endoscopy recordings): predicted frame by frame without being held
+whole, refused by import with what to do instead (napari opening one: test_plugin_widgets). Real MP4/AVI files
+written here."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+
+from fedmix_engine.device import plan_device
+from fedmix_engine.errors import InputError
+from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.model import ModelConfig
+from fedmix_engine.predict import NOT_RUN, FrameStep, Predictor, iter_predict_folder, predict_folder
+from video_helpers import write_clip
+
+TINY = ModelConfig(base_width=4)
+
+
+def predictor(batch_size: int = 4) -> Predictor:
+    return Predictor(init_pair(TINY, 0), TINY, 32, plan_device("cpu"), batch_size=batch_size)
+
+
+def test_a_video_is_predicted_frame_by_frame_into_a_multi_page_mask(tmp_path: Path, monkeypatch) -> None:
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    decoded = write_clip(folder / "clip.mp4")
+    avi = write_clip(folder / "loop.avi", frames=3)
+    (folder / "broken.mp4").write_bytes(b"not a video" * 50)
+    model = predictor()
+
+    def whole_read(*args, **kwargs):
+        raise AssertionError("a video is read frame by frame, never whole")
+
+    monkeypatch.setattr(iio, "imread", whole_read)
+    frames: list[tuple[str, int, int]] = []
+    rows = {r.file: r for r in predict_folder(model, folder, out,
+                                              on_frames=lambda p, done, total: frames.append((p.name, done, total)))}
+    assert [f for f in frames if f[0] == "clip.mp4"] == [("clip.mp4", 4, 10), ("clip.mp4", 8, 10), ("clip.mp4", 10, 10)]
+    clip = rows["clip.mp4"]
+    assert (clip.status, clip.frames, clip.height, clip.width, clip.mask_file) == ("ok", 10, 40, 48, "clip_mask.tif")
+    masks = tifffile.imread(out / "clip_mask.tif")
+    assert masks.shape == (10, 40, 48) and masks.dtype == np.uint8
+    for t in (0, 9):  # each page is that frame's own 2-D prediction
+        np.testing.assert_array_equal(masks[t], model.mask(decoded[t]))
+    assert clip.foreground_fraction == pytest.approx(round(float((masks > 0).mean()), 6))
+    assert (rows["loop.avi"].frames, tifffile.imread(out / "loop_mask.tif").shape) == (3, (3, 40, 48))
+    assert len(avi) == 3
+    assert rows["broken.mp4"].status.startswith("skipped: unreadable or corrupt video")
+
+
+def test_frames_are_taken_from_a_stream_only_as_a_batch_needs_them() -> None:
+    pulled: list[int] = []
+
+    def stream():
+        for t in range(10):
+            pulled.append(t)
+            yield np.full((40, 48), 20 * t, np.uint8)
+
+    chunks = predictor(batch_size=4).iter_label_chunks(stream())
+    first = next(chunks)
+    assert first.shape == (4, 40, 48) and len(pulled) == 4, "one batch decoded, not the whole stream"
+    assert [len(c) for c in chunks] == [4, 2] and len(pulled) == 10
+
+
+def test_a_batch_stopped_inside_a_video_leaves_no_mask_and_lists_it_as_not_run(tmp_path: Path) -> None:
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    write_clip(folder / "clip.mp4")
+    batch = iter_predict_folder(predictor(), folder, out, frame_steps=True)
+    assert isinstance(next(batch), FrameStep)
+    batch.close()  # a GUI's Cancel between two batches of frames
+    assert not list(out.glob("*.tif")) and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    with open(out / "summary.csv", newline="") as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == [NOT_RUN]
+
+
+def test_import_refuses_a_folder_of_videos_saying_how_to_label_their_frames(tmp_path: Path) -> None:
+    from fedmix_engine.data.importer import read_sources
+
+    write_clip(tmp_path / "clip.mp4", frames=2)
+    with pytest.raises(InputError, match=r"1 video\(s\) are not imported: .*Add the image on screen"):
+        read_sources(tmp_path)
