@@ -80,9 +80,22 @@ def test_a_batch_stopped_inside_a_video_leaves_no_mask_and_lists_it_as_not_run(t
         assert [row["status"] for row in csv.DictReader(handle)] == [NOT_RUN]
 
 
-def test_import_refuses_a_folder_of_videos_saying_how_to_label_their_frames(tmp_path: Path) -> None:
-    from fedmix_engine.data.importer import read_sources
+def test_import_refuses_videos_saying_how_to_label_their_frames(tmp_path: Path) -> None:
+    from fedmix_engine.data.importer import import_files_steps, import_folder, read_sources
+    from fedmix_engine.data.site_store import SiteStore
+    from fedmix_engine.steps import run_steps
 
-    write_clip(tmp_path / "clip.mp4", frames=2)
-    with pytest.raises(InputError, match=r"1 video\(s\) are not imported: .*Add the image on screen"):
-        read_sources(tmp_path)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_clip(videos / "clip.mp4", frames=2)
+    with pytest.raises(InputError, match=r"holds 1 video\(s\): a video is not imported: .*Add the image on screen"):
+        read_sources(videos)
+    iio.imwrite(videos / "still.png", np.full((40, 48), 90, np.uint8))  # beside an image: the image goes in
+    with SiteStore.create(tmp_path / "site", ["lesion"]) as store:
+        report = import_folder(store, videos)
+        assert store.image_ids() == ["still"] and report.images_added == 1
+        assert report.problems == [f"{videos / 'clip.mp4'}: a video is not imported: a site holds 2-D images, so "
+                                   "open it in napari and add the frames to label (Annotate › Add the image on "
+                                   "screen); batch predict predicts every frame"]
+        chosen = run_steps(import_files_steps(store, [videos / "clip.mp4"]))  # picked in the import dialog
+        assert chosen.images_added == 0 and chosen.problems == report.problems

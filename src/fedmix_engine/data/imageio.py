@@ -29,7 +29,7 @@ import numpy as np
 
 from fedmix_engine.atomic import atomic_open
 from fedmix_engine.data.dicom import DICOM_SUFFIXES, is_dicom_path, load_dicom, read_dicom
-from fedmix_engine.data.video import VIDEO_SUFFIXES, is_video_path
+from fedmix_engine.data.video import NOT_IMPORTED, VIDEO_SUFFIXES, is_video_path
 from fedmix_engine.errors import InputError
 
 _PLAIN_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")  # read by tifffile or imageio
@@ -70,8 +70,7 @@ def no_images_reason(folder: Path) -> str:
     reason = f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
     videos = sum(count for suffix, count in suffixes.items() if suffix in VIDEO_SUFFIXES)
     if videos:
-        reason += (f"; its {videos} video(s) are not imported: a site holds 2-D images, so open a video in "
-                   "napari and add the frames to label (Annotate › Add the image on screen)")
+        reason += f"; it holds {videos} video(s): {NOT_IMPORTED}"
     elif suffixes:
         found = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common(3))
         reason += f"; it holds {found} file(s): export them as TIFF or PNG"
@@ -95,6 +94,8 @@ def _read_stored(path: Path) -> tuple[np.ndarray, str]:
     if not path.is_file():
         raise InputError(path, "file not found")
     suffix = path.suffix.lower()
+    if is_video_path(path):
+        raise InputError(path, NOT_IMPORTED)
     if suffix not in IMAGE_SUFFIXES:
         raise InputError(path, f"unsupported file type '{suffix}'; use one of {', '.join(IMAGE_SUFFIXES)} "
                                "(or a DICOM file without suffix)")

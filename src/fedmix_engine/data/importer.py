@@ -34,6 +34,7 @@ import numpy as np
 
 from fedmix_engine.data.imageio import image_files, no_images_reason, read_mask_file, validate_mask
 from fedmix_engine.data.site_store import Box, SiteStore, image_id_from_path
+from fedmix_engine.data.video import NOT_IMPORTED, is_video_path
 from fedmix_engine.errors import InputError
 from fedmix_engine.steps import run_steps
 
@@ -229,6 +230,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
     same_folder = masks is not None and masks.resolve() == images.resolve()
     beside = masks_beside_images(files) if same_folder else []
+    report.problems.extend(str(InputError(p, NOT_IMPORTED)) for p in sorted(images.iterdir()) if is_video_path(p))
     yield from _add_images(store, [p for p in files if p not in beside], report, author)
     ids = set(store.image_ids())
 

@@ -17,6 +17,9 @@ import numpy as np
 from fedmix_engine.errors import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
+# why import refuses a video, and what to do instead
+NOT_IMPORTED = ("a video is not imported: a site holds 2-D images, so open it in napari and add the frames to "
+                "label (Annotate › Add the image on screen); batch predict predicts every frame")
 
 
 def is_video_path(path: str | Path) -> bool:
