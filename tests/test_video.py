@@ -31,6 +31,7 @@ def test_a_video_is_predicted_frame_by_frame_into_a_multi_page_mask(tmp_path: Pa
     folder.mkdir()
     decoded = write_clip(folder / "clip.mp4")
     avi = write_clip(folder / "loop.avi", frames=3)
+    write_clip(folder / "endoscopy.mkv", frames=6)  # MKV does not state its frame count
     (folder / "broken.mp4").write_bytes(b"not a video" * 50)
     model = predictor()
 
@@ -42,6 +43,8 @@ def test_a_video_is_predicted_frame_by_frame_into_a_multi_page_mask(tmp_path: Pa
     rows = {r.file: r for r in predict_folder(model, folder, out,
                                               on_frames=lambda p, done, total: frames.append((p.name, done, total)))}
     assert [f for f in frames if f[0] == "clip.mp4"] == [("clip.mp4", 4, 10), ("clip.mp4", 8, 10), ("clip.mp4", 10, 10)]
+    assert [f for f in frames if f[0] == "endoscopy.mkv"] == [("endoscopy.mkv", 4, 0), ("endoscopy.mkv", 6, 0)]
+    assert (rows["endoscopy.mkv"].status, rows["endoscopy.mkv"].frames) == ("ok", 6), "an unstated count is no refusal"
     clip = rows["clip.mp4"]
     assert (clip.status, clip.frames, clip.height, clip.width, clip.mask_file) == ("ok", 10, 40, 48, "clip_mask.tif")
     masks = tifffile.imread(out / "clip_mask.tif")

@@ -11,11 +11,15 @@ from fedmix_engine.errors import InputError
 
 
 def progress_bar(done: int, total: int, label: str, width: int = 24) -> None:
-    """One line of progress on a terminal's stderr (nothing when stderr is a file or a pipe)."""
+    """One line of progress on a terminal's stderr (nothing when stderr is a file or a pipe); a count
+    alone when the total is unknown (0: a video whose container does not state its frames)."""
     if not sys.stderr.isatty():
         return
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    if total <= 0:
+        sys.stderr.write(f"\r  {label} {done}")
+    else:
+        filled = int(width * min(done, total) / total)
+        sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
     sys.stderr.flush()
 
 

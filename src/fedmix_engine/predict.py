@@ -229,7 +229,8 @@ def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str =
 
 @dataclass(frozen=True)
 class FrameStep:
-    """A batch predicting a stack (a cine loop, a multi-page TIFF) has done ``done`` of its ``frames``."""
+    """A batch predicting a stack (a cine loop, a multi-page TIFF, a video) has done ``done`` of its
+    ``frames`` (0: unknown, a video whose container does not state its count)."""
 
     file: Path
     done: int
@@ -372,7 +373,7 @@ class FolderBatch:
                 foreground += int(np.count_nonzero(labels))
                 if kept is not None:
                     kept.append(labels)
-                yield FrameStep(path, done, max(count, done))  # a container's count may be an estimate
+                yield FrameStep(path, done, max(count, done) if count else 0)  # a container's count: an estimate
             if not done:
                 raise InputError(path, "no frame could be decoded")
         height, width = labels.shape[1:]

@@ -288,8 +288,8 @@ class BatchPredictWidget(QWidget):
         from fedmix_engine.predict import FrameStep
 
         if isinstance(item, FrameStep):  # a stack's frames: Cancel stops between two batches of them
-            self.status.setText(f"{len(self.rows) + 1}/{self.total}: {item.file.name}, frame {item.done} of "
-                                f"{item.frames}")
+            of = f" of {item.frames}" if item.frames else ""
+            self.status.setText(f"{len(self.rows) + 1}/{self.total}: {item.file.name}, frame {item.done}{of}")
             return
         done, self.total, row = item
         self.rows.append(row)

@@ -31,7 +31,7 @@ class Video:
     """A video file opened for reading: its frame count and size from the container, its frames on demand."""
 
     path: Path
-    frames: int  # as the container states it (some formats only estimate it)
+    frames: int  # as the container states it: an estimate in some formats, 0 (unknown) in MKV and WebM
     height: int
     width: int
 
@@ -60,6 +60,6 @@ def open_video(path: str | Path) -> Video:
     except Exception as exc:
         raise InputError(path, f"unreadable or corrupt video ({type(exc).__name__}: {exc})") from exc
     shape = properties.shape
-    if len(shape) != 4 or shape[0] == 0:
-        raise InputError(path, f"video without frames (shape {tuple(shape)})")
+    if len(shape) != 4:
+        raise InputError(path, f"not a video of 2-D frames (shape {tuple(shape)})")
     return Video(path, int(shape[0]), int(shape[1]), int(shape[2]))
