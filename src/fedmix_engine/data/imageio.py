@@ -209,19 +209,17 @@ def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 
-def tiff_bytes(array: np.ndarray, stack: bool = False) -> bytes:
-    """A 2-D grey or H×W×3 colour array (``stack``: grey frames …×H×W, one page each) as a
-    Deflate-compressed TIFF, the one way the engine writes images and masks. Lossless and read by
-    every TIFF reader (Fiji, PIL, OpenCV) without extra codecs; level 1, because masks shrink ~100×
-    at any level while images gain little beyond it (speckle is noise) and higher levels cost up to
-    5× the time."""
+def tiff_bytes(array: np.ndarray) -> bytes:
+    """A 2-D grey or H×W×3 colour array as a Deflate-compressed TIFF, the one way the engine writes
+    images and masks (a stack's mask: :func:`tiff_pages`). Lossless and read by every TIFF reader
+    (Fiji, PIL, OpenCV) without extra codecs; level 1, because masks shrink ~100× at any level while
+    images gain little beyond it (speckle is noise) and higher levels cost up to 5× the time."""
     import io
 
     import tifffile
 
     buffer = io.BytesIO()
-    colour = array.ndim == 3 and not stack
-    tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric="rgb" if colour else "minisblack",
+    tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric="rgb" if array.ndim == 3 else "minisblack",
                      **_TIFF_WRITE)
     return buffer.getvalue()
 
@@ -231,9 +229,9 @@ _TIFF_WRITE = {"compression": "zlib", "compressionargs": {"level": 1}, "metadata
 
 @contextlib.contextmanager
 def tiff_pages(path: str | Path) -> Iterator[Callable[[np.ndarray], None]]:
-    """Write grey ``H×W`` pages to ``path`` one at a time, the file ``tiff_bytes(stack, stack=True)``
-    would be, so a long video's mask is never held whole; atomically: a run stopped half-way leaves
-    no file, or the one that was there."""
+    """Write grey ``H×W`` pages to ``path`` one at a time, as :func:`tiff_bytes` writes one (a reader
+    gets the stack F×H×W), so a long video's mask is never held whole; atomically: a run stopped
+    half-way leaves no file, or the one that was there."""
     import tifffile
 
     with atomic_open(path) as handle, tifffile.TiffWriter(handle) as tiff:

@@ -226,11 +226,12 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     """The steps importing sources already read by :func:`read_sources`."""
     images, masks = sources.images, sources.masks
     report = ImportReport()
-    files = image_files(images)
+    listed = image_files(images, videos=True)
+    files = [p for p in listed if not is_video_path(p)]
+    report.problems.extend(str(InputError(p, NOT_IMPORTED)) for p in listed if is_video_path(p))
     # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
     same_folder = masks is not None and masks.resolve() == images.resolve()
     beside = masks_beside_images(files) if same_folder else []
-    report.problems.extend(str(InputError(p, NOT_IMPORTED)) for p in sorted(images.iterdir()) if is_video_path(p))
     yield from _add_images(store, [p for p in files if p not in beside], report, author)
     ids = set(store.image_ids())
 

@@ -49,7 +49,7 @@ class Video:
 
 
 def open_video(path: str | Path) -> Video:
-    """Open a video, refusing a missing, unreadable or frameless file by name."""
+    """Open a video (its header only), refusing a missing or unreadable file by name."""
     import imageio.v3 as iio
 
     path = Path(path)
