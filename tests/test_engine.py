@@ -382,7 +382,10 @@ def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path
     tifffile.imwrite(tmp_path / "in" / "scan.tif", np.zeros((16, 16), np.uint8))
     (tmp_path / "patients" / "p01").mkdir(parents=True)  # a folder of folders: predicted nothing and said 'ok'
     (tmp_path / "a-file").write_text("keep me")
-    cases = [(tmp_path / "a-file", tmp_path / "out", 0.5, "a-file: is a file, not a folder of images"),
+    cases = [(tmp_path / "a-file", tmp_path / "out", 0.5, "a-file: not an image or a video (no suffix); give an "
+              "image or video file, or a folder of them"),
+             (tmp_path / "nowhere", tmp_path / "out", 0.5, "nowhere: input folder or file not found"),
+             (tmp_path / "in" / "scan.tif", tmp_path / "in", 0.5, "in: is the images folder"),
              (tmp_path / "patients", tmp_path / "out", 0.5,
               "patients: no image files (.tif, .tiff, .png, .jpg, .jpeg, .bmp, .dcm, .dicom) in this folder; "
               "sub-folders (p01) are not searched"),

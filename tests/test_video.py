@@ -57,6 +57,20 @@ def test_a_video_is_predicted_frame_by_frame_into_a_multi_page_mask(tmp_path: Pa
     assert rows["broken.mp4"].status.startswith("skipped: unreadable or corrupt video")
 
 
+def test_one_video_file_is_predicted_on_its_own(tmp_path: Path, capsys) -> None:
+    """A clinician with one recording gives the file, not a folder (the CLI took folders only)."""
+    from fedmix_engine.checkpoint import save_checkpoint
+    from fedmix_engine.cli import main
+
+    write_clip(tmp_path / "clip.mp4", frames=5)
+    iio.imwrite(tmp_path / "other.png", np.zeros((40, 48), np.uint8))  # beside it: not predicted
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
+    assert main(["predict", str(checkpoint), str(tmp_path / "clip.mp4"), str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert "predicted 1 image(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_mask.tif", "summary.csv"]
+    assert tifffile.imread(tmp_path / "out" / "clip_mask.tif").shape == (5, 40, 48)
+
+
 def test_frames_are_taken_from_a_stream_only_as_a_batch_needs_them() -> None:
     pulled: list[int] = []
 

@@ -173,11 +173,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "be raised to extend a finished run)")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("predict", help="predict masks for a folder of images with a checkpoint")
+    p = sub.add_parser("predict", help="predict masks for a folder of images (or one file) with a checkpoint")
     p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint (simulate's best.safetensors, "
                    "a server round, or one the plugin saved)")
-    p.add_argument("input", type=Path, help="folder of images (2-D, or stacks such as multi-page TIFFs and "
-                                             "DICOM cine loops, predicted frame by frame)")
+    p.add_argument("input", type=Path, help="folder of images (2-D, or stacks such as multi-page TIFFs, "
+                                             "DICOM cine loops and videos, predicted frame by frame), or one "
+                                             "such file")
     p.add_argument("out", type=Path, help="output folder: <stem>_mask.tif per image (<stem>_<suffix>_mask.tif "
                    "where two images share a stem) and summary.csv")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is foreground")

@@ -264,15 +264,20 @@ def mask_names(files: list[Path]) -> dict[Path, str]:
             else f"{stem}_mask.tif" for path, stem in stems.items()}
 
 
-def check_batch(folder: str | Path, threshold: float = 0.5, out: str | Path | None = None) -> None:
-    """Refuse a batch whose input folder, output folder or threshold is wrong, before any work (a GUI
-    calls it before starting its worker)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(folder, "is a file, not a folder of images" if folder.exists() else "input folder not found")
-    if not image_files(folder, videos=True):
-        raise InputError(folder, no_images_reason(folder))
-    if out is not None and Path(out).resolve() == folder.resolve():
+def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | None = None) -> None:
+    """Refuse a batch whose input (a folder of images, or one image, stack or video file), output folder
+    or threshold is wrong, before any work (a GUI calls it before starting its worker)."""
+    source = Path(source)
+    if source.is_file():
+        if not (is_image_path(source) or is_video_path(source)):
+            raise InputError(source, f"not an image or a video ({source.suffix or 'no suffix'}); give an image "
+                                     "or video file, or a folder of them")
+    elif not source.is_dir():
+        raise InputError(source, "input folder or file not found")
+    elif not image_files(source, videos=True):
+        raise InputError(source, no_images_reason(source))
+    images_folder = source.parent if source.is_file() else source
+    if out is not None and Path(out).resolve() == images_folder.resolve():
         # datasets such as BUSI keep "<name>_mask.png" beside "<name>.png": a prediction would replace it
         raise InputError(out, "is the images folder; write the masks to another folder (a predicted "
                               "<name>_mask.tif could replace a file of the same name among the images)")
@@ -281,7 +286,7 @@ def check_batch(folder: str | Path, threshold: float = 0.5, out: str | Path | No
 
 
 class FolderBatch:
-    """Every image of a folder predicted into ``out``; iterate for (done, total, row) per file and, with
+    """Every image of a folder (or one file) predicted into ``out``; iterate for (done, total, row) per file and, with
     ``frame_steps``, a :class:`FrameStep` per batch of a stack's frames, so a GUI shows a long cine
     loop's progress and its Cancel stops within the loop (the file is then listed as not run).
 
@@ -308,7 +313,8 @@ class FolderBatch:
         self.dicom_seg = dicom_seg
         self.frame_steps = frame_steps
         make_folder(self.out)
-        self.files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        self.files = ([folder] if folder.is_file() else
+                      sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")))
         self.total = len(self.files)
         _write_summary(self.out / "summary.csv", [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files])
         self._run = self._rows(predictor, threshold)
