@@ -625,6 +625,37 @@ def test_batch_predict_shows_a_stacks_frames_and_cancel_stops_within_it(make_nap
     assert not list((tmp_path / "out2").glob("*_mask.tif"))
 
 
+def test_a_stack_whose_overlays_would_not_fit_in_free_memory_is_refused_before_predicting(make_napari_viewer, qtbot,
+                                                                                           tmp_path, monkeypatch):
+    """A long video's probability overlays (float32 per class and frame) can outgrow the memory left;
+    the system would then kill napari with any unsaved labels. Refused first, pointing to batch predict."""
+    from collections import namedtuple
+
+    import psutil
+
+    from napari_fedmix.predict_widget import PRED_LAYER, PredictWidget
+
+    viewer = make_napari_viewer()
+    loop = viewer.add_image(np.random.default_rng(0).integers(0, 255, (50, 40, 48), dtype=np.uint8), name="loop")
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
+                                 ModelConfig(base_width=4), {"image_size": 32})
+    widget = PredictWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.checkpoint.setText(str(checkpoint))
+    viewer.layers.selection.active = loop
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(500_000))  # 50×40×48 px × 9 B = 864 kB needed
+    assert widget.predict_active() is None
+    assert widget.status.text() == ("error: layer 'loop': its prediction overlays would take 1 MiB and 0 MiB are "
+                                    "free: predict it with Batch predict (Layers › Segment › FedMix), which writes "
+                                    "its masks frame by frame, or open a shorter clip")
+    assert PRED_LAYER not in viewer.layers
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(2_000_000))
+    assert widget.predict_active() is not None
+    qtbot.waitUntil(lambda: PRED_LAYER in viewer.layers, timeout=60_000)
+    assert viewer.layers[PRED_LAYER].data.shape == (50, 40, 48)
+
+
 def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spacing(make_napari_viewer, qtbot,
                                                                                     tmp_path):
     """napari has no DICOM reader of its own: File › Open of a .dcm failed before the plugin gave one.

@@ -111,10 +111,12 @@ class PredictWidget(QWidget):
             data = image_layer_pixels(layer)
             stack = data.ndim > (3 if rgb else 2)
             if stack:
-                stack_frames(data, rgb, where)
+                frames, _ = stack_frames(data, rgb, where)
             else:
                 data = validate_image(data, where)
             predictor = self.predictor()
+            if stack:
+                _check_overlays_fit(frames.shape[:3], predictor.model_config.num_classes, where)
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -217,6 +219,24 @@ class PredictWidget(QWidget):
 
     def _place(self, overlay) -> None:
         overlay.scale, overlay.translate = self._geometry["scale"], self._geometry["translate"]
+
+
+def _check_overlays_fit(frames: tuple[int, int, int], classes: int, where: str) -> None:
+    """Refuse a stack whose overlays would not fit in the memory that is free: the probabilities (float32
+    per class, kept for the threshold slider), their maximum shown as a layer, and the labels. Past that,
+    the system would kill napari, and unsaved labels with it; batch predict streams such a stack."""
+    import psutil
+
+    need = int(np.prod(frames)) * (4 * classes + 4 + 1)
+    free = psutil.virtual_memory().available
+    if need > 0.8 * free:
+        raise InputError(where, f"its prediction overlays would take {_memory_size(need)} and {_memory_size(free)} "
+                                "are free: predict it with Batch predict (Layers › Segment › FedMix), which "
+                                "writes its masks frame by frame, or open a shorter clip")
+
+
+def _memory_size(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 class BatchPredictWidget(QWidget):
