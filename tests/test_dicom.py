@@ -104,6 +104,33 @@ def test_an_enhanced_multi_frame_file_shows_each_frame_with_its_own_rescale_and_
     assert series_of_file(path).units == ("pixel", "mm", "mm"), "frames out of order: no distance is claimed"
 
 
+def _region(delta_x: float, delta_y: float, spatial_format: int = 1, units: int = 3) -> pydicom.Dataset:
+    """One item of SequenceOfUltrasoundRegions: deltas in cm per pixel (units 3 = cm)."""
+    region = pydicom.Dataset()
+    region.RegionSpatialFormat, region.PhysicalUnitsXDirection, region.PhysicalUnitsYDirection = (
+        spatial_format, units, units)
+    region.PhysicalDeltaX, region.PhysicalDeltaY = delta_x, delta_y
+    return region
+
+
+def test_an_ultrasound_image_is_scaled_by_its_regions(tmp_path: Path) -> None:
+    """Ultrasound scanners give the scale in SequenceOfUltrasoundRegions, not PixelSpacing: without it
+    napari showed the image in pixels, and lesion sizes measured there were not millimetres."""
+    from fedmix_engine.data.dicom import load_dicom
+
+    frame = np.zeros((24, 32), np.uint8)
+    doppler = _region(0.001, 2.5, spatial_format=3, units=4)  # a spectral Doppler strip: seconds, not cm
+    path = write_dicom(tmp_path / "us.dcm", frame, SequenceOfUltrasoundRegions=pydicom.Sequence(
+        [_region(0.012, 0.01), _region(0.012, 0.01), doppler]))
+    assert load_dicom(path).spacing == pytest.approx((0.1, 0.12)), "mm per pixel: rows, columns"
+    zoomed = write_dicom(tmp_path / "dual.dcm", frame, SequenceOfUltrasoundRegions=pydicom.Sequence(
+        [_region(0.012, 0.01), _region(0.006, 0.005)]))
+    assert load_dicom(zoomed).spacing is None, "two views at two scales: no one spacing for the image"
+    given = write_dicom(tmp_path / "given.dcm", frame, PixelSpacing=[0.2, 0.2],
+                        SequenceOfUltrasoundRegions=pydicom.Sequence([_region(0.012, 0.01)]))
+    assert load_dicom(given).spacing == pytest.approx((0.2, 0.2)), "PixelSpacing, when given, comes first"
+
+
 @pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning")  # the palette file's own oddity
 def test_colour_dicom_is_read_as_rgb() -> None:
     ybr = read_image(bundled("SC_ybr_full_422_uncompressed.dcm"))  # stored as YCbCr; its top band is red

@@ -72,15 +72,34 @@ def read_dataset(path: Path, pixels: bool = True):
 
 
 def _pixel_spacing(dataset) -> tuple[float, float] | None:
-    """Row and column spacing in mm (PixelSpacing, an enhanced file's shared PixelMeasuresSequence, or an
-    X-ray's ImagerPixelSpacing); None when the file gives none or a malformed value."""
+    """Row and column spacing in mm (PixelSpacing, an enhanced file's shared PixelMeasuresSequence, an
+    X-ray's ImagerPixelSpacing, or an ultrasound image's regions); None when the file gives none or a
+    malformed value."""
     measured = _macro((dataset.get("SharedFunctionalGroupsSequence") or [None])[0], "PixelMeasuresSequence")
     given = measured if measured is not None and "PixelSpacing" in measured else dataset  # enhanced: shared
     try:
-        rows, columns = (float(v) for v in given.get("PixelSpacing") or given.get("ImagerPixelSpacing"))
+        spacing = given.get("PixelSpacing") or given.get("ImagerPixelSpacing") or _ultrasound_spacing(dataset)
+        rows, columns = (float(v) for v in spacing)
     except (TypeError, ValueError):
         return None
     return (rows, columns) if rows > 0 and columns > 0 else None
+
+
+_CM = 3  # PhysicalUnitsX/YDirection: centimetres
+_TISSUE_2D = 1  # RegionSpatialFormat: a 2-D (tissue or flow) image
+
+
+def _ultrasound_spacing(dataset) -> tuple[float, float] | None:
+    """An ultrasound image's spacing in mm from its SequenceOfUltrasoundRegions (which scanners write in
+    place of PixelSpacing): the 2-D regions measured in cm, if they all share one scale. Regions of
+    another scale (a zoomed second view beside the first) leave the image without one spacing: None."""
+    scales = set()
+    for region in dataset.get("SequenceOfUltrasoundRegions") or []:
+        if (region.get("RegionSpatialFormat") == _TISSUE_2D and region.get("PhysicalUnitsXDirection") == _CM
+                and region.get("PhysicalUnitsYDirection") == _CM):
+            row, column = (round(10 * float(region.get(f"PhysicalDelta{axis}")), 9) for axis in "YX")
+            scales.add((row, column))
+    return scales.pop() if len(scales) == 1 else None
 
 
 def _what_it_is(dataset) -> str:
