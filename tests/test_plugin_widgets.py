@@ -51,6 +51,12 @@ def _imported(qtbot, widget, worker) -> list[str] | None:
     return None if widget.last_import is None else widget.last_import.problems
 
 
+def _tiny_checkpoint(folder: Path) -> Path:
+    """An untrained width-4 pair saved as ``folder/m.safetensors``, trained-size 32: enough to predict with."""
+    return save_checkpoint(folder / "m.safetensors", init_pair(ModelConfig(base_width=4), 0), ModelConfig(base_width=4),
+                           {"image_size": 32})
+
+
 def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewer, qtbot, tmp_path, images):
     from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER, AnnotateWidget
 
@@ -300,8 +306,7 @@ def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_b
                                                                                           qtbot, tmp_path):
     from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER, PredictWidget
 
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
-                                 ModelConfig(base_width=4), {"image_size": 32})
+    checkpoint = _tiny_checkpoint(tmp_path)
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)
     viewer.add_image(rng.integers(0, 255, (40, 48), dtype=np.uint8), name="scan", scale=(0.5, 2.0),
@@ -419,8 +424,7 @@ def test_a_prediction_becomes_the_mask_to_correct_but_never_replaces_a_drawn_one
     assert "the model predicts 2 class(es), the site has 1 (lesion)" in widget.status.text()
     assert not viewer.layers[MASK_LAYER].data.any()
 
-    widget.checkpoint.setText(str(save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
-                                                  ModelConfig(base_width=4), {"image_size": 32})))
+    widget.checkpoint.setText(str(_tiny_checkpoint(tmp_path)))
     assert widget.predict_active() is not None
     qtbot.waitUntil(lambda: len(widget._probability) == 1, timeout=60_000)
     predicted = np.array(viewer.layers[PRED_LAYER].data)
@@ -489,8 +493,7 @@ def test_batch_predict_writes_masks_and_csv_and_lists_the_corrupt_file(make_napa
     from napari_fedmix.predict_widget import BatchPredictWidget
 
     (images[0].parent / "broken.tif").write_bytes(b"II*\x00 not really")
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
-                                 ModelConfig(base_width=4), {"image_size": 32})
+    checkpoint = _tiny_checkpoint(tmp_path)
     viewer = make_napari_viewer()
     widget = BatchPredictWidget(viewer)
     qtbot.addWidget(widget)
@@ -570,8 +573,7 @@ def _batch_widget(viewer, qtbot, folder: Path, out: Path):
     """The Batch predict widget filled in: ``folder`` into ``out`` with a tiny untrained model."""
     from napari_fedmix.predict_widget import BatchPredictWidget
 
-    checkpoint = save_checkpoint(out.parent / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
-                                 ModelConfig(base_width=4), {"image_size": 32})
+    checkpoint = _tiny_checkpoint(out.parent)
     widget = BatchPredictWidget(viewer)
     qtbot.addWidget(widget)
     widget.input.setText(str(folder))
@@ -637,8 +639,7 @@ def test_a_stack_whose_overlays_would_not_fit_in_free_memory_is_refused_before_p
 
     viewer = make_napari_viewer()
     loop = viewer.add_image(np.random.default_rng(0).integers(0, 255, (50, 40, 48), dtype=np.uint8), name="loop")
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
-                                 ModelConfig(base_width=4), {"image_size": 32})
+    checkpoint = _tiny_checkpoint(tmp_path)
     widget = PredictWidget(viewer)
     qtbot.addWidget(widget)
     widget.checkpoint.setText(str(checkpoint))
@@ -682,8 +683,7 @@ def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spac
     with pytest.raises(Exception, match="a DICOM segmentation"):  # napari wraps the reader's InputError
         viewer.open(get_testdata_file("liver_1frame.dcm"), plugin="napari-fedmix")
 
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(ModelConfig(base_width=4), 0),
-                                 ModelConfig(base_width=4), {"image_size": 32})
+    checkpoint = _tiny_checkpoint(tmp_path)
     widget = PredictWidget(viewer)
     qtbot.addWidget(widget)
     widget.checkpoint.setText(str(checkpoint))
