@@ -116,3 +116,28 @@ def test_import_refuses_videos_saying_how_to_label_their_frames(tmp_path: Path) 
                                    "screen); batch predict predicts every frame"]
         chosen = run_steps(import_files_steps(store, [videos / "clip.mp4"]))  # picked in the import dialog
         assert chosen.images_added == 0 and chosen.problems == report.problems
+
+
+def test_a_multi_page_tiff_is_read_a_page_at_a_time_and_a_bad_page_is_named(tmp_path: Path, monkeypatch) -> None:
+    """A long TIFF stack (a time series, a z-stack) was decoded whole before its first frame was predicted."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    loop = rng.integers(0, 255, (7, 40, 48), dtype=np.uint8)
+    tifffile.imwrite(folder / "loop.tif", loop)
+    hyper = rng.random((2, 3, 40, 48)).astype(np.float32)
+    hyper[1, 2, 5, 5] = np.nan  # time 1, slice 2
+    tifffile.imwrite(folder / "hyper.tif", hyper, imagej=True, metadata={"axes": "TZYX"})
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a multi-page TIFF is read a page at a time, never whole")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", whole)
+    model = predictor(batch_size=3)
+    rows = {r.file: r for r in predict_folder(model, folder, out)}
+    assert (rows["loop.tif"].status, rows["loop.tif"].frames) == ("ok", 7)
+    masks = tifffile.imread(out / "loop_mask.tif", key=range(7))  # pages, not the series reader patched above
+    for t in (0, 6):
+        np.testing.assert_array_equal(masks[t], model.mask(loop[t]))
+    assert rows["hyper.tif"].status == "skipped: frame (1, 2): image contains NaN or infinite values"
+    assert not (out / "hyper_mask.tif").exists()

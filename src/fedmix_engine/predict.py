@@ -32,6 +32,7 @@ from fedmix_engine.data.imageio import (
     read_frames,
     tiff_bytes,
     tiff_pages,
+    tiff_stack,
     validate_image,
 )
 from fedmix_engine.data.importer import masks_beside_images
@@ -344,8 +345,10 @@ class FolderBatch:
                     try:
                         steps = self._predict_file(predictor, path, names[path], threshold)
                         row = (yield from steps) if self.frame_steps else run_steps(steps)
-                    except InputError as exc:
-                        row = BatchRow(path.name, 0, 0, float("nan"), f"skipped: {exc.reason}")
+                    except InputError as exc:  # the reason, and which frame of a stack when it is one frame's
+                        frame = str(exc.where).removeprefix(str(path)).removeprefix(", ")
+                        row = BatchRow(path.name, 0, 0, float("nan"),
+                                       f"skipped: {frame + ': ' if frame else ''}{exc.reason}")
                 rows.append(row)
                 yield done, self.total, row
         finally:
@@ -355,11 +358,14 @@ class FolderBatch:
     def _predict_file(self, predictor: Predictor, path: Path, mask_file: str,
                       threshold: float) -> Generator[FrameStep, None, BatchRow]:
         """One file's mask into ``mask_file``: a 2-D image at once; a stack (a multi-page TIFF, a DICOM
-        cine loop) or a video batch by batch, a step per batch, its pages written as they come."""
+        cine loop) or a video batch by batch, a step per batch, its pages written as they come. Videos
+        and multi-page TIFFs are read a frame at a time; a DICOM file is decoded whole (pydicom)."""
         if is_video_path(path):
             video = open_video(path)
             frames: Iterable[np.ndarray] = video
             count, frame_name = video.frames, str
+        elif (stack := tiff_stack(path)) is not None:  # read a page at a time
+            frames, count, frame_name = stack, len(stack), partial(_frame_index, leading=stack.leading)
         else:
             pixels, colour = read_frames(path)
             if pixels.ndim == (3 if colour else 2):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,51 @@ def validate_image(array: np.ndarray, where: str | Path) -> np.ndarray:
 def read_image(path: str | Path) -> np.ndarray:
     """Read and validate one 2-D image file (stored values, no normalisation)."""
     return validate_image(read_array(path), path)
+
+
+@dataclass(frozen=True)
+class TiffStack:
+    """A multi-page TIFF whose pages are its frames (a time series, a z-stack; grey or RGB pages), read a
+    page at a time, so batch prediction never holds a long stack whole."""
+
+    path: Path
+    leading: tuple[int, ...]  # the stack's axes before a page's (T, Z, …), to name a frame as napari does
+
+    def __len__(self) -> int:
+        return int(np.prod(self.leading))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        import tifffile
+
+        done = 0
+        try:
+            with tifffile.TiffFile(self.path) as tiff:
+                for page in tiff.series[0].pages:
+                    yield page.asarray()
+                    done += 1
+        except Exception as exc:  # tifffile raises many types for a damaged page
+            raise InputError(self.path, f"page {done} unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def tiff_stack(path: str | Path) -> TiffStack | None:
+    """The TIFF as a :class:`TiffStack` when each of its pages is a whole 2-D frame (grey, or colour
+    samples per pixel) and there are several; None otherwise (one page, planar colour, not a TIFF, not
+    readable: :func:`read_frames` then reads it, or names what is wrong)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            page, pages = series.keyframe, len(series.pages)
+            leading = tuple(n for n in series.shape[:len(series.shape) - len(page.shape)] if n > 1)
+    except Exception:
+        return None
+    if pages < 2 or page.axes not in ("YX", "YXS") or min(page.shape[:2]) < 8 or int(np.prod(leading)) != pages:
+        return None
+    return TiffStack(path, leading)
 
 
 def read_frames(path: str | Path) -> tuple[np.ndarray, bool]:
