@@ -408,7 +408,8 @@ class FolderBatch:
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                         dicom_seg: bool = False, classes: Sequence[str] | None = None,
                         frame_steps: bool = False) -> FolderBatch:
-    """Predict every image in ``folder`` into ``out``; see ``FolderBatch`` (checks happen here, now)."""
+    """Predict every image in ``folder`` (or the one file it names) into ``out``; see ``FolderBatch`` (checks
+    happen here, now)."""
     return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes, frame_steps)
 
 
