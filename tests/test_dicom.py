@@ -220,6 +220,42 @@ def test_a_dicom_mask_is_refused_with_the_formats_that_are_read(tmp_path: Path) 
         read_mask_file(bundled("liver_1frame.dcm"), 1)
 
 
+def test_batch_predict_decodes_a_dicom_loop_a_frame_at_a_time_as_napari_shows_it(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """A long cine loop was decoded whole, then converted whole, before its first frame was predicted."""
+    from fedmix_engine.data.dicom import load_dicom
+    from fedmix_engine.device import plan_device
+    from fedmix_engine.fedmix.pair import init_pair
+    from fedmix_engine.model import ModelConfig
+    from fedmix_engine.predict import Predictor, predict_folder
+
+    tiny = ModelConfig(base_width=4)
+    model = Predictor(init_pair(tiny, 0), tiny, 32, plan_device("cpu"), batch_size=8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(bundled("examples_ybr_color.dcm"), folder / "cine.dcm")  # 30 YBR frames, shown as RGB
+    stored = np.stack([np.full((16, 20), v, np.uint16) for v in (1064, 1000, 864)])
+    per_frame = [_group(PixelValueTransformationSequence={"RescaleSlope": 1, "RescaleIntercept": -1024})] * 3
+    write_dicom(folder / "enhanced.dcm", stored, PerFrameFunctionalGroupsSequence=pydicom.Sequence(per_frame),
+                SharedFunctionalGroupsSequence=pydicom.Sequence([_group(
+                    FrameVOILUTSequence={"WindowCenter": 40, "WindowWidth": 400})]))
+    shown = {name: load_dicom(folder / name, frames=True).pixels for name in ("cine.dcm", "enhanced.dcm")}
+
+    def whole(self):
+        raise AssertionError("a multi-frame DICOM file is decoded a frame at a time in a batch")
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(whole))
+    frames: list[tuple[str, int, int]] = []
+    rows = {r.file: r for r in predict_folder(model, folder, tmp_path / "out",
+                                              on_frames=lambda p, done, total: frames.append((p.name, done, total)))}
+    assert [f for f in frames if f[0] == "cine.dcm"] == [("cine.dcm", k, 30) for k in (8, 16, 24, 30)]
+    for name, count in (("cine.dcm", 30), ("enhanced.dcm", 3)):
+        assert (rows[name].status, rows[name].frames) == ("ok", count)
+        masks = tifffile.imread(tmp_path / "out" / f"{Path(name).stem}_mask.tif")
+        for t in (0, count - 1):  # the frame as napari shows it (YBR as RGB; its own rescale and window)
+            np.testing.assert_array_equal(masks[t], model.mask(shown[name][t]))
+
+
 def test_batch_predict_names_masks_after_the_whole_uid(tmp_path: Path) -> None:
     from fedmix_engine.device import plan_device
     from fedmix_engine.fedmix.pair import init_pair

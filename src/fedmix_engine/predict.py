@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
+from fedmix_engine.data.dicom import dicom_frames
 from fedmix_engine.data.dicom_seg import default_class_names, write_dicom_seg
 from fedmix_engine.data.imageio import (
     image_files,
@@ -358,14 +359,16 @@ class FolderBatch:
     def _predict_file(self, predictor: Predictor, path: Path, mask_file: str,
                       threshold: float) -> Generator[FrameStep, None, BatchRow]:
         """One file's mask into ``mask_file``: a 2-D image at once; a stack (a multi-page TIFF, a DICOM
-        cine loop) or a video batch by batch, a step per batch, its pages written as they come. Videos
-        and multi-page TIFFs are read a frame at a time; a DICOM file is decoded whole (pydicom)."""
+        cine loop) or a video batch by batch, a step per batch, its pages written as they come, its
+        frames read or decoded only as a batch needs them."""
         if is_video_path(path):
             video = open_video(path)
             frames: Iterable[np.ndarray] = video
             count, frame_name = video.frames, str
         elif (stack := tiff_stack(path)) is not None:  # read a page at a time
             frames, count, frame_name = stack, len(stack), partial(_frame_index, leading=stack.leading)
+        elif is_dicom_file(path) and (loop := dicom_frames(path)) is not None:  # decoded a frame at a time
+            frames, count, frame_name = loop, loop.count, str
         else:
             pixels, colour = read_frames(path)
             if pixels.ndim == (3 if colour else 2):

@@ -15,7 +15,8 @@ What is read, in the order of the standard's pixel pipeline (PS3.4 N.2):
   its lookup table.
 
 Refused, naming the file: multi-frame files (cine loops, volumes) where one 2-D image is needed
-(import; napari's reader and batch prediction take them as stacks), segmentations (``SEG``) and
+(import; napari's reader and batch prediction take them as stacks, batch prediction decoding a frame
+at a time: :class:`DicomFrames`), segmentations (``SEG``) and
 files without pixel data (structure sets, reports), compressed pixel data this installation has no
 decoder for, and files that are not DICOM. Only pixels are kept: the header (patient data) is not
 copied into a site.
@@ -23,6 +24,7 @@ copied into a site.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +130,6 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
     a cine loop or a volume) also reads a multi-frame file; an enhanced one (Enhanced CT/MR) keeps its
     rescale, window and pixel spacing in functional groups, per frame or shared, and each frame is shown
     with its own (:func:`_frame_transforms`)."""
-    from pydicom.pixels import apply_color_lut
-
     path = Path(path)
     try:
         dataset = read_dataset(path)
@@ -150,26 +150,92 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
     try:
         array = dataset.pixel_array
     except Exception as exc:
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        named = f" (transfer syntax: {syntax.name})" if syntax is not None else ""
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        # pydicom's message for a missing decoder lists, one per line, the packages that would decode it
-        raise InputError(path, f"cannot decode the DICOM pixel data{named}: {'; '.join(lines)}") from exc
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        raise _undecodable(path, dataset, exc) from exc
+    pixels = _as_shown(dataset, count)(array, None)
+    return DicomImage(pixels, _is_colour(dataset), _pixel_spacing(dataset), _frame_spacing(dataset, count))
+
+
+def _undecodable(path: Path, dataset, exc: Exception) -> InputError:
+    """Pixel data that cannot be decoded, named with its transfer syntax and pydicom's advice."""
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    named = f" (transfer syntax: {syntax.name})" if syntax is not None else ""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    # pydicom's message for a missing decoder lists, one per line, the packages that would decode it
+    return InputError(path, f"cannot decode the DICOM pixel data{named}: {'; '.join(lines)}")
+
+
+def _photometric(dataset) -> str:
+    return str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+
+
+def _is_colour(dataset) -> bool:
+    return not _photometric(dataset).startswith("MONOCHROME")
+
+
+def _as_shown(dataset, count: int):
+    """How stored pixels are shown: called with a frame and its index, or with the whole pixel array and
+    None. Palette colour through its table, RGB (and YBR, which pydicom converts) as stored, grey through
+    the file's rescale and window, an enhanced file's per frame (:func:`_frame_transforms`)."""
+    from pydicom.pixels import apply_color_lut
+
+    photometric = _photometric(dataset)
     if photometric == "PALETTE COLOR":
-        pixels = np.asarray(apply_color_lut(array, dataset))
-    elif not photometric.startswith("MONOCHROME"):
-        pixels = np.asarray(array)  # RGB, or YBR already converted to RGB by pydicom
-    elif any(sequence in dataset for sequence in _FUNCTIONAL_GROUPS):
-        views = _frame_transforms(dataset, count)
-        frames_of = array if count > 1 else array[None]
-        pixels = np.stack([_grey_as_displayed(frame, view, photometric == "MONOCHROME1")
-                           for frame, view in zip(frames_of, views, strict=True)])
-        pixels = pixels if count > 1 else pixels[0]
-    else:
-        pixels = _grey_as_displayed(array, dataset, photometric == "MONOCHROME1")
-    return DicomImage(pixels, not photometric.startswith("MONOCHROME"), _pixel_spacing(dataset),
-                      _frame_spacing(dataset, count))
+        return lambda pixels, _index: np.asarray(apply_color_lut(pixels, dataset))
+    if _is_colour(dataset):
+        return lambda pixels, _index: np.asarray(pixels)
+    inverted = photometric == "MONOCHROME1"
+    if not any(sequence in dataset for sequence in _FUNCTIONAL_GROUPS):
+        return lambda pixels, _index: _grey_as_displayed(pixels, dataset, inverted)
+    views = _frame_transforms(dataset, count)
+
+    def per_frame(pixels: np.ndarray, index: int | None) -> np.ndarray:
+        if index is not None:
+            return _grey_as_displayed(pixels, views[index], inverted)
+        frames = pixels if count > 1 else pixels[None]
+        shown = np.stack([_grey_as_displayed(frame, view, inverted) for frame, view in zip(frames, views, strict=True)])
+        return shown if count > 1 else shown[0]
+
+    return per_frame
+
+
+@dataclass(frozen=True)
+class DicomFrames:
+    """A multi-frame DICOM file's frames as a viewer shows them (as :func:`load_dicom` shows the whole
+    file), decoded one at a time by pydicom, so batch prediction never holds a long loop whole."""
+
+    path: Path
+    count: int
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        from pydicom.pixels import iter_pixels
+
+        header = read_dataset(self.path, pixels=False)
+        shown = _as_shown(header, self.count)
+        # pydicom reads a path frame by frame; a file without the preamble only parses when forced
+        source = self.path if has_dicom_marker(self.path) else read_dataset(self.path)
+        done = 0
+        try:
+            for frame in iter_pixels(source):
+                yield shown(frame, done)
+                done += 1
+        except InputError:
+            raise
+        except Exception as exc:
+            raise _undecodable(self.path, header, exc) from exc
+
+
+def dicom_frames(path: str | Path) -> DicomFrames | None:
+    """A multi-frame DICOM image file as :class:`DicomFrames`; None for anything else (one frame, no
+    image, not readable: :func:`load_dicom` then reads it, or names what is wrong)."""
+    path = Path(path)
+    try:
+        header = read_dataset(path, pixels=False)
+    except Exception:
+        return None
+    count = int(header.get("NumberOfFrames", 1) or 1)
+    if count < 2 or str(header.get("Modality", "")) == "SEG":  # (the header stops before the pixel data)
+        return None
+    return DicomFrames(path, count)
 
 
 def position_along_normal(orientation, position) -> float:
