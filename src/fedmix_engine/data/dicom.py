@@ -24,7 +24,7 @@ copied into a site.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +172,7 @@ def _is_colour(dataset) -> bool:
     return not _photometric(dataset).startswith("MONOCHROME")
 
 
-def _as_shown(dataset, count: int):
+def _as_shown(dataset, count: int) -> Callable[[np.ndarray, int | None], np.ndarray]:
     """How stored pixels are shown: called with a frame and its index, or with the whole pixel array and
     None. Palette colour through its table, RGB (and YBR, which pydicom converts) as stored, grey through
     the file's rescale and window, an enhanced file's per frame (:func:`_frame_transforms`)."""
