@@ -647,8 +647,8 @@ def test_a_stack_whose_overlays_would_not_fit_in_free_memory_is_refused_before_p
     memory = namedtuple("memory", "available")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(500_000))  # 50×40×48 px × 9 B = 864 kB needed
     assert widget.predict_active() is None
-    assert widget.status.text() == ("error: layer 'loop': its prediction overlays would take 1 MiB and 0 MiB are "
-                                    "free: predict it with Batch predict (Layers › Segment › FedMix), which writes "
+    assert widget.status.text() == ("error: layer 'loop': its prediction overlays would take 843.8 KiB and 488.3 KiB "
+                                    "are free: predict it with Batch predict (Layers › Segment › FedMix), which writes "
                                     "its masks frame by frame, or open a shorter clip")
     assert PRED_LAYER not in viewer.layers
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(2_000_000))
@@ -736,6 +736,29 @@ def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napar
     viewer.add_image([np.zeros((64, 96), np.uint8), np.zeros((32, 48), np.uint8)], name="slide", multiscale=True)
     with pytest.raises(InputError, match="layer 'slide': a multiscale"):
         widget.add_shown_image()
+
+
+def test_batch_masks_that_would_not_fit_in_free_memory_stay_on_disk(make_napari_viewer, qtbot, tmp_path,
+                                                                   monkeypatch):
+    """'Open the masks when done' loaded every mask, a long video's too, whatever the memory left."""
+    from collections import namedtuple
+
+    import psutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "loop.tif", np.random.default_rng(0).integers(0, 255, (20, 40, 48), dtype=np.uint8))
+    viewer = make_napari_viewer()
+    widget = _batch_widget(viewer, qtbot, folder, tmp_path / "out")
+    widget.open_results.setChecked(True)
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(50_000))  # the mask: 20×40×48 B, twice
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text() == (f"1 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped; masks not "
+                                    "opened: opening this run's masks would take 75.0 KiB and 48.8 KiB are free: open "
+                                    "them from the output folder a few at a time")
+    assert "FedMix batch masks" not in viewer.layers and (tmp_path / "out" / "loop_mask.tif").is_file()
 
 
 def test_a_video_opens_in_napari_and_its_shown_frame_enters_the_site(make_napari_viewer, qtbot, tmp_path):

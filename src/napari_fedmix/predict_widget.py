@@ -223,20 +223,25 @@ class PredictWidget(QWidget):
 
 def _check_overlays_fit(frames: tuple[int, int, int], classes: int, where: str) -> None:
     """Refuse a stack whose overlays would not fit in the memory that is free: the probabilities (float32
-    per class, kept for the threshold slider), their maximum shown as a layer, and the labels. Past that,
-    the system would kill napari, and unsaved labels with it; batch predict streams such a stack."""
+    per class, kept for the threshold slider), their maximum shown as a layer, and the labels."""
+    _check_memory(int(np.prod(frames)) * (4 * classes + 4 + 1), where, "its prediction overlays",
+                  "predict it with Batch predict (Layers › Segment › FedMix), which writes its masks frame by "
+                  "frame, or open a shorter clip")
+
+
+def _check_memory(need: int, where: str | Path, what: str, instead: str) -> None:
+    """Refuse to make ``need`` bytes of layers when they exceed 80 % of the free memory: past that, the
+    system kills napari, and unsaved labels with it."""
     import psutil
 
-    need = int(np.prod(frames)) * (4 * classes + 4 + 1)
     free = psutil.virtual_memory().available
     if need > 0.8 * free:
-        raise InputError(where, f"its prediction overlays would take {_memory_size(need)} and {_memory_size(free)} "
-                                "are free: predict it with Batch predict (Layers › Segment › FedMix), which "
-                                "writes its masks frame by frame, or open a shorter clip")
+        raise InputError(where, f"{what} would take {_memory_size(need)} and {_memory_size(free)} are free: {instead}")
 
 
-def _memory_size(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+def _memory_size(size: float) -> str:
+    unit, scale = next(((u, f) for u, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if size >= f), ("B", 1))
+    return f"{size / scale:.1f} {unit}"
 
 
 class BatchPredictWidget(QWidget):
@@ -338,6 +343,12 @@ class BatchPredictWidget(QWidget):
         if self.open_results.isChecked() and written:
             import tifffile
 
+            try:  # a long video's mask can outgrow the memory: then the masks stay on disk
+                _check_memory(2 * sum(r.frames * r.height * r.width for r in self.rows if r.status == "ok"), out,
+                              "opening this run's masks", "open them from the output folder a few at a time")
+            except InputError as exc:
+                self.status.setText(f"{self.status.text()}; masks not opened: {exc.reason}")
+                return
             masks = [tifffile.imread(p) for p in written]
             if len({m.shape for m in masks}) == 1:
                 self.viewer.add_labels(np.stack(masks), name="FedMix batch masks")
