@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def _pixel_spacing(dataset) -> tuple[float, float] | None:
     """Row and column spacing in mm (PixelSpacing, an enhanced file's shared PixelMeasuresSequence, an
     X-ray's ImagerPixelSpacing, or an ultrasound image's regions); None when the file gives none or a
     malformed value."""
-    measured = _macro((dataset.get("SharedFunctionalGroupsSequence") or [None])[0], "PixelMeasuresSequence")
+    measured = _macro(_shared_group(dataset), "PixelMeasuresSequence")
     given = measured if measured is not None and "PixelSpacing" in measured else dataset  # enhanced: shared
     try:
         spacing = given.get("PixelSpacing") or given.get("ImagerPixelSpacing") or _ultrasound_spacing(dataset)
@@ -142,7 +143,7 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
                                "PNG or TIFF files")
     if not any(k in dataset for k in _PIXEL_DATA):
         raise InputError(path, f"DICOM file holds no image ({_what_it_is(dataset)})")
-    count = int(dataset.get("NumberOfFrames", 1) or 1)
+    count = frame_count(dataset)
     if count > 1 and not frames:
         raise InputError(path, f"multi-frame DICOM ({count} frames: a cine loop or a volume); FedMix sites "
                                "hold 2-D images — open it in napari and add the frame to label (Annotate › Add "
@@ -204,13 +205,16 @@ class DicomFrames:
     file), decoded one at a time by pydicom, so batch prediction never holds a long loop whole."""
 
     path: Path
-    count: int
+    header: Any  # the file parsed up to its pixel data: how to show the frames, and how many there are
+
+    @property
+    def count(self) -> int:
+        return frame_count(self.header)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         from pydicom.pixels import iter_pixels
 
-        header = read_dataset(self.path, pixels=False)
-        shown = _as_shown(header, self.count)
+        shown = _as_shown(self.header, self.count)
         # pydicom reads a path frame by frame; a file without the preamble only parses when forced
         source = self.path if has_dicom_marker(self.path) else read_dataset(self.path)
         done = 0
@@ -221,7 +225,7 @@ class DicomFrames:
         except InputError:
             raise
         except Exception as exc:
-            raise _undecodable(self.path, header, exc) from exc
+            raise _undecodable(self.path, self.header, exc) from exc
 
 
 def dicom_frames(path: str | Path) -> DicomFrames | None:
@@ -232,10 +236,9 @@ def dicom_frames(path: str | Path) -> DicomFrames | None:
         header = read_dataset(path, pixels=False)
     except Exception:
         return None
-    count = int(header.get("NumberOfFrames", 1) or 1)
-    if count < 2 or str(header.get("Modality", "")) == "SEG":  # (the header stops before the pixel data)
+    if frame_count(header) < 2 or str(header.get("Modality", "")) == "SEG":  # (no pixel data in a header)
         return None
-    return DicomFrames(path, count)
+    return DicomFrames(path, header)
 
 
 def position_along_normal(orientation, position) -> float:
@@ -253,7 +256,7 @@ def _frame_spacing(dataset, count: int) -> float | None:
     per_frame = list(dataset.get("PerFrameFunctionalGroupsSequence") or [])
     if count < 2 or len(per_frame) != count:
         return None
-    shared = (dataset.get("SharedFunctionalGroupsSequence") or [None])[0]
+    shared = _shared_group(dataset)
     try:
         keys = [position_along_normal(
             (_macro(group, "PlaneOrientationSequence") or _macro(shared, "PlaneOrientationSequence"))
@@ -273,6 +276,18 @@ _TRANSFORM_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresen
                        "VOILUTSequence")
 
 
+def frame_count(dataset) -> int:
+    """NumberOfFrames, 1 when absent or 0 (pydicom's rule)."""
+    from pydicom.pixels.utils import get_nr_frames
+
+    return get_nr_frames(dataset, warn=False)
+
+
+def _shared_group(dataset):
+    """An enhanced file's SharedFunctionalGroupsSequence item, or None."""
+    return (dataset.get("SharedFunctionalGroupsSequence") or [None])[0]
+
+
 def _macro(group, macro: str):
     """A functional-group item's ``macro`` (its first item), or None."""
     sequence = None if group is None else group.get(macro)
@@ -285,7 +300,7 @@ def _frame_transforms(dataset, count: int) -> list:
     overridden by that frame's (the standard's precedence, PS3.3 C.7.6.16)."""
     from pydicom.dataset import Dataset
 
-    shared = (dataset.get("SharedFunctionalGroupsSequence") or [None])[0]
+    shared = _shared_group(dataset)
     per_frame = list(dataset.get("PerFrameFunctionalGroupsSequence") or [])
     views = []
     for index in range(count):

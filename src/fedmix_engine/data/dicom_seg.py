@@ -34,11 +34,11 @@ def write_dicom_seg(source: str | Path, labels: np.ndarray, classes: Sequence[st
     from pydicom.sr.codedict import codes
 
     from fedmix_engine import __version__
-    from fedmix_engine.data.dicom import read_dataset
+    from fedmix_engine.data.dicom import frame_count, read_dataset
 
     source, out = Path(source), Path(out)
     dataset = read_dataset(source, pixels=False)  # a SEG refers to the header only; the pixels were read
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    frames = frame_count(dataset)
     if labels.shape[-2:] != (dataset.Rows, dataset.Columns) or (labels.ndim == 3 and len(labels) != frames):
         raise InputError(source, f"mask of shape {labels.shape} does not fit the image's {frames} frame(s) of "
                                  f"{dataset.Rows}×{dataset.Columns}")
