@@ -27,7 +27,7 @@ from fedmix_engine.data.imageio import (
     image_files,
     image_stem,
     is_dicom_file,
-    is_image_path,
+    is_predictable_path,
     no_images_reason,
     normalise_image,
     read_frames,
@@ -271,7 +271,7 @@ def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | No
     or threshold is wrong, before any work (a GUI calls it before starting its worker)."""
     source = Path(source)
     if source.is_file():
-        if not (is_image_path(source) or is_video_path(source)):
+        if not is_predictable_path(source):
             raise InputError(source, f"not an image or a video ({source.suffix or 'no suffix'}); give an image "
                                      "or video file, or a folder of them")
     elif not source.is_dir():
@@ -331,7 +331,7 @@ class FolderBatch:
         self._run.close()
 
     def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow] | FrameStep]:
-        images = [p for p in self.files if is_image_path(p) or is_video_path(p)]
+        images = [p for p in self.files if is_predictable_path(p)]
         beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
         names = mask_names([p for p in images if p not in beside])
         rows: list[BatchRow] = []

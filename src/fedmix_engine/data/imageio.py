@@ -55,11 +55,16 @@ def image_stem(path: str | Path) -> str:
     return path.stem if path.suffix.lower() in (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES) else path.name
 
 
+def is_predictable_path(path: Path) -> bool:
+    """A file batch prediction reads: an image (a stack among them) or a video, which a site does not hold."""
+    return is_image_path(path) or is_video_path(path)
+
+
 def image_files(folder: Path, videos: bool = False) -> list[Path]:
     """The image files at the top of ``folder`` (sub-folders are not searched; hidden files are skipped),
     and its videos too with ``videos`` (batch prediction reads them; a site does not)."""
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and (is_image_path(p) or (videos and is_video_path(p))))
+                  and (is_predictable_path(p) if videos else is_image_path(p)))
 
 
 def no_images_reason(folder: Path) -> str:
