@@ -857,3 +857,36 @@ def test_napari_opens_a_dicom_study_folder_as_one_volume_per_series(make_napari_
     assert layers["MR t2"].data.shape == (3, 16, 20) and list(layers["MR t2"].data[:, 0, 0]) == [100, 101, 102]
     np.testing.assert_allclose(layers["MR t2"].scale, (3.0, 0.7, 0.8))
     assert layers["us"].data.shape == (24, 32)
+
+
+def test_batch_predict_takes_one_video_picked_with_its_file_button(make_napari_viewer, qtbot, tmp_path,
+                                                                   monkeypatch):
+    """The images field had a folder chooser only, so one recording (a single video) could be predicted
+    from the command line but not picked in napari."""
+    from qtpy.QtWidgets import QFileDialog, QPushButton
+
+    from napari_fedmix.predict_widget import predictable_files_filter
+    from video_helpers import write_clip
+
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    write_clip(folder / "colonoscopy.mp4", frames=6)
+    tifffile.imwrite(folder / "other.tif", np.zeros((40, 48), np.uint8))  # beside it, not asked for
+    widget = _batch_widget(make_napari_viewer(), qtbot, tmp_path / "unset", tmp_path / "out")
+    asked: list[str] = []
+
+    def pick(parent, title, filter):  # a modal dialog: answered as a clinician picking the video would
+        asked.append(filter)
+        return str(folder / "colonoscopy.mp4"), filter
+
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", pick)
+    [button] = [button for button in widget.findChildren(QPushButton)
+                if button.objectName() == "file…" and button.toolTip().startswith("Images")]
+    button.click()
+    assert widget.input.text() == str(folder / "colonoscopy.mp4")
+    assert asked == [predictable_files_filter()] and "*.mp4" in asked[0] and "All files (*)" in asked[0]
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text() == f"1 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["colonoscopy_mask.tif", "summary.csv"]
+    assert tifffile.imread(tmp_path / "out" / "colonoscopy_mask.tif").shape == (6, 40, 48)

@@ -32,19 +32,41 @@ if TYPE_CHECKING:
 PROB_LAYER, PRED_LAYER = "FedMix probability", "FedMix prediction"
 
 
-def _path_row(edit: QLineEdit, parent: QWidget, title: str, folder: bool) -> QHBoxLayout:
-    button = QPushButton("…")
+CHECKPOINT_FILES = "Checkpoints (*.safetensors)"
 
-    def choose() -> None:
-        path = (QFileDialog.getExistingDirectory(parent, title) if folder
-                else QFileDialog.getOpenFileName(parent, title, filter="Checkpoints (*.safetensors)")[0])
-        if path:
-            edit.setText(path)
 
-    button.clicked.connect(choose)
+def predictable_files_filter() -> str:
+    """The file dialog's filter for batch input: images and videos, and every file (DICOM exports often
+    have no suffix)."""
+    from fedmix_engine.data.imageio import IMAGE_SUFFIXES
+    from fedmix_engine.data.video import VIDEO_SUFFIXES
+
+    patterns = " ".join(f"*{suffix}" for suffix in (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES))
+    return f"Images and videos ({patterns});;All files (*)"
+
+
+def _path_row(edit: QLineEdit, parent: QWidget, title: str, folder: bool = False,
+              files: str | None = None) -> QHBoxLayout:
+    """A path field with a browse button for a folder, for a file matching ``files`` (a Qt name filter),
+    or one of each ("folder…", "file…") when it takes either."""
     row = QHBoxLayout()
     row.addWidget(edit)
-    row.addWidget(button)
+    choosers = []
+    if folder:
+        choosers.append(("folder…", lambda: QFileDialog.getExistingDirectory(parent, title)))
+    if files is not None:
+        choosers.append(("file…", lambda: QFileDialog.getOpenFileName(parent, title, filter=files)[0]))
+    for text, choose in choosers:
+        button = QPushButton(text if len(choosers) > 1 else "…")
+        button.setObjectName(text)
+        button.setToolTip(title)
+
+        def set_path(_checked: bool = False, choose=choose) -> None:
+            if path := choose():
+                edit.setText(path)
+
+        button.clicked.connect(set_path)
+        row.addWidget(button)
     return row
 
 
@@ -76,7 +98,7 @@ class PredictWidget(QWidget):
         self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}  # the predicted layer's, all axes
         self._source: tuple[str, object] | None = None  # the predicted layer's name and data
         form = QFormLayout(self)
-        form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", folder=False))
+        form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
         form.addRow("threshold", self.threshold)
         buttons = QHBoxLayout()
         buttons.addWidget(self.button)
@@ -245,7 +267,8 @@ def _memory_size(size: float) -> str:
 
 
 class BatchPredictWidget(QWidget):
-    """Predict every image of a folder into mask TIFFs and a CSV; odd files are skipped and listed."""
+    """Predict every image of a folder (or one image, stack or video file) into mask TIFFs and a CSV;
+    odd files are skipped and listed."""
 
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()
@@ -265,8 +288,9 @@ class BatchPredictWidget(QWidget):
         self.total, self.error = 0, None
         layout = QVBoxLayout(self)
         form = QFormLayout()
-        form.addRow("images folder", _path_row(self.input, self, "Folder of images", folder=True))
-        form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", folder=False))
+        form.addRow("images", _path_row(self.input, self, "Images: a folder, or one image, stack or video file",
+                                        folder=True, files=predictable_files_filter()))
+        form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
         form.addRow("output folder", _path_row(self.output, self, "Output folder", folder=True))
         layout.addLayout(form)
         layout.addWidget(self.open_results)
@@ -285,7 +309,7 @@ class BatchPredictWidget(QWidget):
 
         try:
             if not (self.input.text() and self.output.text()):
-                raise InputError("folders", "choose an images folder and an output folder")
+                raise InputError("images", "choose the images (a folder, or one file) and an output folder")
             check_batch(self.input.text(), out=self.output.text())
             predictor = Predictor.from_checkpoint(self.checkpoint.text().strip() or "model.safetensors")
             out = Path(self.output.text())
