@@ -194,6 +194,35 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
         assert "FedMix aggregation server" in page and "site-a" in page and "<svg" in page
 
 
+
+def test_plot_legend_names_fit_beside_their_lines() -> None:
+    """The legend sat in a fixed 28-px margin: "samples used (÷100)" in the napari widget and any site
+    name longer than four letters on the admin page ran off the chart; a series without points (no
+    validation site) was named all the same."""
+    import xml.etree.ElementTree as ET
+
+    from fedmix_engine.federation.admin import COLOURS, LEGEND_CHAR_PX, svg_lines
+
+    def drawn(series: dict) -> tuple[list[str], float, float]:
+        root = ET.fromstring(svg_lines(series, "this site per round"))
+        ns = "{http://www.w3.org/2000/svg}"
+        legend = [t for t in root.iter(f"{ns}text") if t.get("fill") in COLOURS]
+        lines_end = max(float(xy.split(",")[0]) for line in root.iter(f"{ns}polyline")
+                        for xy in line.get("points").split())
+        legend_start = min(float(t.get("x")) for t in legend)
+        assert lines_end < legend_start, "lines stop before the legend"
+        assert len({t.get("fill") for t in legend}) == len(legend), "each name in its line's colour"
+        assert all(float(t.get("x")) + LEGEND_CHAR_PX * len(t.text) <= int(root.get("width")) for t in legend)
+        return [t.text for t in legend], lines_end, legend_start
+
+    rounds = [(r, 0.1 * r) for r in range(1, 6)]
+    names, _, _ = drawn({"loss": rounds, "weight": rounds, "samples used (÷100)": rounds, "validation Dice": []})
+    assert names == ["loss", "samples used (÷100)", "weight"], "a series without points is not named"
+    long = "radiology-department-university-hospital-north"
+    names, lines_end, _ = drawn({long: rounds, "site-b": rounds})
+    assert names[0].endswith("…") and long.startswith(names[0][:-1]) and names[1] == "site-b"
+    assert lines_end >= 360 / 2 - 10, "a long name takes at most half the chart"
+
 def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",

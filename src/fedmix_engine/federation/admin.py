@@ -8,34 +8,44 @@ from typing import Any
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
+TEXT = "#888"  # readable on napari's dark theme and on the admin page's white
+LEGEND_CHAR_PX = 6  # a generous average glyph width at font-size 10, so a legend name is not cut off
+
+
 def svg_lines(series: dict[str, list[tuple[int, float]]], title: str, width: int = 360, height: int = 160) -> str:
-    """A tiny line chart (one line per site) as inline SVG."""
+    """A tiny line chart (one line per site) as inline SVG, its legend in a right margin as wide as the
+    longest name (up to half the chart; a longer name is shortened with "…")."""
+    series = {name: pts for name, pts in series.items() if pts}  # a series without points has no line to name
     points = [p for s in series.values() for p in s]
     if not points:
-        return f"<svg width='{width}' height='{height}'><text x='10' y='20'>{escape(title)}: no data</text></svg>"
+        return (f"<svg width='{width}' height='{height}'>"
+                f"<text x='10' y='20' fill='{TEXT}'>{escape(title)}: no data</text></svg>")
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
     y0, y1 = min(0.0, min(ys)), max(max(ys), 1e-9)
     pad = 30
+    fits = (width // 2 - 6) // LEGEND_CHAR_PX
+    names = {name: name if len(name) <= fits else name[:fits - 1] + "…" for name in series}
+    right = max(pad, 6 + LEGEND_CHAR_PX * max(len(label) for label in names.values()))
 
     def sx(x: float) -> float:
-        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+        return pad + (x - x0) / (x1 - x0) * (width - pad - right)
 
     def sy(y: float) -> float:
         return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
 
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
              f"aria-label='{escape(title)}'>",
-             f"<text x='{pad}' y='14' font-size='12'>{escape(title)}</text>",
-             f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#999'/>",
-             f"<text x='2' y='{sy(y1) + 4:.0f}' font-size='9'>{y1:.2g}</text>",
-             f"<text x='2' y='{sy(y0) + 4:.0f}' font-size='9'>{y0:.2g}</text>"]
+             f"<text x='{pad}' y='14' font-size='12' fill='{TEXT}'>{escape(title)}</text>",
+             f"<line x1='{pad}' y1='{height - pad}' x2='{width - right}' y2='{height - pad}' stroke='#999'/>",
+             f"<text x='2' y='{sy(y1) + 4:.0f}' font-size='9' fill='{TEXT}'>{y1:.2g}</text>",
+             f"<text x='2' y='{sy(y0) + 4:.0f}' font-size='9' fill='{TEXT}'>{y0:.2g}</text>"]
     for i, (name, pts) in enumerate(sorted(series.items())):
         colour = COLOURS[i % len(COLOURS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         parts.append(f"<polyline fill='none' stroke='{colour}' stroke-width='2' points='{path}'/>")
-        parts.append(f"<text x='{width - pad + 2}' y='{20 + 12 * i}' font-size='10' fill='{colour}'>"
-                     f"{escape(name)}</text>")
+        parts.append(f"<text x='{width - right + 4}' y='{20 + 12 * i}' font-size='10' fill='{colour}'>"
+                     f"{escape(names[name])}</text>")
     parts.append("</svg>")
     return "".join(parts)
 
