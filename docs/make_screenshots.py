@@ -1,6 +1,6 @@
 """Screenshots of every widget for docs/plugin.md, taken from a real napari window.
 
-Usage (no screen needed): xvfb-run -a .venv/bin/python docs/make_screenshots.py
+Usage (no screen needed): xvfb-run -a -s "-screen 0 1920x1440x24" .venv/bin/python docs/make_screenshots.py
 """
 
 from __future__ import annotations
@@ -10,6 +10,20 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "images"
+
+
+def _shot(viewer):
+    """The whole window once the canvas has been drawn at its current size (docks resize it; a grab
+    before the redraw stretches the last frame drawn at the old size)."""
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(3):
+        QApplication.processEvents()
+        viewer.reset_view()
+        viewer.window._qt_viewer.canvas.native.update()
+        time.sleep(0.1)
+    QApplication.processEvents()
+    return viewer.screenshot(canvas_only=False, flash=False)
 
 
 def main() -> None:
@@ -35,7 +49,7 @@ def main() -> None:
     box_row = next(i for i, rec in enumerate(annotate.store.records()) if rec.supervision == "box")
     annotate.image_list.setCurrentRow(box_row)
     QApplication.processEvents()
-    shots["plugin-annotate.png"] = viewer.screenshot(canvas_only=False, flash=False)
+    shots["plugin-annotate.png"] = _shot(viewer)
 
     train = TrainWidget(viewer)
     dock = viewer.window.add_dock_widget(train, name="Train & federate", area="right")
@@ -50,7 +64,7 @@ def main() -> None:
         time.sleep(0.05)
     QApplication.processEvents()
     checkpoint = train.last_checkpoint
-    shots["plugin-train.png"] = viewer.screenshot(canvas_only=False, flash=False)
+    shots["plugin-train.png"] = _shot(viewer)
     viewer.window.remove_dock_widget(dock)
 
     predict = PredictWidget(viewer)
@@ -62,7 +76,7 @@ def main() -> None:
         QApplication.processEvents()
         time.sleep(0.05)
     QApplication.processEvents()
-    shots["plugin-predict.png"] = viewer.screenshot(canvas_only=False, flash=False)
+    shots["plugin-predict.png"] = _shot(viewer)
     viewer.window.remove_dock_widget(dock)
 
     batch = BatchPredictWidget(viewer)
@@ -71,7 +85,7 @@ def main() -> None:
     batch.checkpoint.setText(str(checkpoint))
     batch.output.setText(str(work / "batch-out"))
     QApplication.processEvents()
-    shots["plugin-batch.png"] = viewer.screenshot(canvas_only=False, flash=False)
+    shots["plugin-batch.png"] = _shot(viewer)
 
     import imageio.v3 as iio
 
