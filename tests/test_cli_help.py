@@ -70,3 +70,20 @@ def test_simulate_defaults_are_the_engine_defaults():
                           ("lr", "lr"), ("local_epochs", "epochs"), ("tau", "tau"), ("loss", "loss"),
                           ("pl_warmup", "pl_warmup_rounds")):
         assert _option(simulate, option).default == getattr(train, field), option
+
+
+def test_the_overviews_workflow_commands_are_ones_the_parser_accepts():
+    """``fedmix-engine --help`` ends with where each user starts; a renamed option would leave it wrong."""
+    from fedmix_engine.cli import WORKFLOWS
+
+    parser = build_parser()
+    text = parser.format_help()
+    assert WORKFLOWS in text and "a clinic site" in text and "the aggregator" in text
+    commands = [part.split() for line in WORKFLOWS.splitlines()
+                for part in re.split(r";|, then", re.sub(r"\[[^]]*\]|\(.*?\)", "", line))
+                if "fedmix-engine " in part]
+    commands = [words[words.index("fedmix-engine") + 1:] for words in commands]
+    assert len(commands) == 9 and {c[0] for c in commands} >= {"site", "join", "token", "serve", "simulate"}
+    for words in commands:
+        args = parser.parse_args(["5" if w in ("N", "R") else w for w in words])
+        assert callable(args.func), words

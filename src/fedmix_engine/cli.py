@@ -24,8 +24,9 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-class _HelpWithDefaults(argparse.HelpFormatter):
-    """Append an option's default to its help, unless the help already says it or there is none to say."""
+class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """Append an option's default to its help, unless the help already says it or there is none to say;
+    descriptions and epilogs keep their lines (the overview's workflow is a list)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -116,8 +117,25 @@ def cmd_make_federation(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ parser
+DESCRIPTION = """\
+FedMix: federated segmentation of medical images with mixed supervision. Each site trains on its
+pixel masks, bounding boxes and image-level tags; only model weights leave a site. Bad input exits
+with status 2 and a message naming the file or field."""
+
+WORKFLOWS = """\
+where to start:
+  a clinic site    fedmix-engine site init SITE --classes lesion
+                   fedmix-engine site import SITE --images FOLDER [--masks F] [--boxes CSV] [--tags CSV]
+                   fedmix-engine join --server URL --token-file F --site SITE
+  the aggregator   fedmix-engine token add SITE_NAME --state DIR   (once per site; give it the token)
+                   fedmix-engine serve --state DIR --sites N --rounds R [--tls-cert C --tls-key K]
+  a researcher     fedmix-engine make-sample OUT, then fedmix-engine simulate --sample OUT --method fedmix
+  anyone           fedmix-engine predict CHECKPOINT IMAGES OUT;  fedmix-engine demo (all of it on this machine)
+"COMMAND --help" gives a command's options; docs/ in the source tree has the formats and the method."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedmix-engine", description=__doc__)
+    parser = _Parser(prog="fedmix-engine", description=DESCRIPTION, epilog=WORKFLOWS)
     parser.add_argument("--version", action="version", version=f"fedmix-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
