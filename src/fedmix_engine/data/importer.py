@@ -111,6 +111,20 @@ def _resolve_image(ids: set[str], name: str) -> str | None:
     return candidate if candidate in ids else None
 
 
+def _rows_of_site_images(table: tuple[Path, TableRows], ids: set[str], report: ImportReport
+                         ) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """A box or tag table's rows as (``file:line``, image id, row); a row naming an image the site does
+    not hold is a problem of the report, not a row."""
+    path, rows = table
+    for line, row in rows:
+        where = f"{path}:{line}"
+        image_id = _resolve_image(ids, row["image"])
+        if image_id is None:
+            report.problems.append(f"{where}: image '{row['image']}' is not in the site")
+            continue
+        yield where, image_id, row
+
+
 def masks_beside_images(files: list[Path]) -> list[Path]:
     """The files that are, by name, another file's mask (``x_mask.png`` beside ``x.png``: BUSI's layout)."""
     stems = {image_id_from_path(p) for p in files}
@@ -255,14 +269,8 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
             yield ImportProgress("masks", n, len(by_image))
 
     if sources.boxes is not None:
-        path, rows = sources.boxes
         grouped: dict[str, list[Box]] = defaultdict(list)
-        for line, row in rows:
-            where = f"{path}:{line}"
-            image_id = _resolve_image(ids, row["image"])
-            if image_id is None:
-                report.problems.append(f"{where}: image '{row['image']}' is not in the site")
-                continue
+        for where, image_id, row in _rows_of_site_images(sources.boxes, ids, report):
             try:
                 corners = [float(row[k]) for k in ("y0", "x0", "y1", "x1")]
             except ValueError:
@@ -280,13 +288,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
             report.boxes += len(boxes)
 
     if sources.tags is not None:
-        path, rows = sources.tags
-        for line, row in rows:
-            where = f"{path}:{line}"
-            image_id = _resolve_image(ids, row["image"])
-            if image_id is None:
-                report.problems.append(f"{where}: image '{row['image']}' is not in the site")
-                continue
+        for where, image_id, row in _rows_of_site_images(sources.tags, ids, report):
             value = row["present"].lower()
             if value not in _TRUE | _FALSE:
                 report.problems.append(f"{where}: present must be 'present' or 'absent', got '{row['present']}'")
