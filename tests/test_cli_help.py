@@ -87,3 +87,28 @@ def test_the_overviews_workflow_commands_are_ones_the_parser_accepts():
     for words in commands:
         args = parser.parse_args(["5" if w in ("N", "R") else w for w in words])
         assert callable(args.func), words
+
+
+@pytest.mark.parametrize("command, given, named", [
+    ("serve", ["--width", "3"], "--width: must be an even number ≥ 2, not 3"),
+    ("serve", ["--crop-size", "100"], "--crop-size: must be a multiple of 16"),
+    ("serve", ["--local-epochs", "0"], "--local-epochs: must be ≥ 1, not 0"),
+    ("serve", ["--round-timeout", "0"], "--round-timeout: must be positive, not 0.0"),
+    ("serve", ["--lam", "-1"], "--lam: λ must be a finite number ≥ 0"),
+    ("simulate", ["--pl-warmup", "-1"], "--pl-warmup: must be ≥ 0, not -1"),
+    ("simulate", ["--tau", "2"], "--tau: must be in (0, 1], not 2.0"),
+])
+def test_a_bad_setting_is_named_by_the_option_typed(tmp_path, capsys, command, given, named):
+    """Settings are checked by the engine's config classes, which named their fields: an admin who typed
+    --width read 'model.base_width', --crop-size read 'crop_size'."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.data.synthetic import make_sample
+
+    if command == "serve":
+        args = ["serve", "--state", str(tmp_path / "state"), *given]
+    else:
+        make_sample(tmp_path / "fed", sites=1, images=4, eval_images=2, size=32)
+        args = ["simulate", "--sample", str(tmp_path / "fed"), "--out", str(tmp_path / "run"), *given]
+    assert main(args) == 2
+    assert f"error: {named}" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists(), "refused before anything is written"

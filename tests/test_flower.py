@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -189,9 +190,14 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
 
     from flwr.common.config import validate_config
 
-    for bad, field in (({"method": "krum"}, "method"), ({"lam": "ten"}, "lam"), ({"crop-size": 30}, "crop_size"),
-                       ({"unknown-key": 1}, "unknown"), ({"min-sites": 0}, "min-sites")):
-        with pytest.raises(InputError, match=field):
+    for bad, field in (({"method": "krum"}, "method"), ({"lam": "ten"}, "lam"), ({"unknown-key": 1}, "unknown"),
+                       # a setting's check names the key written, not the ServerConfig field it sets
+                       ({"crop-size": 30}, "run config 'crop-size': must be a multiple of 16"),
+                       ({"model-width": 3}, "run config 'model-width': must be an even number"),
+                       ({"num-server-rounds": 0}, "run config 'num-server-rounds': must be positive"),
+                       ({"min-sites": 0}, "run config 'min-sites': need 1 ≤ min-sites"),
+                       ({"class-names": "lesion,lesion"}, "run config 'class-names': lesion, lesion: give")):
+        with pytest.raises(InputError, match=re.escape(field)):
             FlowerRunSettings.from_run_config(bad)
     path = write_flower_app(tmp_path / "app", {"num-server-rounds": 2, "model-width": 4})
     config = tomllib.loads(path.read_text())

@@ -201,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _as_typed(exc: InputError, args: argparse.Namespace) -> InputError:
+    """An engine setting's error under the option the user typed (``--width``, not ``model.base_width``;
+    ``--crop-size``, not ``crop_size``); any other error (a file, an option already) as it is."""
+    from dataclasses import fields
+
+    from fedmix_engine.cli_federation import MODEL_OPTIONS, SERVER_OPTIONS, TRAIN_OPTIONS
+
+    field = exc.where.removeprefix("model.")
+    dest = dict((*SERVER_OPTIONS, *MODEL_OPTIONS, *TRAIN_OPTIONS)).get(field, field)
+    if not hasattr(args, dest):
+        return exc
+    from fedmix_engine.federation.state import ServerConfig
+    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.model import ModelConfig
+    from fedmix_engine.simulate import SimulationConfig
+
+    settings = {f.name for config in (ServerConfig, ModelConfig, TrainConfig, SimulationConfig) for f in fields(config)}
+    return InputError(f"--{dest.replace('_', '-')}", exc.reason) if field in settings else exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -211,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_as_typed(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

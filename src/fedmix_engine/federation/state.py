@@ -79,16 +79,19 @@ class ServerConfig:
     class_names: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        if self.sites < 1 or not 1 <= self.min_sites <= self.sites:
-            raise InputError("--min-sites", f"need 1 ≤ min-sites ({self.min_sites}) ≤ sites ({self.sites})")
-        if self.rounds < 1 or self.round_timeout <= 0 or self.max_upload_mb <= 0:
-            raise InputError("--rounds", "rounds, round timeout and upload limit must be positive")
+        """Refuse bad settings, each named by its field (``min_sites``); a front end names it as its user
+        typed it (``--min-sites``, Flower's ``min-sites``)."""
+        for name in ("sites", "rounds", "round_timeout", "max_upload_mb"):
+            if not getattr(self, name) > 0:
+                raise InputError(name, f"must be positive, not {getattr(self, name)}")
+        if not 1 <= self.min_sites <= self.sites:
+            raise InputError("min_sites", f"need 1 ≤ min-sites ({self.min_sites}) ≤ sites ({self.sites})")
         AggregationRule.for_method(self.method, self.lam, self.beta)
         self.model.validate()
         self.train.validate()
         if self.class_names and (len(self.class_names) != self.model.num_classes
                                  or len(set(self.class_names)) != len(self.class_names) or not all(self.class_names)):
-            raise InputError("--class-names", f"{', '.join(self.class_names) or '(none)'}: give the model's "
+            raise InputError("class_names", f"{', '.join(self.class_names) or '(none)'}: give the model's "
                                               f"{self.model.num_classes} class(es), each once, in label order")
 
     def checkpoint_meta(self, round_index: int) -> dict[str, Any]:

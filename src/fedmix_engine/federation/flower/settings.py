@@ -76,8 +76,10 @@ class FlowerRunSettings:
         federation = replace(federation, sites=max(federation.sites, federation.min_sites))
         try:
             federation.validate()
-        except InputError as exc:
-            raise InputError("run config", f"{exc.where}: {exc.reason}") from None
+        except InputError as exc:  # named by the key written, not by the ServerConfig field it sets
+            keys = {name: key for table in (FEDERATION_KEYS, MODEL_KEYS, TRAIN_KEYS) for key, name in table.items()}
+            key = {**keys, "class_names": CLASS_NAMES_KEY}.get(exc.where.removeprefix("model."))
+            raise InputError(f"run config '{key}'" if key else "run config", exc.reason if key else str(exc)) from None
         return cls(federation, **pick(OUTPUT_KEYS))
 
     def site_config(self) -> dict[str, str | int]:
