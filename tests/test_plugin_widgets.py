@@ -23,6 +23,14 @@ from fedmix_engine.model import ModelConfig
 pytestmark = pytest.mark.gui
 
 
+@pytest.fixture(autouse=True)
+def _no_latest_model(monkeypatch):
+    """Each test starts a napari session of its own: no model trained or site opened yet."""
+    import napari_fedmix.latest_model
+
+    monkeypatch.setattr(napari_fedmix.latest_model, "_LATEST", None)
+
+
 class EventLoopWatch:
     """A 10 ms timer's ticks on the event loop, and CPython's full garbage collections meanwhile.
 
@@ -890,3 +898,48 @@ def test_batch_predict_takes_one_video_picked_with_its_file_button(make_napari_v
     assert widget.status.text() == f"1 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["colonoscopy_mask.tif", "summary.csv"]
     assert tifffile.imread(tmp_path / "out" / "colonoscopy_mask.tif").shape == (6, 40, 48)
+
+
+def test_predict_widgets_start_with_the_model_just_trained_or_the_open_sites_newest(make_napari_viewer, qtbot,
+                                                                                     sample, tmp_path):
+    """The model field started empty (Batch predict then looked for 'model.safetensors' wherever napari
+    was started), so after training a clinician had to find SITE/models/local/final.safetensors."""
+    import shutil
+
+    from qtpy.QtCore import QEvent
+    from qtpy.QtWidgets import QApplication
+
+    from napari_fedmix.annotate_widget import AnnotateWidget
+    from napari_fedmix.predict_widget import BatchPredictWidget, PredictWidget
+    from napari_fedmix.train_widget import TrainWidget
+
+    viewer = make_napari_viewer()
+    annotate, train, predict, batch = (cls(viewer) for cls in (AnnotateWidget, TrainWidget, PredictWidget,
+                                                               BatchPredictWidget))
+    for widget in (annotate, train, predict, batch):
+        qtbot.addWidget(widget)
+    annotate.open_site(sample)  # no model yet
+    assert predict.checkpoint.text() == batch.checkpoint.text() == ""
+    batch.input.setText(str(sample / "images"))
+    batch.output.setText(str(tmp_path / "out"))
+    assert batch.run() is None and batch.status.text().startswith("error: model: choose a checkpoint (.safetensors)")
+
+    _start_local(train, sample, rounds=1)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    trained = str(sample / "models" / "local" / "final.safetensors")
+    assert predict.checkpoint.text() == batch.checkpoint.text() == trained
+
+    predict.checkpoint.setText(str(tmp_path / "chosen.safetensors"))  # the user's own choice stays
+    doomed = BatchPredictWidget(viewer)  # a closed widget no longer follows (and raises nothing)
+    doomed.deleteLater()
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    other = tmp_path / "site-b"
+    shutil.copytree(sample, other, ignore=shutil.ignore_patterns("models"))
+    (other / "models").mkdir()
+    shutil.copy(trained, other / "models" / "global.safetensors")
+    annotate.open_site(other)
+    assert batch.checkpoint.text() == str(other / "models" / "global.safetensors")
+    assert predict.checkpoint.text() == str(tmp_path / "chosen.safetensors")
+    late = PredictWidget(viewer)
+    qtbot.addWidget(late)
+    assert late.checkpoint.text() == str(other / "models" / "global.safetensors")

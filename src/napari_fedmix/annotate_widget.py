@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.errors import InputError, error_line
+from napari_fedmix.latest_model import latest_model
 from napari_fedmix.layer_records import boxes_to_shapes, image_layer_pixels, save_annotations
 from napari_fedmix.workers import make_worker
 
@@ -130,6 +131,7 @@ class AnnotateWidget(QWidget):
         if self.store is not None:
             self.store.close()
         self.store = store
+        latest_model().announce_site(store.root)  # Predict starts with this site's newest model
         self._after_site_change()
 
     def _after_site_change(self) -> None:

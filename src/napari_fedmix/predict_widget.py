@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 )
 
 from fedmix_engine.errors import InputError, error_line
+from napari_fedmix.latest_model import latest_model
 from napari_fedmix.layer_records import image_layer_pixels
 from napari_fedmix.workers import make_worker
 
@@ -70,6 +71,13 @@ def _path_row(edit: QLineEdit, parent: QWidget, title: str, folder: bool = False
     return row
 
 
+def _chosen_checkpoint(field: QLineEdit) -> str:
+    if not (path := field.text().strip()):
+        raise InputError("model", "choose a checkpoint (.safetensors) first; training, or opening a site that "
+                                  "has a model, fills it in")
+    return path
+
+
 class PredictWidget(QWidget):
     """Run the model on the active image into one reused pair of layers; threshold with a slider."""
 
@@ -97,6 +105,7 @@ class PredictWidget(QWidget):
         self._predictor_path: str | None = None
         self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}  # the predicted layer's, all axes
         self._source: tuple[str, object] | None = None  # the predicted layer's name and data
+        latest_model().follow(self.checkpoint)
         form = QFormLayout(self)
         form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
         form.addRow("threshold", self.threshold)
@@ -110,9 +119,7 @@ class PredictWidget(QWidget):
     def predictor(self):
         from fedmix_engine.predict import Predictor
 
-        path = self.checkpoint.text().strip()
-        if not path:
-            raise InputError("model", "choose a checkpoint (.safetensors) first")
+        path = _chosen_checkpoint(self.checkpoint)
         if self._predictor is None or self._predictor_path != path:
             self._predictor = Predictor.from_checkpoint(path)
             self._predictor_path = path
@@ -274,6 +281,8 @@ class BatchPredictWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.input, self.checkpoint, self.output = QLineEdit(), QLineEdit(), QLineEdit()
+        self.checkpoint.setPlaceholderText("SITE/models/global.safetensors")
+        latest_model().follow(self.checkpoint)
         self.open_results = QCheckBox("open the masks as one stack when done")
         self.dicom_seg = QCheckBox("also write DICOM images' masks as DICOM SEG (for the PACS)")
         self.run_button, self.cancel_button = QPushButton("Run"), QPushButton("Cancel")
@@ -311,7 +320,7 @@ class BatchPredictWidget(QWidget):
             if not (self.input.text() and self.output.text()):
                 raise InputError("images", "choose the images (a folder, or one file) and an output folder")
             check_batch(self.input.text(), out=self.output.text())
-            predictor = Predictor.from_checkpoint(self.checkpoint.text().strip() or "model.safetensors")
+            predictor = Predictor.from_checkpoint(_chosen_checkpoint(self.checkpoint))
             out = Path(self.output.text())
             batch = iter_predict_folder(predictor, self.input.text(), out,  # makes the folder, lists the files
                                         dicom_seg=self.dicom_seg.isChecked(), frame_steps=True)

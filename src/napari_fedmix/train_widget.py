@@ -28,6 +28,8 @@ from qtpy.QtWidgets import (
 )
 
 from fedmix_engine.errors import InputError, error_line
+from fedmix_engine.site_models import GLOBAL_MODEL, LOCAL_MODEL, LOCAL_RUN
+from napari_fedmix.latest_model import latest_model
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -178,7 +180,7 @@ class TrainWidget(QWidget):
             if self.continue_local.isChecked():
                 from fedmix_engine.run_snapshot import snapshot_round
 
-                done = snapshot_round(site / "models" / "local") or 0
+                done = snapshot_round(site / LOCAL_RUN) or 0
                 if not done:
                     self.status.setText(error_line(InputError("continue", "this site has no earlier local run to "
                                                               "continue; train once without 'continue'")))
@@ -218,9 +220,9 @@ class TrainWidget(QWidget):
                                                     base_width=self.width_spin.value()),
                                   train=TrainConfig(image_size=size, crop_size=max(16, size * 7 // 8 // 16 * 16),
                                                     batch_size=4))
-        self.last_checkpoint = site / "models" / "local" / "final.safetensors"
+        self.last_checkpoint = site / LOCAL_MODEL
         validation = self._validation_set(size, classes, channels)
-        for event in iter_simulation([site], None, config, site / "models" / "local", overwrite=not done,
+        for event in iter_simulation([site], None, config, site / LOCAL_RUN, overwrite=not done,
                                      resume=bool(done)):
             yield event
             if validation is not None and isinstance(event, RoundDone):
@@ -234,7 +236,7 @@ class TrainWidget(QWidget):
         from fedmix_engine.data.site_store import SiteStore
         from fedmix_engine.predict import validation_dice
 
-        self.last_checkpoint = site / "models" / "global.safetensors"
+        self.last_checkpoint = site / GLOBAL_MODEL
         validation = None
         for event in client.iter_join():
             yield event
@@ -301,6 +303,8 @@ class TrainWidget(QWidget):
         self.stop_button.setEnabled(False)
         if not self.status.text().startswith("error"):
             done = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.exists() else None
+            if done is not None:
+                latest_model().announce(done)  # Predict and Batch predict start with it
             # not "stopped" after every last round: only when Stop asked the worker to quit
             ended = "stopped" if self.worker is not None and self.worker.abort_requested else "finished"
             self.status.setText(f"{self.status.text()}\n{ended}; model: {done or 'none yet'}")

@@ -35,6 +35,7 @@ from fedmix_engine.fedmix.local_update import (
 )
 from fedmix_engine.fedmix.pseudo_labels import kept_summary
 from fedmix_engine.model import ModelConfig
+from fedmix_engine.site_models import GLOBAL_MODEL
 
 log = logging.getLogger("fedmix_engine.client")
 
@@ -231,7 +232,7 @@ class FederationClient:
         for event in self.iter_join():
             if on_event:
                 on_event(event)
-        return self.models_dir / "global.safetensors"
+        return self.site_dir / GLOBAL_MODEL
 
     # ------------------------------------------------------------------ models and state on disk
     def download_global(self) -> tuple[bytes, int]:
@@ -243,7 +244,7 @@ class FederationClient:
     def _save_final_model(self) -> Path:
         data, r = self.download_global()
         pair_from_bytes(data, "final global model")  # validate before saving
-        path = self.models_dir / "global.safetensors"
+        path = self.site_dir / GLOBAL_MODEL
         atomic_write_bytes(path, data)
         atomic_write_bytes(self.models_dir / f"{self.prefix}-round-{r:04d}.safetensors", data)
         return path
