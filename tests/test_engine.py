@@ -224,6 +224,33 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
     assert "broken.tif" in summary and "skipped: unreadable or corrupt" in summary
 
 
+
+def test_predict_takes_a_site_folder_and_uses_the_model_it_trained_last(tmp_path: Path, capsys) -> None:
+    """As napari's Predict starts with the open site's newest model, so does the command line, given the site."""
+    import os
+
+    import tifffile
+
+    site = tmp_path / "site"
+    (site / "models" / "local").mkdir(parents=True)
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "scan.tif", np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8))
+    assert main(["predict", str(site), str(images), str(tmp_path / "none")]) == 2
+    assert f"{site}: is a folder without a model (models/global.safetensors or models/local/final.safetensors)" \
+        in capsys.readouterr().err and not (tmp_path / "none").exists()
+    federated = save_checkpoint(site / "models" / "global.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
+    local = save_checkpoint(site / "models" / "local" / "final.safetensors", init_pair(TINY, 1), TINY,
+                            {"image_size": 32})
+    for path, age in ((federated, 60), (local, 0)):  # trained locally after the federation ended
+        os.utime(path, (time.time() - age, time.time() - age))
+    assert main(["predict", str(site), str(images), str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"model: {local}"
+    os.utime(federated, None)  # a newer federation round arrived
+    assert main(["predict", str(site), str(images), str(tmp_path / "out2"), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"model: {federated}"
+    assert tifffile.imread(tmp_path / "out2" / "scan_mask.tif").shape == (40, 48)
+
 @pytest.mark.parametrize("method", ["fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local"])
 def test_every_baseline_runs(sample: Path, method: str) -> None:
     from fedmix_engine.simulate import SimulationConfig, run_simulation

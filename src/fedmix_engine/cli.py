@@ -130,7 +130,7 @@ where to start:
   the aggregator   fedmix-engine token add SITE_NAME --state DIR   (once per site; give it the token)
                    fedmix-engine serve --state DIR --sites N --rounds R [--tls-cert C --tls-key K]
   a researcher     fedmix-engine make-sample OUT, then fedmix-engine simulate --sample OUT --method fedmix
-  anyone           fedmix-engine predict CHECKPOINT IMAGES OUT;  fedmix-engine demo (all of it on this machine)
+  anyone           fedmix-engine predict CHECKPOINT|SITE IMAGES OUT;  fedmix-engine demo (all on this machine)
 "COMMAND --help" gives a command's options; docs/ in the source tree has the formats and the method."""
 
 

@@ -112,7 +112,16 @@ def _figure(value: float | None) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedmix_engine.predict import Predictor, predict_folder
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, inference=args.inference)
+    checkpoint = args.checkpoint
+    if checkpoint.is_dir():  # a site folder: the model it trained last, as napari's Predict starts with
+        from fedmix_engine.site_models import GLOBAL_MODEL, LOCAL_MODEL, newest_site_model
+
+        checkpoint = newest_site_model(checkpoint)
+        if checkpoint is None:
+            raise InputError(args.checkpoint, f"is a folder without a model ({GLOBAL_MODEL} or {LOCAL_MODEL}); "
+                                              "give a .safetensors checkpoint, or a site folder that has trained")
+        print(f"model: {checkpoint}")
+    predictor = Predictor.from_checkpoint(checkpoint, device=args.device, inference=args.inference)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
                           progress=lambda done, total, row: progress_bar(done, total, "predict"),
@@ -175,7 +184,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="predict masks for a folder of images (or one file) with a checkpoint")
     p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint (simulate's best.safetensors, "
-                   "a server round, or one the plugin saved)")
+                   "a server round, or one the plugin saved), or a site folder: its newest model")
     p.add_argument("input", type=Path, help="folder of images (2-D, or stacks such as multi-page TIFFs, "
                                              "DICOM cine loops and videos, predicted frame by frame), or one "
                                              "such file")
