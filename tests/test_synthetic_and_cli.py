@@ -140,6 +140,28 @@ def _write_clinic_folder(root: Path, rng: np.random.Generator) -> None:
         w.writerow(["case-12", "tumour", "present"])  # unknown class: reported
 
 
+def _site_info_lists_its_models(site: Path, capsys) -> None:
+    """Which models a site holds, and which one prediction takes: an admin's first question after training."""
+    import os
+    import time
+
+    from fedmix_engine.checkpoint import save_checkpoint
+    from fedmix_engine.fedmix.pair import init_pair
+    from fedmix_engine.model import ModelConfig
+
+    tiny = ModelConfig(base_width=2)
+    local = save_checkpoint(site / "models" / "local" / "final.safetensors", init_pair(tiny, 0), tiny, {"round": 7})
+    os.utime(local, (time.time() - 60, time.time() - 60))
+    (site / "models" / "global.safetensors").write_bytes(b"junk")  # a copy cut short, say
+    assert main(["site", "info", str(site)]) == 0
+    lines = capsys.readouterr().out.split("models:\n")[1].splitlines()
+    assert lines[0].startswith("  federated: models/global.safetensors  (unreadable: truncated: shorter than a "
+                               "safetensors header, written ") and lines[0].endswith("← newest: what 'predict SITE' "
+                                                                                     "and napari's Predict take")
+    assert lines[1].startswith("  local:     models/local/final.safetensors  (round 7, written ")
+    assert "newest" not in lines[1]
+
+
 def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
     clinic = tmp_path / "clinic"
     _write_clinic_folder(clinic, rng)
@@ -161,6 +183,8 @@ def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
     assert "box-supervised:  7  (boxes: 8)" in info
     assert "tag-supervised:  8  (tags: 8)" in info
     assert "problems: 0" in info
+    assert "models: none yet (train in napari, or join a federation)" in info
+    _site_info_lists_its_models(site, capsys)
 
     # re-import is idempotent: nothing duplicated
     main(["site", "import", str(site), "--images", str(clinic / "images"), "--boxes", str(clinic / "boxes.csv")])

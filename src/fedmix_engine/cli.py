@@ -92,7 +92,35 @@ def cmd_site_info(args: argparse.Namespace) -> int:
         print(f"problems: {len(problems)}")
         for p in problems:
             print(f"  {p}")
+        models = _site_model_lines(store.root)
+        print("models:" if models else "models: none yet (train in napari, or join a federation)")
+        for line in models:
+            print(f"  {line}")
     return 1 if problems else 0
+
+
+def _site_model_lines(site: Path) -> list[str]:
+    """A line per model the site holds, marking the one prediction takes."""
+    import json
+    import time
+
+    from fedmix_engine.safetensors_layout import read_header
+    from fedmix_engine.site_models import GLOBAL_MODEL, LOCAL_MODEL, newest_site_model
+
+    newest, lines = newest_site_model(site), []
+    for kind, name in (("federated", GLOBAL_MODEL), ("local", LOCAL_MODEL)):
+        path = site / name
+        if not path.is_file():
+            continue
+        try:
+            meta = json.loads(read_header(path, str(path))[1].get("meta", "{}"))
+            about = f"round {meta['round']}" if "round" in meta else "no round recorded"
+        except (InputError, ValueError, OSError) as exc:
+            about = f"unreadable: {exc.reason if isinstance(exc, InputError) else exc}"
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        mark = "  ← newest: what 'predict SITE' and napari's Predict take" if path == newest else ""
+        lines.append(f"{kind + ':':<10} {name}  ({about}, written {written}){mark}")
+    return lines
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
