@@ -329,7 +329,7 @@ def test_streamed_checkpoint_is_valid_safetensors_for_every_dtype(tmp_path: Path
 
 
 def test_validation_dice_from_a_file_or_downloaded_bytes(sample: Path, tmp_path: Path) -> None:
-    from fedmix_engine.predict import EvalSet, validation_dice
+    from fedmix_engine.evaluation import EvalSet, validation_dice
 
     path = save_checkpoint(tmp_path / "c.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
     data = EvalSet.from_store(sample / "eval" / "site-a" / "val", 32, 1, 1)
@@ -446,7 +446,7 @@ def test_predictor_validates_an_in_memory_array_and_names_it(tmp_path: Path) -> 
 
 
 def test_an_evaluation_store_labelled_for_other_classes_or_channels_is_refused(tmp_path: Path) -> None:
-    from fedmix_engine.predict import EvalSet
+    from fedmix_engine.evaluation import EvalSet
 
     image = np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)
     mask = np.zeros((40, 48), np.uint8)

@@ -1,4 +1,4 @@
-"""Model + image(s) → probability map and mask; evaluation on labelled sites; batch over folders.
+"""Model + image(s) → probability map and mask; batch over folders (evaluation: ``evaluation.py``).
 
 Inference uses network 1 of the global pair by default (``inference="net1"``, as in the paper) or
 the mean of both networks' probabilities (``"mean"``); ``benchmarks/quality.py`` measures which is
@@ -37,12 +37,10 @@ from fedmix_engine.data.imageio import (
     validate_image,
 )
 from fedmix_engine.data.importer import masks_beside_images
-from fedmix_engine.data.site_store import SiteStore
-from fedmix_engine.data.tensors import label_to_channels, resize_image
+from fedmix_engine.data.tensors import resize_image
 from fedmix_engine.data.video import is_video_path, open_video
 from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device
 from fedmix_engine.errors import InputError
-from fedmix_engine.fedmix.metrics import dice
 from fedmix_engine.fedmix.pair import PairState, build_pair
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.steps import run_steps
@@ -173,60 +171,6 @@ def probabilities_to_labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndar
     labels = (np.argmax(prob, axis=0) + 1).astype(np.uint8)
     labels[~fg.any(axis=0)] = 0
     return labels
-
-
-@dataclass
-class EvalSet:
-    """A labelled store preloaded for repeated evaluation (e.g. every round of a simulation)."""
-
-    name: str
-    ids: list[str]
-    images: torch.Tensor  # N×C×S×S at the training size
-    truths: list[np.ndarray]  # bool K×H×W at the original size
-
-    @classmethod
-    def from_store(cls, path: str | Path, image_size: int, num_classes: int, channels: int) -> EvalSet:
-        """The store's fully labelled images, for a model of ``num_classes`` classes and ``channels`` inputs."""
-        with SiteStore.open(path, readonly=True) as store:
-            if len(store.config.classes) != num_classes:  # label_to_channels would drop or invent classes
-                raise InputError(path, f"labelled for {len(store.config.classes)} class(es) "
-                                       f"({', '.join(store.config.classes)}); the model predicts {num_classes}")
-            if store.config.channels != channels:  # found now, not by the network after a round of training
-                raise InputError(path, f"holds {store.config.channels}-channel images; the model takes {channels}")
-            ids, images, truths = [], [], []
-            for rec in store.records():
-                mask = store.read_mask(rec.id)
-                tags = store.tags(rec.id)
-                if mask is None and not (tags and not any(tags.values())):
-                    continue  # no full ground truth (neither a mask nor "all absent")
-                if mask is None:
-                    mask = np.zeros((rec.height, rec.width), np.uint8)
-                ids.append(rec.id)
-                images.append(resize_image(store.load_image(rec.id), image_size))
-                truths.append(label_to_channels(mask, num_classes))
-        if not ids:
-            raise InputError(path, "no image with full ground truth (a mask, or every class tagged absent)")
-        return cls(Path(path).parent.name, ids, torch.stack(images), truths)
-
-
-def evaluate(predictor: Predictor, data: EvalSet) -> dict[str, float]:
-    """Mean per-image Dice (per-class Dice averaged; both empty → 1), and the mean over lesion images."""
-    z = predictor.logits(data.images)
-    scores, lesion_scores = [], []
-    for k, truth in enumerate(data.truths):
-        zk = F.interpolate(z[k:k + 1], size=truth.shape[-2:], mode="bilinear", align_corners=False)[0]
-        pred = (zk > 0).numpy()
-        score = float(np.mean([dice(p, t) for p, t in zip(pred, truth, strict=True)]))
-        scores.append(score)
-        if truth.any():
-            lesion_scores.append(score)
-    return {"dice": float(np.mean(scores)), "dice_lesion_images": float(np.mean(lesion_scores or [np.nan])),
-            "images": len(scores)}
-
-
-def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str = "auto") -> float:
-    """Mean Dice of a saved pair (file or safetensors bytes) on a labelled store: one number per round."""
-    return evaluate(Predictor.from_checkpoint(checkpoint, device), data)["dice"]
 
 
 @dataclass(frozen=True)

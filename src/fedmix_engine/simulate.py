@@ -37,6 +37,7 @@ from fedmix_engine.data.tensors import SiteTensors, load_site_tensors
 from fedmix_engine.device import DevicePlan, plan_device, release_memory
 from fedmix_engine.environment import changed_between, describe_environment
 from fedmix_engine.errors import InputError
+from fedmix_engine.evaluation import EvalSet, evaluate
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 from fedmix_engine.fedmix.local_update import (
     LocalResult,
@@ -51,7 +52,7 @@ from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.fedmix.pseudo_label_audit import audit_pseudo_labels, load_truth
 from fedmix_engine.fedmix.pseudo_labels import needs_prediction
 from fedmix_engine.model import ModelConfig
-from fedmix_engine.predict import EvalSet, Predictor, evaluate
+from fedmix_engine.predict import Predictor
 from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)

@@ -207,9 +207,9 @@ class TrainWidget(QWidget):
     def _local_events(self, site: Path, done: int = 0):
         """The local run's events; ``done`` > 0 continues the run in ``SITE/models/local`` after that round."""
         from fedmix_engine.data.site_store import SiteStore
+        from fedmix_engine.evaluation import validation_dice
         from fedmix_engine.fedmix.local_update import TrainConfig
         from fedmix_engine.model import ModelConfig
-        from fedmix_engine.predict import validation_dice
         from fedmix_engine.simulate import RoundDone, SimulationConfig, iter_simulation
 
         with SiteStore.open(site, readonly=True) as store:
@@ -234,7 +234,7 @@ class TrainWidget(QWidget):
         client = FederationClient(self.server.text(), self.token.text().strip(), site,
                                   device=self.device.currentText(), ca_cert=self.ca_cert.text() or None)
         from fedmix_engine.data.site_store import SiteStore
-        from fedmix_engine.predict import validation_dice
+        from fedmix_engine.evaluation import validation_dice
 
         self.last_checkpoint = site / GLOBAL_MODEL
         validation = None
@@ -250,7 +250,7 @@ class TrainWidget(QWidget):
 
     def _validation_set(self, image_size: int, classes: int, channels: int):
         """The optional validation store, preloaded once (None when not given)."""
-        from fedmix_engine.predict import EvalSet
+        from fedmix_engine.evaluation import EvalSet
 
         if not self.validation.text():
             return None

@@ -82,7 +82,8 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
     """Run the demo into ``out``; returns the path of the overlay PNG."""
     import httpx
 
-    from fedmix_engine.predict import EvalSet, Predictor, evaluate
+    from fedmix_engine.evaluation import EvalSet, evaluate
+    from fedmix_engine.predict import Predictor
 
     out = fresh_demo_folder(Path(out))
     data, state = out / "data", out / "server-state"

@@ -1,0 +1,103 @@
+"""A model's quality on a labelled site: the simulator's per-round validation, the Train widget's
+validation Dice, and ``fedmix-engine evaluate``'s per-image table.
+
+An image counts when its ground truth is full: a mask, or every class tagged absent (then its truth
+is empty). Predictions are compared at the image's own size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.tensors import label_to_channels, resize_image
+from fedmix_engine.errors import InputError
+from fedmix_engine.fedmix.metrics import dice, per_class_metrics
+from fedmix_engine.predict import Predictor
+
+
+@dataclass
+class EvalSet:
+    """A labelled store preloaded for repeated evaluation (e.g. every round of a simulation)."""
+
+    name: str
+    ids: list[str]
+    images: torch.Tensor  # N×C×S×S at the training size
+    truths: list[np.ndarray]  # bool K×H×W at the original size
+
+    @classmethod
+    def from_store(cls, path: str | Path, image_size: int, num_classes: int, channels: int) -> EvalSet:
+        """The store's fully labelled images, for a model of ``num_classes`` classes and ``channels`` inputs."""
+        with SiteStore.open(path, readonly=True) as store:
+            if len(store.config.classes) != num_classes:  # label_to_channels would drop or invent classes
+                raise InputError(path, f"labelled for {len(store.config.classes)} class(es) "
+                                       f"({', '.join(store.config.classes)}); the model predicts {num_classes}")
+            if store.config.channels != channels:  # found now, not by the network after a round of training
+                raise InputError(path, f"holds {store.config.channels}-channel images; the model takes {channels}")
+            ids, images, truths = [], [], []
+            for rec in store.records():
+                mask = store.read_mask(rec.id)
+                tags = store.tags(rec.id)
+                if mask is None and not (tags and not any(tags.values())):
+                    continue  # no full ground truth (neither a mask nor "all absent")
+                if mask is None:
+                    mask = np.zeros((rec.height, rec.width), np.uint8)
+                ids.append(rec.id)
+                images.append(resize_image(store.load_image(rec.id), image_size))
+                truths.append(label_to_channels(mask, num_classes))
+        if not ids:
+            raise InputError(path, "no image with full ground truth (a mask, or every class tagged absent)")
+        return cls(Path(path).parent.name, ids, torch.stack(images), truths)
+
+
+def _predicted_masks(predictor: Predictor, data: EvalSet) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(image id, predicted bool K×H×W, truth K×H×W) per image, the prediction at the truth's size."""
+    z = predictor.logits(data.images)
+    for k, (image_id, truth) in enumerate(zip(data.ids, data.truths, strict=True)):
+        zk = F.interpolate(z[k:k + 1], size=truth.shape[-2:], mode="bilinear", align_corners=False)[0]
+        yield image_id, (zk > 0).numpy(), truth
+
+
+def evaluate(predictor: Predictor, data: EvalSet) -> dict[str, float]:
+    """Mean per-image Dice (per-class Dice averaged; both empty → 1), and the mean over lesion images."""
+    scores, lesion_scores = [], []
+    for _, pred, truth in _predicted_masks(predictor, data):
+        score = float(np.mean([dice(p, t) for p, t in zip(pred, truth, strict=True)]))
+        scores.append(score)
+        if truth.any():
+            lesion_scores.append(score)
+    return {"dice": float(np.mean(scores)), "dice_lesion_images": float(np.mean(lesion_scores or [np.nan])),
+            "images": len(scores)}
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One image's metrics for one class (docs/engine.md: the empty-mask conventions)."""
+
+    image: str
+    label: str  # the class
+    lesion: bool  # the truth holds this class
+    dice: float
+    iou: float
+    hd95: float  # pixels at the image's own size; nan when exactly one of the two masks is empty
+
+
+def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str]) -> list[ImageScore]:
+    """Dice, IoU and HD95 of every image and class: the detail behind :func:`evaluate`'s mean."""
+    rows = []
+    for image_id, pred, truth in _predicted_masks(predictor, data):
+        metrics = per_class_metrics(pred, truth)
+        rows.extend(ImageScore(image_id, name, bool(truth[c].any()), metrics["dice"][c], metrics["iou"][c],
+                               metrics["hd95"][c]) for c, name in enumerate(classes))
+    return rows
+
+
+def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str = "auto") -> float:
+    """Mean Dice of a saved pair (file or safetensors bytes) on a labelled store: one number per round."""
+    return evaluate(Predictor.from_checkpoint(checkpoint, device), data)["dice"]
