@@ -251,6 +251,47 @@ def test_predict_takes_a_site_folder_and_uses_the_model_it_trained_last(tmp_path
     assert capsys.readouterr().out.splitlines()[0] == f"model: {federated}"
     assert tifffile.imread(tmp_path / "out2" / "scan_mask.tif").shape == (40, 48)
 
+
+def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_figure(sample: Path, tmp_path: Path,
+                                                                                       capsys) -> None:
+    """How good is the federation's model on my labelled images? Per image and class, Dice, IoU and HD95;
+    the mean over images is the figure simulate and the Train widget report."""
+    import csv
+
+    from fedmix_engine.evaluation import EvalSet, ImageScore, evaluate, mean_image_dice, score_site, summarise
+    from fedmix_engine.predict import Predictor
+
+    test = sample / "eval" / "site-a" / "test"
+    model = save_checkpoint(tmp_path / "m.safetensors", init_pair(TINY, 3), TINY, {"image_size": 32,
+                                                                                   "classes": ["lesion"]})
+    predictor = Predictor.from_checkpoint(model, "cpu")
+    rows = score_site(predictor, test)
+    with SiteStore.open(test, readonly=True) as store:
+        assert [r.image for r in rows] == store.image_ids() and {r.label for r in rows} == {"lesion"}
+    assert mean_image_dice(rows) == pytest.approx(evaluate(predictor, EvalSet.from_store(test, 32, 1, 1))["dice"])
+    assert main(["evaluate", str(model), str(test), "--out", str(tmp_path / "scores.csv"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"(classes averaged per image, as simulate reports): {mean_image_dice(rows):.3f}" in out
+    with open(tmp_path / "scores.csv", newline="") as handle:
+        written = list(csv.DictReader(handle))
+    assert [(w["image"], float(w["dice"])) for w in written] == [(r.image, round(r.dice, 4)) for r in rows]
+
+    # HD95 is undefined where exactly one mask is empty: left out of the median and counted
+    made = [ImageScore("a", "lesion", True, 0.5, 0.4, 3.0), ImageScore("b", "lesion", True, 0.0, 0.0, float("nan")),
+            ImageScore("c", "lesion", False, 1.0, 1.0, 0.0), ImageScore("a", "cyst", False, 1.0, 1.0, 0.0)]
+    lesion, cyst = summarise(made)
+    assert (lesion.label, lesion.images, lesion.lesion_images, lesion.hd95_median, lesion.hd95_undefined) == \
+        ("lesion", 3, 2, 1.5, 1) and lesion.dice_mean == pytest.approx(0.5) and cyst.images == 1
+    assert mean_image_dice(made) == pytest.approx(((0.5 + 1.0) / 2 + 0.0 + 1.0) / 3)
+
+    # refused by name: a site labelled in another order, a site without full ground truth
+    other = save_checkpoint(tmp_path / "o.safetensors", init_pair(TINY, 3), TINY, {"image_size": 32,
+                                                                                   "classes": ["cyst"]})
+    assert main(["evaluate", str(other), str(test), "--device", "cpu"]) == 2
+    assert f"{test}: labels lesion; the model was trained on cyst, in this label order" in capsys.readouterr().err
+    assert main(["evaluate", str(model), str(sample / "site-b"), "--device", "cpu"]) == 2
+    assert "no image with full ground truth" in capsys.readouterr().err
+
 @pytest.mark.parametrize("method", ["fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local"])
 def test_every_baseline_runs(sample: Path, method: str) -> None:
     from fedmix_engine.simulate import SimulationConfig, run_simulation

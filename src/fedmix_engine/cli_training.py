@@ -109,19 +109,44 @@ def _figure(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _model_file(path: Path) -> Path:
+    """A checkpoint as given, or a site folder's newest model (as napari's Predict starts with), said."""
+    if not path.is_dir():
+        return path
+    from fedmix_engine.site_models import GLOBAL_MODEL, LOCAL_MODEL, newest_site_model
+
+    model = newest_site_model(path)
+    if model is None:
+        raise InputError(path, f"is a folder without a model ({GLOBAL_MODEL} or {LOCAL_MODEL}); "
+                               "give a .safetensors checkpoint, or a site folder that has trained")
+    print(f"model: {model}")
+    return model
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedmix_engine.evaluation import mean_image_dice, score_site, summarise, write_scores
+    from fedmix_engine.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(_model_file(args.model), device=args.device, inference=args.inference)
+    rows = score_site(predictor, args.site)
+    if args.out:
+        write_scores(args.out, rows)
+    print(f"{args.site}: {len({r.image for r in rows})} image(s) with full ground truth; Dice and IoU per image "
+          "(both empty: 1), HD95 in pixels of the image")
+    print(f"{'class':<16} {'images':>6} {'lesion':>6}  {'Dice mean ± std':<16} {'IoU':>5}  HD95 median")
+    for c in summarise(rows):
+        undefined = f" ({c.hd95_undefined} undefined: one mask empty)" if c.hd95_undefined else ""
+        print(f"{c.label:<16} {c.images:>6} {c.lesion_images:>6}  {c.dice_mean:.3f} ± {c.dice_std:.3f}    "
+              f"{c.iou_mean:.3f}  {c.hd95_median:.1f}{undefined}")
+    print(f"mean Dice over images (classes averaged per image, as simulate reports): {mean_image_dice(rows):.3f}"
+          + (f"; every image's metrics: {args.out}" if args.out else ""))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedmix_engine.predict import Predictor, predict_folder
 
-    checkpoint = args.checkpoint
-    if checkpoint.is_dir():  # a site folder: the model it trained last, as napari's Predict starts with
-        from fedmix_engine.site_models import GLOBAL_MODEL, LOCAL_MODEL, newest_site_model
-
-        checkpoint = newest_site_model(checkpoint)
-        if checkpoint is None:
-            raise InputError(args.checkpoint, f"is a folder without a model ({GLOBAL_MODEL} or {LOCAL_MODEL}); "
-                                              "give a .safetensors checkpoint, or a site folder that has trained")
-        print(f"model: {checkpoint}")
-    predictor = Predictor.from_checkpoint(checkpoint, device=args.device, inference=args.inference)
+    predictor = Predictor.from_checkpoint(_model_file(args.checkpoint), device=args.device, inference=args.inference)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
                           progress=lambda done, total, row: progress_bar(done, total, "predict"),
@@ -181,6 +206,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in --out after its last completed round (same settings; --rounds may "
                         "be raised to extend a finished run)")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("evaluate", help="a model's Dice, IoU and HD95 on a site's fully labelled images")
+    p.add_argument("model", type=Path, help="a .safetensors checkpoint, or a site folder: its newest model")
+    p.add_argument("site", type=Path, help="a site folder with masks (an image tagged all-absent counts as "
+                                           "lesion-free), not trained on: e.g. a sample federation's "
+                                           "eval/site-a/test, or labelled images kept apart")
+    p.add_argument("--out", type=Path, help="also write every image's metrics per class to this CSV")
+    p.add_argument("--inference", choices=("net1", "mean"),
+                   help="network 1 of the pair, or the mean of both (default: the checkpoint's choice, else net1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict masks for a folder of images (or one file) with a checkpoint")
     p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint (simulate's best.safetensors, "

@@ -7,6 +7,8 @@ is empty). Predictions are compared at the image's own size.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import label_to_channels, resize_image
 from fedmix_engine.errors import InputError
@@ -101,3 +104,57 @@ def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str]) ->
 def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str = "auto") -> float:
     """Mean Dice of a saved pair (file or safetensors bytes) on a labelled store: one number per round."""
     return evaluate(Predictor.from_checkpoint(checkpoint, device), data)["dice"]
+
+
+def score_site(predictor: Predictor, site: str | Path) -> list[ImageScore]:
+    """:func:`score_images` on a site folder's fully labelled images; a site whose classes are named in
+    another order than the model's is refused (its label k would be scored as the model's class k)."""
+    with SiteStore.open(site, readonly=True) as store:
+        classes = tuple(store.config.classes)
+    if predictor.classes and tuple(predictor.classes) != classes:
+        raise InputError(site, f"labels {', '.join(classes)}; the model was trained on "
+                               f"{', '.join(predictor.classes)}, in this label order")
+    config = predictor.model_config
+    data = EvalSet.from_store(site, predictor.image_size, config.num_classes, config.in_channels)
+    return score_images(predictor, data, classes)
+
+
+@dataclass(frozen=True)
+class ClassSummary:
+    label: str
+    images: int
+    lesion_images: int  # images whose truth holds the class
+    dice_mean: float
+    dice_std: float
+    iou_mean: float
+    hd95_median: float  # over the images where it is defined (nan if none)
+    hd95_undefined: int  # exactly one of prediction and truth empty
+
+
+def summarise(rows: Sequence[ImageScore]) -> list[ClassSummary]:
+    """Per class, in the order the rows name them."""
+    out = []
+    for label in dict.fromkeys(r.label for r in rows):
+        mine = [r for r in rows if r.label == label]
+        dices, hd = np.array([r.dice for r in mine]), np.array([r.hd95 for r in mine])
+        defined = hd[~np.isnan(hd)]
+        out.append(ClassSummary(label, len(mine), sum(r.lesion for r in mine), float(dices.mean()), float(dices.std()),
+                                float(np.mean([r.iou for r in mine])),
+                                float(np.median(defined)) if defined.size else float("nan"), int(np.isnan(hd).sum())))
+    return out
+
+
+def mean_image_dice(rows: Sequence[ImageScore]) -> float:
+    """The mean over images of each image's class-averaged Dice: :func:`evaluate`'s figure."""
+    images = dict.fromkeys(r.image for r in rows)
+    return float(np.mean([np.mean([r.dice for r in rows if r.image == image]) for image in images]))
+
+
+def write_scores(path: str | Path, rows: Sequence[ImageScore]) -> None:
+    """Every image's metrics as CSV (image, class, lesion, dice, iou, hd95_px), replaced atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "class", "lesion", "dice", "iou", "hd95_px"])
+    writer.writerows([r.image, r.label, int(r.lesion), f"{r.dice:.4f}", f"{r.iou:.4f}",
+                      "" if np.isnan(r.hd95) else f"{r.hd95:.2f}"] for r in rows)
+    atomic_write_bytes(Path(path), buffer.getvalue().encode())
