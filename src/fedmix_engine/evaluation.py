@@ -146,8 +146,10 @@ def summarise(rows: Sequence[ImageScore]) -> list[ClassSummary]:
 
 def mean_image_dice(rows: Sequence[ImageScore]) -> float:
     """The mean over images of each image's class-averaged Dice: :func:`evaluate`'s figure."""
-    images = dict.fromkeys(r.image for r in rows)
-    return float(np.mean([np.mean([r.dice for r in rows if r.image == image]) for image in images]))
+    per_image: dict[str, list[float]] = {}
+    for r in rows:
+        per_image.setdefault(r.image, []).append(r.dice)
+    return float(np.mean([np.mean(scores) for scores in per_image.values()]))
 
 
 def write_scores(path: str | Path, rows: Sequence[ImageScore]) -> None:
