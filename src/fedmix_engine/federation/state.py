@@ -92,7 +92,7 @@ class ServerConfig:
         if self.class_names and (len(self.class_names) != self.model.num_classes
                                  or len(set(self.class_names)) != len(self.class_names) or not all(self.class_names)):
             raise InputError("class_names", f"{', '.join(self.class_names) or '(none)'}: give the model's "
-                                              f"{self.model.num_classes} class(es), each once, in label order")
+                                            f"{self.model.num_classes} class(es), each once, in label order")
 
     def checkpoint_meta(self, round_index: int) -> dict[str, Any]:
         """What a global checkpoint of this federation carries besides its weights: the size its images were
