@@ -943,3 +943,54 @@ def test_predict_widgets_start_with_the_model_just_trained_or_the_open_sites_new
     late = PredictWidget(viewer)
     qtbot.addWidget(late)
     assert late.checkpoint.text() == str(other / "models" / "global.safetensors")
+
+
+def test_prediction_runs_on_the_device_the_preferences_name(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Preferences › FedMix › device is 'for training and prediction'; both prediction widgets used 'auto'
+    whatever it said (a GPU busy training elsewhere, or too small, could not be avoided)."""
+    import napari_fedmix.settings
+    from fedmix_engine.predict import Predictor
+    from napari_fedmix.predict_widget import PredictWidget
+
+    setting = {"device": "cpu", "default_site_folder": ""}
+    monkeypatch.setattr(napari_fedmix.settings, "plugin_defaults", lambda: dict(setting))
+    asked: list[str] = []
+    real = Predictor.from_checkpoint.__func__
+
+    def recorded(cls, source, device="auto", inference=None):
+        asked.append(device)
+        return real(cls, source, device, inference)
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(recorded))
+    viewer = make_napari_viewer()
+    predict = PredictWidget(viewer)
+    qtbot.addWidget(predict)
+    predict.checkpoint.setText(str(_tiny_checkpoint(tmp_path)))
+    first = predict.predictor()
+    assert first.plan.note == "CPU requested" and predict.predictor() is first, "loaded once per model and device"
+    setting["device"] = "auto"  # changed in the preferences: the next prediction follows
+    assert predict.predictor() is not first and asked == ["cpu", "auto"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "scan.tif", np.zeros((40, 48), np.uint8))
+    batch = _batch_widget(viewer, qtbot, folder, tmp_path / "out")
+    setting["device"] = "cpu"
+    assert batch.run() is not None
+    qtbot.waitUntil(lambda: batch.worker is None, timeout=60_000)
+    assert asked[-1] == "cpu" and (tmp_path / "out" / "scan_mask.tif").is_file()
+
+
+def test_predict_starts_with_the_default_sites_model_without_annotate_open(make_napari_viewer, qtbot, tmp_path,
+                                                                           monkeypatch):
+    import napari_fedmix.settings
+    from napari_fedmix.predict_widget import PredictWidget
+
+    site = tmp_path / "site"
+    (site / "models").mkdir(parents=True)
+    model = _tiny_checkpoint(tmp_path)
+    (site / "models" / "global.safetensors").write_bytes(model.read_bytes())
+    monkeypatch.setattr(napari_fedmix.settings, "plugin_defaults",
+                        lambda: {"device": "auto", "default_site_folder": str(site)})
+    predict = PredictWidget(make_napari_viewer())
+    qtbot.addWidget(predict)
+    assert predict.checkpoint.text() == str(site / "models" / "global.safetensors")

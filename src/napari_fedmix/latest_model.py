@@ -52,7 +52,13 @@ _LATEST: LatestModel | None = None
 
 
 def latest_model() -> LatestModel:
+    """The session's; it starts with the newest model of the default site folder (Preferences › FedMix),
+    so Predict has it even when Annotate site was never opened."""
     global _LATEST
     if _LATEST is None:
+        from napari_fedmix.settings import plugin_defaults
+
         _LATEST = LatestModel()
+        if site := plugin_defaults()["default_site_folder"]:
+            _LATEST.announce_site(site)
     return _LATEST

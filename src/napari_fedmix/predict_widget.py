@@ -71,6 +71,13 @@ def _path_row(edit: QLineEdit, parent: QWidget, title: str, folder: bool = False
     return row
 
 
+def _device() -> str:
+    """Preferences › FedMix › device: for prediction as for training (auto, cpu or cuda)."""
+    from napari_fedmix.settings import plugin_defaults
+
+    return plugin_defaults()["device"]
+
+
 def _chosen_checkpoint(field: QLineEdit) -> str:
     if not (path := field.text().strip()):
         raise InputError("model", "choose a checkpoint (.safetensors) first; training, or opening a site that "
@@ -102,7 +109,7 @@ class PredictWidget(QWidget):
         self.status.setWordWrap(True)
         self._probability: np.ndarray | None = None
         self._predictor = None
-        self._predictor_path: str | None = None
+        self._predictor_key: tuple[str, str] | None = None  # checkpoint, device
         self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}  # the predicted layer's, all axes
         self._source: tuple[str, object] | None = None  # the predicted layer's name and data
         latest_model().follow(self.checkpoint)
@@ -119,10 +126,10 @@ class PredictWidget(QWidget):
     def predictor(self):
         from fedmix_engine.predict import Predictor
 
-        path = _chosen_checkpoint(self.checkpoint)
-        if self._predictor is None or self._predictor_path != path:
-            self._predictor = Predictor.from_checkpoint(path)
-            self._predictor_path = path
+        key = (_chosen_checkpoint(self.checkpoint), _device())
+        if self._predictor is None or self._predictor_key != key:
+            self._predictor = Predictor.from_checkpoint(*key)
+            self._predictor_key = key
         return self._predictor
 
     def predict_active(self):
@@ -320,7 +327,7 @@ class BatchPredictWidget(QWidget):
             if not (self.input.text() and self.output.text()):
                 raise InputError("images", "choose the images (a folder, or one file) and an output folder")
             check_batch(self.input.text(), out=self.output.text())
-            predictor = Predictor.from_checkpoint(_chosen_checkpoint(self.checkpoint))
+            predictor = Predictor.from_checkpoint(_chosen_checkpoint(self.checkpoint), _device())
             out = Path(self.output.text())
             batch = iter_predict_folder(predictor, self.input.text(), out,  # makes the folder, lists the files
                                         dicom_seg=self.dicom_seg.isChecked(), frame_steps=True)
