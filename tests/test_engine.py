@@ -291,6 +291,8 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
     assert f"{test}: labels lesion; the model was trained on cyst, in this label order" in capsys.readouterr().err
     assert main(["evaluate", str(model), str(sample / "site-b"), "--device", "cpu"]) == 2
     assert "no image with full ground truth" in capsys.readouterr().err
+    assert main(["evaluate", str(model), str(test), "--out", str(tmp_path)]) == 2  # before any work
+    assert f"{tmp_path}: is a folder; give a file name, e.g. scores.csv" in capsys.readouterr().err
 
 @pytest.mark.parametrize("method", ["fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local"])
 def test_every_baseline_runs(sample: Path, method: str) -> None:

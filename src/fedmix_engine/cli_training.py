@@ -123,14 +123,31 @@ def _model_file(path: Path) -> Path:
     return model
 
 
+def _check_writable_file(path: Path) -> None:
+    """An output file's name: not a folder, in a folder that exists (or is made) and is writable."""
+    import os
+
+    from fedmix_engine.atomic import make_folder
+
+    if path.is_dir():
+        raise InputError(path, "is a folder; give a file name, e.g. scores.csv")
+    if not os.access(make_folder(path.parent), os.W_OK):
+        raise InputError(path, f"its folder {path.parent} is not writable for you")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedmix_engine.evaluation import mean_image_dice, score_site, summarise, write_scores
     from fedmix_engine.predict import Predictor
 
+    if args.out:
+        _check_writable_file(args.out)  # before the work, not after it
     predictor = Predictor.from_checkpoint(_model_file(args.model), device=args.device, inference=args.inference)
     rows = score_site(predictor, args.site)
     if args.out:
-        write_scores(args.out, rows)
+        try:
+            write_scores(args.out, rows)
+        except OSError as exc:
+            raise InputError(args.out, f"cannot be written ({exc.strerror or exc})") from None
     print(f"{args.site}: {len({r.image for r in rows})} image(s) with full ground truth; Dice and IoU per image "
           "(both empty: 1), HD95 in pixels of the image")
     print(f"{'class':<16} {'images':>6} {'lesion':>6}  {'Dice mean ± std':<16} {'IoU':>5}  HD95 median")
