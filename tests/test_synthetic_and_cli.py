@@ -430,3 +430,31 @@ def test_site_import_of_a_busi_folder_joins_each_lesions_mask_and_tags_normal_im
         (lesion, normal) = store.records()
         assert int(store.read_mask(lesion.id).sum()) == 25 + 100  # both lesions' masks, joined
         assert store.tags(normal.id) == {"lesion": False}
+
+
+@pytest.mark.parametrize("command", [
+    ["site", "init", "{out}", "--classes", "lesion"],
+    ["make-sample", "{out}", "--sites", "1", "--images", "2", "--size", "32"],
+    ["token", "add", "site-a", "--state", "{out}"],
+    ["serve", "--state", "{out}"],
+    ["predict", "{checkpoint}", "{images}", "{out}"],
+])
+def test_an_output_folder_that_cannot_be_created_is_named_not_a_traceback(tmp_path: Path, capsys, command) -> None:
+    """mkdir's FileNotFoundError or PermissionError (a read-only share, no permission) surfaced as a
+    traceback from every command that writes; /proc takes no new folders, even from root."""
+    import tifffile
+
+    from fedmix_engine.checkpoint import save_checkpoint
+    from fedmix_engine.fedmix.pair import init_pair
+    from fedmix_engine.model import ModelConfig
+
+    tiny = ModelConfig(base_width=2)
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(tiny, 0), tiny, {"image_size": 32})
+    (tmp_path / "images").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "scan.tif", np.zeros((32, 32), np.uint8))
+    out = Path("/proc/fedmix-no-such-folder/out")
+    args = [a.format(out=out, checkpoint=checkpoint, images=tmp_path / "images") for a in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}") and "cannot be created (" in err
+    assert "choose a folder you can write to" in err

@@ -19,13 +19,17 @@ from fedmix_engine.errors import InputError
 
 def make_folder(path: str | Path) -> Path:
     """``mkdir -p`` that names the file in the way (an ``InputError``: ``--out`` given a file, or a
-    file where a parent folder should be) instead of a FileExistsError traceback."""
+    file where a parent folder should be), or the folder it cannot create and why (no permission, a
+    read-only share), instead of a traceback."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
         raise InputError(blocker, "is a file where a folder is needed") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot be created ({exc.strerror or exc}); choose a folder you can write to") \
+            from None
     return path
 
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
 from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.errors import InputError
@@ -168,7 +168,7 @@ class ServerState:
                                  "the federation settings to create one")
             config.validate()
             self.config = config
-            (self.root / "rounds").mkdir(parents=True, exist_ok=True)
+            make_folder(self.root / "rounds")
             self._commit_round(0, init_pair(config.model, config.seed), {"round": 0, "reason": "initial"})
             atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
         self.rule = AggregationRule.for_method(self.config.method, self.config.lam, self.config.beta)

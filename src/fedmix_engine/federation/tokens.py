@@ -46,7 +46,6 @@ class TokenStore:
         return self._entries
 
     def _save(self, entries: dict[str, dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.path, (json.dumps(entries, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
 
     def add(self, site: str) -> str:
