@@ -458,3 +458,17 @@ def test_an_output_folder_that_cannot_be_created_is_named_not_a_traceback(tmp_pa
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out}") and "cannot be created (" in err
     assert "choose a folder you can write to" in err
+
+
+def test_a_full_disk_is_said_in_one_line_naming_the_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    """An OSError is the machine's doing, not the input's: exit 1 with the file and the OS's words."""
+    import errno
+
+    import fedmix_engine.data.site_store
+
+    def full(path, data, mode=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fedmix_engine.data.site_store, "atomic_write_bytes", full)
+    assert main(["site", "init", str(tmp_path / "site"), "--classes", "lesion"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'site' / 'site.json'}: No space left on device (OSError)\n"

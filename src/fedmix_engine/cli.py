@@ -261,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {_as_typed(exc, args)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine, not the input: a full disk, a share gone away; said, not traced back
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} ({type(exc).__name__})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
