@@ -112,3 +112,10 @@ def test_a_bad_setting_is_named_by_the_option_typed(tmp_path, capsys, command, g
     assert main(args) == 2
     assert f"error: {named}" in capsys.readouterr().err
     assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists(), "refused before anything is written"
+
+
+def test_serve_offers_every_status_access_the_server_knows():
+    from fedmix_engine.federation.server import STATUS_ACCESS
+
+    action = _option(_command("serve"), "status_access")
+    assert tuple(action.choices) == STATUS_ACCESS and action.default == "sites"

@@ -223,6 +223,70 @@ def test_plot_legend_names_fit_beside_their_lines() -> None:
     assert names[0].endswith("…") and long.startswith(names[0][:-1]) and names[1] == "site-b"
     assert lines_end >= 360 / 2 - 10, "a long name takes at most half the chart"
 
+
+def _outward_address() -> str:
+    """This machine's address on its network, where a request from another machine arrives (no packet
+    is sent: connecting a UDP socket only picks the interface)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 9))
+        address = probe.getsockname()[0]
+    assert not address.startswith("127."), "this test needs a network interface besides loopback"
+    return address
+
+
+def test_the_round_history_is_for_the_admin_and_the_sites_unless_made_public(tmp_path: Path) -> None:
+    """/v1/status and the admin page name every site with its sample counts, losses and weights, and
+    anyone who reached the port could read them. Now: the admin on the server's machine (loopback),
+    the sites with their tokens, and everyone only with --status-access public."""
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a"])
+    outward = _outward_address()
+    site = {"Authorization": f"Bearer {tokens['site-a']}"}
+    wrong = {"Authorization": "Bearer fmx_not-a-token"}
+    seen = {}
+    for access in ("sites", "local", "public"):
+        args = ["--host", "0.0.0.0", "--status-access", access, "--sites", "1", "--min-sites", "1", *TINY_SETTINGS]
+        with running_server(state, args if access == "sites" else args[:4]) as server:
+            remote = f"http://{outward}:{server.port}"
+            for who, headers in (("remote", {}), ("remote site", site), ("remote wrong token", wrong)):
+                for path in ("/v1/status", "/"):
+                    seen[access, who, path] = httpx.get(remote + path, headers=headers, timeout=10).status_code
+            seen[access, "admin here", "/"] = httpx.get(server.url + "/", timeout=10).status_code
+            if access == "sites":
+                refused = httpx.get(remote + "/v1/status", timeout=10)
+                assert refused.json()["detail"] == (
+                    "the federation's status is for the admin on this machine and the sites (with their tokens); "
+                    "the server's admin can open it to anyone with 'serve --status-access public'")
+    expected = {"sites": {"remote": 403, "remote site": 200, "remote wrong token": 403},
+                "local": {"remote": 403, "remote site": 403, "remote wrong token": 403},
+                "public": {"remote": 200, "remote site": 200, "remote wrong token": 200}}
+    for access, answers in expected.items():
+        for who, code in answers.items():
+            assert seen[access, who, "/v1/status"] == seen[access, who, "/"] == code, (access, who)
+        assert seen[access, "admin here", "/"] == 200, access
+
+
+def test_a_site_takes_part_when_the_server_keeps_its_history_to_its_admin(sample: Path, tmp_path: Path) -> None:
+    """A site's client reads its weight from /v1/status after each round; refused it (--status-access
+    local) it must go on training, not stop with the 403."""
+    import shutil
+
+    from fedmix_engine.federation.client import FederationClient
+
+    site = tmp_path / "site-a"
+    shutil.copytree(sample / "site-a", site)
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    args = ["--host", "0.0.0.0", "--status-access", "local", "--sites", "1", "--min-sites", "1", "--rounds", "2",
+            *TINY_SETTINGS]
+    with running_server(state, args) as server:
+        client = FederationClient(f"http://{_outward_address()}:{server.port}", token, site, device="cpu",
+                                  poll_seconds=0.1)
+        kinds = [event.kind for event in client.iter_join()]
+        assert server.status()["finished"] and server.status()["last_round"] == 2
+    assert kinds.count("uploaded") == 2 and kinds[-1] == "finished" and "round-closed" not in kinds
+    assert (site / "models" / "global.safetensors").is_file()
+
 def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",

@@ -86,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = _server_config(args, ServerConfig())
     elif given:  # the stored settings with what was given; the state refuses a change to a fixed one
         config = _server_config(args, load_server_config(stored))
-    serve(args.state, args.host, args.port, args.tls_cert, args.tls_key, config, args.log_level)
+    serve(args.state, args.host, args.port, args.tls_cert, args.tls_key, config, args.log_level, args.status_access)
     return 0
 
 
@@ -182,6 +182,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_port, default=8765, help="TCP port")
     p.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--status-access", default="sites", choices=("local", "sites", "public"),
+                   help="who may read the round history (/v1/status and the admin page: site names, sample "
+                        "counts, losses, weights): local (a browser on this machine, or through an SSH tunnel), "
+                        "sites (local, and any site with its token), public (anyone who reaches the port)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug", "trace"),
                    help="uvicorn's log level (info: one line per request)")
     group = p.add_argument_group("federation settings (stored when the state directory is created; a restart may "

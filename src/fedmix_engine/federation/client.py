@@ -114,6 +114,7 @@ class FederationClient:
         self.models_dir = self.site_dir / "models"
         self.state = SiteState()
         self.prefix = federation_prefix(None)  # this federation's files in models/, once the server says which
+        self._history_refused = False  # the server's round history is for its admin only (said once)
         self.train_config: TrainConfig | None = None  # set from the server on connecting
 
     # ------------------------------------------------------------------ HTTP with retries
@@ -220,8 +221,17 @@ class FederationClient:
                             f"({_detail(response)})", r, report=rep.to_dict())
 
     def _closed_rounds(self, site: str, after: int, upto: int) -> Iterator[JoinEvent]:
-        """This site's weight, n and loss in each round that closed since ``after`` (from /v1/status)."""
-        for meta in self._json(f"/{API_VERSION}/status")["history"]:
+        """This site's weight, n and loss in each round that closed since ``after`` (from /v1/status);
+        nothing when the server keeps its history to its admin (``serve --status-access local``)."""
+        path = f"/{API_VERSION}/status"
+        response = self._request("GET", path)
+        if response.status_code == 403:
+            if not self._history_refused:
+                log.info("the server shows its round history to its admin only: this site's weights are not shown")
+            self._history_refused = True
+            return
+        self._raise_for_refusal(response, path)
+        for meta in response.json()["history"]:
             mine = meta["sites"].get(site)
             if after < meta["round"] <= upto and mine is not None:
                 yield JoinEvent("round-closed", f"round {meta['round']} closed: this site's weight "

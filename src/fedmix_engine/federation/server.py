@@ -7,6 +7,7 @@ full-width uploads cost disk, not RAM.
 
 import asyncio
 import contextlib
+import ipaddress
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,9 +22,18 @@ from fedmix_engine.federation.state import ServerState
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
 
+STATUS_ACCESS = ("local", "sites", "public")  # who may read /v1/status and the admin page; see create_app
 
-def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.5) -> FastAPI:
+
+def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.5,
+               status_access: str = "sites") -> FastAPI:
     """The ASGI app for one state directory.
+
+    The round history (site names, their sample counts, losses and weights) is for the admin on the
+    server's own machine (a loopback client: a browser there or through an SSH tunnel) and, with
+    ``status_access="sites"``, for any site with a valid token; ``"public"`` shows it to anyone who
+    can reach the port. Behind a reverse proxy on the same machine every request is a loopback one:
+    restrict the page there.
 
     Everything that touches the state (validation, aggregation, deadlines) runs on one dedicated
     thread: it is serialised by the state's lock anyway, and tensors allocated in one thread stay in
@@ -54,15 +64,32 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
     for leftover in upload_dir.iterdir():  # bodies of requests cut by a crash were never acknowledged
         leftover.unlink()
 
-    def site_of(authorization: str | None = Header(default=None)) -> str:
+    if status_access not in STATUS_ACCESS:
+        raise ValueError(f"status_access must be one of {STATUS_ACCESS}, not {status_access!r}")
+
+    def bearer_site(authorization: str | None) -> str | None:
         if not authorization or not authorization.lower().startswith("bearer "):
-            raise HTTPException(401, "missing bearer token: pass the site token from 'fedmix-engine token add'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        site = tokens.site_for(authorization.split(" ", 1)[1].strip())
+            return None
+        return tokens.site_for(authorization.split(" ", 1)[1].strip())
+
+    def site_of(authorization: str | None = Header(default=None)) -> str:
+        site = bearer_site(authorization)
         if site is None:
-            raise HTTPException(401, "unknown or revoked token: ask the federation's admin for a new one",
-                                headers={"WWW-Authenticate": "Bearer"})
+            bearer = authorization is not None and authorization.lower().startswith("bearer ")
+            reason = ("unknown or revoked token: ask the federation's admin for a new one" if bearer else
+                      "missing bearer token: pass the site token from 'fedmix-engine token add'")
+            raise HTTPException(401, reason, headers={"WWW-Authenticate": "Bearer"})
         return site
+
+    def status_reader(request: Request, authorization: str | None = Header(default=None)) -> None:
+        if status_access == "public" or _is_loopback(request.client.host if request.client else None):
+            return
+        if status_access == "sites" and bearer_site(authorization) is not None:
+            return
+        readers = "the admin on this machine" + (" and the sites (with their tokens)" if status_access == "sites"
+                                                  else "")
+        raise HTTPException(403, f"the federation's status is for {readers}; the server's admin can open it to "
+                                 "anyone with 'serve --status-access public'")
 
     @app.get(f"/{API_VERSION}/config")
     def federation_config(site: str = Depends(site_of)) -> dict:
@@ -114,19 +141,26 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
             raise HTTPException(outcome.status, outcome.message)
         return JSONResponse({"accepted": True, "message": outcome.message, "round_closed": outcome.round_closed})
 
-    @app.get(f"/{API_VERSION}/status")
+    @app.get(f"/{API_VERSION}/status", dependencies=[Depends(status_reader)])
     def status() -> dict:
         return state.status()
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(status_reader)])
     def admin_page() -> str:
         return render_admin_page(state.status())
 
     return app
 
 
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:  # not an address (a test client's name)
+        return False
+
+
 def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_cert: str | None = None,
-          tls_key: str | None = None, config=None, log_level: str = "info") -> None:
+          tls_key: str | None = None, config=None, log_level: str = "info", status_access: str = "sites") -> None:
     """Run the server until interrupted (state is durable: restarting resumes where it was)."""
     import uvicorn
 
@@ -136,7 +170,7 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
         print(f"settings changed on this start: {'; '.join(state.adjusted)}")
     if not tokens.sites():
         print(f"warning: no site tokens yet; create them with 'fedmix-engine token add SITE --state {state_dir}'")
-    app = create_app(state, tokens)
+    app = create_app(state, tokens, status_access=status_access)
     scheme = "https" if tls_cert else "http"
     print(f"FedMix server: {scheme}://{host}:{port}/  round {state.current_round} of {state.config.rounds}"
           f"{' (finished)' if state.finished else ''}; state in {state_dir}", flush=True)
