@@ -994,3 +994,26 @@ def test_predict_starts_with_the_default_sites_model_without_annotate_open(make_
     predict = PredictWidget(make_napari_viewer())
     qtbot.addWidget(predict)
     assert predict.checkpoint.text() == str(site / "models" / "global.safetensors")
+
+
+def test_batch_predict_suggests_an_output_folder_beside_the_images(make_napari_viewer, qtbot, tmp_path):
+    """Run refused until an output folder was typed; a folder beside the images is what most would pick."""
+    from napari_fedmix.predict_widget import BatchPredictWidget
+
+    widget = BatchPredictWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    tifffile.imwrite(folder / "scan.tif", np.zeros((40, 48), np.uint8))
+    widget.checkpoint.setText(str(_tiny_checkpoint(tmp_path)))
+    widget.input.setText(str(folder))
+    assert widget.output.text() == str(tmp_path / "scans-masks")
+    widget.input.setText(str(folder / "scan.tif"))  # the suggestion follows the images...
+    assert widget.output.text() == str(folder / "scan-masks")
+    widget.input.setText(str(folder))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert (tmp_path / "scans-masks" / "scan_mask.tif").is_file()
+    widget.output.setText(str(tmp_path / "mine"))  # ...until the user chooses one
+    widget.input.setText(str(tmp_path))
+    assert widget.output.text() == str(tmp_path / "mine")

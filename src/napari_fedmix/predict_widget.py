@@ -290,6 +290,8 @@ class BatchPredictWidget(QWidget):
         self.input, self.checkpoint, self.output = QLineEdit(), QLineEdit(), QLineEdit()
         self.checkpoint.setPlaceholderText("SITE/models/global.safetensors")
         latest_model().follow(self.checkpoint)
+        self._suggested_output = ""
+        self.input.textChanged.connect(self._suggest_output)
         self.open_results = QCheckBox("open the masks as one stack when done")
         self.dicom_seg = QCheckBox("also write DICOM images' masks as DICOM SEG (for the PACS)")
         self.run_button, self.cancel_button = QPushButton("Run"), QPushButton("Cancel")
@@ -343,6 +345,14 @@ class BatchPredictWidget(QWidget):
         self.cancel_button.setEnabled(True)
         self.worker.start()
         return self.worker
+
+    def _suggest_output(self, images: str) -> None:
+        """``<images>-masks`` beside the images folder (or file), unless an output folder was chosen."""
+        if self.output.text() not in ("", self._suggested_output):
+            return
+        source = Path(images.strip())
+        self._suggested_output = str(source.parent / f"{source.stem}-masks") if images.strip() else ""
+        self.output.setText(self._suggested_output)
 
     def cancel(self) -> None:
         if self.worker is not None:
