@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -192,7 +193,19 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
         assert server.status()["uploaded"] == ["site-a"]
         page = httpx.get(url + "/").text
         assert "FedMix aggregation server" in page and "site-a" in page and "<svg" in page
-
+        for name in ("site-b", "site-c"):
+            assert upload(url, tokens[name], 1, fake_update(pair, seed=2)).status_code == 200
+        assert server.status()["last_round"] == 1
+    # the admin's journal (serve's stdout): every refusal with its site and reason, every round's weights
+    log = (tmp_path / f"server-{server.port}.log").read_text()
+    assert "WARNING refused POST /v1/rounds/1/update from 127.0.0.1: unknown or revoked token" in log
+    assert "WARNING round 1, site-a: refused (422): update refused: " in log
+    assert "WARNING round 1, site-a: refused (413): update of 3.0 MB exceeds the server's limit of 2 MB" in log
+    assert "WARNING round 0, site-a: refused (409): round 0 is closed" in log
+    assert "INFO round 1, site-a: accepted for round 1" in log
+    assert "WARNING round 1, site-a: refused (409): site 'site-a' already uploaded a different update" in log
+    assert re.search(r"INFO round 1 closed \(every expected site reported\): weights site-a 0\.\d\d, "
+                     r"site-b 0\.\d\d, site-c 0\.\d\d", log), log
 
 
 def test_plot_legend_names_fit_beside_their_lines() -> None:
@@ -518,6 +531,8 @@ def test_a_restart_may_extend_a_finished_federation_but_never_change_what_sites_
         assert server.status()["finished"] and server.status()["last_round"] == 2
     log = "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
     assert "settings changed on this start: round_timeout: 600.0 → 900.0; rounds: 1 → 2" in log
+    assert "INFO federation finished after 1 rounds; final model: " in log
+    assert f"INFO federation finished after 2 rounds; final model: {state / 'rounds' / '000002'}" in log
     settings = json.loads((state / "server.json").read_text())
     assert settings["rounds"] == 2 and settings["round_timeout"] == 900.0
     with running_server(state, []) as server:  # the extended settings are the federation's from now on

@@ -8,6 +8,8 @@ full-width uploads cost disk, not RAM.
 import asyncio
 import contextlib
 import ipaddress
+import logging
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +24,7 @@ from fedmix_engine.federation.state import ServerState
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
 
+log = logging.getLogger(__name__)
 STATUS_ACCESS = ("local", "sites", "public")  # who may read /v1/status and the admin page; see create_app
 
 
@@ -72,12 +75,14 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
             return None
         return tokens.site_for(authorization.split(" ", 1)[1].strip())
 
-    def site_of(authorization: str | None = Header(default=None)) -> str:
+    def site_of(request: Request, authorization: str | None = Header(default=None)) -> str:
         site = bearer_site(authorization)
         if site is None:
             bearer = authorization is not None and authorization.lower().startswith("bearer ")
             reason = ("unknown or revoked token: ask the federation's admin for a new one" if bearer else
                       "missing bearer token: pass the site token from 'fedmix-engine token add'")
+            log.warning("refused %s %s from %s: %s", request.method, request.url.path,
+                        request.client.host if request.client else "?", reason.split(":")[0])
             raise HTTPException(401, reason, headers={"WWW-Authenticate": "Bearer"})
         return site
 
@@ -111,12 +116,16 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
 
     @app.post(f"/{API_VERSION}/rounds/{{round_number}}/update")
     async def upload(round_number: int, request: Request, site: str = Depends(site_of)) -> JSONResponse:
+        def refused(status: int, message: str) -> HTTPException:  # said to the site and in the admin's log
+            log.warning("round %d, %s: refused (%d): %s", round_number, site, status, message)
+            return HTTPException(status, message)
+
         declared = request.headers.get("content-length")
         if declared is not None and not declared.isdigit():
-            raise HTTPException(400, f"invalid Content-Length header {declared!r}")
+            raise refused(400, f"invalid Content-Length header {declared!r}")
         if declared is not None and int(declared) > max_bytes:
-            raise HTTPException(413, f"update of {int(declared) / 2**20:.1f} MB exceeds the server's limit of "
-                                f"{state.config.max_upload_mb:g} MB")
+            raise refused(413, f"update of {int(declared) / 2**20:.1f} MB exceeds the server's limit of "
+                               f"{state.config.max_upload_mb:g} MB")
         fd, name = tempfile.mkstemp(dir=upload_dir, suffix=".part")
         body = Path(name)
         received = 0
@@ -125,20 +134,20 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
                 async for chunk in request.stream():
                     received += len(chunk)
                     if received > max_bytes:
-                        raise HTTPException(413, f"update exceeds the server's limit of "
-                                            f"{state.config.max_upload_mb:g} MB")
+                        raise refused(413, f"update exceeds the server's limit of {state.config.max_upload_mb:g} MB")
                     handle.write(chunk)
             if declared is not None and received != int(declared):
-                raise HTTPException(400, f"truncated body: {received} of {declared} bytes received")
+                raise refused(400, f"truncated body: {received} of {declared} bytes received")
         except ClientDisconnect:
             body.unlink(missing_ok=True)
-            raise HTTPException(400, "the connection closed before the body was complete") from None
+            raise refused(400, "the connection closed before the body was complete") from None
         except BaseException:
             body.unlink(missing_ok=True)
             raise
         outcome = await on_state_thread(state.accept_upload, site, round_number, body)
         if outcome.status >= 400:
-            raise HTTPException(outcome.status, outcome.message)
+            raise refused(outcome.status, outcome.message)
+        log.info("round %d, %s: %s", round_number, site, outcome.message)
         return JSONResponse({"accepted": True, "message": outcome.message, "round_closed": outcome.round_closed})
 
     @app.get(f"/{API_VERSION}/status", dependencies=[Depends(status_reader)])
@@ -164,6 +173,11 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
     """Run the server until interrupted (state is durable: restarting resumes where it was)."""
     import uvicorn
 
+    handler = logging.StreamHandler(sys.stdout)  # one line per upload, refusal and round: the admin's journal
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    federation_log = logging.getLogger("fedmix_engine.federation")  # this module's and the state's
+    federation_log.addHandler(handler)
+    federation_log.setLevel(logging.INFO)
     state = ServerState(state_dir, config)
     tokens = TokenStore(state_dir)
     if state.adjusted:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -43,6 +44,7 @@ from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.model import ModelConfig
 
+log = logging.getLogger(__name__)
 CONFIG_FILE = "server.json"
 CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
 ID_FILE = "federation-id"  # sites keep their Adam moments per federation under this id
@@ -350,6 +352,8 @@ class ServerState:
                 "sites": {s: {"n": i["n"], "loss": i["loss"], "weight": weights[s], "counts": i.get("counts", {}),
                               "metrics": i.get("metrics", {})} for s, i in self.uploads.items()}}
         self._commit_round(self.current_round, new, meta)
+        log.info("round %d closed (%s): weights %s", self.current_round, reason,
+                 ", ".join(f"{s} {w:.2f}" for s, w in sorted(weights.items())) or "none (no site trained)")
         self._history.append(meta)
         self.last_round += 1
         for path in self.current_dir.iterdir():
@@ -357,6 +361,8 @@ class ServerState:
         self.uploads = {}
         if not self.finished:
             self._open_round()
+        else:
+            log.info("federation finished after %d rounds; final model: %s", self.last_round, self.global_path())
 
     def _commit_round(self, r: int, pair: PairState, meta: dict) -> None:
         final = self.round_dir(r)
