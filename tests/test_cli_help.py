@@ -97,6 +97,7 @@ def test_the_overviews_workflow_commands_are_ones_the_parser_accepts():
     ("serve", ["--lam", "-1"], "--lam: λ must be a finite number ≥ 0"),
     ("simulate", ["--pl-warmup", "-1"], "--pl-warmup: must be ≥ 0, not -1"),
     ("simulate", ["--tau", "2"], "--tau: must be in (0, 1], not 2.0"),
+    ("predict", ["--threshold", "2"], "--threshold: a probability threshold must be in (0, 1), not 2.0"),
 ])
 def test_a_bad_setting_is_named_by_the_option_typed(tmp_path, capsys, command, given, named):
     """Settings are checked by the engine's config classes, which named their fields: an admin who typed
@@ -106,6 +107,10 @@ def test_a_bad_setting_is_named_by_the_option_typed(tmp_path, capsys, command, g
 
     if command == "serve":
         args = ["serve", "--state", str(tmp_path / "state"), *given]
+    elif command == "predict":
+        (tmp_path / "images").mkdir()
+        (tmp_path / "images" / "scan.png").write_bytes(b"")  # checked before anything is read
+        args = ["predict", str(tmp_path / "m.safetensors"), str(tmp_path / "images"), str(tmp_path / "run"), *given]
     else:
         make_sample(tmp_path / "fed", sites=1, images=4, eval_images=2, size=32)
         args = ["simulate", "--sample", str(tmp_path / "fed"), "--out", str(tmp_path / "run"), *given]

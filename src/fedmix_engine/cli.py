@@ -229,24 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _as_typed(exc: InputError, args: argparse.Namespace) -> InputError:
-    """An engine setting's error under the option the user typed (``--width``, not ``model.base_width``;
+def _as_typed(exc: InputError, parser: argparse.ArgumentParser, args: argparse.Namespace) -> InputError:
+    """A setting's error under the option the user typed (``--width``, not ``model.base_width``;
     ``--crop-size``, not ``crop_size``); any other error (a file, an option already) as it is."""
-    from dataclasses import fields
-
     from fedmix_engine.cli_federation import MODEL_OPTIONS, SERVER_OPTIONS, TRAIN_OPTIONS
 
-    field = exc.where.removeprefix("model.")
+    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
+        parser = sub.choices[getattr(args, sub.dest)]  # down to the command that ran
+    options = {action.dest for action in parser._actions if action.option_strings}
+    field = exc.where.removeprefix("model.").removeprefix("--").replace("-", "_")
     dest = dict((*SERVER_OPTIONS, *MODEL_OPTIONS, *TRAIN_OPTIONS)).get(field, field)
-    if not hasattr(args, dest):
-        return exc
-    from fedmix_engine.federation.state import ServerConfig
-    from fedmix_engine.fedmix.local_update import TrainConfig
-    from fedmix_engine.model import ModelConfig
-    from fedmix_engine.simulate import SimulationConfig
-
-    settings = {f.name for config in (ServerConfig, ModelConfig, TrainConfig, SimulationConfig) for f in fields(config)}
-    return InputError(f"--{dest.replace('_', '-')}", exc.reason) if field in settings else exc
+    return InputError(f"--{dest.replace('_', '-')}", exc.reason) if dest in options else exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except InputError as exc:
-        print(f"error: {_as_typed(exc, args)}", file=sys.stderr)
+        print(f"error: {_as_typed(exc, parser, args)}", file=sys.stderr)
         return 2
     except OSError as exc:  # the machine, not the input: a full disk, a share gone away; said, not traced back
         where = f"{exc.filename}: " if exc.filename else ""

@@ -161,8 +161,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedmix_engine.predict import Predictor, predict_folder
+    from fedmix_engine.predict import Predictor, check_batch, predict_folder
 
+    check_batch(args.input, args.threshold, args.out)  # before the model loads, as the napari widget does
     predictor = Predictor.from_checkpoint(_model_file(args.checkpoint), device=args.device, inference=args.inference)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
