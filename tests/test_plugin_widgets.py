@@ -1017,3 +1017,25 @@ def test_batch_predict_suggests_an_output_folder_beside_the_images(make_napari_v
     widget.output.setText(str(tmp_path / "mine"))  # ...until the user chooses one
     widget.input.setText(str(tmp_path))
     assert widget.output.text() == str(tmp_path / "mine")
+
+
+def test_tagging_takes_one_key_per_image(make_napari_viewer, qtbot, tmp_path, images):
+    """Tags are the cheap label FedMix is built on, yet each took a click on a tri-state box and a click on
+    'next'. Alt+A (every class absent) and Alt+P (the box class present) save and move on."""
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    canvas = viewer.window._qt_viewer.canvas.native
+    canvas.setFocus()
+    qtbot.keyClick(canvas, Qt.Key.Key_A, Qt.KeyboardModifier.AltModifier)
+    assert widget.current_id == "scan-1"
+    qtbot.keyClick(canvas, Qt.Key.Key_P, Qt.KeyboardModifier.AltModifier)
+    assert widget.current_id == "scan-2"
+    viewer.layers["FedMix mask"].data[5:10, 5:10] = 1  # the last image gets a mask, and is tagged too
+    viewer.layers["FedMix mask"].refresh()
+    widget._mark_dirty()
+    qtbot.keyClick(canvas, Qt.Key.Key_P, Qt.KeyboardModifier.AltModifier)
+    assert widget.current_id == "scan-2", "the last image stays on screen"
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert [store.tags(i) for i in ("scan-0", "scan-1", "scan-2")] == [{"lesion": False}, {"lesion": True},
+                                                                           {"lesion": True}]
+        assert [r.supervision for r in store.records()] == ["tag", "tag", "mask"]
+    assert widget.summary.text() == "3 images: 1 mask · 0 box · 2 tag · 0 unlabelled"

@@ -97,7 +97,8 @@ class AnnotateWidget(QWidget):
         layout.addWidget(self.image_list)
         layout.addLayout(_row(prev_button, next_button))
         layout.addLayout(_row(QLabel("class of new boxes:"), self.box_class))
-        layout.addWidget(QLabel("image-level tags (✓ present, – absent, empty = unknown):"))
+        layout.addWidget(QLabel("image-level tags (✓ present, – absent, empty = unknown);\n"
+                                "Alt+P: the box class present, Alt+A: all absent, then the next image"))
         layout.addLayout(self.tags_row)
         layout.addWidget(save_button)
         layout.addWidget(self.summary)
@@ -108,6 +109,8 @@ class AnnotateWidget(QWidget):
         self.timer.start(AUTOSAVE_MS)
         self.viewer.bind_key("Alt-Right", lambda _v: self.next_image(), overwrite=True)
         self.viewer.bind_key("Alt-Left", lambda _v: self.previous_image(), overwrite=True)
+        self.viewer.bind_key("Alt-P", lambda _v: self.tag_and_next(present=True), overwrite=True)
+        self.viewer.bind_key("Alt-A", lambda _v: self.tag_and_next(present=False), overwrite=True)
         from napari_fedmix.settings import plugin_defaults
 
         default_site = plugin_defaults()["default_site_folder"]
@@ -246,6 +249,17 @@ class AnnotateWidget(QWidget):
 
     def previous_image(self) -> None:
         self.image_list.setCurrentRow(max(self.image_list.currentRow() - 1, 0))
+
+    def tag_and_next(self, present: bool) -> None:
+        """One key per image for a site that tags (tags are the cheap label FedMix is for): Alt+P marks
+        the class chosen for new boxes present (a one-class site's only class), Alt+A every class
+        absent; the image is saved and the next one shown. Other classes' tags are left as they are."""
+        if self.store is None or self.current_id is None:
+            return
+        for name in [self.box_class.currentText()] if present else list(self.tag_boxes):
+            self.tag_boxes[name].setCheckState(Qt.CheckState.Checked if present else Qt.CheckState.Unchecked)
+        if not self.save() and self.unsaved is None:  # a problem keeps the image on screen to be seen
+            self.next_image()
 
     # ------------------------------------------------------------------ saving
     def save(self) -> list[str]:
