@@ -265,9 +265,11 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
     model = save_checkpoint(tmp_path / "m.safetensors", init_pair(TINY, 3), TINY, {"image_size": 32,
                                                                                    "classes": ["lesion"]})
     predictor = Predictor.from_checkpoint(model, "cpu")
-    rows = score_site(predictor, test)
+    steps: list[tuple[int, int]] = []
+    rows = score_site(predictor, test, progress=lambda done, total: steps.append((done, total)))
     with SiteStore.open(test, readonly=True) as store:
         assert [r.image for r in rows] == store.image_ids() and {r.label for r in rows} == {"lesion"}
+        assert steps == [(k, len(rows)) for k in range(1, len(rows) + 1)], "progress after every image"
     assert mean_image_dice(rows) == pytest.approx(evaluate(predictor, EvalSet.from_store(test, 32, 1, 1))["dice"])
     assert main(["evaluate", str(model), str(test), "--out", str(tmp_path / "scores.csv"), "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -142,7 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         _check_writable_file(args.out)  # before the work, not after it
     predictor = Predictor.from_checkpoint(_model_file(args.model), device=args.device, inference=args.inference)
-    rows = score_site(predictor, args.site)
+    rows = score_site(predictor, args.site, progress=lambda done, total: progress_bar(done, total, "evaluate"))
+    clear_progress_bar()
     if args.out:
         try:
             write_scores(args.out, rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +91,17 @@ class ImageScore:
     hd95: float  # pixels at the image's own size; nan when exactly one of the two masks is empty
 
 
-def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str]) -> list[ImageScore]:
-    """Dice, IoU and HD95 of every image and class: the detail behind :func:`evaluate`'s mean."""
+def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str],
+                 progress: Callable[[int, int], None] | None = None) -> list[ImageScore]:
+    """Dice, IoU and HD95 of every image and class: the detail behind :func:`evaluate`'s mean;
+    ``progress(done, total)`` after each image (HD95's distance transforms take a while on large images)."""
     rows = []
-    for image_id, pred, truth in _predicted_masks(predictor, data):
+    for done, (image_id, pred, truth) in enumerate(_predicted_masks(predictor, data), start=1):
         metrics = per_class_metrics(pred, truth)
         rows.extend(ImageScore(image_id, name, bool(truth[c].any()), metrics["dice"][c], metrics["iou"][c],
                                metrics["hd95"][c]) for c, name in enumerate(classes))
+        if progress:
+            progress(done, len(data.ids))
     return rows
 
 
@@ -106,7 +110,8 @@ def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str =
     return evaluate(Predictor.from_checkpoint(checkpoint, device), data)["dice"]
 
 
-def score_site(predictor: Predictor, site: str | Path) -> list[ImageScore]:
+def score_site(predictor: Predictor, site: str | Path,
+               progress: Callable[[int, int], None] | None = None) -> list[ImageScore]:
     """:func:`score_images` on a site folder's fully labelled images; a site whose classes are named in
     another order than the model's is refused (its label k would be scored as the model's class k)."""
     with SiteStore.open(site, readonly=True) as store:
@@ -116,7 +121,7 @@ def score_site(predictor: Predictor, site: str | Path) -> list[ImageScore]:
                                f"{', '.join(predictor.classes)}, in this label order")
     config = predictor.model_config
     data = EvalSet.from_store(site, predictor.image_size, config.num_classes, config.in_channels)
-    return score_images(predictor, data, classes)
+    return score_images(predictor, data, classes, progress)
 
 
 @dataclass(frozen=True)
