@@ -83,7 +83,8 @@ def test_the_overviews_workflow_commands_are_ones_the_parser_accepts():
                 for part in re.split(r";|, then", re.sub(r"\[[^]]*\]|\(.*?\)", "", line))
                 if "fedmix-engine " in part]
     commands = [words[words.index("fedmix-engine") + 1:] for words in commands]
-    assert len(commands) == 9 and {c[0] for c in commands} >= {"site", "join", "token", "serve", "simulate"}
+    assert len(commands) == 10 and {c[0] for c in commands} >= {"site", "join", "token", "serve", "simulate",
+                                                                 "evaluate"}
     for words in commands:
         args = parser.parse_args(["5" if w in ("N", "R") else w for w in words])
         assert callable(args.func), words

@@ -155,6 +155,7 @@ where to start:
   a clinic site    fedmix-engine site init SITE --classes lesion
                    fedmix-engine site import SITE --images FOLDER [--masks F] [--boxes CSV] [--tags CSV]
                    fedmix-engine join --server URL --token-file F --site SITE
+                   fedmix-engine evaluate SITE HELD_OUT_SITE   (its newest model on labelled cases)
   the aggregator   fedmix-engine token add SITE_NAME --state DIR   (once per site; give it the token)
                    fedmix-engine serve --state DIR --sites N --rounds R [--tls-cert C --tls-key K]
   a researcher     fedmix-engine make-sample OUT, then fedmix-engine simulate --sample OUT --method fedmix
