@@ -343,6 +343,10 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     names = [layer.name for layer in viewer.layers]
     assert names.count(PROB_LAYER) == 1 and names.count(PRED_LAYER) == 1
     assert viewer.layers[PROB_LAYER].data.shape == viewer.layers["scan"].data.shape
+    # which model made the overlay, as a clinician needs to know before trusting it
+    device = predict.predictor().plan.device  # the CPU here; a GPU where there is one
+    assert predict.status.text().endswith("of the image; model: final.safetensors (round 1, lesion, trained at "
+                                          f"32 px, on {device})"), predict.status.text()
     predict.threshold.setValue(99)
     assert viewer.layers[PRED_LAYER].data.sum() <= (predict._probability.max(0) > 0.5).sum()
 

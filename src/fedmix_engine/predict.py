@@ -52,10 +52,12 @@ class Predictor:
     """Probabilities from the global pair for images of any size (resized to the training size and back)."""
 
     def __init__(self, pair: PairState, model_config: ModelConfig, image_size: int, plan: DevicePlan | None = None,
-                 inference: str = "net1", batch_size: int | None = None, classes: Sequence[str] | None = None):
+                 inference: str = "net1", batch_size: int | None = None, classes: Sequence[str] | None = None,
+                 trained_round: int | None = None):
         if inference not in INFERENCE:
             raise InputError("inference", f"'{inference}' is not one of {', '.join(INFERENCE)}")
         self.classes = tuple(classes) if classes else None  # the label names, when the checkpoint has them
+        self.trained_round = trained_round  # the round the checkpoint holds, when it says
         self.plan = plan or plan_device("auto")
         self.model_config = model_config
         self.image_size = image_size
@@ -75,7 +77,13 @@ class Predictor:
             pair, model_config, meta = load_checkpoint(source)
         image_size = int(meta.get("image_size", 128))
         return cls(pair, model_config, image_size, plan_device(device), inference or meta.get("inference", "net1"),
-                   classes=meta.get("classes"))
+                   classes=meta.get("classes"), trained_round=meta.get("round"))
+
+    def describe(self) -> str:
+        """What a user should know of the model predicting: its round, classes, training size and device."""
+        parts = [f"round {self.trained_round}"] if self.trained_round is not None else []
+        classes = ", ".join(self.classes) if self.classes else f"{self.model_config.num_classes} class(es)"
+        return ", ".join([*parts, classes, f"trained at {self.image_size} px", f"on {self.plan.device}"])
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -200,8 +200,10 @@ class PredictWidget(QWidget):
         self._overlay(PROB_LAYER, probability.max(axis=0), self.viewer.add_image, colormap="magma", opacity=0.5,
                       contrast_limits=(0, 1))
         self._apply_threshold()
+        shown = "stack" if probability.ndim > 3 else "image"
+        model = f"{Path(self._predictor_key[0]).name} ({self._predictor.describe()})" if self._predictor else "?"
         self.status.setText(f"foreground {float((self.viewer.layers[PRED_LAYER].data > 0).mean()):.1%} of the "
-                            + ("stack" if probability.ndim > 3 else "image"))
+                            f"{shown}; model: {model}")
 
     def _apply_threshold(self) -> None:
         if self._probability is None:
