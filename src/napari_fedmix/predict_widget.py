@@ -39,10 +39,9 @@ CHECKPOINT_FILES = "Checkpoints (*.safetensors)"
 def predictable_files_filter() -> str:
     """The file dialog's filter for batch input: images and videos, and every file (DICOM exports often
     have no suffix)."""
-    from fedmix_engine.data.imageio import IMAGE_SUFFIXES
-    from fedmix_engine.data.video import VIDEO_SUFFIXES
+    from fedmix_engine.data.imageio import PREDICTABLE_SUFFIXES
 
-    patterns = " ".join(f"*{suffix}" for suffix in (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES))
+    patterns = " ".join(f"*{suffix}" for suffix in PREDICTABLE_SUFFIXES)
     return f"Images and videos ({patterns});;All files (*)"
 
 

@@ -35,6 +35,7 @@ from fedmix_engine.errors import InputError
 
 _PLAIN_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")  # read by tifffile or imageio
 IMAGE_SUFFIXES = (*_PLAIN_SUFFIXES, *DICOM_SUFFIXES)
+PREDICTABLE_SUFFIXES = (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES)  # what batch prediction reads by its name
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -52,7 +53,7 @@ def image_stem(path: str | Path) -> str:
     """A file's name without its image suffix: ``case1`` for ``case1.png``, but all of
     ``1.2.840.113619.2.55.1`` for a DICOM file named by its UID, whose last number is not a suffix."""
     path = Path(path)
-    return path.stem if path.suffix.lower() in (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES) else path.name
+    return path.stem if path.suffix.lower() in PREDICTABLE_SUFFIXES else path.name
 
 
 def is_predictable_path(path: Path) -> bool:
