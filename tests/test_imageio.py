@@ -173,3 +173,39 @@ def test_a_palette_png_mask_gives_its_indices_not_its_colours(tmp_path: Path) ->
     (tmp_path / "cut.png").write_bytes((tmp_path / "case_mask.png").read_bytes()[:60])
     with pytest.raises(InputError, match=r"cut\.png: unreadable or corrupt"):
         read_mask_file(tmp_path / "cut.png", 2)
+
+
+def test_a_one_colour_mask_on_black_is_read_and_a_many_coloured_one_refused(tmp_path: Path,
+                                                                             lesion_mask: np.ndarray) -> None:
+    """Outline tools export a red (or any one colour) lesion on black; that is one class, unambiguous. Several
+    colours need a colour-to-class key the file does not hold, so they are refused, not guessed."""
+    from fedmix_engine.data.imageio import read_mask_file
+
+    red = np.zeros((48, 64, 3), np.uint8)
+    red[..., 0] = lesion_mask * 200
+    iio.imwrite(tmp_path / "red.png", red)
+    np.testing.assert_array_equal(validate_mask(read_mask_file(tmp_path / "red.png", 1), (48, 64), 1, "m"),
+                                  lesion_mask)
+    opaque = np.dstack([red, np.full((48, 64), 255, np.uint8)])
+    iio.imwrite(tmp_path / "rgba.png", opaque)
+    np.testing.assert_array_equal(read_mask_file(tmp_path / "rgba.png", 1), lesion_mask)
+
+    two = red.copy()
+    two[30:40, 40:50] = (0, 255, 0)
+    iio.imwrite(tmp_path / "two.png", two)
+    for classes in (1, 2):  # a second colour is a second class, or noise: neither is guessed
+        with pytest.raises(InputError, match=r"two\.png: colour mask with 3 colours.*indexed \(palette\) PNG"):
+            validate_mask(read_mask_file(tmp_path / "two.png", classes), (48, 64), classes, tmp_path / "two.png")
+    with pytest.raises(InputError, match=r"red\.png: colour mask with 2 colours"):
+        validate_mask(read_mask_file(tmp_path / "red.png", 2), (48, 64), 2, tmp_path / "red.png")
+
+
+def test_stray_mask_values_are_named(lesion_mask: np.ndarray) -> None:
+    """"0..255 outside 0..1" does not say that 255 is fine in a 0/255 mask and the anti-aliased edge is not."""
+    smeared = lesion_mask * 255
+    smeared[10, 15:18] = (128, 64, 128)
+    with pytest.raises(InputError, match=r"m: mask values 0\.\.255 outside 0 and 255 \(or 0 and 1\): 64, 128$"):
+        validate_mask(smeared, (48, 64), 1, "m")
+    many = (np.arange(48 * 64).reshape(48, 64) % 12).astype(np.uint8)
+    with pytest.raises(InputError, match=r"range 0\.\.2 \(0 = background\): 3, 4, 5, 6, 7 and 4 more$"):
+        validate_mask(many, (48, 64), 2, "m")

@@ -318,7 +318,7 @@ def read_mask_file(path: Path, num_classes: int) -> np.ndarray:
         return indices
     array = read_array(path)
     if path.suffix.lower() not in LOSSY_SUFFIXES:
-        return array
+        return _one_colour_on_black(array, num_classes)
     if num_classes != 1:
         raise InputError(path, "a mask with several classes must be saved lossless (PNG or TIFF): JPEG "
                                "compression changes its class numbers")
@@ -337,11 +337,31 @@ def read_mask_file(path: Path, num_classes: int) -> np.ndarray:
     return (grey >= 128).astype(np.uint8)
 
 
+def _one_colour_on_black(array: np.ndarray, num_classes: int) -> np.ndarray:
+    """A one-class colour mask drawn in a single colour on black (a red outline tool's export) as 0/1;
+    anything else unchanged. A mask of several colours is left to :func:`validate_mask` to refuse, since
+    which colour is which class cannot be guessed."""
+    rgb = _without_length_one_axes(array)
+    if num_classes != 1 or rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+        return array
+    if rgb.shape[-1] == 4 and not np.all(rgb[..., 3] == rgb[0, 0, 3]):
+        return array  # transparency that varies may itself be the mask: not guessed
+    colours = np.unique(rgb[..., :3].reshape(-1, 3), axis=0)
+    if len(colours) != 2 or colours[0].any():  # sorted, so black comes first when present
+        return array
+    return rgb[..., :3].any(axis=-1).astype(np.uint8)
+
+
 def validate_mask(mask: np.ndarray, image_shape: tuple[int, int], num_classes: int, where: str | Path) -> np.ndarray:
     """Check a label mask (0 = background, 1..C = classes) against its image; return it as uint8."""
     mask = _without_length_one_axes(np.asarray(mask))
     if mask.ndim == 3 and mask.shape[-1] in (3, 4) and np.all(mask[..., :3] == mask[..., :1]):
         mask = mask[..., 0]  # a grey mask saved as RGB(A)
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+        colours = len(np.unique(mask[..., :3].reshape(-1, 3), axis=0))
+        raise InputError(where, f"colour mask with {colours} colours: which colour is which class cannot be "
+                                "told; save it with one grey value per class (0 = background, 1..C) or as an "
+                                "indexed (palette) PNG")
     if mask.ndim != 2:
         raise InputError(where, f"mask must be 2-D (H×W), got shape {tuple(mask.shape)}")
     if tuple(mask.shape) != tuple(image_shape[:2]):
@@ -360,7 +380,10 @@ def validate_mask(mask: np.ndarray, image_shape: tuple[int, int], num_classes: i
         # a 0/255 binary mask is common; accept it for single-class sites
         if num_classes == 1 and set(np.unique(mask).tolist()) <= {0, 255}:
             return (mask > 0).astype(np.uint8)
-        raise InputError(
-            where, f"mask values {lo}..{hi} outside the class range 0..{num_classes} (0 = background)"
-        )
+        values = np.unique(mask).tolist()
+        binary = num_classes == 1 and 255 in values  # meant as 0/255: the values that are neither are wrong
+        stray = [v for v in values if (v not in (0, 255) if binary else not 0 <= v <= num_classes)]
+        listed = ", ".join(str(v) for v in stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+        allowed = "0 and 255 (or 0 and 1)" if binary else f"the class range 0..{num_classes} (0 = background)"
+        raise InputError(where, f"mask values {lo}..{hi} outside {allowed}: {listed}")
     return mask.astype(np.uint8)
