@@ -362,6 +362,31 @@ def test_site_import_reads_excel_tables_and_refuses_an_unreadable_one_before_imp
         assert store.image_ids() == [], "the images wait until their tables can be read"
 
 
+def test_site_import_takes_a_spreadsheets_capitalised_class_and_decimal_comma(tmp_path: Path, capsys, rng) -> None:
+    """A clinic's spreadsheet says 'Lesion' and, where the comma is the decimal mark, '10,5'; both were refused
+    row by row. A capitalisation that fits two classes is still refused, naming the classes."""
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    (clinic / "tags.csv").write_text("image;class;present\ncase-12;Lesion;present\ncase-13;LESION ;absent\n"
+                                     "case-14;lesion;present\n")
+    (clinic / "boxes.csv").write_text('image;class;y0;x0;y1;x1\ncase-05;Lesion;3,5;4;20,4;30\n'
+                                      'case-06;lesion;3;4;1,2,3;30\n')
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images"),
+                 "--boxes", str(clinic / "boxes.csv"), "--tags", str(clinic / "tags.csv")]) == 1
+    out = capsys.readouterr().out
+    assert "boxes: 1  tags: 3" in out and "1 problem(s)" in out
+    assert "boxes.csv:3: box corners must be numbers, got ['3', '4', '1,2,3', '30']" in out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.tags("case-12") == {"lesion": True} and store.tags("case-13") == {"lesion": False}
+        assert [(b.class_name, b.y0, b.x0, b.y1, b.x1) for b in store.boxes("case-05")] == [("lesion", 4, 4, 20, 30)]
+
+    twins = tmp_path / "twins"
+    assert main(["site", "import", str(twins), "--classes", "cyst,Cyst", "--images", str(clinic / "images"),
+                 "--tags", str(clinic / "tags.csv")]) == 1
+    assert "tags.csv:2: unknown class 'Lesion'; this site's classes are: cyst, Cyst" in capsys.readouterr().out
+
+
 def test_site_import_of_a_folder_without_images_says_what_it_holds(tmp_path: Path, capsys, rng) -> None:
     """Per-patient sub-folders or a folder of volumes imported nothing, said 'images added: 0' and exited 0."""
     nested = tmp_path / "scans"

@@ -111,10 +111,10 @@ def _resolve_image(ids: set[str], name: str) -> str | None:
     return candidate if candidate in ids else None
 
 
-def _rows_of_site_images(table: tuple[Path, TableRows], ids: set[str], report: ImportReport
-                         ) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """A box or tag table's rows as (``file:line``, image id, row); a row naming an image the site does
-    not hold is a problem of the report, not a row."""
+def _rows_of_site_images(table: tuple[Path, TableRows], ids: set[str], classes: tuple[str, ...],
+                         report: ImportReport) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """A box or tag table's rows as (``file:line``, image id, row) with the row's class spelled as the site
+    spells it; a row naming an image the site does not hold is a problem of the report, not a row."""
     path, rows = table
     for line, row in rows:
         where = f"{path}:{line}"
@@ -122,7 +122,22 @@ def _rows_of_site_images(table: tuple[Path, TableRows], ids: set[str], report: I
         if image_id is None:
             report.problems.append(f"{where}: image '{row['image']}' is not in the site")
             continue
-        yield where, image_id, row
+        yield where, image_id, {**row, "class": _site_class(classes, row["class"])}
+
+
+def _site_class(classes: tuple[str, ...], typed: str) -> str:
+    """The site's class a table means: ``Lesion`` or ``LESION`` for ``lesion``, as a spreadsheet capitalises
+    it, if only one class matches that way; otherwise as typed (the store refuses an unknown class)."""
+    if typed in classes:
+        return typed
+    matches = [c for c in classes if c.casefold() == typed.casefold()]
+    return matches[0] if len(matches) == 1 else typed
+
+
+def _number(text: str) -> float:
+    """A table's number, also with a decimal comma (``10,5``: what Excel writes where the comma is the
+    decimal mark, in the semicolon-separated tables it saves there)."""
+    return float(re.sub(r"^(\s*[-+]?\d+),(\d+\s*)$", r"\1.\2", text))
 
 
 def masks_beside_images(files: list[Path]) -> list[Path]:
@@ -270,9 +285,9 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
 
     if sources.boxes is not None:
         grouped: dict[str, list[Box]] = defaultdict(list)
-        for where, image_id, row in _rows_of_site_images(sources.boxes, ids, report):
+        for where, image_id, row in _rows_of_site_images(sources.boxes, ids, store.config.classes, report):
             try:
-                corners = [float(row[k]) for k in ("y0", "x0", "y1", "x1")]
+                corners = [_number(row[k]) for k in ("y0", "x0", "y1", "x1")]
             except ValueError:
                 report.problems.append(f"{where}: box corners must be numbers, got "
                                        f"{[row[k] for k in ('y0', 'x0', 'y1', 'x1')]}")
@@ -288,7 +303,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
             report.boxes += len(boxes)
 
     if sources.tags is not None:
-        for where, image_id, row in _rows_of_site_images(sources.tags, ids, report):
+        for where, image_id, row in _rows_of_site_images(sources.tags, ids, store.config.classes, report):
             value = row["present"].lower()
             if value not in _TRUE | _FALSE:
                 report.problems.append(f"{where}: present must be 'present' or 'absent', got '{row['present']}'")
