@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -250,6 +251,14 @@ def test_predict_takes_a_site_folder_and_uses_the_model_it_trained_last(tmp_path
     assert main(["predict", str(site), str(images), str(tmp_path / "out2"), "--device", "cpu"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"model: {federated}"
     assert tifffile.imread(tmp_path / "out2" / "scan_mask.tif").shape == (40, 48)
+    # each folder of masks says which model drew it, byte for byte, and with what settings
+    for out, model in (("out", local), ("out2", federated)):
+        record = json.loads((tmp_path / out / "prediction.json").read_text())
+        assert record["model"]["checkpoint"] == str(model.resolve())
+        assert record["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+        assert record["model"]["trained_at_px"] == 32 and record["model"]["model"]["base_width"] == TINY.base_width
+        assert record["input"] == str(images.resolve()) and record["threshold"] == 0.5
+        assert record["files"] == {"total": 1, "ok": 1} and record["finished"] >= record["started"]
 
 
 def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_figure(sample: Path, tmp_path: Path,
@@ -414,11 +423,15 @@ def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp
     batch.close()
     assert [(r["file"], r["status"]) for r in summary()] == [
         ("Scan.png", "ok"), ("scan.tif", NOT_RUN), ("zeta.tif", NOT_RUN)]
+    record = json.loads((out / "prediction.json").read_text())
+    assert record["files"] == {"total": 3, "ok": 1, "not run": 2} and record["finished"] is not None
+    assert record["model"]["checkpoint"] is None, "a predictor made from weights in memory has no file to name"
     assert summary()[0]["mask_file"] == "Scan_png_mask.tif"
 
     # closed before its first image (a Cancel before the worker ran): still this run's summary, all not run
     batch = iter_predict_folder(predictor, folder, out)
     assert batch.total == 3
+    assert json.loads((out / "prediction.json").read_text())["finished"] is None, "a run under way says so"
     batch.close()
     assert [r["status"] for r in summary()] == [NOT_RUN] * 3
 

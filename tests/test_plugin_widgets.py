@@ -900,7 +900,8 @@ def test_batch_predict_takes_one_video_picked_with_its_file_button(make_napari_v
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.status.text() == f"1 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["colonoscopy_mask.tif", "summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["colonoscopy_mask.tif", "prediction.json",
+                                                                   "summary.csv"]
     assert tifffile.imread(tmp_path / "out" / "colonoscopy_mask.tif").shape == (6, 40, 48)
 
 

@@ -67,7 +67,7 @@ def test_one_video_file_is_predicted_on_its_own(tmp_path: Path, capsys) -> None:
     checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
     assert main(["predict", str(checkpoint), str(tmp_path / "clip.mp4"), str(tmp_path / "out"), "--device", "cpu"]) == 0
     assert "predicted 1 image(s)" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_mask.tif", "summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_mask.tif", "prediction.json", "summary.csv"]
     assert tifffile.imread(tmp_path / "out" / "clip_mask.tif").shape == (5, 40, 48)
 
 

@@ -52,11 +52,16 @@ def save_checkpoint(path: str | Path, pair: PairState, model_config: ModelConfig
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[PairState, ModelConfig, dict[str, Any]]:
+def checkpoint_bytes(path: str | Path) -> bytes:
+    """A checkpoint file's bytes, or an error naming the file that is not there."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint file not found")
-    return pair_from_bytes(path.read_bytes(), path)
+    return path.read_bytes()
+
+
+def load_checkpoint(path: str | Path) -> tuple[PairState, ModelConfig, dict[str, Any]]:
+    return pair_from_bytes(checkpoint_bytes(path), path)
 
 
 def save_site_state(models_dir: Path, state: SiteState, name: str = STATE_FILE) -> None:

@@ -172,7 +172,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     no_seg = [r for r in rows if r.seg_file.startswith("not written")]
     clear_progress_bar()
     segs = sum(r.seg_file.endswith(".dcm") for r in rows)
-    print(f"predicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv)"
+    print(f"predicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv, prediction.json)"
           + (f"; {segs} DICOM SEG(s)" if args.dicom_seg else ""))
     for r in skipped:
         print(f"  {r.file}: {r.status}")
@@ -241,7 +241,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                              "DICOM cine loops and videos, predicted frame by frame), or one "
                                              "such file")
     p.add_argument("out", type=Path, help="output folder: <stem>_mask.tif per image (<stem>_<suffix>_mask.tif "
-                   "where two images share a stem) and summary.csv")
+                   "where two images share a stem), summary.csv and prediction.json (the model "
+                   "and settings)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is foreground")
     p.add_argument("--inference", choices=("net1", "mean"),
                    help="network 1 or the mean of both (default: what the checkpoint was evaluated with)")

@@ -8,19 +8,24 @@ better and docs/benchmarks.md reports it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from fedmix_engine import __version__
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
-from fedmix_engine.checkpoint import load_checkpoint, pair_from_bytes
+from fedmix_engine.checkpoint import checkpoint_bytes, pair_from_bytes
 from fedmix_engine.data.dicom import dicom_frames
 from fedmix_engine.data.dicom_seg import default_class_names, write_dicom_seg
 from fedmix_engine.data.imageio import (
@@ -48,16 +53,25 @@ from fedmix_engine.steps import run_steps
 INFERENCE = ("net1", "mean")
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a predictor's weights came from, so a mask can be traced to the exact model that drew it."""
+
+    name: str  # the checkpoint's path, or what it was (a global model just downloaded)
+    sha256: str  # of the checkpoint's bytes
+
+
 class Predictor:
     """Probabilities from the global pair for images of any size (resized to the training size and back)."""
 
     def __init__(self, pair: PairState, model_config: ModelConfig, image_size: int, plan: DevicePlan | None = None,
                  inference: str = "net1", batch_size: int | None = None, classes: Sequence[str] | None = None,
-                 trained_round: int | None = None):
+                 trained_round: int | None = None, source: ModelSource | None = None):
         if inference not in INFERENCE:
             raise InputError("inference", f"'{inference}' is not one of {', '.join(INFERENCE)}")
         self.classes = tuple(classes) if classes else None  # the label names, when the checkpoint has them
         self.trained_round = trained_round  # the round the checkpoint holds, when it says
+        self.source = source  # the checkpoint's file and digest, when made from one
         self.plan = plan or plan_device("auto")
         self.model_config = model_config
         self.image_size = image_size
@@ -72,18 +86,28 @@ class Predictor:
                         inference: str | None = None) -> Predictor:
         """From a checkpoint file, or its bytes (e.g. a global model just downloaded)."""
         if isinstance(source, bytes):
-            pair, model_config, meta = pair_from_bytes(source, "checkpoint")
+            data, where, name = source, "checkpoint", "checkpoint (received, not a file)"
         else:
-            pair, model_config, meta = load_checkpoint(source)
+            data, where, name = checkpoint_bytes(source), source, str(Path(source).resolve())
+        pair, model_config, meta = pair_from_bytes(data, where)
         image_size = int(meta.get("image_size", 128))
         return cls(pair, model_config, image_size, plan_device(device), inference or meta.get("inference", "net1"),
-                   classes=meta.get("classes"), trained_round=meta.get("round"))
+                   classes=meta.get("classes"), trained_round=meta.get("round"),
+                   source=ModelSource(name, hashlib.sha256(data).hexdigest()))
 
     def describe(self) -> str:
         """What a user should know of the model predicting: its round, classes, training size and device."""
         parts = [f"round {self.trained_round}"] if self.trained_round is not None else []
         classes = ", ".join(self.classes) if self.classes else f"{self.model_config.num_classes} class(es)"
         return ", ".join([*parts, classes, f"trained at {self.image_size} px", f"on {self.plan.device}"])
+
+    def provenance(self) -> dict[str, Any]:
+        """The model as a prediction's record names it: checkpoint and digest, round, classes, settings."""
+        return {"checkpoint": self.source.name if self.source else None,
+                "sha256": self.source.sha256 if self.source else None,
+                "round": self.trained_round, "classes": list(self.classes) if self.classes else None,
+                "trained_at_px": self.image_size, "inference": self.inference, "device": str(self.plan.device),
+                "model": json.loads(self.model_config.to_json())}
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -203,6 +227,7 @@ class BatchRow:
     seg_file: str = ""  # the DICOM SEG written beside the mask, or "not written: <reason>"; "" when not asked
 
 
+RECORD_FILE = "prediction.json"  # which model, settings and input made a folder's masks, and when
 SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "status", "seg_file")
 NOT_RUN = "not run: the batch was stopped before this file"
 
@@ -271,6 +296,10 @@ class FolderBatch:
                       sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")))
         self.total = len(self.files)
         _write_summary(self.out / "summary.csv", [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files])
+        self._record = {"fedmix_engine": __version__, "input": str(folder.resolve()), "threshold": threshold,
+                        "dicom_seg": dicom_seg, "model": predictor.provenance(), "started": _now(), "finished": None,
+                        "files": {"total": self.total}}
+        atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
         self._run = self._rows(predictor, threshold)
 
     def __iter__(self) -> FolderBatch:
@@ -307,6 +336,9 @@ class FolderBatch:
         finally:
             not_run = [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
             _write_summary(self.out / "summary.csv", rows + not_run)
+            self._record["finished"] = _now()
+            self._record["files"] = {"total": self.total, **Counter(r.status.split(":")[0] for r in rows + not_run)}
+            atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
 
     def _predict_file(self, predictor: Predictor, path: Path, mask_file: str,
                       threshold: float) -> Generator[FrameStep, None, BatchRow]:
@@ -366,6 +398,14 @@ def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Pat
     """Predict every image in ``folder`` (or the one file it names) into ``out``; see ``FolderBatch`` (checks
     happen here, now)."""
     return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes, frame_steps)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _json_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2) + "\n").encode()
 
 
 def _write_summary(path: Path, rows: list[BatchRow]) -> None:
