@@ -8,6 +8,7 @@ RT structure set, a JPEG-LS file and a truncated one. Files for cases those lack
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import warnings
 from pathlib import Path
@@ -334,6 +335,9 @@ def test_predictions_of_dicom_images_are_written_as_dicom_seg_of_their_source(tm
         assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.Modality == "SEG"  # Segmentation Storage
         assert (seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
                 == pydicom.dcmread(folder / source).SOPInstanceUID)
+        algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmParameters == (  # the PACS copy names the exact model, as prediction.json does
+            f"model_sha256={hashlib.sha256(checkpoint.read_bytes()).hexdigest()},threshold=0.5")
     assert tifffile.imread(out / "cine_mask.tif").shape == (30, 240, 320)
     assert not (out / "scan_seg.dcm").exists() and not (out / "cine_seg.dcm").exists()
     with pytest.raises(InputError, match=r"classes: 2 name\(s\) \(a, b\) for a model of 1 class"):

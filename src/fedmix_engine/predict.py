@@ -385,8 +385,12 @@ class FolderBatch:
         if not (self.dicom_seg and is_dicom_file(path)):
             return ""
         name = mask_file.removesuffix("_mask.tif") + "_seg.dcm"
+        model = self._record["model"]
+        parameters = {"model_sha256": model["sha256"], "model_round": model["round"],
+                      "threshold": self._record["threshold"]}
         try:
-            write_dicom_seg(path, mask, self.classes, self.out / name)
+            write_dicom_seg(path, mask, self.classes, self.out / name,
+                            {key: str(value) for key, value in parameters.items() if value is not None})
         except InputError as exc:
             return f"not written: {exc.reason}"
         return name

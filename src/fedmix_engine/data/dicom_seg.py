@@ -11,7 +11,7 @@ reference (an ultrasound cine loop); that is refused with the reason, and the TI
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,11 @@ def default_class_names(count: int) -> list[str]:
     return ["lesion"] if count == 1 else [f"class {k}" for k in range(1, count + 1)]
 
 
-def write_dicom_seg(source: str | Path, labels: np.ndarray, classes: Sequence[str], out: str | Path) -> Path:
+def write_dicom_seg(source: str | Path, labels: np.ndarray, classes: Sequence[str], out: str | Path,
+                    parameters: Mapping[str, str] | None = None) -> Path:
     """Write ``labels`` (H×W, or F×H×W for a multi-frame source; 0 = background, k = ``classes[k-1]``)
-    as a DICOM SEG of ``source`` to ``out``, atomically."""
+    as a DICOM SEG of ``source`` to ``out``, atomically. ``parameters`` (the model's digest, the
+    threshold) go into the SEG's algorithm identification, so the PACS copy names the model too."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -48,7 +50,8 @@ def write_dicom_seg(source: str | Path, labels: np.ndarray, classes: Sequence[st
     if int(labels.max(initial=0)) > len(classes):
         raise InputError(source, f"mask label {int(labels.max())} has no class name (classes: {', '.join(classes)})")
     algorithm = hd.AlgorithmIdentificationSequence(name="FedMix", version=__version__,
-                                                   family=codes.DCM.ArtificialIntelligence)
+                                                   family=codes.DCM.ArtificialIntelligence,
+                                                   parameters=dict(parameters) if parameters else None)
     segments = [hd.seg.SegmentDescription(segment_number=k, segment_label=name,
                                           segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
                                           segmented_property_type=codes.SCT.Lesion,
