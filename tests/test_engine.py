@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -455,6 +456,32 @@ def test_simulate_refuses_a_site_given_twice_a_file_as_out_and_negative_threads(
     assert (tmp_path / "a-file").read_text() == "keep me"
     assert main([*common, "--sites", str(sample / "site-a"), "--threads", "-1"]) == 2
     assert "--threads: must be ≥ 0" in capsys.readouterr().err
+
+
+def test_simulate_without_evaluation_data_shows_training_loss_not_nan_and_names_what_it_wrote(
+        sample: Path, tmp_path: Path, capsys) -> None:
+    """A site training on its own (``--sites SITE`` with no ``--eval``) printed a column of nan, 'best round
+    (validation)' with no validation, 'test Dice: | mean nan', and for ``local`` a best.safetensors it never wrote."""
+    common = ["simulate", "--sites", str(sample / "site-a"), str(sample / "site-b"), "--rounds", "1", "--width", "4",
+              "--image-size", "32", "--crop-size", "32", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "fedmix")]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(r"\bnan\b", out) and "best round (validation)" not in out and "test Dice:" not in out
+    assert "training loss per site (weight, samples used)" in out
+    [row] = [line for line in out.splitlines() if line.startswith("    1 ")]
+    strict = {"parse_constant": lambda name: pytest.fail(f"{name} is not JSON")}  # as jq or JavaScript read it
+    record = json.loads((tmp_path / "fedmix" / "metrics.jsonl").read_text(), **strict)
+    losses = record["losses"]
+    assert record["val_mean"] is None and record["val_dice"] == {}
+    assert json.loads((tmp_path / "fedmix" / "summary.json").read_text(), **strict)["test_mean"] is None
+    assert row.split()[1:3] == [f"{losses['site-a']:.3f}", f"{losses['site-b']:.3f}"]
+    assert "no validation or test Dice; best.safetensors is the last round's model" in out
+    assert (f"wrote {tmp_path / 'fedmix'}/metrics.jsonl, summary.json, best.safetensors, final.safetensors"
+            in out)
+    assert main([*common, "--method", "local", "--out", str(tmp_path / "local")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'local'}/metrics.jsonl, summary.json\n" in out
+    assert not (tmp_path / "local" / "best.safetensors").exists()
 
 
 def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path: Path) -> None:

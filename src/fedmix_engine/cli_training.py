@@ -83,17 +83,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             progress_bar(event.step, event.total, event.stage)
         elif isinstance(event, RoundDone):
             clear_progress_bar()
+            shown = event.val_dice if eval_root else event.losses  # without evaluation data: the training loss
             if names is None:
                 names = list(event.n)
                 header = "round " + " ".join(f"{n[:10]:>10}" for n in names)
-                print(f"{header}   val Dice per site (weight, samples used)")
-            cells = " ".join(f"{event.val_dice.get(n, float('nan')):10.3f}" for n in names)
+                print(f"{header}   {'val Dice' if eval_root else 'training loss'} per site (weight, samples used)")
+            cells = " ".join(f"{shown.get(n, float('nan')):10.3f}" for n in names)
             extra = ", ".join(f"{n}: w={event.weights.get(n, 0):.2f} n={event.n[n]}" for n in names)
-            print(f"{event.round:5d} {cells}   mean {event.val_mean:.3f} ({extra}) {event.seconds:.1f}s", flush=True)
+            mean = f"mean {event.val_mean:.3f} " if eval_root else ""
+            print(f"{event.round:5d} {cells}   {mean}({extra}) {event.seconds:.1f}s", flush=True)
         elif isinstance(event, SimulationResult):
-            print(f"best round (validation): {event.best_round}")
-            print("test Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in event.test_dice.items())
-                  + f"  | mean {event.test_mean:.3f}")
+            if eval_root is None:
+                kept = "" if config.method == "local" else "; best.safetensors is the last round's model"
+                print(f"no evaluation data (--eval, or a --sample with eval/): no validation or test Dice{kept}")
+            else:
+                print(f"best round (validation): {event.best_round}")
+                print("test Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in event.test_dice.items())
+                      + f"  | mean {event.test_mean:.3f}")
             audited = event.history[-1].pl_audit if event.history else {}
             for site, kinds in audited.items():  # the oracle was there: how good were the pseudo-labels?
                 for kind, a in kinds.items():
@@ -101,7 +107,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                           f"{a['selected'] + a['rejected']}; Dice with the hidden truth {_figure(a['dice'])} "
                           f"(rejected {_figure(a['rejected_dice'])}), size/truth {_figure(a['size_ratio'])}")
             if out:
-                print(f"wrote {out}/metrics.jsonl, summary.json, best.safetensors")
+                written = [name for name in ("metrics.jsonl", "summary.json", "best.safetensors", "final.safetensors")
+                           if (out / name).is_file()]
+                print(f"wrote {out}/{', '.join(written)}")
     return 0
 
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -334,7 +336,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
             if config.method == "local":
                 s.pair = snapshot.site_pairs[s.name]
         # what followed the snapshot may have been cut short: the outputs are made again from it
-        atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in snapshot.history).encode())
+        atomic_write_bytes(out / "metrics.jsonl", "".join(_json_text(r) + "\n" for r in snapshot.history).encode())
         if config.method != "local":
             save_checkpoint(out / "final.safetensors", global_pair, config.model, {**meta, "round": snapshot.round})
             save_checkpoint(out / "best.safetensors", best_pair, config.model, {**meta, "round": best_round})
@@ -402,7 +404,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
                 {} if federated else {s.name: s.pair for s in sites}, per_site_best), config.model)
         if out is not None:
             with open(out / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(asdict(record)) + "\n")
+                handle.write(_json_text(asdict(record)) + "\n")
         yield record
 
     if config.method == "local":
@@ -419,11 +421,26 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
     result = SimulationResult(config.method, best_round, val_final, {k: round(v, 4) for k, v in test.items()},
                               round(test_mean, 4), out, history)
     if out is not None:
-        (out / "summary.json").write_text(json.dumps(
+        (out / "summary.json").write_text(_json_text(
             {"method": config.method, "best_round": best_round, "val_dice": val_final, "test_dice": result.test_dice,
              "test_mean": result.test_mean}, indent=2) + "\n")
     release_memory(plan)
     yield result
+
+
+def _json_text(record: Any, indent: int | None = None) -> str:
+    """JSON with ``null`` where a figure is missing (no validation data): Python writes NaN, which is not JSON
+    and which jq, JavaScript and most JSON readers refuse."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(record), indent=indent, allow_nan=False)
 
 
 def run_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
