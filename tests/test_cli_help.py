@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 
 import pytest
@@ -38,7 +39,7 @@ def test_every_argument_of_every_command_has_help():
 def test_help_shows_defaults_once_and_not_for_flags_or_unset_options():
     text = _command("simulate").format_help()
     flat = " ".join(text.split())
-    assert "(default: 112)" in flat and "(default: runs/simulate)" in flat
+    assert "(default: 128)" in flat and "(default: runs/simulate)" in flat
     assert "(default: None)" not in flat and "(default: False)" not in flat
     site_init = " ".join(_command("site init").format_help().split())
     assert site_init.count("(default: 1)") == 1  # --channels, added by the formatter
@@ -65,11 +66,15 @@ def test_serve_help_states_the_defaults_a_new_state_directory_gets(part, options
 
 
 def test_simulate_defaults_are_the_engine_defaults():
+    from fedmix_engine.fedmix.local_update import default_crop_size
+
     simulate, train = _command("simulate"), TrainConfig()
-    for option, field in (("image_size", "image_size"), ("crop_size", "crop_size"), ("batch_size", "batch_size"),
+    for option, field in (("image_size", "image_size"), ("batch_size", "batch_size"),
                           ("lr", "lr"), ("local_epochs", "epochs"), ("tau", "tau"), ("loss", "loss"),
                           ("pl_warmup", "pl_warmup_rounds")):
         assert _option(simulate, option).default == getattr(train, field), option
+    assert _option(simulate, "crop_size").default is None  # follows --image-size: the engine's default at 128
+    assert default_crop_size(_option(simulate, "image_size").default) == train.crop_size
 
 
 def test_the_overviews_workflow_commands_are_ones_the_parser_accepts():
@@ -125,3 +130,24 @@ def test_serve_offers_every_status_access_the_server_knows():
 
     action = _option(_command("serve"), "status_access")
     assert tuple(action.choices) == STATUS_ACCESS and action.default == "sites"
+
+
+def test_a_given_image_size_alone_is_a_valid_setting_its_crop_follows(tmp_path, capsys):
+    """``--image-size 64`` alone was refused: 'crop_size: 112 is larger than image_size 64', the crop's fixed
+    default. Without ``--crop-size`` the crop is now 7/8 of the image side, down to a multiple of 16, the rule
+    the Train widget used on its own; a crop that is given is kept."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.cli_federation import _server_config
+    from fedmix_engine.data.synthetic import make_sample
+    from fedmix_engine.fedmix.local_update import default_crop_size
+
+    assert [default_crop_size(side) for side in (16, 32, 64, 100, 128, 256)] == [16, 16, 48, 80, 112, 224]
+    assert default_crop_size(TrainConfig().image_size) == TrainConfig().crop_size, "the defaults keep the rule"
+    parser = build_parser()
+    for given, crop in ((["--image-size", "64"], 48), (["--image-size", "64", "--crop-size", "32"], 32), ([], 112)):
+        args = parser.parse_args(["serve", "--state", str(tmp_path / "state"), *given])
+        assert _server_config(args, ServerConfig()).train.crop_size == crop
+    make_sample(tmp_path / "fed", sites=1, images=4, eval_images=2, size=48)
+    assert main(["simulate", "--sample", str(tmp_path / "fed"), "--out", str(tmp_path / "run"), "--rounds", "1",
+                 "--width", "4", "--image-size", "48", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["crop_size"] == 32

@@ -207,6 +207,9 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
     assert settings.federation.rounds == 2 and settings.federation.model.base_width == 4
     # the defaults are the built-in server's
     assert FlowerRunSettings().federation == ServerConfig()
+    # an image size given alone: the crop follows it, as `serve --image-size` does; a given crop is kept
+    assert FlowerRunSettings.from_run_config({"image-size": 64}).federation.train.crop_size == 48
+    assert FlowerRunSettings.from_run_config({"image-size": 64, "crop-size": 32}).federation.train.crop_size == 32
 
     # class names fix the label order and, unless given, the class count (as `serve --class-names` does)
     named = write_flower_app(tmp_path / "named", {"class-names": "lesion, cyst"})

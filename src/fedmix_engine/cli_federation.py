@@ -31,6 +31,7 @@ def _server_config(args: argparse.Namespace, base):
     from dataclasses import replace
 
     from fedmix_engine.federation.state import parse_class_names
+    from fedmix_engine.fedmix.local_update import default_crop_size
 
     server = _given(args, SERVER_OPTIONS)
     if "class_names" in server:
@@ -40,8 +41,10 @@ def _server_config(args: argparse.Namespace, base):
     model = _given(args, MODEL_OPTIONS)
     if "class_names" in server and "num_classes" not in model:  # the names say how many classes there are
         model["num_classes"] = len(server["class_names"])
-    return replace(base, **server, model=replace(base.model, **model),
-                   train=replace(base.train, **_given(args, TRAIN_OPTIONS)))
+    train = _given(args, TRAIN_OPTIONS)
+    if "image_size" in train and "crop_size" not in train:  # the crop follows a given image size
+        train["crop_size"] = default_crop_size(train["image_size"])
+    return replace(base, **server, model=replace(base.model, **model), train=replace(base.train, **train))
 
 
 def _port(text: str) -> int:
@@ -208,7 +211,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "models name them; without them only the class count is checked (default none)")
     group.add_argument("--channels", type=int, choices=(1, 3), help="image channels: 1 grey, 3 RGB (default 1)")
     group.add_argument("--image-size", type=int, help="sites resize images to this side (default 128)")
-    group.add_argument("--crop-size", type=int, help="random training crop, a multiple of 16 (default 112)")
+    group.add_argument("--crop-size", type=int, help="random training crop, a multiple of 16; with --image-size "
+                                                     "alone, 7/8 of it down to a multiple of 16 (default 112)")
     group.add_argument("--batch-size", type=int, help="training batch at every site (default 8)")
     group.add_argument("--local-epochs", type=int, help="epochs over a site's data per round (default 1)")
     group.add_argument("--lr", type=float, help="Adam learning rate at every site (default 0.001)")

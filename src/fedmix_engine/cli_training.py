@@ -44,7 +44,7 @@ def _sites_from(args: argparse.Namespace) -> tuple[list[Path], Path | None]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import torch
 
-    from fedmix_engine.fedmix.local_update import TrainConfig, TrainProgress
+    from fedmix_engine.fedmix.local_update import TrainConfig, TrainProgress, default_crop_size
     from fedmix_engine.model import ModelConfig
     from fedmix_engine.simulate import (
         RoundDone,
@@ -67,7 +67,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         method=args.method, rounds=args.rounds, seed=args.seed, lam=args.lam, beta=args.beta,
         inference=args.inference, device=args.device, precision=args.precision,
         model=ModelConfig(in_channels=channels, num_classes=num_classes, base_width=args.width),
-        train=TrainConfig(image_size=args.image_size, crop_size=args.crop_size, batch_size=args.batch_size,
+        train=TrainConfig(image_size=args.image_size, crop_size=args.crop_size or default_crop_size(args.image_size),
+                          batch_size=args.batch_size,
                           lr=args.lr, epochs=args.local_epochs, tau=args.tau, loss=args.loss,
                           pl_warmup_rounds=args.pl_warmup),
     )
@@ -205,8 +206,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta", type=float, default=1.5, help="β: loss exponent (paper: 1.5 breast, 3 skin/OCT)")
     p.add_argument("--width", type=int, default=16, help="U-Net base width (64 = the paper's 17.3 M parameters)")
     p.add_argument("--image-size", type=int, default=128, help="images are resized to this side (reference: 256)")
-    p.add_argument("--crop-size", type=int, default=112,
-                   help="random training crop, a multiple of 16 (reference: 224)")
+    p.add_argument("--crop-size", type=int,
+                   help="random training crop, a multiple of 16 (default: 7/8 of --image-size, rounded down to "
+                        "a multiple of 16: 112 for 128; reference: 224 of 256)")
     p.add_argument("--batch-size", type=int, default=8, help="training batch (reference: 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (reference: 1e-3)")
     p.add_argument("--local-epochs", type=int, default=1, help="epochs over a site's data per round")

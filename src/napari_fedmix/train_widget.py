@@ -208,7 +208,7 @@ class TrainWidget(QWidget):
         """The local run's events; ``done`` > 0 continues the run in ``SITE/models/local`` after that round."""
         from fedmix_engine.data.site_store import SiteStore
         from fedmix_engine.evaluation import validation_dice
-        from fedmix_engine.fedmix.local_update import TrainConfig
+        from fedmix_engine.fedmix.local_update import TrainConfig, default_crop_size
         from fedmix_engine.model import ModelConfig
         from fedmix_engine.simulate import RoundDone, SimulationConfig, iter_simulation
 
@@ -218,7 +218,7 @@ class TrainWidget(QWidget):
         config = SimulationConfig(method="fedmix", rounds=done + self.rounds.value(), device=self.device.currentText(),
                                   model=ModelConfig(in_channels=channels, num_classes=classes,
                                                     base_width=self.width_spin.value()),
-                                  train=TrainConfig(image_size=size, crop_size=max(16, size * 7 // 8 // 16 * 16),
+                                  train=TrainConfig(image_size=size, crop_size=default_crop_size(size),
                                                     batch_size=4))
         self.last_checkpoint = site / LOCAL_MODEL
         validation = self._validation_set(size, classes, channels)

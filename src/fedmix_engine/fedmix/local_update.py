@@ -29,6 +29,12 @@ from fedmix_engine.fedmix.pseudo_labels import (
 from fedmix_engine.model import ModelConfig
 
 
+def default_crop_size(image_size: int) -> int:
+    """The training crop for an image side when none is given: 7/8 of it (the paper's 224 of 256), rounded
+    down to a multiple of 16, so that setting only the image size is a valid configuration."""
+    return max(16, image_size * 7 // 8 // 16 * 16)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training settings (reference values in comments; defaults sized for CPU)."""

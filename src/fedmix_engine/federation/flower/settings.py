@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.state import ServerConfig, parse_class_names
 from fedmix_engine.fedmix.aggregation import AggregationRule
-from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.fedmix.local_update import TrainConfig, default_crop_size
 from fedmix_engine.model import ModelConfig
 
 # run-config key → field of ServerConfig, of its ModelConfig, of its TrainConfig
@@ -70,9 +70,12 @@ class FlowerRunSettings:
         model = pick(MODEL_KEYS)
         if names and "num-classes" not in raw:  # the names say how many classes there are
             model["num_classes"] = len(names)
+        train = pick(TRAIN_KEYS)
+        if "image-size" in raw and "crop-size" not in raw:  # the crop follows a given image size
+            train["crop_size"] = default_crop_size(train["image_size"])
         base = ServerConfig()
         federation = replace(base, **pick(FEDERATION_KEYS), model=replace(base.model, **model),
-                             train=replace(base.train, **pick(TRAIN_KEYS)), class_names=names)
+                             train=replace(base.train, **train), class_names=names)
         federation = replace(federation, sites=max(federation.sites, federation.min_sites))
         try:
             federation.validate()
