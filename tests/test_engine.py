@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -435,6 +436,58 @@ def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp
     assert json.loads((out / "prediction.json").read_text())["finished"] is None, "a run under way says so"
     batch.close()
     assert [r["status"] for r in summary()] == [NOT_RUN] * 3
+
+
+def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the_output(tmp_path: Path, capsys,
+                                                                                      monkeypatch) -> None:
+    """A PACS export is patient/study/series folders; only the top folder was predicted (or it was refused
+    as 'no image files'). With --recursive every sub-folder is, its masks in the same sub-folder of the
+    output; the output folder and an earlier batch's output are not taken for images."""
+    import imageio.v3 as iio
+    import tifffile
+
+    from fedmix_engine.predict import check_batch
+
+    rng = np.random.default_rng(0)
+    export = tmp_path / "export"
+    for folder in ("p01/s1", "p01/s2", ".cache", "old-masks"):
+        (export / folder).mkdir(parents=True)
+    iio.imwrite(export / "p01" / "s1" / "a.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    iio.imwrite(export / "p01" / "s1" / "a_mask.png", np.zeros((40, 48), np.uint8))  # the dataset's own mask
+    (export / "p01" / "s1" / "notes.txt").write_text("report")
+    tifffile.imwrite(export / "p01" / "s2" / "a.tif", rng.integers(0, 255, (36, 44), dtype=np.uint8))
+    iio.imwrite(export / ".cache" / "thumb.png", np.zeros((16, 16), np.uint8))
+    tifffile.imwrite(export / "old-masks" / "z_mask.tif", np.zeros((40, 48), np.uint8))
+    (export / "old-masks" / "prediction.json").write_text("{}")  # an earlier batch's output
+    with pytest.raises(InputError, match=r"export: no image files .*not searched: give each one, or include "
+                                         r"them \(--recursive; in napari: include sub-folders\)"):
+        check_batch(export)
+    (tmp_path / "reports" / "p01").mkdir(parents=True)
+    (tmp_path / "reports" / "p01" / "report.txt").write_text("no images anywhere below")
+    with pytest.raises(InputError, match=r"reports: no image or video files \(.*\) in this folder or its sub-folders"):
+        check_batch(tmp_path / "reports", recursive=True)
+
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
+    out = export / "masks"  # inside the export: not an input on this run or the next
+    for _ in range(2):
+        assert main(["predict", str(checkpoint), str(export), str(out), "--recursive", "--device", "cpu"]) == 1
+        printed = capsys.readouterr().out
+        assert "predicted 2 image(s)" in printed
+        with open(out / "summary.csv", newline="") as handle:
+            rows = {r["file"]: (r["mask_file"], r["status"]) for r in csv.DictReader(handle)}
+        assert rows == {"p01/s1/a.png": ("p01/s1/a_mask.tif", "ok"),
+                        "p01/s1/a_mask.png": ("", "skipped: a mask beside its image, not an image"),
+                        "p01/s1/notes.txt": ("", "skipped: not an image (.txt)"),
+                        "p01/s2/a.tif": ("p01/s2/a_mask.tif", "ok")}
+    assert tifffile.imread(out / "p01" / "s1" / "a_mask.tif").shape == (40, 48)
+    assert tifffile.imread(out / "p01" / "s2" / "a_mask.tif").shape == (36, 44), "same stem, its own folder"
+    assert json.loads((out / "prediction.json").read_text())["recursive"] is True
+
+    monkeypatch.setattr("fedmix_engine.cli_training.SHOWN_PROBLEMS", 1)
+    assert main(["predict", str(checkpoint), str(export), str(tmp_path / "out2"), "-r", "--device", "cpu"]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == ["  p01/s1/a_mask.png: skipped: a mask beside its image, not an image",
+                            "  … and 1 more (every file's status is in summary.csv)"]
 
 
 def test_simulate_refuses_a_site_given_twice_a_file_as_out_and_negative_threads(sample: Path, tmp_path: Path,

@@ -905,6 +905,27 @@ def test_batch_predict_takes_one_video_picked_with_its_file_button(make_napari_v
     assert tifffile.imread(tmp_path / "out" / "colonoscopy_mask.tif").shape == (6, 40, 48)
 
 
+def test_batch_predict_includes_sub_folders_when_asked_and_opens_their_masks(make_napari_viewer, qtbot, tmp_path):
+    """A PACS export's images sit in patient and series folders: the widget refused the export's top folder
+    ('no image files'); 'include sub-folders' predicts them all, each mask in its folder's copy."""
+    export = tmp_path / "export"
+    for series in ("p01/s1", "p02/s1"):
+        (export / series).mkdir(parents=True)
+        tifffile.imwrite(export / series / "us.tif", np.zeros((40, 48), np.uint8))
+    viewer = make_napari_viewer()
+    widget = _batch_widget(viewer, qtbot, export, tmp_path / "out")
+    widget.open_results.setChecked(True)
+    assert widget.run() is None
+    assert "sub-folders (p01, p02) are not searched" in widget.status.text()
+    widget.recursive.setChecked(True)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text() == f"2 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped"
+    for series in ("p01/s1", "p02/s1"):
+        assert tifffile.imread(tmp_path / "out" / series / "us_mask.tif").shape == (40, 48)
+    assert viewer.layers["FedMix batch masks"].data.shape == (2, 40, 48)
+
+
 def test_predict_widgets_start_with_the_model_just_trained_or_the_open_sites_newest(make_napari_viewer, qtbot,
                                                                                      sample, tmp_path):
     """The model field started empty (Batch predict then looked for 'model.safetensors' wherever napari

@@ -167,26 +167,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+SHOWN_PROBLEMS = 20  # skipped files listed by predict; the rest are counted
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedmix_engine.predict import Predictor, check_batch, predict_folder
 
-    check_batch(args.input, args.threshold, args.out)  # before the model loads, as the napari widget does
+    check_batch(args.input, args.threshold, args.out, args.recursive)  # before the model loads, as napari does
     predictor = Predictor.from_checkpoint(_model_file(args.checkpoint), device=args.device, inference=args.inference)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
                           progress=lambda done, total, row: progress_bar(done, total, "predict"),
                           dicom_seg=args.dicom_seg, classes=classes,
-                          on_frames=lambda path, done, total: progress_bar(done, total, f"predict {path.name}: frame"))
+                          on_frames=lambda path, done, total: progress_bar(done, total, f"predict {path.name}: frame"),
+                          recursive=args.recursive)
     skipped = [r for r in rows if r.status != "ok"]
     no_seg = [r for r in rows if r.seg_file.startswith("not written")]
     clear_progress_bar()
     segs = sum(r.seg_file.endswith(".dcm") for r in rows)
     print(f"predicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv, prediction.json)"
           + (f"; {segs} DICOM SEG(s)" if args.dicom_seg else ""))
-    for r in skipped:
-        print(f"  {r.file}: {r.status}")
-    for r in no_seg:
-        print(f"  {r.file}: mask written, DICOM SEG {r.seg_file}")
+    lines = [f"  {r.file}: {r.status}" for r in skipped] + [f"  {r.file}: mask written, DICOM SEG {r.seg_file}"
+                                                            for r in no_seg]
+    for line in lines[:SHOWN_PROBLEMS]:  # a PACS export's folders hold many other files: summary.csv has all
+        print(line)
+    if len(lines) > SHOWN_PROBLEMS:
+        print(f"  … and {len(lines) - SHOWN_PROBLEMS} more (every file's status is in summary.csv)")
     return 1 if skipped or no_seg else 0
 
 
@@ -257,6 +263,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inference", choices=("net1", "mean"),
                    help="network 1 or the mean of both (default: what the checkpoint was evaluated with)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--recursive", "-r", action="store_true",
+                   help="also predict the images in the folder's sub-folders (a PACS export's patient, study and "
+                        "series folders); each mask goes to the same sub-folder of the output folder")
     p.add_argument("--dicom-seg", action="store_true",
                    help="also write each DICOM image's mask as a DICOM SEG (<stem>_seg.dcm) for PACS and viewers")
     p.add_argument("--classes", help="segment names for the DICOM SEG, comma-separated, one per model class "

@@ -11,7 +11,8 @@ import csv
 import hashlib
 import io
 import json
-from collections import Counter
+import os
+from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from fedmix_engine.checkpoint import checkpoint_bytes, pair_from_bytes
 from fedmix_engine.data.dicom import dicom_frames
 from fedmix_engine.data.dicom_seg import default_class_names, write_dicom_seg
 from fedmix_engine.data.imageio import (
+    PREDICTABLE_SUFFIXES,
     image_files,
     image_stem,
     is_dicom_file,
@@ -243,7 +245,29 @@ def mask_names(files: list[Path]) -> dict[Path, str]:
             else f"{stem}_mask.tif" for path, stem in stems.items()}
 
 
-def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | None = None) -> None:
+def batch_files(source: Path, recursive: bool = False, out: Path | None = None) -> list[Path]:
+    """The files a batch goes through: the one file given, the files at the top of a folder, or with
+    ``recursive`` every file below it (a PACS export's patient/study/series folders), folder by folder in
+    name order. Left out: hidden files and folders, the output folder when it lies inside, and any earlier
+    batch's output folder (it holds a ``prediction.json``), whose masks are not images to predict."""
+    if source.is_file():
+        return [source]
+    if not recursive:
+        return sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+    skip = out.resolve() if out is not None else None
+
+    def wanted(folder: Path) -> bool:
+        return not folder.name.startswith(".") and folder.resolve() != skip and not (folder / RECORD_FILE).is_file()
+
+    found: list[Path] = []
+    for root, folders, files in os.walk(source):
+        folders[:] = sorted(f for f in folders if wanted(Path(root) / f))
+        found += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
+    return found
+
+
+def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | None = None,
+                recursive: bool = False) -> None:
     """Refuse a batch whose input (a folder of images, or one image, stack or video file), output folder
     or threshold is wrong, before any work (a GUI calls it before starting its worker)."""
     source = Path(source)
@@ -253,8 +277,14 @@ def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | No
                                      "or video file, or a folder of them")
     elif not source.is_dir():
         raise InputError(source, "input folder or file not found")
+    elif recursive:
+        if not any(is_predictable_path(p) for p in batch_files(source, True, Path(out) if out else None)):
+            raise InputError(source, f"no image or video files ({', '.join(PREDICTABLE_SUFFIXES)}) in this folder "
+                                     "or its sub-folders")
     elif not image_files(source, videos=True):
-        raise InputError(source, no_images_reason(source))
+        nested = any(p.is_dir() and not p.name.startswith(".") for p in source.iterdir())
+        raise InputError(source, no_images_reason(source)
+                         + (", or include them (--recursive; in napari: include sub-folders)" if nested else ""))
     images_folder = source.parent if source.is_file() else source
     if out is not None and Path(out).resolve() == images_folder.resolve():
         # datasets such as BUSI keep "<name>_mask.png" beside "<name>.png": a prediction would replace it
@@ -273,7 +303,8 @@ class FolderBatch:
     happen when the batch is created, so a batch closed before its first image (a GUI's Cancel) still
     leaves a summary of this run, never an earlier one's. The summary is rewritten as the run ends,
     also early (``close()``, an error or Ctrl-C). Unreadable or odd files are skipped with their
-    reason in the row; the run never stops on them. Output names: ``mask_names``.
+    reason in the row; the run never stops on them. Output names: ``mask_names``; with ``recursive``
+    the files of sub-folders too (``batch_files``), each mask in the same sub-folder of ``out``.
 
     ``dicom_seg``: also write each DICOM image's mask as a DICOM SEG, ``<name>_seg.dcm``, with the
     segments named ``classes`` (default: the checkpoint's class names, which simulations and local
@@ -281,9 +312,9 @@ class FolderBatch:
 
     def __init__(self, predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                  dicom_seg: bool = False, classes: Sequence[str] | None = None,
-                 frame_steps: bool = False) -> None:
+                 frame_steps: bool = False, recursive: bool = False) -> None:
         folder, self.out = Path(folder), Path(out)
-        check_batch(folder, threshold, self.out)
+        check_batch(folder, threshold, self.out, recursive)
         count = predictor.model_config.num_classes
         self.classes = list(classes or predictor.classes or default_class_names(count))
         if len(self.classes) != count:
@@ -292,13 +323,14 @@ class FolderBatch:
         self.dicom_seg = dicom_seg
         self.frame_steps = frame_steps
         make_folder(self.out)
-        self.files = ([folder] if folder.is_file() else
-                      sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")))
+        self.files = batch_files(folder, recursive, self.out)
+        self.root = folder.parent if folder.is_file() else folder  # rows and masks are named relative to it
         self.total = len(self.files)
-        _write_summary(self.out / "summary.csv", [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files])
-        self._record = {"fedmix_engine": __version__, "input": str(folder.resolve()), "threshold": threshold,
-                        "dicom_seg": dicom_seg, "model": predictor.provenance(), "started": _now(), "finished": None,
-                        "files": {"total": self.total}}
+        _write_summary(self.out / "summary.csv", [BatchRow(self._name(p), 0, 0, float("nan"), NOT_RUN)
+                                                  for p in self.files])
+        self._record = {"fedmix_engine": __version__, "input": str(folder.resolve()), "recursive": recursive,
+                        "threshold": threshold, "dicom_seg": dicom_seg, "model": predictor.provenance(),
+                        "started": _now(), "finished": None, "files": {"total": self.total}}
         atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
         self._run = self._rows(predictor, threshold)
 
@@ -311,30 +343,51 @@ class FolderBatch:
     def close(self) -> None:
         self._run.close()
 
+    def _name(self, path: Path) -> str:
+        """A file as the summary names it: its path below the batch's folder (its name, at the top)."""
+        return path.relative_to(self.root).as_posix()
+
+    def _mask_files(self) -> tuple[dict[Path, str], set[Path]]:
+        """Each image's mask file, in the output's copy of the image's sub-folder, and the files that are
+        a dataset's own masks beside their images (BUSI), which are not images to predict; both decided
+        folder by folder, as a file's name only clashes with, or belongs to, its neighbours'."""
+        by_folder: dict[Path, list[Path]] = defaultdict(list)
+        for path in self.files:
+            if is_predictable_path(path):
+                by_folder[path.parent].append(path)
+        names: dict[Path, str] = {}
+        beside: set[Path] = set()
+        for folder, images in by_folder.items():
+            beside.update(masks_beside_images(images))
+            below = folder.relative_to(self.root)
+            names.update({path: (below / name).as_posix()
+                          for path, name in mask_names([p for p in images if p not in beside]).items()})
+        return names, beside
+
     def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow] | FrameStep]:
-        images = [p for p in self.files if is_predictable_path(p)]
-        beside = set(masks_beside_images(images))  # a dataset's own masks (BUSI) are not images to predict
-        names = mask_names([p for p in images if p not in beside])
+        names, beside = self._mask_files()
         rows: list[BatchRow] = []
         try:
             for done, path in enumerate(self.files, start=1):
                 if path in beside:
-                    row = BatchRow(path.name, 0, 0, float("nan"), "skipped: a mask beside its image, not an image")
+                    row = BatchRow(self._name(path), 0, 0, float("nan"),
+                                   "skipped: a mask beside its image, not an image")
                 elif path not in names:
-                    row = BatchRow(path.name, 0, 0, float("nan"),
+                    row = BatchRow(self._name(path), 0, 0, float("nan"),
                                    f"skipped: not an image ({path.suffix or 'no suffix'})")
                 else:
                     try:
+                        make_folder((self.out / names[path]).parent)
                         steps = self._predict_file(predictor, path, names[path], threshold)
                         row = (yield from steps) if self.frame_steps else run_steps(steps)
                     except InputError as exc:  # the reason, and which frame of a stack when it is one frame's
                         frame = str(exc.where).removeprefix(str(path)).removeprefix(", ")
-                        row = BatchRow(path.name, 0, 0, float("nan"),
+                        row = BatchRow(self._name(path), 0, 0, float("nan"),
                                        f"skipped: {frame + ': ' if frame else ''}{exc.reason}")
                 rows.append(row)
                 yield done, self.total, row
         finally:
-            not_run = [BatchRow(p.name, 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
+            not_run = [BatchRow(self._name(p), 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
             _write_summary(self.out / "summary.csv", rows + not_run)
             self._record["finished"] = _now()
             self._record["files"] = {"total": self.total, **Counter(r.status.split(":")[0] for r in rows + not_run)}
@@ -358,7 +411,7 @@ class FolderBatch:
             if pixels.ndim == (3 if colour else 2):
                 mask = predictor.mask(pixels, threshold, path)
                 atomic_write_bytes(self.out / mask_file, tiff_bytes(mask))
-                return BatchRow(path.name, *mask.shape, round(float((mask > 0).mean()), 6), "ok", mask_file, 1,
+                return BatchRow(self._name(path), *mask.shape, round(float((mask > 0).mean()), 6), "ok", mask_file, 1,
                                 self._segmentation(path, mask, mask_file))
             frames, leading = stack_frames(pixels, colour, path)
             count, frame_name = len(frames), partial(_frame_index, leading=leading)
@@ -377,8 +430,8 @@ class FolderBatch:
                 raise InputError(path, "no frame could be decoded")
         height, width = labels.shape[1:]
         segmentation = "" if kept is None else self._segmentation(path, np.concatenate(kept), mask_file)
-        return BatchRow(path.name, height, width, round(foreground / (done * height * width), 6), "ok", mask_file,
-                        done, segmentation)
+        return BatchRow(self._name(path), height, width, round(foreground / (done * height * width), 6), "ok",
+                        mask_file, done, segmentation)
 
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""
@@ -398,10 +451,10 @@ class FolderBatch:
 
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                         dicom_seg: bool = False, classes: Sequence[str] | None = None,
-                        frame_steps: bool = False) -> FolderBatch:
-    """Predict every image in ``folder`` (or the one file it names) into ``out``; see ``FolderBatch`` (checks
-    happen here, now)."""
-    return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes, frame_steps)
+                        frame_steps: bool = False, recursive: bool = False) -> FolderBatch:
+    """Predict every image in ``folder`` (or the one file it names; with ``recursive``, in its sub-folders
+    too) into ``out``; see ``FolderBatch`` (checks happen here, now)."""
+    return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes, frame_steps, recursive)
 
 
 def _now() -> str:
@@ -424,10 +477,12 @@ def _write_summary(path: Path, rows: list[BatchRow]) -> None:
 def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                    progress: Callable[[int, int, BatchRow], None] | None = None, dicom_seg: bool = False,
                    classes: Sequence[str] | None = None,
-                   on_frames: Callable[[Path, int, int], None] | None = None) -> list[BatchRow]:
+                   on_frames: Callable[[Path, int, int], None] | None = None,
+                   recursive: bool = False) -> list[BatchRow]:
     """The whole batch (``FolderBatch``), its rows; ``progress`` per file, ``on_frames`` per batch of a stack."""
     rows = []
-    for step in iter_predict_folder(predictor, folder, out, threshold, dicom_seg, classes, on_frames is not None):
+    for step in iter_predict_folder(predictor, folder, out, threshold, dicom_seg, classes, on_frames is not None,
+                                    recursive):
         if isinstance(step, FrameStep):
             on_frames(step.file, step.done, step.frames)
             continue

@@ -293,6 +293,7 @@ class BatchPredictWidget(QWidget):
         latest_model().follow(self.checkpoint)
         self._suggested_output = ""
         self.input.textChanged.connect(self._suggest_output)
+        self.recursive = QCheckBox("include sub-folders (a PACS export's patient and series folders)")
         self.open_results = QCheckBox("open the masks as one stack when done")
         self.dicom_seg = QCheckBox("also write DICOM images' masks as DICOM SEG (for the PACS)")
         self.run_button, self.cancel_button = QPushButton("Run"), QPushButton("Cancel")
@@ -312,6 +313,7 @@ class BatchPredictWidget(QWidget):
         form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
         form.addRow("output folder", _path_row(self.output, self, "Output folder", folder=True))
         layout.addLayout(form)
+        layout.addWidget(self.recursive)
         layout.addWidget(self.open_results)
         layout.addWidget(self.dicom_seg)
         buttons = QHBoxLayout()
@@ -329,11 +331,12 @@ class BatchPredictWidget(QWidget):
         try:
             if not (self.input.text() and self.output.text()):
                 raise InputError("images", "choose the images (a folder, or one file) and an output folder")
-            check_batch(self.input.text(), out=self.output.text())
+            recursive = self.recursive.isChecked()
+            check_batch(self.input.text(), out=self.output.text(), recursive=recursive)
             predictor = Predictor.from_checkpoint(_chosen_checkpoint(self.checkpoint), _device())
             out = Path(self.output.text())
             batch = iter_predict_folder(predictor, self.input.text(), out,  # makes the folder, lists the files
-                                        dicom_seg=self.dicom_seg.isChecked(), frame_steps=True)
+                                        dicom_seg=self.dicom_seg.isChecked(), frame_steps=True, recursive=recursive)
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
