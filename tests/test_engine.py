@@ -490,6 +490,60 @@ def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the
                             "  … and 1 more (every file's status is in summary.csv)"]
 
 
+def test_a_stopped_batch_is_continued_keeping_the_masks_it_wrote_and_only_those(tmp_path: Path) -> None:
+    """An interrupted overnight batch started again from its first image. Continuing keeps the masks the
+    stopped batch wrote with the same model and settings; a mask from before it, a mask older than its
+    image, or a damaged one is predicted again; another model or threshold is refused."""
+    import os
+
+    import tifffile
+
+    from fedmix_engine.predict import Predictor, iter_predict_folder, predict_folder
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        tifffile.imwrite(folder / f"{name}.tif", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    first = save_checkpoint(tmp_path / "m.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
+    other = save_checkpoint(tmp_path / "other.safetensors", init_pair(TINY, 1), TINY, {"image_size": 32})
+    predictor = Predictor.from_checkpoint(first, "cpu")
+    with pytest.raises(InputError, match=r"out: no earlier batch to continue here \(no prediction.json\)"):
+        iter_predict_folder(predictor, folder, out, resume=True)
+
+    out.mkdir()
+    tifffile.imwrite(out / "c_mask.tif", np.zeros((40, 48), np.uint8))  # an older run's, e.g. another model's
+    past = time.time() - 3600
+    os.utime(out / "c_mask.tif", (past, past))
+    batch = iter_predict_folder(predictor, folder, out)
+    next(batch)  # a.tif done, then the machine went down
+    batch.close()
+    a_written = (out / "a_mask.tif").stat().st_mtime_ns
+    reference = predict_folder(predictor, folder, tmp_path / "reference")
+
+    batch = iter_predict_folder(predictor, folder, out, resume=True)
+    rows = [row for _, _, row in batch]
+    assert batch.kept == 1 and (out / "a_mask.tif").stat().st_mtime_ns == a_written, "a.tif is not predicted again"
+    assert rows == reference, "a kept file's row is what predicting it gives"
+    for name in ("a", "b", "c"):
+        np.testing.assert_array_equal(tifffile.imread(out / f"{name}_mask.tif"),
+                                      tifffile.imread(tmp_path / "reference" / f"{name}_mask.tif"))
+    record = json.loads((out / "prediction.json").read_text())
+    assert record["files"] == {"total": 3, "ok": 3, "kept": 1} and record["continued"] >= record["started"]
+
+    os.utime(folder / "b.tif")  # the image changed after its mask was made
+    (out / "c_mask.tif").write_bytes(b"II*\x00damaged")
+    batch = iter_predict_folder(predictor, folder, out, resume=True)
+    assert [row for _, _, row in batch] == reference and batch.kept == 1  # only a.tif's mask still stands
+
+    for changed, named in (({"threshold": 0.3}, "threshold"), ({"recursive": True}, "recursive")):
+        with pytest.raises(InputError, match=f"prediction.json: the earlier batch had another {named}: "):
+            iter_predict_folder(predictor, folder, out, resume=True, **changed)
+    with pytest.raises(InputError, match="the earlier batch had another model sha256"):
+        iter_predict_folder(Predictor.from_checkpoint(other, "cpu"), folder, out, resume=True)
+    assert json.loads((out / "prediction.json").read_text())["files"]["kept"] == 1, "a refusal changes nothing"
+
+
 def test_simulate_refuses_a_site_given_twice_a_file_as_out_and_negative_threads(sample: Path, tmp_path: Path,
                                                                                capsys) -> None:
     import shutil

@@ -905,7 +905,7 @@ def test_batch_predict_takes_one_video_picked_with_its_file_button(make_napari_v
     assert tifffile.imread(tmp_path / "out" / "colonoscopy_mask.tif").shape == (6, 40, 48)
 
 
-def test_batch_predict_includes_sub_folders_when_asked_and_opens_their_masks(make_napari_viewer, qtbot, tmp_path):
+def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(make_napari_viewer, qtbot, tmp_path):
     """A PACS export's images sit in patient and series folders: the widget refused the export's top folder
     ('no image files'); 'include sub-folders' predicts them all, each mask in its folder's copy."""
     export = tmp_path / "export"
@@ -924,6 +924,13 @@ def test_batch_predict_includes_sub_folders_when_asked_and_opens_their_masks(mak
     for series in ("p01/s1", "p02/s1"):
         assert tifffile.imread(tmp_path / "out" / series / "us_mask.tif").shape == (40, 48)
     assert viewer.layers["FedMix batch masks"].data.shape == (2, 40, 48)
+    # run again, continuing: nothing is predicted twice
+    widget.resume.setChecked(True)
+    widget.open_results.setChecked(False)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text() == (f"2 mask(s) written to {tmp_path / 'out'} (2 kept from the earlier batch) "
+                                    "(summary.csv); 0 skipped")
 
 
 def test_predict_widgets_start_with_the_model_just_trained_or_the_open_sites_newest(make_napari_viewer, qtbot,

@@ -4,6 +4,7 @@ commands so that ``fedmix-engine site ...`` never imports torch."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -171,7 +172,7 @@ SHOWN_PROBLEMS = 20  # skipped files listed by predict; the rest are counted
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedmix_engine.predict import Predictor, check_batch, predict_folder
+    from fedmix_engine.predict import RECORD_FILE, Predictor, check_batch, predict_folder
 
     check_batch(args.input, args.threshold, args.out, args.recursive)  # before the model loads, as napari does
     predictor = Predictor.from_checkpoint(_model_file(args.checkpoint), device=args.device, inference=args.inference)
@@ -180,12 +181,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           progress=lambda done, total, row: progress_bar(done, total, "predict"),
                           dicom_seg=args.dicom_seg, classes=classes,
                           on_frames=lambda path, done, total: progress_bar(done, total, f"predict {path.name}: frame"),
-                          recursive=args.recursive)
+                          recursive=args.recursive, resume=args.resume)
     skipped = [r for r in rows if r.status != "ok"]
     no_seg = [r for r in rows if r.seg_file.startswith("not written")]
     clear_progress_bar()
     segs = sum(r.seg_file.endswith(".dcm") for r in rows)
-    print(f"predicted {len(rows) - len(skipped)} image(s) into {args.out} (summary.csv, prediction.json)"
+    kept = json.loads((args.out / RECORD_FILE).read_text())["files"].get("kept", 0)
+    print(f"predicted {len(rows) - len(skipped) - kept} image(s) into {args.out} (summary.csv, prediction.json)"
+          + (f"; {kept} kept from the earlier batch" if args.resume else "")
           + (f"; {segs} DICOM SEG(s)" if args.dicom_seg else ""))
     lines = [f"  {r.file}: {r.status}" for r in skipped] + [f"  {r.file}: mask written, DICOM SEG {r.seg_file}"
                                                             for r in no_seg]
@@ -266,6 +269,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recursive", "-r", action="store_true",
                    help="also predict the images in the folder's sub-folders (a PACS export's patient, study and "
                         "series folders); each mask goes to the same sub-folder of the output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped batch into the same output folder: the masks it wrote are kept, not "
+                        "predicted again (refused unless it had the same model, input and settings)")
     p.add_argument("--dicom-seg", action="store_true",
                    help="also write each DICOM image's mask as a DICOM SEG (<stem>_seg.dcm) for PACS and viewers")
     p.add_argument("--classes", help="segment names for the DICOM SEG, comma-separated, one per model class "

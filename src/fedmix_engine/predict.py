@@ -306,13 +306,16 @@ class FolderBatch:
     reason in the row; the run never stops on them. Output names: ``mask_names``; with ``recursive``
     the files of sub-folders too (``batch_files``), each mask in the same sub-folder of ``out``.
 
+    ``resume``: continue the stopped batch in ``out`` (the same model, by digest, and settings): a file
+    whose mask it wrote is kept, not predicted again (``kept`` counts them).
+
     ``dicom_seg``: also write each DICOM image's mask as a DICOM SEG, ``<name>_seg.dcm``, with the
     segments named ``classes`` (default: the checkpoint's class names, which simulations and local
     training store; else ``lesion``, or ``class k``), for the PACS and DICOM viewers."""
 
     def __init__(self, predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                  dicom_seg: bool = False, classes: Sequence[str] | None = None,
-                 frame_steps: bool = False, recursive: bool = False) -> None:
+                 frame_steps: bool = False, recursive: bool = False, resume: bool = False) -> None:
         folder, self.out = Path(folder), Path(out)
         check_batch(folder, threshold, self.out, recursive)
         count = predictor.model_config.num_classes
@@ -322,15 +325,21 @@ class FolderBatch:
                                         f"{count} class(es)")
         self.dicom_seg = dicom_seg
         self.frame_steps = frame_steps
+        self._record = {"fedmix_engine": __version__, "input": str(folder.resolve()), "recursive": recursive,
+                        "threshold": threshold, "dicom_seg": dicom_seg, "model": predictor.provenance(),
+                        "started": _now(), "finished": None, "files": {"total": 0}}
+        # continuing: the stopped batch's start, after which its masks were written (kept: masks written since)
+        self._since = _resumed_start(self.out, self._record) if resume else None
+        if self._since is not None:
+            self._record["continued"] = self._record["started"]
+            self._record["started"] = self._since
+        self.kept = 0  # files whose mask the stopped batch had written, not predicted again
         make_folder(self.out)
         self.files = batch_files(folder, recursive, self.out)
         self.root = folder.parent if folder.is_file() else folder  # rows and masks are named relative to it
-        self.total = len(self.files)
+        self.total = self._record["files"]["total"] = len(self.files)
         _write_summary(self.out / "summary.csv", [BatchRow(self._name(p), 0, 0, float("nan"), NOT_RUN)
                                                   for p in self.files])
-        self._record = {"fedmix_engine": __version__, "input": str(folder.resolve()), "recursive": recursive,
-                        "threshold": threshold, "dicom_seg": dicom_seg, "model": predictor.provenance(),
-                        "started": _now(), "finished": None, "files": {"total": self.total}}
         atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
         self._run = self._rows(predictor, threshold)
 
@@ -375,6 +384,9 @@ class FolderBatch:
                 elif path not in names:
                     row = BatchRow(self._name(path), 0, 0, float("nan"),
                                    f"skipped: not an image ({path.suffix or 'no suffix'})")
+                elif (kept := self._kept_row(path, names[path])) is not None:
+                    row = kept
+                    self.kept += 1
                 else:
                     try:
                         make_folder((self.out / names[path]).parent)
@@ -390,8 +402,33 @@ class FolderBatch:
             not_run = [BatchRow(self._name(p), 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
             _write_summary(self.out / "summary.csv", rows + not_run)
             self._record["finished"] = _now()
-            self._record["files"] = {"total": self.total, **Counter(r.status.split(":")[0] for r in rows + not_run)}
+            self._record["files"] = {"total": self.total, **Counter(r.status.split(":")[0] for r in rows + not_run),
+                                     **({"kept": self.kept} if self._since is not None else {})}  # "ok" ones
             atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
+
+    def _kept_row(self, path: Path, mask_file: str) -> BatchRow | None:
+        """The row of a file whose mask the stopped batch being continued wrote (after it started, and
+        after the image last changed), read from that mask page by page; None when it must be predicted."""
+        mask, seg = self.out / mask_file, self.out / (mask_file.removesuffix("_mask.tif") + "_seg.dcm")
+        if self._since is None or not mask.is_file():
+            return None
+        written = mask.stat().st_mtime
+        if written < max(datetime.fromisoformat(self._since).timestamp(), path.stat().st_mtime):
+            return None
+        wants_seg = self.dicom_seg and is_dicom_file(path)
+        if wants_seg and not seg.is_file():
+            return None
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(mask) as tiff:
+                frames, foreground, (height, width) = len(tiff.pages), 0, tiff.pages[0].shape[:2]
+                for page in tiff.pages:
+                    foreground += int(np.count_nonzero(page.asarray()))
+        except Exception:  # damaged since: predicted again
+            return None
+        return BatchRow(self._name(path), height, width, round(foreground / (frames * height * width), 6), "ok",
+                        mask_file, frames, seg.name if wants_seg else "")
 
     def _predict_file(self, predictor: Predictor, path: Path, mask_file: str,
                       threshold: float) -> Generator[FrameStep, None, BatchRow]:
@@ -451,10 +488,36 @@ class FolderBatch:
 
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
                         dicom_seg: bool = False, classes: Sequence[str] | None = None,
-                        frame_steps: bool = False, recursive: bool = False) -> FolderBatch:
+                        frame_steps: bool = False, recursive: bool = False, resume: bool = False) -> FolderBatch:
     """Predict every image in ``folder`` (or the one file it names; with ``recursive``, in its sub-folders
-    too) into ``out``; see ``FolderBatch`` (checks happen here, now)."""
-    return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes, frame_steps, recursive)
+    too) into ``out``; ``resume`` continues a stopped batch there. See ``FolderBatch`` (checks happen now)."""
+    return FolderBatch(predictor, folder, out, threshold, dicom_seg, classes, frame_steps, recursive, resume)
+
+
+RESUMED_SETTINGS = ("input", "recursive", "threshold", "dicom_seg")  # and the model's digest, inference, device
+
+
+def _resumed_start(out: Path, record: dict[str, Any]) -> str:
+    """When the stopped batch in ``out`` that this one continues started; refused unless that batch had
+    this model (by digest), inference, device, input and settings, whose masks are this batch's masks."""
+    path = out / RECORD_FILE
+    if not path.is_file():
+        raise InputError(out, f"no earlier batch to continue here (no {RECORD_FILE}); run it without continuing")
+    try:
+        earlier = json.loads(path.read_text())
+        started = str(earlier["started"])
+        datetime.fromisoformat(started)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise InputError(path, f"unreadable ({exc}); run the batch again without continuing") from None
+    if record["model"]["sha256"] is None:
+        raise InputError("model", "weights held in memory cannot be matched to an earlier batch; load a checkpoint")
+    model = earlier.get("model") or {}
+    differs = [key for key in RESUMED_SETTINGS if earlier.get(key) != record[key]] + [
+        f"model {key}" for key in ("sha256", "inference", "device") if model.get(key) != record["model"][key]]
+    if differs:
+        raise InputError(path, f"the earlier batch had another {', '.join(differs)}: its masks are not this "
+                               "batch's; continue it with the same model and settings, or run without continuing")
+    return started
 
 
 def _now() -> str:
@@ -478,11 +541,11 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, th
                    progress: Callable[[int, int, BatchRow], None] | None = None, dicom_seg: bool = False,
                    classes: Sequence[str] | None = None,
                    on_frames: Callable[[Path, int, int], None] | None = None,
-                   recursive: bool = False) -> list[BatchRow]:
+                   recursive: bool = False, resume: bool = False) -> list[BatchRow]:
     """The whole batch (``FolderBatch``), its rows; ``progress`` per file, ``on_frames`` per batch of a stack."""
     rows = []
     for step in iter_predict_folder(predictor, folder, out, threshold, dicom_seg, classes, on_frames is not None,
-                                    recursive):
+                                    recursive, resume):
         if isinstance(step, FrameStep):
             on_frames(step.file, step.done, step.frames)
             continue

@@ -294,6 +294,7 @@ class BatchPredictWidget(QWidget):
         self._suggested_output = ""
         self.input.textChanged.connect(self._suggest_output)
         self.recursive = QCheckBox("include sub-folders (a PACS export's patient and series folders)")
+        self.resume = QCheckBox("continue the stopped batch in this output folder (keep the masks it wrote)")
         self.open_results = QCheckBox("open the masks as one stack when done")
         self.dicom_seg = QCheckBox("also write DICOM images' masks as DICOM SEG (for the PACS)")
         self.run_button, self.cancel_button = QPushButton("Run"), QPushButton("Cancel")
@@ -314,6 +315,7 @@ class BatchPredictWidget(QWidget):
         form.addRow("output folder", _path_row(self.output, self, "Output folder", folder=True))
         layout.addLayout(form)
         layout.addWidget(self.recursive)
+        layout.addWidget(self.resume)
         layout.addWidget(self.open_results)
         layout.addWidget(self.dicom_seg)
         buttons = QHBoxLayout()
@@ -336,7 +338,8 @@ class BatchPredictWidget(QWidget):
             predictor = Predictor.from_checkpoint(_chosen_checkpoint(self.checkpoint), _device())
             out = Path(self.output.text())
             batch = iter_predict_folder(predictor, self.input.text(), out,  # makes the folder, lists the files
-                                        dicom_seg=self.dicom_seg.isChecked(), frame_steps=True, recursive=recursive)
+                                        dicom_seg=self.dicom_seg.isChecked(), frame_steps=True, recursive=recursive,
+                                        resume=self.resume.isChecked())
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -393,7 +396,9 @@ class BatchPredictWidget(QWidget):
         skipped = sum(r.status != "ok" for r in self.rows)
         if self.error is None:
             stopped = f"stopped after {len(self.rows)} of {self.total} files; " if len(self.rows) < self.total else ""
-            self.status.setText(f"{stopped}{len(written)} mask(s) written to {out} (summary.csv); {skipped} skipped")
+            kept = f" ({batch.kept} kept from the earlier batch)" if batch.kept else ""
+            self.status.setText(f"{stopped}{len(written)} mask(s) written to {out}{kept} (summary.csv); "
+                                f"{skipped} skipped")
         if self.open_results.isChecked() and written:
             import tifffile
 
