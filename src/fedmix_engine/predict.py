@@ -389,7 +389,6 @@ class FolderBatch:
                     self.kept += 1
                 else:
                     try:
-                        make_folder((self.out / names[path]).parent)
                         steps = self._predict_file(predictor, path, names[path], threshold)
                         row = (yield from steps) if self.frame_steps else run_steps(steps)
                     except InputError as exc:  # the reason, and which frame of a stack when it is one frame's
