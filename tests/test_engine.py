@@ -581,7 +581,7 @@ def test_simulate_without_evaluation_data_shows_training_loss_not_nan_and_names_
     losses = record["losses"]
     assert record["val_mean"] is None and record["val_dice"] == {}
     assert json.loads((tmp_path / "fedmix" / "summary.json").read_text(), **strict)["test_mean"] is None
-    assert row.split()[1:3] == [f"{losses['site-a']:.3f}", f"{losses['site-b']:.3f}"]
+    assert row.split()[1:3] == [f"{losses[site]:.3f}" if record["n"][site] else "—" for site in ("site-a", "site-b")]
     assert "no validation or test Dice; best.safetensors is the last round's model" in out
     assert (f"wrote {tmp_path / 'fedmix'}/metrics.jsonl, summary.json, best.safetensors, final.safetensors"
             in out)
@@ -589,6 +589,20 @@ def test_simulate_without_evaluation_data_shows_training_loss_not_nan_and_names_
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'local'}/metrics.jsonl, summary.json\n" in out
     assert not (tmp_path / "local" / "best.safetensors").exists()
+    # a site with nothing labelled yet trains on nothing: it has no loss, not a loss of 0
+    import imageio.v3 as iio
+
+    (tmp_path / "scans").mkdir()
+    iio.imwrite(tmp_path / "scans" / "new.png", np.zeros((32, 32), np.uint8))
+    assert main(["site", "import", str(tmp_path / "unlabelled"), "--classes", "lesion",
+                 "--images", str(tmp_path / "scans")]) == 0
+    assert main([*common, "--sites", str(tmp_path / "unlabelled"), str(sample / "site-a"), "--out",
+                 str(tmp_path / "with-new")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    [header] = [line for line in lines if line.startswith("round ")]
+    [row] = [line for line in lines if line.startswith("    1 ")]
+    cells = dict(zip(header.split()[1:3], row.split()[1:3], strict=True))
+    assert cells["unlabelled"] == "—" and cells["site-a"] != "—" and "unlabelled: w=0.00 n=0" in row
 
 
 def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path: Path) -> None:

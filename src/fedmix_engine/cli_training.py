@@ -90,7 +90,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 names = list(event.n)
                 header = "round " + " ".join(f"{n[:10]:>10}" for n in names)
                 print(f"{header}   {'val Dice' if eval_root else 'training loss'} per site (weight, samples used)")
-            cells = " ".join(f"{shown.get(n, float('nan')):10.3f}" for n in names)
+            cells = " ".join(f"{shown[n]:10.3f}" if n in shown and (eval_root or event.n[n]) else f"{'—':>10}"
+                             for n in names)  # a site that trained on nothing has no loss
             extra = ", ".join(f"{n}: w={event.weights.get(n, 0):.2f} n={event.n[n]}" for n in names)
             mean = f"mean {event.val_mean:.3f} " if eval_root else ""
             print(f"{event.round:5d} {cells}   {mean}({extra}) {event.seconds:.1f}s", flush=True)
