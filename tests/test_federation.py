@@ -237,6 +237,24 @@ def test_plot_legend_names_fit_beside_their_lines() -> None:
     assert lines_end >= 360 / 2 - 10, "a long name takes at most half the chart"
 
 
+def test_a_site_that_trained_on_nothing_has_no_loss_on_the_admin_page_or_in_its_own_log() -> None:
+    """A site with nothing labelled yet, or whose pseudo-labels were all rejected, reports n=0 and ℓ=0.0 (so its
+    update stays finite); the admin page and the site's log read that as a perfect fit, and the loss plot
+    dipped to 0."""
+    from fedmix_engine.federation.admin import render_admin_page
+    from fedmix_engine.fedmix.local_update import shown_loss
+
+    sites = {"busy": {"n": 12, "loss": 0.4321, "weight": 1.0}, "new": {"n": 0, "loss": 0.0, "weight": 0.0}}
+    status = {"history": [{"round": r, "sites": sites, "reason": "all sites uploaded"} for r in (1, 2)],
+              "finished": False, "round": 3, "uploaded": [], "last_round": 2, "rounds": 5, "method": "fedmix",
+              "lam": 10.0, "beta": 1.5, "sites_expected": 2, "min_sites": 2}
+    page = render_admin_page(status)
+    assert "busy: n=12 ℓ=0.432 w=1.00; new: n=0 ℓ=— w=0.00" in page
+    loss_plot = page[page.index("training loss ℓ_k per round"):page.index("samples used n_k per round")]
+    assert ">busy<" in loss_plot and ">new<" not in loss_plot, "no loss line for a site without a loss"
+    assert shown_loss(0, 0.0) == "—" and shown_loss(3, 0.0) == "0.000"
+
+
 def _outward_address() -> str:
     """This machine's address on its network, where a request from another machine arrives (no packet
     is sent: connecting a UDP socket only picks the interface)."""

@@ -513,6 +513,22 @@ def test_local_training_can_continue_its_last_run(make_napari_viewer, qtbot, sam
     assert train.round_bar.maximum() == 3 and train.round_bar.value() == 3 and "error" not in train.status.text()
 
 
+def test_a_round_that_trained_on_nothing_shows_no_loss(make_napari_viewer, qtbot, tmp_path):
+    """A site whose images are not labelled yet trains on nothing; its round said 'loss 0.000' and the plot
+    drew a loss of 0, a perfect fit."""
+    from fedmix_engine.data.site_store import SiteStore
+    from napari_fedmix.train_widget import TrainWidget
+
+    with SiteStore.create(tmp_path / "site", ["lesion"]) as store:
+        store.add_image(np.zeros((32, 32), np.uint8), "unlabelled")
+    train = TrainWidget(make_napari_viewer())
+    qtbot.addWidget(train)
+    _start_local(train, tmp_path / "site", rounds=1)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    assert train.status.text().startswith("round 1: loss —, 0 samples")
+    assert train.history["loss"] == [] and train.history["weight"] == [(1, 0.0)]
+
+
 def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(make_napari_viewer, qtbot, sample):
     from napari_fedmix.train_widget import TrainWidget
 

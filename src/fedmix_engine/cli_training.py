@@ -45,7 +45,7 @@ def _sites_from(args: argparse.Namespace) -> tuple[list[Path], Path | None]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import torch
 
-    from fedmix_engine.fedmix.local_update import TrainConfig, TrainProgress, default_crop_size
+    from fedmix_engine.fedmix.local_update import TrainConfig, TrainProgress, default_crop_size, shown_loss
     from fedmix_engine.model import ModelConfig
     from fedmix_engine.simulate import (
         RoundDone,
@@ -85,13 +85,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             progress_bar(event.step, event.total, event.stage)
         elif isinstance(event, RoundDone):
             clear_progress_bar()
-            shown = event.val_dice if eval_root else event.losses  # without evaluation data: the training loss
             if names is None:
                 names = list(event.n)
                 header = "round " + " ".join(f"{n[:10]:>10}" for n in names)
                 print(f"{header}   {'val Dice' if eval_root else 'training loss'} per site (weight, samples used)")
-            cells = " ".join(f"{shown[n]:10.3f}" if n in shown and (eval_root or event.n[n]) else f"{'—':>10}"
-                             for n in names)  # a site that trained on nothing has no loss
+            shown = ({n: f"{event.val_dice[n]:.3f}" if n in event.val_dice else "—" for n in names} if eval_root
+                     else {n: shown_loss(event.n[n], event.losses[n]) for n in names})  # no evaluation: the loss
+            cells = " ".join(f"{shown[n]:>10}" for n in names)
             extra = ", ".join(f"{n}: w={event.weights.get(n, 0):.2f} n={event.n[n]}" for n in names)
             mean = f"mean {event.val_mean:.3f} " if eval_root else ""
             print(f"{event.round:5d} {cells}   {mean}({extra}) {event.seconds:.1f}s", flush=True)

@@ -259,7 +259,7 @@ class TrainWidget(QWidget):
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:
         from fedmix_engine.federation.client import JoinEvent
-        from fedmix_engine.fedmix.local_update import TrainProgress
+        from fedmix_engine.fedmix.local_update import TrainProgress, shown_loss
         from fedmix_engine.fedmix.pseudo_labels import kept_summary
         from fedmix_engine.simulate import RoundDone, SimulationStarted
 
@@ -276,8 +276,9 @@ class TrainWidget(QWidget):
             site = next(iter(event.n))
             self.round_bar.setValue(event.round)
             self._add_point(event.round, event.losses[site], event.weights[site], event.n[site])
-            self.status.setText(f"round {event.round}: loss {event.losses[site]:.3f}, {event.n[site]} samples"
-                                f"{kept_summary(event.counts.get(site, {}))} ({self.device_note})")
+            self.status.setText(f"round {event.round}: loss {shown_loss(event.n[site], event.losses[site])}, "
+                                f"{event.n[site]} samples{kept_summary(event.counts.get(site, {}))} "
+                                f"({self.device_note})")
         elif isinstance(event, JoinEvent):
             self.status.setText(event.message)
             if event.kind == "round-closed" and event.report:
@@ -285,7 +286,8 @@ class TrainWidget(QWidget):
                 self.round_bar.setValue(event.round)
 
     def _add_point(self, r: int, loss: float, weight: float, n: int) -> None:
-        self.history["loss"].append((r, loss))
+        if n:  # a round that trained on nothing has no loss (it reports 0.0)
+            self.history["loss"].append((r, loss))
         self.history["weight"].append((r, weight))
         self._add_series("samples used (÷100)", r, n / 100)
 

@@ -51,6 +51,8 @@ def svg_lines(series: dict[str, list[tuple[int, float]]], title: str, width: int
 
 
 def render_admin_page(status: dict[str, Any]) -> str:
+    from fedmix_engine.fedmix.local_update import shown_loss
+
     history = status["history"]
     weights: dict[str, list[tuple[int, float]]] = {}
     losses: dict[str, list[tuple[int, float]]] = {}
@@ -60,9 +62,10 @@ def render_admin_page(status: dict[str, Any]) -> str:
         r = meta["round"]
         for site, info in meta["sites"].items():
             weights.setdefault(site, []).append((r, info["weight"]))
-            losses.setdefault(site, []).append((r, info["loss"]))
+            if info["n"]:  # a site that trained on nothing has no loss to plot
+                losses.setdefault(site, []).append((r, info["loss"]))
             counts.setdefault(site, []).append((r, info["n"]))
-        cells = "; ".join(f"{escape(s)}: n={i['n']} ℓ={i['loss']:.3f} w={i['weight']:.2f}"
+        cells = "; ".join(f"{escape(s)}: n={i['n']} ℓ={shown_loss(i['n'], i['loss'])} w={i['weight']:.2f}"
                           for s, i in sorted(meta["sites"].items()))
         rows.append(f"<tr><td>{r}</td><td>{len(meta['sites'])}</td><td>{cells}</td>"
                     f"<td>{escape(meta['reason'])}</td></tr>")

@@ -31,6 +31,7 @@ from fedmix_engine.fedmix.local_update import (
     TrainConfig,
     TrainProgress,
     iter_local_update,
+    shown_loss,
     site_seed,
 )
 from fedmix_engine.fedmix.pseudo_labels import kept_summary
@@ -217,8 +218,8 @@ class FederationClient:
             # took it trains this round again from the same moments, to the same update
             self.state = result.state
             self._save_state()
-            yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={rep.loss:.3f}{kept_summary(rep.counts)} "
-                            f"({_detail(response)})", r, report=rep.to_dict())
+            yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={shown_loss(rep.n, rep.loss)}"
+                            f"{kept_summary(rep.counts)} ({_detail(response)})", r, report=rep.to_dict())
 
     def _closed_rounds(self, site: str, after: int, upto: int) -> Iterator[JoinEvent]:
         """This site's weight, n and loss in each round that closed since ``after`` (from /v1/status);

@@ -115,6 +115,12 @@ class LocalReport:
         return asdict(self)
 
 
+def shown_loss(n: int, loss: float) -> str:
+    """ℓ_k as people read it: '—' for a site that trained on nothing this round (n = 0: no masks, and no
+    pseudo-label kept), which reports 0.0 so that its update stays finite, not a perfect fit."""
+    return f"{loss:.3f}" if n else "—"
+
+
 @dataclass
 class LocalResult:
     pair: PairState
