@@ -466,6 +466,25 @@ def test_join_refuses_a_missing_or_empty_token_file_a_url_without_scheme_and_a_b
     assert FederationClient(" http://127.0.0.1:9/ ", "t", site, device="cpu").http.base_url == "http://127.0.0.1:9"
 
 
+def test_join_warns_when_the_sites_token_can_be_read_by_other_users(tmp_path: Path, capsys) -> None:
+    """The token is the site's identity, yet a token file any user could read, or a token on the command
+    line (in every user's process list), passed without a word. ssh says so of a private key; so does join."""
+    from fedmix_engine.cli import main
+
+    token = tmp_path / "site-a.token"
+    token.write_text("fmx_something\n")
+    common = ["join", "--server", "http://127.0.0.1:9", "--site", str(tmp_path / "no-site")]  # stops at the site
+    for mode, warned in ((0o644, True), (0o640, True), (0o600, False)):
+        token.chmod(mode)
+        assert main([*common, "--token-file", str(token)]) == 2
+        err = capsys.readouterr().err
+        assert (f"warning: {token}: other users of this machine can read this site's token (mode {mode:o}); "
+                f"chmod 600 {token}" in err) is warned, err
+        assert "no-site" in err, "the warning does not stop the join"
+    assert main([*common, "--token", "fmx_something"]) == 2
+    assert "warning: a token given with --token shows in the process list" in capsys.readouterr().err
+
+
 def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_a_token_is_replaced(
         tmp_path: Path, capsys) -> None:
     from fedmix_engine.cli import main

@@ -104,6 +104,10 @@ def _read_token_file(path: Path) -> str:
         raise InputError(path, f"cannot read the token file ({exc})") from None
     if not token:
         raise InputError(path, "the token file is empty")
+    mode = path.stat().st_mode & 0o777
+    if os.name == "posix" and mode & 0o077:  # as ssh says of a private key: the token is this site's identity
+        print(f"warning: {path}: other users of this machine can read this site's token (mode {mode:o}); "
+              f"chmod 600 {path}", file=sys.stderr)
     return token
 
 
@@ -113,6 +117,9 @@ def cmd_join(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     token = args.token or os.environ.get("FEDMIX_TOKEN", "")
+    if args.token:
+        print("warning: a token given with --token shows in the process list to every user of this machine; "
+              "prefer --token-file (mode 600) or FEDMIX_TOKEN", file=sys.stderr)
     if args.token_file:
         token = _read_token_file(Path(args.token_file))
     client = FederationClient(args.server, token, args.site, device=args.device, ca_cert=args.ca_cert,

@@ -111,9 +111,9 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
         for site in SITES:
             with open(logs / f"{site}.log", "wb") as log:
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "fedmix_engine.cli", "join", "--server", url, "--token", site_tokens[site],
+                    [sys.executable, "-m", "fedmix_engine.cli", "join", "--server", url,
                      "--site", str(data / site), "--device", "cpu", "--poll", "0.3"],
-                    stdout=log, stderr=subprocess.STDOUT, env=env))
+                    stdout=log, stderr=subprocess.STDOUT, env={**env, "FEDMIX_TOKEN": site_tokens[site]}))
         tests = {s: EvalSet.from_store(data / "eval" / s / "test", size, 1, 1) for s in SITES}
         print("3/4 rounds (w = site weight; Dice of the new global model on each site's test images)", flush=True)
         print("round  " + "  ".join(f"{s:>16}" for s in SITES) + "   mean Dice   time", flush=True)
