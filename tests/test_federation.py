@@ -541,6 +541,15 @@ def test_serve_names_a_missing_garbled_or_mismatched_tls_file_before_starting(tm
                      "--port", "9"]) == 2
         assert expected in capsys.readouterr().err
     assert not state.exists(), "refused before the state directory was created"
+    # a private key other users may read is said, as ssh says it (the run stops here at a file given as --state)
+    (tmp_path / "a-file").write_text("")
+    for mode, warned in ((0o644, True), (0o600, False)):
+        pem["one"][1].chmod(mode)
+        assert main(["serve", "--state", str(tmp_path / "a-file"), "--tls-cert", str(pem["one"][0]),
+                     "--tls-key", str(pem["one"][1])]) == 2
+        err = capsys.readouterr().err
+        assert (f"warning: {pem['one'][1]}: other users of this machine can read the server's TLS private key "
+                f"(mode 644); chmod 600" in err) is warned, err
 
 
 def test_a_restart_may_extend_a_finished_federation_but_never_change_what_sites_train(tmp_path: Path) -> None:

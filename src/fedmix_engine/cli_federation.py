@@ -71,6 +71,7 @@ def _check_tls(cert: str, key: str) -> None:
     except ssl.SSLError as exc:
         raise InputError(cert, f"certificate and key {key} do not load as a PEM pair ({exc.reason or exc}); "
                                "both must be PEM, the key unencrypted and belonging to this certificate") from None
+    _warn_if_others_may_read(Path(key), "the server's TLS private key")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -104,11 +105,16 @@ def _read_token_file(path: Path) -> str:
         raise InputError(path, f"cannot read the token file ({exc})") from None
     if not token:
         raise InputError(path, "the token file is empty")
-    mode = path.stat().st_mode & 0o777
-    if os.name == "posix" and mode & 0o077:  # as ssh says of a private key: the token is this site's identity
-        print(f"warning: {path}: other users of this machine can read this site's token (mode {mode:o}); "
-              f"chmod 600 {path}", file=sys.stderr)
+    _warn_if_others_may_read(path, "this site's token")
     return token
+
+
+def _warn_if_others_may_read(path: Path, what: str) -> None:
+    """Say so, as ssh does of a private key, when a secret's file may be read by other users of the machine."""
+    mode = path.stat().st_mode & 0o777
+    if os.name == "posix" and mode & 0o077:
+        print(f"warning: {path}: other users of this machine can read {what} (mode {mode:o}); chmod 600 {path}",
+              file=sys.stderr)
 
 
 def cmd_join(args: argparse.Namespace) -> int:
