@@ -469,10 +469,12 @@ def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the
 
     checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
     out = export / "masks"  # inside the export: not an input on this run or the next
-    for _ in range(2):
-        assert main(["predict", str(checkpoint), str(export), str(out), "--recursive", "--device", "cpu"]) == 1
+    for _ in range(2):  # files that are no images (a report, the dataset's own mask) are no failure: exit 0
+        assert main(["predict", str(checkpoint), str(export), str(out), "--recursive", "--device", "cpu"]) == 0
         printed = capsys.readouterr().out
         assert "predicted 2 image(s)" in printed
+        assert printed.splitlines()[-1] == ("  2 other file(s) are not images to predict (p01/s1/a_mask.png, "
+                                            "p01/s1/notes.txt); summary.csv lists them")
         with open(out / "summary.csv", newline="") as handle:
             rows = {r["file"]: (r["mask_file"], r["status"]) for r in csv.DictReader(handle)}
         assert rows == {"p01/s1/a.png": ("p01/s1/a_mask.tif", "ok"),
@@ -483,11 +485,17 @@ def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the
     assert tifffile.imread(out / "p01" / "s2" / "a_mask.tif").shape == (36, 44), "same stem, its own folder"
     assert json.loads((out / "prediction.json").read_text())["recursive"] is True
 
+    # images that cannot be predicted are failures: listed (the first SHOWN_PROBLEMS), exit 1
+    (export / "p02").mkdir()
+    (export / "p02" / "broken.tif").write_bytes(b"II*\x00junk")
+    (export / "p02" / "cut.png").write_bytes((export / "p01" / "s1" / "a.png").read_bytes()[:60])
     monkeypatch.setattr("fedmix_engine.cli_training.SHOWN_PROBLEMS", 1)
     assert main(["predict", str(checkpoint), str(export), str(tmp_path / "out2"), "-r", "--device", "cpu"]) == 1
     printed = capsys.readouterr().out.splitlines()
-    assert printed[-2:] == ["  p01/s1/a_mask.png: skipped: a mask beside its image, not an image",
-                            "  … and 1 more (every file's status is in summary.csv)"]
+    assert printed[-3].startswith("  p02/broken.tif: skipped: unreadable or corrupt")
+    assert printed[-2:] == ["  … and 1 more (every file's status is in summary.csv)",
+                            "  2 other file(s) are not images to predict (p01/s1/a_mask.png, p01/s1/notes.txt); "
+                            "summary.csv lists them"]
 
 
 def test_a_stopped_batch_is_continued_keeping_the_masks_it_wrote_and_only_those(tmp_path: Path) -> None:

@@ -169,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-SHOWN_PROBLEMS = 20  # skipped files listed by predict; the rest are counted
+SHOWN_PROBLEMS = 20  # images predict could not predict, listed one by one; the rest are counted
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -183,21 +183,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           dicom_seg=args.dicom_seg, classes=classes,
                           on_frames=lambda path, done, total: progress_bar(done, total, f"predict {path.name}: frame"),
                           recursive=args.recursive, resume=args.resume)
-    skipped = [r for r in rows if r.status != "ok"]
+    failed = [r for r in rows if r.failed]
+    others = [r for r in rows if r.status != "ok" and not r.failed]  # files that are no images to predict
     no_seg = [r for r in rows if r.seg_file.startswith("not written")]
     clear_progress_bar()
     segs = sum(r.seg_file.endswith(".dcm") for r in rows)
     kept = json.loads((args.out / RECORD_FILE).read_text())["files"].get("kept", 0)
-    print(f"predicted {len(rows) - len(skipped) - kept} image(s) into {args.out} (summary.csv, prediction.json)"
+    done = len(rows) - len(failed) - len(others)
+    print(f"predicted {done - kept} image(s) into {args.out} (summary.csv, prediction.json)"
           + (f"; {kept} kept from the earlier batch" if args.resume else "")
           + (f"; {segs} DICOM SEG(s)" if args.dicom_seg else ""))
-    lines = [f"  {r.file}: {r.status}" for r in skipped] + [f"  {r.file}: mask written, DICOM SEG {r.seg_file}"
-                                                            for r in no_seg]
-    for line in lines[:SHOWN_PROBLEMS]:  # a PACS export's folders hold many other files: summary.csv has all
+    lines = [f"  {r.file}: {r.status}" for r in failed] + [f"  {r.file}: mask written, DICOM SEG {r.seg_file}"
+                                                           for r in no_seg]
+    for line in lines[:SHOWN_PROBLEMS]:
         print(line)
     if len(lines) > SHOWN_PROBLEMS:
         print(f"  … and {len(lines) - SHOWN_PROBLEMS} more (every file's status is in summary.csv)")
-    return 1 if skipped or no_seg else 0
+    if others:
+        named = ", ".join(r.file for r in others[:3]) + (", …" if len(others) > 3 else "")
+        print(f"  {len(others)} other file(s) are not images to predict ({named}); summary.csv lists them")
+    return 1 if failed or no_seg else 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

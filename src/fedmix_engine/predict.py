@@ -228,10 +228,18 @@ class BatchRow:
     frames: int = 0  # 1 for a 2-D image, the frame count of a stack (0 when not predicted)
     seg_file: str = ""  # the DICOM SEG written beside the mask, or "not written: <reason>"; "" when not asked
 
+    @property
+    def failed(self) -> bool:
+        """An image that could not be predicted (unreadable, a bad frame); not a file that is no image to
+        predict (a report, a PACS export's DICOMDIR, a dataset's own mask beside its image)."""
+        return self.status != "ok" and not self.status.startswith((NOT_AN_IMAGE, MASK_BESIDE))
+
 
 RECORD_FILE = "prediction.json"  # which model, settings and input made a folder's masks, and when
 SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "status", "seg_file")
 NOT_RUN = "not run: the batch was stopped before this file"
+NOT_AN_IMAGE = "skipped: not an image"
+MASK_BESIDE = "skipped: a mask beside its image, not an image"
 
 
 def mask_names(files: list[Path]) -> dict[Path, str]:
@@ -380,10 +388,10 @@ class FolderBatch:
             for done, path in enumerate(self.files, start=1):
                 if path in beside:
                     row = BatchRow(self._name(path), 0, 0, float("nan"),
-                                   "skipped: a mask beside its image, not an image")
+                                   MASK_BESIDE)
                 elif path not in names:
                     row = BatchRow(self._name(path), 0, 0, float("nan"),
-                                   f"skipped: not an image ({path.suffix or 'no suffix'})")
+                                   f"{NOT_AN_IMAGE} ({path.suffix or 'no suffix'})")
                 elif (kept := self._kept_row(path, names[path])) is not None:
                     row = kept
                     self.kept += 1
