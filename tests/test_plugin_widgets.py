@@ -928,6 +928,7 @@ def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(mak
     for series in ("p01/s1", "p02/s1"):
         (export / series).mkdir(parents=True)
         tifffile.imwrite(export / series / "us.tif", np.zeros((40, 48), np.uint8))
+    (export / "p01" / "DICOMDIR").write_bytes(b"")  # a PACS export's index: no image, and no failure
     viewer = make_napari_viewer()
     widget = _batch_widget(viewer, qtbot, export, tmp_path / "out")
     widget.open_results.setChecked(True)
@@ -936,7 +937,9 @@ def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(mak
     widget.recursive.setChecked(True)
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert widget.status.text() == f"2 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped"
+    assert widget.status.text() == (f"2 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped; 1 other "
+                                    "file(s) not images")
+    assert widget.skipped.count() == 0
     for series in ("p01/s1", "p02/s1"):
         assert tifffile.imread(tmp_path / "out" / series / "us_mask.tif").shape == (40, 48)
     assert viewer.layers["FedMix batch masks"].data.shape == (2, 40, 48)
@@ -946,7 +949,7 @@ def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(mak
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.status.text() == (f"2 mask(s) written to {tmp_path / 'out'} (2 kept from the earlier batch) "
-                                    "(summary.csv); 0 skipped")
+                                    "(summary.csv); 0 skipped; 1 other file(s) not images")
 
 
 def test_predict_widgets_start_with_the_model_just_trained_or_the_open_sites_newest(make_napari_viewer, qtbot,

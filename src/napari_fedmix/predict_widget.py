@@ -378,7 +378,7 @@ class BatchPredictWidget(QWidget):
         self.progress.setRange(0, self.total)
         self.progress.setValue(done)
         self.status.setText(f"{done}/{self.total}: {row.file}")
-        if row.status != "ok":
+        if row.failed:  # a file that is no image to predict (a report, a DICOMDIR) is counted, not listed
             self.skipped.addItem(f"{row.file}: {row.status}")
         elif row.seg_file.startswith("not written"):
             self.skipped.addItem(f"{row.file}: mask written, DICOM SEG {row.seg_file}")
@@ -393,12 +393,14 @@ class BatchPredictWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.worker = None
         written = [out / r.mask_file for r in self.rows if r.status == "ok"]
-        skipped = sum(r.status != "ok" for r in self.rows)
+        skipped = sum(r.failed for r in self.rows)
+        others = sum(r.status != "ok" and not r.failed for r in self.rows)
         if self.error is None:
             stopped = f"stopped after {len(self.rows)} of {self.total} files; " if len(self.rows) < self.total else ""
             kept = f" ({batch.kept} kept from the earlier batch)" if batch.kept else ""
+            not_images = f"; {others} other file(s) not images" if others else ""
             self.status.setText(f"{stopped}{len(written)} mask(s) written to {out}{kept} (summary.csv); "
-                                f"{skipped} skipped")
+                                f"{skipped} skipped{not_images}")
         if self.open_results.isChecked() and written:
             import tifffile
 
