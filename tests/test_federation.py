@@ -198,6 +198,8 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
         assert server.status()["last_round"] == 1
     # the admin's journal (serve's stdout): every refusal with its site and reason, every round's weights
     log = (tmp_path / f"server-{server.port}.log").read_text()
+    assert "warning: no --class-names: a joining site is checked for its number of classes only" in log
+    assert "plain HTTP" not in log, "on 127.0.0.1 nothing crosses the network"
     assert "WARNING refused POST /v1/rounds/1/update from 127.0.0.1: unknown or revoked token" in log
     assert "WARNING round 1, site-a: refused (422): update refused: " in log
     assert "WARNING round 1, site-a: refused (413): update of 3.0 MB exceeds the server's limit of 2 MB" in log
@@ -288,6 +290,9 @@ def test_the_round_history_is_for_the_admin_and_the_sites_unless_made_public(tmp
                 assert refused.json()["detail"] == (
                     "the federation's status is for the admin on this machine and the sites (with their tokens); "
                     "the server's admin can open it to anyone with 'serve --status-access public'")
+        log = (tmp_path / f"server-{server.port}.log").read_text()  # on a network address without TLS
+        assert "warning: plain HTTP on 0.0.0.0: site tokens and model weights cross the network in clear text" \
+            in log
     expected = {"sites": {"remote": 403, "remote site": 200, "remote wrong token": 403},
                 "local": {"remote": 403, "remote site": 403, "remote wrong token": 403},
                 "public": {"remote": 200, "remote site": 200, "remote wrong token": 200}}

@@ -184,6 +184,13 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
         print(f"settings changed on this start: {'; '.join(state.adjusted)}")
     if not tokens.sites():
         print(f"warning: no site tokens yet; create them with 'fedmix-engine token add SITE --state {state_dir}'")
+    if not tls_cert and not (host == "localhost" or _is_loopback(host)):
+        print(f"warning: plain HTTP on {host}: site tokens and model weights cross the network in clear text; "
+              "give --tls-cert and --tls-key, or serve on 127.0.0.1 behind a TLS proxy")
+    if not state.config.class_names:
+        print("warning: no --class-names: a joining site is checked for its number of classes only, so a site "
+              "whose label 1 means another class would train the model wrong; a new federation can fix them "
+              "with --class-names NAME[,NAME…]")
     app = create_app(state, tokens, status_access=status_access)
     scheme = "https" if tls_cert else "http"
     print(f"FedMix server: {scheme}://{host}:{port}/  round {state.current_round} of {state.config.rounds}"
