@@ -26,6 +26,7 @@ from fedmix_engine.fedmix.losses import soft_dice_loss
 from fedmix_engine.fedmix.metrics import dice, hd95, iou
 from fedmix_engine.fedmix.pair import init_pair
 from fedmix_engine.model import ModelConfig, build_model, count_parameters
+from fedmix_engine.steps import run_steps
 
 TINY = ModelConfig(base_width=4)
 TINY_TRAIN = TrainConfig(image_size=32, crop_size=32, batch_size=4)
@@ -640,6 +641,34 @@ def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path
         assert message in str(refused.value)
     assert not (tmp_path / "out").exists() and (tmp_path / "a-file").read_text() == "keep me"
     assert [p.name for p in (tmp_path / "in").iterdir()] == ["scan.tif"]
+
+
+def test_disagreement_is_where_the_pairs_two_networks_differ_frame_by_frame() -> None:
+    """|p¹ − p²| per class: each network's probability as a predictor of that network alone gives it;
+    zero for a pair whose networks are one; a stack's frames each as the same frame alone."""
+    from fedmix_engine.predict import Predictor
+
+    pair = init_pair(TINY, 0)
+    swapped = {("net1" if k.startswith("net2") else "net2") + k[4:]: v for k, v in pair.items()}
+    twins = {k: pair["net1" + k[4:]] for k in pair}
+    image = np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)
+    p1 = Predictor(pair, TINY, 32, CPU).probabilities(image)
+    p2 = Predictor(swapped, TINY, 32, CPU).probabilities(image)
+    shown = Predictor(pair, TINY, 32, CPU, inference="mean").disagreement(image)
+    assert shown.shape == (1, 40, 48) and shown.max() > 0.05, "two differently started networks differ"
+    np.testing.assert_allclose(shown, np.abs(p1 - p2), atol=1e-6)
+    assert not Predictor(twins, TINY, 32, CPU).disagreement(image).any()
+    stack = np.stack([image, image[::-1], image[:, ::-1]])
+    predictor = Predictor(pair, TINY, 32, CPU, batch_size=2)
+    steps = predictor.iter_stack_disagreement(stack, rgb=False)
+    assert next(steps) == (2, 3)
+    maps = run_steps(steps)
+    for k, frame in enumerate(stack):
+        np.testing.assert_allclose(maps[:, k], predictor.disagreement(frame), atol=1e-6)
+    bad = np.stack([image, image]).astype(np.float32)
+    bad[1, 3, 4] = np.nan
+    with pytest.raises(InputError, match=r"layer 'x', frame 1: "):
+        run_steps(predictor.iter_stack_disagreement(bad, rgb=False, where="layer 'x'"))
 
 
 def test_predictor_validates_an_in_memory_array_and_names_it(tmp_path: Path) -> None:

@@ -453,6 +453,53 @@ def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewe
     assert worker.abort_requested and viewer.layers[PRED_LAYER].data is shown, "the overlays were left alone"
 
 
+def test_predict_shows_where_the_two_networks_disagree_when_asked(make_napari_viewer, qtbot, tmp_path):
+    """FedMix trains two networks; where they still differ the prediction rests on the least. With the
+    option on, that map is a layer on the image's axes (a stack's frame by frame); off, an earlier one is
+    removed, since it would not fit the new prediction."""
+    from fedmix_engine.predict import Predictor
+    from napari_fedmix.predict_widget import DISAGREE_LAYER, PRED_LAYER, PredictWidget
+
+    checkpoint = _tiny_checkpoint(tmp_path)
+    reference = Predictor.from_checkpoint(checkpoint, "cpu")
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (40, 48), dtype=np.uint8)
+    loop = rng.integers(0, 255, (3, 40, 48), dtype=np.uint8)
+    viewer.add_image(image, name="scan", scale=(0.5, 0.5))
+    widget = PredictWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.checkpoint.setText(str(checkpoint))
+    widget.show_disagreement.setChecked(True)
+    statuses: list[str] = []
+
+    def predict(name: str) -> None:
+        viewer.layers.selection.active = viewer.layers[name]
+        before = widget._probability
+        worker = widget.predict_active()
+        assert worker is not None, widget.status.text()
+        if hasattr(worker.signals, "yielded"):
+            worker.yielded.connect(lambda _: statuses.append(widget.status.text()))
+        qtbot.waitUntil(lambda: widget._probability is not before, timeout=60_000)
+
+    predict("scan")
+    shown = viewer.layers[DISAGREE_LAYER]
+    np.testing.assert_allclose(shown.data, reference.disagreement(image).max(axis=0), atol=1e-6)
+    np.testing.assert_allclose(shown.scale, (0.5, 0.5))
+    differ = float((reference.disagreement(image) > 0.5).mean())
+    assert f"the two networks differ by more than 0.5 on {differ:.1%} of it; model: m.safetensors" \
+        in widget.status.text()
+    viewer.add_image(loop, name="loop")
+    predict("loop")
+    assert viewer.layers[DISAGREE_LAYER].data.shape == viewer.layers[PRED_LAYER].data.shape == (3, 40, 48)
+    np.testing.assert_allclose(viewer.layers[DISAGREE_LAYER].data[2], reference.disagreement(loop[2])[0],
+                               atol=1e-6)
+    assert statuses[-1] == "predicting loop: networks' disagreement: frame 3 of 3"
+    widget.show_disagreement.setChecked(False)
+    predict("scan")
+    assert DISAGREE_LAYER not in viewer.layers and "networks differ" not in widget.status.text()
+
+
 def test_a_prediction_becomes_the_mask_to_correct_but_never_replaces_a_drawn_one(make_napari_viewer, qtbot,
                                                                                   tmp_path, images):
     from napari_fedmix.annotate_widget import MASK_LAYER
@@ -672,10 +719,10 @@ def test_batch_predict_shows_a_stacks_frames_and_cancel_stops_within_it(make_nap
     calls: list[int] = []
     real_logits = Predictor.logits
 
-    def logits_then_cancel(self, batch):
+    def logits_then_cancel(self, batch, network=None):
         calls.append(len(batch))
         widget.worker.quit()  # Cancel during the loop's first batch (from the worker: it cannot arrive late)
-        return real_logits(self, batch)
+        return real_logits(self, batch, network)
 
     monkeypatch.setattr(Predictor, "logits", logits_then_cancel)
     widget.output.setText(str(tmp_path / "out2"))

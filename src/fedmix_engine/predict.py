@@ -112,13 +112,16 @@ class Predictor:
                 "model": json.loads(self.model_config.to_json())}
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for ``N×C×S×S`` images at the training size (CPU tensor out)."""
+    def logits(self, images: torch.Tensor, network: str | None = None) -> torch.Tensor:
+        """Logits for ``N×C×S×S`` images at the training size (CPU tensor out): of the predictor's
+        ``inference`` (network 1, or the mean of both), or of one ``network`` ("net1", "net2")."""
         def step(items: slice) -> torch.Tensor:
             batch = images[items].to(self.plan.device)
             with autocast(self.plan):
+                if network == "net2":
+                    return self.net2(batch).float().cpu()
                 z1 = self.net1(batch).float()
-                if self.inference == "mean":
+                if self.inference == "mean" and network is None:
                     p = (torch.sigmoid(z1) + torch.sigmoid(self.net2(batch).float())) / 2
                     z1 = torch.logit(p.clamp(1e-6, 1 - 1e-6))
             return z1.cpu()
@@ -142,13 +145,32 @@ class Predictor:
         Each frame is validated and normalised on its own, as the same frame exported as a 2-D image
         would be; a bad frame is refused by its index. Stopping between yields (a GUI's Stop) costs
         at most one batch."""
+        return (yield from self._iter_stack(stack, rgb, where, self._chunk_probabilities))
+
+    def disagreement(self, image: np.ndarray, where: str | Path = "image") -> np.ndarray:
+        """float32 ``K×H×W``: how far the pair's two networks disagree, ``|p¹ − p²|`` per class, for one 2-D
+        image (validated as in :meth:`probabilities`)."""
+        image = validate_image(image, where)
+        return run_steps(self.iter_stack_disagreement(image[None], image.ndim == 3, where))[:, 0]
+
+    def iter_stack_disagreement(self, stack: np.ndarray, rgb: bool,
+                                where: str | Path = "stack") -> Generator[tuple[int, int], None, np.ndarray]:
+        """``|p¹ − p²|`` per class for every frame of a stack, as :meth:`iter_stack_probabilities` steps
+        through it. FedMix trains the two networks to agree on what they were taught (cross pseudo
+        supervision), so where they still differ the prediction rests on the least: the pixels a
+        clinician correcting a prediction should look at first."""
+        return (yield from self._iter_stack(stack, rgb, where, self._chunk_disagreement))
+
+    def _iter_stack(self, stack: np.ndarray, rgb: bool, where: str | Path,
+                    chunk: Callable[..., np.ndarray]) -> Generator[tuple[int, int], None, np.ndarray]:
+        """``chunk``'s float32 ``K×B×H×W`` maps of a stack's frames, a batch at a time, as ``K×…×H×W``."""
         frames, leading = stack_frames(stack, rgb, where)
         height, width = frames.shape[1:3]
         out = np.empty((self.model_config.num_classes, len(frames), height, width), np.float32)
         name = partial(_frame_index, leading=leading)
         for start in range(0, len(frames), self.batch_size):
             stop = min(start + self.batch_size, len(frames))
-            out[:, start:stop] = self._chunk_probabilities(frames[start:stop], start, where, name)
+            out[:, start:stop] = chunk(frames[start:stop], start, where, name)
             yield stop, len(frames)
         return out.reshape((out.shape[0], *leading, height, width))
 
@@ -168,14 +190,28 @@ class Predictor:
         if chunk:
             yield probabilities_to_labels(self._chunk_probabilities(chunk, start, where, frame_name), threshold)
 
-    def _chunk_probabilities(self, frames: Sequence[np.ndarray], start: int, where: str | Path,
-                             frame_name: Callable[[int], str]) -> np.ndarray:
-        """float32 ``K×B×H×W`` probabilities of consecutive frames ``start``, ``start + 1``, … of one size."""
+    def _chunk_inputs(self, frames: Sequence[np.ndarray], start: int, where: str | Path,
+                      frame_name: Callable[[int], str]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Consecutive frames ``start``, ``start + 1``, … of one size, validated and normalised, at the
+        training size; and their own size."""
         normalised = [normalise_image(validate_image(frame, f"{where}, frame {frame_name(start + k)}"),
                                       self.model_config.in_channels) for k, frame in enumerate(frames)]
-        z = self.logits(torch.stack([resize_image(n, self.image_size) for n in normalised]))
-        z = F.interpolate(z, size=normalised[0].shape[-2:], mode="bilinear", align_corners=False)
+        return torch.stack([resize_image(n, self.image_size) for n in normalised]), normalised[0].shape[-2:]
+
+    def _probabilities_at(self, inputs: torch.Tensor, size: tuple[int, int], network: str | None = None
+                          ) -> np.ndarray:
+        """float32 ``K×B×H×W`` probabilities at the frames' ``size`` (of the inference, or of one ``network``)."""
+        z = F.interpolate(self.logits(inputs, network), size=size, mode="bilinear", align_corners=False)
         return torch.sigmoid(z).numpy().transpose(1, 0, 2, 3)
+
+    def _chunk_probabilities(self, frames: Sequence[np.ndarray], start: int, where: str | Path,
+                             frame_name: Callable[[int], str]) -> np.ndarray:
+        return self._probabilities_at(*self._chunk_inputs(frames, start, where, frame_name))
+
+    def _chunk_disagreement(self, frames: Sequence[np.ndarray], start: int, where: str | Path,
+                            frame_name: Callable[[int], str]) -> np.ndarray:
+        inputs, size = self._chunk_inputs(frames, start, where, frame_name)
+        return np.abs(self._probabilities_at(inputs, size, "net1") - self._probabilities_at(inputs, size, "net2"))
 
     def mask(self, image: np.ndarray, threshold: float = 0.5, where: str | Path = "image") -> np.ndarray:
         """uint8 label image (0 = background; overlapping classes: the most probable wins)."""

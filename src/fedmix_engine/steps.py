@@ -20,3 +20,15 @@ def run_steps(steps: Generator[Progress, None, Result], progress: Callable[[Prog
             return finished.value
         if progress:
             progress(update)
+
+
+def labelled(steps: Generator[tuple[int, int], None, Result], label: str
+             ) -> Generator[tuple[str, int, int], None, Result]:
+    """``steps``' (done, total) progress as (``label``, done, total), so that one worker running two kinds of
+    steps in turn can say which is under way; returns what ``steps`` return."""
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        yield label, done, total

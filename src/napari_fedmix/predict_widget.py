@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import napari
 
 PROB_LAYER, PRED_LAYER = "FedMix probability", "FedMix prediction"
+DISAGREE_LAYER = "FedMix networks disagree"  # |p¹ − p²|: where to check the prediction first
 
 
 CHECKPOINT_FILES = "Checkpoints (*.safetensors)"
@@ -98,6 +99,7 @@ class PredictWidget(QWidget):
         self.threshold.valueChanged.connect(self._apply_threshold)
         self.button = QPushButton("Predict active image")
         self.button.clicked.connect(self.predict_active)
+        self.show_disagreement = QCheckBox("also show where the pair's two networks disagree (check there first)")
         self.to_mask = QPushButton("Use the prediction as the mask, to correct")
         self.to_mask.clicked.connect(self.use_as_mask)
         self.stop_button = QPushButton("Stop")
@@ -115,6 +117,7 @@ class PredictWidget(QWidget):
         form = QFormLayout(self)
         form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
         form.addRow("threshold", self.threshold)
+        form.addRow(self.show_disagreement)
         buttons = QHBoxLayout()
         buttons.addWidget(self.button)
         buttons.addWidget(self.stop_button)
@@ -136,6 +139,7 @@ class PredictWidget(QWidget):
         volume's slices) is predicted frame by frame with progress, and Stop ends it between batches."""
         from fedmix_engine.data.imageio import validate_image
         from fedmix_engine.predict import stack_frames
+        from fedmix_engine.steps import labelled
 
         layer = self._image_layer()
         if layer is None:
@@ -158,11 +162,19 @@ class PredictWidget(QWidget):
         # the overlays sit on the image's pixels: same scale and offset (pixel spacing from a reader)
         geometry = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
         source = (layer.name, layer.data)
+        disagreement = self.show_disagreement.isChecked()
         self.status.setText(f"predicting {layer.name}…")
         if stack:
-            worker = make_worker(predictor.iter_stack_probabilities, data, rgb, where, on_error=self._on_error)
-            worker.yielded.connect(lambda done: self.status.setText(
-                f"predicting {layer.name}: frame {done[0]} of {done[1]}"))
+            def maps():
+                probability = yield from labelled(predictor.iter_stack_probabilities(data, rgb, where), "frame")
+                if not disagreement:
+                    return probability, None
+                return probability, (yield from labelled(predictor.iter_stack_disagreement(data, rgb, where),
+                                                         "networks' disagreement: frame"))
+
+            worker = make_worker(maps, on_error=self._on_error)
+            worker.yielded.connect(lambda step: self.status.setText(
+                f"predicting {layer.name}: {step[0]} {step[1]} of {step[2]}"))
             worker.aborted.connect(lambda: self.status.setText(
                 f"stopped: {layer.name} was not predicted (overlays unchanged)"))
             worker.finished.connect(self._stack_finished)
@@ -170,8 +182,12 @@ class PredictWidget(QWidget):
             self.button.setEnabled(False)  # one stack at a time: a second would race the first for the overlays
             self.worker = worker
         else:
-            worker = make_worker(predictor.probabilities, data, where, on_error=self._on_error)
-        worker.returned.connect(lambda probability: self._show(probability, geometry, source))
+            def maps():
+                return (predictor.probabilities(data, where),
+                        predictor.disagreement(data, where) if disagreement else None)
+
+            worker = make_worker(maps, on_error=self._on_error)
+        worker.returned.connect(lambda result: self._show(*result, geometry, source))
         worker.start()
         return worker
 
@@ -194,15 +210,24 @@ class PredictWidget(QWidget):
         active = self.viewer.layers.selection.active
         return active if active in images else (images[-1] if images else None)
 
-    def _show(self, probability: np.ndarray, geometry: dict, source: tuple[str, object]) -> None:
+    def _show(self, probability: np.ndarray, disagreement: np.ndarray | None, geometry: dict,
+              source: tuple[str, object]) -> None:
         self._probability, self._geometry, self._source = probability, geometry, source
         self._overlay(PROB_LAYER, probability.max(axis=0), self.viewer.add_image, colormap="magma", opacity=0.5,
                       contrast_limits=(0, 1))
         self._apply_threshold()
         shown = "stack" if probability.ndim > 3 else "image"
+        disagree = ""
+        if disagreement is not None:
+            self._overlay(DISAGREE_LAYER, disagreement.max(axis=0), self.viewer.add_image, colormap="viridis",
+                          opacity=0.5, contrast_limits=(0, 1), blending="additive")
+            differ = float((disagreement > 0.5).any(axis=0).mean())
+            disagree = f"; the two networks differ by more than 0.5 on {differ:.1%} of it"
+        elif DISAGREE_LAYER in self.viewer.layers:  # an earlier image's: it would not fit this prediction
+            self.viewer.layers.remove(DISAGREE_LAYER)
         model = f"{Path(self._predictor_key[0]).name} ({self._predictor.describe()})" if self._predictor else "?"
         self.status.setText(f"foreground {float((self.viewer.layers[PRED_LAYER].data > 0).mean()):.1%} of the "
-                            f"{shown}; model: {model}")
+                            f"{shown}{disagree}; model: {model}")
 
     def _apply_threshold(self) -> None:
         if self._probability is None:
