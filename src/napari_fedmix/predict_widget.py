@@ -107,7 +107,8 @@ class PredictWidget(QWidget):
         self.stop_button.clicked.connect(self.stop)
         self.worker = None  # a running stack prediction
         self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status.setWordWrap(True)  # the result names the model: three lines in a narrow dock, not clipped
+        self.status.setMinimumHeight(3 * self.status.fontMetrics().lineSpacing())
         self._probability: np.ndarray | None = None
         self._predictor = None
         self._predictor_key: tuple[str, str] | None = None  # checkpoint, device
