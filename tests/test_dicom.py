@@ -410,3 +410,25 @@ def test_a_simulated_models_class_names_name_its_dicom_seg_segments(tmp_path: Pa
     [row] = predict_folder(predictor, folder, tmp_path / "out", dicom_seg=True)
     seg = hd.seg.segread(tmp_path / "out" / row.seg_file)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion", "cyst"]
+
+
+def test_a_continued_recursive_batch_keeps_a_dicom_images_mask_and_seg_in_its_sub_folder(tmp_path: Path) -> None:
+    """A kept file's row must be what predicting it gives, its SEG named by its path below the output."""
+    from fedmix_engine.checkpoint import save_checkpoint
+    from fedmix_engine.fedmix.pair import init_pair
+    from fedmix_engine.model import ModelConfig
+    from fedmix_engine.predict import Predictor, iter_predict_folder, predict_folder
+
+    (tmp_path / "export" / "p01").mkdir(parents=True)
+    shutil.copy(bundled("CT_small.dcm"), tmp_path / "export" / "p01" / "IM0001")
+    config = ModelConfig(base_width=4)
+    predictor = Predictor.from_checkpoint(
+        save_checkpoint(tmp_path / "m.safetensors", init_pair(config, 0), config, {"image_size": 32}), "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        [first] = predict_folder(predictor, tmp_path / "export", tmp_path / "out", dicom_seg=True, recursive=True)
+        batch = iter_predict_folder(predictor, tmp_path / "export", tmp_path / "out", dicom_seg=True,
+                                    recursive=True, resume=True)
+        [(_, _, kept)] = list(batch)
+    assert first.seg_file == "p01/IM0001_seg.dcm" and (tmp_path / "out" / first.seg_file).is_file()
+    assert batch.kept == 1 and kept == first

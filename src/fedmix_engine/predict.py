@@ -278,6 +278,11 @@ NOT_AN_IMAGE = "skipped: not an image"
 MASK_BESIDE = "skipped: a mask beside its image, not an image"
 
 
+def _seg_name(mask_file: str) -> str:
+    """The DICOM SEG written beside a mask: ``<name>_seg.dcm`` for ``<name>_mask.tif``."""
+    return mask_file.removesuffix("_mask.tif") + "_seg.dcm"
+
+
 def mask_names(files: list[Path]) -> dict[Path, str]:
     """The output name of each input: ``<stem>_mask.tif``, or ``<stem>_<suffix>_mask.tif`` for inputs
     sharing a stem (``scan.png`` and ``scan.tif`` must not overwrite each other's mask).
@@ -423,8 +428,7 @@ class FolderBatch:
         try:
             for done, path in enumerate(self.files, start=1):
                 if path in beside:
-                    row = BatchRow(self._name(path), 0, 0, float("nan"),
-                                   MASK_BESIDE)
+                    row = BatchRow(self._name(path), 0, 0, float("nan"), MASK_BESIDE)
                 elif path not in names:
                     row = BatchRow(self._name(path), 0, 0, float("nan"),
                                    f"{NOT_AN_IMAGE} ({path.suffix or 'no suffix'})")
@@ -452,7 +456,7 @@ class FolderBatch:
     def _kept_row(self, path: Path, mask_file: str) -> BatchRow | None:
         """The row of a file whose mask the stopped batch being continued wrote (after it started, and
         after the image last changed), read from that mask page by page; None when it must be predicted."""
-        mask, seg = self.out / mask_file, self.out / (mask_file.removesuffix("_mask.tif") + "_seg.dcm")
+        mask, seg = self.out / mask_file, self.out / _seg_name(mask_file)
         if self._since is None or not mask.is_file():
             return None
         written = mask.stat().st_mtime
@@ -471,7 +475,7 @@ class FolderBatch:
         except Exception:  # damaged since: predicted again
             return None
         return BatchRow(self._name(path), height, width, round(foreground / (frames * height * width), 6), "ok",
-                        mask_file, frames, seg.name if wants_seg else "")
+                        mask_file, frames, _seg_name(mask_file) if wants_seg else "")
 
     def _predict_file(self, predictor: Predictor, path: Path, mask_file: str,
                       threshold: float) -> Generator[FrameStep, None, BatchRow]:
@@ -517,7 +521,7 @@ class FolderBatch:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""
         if not (self.dicom_seg and is_dicom_file(path)):
             return ""
-        name = mask_file.removesuffix("_mask.tif") + "_seg.dcm"
+        name = _seg_name(mask_file)
         model = self._record["model"]
         parameters = {"model_sha256": model["sha256"], "model_round": model["round"],
                       "threshold": self._record["threshold"]}
