@@ -69,9 +69,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         inference=args.inference, device=args.device, precision=args.precision,
         model=ModelConfig(in_channels=channels, num_classes=num_classes, base_width=args.width),
         train=TrainConfig(image_size=args.image_size, crop_size=args.crop_size or default_crop_size(args.image_size),
-                          batch_size=args.batch_size,
-                          lr=args.lr, epochs=args.local_epochs, tau=args.tau, loss=args.loss,
-                          pl_warmup_rounds=args.pl_warmup),
+                          batch_size=args.batch_size, lr=args.lr, epochs=args.local_epochs, tau=args.tau,
+                          loss=args.loss, pl_warmup_rounds=args.pl_warmup),
     )
     out = args.out
     action = "resuming" if args.resume else "simulating"
