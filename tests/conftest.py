@@ -69,5 +69,10 @@ def alignment() -> Iterator[ModuleType]:
 
 
 @pytest.fixture(scope="module")
+def disagreement() -> Iterator[ModuleType]:
+    yield from _benchmark("disagreement")
+
+
+@pytest.fixture(scope="module")
 def speed() -> Iterator[ModuleType]:
     yield from _benchmark("speed")

@@ -156,9 +156,9 @@ class Predictor:
     def iter_stack_disagreement(self, stack: np.ndarray, rgb: bool,
                                 where: str | Path = "stack") -> Generator[tuple[int, int], None, np.ndarray]:
         """``|p¹ − p²|`` per class for every frame of a stack, as :meth:`iter_stack_probabilities` steps
-        through it. FedMix trains the two networks to agree on what they were taught (cross pseudo
-        supervision), so where they still differ the prediction rests on the least: the pixels a
-        clinician correcting a prediction should look at first."""
+        through it: per pixel, what FedMix's agreement rule measures when it selects pseudo-labels. As a
+        map of the errors it does no better than the probability's closeness to the threshold on the
+        synthetic benchmark (``benchmarks/disagreement.py``)."""
         return (yield from self._iter_stack(stack, rgb, where, self._chunk_disagreement))
 
     def _iter_stack(self, stack: np.ndarray, rgb: bool, where: str | Path,

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import napari
 
 PROB_LAYER, PRED_LAYER = "FedMix probability", "FedMix prediction"
-DISAGREE_LAYER = "FedMix networks disagree"  # |p¹ − p²|: where to check the prediction first
+DISAGREE_LAYER = "FedMix networks disagree"  # |p¹ − p²|: what FedMix's agreement rule sees, per pixel
 
 
 CHECKPOINT_FILES = "Checkpoints (*.safetensors)"
@@ -99,7 +99,7 @@ class PredictWidget(QWidget):
         self.threshold.valueChanged.connect(self._apply_threshold)
         self.button = QPushButton("Predict active image")
         self.button.clicked.connect(self.predict_active)
-        self.show_disagreement = QCheckBox("also show where the pair's two networks disagree (check there first)")
+        self.show_disagreement = QCheckBox("also show where the pair's two networks disagree")
         self.to_mask = QPushButton("Use the prediction as the mask, to correct")
         self.to_mask.clicked.connect(self.use_as_mask)
         self.stop_button = QPushButton("Stop")
