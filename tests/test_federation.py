@@ -163,6 +163,7 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
         reshaped = {**pair, "net1.outc.conv.bias": torch.zeros(2)}
         poisoned = {**pair, "net2.outc.conv.weight": pair["net2.outc.conv.weight"] * float("nan")}
         infinite = {**pair, "net1.inc.block.0.weight": pair["net1.inc.block.0.weight"] + float("inf")}
+        overflowed = {k: v.clamp(-1, 1) * 65504 for k, v in pair.items()}  # finite: fp16's largest value
         cases = [
             ("wrong token", "fmx_not-a-token", good, 1, 401, "unknown or revoked token"),
             ("revoked token", tokens["site-x"], good, 1, 401, "unknown or revoked token"),
@@ -171,6 +172,8 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
              "tensor 'net1.outc.conv.bias': shape (2,)"),
             ("NaN", tokens["site-a"], encode_update(poisoned, UpdateReport(5, 0.3)), 1, 422, "NaN or infinite"),
             ("Inf", tokens["site-a"], encode_update(infinite, UpdateReport(5, 0.3)), 1, 422, "NaN or infinite"),
+            ("huge", tokens["site-a"], encode_update(overflowed, UpdateReport(5, 0.3)), 1, 422,
+             "update: moves the model by "),
             ("oversized", tokens["site-a"], b"\0" * (3 * 2**20), 1, 413, "exceeds the server's limit"),
             ("truncated", tokens["site-a"], good[: len(good) // 2], 1, 422, "truncated"),
             ("closed round", tokens["site-a"], good, 0, 409, "round 0 is closed"),

@@ -124,6 +124,7 @@ def test_bad_replies_are_left_out_with_a_reason_and_the_round_still_aggregates()
         "negative-n": reply(6, good[0], metrics=MetricRecord({"num-examples": -3, "train-loss": 0.2})),
         "nan-loss": reply(7, good[0], metrics=MetricRecord({"num-examples": 3, "train-loss": math.nan})),
         "no-report": reply(8, good[0], metrics=MetricRecord({"accuracy": 0.9})),
+        "huge": reply(9, {k: v.clamp(-1, 1) * 65504 for k, v in good[0].items()}),  # finite, fp16's largest
     }
     replies = [reply(100, good[0], 10, 0.4), *bad.values(), reply(101, good[1], 20, 0.6)]
     strategy = FedMixStrategy(template, rule)
@@ -133,7 +134,7 @@ def test_bad_replies_are_left_out_with_a_reason_and_the_round_still_aggregates()
     assert max_diff(arrays.to_torch_state_dict(), expected) < 1e-6
     refused = strategy.history[-1].refused
     assert metrics["sites-refused"] == len(bad) == len(refused)
-    reasons = dict(zip(bad, (refused[f"node {node}"] for node in range(1, 9)), strict=True))
+    reasons = dict(zip(bad, (refused[f"node {node}"] for node in range(1, 10)), strict=True))
     assert "disk full" in reasons["error"]
     assert "NaN or infinite" in reasons["nan"] and key in reasons["nan"]
     assert "differs from the global model" in reasons["shape"] and key in reasons["shape"]
@@ -141,6 +142,21 @@ def test_bad_replies_are_left_out_with_a_reason_and_the_round_still_aggregates()
     assert "keys differ" in reasons["missing"]
     assert ".n" in reasons["negative-n"] and ".loss" in reasons["nan-loss"]
     assert "num-examples" in reasons["no-report"]
+    assert "update: moves the model by " in reasons["huge"]
+
+
+def test_replies_are_measured_against_the_global_pair_of_their_round() -> None:
+    """configure_train keeps the round's global pair: a reply is refused for moving far from the model it was
+    sent, not from the first one (a later round's model may have moved far from the initial one)."""
+    first = init_pair(TINY, 0)
+    later = {k: v * 50 for k, v in first.items()}  # far from the first: 49× its size
+    near_later = {k: v + 0.001 for k, v in later.items()}
+    strategy = FedMixStrategy(first, AggregationRule.for_method("fedmix"), fraction_train=0.0)
+    strategy.aggregate_train(1, [reply(1, near_later)])
+    assert "moves the model by 49" in strategy.history[-1].refused["node 1"]
+    assert list(strategy.configure_train(2, pair_to_arrays(later), ConfigRecord(), None)) == []  # samples none
+    arrays, _ = strategy.aggregate_train(2, [reply(1, near_later)])
+    assert strategy.history[-1].refused == {} and max_diff(arrays.to_torch_state_dict(), near_later) < 1e-5
 
 
 def test_a_round_where_nobody_trained_keeps_the_global_pair() -> None:

@@ -315,7 +315,7 @@ class ServerState:
                     return Outcome(409, f"site '{site}' already uploaded a different update for round "
                                    f"{round_number}; one update per site per round")
                 try:
-                    report = validate_update_file(body, self.template)
+                    report = validate_update_file(body, self.template, LazyUpdate(self.global_path()))
                 except InputError as exc:
                     return Outcome(422, f"update refused: {exc}")
                 target = self.current_dir / f"{site}.safetensors"

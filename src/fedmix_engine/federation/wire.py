@@ -124,8 +124,37 @@ class LazyUpdate(Mapping[str, torch.Tensor]):
         return len(self._entries)
 
 
-def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...], str]]) -> UpdateReport:
-    """Check an uploaded file against the global model: same keys, shapes, dtypes; all finite; a sane report.
+MAX_RELATIVE_CHANGE = 10.0  # how far, in sizes of the model, an update may move it (a local round: ≈ 0.1)
+
+
+class ChangeSize:
+    """How far an update moves the global model, relative to the model's own size (L2 over its float
+    tensors), summed a tensor at a time. Finite but enormous weights (an fp16 overflow clamped to 65504, a
+    site whose training diverged, weights not trained from this round's model) pass the NaN check, yet
+    one of them outweighs every other site in the average and may overflow it."""
+
+    def __init__(self, reference: Mapping[str, torch.Tensor]):
+        self.reference, self.moved, self.size = reference, 0.0, 0.0
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        if value.is_floating_point():
+            base = self.reference[key].double()
+            self.moved += float(((value.double() - base) ** 2).sum())
+            self.size += float((base ** 2).sum())
+
+    def check(self) -> None:
+        ratio = math.sqrt(self.moved / self.size) if self.size else 0.0
+        if not ratio <= MAX_RELATIVE_CHANGE:
+            raise InputError("update", f"moves the model by {ratio:.3g}× its own size (L2), where a round of local "
+                                       f"training moves it by well under 1× and at most {MAX_RELATIVE_CHANGE:g}× is "
+                                       "accepted: the site's training diverged (too high a learning rate?) or "
+                                       "these weights were not trained from this round's global model")
+
+
+def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...], str]],
+                         reference: Mapping[str, torch.Tensor] | None = None) -> UpdateReport:
+    """Check an uploaded file against the global model: same keys, shapes, dtypes; all finite; a sane report;
+    with ``reference`` (the global pair it was trained from), a sane distance from it (``ChangeSize``).
 
     Reads one tensor at a time, so validating costs O(largest tensor), not O(model).
     """
@@ -137,8 +166,13 @@ def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...
                       str(known).removeprefix("torch.") if known is not None else str(entry.get("dtype")))
     check_specs(specs, template)
     report = UpdateReport.parse(metadata.get(REPORT_KEY))
+    change = ChangeSize(reference) if reference is not None else None
     for key, value in LazyUpdate(path).items():
         check_finite(key, value)
+        if change is not None:
+            change.add(key, value)
+    if change is not None:
+        change.check()
     return report
 
 

@@ -14,7 +14,7 @@ import torch
 
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.flower import FLWR_HINT
-from fedmix_engine.federation.wire import UpdateReport, check_finite, check_specs
+from fedmix_engine.federation.wire import ChangeSize, UpdateReport, check_finite, check_specs
 
 try:
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
@@ -38,8 +38,9 @@ def pair_to_arrays(pair: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def arrays_to_pair(record: ArrayRecord, template: Mapping[str, tuple[tuple[int, ...], str]] | None,
-                   where: str) -> dict[str, torch.Tensor]:
-    """Decode and check an ``ArrayRecord``; ``template`` (``wire.tensor_template``) is the global model's layout."""
+                   where: str, reference: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Decode and check an ``ArrayRecord``; ``template`` (``wire.tensor_template``) is the global model's layout,
+    ``reference`` the global pair a reply was trained from (``wire.ChangeSize``)."""
     if not isinstance(record, ArrayRecord):
         raise InputError(where, f"'{ARRAYS}' is not an ArrayRecord")
     declared = {key: (tuple(int(d) for d in array.shape), str(array.dtype)) for key, array in record.items()}
@@ -47,6 +48,7 @@ def arrays_to_pair(record: ArrayRecord, template: Mapping[str, tuple[tuple[int, 
         if template is not None:
             check_specs(declared, template)
         out: dict[str, torch.Tensor] = {}
+        change = ChangeSize(reference) if reference is not None else None
         for key, array in record.items():
             try:
                 value = array.numpy()
@@ -57,7 +59,11 @@ def arrays_to_pair(record: ArrayRecord, template: Mapping[str, tuple[tuple[int, 
                                  f"{declared[key][0]} {declared[key][1]}")
             tensor = torch.from_numpy(np.array(value, copy=True))
             check_finite(key, tensor)
+            if change is not None:
+                change.add(key, tensor)
             out[key] = tensor
+        if change is not None:
+            change.check()
     except InputError as exc:
         raise InputError(where, f"{exc.where}: {exc.reason}") from None
     return out
@@ -84,9 +90,11 @@ def metrics_to_report(metrics: MetricRecord, where: str) -> UpdateReport:
 
 
 def decode_reply(content: RecordDict, template: Mapping[str, tuple[tuple[int, ...], str]],
-                 where: str) -> tuple[dict[str, torch.Tensor], UpdateReport]:
-    """One training reply → (the site's pair, its report), or an ``InputError`` naming what is wrong."""
+                 where: str, reference: Mapping[str, torch.Tensor] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], UpdateReport]:
+    """One training reply → (the site's pair, its report), or an ``InputError`` naming what is wrong;
+    ``reference``: the global pair the reply was trained from."""
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise InputError(where, f"the reply must hold an ArrayRecord '{ARRAYS}' and a MetricRecord '{METRICS}'")
     report = metrics_to_report(content.metric_records[METRICS], where)
-    return arrays_to_pair(content.array_records[ARRAYS], template, where), report
+    return arrays_to_pair(content.array_records[ARRAYS], template, where, reference), report

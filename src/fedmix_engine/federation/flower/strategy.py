@@ -18,12 +18,13 @@ import torch
 
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.flower import FLWR_HINT
-from fedmix_engine.federation.flower.records import CONFIG, decode_reply, pair_to_arrays
+from fedmix_engine.federation.flower.records import CONFIG, arrays_to_pair, decode_reply, pair_to_arrays
 from fedmix_engine.federation.wire import UpdateReport, tensor_template
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 
 try:
-    from flwr.app import ArrayRecord, Message, MetricRecord
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+    from flwr.serverapp import Grid
     from flwr.serverapp.strategy import FedAvg
 except ImportError as exc:  # the [flower] extra is optional
     raise ImportError(FLWR_HINT) from exc
@@ -62,9 +63,16 @@ class FedMixStrategy(FedAvg):
         super().__init__(**fedavg_options)
         self.rule = rule
         self.template = tensor_template(global_pair)
+        self.reference: dict[str, torch.Tensor] = dict(global_pair)  # the pair this round's sites train from
         self.on_round = on_round
         self.keep_updates = keep_updates
         self.history: list[RoundOutcome] = []  # per round: weights, reports, refusals (no tensors)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvg's; and this round's global pair kept, so that a reply too far from it is refused."""
+        self.reference = arrays_to_pair(arrays, self.template, "global model")
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -78,7 +86,7 @@ class FedMixStrategy(FedAvg):
                 refused[name] = f"the site reported an error: {message.error.reason}"
                 continue
             try:
-                state, report = decode_reply(message.content, self.template, name)
+                state, report = decode_reply(message.content, self.template, name, self.reference)
                 acc.add(name, state, report.n, report.loss)
             except InputError as exc:
                 refused[name] = str(exc)
