@@ -309,3 +309,34 @@ def test_stored_images_and_masks_are_lossless_deflate_tiffs(tmp_path: Path, rng)
         np.testing.assert_array_equal(store.read_mask("photo"), mask)
     assert stored["masks"].stat().st_size < mask.size / 20
     assert stored["images"].stat().st_size < image.size
+
+
+def test_a_site_on_a_network_share_keeps_a_rollback_journal_not_wal(tmp_path: Path, monkeypatch) -> None:
+    """WAL keeps its index in shared memory, which only works when every process runs on one machine; a site
+    on a file server's share, opened from several workstations, could be corrupted by it."""
+    from fedmix_engine.data import network_share
+
+    table = ("sysfs /sys sysfs rw 0 0\n/dev/sda1 / ext4 rw 0 0\n"
+             "//fileserver/radiology /mnt/radiology\\040share cifs rw,vers=3.0 0 0\n"
+             "server:/export /mnt/radiology\\040share/nfs nfs4 rw 0 0\n"
+             "/dev/sdb1 /mnt/radiology\\040share/local ext4 rw 0 0\n")
+    assert network_share.mount_type(Path("/mnt/radiology share/site-a"), table) == "cifs"
+    assert network_share.mount_type(Path("/mnt/radiology share/nfs/site"), table) == "nfs4"
+    assert network_share.mount_type(Path("/mnt/radiology share/local/site"), table) == "ext4", "the longest mount"
+    assert network_share.mount_type(Path("/mnt/radiology sharex"), table) == "ext4", "a prefix is not a parent"
+    assert network_share.mount_type(Path("/home/me/site"), table) == "ext4"
+
+    local = SiteStore.create(tmp_path / "local", ["lesion"])
+    assert (tmp_path / "local" / "annotations.db-wal").exists(), "a local site keeps WAL while open"
+    local.close()
+    shares = (tmp_path / "share").resolve()
+    monkeypatch.setattr(network_share, "MOUNT_TABLE", tmp_path / "mounts")
+    (tmp_path / "mounts").write_text(f"/dev/sda1 / ext4 rw 0 0\n//fileserver/x {shares} cifs rw 0 0\n")
+    shares.mkdir()
+    assert network_share.is_network_path(shares) and not network_share.is_network_path(tmp_path / "local")
+    with SiteStore.create(shares / "site-a", ["lesion"]) as store:
+        store.add_image(np.zeros((16, 16), np.uint8), "a")
+        store.set_tag("a", "lesion", True)
+        assert not (shares / "site-a" / "annotations.db-wal").exists(), "no WAL on a share"
+    with SiteStore.open(shares / "site-a", readonly=True) as store:
+        assert store.tags("a") == {"lesion": True}

@@ -44,6 +44,7 @@ from fedmix_engine.data.imageio import (
     validate_image,
     validate_mask,
 )
+from fedmix_engine.data.network_share import is_network_path
 from fedmix_engine.errors import InputError
 
 FORMAT_VERSION = 1
@@ -223,8 +224,11 @@ class SiteStore:
                 raise InputError(db, f"cannot be read ({exc}): {why}") from None
         else:
             self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            # WAL's shared-memory index is for one machine: a share several workstations open keeps a
+            # rollback journal (network_share explains why)
+            journal = "DELETE" if is_network_path(root) else "WAL"
             try:
-                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(f"PRAGMA journal_mode={journal}")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
             except sqlite3.Error as exc:  # a traceback named neither the file nor what to do
