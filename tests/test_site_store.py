@@ -311,7 +311,7 @@ def test_stored_images_and_masks_are_lossless_deflate_tiffs(tmp_path: Path, rng)
     assert stored["images"].stat().st_size < image.size
 
 
-def test_a_site_on_a_network_share_keeps_a_rollback_journal_not_wal(tmp_path: Path, monkeypatch) -> None:
+def test_a_site_on_a_network_share_keeps_a_rollback_journal_not_wal(tmp_path: Path, monkeypatch, capsys) -> None:
     """WAL keeps its index in shared memory, which only works when every process runs on one machine; a site
     on a file server's share, opened from several workstations, could be corrupted by it."""
     from fedmix_engine.data import network_share
@@ -340,3 +340,8 @@ def test_a_site_on_a_network_share_keeps_a_rollback_journal_not_wal(tmp_path: Pa
         assert not (shares / "site-a" / "annotations.db-wal").exists(), "no WAL on a share"
     with SiteStore.open(shares / "site-a", readonly=True) as store:
         assert store.tags("a") == {"lesion": True}
+    from fedmix_engine.cli import main
+
+    for site, said in ((shares / "site-a", True), (tmp_path / "local", False)):
+        assert main(["site", "info", str(site)]) == 0
+        assert ("on a network share: annotate it from one workstation at a time" in capsys.readouterr().out) is said
