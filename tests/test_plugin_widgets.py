@@ -178,6 +178,25 @@ def test_annotate_a_site_that_fails_to_open_leaves_the_open_one_editable(make_na
         np.testing.assert_array_equal(store.read_mask("scan-0"), mask)
 
 
+def test_annotate_says_when_the_site_lies_on_a_network_share(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Clinicians at several workstations may open one site on a file server: SQLite's locks there are only as
+    good as the share's, so the widget says to annotate it from one workstation at a time."""
+    from fedmix_engine.data import network_share
+    from napari_fedmix.annotate_widget import AnnotateWidget
+
+    share = (tmp_path / "share").resolve()
+    share.mkdir()
+    (tmp_path / "mounts").write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {share} nfs4 rw 0 0\n")
+    monkeypatch.setattr(network_share, "MOUNT_TABLE", tmp_path / "mounts")
+    widget = AnnotateWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    for site, shared in ((share / "site", True), (tmp_path / "local", False)):
+        widget.create_site(site, ["lesion"])
+        assert widget.site_label.text().startswith(f"site: {site.name} ({site})")
+        assert ("on a network share: annotate it from one workstation at a time" in widget.site_label.text()) \
+            is shared
+
+
 def test_annotate_edits_that_cannot_be_written_stay_on_screen_until_saved(make_napari_viewer, qtbot, tmp_path,
                                                                           images, monkeypatch):
     import errno
