@@ -24,15 +24,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command, machine, publish
-from fedmix_engine.data.site_store import SiteStore
+from common import command, held_out_images, machine, publish, trained_predictor
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.data.tensors import resize_channels
 from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.fedmix.metrics import dice
 from fedmix_engine.model import ModelConfig
-from fedmix_engine.predict import Predictor
-from fedmix_engine.simulate import SimulationConfig, run_simulation
+from fedmix_engine.simulate import SimulationConfig
 
 RESAMPLING = ("grid", "nearest")
 ENGINE_RESAMPLING = resize_channels
@@ -70,30 +68,23 @@ def use_resampling(name: str) -> None:
 
 def run_one(job: dict) -> dict:
     """Train one run in a worker process (one torch thread), then measure its predictions."""
-    import torch
-
-    torch.set_num_threads(1)
     use_resampling(job["resampling"])
-    data, out = Path(job["data"]), Path(job["out"])
+    data = Path(job["data"])
     config = SimulationConfig(method="supervised-upper", rounds=job["rounds"], seed=job["seed"], device="cpu",
                               model=ModelConfig(base_width=job["width"]),
                               train=TrainConfig(image_size=job["image_size"], crop_size=job["image_size"] * 3 // 4,
                                                 batch_size=4))
-    run_simulation(sorted(data.glob("site-*")), data / "eval", config, out, overwrite=True, snapshot_every=0)
-    predictor = Predictor.from_checkpoint(out / "best.safetensors", "cpu")
+    predictor = trained_predictor(data, Path(job["out"]), config)
     shifts, dices, area = [], [], []
-    for test in sorted((data / "eval").glob("*/test")):
-        with SiteStore.open(test, readonly=True) as store:
-            for rec in store.records():
-                truth = store.read_mask(rec.id)
-                if truth is None or not truth.any():
-                    continue
-                truth = truth > 0
-                pred = predictor.mask(store.read_image(rec.id), 0.5, rec.id) > 0
-                if (moved := offset(pred, truth)) is not None:
-                    shifts.append(moved)
-                dices.append(dice(pred, truth))
-                area.append(pred.sum() / truth.sum())
+    for image_id, image, truth in held_out_images(data):
+        if truth is None or not truth.any():
+            continue
+        truth = truth > 0
+        pred = predictor.mask(image, 0.5, image_id) > 0
+        if (moved := offset(pred, truth)) is not None:
+            shifts.append(moved)
+        dices.append(dice(pred, truth))
+        area.append(pred.sum() / truth.sum())
     down, right = np.array(shifts, float).T
     return {**job, "down": float(down.mean()), "right": float(right.mean()), "dice": float(np.mean(dices)),
             "area": float(np.median(area)), "images": len(dices)}

@@ -41,3 +41,26 @@ def write_section(name: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def trained_predictor(data: Path, out: Path, config):
+    """Simulate ``config`` on a federation's sites (in a benchmark's worker process: one torch thread) and
+    return a predictor of the run's best model, on the CPU."""
+    import torch
+
+    from fedmix_engine.predict import Predictor
+    from fedmix_engine.simulate import run_simulation
+
+    torch.set_num_threads(1)
+    run_simulation(sorted(data.glob("site-*")), data / "eval", config, out, overwrite=True, snapshot_every=0)
+    return Predictor.from_checkpoint(out / "best.safetensors", "cpu")
+
+
+def held_out_images(data: Path):
+    """Every test image of a federation's evaluation tree: (id, image, truth mask or None)."""
+    from fedmix_engine.data.site_store import SiteStore
+
+    for test in sorted((data / "eval").glob("*/test")):
+        with SiteStore.open(test, readonly=True) as store:
+            for rec in store.records():
+                yield rec.id, store.read_image(rec.id), store.read_mask(rec.id)

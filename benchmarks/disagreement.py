@@ -25,13 +25,12 @@ import numpy as np
 from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command, machine, publish
-from fedmix_engine.data.site_store import SiteStore
+from common import command, held_out_images, machine, publish, trained_predictor
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.fedmix.local_update import TrainConfig, default_crop_size
 from fedmix_engine.model import ModelConfig
-from fedmix_engine.predict import Predictor, probabilities_to_labels
-from fedmix_engine.simulate import SimulationConfig, run_simulation
+from fedmix_engine.predict import probabilities_to_labels
+from fedmix_engine.simulate import SimulationConfig
 
 BANDS = ((0.0, 0.05), (0.05, 0.2), (0.2, 0.5), (0.5, 1.0))  # of |p¹ − p²|, the last one closed
 TOP = 0.05  # the share of pixels, most uncertain first, whose errors are counted
@@ -73,26 +72,19 @@ def probability_to_mask(probability: np.ndarray) -> np.ndarray:
 
 def run_one(job: dict) -> dict:
     """Train one seed in a worker process (one torch thread), then score every test pixel."""
-    import torch
-
-    torch.set_num_threads(1)
-    data, out = Path(job["data"]), Path(job["out"])
+    data = Path(job["data"])
     config = SimulationConfig(method="fedmix", rounds=job["rounds"], seed=job["seed"], device="cpu",
                               model=ModelConfig(base_width=job["width"]),
                               train=TrainConfig(image_size=job["image_size"], crop_size=job["crop"], batch_size=4,
                                                 epochs=2))
-    run_simulation(sorted(data.glob("site-*")), data / "eval", config, out, overwrite=True, snapshot_every=0)
-    predictor = Predictor.from_checkpoint(out / "best.safetensors", "cpu")
+    predictor = trained_predictor(data, Path(job["out"]), config)
     disagreement, closeness, wrong = [], [], []
-    for test in sorted((data / "eval").glob("*/test")):
-        with SiteStore.open(test, readonly=True) as store:
-            for rec in store.records():
-                image, truth = store.read_image(rec.id), store.read_mask(rec.id)
-                truth = np.zeros(image.shape[:2], bool) if truth is None else truth > 0
-                probability = predictor.probabilities(image, rec.id)
-                wrong.append((probability_to_mask(probability) != truth).ravel())
-                disagreement.append(predictor.disagreement(image, rec.id).max(axis=0).ravel())
-                closeness.append((1 - 2 * np.abs(probability.max(axis=0) - 0.5)).ravel())
+    for image_id, image, truth in held_out_images(data):
+        truth = np.zeros(image.shape[:2], bool) if truth is None else truth > 0
+        probability = predictor.probabilities(image, image_id)
+        wrong.append((probability_to_mask(probability) != truth).ravel())
+        disagreement.append(predictor.disagreement(image, image_id).max(axis=0).ravel())
+        closeness.append((1 - 2 * np.abs(probability.max(axis=0) - 0.5)).ravel())
     d, c, w = (np.concatenate(a) for a in (disagreement, closeness, wrong))
     return {**job, "pixels": len(w), "error_rate": float(w.mean()),
             "auroc": {"disagreement": auroc(d, w), "closeness": auroc(c, w)},
