@@ -394,7 +394,7 @@ def test_validation_dice_from_a_file_or_downloaded_bytes(sample: Path, tmp_path:
     assert 0.0 <= from_file <= 1.0 and validation_dice(path.read_bytes(), data, "cpu") == from_file
 
 
-def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp_path: Path) -> None:
+def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp_path: Path, monkeypatch) -> None:
     import csv
 
     import imageio.v3 as iio
@@ -430,6 +430,14 @@ def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp
     assert record["files"] == {"total": 3, "ok": 1, "not run": 2} and record["finished"] is not None
     assert record["model"]["checkpoint"] is None, "a predictor made from weights in memory has no file to name"
     assert summary()[0]["mask_file"] == "Scan_png_mask.tif"
+
+    # a batch killed half-way leaves a summary at most SUMMARY_EVERY seconds old, not one that says "not run"
+    # for the masks it wrote (here rewritten after every file)
+    monkeypatch.setattr("fedmix_engine.predict.SUMMARY_EVERY", 0.0)
+    batch = iter_predict_folder(predictor, folder, out)
+    next(batch), next(batch)
+    assert [r["status"] for r in summary()] == ["ok", "ok", NOT_RUN], "written while the batch runs"
+    batch.close()
 
     # closed before its first image (a Cancel before the worker ran): still this run's summary, all not run
     batch = iter_predict_folder(predictor, folder, out)

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -274,6 +275,7 @@ class BatchRow:
 RECORD_FILE = "prediction.json"  # which model, settings and input made a folder's masks, and when
 SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "status", "seg_file")
 NOT_RUN = "not run: the batch was stopped before this file"
+SUMMARY_EVERY = 10.0  # seconds between rewrites of a running batch's summary.csv (each rewrite is O(files))
 NOT_AN_IMAGE = "skipped: not an image"
 MASK_BESIDE = "skipped: a mask beside its image, not an image"
 
@@ -350,7 +352,8 @@ class FolderBatch:
 
     Made eagerly: the checks, the output folder and a ``summary.csv`` listing every file as not run
     happen when the batch is created, so a batch closed before its first image (a GUI's Cancel) still
-    leaves a summary of this run, never an earlier one's. The summary is rewritten as the run ends,
+    leaves a summary of this run, never an earlier one's. The summary is rewritten every
+    ``SUMMARY_EVERY`` seconds while the run goes on (a killed run's is at most that old) and as it ends,
     also early (``close()``, an error or Ctrl-C). Unreadable or odd files are skipped with their
     reason in the row; the run never stops on them. Output names: ``mask_names``; with ``recursive``
     the files of sub-folders too (``batch_files``), each mask in the same sub-folder of ``out``.
@@ -387,8 +390,7 @@ class FolderBatch:
         self.files = batch_files(folder, recursive, self.out)
         self.root = folder.parent if folder.is_file() else folder  # rows and masks are named relative to it
         self.total = self._record["files"]["total"] = len(self.files)
-        _write_summary(self.out / "summary.csv", [BatchRow(self._name(p), 0, 0, float("nan"), NOT_RUN)
-                                                  for p in self.files])
+        self._write_summary([])
         atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
         self._run = self._rows(predictor, threshold)
 
@@ -425,6 +427,7 @@ class FolderBatch:
     def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow] | FrameStep]:
         names, beside = self._mask_files()
         rows: list[BatchRow] = []
+        written = time.monotonic()
         try:
             for done, path in enumerate(self.files, start=1):
                 if path in beside:
@@ -444,14 +447,22 @@ class FolderBatch:
                         row = BatchRow(self._name(path), 0, 0, float("nan"),
                                        f"skipped: {frame + ': ' if frame else ''}{exc.reason}")
                 rows.append(row)
+                if time.monotonic() - written > SUMMARY_EVERY:  # a killed batch's summary is at most this old
+                    self._write_summary(rows)
+                    written = time.monotonic()
                 yield done, self.total, row
         finally:
-            not_run = [BatchRow(self._name(p), 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
-            _write_summary(self.out / "summary.csv", rows + not_run)
+            not_run = self._write_summary(rows)
             self._record["finished"] = _now()
             self._record["files"] = {"total": self.total, **Counter(r.status.split(":")[0] for r in rows + not_run),
                                      **({"kept": self.kept} if self._since is not None else {})}  # "ok" ones
             atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
+
+    def _write_summary(self, rows: list[BatchRow]) -> list[BatchRow]:
+        """``summary.csv`` with the rows done and the other files as not run; returns the not-run rows."""
+        not_run = [BatchRow(self._name(p), 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
+        _write_summary(self.out / "summary.csv", rows + not_run)
+        return not_run
 
     def _kept_row(self, path: Path, mask_file: str) -> BatchRow | None:
         """The row of a file whose mask the stopped batch being continued wrote (after it started, and
