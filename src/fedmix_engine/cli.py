@@ -77,7 +77,7 @@ def cmd_site_import(args: argparse.Namespace) -> int:
 
 
 def cmd_site_info(args: argparse.Namespace) -> int:
-    from fedmix_engine.data.network_share import is_network_path
+    from fedmix_engine.data.network_share import ADVICE, is_network_path
     from fedmix_engine.data.site_store import SiteStore
 
     with SiteStore.open(args.dir, readonly=True) as store:
@@ -85,7 +85,7 @@ def cmd_site_info(args: argparse.Namespace) -> int:
         problems = store.problems()
         print(f"site: {store.config.name}  ({store.root})")
         if is_network_path(store.root):
-            print("on a network share: annotate it from one workstation at a time (docs/site-format.md)")
+            print(f"{ADVICE} (docs/site-format.md)")
         print(f"classes: {', '.join(store.config.classes)}  channels: {store.config.channels}")
         print(f"images: {counts['images']}")
         print(f"  mask-supervised: {counts['mask']}")

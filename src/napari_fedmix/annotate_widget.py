@@ -139,10 +139,9 @@ class AnnotateWidget(QWidget):
 
     def _after_site_change(self) -> None:
         assert self.store is not None
-        from fedmix_engine.data.network_share import is_network_path
+        from fedmix_engine.data.network_share import ADVICE, is_network_path
 
-        shared = "; on a network share: annotate it from one workstation at a time" \
-            if is_network_path(self.store.root) else ""
+        shared = f"; {ADVICE}" if is_network_path(self.store.root) else ""
         self.site_label.setText(f"site: {self.store.config.name} ({self.store.root}){shared}")
         self.box_class.clear()
         self.box_class.addItems(list(self.store.config.classes))

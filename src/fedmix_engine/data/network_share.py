@@ -17,6 +17,7 @@ NETWORK_TYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ncpfs
                            "lustre", "gpfs", "beegfs", "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs",
                            "fuse.s3fs", "fuse.rclone", "davfs", "fuse.davfs2"})
 MOUNT_TABLE = Path("/proc/self/mounts")
+ADVICE = "on a network share: annotate it from one workstation at a time"  # said by site info and Annotate
 
 
 def mount_type(path: Path, table: str) -> str | None:
