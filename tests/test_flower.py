@@ -33,12 +33,13 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.serverapp import Grid
 
 from federation_helpers import ENV, free_port, simulate_like_the_sites
-from fedmix_engine.checkpoint import load_checkpoint
+from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.errors import InputError
-from fedmix_engine.federation.flower.app import site_train
+from fedmix_engine.federation.flower.app import clientapp, deliver_final_model, site_train
 from fedmix_engine.federation.flower.app_dir import write_flower_app
 from fedmix_engine.federation.flower.records import pair_to_arrays, report_to_metrics
 from fedmix_engine.federation.flower.settings import FlowerRunSettings
@@ -201,6 +202,105 @@ def test_site_train_runs_the_engine_update_on_the_site_store(tmp_path: Path) -> 
                 site_train(message, context)
 
 
+class LoopGrid(Grid):
+    """A Grid that hands each message to the real ClientApp of its node, as a SuperNode would (an exception
+    becomes the reply's error); nodes outside ``contexts`` never answer."""
+
+    def __init__(self, contexts: dict[int, Context], silent: tuple[int, ...] = ()) -> None:
+        self.contexts, self.silent = contexts, silent
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return [*self.contexts, *self.silent]
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            try:
+                replies.append(clientapp(message, self.contexts[node]))
+            except Exception as exc:
+                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message))
+        return replies
+
+
+def test_every_site_receives_the_final_model_byte_for_byte_and_the_server_records_who_saved_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower sends a site only the pair it trains on: without this step a Flower site ended the run with
+    nothing to predict with. A site that fits saves the server's own file; one that does not, or holds a
+    broken pair, keeps what it had; a silent node is named."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 42), ("_node_id", 0)):  # as Flower's ServerApp runtime sets
+        monkeypatch.setattr(TaskIdentity, name, value)
+    make_sample(tmp_path / "s", sites=2, images=4, eval_images=1, seed=0, size=32)
+    site_a, site_b = tmp_path / "s" / "site-a", tmp_path / "s" / "site-b"
+    settings = FlowerRunSettings.from_run_config({"model-width": 4, "image-size": 32, "crop-size": 32,
+                                                  "class-names": "lesion", "out-dir": str(tmp_path / "out")})
+    fed = settings.federation
+
+    def context(site: Path, node: int) -> Context:
+        return Context(run_id=42, node_id=node, node_config={"site-dir": str(site)}, state=RecordDict(), run_config={})
+
+    assert deliver_final_model(LoopGrid({1: context(site_a, 1)}), settings) is None  # no round made a model
+    assert not (site_a / "models" / "global.safetensors").exists()
+
+    pair = init_pair(fed.model, 5)
+    meta = {**fed.checkpoint_meta(3), "method": "fedmix", "weights": {"site-a (node 1)": 0.625, "node 2": 0.375}}
+    server_file = save_checkpoint(tmp_path / "out" / "global.safetensors", pair, fed.model, meta)
+    # site-b's label 1 is another class: it keeps the model it had
+    b_store = site_b / "site.json"
+    b_config = json.loads(b_store.read_text())
+    b_config["classes"] = ["tumour"]
+    b_store.write_text(json.dumps(b_config))
+    before_b = save_checkpoint(site_b / "models" / "global.safetensors", init_pair(fed.model, 9), fed.model, {})
+    before_b_bytes = before_b.read_bytes()
+
+    record = deliver_final_model(LoopGrid({1: context(site_a, 1), 2: context(site_b, 2)}, silent=(3,)), settings)
+    saved = site_a / "models" / "global.safetensors"
+    assert saved.read_bytes() == server_file.read_bytes()  # byte for byte: weights, model config, metadata
+    assert (site_a / "models" / "flower-run-42-round-0003.safetensors").read_bytes() == server_file.read_bytes()
+    assert load_checkpoint(saved)[2]["classes"] == ["lesion"]
+    assert before_b.read_bytes() == before_b_bytes
+    written = json.loads((tmp_path / "out" / "final-delivery.json").read_text())
+    assert written == record and written["round"] == 3
+    assert written["sites"]["site-a (node 1)"] == "saved"
+    assert "site's classes are tumour; the federation's are lesion" in written["sites"]["node 2"]
+    assert written["sites"]["node 3"] == "no reply"
+    assert set(written["sites"]) == {"site-a (node 1)", "node 2", "node 3"}
+
+    # a pair with NaN, or of another model, is refused before anything is written
+    from fedmix_engine.federation.flower import final_model
+    saved_bytes = saved.read_bytes()
+    broken = {k: v.clone() for k, v in pair.items()}
+    first = next(k for k, v in broken.items() if v.is_floating_point())
+    broken[first].view(-1)[0] = float("nan")
+    wider = init_pair(ModelConfig(base_width=8), 0)
+    for bad, reason in ((broken, "NaN"), (wider, "shape")):
+        [message] = final_model.final_model_messages(bad, meta, settings, [1])
+        reply = LoopGrid({1: context(site_a, 1)}).send_and_receive([message])[0]
+        assert reply.has_error() and "final global model from the SuperLink" in reply.error.reason
+        assert reason in reply.error.reason, reply.error.reason
+        assert saved.read_bytes() == saved_bytes
+
+
 def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(tmp_path: Path) -> None:
     import tomllib
 
@@ -352,6 +452,11 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
     assert max_diff(final, simulated) < 1e-5
     for name in SITES:  # each site kept its optimiser state locally for the next round
         assert list((sample / name / "models").glob("flower-run-*-state.pt"))
+        # and holds the final model, the server's own file, where join would have put it
+        final_at_site = sample / name / "models" / "global.safetensors"
+        assert final_at_site.read_bytes() == (out / "global.safetensors").read_bytes()
+    delivery = json.loads((out / "final-delivery.json").read_text())
+    assert delivery["round"] == 2 and sorted(delivery["sites"].values()) == ["saved"] * 3, delivery
 
 
 def test_a_pair_with_0_dim_buffers_crosses_flower_records_unchanged() -> None:

@@ -8,6 +8,7 @@ Wired up by the app's ``pyproject.toml`` (``fedmix-engine flower-app DIR`` write
 
 A site's SuperNode says where its SiteStore is: ``--node-config 'site-dir="/data/site-a"'``
 (optionally ``device="cuda"``). Images never leave the site; replies carry the pair and the report.
+After the last round every site receives the final global model (``final_model``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import logging
 from pathlib import Path
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.checkpoint import load_site_state, save_checkpoint, save_site_state
+from fedmix_engine.checkpoint import load_checkpoint, load_site_state, save_checkpoint, save_site_state
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.client import check_site_fits_model
-from fedmix_engine.federation.flower import FLWR_HINT
+from fedmix_engine.federation.flower import FLWR_HINT, final_model
 from fedmix_engine.federation.flower.records import (
     ARRAYS,
     CONFIG,
@@ -95,16 +96,52 @@ def server_main(grid: Grid, context: Context) -> None:
     strategy.start(grid=grid, initial_arrays=pair_to_arrays(pair), num_rounds=fed.rounds,
                    timeout=fed.round_timeout, train_config=ConfigRecord(settings.site_config()))
     log.info("FedMix on Flower finished %d round(s); global pair in %s", fed.rounds, recorder.out)
+    deliver_final_model(grid, settings)
+
+
+def deliver_final_model(grid: Grid, settings: FlowerRunSettings) -> dict | None:
+    """Send every connected site the run's ``global.safetensors`` and record in ``final-delivery.json``
+    which sites saved it byte for byte; None (nothing sent) when no round produced a model."""
+    out = settings.out_path()
+    checkpoint = out / "global.safetensors"
+    if not checkpoint.is_file():
+        log.warning("no round produced a global model: the sites keep the model they had")
+        return None
+    pair, _, meta = load_checkpoint(checkpoint)
+    round_index = int(meta.get("round", 0))
+    nodes = sorted(grid.get_node_ids())
+    messages = final_model.final_model_messages(pair, meta, settings, nodes)
+    del pair  # the messages hold it
+    replies = grid.send_and_receive(messages, timeout=settings.federation.round_timeout)
+    record = final_model.delivery_record(replies, nodes, final_model.file_sha256(checkpoint), round_index)
+    atomic_write_bytes(out / final_model.DELIVERY_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    missing = {name: state for name, state in record["sites"].items() if state != final_model.SAVED}
+    if missing:
+        log.warning("final model (round %d) not saved by %s", round_index,
+                    "; ".join(f"{name}: {state}" for name, state in missing.items()))
+    log.info("final model (round %d) saved by %d of %d site(s)", round_index,
+             len(record["sites"]) - len(missing), len(nodes))
+    return record
+
+
+def _site_dir(context: Context) -> Path:
+    site_dir = context.node_config.get("site-dir")
+    if not site_dir:
+        raise InputError("--node-config", "this SuperNode has no site-dir: start it with "
+                         "--node-config 'site-dir=\"/path/to/site\"'")
+    return Path(str(site_dir))
+
+
+@clientapp.evaluate(final_model.ACTION)
+def site_save_final_model(msg: Message, context: Context) -> Message:
+    """The run's final global model, saved where ``join`` saves its own (``SITE/models/global.safetensors``)."""
+    return final_model.save_final_model(msg, _site_dir(context), context.run_id)
 
 
 @clientapp.train()
 def site_train(msg: Message, context: Context) -> Message:
     """One local round on this site's SiteStore with the engine's ``local_update``."""
-    site_dir = context.node_config.get("site-dir")
-    if not site_dir:
-        raise InputError("--node-config", "this SuperNode has no site-dir: start it with "
-                         "--node-config 'site-dir=\"/path/to/site\"'")
-    site_dir = Path(str(site_dir))
+    site_dir = _site_dir(context)
     config = parse_site_config(dict(msg.content.config_records[CONFIG]))
     pair = arrays_to_pair(msg.content.array_records[ARRAYS], None, "global pair from the SuperLink")
     plan = plan_device(str(context.node_config.get("device", "auto")))
