@@ -22,7 +22,6 @@ directory into place, then the uploads are removed; a crash in between is detect
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
-from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
+from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
@@ -140,14 +139,6 @@ def load_server_config(path: Path) -> ServerConfig:
         raise InputError(path, f"unreadable federation settings ({type(exc).__name__}: {exc})") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class ServerState:
     """Single source of truth for rounds; every method is safe to call from several threads."""
 
@@ -231,7 +222,7 @@ class ServerState:
                 continue
             info = json.loads(report_file.read_text())
             weights = self.current_dir / f"{report_file.stem}.safetensors"
-            if info.get("round") == self.current_round and weights.exists() and _sha256(weights) == info["sha256"]:
+            if info.get("round") == self.current_round and weights.exists() and file_sha256(weights) == info["sha256"]:
                 self.uploads[report_file.stem] = info
             else:  # left over from a committed round, or torn: never acknowledged in this state
                 report_file.unlink()
@@ -308,7 +299,7 @@ class ServerState:
                                    f"{self.current_round}); download the new global model and train again")
                 if round_number > self.current_round:
                     return Outcome(409, f"round {round_number} is not open; the open round is {self.current_round}")
-                sha = _sha256(body)
+                sha = file_sha256(body)
                 if site in self.uploads:
                     if self.uploads[site]["sha256"] == sha:
                         return Outcome(200, f"already accepted for round {round_number} (retry is harmless)")

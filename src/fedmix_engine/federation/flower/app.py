@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.checkpoint import load_checkpoint, load_site_state, save_checkpoint, save_site_state
+from fedmix_engine.checkpoint import file_sha256, load_checkpoint, load_site_state, save_checkpoint, save_site_state
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
@@ -113,7 +113,7 @@ def deliver_final_model(grid: Grid, settings: FlowerRunSettings) -> dict | None:
     messages = final_model.final_model_messages(pair, meta, settings, nodes)
     del pair  # the messages hold it
     replies = grid.send_and_receive(messages, timeout=settings.federation.round_timeout)
-    record = final_model.delivery_record(replies, nodes, final_model.file_sha256(checkpoint), round_index)
+    record = final_model.delivery_record(replies, nodes, file_sha256(checkpoint), round_index)
     atomic_write_bytes(out / final_model.DELIVERY_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     missing = {name: state for name, state in record["sites"].items() if state != final_model.SAVED}
     if missing:

@@ -45,14 +45,6 @@ DELIVERY_FILE = "final-delivery.json"
 SAVED = "saved"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def final_model_messages(pair: Mapping[str, torch.Tensor], meta: dict[str, Any], settings: FlowerRunSettings,
                          nodes: Iterable[int]) -> list[Message]:
     """One message per node carrying the final pair and what a site needs to save it as the server did
