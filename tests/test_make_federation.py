@@ -111,3 +111,25 @@ def test_the_quality_benchmark_runs_on_a_made_federation(labelled: list[Path], t
     rows = [line for line in run.stdout.splitlines() if line.startswith("| supervised-upper |")]
     assert len(rows) == 1 and rows[0].count("±") == 5, "three sites, overall and Δ, over two seeds"
     assert not list((tmp_path / "work").glob("data-*")), "no synthetic data made"
+
+
+def test_make_federation_keeps_each_images_pixel_spacing(tmp_path: Path) -> None:
+    """HD95 in mm on a made federation's test split needs the source images' spacing carried along."""
+    source = tmp_path / "source"
+    spacing = {f"img{i}": (0.4, 0.3) if i % 2 else None for i in range(10)}
+    with SiteStore.create(source, ["lesion"]) as store:
+        for image_id, given in spacing.items():
+            store.add_image(np.full((32, 32), 9, np.uint8), image_id, spacing=given)
+            mask = np.zeros((32, 32), np.uint8)
+            mask[4:12, 4:12] = 1
+            store.set_mask(image_id, mask)
+    out = tmp_path / "fed"
+    assert main(["make-federation", str(out), "--from", str(source), "--supervision", "mask", "--val", "0.2",
+                 "--test", "0.2"]) == 0
+    seen = 0
+    for folder in (out / "site-a", *(out / "eval" / "site-a" / split for split in ("val", "test", "oracle"))):
+        with SiteStore.open(folder, readonly=True) as store:
+            for image_id in store.image_ids():
+                assert store.spacing(image_id) == spacing[image_id], (folder, image_id)
+                seen += 1
+    assert seen == 10 + 6  # train, val and test, and the oracle's copy of train

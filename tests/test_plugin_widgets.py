@@ -843,7 +843,14 @@ def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napar
         np.testing.assert_array_equal(store.read_image("loop-frame4"), loop[4])
         [record] = store.records()
         assert record.source == f"napari layer 'loop' ({path}), frame 4"
+        assert store.spacing("loop-frame4") is None  # the layer is in pixels
     assert widget.current_id == "loop-frame4" and viewer.layers[IMAGE_LAYER].data.shape == (40, 48)
+    # a layer calibrated in a length (a reader's µm here; the plugin's DICOM reader gives mm) keeps it, in mm
+    calibrated = viewer.add_image(loop, name="scan", scale=(1, 300, 250), units=("pixel", "um", "um"))
+    viewer.layers.selection.active = calibrated
+    assert widget.add_shown_image() == "scan-frame4"  # the slider is still on frame 4
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert store.spacing("scan-frame4") == pytest.approx((0.3, 0.25))
 
     colour = viewer.add_image(rng.integers(0, 255, (30, 36, 3), dtype=np.uint8), name="photo", rgb=True)
     viewer.layers.selection.active = colour

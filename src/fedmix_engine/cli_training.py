@@ -156,13 +156,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     clear_progress_bar()
     if args.out:
         write_scores(args.out, rows)  # a failing disk: said by the command line's OSError line
+    summary = summarise(rows)
+    in_mm = any(c.with_spacing for c in summary)
     print(f"{args.site}: {len({r.image for r in rows})} image(s) with full ground truth; Dice and IoU per image "
-          "(both empty: 1), HD95 in pixels of the image")
-    print(f"{'class':<16} {'images':>6} {'lesion':>6}  {'Dice mean ± std':<16} {'IoU':>5}  HD95 median")
-    for c in summarise(rows):
-        undefined = f" ({c.hd95_undefined} undefined: one mask empty)" if c.hd95_undefined else ""
+          "(both empty: 1), HD95 in pixels of the image" + (" and in mm where it has a pixel spacing" if in_mm else
+                                                             " (no image has a pixel spacing for mm)"))
+    print(f"{'class':<16} {'images':>6} {'lesion':>6}  {'Dice mean ± std':<16} {'IoU':>5}  {'HD95 px':>7}"
+          + (f"  {'HD95 mm':>7}" if in_mm else "") + "  (medians)")
+    for c in summary:
+        undefined = f"; {c.hd95_undefined} undefined: one mask empty" if c.hd95_undefined else ""
+        partly = f"; mm from {c.with_spacing} of {c.images} images" if in_mm and c.with_spacing < c.images else ""
+        mm = f"  {c.hd95_mm_median:>7.2f}" if in_mm else ""
         print(f"{c.label:<16} {c.images:>6} {c.lesion_images:>6}  {c.dice_mean:.3f} ± {c.dice_std:.3f}    "
-              f"{c.iou_mean:.3f}  {c.hd95_median:.1f}{undefined}")
+              f"{c.iou_mean:.3f}  {c.hd95_median:>7.1f}{mm}" + (f"  ({(undefined + partly)[2:]})"
+                                                                if undefined or partly else ""))
     print(f"mean Dice over images (classes averaged per image, as simulate reports): {mean_image_dice(rows):.3f}"
           + (f"; every image's metrics: {args.out}" if args.out else ""))
     return 0

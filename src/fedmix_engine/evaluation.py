@@ -21,7 +21,7 @@ from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import label_to_channels, resize_image
 from fedmix_engine.errors import InputError
-from fedmix_engine.fedmix.metrics import dice, per_class_metrics
+from fedmix_engine.fedmix.metrics import dice, hd95, per_class_metrics
 from fedmix_engine.predict import Predictor
 
 
@@ -33,6 +33,7 @@ class EvalSet:
     ids: list[str]
     images: torch.Tensor  # N×C×S×S at the training size
     truths: list[np.ndarray]  # bool K×H×W at the original size
+    spacings: list[tuple[float, float] | None] | None = None  # per image, (row, column) mm when imported with one
 
     @classmethod
     def from_store(cls, path: str | Path, image_size: int, num_classes: int, channels: int) -> EvalSet:
@@ -43,7 +44,7 @@ class EvalSet:
                                        f"({', '.join(store.config.classes)}); the model predicts {num_classes}")
             if store.config.channels != channels:  # found now, not by the network after a round of training
                 raise InputError(path, f"holds {store.config.channels}-channel images; the model takes {channels}")
-            ids, images, truths = [], [], []
+            ids, images, truths, spacings = [], [], [], []
             for rec in store.records():
                 mask = store.read_mask(rec.id)
                 tags = store.tags(rec.id)
@@ -54,23 +55,24 @@ class EvalSet:
                 ids.append(rec.id)
                 images.append(resize_image(store.load_image(rec.id), image_size))
                 truths.append(label_to_channels(mask, num_classes))
+                spacings.append(store.spacing(rec.id))
         if not ids:
             raise InputError(path, "no image with full ground truth (a mask, or every class tagged absent)")
-        return cls(Path(path).parent.name, ids, torch.stack(images), truths)
+        return cls(Path(path).parent.name, ids, torch.stack(images), truths, spacings)
 
 
-def _predicted_masks(predictor: Predictor, data: EvalSet) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(image id, predicted bool K×H×W, truth K×H×W) per image, the prediction at the truth's size."""
+def _predicted_masks(predictor: Predictor, data: EvalSet) -> Iterator[tuple[int, str, np.ndarray, np.ndarray]]:
+    """(index, image id, predicted bool K×H×W, truth K×H×W) per image, the prediction at the truth's size."""
     z = predictor.logits(data.images)
     for k, (image_id, truth) in enumerate(zip(data.ids, data.truths, strict=True)):
         zk = F.interpolate(z[k:k + 1], size=truth.shape[-2:], mode="bilinear", align_corners=False)[0]
-        yield image_id, (zk > 0).numpy(), truth
+        yield k, image_id, (zk > 0).numpy(), truth
 
 
 def evaluate(predictor: Predictor, data: EvalSet) -> dict[str, float]:
     """Mean per-image Dice (per-class Dice averaged; both empty → 1), and the mean over lesion images."""
     scores, lesion_scores = [], []
-    for _, pred, truth in _predicted_masks(predictor, data):
+    for _, _, pred, truth in _predicted_masks(predictor, data):
         score = float(np.mean([dice(p, t) for p, t in zip(pred, truth, strict=True)]))
         scores.append(score)
         if truth.any():
@@ -89,19 +91,25 @@ class ImageScore:
     dice: float
     iou: float
     hd95: float  # pixels at the image's own size; nan when exactly one of the two masks is empty
+    hd95_mm: float = float("nan")  # in mm, for an image with a pixel spacing (else nan, as when undefined)
+    spacing: tuple[float, float] | None = None  # the image's (row, column) mm, when it has one
 
 
 def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str],
                  progress: Callable[[int, int], None] | None = None) -> list[ImageScore]:
-    """Dice, IoU and HD95 of every image and class: the detail behind :func:`evaluate`'s mean;
+    """Dice, IoU and HD95 of every image and class: the detail behind :func:`evaluate`'s mean; HD95 in
+    mm too where the image has a pixel spacing (anisotropic spacing measured as such, not scaled after).
     ``progress(done, total)`` after each image (HD95's distance transforms take a while on large images)."""
     rows = []
-    for done, (image_id, pred, truth) in enumerate(_predicted_masks(predictor, data), start=1):
+    for k, image_id, pred, truth in _predicted_masks(predictor, data):
         metrics = per_class_metrics(pred, truth)
+        spacing = data.spacings[k] if data.spacings else None
+        in_mm = [hd95(p, t, spacing) for p, t in zip(pred, truth, strict=True)] if spacing else None
         rows.extend(ImageScore(image_id, name, bool(truth[c].any()), metrics["dice"][c], metrics["iou"][c],
-                               metrics["hd95"][c]) for c, name in enumerate(classes))
+                               metrics["hd95"][c], in_mm[c] if in_mm else float("nan"), spacing)
+                    for c, name in enumerate(classes))
         if progress:
-            progress(done, len(data.ids))
+            progress(k + 1, len(data.ids))
     return rows
 
 
@@ -134,6 +142,8 @@ class ClassSummary:
     iou_mean: float
     hd95_median: float  # over the images where it is defined (nan if none)
     hd95_undefined: int  # exactly one of prediction and truth empty
+    hd95_mm_median: float = float("nan")  # over the images with a pixel spacing where it is defined
+    with_spacing: int = 0  # images with a pixel spacing
 
 
 def summarise(rows: Sequence[ImageScore]) -> list[ClassSummary]:
@@ -142,11 +152,17 @@ def summarise(rows: Sequence[ImageScore]) -> list[ClassSummary]:
     for label in dict.fromkeys(r.label for r in rows):
         mine = [r for r in rows if r.label == label]
         dices, hd = np.array([r.dice for r in mine]), np.array([r.hd95 for r in mine])
-        defined = hd[~np.isnan(hd)]
+        in_mm = np.array([r.hd95_mm for r in mine if not np.isnan(r.hd95_mm)])
         out.append(ClassSummary(label, len(mine), sum(r.lesion for r in mine), float(dices.mean()), float(dices.std()),
-                                float(np.mean([r.iou for r in mine])),
-                                float(np.median(defined)) if defined.size else float("nan"), int(np.isnan(hd).sum())))
+                                float(np.mean([r.iou for r in mine])), _median(hd), int(np.isnan(hd).sum()),
+                                _median(in_mm), sum(1 for r in mine if r.spacing is not None)))
     return out
+
+
+def _median(values: np.ndarray) -> float:
+    """The median of the defined values (nan if none)."""
+    defined = values[~np.isnan(values)]
+    return float(np.median(defined)) if defined.size else float("nan")
 
 
 def mean_image_dice(rows: Sequence[ImageScore]) -> float:
@@ -158,10 +174,16 @@ def mean_image_dice(rows: Sequence[ImageScore]) -> float:
 
 
 def write_scores(path: str | Path, rows: Sequence[ImageScore]) -> None:
-    """Every image's metrics as CSV (image, class, lesion, dice, iou, hd95_px), replaced atomically."""
+    """Every image's metrics as CSV (image, class, lesion, dice, iou, hd95_px, hd95_mm and the pixel
+    spacing it used; empty where undefined or unknown), replaced atomically."""
+
+    def number(value: float, digits: int) -> str:
+        return "" if np.isnan(value) else f"{value:.{digits}f}"
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", "class", "lesion", "dice", "iou", "hd95_px"])
-    writer.writerows([r.image, r.label, int(r.lesion), f"{r.dice:.4f}", f"{r.iou:.4f}",
-                      "" if np.isnan(r.hd95) else f"{r.hd95:.2f}"] for r in rows)
+    writer.writerow(["image", "class", "lesion", "dice", "iou", "hd95_px", "hd95_mm", "spacing_row_mm",
+                     "spacing_col_mm"])
+    writer.writerows([r.image, r.label, int(r.lesion), f"{r.dice:.4f}", f"{r.iou:.4f}", number(r.hd95, 2),
+                      number(r.hd95_mm, 3), *((f"{v:g}" for v in r.spacing) if r.spacing else ("", ""))] for r in rows)
     atomic_write_bytes(Path(path), buffer.getvalue().encode())

@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.latest_model import latest_model
-from napari_fedmix.layer_records import boxes_to_shapes, image_layer_pixels, save_annotations
+from napari_fedmix.layer_records import boxes_to_shapes, image_layer_pixels, layer_spacing, save_annotations
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class AnnotateWidget(QWidget):
         path = getattr(layer.source, "path", None)
         origin = (f"napari layer '{layer.name}'" + (f" ({path})" if path else "")
                   + (f", frame {index[0] if leading == 1 else index}" if leading else ""))
-        store.add_image(frame, image_id=image_id, origin=origin)
+        store.add_image(frame, image_id=image_id, origin=origin, spacing=layer_spacing(layer))
         self.refresh_list()
         self.image_list.setCurrentRow(store.image_ids().index(image_id))
         return image_id

@@ -69,3 +69,15 @@ def image_layer_pixels(layer, index: tuple[int, ...] = ()) -> np.ndarray:
         raise InputError(f"layer '{layer.name}'", f"a multiscale (pyramid) layer of {shape} pixels; open one "
                                                    "level or a region of it as an ordinary image layer")
     return np.asarray(layer.data[index] if index else layer.data)
+
+
+def layer_spacing(layer) -> tuple[float, float] | None:
+    """A layer's in-plane pixel spacing in mm (row, column) when its scale is a length (our DICOM reader
+    sets mm; another reader µm), so an image added from the screen keeps it; None for pixels."""
+    try:
+        units = tuple(layer.units)[-2:]
+        mm = tuple(float((scale * unit).to("mm").magnitude) for scale, unit in
+                   zip(tuple(layer.scale)[-2:], units, strict=True))
+    except Exception:  # no units (older napari), or a unit that is no length ("pixel")
+        return None
+    return mm if len(mm) == 2 and all(v > 0 for v in mm) else None

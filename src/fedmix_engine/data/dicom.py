@@ -74,7 +74,7 @@ def read_dataset(path: Path, pixels: bool = True):
         return dataset
 
 
-def _pixel_spacing(dataset) -> tuple[float, float] | None:
+def pixel_spacing(dataset) -> tuple[float, float] | None:
     """Row and column spacing in mm (PixelSpacing, an enhanced file's shared PixelMeasuresSequence, an
     X-ray's ImagerPixelSpacing, or an ultrasound image's regions); None when the file gives none or a
     malformed value."""
@@ -153,7 +153,7 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
     except Exception as exc:
         raise _undecodable(path, dataset, exc) from exc
     pixels = _as_shown(dataset, count)(array, None)
-    return DicomImage(pixels, _is_colour(dataset), _pixel_spacing(dataset), _frame_spacing(dataset, count))
+    return DicomImage(pixels, _is_colour(dataset), pixel_spacing(dataset), _frame_spacing(dataset, count))
 
 
 def _undecodable(path: Path, dataset, exc: Exception) -> InputError:

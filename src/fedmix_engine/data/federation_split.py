@@ -113,13 +113,14 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
                                  channels=channels) as oracle:
             for image_id, kind in zip(parts["train"], kinds, strict=True):
                 add_training_image(site, oracle, image_id, src.read_image(image_id), _full_truth(src, image_id), kind,
-                                   rng, author="make-federation")
+                                   rng, author="make-federation", spacing=src.spacing(image_id))
             summary = site.summary()
             for split in ("val", "test"):
                 with SiteStore.create(out / "eval" / name / split, classes, name=f"{name}-{split}",
                                       channels=channels) as held_out:
                     for image_id in parts[split]:
-                        held_out.add_image(src.read_image(image_id), image_id, author="make-federation")
+                        held_out.add_image(src.read_image(image_id), image_id, author="make-federation",
+                                           spacing=src.spacing(image_id))
                         store_ground_truth(held_out, image_id, _full_truth(src, image_id))
         manifest["sites"].append({"name": name, "source": str(source.resolve()),
                                   "supervision": kinds_per_site[index] or "mix", "summary": summary, **parts})

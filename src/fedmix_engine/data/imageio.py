@@ -261,18 +261,21 @@ def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 
-def tiff_bytes(array: np.ndarray) -> bytes:
+def tiff_bytes(array: np.ndarray, spacing: tuple[float, float] | None = None) -> bytes:
     """A 2-D grey or H×W×3 colour array as a Deflate-compressed TIFF, the one way the engine writes
     images and masks (a stack's mask: :func:`tiff_pages`). Lossless and read by every TIFF reader
     (Fiji, PIL, OpenCV) without extra codecs; level 1, because masks shrink ~100× at any level while
-    images gain little beyond it (speckle is noise) and higher levels cost up to 5× the time."""
+    images gain little beyond it (speckle is noise) and higher levels cost up to 5× the time.
+    ``spacing`` (row, column mm) goes into the resolution tags (``pixel_spacing``)."""
     import io
 
     import tifffile
 
+    from fedmix_engine.data.pixel_spacing import tiff_resolution
+
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric="rgb" if array.ndim == 3 else "minisblack",
-                     **_TIFF_WRITE)
+                     **_TIFF_WRITE, **tiff_resolution(spacing))
     return buffer.getvalue()
 
 

@@ -57,11 +57,15 @@ class ImportReport:
     boxes: int = 0
     tags: int = 0
     empty_masks: int = 0  # all-background mask files, stored as every class tagged absent
+    with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
     problems: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"images added: {self.images_added} (already present: {self.images_already_present})",
                f"masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}"]
+        if self.images_added:
+            out.append(f"pixel spacing (mm) from the files: {self.with_spacing} of {self.images_added} added images"
+                       + ("" if self.with_spacing else " (evaluate gives HD95 in pixels)"))
         if self.empty_masks:
             out.append(f"empty masks: {self.empty_masks} (no lesion: stored as every class tagged absent)")
         if self.problems:
@@ -221,8 +225,9 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
             report.images_already_present += 1
         else:
             try:
-                store.add_image(path, author=author)
+                image_id = store.add_image(path, author=author)
                 report.images_added += 1
+                report.with_spacing += store.spacing(image_id) is not None
             except InputError as exc:
                 report.problems.append(str(exc))
         yield ImportProgress("images", n, len(files))

@@ -45,6 +45,7 @@ from fedmix_engine.data.imageio import (
     validate_mask,
 )
 from fedmix_engine.data.network_share import is_network_path
+from fedmix_engine.data.pixel_spacing import checked_spacing, file_spacing, tiff_spacing
 from fedmix_engine.errors import InputError
 
 FORMAT_VERSION = 1
@@ -298,10 +299,12 @@ class SiteStore:
 
     # ----------------------------------------------------------------- images
     def add_image(self, source: str | Path | np.ndarray, image_id: str | None = None,
-                  author: str | None = None, origin: str | None = None) -> str:
+                  author: str | None = None, origin: str | None = None,
+                  spacing: tuple[float, float] | None = None) -> str:
         """Validate an image (file or array) and add it under ``image_id`` (default: file stem).
         ``origin`` says where an array came from (e.g. a napari layer's file and frame); a file's
-        origin is its path."""
+        origin is its path. ``spacing`` (row, column mm; default: what a file states) is kept in the
+        stored TIFF, so HD95 can be given in mm."""
         if isinstance(source, np.ndarray):
             if image_id is None:
                 raise InputError("image_id", "an id is required when adding an image from an array")
@@ -313,6 +316,10 @@ class SiteStore:
             array = read_image(where)
             image_id = image_id or image_id_from_path(where)
             origin = str(where)
+            if spacing is None:
+                spacing = file_spacing(where)
+        if spacing is not None:
+            spacing = checked_spacing(spacing, f"{where}: pixel spacing")
         if not _ID_PATTERN.match(image_id):
             raise InputError(where, f"image id '{image_id}' must use letters, digits, '.', '-' or '_' "
                              "(max 128, starting with a letter or digit)")
@@ -320,7 +327,7 @@ class SiteStore:
             raise InputError(where, f"duplicate image id '{image_id}': the site already has an image with "
                              "this id; rename the file or pass another id")
         relative = f"images/{image_id}.tif"
-        _write_tiff(self.root / relative, array)
+        atomic_write_bytes(self.root / relative, tiff_bytes(array, spacing))
         channels = 1 if array.ndim == 2 else 3
         with self._transaction() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM images").fetchone()[0]
@@ -371,6 +378,13 @@ class SiteStore:
         if not rows:
             raise self._unknown(image_id)
         return read_image(self.root / rows[0][0])
+
+    def spacing(self, image_id: str) -> tuple[float, float] | None:
+        """The image's pixel spacing (row, column mm) when it was imported with one, else None."""
+        rows = self._query("SELECT file FROM images WHERE id=?", (image_id,))
+        if not rows:
+            raise self._unknown(image_id)
+        return tiff_spacing(self.root / rows[0][0])
 
     def load_image(self, image_id: str) -> np.ndarray:
         """The image normalised for the model: float32 C×H×W in [0, 1] (C from the site config)."""

@@ -98,10 +98,11 @@ def supervision_counts(summary: dict[str, int]) -> str:
 
 
 def add_training_image(site: SiteStore, oracle: SiteStore, image_id: str, image: np.ndarray, truth: np.ndarray,
-                       kind: str, rng: np.random.Generator, author: str) -> None:
+                       kind: str, rng: np.random.Generator, author: str,
+                       spacing: tuple[float, float] | None = None) -> None:
     """One training image: its site keeps only the supervision ``kind``; the oracle store (read by the
     supervised upper bound alone) keeps the full truth."""
-    site.add_image(image, image_id, author=author)
+    site.add_image(image, image_id, author=author, spacing=spacing)
     annotate(site, image_id, truth, kind, rng)
-    oracle.add_image(image, image_id, author=author)
+    oracle.add_image(image, image_id, author=author, spacing=spacing)
     store_ground_truth(oracle, image_id, truth)

@@ -34,8 +34,9 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: float = 1.0) -> float:
-    """95th-percentile symmetric Hausdorff distance between the two masks' surfaces."""
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: float | tuple[float, float] = 1.0) -> float:
+    """95th-percentile symmetric Hausdorff distance between the two masks' surfaces, in pixels or, with
+    ``spacing`` (one number, or per axis: row, column), in its unit."""
     pred, truth = pred.astype(bool), truth.astype(bool)
     if not pred.any() and not truth.any():
         return 0.0

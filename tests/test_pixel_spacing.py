@@ -1,0 +1,105 @@
+"""Pixel spacing: read from DICOM headers and calibrated TIFFs at import, kept in the site's stored TIFF,
+and used by ``evaluate`` to give HD95 in mm, per axis for anisotropic pixels."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from dicom_helpers import write_dicom
+from fedmix_engine.checkpoint import save_checkpoint
+from fedmix_engine.cli import main
+from fedmix_engine.data.pixel_spacing import file_spacing, tiff_resolution
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.errors import InputError
+from fedmix_engine.fedmix.metrics import hd95
+from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.model import ModelConfig
+
+TINY = ModelConfig(base_width=4)
+
+
+def _calibrated_folder(folder: Path) -> dict[str, tuple[float, float] | None]:
+    """One image per way a file can state (or not state) its pixel spacing; the spacing each should give."""
+    folder.mkdir()
+    image = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) % 251).astype(np.uint8)
+    write_dicom(folder / "scan.dcm", image, PixelSpacing=[0.5, 0.25])
+    tifffile.imwrite(folder / "cm.tif", image, **tiff_resolution((0.2, 0.2)))
+    tifffile.imwrite(folder / "fiji.tif", image, imagej=True, resolution=(1 / 300, 1 / 300),
+                     metadata={"unit": "micron"})  # 300 µm pixels, as Fiji writes a calibrated image
+    tifffile.imwrite(folder / "editor.tif", image, resolution=(72, 72), resolutionunit="INCH")  # screen dpi
+    Image.fromarray(image).save(folder / "photo.png")
+    return {"scan": (0.5, 0.25), "cm": (0.2, 0.2), "fiji": (0.3, 0.3), "editor": None, "photo": None}
+
+
+def test_import_keeps_the_pixel_spacing_files_state_and_only_those(tmp_path: Path, capsys) -> None:
+    expected = _calibrated_folder(tmp_path / "images")
+    assert {p.stem: file_spacing(p) for p in (tmp_path / "images").iterdir()} == expected
+    assert main(["site", "import", str(tmp_path / "site"), "--images", str(tmp_path / "images"),
+                 "--classes", "lesion"]) == 0
+    assert "pixel spacing (mm) from the files: 3 of 5 added images" in capsys.readouterr().out
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert {i: store.spacing(i) for i in store.image_ids()} == expected
+        # the stored TIFF says it itself: a reader that knows nothing of FedMix (here tifffile) sees it
+        with tifffile.TiffFile(tmp_path / "site" / "images" / "scan.tif") as tiff:
+            assert int(tiff.pages[0].resolutionunit) == 3  # centimetre
+            assert tiff.pages[0].resolution == pytest.approx((10 / 0.25, 10 / 0.5))
+
+    # an array added with a spacing keeps it; a nonsensical one is refused by name, nothing stored
+    with SiteStore.open(tmp_path / "site") as store:
+        store.add_image(np.zeros((8, 8), np.uint8), "frame", spacing=(0.1, 0.15))
+        assert store.spacing("frame") == (0.1, 0.15)
+        for bad in ((0.0, 0.1), (float("nan"), 0.1), (0.1,)):
+            with pytest.raises(InputError, match="image 'bad': pixel spacing"):
+                store.add_image(np.zeros((8, 8), np.uint8), "bad", spacing=bad)
+        assert "bad" not in store.image_ids() and not (tmp_path / "site" / "images" / "bad.tif").exists()
+
+
+def test_hd95_in_mm_measures_each_axis_at_its_own_spacing() -> None:
+    """A point moved 2 rows is 1 mm away at 0.5 mm rows; moved 2 columns, 0.5 mm at 0.25 mm columns."""
+    truth = np.zeros((20, 20), bool)
+    truth[10, 10] = True
+    down, right = np.roll(truth, 2, axis=0), np.roll(truth, 2, axis=1)
+    assert hd95(down, truth) == hd95(right, truth) == 2.0
+    assert hd95(down, truth, (0.5, 0.25)) == pytest.approx(1.0)
+    assert hd95(right, truth, (0.5, 0.25)) == pytest.approx(0.5)
+
+
+def test_evaluate_gives_hd95_in_mm_for_the_images_with_a_spacing(tmp_path: Path, capsys) -> None:
+    _calibrated_folder(tmp_path / "images")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in (tmp_path / "images").iterdir():
+        mask = np.zeros((32, 40), np.uint8)
+        mask[8:20, 10:26] = 1
+        Image.fromarray(mask).save(masks / f"{path.stem}.png")
+    assert main(["site", "import", str(tmp_path / "site"), "--images", str(tmp_path / "images"),
+                 "--masks", str(masks), "--classes", "lesion"]) == 0
+    pair = init_pair(TINY, 0)
+    for net in ("net1", "net2"):  # a model that calls every pixel lesion: its HD95 is defined everywhere
+        pair[f"{net}.outc.conv.weight"].zero_()
+        pair[f"{net}.outc.conv.bias"].fill_(5.0)
+    model = save_checkpoint(tmp_path / "m.safetensors", pair, TINY, {"image_size": 32, "classes": ["lesion"]})
+    capsys.readouterr()
+    assert main(["evaluate", str(model), str(tmp_path / "site"), "--out", str(tmp_path / "scores.csv"),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "HD95 in pixels of the image and in mm where it has a pixel spacing" in out
+    assert "HD95 mm" in out and "mm from 3 of 5 images" in out
+    with open(tmp_path / "scores.csv", newline="") as handle:
+        rows = {row["image"]: row for row in csv.DictReader(handle)}
+    px = float(rows["cm"]["hd95_px"])
+    assert px > 0 and float(rows["cm"]["hd95_mm"]) == pytest.approx(0.2 * px, abs=1e-3)
+    assert float(rows["fiji"]["hd95_mm"]) == pytest.approx(0.3 * px, abs=1e-3)
+    # anisotropic: every surface distance weighed per axis, so neither 0.5 × px nor 0.25 × px in general
+    truth = np.zeros((32, 40), bool)
+    truth[8:20, 10:26] = True
+    assert float(rows["scan"]["hd95_mm"]) == pytest.approx(hd95(np.ones_like(truth), truth, (0.5, 0.25)), abs=1e-3)
+    assert (rows["scan"]["spacing_row_mm"], rows["scan"]["spacing_col_mm"]) == ("0.5", "0.25")
+    for name in ("editor", "photo"):
+        assert rows[name]["hd95_mm"] == rows[name]["spacing_row_mm"] == "" and float(rows[name]["hd95_px"]) == px
