@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -45,6 +46,7 @@ from fedmix_engine.data.imageio import (
     validate_image,
 )
 from fedmix_engine.data.importer import masks_beside_images
+from fedmix_engine.data.pixel_spacing import file_spacing, tiff_spacing
 from fedmix_engine.data.tensors import resize_image
 from fedmix_engine.data.video import is_video_path, open_video
 from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device
@@ -264,6 +266,22 @@ class BatchRow:
     mask_file: str = ""  # the mask written for ``file`` ("" when none was)
     frames: int = 0  # 1 for a 2-D image, the frame count of a stack (0 when not predicted)
     seg_file: str = ""  # the DICOM SEG written beside the mask, or "not written: <reason>"; "" when not asked
+    spacing: tuple[float, float] | None = None  # the image's pixel spacing (row, column mm), when it states one
+
+    @property
+    def foreground_mm2(self) -> float:
+        """The foreground's area in mm² (a stack's: per frame, averaged); nan without a pixel spacing."""
+        if self.spacing is None or not self.frames:
+            return float("nan")
+        return round(self.foreground_fraction * self.height * self.width * self.spacing[0] * self.spacing[1], 4)
+
+    @property
+    def spacing_row_mm(self) -> float | None:
+        return self.spacing[0] if self.spacing else None
+
+    @property
+    def spacing_col_mm(self) -> float | None:
+        return self.spacing[1] if self.spacing else None
 
     @property
     def failed(self) -> bool:
@@ -273,7 +291,8 @@ class BatchRow:
 
 
 RECORD_FILE = "prediction.json"  # which model, settings and input made a folder's masks, and when
-SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "status", "seg_file")
+SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "foreground_mm2",
+                   "spacing_row_mm", "spacing_col_mm", "status", "seg_file")
 NOT_RUN = "not run: the batch was stopped before this file"
 SUMMARY_EVERY = 10.0  # seconds between rewrites of a running batch's summary.csv (each rewrite is O(files))
 NOT_AN_IMAGE = "skipped: not an image"
@@ -486,13 +505,14 @@ class FolderBatch:
         except Exception:  # damaged since: predicted again
             return None
         return BatchRow(self._name(path), height, width, round(foreground / (frames * height * width), 6), "ok",
-                        mask_file, frames, _seg_name(mask_file) if wants_seg else "")
+                        mask_file, frames, _seg_name(mask_file) if wants_seg else "", tiff_spacing(mask))
 
     def _predict_file(self, predictor: Predictor, path: Path, mask_file: str,
                       threshold: float) -> Generator[FrameStep, None, BatchRow]:
         """One file's mask into ``mask_file``: a 2-D image at once; a stack (a multi-page TIFF, a DICOM
         cine loop) or a video batch by batch, a step per batch, its pages written as they come, its
-        frames read or decoded only as a batch needs them."""
+        frames read or decoded only as a batch needs them. The mask keeps the image's pixel spacing."""
+        spacing = file_spacing(path)
         if is_video_path(path):
             video = open_video(path)
             frames: Iterable[np.ndarray] = video
@@ -505,14 +525,14 @@ class FolderBatch:
             pixels, colour = read_frames(path)
             if pixels.ndim == (3 if colour else 2):
                 mask = predictor.mask(pixels, threshold, path)
-                atomic_write_bytes(self.out / mask_file, tiff_bytes(mask))
+                atomic_write_bytes(self.out / mask_file, tiff_bytes(mask, spacing))
                 return BatchRow(self._name(path), *mask.shape, round(float((mask > 0).mean()), 6), "ok", mask_file, 1,
-                                self._segmentation(path, mask, mask_file))
+                                self._segmentation(path, mask, mask_file), spacing)
             frames, leading = stack_frames(pixels, colour, path)
             count, frame_name = len(frames), partial(_frame_index, leading=leading)
         kept: list[np.ndarray] | None = [] if self.dicom_seg and is_dicom_file(path) else None  # a SEG: whole
         done = foreground = 0
-        with tiff_pages(self.out / mask_file) as write_page:
+        with tiff_pages(self.out / mask_file, spacing) as write_page:
             for labels in predictor.iter_label_chunks(frames, threshold, path, frame_name):
                 for page in labels:
                     write_page(page)
@@ -526,7 +546,7 @@ class FolderBatch:
         height, width = labels.shape[1:]
         segmentation = "" if kept is None else self._segmentation(path, np.concatenate(kept), mask_file)
         return BatchRow(self._name(path), height, width, round(foreground / (done * height * width), 6), "ok",
-                        mask_file, done, segmentation)
+                        mask_file, done, segmentation, spacing)
 
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""
@@ -590,8 +610,9 @@ def _write_summary(path: Path, rows: list[BatchRow]) -> None:
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(SUMMARY_COLUMNS)
-    for r in rows:
-        writer.writerow([getattr(r, column) for column in SUMMARY_COLUMNS])
+    for r in rows:  # an unknown value (no spacing, a file not predicted) is an empty cell
+        writer.writerow(["" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+                         for value in (getattr(r, column) for column in SUMMARY_COLUMNS)])
     atomic_write_bytes(path, text.getvalue().encode())
 
 

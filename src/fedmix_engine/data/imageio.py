@@ -283,14 +283,18 @@ _TIFF_WRITE = {"compression": "zlib", "compressionargs": {"level": 1}, "metadata
 
 
 @contextlib.contextmanager
-def tiff_pages(path: str | Path) -> Iterator[Callable[[np.ndarray], None]]:
+def tiff_pages(path: str | Path, spacing: tuple[float, float] | None = None
+               ) -> Iterator[Callable[[np.ndarray], None]]:
     """Write grey ``H×W`` pages to ``path`` one at a time, as :func:`tiff_bytes` writes one (a reader
     gets the stack F×H×W), so a long video's mask is never held whole; atomically: a run stopped
-    half-way leaves no file, or the one that was there."""
+    half-way leaves no file, or the one that was there. ``spacing`` as for :func:`tiff_bytes`."""
     import tifffile
 
+    from fedmix_engine.data.pixel_spacing import tiff_resolution
+
+    options = {**_TIFF_WRITE, **tiff_resolution(spacing)}
     with atomic_open(path) as handle, tifffile.TiffWriter(handle) as tiff:
-        yield lambda page: tiff.write(np.ascontiguousarray(page), photometric="minisblack", **_TIFF_WRITE)
+        yield lambda page: tiff.write(np.ascontiguousarray(page), photometric="minisblack", **options)
 
 
 def _palette_indices(path: Path) -> np.ndarray | None:
