@@ -368,6 +368,9 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
                                           f"32 px, on {device})"), predict.status.text()
     predict.threshold.setValue(99)
     assert viewer.layers[PRED_LAYER].data.sum() <= (predict._probability.max(0) > 0.5).sum()
+    # the status line's foreground follows the slider (it kept the first threshold's figure)
+    shown = float((viewer.layers[PRED_LAYER].data > 0).mean())
+    assert predict.status.text().startswith(f"foreground {shown:.1%} of the image; model: final.safetensors")
 
 
 def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_bad_layer(make_napari_viewer,
@@ -819,6 +822,11 @@ def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spac
     qtbot.waitUntil(lambda: PRED_LAYER in viewer.layers, timeout=60_000)
     assert viewer.layers[PRED_LAYER].data.shape == (64, 64)
     np.testing.assert_allclose(viewer.layers[PRED_LAYER].scale, (0.3125, 0.3125))
+    # the lesion's size in mm², from the reader's pixel spacing, at whatever threshold the slider is on
+    for threshold in (1, 99):
+        widget.threshold.setValue(threshold)
+        area = int((viewer.layers[PRED_LAYER].data > 0).sum()) * 0.3125 ** 2
+        assert f"of the image ({area:.1f} mm²); model:" in widget.status.text(), widget.status.text()
     viewer.layers.selection.active = loop
     assert widget.predict_active() is not None
     qtbot.waitUntil(lambda: viewer.layers[PRED_LAYER].data.shape == (30, 240, 320), timeout=60_000)

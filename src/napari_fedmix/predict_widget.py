@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 
 from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.latest_model import latest_model
-from napari_fedmix.layer_records import image_layer_pixels
+from napari_fedmix.layer_records import image_layer_pixels, layer_spacing
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -113,6 +113,8 @@ class PredictWidget(QWidget):
         self._predictor = None
         self._predictor_key: tuple[str, str] | None = None  # checkpoint, device
         self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}  # the predicted layer's, all axes
+        self._status_tail = ""  # after the foreground in the status line: the disagreement and the model
+        self._spacing: tuple[float, float] | None = None  # the predicted layer's pixel spacing in mm
         self._source: tuple[str, object] | None = None  # the predicted layer's name and data
         latest_model().follow(self.checkpoint)
         form = QFormLayout(self)
@@ -162,6 +164,7 @@ class PredictWidget(QWidget):
             return None
         # the overlays sit on the image's pixels: same scale and offset (pixel spacing from a reader)
         geometry = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+        spacing = layer_spacing(layer)  # mm, for the lesion's area
         source = (layer.name, layer.data)
         disagreement = self.show_disagreement.isChecked()
         self.status.setText(f"predicting {layer.name}…")
@@ -188,7 +191,7 @@ class PredictWidget(QWidget):
                         predictor.disagreement(data, where) if disagreement else None)
 
             worker = make_worker(maps, on_error=self._on_error)
-        worker.returned.connect(lambda result: self._show(*result, geometry, source))
+        worker.returned.connect(lambda result: self._show(*result, geometry, source, spacing))
         worker.start()
         return worker
 
@@ -212,12 +215,11 @@ class PredictWidget(QWidget):
         return active if active in images else (images[-1] if images else None)
 
     def _show(self, probability: np.ndarray, disagreement: np.ndarray | None, geometry: dict,
-              source: tuple[str, object]) -> None:
+              source: tuple[str, object], spacing: tuple[float, float] | None = None) -> None:
         self._probability, self._geometry, self._source = probability, geometry, source
+        self._spacing = spacing
         self._overlay(PROB_LAYER, probability.max(axis=0), self.viewer.add_image, colormap="magma", opacity=0.5,
                       contrast_limits=(0, 1))
-        self._apply_threshold()
-        shown = "stack" if probability.ndim > 3 else "image"
         disagree = ""
         if disagreement is not None:
             self._overlay(DISAGREE_LAYER, disagreement.max(axis=0), self.viewer.add_image, colormap="viridis",
@@ -227,16 +229,23 @@ class PredictWidget(QWidget):
         elif DISAGREE_LAYER in self.viewer.layers:  # an earlier image's: it would not fit this prediction
             self.viewer.layers.remove(DISAGREE_LAYER)
         model = f"{Path(self._predictor_key[0]).name} ({self._predictor.describe()})" if self._predictor else "?"
-        self.status.setText(f"foreground {float((self.viewer.layers[PRED_LAYER].data > 0).mean()):.1%} of the "
-                            f"{shown}{disagree}; model: {model}")
+        self._status_tail = f"{disagree}; model: {model}"
+        self._apply_threshold()
 
     def _apply_threshold(self) -> None:
+        """The mask at the slider's threshold, and the status line's foreground (in mm² too when the
+        image layer is calibrated in a length: the lesion's size), which follows the slider."""
         if self._probability is None:
             return
         from fedmix_engine.predict import probabilities_to_labels
 
         labels = probabilities_to_labels(self._probability, self.threshold.value() / 100)
         self._overlay(PRED_LAYER, labels, self.viewer.add_labels, opacity=0.5)
+        foreground = labels > 0
+        area = (f" ({int(foreground.sum()) * self._spacing[0] * self._spacing[1]:.1f} mm²)"
+                if self._spacing is not None and labels.ndim == 2 else "")
+        self.status.setText(f"foreground {float(foreground.mean()):.1%} of the "
+                            f"{'image' if labels.ndim == 2 else 'stack'}{area}{self._status_tail}")
 
     def _overlay(self, name: str, data: np.ndarray, add, **style) -> None:
         """Put ``data`` in the reused overlay ``name`` at the predicted image's geometry; a layer of
