@@ -183,7 +183,9 @@ def test_site_train_runs_the_engine_update_on_the_site_store(tmp_path: Path) -> 
     assert metrics["num-examples"] == 6 and metrics["count-mask"] == 3 and 0 < metrics["train-loss"] < 2
     trained = out.content["arrays"].to_torch_state_dict()
     assert set(trained) == set(pair) and max_diff(trained, pair) > 0  # it trained
-    assert (tmp_path / "s" / "site-a" / "models" / "flower-run-42-state.pt").exists()  # Adam state kept
+    models = tmp_path / "s" / "site-a" / "models"
+    assert (models / "flower-run-42-state-pending-0001.pt").exists()  # Adam state kept, not yet counted
+    assert not (models / "flower-run-42-state.pt").exists()
 
     no_site = Context(run_id=42, node_id=7, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(InputError, match="site-dir"):
@@ -200,6 +202,15 @@ def test_site_train_runs_the_engine_update_on_the_site_store(tmp_path: Path) -> 
         else:
             with pytest.raises(InputError, match="site's classes are lesion; the federation's are tumour"):
                 site_train(message, context)
+
+
+@pytest.fixture
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Flower's ServerApp runtime sets before a strategy creates messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 42), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 class LoopGrid(Grid):
@@ -242,14 +253,10 @@ class LoopGrid(Grid):
 
 
 def test_every_site_receives_the_final_model_byte_for_byte_and_the_server_records_who_saved_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, serverapp_identity: None) -> None:
     """Flower sends a site only the pair it trains on: without this step a Flower site ended the run with
     nothing to predict with. A site that fits saves the server's own file; one that does not, or holds a
     broken pair, keeps what it had; a silent node is named."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 42), ("_node_id", 0)):  # as Flower's ServerApp runtime sets
-        monkeypatch.setattr(TaskIdentity, name, value)
     make_sample(tmp_path / "s", sites=2, images=4, eval_images=1, seed=0, size=32)
     site_a, site_b = tmp_path / "s" / "site-a", tmp_path / "s" / "site-b"
     settings = FlowerRunSettings.from_run_config({"model-width": 4, "image-size": 32, "crop-size": 32,
@@ -299,6 +306,66 @@ def test_every_site_receives_the_final_model_byte_for_byte_and_the_server_record
         assert reply.has_error() and "final global model from the SuperLink" in reply.error.reason
         assert reason in reply.error.reason, reply.error.reason
         assert saved.read_bytes() == saved_bytes
+
+
+def test_a_sites_adam_moments_advance_only_with_updates_the_server_aggregated(tmp_path: Path,
+                                                                             serverapp_identity: None) -> None:
+    """As a join site's: the ServerApp names the nodes it aggregated in the next message, and a site
+    commits its pending moments only then; a refused or late update's optimiser step is dropped."""
+    from fedmix_engine.checkpoint import load_site_state
+    from fedmix_engine.federation.flower.site_state import ACCEPTED_KEY
+
+    make_sample(tmp_path / "s", sites=1, images=4, eval_images=1, seed=0, size=32)
+    settings = FlowerRunSettings.from_run_config({"model-width": 4, "image-size": 32, "crop-size": 32,
+                                                  "batch-size": 4, "out-dir": str(tmp_path / "out")})
+    pair = init_pair(settings.federation.model, 0)
+    models = tmp_path / "s" / "site-a" / "models"
+    context = Context(run_id=42, node_id=7, node_config={"site-dir": str(tmp_path / "s" / "site-a")},
+                      state=RecordDict(), run_config={})
+    strategy = FedMixStrategy(pair, AggregationRule.for_method("fedmix"))
+
+    def train(round_index: int) -> None:
+        config = ConfigRecord({**settings.site_config(), **strategy.accepted_config, "server-round": round_index})
+        out = site_train(Message(RecordDict({"arrays": pair_to_arrays(pair), "config": config}),
+                                 metadata=_metadata(0)), context)
+        assert not out.has_error()
+
+    def rounds_done(name: str) -> int:
+        return load_site_state(models, name).rounds_done
+
+    train(1)
+    assert rounds_done("flower-run-42-state-pending-0001.pt") == 1
+    strategy.aggregate_train(1, [reply(7, site_pairs(1)[0]), reply(8, site_pairs(2)[1])])  # node 7 counted
+    assert json.loads(strategy.accepted_config[ACCEPTED_KEY]) == {"round": 1, "nodes": [7, 8]}
+    train(2)
+    assert rounds_done("flower-run-42-state.pt") == 1  # round 1's moments committed
+    assert rounds_done("flower-run-42-state-pending-0002.pt") == 2
+    broken = {k: v * float("nan") if v.is_floating_point() else v for k, v in site_pairs(1)[0].items()}
+    strategy.aggregate_train(2, [reply(7, broken), reply(8, site_pairs(2)[1])])  # node 7 refused
+    assert json.loads(strategy.accepted_config[ACCEPTED_KEY]) == {"round": 2, "nodes": [8]}
+    train(3)
+    assert not (models / "flower-run-42-state-pending-0002.pt").exists()  # round 2's step dropped
+    assert rounds_done("flower-run-42-state.pt") == 1
+    assert rounds_done("flower-run-42-state-pending-0003.pt") == 2  # round 3 trained from round 1's moments
+
+    # the ServerApp's own messages carry it: FedAvg's configure_train with the strategy's addition
+    class Nodes(LoopGrid):
+        def __init__(self) -> None:
+            super().__init__({7: context, 8: context})
+
+    messages = list(strategy.configure_train(3, pair_to_arrays(pair), ConfigRecord(settings.site_config()),
+                                             Nodes()))
+    assert len(messages) == 2 and all(json.loads(str(m.content["config"][ACCEPTED_KEY]))["nodes"] == [8]
+                                      for m in messages)
+
+    # the last round's moments are settled by the final model's message
+    strategy.aggregate_train(3, [reply(7, site_pairs(1)[0])])
+    save_checkpoint(tmp_path / "out" / "global.safetensors", pair, settings.federation.model,
+                    settings.federation.checkpoint_meta(3))
+    assert deliver_final_model(LoopGrid({7: context}), settings, strategy.accepted_config)["sites"] == \
+        {"site-a (node 7)": "saved"}
+    assert rounds_done("flower-run-42-state.pt") == 2
+    assert not list(models.glob("*pending*"))
 
 
 def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(tmp_path: Path) -> None:
@@ -450,8 +517,9 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
     # and Flower changed nothing about the algorithm: the simulator gives the same pair
     simulated = simulate_like_the_sites(sample, SITES, 2, tmp_path / "sim")
     assert max_diff(final, simulated) < 1e-5
-    for name in SITES:  # each site kept its optimiser state locally for the next round
+    for name in SITES:  # each site kept its optimiser state locally, the last round's counted and settled
         assert list((sample / name / "models").glob("flower-run-*-state.pt"))
+        assert not list((sample / name / "models").glob("flower-run-*-state-pending-*.pt"))
         # and holds the final model, the server's own file, where join would have put it
         final_at_site = sample / name / "models" / "global.safetensors"
         assert final_at_site.read_bytes() == (out / "global.safetensors").read_bytes()

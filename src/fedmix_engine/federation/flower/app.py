@@ -18,13 +18,13 @@ import logging
 from pathlib import Path
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.checkpoint import file_sha256, load_checkpoint, load_site_state, save_checkpoint, save_site_state
+from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.client import check_site_fits_model
-from fedmix_engine.federation.flower import FLWR_HINT, final_model
+from fedmix_engine.federation.flower import FLWR_HINT, final_model, site_state
 from fedmix_engine.federation.flower.records import (
     ARRAYS,
     CONFIG,
@@ -96,10 +96,11 @@ def server_main(grid: Grid, context: Context) -> None:
     strategy.start(grid=grid, initial_arrays=pair_to_arrays(pair), num_rounds=fed.rounds,
                    timeout=fed.round_timeout, train_config=ConfigRecord(settings.site_config()))
     log.info("FedMix on Flower finished %d round(s); global pair in %s", fed.rounds, recorder.out)
-    deliver_final_model(grid, settings)
+    deliver_final_model(grid, settings, strategy.accepted_config)
 
 
-def deliver_final_model(grid: Grid, settings: FlowerRunSettings) -> dict | None:
+def deliver_final_model(grid: Grid, settings: FlowerRunSettings, accepted: dict[str, str] | None = None
+                        ) -> dict | None:
     """Send every connected site the run's ``global.safetensors`` and record in ``final-delivery.json``
     which sites saved it byte for byte; None (nothing sent) when no round produced a model."""
     out = settings.out_path()
@@ -110,7 +111,7 @@ def deliver_final_model(grid: Grid, settings: FlowerRunSettings) -> dict | None:
     pair, _, meta = load_checkpoint(checkpoint)
     round_index = int(meta.get("round", 0))
     nodes = sorted(grid.get_node_ids())
-    messages = final_model.final_model_messages(pair, meta, settings, nodes)
+    messages = final_model.final_model_messages(pair, meta, settings, nodes, accepted or {})
     del pair  # the messages hold it
     replies = grid.send_and_receive(messages, timeout=settings.federation.round_timeout)
     record = final_model.delivery_record(replies, nodes, file_sha256(checkpoint), round_index)
@@ -135,7 +136,7 @@ def _site_dir(context: Context) -> Path:
 @clientapp.evaluate(final_model.ACTION)
 def site_save_final_model(msg: Message, context: Context) -> Message:
     """The run's final global model, saved where ``join`` saves its own (``SITE/models/global.safetensors``)."""
-    return final_model.save_final_model(msg, _site_dir(context), context.run_id)
+    return final_model.save_final_model(msg, _site_dir(context), context.run_id, context.node_id)
 
 
 @clientapp.train()
@@ -149,11 +150,12 @@ def site_train(msg: Message, context: Context) -> Message:
         site = store.config.name
         check_site_fits_model(store, config.model, config.class_names)
         data = load_site_tensors(view, config.train.image_size)
-    models_dir = site_dir / "models"
-    state_file = f"flower-run-{context.run_id}-state.pt"  # Adam moments, kept per run, never sent
-    result = local_update(pair, data, config.model, config.train, plan, load_site_state(models_dir, state_file),
+    models_dir = site_dir / "models"  # Adam moments, kept per run, never sent; advanced only by counted updates
+    raw = dict(msg.content.config_records[CONFIG])
+    site_state.settle(models_dir, context.run_id, context.node_id, raw)
+    result = local_update(pair, data, config.model, config.train, plan, site_state.load(models_dir, context.run_id),
                           seed=site_seed(config.seed, site), round_index=config.round)
-    save_site_state(models_dir, result.state, state_file)
+    site_state.save_pending(models_dir, context.run_id, config.round, result.state)
     content = RecordDict({ARRAYS: pair_to_arrays(result.pair),
                           METRICS: report_to_metrics(UpdateReport.from_local(result.report)),
                           CONFIG: ConfigRecord({SITE_KEY: site})})

@@ -24,7 +24,7 @@ from fedmix_engine.checkpoint import save_checkpoint
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.client import check_site_fits_model
-from fedmix_engine.federation.flower import FLWR_HINT
+from fedmix_engine.federation.flower import FLWR_HINT, site_state
 from fedmix_engine.federation.flower.records import ARRAYS, CONFIG, METRICS, arrays_to_pair, pair_to_arrays
 from fedmix_engine.federation.flower.settings import FlowerRunSettings, parse_site_config
 from fedmix_engine.federation.flower.strategy import SITE_KEY, contributor_name
@@ -46,16 +46,17 @@ SAVED = "saved"
 
 
 def final_model_messages(pair: Mapping[str, torch.Tensor], meta: dict[str, Any], settings: FlowerRunSettings,
-                         nodes: Iterable[int]) -> list[Message]:
+                         nodes: Iterable[int], accepted: Mapping[str, str] | None = None) -> list[Message]:
     """One message per node carrying the final pair and what a site needs to save it as the server did
-    (the checkpoint's metadata, the federation's model and classes)."""
+    (the checkpoint's metadata, the federation's model and classes), and ``accepted``: whose last
+    updates counted (``site_state``)."""
     config = ConfigRecord({**settings.site_config(), "server-round": int(meta.get("round", 0)),
-                           META_KEY: json.dumps(meta, sort_keys=True)})
+                           META_KEY: json.dumps(meta, sort_keys=True), **(accepted or {})})
     content = RecordDict({ARRAYS: pair_to_arrays(pair), CONFIG: config})
     return [Message(content=content, dst_node_id=node, message_type=MESSAGE_TYPE) for node in nodes]
 
 
-def save_final_model(msg: Message, site_dir: Path, run_id: int) -> Message:
+def save_final_model(msg: Message, site_dir: Path, run_id: int, node_id: int) -> Message:
     """At a site: check the final pair, write ``SITE/models/global.safetensors`` and
     ``models/flower-run-<id>-round-NNNN.safetensors``, and answer with the digest written. A pair that is
     not the federation's model, or a site that does not fit it, is refused before anything is written."""
@@ -74,6 +75,7 @@ def save_final_model(msg: Message, site_dir: Path, run_id: int) -> Message:
                            pair, config.model, meta)
     data = kept.read_bytes()
     atomic_write_bytes(site_dir / GLOBAL_MODEL, data)
+    site_state.settle(site_dir / "models", run_id, node_id, raw)  # the last round's moments: counted or not
     content = RecordDict({METRICS: MetricRecord({"round": config.round}),
                           CONFIG: ConfigRecord({SITE_KEY: site, SHA256_KEY: hashlib.sha256(data).hexdigest()})})
     return Message(content, reply_to=msg)

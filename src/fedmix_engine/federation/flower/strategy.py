@@ -19,6 +19,7 @@ import torch
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.flower import FLWR_HINT
 from fedmix_engine.federation.flower.records import CONFIG, arrays_to_pair, decode_reply, pair_to_arrays
+from fedmix_engine.federation.flower.site_state import accepted_config
 from fedmix_engine.federation.wire import UpdateReport, tensor_template
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 
@@ -67,12 +68,20 @@ class FedMixStrategy(FedAvg):
         self.on_round = on_round
         self.keep_updates = keep_updates
         self.history: list[RoundOutcome] = []  # per round: weights, reports, refusals (no tensors)
+        self.accepted: tuple[int, list[int]] = (0, [])  # the last round, and the nodes whose updates it aggregated
+
+    @property
+    def accepted_config(self) -> dict[str, str]:
+        """What tells each site whether its last update counted, so its Adam moments advance only then
+        (``site_state``); sent with every training round and with the final model."""
+        return accepted_config(*self.accepted)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """FedAvg's; and this round's global pair kept, so that a reply too far from it is refused."""
+        """FedAvg's, with the previous round's aggregated nodes named; and this round's global pair kept,
+        so that a reply too far from it is refused."""
         self.reference = arrays_to_pair(arrays, self.template, "global model")
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, arrays, ConfigRecord({**config, **self.accepted_config}), grid)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -80,6 +89,7 @@ class FedMixStrategy(FedAvg):
         reports: dict[str, UpdateReport] = {}
         refused: dict[str, str] = {}
         kept: dict[str, dict[str, torch.Tensor]] = {}
+        nodes: list[int] = []
         for message in replies:
             name = contributor_name(message)
             if message.has_error():
@@ -92,6 +102,7 @@ class FedMixStrategy(FedAvg):
                 refused[name] = str(exc)
                 continue
             reports[name] = report
+            nodes.append(int(message.metadata.src_node_id))
             if self.keep_updates:
                 kept[name] = state
             del state  # the accumulators hold what is needed; one decoded reply at a time
@@ -99,6 +110,7 @@ class FedMixStrategy(FedAvg):
             log.warning("round %d: left out %s", server_round, reason if reason.startswith(name) else
                         f"{name}: {reason}")
         pair = acc.result()
+        self.accepted = (server_round, nodes)
         weights = acc.weights() if acc.sites else {}
         outcome = RoundOutcome(server_round, pair, weights, reports, refused, kept)
         if self.on_round is not None:
