@@ -327,7 +327,7 @@ class SiteStore:
             raise InputError(where, f"duplicate image id '{image_id}': the site already has an image with "
                              "this id; rename the file or pass another id")
         relative = f"images/{image_id}.tif"
-        atomic_write_bytes(self.root / relative, tiff_bytes(array, spacing))
+        _write_tiff(self.root / relative, array, spacing)
         channels = 1 if array.ndim == 2 else 3
         with self._transaction() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM images").fetchone()[0]
@@ -598,6 +598,6 @@ def _close_database(db: sqlite3.Connection, readonly: bool) -> None:
     db.close()
 
 
-def _write_tiff(path: Path, array: np.ndarray) -> None:
+def _write_tiff(path: Path, array: np.ndarray, spacing: tuple[float, float] | None = None) -> None:
     """Encode in memory, then replace the file atomically (2-D images and masks)."""
-    atomic_write_bytes(path, tiff_bytes(array))
+    atomic_write_bytes(path, tiff_bytes(array, spacing))

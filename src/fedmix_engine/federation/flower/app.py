@@ -143,7 +143,8 @@ def site_save_final_model(msg: Message, context: Context) -> Message:
 def site_train(msg: Message, context: Context) -> Message:
     """One local round on this site's SiteStore with the engine's ``local_update``."""
     site_dir = _site_dir(context)
-    config = parse_site_config(dict(msg.content.config_records[CONFIG]))
+    raw = dict(msg.content.config_records[CONFIG])
+    config = parse_site_config(raw)
     pair = arrays_to_pair(msg.content.array_records[ARRAYS], None, "global pair from the SuperLink")
     plan = plan_device(str(context.node_config.get("device", "auto")))
     with SiteStore.open(site_dir, readonly=True) as store, store.training_view() as view:
@@ -151,7 +152,6 @@ def site_train(msg: Message, context: Context) -> Message:
         check_site_fits_model(store, config.model, config.class_names)
         data = load_site_tensors(view, config.train.image_size)
     models_dir = site_dir / "models"  # Adam moments, kept per run, never sent; advanced only by counted updates
-    raw = dict(msg.content.config_records[CONFIG])
     site_state.settle(models_dir, context.run_id, context.node_id, raw)
     result = local_update(pair, data, config.model, config.train, plan, site_state.load(models_dir, context.run_id),
                           seed=site_seed(config.seed, site), round_index=config.round)
