@@ -44,6 +44,8 @@ def test_import_keeps_the_pixel_spacing_files_state_and_only_those(tmp_path: Pat
     assert main(["site", "import", str(tmp_path / "site"), "--images", str(tmp_path / "images"),
                  "--classes", "lesion"]) == 0
     assert "pixel spacing (mm) from the files: 3 of 5 added images" in capsys.readouterr().out
+    main(["site", "info", str(tmp_path / "site")])
+    assert "pixel spacing (mm): 3 of 5 images (evaluate gives HD95 in mm for these)" in capsys.readouterr().out
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
         assert {i: store.spacing(i) for i in store.image_ids()} == expected
         # the stored TIFF says it itself: a reader that knows nothing of FedMix (here tifffile) sees it

@@ -92,6 +92,9 @@ def cmd_site_info(args: argparse.Namespace) -> int:
         print(f"  box-supervised:  {counts['box']}  (boxes: {counts['boxes']})")
         print(f"  tag-supervised:  {counts['tag']}  (tags: {counts['tags']})")
         print(f"  unlabelled:      {counts['none']}")
+        calibrated = sum(store.spacing(image_id) is not None for image_id in store.image_ids())
+        print(f"pixel spacing (mm): {calibrated} of {counts['images']} images"
+              + (" (evaluate gives HD95 in mm for these)" if calibrated else ""))
         print(f"problems: {len(problems)}")
         for p in problems:
             print(f"  {p}")
