@@ -903,19 +903,41 @@ def test_batch_masks_that_would_not_fit_in_free_memory_stay_on_disk(make_napari_
     assert "FedMix batch masks" not in viewer.layers and (tmp_path / "out" / "loop_mask.tif").is_file()
 
 
-def test_a_video_opens_in_napari_and_its_shown_frame_enters_the_site(make_napari_viewer, qtbot, tmp_path):
-    """An MP4 cine loop or endoscopy clip: napari's own reader opens it once PyAV is installed (a
-    dependency), and Add the image on screen takes the frame on screen, as for any stack."""
+def test_a_video_opens_frame_by_frame_its_shown_frame_enters_the_site_and_predict_reads_it_in_batches(
+        make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """An MP4 cine loop or endoscopy clip: napari's own reader decoded the whole recording into memory
+    first (a 5-minute 1080p one: 54 GB). The plugin's reader decodes a frame when it is shown or read:
+    opening and adding the frame on screen decode a few frames, not the video; Predict reads it in
+    batches and gives what the same frames decoded at once give."""
+    from fedmix_engine.data.video_frames import VideoFrames
+    from fedmix_engine.predict import Predictor
+    from fedmix_engine.steps import run_steps
+    from napari_fedmix.predict_widget import PROB_LAYER, PredictWidget
     from video_helpers import write_clip
 
+    decoded_frames: list[int] = []
+    real_frame = VideoFrames._frame
+    monkeypatch.setattr(VideoFrames, "_frame", lambda self, i: decoded_frames.append(i) or real_frame(self, i))
     viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", [])
-    decoded = write_clip(tmp_path / "clip.mp4")
-    [layer] = viewer.open(tmp_path / "clip.mp4")
-    assert layer.rgb and layer.data.shape == (10, 40, 48, 3)
-    viewer.dims.set_current_step(0, 7)
-    assert widget.add_shown_image() == "clip-frame7"
+    decoded = write_clip(tmp_path / "clip.mp4", frames=60)
+    [layer] = viewer.open(tmp_path / "clip.mp4", plugin="napari-fedmix")
+    assert layer.rgb and layer.data.shape == (60, 40, 48, 3) and not isinstance(layer.data, np.ndarray)
+    viewer.dims.set_current_step(0, 37)
+    assert widget.add_shown_image() == "clip-frame37"
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
-        np.testing.assert_array_equal(store.read_image("clip-frame7"), decoded[7])
+        np.testing.assert_array_equal(store.read_image("clip-frame37"), decoded[37])
+    assert 37 in decoded_frames and len(set(decoded_frames)) <= 6, sorted(set(decoded_frames))
+
+    checkpoint = _tiny_checkpoint(tmp_path)
+    predict = PredictWidget(viewer)
+    qtbot.addWidget(predict)
+    predict.checkpoint.setText(str(checkpoint))
+    viewer.layers.selection.active = layer
+    assert predict.predict_active() is not None
+    qtbot.waitUntil(lambda: PROB_LAYER in viewer.layers and viewer.layers[PROB_LAYER].data.shape == (60, 40, 48),
+                    timeout=60_000)
+    expected = run_steps(Predictor.from_checkpoint(checkpoint, "cpu").iter_stack_probabilities(decoded, True))
+    np.testing.assert_allclose(viewer.layers[PROB_LAYER].data, expected.max(axis=0), atol=1e-5)
 
 
 def test_batch_predict_widget_writes_dicom_seg_when_asked_and_lists_a_loop_without_one(make_napari_viewer, qtbot,

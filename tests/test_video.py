@@ -17,7 +17,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.pair import init_pair
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import NOT_RUN, FrameStep, Predictor, iter_predict_folder, predict_folder
-from video_helpers import write_clip
+from video_helpers import write_clip, write_gop_clip
 
 TINY = ModelConfig(base_width=4)
 
@@ -141,3 +141,35 @@ def test_a_multi_page_tiff_is_read_a_page_at_a_time_and_a_bad_page_is_named(tmp_
         np.testing.assert_array_equal(masks[t], model.mask(loop[t]))
     assert rows["hyper.tif"].status == "skipped: frame (1, 2): image contains NaN or infinite values"
     assert not (out / "hyper_mask.tif").exists()
+
+
+@pytest.mark.parametrize(("name", "codec"), [("loop.mp4", "mpeg4"), ("loop.avi", "mpeg4"), ("scope.mkv", "libx264"),
+                                             ("scope.mov", "libx264")])
+def test_any_frame_of_a_video_is_decoded_on_demand_exactly_as_a_full_decode_gives_it(tmp_path: Path, name: str,
+                                                                                    codec: str) -> None:
+    """napari's frame-by-frame view of a long recording: frames asked in any order (a slider dragged
+    back, playback, a jump), keyframes every 10 frames, B-frames out of display order (x264), and MKV,
+    which states no frame count."""
+    from fedmix_engine.data.video_frames import VideoFrames
+
+    decoded = write_gop_clip(tmp_path / name, codec=codec)
+    frames = VideoFrames(tmp_path / name)
+    assert frames.shape == decoded.shape and frames.dtype == np.uint8 and len(frames) == 90
+    order = [*np.random.default_rng(0).permutation(90), *range(90), *range(89, -1, -1), 5, 80, 6, -1]
+    for index in order:
+        np.testing.assert_array_equal(frames[int(index)], decoded[index], err_msg=f"frame {index}")
+    np.testing.assert_array_equal(frames[10:20, 5:9], decoded[10:20, 5:9])  # NumPy indexing, as dask slices it
+    with pytest.raises(IndexError, match="frame 90 of a 90-frame video"):
+        frames[90]
+    frames.close()
+
+
+def test_a_file_that_is_no_video_is_refused_by_name_when_opened_frame_by_frame(tmp_path: Path) -> None:
+    from fedmix_engine.data.video_frames import VideoFrames
+
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("not a video")
+    with pytest.raises(InputError, match=f"{fake}: unreadable or corrupt video"):
+        VideoFrames(fake)
+    with pytest.raises(InputError, match="file not found"):
+        VideoFrames(tmp_path / "gone.mp4")

@@ -173,7 +173,7 @@ class Predictor:
         name = partial(_frame_index, leading=leading)
         for start in range(0, len(frames), self.batch_size):
             stop = min(start + self.batch_size, len(frames))
-            out[:, start:stop] = chunk(frames[start:stop], start, where, name)
+            out[:, start:stop] = chunk(np.asarray(frames[start:stop]), start, where, name)  # a lazy stack: read now
             yield stop, len(frames)
         return out.reshape((out.shape[0], *leading, height, width))
 
@@ -222,8 +222,10 @@ class Predictor:
 
 
 def stack_frames(stack: np.ndarray, rgb: bool, where: str | Path = "stack") -> tuple[np.ndarray, tuple[int, ...]]:
-    """A stack as ``F×H×W`` (or ``F×H×W×C`` if ``rgb``) frames, and the leading axes they came from."""
-    stack = np.asarray(stack)
+    """A stack as ``F×H×W`` (or ``F×H×W×C`` if ``rgb``) frames, and the leading axes they came from. A
+    lazy array (dask: a video napari decodes frame by frame) stays lazy; frames are read when sliced."""
+    if not (hasattr(stack, "shape") and hasattr(stack, "reshape")):
+        stack = np.asarray(stack)
     image_axes = 3 if rgb else 2
     if stack.ndim <= image_axes:
         raise InputError(where, f"not a stack of 2-D frames (shape {tuple(stack.shape)})")

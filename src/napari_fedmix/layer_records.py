@@ -60,15 +60,17 @@ def save_annotations(store: SiteStore, image_id: str, mask: np.ndarray, rectangl
     return problems
 
 
-def image_layer_pixels(layer, index: tuple[int, ...] = ()) -> np.ndarray:
+def image_layer_pixels(layer, index: tuple[int, ...] = (), lazy: bool = False) -> np.ndarray:
     """An image layer's pixels, or one frame of them (``index`` into its leading axes), as an array: a
-    lazy (dask) layer reads only what is asked for. A multiscale (pyramid) layer, such as a whole-slide
+    lazy (dask) layer reads only what is asked for, and with ``lazy`` nothing yet (a long video's
+    stack, which Predict reads a batch at a time). A multiscale (pyramid) layer, such as a whole-slide
     image, is refused: FedMix takes 2-D images and stacks of them."""
     if getattr(layer, "multiscale", False):
         shape = "×".join(str(n) for n in layer.data[0].shape)
         raise InputError(f"layer '{layer.name}'", f"a multiscale (pyramid) layer of {shape} pixels; open one "
                                                    "level or a region of it as an ordinary image layer")
-    return np.asarray(layer.data[index] if index else layer.data)
+    data = layer.data[index] if index else layer.data
+    return data if lazy and hasattr(data, "shape") else np.asarray(data)
 
 
 def layer_spacing(layer) -> tuple[float, float] | None:

@@ -150,12 +150,12 @@ class PredictWidget(QWidget):
             return None
         where, rgb = f"layer '{layer.name}'", bool(getattr(layer, "rgb", False))
         try:  # a wrong shape or NaNs in a 2-D image: said here, not in a worker
-            data = image_layer_pixels(layer)
+            data = image_layer_pixels(layer, lazy=True)  # a stack is read a batch at a time while predicting
             stack = data.ndim > (3 if rgb else 2)
             if stack:
                 frames, _ = stack_frames(data, rgb, where)
             else:
-                data = validate_image(data, where)
+                data = validate_image(np.asarray(data), where)
             predictor = self.predictor()
             if stack:
                 _check_overlays_fit(frames.shape[:3], predictor.model_config.num_classes, where)

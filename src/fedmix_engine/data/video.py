@@ -2,8 +2,9 @@
 loops and endoscopy recordings as scanners and video towers export them.
 
 Frames are decoded one at a time, so a long recording is never held whole: batch prediction writes
-its mask page by page. A site holds 2-D images, so import refuses a video; napari opens it (its own
-reader, with PyAV installed) and Annotate › Add the image on screen takes the frame to label.
+its mask page by page. A site holds 2-D images, so import refuses a video; napari opens it through
+the plugin (``video_frames``: a frame decoded when shown) and Annotate › Add the image on screen
+takes the frame to label.
 """
 
 from __future__ import annotations
