@@ -76,6 +76,17 @@ def atomic_open(path: str | Path, mode: int | None = None) -> Iterator[BinaryIO]
     _fsync_dir(path.parent)
 
 
+def check_writable_file(path: str | Path) -> Path:
+    """An output file's name, checked before the work that fills it: not a folder, in a folder that
+    exists (or is made) and is writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder; give a file name, e.g. scores.csv")
+    if not os.access(make_folder(path.parent), os.W_OK):
+        raise InputError(path, f"its folder {path.parent} is not writable for you")
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` atomically (permissions as in ``atomic_open``)."""
     with atomic_open(path, mode) as handle:

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedmix_engine.atomic import check_writable_file
 from fedmix_engine.errors import InputError
 
 
@@ -133,24 +134,12 @@ def _model_file(path: Path) -> Path:
     return model
 
 
-def _check_writable_file(path: Path) -> None:
-    """An output file's name: not a folder, in a folder that exists (or is made) and is writable."""
-    import os
-
-    from fedmix_engine.atomic import make_folder
-
-    if path.is_dir():
-        raise InputError(path, "is a folder; give a file name, e.g. scores.csv")
-    if not os.access(make_folder(path.parent), os.W_OK):
-        raise InputError(path, f"its folder {path.parent} is not writable for you")
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedmix_engine.evaluation import mean_image_dice, score_site, summarise, write_scores
     from fedmix_engine.predict import Predictor
 
     if args.out:
-        _check_writable_file(args.out)  # before the work, not after it
+        check_writable_file(args.out)  # before the work, not after it
     predictor = Predictor.from_checkpoint(_model_file(args.model), device=args.device, inference=args.inference)
     rows = score_site(predictor, args.site, progress=lambda done, total: progress_bar(done, total, "evaluate"))
     clear_progress_bar()

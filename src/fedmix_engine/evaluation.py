@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from fedmix_engine.data.tensors import label_to_channels, resize_image
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.metrics import dice, hd95, per_class_metrics
 from fedmix_engine.predict import Predictor
+from fedmix_engine.steps import run_steps
 
 
 @dataclass
@@ -95,11 +96,12 @@ class ImageScore:
     spacing: tuple[float, float] | None = None  # the image's (row, column) mm, when it has one
 
 
-def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str],
-                 progress: Callable[[int, int], None] | None = None) -> list[ImageScore]:
+def iter_score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str]
+                      ) -> Generator[tuple[int, int], None, list[ImageScore]]:
     """Dice, IoU and HD95 of every image and class: the detail behind :func:`evaluate`'s mean; HD95 in
     mm too where the image has a pixel spacing (anisotropic spacing measured as such, not scaled after).
-    ``progress(done, total)`` after each image (HD95's distance transforms take a while on large images)."""
+    Yields (images done, images) after each image (HD95's distance transforms take a while on large
+    images), so a GUI can show progress and stop; returns the rows."""
     rows = []
     for k, image_id, pred, truth in _predicted_masks(predictor, data):
         metrics = per_class_metrics(pred, truth)
@@ -108,9 +110,14 @@ def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str],
         rows.extend(ImageScore(image_id, name, bool(truth[c].any()), metrics["dice"][c], metrics["iou"][c],
                                metrics["hd95"][c], in_mm[c] if in_mm else float("nan"), spacing)
                     for c, name in enumerate(classes))
-        if progress:
-            progress(k + 1, len(data.ids))
+        yield k + 1, len(data.ids)
     return rows
+
+
+def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str],
+                 progress: Callable[[int, int], None] | None = None) -> list[ImageScore]:
+    """:func:`iter_score_images` to the end; ``progress(done, total)`` after each image."""
+    return run_steps(iter_score_images(predictor, data, classes), (lambda step: progress(*step)) if progress else None)
 
 
 def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str = "auto") -> float:
@@ -118,10 +125,9 @@ def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str =
     return evaluate(Predictor.from_checkpoint(checkpoint, device), data)["dice"]
 
 
-def score_site(predictor: Predictor, site: str | Path,
-               progress: Callable[[int, int], None] | None = None) -> list[ImageScore]:
-    """:func:`score_images` on a site folder's fully labelled images; a site whose classes are named in
-    another order than the model's is refused (its label k would be scored as the model's class k)."""
+def iter_score_site(predictor: Predictor, site: str | Path) -> Generator[tuple[int, int], None, list[ImageScore]]:
+    """:func:`iter_score_images` on a site folder's fully labelled images; a site whose classes are named
+    in another order than the model's is refused (its label k would be scored as the model's class k)."""
     with SiteStore.open(site, readonly=True) as store:
         classes = tuple(store.config.classes)
     if predictor.classes and tuple(predictor.classes) != classes:
@@ -129,7 +135,13 @@ def score_site(predictor: Predictor, site: str | Path,
                                f"{', '.join(predictor.classes)}, in this label order")
     config = predictor.model_config
     data = EvalSet.from_store(site, predictor.image_size, config.num_classes, config.in_channels)
-    return score_images(predictor, data, classes, progress)
+    return (yield from iter_score_images(predictor, data, classes))
+
+
+def score_site(predictor: Predictor, site: str | Path,
+               progress: Callable[[int, int], None] | None = None) -> list[ImageScore]:
+    """:func:`iter_score_site` to the end; ``progress(done, total)`` after each image."""
+    return run_steps(iter_score_site(predictor, site), (lambda step: progress(*step)) if progress else None)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -23,6 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from fedmix_engine.errors import InputError, error_line
+from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.layer_records import image_layer_pixels, layer_spacing
 from napari_fedmix.workers import make_worker
@@ -34,9 +34,6 @@ PROB_LAYER, PRED_LAYER = "FedMix probability", "FedMix prediction"
 DISAGREE_LAYER = "FedMix networks disagree"  # |p¹ − p²|: what FedMix's agreement rule sees, per pixel
 
 
-CHECKPOINT_FILES = "Checkpoints (*.safetensors)"
-
-
 def predictable_files_filter() -> str:
     """The file dialog's filter for batch input: images and videos, and every file (DICOM exports often
     have no suffix)."""
@@ -44,45 +41,6 @@ def predictable_files_filter() -> str:
 
     patterns = " ".join(f"*{suffix}" for suffix in PREDICTABLE_SUFFIXES)
     return f"Images and videos ({patterns});;All files (*)"
-
-
-def _path_row(edit: QLineEdit, parent: QWidget, title: str, folder: bool = False,
-              files: str | None = None) -> QHBoxLayout:
-    """A path field with a browse button for a folder, for a file matching ``files`` (a Qt name filter),
-    or one of each ("folder…", "file…") when it takes either."""
-    row = QHBoxLayout()
-    row.addWidget(edit)
-    choosers = []
-    if folder:
-        choosers.append(("folder…", lambda: QFileDialog.getExistingDirectory(parent, title)))
-    if files is not None:
-        choosers.append(("file…", lambda: QFileDialog.getOpenFileName(parent, title, filter=files)[0]))
-    for text, choose in choosers:
-        button = QPushButton(text if len(choosers) > 1 else "…")
-        button.setObjectName(text)
-        button.setToolTip(title)
-
-        def set_path(_checked: bool = False, choose=choose) -> None:
-            if path := choose():
-                edit.setText(path)
-
-        button.clicked.connect(set_path)
-        row.addWidget(button)
-    return row
-
-
-def _device() -> str:
-    """Preferences › FedMix › device: for prediction as for training (auto, cpu or cuda)."""
-    from napari_fedmix.settings import plugin_defaults
-
-    return plugin_defaults()["device"]
-
-
-def _chosen_checkpoint(field: QLineEdit) -> str:
-    if not (path := field.text().strip()):
-        raise InputError("model", "choose a checkpoint (.safetensors) first; training, or opening a site that "
-                                  "has a model, fills it in")
-    return path
 
 
 class PredictWidget(QWidget):
@@ -118,7 +76,7 @@ class PredictWidget(QWidget):
         self._source: tuple[str, object] | None = None  # the predicted layer's name and data
         latest_model().follow(self.checkpoint)
         form = QFormLayout(self)
-        form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
+        form.addRow("model", path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
         form.addRow("threshold", self.threshold)
         form.addRow(self.show_disagreement)
         buttons = QHBoxLayout()
@@ -131,7 +89,7 @@ class PredictWidget(QWidget):
     def predictor(self):
         from fedmix_engine.predict import Predictor
 
-        key = (_chosen_checkpoint(self.checkpoint), _device())
+        key = (chosen_checkpoint(self.checkpoint), preferred_device())
         if self._predictor is None or self._predictor_key != key:
             self._predictor = Predictor.from_checkpoint(*key)
             self._predictor_key = key
@@ -344,10 +302,10 @@ class BatchPredictWidget(QWidget):
         self.total, self.error = 0, None
         layout = QVBoxLayout(self)
         form = QFormLayout()
-        form.addRow("images", _path_row(self.input, self, "Images: a folder, or one image, stack or video file",
+        form.addRow("images", path_row(self.input, self, "Images: a folder, or one image, stack or video file",
                                         folder=True, files=predictable_files_filter()))
-        form.addRow("model", _path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
-        form.addRow("output folder", _path_row(self.output, self, "Output folder", folder=True))
+        form.addRow("model", path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
+        form.addRow("output folder", path_row(self.output, self, "Output folder", folder=True))
         layout.addLayout(form)
         layout.addWidget(self.recursive)
         layout.addWidget(self.resume)
@@ -370,7 +328,7 @@ class BatchPredictWidget(QWidget):
                 raise InputError("images", "choose the images (a folder, or one file) and an output folder")
             recursive = self.recursive.isChecked()
             check_batch(self.input.text(), out=self.output.text(), recursive=recursive)
-            predictor = Predictor.from_checkpoint(_chosen_checkpoint(self.checkpoint), _device())
+            predictor = Predictor.from_checkpoint(chosen_checkpoint(self.checkpoint), preferred_device())
             out = Path(self.output.text())
             batch = iter_predict_folder(predictor, self.input.text(), out,  # makes the folder, lists the files
                                         dicom_seg=self.dicom_seg.isChecked(), frame_steps=True, recursive=recursive,
