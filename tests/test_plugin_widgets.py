@@ -1194,3 +1194,61 @@ def test_tagging_takes_one_key_per_image(make_napari_viewer, qtbot, tmp_path, im
                                                                            {"lesion": True}]
         assert [r.supervision for r in store.records()] == ["tag", "tag", "mask"]
     assert widget.summary.text() == "3 images: 1 mask · 0 box · 2 tag · 0 unlabelled"
+
+
+def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_does(make_napari_viewer, qtbot,
+                                                                                    tmp_path):
+    """A clinician handed the federation's model asks how good it is on their own labelled images: the
+    answer was only on the command line. Per class Dice, IoU and HD95 (mm where the images have a pixel
+    spacing), the mean figure, every image's scores as CSV; bad input and Stop are said in the status."""
+    from fedmix_engine.evaluation import score_site, summarise
+    from fedmix_engine.predict import Predictor
+    from napari_fedmix.evaluate_widget import EvaluateWidget
+
+    site = tmp_path / "site"
+    with SiteStore.create(site, ["lesion"]) as store:
+        for k in range(4):
+            store.add_image(np.full((40, 48), 30 + 40 * k, np.uint8), f"img{k}", spacing=(0.5, 0.25) if k % 2 else None)
+            mask = np.zeros((40, 48), np.uint8)
+            mask[5 + k:20, 8:30 - k] = 1
+            store.set_mask(f"img{k}", mask)
+    pair = init_pair(ModelConfig(base_width=4), 0)
+    for net in ("net1", "net2"):  # every pixel lesion: HD95 defined on every image
+        pair[f"{net}.outc.conv.weight"].zero_()
+        pair[f"{net}.outc.conv.bias"].fill_(5.0)
+    model = save_checkpoint(tmp_path / "m.safetensors", pair, ModelConfig(base_width=4),
+                            {"image_size": 32, "classes": ["lesion"]})
+    viewer = make_napari_viewer()
+    widget = EvaluateWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.checkpoint.setText(str(model))
+
+    widget.site.setText("")
+    assert widget.run() is None and "labelled site: choose a site folder" in widget.status.text()
+    widget.site.setText(str(site))
+    widget.scores_file.setText(str(tmp_path))
+    assert widget.run() is None and f"{tmp_path}: is a folder" in widget.status.text()
+
+    widget.scores_file.setText(str(tmp_path / "scores.csv"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    [expected] = summarise(score_site(Predictor.from_checkpoint(model, "cpu"), site))
+    cells = [widget.table.item(0, column).text() for column in range(widget.table.columnCount())]
+    assert cells == ["lesion", "4", "4", f"{expected.dice_mean:.3f} ± {expected.dice_std:.3f}",
+                     f"{expected.iou_mean:.3f}", f"{expected.hd95_median:.1f}", f"{expected.hd95_mm_median:.2f}"]
+    assert "4 image(s) with full ground truth; mean Dice over images" in widget.status.text()
+    assert "in mm for 2 of 4 images" in widget.status.text() and "m.safetensors (" in widget.status.text()
+    assert (tmp_path / "scores.csv").read_text().count("\n") == 5 and widget.progress.value() == 4
+
+    # a site with no full ground truth is named; Stop leaves no half table
+    with SiteStore.create(tmp_path / "weak", ["lesion"]) as store:
+        store.add_image(np.zeros((40, 48), np.uint8), "unlabelled")
+    widget.site.setText(str(tmp_path / "weak"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert "no image with full ground truth" in widget.status.text() and widget.table.rowCount() == 0
+    widget.site.setText(str(site))
+    assert widget.run() is not None
+    widget.stop()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text().startswith("stopped after") and widget.table.rowCount() == 0

@@ -1,0 +1,144 @@
+"""Evaluate model: how good is this model on my labelled images? ``fedmix-engine evaluate`` in napari,
+for a clinician handed the federation's model: per class Dice, IoU and HD95 (in mm where the images
+have a pixel spacing) over a site's fully labelled images, the mean figure simulate and Train
+report, and optionally every image's scores as CSV. The engine does the work (``evaluation``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtpy.QtWidgets import (
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QWidget,
+)
+
+from fedmix_engine.errors import InputError, error_line
+from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device
+from napari_fedmix.latest_model import latest_model
+from napari_fedmix.settings import plugin_defaults
+from napari_fedmix.workers import make_worker
+
+if TYPE_CHECKING:
+    import napari
+
+COLUMNS = ("class", "images", "with lesion", "Dice mean ± std", "IoU", "HD95 px", "HD95 mm")
+
+
+class EvaluateWidget(QWidget):
+    """A model's scores on a labelled site folder, per class, in a table."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.checkpoint, self.site, self.scores_file = QLineEdit(), QLineEdit(), QLineEdit()
+        self.checkpoint.setPlaceholderText("SITE/models/global.safetensors")
+        latest_model().follow(self.checkpoint)
+        self.site.setText(plugin_defaults()["default_site_folder"])
+        self.site.setPlaceholderText("a site folder with masks the model was not trained on")
+        self.scores_file.setPlaceholderText("optional: every image's scores, e.g. scores.csv")
+        self.run_button, self.stop_button = QPushButton("Evaluate"), QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.run_button.clicked.connect(self.run)
+        self.stop_button.clicked.connect(self.stop)
+        self.progress = QProgressBar()
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.worker = None
+        self.done = (0, 0)
+        form = QFormLayout(self)
+        form.addRow("model", path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
+        form.addRow("labelled site", path_row(self.site, self, "Labelled site folder", folder=True))
+        form.addRow("scores CSV", self.scores_file)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.stop_button)
+        form.addRow(buttons)
+        form.addRow(self.progress)
+        form.addRow(self.table)
+        form.addRow(self.status)
+
+    def run(self):
+        """Score the model on the site in a worker; the table and status show the result. Bad input (no
+        model, a site without full ground truth, classes in another order) is said in the status line."""
+        from fedmix_engine.atomic import check_writable_file
+        from fedmix_engine.evaluation import iter_score_site
+        from fedmix_engine.predict import Predictor
+
+        try:
+            if not (site := self.site.text().strip()):
+                raise InputError("labelled site", "choose a site folder whose images have masks")
+            scores = check_writable_file(self.scores_file.text().strip()) if self.scores_file.text().strip() else None
+            predictor = Predictor.from_checkpoint(chosen_checkpoint(self.checkpoint), preferred_device())
+        except InputError as exc:
+            self.status.setText(error_line(exc))
+            return None
+        self.table.setRowCount(0)
+        self.done = (0, 0)
+        self.status.setText(f"evaluating {Path(self.checkpoint.text()).name} on {site}…")
+        self.worker = make_worker(lambda: (yield from iter_score_site(predictor, site)), on_error=self._on_error)
+        self.worker.yielded.connect(self._on_image)
+        self.worker.returned.connect(lambda rows: self._show(rows, predictor, scores))
+        self.worker.aborted.connect(lambda: self.status.setText(
+            f"stopped after {self.done[0]} of {self.done[1]} images: no scores (they would not be the site's)"))
+        self.worker.finished.connect(self._finished)
+        self.run_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self.worker.start()
+        return self.worker
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _on_image(self, step: tuple[int, int]) -> None:
+        self.done = step
+        self.progress.setRange(0, step[1])
+        self.progress.setValue(step[0])
+
+    def _on_error(self, exc: Exception) -> None:
+        self.status.setText(error_line(exc))
+
+    def _finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.stop_button.setEnabled(False)
+
+    def _show(self, rows: list, predictor, scores: Path | None) -> None:
+        from fedmix_engine.evaluation import mean_image_dice, summarise, write_scores
+
+        summary = summarise(rows)
+        self.table.setRowCount(len(summary))
+        for r, c in enumerate(summary):
+            cells = (c.label, str(c.images), str(c.lesion_images), f"{c.dice_mean:.3f} ± {c.dice_std:.3f}",
+                     f"{c.iou_mean:.3f}", _number(c.hd95_median, 1), _number(c.hd95_mm_median, 2))
+            for column, text in enumerate(cells):
+                self.table.setItem(r, column, QTableWidgetItem(text))
+        images = len({row.image for row in rows})
+        calibrated = max((c.with_spacing for c in summary), default=0)
+        notes = [f"{images} image(s) with full ground truth; mean Dice over images {mean_image_dice(rows):.3f} "
+                 "(as simulate and Train report)",
+                 "HD95: medians, undefined where one mask is empty; in mm for "
+                 f"{calibrated} of {images} images (those with a pixel spacing)",
+                 f"model: {Path(self.checkpoint.text()).name} ({predictor.describe()})"]
+        if scores is not None:
+            try:
+                write_scores(scores, rows)
+                notes.append(f"every image's scores: {scores}")
+            except OSError as exc:
+                notes.append(f"scores not saved: {scores}: {exc.strerror or exc}")
+        self.status.setText("\n".join(notes))
+
+
+def _number(value: float, digits: int) -> str:
+    return "—" if math.isnan(value) else f"{value:.{digits}f}"
