@@ -13,16 +13,12 @@ import tifffile
 from PIL import Image
 
 from dicom_helpers import write_dicom
-from fedmix_engine.checkpoint import save_checkpoint
 from fedmix_engine.cli import main
 from fedmix_engine.data.pixel_spacing import file_spacing, tiff_resolution, tiff_spacing
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.metrics import hd95
-from fedmix_engine.fedmix.pair import init_pair
-from fedmix_engine.model import ModelConfig
-
-TINY = ModelConfig(base_width=4)
+from model_helpers import all_lesion_checkpoint
 
 
 def _calibrated_folder(folder: Path) -> dict[str, tuple[float, float] | None]:
@@ -73,15 +69,6 @@ def test_hd95_in_mm_measures_each_axis_at_its_own_spacing() -> None:
     assert hd95(right, truth, (0.5, 0.25)) == pytest.approx(0.5)
 
 
-def _all_lesion_model(path: Path) -> Path:
-    """A model that calls every pixel lesion: its outputs are known without training."""
-    pair = init_pair(TINY, 0)
-    for net in ("net1", "net2"):
-        pair[f"{net}.outc.conv.weight"].zero_()
-        pair[f"{net}.outc.conv.bias"].fill_(5.0)
-    return save_checkpoint(path, pair, TINY, {"image_size": 32, "classes": ["lesion"]})
-
-
 def test_batch_masks_keep_the_pixel_spacing_and_the_summary_gives_the_area_in_mm2(tmp_path: Path) -> None:
     """A lesion's size in mm² is what a report quotes; a mask opened in Fiji beside its image should
     measure in the same mm."""
@@ -89,7 +76,7 @@ def test_batch_masks_keep_the_pixel_spacing_and_the_summary_gives_the_area_in_mm
     stack = (np.arange(4 * 32 * 40) % 200).astype(np.uint8).reshape(4, 32, 40)
     tifffile.imwrite(tmp_path / "images" / "loop.tif", stack, photometric="minisblack", **tiff_resolution((0.1, 0.2)))
     expected["loop"] = (0.1, 0.2)
-    model = _all_lesion_model(tmp_path / "m.safetensors")
+    model = all_lesion_checkpoint(tmp_path / "m.safetensors")
     for resume in ((), ("--resume",)):  # a continued batch keeps the masks and gives the same rows
         assert main(["predict", str(model), str(tmp_path / "images"), str(tmp_path / "out"), "--device", "cpu",
                      *resume]) == 0
@@ -118,7 +105,7 @@ def test_evaluate_gives_hd95_in_mm_for_the_images_with_a_spacing(tmp_path: Path,
         Image.fromarray(mask).save(masks / f"{path.stem}.png")
     assert main(["site", "import", str(tmp_path / "site"), "--images", str(tmp_path / "images"),
                  "--masks", str(masks), "--classes", "lesion"]) == 0
-    model = _all_lesion_model(tmp_path / "m.safetensors")  # its HD95 is defined on every image
+    model = all_lesion_checkpoint(tmp_path / "m.safetensors")  # its HD95 is defined on every image
     capsys.readouterr()
     assert main(["evaluate", str(model), str(tmp_path / "site"), "--out", str(tmp_path / "scores.csv"),
                  "--device", "cpu"]) == 0

@@ -106,6 +106,16 @@ def _tiny_checkpoint(folder: Path) -> Path:
                            {"image_size": 32})
 
 
+def _predict_widget(viewer, qtbot, checkpoint: Path):
+    """A Predict widget in ``viewer`` with ``checkpoint`` chosen."""
+    from napari_fedmix.predict_widget import PredictWidget
+
+    widget = PredictWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.checkpoint.setText(str(checkpoint))
+    return widget
+
+
 def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewer, qtbot, tmp_path, images):
     from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER, AnnotateWidget
 
@@ -325,7 +335,7 @@ def _start_local(widget, site: Path, rounds: int) -> None:
 
 
 def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer, qtbot, sample):
-    from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER, PredictWidget
+    from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER
     from napari_fedmix.train_widget import TrainWidget
 
     viewer = make_napari_viewer()
@@ -350,9 +360,7 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
 
     with SiteStore.open(sample, readonly=True) as store:
         viewer.add_image(store.read_image(store.image_ids()[0]), name="scan")
-    predict = PredictWidget(viewer)
-    qtbot.addWidget(predict)
-    predict.checkpoint.setText(str(checkpoint))
+    predict = _predict_widget(viewer, qtbot, checkpoint)
     for _ in range(2):  # a second click reuses the same two layers
         before = predict._probability
         assert predict.predict_active() is not None
@@ -375,16 +383,14 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
 
 def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_bad_layer(make_napari_viewer,
                                                                                           qtbot, tmp_path):
-    from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER, PredictWidget
+    from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER
 
     checkpoint = _tiny_checkpoint(tmp_path)
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)
     viewer.add_image(rng.integers(0, 255, (40, 48), dtype=np.uint8), name="scan", scale=(0.5, 2.0),
                      translate=(10.0, -5.0))  # pixel spacing and offset, as a reader with metadata sets them
-    widget = PredictWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.checkpoint.setText(str(checkpoint))
+    widget = _predict_widget(viewer, qtbot, checkpoint)
 
     def predict() -> np.ndarray:
         before = widget._probability
@@ -417,7 +423,7 @@ def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewe
     """A cine loop or a volume's slices was refused ('3-D stack'); each frame is now predicted, the
     overlays are stacks on the same axes, and Stop ends a long run without touching them."""
     from fedmix_engine.predict import Predictor
-    from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER, PredictWidget
+    from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER
 
     config = ModelConfig(base_width=4)
     checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(config, 0), config, {"image_size": 32})
@@ -425,9 +431,7 @@ def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewe
     rng = np.random.default_rng(0)
     loop = rng.integers(0, 255, (6, 40, 48), dtype=np.uint8)
     viewer.add_image(np.zeros((40, 48), np.uint8), name="2-D first")  # 2-D overlays exist before the stack's
-    widget = PredictWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.checkpoint.setText(str(checkpoint))
+    widget = _predict_widget(viewer, qtbot, checkpoint)
     statuses: list[str] = []
 
     def predict(name: str) -> np.ndarray:
@@ -480,7 +484,7 @@ def test_predict_shows_where_the_two_networks_disagree_when_asked(make_napari_vi
     option on, that map is a layer on the image's axes (a stack's frame by frame); off, an earlier one is
     removed, since it would not fit the new prediction."""
     from fedmix_engine.predict import Predictor
-    from napari_fedmix.predict_widget import DISAGREE_LAYER, PRED_LAYER, PredictWidget
+    from napari_fedmix.predict_widget import DISAGREE_LAYER, PRED_LAYER
 
     checkpoint = _tiny_checkpoint(tmp_path)
     reference = Predictor.from_checkpoint(checkpoint, "cpu")
@@ -489,9 +493,7 @@ def test_predict_shows_where_the_two_networks_disagree_when_asked(make_napari_vi
     image = rng.integers(0, 255, (40, 48), dtype=np.uint8)
     loop = rng.integers(0, 255, (3, 40, 48), dtype=np.uint8)
     viewer.add_image(image, name="scan", scale=(0.5, 0.5))
-    widget = PredictWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.checkpoint.setText(str(checkpoint))
+    widget = _predict_widget(viewer, qtbot, checkpoint)
     widget.show_disagreement.setChecked(True)
     statuses: list[str] = []
 
@@ -765,14 +767,12 @@ def test_a_stack_whose_overlays_would_not_fit_in_free_memory_is_refused_before_p
 
     import psutil
 
-    from napari_fedmix.predict_widget import PRED_LAYER, PredictWidget
+    from napari_fedmix.predict_widget import PRED_LAYER
 
     viewer = make_napari_viewer()
     loop = viewer.add_image(np.random.default_rng(0).integers(0, 255, (50, 40, 48), dtype=np.uint8), name="loop")
     checkpoint = _tiny_checkpoint(tmp_path)
-    widget = PredictWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.checkpoint.setText(str(checkpoint))
+    widget = _predict_widget(viewer, qtbot, checkpoint)
     viewer.layers.selection.active = loop
     memory = namedtuple("memory", "available")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(500_000))  # 50×40×48 px × 9 B = 864 kB needed
@@ -796,7 +796,7 @@ def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spac
     from pydicom.data import get_testdata_file
 
     from fedmix_engine.data.imageio import read_image
-    from napari_fedmix.predict_widget import PRED_LAYER, PredictWidget
+    from napari_fedmix.predict_widget import PRED_LAYER
 
     viewer = make_napari_viewer()
     mr = get_testdata_file("MR_small.dcm")  # windowed MR slice, 0.3125 mm pixels
@@ -814,9 +814,7 @@ def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spac
         viewer.open(get_testdata_file("liver_1frame.dcm"), plugin="napari-fedmix")
 
     checkpoint = _tiny_checkpoint(tmp_path)
-    widget = PredictWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.checkpoint.setText(str(checkpoint))
+    widget = _predict_widget(viewer, qtbot, checkpoint)
     viewer.layers.selection.active = layer
     assert widget.predict_active() is not None
     qtbot.waitUntil(lambda: PRED_LAYER in viewer.layers, timeout=60_000)
@@ -912,7 +910,7 @@ def test_a_video_opens_frame_by_frame_its_shown_frame_enters_the_site_and_predic
     from fedmix_engine.data.video_frames import VideoFrames
     from fedmix_engine.predict import Predictor
     from fedmix_engine.steps import run_steps
-    from napari_fedmix.predict_widget import PROB_LAYER, PredictWidget
+    from napari_fedmix.predict_widget import PROB_LAYER
     from video_helpers import write_clip
 
     decoded_frames: list[int] = []
@@ -929,9 +927,7 @@ def test_a_video_opens_frame_by_frame_its_shown_frame_enters_the_site_and_predic
     assert 37 in decoded_frames and len(set(decoded_frames)) <= 6, sorted(set(decoded_frames))
 
     checkpoint = _tiny_checkpoint(tmp_path)
-    predict = PredictWidget(viewer)
-    qtbot.addWidget(predict)
-    predict.checkpoint.setText(str(checkpoint))
+    predict = _predict_widget(viewer, qtbot, checkpoint)
     viewer.layers.selection.active = layer
     assert predict.predict_active() is not None
     qtbot.waitUntil(lambda: PROB_LAYER in viewer.layers and viewer.layers[PROB_LAYER].data.shape == (60, 40, 48),
@@ -1203,6 +1199,7 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     spacing), the mean figure, every image's scores as CSV; bad input and Stop are said in the status."""
     from fedmix_engine.evaluation import score_site, summarise
     from fedmix_engine.predict import Predictor
+    from model_helpers import all_lesion_checkpoint
     from napari_fedmix.evaluate_widget import EvaluateWidget
 
     site = tmp_path / "site"
@@ -1212,12 +1209,7 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
             mask = np.zeros((40, 48), np.uint8)
             mask[5 + k:20, 8:30 - k] = 1
             store.set_mask(f"img{k}", mask)
-    pair = init_pair(ModelConfig(base_width=4), 0)
-    for net in ("net1", "net2"):  # every pixel lesion: HD95 defined on every image
-        pair[f"{net}.outc.conv.weight"].zero_()
-        pair[f"{net}.outc.conv.bias"].fill_(5.0)
-    model = save_checkpoint(tmp_path / "m.safetensors", pair, ModelConfig(base_width=4),
-                            {"image_size": 32, "classes": ["lesion"]})
+    model = all_lesion_checkpoint(tmp_path / "m.safetensors")  # HD95 defined on every image
     viewer = make_napari_viewer()
     widget = EvaluateWidget(viewer)
     qtbot.addWidget(widget)
