@@ -1,10 +1,13 @@
 """Screenshots of every widget for docs/plugin.md, taken from a real napari window.
 
 Usage (no screen needed): xvfb-run -a -s "-screen 0 1920x1440x24" .venv/bin/python docs/make_screenshots.py
+[NAME.png ...]: with names, only those files are written (the others would change for nothing: each
+shot holds a training run's figures).
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +29,13 @@ def _shot(viewer):
     return viewer.screenshot(canvas_only=False, flash=False)
 
 
-def main() -> None:
+def main(only: set[str]) -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
     from fedmix_engine.data.synthetic import make_sample
     from napari_fedmix.annotate_widget import AnnotateWidget
+    from napari_fedmix.evaluate_widget import EvaluateWidget
     from napari_fedmix.predict_widget import BatchPredictWidget, PredictWidget
     from napari_fedmix.train_widget import TrainWidget
 
@@ -44,7 +48,7 @@ def main() -> None:
     shots = {}
 
     annotate = AnnotateWidget(viewer)
-    viewer.window.add_dock_widget(annotate, name="Annotate site", area="right")
+    annotate_dock = viewer.window.add_dock_widget(annotate, name="Annotate site", area="right")
     annotate.open_site(site)
     box_row = next(i for i, rec in enumerate(annotate.store.records()) if rec.supervision == "box")
     annotate.image_list.setCurrentRow(box_row)
@@ -80,21 +84,37 @@ def main() -> None:
     viewer.window.remove_dock_widget(dock)
 
     batch = BatchPredictWidget(viewer)
-    viewer.window.add_dock_widget(batch, name="Batch predict", area="right")
+    batch_dock = viewer.window.add_dock_widget(batch, name="Batch predict", area="right")
     batch.input.setText(str(site / "images"))
     batch.checkpoint.setText(str(checkpoint))
     batch.output.setText(str(work / "batch-out"))
     QApplication.processEvents()
     shots["plugin-batch.png"] = _shot(viewer)
 
+    evaluate = EvaluateWidget(viewer)  # on its own: its table needs the dock's height
+    for other in (annotate_dock, batch_dock):
+        viewer.window.remove_dock_widget(other)
+    dock = viewer.window.add_dock_widget(evaluate, name="Evaluate model", area="right")
+    evaluate.checkpoint.setText(str(checkpoint))
+    evaluate.site.setText(str(work / "fed" / "eval" / "site-a" / "test"))
+    evaluate.run()
+    while evaluate.worker is not None:
+        QApplication.processEvents()
+        time.sleep(0.05)
+    QApplication.processEvents()
+    shots["plugin-evaluate.png"] = _shot(viewer)
+    viewer.window.remove_dock_widget(dock)
+
     import imageio.v3 as iio
 
     OUT.mkdir(parents=True, exist_ok=True)
     for name, image in shots.items():
+        if only and name not in only:
+            continue
         iio.imwrite(OUT / name, image)
         print(f"wrote {OUT / name}")
     viewer.close()
 
 
 if __name__ == "__main__":
-    main()
+    main(set(sys.argv[1:]))

@@ -1225,11 +1225,12 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     [expected] = summarise(score_site(Predictor.from_checkpoint(model, "cpu"), site))
-    cells = [widget.table.item(0, column).text() for column in range(widget.table.columnCount())]
-    assert cells == ["lesion", "4", "4", f"{expected.dice_mean:.3f} ± {expected.dice_std:.3f}",
-                     f"{expected.iou_mean:.3f}", f"{expected.hd95_median:.1f}", f"{expected.hd95_mm_median:.2f}"]
+    assert widget.table.columnCount() == 1 and widget.table.horizontalHeaderItem(0).text() == "lesion"
+    cells = [widget.table.item(row, 0).text() for row in range(widget.table.rowCount())]
+    assert cells == ["4", "4", f"{expected.dice_mean:.3f} ± {expected.dice_std:.3f}", f"{expected.iou_mean:.3f}",
+                     f"{expected.hd95_median:.1f}", f"{expected.hd95_mm_median:.2f}"]
     assert "4 image(s) with full ground truth; mean Dice over images" in widget.status.text()
-    assert "in mm for 2 of 4 images" in widget.status.text() and "m.safetensors (" in widget.status.text()
+    assert "HD95 in mm from 2 of 4 images" in widget.status.text() and "m.safetensors (" in widget.status.text()
     assert (tmp_path / "scores.csv").read_text().count("\n") == 5 and widget.progress.value() == 4
 
     # a site with no full ground truth is named; Stop leaves no half table
@@ -1238,9 +1239,9 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     widget.site.setText(str(tmp_path / "weak"))
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert "no image with full ground truth" in widget.status.text() and widget.table.rowCount() == 0
+    assert "no image with full ground truth" in widget.status.text() and widget.table.columnCount() == 0
     widget.site.setText(str(site))
     assert widget.run() is not None
     widget.stop()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert widget.status.text().startswith("stopped after") and widget.table.rowCount() == 0
+    assert widget.status.text().startswith("stopped after") and widget.table.columnCount() == 0

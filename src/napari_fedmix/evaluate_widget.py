@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtpy.QtWidgets import (
+    QAbstractScrollArea,
     QFormLayout,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
     QWidget,
@@ -30,7 +33,8 @@ from napari_fedmix.workers import make_worker
 if TYPE_CHECKING:
     import napari
 
-COLUMNS = ("class", "images", "with lesion", "Dice mean ± std", "IoU", "HD95 px", "HD95 mm")
+# the table's rows, one column per class: it stays readable in a narrow dock
+METRICS = ("images", "with lesion", "Dice mean ± std", "IoU mean", "HD95 px (median)", "HD95 mm (median)")
 
 
 class EvaluateWidget(QWidget):
@@ -50,10 +54,15 @@ class EvaluateWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.stop_button.clicked.connect(self.stop)
         self.progress = QProgressBar()
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table = QTableWidget(len(METRICS), 0)
+        self.table.setVerticalHeaderLabels(METRICS)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.setSizeAdjustPolicy(QAbstractScrollArea.SizeAdjustPolicy.AdjustToContents)  # no empty rows
+        self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Maximum)
         self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status.setWordWrap(True)  # the result names the model and says how HD95 was measured: 4 lines
+        self.status.setMinimumHeight(4 * self.status.fontMetrics().lineSpacing())
         self.worker = None
         self.done = (0, 0)
         form = QFormLayout(self)
@@ -83,7 +92,7 @@ class EvaluateWidget(QWidget):
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
-        self.table.setRowCount(0)
+        self.table.setColumnCount(0)
         self.done = (0, 0)
         self.status.setText(f"evaluating {Path(self.checkpoint.text()).name} on {site}…")
         self.worker = make_worker(lambda: (yield from iter_score_site(predictor, site)), on_error=self._on_error)
@@ -118,18 +127,19 @@ class EvaluateWidget(QWidget):
         from fedmix_engine.evaluation import mean_image_dice, summarise, write_scores
 
         summary = summarise(rows)
-        self.table.setRowCount(len(summary))
-        for r, c in enumerate(summary):
-            cells = (c.label, str(c.images), str(c.lesion_images), f"{c.dice_mean:.3f} ± {c.dice_std:.3f}",
+        self.table.setColumnCount(len(summary))
+        self.table.setHorizontalHeaderLabels([c.label for c in summary])
+        for column, c in enumerate(summary):
+            cells = (str(c.images), str(c.lesion_images), f"{c.dice_mean:.3f} ± {c.dice_std:.3f}",
                      f"{c.iou_mean:.3f}", _number(c.hd95_median, 1), _number(c.hd95_mm_median, 2))
-            for column, text in enumerate(cells):
-                self.table.setItem(r, column, QTableWidgetItem(text))
+            for row, text in enumerate(cells):
+                self.table.setItem(row, column, QTableWidgetItem(text))
         images = len({row.image for row in rows})
         calibrated = max((c.with_spacing for c in summary), default=0)
+        in_mm = (f"HD95 in mm from {calibrated} of {images} images (those with a pixel spacing)" if calibrated
+                 else "no image has a pixel spacing: HD95 in pixels only")
         notes = [f"{images} image(s) with full ground truth; mean Dice over images {mean_image_dice(rows):.3f} "
-                 "(as simulate and Train report)",
-                 "HD95: medians, undefined where one mask is empty; in mm for "
-                 f"{calibrated} of {images} images (those with a pixel spacing)",
+                 "(as simulate and Train report)", f"{in_mm}; undefined where one mask is empty",
                  f"model: {Path(self.checkpoint.text()).name} ({predictor.describe()})"]
         if scores is not None:
             try:
