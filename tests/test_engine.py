@@ -265,7 +265,7 @@ def test_predict_takes_a_site_folder_and_uses_the_model_it_trained_last(tmp_path
 
 
 def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_figure(sample: Path, tmp_path: Path,
-                                                                                       capsys) -> None:
+                                                                                       capsys, monkeypatch) -> None:
     """How good is the federation's model on my labelled images? Per image and class, Dice, IoU and HD95;
     the mean over images is the figure simulate and the Train widget report."""
     import csv
@@ -289,6 +289,21 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
     with open(tmp_path / "scores.csv", newline="") as handle:
         written = list(csv.DictReader(handle))
     assert [(w["image"], float(w["dice"])) for w in written] == [(r.image, round(r.dice, 4)) for r in rows]
+
+    # a site is scored a few images at a time (its memory does not grow with it), with the same rows
+    import fedmix_engine.evaluation as evaluation
+
+    held: list[int] = []
+    whole = evaluation.EvalSet.from_store
+    monkeypatch.setattr(evaluation, "SCORED_AT_ONCE", 2)
+    monkeypatch.setattr(evaluation.EvalSet, "from_store", classmethod(
+        lambda cls, *args, **kwargs: held.append(len(args[4])) or whole(*args, **kwargs)))
+    steps.clear()
+    parted = score_site(predictor, test, progress=lambda done, total: steps.append((done, total)))
+    assert repr(parted) == repr(rows)  # nan (HD95 in mm without a spacing) is never == itself
+    assert held and max(held) == 2 and sum(held) == len(rows)
+    assert steps == [(k, len(rows)) for k in range(1, len(rows) + 1)]
+    monkeypatch.undo()
 
     # HD95 is undefined where exactly one mask is empty: left out of the median and counted
     made = [ImageScore("a", "lesion", True, 0.5, 0.4, 3.0), ImageScore("b", "lesion", True, 0.0, 0.0, float("nan")),

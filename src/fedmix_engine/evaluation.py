@@ -23,7 +23,7 @@ from fedmix_engine.data.tensors import label_to_channels, resize_image
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.metrics import dice, hd95, per_class_metrics
 from fedmix_engine.predict import Predictor
-from fedmix_engine.steps import run_steps
+from fedmix_engine.steps import run_steps, shifted
 
 
 @dataclass
@@ -37,29 +37,43 @@ class EvalSet:
     spacings: list[tuple[float, float] | None] | None = None  # per image, (row, column) mm when imported with one
 
     @classmethod
-    def from_store(cls, path: str | Path, image_size: int, num_classes: int, channels: int) -> EvalSet:
-        """The store's fully labelled images, for a model of ``num_classes`` classes and ``channels`` inputs."""
+    def from_store(cls, path: str | Path, image_size: int, num_classes: int, channels: int,
+                   ids: Sequence[str] | None = None) -> EvalSet:
+        """The store's fully labelled images (or those of ``ids``, in that order), for a model of
+        ``num_classes`` classes and ``channels`` inputs."""
         with SiteStore.open(path, readonly=True) as store:
-            if len(store.config.classes) != num_classes:  # label_to_channels would drop or invent classes
-                raise InputError(path, f"labelled for {len(store.config.classes)} class(es) "
-                                       f"({', '.join(store.config.classes)}); the model predicts {num_classes}")
-            if store.config.channels != channels:  # found now, not by the network after a round of training
-                raise InputError(path, f"holds {store.config.channels}-channel images; the model takes {channels}")
-            ids, images, truths, spacings = [], [], [], []
-            for rec in store.records():
-                mask = store.read_mask(rec.id)
-                tags = store.tags(rec.id)
-                if mask is None and not (tags and not any(tags.values())):
-                    continue  # no full ground truth (neither a mask nor "all absent")
-                if mask is None:
+            _check_fits(store, path, num_classes, channels)
+            records = {rec.id: rec for rec in store.records()}
+            images, truths, spacings = [], [], []
+            ids = full_truth_ids(store) if ids is None else list(ids)
+            for image_id in ids:
+                rec = records[image_id]
+                mask = store.read_mask(image_id)
+                if mask is None:  # every class tagged absent: its truth is empty
                     mask = np.zeros((rec.height, rec.width), np.uint8)
-                ids.append(rec.id)
-                images.append(resize_image(store.load_image(rec.id), image_size))
+                images.append(resize_image(store.load_image(image_id), image_size))
                 truths.append(label_to_channels(mask, num_classes))
-                spacings.append(store.spacing(rec.id))
+                spacings.append(store.spacing(image_id))
         if not ids:
-            raise InputError(path, "no image with full ground truth (a mask, or every class tagged absent)")
+            raise InputError(path, NO_FULL_TRUTH)
         return cls(Path(path).parent.name, ids, torch.stack(images), truths, spacings)
+
+
+NO_FULL_TRUTH = "no image with full ground truth (a mask, or every class tagged absent)"
+SCORED_AT_ONCE = 32  # images a site's scoring holds at once: its memory does not grow with the site
+
+
+def full_truth_ids(store: SiteStore) -> list[str]:
+    """The images whose ground truth is full: a mask, or every class tagged absent."""
+    return [rec.id for rec in store.records() if rec.has_mask or (rec.tags and not any(rec.tags.values()))]
+
+
+def _check_fits(store: SiteStore, path: str | Path, num_classes: int, channels: int) -> None:
+    if len(store.config.classes) != num_classes:  # label_to_channels would drop or invent classes
+        raise InputError(path, f"labelled for {len(store.config.classes)} class(es) "
+                               f"({', '.join(store.config.classes)}); the model predicts {num_classes}")
+    if store.config.channels != channels:  # found now, not by the network after a round of training
+        raise InputError(path, f"holds {store.config.channels}-channel images; the model takes {channels}")
 
 
 def _predicted_masks(predictor: Predictor, data: EvalSet) -> Iterator[tuple[int, str, np.ndarray, np.ndarray]]:
@@ -126,16 +140,25 @@ def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str =
 
 
 def iter_score_site(predictor: Predictor, site: str | Path) -> Generator[tuple[int, int], None, list[ImageScore]]:
-    """:func:`iter_score_images` on a site folder's fully labelled images; a site whose classes are named
-    in another order than the model's is refused (its label k would be scored as the model's class k)."""
+    """:func:`iter_score_images` on a site folder's fully labelled images, ``SCORED_AT_ONCE`` at a time
+    (a site of any size); a site whose classes are named in another order than the model's is refused
+    (its label k would be scored as the model's class k)."""
+    config = predictor.model_config
     with SiteStore.open(site, readonly=True) as store:
         classes = tuple(store.config.classes)
+        _check_fits(store, site, config.num_classes, config.in_channels)
+        ids = full_truth_ids(store)
     if predictor.classes and tuple(predictor.classes) != classes:
         raise InputError(site, f"labels {', '.join(classes)}; the model was trained on "
                                f"{', '.join(predictor.classes)}, in this label order")
-    config = predictor.model_config
-    data = EvalSet.from_store(site, predictor.image_size, config.num_classes, config.in_channels)
-    return (yield from iter_score_images(predictor, data, classes))
+    if not ids:
+        raise InputError(site, NO_FULL_TRUTH)
+    rows: list[ImageScore] = []
+    for start in range(0, len(ids), SCORED_AT_ONCE):
+        part = EvalSet.from_store(site, predictor.image_size, config.num_classes, config.in_channels,
+                                  ids[start:start + SCORED_AT_ONCE])
+        rows.extend((yield from shifted(iter_score_images(predictor, part, classes), start, len(ids))))
+    return rows
 
 
 def score_site(predictor: Predictor, site: str | Path,

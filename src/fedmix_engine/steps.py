@@ -32,3 +32,15 @@ def labelled(steps: Generator[tuple[int, int], None, Result], label: str
         except StopIteration as finished:
             return finished.value
         yield label, done, total
+
+
+def shifted(steps: Generator[tuple[int, int], None, Result], start: int, total: int
+            ) -> Generator[tuple[int, int], None, Result]:
+    """A part's (done, part) progress as the whole's (``start`` + done, ``total``): work done in parts
+    (a site scored a few images at a time) shows one bar; returns what ``steps`` return."""
+    while True:
+        try:
+            done, _ = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        yield start + done, total
