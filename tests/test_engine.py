@@ -917,3 +917,20 @@ def test_gpu_out_of_memory_halves_the_forward_batch_and_names_what_to_change_in_
     with pytest.raises(InputError, match=r"^cpu: out of memory training at batch 4 with 32² crops \(U-Net width 4, "
                                          r"fp32\); lower the batch or crop size \(--batch-size, --crop-size"):
         local_update(init_pair(TINY, 0), data, TINY, TINY_TRAIN, CPU)
+
+
+def test_an_image_counts_as_fully_labelled_only_when_every_class_is_tagged_absent(tmp_path: Path) -> None:
+    """A two-class site's image tagged 'no lesion' but with the cyst unknown was scored as if it had no
+    cyst either: its unknown truth became an empty mask. Only every class tagged absent is full truth
+    (as make-federation and the trainer have it)."""
+    from fedmix_engine.evaluation import EvalSet
+
+    site = tmp_path / "site"
+    with SiteStore.create(site, ["lesion", "cyst"]) as store:
+        for image_id in ("both-absent", "cyst-unknown", "cyst-present"):
+            store.add_image(np.full((32, 32), 50, np.uint8), image_id)
+            store.set_tag(image_id, "lesion", False)
+        store.set_tag("both-absent", "cyst", False)
+        store.set_tag("cyst-present", "cyst", True)
+    data = EvalSet.from_store(site, 32, 2, 1)
+    assert data.ids == ["both-absent"] and not data.truths[0].any()

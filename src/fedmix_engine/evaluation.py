@@ -64,8 +64,11 @@ SCORED_AT_ONCE = 32  # images a site's scoring holds at once: its memory does no
 
 
 def full_truth_ids(store: SiteStore) -> list[str]:
-    """The images whose ground truth is full: a mask, or every class tagged absent."""
-    return [rec.id for rec in store.records() if rec.has_mask or (rec.tags and not any(rec.tags.values()))]
+    """The images whose ground truth is full: a mask, or every class tagged absent (one class tagged
+    absent and another unknown is not: the unknown class's truth would be scored as empty)."""
+    classes = set(store.config.classes)
+    return [rec.id for rec in store.records()
+            if rec.has_mask or (set(rec.tags) == classes and not any(rec.tags.values()))]
 
 
 def _check_fits(store: SiteStore, path: str | Path, num_classes: int, channels: int) -> None:
