@@ -294,10 +294,10 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
     import fedmix_engine.evaluation as evaluation
 
     held: list[int] = []
-    whole = evaluation.EvalSet.from_store
+    whole = evaluation.EvalSet.from_records
     monkeypatch.setattr(evaluation, "SCORED_AT_ONCE", 2)
-    monkeypatch.setattr(evaluation.EvalSet, "from_store", classmethod(
-        lambda cls, *args, **kwargs: held.append(len(args[4])) or whole(*args, **kwargs)))
+    monkeypatch.setattr(evaluation.EvalSet, "from_records", classmethod(
+        lambda cls, store, records, size: held.append(len(records)) or whole(store, records, size)))
     steps.clear()
     parted = score_site(predictor, test, progress=lambda done, total: steps.append((done, total)))
     assert repr(parted) == repr(rows)  # nan (HD95 in mm without a spacing) is never == itself

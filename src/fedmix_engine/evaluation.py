@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.site_store import ImageRecord, SiteStore
 from fedmix_engine.data.tensors import label_to_channels, resize_image
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.metrics import dice, hd95, per_class_metrics
@@ -37,38 +37,38 @@ class EvalSet:
     spacings: list[tuple[float, float] | None] | None = None  # per image, (row, column) mm when imported with one
 
     @classmethod
-    def from_store(cls, path: str | Path, image_size: int, num_classes: int, channels: int,
-                   ids: Sequence[str] | None = None) -> EvalSet:
-        """The store's fully labelled images (or those of ``ids``, in that order), for a model of
-        ``num_classes`` classes and ``channels`` inputs."""
+    def from_store(cls, path: str | Path, image_size: int, num_classes: int, channels: int) -> EvalSet:
+        """The store's fully labelled images, for a model of ``num_classes`` classes and ``channels`` inputs."""
         with SiteStore.open(path, readonly=True) as store:
             _check_fits(store, path, num_classes, channels)
-            records = {rec.id: rec for rec in store.records()}
-            images, truths, spacings = [], [], []
-            ids = full_truth_ids(store) if ids is None else list(ids)
-            for image_id in ids:
-                rec = records[image_id]
-                mask = store.read_mask(image_id)
-                if mask is None:  # every class tagged absent: its truth is empty
-                    mask = np.zeros((rec.height, rec.width), np.uint8)
-                images.append(resize_image(store.load_image(image_id), image_size))
-                truths.append(label_to_channels(mask, num_classes))
-                spacings.append(store.spacing(image_id))
-        if not ids:
-            raise InputError(path, NO_FULL_TRUTH)
-        return cls(Path(path).parent.name, ids, torch.stack(images), truths, spacings)
+            records = full_truth_records(store)
+            if not records:
+                raise InputError(path, NO_FULL_TRUTH)
+            return cls.from_records(store, records, image_size)
+
+    @classmethod
+    def from_records(cls, store: SiteStore, records: Sequence[ImageRecord], image_size: int) -> EvalSet:
+        """These fully labelled images of an open store (a part of a site scored a few at a time)."""
+        images, truths, spacings = [], [], []
+        for rec in records:
+            mask = store.read_mask(rec.id)
+            if mask is None:  # every class tagged absent: its truth is empty
+                mask = np.zeros((rec.height, rec.width), np.uint8)
+            images.append(resize_image(store.load_image(rec.id), image_size))
+            truths.append(label_to_channels(mask, len(store.config.classes)))
+            spacings.append(store.spacing(rec.id))
+        return cls(store.root.parent.name, [rec.id for rec in records], torch.stack(images), truths, spacings)
 
 
 NO_FULL_TRUTH = "no image with full ground truth (a mask, or every class tagged absent)"
 SCORED_AT_ONCE = 32  # images a site's scoring holds at once: its memory does not grow with the site
 
 
-def full_truth_ids(store: SiteStore) -> list[str]:
+def full_truth_records(store: SiteStore) -> list[ImageRecord]:
     """The images whose ground truth is full: a mask, or every class tagged absent (one class tagged
     absent and another unknown is not: the unknown class's truth would be scored as empty)."""
     classes = set(store.config.classes)
-    return [rec.id for rec in store.records()
-            if rec.has_mask or (set(rec.tags) == classes and not any(rec.tags.values()))]
+    return [rec for rec in store.records() if rec.has_mask or (set(rec.tags) == classes and not any(rec.tags.values()))]
 
 
 def _check_fits(store: SiteStore, path: str | Path, num_classes: int, channels: int) -> None:
@@ -150,17 +150,16 @@ def iter_score_site(predictor: Predictor, site: str | Path) -> Generator[tuple[i
     with SiteStore.open(site, readonly=True) as store:
         classes = tuple(store.config.classes)
         _check_fits(store, site, config.num_classes, config.in_channels)
-        ids = full_truth_ids(store)
-    if predictor.classes and tuple(predictor.classes) != classes:
-        raise InputError(site, f"labels {', '.join(classes)}; the model was trained on "
-                               f"{', '.join(predictor.classes)}, in this label order")
-    if not ids:
-        raise InputError(site, NO_FULL_TRUTH)
-    rows: list[ImageScore] = []
-    for start in range(0, len(ids), SCORED_AT_ONCE):
-        part = EvalSet.from_store(site, predictor.image_size, config.num_classes, config.in_channels,
-                                  ids[start:start + SCORED_AT_ONCE])
-        rows.extend((yield from shifted(iter_score_images(predictor, part, classes), start, len(ids))))
+        if predictor.classes and tuple(predictor.classes) != classes:
+            raise InputError(site, f"labels {', '.join(classes)}; the model was trained on "
+                                   f"{', '.join(predictor.classes)}, in this label order")
+        records = full_truth_records(store)
+        if not records:
+            raise InputError(site, NO_FULL_TRUTH)
+        rows: list[ImageScore] = []
+        for start in range(0, len(records), SCORED_AT_ONCE):
+            part = EvalSet.from_records(store, records[start:start + SCORED_AT_ONCE], predictor.image_size)
+            rows.extend((yield from shifted(iter_score_images(predictor, part, classes), start, len(records))))
     return rows
 
 
