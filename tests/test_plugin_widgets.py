@@ -1193,7 +1193,7 @@ def test_tagging_takes_one_key_per_image(make_napari_viewer, qtbot, tmp_path, im
 
 
 def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_does(make_napari_viewer, qtbot,
-                                                                                    tmp_path):
+                                                                                    tmp_path, monkeypatch):
     """A clinician handed the federation's model asks how good it is on their own labelled images: the
     answer was only on the command line. Per class Dice, IoU and HD95 (mm where the images have a pixel
     spacing), the mean figure, every image's scores as CSV; bad input and Stop are said in the status."""
@@ -1210,12 +1210,16 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
             mask[5 + k:20, 8:30 - k] = 1
             store.set_mask(f"img{k}", mask)
     model = all_lesion_checkpoint(tmp_path / "m.safetensors")  # HD95 defined on every image
+    import napari_fedmix.settings
+
+    monkeypatch.setattr(napari_fedmix.settings, "plugin_defaults",
+                        lambda: {"device": "cpu", "default_site_folder": str(site)})
     viewer = make_napari_viewer()
     widget = EvaluateWidget(viewer)
     qtbot.addWidget(widget)
     widget.checkpoint.setText(str(model))
 
-    widget.site.setText("")
+    assert widget.site.text() == ""  # never the default (training) site: its scores would flatter the model
     assert widget.run() is None and "labelled site: choose a site folder" in widget.status.text()
     widget.site.setText(str(site))
     widget.scores_file.setText(str(tmp_path))

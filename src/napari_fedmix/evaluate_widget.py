@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
 from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device
 from napari_fedmix.latest_model import latest_model
-from napari_fedmix.settings import plugin_defaults
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -46,7 +45,7 @@ class EvaluateWidget(QWidget):
         self.checkpoint, self.site, self.scores_file = QLineEdit(), QLineEdit(), QLineEdit()
         self.checkpoint.setPlaceholderText("SITE/models/global.safetensors")
         latest_model().follow(self.checkpoint)
-        self.site.setText(plugin_defaults()["default_site_folder"])
+        # no default: the default site is the one trained on, and its scores would flatter the model
         self.site.setPlaceholderText("a site folder with masks the model was not trained on")
         self.scores_file.setPlaceholderText("optional: every image's scores, e.g. scores.csv")
         self.run_button, self.stop_button = QPushButton("Evaluate"), QPushButton("Stop")
