@@ -1227,6 +1227,7 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
 
     widget.scores_file.setText(str(tmp_path / "scores.csv"))
     assert widget.run() is not None
+    widget.checkpoint.setText(str(tmp_path / "chosen-meanwhile.safetensors"))  # the result names what was run
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     [expected] = summarise(score_site(Predictor.from_checkpoint(model, "cpu"), site))
     assert widget.table.columnCount() == 1 and widget.table.horizontalHeaderItem(0).text() == "lesion"
@@ -1236,6 +1237,7 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     assert "4 image(s) with full ground truth; mean Dice over images" in widget.status.text()
     assert "HD95 in mm from 2 of 4 images" in widget.status.text() and "m.safetensors (" in widget.status.text()
     assert (tmp_path / "scores.csv").read_text().count("\n") == 5 and widget.progress.value() == 4
+    widget.checkpoint.setText(str(model))
 
     # a site with no full ground truth is named; Stop leaves no half table
     with SiteStore.create(tmp_path / "weak", ["lesion"]) as store:

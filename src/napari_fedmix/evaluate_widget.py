@@ -87,16 +87,18 @@ class EvaluateWidget(QWidget):
             if not (site := self.site.text().strip()):
                 raise InputError("labelled site", "choose a site folder whose images have masks")
             scores = check_writable_file(self.scores_file.text().strip()) if self.scores_file.text().strip() else None
-            predictor = Predictor.from_checkpoint(chosen_checkpoint(self.checkpoint), preferred_device())
+            model = chosen_checkpoint(self.checkpoint)
+            predictor = Predictor.from_checkpoint(model, preferred_device())
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
         self.table.setColumnCount(0)
         self.done = (0, 0)
-        self.status.setText(f"evaluating {Path(self.checkpoint.text()).name} on {site}…")
+        self.status.setText(f"evaluating {Path(model).name} on {site}…")
         self.worker = make_worker(lambda: (yield from iter_score_site(predictor, site)), on_error=self._on_error)
         self.worker.yielded.connect(self._on_image)
-        self.worker.returned.connect(lambda rows: self._show(rows, predictor, scores))
+        self.worker.returned.connect(lambda rows: self._show(rows, f"{Path(model).name} ({predictor.describe()})",
+                                                             scores))
         self.worker.aborted.connect(lambda: self.status.setText(
             f"stopped after {self.done[0]} of {self.done[1]} images: no scores (they would not be the site's)"))
         self.worker.finished.connect(self._finished)
@@ -122,7 +124,8 @@ class EvaluateWidget(QWidget):
         self.run_button.setEnabled(True)
         self.stop_button.setEnabled(False)
 
-    def _show(self, rows: list, predictor, scores: Path | None) -> None:
+    def _show(self, rows: list, model: str, scores: Path | None) -> None:
+        """The table and status; ``model`` names the checkpoint evaluated (the field may have changed since)."""
         from fedmix_engine.evaluation import mean_image_dice, summarise, write_scores
 
         summary = summarise(rows)
@@ -139,7 +142,7 @@ class EvaluateWidget(QWidget):
                  else "no image has a pixel spacing: HD95 in pixels only")
         notes = [f"{images} image(s) with full ground truth; mean Dice over images {mean_image_dice(rows):.3f} "
                  "(as simulate and Train report)", f"{in_mm}; undefined where one mask is empty",
-                 f"model: {Path(self.checkpoint.text()).name} ({predictor.describe()})"]
+                 f"model: {model}"]
         if scores is not None:
             try:
                 write_scores(scores, rows)
