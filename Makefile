@@ -17,7 +17,7 @@ FLWR        ?= flwr==1.41.0
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
 FPIP        := $(FLOWER_VENV)/bin/python -m pip --disable-pip-version-check -q
 
-.PHONY: venv flower-venv demo test test-flower lint bench-speed bench-quality bench-alignment clean
+.PHONY: venv flower-venv demo test test-flower lint bench-speed bench-quality bench-alignment bench-video clean
 
 venv: $(STAMP)
 
@@ -64,6 +64,9 @@ bench-quality: venv
 
 bench-alignment: venv
 	$(BIN)/python benchmarks/alignment.py
+
+bench-video: venv
+	$(BIN)/python benchmarks/video_frames.py
 
 clean:
 	rm -rf $(VENV) $(FLOWER_VENV) runs build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -74,5 +74,10 @@ def disagreement() -> Iterator[ModuleType]:
 
 
 @pytest.fixture(scope="module")
+def video_frames() -> Iterator[ModuleType]:
+    yield from _benchmark("video_frames")
+
+
+@pytest.fixture(scope="module")
 def speed() -> Iterator[ModuleType]:
     yield from _benchmark("speed")
