@@ -269,6 +269,28 @@ def test_annotate_import_folder_with_masks_in_a_folder_of_their_own(make_napari_
         assert int(store.read_mask("scan-1").sum()) == 10 * 14
 
 
+def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_napari_viewer, qtbot, tmp_path,
+                                                                          images, monkeypatch):
+    """The warning showed 10 problems and "… and N more", and the others were lost; it now names the log
+    in the site's logs/ folder that keeps them all."""
+    import napari.utils.notifications
+
+    warnings: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", warnings.append)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(14):  # masks of images this folder does not hold
+        tifffile.imwrite(masks / f"other-{i:02d}_mask.tif", np.zeros((40, 48), np.uint8))
+    _viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", [])
+    problems = _imported(qtbot, widget, widget.import_folder(images[0].parent, masks))
+    assert len(problems) == 14
+    log = widget.last_import.problems_file
+    assert log.parent == tmp_path / "site" / "logs" and log.read_text().splitlines() == problems
+    assert len(warnings) == 1
+    shown = warnings[0].splitlines()
+    assert shown[:10] == problems[:10] and shown[10:] == [f"… and 4 more; all 14 are listed in {log}"]
+
+
 def test_annotate_import_runs_beside_the_event_loop_and_a_cancelled_one_keeps_whole_images(
         make_napari_viewer, qtbot, tmp_path, monkeypatch):
     import threading

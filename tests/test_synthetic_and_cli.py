@@ -362,6 +362,38 @@ def test_site_import_reads_excel_tables_and_refuses_an_unreadable_one_before_imp
         assert store.image_ids() == [], "the images wait until their tables can be read"
 
 
+def test_site_import_prints_the_first_problems_and_logs_them_all(tmp_path: Path, capsys, rng) -> None:
+    """A tag table of another study refused row by row printed every row, burying the counts; now the first 20
+    are printed and every one is kept in the site's logs/ folder, so the rows can still be fixed."""
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    (clinic / "tags.csv").write_text("image,class,present\n" + "".join(f"other-{i:03d},lesion,present\n"
+                                                                      for i in range(45)))
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images"),
+                 "--tags", str(clinic / "tags.csv")]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "45 problem(s):" in out
+    listed = [line for line in out if "is not in the site" in line]
+    assert len(listed) == 20 and "tags.csv:2: image 'other-000'" in listed[0]
+    logs = sorted((site / "logs").iterdir())
+    assert len(logs) == 1 and logs[0].name.startswith("import-") and logs[0].name.endswith("-problems.txt")
+    assert out[-1] == f"  … and 25 more; all 45 are listed in {logs[0]}"
+    kept = logs[0].read_text().splitlines()
+    assert len(kept) == 45 and kept[44].endswith("tags.csv:46: image 'other-044' is not in the site")
+    with SiteStore.open(site, readonly=True) as store:
+        assert len(store.image_ids()) == 20 and store.problems() == [], "the log is not a stray file of the site"
+
+    # a second import in the same second keeps its own log; a short list is printed whole and names its log
+    (clinic / "tags.csv").write_text("image,class,present\nother-1,lesion,present\n")
+    assert main(["site", "import", str(site), "--images", str(clinic / "images"),
+                 "--tags", str(clinic / "tags.csv")]) == 1
+    out = capsys.readouterr().out.splitlines()
+    logs = sorted((site / "logs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert len(logs) == 2 and out[-1] == f"  (also listed in {logs[1]})"
+    assert logs[1].read_text() == f"{clinic / 'tags.csv'}:2: image 'other-1' is not in the site\n"
+
+
 def test_site_import_takes_a_spreadsheets_capitalised_class_and_decimal_comma(tmp_path: Path, capsys, rng) -> None:
     """A clinic's spreadsheet says 'Lesion' and, where the comma is the decimal mark, '10,5'; both were refused
     row by row. A capitalisation that fits two classes is still refused, naming the classes."""

@@ -401,7 +401,7 @@ class AnnotateWidget(QWidget):
 
     def _on_imported(self, report) -> None:
         self.last_import = report
-        _notify(report.problems)
+        _notify(report.problem_lines(shown=10))
 
     def _on_import_finished(self) -> None:
         self.import_worker = None
@@ -443,7 +443,8 @@ def _row(*widgets: QWidget) -> QHBoxLayout:
 
 
 def _notify(problems: list[str]) -> None:
+    """One warning with every line given (an import passes its first problems and where the rest are)."""
     if problems:
         from napari.utils.notifications import show_warning
 
-        show_warning("\n".join(problems[:10]) + (f"\n… and {len(problems) - 10} more" if len(problems) > 10 else ""))
+        show_warning("\n".join(problems))

@@ -22,9 +22,11 @@ dropped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.data.imageio import image_files, no_images_reason, read_mask_file, validate_mask
 from fedmix_engine.data.site_store import Box, SiteStore, image_id_from_path
 from fedmix_engine.data.video import NOT_IMPORTED, is_video_path
@@ -47,6 +50,10 @@ TAG_COLUMNS = ("image", "class", "present")
 MASK_NAME = re.compile(r"^(?P<image>.+?)[_-](?:mask|labels?|seg|segmentation|gt)(?:_\d+)?$", re.IGNORECASE)
 
 
+SHOWN_PROBLEMS = 20  # problems an import prints; the rest are in its log
+PROBLEM_LOGS = "logs"  # the site's sub-folder for import problem logs
+
+
 @dataclass
 class ImportReport:
     """What an import did; ``problems`` lists each refused item with its file (and line)."""
@@ -59,8 +66,9 @@ class ImportReport:
     empty_masks: int = 0  # all-background mask files, stored as every class tagged absent
     with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
     problems: list[str] = field(default_factory=list)
+    problems_file: Path | None = None  # every problem, one per line, in the site's logs/ folder
 
-    def lines(self) -> list[str]:
+    def lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         out = [f"images added: {self.images_added} (already present: {self.images_already_present})",
                f"masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}"]
         if self.images_added:
@@ -70,8 +78,38 @@ class ImportReport:
             out.append(f"empty masks: {self.empty_masks} (no lesion: stored as every class tagged absent)")
         if self.problems:
             out.append(f"{len(self.problems)} problem(s):")
-            out.extend(f"  {p}" for p in self.problems)
+            out.extend(f"  {p}" for p in self.problem_lines(shown))
         return out
+
+    def problem_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
+        """The first ``shown`` problems and where the rest are: a thousand refused rows must not bury the
+        counts. Every problem is listed when no log holds them."""
+        if self.problems_file is None:
+            return list(self.problems)
+        hidden = len(self.problems) - shown
+        where = (f"… and {hidden} more; all {len(self.problems)} are listed in {self.problems_file}" if hidden > 0
+                 else f"(also listed in {self.problems_file})")
+        return [*self.problems[:shown], where]
+
+
+def write_problem_log(store: SiteStore, report: ImportReport, clock: Callable[[], float] = time.time) -> None:
+    """Keep every problem of an import in ``SITE/logs/import-<UTC time>-problems.txt``.
+
+    The terminal and napari show only the first few; the clinician fixing a folder needs them all. A log that
+    cannot be written (a full disk) leaves ``problems_file`` unset, and the report then lists every problem.
+    """
+    if not report.problems:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock()))
+    path = store.root / PROBLEM_LOGS / f"import-{stamp}-problems.txt"
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(exist_ok=True)
+        n = 1
+        while path.exists():  # two imports within a second keep both logs
+            n += 1
+            path = path.with_name(f"import-{stamp}-{n}-problems.txt")
+        atomic_write_bytes(path, "".join(f"{p}\n" for p in report.problems).encode())
+        report.problems_file = path
 
 
 TableRows = list[tuple[int, dict[str, str]]]
@@ -237,6 +275,7 @@ def import_files_steps(store: SiteStore, paths: list[str | Path], author: str | 
     """Import the given image files (no masks or tables), as steps a GUI worker can show and stop."""
     report = ImportReport()
     yield from _add_images(store, [Path(p) for p in paths], report, author)
+    write_problem_log(store, report)
     return report
 
 
@@ -318,4 +357,5 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
                 report.tags += 1
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
+    write_problem_log(store, report)
     return report
