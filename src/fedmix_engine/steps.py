@@ -9,6 +9,7 @@ from typing import TypeVar
 
 Progress = TypeVar("Progress")
 Result = TypeVar("Result")
+Shown = TypeVar("Shown")
 
 
 def run_steps(steps: Generator[Progress, None, Result], progress: Callable[[Progress], None] | None = None) -> Result:
@@ -22,25 +23,26 @@ def run_steps(steps: Generator[Progress, None, Result], progress: Callable[[Prog
             progress(update)
 
 
+def mapped(steps: Generator[Progress, None, Result], change: Callable[[Progress], Shown]
+           ) -> Generator[Shown, None, Result]:
+    """``steps`` with each progress passed through ``change``; returns what ``steps`` return."""
+    while True:
+        try:
+            update = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        yield change(update)
+
+
 def labelled(steps: Generator[tuple[int, int], None, Result], label: str
              ) -> Generator[tuple[str, int, int], None, Result]:
     """``steps``' (done, total) progress as (``label``, done, total), so that one worker running two kinds of
     steps in turn can say which is under way; returns what ``steps`` return."""
-    while True:
-        try:
-            done, total = next(steps)
-        except StopIteration as finished:
-            return finished.value
-        yield label, done, total
+    return mapped(steps, lambda step: (label, *step))
 
 
 def shifted(steps: Generator[tuple[int, int], None, Result], start: int, total: int
             ) -> Generator[tuple[int, int], None, Result]:
     """A part's (done, part) progress as the whole's (``start`` + done, ``total``): work done in parts
     (a site scored a few images at a time) shows one bar; returns what ``steps`` return."""
-    while True:
-        try:
-            done, _ = next(steps)
-        except StopIteration as finished:
-            return finished.value
-        yield start + done, total
+    return mapped(steps, lambda step: (start + step[0], total))
