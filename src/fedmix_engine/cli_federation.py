@@ -129,10 +129,11 @@ def cmd_join(args: argparse.Namespace) -> int:
     if args.token_file:
         token = _read_token_file(Path(args.token_file))
     client = FederationClient(args.server, token, args.site, device=args.device, ca_cert=args.ca_cert,
-                              poll_seconds=args.poll)
+                              poll_seconds=args.poll, held_out=args.eval)
     try:
         for event in client.iter_join():
-            if event.kind != "training" or (event.progress and event.progress.step == event.progress.total):
+            if event.kind not in ("training", "evaluating") or (event.progress and
+                                                                 event.progress.step == event.progress.total):
                 print(event.message, flush=True)
     except FederationError as exc:
         print(f"error: {exc}")
@@ -240,6 +241,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--ca-cert", help="CA or self-signed certificate to trust for HTTPS")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between status checks while waiting")
+    p.add_argument("--eval", type=Path, metavar="DIR",
+                   help="a fully labelled site folder this site does not train on: every global model is scored "
+                        "there and the scores (image count, mean Dice and IoU per class) are sent to the server")
     p.set_defaults(func=cmd_join)
 
     p = sub.add_parser("demo", help="a real local federation: server + 3 site processes on 127.0.0.1")

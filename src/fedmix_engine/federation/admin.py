@@ -1,4 +1,5 @@
-"""The admin's HTML page: round history with site weights, n_k, ℓ_k as small inline SVG plots."""
+"""The admin's HTML page: round history with site weights, n_k, ℓ_k and the held-out Dice the sites
+report, as small inline SVG plots."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
+POOLED = "all sites"  # the held-out chart's line for the sites pooled
 TEXT = "#888"  # readable on napari's dark theme and on the admin page's white
 LEGEND_CHAR_PX = 6  # a generous average glyph width at font-size 10, so a legend name is not cut off
 
@@ -69,6 +71,15 @@ def render_admin_page(status: dict[str, Any]) -> str:
                           for s, i in sorted(meta["sites"].items()))
         rows.append(f"<tr><td>{r}</td><td>{len(meta['sites'])}</td><td>{cells}</td>"
                     f"<td>{escape(meta['reason'])}</td></tr>")
+    held_out: dict[str, list[tuple[int, float]]] = {}
+    for evaluation in status.get("evaluations", []):
+        for site, report in evaluation["sites"].items():
+            held_out.setdefault(site, []).append((evaluation["round"], report["dice"]))
+        held_out.setdefault(POOLED, []).append((evaluation["round"], evaluation["dice"]))
+    newest = status.get("evaluations", [])[-1:]
+    scored = "".join(f"<p>Held-out Dice of round {e['round']}'s global model: <b>{e['dice']:.3f}</b> over "
+                     f"{e['images']} images at {len(e['sites'])} site(s) "
+                     f"({escape(', '.join(f'{c} {d:.3f}' for c, d in e['classes'].items()))}).</p>" for e in newest)
     changed = "".join(f"<li>from round {c['from_round']} ({escape(c['at'])}): {escape('; '.join(c['changes']))}</li>"
                       for c in status.get("settings_changes", []))
     changed = f"<p>Settings changed on restarts:</p><ul>{changed}</ul>" if changed else ""
@@ -83,8 +94,9 @@ td,th{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}}</style>
 <p><b>{escape(state)}</b> — {status['last_round']} of {status['rounds']} rounds done; method {escape(status['method'])}
 (λ = {status['lam']}, β = {status['beta']}); {status['sites_expected']} sites expected, quorum {status['min_sites']}.
 Uploaded this round: {escape(waiting)}.</p>
-{changed}
-<div>{svg_lines(weights, "site weight w_k per round")} {svg_lines(losses, "training loss ℓ_k per round")}
+{changed}{scored}
+<div>{svg_lines(held_out, "held-out Dice of each round's global model") if held_out else ""}
+{svg_lines(weights, "site weight w_k per round")} {svg_lines(losses, "training loss ℓ_k per round")}
 {svg_lines(counts, "samples used n_k per round")}</div>
 <table><tr><th>round</th><th>sites</th><th>n, ℓ, weight per site</th><th>closed because</th></tr>
 {''.join(reversed(rows))}</table>

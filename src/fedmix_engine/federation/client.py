@@ -1,10 +1,11 @@
 """``fedmix-engine join``: a site's side of the federation, and the Python API the napari widget uses.
 
-Loop: ask the server which round is open → download the global pair → run the engine's
-``local_update`` on the site's own data → upload weights + report → repeat until the server says
-the federation has finished. Network errors and server restarts are retried with exponential
-backoff; uploads are idempotent, so a retry never counts twice. The site's Adam state and the
-last global model are kept in ``SITE/models/`` so a restarted client resumes.
+Loop: ask the server which round is open → download the global pair → (with a held-out folder:
+score it there and send the scores) → run the engine's ``local_update`` on the site's own data →
+upload weights + report → repeat until the server says the federation has finished. Network errors
+and server restarts are retried with exponential backoff; uploads are idempotent, so a retry never
+counts twice. The site's Adam state and the last global model are kept in ``SITE/models/`` so a
+restarted client resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
+from fedmix_engine.federation.federated_evaluation import EvaluationReport
 from fedmix_engine.federation.wire import API_VERSION, UpdateReport, encode_update
 from fedmix_engine.fedmix.local_update import (
     LocalResult,
@@ -37,6 +39,7 @@ from fedmix_engine.fedmix.local_update import (
 from fedmix_engine.fedmix.pseudo_labels import kept_summary
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.site_models import GLOBAL_MODEL
+from fedmix_engine.steps import mapped
 
 log = logging.getLogger("fedmix_engine.client")
 
@@ -89,7 +92,7 @@ class FederationError(RuntimeError):
 class JoinEvent:
     """One small typed update for a GUI or a log: what the client is doing now."""
 
-    kind: str  # "connected", "waiting", "training", "uploaded", "round-closed", "finished"
+    kind: str  # "connected", "evaluating", "evaluated", "waiting", "training", "uploaded", "round-closed", "finished"
     message: str
     round: int | None = None
     progress: TrainProgress | None = None
@@ -99,7 +102,9 @@ class JoinEvent:
 class FederationClient:
     def __init__(self, server: str, token: str, site_dir: str | Path, device: str = "auto",
                  ca_cert: str | Path | None = None, poll_seconds: float = 1.0, max_backoff: float = 30.0,
-                 give_up_after: float = 3600.0, timeout: float = 120.0):
+                 give_up_after: float = 3600.0, timeout: float = 120.0, held_out: str | Path | None = None):
+        """``held_out``: a fully labelled site folder this site does not train on; every global model received
+        is scored there and the scores (image count, mean Dice and IoU per class) are sent to the server."""
         import httpx
 
         if not token:
@@ -107,7 +112,12 @@ class FederationClient:
         self.site_dir = Path(site_dir)
         with SiteStore.open(self.site_dir, readonly=True):
             pass  # fail early, with the site's own error, if the folder is not a site
-        self.plan = plan_device(device)
+        self.held_out = Path(held_out) if held_out else None
+        if self.held_out is not None:
+            with SiteStore.open(self.held_out, readonly=True) as store:
+                check_held_out(store, self.site_dir)
+        self.device, self.plan = device, plan_device(device)
+        self._scored: set[int] = set()  # rounds whose global model this process scored and sent
         self.poll_seconds, self.max_backoff, self.give_up_after = poll_seconds, max_backoff, give_up_after
         verify: Any = trust_store(ca_cert) if ca_cert else True
         self.http = httpx.Client(base_url=server_url(server), headers={"Authorization": f"Bearer {token}"},
@@ -164,11 +174,12 @@ class FederationClient:
         self.state = self._load_state()
         yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
                         f"{self.plan.device} ({self.plan.note})")
-        with SiteStore.open(self.site_dir, readonly=True) as store:
-            try:
-                check_site_fits_model(store, model_config, cfg.get("class_names", ()))
-            except InputError as exc:
-                raise FederationError(str(exc)) from None
+        for folder in filter(None, (self.site_dir, self.held_out)):  # the held-out images must fit the model too
+            with SiteStore.open(folder, readonly=True) as store:
+                try:
+                    check_site_fits_model(store, model_config, cfg.get("class_names", ()))
+                except InputError as exc:
+                    raise FederationError(str(exc)) from None
         last_wait, seen_round = None, None
         while True:
             if should_stop and should_stop():
@@ -178,7 +189,9 @@ class FederationClient:
                 yield from self._closed_rounds(site, seen_round, info["last_round"])
             seen_round = info["last_round"]
             if info["finished"]:
-                path = self._save_final_model()
+                final, final_round = self.download_global()
+                path = self._save_final_model(final, final_round)
+                yield from self._score(final, final_round, should_stop)
                 yield JoinEvent("finished", f"federation finished after {info['last_round']} rounds; model: {path}",
                                 info["last_round"])
                 return
@@ -194,6 +207,9 @@ class FederationClient:
                 time.sleep(self.poll_seconds)
                 continue  # the round moved on while we asked; start again
             pair, _, _ = pair_from_bytes(pair_bytes, "global model from the server")
+            yield from self._score(pair_bytes, model_round, should_stop)
+            if should_stop and should_stop():
+                return
             with SiteStore.open(self.site_dir, readonly=True) as store, store.training_view() as view:
                 data = load_site_tensors(view, train.image_size)
             result: LocalResult | None = None
@@ -220,6 +236,42 @@ class FederationClient:
             self._save_state()
             yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={shown_loss(rep.n, rep.loss)}"
                             f"{kept_summary(rep.counts)} ({_detail(response)})", r, report=rep.to_dict())
+
+    def _score(self, model: bytes, model_round: int, should_stop: Callable[[], bool] | None
+               ) -> Iterator[JoinEvent]:
+        """Score round ``model_round``'s global model on the held-out folder (once per process) and send
+        the scores; a refusal is shown and training goes on: evaluation never holds up a round."""
+        from fedmix_engine.evaluation import iter_score_site
+        from fedmix_engine.predict import Predictor
+
+        if self.held_out is None or model_round in self._scored:
+            return
+        name = f"round {model_round}'s global model"
+        steps = iter_score_site(Predictor.from_checkpoint(model, self.device), self.held_out)
+        progress = mapped(steps, lambda step: JoinEvent("evaluating", f"{name}: scoring held-out image "
+                                                        f"{step[0]}/{step[1]}", model_round))
+        while True:
+            try:
+                event = next(progress)
+            except StopIteration as done:
+                report = EvaluationReport.from_scores(done.value)
+                break
+            yield event
+            if should_stop and should_stop():
+                progress.close()
+                return
+        self._scored.add(model_round)
+        path = f"/{API_VERSION}/rounds/{model_round}/evaluation"
+        response = self._request("POST", path, json=report.to_dict())
+        if response.status_code in (404, 405):
+            sent = "not sent: the server predates federated evaluation"
+        elif response.status_code >= 400:
+            sent = f"refused by the server: {_detail(response)}"
+            log.warning("%s: %s", path, sent)
+        else:
+            sent = "sent to the server"
+        yield JoinEvent("evaluated", f"{name}: Dice {report.dice:.3f} on {report.images} held-out images "
+                        f"({sent})", model_round, report=report.to_dict())
 
     def _closed_rounds(self, site: str, after: int, upto: int) -> Iterator[JoinEvent]:
         """This site's weight, n and loss in each round that closed since ``after`` (from /v1/status);
@@ -252,8 +304,7 @@ class FederationClient:
         self._raise_for_refusal(response, f"/{API_VERSION}/model")
         return response.content, int(response.headers["X-FedMix-Round"])
 
-    def _save_final_model(self) -> Path:
-        data, r = self.download_global()
+    def _save_final_model(self, data: bytes, r: int) -> Path:
         pair_from_bytes(data, "final global model")  # validate before saving
         path = self.site_dir / GLOBAL_MODEL
         atomic_write_bytes(path, data)
@@ -291,6 +342,18 @@ def check_site_fits_model(store: SiteStore, model_config: ModelConfig, class_nam
         raise InputError(store.root, f"site's classes are {', '.join(store.config.classes)}; the federation's are "
                                      f"{', '.join(class_names)}, in this label order (label k must mean the same "
                                      "class at every site)")
+
+
+def check_held_out(store: SiteStore, site_dir: Path) -> None:
+    """A held-out folder must hold images with full truth and must not be the site trained on: the model's
+    scores on its own training images would flatter it."""
+    from fedmix_engine.evaluation import NO_FULL_TRUTH, full_truth_records
+
+    if store.root.resolve() == site_dir.resolve():
+        raise InputError(store.root, "is the site this client trains on; give a fully labelled folder it does "
+                                     "not train on, or its scores would flatter the model")
+    if not full_truth_records(store):
+        raise InputError(store.root, NO_FULL_TRUTH)
 
 
 def _detail(response) -> str:

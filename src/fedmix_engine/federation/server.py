@@ -8,6 +8,7 @@ full-width uploads cost disk, not RAM.
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from fedmix_engine import __version__
 from fedmix_engine.federation.admin import render_admin_page
+from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.state import ServerState
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
@@ -149,6 +151,28 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
             raise refused(outcome.status, outcome.message)
         log.info("round %d, %s: %s", round_number, site, outcome.message)
         return JSONResponse({"accepted": True, "message": outcome.message, "round_closed": outcome.round_closed})
+
+    @app.post(f"/{API_VERSION}/rounds/{{round_number}}/evaluation")
+    async def evaluation(round_number: int, request: Request, site: str = Depends(site_of)) -> JSONResponse:
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > EVALUATION_BYTES:  # a report is a few hundred bytes: read no more than this
+                    raise HTTPException(413, f"an evaluation report is at most {EVALUATION_BYTES // 1024} KiB")
+        except ClientDisconnect:
+            raise HTTPException(400, "the connection closed before the report was complete") from None
+        try:
+            raw = json.loads(body)
+        except ValueError:
+            raise HTTPException(400, "the evaluation report is not JSON") from None
+        outcome = await on_state_thread(state.accept_evaluation, site, round_number, raw)
+        if outcome.status >= 400:
+            log.warning("round %d, %s: evaluation refused (%d): %s", round_number, site, outcome.status,
+                        outcome.message)
+            raise HTTPException(outcome.status, outcome.message)
+        log.info("round %d, %s: %s", round_number, site, outcome.message)
+        return JSONResponse({"accepted": True, "message": outcome.message})
 
     @app.get(f"/{API_VERSION}/status", dependencies=[Depends(status_reader)])
     def status() -> dict:

@@ -12,6 +12,7 @@ State directory::
       current/<site>.safetensors  acknowledged uploads of the open round (fsynced before the 200)
       current/<site>.json         their reports and SHA-256
       current/opened.json         when the open round started (its deadline survives restarts)
+      evaluations/000007/<site>.json  a site's scores of round 7's global model on its held-out images
 
 An upload is acknowledged only after its file and report are durable, so a server killed at any
 moment restarts with every acknowledged upload. A round is committed by renaming a complete
@@ -37,6 +38,7 @@ from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.errors import InputError
+from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 from fedmix_engine.fedmix.local_update import TrainConfig
@@ -168,6 +170,7 @@ class ServerState:
         self.federation_id = self._federation_id()
         self.current_dir = self.root / "current"
         self.current_dir.mkdir(exist_ok=True)
+        self.evaluations_dir = self.root / "evaluations"
         self._recover()
 
     def _adjust(self, stored: ServerConfig, config: ServerConfig, config_path: Path) -> None:
@@ -230,6 +233,10 @@ class ServerState:
         for stray in self.current_dir.glob("*.safetensors"):
             if stray.stem not in self.uploads:
                 stray.unlink()
+        self._evaluations: dict[int, dict[str, EvaluationReport]] = {}
+        for path in sorted(self.evaluations_dir.glob("[0-9]*/*.json")):  # each written atomically
+            self._evaluations.setdefault(int(path.parent.name), {})[path.stem] = \
+                EvaluationReport.from_dict(json.loads(path.read_text()))
         if not self.finished and len(self.uploads) >= self.config.sites:
             self._close_round("all sites had reported before a restart")
 
@@ -284,8 +291,35 @@ class ServerState:
                 "min_sites": self.config.min_sites, "uploaded": sorted(self.uploads),
                 "deadline_in": None if self.finished else round(self.deadline - self._clock(), 1),
                 "method": self.config.method, "lam": self.config.lam, "beta": self.config.beta,
-                "history": self.history(), "settings_changes": self.changes,
+                "history": self.history(), "settings_changes": self.changes, "evaluations": self.evaluations(),
             }
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        """Per global model the sites scored: its round, the pooled figures and each site's report."""
+        with self._lock:
+            return [{"round": r, **pooled(by_site), "sites": {s: e.to_dict() for s, e in sorted(by_site.items())}}
+                    for r, by_site in sorted(self._evaluations.items())]
+
+    def accept_evaluation(self, site: str, round_number: int, raw: Any) -> Outcome:
+        """Record a site's scores of round ``round_number``'s global model on its held-out images; a site
+        that scores a model again (after a restart) replaces its earlier report."""
+        try:
+            report = EvaluationReport.from_dict(raw, self.config.class_names)
+        except InputError as exc:
+            return Outcome(422, f"evaluation refused: {exc}")
+        if len(report.classes) != self.config.model.num_classes:
+            return Outcome(422, f"evaluation refused: evaluation.classes: scores {len(report.classes)} class(es); "
+                                f"the federation's model has {self.config.model.num_classes}")
+        with self._lock:
+            if not 0 <= round_number <= self.last_round:
+                return Outcome(409, f"round {round_number} has no global model to evaluate (the newest is round "
+                                    f"{self.last_round})")
+            folder = self.evaluations_dir / f"{round_number:06d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(folder / f"{site}.json", json.dumps(report.to_dict()).encode())
+            self._evaluations.setdefault(round_number, {})[site] = report
+            return Outcome(200, f"evaluation of round {round_number}'s model recorded: Dice {report.dice:.3f} "
+                                f"on {report.images} images")
 
     # ------------------------------------------------------------------ uploads
     def accept_upload(self, site: str, round_number: int, body: Path) -> Outcome:

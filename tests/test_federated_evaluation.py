@@ -1,0 +1,170 @@
+"""Federated evaluation: sites score every global model on held-out images, the server pools the scores."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from federation_helpers import ENV, TINY_SETTINGS, make_tokens, running_server, simulate_like_the_sites
+from fedmix_engine.checkpoint import load_checkpoint
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.errors import InputError
+from fedmix_engine.evaluation import NO_FULL_TRUTH, mean_image_dice, score_site, summarise
+from fedmix_engine.federation.admin import render_admin_page
+from fedmix_engine.federation.client import FederationClient
+from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
+from fedmix_engine.predict import Predictor
+
+SITES = ["site-a", "site-b"]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fedeval") / "sample"
+    make_sample(out, sites=2, images=8, eval_images=3, seed=0, size=32)
+    return out
+
+
+def test_sites_score_every_global_model_on_held_out_images_and_the_server_pools_them(
+        sample: Path, tmp_path: Path) -> None:
+    """Sites sent only n and ℓ: nobody learnt how good a global model was except by copying it to labelled
+    images by hand. With --eval each site scores every model it receives (round 0's to the final one), the
+    server pools the figures per round, keeps them over a SIGKILL, and training is unchanged by it."""
+    sites = {}
+    for name in SITES:  # copies: the clients write models/ into their site
+        sites[name] = tmp_path / name
+        shutil.copytree(sample / name, sites[name])
+    held_out = {name: sample / "eval" / name / "test" for name in SITES}
+    state = tmp_path / "state"
+    tokens = make_tokens(state, SITES)
+    args = ["--sites", "2", "--min-sites", "2", "--rounds", "2", "--class-names", "lesion", *TINY_SETTINGS]
+    with running_server(state, args) as server:
+        other = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url,
+                                  "--token", tokens["site-b"], "--site", str(sites["site-b"]), "--device", "cpu",
+                                  "--poll", "0.2", "--eval", str(held_out["site-b"])],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+        client = FederationClient(server.url, tokens["site-a"], sites["site-a"], device="cpu", poll_seconds=0.2,
+                                  held_out=held_out["site-a"])
+        torch.set_num_threads(1)
+        try:
+            events = list(client.iter_join())
+        finally:
+            torch.set_num_threads(2)
+        output = other.communicate(timeout=300)[0].decode()
+        assert other.returncode == 0, output
+        status = server.status()
+        page = httpx.get(server.url + "/").text
+        server.kill()
+        server.start()
+        assert server.status()["evaluations"] == status["evaluations"], "scores lost with a SIGKILL"
+
+    scored = [e for e in events if e.kind == "evaluated"]
+    assert [e.round for e in scored] == [0, 1, 2], "round 0's model, each round's and the final one, once each"
+    assert all("(sent to the server)" in e.message for e in scored)
+    assert [e.kind for e in events].index("evaluated") < [e.kind for e in events].index("training")
+    assert "round 2's global model: Dice " in output and "on 3 held-out images (sent to the server)" in output
+    assert "scoring held-out image" not in output, "the command line prints results, not every image"
+
+    evaluations = status["evaluations"]
+    assert [e["round"] for e in evaluations] == [0, 1, 2]
+    for evaluation in evaluations:
+        assert sorted(evaluation["sites"]) == SITES and evaluation["images"] == 6
+        by_hand = sum(s["dice"] * s["images"] for s in evaluation["sites"].values()) / 6
+        assert evaluation["dice"] == pytest.approx(by_hand, abs=1e-12)
+        assert evaluation["classes"]["lesion"] == pytest.approx(
+            sum(s["classes"]["lesion"]["dice"] * 3 for s in evaluation["sites"].values()) / 6, abs=1e-12)
+    for name in SITES:  # each site's figure is what `evaluate` says of that round's model on its images
+        rows = score_site(Predictor.from_checkpoint(state / "rounds" / "000002" / "global.safetensors", "cpu"),
+                          held_out[name])
+        sent = evaluations[2]["sites"][name]
+        assert sent["dice"] == pytest.approx(mean_image_dice(rows), abs=1e-9)
+        assert sent["classes"]["lesion"]["iou"] == pytest.approx(summarise(rows)[0].iou_mean, abs=1e-9)
+        assert sent["classes"]["lesion"]["lesion_images"] == summarise(rows)[0].lesion_images
+    assert json.loads((state / "evaluations" / "000002" / "site-a.json").read_text()) == evaluations[2]["sites"][
+        "site-a"]
+    assert f"Held-out Dice of round 2's global model: <b>{evaluations[2]['dice']:.3f}</b> over 6 images" in page
+    assert "held-out Dice of each round" in page
+
+    served, _, _ = load_checkpoint(state / "rounds" / "000002" / "global.safetensors")
+    simulated = simulate_like_the_sites(sample, SITES, 2, tmp_path / "sim")
+    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    assert worst < 1e-5, f"scoring changed what the sites trained: max |Δθ| = {worst}"
+
+
+def test_the_server_refuses_a_bad_evaluation_naming_the_field_and_keeps_what_it_had(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    good = {"images": 4, "dice": 0.5, "classes": {"lesion": {"images": 4, "lesion_images": 2, "dice": 0.5,
+                                                             "iou": 0.4}}}
+    args = ["--sites", "1", "--min-sites", "1", "--rounds", "1", "--class-names", "lesion", *TINY_SETTINGS]
+    with running_server(state, args) as server:
+        def post(body, round_number: int = 0, **kwargs) -> httpx.Response:
+            return httpx.post(f"{server.url}/v1/rounds/{round_number}/evaluation", timeout=30,
+                              headers={"Authorization": f"Bearer {kwargs.pop('token', token)}"},
+                              **({"content": body} if isinstance(body, bytes) else {"json": body}), **kwargs)
+
+        assert post(good).status_code == 200
+        nan = {**good, "classes": {"lesion": {**good["classes"]["lesion"], "dice": float("nan")}}}
+        refused = {
+            "NaN": (post(json.dumps(nan).encode()), 422,
+                    "evaluation.classes.lesion.dice: must be a number from 0 to 1"),
+            "other class": (post({**good, "classes": {"cyst": good["classes"]["lesion"]}}), 422,
+                            "evaluation.classes: names cyst; the federation's classes are lesion"),
+            "counts": (post({**good, "images": 5}), 422, "evaluation.classes.lesion: counts 4 images"),
+            "no model yet": (post(good, round_number=1), 409, "round 1 has no global model to evaluate"),
+            "not JSON": (post(b"{truncated"), 400, "not JSON"),
+            "too large": (post(b" " * (65 * 1024)), 413, "at most 64 KiB"),
+            "wrong token": (post(good, token="nope"), 401, "unknown or revoked token"),
+        }
+        for case, (response, code, message) in refused.items():
+            assert response.status_code == code and message in response.json()["detail"], (case, response.text)
+        evaluations = server.status()["evaluations"]
+    assert evaluations == [{"round": 0, "images": 4, "dice": 0.5, "classes": {"lesion": 0.5},
+                            "sites": {"site-a": good}}], "a refused report changed what was recorded"
+
+
+def test_a_held_out_folder_must_have_full_truth_and_not_be_the_training_site(sample: Path, tmp_path: Path,
+                                                                              capsys) -> None:
+    from fedmix_engine.cli import main
+
+    unlabelled = tmp_path / "unlabelled"
+    with SiteStore.create(unlabelled, ["lesion"]) as store:
+        store.add_image(np.zeros((32, 32), np.uint8), image_id="scan")
+    for held_out, message in ((sample / "site-a", "is the site this client trains on"),
+                              (unlabelled, NO_FULL_TRUTH), (tmp_path / "missing", "missing")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            FederationClient("http://127.0.0.1:9", "token", sample / "site-a", held_out=held_out)
+    assert main(["join", "--server", "http://127.0.0.1:9", "--token-file", str(_token(tmp_path)), "--site",
+                 str(sample / "site-a"), "--eval", str(unlabelled)]) == 2
+    assert f"{unlabelled}: {NO_FULL_TRUTH}" in capsys.readouterr().err
+
+
+def test_pooled_weights_each_site_by_the_images_it_scored() -> None:
+    def report(images: int, dice: float) -> EvaluationReport:
+        return EvaluationReport.from_dict({"images": images, "dice": dice, "classes": {
+            "lesion": {"images": images, "lesion_images": 0, "dice": dice, "iou": dice}}})
+
+    figures = pooled({"big": report(30, 0.9), "small": report(10, 0.5)})
+    assert figures["images"] == 40 and figures["dice"] == pytest.approx(0.8) and \
+        figures["classes"]["lesion"] == pytest.approx(0.8)
+    assert pooled({}) == {"images": 0, "dice": None, "classes": {}}
+    assert "Held-out" not in render_admin_page({
+        "history": [], "finished": False, "round": 1, "uploaded": [], "last_round": 0, "rounds": 2, "method": "fedmix",
+        "lam": 10, "beta": 1.5, "sites_expected": 1, "min_sites": 1}), "no chart without evaluations"
+
+
+def _token(folder: Path) -> Path:
+    path = folder / "token"
+    path.write_text("t0ken\n")
+    path.chmod(0o600)
+    return path
