@@ -356,6 +356,35 @@ def _start_local(widget, site: Path, rounds: int) -> None:
     widget.start()
 
 
+def test_train_widget_joins_a_real_server_and_plots_the_held_out_dice_it_sends(make_napari_viewer, qtbot, sample,
+                                                                             tmp_path):
+    """The widget scored each closed round's model itself, after downloading it again, and kept the figure to
+    itself; the client now scores every model it receives (round 0's too) and the server gets the scores."""
+    from federation_helpers import TINY_SETTINGS, make_tokens, running_server
+    from napari_fedmix.train_widget import TrainWidget
+
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    train = TrainWidget(make_napari_viewer())
+    qtbot.addWidget(train)
+    with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "2", *TINY_SETTINGS]) as server:
+        train.site.setText(str(sample))
+        train.mode.setCurrentIndex(1)
+        train.server.setText(server.url)
+        train.token.setText(token)
+        train.device.setCurrentText("cpu")
+        train.validation.setText(str(sample.parent / "eval" / "site-a" / "val"))
+        train.start()
+        qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+        evaluations = server.status()["evaluations"]
+    assert "federation finished after 2 rounds" in train.status.text(), train.status.text()
+    plotted = train.history["validation Dice"]
+    assert [r for r, _ in plotted] == [0, 1, 2]
+    assert [dice for _, dice in plotted] == [e["sites"]["site-a"]["dice"] for e in evaluations]
+    assert train.round_bar.value() == 2 and len(train.history["weight"]) == 2
+    assert (sample / "models" / "global.safetensors").is_file()
+
+
 def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer, qtbot, sample):
     from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER
     from napari_fedmix.train_widget import TrainWidget

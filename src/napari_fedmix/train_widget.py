@@ -102,6 +102,8 @@ class TrainWidget(QWidget):
         self.server, self.token, self.ca_cert = QLineEdit(), QLineEdit(), QLineEdit()
         self.validation = QLineEdit()
         self.validation.setPlaceholderText("fully labelled site folder (optional)")
+        self.validation.setToolTip("Scores each round's model on these images (not trained on). In a federation "
+                                   "the scores (image count, mean Dice and IoU) are also sent to the server.")
         self.server.setPlaceholderText("https://server:8765")
         self.token.setEchoMode(QLineEdit.EchoMode.Password)
         self.ca_cert.setPlaceholderText("certificate to trust (optional)")
@@ -232,21 +234,10 @@ class TrainWidget(QWidget):
         from fedmix_engine.federation.client import FederationClient
 
         client = FederationClient(self.server.text(), self.token.text().strip(), site,
-                                  device=self.device.currentText(), ca_cert=self.ca_cert.text() or None)
-        from fedmix_engine.data.site_store import SiteStore
-        from fedmix_engine.evaluation import validation_dice
-
+                                  device=self.device.currentText(), ca_cert=self.ca_cert.text() or None,
+                                  held_out=self.validation.text() or None)  # the client scores each global model
         self.last_checkpoint = site / GLOBAL_MODEL
-        validation = None
-        for event in client.iter_join():
-            yield event
-            if event.kind == "connected" and self.validation.text():
-                with SiteStore.open(site, readonly=True) as store:  # the client checked it fits the model
-                    classes, channels = len(store.config.classes), store.config.channels
-                validation = self._validation_set(int(client.train_config.image_size), classes, channels)
-            if validation is not None and event.kind == "round-closed":
-                model, r = client.download_global()
-                yield ValidationScore(r, validation_dice(model, validation, self.device.currentText()))
+        yield from client.iter_join()
 
     def _validation_set(self, image_size: int, classes: int, channels: int):
         """The optional validation store, preloaded once (None when not given)."""
@@ -281,6 +272,8 @@ class TrainWidget(QWidget):
                                 f"({self.device_note})")
         elif isinstance(event, JoinEvent):
             self.status.setText(event.message)
+            if event.kind == "evaluated" and event.report:
+                self._add_series("validation Dice", event.round, event.report["dice"])
             if event.kind == "round-closed" and event.report:
                 self._add_point(event.round, event.report["loss"], event.report["weight"], event.report["n"])
                 self.round_bar.setValue(event.round)
