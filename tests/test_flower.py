@@ -39,6 +39,7 @@ from federation_helpers import ENV, free_port, simulate_like_the_sites
 from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.errors import InputError
+from fedmix_engine.evaluation import mean_image_dice, score_site
 from fedmix_engine.federation.flower.app import clientapp, deliver_final_model, site_train
 from fedmix_engine.federation.flower.app_dir import write_flower_app
 from fedmix_engine.federation.flower.records import pair_to_arrays, report_to_metrics
@@ -368,6 +369,55 @@ def test_a_sites_adam_moments_advance_only_with_updates_the_server_aggregated(tm
     assert not list(models.glob("*pending*"))
 
 
+def test_sites_score_the_round_model_on_their_held_out_folder_and_the_strategy_pools_it(
+        tmp_path: Path, serverapp_identity: None) -> None:
+    """Flower's federated evaluation, as ``join --eval``: a site with ``eval-dir`` scores the global pair
+    there (the figures ``evaluate`` gives), one without answers that it scored nothing, and a held-out
+    folder that is the training site, or a reply with a Dice above 1, is left out with its reason."""
+    from fedmix_engine.evaluation import summarise
+    from fedmix_engine.federation.flower.app import site_evaluate
+    from fedmix_engine.federation.flower.strategy import EvaluationOutcome
+
+    make_sample(tmp_path / "s", sites=3, images=4, eval_images=3, seed=0, size=32)
+    settings = FlowerRunSettings.from_run_config({"model-width": 4, "image-size": 32, "crop-size": 32,
+                                                  "class-names": "lesion", "fraction-evaluate": 1.0})
+    site = {name: tmp_path / "s" / name for name in SITES}
+    held_out = tmp_path / "s" / "eval" / "site-a" / "test"
+    node_configs = {1: {"site-dir": str(site["site-a"]), "eval-dir": str(held_out), "device": "cpu"},
+                    2: {"site-dir": str(site["site-b"])},
+                    3: {"site-dir": str(site["site-c"]), "eval-dir": str(site["site-c"])}}
+    grid = LoopGrid({node: Context(run_id=42, node_id=node, node_config=config, state=RecordDict(), run_config={})
+                     for node, config in node_configs.items()})
+    pair = init_pair(settings.federation.model, 3)
+    outcomes: list[EvaluationOutcome] = []
+    strategy = FedMixStrategy(pair, settings.rule, on_evaluate=outcomes.append, class_names=("lesion",),
+                              fraction_evaluate=settings.fraction_evaluate)
+    messages = list(strategy.configure_evaluate(2, pair_to_arrays(pair), ConfigRecord(settings.site_config()), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+    replies = grid.send_and_receive(messages)
+    forged = Message(RecordDict({"metrics": MetricRecord({"num-examples": 3, "dice": 1.5, "dice-lesion": 0.5,
+                                                          "iou-lesion": 0.5, "lesion-images-lesion": 1})}),
+                     reply_to=next(m for m in messages if m.metadata.dst_node_id == 1))
+    pooled_metrics = strategy.aggregate_evaluate(2, [*replies, forged])
+
+    outcome, = outcomes
+    rows = score_site(Predictor(pair, settings.federation.model, 32, classes=("lesion",)), held_out)
+    report = outcome.reports["site-a (node 1)"]
+    assert report.images == 3 and report.dice == pytest.approx(mean_image_dice(rows), abs=1e-9)
+    assert report.classes["lesion"].iou == pytest.approx(summarise(rows)[0].iou_mean, abs=1e-9)
+    assert list(outcome.reports) == ["site-a (node 1)"] and outcome.without_held_out == ["site-b (node 2)"]
+    assert "is the site this client trains on" in outcome.refused["node 3"]
+    assert "evaluation.dice: must be a number from 0 to 1, not 1.5" in outcome.refused["node 1"]
+    assert pooled_metrics["num-examples"] == 3 and pooled_metrics["dice"] == pytest.approx(report.dice)
+    assert pooled_metrics["dice-lesion"] == pytest.approx(report.classes["lesion"].dice)
+    assert outcome.to_dict()["sites"]["site-a (node 1)"]["images"] == 3
+
+    bare = Context(run_id=42, node_id=2, node_config=node_configs[2], state=RecordDict(), run_config={})
+    assert site_evaluate(messages[0], bare).content["metrics"]["num-examples"] == 0  # no eval-dir
+    assert FedMixStrategy(pair, settings.rule).configure_evaluate(1, pair_to_arrays(pair), ConfigRecord(),
+                                                                  grid) == [], "off unless the run asks"
+
+
 def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(tmp_path: Path) -> None:
     import tomllib
 
@@ -379,7 +429,8 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
                        ({"model-width": 3}, "run config 'model-width': must be an even number"),
                        ({"num-server-rounds": 0}, "run config 'num-server-rounds': must be positive"),
                        ({"min-sites": 0}, "run config 'min-sites': need 1 ≤ min-sites"),
-                       ({"class-names": "lesion,lesion"}, "run config 'class-names': lesion, lesion: give")):
+                       ({"class-names": "lesion,lesion"}, "run config 'class-names': lesion, lesion: give"),
+                       ({"fraction-evaluate": 1.5}, "run config 'fraction-evaluate': must be from 0 to 1")):
         with pytest.raises(InputError, match=re.escape(field)):
             FlowerRunSettings.from_run_config(bad)
     path = write_flower_app(tmp_path / "app", {"num-server-rounds": 2, "model-width": 4})
@@ -430,7 +481,7 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
     out, app, home, keys = tmp_path / "out", tmp_path / "app", tmp_path / "flwr-home", tmp_path / "keys"
     write_flower_app(app, {"num-server-rounds": 2, "model-width": 4, "image-size": 32, "crop-size": 32,
                            "batch-size": 4, "min-sites": 3, "round-timeout": 240.0, "out-dir": str(out),
-                           "keep-updates": True, "class-names": "lesion"})
+                           "keep-updates": True, "class-names": "lesion", "fraction-evaluate": 1.0})
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"  # self-signed: its own CA
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
@@ -468,9 +519,10 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
             registered = flwr("supernode", "register", str(keys / f"{name}.pub"), "loopback")
             assert registered.returncode == 0, registered.stdout + registered.stderr
         supernode = ["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(cert)]
-        for name in SITES:
+        for name in SITES:  # site-c has no held-out folder
+            held_out = f' eval-dir="{sample / "eval" / name / "test"}"' if name != "site-c" else ""
             start([*supernode, "--auth-supernode-private-key", str(keys / name), "--port", str(free_port()),
-                   "--node-config", f'site-dir="{sample / name}" device="cpu"'], name)
+                   "--node-config", f'site-dir="{sample / name}" device="cpu"{held_out}'], name)
         intruder, intruder_log = start([*supernode, "--auth-supernode-private-key", str(keys / "intruder"),
                                         "--port", str(free_port()), "--max-retries", "3",
                                         "--node-config", f'site-dir="{sample / "site-a"}"'], "intruder")
@@ -523,6 +575,14 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
         # and holds the final model, the server's own file, where join would have put it
         final_at_site = sample / name / "models" / "global.safetensors"
         assert final_at_site.read_bytes() == (out / "global.safetensors").read_bytes()
+    evaluations = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in evaluations] == [1, 2] and evaluations[-1]["images"] == 6, evaluations
+    for e in evaluations:
+        assert sorted(name.split(" ")[0] for name in e["sites"]) == ["site-a", "site-b"] and e["refused"] == {}
+        assert [name.split(" ")[0] for name in e["without_held_out"]] == ["site-c"]
+    final_scores = score_site(predictor, sample / "eval" / "site-a" / "test")
+    sent = next(r for name, r in evaluations[-1]["sites"].items() if name.startswith("site-a"))
+    assert sent["dice"] == pytest.approx(mean_image_dice(final_scores), abs=1e-6), "scored the final model"
     delivery = json.loads((out / "final-delivery.json").read_text())
     assert delivery["round"] == 2 and sorted(delivery["sites"].values()) == ["saved"] * 3, delivery
 

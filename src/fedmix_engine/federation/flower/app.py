@@ -7,7 +7,9 @@ Wired up by the app's ``pyproject.toml`` (``fedmix-engine flower-app DIR`` write
     clientapp = "fedmix_engine.federation.flower.app:clientapp"
 
 A site's SuperNode says where its SiteStore is: ``--node-config 'site-dir="/data/site-a"'``
-(optionally ``device="cuda"``). Images never leave the site; replies carry the pair and the report.
+(optionally ``device="cuda"``, and ``eval-dir="/data/site-a-holdout"``: a fully labelled folder it does
+not train on, where it scores each round's global model when the run config's ``fraction-evaluate`` asks).
+Images never leave the site; replies carry the pair and the report, or the held-out scores.
 After the last round every site receives the final global model (``final_model``).
 """
 
@@ -23,18 +25,20 @@ from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
-from fedmix_engine.federation.client import check_site_fits_model
+from fedmix_engine.federation.client import check_held_out, check_site_fits_model
+from fedmix_engine.federation.federated_evaluation import EvaluationReport
 from fedmix_engine.federation.flower import FLWR_HINT, final_model, site_state
 from fedmix_engine.federation.flower.records import (
     ARRAYS,
     CONFIG,
     METRICS,
     arrays_to_pair,
+    evaluation_to_metrics,
     pair_to_arrays,
     report_to_metrics,
 )
 from fedmix_engine.federation.flower.settings import FlowerRunSettings, parse_site_config
-from fedmix_engine.federation.flower.strategy import SITE_KEY, FedMixStrategy, RoundOutcome
+from fedmix_engine.federation.flower.strategy import SITE_KEY, EvaluationOutcome, FedMixStrategy, RoundOutcome
 from fedmix_engine.federation.wire import UpdateReport, encode_update
 from fedmix_engine.fedmix.local_update import local_update, site_seed
 from fedmix_engine.fedmix.pair import init_pair
@@ -83,6 +87,15 @@ class RoundRecorder:
         log.info("round %d: weights %s; refused %s", outcome.round,
                  {k: round(w, 4) for k, w in outcome.weights.items()}, list(outcome.refused) or "none")
 
+    def evaluation(self, outcome: EvaluationOutcome) -> None:
+        """Append the round's held-out scores to ``evaluations.jsonl`` (the built-in server's ``evaluations``)."""
+        line = outcome.to_dict()
+        with open(self.out / "evaluations.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        if line["images"]:
+            log.info("round %d: held-out Dice %.3f over %d images at %d site(s)", outcome.round, line["dice"],
+                     line["images"], len(outcome.reports))
+
 
 @serverapp.main()
 def server_main(grid: Grid, context: Context) -> None:
@@ -92,9 +105,12 @@ def server_main(grid: Grid, context: Context) -> None:
     recorder = RoundRecorder(settings)
     save_checkpoint(recorder.out / "global-initial.safetensors", pair, fed.model, fed.checkpoint_meta(0))
     strategy = FedMixStrategy(pair, settings.rule, on_round=recorder, keep_updates=settings.keep_updates,
-                              min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites)
+                              on_evaluate=recorder.evaluation, class_names=fed.class_names,
+                              min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
+                              fraction_evaluate=settings.fraction_evaluate)
     strategy.start(grid=grid, initial_arrays=pair_to_arrays(pair), num_rounds=fed.rounds,
-                   timeout=fed.round_timeout, train_config=ConfigRecord(settings.site_config()))
+                   timeout=fed.round_timeout, train_config=ConfigRecord(settings.site_config()),
+                   evaluate_config=ConfigRecord(settings.site_config()))
     log.info("FedMix on Flower finished %d round(s); global pair in %s", fed.rounds, recorder.out)
     deliver_final_model(grid, settings, strategy.accepted_config)
 
@@ -137,6 +153,33 @@ def _site_dir(context: Context) -> Path:
 def site_save_final_model(msg: Message, context: Context) -> Message:
     """The run's final global model, saved where ``join`` saves its own (``SITE/models/global.safetensors``)."""
     return final_model.save_final_model(msg, _site_dir(context), context.run_id, context.node_id)
+
+
+@clientapp.evaluate()
+def site_evaluate(msg: Message, context: Context) -> Message:
+    """Score the round's global pair on this site's held-out folder (node config ``eval-dir``), as ``join
+    --eval`` does; a site without one answers that it scored nothing."""
+    from fedmix_engine.evaluation import score_site
+    from fedmix_engine.predict import Predictor
+
+    site_dir = _site_dir(context)
+    with SiteStore.open(site_dir, readonly=True) as store:
+        site = store.config.name
+    report = None
+    held_out = context.node_config.get("eval-dir")
+    if held_out:
+        held_out = Path(str(held_out))
+        config = parse_site_config(dict(msg.content.config_records[CONFIG]))
+        pair = arrays_to_pair(msg.content.array_records[ARRAYS], None, "global pair from the SuperLink")
+        with SiteStore.open(held_out, readonly=True) as store:
+            check_site_fits_model(store, config.model, config.class_names)
+            check_held_out(store, site_dir)
+        predictor = Predictor(pair, config.model, config.train.image_size,
+                              plan_device(str(context.node_config.get("device", "auto"))),
+                              classes=config.class_names or None)
+        report = EvaluationReport.from_scores(score_site(predictor, held_out))
+    return Message(RecordDict({METRICS: evaluation_to_metrics(report), CONFIG: ConfigRecord({SITE_KEY: site})}),
+                   reply_to=msg)
 
 
 @clientapp.train()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fedmix_engine.errors import InputError
+from fedmix_engine.federation.federated_evaluation import EvaluationReport
 from fedmix_engine.federation.flower import FLWR_HINT
 from fedmix_engine.federation.wire import ChangeSize, UpdateReport, check_finite, check_specs
 
@@ -28,6 +29,8 @@ NUM_EXAMPLES = "num-examples"  # n_k (FedAvg's weighting key, so stock tools rea
 TRAIN_LOSS = "train-loss"  # ℓ_k: mean training loss of network 1
 TRAIN_LOSS2 = "train-loss-net2"
 COUNT_PREFIX = "count-"
+HELD_OUT_DICE = "dice"  # an evaluation reply: the mean Dice over its held-out images (num-examples of them)
+CLASS_FIGURES = {"dice": "dice-", "iou": "iou-", "lesion_images": "lesion-images-"}  # + the class name
 
 
 def pair_to_arrays(pair: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -85,6 +88,36 @@ def metrics_to_report(metrics: MetricRecord, where: str) -> UpdateReport:
            "counts": {k.removeprefix(COUNT_PREFIX): v for k, v in metrics.items() if k.startswith(COUNT_PREFIX)}}
     try:
         return UpdateReport.from_dict(raw)
+    except InputError as exc:
+        raise InputError(where, f"{exc.where}: {exc.reason}") from None
+
+
+def evaluation_to_metrics(report: EvaluationReport | None) -> MetricRecord:
+    """A site's held-out scores as an evaluate reply's metrics (``num-examples`` 0: the site has no held-out
+    folder); a key per class and figure, readable in Flower's own log."""
+    if report is None:
+        return MetricRecord({NUM_EXAMPLES: 0})
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: report.images, HELD_OUT_DICE: report.dice}
+    for label, score in report.classes.items():
+        metrics.update({prefix + label: getattr(score, field) for field, prefix in CLASS_FIGURES.items()})
+    return MetricRecord(metrics)
+
+
+def metrics_to_evaluation(metrics: MetricRecord, where: str, class_names: tuple[str, ...] = ()
+                          ) -> EvaluationReport | None:
+    """The built-in server's checks (``EvaluationReport.from_dict``) on an evaluate reply; None for a site
+    that scored nothing."""
+    if not isinstance(metrics, MetricRecord) or not isinstance(metrics.get(NUM_EXAMPLES), int):
+        raise InputError(where, f"an evaluate reply's '{METRICS}' must be a MetricRecord with '{NUM_EXAMPLES}'")
+    if metrics[NUM_EXAMPLES] == 0:
+        return None
+    labels = [key.removeprefix(CLASS_FIGURES["dice"]) for key in metrics if key.startswith(CLASS_FIGURES["dice"])]
+    raw = {"images": metrics[NUM_EXAMPLES], "dice": metrics.get(HELD_OUT_DICE),
+           "classes": {label: {"images": metrics[NUM_EXAMPLES],
+                               **{field: metrics.get(prefix + label) for field, prefix in CLASS_FIGURES.items()}}
+                       for label in labels}}
+    try:
+        return EvaluationReport.from_dict(raw, class_names)
     except InputError as exc:
         raise InputError(where, f"{exc.where}: {exc.reason}") from None
 

@@ -25,7 +25,7 @@ FEDERATION_KEYS = {"num-server-rounds": "rounds", "method": "method", "lam": "la
 MODEL_KEYS = {"model-width": "base_width", "num-classes": "num_classes", "in-channels": "in_channels"}
 TRAIN_KEYS = {"image-size": "image_size", "crop-size": "crop_size", "batch-size": "batch_size", "lr": "lr",
               "local-epochs": "epochs", "tau": "tau", "loss": "loss", "pl-warmup": "pl_warmup_rounds"}
-OUTPUT_KEYS = {"out-dir": "out_dir", "keep-updates": "keep_updates"}
+APP_KEYS = {"out-dir": "out_dir", "keep-updates": "keep_updates", "fraction-evaluate": "fraction_evaluate"}
 CLASS_NAMES_KEY = "class-names"  # ServerConfig.class_names, comma-separated ("" = only the count is checked)
 
 
@@ -34,6 +34,7 @@ class FlowerRunSettings:
     federation: ServerConfig = field(default_factory=ServerConfig)
     out_dir: str = "fedmix-flower-run"
     keep_updates: bool = False  # also keep every accepted update per round (audits, tests)
+    fraction_evaluate: float = 0.0  # of the sites asked each round to score the new model on their held-out images
 
     @property
     def rule(self) -> AggregationRule:
@@ -45,7 +46,7 @@ class FlowerRunSettings:
         return {**{key: getattr(f, name) for key, name in FEDERATION_KEYS.items()},
                 **{key: getattr(f.model, name) for key, name in MODEL_KEYS.items()},
                 **{key: getattr(f.train, name) for key, name in TRAIN_KEYS.items()},
-                **{key: getattr(self, name) for key, name in OUTPUT_KEYS.items()},
+                **{key: getattr(self, name) for key, name in APP_KEYS.items()},
                 CLASS_NAMES_KEY: ",".join(f.class_names)}
 
     @classmethod
@@ -83,7 +84,10 @@ class FlowerRunSettings:
             keys = {name: key for table in (FEDERATION_KEYS, MODEL_KEYS, TRAIN_KEYS) for key, name in table.items()}
             key = {**keys, "class_names": CLASS_NAMES_KEY}.get(exc.where.removeprefix("model."))
             raise InputError(f"run config '{key}'" if key else "run config", exc.reason if key else str(exc)) from None
-        return cls(federation, **pick(OUTPUT_KEYS))
+        app = pick(APP_KEYS)
+        if not 0.0 <= app["fraction_evaluate"] <= 1.0:
+            raise InputError("run config 'fraction-evaluate'", f"must be from 0 to 1, not {app['fraction_evaluate']}")
+        return cls(federation, **app)
 
     def site_config(self) -> dict[str, str | int]:
         """What each site receives every round (a Flower ConfigRecord: strings and numbers only)."""

@@ -6,6 +6,7 @@ Flower's ``FedAvg`` samples nodes, sends the global pair and collects replies; o
 arithmetic is exactly that of ``fedmix-engine serve`` and the simulator. Replies that failed
 (``has_error``) or do not pass the built-in server's checks are left out of the round and
 recorded with the reason; they never abort the run (the stock consistency check would).
+``aggregate_evaluate`` pools the sites' held-out scores as the built-in server does (``pooled``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,18 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fedmix_engine.errors import InputError
+from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
 from fedmix_engine.federation.flower import FLWR_HINT
-from fedmix_engine.federation.flower.records import CONFIG, arrays_to_pair, decode_reply, pair_to_arrays
+from fedmix_engine.federation.flower.records import (
+    CONFIG,
+    HELD_OUT_DICE,
+    METRICS,
+    NUM_EXAMPLES,
+    arrays_to_pair,
+    decode_reply,
+    metrics_to_evaluation,
+    pair_to_arrays,
+)
 from fedmix_engine.federation.flower.site_state import accepted_config
 from fedmix_engine.federation.wire import UpdateReport, tensor_template
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
@@ -46,6 +57,21 @@ class RoundOutcome:
     updates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # only with keep_updates
 
 
+@dataclass
+class EvaluationOutcome:
+    """What one round's federated evaluation gave: each site's held-out scores of the new global model."""
+
+    round: int
+    reports: dict[str, EvaluationReport]
+    refused: dict[str, str] = field(default_factory=dict)
+    without_held_out: list[str] = field(default_factory=list)  # sites that answered with nothing to score
+
+    def to_dict(self) -> dict:
+        return {"round": self.round, **pooled(self.reports),
+                "sites": {name: report.to_dict() for name, report in sorted(self.reports.items())},
+                "refused": self.refused, "without_held_out": sorted(self.without_held_out)}
+
+
 def contributor_name(message: Message) -> str:
     """``<site> (node <id>)`` when the reply names its site, else ``node <id>``."""
     node = f"node {message.metadata.src_node_id}"
@@ -59,9 +85,13 @@ class FedMixStrategy(FedAvg):
 
     def __init__(self, global_pair: Mapping[str, torch.Tensor], rule: AggregationRule,
                  on_round: Callable[[RoundOutcome], None] | None = None, keep_updates: bool = False,
+                 on_evaluate: Callable[[EvaluationOutcome], None] | None = None, class_names: tuple[str, ...] = (),
                  **fedavg_options) -> None:
-        fedavg_options.setdefault("fraction_evaluate", 0.0)  # sites evaluate locally; nothing to aggregate
+        fedavg_options.setdefault("fraction_evaluate", 0.0)  # federated evaluation only when asked for
+        fedavg_options.setdefault("min_evaluate_nodes", 1)  # FedAvg's 2 would wait for ever in a 1-site run
         super().__init__(**fedavg_options)
+        self.on_evaluate = on_evaluate
+        self.class_names = class_names  # an evaluation must score the federation's classes
         self.rule = rule
         self.template = tensor_template(global_pair)
         self.reference: dict[str, torch.Tensor] = dict(global_pair)  # the pair this round's sites train from
@@ -124,3 +154,31 @@ class FedMixStrategy(FedAvg):
             return None, metrics
         return pair_to_arrays(pair), metrics
 
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The sites' held-out scores of this round's model, pooled by images (``pooled``); a malformed or
+        failed reply is left out with its reason, a site without a held-out folder is listed."""
+        outcome = EvaluationOutcome(server_round, {})
+        for message in replies:
+            name = contributor_name(message)
+            if message.has_error():
+                outcome.refused[name] = f"the site reported an error: {message.error.reason}"
+                continue
+            try:
+                report = metrics_to_evaluation(message.content.metric_records.get(METRICS), name, self.class_names)
+            except InputError as exc:
+                outcome.refused[name] = str(exc)
+                continue
+            if report is None:
+                outcome.without_held_out.append(name)
+            else:
+                outcome.reports[name] = report
+        for name, reason in outcome.refused.items():
+            log.warning("round %d: evaluation of %s left out: %s", server_round, name, reason)
+        if self.on_evaluate is not None:
+            self.on_evaluate(outcome)
+        if not outcome.reports:
+            return None
+        figures = pooled(outcome.reports)
+        return MetricRecord({NUM_EXAMPLES: figures["images"], HELD_OUT_DICE: figures["dice"],
+                             **{f"{HELD_OUT_DICE}-{label}": dice for label, dice in figures["classes"].items()}})
