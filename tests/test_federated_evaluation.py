@@ -168,3 +168,18 @@ def _token(folder: Path) -> Path:
     path.write_text("t0ken\n")
     path.chmod(0o600)
     return path
+
+
+def test_a_hand_edited_evaluation_file_stops_the_server_naming_it(tmp_path: Path) -> None:
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.model import ModelConfig
+
+    state = ServerState(tmp_path / "state", ServerConfig(model=ModelConfig(base_width=4)))
+    report = {"images": 2, "dice": 0.25, "classes": {"lesion": {"images": 2, "lesion_images": 1, "dice": 0.25,
+                                                                "iou": 0.2}}}
+    assert state.accept_evaluation("site-a", 0, report).status == 200
+    assert ServerState(tmp_path / "state").evaluations()[0]["sites"] == {"site-a": report}, "kept over a restart"
+    saved = tmp_path / "state" / "evaluations" / "000000" / "site-a.json"
+    saved.write_text(json.dumps({**report, "dice": 7}))
+    with pytest.raises(InputError, match=re.escape(f"{saved}: not an evaluation report (evaluation.dice: must be")):
+        ServerState(tmp_path / "state")

@@ -346,7 +346,8 @@ def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(
 
 
 def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None:
-    """Record every request body the server receives during a real round; none may hold pixels."""
+    """Record every request body the server receives during a real round (site-a also scoring the models
+    on its held-out images); none may hold pixels, and an evaluation report holds only counts and means."""
     import threading
 
     import uvicorn
@@ -384,8 +385,10 @@ def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None
     while not server.started:
         time.sleep(0.05)
     try:
+        held_out = {"site-a": sample / "eval" / "site-a" / "test"}
         threads = [threading.Thread(target=FederationClient(f"http://127.0.0.1:{port}", tokens[n], sample / n,
-                                                            device="cpu", poll_seconds=0.1).join) for n in SITES]
+                                                            device="cpu", poll_seconds=0.1,
+                                                            held_out=held_out.get(n)).join) for n in SITES]
         for t in threads:
             t.start()
         for t in threads:
@@ -394,12 +397,18 @@ def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None
         server.should_exit = True
         thread.join(10)
     payload = b"".join(bodies)
-    uploads = [b for b in bodies if len(b) > 0]
+    evaluations = [json.loads(b) for b in bodies if b.startswith(b"{")]
+    uploads = [b for b in bodies if len(b) > 0 and not b.startswith(b"{")]
     assert len(uploads) >= 3, "the uploads were recorded"
+    assert len(evaluations) == 2, "site-a scored round 0's model and the final one"
+    for evaluation in evaluations:
+        assert set(evaluation) == {"images", "dice", "classes"} and set(evaluation["classes"]) == {"lesion"}
+        assert set(evaluation["classes"]["lesion"]) == {"images", "lesion_images", "dice", "iou"}
+        assert all(isinstance(v, int | float) for v in evaluation["classes"]["lesion"].values())
     # no run of any site image's pixel data appears anywhere in what the server received
     from fedmix_engine.data.site_store import SiteStore
 
-    for name in SITES:
+    for name in [*SITES, "eval/site-a/test"]:
         with SiteStore.open(sample / name, readonly=True) as store:
             for image_id in store.image_ids():
                 pixels = store.read_image(image_id).tobytes()

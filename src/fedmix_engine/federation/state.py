@@ -235,8 +235,12 @@ class ServerState:
                 stray.unlink()
         self._evaluations: dict[int, dict[str, EvaluationReport]] = {}
         for path in sorted(self.evaluations_dir.glob("[0-9]*/*.json")):  # each written atomically
-            self._evaluations.setdefault(int(path.parent.name), {})[path.stem] = \
-                EvaluationReport.from_dict(json.loads(path.read_text()))
+            try:
+                report = EvaluationReport.from_dict(json.loads(path.read_text()))
+            except (ValueError, InputError) as exc:  # only a hand edit can get here
+                raise InputError(path, f"not an evaluation report ({exc}); move it out of the state "
+                                       "directory to start") from None
+            self._evaluations.setdefault(int(path.parent.name), {})[path.stem] = report
         if not self.finished and len(self.uploads) >= self.config.sites:
             self._close_round("all sites had reported before a restart")
 
