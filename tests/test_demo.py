@@ -28,6 +28,10 @@ def test_demo_runs_a_small_federation_end_to_end_and_never_empties_a_users_folde
     rounds = [line for line in printed.splitlines() if re.match(r"\s+[12]\s+w=", line)]
     assert len(rounds) == 2, printed
     assert len(re.findall(r"D=\d\.\d\d", rounds[-1])) == 3, "a held-out Dice per site"
+    # scored at the sites and sent to the server (federated evaluation), for round 0's model too
+    assert sorted(p.name for p in (out / "server-state" / "evaluations").iterdir()) == ["000000", "000001", "000002"]
+    assert sorted(p.stem for p in (out / "server-state" / "evaluations" / "000002").iterdir()) == [
+        "site-a", "site-b", "site-c"]
     png = iio.imread(out / "predictions.png")
     assert png.ndim == 3 and png.shape[0] >= 3 * 32, "one row of test images per site"
     assert (png[..., :3] == (40, 220, 40)).all(axis=-1).any(), "ground-truth outlines drawn"

@@ -2,7 +2,8 @@
 
 Writes a synthetic 3-site federation (A masks, B boxes, C tags), starts the aggregation server and
 three site clients as separate processes on 127.0.0.1, prints one line per round (site weights and
-held-out Dice of the new global model), and writes a PNG of test images with the final model's
+the held-out Dice of the new global model, which each site scores on its own test images and sends
+to the server: federated evaluation), and writes a PNG of test images with the final model's
 predictions (red) over the ground truth (green).
 """
 
@@ -82,9 +83,6 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
     """Run the demo into ``out``; returns the path of the overlay PNG."""
     import httpx
 
-    from fedmix_engine.evaluation import EvalSet, evaluate
-    from fedmix_engine.predict import Predictor
-
     out = fresh_demo_folder(Path(out))
     data, state = out / "data", out / "server-state"
     print(f"1/4 writing a synthetic federation to {data} (A: masks, B: boxes, C: tags)", flush=True)
@@ -112,24 +110,28 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
             with open(logs / f"{site}.log", "wb") as log:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "fedmix_engine.cli", "join", "--server", url,
-                     "--site", str(data / site), "--device", "cpu", "--poll", "0.3"],
+                     "--site", str(data / site), "--device", "cpu", "--poll", "0.3",
+                     "--eval", str(data / "eval" / site / "test")],
                     stdout=log, stderr=subprocess.STDOUT, env={**env, "FEDMIX_TOKEN": site_tokens[site]}))
-        tests = {s: EvalSet.from_store(data / "eval" / s / "test", size, 1, 1) for s in SITES}
-        print("3/4 rounds (w = site weight; Dice of the new global model on each site's test images)", flush=True)
+        print("3/4 rounds (w = site weight; D = Dice of the new global model on the site's test images, scored "
+              "at the site and sent to the server)", flush=True)
         print("round  " + "  ".join(f"{s:>16}" for s in SITES) + "   mean Dice   time", flush=True)
         shown, started = 0, time.time()
         while shown < rounds:
             if any(p.poll() not in (None, 0) for p in procs):
                 raise InputError("demo", f"a process failed; see the logs in {logs}")
+            sites_done = all(p.poll() is not None for p in procs[1:])  # before the status: all they sent is in it
             status = httpx.get(f"{url}/v1/status", timeout=10).json()
+            scored = {e["round"]: e for e in status["evaluations"]}
             for meta in status["history"][shown:]:
-                predictor = Predictor.from_checkpoint(state / "rounds" / f"{meta['round']:06d}" / "global.safetensors",
-                                                      device="cpu")
-                dice = {s: evaluate(predictor, tests[s])["dice"] for s in SITES}
-                cells = "  ".join(f"w={meta['sites'].get(s, {}).get('weight', 0):.2f} D={dice[s]:.2f}".rjust(16)
-                                  for s in SITES)
-                print(f"{meta['round']:5d}  {cells}   {np.mean(list(dice.values())):9.3f}  "
-                      f"{time.time() - started:5.0f}s", flush=True)
+                evaluation = scored.get(meta["round"])
+                if not sites_done and (evaluation is None or len(evaluation["sites"]) < len(SITES)):
+                    break  # the sites score a model as they start the next round, or once finished
+                dice = {s: (evaluation or {}).get("sites", {}).get(s, {}).get("dice") for s in SITES}
+                cells = "  ".join((f"w={meta['sites'].get(s, {}).get('weight', 0):.2f} "
+                                   + ("D=  – " if dice[s] is None else f"D={dice[s]:.2f}")).rjust(16) for s in SITES)
+                pooled = "–" if evaluation is None else f"{evaluation['dice']:.3f}"
+                print(f"{meta['round']:5d}  {cells}   {pooled:>9}  {time.time() - started:5.0f}s", flush=True)
                 shown += 1
             time.sleep(0.5)
         for p in procs[1:]:
