@@ -36,7 +36,7 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_sites_score_every_global_model_on_held_out_images_and_the_server_pools_them(
-        sample: Path, tmp_path: Path) -> None:
+        sample: Path, tmp_path: Path, capsys) -> None:
     """Sites sent only n and ℓ: nobody learnt how good a global model was except by copying it to labelled
     images by hand. With --eval each site scores every model it receives (round 0's to the final one), the
     server pools the figures per round, keeps them over a SIGKILL, and training is unchanged by it."""
@@ -95,10 +95,37 @@ def test_sites_score_every_global_model_on_held_out_images_and_the_server_pools_
     assert f"Held-out Dice of round 2's global model: <b>{evaluations[2]['dice']:.3f}</b> over 6 images" in page
     assert "held-out Dice of each round" in page
 
+    _status_reads_what_the_server_says(state, status, capsys)
+
     served, _, _ = load_checkpoint(state / "rounds" / "000002" / "global.safetensors")
     simulated = simulate_like_the_sites(sample, SITES, 2, tmp_path / "sim")
     worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
     assert worst < 1e-5, f"scoring changed what the sites trained: max |Δθ| = {worst}"
+
+
+def _status_reads_what_the_server_says(state: Path, served: dict, capsys) -> None:
+    """``fedmix-engine status`` reads the state directory (the server may be running) and writes nothing."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.state import read_status
+
+    before = sorted((p, p.stat().st_mtime_ns) for p in state.rglob("*"))
+    status = read_status(state)
+    for key in ("last_round", "rounds", "finished", "uploaded", "history", "evaluations", "settings_changes",
+                "method", "lam", "beta", "sites_expected", "min_sites"):
+        assert status[key] == served[key], key
+    capsys.readouterr()
+    assert main(["status", "--state", str(state)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("federation ") and "fedmix (λ=10, β=1.5), classes lesion; 2 sites expected" in lines[0]
+    assert lines[1] == "rounds: 2 of 2 done; finished"
+    final = served["evaluations"][2]
+    assert lines[2].startswith(f"round 0 (initial model): held-out Dice {served['evaluations'][0]['dice']:.3f} over 6")
+    assert lines[4].startswith("round 2: site-a w=") and lines[4].endswith(
+        f"held-out Dice {final['dice']:.3f} over 6 images (site-a {final['sites']['site-a']['dice']:.3f}, "
+        f"site-b {final['sites']['site-b']['dice']:.3f}) (closed: every expected site reported)")
+    assert sorted((p, p.stat().st_mtime_ns) for p in state.rglob("*")) == before, "status wrote to the state"
+    assert main(["status", "--state", str(state / "rounds")]) == 2
+    assert "not a server state directory" in capsys.readouterr().err
 
 
 def test_the_server_refuses_a_bad_evaluation_naming_the_field_and_keeps_what_it_had(tmp_path: Path) -> None:

@@ -166,6 +166,37 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedmix_engine.federation.state import read_status
+    from fedmix_engine.fedmix.local_update import shown_loss
+
+    _check_state_dir(args.state)
+    status = read_status(args.state)
+    classes = ", ".join(status["class_names"]) or "not named"
+    print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
+          f"classes {classes}; {status['sites_expected']} sites expected, quorum {status['min_sites']}")
+    state = "finished" if status["finished"] else (f"round {status['round']} open, uploaded: "
+                                                    f"{', '.join(status['uploaded']) or 'none yet'}")
+    print(f"rounds: {status['last_round']} of {status['rounds']} done; {state}")
+    for change in status["settings_changes"]:
+        print(f"settings changed from round {change['from_round']}: {'; '.join(change['changes'])}")
+    scored = {e["round"]: e for e in status["evaluations"]}
+    if 0 in scored:
+        print(f"round 0 (initial model): held-out Dice {_held_out(scored[0])}")
+    for meta in status["history"]:
+        sites = "; ".join(f"{site} w={info['weight']:.2f} n={info['n']} ℓ={shown_loss(info['n'], info['loss'])}"
+                          for site, info in sorted(meta["sites"].items())) or "no site"
+        evaluation = scored.get(meta["round"])
+        held_out = f"; held-out Dice {_held_out(evaluation)}" if evaluation else ""
+        print(f"round {meta['round']}: {sites}{held_out} (closed: {meta['reason']})")
+    return 0
+
+
+def _held_out(evaluation: dict) -> str:
+    per_site = ", ".join(f"{site} {report['dice']:.3f}" for site, report in evaluation["sites"].items())
+    return f"{evaluation['dice']:.3f} over {evaluation['images']} images ({per_site})"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.local_demo import run_demo
 
@@ -232,6 +263,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--lr", type=float, help="Adam learning rate at every site (default 0.001)")
     group.add_argument("--pl-warmup", type=int, help="rounds before pseudo-labels are used (default 0)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="the federation's rounds, site weights and held-out Dice, read from the "
+                                      "server's state directory (running or not)")
+    p.add_argument("--state", type=Path, required=True, help="the server's state directory")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("join", help="take part in a federation with this site's data")
     p.add_argument("--server", required=True, help="e.g. https://fedmix.example-hospital.org:8765")

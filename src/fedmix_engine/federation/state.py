@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "server.json"
 CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
 ID_FILE = "federation-id"  # sites keep their Adam moments per federation under this id
+EVALUATIONS = "evaluations"  # <round>/<site>.json: the sites' held-out scores of that round's global model
 
 # What an admin may change when restarting a federation: how long it runs, with how many sites, how
 # long a round waits and how large an update may be. What every site trains and how updates are
@@ -170,7 +171,7 @@ class ServerState:
         self.federation_id = self._federation_id()
         self.current_dir = self.root / "current"
         self.current_dir.mkdir(exist_ok=True)
-        self.evaluations_dir = self.root / "evaluations"
+        self.evaluations_dir = self.root / EVALUATIONS
         self._recover()
 
     def _adjust(self, stored: ServerConfig, config: ServerConfig, config_path: Path) -> None:
@@ -201,18 +202,14 @@ class ServerState:
 
     # ------------------------------------------------------------------ recovery
     def _completed_rounds(self) -> list[int]:
-        out = []
-        for path in (self.root / "rounds").iterdir():
-            if path.name.endswith(".tmp"):
-                shutil.rmtree(path, ignore_errors=True)  # a commit interrupted before its rename
-            elif path.name.isdigit() and (path / "global.safetensors").exists() and (path / "meta.json").exists():
-                out.append(int(path.name))
-        return sorted(out)
+        for path in (self.root / "rounds").glob("*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)  # a commit interrupted before its rename
+        return completed_rounds(self.root)
 
     def _recover(self) -> None:
         completed = self._completed_rounds()
         self.last_round = completed[-1]
-        self._history = [json.loads((self.round_dir(r) / "meta.json").read_text()) for r in completed if r > 0]
+        self._history = read_history(self.root, completed)
         self.template = tensor_template(self.global_pair(self.last_round))
         self.uploads: dict[str, dict] = {}
         opened = self.current_dir / "opened.json"
@@ -233,14 +230,7 @@ class ServerState:
         for stray in self.current_dir.glob("*.safetensors"):
             if stray.stem not in self.uploads:
                 stray.unlink()
-        self._evaluations: dict[int, dict[str, EvaluationReport]] = {}
-        for path in sorted(self.evaluations_dir.glob("[0-9]*/*.json")):  # each written atomically
-            try:
-                report = EvaluationReport.from_dict(json.loads(path.read_text()))
-            except (ValueError, InputError) as exc:  # only a hand edit can get here
-                raise InputError(path, f"not an evaluation report ({exc}); move it out of the state "
-                                       "directory to start") from None
-            self._evaluations.setdefault(int(path.parent.name), {})[path.stem] = report
+        self._evaluations = read_evaluations(self.root)
         if not self.finished and len(self.uploads) >= self.config.sites:
             self._close_round("all sites had reported before a restart")
 
@@ -301,8 +291,7 @@ class ServerState:
     def evaluations(self) -> list[dict[str, Any]]:
         """Per global model the sites scored: its round, the pooled figures and each site's report."""
         with self._lock:
-            return [{"round": r, **pooled(by_site), "sites": {s: e.to_dict() for s, e in sorted(by_site.items())}}
-                    for r, by_site in sorted(self._evaluations.items())]
+            return evaluation_summaries(self._evaluations)
 
     def accept_evaluation(self, site: str, round_number: int, raw: Any) -> Outcome:
         """Record a site's scores of round ``round_number``'s global model on its held-out images; a site
@@ -405,3 +394,54 @@ class ServerState:
             fd = os.open(final.parent, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
+
+
+# ---------------------------------------------------------------------- reading a state directory
+def completed_rounds(root: Path) -> list[int]:
+    """The committed rounds (0: the initial model), read only."""
+    return sorted(int(p.name) for p in (root / "rounds").iterdir() if p.name.isdigit()
+                  and (p / "global.safetensors").exists() and (p / "meta.json").exists())
+
+
+def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:
+    """Each completed round's record (``meta.json``: reason, weights, n, ℓ per site)."""
+    return [json.loads((root / "rounds" / f"{r:06d}" / "meta.json").read_text()) for r in completed if r > 0]
+
+
+def read_evaluations(root: Path) -> dict[int, dict[str, EvaluationReport]]:
+    """The sites' held-out scores per round; a file that is not a report (a hand edit) is named."""
+    found: dict[int, dict[str, EvaluationReport]] = {}
+    for path in sorted((root / EVALUATIONS).glob("[0-9]*/*.json")):  # each written atomically
+        try:
+            report = EvaluationReport.from_dict(json.loads(path.read_text()))
+        except (ValueError, InputError) as exc:
+            raise InputError(path, f"not an evaluation report ({exc}); move it out of the state directory "
+                                   "to start") from None
+        found.setdefault(int(path.parent.name), {})[path.stem] = report
+    return found
+
+
+def evaluation_summaries(evaluations: dict[int, dict[str, EvaluationReport]]) -> list[dict[str, Any]]:
+    return [{"round": r, **pooled(by_site), "sites": {s: e.to_dict() for s, e in sorted(by_site.items())}}
+            for r, by_site in sorted(evaluations.items())]
+
+
+def read_status(root: str | Path) -> dict[str, Any]:
+    """What ``/v1/status`` says, read from the state directory without writing to it: for an admin on the
+    server's machine, whether the server runs or not (``fedmix-engine status``)."""
+    root = Path(root)
+    config = load_server_config(root / CONFIG_FILE) if (root / CONFIG_FILE).is_file() else None
+    if config is None or not (root / "rounds").is_dir():
+        raise InputError(root, "not a server state directory (no server.json or rounds/)")
+    completed = completed_rounds(root)
+    last = completed[-1]
+    uploaded = sorted(p.stem for p in (root / "current").glob("*.json") if p.name != "opened.json"
+                      and json.loads(p.read_text()).get("round") == last + 1)
+    changes = root / CHANGES_FILE
+    return {"federation": (root / ID_FILE).read_text().strip() if (root / ID_FILE).is_file() else None,
+            "round": None if last >= config.rounds else last + 1, "last_round": last, "rounds": config.rounds,
+            "finished": last >= config.rounds, "sites_expected": config.sites, "min_sites": config.min_sites,
+            "uploaded": uploaded, "method": config.method, "lam": config.lam, "beta": config.beta,
+            "class_names": list(config.class_names), "history": read_history(root, completed),
+            "settings_changes": json.loads(changes.read_text()) if changes.exists() else [],
+            "evaluations": evaluation_summaries(read_evaluations(root))}
