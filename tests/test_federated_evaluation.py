@@ -71,7 +71,9 @@ def test_sites_score_every_global_model_on_held_out_images_and_the_server_pools_
     scored = [e for e in events if e.kind == "evaluated"]
     assert [e.round for e in scored] == [0, 1, 2], "round 0's model, each round's and the final one, once each"
     assert all("(sent to the server)" in e.message for e in scored)
-    assert [e.kind for e in events].index("evaluated") < [e.kind for e in events].index("training")
+    kinds = [e.kind for e in events]
+    uploaded = kinds.index("uploaded")  # a model is scored after the site's upload, while the others finish
+    assert kinds[uploaded + 1] == "evaluating" and kinds.index("evaluated") > uploaded, kinds
     assert "round 2's global model: Dice " in output and "on 3 held-out images (sent to the server)" in output
     assert "scoring held-out image" not in output, "the command line prints results, not every image"
 

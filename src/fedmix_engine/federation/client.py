@@ -1,11 +1,11 @@
 """``fedmix-engine join``: a site's side of the federation, and the Python API the napari widget uses.
 
-Loop: ask the server which round is open → download the global pair → (with a held-out folder:
-score it there and send the scores) → run the engine's ``local_update`` on the site's own data →
-upload weights + report → repeat until the server says the federation has finished. Network errors
-and server restarts are retried with exponential backoff; uploads are idempotent, so a retry never
-counts twice. The site's Adam state and the last global model are kept in ``SITE/models/`` so a
-restarted client resumes.
+Loop: ask the server which round is open → download the global pair → run the engine's
+``local_update`` on the site's own data → upload weights + report → (with a held-out folder: score
+the pair it trained from there, while the other sites finish, and send the scores) → repeat until
+the server says the federation has finished. Network errors and server restarts are retried with
+exponential backoff; uploads are idempotent, so a retry never counts twice. The site's Adam state
+and the last global model are kept in ``SITE/models/`` so a restarted client resumes.
 """
 
 from __future__ import annotations
@@ -207,9 +207,6 @@ class FederationClient:
                 time.sleep(self.poll_seconds)
                 continue  # the round moved on while we asked; start again
             pair, _, _ = pair_from_bytes(pair_bytes, "global model from the server")
-            yield from self._score(pair_bytes, model_round, should_stop)
-            if should_stop and should_stop():
-                return
             with SiteStore.open(self.site_dir, readonly=True) as store, store.training_view() as view:
                 data = load_site_tensors(view, train.image_size)
             result: LocalResult | None = None
@@ -228,14 +225,16 @@ class FederationClient:
                                      headers={"Content-Type": "application/octet-stream"})
             if response.status_code == 409:  # too late: this round's optimiser step never counted
                 yield JoinEvent("waiting", f"round {r}: {_detail(response)}", r)
-                continue
-            self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
-            # Adam's moments advance only with an accepted update: a client stopped before the server
-            # took it trains this round again from the same moments, to the same update
-            self.state = result.state
-            self._save_state()
-            yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={shown_loss(rep.n, rep.loss)}"
-                            f"{kept_summary(rep.counts)} ({_detail(response)})", r, report=rep.to_dict())
+            else:
+                self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
+                # Adam's moments advance only with an accepted update: a client stopped before the server
+                # took it trains this round again from the same moments, to the same update
+                self.state = result.state
+                self._save_state()
+                yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={shown_loss(rep.n, rep.loss)}"
+                                f"{kept_summary(rep.counts)} ({_detail(response)})", r, report=rep.to_dict())
+            # scored while the other sites finish the round: off the round's critical path
+            yield from self._score(pair_bytes, model_round, should_stop)
 
     def _score(self, model: bytes, model_round: int, should_stop: Callable[[], bool] | None
                ) -> Iterator[JoinEvent]:
