@@ -257,3 +257,27 @@ def test_a_server_from_before_federated_evaluation_is_told_apart_and_training_go
     assert all(e.message.endswith("(not sent: the server predates federated evaluation)") for e in scored)
     assert events[-1].kind == "finished" and [e.kind for e in events].count("uploaded") == 1
     assert not (state_dir / "evaluations").exists()
+
+
+def test_a_federation_without_class_names_pools_its_sites_classes_by_label_index(tmp_path: Path) -> None:
+    """Without --class-names only the class count is fixed: site-b may call label 1 'tumour' where site-a
+    says 'lesion'. Pooling looked the first site's name up in the second's report and the status failed."""
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.model import ModelConfig
+
+    state = ServerState(tmp_path / "state", ServerConfig(model=ModelConfig(base_width=4)))
+
+    def report(label: str, images: int, dice: float) -> dict:
+        return {"images": images, "dice": dice, "classes": {label: {"images": images, "lesion_images": 0,
+                                                                    "dice": dice, "iou": dice}}}
+
+    assert state.accept_evaluation("site-b", 0, report("tumour", 1, 0.2)).status == 200
+    assert state.accept_evaluation("site-a", 0, report("lesion", 3, 0.6)).status == 200
+    two = {**report("lesion", 3, 0.6), "classes": {**report("lesion", 3, 0.6)["classes"],
+                                                  **report("cyst", 3, 0.6)["classes"]}}
+    refused = state.accept_evaluation("site-a", 0, two)
+    assert refused.status == 422 and "evaluation.classes: scores 2 class(es); the federation's model has 1" \
+        in refused.message
+    evaluation, = state.status()["evaluations"]
+    assert evaluation["images"] == 4 and evaluation["dice"] == pytest.approx(0.5)
+    assert evaluation["classes"] == {"lesion": pytest.approx(0.5)}

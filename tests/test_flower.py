@@ -391,14 +391,18 @@ def test_sites_score_the_round_model_on_their_held_out_folder_and_the_strategy_p
     pair = init_pair(settings.federation.model, 3)
     outcomes: list[EvaluationOutcome] = []
     strategy = FedMixStrategy(pair, settings.rule, on_evaluate=outcomes.append, class_names=("lesion",),
-                              fraction_evaluate=settings.fraction_evaluate)
+                              num_classes=1, fraction_evaluate=settings.fraction_evaluate)
     messages = list(strategy.configure_evaluate(2, pair_to_arrays(pair), ConfigRecord(settings.site_config()), grid))
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
     replies = grid.send_and_receive(messages)
     forged = Message(RecordDict({"metrics": MetricRecord({"num-examples": 3, "dice": 1.5, "dice-lesion": 0.5,
                                                           "iou-lesion": 0.5, "lesion-images-lesion": 1})}),
                      reply_to=next(m for m in messages if m.metadata.dst_node_id == 1))
-    pooled_metrics = strategy.aggregate_evaluate(2, [*replies, forged])
+    two_classes = Message(RecordDict({"metrics": MetricRecord({
+        "num-examples": 3, "dice": 0.5, **{f"{figure}-{label}": value for label in ("lesion", "cyst")
+                                          for figure, value in (("dice", 0.5), ("iou", 0.5), ("lesion-images", 1))}})}),
+        reply_to=next(m for m in messages if m.metadata.dst_node_id == 2))
+    pooled_metrics = strategy.aggregate_evaluate(2, [*replies, forged, two_classes])
 
     outcome, = outcomes
     rows = score_site(Predictor(pair, settings.federation.model, 32, classes=("lesion",)), held_out)
@@ -408,6 +412,7 @@ def test_sites_score_the_round_model_on_their_held_out_folder_and_the_strategy_p
     assert list(outcome.reports) == ["site-a (node 1)"] and outcome.without_held_out == ["site-b (node 2)"]
     assert "is the site this client trains on" in outcome.refused["node 3"]
     assert "evaluation.dice: must be a number from 0 to 1, not 1.5" in outcome.refused["node 1"]
+    assert "evaluation.classes: scores 2 class(es); the federation's model has 1" in outcome.refused["node 2"]
     assert pooled_metrics["num-examples"] == 3 and pooled_metrics["dice"] == pytest.approx(report.dice)
     assert pooled_metrics["dice-lesion"] == pytest.approx(report.classes["lesion"].dice)
     assert outcome.to_dict()["sites"]["site-a (node 1)"]["images"] == 3

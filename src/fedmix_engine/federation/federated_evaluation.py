@@ -52,9 +52,10 @@ class EvaluationReport:
                 "classes": {k: vars(v) for k, v in self.classes.items()}}
 
     @classmethod
-    def from_dict(cls, raw: Any, class_names: Sequence[str] = ()) -> EvaluationReport:
+    def from_dict(cls, raw: Any, class_names: Sequence[str] = (), num_classes: int | None = None
+                  ) -> EvaluationReport:
         """Validate a decoded report, naming the field at fault; with ``class_names``, its classes must be
-        the federation's."""
+        the federation's, with ``num_classes`` as many as the model's."""
         if not isinstance(raw, dict):
             raise InputError("evaluation", "must be a JSON object")
         images = _count(raw.get("images"), "evaluation.images", minimum=1)
@@ -62,6 +63,9 @@ class EvaluationReport:
         classes = raw.get("classes")
         if not isinstance(classes, dict) or not classes or len(classes) > MAX_CLASSES:
             raise InputError("evaluation.classes", f"must be an object of 1 to {MAX_CLASSES} classes")
+        if num_classes is not None and len(classes) != num_classes:
+            raise InputError("evaluation.classes", f"scores {len(classes)} class(es); the federation's model has "
+                                                   f"{num_classes}")
         if class_names and list(classes) != list(class_names):
             raise InputError("evaluation.classes", f"names {', '.join(map(str, classes))}; the federation's classes "
                                                    f"are {', '.join(class_names)}")
@@ -82,14 +86,18 @@ class EvaluationReport:
 
 def pooled(reports: Mapping[str, EvaluationReport]) -> dict[str, Any]:
     """The sites' figures as one held-out set: images, Dice and per-class Dice, each site weighted by
-    the images it scored (a site's mean counts as its images' sum)."""
+    the images it scored (a site's mean counts as its images' sum). Classes are pooled by label index, as
+    the model sees them (a federation without class names checks only their count), and named as the
+    first report names them."""
     images = sum(r.images for r in reports.values())
     if not images:
         return {"images": 0, "dice": None, "classes": {}}
-    labels = next(iter(reports.values())).classes
+    labels = list(next(iter(reports.values())).classes)
+    scores = [list(r.classes.values()) for r in reports.values()]
     return {"images": images, "dice": sum(r.dice * r.images for r in reports.values()) / images,
-            "classes": {label: sum(r.classes[label].dice * r.images for r in reports.values()) / images
-                        for label in labels}}
+            "classes": {label: sum(site[k].dice * r.images for site, r in zip(scores, reports.values(),
+                                                                              strict=True)) / images
+                        for k, label in enumerate(labels)}}
 
 
 def _count(value: Any, where: str, minimum: int) -> int:

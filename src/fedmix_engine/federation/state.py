@@ -297,12 +297,9 @@ class ServerState:
         """Record a site's scores of round ``round_number``'s global model on its held-out images; a site
         that scores a model again (after a restart) replaces its earlier report."""
         try:
-            report = EvaluationReport.from_dict(raw, self.config.class_names)
+            report = EvaluationReport.from_dict(raw, self.config.class_names, self.config.model.num_classes)
         except InputError as exc:
             return Outcome(422, f"evaluation refused: {exc}")
-        if len(report.classes) != self.config.model.num_classes:
-            return Outcome(422, f"evaluation refused: evaluation.classes: scores {len(report.classes)} class(es); "
-                                f"the federation's model has {self.config.model.num_classes}")
         with self._lock:
             if not 0 <= round_number <= self.last_round:
                 return Outcome(409, f"round {round_number} has no global model to evaluate (the newest is round "
@@ -422,8 +419,13 @@ def read_evaluations(root: Path) -> dict[int, dict[str, EvaluationReport]]:
 
 
 def evaluation_summaries(evaluations: dict[int, dict[str, EvaluationReport]]) -> list[dict[str, Any]]:
-    return [{"round": r, **pooled(by_site), "sites": {s: e.to_dict() for s, e in sorted(by_site.items())}}
-            for r, by_site in sorted(evaluations.items())]
+    """Per round: the pooled figures (classes named as the first site in name order names them) and each
+    site's report."""
+    out = []
+    for r, by_site in sorted(evaluations.items()):
+        ordered = dict(sorted(by_site.items()))
+        out.append({"round": r, **pooled(ordered), "sites": {s: e.to_dict() for s, e in ordered.items()}})
+    return out
 
 
 def read_status(root: str | Path) -> dict[str, Any]:

@@ -103,8 +103,8 @@ def evaluation_to_metrics(report: EvaluationReport | None) -> MetricRecord:
     return MetricRecord(metrics)
 
 
-def metrics_to_evaluation(metrics: MetricRecord, where: str, class_names: tuple[str, ...] = ()
-                          ) -> EvaluationReport | None:
+def metrics_to_evaluation(metrics: MetricRecord, where: str, class_names: tuple[str, ...] = (),
+                          num_classes: int | None = None) -> EvaluationReport | None:
     """The built-in server's checks (``EvaluationReport.from_dict``) on an evaluate reply; None for a site
     that scored nothing."""
     if not isinstance(metrics, MetricRecord) or not isinstance(metrics.get(NUM_EXAMPLES), int):
@@ -117,7 +117,7 @@ def metrics_to_evaluation(metrics: MetricRecord, where: str, class_names: tuple[
                                **{field: metrics.get(prefix + label) for field, prefix in CLASS_FIGURES.items()}}
                        for label in labels}}
     try:
-        return EvaluationReport.from_dict(raw, class_names)
+        return EvaluationReport.from_dict(raw, class_names, num_classes)
     except InputError as exc:
         raise InputError(where, f"{exc.where}: {exc.reason}") from None
 

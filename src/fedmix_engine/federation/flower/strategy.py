@@ -86,12 +86,12 @@ class FedMixStrategy(FedAvg):
     def __init__(self, global_pair: Mapping[str, torch.Tensor], rule: AggregationRule,
                  on_round: Callable[[RoundOutcome], None] | None = None, keep_updates: bool = False,
                  on_evaluate: Callable[[EvaluationOutcome], None] | None = None, class_names: tuple[str, ...] = (),
-                 **fedavg_options) -> None:
+                 num_classes: int | None = None, **fedavg_options) -> None:
         fedavg_options.setdefault("fraction_evaluate", 0.0)  # federated evaluation only when asked for
         fedavg_options.setdefault("min_evaluate_nodes", 1)  # FedAvg's 2 would wait for ever in a 1-site run
         super().__init__(**fedavg_options)
         self.on_evaluate = on_evaluate
-        self.class_names = class_names  # an evaluation must score the federation's classes
+        self.class_names, self.num_classes = class_names, num_classes  # what an evaluation must score
         self.rule = rule
         self.template = tensor_template(global_pair)
         self.reference: dict[str, torch.Tensor] = dict(global_pair)  # the pair this round's sites train from
@@ -165,7 +165,8 @@ class FedMixStrategy(FedAvg):
                 outcome.refused[name] = f"the site reported an error: {message.error.reason}"
                 continue
             try:
-                report = metrics_to_evaluation(message.content.metric_records.get(METRICS), name, self.class_names)
+                report = metrics_to_evaluation(message.content.metric_records.get(METRICS), name, self.class_names,
+                                               self.num_classes)
             except InputError as exc:
                 outcome.refused[name] = str(exc)
                 continue
