@@ -281,3 +281,21 @@ def test_a_federation_without_class_names_pools_its_sites_classes_by_label_index
     evaluation, = state.status()["evaluations"]
     assert evaluation["images"] == 4 and evaluation["dice"] == pytest.approx(0.5)
     assert evaluation["classes"] == {"lesion": pytest.approx(0.5)}
+
+
+def test_status_of_an_open_round_names_the_sites_that_uploaded_and_reads_a_stopped_server(tmp_path: Path,
+                                                                                           capsys) -> None:
+    from federation_helpers import fake_update
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.state import ServerConfig, ServerState, read_status
+    from fedmix_engine.model import ModelConfig
+
+    state = ServerState(tmp_path / "state", ServerConfig(sites=2, min_sites=2, model=ModelConfig(base_width=4)))
+    body = tmp_path / "update.safetensors"
+    body.write_bytes(fake_update(state.global_pair(0), seed=1))
+    assert state.accept_upload("site-b", 1, body).status == 200
+    status = read_status(tmp_path / "state")
+    assert status["round"] == 1 and status["uploaded"] == ["site-b"] == state.status()["uploaded"]
+    assert status["history"] == [] and status["evaluations"] == []
+    assert main(["status", "--state", str(tmp_path / "state")]) == 0
+    assert "rounds: 0 of 10 done; round 1 open, uploaded: site-b" in capsys.readouterr().out.splitlines()

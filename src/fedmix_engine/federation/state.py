@@ -438,7 +438,7 @@ def read_status(root: str | Path) -> dict[str, Any]:
     completed = completed_rounds(root)
     last = completed[-1]
     uploaded = sorted(p.stem for p in (root / "current").glob("*.json") if p.name != "opened.json"
-                      and json.loads(p.read_text()).get("round") == last + 1)
+                      and _upload_round(p) == last + 1)
     changes = root / CHANGES_FILE
     return {"federation": (root / ID_FILE).read_text().strip() if (root / ID_FILE).is_file() else None,
             "round": None if last >= config.rounds else last + 1, "last_round": last, "rounds": config.rounds,
@@ -447,3 +447,12 @@ def read_status(root: str | Path) -> dict[str, Any]:
             "class_names": list(config.class_names), "history": read_history(root, completed),
             "settings_changes": json.loads(changes.read_text()) if changes.exists() else [],
             "evaluations": evaluation_summaries(read_evaluations(root))}
+
+
+def _upload_round(report: Path) -> int | None:
+    """The round of an acknowledged upload's report; None once a running server has closed the round and
+    removed it (between listing and reading)."""
+    try:
+        return json.loads(report.read_text()).get("round")
+    except FileNotFoundError:
+        return None
