@@ -581,7 +581,7 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
         final_at_site = sample / name / "models" / "global.safetensors"
         assert final_at_site.read_bytes() == (out / "global.safetensors").read_bytes()
     evaluations = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
-    assert [e["round"] for e in evaluations] == [1, 2] and evaluations[-1]["images"] == 6, evaluations
+    assert [e["round"] for e in evaluations] == [0, 1, 2] and evaluations[-1]["images"] == 6, evaluations
     for e in evaluations:
         assert sorted(name.split(" ")[0] for name in e["sites"]) == ["site-a", "site-b"] and e["refused"] == {}
         assert [name.split(" ")[0] for name in e["without_held_out"]] == ["site-c"]

@@ -109,6 +109,10 @@ def server_main(grid: Grid, context: Context) -> None:
                               num_classes=fed.model.num_classes,
                               min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
                               fraction_evaluate=settings.fraction_evaluate)
+    if settings.fraction_evaluate > 0:  # round 0's model too, as join --eval scores it: the baseline
+        evaluate_config = ConfigRecord(settings.site_config())
+        strategy.aggregate_evaluate(0, grid.send_and_receive(
+            strategy.configure_evaluate(0, pair_to_arrays(pair), evaluate_config, grid), timeout=fed.round_timeout))
     strategy.start(grid=grid, initial_arrays=pair_to_arrays(pair), num_rounds=fed.rounds,
                    timeout=fed.round_timeout, train_config=ConfigRecord(settings.site_config()),
                    evaluate_config=ConfigRecord(settings.site_config()))
