@@ -299,3 +299,30 @@ def test_status_of_an_open_round_names_the_sites_that_uploaded_and_reads_a_stopp
     assert status["history"] == [] and status["evaluations"] == []
     assert main(["status", "--state", str(tmp_path / "state")]) == 0
     assert "rounds: 0 of 10 done; round 1 open, uploaded: site-b" in capsys.readouterr().out.splitlines()
+
+
+def test_a_held_out_folder_that_disappears_mid_federation_is_reported_and_training_goes_on(
+        sample: Path, tmp_path: Path) -> None:
+    """A held-out folder on a share that goes away after round 0's model was scored: the client crashed in
+    the middle of the federation; now each later model is reported as not scored and the site trains on."""
+    site, held_out = tmp_path / "site-a", tmp_path / "held-out"
+    shutil.copytree(sample / "site-a", site)
+    shutil.copytree(sample / "eval" / "site-a" / "test", held_out)
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "2", *TINY_SETTINGS]) as server:
+        client = FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1, held_out=held_out)
+        events = []
+        for event in client.iter_join():
+            events.append(event)
+            if event.kind == "evaluated" and event.round == 0:
+                shutil.rmtree(held_out)
+        evaluations = server.status()["evaluations"]
+    scored = [e for e in events if e.kind == "evaluated"]
+    assert [e.round for e in scored] == [0, 1, 2]
+    assert "(sent to the server)" in scored[0].message
+    for event in scored[1:]:
+        assert "not scored (" in event.message and str(held_out) in event.message, event.message
+        assert event.message.endswith("; training goes on") and event.report is None
+    assert [e.kind for e in events].count("uploaded") == 2 and events[-1].kind == "finished"
+    assert [e["round"] for e in evaluations] == [0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -239,27 +240,35 @@ class FederationClient:
     def _score(self, model: bytes, model_round: int, should_stop: Callable[[], bool] | None
                ) -> Iterator[JoinEvent]:
         """Score round ``model_round``'s global model on the held-out folder (once per process) and send
-        the scores; a refusal is shown and training goes on: evaluation never holds up a round."""
+        the scores; a refusal, or a held-out folder that cannot be read any more, is shown and training goes
+        on: evaluation never stops the site's part in the federation."""
         from fedmix_engine.evaluation import iter_score_site
         from fedmix_engine.predict import Predictor
 
         if self.held_out is None or model_round in self._scored:
             return
         name = f"round {model_round}'s global model"
-        steps = iter_score_site(Predictor.from_checkpoint(model, self.device), self.held_out)
-        progress = mapped(steps, lambda step: JoinEvent("evaluating", f"{name}: scoring held-out image "
-                                                        f"{step[0]}/{step[1]}", model_round))
-        while True:
-            try:
-                event = next(progress)
-            except StopIteration as done:
-                report = EvaluationReport.from_scores(done.value)
-                break
-            yield event
-            if should_stop and should_stop():
-                progress.close()
-                return
         self._scored.add(model_round)
+        try:
+            steps = iter_score_site(Predictor.from_checkpoint(model, self.device), self.held_out)
+            progress = mapped(steps, lambda step: JoinEvent("evaluating", f"{name}: scoring held-out image "
+                                                            f"{step[0]}/{step[1]}", model_round))
+            while True:
+                try:
+                    event = next(progress)
+                except StopIteration as done:
+                    report = EvaluationReport.from_scores(done.value)
+                    break
+                yield event
+                if should_stop and should_stop():
+                    progress.close()
+                    self._scored.discard(model_round)
+                    return
+        except (InputError, OSError, sqlite3.Error) as exc:  # the held-out folder gone (a share unmounted)...
+            reason = str(exc) if isinstance(exc, InputError) else f"{self.held_out}: {exc}"
+            log.warning("%s not scored: %s", name, reason)
+            yield JoinEvent("evaluated", f"{name}: not scored ({reason}); training goes on", model_round)
+            return
         path = f"/{API_VERSION}/rounds/{model_round}/evaluation"
         response = self._request("POST", path, json=report.to_dict())
         if response.status_code in (404, 405):
