@@ -85,13 +85,16 @@ def test_sites_score_every_global_model_on_held_out_images_and_the_server_pools_
         assert evaluation["dice"] == pytest.approx(by_hand, abs=1e-12)
         assert evaluation["classes"]["lesion"] == pytest.approx(
             sum(s["classes"]["lesion"]["dice"] * 3 for s in evaluation["sites"].values()) / 6, abs=1e-12)
-    for name in SITES:  # each site's figure is what `evaluate` says of that round's model on its images
-        rows = score_site(Predictor.from_checkpoint(state / "rounds" / "000002" / "global.safetensors", "cpu"),
-                          held_out[name])
-        sent = evaluations[2]["sites"][name]
-        assert sent["dice"] == pytest.approx(mean_image_dice(rows), abs=1e-9)
-        assert sent["classes"]["lesion"]["iou"] == pytest.approx(summarise(rows)[0].iou_mean, abs=1e-9)
-        assert sent["classes"]["lesion"]["lesion_images"] == summarise(rows)[0].lesion_images
+    # each site's figure is what `evaluate` says of that round's model on its images (round 1's is scored
+    # after the site trained from it: training must not have touched the pair it scores)
+    for r in (1, 2):
+        for name in SITES:
+            rows = score_site(Predictor.from_checkpoint(state / "rounds" / f"{r:06d}" / "global.safetensors", "cpu"),
+                              held_out[name])
+            sent = evaluations[r]["sites"][name]
+            assert sent["dice"] == pytest.approx(mean_image_dice(rows), abs=1e-9)
+            assert sent["classes"]["lesion"]["iou"] == pytest.approx(summarise(rows)[0].iou_mean, abs=1e-9)
+            assert sent["classes"]["lesion"]["lesion_images"] == summarise(rows)[0].lesion_images
     assert json.loads((state / "evaluations" / "000002" / "site-a.json").read_text()) == evaluations[2]["sites"][
         "site-a"]
     assert f"Held-out Dice of round 2's global model: <b>{evaluations[2]['dice']:.3f}</b> over 6 images" in page

@@ -95,10 +95,17 @@ class Predictor:
         else:
             data, where, name = checkpoint_bytes(source), source, str(Path(source).resolve())
         pair, model_config, meta = pair_from_bytes(data, where)
-        image_size = int(meta.get("image_size", 128))
-        return cls(pair, model_config, image_size, plan_device(device), inference or meta.get("inference", "net1"),
-                   classes=meta.get("classes"), trained_round=meta.get("round"),
-                   source=ModelSource(name, hashlib.sha256(data).hexdigest()))
+        return cls.from_pair(pair, model_config, meta, plan_device(device), inference,
+                             ModelSource(name, hashlib.sha256(data).hexdigest()))
+
+    @classmethod
+    def from_pair(cls, pair: PairState, model_config: ModelConfig, meta: dict[str, Any], plan: DevicePlan,
+                  inference: str | None = None, source: ModelSource | None = None) -> Predictor:
+        """From a checkpoint already decoded (``pair_from_bytes``): its metadata gives the training size,
+        the inference, the class names and the round."""
+        return cls(pair, model_config, int(meta.get("image_size", 128)), plan,
+                   inference or meta.get("inference", "net1"), classes=meta.get("classes"),
+                   trained_round=meta.get("round"), source=source)
 
     def describe(self) -> str:
         """What a user should know of the model predicting: its round, classes, training size and device."""

@@ -37,6 +37,7 @@ from fedmix_engine.fedmix.local_update import (
     shown_loss,
     site_seed,
 )
+from fedmix_engine.fedmix.pair import PairState
 from fedmix_engine.fedmix.pseudo_labels import kept_summary
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.site_models import GLOBAL_MODEL
@@ -191,8 +192,9 @@ class FederationClient:
             seen_round = info["last_round"]
             if info["finished"]:
                 final, final_round = self.download_global()
+                decoded = pair_from_bytes(final, "final global model")  # validated before it is saved
                 path = self._save_final_model(final, final_round)
-                yield from self._score(final, final_round, should_stop)
+                yield from self._score(decoded, final_round, should_stop)
                 yield JoinEvent("finished", f"federation finished after {info['last_round']} rounds; model: {path}",
                                 info["last_round"])
                 return
@@ -207,7 +209,8 @@ class FederationClient:
             if model_round != r - 1:
                 time.sleep(self.poll_seconds)
                 continue  # the round moved on while we asked; start again
-            pair, _, _ = pair_from_bytes(pair_bytes, "global model from the server")
+            decoded = pair_from_bytes(pair_bytes, "global model from the server")
+            pair = decoded[0]
             with SiteStore.open(self.site_dir, readonly=True) as store, store.training_view() as view:
                 data = load_site_tensors(view, train.image_size)
             result: LocalResult | None = None
@@ -235,10 +238,10 @@ class FederationClient:
                 yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={shown_loss(rep.n, rep.loss)}"
                                 f"{kept_summary(rep.counts)} ({_detail(response)})", r, report=rep.to_dict())
             # scored while the other sites finish the round: off the round's critical path
-            yield from self._score(pair_bytes, model_round, should_stop)
+            yield from self._score(decoded, model_round, should_stop)
 
-    def _score(self, model: bytes, model_round: int, should_stop: Callable[[], bool] | None
-               ) -> Iterator[JoinEvent]:
+    def _score(self, model: tuple[PairState, ModelConfig, dict[str, Any]], model_round: int,
+               should_stop: Callable[[], bool] | None) -> Iterator[JoinEvent]:
         """Score round ``model_round``'s global model on the held-out folder (once per process) and send
         the scores; a refusal, or a held-out folder that cannot be read any more, is shown and training goes
         on: evaluation never stops the site's part in the federation."""
@@ -250,7 +253,7 @@ class FederationClient:
         name = f"round {model_round}'s global model"
         self._scored.add(model_round)
         try:
-            steps = iter_score_site(Predictor.from_checkpoint(model, self.device), self.held_out)
+            steps = iter_score_site(Predictor.from_pair(*model, self.plan), self.held_out)
             progress = mapped(steps, lambda step: JoinEvent("evaluating", f"{name}: scoring held-out image "
                                                             f"{step[0]}/{step[1]}", model_round))
             while True:
@@ -313,7 +316,7 @@ class FederationClient:
         return response.content, int(response.headers["X-FedMix-Round"])
 
     def _save_final_model(self, data: bytes, r: int) -> Path:
-        pair_from_bytes(data, "final global model")  # validate before saving
+        """Save the final global model (``data``, already checked with ``pair_from_bytes``)."""
         path = self.site_dir / GLOBAL_MODEL
         atomic_write_bytes(path, data)
         atomic_write_bytes(self.models_dir / f"{self.prefix}-round-{r:04d}.safetensors", data)
