@@ -143,16 +143,18 @@ def test_a_multi_page_tiff_is_read_a_page_at_a_time_and_a_bad_page_is_named(tmp_
     assert not (out / "hyper_mask.tif").exists()
 
 
-@pytest.mark.parametrize(("name", "codec"), [("loop.mp4", "mpeg4"), ("loop.avi", "mpeg4"), ("scope.mkv", "libx264"),
-                                             ("scope.mov", "libx264")])
+@pytest.mark.parametrize(("name", "codec", "b_frames"),
+                         [("loop.mp4", "mpeg4", None), ("loop.avi", "mpeg4", None), ("scope.mkv", "libx264", None),
+                          ("scope.mov", "libx264", None), ("scope.avi", "libx264", None), ("loop.avi", "mpeg4", 2)])
 def test_any_frame_of_a_video_is_decoded_on_demand_exactly_as_a_full_decode_gives_it(tmp_path: Path, name: str,
-                                                                                    codec: str) -> None:
+                                                                                    codec: str, b_frames) -> None:
     """napari's frame-by-frame view of a long recording: frames asked in any order (a slider dragged
     back, playback, a jump), keyframes every 10 frames, B-frames out of display order (x264), and MKV,
-    which states no frame count."""
+    which states no frame count. AVI has no presentation timestamps: with B-frames (H.264, or MPEG-4
+    with ``bf``) its timestamps are in decoding order, and its index seeks by them."""
     from fedmix_engine.data.video_frames import VideoFrames
 
-    decoded = write_gop_clip(tmp_path / name, codec=codec)
+    decoded = write_gop_clip(tmp_path / name, codec=codec, b_frames=b_frames)
     frames = VideoFrames(tmp_path / name)
     assert frames.shape == decoded.shape and frames.dtype == np.uint8 and len(frames) == 90
     order = [*np.random.default_rng(0).permutation(90), *range(90), *range(89, -1, -1), 5, 80, 6, -1]
