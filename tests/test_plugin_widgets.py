@@ -408,6 +408,7 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     (r, dice), = train.history["validation Dice"]
     assert r == 1 and 0.0 <= dice <= 1.0, "the plot shows the round's validation Dice"
     assert len(train.history["loss"]) == 1
+    assert train.history["weight"] == [], "training alone, the weight would be a flat line at 1"
 
     with SiteStore.open(sample, readonly=True) as store:
         viewer.add_image(store.read_image(store.image_ids()[0]), name="scan")
@@ -648,7 +649,8 @@ def test_a_round_that_trained_on_nothing_shows_no_loss(make_napari_viewer, qtbot
     _start_local(train, tmp_path / "site", rounds=1)
     qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
     assert train.status.text().startswith("round 1: loss —, 0 samples")
-    assert train.history["loss"] == [] and train.history["weight"] == [(1, 0.0)]
+    assert train.history["loss"] == [] and train.history["samples used (÷100)"] == [(1, 0.0)]
+    assert train.history["weight"] == [], "a site training alone has no aggregation weight to plot"
 
 
 def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(make_napari_viewer, qtbot, sample):

@@ -266,7 +266,7 @@ class TrainWidget(QWidget):
         if isinstance(event, RoundDone):
             site = next(iter(event.n))
             self.round_bar.setValue(event.round)
-            self._add_point(event.round, event.losses[site], event.weights[site], event.n[site])
+            self._add_point(event.round, event.losses[site], None, event.n[site])  # one site: its weight is 1
             self.status.setText(f"round {event.round}: loss {shown_loss(event.n[site], event.losses[site])}, "
                                 f"{event.n[site]} samples{kept_summary(event.counts.get(site, {}))} "
                                 f"({self.device_note})")
@@ -278,10 +278,12 @@ class TrainWidget(QWidget):
                 self._add_point(event.round, event.report["loss"], event.report["weight"], event.report["n"])
                 self.round_bar.setValue(event.round)
 
-    def _add_point(self, r: int, loss: float, weight: float, n: int) -> None:
+    def _add_point(self, r: int, loss: float, weight: float | None, n: int) -> None:
+        """One round's figures; ``weight`` is the site's aggregation weight, None when training alone."""
         if n:  # a round that trained on nothing has no loss (it reports 0.0)
             self.history["loss"].append((r, loss))
-        self.history["weight"].append((r, weight))
+        if weight is not None:
+            self.history["weight"].append((r, weight))
         self._add_series("samples used (÷100)", r, n / 100)
 
     def _add_series(self, name: str, r: int, value: float) -> None:
