@@ -166,6 +166,59 @@ def test_any_frame_of_a_video_is_decoded_on_demand_exactly_as_a_full_decode_give
     frames.close()
 
 
+@pytest.mark.parametrize("name", ["scope.mp4", "scope.mkv", "scope.mov", "scope.avi"])
+def test_a_jump_decodes_only_from_the_keyframe_before_the_frame(tmp_path: Path, name: str, monkeypatch) -> None:
+    """A seek must land on the keyframe before the frame asked for, not one GOP earlier: each container's
+    index seeks by its own timestamps (an MP4's lands a GOP early when given decoding timestamps)."""
+    from fedmix_engine.data.video_frames import VideoFrames
+
+    decoded = write_gop_clip(tmp_path / name, frames=120, gop=30)
+    frames = VideoFrames(tmp_path / name)
+    placed: list[int] = []
+    real_place = VideoFrames._place
+    monkeypatch.setattr(VideoFrames, "_place", lambda self, frame: placed.append(1) or real_place(self, frame))
+    starts = frames._starts
+    assert len(starts) >= 4, "the clip has keyframes to jump to"
+    for index in (118, 80, 40, 3, 110):  # backwards, or more than CONTINUE ahead: every one is a seek
+        placed.clear()
+        np.testing.assert_array_equal(frames[index], decoded[index])
+        before = max(start for start in starts if start <= index)
+        assert len(placed) == index - before + 1, f"frame {index}: decoded from the keyframe at {before}?"
+    frames.close()
+
+
+def test_a_damaged_stretch_of_a_video_is_refused_frame_by_frame_and_the_rest_is_shown(tmp_path: Path) -> None:
+    """A recording damaged in its middle (a bad sector, a cut copy) still opens: the damaged frames are refused
+    by name, the frames before them and after the next keyframe are shown as a full decode gives them."""
+    import av
+
+    from fedmix_engine.data.video_frames import VideoFrames
+
+    path = tmp_path / "scope.mp4"
+    clean = write_gop_clip(path, frames=60, gop=30)
+    with av.open(str(path)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+    data = bytearray(path.read_bytes())
+    for pos, size in packets[4:8]:  # the middle of the first GOP, in decoding order
+        data[pos:pos + size] = bytes(b ^ 0xFF for b in data[pos:pos + size])
+    path.write_bytes(bytes(data))
+    frames = VideoFrames(path)
+    assert len(frames) == 60
+    np.testing.assert_array_equal(frames[0], clean[0])
+    refused = []
+    for index in range(60):
+        try:
+            shown = frames[index]
+        except InputError as exc:
+            assert str(exc).startswith(f"{path}: video damaged near frame {index}"), exc
+            refused.append(index)
+        else:
+            if index >= frames._starts[-1]:
+                np.testing.assert_array_equal(shown, clean[index], err_msg=f"frame {index}")
+    assert refused and refused[-1] < frames._starts[-1], refused
+    frames.close()
+
+
 def test_a_file_that_is_no_video_is_refused_by_name_when_opened_frame_by_frame(tmp_path: Path) -> None:
     from fedmix_engine.data.video_frames import VideoFrames
 

@@ -33,11 +33,10 @@ PROBE = 16  # frames decoded on opening to see whether the timestamps follow the
 
 @dataclass(frozen=True)
 class _Anchor:
-    """A keyframe decoding can start from: the frame it shows, where to seek, and how to know it."""
+    """A keyframe decoding can start from: the frame it shows, and its timestamp (to seek to, and to know it by)."""
 
     index: int  # its frame number, in display order
-    seek_to: int  # the demuxer's index holds decoding timestamps (AVI, MP4), so seek by those where known
-    pts: int | None
+    pts: int
 
 
 class VideoFrames:
@@ -54,7 +53,7 @@ class VideoFrames:
             self._container = av.open(str(self.path))
             self._stream = self._container.streams.video[0]
             # the flush packet at the end has no payload; every other packet is one frame
-            packets = [(p.pts, p.dts, p.is_keyframe) for p in self._container.demux(self._stream) if p.size]
+            packets = [(p.pts, p.is_keyframe) for p in self._container.demux(self._stream) if p.size]
         except IndexError:
             raise InputError(self.path, "no video stream in this file") from None
         except Exception as exc:  # FFmpeg raises many types for damaged containers
@@ -67,17 +66,16 @@ class VideoFrames:
         self._last: int | None = None  # the frame number it yielded last
         self._expect: _Anchor | None = None  # when counting: the keyframe a seek went to, until it is decoded
         self._skipped = 0
-        stamps = [pts for pts, _, _ in packets]
+        stamps = [pts for pts, _ in packets]
         self._place_of: dict[int, int] | None = None  # presentation timestamp -> frame number, where true
         if None not in stamps and len(set(stamps)) == len(stamps):
             self._place_of = {pts: i for i, pts in enumerate(sorted(stamps))}
         first = self._probe()
         if self._place_of is not None:
-            self._anchors = sorted((_Anchor(self._place_of[pts], pts if dts is None else dts, pts)
-                                    for pts, dts, key in packets if key), key=lambda anchor: anchor.index)
+            self._anchors = sorted((_Anchor(self._place_of[pts], pts) for pts, key in packets if key),
+                                   key=lambda anchor: anchor.index)
         else:
-            self._anchors = [_Anchor(i, pts if dts is None else dts, pts)
-                             for i, (pts, dts, key) in enumerate(packets) if key and pts is not None]
+            self._anchors = [_Anchor(i, pts) for i, (pts, key) in enumerate(packets) if key and pts is not None]
         self._starts = [anchor.index for anchor in self._anchors]
         self.shape: tuple[int, ...] = (self._count, *first.shape)
         self.dtype = first.dtype
@@ -104,7 +102,8 @@ class VideoFrames:
 
     def _probe(self) -> np.ndarray:
         """Decode the first frames from the start: the first one (for the shape), and whether their
-        timestamps come in display order; where they do not, frames are placed by counting."""
+        timestamps come in display order; where they do not, frames are placed by counting. A damaged
+        packet after the first frame ends the probe, not the opening: the other frames can still be shown."""
         self._restart()
         stamps, first = [], None
         try:
@@ -115,7 +114,8 @@ class VideoFrames:
                 if len(stamps) == min(PROBE, self._count):
                     break
         except Exception as exc:
-            raise InputError(self.path, f"unreadable or corrupt video ({type(exc).__name__}: {exc})") from exc
+            if first is None:
+                raise InputError(self.path, f"unreadable or corrupt video ({type(exc).__name__}: {exc})") from exc
         if first is None:
             raise InputError(self.path, "frame 0 could not be decoded")
         if self._place_of is not None and stamps != sorted(self._place_of)[:len(stamps)]:
@@ -147,7 +147,7 @@ class VideoFrames:
             self._restart()
             return
         anchor = self._anchors[at]
-        self._container.seek(anchor.seek_to, stream=self._stream, backward=True, any_frame=False)
+        self._container.seek(anchor.pts, stream=self._stream, backward=True, any_frame=False)
         self._decoded, self._last, self._expect, self._skipped = self._container.decode(self._stream), None, anchor, 0
 
     def _restart(self) -> None:
