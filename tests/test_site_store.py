@@ -311,6 +311,38 @@ def test_stored_images_and_masks_are_lossless_deflate_tiffs(tmp_path: Path, rng)
     assert stored["images"].stat().st_size < image.size
 
 
+MACOS_MOUNTS = """/dev/disk3s1s1 on / (apfs, sealed, local, read-only, journaled)
+devfs on /dev (devfs, local, nobrowse)
+/dev/disk3s5 on /System/Volumes/Data (apfs, local, journaled, nobrowse, protect, root data)
+map auto_home on /System/Volumes/Data/home (autofs, automounted, nobrowse)
+//jdoe@fileserver.hospital.org/Radiology%20Share on /Volumes/Radiology Share (smbfs, nodev, nosuid, mounted by jdoe)
+fileserver:/export/imaging on /Volumes/imaging (nfs, asynchronous, nodev, nosuid, mounted by jdoe)
+/dev/disk4s1 on /Volumes/Radiology Share/USB stick (msdos, local, nodev, nosuid, noowners, mounted by jdoe)
+"""
+
+
+def test_a_share_is_told_from_macos_mount_list(tmp_path: Path, monkeypatch) -> None:
+    """A Mac at a clinic mounts the file server's SMB share under /Volumes; the site folder there must not use
+    WAL either. Before, macOS folders were all taken to be local."""
+    from fedmix_engine.data import network_share
+
+    kind = network_share.macos_mount_type
+    assert kind(Path("/Volumes/Radiology Share/site-a"), MACOS_MOUNTS) == "smbfs", "a mount point with a space"
+    assert kind(Path("/Volumes/imaging/site-b"), MACOS_MOUNTS) == "nfs"
+    assert kind(Path("/Volumes/Radiology Share/USB stick/site"), MACOS_MOUNTS) == "msdos", "the innermost mount"
+    assert kind(Path("/Users/jdoe/site"), MACOS_MOUNTS) == "apfs"
+    share = (tmp_path / "Radiology Share").resolve()
+    share.mkdir()
+    listing = tmp_path / "mount"  # a real program printing what /sbin/mount prints on such a Mac
+    listing.write_text(f"#!/bin/sh\ncat <<'EOF'\n{MACOS_MOUNTS}//me@server/x on {share} (smbfs, nodev)\nEOF\n")
+    listing.chmod(0o755)
+    monkeypatch.setattr(network_share, "MACOS_MOUNT", str(listing))
+    monkeypatch.setattr(network_share.sys, "platform", "darwin")
+    assert network_share.is_network_path(share) and not network_share.is_network_path(tmp_path)
+    monkeypatch.setattr(network_share, "MACOS_MOUNT", str(tmp_path / "no-such-program"))
+    assert not network_share.is_network_path(share), "when it cannot be told, a folder is taken to be local"
+
+
 def test_a_site_on_a_network_share_keeps_a_rollback_journal_not_wal(tmp_path: Path, monkeypatch, capsys) -> None:
     """WAL keeps its index in shared memory, which only works when every process runs on one machine; a site
     on a file server's share, opened from several workstations, could be corrupted by it."""
