@@ -147,6 +147,43 @@ def test_bad_replies_are_left_out_with_a_reason_and_the_round_still_aggregates()
     assert "update: moves the model by " in reasons["huge"]
 
 
+def test_a_node_the_superlink_answers_for_is_named_as_that_node_not_as_the_superlink(serverapp_identity: None) -> None:
+    """A SuperNode whose heartbeats stop is answered for by the SuperLink: a "Node Unavailable" error from
+    node 1 (the SuperLink) that names only the instruction. It was logged and recorded as "node 1" (and the
+    final delivery also listed the real node as "no reply"); it is now the node the instruction went to."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    from fedmix_engine.federation.flower.final_model import delivery_record
+    from fedmix_engine.federation.flower.strategy import addressees
+
+    rule = AggregationRule.for_method("fedmix")
+    template, good = init_pair(TINY, 0), site_pairs(1)[0]
+    strategy = FedMixStrategy(template, rule)
+    sent = list(strategy.configure_train(1, pair_to_arrays(template), ConfigRecord(), LoopGrid({}, silent=(7, 8))))
+    for message in sent:  # what the Grid does as it pushes an instruction
+        message.metadata.__dict__["_message_id"] = message.object_id
+    by_node = {message.metadata.dst_node_id: message for message in sent}
+    silent = create_message_error_unavailable_res_message(by_node[8].metadata, "node_unavail")
+    assert silent.metadata.src_node_id == 1, "Flower's own reply for a node it cannot reach comes from the SuperLink"
+    arrays, _ = strategy.aggregate_train(1, [reply(7, good, site="site-a"), silent])
+    assert max_diff(arrays.to_torch_state_dict(), good) < 1e-6
+    (name, reason), = strategy.history[-1].refused.items()
+    assert name == "node 8" and "Node Unavailable" in reason, (name, reason)
+    record = delivery_record([silent], [8], "0" * 64, 1, addressees(message.metadata for message in sent))
+    assert record["sites"] == {"node 8": f"not saved: {silent.error.reason}"}, record
+
+
+def test_without_federated_evaluation_no_round_records_an_empty_evaluation(serverapp_identity: None) -> None:
+    """Flower calls aggregate_evaluate every round even when fraction-evaluate is 0 and no site was asked;
+    each round then wrote an empty line (0 images, Dice null) to evaluations.jsonl."""
+    recorded: list = []
+    template = init_pair(TINY, 0)
+    strategy = FedMixStrategy(template, AggregationRule.for_method("fedmix"), on_evaluate=recorded.append)
+    grid = LoopGrid({}, silent=(7,))
+    assert list(strategy.configure_evaluate(1, pair_to_arrays(template), ConfigRecord(), grid)) == []
+    assert strategy.aggregate_evaluate(1, []) is None and recorded == []
+
+
 def test_replies_are_measured_against_the_global_pair_of_their_round() -> None:
     """configure_train keeps the round's global pair: a reply is refused for moving far from the model it was
     sent, not from the first one (a later round's model may have moved far from the initial one)."""

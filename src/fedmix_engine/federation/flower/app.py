@@ -38,7 +38,13 @@ from fedmix_engine.federation.flower.records import (
     report_to_metrics,
 )
 from fedmix_engine.federation.flower.settings import FlowerRunSettings, parse_site_config
-from fedmix_engine.federation.flower.strategy import SITE_KEY, EvaluationOutcome, FedMixStrategy, RoundOutcome
+from fedmix_engine.federation.flower.strategy import (
+    SITE_KEY,
+    EvaluationOutcome,
+    FedMixStrategy,
+    RoundOutcome,
+    addressees,
+)
 from fedmix_engine.federation.wire import UpdateReport, encode_update
 from fedmix_engine.fedmix.local_update import local_update, site_seed
 from fedmix_engine.fedmix.pair import init_pair
@@ -133,9 +139,11 @@ def deliver_final_model(grid: Grid, settings: FlowerRunSettings, accepted: dict[
     round_index = int(meta.get("round", 0))
     nodes = sorted(grid.get_node_ids())
     messages = final_model.final_model_messages(pair, meta, settings, nodes, accepted or {})
+    sent = [message.metadata for message in messages]  # the Grid gives them their ids as it sends them
     del pair  # the messages hold it
     replies = grid.send_and_receive(messages, timeout=settings.federation.round_timeout)
-    record = final_model.delivery_record(replies, nodes, file_sha256(checkpoint), round_index)
+    del messages
+    record = final_model.delivery_record(replies, nodes, file_sha256(checkpoint), round_index, addressees(sent))
     atomic_write_bytes(out / final_model.DELIVERY_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     missing = {name: state for name, state in record["sites"].items() if state != final_model.SAVED}
     if missing:

@@ -27,7 +27,7 @@ from fedmix_engine.federation.client import check_site_fits_model
 from fedmix_engine.federation.flower import FLWR_HINT, site_state
 from fedmix_engine.federation.flower.records import ARRAYS, CONFIG, METRICS, arrays_to_pair, pair_to_arrays
 from fedmix_engine.federation.flower.settings import FlowerRunSettings, parse_site_config
-from fedmix_engine.federation.flower.strategy import SITE_KEY, contributor_name
+from fedmix_engine.federation.flower.strategy import SITE_KEY, contributor_name, reply_node
 from fedmix_engine.federation.wire import tensor_template
 from fedmix_engine.fedmix.pair import init_pair
 from fedmix_engine.site_models import GLOBAL_MODEL
@@ -81,14 +81,16 @@ def save_final_model(msg: Message, site_dir: Path, run_id: int, node_id: int) ->
     return Message(content, reply_to=msg)
 
 
-def delivery_record(replies: Iterable[Message], nodes: Iterable[int], sha256: str, round_index: int) -> dict:
+def delivery_record(replies: Iterable[Message], nodes: Iterable[int], sha256: str, round_index: int,
+                    addressed: Mapping[str, int] | None = None) -> dict:
     """What each site did with the final model: ``saved`` (the file it wrote is the server's, byte for
-    byte), the error it reported, another digest, or ``no reply``."""
+    byte), the error it reported (or the SuperLink reported for it: ``addressed``, see ``reply_node``),
+    another digest, or ``no reply``."""
     sites: dict[str, str] = {}
     answered: set[int] = set()
     for reply in replies:
-        answered.add(reply.metadata.src_node_id)
-        name = contributor_name(reply)
+        answered.add(reply_node(reply, addressed))
+        name = contributor_name(reply, addressed)
         if reply.has_error():
             sites[name] = f"not saved: {reply.error.reason}"
             continue

@@ -35,7 +35,8 @@ from fedmix_engine.federation.wire import UpdateReport, tensor_template
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 
 try:
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+    from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord
+    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import FedAvg
 except ImportError as exc:  # the [flower] extra is optional
@@ -72,9 +73,25 @@ class EvaluationOutcome:
                 "refused": self.refused, "without_held_out": sorted(self.without_held_out)}
 
 
-def contributor_name(message: Message) -> str:
-    """``<site> (node <id>)`` when the reply names its site, else ``node <id>``."""
-    node = f"node {message.metadata.src_node_id}"
+def addressees(sent: Iterable[Metadata]) -> dict[str, int]:
+    """Each instruction's message id → the node it was sent to, from the instructions' metadata (the Grid
+    sets the id as it pushes them): for a reply that the SuperLink wrote in a node's place."""
+    return {metadata.message_id: metadata.dst_node_id for metadata in sent if metadata.message_id}
+
+
+def reply_node(message: Message, addressed: Mapping[str, int] | None = None) -> int:
+    """The node a reply is about. A node that stops sending heartbeats is answered for by the SuperLink
+    (a "Node Unavailable" error from node 1, the SuperLink itself, naming only the instruction): that
+    reply is about the node the instruction went to, found in ``addressed`` (``addressees``)."""
+    node = message.metadata.src_node_id
+    if node == SUPERLINK_NODE_ID and addressed:
+        return addressed.get(message.metadata.reply_to_message_id, node)
+    return node
+
+
+def contributor_name(message: Message, addressed: Mapping[str, int] | None = None) -> str:
+    """``<site> (node <id>)`` when the reply names its site, else ``node <id>`` (``reply_node``)."""
+    node = f"node {reply_node(message, addressed)}"
     if not message.has_error() and SITE_KEY in message.content.config_records.get(CONFIG, {}):
         return f"{message.content.config_records[CONFIG][SITE_KEY]} ({node})"
     return node
@@ -99,6 +116,7 @@ class FedMixStrategy(FedAvg):
         self.keep_updates = keep_updates
         self.history: list[RoundOutcome] = []  # per round: weights, reports, refusals (no tensors)
         self.accepted: tuple[int, list[int]] = (0, [])  # the last round, and the nodes whose updates it aggregated
+        self.sent: dict[str, list[Metadata]] = {"train": [], "evaluate": []}  # the last instructions (no records)
 
     @property
     def accepted_config(self) -> dict[str, str]:
@@ -111,7 +129,17 @@ class FedMixStrategy(FedAvg):
         """FedAvg's, with the previous round's aggregated nodes named; and this round's global pair kept,
         so that a reply too far from it is refused."""
         self.reference = arrays_to_pair(arrays, self.template, "global model")
-        return super().configure_train(server_round, arrays, ConfigRecord({**config, **self.accepted_config}), grid)
+        messages = list(super().configure_train(server_round, arrays,
+                                                ConfigRecord({**config, **self.accepted_config}), grid))
+        self.sent["train"] = [message.metadata for message in messages]
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """FedAvg's, with the instructions' metadata kept to name the nodes the SuperLink answers for."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.sent["evaluate"] = [message.metadata for message in messages]
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -120,8 +148,9 @@ class FedMixStrategy(FedAvg):
         refused: dict[str, str] = {}
         kept: dict[str, dict[str, torch.Tensor]] = {}
         nodes: list[int] = []
+        addressed = addressees(self.sent["train"])
         for message in replies:
-            name = contributor_name(message)
+            name = contributor_name(message, addressed)
             if message.has_error():
                 refused[name] = f"the site reported an error: {message.error.reason}"
                 continue
@@ -158,9 +187,12 @@ class FedMixStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The sites' held-out scores of this round's model, pooled by images (``pooled``); a malformed or
         failed reply is left out with its reason, a site without a held-out folder is listed."""
+        if not self.sent["evaluate"]:  # fraction-evaluate 0: no site was asked, so there is nothing to record
+            return None
         outcome = EvaluationOutcome(server_round, {})
+        addressed = addressees(self.sent["evaluate"])
         for message in replies:
-            name = contributor_name(message)
+            name = contributor_name(message, addressed)
             if message.has_error():
                 outcome.refused[name] = f"the site reported an error: {message.error.reason}"
                 continue
