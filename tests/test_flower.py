@@ -514,74 +514,94 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float 
     raise AssertionError(f"port {port} not open after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+class Loopback:
+    """A Flower deployment of real processes on 127.0.0.1, as a site's IT would run it: a SuperLink with TLS
+    (a self-signed certificate) and SuperNode authentication, SuperNodes with registered keys, ``flwr``."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path, self.keys, home = tmp_path, tmp_path / "keys", tmp_path / "flwr-home"
+        self.cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"  # self-signed: its own CA
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(self.cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
+                        "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        self.keys.mkdir()
+        home.mkdir()
+        self.port = free_port()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                          f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.cert}"\n')
+        self.bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec from PATH
+        self.env = {**ENV, "FLWR_HOME": str(home), "PATH": f"{self.bin_dir}{os.pathsep}{ENV.get('PATH', '')}"}
+        self.procs: list[subprocess.Popen] = []
+        link, link_log = self.start(["flower-superlink", "--port", str(self.port), "--ssl-ca-certfile",
+                                     str(self.cert), "--ssl-certfile", str(self.cert), "--ssl-keyfile", str(key),
+                                     "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                                     "--database", str(tmp_path / "superlink.db")], "superlink")
+        _wait_for_port(self.port, link, link_log)
+
+    def start(self, args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
+        """A process in a session of its own (so it is killed with its children), its output in ``name``.log."""
+        log = self.tmp_path / f"{name}.log"
+        with open(log, "ab") as handle:  # the child keeps its own descriptor; a restart appends
+            proc = subprocess.Popen([str(self.bin_dir / args[0]), *args[1:]], stdout=handle,
+                                    stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp_path, start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin_dir / "flwr"), *args], env=self.env, cwd=self.tmp_path,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def key(self, name: str, register: bool = True) -> Path:
+        """A SuperNode key pair (EC P-384 in OpenSSH format, as Flower's guide makes them), registered."""
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(self.keys / name)],
+                       check=True)
+        if register:
+            registered = self.flwr("supernode", "register", str(self.keys / f"{name}.pub"), "loopback")
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        return self.keys / name
+
+    def supernode(self, name: str, node_config: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+        return self.start(["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
+                           str(self.cert), "--auth-supernode-private-key", str(self.keys / name),
+                           "--port", str(free_port()), *extra, "--node-config", node_config], name)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simulator(tmp_path: Path) -> None:
     """SuperLink with TLS and SuperNode authentication + 3 registered SuperNodes (real processes, one per
     site) + ``flwr run``, 2 rounds, tiny model; an unregistered SuperNode is turned away."""
     sample = tmp_path / "sample"
     make_sample(sample, sites=3, images=8, eval_images=3, seed=0, size=32)
-    out, app, home, keys = tmp_path / "out", tmp_path / "app", tmp_path / "flwr-home", tmp_path / "keys"
+    out, app = tmp_path / "out", tmp_path / "app"
     write_flower_app(app, {"num-server-rounds": 2, "model-width": 4, "image-size": 32, "crop-size": 32,
                            "batch-size": 4, "min-sites": 3, "round-timeout": 240.0, "out-dir": str(out),
                            "keep-updates": True, "class-names": "lesion", "fraction-evaluate": 1.0})
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"  # self-signed: its own CA
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    keys.mkdir()
-    for name in [*SITES, "intruder"]:  # SuperNode keys: EC P-384 in OpenSSH format, as Flower's guide makes them
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(keys / name)], check=True)
-    home.mkdir()
-    port = free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                      f'address = "127.0.0.1:{port}"\nroot-certificates = "{cert}"\n')
-    bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec from PATH
-    env = {**ENV, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{ENV.get('PATH', '')}"}
-    procs: list[subprocess.Popen] = []
-
-    def start(args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
-        log = tmp_path / f"{name}.log"
-        with open(log, "wb") as handle:  # the child keeps its own descriptor
-            proc = subprocess.Popen([str(bin_dir / args[0]), *args[1:]], stdout=handle, stderr=subprocess.STDOUT,
-                                    env=env, cwd=tmp_path, start_new_session=True)
-        procs.append(proc)
-        return proc, log
-
-    def flwr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(bin_dir / "flwr"), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=timeout)
-
+    deployment = Loopback(tmp_path)
     try:
-        link, link_log = start(["flower-superlink", "--port", str(port), "--ssl-ca-certfile", str(cert),
-                                "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--enable-supernode-auth",
-                                "--disable-runtime-dependency-installation",
-                                "--database", str(tmp_path / "superlink.db")], "superlink")
-        _wait_for_port(port, link, link_log)
-        for name in SITES:
-            registered = flwr("supernode", "register", str(keys / f"{name}.pub"), "loopback")
-            assert registered.returncode == 0, registered.stdout + registered.stderr
-        supernode = ["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(cert)]
         for name in SITES:  # site-c has no held-out folder
+            deployment.key(name)
             held_out = f' eval-dir="{sample / "eval" / name / "test"}"' if name != "site-c" else ""
-            start([*supernode, "--auth-supernode-private-key", str(keys / name), "--port", str(free_port()),
-                   "--node-config", f'site-dir="{sample / name}" device="cpu"{held_out}'], name)
-        intruder, intruder_log = start([*supernode, "--auth-supernode-private-key", str(keys / "intruder"),
-                                        "--port", str(free_port()), "--max-retries", "3",
-                                        "--node-config", f'site-dir="{sample / "site-a"}"'], "intruder")
-        run = flwr("run", str(app), "loopback", "--stream", timeout=420)
+            deployment.supernode(name, f'site-dir="{sample / name}" device="cpu"{held_out}')
+        deployment.key("intruder", register=False)
+        intruder, intruder_log = deployment.supernode("intruder", f'site-dir="{sample / "site-a"}"',
+                                                      "--max-retries", "3")
+        run = deployment.flwr("run", str(app), "loopback", "--stream", timeout=420)
         logs = run.stdout[-4000:] + run.stderr[-2000:]
         assert run.returncode == 0, logs
         assert intruder.wait(timeout=60) != 0, intruder_log.read_text()[-2000:]
         assert "Failed to activate SuperNode" in intruder_log.read_text()
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        deployment.close()
 
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2], logs
@@ -627,6 +647,74 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
     assert sent["dice"] == pytest.approx(mean_image_dice(final_scores), abs=1e-6), "scored the final model"
     delivery = json.loads((out / "final-delivery.json").read_text())
     assert delivery["round"] == 2 and sorted(delivery["sites"].values()) == ["saved"] * 3, delivery
+
+
+def _wait_for(condition, what: str, timeout: float, *watched: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        for proc in watched:
+            assert proc.poll() is None, f"{what}: {proc.args[0]} exited ({proc.returncode}) first"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_site_killed_while_it_trains_is_left_out_of_that_round_and_rejoins_the_next(tmp_path: Path) -> None:
+    """Flower's own fault test, with FedMix: site-c's SuperNode and its ClientApp are SIGKILLed as round 1's
+    training message reaches it. The SuperLink answers for the silent node once its heartbeats stop; the
+    round aggregates the other two (exactly as the engine does) and names site-c's node; the SuperNode
+    restarted with the same key trains round 2 (min-sites 3 makes the round wait for it) and gets the final
+    model; its optimiser never takes the step of the update that never arrived."""
+    sample = tmp_path / "sample"
+    make_sample(sample, sites=3, images=8, eval_images=3, seed=0, size=32)
+    out, app = tmp_path / "out", tmp_path / "app"
+    write_flower_app(app, {"num-server-rounds": 2, "model-width": 4, "image-size": 32, "crop-size": 32,
+                           "batch-size": 4, "min-sites": 3, "round-timeout": 150.0, "out-dir": str(out),
+                           "keep-updates": True, "class-names": "lesion"})
+    deployment = Loopback(tmp_path)
+    config = {name: f'site-dir="{sample / name}" device="cpu"' for name in SITES}
+    rounds_file = out / "rounds.jsonl"
+    try:
+        nodes = {}
+        for name in SITES:
+            deployment.key(name)
+            nodes[name] = deployment.supernode(name, config[name])
+        run, run_log = deployment.start(["flwr", "run", str(app), "loopback", "--stream"], "run")
+        victim, victim_log = nodes["site-c"]
+        _wait_for(lambda: "Receiving: train message" in victim_log.read_text(), "site-c receives round 1",
+                  180, victim, run)
+        os.killpg(victim.pid, signal.SIGKILL)
+        assert victim.wait(timeout=20) == -signal.SIGKILL
+        _wait_for(lambda: rounds_file.is_file() and rounds_file.read_text().strip(), "round 1 closes without site-c",
+                  200, run)
+        deployment.supernode("site-c", config["site-c"])
+        assert run.wait(timeout=300) == 0, run_log.read_text()[-4000:]
+    finally:
+        deployment.close()
+    logs = run_log.read_text()[-4000:]
+    first, second = [json.loads(line) for line in rounds_file.read_text().splitlines()]
+    assert sorted(name.split(" ")[0] for name in first["reports"]) == ["site-a", "site-b"], logs
+    (silent, reason), = first["refused"].items()
+    assert "Node Unavailable" in reason, first["refused"]
+    assert sorted(name.split(" ")[0] for name in second["reports"]) == SITES, logs
+    site_c = next(name for name in second["reports"] if name.startswith("site-c"))
+    assert site_c == f"site-c ({silent})", "the node left out of round 1 is site-c's, named as itself, back"
+    delivery = json.loads((out / "final-delivery.json").read_text())
+    assert sorted(delivery["sites"].values()) == ["saved"] * 3, delivery
+    assert not (out / "evaluations.jsonl").exists(), "fraction-evaluate 0: no evaluation to record"
+    rule = AggregationRule.for_method("fedmix", 10.0, 1.5)
+    updates = sorted((out / "round-0001" / "updates").glob("*.safetensors"))
+    assert len(updates) == 2
+    template = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in LazyUpdate(updates[0]).items()}
+    reports = [validate_update_file(p, template) for p in updates]
+    expected, _ = aggregate([(p.stem, LazyUpdate(p), rep.n, rep.loss) for p, rep in zip(updates, reports, strict=True)],
+                            rule)
+    round_one, _, _ = load_checkpoint(out / "round-0001" / "global.safetensors")
+    assert max_diff(round_one, expected) < 1e-6, "round 1 is the two live sites' FedMix aggregate"
+    final = (out / "global.safetensors").read_bytes()
+    for name in SITES:
+        assert (sample / name / "models" / "global.safetensors").read_bytes() == final, name
+        assert not list((sample / name / "models").glob("flower-run-*-state-pending-*.pt")), name
 
 
 def test_a_pair_with_0_dim_buffers_crosses_flower_records_unchanged() -> None:
