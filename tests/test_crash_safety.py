@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -83,3 +84,50 @@ def test_sigkill_during_saves_loses_nothing_acknowledged(tmp_path: Path, grey_im
         assert all("interrupted save" in p for p in store.problems())
         # the store is still writable after the crash
         store.set_tag(store.image_ids()[0], "lesion", True)
+
+
+def test_batch_predict_killed_with_sigkill_is_continued_to_what_an_uninterrupted_run_writes(tmp_path: Path) -> None:
+    """An overnight batch on a workstation that loses power: `predict … --resume` keeps every mask the killed
+    run had written (each was written whole, or not at all), predicts the rest, and ends with the masks,
+    summary.csv and a finished prediction.json an uninterrupted run gives; nothing half-written is left."""
+    import csv
+
+    import tifffile
+
+    from fedmix_engine.checkpoint import save_checkpoint
+    from fedmix_engine.fedmix.pair import init_pair
+    from fedmix_engine.model import ModelConfig
+
+    folder, out, reference = tmp_path / "in", tmp_path / "out", tmp_path / "reference"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        tifffile.imwrite(folder / f"scan{i:02d}.tif", rng.integers(0, 255, (256, 256), dtype=np.uint8))
+    model = ModelConfig(base_width=4)
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(model, 0), model, {"image_size": 64})
+    predict = [sys.executable, "-m", "fedmix_engine", "predict", str(checkpoint), str(folder)]
+    proc = subprocess.Popen([*predict, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*_mask.tif"))) < 8:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the batch did not write 8 masks in time"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*_mask.tif")}
+    assert 8 <= len(written) < 40, "killed mid-batch"
+
+    resumed = subprocess.run([*predict, str(out), "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{len(written)} kept from the earlier batch" in resumed.stdout, resumed.stdout
+    assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in written.items()), "kept, not redone"
+    assert subprocess.run([*predict, str(reference)], capture_output=True, timeout=300).returncode == 0
+    masks = sorted(p.name for p in reference.glob("*_mask.tif"))
+    assert sorted(p.name for p in out.glob("*_mask.tif")) == masks and len(masks) == 40
+    for name in masks:
+        np.testing.assert_array_equal(tifffile.imread(out / name), tifffile.imread(reference / name), err_msg=name)
+    with open(out / "summary.csv", newline="") as mine, open(reference / "summary.csv", newline="") as theirs:
+        assert list(csv.DictReader(mine)) == list(csv.DictReader(theirs))
+    record = json.loads((out / "prediction.json").read_text())
+    assert record["finished"] and record["files"]["kept"] == len(written) and record["files"]["ok"] == 40, record
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary file is left behind"
