@@ -128,9 +128,18 @@ def test_problems_reports_stray_and_missing_files(site: SiteStore, grey_image) -
     site.add_image(grey_image, "a")
     (site.root / "images" / "a.tif").unlink()
     tifffile.imwrite(site.root / "masks" / "ghost.tif", np.ones((4, 4), np.uint8))
+    import os
+
+    from fedmix_engine.atomic import _create_temporary
+
+    fd, tmp = _create_temporary(site.root / "images" / "b.tif", None)  # an import killed while writing b.tif
+    os.close(fd)
     problems = site.problems()
     assert any("images/a.tif: image file missing" in p for p in problems)
     assert any("masks/ghost.tif: stray file" in p for p in problems)
+    interrupted = [p for p in problems if p.startswith(f"images/{Path(tmp).name}: ")]
+    assert len(interrupted) == 1 and "a crash or a kill interrupted" in interrupted[0] and "delete it" in interrupted[0]
+    assert len(problems) == 3
 
 
 def test_training_view_is_read_only_and_cannot_reach_missing_masks(site: SiteStore, grey_image, lesion_mask) -> None:

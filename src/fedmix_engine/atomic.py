@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fedmix_engine.errors import InputError
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # what _create_temporary names: .<name>.<12 hex>.tmp
 
 
 def make_folder(path: str | Path) -> Path:
@@ -42,7 +45,7 @@ def _create_temporary(path: Path, mode: int | None) -> tuple[int, str]:
             mode = stat.S_IMODE(os.stat(path).st_mode)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOINHERIT", 0)
     while True:
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")  # _TEMPORARY
         try:
             fd = os.open(tmp, flags, 0o666 if mode is None else mode)
         except FileExistsError:
@@ -74,6 +77,12 @@ def atomic_open(path: str | Path, mode: int | None = None) -> Iterator[BinaryIO]
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def is_interrupted_write(path: str | Path) -> bool:
+    """Whether ``path`` is an atomic write's temporary file. One found later is a write that a crash or a
+    kill interrupted before its rename: the file it was to replace is intact and nothing refers to it."""
+    return bool(_TEMPORARY.fullmatch(Path(path).name))
 
 
 def check_writable_file(path: str | Path) -> Path:

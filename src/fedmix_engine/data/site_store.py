@@ -35,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 
-from fedmix_engine.atomic import atomic_write_bytes, make_folder
+from fedmix_engine.atomic import atomic_write_bytes, is_interrupted_write, make_folder
 from fedmix_engine.data.imageio import (
     image_stem,
     normalise_image,
@@ -524,7 +524,10 @@ class SiteStore:
         for sub in ("images", "masks"):
             for path in sorted((self.root / sub).glob("*")):
                 rel = f"{sub}/{path.name}"
-                if rel not in known:
+                if is_interrupted_write(path):
+                    found.append(f"{rel}: temporary file of a save that a crash or a kill interrupted (that save "
+                                 "did not happen; the site is consistent without it): delete it")
+                elif rel not in known:
                     found.append(f"{rel}: stray file not registered in the site (left by an interrupted save?)")
         return found
 
