@@ -131,3 +131,49 @@ def test_batch_predict_killed_with_sigkill_is_continued_to_what_an_uninterrupted
     record = json.loads((out / "prediction.json").read_text())
     assert record["finished"] and record["files"]["kept"] == len(written) and record["files"]["ok"] == 40, record
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary file is left behind"
+
+
+def test_site_import_killed_with_sigkill_and_run_again_gives_the_site_a_clean_import_gives(tmp_path: Path) -> None:
+    """A long `site import` cut off (a closed laptop, a kill): running the same import again adds what is
+    missing, and the site equals one imported in one go; at most the write in flight leaves a temporary file,
+    which `problems()` names as such."""
+    import tifffile
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        tifffile.imwrite(images / f"case{i:03d}.tif", rng.integers(0, 255, (256, 256), dtype=np.uint8))
+        mask = np.zeros((256, 256), np.uint8)
+        mask[i % 200: i % 200 + 30, 20:70] = 1
+        tifffile.imwrite(masks / f"case{i:03d}.tif", mask)
+    site = [sys.executable, "-m", "fedmix_engine", "site"]
+
+    def run_import(folder: Path) -> subprocess.Popen:
+        return subprocess.Popen([*site, "import", str(folder), "--images", str(images), "--masks", str(masks)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    for folder in (tmp_path / "cut", tmp_path / "whole"):
+        subprocess.run([*site, "init", str(folder), "--classes", "lesion"], check=True, capture_output=True)
+    proc = run_import(tmp_path / "cut")
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "cut" / "images").iterdir())) < 20:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the import did not get far enough in time"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    with SiteStore.open(tmp_path / "cut", readonly=True) as store:
+        assert 0 < len(store.image_ids()) < 150, "killed mid-import"
+    for folder in (tmp_path / "cut", tmp_path / "whole"):
+        again = run_import(folder)
+        assert again.wait(timeout=300) == 0, again.stderr.read().decode()[-2000:]
+    with SiteStore.open(tmp_path / "cut") as cut, SiteStore.open(tmp_path / "whole") as whole:
+        assert cut.image_ids() == whole.image_ids() and len(whole.image_ids()) == 150
+        for image_id in whole.image_ids():
+            np.testing.assert_array_equal(cut.read_image(image_id), whole.read_image(image_id))
+            np.testing.assert_array_equal(cut.read_mask(image_id), whole.read_mask(image_id))
+        assert whole.problems() == []
+        assert all("a crash or a kill interrupted" in problem for problem in cut.problems()), cut.problems()
+        assert len(cut.problems()) <= 1, "at most the one write in flight"
