@@ -301,7 +301,58 @@ def test_status_of_an_open_round_names_the_sites_that_uploaded_and_reads_a_stopp
     assert status["round"] == 1 and status["uploaded"] == ["site-b"] == state.status()["uploaded"]
     assert status["history"] == [] and status["evaluations"] == []
     assert main(["status", "--state", str(tmp_path / "state")]) == 0
-    assert "rounds: 0 of 10 done; round 1 open, uploaded: site-b" in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    assert re.search(r"^rounds: 0 of 10 done; round 1 open for \d+ s, uploaded: site-b$", out, re.M), out
+
+
+def test_status_of_an_open_round_says_which_sites_it_waits_for_and_when_its_deadline_falls(tmp_path: Path,
+                                                                                           capsys) -> None:
+    """An admin whose round does not close asks who is missing: the sites with a token that have not uploaded
+    (each with the last round it took part in; a revoked one is not waited for), how long the round has been
+    open and when its deadline falls; the same from /v1/status, `status` and the admin page."""
+    import time
+
+    from federation_helpers import fake_update
+    from fedmix_engine.cli import main
+    from fedmix_engine.cli_federation import _waiting
+    from fedmix_engine.federation.admin import render_admin_page
+    from fedmix_engine.federation.state import ServerConfig, ServerState, read_status
+    from fedmix_engine.federation.tokens import TokenStore
+    from fedmix_engine.model import ModelConfig
+
+    root = tmp_path / "state"
+    now = [time.time() - 1000.0]
+    state = ServerState(root, ServerConfig(sites=2, min_sites=2, round_timeout=600.0,
+                                           model=ModelConfig(base_width=4)), clock=lambda: now[0])
+    tokens = TokenStore(root)
+    for site in ("site-a", "site-b", "site-c", "site-d"):
+        tokens.add(site)
+    tokens.revoke("site-c")
+    body = tmp_path / "update.safetensors"
+    for site, seed in (("site-a", 1), ("site-b", 2)):  # round 1: both expected sites, the second 875 s later
+        body.write_bytes(fake_update(state.global_pair(0), seed=seed))
+        assert state.accept_upload(site, 1, body).status == 200
+        now[0] += 875.0 if site == "site-a" else 0.0
+    body.write_bytes(fake_update(state.global_pair(1), seed=3))
+    assert state.accept_upload("site-b", 2, body).status == 200
+    now[0] += 125.0
+    served = state.status()
+    assert (served["round"], served["uploaded"], served["open_for"], served["deadline_in"]) == (2, ["site-b"], 125.0,
+                                                                                                475.0)
+    assert served["not_uploaded"] == [{"site": "site-a", "last_round": 1}, {"site": "site-d", "last_round": None}]
+    read = read_status(root, now=now[0])
+    for key in ("open_for", "deadline_in", "not_uploaded", "uploaded"):
+        assert read[key] == served[key], key
+    assert main(["status", "--state", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "rounds: 1 of 10 done; round 2 open for 2 min, uploaded: site-b" in lines, lines
+    assert ("no upload yet from: site-a (last in round 1), site-d (in no round yet); closes when 2 sites have "
+            "uploaded, or at the deadline (in 8 min) with at least 2") in lines, lines
+    assert _waiting(read_status(root, now=now[0] + 600.0)).endswith(
+        "; the deadline passed 2 min ago: it closes as soon as 2 have uploaded")
+    assert "not yet: site-a (last in round 1), site-d (in no round yet)" in render_admin_page(served)
+    finished = read_status(root, now=now[0]) | {"finished": True}
+    assert "not yet" not in render_admin_page(finished)
 
 
 def test_a_held_out_folder_that_disappears_mid_federation_is_reported_and_training_goes_on(

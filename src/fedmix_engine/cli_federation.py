@@ -175,9 +175,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     classes = ", ".join(status["class_names"]) or "not named"
     print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
           f"classes {classes}; {status['sites_expected']} sites expected, quorum {status['min_sites']}")
-    state = "finished" if status["finished"] else (f"round {status['round']} open, uploaded: "
+    state = "finished" if status["finished"] else (f"round {status['round']} open{_open_for(status)}, uploaded: "
                                                     f"{', '.join(status['uploaded']) or 'none yet'}")
     print(f"rounds: {status['last_round']} of {status['rounds']} done; {state}")
+    if not status["finished"]:
+        print(_waiting(status))
     for change in status["settings_changes"]:
         print(f"settings changed from round {change['from_round']}: {'; '.join(change['changes'])}")
     scored = {e["round"]: e for e in status["evaluations"]}
@@ -190,6 +192,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         held_out = f"; held-out Dice {_held_out(evaluation)}" if evaluation else ""
         print(f"round {meta['round']}: {sites}{held_out} (closed: {meta['reason']})")
     return 0
+
+
+def _open_for(status: dict) -> str:
+    return "" if status["open_for"] is None else f" for {_duration(status['open_for'])}"
+
+
+def _waiting(status: dict) -> str:
+    """Who the open round waits for, and what closes it (every expected site, or a quorum at the deadline)."""
+    from fedmix_engine.federation.admin import not_uploaded_list
+
+    missing = status["not_uploaded"]
+    if missing is None:
+        who = "sites not yet uploaded: unknown (tokens.json cannot be read by this user)"
+    else:
+        who = f"no upload yet from: {not_uploaded_list(missing) or 'none of the sites with a token'}"
+    rule = f"closes when {status['sites_expected']} sites have uploaded"
+    left = status["deadline_in"]
+    if left is None:
+        return f"{who}; {rule}"
+    if left >= 0:
+        return f"{who}; {rule}, or at the deadline (in {_duration(left)}) with at least {status['min_sites']}"
+    return (f"{who}; the deadline passed {_duration(-left)} ago: it closes as soon as {status['min_sites']} "
+            f"have uploaded")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else (f"{seconds / 60:.0f} min" if seconds < 5400
+                                                     else f"{seconds / 3600:.1f} h")
 
 
 def _held_out(evaluation: dict) -> str:

@@ -14,6 +14,14 @@ TEXT = "#888"  # readable on napari's dark theme and on the admin page's white
 LEGEND_CHAR_PX = 6  # a generous average glyph width at font-size 10, so a legend name is not cut off
 
 
+def not_uploaded_list(missing: list[dict]) -> str:
+    """The sites an open round has not heard from, each with the last round it took part in."""
+    def last_in(round_number: int | None) -> str:
+        return "in no round yet" if round_number is None else f"last in round {round_number}"
+
+    return ", ".join(f"{m['site']} ({last_in(m['last_round'])})" for m in missing)
+
+
 def svg_lines(series: dict[str, list[tuple[int, float]]], title: str, width: int = 360, height: int = 160) -> str:
     """A tiny line chart (one line per site) as inline SVG, its legend in a right margin as wide as the
     longest name (up to half the chart; a longer name is shortened with "…")."""
@@ -85,6 +93,9 @@ def render_admin_page(status: dict[str, Any]) -> str:
     changed = f"<p>Settings changed on restarts:</p><ul>{changed}</ul>" if changed else ""
     state = "finished" if status["finished"] else f"round {status['round']} open"
     waiting = ", ".join(status["uploaded"]) or "none yet"
+    missing = status.get("not_uploaded")
+    if not status["finished"] and missing:
+        waiting += f"; not yet: {not_uploaded_list(missing)}"
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>FedMix server</title>
 <meta http-equiv='refresh' content='10'>
 <style>body{{font-family:sans-serif;margin:2em}}

@@ -39,6 +39,7 @@ from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoi
 from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
+from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 from fedmix_engine.fedmix.local_update import TrainConfig
@@ -172,6 +173,7 @@ class ServerState:
         self.current_dir = self.root / "current"
         self.current_dir.mkdir(exist_ok=True)
         self.evaluations_dir = self.root / EVALUATIONS
+        self.tokens = TokenStore(self.root)  # read only: which sites the open round may still hear from
         self._recover()
 
     def _adjust(self, stored: ServerConfig, config: ServerConfig, config_path: Path) -> None:
@@ -212,9 +214,9 @@ class ServerState:
         self._history = read_history(self.root, completed)
         self.template = tensor_template(self.global_pair(self.last_round))
         self.uploads: dict[str, dict] = {}
-        opened = self.current_dir / "opened.json"
-        if opened.exists() and json.loads(opened.read_text()).get("round") == self.current_round:
-            self.opened_at = float(json.loads(opened.read_text())["opened_at"])
+        opened_at = _opened_at(self.root, self.current_round)
+        if opened_at is not None:
+            self.opened_at = opened_at
         else:
             self._open_round()
         for report_file in sorted(self.current_dir.glob("*.json")):
@@ -279,13 +281,15 @@ class ServerState:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
+            history = self.history()
             return {
                 "api": "v1", "round": None if self.finished else self.current_round, "last_round": self.last_round,
                 "rounds": self.config.rounds, "finished": self.finished, "sites_expected": self.config.sites,
                 "min_sites": self.config.min_sites, "uploaded": sorted(self.uploads),
-                "deadline_in": None if self.finished else round(self.deadline - self._clock(), 1),
+                **open_round(None if self.finished else self.opened_at, self._clock(), self.config.round_timeout,
+                             sorted(self.uploads), _token_sites(self.tokens), history),
                 "method": self.config.method, "lam": self.config.lam, "beta": self.config.beta,
-                "history": self.history(), "settings_changes": self.changes, "evaluations": self.evaluations(),
+                "history": history, "settings_changes": self.changes, "evaluations": self.evaluations(),
             }
 
     def evaluations(self) -> list[dict[str, Any]]:
@@ -428,7 +432,31 @@ def evaluation_summaries(evaluations: dict[int, dict[str, EvaluationReport]]) ->
     return out
 
 
-def read_status(root: str | Path) -> dict[str, Any]:
+def open_round(opened_at: float | None, now: float, round_timeout: float, uploaded: list[str],
+               sites: dict[str, dict] | None, history: list[dict]) -> dict[str, Any]:
+    """Why a round is still open, for its admin: for how long (``open_for``, s), when its deadline falls
+    (``deadline_in``, s; negative once passed), and which sites with a token (not revoked) have not uploaded
+    to it (``not_uploaded``), each with the last round it took part in (None: none yet). All None for a
+    finished federation (``opened_at`` None); ``not_uploaded`` None when the tokens could not be read."""
+    if opened_at is None:
+        return {"open_for": None, "deadline_in": None, "not_uploaded": None}
+    last_round = {site: meta["round"] for meta in history for site in meta["sites"]}
+    missing = None if sites is None else [{"site": site, "last_round": last_round.get(site)}
+                                          for site, entry in sorted(sites.items())
+                                          if not entry.get("revoked") and site not in uploaded]
+    return {"open_for": round(now - opened_at, 1), "deadline_in": round(opened_at + round_timeout - now, 1),
+            "not_uploaded": missing}
+
+
+def _token_sites(tokens: TokenStore) -> dict[str, dict] | None:
+    """The sites with a token; None when the token file cannot be read (``status`` run by another user)."""
+    try:
+        return tokens.sites()
+    except (OSError, ValueError):
+        return None
+
+
+def read_status(root: str | Path, now: float | None = None) -> dict[str, Any]:
     """What ``/v1/status`` says, read from the state directory without writing to it: for an admin on the
     server's machine, whether the server runs or not (``fedmix-engine status``)."""
     root = Path(root)
@@ -440,13 +468,26 @@ def read_status(root: str | Path) -> dict[str, Any]:
     uploaded = sorted(p.stem for p in (root / "current").glob("*.json") if p.name != "opened.json"
                       and _upload_round(p) == last + 1)
     changes = root / CHANGES_FILE
+    history = read_history(root, completed)
     return {"federation": (root / ID_FILE).read_text().strip() if (root / ID_FILE).is_file() else None,
             "round": None if last >= config.rounds else last + 1, "last_round": last, "rounds": config.rounds,
             "finished": last >= config.rounds, "sites_expected": config.sites, "min_sites": config.min_sites,
-            "uploaded": uploaded, "method": config.method, "lam": config.lam, "beta": config.beta,
-            "class_names": list(config.class_names), "history": read_history(root, completed),
+            "uploaded": uploaded, **open_round(None if last >= config.rounds else _opened_at(root, last + 1),
+                                               time.time() if now is None else now, config.round_timeout, uploaded,
+                                               _token_sites(TokenStore(root)), history),
+            "method": config.method, "lam": config.lam, "beta": config.beta,
+            "class_names": list(config.class_names), "history": history,
             "settings_changes": json.loads(changes.read_text()) if changes.exists() else [],
             "evaluations": evaluation_summaries(read_evaluations(root))}
+
+
+def _opened_at(root: Path, round_number: int) -> float | None:
+    """When round ``round_number`` opened (``current/opened.json``); None when the file is for another round."""
+    try:
+        opened = json.loads((root / "current" / "opened.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return float(opened["opened_at"]) if opened.get("round") == round_number else None
 
 
 def _upload_round(report: Path) -> int | None:
