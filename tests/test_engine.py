@@ -565,7 +565,14 @@ def test_a_stopped_batch_is_continued_keeping_the_masks_it_wrote_and_only_those(
 
     os.utime(folder / "b.tif")  # the image changed after its mask was made
     (out / "c_mask.tif").write_bytes(b"II*\x00damaged")
+    from fedmix_engine.atomic import _create_temporary
+
+    fd, half_written = _create_temporary(out / "b_mask.tif", None)  # the mask being written when a batch was killed
+    os.close(fd)
+    (out / ".notes.tmp").write_text("not a write of ours")
     batch = iter_predict_folder(predictor, folder, out, resume=True)
+    assert not Path(half_written).exists(), "a killed write's temporary file is cleared when the batch continues"
+    assert (out / ".notes.tmp").exists(), "only the writer's own temporary files"
     assert [row for _, _, row in batch] == reference and batch.kept == 1  # only a.tif's mask still stands
 
     for changed, named in (({"threshold": 0.3}, "threshold"), ({"recursive": True}, "recursive")):

@@ -85,6 +85,16 @@ def is_interrupted_write(path: str | Path) -> bool:
     return bool(_TEMPORARY.fullmatch(Path(path).name))
 
 
+def remove_interrupted_writes(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed writes left in ``folder`` and below (``is_interrupted_write``);
+    for a folder one process owns, such as a batch's output, which no other process is writing to."""
+    left = [path for path in Path(folder).rglob(".*.tmp") if path.is_file() and is_interrupted_write(path)]
+    for path in left:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return left
+
+
 def check_writable_file(path: str | Path) -> Path:
     """An output file's name, checked before the work that fills it: not a folder, in a folder that
     exists (or is made) and is writable."""

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from fedmix_engine import __version__
-from fedmix_engine.atomic import atomic_write_bytes, make_folder
+from fedmix_engine.atomic import atomic_write_bytes, make_folder, remove_interrupted_writes
 from fedmix_engine.checkpoint import checkpoint_bytes, pair_from_bytes
 from fedmix_engine.data.dicom import dicom_frames
 from fedmix_engine.data.dicom_seg import default_class_names, write_dicom_seg
@@ -415,6 +415,7 @@ class FolderBatch:
             self._record["started"] = self._since
         self.kept = 0  # files whose mask the stopped batch had written, not predicted again
         make_folder(self.out)
+        remove_interrupted_writes(self.out)  # a killed batch's half-written mask, never renamed into place
         self.files = batch_files(folder, recursive, self.out)
         self.root = folder.parent if folder.is_file() else folder  # rows and masks are named relative to it
         self.total = self._record["files"]["total"] = len(self.files)
