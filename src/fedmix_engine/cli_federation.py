@@ -294,8 +294,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--pl-warmup", type=int, help="rounds before pseudo-labels are used (default 0)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", help="the federation's rounds, site weights and held-out Dice, read from the "
-                                      "server's state directory (running or not)")
+    p = sub.add_parser("status", help="the federation's rounds, site weights and held-out Dice, and the sites "
+                                      "the open round waits for, read from the server's state directory (running "
+                                      "or not)")
     p.add_argument("--state", type=Path, required=True, help="the server's state directory")
     p.set_defaults(func=cmd_status)
 
