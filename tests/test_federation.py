@@ -326,6 +326,25 @@ def test_a_site_takes_part_when_the_server_keeps_its_history_to_its_admin(sample
     assert kinds.count("uploaded") == 2 and kinds[-1] == "finished" and "round-closed" not in kinds
     assert (site / "models" / "global.safetensors").is_file()
 
+def test_a_waiting_site_is_told_which_sites_the_round_waits_for(sample: Path, tmp_path: Path) -> None:
+    """A clinician whose site has delivered its update sees which hospital the round is waiting for
+    (the napari status line shows the same message), not only that it waits."""
+    import shutil
+
+    from fedmix_engine.federation.client import FederationClient
+
+    site = tmp_path / "site-a"
+    shutil.copytree(sample / "site-a", site)
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a", "site-b"])
+    with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]) as server:
+        events = FederationClient(server.url, tokens["site-a"], site, device="cpu", poll_seconds=0.1).iter_join()
+        waiting = next(event for event in events if event.kind == "waiting")
+        events.close()
+    assert waiting.message == ("round 1: update delivered, waiting for the other sites "
+                               "(not yet: site-b (in no round yet))"), waiting.message
+
+
 def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",

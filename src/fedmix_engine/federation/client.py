@@ -201,7 +201,8 @@ class FederationClient:
             r = info["round"]
             if info["uploaded"]:
                 if last_wait != r:
-                    yield JoinEvent("waiting", f"round {r}: update delivered, waiting for the other sites", r)
+                    yield JoinEvent("waiting", f"round {r}: update delivered, waiting for the other sites"
+                                    f"{self._not_yet(site)}", r)
                     last_wait = r
                 time.sleep(self.poll_seconds)
                 continue
@@ -283,6 +284,17 @@ class FederationClient:
             sent = "sent to the server"
         yield JoinEvent("evaluated", f"{name}: Dice {report.dice:.3f} on {report.images} held-out images "
                         f"({sent})", model_round, report=report.to_dict())
+
+    def _not_yet(self, site: str) -> str:
+        """`` (not yet: site-c (last in round 3))``: the other sites the open round waits for, from /v1/status;
+        nothing when the server keeps its status to its admin or predates the list."""
+        from fedmix_engine.federation.admin import not_uploaded_list
+
+        response = self._request("GET", f"/{API_VERSION}/status")
+        if response.status_code != 200:
+            return ""
+        missing = [m for m in response.json().get("not_uploaded") or [] if m["site"] != site]
+        return f" (not yet: {not_uploaded_list(missing)})" if missing else ""
 
     def _closed_rounds(self, site: str, after: int, upto: int) -> Iterator[JoinEvent]:
         """This site's weight, n and loss in each round that closed since ``after`` (from /v1/status);
