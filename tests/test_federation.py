@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save
 from federation_helpers import (
     ENV,
     TINY_SETTINGS,
+    Server,
     fake_update,
     free_port,
     global_pair,
@@ -98,6 +99,52 @@ def test_server_sigkilled_mid_round_keeps_acknowledged_uploads(tmp_path: Path) -
                              for k, name in enumerate(SITES)], AggregationRule(10.0, 1.5))
     served, _, _ = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
     assert max(float((served[k] - expected[k]).abs().max()) for k in expected) < 1e-6
+
+
+def test_join_processes_ride_out_a_server_sigkill_and_the_federation_ends_as_if_uninterrupted(sample: Path,
+                                                                                             tmp_path: Path) -> None:
+    """NVFlare's high-availability test, on the built-in server with real `join` processes: the server is
+    SIGKILLed while round 2 is open and restarted seconds later; the clients retry with backoff, the round
+    resumes, and the final model equals the simulator's, which no server crash interrupted."""
+    import shutil
+
+    sites = SITES[:2]
+    copies = {name: tmp_path / name for name in sites}
+    for name in sites:
+        shutil.copytree(sample / name, copies[name])
+    state = tmp_path / "state"
+    tokens = make_tokens(state, sites)
+    server = Server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "3", *TINY_SETTINGS]).start()
+    clients = [subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url,
+                                 "--token", tokens[name], "--site", str(copies[name]), "--device", "cpu",
+                                 "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+               for name in sites]
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # round 1 closed, round 2 open (with an upload, when the moment is caught)
+            status = server.status()
+            if status["last_round"] >= 2 or (status["last_round"] == 1 and status["uploaded"]):
+                break
+            assert time.monotonic() < deadline and all(c.poll() is None for c in clients), status
+            time.sleep(0.02)
+        assert not status["finished"], "killed mid-federation"
+        server.kill()
+        time.sleep(3)  # the clients meet refused connections and back off
+        server.start()
+        outputs = [c.communicate(timeout=300)[0].decode() for c in clients]
+        assert [c.returncode for c in clients] == [0, 0], "\n".join(outputs)[-4000:]
+        status = server.status()
+    finally:
+        server.kill()
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+    assert status["finished"] and status["last_round"] == 3
+    assert all("retrying" in output for output in outputs), "each client met the dead server and retried"
+    served, _, _ = load_checkpoint(state / "rounds" / "000003" / "global.safetensors")
+    simulated = simulate_like_the_sites(sample, sites, 3, tmp_path / "sim")
+    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    assert worst < 1e-5, f"the crash changed what was trained: max |Δθ| = {worst}"
 
 
 def load_bytes(body: bytes) -> dict[str, torch.Tensor]:
