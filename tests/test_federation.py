@@ -147,6 +147,52 @@ def test_join_processes_ride_out_a_server_sigkill_and_the_federation_ends_as_if_
     assert worst < 1e-5, f"the crash changed what was trained: max |Δθ| = {worst}"
 
 
+def test_a_join_process_sigkilled_after_training_a_round_restarts_and_the_federation_ends_as_if_uninterrupted(
+        sample: Path, tmp_path: Path) -> None:
+    """A site's workstation loses power after training round 2, before its upload: the restarted `join`
+    trains round 2 again from the Adam moments of its last accepted update, to the same update, and the
+    final model equals the simulator's."""
+    import shutil
+
+    sites = SITES[:2]
+    copies = {name: tmp_path / name for name in sites}
+    for name in sites:
+        shutil.copytree(sample / name, copies[name])
+    state = tmp_path / "state"
+    tokens = make_tokens(state, sites)
+    logs = {name: tmp_path / f"{name}.log" for name in sites}
+
+    def join(name: str) -> subprocess.Popen:
+        with open(logs[name], "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url,
+                                     "--token", tokens[name], "--site", str(copies[name]), "--device", "cpu",
+                                     "--poll", "0.2"], stdout=log, stderr=subprocess.STDOUT, env=ENV)
+
+    with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "3", *TINY_SETTINGS]) as server:
+        clients = {name: join(name) for name in sites}
+        try:
+            deadline = time.monotonic() + 120
+            while not re.search(r"^round 2: train (\d+)/\1$", logs["site-a"].read_text(), re.M):
+                assert time.monotonic() < deadline and clients["site-a"].poll() is None, logs["site-a"].read_text()
+                time.sleep(0.01)
+            os.kill(clients["site-a"].pid, signal.SIGKILL)
+            assert clients["site-a"].wait(timeout=10) == -signal.SIGKILL
+            assert "round 2: sent" not in logs["site-a"].read_text(), "killed before its round-2 upload"
+            clients["site-a"] = join("site-a")
+            for name, client in clients.items():
+                assert client.wait(timeout=300) == 0, logs[name].read_text()[-3000:]
+            status = server.status()
+        finally:
+            for client in clients.values():
+                if client.poll() is None:
+                    client.kill()
+    assert status["finished"] and [sorted(meta["sites"]) for meta in status["history"]] == [sites] * 3
+    served, _, _ = load_checkpoint(state / "rounds" / "000003" / "global.safetensors")
+    simulated = simulate_like_the_sites(sample, sites, 3, tmp_path / "sim")
+    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    assert worst < 1e-5, f"the killed round trained from other moments: max |Δθ| = {worst}"
+
+
 def load_bytes(body: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
@@ -774,6 +820,51 @@ def test_a_client_stopped_before_its_upload_is_taken_trains_that_round_again_to_
     simulated = simulate_like_the_sites(sample, ["site-a"], 2, tmp_path / "sim")
     worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
     assert worst < 1e-5, f"the stopped round trained from other moments: max |Δθ| = {worst}"
+
+
+def test_a_client_that_dies_after_the_server_took_its_update_resumes_with_that_rounds_moments(
+        sample: Path, tmp_path: Path, monkeypatch) -> None:
+    """The other side of the window above: the server has taken round 2's update, and the client dies before
+    it learns so. Its moments were saved only after the answer, so the restarted client trained round 3 from
+    round 1's moments and the federation drifted. They are now kept as pending before the upload, and the
+    restarted client commits them because the server says (last_accepted) that round 2's update counted."""
+    import shutil
+
+    from federation_helpers import Server
+    from fedmix_engine.federation import pending_state
+    from fedmix_engine.federation.client import FederationClient
+
+    site = tmp_path / "site-a"
+    shutil.copytree(sample / "site-a", site, ignore=shutil.ignore_patterns("models"))
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    server = Server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "3", *TINY_SETTINGS]).start()
+    real_settle = pending_state.settle
+
+    def dies_once_round_2_is_taken(models_dir, prefix, accepted_round):
+        if accepted_round == 2:
+            raise KeyboardInterrupt("the workstation lost power")
+        return real_settle(models_dir, prefix, accepted_round)
+
+    torch.set_num_threads(1)  # as the site processes and simulate_like_the_sites
+    try:
+        monkeypatch.setattr(pending_state, "settle", dies_once_round_2_is_taken)
+        with pytest.raises(KeyboardInterrupt):
+            FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1).join()
+        assert server.status()["uploaded"] == [] and server.status()["last_round"] == 2, "round 2 was taken"
+        kept = sorted(p.name.split("-state")[-1] for p in (site / "models").glob("federation-*-state*.pt"))
+        assert kept == ["-pending-0002.pt", ".pt"], "round 1's moments committed, round 2's still pending"
+        monkeypatch.setattr(pending_state, "settle", real_settle)
+        FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1).join()
+        assert server.status()["finished"]
+    finally:
+        server.kill()
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    assert not list((site / "models").glob("*-state-pending-*.pt"))
+    served, _, _ = load_checkpoint(state / "rounds" / "000003" / "global.safetensors")
+    simulated = simulate_like_the_sites(sample, ["site-a"], 3, tmp_path / "sim")
+    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    assert worst < 1e-5, f"round 3 trained from moments without round 2's step: max |Δθ| = {worst}"
 
 
 def test_a_site_whose_classes_are_named_or_ordered_otherwise_is_refused_at_joining(tmp_path: Path) -> None:

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.checkpoint import load_site_state, pair_from_bytes, save_site_state
+from fedmix_engine.checkpoint import pair_from_bytes
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
+from fedmix_engine.federation import pending_state
 from fedmix_engine.federation.federated_evaluation import EvaluationReport
 from fedmix_engine.federation.wire import API_VERSION, UpdateReport, encode_update
 from fedmix_engine.fedmix.local_update import (
@@ -173,7 +174,9 @@ class FederationClient:
         site, model_config = cfg["site"], ModelConfig.from_dict(cfg["model"])
         train = self.train_config = TrainConfig(**cfg["train"])
         self.prefix = federation_prefix(cfg.get("federation"))
-        self.state = self._load_state()
+        # moments saved before an upload this site may have died around: kept if the server took that update
+        pending_state.settle(self.models_dir, self.prefix, self._json(f"/{API_VERSION}/round").get("last_accepted"))
+        self.state = pending_state.load(self.models_dir, self.prefix)
         yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
                         f"{self.plan.device} ({self.plan.note})")
         for folder in filter(None, (self.site_dir, self.held_out)):  # the held-out images must fit the model too
@@ -202,7 +205,7 @@ class FederationClient:
             if info["uploaded"]:
                 if last_wait != r:
                     yield JoinEvent("waiting", f"round {r}: update delivered, waiting for the other sites"
-                                    f"{self._not_yet(site)}", r)
+                                    f"{self._not_yet(site, r)}", r)
                     last_wait = r
                 time.sleep(self.poll_seconds)
                 continue
@@ -226,16 +229,18 @@ class FederationClient:
             assert result is not None
             rep = result.report
             body = encode_update(result.pair, UpdateReport.from_local(rep))
+            # Adam's moments advance only with an accepted update: kept as pending until the server says so,
+            # so a client stopped or killed before that trains this round again from the same moments
+            pending_state.save_pending(self.models_dir, self.prefix, r, result.state)
             response = self._request("POST", f"/{API_VERSION}/rounds/{r}/update", content=body,
                                      headers={"Content-Type": "application/octet-stream"})
             if response.status_code == 409:  # too late: this round's optimiser step never counted
+                pending_state.settle(self.models_dir, self.prefix, None)
                 yield JoinEvent("waiting", f"round {r}: {_detail(response)}", r)
             else:
                 self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
-                # Adam's moments advance only with an accepted update: a client stopped before the server
-                # took it trains this round again from the same moments, to the same update
+                pending_state.settle(self.models_dir, self.prefix, r)
                 self.state = result.state
-                self._save_state()
                 yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={shown_loss(rep.n, rep.loss)}"
                                 f"{kept_summary(rep.counts)} ({_detail(response)})", r, report=rep.to_dict())
             # scored while the other sites finish the round: off the round's critical path
@@ -285,13 +290,14 @@ class FederationClient:
         yield JoinEvent("evaluated", f"{name}: Dice {report.dice:.3f} on {report.images} held-out images "
                         f"({sent})", model_round, report=report.to_dict())
 
-    def _not_yet(self, site: str) -> str:
-        """`` (not yet: site-c (last in round 3))``: the other sites the open round waits for, from /v1/status;
-        nothing when the server keeps its status to its admin or predates the list."""
+    def _not_yet(self, site: str, round_number: int) -> str:
+        """`` (not yet: site-c (last in round 3))``: the other sites round ``round_number`` waits for, from
+        /v1/status; nothing when the server keeps its status to its admin, predates the list, or has closed
+        the round meanwhile."""
         from fedmix_engine.federation.admin import not_uploaded_list
 
         response = self._request("GET", f"/{API_VERSION}/status")
-        if response.status_code != 200:
+        if response.status_code != 200 or response.json().get("round") != round_number:
             return ""
         missing = [m for m in response.json().get("not_uploaded") or [] if m["site"] != site]
         return f" (not yet: {not_uploaded_list(missing)})" if missing else ""
@@ -334,11 +340,6 @@ class FederationClient:
         atomic_write_bytes(self.models_dir / f"{self.prefix}-round-{r:04d}.safetensors", data)
         return path
 
-    def _save_state(self) -> None:
-        save_site_state(self.models_dir, self.state, f"{self.prefix}-state.pt")
-
-    def _load_state(self) -> SiteState:
-        return load_site_state(self.models_dir, f"{self.prefix}-state.pt")
 
 
 def federation_prefix(federation: str | None) -> str:

@@ -273,10 +273,14 @@ class ServerState:
             return self.global_path(), self.last_round
 
     def round_info(self, site: str) -> dict[str, Any]:
-        """What a polling site needs; cheap (no history)."""
+        """What a polling site needs; cheap (no history sent). ``last_accepted``: the newest round whose
+        update from this site the server took (None: none), so a restarted site knows whether the update it
+        sent before it died counted, and settles its optimiser's moments accordingly (``pending_state``)."""
         with self._lock:
+            taken = [meta["round"] for meta in self._history if site in meta["sites"]]
+            last_accepted = self.current_round if site in self.uploads else (taken[-1] if taken else None)
             return {"round": None if self.finished else self.current_round, "last_round": self.last_round,
-                    "finished": self.finished, "uploaded": site in self.uploads,
+                    "finished": self.finished, "uploaded": site in self.uploads, "last_accepted": last_accepted,
                     "deadline_in": None if self.finished else round(self.deadline - self._clock(), 1)}
 
     def status(self) -> dict[str, Any]:

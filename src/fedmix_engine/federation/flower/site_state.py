@@ -1,5 +1,5 @@
 """A Flower site's Adam moments advance only with an update the ServerApp aggregated, as a ``join``
-site's do (``federation.client``: an upload refused or too late leaves the moments as they were).
+site's do (both through ``federation.pending_state``).
 
 A ClientApp replies and forgets: it cannot know whether its update counted. So the moments after
 round r are kept as *pending* (``flower-run-<id>-state-pending-NNNN.pt``), and the next message from
@@ -11,21 +11,16 @@ not sampled in between) is dropped too: never counting a step is the safe side.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedmix_engine.checkpoint import load_site_state, save_site_state
 from fedmix_engine.errors import InputError
+from fedmix_engine.federation import pending_state
 from fedmix_engine.fedmix.local_update import SiteState
 
 ACCEPTED_KEY = "fedmix-accepted"  # in the ServerApp's config: {"round": r, "nodes": [node ids aggregated in r]}
-log = logging.getLogger(__name__)
 
 
 def accepted_config(round_index: int, nodes: Iterable[int]) -> dict[str, str]:
@@ -33,12 +28,8 @@ def accepted_config(round_index: int, nodes: Iterable[int]) -> dict[str, str]:
     return {ACCEPTED_KEY: json.dumps({"round": int(round_index), "nodes": sorted(int(n) for n in nodes)})}
 
 
-def _committed(run_id: int) -> str:
-    return f"flower-run-{run_id}-state.pt"
-
-
-def _pending(run_id: int, round_index: int) -> str:
-    return f"flower-run-{run_id}-state-pending-{round_index:04d}.pt"
+def _prefix(run_id: int) -> str:
+    return f"flower-run-{run_id}"  # flower-run-<id>-state.pt, flower-run-<id>-state-pending-NNNN.pt
 
 
 def settle(models_dir: Path, run_id: int, node_id: int, config: Mapping[str, Any]) -> None:
@@ -50,24 +41,13 @@ def settle(models_dir: Path, run_id: int, node_id: int, config: Mapping[str, Any
     except (ValueError, TypeError, KeyError) as exc:
         raise InputError(f"config '{ACCEPTED_KEY}'", f"unreadable ({exc}): is the server running this "
                                                      "version of the FedMix app?") from None
-    pattern = re.compile(rf"flower-run-{run_id}-state-pending-(\d+)\.pt")
-    for path in sorted(models_dir.glob(f"flower-run-{run_id}-state-pending-*.pt")):
-        match = pattern.fullmatch(path.name)
-        if match is None:
-            continue
-        round_index = int(match.group(1))
-        if round_index == accepted_round and node_id in nodes:
-            os.replace(path, models_dir / _committed(run_id))
-        else:
-            log.info("round %d's update was not aggregated: its optimiser step is dropped", round_index)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+    pending_state.settle(models_dir, _prefix(run_id), accepted_round if node_id in nodes else None)
 
 
 def load(models_dir: Path, run_id: int) -> SiteState:
     """The committed moments (a fresh optimiser before any)."""
-    return load_site_state(models_dir, _committed(run_id))
+    return pending_state.load(models_dir, _prefix(run_id))
 
 
 def save_pending(models_dir: Path, run_id: int, round_index: int, state: SiteState) -> None:
-    save_site_state(models_dir, state, _pending(run_id, round_index))
+    pending_state.save_pending(models_dir, _prefix(run_id), round_index, state)
