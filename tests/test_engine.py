@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -129,6 +130,24 @@ def test_local_update_is_deterministic_and_reports_n_and_loss(sample: Path) -> N
     other = local_update(pair, data, TINY, TINY_TRAIN, CPU, seed=6, round_index=1)
     if report.n > 0:
         assert any(not torch.equal(other.pair[k], runs[0].pair[k]) for k in pair)
+
+
+def test_local_update_leaves_the_optimiser_state_it_was_given_as_it_was(sample: Path) -> None:
+    """The local update is a pure function of its inputs. Adam's moments were loaded without a copy and then
+    changed in place, so a client whose update was refused (late) kept that round's step in memory, while the
+    same client restarted from disk did not: two answers for one federation."""
+    with SiteStore.open(sample / "site-a") as store, store.training_view() as view:
+        data = load_site_tensors(view, 32)
+    first = local_update(init_pair(TINY, seed=0), data, TINY, TINY_TRAIN, CPU, seed=5, round_index=1)
+    assert first.report.n > 0
+    before = copy.deepcopy(first.state.optimizers)
+    second = local_update(first.pair, data, TINY, TINY_TRAIN, CPU, first.state, seed=5, round_index=2)
+    for given, kept in zip(first.state.optimizers, before, strict=True):
+        for param, moments in kept["state"].items():
+            for name, value in moments.items():
+                assert torch.equal(given["state"][param][name], value), f"param {param} {name} changed in place"
+    moved = second.state.optimizers[0]["state"][0]["exp_avg"]
+    assert not torch.equal(moved, before[0]["state"][0]["exp_avg"]), "the new state took round 2's step"
 
 
 def test_local_update_yields_progress_and_can_be_stopped_after_a_batch(sample: Path) -> None:

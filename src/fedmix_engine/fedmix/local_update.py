@@ -8,6 +8,7 @@ alike. It is a generator of small typed events (``TrainProgress``), ending with 
 
 from __future__ import annotations
 
+import copy
 import time
 import zlib
 from collections.abc import Iterator
@@ -195,9 +196,10 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
         n = len(keep)
         opt1 = torch.optim.Adam(net1.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         opt2 = torch.optim.Adam(net2.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        if state.optimizers is not None:
-            opt1.load_state_dict(state.optimizers[0])
-            opt2.load_state_dict(state.optimizers[1])
+        if state.optimizers is not None:  # copies: load_state_dict keeps the tensors, which training then
+            # changes in place, so the caller's state would take this round's step even if its update never counts
+            opt1.load_state_dict(copy.deepcopy(state.optimizers[0]))
+            opt2.load_state_dict(copy.deepcopy(state.optimizers[1]))
         scaler = grad_scaler(plan)
         loss_fn = LOSSES[config.loss]
         net1.train()
