@@ -867,6 +867,46 @@ def test_a_client_that_dies_after_the_server_took_its_update_resumes_with_that_r
     assert worst < 1e-5, f"round 3 trained from moments without round 2's step: max |Δθ| = {worst}"
 
 
+def test_an_upload_whose_answer_is_lost_after_it_closed_the_round_still_advances_the_sites_moments(
+        sample: Path, tmp_path: Path) -> None:
+    """A proxy drops the answer to a site's upload after the server took it; that upload closed the round.
+    The client sends it again and hears 409 (round closed): it dropped the round's moments although its
+    update had counted, and the federation drifted. It now asks the server (last_accepted) and keeps them."""
+    import shutil
+
+    from federation_helpers import Server
+    from fedmix_engine.federation.client import FederationClient
+
+    site = tmp_path / "site-a"
+    shutil.copytree(sample / "site-a", site, ignore=shutil.ignore_patterns("models"))
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    server = Server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "3", *TINY_SETTINGS]).start()
+    torch.set_num_threads(1)  # as the site processes and simulate_like_the_sites
+    try:
+        client = FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1)
+        real_request, lost = client.http.request, []
+
+        def answer_lost_once(method, path, **kwargs):
+            response = real_request(method, path, **kwargs)
+            if path.endswith("/rounds/2/update") and not lost:
+                lost.append(response.status_code)
+                raise httpx.ReadError("connection reset by the proxy after the server answered")
+            return response
+
+        client.http.request = answer_lost_once
+        events = list(client.iter_join())
+        assert lost == [200] and server.status()["finished"]
+    finally:
+        server.kill()
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    assert any(e.kind == "waiting" and "round 2 is closed" in e.message for e in events), "the resend heard 409"
+    served, _, _ = load_checkpoint(state / "rounds" / "000003" / "global.safetensors")
+    simulated = simulate_like_the_sites(sample, ["site-a"], 3, tmp_path / "sim")
+    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    assert worst < 1e-5, f"round 3 trained from moments without round 2's step: max |Δθ| = {worst}"
+
+
 def test_a_site_whose_classes_are_named_or_ordered_otherwise_is_refused_at_joining(tmp_path: Path) -> None:
     """Only the class count was compared: a site labelling cyst as 1 and lesion as 2 would have trained a
     lesion-and-cyst federation's class 1 on cysts, silently. With --class-names the order is the

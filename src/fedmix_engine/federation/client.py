@@ -234,8 +234,10 @@ class FederationClient:
             pending_state.save_pending(self.models_dir, self.prefix, r, result.state)
             response = self._request("POST", f"/{API_VERSION}/rounds/{r}/update", content=body,
                                      headers={"Content-Type": "application/octet-stream"})
-            if response.status_code == 409:  # too late: this round's optimiser step never counted
-                pending_state.settle(self.models_dir, self.prefix, None)
+            if response.status_code == 409:  # too late, or taken already: a retry after an answer that was lost
+                accepted = self._json(f"/{API_VERSION}/round").get("last_accepted")
+                if pending_state.settle(self.models_dir, self.prefix, accepted if accepted == r else None):
+                    self.state = result.state  # its first send counted (it closed the round); the answer was lost
                 yield JoinEvent("waiting", f"round {r}: {_detail(response)}", r)
             else:
                 self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
