@@ -299,9 +299,10 @@ class FederationClient:
         from fedmix_engine.federation.admin import not_uploaded_list
 
         response = self._request("GET", f"/{API_VERSION}/status")
-        if response.status_code != 200 or response.json().get("round") != round_number:
+        status = response.json() if response.status_code == 200 else {}
+        if status.get("round") != round_number:
             return ""
-        missing = [m for m in response.json().get("not_uploaded") or [] if m["site"] != site]
+        missing = [m for m in status.get("not_uploaded") or [] if m["site"] != site]
         return f" (not yet: {not_uploaded_list(missing)})" if missing else ""
 
     def _closed_rounds(self, site: str, after: int, upto: int) -> Iterator[JoinEvent]:
@@ -341,7 +342,6 @@ class FederationClient:
         atomic_write_bytes(path, data)
         atomic_write_bytes(self.models_dir / f"{self.prefix}-round-{r:04d}.safetensors", data)
         return path
-
 
 
 def federation_prefix(federation: str | None) -> str:
