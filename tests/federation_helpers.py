@@ -115,3 +115,23 @@ def simulate_like_the_sites(sample: Path, sites: list[str], rounds: int, out: Pa
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     return load_checkpoint(out / "final.safetensors")[0]
 
+
+
+def drift_from_the_simulator(state: Path, sample: Path, sites: list[str], rounds: int, out: Path) -> float:
+    """The largest |Δθ| between the server's global pair after ``rounds`` and the simulator's for the same
+    sites: 0 up to float noise when the federation trained what the algorithm says, whatever happened to it."""
+    from fedmix_engine.checkpoint import load_checkpoint
+
+    served, _, _ = load_checkpoint(state / "rounds" / f"{rounds:06d}" / "global.safetensors")
+    simulated = simulate_like_the_sites(sample, sites, rounds, out)
+    return max(float((served[k] - simulated[k]).abs().max()) for k in served)
+
+
+def copied_sites(sample: Path, sites: list[str], into: Path) -> dict[str, Path]:
+    """Copies of the sample's sites (a client writes models/ into its site), by name."""
+    import shutil
+
+    copies = {name: into / name for name in sites}
+    for name in sites:
+        shutil.copytree(sample / name, copies[name])
+    return copies

@@ -23,12 +23,13 @@ from federation_helpers import (
     ENV,
     TINY_SETTINGS,
     Server,
+    copied_sites,
+    drift_from_the_simulator,
     fake_update,
     free_port,
     global_pair,
     make_tokens,
     running_server,
-    simulate_like_the_sites,
     upload,
 )
 from fedmix_engine.checkpoint import load_checkpoint
@@ -64,10 +65,7 @@ def test_three_clients_complete_rounds_and_match_the_simulator(sample: Path, tmp
     assert all("federation finished after 2 rounds" in out for out in outputs), outputs
     for name in SITES:
         assert (sample / name / "models" / "global.safetensors").exists()
-    served, _, _ = load_checkpoint(state / "rounds" / "000002" / "global.safetensors")
-
-    simulated = simulate_like_the_sites(sample, SITES, 2, tmp_path / "sim")
-    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    worst = drift_from_the_simulator(state, sample, SITES, 2, tmp_path / "sim")
     assert worst < 1e-5, f"transport changed the algorithm: max |Δθ| = {worst}"
     weights = status["history"][-1]["sites"]
     assert abs(sum(s["weight"] for s in weights.values()) - 1) < 1e-9
@@ -106,12 +104,8 @@ def test_join_processes_ride_out_a_server_sigkill_and_the_federation_ends_as_if_
     """NVFlare's high-availability test, on the built-in server with real `join` processes: the server is
     SIGKILLed while round 2 is open and restarted seconds later; the clients retry with backoff, the round
     resumes, and the final model equals the simulator's, which no server crash interrupted."""
-    import shutil
-
     sites = SITES[:2]
-    copies = {name: tmp_path / name for name in sites}
-    for name in sites:
-        shutil.copytree(sample / name, copies[name])
+    copies = copied_sites(sample, sites, tmp_path)
     state = tmp_path / "state"
     tokens = make_tokens(state, sites)
     server = Server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "3", *TINY_SETTINGS]).start()
@@ -141,9 +135,7 @@ def test_join_processes_ride_out_a_server_sigkill_and_the_federation_ends_as_if_
                 client.kill()
     assert status["finished"] and status["last_round"] == 3
     assert all("retrying" in output for output in outputs), "each client met the dead server and retried"
-    served, _, _ = load_checkpoint(state / "rounds" / "000003" / "global.safetensors")
-    simulated = simulate_like_the_sites(sample, sites, 3, tmp_path / "sim")
-    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    worst = drift_from_the_simulator(state, sample, sites, 3, tmp_path / "sim")
     assert worst < 1e-5, f"the crash changed what was trained: max |Δθ| = {worst}"
 
 
@@ -152,12 +144,8 @@ def test_a_join_process_sigkilled_after_training_a_round_restarts_and_the_federa
     """A site's workstation loses power after training round 2, before its upload: the restarted `join`
     trains round 2 again from the Adam moments of its last accepted update, to the same update, and the
     final model equals the simulator's."""
-    import shutil
-
     sites = SITES[:2]
-    copies = {name: tmp_path / name for name in sites}
-    for name in sites:
-        shutil.copytree(sample / name, copies[name])
+    copies = copied_sites(sample, sites, tmp_path)
     state = tmp_path / "state"
     tokens = make_tokens(state, sites)
     logs = {name: tmp_path / f"{name}.log" for name in sites}
@@ -187,9 +175,7 @@ def test_a_join_process_sigkilled_after_training_a_round_restarts_and_the_federa
                 if client.poll() is None:
                     client.kill()
     assert status["finished"] and [sorted(meta["sites"]) for meta in status["history"]] == [sites] * 3
-    served, _, _ = load_checkpoint(state / "rounds" / "000003" / "global.safetensors")
-    simulated = simulate_like_the_sites(sample, sites, 3, tmp_path / "sim")
-    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    worst = drift_from_the_simulator(state, sample, sites, 3, tmp_path / "sim")
     assert worst < 1e-5, f"the killed round trained from other moments: max |Δθ| = {worst}"
 
 
@@ -816,9 +802,7 @@ def test_a_client_stopped_before_its_upload_is_taken_trains_that_round_again_to_
     finally:
         server.kill()
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    served, _, _ = load_checkpoint(state / "rounds" / "000002" / "global.safetensors")
-    simulated = simulate_like_the_sites(sample, ["site-a"], 2, tmp_path / "sim")
-    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    worst = drift_from_the_simulator(state, sample, ["site-a"], 2, tmp_path / "sim")
     assert worst < 1e-5, f"the stopped round trained from other moments: max |Δθ| = {worst}"
 
 
@@ -861,9 +845,7 @@ def test_a_client_that_dies_after_the_server_took_its_update_resumes_with_that_r
         server.kill()
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     assert not list((site / "models").glob("*-state-pending-*.pt"))
-    served, _, _ = load_checkpoint(state / "rounds" / "000003" / "global.safetensors")
-    simulated = simulate_like_the_sites(sample, ["site-a"], 3, tmp_path / "sim")
-    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    worst = drift_from_the_simulator(state, sample, ["site-a"], 3, tmp_path / "sim")
     assert worst < 1e-5, f"round 3 trained from moments without round 2's step: max |Δθ| = {worst}"
 
 
@@ -901,9 +883,7 @@ def test_an_upload_whose_answer_is_lost_after_it_closed_the_round_still_advances
         server.kill()
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     assert any(e.kind == "waiting" and "round 2 is closed" in e.message for e in events), "the resend heard 409"
-    served, _, _ = load_checkpoint(state / "rounds" / "000003" / "global.safetensors")
-    simulated = simulate_like_the_sites(sample, ["site-a"], 3, tmp_path / "sim")
-    worst = max(float((served[k] - simulated[k]).abs().max()) for k in served)
+    worst = drift_from_the_simulator(state, sample, ["site-a"], 3, tmp_path / "sim")
     assert worst < 1e-5, f"round 3 trained from moments without round 2's step: max |Δθ| = {worst}"
 
 
