@@ -581,6 +581,38 @@ def test_join_refuses_a_missing_or_empty_token_file_a_url_without_scheme_and_a_b
     assert FederationClient(" http://127.0.0.1:9/ ", "t", site, device="cpu").http.base_url == "http://127.0.0.1:9"
 
 
+def test_token_add_redirected_to_a_file_makes_a_token_file_and_a_two_line_one_is_refused_at_once(
+        sample: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """'token add SITE > site.token' wrote the token *and* the note after it into the file; join then sent both
+    lines as one header, which the HTTP library refused locally, and join retried that for an hour as if
+    the network had failed. The note now goes to stderr, and a token that is not one word is refused
+    before the first request, naming where it came from."""
+    from fedmix_engine.cli import main
+
+    state = tmp_path / "state"
+    with open(tmp_path / "site-a.token", "wb") as out:
+        added = subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "token", "add", "site-a", "--state",
+                                str(state)], stdout=out, stderr=subprocess.PIPE, text=False, timeout=60, env=ENV)
+    assert added.returncode == 0 and b"shown once" in added.stderr
+    written = (tmp_path / "site-a.token").read_text()
+    assert written.count("\n") == 1 and written.startswith("fmx_")
+    with running_server(state, ["--sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
+        answer = httpx.get(f"{server.url}/v1/config", headers={"Authorization": f"Bearer {written.strip()}"})
+        assert answer.status_code == 200 and answer.json()["site"] == "site-a"
+
+    two_lines = tmp_path / "old.token"
+    two_lines.write_text(written + "(token for site 'site-a': shown once, stored hashed in tokens.json)\n")
+    two_lines.chmod(0o600)
+    common = ["join", "--server", "http://127.0.0.1:9", "--site", str(sample / "site-a"), "--device", "cpu"]
+    started = time.monotonic()
+    assert main([*common, "--token-file", str(two_lines)]) == 2
+    assert f"{two_lines}: 2 lines where a token is one (fmx_...)" in capsys.readouterr().err
+    monkeypatch.setenv("FEDMIX_TOKEN", "fmx_one two")
+    assert main(common) == 2
+    assert "FEDMIX_TOKEN: the token holds spaces" in capsys.readouterr().err
+    assert time.monotonic() - started < 30, "refused before any request, not retried"
+
+
 def test_join_warns_when_the_sites_token_can_be_read_by_other_users(tmp_path: Path, capsys) -> None:
     """The token is the site's identity, yet a token file any user could read, or a token on the command
     line (in every user's process list), passed without a word. ssh says so of a private key; so does join."""
@@ -607,10 +639,11 @@ def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_
 
     state = tmp_path / "state"
     assert main(["token", "add", "site-a", "--state", str(state)]) == 0
-    first = capsys.readouterr().out.splitlines()[0]
+    first = capsys.readouterr().out.strip()
     assert main(["token", "add", "site-a", "--state", str(state)]) == 0
-    second, note = capsys.readouterr().out.splitlines()
-    assert "the earlier token of this site no longer works" in note
+    replaced = capsys.readouterr()
+    second = replaced.out.strip()
+    assert "the earlier token of this site no longer works" in replaced.err
     tokens = TokenStore(state)
     assert tokens.site_for(first) is None and tokens.site_for(second) == "site-a"
     assert main(["token", "revoke", "--state", str(state)]) == 2

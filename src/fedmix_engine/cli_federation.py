@@ -95,7 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _read_token_file(path: Path) -> str:
-    """The token in ``--token-file``, or an error naming the file (not found, unreadable, empty)."""
+    """The token in ``--token-file``, or an error naming the file (not found, unreadable, empty, not one token)."""
+    from fedmix_engine.federation.tokens import token_problem
+
     try:
         token = path.read_text().strip()
     except FileNotFoundError:
@@ -105,6 +107,8 @@ def _read_token_file(path: Path) -> str:
         raise InputError(path, f"cannot read the token file ({exc})") from None
     if not token:
         raise InputError(path, "the token file is empty")
+    if problem := token_problem(token):
+        raise InputError(path, problem)
     _warn_if_others_may_read(path, "this site's token")
     return token
 
@@ -123,13 +127,14 @@ def cmd_join(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     token = args.token or os.environ.get("FEDMIX_TOKEN", "")
+    source = "--token" if args.token else "FEDMIX_TOKEN"
     if args.token:
         print("warning: a token given with --token shows in the process list to every user of this machine; "
               "prefer --token-file (mode 600) or FEDMIX_TOKEN", file=sys.stderr)
     if args.token_file:
-        token = _read_token_file(Path(args.token_file))
+        token, source = _read_token_file(Path(args.token_file)), args.token_file
     client = FederationClient(args.server, token, args.site, device=args.device, ca_cert=args.ca_cert,
-                              poll_seconds=args.poll, held_out=args.eval)
+                              poll_seconds=args.poll, held_out=args.eval, token_source=source)
     try:
         for event in client.iter_join():
             if event.kind not in ("training", "evaluating") or (event.progress and
@@ -151,9 +156,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.action == "add":
         replaced = args.site in store.sites()
         token = store.add(args.site)
-        print(token)
+        print(token, flush=True)  # alone on stdout, so 'token add SITE > site.token' writes a token file
         print(f"(token for site '{args.site}': shown once, stored hashed in {store.path}"
-              f"{'; the earlier token of this site no longer works' if replaced else ''})", flush=True)
+              f"{'; the earlier token of this site no longer works' if replaced else ''})", file=sys.stderr)
     elif args.action == "revoke":
         store.revoke(args.site)
         print(f"revoked the token of site '{args.site}'")

@@ -28,6 +28,7 @@ from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation import pending_state
 from fedmix_engine.federation.federated_evaluation import EvaluationReport
+from fedmix_engine.federation.tokens import token_problem
 from fedmix_engine.federation.wire import API_VERSION, UpdateReport, encode_update
 from fedmix_engine.fedmix.local_update import (
     LocalResult,
@@ -105,13 +106,18 @@ class JoinEvent:
 class FederationClient:
     def __init__(self, server: str, token: str, site_dir: str | Path, device: str = "auto",
                  ca_cert: str | Path | None = None, poll_seconds: float = 1.0, max_backoff: float = 30.0,
-                 give_up_after: float = 3600.0, timeout: float = 120.0, held_out: str | Path | None = None):
+                 give_up_after: float = 3600.0, timeout: float = 120.0, held_out: str | Path | None = None,
+                 token_source: str = "token"):
         """``held_out``: a fully labelled site folder this site does not train on; every global model received
-        is scored there and the scores (image count, mean Dice and IoU per class) are sent to the server."""
+        is scored there and the scores (image count, mean Dice and IoU per class) are sent to the server.
+        ``token_source``: where the token came from (a file, an option), named when it is malformed."""
         import httpx
 
         if not token:
             raise InputError("--token", "no token given: ask the federation's admin for this site's token")
+        if problem := token_problem(token):
+            raise InputError(token_source, problem)
+        token = token.strip()
         self.site_dir = Path(site_dir)
         with SiteStore.open(self.site_dir, readonly=True):
             pass  # fail early, with the site's own error, if the folder is not a site

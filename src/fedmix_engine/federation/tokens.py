@@ -22,6 +22,21 @@ TOKENS_FILE = "tokens.json"
 _SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def token_problem(token: str) -> str | None:
+    """What makes ``token`` unusable as a bearer token, or None. Said before the first request: a token file
+    that also holds a second line would otherwise fail inside the HTTP library, retried as if the network
+    had failed."""
+    lines = token.strip().splitlines()
+    if not lines:
+        return "the token is empty"
+    if len(lines) > 1:
+        return (f"{len(lines)} lines where a token is one (fmx_...): keep only the line 'fedmix-engine token add' "
+                "printed first")
+    if not re.fullmatch(r"[\x21-\x7e]+", lines[0]):
+        return "the token holds spaces or characters other than printable ASCII; a token is one word (fmx_...)"
+    return None
+
+
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
