@@ -26,10 +26,12 @@ from federation_helpers import (
     copied_sites,
     drift_from_the_simulator,
     fake_update,
+    fill_disk_leaving,
     free_port,
     global_pair,
     make_tokens,
     running_server,
+    small_disk,
     upload,
 )
 from fedmix_engine.checkpoint import load_checkpoint
@@ -96,6 +98,61 @@ def test_server_sigkilled_mid_round_keeps_acknowledged_uploads(tmp_path: Path) -
     expected, _ = aggregate([(name, load_bytes(bodies[name]), 10 * (k + 1), 0.2 * (k + 1))
                              for k, name in enumerate(SITES)], AggregationRule(10.0, 1.5))
     served, _, _ = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
+    assert max(float((served[k] - expected[k]).abs().max()) for k in expected) < 1e-6
+
+
+def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_round_once_space_is_back(
+        sample: Path, tmp_path: Path) -> None:
+    """The state directory on a real, small file system that the test fills. An upload that cannot be stored
+    is answered 507 with the reason; the last site's upload that fits while the new global model does not
+    is kept and acknowledged, and the round closes by itself once space is freed. Before, the close failed
+    inside the upload (500 and a traceback), killed the deadline watcher for good, and the round, every
+    site's update in, waited for an upload that would never come, until a restart."""
+    from fedmix_engine.federation.client import FederationClient, FederationError
+
+    state = tmp_path / "state"
+    with small_disk(state, 16 * 2**20):
+        tokens = make_tokens(state, SITES)
+        with running_server(state, ["--sites", "3", "--min-sites", "3", "--rounds", "2", "--round-timeout",
+                                    "600", *TINY_SETTINGS]) as server:
+            pair, _ = global_pair(server.url, tokens["site-a"])
+            bodies = {name: fake_update(pair, seed=k, n=10 * (k + 1), loss=0.2 * (k + 1))
+                      for k, name in enumerate(SITES)}
+            size = len(bodies["site-a"])
+            filler = state / "filler"
+
+            fill_disk_leaving(filler, size // 4)
+            full = upload(server.url, tokens["site-a"], 1, bodies["site-a"])
+            assert full.status_code == 507 and "the server cannot store this now (No space left on device)" \
+                in full.json()["detail"]
+            assert not list((state / "incoming").iterdir()) and server.status()["uploaded"] == []
+            client = FederationClient(server.url, tokens["site-a"], sample / "site-a", device="cpu",
+                                      give_up_after=0)
+            with pytest.raises(FederationError, match=r"server error 507 \(the server cannot store this now"):
+                client._request("POST", "/v1/rounds/1/update", content=bodies["site-a"])
+
+            fill_disk_leaving(filler, 3 * size + size // 2)  # the three uploads fit, the new model does not
+            for name in SITES:
+                answer = upload(server.url, tokens[name], 1, bodies[name])
+                assert answer.status_code == 200 and answer.json()["round_closed"] is False, answer.text
+            time.sleep(2)  # the deadline watcher retries the close every 0.5 s, in vain
+            status = server.status()
+            assert status["round"] == 1 and status["uploaded"] == SITES
+            assert not list((state / "rounds").glob("*.tmp")), "a half-written model would hold the last space"
+
+            filler.unlink()
+            deadline = time.monotonic() + 30
+            while server.status()["last_round"] < 1:  # no further upload: the server closes it by itself
+                assert time.monotonic() < deadline, "the round stayed open after space was freed"
+                time.sleep(0.2)
+            assert server.status()["history"][0]["reason"] == "every expected site reported"
+        served, _, _ = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
+    log = next(tmp_path.glob("server-*.log")).read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "cannot write to" in log and "round 1 could not be closed: OSError: [Errno 28]" in log
+    assert log.count("round 1 could not be closed") == 1, "said once, not every half second"
+    expected, _ = aggregate([(name, load_bytes(bodies[name]), 10 * (k + 1), 0.2 * (k + 1))
+                             for k, name in enumerate(SITES)], AggregationRule(10.0, 1.5))
     assert max(float((served[k] - expected[k]).abs().max()) for k in expected) < 1e-6
 
 

@@ -150,7 +150,7 @@ class FederationClient:
             else:
                 if response.status_code < 500:
                     return response
-                reason = f"server error {response.status_code}"
+                reason = f"server error {response.status_code} ({_detail(response)})"
             if time.monotonic() - started > self.give_up_after:
                 raise FederationError(f"gave up after {self.give_up_after:.0f} s: {reason}")
             log.warning("%s %s: %s; retrying in %.1f s", method, path, reason, delay)

@@ -7,6 +7,7 @@ full-width uploads cost disk, not RAM.
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -28,6 +29,7 @@ from fedmix_engine.federation.wire import API_VERSION
 
 log = logging.getLogger(__name__)
 STATUS_ACCESS = ("local", "sites", "public")  # who may read /v1/status and the admin page; see create_app
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk, a quota, a file-size limit
 
 
 def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.5,
@@ -55,9 +57,18 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         async def watch_deadline() -> None:
+            said = None  # the failure last logged: a close failing every poll is said once, not every poll
             while True:
                 await asyncio.sleep(deadline_poll)
-                await on_state_thread(state.close_if_due)
+                try:
+                    await on_state_thread(state.close_if_due)
+                except Exception as exc:  # this loop is what retries the close: it must outlive the failure
+                    if str(exc) != said:
+                        log.error("round %d could not be closed: %s; retrying every %g s", state.current_round,
+                                  _failure(exc), deadline_poll)
+                    said = str(exc)
+                else:
+                    said = None
 
         task = asyncio.create_task(watch_deadline())
         yield
@@ -70,6 +81,18 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
     upload_dir.mkdir(exist_ok=True)
     for leftover in upload_dir.iterdir():  # bodies of requests cut by a crash were never acknowledged
         leftover.unlink()
+
+    @app.exception_handler(OSError)
+    async def storage_failure(request: Request, exc: OSError) -> JSONResponse:
+        """A write the machine refused (a full disk, a quota) is said to the site as 507 and to the admin in
+        one line; the site retries it, and nothing it had sent before is lost."""
+        if exc.errno in NO_SPACE:
+            log.error("%s %s: cannot write to %s: %s; free space there (the sites retry)", request.method,
+                      request.url.path, state.root, _failure(exc))
+            return JSONResponse({"detail": f"the server cannot store this now ({exc.strerror}); its admin must "
+                                           "free space, and this request is retried"}, status_code=507)
+        log.exception("%s %s: %s", request.method, request.url.path, _failure(exc))
+        return JSONResponse({"detail": f"server error: {_failure(exc)}"}, status_code=500)
 
     def bearer_token(authorization: str | None) -> str | None:
         if not authorization or not authorization.lower().startswith("bearer "):
@@ -183,6 +206,10 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         return render_admin_page(state.status())
 
     return app
+
+
+def _failure(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _is_loopback(host: str | None) -> bool:

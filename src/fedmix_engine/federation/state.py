@@ -238,8 +238,12 @@ class ServerState:
 
     def _open_round(self) -> None:
         self.opened_at = self._clock()
-        atomic_write_bytes(self.current_dir / "opened.json",
-                           json.dumps({"round": self.current_round, "opened_at": self.opened_at}).encode())
+        try:
+            atomic_write_bytes(self.current_dir / "opened.json",
+                               json.dumps({"round": self.current_round, "opened_at": self.opened_at}).encode())
+        except OSError as exc:  # the round is open all the same; only a restart's deadline depends on the file
+            log.warning("round %d is open, but when it opened could not be saved (%s): after a restart its "
+                        "deadline would start again", self.current_round, exc)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -345,20 +349,35 @@ class ServerState:
                 os.replace(body, target)
                 info = {"site": site, "round": round_number, "sha256": sha, "received_at": self._clock(),
                         **json.loads(report.to_json())}
-                atomic_write_bytes(self.current_dir / f"{site}.json", json.dumps(info).encode())
+                try:
+                    atomic_write_bytes(self.current_dir / f"{site}.json", json.dumps(info).encode())
+                except OSError:  # not acknowledged, so not kept: a full disk gets its space back
+                    target.unlink(missing_ok=True)
+                    raise
                 self.uploads[site] = info
-                closed = False
-                if len(self.uploads) >= self.config.sites:
+                if len(self.uploads) < self.config.sites:
+                    return Outcome(200, f"accepted for round {round_number}")
+                try:
                     self._close_round("every expected site reported")
-                    closed = True
-                return Outcome(200, f"accepted for round {round_number}", closed)
+                except OSError as exc:  # the update is kept and counts; close_if_due retries the close
+                    log.error("round %d: every expected site reported, but the round could not be closed (%s); "
+                              "retrying until it can", round_number, exc)
+                    return Outcome(200, f"accepted for round {round_number}")
+                return Outcome(200, f"accepted for round {round_number}", True)
         finally:
             body.unlink(missing_ok=True)
 
     def close_if_due(self) -> bool:
-        """Close the open round at its deadline if at least ``min_sites`` have reported."""
+        """Close the open round at its deadline if at least ``min_sites`` have reported, and at once if every
+        expected site has: a close that failed when the last site uploaded (a full disk) is retried here,
+        since no further upload will come to trigger it."""
         with self._lock:
-            if self.finished or self._clock() < self.deadline or len(self.uploads) < self.config.min_sites:
+            if self.finished:
+                return False
+            if len(self.uploads) >= self.config.sites:
+                self._close_round("every expected site reported")
+                return True
+            if self._clock() < self.deadline or len(self.uploads) < self.config.min_sites:
                 return False
             self._close_round(f"deadline passed with {len(self.uploads)} of {self.config.sites} sites")
             return True
@@ -392,9 +411,13 @@ class ServerState:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_checkpoint(tmp / "global.safetensors", pair, self.config.model, self.config.checkpoint_meta(r))
-        atomic_write_bytes(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-        os.replace(tmp, final)
+        try:
+            save_checkpoint(tmp / "global.safetensors", pair, self.config.model, self.config.checkpoint_meta(r))
+            atomic_write_bytes(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+            os.replace(tmp, final)
+        except BaseException:  # nothing committed; a half-written model would hold a full disk's last space
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         with contextlib.suppress(OSError):
             fd = os.open(final.parent, os.O_RDONLY)
             os.fsync(fd)
