@@ -156,6 +156,50 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
     assert max(float((served[k] - expected[k]).abs().max()) for k in expected) < 1e-6
 
 
+def test_a_join_whose_site_disk_fills_names_the_file_and_run_again_ends_as_if_uninterrupted(
+        sample: Path, tmp_path: Path) -> None:
+    """site-a's folder on a real, small file system, full but for half a model: its join trains round 1,
+    cannot save the moments it would upload with, and stops with the file and the OS's words (the line
+    named no file before); nothing half-written is left. Space freed, the same command again finishes the
+    federation, equal to the simulator's."""
+    sites = SITES[:2]
+    state = tmp_path / "state"
+    tokens = make_tokens(state, sites)
+    with small_disk(tmp_path / "disk", 32 * 2**20), \
+            running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]) as server:
+        copies = {**copied_sites(sample, ["site-a"], tmp_path / "disk"), **copied_sites(sample, ["site-b"], tmp_path)}
+        model_size = (state / "rounds" / "000000" / "global.safetensors").stat().st_size
+        filler = tmp_path / "disk" / "filler"
+        fill_disk_leaving(filler, model_size // 2)
+
+        def join(name: str) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url,
+                                     "--token", tokens[name], "--site", str(copies[name]), "--device", "cpu",
+                                     "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+
+        site_b = join("site-b")
+        try:
+            stopped = join("site-a")
+            said = stopped.communicate(timeout=120)[0].decode()
+            models = copies["site-a"] / "models"
+            assert stopped.returncode == 1, said
+            assert re.search(rf"error: {re.escape(str(models))}/federation-[0-9a-f]+-state-pending-0001\.pt: "
+                             r"No space left on device \(OSError\)", said), said
+            assert [p.name for p in models.iterdir() if ".tmp" in p.name] == [], "a half-written file is left"
+            assert "site-a" not in server.status()["uploaded"], "an update whose moments were not kept is not sent"
+
+            filler.unlink()
+            again = join("site-a")
+            outputs = [again.communicate(timeout=300)[0].decode(), site_b.communicate(timeout=300)[0].decode()]
+            assert [again.returncode, site_b.returncode] == [0, 0], "\n".join(outputs)[-4000:]
+            assert server.status()["finished"]
+            worst = drift_from_the_simulator(state, sample, sites, 2, tmp_path / "sim")
+        finally:
+            if site_b.poll() is None:
+                site_b.kill()
+    assert worst < 1e-5, f"the full disk changed what was trained: max |Δθ| = {worst}"
+
+
 def test_join_processes_ride_out_a_server_sigkill_and_the_federation_ends_as_if_uninterrupted(sample: Path,
                                                                                              tmp_path: Path) -> None:
     """NVFlare's high-availability test, on the built-in server with real `join` processes: the server is

@@ -72,9 +72,11 @@ def atomic_open(path: str | Path, mode: int | None = None) -> Iterator[BinaryIO]
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name the one
+            exc.filename = str(path)                           # that was not replaced ("No space left" where?)
         raise
     _fsync_dir(path.parent)
 
