@@ -76,34 +76,6 @@ def running_server(state: Path, args: list[str], tls: tuple[Path, Path] | None =
         server.kill()
 
 
-@contextmanager
-def small_disk(path: Path, size_bytes: int):
-    """A real file system of ``size_bytes`` at ``path`` (a tmpfs), so a test can fill it and free it again.
-    Mounting needs root, as CI's machine runs; elsewhere the test says so and is skipped (not passed)."""
-    import pytest
-
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes // 1024}k", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"a small disk needs mount (root): {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def fill_disk_leaving(filler: Path, free_bytes: int) -> None:
-    """Grow or shrink ``filler`` so that its file system has about ``free_bytes`` left."""
-    have = filler.stat().st_size if filler.exists() else 0
-    vfs = os.statvfs(filler.parent)
-    size = max(0, have + vfs.f_bavail * vfs.f_frsize - free_bytes)
-    with open(filler, "ab") as handle:
-        handle.truncate(size)
-        if size > have:
-            os.posix_fallocate(handle.fileno(), have, size - have)
-
-
 def make_tokens(state: Path, sites: list[str]) -> dict[str, str]:
     store = TokenStore(state)
     return {site: store.add(site) for site in sites}

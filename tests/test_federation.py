@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
+from disk_helpers import fill_disk_leaving, small_disk
 from federation_helpers import (
     ENV,
     TINY_SETTINGS,
@@ -26,12 +27,10 @@ from federation_helpers import (
     copied_sites,
     drift_from_the_simulator,
     fake_update,
-    fill_disk_leaving,
     free_port,
     global_pair,
     make_tokens,
     running_server,
-    small_disk,
     upload,
 )
 from fedmix_engine.checkpoint import load_checkpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from disk_helpers import fill_disk_leaving, small_disk
 from fedmix_engine.data.site_store import Box, SiteStore
 from fedmix_engine.errors import InputError
 
@@ -386,3 +388,40 @@ def test_a_site_on_a_network_share_keeps_a_rollback_journal_not_wal(tmp_path: Pa
     for site, said in ((shares / "site-a", True), (tmp_path / "local", False)):
         assert main(["site", "info", str(site)]) == 0
         assert ("on a network share: annotate it from one workstation at a time" in capsys.readouterr().out) is said
+
+
+def test_a_full_disk_is_named_saves_nothing_half_and_the_open_site_saves_again_once_space_is_back(
+        tmp_path: Path, grey_image) -> None:
+    """A site on a real, small file system that the test fills. SQLite's 'database or disk is full' came
+    out as a traceback naming no file, and an image whose row could not be written left its file behind,
+    a stray the site then reported. The site napari keeps open must save again once space is back."""
+    with small_disk(tmp_path / "disk", 4 * 2**20) as disk:
+        store = SiteStore.create(disk / "site", ["lesion"])
+        store.add_image(grey_image, "scan-0")
+        store.add_image(grey_image, "scan-probe")  # how much an image's file takes
+        probe = (disk / "site" / "images" / "scan-probe.tif").stat().st_size
+        store.remove_image("scan-probe")
+        filler = disk / "filler"
+        fill_disk_leaving(filler, 0)
+        saved = 0
+        with pytest.raises(OSError) as full:
+            for saved in range(5000):  # until the database must grow
+                store.add_box("scan-0", "lesion", 1, 1, 9 + saved % 30, 9)
+        assert full.value.errno == errno.ENOSPC and full.value.filename == str(disk / "site" / "annotations.db")
+        assert "nothing of this change was saved" in str(full.value)
+        assert len(store.boxes("scan-0")) == saved, "every box before the failing one, and not that one"
+
+        image_file = disk / "site" / "images" / "scan-1.tif"
+        fill_disk_leaving(filler, -(-probe // 4096) * 4096)  # room for the image's file, none for its row
+        with pytest.raises(OSError) as no_row:
+            store.add_image(grey_image, "scan-1")
+        assert no_row.value.filename == str(disk / "site" / "annotations.db"), "the file was written, the row not"
+        assert not image_file.exists() and store.problems() == [], "a file without its row is a stray"
+
+        filler.unlink()
+        store.add_box("scan-0", "lesion", 2, 2, 12, 12)  # the same open site saves again
+        store.add_image(grey_image, "scan-1")
+        store.close()
+        with SiteStore.open(disk / "site", readonly=True) as again:
+            assert again.image_ids() == ["scan-0", "scan-1"] and len(again.boxes("scan-0")) >= saved + 1
+            assert np.array_equal(again.read_image("scan-1"), grey_image)

@@ -21,6 +21,7 @@ background); otherwise with tags, *tag*-supervised; otherwise unlabelled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import json
 import re
@@ -285,13 +286,20 @@ class SiteStore:
         if self.readonly:
             raise PermissionError(f"{self.root}: site opened read-only")
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite has rolled back already after a full disk: a second
+                        self._db.execute("ROLLBACK")  # ROLLBACK would raise and hide why
+                    raise
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                    raise
+                raise OSError(errno.ENOSPC, "No space left on device (the site's database could not grow; "
+                              "nothing of this change was saved)", str(self.root / DB_FILE)) from exc
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -329,13 +337,18 @@ class SiteStore:
         relative = f"images/{image_id}.tif"
         _write_tiff(self.root / relative, array, spacing)
         channels = 1 if array.ndim == 2 else 3
-        with self._transaction() as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM images").fetchone()[0]
-            db.execute(
-                "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (image_id, relative, origin, array.shape[0], array.shape[1], channels, str(array.dtype),
-                 author or _default_author(), self._clock(), seq),
-            )
+        try:
+            with self._transaction() as db:
+                seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM images").fetchone()[0]
+                db.execute(
+                    "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (image_id, relative, origin, array.shape[0], array.shape[1], channels, str(array.dtype),
+                     author or _default_author(), self._clock(), seq),
+                )
+        except BaseException:  # not in the site: its file (no row had the id) would only hold the space
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / relative).unlink()
+            raise
         return image_id
 
     def remove_image(self, image_id: str) -> None:
