@@ -713,6 +713,24 @@ def test_token_add_redirected_to_a_file_makes_a_token_file_and_a_two_line_one_is
     assert time.monotonic() - started < 30, "refused before any request, not retried"
 
 
+def test_token_add_refuses_site_names_that_cannot_be_file_names_on_every_server(tmp_path: Path) -> None:
+    """A site's name names its update's file on the server; 'CON' passed, and a server on Windows could
+    never have stored that site's update."""
+    from fedmix_engine.errors import InputError
+    from fedmix_engine.federation.tokens import TokenStore
+
+    store = TokenStore(tmp_path)
+    for bad in ("../x", "a b", "-a", "x" * 65):
+        with pytest.raises(InputError, match="must use letters, digits"):
+            store.add(bad)
+    for device in ("CON", "nul", "Com1", "lpt9.site", "aux.txt"):
+        with pytest.raises(InputError, match=f"site name '{re.escape(device)}' is a device name on Windows"):
+            store.add(device)
+    for fine in ("console", "com10", "site-a", "nullstadt", "A.1"):
+        assert store.site_for(store.add(fine)) == fine
+    assert set(store.sites()) == {"console", "com10", "site-a", "nullstadt", "A.1"}
+
+
 def test_join_warns_when_the_sites_token_can_be_read_by_other_users(tmp_path: Path, capsys) -> None:
     """The token is the site's identity, yet a token file any user could read, or a token on the command
     line (in every user's process list), passed without a word. ssh says so of a private key; so does join."""

@@ -20,6 +20,9 @@ from fedmix_engine.errors import InputError
 
 TOKENS_FILE = "tokens.json"
 _SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# a site's name becomes a file name on the server (current/<site>.safetensors); Windows reserves these,
+# with any extension and in any case, so a server there could never store that site's update
+_WINDOWS_DEVICE = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 
 
 def token_problem(token: str) -> str | None:
@@ -67,6 +70,9 @@ class TokenStore:
         """Create (or replace) a site's token and return it — the only time it is visible."""
         if not _SITE.match(site):
             raise InputError("SITE", f"site name '{site}' must use letters, digits, '.', '-' or '_' (max 64)")
+        if _WINDOWS_DEVICE.match(site):
+            raise InputError("SITE", f"site name '{site}' is a device name on Windows (CON, PRN, AUX, NUL, COM0–9, "
+                             "LPT0–9), where a server could not store its updates: choose another")
         token = f"fmx_{secrets.token_urlsafe(32)}"
         entries = dict(self._load())
         entries[site] = {"sha256": _hash(token), "created": datetime.now(UTC).isoformat(timespec="seconds"),
