@@ -199,6 +199,47 @@ def test_a_join_whose_site_disk_fills_names_the_file_and_run_again_ends_as_if_un
     assert worst < 1e-5, f"the full disk changed what was trained: max |Δθ| = {worst}"
 
 
+def test_a_second_join_of_one_site_is_refused_until_the_first_is_gone_even_by_sigkill(
+        sample: Path, tmp_path: Path) -> None:
+    """Two joins of one site (a terminal and napari) both trained every round, lost one upload of the two
+    with a 409, and could keep the loser's optimiser moments on disk. The second is refused now; the lock
+    is the OS's, so a join SIGKILLed while holding it leaves nothing that blocks the next."""
+    sites = SITES[:2]
+    copies = copied_sites(sample, sites, tmp_path)
+    state = tmp_path / "state"
+    tokens = make_tokens(state, sites)
+    with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "1", *TINY_SETTINGS]) as server:
+        def join(name: str) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url,
+                                     "--token", tokens[name], "--site", str(copies[name]), "--device", "cpu",
+                                     "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+
+        first = join("site-a")
+        later: list[subprocess.Popen] = []
+        try:
+            deadline = time.monotonic() + 120
+            while server.status()["uploaded"] != ["site-a"]:  # it holds the site, waiting for site-b
+                assert time.monotonic() < deadline and first.poll() is None
+                time.sleep(0.1)
+            second = join("site-a")
+            said = second.communicate(timeout=60)[0].decode()
+            assert second.returncode == 3, said
+            assert f"error: {copies['site-a']}: another join of this site is running" in said
+            assert "round 1" not in said, "refused before it trained or asked for a round"
+
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(10)
+            assert (copies["site-a"] / "models" / "join.lock").exists(), "the file stays; the OS lock went"
+            later = [join("site-a"), join("site-b")]
+            outputs = [c.communicate(timeout=300)[0].decode() for c in later]
+            assert [c.returncode for c in later] == [0, 0], "\n".join(outputs)[-4000:]
+            assert server.status()["finished"]
+        finally:
+            for process in [first, *later]:
+                if process.poll() is None:
+                    process.kill()
+
+
 def test_join_processes_ride_out_a_server_sigkill_and_the_federation_ends_as_if_uninterrupted(sample: Path,
                                                                                              tmp_path: Path) -> None:
     """NVFlare's high-availability test, on the built-in server with real `join` processes: the server is

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import pair_from_bytes
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
@@ -103,6 +103,9 @@ class JoinEvent:
     report: dict[str, Any] | None = None
 
 
+JOIN_LOCK = "join.lock"  # in SITE/models: held while a join of the site runs
+
+
 class FederationClient:
     def __init__(self, server: str, token: str, site_dir: str | Path, device: str = "auto",
                  ca_cert: str | Path | None = None, poll_seconds: float = 1.0, max_backoff: float = 30.0,
@@ -175,7 +178,28 @@ class FederationClient:
     # ------------------------------------------------------------------ the loop
     def iter_join(self, should_stop: Callable[[], bool] | None = None) -> Iterator[JoinEvent]:
         """Take part in the federation until it finishes, yielding events. Closing the generator stops
-        after the current training batch; nothing half-done is uploaded."""
+        after the current training batch; nothing half-done is uploaded.
+
+        One process per site: a second ``join`` of the same site (a terminal and napari) trained every
+        round twice, lost one of the two uploads with a 409, and could keep the loser's optimiser moments
+        on disk. The site's ``models/join.lock`` (an OS lock, released when the process ends, however it
+        ends) refuses the second before it asks the server anything."""
+        from filelock import FileLock, Timeout
+
+        make_folder(self.models_dir)
+        lock = FileLock(self.models_dir / JOIN_LOCK, thread_local=False)  # napari may close it from its thread
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise FederationError(f"{self.site_dir}: another join of this site is running (in a terminal or "
+                                  "in napari, on this machine or one sharing the folder); one process per "
+                                  "site: stop the other first") from None
+        try:
+            yield from self._take_part(should_stop)
+        finally:
+            lock.release()
+
+    def _take_part(self, should_stop: Callable[[], bool] | None) -> Iterator[JoinEvent]:
         cfg = self._json(f"/{API_VERSION}/config")
         site, model_config = cfg["site"], ModelConfig.from_dict(cfg["model"])
         train = self.train_config = TrainConfig(**cfg["train"])
