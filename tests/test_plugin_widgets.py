@@ -385,6 +385,61 @@ def test_train_widget_joins_a_real_server_and_plots_the_held_out_dice_it_sends(m
     assert (sample / "models" / "global.safetensors").is_file()
 
 
+def test_a_runtime_error_in_a_generator_worker_reaches_the_widget_and_ends_the_worker(qtbot):
+    """superqt drops a RuntimeError raised in a generator worker as if the worker had been deleted: no
+    'errored', no 'finished'. torch raises RuntimeErrors (a device mismatch, CUDA out of memory), and so
+    did the federation client, so a widget waited for ever, saying 'starting…'."""
+    from napari_fedmix.workers import make_worker
+
+    def work():
+        yield 1
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    seen: list[Exception] = []
+    worker = make_worker(work, on_error=seen.append)
+    with qtbot.capture_exceptions() as relayed, qtbot.waitSignal(worker.finished, timeout=10_000):
+        worker.start()
+    assert [(type(e), str(e)) for e in seen] == [(RuntimeError, "Expected all tensors to be on the same device")]
+    assert [type(e[1]) for e in relayed] == [RuntimeError], "unexpected: napari offers its traceback"
+
+
+def test_train_widget_says_a_servers_refusal_and_a_site_joined_elsewhere_without_a_traceback(
+        make_napari_viewer, qtbot, sample, tmp_path):
+    """A revoked token, or the site already taking part from a terminal, is the user's to fix, as bad input
+    is: the status line says it, with no type name, and napari is not handed a traceback 'for a bug
+    report' (it was: FederationError counted as unexpected)."""
+    from filelock import FileLock
+
+    from federation_helpers import TINY_SETTINGS, make_tokens, running_server
+    from fedmix_engine.federation.client import JOIN_LOCK
+    from napari_fedmix.train_widget import TrainWidget
+
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    train = TrainWidget(make_napari_viewer())
+    qtbot.addWidget(train)
+    with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
+        train.site.setText(str(sample))
+        train.mode.setCurrentIndex(1)
+        train.server.setText(server.url)
+        train.device.setCurrentText("cpu")
+        train.token.setText("fmx_revoked")
+        with qtbot.capture_exceptions() as relayed:
+            train.start()
+            qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+        assert train.status.text().startswith("error: the server refused this site's token (unknown or revoked")
+        assert relayed == []
+
+        train.token.setText(token)
+        (sample / "models").mkdir(exist_ok=True)
+        with FileLock(sample / "models" / JOIN_LOCK), qtbot.capture_exceptions() as relayed:  # a join elsewhere
+            train.start()
+            qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+        assert train.status.text() == f"error: {sample}: another join of this site is running (in a terminal or " \
+            "in napari, on this machine or one sharing the folder); one process per site: stop the other first"
+        assert relayed == [] and server.status()["uploaded"] == []
+
+
 def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer, qtbot, sample):
     from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER
     from napari_fedmix.train_widget import TrainWidget

@@ -23,7 +23,18 @@ class InputError(ValueError):
         return self.__class__, (self.where, self.reason)
 
 
+class FederationError(RuntimeError):
+    """The server refused us, or cannot be reached, for a reason retrying cannot fix (a token, an API
+    version, another join of the site running, an hour of failed retries). Written for the site's user,
+    like an ``InputError``: said, not traced back. Here, not in the client, so napari's widgets can tell
+    it apart without importing torch."""
+
+
+SAID_ERRORS = (InputError, FederationError)  # a person's message already: no type name, no traceback
+
+
 def error_line(exc: BaseException) -> str:
-    """One status line for a person: an ``InputError`` already says where and what; anything else
-    gets its type, since "[Errno 28] No space left on device" alone hides that it is an OSError."""
-    return f"error: {exc}" if isinstance(exc, InputError) else f"error: {type(exc).__name__}: {exc}"
+    """One status line for a person: an ``InputError`` or a ``FederationError`` already says where and what;
+    anything else gets its type, since "[Errno 28] No space left on device" alone hides that it is an
+    OSError."""
+    return f"error: {exc}" if isinstance(exc, SAID_ERRORS) else f"error: {type(exc).__name__}: {exc}"

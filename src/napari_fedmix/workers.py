@@ -1,14 +1,36 @@
 """Thread workers for the widgets, with one error policy: the widget shows every error in its status
-line; an unexpected one (not an :class:`InputError`) is also raised in the event loop, so napari's
-notification offers its traceback for a bug report. Bad input (a NaN frame, a refused file) needs no
-traceback: napari's default would pop one up for it as well."""
+line; an unexpected one (not an :class:`InputError` or a :class:`FederationError`) is also raised in the
+event loop, so napari's notification offers its traceback for a bug report. Bad input (a NaN frame, a
+refused file) and a server's refusal (a revoked token, another join of the site running) need no
+traceback: napari's default would pop one up for them as well."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import SAID_ERRORS
+
+
+class _CarriedRuntimeError(Exception):
+    """A RuntimeError on its way out of a generator worker. superqt takes any RuntimeError raised there for
+    a deleted worker and drops it with a warning: no ``errored``, no ``finished``, so the widget said
+    "starting…" for ever (a revoked token in Train; a torch error such as CUDA out of memory)."""
+
+    def __init__(self, original: RuntimeError) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _carrying_runtime_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    def generator(*args: Any, **kwargs: Any):
+        try:
+            return (yield from func(*args, **kwargs))
+        except RuntimeError as exc:
+            raise _CarriedRuntimeError(exc) from exc
+
+    return generator
 
 
 def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Exception], None]):
@@ -16,8 +38,12 @@ def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Except
     from napari.qt.threading import create_worker
 
     def errored(exc: Exception) -> None:
+        if isinstance(exc, _CarriedRuntimeError):
+            exc = exc.original
         on_error(exc)
-        if not isinstance(exc, InputError):
+        if not isinstance(exc, SAID_ERRORS):
             raise exc
 
+    if inspect.isgeneratorfunction(func):
+        func = _carrying_runtime_errors(func)
     return create_worker(func, *args, _start_thread=False, _connect={"errored": errored})

@@ -25,7 +25,7 @@ from fedmix_engine.checkpoint import pair_from_bytes
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import FederationError, InputError
 from fedmix_engine.federation import pending_state
 from fedmix_engine.federation.federated_evaluation import EvaluationReport
 from fedmix_engine.federation.tokens import token_problem
@@ -86,10 +86,6 @@ def trust_store(ca_cert: str | Path) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(path))
     except ssl.SSLError as exc:
         raise InputError(path, f"not a PEM certificate the TLS library can read ({exc.reason or exc})") from None
-
-
-class FederationError(RuntimeError):
-    """The server refused us for a reason retrying cannot fix (auth, version, settings)."""
 
 
 @dataclass(frozen=True)
