@@ -398,9 +398,9 @@ class ServerState:
                  ", ".join(f"{s} {w:.2f}" for s, w in sorted(weights.items())) or "none (no site trained)")
         self._history.append(meta)
         self.last_round += 1
+        self.uploads = {}  # before the files go: a failed delete must not leave them to count in the next round
         for path in self.current_dir.iterdir():
             path.unlink()
-        self.uploads = {}
         if not self.finished:
             self._open_round()
         else:
