@@ -425,3 +425,25 @@ def test_a_full_disk_is_named_saves_nothing_half_and_the_open_site_saves_again_o
         with SiteStore.open(disk / "site", readonly=True) as again:
             assert again.image_ids() == ["scan-0", "scan-1"] and len(again.boxes("scan-0")) >= saved + 1
             assert np.array_equal(again.read_image("scan-1"), grey_image)
+
+
+def test_a_log_line_that_does_not_fit_is_taken_back_whole(tmp_path: Path) -> None:
+    """rounds.jsonl (Flower) and metrics.jsonl (simulate) are appended a line per round; on a full disk the
+    line was cut where the space ended, and the next round's line, once space was back, ran on from the
+    torn half: a log no JSON-lines reader could read again."""
+    import json
+
+    from fedmix_engine.atomic import append_line
+
+    with small_disk(tmp_path / "disk", 1 * 2**20) as disk:
+        log = disk / "rounds.jsonl"
+        append_line(log, json.dumps({"round": 1}))
+        filler = disk / "filler"
+        fill_disk_leaving(filler, 4096)
+        with pytest.raises(OSError) as full:
+            append_line(log, json.dumps({"round": 2, "weights": "x" * 3 * 4096}))
+        assert full.value.errno == errno.ENOSPC and full.value.filename == str(log)
+        assert log.read_text() == '{"round": 1}\n', "nothing of the line that did not fit"
+        filler.unlink()
+        append_line(log, json.dumps({"round": 2}))
+        assert [json.loads(line)["round"] for line in log.read_text().splitlines()] == [1, 2]

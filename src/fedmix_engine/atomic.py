@@ -97,6 +97,24 @@ def remove_interrupted_writes(folder: str | Path) -> list[Path]:
     return left
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a JSON-lines log whole or not at all: a write cut by a full disk is taken back,
+    as a torn half line would make the whole log unreadable to the next line-by-line reader."""
+    path = Path(path)
+    data = line.rstrip("\n").encode() + b"\n"
+    with open(path, "ab", buffering=0) as handle:  # unbuffered: a part written is known, and taken back
+        start = handle.seek(0, os.SEEK_END)
+        try:
+            done = 0
+            while done < len(data):
+                done += handle.write(data[done:])  # a short write, then ENOSPC on the next
+        except OSError as exc:
+            handle.truncate(start)
+            if exc.filename is None:
+                exc.filename = str(path)
+            raise
+
+
 def check_writable_file(path: str | Path) -> Path:
     """An output file's name, checked before the work that fills it: not a folder, in a folder that
     exists (or is made) and is writable."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmix_engine.atomic import atomic_write_bytes, make_folder
+from fedmix_engine.atomic import append_line, atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import save_checkpoint
 from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.data.site_store import SiteStore
@@ -403,8 +403,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
                 {s.name: s.state for s in sites if s.state.optimizers is not None},
                 {} if federated else {s.name: s.pair for s in sites}, per_site_best), config.model)
         if out is not None:
-            with open(out / "metrics.jsonl", "a") as handle:
-                handle.write(_json_text(asdict(record)) + "\n")
+            append_line(out / "metrics.jsonl", _json_text(asdict(record)))
         yield record
 
     if config.method == "local":

@@ -19,7 +19,7 @@ import json
 import logging
 from pathlib import Path
 
-from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.atomic import append_line, atomic_write_bytes
 from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
@@ -88,16 +88,14 @@ class RoundRecorder:
                                    encode_update(state, outcome.reports[name]))
         line = {"round": outcome.round, "weights": outcome.weights, "refused": outcome.refused,
                 "reports": {k: json.loads(r.to_json()) for k, r in outcome.reports.items()}}
-        with open(self.out / "rounds.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        append_line(self.out / "rounds.jsonl", json.dumps(line, sort_keys=True))
         log.info("round %d: weights %s; refused %s", outcome.round,
                  {k: round(w, 4) for k, w in outcome.weights.items()}, list(outcome.refused) or "none")
 
     def evaluation(self, outcome: EvaluationOutcome) -> None:
         """Append the round's held-out scores to ``evaluations.jsonl`` (the built-in server's ``evaluations``)."""
         line = outcome.to_dict()
-        with open(self.out / "evaluations.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        append_line(self.out / "evaluations.jsonl", json.dumps(line, sort_keys=True))
         if line["images"]:
             log.info("round %d: held-out Dice %.3f over %d images at %d site(s)", outcome.round, line["dice"],
                      line["images"], len(outcome.reports))
