@@ -137,6 +137,9 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
             time.sleep(2)  # the deadline watcher retries the close every 0.5 s, in vain
             status = server.status()
             assert status["round"] == 1 and status["uploaded"] == SITES
+            assert status["close_failure"]["round"] == 1 and "No space left" in status["close_failure"]["error"]
+            page = httpx.get(server.url + "/").text
+            assert "Round 1 cannot be closed</b>, every site in: [Errno 28] No space left on device" in page
             assert not list((state / "rounds").glob("*.tmp")), "a half-written model would hold the last space"
 
             filler.unlink()
@@ -145,6 +148,7 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
                 assert time.monotonic() < deadline, "the round stayed open after space was freed"
                 time.sleep(0.2)
             assert server.status()["history"][0]["reason"] == "every expected site reported"
+            assert server.status()["close_failure"] is None and "cannot be closed" not in httpx.get(server.url).text
         served, _, _ = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
     log = next(tmp_path.glob("server-*.log")).read_text()
     assert "Traceback" not in log, log[-3000:]

@@ -96,6 +96,10 @@ def render_admin_page(status: dict[str, Any]) -> str:
     missing = status.get("not_uploaded")
     if not status["finished"] and missing:
         waiting += f"; not yet: {not_uploaded_list(missing)}"
+    failure = status.get("close_failure")
+    failing = (f"<p style='color:#b00'><b>Round {failure['round']} cannot be closed</b>, every site in: "
+               f"{escape(failure['error'])}. Free space in the state directory; the server retries by itself."
+               "</p>") if failure else ""
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>FedMix server</title>
 <meta http-equiv='refresh' content='10'>
 <style>body{{font-family:sans-serif;margin:2em}}
@@ -105,7 +109,7 @@ td,th{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}}</style>
 <p><b>{escape(state)}</b> — {status['last_round']} of {status['rounds']} rounds done; method {escape(status['method'])}
 (λ = {status['lam']}, β = {status['beta']}); {status['sites_expected']} sites expected, quorum {status['min_sites']}.
 Uploaded this round: {escape(waiting)}.</p>
-{changed}{scored}
+{failing}{changed}{scored}
 <div>{svg_lines(held_out, "held-out Dice of each round's global model") if held_out else ""}
 {svg_lines(weights, "site weight w_k per round")} {svg_lines(losses, "training loss ℓ_k per round")}
 {svg_lines(counts, "samples used n_k per round")}</div>
