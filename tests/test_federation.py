@@ -776,6 +776,51 @@ def test_token_add_refuses_site_names_that_cannot_be_file_names_on_every_server(
     assert set(store.sites()) == {"console", "com10", "site-a", "nullstadt", "A.1"}
 
 
+NGINX_413 = (b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n<center><h1>413 "
+             b"Request Entity Too Large</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n")
+
+
+def test_an_upload_a_reverse_proxy_refuses_as_too_large_says_what_the_proxys_admin_must_change(
+        sample: Path, tmp_path: Path) -> None:
+    """nginx in front of the server refuses bodies over 1 MB unless told otherwise, and a model at the
+    reference width is 140 MB: every upload failed with '413 <html>\\r\\n<head><title>…' and 150 more
+    characters of markup. The page's title, who answered and what to change are said instead."""
+    import http.server
+    import threading
+
+    from fedmix_engine.federation.client import FederationClient, FederationError
+
+    class Nginx(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(413)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(NGINX_413)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(NGINX_413)
+
+        def version_string(self) -> str:  # the Server header
+            return "nginx/1.24.0"
+
+        def log_message(self, *args) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Nginx)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        client = FederationClient(f"http://127.0.0.1:{proxy.server_port}", "fmx_token", sample / "site-a",
+                                  device="cpu")
+        response = client._request("POST", "/v1/rounds/1/update", content=b"x" * 2**20)
+        with pytest.raises(FederationError) as refused:
+            client._raise_for_refusal(response, "/v1/rounds/1/update")
+    finally:
+        proxy.shutdown()
+    assert str(refused.value) == (
+        "/v1/rounds/1/update: 413 Request Entity Too Large, answered by nginx/1.24.0: a reverse proxy in front of "
+        "the server limits the size of uploads; its admin must allow the model's size (nginx: "
+        "client_max_body_size, see docs/federation.md)")
+
+
 def test_join_warns_when_the_sites_token_can_be_read_by_other_users(tmp_path: Path, capsys) -> None:
     """The token is the site's identity, yet a token file any user could read, or a token on the command
     line (in every user's process list), passed without a word. ssh says so of a private key; so does join."""

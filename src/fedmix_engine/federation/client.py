@@ -168,6 +168,10 @@ class FederationClient:
         if response.status_code == 404 and path.startswith(f"/{API_VERSION}/"):
             raise FederationError(f"the server does not speak API {API_VERSION} (404 on {path}); update "
                                   "napari-fedmix on this site or ask the admin which version the server runs")
+        if response.status_code == 413 and "json" not in response.headers.get("content-type", ""):
+            raise FederationError(f"{path}: {_detail(response)}: a reverse proxy in front of the server limits "
+                                  "the size of uploads; its admin must allow the model's size (nginx: "
+                                  "client_max_body_size, see docs/federation.md)")
         if response.status_code >= 400:
             raise FederationError(f"{path}: {response.status_code} {_detail(response)}")
 
@@ -409,7 +413,13 @@ def check_held_out(store: SiteStore, site_dir: Path) -> None:
 
 
 def _detail(response) -> str:
+    """What the server said: its JSON ``detail``; from something else on the way (a reverse proxy's HTML
+    error page), the page's title and who answered, rather than 200 characters of markup."""
     try:
         return str(response.json().get("detail") or response.json().get("message"))
     except Exception:
-        return response.text[:200]
+        title = re.search(r"<title>(.*?)</title>", response.text, re.IGNORECASE | re.DOTALL)
+        if title is None:
+            return response.text[:200]
+        server = response.headers.get("server")
+        return f"{' '.join(title.group(1).split())}, answered by {server or 'something in front of the server'}"
