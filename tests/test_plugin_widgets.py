@@ -729,6 +729,49 @@ def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(ma
     assert pause < 0.2, f"event loop blocked for {pause * 1000:.0f} ms"
 
 
+def test_stop_ends_a_federation_that_waits_for_other_sites_at_once_and_frees_the_site(make_napari_viewer, qtbot,
+                                                                                     sample, tmp_path):
+    """Stop asks the worker to quit, which a generator sees only when it next yields; waiting for the other
+    sites (minutes, or until a deadline hours away) yielded nothing, so Stop, and closing napari, which
+    waits for its workers, did nothing until the round closed. The site's join lock must go with it."""
+    from filelock import FileLock
+
+    from federation_helpers import TINY_SETTINGS, make_tokens, running_server
+    from fedmix_engine.federation.client import JOIN_LOCK
+    from napari_fedmix.train_widget import TrainWidget
+
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a", "site-b"])["site-a"]
+    train = TrainWidget(make_napari_viewer())
+    qtbot.addWidget(train)
+    with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]) as server:
+        train.site.setText(str(sample))
+        train.mode.setCurrentIndex(1)
+        train.server.setText(server.url)
+        train.token.setText(token)
+        train.device.setCurrentText("cpu")
+        train.start()
+        qtbot.waitUntil(lambda: "waiting for the other sites" in train.status.text(), timeout=120_000)
+        time.sleep(2)  # well into the wait
+        stopped_at = time.monotonic()
+        train.stop()
+        qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+        took = time.monotonic() - stopped_at
+        assert server.status()["uploaded"] == ["site-a"]
+    assert took < 5, f"Stop took {took:.1f} s while waiting for the other sites"
+    assert "\nstopped; model: " in train.status.text()
+    with FileLock(sample / "models" / JOIN_LOCK).acquire(timeout=0):
+        pass  # the site is free for the next join
+
+    train.start()  # the server is gone: the client retries with a growing back-off (up to an hour)
+    time.sleep(8)  # past the 0.5, 1, 2 and 4 s retries: into an 8 s pause
+    stopped_at = time.monotonic()
+    train.stop()
+    qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+    took = time.monotonic() - stopped_at
+    assert took < 2, f"Stop took {took:.1f} s while the server was unreachable"
+
+
 def test_batch_predict_writes_masks_and_csv_and_lists_the_corrupt_file(make_napari_viewer, qtbot, tmp_path, images):
     from napari_fedmix.predict_widget import BatchPredictWidget
 

@@ -237,7 +237,8 @@ class TrainWidget(QWidget):
                                   device=self.device.currentText(), ca_cert=self.ca_cert.text() or None,
                                   held_out=self.validation.text() or None)  # the client scores each global model
         self.last_checkpoint = site / GLOBAL_MODEL
-        yield from client.iter_join()
+        # asked between events too: waiting for the other sites yields none for minutes
+        yield from client.iter_join(should_stop=lambda: self.worker is not None and self.worker.abort_requested)
 
     def _validation_set(self, image_size: int, classes: int, channels: int):
         """The optional validation store, preloaded once (None when not given)."""

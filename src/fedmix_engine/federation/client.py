@@ -102,6 +102,10 @@ class JoinEvent:
 JOIN_LOCK = "join.lock"  # in SITE/models: held while a join of the site runs
 
 
+class _Stopped(Exception):
+    """A stop asked for while the client waited: the join ends as if the generator had been closed."""
+
+
 class FederationClient:
     def __init__(self, server: str, token: str, site_dir: str | Path, device: str = "auto",
                  ca_cert: str | Path | None = None, poll_seconds: float = 1.0, max_backoff: float = 30.0,
@@ -134,6 +138,7 @@ class FederationClient:
         self.state = SiteState()
         self.prefix = federation_prefix(None)  # this federation's files in models/, once the server says which
         self._history_refused = False  # the server's round history is for its admin only (said once)
+        self._should_stop: Callable[[], bool] = lambda: False  # set by iter_join
         self.train_config: TrainConfig | None = None  # set from the server on connecting
 
     # ------------------------------------------------------------------ HTTP with retries
@@ -153,8 +158,17 @@ class FederationClient:
             if time.monotonic() - started > self.give_up_after:
                 raise FederationError(f"gave up after {self.give_up_after:.0f} s: {reason}")
             log.warning("%s %s: %s; retrying in %.1f s", method, path, reason, delay)
-            time.sleep(delay)
+            self._pause(delay)
             delay = min(delay * 2, self.max_backoff)
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but end the join within a fifth of a second of a stop (napari's Stop, napari closing):
+        a wait for other sites or for a server back up can last hours, and yields nothing meanwhile."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            if self._should_stop():
+                raise _Stopped
+            time.sleep(min(left, 0.2))
 
     def _json(self, path: str) -> dict:
         response = self._request("GET", path)
@@ -194,8 +208,11 @@ class FederationClient:
             raise FederationError(f"{self.site_dir}: another join of this site is running (in a terminal or "
                                   "in napari, on this machine or one sharing the folder); one process per "
                                   "site: stop the other first") from None
+        self._should_stop = should_stop or (lambda: False)
         try:
             yield from self._take_part(should_stop)
+        except _Stopped:
+            return
         finally:
             lock.release()
 
@@ -237,11 +254,11 @@ class FederationClient:
                     yield JoinEvent("waiting", f"round {r}: update delivered, waiting for the other sites"
                                     f"{self._not_yet(site, r)}", r)
                     last_wait = r
-                time.sleep(self.poll_seconds)
+                self._pause(self.poll_seconds)
                 continue
             pair_bytes, model_round = self.download_global()
             if model_round != r - 1:
-                time.sleep(self.poll_seconds)
+                self._pause(self.poll_seconds)
                 continue  # the round moved on while we asked; start again
             decoded = pair_from_bytes(pair_bytes, "global model from the server")
             pair = decoded[0]
