@@ -356,6 +356,15 @@ def _start_local(widget, site: Path, rounds: int) -> None:
     widget.start()
 
 
+def _set_to_join(widget, site: Path, url: str, token: str) -> None:
+    """The Train widget's federation fields, filled as a clinician would (CPU, not started)."""
+    widget.site.setText(str(site))
+    widget.mode.setCurrentIndex(1)
+    widget.server.setText(url)
+    widget.token.setText(token)
+    widget.device.setCurrentText("cpu")
+
+
 def test_train_widget_joins_a_real_server_and_plots_the_held_out_dice_it_sends(make_napari_viewer, qtbot, sample,
                                                                              tmp_path):
     """The widget scored each closed round's model itself, after downloading it again, and kept the figure to
@@ -368,11 +377,7 @@ def test_train_widget_joins_a_real_server_and_plots_the_held_out_dice_it_sends(m
     train = TrainWidget(make_napari_viewer())
     qtbot.addWidget(train)
     with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "2", *TINY_SETTINGS]) as server:
-        train.site.setText(str(sample))
-        train.mode.setCurrentIndex(1)
-        train.server.setText(server.url)
-        train.token.setText(token)
-        train.device.setCurrentText("cpu")
+        _set_to_join(train, sample, server.url, token)
         train.validation.setText(str(sample.parent / "eval" / "site-a" / "val"))
         train.start()
         qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
@@ -419,11 +424,7 @@ def test_train_widget_says_a_servers_refusal_and_a_site_joined_elsewhere_without
     train = TrainWidget(make_napari_viewer())
     qtbot.addWidget(train)
     with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
-        train.site.setText(str(sample))
-        train.mode.setCurrentIndex(1)
-        train.server.setText(server.url)
-        train.device.setCurrentText("cpu")
-        train.token.setText("fmx_revoked")
+        _set_to_join(train, sample, server.url, "fmx_revoked")
         with qtbot.capture_exceptions() as relayed:
             train.start()
             qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
@@ -745,11 +746,7 @@ def test_stop_ends_a_federation_that_waits_for_other_sites_at_once_and_frees_the
     train = TrainWidget(make_napari_viewer())
     qtbot.addWidget(train)
     with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]) as server:
-        train.site.setText(str(sample))
-        train.mode.setCurrentIndex(1)
-        train.server.setText(server.url)
-        train.token.setText(token)
-        train.device.setCurrentText("cpu")
+        _set_to_join(train, sample, server.url, token)
         train.start()
         qtbot.waitUntil(lambda: "waiting for the other sites" in train.status.text(), timeout=120_000)
         time.sleep(2)  # well into the wait
