@@ -192,7 +192,8 @@ class FederationClient:
     # ------------------------------------------------------------------ the loop
     def iter_join(self, should_stop: Callable[[], bool] | None = None) -> Iterator[JoinEvent]:
         """Take part in the federation until it finishes, yielding events. Closing the generator stops
-        after the current training batch; nothing half-done is uploaded.
+        after the current training batch; nothing half-done is uploaded. ``should_stop`` is asked between
+        events and every 0.2 s of a wait, so a stop also ends a wait that yields nothing for hours.
 
         One process per site: a second ``join`` of the same site (a terminal and napari) trained every
         round twice, lost one of the two uploads with a 409, and could keep the loser's optimiser moments
@@ -210,13 +211,13 @@ class FederationClient:
                                   "site: stop the other first") from None
         self._should_stop = should_stop or (lambda: False)
         try:
-            yield from self._take_part(should_stop)
+            yield from self._take_part()
         except _Stopped:
             return
         finally:
             lock.release()
 
-    def _take_part(self, should_stop: Callable[[], bool] | None) -> Iterator[JoinEvent]:
+    def _take_part(self) -> Iterator[JoinEvent]:
         cfg = self._json(f"/{API_VERSION}/config")
         site, model_config = cfg["site"], ModelConfig.from_dict(cfg["model"])
         train = self.train_config = TrainConfig(**cfg["train"])
@@ -234,7 +235,7 @@ class FederationClient:
                     raise FederationError(str(exc)) from None
         last_wait, seen_round = None, None
         while True:
-            if should_stop and should_stop():
+            if self._should_stop():
                 return
             info = self._json(f"/{API_VERSION}/round")
             if seen_round is not None and info["last_round"] > seen_round:
@@ -244,7 +245,7 @@ class FederationClient:
                 final, final_round = self.download_global()
                 decoded = pair_from_bytes(final, "final global model")  # validated before it is saved
                 path = self._save_final_model(final, final_round)
-                yield from self._score(decoded, final_round, should_stop)
+                yield from self._score(decoded, final_round)
                 yield JoinEvent("finished", f"federation finished after {info['last_round']} rounds; model: {path}",
                                 info["last_round"])
                 return
@@ -271,7 +272,7 @@ class FederationClient:
                     result = event
                 elif isinstance(event, TrainProgress):
                     yield JoinEvent("training", f"round {r}: {event.stage} {event.step}/{event.total}", r, event)
-                    if should_stop and should_stop():
+                    if self._should_stop():
                         return
             assert result is not None
             rep = result.report
@@ -293,10 +294,9 @@ class FederationClient:
                 yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={shown_loss(rep.n, rep.loss)}"
                                 f"{kept_summary(rep.counts)} ({_detail(response)})", r, report=rep.to_dict())
             # scored while the other sites finish the round: off the round's critical path
-            yield from self._score(decoded, model_round, should_stop)
+            yield from self._score(decoded, model_round)
 
-    def _score(self, model: tuple[PairState, ModelConfig, dict[str, Any]], model_round: int,
-               should_stop: Callable[[], bool] | None) -> Iterator[JoinEvent]:
+    def _score(self, model: tuple[PairState, ModelConfig, dict[str, Any]], model_round: int) -> Iterator[JoinEvent]:
         """Score round ``model_round``'s global model on the held-out folder (once per process) and send
         the scores; a refusal, or a held-out folder that cannot be read any more, is shown and training goes
         on: evaluation never stops the site's part in the federation."""
@@ -318,7 +318,7 @@ class FederationClient:
                     report = EvaluationReport.from_scores(done.value)
                     break
                 yield event
-                if should_stop and should_stop():
+                if self._should_stop():
                     progress.close()
                     self._scored.discard(model_round)
                     return
