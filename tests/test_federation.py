@@ -139,7 +139,7 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
             assert status["round"] == 1 and status["uploaded"] == SITES
             assert status["close_failure"]["round"] == 1 and "No space left" in status["close_failure"]["error"]
             page = httpx.get(server.url + "/").text
-            assert "Round 1 cannot be closed</b>, every site in: [Errno 28] No space left on device" in page
+            assert "Round 1 is due to close but cannot be</b>: [Errno 28] No space left on device" in page
             assert not list((state / "rounds").glob("*.tmp")), "a half-written model would hold the last space"
 
             filler.unlink()
@@ -148,7 +148,7 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
                 assert time.monotonic() < deadline, "the round stayed open after space was freed"
                 time.sleep(0.2)
             assert server.status()["history"][0]["reason"] == "every expected site reported"
-            assert server.status()["close_failure"] is None and "cannot be closed" not in httpx.get(server.url).text
+            assert server.status()["close_failure"] is None and "cannot be</b>" not in httpx.get(server.url).text
         served, _, _ = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
     log = next(tmp_path.glob("server-*.log")).read_text()
     assert "Traceback" not in log, log[-3000:]
@@ -157,6 +157,40 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
     expected, _ = aggregate([(name, load_bytes(bodies[name]), 10 * (k + 1), 0.2 * (k + 1))
                              for k, name in enumerate(SITES)], AggregationRule(10.0, 1.5))
     assert max(float((served[k] - expected[k]).abs().max()) for k in expected) < 1e-6
+
+
+def test_a_round_closing_at_its_deadline_on_a_full_disk_is_shown_as_due_and_closes_once_space_is_back(
+        tmp_path: Path) -> None:
+    """The other way a round closes, at its deadline with a quorum, fails on a full disk the same way; the
+    failure is recorded for the admin page from either way, not only when every site reported."""
+    from fedmix_engine.federation.admin import render_admin_page
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.model import ModelConfig
+
+    now = [1000.0]
+    with small_disk(tmp_path / "disk", 8 * 2**20) as disk:
+        state = ServerState(disk / "state", ServerConfig(sites=3, min_sites=2, round_timeout=60,
+                                                          model=ModelConfig(base_width=4)), clock=lambda: now[0])
+        size = (disk / "state" / "rounds" / "000000" / "global.safetensors").stat().st_size
+        for k, site in enumerate(SITES[:2]):
+            body = disk / f"{site}.part"  # where the server streams uploads: on the state's file system
+            body.write_bytes(fake_update(state.global_pair(0), seed=k))
+            assert state.accept_upload(site, 1, body).status == 200
+        filler = disk / "filler"
+        fill_disk_leaving(filler, size // 2)
+        now[0] += 61
+        with pytest.raises(OSError, match="No space left on device"):
+            state.close_if_due()
+        failure = state.status()["close_failure"]
+        assert failure["round"] == 1 and failure["since"] == 1061.0 and "No space left" in failure["error"]
+        assert "Round 1 is due to close but cannot be</b>" in render_admin_page(state.status())
+        now[0] += 5
+        with pytest.raises(OSError):
+            state.close_if_due()
+        assert state.status()["close_failure"]["since"] == 1061.0, "since the first failure, not the last"
+        filler.unlink()
+        assert state.close_if_due() and state.last_round == 1 and state.status()["close_failure"] is None
+        assert state.history()[0]["reason"] == "deadline passed with 2 of 3 sites"
 
 
 def test_a_join_whose_site_disk_fills_names_the_file_and_run_again_ends_as_if_uninterrupted(

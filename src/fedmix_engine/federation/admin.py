@@ -97,7 +97,7 @@ def render_admin_page(status: dict[str, Any]) -> str:
     if not status["finished"] and missing:
         waiting += f"; not yet: {not_uploaded_list(missing)}"
     failure = status.get("close_failure")
-    failing = (f"<p style='color:#b00'><b>Round {failure['round']} cannot be closed</b>, every site in: "
+    failing = (f"<p style='color:#b00'><b>Round {failure['round']} is due to close but cannot be</b>: "
                f"{escape(failure['error'])}. Free space in the state directory; the server retries by itself."
                "</p>") if failure else ""
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>FedMix server</title>

@@ -150,7 +150,7 @@ class ServerState:
         self.root = Path(root)
         self._clock = clock
         self._lock = threading.RLock()
-        self.close_failure: dict[str, Any] | None = None  # why the open round, every site in, is not closed yet
+        self.close_failure: dict[str, Any] | None = None  # why the open round, due to close, is not closed yet
         config_path = self.root / CONFIG_FILE
         self.adjusted: list[str] = []  # settings this start changed ('rounds: 10 → 20'), for the admin
         changes_path = self.root / CHANGES_FILE
@@ -360,7 +360,7 @@ class ServerState:
                 if len(self.uploads) < self.config.sites:
                     return Outcome(200, f"accepted for round {round_number}")
                 try:
-                    self._close_when_all_reported()
+                    self._close("every expected site reported")
                 except OSError as exc:  # the update is kept and counts; close_if_due retries the close
                     log.error("round %d: every expected site reported, but the round could not be closed (%s); "
                               "retrying until it can", round_number, exc)
@@ -377,18 +377,18 @@ class ServerState:
             if self.finished:
                 return False
             if len(self.uploads) >= self.config.sites:
-                self._close_when_all_reported()
+                self._close("every expected site reported")
                 return True
             if self._clock() < self.deadline or len(self.uploads) < self.config.min_sites:
                 return False
-            self._close_round(f"deadline passed with {len(self.uploads)} of {self.config.sites} sites")
+            self._close(f"deadline passed with {len(self.uploads)} of {self.config.sites} sites")
             return True
 
-    def _close_when_all_reported(self) -> None:
-        """Close the round every expected site reported to; a failure (a full disk) is kept for the admin
-        page and ``/v1/status`` until a later attempt succeeds."""
+    def _close(self, reason: str) -> None:
+        """Close the open round; a failure (a full disk) is kept for the admin page and ``/v1/status`` until
+        a later attempt succeeds."""
         try:
-            self._close_round("every expected site reported")
+            self._close_round(reason)
         except OSError as exc:
             since = self.close_failure["since"] if self.close_failure else self._clock()
             self.close_failure = {"round": self.current_round, "error": str(exc), "since": since}
