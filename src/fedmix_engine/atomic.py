@@ -75,8 +75,8 @@ def atomic_open(path: str | Path, mode: int | None = None) -> Iterator[BinaryIO]
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name the one
-            exc.filename = str(path)                           # that was not replaced ("No space left" where?)
+        if isinstance(exc, OSError):
+            _name_the_file(exc, path)
         raise
     _fsync_dir(path.parent)
 
@@ -97,6 +97,12 @@ def remove_interrupted_writes(folder: str | Path) -> list[Path]:
     return left
 
 
+def _name_the_file(exc: OSError, path: Path) -> None:
+    """A failed write names no file ("No space left on device", where?): name the one being written."""
+    if exc.filename is None:
+        exc.filename = str(path)
+
+
 def append_line(path: str | Path, line: str) -> None:
     """Append one line to a JSON-lines log whole or not at all: a write cut by a full disk is taken back,
     as a torn half line would make the whole log unreadable to the next line-by-line reader."""
@@ -110,8 +116,7 @@ def append_line(path: str | Path, line: str) -> None:
                 done += handle.write(data[done:])  # a short write, then ENOSPC on the next
         except OSError as exc:
             handle.truncate(start)
-            if exc.filename is None:
-                exc.filename = str(path)
+            _name_the_file(exc, path)
             raise
 
 
