@@ -141,6 +141,10 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
             page = httpx.get(server.url + "/").text
             assert "Round 1 is due to close but cannot be</b>: [Errno 28] No space left on device" in page
             assert not list((state / "rounds").glob("*.tmp")), "a half-written model would hold the last space"
+            waiting = FederationClient(server.url, tokens["site-c"], sample / "site-c", device="cpu")
+            said = next(e for e in waiting.iter_join() if e.kind == "waiting").message  # site-c has uploaded
+            assert said == ("round 1: update delivered; the server cannot close the round (No space left on "
+                            "device): its admin must fix that, and it closes by itself then"), said
 
             filler.unlink()
             deadline = time.monotonic() + 30

@@ -251,10 +251,15 @@ class FederationClient:
                 return
             r = info["round"]
             if info["uploaded"]:
-                if last_wait != r:
-                    yield JoinEvent("waiting", f"round {r}: update delivered, waiting for the other sites"
-                                    f"{self._not_yet(site, r)}", r)
-                    last_wait = r
+                held_up = info.get("held_up")  # the round is due but the server cannot close it (a full disk)
+                if last_wait != (r, held_up):  # said again when what holds the round changes
+                    if held_up:
+                        yield JoinEvent("waiting", f"round {r}: update delivered; the server cannot close the "
+                                        f"round ({held_up}): its admin must fix that, and it closes by itself then", r)
+                    else:
+                        yield JoinEvent("waiting", f"round {r}: update delivered, waiting for the other sites"
+                                        f"{self._not_yet(site, r)}", r)
+                    last_wait = (r, held_up)
                 self._pause(self.poll_seconds)
                 continue
             pair_bytes, model_round = self.download_global()

@@ -280,13 +280,16 @@ class ServerState:
     def round_info(self, site: str) -> dict[str, Any]:
         """What a polling site needs; cheap (no history sent). ``last_accepted``: the newest round whose
         update from this site the server took (None: none), so a restarted site knows whether the update it
-        sent before it died counted, and settles its optimiser's moments accordingly (``pending_state``)."""
+        sent before it died counted, and settles its optimiser's moments accordingly (``pending_state``).
+        ``held_up``: why the round, due to close, cannot be (a full disk), so a waiting site says that rather
+        than that it waits for the other sites."""
         with self._lock:
             taken = [meta["round"] for meta in self._history if site in meta["sites"]]
             last_accepted = self.current_round if site in self.uploads else (taken[-1] if taken else None)
             return {"round": None if self.finished else self.current_round, "last_round": self.last_round,
                     "finished": self.finished, "uploaded": site in self.uploads, "last_accepted": last_accepted,
-                    "deadline_in": None if self.finished else round(self.deadline - self._clock(), 1)}
+                    "deadline_in": None if self.finished else round(self.deadline - self._clock(), 1),
+                    "held_up": self.close_failure["reason"] if self.close_failure else None}
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -391,7 +394,8 @@ class ServerState:
             self._close_round(reason)
         except OSError as exc:
             since = self.close_failure["since"] if self.close_failure else self._clock()
-            self.close_failure = {"round": self.current_round, "error": str(exc), "since": since}
+            self.close_failure = {"round": self.current_round, "error": str(exc), "since": since,
+                                  "reason": exc.strerror or type(exc).__name__}  # for the sites: no path
             raise
         self.close_failure = None
 
