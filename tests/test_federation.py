@@ -812,6 +812,12 @@ def test_token_add_refuses_site_names_that_cannot_be_file_names_on_every_server(
     for fine in ("console", "com10", "site-a", "nullstadt", "A.1"):
         assert store.site_for(store.add(fine)) == fine
     assert set(store.sites()) == {"console", "com10", "site-a", "nullstadt", "A.1"}
+    for twin in ("Site-A", "a.1"):  # one file on a case-insensitive file system
+        with pytest.raises(InputError, match=f"site name '{twin}' differs from the existing site"):
+            store.add(twin)
+    renewed = store.add("site-a")
+    assert store.site_for(renewed) == "site-a", "a new token for the same name is still allowed"
+    assert set(store.sites()) == {"console", "com10", "site-a", "nullstadt", "A.1"}
 
 
 NGINX_413 = (b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n<center><h1>413 "

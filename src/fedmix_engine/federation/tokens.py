@@ -73,8 +73,13 @@ class TokenStore:
         if _WINDOWS_DEVICE.match(site):
             raise InputError("SITE", f"site name '{site}' is a device name on Windows (CON, PRN, AUX, NUL, COM0–9, "
                              "LPT0–9), where a server could not store its updates: choose another")
-        token = f"fmx_{secrets.token_urlsafe(32)}"
         entries = dict(self._load())
+        # on a case-insensitive file system (Windows, macOS) 'Site-A' and 'site-a' would share one update file
+        if twin := next((other for other in entries if other.lower() == site.lower() and other != site), None):
+            raise InputError("SITE", f"site name '{site}' differs from the existing site '{twin}' only in case; "
+                             "a server on Windows or macOS would store both sites' updates in one file: use "
+                             f"'{twin}' (a new token for it) or another name")
+        token = f"fmx_{secrets.token_urlsafe(32)}"
         entries[site] = {"sha256": _hash(token), "created": datetime.now(UTC).isoformat(timespec="seconds"),
                          "revoked": False}
         self._save(entries)
