@@ -132,6 +132,47 @@ def test_local_update_is_deterministic_and_reports_n_and_loss(sample: Path) -> N
         assert any(not torch.equal(other.pair[k], runs[0].pair[k]) for k in pair)
 
 
+def test_a_round_reads_each_image_as_the_site_holds_it_while_napari_edits_it(tmp_path: Path, rng) -> None:
+    """A clinician annotates the site in napari while a federation round loads it. An image removed or a mask
+    cleared after the view listed the images ended the round ("no mask at this site"), and an image whose
+    boxes were deleted trained as a box image with an empty box (its class taught as absent everywhere).
+    Edits before the read and during it (between the record and the files) are both taken as they are now;
+    a file damaged with its record unchanged is still an error."""
+    from fedmix_engine.data.site_store import Box, TrainingView
+
+    mask = np.zeros((40, 40), np.uint8)
+    mask[8:24, 8:24] = 1
+    with SiteStore.create(tmp_path / "site", ["lesion"]) as store:
+        for name in ("kept", "removed", "cleared", "unboxed", "cleared-during", "removed-during"):
+            store.add_image(rng.integers(0, 256, (40, 40), dtype=np.uint8), name)
+            store.set_mask(name, mask)
+        store.clear_mask("unboxed")
+        store.set_boxes("unboxed", [Box("lesion", 8, 8, 24, 24)])
+        edits_while_reading = {"cleared-during": lambda: store.clear_mask("cleared-during"),
+                               "removed-during": lambda: store.remove_image("removed-during")}
+
+        class Edited(TrainingView):  # the edit lands after the image's record was read, before its files
+            def image(self, image_id: str) -> np.ndarray:
+                if edit := edits_while_reading.pop(image_id, None):
+                    edit()
+                return super().image(image_id)
+
+        with Edited(SiteStore.open(store.root, readonly=True)) as view:
+            assert len(view.records) == 6
+            store.remove_image("removed")
+            store.clear_mask("cleared")
+            store.set_tag("cleared", "lesion", True)
+            store.set_boxes("unboxed", [])
+            data = load_site_tensors(view, 32)
+        assert data.ids == ["kept", "cleared"] and data.kinds.tolist() == [KIND_MASK, KIND_TAG]
+        assert not data.masks[1].any() and data.tags[1].tolist() == [1], "trained on its tag, as it is now"
+
+        damaged = store.root / "masks" / "kept.tif"
+        damaged.write_bytes(b"not a tiff")  # damaged, its record the same: said, not skipped
+        with store.training_view() as view, pytest.raises(InputError, match="kept"):
+            load_site_tensors(view, 32)
+
+
 def test_local_update_leaves_the_optimiser_state_it_was_given_as_it_was(sample: Path) -> None:
     """The local update is a pure function of its inputs. Adam's moments were loaded without a copy and then
     changed in place, so a client whose update was refused (late) kept that round's step in memory, while the

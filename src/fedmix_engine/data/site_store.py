@@ -40,6 +40,7 @@ from fedmix_engine.atomic import atomic_write_bytes, is_interrupted_write, make_
 from fedmix_engine.data.imageio import (
     image_stem,
     normalise_image,
+    read_array,
     read_image,
     tiff_bytes,
     validate_image,
@@ -368,22 +369,38 @@ class SiteStore:
 
     def records(self) -> list[ImageRecord]:
         """Every image with its supervision summary, in import order."""
-        box_counts = dict(self._query("SELECT image_id, COUNT(*) FROM boxes GROUP BY image_id"))
-        masked = {row[0] for row in self._query("SELECT image_id FROM masks")}
-        tags: dict[str, dict[str, bool]] = {}
-        for image_id, class_name, present in self._query("SELECT image_id, class_name, present FROM tags"):
-            tags.setdefault(image_id, {})[class_name] = bool(present)
-        rows = self._query("SELECT id, file, height, width, channels, dtype, source FROM images ORDER BY seq")
+        return self._records()
+
+    def record(self, image_id: str) -> ImageRecord:
+        found = self._records(image_id)
+        if not found:
+            raise self._unknown(image_id)
+        return found[0]
+
+    def _records(self, image_id: str | None = None) -> list[ImageRecord]:
+        """Every image's record, or only ``image_id``'s (empty if there is none), read in one transaction:
+        a writer (napari) between its queries could otherwise pair one state's mask with another's boxes."""
+        where, args = ("WHERE image_id=?", (image_id,)) if image_id is not None else ("", ())
+        with self._lock:
+            snapshot = not self._db.in_transaction  # else inside a write of this store: already one
+            if snapshot:
+                self._db.execute("BEGIN")
+            try:
+                box_counts = dict(self._query(f"SELECT image_id, COUNT(*) FROM boxes {where} GROUP BY image_id", args))
+                masked = {row[0] for row in self._query(f"SELECT image_id FROM masks {where}", args)}
+                tags: dict[str, dict[str, bool]] = {}
+                for image, class_name, present in self._query(f"SELECT image_id, class_name, present FROM tags "
+                                                              f"{where}", args):
+                    tags.setdefault(image, {})[class_name] = bool(present)
+                rows = self._query("SELECT id, file, height, width, channels, dtype, source FROM images "
+                                   f"{where.replace('image_id', 'id')} ORDER BY seq", args)
+            finally:
+                if snapshot:
+                    self._db.execute("COMMIT")
         return [
             ImageRecord(i, f, h, w, c, d, i in masked, box_counts.get(i, 0), tags.get(i, {}), src)
             for i, f, h, w, c, d, src in rows
         ]
-
-    def record(self, image_id: str) -> ImageRecord:
-        for rec in self.records():
-            if rec.id == image_id:
-                return rec
-        raise self._unknown(image_id)
 
     def read_image(self, image_id: str) -> np.ndarray:
         """The image as imported (H×W or H×W×3, original dtype)."""
@@ -436,9 +453,7 @@ class SiteStore:
         rows = self._query("SELECT file FROM masks WHERE image_id=?", (image_id,))
         if not rows:
             return None
-        import tifffile
-
-        return np.asarray(tifffile.imread(self.root / rows[0][0]), dtype=np.uint8)
+        return np.asarray(read_array(self.root / rows[0][0]), dtype=np.uint8)  # a damaged file named, not bare
 
     # ----------------------------------------------------------------- boxes
     def check_box(self, image_id: str, box: Box) -> Box:
@@ -592,6 +607,12 @@ class TrainingView:
 
     def tags(self, image_id: str) -> dict[str, bool]:
         return self._store.tags(image_id)
+
+    def current(self, image_id: str) -> ImageRecord | None:
+        """The image's record as the site holds it now (None: removed since). ``records`` is listed when
+        the view opens, and the site may be annotated in napari while a federation round reads it."""
+        found = self._store._records(image_id)
+        return found[0] if found else None
 
     def close(self) -> None:
         self._store.close()

@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from fedmix_engine.data.site_store import TrainingView
+from fedmix_engine.errors import InputError
 
 KIND_MASK, KIND_BOX, KIND_TAG = 0, 1, 2
 KIND_NAMES = {KIND_MASK: "mask", KIND_BOX: "box", KIND_TAG: "tag"}
@@ -82,23 +83,22 @@ def load_site_tensors(view: TrainingView, image_size: int, mask_only: bool = Fal
     classes = view.classes
     k = len(classes)
     ids, kinds, images, masks, boxes, tags = [], [], [], [], [], []
-    for rec in view.records:
-        kind = {"mask": KIND_MASK, "box": KIND_BOX, "tag": KIND_TAG}.get(rec.supervision)
-        if kind is None or (mask_only and kind != KIND_MASK):
+    for listed in view.records:  # the images when the view opened; each read as it is now
+        sample = _read_sample(view, listed.id, mask_only)
+        if sample is None:
             continue
-        height, width = rec.height, rec.width
-        images.append(resize_image(view.image(rec.id), image_size))
-        if kind == KIND_MASK:
-            masks.append(label_to_masks(view.mask(rec.id), k, image_size))
+        rec, kind, image, label, image_boxes, image_tags = sample
+        images.append(resize_image(image, image_size))
+        if label is not None:
+            masks.append(label_to_masks(label, k, image_size))
         else:
             masks.append(torch.zeros((k, image_size, image_size), dtype=torch.bool))
-        box_raster = np.zeros((k, height, width), bool)
-        if kind == KIND_BOX:
-            for box in view.boxes(rec.id):
-                box_raster[classes.index(box.class_name), box.y0:box.y1, box.x0:box.x1] = True
+        box_raster = np.zeros((k, rec.height, rec.width), bool)
+        for box in image_boxes:
+            box_raster[classes.index(box.class_name), box.y0:box.y1, box.x0:box.x1] = True
         boxes.append(resize_channels(box_raster, image_size))
         tag_row = torch.full((k,), TAG_UNKNOWN, dtype=torch.int8)
-        for name, present in view.tags(rec.id).items():
+        for name, present in image_tags.items():
             tag_row[classes.index(name)] = TAG_PRESENT if present else TAG_ABSENT
         tags.append(tag_row)
         ids.append(rec.id)
@@ -109,3 +109,32 @@ def load_site_tensors(view: TrainingView, image_size: int, mask_only: bool = Fal
                            image_size)), empty, empty.clone(), torch.zeros((0, k), dtype=torch.int8), classes)
     return SiteTensors(ids, torch.tensor(kinds, dtype=torch.int8), torch.stack(images), torch.stack(masks),
                        torch.stack(boxes), torch.stack(tags), classes)
+
+
+def _read_sample(view: TrainingView, image_id: str, mask_only: bool):
+    """The image's record, kind, pixels, mask (or None), boxes and tags as the site holds them now; None when
+    it has no supervision the caller wants, or was removed. A clinician may annotate the site in napari while
+    a federation round loads it: an image removed or a mask cleared after ``view.records`` was listed ended
+    the round with "no mask at this site", and boxes deleted meanwhile trained a box image on an empty box.
+    So the record is read again after its files, and the image read again if it changed meanwhile; a read
+    that fails while the record stays the same is a real error (a damaged file) and is raised."""
+    rec = view.current(image_id)
+    for _ in range(3):  # each retry follows an edit: three in the time one image is read is no clinician
+        if rec is None:
+            return None
+        kind = {"mask": KIND_MASK, "box": KIND_BOX, "tag": KIND_TAG}.get(rec.supervision)
+        if kind is None or (mask_only and kind != KIND_MASK):
+            return None
+        try:
+            sample = (rec, kind, view.image(image_id), view.mask(image_id) if kind == KIND_MASK else None,
+                      view.boxes(image_id) if kind == KIND_BOX else [], view.tags(image_id))
+        except (InputError, OSError):  # PermissionError: its mask went; InputError: the image or its file
+            now = view.current(image_id)
+            if now == rec:
+                raise
+        else:
+            now = view.current(image_id)
+            if now == rec:
+                return sample
+        rec = now
+    raise InputError(view.root, f"image '{image_id}' kept changing while it was read; run the round again")
