@@ -322,6 +322,52 @@ def test_join_processes_ride_out_a_server_sigkill_and_the_federation_ends_as_if_
     assert worst < 1e-5, f"the crash changed what was trained: max |Δθ| = {worst}"
 
 
+def test_a_joined_site_says_it_retries_a_dead_server_and_says_its_wait_again_once_the_server_is_back(
+        sample: Path, tmp_path: Path) -> None:
+    """Retries of a server that does not answer happen inside one step of the join's generator, for up to an
+    hour, and yielded nothing: napari's Train kept saying "waiting for the other sites" (or "starting…")
+    while its server was down. The client now calls ``on_retry`` with each retry and with the server's
+    return, and says its wait again afterwards, so a GUI can replace the retry message."""
+    import threading
+
+    from fedmix_engine.federation.client import FederationClient
+
+    copies = copied_sites(sample, ["site-a"], tmp_path)
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a", "site-b"])["site-a"]
+    server = Server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]).start()
+    events, told, stop = [], [], threading.Event()
+    client = FederationClient(server.url, token, copies["site-a"], device="cpu", poll_seconds=0.2)
+    joining = threading.Thread(target=lambda: events.extend(client.iter_join(stop.is_set, told.append)))
+    joining.start()
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline and joining.is_alive(), f"{what}: {events}, {told}"
+            time.sleep(0.05)
+
+    try:
+        wait_for(lambda: any(e.kind == "waiting" for e in events), "site-a's update sent")
+        assert told == []
+        waits = [e.message for e in events if e.kind == "waiting"]
+        server.kill()
+        wait_for(lambda: len(told) >= 3, "three retries of the dead server")
+        assert {e.kind for e in told} == {"retrying"}
+        assert re.fullmatch(r"the server does not answer \(ConnectError: .*\); trying again in 0.5 s", told[0].message)
+        assert re.search(r"; trying again in 2 s \(for \d s; gives up after 60 min\)$", told[2].message), told[2]
+        server.start()
+        wait_for(lambda: told[-1].kind == "reconnected", "the server back")
+        wait_for(lambda: len([e for e in events if e.kind == "waiting"]) == 2, "the wait said again")
+    finally:
+        stop.set()
+        joining.join(30)
+        server.kill()
+    assert re.fullmatch(r"the server answers again \(after \d+ s\)", told[-1].message), told[-1]
+    again = [e.message for e in events if e.kind == "waiting"]
+    assert again == waits * 2 and waits[0].startswith("round 1: update delivered, waiting for the other sites")
+
+
 def test_a_join_process_sigkilled_after_training_a_round_restarts_and_the_federation_ends_as_if_uninterrupted(
         sample: Path, tmp_path: Path) -> None:
     """A site's workstation loses power after training round 2, before its upload: the restarted `join`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import re
 import time
 from pathlib import Path
 
@@ -761,7 +762,10 @@ def test_stop_ends_a_federation_that_waits_for_other_sites_at_once_and_frees_the
         pass  # the site is free for the next join
 
     train.start()  # the server is gone: the client retries with a growing back-off (up to an hour)
-    time.sleep(8)  # past the 0.5, 1, 2 and 4 s retries: into an 8 s pause
+    qtbot.waitUntil(lambda: "the server does not answer (ConnectError" in train.status.text(), timeout=10_000)
+    qtbot.wait(8000)  # past the 0.5, 1, 2 and 4 s retries: into an 8 s pause
+    assert re.search(r"\); trying again in 8 s \(for [78] s; gives up after 60 min\)$", train.status.text()), \
+        train.status.text()
     stopped_at = time.monotonic()
     train.stop()
     qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)

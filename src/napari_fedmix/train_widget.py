@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -84,9 +85,14 @@ class ValidationScore:
 
 
 class TrainWidget(QWidget):
+    # the client's retries of a server that does not answer happen inside one step of its generator (for up
+    # to an hour): said from the worker thread through this signal, which Qt delivers on the GUI thread
+    join_retrying = Signal(object)
+
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()
         self.viewer = napari_viewer
+        self.join_retrying.connect(self._on_event)
         _warm_up_engine()
         self.worker = None
         self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "weight": [], "samples used (÷100)": [],
@@ -238,7 +244,8 @@ class TrainWidget(QWidget):
                                   held_out=self.validation.text() or None)  # the client scores each global model
         self.last_checkpoint = site / GLOBAL_MODEL
         # asked between events too: waiting for the other sites yields none for minutes
-        yield from client.iter_join(should_stop=lambda: self.worker is not None and self.worker.abort_requested)
+        yield from client.iter_join(should_stop=lambda: self.worker is not None and self.worker.abort_requested,
+                                    on_retry=self.join_retrying.emit)
 
     def _validation_set(self, image_size: int, classes: int, channels: int):
         """The optional validation store, preloaded once (None when not given)."""

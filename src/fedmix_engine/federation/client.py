@@ -92,7 +92,8 @@ def trust_store(ca_cert: str | Path) -> ssl.SSLContext:
 class JoinEvent:
     """One small typed update for a GUI or a log: what the client is doing now."""
 
-    kind: str  # "connected", "evaluating", "evaluated", "waiting", "training", "uploaded", "round-closed", "finished"
+    kind: str  # "connected", "evaluating", "evaluated", "waiting", "training", "uploaded", "round-closed",
+    # "finished"; and to ``on_retry`` only: "retrying" (no answer, or a server error), "reconnected"
     message: str
     round: int | None = None
     progress: TrainProgress | None = None
@@ -139,25 +140,35 @@ class FederationClient:
         self.prefix = federation_prefix(None)  # this federation's files in models/, once the server says which
         self._history_refused = False  # the server's round history is for its admin only (said once)
         self._should_stop: Callable[[], bool] = lambda: False  # set by iter_join
+        self._on_retry: Callable[[JoinEvent], None] = lambda event: None  # set by iter_join
+        self._reconnects = 0  # times the server answered again after failing: a wait is said anew after one
         self.train_config: TrainConfig | None = None  # set from the server on connecting
 
     # ------------------------------------------------------------------ HTTP with retries
     def _request(self, method: str, path: str, **kwargs):
         import httpx
 
-        delay, started = 0.5, time.monotonic()
+        delay, started, failed = 0.5, time.monotonic(), False
         while True:
             try:
                 response = self.http.request(method, path, **kwargs)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = f"the server does not answer ({type(exc).__name__}: {exc})"
             else:
                 if response.status_code < 500:
+                    if failed:
+                        self._reconnects += 1
+                        self._on_retry(JoinEvent("reconnected", f"the server answers again (after "
+                                                 f"{time.monotonic() - started:.0f} s)"))
                     return response
                 reason = f"server error {response.status_code} ({_detail(response)})"
-            if time.monotonic() - started > self.give_up_after:
+            failing_for = time.monotonic() - started
+            if failing_for > self.give_up_after:
                 raise FederationError(f"gave up after {self.give_up_after:.0f} s: {reason}")
             log.warning("%s %s: %s; retrying in %.1f s", method, path, reason, delay)
+            so_far = f" (for {failing_for:.0f} s; gives up after {self.give_up_after / 60:g} min)" if failed else ""
+            self._on_retry(JoinEvent("retrying", f"{reason}; trying again in {delay:g} s{so_far}"))
+            failed = True
             self._pause(delay)
             delay = min(delay * 2, self.max_backoff)
 
@@ -190,10 +201,14 @@ class FederationClient:
             raise FederationError(f"{path}: {response.status_code} {_detail(response)}")
 
     # ------------------------------------------------------------------ the loop
-    def iter_join(self, should_stop: Callable[[], bool] | None = None) -> Iterator[JoinEvent]:
+    def iter_join(self, should_stop: Callable[[], bool] | None = None,
+                  on_retry: Callable[[JoinEvent], None] | None = None) -> Iterator[JoinEvent]:
         """Take part in the federation until it finishes, yielding events. Closing the generator stops
         after the current training batch; nothing half-done is uploaded. ``should_stop`` is asked between
         events and every 0.2 s of a wait, so a stop also ends a wait that yields nothing for hours.
+        ``on_retry`` is called (on this generator's thread) with a "retrying" event before each retry of a
+        server that does not answer or fails, and a "reconnected" one when it answers again: retries go on
+        for up to ``give_up_after`` inside one step, where nothing is yielded, and a GUI must say why.
 
         One process per site: a second ``join`` of the same site (a terminal and napari) trained every
         round twice, lost one of the two uploads with a 409, and could keep the loser's optimiser moments
@@ -210,6 +225,7 @@ class FederationClient:
                                   "in napari, on this machine or one sharing the folder); one process per "
                                   "site: stop the other first") from None
         self._should_stop = should_stop or (lambda: False)
+        self._on_retry = on_retry or (lambda event: None)
         try:
             yield from self._take_part()
         except _Stopped:
@@ -252,14 +268,15 @@ class FederationClient:
             r = info["round"]
             if info["uploaded"]:
                 held_up = info.get("held_up")  # the round is due but the server cannot close it (a full disk)
-                if last_wait != (r, held_up):  # said again when what holds the round changes
+                if last_wait != (r, held_up, self._reconnects):  # said again when that changes, or the server
+                    # answers again after failing (a GUI showed the retries meanwhile)
                     if held_up:
                         yield JoinEvent("waiting", f"round {r}: update delivered; the server cannot close the "
                                         f"round ({held_up}): its admin must fix that, and it closes by itself then", r)
                     else:
                         yield JoinEvent("waiting", f"round {r}: update delivered, waiting for the other sites"
                                         f"{self._not_yet(site, r)}", r)
-                    last_wait = (r, held_up)
+                    last_wait = (r, held_up, self._reconnects)
                 self._pause(self.poll_seconds)
                 continue
             pair_bytes, model_round = self.download_global()
