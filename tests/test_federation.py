@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -817,6 +818,7 @@ def test_token_add_redirected_to_a_file_makes_a_token_file_and_a_two_line_one_is
     the network had failed. The note now goes to stderr, and a token that is not one word is refused
     before the first request, naming where it came from."""
     from fedmix_engine.cli import main
+    from fedmix_engine.cli_federation import _read_token_file
 
     state = tmp_path / "state"
     with open(tmp_path / "site-a.token", "wb") as out:
@@ -828,6 +830,14 @@ def test_token_add_redirected_to_a_file_makes_a_token_file_and_a_two_line_one_is
     with running_server(state, ["--sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
         answer = httpx.get(f"{server.url}/v1/config", headers={"Authorization": f"Bearer {written.strip()}"})
         assert answer.status_code == 200 and answer.json()["site"] == "site-a"
+        # the same redirect in Windows PowerShell 5 writes UTF-16 with a byte-order mark; Notepad UTF-8 with one
+        for encoding in ("utf-16", "utf-8-sig", "utf-16-be"):
+            copy = tmp_path / f"{encoding}.token"
+            copy.write_bytes((codecs.BOM_UTF16_BE if encoding == "utf-16-be" else b"")
+                             + written.replace("\n", "\r\n").encode(encoding))
+            read = _read_token_file(copy)
+            answer = httpx.get(f"{server.url}/v1/config", headers={"Authorization": f"Bearer {read}"})
+            assert answer.status_code == 200 and answer.json()["site"] == "site-a", encoding
 
     two_lines = tmp_path / "old.token"
     two_lines.write_text(written + "(token for site 'site-a': shown once, stored hashed in tokens.json)\n")

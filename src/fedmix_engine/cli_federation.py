@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import logging
 import os
 import sys
@@ -96,9 +97,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _read_token_file(path: Path) -> str:
     """The token in ``--token-file``, or an error naming the file (not found, unreadable, empty); whether it
-    is one token is the client's check, told the file's name."""
+    is one token is the client's check, told the file's name. Read by its byte-order mark: Windows
+    PowerShell 5's ``token add SITE > site.token`` writes UTF-16, and Notepad may save UTF-8 with a mark;
+    the locale's encoding read either as a token with stray characters."""
     try:
-        token = path.read_text().strip()
+        raw = path.read_bytes()
+        encoding = "utf-16" if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+        token = raw.decode(encoding).strip()
     except FileNotFoundError:
         raise InputError(path, "token file not found (the admin's 'fedmix-engine token add' prints the token)") \
             from None
