@@ -164,6 +164,33 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
     assert max(float((served[k] - expected[k]).abs().max()) for k in expected) < 1e-6
 
 
+def test_a_server_whose_file_system_turns_read_only_says_so_in_one_line_and_takes_the_upload_once_writable(
+        sample: Path, tmp_path: Path) -> None:
+    """A disk with errors is remounted read-only by the kernel (ext4's errors=remount-ro). Each upload then
+    logged a traceback for the admin and told the site 'server error: OSError: … <the server's path>'; it is
+    now a 503 saying what is wrong, one line in the log with what to do, and the retried upload counts once
+    the file system is writable again."""
+    state = tmp_path / "state"
+    with small_disk(state, 16 * 2**20):
+        tokens = make_tokens(state, SITES[:2])
+        with running_server(state, ["--sites", "2", "--rounds", "1", *TINY_SETTINGS]) as server:
+            pair, _ = global_pair(server.url, tokens["site-a"])
+            body = fake_update(pair, seed=0)
+            subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+            try:
+                refused = upload(server.url, tokens["site-a"], 1, body)
+            finally:
+                subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["detail"] == ("the server cannot store this now (Read-only file system); its "
+                                                "admin must fix its storage, and this request is retried")
+            taken = upload(server.url, tokens["site-a"], 1, body)
+            assert taken.status_code == 200 and server.status()["uploaded"] == ["site-a"], taken.text
+    log = next(tmp_path.glob("server-*.log")).read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "Read-only file system" in log and "check the disk, remount it (the sites retry)" in log
+
+
 def test_a_round_closing_at_its_deadline_on_a_full_disk_is_shown_as_due_and_closes_once_space_is_back(
         tmp_path: Path) -> None:
     """The other way a round closes, at its deadline with a quorum, fails on a full disk the same way; the

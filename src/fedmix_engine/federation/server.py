@@ -29,7 +29,16 @@ from fedmix_engine.federation.wire import API_VERSION
 
 log = logging.getLogger(__name__)
 STATUS_ACCESS = ("local", "sites", "public")  # who may read /v1/status and the admin page; see create_app
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk, a quota, a file-size limit
+# writes the machine refuses, with the HTTP status a site gets (it retries any 5xx) and what the admin must do;
+# said in one line, not a traceback per retry: they are the storage's state, not a bug
+FREE_SPACE = (507, "free space there")
+STORAGE_FAULTS = {
+    errno.ENOSPC: FREE_SPACE, errno.EDQUOT: FREE_SPACE, errno.EFBIG: FREE_SPACE,  # the disk, a quota, a size limit
+    errno.EROFS: (503, "the file system is read-only (remounted so after disk errors?): check the disk, remount it"),
+    errno.EIO: (503, "the disk reports I/O errors: check it"),
+    errno.EACCES: (503, "the server's user may not write there: fix the owner or the permissions"),
+    errno.EPERM: (503, "the server's user may not write there: fix the owner or the permissions"),
+}
 
 
 def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.5,
@@ -84,13 +93,16 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
 
     @app.exception_handler(OSError)
     async def storage_failure(request: Request, exc: OSError) -> JSONResponse:
-        """A write the machine refused (a full disk, a quota) is said to the site as 507 and to the admin in
-        one line; the site retries it, and nothing it had sent before is lost."""
-        if exc.errno in NO_SPACE:
-            log.error("%s %s: cannot write to %s: %s; free space there (the sites retry)", request.method,
-                      request.url.path, state.root, _failure(exc))
+        """A write the machine refused (a full disk, a quota, a file system gone read-only) is said to the
+        site as 507 or 503, without the server's paths, and to the admin in one line; the site retries it,
+        and nothing it had sent before is lost."""
+        if exc.errno in STORAGE_FAULTS:
+            status, advice = STORAGE_FAULTS[exc.errno]
+            log.error("%s %s: cannot write to %s: %s; %s (the sites retry)", request.method,
+                      request.url.path, state.root, _failure(exc), advice)
             return JSONResponse({"detail": f"the server cannot store this now ({exc.strerror}); its admin must "
-                                           "free space, and this request is retried"}, status_code=507)
+                                           f"{'free space' if status == 507 else 'fix its storage'}, and this "
+                                           "request is retried"}, status_code=status)
         log.exception("%s %s: %s", request.method, request.url.path, _failure(exc))
         return JSONResponse({"detail": f"server error: {_failure(exc)}"}, status_code=500)
 
