@@ -165,11 +165,14 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
 
 
 def test_a_server_whose_file_system_turns_read_only_says_so_in_one_line_and_takes_the_upload_once_writable(
-        sample: Path, tmp_path: Path) -> None:
+        sample: Path, tmp_path: Path, capsys) -> None:
     """A disk with errors is remounted read-only by the kernel (ext4's errors=remount-ro). Each upload then
     logged a traceback for the admin and told the site 'server error: OSError: … <the server's path>'; it is
     now a 503 saying what is wrong, one line in the log with what to do, and the retried upload counts once
-    the file system is writable again."""
+    the file system is writable again. A server (re)started on it is refused at once: it started, and then
+    refused every upload."""
+    from fedmix_engine.cli import main
+
     state = tmp_path / "state"
     with small_disk(state, 16 * 2**20):
         tokens = make_tokens(state, SITES[:2])
@@ -179,6 +182,7 @@ def test_a_server_whose_file_system_turns_read_only_says_so_in_one_line_and_take
             subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
             try:
                 refused = upload(server.url, tokens["site-a"], 1, body)
+                assert main(["serve", "--state", str(state), "--port", str(free_port())]) == 2
             finally:
                 subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
             assert refused.status_code == 503, refused.text
@@ -189,6 +193,8 @@ def test_a_server_whose_file_system_turns_read_only_says_so_in_one_line_and_take
     log = next(tmp_path.glob("server-*.log")).read_text()
     assert "Traceback" not in log, log[-3000:]
     assert "Read-only file system" in log and "check the disk, remount it (the sites retry)" in log
+    assert f"{state}: the server cannot write here (Read-only file system); it stores every upload" \
+        in capsys.readouterr().err
 
 
 def test_a_round_closing_at_its_deadline_on_a_full_disk_is_shown_as_due_and_closes_once_space_is_back(

@@ -7,6 +7,7 @@ import codecs
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from fedmix_engine.errors import InputError
@@ -55,8 +56,20 @@ def _port(text: str) -> int:
 
 
 def _check_state_dir(state: Path) -> None:
+    """A --state the server could not write is refused before it starts: it would start, answer every
+    status request, and refuse every upload (a file system remounted read-only, another user's folder)."""
     if state.exists() and not state.is_dir():
         raise InputError(state, "is a file, not a server state directory (--state names a folder)")
+    where = [state, *(sub for sub in sorted(state.iterdir()) if sub.is_dir())] if state.exists() else \
+        [next(parent for parent in state.absolute().parents if parent.exists())]  # where it would be created
+    for folder in where:
+        try:
+            with tempfile.TemporaryFile(dir=folder):  # no name left behind (O_TMPFILE), even after a kill
+                pass
+        except OSError as exc:
+            raise InputError(folder, f"the server cannot write here ({exc.strerror}); it stores every upload and "
+                                     "round in --state: run it as the folder's owner, fix the permissions, or "
+                                     "remount the file system read-write") from None
 
 
 def _check_tls(cert: str, key: str) -> None:
