@@ -36,6 +36,7 @@ from federation_helpers import (
 )
 from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.errors import InputError
 from fedmix_engine.federation.wire import UpdateReport, encode_update
 from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
 from fedmix_engine.fedmix.local_update import TrainConfig
@@ -273,6 +274,23 @@ def test_a_join_whose_site_disk_fills_names_the_file_and_run_again_ends_as_if_un
             if site_b.poll() is None:
                 site_b.kill()
     assert worst < 1e-5, f"the full disk changed what was trained: max |Δθ| = {worst}"
+
+
+def test_a_join_of_a_read_only_site_folder_says_so_before_it_asks_the_server_anything(
+        sample: Path, tmp_path: Path) -> None:
+    """A site folder on a file system turned read-only (or another user's) ended the join with
+    'join.lock: Read-only file system (OSError)', exit 1, as if a bug; it is bad input of the site's, said
+    with the folder and what to do, before any request."""
+    from fedmix_engine.federation.client import FederationClient
+
+    with small_disk(tmp_path / "disk", 16 * 2**20) as disk:
+        site = copied_sites(sample, ["site-a"], disk)["site-a"]
+        (site / "models").mkdir(exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        client = FederationClient("http://127.0.0.1:9", "fmx_token", site, device="cpu", give_up_after=0)
+        with pytest.raises(InputError, match=re.escape(f"{site / 'models'}: cannot be written (Read-only file "
+                                                       "system); a join keeps its lock")):
+            next(client.iter_join())
 
 
 def test_a_second_join_of_one_site_is_refused_until_the_first_is_gone_even_by_sigkill(

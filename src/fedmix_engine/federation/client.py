@@ -224,6 +224,10 @@ class FederationClient:
             raise FederationError(f"{self.site_dir}: another join of this site is running (in a terminal or "
                                   "in napari, on this machine or one sharing the folder); one process per "
                                   "site: stop the other first") from None
+        except OSError as exc:  # after Timeout, an OSError too: the folder refuses (read-only, another user's)
+            raise InputError(self.models_dir, f"cannot be written ({exc.strerror}); a join keeps its lock, this "
+                             "site's optimiser state and the final model here: make the site folder writable for "
+                             "this user") from None
         self._should_stop = should_stop or (lambda: False)
         self._on_retry = on_retry or (lambda event: None)
         try:
