@@ -58,11 +58,11 @@ def _port(text: str) -> int:
 def _check_state_dir(state: Path) -> None:
     """A --state the server could not write is refused before it starts: it would start, answer every
     status request, and refuse every upload (a file system remounted read-only, another user's folder)."""
-    if state.exists() and not state.is_dir():
+    if not state.exists():
+        return  # a new one: make_folder names a folder it cannot create
+    if not state.is_dir():
         raise InputError(state, "is a file, not a server state directory (--state names a folder)")
-    where = [state, *(sub for sub in sorted(state.iterdir()) if sub.is_dir())] if state.exists() else \
-        [next(parent for parent in state.absolute().parents if parent.exists())]  # where it would be created
-    for folder in where:
+    for folder in [state, *(sub for sub in sorted(state.iterdir()) if sub.is_dir())]:
         try:
             with tempfile.TemporaryFile(dir=folder):  # no name left behind (O_TMPFILE), even after a kill
                 pass
