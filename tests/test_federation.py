@@ -903,6 +903,42 @@ def test_token_add_redirected_to_a_file_makes_a_token_file_and_a_two_line_one_is
     assert time.monotonic() - started < 30, "refused before any request, not retried"
 
 
+def test_a_damaged_token_file_is_named_by_every_command_and_a_running_server_refuses_everyone_until_fixed(
+        tmp_path: Path, capsys) -> None:
+    """tokens.json is written whole by 'token add', so a damaged one was edited by hand (a revocation done
+    in an editor) or by a failing disk. 'token list', 'token add' and 'serve' ended in a JSONDecodeError
+    traceback, and a running server answered every request with a 500 and a traceback. Now each names the
+    file and what to do; the running server fails closed (the edit may have been a revocation) with a 503
+    the sites retry, and answers again once the file is fixed."""
+    from fedmix_engine.cli import main
+
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    good = (state / "tokens.json").read_bytes()
+    with running_server(state, ["--sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
+        def config() -> httpx.Response:
+            return httpx.get(f"{server.url}/v1/config", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+        assert config().status_code == 200
+        (state / "tokens.json").write_text('{"site-a": {\n')
+        refused, again = config(), config()
+        assert refused.status_code == again.status_code == 503
+        assert "its token file is damaged" in refused.json()["detail"]
+        for command in (["token", "--state", str(state), "list"], ["token", "--state", str(state), "add", "site-b"],
+                        ["serve", "--state", str(state), "--port", str(free_port())]):
+            assert main(command) == 2, command
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {state / 'tokens.json'}: damaged token file (Expecting property name"), err
+            assert "move it away and give every site a new token with 'fedmix-engine token add'" in err
+        (state / "tokens.json").write_text('["site-a"]')  # JSON, but not a token file
+        assert config().status_code == 503
+        (state / "tokens.json").write_bytes(good)
+        assert config().status_code == 200
+    log = next(tmp_path.glob("server-*.log")).read_text()
+    assert "Traceback" not in log and "damaged token file (not a map of site names to entries" in log, log[-3000:]
+    assert log.count("damaged token file (Expecting property name") == 1, "said once, not once per request"
+
+
 def test_token_add_refuses_site_names_that_cannot_be_file_names_on_every_server(tmp_path: Path) -> None:
     """A site's name names its update's file on the server; 'CON' passed, and a server on Windows could
     never have stored that site's update."""

@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.requests import ClientDisconnect
 
 from fedmix_engine import __version__
+from fedmix_engine.errors import InputError
 from fedmix_engine.federation.admin import render_admin_page
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.state import ServerState
@@ -111,9 +112,26 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
             return None
         return authorization.split(" ", 1)[1].strip()
 
+    damaged_tokens_said = None  # the damaged token file's error, logged once, not once per request
+
+    def site_for(token: str) -> str | None:
+        """The token's site; a token file damaged while the server runs refuses everyone (fails closed: the
+        edit may have been a revocation) with a 503 the sites retry, said once in the log."""
+        nonlocal damaged_tokens_said
+        try:
+            site = tokens.site_for(token)
+        except InputError as exc:
+            if str(exc) != damaged_tokens_said:
+                log.error("%s; every site is refused (503, retried) until it is fixed", exc)
+                damaged_tokens_said = str(exc)
+            raise HTTPException(503, "the server cannot check tokens now (its token file is damaged); its admin "
+                                     "must fix it, and this request is retried") from None
+        damaged_tokens_said = None
+        return site
+
     def site_of(request: Request, authorization: str | None = Header(default=None)) -> str:
         token = bearer_token(authorization)
-        site = tokens.site_for(token) if token else None
+        site = site_for(token) if token else None
         if site is None:
             reason = ("unknown or revoked token: ask the federation's admin for a new one" if token else
                       "missing bearer token: pass the site token from 'fedmix-engine token add'")
@@ -126,7 +144,7 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         if status_access == "public" or _is_loopback(request.client.host if request.client else None):
             return
         token = bearer_token(authorization)
-        if status_access == "sites" and token and tokens.site_for(token) is not None:
+        if status_access == "sites" and token and site_for(token) is not None:
             return
         readers = "the admin on this machine" + (" and the sites (with their tokens)" if status_access == "sites"
                                                   else "")

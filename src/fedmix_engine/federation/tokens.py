@@ -44,6 +44,22 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _parse_entries(path: Path) -> dict[str, dict]:
+    """The token file's entries, or an error naming it: the file is written whole by ``token add``, so a
+    damaged one was edited by hand (or by a failing disk); a traceback from every command and request
+    said neither which file nor what to do."""
+    try:
+        entries = json.loads(path.read_bytes())
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                                                    for e in entries.values()):
+            raise ValueError("not a map of site names to entries with a sha256")
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise InputError(path, f"damaged token file ({exc}): restore it from a backup, or move it away and give "
+                               "every site a new token with 'fedmix-engine token add' (a token cannot be "
+                               "recovered from its stored hash)") from None
+    return entries
+
+
 class TokenStore:
     def __init__(self, state_dir: str | Path):
         self.path = Path(state_dir) / TOKENS_FILE
@@ -59,7 +75,7 @@ class TokenStore:
         # even when both fall in one tick of the file system's coarse clock and leave the same mtime
         version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if version != self._version:
-            self._entries = json.loads(self.path.read_text())
+            self._entries = _parse_entries(self.path)
             self._version = version
         return self._entries
 
