@@ -293,6 +293,33 @@ def test_a_join_of_a_read_only_site_folder_says_so_before_it_asks_the_server_any
             next(client.iter_join())
 
 
+def test_a_join_whose_optimiser_state_is_damaged_names_the_file_and_runs_once_it_is_deleted(
+        sample: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The site's Adam moments (torch's zip format) torn by a failing disk ended the join in torch's
+    'PytorchStreamReader failed reading zip archive' traceback, naming no file; now the file and the remedy."""
+    from fedmix_engine.cli import main
+
+    site = copied_sites(sample, ["site-a"], tmp_path)["site-a"]
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    with running_server(state, ["--sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
+        moments = site / "models" / f"federation-{(state / 'federation-id').read_text().strip()}-state.pt"
+        moments.parent.mkdir()
+        torch.save({"optimizers": [], "rounds_done": 3}, moments)
+        moments.write_bytes(moments.read_bytes()[:200])  # torn
+        monkeypatch.setenv("FEDMIX_TOKEN", token)
+        join = ["join", "--server", server.url, "--site", str(site), "--device", "cpu"]
+        assert main(join) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {moments}: damaged optimiser state, cannot be read (RuntimeError: "
+                              "PytorchStreamReader failed reading zip archive: failed finding central directory)"), err
+        assert err.rstrip().endswith("delete it and join again; this site's optimiser then starts afresh (only "
+                                     "Adam's moments are lost, not the model)"), err
+        assert server.status()["uploaded"] == [], "stopped before it trained"
+        moments.unlink()
+        assert main(join) == 0 and server.status()["finished"]
+
+
 def test_a_second_join_of_one_site_is_refused_until_the_first_is_gone_even_by_sigkill(
         sample: Path, tmp_path: Path) -> None:
     """Two joins of one site (a terminal and napari) both trained every round, lost one upload of the two

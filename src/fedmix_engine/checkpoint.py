@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -88,5 +89,10 @@ def load_site_state(models_dir: Path, name: str = STATE_FILE) -> SiteState:
     path = models_dir / name
     if not path.exists():
         return SiteState()
-    saved = torch.load(path, weights_only=True)  # local file, still no arbitrary code
-    return SiteState(tuple(saved["optimizers"]), int(saved["rounds_done"]))
+    try:
+        saved = torch.load(path, weights_only=True)  # local file, still no arbitrary code
+        return SiteState(tuple(saved["optimizers"]), int(saved["rounds_done"]))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, TypeError) as exc:
+        # a torn or overwritten file (a failing disk): torch's message alone named neither file nor remedy
+        raise InputError(path, f"damaged optimiser state, cannot be read ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0].split('. ')[0][:200]})") from None

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from fedmix_engine.checkpoint import load_site_state, save_site_state
+from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.local_update import SiteState
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,11 @@ def pending_name(prefix: str, round_index: int) -> str:
 
 def load(models_dir: Path, prefix: str) -> SiteState:
     """The committed moments (a fresh optimiser before any)."""
-    return load_site_state(models_dir, committed_name(prefix))
+    try:
+        return load_site_state(models_dir, committed_name(prefix))
+    except InputError as exc:
+        raise InputError(exc.where, f"{exc.reason}: delete it and join again; this site's optimiser then starts "
+                                    "afresh (only Adam's moments are lost, not the model)") from None
 
 
 def save_pending(models_dir: Path, prefix: str, round_index: int, state: SiteState) -> None:
