@@ -292,6 +292,36 @@ def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_n
     assert shown[:10] == problems[:10] and shown[10:] == [f"… and 4 more; all 14 are listed in {log}"]
 
 
+def test_annotate_says_which_stored_image_is_damaged_and_stays_on_the_image_shown(make_napari_viewer, qtbot,
+                                                                                  tmp_path, images, monkeypatch):
+    """A site image damaged on disk (a failing disk, a sync tool) raised from the list's selection slot:
+    napari's error pop-up with a traceback, and the list showed the damaged image selected while the layers
+    (and the edits) were still the previous image's. Now a warning names the file, and the list goes back
+    to the image shown, whose edits keep going to it."""
+    import napari.utils.notifications
+
+    warnings: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", warnings.append)
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images[:2])
+    shown = widget.current_id
+    other = next(i for i in widget.store.image_ids() if i != shown)
+    damaged = tmp_path / "site" / "images" / f"{other}.tif"
+    damaged.write_bytes(b"II*\x00 torn")
+    with qtbot.capture_exceptions() as raised:
+        widget.image_list.setCurrentRow(1)
+    assert raised == [], "said, not raised into napari's error pop-up"
+    assert len(warnings) == 1 and warnings[0].startswith(f"{damaged}: unreadable or corrupt image file"), warnings
+    assert widget.current_id == shown and widget.image_list.currentRow() == 0
+    from napari_fedmix.annotate_widget import MASK_LAYER
+
+    mask = np.zeros((40, 48), np.uint8)
+    mask[5:15, 5:15] = 1
+    viewer.layers[MASK_LAYER].data = mask
+    widget._dirty = True
+    assert widget.save() == []
+    assert widget.store.record(shown).has_mask and not widget.store.record(other).has_mask
+
+
 def test_annotate_import_runs_beside_the_event_loop_and_a_cancelled_one_keeps_whole_images(
         make_napari_viewer, qtbot, tmp_path, monkeypatch):
     import threading

@@ -217,8 +217,7 @@ class AnnotateWidget(QWidget):
         assert self.store is not None
         self.save()
         if self.unsaved:  # showing another image would replace the edits that could not be written
-            with self._own_changes():
-                self.image_list.setCurrentRow(self.store.image_ids().index(self.current_id))
+            self._select_shown()
             _notify([f"{self.unsaved}; staying on this image until they are saved"])
             return
         with self._own_changes():
@@ -338,7 +337,18 @@ class AnnotateWidget(QWidget):
     def _on_row(self, row: int) -> None:
         if self._loading or self.store is None or row < 0:
             return
-        self.show_image(self.store.image_ids()[row])
+        try:
+            self.show_image(self.store.image_ids()[row])
+        except InputError as exc:  # a stored file damaged on disk: said, and the list back on the image shown
+            _notify([str(exc)])
+            if self.current_id is not None:
+                self._select_shown()
+
+    def _select_shown(self) -> None:
+        """Put the list's selection back on the image the layers show (and the edits go to)."""
+        assert self.store is not None
+        with self._own_changes():
+            self.image_list.setCurrentRow(self.store.image_ids().index(self.current_id))
 
     def _choose_site(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Open a FedMix site folder")
