@@ -304,7 +304,7 @@ def test_a_join_whose_optimiser_state_is_damaged_names_the_file_and_runs_once_it
     token = make_tokens(state, ["site-a"])["site-a"]
     with running_server(state, ["--sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
         moments = site / "models" / f"federation-{(state / 'federation-id').read_text().strip()}-state.pt"
-        moments.parent.mkdir()
+        moments.parent.mkdir(exist_ok=True)  # a copy of the shared sample may hold one already
         torch.save({"optimizers": [], "rounds_done": 3}, moments)
         moments.write_bytes(moments.read_bytes()[:200])  # torn
         monkeypatch.setenv("FEDMIX_TOKEN", token)
@@ -959,6 +959,9 @@ def test_a_damaged_token_file_is_named_by_every_command_and_a_running_server_ref
             assert "move it away and give every site a new token with 'fedmix-engine token add'" in err
         (state / "tokens.json").write_text('["site-a"]')  # JSON, but not a token file
         assert config().status_code == 503
+        assert main(["status", "--state", str(state)]) == 0  # the rest of the status is still shown
+        assert "sites not yet uploaded: unknown (tokens.json cannot be read: another user's, or damaged; " \
+               "'fedmix-engine token list' says which)" in capsys.readouterr().out
         (state / "tokens.json").write_bytes(good)
         assert config().status_code == 200
     log = next(tmp_path.glob("server-*.log")).read_text()

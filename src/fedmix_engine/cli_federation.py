@@ -224,7 +224,8 @@ def _waiting(status: dict) -> str:
 
     missing = status["not_uploaded"]
     if missing is None:
-        who = "sites not yet uploaded: unknown (tokens.json cannot be read by this user)"
+        who = ("sites not yet uploaded: unknown (tokens.json cannot be read: another user's, or damaged; "
+               "'fedmix-engine token list' says which)")
     else:
         who = f"no upload yet from: {not_uploaded_list(missing) or 'none of the sites with a token'}"
     rule = f"closes when {status['sites_expected']} sites have uploaded"

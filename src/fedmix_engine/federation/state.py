@@ -493,7 +493,8 @@ def open_round(opened_at: float | None, now: float, round_timeout: float, upload
 
 
 def _token_sites(tokens: TokenStore) -> dict[str, dict] | None:
-    """The sites with a token; None when the token file cannot be read (``status`` run by another user)."""
+    """The sites with a token; None when the token file cannot be read (``status`` run by another user, or
+    the file damaged: ``token list`` names the fault)."""
     try:
         return tokens.sites()
     except (OSError, ValueError):
