@@ -313,7 +313,7 @@ def test_a_join_whose_optimiser_state_is_damaged_names_the_file_and_runs_once_it
         err = capsys.readouterr().err
         assert err.startswith(f"error: {moments}: damaged optimiser state, cannot be read (RuntimeError: "
                               "PytorchStreamReader failed reading zip archive: failed finding central directory)"), err
-        assert err.rstrip().endswith("delete it and join again; this site's optimiser then starts afresh (only "
+        assert err.rstrip().endswith("delete it, and this site's optimiser starts afresh at its next round (only "
                                      "Adam's moments are lost, not the model)"), err
         assert server.status()["uploaded"] == [], "stopped before it trained"
         moments.unlink()

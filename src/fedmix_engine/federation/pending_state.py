@@ -36,8 +36,8 @@ def load(models_dir: Path, prefix: str) -> SiteState:
     try:
         return load_site_state(models_dir, committed_name(prefix))
     except InputError as exc:
-        raise InputError(exc.where, f"{exc.reason}: delete it and join again; this site's optimiser then starts "
-                                    "afresh (only Adam's moments are lost, not the model)") from None
+        raise InputError(exc.where, f"{exc.reason}: delete it, and this site's optimiser starts afresh at its next "
+                                    "round (only Adam's moments are lost, not the model)") from None
 
 
 def save_pending(models_dir: Path, prefix: str, round_index: int, state: SiteState) -> None:
