@@ -517,6 +517,36 @@ def test_an_output_folder_that_cannot_be_created_is_named_not_a_traceback(tmp_pa
     assert "choose a folder you can write to" in err
 
 
+def test_an_output_folder_on_a_read_only_file_system_is_named_by_the_file_asked_for(tmp_path: Path, capsys) -> None:
+    """A write into a read-only file system fails when its temporary file is created, and the error named
+    that hidden temporary ('out/.summary.csv.c322a1eda85e.tmp: Read-only file system'); it now names the
+    file the command was writing."""
+    import subprocess
+
+    import tifffile
+
+    from disk_helpers import small_disk
+    from fedmix_engine.atomic import atomic_write_bytes
+    from fedmix_engine.checkpoint import save_checkpoint
+    from fedmix_engine.fedmix.pair import init_pair
+    from fedmix_engine.model import ModelConfig
+
+    tiny = ModelConfig(base_width=2)
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(tiny, 0), tiny, {"image_size": 32})
+    (tmp_path / "images").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "scan.tif", np.zeros((32, 32), np.uint8))
+    with small_disk(tmp_path / "disk", 4 * 2**20) as disk:
+        (disk / "out").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(OSError) as raised:
+            atomic_write_bytes(disk / "out" / "scores.json", b"{}")
+        assert raised.value.filename == str(disk / "out" / "scores.json")
+        assert main(["predict", str(checkpoint), str(tmp_path / "images"), str(disk / "out")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {disk / 'out'}/") and "Read-only file system (OSError)" in err, err
+        assert ".tmp" not in err, err
+
+
 def test_a_full_disk_is_said_in_one_line_naming_the_file(tmp_path: Path, capsys, monkeypatch) -> None:
     """An OSError is the machine's doing, not the input's: exit 1 with the file and the OS's words."""
     import errno

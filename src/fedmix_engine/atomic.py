@@ -64,7 +64,11 @@ def atomic_open(path: str | Path, mode: int | None = None) -> Iterator[BinaryIO]
     the file it replaces, else those of a plain ``open`` under the umask."""
     path = Path(path)
     make_folder(path.parent)
-    fd, tmp = _create_temporary(path, mode)
+    try:
+        fd, tmp = _create_temporary(path, mode)
+    except OSError as exc:  # it names the hidden temporary (.x.json.3f2a….tmp), which means nothing to the user
+        exc.filename = str(path)
+        raise
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.raw.name = tmp  # named like a file opened by path (tifffile reads .name), not by its number
