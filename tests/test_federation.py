@@ -732,10 +732,15 @@ def test_a_waiting_site_is_told_which_sites_the_round_waits_for(sample: Path, tm
                                "(not yet: site-b (in no round yet))"), waiting.message
 
 
-def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(tmp_path: Path) -> None:
+def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(sample: Path, tmp_path: Path) -> None:
+    """... and a join that does not trust the certificate, or names the server by an address the certificate
+    does not, stops at once saying so: it retried that for an hour as if the server were down."""
+    from fedmix_engine.errors import FederationError
+    from fedmix_engine.federation.client import FederationClient
+
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                    str(cert), "-days", "1", "-subj", "/CN=fedmix-test", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     state = tmp_path / "state"
     tokens = make_tokens(state, SITES)
@@ -749,6 +754,15 @@ def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(
             httpx.get(f"http://127.0.0.1:{server.port}/v1/status", timeout=5).raise_for_status()
         with pytest.raises(httpx.ConnectError):  # TLS without trusting the self-signed certificate
             httpx.get(f"{server.url}/v1/status", timeout=5)
+        started = time.monotonic()
+        for url, ca_cert, why in ((server.url, None, "self-signed certificate"),
+                                  (f"https://localhost:{server.port}", cert, "Hostname mismatch")):
+            client = FederationClient(url, tokens["site-a"], sample / "site-a", device="cpu", ca_cert=ca_cert,
+                                      give_up_after=5)  # a regression fails in seconds, not an hour
+            with pytest.raises(FederationError, match=rf"the server's TLS certificate is not trusted \({why}.*\): "
+                                                      "give the certificate the server's admin sends with --ca-cert"):
+                next(client.iter_join())
+        assert time.monotonic() - started < 10, "said at once, not retried"
 
 
 def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None:

@@ -153,6 +153,10 @@ class FederationClient:
             try:
                 response = self.http.request(method, path, **kwargs)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
+                if untrusted := _certificate_refusal(exc):  # no retry mends it: said at once
+                    raise FederationError(f"the server's TLS certificate is not trusted ({untrusted}): give the "
+                                          "certificate the server's admin sends with --ca-cert (napari: 'TLS "
+                                          "certificate'), and use a server address the certificate names") from None
                 reason = f"the server does not answer ({type(exc).__name__}: {exc})"
             else:
                 if response.status_code < 500:
@@ -453,6 +457,16 @@ def check_held_out(store: SiteStore, site_dir: Path) -> None:
                                      "not train on, or its scores would flatter the model")
     if not full_truth_records(store):
         raise InputError(store.root, NO_FULL_TRUTH)
+
+
+def _certificate_refusal(exc: BaseException) -> str | None:
+    """Why the server's certificate was refused (self-signed, expired, another hostname), when that is what
+    failed: it was retried for an hour like a server that is down."""
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return exc.verify_message or str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _detail(response) -> str:
