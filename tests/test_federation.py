@@ -765,6 +765,22 @@ def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(
         assert time.monotonic() - started < 10, "said at once, not retried"
 
 
+def test_a_join_of_a_plain_http_server_by_an_https_address_says_so_at_once(sample: Path, tmp_path: Path) -> None:
+    """An https:// address of a server that serves plain HTTP failed the TLS handshake (WRONG_VERSION_NUMBER)
+    and was retried for an hour as 'the server does not answer'."""
+    from fedmix_engine.errors import FederationError
+    from fedmix_engine.federation.client import FederationClient
+
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    with running_server(state, ["--sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
+        client = FederationClient(server.url.replace("http://", "https://"), token, sample / "site-a", device="cpu",
+                                  give_up_after=5)  # a regression fails in seconds, not an hour
+        with pytest.raises(FederationError, match=r"^the server does not speak TLS at this address \(it answers in "
+                                                  r"plain HTTP\): use http:// for it"):
+            next(client.iter_join())
+
+
 def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None:
     """Record every request body the server receives during a real round (site-a also scoring the models
     on its held-out images); none may hold pixels, and an evaluation report holds only counts and means."""

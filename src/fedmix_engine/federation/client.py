@@ -153,10 +153,8 @@ class FederationClient:
             try:
                 response = self.http.request(method, path, **kwargs)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                if untrusted := _certificate_refusal(exc):  # no retry mends it: said at once
-                    raise FederationError(f"the server's TLS certificate is not trusted ({untrusted}): give the "
-                                          "certificate the server's admin sends with --ca-cert (napari: 'TLS "
-                                          "certificate'), and use a server address the certificate names") from None
+                if tls_fault := _tls_fault(exc):  # no retry mends it: said at once
+                    raise FederationError(tls_fault) from None
                 reason = f"the server does not answer ({type(exc).__name__}: {exc})"
             else:
                 if response.status_code < 500:
@@ -459,12 +457,18 @@ def check_held_out(store: SiteStore, site_dir: Path) -> None:
         raise InputError(store.root, NO_FULL_TRUTH)
 
 
-def _certificate_refusal(exc: BaseException) -> str | None:
-    """Why the server's certificate was refused (self-signed, expired, another hostname), when that is what
-    failed: it was retried for an hour like a server that is down."""
+def _tls_fault(exc: BaseException | None) -> str | None:
+    """What is wrong with the TLS set-up, when that is what failed: a server certificate not trusted
+    (self-signed, another CA, another hostname) or an https:// address of a plain-HTTP server. No retry
+    mends either, and both were retried for an hour like a server that is down."""
     while exc is not None:
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return exc.verify_message or str(exc)
+            return (f"the server's TLS certificate is not trusted ({exc.verify_message or exc}): give the certificate "
+                    "the server's admin sends with --ca-cert (napari: 'TLS certificate'), and use a server address "
+                    "the certificate names")
+        if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
+            return ("the server does not speak TLS at this address (it answers in plain HTTP): use http:// for it, "
+                    "or the port its admin gives for https://")
         exc = exc.__cause__ or exc.__context__
     return None
 
