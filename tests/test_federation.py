@@ -765,9 +765,10 @@ def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(
         assert time.monotonic() - started < 10, "said at once, not retried"
 
 
-def test_a_join_of_a_plain_http_server_by_an_https_address_says_so_at_once(sample: Path, tmp_path: Path) -> None:
-    """An https:// address of a server that serves plain HTTP failed the TLS handshake (WRONG_VERSION_NUMBER)
-    and was retried for an hour as 'the server does not answer'."""
+def test_a_join_of_a_plain_http_server_by_an_https_address_or_by_an_unknown_name_says_so_at_once(
+        sample: Path, tmp_path: Path) -> None:
+    """An https:// address of a server that serves plain HTTP failed the TLS handshake (WRONG_VERSION_NUMBER),
+    and a mistyped host name did not resolve; both were retried for an hour as 'the server does not answer'."""
     from fedmix_engine.errors import FederationError
     from fedmix_engine.federation.client import FederationClient
 
@@ -779,6 +780,11 @@ def test_a_join_of_a_plain_http_server_by_an_https_address_says_so_at_once(sampl
         with pytest.raises(FederationError, match=r"^the server does not speak TLS at this address \(it answers in "
                                                   r"plain HTTP\): use http:// for it"):
             next(client.iter_join())
+    mistyped = FederationClient("http://fedmix-no-such-host.invalid:8765", token, sample / "site-a", device="cpu",
+                                give_up_after=5)  # a name that cannot resolve (RFC 2606), before any answer
+    with pytest.raises(FederationError, match=r"^the server's name 'fedmix-no-such-host.invalid' is not known to "
+                                              "this machine's name service: check the server address"):
+        next(mistyped.iter_join())
 
 
 def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import sqlite3
 import ssl
 import time
@@ -142,6 +143,7 @@ class FederationClient:
         self._should_stop: Callable[[], bool] = lambda: False  # set by iter_join
         self._on_retry: Callable[[JoinEvent], None] = lambda event: None  # set by iter_join
         self._reconnects = 0  # times the server answered again after failing: a wait is said anew after one
+        self._reached = False  # whether the server ever answered this client (then a name failure is transient)
         self.train_config: TrainConfig | None = None  # set from the server on connecting
 
     # ------------------------------------------------------------------ HTTP with retries
@@ -155,8 +157,13 @@ class FederationClient:
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 if tls_fault := _tls_fault(exc):  # no retry mends it: said at once
                     raise FederationError(tls_fault) from None
+                if not self._reached and _unknown_name(exc):  # a mistyped address, most likely: said at once
+                    raise FederationError(f"the server's name '{self.http.base_url.host}' is not known to this "
+                                          "machine's name service: check the server address (or this machine's "
+                                          "network settings)") from None
                 reason = f"the server does not answer ({type(exc).__name__}: {exc})"
             else:
+                self._reached = True
                 if response.status_code < 500:
                     if failed:
                         self._reconnects += 1
@@ -471,6 +478,15 @@ def _tls_fault(exc: BaseException | None) -> str | None:
                     "or the port its admin gives for https://")
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _unknown_name(exc: BaseException | None) -> bool:
+    """Whether the server's host name does not resolve (not a temporary failure of the name service)."""
+    while exc is not None:
+        if isinstance(exc, socket.gaierror):
+            return exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _detail(response) -> str:
