@@ -468,25 +468,28 @@ def _tls_fault(exc: BaseException | None) -> str | None:
     """What is wrong with the TLS set-up, when that is what failed: a server certificate not trusted
     (self-signed, another CA, another hostname) or an https:// address of a plain-HTTP server. No retry
     mends either, and both were retried for an hour like a server that is down."""
-    while exc is not None:
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return (f"the server's TLS certificate is not trusted ({exc.verify_message or exc}): give the certificate "
-                    "the server's admin sends with --ca-cert (napari: 'TLS certificate'), and use a server address "
-                    "the certificate names")
-        if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (f"the server's TLS certificate is not trusted ({cause.verify_message or cause}): give the "
+                    "certificate the server's admin sends with --ca-cert (napari: 'TLS certificate'), and use a "
+                    "server address the certificate names")
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
             return ("the server does not speak TLS at this address (it answers in plain HTTP): use http:// for it, "
                     "or the port its admin gives for https://")
-        exc = exc.__cause__ or exc.__context__
     return None
 
 
 def _unknown_name(exc: BaseException | None) -> bool:
     """Whether the server's host name does not resolve (not a temporary failure of the name service)."""
+    unknown = (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+    return any(isinstance(cause, socket.gaierror) and cause.errno in unknown for cause in _causes(exc))
+
+
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """An error and those it came from (httpx wraps httpcore's, which wraps the socket's or the TLS library's)."""
     while exc is not None:
-        if isinstance(exc, socket.gaierror):
-            return exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _detail(response) -> str:
