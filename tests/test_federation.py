@@ -223,11 +223,21 @@ def test_a_round_closing_at_its_deadline_on_a_full_disk_is_shown_as_due_and_clos
         failure = state.status()["close_failure"]
         assert failure["round"] == 1 and failure["since"] == 1061.0 and "No space left" in failure["error"]
         assert "Round 1 is due to close but cannot be</b>" in render_admin_page(state.status())
+        assert "Free space in the state directory; the server retries by itself." in render_admin_page(state.status())
         now[0] += 5
         with pytest.raises(OSError):
             state.close_if_due()
         assert state.status()["close_failure"]["since"] == 1061.0, "since the first failure, not the last"
         filler.unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)  # another storage fault, its own advice
+        try:
+            with pytest.raises(OSError, match="Read-only file system"):
+                state.close_if_due()
+            page = render_admin_page(state.status())
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        assert "The file system is read-only (remounted so after disk errors?): check the disk, remount it; the " \
+               "server retries by itself." in page and "Free space" not in page
         assert state.close_if_due() and state.last_round == 1 and state.status()["close_failure"] is None
         assert state.history()[0]["reason"] == "deadline passed with 2 of 3 sites"
 

@@ -98,7 +98,8 @@ def render_admin_page(status: dict[str, Any]) -> str:
         waiting += f"; not yet: {not_uploaded_list(missing)}"
     failure = status.get("close_failure")
     failing = (f"<p style='color:#b00'><b>Round {failure['round']} is due to close but cannot be</b>: "
-               f"{escape(failure['error'])}. Free space in the state directory; the server retries by itself."
+               f"{escape(failure['error'])}. {escape(failure['advice'][:1].upper() + failure['advice'][1:])}; "
+               "the server retries by itself."
                "</p>") if failure else ""
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>FedMix server</title>
 <meta http-equiv='refresh' content='10'>

@@ -7,7 +7,6 @@ full-width uploads cost disk, not RAM.
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import json
 import logging
@@ -24,22 +23,12 @@ from fedmix_engine import __version__
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.admin import render_admin_page
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
-from fedmix_engine.federation.state import ServerState
+from fedmix_engine.federation.state import STORAGE_FAULTS, ServerState
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
 
 log = logging.getLogger(__name__)
 STATUS_ACCESS = ("local", "sites", "public")  # who may read /v1/status and the admin page; see create_app
-# writes the machine refuses, with the HTTP status a site gets (it retries any 5xx) and what the admin must do;
-# said in one line, not a traceback per retry: they are the storage's state, not a bug
-FREE_SPACE = (507, "free space there")
-STORAGE_FAULTS = {
-    errno.ENOSPC: FREE_SPACE, errno.EDQUOT: FREE_SPACE, errno.EFBIG: FREE_SPACE,  # the disk, a quota, a size limit
-    errno.EROFS: (503, "the file system is read-only (remounted so after disk errors?): check the disk, remount it"),
-    errno.EIO: (503, "the disk reports I/O errors: check it"),
-    errno.EACCES: (503, "the server's user may not write there: fix the owner or the permissions"),
-    errno.EPERM: (503, "the server's user may not write there: fix the owner or the permissions"),
-}
 
 
 def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.5,

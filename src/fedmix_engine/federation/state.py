@@ -23,6 +23,7 @@ directory into place, then the uploads are removed; a crash in between is detect
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -47,6 +48,16 @@ from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.model import ModelConfig
 
 log = logging.getLogger(__name__)
+# writes the machine refuses, with the HTTP status a site gets (it retries any 5xx) and what the admin must do;
+# said in one line and on the admin page, not a traceback per retry: they are the storage's state, not a bug
+FREE_SPACE = (507, "free space in the state directory")
+STORAGE_FAULTS = {
+    errno.ENOSPC: FREE_SPACE, errno.EDQUOT: FREE_SPACE, errno.EFBIG: FREE_SPACE,  # the disk, a quota, a size limit
+    errno.EROFS: (503, "the file system is read-only (remounted so after disk errors?): check the disk, remount it"),
+    errno.EIO: (503, "the disk reports I/O errors: check it"),
+    errno.EACCES: (503, "the server's user may not write there: fix the owner or the permissions"),
+    errno.EPERM: (503, "the server's user may not write there: fix the owner or the permissions"),
+}
 CONFIG_FILE = "server.json"
 CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
 ID_FILE = "federation-id"  # sites keep their Adam moments per federation under this id
@@ -395,7 +406,8 @@ class ServerState:
         except OSError as exc:
             since = self.close_failure["since"] if self.close_failure else self._clock()
             self.close_failure = {"round": self.current_round, "error": str(exc), "since": since,
-                                  "reason": exc.strerror or type(exc).__name__}  # for the sites: no path
+                                  "reason": exc.strerror or type(exc).__name__,  # for the sites: no path
+                                  "advice": STORAGE_FAULTS.get(exc.errno, (500, "see the server's log"))[1]}
             raise
         self.close_failure = None
 
