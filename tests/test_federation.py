@@ -1430,3 +1430,150 @@ def test_a_site_whose_classes_are_named_or_ordered_otherwise_is_refused_at_joini
                               str(free_port()), *change], capture_output=True, text=True, timeout=60, env=ENV)
         assert run.returncode == 2 and message in run.stderr, run.stderr
     assert (state / "server.json").read_bytes() == saved and not (tmp_path / "new" / "server.json").exists()
+
+
+def _state_with_two_rounds(root: Path, now: list[float]):
+    """A server state that has closed rounds 1 and 2 (two sites each), scored round 2's model, restarted once
+    with more rounds (a settings change) and holds one acknowledged update of the open round 3."""
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+
+    config = ServerConfig(sites=2, min_sites=2, rounds=3, model=ModelConfig(base_width=4))
+    state = ServerState(root, config, clock=lambda: now[0])
+    for r in (1, 2):
+        for k, site in enumerate(SITES[:2]):
+            body = root.parent / f"{site}.part"
+            body.write_bytes(fake_update(state.global_pair(r - 1), seed=10 * r + k))
+            assert state.accept_upload(site, r, body).status == 200
+    report = {"images": 2, "dice": 0.5, "classes": {"lesion": {"images": 2, "lesion_images": 1, "dice": 0.5,
+                                                                "iou": 0.4}}}
+    assert state.accept_evaluation("site-a", 2, report).status == 200
+    state = ServerState(root, ServerConfig(**{**config.__dict__, "rounds": 4}), clock=lambda: now[0])
+    body = root.parent / "site-a.part"
+    body.write_bytes(fake_update(state.global_pair(2), seed=99))
+    assert state.accept_upload("site-a", 3, body).status == 200
+    return state
+
+
+@pytest.mark.parametrize("damage", ["rounds/000001/meta.json", "rounds/000002/meta.json", "meta without sites",
+                                    "settings-changes.json", "federation-id cut short", "federation-id garbled"])
+def test_a_damaged_server_file_is_named_with_what_to_do_by_serve_and_status(tmp_path: Path, capsys,
+                                                                         damage: str) -> None:
+    """The server writes each of these files whole, so a damaged one is a failing disk or a hand edit.
+    A round record (meta.json) or settings-changes.json ended 'serve' and 'status' in a JSONDecodeError
+    or KeyError traceback; a meta.json without its sites started a server whose admin page and sites'
+    clients would trip over it; a shortened federation id silently started every site's optimiser afresh,
+    a garbled one stopped every site with 'the server sent a malformed federation id'. Each is now named,
+    with what to do, before the server starts."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.state import ServerState
+
+    state = tmp_path / "state"
+    _state_with_two_rounds(state, [1000.0])
+    path, expected = {
+        "rounds/000001/meta.json": (state / "rounds/000001/meta.json", "damaged round record (Expecting"),
+        "rounds/000002/meta.json": (state / "rounds/000002/meta.json", "damaged round record (Expecting"),
+        "meta without sites": (state / "rounds/000002/meta.json", "damaged round record (its sites lack n, loss"),
+        "settings-changes.json": (state / "settings-changes.json", "damaged record of changed settings (Unterminated"),
+        "federation-id cut short": (state / "federation-id", "damaged federation id (not 32 hex digits)"),
+        "federation-id garbled": (state / "federation-id", "damaged federation id (not 32 hex digits)"),
+    }[damage]
+    good = path.read_text()
+    if damage == "meta without sites":
+        damaged = json.dumps({**json.loads(good), "sites": {"site-a": {"n": 3}}})
+    elif damage.startswith("federation-id"):
+        damaged = good[:20] if damage.endswith("short") else good[:10] + "\x00\x00" + good[12:]
+    else:
+        damaged = good[:len(good) // 2]
+    path.write_text(damaged)
+    for command in (["status", "--state", str(state)], ["serve", "--state", str(state), "--port", str(free_port())]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: {expected}"), err
+        assert "Traceback" not in err
+    assert ("rounds/000002 and evaluations/000002 (if there) out of the state directory, and the server runs "
+            "round 2 again" in err) == (damage in ("rounds/000002/meta.json", "meta without sites")), \
+        "running the round again is offered for the newest round only"
+    assert ("restore it from a backup" in err) and path.read_text() == damaged, "nothing rewritten"
+    path.write_text(good)
+    assert ServerState(state).status()["uploaded"] == ["site-a"], "restored, the state is whole again"
+
+
+def test_the_newest_round_moved_away_as_its_damaged_record_advises_runs_again(tmp_path: Path) -> None:
+    """What the error for a damaged newest meta.json advises works: with rounds/000002 and evaluations/000002
+    moved out, the server reopens round 2 from round 1's model and round 2 closes again."""
+    import shutil
+
+    from fedmix_engine.federation.state import ServerState
+
+    state = tmp_path / "state"
+    now = [1000.0]
+    _state_with_two_rounds(state, now)
+    (state / "rounds/000002/meta.json").write_text("{")
+    with pytest.raises(InputError, match="damaged round record"):
+        ServerState(state)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    shutil.move(state / "rounds/000002", aside / "round")
+    shutil.move(state / "evaluations/000002", aside / "evaluations")
+    again = ServerState(state, clock=lambda: now[0])
+    assert (again.current_round, again.last_round, again.status()["uploaded"]) == (2, 1, [])
+    assert [m["round"] for m in again.history()] == [1]
+    for k, site in enumerate(SITES[:2]):
+        body = tmp_path / f"{site}.part"
+        body.write_bytes(fake_update(again.global_pair(1), seed=k))
+        assert again.accept_upload(site, 2, body).status == 200
+    assert again.last_round == 2 and [m["round"] for m in again.history()] == [1, 2]
+
+
+@pytest.mark.parametrize("damage", ["not JSON", "no sha256", "weights changed"])
+def test_an_acknowledged_update_damaged_on_disk_is_said_and_dropped_so_the_site_sends_it_again(
+        tmp_path: Path, caplog, capsys, damage: str) -> None:
+    """current/<site>.json, damaged, ended the server's start in a JSONDecodeError traceback; an update whose
+    weights no longer match their SHA-256 was dropped without a word. Now either is logged, naming the site
+    and the file, and dropped: the site is told it has not uploaded and sends a new update."""
+    import logging
+
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.state import ServerState
+
+    state = tmp_path / "state"
+    now = [1000.0]
+    _state_with_two_rounds(state, now)
+    report = state / "current" / "site-a.json"
+    if damage == "not JSON":
+        report.write_text(report.read_text()[:30])
+    elif damage == "no sha256":
+        report.write_text(json.dumps({k: v for k, v in json.loads(report.read_text()).items() if k != "sha256"}))
+    else:
+        weights = state / "current" / "site-a.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+    assert main(["status", "--state", str(state)]) == 0
+    if damage != "weights changed":  # status reads, it does not hash every upload
+        assert "uploaded: site-a" not in capsys.readouterr().out, "a damaged report is not an upload"
+    with caplog.at_level(logging.WARNING, logger="fedmix_engine.federation.state"):
+        restarted = ServerState(state, clock=lambda: now[0])
+    assert restarted.round_info("site-a")["uploaded"] is False and restarted.status()["uploaded"] == []
+    assert f"round 3: site-a's acknowledged update is damaged on disk ({report} or its .safetensors); it does " \
+           "not count and is removed: the site trains the round again and sends a new one" in caplog.text
+    assert not report.exists() and not (state / "current" / "site-a.safetensors").exists()
+    body = tmp_path / "again.part"
+    body.write_bytes(fake_update(restarted.global_pair(2), seed=7))
+    assert restarted.accept_upload("site-a", 3, body).status == 200, "the site's new update is taken"
+
+
+def test_a_damaged_round_opening_time_restarts_the_rounds_deadline(tmp_path: Path) -> None:
+    """current/opened.json holding JSON of another shape (a list, a text time) raised from the server's start;
+    it is read as unknown now, and the open round's deadline starts again, as when it could not be written."""
+    from fedmix_engine.federation.state import ServerState, read_status
+
+    state = tmp_path / "state"
+    now = [1000.0]
+    _state_with_two_rounds(state, now)
+    opened = state / "current" / "opened.json"
+    for damaged in ("[1, 2]", '{"round": 3, "opened_at": "yesterday"}', '{"round": 3, "opened_at": NaN}'):
+        opened.write_text(damaged)
+        now[0] = 5000.0
+        assert read_status(state, now=now[0])["open_for"] is None, damaged
+        restarted = ServerState(state, clock=lambda: now[0])
+        assert restarted.opened_at == 5000.0, damaged
+        assert json.loads(opened.read_text()) == {"round": 3, "opened_at": 5000.0}, "written again, whole"

@@ -248,21 +248,24 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
     federation_log = logging.getLogger("fedmix_engine.federation")  # this module's and the state's
     federation_log.addHandler(handler)
     federation_log.setLevel(logging.INFO)
-    state = ServerState(state_dir, config)
-    tokens = TokenStore(state_dir)
-    if state.adjusted:
-        print(f"settings changed on this start: {'; '.join(state.adjusted)}")
-    if not tokens.sites():
-        print(f"warning: no site tokens yet; create them with 'fedmix-engine token add SITE --state {state_dir}'")
-    if not tls_cert and not (host == "localhost" or _is_loopback(host)):
-        print(f"warning: plain HTTP on {host}: site tokens and model weights cross the network in clear text; "
-              "give --tls-cert and --tls-key, or serve on 127.0.0.1 behind a TLS proxy")
-    if not state.config.class_names:
-        print("warning: no --class-names: a joining site is checked for its number of classes only, so a site "
-              "whose label 1 means another class would train the model wrong; a new federation can fix them "
-              "with --class-names NAME[,NAME…]")
-    app = create_app(state, tokens, status_access=status_access)
-    scheme = "https" if tls_cert else "http"
-    print(f"FedMix server: {scheme}://{host}:{port}/  round {state.current_round} of {state.config.rounds}"
-          f"{' (finished)' if state.finished else ''}; state in {state_dir}", flush=True)
-    uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level=log_level)
+    try:
+        state = ServerState(state_dir, config)
+        tokens = TokenStore(state_dir)
+        if state.adjusted:
+            print(f"settings changed on this start: {'; '.join(state.adjusted)}")
+        if not tokens.sites():
+            print(f"warning: no site tokens yet; create them with 'fedmix-engine token add SITE --state {state_dir}'")
+        if not tls_cert and not (host == "localhost" or _is_loopback(host)):
+            print(f"warning: plain HTTP on {host}: site tokens and model weights cross the network in clear text; "
+                  "give --tls-cert and --tls-key, or serve on 127.0.0.1 behind a TLS proxy")
+        if not state.config.class_names:
+            print("warning: no --class-names: a joining site is checked for its number of classes only, so a site "
+                  "whose label 1 means another class would train the model wrong; a new federation can fix them "
+                  "with --class-names NAME[,NAME…]")
+        app = create_app(state, tokens, status_access=status_access)
+        scheme = "https" if tls_cert else "http"
+        print(f"FedMix server: {scheme}://{host}:{port}/  round {state.current_round} of {state.config.rounds}"
+              f"{' (finished)' if state.finished else ''}; state in {state_dir}", flush=True)
+        uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level=log_level)
+    finally:  # a library call: the next serve in this process (a test, an embedding app) logs once, not twice
+        federation_log.removeHandler(handler)

@@ -26,7 +26,9 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -164,8 +166,7 @@ class ServerState:
         self.close_failure: dict[str, Any] | None = None  # why the open round, due to close, is not closed yet
         config_path = self.root / CONFIG_FILE
         self.adjusted: list[str] = []  # settings this start changed ('rounds: 10 → 20'), for the admin
-        changes_path = self.root / CHANGES_FILE
-        self.changes: list[dict] = json.loads(changes_path.read_text()) if changes_path.exists() else []
+        self.changes = read_settings_changes(self.root)
         if config_path.exists():
             stored = load_server_config(config_path)
             self.config = stored
@@ -212,7 +213,7 @@ class ServerState:
         path = self.root / ID_FILE
         if not path.exists():
             atomic_write_bytes(path, uuid.uuid4().hex.encode())
-        return path.read_text().strip()
+        return read_federation_id(self.root)
 
     # ------------------------------------------------------------------ recovery
     def _completed_rounds(self) -> list[int]:
@@ -234,13 +235,19 @@ class ServerState:
         for report_file in sorted(self.current_dir.glob("*.json")):
             if report_file.name == "opened.json":
                 continue
-            info = json.loads(report_file.read_text())
+            info = _upload_report(report_file)
             weights = self.current_dir / f"{report_file.stem}.safetensors"
-            if info.get("round") == self.current_round and weights.exists() and file_sha256(weights) == info["sha256"]:
+            this_round = info is not None and info["round"] == self.current_round
+            if this_round and weights.exists() and file_sha256(weights) == info["sha256"]:
                 self.uploads[report_file.stem] = info
-            else:  # left over from a committed round, or torn: never acknowledged in this state
-                report_file.unlink()
-                weights.unlink(missing_ok=True)
+                continue
+            if info is None or this_round:  # acknowledged, then damaged on disk: said; the site sends it again
+                log.warning("round %d: %s's acknowledged update is damaged on disk (%s or its .safetensors); it "
+                            "does not count and is removed: the site trains the round again and sends a new one",
+                            self.current_round, report_file.stem, report_file)
+            # else left over from a committed round (a crash while its files were removed)
+            report_file.unlink()
+            weights.unlink(missing_ok=True)
         for stray in self.current_dir.glob("*.safetensors"):
             if stray.stem not in self.uploads:
                 stray.unlink()
@@ -461,8 +468,76 @@ def completed_rounds(root: Path) -> list[int]:
 
 
 def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:
-    """Each completed round's record (``meta.json``: reason, weights, n, ℓ per site)."""
-    return [json.loads((root / "rounds" / f"{r:06d}" / "meta.json").read_text()) for r in completed if r > 0]
+    """Each completed round's record (``meta.json``: reason, weights, n, ℓ per site); a damaged one is named
+    with what to do, not read as a history the sites' clients and the admin page would trip over."""
+    return [_round_record(root / "rounds" / f"{r:06d}" / "meta.json", r, newest=r == completed[-1])
+            for r in completed if r > 0]
+
+
+def _round_record(path: Path, round_number: int, newest: bool) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+        sites = meta.get("sites") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or meta.get("round") != round_number or not isinstance(meta.get("reason"), str):
+            raise ValueError(f"not the record of round {round_number}")
+        if not isinstance(sites, dict) or not all(
+                isinstance(i, dict) and all(isinstance(i.get(k), int | float) for k in ("n", "loss", "weight"))
+                for i in sites.values()):
+            raise ValueError("its sites lack n, loss or weight")
+    except ValueError as exc:  # JSON and UTF-8 decoding errors are ValueErrors too
+        again = (f"; or move rounds/{path.parent.name} and evaluations/{path.parent.name} (if there) out of the state "
+                 f"directory, and the server runs round {round_number} again from round {round_number - 1}'s model"
+                 if newest else "")
+        raise InputError(path, f"damaged round record ({exc}): restore it from a backup of the state "
+                               f"directory{again}") from None
+    return meta
+
+
+def read_settings_changes(root: Path) -> list[dict[str, Any]]:
+    """``settings-changes.json`` (``[]`` before any change), or an error naming it. It is only the run's
+    provenance, so moving it away loses no training."""
+    path = root / CHANGES_FILE
+    if not path.exists():
+        return []
+    try:
+        changes = json.loads(path.read_text())
+        if not isinstance(changes, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("from_round"), int) and isinstance(c.get("at"), str)
+                and isinstance(c.get("changes"), list) for c in changes):
+            raise ValueError("not a list of records with from_round, at and changes")
+    except ValueError as exc:
+        raise InputError(path, f"damaged record of changed settings ({exc}): restore it from a backup, or move it "
+                               "out of the state directory (it only records what earlier restarts changed)") from None
+    return changes
+
+
+def read_federation_id(root: Path) -> str | None:
+    """The federation's id (None: a state directory from before ids). The server only ever writes a
+    uuid4's 32 hex digits, and the sites name their optimiser state by it, so anything else is damage: a
+    shortened id would silently start every site's optimiser afresh; a garbled one would stop every site."""
+    path = root / ID_FILE
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text().strip()
+    except ValueError:
+        text = None
+    if text is None or not re.fullmatch(r"[0-9a-f]{32}", text):
+        raise InputError(path, "damaged federation id (not 32 hex digits): restore it from a backup; or delete it, "
+                               "and the federation gets a new id: every site's optimiser then starts afresh at its "
+                               "next round (only Adam's moments are lost)")
+    return text
+
+
+def _upload_report(path: Path) -> dict[str, Any] | None:
+    """An acknowledged upload's report (``current/<site>.json``); None when it is not one."""
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        return None
+    fields = {"round": int, "sha256": str, "n": int, "loss": int | float}
+    ok = isinstance(info, dict) and all(isinstance(info.get(k), t) for k, t in fields.items())
+    return info if ok else None
 
 
 def read_evaluations(root: Path) -> dict[int, dict[str, EvaluationReport]]:
@@ -524,9 +599,8 @@ def read_status(root: str | Path, now: float | None = None) -> dict[str, Any]:
     last = completed[-1]
     uploaded = sorted(p.stem for p in (root / "current").glob("*.json") if p.name != "opened.json"
                       and _upload_round(p) == last + 1)
-    changes = root / CHANGES_FILE
     history = read_history(root, completed)
-    return {"federation": (root / ID_FILE).read_text().strip() if (root / ID_FILE).is_file() else None,
+    return {"federation": read_federation_id(root),
             "round": None if last >= config.rounds else last + 1, "last_round": last, "rounds": config.rounds,
             "finished": last >= config.rounds, "sites_expected": config.sites, "min_sites": config.min_sites,
             "uploaded": uploaded, **open_round(None if last >= config.rounds else _opened_at(root, last + 1),
@@ -534,23 +608,26 @@ def read_status(root: str | Path, now: float | None = None) -> dict[str, Any]:
                                                _token_sites(TokenStore(root)), history),
             "method": config.method, "lam": config.lam, "beta": config.beta,
             "class_names": list(config.class_names), "history": history,
-            "settings_changes": json.loads(changes.read_text()) if changes.exists() else [],
+            "settings_changes": read_settings_changes(root),
             "evaluations": evaluation_summaries(read_evaluations(root))}
 
 
 def _opened_at(root: Path, round_number: int) -> float | None:
-    """When round ``round_number`` opened (``current/opened.json``); None when the file is for another round."""
+    """When round ``round_number`` opened (``current/opened.json``); None when the file is for another round,
+    or damaged (the round's deadline then starts again, as when the file could not be written)."""
     try:
         opened = json.loads((root / "current" / "opened.json").read_text())
-    except (OSError, ValueError):
+        at = float(opened["opened_at"]) if opened.get("round") == round_number else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    return float(opened["opened_at"]) if opened.get("round") == round_number else None
+    return at if at is not None and math.isfinite(at) else None
 
 
 def _upload_round(report: Path) -> int | None:
     """The round of an acknowledged upload's report; None once a running server has closed the round and
-    removed it (between listing and reading)."""
+    removed it (between listing and reading), or when it is damaged (the server discards it on start)."""
     try:
-        return json.loads(report.read_text()).get("round")
+        info = _upload_report(report)
     except FileNotFoundError:
         return None
+    return None if info is None else info.get("round")
