@@ -283,6 +283,25 @@ def test_a_damaged_database_is_named_in_both_modes_and_left_as_it_was(tmp_path):
     assert (root / "annotations.db").read_bytes() == garbage, "nothing written over what may yet be rescued"
 
 
+def test_a_damaged_site_config_is_named_with_its_missing_field_and_what_to_do(tmp_path):
+    """A site.json without its name said only "corrupt site config ('name')": a KeyError's text."""
+    import json
+
+    root = tmp_path / "site"
+    SiteStore.create(root, ["lesion"]).close()
+    config = root / "site.json"
+    good = json.loads(config.read_text())
+    for damaged, why in ((json.dumps({k: v for k, v in good.items() if k != "name"}), "no 'name'"),
+                         (config.read_text()[:25], "Unterminated string")):
+        config.write_text(damaged)
+        for readonly in (True, False):
+            with pytest.raises(InputError) as caught:
+                SiteStore.open(root, readonly=readonly)
+            assert str(caught.value).startswith(f"{config}: corrupt site config ({why}"), caught.value
+            assert "restore it from a backup (it names the site and its classes in label order" in str(caught.value)
+        assert config.read_text() == damaged, "left as it was"
+
+
 def test_a_writer_that_is_never_closed_still_leaves_a_self_contained_site_at_exit(tmp_path):
     import sqlite3
     import subprocess

@@ -130,7 +130,10 @@ class SiteConfig:
             raise InputError(path.parent, f"not a site folder (no {CONFIG_FILE}); create one with "
                              "'fedmix-engine site init'") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(path, f"corrupt site config ({exc})") from exc
+            why = f"no {exc}" if isinstance(exc, KeyError) else str(exc)  # a bare KeyError says only "'name'"
+            raise InputError(path, f"corrupt site config ({why}): restore it from a backup (it names the site and "
+                             "its classes in label order; the images and annotations beside it are unaffected)") \
+                from exc
         if config.format_version > FORMAT_VERSION:
             raise InputError(path, f"site format {config.format_version} is newer than this "
                              f"fedmix-engine understands ({FORMAT_VERSION}); upgrade napari-fedmix")
