@@ -1577,3 +1577,41 @@ def test_a_damaged_round_opening_time_restarts_the_rounds_deadline(tmp_path: Pat
         restarted = ServerState(state, clock=lambda: now[0])
         assert restarted.opened_at == 5000.0, damaged
         assert json.loads(opened.read_text()) == {"round": 3, "opened_at": 5000.0}, "written again, whole"
+
+
+def test_a_stop_ends_the_join_promptly_while_a_request_hangs_on_a_server_that_does_not_answer(
+        sample: Path, tmp_path: Path) -> None:
+    """A server that takes the connection but never answers (stopped, hung, or a network that drops the
+    packets) held a request for httpx's whole 120 s timeout, and napari's Stop, or napari closing, waited
+    for it. A stop now ends the join within a second; the abandoned request ends on its own."""
+    import threading
+
+    from fedmix_engine.federation.client import FederationClient
+
+    copies = copied_sites(sample, ["site-a"], tmp_path)
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a", "site-b"])["site-a"]
+    server = Server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]).start()
+    events, stop = [], threading.Event()
+    client = FederationClient(server.url, token, copies["site-a"], device="cpu", poll_seconds=0.2)
+    joining = threading.Thread(target=lambda: events.extend(client.iter_join(stop.is_set)), daemon=True)
+    joining.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(e.kind == "waiting" for e in events):
+            assert time.monotonic() < deadline and joining.is_alive(), events
+            time.sleep(0.05)
+        os.kill(server.proc.pid, signal.SIGSTOP)  # it polls /v1/round every 0.2 s: the next poll hangs
+        time.sleep(2)
+        asked = time.monotonic()
+        stop.set()
+        joining.join(10)
+        took = time.monotonic() - asked
+        assert not joining.is_alive(), "the join still waits on the hung request"
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.kill()
+    assert took < 1.5, f"the stop took {took:.1f} s"
+    lock = copies["site-a"] / "models" / "join.lock"
+    from filelock import FileLock
+    FileLock(lock).acquire(timeout=0)  # released: napari's next Start is not refused as a second join

@@ -15,6 +15,7 @@ import re
 import socket
 import sqlite3
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ class FederationClient:
         delay, started, failed = 0.5, time.monotonic(), False
         while True:
             try:
-                response = self.http.request(method, path, **kwargs)
+                response = self._send(method, path, **kwargs)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 if tls_fault := _tls_fault(exc):  # no retry mends it: said at once
                     raise FederationError(tls_fault) from None
@@ -180,6 +181,30 @@ class FederationClient:
             failed = True
             self._pause(delay)
             delay = min(delay * 2, self.max_backoff)
+
+    def _send(self, method: str, path: str, **kwargs):
+        """One request, which a stop abandons: a server that takes the connection and never answers (hung, or
+        a network dropping its packets) held napari's Stop, and napari closing, for httpx's whole timeout.
+        It runs on a daemon thread that ends with that timeout; an exiting process does not wait for it. An
+        upload abandoned so may still count: the next join settles its moments by the server's word, as after
+        a kill (``pending_state``)."""
+        done, outcome = threading.Event(), {}
+
+        def send() -> None:
+            try:
+                outcome["response"] = self.http.request(method, path, **kwargs)
+            except Exception as exc:  # raised again on the join's thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=send, name=f"fedmix-http {method} {path}", daemon=True).start()
+        while not done.wait(0.2):
+            if self._should_stop():
+                raise _Stopped
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["response"]
 
     def _pause(self, seconds: float) -> None:
         """Sleep, but end the join within a fifth of a second of a stop (napari's Stop, napari closing):
