@@ -31,8 +31,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, state: Path, args: list[str], tls: tuple[Path, Path] | None = None):
+    def __init__(self, state: Path, args: list[str], tls: tuple[Path, Path] | None = None, ca: Path | None = None):
         self.state, self.args, self.tls = state, args, tls
+        self.ca = ca or (tls[0] if tls else None)  # what a client trusts: the CA, or the self-signed certificate
         self.port = free_port()
         scheme = "https" if tls else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
@@ -45,7 +46,7 @@ class Server:
             cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         with open(self.state.parent / f"server-{self.port}.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-        verify = ssl.create_default_context(cafile=str(self.tls[0])) if self.tls else True
+        verify = ssl.create_default_context(cafile=str(self.ca)) if self.tls else True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -63,7 +64,7 @@ class Server:
             self.proc.wait(10)
 
     def status(self) -> dict:
-        verify = ssl.create_default_context(cafile=str(self.tls[0])) if self.tls else True
+        verify = ssl.create_default_context(cafile=str(self.ca)) if self.tls else True
         return httpx.get(f"{self.url}/v1/status", verify=verify, timeout=10).json()
 
 
@@ -135,3 +136,72 @@ def copied_sites(sample: Path, sites: list[str], into: Path) -> dict[str, Path]:
     for name in sites:
         shutil.copytree(sample / name, copies[name])
     return copies
+
+
+def make_certificates(folder: Path, dates: dict[str, tuple[str, str]]) -> tuple[Path, Path, dict[str, Path]]:
+    """A test CA (``ca.pem``), one key, and a certificate for 127.0.0.1 signed by the CA for each name in
+    ``dates`` (start, end as OpenSSL's YYYYMMDDHHMMSSZ): expired or not-yet-valid ones included, which
+    ``openssl req -days`` cannot make. Returns the CA, the key and the certificates."""
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / "ca-db"
+    db.mkdir(exist_ok=True)
+    (db / "index.txt").write_text("")
+    (db / "serial").write_text("01\n")
+    (folder / "ca.cnf").write_text(f"""[ ca ]\ndefault_ca = test_ca\n[ test_ca ]\ndatabase = {db}/index.txt
+new_certs_dir = {db}\nserial = {db}/serial\ndefault_md = sha256\npolicy = any\ncopy_extensions = copy
+unique_subject = no\n[ any ]\ncommonName = supplied\n""")
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    ca, ca_key, key, csr = (folder / n for n in ("ca.pem", "ca.key", "server.key", "server.csr"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
+                    str(ca), "-days", "30", "-subj", "/CN=fedmix-test-ca"], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                    "-subj", "/CN=fedmix-test"], check=True, capture_output=True)
+    certs = {}
+    for name, (start, end) in dates.items():
+        certs[name] = folder / f"{name}.pem"
+        subprocess.run(["openssl", "ca", "-batch", "-config", str(folder / "ca.cnf"), "-cert", str(ca), "-keyfile",
+                        str(ca_key), "-in", str(csr), "-out", str(certs[name]), "-startdate", start, "-enddate", end,
+                        "-extfile", str(folder / "san.cnf")], check=True, capture_output=True)
+    key.chmod(0o600)
+    return ca, key, certs
+
+
+def openssl_date(seconds_from_now: float) -> str:
+    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(time.time() + seconds_from_now))
+
+
+@contextmanager
+def tls_listener(port: int, cert: Path, key: Path):
+    """A bare TLS endpoint on 127.0.0.1:``port`` that presents ``cert`` and answers nothing: for a
+    certificate ``serve`` would refuse to start with (one that expired while the server ran)."""
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen()
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                conn.settimeout(5)
+                context.wrap_socket(conn, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                conn.close()  # the client refused the certificate: what the test wants
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)
+        listener.close()

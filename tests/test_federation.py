@@ -30,8 +30,11 @@ from federation_helpers import (
     fake_update,
     free_port,
     global_pair,
+    make_certificates,
     make_tokens,
+    openssl_date,
     running_server,
+    tls_listener,
     upload,
 )
 from fedmix_engine.checkpoint import load_checkpoint
@@ -1615,3 +1618,106 @@ def test_a_stop_ends_the_join_promptly_while_a_request_hangs_on_a_server_that_do
     lock = copies["site-a"] / "models" / "join.lock"
     from filelock import FileLock
     FileLock(lock).acquire(timeout=0)  # released: napari's next Start is not refused as a second join
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Path]]:
+    return make_certificates(tmp_path_factory.mktemp("certs"), {
+        "valid": (openssl_date(-86400), openssl_date(20 * 86400)),
+        "expired": (openssl_date(-400 * 86400), openssl_date(-35 * 86400)),
+        "not-yet-valid": (openssl_date(30 * 86400), openssl_date(400 * 86400)),
+        "expiring": (openssl_date(-86400), openssl_date(5 * 86400)),
+    })
+
+
+def test_serve_refuses_an_out_of_date_tls_certificate_and_warns_of_one_expiring_soon(
+        tmp_path: Path, capsys, certificates) -> None:
+    """An expired certificate (or one not valid yet: a wrong clock) started a server every site refused, each
+    site being told to get another --ca-cert. serve now names it and what to do; one expiring within two weeks
+    is warned of, since mid-federation no site can connect from that day."""
+    from fedmix_engine.cli import main
+
+    _, key, certs = certificates
+    state = tmp_path / "state"
+    for name, expected in (("expired", r"the certificate expired on \d{4}-\d\d-\d\d \d\d:\d\d UTC; every site "
+                                       r"refuses it: renew it"),
+                           ("not-yet-valid", r"the certificate is valid only from \d{4}-\d\d-\d\d \d\d:\d\d UTC: "
+                                             r"this machine's clock is wrong")):
+        # a process, not main(): a server that starts anyway must fail the test, not hang it
+        refused = subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state),
+                                  "--sites", "1", "--tls-cert", str(certs[name]), "--tls-key", str(key), "--port",
+                                  str(free_port())], capture_output=True, text=True, timeout=60, env=ENV)
+        assert refused.returncode == 2, refused.stdout
+        assert re.match(rf"error: {re.escape(str(certs[name]))}: {expected}", refused.stderr), name
+    assert not state.exists(), "refused before anything was written"
+    for name, warned in (("expiring", True), ("valid", False)):
+        (tmp_path / "a-file").write_text("")  # the run stops here, after the certificate checks
+        assert main(["serve", "--state", str(tmp_path / "a-file"), "--tls-cert", str(certs[name]),
+                     "--tls-key", str(key)]) == 2
+        err = capsys.readouterr().err
+        assert bool(re.search(rf"warning: {re.escape(str(certs[name]))}: the server's TLS certificate expires on "
+                              r"\S+ \S+ UTC \(in [45] days\): no site can connect from then", err)) is warned, err
+
+
+def test_a_site_is_told_the_servers_certificate_is_out_of_date_not_untrusted(tmp_path: Path, sample: Path,
+                                                                              certificates) -> None:
+    """On first contact an expired certificate (or one not valid yet) was called untrusted, and the site
+    was told to give the admin's --ca-cert, which would not help. Said at once, with who must act."""
+    from fedmix_engine.errors import FederationError
+    from fedmix_engine.federation.client import FederationClient
+
+    ca, key, certs = certificates
+    copies = copied_sites(sample, ["site-a"], tmp_path)
+    port = free_port()
+    for name, expected in (("expired", "the server's TLS certificate (or the CA certificate that signed it) has "
+                                       "expired: the server's admin must renew it and restart the server"),
+                           ("not-yet-valid", "the server's TLS certificate is not valid yet: this machine's clock "
+                                             "is wrong")):
+        client = FederationClient(f"https://127.0.0.1:{port}", "t0ken", copies["site-a"], ca_cert=str(ca),
+                                  give_up_after=5)
+        with tls_listener(port, certs[name], key), pytest.raises(FederationError) as failed:
+            list(client.iter_join())
+        assert str(failed.value).startswith(expected), failed.value
+
+
+def test_a_certificate_expiring_during_a_federation_is_retried_while_the_admin_renews_it(
+        tmp_path: Path, sample: Path, certificates) -> None:
+    """After the server has answered, its certificate expiring is something its admin mends in place (renew,
+    restart): the site says why it retries, and goes on once the server presents a valid certificate."""
+    import threading
+
+    from fedmix_engine.federation.client import FederationClient
+
+    ca, key, certs = certificates
+    copies = copied_sites(sample, ["site-a"], tmp_path)
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a", "site-b"])["site-a"]
+    server = Server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS],
+                    tls=(certs["valid"], key), ca=ca).start()
+    events, told, stop = [], [], threading.Event()
+    client = FederationClient(server.url, token, copies["site-a"], device="cpu", ca_cert=str(ca), poll_seconds=0.2,
+                              max_backoff=0.5)
+    joining = threading.Thread(target=lambda: events.extend(client.iter_join(stop.is_set, told.append)), daemon=True)
+    joining.start()
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline and joining.is_alive(), f"{what}: {events}, {told}"
+            time.sleep(0.05)
+
+    try:
+        wait_for(lambda: any(e.kind == "waiting" for e in events), "site-a's update sent")
+        server.kill()
+        with tls_listener(server.port, certs["expired"], key):
+            wait_for(lambda: sum("has expired" in e.message for e in told) >= 2, "retries naming the expired one")
+        server.start()
+        wait_for(lambda: told[-1].kind == "reconnected", "the renewed server")
+    finally:
+        stop.set()
+        joining.join(30)
+        server.kill()
+    expired = next(e for e in told if "has expired" in e.message)
+    assert expired.kind == "retrying" and expired.message.startswith(
+        "the server's TLS certificate (or the CA certificate that signed it) has expired: the server's admin must "
+        "renew it and restart the server"), expired

@@ -156,13 +156,15 @@ class FederationClient:
             try:
                 response = self._send(method, path, **kwargs)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                if tls_fault := _tls_fault(exc):  # no retry mends it: said at once
+                tls_fault = _tls_fault(exc)
+                if tls_fault and not (self._reached and _certificate_out_of_date(exc)):  # no retry mends it
                     raise FederationError(tls_fault) from None
                 if not self._reached and _unknown_name(exc):  # a mistyped address, most likely: said at once
                     raise FederationError(f"the server's name '{self.http.base_url.host}' is not known to this "
                                           "machine's name service: check the server address (or this machine's "
                                           "network settings)") from None
-                reason = f"the server does not answer ({type(exc).__name__}: {exc})"
+                # a certificate that expired during the federation: retried while its admin renews it
+                reason = tls_fault or f"the server does not answer ({type(exc).__name__}: {exc})"
             else:
                 self._reached = True
                 if response.status_code < 500:
@@ -489,11 +491,22 @@ def check_held_out(store: SiteStore, site_dir: Path) -> None:
         raise InputError(store.root, NO_FULL_TRUTH)
 
 
+CERT_NOT_YET_VALID, CERT_HAS_EXPIRED = 9, 10  # OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+
+
 def _tls_fault(exc: BaseException | None) -> str | None:
     """What is wrong with the TLS set-up, when that is what failed: a server certificate not trusted
-    (self-signed, another CA, another hostname) or an https:// address of a plain-HTTP server. No retry
-    mends either, and both were retried for an hour like a server that is down."""
+    (self-signed, another CA, another hostname) or out of date (expired; not valid yet: a wrong clock), or
+    an https:// address of a plain-HTTP server. Each was retried for an hour like a server that is down,
+    and each was called untrusted, asking the site for a --ca-cert that would not help with the dates."""
     for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_code == CERT_HAS_EXPIRED:
+            return ("the server's TLS certificate (or the CA certificate that signed it) has expired: the server's "
+                    "admin must renew it and restart the server; this site needs a new --ca-cert only if the admin "
+                    "sends one")
+        if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_code == CERT_NOT_YET_VALID:
+            return ("the server's TLS certificate is not valid yet: this machine's clock is wrong (or the server's "
+                    "admin made the certificate with a start date to come)")
         if isinstance(cause, ssl.SSLCertVerificationError):
             return (f"the server's TLS certificate is not trusted ({cause.verify_message or cause}): give the "
                     "certificate the server's admin sends with --ca-cert (napari: 'TLS certificate'), and use a "
@@ -502,6 +515,12 @@ def _tls_fault(exc: BaseException | None) -> str | None:
             return ("the server does not speak TLS at this address (it answers in plain HTTP): use http:// for it, "
                     "or the port its admin gives for https://")
     return None
+
+
+def _certificate_out_of_date(exc: BaseException | None) -> bool:
+    """Whether the server's certificate failed for its dates, which its admin (or a clock) mends in place."""
+    return any(isinstance(cause, ssl.SSLCertVerificationError)
+               and cause.verify_code in (CERT_HAS_EXPIRED, CERT_NOT_YET_VALID) for cause in _causes(exc))
 
 
 def _unknown_name(exc: BaseException | None) -> bool:
