@@ -1721,3 +1721,49 @@ def test_a_certificate_expiring_during_a_federation_is_retried_while_the_admin_r
     assert expired.kind == "retrying" and expired.message.startswith(
         "the server's TLS certificate (or the CA certificate that signed it) has expired: the server's admin must "
         "renew it and restart the server"), expired
+
+
+def test_a_site_too_slow_for_the_round_timeout_is_told_why_its_update_came_too_late(sample: Path,
+                                                                                    tmp_path: Path) -> None:
+    """A site slower than --round-timeout (a CPU among GPU sites) trains every round and misses every one;
+    it was told only that the round was closed and to train again. It now hears how long it took against the
+    time the round had left, and what would help."""
+    import threading
+
+    from fedmix_engine.federation.client import FederationClient
+
+    copies = copied_sites(sample, ["site-a"], tmp_path)
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a", "site-b"])
+    server = Server(state, ["--sites", "2", "--min-sites", "1", "--round-timeout", "4", "--rounds", "3",
+                            *TINY_SETTINGS]).start()
+    events, slowed = [], threading.Event()
+
+    def slow_training() -> bool:  # asked between training steps: here, one step takes longer than the round
+        if not slowed.is_set() and any(e.kind == "training" for e in events):
+            slowed.set()
+            time.sleep(6)
+        return any(e.kind == "waiting" for e in events)
+
+    try:
+        pair, _ = global_pair(server.url, tokens["site-b"])
+        assert upload(server.url, tokens["site-b"], 1, fake_update(pair, seed=1)).status_code == 200  # a quorum
+        client = FederationClient(server.url, tokens["site-a"], copies["site-a"], device="cpu", poll_seconds=0.2)
+        for event in client.iter_join(slow_training):
+            events.append(event)
+    finally:
+        server.kill()
+    (late,) = [e.message for e in events if e.kind == "waiting"]
+    assert re.fullmatch(r"round 1: round 1 is closed \(the server is at round 2\); download the new global model "
+                        r"and train again \(this site took \d+ s; the round had [0-4] s left when it began: if this "
+                        r"repeats, ask the server's admin for a longer --round-timeout, or train this site on a GPU "
+                        r"\(--device cuda; napari: device\)\)", late), late
+
+
+def test_a_late_update_is_explained_only_when_the_site_was_slower_than_the_time_left() -> None:
+    from fedmix_engine.federation.client import _too_late
+
+    assert _too_late(None, 50.0) == "" and _too_late(60.0, 50.0) == "", "no deadline known, or in time: nothing"
+    assert _too_late(30.0, 50.0).startswith(" (this site took 50 s; the round had 30 s left when it began")
+    assert _too_late(-5.0, 50.0).startswith(" (the round was past its deadline when this site began, open only "
+                                            "until enough sites reported; this site took 50 s")

@@ -293,7 +293,7 @@ class FederationClient:
         while True:
             if self._should_stop():
                 return
-            info = self._json(f"/{API_VERSION}/round")
+            info, asked = self._json(f"/{API_VERSION}/round"), time.monotonic()
             if seen_round is not None and info["last_round"] > seen_round:
                 yield from self._closed_rounds(site, seen_round, info["last_round"])
             seen_round = info["last_round"]
@@ -348,7 +348,8 @@ class FederationClient:
                 accepted = self._json(f"/{API_VERSION}/round").get("last_accepted")
                 if pending_state.settle(self.models_dir, self.prefix, accepted if accepted == r else None):
                     self.state = result.state  # its first send counted (it closed the round); the answer was lost
-                yield JoinEvent("waiting", f"round {r}: {_detail(response)}", r)
+                late = _too_late(info.get("deadline_in"), time.monotonic() - asked) if accepted != r else ""
+                yield JoinEvent("waiting", f"round {r}: {_detail(response)}{late}", r)
             else:
                 self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
                 pending_state.settle(self.models_dir, self.prefix, r)
@@ -534,6 +535,19 @@ def _causes(exc: BaseException | None) -> Iterator[BaseException]:
     while exc is not None:
         yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def _too_late(deadline_in: float | None, took: float) -> str:
+    """Why an update missed its round, for a site too slow for the round timeout: it trains every round and
+    misses every one, and without this it is told only to train again."""
+    if deadline_in is None or took < deadline_in:
+        return ""
+    remedy = ("if this repeats, ask the server's admin for a longer --round-timeout, or train this site on a GPU "
+              "(--device cuda; napari: device)")
+    if deadline_in <= 0:
+        return (f" (the round was past its deadline when this site began, open only until enough sites reported; "
+                f"this site took {took:.0f} s: {remedy})")
+    return f" (this site took {took:.0f} s; the round had {deadline_in:.0f} s left when it began: {remedy})"
 
 
 def _detail(response) -> str:
