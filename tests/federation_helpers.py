@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -170,12 +171,37 @@ def openssl_date(seconds_from_now: float) -> str:
     return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(time.time() + seconds_from_now))
 
 
+class JoinThread:
+    """A site's join run in this process on a daemon thread, as napari's Train runs it: its events, the
+    retry events it reports through ``on_retry``, and a stop."""
+
+    def __init__(self, client) -> None:
+        self.events, self.told, self.stop = [], [], threading.Event()
+        self.thread = threading.Thread(
+            target=lambda: self.events.extend(client.iter_join(self.stop.is_set, self.told.append)), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, condition, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline and self.thread.is_alive(), f"{what}: {self.events}, {self.told}"
+            time.sleep(0.05)
+
+    def waiting(self) -> list[str]:
+        return [e.message for e in self.events if e.kind == "waiting"]
+
+    def end(self, timeout: float = 30) -> float:
+        """Stop the join; how long it took to end."""
+        asked = time.monotonic()
+        self.stop.set()
+        self.thread.join(timeout)
+        return time.monotonic() - asked
+
+
 @contextmanager
 def tls_listener(port: int, cert: Path, key: Path):
     """A bare TLS endpoint on 127.0.0.1:``port`` that presents ``cert`` and answers nothing: for a
     certificate ``serve`` would refuse to start with (one that expired while the server ran)."""
-    import threading
-
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(cert), str(key))
     listener = socket.socket()

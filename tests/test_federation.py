@@ -24,6 +24,7 @@ from disk_helpers import fill_disk_leaving, small_disk
 from federation_helpers import (
     ENV,
     TINY_SETTINGS,
+    JoinThread,
     Server,
     copied_sites,
     drift_from_the_simulator,
@@ -420,44 +421,31 @@ def test_a_joined_site_says_it_retries_a_dead_server_and_says_its_wait_again_onc
     hour, and yielded nothing: napari's Train kept saying "waiting for the other sites" (or "starting…")
     while its server was down. The client now calls ``on_retry`` with each retry and with the server's
     return, and says its wait again afterwards, so a GUI can replace the retry message."""
-    import threading
-
     from fedmix_engine.federation.client import FederationClient
 
     copies = copied_sites(sample, ["site-a"], tmp_path)
     state = tmp_path / "state"
     token = make_tokens(state, ["site-a", "site-b"])["site-a"]
     server = Server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]).start()
-    events, told, stop = [], [], threading.Event()
-    client = FederationClient(server.url, token, copies["site-a"], device="cpu", poll_seconds=0.2)
-    joining = threading.Thread(target=lambda: events.extend(client.iter_join(stop.is_set, told.append)))
-    joining.start()
-
-    def wait_for(condition, what: str) -> None:
-        deadline = time.monotonic() + 60
-        while not condition():
-            assert time.monotonic() < deadline and joining.is_alive(), f"{what}: {events}, {told}"
-            time.sleep(0.05)
-
+    join = JoinThread(FederationClient(server.url, token, copies["site-a"], device="cpu", poll_seconds=0.2))
+    told = join.told
     try:
-        wait_for(lambda: any(e.kind == "waiting" for e in events), "site-a's update sent")
+        join.wait_for(lambda: join.waiting(), "site-a's update sent")
         assert told == []
-        waits = [e.message for e in events if e.kind == "waiting"]
+        waits = join.waiting()
         server.kill()
-        wait_for(lambda: len(told) >= 3, "three retries of the dead server")
+        join.wait_for(lambda: len(told) >= 3, "three retries of the dead server")
         assert {e.kind for e in told} == {"retrying"}
         assert re.fullmatch(r"the server does not answer \(ConnectError: .*\); trying again in 0.5 s", told[0].message)
         assert re.search(r"; trying again in 2 s \(for \d s; gives up after 60 min\)$", told[2].message), told[2]
         server.start()
-        wait_for(lambda: told[-1].kind == "reconnected", "the server back")
-        wait_for(lambda: len([e for e in events if e.kind == "waiting"]) == 2, "the wait said again")
+        join.wait_for(lambda: told[-1].kind == "reconnected", "the server back")
+        join.wait_for(lambda: len(join.waiting()) == 2, "the wait said again")
     finally:
-        stop.set()
-        joining.join(30)
+        join.end()
         server.kill()
     assert re.fullmatch(r"the server answers again \(after \d+ s\)", told[-1].message), told[-1]
-    again = [e.message for e in events if e.kind == "waiting"]
-    assert again == waits * 2 and waits[0].startswith("round 1: update delivered, waiting for the other sites")
+    assert join.waiting() == waits * 2 and waits[0].startswith("round 1: update delivered, waiting for the other sites")
 
 
 def test_a_join_process_sigkilled_after_training_a_round_restarts_and_the_federation_ends_as_if_uninterrupted(
@@ -1587,30 +1575,19 @@ def test_a_stop_ends_the_join_promptly_while_a_request_hangs_on_a_server_that_do
     """A server that takes the connection but never answers (stopped, hung, or a network that drops the
     packets) held a request for httpx's whole 120 s timeout, and napari's Stop, or napari closing, waited
     for it. A stop now ends the join within a second; the abandoned request ends on its own."""
-    import threading
-
     from fedmix_engine.federation.client import FederationClient
 
     copies = copied_sites(sample, ["site-a"], tmp_path)
     state = tmp_path / "state"
     token = make_tokens(state, ["site-a", "site-b"])["site-a"]
     server = Server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]).start()
-    events, stop = [], threading.Event()
-    client = FederationClient(server.url, token, copies["site-a"], device="cpu", poll_seconds=0.2)
-    joining = threading.Thread(target=lambda: events.extend(client.iter_join(stop.is_set)), daemon=True)
-    joining.start()
+    join = JoinThread(FederationClient(server.url, token, copies["site-a"], device="cpu", poll_seconds=0.2))
     try:
-        deadline = time.monotonic() + 60
-        while not any(e.kind == "waiting" for e in events):
-            assert time.monotonic() < deadline and joining.is_alive(), events
-            time.sleep(0.05)
+        join.wait_for(lambda: join.waiting(), "site-a's update sent")
         os.kill(server.proc.pid, signal.SIGSTOP)  # it polls /v1/round every 0.2 s: the next poll hangs
         time.sleep(2)
-        asked = time.monotonic()
-        stop.set()
-        joining.join(10)
-        took = time.monotonic() - asked
-        assert not joining.is_alive(), "the join still waits on the hung request"
+        took = join.end(timeout=10)
+        assert not join.thread.is_alive(), "the join still waits on the hung request"
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.kill()
@@ -1684,8 +1661,6 @@ def test_a_certificate_expiring_during_a_federation_is_retried_while_the_admin_r
         tmp_path: Path, sample: Path, certificates) -> None:
     """After the server has answered, its certificate expiring is something its admin mends in place (renew,
     restart): the site says why it retries, and goes on once the server presents a valid certificate."""
-    import threading
-
     from fedmix_engine.federation.client import FederationClient
 
     ca, key, certs = certificates
@@ -1694,28 +1669,18 @@ def test_a_certificate_expiring_during_a_federation_is_retried_while_the_admin_r
     token = make_tokens(state, ["site-a", "site-b"])["site-a"]
     server = Server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS],
                     tls=(certs["valid"], key), ca=ca).start()
-    events, told, stop = [], [], threading.Event()
-    client = FederationClient(server.url, token, copies["site-a"], device="cpu", ca_cert=str(ca), poll_seconds=0.2,
-                              max_backoff=0.5)
-    joining = threading.Thread(target=lambda: events.extend(client.iter_join(stop.is_set, told.append)), daemon=True)
-    joining.start()
-
-    def wait_for(condition, what: str) -> None:
-        deadline = time.monotonic() + 60
-        while not condition():
-            assert time.monotonic() < deadline and joining.is_alive(), f"{what}: {events}, {told}"
-            time.sleep(0.05)
-
+    join = JoinThread(FederationClient(server.url, token, copies["site-a"], device="cpu", ca_cert=str(ca),
+                                       poll_seconds=0.2, max_backoff=0.5))
+    told = join.told
     try:
-        wait_for(lambda: any(e.kind == "waiting" for e in events), "site-a's update sent")
+        join.wait_for(lambda: join.waiting(), "site-a's update sent")
         server.kill()
         with tls_listener(server.port, certs["expired"], key):
-            wait_for(lambda: sum("has expired" in e.message for e in told) >= 2, "retries naming the expired one")
+            join.wait_for(lambda: sum("has expired" in e.message for e in told) >= 2, "retries naming the expired one")
         server.start()
-        wait_for(lambda: told[-1].kind == "reconnected", "the renewed server")
+        join.wait_for(lambda: told[-1].kind == "reconnected", "the renewed server")
     finally:
-        stop.set()
-        joining.join(30)
+        join.end()
         server.kill()
     expired = next(e for e in told if "has expired" in e.message)
     assert expired.kind == "retrying" and expired.message.startswith(
