@@ -34,3 +34,14 @@ def fill_disk_leaving(filler: Path, free_bytes: int) -> None:
         handle.truncate(size)
         if size > have:
             os.posix_fallocate(handle.fileno(), have, size - have)
+
+
+@contextmanager
+def remounted_read_only(mount: Path):
+    """``mount`` (a ``small_disk``) read-only for the block, as the kernel remounts a disk with errors or as
+    a share is exported read-only; read-write again after."""
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=True)

@@ -189,6 +189,51 @@ def test_annotate_a_site_that_fails_to_open_leaves_the_open_one_editable(make_na
         np.testing.assert_array_equal(store.read_mask("scan-0"), mask)
 
 
+def test_annotate_opens_a_site_it_cannot_write_to_look_at_with_nothing_editable(make_napari_viewer, qtbot,
+                                                                                  tmp_path, images):
+    """A site on a read-only share or file system (an archive copy, a colleague's export) could not even be
+    looked at: Open site said the folder must be writable. It opens read-only now: its images, masks,
+    boxes and tags are shown; the layers, the tag boxes and the import and save controls are off, Alt+P
+    tags nothing, and the site is said to be read-only. A writable site opened next is editable again."""
+    from disk_helpers import remounted_read_only, small_disk
+    from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER, AnnotateWidget
+
+    mask = np.zeros((40, 48), np.uint8)
+    mask[5:15, 6:20] = 1
+    with small_disk(tmp_path / "disk", 16 * 2**20) as disk:
+        with SiteStore.create(disk / "site", ["lesion"]) as store:
+            for path in images:
+                store.add_image(path)
+            store.set_mask("scan-0", mask)
+            store.add_box("scan-1", "lesion", 2, 3, 12, 25)
+            store.set_tag("scan-2", "lesion", True)
+        viewer = make_napari_viewer()
+        widget = AnnotateWidget(viewer)
+        qtbot.addWidget(widget)
+        with remounted_read_only(disk):
+            widget.open_site(disk / "site")
+            assert widget.store.readonly and "read-only: this folder cannot be written here" in \
+                widget.site_label.text()
+            assert widget.image_list.count() == 3 and widget.current_id == "scan-0"
+            np.testing.assert_array_equal(viewer.layers[MASK_LAYER].data, mask)
+            assert not viewer.layers[MASK_LAYER].editable and not viewer.layers[BOX_LAYER].editable
+            assert not widget.tag_boxes["lesion"].isEnabled() and not widget.box_class.isEnabled()
+            assert not any(button.isEnabled() for button in widget._adding_buttons)
+            widget.next_image()
+            assert widget.current_id == "scan-1" and len(viewer.layers[BOX_LAYER].data) == 1
+            widget.next_image()
+            assert widget.tag_boxes["lesion"].checkState() == Qt.CheckState.Checked
+            widget.previous_image()
+            widget.tag_and_next(present=False)  # Alt+A on a read-only site
+            assert widget.current_id == "scan-1" and widget.unsaved is None
+        with SiteStore.open(disk / "site", readonly=True) as store:
+            assert store.tags("scan-1") == {} and len(store.boxes("scan-1")) == 1, "nothing was written"
+    widget.create_site(tmp_path / "writable", ["lesion"])  # the next site is editable again
+    assert not widget.store.readonly and widget.box_class.isEnabled()
+    assert "read-only" not in widget.site_label.text()
+    assert all(button.isEnabled() for button in widget._adding_buttons)
+
+
 def test_annotate_says_when_the_site_lies_on_a_network_share(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """Clinicians at several workstations may open one site on a file server: SQLite's locks there are only as
     good as the share's, so the widget says to annotate it from one workstation at a time."""

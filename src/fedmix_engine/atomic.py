@@ -124,6 +124,19 @@ def append_line(path: str | Path, line: str) -> None:
             raise
 
 
+def write_refused(folder: str | Path) -> str | None:
+    """Why files cannot be made in ``folder`` (the system's words), or None when they can. Tried, not
+    asked: ``os.access`` says yes to root on a read-only file system's folder. The probe is a nameless
+    temporary file (O_TMPFILE where there is one), so even a kill leaves nothing behind."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def check_writable_file(path: str | Path) -> Path:
     """An output file's name, checked before the work that fills it: not a folder, in a folder that
     exists (or is made) and is writable."""

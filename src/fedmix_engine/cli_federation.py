@@ -7,9 +7,9 @@ import codecs
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from fedmix_engine.atomic import write_refused
 from fedmix_engine.errors import InputError
 
 # Federation settings as (field, option) per part of ServerConfig. An option left out (None) keeps
@@ -64,13 +64,10 @@ def _check_state_dir(state: Path) -> None:
     if not state.is_dir():
         raise InputError(state, "is a file, not a server state directory (--state names a folder)")
     for folder in [state, *(sub for sub in sorted(state.iterdir()) if sub.is_dir())]:
-        try:
-            with tempfile.TemporaryFile(dir=folder):  # no name left behind (O_TMPFILE), even after a kill
-                pass
-        except OSError as exc:
-            raise InputError(folder, f"the server cannot write here ({exc.strerror}); it stores every upload and "
+        if why := write_refused(folder):
+            raise InputError(folder, f"the server cannot write here ({why}); it stores every upload and "
                                      "round in --state: run it as the folder's owner, fix the permissions, or "
-                                     "remount the file system read-write") from None
+                                     "remount the file system read-write")
 
 
 def _check_tls(cert: str, key: str) -> None:

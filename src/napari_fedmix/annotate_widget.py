@@ -66,6 +66,7 @@ class AnnotateWidget(QWidget):
                              "frame the sliders show")
         add_shown.clicked.connect(lambda: self._guard(self.add_shown_image))
         self._site_buttons = [open_button, new_button, import_files, import_folder, add_shown]  # idle while importing
+        self._adding_buttons = [import_files, import_folder, add_shown]  # off for a site opened read-only
         self.import_bar = QProgressBar()
         self.cancel_import = QPushButton("Cancel import")
         self.cancel_import.clicked.connect(self.stop_import)
@@ -82,6 +83,7 @@ class AnnotateWidget(QWidget):
         self.tags_row = QVBoxLayout()
         save_button = QPushButton("Save now")
         save_button.clicked.connect(self.save)
+        self._editing_controls = [self.box_class, save_button]  # with the tag boxes: off for a read-only site
         self.summary = QLabel("")
         self.save_status = QLabel("")
         self.save_status.setWordWrap(True)
@@ -119,7 +121,7 @@ class AnnotateWidget(QWidget):
 
     # ------------------------------------------------------------------ site
     def open_site(self, path: str | Path) -> None:
-        self._switch_to(SiteStore.open(path))
+        self._switch_to(_open_for_annotating(Path(path)))
 
     def create_site(self, path: str | Path, classes: list[str]) -> None:
         self._switch_to(SiteStore.create(path, classes))
@@ -142,7 +144,11 @@ class AnnotateWidget(QWidget):
         from fedmix_engine.data.network_share import ADVICE, is_network_path
 
         shared = f"; {ADVICE}" if is_network_path(self.store.root) else ""
-        self.site_label.setText(f"site: {self.store.config.name} ({self.store.root}){shared}")
+        viewing = (" — read-only: this folder cannot be written here, so its annotations are shown and "
+                   "nothing can be changed" if self.store.readonly else "")
+        self.site_label.setText(f"site: {self.store.config.name} ({self.store.root}){viewing}{shared}")
+        for control in [*self._adding_buttons, *self._editing_controls]:
+            control.setEnabled(not self.store.readonly)
         self.box_class.clear()
         self.box_class.addItems(list(self.store.config.classes))
         for box in self.tag_boxes.values():
@@ -153,6 +159,7 @@ class AnnotateWidget(QWidget):
             box.setTristate(True)
             box.setCheckState(Qt.CheckState.PartiallyChecked)
             box.stateChanged.connect(self._mark_dirty)
+            box.setEnabled(not self.store.readonly)
             self.tag_boxes[name] = box
             self.tags_row.addWidget(box)
         self.current_id = None
@@ -236,6 +243,7 @@ class AnnotateWidget(QWidget):
             if rectangles:
                 shapes.add_rectangles(rectangles)
                 shapes.features = {"class": classes}
+            mask_layer.editable = shapes.editable = not self.store.readonly  # after the data: a reset may set it
             tags = self.store.tags(image_id)
             for name, box in self.tag_boxes.items():
                 state = {True: Qt.CheckState.Checked, False: Qt.CheckState.Unchecked}.get(
@@ -258,6 +266,9 @@ class AnnotateWidget(QWidget):
         absent; the image is saved and the next one shown. Other classes' tags are left as they are."""
         if self.store is None or self.current_id is None:
             return
+        if self.store.readonly:
+            _notify([f"{self.store.root}: opened read-only, so nothing is tagged; Alt+→ shows the next image"])
+            return
         for name in [self.box_class.currentText()] if present else list(self.tag_boxes):
             self.tag_boxes[name].setCheckState(Qt.CheckState.Checked if present else Qt.CheckState.Unchecked)
         if not self.save() and self.unsaved is None:  # a problem keeps the image on screen to be seen
@@ -266,8 +277,8 @@ class AnnotateWidget(QWidget):
     # ------------------------------------------------------------------ saving
     def save(self) -> list[str]:
         """Write the current image's mask, boxes and tags to the store; returns problems."""
-        if self.store is None or self.current_id is None or not self._dirty:
-            return []
+        if self.store is None or self.current_id is None or not self._dirty or self.store.readonly:
+            return []  # read-only: the controls that edit are off; a layer made editable by hand saves nothing
         shapes = self.viewer.layers[BOX_LAYER]
         tags = {name: {Qt.CheckState.Checked: True, Qt.CheckState.Unchecked: False}.get(
             Qt.CheckState(box.checkState())) for name, box in self.tag_boxes.items()}
@@ -458,3 +469,16 @@ def _notify(problems: list[str]) -> None:
         from napari.utils.notifications import show_warning
 
         show_warning("\n".join(problems))
+
+
+def _open_for_annotating(root: Path) -> SiteStore:
+    """The site open for writing, or, in a folder this user cannot write (a read-only share, an archive
+    copy), open to be looked at: refusing it said only that the folder must be writable."""
+    from fedmix_engine.atomic import write_refused
+
+    try:
+        return SiteStore.open(root)
+    except InputError:
+        if not root.is_dir() or not write_refused(root):
+            raise  # not a site, or damaged: the writer's error says which
+    return SiteStore.open(root, readonly=True)
