@@ -1732,3 +1732,30 @@ def test_a_late_update_is_explained_only_when_the_site_was_slower_than_the_time_
     assert _too_late(30.0, 50.0).startswith(" (this site took 50 s; the round had 30 s left when it began")
     assert _too_late(-5.0, 50.0).startswith(" (the round was past its deadline when this site began, open only "
                                             "until enough sites reported; this site took 50 s")
+
+
+def test_a_second_server_on_the_same_state_directory_is_refused_before_it_touches_anything(tmp_path: Path) -> None:
+    """A second 'serve' on a state directory in use (a forgotten terminal beside the service) started: it
+    recovers the state as its own before binding its port (what the first is writing looks like a crash's
+    leftovers), then both take uploads and close the same rounds. It is refused now, and changes nothing;
+    once the first server is gone (even SIGKILLed) the state directory can be served again."""
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a", "site-b"])
+    with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]) as server:
+        pair, _ = global_pair(server.url, tokens["site-a"])
+        assert upload(server.url, tokens["site-a"], 1, fake_update(pair, seed=1)).status_code == 200
+        before = {p.relative_to(state): p.read_bytes() for p in state.rglob("*") if p.is_file()}
+        try:  # a process with a timeout: a second server that starts must fail the test, not hang it
+            second = subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state),
+                                     "--port", str(free_port())], capture_output=True, text=True, timeout=60, env=ENV)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second server started on the same state directory")
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert second.stderr.startswith(f"error: {state}: another server is running on this state directory (it "
+                                         "holds the directory's lock); stop it first"), second.stderr
+        after = {p.relative_to(state): p.read_bytes() for p in state.rglob("*") if p.is_file()}
+        assert after == before, "the second server changed nothing"
+        assert server.status()["uploaded"] == ["site-a"]
+        server.kill()  # SIGKILL: the OS releases the lock
+        server.start()
+        assert server.status()["uploaded"] == ["site-a"], "served again after the kill, the upload kept"

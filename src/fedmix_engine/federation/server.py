@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from fedmix_engine import __version__
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.admin import render_admin_page
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
-from fedmix_engine.federation.state import STORAGE_FAULTS, ServerState
+from fedmix_engine.federation.state import SERVER_LOCK, STORAGE_FAULTS, ServerState
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
 
@@ -248,8 +249,10 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
     federation_log = logging.getLogger("fedmix_engine.federation")  # this module's and the state's
     federation_log.addHandler(handler)
     federation_log.setLevel(logging.INFO)
+    release = _hold_state_lock(Path(state_dir)) if Path(state_dir).is_dir() else None
     try:
         state = ServerState(state_dir, config)
+        release = release or _hold_state_lock(Path(state_dir))  # a new state directory: made just now
         tokens = TokenStore(state_dir)
         if state.adjusted:
             print(f"settings changed on this start: {'; '.join(state.adjusted)}")
@@ -269,3 +272,40 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
         uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level=log_level)
     finally:  # a library call: the next serve in this process (a test, an embedding app) logs once, not twice
         federation_log.removeHandler(handler)
+        if release is not None:
+            release()
+
+
+def _hold_state_lock(state_dir: Path):
+    """One server per state directory. A second one (a forgotten terminal, beside a service) recovers the
+    state as its own before it even binds its port, removing what the first is writing as leftovers of a
+    crash (a round being committed, an upload not yet acknowledged); then both take uploads and close the
+    same rounds. An OS lock, released however the process ends. On POSIX it is flock on the directory
+    itself, opened read-only: filelock's lock file is opened for writing, and a file held open for writing
+    pins the file system (a read-only remount for maintenance fails with EBUSY). Windows has no flock:
+    filelock's SERVER_LOCK file there."""
+    if os.name != "posix":
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(state_dir / SERVER_LOCK, thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise InputError(state_dir, _ANOTHER_SERVER) from None
+        return lock.release
+    import fcntl
+
+    fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(state_dir, _ANOTHER_SERVER) from None
+    except OSError as exc:  # a file system without locks (some network shares): run, but say what is lost
+        log.warning("%s: cannot be locked (%s): a second server started on it would not be noticed",
+                    state_dir, exc.strerror)
+    return lambda: os.close(fd)
+
+
+_ANOTHER_SERVER = ("another server is running on this state directory (it holds the directory's lock); stop it "
+                   "first, or give this one a --state of its own")

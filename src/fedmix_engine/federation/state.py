@@ -7,6 +7,7 @@ State directory::
       settings-changes.json       settings changed on restarts (e.g. more rounds), from which round
       federation-id               random id of this federation (sites keep their optimiser state under it)
       tokens.json                 hashed per-site tokens
+      server.lock                 (Windows) held by the running server; on POSIX it locks the directory
       rounds/000000/              initial global pair
       rounds/000007/global.safetensors, meta.json    each completed round, committed by a directory rename
       current/<site>.safetensors  acknowledged uploads of the open round (fsynced before the 200)
@@ -63,6 +64,7 @@ STORAGE_FAULTS = {
 CONFIG_FILE = "server.json"
 CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
 ID_FILE = "federation-id"  # sites keep their Adam moments per federation under this id
+SERVER_LOCK = "server.lock"  # Windows: the running server's lock file (on POSIX it flocks the directory)
 EVALUATIONS = "evaluations"  # <round>/<site>.json: the sites' held-out scores of that round's global model
 
 # What an admin may change when restarting a federation: how long it runs, with how many sites, how
