@@ -988,8 +988,7 @@ def test_a_damaged_token_file_is_named_by_every_command_and_a_running_server_ref
         refused, again = config(), config()
         assert refused.status_code == again.status_code == 503
         assert "its token file is damaged" in refused.json()["detail"]
-        for command in (["token", "--state", str(state), "list"], ["token", "--state", str(state), "add", "site-b"],
-                        ["serve", "--state", str(state), "--port", str(free_port())]):
+        for command in (["token", "--state", str(state), "list"], ["token", "--state", str(state), "add", "site-b"]):
             assert main(command) == 2, command
             err = capsys.readouterr().err
             assert err.startswith(f"error: {state / 'tokens.json'}: damaged token file (Expecting property name"), err
@@ -1001,6 +1000,10 @@ def test_a_damaged_token_file_is_named_by_every_command_and_a_running_server_ref
                "'fedmix-engine token list' says which)" in capsys.readouterr().out
         (state / "tokens.json").write_bytes(good)
         assert config().status_code == 200
+    (state / "tokens.json").write_text('{"site-a": {\n')  # the server stopped: serve names the file at start
+    assert main(["serve", "--state", str(state), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {state / 'tokens.json'}: damaged token file (Expecting property name"), err
     log = next(tmp_path.glob("server-*.log")).read_text()
     assert "Traceback" not in log and "damaged token file (not a map of site names to entries" in log, log[-3000:]
     assert log.count("damaged token file (Expecting property name") == 1, "said once, not once per request"
@@ -1755,6 +1758,13 @@ def test_a_second_server_on_the_same_state_directory_is_refused_before_it_touche
                                          "holds the directory's lock); stop it first"), second.stderr
         after = {p.relative_to(state): p.read_bytes() for p in state.rglob("*") if p.is_file()}
         assert after == before, "the second server changed nothing"
+        import logging
+
+        from fedmix_engine.cli import main
+
+        handlers = list(logging.getLogger("fedmix_engine.federation").handlers)
+        assert main(["serve", "--state", str(state), "--port", str(free_port())]) == 2  # refused in this process:
+        assert logging.getLogger("fedmix_engine.federation").handlers == handlers, "its log handler not left behind"
         assert server.status()["uploaded"] == ["site-a"]
         server.kill()  # SIGKILL: the OS releases the lock
         server.start()

@@ -249,8 +249,10 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
     federation_log = logging.getLogger("fedmix_engine.federation")  # this module's and the state's
     federation_log.addHandler(handler)
     federation_log.setLevel(logging.INFO)
-    release = _hold_state_lock(Path(state_dir)) if Path(state_dir).is_dir() else None
+    release = None
     try:
+        if Path(state_dir).is_dir():
+            release = _hold_state_lock(Path(state_dir))
         state = ServerState(state_dir, config)
         release = release or _hold_state_lock(Path(state_dir))  # a new state directory: made just now
         tokens = TokenStore(state_dir)
