@@ -1769,3 +1769,26 @@ def test_a_second_server_on_the_same_state_directory_is_refused_before_it_touche
         server.kill()  # SIGKILL: the OS releases the lock
         server.start()
         assert server.status()["uploaded"] == ["site-a"], "served again after the kill, the upload kept"
+
+
+def test_serve_names_a_port_in_use_or_an_address_not_of_this_machine_before_anything_starts(tmp_path: Path,
+                                                                                           capsys) -> None:
+    """A port in use ended in uvicorn's 'address already in use', exit 3, after the server had announced
+    'FedMix server: http://…' and made the new state directory. Each is named now, exit 2, nothing made."""
+    from fedmix_engine.cli import main
+
+    state = tmp_path / "state"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--state", str(state), "--sites", "1", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: --port: {port} is in use on 127.0.0.1 by another program (another server?): "
+                          "stop it, or choose another --port"), err
+    assert "FedMix server" not in out and not state.exists()
+    assert main(["serve", "--state", str(state), "--sites", "1", "--host", "192.0.2.1", "--port", "8765"]) == 2
+    assert capsys.readouterr().err.startswith("error: --host: 192.0.2.1 is not an address of this machine")
+    assert main(["serve", "--state", str(state), "--sites", "1", "--host", "no-such-host.invalid"]) == 2
+    assert capsys.readouterr().err.startswith("error: --host: 'no-such-host.invalid' does not resolve")
+    assert not state.exists()

@@ -111,6 +111,38 @@ def _check_certificate_dates(cert: Path, now: float | None = None) -> None:
               "connect from then until it is renewed and the server restarted", file=sys.stderr)
 
 
+def _check_address(host: str, port: int) -> None:
+    """Bind the address once, as the server will (every address the host resolves to, SO_REUSEADDR, as
+    asyncio's create_server does), before anything starts: a port in use ended in uvicorn's 'address
+    already in use', exit 3, after the server had announced itself and made a new state directory."""
+    import contextlib
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InputError("--host", f"'{host}' does not resolve ({exc.strerror}); give an address of this machine "
+                                   "(0.0.0.0 for all of them)") from None
+    with contextlib.ExitStack() as probes:
+        for family, kind, proto, _, address in infos:
+            probe = probes.enter_context(socket.socket(family, kind, proto))
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                why = {errno.EADDRINUSE: ("--port", f"{port} is in use on {address[0]} by another program (another "
+                                                    "server?): stop it, or choose another --port"),
+                       errno.EACCES: ("--port", f"{port} needs privileges on this machine (ports below 1024): use "
+                                                "a port from 1024 up, e.g. 8765, or a reverse proxy on 443"),
+                       errno.EADDRNOTAVAIL: ("--host", f"{host} is not an address of this machine: give one of its "
+                                                       "addresses, or 0.0.0.0 for all of them")}
+                field, message = why.get(exc.errno, ("--host", f"cannot listen on {host}:{port} ({exc.strerror})"))
+                raise InputError(field, message) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.server import serve
     from fedmix_engine.federation.state import CONFIG_FILE, ServerConfig, load_server_config
@@ -120,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.tls_cert:
         _check_tls(args.tls_cert, args.tls_key)
     _check_state_dir(args.state)
+    _check_address(args.host, args.port)
     given = any(getattr(args, k) is not None for k in SETTINGS)
     stored = Path(args.state) / CONFIG_FILE
     config = None
