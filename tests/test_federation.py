@@ -924,6 +924,10 @@ def test_join_refuses_a_missing_or_empty_token_file_a_url_without_scheme_and_a_b
         with pytest.raises(InputError, match=r"--server: .* is not an http:// or https:// URL"):
             FederationClient(server, "fmx_something", site, device="cpu", give_up_after=1)
     assert FederationClient(" http://127.0.0.1:9/ ", "t", site, device="cpu").http.base_url == "http://127.0.0.1:9"
+    # a port over 65535 was wrapped by the socket layer (99999 dialled 34463) and the refusal retried for an hour
+    with pytest.raises(InputError, match=r"--server: 'http://127.0.0.1:99999': a TCP port is a number from 1 to "
+                                         r"65535, not 99999"):
+        FederationClient("http://127.0.0.1:99999", "t", site, device="cpu", give_up_after=1)
 
 
 def test_token_add_redirected_to_a_file_makes_a_token_file_and_a_two_line_one_is_refused_at_once(

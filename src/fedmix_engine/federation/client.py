@@ -76,6 +76,8 @@ def server_url(server: str) -> str:
     if url.scheme not in ("http", "https") or not url.host:
         raise InputError("--server", f"'{server}' is not an http:// or https:// URL with a host "
                                      "(e.g. https://fedmix.example-hospital.org:8765)")
+    if url.port is not None and not 1 <= url.port <= 65535:  # the socket layer wraps it: 99999 dials 34463
+        raise InputError("--server", f"'{server}': a TCP port is a number from 1 to 65535, not {url.port}")
     return str(url).rstrip("/")
 
 
