@@ -70,8 +70,8 @@ class Server:
 
 
 @contextmanager
-def running_server(state: Path, args: list[str], tls: tuple[Path, Path] | None = None):
-    server = Server(state, args, tls)
+def running_server(state: Path, args: list[str], tls: tuple[Path, Path] | None = None, ca: Path | None = None):
+    server = Server(state, args, tls, ca)
     try:
         yield server.start()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import html
 import json
 import os
 import re
@@ -1796,3 +1797,21 @@ def test_serve_names_a_port_in_use_or_an_address_not_of_this_machine_before_anyt
     assert main(["serve", "--state", str(state), "--sites", "1", "--host", "no-such-host.invalid"]) == 2
     assert capsys.readouterr().err.startswith("error: --host: 'no-such-host.invalid' does not resolve")
     assert not state.exists()
+
+
+def test_a_running_server_warns_its_admin_of_a_certificate_nearing_expiry(tmp_path: Path, certificates) -> None:
+    """A warning at start is missed in a federation that runs for months: the admin page and the status
+    say it while the certificate expires within two weeks, and the log says it once a day."""
+    ca, key, certs = certificates
+    for name, warned in (("expiring", True), ("valid", False)):
+        state = tmp_path / name
+        with running_server(state, ["--sites", "1", "--rounds", "1", *TINY_SETTINGS], tls=(certs[name], key),
+                            ca=ca) as server:
+            verify = ssl.create_default_context(cafile=str(ca))
+            page = html.unescape(httpx.get(f"{server.url}/", verify=verify, timeout=10).text)
+            expires = server.status()["tls_expires_at"]
+            time.sleep(1.5)  # the deadline watcher's first polls
+        assert ("<b>Renew the TLS certificate</b>: the server's TLS certificate expires on" in page) is warned, name
+        assert expires == pytest.approx(time.time() + (5 if warned else 20) * 86400, abs=86400)
+        log = next(tmp_path.glob(f"server-{server.port}.log")).read_text()
+        assert log.count("WARNING the server's TLS certificate expires on") == warned, log[-2000:]

@@ -22,7 +22,6 @@ MODEL_OPTIONS = (("base_width", "width"), ("num_classes", "classes"), ("in_chann
 TRAIN_OPTIONS = (("image_size", "image_size"), ("crop_size", "crop_size"), ("batch_size", "batch_size"),
                  ("epochs", "local_epochs"), ("lr", "lr"), ("pl_warmup_rounds", "pl_warmup"))
 SETTINGS = tuple(option for part in (SERVER_OPTIONS, MODEL_OPTIONS, TRAIN_OPTIONS) for _, option in part)
-CERT_WARN_DAYS = 14  # serve warns of a TLS certificate expiring this soon
 
 
 def _given(args: argparse.Namespace, options: tuple[tuple[str, str], ...]) -> dict:
@@ -87,28 +86,23 @@ def _check_tls(cert: str, key: str) -> None:
     _check_certificate_dates(Path(cert))
 
 
-def _check_certificate_dates(cert: Path, now: float | None = None) -> None:
+def _check_certificate_dates(cert: Path) -> None:
     """Refuse a certificate every site would refuse (expired, or not valid yet), and warn of one expiring
-    within CERT_WARN_DAYS: mid-federation, no site can connect from the day it expires."""
-    import ssl
+    soon (``certificates``)."""
     import time
 
-    try:  # CPython's own PEM decoder (no other dependency); skipped where a Python lacks it
-        decoded = ssl._ssl._test_decode_cert(str(cert))
-        not_before, not_after = (ssl.cert_time_to_seconds(decoded[k]) for k in ("notBefore", "notAfter"))
-    except (AttributeError, KeyError, ValueError, ssl.SSLError):
+    from fedmix_engine.federation.certificates import certificate_dates, expiry_warning, utc
+
+    if (dates := certificate_dates(cert)) is None:
         return
-    now = time.time() if now is None else now
-    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after))
+    (not_before, not_after), now = dates, time.time()
     if now > not_after:
-        raise InputError(cert, f"the certificate expired on {until}; every site refuses it: renew it")
+        raise InputError(cert, f"the certificate expired on {utc(not_after)}; every site refuses it: renew it")
     if now < not_before:
-        start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_before))
-        raise InputError(cert, f"the certificate is valid only from {start}: this machine's clock is wrong, or "
-                               "the certificate was made with a start date to come")
-    if (days := (not_after - now) / 86400) < CERT_WARN_DAYS:
-        print(f"warning: {cert}: the server's TLS certificate expires on {until} (in {days:.0f} days): no site can "
-              "connect from then until it is renewed and the server restarted", file=sys.stderr)
+        raise InputError(cert, f"the certificate is valid only from {utc(not_before)}: this machine's clock is "
+                               "wrong, or the certificate was made with a start date to come")
+    if warning := expiry_warning(not_after, now):
+        print(f"warning: {cert}: {warning}", file=sys.stderr)
 
 
 def _check_address(host: str, port: int) -> None:

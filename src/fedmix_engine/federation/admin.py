@@ -3,8 +3,11 @@ report, as small inline SVG plots."""
 
 from __future__ import annotations
 
+import time
 from html import escape
 from typing import Any
+
+from fedmix_engine.federation.certificates import expiry_warning
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -101,6 +104,9 @@ def render_admin_page(status: dict[str, Any]) -> str:
                f"{escape(failure['error'])}. {escape(failure['advice'][:1].upper() + failure['advice'][1:])}; "
                "the server retries by itself."
                "</p>") if failure else ""
+    expires = status.get("tls_expires_at")
+    expiring = expiry_warning(expires, time.time()) if expires is not None else None
+    renew = f"<p style='color:#b00'><b>Renew the TLS certificate</b>: {escape(expiring)}.</p>" if expiring else ""
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>FedMix server</title>
 <meta http-equiv='refresh' content='10'>
 <style>body{{font-family:sans-serif;margin:2em}}
@@ -110,7 +116,7 @@ td,th{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}}</style>
 <p><b>{escape(state)}</b> — {status['last_round']} of {status['rounds']} rounds done; method {escape(status['method'])}
 (λ = {status['lam']}, β = {status['beta']}); {status['sites_expected']} sites expected, quorum {status['min_sites']}.
 Uploaded this round: {escape(waiting)}.</p>
-{failing}{changed}{scored}
+{failing}{renew}{changed}{scored}
 <div>{svg_lines(held_out, "held-out Dice of each round's global model") if held_out else ""}
 {svg_lines(weights, "site weight w_k per round")} {svg_lines(losses, "training loss ℓ_k per round")}
 {svg_lines(counts, "samples used n_k per round")}</div>

@@ -10,9 +10,11 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from fedmix_engine import __version__
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.admin import render_admin_page
+from fedmix_engine.federation.certificates import certificate_dates, expiry_warning
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.state import SERVER_LOCK, STORAGE_FAULTS, ServerState
 from fedmix_engine.federation.tokens import TokenStore
@@ -33,14 +36,15 @@ STATUS_ACCESS = ("local", "sites", "public")  # who may read /v1/status and the 
 
 
 def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.5,
-               status_access: str = "sites") -> FastAPI:
+               status_access: str = "sites", tls_expires_at: float | None = None) -> FastAPI:
     """The ASGI app for one state directory.
 
     The round history (site names, their sample counts, losses and weights) is for the admin on the
     server's own machine (a loopback client: a browser there or through an SSH tunnel) and, with
     ``status_access="sites"``, for any site with a valid token; ``"public"`` shows it to anyone who
     can reach the port. Behind a reverse proxy on the same machine every request is a loopback one:
-    restrict the page there.
+    restrict the page there. ``tls_expires_at``: when the server's certificate expires (epoch seconds),
+    warned of on the admin page, in the status and once a day in the log as it nears.
 
     Everything that touches the state (validation, aggregation, deadlines) runs on one dedicated
     thread: it is serialised by the state's lock anyway, and tensors allocated in one thread stay in
@@ -58,8 +62,14 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
     async def lifespan(app: FastAPI):
         async def watch_deadline() -> None:
             said = None  # the failure last logged: a close failing every poll is said once, not every poll
+            expiry_said = -math.inf  # when the certificate's coming expiry was last logged: once a day
             while True:
                 await asyncio.sleep(deadline_poll)
+                now = time.time()
+                if tls_expires_at is not None and now - expiry_said >= 86400 and (
+                        warning := expiry_warning(tls_expires_at, now)):
+                    log.warning("%s", warning)
+                    expiry_said = now
                 try:
                     await on_state_thread(state.close_if_due)
                 except Exception as exc:  # this loop is what retries the close: it must outlive the failure
@@ -219,11 +229,11 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
 
     @app.get(f"/{API_VERSION}/status", dependencies=[Depends(status_reader)])
     def status() -> dict:
-        return state.status()
+        return {**state.status(), "tls_expires_at": tls_expires_at}
 
     @app.get("/", response_class=HTMLResponse, dependencies=[Depends(status_reader)])
     def admin_page() -> str:
-        return render_admin_page(state.status())
+        return render_admin_page(status())
 
     return app
 
@@ -267,7 +277,8 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
             print("warning: no --class-names: a joining site is checked for its number of classes only, so a site "
                   "whose label 1 means another class would train the model wrong; a new federation can fix them "
                   "with --class-names NAME[,NAME…]")
-        app = create_app(state, tokens, status_access=status_access)
+        dates = certificate_dates(tls_cert) if tls_cert else None
+        app = create_app(state, tokens, status_access=status_access, tls_expires_at=dates[1] if dates else None)
         scheme = "https" if tls_cert else "http"
         print(f"FedMix server: {scheme}://{host}:{port}/  round {state.current_round} of {state.config.rounds}"
               f"{' (finished)' if state.finished else ''}; state in {state_dir}", flush=True)
