@@ -494,7 +494,14 @@ def check_held_out(store: SiteStore, site_dir: Path) -> None:
         raise InputError(store.root, NO_FULL_TRUTH)
 
 
-CERT_NOT_YET_VALID, CERT_HAS_EXPIRED = 9, 10  # OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+# OpenSSL's X509_V_ERR_CERT_HAS_EXPIRED and X509_V_ERR_CERT_NOT_YET_VALID: the certificate's dates, which its admin
+# (or a clock) mends in place, unlike a certificate the site does not trust
+OUT_OF_DATE = {
+    10: ("the server's TLS certificate (or the CA certificate that signed it) has expired: the server's admin must "
+         "renew it and restart the server; this site needs a new --ca-cert only if the admin sends one"),
+    9: ("the server's TLS certificate is not valid yet: this machine's clock is wrong (or the server's admin made "
+        "the certificate with a start date to come)"),
+}
 
 
 def _tls_fault(exc: BaseException | None) -> str | None:
@@ -502,28 +509,25 @@ def _tls_fault(exc: BaseException | None) -> str | None:
     (self-signed, another CA, another hostname) or out of date (expired; not valid yet: a wrong clock), or
     an https:// address of a plain-HTTP server. Each was retried for an hour like a server that is down,
     and each was called untrusted, asking the site for a --ca-cert that would not help with the dates."""
-    for cause in _causes(exc):
-        if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_code == CERT_HAS_EXPIRED:
-            return ("the server's TLS certificate (or the CA certificate that signed it) has expired: the server's "
-                    "admin must renew it and restart the server; this site needs a new --ca-cert only if the admin "
-                    "sends one")
-        if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_code == CERT_NOT_YET_VALID:
-            return ("the server's TLS certificate is not valid yet: this machine's clock is wrong (or the server's "
-                    "admin made the certificate with a start date to come)")
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return (f"the server's TLS certificate is not trusted ({cause.verify_message or cause}): give the "
-                    "certificate the server's admin sends with --ca-cert (napari: 'TLS certificate'), and use a "
-                    "server address the certificate names")
-        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
-            return ("the server does not speak TLS at this address (it answers in plain HTTP): use http:// for it, "
-                    "or the port its admin gives for https://")
+    if (failed := _verification_failure(exc)) is not None:
+        return OUT_OF_DATE.get(failed.verify_code) or (
+            f"the server's TLS certificate is not trusted ({failed.verify_message or failed}): give the certificate "
+            "the server's admin sends with --ca-cert (napari: 'TLS certificate'), and use a server address the "
+            "certificate names")
+    if any(isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER" for cause in _causes(exc)):
+        return ("the server does not speak TLS at this address (it answers in plain HTTP): use http:// for it, "
+                "or the port its admin gives for https://")
     return None
 
 
 def _certificate_out_of_date(exc: BaseException | None) -> bool:
-    """Whether the server's certificate failed for its dates, which its admin (or a clock) mends in place."""
-    return any(isinstance(cause, ssl.SSLCertVerificationError)
-               and cause.verify_code in (CERT_HAS_EXPIRED, CERT_NOT_YET_VALID) for cause in _causes(exc))
+    failed = _verification_failure(exc)
+    return failed is not None and failed.verify_code in OUT_OF_DATE
+
+
+def _verification_failure(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
+    """The TLS library's refusal of the server's certificate, where that is what failed."""
+    return next((cause for cause in _causes(exc) if isinstance(cause, ssl.SSLCertVerificationError)), None)
 
 
 def _unknown_name(exc: BaseException | None) -> bool:
