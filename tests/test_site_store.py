@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -466,3 +469,102 @@ def test_a_log_line_that_does_not_fit_is_taken_back_whole(tmp_path: Path) -> Non
         filler.unlink()
         append_line(log, json.dumps({"round": 2}))
         assert [json.loads(line)["round"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+class _Racing:
+    """Runs ``other`` on a second thread right after this thread writes its next image or mask file, and
+    waits up to 1 s for it: the moment two programs on one site (napari's Annotate and a `site import`,
+    each with its own connection to the database) could meet. ``join()`` gives the other's outcome."""
+
+    def __init__(self, monkeypatch, other: Callable[[], None]):
+        from fedmix_engine.data import site_store
+
+        self.outcome: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(other,))
+        real_write = site_store._write_tiff
+
+        def write_then_let_the_other_in(*args, **kwargs) -> None:
+            real_write(*args, **kwargs)
+            monkeypatch.setattr(site_store, "_write_tiff", real_write)  # the other writes normally
+            self.thread.start()
+            self.thread.join(1.0)  # a writer holding the site's lock keeps it waiting: go on without it
+
+        monkeypatch.setattr(site_store, "_write_tiff", write_then_let_the_other_in)
+
+    def _run(self, other: Callable[[], None]) -> None:
+        try:
+            other()
+        except BaseException as exc:
+            self.outcome = exc
+
+    def join(self) -> BaseException | None:
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        return self.outcome
+
+
+def test_two_writers_adding_the_same_image_id_keep_one_whole_and_refuse_the_other(tmp_path, rng, monkeypatch):
+    """Two programs on one site (its database is shared, each holds its own connection) importing the same
+    file name at once: the old add_image checked the id, wrote the file and then inserted the row, so the
+    second writer's file replaced the first's and, when its insert failed, it deleted the file the first
+    writer's row names (a bare IntegrityError for one, an image without its file for the other)."""
+    first, second = rng.integers(0, 256, (48, 64), np.uint8), rng.integers(0, 256, (48, 64), np.uint8)
+    SiteStore.create(tmp_path / "site", ["lesion"]).close()
+    with SiteStore.open(tmp_path / "site") as annotate, SiteStore.open(tmp_path / "site") as importer:
+        other = _Racing(monkeypatch, lambda: importer.add_image(second, "case-01"))
+        try:
+            annotate.add_image(first, "case-01")
+            mine: BaseException | None = None
+        except BaseException as exc:
+            mine = exc
+        theirs = other.join()
+        outcomes = [mine, theirs]
+        assert outcomes.count(None) == 1, outcomes  # exactly one of the two added it
+        refused = next(exc for exc in outcomes if exc is not None)
+        assert isinstance(refused, InputError) and "duplicate image id 'case-01'" in str(refused)
+        kept = first if mine is None else second
+        assert annotate.problems() == []
+        np.testing.assert_array_equal(annotate.read_image("case-01"), kept)  # the row's file is the winner's
+        assert annotate.image_ids() == importer.image_ids() == ["case-01"]
+
+
+def test_a_mask_cleared_while_another_writer_sets_it_leaves_no_row_without_its_file(site, grey_image, lesion_mask,
+                                                                                   monkeypatch):
+    """A mask set in one program while another clears it: the old set_mask wrote the file, the clear then
+    removed row and file, and the set's row followed, naming a file that no longer existed (training and
+    `site check` met a missing mask)."""
+    site.add_image(grey_image, "case-01")
+    with SiteStore.open(site.root) as other_program:
+        other = _Racing(monkeypatch, lambda: other_program.clear_mask("case-01"))
+        site.set_mask("case-01", lesion_mask)
+        assert other.join() is None
+        assert site.problems() == []
+        mask = site.read_mask("case-01")  # whichever came last, row and file agree
+        assert mask is None or np.array_equal(mask, lesion_mask)
+        assert (site.root / "masks" / "case-01.tif").exists() == (mask is not None)
+
+
+def test_an_image_removed_while_another_writer_adds_it_again_keeps_the_new_file(site, grey_image, rng, monkeypatch):
+    """Removed in one program and added again under the same id in another in between: the old remove
+    deleted the files after its commit unconditionally, including the new image's."""
+
+    site.add_image(grey_image, "case-01")
+    again = rng.integers(0, 256, (48, 64), np.uint8)
+    with SiteStore.open(site.root) as other_program:
+        real_transaction = SiteStore._transaction
+        calls = []
+
+        @contextlib.contextmanager
+        def add_again_after_the_removal(self):
+            with real_transaction(self) as db:
+                yield db
+            calls.append(1)
+            if self is site and len(calls) == 1:  # the removal's row is committed, its files not yet deleted
+                monkeypatch.setattr(SiteStore, "_transaction", real_transaction)
+                other_program.add_image(again, "case-01")
+
+        monkeypatch.setattr(SiteStore, "_transaction", add_again_after_the_removal)
+        site.remove_image("case-01")
+        assert calls and other_program.image_ids() == ["case-01"]  # the other program did add it again
+        assert site.problems() == []
+        np.testing.assert_array_equal(site.read_image("case-01"), again)

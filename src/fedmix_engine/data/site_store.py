@@ -335,14 +335,18 @@ class SiteStore:
         if not _ID_PATTERN.match(image_id):
             raise InputError(where, f"image id '{image_id}' must use letters, digits, '.', '-' or '_' "
                              "(max 128, starting with a letter or digit)")
-        if self._query("SELECT 1 FROM images WHERE id=?", (image_id,)):
-            raise InputError(where, f"duplicate image id '{image_id}': the site already has an image with "
-                             "this id; rename the file or pass another id")
+        self._refuse_duplicate(image_id, where)
         relative = f"images/{image_id}.tif"
-        _write_tiff(self.root / relative, array, spacing)
         channels = 1 if array.ndim == 2 else 3
+        written = False
         try:
+            # the file is written under the database's write lock, after the id is checked again: another
+            # program adding the same id meanwhile (napari and a `site import`) would otherwise write its
+            # file over this one's, and delete it when its own row was refused
             with self._transaction() as db:
+                self._refuse_duplicate(image_id, where)
+                _write_tiff(self.root / relative, array, spacing)
+                written = True
                 seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM images").fetchone()[0]
                 db.execute(
                     "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -350,19 +354,33 @@ class SiteStore:
                      author or _default_author(), self._clock(), seq),
                 )
         except BaseException:  # not in the site: its file (no row had the id) would only hold the space
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / relative).unlink()
+            if written:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / relative).unlink()
             raise
         return image_id
+
+    def _refuse_duplicate(self, image_id: str, where: str | Path) -> None:
+        if self._query("SELECT 1 FROM images WHERE id=?", (image_id,)):
+            raise InputError(where, f"duplicate image id '{image_id}': the site already has an image with "
+                             "this id; rename the file or pass another id")
 
     def remove_image(self, image_id: str) -> None:
         """Remove an image and all its annotations."""
         self._require_image(image_id)
         with self._transaction() as db:
             db.execute("DELETE FROM images WHERE id=?", (image_id,))
-        for sub in ("images", "masks"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / sub / f"{image_id}.tif").unlink()
+        self._unlink_unclaimed(image_id, "SELECT 1 FROM images WHERE id=?", ("images", "masks"))
+
+    def _unlink_unclaimed(self, image_id: str, claim: str, folders: tuple[str, ...]) -> None:
+        """Delete an image's files once the removal of their rows is committed (a full disk at that commit
+        keeps both), under the write lock again and only if no row claims them anew: another program
+        (napari and a `site import` on one site) may have added the id or set its mask in between."""
+        with self._transaction() as db:
+            if not db.execute(claim, (image_id,)).fetchone():
+                for folder in folders:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.root / folder / f"{image_id}.tif").unlink()
 
     def image_ids(self) -> list[str]:
         return [row[0] for row in self._query("SELECT id FROM images ORDER BY seq")]
@@ -438,8 +456,8 @@ class SiteStore:
             raise InputError(where, "mask is empty (all background); for an image without lesions set its "
                              "tags to 'absent' instead, or clear the mask")
         relative = f"masks/{image_id}.tif"
-        _write_tiff(self.root / relative, mask)  # atomic replace: old or new, never torn
-        with self._transaction() as db:
+        with self._transaction() as db:  # file and row under one write lock: another program's clear or set
+            _write_tiff(self.root / relative, mask)  # cannot come between them; atomic: old or new, never torn
             db.execute("INSERT OR REPLACE INTO masks VALUES (?,?,?,?)",
                        (image_id, relative, author or _default_author(), self._clock()))
 
@@ -447,8 +465,7 @@ class SiteStore:
         self._require_image(image_id)
         with self._transaction() as db:
             db.execute("DELETE FROM masks WHERE image_id=?", (image_id,))
-        with contextlib.suppress(FileNotFoundError):
-            (self.root / "masks" / f"{image_id}.tif").unlink()
+        self._unlink_unclaimed(image_id, "SELECT 1 FROM masks WHERE image_id=?", ("masks",))
 
     def read_mask(self, image_id: str) -> np.ndarray | None:
         """The label mask (uint8 H×W) or None when the image has none."""
