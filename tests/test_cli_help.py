@@ -103,6 +103,7 @@ def test_the_overviews_workflow_commands_are_ones_the_parser_accepts():
     ("serve", ["--lam", "-1"], "--lam: λ must be a finite number ≥ 0"),
     ("simulate", ["--pl-warmup", "-1"], "--pl-warmup: must be ≥ 0, not -1"),
     ("simulate", ["--tau", "2"], "--tau: must be in (0, 1], not 2.0"),
+    ("simulate", ["--image-size", "8"], "--image-size: must be ≥ 16 (four 2× poolings), not 8"),
     ("predict", ["--threshold", "2"], "--threshold: a probability threshold must be in (0, 1), not 2.0"),
 ])
 def test_a_bad_setting_is_named_by_the_option_typed(tmp_path, capsys, command, given, named):

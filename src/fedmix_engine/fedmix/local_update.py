@@ -57,6 +57,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse a setting that would fail late or train silently wrong; the error names its field."""
+        if not self.image_size >= 16:  # else the crop's default (16) was named: "16 is larger than image_size 8"
+            raise InputError("image_size", f"must be ≥ 16 (four 2× poolings), not {self.image_size}")
         if self.crop_size > self.image_size:
             raise InputError("crop_size", f"{self.crop_size} is larger than image_size {self.image_size}")
         if self.crop_size % 16:
