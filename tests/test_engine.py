@@ -702,6 +702,16 @@ def test_simulate_without_evaluation_data_shows_training_loss_not_nan_and_names_
     [row] = [line for line in lines if line.startswith("    1 ")]
     cells = dict(zip(header.split()[1:3], row.split()[1:3], strict=True))
     assert cells["unlabelled"] == "—" and cells["site-a"] != "—" and "unlabelled: w=0.00 n=0" in row
+    # ... but when no site has anything to train on, every round trained nothing and the random initial model
+    # was written as best.safetensors, with a table of dashes: refused before anything is written
+    assert main([*common, "--sites", str(tmp_path / "unlabelled"), "--out", str(tmp_path / "nothing")]) == 2
+    assert ("error: --sites: no image of 'unlabelled' has a mask, a box or a tag: there is nothing to train on"
+            in capsys.readouterr().err)
+    assert main([*common, "--sites", str(sample / "site-b"), str(sample / "site-c"), "--method", "fedavg-mask-only",
+                 "--out", str(tmp_path / "nothing")]) == 2  # setting (a)'s box and tag sites
+    assert ("--sites: no image of 'site-b', 'site-c' has a pixel mask, and fedavg-mask-only trains on masks only"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path: Path) -> None:

@@ -715,6 +715,27 @@ def test_a_site_takes_part_when_the_server_keeps_its_history_to_its_admin(sample
     assert kinds.count("uploaded") == 2 and kinds[-1] == "finished" and "round-closed" not in kinds
     assert (site / "models" / "global.safetensors").is_file()
 
+def test_a_site_with_nothing_annotated_is_told_it_takes_part_with_weight_zero(tmp_path: Path, rng) -> None:
+    """A site joining before its clinicians annotated anything trained on nothing each round, and only
+    'sent n=0, loss=—' hinted why: the join now says so at once, and what changes it."""
+    from fedmix_engine.data.site_store import SiteStore
+    from fedmix_engine.federation.client import FederationClient
+
+    with SiteStore.create(tmp_path / "new-clinic", ["lesion"], name="new-clinic") as store:
+        store.add_image(rng.integers(0, 256, (32, 32), np.uint8), "scan-01")
+    token = make_tokens(tmp_path / "state", ["new-clinic"])["new-clinic"]
+    with running_server(tmp_path / "state", ["--sites", "1", "--min-sites", "1", "--rounds", "1",
+                                             *TINY_SETTINGS]) as server:
+        events = list(FederationClient(server.url, token, tmp_path / "new-clinic", device="cpu",
+                                       poll_seconds=0.1).iter_join())
+    connected = next(event for event in events if event.kind == "connected").message
+    assert ("note: none of this site's 1 image(s) has a mask, a box or a tag yet, so it receives each global model "
+            "but adds nothing to it (weight 0)") in connected, connected
+    assert [event.message for event in events if event.kind == "uploaded"] == [
+        "round 1: sent n=0, loss=— (accepted for round 1)"]
+    assert events[-1].kind == "finished" and (tmp_path / "new-clinic" / "models" / "global.safetensors").is_file()
+
+
 def test_a_waiting_site_is_told_which_sites_the_round_waits_for(sample: Path, tmp_path: Path) -> None:
     """A clinician whose site has delivered its update sees which hospital the round is waiting for
     (the napari status line shows the same message), not only that it waits."""

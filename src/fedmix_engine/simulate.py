@@ -182,9 +182,22 @@ def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: Simulatio
                 site.truth = load_truth(eval_root / name / "oracle", data, config.train.image_size)
         sites.append(site)
     sites.sort(key=lambda s: s.name)  # the server aggregates in name order too
+    if not any(s.full_size for s in sites):  # else every round trains nothing and a random model is "best"
+        raise InputError("--sites", _nothing_to_train(sites, config.method))
     if config.model.num_classes != len(classes):
         raise InputError("model.num_classes", f"{config.model.num_classes} ≠ the sites' {len(classes)} classes")
     return sites
+
+
+def _nothing_to_train(sites: list[_Site], method: str) -> str:
+    """Why no site has a sample, in the words of the method's view of the sites."""
+    names = ", ".join(f"'{s.name}'" for s in sites)
+    if method == "fedavg-mask-only":
+        return f"no image of {names} has a pixel mask, and fedavg-mask-only trains on masks only"
+    if method == "supervised-upper":
+        return f"the oracle stores of {names} hold no image"
+    return (f"no image of {names} has a mask, a box or a tag: there is nothing to train on (annotate images "
+            "in napari's FedMix Annotate, or import --masks, --boxes or --tags with `fedmix-engine site import`)")
 
 
 def _evaluate_pair(pair: PairState, config: SimulationConfig, plan: DevicePlan, sites: list[_Site],

@@ -283,14 +283,16 @@ class FederationClient:
         # moments saved before an upload this site may have died around: kept if the server took that update
         pending_state.settle(self.models_dir, self.prefix, self._json(f"/{API_VERSION}/round").get("last_accepted"))
         self.state = pending_state.load(self.models_dir, self.prefix)
-        yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
-                        f"{self.plan.device} ({self.plan.note})")
         for folder in filter(None, (self.site_dir, self.held_out)):  # the held-out images must fit the model too
             with SiteStore.open(folder, readonly=True) as store:
                 try:
                     check_site_fits_model(store, model_config, cfg.get("class_names", ()))
                 except InputError as exc:
                     raise FederationError(str(exc)) from None
+                if folder == self.site_dir:
+                    idle = _nothing_to_train(store, train)
+        yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
+                        f"{self.plan.device} ({self.plan.note}){idle}")
         last_wait, seen_round = None, None
         while True:
             if self._should_stop():
@@ -454,6 +456,20 @@ class FederationClient:
         atomic_write_bytes(path, data)
         atomic_write_bytes(self.models_dir / f"{self.prefix}-round-{r:04d}.safetensors", data)
         return path
+
+
+def _nothing_to_train(store: SiteStore, train: TrainConfig) -> str:
+    """A note for a site none of whose images it could train on: it may take part (it receives every global
+    model, to predict with), but a clinician should know it adds nothing until images are annotated."""
+    summary = store.summary()
+    usable = summary["mask"] if not train.pseudo_labels else summary["images"] - summary["none"]
+    if usable:
+        return ""
+    needed = "a pixel mask" if not train.pseudo_labels else "a mask, a box or a tag"
+    what = (f"none of this site's {summary['images']} image(s) has {needed} yet" if summary["images"]
+            else "this site has no images yet")
+    return (f"; note: {what}, so it receives each global model but adds nothing to it (weight 0); images "
+            "annotated meanwhile count from the next round")
 
 
 def federation_prefix(federation: str | None) -> str:
