@@ -705,7 +705,7 @@ def test_simulate_without_evaluation_data_shows_training_loss_not_nan_and_names_
     # ... but when no site has anything to train on, every round trained nothing and the random initial model
     # was written as best.safetensors, with a table of dashes: refused before anything is written
     assert main([*common, "--sites", str(tmp_path / "unlabelled"), "--out", str(tmp_path / "nothing")]) == 2
-    assert ("error: --sites: no image of 'unlabelled' has a mask, a box or a tag: there is nothing to train on"
+    assert (f"error: {tmp_path / 'unlabelled'}: no image has a mask, a box or a tag: there is nothing to train on"
             in capsys.readouterr().err)
     assert main([*common, "--sites", str(sample / "site-b"), str(sample / "site-c"), "--method", "fedavg-mask-only",
                  "--out", str(tmp_path / "nothing")]) == 2  # setting (a)'s box and tag sites

@@ -768,9 +768,12 @@ def test_local_training_can_continue_its_last_run(make_napari_viewer, qtbot, sam
     assert train.round_bar.maximum() == 3 and train.round_bar.value() == 3 and "error" not in train.status.text()
 
 
-def test_a_round_that_trained_on_nothing_shows_no_loss(make_napari_viewer, qtbot, tmp_path):
-    """A site whose images are not labelled yet trains on nothing; its round said 'loss 0.000' and the plot
-    drew a loss of 0, a perfect fit."""
+def test_a_site_with_nothing_labelled_is_told_so_and_its_federated_round_shows_no_loss(make_napari_viewer, qtbot,
+                                                                                       tmp_path):
+    """A site whose images are not labelled yet trains on nothing. Training it alone ran its rounds and saved
+    the random initial model: refused now, saying why. In a federation it may take part: its round said
+    'loss 0.000' and the plot drew a loss of 0, a perfect fit; it shows no loss."""
+    from federation_helpers import TINY_SETTINGS, make_tokens, running_server
     from fedmix_engine.data.site_store import SiteStore
     from napari_fedmix.train_widget import TrainWidget
 
@@ -780,9 +783,19 @@ def test_a_round_that_trained_on_nothing_shows_no_loss(make_napari_viewer, qtbot
     qtbot.addWidget(train)
     _start_local(train, tmp_path / "site", rounds=1)
     qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
-    assert train.status.text().startswith("round 1: loss —, 0 samples")
+    assert train.status.text().startswith(f"error: {tmp_path / 'site'}: no image has a mask, a box or a tag"), \
+        train.status.text()
+    assert not (tmp_path / "site" / "models" / "local").exists()
+
+    token = make_tokens(tmp_path / "state", ["site"])["site"]
+    with running_server(tmp_path / "state", ["--sites", "1", "--min-sites", "1", "--rounds", "1",
+                                             *TINY_SETTINGS]) as server:
+        _set_to_join(train, tmp_path / "site", server.url, token)
+        train.start()
+        qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    assert "federation finished after 1 rounds" in train.status.text(), train.status.text()
     assert train.history["loss"] == [] and train.history["samples used (÷100)"] == [(1, 0.0)]
-    assert train.history["weight"] == [], "a site training alone has no aggregation weight to plot"
+    assert train.history["weight"] == [(1, 0.0)]
 
 
 def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(make_napari_viewer, qtbot, sample):

@@ -183,21 +183,24 @@ def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: Simulatio
         sites.append(site)
     sites.sort(key=lambda s: s.name)  # the server aggregates in name order too
     if not any(s.full_size for s in sites):  # else every round trains nothing and a random model is "best"
-        raise InputError("--sites", _nothing_to_train(sites, config.method))
+        raise _nothing_to_train(site_dirs, sites, config.method)
     if config.model.num_classes != len(classes):
         raise InputError("model.num_classes", f"{config.model.num_classes} ≠ the sites' {len(classes)} classes")
     return sites
 
 
-def _nothing_to_train(sites: list[_Site], method: str) -> str:
-    """Why no site has a sample, in the words of the method's view of the sites."""
-    names = ", ".join(f"'{s.name}'" for s in sites)
+def _nothing_to_train(site_dirs: list[Path], sites: list[_Site], method: str) -> InputError:
+    """Why no site has a sample, in the words of the method's view of the sites; one site (napari's Train
+    alone) is named by its folder."""
+    where, whose = (site_dirs[0], "no image") if len(sites) == 1 else \
+        ("--sites", "no image of " + ", ".join(f"'{s.name}'" for s in sites))
     if method == "fedavg-mask-only":
-        return f"no image of {names} has a pixel mask, and fedavg-mask-only trains on masks only"
+        return InputError(where, f"{whose} has a pixel mask, and fedavg-mask-only trains on masks only")
     if method == "supervised-upper":
-        return f"the oracle stores of {names} hold no image"
-    return (f"no image of {names} has a mask, a box or a tag: there is nothing to train on (annotate images "
-            "in napari's FedMix Annotate, or import --masks, --boxes or --tags with `fedmix-engine site import`)")
+        return InputError(where, f"{whose} is in the oracle store: supervised-upper trains on nothing")
+    return InputError(where, f"{whose} has a mask, a box or a tag: there is nothing to train on (annotate images in "
+                             "napari's FedMix Annotate, or import --masks, --boxes or --tags with "
+                             "`fedmix-engine site import`)")
 
 
 def _evaluate_pair(pair: PairState, config: SimulationConfig, plan: DevicePlan, sites: list[_Site],
