@@ -288,6 +288,92 @@ def test_annotate_edits_that_cannot_be_written_stay_on_screen_until_saved(make_n
     assert widget.current_id == "scan-1"
 
 
+def _docked_annotate(viewer, qtbot):
+    """The Annotate panel as napari's Plugins menu opens it: docked, one per menu choice."""
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-fedmix", "Annotate site")
+    return dock, widget
+
+
+def test_annotate_closed_and_opened_again_saves_what_was_drawn_in_either(make_napari_viewer, qtbot, tmp_path,
+                                                                         images):
+    """The panel's close button (✕) takes the panel out of its dock without a close event: what was drawn since
+    the last autosave was not saved, and once the panel was opened again it was gone. The new panel took over
+    the mask and box layers without hearing of their edits: masks and boxes drawn in it were never saved
+    (only tags were), image after image."""
+    from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER
+
+    viewer = make_napari_viewer()
+    dock, widget = _docked_annotate(viewer, qtbot)
+    widget.create_site(tmp_path / "site", ["lesion"])
+    assert _imported(qtbot, widget, widget.import_images(images)) == []
+    widget.image_list.setCurrentRow(0)
+    first = np.zeros((40, 48), np.uint8)
+    first[5:15, 6:20] = 1
+    viewer.layers[MASK_LAYER].data = first  # drawn; the autosave is 15 s away
+    dock.destroyOnClose()  # what the ✕ does
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert store.read_mask("scan-0") is not None, "drawn before the panel was closed, and not saved"
+        np.testing.assert_array_equal(store.read_mask("scan-0"), first)
+
+    _, again = _docked_annotate(viewer, qtbot)
+    assert again is not widget
+    again.open_site(tmp_path / "site")
+    again.image_list.setCurrentRow(2)
+    second = np.zeros((40, 48), np.uint8)
+    second[20:30, 30:40] = 1
+    viewer.layers[MASK_LAYER].data = second  # the layers the first panel made, taken over
+    viewer.layers[BOX_LAYER].add_rectangles([np.array([[2, 3], [12, 25]])])
+    again.previous_image()  # saves on switching, as always
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert store.read_mask("scan-2") is not None, "drawn in the panel opened again, and not saved"
+        np.testing.assert_array_equal(store.read_mask("scan-2"), second)
+        assert [(b.y0, b.x0, b.y1, b.x1) for b in store.boxes("scan-2")] == [(2, 3, 12, 25)]
+        np.testing.assert_array_equal(store.read_mask("scan-0"), first)  # the closed panel wrote nothing more
+
+
+def test_annotate_edits_are_saved_when_napari_closes(make_napari_viewer, qtbot, tmp_path, images):
+    """Closing napari sends no close event to its docked panels: the last edits (up to the 15 s autosave)
+    were lost."""
+    from napari_fedmix.annotate_widget import MASK_LAYER
+
+    viewer = make_napari_viewer()
+    _, widget = _docked_annotate(viewer, qtbot)
+    widget.create_site(tmp_path / "site", ["lesion"])
+    assert _imported(qtbot, widget, widget.import_images(images)) == []
+    widget.image_list.setCurrentRow(1)
+    drawn = np.zeros((40, 48), np.uint8)
+    drawn[5:15, 6:20] = 1
+    viewer.layers[MASK_LAYER].data = drawn
+    widget.tag_boxes["lesion"].setCheckState(Qt.CheckState.Checked)
+    viewer.close()
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert store.read_mask("scan-1") is not None and store.tags("scan-1") == {"lesion": True}
+        np.testing.assert_array_equal(store.read_mask("scan-1"), drawn)
+
+
+def test_annotate_layers_deleted_by_hand_keep_their_edits_and_come_back(make_napari_viewer, qtbot, tmp_path, images):
+    """Deleting the mask or box layer (napari's way to declutter) made every save raise KeyError: the
+    autosave each 15 s, and the switch to another image, which then could not be left."""
+    from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER
+
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    drawn = np.zeros((40, 48), np.uint8)
+    drawn[5:15, 6:20] = 1
+    viewer.layers[MASK_LAYER].data = drawn
+    viewer.layers[BOX_LAYER].add_rectangles([np.array([[2, 3], [12, 25]])])
+    viewer.layers.remove(MASK_LAYER)
+    viewer.layers.remove(BOX_LAYER)
+    widget.next_image()
+    assert widget.current_id == "scan-1" and MASK_LAYER in viewer.layers and BOX_LAYER in viewer.layers
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("scan-0"), drawn)
+        assert [(b.y0, b.x0, b.y1, b.x1) for b in store.boxes("scan-0")] == [(2, 3, 12, 25)]
+    viewer.layers[MASK_LAYER].data = drawn  # the layers made again are watched like the first
+    widget.previous_image()
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("scan-1"), drawn)
+
+
 def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_viewer, qtbot, tmp_path, images):
     from napari_fedmix.annotate_widget import MASK_LAYER
 

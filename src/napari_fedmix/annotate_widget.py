@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -52,6 +53,9 @@ class AnnotateWidget(QWidget):
         self._dirty = False
         self._loading = False
         self.unsaved: str | None = None  # why the shown image's edits could not be written (disk full …)
+        self._watched: weakref.WeakSet = weakref.WeakSet()  # layers whose edits mark the image unsaved
+        self._shown: tuple = ()  # the mask and box layers of the image shown: its edits are saved from them
+        self._ancestors: list[weakref.ref] = []  # the dock and napari's window: their closing saves the edits
 
         self.site_label = QLabel("no site open")
         self.site_label.setWordWrap(True)
@@ -250,6 +254,9 @@ class AnnotateWidget(QWidget):
                     tags.get(name), Qt.CheckState.PartiallyChecked)
                 box.setCheckState(state)
             self.current_id = image_id
+            # held, not looked up by name when saving: a layer deleted or renamed by hand (or napari closing,
+            # which empties the layer list first) keeps what was drawn in it, to be saved
+            self._shown = (mask_layer, shapes)
             self.viewer.reset_view()
             self.viewer.layers.selection.active = self.viewer.layers[MASK_LAYER]
         self._dirty = False
@@ -279,11 +286,11 @@ class AnnotateWidget(QWidget):
         """Write the current image's mask, boxes and tags to the store; returns problems."""
         if self.store is None or self.current_id is None or not self._dirty or self.store.readonly:
             return []  # read-only: the controls that edit are off; a layer made editable by hand saves nothing
-        shapes = self.viewer.layers[BOX_LAYER]
+        mask_layer, shapes = self._shown
         tags = {name: {Qt.CheckState.Checked: True, Qt.CheckState.Unchecked: False}.get(
             Qt.CheckState(box.checkState())) for name, box in self.tag_boxes.items()}
         try:
-            problems = save_annotations(self.store, self.current_id, np.asarray(self.viewer.layers[MASK_LAYER].data),
+            problems = save_annotations(self.store, self.current_id, np.asarray(mask_layer.data),
                                         list(shapes.data), list(shapes.features["class"]) if len(shapes.data) else [],
                                         tags)
         except (OSError, sqlite3.Error) as exc:  # disk full, share gone, read-only: keep the edits on screen
@@ -327,9 +334,8 @@ class AnnotateWidget(QWidget):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
             layer = create()
-            if name == MASK_LAYER:
-                layer.events.paint.connect(self._mark_dirty)
-                layer.events.data.connect(self._mark_dirty)
+        if name == MASK_LAYER:
+            self._watch(layer, layer.events.paint, layer.events.data)
         return layer
 
     def _shapes_layer(self):
@@ -338,8 +344,17 @@ class AnnotateWidget(QWidget):
                                            face_color="transparent", edge_width=2,
                                            features={"class": np.array([], dtype=object)})
             layer.feature_defaults["class"] = self.box_class.currentText()
-            layer.events.data.connect(self._mark_dirty)
-        return self.viewer.layers[BOX_LAYER]
+        layer = self.viewer.layers[BOX_LAYER]
+        self._watch(layer, layer.events.data)
+        return layer
+
+    def _watch(self, layer, *events) -> None:
+        """Hear of a layer's edits: also of one an earlier panel made (closed, then opened again from the
+        Plugins menu), whose drawing this panel must save as its own."""
+        if layer not in self._watched:
+            for event in events:
+                event.connect(self._mark_dirty)
+            self._watched.add(layer)
 
     def _set_box_class(self, name: str) -> None:
         if name and BOX_LAYER in self.viewer.layers:
@@ -451,9 +466,63 @@ class AnnotateWidget(QWidget):
             _notify([str(exc)])
 
     def closeEvent(self, event) -> None:
+        self._shut_down()
+        super().closeEvent(event)
+
+    def event(self, event: QEvent) -> bool:
+        """Docked: watch the dock and napari's window, whose closing sends their panels no close event.
+        Taken out of the dock (its ✕, which sends none either): save and let go of the site and the
+        layers, so that the panel, kept alive a while by Qt, neither loses the last edits nor saves
+        another panel's later."""
+        if event.type() == QEvent.Type.ParentChange:
+            self._follow_ancestors()
+            if self.parent() is None:
+                self._shut_down()
+        return super().event(event)
+
+    def _follow_ancestors(self) -> None:
+        """Filter the events of every widget above this one; napari docks the panel and then the dock,
+        so the chain is looked up again whenever one of them moves. Held weakly: napari's window must
+        be free to go."""
+        chain, widget = [], self.parentWidget()
+        while widget is not None:
+            chain.append(widget)
+            widget = widget.parentWidget()
+        for old in filter(None, (ref() for ref in self._ancestors)):
+            if all(old is not new for new in chain):
+                with contextlib.suppress(RuntimeError):  # already deleted by Qt
+                    old.removeEventFilter(self)
+        known = [ref() for ref in self._ancestors]
+        for new in chain:
+            if all(new is not old for old in known):
+                new.installEventFilter(self)
+        self._ancestors = [weakref.ref(widget) for widget in chain]
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.ParentChange:
+            self._follow_ancestors()
+        elif event.type() == QEvent.Type.Close:  # napari's window (or a floating dock) closing
+            self.stop_import()
+            self.save()  # before the layers go, whether or not the close then goes ahead
+        return False
+
+    def _shut_down(self) -> None:
+        """Save, and write nothing after: the site closes, the layers are let go, the timer stops."""
         self.stop_import()
         self.save()
-        super().closeEvent(event)
+        if self.unsaved:  # e.g. a full disk: said (save did) and kept on screen; nothing more can be done here
+            _notify([f"{self.unsaved}; they are lost when the layers are closed"])
+        self.timer.stop()
+        for layer in list(self._watched):
+            for emitter in (layer.events.data, getattr(layer.events, "paint", None)):
+                if emitter is not None:
+                    with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                        emitter.disconnect(self._mark_dirty)
+        self._watched = weakref.WeakSet()
+        self._shown = ()
+        if self.store is not None:
+            self.store.close()
+            self.store, self.current_id = None, None
 
 
 def _row(*widgets: QWidget) -> QHBoxLayout:
