@@ -884,6 +884,20 @@ def test_a_site_with_nothing_labelled_is_told_so_and_its_federated_round_shows_n
     assert train.history["weight"] == [(1, 0.0)]
 
 
+def test_closing_the_train_panel_stops_its_training(make_napari_viewer, qtbot, sample):
+    """napari's ✕ on the panel took it away and left its worker training, unseen and with no Stop button:
+    a join went on holding the site's lock, so the panel opened again could not join ('another join of
+    this site is running')."""
+    viewer = make_napari_viewer()
+    dock, train = viewer.window.add_plugin_dock_widget("napari-fedmix", "Train & federate")
+    _start_local(train, sample, rounds=500)
+    qtbot.waitUntil(lambda: train.round_bar.value() >= 1, timeout=60_000)
+    worker = train.worker
+    dock.destroyOnClose()  # what the ✕ does
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=10_000)
+    assert train.round_bar.value() < 500
+
+
 def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(make_napari_viewer, qtbot, sample):
     from napari_fedmix.train_widget import TrainWidget
 

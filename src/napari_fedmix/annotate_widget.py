@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, Qt, QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -34,6 +34,7 @@ from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.layer_records import boxes_to_shapes, image_layer_pixels, layer_spacing, save_annotations
+from napari_fedmix.panel_closing import PanelClosing
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ class AnnotateWidget(QWidget):
         self.unsaved: str | None = None  # why the shown image's edits could not be written (disk full …)
         self._watched: weakref.WeakSet = weakref.WeakSet()  # layers whose edits mark the image unsaved
         self._shown: tuple = ()  # the mask and box layers of the image shown: its edits are saved from them
-        self._ancestors: list[weakref.ref] = []  # the dock and napari's window: their closing saves the edits
 
         self.site_label = QLabel("no site open")
         self.site_label.setWordWrap(True)
@@ -110,6 +110,8 @@ class AnnotateWidget(QWidget):
         layout.addWidget(self.summary)
         layout.addWidget(self.save_status)
 
+        # napari sends a docked panel no close event, for its ✕ or for napari closing: saved then too
+        self._closing = PanelClosing(self, on_closed=self._shut_down, on_window_closing=self.save)
         self.timer = QTimer(self)
         self.timer.timeout.connect(self._autosave)
         self.timer.start(AUTOSAVE_MS)
@@ -465,53 +467,12 @@ class AnnotateWidget(QWidget):
         except InputError as exc:
             _notify([str(exc)])
 
-    def closeEvent(self, event) -> None:
-        self._shut_down()
-        super().closeEvent(event)
-
-    def event(self, event: QEvent) -> bool:
-        """Docked: watch the dock and napari's window, whose closing sends their panels no close event.
-        Taken out of the dock (its ✕, which sends none either): save and let go of the site and the
-        layers, so that the panel, kept alive a while by Qt, neither loses the last edits nor saves
-        another panel's later."""
-        if event.type() == QEvent.Type.ParentChange:
-            self._follow_ancestors()
-            if self.parent() is None:
-                self._shut_down()
-        return super().event(event)
-
-    def _follow_ancestors(self) -> None:
-        """Filter the events of every widget above this one; napari docks the panel and then the dock,
-        so the chain is looked up again whenever one of them moves. Held weakly: napari's window must
-        be free to go."""
-        chain, widget = [], self.parentWidget()
-        while widget is not None:
-            chain.append(widget)
-            widget = widget.parentWidget()
-        for old in filter(None, (ref() for ref in self._ancestors)):
-            if all(old is not new for new in chain):
-                with contextlib.suppress(RuntimeError):  # already deleted by Qt
-                    old.removeEventFilter(self)
-        known = [ref() for ref in self._ancestors]
-        for new in chain:
-            if all(new is not old for old in known):
-                new.installEventFilter(self)
-        self._ancestors = [weakref.ref(widget) for widget in chain]
-
-    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.ParentChange:
-            self._follow_ancestors()
-        elif event.type() == QEvent.Type.Close:  # napari's window (or a floating dock) closing
-            self.stop_import()
-            self.save()  # before the layers go, whether or not the close then goes ahead
-        return False
-
     def _shut_down(self) -> None:
         """Save, and write nothing after: the site closes, the layers are let go, the timer stops."""
         self.stop_import()
         self.save()
         if self.unsaved:  # e.g. a full disk: said (save did) and kept on screen; nothing more can be done here
-            _notify([f"{self.unsaved}; they are lost when the layers are closed"])
+            _notify([f"{self.unsaved}, and the panel is closed: they are not saved"])
         self.timer.stop()
         for layer in list(self._watched):
             for emitter in (layer.events.data, getattr(layer.events, "paint", None)):

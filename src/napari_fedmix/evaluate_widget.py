@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device
 from napari_fedmix.latest_model import latest_model
+from napari_fedmix.panel_closing import PanelClosing
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class EvaluateWidget(QWidget):
         self.status.setWordWrap(True)  # the result names the model and says how HD95 was measured: 4 lines
         self.status.setMinimumHeight(4 * self.status.fontMetrics().lineSpacing())
         self.worker = None
+        self._closing = PanelClosing(self, on_closed=self.stop)  # its ✕: no scoring left running unseen
         self.done = (0, 0)
         form = QFormLayout(self)
         form.addRow("model", path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))

@@ -25,6 +25,7 @@ from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.layer_records import image_layer_pixels, layer_spacing
+from napari_fedmix.panel_closing import PanelClosing
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class PredictWidget(QWidget):
         self.stop_button.setEnabled(False)
         self.stop_button.clicked.connect(self.stop)
         self.worker = None  # a running stack prediction
+        self._closing = PanelClosing(self, on_closed=self.stop)  # its ✕: no prediction left running unseen
         self.status = QLabel("")
         self.status.setWordWrap(True)  # the result names the model: three lines in a narrow dock, not clipped
         self.status.setMinimumHeight(3 * self.status.fontMetrics().lineSpacing())
@@ -298,6 +300,7 @@ class BatchPredictWidget(QWidget):
         self.status = QLabel("")
         self.skipped = QListWidget()
         self.worker = None
+        self._closing = PanelClosing(self, on_closed=self.cancel)  # its ✕: no batch left running unseen
         self.rows: list = []
         self.total, self.error = 0, None
         layout = QVBoxLayout(self)

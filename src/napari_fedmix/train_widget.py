@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 from fedmix_engine.errors import InputError, error_line
 from fedmix_engine.site_models import GLOBAL_MODEL, LOCAL_MODEL, LOCAL_RUN
 from napari_fedmix.latest_model import latest_model
+from napari_fedmix.panel_closing import PanelClosing
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class TrainWidget(QWidget):
         self.join_retrying.connect(self._on_event)
         _warm_up_engine()
         self.worker = None
+        self._closing = PanelClosing(self, on_closed=self.stop)  # its ✕: no training left running where none can stop it
         self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "weight": [], "samples used (÷100)": [],
                                                             "validation Dice": []}
         self.last_checkpoint: Path | None = None
