@@ -96,7 +96,7 @@ class TrainWidget(QWidget):
         self.join_retrying.connect(self._on_event)
         _warm_up_engine()
         self.worker = None
-        self._closing = PanelClosing(self, on_closed=self.stop)  # its ✕: no training left running where none can stop it
+        self._closing = PanelClosing(self, on_closed=self.stop)  # its ✕: no training left running unseen
         self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "weight": [], "samples used (÷100)": [],
                                                             "validation Dice": []}
         self.last_checkpoint: Path | None = None
