@@ -785,6 +785,13 @@ def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(
             with pytest.raises(FederationError, match=rf"the server's TLS certificate is not trusted \({why}.*\): "
                                                       "give the certificate the server's admin sends with --ca-cert"):
                 next(client.iter_join())
+        # the plain http:// address of this TLS server: 'Server disconnected without sending a response',
+        # retried for an hour as if it were down
+        plain = FederationClient(f"http://127.0.0.1:{server.port}", tokens["site-a"], sample / "site-a", device="cpu",
+                                 give_up_after=5)
+        with pytest.raises(FederationError, match=rf"^the server at 127.0.0.1:{server.port} speaks TLS: use "
+                                                  rf"https://127.0.0.1:{server.port} \(with --ca-cert"):
+            next(plain.iter_join())
         assert time.monotonic() - started < 10, "said at once, not retried"
 
 

@@ -161,6 +161,12 @@ class FederationClient:
                 tls_fault = _tls_fault(exc)
                 if tls_fault and not (self._reached and _certificate_out_of_date(exc)):  # no retry mends it
                     raise FederationError(tls_fault) from None
+                if self.http.base_url.scheme == "http" and _disconnected(exc) and self._speaks_tls():
+                    url = self.http.base_url
+                    where = f"[{url.host}]:{url.port}" if ":" in url.host else f"{url.host}:{url.port}"  # IPv6
+                    raise FederationError(f"the server at {where} speaks TLS: use https://{where} (with --ca-cert "
+                                          "for a certificate the server's admin made; napari: 'TLS certificate')") \
+                        from None
                 if not self._reached and _unknown_name(exc):  # a mistyped address, most likely: said at once
                     raise FederationError(f"the server's name '{self.http.base_url.host}' is not known to this "
                                           "machine's name service: check the server address (or this machine's "
@@ -185,6 +191,20 @@ class FederationClient:
             failed = True
             self._pause(delay)
             delay = min(delay * 2, self.max_backoff)
+
+    def _speaks_tls(self) -> bool:
+        """Whether the server's port completes a TLS handshake: a TLS server hangs up on a plain request
+        without a word ('Server disconnected without sending a response'), which looked like an outage.
+        Only a ClientHello is sent, and the certificate is not checked: this only tells the protocol."""
+        url = self.http.base_url
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        try:
+            with socket.create_connection((url.host, url.port or 80), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=url.host):
+                return True
+        except (OSError, ValueError):  # ssl.SSLError is an OSError: a plain server, or none
+            return False
 
     def _send(self, method: str, path: str, **kwargs):
         """One request, which a stop abandons: a server that takes the connection and never answers (hung, or
@@ -544,6 +564,13 @@ def _certificate_out_of_date(exc: BaseException | None) -> bool:
 def _verification_failure(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
     """The TLS library's refusal of the server's certificate, where that is what failed."""
     return next((cause for cause in _causes(exc) if isinstance(cause, ssl.SSLCertVerificationError)), None)
+
+
+def _disconnected(exc: BaseException | None) -> bool:
+    """Whether the server hung up without answering (what a TLS server does with a plain HTTP request)."""
+    import httpx
+
+    return isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError)
 
 
 def _unknown_name(exc: BaseException | None) -> bool:
