@@ -96,6 +96,34 @@ def test_simulate_killed_with_sigkill_resumes_to_the_uninterrupted_result(sample
     assert_same_pair(killed / "best.safetensors", whole / "best.safetensors")
 
 
+def test_a_second_run_into_a_running_runs_folder_is_refused_and_the_lock_goes_with_a_kill(sample: Path,
+                                                                                          tmp_path: Path, capsys):
+    """A second run into the --out of one still running (--overwrite or --resume from another terminal, or
+    napari's Train on the site whose models/local a terminal's simulate writes) cleared its snapshots and
+    metrics under it, then both wrote the same files. Refused now, before it writes; a kill -9 frees it."""
+    common = ["simulate", "--sample", str(sample), "--rounds", "500", *SETTINGS]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", *common, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2:
+                break
+            time.sleep(0.02)
+        capsys.readouterr()
+        for again in (["--overwrite", "--rounds", "2"], ["--resume"]):  # old code: overwrote in 2 rounds
+            assert main([*common, "--out", str(run), *again]) == 2
+            assert f"error: {run}: another run is writing to this folder" in capsys.readouterr().err
+        assert proc.poll() is None, "the first run goes on"
+        time.sleep(1)
+        assert len(records(run)) >= 2 and (run / "config.json").is_file(), "nothing of the first run was cleared"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert main([*common[:3], "--rounds", str(len(records(run)) + 1), *SETTINGS, "--out", str(run), "--resume"]) == 0
+
+
 def test_resume_refuses_other_settings_other_sites_fewer_rounds_and_a_folder_without_a_run(
         sample: Path, tmp_path: Path, capsys) -> None:
     common = ["simulate", "--sample", str(sample), *SETTINGS]

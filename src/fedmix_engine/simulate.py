@@ -53,6 +53,7 @@ from fedmix_engine.fedmix.local_update import (
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.fedmix.pseudo_label_audit import audit_pseudo_labels, load_truth
 from fedmix_engine.fedmix.pseudo_labels import needs_prediction
+from fedmix_engine.folder_lock import hold_folder
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor
 from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
@@ -294,6 +295,18 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
     ``out_dir`` continues after its last snapshot (``run_snapshot``), up to ``config.rounds``. A
     snapshot is written every ``snapshot_every`` rounds and after the last (0: never): at the
     reference width it is ≈ 1.1 GB for 3 sites, ≈ 2.6 s to write here."""
+    held: list[Callable[[], None]] = []  # the output folder's lock, once taken: released however the run ends
+    try:
+        yield from _simulation(site_dirs, eval_root, config, out_dir, overwrite, resume, snapshot_every, held)
+    finally:
+        for release in held:
+            release()
+
+
+def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,
+                out_dir: str | Path | None, overwrite: bool, resume: bool, snapshot_every: int,
+                held: list[Callable[[], None]]) -> Iterator[SimulationEvent]:
+    """The run itself; it locks ``out_dir`` (into ``held``) before writing to it."""
     config.validate()
     if snapshot_every < 0:
         raise InputError("--snapshot-every", f"must be ≥ 0 (0: no snapshots), not {snapshot_every}")
@@ -316,6 +329,7 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
         raise InputError("--sites", f"the run in {out} trained sites {snapshot.sites}, not {[s.name for s in sites]}")
     if out is not None:
         make_folder(out)
+        held.append(hold_folder(out, _ANOTHER_RUN, RUN_LOCK))
         environments = _environments(stored.get("environments", []) if resume else [],
                                      snapshot.round + 1 if resume else 1, plan, out)
         if not resume:
@@ -441,6 +455,11 @@ def iter_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, c
              "test_mean": result.test_mean}, indent=2) + "\n")
     release_memory(plan)
     yield result
+
+
+RUN_LOCK = "run.lock"  # Windows: a running simulation's lock file in its --out (on POSIX it flocks the folder)
+_ANOTHER_RUN = ("another run is writing to this folder (a terminal's simulate, or napari's Train & federate on this "
+                "site); wait for it to end, or give this one another --out")
 
 
 def _json_text(record: Any, indent: int | None = None) -> str:

@@ -11,7 +11,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.state import SERVER_LOCK, STORAGE_FAULTS, ServerState
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
+from fedmix_engine.folder_lock import hold_folder
 
 log = logging.getLogger(__name__)
 STATUS_ACCESS = ("local", "sites", "public")  # who may read /v1/status and the admin page; see create_app
@@ -293,31 +293,8 @@ def _hold_state_lock(state_dir: Path):
     """One server per state directory. A second one (a forgotten terminal, beside a service) recovers the
     state as its own before it even binds its port, removing what the first is writing as leftovers of a
     crash (a round being committed, an upload not yet acknowledged); then both take uploads and close the
-    same rounds. An OS lock, released however the process ends. On POSIX it is flock on the directory
-    itself, opened read-only: filelock's lock file is opened for writing, and a file held open for writing
-    pins the file system (a read-only remount for maintenance fails with EBUSY). Windows has no flock:
-    filelock's SERVER_LOCK file there."""
-    if os.name != "posix":
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(state_dir / SERVER_LOCK, thread_local=False)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise InputError(state_dir, _ANOTHER_SERVER) from None
-        return lock.release
-    import fcntl
-
-    fd = os.open(state_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise InputError(state_dir, _ANOTHER_SERVER) from None
-    except OSError as exc:  # a file system without locks (some network shares): run, but say what is lost
-        log.warning("%s: cannot be locked (%s): a second server started on it would not be noticed",
-                    state_dir, exc.strerror)
-    return lambda: os.close(fd)
+    same rounds."""
+    return hold_folder(state_dir, _ANOTHER_SERVER, SERVER_LOCK)
 
 
 _ANOTHER_SERVER = ("another server is running on this state directory (it holds the directory's lock); stop it "
