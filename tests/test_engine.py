@@ -522,6 +522,33 @@ def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp
     assert [r["status"] for r in summary()] == [NOT_RUN] * 3
 
 
+def test_a_second_batch_into_the_folder_of_a_running_one_is_refused_until_it_ends(tmp_path: Path) -> None:
+    """Two batches into one output folder (a terminal's predict and napari's Batch predict): the second deleted
+    the first's half-written masks as a killed batch's leftovers (its rename then failed) and both wrote
+    summary.csv. Refused now, before it touches the folder; free again once the first ends, however it ends."""
+    import tifffile
+
+    from fedmix_engine.predict import Predictor, iter_predict_folder
+
+    predictor = Predictor(init_pair(TINY, 0), TINY, 32, CPU)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for k in range(3):
+        tifffile.imwrite(folder / f"scan-{k}.tif", np.full((40, 48), 40 * k, np.uint8))
+    first = iter_predict_folder(predictor, folder, out)
+    next(first)
+    (out / ".scan-1_mask.tif.0123456789ab.tmp").write_bytes(b"being written")  # what the first is writing now
+    summary = (out / "summary.csv").read_bytes()
+    with pytest.raises(InputError, match="another batch is writing masks into this folder"):
+        iter_predict_folder(predictor, folder, out)
+    assert (out / ".scan-1_mask.tif.0123456789ab.tmp").exists() and (out / "summary.csv").read_bytes() == summary
+    (out / ".scan-1_mask.tif.0123456789ab.tmp").unlink()
+    assert [row.status for _, _, row in first] == ["ok", "ok"]  # the first ends: the lock goes with it
+    second = iter_predict_folder(predictor, folder, out)
+    second.close()  # closed before its first image (napari's Cancel): the lock goes too
+    assert sum(1 for _ in iter_predict_folder(predictor, folder, out)) == 3
+
+
 def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the_output(tmp_path: Path, capsys,
                                                                                       monkeypatch) -> None:
     """A PACS export is patient/study/series folders; only the top folder was predicted (or it was refused

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import weakref
 from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from fedmix_engine.data.video import is_video_path, open_video
 from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.pair import PairState, build_pair
+from fedmix_engine.folder_lock import hold_folder
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.steps import run_steps
 
@@ -373,6 +375,11 @@ def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | No
         raise InputError("threshold", f"a probability threshold must be in (0, 1), not {threshold}")
 
 
+BATCH_LOCK = "batch.lock"  # Windows: a running batch's lock file in its output folder (POSIX: flock on the folder)
+_ANOTHER_BATCH = ("another batch is writing masks into this folder (a terminal's predict, or napari's Batch "
+                  "predict); wait for it to end, or give this one another output folder")
+
+
 class FolderBatch:
     """Every image of a folder (or one file) predicted into ``out``; iterate for (done, total, row) per file and, with
     ``frame_steps``, a :class:`FrameStep` per batch of a stack's frames, so a GUI shows a long cine
@@ -415,12 +422,19 @@ class FolderBatch:
             self._record["started"] = self._since
         self.kept = 0  # files whose mask the stopped batch had written, not predicted again
         make_folder(self.out)
-        remove_interrupted_writes(self.out)  # a killed batch's half-written mask, never renamed into place
-        self.files = batch_files(folder, recursive, self.out)
-        self.root = folder.parent if folder.is_file() else folder  # rows and masks are named relative to it
-        self.total = self._record["files"]["total"] = len(self.files)
-        self._write_summary([])
-        atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
+        # one batch per output folder: a second (a terminal's and napari's) would delete the first's
+        # half-written masks as a killed batch's leftovers, and both would write summary.csv
+        self._unlock = weakref.finalize(self, hold_folder(self.out, _ANOTHER_BATCH, BATCH_LOCK))
+        try:
+            remove_interrupted_writes(self.out)  # a killed batch's half-written mask, never renamed into place
+            self.files = batch_files(folder, recursive, self.out)
+            self.root = folder.parent if folder.is_file() else folder  # rows and masks are named relative to it
+            self.total = self._record["files"]["total"] = len(self.files)
+            self._write_summary([])
+            atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
+        except BaseException:
+            self._unlock()
+            raise
         self._run = self._rows(predictor, threshold)
 
     def __iter__(self) -> FolderBatch:
@@ -431,6 +445,7 @@ class FolderBatch:
 
     def close(self) -> None:
         self._run.close()
+        self._unlock()  # also for a batch closed before its first image, whose _rows never ran
 
     def _name(self, path: Path) -> str:
         """A file as the summary names it: its path below the batch's folder (its name, at the top)."""
@@ -481,11 +496,15 @@ class FolderBatch:
                     written = time.monotonic()
                 yield done, self.total, row
         finally:
-            not_run = self._write_summary(rows)
-            self._record["finished"] = _now()
-            self._record["files"] = {"total": self.total, **Counter(r.status.split(":")[0] for r in rows + not_run),
-                                     **({"kept": self.kept} if self._since is not None else {})}  # "ok" ones
-            atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
+            try:
+                not_run = self._write_summary(rows)
+                self._record["finished"] = _now()
+                self._record["files"] = {"total": self.total,
+                                         **Counter(r.status.split(":")[0] for r in rows + not_run),
+                                         **({"kept": self.kept} if self._since is not None else {})}  # "ok" ones
+                atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
+            finally:
+                self._unlock()
 
     def _write_summary(self, rows: list[BatchRow]) -> list[BatchRow]:
         """``summary.csv`` with the rows done and the other files as not run; returns the not-run rows."""
