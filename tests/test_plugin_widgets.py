@@ -288,10 +288,22 @@ def test_annotate_edits_that_cannot_be_written_stay_on_screen_until_saved(make_n
     assert widget.current_id == "scan-1"
 
 
-def _docked_annotate(viewer, qtbot):
-    """The Annotate panel as napari's Plugins menu opens it: docked, one per menu choice."""
+def _docked_annotate(viewer, qtbot, site: Path | None = None, images: list[Path] = (), row: int = 0):
+    """The Annotate panel as napari's Plugins menu opens it (docked, one per menu choice); given a new
+    ``site``, it creates it with ``images`` and shows image ``row``."""
     dock, widget = viewer.window.add_plugin_dock_widget("napari-fedmix", "Annotate site")
+    if site is not None:
+        widget.create_site(site, ["lesion"])
+        assert _imported(qtbot, widget, widget.import_images(images)) == []
+        widget.image_list.setCurrentRow(row)
     return dock, widget
+
+
+def _drawn(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """A 40×48 mask with one rectangle of label 1, as drawn on the test images."""
+    mask = np.zeros((40, 48), np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask
 
 
 def test_annotate_closed_and_opened_again_saves_what_was_drawn_in_either(make_napari_viewer, qtbot, tmp_path,
@@ -303,13 +315,8 @@ def test_annotate_closed_and_opened_again_saves_what_was_drawn_in_either(make_na
     from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER
 
     viewer = make_napari_viewer()
-    dock, widget = _docked_annotate(viewer, qtbot)
-    widget.create_site(tmp_path / "site", ["lesion"])
-    assert _imported(qtbot, widget, widget.import_images(images)) == []
-    widget.image_list.setCurrentRow(0)
-    first = np.zeros((40, 48), np.uint8)
-    first[5:15, 6:20] = 1
-    viewer.layers[MASK_LAYER].data = first  # drawn; the autosave is 15 s away
+    dock, widget = _docked_annotate(viewer, qtbot, tmp_path / "site", images)
+    viewer.layers[MASK_LAYER].data = first = _drawn(5, 15, 6, 20)  # drawn; the autosave is 15 s away
     dock.destroyOnClose()  # what the ✕ does
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
         assert store.read_mask("scan-0") is not None, "drawn before the panel was closed, and not saved"
@@ -319,9 +326,7 @@ def test_annotate_closed_and_opened_again_saves_what_was_drawn_in_either(make_na
     assert again is not widget
     again.open_site(tmp_path / "site")
     again.image_list.setCurrentRow(2)
-    second = np.zeros((40, 48), np.uint8)
-    second[20:30, 30:40] = 1
-    viewer.layers[MASK_LAYER].data = second  # the layers the first panel made, taken over
+    viewer.layers[MASK_LAYER].data = second = _drawn(20, 30, 30, 40)  # the first panel's layers, taken over
     viewer.layers[BOX_LAYER].add_rectangles([np.array([[2, 3], [12, 25]])])
     again.previous_image()  # saves on switching, as always
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
@@ -337,13 +342,8 @@ def test_annotate_edits_are_saved_when_napari_closes(make_napari_viewer, qtbot, 
     from napari_fedmix.annotate_widget import MASK_LAYER
 
     viewer = make_napari_viewer()
-    _, widget = _docked_annotate(viewer, qtbot)
-    widget.create_site(tmp_path / "site", ["lesion"])
-    assert _imported(qtbot, widget, widget.import_images(images)) == []
-    widget.image_list.setCurrentRow(1)
-    drawn = np.zeros((40, 48), np.uint8)
-    drawn[5:15, 6:20] = 1
-    viewer.layers[MASK_LAYER].data = drawn
+    _, widget = _docked_annotate(viewer, qtbot, tmp_path / "site", images, row=1)
+    viewer.layers[MASK_LAYER].data = drawn = _drawn(5, 15, 6, 20)
     widget.tag_boxes["lesion"].setCheckState(Qt.CheckState.Checked)
     viewer.close()
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
@@ -357,9 +357,7 @@ def test_annotate_layers_deleted_by_hand_keep_their_edits_and_come_back(make_nap
     from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER
 
     viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
-    drawn = np.zeros((40, 48), np.uint8)
-    drawn[5:15, 6:20] = 1
-    viewer.layers[MASK_LAYER].data = drawn
+    viewer.layers[MASK_LAYER].data = drawn = _drawn(5, 15, 6, 20)
     viewer.layers[BOX_LAYER].add_rectangles([np.array([[2, 3], [12, 25]])])
     viewer.layers.remove(MASK_LAYER)
     viewer.layers.remove(BOX_LAYER)
