@@ -37,6 +37,25 @@ def test_truncated_png_names_the_file(tmp_path: Path, grey_image: np.ndarray) ->
         read_image(path)
 
 
+@pytest.mark.filterwarnings("ignore:The legacy `DICOM` plugin:DeprecationWarning")  # imageio trying its plugins
+def test_an_empty_file_and_a_file_that_is_not_its_suffix_are_said_plainly(tmp_path: Path) -> None:
+    """A 0-byte PNG (a copy that did not finish) was 'Could not find a backend to open … the following plugins
+    might add capable backends: opencv: pip install imageio[opencv]', five lines advising an install that
+    cannot help; a text file named .jpg was 'ValueError: need at least one array to stack'."""
+    empty, text = tmp_path / "scan.png", tmp_path / "notes.jpg"
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    with pytest.raises(InputError) as said:
+        read_image(empty)
+    assert str(said.value) == (f"{empty}: is empty (0 bytes): a copy or a download that did not finish, or a "
+                               "file never written; copy it again")
+    with pytest.raises(InputError) as said:
+        read_image(text)
+    assert str(said.value) == (f"{text}: unreadable or corrupt image file: its content is not a JPEG image "
+                               "(damaged, or another kind of file with this suffix)")
+    assert "\n" not in str(said.value) and "pip install" not in str(said.value)
+
+
 def test_3d_stack_is_refused_with_advice(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((12, 64, 64), np.uint8))
     with pytest.raises(InputError, match=r"stack\.tif: 3-D stack \(12×64×64\).*split the stack"):

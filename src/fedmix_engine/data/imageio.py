@@ -121,11 +121,38 @@ def _read_stored(path: Path) -> tuple[np.ndarray, str]:
                 array = array[..., 0]  # PNG's grey + alpha mode: the format says the second channel is alpha
             axes = "YXS" if array.ndim == 3 else "YX"
     except Exception as exc:  # the readers raise many types for corrupt files
-        raise InputError(path, f"unreadable or corrupt image file ({type(exc).__name__}: {exc})") from exc
+        raise _unreadable(path, exc) from exc
     array = np.asarray(array)
     if array.size == 0:
         raise InputError(path, "unreadable or corrupt image file (no pixel data)")
     return array, axes
+
+
+# how each format's files begin: a file that begins otherwise is not that format, whatever its suffix says
+_SIGNATURES = {".png": ("PNG", (b"\x89PNG\r\n\x1a\n",)), ".jpg": ("JPEG", (b"\xff\xd8\xff",)),
+               ".jpeg": ("JPEG", (b"\xff\xd8\xff",)), ".bmp": ("BMP", (b"BM",)),
+               ".tif": ("TIFF", (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")),
+               ".tiff": ("TIFF", (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))}
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    """Why a file the readers failed on cannot be read, in a line: an empty file, or one whose content is
+    not the format its suffix names, said so (imageio answered both with advice to install OpenCV, or
+    'need at least one array to stack'); else the reader's first line."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as error:
+        return InputError(path, f"cannot be read ({error.strerror or error})")
+    if not head:
+        return InputError(path, "is empty (0 bytes): a copy or a download that did not finish, or a file never "
+                                "written; copy it again")
+    name, starts = _SIGNATURES.get(path.suffix.lower(), (None, ()))
+    if name is not None and not head.startswith(starts):
+        return InputError(path, f"unreadable or corrupt image file: its content is not a {name} image (damaged, "
+                                "or another kind of file with this suffix)")
+    said = next(iter(str(exc).strip().splitlines()), "")
+    return InputError(path, f"unreadable or corrupt image file ({type(exc).__name__}{': ' + said if said else ''})")
 
 
 def _without_length_one_axes(array: np.ndarray) -> np.ndarray:
