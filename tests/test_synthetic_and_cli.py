@@ -193,6 +193,33 @@ def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
         assert store.summary()["boxes"] == 8
 
 
+def test_site_import_adds_annotations_to_the_images_a_site_holds_without_images_again(tmp_path: Path, capsys,
+                                                                                        rng) -> None:
+    """A radiologist's boxes (or tags, or masks) delivered after the images were imported: --images was required,
+    so the import had to be pointed at the images again, which may be archived by then."""
+    import shutil
+
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images")]) == 0
+    shutil.rmtree(clinic / "images")  # archived
+    capsys.readouterr()
+    assert main(["site", "import", str(site), "--masks", str(clinic / "masks"), "--boxes", str(clinic / "boxes.csv"),
+                 "--tags", str(clinic / "tags.csv")]) == 1  # the table's rows of images it never had
+    out = capsys.readouterr().out
+    assert out.startswith("masks: 5  boxes: 8  tags: 8\n") and "images added" not in out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.summary()["mask"] == 5 and store.summary()["boxes"] == 8
+    assert main(["site", "import", str(site)]) == 2
+    assert "error: --images: nothing to import: give --images, and/or --masks, --boxes or --tags" in \
+        capsys.readouterr().err
+    assert main(["site", "import", str(tmp_path / "new"), "--classes", "lesion", "--boxes",
+                 str(clinic / "boxes.csv")]) == 2
+    assert "is not a site yet: a new site's import needs its --images" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_site_import_of_a_busi_style_folder_takes_masks_beside_images_and_joins_a_lesion_each(
         tmp_path: Path, capsys, rng) -> None:
     busi = tmp_path / "Dataset_BUSI" / "benign"

@@ -59,6 +59,8 @@ def cmd_site_import(args: argparse.Namespace) -> int:
     from fedmix_engine.steps import run_steps
 
     sources = read_sources(args.images, args.masks, args.boxes, args.tags)  # before a new site folder is made
+    if args.images is None and not (Path(args.dir) / CONFIG_FILE).exists():
+        raise InputError("--images", f"{args.dir} is not a site yet: a new site's import needs its --images")
     if not (Path(args.dir) / CONFIG_FILE).exists() and args.classes:
         store = SiteStore.create(args.dir, args.classes, channels=args.channels or 1)
     else:
@@ -185,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = site_sub.add_parser("import", help="import a folder of images, masks and box/tag tables")
     p.add_argument("dir", type=Path, help="site folder (created when --classes is given and it does not exist)")
-    p.add_argument("--images", type=Path, required=True,
-                   help="folder of images (tif, png, jpg, bmp, dcm, or DICOM files without a suffix)")
+    p.add_argument("--images", type=Path,
+                   help="folder of images (tif, png, jpg, bmp, dcm, or DICOM files without a suffix); leave it "
+                        "out to add masks, boxes or tags to the images the site already holds")
     p.add_argument("--masks", type=Path, help="folder of label masks, matched to images by file stem")
     p.add_argument("--boxes", type=Path, help="CSV with columns image,class,y0,x0,y1,x1")
     p.add_argument("--tags", type=Path, help="CSV with columns image,class,present (present/absent)")

@@ -67,10 +67,12 @@ class ImportReport:
     with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
     problems: list[str] = field(default_factory=list)
     problems_file: Path | None = None  # every problem, one per line, in the site's logs/ folder
+    read_images: bool = True  # False: annotations only, for the images the site held
 
     def lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
-        out = [f"images added: {self.images_added} (already present: {self.images_already_present})",
-               f"masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}"]
+        out = [f"images added: {self.images_added} (already present: {self.images_already_present})"
+               ] if self.read_images else []
+        out.append(f"masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}")
         if self.images_added:
             out.append(f"pixel spacing (mm) from the files: {self.with_spacing} of {self.images_added} added images"
                        + ("" if self.with_spacing else " (evaluate gives HD95 in pixels)"))
@@ -221,15 +223,20 @@ class ImportSources:
     created for them): a typo in ``--masks`` or a table Excel saved in another encoding does not leave the
     images imported without their masks, boxes or tags."""
 
-    images: Path
+    images: Path | None  # None: annotations for the images the site already holds
     masks: Path | None
     boxes: tuple[Path, TableRows] | None
     tags: tuple[Path, TableRows] | None
 
 
-def read_sources(images: str | Path, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
+def read_sources(images: str | Path | None, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
                  tags_csv: str | Path | None = None) -> ImportSources:
-    """Refuse a missing folder or file, or a table that cannot be read; return the sources to import."""
+    """Refuse a missing folder or file, or a table that cannot be read; return the sources to import.
+    Without ``images`` the masks and tables annotate the images the site already holds (a radiologist's
+    boxes delivered after the images, whose folder may be gone by then)."""
+    if images is None and masks is None and boxes_csv is None and tags_csv is None:
+        raise InputError("--images", "nothing to import: give --images, and/or --masks, --boxes or --tags for "
+                                     "the images the site already holds")
     for path, folder in ((images, True), (masks, True), (boxes_csv, False), (tags_csv, False)):
         if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
             raise InputError(path, "folder not found" if folder else "file not found")
@@ -238,7 +245,8 @@ def read_sources(images: str | Path, masks: str | Path | None = None, boxes_csv:
             raise InputError(folder, no_images_reason(Path(folder)))
     boxes = (Path(boxes_csv), _read_csv(Path(boxes_csv), BOX_COLUMNS)) if boxes_csv is not None else None
     tags = (Path(tags_csv), _read_csv(Path(tags_csv), TAG_COLUMNS)) if tags_csv is not None else None
-    return ImportSources(Path(images), Path(masks) if masks is not None else None, boxes, tags)
+    return ImportSources(Path(images) if images is not None else None, Path(masks) if masks is not None else None,
+                         boxes, tags)
 
 
 @dataclass(frozen=True)
@@ -298,12 +306,12 @@ def import_folder_steps(store: SiteStore, images: str | Path, masks: str | Path 
 def import_sources_steps(store: SiteStore, sources: ImportSources, author: str | None = None) -> ImportSteps:
     """The steps importing sources already read by :func:`read_sources`."""
     images, masks = sources.images, sources.masks
-    report = ImportReport()
-    listed = image_files(images, videos=True)
+    report = ImportReport(read_images=images is not None)
+    listed = image_files(images, videos=True) if images is not None else []
     files = [p for p in listed if not is_video_path(p)]
     report.problems.extend(str(InputError(p, NOT_IMPORTED)) for p in listed if is_video_path(p))
     # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
-    same_folder = masks is not None and masks.resolve() == images.resolve()
+    same_folder = masks is not None and images is not None and masks.resolve() == images.resolve()
     beside = masks_beside_images(files) if same_folder else []
     yield from _add_images(store, [p for p in files if p not in beside], report, author)
     ids = set(store.image_ids())
