@@ -107,7 +107,7 @@ def test_server_sigkilled_mid_round_keeps_acknowledged_uploads(tmp_path: Path) -
     assert max(float((served[k] - expected[k]).abs().max()) for k in expected) < 1e-6
 
 
-def test_serve_warns_at_start_when_the_rounds_to_come_will_not_fit_on_its_disk(tmp_path: Path) -> None:
+def test_serve_warns_at_start_when_the_rounds_to_come_will_not_fit_on_its_disk(tmp_path: Path, capsys) -> None:
     """Every round keeps its global model (138 MB a pair at the reference width: the 100 rounds of the admin
     example, 14 GB): a disk too small was found when it filled mid-federation. Said at the start now, with
     the figures; nothing when the rounds fit."""
@@ -123,8 +123,13 @@ def test_serve_warns_at_start_when_the_rounds_to_come_will_not_fit_on_its_disk(t
         with running_server(state, [*args, "--rounds", "1000"]) as server:
             pass
         log = (tmp_path / f"server-{server.port}.log").read_text()
-        assert (f"warning: the 1000 round(s) to come keep a global model of {model / 1e3:.1f} kB each and, with the "
-                f"sites' uploads, need up to {model * (1000 + 3) / 1e6:.1f} MB; the disk of {state} has ") in log, log
+        said = (f"warning: the 1000 round(s) to come keep a global model of {model / 1e3:.1f} kB each and, with the "
+                f"sites' uploads, need up to {model * (1000 + 3) / 1e6:.1f} MB; the disk of {state} has ")
+        assert said in log, log
+        from fedmix_engine.cli import main
+
+        assert main(["status", "--state", str(state)]) == 0  # what an admin checks now and then says it too
+        assert said in capsys.readouterr().out
 
 
 def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_round_once_space_is_back(

@@ -237,7 +237,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedmix_engine.federation.state import read_status
+    from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, read_status, space_shortfall
     from fedmix_engine.fedmix.local_update import shown_loss
 
     _check_state_dir(args.state)
@@ -250,6 +250,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"rounds: {status['last_round']} of {status['rounds']} done; {state}")
     if not status["finished"]:
         print(_waiting(status))
+        if (short := space_shortfall(Path(args.state), load_server_config(Path(args.state) / CONFIG_FILE),
+                                     status["last_round"])) is not None:
+            print(f"warning: {short}")
     for change in status["settings_changes"]:
         print(f"settings changed from round {change['from_round']}: {'; '.join(change['changes'])}")
     scored = {e["round"]: e for e in status["evaluations"]}

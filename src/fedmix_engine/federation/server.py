@@ -11,7 +11,6 @@ import ipaddress
 import json
 import logging
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.admin import render_admin_page
 from fedmix_engine.federation.certificates import certificate_dates, expiry_warning
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
-from fedmix_engine.federation.state import SERVER_LOCK, STORAGE_FAULTS, ServerState
+from fedmix_engine.federation.state import SERVER_LOCK, STORAGE_FAULTS, ServerState, space_shortfall
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
 from fedmix_engine.folder_lock import hold_folder
@@ -278,8 +277,8 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
             print("warning: no --class-names: a joining site is checked for its number of classes only, so a site "
                   "whose label 1 means another class would train the model wrong; a new federation can fix them "
                   "with --class-names NAME[,NAME…]")
-        if (short := _space_shortfall(state)) is not None:
-            print(short)
+        if (short := space_shortfall(state.root, state.config, state.last_round)) is not None:
+            print(f"warning: {short}")
         dates = certificate_dates(tls_cert) if tls_cert else None
         app = create_app(state, tokens, status_access=status_access, tls_expires_at=dates[1] if dates else None)
         scheme = "https" if tls_cert else "http"
@@ -290,28 +289,6 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
         federation_log.removeHandler(handler)
         if release is not None:
             release()
-
-
-def _space_shortfall(state: ServerState) -> str | None:
-    """A warning when the rounds to come will not fit on the state directory's disk: every round keeps its
-    global model (a pair at the reference width is 138 MB: 100 rounds, 14 GB) and the open round holds an
-    upload per site. Said at the start, not found when the disk fills mid-federation and the server must
-    refuse uploads until space is freed."""
-    model = state.global_path().stat().st_size
-    rounds_left = max(0, state.config.rounds - state.last_round)
-    need = model * (rounds_left + state.config.sites)
-    free = shutil.disk_usage(state.root).free
-    if rounds_left == 0 or need <= free:
-        return None
-    return (f"warning: the {rounds_left} round(s) to come keep a global model of {_size(model)} each and, with the "
-            f"sites' uploads, need up to {_size(need)}; the disk of {state.root} has {_size(free)} free: free space "
-            "or move the state directory to a larger disk now (when the disk is full, the server refuses uploads "
-            "until space is freed)")
-
-
-def _size(n: float) -> str:
-    unit, scale = next(((u, f) for u, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= f), ("bytes", 1))
-    return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n:.0f} {unit}"
 
 
 def _hold_state_lock(state_dir: Path):

@@ -463,6 +463,28 @@ class ServerState:
 
 
 # ---------------------------------------------------------------------- reading a state directory
+def space_shortfall(root: Path, config: ServerConfig, last_round: int) -> str | None:
+    """Why the rounds to come will not fit on the state directory's disk, or None: every round keeps its
+    global model (a pair at the reference width is 138 MB: 100 rounds, 14 GB) and the open round holds an
+    upload per site. ``serve`` says it at the start and ``status`` every time, rather than the disk filling
+    mid-federation, when the server must refuse uploads until space is freed."""
+    model = (root / "rounds" / f"{last_round:06d}" / "global.safetensors").stat().st_size
+    rounds_left = max(0, config.rounds - last_round)
+    need = model * (rounds_left + config.sites)
+    free = shutil.disk_usage(root).free
+    if rounds_left == 0 or need <= free:
+        return None
+    return (f"the {rounds_left} round(s) to come keep a global model of {_size(model)} each and, with the sites' "
+            f"uploads, need up to {_size(need)}; the disk of {root} has {_size(free)} free: free space or move the "
+            "state directory to a larger disk now (when the disk is full, the server refuses uploads until space "
+            "is freed)")
+
+
+def _size(n: float) -> str:
+    unit, scale = next(((u, f) for u, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= f), ("bytes", 1))
+    return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n:.0f} {unit}"
+
+
 def completed_rounds(root: Path) -> list[int]:
     """The committed rounds (0: the initial model), read only."""
     return sorted(int(p.name) for p in (root / "rounds").iterdir() if p.name.isdigit()
