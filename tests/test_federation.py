@@ -132,6 +132,56 @@ def test_serve_warns_at_start_when_the_rounds_to_come_will_not_fit_on_its_disk(t
         assert said in capsys.readouterr().out
 
 
+def test_keep_models_keeps_the_last_rounds_and_the_best_scored_models_and_every_rounds_record(tmp_path: Path,
+                                                                                              capsys) -> None:
+    """Every round's global model stayed on disk (138 MB a round at the reference width). --keep-models K keeps
+    the last K and the one the sites' held-out scores rate best; each round's record stays, and a restart with
+    a smaller K frees the space at once."""
+    from fedmix_engine.cli import main
+
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    args = ["--sites", "1", "--min-sites", "1", "--rounds", "5", *TINY_SETTINGS]
+
+    def scored(url: str, r: int, dice: float) -> None:
+        report = {"images": 4, "dice": dice, "classes": {"lesion": {"images": 4, "lesion_images": 2, "dice": dice,
+                                                                    "iou": dice}}}
+        assert httpx.post(f"{url}/v1/rounds/{r}/evaluation", json=report, timeout=30,
+                          headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+    def train_round(url: str, r: int) -> None:
+        pair, at = global_pair(url, token)
+        assert at == r - 1
+        assert upload(url, token, r, fake_update(pair, seed=r)).status_code == 200
+
+    def models() -> list[int]:
+        return sorted(int(p.parent.name) for p in (state / "rounds").glob("*/global.safetensors"))
+
+    with running_server(state, [*args, "--keep-models", "2"]) as server:
+        scored(server.url, 0, 0.1)
+        for r, dice in ((1, 0.9), (2, 0.3), (3, None), (4, None)):
+            train_round(server.url, r)
+            if dice is not None:
+                scored(server.url, r, dice)
+        assert models() == [1, 3, 4], "the last two, and round 1: the best held-out Dice"
+        assert server.status()["last_round"] == 4 and len(server.status()["history"]) == 4
+    assert sorted(int(p.name) for p in (state / "rounds").iterdir()) == [0, 1, 2, 3, 4], "every round's record"
+    with running_server(state, [*args, "--keep-models", "1"]) as server:  # fewer: removed at the start
+        assert models() == [1, 4]
+        train_round(server.url, 5)
+        assert server.status()["finished"] and models() == [1, 5]
+    assert main(["status", "--state", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"round {r}: site-a" in out for r in range(1, 6)), out
+    # the newest round's model is never removed; lost all the same (disk damage), it is named with the remedy
+    (state / "rounds" / "000005" / "global.safetensors").unlink()
+    from fedmix_engine.federation.state import ServerState
+
+    with pytest.raises(InputError, match=r"000005/global.safetensors: the newest round's global model is missing: "
+                                         r"restore it from a backup, or move .*000005 \(and evaluations/000005\)"):
+        ServerState(state, None)
+
+
 def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_round_once_space_is_back(
         sample: Path, tmp_path: Path) -> None:
     """The state directory on a real, small file system that the test fills. An upload that cannot be stored

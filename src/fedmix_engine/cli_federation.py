@@ -17,7 +17,7 @@ from fedmix_engine.errors import InputError
 # (where only state.ADJUSTABLE ones may change).
 SERVER_OPTIONS = (("sites", "sites"), ("min_sites", "min_sites"), ("round_timeout", "round_timeout"),
                   ("rounds", "rounds"), ("method", "method"), ("lam", "lam"), ("beta", "beta"), ("seed", "seed"),
-                  ("max_upload_mb", "max_upload_mb"), ("class_names", "class_names"))
+                  ("max_upload_mb", "max_upload_mb"), ("keep_models", "keep_models"), ("class_names", "class_names"))
 MODEL_OPTIONS = (("base_width", "width"), ("num_classes", "classes"), ("in_channels", "channels"))
 TRAIN_OPTIONS = (("image_size", "image_size"), ("crop_size", "crop_size"), ("batch_size", "batch_size"),
                  ("epochs", "local_epochs"), ("lr", "lr"), ("pl_warmup_rounds", "pl_warmup"))
@@ -341,7 +341,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug", "trace"),
                    help="uvicorn's log level (info: one line per request)")
     group = p.add_argument_group("federation settings (stored when the state directory is created; a restart may "
-                                 "change only --rounds, --sites, --min-sites, --round-timeout, --max-upload-mb)")
+                                 "change only --rounds, --sites, --min-sites, --round-timeout, --max-upload-mb, "
+                                 "--keep-models)")
     group.add_argument("--sites", type=int, help="expected sites per round (default 3)")
     group.add_argument("--min-sites", type=int, help="quorum to close a round at its deadline (default 2)")
     group.add_argument("--round-timeout", type=float, help="seconds before a round may close on quorum (default 600)")
@@ -352,6 +353,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--beta", type=float, help="β: exponent of the training loss in FedMix's weights (default 1.5)")
     group.add_argument("--seed", type=int, help="seed of the initial global model (default 0)")
     group.add_argument("--max-upload-mb", type=float, help="largest update accepted, in MB (default 512)")
+    group.add_argument("--keep-models", type=int, metavar="K",
+                       help="keep the global models of the last K rounds (and of the round the sites' held-out "
+                            "scores rate best), 0 every round's; every round's record stays; a pair at width 64 is "
+                            "138 MB a round (default 0)")
     group.add_argument("--width", type=int, help="U-Net base width (64 = reference; default 16)")
     group.add_argument("--classes", type=int, help="number of classes (default 1), or as many as --class-names")
     group.add_argument("--class-names", metavar="NAME[,NAME…]",

@@ -10,6 +10,7 @@ State directory::
       server.lock                 (Windows) held by the running server; on POSIX it locks the directory
       rounds/000000/              initial global pair
       rounds/000007/global.safetensors, meta.json    each completed round, committed by a directory rename
+                                  (with keep_models K, older rounds' models are removed; their meta.json stays)
       current/<site>.safetensors  acknowledged uploads of the open round (fsynced before the 200)
       current/<site>.json         their reports and SHA-256
       current/opened.json         when the open round started (its deadline survives restarts)
@@ -70,7 +71,7 @@ EVALUATIONS = "evaluations"  # <round>/<site>.json: the sites' held-out scores o
 # What an admin may change when restarting a federation: how long it runs, with how many sites, how
 # long a round waits and how large an update may be. What every site trains and how updates are
 # weighed stay fixed: changing them mid-way would mix two experiments in one round history.
-ADJUSTABLE = ("sites", "min_sites", "round_timeout", "rounds", "max_upload_mb")
+ADJUSTABLE = ("sites", "min_sites", "round_timeout", "rounds", "max_upload_mb", "keep_models")
 
 
 def parse_class_names(text: str) -> tuple[str, ...]:
@@ -92,6 +93,9 @@ class ServerConfig:
     beta: float = 1.5
     seed: int = 0
     max_upload_mb: float = 512.0
+    # rounds whose global model stays on disk: the last K (and the one the sites' held-out scores rate best so
+    # far); 0: every round's. Each round's record stays. A pair at the reference width is 138 MB a round.
+    keep_models: int = 0
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_width=16))
     train: TrainConfig = field(default_factory=TrainConfig)
     # the classes in label order: label k must mean the same class at every site, so a site whose names
@@ -104,6 +108,9 @@ class ServerConfig:
         for name in ("sites", "rounds", "round_timeout", "max_upload_mb"):
             if not getattr(self, name) > 0:
                 raise InputError(name, f"must be positive, not {getattr(self, name)}")
+        if not (isinstance(self.keep_models, int) and self.keep_models >= 0):
+            raise InputError("keep_models", f"must be a whole number ≥ 0 (0: every round's model), not "
+                                            f"{self.keep_models}")
         if not 1 <= self.min_sites <= self.sites:
             raise InputError("min_sites", f"need 1 ≤ min-sites ({self.min_sites}) ≤ sites ({self.sites})")
         AggregationRule.for_method(self.method, self.lam, self.beta)
@@ -227,6 +234,11 @@ class ServerState:
         completed = self._completed_rounds()
         self.last_round = completed[-1]
         self._history = read_history(self.root, completed)
+        if not self.global_path().exists():  # every other round's may be removed (keep_models), never this one
+            newest = self.round_dir(self.last_round)
+            raise InputError(self.global_path(), f"the newest round's global model is missing: restore it from a "
+                                                 f"backup, or move {newest} (and evaluations/{newest.name}) out of the "
+                                                 "state directory and the server runs that round again")
         self.template = tensor_template(self.global_pair(self.last_round))
         self.uploads: dict[str, dict] = {}
         opened_at = _opened_at(self.root, self.current_round)
@@ -254,6 +266,7 @@ class ServerState:
             if stray.stem not in self.uploads:
                 stray.unlink()
         self._evaluations = read_evaluations(self.root)
+        self._remove_old_models()  # a restart with a smaller --keep-models frees the space now
         if not self.finished and len(self.uploads) >= self.config.sites:
             self._close_round("all sites had reported before a restart")
 
@@ -439,10 +452,30 @@ class ServerState:
         self.uploads = {}  # before the files go: a failed delete must not leave them to count in the next round
         for path in self.current_dir.iterdir():
             path.unlink()
+        self._remove_old_models()
         if not self.finished:
             self._open_round()
         else:
             log.info("federation finished after %d rounds; final model: %s", self.last_round, self.global_path())
+
+    def _remove_old_models(self) -> None:
+        """With ``keep_models`` K: delete the global models of rounds before the last K, except the one the
+        sites' held-out scores rate best so far. Their records (meta.json) stay, so the history is whole."""
+        keep = self.config.keep_models
+        if not keep:
+            return
+        scored = {r: pooled(by_site)["dice"] for r, by_site in self._evaluations.items() if r <= self.last_round}
+        scored = {r: dice for r, dice in scored.items() if dice is not None}
+        best = max(scored, key=lambda r: (scored[r], r)) if scored else None
+        for r in range(0, self.last_round - keep + 1):
+            model = self.global_path(r)
+            if r != best and model.exists():
+                try:
+                    model.unlink()
+                except OSError as exc:  # space is not freed, nothing else: said, tried again next round
+                    log.warning("round %d's model could not be removed (--keep-models %d): %s", r, keep, exc)
+                else:
+                    log.info("round %d's model removed (--keep-models %d keeps the last %d)", r, keep, keep)
 
     def _commit_round(self, r: int, pair: PairState, meta: dict) -> None:
         final = self.round_dir(r)
@@ -470,14 +503,17 @@ def space_shortfall(root: Path, config: ServerConfig, last_round: int) -> str | 
     mid-federation, when the server must refuse uploads until space is freed."""
     model = (root / "rounds" / f"{last_round:06d}" / "global.safetensors").stat().st_size
     rounds_left = max(0, config.rounds - last_round)
-    need = model * (rounds_left + config.sites)
+    kept = min(rounds_left, config.keep_models + 1) if config.keep_models else rounds_left  # + the best-scored
+    need = model * (kept + config.sites)
     free = shutil.disk_usage(root).free
     if rounds_left == 0 or need <= free:
         return None
-    return (f"the {rounds_left} round(s) to come keep a global model of {_size(model)} each and, with the sites' "
+    fewer = "" if config.keep_models else ", or keep fewer rounds' models (--keep-models K)"
+    return (f"the {rounds_left} round(s) to come keep a global model of {_size(model)} each"
+            f"{f' (the last {config.keep_models} of them)' if config.keep_models else ''} and, with the sites' "
             f"uploads, need up to {_size(need)}; the disk of {root} has {_size(free)} free: free space or move the "
-            "state directory to a larger disk now (when the disk is full, the server refuses uploads until space "
-            "is freed)")
+            f"state directory to a larger disk now{fewer} (when the disk is full, the server refuses uploads until "
+            "space is freed)")
 
 
 def _size(n: float) -> str:
@@ -486,9 +522,10 @@ def _size(n: float) -> str:
 
 
 def completed_rounds(root: Path) -> list[int]:
-    """The committed rounds (0: the initial model), read only."""
+    """The committed rounds (0: the initial model), read only. A round is committed by renaming its complete
+    directory into place, so its record says so; its model may have been removed since (``keep_models``)."""
     return sorted(int(p.name) for p in (root / "rounds").iterdir() if p.name.isdigit()
-                  and (p / "global.safetensors").exists() and (p / "meta.json").exists())
+                  and (p / "meta.json").exists())
 
 
 def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:
