@@ -345,15 +345,21 @@ class SiteStore:
             # file over this one's, and delete it when its own row was refused
             with self._transaction() as db:
                 self._refuse_duplicate(image_id, where)
-                _write_tiff(self.root / relative, array, spacing)
-                written = True
-                seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM images").fetchone()[0]
-                db.execute(
-                    "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (image_id, relative, origin, array.shape[0], array.shape[1], channels, str(array.dtype),
-                     author or _default_author(), self._clock(), seq),
-                )
-        except BaseException:  # not in the site: its file (no row had the id) would only hold the space
+                try:
+                    _write_tiff(self.root / relative, array, spacing)
+                    written = True
+                    seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM images").fetchone()[0]
+                    db.execute(
+                        "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (image_id, relative, origin, array.shape[0], array.shape[1], channels, str(array.dtype),
+                         author or _default_author(), self._clock(), seq),
+                    )
+                except BaseException:  # still under the lock: no other program's file of this id can be here
+                    written = False
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.root / relative).unlink()
+                    raise
+        except BaseException:  # the commit itself failed (a full disk): the file would only hold the space
             if written:
                 with contextlib.suppress(FileNotFoundError):
                     (self.root / relative).unlink()
