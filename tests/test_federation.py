@@ -116,16 +116,17 @@ def test_serve_warns_at_start_when_the_rounds_to_come_will_not_fit_on_its_disk(t
         make_tokens(state, SITES)
         args = ["--sites", "3", "--min-sites", "3", *TINY_SETTINGS]
         with running_server(state, [*args, "--rounds", "2"]) as server:
-            pass
+            assert "Disk space" not in httpx.get(f"{server.url}/", timeout=10).text
         log = (tmp_path / f"server-{server.port}.log").read_text()
         assert "warning: the" not in log and "round(s) to come" not in log, log
         model = (state / "rounds" / "000000" / "global.safetensors").stat().st_size
         with running_server(state, [*args, "--rounds", "1000"]) as server:
-            pass
+            page = httpx.get(f"{server.url}/", timeout=10).text  # the admin's page says it while it holds
         log = (tmp_path / f"server-{server.port}.log").read_text()
         said = (f"warning: the 1000 round(s) to come keep a global model of {model / 1e3:.1f} kB each and, with the "
                 f"sites' uploads, need up to {model * (1000 + 3) / 1e6:.1f} MB; the disk of {state} has ")
         assert said in log, log
+        assert "<b>Disk space</b>: " + html.escape(said.removeprefix("warning: ")) in page
         from fedmix_engine.cli import main
 
         assert main(["status", "--state", str(state)]) == 0  # what an admin checks now and then says it too

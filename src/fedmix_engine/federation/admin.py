@@ -107,6 +107,8 @@ def render_admin_page(status: dict[str, Any]) -> str:
     expires = status.get("tls_expires_at")
     expiring = expiry_warning(expires, time.time()) if expires is not None else None
     renew = f"<p style='color:#b00'><b>Renew the TLS certificate</b>: {escape(expiring)}.</p>" if expiring else ""
+    short = status.get("space_shortfall")
+    renew += f"<p style='color:#b00'><b>Disk space</b>: {escape(short)}.</p>" if short else ""
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>FedMix server</title>
 <meta http-equiv='refresh' content='10'>
 <style>body{{font-family:sans-serif;margin:2em}}

@@ -63,6 +63,7 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         async def watch_deadline() -> None:
             said = None  # the failure last logged: a close failing every poll is said once, not every poll
             expiry_said = -math.inf  # when the certificate's coming expiry was last logged: once a day
+            space_said = time.time()  # serve's start said it; then once a day while it holds
             while True:
                 await asyncio.sleep(deadline_poll)
                 now = time.time()
@@ -70,6 +71,10 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
                         warning := expiry_warning(tls_expires_at, now)):
                     log.warning("%s", warning)
                     expiry_said = now
+                if now - space_said >= 86400:
+                    space_said = now
+                    if (short := shortfall()) is not None:
+                        log.warning("%s", short)
                 try:
                     await on_state_thread(state.close_if_due)
                 except Exception as exc:  # this loop is what retries the close: it must outlive the failure
@@ -231,9 +236,16 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
     def status() -> dict:
         return {**state.status(), "tls_expires_at": tls_expires_at}
 
+    def shortfall() -> str | None:
+        """The disk warning, read only (the newest round's model is never removed); a failed look says nothing."""
+        try:
+            return space_shortfall(state.root, state.config, state.last_round)
+        except OSError:
+            return None
+
     @app.get("/", response_class=HTMLResponse, dependencies=[Depends(status_reader)])
     def admin_page() -> str:
-        return render_admin_page(status())
+        return render_admin_page({**status(), "space_shortfall": shortfall()})
 
     return app
 
