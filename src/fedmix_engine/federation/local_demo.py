@@ -23,6 +23,7 @@ from fedmix_engine.atomic import make_folder
 from fedmix_engine.data.synthetic import CLASS_SETS, make_sample
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.client import wait_for_server
+from fedmix_engine.federation.state import GLOBAL_FILE, round_dir
 from fedmix_engine.federation.tokens import TokenStore
 
 SITES = ("site-a", "site-b", "site-c")
@@ -142,6 +143,6 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
                 p.terminate()
                 p.wait(10)
     png = out / "predictions.png"
-    _overlay_png(state / "rounds" / f"{rounds:06d}" / "global.safetensors", data, png)
+    _overlay_png(round_dir(state, rounds) / GLOBAL_FILE, data, png)
     print(f"4/4 wrote {png} (red: prediction of the final global model, green: ground truth; one row per site)")
     return png

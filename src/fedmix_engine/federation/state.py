@@ -63,6 +63,7 @@ STORAGE_FAULTS = {
     errno.EPERM: (503, "the server's user may not write there: fix the owner or the permissions"),
 }
 CONFIG_FILE = "server.json"
+GLOBAL_FILE = "global.safetensors"  # in a round's folder: the global pair it produced
 CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
 ID_FILE = "federation-id"  # sites keep their Adam moments per federation under this id
 SERVER_LOCK = "server.lock"  # Windows: the running server's lock file (on POSIX it flocks the directory)
@@ -293,10 +294,10 @@ class ServerState:
         return self.opened_at + self.config.round_timeout
 
     def round_dir(self, r: int) -> Path:
-        return self.root / "rounds" / f"{r:06d}"
+        return round_dir(self.root, r)
 
     def global_path(self, r: int | None = None) -> Path:
-        return self.round_dir(self.last_round if r is None else r) / "global.safetensors"
+        return round_dir(self.root, self.last_round if r is None else r) / GLOBAL_FILE
 
     def global_pair(self, r: int) -> PairState:
         return load_checkpoint(self.global_path(r))[0]
@@ -483,7 +484,7 @@ class ServerState:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            save_checkpoint(tmp / "global.safetensors", pair, self.config.model, self.config.checkpoint_meta(r))
+            save_checkpoint(tmp / GLOBAL_FILE, pair, self.config.model, self.config.checkpoint_meta(r))
             atomic_write_bytes(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
             os.replace(tmp, final)
         except BaseException:  # nothing committed; a half-written model would hold a full disk's last space
@@ -496,12 +497,17 @@ class ServerState:
 
 
 # ---------------------------------------------------------------------- reading a state directory
+def round_dir(root: Path, r: int) -> Path:
+    """Round ``r``'s folder in a state directory (0: the initial model)."""
+    return root / "rounds" / f"{r:06d}"
+
+
 def space_shortfall(root: Path, config: ServerConfig, last_round: int) -> str | None:
     """Why the rounds to come will not fit on the state directory's disk, or None: every round keeps its
     global model (a pair at the reference width is 138 MB: 100 rounds, 14 GB) and the open round holds an
     upload per site. ``serve`` says it at the start and ``status`` every time, rather than the disk filling
     mid-federation, when the server must refuse uploads until space is freed."""
-    model = (root / "rounds" / f"{last_round:06d}" / "global.safetensors").stat().st_size
+    model = (round_dir(root, last_round) / GLOBAL_FILE).stat().st_size
     rounds_left = max(0, config.rounds - last_round)
     kept = min(rounds_left, config.keep_models + 1) if config.keep_models else rounds_left  # + the best-scored
     need = model * (kept + config.sites)
@@ -531,7 +537,7 @@ def completed_rounds(root: Path) -> list[int]:
 def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:
     """Each completed round's record (``meta.json``: reason, weights, n, ℓ per site); a damaged one is named
     with what to do, not read as a history the sites' clients and the admin page would trip over."""
-    return [_round_record(root / "rounds" / f"{r:06d}" / "meta.json", r, newest=r == completed[-1])
+    return [_round_record(round_dir(root, r) / "meta.json", r, newest=r == completed[-1])
             for r in completed if r > 0]
 
 
