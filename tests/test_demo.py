@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
+import psutil
 
 from fedmix_engine.cli import main
 from fedmix_engine.federation.local_demo import MARKER, fresh_demo_folder
@@ -37,5 +42,57 @@ def test_demo_runs_a_small_federation_end_to_end_and_never_empties_a_users_folde
     assert (png[..., :3] == (40, 220, 40)).all(axis=-1).any(), "ground-truth outlines drawn"
     assert (out / "server-state").is_dir() and (out / MARKER).is_file()
 
-    fresh_demo_folder(out)  # the next demo into its own folder starts from nothing
+    fresh_demo_folder(out)()  # the next demo into its own folder starts from nothing (then let go)
+    assert [p.name for p in out.iterdir()] == [MARKER]
+
+
+def _running_demo(out: Path, log: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """A real ``fedmix-engine demo`` with many rounds, once its server and three sites run."""
+    demo = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "demo", str(out), "--rounds", "500",
+                             "--images", "8", "--size", "32", "--width", "4"],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and demo.poll() is None:
+        children = psutil.Process(demo.pid).children()
+        if len(children) == 4 and "3/4" in log.read_text():
+            return demo, children
+        time.sleep(0.3)
+    demo.kill()
+    raise AssertionError(f"the demo did not start its server and sites:\n{log.read_text()}")
+
+
+def test_a_running_demos_folder_is_refused_and_a_stopped_demo_stops_its_server_and_sites(
+        tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    demo, children = _running_demo(out, tmp_path / "first.log")
+    try:
+        # a second demo into the same folder used to empty it under the running one
+        assert main(["demo", str(out), *TINY]) == 2
+        assert f"{out}: is in use by a running demo" in capsys.readouterr().err
+        assert (out / "server-state").is_dir() and demo.poll() is None and all(c.is_running() for c in children)
+
+        # `kill` (SIGTERM, as a service manager or a closed terminal's SIGHUP) used to end the demo alone:
+        # its server and three sites went on, for all their rounds, holding the port and the folder
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(30) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"still running after the demo stopped: {[c.cmdline() for c in alive]}"
+        assert "stopped by SIGTERM" in (tmp_path / "first.log").read_text()
+    finally:
+        for process in [psutil.Process(demo.pid)] if demo.poll() is None else []:
+            process.kill()
+
+    # kill -9 leaves no chance to stop them: the folder stays refused while any of them runs, then is free
+    demo, children = _running_demo(out, tmp_path / "second.log")
+    try:
+        demo.kill()
+        demo.wait(10)
+        assert all(c.is_running() for c in children)
+        assert main(["demo", str(out), *TINY]) == 2
+        assert "its server or sites may still run" in capsys.readouterr().err
+    finally:
+        for child in children:
+            child.terminate()
+        psutil.wait_procs(children, timeout=30)
+    fresh_demo_folder(out)()  # free again: emptied, and the hold released
     assert [p.name for p in out.iterdir()] == [MARKER]

@@ -302,9 +302,14 @@ def _held_out(evaluation: dict) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fedmix_engine.federation.local_demo import run_demo
+    from fedmix_engine.federation.local_demo import DemoStopped, run_demo
 
-    run_demo(args.out, rounds=args.rounds, images=args.images, size=args.size, width=args.width, seed=args.seed)
+    try:
+        run_demo(args.out, rounds=args.rounds, images=args.images, size=args.size, width=args.width, seed=args.seed)
+    except DemoStopped as stopped:
+        print(f"demo stopped by {stopped}: its server and sites are stopped; {args.out} keeps what they wrote",
+              file=sys.stderr)
+        return 128 + stopped.signum
     return 0
 
 

@@ -19,9 +19,21 @@ from fedmix_engine.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def hold_folder(folder: Path, busy: str, lock_file: str) -> Callable[[], None]:
+class HeldFolder:
+    """A folder's lock, released by calling it. ``descriptor`` is the locked file descriptor (POSIX): a
+    child process given it (``subprocess.Popen(pass_fds=...)``) holds the lock too, until all have ended."""
+
+    def __init__(self, release: Callable[[], None], descriptor: int | None = None) -> None:
+        self._release = release
+        self.descriptor = descriptor
+
+    def __call__(self) -> None:
+        self._release()
+
+
+def hold_folder(folder: Path, busy: str, lock_file: str) -> HeldFolder:
     """Lock ``folder`` (which exists) or raise ``InputError(folder, busy)`` if another process holds it;
-    returns the release. On a file system without locks (some network shares) it warns and goes on."""
+    returns the hold. On a file system without locks (some network shares) it warns and goes on."""
     if os.name != "posix":
         from filelock import FileLock, Timeout
 
@@ -30,7 +42,7 @@ def hold_folder(folder: Path, busy: str, lock_file: str) -> Callable[[], None]:
             lock.acquire(timeout=0)
         except Timeout:
             raise InputError(folder, busy) from None
-        return lock.release
+        return HeldFolder(lock.release)
     import fcntl
 
     fd = os.open(folder, os.O_RDONLY)
@@ -42,4 +54,4 @@ def hold_folder(folder: Path, busy: str, lock_file: str) -> Callable[[], None]:
     except OSError as exc:  # a file system without locks: run, but say what is lost
         log.warning("%s: cannot be locked (%s): a second writer started on it would not be noticed",
                     folder, exc.strerror)
-    return lambda: os.close(fd)
+    return HeldFolder(lambda: os.close(fd), fd)

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.client import wait_for_server
 from fedmix_engine.federation.state import GLOBAL_FILE, round_dir
 from fedmix_engine.federation.tokens import TokenStore
+from fedmix_engine.folder_lock import HeldFolder, hold_folder
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -32,17 +37,74 @@ SITES = ("site-a", "site-b", "site-c")
 MARKER = ".fedmix-demo"
 
 
-def fresh_demo_folder(out: Path) -> Path:
-    """An empty ``out`` for the demo. Only a folder an earlier demo wrote (it holds ``MARKER``) is
-    emptied: ``demo ~/scans`` used to delete whatever was there."""
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise InputError(out, "is not empty and was not written by the demo; choose a new or empty folder "
-                                  "(the demo replaces its folder on every run)")
-        shutil.rmtree(out)
+DEMO_LOCK = "demo.lock"  # Windows only: the lock's file (POSIX locks the folder itself)
+
+_DEMO_RUNNING = ("is in use by a running demo, or its server or sites may still run (a demo killed with kill -9 "
+                 "cannot stop them; their command lines name this folder); stop them, or choose another folder")
+
+
+def fresh_demo_folder(out: Path) -> HeldFolder:
+    """Lock ``out`` and empty it for the demo; returns the hold. Only a folder an earlier demo wrote (it
+    holds ``MARKER``) is emptied: ``demo ~/scans`` used to delete whatever was there. A running demo's
+    folder is refused: a second demo emptied it under the first one's server and sites."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise InputError(out, "is not empty and was not written by the demo; choose a new or empty folder "
+                              "(the demo replaces its folder on every run)")
     make_folder(out)
-    (out / MARKER).write_text("written by 'fedmix-engine demo'; the next demo into this folder replaces it\n")
-    return out
+    held = hold_folder(out, _DEMO_RUNNING, DEMO_LOCK)
+    try:
+        for entry in out.iterdir():  # emptied, not replaced: the lock is on this folder
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.name != DEMO_LOCK:
+                entry.unlink()
+        (out / MARKER).write_text("written by 'fedmix-engine demo'; the next demo into this folder replaces it\n")
+    except BaseException:
+        held()
+        raise
+    return held
+
+
+class DemoStopped(Exception):
+    """The demo was asked to stop by a signal (SIGTERM from ``kill`` or a service manager, SIGHUP from a
+    closed terminal); its server and sites have been stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into ``DemoStopped`` while the demo runs, so that it stops the processes
+    it started: by default they end the demo alone, and its server and sites ran on for all their rounds."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise DemoStopped(signum)
+
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    before = {signum: signal.signal(signum, stop) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Stop the demo's processes: asked first (the server shuts down cleanly), killed if they hang."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _free_port() -> int:
@@ -81,10 +143,21 @@ def _overlay_png(checkpoint: Path, data: Path, out: Path, per_site: int = 4) -> 
 
 def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64, width: int = 8,
              seed: int = 0, round_timeout: float = 300.0) -> Path:
-    """Run the demo into ``out``; returns the path of the overlay PNG."""
+    """Run the demo into ``out``; returns the path of the overlay PNG. Raises ``DemoStopped`` when a
+    signal stops it."""
+    out = Path(out)
+    held = fresh_demo_folder(out)
+    try:
+        with _stopped_by_signals():
+            return _run(out, held, rounds, images, size, width, seed, round_timeout)
+    finally:
+        held()
+
+
+def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width: int, seed: int,
+         round_timeout: float) -> Path:
     import httpx
 
-    out = fresh_demo_folder(Path(out))
     data, state = out / "data", out / "server-state"
     print(f"1/4 writing a synthetic federation to {data} (A: masks, B: boxes, C: tags)", flush=True)
     make_sample(data, sites=3, images=images, eval_images=12, seed=seed, size=size)
@@ -99,10 +172,13 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
                   "--local-epochs", "2", "--seed", str(seed), "--class-names", ",".join(CLASS_SETS[1])]
     logs = out / "logs"
     logs.mkdir(parents=True)
+    # the server and sites hold the folder's lock too: a demo killed with kill -9 cannot stop them, and
+    # its folder must not be emptied under them by the next demo
+    inherit = {"pass_fds": [held.descriptor]} if held.descriptor is not None else {}
     procs: list[subprocess.Popen] = []
     try:
         with open(logs / "server.log", "wb") as log:
-            procs.append(subprocess.Popen(server_cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+            procs.append(subprocess.Popen(server_cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **inherit))
         url = f"http://127.0.0.1:{port}"
         if not wait_for_server(url, 60):
             raise InputError("server", f"did not start; see {logs / 'server.log'}")
@@ -113,7 +189,8 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
                     [sys.executable, "-m", "fedmix_engine.cli", "join", "--server", url,
                      "--site", str(data / site), "--device", "cpu", "--poll", "0.3",
                      "--eval", str(data / "eval" / site / "test")],
-                    stdout=log, stderr=subprocess.STDOUT, env={**env, "FEDMIX_TOKEN": site_tokens[site]}))
+                    stdout=log, stderr=subprocess.STDOUT, env={**env, "FEDMIX_TOKEN": site_tokens[site]},
+                    **inherit))
         print("3/4 rounds (w = site weight; D = Dice of the new global model on the site's test images, scored "
               "at the site and sent to the server)", flush=True)
         print("round  " + "  ".join(f"{s:>16}" for s in SITES) + "   mean Dice   time", flush=True)
@@ -138,10 +215,7 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
         for p in procs[1:]:
             p.wait(120)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(10)
+        _stop(procs)
     png = out / "predictions.png"
     _overlay_png(round_dir(state, rounds) / GLOBAL_FILE, data, png)
     print(f"4/4 wrote {png} (red: prediction of the final global model, green: ground truth; one row per site)")
