@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import html
 import json
 import os
@@ -1116,6 +1117,37 @@ def test_a_damaged_token_file_is_named_by_every_command_and_a_running_server_ref
     log = next(tmp_path.glob("server-*.log")).read_text()
     assert "Traceback" not in log and "damaged token file (not a map of site names to entries" in log, log[-3000:]
     assert log.count("damaged token file (Expecting property name") == 1, "said once, not once per request"
+
+
+def test_token_commands_run_at_once_lose_no_site(tmp_path: Path, monkeypatch) -> None:
+    """``token add`` read the token file, added its site and wrote it back: two run at once (an admin's
+    script adding sites in parallel, two admins) each wrote the file without the other's site; ten in
+    parallel kept 3 of 10. Both tokens had been printed and handed out, and a site whose entry was lost
+    was refused at joining. Here a second ``token add`` process starts between this one's read and
+    its write."""
+    from fedmix_engine.federation.tokens import TokenStore
+
+    store = TokenStore(tmp_path)
+    store.add("site-a")
+    other: list[subprocess.Popen] = []
+    save = TokenStore._save
+
+    def racing_save(self: TokenStore, entries: dict) -> None:
+        if not other:  # this add has read the file; another process adds its site now
+            other.append(subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "token", "add", "site-c",
+                                           "--state", str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                other[0].wait(5)  # the old code let it write at once; now it waits for this add's lock
+        save(self, entries)
+
+    monkeypatch.setattr(TokenStore, "_save", racing_save)
+    token_b = store.add("site-b")
+    token_c = other[0].communicate(timeout=60)[0].strip()
+    assert other[0].returncode == 0
+    monkeypatch.undo()
+    fresh = TokenStore(tmp_path)
+    assert set(fresh.sites()) == {"site-a", "site-b", "site-c"}
+    assert fresh.site_for(token_b) == "site-b" and fresh.site_for(token_c) == "site-c"
 
 
 def test_token_add_refuses_site_names_that_cannot_be_file_names_on_every_server(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Tokens are 256-bit random strings, so a fast hash is enough (no password stretching needed); the
 comparison is constant-time. The file is re-read when it changes, so ``token revoke`` takes effect
-on a running server without a restart.
+on a running server without a restart. Changes hold ``tokens.lock``: two ``token`` commands at once
+each wrote the file without the other's site.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.errors import InputError
 
 TOKENS_FILE = "tokens.json"
+TOKENS_LOCK = "tokens.lock"  # held while a command reads, changes and writes the token file
 _SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # a site's name becomes a file name on the server (current/<site>.safetensors); Windows reserves these,
 # with any extension and in any case, so a server there could never store that site's update
@@ -79,6 +83,22 @@ class TokenStore:
             self._version = version
         return self._entries
 
+    @contextmanager
+    def _changing(self) -> Iterator[dict[str, dict]]:
+        """The entries to change, read under the lock, then saved: a read-change-write without it lost
+        the site of a ``token add`` run at the same time (both tokens printed, one refused at joining)."""
+        from filelock import FileLock, Timeout
+
+        make_folder(self.path.parent)
+        try:
+            with FileLock(self.path.parent / TOKENS_LOCK, thread_local=False, timeout=60):
+                entries = dict(self._load())
+                yield entries
+                self._save(entries)
+        except Timeout:
+            raise InputError(self.path, f"another token command has held {TOKENS_LOCK} for a minute; if none is "
+                                        "running, try again") from None
+
     def _save(self, entries: dict[str, dict]) -> None:
         atomic_write_bytes(self.path, (json.dumps(entries, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
 
@@ -89,24 +109,22 @@ class TokenStore:
         if _WINDOWS_DEVICE.match(site):
             raise InputError("SITE", f"site name '{site}' is a device name on Windows (CON, PRN, AUX, NUL, COM0–9, "
                              "LPT0–9), where a server could not store its updates: choose another")
-        entries = dict(self._load())
-        # on a case-insensitive file system (Windows, macOS) 'Site-A' and 'site-a' would share one update file
-        if twin := next((other for other in entries if other.lower() == site.lower() and other != site), None):
-            raise InputError("SITE", f"site name '{site}' differs from the existing site '{twin}' only in case; "
-                             "a server on Windows or macOS would store both sites' updates in one file: use "
-                             f"'{twin}' (a new token for it) or another name")
-        token = f"fmx_{secrets.token_urlsafe(32)}"
-        entries[site] = {"sha256": _hash(token), "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                         "revoked": False}
-        self._save(entries)
+        with self._changing() as entries:
+            # on a case-insensitive file system (Windows, macOS) 'Site-A' and 'site-a' would share one update file
+            if twin := next((other for other in entries if other.lower() == site.lower() and other != site), None):
+                raise InputError("SITE", f"site name '{site}' differs from the existing site '{twin}' only in case; "
+                                 "a server on Windows or macOS would store both sites' updates in one file: use "
+                                 f"'{twin}' (a new token for it) or another name")
+            token = f"fmx_{secrets.token_urlsafe(32)}"
+            entries[site] = {"sha256": _hash(token), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                             "revoked": False}
         return token
 
     def revoke(self, site: str) -> None:
-        entries = dict(self._load())
-        if site not in entries:
-            raise InputError("SITE", f"no token for site '{site}'")
-        entries[site] = {**entries[site], "revoked": True}
-        self._save(entries)
+        with self._changing() as entries:
+            if site not in entries:
+                raise InputError("SITE", f"no token for site '{site}'")
+            entries[site] = {**entries[site], "revoked": True}
 
     def sites(self) -> dict[str, dict]:
         return {site: {k: v for k, v in e.items() if k != "sha256"} for site, e in self._load().items()}
