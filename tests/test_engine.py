@@ -303,6 +303,12 @@ def test_predict_takes_a_site_folder_and_uses_the_model_it_trained_last(tmp_path
     assert main(["predict", str(site), str(images), str(tmp_path / "none")]) == 2
     assert f"{site}: is a folder without a model (models/global.safetensors or models/local/final.safetensors)" \
         in capsys.readouterr().err and not (tmp_path / "none").exists()
+    run = tmp_path / "run"  # simulate --out: which of its checkpoints is the user's choice, said
+    for name in ("best", "final"):
+        save_checkpoint(run / f"{name}.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
+    assert main(["predict", str(run), str(images), str(tmp_path / "none")]) == 2
+    assert f"{run}: is a simulate run's folder: give one of its checkpoints, best.safetensors or " \
+        "final.safetensors" in capsys.readouterr().err
     federated = save_checkpoint(site / "models" / "global.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
     local = save_checkpoint(site / "models" / "local" / "final.safetensors", init_pair(TINY, 1), TINY,
                             {"image_size": 32})

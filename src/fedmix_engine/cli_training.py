@@ -127,6 +127,9 @@ def _model_file(path: Path) -> Path:
     from fedmix_engine.site_models import GLOBAL_MODEL, LOCAL_MODEL, newest_site_model
 
     model = newest_site_model(path)
+    if model is None and (runs := [n for n in ("best.safetensors", "final.safetensors") if (path / n).is_file()]):
+        raise InputError(path, f"is a simulate run's folder: give one of its checkpoints, {' or '.join(runs)} "
+                               "(best: the round chosen on the validation images)")
     if model is None:
         raise InputError(path, f"is a folder without a model ({GLOBAL_MODEL} or {LOCAL_MODEL}); "
                                "give a .safetensors checkpoint, or a site folder that has trained")
