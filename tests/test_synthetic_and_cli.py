@@ -446,6 +446,33 @@ def test_site_import_takes_a_spreadsheets_capitalised_class_and_decimal_comma(tm
     assert "tags.csv:2: unknown class 'Lesion'; this site's classes are: cyst, Cyst" in capsys.readouterr().out
 
 
+def test_site_import_takes_tags_as_a_spreadsheet_lays_them_out_a_column_per_class(tmp_path: Path, capsys,
+                                                                                   rng) -> None:
+    """A clinic's spreadsheet of image-level labels has a row per image and a column per class; it was refused
+    ("missing column(s) class, present"), to be rewritten a row per tag by hand. An empty cell is no tag;
+    a column that is not one of the site's classes (a note, an age) is said once and left out."""
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    (clinic / "wide.csv").write_text("Image;Lesion;Cyst;notes\ncase-12;yes;0;large\ncase-13;no;;\n"
+                                     "case-14;;1;\ncase-15;maybe;1;\n")
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion,cyst", "--images", str(clinic / "images"),
+                 "--tags", str(clinic / "wide.csv")]) == 1
+    out = capsys.readouterr().out
+    assert "tags: 5" in out and "2 problem(s)" in out, out
+    assert "wide.csv: column 'notes' is not a class of the site (lesion, cyst): left out" in out
+    assert "wide.csv:5: lesion: must be present or absent (yes/no, 1/0), got 'maybe'" in out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.tags("case-12") == {"lesion": True, "cyst": False}
+        assert store.tags("case-13") == {"lesion": False}
+        assert store.tags("case-14") == {"cyst": True} and store.tags("case-15") == {"cyst": True}
+
+    (clinic / "neither.csv").write_text("image\ncase-12\n")  # no class at all: refused before anything
+    assert main(["site", "import", str(site), "--tags", str(clinic / "neither.csv")]) == 2
+    assert ("neither.csv: no tag column; expected header: image,class,present, or image and a column per class "
+            "(image,lesion,…)") in capsys.readouterr().err
+
+
 def test_site_import_of_a_folder_without_images_says_what_it_holds(tmp_path: Path, capsys, rng) -> None:
     """Per-patient sub-folders or a folder of volumes imported nothing, said 'images added: 0' and exited 0."""
     nested = tmp_path / "scans"

@@ -127,8 +127,9 @@ def _separator(text: str, required: tuple[str, ...]) -> str:
     return ","
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> TableRows:
-    """The rows of a table, each with its line number; refused whole, naming the file, if it cannot be read."""
+def _read_table(path: Path, required: tuple[str, ...], expected: str | None = None) -> tuple[list[str], TableRows]:
+    """A table's header (lower case) and rows, each with its line number; refused whole, naming the file, if
+    it cannot be read or lacks a ``required`` column (``expected``: the header to suggest)."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -141,11 +142,43 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> TableRows:
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
         missing = [c for c in required if c not in header]
         if missing:
-            raise InputError(path, f"missing column(s) {', '.join(missing)}; expected header: {','.join(required)}")
-        return [(line, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None})
-                for line, row in enumerate(reader, start=2)]
+            raise InputError(path, f"missing column(s) {', '.join(missing)}; expected header: "
+                                   f"{expected or ','.join(required)}")
+        return header, [(line, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None})
+                        for line, row in enumerate(reader, start=2)]
     except csv.Error as exc:
         raise InputError(path, f"not readable as CSV after line {reader.line_num} ({exc})") from exc
+
+
+_TAG_HEADERS = "image,class,present, or image and a column per class (image,lesion,…)"
+
+
+def _read_tags(path: Path) -> TableRows:
+    """A tag table a row per tag (``image,class,present``) or a row per image and a column per class, as a
+    spreadsheet lays them out (which of its columns are classes, the site says: :func:`_tags_by_row`)."""
+    header, rows = _read_table(path, ("image",), _TAG_HEADERS)
+    if "class" in header or "present" in header:
+        return _read_table(path, TAG_COLUMNS, _TAG_HEADERS)[1]
+    if not [name for name in header if name and name != "image"]:
+        raise InputError(path, f"no tag column; expected header: {_TAG_HEADERS}")
+    return rows
+
+
+def _tags_by_row(table: tuple[Path, TableRows], classes: tuple[str, ...],
+                 report: ImportReport) -> tuple[Path, TableRows]:
+    """A tag table a row per tag: a column-per-class table's cells become rows (an empty cell is no tag); its
+    columns that are not the site's classes (a note, an age) are said once and left out."""
+    path, rows = table
+    if not rows or "class" in rows[0][1]:
+        return table
+    columns = [name for name in rows[0][1] if name and name != "image"]
+    named = {name: _site_class(classes, name) for name in columns}
+    for name in columns:
+        if named[name] not in classes:
+            report.problems.append(f"{path}: column '{name}' is not a class of the site ({', '.join(classes)}): "
+                                   "left out")
+    return path, [(line, {"image": row["image"], "class": named[name], "present": row[name]})
+                  for line, row in rows for name in columns if named[name] in classes and row[name]]
 
 
 def _resolve_image(ids: set[str], name: str) -> str | None:
@@ -243,8 +276,8 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
     for folder in (images, masks):
         if folder is not None and not image_files(Path(folder)):
             raise InputError(folder, no_images_reason(Path(folder)))
-    boxes = (Path(boxes_csv), _read_csv(Path(boxes_csv), BOX_COLUMNS)) if boxes_csv is not None else None
-    tags = (Path(tags_csv), _read_csv(Path(tags_csv), TAG_COLUMNS)) if tags_csv is not None else None
+    boxes = (Path(boxes_csv), _read_table(Path(boxes_csv), BOX_COLUMNS)[1]) if boxes_csv is not None else None
+    tags = (Path(tags_csv), _read_tags(Path(tags_csv))) if tags_csv is not None else None
     return ImportSources(Path(images) if images is not None else None, Path(masks) if masks is not None else None,
                          boxes, tags)
 
@@ -355,10 +388,12 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
             report.boxes += len(boxes)
 
     if sources.tags is not None:
-        for where, image_id, row in _rows_of_site_images(sources.tags, ids, store.config.classes, report):
+        tags = _tags_by_row(sources.tags, store.config.classes, report)
+        for where, image_id, row in _rows_of_site_images(tags, ids, store.config.classes, report):
             value = row["present"].lower()
             if value not in _TRUE | _FALSE:
-                report.problems.append(f"{where}: present must be 'present' or 'absent', got '{row['present']}'")
+                report.problems.append(f"{where}: {row['class']}: must be present or absent (yes/no, 1/0), got "
+                                       f"'{row['present']}'")
                 continue
             try:
                 store.set_tag(image_id, row["class"], value in _TRUE, author=author)
