@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -152,3 +154,17 @@ def test_a_given_image_size_alone_is_a_valid_setting_its_crop_follows(tmp_path, 
     assert main(["simulate", "--sample", str(tmp_path / "fed"), "--out", str(tmp_path / "run"), "--rounds", "1",
                  "--width", "4", "--image-size", "48", "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["crop_size"] == 32
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    """``fedmix-engine status --state DIR | head`` printed "error: Broken pipe (BrokenPipeError)" when head
+    had read its lines: the pipe closed by the reader is how a listing is cut short, not an error."""
+    entries = {f"site-{i:04d}": {"sha256": "0" * 64, "created": "2026-11-30T00:00:00+00:00", "revoked": False}
+               for i in range(3000)}  # 180 kB: more than a pipe holds
+    (tmp_path / "tokens.json").write_text(json.dumps(entries))
+    listing = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "token", "list", "--state", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert listing.stdout.readline().startswith(b"site-0000\tcreated")
+    listing.stdout.close()  # as head does once it has its lines
+    assert listing.stderr.read().decode() == ""
+    assert listing.wait(30) == 128 + 13  # as a program killed by SIGPIPE: a pipeline with pipefail sees it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -261,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except BrokenPipeError:  # `... | head` read its lines and closed the pipe: how a listing is cut short
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + 13  # as a program that SIGPIPE ended (the shell's 141)
     except InputError as exc:
         print(f"error: {_as_typed(exc, parser, args)}", file=sys.stderr)
         return 2
