@@ -355,6 +355,15 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
     with open(tmp_path / "scores.csv", newline="") as handle:
         written = list(csv.DictReader(handle))
     assert [(w["image"], float(w["dice"])) for w in written] == [(r.image, round(r.dice, 4)) for r in rows]
+    assert "note:" not in capsys.readouterr().err
+    # 'evaluate SITE SITE' scores the site's own model on its training images: said, as it flatters the model
+    import shutil
+
+    site = shutil.copytree(test, tmp_path / "site")
+    save_checkpoint(site / "models" / "global.safetensors", init_pair(TINY, 3), TINY, {"image_size": 32})
+    assert main(["evaluate", str(site), str(site), "--device", "cpu"]) == 0
+    assert (f"note: {site}: the model is this site's own (global.safetensors in its folder), trained on these "
+            "images: these scores flatter it") in capsys.readouterr().err
 
     # a site is scored a few images at a time (its memory does not grow with it), with the same rows
     import fedmix_engine.evaluation as evaluation

@@ -1575,6 +1575,13 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     assert "4 image(s) with full ground truth; mean Dice over images" in widget.status.text()
     assert "HD95 in mm from 2 of 4 images" in widget.status.text() and "m.safetensors (" in widget.status.text()
     assert (tmp_path / "scores.csv").read_text().count("\n") == 5 and widget.progress.value() == 4
+    assert "flatter" not in widget.status.text()
+    # the site's own model, scored on the images it trained on: said
+    widget.checkpoint.setText(str(all_lesion_checkpoint(site / "models" / "global.safetensors")))
+    widget.scores_file.setText("")
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert f"note: {site}: the model is this site's own" in widget.status.text()
     widget.checkpoint.setText(str(model))
 
     # a site with no full ground truth is named; Stop leaves no half table

@@ -138,12 +138,15 @@ def _model_file(path: Path) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedmix_engine.evaluation import mean_image_dice, score_site, summarise, write_scores
+    from fedmix_engine.evaluation import mean_image_dice, own_model_note, score_site, summarise, write_scores
     from fedmix_engine.predict import Predictor
 
     if args.out:
         check_writable_file(args.out)  # before the work, not after it
-    predictor = Predictor.from_checkpoint(_model_file(args.model), device=args.device, inference=args.inference)
+    model = _model_file(args.model)
+    predictor = Predictor.from_checkpoint(model, device=args.device, inference=args.inference)
+    if note := own_model_note(model, args.site):
+        print(f"note: {note}", file=sys.stderr)
     rows = score_site(predictor, args.site, progress=lambda done, total: progress_bar(done, total, "evaluate"))
     clear_progress_bar()
     if args.out:

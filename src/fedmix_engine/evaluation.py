@@ -64,6 +64,16 @@ NO_FULL_TRUTH = "no image with full ground truth (a mask, or every class tagged 
 SCORED_AT_ONCE = 32  # images a site's scoring holds at once: its memory does not grow with the site
 
 
+def own_model_note(model: str | Path, site: str | Path) -> str | None:
+    """A note when ``model`` is the scored site's own (it lives in the site's folder: the site trained it,
+    or took part in the federation that did, on these images): such scores flatter the model. Said, not
+    refused: how well a model fits its training images is a fair question too."""
+    if Path(site).resolve() not in Path(model).resolve().parents:
+        return None
+    return (f"{site}: the model is this site's own ({Path(model).name} in its folder), trained on these images: "
+            "these scores flatter it; for how it does on new cases, score a labelled folder it was not trained on")
+
+
 def full_truth_records(store: SiteStore) -> list[ImageRecord]:
     """The images whose ground truth is full: a mask, or every class tagged absent (one class tagged
     absent and another unknown is not: the unknown class's truth would be scored as empty)."""

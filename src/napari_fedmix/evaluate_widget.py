@@ -82,7 +82,7 @@ class EvaluateWidget(QWidget):
         """Score the model on the site in a worker; the table and status show the result. Bad input (no
         model, a site without full ground truth, classes in another order) is said in the status line."""
         from fedmix_engine.atomic import check_writable_file
-        from fedmix_engine.evaluation import iter_score_site
+        from fedmix_engine.evaluation import iter_score_site, own_model_note
         from fedmix_engine.predict import Predictor
 
         try:
@@ -100,7 +100,7 @@ class EvaluateWidget(QWidget):
         self.worker = make_worker(lambda: (yield from iter_score_site(predictor, site)), on_error=self._on_error)
         self.worker.yielded.connect(self._on_image)
         self.worker.returned.connect(lambda rows: self._show(rows, f"{Path(model).name} ({predictor.describe()})",
-                                                             scores))
+                                                             scores, own_model_note(model, site)))
         self.worker.aborted.connect(lambda: self.status.setText(
             f"stopped after {self.done[0]} of {self.done[1]} images: no scores (they would not be the site's)"))
         self.worker.finished.connect(self._finished)
@@ -126,8 +126,9 @@ class EvaluateWidget(QWidget):
         self.run_button.setEnabled(True)
         self.stop_button.setEnabled(False)
 
-    def _show(self, rows: list, model: str, scores: Path | None) -> None:
-        """The table and status; ``model`` names the checkpoint evaluated (the field may have changed since)."""
+    def _show(self, rows: list, model: str, scores: Path | None, own: str | None = None) -> None:
+        """The table and status; ``model`` names the checkpoint evaluated (the field may have changed since),
+        ``own`` notes that it is the scored site's own model."""
         from fedmix_engine.evaluation import mean_image_dice, summarise, write_scores
 
         summary = summarise(rows)
@@ -151,7 +152,7 @@ class EvaluateWidget(QWidget):
                 notes.append(f"every image's scores: {scores}")
             except OSError as exc:
                 notes.append(f"scores not saved: {scores}: {exc.strerror or exc}")
-        self.status.setText("\n".join(notes))
+        self.status.setText("\n".join(notes + ([f"note: {own}"] if own else [])))
 
 
 def _number(value: float, digits: int) -> str:
