@@ -753,7 +753,10 @@ def test_the_round_history_is_for_the_admin_and_the_sites_unless_made_public(tmp
             for who, headers in (("remote", {}), ("remote site", site), ("remote wrong token", wrong)):
                 for path in ("/v1/status", "/"):
                     seen[access, who, path] = httpx.get(remote + path, headers=headers, timeout=10).status_code
-            seen[access, "admin here", "/"] = httpx.get(server.url + "/", timeout=10).status_code
+            page = httpx.get(server.url + "/", timeout=10)
+            seen[access, "admin here", "/"] = page.status_code
+            # relative, so that it also leads to the JSON behind a reverse proxy's path prefix (/fedmix/)
+            assert "<a href='v1/status'>" in page.text
             if access == "sites":
                 refused = httpx.get(remote + "/v1/status", timeout=10)
                 assert refused.json()["detail"] == (

@@ -124,5 +124,5 @@ Uploaded this round: {escape(waiting)}.</p>
 {svg_lines(counts, "samples used n_k per round")}</div>
 <table><tr><th>round</th><th>sites</th><th>n, ℓ, weight per site</th><th>closed because</th></tr>
 {''.join(reversed(rows))}</table>
-<p>JSON: <a href='/v1/status'>/v1/status</a></p>
+<p>JSON: <a href='v1/status'>v1/status</a></p>
 </body></html>"""
