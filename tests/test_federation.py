@@ -526,6 +526,45 @@ def test_a_joined_site_says_it_retries_a_dead_server_and_says_its_wait_again_onc
     assert join.waiting() == waits * 2 and waits[0].startswith("round 1: update delivered, waiting for the other sites")
 
 
+def test_a_second_join_with_a_sites_token_is_stopped_and_told_why_and_its_step_does_not_count(
+        sample: Path, tmp_path: Path) -> None:
+    """One site's token on two machines (a token file copied, a site folder copied to a second workstation):
+    both trained every round, the slower one's upload was refused with a 409 and it went on saying "update
+    delivered, waiting for the other sites", round after round, its clinic believing it took part, and it
+    kept the refused update's optimiser step as if it had counted. The second join now stops at once and
+    says why; its step is dropped."""
+    from fedmix_engine.federation import pending_state
+    from fedmix_engine.federation.client import FederationClient, FederationError
+
+    copies = copied_sites(sample, ["site-a", "site-b"], tmp_path)
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    with running_server(state, ["--sites", "2", "--min-sites", "1", "--round-timeout", "600", "--rounds", "2",
+                                *TINY_SETTINGS]) as server:
+        second = FederationClient(server.url, token, copies["site-b"], device="cpu", poll_seconds=0.2)
+        events = second.iter_join()
+        while next(events).kind != "training":  # it trains round 1: the round is open, nothing uploaded yet
+            pass
+        first = JoinThread(FederationClient(server.url, token, copies["site-a"], device="cpu", poll_seconds=0.2))
+        try:
+            first.wait_for(lambda: any(e.kind == "uploaded" for e in first.events), "the first join's upload")
+            with pytest.raises(FederationError) as stopped:
+                for event in events:
+                    assert "update delivered" not in event.message
+        finally:
+            first.end()
+        assert str(stopped.value).startswith(
+            "round 1: the server already holds another update of site 'site-a' for this round, sent by another "
+            "join with this site's token (on another machine, or with a copy of this site's folder)")
+        assert "this join stops; its update did not count" in str(stopped.value)
+        assert server.status()["uploaded"] == ["site-a"]  # the first join's update, still the one that counts
+    models = copies["site-b"] / "models"
+    assert not list(models.glob("*-state-pending-*.pt")), "the refused update's step is not kept"
+    assert not (models / pending_state.committed_name(second.prefix)).exists(), "nor counted as the site's state"
+    log = (tmp_path / f"server-{server.port}.log").read_text()
+    assert "two joins are using this site's token" in log
+
+
 def test_a_join_process_sigkilled_after_training_a_round_restarts_and_the_federation_ends_as_if_uninterrupted(
         sample: Path, tmp_path: Path) -> None:
     """A site's workstation loses power after training round 2, before its upload: the restarted `join`

@@ -369,7 +369,15 @@ class FederationClient:
             response = self._request("POST", f"/{API_VERSION}/rounds/{r}/update", content=body,
                                      headers={"Content-Type": "application/octet-stream"})
             if response.status_code == 409:  # too late, or taken already: a retry after an answer that was lost
-                accepted = self._json(f"/{API_VERSION}/round").get("last_accepted")
+                now = self._json(f"/{API_VERSION}/round")
+                if now["round"] == r and now["uploaded"]:  # not ours: a resend of ours would be a 200
+                    pending_state.settle(self.models_dir, self.prefix, None)
+                    raise FederationError(
+                        f"round {r}: the server already holds another update of site '{site}' for this round, "
+                        "sent by another join with this site's token (on another machine, or with a copy of this "
+                        "site's folder): this join stops; its update did not count. One join per site: stop the "
+                        "other, or ask the server's admin for a token of this site's own (fedmix-engine token add)")
+                accepted = now.get("last_accepted")
                 if pending_state.settle(self.models_dir, self.prefix, accepted if accepted == r else None):
                     self.state = result.state  # its first send counted (it closed the round); the answer was lost
                 late = _too_late(info.get("deadline_in"), time.monotonic() - asked) if accepted != r else ""

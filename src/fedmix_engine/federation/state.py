@@ -379,7 +379,8 @@ class ServerState:
                     if self.uploads[site]["sha256"] == sha:
                         return Outcome(200, f"already accepted for round {round_number} (retry is harmless)")
                     return Outcome(409, f"site '{site}' already uploaded a different update for round "
-                                   f"{round_number}; one update per site per round")
+                                   f"{round_number}; one update per site per round: two joins are using this "
+                                   "site's token")
                 try:
                     report = validate_update_file(body, self.template, LazyUpdate(self.global_path()))
                 except InputError as exc:
