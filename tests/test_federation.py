@@ -1452,6 +1452,34 @@ def test_a_running_server_sees_a_replaced_token_even_within_one_tick_of_the_file
     assert server_view.site_for(old) is None and server_view.site_for(new) == "site-a"
 
 
+def test_a_sites_update_in_the_open_round_is_left_out_when_its_token_is_revoked(tmp_path: Path) -> None:
+    """An admin revokes a site (its data found mislabelled, its machine compromised) after it has uploaded
+    this round: its update still went into the round's model, and with it the round closed early as if
+    every expected site had reported. Now it is left out (said in the log) and the round closes on the
+    sites that count."""
+    from fedmix_engine.federation.tokens import TokenStore
+
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a", "site-b"])
+    with running_server(state, ["--sites", "2", "--min-sites", "1", "--round-timeout", "4", "--rounds", "2",
+                                *TINY_SETTINGS]) as server:
+        pair, _ = global_pair(server.url, tokens["site-b"])
+        assert upload(server.url, tokens["site-a"], 1, fake_update(pair, 1, n=50)).status_code == 200
+        TokenStore(state).revoke("site-a")
+        time.sleep(1.5)  # the server's deadline poll sees the revocation
+        assert server.status()["uploaded"] == [], "the revoked site's update no longer counts"
+        closed = upload(server.url, tokens["site-b"], 1, fake_update(pair, 2, n=10)).json()
+        assert closed["round_closed"] is False, "not every expected site has reported: site-a's does not count"
+        deadline = time.monotonic() + 30
+        while not server.status()["history"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        [meta] = server.status()["history"]
+    assert sorted(meta["sites"]) == ["site-b"] and meta["sites"]["site-b"]["weight"] == 1.0
+    assert not (state / "current" / "site-a.safetensors").exists()
+    log = (tmp_path / f"server-{server.port}.log").read_text()
+    assert "round 1: site-a's update is left out: its token was revoked" in log
+
+
 def test_a_client_stopped_before_its_upload_is_taken_trains_that_round_again_to_the_same_update(
         sample: Path, tmp_path: Path) -> None:
     """Adam's moments are saved only once the server has taken the update. They used to be saved

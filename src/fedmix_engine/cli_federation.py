@@ -415,7 +415,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("token", help="create, revoke or list site tokens")
     p.add_argument("action", choices=("add", "revoke", "list"),
-                   help="add: create a site's token and print it once; revoke: refuse it from now on; list: sites")
+                   help="add: create a site's token and print it once; revoke: refuse it from now on (its "
+                        "update in the open round is left out); list: sites")
     p.add_argument("site", nargs="?", help="the site's name (for add and revoke)")
     p.add_argument("--state", type=Path, required=True, help="the server's state directory")
     p.set_defaults(func=cmd_token)

@@ -268,8 +268,24 @@ class ServerState:
                 stray.unlink()
         self._evaluations = read_evaluations(self.root)
         self._remove_old_models()  # a restart with a smaller --keep-models frees the space now
+        self._leave_out_revoked()
         if not self.finished and len(self.uploads) >= self.config.sites:
             self._close_round("all sites had reported before a restart")
+
+    def _leave_out_revoked(self) -> None:
+        """Drop the open round's updates of sites whose token has been revoked since they sent them: an admin
+        revokes a site whose data or machine cannot be trusted, and its update still went into the round (and
+        counted towards closing it). The record goes first: a crash in between leaves a stray model file,
+        which recovery removes."""
+        try:
+            revoked = {site for site, entry in self.tokens.sites().items() if entry.get("revoked")}
+        except (InputError, OSError):  # a damaged or unreadable token file: every request is refused until fixed
+            return
+        for site in sorted(revoked & set(self.uploads)):
+            log.warning("round %d: %s's update is left out: its token was revoked", self.current_round, site)
+            (self.current_dir / f"{site}.json").unlink(missing_ok=True)
+            (self.current_dir / f"{site}.safetensors").unlink(missing_ok=True)
+            del self.uploads[site]
 
     def _open_round(self) -> None:
         self.opened_at = self._clock()
@@ -395,6 +411,7 @@ class ServerState:
                     target.unlink(missing_ok=True)
                     raise
                 self.uploads[site] = info
+                self._leave_out_revoked()  # revoked since the last poll: not counted towards closing the round
                 if len(self.uploads) < self.config.sites:
                     return Outcome(200, f"accepted for round {round_number}")
                 try:
@@ -414,6 +431,7 @@ class ServerState:
         with self._lock:
             if self.finished:
                 return False
+            self._leave_out_revoked()
             if len(self.uploads) >= self.config.sites:
                 self._close("every expected site reported")
                 return True
