@@ -114,6 +114,12 @@ def test_class_config_errors(tmp_path: Path) -> None:
         SiteStore.create(tmp_path / "y", ["background", "lesion"])
     with pytest.raises(InputError, match="duplicate class names"):
         SiteStore.create(tmp_path / "z", ["a", "a"])
+    # a clinic names its classes in its own language: 'Läsion' was refused as not starting with a letter
+    with SiteStore.create(tmp_path / "words", ["Läsion", "lésion maligne", "病变", "Zyste_2"]) as store:
+        assert store.config.classes == ("Läsion", "lésion maligne", "病变", "Zyste_2")
+    for bad in ("-x", "_x", " x", "a/b", "a\tb", "a,b", "lesion\n", "x" * 65):
+        with pytest.raises(InputError, match="must start with a letter or digit and use letters, digits, spaces"):
+            SiteStore.create(tmp_path / "bad", [bad])
     SiteStore.create(tmp_path / "ok", ["lesion"]).close()
     with pytest.raises(InputError, match="a site already exists here"):
         SiteStore.create(tmp_path / "ok", ["lesion"])

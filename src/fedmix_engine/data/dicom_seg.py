@@ -68,6 +68,8 @@ def write_dicom_seg(source: str | Path, labels: np.ndarray, classes: Sequence[st
             content_description="FedMix prediction", omit_empty_frames=False)
     except Exception as exc:  # highdicom refuses sources it cannot reference with many types; a batch goes on
         raise InputError(source, f"no DICOM SEG for this image ({type(exc).__name__}: {exc})") from exc
+    if not all(name.isascii() for name in classes):  # the source's character set (often Latin-1) may not
+        seg.SpecificCharacterSet = "ISO_IR 192"  # write the label ('病变' became '??'); UTF-8 writes every value
     buffer = io.BytesIO()
     seg.save_as(buffer)
     atomic_write_bytes(out, buffer.getvalue())

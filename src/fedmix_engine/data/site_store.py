@@ -56,7 +56,8 @@ DB_FILE = "annotations.db"
 _DAMAGED = "it is damaged or not a site's database; restore the site folder from a backup"
 Supervision = Literal["mask", "box", "tag", "none"]
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_CLASS_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
+# letters and digits of any language ('Läsion', 'lésion', '病变'), then also spaces, '-' and '_'
+_CLASS_PATTERN = re.compile(r"^[^\W_][\w -]{0,63}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -146,7 +147,7 @@ def _check_classes(classes: Iterable[str], where: str) -> tuple[str, ...]:
     if not classes:
         raise InputError(where, "a site needs at least one class, e.g. --classes lesion")
     for name in classes:
-        if not _CLASS_PATTERN.match(name):
+        if not _CLASS_PATTERN.fullmatch(name):
             raise InputError(where, f"class name '{name}' must start with a letter or digit and use "
                              "letters, digits, spaces, '-' or '_' (max 64)")
         if name.lower() == "background":
