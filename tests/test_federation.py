@@ -1199,8 +1199,8 @@ def test_token_add_refuses_site_names_that_cannot_be_file_names_on_every_server(
     from fedmix_engine.federation.tokens import TokenStore
 
     store = TokenStore(tmp_path)
-    for bad in ("../x", "a b", "-a", "x" * 65):
-        with pytest.raises(InputError, match="must use letters, digits"):
+    for bad in ("../x", "a b", "-a", "x" * 65, "site-a\n", "Süd"):  # a newline in a file name; not ASCII, said
+        with pytest.raises(InputError, match="must use ASCII letters, digits"):
             store.add(bad)
     for device in ("CON", "nul", "Com1", "lpt9.site", "aux.txt"):
         with pytest.raises(InputError, match=f"site name '{re.escape(device)}' is a device name on Windows"):

@@ -62,6 +62,9 @@ def test_duplicate_id_and_bad_id_are_refused(site: SiteStore, grey_image, tmp_pa
         site.add_image(tmp_path / "case-01.tif")
     with pytest.raises(InputError, match=r"image id '\.\./evil'"):
         site.add_image(grey_image, "../evil")
+    for bad in ("case-02\n", "Röntgen"):  # a file name with a newline; not ASCII, and said so
+        with pytest.raises(InputError, match="must use ASCII letters"):
+            site.add_image(grey_image, bad)
     assert site.image_ids() == ["case-01"]
 
 

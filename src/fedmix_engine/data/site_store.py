@@ -333,8 +333,8 @@ class SiteStore:
                 spacing = file_spacing(where)
         if spacing is not None:
             spacing = checked_spacing(spacing, f"{where}: pixel spacing")
-        if not _ID_PATTERN.match(image_id):
-            raise InputError(where, f"image id '{image_id}' must use letters, digits, '.', '-' or '_' "
+        if not _ID_PATTERN.fullmatch(image_id):
+            raise InputError(where, f"image id '{image_id}' must use ASCII letters, digits, '.', '-' or '_' "
                              "(max 128, starting with a letter or digit)")
         self._refuse_duplicate(image_id, where)
         relative = f"images/{image_id}.tif"

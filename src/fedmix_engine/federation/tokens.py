@@ -104,8 +104,8 @@ class TokenStore:
 
     def add(self, site: str) -> str:
         """Create (or replace) a site's token and return it — the only time it is visible."""
-        if not _SITE.match(site):
-            raise InputError("SITE", f"site name '{site}' must use letters, digits, '.', '-' or '_' (max 64)")
+        if not _SITE.fullmatch(site):  # it names files on the server: ASCII, as every file system takes it
+            raise InputError("SITE", f"site name '{site}' must use ASCII letters, digits, '.', '-' or '_' (max 64)")
         if _WINDOWS_DEVICE.match(site):
             raise InputError("SITE", f"site name '{site}' is a device name on Windows (CON, PRN, AUX, NUL, COM0–9, "
                              "LPT0–9), where a server could not store its updates: choose another")
