@@ -1280,6 +1280,33 @@ def test_join_warns_when_the_sites_token_can_be_read_by_other_users(tmp_path: Pa
     assert "warning: a token given with --token shows in the process list" in capsys.readouterr().err
 
 
+def test_a_new_federation_is_not_started_in_a_folder_of_something_else(tmp_path: Path, sample: Path) -> None:
+    """'serve --state' given a folder that is not a state directory started a new federation in it: in a
+    site folder beside its patient images, in a simulate run, or, for a --state one level too high
+    (/srv/fedmix for /srv/fedmix/state), as a second federation beside the real one, whose sites then
+    met a new federation id and a fresh model. A new federation starts in a new or empty folder (or one
+    holding only the tokens made for it) and elsewhere is refused, naming what the folder holds."""
+    import shutil
+
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+
+    config = ServerConfig(rounds=1, model=ModelConfig(base_width=4))
+    site = shutil.copytree(sample / "site-a", tmp_path / "site-a", ignore=shutil.ignore_patterns("models"))
+    before = sorted(p.name for p in site.iterdir())
+    real = tmp_path / "srv" / "state"
+    ServerState(real, config)
+    for folder, holds in ((site, "annotations.db, images, masks, site.json"), (tmp_path / "srv", "state")):
+        with pytest.raises(InputError) as refused:
+            ServerState(folder, config)
+        assert str(refused.value).startswith(f"{folder}: is not a server state directory (no server.json) and "
+                                             f"not empty ({holds}")
+        assert "give a new or empty folder" in str(refused.value)
+    assert sorted(p.name for p in site.iterdir()) == before and sorted(os.listdir(tmp_path / "srv")) == ["state"]
+    tokens_first = tmp_path / "new"  # the documented order: the sites' tokens, then the first serve
+    make_tokens(tokens_first, ["site-a"])
+    assert ServerState(tokens_first, config).current_round == 1
+
+
 def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_a_token_is_replaced(
         tmp_path: Path, capsys) -> None:
     from fedmix_engine.cli import main

@@ -44,7 +44,7 @@ from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoi
 from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
-from fedmix_engine.federation.tokens import TokenStore
+from fedmix_engine.federation.tokens import TOKENS_FILE, TOKENS_LOCK, TokenStore
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 from fedmix_engine.fedmix.local_update import TrainConfig
@@ -186,6 +186,7 @@ class ServerState:
             if config is None:
                 raise InputError(self.root, "not a server state directory (no server.json); start 'serve' with "
                                  "the federation settings to create one")
+            _refuse_foreign_folder(self.root)
             config.validate()
             self.config = config
             make_folder(self.root / "rounds")
@@ -516,6 +517,23 @@ class ServerState:
 
 
 # ---------------------------------------------------------------------- reading a state directory
+# what a folder may hold before a federation starts in it: the tokens made for it ('token add' comes first)
+_BEFORE_A_FEDERATION = {TOKENS_FILE, TOKENS_LOCK, SERVER_LOCK}
+
+
+def _refuse_foreign_folder(root: Path) -> None:
+    """A new federation starts in a new or empty folder: 'serve --state' given a site folder, a simulate
+    run or a --state one level too high (/srv/fedmix for /srv/fedmix/state) started one there, beside the
+    patient images or beside the real federation, whose sites then met a new federation and model."""
+    held = sorted(p.name for p in root.iterdir() if p.name not in _BEFORE_A_FEDERATION
+                  and not p.name.startswith(".")) if root.is_dir() else []
+    if held:
+        shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
+        raise InputError(root, f"is not a server state directory (no server.json) and not empty ({shown}): to "
+                               "resume a federation, give the folder that holds its server.json; to start one, "
+                               "give a new or empty folder (it may hold the sites' tokens)")
+
+
 def round_dir(root: Path, r: int) -> Path:
     """Round ``r``'s folder in a state directory (0: the initial model)."""
     return root / "rounds" / f"{r:06d}"
