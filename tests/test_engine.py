@@ -645,10 +645,10 @@ def test_a_stopped_batch_is_continued_keeping_the_masks_it_wrote_and_only_those(
     with pytest.raises(InputError, match=r"out: no earlier batch to continue here \(no prediction.json\)"):
         iter_predict_folder(predictor, folder, out, resume=True)
 
-    out.mkdir()
-    tifffile.imwrite(out / "c_mask.tif", np.zeros((40, 48), np.uint8))  # an older run's, e.g. another model's
+    predict_folder(Predictor.from_checkpoint(other, "cpu"), folder, out)  # an older run's masks, another model's
     past = time.time() - 3600
-    os.utime(out / "c_mask.tif", (past, past))
+    for name in ("a", "b", "c"):
+        os.utime(out / f"{name}_mask.tif", (past, past))
     batch = iter_predict_folder(predictor, folder, out)
     next(batch)  # a.tif done, then the machine went down
     batch.close()
@@ -783,6 +783,38 @@ def test_batch_predict_refuses_bad_folders_and_threshold_before_writing(tmp_path
         assert message in str(refused.value)
     assert not (tmp_path / "out").exists() and (tmp_path / "a-file").read_text() == "keep me"
     assert [p.name for p in (tmp_path / "in").iterdir()] == ["scan.tif"]
+
+
+def test_batch_predict_never_replaces_files_of_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    """An output folder chosen by mistake, the one holding the hand-drawn masks (``scan_mask.tif``): the
+    batch wrote its predictions over them. Now a folder that no earlier batch wrote (no prediction.json)
+    is refused if it holds a file the batch would replace, naming them; an earlier batch's folder is
+    predicted into again as before, and a folder of other files is written into."""
+    import tifffile
+
+    from fedmix_engine.predict import RECORD_FILE, Predictor, predict_folder
+
+    predictor = Predictor(init_pair(TINY, 0), TINY, 32, CPU)
+    (tmp_path / "in").mkdir()
+    for name in ("scan", "other"):
+        tifffile.imwrite(tmp_path / "in" / f"{name}.tif", np.zeros((16, 16), np.uint8))
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    tifffile.imwrite(drawn / "scan_mask.tif", np.full((16, 16), 1, np.uint8))
+    (drawn / "summary.csv").write_text("the radiologist's notes\n")
+    with pytest.raises(InputError) as refused:
+        predict_folder(predictor, tmp_path / "in", drawn)
+    assert str(refused.value).startswith(f"{drawn}: holds files this batch would replace (scan_mask.tif, "
+                                         f"summary.csv) and was not written by an earlier batch (no {RECORD_FILE})")
+    assert sorted(p.name for p in drawn.iterdir()) == ["scan_mask.tif", "summary.csv"]
+    assert tifffile.imread(drawn / "scan_mask.tif").max() == 1
+
+    notes = tmp_path / "notes"  # other files: nothing replaced, the batch writes beside them
+    notes.mkdir()
+    (notes / "README.txt").write_text("keep")
+    assert len(predict_folder(predictor, tmp_path / "in", notes)) == 2
+    assert len(predict_folder(predictor, tmp_path / "in", notes)) == 2, "an earlier batch's folder: again"
+    assert (notes / "README.txt").read_text() == "keep"
 
 
 def test_disagreement_is_where_the_pairs_two_networks_differ_frame_by_frame() -> None:

@@ -302,6 +302,7 @@ class BatchRow:
 
 
 RECORD_FILE = "prediction.json"  # which model, settings and input made a folder's masks, and when
+SUMMARY_FILE = "summary.csv"  # a row per input file: its mask, size, foreground and status
 SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "foreground_mm2",
                    "spacing_row_mm", "spacing_col_mm", "status", "seg_file")
 NOT_RUN = "not run: the batch was stopped before this file"
@@ -430,6 +431,7 @@ class FolderBatch:
             self.files = batch_files(folder, recursive, self.out)
             self.root = folder.parent if folder.is_file() else folder  # rows and masks are named relative to it
             self.total = self._record["files"]["total"] = len(self.files)
+            self._refuse_replacing_others()
             self._write_summary([])
             atomic_write_bytes(self.out / RECORD_FILE, _json_bytes(self._record))
         except BaseException:
@@ -450,6 +452,19 @@ class FolderBatch:
     def _name(self, path: Path) -> str:
         """A file as the summary names it: its path below the batch's folder (its name, at the top)."""
         return path.relative_to(self.root).as_posix()
+
+    def _refuse_replacing_others(self) -> None:
+        """A folder no batch wrote (no ``RECORD_FILE``) keeps its files: chosen by mistake, the folder of the
+        hand-drawn masks (``scan_mask.tif``) had them replaced by predictions. An earlier batch's folder is
+        predicted into again, its masks replaced, as a second run is asked to."""
+        if (self.out / RECORD_FILE).exists():
+            return
+        masks = self._mask_files()[0].values()
+        ours = [*masks, *(map(_seg_name, masks) if self.dicom_seg else ()), SUMMARY_FILE]
+        if clashes := sorted(name for name in ours if (self.out / name).exists()):
+            shown = ", ".join(clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+            raise InputError(self.out, f"holds files this batch would replace ({shown}) and was not written by an "
+                                       f"earlier batch (no {RECORD_FILE}): choose another output folder")
 
     def _mask_files(self) -> tuple[dict[Path, str], set[Path]]:
         """Each image's mask file, in the output's copy of the image's sub-folder, and the files that are
@@ -509,7 +524,7 @@ class FolderBatch:
     def _write_summary(self, rows: list[BatchRow]) -> list[BatchRow]:
         """``summary.csv`` with the rows done and the other files as not run; returns the not-run rows."""
         not_run = [BatchRow(self._name(p), 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
-        _write_summary(self.out / "summary.csv", rows + not_run)
+        _write_summary(self.out / SUMMARY_FILE, rows + not_run)
         return not_run
 
     def _kept_row(self, path: Path, mask_file: str) -> BatchRow | None:
