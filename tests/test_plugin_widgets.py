@@ -399,6 +399,26 @@ def test_annotate_import_folder_with_masks_in_a_folder_of_their_own(make_napari_
         assert int(store.read_mask("scan-1").sum()) == 10 * 14
 
 
+def test_annotate_shows_what_an_import_wrote_to_the_shown_image_and_a_later_save_keeps_it(
+        make_napari_viewer, qtbot, tmp_path, images):
+    """Masks imported for the images a site holds, while one of them was on screen: the screen kept the old,
+    empty mask, and the next edit there (a tag ticked) saved that empty mask over the imported one. The
+    shown image is now shown again from the store once an import ends, unless it has edits of its own."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    tifffile.imwrite(masks / "scan-0_mask.tif", _drawn(5, 15, 6, 20) * 255)
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    assert widget.current_id == "scan-0" and not viewer.layers["FedMix mask"].data.any()
+    assert _imported(qtbot, widget, widget.import_folder(images[0].parent, masks)) == []
+    assert widget.last_import.masks == 1
+    np.testing.assert_array_equal(viewer.layers["FedMix mask"].data, _drawn(5, 15, 6, 20))
+    widget.tag_boxes["lesion"].setCheckState(Qt.CheckState.Checked)
+    assert widget.save() == []
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("scan-0"), _drawn(5, 15, 6, 20))
+        assert store.tags("scan-0") == {"lesion": True}
+
+
 def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_napari_viewer, qtbot, tmp_path,
                                                                           images, monkeypatch):
     """The warning showed 10 problems and "… and N more", and the others were lost; it now names the log

@@ -447,6 +447,10 @@ class AnnotateWidget(QWidget):
         self.refresh_list()
         if self.current_id is None and self.image_list.count():
             self.image_list.setCurrentRow(0)
+        elif self.current_id is not None and not self._dirty:
+            # the import may have annotated the shown image: a screen left as it was would save its old,
+            # empty mask over the imported one at the next edit (edits of its own are kept, to be saved)
+            self.show_image(self.current_id)
 
     def _show_import(self, running: bool) -> None:
         self.import_bar.setVisible(running)
