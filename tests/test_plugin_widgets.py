@@ -419,6 +419,37 @@ def test_annotate_shows_what_an_import_wrote_to_the_shown_image_and_a_later_save
         assert store.tags("scan-0") == {"lesion": True}
 
 
+def test_annotate_imports_a_table_of_tags_or_boxes_for_the_images_the_site_holds(make_napari_viewer, qtbot, tmp_path,
+                                                                                 images, monkeypatch):
+    """A clinic's tags come as a spreadsheet (a row per image, a column per class), a radiologist's boxes as a
+    table: only the command line could import them. Import table tells the two apart by the header, says
+    what it gave, and the shown image shows its boxes at once."""
+    import napari.utils.notifications
+
+    said: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_info", said.append)
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", said.append)
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    (tmp_path / "tags.csv").write_text("Image;Lesion;notes\nscan-1.tif;yes;large\nscan-2;no;\n")
+    (tmp_path / "boxes.csv").write_text("image,class,y0,x0,y1,x1\nscan-0,lesion,5,6,15,20\nmissing,lesion,1,1,4,4\n")
+    assert _imported(qtbot, widget, widget.import_table(tmp_path / "tags.csv")) == [
+        f"{tmp_path / 'tags.csv'}: column 'notes' is not a class of the site (lesion): left out"]
+    assert said[-1].startswith("masks: 0  boxes: 0  tags: 2\n")
+    assert _imported(qtbot, widget, widget.import_table(tmp_path / "boxes.csv")) == [
+        f"{tmp_path / 'boxes.csv'}:3: image 'missing' is not in the site"]
+    assert said[-1].startswith("masks: 0  boxes: 1  tags: 0\n")
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert store.tags("scan-1") == {"lesion": True} and store.tags("scan-2") == {"lesion": False}
+        assert [(b.y0, b.x0, b.y1, b.x1) for b in store.boxes("scan-0")] == [(5, 6, 15, 20)]
+    assert widget.current_id == "scan-0" and len(viewer.layers["FedMix boxes"].data) == 1, "shown at once"
+    (tmp_path / "clean.csv").write_text("image,class,present\nscan-0,lesion,present\n")
+    assert _imported(qtbot, widget, widget.import_table(tmp_path / "clean.csv")) == []
+    assert said[-1] == "masks: 0  boxes: 0  tags: 1"
+    with pytest.raises(InputError, match="no tag column"):
+        (tmp_path / "bare.csv").write_text("image\nscan-0\n")
+        widget.import_table(tmp_path / "bare.csv")
+
+
 def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_napari_viewer, qtbot, tmp_path,
                                                                           images, monkeypatch):
     """The warning showed 10 problems and "… and N more", and the others were lost; it now names the log

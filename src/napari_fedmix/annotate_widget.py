@@ -65,12 +65,17 @@ class AnnotateWidget(QWidget):
         import_files, import_folder = QPushButton("Import images…"), QPushButton("Import folder…")
         import_files.clicked.connect(self._choose_images)
         import_folder.clicked.connect(self._choose_folder)
+        import_table = QPushButton("Import table…")
+        import_table.setToolTip("Boxes (image,class,y0,x0,y1,x1) or tags (image,class,present, or a column per "
+                                "class) of the images the site holds, from a CSV table")
+        import_table.clicked.connect(self._choose_table)
         add_shown = QPushButton("Add the image on screen")
         add_shown.setToolTip("Add the active image layer to the site; for a stack (a cine loop, a volume) the "
                              "frame the sliders show")
         add_shown.clicked.connect(lambda: self._guard(self.add_shown_image))
-        self._site_buttons = [open_button, new_button, import_files, import_folder, add_shown]  # idle while importing
-        self._adding_buttons = [import_files, import_folder, add_shown]  # off for a site opened read-only
+        # idle while importing; off for a site opened read-only
+        self._site_buttons = [open_button, new_button, import_files, import_folder, import_table, add_shown]
+        self._adding_buttons = [import_files, import_folder, import_table, add_shown]
         self.import_bar = QProgressBar()
         self.cancel_import = QPushButton("Cancel import")
         self.cancel_import.clicked.connect(self.stop_import)
@@ -97,7 +102,7 @@ class AnnotateWidget(QWidget):
         layout.addWidget(self.site_label)
         layout.addLayout(_row(open_button, new_button))
         layout.addLayout(_row(import_files, import_folder))
-        layout.addWidget(add_shown)
+        layout.addLayout(_row(import_table, add_shown))
         layout.addLayout(_row(self.import_bar, self.cancel_import))
         self._show_import(False)
         layout.addWidget(self.image_list)
@@ -408,6 +413,13 @@ class AnnotateWidget(QWidget):
 
         return self._start_import(import_folder_steps(self._open_store(), folder, masks=masks or folder))
 
+    def import_table(self, path: str | Path):
+        """Add a table's boxes or tags (told apart by its header) to the images the site holds, in a worker;
+        returns the worker. A clinic's tags come as a spreadsheet, a row per image and a column per class."""
+        from fedmix_engine.data.importer import import_sources_steps, read_annotation_table
+
+        return self._start_import(import_sources_steps(self._open_store(), read_annotation_table(path)))
+
     def _open_store(self) -> SiteStore:
         if self.store is None:
             raise InputError("site", "open or create a site first")
@@ -439,7 +451,12 @@ class AnnotateWidget(QWidget):
 
     def _on_imported(self, report) -> None:
         self.last_import = report
-        _notify(report.problem_lines(shown=10))
+        counts = [] if report.read_images else report.lines()[:1]  # a table: what it gave, said either way
+        if counts and not report.problems:
+            from napari.utils.notifications import show_info
+
+            show_info(counts[0])
+        _notify([*counts, *report.problem_lines(shown=10)] if report.problems else [])
 
     def _on_import_finished(self) -> None:
         self.import_worker = None
@@ -464,6 +481,12 @@ class AnnotateWidget(QWidget):
             masks = QFileDialog.getExistingDirectory(self, "Folder of their masks (Cancel: masks beside the "
                                                            "images, like x_mask.png, or none)", path)
             self._guard(lambda: self.import_folder(path, masks or None))
+
+    def _choose_table(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Table of boxes or tags", filter="Tables (*.csv *.tsv *.txt);;"
+                                                                                   "All files (*)")
+        if path:
+            self._guard(lambda: self.import_table(path))
 
     def _guard(self, action) -> None:
         try:

@@ -282,6 +282,22 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
                          boxes, tags)
 
 
+def read_annotation_table(path: str | Path) -> ImportSources:
+    """A box or a tag table for the images a site holds (napari's Import table), told apart by its header:
+    a box table has ``y0, x0, y1, x1``; any other is read as tags (``image,class,present`` or a column per
+    class). Refused, naming the file, as :func:`read_sources` refuses it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        first = path.read_bytes().decode("utf-8-sig").split("\n", 1)[0]
+    except UnicodeDecodeError:
+        first = ""  # said, with its line, by the reader
+    header = {name.strip().lower() for name in next(csv.reader([first], delimiter=_separator(first, BOX_COLUMNS)))}
+    boxes = set(BOX_COLUMNS[2:]) <= header
+    return read_sources(None, boxes_csv=path if boxes else None, tags_csv=None if boxes else path)
+
+
 @dataclass(frozen=True)
 class ImportProgress:
     """One step of an import: ``done`` of ``total`` items of ``stage`` ("images", then "masks")."""
