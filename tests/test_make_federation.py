@@ -119,7 +119,7 @@ def test_make_federation_keeps_each_images_pixel_spacing(tmp_path: Path) -> None
     spacing = {f"img{i}": (0.4, 0.3) if i % 2 else None for i in range(10)}
     with SiteStore.create(source, ["lesion"]) as store:
         for image_id, given in spacing.items():
-            store.add_image(np.full((32, 32), 9, np.uint8), image_id, spacing=given)
+            store.add_image(np.full((32, 32), 9 + len(store.image_ids()), np.uint8), image_id, spacing=given)
             mask = np.zeros((32, 32), np.uint8)
             mask[4:12, 4:12] = 1
             store.set_mask(image_id, mask)
@@ -133,3 +133,43 @@ def test_make_federation_keeps_each_images_pixel_spacing(tmp_path: Path) -> None
                 assert store.spacing(image_id) == spacing[image_id], (folder, image_id)
                 seen += 1
     assert seen == 10 + 6  # train, val and test, and the oracle's copy of train
+
+
+def _labelled_site(folder: Path, images: dict[str, np.ndarray]) -> Path:
+    with SiteStore.create(folder, ["lesion"]) as store:
+        for image_id, image in images.items():
+            store.add_image(image, image_id)
+            mask = np.zeros(image.shape, np.uint8)
+            mask[4:12, 4:12] = 1
+            store.set_mask(image_id, mask)
+    return folder
+
+
+def test_copies_of_one_image_stay_in_one_split_and_copies_across_sites_are_said(tmp_path: Path, capsys) -> None:
+    """Public datasets hold copies of one image under two names (BUSI does): split image by image, a copy
+    could train the model and the other be scored as a test case, flattering the Dice. Copies now stay
+    together (in training, validation or test) and their count is said; a copy in another site is named,
+    as a split cannot keep them apart. A source without copies is split exactly as before."""
+    rng = np.random.default_rng(0)
+    originals = {f"case-{i:02d}": rng.integers(0, 255, (32, 32), dtype=np.uint8) for i in range(20)}
+    copies = {f"copy-of-{k}": v.copy() for k, v in originals.items()}
+    source = _labelled_site(tmp_path / "busi", {**originals, **copies})
+    other = _labelled_site(tmp_path / "other", {"same-as-case-03": originals["case-03"].copy(),
+                                                **{f"own-{i}": rng.integers(0, 255, (32, 32), dtype=np.uint8)
+                                                   for i in range(9)}})
+    out = tmp_path / "fed"
+    assert main(["make-federation", str(out), "--from", str(source), str(other), "--supervision", "mask,tag"]) == 0
+    said = capsys.readouterr().out
+    site = json.loads((out / "federation.json").read_text())["sites"][0]
+    part_of = {image_id: part for part in ("train", "val", "test") for image_id in site[part]}
+    assert len(part_of) == 40 and all(part_of[k] == part_of[f"copy-of-{k}"] for k in originals), part_of
+    assert site["copies"] == 20 and "20 copies of other images kept in the same split" in said
+    assert "site-b: 1 image is a copy of an image of site-a (same-as-case-03 = case-03)" in said
+
+    plain = _labelled_site(tmp_path / "plain", originals)  # no copies: the split of before, image by image
+    assert main(["make-federation", str(tmp_path / "fed2"), "--from", str(plain), "--supervision", "mask"]) == 0
+    split = json.loads((tmp_path / "fed2" / "federation.json").read_text())["sites"][0]
+    ids = sorted(originals)
+    order = [ids[i] for i in np.random.default_rng([0, 0]).permutation(len(ids))]
+    assert (split["train"], split["val"], split["test"]) == (order[:14], order[14:17], order[17:])
+    assert split["copies"] == 0

@@ -11,6 +11,7 @@ one's source and which images went where.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +48,50 @@ def _split_sizes(n: int, val: float, test: float, where: Path) -> tuple[int, int
         raise InputError(where, f"{n} fully labelled image(s) cannot give training, validation ({n_val}) and "
                                 f"test ({n_test}) images; label more or lower --val/--test")
     return n - n_val - n_test, n_val, n_test
+
+
+def _copies(store: SiteStore, ids: Sequence[str]) -> dict[str, list[str]]:
+    """The images grouped by their pixels (digest → ids, in ``ids`` order): a group of more than one holds
+    copies of one image under several names, as public datasets do (BUSI), which a split must not part."""
+    groups: dict[str, list[str]] = {}
+    for image_id in ids:
+        image = store.read_image(image_id)
+        digest = hashlib.sha256(f"{image.shape}{image.dtype}".encode() + image.tobytes()).hexdigest()
+        groups.setdefault(digest, []).append(image_id)
+    return groups
+
+
+def _split_groups(groups: list[list[str]], sizes: tuple[int, int, int], rng: np.random.Generator
+                  ) -> dict[str, list[str]]:
+    """Training, validation and test images, a group of copies whole in one of them: groups in a random
+    order fill training to its size, then validation, and the rest is test. Groups of one image each give
+    exactly the image-by-image split of before."""
+    n_train, n_val, _ = sizes
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for i in rng.permutation(len(groups)):
+        part = "train" if len(parts["train"]) < n_train else "val" if len(parts["val"]) < n_val else "test"
+        parts[part].extend(groups[i])
+    return parts
+
+
+def _copies_across_sites(plans: list, names: list[str]) -> list[str]:
+    """Lines naming the images of a site that copy an image of an earlier site: a split cannot keep them
+    apart, and one may train the model while the other is scored as a test case."""
+    first: dict[str, tuple[str, str]] = {}
+    lines = []
+    for name, (_, _, groups, _) in zip(names, plans, strict=True):
+        found = []
+        for digest, group in groups.items():
+            if digest in first and first[digest][0] != name:
+                found.extend(f"{image_id} = {first[digest][1]}" for image_id in group)
+            else:
+                first.setdefault(digest, (name, group[0]))
+        if found:
+            earlier = sorted({first[d][0] for d in groups if d in first and first[d][0] != name})
+            lines.append(f"note: {name}: {len(found)} image{' is a copy' if len(found) == 1 else 's are copies'} "
+                         f"of an image of {', '.join(earlier)} ({', '.join(found[:3])}{', …' if len(found) > 3 else ''}"
+                         "): one may train the model while the other is a test case")
+    return lines
 
 
 def make_federation(sources: Sequence[str | Path], out: str | Path, supervision: Sequence[str] | None = None,
@@ -87,24 +132,32 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
                                          f"{plans[0][1].channels}")
             ids = store.image_ids()
             unlabelled = [i for i in ids if _full_truth(store, i) is None]
+            copies = [] if unlabelled else list(_copies(store, ids).items())
         if unlabelled:
             raise InputError(source, f"{len(unlabelled)} image(s) without full ground truth (a mask, or every class "
                                      f"tagged absent), e.g. {', '.join(unlabelled[:3])}; make-federation needs "
                                      "fully labelled sites")
         if not ids:
             raise InputError(source, "the site holds no images")
-        dealt = np.random.default_rng([seed, 1_000]).permutation(len(ids)) if split_into > 1 else range(len(ids))
-        for k in range(split_into):  # image i of the dealt order goes to site i mod K
-            share = sorted(ids[i] for j, i in enumerate(dealt) if j % split_into == k)
-            plans.append((source, config, share, _split_sizes(len(share), val, test, source)))
+        dealt = np.random.default_rng([seed, 1_000]).permutation(len(copies)) if split_into > 1 else \
+            range(len(copies))
+        for k in range(split_into):  # group i of the dealt order (an image and its copies) goes to site i mod K
+            share = dict(sorted((copies[i] for j, i in enumerate(dealt) if j % split_into == k),
+                                key=lambda item: min(item[1])))
+            n = sum(map(len, share.values()))
+            plans.append((source, config, share, _split_sizes(n, val, test, source)))
 
     manifest: dict = {"made_from": [str(s.resolve()) for s in sources], "seed": seed, "val": val, "test": test,
                       "classes": list(plans[0][1].classes), "sites": []}
-    for index, (source, config, ids, (n_train, n_val, _)) in enumerate(plans):
-        name = f"site-{chr(ord('a') + index)}"
+    names = [f"site-{chr(ord('a') + index)}" for index in range(len(plans))]
+    for index, (source, config, groups, sizes) in enumerate(plans):
+        name = names[index]
         rng = np.random.default_rng([seed, index])
-        order = [ids[i] for i in rng.permutation(len(ids))]
-        parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+        parts = _split_groups([sorted(group) for group in groups.values()], sizes, rng)
+        if not parts["test"]:
+            raise InputError(source, "copies of one image (the same pixels under several names) are so many that "
+                                     "no test image is left once each image's copies are kept together")
+        n_train, n_val, copied = len(parts["train"]), len(parts["val"]), sum(len(g) - 1 for g in groups.values())
         kinds = kinds_for_site(n_train, kinds_per_site[index], mix, rng)
         classes, channels = config.classes, config.channels
         with SiteStore.open(source, readonly=True) as src, \
@@ -123,10 +176,14 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
                                            spacing=src.spacing(image_id))
                         store_ground_truth(held_out, image_id, _full_truth(src, image_id))
         manifest["sites"].append({"name": name, "source": str(source.resolve()),
-                                  "supervision": kinds_per_site[index] or "mix", "summary": summary, **parts})
+                                  "supervision": kinds_per_site[index] or "mix", "summary": summary,
+                                  "copies": copied, **parts})
         if progress:
             progress(f"{name} ← {source}: {n_train} training images ({supervision_counts(summary)}), "
-                     f"{n_val} validation, {len(parts['test'])} test")
+                     f"{n_val} validation, {len(parts['test'])} test"
+                     + (f"; {copied} copies of other images kept in the same split" if copied else ""))
+    for line in _copies_across_sites(plans, names) if progress else []:
+        progress(line)
     if mix is not None:
         manifest["mix"] = list(mix)
     atomic_write_bytes(out / "federation.json", (json.dumps(manifest, indent=2) + "\n").encode())
