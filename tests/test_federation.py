@@ -2048,3 +2048,16 @@ def test_a_running_server_warns_its_admin_of_a_certificate_nearing_expiry(tmp_pa
         assert expires == pytest.approx(time.time() + (5 if warned else 20) * 86400, abs=86400)
         log = next(tmp_path.glob(f"server-{server.port}.log")).read_text()
         assert log.count("WARNING the server's TLS certificate expires on") == warned, log[-2000:]
+
+
+def test_the_address_serve_prints_for_the_sites_is_a_url_for_ipv6_too() -> None:
+    """'serve --host ::' printed http://:::8765/, which no site can join; IPv6 addresses go in brackets."""
+    import httpx
+
+    from fedmix_engine.federation.client import server_url
+    from fedmix_engine.federation.server import server_address
+
+    assert server_address("http", "::1", 8765) == "http://[::1]:8765/"
+    assert server_address("https", "fedmix.example.org", 443) == "https://fedmix.example.org:443/"
+    assert server_address("http", "0.0.0.0", 8765) == "http://0.0.0.0:8765/"
+    assert httpx.URL(server_url(server_address("http", "fe80::1", 9))).port == 9

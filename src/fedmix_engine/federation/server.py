@@ -254,6 +254,11 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def server_address(scheme: str, host: str, port: int) -> str:
+    """The URL the sites are given: an IPv6 address in brackets (``http://::1:8765/`` is no URL)."""
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
 def _is_loopback(host: str | None) -> bool:
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback
@@ -294,8 +299,8 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
         dates = certificate_dates(tls_cert) if tls_cert else None
         app = create_app(state, tokens, status_access=status_access, tls_expires_at=dates[1] if dates else None)
         scheme = "https" if tls_cert else "http"
-        print(f"FedMix server: {scheme}://{host}:{port}/  round {state.current_round} of {state.config.rounds}"
-              f"{' (finished)' if state.finished else ''}; state in {state_dir}", flush=True)
+        print(f"FedMix server: {server_address(scheme, host, port)}  round {state.current_round} of "
+              f"{state.config.rounds}{' (finished)' if state.finished else ''}; state in {state_dir}", flush=True)
         uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level=log_level)
     finally:  # a library call: the next serve in this process (a test, an embedding app) logs once, not twice
         federation_log.removeHandler(handler)
