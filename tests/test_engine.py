@@ -685,6 +685,22 @@ def test_a_stopped_batch_is_continued_keeping_the_masks_it_wrote_and_only_those(
     assert json.loads((out / "prediction.json").read_text())["files"]["kept"] == 1, "a refusal changes nothing"
 
 
+def test_training_that_diverges_stops_naming_the_round_and_what_to_change(sample: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    """A learning rate far too high sent the weights to NaN: simulate stopped with 'site-a.loss: training
+    loss must be a finite number ≥ 0, not nan' after training the whole round on NaN, and a federated
+    site's update was refused by the server, naming only that field. Training now stops at the first NaN
+    step, naming the round and the setting to change, before anything is saved or sent."""
+    out = tmp_path / "run"
+    assert main(["simulate", "--sites", str(sample / "site-a"), "--eval", str(sample / "eval"), "--rounds", "2",
+                 "--width", "4", "--image-size", "32", "--crop-size", "32", "--device", "cpu", "--lr", "1e12",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: training: diverged in round 1 at step \d+ of \d+ \(loss nan\): lower the learning "
+                     r"rate \(lr 1e\+12: --lr; in a federation the server sets it\)", err), err
+    assert not (out / "best.safetensors").exists()
+
+
 def test_simulate_refuses_a_site_given_twice_a_file_as_out_and_negative_threads(sample: Path, tmp_path: Path,
                                                                                capsys) -> None:
     import shutil

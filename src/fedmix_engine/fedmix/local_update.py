@@ -9,6 +9,7 @@ alike. It is a generator of small typed events (``TrainProgress``), ending with 
 from __future__ import annotations
 
 import copy
+import math
 import time
 import zlib
 from collections.abc import Iterator
@@ -224,12 +225,16 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
                                               f"crops (U-Net width {model_config.base_width}, {plan.precision})",
                                         "lower the batch or crop size (--batch-size, --crop-size; in a federation "
                                         "the server sets them), or train on the CPU (--device cpu)")
+                step += 1
+                if not all(map(math.isfinite, losses)):  # every later step, and the update, would be NaN too
+                    raise _diverged(config, plan, round_index, f"at step {step} of {total} (loss {losses[0]:g})")
                 losses1.append(losses[0])
                 losses2.append(losses[1])
-                step += 1
                 yield TrainProgress("train", step, total, losses1[-1])
         t_train = time.perf_counter() - t1
         new_pair = join_pair(net1, net2)
+        if not all(bool(torch.isfinite(value).all()) for value in new_pair.values() if value.is_floating_point()):
+            raise _diverged(config, plan, round_index, "in its last step (the weights are not finite)")
         new_state = SiteState((opt1.state_dict(), opt2.state_dict()), state.rounds_done + 1)
         report = LocalReport(
             n=n,
@@ -239,6 +244,14 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
             seconds={"pseudo_labels": round(t_pl, 4), "train": round(t_train, 4)},
         )
     yield LocalResult(new_pair, report, new_state)
+
+
+def _diverged(config: TrainConfig, plan: DevicePlan, round_index: int, where: str) -> InputError:
+    """Training that went to NaN, said with what to change: an update of NaN weights was refused by the
+    server (or stopped simulate) naming only the report's loss field."""
+    fp16 = " or train in bf16 or fp32 (fp16 overflows)" if plan.precision == "fp16" else ""
+    return InputError("training", f"diverged in round {round_index} {where}: lower the learning rate (lr "
+                                  f"{config.lr:g}: --lr; in a federation the server sets it){fp16}")
 
 
 def _train_step(net1: torch.nn.Module, net2: torch.nn.Module, opt1: torch.optim.Optimizer, opt2: torch.optim.Optimizer,
