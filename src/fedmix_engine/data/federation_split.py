@@ -80,17 +80,16 @@ def _copies_across_sites(plans: list, names: list[str]) -> list[str]:
     first: dict[str, tuple[str, str]] = {}
     lines = []
     for name, (_, _, groups, _) in zip(names, plans, strict=True):
-        found = []
+        found, earlier = [], set()
         for digest, group in groups.items():
-            if digest in first and first[digest][0] != name:
-                found.extend(f"{image_id} = {first[digest][1]}" for image_id in group)
-            else:
-                first.setdefault(digest, (name, group[0]))
+            owner, first_image = first.setdefault(digest, (name, group[0]))
+            if owner != name:
+                found.extend(f"{image_id} = {first_image}" for image_id in group)
+                earlier.add(owner)
         if found:
-            earlier = sorted({first[d][0] for d in groups if d in first and first[d][0] != name})
             lines.append(f"note: {name}: {len(found)} image{' is a copy' if len(found) == 1 else 's are copies'} "
-                         f"of an image of {', '.join(earlier)} ({', '.join(found[:3])}{', …' if len(found) > 3 else ''}"
-                         "): one may train the model while the other is a test case")
+                         f"of an image of {', '.join(sorted(earlier))} ({', '.join(found[:3])}"
+                         f"{', …' if len(found) > 3 else ''}): one may train the model while the other is a test case")
     return lines
 
 

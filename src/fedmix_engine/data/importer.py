@@ -140,26 +140,28 @@ def _read_table(path: Path, required: tuple[str, ...], expected: str | None = No
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_separator(text, required))
     try:
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise InputError(path, f"missing column(s) {', '.join(missing)}; expected header: "
-                                   f"{expected or ','.join(required)}")
+        _check_columns(path, header, required, expected)
         return header, [(line, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None})
                         for line, row in enumerate(reader, start=2)]
     except csv.Error as exc:
         raise InputError(path, f"not readable as CSV after line {reader.line_num} ({exc})") from exc
 
 
+def _check_columns(path: Path, header: list[str], required: tuple[str, ...], expected: str | None = None) -> None:
+    if missing := [c for c in required if c not in header]:
+        raise InputError(path, f"missing column(s) {', '.join(missing)}; expected header: "
+                               f"{expected or ','.join(required)}")
+
+
 _TAG_HEADERS = "image,class,present, or image and a column per class (image,lesion,…)"
 
 
-def _read_tags(path: Path) -> TableRows:
-    """A tag table a row per tag (``image,class,present``) or a row per image and a column per class, as a
-    spreadsheet lays them out (which of its columns are classes, the site says: :func:`_tags_by_row`)."""
-    header, rows = _read_table(path, ("image",), _TAG_HEADERS)
+def _tag_rows(path: Path, header: list[str], rows: TableRows) -> TableRows:
+    """A tag table's rows, a row per tag (``image,class,present``) or a row per image and a column per class,
+    as a spreadsheet lays them out (which of its columns are classes, the site says: :func:`_tags_by_row`)."""
     if "class" in header or "present" in header:
-        return _read_table(path, TAG_COLUMNS, _TAG_HEADERS)[1]
-    if not [name for name in header if name and name != "image"]:
+        _check_columns(path, header, TAG_COLUMNS, _TAG_HEADERS)
+    elif not [name for name in header if name and name != "image"]:
         raise InputError(path, f"no tag column; expected header: {_TAG_HEADERS}")
     return rows
 
@@ -277,7 +279,8 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
         if folder is not None and not image_files(Path(folder)):
             raise InputError(folder, no_images_reason(Path(folder)))
     boxes = (Path(boxes_csv), _read_table(Path(boxes_csv), BOX_COLUMNS)[1]) if boxes_csv is not None else None
-    tags = (Path(tags_csv), _read_tags(Path(tags_csv))) if tags_csv is not None else None
+    tags = (Path(tags_csv), _tag_rows(Path(tags_csv), *_read_table(Path(tags_csv), ("image",), _TAG_HEADERS))
+            ) if tags_csv is not None else None
     return ImportSources(Path(images) if images is not None else None, Path(masks) if masks is not None else None,
                          boxes, tags)
 
@@ -289,13 +292,11 @@ def read_annotation_table(path: str | Path) -> ImportSources:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
-    try:
-        first = path.read_bytes().decode("utf-8-sig").split("\n", 1)[0]
-    except UnicodeDecodeError:
-        first = ""  # said, with its line, by the reader
-    header = {name.strip().lower() for name in next(csv.reader([first], delimiter=_separator(first, BOX_COLUMNS)))}
-    boxes = set(BOX_COLUMNS[2:]) <= header
-    return read_sources(None, boxes_csv=path if boxes else None, tags_csv=None if boxes else path)
+    header, rows = _read_table(path, ("image",), f"{','.join(BOX_COLUMNS)} for boxes; {_TAG_HEADERS} for tags")
+    if set(BOX_COLUMNS[2:]) <= set(header):
+        _check_columns(path, header, BOX_COLUMNS)
+        return ImportSources(None, None, (path, rows), None)
+    return ImportSources(None, None, None, (path, _tag_rows(path, header, rows)))
 
 
 @dataclass(frozen=True)
