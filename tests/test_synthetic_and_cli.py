@@ -217,6 +217,9 @@ def test_site_import_adds_annotations_to_the_images_a_site_holds_without_images_
     assert main(["site", "import", str(tmp_path / "new"), "--classes", "lesion", "--boxes",
                  str(clinic / "boxes.csv")]) == 2
     assert "is not a site yet: a new site's import needs its --images" in capsys.readouterr().err
+    assert main(["site", "import", str(tmp_path / "new"), "--images", str(clinic / "masks")]) == 2
+    assert ("--classes: " + str(tmp_path / "new") + " is not a site yet: to create it with this import, name its "
+            "classes") in capsys.readouterr().err  # it said 'site folder not found', as if a typo
     assert not (tmp_path / "new").exists()
 
 
