@@ -62,7 +62,7 @@ def cmd_site_import(args: argparse.Namespace) -> int:
     sources = read_sources(args.images, args.masks, args.boxes, args.tags)  # before a new site folder is made
     if args.images is None and not (Path(args.dir) / CONFIG_FILE).exists():
         raise InputError("--images", f"{args.dir} is not a site yet: a new site's import needs its --images")
-    if not (Path(args.dir) / CONFIG_FILE).exists() and not args.classes and not Path(args.dir).is_file():
+    if not args.classes and not Path(args.dir).exists():  # a folder of something else: 'not a site folder'
         raise InputError("--classes", f"{args.dir} is not a site yet: to create it with this import, name its "
                                       "classes in label order (e.g. --classes lesion)")
     if not (Path(args.dir) / CONFIG_FILE).exists() and args.classes:
