@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -48,17 +49,28 @@ def test_demo_runs_a_small_federation_end_to_end_and_never_empties_a_users_folde
 
 def _running_demo(out: Path, log: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """A real ``fedmix-engine demo`` with many rounds, once its server and three sites run."""
-    demo = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "demo", str(out), "--rounds", "500",
-                             "--images", "8", "--size", "32", "--width", "4"],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    with log.open("wb") as handle:  # the child has its own copy
+        demo = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "demo", str(out), "--rounds", "500",
+                                 "--images", "8", "--size", "32", "--width", "4"],
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and demo.poll() is None:
         children = psutil.Process(demo.pid).children()
         if len(children) == 4 and "3/4" in log.read_text():
             return demo, children
         time.sleep(0.3)
-    demo.kill()
+    _end(demo, psutil.Process(demo.pid).children() if demo.poll() is None else [])
     raise AssertionError(f"the demo did not start its server and sites:\n{log.read_text()}")
+
+
+def _end(demo: subprocess.Popen, children: list[psutil.Process]) -> None:
+    """Whatever of a demo still runs (after a failed assertion too), ended."""
+    if demo.poll() is None:
+        demo.kill()
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(children, timeout=30)
 
 
 def test_a_running_demos_folder_is_refused_and_a_stopped_demo_stops_its_server_and_sites(
@@ -79,8 +91,7 @@ def test_a_running_demos_folder_is_refused_and_a_stopped_demo_stops_its_server_a
         assert not alive, f"still running after the demo stopped: {[c.cmdline() for c in alive]}"
         assert "stopped by SIGTERM" in (tmp_path / "first.log").read_text()
     finally:
-        for process in [psutil.Process(demo.pid)] if demo.poll() is None else []:
-            process.kill()
+        _end(demo, children)
 
     # kill -9 leaves no chance to stop them: the folder stays refused while any of them runs, then is free
     demo, children = _running_demo(out, tmp_path / "second.log")
@@ -91,8 +102,6 @@ def test_a_running_demos_folder_is_refused_and_a_stopped_demo_stops_its_server_a
         assert main(["demo", str(out), *TINY]) == 2
         assert "its server or sites may still run" in capsys.readouterr().err
     finally:
-        for child in children:
-            child.terminate()
-        psutil.wait_procs(children, timeout=30)
+        _end(demo, children)
     fresh_demo_folder(out)()  # free again: emptied, and the hold released
     assert [p.name for p in out.iterdir()] == [MARKER]
