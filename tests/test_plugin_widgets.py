@@ -450,6 +450,32 @@ def test_annotate_imports_a_table_of_tags_or_boxes_for_the_images_the_site_holds
         widget.import_table(tmp_path / "bare.csv")
 
 
+def test_annotate_does_not_save_over_what_another_program_wrote_to_the_shown_image(make_napari_viewer, qtbot,
+                                                                                 tmp_path, images):
+    """A terminal's 'site import' (or a second napari) annotated the image on screen: the next edit here saved
+    the screen's stale mask, boxes and tags over it. Now such a save is held, the edits stay on screen and
+    the image with them, and Save now replaces the other program's annotations with the screen's."""
+    _viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    assert widget.current_id == "scan-0"
+    with SiteStore.open(tmp_path / "site") as other:  # another program, while napari shows scan-0
+        other.set_mask("scan-0", _drawn(5, 15, 6, 20))
+    widget.tag_boxes["lesion"].setCheckState(Qt.CheckState.Checked)  # an edit on the stale screen
+    problems = widget.save()
+    assert problems and "changed by another program since it was shown" in problems[0], problems
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("scan-0"), _drawn(5, 15, 6, 20))
+        assert store.tags("scan-0") == {}
+    widget.next_image()
+    assert widget.current_id == "scan-0", "the edits are not left behind unsaved"
+    widget.save(force=True)  # Save now: the screen's annotations, as the clinician chose
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert store.read_mask("scan-0") is None and store.tags("scan-0") == {"lesion": True}
+    widget.tag_boxes["lesion"].setCheckState(Qt.CheckState.Unchecked)  # its own saves are no conflict
+    assert widget.save() == []
+    widget.next_image()
+    assert widget.current_id == "scan-1"
+
+
 def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_napari_viewer, qtbot, tmp_path,
                                                                           images, monkeypatch):
     """The warning showed 10 problems and "… and N more", and the others were lost; it now names the log

@@ -56,6 +56,7 @@ class AnnotateWidget(QWidget):
         self.unsaved: str | None = None  # why the shown image's edits could not be written (disk full …)
         self._watched: weakref.WeakSet = weakref.WeakSet()  # layers whose edits mark the image unsaved
         self._shown: tuple = ()  # the mask and box layers of the image shown: its edits are saved from them
+        self._stamp: tuple = ()  # its annotations in the store when shown or last saved (SiteStore.annotation_stamp)
 
         self.site_label = QLabel("no site open")
         self.site_label.setWordWrap(True)
@@ -91,7 +92,7 @@ class AnnotateWidget(QWidget):
         self.tag_boxes: dict[str, QCheckBox] = {}
         self.tags_row = QVBoxLayout()
         save_button = QPushButton("Save now")
-        save_button.clicked.connect(self.save)
+        save_button.clicked.connect(lambda: self.save(force=True))  # the clinician's choice: the screen wins
         self._editing_controls = [self.box_class, save_button]  # with the tag boxes: off for a read-only site
         self.summary = QLabel("")
         self.save_status = QLabel("")
@@ -264,6 +265,7 @@ class AnnotateWidget(QWidget):
             # held, not looked up by name when saving: a layer deleted or renamed by hand (or napari closing,
             # which empties the layer list first) keeps what was drawn in it, to be saved
             self._shown = (mask_layer, shapes)
+            self._stamp = self.store.annotation_stamp(image_id)  # to tell another program's writes from ours
             self.viewer.reset_view()
             self.viewer.layers.selection.active = self.viewer.layers[MASK_LAYER]
         self._dirty = False
@@ -289,10 +291,19 @@ class AnnotateWidget(QWidget):
             self.next_image()
 
     # ------------------------------------------------------------------ saving
-    def save(self) -> list[str]:
-        """Write the current image's mask, boxes and tags to the store; returns problems."""
+    def save(self, force: bool = False) -> list[str]:
+        """Write the current image's mask, boxes and tags to the store; returns problems. Annotations another
+        program wrote to the image since it was shown are not saved over unless ``force`` (Save now)."""
         if self.store is None or self.current_id is None or not self._dirty or self.store.readonly:
             return []  # read-only: the controls that edit are off; a layer made editable by hand saves nothing
+        if not force and self.store.annotation_stamp(self.current_id) != self._stamp:
+            first = self.unsaved is None
+            self.unsaved = (f"'{self.current_id}' was changed by another program since it was shown (an import in a "
+                            "terminal, a second napari); your edits are kept on screen, not saved")
+            self.save_status.setText(f"{self.unsaved}. Save now replaces its annotations with yours.")
+            if first:
+                _notify([self.unsaved])
+            return [self.unsaved]
         mask_layer, shapes = self._shown
         tags = {name: {Qt.CheckState.Checked: True, Qt.CheckState.Unchecked: False}.get(
             Qt.CheckState(box.checkState())) for name, box in self.tag_boxes.items()}
@@ -310,6 +321,7 @@ class AnnotateWidget(QWidget):
             return [self.unsaved]
         self.unsaved = None
         self.save_status.setText("")
+        self._stamp = self.store.annotation_stamp(self.current_id)
         self._dirty = bool(problems)
         self.refresh_list()
         _notify(problems)
@@ -497,7 +509,7 @@ class AnnotateWidget(QWidget):
     def _shut_down(self) -> None:
         """Save, and write nothing after: the site closes, the layers are let go, the timer stops."""
         self.stop_import()
-        self.save()
+        self.save(force=True)  # closing: the edits on screen would be lost, another program's can be written again
         if self.unsaved:  # e.g. a full disk: said (save did) and kept on screen; nothing more can be done here
             _notify([f"{self.unsaved}, and the panel is closed: they are not saved"])
         self.timer.stop()

@@ -553,6 +553,18 @@ class SiteStore:
         return {c: bool(p) for c, p in self._query(
             "SELECT class_name, present FROM tags WHERE image_id=? ORDER BY class_name", (image_id,))}
 
+    def annotation_stamp(self, image_id: str) -> tuple:
+        """The image's annotations as they stand, in a form that changes with every write of them (the mask's
+        row and file time, the boxes' row ids, the tags' rows): a panel showing the image tells from it that
+        another program (a terminal's import, a second napari) wrote to it since, before saving over that."""
+        mask = self._query("SELECT file, created_at FROM masks WHERE image_id=?", (image_id,))
+        written = [(self.root / file).stat().st_mtime_ns if (self.root / file).exists() else None
+                   for file, _ in mask]
+        return (tuple(mask), tuple(written),
+                tuple(self._query("SELECT id FROM boxes WHERE image_id=? ORDER BY id", (image_id,))),
+                tuple(self._query("SELECT class_name, present, created_at FROM tags WHERE image_id=? "
+                                  "ORDER BY class_name", (image_id,))))
+
     # ----------------------------------------------------------------- summaries
     def summary(self) -> dict[str, int]:
         """Counts: images, images per supervision kind, boxes and tags."""
