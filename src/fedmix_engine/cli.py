@@ -60,12 +60,13 @@ def cmd_site_import(args: argparse.Namespace) -> int:
     from fedmix_engine.steps import run_steps
 
     sources = read_sources(args.images, args.masks, args.boxes, args.tags)  # before a new site folder is made
-    if args.images is None and not (Path(args.dir) / CONFIG_FILE).exists():
+    is_site = (Path(args.dir) / CONFIG_FILE).exists()
+    if args.images is None and not is_site:
         raise InputError("--images", f"{args.dir} is not a site yet: a new site's import needs its --images")
     if not args.classes and not Path(args.dir).exists():  # a folder of something else: 'not a site folder'
         raise InputError("--classes", f"{args.dir} is not a site yet: to create it with this import, name its "
                                       "classes in label order (e.g. --classes lesion)")
-    if not (Path(args.dir) / CONFIG_FILE).exists() and args.classes:
+    if not is_site and args.classes:
         store = SiteStore.create(args.dir, args.classes, channels=args.channels or 1)
     else:
         store = SiteStore.open(args.dir)

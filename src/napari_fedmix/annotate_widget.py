@@ -297,13 +297,9 @@ class AnnotateWidget(QWidget):
         if self.store is None or self.current_id is None or not self._dirty or self.store.readonly:
             return []  # read-only: the controls that edit are off; a layer made editable by hand saves nothing
         if not force and self.store.annotation_stamp(self.current_id) != self._stamp:
-            first = self.unsaved is None
-            self.unsaved = (f"'{self.current_id}' was changed by another program since it was shown (an import in a "
-                            "terminal, a second napari); your edits are kept on screen, not saved")
-            self.save_status.setText(f"{self.unsaved}. Save now replaces its annotations with yours.")
-            if first:
-                _notify([self.unsaved])
-            return [self.unsaved]
+            return self._hold_edits(f"'{self.current_id}' was changed by another program since it was shown (an "
+                                    "import in a terminal, a second napari); your edits are kept on screen, not "
+                                    "saved", "Save now replaces its annotations with yours.")
         mask_layer, shapes = self._shown
         tags = {name: {Qt.CheckState.Checked: True, Qt.CheckState.Unchecked: False}.get(
             Qt.CheckState(box.checkState())) for name, box in self.tag_boxes.items()}
@@ -312,13 +308,9 @@ class AnnotateWidget(QWidget):
                                         list(shapes.data), list(shapes.features["class"]) if len(shapes.data) else [],
                                         tags)
         except (OSError, sqlite3.Error) as exc:  # disk full, share gone, read-only: keep the edits on screen
-            first = self.unsaved is None
-            self.unsaved = f"edits to '{self.current_id}' not saved ({error_line(exc).removeprefix('error: ')})"
-            self.save_status.setText(f"{self.unsaved}. They stay on screen; free space or fix the folder, then "
-                                     "press Save now.")
-            if first:  # once, not every autosave
-                _notify([self.unsaved])
-            return [self.unsaved]
+            return self._hold_edits(f"edits to '{self.current_id}' not saved "
+                                    f"({error_line(exc).removeprefix('error: ')})",
+                                    "They stay on screen; free space or fix the folder, then press Save now.")
         self.unsaved = None
         self.save_status.setText("")
         self._stamp = self.store.annotation_stamp(self.current_id)
@@ -326,6 +318,16 @@ class AnnotateWidget(QWidget):
         self.refresh_list()
         _notify(problems)
         return problems
+
+    def _hold_edits(self, unsaved: str, advice: str) -> list[str]:
+        """Keep the edits on screen, and the image with them, saying why in red (and once as a warning, not at
+        every autosave); returns the problem."""
+        first = self.unsaved is None
+        self.unsaved = unsaved
+        self.save_status.setText(f"{unsaved}. {advice}")
+        if first:
+            _notify([unsaved])
+        return [unsaved]
 
     def _autosave(self) -> None:
         if self._dirty:
