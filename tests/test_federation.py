@@ -696,6 +696,7 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
         status = server.status()
         assert status["uploaded"] == [] and status["round"] == 1, "no bad update may count"
         assert upload(url, tokens["site-a"], 1, good).status_code == 200
+        assert upload(url, tokens["site-a"], 1, good).status_code == 200, "a resend (a lost response) is harmless"
         duplicate = upload(url, tokens["site-a"], 1, fake_update(pair, seed=5))
         assert duplicate.status_code == 409 and "already uploaded a different update" in duplicate.json()["detail"]
         assert server.status()["uploaded"] == ["site-a"]
@@ -712,10 +713,13 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
     assert "WARNING round 1, site-a: refused (422): update refused: " in log
     assert "WARNING round 1, site-a: refused (413): update of 3.0 MB exceeds the server's limit of 2 MB" in log
     assert "WARNING round 0, site-a: refused (409): round 0 is closed" in log
-    assert "INFO round 1, site-a: accepted for round 1" in log
+    assert re.search(r"INFO round 1, site-a: accepted for round 1 \(n=\d+, loss \d\.\d{3}\)", log), log
+    assert "INFO round 1, site-a: a resend of its accepted update (harmless)" in log
     assert "WARNING round 1, site-a: refused (409): site 'site-a' already uploaded a different update" in log
     assert re.search(r"INFO round 1 closed \(every expected site reported\): weights site-a 0\.\d\d, "
                      r"site-b 0\.\d\d, site-c 0\.\d\d", log), log
+    # in the order it happened: the last site's update, then the close it triggered
+    assert log.index("round 1, site-c: accepted for round 1") < log.index("round 1 closed"), log
 
 
 def test_plot_legend_names_fit_beside_their_lines() -> None:

@@ -207,7 +207,6 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         outcome = await on_state_thread(state.accept_upload, site, round_number, body)
         if outcome.status >= 400:
             raise refused(outcome.status, outcome.message)
-        log.info("round %d, %s: %s", round_number, site, outcome.message)
         return JSONResponse({"accepted": True, "message": outcome.message, "round_closed": outcome.round_closed})
 
     @app.post(f"/{API_VERSION}/rounds/{{round_number}}/evaluation")

@@ -47,7 +47,7 @@ from fedmix_engine.federation.federated_evaluation import EvaluationReport, pool
 from fedmix_engine.federation.tokens import TOKENS_FILE, TOKENS_LOCK, TokenStore
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
-from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.fedmix.local_update import TrainConfig, shown_loss
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.model import ModelConfig
 
@@ -394,6 +394,7 @@ class ServerState:
                 sha = file_sha256(body)
                 if site in self.uploads:
                     if self.uploads[site]["sha256"] == sha:
+                        log.info("round %d, %s: a resend of its accepted update (harmless)", round_number, site)
                         return Outcome(200, f"already accepted for round {round_number} (retry is harmless)")
                     return Outcome(409, f"site '{site}' already uploaded a different update for round "
                                    f"{round_number}; one update per site per round: two joins are using this "
@@ -412,6 +413,9 @@ class ServerState:
                     target.unlink(missing_ok=True)
                     raise
                 self.uploads[site] = info
+                # logged here, before a close it may trigger: the admin's journal read 'round 1 closed' first
+                log.info("round %d, %s: accepted for round %d (n=%d, loss %s)", round_number, site, round_number,
+                         report.n, shown_loss(report.n, report.loss))
                 self._leave_out_revoked()  # revoked since the last poll: not counted towards closing the round
                 if len(self.uploads) < self.config.sites:
                     return Outcome(200, f"accepted for round {round_number}")
