@@ -783,6 +783,8 @@ def test_the_round_history_is_for_the_admin_and_the_sites_unless_made_public(tmp
     """/v1/status and the admin page name every site with its sample counts, losses and weights, and
     anyone who reached the port could read them. Now: the admin on the server's machine (loopback),
     the sites with their tokens, and everyone only with --status-access public."""
+    from fedmix_engine.federation.server import machine_name
+
     state = tmp_path / "state"
     tokens = make_tokens(state, ["site-a"])
     outward = _outward_address()
@@ -808,6 +810,8 @@ def test_the_round_history_is_for_the_admin_and_the_sites_unless_made_public(tmp
         log = (tmp_path / f"server-{server.port}.log").read_text()  # on a network address without TLS
         assert "warning: plain HTTP on 0.0.0.0: site tokens and model weights cross the network in clear text" \
             in log
+        assert f"FedMix server: http://{machine_name()}:{server.port}/ (listening on every interface; this machine " \
+               f"is also {outward}) " in log, log
     expected = {"sites": {"remote": 403, "remote site": 200, "remote wrong token": 403},
                 "local": {"remote": 403, "remote site": 403, "remote wrong token": 403},
                 "public": {"remote": 200, "remote site": 200, "remote wrong token": 200}}
@@ -2054,14 +2058,26 @@ def test_a_running_server_warns_its_admin_of_a_certificate_nearing_expiry(tmp_pa
         assert log.count("WARNING the server's TLS certificate expires on") == warned, log[-2000:]
 
 
-def test_the_address_serve_prints_for_the_sites_is_a_url_for_ipv6_too() -> None:
-    """'serve --host ::' printed http://:::8765/, which no site can join; IPv6 addresses go in brackets."""
+def test_the_address_serve_prints_for_the_sites_is_a_url_for_ipv6_too(tmp_path: Path) -> None:
+    """'serve --host ::' printed http://:::8765/, which no site can join; IPv6 addresses go in brackets.
+    On every interface (0.0.0.0, ::) it printed http://0.0.0.0:8765/, which reaches no server from another
+    machine: the machine's name now, or with TLS the name the certificate is for (the one the sites must use)."""
     import httpx
 
     from fedmix_engine.federation.client import server_url
-    from fedmix_engine.federation.server import server_address
+    from fedmix_engine.federation.server import address_for_sites, machine_name, server_address
 
     assert server_address("http", "::1", 8765) == "http://[::1]:8765/"
     assert server_address("https", "fedmix.example.org", 443) == "https://fedmix.example.org:443/"
-    assert server_address("http", "0.0.0.0", 8765) == "http://0.0.0.0:8765/"
     assert httpx.URL(server_url(server_address("http", "fe80::1", 9))).port == 9
+    assert address_for_sites("http", "10.1.2.3", 8765) == "http://10.1.2.3:8765/"
+    for every in ("0.0.0.0", "::"):
+        assert address_for_sites("http", every, 8765) == f"http://{machine_name()}:8765/"
+    assert machine_name() not in ("", "localhost", "0.0.0.0")
+    cert = tmp_path / "server.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k.pem"),
+                    "-out", str(cert), "-days", "2", "-subj", "/CN=fedmix", "-addext",
+                    "subjectAltName=DNS:*.example.org,IP:10.0.0.5,DNS:fedmix.example.org"],
+                   check=True, capture_output=True)
+    assert address_for_sites("https", "0.0.0.0", 8765, cert) == "https://fedmix.example.org:8765/"
+    assert address_for_sites("https", "10.0.0.5", 8765, cert) == "https://10.0.0.5:8765/", "as given"

@@ -21,6 +21,17 @@ def certificate_dates(cert: str | Path) -> tuple[float, float] | None:
         return None
 
 
+def certificate_names(cert: str | Path) -> list[str]:
+    """The host names and addresses a PEM certificate is valid for (its subject alternative names, DNS names
+    first; wildcards left out: they name no host); empty where this Python cannot read them."""
+    try:
+        names = ssl._ssl._test_decode_cert(str(cert)).get("subjectAltName", ())
+    except (AttributeError, ValueError, ssl.SSLError):
+        return []
+    dns = [value for kind, value in names if kind == "DNS" and "*" not in value]
+    return dns + [value.strip() for kind, value in names if kind == "IP Address"]
+
+
 def utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
 

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import math
+import socket
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from fedmix_engine import __version__
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.admin import render_admin_page
-from fedmix_engine.federation.certificates import certificate_dates, expiry_warning
+from fedmix_engine.federation.certificates import certificate_dates, certificate_names, expiry_warning
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.state import SERVER_LOCK, STORAGE_FAULTS, ServerState, space_shortfall
 from fedmix_engine.federation.tokens import TokenStore
@@ -258,6 +259,37 @@ def server_address(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
+EVERY_INTERFACE = ("0.0.0.0", "::", "")
+
+
+def address_for_sites(scheme: str, host: str, port: int, tls_cert: str | Path | None = None) -> str:
+    """The URL ``serve`` prints for the sites. Listening on every interface, ``http://0.0.0.0:8765/`` reaches
+    no server from another machine: the machine's name is printed instead, or with TLS the certificate's
+    first name (the one the sites must use for the certificate to be verified)."""
+    if host not in EVERY_INTERFACE:
+        return server_address(scheme, host, port)
+    names = certificate_names(tls_cert) if tls_cert else []
+    return server_address(scheme, names[0] if names else machine_name(), port)
+
+
+def machine_name() -> str:
+    """This machine's name for the sites: its fully qualified name, or its host name where the resolver
+    calls it ``localhost`` (a host name listed on 127.0.0.1 in /etc/hosts, as many installs do)."""
+    full = socket.getfqdn()
+    return full if "." in full and not full.startswith("localhost") else socket.gethostname()
+
+
+def outward_address() -> str | None:
+    """The address this machine's default route leaves from (nothing is sent: a UDP socket is only
+    connected), for sites that reach the server by address; None without a route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere, only looked up
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
 def _is_loopback(host: str | None) -> bool:
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback
@@ -298,8 +330,13 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
         dates = certificate_dates(tls_cert) if tls_cert else None
         app = create_app(state, tokens, status_access=status_access, tls_expires_at=dates[1] if dates else None)
         scheme = "https" if tls_cert else "http"
-        print(f"FedMix server: {server_address(scheme, host, port)}  round {state.current_round} of "
-              f"{state.config.rounds}{' (finished)' if state.finished else ''}; state in {state_dir}", flush=True)
+        every = ""
+        if host in EVERY_INTERFACE:
+            address = outward_address()
+            every = f" (listening on every interface{f'; this machine is also {address}' if address else ''})"
+        print(f"FedMix server: {address_for_sites(scheme, host, port, tls_cert)}{every}  round "
+              f"{state.current_round} of {state.config.rounds}{' (finished)' if state.finished else ''}; "
+              f"state in {state_dir}", flush=True)
         uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level=log_level)
     finally:  # a library call: the next serve in this process (a test, an embedding app) logs once, not twice
         federation_log.removeHandler(handler)
