@@ -476,6 +476,39 @@ def test_annotate_does_not_save_over_what_another_program_wrote_to_the_shown_ima
     assert widget.current_id == "scan-1"
 
 
+def test_annotate_shows_what_another_program_wrote_to_the_site_unless_it_has_edits(make_napari_viewer, qtbot,
+                                                                                   tmp_path, images):
+    """A terminal's 'site import' annotated the site while napari showed it: the list and the image on screen
+    kept showing what the site no longer held (an empty mask, 'none') until the clinician moved on, and a
+    clinician reads the image by its annotations. The panel now follows another program's writes within a
+    few seconds (its own timer); the image's own unsaved edits are never replaced (save holds them)."""
+    from napari_fedmix.annotate_widget import WATCH_MS
+
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    assert widget.current_id == "scan-0" and widget.image_list.item(2).text() == "scan-2  —  none"
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari ≥ 0.9 : before
+    camera.zoom *= 3  # the clinician looks closely
+    zoom = camera.zoom
+    with SiteStore.open(tmp_path / "site") as other:  # another program, while napari shows scan-0
+        other.set_mask("scan-0", _drawn(5, 15, 6, 20))
+        other.set_tag("scan-2", "lesion", True)
+    qtbot.waitUntil(lambda: viewer.layers["FedMix mask"].data.any(), timeout=3 * WATCH_MS)
+    np.testing.assert_array_equal(viewer.layers["FedMix mask"].data, _drawn(5, 15, 6, 20))
+    assert widget.image_list.item(2).text() == "scan-2  —  tag" and widget.image_list.currentRow() == 0
+    assert "changed by another program" in widget.save_status.text()
+    assert camera.zoom == pytest.approx(zoom), "the same image shown anew keeps the view"
+    assert widget.save() == [], "nothing to save: the screen is what the site holds"
+    widget.tag_boxes["lesion"].setCheckState(Qt.CheckState.Checked)  # the clinician's own edit …
+    with SiteStore.open(tmp_path / "site") as other:  # … and another write to the image
+        other.set_mask("scan-0", _drawn(1, 4, 1, 4))
+    qtbot.wait(2 * WATCH_MS)
+    assert widget.tag_boxes["lesion"].checkState() == Qt.CheckState.Checked, "an edit is never replaced"
+    np.testing.assert_array_equal(viewer.layers["FedMix mask"].data, _drawn(5, 15, 6, 20))
+    assert widget.save(force=True) == []  # Save now: the clinician's screen
+    widget.next_image()
+    assert widget.current_id == "scan-1" and widget.save_status.text() == "", "a note of the image it left"
+
+
 def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_napari_viewer, qtbot, tmp_path,
                                                                           images, monkeypatch):
     """The warning showed 10 problems and "… and N more", and the others were lost; it now names the log

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 IMAGE_LAYER, MASK_LAYER, BOX_LAYER = "FedMix image", "FedMix mask", "FedMix boxes"
 CLASSES_KEY = "fedmix_classes"  # the mask layer's metadata: the site's class names, for other widgets
 AUTOSAVE_MS = 15_000
+WATCH_MS = 2_000  # how often the panel looks for another program's writes to the site
 
 
 class AnnotateWidget(QWidget):
@@ -57,6 +58,7 @@ class AnnotateWidget(QWidget):
         self._watched: weakref.WeakSet = weakref.WeakSet()  # layers whose edits mark the image unsaved
         self._shown: tuple = ()  # the mask and box layers of the image shown: its edits are saved from them
         self._stamp: tuple = ()  # its annotations in the store when shown or last saved (SiteStore.annotation_stamp)
+        self._others_version: int | None = None  # SiteStore.writes_by_others when the panel last looked
 
         self.site_label = QLabel("no site open")
         self.site_label.setWordWrap(True)
@@ -121,6 +123,9 @@ class AnnotateWidget(QWidget):
         self.timer = QTimer(self)
         self.timer.timeout.connect(self._autosave)
         self.timer.start(AUTOSAVE_MS)
+        self.watch = QTimer(self)
+        self.watch.timeout.connect(self.follow_other_programs)
+        self.watch.start(WATCH_MS)
         self.viewer.bind_key("Alt-Right", lambda _v: self.next_image(), overwrite=True)
         self.viewer.bind_key("Alt-Left", lambda _v: self.previous_image(), overwrite=True)
         self.viewer.bind_key("Alt-P", lambda _v: self.tag_and_next(present=True), overwrite=True)
@@ -175,6 +180,7 @@ class AnnotateWidget(QWidget):
             self.tag_boxes[name] = box
             self.tags_row.addWidget(box)
         self.current_id = None
+        self._others_version = self.store.writes_by_others()  # per connection: counted from this site's opening
         with self._own_changes():
             self.image_list.clear()  # no row carried over from the other site: row 0 below shows this site's first
         self.refresh_list()
@@ -224,7 +230,7 @@ class AnnotateWidget(QWidget):
         row = self.image_list.currentRow()
         with self._own_changes():  # the shown image stays as it is: no re-read, and the view keeps its zoom
             self.image_list.clear()
-            for rec in self.store.records():
+            for rec in self.store.records():  # in import order: another program's imports come after
                 self.image_list.addItem(f"{rec.id}  —  {rec.supervision}")
             if 0 <= row < self.image_list.count():
                 self.image_list.setCurrentRow(row)
@@ -261,12 +267,14 @@ class AnnotateWidget(QWidget):
                 state = {True: Qt.CheckState.Checked, False: Qt.CheckState.Unchecked}.get(
                     tags.get(name), Qt.CheckState.PartiallyChecked)
                 box.setCheckState(state)
-            self.current_id = image_id
+            shown_before, self.current_id = self.current_id, image_id
             # held, not looked up by name when saving: a layer deleted or renamed by hand (or napari closing,
             # which empties the layer list first) keeps what was drawn in it, to be saved
             self._shown = (mask_layer, shapes)
             self._stamp = self.store.annotation_stamp(image_id)  # to tell another program's writes from ours
-            self.viewer.reset_view()
+            if image_id != shown_before:  # the same image shown anew (after an import) keeps the clinician's zoom
+                self.viewer.reset_view()
+                self.save_status.setText("")  # nothing held (unsaved edits keep the image): a note of the last one
             self.viewer.layers.selection.active = self.viewer.layers[MASK_LAYER]
         self._dirty = False
 
@@ -328,6 +336,29 @@ class AnnotateWidget(QWidget):
         if first:
             _notify([unsaved])
         return [unsaved]
+
+    def follow_other_programs(self) -> None:
+        """Show what another program (a terminal's ``site import``, a second napari) wrote to the site: the
+        list at once, and the image on screen unless it has edits of its own (their save finds the other
+        program's writes and holds them: ``save``). A clinician reading the image would otherwise see, and
+        judge by, annotations the site no longer holds."""
+        if self.store is None or self.import_worker is not None:  # an import of this panel's: shown when it ends
+            return
+        try:
+            version = self.store.writes_by_others()
+        except sqlite3.Error:  # the folder went away (a share): the next save says so
+            return
+        if version == self._others_version:
+            return
+        self._others_version = version
+        self.refresh_list()
+        shown = self.current_id
+        if shown is None or self._dirty or self.unsaved or shown not in self.store.image_ids():
+            return
+        if self.store.annotation_stamp(shown) != self._stamp:
+            self.show_image(shown)
+            self.save_status.setText(f"'{shown}': its annotations were changed by another program; shown as the "
+                                     "site holds them now")
 
     def _autosave(self) -> None:
         if self._dirty:
@@ -515,6 +546,7 @@ class AnnotateWidget(QWidget):
         if self.unsaved:  # e.g. a full disk: said (save did) and kept on screen; nothing more can be done here
             _notify([f"{self.unsaved}, and the panel is closed: they are not saved"])
         self.timer.stop()
+        self.watch.stop()
         for layer in list(self._watched):
             for emitter in (layer.events.data, getattr(layer.events, "paint", None)):
                 if emitter is not None:

@@ -565,6 +565,12 @@ class SiteStore:
                 tuple(self._query("SELECT class_name, present, created_at FROM tags WHERE image_id=? "
                                   "ORDER BY class_name", (image_id,))))
 
+    def writes_by_others(self) -> int:
+        """A number that changes whenever another connection (a terminal's import, a second napari) commits to
+        this site's database, and not with this store's own writes: SQLite's ``data_version``, cheap enough for
+        a panel to ask every few seconds whether what it shows is still what the site holds."""
+        return int(self._query("PRAGMA data_version")[0][0])
+
     # ----------------------------------------------------------------- summaries
     def summary(self) -> dict[str, int]:
         """Counts: images, images per supervision kind, boxes and tags."""
