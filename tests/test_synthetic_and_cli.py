@@ -250,6 +250,54 @@ def test_site_import_of_a_busi_style_folder_takes_masks_beside_images_and_joins_
         assert store.read_mask("benign__1_").sum() == 36 and store.read_mask("benign__7_") is None
 
 
+def test_site_import_keeps_files_named_in_any_script_apart_and_finds_their_masks_and_rows(
+        tmp_path: Path, capsys, rng) -> None:
+    """Ids are ASCII (they name the site's files), and every other letter was replaced by '_': a clinic's
+    files named in Chinese or Cyrillic all became the id 'image', 'Bild_ä 1' and 'Bild_ö 1' one id, and all
+    but one file was refused as a duplicate. Such names now keep a short hash of the whole name (accents
+    taken off for the reader); masks and table rows are matched by the clinic's file names."""
+    import unicodedata
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    names = ["Bild_ä 1", "Bild_ö 1", "患者-02", "病人-02", "Иванов", "Петров", "scan (3)"]
+    for k, name in enumerate(names):
+        iio.imwrite(scans / f"{name}.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+        mask = np.zeros((20, 24), np.uint8)
+        mask[2:4 + k, 2:6] = 255
+        iio.imwrite(scans / f"{name}_mask.png", mask)
+    (tmp_path / "tags.csv").write_text("image,class,present\nИванов,lesion,present\nBild_ö 1.png,lesion,absent\n",
+                                       encoding="utf-8")
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(scans), "--masks", str(scans),
+                 "--tags", str(tmp_path / "tags.csv")]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "images added: 7" in out and "masks: 7" in out and "tags: 2" in out, out
+    with SiteStore.open(site) as store:
+        ids = {Path(record.source).stem: record.id for record in store.records()}
+        assert len(set(ids.values())) == 7, ids
+        assert ids["Bild_ä 1"].startswith("Bild_a_1-") and ids["患者-02"].startswith("02-"), ids
+        assert ids["scan (3)"] == "scan__3_", "ASCII names keep the ids they always had"
+        for k, name in enumerate(names):
+            assert store.read_mask(ids[name]).sum() == (2 + k) * 4, (name, "its own mask")
+        assert store.tags(ids["Иванов"]) == {"lesion": True} and store.tags(ids["Bild_ö 1"]) == {"lesion": False}
+    from fedmix_engine.data.site_store import image_id_from_stem
+
+    assert image_id_from_stem(unicodedata.normalize("NFD", "Bild_ä 1")) == ids["Bild_ä 1"], "a Mac's name: one id"
+
+    # a site imported before, under the old ids ('Bild___1'): its files are still found, not added again
+    old = tmp_path / "old-site"
+    with SiteStore.create(old, ["lesion"]) as store:
+        store.add_image(scans / "Bild_ä 1.png", image_id="Bild___1")
+    (tmp_path / "more.csv").write_text("image,class,present\nBild_ä 1,lesion,present\n", encoding="utf-8")
+    assert main(["site", "import", str(old), "--images", str(scans), "--masks", str(scans),
+                 "--tags", str(tmp_path / "more.csv")]) == 0
+    assert "images added: 6 (already present: 1)" in capsys.readouterr().out
+    with SiteStore.open(old) as store:
+        assert "Bild___1" in store.image_ids() and len(store) == 7
+        assert store.read_mask("Bild___1").sum() == 8 and store.tags("Bild___1") == {"lesion": True}
+
+
 def test_site_import_reports_bad_images_and_keeps_the_rest(tmp_path: Path, capsys, caplog, rng) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()

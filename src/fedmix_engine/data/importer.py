@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.data.imageio import image_files, no_images_reason, read_mask_file, validate_mask
+from fedmix_engine.data.imageio import image_files, image_stem, no_images_reason, read_mask_file, validate_mask
 from fedmix_engine.data.site_store import Box, SiteStore, image_id_from_path
 from fedmix_engine.data.video import NOT_IMPORTED, is_video_path
 from fedmix_engine.errors import InputError
@@ -47,7 +47,7 @@ BOX_COLUMNS = ("image", "class", "y0", "x0", "y1", "x1")
 TAG_COLUMNS = ("image", "class", "present")
 # "<image>_mask", and "<image>_mask_1", "_mask_2" … for further masks of one image (BUSI's lesions);
 # "_segmentation" is ISIC's (the paper's skin lesion data), "_GT" many others'; any letter case
-MASK_NAME = re.compile(r"^(?P<image>.+?)[_-](?:mask|labels?|seg|segmentation|gt)(?:_\d+)?$", re.IGNORECASE)
+MASK_NAME = re.compile(r"^(?P<image>.+?)[ _-](?:mask|labels?|seg|segmentation|gt)(?:_\d+)?$", re.IGNORECASE)
 
 
 SHOWN_PROBLEMS = 20  # problems an import prints; the rest are in its log
@@ -183,21 +183,30 @@ def _tags_by_row(table: tuple[Path, TableRows], classes: tuple[str, ...],
                   for line, row in rows for name in columns if named[name] in classes and row[name]]
 
 
-def _resolve_image(ids: set[str], name: str) -> str | None:
-    if name in ids:
-        return name
-    candidate = image_id_from_path(name)
-    return candidate if candidate in ids else None
+def site_names(store: SiteStore) -> dict[str, str]:
+    """Every name a mask file or a table row may give an image by, with the image's id: the id itself, and
+    the name of the file it was imported from without its suffix (``Bild_ä 1`` for the id ``Bild_a_1-…``, as
+    the clinic's tables and mask files spell it; also for ids an earlier version spelled another way)."""
+    names = {image_id: image_id for image_id in store.image_ids()}
+    for record in store.records():
+        if record.source:
+            names.setdefault(image_stem(record.source), record.id)
+    return names
 
 
-def _rows_of_site_images(table: tuple[Path, TableRows], ids: set[str], classes: tuple[str, ...],
+def _resolve_image(names: dict[str, str], name: str) -> str | None:
+    """The id of the image a table row, or a mask file's stem, names (None: not in the site)."""
+    return names.get(name) or names.get(image_stem(name)) or names.get(image_id_from_path(name))
+
+
+def _rows_of_site_images(table: tuple[Path, TableRows], names: dict[str, str], classes: tuple[str, ...],
                          report: ImportReport) -> Iterator[tuple[str, str, dict[str, str]]]:
     """A box or tag table's rows as (``file:line``, image id, row) with the row's class spelled as the site
     spells it; a row naming an image the site does not hold is a problem of the report, not a row."""
     path, rows = table
     for line, row in rows:
         where = f"{path}:{line}"
-        image_id = _resolve_image(ids, row["image"])
+        image_id = _resolve_image(names, row["image"])
         if image_id is None:
             report.problems.append(f"{where}: image '{row['image']}' is not in the site")
             continue
@@ -221,16 +230,16 @@ def _number(text: str) -> float:
 
 def masks_beside_images(files: list[Path]) -> list[Path]:
     """The files that are, by name, another file's mask (``x_mask.png`` beside ``x.png``: BUSI's layout)."""
-    stems = {image_id_from_path(p) for p in files}
-    return [p for p in files if (named := MASK_NAME.match(image_id_from_path(p))) and named["image"] in stems]
+    stems = {image_stem(p) for p in files}
+    return [p for p in files if (named := MASK_NAME.match(image_stem(p))) and named["image"] in stems]
 
 
-def _mask_target(stem: str, ids: set[str]) -> str | None:
+def _mask_target(stem: str, names: dict[str, str]) -> str | None:
     """The image a mask file belongs to: the one with the same stem, or with the stem less a mask suffix."""
-    if stem in ids:
-        return stem
+    if (target := _resolve_image(names, stem)) is not None:
+        return target
     named = MASK_NAME.match(stem)
-    return named["image"] if named and named["image"] in ids else None
+    return _resolve_image(names, named["image"]) if named else None
 
 
 def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | None) -> bool:
@@ -315,9 +324,9 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
                 author: str | None) -> Iterator[ImportProgress]:
     """Add image files one by one, yielding after each: an import stopped between two files keeps every
     image it stored whole, and importing again adds the rest (a file already imported is skipped)."""
-    sources = {rec.id: rec.source for rec in store.records()}
+    sources = {rec.source for rec in store.records()}
     for n, path in enumerate(files, start=1):
-        if sources.get(image_id_from_path(path)) == str(path):
+        if str(path) in sources:  # by file, not by id: ids of non-ASCII names were spelled otherwise before
             report.images_already_present += 1
         else:
             try:
@@ -364,13 +373,13 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     same_folder = masks is not None and images is not None and masks.resolve() == images.resolve()
     beside = masks_beside_images(files) if same_folder else []
     yield from _add_images(store, [p for p in files if p not in beside], report, author)
-    ids = set(store.image_ids())
+    names = site_names(store)
 
     if masks is not None:
         by_image: dict[str, list[Path]] = defaultdict(list)
         for path in beside if same_folder else image_files(masks):
-            stem = image_id_from_path(path)
-            target = _mask_target(stem, ids)
+            stem = image_stem(path)
+            target = _mask_target(stem, names)
             if target is None:
                 report.problems.append(f"{path}: no image with the same name (stem '{stem}') in the site")
                 continue
@@ -387,7 +396,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
 
     if sources.boxes is not None:
         grouped: dict[str, list[Box]] = defaultdict(list)
-        for where, image_id, row in _rows_of_site_images(sources.boxes, ids, store.config.classes, report):
+        for where, image_id, row in _rows_of_site_images(sources.boxes, names, store.config.classes, report):
             try:
                 corners = [_number(row[k]) for k in ("y0", "x0", "y1", "x1")]
             except ValueError:
@@ -406,7 +415,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
 
     if sources.tags is not None:
         tags = _tags_by_row(sources.tags, store.config.classes, report)
-        for where, image_id, row in _rows_of_site_images(tags, ids, store.config.classes, report):
+        for where, image_id, row in _rows_of_site_images(tags, names, store.config.classes, report):
             value = row["present"].lower()
             if value not in _TRUE | _FALSE:
                 report.problems.append(f"{where}: {row['class']}: must be present or absent (yes/no, 1/0), got "

@@ -23,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import getpass
+import hashlib
 import json
 import re
 import sqlite3
 import threading
+import unicodedata
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,7 +57,8 @@ CONFIG_FILE = "site.json"
 DB_FILE = "annotations.db"
 _DAMAGED = "it is damaged or not a site's database; restore the site folder from a backup"
 Supervision = Literal["mask", "box", "tag", "none"]
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ID_MAX = 128
+_ID_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{_ID_MAX - 1}}}$")
 # letters and digits of any language ('Läsion', 'lésion', '病变'), then also spaces, '-' and '_'
 _CLASS_PATTERN = re.compile(r"^[^\W_][\w -]{0,63}$")
 
@@ -200,10 +203,23 @@ class ImageRecord:
 
 
 def image_id_from_path(path: str | Path) -> str:
-    """The default image id: the file's name without its image suffix (:func:`image_stem`), with
-    characters outside [A-Za-z0-9._-] replaced."""
-    stem = image_stem(path)
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-") or "image"
+    """The default image id: the file's name without its image suffix (:func:`image_stem`), as
+    :func:`image_id_from_stem` spells it."""
+    return image_id_from_stem(image_stem(path))
+
+
+def image_id_from_stem(stem: str) -> str:
+    """An image id for a file's stem: characters outside [A-Za-z0-9._-] replaced (ids name the site's files).
+    A stem with other letters keeps them apart by a short hash of the whole name, after its accents are
+    taken off for the reader: ``Bild_ä 1`` → ``Bild_a_1-…``, ``患者-02`` → ``02-…``. Replaced alone, every
+    name in Chinese or Cyrillic was ``image`` and ``Bild_ä``/``Bild_ö`` one id: all but one file refused."""
+    plain = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode() if not stem.isascii() else stem
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", plain).lstrip("._-")
+    if stem.isascii():
+        return base or "image"
+    # NFC: macOS names files in decomposed form, Linux and Windows composed; one name, one id
+    digest = hashlib.sha256(unicodedata.normalize("NFC", stem).encode()).hexdigest()[:8]
+    return f"{base[:_ID_MAX - 9].rstrip('._-') or 'image'}-{digest}"
 
 
 class SiteStore:
