@@ -248,6 +248,13 @@ def test_site_import_of_a_busi_style_folder_takes_masks_beside_images_and_joins_
         joined = store.read_mask("benign__4_")
         assert joined[2:6, 2:6].all() and joined[12:18, 10:16].all() and joined.sum() == 16 + 36
         assert store.read_mask("benign__1_").sum() == 36 and store.read_mask("benign__7_") is None
+    # without --masks the mask files were imported as images of their own, unlabelled (napari's Import folder
+    # never did): they are masks either way
+    assert main(["site", "import", str(tmp_path / "same"), "--classes", "lesion", "--images", str(busi)]) == 0
+    assert "images added: 4" in (again := capsys.readouterr().out) and "masks: 2" in again, again
+    with SiteStore.open(tmp_path / "same") as store:
+        assert store.image_ids() == ["benign__1_", "benign__4_", "benign__7_", "normal__2_"]
+        assert store.read_mask("benign__4_").sum() == 16 + 36
 
 
 def test_site_import_keeps_files_named_in_any_script_apart_and_finds_their_masks_and_rows(

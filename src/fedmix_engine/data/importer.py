@@ -369,13 +369,14 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     listed = image_files(images, videos=True) if images is not None else []
     files = [p for p in listed if not is_video_path(p)]
     report.problems.extend(str(InputError(p, NOT_IMPORTED)) for p in listed if is_video_path(p))
-    # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images
-    same_folder = masks is not None and images is not None and masks.resolve() == images.resolve()
+    # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images,
+    # also without --masks (they were imported as images of their own, unlabelled, as napari's import never did)
+    same_folder = images is not None and (masks is None or masks.resolve() == images.resolve())
     beside = masks_beside_images(files) if same_folder else []
     yield from _add_images(store, [p for p in files if p not in beside], report, author)
     names = site_names(store)
 
-    if masks is not None:
+    if masks is not None or beside:
         by_image: dict[str, list[Path]] = defaultdict(list)
         for path in beside if same_folder else image_files(masks):
             stem = image_stem(path)
