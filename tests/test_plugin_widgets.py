@@ -638,7 +638,9 @@ def _set_to_join(widget, site: Path, url: str, token: str) -> None:
 def test_train_widget_joins_a_real_server_and_plots_the_held_out_dice_it_sends(make_napari_viewer, qtbot, sample,
                                                                              tmp_path):
     """The widget scored each closed round's model itself, after downloading it again, and kept the figure to
-    itself; the client now scores every model it receives (round 0's too) and the server gets the scores."""
+    itself; the client now scores every model it receives (round 0's too) and the server gets the scores.
+    The token comes from the admin's token file, as 'join --token-file' reads it (a clinician had to open the
+    file and copy its line by hand): here as Windows PowerShell writes it, UTF-16 with CRLF."""
     from federation_helpers import TINY_SETTINGS, make_tokens, running_server
     from napari_fedmix.train_widget import TrainWidget
 
@@ -646,8 +648,22 @@ def test_train_widget_joins_a_real_server_and_plots_the_held_out_dice_it_sends(m
     token = make_tokens(state, ["site-a"])["site-a"]
     train = TrainWidget(make_napari_viewer())
     qtbot.addWidget(train)
+    token_file = tmp_path / "site-a.token"
+    train.load_token_file(token_file)
+    assert train.status.text() == f"error: {token_file}: token file not found (the admin's 'fedmix-engine token " \
+        "add' prints the token)"
+    token_file.write_bytes(f"{token}\r\n".encode("utf-16"))
+    token_file.chmod(0o644)
+    train.load_token_file(token_file)
+    assert train.token.text() == token
+    assert train.status.text() == f"warning: {token_file}: other users of this machine can read this site's token " \
+        f"(mode 644); chmod 600 {token_file}"
+    token_file.chmod(0o600)
+    train.token.setText("")
+    train.load_token_file(token_file)
+    assert train.token.text() == token and train.status.text() == f"token read from {token_file}"
     with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "2", *TINY_SETTINGS]) as server:
-        _set_to_join(train, sample, server.url, token)
+        _set_to_join(train, sample, server.url, train.token.text())
         train.validation.setText(str(sample.parent / "eval" / "site-a" / "val"))
         train.start()
         qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)

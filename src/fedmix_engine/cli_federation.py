@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import logging
 import os
 import sys
@@ -159,31 +158,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _read_token_file(path: Path) -> str:
-    """The token in ``--token-file``, or an error naming the file (not found, unreadable, empty); whether it
-    is one token is the client's check, told the file's name. Read by its byte-order mark: Windows
-    PowerShell 5's ``token add SITE > site.token`` writes UTF-16, and Notepad may save UTF-8 with a mark;
-    the locale's encoding read either as a token with stray characters."""
-    try:
-        raw = path.read_bytes()
-        encoding = "utf-16" if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
-        token = raw.decode(encoding).strip()
-    except FileNotFoundError:
-        raise InputError(path, "token file not found (the admin's 'fedmix-engine token add' prints the token)") \
-            from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"cannot read the token file ({exc})") from None
-    if not token:
-        raise InputError(path, "the token file is empty")
+    """The token in ``--token-file`` (:func:`read_token_file`), with a warning when others may read it."""
+    from fedmix_engine.federation.tokens import read_token_file
+
+    token = read_token_file(path)
     _warn_if_others_may_read(path, "this site's token")
     return token
 
 
 def _warn_if_others_may_read(path: Path, what: str) -> None:
-    """Say so, as ssh does of a private key, when a secret's file may be read by other users of the machine."""
-    mode = path.stat().st_mode & 0o777
-    if os.name == "posix" and mode & 0o077:
-        print(f"warning: {path}: other users of this machine can read {what} (mode {mode:o}); chmod 600 {path}",
-              file=sys.stderr)
+    from fedmix_engine.federation.tokens import readable_by_others
+
+    if warning := readable_by_others(path, what):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_join(args: argparse.Namespace) -> int:

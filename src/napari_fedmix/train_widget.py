@@ -114,6 +114,9 @@ class TrainWidget(QWidget):
                                    "the scores (image count, mean Dice and IoU) are also sent to the server.")
         self.server.setPlaceholderText("https://server:8765")
         self.token.setEchoMode(QLineEdit.EchoMode.Password)
+        token_file = QPushButton("…")
+        token_file.setToolTip("Read the token from the file the admin gave this site (site.token)")
+        token_file.clicked.connect(self._choose_token_file)
         self.ca_cert.setPlaceholderText("certificate to trust (optional)")
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
@@ -151,7 +154,10 @@ class TrainWidget(QWidget):
         form.addRow("site folder", site_row)
         form.addRow("mode", self.mode)
         form.addRow("server", self.server)
-        form.addRow("token", self.token)
+        token_row = QHBoxLayout()
+        token_row.addWidget(self.token)
+        token_row.addWidget(token_file)
+        form.addRow("token", token_row)
         form.addRow("TLS certificate", self.ca_cert)
         form.addRow("validation site", self.validation)
         form.addRow("device", self.device)
@@ -316,6 +322,26 @@ class TrainWidget(QWidget):
             ended = "stopped" if self.worker is not None and self.worker.abort_requested else "finished"
             self.status.setText(f"{self.status.text()}\n{ended}; model: {done or 'none yet'}")
         self.worker = None
+
+    def load_token_file(self, path: str | Path) -> None:
+        """Fill the token from the admin's token file (read as ``join --token-file`` reads it: UTF-16 from
+        PowerShell, a byte-order mark from Notepad); a clinician had to open it and copy the line by hand. The
+        token is not kept anywhere by the panel."""
+        from fedmix_engine.federation.tokens import read_token_file, readable_by_others
+
+        try:
+            self.token.setText(read_token_file(Path(path)))
+        except InputError as exc:
+            self.status.setText(error_line(exc))
+            return
+        warning = readable_by_others(Path(path), "this site's token")
+        self.status.setText(f"warning: {warning}" if warning else f"token read from {path}")
+
+    def _choose_token_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Token file from the admin",
+                                              filter="Tokens (*.token *.txt);;All files (*)")
+        if path:
+            self.load_token_file(path)
 
     def _choose_site(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Site folder")

@@ -8,9 +8,11 @@ each wrote the file without the other's site.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -27,6 +29,34 @@ _SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # a site's name becomes a file name on the server (current/<site>.safetensors); Windows reserves these,
 # with any extension and in any case, so a server there could never store that site's update
 _WINDOWS_DEVICE = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+
+
+def read_token_file(path: Path) -> str:
+    """The token in a site's token file (``join --token-file``, napari's Train), or an error naming the file
+    (not found, unreadable, empty); whether it is one token is the client's check, told the file's name. Read
+    by its byte-order mark: Windows PowerShell 5's ``token add SITE > site.token`` writes UTF-16, and Notepad
+    may save UTF-8 with a mark; the locale's encoding read either as a token with stray characters."""
+    try:
+        raw = path.read_bytes()
+        encoding = "utf-16" if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+        token = raw.decode(encoding).strip()
+    except FileNotFoundError:
+        raise InputError(path, "token file not found (the admin's 'fedmix-engine token add' prints the token)") \
+            from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read the token file ({exc})") from None
+    if not token:
+        raise InputError(path, "the token file is empty")
+    return token
+
+
+def readable_by_others(path: Path, what: str) -> str | None:
+    """What to say, as ssh does of a private key, when a secret's file may be read by other users of the
+    machine (None when only its owner may)."""
+    mode = path.stat().st_mode & 0o777
+    if os.name == "posix" and mode & 0o077:
+        return f"{path}: other users of this machine can read {what} (mode {mode:o}); chmod 600 {path}"
+    return None
 
 
 def token_problem(token: str) -> str | None:
