@@ -368,6 +368,50 @@ def test_a_join_whose_site_disk_fills_names_the_file_and_run_again_ends_as_if_un
     assert worst < 1e-5, f"the full disk changed what was trained: max |Δθ| = {worst}"
 
 
+def test_a_join_through_a_proxy_that_cannot_reach_the_server_names_the_proxy_and_no_proxy(
+        sample: Path, tmp_path: Path, monkeypatch) -> None:
+    """A hospital's HTTP_PROXY also carries the requests to an intranet server unless NO_PROXY names it; a
+    proxy that cannot reach the server made the join say 'the server does not answer (Connection refused)'
+    for an hour while the server was up. The message now names the proxy (not its password) and NO_PROXY;
+    with the server in NO_PROXY the join connects directly."""
+    from fedmix_engine.federation.client import FederationClient, FederationError
+
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a"])
+    site = copied_sites(sample, ["site-a"], tmp_path)["site-a"]
+    with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server, \
+            socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))  # bound, not listening: a proxy that refuses the connection
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.delenv(name.lower(), raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://clinic:s3cret@127.0.0.1:{proxy.getsockname()[1]}")
+        client = FederationClient(server.url, tokens["site-a"], site, device="cpu", give_up_after=0)
+        with pytest.raises(FederationError) as failed:
+            next(client.iter_join())
+        message = str(failed.value)
+        assert f"; the requests go through the proxy http://127.0.0.1:{proxy.getsockname()[1]} (this machine's " \
+               "HTTP_PROXY/HTTPS_PROXY settings): if the server is reached directly, add 127.0.0.1 to NO_PROXY" \
+               in message, message
+        assert "s3cret" not in message
+        monkeypatch.setenv("NO_PROXY", "localhost, 127.0.0.1")
+        events = FederationClient(server.url, tokens["site-a"], site, device="cpu", give_up_after=0).iter_join()
+        connected = next(events)
+        events.close()
+        assert connected.kind == "connected" and "proxy" not in connected.message, connected
+    import httpx
+
+    from fedmix_engine.federation.client import environment_proxy
+
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.example.org:3128")
+    monkeypatch.setenv("NO_PROXY", "hospital.org,[::1]")
+    assert environment_proxy(httpx.URL("https://fedmix.hospital.org:8765")) is None, "a name is a suffix"
+    assert environment_proxy(httpx.URL("https://[::1]:8765")) is None
+    assert environment_proxy(httpx.URL("https://fedmix.other.org")) == "http://proxy.example.org:3128"
+    monkeypatch.setenv("NO_PROXY", "*")
+    assert environment_proxy(httpx.URL("https://fedmix.other.org")) is None
+
+
 def test_a_join_of_a_read_only_site_folder_says_so_before_it_asks_the_server_anything(
         sample: Path, tmp_path: Path) -> None:
     """A site folder on a file system turned read-only (or another user's) ended the join with

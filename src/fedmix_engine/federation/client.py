@@ -139,6 +139,9 @@ class FederationClient:
         verify: Any = trust_store(ca_cert) if ca_cert else True
         self.http = httpx.Client(base_url=server_url(server), headers={"Authorization": f"Bearer {token}"},
                                  verify=verify, timeout=timeout)
+        # a hospital's HTTP(S)_PROXY also carries the requests to an intranet server unless NO_PROXY names it:
+        # a proxy that cannot reach it looked like a server that is down ('Connection refused', for an hour)
+        self.proxy = environment_proxy(self.http.base_url)
         self.models_dir = self.site_dir / "models"
         self.state = SiteState()
         self.prefix = federation_prefix(None)  # this federation's files in models/, once the server says which
@@ -172,7 +175,7 @@ class FederationClient:
                                           "machine's name service: check the server address (or this machine's "
                                           "network settings)") from None
                 # a certificate that expired during the federation: retried while its admin renews it
-                reason = tls_fault or f"the server does not answer ({type(exc).__name__}: {exc})"
+                reason = tls_fault or f"the server does not answer ({type(exc).__name__}: {exc}){self._via_proxy()}"
             else:
                 self._reached = True
                 if response.status_code < 500:
@@ -191,6 +194,14 @@ class FederationClient:
             failed = True
             self._pause(delay)
             delay = min(delay * 2, self.max_backoff)
+
+    def _via_proxy(self) -> str:
+        """The proxy the requests go through, for a failure's message ('' for a direct connection)."""
+        if self.proxy is None:
+            return ""
+        host = self.http.base_url.host
+        return (f"; the requests go through the proxy {self.proxy} (this machine's HTTP_PROXY/HTTPS_PROXY "
+                f"settings): if the server is reached directly, add {host} to NO_PROXY")
 
     def _speaks_tls(self) -> bool:
         """Whether the server's port completes a TLS handshake: a TLS server hangs up on a plain request
@@ -311,8 +322,9 @@ class FederationClient:
                     raise FederationError(str(exc)) from None
                 if folder == self.site_dir:
                     idle = _nothing_to_train(store, train)
+        through = f"; through the proxy {self.proxy}" if self.proxy else ""
         yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
-                        f"{self.plan.device} ({self.plan.note}){idle}")
+                        f"{self.plan.device} ({self.plan.note}){through}{idle}")
         last_wait, seen_round = None, None
         while True:
             if self._should_stop():
@@ -546,6 +558,41 @@ OUT_OF_DATE = {
     9: ("the server's TLS certificate is not valid yet: this machine's clock is wrong (or the server's admin made "
         "the certificate with a start date to come)"),
 }
+
+
+def environment_proxy(url: Any) -> str | None:
+    """The proxy httpx sends requests for ``url`` through (None: a direct connection), found by httpx's own
+    rules (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY, read by urllib's ``getproxies`` as httpx reads
+    them: an exact address or ``localhost``, a name as a suffix, ``*`` for every host), without its password."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies
+
+    found = getproxies()
+    host = url.host.lower()
+    for entry in (name.strip().lower() for name in found.get("no", "").split(",")):
+        if entry == "*":
+            return None
+        if "://" in entry:
+            entry = urlsplit(entry).hostname or ""
+        entry = entry.strip("[]")
+        exact = entry == "localhost" or _is_address(entry)  # a name is a suffix: example.org, www.example.org
+        if entry and (host == entry if exact else host.endswith(entry)):
+            return None
+    proxy = found.get(url.scheme) or found.get("all")
+    if not proxy:
+        return None
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _is_address(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _tls_fault(exc: BaseException | None) -> str | None:
