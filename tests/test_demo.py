@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,16 @@ from fedmix_engine.federation.local_demo import MARKER, fresh_demo_folder
 TINY = ["--rounds", "2", "--images", "8", "--size", "32", "--width", "4"]
 
 
-def test_demo_runs_a_small_federation_end_to_end_and_never_empties_a_users_folder(tmp_path: Path, capsys) -> None:
+def test_demo_runs_a_small_federation_end_to_end_and_never_empties_a_users_folder(tmp_path: Path, capsys,
+                                                                                  monkeypatch) -> None:
+    """Also on a machine whose web proxy is set for everything (a hospital's HTTP_PROXY, no NO_PROXY): the
+    demo's server and sites are on this machine and talk directly (they went to the proxy, and failed)."""
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))  # bound, not listening: a proxy that refuses every connection
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.getsockname()[1]}")
     scans = tmp_path / "scans"
     scans.mkdir()
     (scans / "patient.tif").write_bytes(b"precious")
@@ -45,6 +55,7 @@ def test_demo_runs_a_small_federation_end_to_end_and_never_empties_a_users_folde
 
     fresh_demo_folder(out)()  # the next demo into its own folder starts from nothing (then let go)
     assert [p.name for p in out.iterdir()] == [MARKER]
+    proxy.close()
 
 
 def _running_demo(out: Path, log: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:

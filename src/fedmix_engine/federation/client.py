@@ -50,14 +50,15 @@ from fedmix_engine.steps import mapped
 log = logging.getLogger("fedmix_engine.client")
 
 
-def wait_for_server(url: str, timeout: float = 60.0, verify: Any = True) -> bool:
-    """Poll ``/v1/status`` until the server answers (True) or ``timeout`` seconds pass (False)."""
+def wait_for_server(url: str, timeout: float = 60.0, verify: Any = True, trust_env: bool = True) -> bool:
+    """Poll ``/v1/status`` until the server answers (True) or ``timeout`` seconds pass (False);
+    ``trust_env=False``: directly, past a proxy set for the machine (a server on this machine)."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            httpx.get(f"{url.rstrip('/')}/{API_VERSION}/status", timeout=2, verify=verify)
+            httpx.get(f"{url.rstrip('/')}/{API_VERSION}/status", timeout=2, verify=verify, trust_env=trust_env)
             return True
         except httpx.HTTPError:
             time.sleep(0.2)

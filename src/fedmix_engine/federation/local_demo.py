@@ -165,6 +165,9 @@ def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width
     site_tokens = {site: tokens.add(site) for site in SITES}
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 4 processes share the cores
+    # all on this machine: a web proxy set for it (a hospital's HTTP_PROXY) must not carry the sites' requests
+    loopback = ",".join(filter(None, ["127.0.0.1,localhost", env.get("NO_PROXY") or env.get("no_proxy")]))
+    env.update(NO_PROXY=loopback, no_proxy=loopback)
     crop = max(16, (size * 3 // 4) // 16 * 16)
     server_cmd = [sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state), "--port", str(port),
                   "--sites", "3", "--min-sites", "2", "--round-timeout", str(round_timeout), "--rounds", str(rounds),
@@ -180,7 +183,7 @@ def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width
         with open(logs / "server.log", "wb") as log:
             procs.append(subprocess.Popen(server_cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **inherit))
         url = f"http://127.0.0.1:{port}"
-        if not wait_for_server(url, 60):
+        if not wait_for_server(url, 60, trust_env=False):
             raise InputError("server", f"did not start; see {logs / 'server.log'}")
         print(f"2/4 server on {url} (admin page: {url}/); starting 3 site clients", flush=True)
         for site in SITES:
@@ -199,7 +202,7 @@ def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width
             if any(p.poll() not in (None, 0) for p in procs):
                 raise InputError("demo", f"a process failed; see the logs in {logs}")
             sites_done = all(p.poll() is not None for p in procs[1:])  # before the status: all they sent is in it
-            status = httpx.get(f"{url}/v1/status", timeout=10).json()
+            status = httpx.get(f"{url}/v1/status", timeout=10, trust_env=False).json()
             scored = {e["round"]: e for e in status["evaluations"]}
             for meta in status["history"][shown:]:
                 evaluation = scored.get(meta["round"])
