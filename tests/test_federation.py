@@ -697,6 +697,38 @@ def test_client_killed_mid_upload_round_closes_on_quorum_and_client_rejoins(tmp_
         assert server.status()["uploaded"] == ["site-c"]
 
 
+def test_more_sites_than_a_round_expects_is_said_to_the_admin_and_to_the_site_left_out(tmp_path: Path, capsys) -> None:
+    """Three sites held tokens and the server expected two (--sites 2: set too low, or a site added later): a
+    round closed as soon as two had uploaded, and the slowest site (in a demo, the one with masks) was left
+    out of every round, told only 'round 1 is closed'. serve, token add and status now say it, and so does
+    the late site's refusal."""
+    from fedmix_engine.cli import main
+
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a", "site-b"])
+    with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]) as server:
+        assert main(["token", "add", "site-c", "--state", str(state)]) == 0
+        added = capsys.readouterr()
+        tokens["site-c"] = added.out.strip()
+        warning = ("3 sites hold tokens (site-a, site-b, site-c), but a round closes as soon as 2 have uploaded "
+                   "(--sites 2): the slowest is left out of every round; restart serve with --sites 3")
+        assert f"warning: {warning}" in added.err
+        pair, _ = global_pair(server.url, tokens["site-a"])
+        for k, name in enumerate(["site-b", "site-c"]):
+            assert upload(server.url, tokens[name], 1, fake_update(pair, seed=k)).status_code == 200
+        late = upload(server.url, tokens["site-a"], 1, fake_update(pair, seed=5))
+        assert late.status_code == 409
+        assert late.json()["detail"] == (
+            "round 1 is closed (the server is at round 2): it closed when the 2 expected sites had uploaded "
+            "(site-b, site-c), before site-a; if every site should count, the server's admin raises --sites; "
+            "download the new global model and train again")
+        assert main(["status", "--state", str(state)]) == 0
+        assert f"warning: {warning}" in capsys.readouterr().out
+    with running_server(state, []) as server:  # restarted as it was: said at the start
+        pass
+    assert f"warning: {warning}" in (tmp_path / f"server-{server.port}.log").read_text()
+
+
 def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path: Path) -> None:
     state = tmp_path / "state"
     tokens = make_tokens(state, [*SITES, "site-x"])

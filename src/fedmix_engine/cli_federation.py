@@ -211,6 +211,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(token, flush=True)  # alone on stdout, so 'token add SITE > site.token' writes a token file
         print(f"(token for site '{args.site}': shown once, stored hashed in {store.path}"
               f"{'; the earlier token of this site no longer works' if replaced else ''})", file=sys.stderr)
+        _warn_if_more_sites_than_expected(store, Path(args.state))
     elif args.action == "revoke":
         store.revoke(args.site)
         print(f"revoked the token of site '{args.site}'")
@@ -223,8 +224,23 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_more_sites_than_expected(tokens, state: Path, out=None) -> None:
+    """Said when more sites hold tokens than the federation's rounds expect (its stored --sites): after a
+    ``token add`` and in ``status``. A tokens file that cannot be read is ``status``'s to say."""
+    from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, more_sites_than_expected
+
+    try:
+        crowded = (state / CONFIG_FILE).exists() and more_sites_than_expected(
+            tokens, load_server_config(state / CONFIG_FILE))
+    except (OSError, InputError):
+        return
+    if crowded:
+        print(f"warning: {crowded}", file=out or sys.stderr)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, read_status, space_shortfall
+    from fedmix_engine.federation.tokens import TokenStore
     from fedmix_engine.fedmix.local_update import shown_loss
 
     _check_state_dir(args.state)
@@ -240,6 +256,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if (short := space_shortfall(Path(args.state), load_server_config(Path(args.state) / CONFIG_FILE),
                                      status["last_round"])) is not None:
             print(f"warning: {short}")
+        _warn_if_more_sites_than_expected(TokenStore(args.state), Path(args.state), sys.stdout)
     for change in status["settings_changes"]:
         print(f"settings changed from round {change['from_round']}: {'; '.join(change['changes'])}")
     scored = {e["round"]: e for e in status["evaluations"]}

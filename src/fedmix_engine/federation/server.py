@@ -27,7 +27,13 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.admin import render_admin_page
 from fedmix_engine.federation.certificates import certificate_dates, certificate_names, expiry_warning
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
-from fedmix_engine.federation.state import SERVER_LOCK, STORAGE_FAULTS, ServerState, space_shortfall
+from fedmix_engine.federation.state import (
+    SERVER_LOCK,
+    STORAGE_FAULTS,
+    ServerState,
+    more_sites_than_expected,
+    space_shortfall,
+)
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
 from fedmix_engine.folder_lock import hold_folder
@@ -318,6 +324,8 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
             print(f"settings changed on this start: {'; '.join(state.adjusted)}")
         if not tokens.sites():
             print(f"warning: no site tokens yet; create them with 'fedmix-engine token add SITE --state {state_dir}'")
+        elif crowded := more_sites_than_expected(tokens, state.config):
+            print(f"warning: {crowded}")
         if not tls_cert and not (host == "localhost" or _is_loopback(host)):
             print(f"warning: plain HTTP on {host}: site tokens and model weights cross the network in clear text; "
                   "give --tls-cert and --tls-key, or serve on 127.0.0.1 behind a TLS proxy")

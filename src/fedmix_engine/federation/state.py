@@ -388,7 +388,8 @@ class ServerState:
                     return Outcome(409, f"the federation has finished ({self.config.rounds} rounds); nothing to upload")
                 if round_number < self.current_round:
                     return Outcome(409, f"round {round_number} is closed (the server is at round "
-                                   f"{self.current_round}); download the new global model and train again")
+                                   f"{self.current_round}){self._closed_without(site, round_number)}; download the "
+                                   "new global model and train again")
                 if round_number > self.current_round:
                     return Outcome(409, f"round {round_number} is not open; the open round is {self.current_round}")
                 sha = file_sha256(body)
@@ -428,6 +429,16 @@ class ServerState:
                 return Outcome(200, f"accepted for round {round_number}", True)
         finally:
             body.unlink(missing_ok=True)
+
+    def _closed_without(self, site: str, round_number: int) -> str:
+        """Why a round closed before a site's update came: the expected number of sites had uploaded (a site
+        that is always last is left out of every round while --sites is below the number of sites)."""
+        meta = next((m for m in self._history if m["round"] == round_number), None)
+        if meta is None or not meta["reason"].startswith("every expected site"):
+            return ""
+        counted = ", ".join(sorted(meta["sites"]))
+        return (f": it closed when the {len(meta['sites'])} expected sites had uploaded ({counted}), before {site}; "
+                "if every site should count, the server's admin raises --sites")
 
     def close_if_due(self) -> bool:
         """Close the open round at its deadline if at least ``min_sites`` have reported, and at once if every
@@ -541,6 +552,19 @@ def _refuse_foreign_folder(root: Path) -> None:
 def round_dir(root: Path, r: int) -> Path:
     """Round ``r``'s folder in a state directory (0: the initial model)."""
     return root / "rounds" / f"{r:06d}"
+
+
+def more_sites_than_expected(tokens: TokenStore, config: ServerConfig) -> str | None:
+    """What to tell the admin when more sites hold tokens than a round expects: a round closes as soon as
+    ``--sites`` have uploaded, so the slowest site (often the one with the most images, or with masks) is
+    left out of every round, and only its 409s said so; None when the numbers agree."""
+    active = sorted(site for site, entry in tokens.sites().items() if not entry.get("revoked"))
+    if len(active) <= config.sites:
+        return None
+    return (f"{len(active)} sites hold tokens ({', '.join(active)}), but a round closes as soon as {config.sites} "
+            f"have uploaded (--sites {config.sites}): the slowest is left out of every round; restart serve with "
+            f"--sites {len(active)} (it may change on a restart), or revoke the token of a site that no longer "
+            "takes part")
 
 
 def space_shortfall(root: Path, config: ServerConfig, last_round: int) -> str | None:
