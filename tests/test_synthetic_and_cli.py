@@ -417,12 +417,14 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
 
 def test_site_import_reads_excel_tables_and_refuses_an_unreadable_one_before_importing(tmp_path: Path, capsys,
                                                                                         rng) -> None:
-    """Excel writes semicolons where the comma is the decimal mark, and its plain 'CSV' is not UTF-8."""
+    """Excel writes semicolons where the comma is the decimal mark, and its plain 'CSV' is not UTF-8. Its
+    'Unicode Text' (UTF-16 with a byte-order mark, tab-separated) was refused as 'not UTF-8 text'."""
     clinic = tmp_path / "clinic"
     _write_clinic_folder(clinic, rng)
     (clinic / "tags;.csv").write_text("\ufeffImage;Class;Present\r\ncase-12;lesion;present\r\ncase-13;lesion;no\r\n",
                                       encoding="utf-8")
-    (clinic / "boxes.tsv").write_text("image\tclass\ty0\tx0\ty1\tx1\ncase-05.png\tlesion\t3\t4\t20\t30\n")
+    (clinic / "boxes.tsv").write_bytes("image\tclass\ty0\tx0\ty1\tx1\r\ncase-05.png\tlesion\t3\t4\t20\t30\r\n"
+                                       .encode("utf-16"))  # Excel's 'Unicode Text'
     site = tmp_path / "site"
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images"),
                  "--boxes", str(clinic / "boxes.tsv"), "--tags", str(clinic / "tags;.csv")]) == 0

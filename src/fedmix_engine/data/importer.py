@@ -22,6 +22,7 @@ dropped.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import io
@@ -131,12 +132,15 @@ def _read_table(path: Path, required: tuple[str, ...], expected: str | None = No
     """A table's header (lower case) and rows, each with its line number; refused whole, naming the file, if
     it cannot be read or lacks a ``required`` column (``expected``: the header to suggest)."""
     data = path.read_bytes()
+    # Excel's 'Unicode Text' is UTF-16 with a byte-order mark (and tabs): told apart by the mark, as Notepad's
+    # UTF-8 with one; any other encoding would be a guess (Excel's plain 'CSV' is the machine's code page)
+    utf16 = data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        raise InputError(path, f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save the table "
-                         "as UTF-8 (Excel: 'CSV UTF-8')") from exc
+        raise InputError(path, f"line {line} is not {'UTF-16' if utf16 else 'UTF-8'} text (byte "
+                         f"0x{data[exc.start]:02x}); save the table as UTF-8 (Excel: 'CSV UTF-8')") from exc
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_separator(text, required))
     try:
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
