@@ -697,7 +697,7 @@ def test_client_killed_mid_upload_round_closes_on_quorum_and_client_rejoins(tmp_
         assert server.status()["uploaded"] == ["site-c"]
 
 
-def test_more_sites_than_a_round_expects_is_said_to_the_admin_and_to_the_site_left_out(tmp_path: Path, capsys) -> None:
+def test_more_or_fewer_sites_than_a_round_waits_for_is_said_to_the_admin(tmp_path: Path, capsys) -> None:
     """Three sites held tokens and the server expected two (--sites 2: set too low, or a site added later): a
     round closed as soon as two had uploaded, and the slowest site (in a demo, the one with masks) was left
     out of every round, told only 'round 1 is closed'. serve, token add and status now say it, and so does
@@ -727,6 +727,19 @@ def test_more_sites_than_a_round_expects_is_said_to_the_admin_and_to_the_site_le
     with running_server(state, []) as server:  # restarted as it was: said at the start
         pass
     assert f"warning: {warning}" in (tmp_path / f"server-{server.port}.log").read_text()
+    # too few: below the quorum no round can close; below --sites every round waits for its deadline
+    for site in ("site-b", "site-c"):
+        assert main(["token", "revoke", site, "--state", str(state)]) == 0
+    capsys.readouterr()
+    assert main(["status", "--state", str(state)]) == 0
+    assert ("warning: only 1 site(s) hold tokens (site-a) and a round needs at least 2 (--min-sites 2): no round "
+            "can close until more sites have tokens") in capsys.readouterr().out
+    assert main(["token", "add", "site-d", "--state", str(state)]) == 0
+    assert "warning" not in capsys.readouterr().err, "as many sites as a round waits for"
+    with running_server(state, ["--sites", "3"]) as server:
+        pass
+    assert ("warning: 2 sites hold tokens (site-a, site-d) and a round waits for 3 (--sites 3): every round waits "
+            "for its deadline (") in (tmp_path / f"server-{server.port}.log").read_text()
 
 
 def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path: Path) -> None:

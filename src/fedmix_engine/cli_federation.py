@@ -211,7 +211,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(token, flush=True)  # alone on stdout, so 'token add SITE > site.token' writes a token file
         print(f"(token for site '{args.site}': shown once, stored hashed in {store.path}"
               f"{'; the earlier token of this site no longer works' if replaced else ''})", file=sys.stderr)
-        _warn_if_more_sites_than_expected(store, Path(args.state))
+        _warn_if_site_count_differs(store, Path(args.state), fewer=False)  # the last token may come later
     elif args.action == "revoke":
         store.revoke(args.site)
         print(f"revoked the token of site '{args.site}'")
@@ -224,18 +224,25 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_more_sites_than_expected(tokens, state: Path, out=None) -> None:
-    """Said when more sites hold tokens than the federation's rounds expect (its stored --sites): after a
-    ``token add`` and in ``status``. A tokens file that cannot be read is ``status``'s to say."""
-    from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, more_sites_than_expected
+def _warn_if_site_count_differs(tokens, state: Path, out=None, fewer: bool = True) -> None:
+    """Said when more sites hold tokens than the federation's rounds expect (its stored --sites), after a
+    ``token add`` and in ``status``; in ``status`` (``fewer``) also when fewer do. A tokens file that cannot
+    be read is ``status``'s to say."""
+    from fedmix_engine.federation.state import (
+        CONFIG_FILE,
+        fewer_sites_than_expected,
+        load_server_config,
+        more_sites_than_expected,
+    )
 
     try:
-        crowded = (state / CONFIG_FILE).exists() and more_sites_than_expected(
-            tokens, load_server_config(state / CONFIG_FILE))
+        config = load_server_config(state / CONFIG_FILE) if (state / CONFIG_FILE).exists() else None
+        mismatch = config and (more_sites_than_expected(tokens, config)
+                               or (fewer and fewer_sites_than_expected(tokens, config)))
     except (OSError, InputError):
         return
-    if crowded:
-        print(f"warning: {crowded}", file=out or sys.stderr)
+    if mismatch:
+        print(f"warning: {mismatch}", file=out or sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -256,7 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if (short := space_shortfall(Path(args.state), load_server_config(Path(args.state) / CONFIG_FILE),
                                      status["last_round"])) is not None:
             print(f"warning: {short}")
-        _warn_if_more_sites_than_expected(TokenStore(args.state), Path(args.state), sys.stdout)
+        _warn_if_site_count_differs(TokenStore(args.state), Path(args.state), sys.stdout)
     for change in status["settings_changes"]:
         print(f"settings changed from round {change['from_round']}: {'; '.join(change['changes'])}")
     scored = {e["round"]: e for e in status["evaluations"]}

@@ -31,6 +31,7 @@ from fedmix_engine.federation.state import (
     SERVER_LOCK,
     STORAGE_FAULTS,
     ServerState,
+    fewer_sites_than_expected,
     more_sites_than_expected,
     space_shortfall,
 )
@@ -324,8 +325,9 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
             print(f"settings changed on this start: {'; '.join(state.adjusted)}")
         if not tokens.sites():
             print(f"warning: no site tokens yet; create them with 'fedmix-engine token add SITE --state {state_dir}'")
-        elif crowded := more_sites_than_expected(tokens, state.config):
-            print(f"warning: {crowded}")
+        elif mismatch := more_sites_than_expected(tokens, state.config) or fewer_sites_than_expected(tokens,
+                                                                                                     state.config):
+            print(f"warning: {mismatch}")
         if not tls_cert and not (host == "localhost" or _is_loopback(host)):
             print(f"warning: plain HTTP on {host}: site tokens and model weights cross the network in clear text; "
                   "give --tls-cert and --tls-key, or serve on 127.0.0.1 behind a TLS proxy")

@@ -554,11 +554,31 @@ def round_dir(root: Path, r: int) -> Path:
     return root / "rounds" / f"{r:06d}"
 
 
+def _active_sites(tokens: TokenStore) -> list[str]:
+    return sorted(site for site, entry in tokens.sites().items() if not entry.get("revoked"))
+
+
+def fewer_sites_than_expected(tokens: TokenStore, config: ServerConfig) -> str | None:
+    """What to tell the admin when fewer sites hold tokens than a round waits for (None: enough, or none at
+    all, which serve says otherwise): every round waits for its deadline, or, below the quorum, never closes.
+    Not said at ``token add``, where it holds until the last site's token is made."""
+    active = _active_sites(tokens)
+    if not active or len(active) >= config.sites:
+        return None
+    if len(active) < config.min_sites:
+        return (f"only {len(active)} site(s) hold tokens ({', '.join(active)}) and a round needs at least "
+                f"{config.min_sites} (--min-sites {config.min_sites}): no round can close until more sites have "
+                "tokens ('token add'), or serve is restarted with a lower --min-sites")
+    return (f"{len(active)} sites hold tokens ({', '.join(active)}) and a round waits for {config.sites} (--sites "
+            f"{config.sites}): every round waits for its deadline ({config.round_timeout:g} s) before it closes "
+            f"with {len(active)}; restart serve with --sites {len(active)}, or add the other sites' tokens")
+
+
 def more_sites_than_expected(tokens: TokenStore, config: ServerConfig) -> str | None:
     """What to tell the admin when more sites hold tokens than a round expects: a round closes as soon as
     ``--sites`` have uploaded, so the slowest site (often the one with the most images, or with masks) is
     left out of every round, and only its 409s said so; None when the numbers agree."""
-    active = sorted(site for site, entry in tokens.sites().items() if not entry.get("revoked"))
+    active = _active_sites(tokens)
     if len(active) <= config.sites:
         return None
     return (f"{len(active)} sites hold tokens ({', '.join(active)}), but a round closes as soon as {config.sites} "
