@@ -724,6 +724,7 @@ def test_more_or_fewer_sites_than_a_round_waits_for_is_said_to_the_admin(tmp_pat
             "download the new global model and train again")
         assert main(["status", "--state", str(state)]) == 0
         assert f"warning: {warning}" in capsys.readouterr().out
+        assert f"<b>Sites</b>: {html.escape(warning)}" in httpx.get(server.url + "/", timeout=10).text
     with running_server(state, []) as server:  # restarted as it was: said at the start
         pass
     assert f"warning: {warning}" in (tmp_path / f"server-{server.port}.log").read_text()

@@ -109,6 +109,8 @@ def render_admin_page(status: dict[str, Any]) -> str:
     renew = f"<p style='color:#b00'><b>Renew the TLS certificate</b>: {escape(expiring)}.</p>" if expiring else ""
     short = status.get("space_shortfall")
     renew += f"<p style='color:#b00'><b>Disk space</b>: {escape(short)}.</p>" if short else ""
+    crowd = status.get("site_count")
+    renew += f"<p style='color:#b00'><b>Sites</b>: {escape(crowd)}.</p>" if crowd else ""
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>FedMix server</title>
 <meta http-equiv='refresh' content='10'>
 <style>body{{font-family:sans-serif;margin:2em}}

@@ -250,9 +250,18 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         except OSError:
             return None
 
+    def site_count() -> str | None:
+        """More or fewer sites with tokens than a round waits for (tokens.json is re-read when it changes)."""
+        if state.finished:
+            return None
+        try:
+            return more_sites_than_expected(tokens, state.config) or fewer_sites_than_expected(tokens, state.config)
+        except (OSError, InputError):  # an unreadable tokens.json: the status's list of sites says so
+            return None
+
     @app.get("/", response_class=HTMLResponse, dependencies=[Depends(status_reader)])
     def admin_page() -> str:
-        return render_admin_page({**status(), "space_shortfall": shortfall()})
+        return render_admin_page({**status(), "space_shortfall": shortfall(), "site_count": site_count()})
 
     return app
 
