@@ -343,6 +343,14 @@ def test_predictions_of_dicom_images_are_written_as_dicom_seg_of_their_source(tm
             f"model_sha256={hashlib.sha256(checkpoint.read_bytes()).hexdigest()},threshold=0.5")
     assert tifffile.imread(out / "cine_mask.tif").shape == (30, 240, 320)
     assert not (out / "scan_seg.dcm").exists() and not (out / "cine_seg.dcm").exists()
+    # a folder without DICOM images: '0 DICOM SEG(s)' alone left the user to guess why
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    tifffile.imwrite(plain / "scan.tif", np.zeros((40, 48), np.uint8))
+    assert main(["predict", str(checkpoint), str(plain), str(tmp_path / "out3"), "--device", "cpu",
+                 "--dicom-seg"]) == 0
+    assert ("; 0 DICOM SEG(s) (--dicom-seg: none of the images is DICOM, and a SEG is written for DICOM images "
+            "only: it refers to its source image)") in capsys.readouterr().out
     with pytest.raises(InputError, match=r"classes: 2 name\(s\) \(a, b\) for a model of 1 class"):
         from fedmix_engine.predict import Predictor, predict_folder
 

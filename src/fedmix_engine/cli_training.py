@@ -193,7 +193,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     done = len(rows) - len(failed) - len(others)
     print(f"predicted {done - kept} image(s) into {args.out} (summary.csv, prediction.json)"
           + (f"; {kept} kept from the earlier batch" if args.resume else "")
-          + (f"; {segs} DICOM SEG(s)" if args.dicom_seg else ""))
+          + (f"; {segs} DICOM SEG(s)" if args.dicom_seg else "")
+          + (" (--dicom-seg: none of the images is DICOM, and a SEG is written for DICOM images only: it refers "
+             "to its source image)" if args.dicom_seg and not segs and not no_seg and done else ""))
     lines = [f"  {r.file}: {r.status}" for r in failed] + [f"  {r.file}: mask written, DICOM SEG {r.seg_file}"
                                                            for r in no_seg]
     for line in lines[:SHOWN_PROBLEMS]:
