@@ -191,8 +191,9 @@ def site_names(store: SiteStore) -> dict[str, str]:
     """Every name a mask file or a table row may give an image by, with the image's id: the id itself, and
     the name of the file it was imported from without its suffix (``Bild_ä 1`` for the id ``Bild_a_1-…``, as
     the clinic's tables and mask files spell it; also for ids an earlier version spelled another way)."""
-    names = {image_id: image_id for image_id in store.image_ids()}
-    for record in store.records():
+    records = store.records()
+    names = {record.id: record.id for record in records}
+    for record in records:
         if record.source:
             names.setdefault(image_stem(record.source), record.id)
     return names

@@ -213,10 +213,10 @@ def image_id_from_stem(stem: str) -> str:
     A stem with other letters keeps them apart by a short hash of the whole name, after its accents are
     taken off for the reader: ``Bild_ä 1`` → ``Bild_a_1-…``, ``患者-02`` → ``02-…``. Replaced alone, every
     name in Chinese or Cyrillic was ``image`` and ``Bild_ä``/``Bild_ö`` one id: all but one file refused."""
-    plain = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode() if not stem.isascii() else stem
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", plain).lstrip("._-")
     if stem.isascii():
-        return base or "image"
+        return re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-") or "image"
+    plain = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()  # Bild_ä → Bild_a
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", plain).lstrip("._-")
     # NFC: macOS names files in decomposed form, Linux and Windows composed; one name, one id
     digest = hashlib.sha256(unicodedata.normalize("NFC", stem).encode()).hexdigest()[:8]
     return f"{base[:_ID_MAX - 9].rstrip('._-') or 'image'}-{digest}"
