@@ -228,17 +228,11 @@ def _warn_if_site_count_differs(tokens, state: Path, out=None, fewer: bool = Tru
     """Said when more sites hold tokens than the federation's rounds expect (its stored --sites), after a
     ``token add`` and in ``status``; in ``status`` (``fewer``) also when fewer do. A tokens file that cannot
     be read is ``status``'s to say."""
-    from fedmix_engine.federation.state import (
-        CONFIG_FILE,
-        fewer_sites_than_expected,
-        load_server_config,
-        more_sites_than_expected,
-    )
+    from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, site_count_mismatch
 
     try:
         config = load_server_config(state / CONFIG_FILE) if (state / CONFIG_FILE).exists() else None
-        mismatch = config and (more_sites_than_expected(tokens, config)
-                               or (fewer and fewer_sites_than_expected(tokens, config)))
+        mismatch = config and site_count_mismatch(tokens, config, fewer)
     except (OSError, InputError):
         return
     if mismatch:

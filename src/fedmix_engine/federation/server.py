@@ -31,8 +31,7 @@ from fedmix_engine.federation.state import (
     SERVER_LOCK,
     STORAGE_FAULTS,
     ServerState,
-    fewer_sites_than_expected,
-    more_sites_than_expected,
+    site_count_mismatch,
     space_shortfall,
 )
 from fedmix_engine.federation.tokens import TokenStore
@@ -255,7 +254,7 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         if state.finished:
             return None
         try:
-            return more_sites_than_expected(tokens, state.config) or fewer_sites_than_expected(tokens, state.config)
+            return site_count_mismatch(tokens, state.config)
         except (OSError, InputError):  # an unreadable tokens.json: the status's list of sites says so
             return None
 
@@ -334,8 +333,7 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
             print(f"settings changed on this start: {'; '.join(state.adjusted)}")
         if not tokens.sites():
             print(f"warning: no site tokens yet; create them with 'fedmix-engine token add SITE --state {state_dir}'")
-        elif mismatch := more_sites_than_expected(tokens, state.config) or fewer_sites_than_expected(tokens,
-                                                                                                     state.config):
+        elif mismatch := site_count_mismatch(tokens, state.config):
             print(f"warning: {mismatch}")
         if not tls_cert and not (host == "localhost" or _is_loopback(host)):
             print(f"warning: plain HTTP on {host}: site tokens and model weights cross the network in clear text; "

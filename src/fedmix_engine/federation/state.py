@@ -587,6 +587,11 @@ def more_sites_than_expected(tokens: TokenStore, config: ServerConfig) -> str | 
             "takes part")
 
 
+def site_count_mismatch(tokens: TokenStore, config: ServerConfig, fewer: bool = True) -> str | None:
+    """More sites with tokens than a round waits for, or (``fewer``) fewer: what to tell the admin, or None."""
+    return more_sites_than_expected(tokens, config) or (fewer_sites_than_expected(tokens, config) if fewer else None)
+
+
 def space_shortfall(root: Path, config: ServerConfig, last_round: int) -> str | None:
     """Why the rounds to come will not fit on the state directory's disk, or None: every round keeps its
     global model (a pair at the reference width is 138 MB: 100 rounds, 14 GB) and the open round holds an
