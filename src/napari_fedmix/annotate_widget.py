@@ -344,19 +344,20 @@ class AnnotateWidget(QWidget):
         judge by, annotations the site no longer holds."""
         if self.store is None or self.import_worker is not None:  # an import of this panel's: shown when it ends
             return
+        shown = self.current_id
         try:
             version = self.store.writes_by_others()
-        except sqlite3.Error:  # the folder went away (a share): the next save says so
+            if version == self._others_version:
+                return
+            self._others_version = version
+            self.refresh_list()
+            if shown is None or self._dirty or self.unsaved or shown not in self.store.image_ids():
+                return
+            changed = self.store.annotation_stamp(shown) != self._stamp
+        except (sqlite3.Error, OSError):  # the folder went away (a share): the next save says so
             return
-        if version == self._others_version:
-            return
-        self._others_version = version
-        self.refresh_list()
-        shown = self.current_id
-        if shown is None or self._dirty or self.unsaved or shown not in self.store.image_ids():
-            return
-        if self.store.annotation_stamp(shown) != self._stamp:
-            self.show_image(shown)
+        if changed:
+            self._guard(lambda: self.show_image(shown))  # a damaged file is said, as when it is chosen
             self.save_status.setText(f"'{shown}': its annotations were changed by another program; shown as the "
                                      "site holds them now")
 
