@@ -1012,6 +1012,38 @@ def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(
         assert time.monotonic() - started < 10, "said at once, not retried"
 
 
+def test_a_join_trusts_a_server_certificate_of_a_ca_in_the_machines_trust_store(sample: Path, tmp_path: Path) -> None:
+    """A hospital's IT installs its own CA on every workstation, and browsers and curl trust it; a join trusted
+    only certifi's public CAs (httpx's default), so the hospital's server was 'not trusted' until the site
+    found the CA's file for --ca-cert. The join now trusts the machine's store (truststore). Here the
+    machine's CA bundle is this test's CA, bind-mounted in a mount namespace of the join's own (unshare:
+    nothing outside it changes; mounting needs root, as CI runs)."""
+    ca, key, certs = make_certificates(tmp_path / "pki", {"server": (openssl_date(-3600), openssl_date(86400))})
+    bundle = os.path.realpath(ssl.get_default_verify_paths().openssl_cafile)  # the machine's CA bundle
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"a mount namespace needs root: {probe.stderr.strip()}")
+    state = tmp_path / "state"
+    token_file = tmp_path / "site-a.token"
+    token_file.write_text(make_tokens(state, ["site-a"])["site-a"])
+    token_file.chmod(0o600)
+    site = copied_sites(sample, ["site-a"], tmp_path)["site-a"]
+    env = {k: v for k, v in ENV.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    args = ["--sites", "1", "--min-sites", "1", "--rounds", "1", *TINY_SETTINGS]
+    with running_server(state, args, tls=(certs["server"], key), ca=ca) as server:
+        join = [sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url, "--token-file",
+                str(token_file), "--site", str(site), "--device", "cpu", "--poll", "0.2"]
+        alone = subprocess.run(join, env=env, capture_output=True, text=True, timeout=120)
+        said = alone.stdout + alone.stderr
+        assert alone.returncode == 3 and "the server's TLS certificate is not trusted" in said, said
+        with_ca = subprocess.run(["unshare", "-m", "sh", "-c", f'mount --bind "$0" {bundle} && exec "$@"', str(ca),
+                                  *join], env=env, capture_output=True, text=True, timeout=300)
+        said = with_ca.stdout + with_ca.stderr
+        assert with_ca.returncode == 0 and "federation finished after 1 rounds" in said, said
+    with open(bundle, "rb") as machine:
+        assert machine.read() != ca.read_bytes(), "the machine's own bundle is as it was"
+
+
 def test_a_join_of_a_plain_http_server_by_an_https_address_or_by_an_unknown_name_says_so_at_once(
         sample: Path, tmp_path: Path) -> None:
     """An https:// address of a server that serves plain HTTP failed the TLS handshake (WRONG_VERSION_NUMBER),

@@ -93,6 +93,21 @@ def trust_store(ca_cert: str | Path) -> ssl.SSLContext:
         raise InputError(path, f"not a PEM certificate the TLS library can read ({exc.reason or exc})") from None
 
 
+def system_trust() -> Any:
+    """What a join trusts without --ca-cert: the machine's own trust store (truststore: Windows' and macOS'
+    certificate stores, Linux's CA bundle), as browsers and curl do. httpx's default, certifi's bundle of
+    public CAs, refused a server whose certificate the hospital's own CA signed, although its IT had
+    installed that CA on every workstation. SSL_CERT_FILE / SSL_CERT_DIR, where set, are honoured as httpx
+    honours them (True)."""
+    import os
+
+    if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
+        return True
+    import truststore
+
+    return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 @dataclass(frozen=True)
 class JoinEvent:
     """One small typed update for a GUI or a log: what the client is doing now."""
@@ -137,7 +152,7 @@ class FederationClient:
         self.device, self.plan = device, plan_device(device)
         self._scored: set[int] = set()  # rounds whose global model this process scored and sent
         self.poll_seconds, self.max_backoff, self.give_up_after = poll_seconds, max_backoff, give_up_after
-        verify: Any = trust_store(ca_cert) if ca_cert else True
+        verify: Any = trust_store(ca_cert) if ca_cert else system_trust()
         self.http = httpx.Client(base_url=server_url(server), headers={"Authorization": f"Bearer {token}"},
                                  verify=verify, timeout=timeout)
         # a hospital's HTTP(S)_PROXY also carries the requests to an intranet server unless NO_PROXY names it:
