@@ -194,10 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="site folder (created when --classes is given and it does not exist)")
     p.add_argument("--images", type=Path,
                    help="folder of images (tif, png, jpg, bmp, dcm, or DICOM files without a suffix); leave it "
-                        "out to add masks, boxes or tags to the images the site already holds")
+                        "out to add masks, boxes or tags to the images the site already holds; its x_mask.png "
+                        "beside x.png (BUSI's layout) are taken as masks")
     p.add_argument("--masks", type=Path, help="folder of label masks, matched to images by file stem")
-    p.add_argument("--boxes", type=Path, help="CSV with columns image,class,y0,x0,y1,x1")
-    p.add_argument("--tags", type=Path, help="CSV with columns image,class,present (present/absent)")
+    p.add_argument("--boxes", type=Path, help="CSV with columns image,class,y0,x0,y1,x1 (UTF-8, or Excel's "
+                                              "'Unicode Text')")
+    p.add_argument("--tags", type=Path, help="CSV with columns image,class,present (present/absent), or image "
+                                             "and a column per class")
     p.add_argument("--classes", type=_names, help="create the site with these classes if it does not exist")
     p.add_argument("--channels", type=int, choices=(1, 3),
                    help="image channels of a site created with --classes: 1 grey (the default), 3 RGB")
