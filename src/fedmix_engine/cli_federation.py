@@ -395,7 +395,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", type=Path, help="file holding this site's token")
     p.add_argument("--site", type=Path, required=True, help="this site's folder (its images never leave it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--ca-cert", help="CA or self-signed certificate to trust for HTTPS")
+    p.add_argument("--ca-cert", help="CA or self-signed certificate to trust for HTTPS, alone (without it: what this "
+                        "machine trusts, e.g. a hospital CA its IT installed)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between status checks while waiting")
     p.add_argument("--eval", type=Path, metavar="DIR",
                    help="a fully labelled site folder this site does not train on: every global model is scored "
