@@ -104,6 +104,9 @@ def test_mask_validation_names_the_mask(lesion_mask: np.ndarray) -> None:
     with pytest.raises(InputError, match=r"m\.tif: mask values 0\.\.3 outside the class range 0\.\.2"):
         validate_mask(lesion_mask * 3, (48, 64), 2, "m.tif")
     assert validate_mask(lesion_mask * 255, (48, 64), 1, "m.tif").max() == 1  # 0/255 binary masks are common
+    # and 0/65535 from 16-bit tools (refused as 'values 0..65535 outside the class range 0..1')
+    white16 = validate_mask(lesion_mask.astype(np.uint16) * 65535, (48, 64), 1, "m.tif")
+    assert white16.dtype == np.uint8 and np.array_equal(white16, lesion_mask)
     with pytest.raises(InputError, match="whole class numbers"):
         validate_mask(lesion_mask * 0.5, (48, 64), 1, "m.tif")
 
@@ -225,6 +228,10 @@ def test_stray_mask_values_are_named(lesion_mask: np.ndarray) -> None:
     smeared[10, 15:18] = (128, 64, 128)
     with pytest.raises(InputError, match=r"m: mask values 0\.\.255 outside 0 and 255 \(or 0 and 1\): 64, 128$"):
         validate_mask(smeared, (48, 64), 1, "m")
+    smeared16 = lesion_mask.astype(np.uint16) * 65535
+    smeared16[10, 15] = 32768
+    with pytest.raises(InputError, match=r"outside 0 and 65535 \(or 0 and 1\): 32768$"):
+        validate_mask(smeared16, (48, 64), 1, "m")
     many = (np.arange(48 * 64).reshape(48, 64) % 12).astype(np.uint8)
     with pytest.raises(InputError, match=r"range 0\.\.2 \(0 = background\): 3, 4, 5, 6, 7 and 4 more$"):
         validate_mask(many, (48, 64), 2, "m")

@@ -411,13 +411,14 @@ def validate_mask(mask: np.ndarray, image_shape: tuple[int, int], num_classes: i
         mask = mask.astype(np.uint8)
     lo, hi = int(mask.min()), int(mask.max())
     if lo < 0 or hi > num_classes:
-        # a 0/255 binary mask is common; accept it for single-class sites
-        if num_classes == 1 and set(np.unique(mask).tolist()) <= {0, 255}:
-            return (mask > 0).astype(np.uint8)
+        # a black-and-white mask (0/255, or 0/65535 from a 16-bit tool) is common; accepted for one class
         values = np.unique(mask).tolist()
-        binary = num_classes == 1 and 255 in values  # meant as 0/255: the values that are neither are wrong
-        stray = [v for v in values if (v not in (0, 255) if binary else not 0 <= v <= num_classes)]
+        white = next((w for w in (255, 65535) if w in values), None) if num_classes == 1 else None
+        if white is not None and set(values) <= {0, white}:
+            return (mask > 0).astype(np.uint8)
+        binary = white is not None  # meant as 0/white: the values that are neither are wrong
+        stray = [v for v in values if (v not in (0, white) if binary else not 0 <= v <= num_classes)]
         listed = ", ".join(str(v) for v in stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
-        allowed = "0 and 255 (or 0 and 1)" if binary else f"the class range 0..{num_classes} (0 = background)"
+        allowed = f"0 and {white} (or 0 and 1)" if binary else f"the class range 0..{num_classes} (0 = background)"
         raise InputError(where, f"mask values {lo}..{hi} outside {allowed}: {listed}")
     return mask.astype(np.uint8)
