@@ -1410,7 +1410,8 @@ def test_join_warns_when_the_sites_token_can_be_read_by_other_users(tmp_path: Pa
     assert "warning: a token given with --token shows in the process list" in capsys.readouterr().err
 
 
-def test_a_new_federation_is_not_started_in_a_folder_of_something_else(tmp_path: Path, sample: Path) -> None:
+def test_a_new_federation_is_not_started_in_a_folder_of_something_else(tmp_path: Path, sample: Path,
+                                                                       capsys) -> None:
     """'serve --state' given a folder that is not a state directory started a new federation in it: in a
     site folder beside its patient images, in a simulate run, or, for a --state one level too high
     (/srv/fedmix for /srv/fedmix/state), as a second federation beside the real one, whose sites then
@@ -1431,6 +1432,13 @@ def test_a_new_federation_is_not_started_in_a_folder_of_something_else(tmp_path:
         assert str(refused.value).startswith(f"{folder}: is not a server state directory (no server.json) and "
                                              f"not empty ({holds}")
         assert "give a new or empty folder" in str(refused.value)
+    # the first 'token add' too (it wrote tokens.json beside the patient images, or above the real state)
+    from fedmix_engine.cli import main
+
+    for folder in (site, tmp_path / "srv"):
+        assert main(["token", "add", "site-b", "--state", str(folder)]) == 2
+        assert f"{folder}: is not a server state directory (no server.json) and not empty" in capsys.readouterr().err
+    assert main(["token", "add", "site-b", "--state", str(real)]) == 0, "a federation's own folder"
     assert sorted(p.name for p in site.iterdir()) == before and sorted(os.listdir(tmp_path / "srv")) == ["state"]
     tokens_first = tmp_path / "new"  # the documented order: the sites' tokens, then the first serve
     make_tokens(tokens_first, ["site-a"])

@@ -206,6 +206,9 @@ def cmd_token(args: argparse.Namespace) -> int:
         raise InputError("SITE", f"name the site: fedmix-engine token {args.action} SITE --state DIR")
     store = TokenStore(args.state)
     if args.action == "add":
+        from fedmix_engine.federation.state import refuse_foreign_folder
+
+        refuse_foreign_folder(Path(args.state))  # a site folder, or --state one level too high: nothing written
         replaced = args.site in store.sites()
         token = store.add(args.site)
         print(token, flush=True)  # alone on stdout, so 'token add SITE > site.token' writes a token file

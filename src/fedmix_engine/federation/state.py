@@ -186,7 +186,7 @@ class ServerState:
             if config is None:
                 raise InputError(self.root, "not a server state directory (no server.json); start 'serve' with "
                                  "the federation settings to create one")
-            _refuse_foreign_folder(self.root)
+            refuse_foreign_folder(self.root)
             config.validate()
             self.config = config
             make_folder(self.root / "rounds")
@@ -536,10 +536,13 @@ class ServerState:
 _BEFORE_A_FEDERATION = {TOKENS_FILE, TOKENS_LOCK, SERVER_LOCK}
 
 
-def _refuse_foreign_folder(root: Path) -> None:
+def refuse_foreign_folder(root: Path) -> None:
     """A new federation starts in a new or empty folder: 'serve --state' given a site folder, a simulate
     run or a --state one level too high (/srv/fedmix for /srv/fedmix/state) started one there, beside the
-    patient images or beside the real federation, whose sites then met a new federation and model."""
+    patient images or beside the real federation, whose sites then met a new federation and model. The
+    first 'token add' (before any serve) is held to the same rule: it wrote tokens.json there."""
+    if (root / CONFIG_FILE).exists():
+        return
     held = sorted(p.name for p in root.iterdir() if p.name not in _BEFORE_A_FEDERATION
                   and not p.name.startswith(".")) if root.is_dir() else []
     if held:
