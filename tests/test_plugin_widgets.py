@@ -383,6 +383,11 @@ def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_v
     assert widget.image_list.count() == 3, "the mask file is not listed as an image"
     assert widget.current_id == "scan-0", "the first image of an empty site is shown once imported"
     assert int(viewer.layers[MASK_LAYER].data.sum()) == 10 * 14
+    # Import images… with the whole folder chosen (Ctrl+A): the mask file was imported as an image of its own
+    chosen = sorted(images[0].parent.glob("scan-*.tif"))
+    assert [p.name for p in chosen] == ["scan-0.tif", "scan-0_mask.tif", "scan-1.tif", "scan-2.tif"]
+    assert _imported(qtbot, widget, widget.import_images(chosen)) == []
+    assert widget.image_list.count() == 3 and widget.last_import.masks == 1
 
 
 def test_annotate_import_folder_with_masks_in_a_folder_of_their_own(make_napari_viewer, qtbot, tmp_path, images):

@@ -343,10 +343,39 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
         yield ImportProgress("images", n, len(files))
 
 
+def _add_masks(store: SiteStore, files: list[Path], names: dict[str, str], report: ImportReport,
+               author: str | None) -> Iterator[ImportProgress]:
+    """Store mask files as the masks of the images their names give (:func:`_mask_target`), an image's
+    several files joined, yielding after each image."""
+    by_image: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        stem = image_stem(path)
+        target = _mask_target(stem, names)
+        if target is None:
+            report.problems.append(f"{path}: no image with the same name (stem '{stem}') in the site")
+            continue
+        by_image[target].append(path)
+    for n, (target, paths) in enumerate(by_image.items(), start=1):
+        try:
+            if _set_masks(store, target, paths, author):
+                report.masks += 1
+            else:
+                report.empty_masks += 1
+        except InputError as exc:
+            report.problems.append(str(exc))
+        yield ImportProgress("masks", n, len(by_image))
+
+
 def import_files_steps(store: SiteStore, paths: list[str | Path], author: str | None = None) -> ImportSteps:
-    """Import the given image files (no masks or tables), as steps a GUI worker can show and stop."""
+    """Import the given image files, as steps a GUI worker can show and stop. Files chosen together with the
+    images they are named the masks of (all of a BUSI folder: x.png and x_mask.png) are taken as masks: they
+    were imported as images of their own."""
     report = ImportReport()
-    yield from _add_images(store, [Path(p) for p in paths], report, author)
+    files = [Path(p) for p in paths]
+    beside = masks_beside_images(files)
+    yield from _add_images(store, [p for p in files if p not in beside], report, author)
+    if beside:
+        yield from _add_masks(store, beside, site_names(store), report, author)
     write_problem_log(store, report)
     return report
 
@@ -382,23 +411,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     names = site_names(store)
 
     if masks is not None or beside:
-        by_image: dict[str, list[Path]] = defaultdict(list)
-        for path in beside if same_folder else image_files(masks):
-            stem = image_stem(path)
-            target = _mask_target(stem, names)
-            if target is None:
-                report.problems.append(f"{path}: no image with the same name (stem '{stem}') in the site")
-                continue
-            by_image[target].append(path)
-        for n, (target, paths) in enumerate(by_image.items(), start=1):
-            try:
-                if _set_masks(store, target, paths, author):
-                    report.masks += 1
-                else:
-                    report.empty_masks += 1
-            except InputError as exc:
-                report.problems.append(str(exc))
-            yield ImportProgress("masks", n, len(by_image))
+        yield from _add_masks(store, beside if same_folder else image_files(masks), names, report, author)
 
     if sources.boxes is not None:
         grouped: dict[str, list[Box]] = defaultdict(list)
