@@ -421,16 +421,18 @@ def test_site_import_reads_excel_tables_and_refuses_an_unreadable_one_before_imp
     'Unicode Text' (UTF-16 with a byte-order mark, tab-separated) was refused as 'not UTF-8 text'."""
     clinic = tmp_path / "clinic"
     _write_clinic_folder(clinic, rng)
-    (clinic / "tags;.csv").write_text("\ufeffImage;Class;Present\r\ncase-12;lesion;present\r\ncase-13;lesion;no\r\n",
+    (clinic / "tags;.csv").write_text("\ufeffImage;Class;Present\r\ncase-12;lesion;present\r\ncase-13;lesion;no\r\n"
+                                      "C:\\clinic\\images\\case-14.png;lesion;yes\r\n",  # a path, as Windows writes it
                                       encoding="utf-8")
     (clinic / "boxes.tsv").write_bytes("image\tclass\ty0\tx0\ty1\tx1\r\ncase-05.png\tlesion\t3\t4\t20\t30\r\n"
                                        .encode("utf-16"))  # Excel's 'Unicode Text'
     site = tmp_path / "site"
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images"),
                  "--boxes", str(clinic / "boxes.tsv"), "--tags", str(clinic / "tags;.csv")]) == 0
-    assert "boxes: 1  tags: 2" in capsys.readouterr().out
+    assert "boxes: 1  tags: 3" in capsys.readouterr().out
     with SiteStore.open(site, readonly=True) as store:
         assert store.tags("case-12") == {"lesion": True} and store.tags("case-13") == {"lesion": False}
+        assert store.tags("case-14") == {"lesion": True}
         assert len(store.boxes("case-05")) == 1
 
     (clinic / "latin1.csv").write_bytes("image,class,present\ncase-14,lésion,present\n".encode("cp1252"))

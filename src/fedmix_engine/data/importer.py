@@ -31,7 +31,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
@@ -200,8 +200,10 @@ def site_names(store: SiteStore) -> dict[str, str]:
 
 
 def _resolve_image(names: dict[str, str], name: str) -> str | None:
-    """The id of the image a table row, or a mask file's stem, names (None: not in the site)."""
-    return names.get(name) or names.get(image_stem(name)) or names.get(image_id_from_path(name))
+    """The id of the image a table row, or a mask file's stem, names (None: not in the site): by its id, or
+    by the file's name, also given with its folder, on Windows too (``C:\\scans\\case-07.png``)."""
+    file_name = PureWindowsPath(name).name or name  # '/' separates there as well
+    return names.get(name) or names.get(image_stem(file_name)) or names.get(image_id_from_path(file_name))
 
 
 def _rows_of_site_images(table: tuple[Path, TableRows], names: dict[str, str], classes: tuple[str, ...],
