@@ -179,6 +179,18 @@ def test_a_held_out_folder_must_have_full_truth_and_not_be_the_training_site(sam
     assert main(["join", "--server", "http://127.0.0.1:9", "--token-file", str(_token(tmp_path)), "--site",
                  str(sample / "site-a"), "--eval", str(unlabelled)]) == 2
     assert f"{unlabelled}: {NO_FULL_TRUTH}" in capsys.readouterr().err
+    # another folder holding copies of training images (the same scans imported twice) flattered the model too
+    import shutil
+
+    held_out = shutil.copytree(sample / "eval" / "site-a" / "test", tmp_path / "held-out")
+    with SiteStore.open(sample / "site-a", readonly=True) as site, SiteStore.open(held_out) as store:
+        trained = site.image_ids()[3]
+        store.add_image(site.read_image(trained), image_id="scan-copy")
+        store.set_mask("scan-copy", np.pad(np.ones((8, 8), np.uint8), 12))  # full truth: it would be scored
+    with pytest.raises(InputError, match=re.escape(f"{held_out}: 1 of its images is also in the training site "
+                                                   f"(scan-copy = {trained}): the model would be scored "
+                                                   "on images it trained on")):
+        FederationClient("http://127.0.0.1:9", "token", sample / "site-a", held_out=held_out)
 
 
 def test_pooled_weights_each_site_by_the_images_it_scored() -> None:

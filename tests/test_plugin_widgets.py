@@ -743,6 +743,17 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     _start_local(train, sample, rounds=1)
     assert train.worker is None and "validation site: is the site being trained" in train.status.text()
     assert not (sample / "models").exists(), "refused before training"
+    import shutil  # a validation folder holding a copy of a training image: scored on what it trained on
+
+    copy = shutil.copytree(sample.parent / "eval" / "site-a" / "val", sample.parent / "val-with-a-copy")
+    with SiteStore.open(sample, readonly=True) as site, SiteStore.open(copy) as store:
+        store.add_image(site.read_image(site.image_ids()[0]), image_id="again")
+        store.set_tag("again", "lesion", False)
+    train.validation.setText(str(copy))
+    _start_local(train, sample, rounds=1)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+    assert "1 of its images is also in the training site (again = " in train.status.text()
+    assert not (sample / "models" / "local" / "final.safetensors").exists(), "refused before training"
     train.validation.setText(str(sample.parent / "eval" / "site-a" / "val"))
     _start_local(train, sample, rounds=1)
     qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)

@@ -74,6 +74,16 @@ def own_model_note(model: str | Path, site: str | Path) -> str | None:
             "these scores flatter it; for how it does on new cases, score a labelled folder it was not trained on")
 
 
+def shared_images(held_out: SiteStore, site: SiteStore) -> list[tuple[str, str]]:
+    """The held-out images that are also in the site, by pixels: (held-out id, site id). Such a copy (the
+    same scans imported into both folders) is scored on a model trained on it, and flatters it."""
+    from fedmix_engine.data.imageio import pixel_digest
+
+    trained = {pixel_digest(site.read_image(image_id)): image_id for image_id in site.image_ids()}
+    return [(image_id, trained[digest]) for image_id in held_out.image_ids()
+            if (digest := pixel_digest(held_out.read_image(image_id))) in trained]
+
+
 def full_truth_records(store: SiteStore) -> list[ImageRecord]:
     """The images whose ground truth is full: a mask, or every class tagged absent (one class tagged
     absent and another unknown is not: the unknown class's truth would be scored as empty)."""

@@ -230,6 +230,11 @@ class TrainWidget(QWidget):
 
         with SiteStore.open(site, readonly=True) as store:
             classes, channels = len(store.config.classes), store.config.channels
+        if self.validation.text():  # as a join checks its --eval: full truth, and no copy of a training image
+            from fedmix_engine.federation.client import check_held_out
+
+            with SiteStore.open(self.validation.text(), readonly=True) as held_out:
+                check_held_out(held_out, site)
         size = self.size.value()
         config = SimulationConfig(method="fedmix", rounds=done + self.rounds.value(), device=self.device.currentText(),
                                   model=ModelConfig(in_channels=channels, num_classes=classes,

@@ -11,7 +11,6 @@ one's source and which images went where.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.data.imageio import pixel_digest
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.weak_labels import (
     add_training_image,
@@ -55,9 +55,7 @@ def _copies(store: SiteStore, ids: Sequence[str]) -> dict[str, list[str]]:
     copies of one image under several names, as public datasets do (BUSI), which a split must not part."""
     groups: dict[str, list[str]] = {}
     for image_id in ids:
-        image = store.read_image(image_id)
-        digest = hashlib.sha256(f"{image.shape}{image.dtype}".encode() + image.tobytes()).hexdigest()
-        groups.setdefault(digest, []).append(image_id)
+        groups.setdefault(pixel_digest(store.read_image(image_id)), []).append(image_id)
     return groups
 
 

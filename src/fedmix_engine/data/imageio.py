@@ -266,6 +266,14 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, bool]:
     return image, image.ndim == 3
 
 
+def pixel_digest(array: np.ndarray) -> str:
+    """SHA-256 of an image's pixels, shape and type: equal for copies of one image under other names or in
+    other folders (a public dataset's duplicates, an image imported into two sites)."""
+    import hashlib
+
+    return hashlib.sha256(f"{array.shape}{array.dtype}".encode() + np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
 def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:
     """Map a validated image to float32 ``channels×H×W`` in [0, 1] (rules in the module docstring)."""
     if channels not in (1, 3):

@@ -557,13 +557,19 @@ def check_site_fits_model(store: SiteStore, model_config: ModelConfig, class_nam
 def check_held_out(store: SiteStore, site_dir: Path) -> None:
     """A held-out folder must hold images with full truth and must not be the site trained on: the model's
     scores on its own training images would flatter it."""
-    from fedmix_engine.evaluation import NO_FULL_TRUTH, full_truth_records
+    from fedmix_engine.evaluation import NO_FULL_TRUTH, full_truth_records, shared_images
 
     if store.root.resolve() == site_dir.resolve():
         raise InputError(store.root, "is the site this client trains on; give a fully labelled folder it does "
                                      "not train on, or its scores would flatter the model")
     if not full_truth_records(store):
         raise InputError(store.root, NO_FULL_TRUTH)
+    with SiteStore.open(site_dir, readonly=True) as site:
+        if shared := shared_images(store, site):
+            pairs = ", ".join(f"{held} = {trained}" for held, trained in shared[:3])
+            raise InputError(store.root, f"{len(shared)} of its images {'is' if len(shared) == 1 else 'are'} also "
+                             f"in the training site ({pairs}{', …' if len(shared) > 3 else ''}): the "
+                             "model would be scored on images it trained on; remove them from one of the two")
 
 
 # OpenSSL's X509_V_ERR_CERT_HAS_EXPIRED and X509_V_ERR_CERT_NOT_YET_VALID: the certificate's dates, which its admin
