@@ -193,6 +193,94 @@ def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
         assert store.summary()["boxes"] == 8
 
 
+def test_site_import_again_by_another_path_skips_what_it_holds_and_says_which_files_changed(
+        tmp_path: Path, capsys, monkeypatch, rng) -> None:
+    """A folder imported from a relative path, then again by its full path (or from another working folder), had
+    every file refused as a 'duplicate image id: rename the file'; and a file corrected after import (a new export
+    of the scan) was silently counted as already present while the site trained on the old pixels."""
+    import os
+
+    import tifffile
+
+    clinic = tmp_path / "clinic"
+    clinic.mkdir()
+    for i in range(3):
+        tifffile.imwrite(clinic / f"case{i}.tif", rng.integers(0, 255, (32, 40), dtype=np.uint8))
+    monkeypatch.chdir(tmp_path)
+    site = tmp_path / "site"
+    assert main(["site", "import", "site", "--classes", "lesion", "--images", "clinic"]) == 0
+    capsys.readouterr()
+    assert main(["site", "import", str(site), "--images", str(clinic)]) == 0
+    assert "images added: 0 (already present: 3)" in capsys.readouterr().out
+    monkeypatch.chdir(clinic)
+    assert main(["site", "import", str(site), "--images", "."]) == 0
+    assert "images added: 0 (already present: 3)" in capsys.readouterr().out
+
+    # case1 exported anew with other pixels (written after the site's copy); case2 rewritten, same pixels
+    held = tifffile.imread(site / "images" / "case1.tif")
+    tifffile.imwrite(clinic / "case1.tif", 255 - held)
+    tifffile.imwrite(clinic / "case2.tif", tifffile.imread(clinic / "case2.tif"))
+    later = (site / "images" / "case1.tif").stat().st_mtime + 60
+    for name in ("case1.tif", "case2.tif"):
+        os.utime(clinic / name, (later, later))
+    # another clinic's folder with a file of the same name and other pixels
+    other = tmp_path / "other"
+    other.mkdir()
+    tifffile.imwrite(other / "case0.tif", np.zeros((32, 40), np.uint8))
+    assert main(["site", "import", str(site), "--images", str(clinic)]) == 1
+    out = capsys.readouterr().out
+    assert "images added: 0 (already present: 2)" in out
+    assert (f"{clinic / 'case1.tif'}: changed since it was imported: its pixels are not those of the site's copy "
+            "'case1', which the site keeps with its annotations") in out
+    assert f"fedmix-engine site remove {site} case1" in out
+    assert main(["site", "import", str(site), "--images", str(other)]) == 1
+    out = capsys.readouterr().out
+    assert (f"{other / 'case0.tif'}: the site already holds another image of this name, 'case0' (imported from "
+            f"{clinic / 'case0.tif'})") in out
+    with SiteStore.open(site) as store:
+        assert np.array_equal(store.read_image("case1"), held), "the site keeps its copy until it is removed"
+        assert {record.source for record in store.records()} == {str(clinic / f"case{i}.tif") for i in range(3)}
+
+    # removed (by the file's name, as the clinic knows it), then imported anew: the new pixels
+    assert main(["site", "remove", str(site), "case1.tif"]) == 0
+    assert main(["site", "import", str(site), "--images", str(clinic)]) == 0
+    assert "images added: 1 (already present: 2)" in capsys.readouterr().out
+    with SiteStore.open(site) as store:
+        assert np.array_equal(store.read_image("case1"), 255 - held)
+
+
+def test_site_remove_takes_images_out_with_their_annotations_and_nothing_on_an_unknown_name(
+        tmp_path: Path, capsys, rng) -> None:
+    """A patient who withdrew consent, a scan imported by mistake: there was no way to take an image out of a
+    site but to build the site again."""
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    site = tmp_path / "site"
+    main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images"), "--masks",
+          str(clinic / "masks"), "--boxes", str(clinic / "boxes.csv"), "--tags", str(clinic / "tags.csv")])
+    with SiteStore.open(site) as store:
+        before = {record.id: record for record in store.records()}
+    masked = next(i for i, r in before.items() if r.has_mask)
+    boxed = next(i for i, r in before.items() if r.boxes and not r.has_mask)
+    capsys.readouterr()
+
+    assert main(["site", "remove", str(site), masked, "case-0x"]) == 2
+    assert f"case-0x: no image of this name in the site {site}; similar: case-" in capsys.readouterr().err
+    with SiteStore.open(site) as store:
+        assert len(store) == len(before), "a typing error removes nothing, not even the names before it"
+
+    assert main(["site", "remove", str(site), masked, f"C:\\scans\\{boxed}.png", masked]) == 0
+    out = capsys.readouterr().out
+    assert (f"removed 2 image(s) with their annotations (masks: 1  boxes: {before[boxed].boxes}  tags: "
+            f"{len(before[masked].tags) + len(before[boxed].tags)}):") in out
+    assert f"  {boxed}  (imported from {clinic / 'images' / (boxed + '.png')})" in out
+    assert "models the site trained before keep what they learnt from them" in out
+    with SiteStore.open(site) as store:
+        assert set(store.image_ids()) == set(before) - {masked, boxed}
+        assert store.summary()["boxes"] == sum(r.boxes for r in before.values()) - before[boxed].boxes
+    assert not (site / "images" / f"{masked}.tif").exists() and not (site / "masks" / f"{masked}.tif").exists()
+
+
 def test_site_import_adds_annotations_to_the_images_a_site_holds_without_images_again(tmp_path: Path, capsys,
                                                                                         rng) -> None:
     """A radiologist's boxes (or tags, or masks) delivered after the images were imported: --images was required,

@@ -112,6 +112,17 @@ def cmd_site_info(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_site_remove(args: argparse.Namespace) -> int:
+    from fedmix_engine.data.removal import remove_images
+    from fedmix_engine.data.site_store import SiteStore
+
+    with SiteStore.open(args.dir) as store:
+        removal = remove_images(store, args.images)
+    for line in removal.lines():
+        print(line)
+    return 0
+
+
 def _site_model_lines(site: Path) -> list[str]:
     """A line per model the site holds, marking the one prediction takes."""
     import json
@@ -181,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedmix-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    site = sub.add_parser("site", help="create, import into and inspect a site folder")
+    site = sub.add_parser("site", help="create, import into, inspect and remove images from a site folder")
     site_sub = site.add_subparsers(dest="site_command", required=True, metavar="SITE_COMMAND")
     p = site_sub.add_parser("init", help="create an empty site folder")
     p.add_argument("dir", type=Path, help="the site folder to create (must not exist or be empty)")
@@ -210,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = site_sub.add_parser("info", help="counts per supervision kind, classes, problems found")
     p.add_argument("dir", type=Path, help="a site folder")
     p.set_defaults(func=cmd_site_info)
+
+    p = site_sub.add_parser("remove", help="take images out of a site, with their annotations")
+    p.add_argument("dir", type=Path, help="a site folder")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="an image's id or the name of the file it was imported from (nothing is removed if one "
+                        "is not in the site)")
+    p.set_defaults(func=cmd_site_remove)
 
     p = sub.add_parser("make-sample", help="write a synthetic multi-site federation (ultrasound-like)")
     p.add_argument("out", type=Path, help="output folder: site-* folders and the eval/ tree")

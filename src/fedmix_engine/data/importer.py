@@ -26,6 +26,7 @@ import codecs
 import contextlib
 import csv
 import io
+import os
 import re
 import time
 from collections import defaultdict
@@ -36,8 +37,15 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.data.imageio import image_files, image_stem, no_images_reason, read_mask_file, validate_mask
-from fedmix_engine.data.site_store import Box, SiteStore, image_id_from_path
+from fedmix_engine.data.imageio import (
+    image_files,
+    image_stem,
+    no_images_reason,
+    read_image,
+    read_mask_file,
+    validate_mask,
+)
+from fedmix_engine.data.site_store import Box, ImageRecord, SiteStore, image_id_from_path
 from fedmix_engine.data.video import NOT_IMPORTED, is_video_path
 from fedmix_engine.errors import InputError
 from fedmix_engine.steps import run_steps
@@ -199,7 +207,7 @@ def site_names(store: SiteStore) -> dict[str, str]:
     return names
 
 
-def _resolve_image(names: dict[str, str], name: str) -> str | None:
+def resolve_image(names: dict[str, str], name: str) -> str | None:
     """The id of the image a table row, or a mask file's stem, names (None: not in the site): by its id, or
     by the file's name, also given with its folder, on Windows too (``C:\\scans\\case-07.png``)."""
     file_name = PureWindowsPath(name).name or name  # '/' separates there as well
@@ -213,7 +221,7 @@ def _rows_of_site_images(table: tuple[Path, TableRows], names: dict[str, str], c
     path, rows = table
     for line, row in rows:
         where = f"{path}:{line}"
-        image_id = _resolve_image(names, row["image"])
+        image_id = resolve_image(names, row["image"])
         if image_id is None:
             report.problems.append(f"{where}: image '{row['image']}' is not in the site")
             continue
@@ -243,10 +251,10 @@ def masks_beside_images(files: list[Path]) -> list[Path]:
 
 def _mask_target(stem: str, names: dict[str, str]) -> str | None:
     """The image a mask file belongs to: the one with the same stem, or with the stem less a mask suffix."""
-    if (target := _resolve_image(names, stem)) is not None:
+    if (target := resolve_image(names, stem)) is not None:
         return target
     named = MASK_NAME.match(stem)
-    return _resolve_image(names, named["image"]) if named else None
+    return resolve_image(names, named["image"]) if named else None
 
 
 def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | None) -> bool:
@@ -330,19 +338,60 @@ ImportSteps = Generator[ImportProgress, None, ImportReport]
 def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
                 author: str | None) -> Iterator[ImportProgress]:
     """Add image files one by one, yielding after each: an import stopped between two files keeps every
-    image it stored whole, and importing again adds the rest (a file already imported is skipped)."""
-    sources = {rec.source for rec in store.records()}
+    image it stored whole, and importing again adds the rest.
+
+    A file the site holds already (the same file, also named by another path: a relative one, another
+    working folder, a drive letter) is skipped; its pixels are compared with the site's copy when the file
+    changed after that copy was made, or when only its name matches an image of the site. A file of other
+    pixels under a held name is a problem of the report, saying which image and how to replace it: the site
+    keeps its copy, whose annotations were drawn on those pixels."""
+    records = {record.id: record for record in store.records()}
+    by_source = {_file_key(record.source): record for record in records.values() if record.source}
+    names = site_names(store)
     for n, path in enumerate(files, start=1):
-        if str(path) in sources:  # by file, not by id: ids of non-ASCII names were spelled otherwise before
-            report.images_already_present += 1
-        else:
-            try:
+        record = by_source.get(_file_key(path))
+        try:
+            if record is not None and not _changed_since_import(store, record, path):
+                report.images_already_present += 1
+            elif (held := record or records.get(resolve_image(names, path.name) or "")) is not None:
+                if np.array_equal(read_image(path), store.read_image(held.id)):
+                    report.images_already_present += 1
+                else:
+                    report.problems.append(_other_pixels(store, held, path, same_file=held is record))
+            else:
                 image_id = store.add_image(path, author=author)
                 report.images_added += 1
                 report.with_spacing += store.spacing(image_id) is not None
-            except InputError as exc:
-                report.problems.append(str(exc))
+                records[image_id] = by_source[_file_key(path)] = store.record(image_id)
+                names.setdefault(image_id, image_id)
+                names.setdefault(image_stem(path), image_id)
+        except InputError as exc:
+            report.problems.append(str(exc))
         yield ImportProgress("images", n, len(files))
+
+
+def _file_key(path: str | Path) -> str:
+    """A file's path as the comparison of two imports needs it: absolute, in the system's letter case."""
+    return os.path.normcase(os.path.abspath(path))
+
+
+def _changed_since_import(store: SiteStore, record: ImageRecord, path: Path) -> bool:
+    """Whether ``path`` was written after the site's copy of it was made (then its pixels are compared)."""
+    try:
+        return path.stat().st_mtime > (store.root / record.file).stat().st_mtime
+    except FileNotFoundError:  # the site's copy is gone: its problem, said by `site info`
+        return False
+
+
+def _other_pixels(store: SiteStore, held: ImageRecord, path: Path, same_file: bool) -> str:
+    remove = f"fedmix-engine site remove {store.root} {held.id}"
+    if same_file:
+        return (f"{path}: changed since it was imported: its pixels are not those of the site's copy '{held.id}', "
+                "which the site keeps with its annotations; to import the new file, remove the old copy first "
+                f"({remove}, or Annotate's Remove image) and import again")
+    return (f"{path}: the site already holds another image of this name, '{held.id}'"
+            + (f" (imported from {held.source})" if held.source else "")
+            + f"; rename this file to import it, or, if it replaces that image, remove the old one first ({remove})")
 
 
 def _add_masks(store: SiteStore, files: list[Path], names: dict[str, str], report: ImportReport,

@@ -25,6 +25,7 @@ import errno
 import getpass
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -344,7 +345,7 @@ class SiteStore:
             where = Path(source)
             array = read_image(where)
             image_id = image_id or image_id_from_path(where)
-            origin = str(where)
+            origin = os.path.abspath(where)  # the file, whatever folder the import was run from
             if spacing is None:
                 spacing = file_spacing(where)
         if spacing is not None:

@@ -1,0 +1,70 @@
+"""Take images out of a site, with their annotations: a patient who withdraws consent, a scan imported by
+mistake, or an image whose file was corrected after import (the site keeps its own copy, so the new file is
+imported only once the old copy is gone).
+
+Images are named as everywhere else: by id or by the name of the file they were imported from. Every name
+is resolved before anything is removed, so a typing error removes nothing. Models the site trained before
+keep what they learnt from the images; the training after the removal never sees them again.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from fedmix_engine.data.importer import resolve_image, site_names
+from fedmix_engine.data.site_store import ImageRecord, SiteStore
+from fedmix_engine.errors import InputError
+
+
+@dataclass
+class Removal:
+    """What :func:`remove_images` took out of the site."""
+
+    images: list[ImageRecord] = field(default_factory=list)
+
+    @property
+    def masks(self) -> int:
+        return sum(record.has_mask for record in self.images)
+
+    @property
+    def boxes(self) -> int:
+        return sum(record.boxes for record in self.images)
+
+    @property
+    def tags(self) -> int:
+        return sum(len(record.tags) for record in self.images)
+
+    def lines(self) -> list[str]:
+        out = [f"removed {len(self.images)} image(s) with their annotations (masks: {self.masks}  boxes: "
+               f"{self.boxes}  tags: {self.tags}):"]
+        out.extend(f"  {record.id}" + (f"  (imported from {record.source})" if record.source else "")
+                   for record in self.images)
+        out.append("models the site trained before keep what they learnt from them; training from now on "
+                   "does not see them")
+        return out
+
+
+def images_named(store: SiteStore, names: list[str]) -> list[str]:
+    """The ids of the images ``names`` give (ids, file names, or paths as a table would give them), each
+    once, in the order named; any name not in the site is refused with the site's names closest to it."""
+    known = site_names(store)
+    ids: list[str] = []
+    for name in names:
+        image_id = resolve_image(known, name)
+        if image_id is None:
+            close = difflib.get_close_matches(name, list(known), n=3)
+            raise InputError(name, f"no image of this name in the site {store.root}"
+                             + (f"; similar: {', '.join(close)}" if close else ""))
+        if image_id not in ids:
+            ids.append(image_id)
+    return ids
+
+
+def remove_images(store: SiteStore, names: list[str]) -> Removal:
+    """Remove the images ``names`` give, with all their annotations (nothing, if one name is unknown)."""
+    ids = images_named(store, names)
+    removal = Removal([store.record(image_id) for image_id in ids])
+    for image_id in ids:
+        store.remove_image(image_id)
+    return removal
