@@ -514,6 +514,64 @@ def test_annotate_shows_what_another_program_wrote_to_the_site_unless_it_has_edi
     assert widget.current_id == "scan-1" and widget.save_status.text() == "", "a note of the image it left"
 
 
+def test_annotate_removes_the_image_shown_when_asked_and_follows_a_removal_by_another_program(
+        make_napari_viewer, qtbot, tmp_path, images, monkeypatch) -> None:
+    """A patient who withdrew consent, a scan imported by mistake: the panel could not take an image out of the
+    site. Remove image… asks, then removes the image with its annotations and shows the next. An image removed
+    by another program (``site remove`` in a terminal) while it is shown stayed on screen, and every autosave of
+    its edits raised "no image with id"; the panel now says so and shows the image in its place."""
+    import napari.utils.notifications
+    from qtpy.QtWidgets import QMessageBox, QPushButton
+
+    from napari_fedmix.annotate_widget import WATCH_MS
+
+    said: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_info", said.append)
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", said.append)
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    viewer.layers["FedMix mask"].data = _drawn(5, 15, 6, 20)
+    widget._dirty = True
+    assert widget.save() == []
+    [remove] = [b for b in widget.findChildren(QPushButton) if b.text() == "Remove image…"]
+    asked: list[str] = []
+    answer = QMessageBox.StandardButton.No
+
+    def question(_parent, _title, text):
+        asked.append(text)
+        return answer
+
+    monkeypatch.setattr(QMessageBox, "question", question)
+    remove.click()
+    assert asked and asked[0].startswith(f"Remove 'scan-0' from the site {tmp_path / 'site'}, with its annotations "
+                                         "(a mask)?")
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert store.image_ids() == ["scan-0", "scan-1", "scan-2"], "No removes nothing"
+    answer = QMessageBox.StandardButton.Yes
+    remove.click()
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert store.image_ids() == ["scan-1", "scan-2"]
+    assert not (tmp_path / "site" / "masks" / "scan-0.tif").exists()
+    assert widget.current_id == "scan-1" and widget.image_list.currentRow() == 0
+    assert [widget.image_list.item(i).text() for i in range(2)] == ["scan-1  —  none", "scan-2  —  none"]
+    assert not viewer.layers["FedMix mask"].data.any(), "scan-1's (empty) mask, not scan-0's"
+    assert said[-1].startswith("removed 1 image(s) with their annotations (masks: 1  boxes: 0  tags: 0):")
+
+    widget.tag_boxes["lesion"].setCheckState(Qt.CheckState.Checked)  # an edit, while a terminal removes it
+    with SiteStore.open(tmp_path / "site") as other:
+        other.remove_image("scan-1")
+    qtbot.waitUntil(lambda: widget.current_id == "scan-2", timeout=3 * WATCH_MS)
+    assert widget.save_status.text() == ("'scan-1' was removed from the site by another program; your edits to it "
+                                         "are not saved")
+    assert widget.image_list.count() == 1 and widget.save() == []
+    np.testing.assert_array_equal(viewer.layers["FedMix image"].data, tifffile.imread(images[2]))
+
+    widget.remove_image("scan-2")  # the last one: nothing left to show
+    assert widget.current_id is None and widget.image_list.count() == 0
+    assert "FedMix image" not in viewer.layers and "FedMix mask" not in viewer.layers
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert len(store) == 0
+
+
 def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_napari_viewer, qtbot, tmp_path,
                                                                           images, monkeypatch):
     """The warning showed 10 problems and "… and N more", and the others were lost; it now names the log

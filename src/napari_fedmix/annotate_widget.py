@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
     QInputDialog,
     QLabel,
     QListWidget,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QVBoxLayout,
@@ -76,7 +77,7 @@ class AnnotateWidget(QWidget):
         add_shown.setToolTip("Add the active image layer to the site; for a stack (a cine loop, a volume) the "
                              "frame the sliders show")
         add_shown.clicked.connect(lambda: self._guard(self.add_shown_image))
-        # idle while importing; off for a site opened read-only
+        # idle while importing; off for a site opened read-only (with Remove image…, below)
         self._site_buttons = [open_button, new_button, import_files, import_folder, import_table, add_shown]
         self._adding_buttons = [import_files, import_folder, import_table, add_shown]
         self.import_bar = QProgressBar()
@@ -95,6 +96,12 @@ class AnnotateWidget(QWidget):
         self.tags_row = QVBoxLayout()
         save_button = QPushButton("Save now")
         save_button.clicked.connect(lambda: self.save(force=True))  # the clinician's choice: the screen wins
+        remove_button = QPushButton("Remove image…")
+        remove_button.setToolTip("Take the image shown out of the site, with its mask, boxes and tags: a patient "
+                                 "who withdrew consent, a scan imported by mistake, a file corrected since import")
+        remove_button.clicked.connect(self._confirm_remove)
+        self._site_buttons.append(remove_button)
+        self._adding_buttons.append(remove_button)
         self._editing_controls = [self.box_class, save_button]  # with the tag boxes: off for a read-only site
         self.summary = QLabel("")
         self.save_status = QLabel("")
@@ -114,7 +121,7 @@ class AnnotateWidget(QWidget):
         layout.addWidget(QLabel("image-level tags (✓ present, – absent, empty = unknown);\n"
                                 "Alt+P: the box class present, Alt+A: all absent, then the next image"))
         layout.addLayout(self.tags_row)
-        layout.addWidget(save_button)
+        layout.addLayout(_row(save_button, remove_button))
         layout.addWidget(self.summary)
         layout.addWidget(self.save_status)
 
@@ -304,6 +311,8 @@ class AnnotateWidget(QWidget):
         program wrote to the image since it was shown are not saved over unless ``force`` (Save now)."""
         if self.store is None or self.current_id is None or not self._dirty or self.store.readonly:
             return []  # read-only: the controls that edit are off; a layer made editable by hand saves nothing
+        if self.current_id not in self.store.image_ids():
+            return self._lost_shown()
         if not force and self.store.annotation_stamp(self.current_id) != self._stamp:
             return self._hold_edits(f"'{self.current_id}' was changed by another program since it was shown (an "
                                     "import in a terminal, a second napari); your edits are kept on screen, not "
@@ -351,7 +360,10 @@ class AnnotateWidget(QWidget):
                 return
             self._others_version = version
             self.refresh_list()
-            if shown is None or self._dirty or self.unsaved or shown not in self.store.image_ids():
+            if shown is not None and shown not in self.store.image_ids():
+                self._lost_shown()
+                return
+            if shown is None or self._dirty or self.unsaved:
                 return
             changed = self.store.annotation_stamp(shown) != self._stamp
         except (sqlite3.Error, OSError):  # the folder went away (a share): the next save says so
@@ -360,6 +372,66 @@ class AnnotateWidget(QWidget):
             self._guard(lambda: self.show_image(shown))  # a damaged file is said, as when it is chosen
             self.save_status.setText(f"'{shown}': its annotations were changed by another program; shown as the "
                                      "site holds them now")
+
+    def _lost_shown(self) -> list[str]:
+        """The image on screen was removed from the site by another program (``site remove``, a second napari):
+        its edits, if any, can be saved nowhere, and are said to be lost; the image in its place is shown."""
+        assert self.store is not None and self.current_id is not None
+        gone = self.current_id
+        note = (f"'{gone}' was removed from the site by another program"
+                + ("; your edits to it are not saved" if self._dirty or self.unsaved else ""))
+        self._show_instead(gone)
+        self.save_status.setText(note)
+        _notify([note])
+        return [note]
+
+    def _show_instead(self, gone: str) -> None:
+        """Let go of the image ``gone`` (no longer in the site) and show the one now in its row of the list, or
+        the last; with no image left the layers are emptied."""
+        assert self.store is not None
+        row = max(self.image_list.currentRow(), 0)
+        self.current_id, self._dirty, self.unsaved, self._shown = None, False, None, ()
+        self.refresh_list()
+        ids = self.store.image_ids()
+        if not ids:
+            for name in (IMAGE_LAYER, MASK_LAYER, BOX_LAYER):
+                if name in self.viewer.layers:
+                    self.viewer.layers.remove(name)
+            return
+        self._guard(lambda: self.show_image(ids[min(row, len(ids) - 1)]))
+        if self.current_id is not None:
+            self._select_shown()
+
+    def _confirm_remove(self) -> None:
+        if self.store is None or self.current_id is None:
+            return
+        record = self.store.record(self.current_id)
+        kept = ", ".join(part for part in ("a mask" if record.has_mask else "", f"{record.boxes} box(es)"
+                                           if record.boxes else "", f"{len(record.tags)} tag(s)" if record.tags
+                                           else "") if part) or "no annotations"
+        answer = QMessageBox.question(
+            self, "Remove image", f"Remove '{record.id}' from the site {self.store.root}, with its annotations "
+            f"({kept})?\n\nThis cannot be undone. Models trained before keep what they learnt from it.")
+        if answer == QMessageBox.StandardButton.Yes:
+            self._guard(lambda: self.remove_image(record.id))
+
+    def remove_image(self, image_id: str) -> None:
+        """Take an image out of the site with its annotations (``fedmix-engine site remove``); when it is the
+        one on screen, the next is shown."""
+        from fedmix_engine.data.removal import remove_images
+
+        assert self.store is not None
+        removal = remove_images(self.store, [image_id])
+        if image_id == self.current_id:
+            self._show_instead(image_id)
+        else:
+            self.refresh_list()
+            if self.current_id is not None:
+                self._select_shown()
+        self.save_status.setText("")
+        from napari.utils.notifications import show_info
+
+        show_info("\n".join(removal.lines()))
 
     def _autosave(self) -> None:
         if self._dirty:
