@@ -362,7 +362,7 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
                 image_id = store.add_image(path, author=author)
                 report.images_added += 1
                 report.with_spacing += store.spacing(image_id) is not None
-                records[image_id] = by_source[_file_key(path)] = store.record(image_id)
+                records[image_id] = store.record(image_id)  # a later file of its name is compared with it
                 names.setdefault(image_id, image_id)
                 names.setdefault(image_stem(path), image_id)
         except InputError as exc:
