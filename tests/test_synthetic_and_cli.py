@@ -281,6 +281,74 @@ def test_site_remove_takes_images_out_with_their_annotations_and_nothing_on_an_u
     assert not (site / "images" / f"{masked}.tif").exists() and not (site / "masks" / f"{masked}.tif").exists()
 
 
+def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_all(tmp_path: Path, capsys,
+                                                                                   rng) -> None:
+    """A clinic's masks, boxes and tags lived only in the site's database: weeks of annotation could not be
+    taken to an archive, a research partner or another tool. ``site export`` writes them as import reads them;
+    imported into a new site they are the same, image by image."""
+    from fedmix_engine.data.export import export_site
+
+    site = tmp_path / "site"
+    with SiteStore.create(site, ["lesion", "cyst"], clock=lambda: "2026-11-30T10:00:00+00:00") as store:
+        for name in ("masked", "boxed", "tagged", "bare"):
+            store.add_image(rng.integers(0, 4096, (24, 30), dtype=np.uint16), name, spacing=(0.2, 0.25),
+                            origin=f"C:\\scans\\{name} ä.dcm")
+        mask = np.zeros((24, 30), np.uint8)
+        mask[2:8, 3:9], mask[10:20, 12:25] = 1, 2
+        store.set_mask("masked", mask, author="dr-a")
+        store.add_box("boxed", "cyst", 1, 2, 10, 12, author="dr-b")
+        store.add_box("boxed", "lesion", 5, 6, 20, 28, author="dr-b")
+        store.set_tag("tagged", "lesion", True, author="dr-c")
+        store.set_tag("tagged", "cyst", False, author="dr-c")
+    capsys.readouterr()
+
+    out = tmp_path / "export"
+    assert main(["site", "export", str(site), str(out), "--images"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"exported to {out}: images: 4  masks: 1  boxes: 2  tags: 2",
+                       f"to import it into another site: fedmix-engine site import SITE --images {out / 'images'} "
+                       f"--masks {out / 'masks'} --boxes {out / 'boxes.csv'} --tags {out / 'tags.csv'}"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["masked_mask.tif"]
+    assert (out / "boxes.csv").read_text().splitlines()[:2] == [
+        "image,class,y0,x0,y1,x1,author,annotated_at,source",
+        "boxed,cyst,1,2,10,12,dr-b,2026-11-30T10:00:00+00:00,C:\\scans\\boxed ä.dcm"]
+    assert "tagged,cyst,absent,dr-c,2026-11-30T10:00:00+00:00" in (out / "tags.csv").read_text()
+
+    again = tmp_path / "again"
+    assert main(["site", "import", str(again), "--classes", "lesion,cyst", "--images", str(out / "images"), "--masks",
+                 str(out / "masks"), "--boxes", str(out / "boxes.csv"), "--tags", str(out / "tags.csv")]) == 0
+    with SiteStore.open(site, readonly=True) as before, SiteStore.open(again, readonly=True) as after:
+        assert sorted(after.image_ids()) == sorted(before.image_ids())
+        for image_id in before.image_ids():
+            np.testing.assert_array_equal(after.read_image(image_id), before.read_image(image_id))
+            assert after.spacing(image_id) == pytest.approx(before.spacing(image_id))
+            mask_before, mask_after = before.read_mask(image_id), after.read_mask(image_id)
+            assert (mask_before is None) == (mask_after is None)
+            if mask_before is not None:
+                np.testing.assert_array_equal(mask_after, mask_before)
+            assert ([(b.class_name, b.y0, b.x0, b.y1, b.x1) for b in after.boxes(image_id)]
+                    == [(b.class_name, b.y0, b.x0, b.y1, b.x1) for b in before.boxes(image_id)])
+            assert after.tags(image_id) == before.tags(image_id)
+
+    # annotations only, for the site that holds the images; refused: a folder with files, one inside the site
+    assert main(["site", "export", str(site), str(tmp_path / "annotations")]) == 0
+    assert sorted(p.name for p in (tmp_path / "annotations").iterdir()) == ["boxes.csv", "masks", "tags.csv"]
+    capsys.readouterr()
+    assert main(["site", "export", str(site), str(out)]) == 2
+    assert f"{out}: exists and is not an empty folder" in capsys.readouterr().err
+    assert main(["site", "export", str(site), str(site / "out")]) == 2
+    assert f"is inside the site {site}" in capsys.readouterr().err
+
+    # stopped after the first image (Ctrl-C): no folder to be taken for a whole export, no partial left
+    def stop(step):
+        raise KeyboardInterrupt
+
+    with SiteStore.open(site, readonly=True) as store, pytest.raises(KeyboardInterrupt):
+        export_site(store, tmp_path / "stopped", images=True, progress=stop)
+    assert not (tmp_path / "stopped").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "annotations", "export", "site"]
+
+
 def test_site_import_adds_annotations_to_the_images_a_site_holds_without_images_again(tmp_path: Path, capsys,
                                                                                         rng) -> None:
     """A radiologist's boxes (or tags, or masks) delivered after the images were imported: --images was required,

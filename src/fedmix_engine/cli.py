@@ -123,6 +123,20 @@ def cmd_site_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_export(args: argparse.Namespace) -> int:
+    from fedmix_engine.cli_training import clear_progress_bar, progress_bar
+    from fedmix_engine.data.export import export_site
+    from fedmix_engine.data.site_store import SiteStore
+
+    with SiteStore.open(args.dir, readonly=True) as store:
+        report = export_site(store, args.out, images=args.images,
+                             progress=lambda step: progress_bar(step.done, step.total, "images"))
+    clear_progress_bar()
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 def _site_model_lines(site: Path) -> list[str]:
     """A line per model the site holds, marking the one prediction takes."""
     import json
@@ -192,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedmix-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    site = sub.add_parser("site", help="create, import into, inspect and remove images from a site folder")
+    site = sub.add_parser("site", help="create, import into, inspect, export and remove images from a site folder")
     site_sub = site.add_subparsers(dest="site_command", required=True, metavar="SITE_COMMAND")
     p = site_sub.add_parser("init", help="create an empty site folder")
     p.add_argument("dir", type=Path, help="the site folder to create (must not exist or be empty)")
@@ -228,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image's id or the name of the file it was imported from (nothing is removed if one "
                         "is not in the site)")
     p.set_defaults(func=cmd_site_remove)
+
+    p = site_sub.add_parser("export", help="write a site's masks, boxes and tags to a new folder, as import reads "
+                                           "them")
+    p.add_argument("dir", type=Path, help="a site folder")
+    p.add_argument("out", type=Path, help="a new folder (or an empty one): masks/<id>_mask.tif, boxes.csv, tags.csv")
+    p.add_argument("--images", action="store_true", help="also write the images, as images/<id>.tif")
+    p.set_defaults(func=cmd_site_export)
 
     p = sub.add_parser("make-sample", help="write a synthetic multi-site federation (ultrasound-like)")
     p.add_argument("out", type=Path, help="output folder: site-* folders and the eval/ tree")

@@ -570,6 +570,13 @@ class SiteStore:
         return {c: bool(p) for c, p in self._query(
             "SELECT class_name, present FROM tags WHERE image_id=? ORDER BY class_name", (image_id,))}
 
+    def tag_rows(self, image_id: str) -> list[tuple[str, bool, str, str]]:
+        """The image's tags with who set them and when: (class, present, author, created_at), by class."""
+        self._require_image(image_id)
+        return [(c, bool(p), a, t) for c, p, a, t in self._query(
+            "SELECT class_name, present, author, created_at FROM tags WHERE image_id=? ORDER BY class_name",
+            (image_id,))]
+
     def annotation_stamp(self, image_id: str) -> tuple:
         """The image's annotations as they stand, in a form that changes with every write of them (the mask's
         row and file time, the boxes' row ids, the tags' rows): a panel showing the image tells from it that

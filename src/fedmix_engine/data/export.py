@@ -1,0 +1,115 @@
+"""A site's annotations out of the site, in the formats ``site import`` reads: the clinic's work (weeks of
+masks, boxes and tags drawn in napari) kept in files every tool opens, for an archive, a research partner or
+another segmentation tool, and imported again as they were (the import records its own author).
+
+``OUT/masks/<id>_mask.tif`` (of the images with a mask; label images: value k is the k-th class),
+``OUT/boxes.csv`` and ``OUT/tags.csv`` (with who annotated and when, and where the site's image came from),
+and with ``images`` ``OUT/images/<id>.tif`` (the site's copies, pixel spacing kept). The folder appears whole
+or not at all: it is written beside ``OUT`` and renamed into place at the end, so a stopped export leaves
+nothing to be taken for a complete one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmix_engine.atomic import atomic_write_bytes, make_folder
+from fedmix_engine.data.imageio import tiff_bytes
+from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.errors import InputError
+from fedmix_engine.steps import run_steps
+
+BOX_HEADER = ("image", "class", "y0", "x0", "y1", "x1", "author", "annotated_at", "source")
+TAG_HEADER = ("image", "class", "present", "author", "annotated_at", "source")
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_site` wrote."""
+
+    out: Path
+    images: int = 0  # image files written (with ``images`` only)
+    masks: int = 0
+    boxes: int = 0
+    tags: int = 0
+    with_images: bool = False
+
+    def lines(self) -> list[str]:
+        written = f"images: {self.images}  " if self.with_images else ""
+        parts = [(option, self.out / name) for option, name, count in (
+            ("--images", "images", self.images), ("--masks", "masks", self.masks),
+            ("--boxes", "boxes.csv", self.boxes), ("--tags", "tags.csv", self.tags)) if count]
+        return [f"exported to {self.out}: {written}masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}",
+                *(["to import it into another site: fedmix-engine site import SITE "
+                   + " ".join(f"{option} {path}" for option, path in parts)] if parts else [])]
+
+
+@dataclass(frozen=True)
+class ExportProgress:
+    done: int
+    total: int
+
+
+def export_site(store: SiteStore, out: str | Path, images: bool = False,
+                progress: Callable[[ExportProgress], None] | None = None) -> ExportReport:
+    """Write the site's annotations (and with ``images`` its images) to the new folder ``out``."""
+    return run_steps(export_steps(store, out, images), progress)
+
+
+def export_steps(store: SiteStore, out: str | Path, images: bool = False
+                 ) -> Generator[ExportProgress, None, ExportReport]:
+    """:func:`export_site` as steps, one per image; ``out`` must not exist or be an empty folder (an export
+    never writes over files), refused before anything is written."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(out, "exists and is not an empty folder; an export writes a new folder (choose another "
+                              "name, or remove this one)")
+    if out.resolve().is_relative_to(store.root.resolve()):
+        raise InputError(out, f"is inside the site {store.root}; export to a folder outside it")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)  # this process's own leftover, if any: pids are not reused at once
+    make_folder(partial)
+    report = ExportReport(out, with_images=images)
+    boxes, tags = _table(BOX_HEADER), _table(TAG_HEADER)
+    try:
+        records = store.records()
+        for n, record in enumerate(records, start=1):
+            if images:
+                atomic_write_bytes(partial / "images" / f"{record.id}.tif",
+                                   tiff_bytes(store.read_image(record.id), store.spacing(record.id)))
+                report.images += 1
+            mask = store.read_mask(record.id) if record.has_mask else None
+            if mask is not None:
+                atomic_write_bytes(partial / "masks" / f"{record.id}_mask.tif", tiff_bytes(mask))
+                report.masks += 1
+            for box in store.boxes(record.id):
+                boxes[1].writerow([record.id, box.class_name, box.y0, box.x0, box.y1, box.x1, box.author,
+                                   box.created_at, record.source])
+                report.boxes += 1
+            for class_name, present, author, created_at in store.tag_rows(record.id):
+                tags[1].writerow([record.id, class_name, "present" if present else "absent", author, created_at,
+                                  record.source])
+                report.tags += 1
+            yield ExportProgress(n, len(records))
+        atomic_write_bytes(partial / "boxes.csv", boxes[0].getvalue().encode())
+        atomic_write_bytes(partial / "tags.csv", tags[0].getvalue().encode())
+        if out.exists():
+            out.rmdir()  # empty (checked above): a rename onto it fails on Windows
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return report
+
+
+def _table(header: tuple[str, ...]) -> tuple[io.StringIO, csv.writer]:
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    return text, writer
