@@ -572,6 +572,33 @@ def test_annotate_removes_the_image_shown_when_asked_and_follows_a_removal_by_an
         assert len(store) == 0
 
 
+def test_annotate_exports_the_site_with_the_edits_on_screen_as_import_reads_it(make_napari_viewer, qtbot, tmp_path,
+                                                                                images, monkeypatch) -> None:
+    """The clinic's annotations could not leave the site from napari. Export… writes them (and the images, if
+    asked) as ``site export`` does, the edits on screen saved first; a folder holding files is refused."""
+    import napari.utils.notifications
+    from qtpy.QtWidgets import QFileDialog, QMessageBox
+
+    said: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_info", said.append)
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", said.append)
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    viewer.layers["FedMix mask"].data = _drawn(5, 15, 6, 20)  # drawn, not saved yet
+    widget._dirty = True
+    out = tmp_path / "export"
+    out.mkdir()  # as the folder dialog's "new folder" leaves it
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *_a, **_k: str(out))
+    monkeypatch.setattr(QMessageBox, "question", lambda *_a, **_k: QMessageBox.StandardButton.Yes)
+    widget._choose_export()
+    assert widget.import_worker is not None, "runs beside the viewer, with the progress bar and Cancel"
+    qtbot.waitUntil(lambda: widget.import_worker is None, timeout=60_000)
+    assert widget.last_export is not None and said[-1].startswith(f"exported to {out}: images: 3  masks: 1  ")
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["scan-0.tif", "scan-1.tif", "scan-2.tif"]
+    np.testing.assert_array_equal(tifffile.imread(out / "masks" / "scan-0_mask.tif"), _drawn(5, 15, 6, 20))
+    with pytest.raises(InputError, match="exists and is not an empty folder"):
+        widget.export_site(out)
+
+
 def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_napari_viewer, qtbot, tmp_path,
                                                                           images, monkeypatch):
     """The warning showed 10 problems and "… and N more", and the others were lost; it now names the log

@@ -66,6 +66,11 @@ class AnnotateWidget(QWidget):
         open_button, new_button = QPushButton("Open site…"), QPushButton("New site…")
         open_button.clicked.connect(self._choose_site)
         new_button.clicked.connect(self._choose_new_site)
+        export_button = QPushButton("Export…")
+        export_button.setToolTip("Write the site's masks, boxes and tags (and its images, if you want them) to a "
+                                 "new or empty folder, as an import reads them: for an archive, a research "
+                                 "partner or another tool")
+        export_button.clicked.connect(self._choose_export)
         import_files, import_folder = QPushButton("Import images…"), QPushButton("Import folder…")
         import_files.clicked.connect(self._choose_images)
         import_folder.clicked.connect(self._choose_folder)
@@ -78,13 +83,15 @@ class AnnotateWidget(QWidget):
                              "frame the sliders show")
         add_shown.clicked.connect(lambda: self._guard(self.add_shown_image))
         # idle while importing; off for a site opened read-only (with Remove image…, below)
-        self._site_buttons = [open_button, new_button, import_files, import_folder, import_table, add_shown]
+        self._site_buttons = [open_button, new_button, export_button, import_files, import_folder, import_table,
+                              add_shown]
         self._adding_buttons = [import_files, import_folder, import_table, add_shown]
         self.import_bar = QProgressBar()
         self.cancel_import = QPushButton("Cancel import")
         self.cancel_import.clicked.connect(self.stop_import)
         self.import_worker = None
         self.last_import = None  # the last finished import's ImportReport (None if it was cancelled)
+        self.last_export = None  # the last finished export's ExportReport
         self.image_list = QListWidget()
         self.image_list.currentRowChanged.connect(self._on_row)
         prev_button, next_button = QPushButton("◀ previous"), QPushButton("next ▶")
@@ -110,7 +117,7 @@ class AnnotateWidget(QWidget):
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.site_label)
-        layout.addLayout(_row(open_button, new_button))
+        layout.addLayout(_row(open_button, new_button, export_button))
         layout.addLayout(_row(import_files, import_folder))
         layout.addLayout(_row(import_table, add_shown))
         layout.addLayout(_row(self.import_bar, self.cancel_import))
@@ -545,11 +552,42 @@ class AnnotateWidget(QWidget):
             raise InputError("import", "an import is running; wait for it or cancel it")
         return self.store
 
-    def _start_import(self, steps):
+    def export_site(self, folder: str | Path, images: bool = False):
+        """Write the site's annotations (and with ``images`` its images) to ``folder``, new or empty, as
+        ``fedmix-engine site export`` does, in a worker (Cancel stops it, leaving no folder); returns the worker.
+        The edits on screen are saved first: the export is what the site holds."""
+        from fedmix_engine.data.export import export_steps
+
+        store = self._open_store()
+        self.save()
+        self.last_export = None
+        return self._start_import(export_steps(store, folder, images), done=self._on_exported)
+
+    def _on_exported(self, report) -> None:
+        from napari.utils.notifications import show_info
+
+        self.last_export = report
+        show_info("\n".join(report.lines()))
+
+    def _choose_export(self) -> None:
+        if self.store is None:
+            return
+        folder = QFileDialog.getExistingDirectory(self, "A new (empty) folder for the site's annotations")
+        if not folder:
+            return
+        answer = QMessageBox.question(
+            self, "Export", "Also export the site's images (images/<id>.tif)?\n\nWithout them the folder holds "
+            "the masks, boxes and tags only.", QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No
+            | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.No)
+        if answer != QMessageBox.StandardButton.Cancel:
+            self._guard(lambda: self.export_site(folder, images=answer == QMessageBox.StandardButton.Yes))
+
+    def _start_import(self, steps, done=None):
+        """Run an import's (or an export's) steps in a worker, with the progress bar and Cancel."""
         self.last_import = None
         worker = make_worker(lambda: (yield from steps), on_error=lambda exc: _notify([error_line(exc)]))
         worker.yielded.connect(self._on_import_step)
-        worker.returned.connect(self._on_imported)
+        worker.returned.connect(done or self._on_imported)
         worker.finished.connect(self._on_import_finished)
         self.import_worker = worker
         self.import_bar.setRange(0, 0)  # busy until the first step says how many

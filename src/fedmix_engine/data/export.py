@@ -52,8 +52,11 @@ class ExportReport:
 
 @dataclass(frozen=True)
 class ExportProgress:
+    """``done`` of ``total`` images exported."""
+
     done: int
     total: int
+    stage: str = "export"
 
 
 def export_site(store: SiteStore, out: str | Path, images: bool = False,
@@ -64,14 +67,18 @@ def export_site(store: SiteStore, out: str | Path, images: bool = False,
 
 def export_steps(store: SiteStore, out: str | Path, images: bool = False
                  ) -> Generator[ExportProgress, None, ExportReport]:
-    """:func:`export_site` as steps, one per image; ``out`` must not exist or be an empty folder (an export
-    never writes over files), refused before anything is written."""
+    """:func:`export_site` as steps, one per image, that a GUI worker can show and stop. ``out`` must not
+    exist or be an empty folder (an export never writes over files): refused here, before the first step."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(out, "exists and is not an empty folder; an export writes a new folder (choose another "
                               "name, or remove this one)")
     if out.resolve().is_relative_to(store.root.resolve()):
         raise InputError(out, f"is inside the site {store.root}; export to a folder outside it")
+    return _export(store, out, images)
+
+
+def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgress, None, ExportReport]:
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)  # this process's own leftover, if any: pids are not reused at once
     make_folder(partial)
