@@ -598,6 +598,13 @@ def test_annotate_exports_the_site_with_the_edits_on_screen_as_import_reads_it(m
     with pytest.raises(InputError, match="exists and is not an empty folder"):
         widget.export_site(out)
 
+    # Cancel after the first image: no folder that looks whole, nothing half-written left beside it
+    worker = widget.export_site(tmp_path / "stopped", images=True)
+    worker.yielded.connect(lambda _step: widget.stop_import())
+    qtbot.waitUntil(lambda: widget.import_worker is None, timeout=60_000)
+    assert widget.last_export is None
+    assert sorted(p.name for p in tmp_path.iterdir() if "stopped" in p.name) == []
+
 
 def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_napari_viewer, qtbot, tmp_path,
                                                                           images, monkeypatch):

@@ -588,6 +588,8 @@ class AnnotateWidget(QWidget):
         worker = make_worker(lambda: (yield from steps), on_error=lambda exc: _notify([error_line(exc)]))
         worker.yielded.connect(self._on_import_step)
         worker.returned.connect(done or self._on_imported)
+        # a cancelled worker keeps its generator, unclosed: closed here, an export removes its unfinished folder
+        worker.aborted.connect(steps.close)
         worker.finished.connect(self._on_import_finished)
         self.import_worker = worker
         self.import_bar.setRange(0, 0)  # busy until the first step says how many
