@@ -265,7 +265,13 @@ def test_site_remove_takes_images_out_with_their_annotations_and_nothing_on_an_u
     capsys.readouterr()
 
     assert main(["site", "remove", str(site), masked, "case-0x"]) == 2
-    assert f"case-0x: no image of this name in the site {site}; similar: case-" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"case-0x: no image of this name in the site {site}; similar: case-" in err
+    assert err.rstrip().endswith(f"(fedmix-engine site info {site} --images lists them)")
+    assert main(["site", "info", str(site), "--images"]) == 0
+    listed = capsys.readouterr().out.split("images (id, supervision, height×width, imported from):\n")[1]
+    assert listed.splitlines()[:2] == [f"  case-00  mask  40×50  {clinic / 'images' / 'case-00.png'}",
+                                       f"  case-01  mask  40×50  {clinic / 'images' / 'case-01.png'}"]
     with SiteStore.open(site) as store:
         assert len(store) == len(before), "a typing error removes nothing, not even the names before it"
 

@@ -105,6 +105,10 @@ def cmd_site_info(args: argparse.Namespace) -> int:
         print(f"problems: {len(problems)}")
         for p in problems:
             print(f"  {p}")
+        if args.images:
+            print("images (id, supervision, height×width, imported from):")
+            for record in store.records():
+                print(f"  {record.id}  {record.supervision}  {record.height}×{record.width}  {record.source}")
         models = _site_model_lines(store.root)
         print("models:" if models else "models: none yet (train in napari, or join a federation)")
         for line in models:
@@ -234,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = site_sub.add_parser("info", help="counts per supervision kind, classes, problems found")
     p.add_argument("dir", type=Path, help="a site folder")
+    p.add_argument("--images", action="store_true",
+                   help="also list every image: its id, supervision, size and the file it was imported from")
     p.set_defaults(func=cmd_site_info)
 
     p = site_sub.add_parser("remove", help="take images out of a site, with their annotations")

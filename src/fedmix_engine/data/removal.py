@@ -55,7 +55,8 @@ def images_named(store: SiteStore, names: list[str]) -> list[str]:
         if image_id is None:
             close = difflib.get_close_matches(name, list(known), n=3)
             raise InputError(name, f"no image of this name in the site {store.root}"
-                             + (f"; similar: {', '.join(close)}" if close else ""))
+                             + (f"; similar: {', '.join(close)}" if close else "")
+                             + f" (fedmix-engine site info {store.root} --images lists them)")
         if image_id not in ids:
             ids.append(image_id)
     return ids
