@@ -241,6 +241,20 @@ def test_site_import_again_by_another_path_skips_what_it_holds_and_says_which_fi
         assert np.array_equal(store.read_image("case1"), held), "the site keeps its copy until it is removed"
         assert {record.source for record in store.records()} == {str(clinic / f"case{i}.tif") for i in range(3)}
 
+    # a site of an earlier version recorded the path as typed ('clinic/case0.tif', relative): another
+    # clinic's folder of that name, run from elsewhere, is not taken for it, however old its files
+    with SiteStore.open(site) as store:
+        store.add_image(tifffile.imread(clinic / "case0.tif"), "old-0", origin="clinic/case-old.tif")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "clinic").mkdir(parents=True)
+    tifffile.imwrite(elsewhere / "clinic" / "case-old.tif", np.ones((32, 40), np.uint8))
+    os.utime(elsewhere / "clinic" / "case-old.tif", (1, 1))
+    monkeypatch.chdir(elsewhere)
+    assert main(["site", "import", str(site), "--images", "clinic"]) == 1
+    out = capsys.readouterr().out
+    assert "images added: 0 (already present: 0)" in out
+    assert "clinic/case-old.tif: the site already holds another image of this name, 'old-0'" in out
+
     # removed (by the file's name, as the clinic knows it), then imported anew: the new pixels
     assert main(["site", "remove", str(site), "case1.tif"]) == 0
     assert main(["site", "import", str(site), "--images", str(clinic)]) == 0

@@ -346,7 +346,8 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
     pixels under a held name is a problem of the report, saying which image and how to replace it: the site
     keeps its copy, whose annotations were drawn on those pixels."""
     records = {record.id: record for record in store.records()}
-    by_source = {_file_key(record.source): record for record in records.values() if record.source}
+    # sources recorded as typed (relative: before this version) name no file for sure: those go by name and pixels
+    by_source = {_file_key(record.source): record for record in records.values() if os.path.isabs(record.source)}
     names = site_names(store)
     for n, path in enumerate(files, start=1):
         record = by_source.get(_file_key(path))
