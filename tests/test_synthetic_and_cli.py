@@ -333,6 +333,9 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
         "image,class,y0,x0,y1,x1,author,annotated_at,source",
         "boxed,cyst,1,2,10,12,dr-b,2026-11-30T10:00:00+00:00,C:\\scans\\boxed ä.dcm"]
     assert "tagged,cyst,absent,dr-c,2026-11-30T10:00:00+00:00" in (out / "tags.csv").read_text()
+    assert (out / "masks.csv").read_text().splitlines() == [
+        "image,file,author,annotated_at,source",
+        "masked,masks/masked_mask.tif,dr-a,2026-11-30T10:00:00+00:00,C:\\scans\\masked ä.dcm"]
 
     again = tmp_path / "again"
     assert main(["site", "import", str(again), "--classes", "lesion,cyst", "--images", str(out / "images"), "--masks",
@@ -352,7 +355,8 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
 
     # annotations only, for the site that holds the images; refused: a folder with files, one inside the site
     assert main(["site", "export", str(site), str(tmp_path / "annotations")]) == 0
-    assert sorted(p.name for p in (tmp_path / "annotations").iterdir()) == ["boxes.csv", "masks", "tags.csv"]
+    assert sorted(p.name for p in (tmp_path / "annotations").iterdir()) == ["boxes.csv", "masks", "masks.csv",
+                                                                            "tags.csv"]
     capsys.readouterr()
     assert main(["site", "export", str(site), str(out)]) == 2
     assert f"{out}: exists and is not an empty folder" in capsys.readouterr().err

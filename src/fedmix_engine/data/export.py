@@ -3,7 +3,8 @@ masks, boxes and tags drawn in napari) kept in files every tool opens, for an ar
 another segmentation tool, and imported again as they were (the import records its own author).
 
 ``OUT/masks/<id>_mask.tif`` (of the images with a mask; label images: value k is the k-th class),
-``OUT/boxes.csv`` and ``OUT/tags.csv`` (with who annotated and when, and where the site's image came from),
+``OUT/boxes.csv`` and ``OUT/tags.csv`` (with who annotated and when, and where the site's image came from;
+``OUT/masks.csv`` says the same of each mask),
 and with ``images`` ``OUT/images/<id>.tif`` (the site's copies, pixel spacing kept). The folder appears whole
 or not at all: it is written beside ``OUT`` and renamed into place at the end, so a stopped export leaves
 nothing to be taken for a complete one.
@@ -27,6 +28,7 @@ from fedmix_engine.steps import run_steps
 
 BOX_HEADER = ("image", "class", "y0", "x0", "y1", "x1", "author", "annotated_at", "source")
 TAG_HEADER = ("image", "class", "present", "author", "annotated_at", "source")
+MASK_HEADER = ("image", "file", "author", "annotated_at", "source")  # who drew each mask: import does not read it
 
 
 @dataclass
@@ -83,7 +85,7 @@ def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgre
     shutil.rmtree(partial, ignore_errors=True)  # this process's own leftover, if any: pids are not reused at once
     make_folder(partial)
     report = ExportReport(out, with_images=images)
-    boxes, tags = _table(BOX_HEADER), _table(TAG_HEADER)
+    boxes, tags, masks = _table(BOX_HEADER), _table(TAG_HEADER), _table(MASK_HEADER)
     try:
         records = store.records()
         for n, record in enumerate(records, start=1):
@@ -92,8 +94,10 @@ def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgre
                                    tiff_bytes(store.read_image(record.id), store.spacing(record.id)))
                 report.images += 1
             mask = store.read_mask(record.id) if record.has_mask else None
-            if mask is not None:
+            drawn = store.mask_author(record.id) if mask is not None else None
+            if mask is not None and drawn is not None:  # both: napari may clear it meanwhile
                 atomic_write_bytes(partial / "masks" / f"{record.id}_mask.tif", tiff_bytes(mask))
+                masks[1].writerow([record.id, f"masks/{record.id}_mask.tif", *drawn, record.source])
                 report.masks += 1
             for box in store.boxes(record.id):
                 boxes[1].writerow([record.id, box.class_name, box.y0, box.x0, box.y1, box.x1, box.author,
@@ -106,6 +110,7 @@ def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgre
             yield ExportProgress(n, len(records))
         atomic_write_bytes(partial / "boxes.csv", boxes[0].getvalue().encode())
         atomic_write_bytes(partial / "tags.csv", tags[0].getvalue().encode())
+        atomic_write_bytes(partial / "masks.csv", masks[0].getvalue().encode())
         if out.exists():
             out.rmdir()  # empty (checked above): a rename onto it fails on Windows
         partial.rename(out)

@@ -570,6 +570,12 @@ class SiteStore:
         return {c: bool(p) for c, p in self._query(
             "SELECT class_name, present FROM tags WHERE image_id=? ORDER BY class_name", (image_id,))}
 
+    def mask_author(self, image_id: str) -> tuple[str, str] | None:
+        """Who stored the image's mask and when (author, created_at); None when it has no mask."""
+        self._require_image(image_id)
+        rows = self._query("SELECT author, created_at FROM masks WHERE image_id=?", (image_id,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
     def tag_rows(self, image_id: str) -> list[tuple[str, bool, str, str]]:
         """The image's tags with who set them and when: (class, present, author, created_at), by class."""
         self._require_image(image_id)
