@@ -138,6 +138,36 @@ def test_remove_image_removes_files_and_annotations(site: SiteStore, grey_image,
     assert not any((site.root / "images").iterdir()) and not any((site.root / "masks").iterdir())
 
 
+def test_a_removed_image_leaves_no_trace_of_its_names_in_the_database_files(tmp_path: Path, grey_image,
+                                                                          monkeypatch) -> None:
+    """A patient's withdrawn consent: the source file's name (often the patient's) stayed readable in the
+    database's free pages and its write-ahead log after the removal, wherever SQLite's secure_delete is off by
+    default (Debian turns it on at build time; other platforms' builds do not). Simulated by a connection
+    that starts with it off; the site is kept open, as napari keeps it."""
+    import sqlite3
+
+    from fedmix_engine.data import site_store
+
+    connect = sqlite3.connect
+
+    def default_off(*args, **kwargs):
+        db = connect(*args, **kwargs)
+        db.execute("PRAGMA secure_delete=OFF")
+        return db
+
+    monkeypatch.setattr(site_store.sqlite3, "connect", default_off)
+    with SiteStore.create(tmp_path / "site", ["lesion"]) as store:
+        for name in ("Mueller_Hans_1957", "Schmidt_Eva_1960"):
+            store.add_image(grey_image, name.lower(), origin=f"/pacs/{name}.dcm")
+            store.set_tag(name.lower(), "lesion", True, author="dr-a")
+        store.remove_image("mueller_hans_1957")
+        files = [p for p in (tmp_path / "site").iterdir() if p.name.startswith("annotations.db")]
+        held = b"".join(p.read_bytes() for p in files)
+        assert b"Schmidt_Eva_1960" in held, "the kept image's rows are there to be found"
+        assert b"Mueller" not in held and b"mueller" not in held
+        assert store.image_ids() == ["schmidt_eva_1960"]
+
+
 def test_problems_reports_stray_and_missing_files(site: SiteStore, grey_image) -> None:
     site.add_image(grey_image, "a")
     (site.root / "images" / "a.tif").unlink()

@@ -254,6 +254,9 @@ class SiteStore:
             try:
                 self._db.execute(f"PRAGMA journal_mode={journal}")
                 self._db.execute("PRAGMA synchronous=FULL")
+                # a removed image's rows (its source file's name may name the patient) are overwritten, not
+                # left in free pages: the default of Debian's SQLite, not of every platform's
+                self._db.execute("PRAGMA secure_delete=ON")
                 self._db.executescript(_SCHEMA)
             except sqlite3.Error as exc:  # a traceback named neither the file nor what to do
                 self._db.close()
@@ -390,11 +393,14 @@ class SiteStore:
                              "this id; rename the file or pass another id")
 
     def remove_image(self, image_id: str) -> None:
-        """Remove an image and all its annotations."""
+        """Remove an image and all its annotations: its files, and its rows overwritten in the database and
+        in the write-ahead log too when no other program reads the site (a patient's consent withdrawn)."""
         self._require_image(image_id)
         with self._transaction() as db:
             db.execute("DELETE FROM images WHERE id=?", (image_id,))
         self._unlink_unclaimed(image_id, "SELECT 1 FROM images WHERE id=?", ("images", "masks"))
+        with self._lock, contextlib.suppress(sqlite3.Error):  # the log's old pages go now, not at its next reset
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _unlink_unclaimed(self, image_id: str, claim: str, folders: tuple[str, ...]) -> None:
         """Delete an image's files once the removal of their rows is committed (a full disk at that commit
