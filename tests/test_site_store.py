@@ -181,6 +181,7 @@ def test_problems_reports_stray_and_missing_files(site: SiteStore, grey_image) -
     problems = site.problems()
     assert any("images/a.tif: image file missing" in p for p in problems)
     assert any("masks/ghost.tif: stray file" in p for p in problems)
+    assert any(p.endswith("the site works without it: delete it (a removed patient's image must be)") for p in problems)
     interrupted = [p for p in problems if p.startswith(f"images/{Path(tmp).name}: ")]
     assert len(interrupted) == 1 and "a crash or a kill interrupted" in interrupted[0] and "delete it" in interrupted[0]
     assert len(problems) == 3

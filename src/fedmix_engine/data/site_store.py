@@ -637,7 +637,9 @@ class SiteStore:
                     found.append(f"{rel}: temporary file of a save that a crash or a kill interrupted (that save "
                                  "did not happen; the site is consistent without it): delete it")
                 elif rel not in known:
-                    found.append(f"{rel}: stray file not registered in the site (left by an interrupted save?)")
+                    found.append(f"{rel}: stray file not registered in the site (a save or a removal that a crash "
+                                 "interrupted, or a file put there by hand); the site works without it: delete it "
+                                 "(a removed patient's image must be)")
         return found
 
     def training_view(self) -> TrainingView:
