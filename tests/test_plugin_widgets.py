@@ -226,6 +226,12 @@ def test_annotate_opens_a_site_it_cannot_write_to_look_at_with_nothing_editable(
             widget.previous_image()
             widget.tag_and_next(present=False)  # Alt+A on a read-only site
             assert widget.current_id == "scan-1" and widget.unsaved is None
+            # an archive copy is exported (to a writable folder); the controls that write stay off after it
+            worker = widget.export_site(tmp_path / "export")
+            assert widget.cancel_import.text() == "Cancel export"
+            qtbot.waitUntil(lambda: worker is not widget.import_worker, timeout=60_000)
+            assert widget.last_export is not None and widget.last_export.masks == 1
+            assert not any(button.isEnabled() for button in widget._adding_buttons)
         with SiteStore.open(disk / "site", readonly=True) as store:
             assert store.tags("scan-1") == {} and len(store.boxes("scan-1")) == 1, "nothing was written"
     widget.create_site(tmp_path / "writable", ["lesion"])  # the next site is editable again

@@ -561,7 +561,7 @@ class AnnotateWidget(QWidget):
         store = self._open_store()
         self.save()
         self.last_export = None
-        return self._start_import(export_steps(store, folder, images), done=self._on_exported)
+        return self._start_import(export_steps(store, folder, images), done=self._on_exported, what="export")
 
     def _on_exported(self, report) -> None:
         from napari.utils.notifications import show_info
@@ -582,9 +582,10 @@ class AnnotateWidget(QWidget):
         if answer != QMessageBox.StandardButton.Cancel:
             self._guard(lambda: self.export_site(folder, images=answer == QMessageBox.StandardButton.Yes))
 
-    def _start_import(self, steps, done=None):
+    def _start_import(self, steps, done=None, what: str = "import"):
         """Run an import's (or an export's) steps in a worker, with the progress bar and Cancel."""
         self.last_import = None
+        self.cancel_import.setText(f"Cancel {what}")
         worker = make_worker(lambda: (yield from steps), on_error=lambda exc: _notify([error_line(exc)]))
         worker.yielded.connect(self._on_import_step)
         worker.returned.connect(done or self._on_imported)
@@ -630,8 +631,9 @@ class AnnotateWidget(QWidget):
     def _show_import(self, running: bool) -> None:
         self.import_bar.setVisible(running)
         self.cancel_import.setVisible(running)
+        writable = self.store is not None and not self.store.readonly  # a read-only site exports, nothing more
         for button in self._site_buttons:
-            button.setEnabled(not running)
+            button.setEnabled(not running and (writable or button not in self._adding_buttons))
 
     def _choose_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Folder of images to import")
