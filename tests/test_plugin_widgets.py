@@ -195,7 +195,7 @@ def test_annotate_opens_a_site_it_cannot_write_to_look_at_with_nothing_editable(
     looked at: Open site said the folder must be writable. It opens read-only now: its images, masks,
     boxes and tags are shown; the layers, the tag boxes and the import and save controls are off, Alt+P
     tags nothing, and the site is said to be read-only. A writable site opened next is editable again."""
-    from disk_helpers import remounted_read_only, small_disk
+    from disk_helpers import fill_disk_leaving, remounted_read_only, small_disk
     from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER, AnnotateWidget
 
     mask = np.zeros((40, 48), np.uint8)
@@ -234,6 +234,23 @@ def test_annotate_opens_a_site_it_cannot_write_to_look_at_with_nothing_editable(
             assert not any(button.isEnabled() for button in widget._adding_buttons)
         with SiteStore.open(disk / "site", readonly=True) as store:
             assert store.tags("scan-1") == {} and len(store.boxes("scan-1")) == 1, "nothing was written"
+        # opened writable, then its disk full: Remove image… says why it could not remove, and removes nothing
+        import napari.utils.notifications
+        from qtpy.QtWidgets import QMessageBox
+
+        warned: list[str] = []
+        widget.open_site(disk / "site")
+        assert not widget.store.readonly
+        fill_disk_leaving(disk / "filler", 0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(napari.utils.notifications, "show_warning", warned.append)
+            patch.setattr(QMessageBox, "question", lambda *_a, **_k: QMessageBox.StandardButton.Yes)
+            widget._confirm_remove()
+        assert warned and "No space left on device" in warned[-1], warned
+        assert widget.image_list.count() == 3 and widget.current_id == "scan-0"
+        (disk / "filler").unlink()
+        with SiteStore.open(disk / "site", readonly=True) as store:
+            assert len(store) == 3
     widget.create_site(tmp_path / "writable", ["lesion"])  # the next site is editable again
     assert not widget.store.readonly and widget.box_class.isEnabled()
     assert "read-only" not in widget.site_label.text()

@@ -649,10 +649,14 @@ class AnnotateWidget(QWidget):
             self._guard(lambda: self.import_table(path))
 
     def _guard(self, action) -> None:
+        """Run a button's action; bad input, and a folder that cannot be written or read (a full disk, a share
+        gone, a file system turned read-only), are said in a warning rather than raised in Qt's slot."""
         try:
             action()
         except InputError as exc:
             _notify([str(exc)])
+        except (OSError, sqlite3.Error) as exc:
+            _notify([error_line(exc).removeprefix("error: ")])
 
     def _shut_down(self) -> None:
         """Save, and write nothing after: the site closes, the layers are let go, the timer stops."""
