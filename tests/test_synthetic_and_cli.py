@@ -362,6 +362,12 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
     assert f"{out}: exists and is not an empty folder" in capsys.readouterr().err
     assert main(["site", "export", str(site), str(site / "out")]) == 2
     assert f"is inside the site {site}" in capsys.readouterr().err
+    assert main(["site", "export", str(site), "/proc/fedmix-export"]) == 2  # a folder nobody can create
+    assert capsys.readouterr().err.startswith("error: /proc/fedmix-export: cannot be created (")
+    (tmp_path / "a-file").write_text("")
+    assert main(["site", "export", str(site), str(tmp_path / "a-file" / "out")]) == 2
+    assert f"{tmp_path / 'a-file'}: is a file where a folder is needed" in capsys.readouterr().err
+    (tmp_path / "a-file").unlink()
 
     # stopped after the first image (Ctrl-C): no folder to be taken for a whole export, no partial left
     def stop(step):

@@ -83,7 +83,10 @@ def export_steps(store: SiteStore, out: str | Path, images: bool = False
 def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgress, None, ExportReport]:
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)  # this process's own leftover, if any: pids are not reused at once
-    make_folder(partial)
+    try:
+        make_folder(partial)
+    except InputError as exc:  # the folder named as the user gave it, not by our partial one; a blocker by itself
+        raise InputError(out, exc.reason) if exc.where == str(partial) else exc from None
     report = ExportReport(out, with_images=images)
     boxes, tags, masks = _table(BOX_HEADER), _table(TAG_HEADER), _table(MASK_HEADER)
     try:
