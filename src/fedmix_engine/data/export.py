@@ -17,7 +17,7 @@ import io
 import os
 import shutil
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
@@ -41,6 +41,7 @@ class ExportReport:
     boxes: int = 0
     tags: int = 0
     with_images: bool = False
+    others: list[Path] = field(default_factory=list)  # unfinished folders of other exports to the same name
 
     def lines(self) -> list[str]:
         written = f"images: {self.images}  " if self.with_images else ""
@@ -49,7 +50,9 @@ class ExportReport:
             ("--boxes", "boxes.csv", self.boxes), ("--tags", "tags.csv", self.tags)) if count]
         return [f"exported to {self.out}: {written}masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}",
                 *(["to import it into another site: fedmix-engine site import SITE "
-                   + " ".join(f"{option} {path}" for option, path in parts)] if parts else [])]
+                   + " ".join(f"{option} {path}" for option, path in parts)] if parts else []),
+                *(f"{other}: the unfinished folder of another export to this name (one running now, or one a "
+                  "crash stopped: then delete it, it may hold copies of the site's images)" for other in self.others)]
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgre
         make_folder(partial)
     except InputError as exc:  # the folder named as the user gave it, not by our partial one; a blocker by itself
         raise InputError(out, exc.reason) if exc.where == str(partial) else exc from None
-    report = ExportReport(out, with_images=images)
+    report = ExportReport(out, with_images=images, others=sorted(p for p in out.parent.glob(f".{out.name}.partial-*")
+                                                                 if p != partial))
     boxes, tags, masks = _table(BOX_HEADER), _table(TAG_HEADER), _table(MASK_HEADER)
     try:
         records = store.records()
