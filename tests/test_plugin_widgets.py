@@ -395,7 +395,12 @@ def test_annotate_layers_deleted_by_hand_keep_their_edits_and_come_back(make_nap
         np.testing.assert_array_equal(store.read_mask("scan-1"), drawn)
 
 
-def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_viewer, qtbot, tmp_path, images):
+def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_viewer, qtbot, tmp_path, images,
+                                                                   monkeypatch):
+    import os
+
+    import napari.utils.notifications
+
     from napari_fedmix.annotate_widget import MASK_LAYER
 
     mask = np.zeros((40, 48), np.uint8)
@@ -410,7 +415,19 @@ def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_v
     chosen = sorted(images[0].parent.glob("scan-*.tif"))
     assert [p.name for p in chosen] == ["scan-0.tif", "scan-0_mask.tif", "scan-1.tif", "scan-2.tif"]
     assert _imported(qtbot, widget, widget.import_images(chosen)) == []
-    assert widget.image_list.count() == 3 and widget.last_import.masks == 1
+    assert widget.image_list.count() == 3, "the mask file is not imported as an image"
+    assert (widget.last_import.masks, widget.last_import.unchanged) == (0, 1), "taken as scan-0's mask, held already"
+    # the clinician corrects scan-0's mask here; the folder, imported again for new cases, does not undo it
+    said: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_info", said.append)
+    viewer.layers[MASK_LAYER].data = _drawn(20, 30, 20, 40)
+    widget._dirty = True
+    assert widget.save() == []
+    os.utime(images[0].parent / "scan-0_mask.tif", (1e9, 1e9))  # written long before the correction
+    assert _imported(qtbot, widget, widget.import_folder(images[0].parent)) == []
+    np.testing.assert_array_equal(viewer.layers[MASK_LAYER].data, _drawn(20, 30, 20, 40))
+    assert said and said[-1].startswith("kept 1 annotation(s) the site changed after their files were written")
+    assert f"{images[0].parent / 'scan-0_mask.tif'}: the mask of 'scan-0', changed in the site by " in said[-1]
 
 
 def test_annotate_import_folder_with_masks_in_a_folder_of_their_own(make_napari_viewer, qtbot, tmp_path, images):

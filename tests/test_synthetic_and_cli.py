@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedmix_engine.cli import main
-from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.site_store import Box, SiteStore
 from fedmix_engine.errors import InputError
 
 
@@ -262,6 +262,60 @@ def test_site_import_again_by_another_path_skips_what_it_holds_and_says_which_fi
     assert "images added: 1 (already present: 2)" in capsys.readouterr().out
     with SiteStore.open(site) as store:
         assert np.array_equal(store.read_image("case1"), 255 - held)
+
+
+def test_site_import_again_keeps_what_the_site_corrected_since_and_takes_what_the_files_corrected(
+        tmp_path: Path, capsys, rng) -> None:
+    """A clinic imports its folder (images, masks, box and tag tables), a clinician corrects masks, boxes and
+    tags in napari, and the folder is imported again to add new cases: every correction was overwritten by the
+    old files, silently. An annotation the site changed after its file was written is now kept (and listed);
+    a file changed after the site's annotation (a corrected export) still replaces it; --replace takes every
+    file's; what the site holds as the files say is not written again."""
+    import os
+    import time
+
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    site = tmp_path / "site"
+    sources = ["--images", str(clinic / "images"), "--masks", str(clinic / "masks"), "--boxes",
+               str(clinic / "boxes.csv"), "--tags", str(clinic / "tags.csv")]
+    an_hour_ago = time.time() - 3600
+    for path in [*clinic.rglob("*.png"), clinic / "boxes.csv", clinic / "tags.csv"]:
+        os.utime(path, (an_hour_ago, an_hour_ago))  # exported before the import
+    main(["site", "import", str(site), "--classes", "lesion", *sources])
+    corrected = np.zeros((40, 50), np.uint8)
+    corrected[20:30, 20:40] = 1
+    with SiteStore.open(site) as store:  # the clinician, in napari, after the import
+        store.set_mask("case-00", corrected, author="dr-napari")
+        store.set_boxes("case-05", [Box("lesion", 1, 1, 9, 9)], author="dr-napari")
+        store.set_tag("case-12", "lesion", True, author="dr-napari")  # tags.csv says absent
+    later = time.time() + 60  # case-01's mask exported anew after that: the file is the newer
+    newer = np.zeros((40, 50), np.uint8)
+    newer[0:4, 0:4] = 255
+    iio.imwrite(clinic / "masks" / "case-01_mask.png", newer)
+    os.utime(clinic / "masks" / "case-01_mask.png", (later, later))
+    capsys.readouterr()
+
+    assert main(["site", "import", str(site), *sources]) == 1  # the tables' bad rows are still problems
+    out = capsys.readouterr().out
+    assert "masks: 1  boxes: 0  tags: 0  (unchanged: 16)" in out  # 3 masks, 6 images' boxes, 7 tags
+    assert "kept 3 annotation(s) the site changed after their files were written (site import --replace takes " \
+           "the files'):" in out
+    assert f"  {clinic / 'masks' / 'case-00_mask.png'}: the mask of 'case-00', changed in the site by dr-napari" in out
+    assert f"  {clinic / 'boxes.csv'}: the boxes of 'case-05', changed in the site by dr-napari at " in out
+    assert f"  {clinic / 'tags.csv'}:2: the tag lesion of 'case-12', changed in the site by dr-napari at " in out
+    with SiteStore.open(site, readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("case-00"), corrected)
+        assert [(b.y0, b.x0, b.y1, b.x1) for b in store.boxes("case-05")] == [(1, 1, 9, 9)]
+        assert store.tags("case-12") == {"lesion": True}
+        np.testing.assert_array_equal(store.read_mask("case-01"), newer // 255)
+
+    assert main(["site", "import", str(site), *sources, "--replace"]) == 1
+    out = capsys.readouterr().out
+    assert "masks: 1  boxes: 2  tags: 1  (unchanged: 17)" in out and "kept" not in out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.mask_author("case-00")[0] != "dr-napari" and store.tags("case-12") == {"lesion": False}
+        assert len(store.boxes("case-05")) == 2
 
 
 def test_site_remove_takes_images_out_with_their_annotations_and_nothing_on_an_unknown_name(

@@ -75,7 +75,7 @@ def cmd_site_import(args: argparse.Namespace) -> int:
             raise InputError("--channels", f"the site in {args.dir} holds {store.config.channels}-channel images; "
                                            "--channels applies when import creates a site")
     with store:
-        report = run_steps(import_sources_steps(store, sources, author=args.author),
+        report = run_steps(import_sources_steps(store, sources, author=args.author, replace=args.replace),
                            lambda step: progress_bar(step.done, step.total, step.stage))
     clear_progress_bar()
     for line in report.lines():
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, choices=(1, 3),
                    help="image channels of a site created with --classes: 1 grey (the default), 3 RGB")
     p.add_argument("--author", help="recorded with every annotation (default: your user name)")
+    p.add_argument("--replace", action="store_true",
+                   help="the files' masks, boxes and tags replace the site's also where the site changed them after "
+                        "the files were written (a correction in napari); without it those are kept and listed")
     p.set_defaults(func=cmd_site_import)
 
     p = site_sub.add_parser("info", help="counts per supervision kind, classes, problems found")

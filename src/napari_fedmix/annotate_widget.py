@@ -611,11 +611,12 @@ class AnnotateWidget(QWidget):
     def _on_imported(self, report) -> None:
         self.last_import = report
         counts = [] if report.read_images else report.lines()[:1]  # a table: what it gave, said either way
-        if counts and not report.problems:
+        kept = report.kept_lines(shown=10)  # corrections made here that the files would have undone
+        if (counts or kept) and not report.problems:
             from napari.utils.notifications import show_info
 
-            show_info(counts[0])
-        _notify([*counts, *report.problem_lines(shown=10)] if report.problems else [])
+            show_info("\n".join([*counts, *kept]))
+        _notify([*counts, *kept, *report.problem_lines(shown=10)] if report.problems else [])
 
     def _on_import_finished(self) -> None:
         self.import_worker = None

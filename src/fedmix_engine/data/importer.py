@@ -7,6 +7,10 @@ where the comma is the decimal mark):
 - boxes: ``image,class,y0,x0,y1,x1`` — pixel corners, rows y, columns x, half-open
   (the box covers rows y0..y1-1). All boxes of one image are replaced together, so a re-import
   is idempotent.
+
+Imported again, a folder changes only what its files changed: a mask, an image's boxes or a tag the site
+holds as the files give it is left alone, and one the site changed after the file was written (a
+clinician's correction in napari) is kept, and listed, unless ``replace``.
 - tags: ``image,class,present`` — ``present``/``absent`` (also yes/no, true/false, 1/0).
 
 Masks are matched to images by file stem: ``x.png`` or ``x_mask.png`` (also ``-mask``, ``_label``,
@@ -32,6 +36,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
@@ -74,6 +79,8 @@ class ImportReport:
     tags: int = 0
     empty_masks: int = 0  # all-background mask files, stored as every class tagged absent
     with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
+    unchanged: int = 0  # masks, images' boxes and tags the site held as the files give them: not written again
+    kept: list[str] = field(default_factory=list)  # the site's annotations newer than their files': not replaced
     problems: list[str] = field(default_factory=list)
     problems_file: Path | None = None  # every problem, one per line, in the site's logs/ folder
     read_images: bool = True  # False: annotations only, for the images the site held
@@ -81,16 +88,27 @@ class ImportReport:
     def lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         out = [f"images added: {self.images_added} (already present: {self.images_already_present})"
                ] if self.read_images else []
-        out.append(f"masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}")
+        out.append(f"masks: {self.masks}  boxes: {self.boxes}  tags: {self.tags}"
+                   + (f"  (unchanged: {self.unchanged})" if self.unchanged else ""))
         if self.images_added:
             out.append(f"pixel spacing (mm) from the files: {self.with_spacing} of {self.images_added} added images"
                        + ("" if self.with_spacing else " (evaluate gives HD95 in pixels)"))
         if self.empty_masks:
             out.append(f"empty masks: {self.empty_masks} (no lesion: stored as every class tagged absent)")
+        out.extend(self.kept_lines(shown))
         if self.problems:
             out.append(f"{len(self.problems)} problem(s):")
             out.extend(f"  {p}" for p in self.problem_lines(shown))
         return out
+
+    def kept_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
+        """The site's annotations the import did not replace, newer than their files (none: no lines)."""
+        if not self.kept:
+            return []
+        hidden = len(self.kept) - shown
+        return [f"kept {len(self.kept)} annotation(s) the site changed after their files were written "
+                "(site import --replace takes the files'):", *(f"  {note}" for note in self.kept[:shown]),
+                *([f"  … and {hidden} more"] if hidden > 0 else [])]
 
     def problem_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The first ``shown`` problems and where the rest are: a thousand refused rows must not bury the
@@ -257,23 +275,68 @@ def _mask_target(stem: str, names: dict[str, str]) -> str | None:
     return resolve_image(names, named["image"]) if named else None
 
 
-def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | None) -> bool:
-    """Store one image's mask files (several, a lesion each, are joined); True if a mask was stored.
+def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | None, replace: bool,
+               report: ImportReport) -> None:
+    """Store one image's mask files (several, a lesion each, are joined), counted in ``report``.
 
     An all-background mask (BUSI's "normal" images) says that no class is present: it is stored as
-    every class tagged absent, the store's form of that fact (it keeps masks with foreground only)."""
+    every class tagged absent, the store's form of that fact (it keeps masks with foreground only). A mask
+    the site holds as the files give it is left as it is; one the site changed after the files were written
+    (a clinician's correction in napari) is kept unless ``replace``, and noted (:func:`_kept_by_site`)."""
     record = store.record(target)
     classes = len(store.config.classes)
     joined = np.maximum.reduce([validate_mask(read_mask_file(p, classes), (record.height, record.width), classes, p)
                                 for p in paths])
+    held = store.read_mask(target) if record.has_mask else None
+    drawn = store.mask_author(target) if held is not None else None
+    if (np.array_equal(held, joined) if held is not None
+            else not joined.any() and all(store.tags(target).get(c) is False for c in store.config.classes)):
+        report.unchanged += 1  # the same mask, or "no lesion" told already
+        return
+    newest = max(paths, key=lambda p: p.stat().st_mtime)
+    if drawn is not None and not replace and (kept := _kept_by_site(newest, f"the mask of '{target}'", *drawn)):
+        report.kept.append(kept)
+        return
     if joined.any():
         store.set_mask(target, joined, author=author)
-        return True
-    if store.read_mask(target) is not None:
+        report.masks += 1
+        return
+    if held is not None:
         store.clear_mask(target)  # the file now says "no lesion"
     for name in store.config.classes:
-        store.set_tag(target, name, False, author=author)
-    return False
+        _set_tag(store, target, name, False, newest, author, replace, report, count=False)
+    report.empty_masks += 1
+
+
+def _set_tag(store: SiteStore, image_id: str, class_name: str, present: bool, source: Path | str,
+             author: str | None, replace: bool, report: ImportReport, where: str | None = None,
+             count: bool = True) -> None:
+    """Tag a class of an image as ``source`` (a table, a mask file) says, unless the site holds that tag
+    already (unchanged) or set it otherwise after ``source`` was written (kept, said: :func:`_kept_by_site`)."""
+    store.config.class_index(class_name, f"tag on '{image_id}'")  # an unknown class: refused as set_tag refuses it
+    held = {name: rest for name, *rest in store.tag_rows(image_id)}.get(class_name)
+    if held is not None and held[0] == present:
+        report.unchanged += count
+        return
+    if held is not None and not replace and (
+            kept := _kept_by_site(Path(source), f"the tag {class_name} of '{image_id}'", *held[1:], where=where)):
+        report.kept.append(kept)
+        return
+    store.set_tag(image_id, class_name, present, author=author)
+    report.tags += count
+
+
+def _kept_by_site(source: Path, what: str, author: str, written_at: str, where: str | None = None) -> str | None:
+    """A note of an annotation of the site kept over a file's: the site's was written after the file (a
+    clinician's correction in napari since the folder was exported), so a re-import must not undo it; None
+    when the file is the newer. ``site import --replace`` takes the file's all the same."""
+    try:
+        newer = datetime.fromisoformat(written_at).timestamp() > source.stat().st_mtime
+    except (ValueError, OSError):
+        return None
+    if not newer:
+        return None
+    return f"{where or source}: {what}, changed in the site by {author} at {written_at}"
 
 
 @dataclass(frozen=True)
@@ -371,6 +434,10 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
         yield ImportProgress("images", n, len(files))
 
 
+def _corners(box: Box) -> tuple:
+    return box.class_name, box.y0, box.x0, box.y1, box.x1
+
+
 def _file_key(path: str | Path) -> str:
     """A file's path as the comparison of two imports needs it: absolute, in the system's letter case."""
     return os.path.normcase(os.path.abspath(path))
@@ -396,7 +463,7 @@ def _other_pixels(store: SiteStore, held: ImageRecord, path: Path, same_file: bo
 
 
 def _add_masks(store: SiteStore, files: list[Path], names: dict[str, str], report: ImportReport,
-               author: str | None) -> Iterator[ImportProgress]:
+               author: str | None, replace: bool = False) -> Iterator[ImportProgress]:
     """Store mask files as the masks of the images their names give (:func:`_mask_target`), an image's
     several files joined, yielding after each image."""
     by_image: dict[str, list[Path]] = defaultdict(list)
@@ -409,10 +476,7 @@ def _add_masks(store: SiteStore, files: list[Path], names: dict[str, str], repor
         by_image[target].append(path)
     for n, (target, paths) in enumerate(by_image.items(), start=1):
         try:
-            if _set_masks(store, target, paths, author):
-                report.masks += 1
-            else:
-                report.empty_masks += 1
+            _set_masks(store, target, paths, author, replace, report)
         except InputError as exc:
             report.problems.append(str(exc))
         yield ImportProgress("masks", n, len(by_image))
@@ -448,8 +512,10 @@ def import_folder_steps(store: SiteStore, images: str | Path, masks: str | Path 
     return import_sources_steps(store, read_sources(images, masks, boxes_csv, tags_csv), author)
 
 
-def import_sources_steps(store: SiteStore, sources: ImportSources, author: str | None = None) -> ImportSteps:
-    """The steps importing sources already read by :func:`read_sources`."""
+def import_sources_steps(store: SiteStore, sources: ImportSources, author: str | None = None,
+                         replace: bool = False) -> ImportSteps:
+    """The steps importing sources already read by :func:`read_sources`. An annotation the site changed after
+    its file or table was written is kept (said in the report) unless ``replace``."""
     images, masks = sources.images, sources.masks
     report = ImportReport(read_images=images is not None)
     listed = image_files(images, videos=True) if images is not None else []
@@ -463,7 +529,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     names = site_names(store)
 
     if masks is not None or beside:
-        yield from _add_masks(store, beside if same_folder else image_files(masks), names, report, author)
+        yield from _add_masks(store, beside if same_folder else image_files(masks), names, report, author, replace)
 
     if sources.boxes is not None:
         grouped: dict[str, list[Box]] = defaultdict(list)
@@ -480,7 +546,17 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
                 report.problems.append(f"{where}: {exc.reason}")
                 continue
             grouped[image_id].append(Box(row["class"], *corners))
+        table = sources.boxes[0]
         for image_id, boxes in grouped.items():
+            held = store.boxes(image_id)
+            if sorted(_corners(b) for b in held) == sorted(_corners(store.check_box(image_id, b)) for b in boxes):
+                report.unchanged += 1
+                continue
+            newest = max(held, key=lambda b: b.created_at, default=None)
+            if newest is not None and not replace and (kept := _kept_by_site(
+                    table, f"the boxes of '{image_id}'", newest.author, newest.created_at, where=str(table))):
+                report.kept.append(kept)
+                continue
             store.set_boxes(image_id, boxes, author=author)
             report.boxes += len(boxes)
 
@@ -493,8 +569,8 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
                                        f"'{row['present']}'")
                 continue
             try:
-                store.set_tag(image_id, row["class"], value in _TRUE, author=author)
-                report.tags += 1
+                _set_tag(store, image_id, row["class"], value in _TRUE, sources.tags[0], author, replace, report,
+                         where=where)
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
     write_problem_log(store, report)
