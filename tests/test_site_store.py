@@ -168,6 +168,33 @@ def test_a_removed_image_leaves_no_trace_of_its_names_in_the_database_files(tmp_
         assert store.image_ids() == ["schmidt_eva_1960"]
 
 
+def test_saving_an_image_again_keeps_who_drew_what_it_did_not_change(tmp_path: Path, grey_image, lesion_mask
+                                                                      ) -> None:
+    """napari saves all of an image's annotations whenever one changes: a clinician ticking a tag became the
+    author (and the time) of the radiologist's imported mask and boxes, in the export and in what a re-import
+    keeps. An unchanged mask, box set or tag is no longer written again; a changed one is, with its author."""
+    from napari_fedmix.layer_records import save_annotations
+
+    ticks = iter(f"2026-11-30T10:{minute:02d}:00+00:00" for minute in range(60))
+    with SiteStore.create(tmp_path / "site", ["lesion"], clock=lambda: next(ticks)) as store:
+        store.add_image(grey_image, "a")
+        store.set_mask("a", lesion_mask, author="dr-radiology")
+        store.set_boxes("a", [Box("lesion", 1, 2, 10, 12)], author="dr-radiology")
+        store.set_tag("a", "lesion", True, author="dr-radiology")
+        before = (store.mask_author("a"), [(b.id, b.author, b.created_at) for b in store.boxes("a")],
+                  store.tag_rows("a"))
+        rectangles = [np.array([[1, 2], [1, 12], [10, 12], [10, 2]], float)]
+        assert save_annotations(store, "a", lesion_mask, rectangles, ["lesion"], {"lesion": True}) == []
+        assert (store.mask_author("a"), [(b.id, b.author, b.created_at) for b in store.boxes("a")],
+                store.tag_rows("a")) == before, "nothing changed: nothing rewritten"
+        store.set_tag("a", "lesion", False, author="dr-ward")  # a change is written, with its author
+        assert store.tag_rows("a") == [("lesion", False, "dr-ward", "2026-11-30T10:04:00+00:00")]
+        moved = lesion_mask.copy()
+        moved[0, 0] = 1
+        store.set_mask("a", moved, author="dr-ward")
+        assert store.mask_author("a")[0] == "dr-ward"
+
+
 def test_problems_reports_stray_and_missing_files(site: SiteStore, grey_image) -> None:
     site.add_image(grey_image, "a")
     (site.root / "images" / "a.tif").unlink()

@@ -473,7 +473,9 @@ class SiteStore:
 
     # ----------------------------------------------------------------- masks
     def set_mask(self, image_id: str, mask: np.ndarray | str | Path, author: str | None = None) -> None:
-        """Set (or replace) an image's label mask; an all-background mask is refused."""
+        """Set (or replace) an image's label mask; an all-background mask is refused. The mask the image has
+        already is not written again: its author and time stay those of whoever last changed it (napari saves
+        every annotation of an image whenever one of them changes)."""
         height, width = self._require_image(image_id)
         where: str | Path = f"mask of '{image_id}'"
         if not isinstance(mask, np.ndarray):
@@ -487,9 +489,20 @@ class SiteStore:
                              "tags to 'absent' instead, or clear the mask")
         relative = f"masks/{image_id}.tif"
         with self._transaction() as db:  # file and row under one write lock: another program's clear or set
-            _write_tiff(self.root / relative, mask)  # cannot come between them; atomic: old or new, never torn
+            if self._holds_mask(db, image_id, mask):  # cannot come between them (nor between the look and the write)
+                return
+            _write_tiff(self.root / relative, mask)  # atomic: old or new, never torn
             db.execute("INSERT OR REPLACE INTO masks VALUES (?,?,?,?)",
                        (image_id, relative, author or _default_author(), self._clock()))
+
+    def _holds_mask(self, db: sqlite3.Connection, image_id: str, mask: np.ndarray) -> bool:
+        row = db.execute("SELECT file FROM masks WHERE image_id=?", (image_id,)).fetchone()
+        if row is None:
+            return False
+        try:
+            return bool(np.array_equal(read_array(self.root / row[0]), mask))
+        except (InputError, OSError):  # a damaged or missing file: written anew
+            return False
 
     def clear_mask(self, image_id: str) -> None:
         self._require_image(image_id)
@@ -537,10 +550,14 @@ class SiteStore:
             return int(cur.lastrowid)
 
     def set_boxes(self, image_id: str, boxes: Iterable[Box], author: str | None = None) -> None:
-        """Replace all boxes of an image in one transaction (what saving a Shapes layer needs)."""
+        """Replace all boxes of an image in one transaction (what saving a Shapes layer needs); the same boxes
+        again are not written, so they keep their author and time."""
         size = self._require_image(image_id)
         checked = [self._check_box(image_id, b, size) for b in boxes]
         with self._transaction() as db:
+            held = db.execute("SELECT class_name, y0, x0, y1, x1 FROM boxes WHERE image_id=?", (image_id,)).fetchall()
+            if sorted(held) == sorted((b.class_name, b.y0, b.x0, b.y1, b.x1) for b in checked):
+                return
             db.execute("DELETE FROM boxes WHERE image_id=?", (image_id,))
             now, who = self._clock(), author or _default_author()
             db.executemany(
@@ -561,10 +578,15 @@ class SiteStore:
 
     # ----------------------------------------------------------------- tags
     def set_tag(self, image_id: str, class_name: str, present: bool | None, author: str | None = None) -> None:
-        """Tag a class as present (True) or absent (False) in the image; None clears the tag."""
+        """Tag a class as present (True) or absent (False) in the image; None clears the tag. The tag the image
+        has already is not written again (it keeps its author and time)."""
         self._require_image(image_id)
         self.config.class_index(class_name, f"tag on '{image_id}'")
         with self._transaction() as db:
+            held = db.execute("SELECT present FROM tags WHERE image_id=? AND class_name=?",
+                              (image_id, class_name)).fetchone()
+            if held is not None and present is not None and bool(held[0]) == bool(present):
+                return
             if present is None:
                 db.execute("DELETE FROM tags WHERE image_id=? AND class_name=?", (image_id, class_name))
             else:
