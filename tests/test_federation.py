@@ -1461,6 +1461,8 @@ def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_
     assert tokens.site_for(first) is None and tokens.site_for(second) == "site-a"
     assert main(["token", "revoke", "--state", str(state)]) == 2
     assert "SITE: name the site: fedmix-engine token revoke SITE --state DIR" in capsys.readouterr().err
+    assert main(["token", "revoke", "site-A", "--state", str(state)]) == 2  # a typing error names the real ones
+    assert "SITE: no token for site 'site-A'; the sites with tokens: site-a" in capsys.readouterr().err
     assert TokenStore(state).site_for(second) == "site-a"
     assert main(["token", "list", "--state", str(tmp_path / "typo")]) == 0
     listed = capsys.readouterr()

@@ -153,7 +153,8 @@ class TokenStore:
     def revoke(self, site: str) -> None:
         with self._changing() as entries:
             if site not in entries:
-                raise InputError("SITE", f"no token for site '{site}'")
+                raise InputError("SITE", f"no token for site '{site}'; the sites with tokens: "
+                                 f"{', '.join(sorted(entries)) or 'none yet'}")
             entries[site] = {**entries[site], "revoked": True}
 
     def sites(self) -> dict[str, dict]:
