@@ -7,11 +7,11 @@ where the comma is the decimal mark):
 - boxes: ``image,class,y0,x0,y1,x1`` — pixel corners, rows y, columns x, half-open
   (the box covers rows y0..y1-1). All boxes of one image are replaced together, so a re-import
   is idempotent.
+- tags: ``image,class,present`` — ``present``/``absent`` (also yes/no, true/false, 1/0).
 
 Imported again, a folder changes only what its files changed: a mask, an image's boxes or a tag the site
 holds as the files give it is left alone, and one the site changed after the file was written (a
 clinician's correction in napari) is kept, and listed, unless ``replace``.
-- tags: ``image,class,present`` — ``present``/``absent`` (also yes/no, true/false, 1/0).
 
 Masks are matched to images by file stem: ``x.png`` or ``x_mask.png`` (also ``-mask``, ``_label``,
 ``_seg``, ``_segmentation``, ``_GT`` …, in any letter case) belongs to image ``x``;
