@@ -430,6 +430,16 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
     assert f"{tmp_path / 'a-file'}: is a file where a folder is needed" in capsys.readouterr().err
     (tmp_path / "a-file").unlink()
 
+    # a damaged mask file (a disk error, a bad copy) leaves its image out, named; the rest is exported
+    (site / "masks" / "masked.tif").write_bytes(b"II*\x00 damaged")
+    assert main(["site", "export", str(site), str(tmp_path / "damaged"), "--images"]) == 1
+    out = capsys.readouterr().out
+    assert f"exported to {tmp_path / 'damaged'}: images: 3  masks: 0  boxes: 2  tags: 2" in out
+    assert f"1 image(s) left out (the rest is exported):\n  {site / 'masks' / 'masked.tif'}: " in out
+    assert sorted(p.name for p in (tmp_path / "damaged" / "images").iterdir()) == ["bare.tif", "boxed.tif",
+                                                                                   "tagged.tif"]
+    shutil.rmtree(tmp_path / "damaged")
+
     # stopped after the first image (Ctrl-C): no folder to be taken for a whole export, no partial left
     def stop(step):
         raise KeyboardInterrupt

@@ -138,7 +138,7 @@ def cmd_site_export(args: argparse.Namespace) -> int:
     clear_progress_bar()
     for line in report.lines():
         print(line)
-    return 0
+    return 1 if report.problems else 0
 
 
 def _site_model_lines(site: Path) -> list[str]:

@@ -567,7 +567,10 @@ class AnnotateWidget(QWidget):
         from napari.utils.notifications import show_info
 
         self.last_export = report
-        show_info("\n".join(report.lines()))
+        if report.problems:  # images left out: a warning, as an import's problems are
+            _notify(report.lines())
+        else:
+            show_info("\n".join(report.lines()))
 
     def _choose_export(self) -> None:
         if self.store is None:

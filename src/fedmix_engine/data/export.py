@@ -42,6 +42,7 @@ class ExportReport:
     tags: int = 0
     with_images: bool = False
     others: list[Path] = field(default_factory=list)  # unfinished folders of other exports to the same name
+    problems: list[str] = field(default_factory=list)  # images left out, each with its damaged file
 
     def lines(self) -> list[str]:
         written = f"images: {self.images}  " if self.with_images else ""
@@ -52,7 +53,9 @@ class ExportReport:
                 *(["to import it into another site: fedmix-engine site import SITE "
                    + " ".join(f"{option} {path}" for option, path in parts)] if parts else []),
                 *(f"{other}: the unfinished folder of another export to this name (one running now, or one a "
-                  "crash stopped: then delete it, it may hold copies of the site's images)" for other in self.others)]
+                  "crash stopped: then delete it, it may hold copies of the site's images)" for other in self.others),
+                *([f"{len(self.problems)} image(s) left out (the rest is exported):"] if self.problems else []),
+                *(f"  {problem}" for problem in self.problems)]
 
 
 @dataclass(frozen=True)
@@ -96,11 +99,16 @@ def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgre
     try:
         records = store.records()
         for n, record in enumerate(records, start=1):
-            if images:
-                atomic_write_bytes(partial / "images" / f"{record.id}.tif",
-                                   tiff_bytes(store.read_image(record.id), store.spacing(record.id)))
+            try:  # a damaged file leaves its image out, said, not the whole site
+                pixels = (store.read_image(record.id), store.spacing(record.id)) if images else None
+                mask = store.read_mask(record.id) if record.has_mask else None
+            except InputError as exc:
+                report.problems.append(str(exc))
+                yield ExportProgress(n, len(records))
+                continue
+            if pixels is not None:
+                atomic_write_bytes(partial / "images" / f"{record.id}.tif", tiff_bytes(*pixels))
                 report.images += 1
-            mask = store.read_mask(record.id) if record.has_mask else None
             drawn = store.mask_author(record.id) if mask is not None else None
             if mask is not None and drawn is not None:  # both: napari may clear it meanwhile
                 atomic_write_bytes(partial / "masks" / f"{record.id}_mask.tif", tiff_bytes(mask))
