@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.data.imageio import tiff_bytes
@@ -135,7 +136,9 @@ def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgre
     return report
 
 
-def _table(header: tuple[str, ...]) -> tuple[io.StringIO, csv.writer]:
+def _table(header: tuple[str, ...]) -> tuple[io.StringIO, Any]:
+    """A CSV table written in memory (the text, and its csv writer), its header row in: written out whole at the
+    end, into the folder that is renamed into place."""
     text = io.StringIO(newline="")
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
