@@ -397,6 +397,9 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
                  str(out / "masks"), "--boxes", str(out / "boxes.csv"), "--tags", str(out / "tags.csv")]) == 0
     with SiteStore.open(site, readonly=True) as before, SiteStore.open(again, readonly=True) as after:
         assert sorted(after.image_ids()) == sorted(before.image_ids())
+        # who annotated comes along in the tables (the masks take the import's author: masks.csv is not read)
+        assert [b.author for b in after.boxes("boxed")] == ["dr-b", "dr-b"]
+        assert {row[2] for row in after.tag_rows("tagged")} == {"dr-c"}
         for image_id in before.image_ids():
             np.testing.assert_array_equal(after.read_image(image_id), before.read_image(image_id))
             assert after.spacing(image_id) == pytest.approx(before.spacing(image_id))
@@ -785,6 +788,14 @@ def test_site_import_takes_tags_as_a_spreadsheet_lays_them_out_a_column_per_clas
         assert store.tags("case-12") == {"lesion": True, "cyst": False}
         assert store.tags("case-13") == {"lesion": False}
         assert store.tags("case-14") == {"cyst": True} and store.tags("case-15") == {"cyst": True}
+
+    # a reader study's sheet says who tagged each image: kept as the tags' author, not taken for a class
+    (clinic / "readers.csv").write_text("image,lesion,Author\ncase-16,yes,dr-k\ncase-17,no,\n")
+    assert main(["site", "import", str(site), "--tags", str(clinic / "readers.csv"), "--author", "importer"]) == 0
+    assert "column 'author'" not in capsys.readouterr().out
+    with SiteStore.open(site, readonly=True) as store:
+        assert [row[:3] for row in store.tag_rows("case-16")] == [("lesion", True, "dr-k")]
+        assert [row[:3] for row in store.tag_rows("case-17")] == [("lesion", False, "importer")]
 
     (clinic / "neither.csv").write_text("image\ncase-12\n")  # no class at all: refused before anything
     assert main(["site", "import", str(site), "--tags", str(clinic / "neither.csv")]) == 2

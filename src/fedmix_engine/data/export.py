@@ -1,6 +1,7 @@
 """A site's annotations out of the site, in the formats ``site import`` reads: the clinic's work (weeks of
 masks, boxes and tags drawn in napari) kept in files every tool opens, for an archive, a research partner or
-another segmentation tool, and imported again as they were (the import records its own author).
+another segmentation tool, and imported again as they were (boxes and tags with their authors; masks take the
+import's author).
 
 ``OUT/masks/<id>_mask.tif`` (of the images with a mask; label images: value k is the k-th class),
 ``OUT/boxes.csv`` and ``OUT/tags.csv`` (with who annotated and when, and where the site's image came from;

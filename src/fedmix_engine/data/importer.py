@@ -9,6 +9,9 @@ where the comma is the decimal mark):
   is idempotent.
 - tags: ``image,class,present`` — ``present``/``absent`` (also yes/no, true/false, 1/0).
 
+A table's ``author`` column (a reader's id in a study sheet; ``site export`` writes it) names who set each
+box or tag; rows without one take the import's author.
+
 Imported again, a folder changes only what its files changed: a mask, an image's boxes or a tag the site
 holds as the files give it is left alone, and one the site changed after the file was written (a
 clinician's correction in napari) is kept, and listed, unless ``replace``.
@@ -203,13 +206,16 @@ def _tags_by_row(table: tuple[Path, TableRows], classes: tuple[str, ...],
     path, rows = table
     if not rows or "class" in rows[0][1]:
         return table
-    columns = [name for name in rows[0][1] if name and name != "image"]
+    # an "author" column says who tagged the row's image (unless the site has a class of that name)
+    by = "author" if "author" in rows[0][1] and _site_class(classes, "author") not in classes else None
+    columns = [name for name in rows[0][1] if name and name not in ("image", by)]
     named = {name: _site_class(classes, name) for name in columns}
     for name in columns:
         if named[name] not in classes:
             report.problems.append(f"{path}: column '{name}' is not a class of the site ({', '.join(classes)}): "
                                    "left out")
-    return path, [(line, {"image": row["image"], "class": named[name], "present": row[name]})
+    return path, [(line, {"image": row["image"], "class": named[name], "present": row[name],
+                          "author": row[by] if by else ""})
                   for line, row in rows for name in columns if named[name] in classes and row[name]]
 
 
@@ -545,7 +551,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
                 continue
-            grouped[image_id].append(Box(row["class"], *corners))
+            grouped[image_id].append(Box(row["class"], *corners, author=(row.get("author") or "").strip()))
         table = sources.boxes[0]
         for image_id, boxes in grouped.items():
             held = store.boxes(image_id)
@@ -569,8 +575,8 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
                                        f"'{row['present']}'")
                 continue
             try:
-                _set_tag(store, image_id, row["class"], value in _TRUE, sources.tags[0], author, replace, report,
-                         where=where)
+                _set_tag(store, image_id, row["class"], value in _TRUE, sources.tags[0],
+                         (row.get("author") or "").strip() or author, replace, report, where=where)
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
     write_problem_log(store, report)

@@ -535,7 +535,7 @@ class SiteStore:
             raise InputError(where, f"box ({y0},{x0})–({y1},{x1}) has zero area; y1 > y0 and x1 > x0 needed")
         if y0 < 0 or x0 < 0 or y1 > height or x1 > width:
             raise InputError(where, f"box ({y0},{x0})–({y1},{x1}) lies outside the {height}×{width} image")
-        return Box(box.class_name, y0, x0, y1, x1)
+        return Box(box.class_name, y0, x0, y1, x1, author=box.author)
 
     def add_box(self, image_id: str, class_name: str, y0: float, x0: float, y1: float, x1: float,
                 author: str | None = None) -> int:
@@ -551,7 +551,8 @@ class SiteStore:
 
     def set_boxes(self, image_id: str, boxes: Iterable[Box], author: str | None = None) -> None:
         """Replace all boxes of an image in one transaction (what saving a Shapes layer needs); the same boxes
-        again are not written, so they keep their author and time."""
+        again are not written, so they keep their author and time. A box's own ``author`` (a table's column)
+        wins over ``author``."""
         size = self._require_image(image_id)
         checked = [self._check_box(image_id, b, size) for b in boxes]
         with self._transaction() as db:
@@ -562,7 +563,7 @@ class SiteStore:
             now, who = self._clock(), author or _default_author()
             db.executemany(
                 "INSERT INTO boxes (image_id, class_name, y0, x0, y1, x1, author, created_at) VALUES (?,?,?,?,?,?,?,?)",
-                [(image_id, b.class_name, b.y0, b.x0, b.y1, b.x1, who, now) for b in checked],
+                [(image_id, b.class_name, b.y0, b.x0, b.y1, b.x1, b.author or who, now) for b in checked],
             )
 
     def remove_box(self, box_id: int) -> None:
