@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=_names, help="create the site with these classes if it does not exist")
     p.add_argument("--channels", type=int, choices=(1, 3),
                    help="image channels of a site created with --classes: 1 grey (the default), 3 RGB")
-    p.add_argument("--author", help="recorded with every annotation (default: your user name)")
+    p.add_argument("--author", help="recorded with every annotation whose table row names no author (default: "
+                                    "your user name)")
     p.add_argument("--replace", action="store_true",
                    help="the files' masks, boxes and tags replace the site's also where the site changed them after "
                         "the files were written (a correction in napari); without it those are kept and listed")
