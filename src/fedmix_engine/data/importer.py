@@ -440,10 +440,6 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
         yield ImportProgress("images", n, len(files))
 
 
-def _corners(box: Box) -> tuple:
-    return box.class_name, box.y0, box.x0, box.y1, box.x1
-
-
 def _file_key(path: str | Path) -> str:
     """A file's path as the comparison of two imports needs it: absolute, in the system's letter case."""
     return os.path.normcase(os.path.abspath(path))
@@ -546,21 +542,20 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
                 report.problems.append(f"{where}: box corners must be numbers, got "
                                        f"{[row[k] for k in ('y0', 'x0', 'y1', 'x1')]}")
                 continue
-            try:
-                store.check_box(image_id, Box(row["class"], *corners))
+            try:  # checked here, row by row, so a refusal names its line; kept checked (integer corners)
+                grouped[image_id].append(store.check_box(image_id, Box(row["class"], *corners, author=(
+                    row.get("author") or "").strip())))
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
-                continue
-            grouped[image_id].append(Box(row["class"], *corners, author=(row.get("author") or "").strip()))
         table = sources.boxes[0]
         for image_id, boxes in grouped.items():
             held = store.boxes(image_id)
-            if sorted(_corners(b) for b in held) == sorted(_corners(store.check_box(image_id, b)) for b in boxes):
+            if sorted(b.key for b in held) == sorted(b.key for b in boxes):
                 report.unchanged += 1
                 continue
             newest = max(held, key=lambda b: b.created_at, default=None)
             if newest is not None and not replace and (kept := _kept_by_site(
-                    table, f"the boxes of '{image_id}'", newest.author, newest.created_at, where=str(table))):
+                    table, f"the boxes of '{image_id}'", newest.author, newest.created_at)):
                 report.kept.append(kept)
                 continue
             store.set_boxes(image_id, boxes, author=author)

@@ -176,6 +176,12 @@ class Box:
     author: str = ""
     created_at: str = ""
 
+    @property
+    def key(self) -> tuple[str, int, int, int, int]:
+        """What the box says (class and corners), without its id, author and time: one box saved twice
+        compares equal, so a save or an import of the same boxes writes nothing."""
+        return self.class_name, self.y0, self.x0, self.y1, self.x1
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -557,7 +563,7 @@ class SiteStore:
         checked = [self._check_box(image_id, b, size) for b in boxes]
         with self._transaction() as db:
             held = db.execute("SELECT class_name, y0, x0, y1, x1 FROM boxes WHERE image_id=?", (image_id,)).fetchall()
-            if sorted(held) == sorted((b.class_name, b.y0, b.x0, b.y1, b.x1) for b in checked):
+            if sorted(held) == sorted(b.key for b in checked):
                 return
             db.execute("DELETE FROM boxes WHERE image_id=?", (image_id,))
             now, who = self._clock(), author or _default_author()
@@ -595,9 +601,7 @@ class SiteStore:
                            (image_id, class_name, int(bool(present)), author or _default_author(), self._clock()))
 
     def tags(self, image_id: str) -> dict[str, bool]:
-        self._require_image(image_id)
-        return {c: bool(p) for c, p in self._query(
-            "SELECT class_name, present FROM tags WHERE image_id=? ORDER BY class_name", (image_id,))}
+        return {class_name: present for class_name, present, *_ in self.tag_rows(image_id)}
 
     def mask_author(self, image_id: str) -> tuple[str, str] | None:
         """Who stored the image's mask and when (author, created_at); None when it has no mask."""
