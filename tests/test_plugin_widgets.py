@@ -359,6 +359,33 @@ def test_annotate_closed_and_opened_again_saves_what_was_drawn_in_either(make_na
         np.testing.assert_array_equal(store.read_mask("scan-0"), first)  # the closed panel wrote nothing more
 
 
+def test_annotate_closed_gives_back_its_keys(make_napari_viewer, qtbot, tmp_path, images):
+    """The panel bound Alt+→, Alt+←, Alt+P and Alt+A on the viewer and kept them once closed: napari
+    still called the closed panel on those keys (Alt+P ticked tags on a panel nobody could see, or
+    raised as Qt had deleted it), kept the panel alive, and a key the user had bound before was
+    gone for good."""
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer = make_napari_viewer()
+    pressed = []
+    viewer.bind_key("Alt-P", lambda _v: pressed.append("mine"))  # a user's own binding, from a script
+    dock, widget = _docked_annotate(viewer, qtbot, tmp_path / "site", images)
+    keys = [coerce_keybinding(k) for k in ("Alt-Right", "Alt-Left", "Alt-P", "Alt-A")]
+    assert all(k in viewer.keymap for k in keys)  # the panel's while it is open
+    viewer.keymap[keys[2]](viewer)
+    assert pressed == []  # the panel's Alt+P, not the user's
+    dock.destroyOnClose()  # what the ✕ does
+    assert [k for k in keys if k in viewer.keymap] == [keys[2]]
+    viewer.keymap[keys[2]](viewer)
+    assert pressed == ["mine"]  # given back as it was
+
+    _, again = _docked_annotate(viewer, qtbot)  # opened again: the keys are its own
+    again.open_site(tmp_path / "site")
+    again.image_list.setCurrentRow(0)
+    viewer.keymap[keys[0]](viewer)
+    assert again.current_id == "scan-1" and pressed == ["mine"]
+
+
 def test_annotate_edits_are_saved_when_napari_closes(make_napari_viewer, qtbot, tmp_path, images):
     """Closing napari sends no close event to its docked panels: the last edits (up to the 15 s autosave)
     were lost."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,10 +140,12 @@ class AnnotateWidget(QWidget):
         self.watch = QTimer(self)
         self.watch.timeout.connect(self.follow_other_programs)
         self.watch.start(WATCH_MS)
-        self.viewer.bind_key("Alt-Right", lambda _v: self.next_image(), overwrite=True)
-        self.viewer.bind_key("Alt-Left", lambda _v: self.previous_image(), overwrite=True)
-        self.viewer.bind_key("Alt-P", lambda _v: self.tag_and_next(present=True), overwrite=True)
-        self.viewer.bind_key("Alt-A", lambda _v: self.tag_and_next(present=False), overwrite=True)
+        self._keys = _ViewerKeys(self.viewer, {
+            "Alt-Right": lambda _v: self.next_image(),
+            "Alt-Left": lambda _v: self.previous_image(),
+            "Alt-P": lambda _v: self.tag_and_next(present=True),
+            "Alt-A": lambda _v: self.tag_and_next(present=False),
+        })
         from napari_fedmix.settings import plugin_defaults
 
         default_site = plugin_defaults()["default_site_folder"]
@@ -670,6 +672,7 @@ class AnnotateWidget(QWidget):
             _notify([f"{self.unsaved}, and the panel is closed: they are not saved"])
         self.timer.stop()
         self.watch.stop()
+        self._keys.give_back()
         for layer in list(self._watched):
             for emitter in (layer.events.data, getattr(layer.events, "paint", None)):
                 if emitter is not None:
@@ -680,6 +683,24 @@ class AnnotateWidget(QWidget):
         if self.store is not None:
             self.store.close()
             self.store, self.current_id = None, None
+
+
+class _ViewerKeys:
+    """The panel's keys on the viewer, given back when it closes: napari keeps a viewer binding (and
+    the panel it calls) until it is unbound, and a key the user had bound before is restored."""
+
+    def __init__(self, viewer: napari.Viewer, bindings: dict[str, Callable[[napari.Viewer], None]]):
+        self._viewer = viewer
+        self._bound = bindings
+        self._before = {key: viewer.bind_key(key, action, overwrite=True) for key, action in bindings.items()}
+
+    def give_back(self) -> None:
+        from napari.utils.key_bindings import coerce_keybinding
+
+        for key, action in self._bound.items():
+            if self._viewer.keymap.get(coerce_keybinding(key)) is action:  # not since taken by another panel
+                self._viewer.bind_key(key, self._before[key], overwrite=True)
+        self._bound = {}
 
 
 def _row(*widgets: QWidget) -> QHBoxLayout:
