@@ -373,7 +373,7 @@ def test_annotate_closed_gives_back_its_keys(make_napari_viewer, qtbot, tmp_path
     keys = [coerce_keybinding(k) for k in ("Alt-Right", "Alt-Left", "Alt-P", "Alt-A")]
     assert all(k in viewer.keymap for k in keys)  # the panel's while it is open
     viewer.keymap[keys[2]](viewer)
-    assert pressed == []  # the panel's Alt+P, not the user's
+    assert pressed == [] and widget.current_id == "scan-1"  # the panel's Alt+P (tagged, next), not the user's
     dock.destroyOnClose()  # what the ✕ does
     assert [k for k in keys if k in viewer.keymap] == [keys[2]]
     viewer.keymap[keys[2]](viewer)

@@ -768,6 +768,65 @@ def test_site_import_takes_a_spreadsheets_capitalised_class_and_decimal_comma(tm
     assert "tags.csv:2: unknown class 'Lesion'; this site's classes are: cyst, Cyst" in capsys.readouterr().out
 
 
+def test_site_import_takes_box_tables_as_datasets_and_tools_write_them(tmp_path: Path, capsys, rng) -> None:
+    """Box tables come as their tools and public datasets write them: corners named x_min … y_max (VinDr-CXR,
+    Pascal VOC conversions) or a corner and a size (RSNA pneumonia: x, y, width, height, without a class
+    column), an image column named image_id or patientId, a row with no box for an image without a finding.
+    Each was refused whole ("missing column(s) class, y0, x0, y1, x1"), to be rewritten by hand."""
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images")]) == 0
+    capsys.readouterr()
+    (clinic / "vindr.csv").write_text("image_id,rad_id,class_name,x_min,y_min,x_max,y_max\n"
+                                      "case-05,R8,Lesion,4.2,3,30,20.4\ncase-05,R9,lesion,30,25,45,35\n"
+                                      "case-06,R8,No finding,,,,\n")
+    assert main(["site", "import", str(site), "--boxes", str(clinic / "vindr.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "boxes: 2" in out and "rows without a box (empty corners): 1" in out and "problem" not in out, out
+    with SiteStore.open(site, readonly=True) as store:
+        assert sorted(b.key for b in store.boxes("case-05")) == [("lesion", 3, 4, 20, 30), ("lesion", 25, 30, 35, 45)]
+        assert store.boxes("case-06") == []
+
+    (clinic / "rsna.csv").write_text("patientId;x;y;width;height;Target\ncase-07;10,5;5;20;12;1\n"
+                                     "case-08;;;;;0\ncase-09;2;3;;4;1\n")
+    assert main(["site", "import", str(site), "--boxes", str(clinic / "rsna.csv")]) == 1  # one class: the site's
+    out = capsys.readouterr().out
+    assert "boxes: 1" in out and "rows without a box (empty corners): 1" in out
+    assert "rsna.csv:4: box corners must be numbers, got ['2', '3', '', '4']" in out, out
+    with SiteStore.open(site, readonly=True) as store:
+        assert [b.key for b in store.boxes("case-07")] == [("lesion", 5, 10, 17, 30)]  # y0 = y, y1 = y + height
+
+    two = tmp_path / "two-classes"  # which class is a box? A table without a class column cannot say
+    assert main(["site", "import", str(two), "--classes", "lesion,cyst", "--images", str(clinic / "images"),
+                 "--boxes", str(clinic / "rsna.csv")]) == 1
+    out = capsys.readouterr().out
+    assert "boxes: 0" in out
+    assert (f"{clinic / 'rsna.csv'}: no class column, and the site has 2 classes (lesion, cyst): add a column "
+            "'class' naming each box's class; no box of the table imported") in out, out
+
+    (clinic / "halves.csv").write_text("image,class,x_min,y_min,x1,y1\ncase-05,lesion,1,1,5,5\n")
+    assert main(["site", "import", str(site), "--boxes", str(clinic / "halves.csv")]) == 2  # two layouts mixed
+    assert ("missing column(s): a box's corners as y0,x0,y1,x1, or x_min,y_min,x_max,y_max, or "
+            "x,y,width,height") in capsys.readouterr().err
+
+
+def test_annotation_table_tells_boxes_of_any_layout_from_tags(tmp_path: Path) -> None:
+    """napari's Import table tells a box table from a tag table by its header: a box table of another layout
+    was taken for tags, each coordinate column for a class."""
+    from fedmix_engine.data.importer import read_annotation_table
+
+    (tmp_path / "xywh.csv").write_text("image,class,x,y,w,h\ncase-01,lesion,1,2,3,4\n")
+    (tmp_path / "voc.csv").write_text("filename,class,xmin,ymin,xmax,ymax\ncase-01,lesion,1,2,3,4\n")
+    (tmp_path / "labels.csv").write_text("image_id,rad_id,lesion\ncase-01,R1,1\n")
+    for name in ("xywh.csv", "voc.csv"):
+        sources = read_annotation_table(tmp_path / name)
+        assert sources.tags is None and sources.boxes is not None, name
+        assert sources.boxes[1][0][1]["image"] == "case-01"
+    sources = read_annotation_table(tmp_path / "labels.csv")  # VinDr's image labels: a column per class
+    assert sources.boxes is None and sources.tags is not None and sources.tags[1][0][1]["image"] == "case-01"
+
+
 def test_site_import_takes_tags_as_a_spreadsheet_lays_them_out_a_column_per_class(tmp_path: Path, capsys,
                                                                                    rng) -> None:
     """A clinic's spreadsheet of image-level labels has a row per image and a column per class; it was refused

@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "out to add masks, boxes or tags to the images the site already holds; its x_mask.png "
                         "beside x.png (BUSI's layout) are taken as masks")
     p.add_argument("--masks", type=Path, help="folder of label masks, matched to images by file stem")
-    p.add_argument("--boxes", type=Path, help="CSV with columns image,class,y0,x0,y1,x1 (UTF-8, or Excel's "
-                                              "'Unicode Text')")
+    p.add_argument("--boxes", type=Path, help="CSV with columns image,class,y0,x0,y1,x1 (or the corners as "
+                                              "x_min,y_min,x_max,y_max, or x,y,width,height; UTF-8, or Excel's "
+                                              "'Unicode Text'); docs/site-format.md")
     p.add_argument("--tags", type=Path, help="CSV with columns image,class,present (present/absent), or image "
                                              "and a column per class")
     p.add_argument("--classes", type=_names, help="create the site with these classes if it does not exist")

@@ -75,8 +75,9 @@ class AnnotateWidget(QWidget):
         import_files.clicked.connect(self._choose_images)
         import_folder.clicked.connect(self._choose_folder)
         import_table = QPushButton("Import table…")
-        import_table.setToolTip("Boxes (image,class,y0,x0,y1,x1) or tags (image,class,present, or a column per "
-                                "class) of the images the site holds, from a CSV table")
+        import_table.setToolTip("Boxes (image,class,y0,x0,y1,x1, or x_min,y_min,x_max,y_max, or x,y,width,height) "
+                                "or tags (image,class,present, or a column per class) of the images the site "
+                                "holds, from a CSV table")
         import_table.clicked.connect(self._choose_table)
         add_shown = QPushButton("Add the image on screen")
         add_shown.setToolTip("Add the active image layer to the site; for a stack (a cine loop, a volume) the "

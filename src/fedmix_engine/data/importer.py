@@ -62,6 +62,24 @@ _TRUE = {"present", "yes", "true", "1", "y"}
 _FALSE = {"absent", "no", "false", "0", "n"}
 BOX_COLUMNS = ("image", "class", "y0", "x0", "y1", "x1")
 TAG_COLUMNS = ("image", "class", "present")
+# a table's image column as tools and public datasets name it (VinDr-CXR: image_id; RSNA pneumonia: patientId,
+# its DICOM files' names; VOC conversions: filename), taken when there is no "image" column
+IMAGE_COLUMNS = ("image", "image_id", "filename", "file", "patientid")
+# a box table's corners, each layout by its column names: renamed to the first layout's (y0, x0, y1, x1:
+# corners, half-open) or to "x, y, width, height" (a corner and the box's size: RSNA's, COCO's)
+_CORNERS = ("y0", "x0", "y1", "x1")
+_SIZED = ("x", "y", "width", "height")
+_BOX_LAYOUTS: tuple[dict[str, str], ...] = (
+    dict(zip(_CORNERS, _CORNERS, strict=True)),
+    {"x_min": "x0", "y_min": "y0", "x_max": "x1", "y_max": "y1"},  # VinDr-CXR, VOC conversions
+    {"xmin": "x0", "ymin": "y0", "xmax": "x1", "ymax": "y1"},
+    dict(zip(_SIZED, _SIZED, strict=True)),
+    {"x": "x", "y": "y", "w": "width", "h": "height"},
+)
+_BOX_CLASS_COLUMNS = ("class", "class_name", "label")
+_BOX_HEADERS = ("image (or image_id, filename, patientId), class (or class_name, label; may be left out by a "
+                "one-class site), and a box's corners as y0,x0,y1,x1, or x_min,y_min,x_max,y_max, or "
+                "x,y,width,height")
 # "<image>_mask", and "<image>_mask_1", "_mask_2" … for further masks of one image (BUSI's lesions);
 # "_segmentation" is ISIC's (the paper's skin lesion data), "_GT" many others'; any letter case
 MASK_NAME = re.compile(r"^(?P<image>.+?)[ _-](?:mask|labels?|seg|segmentation|gt)(?:_\d+)?$", re.IGNORECASE)
@@ -81,6 +99,7 @@ class ImportReport:
     boxes: int = 0
     tags: int = 0
     empty_masks: int = 0  # all-background mask files, stored as every class tagged absent
+    rows_without_box: int = 0  # box table rows with every corner empty: an image without a finding, no box
     with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
     unchanged: int = 0  # masks, images' boxes and tags the site held as the files give them: not written again
     kept: list[str] = field(default_factory=list)  # the site's annotations newer than their files': not replaced
@@ -98,6 +117,9 @@ class ImportReport:
                        + ("" if self.with_spacing else " (evaluate gives HD95 in pixels)"))
         if self.empty_masks:
             out.append(f"empty masks: {self.empty_masks} (no lesion: stored as every class tagged absent)")
+        if self.rows_without_box:
+            out.append(f"rows without a box (empty corners): {self.rows_without_box} (no box imported for them; "
+                       "a tags table says which images have no lesion)")
         out.extend(self.kept_lines(shown))
         if self.problems:
             out.append(f"{len(self.problems)} problem(s):")
@@ -152,9 +174,19 @@ def _separator(text: str, required: tuple[str, ...]) -> str:
     """The separator under which the header names every required column (a comma if none does)."""
     first = text.splitlines()[0] if text else ""
     for separator in _SEPARATORS:
-        if set(required) <= {name.strip().lower() for name in next(csv.reader([first], delimiter=separator))}:
+        names = [name.strip().lower() for name in next(csv.reader([first], delimiter=separator))]
+        if set(required) <= set(_canonical_names(names).values()):
             return separator
     return ","
+
+
+def _canonical_names(header: list[str]) -> dict[str, str]:
+    """Each column's name as the import reads it: the image column named another way (``image_id``,
+    ``patientId`` …: :data:`IMAGE_COLUMNS`) is "image" when the table has no column of that name."""
+    named = {name: name for name in header}
+    if "image" not in named and (other := next((n for n in IMAGE_COLUMNS if n in named), None)):
+        named[other] = "image"
+    return named
 
 
 def _read_table(path: Path, required: tuple[str, ...], expected: str | None = None) -> tuple[list[str], TableRows]:
@@ -172,10 +204,11 @@ def _read_table(path: Path, required: tuple[str, ...], expected: str | None = No
                          f"0x{data[exc.start]:02x}); save the table as UTF-8 (Excel: 'CSV UTF-8')") from exc
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_separator(text, required))
     try:
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        named = _canonical_names([h.strip().lower() for h in (reader.fieldnames or [])])
+        header = list(named.values())
         _check_columns(path, header, required, expected)
-        return header, [(line, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None})
-                        for line, row in enumerate(reader, start=2)]
+        return header, [(line, {named[k.strip().lower()]: (v or "").strip() for k, v in row.items()
+                                if k is not None}) for line, row in enumerate(reader, start=2)]
     except csv.Error as exc:
         raise InputError(path, f"not readable as CSV after line {reader.line_num} ({exc})") from exc
 
@@ -187,6 +220,41 @@ def _check_columns(path: Path, header: list[str], required: tuple[str, ...], exp
 
 
 _TAG_HEADERS = "image,class,present, or image and a column per class (image,lesion,…)"
+
+
+def _box_layout(header: list[str]) -> dict[str, str] | None:
+    """The box table's corner columns and the names the import reads them by (None: no layout whole)."""
+    return next((layout for layout in _BOX_LAYOUTS if set(layout) <= set(header)), None)
+
+
+def _box_rows(path: Path, header: list[str], rows: TableRows) -> TableRows:
+    """A box table's rows with its corner and class columns renamed as the import reads them (columns kept
+    in the file's order, so a refused row's corners are quoted as the file has them); refused whole, naming
+    the file, when its corners are not one layout's columns."""
+    layout = _box_layout(header)
+    if layout is None:
+        named = ", ".join(name for name in header if any(name in lay for lay in _BOX_LAYOUTS))
+        raise InputError(path, "missing column(s): a box's corners as y0,x0,y1,x1, or x_min,y_min,x_max,y_max, or "
+                               f"x,y,width,height{f' (it has {named})' if named else ''}; expected header: "
+                               f"{_BOX_HEADERS}")
+    renamed = dict(layout)
+    if "class" not in header and (other := next((n for n in _BOX_CLASS_COLUMNS if n in header), None)):
+        renamed[other] = "class"
+    return [(line, {renamed.get(key, key): value for key, value in row.items()}) for line, row in rows]
+
+
+def _box_corners(row: dict[str, str]) -> tuple[float, float, float, float]:
+    """A box row's corners ``y0, x0, y1, x1`` (ValueError: not numbers), from corners or a corner and a size."""
+    if "width" in row:
+        x, y, width, height = (_number(row[k]) for k in _SIZED)
+        return y, x, y + height, x + width
+    y0, x0, y1, x1 = (_number(row[k]) for k in _CORNERS)
+    return y0, x0, y1, x1
+
+
+def _corner_texts(row: dict[str, str]) -> list[str]:
+    """A box row's corner cells, in the file's column order."""
+    return [value for key, value in row.items() if key in _CORNERS or key in _SIZED]
 
 
 def _tag_rows(path: Path, header: list[str], rows: TableRows) -> TableRows:
@@ -371,7 +439,8 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
     for folder in (images, masks):
         if folder is not None and not image_files(Path(folder)):
             raise InputError(folder, no_images_reason(Path(folder)))
-    boxes = (Path(boxes_csv), _read_table(Path(boxes_csv), BOX_COLUMNS)[1]) if boxes_csv is not None else None
+    boxes = (Path(boxes_csv), _box_rows(Path(boxes_csv), *_read_table(Path(boxes_csv), ("image",), _BOX_HEADERS))
+             ) if boxes_csv is not None else None
     tags = (Path(tags_csv), _tag_rows(Path(tags_csv), *_read_table(Path(tags_csv), ("image",), _TAG_HEADERS))
             ) if tags_csv is not None else None
     return ImportSources(Path(images) if images is not None else None, Path(masks) if masks is not None else None,
@@ -380,15 +449,15 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
 
 def read_annotation_table(path: str | Path) -> ImportSources:
     """A box or a tag table for the images a site holds (napari's Import table), told apart by its header:
-    a box table has ``y0, x0, y1, x1``; any other is read as tags (``image,class,present`` or a column per
-    class). Refused, naming the file, as :func:`read_sources` refuses it."""
+    a box table has a box's corners (``y0, x0, y1, x1`` or another layout of them: :func:`_box_rows`); any
+    other is read as tags (``image,class,present`` or a column per class). Refused, naming the file, as
+    :func:`read_sources` refuses it."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
     header, rows = _read_table(path, ("image",), f"{','.join(BOX_COLUMNS)} for boxes; {_TAG_HEADERS} for tags")
-    if set(BOX_COLUMNS[2:]) <= set(header):
-        _check_columns(path, header, BOX_COLUMNS)
-        return ImportSources(None, None, (path, rows), None)
+    if _box_layout(header) is not None:
+        return ImportSources(None, None, (path, _box_rows(path, header, rows)), None)
     return ImportSources(None, None, None, (path, _tag_rows(path, header, rows)))
 
 
@@ -514,6 +583,25 @@ def import_folder_steps(store: SiteStore, images: str | Path, masks: str | Path 
     return import_sources_steps(store, read_sources(images, masks, boxes_csv, tags_csv), author)
 
 
+def _boxes_with_class(table: tuple[Path, TableRows], store: SiteStore, report: ImportReport
+                      ) -> tuple[Path, TableRows]:
+    """A box table's rows that hold a box, each with its class. A row whose corners are all empty is no box
+    (VinDr-CXR's "No finding", RSNA's images without pneumonia): counted, not refused. A table without a class
+    column gives a one-class site's boxes its class; with more classes it cannot say which: refused, said once."""
+    path, rows = table
+    boxed = [(line, row) for line, row in rows if any(_corner_texts(row))]
+    report.rows_without_box += len(rows) - len(boxed)
+    if boxed and "class" not in boxed[0][1]:
+        classes = store.config.classes
+        if len(classes) > 1:
+            report.problems.append(f"{path}: no class column, and the site has {len(classes)} classes "
+                                   f"({', '.join(classes)}): add a column 'class' naming each box's class; no box "
+                                   "of the table imported")
+            return path, []
+        boxed = [(line, {**row, "class": classes[0]}) for line, row in boxed]
+    return path, boxed
+
+
 def import_sources_steps(store: SiteStore, sources: ImportSources, author: str | None = None,
                          replace: bool = False) -> ImportSteps:
     """The steps importing sources already read by :func:`read_sources`. An annotation the site changed after
@@ -535,12 +623,12 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
 
     if sources.boxes is not None:
         grouped: dict[str, list[Box]] = defaultdict(list)
-        for where, image_id, row in _rows_of_site_images(sources.boxes, names, store.config.classes, report):
+        for where, image_id, row in _rows_of_site_images(_boxes_with_class(sources.boxes, store, report), names,
+                                                         store.config.classes, report):
             try:
-                corners = [_number(row[k]) for k in ("y0", "x0", "y1", "x1")]
+                corners = _box_corners(row)
             except ValueError:
-                report.problems.append(f"{where}: box corners must be numbers, got "
-                                       f"{[row[k] for k in ('y0', 'x0', 'y1', 'x1')]}")
+                report.problems.append(f"{where}: box corners must be numbers, got {_corner_texts(row)}")
                 continue
             try:  # checked here, row by row, so a refusal names its line; kept checked (integer corners)
                 grouped[image_id].append(store.check_box(image_id, Box(row["class"], *corners, author=(
