@@ -521,6 +521,20 @@ def test_annotate_imports_a_table_of_tags_or_boxes_for_the_images_the_site_holds
         (tmp_path / "bare.csv").write_text("image\nscan-0\n")
         widget.import_table(tmp_path / "bare.csv")
 
+    # an annotation tool's COCO export: the region drawn there is the shown image's mask at once
+    import json
+
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "scan-0.tif", "height": 40, "width": 48}],
+        "categories": [{"id": 1, "name": "lesion"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                         "segmentation": [[6, 5, 20, 5, 20, 15, 6, 15, 3, 10]]}],
+    }))
+    assert _imported(qtbot, widget, widget.import_table(tmp_path / "coco.json")) == []
+    assert said[-1] == "masks: 1  boxes: 0  tags: 0"
+    shown = viewer.layers["FedMix mask"].data
+    assert widget.current_id == "scan-0" and shown[10, 10] == 1 and shown[30, 40] == 0 and shown.sum() > 100
+
 
 def test_annotate_does_not_save_over_what_another_program_wrote_to_the_shown_image(make_napari_viewer, qtbot,
                                                                                  tmp_path, images):

@@ -472,7 +472,7 @@ def test_site_import_adds_annotations_to_the_images_a_site_holds_without_images_
     with SiteStore.open(site, readonly=True) as store:
         assert store.summary()["mask"] == 5 and store.summary()["boxes"] == 8
     assert main(["site", "import", str(site)]) == 2
-    assert "error: --images: nothing to import: give --images, and/or --masks, --boxes or --tags" in \
+    assert "error: --images: nothing to import: give --images, and/or --masks, --boxes, --tags or --coco" in \
         capsys.readouterr().err
     assert main(["site", "import", str(tmp_path / "new"), "--classes", "lesion", "--boxes",
                  str(clinic / "boxes.csv")]) == 2
@@ -809,6 +809,100 @@ def test_site_import_takes_box_tables_as_datasets_and_tools_write_them(tmp_path:
     assert main(["site", "import", str(site), "--boxes", str(clinic / "halves.csv")]) == 2  # two layouts mixed
     assert ("missing column(s): a box's corners as y0,x0,y1,x1, or x_min,y_min,x_max,y_max, or "
             "x,y,width,height") in capsys.readouterr().err
+
+
+def _coco_file(clinic: Path) -> dict:
+    """A COCO export as CVAT, VIA and Roboflow write one, for _write_clinic_folder's 40×50 images."""
+    import json
+
+    from pycocotools import mask as coco_mask
+
+    region = np.zeros((40, 50), np.uint8, order="F")
+    region[20:30, 5:12] = 1
+    rle = coco_mask.encode(region)
+    rle["counts"] = rle["counts"].decode()  # as JSON holds it
+    files = {i: f"images/case-{i:02d}.png" for i in range(7)}  # a tool's file names keep their folder
+    data = {
+        "images": [{"id": i + 1, "file_name": name, "height": 40, "width": 50} for i, name in files.items()]
+        + [{"id": 90, "file_name": "elsewhere.png", "height": 40, "width": 50},
+           {"id": 91, "file_name": "case-08.png", "height": 50, "width": 40}],
+        "categories": [{"id": 1, "name": "Lesion"}, {"id": 2, "name": "artifact"}, {"id": 3, "name": "unused"}],
+        "annotations": [
+            # case-00: a region drawn by hand (a pentagon): its mask
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 20],
+             "segmentation": [[10, 5, 30, 5, 30, 15, 20, 25, 10, 15]], "iscrowd": 0},
+            # case-01: a rectangle (CVAT: no segmentation); case-02: a rectangle as a polygon (VIA)
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [4, 3, 26.4, 17], "segmentation": [], "iscrowd": 0},
+            {"id": 3, "image_id": 3, "category_id": 1, "bbox": [4, 3, 26, 17],
+             "segmentation": [[4, 3, 30, 3, 30, 20, 4, 20]], "iscrowd": 0},
+            # case-03: a region and a rectangle: a mask would call the boxed lesion background, so two boxes
+            {"id": 4, "image_id": 4, "category_id": 1, "segmentation": [[10, 5, 30, 5, 30, 15, 20, 25, 10, 15]]},
+            {"id": 5, "image_id": 4, "category_id": 1, "bbox": [35, 30, 10, 5]},
+            # case-04: a brush mask (run-length encoded), and an artifact, which is no class of the site
+            {"id": 6, "image_id": 5, "category_id": 1, "segmentation": rle, "iscrowd": 1},
+            {"id": 7, "image_id": 5, "category_id": 2, "bbox": [1, 1, 3, 3]},
+            {"id": 8, "image_id": 90, "category_id": 1, "bbox": [1, 1, 3, 3]},
+            {"id": 9, "image_id": 91, "category_id": 1, "bbox": [1, 1, 3, 3]},
+            {"id": 10, "image_id": 6, "category_id": 1, "bbox": [1, 1, 3]},
+        ],
+    }  # case-05: listed, not annotated yet; case-06: its one annotation cannot be read
+    (clinic / "coco.json").write_text(json.dumps(data))
+    return {"region": region}
+
+
+def test_site_import_takes_a_coco_file_regions_as_masks_rectangles_as_boxes(tmp_path: Path, capsys, rng) -> None:
+    """An annotation tool's COCO export (CVAT, Labelbox, Roboflow, VIA) had to be turned into mask files and
+    box tables by hand, and a rectangle tool's polygon taken for a region by such a script made a box a mask."""
+    from pycocotools import mask as coco_mask
+
+    clinic = tmp_path / "clinic"
+    _write_clinic_folder(clinic, rng)
+    parts = _coco_file(clinic)
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--images", str(clinic / "images"),
+                 "--coco", str(clinic / "coco.json")]) == 1
+    out = capsys.readouterr().out
+    assert f"classes (from {clinic / 'coco.json'}'s categories, in label order): Lesion, artifact" in out, out
+    assert "masks: 1  boxes: 6" in out and "images without annotations in the COCO file: 1" in out, out
+    coco = clinic / "coco.json"
+    for problem in (f"{coco}: annotations[9] (id 10): bbox must be 4 numbers (x, y, width, height), got [1, 1, 3]; "
+                    "left out",
+                    f"{coco}: image 'elsewhere.png' is not in the site",
+                    f"{coco}: 'case-08.png' is 50×40 in the file and 40×50 in the site ('case-08'): its annotations "
+                    "were drawn on another image (or the tool turned a photo by its EXIF orientation)"):
+        assert problem in out, out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.config.classes == ("Lesion", "artifact")
+        pentagon = coco_mask.decode(coco_mask.frPyObjects([[10, 5, 30, 5, 30, 15, 20, 25, 10, 15]], 40, 50))[..., 0]
+        np.testing.assert_array_equal(store.read_mask("case-00"), pentagon)
+        assert pentagon[10, 20] == 1 and pentagon[30, 40] == 0 and 200 < pentagon.sum() < 400
+        assert [b.key for b in store.boxes("case-01")] == [("Lesion", 3, 4, 20, 30)]
+        assert [b.key for b in store.boxes("case-02")] == [("Lesion", 3, 4, 20, 30)]  # a box, not a mask
+        assert store.read_mask("case-02") is None
+        assert sorted(b.key for b in store.boxes("case-03")) == [("Lesion", 5, 10, 25, 30), ("Lesion", 30, 35, 35, 45)]
+        assert store.read_mask("case-03") is None
+        # a brush mask beside an artifact's box: both boxes, the mask's from its pixels (it states no bbox)
+        assert store.read_mask("case-04") is None and sorted(b.key for b in store.boxes("case-04")) == [
+            ("Lesion", 20, 5, 30, 12), ("artifact", 1, 1, 4, 4)]
+        assert store.boxes("case-05") == [] and store.read_mask("case-05") is None
+
+    one = tmp_path / "one-class"  # the artifact is no class here: said once, with how many were left out
+    assert main(["site", "import", str(one), "--classes", "lesion", "--images", str(clinic / "images"),
+                 "--coco", str(coco)]) == 1
+    out = capsys.readouterr().out
+    assert f"{coco}: category 'artifact' is not a class of the site (lesion): its 1 annotation(s) left out" in out
+    with SiteStore.open(one, readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("case-04"), parts["region"])  # its brush mask, decoded
+    assert main(["site", "import", str(one), "--coco", str(coco)]) == 1  # again: nothing changed, nothing written
+    assert "masks: 0  boxes: 0  tags: 0  (unchanged: 5)" in capsys.readouterr().out
+
+    (clinic / "not-coco.json").write_text('{"images": []}')
+    assert main(["site", "import", str(one), "--coco", str(clinic / "not-coco.json")]) == 2
+    assert (f"{clinic / 'not-coco.json'}: not a COCO annotation file: it needs the lists 'images', 'annotations' "
+            "and 'categories'") in capsys.readouterr().err
+    (clinic / "cut.json").write_text('{"images": [')  # a download cut short
+    assert main(["site", "import", str(one), "--coco", str(clinic / "cut.json")]) == 2
+    assert f"{clinic / 'cut.json'}: not JSON: Expecting value at line 1, column 13" in capsys.readouterr().err
 
 
 def test_annotation_table_tells_boxes_of_any_layout_from_tags(tmp_path: Path) -> None:

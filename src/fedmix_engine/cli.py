@@ -59,15 +59,19 @@ def cmd_site_import(args: argparse.Namespace) -> int:
     from fedmix_engine.data.site_store import CONFIG_FILE, SiteStore
     from fedmix_engine.steps import run_steps
 
-    sources = read_sources(args.images, args.masks, args.boxes, args.tags)  # before a new site folder is made
+    sources = read_sources(args.images, args.masks, args.boxes, args.tags, args.coco)  # before a site is made
     is_site = (Path(args.dir) / CONFIG_FILE).exists()
     if args.images is None and not is_site:
         raise InputError("--images", f"{args.dir} is not a site yet: a new site's import needs its --images")
-    if not args.classes and not Path(args.dir).exists():  # a folder of something else: 'not a site folder'
+    classes = args.classes
+    if not classes and not is_site and sources.coco is not None and sources.coco.categories:
+        classes = list(sources.coco.categories)  # the categories annotated, in the file's id order
+        print(f"classes (from {sources.coco.path}'s categories, in label order): {', '.join(classes)}")
+    if not classes and not Path(args.dir).exists():  # a folder of something else: 'not a site folder'
         raise InputError("--classes", f"{args.dir} is not a site yet: to create it with this import, name its "
                                       "classes in label order (e.g. --classes lesion)")
-    if not is_site and args.classes:
-        store = SiteStore.create(args.dir, args.classes, channels=args.channels or 1)
+    if not is_site and classes:
+        store = SiteStore.create(args.dir, classes, channels=args.channels or 1)
     else:
         store = SiteStore.open(args.dir)
         if args.channels and args.channels != store.config.channels:
@@ -229,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", type=Path, help="CSV with columns image,class,y0,x0,y1,x1 (or the corners as "
                                               "x_min,y_min,x_max,y_max, or x,y,width,height; UTF-8, or Excel's "
                                               "'Unicode Text'); docs/site-format.md")
+    p.add_argument("--coco", type=Path, help="a COCO annotation file (CVAT, Labelbox, Roboflow, VIA …): "
+                                             "regions as masks, rectangles as boxes (docs/site-format.md)")
     p.add_argument("--tags", type=Path, help="CSV with columns image,class,present (present/absent), or image "
                                              "and a column per class")
     p.add_argument("--classes", type=_names, help="create the site with these classes if it does not exist")

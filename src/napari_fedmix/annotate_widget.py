@@ -77,7 +77,8 @@ class AnnotateWidget(QWidget):
         import_table = QPushButton("Import table…")
         import_table.setToolTip("Boxes (image,class,y0,x0,y1,x1, or x_min,y_min,x_max,y_max, or x,y,width,height) "
                                 "or tags (image,class,present, or a column per class) of the images the site "
-                                "holds, from a CSV table")
+                                "holds, from a CSV table; or masks and boxes from an annotation tool's COCO file "
+                                "(.json)")
         import_table.clicked.connect(self._choose_table)
         add_shown = QPushButton("Add the image on screen")
         add_shown.setToolTip("Add the active image layer to the site; for a stack (a cine loop, a volume) the "
@@ -542,8 +543,9 @@ class AnnotateWidget(QWidget):
         return self._start_import(import_folder_steps(self._open_store(), folder, masks=masks or folder))
 
     def import_table(self, path: str | Path):
-        """Add a table's boxes or tags (told apart by its header) to the images the site holds, in a worker;
-        returns the worker. A clinic's tags come as a spreadsheet, a row per image and a column per class."""
+        """Add a table's boxes or tags (told apart by its header), or a COCO file's masks and boxes, to the
+        images the site holds, in a worker; returns the worker. A clinic's tags come as a spreadsheet, a row
+        per image and a column per class."""
         from fedmix_engine.data.importer import import_sources_steps, read_annotation_table
 
         return self._start_import(import_sources_steps(self._open_store(), read_annotation_table(path)))
@@ -650,8 +652,8 @@ class AnnotateWidget(QWidget):
             self._guard(lambda: self.import_folder(path, masks or None))
 
     def _choose_table(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Table of boxes or tags", filter="Tables (*.csv *.tsv *.txt);;"
-                                                                                   "All files (*)")
+        path, _ = QFileDialog.getOpenFileName(self, "Table of boxes or tags, or a COCO file",
+                                              filter="Tables and COCO files (*.csv *.tsv *.txt *.json);;All files (*)")
         if path:
             self._guard(lambda: self.import_table(path))
 

@@ -6,8 +6,11 @@ where the comma is the decimal mark):
 
 - boxes: ``image,class,y0,x0,y1,x1`` — pixel corners, rows y, columns x, half-open
   (the box covers rows y0..y1-1). All boxes of one image are replaced together, so a re-import
-  is idempotent.
+  is idempotent. The corners may also be ``x_min,y_min,x_max,y_max`` or ``x,y,width,height``
+  (:func:`_box_rows`).
 - tags: ``image,class,present`` — ``present``/``absent`` (also yes/no, true/false, 1/0).
+
+A COCO annotation file (an annotation tool's export) gives masks and boxes: :mod:`coco`.
 
 A table's ``author`` column (a reader's id in a study sheet; ``site export`` writes it) names who set each
 box or tag; rows without one take the import's author.
@@ -45,6 +48,7 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.data.coco import CocoAnnotation, CocoFile, CocoImage, read_coco, region_mask
 from fedmix_engine.data.imageio import (
     image_files,
     image_stem,
@@ -100,6 +104,7 @@ class ImportReport:
     tags: int = 0
     empty_masks: int = 0  # all-background mask files, stored as every class tagged absent
     rows_without_box: int = 0  # box table rows with every corner empty: an image without a finding, no box
+    coco_unannotated: int = 0  # images a COCO file lists without annotations (not annotated yet, or no finding)
     with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
     unchanged: int = 0  # masks, images' boxes and tags the site held as the files give them: not written again
     kept: list[str] = field(default_factory=list)  # the site's annotations newer than their files': not replaced
@@ -117,6 +122,9 @@ class ImportReport:
                        + ("" if self.with_spacing else " (evaluate gives HD95 in pixels)"))
         if self.empty_masks:
             out.append(f"empty masks: {self.empty_masks} (no lesion: stored as every class tagged absent)")
+        if self.coco_unannotated:
+            out.append(f"images without annotations in the COCO file: {self.coco_unannotated} (nothing imported "
+                       "for them; a tags table says which images have no lesion)")
         if self.rows_without_box:
             out.append(f"rows without a box (empty corners): {self.rows_without_box} (no box imported for them; "
                        "a tags table says which images have no lesion)")
@@ -361,13 +369,20 @@ def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | N
     classes = len(store.config.classes)
     joined = np.maximum.reduce([validate_mask(read_mask_file(p, classes), (record.height, record.width), classes, p)
                                 for p in paths])
+    _set_mask(store, record, joined, max(paths, key=lambda p: p.stat().st_mtime), author, replace, report)
+
+
+def _set_mask(store: SiteStore, record: ImageRecord, joined: np.ndarray, source: Path, author: str | None,
+              replace: bool, report: ImportReport) -> None:
+    """Store a mask read from ``source`` (the newest of its files), as :func:`_set_masks` says."""
+    target = record.id
     held = store.read_mask(target) if record.has_mask else None
     drawn = store.mask_author(target) if held is not None else None
     if (np.array_equal(held, joined) if held is not None
             else not joined.any() and all(store.tags(target).get(c) is False for c in store.config.classes)):
         report.unchanged += 1  # the same mask, or "no lesion" told already
         return
-    newest = max(paths, key=lambda p: p.stat().st_mtime)
+    newest = source
     if drawn is not None and not replace and (kept := _kept_by_site(newest, f"the mask of '{target}'", *drawn)):
         report.kept.append(kept)
         return
@@ -380,6 +395,82 @@ def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | N
     for name in store.config.classes:
         _set_tag(store, target, name, False, newest, author, replace, report, count=False)
     report.empty_masks += 1
+
+
+def _set_boxes(store: SiteStore, image_id: str, boxes: list[Box], source: Path, author: str | None, replace: bool,
+               report: ImportReport) -> None:
+    """Set an image's boxes (checked) as ``source`` gives them, unless the site holds them already (unchanged)
+    or changed them after ``source`` was written (kept, said: :func:`_kept_by_site`)."""
+    held = store.boxes(image_id)
+    if sorted(b.key for b in held) == sorted(b.key for b in boxes):
+        report.unchanged += 1
+        return
+    newest = max(held, key=lambda b: b.created_at, default=None)
+    if newest is not None and not replace and (kept := _kept_by_site(
+            source, f"the boxes of '{image_id}'", newest.author, newest.created_at)):
+        report.kept.append(kept)
+        return
+    store.set_boxes(image_id, boxes, author=author)
+    report.boxes += len(boxes)
+
+
+def _add_coco(store: SiteStore, coco: CocoFile, names: dict[str, str], author: str | None, replace: bool,
+              report: ImportReport) -> Iterator[ImportProgress]:
+    """A COCO file's annotations as the masks and boxes of the site's images (the rules: :mod:`coco`),
+    yielding after each image. An image the site does not hold, of another size, or an annotation of a
+    category that is not a site class is a problem of the report; the rest is imported."""
+    classes = store.config.classes
+    report.problems.extend(coco.problems)
+    left_out: dict[str, int] = defaultdict(int)
+    annotated = coco.images
+    report.coco_unannotated += coco.unannotated
+    for n, image in enumerate(annotated, start=1):
+        try:
+            _add_coco_image(store, coco.path, image, names, left_out, author, replace, report)
+        except InputError as exc:
+            report.problems.append(str(exc))
+        yield ImportProgress("annotations", n, len(annotated))
+    report.problems.extend(f"{coco.path}: category '{name}' is not a class of the site ({', '.join(classes)}): its "
+                           f"{count} annotation(s) left out" for name, count in left_out.items())
+
+
+def _add_coco_image(store: SiteStore, path: Path, image: CocoImage, names: dict[str, str], left_out: dict[str, int],
+                    author: str | None, replace: bool, report: ImportReport) -> None:
+    classes = store.config.classes
+    image_id = resolve_image(names, image.file_name)
+    if image_id is None:
+        raise InputError(path, f"image '{image.file_name}' is not in the site")
+    record = store.record(image_id)
+    if (record.height, record.width) != (image.height, image.width):
+        raise InputError(path, f"'{image.file_name}' is {image.height}×{image.width} in the file and "
+                               f"{record.height}×{record.width} in the site ('{image_id}'): its annotations were "
+                               "drawn on another image (or the tool turned a photo by its EXIF orientation)")
+    kept = []
+    for annotation in image.annotations:
+        if (name := _site_class(classes, annotation.category)) in classes:
+            kept.append((annotation, name))
+        else:
+            left_out[annotation.category] += 1
+    if not kept:
+        return
+    try:
+        if all(annotation.is_region for annotation, _ in kept):
+            mask = region_mask([a for a, _ in kept], [classes.index(c) + 1 for _, c in kept], image.height,
+                               image.width)
+            _set_mask(store, record, mask, path, author, replace, report)
+            return
+        boxes = [_checked_box(store, image_id, annotation, name, image) for annotation, name in kept]
+    except ValueError as exc:
+        raise InputError(path, f"'{image.file_name}': {exc}") from None
+    _set_boxes(store, image_id, boxes, path, author, replace, report)
+
+
+def _checked_box(store: SiteStore, image_id: str, annotation: CocoAnnotation, name: str, image: CocoImage) -> Box:
+    """The annotation's box, checked against the site's image; ValueError naming the annotation."""
+    try:
+        return store.check_box(image_id, Box(name, *annotation.box(image.height, image.width)))
+    except InputError as exc:
+        raise ValueError(f"{annotation.where}: {exc.reason}") from None
 
 
 def _set_tag(store: SiteStore, image_id: str, class_name: str, present: bool, source: Path | str,
@@ -423,17 +514,18 @@ class ImportSources:
     masks: Path | None
     boxes: tuple[Path, TableRows] | None
     tags: tuple[Path, TableRows] | None
+    coco: CocoFile | None = None
 
 
 def read_sources(images: str | Path | None, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
-                 tags_csv: str | Path | None = None) -> ImportSources:
+                 tags_csv: str | Path | None = None, coco_json: str | Path | None = None) -> ImportSources:
     """Refuse a missing folder or file, or a table that cannot be read; return the sources to import.
     Without ``images`` the masks and tables annotate the images the site already holds (a radiologist's
     boxes delivered after the images, whose folder may be gone by then)."""
-    if images is None and masks is None and boxes_csv is None and tags_csv is None:
-        raise InputError("--images", "nothing to import: give --images, and/or --masks, --boxes or --tags for "
-                                     "the images the site already holds")
-    for path, folder in ((images, True), (masks, True), (boxes_csv, False), (tags_csv, False)):
+    if images is None and masks is None and boxes_csv is None and tags_csv is None and coco_json is None:
+        raise InputError("--images", "nothing to import: give --images, and/or --masks, --boxes, --tags or --coco "
+                                     "for the images the site already holds")
+    for path, folder in ((images, True), (masks, True), (boxes_csv, False), (tags_csv, False), (coco_json, False)):
         if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
             raise InputError(path, "folder not found" if folder else "file not found")
     for folder in (images, masks):
@@ -444,7 +536,7 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
     tags = (Path(tags_csv), _tag_rows(Path(tags_csv), *_read_table(Path(tags_csv), ("image",), _TAG_HEADERS))
             ) if tags_csv is not None else None
     return ImportSources(Path(images) if images is not None else None, Path(masks) if masks is not None else None,
-                         boxes, tags)
+                         boxes, tags, read_coco(coco_json) if coco_json is not None else None)
 
 
 def read_annotation_table(path: str | Path) -> ImportSources:
@@ -455,6 +547,8 @@ def read_annotation_table(path: str | Path) -> ImportSources:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
+    if path.suffix.lower() == ".json":
+        return ImportSources(None, None, None, None, read_coco(path))
     header, rows = _read_table(path, ("image",), f"{','.join(BOX_COLUMNS)} for boxes; {_TAG_HEADERS} for tags")
     if _box_layout(header) is not None:
         return ImportSources(None, None, (path, _box_rows(path, header, rows)), None)
@@ -635,19 +729,11 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
                     row.get("author") or "").strip())))
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
-        table = sources.boxes[0]
         for image_id, boxes in grouped.items():
-            held = store.boxes(image_id)
-            if sorted(b.key for b in held) == sorted(b.key for b in boxes):
-                report.unchanged += 1
-                continue
-            newest = max(held, key=lambda b: b.created_at, default=None)
-            if newest is not None and not replace and (kept := _kept_by_site(
-                    table, f"the boxes of '{image_id}'", newest.author, newest.created_at)):
-                report.kept.append(kept)
-                continue
-            store.set_boxes(image_id, boxes, author=author)
-            report.boxes += len(boxes)
+            _set_boxes(store, image_id, boxes, sources.boxes[0], author, replace, report)
+
+    if sources.coco is not None:
+        yield from _add_coco(store, sources.coco, names, author, replace, report)
 
     if sources.tags is not None:
         tags = _tags_by_row(sources.tags, store.config.classes, report)
