@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -382,7 +383,9 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
     printed = capsys.readouterr().out.splitlines()
     assert printed == [f"exported to {out}: images: 4  masks: 1  boxes: 2  tags: 2",
                        f"to import it into another site: fedmix-engine site import SITE --images {out / 'images'} "
-                       f"--masks {out / 'masks'} --boxes {out / 'boxes.csv'} --tags {out / 'tags.csv'}"]
+                       f"--masks {out / 'masks'} --boxes {out / 'boxes.csv'} --tags {out / 'tags.csv'}",
+                       f"for annotation tools (CVAT, Label Studio …): {out / 'annotations.json'}, the masks and "
+                       "boxes as COCO"]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["masked_mask.tif"]
     assert (out / "boxes.csv").read_text().splitlines()[:2] == [
         "image,class,y0,x0,y1,x1,author,annotated_at,source",
@@ -411,6 +414,25 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
                     == [(b.class_name, b.y0, b.x0, b.y1, b.x1) for b in before.boxes(image_id)])
             assert after.tags(image_id) == before.tags(image_id)
 
+    # the COCO file: what annotation tools open (pycocotools reads it as COCO), and import reads back the same
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(out / "annotations.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["lesion", "cyst"]
+    assert sorted(i["file_name"] for i in coco.loadImgs(coco.getImgIds())) == ["images/boxed.tif", "images/masked.tif"]
+    masked = next(i for i in coco.loadImgs(coco.getImgIds()) if i["file_name"] == "images/masked.tif")
+    cyst = coco.loadAnns(coco.getAnnIds(imgIds=[masked["id"]], catIds=[2]))
+    assert len(cyst) == 1 and cyst[0]["bbox"] == [12.0, 10.0, 13.0, 10.0]
+    np.testing.assert_array_equal(coco.annToMask(cyst[0]), mask == 2)
+    from_coco = tmp_path / "from-coco"
+    assert main(["site", "import", str(from_coco), "--images", str(out / "images"), "--coco",
+                 str(out / "annotations.json")]) == 0
+    with SiteStore.open(site, readonly=True) as before, SiteStore.open(from_coco, readonly=True) as after:
+        assert after.config.classes == ("lesion", "cyst")
+        np.testing.assert_array_equal(after.read_mask("masked"), before.read_mask("masked"))
+        assert sorted(b.key for b in after.boxes("boxed")) == sorted(b.key for b in before.boxes("boxed"))
+        assert after.read_mask("boxed") is None and after.boxes("masked") == []
+
     # annotations only, for the site that holds the images; refused: a folder with files, one inside the site
     killed = tmp_path / ".annotations.partial-4194303"  # an export killed with SIGKILL: nothing could clean up
     (killed / "images").mkdir(parents=True)
@@ -419,8 +441,10 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
         f"{killed}: the unfinished folder of another export to this name (one running now, or one a crash "
         "stopped: then delete it, it may hold copies of the site's images)")
     shutil.rmtree(killed)
-    assert sorted(p.name for p in (tmp_path / "annotations").iterdir()) == ["boxes.csv", "masks", "masks.csv",
-                                                                            "tags.csv"]
+    assert sorted(p.name for p in (tmp_path / "annotations").iterdir()) == ["annotations.json", "boxes.csv", "masks",
+                                                                            "masks.csv", "tags.csv"]
+    assert {i["file_name"] for i in json.loads((tmp_path / "annotations" / "annotations.json").read_text())["images"]
+            } == {"masked ä.dcm", "boxed ä.dcm"}  # without --images: the files they were imported from
     capsys.readouterr()
     assert main(["site", "export", str(site), str(out)]) == 2
     assert f"{out}: exists and is not an empty folder" in capsys.readouterr().err
@@ -450,7 +474,7 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
     with SiteStore.open(site, readonly=True) as store, pytest.raises(KeyboardInterrupt):
         export_site(store, tmp_path / "stopped", images=True, progress=stop)
     assert not (tmp_path / "stopped").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "annotations", "export", "site"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "annotations", "export", "from-coco", "site"]
 
 
 def test_site_import_adds_annotations_to_the_images_a_site_holds_without_images_again(tmp_path: Path, capsys,
@@ -813,8 +837,6 @@ def test_site_import_takes_box_tables_as_datasets_and_tools_write_them(tmp_path:
 
 def _coco_file(clinic: Path) -> dict:
     """A COCO export as CVAT, VIA and Roboflow write one, for _write_clinic_folder's 40×50 images."""
-    import json
-
     from pycocotools import mask as coco_mask
 
     region = np.zeros((40, 50), np.uint8, order="F")
