@@ -422,6 +422,28 @@ def test_annotate_layers_deleted_by_hand_keep_their_edits_and_come_back(make_nap
         np.testing.assert_array_equal(store.read_mask("scan-1"), drawn)
 
 
+def test_annotate_import_says_which_photos_other_tools_show_turned(make_napari_viewer, qtbot, tmp_path,
+                                                                   monkeypatch):
+    """A phone photo with an EXIF orientation is shown as stored in napari and turned in every photo viewer:
+    the command line's import said so, napari's said nothing."""
+    import napari.utils.notifications
+    from PIL import Image
+
+    from napari_fedmix.annotate_widget import AnnotateWidget
+
+    said: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_info", said.append)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    photo = tmp_path / "lesion.jpg"
+    Image.fromarray(np.full((30, 40, 3), 128, np.uint8)).save(photo, exif=exif)
+    widget = AnnotateWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    widget.create_site(tmp_path / "site", ["lesion"])
+    assert _imported(qtbot, widget, widget.import_images([photo])) == []
+    assert said and said[-1].startswith("1 photo(s) with an EXIF orientation") and str(photo) in said[-1]
+
+
 def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_viewer, qtbot, tmp_path, images,
                                                                    monkeypatch):
     import os

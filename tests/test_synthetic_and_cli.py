@@ -835,6 +835,31 @@ def test_site_import_takes_box_tables_as_datasets_and_tools_write_them(tmp_path:
             "x,y,width,height") in capsys.readouterr().err
 
 
+def test_site_import_says_which_photos_a_photo_viewer_shows_turned(tmp_path: Path, capsys, rng) -> None:
+    """A phone or camera photo (a skin lesion) carries an EXIF orientation: photo viewers and most annotation
+    tools turn it upright, napari and the site keep its pixels as stored. A mask drawn upright on a square
+    photo fitted the stored image silently, a quarter turn off; nothing said so."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, orientation in (("upright.jpg", 1), ("turned.jpg", 6), ("plain.jpg", None), ("mirrored.jpg", 2)):
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name, exif=exif)
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--channels", "3", "--images",
+                 str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert ("2 photo(s) with an EXIF orientation (turned or mirrored by photo viewers): stored as their pixels "
+            "are, as napari shows them; a mask drawn where they were shown turned will not fit") in out, out
+    assert f"  {folder / 'mirrored.jpg'}" in out and f"  {folder / 'turned.jpg'}" in out
+    assert "upright.jpg" not in out and "plain.jpg" not in out
+    with SiteStore.open(site, readonly=True) as store:  # kept as stored
+        np.testing.assert_array_equal(store.read_image("turned"), np.asarray(Image.open(folder / "turned.jpg")))
+
+
 def _coco_file(clinic: Path) -> dict:
     """A COCO export as CVAT, VIA and Roboflow write one, for _write_clinic_folder's 40×50 images."""
     from pycocotools import mask as coco_mask

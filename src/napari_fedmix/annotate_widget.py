@@ -619,7 +619,8 @@ class AnnotateWidget(QWidget):
     def _on_imported(self, report) -> None:
         self.last_import = report
         counts = [] if report.read_images else report.lines()[:1]  # a table: what it gave, said either way
-        kept = report.kept_lines(shown=10)  # corrections made here that the files would have undone
+        # corrections made here that the files would have undone; photos other tools show turned
+        kept = [*report.kept_lines(shown=10), *report.turned_lines(shown=10)]
         if (counts or kept) and not report.problems:
             from napari.utils.notifications import show_info
 

@@ -266,6 +266,21 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, bool]:
     return image, image.ndim == 3
 
 
+def turned_by_viewers(path: str | Path) -> bool:
+    """Whether a photo's EXIF orientation (a phone or camera held sideways) has photo viewers and most
+    annotation tools turn or mirror it. The engine keeps its pixels as stored, as napari shows them: a mask
+    drawn on the turned photo does not fit them (silently so on a square one), so an import says which."""
+    if Path(path).suffix.lower() not in (".jpg", ".jpeg", ".png", ".tif", ".tiff"):
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as photo:
+            return photo.getexif().get(0x0112, 1) not in (0, 1)  # 1: as stored; 0: not a valid value, ignored
+    except Exception:  # an unreadable header: the image was read all the same, so it has no orientation to say
+        return False
+
+
 def pixel_digest(array: np.ndarray) -> str:
     """SHA-256 of an image's pixels, shape and type: equal for copies of one image under other names or in
     other folders (a public dataset's duplicates, an image imported into two sites)."""

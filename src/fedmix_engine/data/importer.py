@@ -55,6 +55,7 @@ from fedmix_engine.data.imageio import (
     no_images_reason,
     read_image,
     read_mask_file,
+    turned_by_viewers,
     validate_mask,
 )
 from fedmix_engine.data.site_store import Box, ImageRecord, SiteStore, image_id_from_path
@@ -105,6 +106,7 @@ class ImportReport:
     empty_masks: int = 0  # all-background mask files, stored as every class tagged absent
     rows_without_box: int = 0  # box table rows with every corner empty: an image without a finding, no box
     coco_unannotated: int = 0  # images a COCO file lists without annotations (not annotated yet, or no finding)
+    turned: list[Path] = field(default_factory=list)  # added photos that photo viewers show turned (EXIF)
     with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
     unchanged: int = 0  # masks, images' boxes and tags the site held as the files give them: not written again
     kept: list[str] = field(default_factory=list)  # the site's annotations newer than their files': not replaced
@@ -120,6 +122,7 @@ class ImportReport:
         if self.images_added:
             out.append(f"pixel spacing (mm) from the files: {self.with_spacing} of {self.images_added} added images"
                        + ("" if self.with_spacing else " (evaluate gives HD95 in pixels)"))
+        out.extend(self.turned_lines(shown))
         if self.empty_masks:
             out.append(f"empty masks: {self.empty_masks} (no lesion: stored as every class tagged absent)")
         if self.coco_unannotated:
@@ -133,6 +136,16 @@ class ImportReport:
             out.append(f"{len(self.problems)} problem(s):")
             out.extend(f"  {p}" for p in self.problem_lines(shown))
         return out
+
+    def turned_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
+        """The added photos that photo viewers show turned (none: no lines)."""
+        if not self.turned:
+            return []
+        hidden = len(self.turned) - shown
+        return [f"{len(self.turned)} photo(s) with an EXIF orientation (turned or mirrored by photo viewers): "
+                "stored as their pixels are, as napari shows them; a mask drawn where they were shown turned "
+                "will not fit:", *(f"  {path}" for path in self.turned[:shown]),
+                *([f"  … and {hidden} more"] if hidden > 0 else [])]
 
     def kept_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The site's annotations the import did not replace, newer than their files (none: no lines)."""
@@ -594,6 +607,8 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
             else:
                 image_id = store.add_image(path, author=author)
                 report.images_added += 1
+                if turned_by_viewers(path):
+                    report.turned.append(path)
                 report.with_spacing += store.spacing(image_id) is not None
                 records[image_id] = store.record(image_id)  # a later file of its name is compared with it
                 names.setdefault(image_id, image_id)
