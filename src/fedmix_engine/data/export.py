@@ -8,9 +8,8 @@ import's author).
 ``OUT/masks.csv`` says the same of each mask),
 ``OUT/annotations.json`` (the masks and boxes as COCO, which annotation tools open: CVAT, Label Studio, and
 ``site import --coco``), and with ``images`` ``OUT/images/<id>.tif`` (the site's copies, pixel spacing kept).
-The folder appears whole
-or not at all: it is written beside ``OUT`` and renamed into place at the end, so a stopped export leaves
-nothing to be taken for a complete one.
+The folder appears whole or not at all: it is written beside ``OUT`` and renamed into place at the end, so a
+stopped export leaves nothing to be taken for a complete one.
 """
 
 from __future__ import annotations

@@ -395,8 +395,7 @@ def _set_mask(store: SiteStore, record: ImageRecord, joined: np.ndarray, source:
             else not joined.any() and all(store.tags(target).get(c) is False for c in store.config.classes)):
         report.unchanged += 1  # the same mask, or "no lesion" told already
         return
-    newest = source
-    if drawn is not None and not replace and (kept := _kept_by_site(newest, f"the mask of '{target}'", *drawn)):
+    if drawn is not None and not replace and (kept := _kept_by_site(source, f"the mask of '{target}'", *drawn)):
         report.kept.append(kept)
         return
     if joined.any():
@@ -406,7 +405,7 @@ def _set_mask(store: SiteStore, record: ImageRecord, joined: np.ndarray, source:
     if held is not None:
         store.clear_mask(target)  # the file now says "no lesion"
     for name in store.config.classes:
-        _set_tag(store, target, name, False, newest, author, replace, report, count=False)
+        _set_tag(store, target, name, False, source, author, replace, report, count=False)
     report.empty_masks += 1
 
 
@@ -435,20 +434,20 @@ def _add_coco(store: SiteStore, coco: CocoFile, names: dict[str, str], author: s
     classes = store.config.classes
     report.problems.extend(coco.problems)
     left_out: dict[str, int] = defaultdict(int)
-    annotated = coco.images
     report.coco_unannotated += coco.unannotated
-    for n, image in enumerate(annotated, start=1):
+    for n, image in enumerate(coco.images, start=1):
         try:
             _add_coco_image(store, coco.path, image, names, left_out, author, replace, report)
         except InputError as exc:
             report.problems.append(str(exc))
-        yield ImportProgress("annotations", n, len(annotated))
+        yield ImportProgress("annotations", n, len(coco.images))
     report.problems.extend(f"{coco.path}: category '{name}' is not a class of the site ({', '.join(classes)}): its "
                            f"{count} annotation(s) left out" for name, count in left_out.items())
 
 
 def _add_coco_image(store: SiteStore, path: Path, image: CocoImage, names: dict[str, str], left_out: dict[str, int],
                     author: str | None, replace: bool, report: ImportReport) -> None:
+    """One COCO image's annotations of site classes as its mask or its boxes (``left_out`` counts the others)."""
     classes = store.config.classes
     image_id = resolve_image(names, image.file_name)
     if image_id is None:
@@ -458,21 +457,21 @@ def _add_coco_image(store: SiteStore, path: Path, image: CocoImage, names: dict[
         raise InputError(path, f"'{image.file_name}' is {image.height}×{image.width} in the file and "
                                f"{record.height}×{record.width} in the site ('{image_id}'): its annotations were "
                                "drawn on another image (or the tool turned a photo by its EXIF orientation)")
-    kept = []
+    of_classes = []
     for annotation in image.annotations:
         if (name := _site_class(classes, annotation.category)) in classes:
-            kept.append((annotation, name))
+            of_classes.append((annotation, name))
         else:
             left_out[annotation.category] += 1
-    if not kept:
+    if not of_classes:
         return
     try:
-        if all(annotation.is_region for annotation, _ in kept):
-            mask = region_mask([a for a, _ in kept], [classes.index(c) + 1 for _, c in kept], image.height,
-                               image.width)
+        if all(annotation.is_region for annotation, _ in of_classes):
+            mask = region_mask([a for a, _ in of_classes], [classes.index(c) + 1 for _, c in of_classes],
+                               image.height, image.width)
             _set_mask(store, record, mask, path, author, replace, report)
             return
-        boxes = [_checked_box(store, image_id, annotation, name, image) for annotation, name in kept]
+        boxes = [_checked_box(store, image_id, annotation, name, image) for annotation, name in of_classes]
     except ValueError as exc:
         raise InputError(path, f"'{image.file_name}': {exc}") from None
     _set_boxes(store, image_id, boxes, path, author, replace, report)
