@@ -516,7 +516,7 @@ def test_annotate_shows_what_an_import_wrote_to_the_shown_image_and_a_later_save
 def test_annotate_imports_a_table_of_tags_or_boxes_for_the_images_the_site_holds(make_napari_viewer, qtbot, tmp_path,
                                                                                  images, monkeypatch):
     """A clinic's tags come as a spreadsheet (a row per image, a column per class), a radiologist's boxes as a
-    table: only the command line could import them. Import table tells the two apart by the header, says
+    table: only the command line could import them. Import annotations tells the two apart by the header, says
     what it gave, and the shown image shows its boxes at once."""
     import napari.utils.notifications
 

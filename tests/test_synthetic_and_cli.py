@@ -953,7 +953,7 @@ def test_site_import_takes_a_coco_file_regions_as_masks_rectangles_as_boxes(tmp_
 
 
 def test_annotation_table_tells_boxes_of_any_layout_from_tags(tmp_path: Path) -> None:
-    """napari's Import table tells a box table from a tag table by its header: a box table of another layout
+    """napari's Import annotations tells a box table from a tag table by its header: a box table of another layout
     was taken for tags, each coordinate column for a class."""
     from fedmix_engine.data.importer import read_annotation_table
 

@@ -74,7 +74,7 @@ class AnnotateWidget(QWidget):
         import_files, import_folder = QPushButton("Import images…"), QPushButton("Import folder…")
         import_files.clicked.connect(self._choose_images)
         import_folder.clicked.connect(self._choose_folder)
-        import_table = QPushButton("Import table…")
+        import_table = QPushButton("Import annotations…")
         import_table.setToolTip("Boxes (image,class,y0,x0,y1,x1, or x_min,y_min,x_max,y_max, or x,y,width,height) "
                                 "or tags (image,class,present, or a column per class) of the images the site "
                                 "holds, from a CSV table; or masks and boxes from an annotation tool's COCO file "

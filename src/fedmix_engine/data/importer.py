@@ -552,7 +552,7 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
 
 
 def read_annotation_table(path: str | Path) -> ImportSources:
-    """A box or a tag table for the images a site holds (napari's Import table), told apart by its header:
+    """A box or a tag table for the images a site holds (napari's Import annotations), told apart by its header:
     a box table has a box's corners (``y0, x0, y1, x1`` or another layout of them: :func:`_box_rows`); any
     other is read as tags (``image,class,present`` or a column per class). Refused, naming the file, as
     :func:`read_sources` refuses it."""
