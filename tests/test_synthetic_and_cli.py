@@ -860,6 +860,48 @@ def test_site_import_says_which_photos_a_photo_viewer_shows_turned(tmp_path: Pat
         np.testing.assert_array_equal(store.read_image("turned"), np.asarray(Image.open(folder / "turned.jpg")))
 
 
+def test_site_import_reads_the_labelme_files_beside_the_images(tmp_path: Path, capsys, rng) -> None:
+    """LabelMe, the polygon tool of many imaging groups, saves each image's shapes as a JSON file beside it;
+    importing the folder took the images and left every drawn lesion behind."""
+    from pycocotools import mask as coco_mask
+
+    folder = tmp_path / "labelme"
+    folder.mkdir()
+    for name in ("poly", "rect", "circle", "mixed", "lines", "broken", "bare"):
+        iio.imwrite(folder / f"{name}.png", rng.integers(0, 256, (40, 50), dtype=np.uint8))
+
+    def shapes(name: str, *drawn: tuple[str, str, list]) -> None:
+        (folder / f"{name}.json").write_text(json.dumps({
+            "version": "5.4.1", "flags": {}, "imagePath": f"{name}.png", "imageData": None, "imageHeight": 40,
+            "imageWidth": 50, "shapes": [{"label": label, "points": points, "group_id": None, "shape_type": kind,
+                                          "flags": {}} for label, kind, points in drawn]}))
+
+    pentagon = [[10, 5], [30, 5], [30, 15], [20, 25], [10, 15]]
+    shapes("poly", ("lesion", "polygon", pentagon), ("ruler", "polygon", [[1, 1], [5, 1], [3, 4]]))
+    shapes("rect", ("Lesion", "rectangle", [[30, 20], [4, 3]]))  # dragged up and left
+    shapes("circle", ("lesion", "circle", [[25, 20], [25, 28]]))
+    shapes("mixed", ("lesion", "polygon", pentagon), ("lesion", "rectangle", [[35, 30], [45, 35]]))
+    shapes("lines", ("lesion", "line", [[1, 1], [9, 9]]))
+    (folder / "broken.json").write_text('{"shapes": [')  # a save cut short
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "images added: 7" in out and "masks: 2  boxes: 3" in out, out
+    for problem in (f"{folder / 'lines.json'}: shapes[0]: a line outlines no region (polygons, circles and "
+                    "rectangles are read); left out",
+                    f"{folder / 'broken.json'}: not a LabelMe file that can be read",
+                    f"{folder}: LabelMe label 'ruler' is not a class of the site (lesion): its 1 shape(s) left out"):
+        assert problem in out, out
+    with SiteStore.open(site, readonly=True) as store:
+        expected = coco_mask.decode(coco_mask.frPyObjects([[v for p in pentagon for v in p]], 40, 50))[..., 0]
+        np.testing.assert_array_equal(store.read_mask("poly"), expected)
+        assert [b.key for b in store.boxes("rect")] == [("lesion", 3, 4, 20, 30)]
+        disk = store.read_mask("circle")
+        assert disk[20, 25] == 1 and disk[20, 33] == 0 and abs(int(disk.sum()) - round(np.pi * 64)) < 12
+        assert sorted(b.key for b in store.boxes("mixed")) == [("lesion", 5, 10, 25, 30), ("lesion", 30, 35, 35, 45)]
+        assert store.read_mask("lines") is None and store.boxes("lines") == []
+
+
 def _coco_file(clinic: Path) -> dict:
     """A COCO export as CVAT, VIA and Roboflow write one, for _write_clinic_folder's 40×50 images."""
     from pycocotools import mask as coco_mask

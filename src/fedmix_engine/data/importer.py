@@ -10,7 +10,8 @@ where the comma is the decimal mark):
   (:func:`_box_rows`).
 - tags: ``image,class,present`` — ``present``/``absent`` (also yes/no, true/false, 1/0).
 
-A COCO annotation file (an annotation tool's export) gives masks and boxes: :mod:`coco`.
+A COCO annotation file (an annotation tool's export) gives masks and boxes: :mod:`coco`; so do the LabelMe
+files beside the images of an imported folder: :mod:`labelme`.
 
 A table's ``author`` column (a reader's id in a study sheet; ``site export`` writes it) names who set each
 box or tag; rows without one take the import's author.
@@ -58,6 +59,7 @@ from fedmix_engine.data.imageio import (
     turned_by_viewers,
     validate_mask,
 )
+from fedmix_engine.data.labelme import is_labelme_file, read_labelme
 from fedmix_engine.data.site_store import Box, ImageRecord, SiteStore, image_id_from_path
 from fedmix_engine.data.video import NOT_IMPORTED, is_video_path
 from fedmix_engine.errors import InputError
@@ -445,6 +447,25 @@ def _add_coco(store: SiteStore, coco: CocoFile, names: dict[str, str], author: s
                            f"{count} annotation(s) left out" for name, count in left_out.items())
 
 
+def _add_labelme(store: SiteStore, files: list[Path], names: dict[str, str], author: str | None, replace: bool,
+                 report: ImportReport) -> Iterator[ImportProgress]:
+    """LabelMe's files beside the images (:mod:`labelme`) as the images' masks and boxes, by COCO's rules,
+    yielding after each file; a file that cannot be read, or a label that is not a site class, is a problem."""
+    left_out: dict[str, int] = defaultdict(int)
+    for n, path in enumerate(files, start=1):
+        try:
+            image, unread = read_labelme(path)
+            report.problems.extend(unread)
+            if image.annotations:
+                _add_coco_image(store, path, image, names, left_out, author, replace, report)
+        except InputError as exc:
+            report.problems.append(str(exc))
+        yield ImportProgress("annotations", n, len(files))
+    classes = store.config.classes
+    report.problems.extend(f"{files[0].parent}: LabelMe label '{name}' is not a class of the site "
+                           f"({', '.join(classes)}): its {count} shape(s) left out" for name, count in left_out.items())
+
+
 def _add_coco_image(store: SiteStore, path: Path, image: CocoImage, names: dict[str, str], left_out: dict[str, int],
                     author: str | None, replace: bool, report: ImportReport) -> None:
     """One COCO image's annotations of site classes as its mask or its boxes (``left_out`` counts the others)."""
@@ -748,6 +769,9 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
 
     if sources.coco is not None:
         yield from _add_coco(store, sources.coco, names, author, replace, report)
+
+    if images is not None and (drawn := [p for p in sorted(images.iterdir()) if is_labelme_file(p)]):
+        yield from _add_labelme(store, drawn, names, author, replace, report)
 
     if sources.tags is not None:
         tags = _tags_by_row(sources.tags, store.config.classes, report)
