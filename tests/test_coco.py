@@ -1,4 +1,4 @@
-"""COCO annotation files: what is a region and what a box, and annotations that cannot be read."""
+"""COCO and LabelMe annotation files: what is a region and what a box, and annotations that cannot be read."""
 
 from __future__ import annotations
 
@@ -100,3 +100,29 @@ def test_a_file_that_is_not_coco_is_refused_whole_naming_the_field(tmp_path: Pat
     with pytest.raises(InputError) as refused:
         read_coco(tmp_path / "c.json")
     assert refused.value.where == str(tmp_path / "c.json") and said in refused.value.reason
+
+
+def test_labelme_files_are_told_from_other_json_and_name_what_they_leave_out(tmp_path: Path) -> None:
+    from fedmix_engine.data.labelme import is_labelme_file, read_labelme
+
+    coco = _write(tmp_path / "coco.json", [{"id": 1, "bbox": [1, 1, 2, 2]}])
+    drawn = tmp_path / "case-07.json"  # no imagePath (LabelMe with "save without image data" off, older ones)
+    drawn.write_text(json.dumps({"imageHeight": 40, "imageWidth": 50, "shapes": [
+        {"label": "lesion", "points": [[1, 2], [9, 2], [5, 8]]},  # before LabelMe 3: no shape_type, a polygon
+        {"label": " ", "points": [[1, 2], [9, 2], [5, 8]], "shape_type": "polygon"},
+        {"label": "lesion", "points": [[1, 2]], "shape_type": "rectangle"},
+        {"label": "lesion", "points": [[1, "2"], [3, 4]], "shape_type": "rectangle"},
+        {"label": "lesion", "points": [[1, 2]], "shape_type": "point"},
+    ]}))
+    assert not is_labelme_file(coco) and is_labelme_file(drawn) and not is_labelme_file(tmp_path / "x.png")
+    image, left_out = read_labelme(drawn)
+    assert image.file_name == "case-07" and (image.height, image.width) == (40, 50)
+    assert [a.where for a in image.annotations] == ["shapes[0]"] and image.annotations[0].is_region
+    assert [line.removeprefix(f"{drawn}: ") for line in left_out] == [
+        "shapes[1]: a shape needs a label; left out",
+        "shapes[2]: a rectangle of 1 point(s); left out",
+        "shapes[3]: its points must be x, y pairs of numbers; left out",
+        "shapes[4]: a point outlines no region (polygons, circles and rectangles are read); left out"]
+    (tmp_path / "sizeless.json").write_text('{"shapes": []}')
+    with pytest.raises(InputError, match="needs 'shapes', 'imageHeight' and 'imageWidth'"):
+        read_labelme(tmp_path / "sizeless.json")
