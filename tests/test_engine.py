@@ -173,6 +173,29 @@ def test_a_round_reads_each_image_as_the_site_holds_it_while_napari_edits_it(tmp
             load_site_tensors(view, 32)
 
 
+def test_a_round_reads_images_labelled_after_the_site_was_listed_and_holds_each_once(tmp_path: Path, rng) -> None:
+    """The site's tensors are made once for the images listed (a list and its stacked copy held a large site
+    twice over); an image labelled in napari after the listing is read as it is now, in a row added for it,
+    and the tensors are those each image gives on its own."""
+    from fedmix_engine.data.tensors import TAG_PRESENT, TAG_UNKNOWN, resize_image
+
+    with SiteStore.create(tmp_path / "site", ["lesion", "cyst"]) as store:
+        for name in ("tagged", "later", "bare"):
+            store.add_image(rng.integers(0, 256, (30, 40), dtype=np.uint8), name)
+        store.set_tag("tagged", "cyst", True)
+        with store.training_view() as view:
+            assert [r.supervision for r in view.records] == ["tag", "none", "none"]
+            store.add_box("later", "lesion", 2, 3, 20, 30)  # while the round reads the site
+            data = load_site_tensors(view, 32)
+        assert data.ids == ["tagged", "later"] and data.kinds.tolist() == [KIND_TAG, KIND_BOX]
+        assert data.images.shape == (2, 1, 32, 32) and data.boxes.shape == data.masks.shape == (2, 2, 32, 32)
+        assert data.tags.tolist() == [[TAG_UNKNOWN, TAG_PRESENT], [TAG_UNKNOWN, TAG_UNKNOWN]]
+        assert data.boxes[1, 0].any() and not data.boxes[1, 1].any() and not data.boxes[0].any()
+        assert not data.masks.any()
+        for row, name in enumerate(data.ids):
+            assert torch.equal(data.images[row], resize_image(store.load_image(name), 32))
+
+
 def test_local_update_leaves_the_optimiser_state_it_was_given_as_it_was(sample: Path) -> None:
     """The local update is a pure function of its inputs. Adam's moments were loaded without a copy and then
     changed in place, so a client whose update was refused (late) kept that round's step in memory, while the

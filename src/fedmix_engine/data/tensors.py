@@ -79,36 +79,60 @@ def label_to_masks(label: np.ndarray, num_classes: int, size: int) -> torch.Tens
 
 
 def load_site_tensors(view: TrainingView, image_size: int, mask_only: bool = False) -> SiteTensors:
-    """Tensors for every labelled image of the site (``mask_only``: pixel-labelled images only)."""
+    """Tensors for every labelled image of the site (``mask_only``: pixel-labelled images only).
+
+    Each image is written into tensors made once for the site, not stacked from a list at the end: a list
+    and its stacked copy held a large site twice, and the allocator kept the freed half (measured: 2000
+    images at 256² held 1.6 GiB for 0.75 GiB of tensors)."""
     classes = view.classes
     k = len(classes)
-    ids, kinds, images, masks, boxes, tags = [], [], [], [], [], []
+    wanted = {"mask"} if mask_only else {"mask", "box", "tag"}
+    out = _SiteBuffers(sum(r.supervision in wanted for r in view.records), view.config.channels, k, image_size)
     for listed in view.records:  # the images when the view opened; each read as it is now
         sample = _read_sample(view, listed.id, mask_only)
         if sample is None:
             continue
         rec, kind, image, label, image_boxes, image_tags = sample
-        images.append(resize_image(image, image_size))
+        i = out.next_row()
+        out.images[i] = resize_image(image, image_size)
         if label is not None:
-            masks.append(label_to_masks(label, k, image_size))
-        else:
-            masks.append(torch.zeros((k, image_size, image_size), dtype=torch.bool))
+            out.masks[i] = label_to_masks(label, k, image_size)
         box_raster = np.zeros((k, rec.height, rec.width), bool)
         for box in image_boxes:
             box_raster[classes.index(box.class_name), box.y0:box.y1, box.x0:box.x1] = True
-        boxes.append(resize_channels(box_raster, image_size))
-        tag_row = torch.full((k,), TAG_UNKNOWN, dtype=torch.int8)
+        out.boxes[i] = resize_channels(box_raster, image_size)
         for name, present in image_tags.items():
-            tag_row[classes.index(name)] = TAG_PRESENT if present else TAG_ABSENT
-        tags.append(tag_row)
-        ids.append(rec.id)
-        kinds.append(kind)
-    if not ids:
-        empty = torch.zeros((0, k, image_size, image_size), dtype=torch.bool)
-        return SiteTensors([], torch.zeros(0, dtype=torch.int8), torch.zeros((0, view.config.channels, image_size,
-                           image_size)), empty, empty.clone(), torch.zeros((0, k), dtype=torch.int8), classes)
-    return SiteTensors(ids, torch.tensor(kinds, dtype=torch.int8), torch.stack(images), torch.stack(masks),
-                       torch.stack(boxes), torch.stack(tags), classes)
+            out.tags[i, classes.index(name)] = TAG_PRESENT if present else TAG_ABSENT
+        out.ids.append(rec.id)
+        out.kinds.append(kind)
+    return out.tensors(classes)
+
+
+class _SiteBuffers:
+    """A site's tensors, made for the images listed and filled row by row (masks all-False and tags unknown
+    until set); grown if an image became labelled while the site was read (a clinician in napari)."""
+
+    def __init__(self, rows: int, channels: int, k: int, size: int):
+        self.images = torch.zeros((rows, channels, size, size))
+        self.masks = torch.zeros((rows, k, size, size), dtype=torch.bool)
+        self.boxes = torch.zeros((rows, k, size, size), dtype=torch.bool)
+        self.tags = torch.full((rows, k), TAG_UNKNOWN, dtype=torch.int8)
+        self.ids: list[str] = []
+        self.kinds: list[int] = []
+
+    def next_row(self) -> int:
+        row = len(self.ids)
+        if row == len(self.images):
+            more = max(1, row // 8)
+            self.images, self.masks, self.boxes = (torch.cat([t, t.new_zeros((more, *t.shape[1:]))])
+                                                   for t in (self.images, self.masks, self.boxes))
+            self.tags = torch.cat([self.tags, self.tags.new_full((more, self.tags.shape[1]), TAG_UNKNOWN)])
+        return row
+
+    def tensors(self, classes: tuple[str, ...]) -> SiteTensors:
+        n = len(self.ids)  # fewer than made when images lost their labels meanwhile: the rows in use
+        return SiteTensors(self.ids, torch.tensor(self.kinds, dtype=torch.int8), self.images[:n], self.masks[:n],
+                           self.boxes[:n], self.tags[:n], classes)
 
 
 def _read_sample(view: TrainingView, image_id: str, mask_only: bool):
