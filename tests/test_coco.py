@@ -94,6 +94,7 @@ def test_a_run_length_encoding_of_another_size_or_sum_is_refused_by_name(tmp_pat
      ' "annotations": [{"id": 4, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}]}',
      "annotations[0] (id 4): its category_id is not one of the file's categories"),
     ('{"images": [', "not JSON: Expecting value at line 1, column 13"),
+    ('{"images": ' + "[" * 100_000, "nested too deep"),  # a RecursionError's traceback before
 ])
 def test_a_file_that_is_not_coco_is_refused_whole_naming_the_field(tmp_path: Path, text: str, said: str) -> None:
     (tmp_path / "c.json").write_text(text)

@@ -82,6 +82,8 @@ def read_coco(path: str | Path) -> CocoFile:
         raise InputError(path, f"not UTF-8 JSON text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise InputError(path, f"not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:  # Python's parser gives up on arrays nested thousands deep: no annotation tool's
+        raise InputError(path, "not a COCO annotation file: nested too deep to be one") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
                                                                                       "categories")):
         raise InputError(path, "not a COCO annotation file: it needs the lists 'images', 'annotations' and "

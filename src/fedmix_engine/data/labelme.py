@@ -39,6 +39,8 @@ def read_labelme(path: Path) -> tuple[CocoImage, list[str]]:
         data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(path, f"not a LabelMe file that can be read ({exc})") from None
+    except RecursionError:  # arrays nested thousands deep: Python's parser gives up, and no LabelMe wrote it
+        raise InputError(path, "not a LabelMe file that can be read (nested too deep)") from None
     if not (isinstance(data, dict) and isinstance(data.get("shapes"), list) and _size(data.get("imageHeight"))
             and _size(data.get("imageWidth"))):
         raise InputError(path, "not a LabelMe file: it needs 'shapes', 'imageHeight' and 'imageWidth'")
