@@ -422,6 +422,29 @@ def test_annotate_layers_deleted_by_hand_keep_their_edits_and_come_back(make_nap
         np.testing.assert_array_equal(store.read_mask("scan-1"), drawn)
 
 
+def test_annotate_new_site_can_hold_colour_images(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """New site… made every site grey: a dermatology clinic working in napari alone could not keep the colour
+    of its photos (only the command line's --channels 3 could). It now asks which images the site holds."""
+    from qtpy.QtWidgets import QFileDialog, QInputDialog
+
+    from napari_fedmix.annotate_widget import AnnotateWidget
+
+    widget = AnnotateWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(tmp_path / "derm"))
+    monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: ("melanoma, naevus", True))
+    asked = []
+
+    def choose(parent, title, label, items, current=0, editable=True):
+        asked.append(items)
+        return next(item for item in items if item.startswith("colour")), True
+
+    monkeypatch.setattr(QInputDialog, "getItem", choose)
+    widget._choose_new_site()
+    assert widget.store is not None and widget.store.config.channels == 3
+    assert widget.store.config.classes == ("melanoma", "naevus") and asked[0][0].startswith("grey")
+
+
 def test_annotate_import_says_which_photos_other_tools_show_turned(make_napari_viewer, qtbot, tmp_path,
                                                                    monkeypatch):
     """A phone photo with an EXIF orientation is shown as stored in napari and turned in every photo viewer:

@@ -860,6 +860,22 @@ def test_site_import_says_which_photos_a_photo_viewer_shows_turned(tmp_path: Pat
         np.testing.assert_array_equal(store.read_image("turned"), np.asarray(Image.open(folder / "turned.jpg")))
 
 
+def test_site_import_says_when_colour_images_go_into_a_grey_site(tmp_path: Path, capsys, rng) -> None:
+    """Dermoscopy or endoscopy photos imported without --channels 3 were trained as grey (their luma) and
+    nothing said so: the colour a dermatologist reads a lesion by was dropped silently."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        iio.imwrite(folder / f"c{i}.png", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    iio.imwrite(folder / "grey.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    assert main(["site", "import", str(tmp_path / "grey"), "--classes", "lesion", "--images", str(folder)]) == 0
+    assert ("colour images in this grey site: 3 (trained as grey, by their luma; a site made with --channels 3, "
+            "or napari's New site… for colour images, keeps their colour)") in capsys.readouterr().out
+    assert main(["site", "import", str(tmp_path / "colour"), "--classes", "lesion", "--channels", "3",
+                 "--images", str(folder)]) == 0
+    assert "colour images" not in capsys.readouterr().out
+
+
 def test_site_import_reads_the_labelme_files_beside_the_images(tmp_path: Path, capsys, rng) -> None:
     """LabelMe, the polygon tool of many imaging groups, saves each image's shapes as a JSON file beside it;
     importing the folder took the images and left every drawn lesion behind."""

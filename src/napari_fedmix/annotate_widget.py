@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 IMAGE_LAYER, MASK_LAYER, BOX_LAYER = "FedMix image", "FedMix mask", "FedMix boxes"
 CLASSES_KEY = "fedmix_classes"  # the mask layer's metadata: the site's class names, for other widgets
+# what New site… asks: colour photos trained as grey would lose what a dermatologist reads a lesion by
+GREY_SITE = "grey (1 channel: ultrasound, X-ray, CT, MRI, OCT; colour images are trained as grey)"
+COLOUR_SITE = "colour (3 channels: dermoscopy, endoscopy, photographs)"
 AUTOSAVE_MS = 15_000
 WATCH_MS = 2_000  # how often the panel looks for another program's writes to the site
 
@@ -158,8 +161,8 @@ class AnnotateWidget(QWidget):
     def open_site(self, path: str | Path) -> None:
         self._switch_to(_open_for_annotating(Path(path)))
 
-    def create_site(self, path: str | Path, classes: list[str]) -> None:
-        self._switch_to(SiteStore.create(path, classes))
+    def create_site(self, path: str | Path, classes: list[str], channels: int = 1) -> None:
+        self._switch_to(SiteStore.create(path, classes, channels=channels))
 
     def _switch_to(self, store: SiteStore) -> None:
         """Leave the open site only once the new one has opened: a folder that is not a site (or an
@@ -522,8 +525,13 @@ class AnnotateWidget(QWidget):
         if not path:
             return
         text, ok = QInputDialog.getText(self, "Classes", "Class names, comma-separated:", text="lesion")
+        if not ok:
+            return
+        kinds = [GREY_SITE, COLOUR_SITE]
+        kind, ok = QInputDialog.getItem(self, "Images", "The site's images (fixed once made):", kinds, 0, False)
         if ok:
-            self._guard(lambda: self.create_site(path, [c.strip() for c in text.split(",") if c.strip()]))
+            channels = 3 if kind == COLOUR_SITE else 1
+            self._guard(lambda: self.create_site(path, [c.strip() for c in text.split(",") if c.strip()], channels))
 
     def _choose_images(self) -> None:
         from fedmix_engine.data.imageio import IMAGE_SUFFIXES
@@ -620,7 +628,7 @@ class AnnotateWidget(QWidget):
         self.last_import = report
         counts = [] if report.read_images else report.lines()[:1]  # a table: what it gave, said either way
         # corrections made here that the files would have undone; photos other tools show turned
-        kept = [*report.kept_lines(shown=10), *report.turned_lines(shown=10)]
+        kept = [*report.kept_lines(shown=10), *report.turned_lines(shown=10), *report.colour_lines()]
         if (counts or kept) and not report.problems:
             from napari.utils.notifications import show_info
 

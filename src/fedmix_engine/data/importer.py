@@ -109,6 +109,7 @@ class ImportReport:
     rows_without_box: int = 0  # box table rows with every corner empty: an image without a finding, no box
     coco_unannotated: int = 0  # images a COCO file lists without annotations (not annotated yet, or no finding)
     turned: list[Path] = field(default_factory=list)  # added photos that photo viewers show turned (EXIF)
+    colour_in_grey: int = 0  # colour images added to a grey site: trained as grey
     with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
     unchanged: int = 0  # masks, images' boxes and tags the site held as the files give them: not written again
     kept: list[str] = field(default_factory=list)  # the site's annotations newer than their files': not replaced
@@ -125,6 +126,7 @@ class ImportReport:
             out.append(f"pixel spacing (mm) from the files: {self.with_spacing} of {self.images_added} added images"
                        + ("" if self.with_spacing else " (evaluate gives HD95 in pixels)"))
         out.extend(self.turned_lines(shown))
+        out.extend(self.colour_lines())
         if self.empty_masks:
             out.append(f"empty masks: {self.empty_masks} (no lesion: stored as every class tagged absent)")
         if self.coco_unannotated:
@@ -138,6 +140,12 @@ class ImportReport:
             out.append(f"{len(self.problems)} problem(s):")
             out.extend(f"  {p}" for p in self.problem_lines(shown))
         return out
+
+    def colour_lines(self) -> list[str]:
+        """What becomes of colour images added to a grey site (none: no line)."""
+        return [f"colour images in this grey site: {self.colour_in_grey} (trained as grey, by their luma; a site "
+                "made with --channels 3, or napari's New site… for colour images, keeps their colour)"
+                ] if self.colour_in_grey else []
 
     def turned_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The added photos that photo viewers show turned (none: no lines)."""
@@ -627,6 +635,7 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
             else:
                 image_id = store.add_image(path, author=author)
                 report.images_added += 1
+                report.colour_in_grey += store.config.channels == 1 and store.record(image_id).channels == 3
                 if turned_by_viewers(path):
                     report.turned.append(path)
                 report.with_spacing += store.spacing(image_id) is not None
