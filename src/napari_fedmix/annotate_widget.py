@@ -627,13 +627,13 @@ class AnnotateWidget(QWidget):
     def _on_imported(self, report) -> None:
         self.last_import = report
         counts = [] if report.read_images else report.lines()[:1]  # a table: what it gave, said either way
-        # corrections made here that the files would have undone; photos other tools show turned
-        kept = [*report.kept_lines(shown=10), *report.turned_lines(shown=10), *report.colour_lines()]
-        if (counts or kept) and not report.problems:
+        # corrections made here that the files would have undone; photos other tools show turned; colour lost
+        notes = [*report.kept_lines(shown=10), *report.turned_lines(shown=10), *report.colour_lines()]
+        if (counts or notes) and not report.problems:
             from napari.utils.notifications import show_info
 
-            show_info("\n".join([*counts, *kept]))
-        _notify([*counts, *kept, *report.problem_lines(shown=10)] if report.problems else [])
+            show_info("\n".join([*counts, *notes]))
+        _notify([*counts, *notes, *report.problem_lines(shown=10)] if report.problems else [])
 
     def _on_import_finished(self) -> None:
         self.import_worker = None
