@@ -1047,6 +1047,13 @@ def test_site_import_takes_tags_as_a_spreadsheet_lays_them_out_a_column_per_clas
         assert store.tags("case-13") == {"lesion": False}
         assert store.tags("case-14") == {"cyst": True} and store.tags("case-15") == {"cyst": True}
 
+    # a sheet saved by pandas: a 0/1 column with an empty cell is written as floats, 1.0 and 0.0
+    (clinic / "pandas.csv").write_text("image,lesion,cyst\ncase-18,1.0,\ncase-19,0.0,1.0\n")
+    assert main(["site", "import", str(site), "--tags", str(clinic / "pandas.csv")]) == 0
+    capsys.readouterr()
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.tags("case-18") == {"lesion": True} and store.tags("case-19") == {"lesion": False, "cyst": True}
+
     # a reader study's sheet says who tagged each image: kept as the tags' author, not taken for a class
     (clinic / "readers.csv").write_text("image,lesion,Author\ncase-16,yes,dr-k\ncase-17,no,\n")
     assert main(["site", "import", str(site), "--tags", str(clinic / "readers.csv"), "--author", "importer"]) == 0

@@ -65,8 +65,9 @@ from fedmix_engine.data.video import NOT_IMPORTED, is_video_path
 from fedmix_engine.errors import InputError
 from fedmix_engine.steps import run_steps
 
-_TRUE = {"present", "yes", "true", "1", "y"}
-_FALSE = {"absent", "no", "false", "0", "n"}
+# "1.0" and "0.0": pandas writes a column of 0/1 with one empty cell as floats
+_TRUE = {"present", "yes", "true", "1", "1.0", "y"}
+_FALSE = {"absent", "no", "false", "0", "0.0", "n"}
 BOX_COLUMNS = ("image", "class", "y0", "x0", "y1", "x1")
 TAG_COLUMNS = ("image", "class", "present")
 # a table's image column as tools and public datasets name it (VinDr-CXR: image_id; RSNA pneumonia: patientId,
