@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedmix_engine.data.site_store import TrainingView
+from fedmix_engine.data.site_store import ImageRecord, TrainingView
 from fedmix_engine.errors import InputError
 
 KIND_MASK, KIND_BOX, KIND_TAG = 0, 1, 2
@@ -86,8 +86,8 @@ def load_site_tensors(view: TrainingView, image_size: int, mask_only: bool = Fal
     images at 256² held 1.6 GiB for 0.75 GiB of tensors)."""
     classes = view.classes
     k = len(classes)
-    wanted = {"mask"} if mask_only else {"mask", "box", "tag"}
-    out = _SiteBuffers(sum(r.supervision in wanted for r in view.records), view.config.channels, k, image_size)
+    out = _SiteBuffers(sum(_kind(r, mask_only) is not None for r in view.records), view.config.channels, k,
+                       image_size)
     for listed in view.records:  # the images when the view opened; each read as it is now
         sample = _read_sample(view, listed.id, mask_only)
         if sample is None:
@@ -135,6 +135,12 @@ class _SiteBuffers:
                            self.boxes[:n], self.tags[:n], classes)
 
 
+def _kind(record: ImageRecord, mask_only: bool) -> int | None:
+    """The kind of sample an image's supervision gives (None: none the caller wants)."""
+    kind = {"mask": KIND_MASK, "box": KIND_BOX, "tag": KIND_TAG}.get(record.supervision)
+    return None if kind is None or (mask_only and kind != KIND_MASK) else kind
+
+
 def _read_sample(view: TrainingView, image_id: str, mask_only: bool):
     """The image's record, kind, pixels, mask (or None), boxes and tags as the site holds them now; None when
     it has no supervision the caller wants, or was removed. A clinician may annotate the site in napari while
@@ -146,8 +152,8 @@ def _read_sample(view: TrainingView, image_id: str, mask_only: bool):
     for _ in range(3):  # each retry follows an edit: three in the time one image is read is no clinician
         if rec is None:
             return None
-        kind = {"mask": KIND_MASK, "box": KIND_BOX, "tag": KIND_TAG}.get(rec.supervision)
-        if kind is None or (mask_only and kind != KIND_MASK):
+        kind = _kind(rec, mask_only)
+        if kind is None:
             return None
         try:
             sample = (rec, kind, view.image(image_id), view.mask(image_id) if kind == KIND_MASK else None,
