@@ -60,8 +60,10 @@ _DAMAGED = "it is damaged or not a site's database; restore the site folder from
 Supervision = Literal["mask", "box", "tag", "none"]
 _ID_MAX = 128
 _ID_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{_ID_MAX - 1}}}$")
-# letters and digits of any language ('Läsion', 'lésion', '病变'), then also spaces, '-' and '_'
-_CLASS_PATTERN = re.compile(r"^[^\W_][\w -]{0,63}$")
+# letters and digits of any language ('Läsion', 'lésion', '病变'), then also spaces, '-', '_' and the '/', '(',
+# ')', '.' and '+' of datasets' and reports' classes ('Nodule/Mass', 'grade 2+'); never ',' or ';' (lists and
+# tables split on them) or '\' (a DICOM SEG's segment label cannot hold it)
+_CLASS_PATTERN = re.compile(r"^[^\W_][\w /().+-]{0,63}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -153,7 +155,7 @@ def _check_classes(classes: Iterable[str], where: str) -> tuple[str, ...]:
     for name in classes:
         if not _CLASS_PATTERN.fullmatch(name):
             raise InputError(where, f"class name '{name}' must start with a letter or digit and use "
-                             "letters, digits, spaces, '-' or '_' (max 64)")
+                             "letters, digits, spaces and - _ / ( ) . + (max 64)")
         if name.lower() == "background":
             raise InputError(where, "'background' is implicit (label 0); do not list it as a class")
     if len(set(classes)) != len(classes):
