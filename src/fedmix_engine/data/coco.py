@@ -96,7 +96,7 @@ def read_coco(path: str | Path) -> CocoFile:
     images: dict[Any, tuple[str, int, int]] = {}
     for i, image in enumerate(data["images"]):
         if not (isinstance(image, dict) and _id(image.get("id")) and isinstance(image.get("file_name"), str)
-                and _whole(image.get("height")) and _whole(image.get("width"))):
+                and pixel_count(image.get("height")) and pixel_count(image.get("width"))):
             raise InputError(path, f"images[{i}]: needs an id, a file_name, and a height and width in pixels")
         if image["id"] in images:
             raise InputError(path, f"images[{i}]: id {image['id']} is given to two images")
@@ -152,7 +152,7 @@ def region_mask(annotations: list[CocoAnnotation], labels: list[int], height: in
 def _annotation(raw: dict, where: str, category: str) -> CocoAnnotation:
     bbox = raw.get("bbox")
     if bbox is not None and bbox != []:
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(json_number(v) for v in bbox)):
             raise ValueError(f"bbox must be 4 numbers (x, y, width, height), got {bbox!r}")
         bbox = tuple(float(v) for v in bbox)
     else:
@@ -162,11 +162,11 @@ def _annotation(raw: dict, where: str, category: str) -> CocoAnnotation:
         segmentation = None
     elif isinstance(segmentation, list):
         polygons = segmentation
-        if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_number(v) for v in p)
+        if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(json_number(v) for v in p)
                    for p in polygons):
             raise ValueError("segmentation polygons must each be x, y pairs of at least 3 points")
     elif not (isinstance(segmentation, dict) and isinstance(segmentation.get("size"), list)
-              and len(segmentation["size"]) == 2 and all(_whole(n) for n in segmentation["size"])
+              and len(segmentation["size"]) == 2 and all(pixel_count(n) for n in segmentation["size"])
               and isinstance(segmentation.get("counts"), list | str) and segmentation["counts"]):
         # an empty run-length string decodes to whatever memory held (pycocotools 2.0.11): refused here
         raise ValueError("segmentation is neither polygons nor a run-length encoding (a height and width, and "
@@ -190,7 +190,8 @@ def _is_rectangle(segmentation: list | dict) -> bool:
     return len(xs) == 2 and len(ys) == 2 and len(set(points)) == 4
 
 
-def _number(value: Any) -> bool:
+def json_number(value: Any) -> bool:
+    """A finite JSON number (not a bool, which Python counts as an int)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -199,10 +200,11 @@ def _id(value: Any) -> bool:
     return isinstance(value, int | str) and not isinstance(value, bool)
 
 
-def _whole(value: Any) -> bool:
-    return _number(value) and value > 0 and float(value).is_integer()
+def pixel_count(value: Any) -> bool:
+    """A height or width: a whole number above zero (``40`` or ``40.0``)."""
+    return json_number(value) and value > 0 and float(value).is_integer()
 
 
 def _order(key: Any) -> tuple[int, Any]:
     """Category ids in order: numbers by value, then others (some tools write strings) as written."""
-    return (0, key) if _number(key) else (1, str(key))
+    return (0, key) if json_number(key) else (1, str(key))

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedmix_engine.data.coco import CocoAnnotation, CocoImage
+from fedmix_engine.data.coco import CocoAnnotation, CocoImage, json_number, pixel_count
 from fedmix_engine.errors import InputError
 
 CIRCLE_POINTS = 64  # a circle as a polygon of this many corners: within a tenth of a pixel for r ≤ 60
@@ -41,8 +41,8 @@ def read_labelme(path: Path) -> tuple[CocoImage, list[str]]:
         raise InputError(path, f"not a LabelMe file that can be read ({exc})") from None
     except RecursionError:  # arrays nested thousands deep: Python's parser gives up, and no LabelMe wrote it
         raise InputError(path, "not a LabelMe file that can be read (nested too deep)") from None
-    if not (isinstance(data, dict) and isinstance(data.get("shapes"), list) and _size(data.get("imageHeight"))
-            and _size(data.get("imageWidth"))):
+    if not (isinstance(data, dict) and isinstance(data.get("shapes"), list) and pixel_count(data.get("imageHeight"))
+            and pixel_count(data.get("imageWidth"))):
         raise InputError(path, "not a LabelMe file: it needs 'shapes', 'imageHeight' and 'imageWidth'")
     annotations, left_out = [], []
     for i, shape in enumerate(data["shapes"]):
@@ -60,7 +60,7 @@ def _annotation(shape: Any, where: str) -> CocoAnnotation:
         raise ValueError("a shape needs a label")
     kind = shape.get("shape_type") or "polygon"  # LabelMe before 3.x wrote no type: polygons only
     points = shape.get("points")
-    if not (isinstance(points, list) and all(isinstance(p, list) and len(p) == 2 and all(_number(v) for v in p)
+    if not (isinstance(points, list) and all(isinstance(p, list) and len(p) == 2 and all(json_number(v) for v in p)
                                              for p in points)):
         raise ValueError("its points must be x, y pairs of numbers")
     label = shape["label"].strip()
@@ -79,10 +79,3 @@ def _annotation(shape: Any, where: str) -> CocoAnnotation:
         raise ValueError(f"a {kind} of {len(points)} point(s)")
     raise ValueError(f"a {kind} outlines no region (polygons, circles and rectangles are read)")
 
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _size(value: Any) -> bool:
-    return _number(value) and value > 0 and float(value).is_integer()
