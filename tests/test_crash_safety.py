@@ -177,3 +177,67 @@ def test_site_import_killed_with_sigkill_and_run_again_gives_the_site_a_clean_im
         assert whole.problems() == []
         assert all("a crash or a kill interrupted" in problem for problem in cut.problems()), cut.problems()
         assert len(cut.problems()) <= 1, "at most the one write in flight"
+
+
+# The child removes images with the CLI and SIGKILLs itself when it is about to delete its n-th image file:
+# after the database's commit, before the files are all gone.
+REMOVER = textwrap.dedent("""
+    import os, pathlib, signal, sys
+    from fedmix_engine.cli import main
+    real_unlink, seen = pathlib.Path.unlink, []
+    def unlink(self, missing_ok=False):
+        if self.parent.name == "images":
+            seen.append(self)
+            if len(seen) == int(sys.argv[1]):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_unlink(self, missing_ok=missing_ok)
+    pathlib.Path.unlink = unlink
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize(("killed_at", "again"), [(1, "the same"), (3, "the same"), (3, "another")])
+def test_a_removal_killed_part_way_is_finished_by_the_next(tmp_path: Path, rng, capsys, killed_at: int,
+                                                           again: str) -> None:
+    """A patient withdrew consent and `site remove` was killed (a closed terminal, a reboot) while it deleted
+    files. Images went one at a time, so the images removed before the kill were unknown names to the same
+    command run again, which refused everything, and the last one's pixels stayed on disk with no way but by
+    hand to delete them."""
+    import tifffile
+
+    from fedmix_engine.cli import main
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for k in range(6):
+        tifffile.imwrite(scans / f"scan {k:02d}.tif", rng.integers(0, 255, (24, 32), dtype=np.uint8))
+    site = tmp_path / "site"
+    with SiteStore.create(site, ["lesion"]) as store:
+        for path in sorted(scans.iterdir()):
+            image_id = store.add_image(path)
+            store.set_mask(image_id, (rng.random((24, 32)) > 0.5).astype(np.uint8))
+    named = ["scan_01", "scan 02.tif", str(scans / "scan 04.tif"), "scan_05"]
+    proc = subprocess.run([sys.executable, "-c", REMOVER, str(killed_at), "site", "remove", str(site), *named],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.image_ids() == ["scan_00", "scan_03"], "the rows of all four went in one commit"
+        assert store.pending_removals() == ["scan_01", "scan_02", "scan_04", "scan_05"]
+        problems = store.problems()
+        assert len(problems) == 4 and all("its removal was interrupted" in p for p in problems), problems
+        assert f"`fedmix-engine site remove {site} scan_04` finishes it" in problems[2]
+    left = {p.stem for folder in ("images", "masks") for p in (site / folder).iterdir()} - {"scan_00", "scan_03"}
+    assert len(left) == 4 - (killed_at - 1), "killed before all files of the four were deleted"
+
+    assert main(["site", "remove", str(site), *(named if again == "the same" else ["scan_00"])]) == 0
+    out = capsys.readouterr().out
+    assert ("finished the removal of 4 image(s) that an interrupted run had taken out of the database but not off "
+            "the disk (their files are deleted now):\n  scan_01\n  scan_02\n  scan_04\n  scan_05\n") in out
+    assert ("removed 0 image(s)" not in out) if again == "the same" else ("removed 1 image(s)" in out)
+    kept = ["scan_00", "scan_03"] if again == "the same" else ["scan_03"]
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.image_ids() == kept and store.problems() == [] and store.pending_removals() == []
+        assert store.read_mask("scan_03") is not None
+    assert sorted(p.name for folder in ("images", "masks") for p in (site / folder).iterdir()) == \
+        sorted(f"{image_id}.tif" for image_id in kept * 2)
+    assert main(["site", "remove", str(site), "scan_01"]) == 2, "finished: a name gone for good is refused again"

@@ -3,8 +3,10 @@ mistake, or an image whose file was corrected after import (the site keeps its o
 imported only once the old copy is gone).
 
 Images are named as everywhere else: by id or by the name of the file they were imported from. Every name
-is resolved before anything is removed, so a typing error removes nothing. Models the site trained before
-keep what they learnt from the images; the training after the removal never sees them again.
+is resolved before anything is removed, so a typing error removes nothing, and the images' rows go in one
+transaction: a removal killed part-way removed all or none of them, and the same command run again finishes it
+(the files a kill after the commit left behind are deleted then). Models the site trained before keep what they
+learnt from the images; the training after the removal never sees them again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Removal:
     """What :func:`remove_images` took out of the site."""
 
     images: list[ImageRecord] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # ids whose removal a kill interrupted, finished now
 
     @property
     def masks(self) -> int:
@@ -37,9 +40,13 @@ class Removal:
 
     def lines(self) -> list[str]:
         out = [f"removed {len(self.images)} image(s) with their annotations (masks: {self.masks}  boxes: "
-               f"{self.boxes}  tags: {self.tags}):"]
+               f"{self.boxes}  tags: {self.tags}):"] if self.images or not self.finished else []
         out.extend(f"  {record.id}" + (f"  (imported from {record.source})" if record.source else "")
                    for record in self.images)
+        if self.finished:
+            out.append(f"finished the removal of {len(self.finished)} image(s) that an interrupted run had taken "
+                       "out of the database but not off the disk (their files are deleted now):")
+            out.extend(f"  {image_id}" for image_id in self.finished)
         out.append("models the site trained before keep what they learnt from them; training from now on "
                    "does not see them")
         return out
@@ -47,8 +54,9 @@ class Removal:
 
 def images_named(store: SiteStore, names: list[str]) -> list[str]:
     """The ids of the images ``names`` give (ids, file names, or paths as a table would give them), each
-    once, in the order named; any name not in the site is refused with the site's names closest to it."""
-    known = site_names(store)
+    once, in the order named; also of the images whose removal a kill interrupted
+    (:meth:`SiteStore.pending_removals`); any other name is refused with the site's names closest to it."""
+    known = site_names(store) | {image_id: image_id for image_id in store.pending_removals()}
     ids: list[str] = []
     for name in names:
         image_id = resolve_image(known, name)
@@ -65,7 +73,8 @@ def images_named(store: SiteStore, names: list[str]) -> list[str]:
 def remove_images(store: SiteStore, names: list[str]) -> Removal:
     """Remove the images ``names`` give, with all their annotations (nothing, if one name is unknown)."""
     ids = images_named(store, names)
-    removal = Removal([store.record(image_id) for image_id in ids])
-    for image_id in ids:
-        store.remove_image(image_id)
+    held = {record.id: record for record in store.records()}
+    removal = Removal([held[image_id] for image_id in ids if image_id in held],
+                      [image_id for image_id in store.pending_removals() if image_id not in held])
+    store.remove_images(ids)
     return removal

@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS tags (
     author TEXT NOT NULL, created_at TEXT NOT NULL,
     PRIMARY KEY (image_id, class_name)
 );
+CREATE TABLE IF NOT EXISTS removals (image_id TEXT PRIMARY KEY);
 """
 
 
@@ -401,14 +402,37 @@ class SiteStore:
                              "this id; rename the file or pass another id")
 
     def remove_image(self, image_id: str) -> None:
-        """Remove an image and all its annotations: its files, and its rows overwritten in the database and
-        in the write-ahead log too when no other program reads the site (a patient's consent withdrawn)."""
-        self._require_image(image_id)
+        """Remove an image and all its annotations (:meth:`remove_images`)."""
+        self.remove_images([image_id])
+
+    def remove_images(self, image_ids: list[str]) -> None:
+        """Remove images and all their annotations (a patient's consent withdrawn): their rows, overwritten in
+        the database and in the write-ahead log too when no other program reads the site, then their files.
+        The rows go in one transaction that notes the ids as pending until the files are gone too, so a removal
+        killed part-way removed all or none of the rows, and the next removal (the same command run again, or
+        any other) deletes what it left on disk; an id noted so may be named again though it has no image."""
+        pending = self.pending_removals()
+        for image_id in image_ids:
+            if image_id not in pending:
+                self._require_image(image_id)
         with self._transaction() as db:
-            db.execute("DELETE FROM images WHERE id=?", (image_id,))
-        self._unlink_unclaimed(image_id, "SELECT 1 FROM images WHERE id=?", ("images", "masks"))
+            db.executemany("DELETE FROM images WHERE id=?", [(image_id,) for image_id in image_ids])
+            db.executemany("INSERT OR IGNORE INTO removals VALUES (?)", [(image_id,) for image_id in image_ids])
+        finishing = list(dict.fromkeys([*image_ids, *pending]))
+        for image_id in finishing:
+            self._unlink_unclaimed(image_id, "SELECT 1 FROM images WHERE id=?", ("images", "masks"))
+        with self._transaction() as db:
+            db.executemany("DELETE FROM removals WHERE image_id=?", [(image_id,) for image_id in finishing])
         with self._lock, contextlib.suppress(sqlite3.Error):  # the log's old pages go now, not at its next reset
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def pending_removals(self) -> list[str]:
+        """The ids of images whose removal a kill interrupted after its commit: their files may still be on
+        disk (:meth:`remove_images`). A site written by an earlier version has no such note: none."""
+        try:
+            return [row[0] for row in self._query("SELECT image_id FROM removals ORDER BY image_id")]
+        except sqlite3.OperationalError:  # no such table: opened read-only, never opened for writing since
+            return []
 
     def _unlink_unclaimed(self, image_id: str, claim: str, folders: tuple[str, ...]) -> None:
         """Delete an image's files once the removal of their rows is committed (a full disk at that commit
@@ -659,13 +683,17 @@ class SiteStore:
             known[file] = image_id
             if not (self.root / file).is_file():
                 found.append(f"{file}: mask file missing for image '{image_id}'")
+        pending = self.pending_removals()
+        found.extend(f"image '{image_id}': its removal was interrupted after the database's commit, and its files "
+                     f"may still be on disk: `fedmix-engine site remove {self.root} {image_id}` finishes it"
+                     for image_id in pending)
         for sub in ("images", "masks"):
             for path in sorted((self.root / sub).glob("*")):
                 rel = f"{sub}/{path.name}"
                 if is_interrupted_write(path):
                     found.append(f"{rel}: temporary file of a save that a crash or a kill interrupted (that save "
                                  "did not happen; the site is consistent without it): delete it")
-                elif rel not in known:
+                elif rel not in known and path.stem not in pending:
                     found.append(f"{rel}: stray file not registered in the site (a save or a removal that a crash "
                                  "interrupted, or a file put there by hand); the site works without it: delete it "
                                  "(a removed patient's image must be)")
