@@ -467,6 +467,27 @@ def test_annotate_import_says_which_photos_other_tools_show_turned(make_napari_v
     assert said and said[-1].startswith("1 photo(s) with an EXIF orientation") and str(photo) in said[-1]
 
 
+def test_annotate_import_says_which_images_copy_an_image_of_the_site(make_napari_viewer, qtbot, tmp_path, rng,
+                                                                     monkeypatch):
+    """Two files of one scan under two names: napari's import added both and said nothing."""
+    import imageio.v3 as iio
+    import napari.utils.notifications
+
+    from napari_fedmix.annotate_widget import AnnotateWidget
+
+    said: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_info", said.append)
+    scan = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    iio.imwrite(tmp_path / "scan.png", scan)
+    iio.imwrite(tmp_path / "scan copy.png", scan)
+    widget = AnnotateWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    widget.create_site(tmp_path / "site", ["lesion"])
+    assert _imported(qtbot, widget, widget.import_images([tmp_path / "scan.png", tmp_path / "scan copy.png"])) == []
+    assert said and said[-1].startswith("1 image(s) with the same pixels as an image of the site")
+    assert f"  {tmp_path / 'scan copy.png'} = scan" in said[-1] and len(widget.store) == 2
+
+
 def test_annotate_import_folder_takes_masks_beside_images_as_masks(make_napari_viewer, qtbot, tmp_path, images,
                                                                    monkeypatch):
     import os

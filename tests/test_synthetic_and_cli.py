@@ -876,6 +876,62 @@ def test_site_import_says_when_colour_images_go_into_a_grey_site(tmp_path: Path,
     assert "colour images" not in capsys.readouterr().out
 
 
+def test_site_import_names_the_images_it_adds_that_copy_an_image_of_the_site(tmp_path: Path, capsys, rng) -> None:
+    """Public datasets hold copies of one scan under two names (BUSI has some, even one filed as benign and
+    as malignant), and a clinic's export can hold a scan twice: both were imported and trained without a
+    word, and their annotations could contradict each other."""
+    from fedmix_engine.data.imageio import pixel_digest
+
+    scans = [rng.integers(0, 256, (20, 24), dtype=np.uint8) for _ in range(3)]
+    benign, malignant = tmp_path / "benign", tmp_path / "malignant"
+    benign.mkdir()
+    malignant.mkdir()
+    iio.imwrite(benign / "benign (1).png", scans[0])
+    iio.imwrite(benign / "benign (2).png", scans[1])
+    iio.imwrite(malignant / "malignant (7).png", scans[0])  # the copy filed under the other class
+    iio.imwrite(malignant / "malignant (8).png", scans[2])
+    iio.imwrite(malignant / "malignant (9).png", scans[2])  # and a copy within one import
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(benign)]) == 0
+    assert "same pixels" not in capsys.readouterr().out
+    assert main(["site", "import", str(site), "--images", str(malignant)]) == 0
+    out = capsys.readouterr().out
+    assert ("2 image(s) with the same pixels as an image of the site (a copy under another name, as public datasets "
+            "hold: both train, and annotations that disagree contradict each other; `site remove` takes a copy "
+            f"out):\n  {malignant / 'malignant (7).png'} = benign__1_\n  {malignant / 'malignant (9).png'} = "
+            "malignant__8_\n") in out, out
+    with SiteStore.open(site, readonly=True) as store:
+        assert len(store) == 5, "copies are kept: the clinician decides which to take out"
+        digests = store.pixel_digests()
+        assert digests == {image_id: pixel_digest(store.read_image(image_id)) for image_id in store.image_ids()}
+        assert digests["benign__1_"] == digests["malignant__7_"] != digests["benign__2_"]
+
+
+def test_a_site_of_an_earlier_version_gets_its_pixel_digests_once(tmp_path: Path, rng) -> None:
+    """Sites imported before the digests were kept have none: they are read once, when first asked for, and
+    kept; a read-only open of such a site computes them without writing."""
+    import sqlite3
+
+    from fedmix_engine.data.imageio import pixel_digest
+
+    with SiteStore.create(tmp_path / "site", ["lesion"]) as store:
+        for k in range(3):
+            store.add_image(rng.integers(0, 256, (10, 12), dtype=np.uint8), f"img-{k}")
+    with sqlite3.connect(tmp_path / "site" / "annotations.db") as db:
+        db.execute("DROP TABLE digests")  # as an earlier version left it
+    expected = {}
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        expected = {image_id: pixel_digest(store.read_image(image_id)) for image_id in store.image_ids()}
+        assert store.pixel_digests() == expected
+    with sqlite3.connect(tmp_path / "site" / "annotations.db") as db:
+        assert not db.execute("SELECT 1 FROM sqlite_master WHERE name='digests'").fetchall(), "read-only wrote"
+    with SiteStore.open(tmp_path / "site") as store:
+        assert store.pixel_digests(["img-2"]) == {"img-2": expected["img-2"]}
+        assert store.pixel_digests() == expected
+        (tmp_path / "site" / "images" / "img-0.tif").unlink()  # kept: no file is read for it any more
+        assert store.pixel_digests() == expected
+
+
 def test_site_import_reads_the_labelme_files_beside_the_images(tmp_path: Path, capsys, rng) -> None:
     """LabelMe, the polygon tool of many imaging groups, saves each image's shapes as a JSON file beside it;
     importing the folder took the images and left every drawn lesion behind."""

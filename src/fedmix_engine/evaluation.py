@@ -77,11 +77,8 @@ def own_model_note(model: str | Path, site: str | Path) -> str | None:
 def shared_images(held_out: SiteStore, site: SiteStore) -> list[tuple[str, str]]:
     """The held-out images that are also in the site, by pixels: (held-out id, site id). Such a copy (the
     same scans imported into both folders) is scored on a model trained on it, and flatters it."""
-    from fedmix_engine.data.imageio import pixel_digest
-
-    trained = {pixel_digest(site.read_image(image_id)): image_id for image_id in site.image_ids()}
-    return [(image_id, trained[digest]) for image_id in held_out.image_ids()
-            if (digest := pixel_digest(held_out.read_image(image_id))) in trained]
+    trained = {digest: image_id for image_id, digest in site.pixel_digests().items()}
+    return [(image_id, trained[digest]) for image_id, digest in held_out.pixel_digests().items() if digest in trained]
 
 
 def full_truth_records(store: SiteStore) -> list[ImageRecord]:

@@ -627,8 +627,10 @@ class AnnotateWidget(QWidget):
     def _on_imported(self, report) -> None:
         self.last_import = report
         counts = [] if report.read_images else report.lines()[:1]  # a table: what it gave, said either way
-        # corrections made here that the files would have undone; photos other tools show turned; colour lost
-        notes = [*report.kept_lines(shown=10), *report.turned_lines(shown=10), *report.colour_lines()]
+        # corrections made here that the files would have undone; photos other tools show turned; copies of
+        # images held; colour lost
+        notes = [*report.kept_lines(shown=10), *report.turned_lines(shown=10), *report.copy_lines(shown=10),
+                 *report.colour_lines()]
         if (counts or notes) and not report.problems:
             from napari.utils.notifications import show_info
 

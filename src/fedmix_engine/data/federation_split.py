@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes
-from fedmix_engine.data.imageio import pixel_digest
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.weak_labels import (
     add_training_image,
@@ -53,9 +52,10 @@ def _split_sizes(n: int, val: float, test: float, where: Path) -> tuple[int, int
 def _copies(store: SiteStore, ids: Sequence[str]) -> dict[str, list[str]]:
     """The images grouped by their pixels (digest → ids, in ``ids`` order): a group of more than one holds
     copies of one image under several names, as public datasets do (BUSI), which a split must not part."""
+    digests = store.pixel_digests()
     groups: dict[str, list[str]] = {}
     for image_id in ids:
-        groups.setdefault(pixel_digest(store.read_image(image_id)), []).append(image_id)
+        groups.setdefault(digests[image_id], []).append(image_id)
     return groups
 
 

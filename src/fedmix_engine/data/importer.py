@@ -110,6 +110,7 @@ class ImportReport:
     rows_without_box: int = 0  # box table rows with every corner empty: an image without a finding, no box
     coco_unannotated: int = 0  # images a COCO file lists without annotations (not annotated yet, or no finding)
     turned: list[Path] = field(default_factory=list)  # added photos that photo viewers show turned (EXIF)
+    copies: list[tuple[Path, str]] = field(default_factory=list)  # added files of pixels the site held: (file, id)
     colour_in_grey: int = 0  # colour images added to a grey site: trained as grey
     with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
     unchanged: int = 0  # masks, images' boxes and tags the site held as the files give them: not written again
@@ -127,6 +128,7 @@ class ImportReport:
             out.append(f"pixel spacing (mm) from the files: {self.with_spacing} of {self.images_added} added images"
                        + ("" if self.with_spacing else " (evaluate gives HD95 in pixels)"))
         out.extend(self.turned_lines(shown))
+        out.extend(self.copy_lines(shown))
         out.extend(self.colour_lines())
         if self.empty_masks:
             out.append(f"empty masks: {self.empty_masks} (no lesion: stored as every class tagged absent)")
@@ -148,24 +150,23 @@ class ImportReport:
                 "made with --channels 3, or napari's New site… for colour images, keeps their colour)"
                 ] if self.colour_in_grey else []
 
+    def copy_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
+        """The added images whose pixels are those of an image the site held already (none: no lines)."""
+        return _listed(f"{len(self.copies)} image(s) with the same pixels as an image of the site (a copy under "
+                       "another name, as public datasets hold: both train, and annotations that disagree contradict "
+                       "each other; `site remove` takes a copy out):",
+                       [f"{path} = {image_id}" for path, image_id in self.copies], shown)
+
     def turned_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The added photos that photo viewers show turned (none: no lines)."""
-        if not self.turned:
-            return []
-        hidden = len(self.turned) - shown
-        return [f"{len(self.turned)} photo(s) with an EXIF orientation (turned or mirrored by photo viewers): "
-                "stored as their pixels are, as napari shows them; a mask drawn where they were shown turned "
-                "will not fit:", *(f"  {path}" for path in self.turned[:shown]),
-                *([f"  … and {hidden} more"] if hidden > 0 else [])]
+        return _listed(f"{len(self.turned)} photo(s) with an EXIF orientation (turned or mirrored by photo viewers): "
+                       "stored as their pixels are, as napari shows them; a mask drawn where they were shown turned "
+                       "will not fit:", self.turned, shown)
 
     def kept_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The site's annotations the import did not replace, newer than their files (none: no lines)."""
-        if not self.kept:
-            return []
-        hidden = len(self.kept) - shown
-        return [f"kept {len(self.kept)} annotation(s) the site changed after their files were written "
-                "(site import --replace takes the files'):", *(f"  {note}" for note in self.kept[:shown]),
-                *([f"  … and {hidden} more"] if hidden > 0 else [])]
+        return _listed(f"kept {len(self.kept)} annotation(s) the site changed after their files were written "
+                       "(site import --replace takes the files'):", self.kept, shown)
 
     def problem_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The first ``shown`` problems and where the rest are: a thousand refused rows must not bury the
@@ -176,6 +177,14 @@ class ImportReport:
         where = (f"… and {hidden} more; all {len(self.problems)} are listed in {self.problems_file}" if hidden > 0
                  else f"(also listed in {self.problems_file})")
         return [*self.problems[:shown], where]
+
+
+def _listed(head: str, items: list, shown: int) -> list[str]:
+    """``head`` and the first ``shown`` items indented, then how many more there are (no items: no lines)."""
+    if not items:
+        return []
+    hidden = len(items) - shown
+    return [head, *(f"  {item}" for item in items[:shown]), *([f"  … and {hidden} more"] if hidden > 0 else [])]
 
 
 def write_problem_log(store: SiteStore, report: ImportReport, clock: Callable[[], float] = time.time) -> None:
@@ -623,6 +632,7 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
     # sources recorded as typed (relative: before this version) name no file for sure: those go by name and pixels
     by_source = {_file_key(record.source): record for record in records.values() if os.path.isabs(record.source)}
     names = site_names(store)
+    by_pixels: dict[str, str] | None = None  # digest → the first image of those pixels: read once something is added
     for n, path in enumerate(files, start=1):
         record = by_source.get(_file_key(path))
         try:
@@ -636,6 +646,13 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
             else:
                 image_id = store.add_image(path, author=author)
                 report.images_added += 1
+                if by_pixels is None:
+                    by_pixels = {}
+                    for held_id, held_digest in store.pixel_digests().items():  # in import order: first is first
+                        by_pixels.setdefault(held_digest, held_id)
+                first = by_pixels.setdefault(store.pixel_digests([image_id])[image_id], image_id)
+                if first != image_id:
+                    report.copies.append((path, first))
                 report.colour_in_grey += store.config.channels == 1 and store.record(image_id).channels == 3
                 if turned_by_viewers(path):
                     report.turned.append(path)

@@ -43,6 +43,7 @@ from fedmix_engine.atomic import atomic_write_bytes, is_interrupted_write, make_
 from fedmix_engine.data.imageio import (
     image_stem,
     normalise_image,
+    pixel_digest,
     read_array,
     read_image,
     tiff_bytes,
@@ -89,6 +90,9 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (image_id, class_name)
 );
 CREATE TABLE IF NOT EXISTS removals (image_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS digests (
+    image_id TEXT PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE, sha256 TEXT NOT NULL
+);
 """
 
 
@@ -384,6 +388,7 @@ class SiteStore:
                         (image_id, relative, origin, array.shape[0], array.shape[1], channels, str(array.dtype),
                          author or _default_author(), self._clock(), seq),
                     )
+                    db.execute("INSERT INTO digests VALUES (?,?)", (image_id, pixel_digest(array)))
                 except BaseException:  # still under the lock: no other program's file of this id can be here
                     written = False
                     with contextlib.suppress(FileNotFoundError):
@@ -491,6 +496,23 @@ class SiteStore:
         if not rows:
             raise self._unknown(image_id)
         return read_image(self.root / rows[0][0])
+
+    def pixel_digests(self, image_ids: list[str] | None = None) -> dict[str, str]:
+        """The :func:`pixel_digest` of every image, or of ``image_ids``, by id in import order: copies of one
+        image under two names, or in two folders, have one digest. Kept since an image's import; an image
+        imported by an earlier version is read once for it (and its digest kept, unless opened read-only)."""
+        ids = self.image_ids() if image_ids is None else image_ids
+        where = "" if image_ids is None else f" WHERE image_id IN ({','.join('?' * len(ids))})"
+        try:
+            kept = dict(self._query(f"SELECT image_id, sha256 FROM digests{where}", tuple(image_ids or ())))
+        except sqlite3.OperationalError:  # no such table: opened read-only, never opened for writing since
+            kept = {}
+        missing = {image_id: pixel_digest(self.read_image(image_id)) for image_id in ids if image_id not in kept}
+        if missing and not self.readonly:
+            with self._transaction() as db:  # an image removed meanwhile: its row is not there to refer to
+                db.executemany("INSERT OR IGNORE INTO digests SELECT id, ? FROM images WHERE id=?",
+                               [(digest, image_id) for image_id, digest in missing.items()])
+        return {image_id: kept.get(image_id) or missing[image_id] for image_id in ids}
 
     def spacing(self, image_id: str) -> tuple[float, float] | None:
         """The image's pixel spacing (row, column mm) when it was imported with one, else None."""
