@@ -81,6 +81,41 @@ def test_4d_and_tiny_and_nan_and_unsupported(tmp_path: Path) -> None:
         read_image(tmp_path / "missing.tif")
 
 
+def test_a_whole_slide_sized_image_is_refused_from_its_header_before_it_is_decoded(tmp_path: Path) -> None:
+    """A slide scanner's tiled TIFF holds gigapixels in a small file; dropped into a folder of scans it was
+    decoded whole (20480² here: 400 MB from 0.4 MB; a real slide's 100000² takes all the memory, and the
+    import or napari with it). A PNG past Pillow's limit was "unreadable or corrupt"."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from fedmix_engine.data.imageio import MAX_PIXELS, validate_image
+
+    side, tile = 20480, np.zeros((1024, 1024), np.uint8)
+    slide = tmp_path / "slide 12.tif"
+    tifffile.imwrite(slide, (tile for _ in range((side // 1024) ** 2)), shape=(side, side), dtype=np.uint8,
+                     tile=(1024, 1024), compression="zlib")
+    assert slide.stat().st_size < 2_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=r"slide 12\.tif: image of 20480×20480 pixels is too large \(at most "
+                                             r"178,956,970 pixels, about 13000×13000\): a whole-slide or stitched "
+                                             r"image; export tiles"):
+            read_image(slide)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50_000_000, f"decoded: {peak / 1e6:.0f} MB"
+
+    Image.new("L", (17000, 17000)).save(tmp_path / "stitched.png")  # over Pillow's own limit
+    with pytest.raises(InputError, match=r"stitched\.png: image of 289,000,000 pixels is too large"):
+        read_image(tmp_path / "stitched.png")
+    wide = np.broadcast_to(np.uint8(0), (8, MAX_PIXELS // 8 + 1))  # an array (a napari layer): no memory
+    with pytest.raises(InputError, match=r"layer: image of 8×22369622 pixels is too large"):
+        validate_image(wide, "layer")
+    assert validate_image(np.broadcast_to(np.uint8(0), (8, MAX_PIXELS // 8)), "layer").shape == (8, MAX_PIXELS // 8)
+
+
 def test_normalisation_rules() -> None:
     u8 = np.array([[0, 255], [51, 102]], np.uint8).repeat(8, 0).repeat(8, 1)
     np.testing.assert_allclose(normalise_image(u8)[0, 0, 0], 0.0)

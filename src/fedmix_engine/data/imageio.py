@@ -5,7 +5,8 @@ shows it); 8- or 16-bit integers or floats; grey
 (H×W, or a grey PNG's H×W×2 with alpha dropped) or colour (H×W×3, H×W×4 with alpha dropped).
 Axes of length 1 are dropped first: ImageJ and NumPy often save one 2-D image as 1×H×W or H×W×1.
 Refused with an :class:`InputError` naming the file: unreadable or corrupt files, 3-D stacks,
-two-channel TIFFs, empty images, non-finite floats.
+two-channel TIFFs, empty images, non-finite floats, images of more than :data:`MAX_PIXELS` (told from
+the header, before decoding).
 
 Normalisation (:func:`normalise_image`) maps every accepted image to float32 ``C×H×W`` in
 [0, 1]:
@@ -21,6 +22,7 @@ Normalisation (:func:`normalise_image`) maps every accepted image to float32 ``C
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +38,9 @@ from fedmix_engine.errors import InputError
 _PLAIN_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")  # read by tifffile or imageio
 IMAGE_SUFFIXES = (*_PLAIN_SUFFIXES, *DICOM_SUFFIXES)
 PREDICTABLE_SUFFIXES = (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES)  # what batch prediction reads by its name
+# Pillow's own limit for PNG and JPEG (twice its MAX_IMAGE_PIXELS: it refuses larger ones as decompression
+# bombs), held for every format: ≈13377², far above a mammogram (≈5000×6000) or a camera's photo
+MAX_PIXELS = 178_956_970
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -112,14 +117,26 @@ def _read_stored(path: Path) -> tuple[np.ndarray, str]:
 
             with tifffile.TiffFile(path) as tiff:  # what tifffile.imread reads: the first series
                 series = tiff.series[0]
+                if "Y" in series.axes and "X" in series.axes:  # before decoding: a slide scanner's gigapixels
+                    check_size(path, series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")])
                 array, axes = series.asarray(), series.axes
         else:
             import imageio.v3 as iio
+            from PIL import Image
 
+            try:
+                with Image.open(path) as header:  # the header only, before decoding
+                    check_size(path, header.height, header.width)
+            except Image.DecompressionBombError as exc:  # over MAX_PIXELS: Pillow refuses to open it at all
+                counted = re.search(r"\((\d+) pixels\)", str(exc))
+                raise _too_large(path, f"{int(counted[1]):,} pixels" if counted else f"over {MAX_PIXELS:,} pixels") \
+                    from None
             array = iio.imread(path)
             if array.ndim == 3 and array.shape[-1] == 2:
                 array = array[..., 0]  # PNG's grey + alpha mode: the format says the second channel is alpha
             axes = "YXS" if array.ndim == 3 else "YX"
+    except InputError:
+        raise
     except Exception as exc:  # the readers raise many types for corrupt files
         raise _unreadable(path, exc) from exc
     array = np.asarray(array)
@@ -163,6 +180,19 @@ def _without_length_one_axes(array: np.ndarray) -> np.ndarray:
     return squeezed if squeezed.ndim >= 2 else array
 
 
+def check_size(where: str | Path, height: int, width: int) -> None:
+    """Refuse an image of more than :data:`MAX_PIXELS`, from its header where it has one: a whole-slide scan
+    (gigapixels in a small tiled file) decoded whole takes all the memory, or the process with it."""
+    if height * width > MAX_PIXELS:
+        raise _too_large(where, f"{height}×{width} pixels")
+
+
+def _too_large(where: str | Path, size: str) -> InputError:
+    return InputError(where, f"image of {size} is too large (at most {MAX_PIXELS:,} pixels, about 13000×13000): "
+                             "a whole-slide or stitched image; export tiles or a smaller copy of the region (QuPath, "
+                             "OpenSlide) and use those")
+
+
 def validate_image(array: np.ndarray, where: str | Path) -> np.ndarray:
     """Check that ``array`` is one 2-D image (grey or colour) and return it as H×W or H×W×3."""
     stored = np.asarray(array)
@@ -189,6 +219,7 @@ def validate_image(array: np.ndarray, where: str | Path) -> np.ndarray:
         raise InputError(where, reason)
     if array.shape[0] < 8 or array.shape[1] < 8:
         raise InputError(where, f"image of {array.shape[0]}×{array.shape[1]} pixels is too small (min 8×8)")
+    check_size(where, array.shape[0], array.shape[1])
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         raise InputError(where, "image contains NaN or infinite values")
     return array
