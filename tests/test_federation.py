@@ -203,6 +203,7 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
                       for k, name in enumerate(SITES)}
             size = len(bodies["site-a"])
             filler = state / "filler"
+            assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
 
             fill_disk_leaving(filler, size // 4)
             full = upload(server.url, tokens["site-a"], 1, bodies["site-a"])
@@ -224,6 +225,9 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
             assert status["close_failure"]["round"] == 1 and "No space left" in status["close_failure"]["error"]
             page = httpx.get(server.url + "/").text
             assert "Round 1 is due to close but cannot be</b>: [Errno 28] No space left on device" in page
+            health = httpx.get(server.url + "/healthz", timeout=10)  # what a monitor sees: no token, no paths
+            assert health.status_code == 503 and health.json()["status"] == "failing"
+            assert health.json()["failing"] == ["round 1 is due to close but cannot be (No space left on device)"]
             assert not list((state / "rounds").glob("*.tmp")), "a half-written model would hold the last space"
             waiting = FederationClient(server.url, tokens["site-c"], sample / "site-c", device="cpu")
             said = next(e for e in waiting.iter_join() if e.kind == "waiting").message  # site-c has uploaded
@@ -237,6 +241,8 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
                 time.sleep(0.2)
             assert server.status()["history"][0]["reason"] == "every expected site reported"
             assert server.status()["close_failure"] is None and "cannot be</b>" not in httpx.get(server.url).text
+            health = httpx.get(server.url + "/healthz", timeout=10)
+            assert health.status_code == 200 and health.json()["failing"] == [] and health.json()["round"] == 2
         served, _, _ = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
     log = next(tmp_path.glob("server-*.log")).read_text()
     assert "Traceback" not in log, log[-3000:]
@@ -888,6 +894,9 @@ def test_the_round_history_is_for_the_admin_and_the_sites_unless_made_public(tmp
             for who, headers in (("remote", {}), ("remote site", site), ("remote wrong token", wrong)):
                 for path in ("/v1/status", "/"):
                     seen[access, who, path] = httpx.get(remote + path, headers=headers, timeout=10).status_code
+            health = httpx.get(remote + "/healthz", timeout=10)  # a monitor's: open to all, naming no site
+            assert health.status_code == 200 and health.json() == {"status": "ok", "failing": [], "warnings": [],
+                                                                   "round": 1, "finished": False}
             page = httpx.get(server.url + "/", timeout=10)
             seen[access, "admin here", "/"] = page.status_code
             # relative, so that it also leads to the JSON behind a reverse proxy's path prefix (/fedmix/)
@@ -1270,6 +1279,9 @@ def test_a_damaged_token_file_is_named_by_every_command_and_a_running_server_ref
         refused, again = config(), config()
         assert refused.status_code == again.status_code == 503
         assert "its token file is damaged" in refused.json()["detail"]
+        health = httpx.get(f"{server.url}/healthz", timeout=10)
+        assert health.status_code == 503 and health.json()["failing"] == ["the token file is damaged: every site "
+                                                                          "is refused"]
         for command in (["token", "--state", str(state), "list"], ["token", "--state", str(state), "add", "site-b"]):
             assert main(command) == 2, command
             err = capsys.readouterr().err
@@ -1281,7 +1293,7 @@ def test_a_damaged_token_file_is_named_by_every_command_and_a_running_server_ref
         assert "sites not yet uploaded: unknown (tokens.json cannot be read: another user's, or damaged; " \
                "'fedmix-engine token list' says which)" in capsys.readouterr().out
         (state / "tokens.json").write_bytes(good)
-        assert config().status_code == 200
+        assert config().status_code == 200 and httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
     (state / "tokens.json").write_text('{"site-a": {\n')  # the server stopped: serve names the file at start
     assert main(["serve", "--state", str(state), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err

@@ -258,6 +258,23 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         except (OSError, InputError):  # an unreadable tokens.json: the status's list of sites says so
             return None
 
+    @app.get("/healthz")
+    def health() -> JSONResponse:
+        """For a monitor (a load balancer, Nagios, Uptime Kuma, Kubernetes' probes): no token, and nothing of
+        the sites. 503 while the server runs but cannot do its work until its admin acts: the open round is due
+        and cannot be closed (a full disk), or the token file is damaged (every site is refused)."""
+        failing = []
+        if (failure := state.close_failure) is not None:
+            failing.append(f"round {failure['round']} is due to close but cannot be ({failure['reason']})")
+        try:
+            tokens.sites()
+        except InputError:
+            failing.append("the token file is damaged: every site is refused")
+        warnings = ["the disk has too little free space for the rounds to come"] if shortfall() else []
+        return JSONResponse({"status": "failing" if failing else "ok", "failing": failing, "warnings": warnings,
+                             "round": None if state.finished else state.current_round, "finished": state.finished},
+                            status_code=503 if failing else 200)
+
     @app.get("/", response_class=HTMLResponse, dependencies=[Depends(status_reader)])
     def admin_page() -> str:
         return render_admin_page({**status(), "space_shortfall": shortfall(), "site_count": site_count()})
