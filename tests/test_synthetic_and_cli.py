@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -173,16 +174,18 @@ def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
                  "--boxes", str(clinic / "boxes.csv"), "--tags", str(clinic / "tags.csv")])
     out = capsys.readouterr().out
     assert code == 1, "problems must make the exit status non-zero"
-    assert "images added: 20" in out and "masks: 5  boxes: 8  tags: 8" in out
+    assert "images added: 20" in out and "masks: 5  boxes: 7  tags: 8" in out
     assert "boxes.csv:10: image 'case-99.png' is not in the site" in out
     assert "boxes.csv:11: box (30,30)–(60,45) lies outside the 40×50 image" in out
+    assert ("boxes.csv: none of the boxes of 'case-06' imported, as 1 of its rows were refused (boxes are "
+            "exhaustive: a lesion left out would train as background); the site keeps the boxes it held") in out
     assert "tags.csv:10: image 'case-98' is not in the site" in out
     assert "tags.csv:11: unknown class 'tumour'" in out
 
     assert main(["site", "info", str(site)]) == 0
     info = capsys.readouterr().out
     assert "mask-supervised: 5" in info
-    assert "box-supervised:  7  (boxes: 8)" in info
+    assert "box-supervised:  6  (boxes: 7)" in info
     assert "tag-supervised:  8  (tags: 8)" in info
     assert "problems: 0" in info
     assert "models: none yet (train in napari, or join a federation)" in info
@@ -192,7 +195,7 @@ def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
     main(["site", "import", str(site), "--images", str(clinic / "images"), "--boxes", str(clinic / "boxes.csv")])
     assert "already present: 20" in capsys.readouterr().out
     with SiteStore.open(site) as store:
-        assert store.summary()["boxes"] == 8
+        assert store.summary()["boxes"] == 7
 
 
 def test_site_import_again_by_another_path_skips_what_it_holds_and_says_which_files_changed(
@@ -299,7 +302,8 @@ def test_site_import_again_keeps_what_the_site_corrected_since_and_takes_what_th
 
     assert main(["site", "import", str(site), *sources]) == 1  # the tables' bad rows are still problems
     out = capsys.readouterr().out
-    assert "masks: 1  boxes: 0  tags: 0  (unchanged: 16)" in out  # 3 masks, 6 images' boxes, 7 tags
+    assert "masks: 1  boxes: 0  tags: 0  (unchanged: 15)" in out  # 3 masks, 5 images' boxes (not case-06's,
+    # whose refused row leaves its boxes as they are), 7 tags
     assert "kept 3 annotation(s) the site changed after their files were written (site import --replace takes " \
            "the files'):" in out
     assert f"  {clinic / 'masks' / 'case-00_mask.png'}: the mask of 'case-00', changed in the site by dr-napari" in out
@@ -313,7 +317,7 @@ def test_site_import_again_keeps_what_the_site_corrected_since_and_takes_what_th
 
     assert main(["site", "import", str(site), *sources, "--replace"]) == 1
     out = capsys.readouterr().out
-    assert "masks: 1  boxes: 2  tags: 1  (unchanged: 17)" in out and "kept" not in out
+    assert "masks: 1  boxes: 2  tags: 1  (unchanged: 16)" in out and "kept" not in out
     with SiteStore.open(site, readonly=True) as store:
         assert store.mask_author("case-00")[0] != "dr-napari" and store.tags("case-12") == {"lesion": False}
         assert len(store.boxes("case-05")) == 2
@@ -492,9 +496,9 @@ def test_site_import_adds_annotations_to_the_images_a_site_holds_without_images_
     assert main(["site", "import", str(site), "--masks", str(clinic / "masks"), "--boxes", str(clinic / "boxes.csv"),
                  "--tags", str(clinic / "tags.csv")]) == 1  # the table's rows of images it never had
     out = capsys.readouterr().out
-    assert out.startswith("masks: 5  boxes: 8  tags: 8\n") and "images added" not in out
+    assert out.startswith("masks: 5  boxes: 7  tags: 8\n") and "images added" not in out
     with SiteStore.open(site, readonly=True) as store:
-        assert store.summary()["mask"] == 5 and store.summary()["boxes"] == 8
+        assert store.summary()["mask"] == 5 and store.summary()["boxes"] == 7
     assert main(["site", "import", str(site)]) == 2
     assert "error: --images: nothing to import: give --images, and/or --masks, --boxes, --tags or --coco" in \
         capsys.readouterr().err
@@ -780,8 +784,9 @@ def test_site_import_takes_a_spreadsheets_capitalised_class_and_decimal_comma(tm
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images"),
                  "--boxes", str(clinic / "boxes.csv"), "--tags", str(clinic / "tags.csv")]) == 1
     out = capsys.readouterr().out
-    assert "boxes: 1  tags: 3" in out and "1 problem(s)" in out
+    assert "boxes: 1  tags: 3" in out and "2 problem(s)" in out
     assert "boxes.csv:3: box corners must be numbers, got ['3', '4', '1,2,3', '30']" in out
+    assert "boxes.csv: none of the boxes of 'case-06' imported, as 1 of its rows were refused" in out
     with SiteStore.open(site, readonly=True) as store:
         assert store.tags("case-12") == {"lesion": True} and store.tags("case-13") == {"lesion": False}
         assert [(b.class_name, b.y0, b.x0, b.y1, b.x1) for b in store.boxes("case-05")] == [("lesion", 4, 4, 20, 30)]
@@ -790,6 +795,38 @@ def test_site_import_takes_a_spreadsheets_capitalised_class_and_decimal_comma(tm
     assert main(["site", "import", str(twins), "--classes", "cyst,Cyst", "--images", str(clinic / "images"),
                  "--tags", str(clinic / "tags.csv")]) == 1
     assert "tags.csv:2: unknown class 'Lesion'; this site's classes are: cyst, Cyst" in capsys.readouterr().out
+
+
+def test_a_box_table_row_refused_leaves_its_images_boxes_as_they_were(tmp_path: Path, capsys, rng) -> None:
+    """Boxes are exhaustive. A table whose row for an image was refused (a typo, a box past the edge) replaced
+    the image's boxes with its other rows, so that lesion trained as background, and an image whose only row
+    was refused lost every box the site held for it, with 'unchanged' counted: the clinic's later table with
+    one bad row deleted annotations without a word."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("case-07", "case-08", "case-09"):
+        iio.imwrite(images / f"{name}.png", rng.integers(0, 256, (40, 50), dtype=np.uint8))
+    site, table = tmp_path / "site", tmp_path / "boxes.csv"
+    table.write_text("image,class,y0,x0,y1,x1\ncase-07,lesion,1,1,9,9\ncase-07,lesion,20,20,30,30\n"
+                     "case-08,lesion,5,5,15,15\n")
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(images), "--boxes",
+                 str(table)]) == 0
+    with SiteStore.open(site, readonly=True) as store:
+        held = {name: store.boxes(name) for name in ("case-07", "case-08")}
+    capsys.readouterr()
+
+    time.sleep(0.01)
+    table.write_text("image,class,y0,x0,y1,x1\ncase-07,lesion,1,1,9,9\ncase-07,lesion,20,20,45,30\n"
+                     "case-08,lesion,5,5,15,99\ncase-09,lesion,2,2,8,8\ncase-09,lesion,2,2,8,x\n")
+    assert main(["site", "import", str(site), "--boxes", str(table)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("masks: 0  boxes: 0  tags: 0\n"), out
+    for name in ("case-07", "case-08", "case-09"):
+        assert (f"{table}: none of the boxes of '{name}' imported, as 1 of its rows were refused (boxes are "
+                "exhaustive: a lesion left out would train as background); the site keeps the boxes it held") in out
+    with SiteStore.open(site, readonly=True) as store:
+        assert {name: store.boxes(name) for name in ("case-07", "case-08")} == held
+        assert store.boxes("case-09") == [] and store.record("case-09").supervision == "none"
 
 
 def test_site_import_takes_box_tables_as_datasets_and_tools_write_them(tmp_path: Path, capsys, rng) -> None:

@@ -779,20 +779,29 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
 
     if sources.boxes is not None:
         grouped: dict[str, list[Box]] = defaultdict(list)
+        refused: dict[str, int] = defaultdict(int)  # an image's refused rows: none of its boxes is imported
         for where, image_id, row in _rows_of_site_images(_boxes_with_class(sources.boxes, store, report), names,
                                                          store.config.classes, report):
             try:
                 corners = _box_corners(row)
             except ValueError:
                 report.problems.append(f"{where}: box corners must be numbers, got {_corner_texts(row)}")
+                refused[image_id] += 1
                 continue
             try:  # checked here, row by row, so a refusal names its line; kept checked (integer corners)
-                grouped[image_id].append(store.check_box(image_id, Box(row["class"], *corners, author=(
-                    row.get("author") or "").strip())))
+                box = store.check_box(image_id, Box(row["class"], *corners, author=(row.get("author") or "").strip()))
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
+                refused[image_id] += 1
+                continue
+            grouped[image_id].append(box)
+        for image_id, count in refused.items():
+            report.problems.append(f"{sources.boxes[0]}: none of the boxes of '{image_id}' imported, as {count} of "
+                                   "its rows were refused (boxes are exhaustive: a lesion left out would train as "
+                                   "background); the site keeps the boxes it held")
         for image_id, boxes in grouped.items():
-            _set_boxes(store, image_id, boxes, sources.boxes[0], author, replace, report)
+            if image_id not in refused:
+                _set_boxes(store, image_id, boxes, sources.boxes[0], author, replace, report)
 
     if sources.coco is not None:
         yield from _add_coco(store, sources.coco, names, author, replace, report)
