@@ -361,6 +361,31 @@ def test_site_remove_takes_images_out_with_their_annotations_and_nothing_on_an_u
     assert not (site / "images" / f"{masked}.tif").exists() and not (site / "masks" / f"{masked}.tif").exists()
 
 
+def test_site_remove_deletes_the_lines_of_the_import_problem_logs_that_name_the_images(tmp_path: Path, capsys,
+                                                                                         rng) -> None:
+    """A patient's scan removed for withdrawn consent was still named, by its file's name (often the
+    patient's), in the plain-text import problem logs of the site's logs/ folder."""
+    clinic = tmp_path / "clinic"
+    (clinic / "images").mkdir(parents=True)
+    (clinic / "masks").mkdir()
+    for name in ("Mueller Hans 1957", "case-1", "case-12"):
+        iio.imwrite(clinic / "images" / f"{name}.png", rng.integers(0, 256, (32, 40), dtype=np.uint8))
+        iio.imwrite(clinic / "masks" / f"{name}.png", np.ones((30, 40), np.uint8))  # of another size: problems
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images"), "--masks",
+                 str(clinic / "masks")]) == 1
+    log = next((site / "logs").glob("import-*-problems.txt"))
+    assert "Mueller Hans 1957.png" in log.read_text() and len(log.read_text().splitlines()) == 3
+    capsys.readouterr()
+
+    assert main(["site", "remove", str(site), "Mueller Hans 1957.png", "case-1"]) == 0
+    assert "deleted 2 line(s) naming them from the import problem logs in logs/" in capsys.readouterr().out
+    assert log.read_text().splitlines() == [f"{clinic / 'masks' / 'case-12.png'}: mask shape 30×40 ≠ image shape "
+                                            "32×40"], "case-12 is not case-1"
+    assert main(["site", "remove", str(site), "case-12"]) == 0
+    assert not log.exists(), "a log with nothing left in it goes"
+
+
 def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_all(tmp_path: Path, capsys,
                                                                                    rng) -> None:
     """A clinic's masks, boxes and tags lived only in the site's database: weeks of annotation could not be
