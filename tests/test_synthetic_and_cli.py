@@ -854,6 +854,34 @@ def test_a_box_table_row_refused_leaves_its_images_boxes_as_they_were(tmp_path: 
         assert store.boxes("case-09") == [] and store.record("case-09").supervision == "none"
 
 
+def test_a_tags_table_whose_readers_disagree_on_an_image_gives_it_no_tag_and_says_so(tmp_path: Path, capsys,
+                                                                                        rng) -> None:
+    """Image-level labels read by several radiologists come a row per reader (VinDr-CXR's): the rows of one
+    image were applied one after another, so the first reader's tag stood and the next one's was reported as
+    'kept, changed in the site by' the first reader, as if a clinician had corrected it in napari."""
+    import os
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("s0", "s1", "s2"):
+        iio.imwrite(images / f"{name}.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    table = tmp_path / "image_labels.csv"
+    table.write_text("image,class,present,author\ns0,lesion,1,R1\ns0,lesion,0,R2\ns0,lesion,1,R3\n"
+                     "s1,lesion,0,R1\ns1,lesion,0,R2\ns2,lesion,1,R8\n")
+    an_hour_ago = time.time() - 3600
+    os.utime(table, (an_hour_ago, an_hour_ago))
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(images), "--tags",
+                 str(table)]) == 1
+    out = capsys.readouterr().out
+    assert "masks: 0  boxes: 0  tags: 2\n" in out and "kept" not in out, out
+    assert (f"{table}: the rows for lesion of 's0' disagree (present: lines 2 (R1), 4 (R3); absent: line 3 (R2)): no "
+            "tag taken from them; leave one row per image and class (a consensus read, or the majority)") in out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.tags("s0") == {} and store.tags("s1") == {"lesion": False} and store.tags("s2") == {"lesion": True}
+        assert store.tag_rows("s1")[0][2] == "R1"
+
+
 def test_site_import_takes_box_tables_as_datasets_and_tools_write_them(tmp_path: Path, capsys, rng) -> None:
     """Box tables come as their tools and public datasets write them: corners named x_min … y_max (VinDr-CXR,
     Pascal VOC conversions) or a corner and a size (RSNA pneumonia: x, y, width, height, without a class

@@ -524,6 +524,18 @@ def _checked_box(store: SiteStore, image_id: str, annotation: CocoAnnotation, na
         raise ValueError(f"{annotation.where}: {exc.reason}") from None
 
 
+def _disagreement(image_id: str, class_name: str, rows: list[tuple[str, bool, str]]) -> str:
+    """A tags table's rows that tag one image's class both present and absent (several readers of one image, as
+    VinDr-CXR's labels are): which says what, since no row can be taken over another without a rule."""
+    def lines(value: bool) -> str:
+        said = [where.rsplit(":", 1)[1] + (f" ({by})" if by else "") for where, other, by in rows if other == value]
+        return f"line{'s' if len(said) > 1 else ''} {', '.join(said)}"
+
+    return (f"{rows[0][0].rsplit(':', 1)[0]}: the rows for {class_name} of '{image_id}' disagree (present: "
+            f"{lines(True)}; absent: {lines(False)}): no tag taken from them; leave one row per image and class (a "
+            "consensus read, or the majority)")
+
+
 def _set_tag(store: SiteStore, image_id: str, class_name: str, present: bool, source: Path | str,
              author: str | None, replace: bool, report: ImportReport, where: str | None = None,
              count: bool = True) -> None:
@@ -811,15 +823,22 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
 
     if sources.tags is not None:
         tags = _tags_by_row(sources.tags, store.config.classes, report)
+        told: dict[tuple[str, str], list[tuple[str, bool, str]]] = defaultdict(list)  # (image, class) → its rows
         for where, image_id, row in _rows_of_site_images(tags, names, store.config.classes, report):
             value = row["present"].lower()
             if value not in _TRUE | _FALSE:
                 report.problems.append(f"{where}: {row['class']}: must be present or absent (yes/no, 1/0), got "
                                        f"'{row['present']}'")
                 continue
+            told[image_id, row["class"]].append((where, value in _TRUE, (row.get("author") or "").strip()))
+        for (image_id, class_name), rows in told.items():
+            where, present, by = rows[0]
+            if any(other != present for _, other, _ in rows):
+                report.problems.append(_disagreement(image_id, class_name, rows))
+                continue
             try:
-                _set_tag(store, image_id, row["class"], value in _TRUE, sources.tags[0],
-                         (row.get("author") or "").strip() or author, replace, report, where=where)
+                _set_tag(store, image_id, class_name, present, sources.tags[0], by or author, replace, report,
+                         where=where)
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
     write_problem_log(store, report)
