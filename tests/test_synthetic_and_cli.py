@@ -429,9 +429,12 @@ def test_site_export_writes_what_import_reads_back_and_appears_whole_or_not_at_a
                  str(out / "masks"), "--boxes", str(out / "boxes.csv"), "--tags", str(out / "tags.csv")]) == 0
     with SiteStore.open(site, readonly=True) as before, SiteStore.open(again, readonly=True) as after:
         assert sorted(after.image_ids()) == sorted(before.image_ids())
-        # who annotated comes along in the tables (the masks take the import's author: masks.csv is not read)
-        assert [b.author for b in after.boxes("boxed")] == ["dr-b", "dr-b"]
-        assert {row[2] for row in after.tag_rows("tagged")} == {"dr-c"}
+        # who annotated, and when, comes along: the tables' columns, and masks.csv beside the masks (before, the
+        # masks took the import's author, and every annotation the import's time)
+        when = "2026-11-30T10:00:00+00:00"
+        assert [(b.author, b.created_at) for b in after.boxes("boxed")] == [("dr-b", when), ("dr-b", when)]
+        assert {(row[2], row[3]) for row in after.tag_rows("tagged")} == {("dr-c", when)}
+        assert after.mask_author("masked") == ("dr-a", when)
         for image_id in before.image_ids():
             np.testing.assert_array_equal(after.read_image(image_id), before.read_image(image_id))
             assert after.spacing(image_id) == pytest.approx(before.spacing(image_id))
@@ -880,6 +883,48 @@ def test_a_tags_table_whose_readers_disagree_on_an_image_gives_it_no_tag_and_say
     with SiteStore.open(site, readonly=True) as store:
         assert store.tags("s0") == {} and store.tags("s1") == {"lesion": False} and store.tags("s2") == {"lesion": True}
         assert store.tag_rows("s1")[0][2] == "R1"
+
+
+def test_annotation_times_of_a_table_are_kept_and_a_time_without_zone_or_in_the_future_refused(
+        tmp_path: Path, capsys, rng) -> None:
+    """An archive's annotations imported again keep when they were made (site export writes annotated_at); a
+    time that names no zone, or lies in the future (a wrong clock), is refused by its row, as it would make the
+    annotation look newer than every file and keep it from later imports."""
+    images, masks = tmp_path / "images", tmp_path / "export" / "masks"
+    images.mkdir()
+    masks.mkdir(parents=True)
+    for name in ("a", "b", "c", "d"):
+        iio.imwrite(images / f"{name}.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    for name in ("a", "b"):
+        iio.imwrite(masks / f"{name}_mask.png", np.pad(np.ones((4, 4), np.uint8), ((8, 8), (10, 10))))
+    (masks.parent / "masks.csv").write_text("image,file,author,annotated_at,source\n"
+                                            "a,masks/a_mask.png,dr-a,2025-03-01T09:30:00+01:00,x\n"
+                                            "b,masks/b_mask.png,dr-b,yesterday,x\n")
+    (tmp_path / "tags.csv").write_text("image,class,present,author,annotated_at\n"
+                                       "c,lesion,present,dr-c,2025-03-02T10:00:00Z\n"
+                                       "d,lesion,absent,dr-d,2025-03-02T10:00:00\n"
+                                       "a,lesion,present,dr-a,2999-01-01T00:00:00+00:00\n")
+    (tmp_path / "boxes.csv").write_text("image,class,y0,x0,y1,x1,author,annotated_at\n"
+                                        "c,lesion,1,1,5,5,dr-c,2025-03-02T10:00:00.123456+00:00\n"
+                                        "d,lesion,1,1,5,5,dr-d,\n")
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(images), "--masks", str(masks),
+                 "--tags", str(tmp_path / "tags.csv"), "--boxes", str(tmp_path / "boxes.csv"),
+                 "--author", "importer"]) == 1
+    out = capsys.readouterr().out
+    assert (f"{masks.parent / 'masks.csv'}:3: annotated_at 'yesterday' is not an ISO 8601 time "
+            "(2026-11-30T10:00:00+00:00); its mask is imported with this import's author and time") in out
+    assert (f"{tmp_path / 'tags.csv'}:3: annotated_at '2025-03-02T10:00:00' has no time zone (add +00:00 for UTC, "
+            "or the offset)") in out
+    assert (f"{tmp_path / 'tags.csv'}:4: annotated_at '2999-01-01T00:00:00+00:00' is in the future (a wrong clock "
+            "where it was written?)") in out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.mask_author("a") == ("dr-a", "2025-03-01T08:30:00+00:00"), "in UTC, to the second"
+        assert store.mask_author("b")[0] == "importer" and store.mask_author("b")[1] > "2026"
+        assert store.tag_rows("c") == [("lesion", True, "dr-c", "2025-03-02T10:00:00+00:00")]
+        assert store.tags("d") == {} and store.tags("a") == {}
+        assert [(b.author, b.created_at) for b in store.boxes("c")] == [("dr-c", "2025-03-02T10:00:00+00:00")]
+        assert store.boxes("d")[0].author == "dr-d" and store.boxes("d")[0].created_at > "2026"
 
 
 def test_site_import_takes_box_tables_as_datasets_and_tools_write_them(tmp_path: Path, capsys, rng) -> None:

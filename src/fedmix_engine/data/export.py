@@ -1,7 +1,7 @@
 """A site's annotations out of the site, in the formats ``site import`` reads: the clinic's work (weeks of
 masks, boxes and tags drawn in napari) kept in files every tool opens, for an archive, a research partner or
-another segmentation tool, and imported again as they were (boxes and tags with their authors; masks take the
-import's author).
+another segmentation tool, and imported again as they were (masks, boxes and tags with who annotated them and
+when).
 
 ``OUT/masks/<id>_mask.tif`` (of the images with a mask; label images: value k is the k-th class),
 ``OUT/boxes.csv`` and ``OUT/tags.csv`` (with who annotated and when, and where the site's image came from;
@@ -34,7 +34,8 @@ from fedmix_engine.steps import run_steps
 
 BOX_HEADER = ("image", "class", "y0", "x0", "y1", "x1", "author", "annotated_at", "source")
 TAG_HEADER = ("image", "class", "present", "author", "annotated_at", "source")
-MASK_HEADER = ("image", "file", "author", "annotated_at", "source")  # who drew each mask: import does not read it
+MASK_HEADER = ("image", "file", "author", "annotated_at", "source")  # who drew each mask, and when
+MASKS_TABLE = "masks.csv"  # beside the masks/ folder: import reads it with --masks OUT/masks
 COCO_FILE = "annotations.json"
 
 
@@ -137,7 +138,7 @@ def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgre
             yield ExportProgress(n, len(records))
         atomic_write_bytes(partial / "boxes.csv", boxes[0].getvalue().encode())
         atomic_write_bytes(partial / "tags.csv", tags[0].getvalue().encode())
-        atomic_write_bytes(partial / "masks.csv", masks[0].getvalue().encode())
+        atomic_write_bytes(partial / MASKS_TABLE, masks[0].getvalue().encode())
         atomic_write_bytes(partial / COCO_FILE, json.dumps(coco.data, ensure_ascii=False).encode())
         if out.exists():
             out.rmdir()  # empty (checked above): a rename onto it fails on Windows

@@ -50,6 +50,7 @@ import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.data.coco import CocoAnnotation, CocoFile, CocoImage, read_coco, region_mask
+from fedmix_engine.data.export import MASK_HEADER, MASKS_TABLE
 from fedmix_engine.data.imageio import (
     image_files,
     image_stem,
@@ -60,7 +61,7 @@ from fedmix_engine.data.imageio import (
     validate_mask,
 )
 from fedmix_engine.data.labelme import is_labelme_file, read_labelme
-from fedmix_engine.data.site_store import Box, ImageRecord, SiteStore, image_id_from_path
+from fedmix_engine.data.site_store import Box, ImageRecord, SiteStore, annotation_time, image_id_from_path
 from fedmix_engine.data.video import NOT_IMPORTED, is_video_path
 from fedmix_engine.errors import InputError
 from fedmix_engine.steps import run_steps
@@ -390,23 +391,48 @@ def _mask_target(stem: str, names: dict[str, str]) -> str | None:
     return resolve_image(names, named["image"]) if named else None
 
 
+Drawn = dict[str, tuple[str | None, str | None]]  # a mask file's name → who drew it and when (masks.csv)
+
+
+def _drawn_by(masks: Path, report: ImportReport) -> Drawn | None:
+    """Who drew each mask of an export's ``masks/`` folder, and when: its ``masks.csv`` beside the folder
+    (:data:`export.MASK_HEADER`), by mask file name; None without one. A row that cannot be read is a problem,
+    and its mask takes the import's author and time."""
+    table = masks.parent / MASKS_TABLE
+    if not table.is_file():
+        return None
+    header, rows = _read_table(table, ("image", "file"))
+    if tuple(header) != MASK_HEADER:
+        return None  # another tool's table of that name: not said to be export's
+    drawn: Drawn = {}
+    for line, row in rows:
+        try:
+            drawn[PureWindowsPath(row["file"]).name] = (row["author"] or None,
+                                                        _annotated_at(row, f"{table}:{line}"))
+        except InputError as exc:
+            report.problems.append(f"{exc}; its mask is imported with this import's author and time")
+    return drawn
+
+
 def _set_masks(store: SiteStore, target: str, paths: list[Path], author: str | None, replace: bool,
-               report: ImportReport) -> None:
+               report: ImportReport, drawn: Drawn | None = None) -> None:
     """Store one image's mask files (several, a lesion each, are joined), counted in ``report``.
 
     An all-background mask (BUSI's "normal" images) says that no class is present: it is stored as
     every class tagged absent, the store's form of that fact (it keeps masks with foreground only). A mask
     the site holds as the files give it is left as it is; one the site changed after the files were written
-    (a clinician's correction in napari) is kept unless ``replace``, and noted (:func:`_kept_by_site`)."""
+    (a clinician's correction in napari) is kept unless ``replace``, and noted (:func:`_kept_by_site`).
+    ``drawn``: who drew each mask and when, as ``site export``'s masks.csv says (of a mask of one file)."""
     record = store.record(target)
     classes = len(store.config.classes)
     joined = np.maximum.reduce([validate_mask(read_mask_file(p, classes), (record.height, record.width), classes, p)
                                 for p in paths])
-    _set_mask(store, record, joined, max(paths, key=lambda p: p.stat().st_mtime), author, replace, report)
+    by, at = drawn.get(paths[0].name, (None, None)) if drawn is not None and len(paths) == 1 else (None, None)
+    _set_mask(store, record, joined, max(paths, key=lambda p: p.stat().st_mtime), by or author, replace, report, at)
 
 
 def _set_mask(store: SiteStore, record: ImageRecord, joined: np.ndarray, source: Path, author: str | None,
-              replace: bool, report: ImportReport) -> None:
+              replace: bool, report: ImportReport, created_at: str | None = None) -> None:
     """Store a mask read from ``source`` (the newest of its files), as :func:`_set_masks` says."""
     target = record.id
     held = store.read_mask(target) if record.has_mask else None
@@ -419,13 +445,13 @@ def _set_mask(store: SiteStore, record: ImageRecord, joined: np.ndarray, source:
         report.kept.append(kept)
         return
     if joined.any():
-        store.set_mask(target, joined, author=author)
+        store.set_mask(target, joined, author=author, created_at=created_at)
         report.masks += 1
         return
     if held is not None:
         store.clear_mask(target)  # the file now says "no lesion"
     for name in store.config.classes:
-        _set_tag(store, target, name, False, source, author, replace, report, count=False)
+        _set_tag(store, target, name, False, source, author, replace, report, count=False, created_at=created_at)
     report.empty_masks += 1
 
 
@@ -524,6 +550,13 @@ def _checked_box(store: SiteStore, image_id: str, annotation: CocoAnnotation, na
         raise ValueError(f"{annotation.where}: {exc.reason}") from None
 
 
+def _annotated_at(row: dict[str, str], where: str) -> str | None:
+    """A table row's ``annotated_at`` (``site export`` writes it) in the store's form; None: no time given,
+    the import's is taken. InputError naming the row: not a time with its zone, or one in the future."""
+    text = (row.get("annotated_at") or "").strip()
+    return annotation_time(text, where) if text else None
+
+
 def _disagreement(image_id: str, class_name: str, rows: list[tuple[str, bool, str]]) -> str:
     """A tags table's rows that tag one image's class both present and absent (several readers of one image, as
     VinDr-CXR's labels are): which says what, since no row can be taken over another without a rule."""
@@ -538,9 +571,10 @@ def _disagreement(image_id: str, class_name: str, rows: list[tuple[str, bool, st
 
 def _set_tag(store: SiteStore, image_id: str, class_name: str, present: bool, source: Path | str,
              author: str | None, replace: bool, report: ImportReport, where: str | None = None,
-             count: bool = True) -> None:
+             count: bool = True, created_at: str | None = None) -> None:
     """Tag a class of an image as ``source`` (a table, a mask file) says, unless the site holds that tag
-    already (unchanged) or set it otherwise after ``source`` was written (kept, said: :func:`_kept_by_site`)."""
+    already (unchanged) or set it otherwise after ``source`` was written (kept, said: :func:`_kept_by_site`);
+    ``created_at``: when it was tagged, as the table says (else now)."""
     store.config.class_index(class_name, f"tag on '{image_id}'")  # an unknown class: refused as set_tag refuses it
     held = {name: rest for name, *rest in store.tag_rows(image_id)}.get(class_name)
     if held is not None and held[0] == present:
@@ -550,7 +584,7 @@ def _set_tag(store: SiteStore, image_id: str, class_name: str, present: bool, so
             kept := _kept_by_site(Path(source), f"the tag {class_name} of '{image_id}'", *held[1:], where=where)):
         report.kept.append(kept)
         return
-    store.set_tag(image_id, class_name, present, author=author)
+    store.set_tag(image_id, class_name, present, author=author, created_at=created_at)
     report.tags += count
 
 
@@ -702,7 +736,7 @@ def _other_pixels(store: SiteStore, held: ImageRecord, path: Path, same_file: bo
 
 
 def _add_masks(store: SiteStore, files: list[Path], names: dict[str, str], report: ImportReport,
-               author: str | None, replace: bool = False) -> Iterator[ImportProgress]:
+               author: str | None, replace: bool = False, drawn: Drawn | None = None) -> Iterator[ImportProgress]:
     """Store mask files as the masks of the images their names give (:func:`_mask_target`), an image's
     several files joined, yielding after each image."""
     by_image: dict[str, list[Path]] = defaultdict(list)
@@ -715,7 +749,7 @@ def _add_masks(store: SiteStore, files: list[Path], names: dict[str, str], repor
         by_image[target].append(path)
     for n, (target, paths) in enumerate(by_image.items(), start=1):
         try:
-            _set_masks(store, target, paths, author, replace, report)
+            _set_masks(store, target, paths, author, replace, report, drawn)
         except InputError as exc:
             report.problems.append(str(exc))
         yield ImportProgress("masks", n, len(by_image))
@@ -787,7 +821,9 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     names = site_names(store)
 
     if masks is not None or beside:
-        yield from _add_masks(store, beside if same_folder else image_files(masks), names, report, author, replace)
+        drawn = _drawn_by(masks, report) if masks is not None and not same_folder else None
+        yield from _add_masks(store, beside if same_folder else image_files(masks), names, report, author, replace,
+                              drawn)
 
     if sources.boxes is not None:
         grouped: dict[str, list[Box]] = defaultdict(list)
@@ -801,7 +837,8 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
                 refused[image_id] += 1
                 continue
             try:  # checked here, row by row, so a refusal names its line; kept checked (integer corners)
-                box = store.check_box(image_id, Box(row["class"], *corners, author=(row.get("author") or "").strip()))
+                box = store.check_box(image_id, Box(row["class"], *corners, author=(row.get("author") or "").strip(),
+                                                    created_at=_annotated_at(row, where)))
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
                 refused[image_id] += 1
@@ -824,11 +861,16 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     if sources.tags is not None:
         tags = _tags_by_row(sources.tags, store.config.classes, report)
         told: dict[tuple[str, str], list[tuple[str, bool, str]]] = defaultdict(list)  # (image, class) → its rows
+        at: dict[str, str | None] = {}  # each row's annotated_at
         for where, image_id, row in _rows_of_site_images(tags, names, store.config.classes, report):
             value = row["present"].lower()
-            if value not in _TRUE | _FALSE:
-                report.problems.append(f"{where}: {row['class']}: must be present or absent (yes/no, 1/0), got "
-                                       f"'{row['present']}'")
+            try:
+                if value not in _TRUE | _FALSE:
+                    raise InputError(where, f"{row['class']}: must be present or absent (yes/no, 1/0), got "
+                                            f"'{row['present']}'")
+                at[where] = _annotated_at(row, where)
+            except InputError as exc:
+                report.problems.append(str(exc))
                 continue
             told[image_id, row["class"]].append((where, value in _TRUE, (row.get("author") or "").strip()))
         for (image_id, class_name), rows in told.items():
@@ -838,7 +880,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
                 continue
             try:
                 _set_tag(store, image_id, class_name, present, sources.tags[0], by or author, replace, report,
-                         where=where)
+                         where=where, created_at=at[where])
             except InputError as exc:
                 report.problems.append(f"{where}: {exc.reason}")
     write_problem_log(store, report)

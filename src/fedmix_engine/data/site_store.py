@@ -33,7 +33,7 @@ import unicodedata
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -98,6 +98,23 @@ CREATE TABLE IF NOT EXISTS digests (
 
 def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def annotation_time(text: str, where: str | Path, now: Callable[[], str] = _utc_now) -> str:
+    """An annotation's time as a table gives it (``site export``'s ``annotated_at``), in the store's form: ISO
+    8601 with its zone, in UTC to the second. Refused: no zone (whose 10:00?), or later than now by more than
+    clocks differ (a wrong clock's time would make the annotation look newer than any file, and keep it from
+    every later import)."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InputError(where, f"annotated_at '{text}' is not an ISO 8601 time (2026-11-30T10:00:00+00:00)") \
+            from None
+    if when.tzinfo is None:
+        raise InputError(where, f"annotated_at '{text}' has no time zone (add +00:00 for UTC, or the offset)")
+    if when > datetime.fromisoformat(now()) + timedelta(minutes=10):
+        raise InputError(where, f"annotated_at '{text}' is in the future (a wrong clock where it was written?)")
+    return when.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def _default_author() -> str:
@@ -526,10 +543,11 @@ class SiteStore:
         return normalise_image(self.read_image(image_id), self.config.channels)
 
     # ----------------------------------------------------------------- masks
-    def set_mask(self, image_id: str, mask: np.ndarray | str | Path, author: str | None = None) -> None:
+    def set_mask(self, image_id: str, mask: np.ndarray | str | Path, author: str | None = None,
+                 created_at: str | None = None) -> None:
         """Set (or replace) an image's label mask; an all-background mask is refused. The mask the image has
         already is not written again: its author and time stay those of whoever last changed it (napari saves
-        every annotation of an image whenever one of them changes)."""
+        every annotation of an image whenever one of them changes). ``created_at``: as :meth:`set_tag`'s."""
         height, width = self._require_image(image_id)
         where: str | Path = f"mask of '{image_id}'"
         if not isinstance(mask, np.ndarray):
@@ -547,7 +565,7 @@ class SiteStore:
                 return
             _write_tiff(self.root / relative, mask)  # atomic: old or new, never torn
             db.execute("INSERT OR REPLACE INTO masks VALUES (?,?,?,?)",
-                       (image_id, relative, author or _default_author(), self._clock()))
+                       (image_id, relative, author or _default_author(), created_at or self._clock()))
 
     def _holds_mask(self, db: sqlite3.Connection, image_id: str, mask: np.ndarray) -> bool:
         row = db.execute("SELECT file FROM masks WHERE image_id=?", (image_id,)).fetchone()
@@ -589,7 +607,7 @@ class SiteStore:
             raise InputError(where, f"box ({y0},{x0})–({y1},{x1}) has zero area; y1 > y0 and x1 > x0 needed")
         if y0 < 0 or x0 < 0 or y1 > height or x1 > width:
             raise InputError(where, f"box ({y0},{x0})–({y1},{x1}) lies outside the {height}×{width} image")
-        return Box(box.class_name, y0, x0, y1, x1, author=box.author)
+        return Box(box.class_name, y0, x0, y1, x1, author=box.author, created_at=box.created_at)
 
     def add_box(self, image_id: str, class_name: str, y0: float, x0: float, y1: float, x1: float,
                 author: str | None = None) -> int:
@@ -605,8 +623,8 @@ class SiteStore:
 
     def set_boxes(self, image_id: str, boxes: Iterable[Box], author: str | None = None) -> None:
         """Replace all boxes of an image in one transaction (what saving a Shapes layer needs); the same boxes
-        again are not written, so they keep their author and time. A box's own ``author`` (a table's column)
-        wins over ``author``."""
+        again are not written, so they keep their author and time. A box's own ``author`` and ``created_at`` (a
+        table's columns) win over ``author`` and now."""
         size = self._require_image(image_id)
         checked = [self._check_box(image_id, b, size) for b in boxes]
         with self._transaction() as db:
@@ -617,7 +635,8 @@ class SiteStore:
             now, who = self._clock(), author or _default_author()
             db.executemany(
                 "INSERT INTO boxes (image_id, class_name, y0, x0, y1, x1, author, created_at) VALUES (?,?,?,?,?,?,?,?)",
-                [(image_id, b.class_name, b.y0, b.x0, b.y1, b.x1, b.author or who, now) for b in checked],
+                [(image_id, b.class_name, b.y0, b.x0, b.y1, b.x1, b.author or who, b.created_at or now)
+                 for b in checked],
             )
 
     def remove_box(self, box_id: int) -> None:
@@ -632,9 +651,11 @@ class SiteStore:
         return [Box(*row) for row in rows]
 
     # ----------------------------------------------------------------- tags
-    def set_tag(self, image_id: str, class_name: str, present: bool | None, author: str | None = None) -> None:
+    def set_tag(self, image_id: str, class_name: str, present: bool | None, author: str | None = None,
+                created_at: str | None = None) -> None:
         """Tag a class as present (True) or absent (False) in the image; None clears the tag. The tag the image
-        has already is not written again (it keeps its author and time)."""
+        has already is not written again (it keeps its author and time). ``created_at``: when it was set, if
+        not now (:func:`annotation_time`: an archive's tag imported again)."""
         self._require_image(image_id)
         self.config.class_index(class_name, f"tag on '{image_id}'")
         with self._transaction() as db:
@@ -646,7 +667,8 @@ class SiteStore:
                 db.execute("DELETE FROM tags WHERE image_id=? AND class_name=?", (image_id, class_name))
             else:
                 db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?,?,?)",
-                           (image_id, class_name, int(bool(present)), author or _default_author(), self._clock()))
+                           (image_id, class_name, int(bool(present)), author or _default_author(),
+                            created_at or self._clock()))
 
     def tags(self, image_id: str) -> dict[str, bool]:
         return {class_name: present for class_name, present, *_ in self.tag_rows(image_id)}
