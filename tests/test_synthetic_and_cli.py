@@ -908,6 +908,12 @@ def test_annotation_times_of_a_table_are_kept_and_a_time_without_zone_or_in_the_
                                         "c,lesion,1,1,5,5,dr-c,2025-03-02T10:00:00.123456+00:00\n"
                                         "d,lesion,1,1,5,5,dr-d,\n")
     site = tmp_path / "site"
+    good = (masks.parent / "masks.csv").read_bytes()
+    (masks.parent / "masks.csv").write_bytes(good.replace(b"dr-a", "dr-ä".encode("latin-1")))  # Excel's code page
+    assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(images), "--masks",
+                 str(masks)]) == 2, "read with the tables, before anything is imported"
+    assert "masks.csv: line 2 is not UTF-8 text" in capsys.readouterr().err and not site.exists()
+    (masks.parent / "masks.csv").write_bytes(good)
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(images), "--masks", str(masks),
                  "--tags", str(tmp_path / "tags.csv"), "--boxes", str(tmp_path / "boxes.csv"),
                  "--author", "importer"]) == 1

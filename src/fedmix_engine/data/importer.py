@@ -394,16 +394,21 @@ def _mask_target(stem: str, names: dict[str, str]) -> str | None:
 Drawn = dict[str, tuple[str | None, str | None]]  # a mask file's name → who drew it and when (masks.csv)
 
 
-def _drawn_by(masks: Path, report: ImportReport) -> Drawn | None:
-    """Who drew each mask of an export's ``masks/`` folder, and when: its ``masks.csv`` beside the folder
-    (:data:`export.MASK_HEADER`), by mask file name; None without one. A row that cannot be read is a problem,
-    and its mask takes the import's author and time."""
+def _masks_table(masks: Path) -> tuple[Path, TableRows] | None:
+    """The ``masks.csv`` that ``site export`` writes beside its ``masks/`` folder (:data:`export.MASK_HEADER`),
+    read with the other tables, before anything is imported; None without one, or for another tool's table of
+    that name."""
     table = masks.parent / MASKS_TABLE
     if not table.is_file():
         return None
     header, rows = _read_table(table, ("image", "file"))
-    if tuple(header) != MASK_HEADER:
-        return None  # another tool's table of that name: not said to be export's
+    return (table, rows) if tuple(header) == MASK_HEADER else None
+
+
+def _drawn_by(masks_table: tuple[Path, TableRows], report: ImportReport) -> Drawn:
+    """Who drew each mask of an export, and when, by mask file name. A row that cannot be read is a problem,
+    and its mask takes the import's author and time."""
+    table, rows = masks_table
     drawn: Drawn = {}
     for line, row in rows:
         try:
@@ -612,6 +617,7 @@ class ImportSources:
     boxes: tuple[Path, TableRows] | None
     tags: tuple[Path, TableRows] | None
     coco: CocoFile | None = None
+    drawn: tuple[Path, TableRows] | None = None  # export's masks.csv beside the masks: who drew each, when
 
 
 def read_sources(images: str | Path | None, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
@@ -633,7 +639,8 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
     tags = (Path(tags_csv), _tag_rows(Path(tags_csv), *_read_table(Path(tags_csv), ("image",), _TAG_HEADERS))
             ) if tags_csv is not None else None
     return ImportSources(Path(images) if images is not None else None, Path(masks) if masks is not None else None,
-                         boxes, tags, read_coco(coco_json) if coco_json is not None else None)
+                         boxes, tags, read_coco(coco_json) if coco_json is not None else None,
+                         _masks_table(Path(masks)) if masks is not None else None)
 
 
 def read_annotation_table(path: str | Path) -> ImportSources:
@@ -821,7 +828,7 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     names = site_names(store)
 
     if masks is not None or beside:
-        drawn = _drawn_by(masks, report) if masks is not None and not same_folder else None
+        drawn = _drawn_by(sources.drawn, report) if sources.drawn is not None and not same_folder else None
         yield from _add_masks(store, beside if same_folder else image_files(masks), names, report, author, replace,
                               drawn)
 
