@@ -360,6 +360,14 @@ class SiteStore:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def _query_added(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """A query of a table this version added (removals, digests): none in a site of an earlier version opened
+        read-only, which no write-open has given the table yet."""
+        try:
+            return self._query(sql, args)
+        except sqlite3.OperationalError:  # no such table
+            return []
+
     # ----------------------------------------------------------------- images
     def add_image(self, source: str | Path | np.ndarray, image_id: str | None = None,
                   author: str | None = None, origin: str | None = None,
@@ -451,10 +459,7 @@ class SiteStore:
     def pending_removals(self) -> list[str]:
         """The ids of images whose removal a kill interrupted after its commit: their files may still be on
         disk (:meth:`remove_images`). A site written by an earlier version has no such note: none."""
-        try:
-            return [row[0] for row in self._query("SELECT image_id FROM removals ORDER BY image_id")]
-        except sqlite3.OperationalError:  # no such table: opened read-only, never opened for writing since
-            return []
+        return [row[0] for row in self._query_added("SELECT image_id FROM removals ORDER BY image_id")]
 
     def _unlink_unclaimed(self, image_id: str, claim: str, folders: tuple[str, ...]) -> None:
         """Delete an image's files once the removal of their rows is committed (a full disk at that commit
@@ -520,10 +525,7 @@ class SiteStore:
         imported by an earlier version is read once for it (and its digest kept, unless opened read-only)."""
         ids = self.image_ids() if image_ids is None else image_ids
         where = "" if image_ids is None else f" WHERE image_id IN ({','.join('?' * len(ids))})"
-        try:
-            kept = dict(self._query(f"SELECT image_id, sha256 FROM digests{where}", tuple(image_ids or ())))
-        except sqlite3.OperationalError:  # no such table: opened read-only, never opened for writing since
-            kept = {}
+        kept = dict(self._query_added(f"SELECT image_id, sha256 FROM digests{where}", tuple(image_ids or ())))
         missing = {image_id: pixel_digest(self.read_image(image_id)) for image_id in ids if image_id not in kept}
         if missing and not self.readonly:
             with self._transaction() as db:  # an image removed meanwhile: its row is not there to refer to
