@@ -462,6 +462,50 @@ def test_a_join_whose_optimiser_state_is_damaged_names_the_file_and_runs_once_it
         assert main(join) == 0 and server.status()["finished"]
 
 
+def test_join_check_finds_what_a_join_would_meet_without_taking_part(sample: Path, tmp_path: Path, capsys,
+                                                                      monkeypatch) -> None:
+    """A site's IT could learn that the server, its certificate, the token or the site's classes were wrong
+    only by joining, on the federation's day. 'join --check' asks the server and checks the site, and stops
+    before training; a server that does not answer fails it in seconds, not after an hour of retries."""
+    from fedmix_engine import cli_federation
+    from fedmix_engine.cli import main
+    from fedmix_engine.data.site_store import SiteStore
+
+    site = copied_sites(sample, ["site-a"], tmp_path)["site-a"]
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    (tmp_path / "site-a.token").write_text(token)
+    check = ["join", "--site", str(site), "--device", "cpu", "--token-file", str(tmp_path / "site-a.token"),
+             "--check"]
+    with running_server(state, ["--sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
+        assert main([*check, "--server", server.url]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"server: {server.url} answers (plain HTTP), API v1, version ")
+        assert out[1:3] == ["token: accepted, as site 'site-a'", "federation: fedmix, 1 round; round 1 open"]
+        with SiteStore.open(site, readonly=True) as store:
+            counts = store.summary()
+        assert out[3] == (f"site: {site} fits the model ({counts['images']} images: {counts['mask']} with a mask, "
+                          f"{counts['box']} with boxes, {counts['tag']} with tags)")
+        assert out[4:] == [f"writable: {site / 'models'}", "device: cpu (CPU requested)",
+                           "check passed: the same command without --check takes part in the federation"], out
+        assert server.status()["uploaded"] == [] and server.status()["last_round"] == 0, "it did not train"
+
+        (tmp_path / "site-a.token").write_text("fmx_" + "x" * 43)
+        assert main([*check, "--server", server.url]) == 3
+        assert "error: the server refused this site's token (unknown or revoked token" in capsys.readouterr().out
+        (tmp_path / "site-a.token").write_text(token)
+        two = tmp_path / "two-classes"
+        SiteStore.create(two, ["lesion", "cyst"]).close()
+        assert main([*check, "--server", server.url, "--site", str(two)]) == 3
+        assert f"error: {two}: site has 2 class(es) and 1 channel(s); the federation's model expects 1 and 1" in \
+            capsys.readouterr().out
+    monkeypatch.setattr(cli_federation, "CHECK_PATIENCE", 1.0)
+    started = time.monotonic()
+    assert main([*check, "--server", f"http://127.0.0.1:{free_port()}"]) == 3
+    assert "error: gave up after 1 s: the server does not answer (ConnectError" in capsys.readouterr().out
+    assert time.monotonic() - started < 15
+
+
 def test_a_second_join_of_one_site_is_refused_until_the_first_is_gone_even_by_sigkill(
         sample: Path, tmp_path: Path) -> None:
     """Two joins of one site (a terminal and napari) both trained every round, lost one upload of the two

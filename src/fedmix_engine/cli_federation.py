@@ -173,6 +173,9 @@ def _warn_if_others_may_read(path: Path, what: str) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+CHECK_PATIENCE = 20.0  # seconds a join --check retries a server that does not answer (a join: an hour)
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.client import FederationClient, FederationError
 
@@ -186,7 +189,17 @@ def cmd_join(args: argparse.Namespace) -> int:
     if args.token_file:
         token, source = _read_token_file(Path(args.token_file)), args.token_file
     client = FederationClient(args.server, token, args.site, device=args.device, ca_cert=args.ca_cert,
-                              poll_seconds=args.poll, held_out=args.eval, token_source=source)
+                              poll_seconds=args.poll, held_out=args.eval, token_source=source,
+                              give_up_after=CHECK_PATIENCE if args.check else 3600.0)
+    if args.check:
+        try:
+            lines = client.check()
+        except FederationError as exc:
+            print(f"error: {exc}")
+            return 3
+        print("\n".join(lines))
+        print("check passed: the same command without --check takes part in the federation")
+        return 0
     try:
         for event in client.iter_join():
             if event.kind not in ("training", "evaluating") or (event.progress and
@@ -401,6 +414,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca-cert", help="CA or self-signed certificate to trust for HTTPS, alone (without it: what this "
                         "machine trusts, e.g. a hospital CA its IT installed)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between status checks while waiting")
+    p.add_argument("--check", action="store_true",
+                   help="check the setup and stop, without training: the server reached, its certificate trusted, "
+                        "the token taken, the site fitting the federation's model, the device (before the "
+                        "federation starts)")
     p.add_argument("--eval", type=Path, metavar="DIR",
                    help="a fully labelled site folder this site does not train on: every global model is scored "
                         "there and the scores (image count, mean Dice and IoU per class) are sent to the server")

@@ -11,6 +11,7 @@ and the last global model are kept in ``SITE/models/`` so a restarted client res
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import sqlite3
@@ -322,14 +323,9 @@ class FederationClient:
         finally:
             lock.release()
 
-    def _take_part(self) -> Iterator[JoinEvent]:
-        cfg = self._json(f"/{API_VERSION}/config")
-        site, model_config = cfg["site"], ModelConfig.from_dict(cfg["model"])
-        train = self.train_config = TrainConfig(**cfg["train"])
-        self.prefix = federation_prefix(cfg.get("federation"))
-        # moments saved before an upload this site may have died around: kept if the server took that update
-        pending_state.settle(self.models_dir, self.prefix, self._json(f"/{API_VERSION}/round").get("last_accepted"))
-        self.state = pending_state.load(self.models_dir, self.prefix)
+    def _fitting(self, cfg: dict, model_config: ModelConfig, train: TrainConfig) -> str:
+        """The site, and its held-out folder, checked against the federation's model (FederationError naming
+        the folder); a note when the site has nothing to train on yet ('' otherwise)."""
         for folder in filter(None, (self.site_dir, self.held_out)):  # the held-out images must fit the model too
             with SiteStore.open(folder, readonly=True) as store:
                 try:
@@ -338,6 +334,46 @@ class FederationClient:
                     raise FederationError(str(exc)) from None
                 if folder == self.site_dir:
                     idle = _nothing_to_train(store, train)
+        return idle
+
+    def check(self) -> list[str]:
+        """What a join would meet, found without taking part (as NVFlare's preflight check): the server reached
+        and its certificate trusted, the token taken, the site (and held-out folder) fitting the federation's
+        model, ``models/`` writable, the device. A site's IT runs it before the federation starts, when a
+        failed join would only show on the day. Raises what the join would raise."""
+        cfg = self._json(f"/{API_VERSION}/config")
+        idle = self._fitting(cfg, ModelConfig.from_dict(cfg["model"]), TrainConfig(**cfg["train"]))
+        info = self._json(f"/{API_VERSION}/round")
+        make_folder(self.models_dir)
+        if not os.access(self.models_dir, os.W_OK):
+            raise InputError(self.models_dir, "cannot be written; a join keeps its lock, this site's optimiser "
+                             "state and the final model here: make the site folder writable for this user")
+        url = self.http.base_url
+        with SiteStore.open(self.site_dir, readonly=True) as store:
+            counts = store.summary()
+        where = ("finished: joining now only fetches its final model" if info["finished"] else
+                 f"round {info['round']} open" + (", this site's update delivered" if info["uploaded"] else ""))
+        return [f"server: {url} answers ({'TLS certificate trusted' if url.scheme == 'https' else 'plain HTTP'}"
+                f"{f'; through the proxy {self.proxy}' if self.proxy else ''}), API {cfg['api']}, version "
+                f"{cfg.get('server_version', '?')}",
+                f"token: accepted, as site '{cfg['site']}'",
+                f"federation: {cfg['method']}, {cfg['rounds']} round{'s' if cfg['rounds'] != 1 else ''}; {where}",
+                f"site: {self.site_dir} fits the model ({counts['images']} images: {counts['mask']} with a mask, "
+                f"{counts['box']} with boxes, {counts['tag']} with tags){idle}",
+                *([f"held-out: {self.held_out} fits the model; each global model is scored there"]
+                  if self.held_out else []),
+                f"writable: {self.models_dir}",
+                f"device: {self.plan.device} ({self.plan.note})"]
+
+    def _take_part(self) -> Iterator[JoinEvent]:
+        cfg = self._json(f"/{API_VERSION}/config")
+        site, model_config = cfg["site"], ModelConfig.from_dict(cfg["model"])
+        train = self.train_config = TrainConfig(**cfg["train"])
+        self.prefix = federation_prefix(cfg.get("federation"))
+        # moments saved before an upload this site may have died around: kept if the server took that update
+        pending_state.settle(self.models_dir, self.prefix, self._json(f"/{API_VERSION}/round").get("last_accepted"))
+        self.state = pending_state.load(self.models_dir, self.prefix)
+        idle = self._fitting(cfg, model_config, train)
         through = f"; through the proxy {self.proxy}" if self.proxy else ""
         yield JoinEvent("connected", f"joined as '{site}' ({cfg['method']}, {cfg['rounds']} rounds) on "
                         f"{self.plan.device} ({self.plan.note}){through}{idle}")
