@@ -467,9 +467,9 @@ def test_join_check_finds_what_a_join_would_meet_without_taking_part(sample: Pat
     """A site's IT could learn that the server, its certificate, the token or the site's classes were wrong
     only by joining, on the federation's day. 'join --check' asks the server and checks the site, and stops
     before training; a server that does not answer fails it in seconds, not after an hour of retries."""
-    from fedmix_engine import cli_federation
     from fedmix_engine.cli import main
     from fedmix_engine.data.site_store import SiteStore
+    from fedmix_engine.federation import client
 
     site = copied_sites(sample, ["site-a"], tmp_path)["site-a"]
     state = tmp_path / "state"
@@ -499,7 +499,7 @@ def test_join_check_finds_what_a_join_would_meet_without_taking_part(sample: Pat
         assert main([*check, "--server", server.url, "--site", str(two)]) == 3
         assert f"error: {two}: site has 2 class(es) and 1 channel(s); the federation's model expects 1 and 1" in \
             capsys.readouterr().out
-    monkeypatch.setattr(cli_federation, "CHECK_PATIENCE", 1.0)
+    monkeypatch.setattr(client, "CHECK_PATIENCE", 1.0)
     started = time.monotonic()
     assert main([*check, "--server", f"http://127.0.0.1:{free_port()}"]) == 3
     assert "error: gave up after 1 s: the server does not answer (ConnectError" in capsys.readouterr().out

@@ -971,6 +971,39 @@ def test_train_widget_says_a_servers_refusal_and_a_site_joined_elsewhere_without
         assert relayed == [] and server.status()["uploaded"] == []
 
 
+def test_train_widget_checks_the_server_token_and_site_without_training(make_napari_viewer, qtbot, sample,
+                                                                         tmp_path):
+    """join --check in the panel: a clinician tries the server address, the token the admin sent and the site
+    before the federation's day, and a wrong one is said in the status line, not found on the day."""
+    from federation_helpers import TINY_SETTINGS, make_tokens, running_server
+    from napari_fedmix.train_widget import TrainWidget
+
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    train = TrainWidget(make_napari_viewer())
+    qtbot.addWidget(train)
+    assert not train.check_button.isEnabled(), "for a federation only"
+    with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "1", *TINY_SETTINGS]) as server:
+        _set_to_join(train, sample, server.url, "fmx_revoked")
+        assert train.check_button.isEnabled()
+        with qtbot.capture_exceptions() as relayed:
+            train.check()
+            assert not train.start_button.isEnabled() and not train.check_button.isEnabled()
+            qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+        assert train.status.text().startswith("error: the server refused this site's token (unknown or revoked")
+        assert relayed == [] and train.start_button.isEnabled() and train.check_button.isEnabled()
+
+        train.token.setText(token)
+        train.check()
+        qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+        said = train.status.text().splitlines()
+        assert said[1:3] == ["token: accepted, as site 'site-a'", "federation: fedmix, 1 round; round 1 open"], said
+        assert said[-1] == "check passed: Start takes part in the federation"
+        assert server.status()["uploaded"] == [] and server.status()["last_round"] == 0, "it did not train"
+    train.mode.setCurrentIndex(0)
+    assert not train.check_button.isEnabled()
+
+
 def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer, qtbot, sample):
     from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER
     from napari_fedmix.train_widget import TrainWidget

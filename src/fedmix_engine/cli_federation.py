@@ -173,10 +173,8 @@ def _warn_if_others_may_read(path: Path, what: str) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-CHECK_PATIENCE = 20.0  # seconds a join --check retries a server that does not answer (a join: an hour)
-
-
 def cmd_join(args: argparse.Namespace) -> int:
+    from fedmix_engine.federation import client as federation_client
     from fedmix_engine.federation.client import FederationClient, FederationError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -190,7 +188,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         token, source = _read_token_file(Path(args.token_file)), args.token_file
     client = FederationClient(args.server, token, args.site, device=args.device, ca_cert=args.ca_cert,
                               poll_seconds=args.poll, held_out=args.eval, token_source=source,
-                              give_up_after=CHECK_PATIENCE if args.check else 3600.0)
+                              give_up_after=federation_client.CHECK_PATIENCE if args.check else 3600.0)
     if args.check:
         try:
             lines = client.check()

@@ -131,9 +131,16 @@ class TrainWidget(QWidget):
         self.size.setValue(128)
         self.continue_local = QCheckBox("continue the last local run (adds the rounds)")
         self.start_button, self.stop_button = QPushButton("Start"), QPushButton("Stop")
+        self.check_button = QPushButton("Check")
+        self.check_button.setToolTip("Check the server, its certificate, the token and this site against the "
+                                     "federation's model, without training (fedmix-engine join --check)")
+        self.check_button.setEnabled(False)  # for a federation
+        self.mode.currentIndexChanged.connect(lambda index: self.check_button.setEnabled(
+            index == 1 and self.worker is None))
         self.stop_button.setEnabled(False)
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
+        self.check_button.clicked.connect(self.check)
         self.round_bar, self.batch_bar = QProgressBar(), QProgressBar()
         self.status = QLabel("idle")
         self.status.setWordWrap(True)
@@ -170,6 +177,7 @@ class TrainWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.check_button)
         layout.addLayout(buttons)
         layout.addWidget(QLabel("round"))
         layout.addWidget(self.round_bar)
@@ -210,10 +218,37 @@ class TrainWidget(QWidget):
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
         self.start_button.setEnabled(False)
+        self.check_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.device_note = ""  # the engine says which device it chose (SimulationStarted, or on joining)
         self.status.setText("starting…")
         self.worker.start()
+
+    def check(self) -> None:
+        """What a join would meet, without training (``FederationClient.check``), said in the status line:
+        the server, its certificate and the token are tried before the federation's day."""
+        if not self.site.text():
+            self.status.setText("choose a site folder first")
+            return
+
+        def lines() -> list[str]:
+            from fedmix_engine.federation.client import CHECK_PATIENCE
+
+            return self._client(Path(self.site.text()), give_up_after=CHECK_PATIENCE).check()
+
+        self.worker = make_worker(lines, on_error=self._on_error)
+        self.worker.returned.connect(lambda found: self.status.setText(
+            "\n".join([*found, "check passed: Start takes part in the federation"])))
+        self.worker.finished.connect(self._on_checked)
+        for button in (self.start_button, self.check_button):
+            button.setEnabled(False)
+        self.status.setText("checking the server, the token and this site…")
+        self.worker.start()
+
+    def _on_checked(self) -> None:
+        self.worker = None
+        self.start_button.setEnabled(True)
+        self.check_button.setEnabled(self.mode.currentIndex() == 1)
 
     def stop(self) -> None:
         if self.worker is not None:
@@ -249,12 +284,15 @@ class TrainWidget(QWidget):
             if validation is not None and isinstance(event, RoundDone):
                 yield ValidationScore(event.round, validation_dice(self.last_checkpoint, validation, config.device))
 
-    def _federation_events(self, site: Path):
+    def _client(self, site: Path, give_up_after: float = 3600.0):
         from fedmix_engine.federation.client import FederationClient
 
-        client = FederationClient(self.server.text(), self.token.text().strip(), site,
-                                  device=self.device.currentText(), ca_cert=self.ca_cert.text() or None,
-                                  held_out=self.validation.text() or None)  # the client scores each global model
+        return FederationClient(self.server.text(), self.token.text().strip(), site, device=self.device.currentText(),
+                                ca_cert=self.ca_cert.text() or None, give_up_after=give_up_after,
+                                held_out=self.validation.text() or None)  # the client scores each global model
+
+    def _federation_events(self, site: Path):
+        client = self._client(site)
         self.last_checkpoint = site / GLOBAL_MODEL
         # asked between events too: waiting for the other sites yields none for minutes
         yield from client.iter_join(should_stop=lambda: self.worker is not None and self.worker.abort_requested,
@@ -318,6 +356,7 @@ class TrainWidget(QWidget):
 
     def _on_finished(self) -> None:
         self.start_button.setEnabled(True)
+        self.check_button.setEnabled(self.mode.currentIndex() == 1)
         self.stop_button.setEnabled(False)
         if not self.status.text().startswith("error"):
             done = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.exists() else None

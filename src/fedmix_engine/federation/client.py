@@ -124,6 +124,9 @@ class JoinEvent:
 JOIN_LOCK = "join.lock"  # in SITE/models: held while a join of the site runs
 
 
+CHECK_PATIENCE = 20.0  # seconds a check (join --check) retries a server that does not answer; a join: an hour
+
+
 class _Stopped(Exception):
     """A stop asked for while the client waited: the join ends as if the generator had been closed."""
 
