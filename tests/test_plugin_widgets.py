@@ -735,12 +735,24 @@ def test_annotate_exports_the_site_with_the_edits_on_screen_as_import_reads_it(m
     out = tmp_path / "export"
     out.mkdir()  # as the folder dialog's "new folder" leaves it
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *_a, **_k: str(out))
-    monkeypatch.setattr(QMessageBox, "question", lambda *_a, **_k: QMessageBox.StandardButton.Yes)
+    asked: list[str] = []  # the images: yes; pseudonymise: no (the folder stays in the clinic)
+
+    def answer(_parent, title, *_a, **_k):
+        asked.append(title)
+        return QMessageBox.StandardButton.No if "pseudonymise" in title else QMessageBox.StandardButton.Yes
+
+    monkeypatch.setattr(QMessageBox, "question", answer)
     widget._choose_export()
+    assert asked == ["Export", "Export: pseudonymise?"]
     assert widget.import_worker is not None, "runs beside the viewer, with the progress bar and Cancel"
     qtbot.waitUntil(lambda: widget.import_worker is None, timeout=60_000)
     assert widget.last_export is not None and said[-1].startswith(f"exported to {out}: images: 3  masks: 1  ")
     assert sorted(p.name for p in (out / "images").iterdir()) == ["scan-0.tif", "scan-1.tif", "scan-2.tif"]
+    widget.export_site(tmp_path / "leaves", images=True, pseudonymise=True)  # for a partner: case-001 …
+    qtbot.waitUntil(lambda: widget.import_worker is None, timeout=60_000)
+    assert sorted(p.name for p in (tmp_path / "leaves" / "images").iterdir()) == \
+        ["case-001.tif", "case-002.tif", "case-003.tif"]
+    assert "pseudonymised: images named case-…" in said[-1] and widget.last_export.key.is_file()
     np.testing.assert_array_equal(tifffile.imread(out / "masks" / "scan-0_mask.tif"), _drawn(5, 15, 6, 20))
     with pytest.raises(InputError, match="exists and is not an empty folder"):
         widget.export_site(out)

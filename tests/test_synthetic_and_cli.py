@@ -379,7 +379,8 @@ def test_site_remove_deletes_the_lines_of_the_import_problem_logs_that_name_the_
     capsys.readouterr()
 
     assert main(["site", "remove", str(site), "Mueller Hans 1957.png", "case-1"]) == 0
-    assert "deleted 2 line(s) naming them from the import problem logs in logs/" in capsys.readouterr().out
+    assert "deleted 2 line(s) naming them from the import problem logs and export keys in logs/" in \
+        capsys.readouterr().out
     assert log.read_text().splitlines() == [f"{clinic / 'masks' / 'case-12.png'}: mask shape 30×40 ≠ image shape "
                                             "32×40"], "case-12 is not case-1"
     assert main(["site", "remove", str(site), "case-12"]) == 0
@@ -1015,6 +1016,58 @@ def test_site_import_says_when_colour_images_go_into_a_grey_site(tmp_path: Path,
     assert main(["site", "import", str(tmp_path / "colour"), "--classes", "lesion", "--channels", "3",
                  "--images", str(folder)]) == 0
     assert "colour images" not in capsys.readouterr().out
+
+
+def test_a_pseudonymised_export_names_no_patient_and_its_key_stays_at_the_site(tmp_path: Path, capsys,
+                                                                               rng) -> None:
+    """An export for a research partner named every image by its id and its source file, often the patient's
+    name (Mueller_Hans_1957.dcm), in the file names, the tables and the COCO file. --pseudonymise names them
+    case-001 … at random, names no source, and keeps the key at the site, where site remove finds it."""
+    import os
+    import stat
+
+    site = tmp_path / "site"
+    patients = ("Mueller_Hans_1957", "Schmidt_Eva_1960", "Abel_Karl_1949")
+    with SiteStore.create(site, ["lesion"]) as store:
+        for name in patients:
+            store.add_image(rng.integers(0, 256, (24, 30), dtype=np.uint8), name.lower(), origin=f"/pacs/{name}.dcm")
+        store.set_mask("mueller_hans_1957", np.pad(np.ones((4, 4), np.uint8), ((2, 18), (3, 23))), author="dr-a")
+        store.add_box("schmidt_eva_1960", "lesion", 1, 2, 10, 12, author="dr-b")
+        store.set_tag("abel_karl_1949", "lesion", False, author="dr-c")
+    out = tmp_path / "for-partner"
+    assert main(["site", "export", str(site), str(out), "--images", "--pseudonymise"]) == 0
+    printed = capsys.readouterr().out
+    key = next((site / "logs").glob("export-*-key.csv"))
+    assert ("pseudonymised: images named case-…, dealt at random; no source file names (the annotators' names are "
+            f"kept)\nthe key from those names to the site's images: {key} (it stays at the site") in printed
+    written = b"".join(path.read_bytes() for path in out.rglob("*") if path.is_file())
+    names = " ".join(str(path.relative_to(out)) for path in out.rglob("*"))
+    for patient in patients:
+        for spelled in (patient, patient.lower(), patient.split("_")[0]):
+            assert spelled.encode() not in written and spelled not in names, spelled
+    assert b"/pacs" not in written
+    assert sorted(path.name for path in (out / "images").iterdir()) == ["case-001.tif", "case-002.tif", "case-003.tif"]
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    linked = {row["name"]: row for row in csv.DictReader(key.open())}
+    assert {row["image"] for row in linked.values()} == {p.lower() for p in patients}
+    assert linked[next(n for n, r in linked.items() if r["image"] == "abel_karl_1949")]["source"] == \
+        "/pacs/Abel_Karl_1949.dcm"
+
+    again = tmp_path / "partner-site"  # what the partner imports: the same annotations, under the new names
+    assert main(["site", "import", str(again), "--classes", "lesion", "--images", str(out / "images"), "--masks",
+                 str(out / "masks"), "--boxes", str(out / "boxes.csv"), "--tags", str(out / "tags.csv")]) == 0
+    with SiteStore.open(site, readonly=True) as before, SiteStore.open(again, readonly=True) as after:
+        for name, row in linked.items():
+            np.testing.assert_array_equal(after.read_image(name), before.read_image(row["image"]))
+            mask_before, mask_after = before.read_mask(row["image"]), after.read_mask(name)
+            assert (mask_before is None) == (mask_after is None)
+            assert [b.key for b in after.boxes(name)] == [b.key for b in before.boxes(row["image"])]
+            assert after.tags(name) == before.tags(row["image"])
+            assert "/pacs" not in after.record(name).source
+    capsys.readouterr()
+    assert main(["site", "remove", str(site), "Mueller_Hans_1957.dcm"]) == 0
+    assert "deleted 1 line(s) naming them from the import problem logs and export keys" in capsys.readouterr().out
+    assert b"Mueller" not in key.read_bytes() and len(key.read_text().splitlines()) == 3
 
 
 def test_site_import_names_the_images_it_adds_that_copy_an_image_of_the_site(tmp_path: Path, capsys, rng) -> None:

@@ -137,7 +137,7 @@ def cmd_site_export(args: argparse.Namespace) -> int:
     from fedmix_engine.data.site_store import SiteStore
 
     with SiteStore.open(args.dir, readonly=True) as store:
-        report = export_site(store, args.out, images=args.images,
+        report = export_site(store, args.out, images=args.images, pseudonymise=args.pseudonymise,
                              progress=lambda step: progress_bar(step.done, step.total, "images"))
     clear_progress_bar()
     for line in report.lines():
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="a site folder")
     p.add_argument("out", type=Path, help="a new folder (or an empty one): masks/<id>_mask.tif, boxes.csv, tags.csv")
     p.add_argument("--images", action="store_true", help="also write the images, as images/<id>.tif")
+    p.add_argument("--pseudonymise", "--pseudonymize", action="store_true",
+                   help="for a folder that leaves the clinic: name the images case-001 … in a random order, name no "
+                        "source file, and keep the key to the site's images in DIR/logs/ (mode 600)")
     p.set_defaults(func=cmd_site_export)
 
     p = sub.add_parser("make-sample", help="write a synthetic multi-site federation (ultrasound-like)")

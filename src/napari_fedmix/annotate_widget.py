@@ -565,16 +565,18 @@ class AnnotateWidget(QWidget):
             raise InputError("import", "an import is running; wait for it or cancel it")
         return self.store
 
-    def export_site(self, folder: str | Path, images: bool = False):
+    def export_site(self, folder: str | Path, images: bool = False, pseudonymise: bool = False):
         """Write the site's annotations (and with ``images`` its images) to ``folder``, new or empty, as
-        ``fedmix-engine site export`` does, in a worker (Cancel stops it, leaving no folder); returns the worker.
-        The edits on screen are saved first: the export is what the site holds."""
+        ``fedmix-engine site export`` does (``pseudonymise``: its ``--pseudonymise``), in a worker (Cancel stops
+        it, leaving no folder); returns the worker. The edits on screen are saved first: the export is what the
+        site holds."""
         from fedmix_engine.data.export import export_steps
 
         store = self._open_store()
         self.save()
         self.last_export = None
-        return self._start_import(export_steps(store, folder, images), done=self._on_exported, what="export")
+        return self._start_import(export_steps(store, folder, images, pseudonymise), done=self._on_exported,
+                                  what="export")
 
     def _on_exported(self, report) -> None:
         from napari.utils.notifications import show_info
@@ -595,8 +597,17 @@ class AnnotateWidget(QWidget):
             self, "Export", "Also export the site's images (images/<id>.tif)?\n\nWithout them the folder holds "
             "the masks, boxes and tags only.", QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No
             | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.No)
-        if answer != QMessageBox.StandardButton.Cancel:
-            self._guard(lambda: self.export_site(folder, images=answer == QMessageBox.StandardButton.Yes))
+        if answer == QMessageBox.StandardButton.Cancel:
+            return
+        leaves = QMessageBox.question(
+            self, "Export: pseudonymise?", "Will this folder leave the clinic (a research partner)?\n\nYes: the "
+            "images are named case-001 … in a random order and no source file is named; the key to the site's "
+            "images stays in the site's logs/ folder.\nNo: they keep their ids and source files, which may name "
+            "the patients.", QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No
+            | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.No)
+        if leaves != QMessageBox.StandardButton.Cancel:
+            self._guard(lambda: self.export_site(folder, images=answer == QMessageBox.StandardButton.Yes,
+                                                 pseudonymise=leaves == QMessageBox.StandardButton.Yes))
 
     def _start_import(self, steps, done=None, what: str = "import"):
         """Run an import's (or an export's) steps in a worker, with the progress bar and Cancel."""

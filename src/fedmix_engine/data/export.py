@@ -18,7 +18,9 @@ import csv
 import io
 import json
 import os
+import secrets
 import shutil
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -28,7 +30,7 @@ import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.data.imageio import tiff_bytes
-from fedmix_engine.data.site_store import Box, ImageRecord, SiteStore
+from fedmix_engine.data.site_store import LOGS, Box, ImageRecord, SiteStore
 from fedmix_engine.errors import InputError
 from fedmix_engine.steps import run_steps
 
@@ -37,6 +39,8 @@ TAG_HEADER = ("image", "class", "present", "author", "annotated_at", "source")
 MASK_HEADER = ("image", "file", "author", "annotated_at", "source")  # who drew each mask, and when
 MASKS_TABLE = "masks.csv"  # beside the masks/ folder: import reads it with --masks OUT/masks
 COCO_FILE = "annotations.json"
+KEY_SUFFIX = "-key.csv"  # SITE/logs/export-<time>-key.csv: a pseudonymised export's names → the site's images
+KEY_HEADER = ("name", "image", "source")
 
 
 @dataclass
@@ -49,6 +53,9 @@ class ExportReport:
     boxes: int = 0
     tags: int = 0
     with_images: bool = False
+    pseudonymised: bool = False
+    key: Path | None = None  # where a pseudonymised export's key went (None: it could not be written)
+    key_problem: str = ""
     others: list[Path] = field(default_factory=list)  # unfinished folders of other exports to the same name
     problems: list[str] = field(default_factory=list)  # images left out, each with its damaged file
 
@@ -62,10 +69,21 @@ class ExportReport:
                    + " ".join(f"{option} {path}" for option, path in parts)] if parts else []),
                 *([f"for annotation tools (CVAT, Label Studio …): {self.out / COCO_FILE}, the masks and boxes as "
                    "COCO"] if self.masks or self.boxes else []),
+                *(self._pseudonym_lines() if self.pseudonymised else []),
                 *(f"{other}: the unfinished folder of another export to this name (one running now, or one a "
                   "crash stopped: then delete it, it may hold copies of the site's images)" for other in self.others),
                 *([f"{len(self.problems)} image(s) left out (the rest is exported):"] if self.problems else []),
                 *(f"  {problem}" for problem in self.problems)]
+
+
+    def _pseudonym_lines(self) -> list[str]:
+        said = ("pseudonymised: images named case-…, dealt at random; no source file names (the annotators' names "
+                "are kept)")
+        if self.key is not None:
+            return [said, f"the key from those names to the site's images: {self.key} (it stays at the site, readable "
+                          "by you only; site remove deletes a removed image's line)"]
+        return [said, f"the key from those names to the site's images could not be written ({self.key_problem}): "
+                      "the export cannot be linked back to the site's images"]
 
 
 @dataclass(frozen=True)
@@ -78,12 +96,18 @@ class ExportProgress:
 
 
 def export_site(store: SiteStore, out: str | Path, images: bool = False,
-                progress: Callable[[ExportProgress], None] | None = None) -> ExportReport:
-    """Write the site's annotations (and with ``images`` its images) to the new folder ``out``."""
-    return run_steps(export_steps(store, out, images), progress)
+                progress: Callable[[ExportProgress], None] | None = None,
+                pseudonymise: bool = False) -> ExportReport:
+    """Write the site's annotations (and with ``images`` its images) to the new folder ``out``.
+
+    ``pseudonymise``: for a folder that leaves the clinic (a research partner), the images are named
+    ``case-001`` … in a random order instead of by their ids (often a patient's file name), and no source file
+    is named; the key from those names to the site's images is written to ``SITE/logs/export-<time>-key.csv``
+    (mode 600), where ``site remove`` finds it."""
+    return run_steps(export_steps(store, out, images, pseudonymise), progress)
 
 
-def export_steps(store: SiteStore, out: str | Path, images: bool = False
+def export_steps(store: SiteStore, out: str | Path, images: bool = False, pseudonymise: bool = False
                  ) -> Generator[ExportProgress, None, ExportReport]:
     """:func:`export_site` as steps, one per image, that a GUI worker can show and stop. ``out`` must not
     exist or be an empty folder (an export never writes over files): refused here, before the first step."""
@@ -93,23 +117,26 @@ def export_steps(store: SiteStore, out: str | Path, images: bool = False
                               "name, or remove this one)")
     if out.resolve().is_relative_to(store.root.resolve()):
         raise InputError(out, f"is inside the site {store.root}; export to a folder outside it")
-    return _export(store, out, images)
+    return _export(store, out, images, pseudonymise)
 
 
-def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgress, None, ExportReport]:
+def _export(store: SiteStore, out: Path, images: bool, pseudonymise: bool
+            ) -> Generator[ExportProgress, None, ExportReport]:
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)  # this process's own leftover, if any: pids are not reused at once
     try:
         make_folder(partial)
     except InputError as exc:  # the folder named as the user gave it, not by our partial one; a blocker by itself
         raise InputError(out, exc.reason) if exc.where == str(partial) else exc from None
-    report = ExportReport(out, with_images=images, others=sorted(p for p in out.parent.glob(f".{out.name}.partial-*")
-                                                                 if p != partial))
+    report = ExportReport(out, with_images=images, pseudonymised=pseudonymise,
+                          others=sorted(p for p in out.parent.glob(f".{out.name}.partial-*") if p != partial))
     boxes, tags, masks = _table(BOX_HEADER), _table(TAG_HEADER), _table(MASK_HEADER)
     coco = _Coco(store.config.classes)
     try:
         records = store.records()
+        names = _pseudonyms(records) if pseudonymise else {record.id: record.id for record in records}
         for n, record in enumerate(records, start=1):
+            name, source = names[record.id], "" if pseudonymise else record.source
             try:  # a damaged file leaves its image out, said, not the whole site
                 pixels = (store.read_image(record.id), store.spacing(record.id)) if images else None
                 mask = store.read_mask(record.id) if record.has_mask else None
@@ -118,22 +145,23 @@ def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgre
                 yield ExportProgress(n, len(records))
                 continue
             if pixels is not None:
-                atomic_write_bytes(partial / "images" / f"{record.id}.tif", tiff_bytes(*pixels))
+                atomic_write_bytes(partial / "images" / f"{name}.tif", tiff_bytes(*pixels))
                 report.images += 1
             drawn = store.mask_author(record.id) if mask is not None else None
             if mask is not None and drawn is not None:  # both: napari may clear it meanwhile
-                atomic_write_bytes(partial / "masks" / f"{record.id}_mask.tif", tiff_bytes(mask))
-                masks[1].writerow([record.id, f"masks/{record.id}_mask.tif", *drawn, record.source])
+                atomic_write_bytes(partial / "masks" / f"{name}_mask.tif", tiff_bytes(mask))
+                masks[1].writerow([name, f"masks/{name}_mask.tif", *drawn, source])
                 report.masks += 1
             held = store.boxes(record.id)
-            coco.add(record, f"images/{record.id}.tif" if images else None, mask if drawn else None, held)
+            copy = f"images/{name}.tif" if images else f"{name}.tif" if pseudonymise else _file_name(record)
+            coco.add(record, copy, mask if drawn else None, held)
             for box in held:
-                boxes[1].writerow([record.id, box.class_name, box.y0, box.x0, box.y1, box.x1, box.author,
-                                   box.created_at, record.source])
+                boxes[1].writerow([name, box.class_name, box.y0, box.x0, box.y1, box.x1, box.author,
+                                   box.created_at, source])
                 report.boxes += 1
             for class_name, present, author, created_at in store.tag_rows(record.id):
-                tags[1].writerow([record.id, class_name, "present" if present else "absent", author, created_at,
-                                  record.source])
+                tags[1].writerow([name, class_name, "present" if present else "absent", author, created_at,
+                                  source])
                 report.tags += 1
             yield ExportProgress(n, len(records))
         atomic_write_bytes(partial / "boxes.csv", boxes[0].getvalue().encode())
@@ -146,7 +174,33 @@ def _export(store: SiteStore, out: Path, images: bool) -> Generator[ExportProgre
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    if pseudonymise:
+        _write_key(store.root, names, records, report)
     return report
+
+
+def _pseudonyms(records: list[ImageRecord]) -> dict[str, str]:
+    """A neutral name per image, ``case-001`` …, dealt in a random order: the import order follows the file
+    names, which may be the patients'."""
+    order = list(range(len(records)))
+    secrets.SystemRandom().shuffle(order)
+    width = max(3, len(str(len(records))))
+    return {record.id: f"case-{k + 1:0{width}d}" for record, k in zip(records, order, strict=True)}
+
+
+def _write_key(site: Path, names: dict[str, str], records: list[ImageRecord], report: ExportReport) -> None:
+    """The key from a pseudonymised export's names to the site's images, in ``SITE/logs/`` (mode 600: it links
+    the export to the patients' files). A site it cannot be written to (read-only) is said in the report."""
+    key = site / LOGS / f"export-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}{KEY_SUFFIX}"
+    text, writer = _table(KEY_HEADER)
+    for record in sorted(records, key=lambda record: names[record.id]):
+        writer.writerow([names[record.id], record.id, record.source])
+    try:
+        make_folder(key.parent)
+        atomic_write_bytes(key, text.getvalue().encode(), mode=0o600)
+        report.key = key
+    except (InputError, OSError) as exc:
+        report.key_problem = exc.reason if isinstance(exc, InputError) else f"{exc.strerror or exc}"
 
 
 class _Coco:
@@ -159,13 +213,13 @@ class _Coco:
         self.data: dict[str, list] = {"images": [], "annotations": [],
                                       "categories": [{"id": k + 1, "name": name} for k, name in enumerate(classes)]}
 
-    def add(self, record: ImageRecord, copy: str | None, mask: np.ndarray | None, boxes: list[Box]) -> None:
+    def add(self, record: ImageRecord, file_name: str, mask: np.ndarray | None, boxes: list[Box]) -> None:
         if mask is None and not boxes:
             return
         from pycocotools import mask as coco_mask
 
         image_id = len(self.data["images"]) + 1
-        self.data["images"].append({"id": image_id, "file_name": copy or _file_name(record), "height": record.height,
+        self.data["images"].append({"id": image_id, "file_name": file_name, "height": record.height,
                                     "width": record.width})
         regions = [(k + 1, mask == k + 1) for k in range(len(self.data["categories"]))] if mask is not None else []
         for label, pixels in regions:

@@ -61,7 +61,7 @@ from fedmix_engine.data.imageio import (
     validate_mask,
 )
 from fedmix_engine.data.labelme import is_labelme_file, read_labelme
-from fedmix_engine.data.site_store import Box, ImageRecord, SiteStore, annotation_time, image_id_from_path
+from fedmix_engine.data.site_store import LOGS, Box, ImageRecord, SiteStore, annotation_time, image_id_from_path
 from fedmix_engine.data.video import NOT_IMPORTED, is_video_path
 from fedmix_engine.errors import InputError
 from fedmix_engine.steps import run_steps
@@ -95,7 +95,6 @@ MASK_NAME = re.compile(r"^(?P<image>.+?)[ _-](?:mask|labels?|seg|segmentation|gt
 
 
 SHOWN_PROBLEMS = 20  # problems an import prints; the rest are in its log
-PROBLEM_LOGS = "logs"  # the site's sub-folder for import problem logs
 
 
 @dataclass
@@ -197,7 +196,7 @@ def write_problem_log(store: SiteStore, report: ImportReport, clock: Callable[[]
     if not report.problems:
         return
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock()))
-    path = store.root / PROBLEM_LOGS / f"import-{stamp}-problems.txt"
+    path = store.root / LOGS / f"import-{stamp}-problems.txt"
     with contextlib.suppress(OSError):
         path.parent.mkdir(exist_ok=True)
         n = 1

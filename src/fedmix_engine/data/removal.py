@@ -6,8 +6,8 @@ Images are named as everywhere else: by id or by the name of the file they were 
 is resolved before anything is removed, so a typing error removes nothing, and the images' rows go in one
 transaction: a removal killed part-way removed all or none of them, and the same command run again finishes it
 (the files a kill after the commit left behind are deleted then). The lines of the site's import problem logs
-that name them go too. Models the site trained before keep what they learnt from the images; the training after
-the removal never sees them again.
+and export keys that name them go too. Models the site trained before keep what they learnt from the images;
+the training after the removal never sees them again.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.data.export import KEY_SUFFIX
 from fedmix_engine.data.imageio import image_stem
-from fedmix_engine.data.importer import PROBLEM_LOGS, resolve_image, site_names
-from fedmix_engine.data.site_store import ImageRecord, SiteStore
+from fedmix_engine.data.importer import resolve_image, site_names
+from fedmix_engine.data.site_store import LOGS, ImageRecord, SiteStore
 from fedmix_engine.errors import InputError
 
 
@@ -31,7 +32,7 @@ class Removal:
 
     images: list[ImageRecord] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # ids whose removal a kill interrupted, finished now
-    log_lines: int = 0  # lines of the import problem logs that named them, deleted
+    log_lines: int = 0  # lines of the import problem logs and export keys that named them, deleted
 
     @property
     def masks(self) -> int:
@@ -55,8 +56,8 @@ class Removal:
                        "out of the database but not off the disk (their files are deleted now):")
             out.extend(f"  {image_id}" for image_id in self.finished)
         if self.log_lines:
-            out.append(f"deleted {self.log_lines} line(s) naming them from the import problem logs in "
-                       f"{PROBLEM_LOGS}/")
+            out.append(f"deleted {self.log_lines} line(s) naming them from the import problem logs and export keys "
+                       f"in {LOGS}/")
         out.append("models the site trained before keep what they learnt from them; training from now on "
                    "does not see them")
         return out
@@ -87,14 +88,14 @@ def remove_images(store: SiteStore, names: list[str]) -> Removal:
     removal = Removal([held[image_id] for image_id in ids if image_id in held],
                       [image_id for image_id in store.pending_removals() if image_id not in held])
     store.remove_images(ids)
-    removal.log_lines = scrub_problem_logs(store.root, [*removal.images, *removal.finished])
+    removal.log_lines = scrub_logs(store.root, [*removal.images, *removal.finished])
     return removal
 
 
-def scrub_problem_logs(site: Path, removed: list[ImageRecord | str]) -> int:
-    """Delete the lines of the site's import problem logs that name a removed image (its id, or the path, name
-    or stem of the file it came from, as a problem line or a table row gives them); returns how many. Those
-    plain-text logs outlived a removal, the source file's name often the patient's."""
+def scrub_logs(site: Path, removed: list[ImageRecord | str]) -> int:
+    """Delete the lines of the site's import problem logs and export keys that name a removed image (its id, or
+    the path, name or stem of the file it came from, as a problem line or a table row gives them); returns how
+    many. Those plain-text files outlived a removal, the source file's name often the patient's."""
     names = set()
     for record in removed:
         names.add(record if isinstance(record, str) else record.id)
@@ -103,7 +104,8 @@ def scrub_problem_logs(site: Path, removed: list[ImageRecord | str]) -> int:
     naming = re.compile("|".join(rf"(?<![\w-]){re.escape(name)}(?![\w-])" for name in sorted(names, key=len,
                                                                                               reverse=True)))
     deleted = 0
-    for log in sorted((site / PROBLEM_LOGS).glob("import-*-problems.txt")) if names else []:
+    logs = [*(site / LOGS).glob("import-*-problems.txt"), *(site / LOGS).glob(f"export-*{KEY_SUFFIX}")]
+    for log in sorted(logs) if names else []:
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
         kept = [line for line in lines if not naming.search(line)]
         if len(kept) < len(lines):

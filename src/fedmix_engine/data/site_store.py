@@ -57,6 +57,7 @@ from fedmix_engine.errors import InputError
 FORMAT_VERSION = 1
 CONFIG_FILE = "site.json"
 DB_FILE = "annotations.db"
+LOGS = "logs"  # the site's plain-text records: import problem logs, export keys (site remove scrubs them)
 _DAMAGED = "it is damaged or not a site's database; restore the site folder from a backup"
 Supervision = Literal["mask", "box", "tag", "none"]
 _ID_MAX = 128
