@@ -178,7 +178,8 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
         if progress:
             progress(f"{name} ← {source}: {n_train} training images ({supervision_counts(summary)}), "
                      f"{n_val} validation, {len(parts['test'])} test"
-                     + (f"; {copied} copies of other images kept in the same split" if copied else ""))
+                     + (f"; {copied} {'copy' if copied == 1 else 'copies'} of other images kept in the same split"
+                        if copied else ""))
     for line in _copies_across_sites(plans, names) if progress else []:
         progress(line)
     if mix is not None:
