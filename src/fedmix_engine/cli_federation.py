@@ -173,7 +173,12 @@ def _warn_if_others_may_read(path: Path, what: str) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+REFUSED, GAVE_UP = 3, 4  # join's exit status: a refusal, which a restart cannot mend; a server silent through
+# all the retries, which a later restart may find back (a service manager restarts on 4, not on 3)
+
+
 def cmd_join(args: argparse.Namespace) -> int:
+    from fedmix_engine.errors import GaveUp
     from fedmix_engine.federation import client as federation_client
     from fedmix_engine.federation.client import FederationClient, FederationError
 
@@ -189,23 +194,18 @@ def cmd_join(args: argparse.Namespace) -> int:
     client = FederationClient(args.server, token, args.site, device=args.device, ca_cert=args.ca_cert,
                               poll_seconds=args.poll, held_out=args.eval, token_source=source,
                               give_up_after=federation_client.CHECK_PATIENCE if args.check else 3600.0)
-    if args.check:
-        try:
-            lines = client.check()
-        except FederationError as exc:
-            print(f"error: {exc}")
-            return 3
-        print("\n".join(lines))
-        print("check passed: the same command without --check takes part in the federation")
-        return 0
     try:
+        if args.check:
+            print("\n".join(client.check()))
+            print("check passed: the same command without --check takes part in the federation")
+            return 0
         for event in client.iter_join():
             if event.kind not in ("training", "evaluating") or (event.progress and
                                                                  event.progress.step == event.progress.total):
                 print(event.message, flush=True)
     except FederationError as exc:
         print(f"error: {exc}")
-        return 3
+        return GAVE_UP if isinstance(exc, GaveUp) else REFUSED
     return 0
 
 
@@ -403,7 +403,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", type=Path, required=True, help="the server's state directory")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("join", help="take part in a federation with this site's data")
+    p = sub.add_parser("join", help="take part in a federation with this site's data",
+                       epilog="exit status: 0 the federation finished (or --check passed); 2 bad input; 3 the server "
+                              "refused (a token, a certificate, another join of the site): a restart does not mend "
+                              "it; 4 the server did not answer through an hour of retries; 1 a failure of this "
+                              "machine (a full disk)")
     p.add_argument("--server", required=True, help="e.g. https://fedmix.example-hospital.org:8765")
     p.add_argument("--token", help="this site's token (or FEDMIX_TOKEN, or --token-file)")
     p.add_argument("--token-file", type=Path, help="file holding this site's token")

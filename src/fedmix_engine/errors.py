@@ -30,6 +30,12 @@ class FederationError(RuntimeError):
     it apart without importing torch."""
 
 
+class GaveUp(FederationError):
+    """The server did not answer, or failed, through all of a client's retries: unlike a refusal, a later try
+    may find it back (a maintenance longer than the retries), so ``join`` exits with its own status for a
+    service manager to restart it."""
+
+
 SAID_ERRORS = (InputError, FederationError)  # a person's message already: no type name, no traceback
 
 

@@ -28,7 +28,7 @@ from fedmix_engine.checkpoint import pair_from_bytes
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
-from fedmix_engine.errors import FederationError, InputError
+from fedmix_engine.errors import FederationError, GaveUp, InputError
 from fedmix_engine.federation import pending_state
 from fedmix_engine.federation.federated_evaluation import EvaluationReport
 from fedmix_engine.federation.tokens import token_problem
@@ -207,7 +207,7 @@ class FederationClient:
                 reason = f"server error {response.status_code} ({_detail(response)})"
             failing_for = time.monotonic() - started
             if failing_for > self.give_up_after:
-                raise FederationError(f"gave up after {self.give_up_after:.0f} s: {reason}")
+                raise GaveUp(f"gave up after {self.give_up_after:.0f} s: {reason}")
             log.warning("%s %s: %s; retrying in %.1f s", method, path, reason, delay)
             so_far = f" (for {failing_for:.0f} s; gives up after {self.give_up_after / 60:g} min)" if failed else ""
             self._on_retry(JoinEvent("retrying", f"{reason}; trying again in {delay:g} s{so_far}"))
