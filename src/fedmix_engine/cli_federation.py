@@ -404,10 +404,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("join", help="take part in a federation with this site's data",
-                       epilog="exit status: 0 the federation finished (or --check passed); 2 bad input; 3 the server "
-                              "refused (a token, a certificate, another join of the site): a restart does not mend "
-                              "it; 4 the server did not answer through an hour of retries; 1 a failure of this "
-                              "machine (a full disk)")
+                       epilog="exit status: 0 the federation finished (or --check passed); 2 bad input;\n"
+                              "  3 the server refused (a token, a certificate, another join of the site): a restart\n"
+                              "    does not mend it;\n"
+                              "  4 the server did not answer through an hour of retries; 1 a failure of this machine\n"
+                              "    (a full disk): a service manager may restart on these")
     p.add_argument("--server", required=True, help="e.g. https://fedmix.example-hospital.org:8765")
     p.add_argument("--token", help="this site's token (or FEDMIX_TOKEN, or --token-file)")
     p.add_argument("--token-file", type=Path, help="file holding this site's token")
