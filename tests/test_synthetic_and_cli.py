@@ -376,7 +376,11 @@ def test_site_remove_deletes_the_lines_of_the_import_problem_logs_that_name_the_
                  str(clinic / "masks")]) == 1
     log = next((site / "logs").glob("import-*-problems.txt"))
     assert "Mueller Hans 1957.png" in log.read_text() and len(log.read_text().splitlines()) == 3
+    with SiteStore.open(site) as store:  # an image whose id is a word of every line: "… ≠ image shape …"
+        store.add_image(rng.integers(0, 256, (32, 40), dtype=np.uint8), "image")
     capsys.readouterr()
+    assert main(["site", "remove", str(site), "image"]) == 0
+    assert "naming them" not in capsys.readouterr().out and len(log.read_text().splitlines()) == 3
 
     assert main(["site", "remove", str(site), "Mueller Hans 1957.png", "case-1"]) == 0
     assert "deleted 2 line(s) naming them from the import problem logs and export keys in logs/" in \

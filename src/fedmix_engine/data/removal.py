@@ -93,16 +93,21 @@ def remove_images(store: SiteStore, names: list[str]) -> Removal:
 
 
 def scrub_logs(site: Path, removed: list[ImageRecord | str]) -> int:
-    """Delete the lines of the site's import problem logs and export keys that name a removed image (its id, or
-    the path, name or stem of the file it came from, as a problem line or a table row gives them); returns how
-    many. Those plain-text files outlived a removal, the source file's name often the patient's."""
-    names = set()
+    """Delete the lines of the site's import problem logs and export keys that name a removed image; returns
+    how many. Those plain-text files outlived a removal, the source file's name often the patient's. A line
+    names an image by the path of the file it came from, or by its id, or its file's name or stem, where a
+    line gives one: quoted (``the boxes of 'case-07'``), a CSV field (a key's row), or a file name in a path
+    (``…/masks/case-07_mask.png``); not as a word of the text, so removing an image named ``mask`` or
+    ``case-1`` leaves the lines of the others."""
+    names, sources = set(), set()
     for record in removed:
         names.add(record if isinstance(record, str) else record.id)
         if isinstance(record, ImageRecord) and os.path.isabs(record.source):
-            names.update((record.source, Path(record.source).name, image_stem(record.source)))
-    naming = re.compile("|".join(rf"(?<![\w-]){re.escape(name)}(?![\w-])" for name in sorted(names, key=len,
-                                                                                              reverse=True)))
+            sources.add(record.source)
+            names.update((Path(record.source).name, image_stem(record.source)))
+    naming = re.compile("|".join([*(re.escape(source) for source in sources), *(
+        rf"['\"]{name}['\"]|(?:^|,){name}(?:,|$)|(?<=[/\\]){name}(?=[._ :-]|$)"
+        for name in map(re.escape, sorted(names, key=len, reverse=True)))]), re.MULTILINE)
     deleted = 0
     logs = [*(site / LOGS).glob("import-*-problems.txt"), *(site / LOGS).glob(f"export-*{KEY_SUFFIX}")]
     for log in sorted(logs) if names else []:
