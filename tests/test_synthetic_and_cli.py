@@ -1068,7 +1068,27 @@ def test_a_pseudonymised_export_names_no_patient_and_its_key_stays_at_the_site(t
             assert [b.key for b in after.boxes(name)] == [b.key for b in before.boxes(row["image"])]
             assert after.tags(name) == before.tags(row["image"])
             assert "/pacs" not in after.record(name).source
+    # the partner annotates the export (a box on Abel's case, a mask's case tagged) and sends its tables back:
+    # with the key they come back to the site's own images
+    abel = next(n for n, r in linked.items() if r["image"] == "abel_karl_1949")
+    mueller = next(n for n, r in linked.items() if r["image"] == "mueller_hans_1957")
+    (tmp_path / "returned.csv").write_text(f"image,class,y0,x0,y1,x1,author\n{abel},lesion,3,3,9,9,partner\n")
+    (tmp_path / "returned-tags.csv").write_text(f"image,class,present,author\n{mueller}.tif,lesion,present,partner\n")
     capsys.readouterr()
+    returned = ["site", "import", str(site), "--boxes", str(tmp_path / "returned.csv"), "--tags",
+                str(tmp_path / "returned-tags.csv")]
+    assert main(returned) == 1, "without the key the export's names are no image of the site"
+    assert f"returned.csv:2: image '{abel}' is not in the site" in capsys.readouterr().out
+    assert main([*returned, "--key", str(key)]) == 0
+    assert "masks: 0  boxes: 1  tags: 1" in capsys.readouterr().out
+    with SiteStore.open(site, readonly=True) as store:
+        assert [(b.key, b.author) for b in store.boxes("abel_karl_1949")] == [(("lesion", 3, 3, 9, 9), "partner")]
+        assert store.tags("mueller_hans_1957") == {"lesion": True}
+    assert main([*returned, "--key", str(key), "--images", str(out / "images")]) == 2
+    assert "error: --key: a pseudonymised export's key names the site's own images" in capsys.readouterr().err
+    assert main([*returned, "--key", str(tmp_path / "returned.csv")]) == 2
+    assert "returned.csv: is not the key of a pseudonymised export" in capsys.readouterr().err
+
     assert main(["site", "remove", str(site), "Mueller_Hans_1957.dcm"]) == 0
     assert "deleted 1 line(s) naming them from the import problem logs and export keys" in capsys.readouterr().out
     assert b"Mueller" not in key.read_bytes() and len(key.read_text().splitlines()) == 3

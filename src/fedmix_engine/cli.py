@@ -59,7 +59,7 @@ def cmd_site_import(args: argparse.Namespace) -> int:
     from fedmix_engine.data.site_store import CONFIG_FILE, SiteStore
     from fedmix_engine.steps import run_steps
 
-    sources = read_sources(args.images, args.masks, args.boxes, args.tags, args.coco)  # before a site is made
+    sources = read_sources(args.images, args.masks, args.boxes, args.tags, args.coco, args.key)  # before a site is made
     is_site = (Path(args.dir) / CONFIG_FILE).exists()
     if args.images is None and not is_site:
         raise InputError("--images", f"{args.dir} is not a site yet: a new site's import needs its --images")
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "regions as masks, rectangles as boxes (docs/site-format.md)")
     p.add_argument("--tags", type=Path, help="CSV with columns image,class,present (present/absent), or image "
                                              "and a column per class")
+    p.add_argument("--key", type=Path, help="the key of a pseudonymised export of this site (DIR/logs/export-…-key"
+                                            ".csv): the masks and tables name its case-… images, annotated elsewhere")
     p.add_argument("--classes", type=_names, help="create the site with these classes if it does not exist")
     p.add_argument("--channels", type=int, choices=(1, 3),
                    help="image channels of a site created with --classes: 1 grey (the default), 3 RGB")

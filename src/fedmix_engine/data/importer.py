@@ -50,7 +50,7 @@ import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.data.coco import CocoAnnotation, CocoFile, CocoImage, read_coco, region_mask
-from fedmix_engine.data.export import MASK_HEADER, MASKS_TABLE
+from fedmix_engine.data.export import KEY_HEADER, MASK_HEADER, MASKS_TABLE
 from fedmix_engine.data.imageio import (
     image_files,
     image_stem,
@@ -617,13 +617,17 @@ class ImportSources:
     tags: tuple[Path, TableRows] | None
     coco: CocoFile | None = None
     drawn: tuple[Path, TableRows] | None = None  # export's masks.csv beside the masks: who drew each, when
+    key: dict[str, str] | None = None  # a pseudonymised export's key: its names → the site's image ids
 
 
 def read_sources(images: str | Path | None, masks: str | Path | None = None, boxes_csv: str | Path | None = None,
-                 tags_csv: str | Path | None = None, coco_json: str | Path | None = None) -> ImportSources:
+                 tags_csv: str | Path | None = None, coco_json: str | Path | None = None,
+                 key: str | Path | None = None) -> ImportSources:
     """Refuse a missing folder or file, or a table that cannot be read; return the sources to import.
     Without ``images`` the masks and tables annotate the images the site already holds (a radiologist's
-    boxes delivered after the images, whose folder may be gone by then)."""
+    boxes delivered after the images, whose folder may be gone by then). ``key``: the key of a pseudonymised
+    export (``site export --pseudonymise``), whose names the masks and tables then use: annotations made
+    elsewhere on that export come back to the site's images."""
     if images is None and masks is None and boxes_csv is None and tags_csv is None and coco_json is None:
         raise InputError("--images", "nothing to import: give --images, and/or --masks, --boxes, --tags or --coco "
                                      "for the images the site already holds")
@@ -637,9 +641,25 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
              ) if boxes_csv is not None else None
     tags = (Path(tags_csv), _tag_rows(Path(tags_csv), *_read_table(Path(tags_csv), ("image",), _TAG_HEADERS))
             ) if tags_csv is not None else None
+    if key is not None and images is not None:
+        raise InputError("--key", "a pseudonymised export's key names the site's own images: import the annotations "
+                                  "made on the export without --images (the site holds its images)")
     return ImportSources(Path(images) if images is not None else None, Path(masks) if masks is not None else None,
                          boxes, tags, read_coco(coco_json) if coco_json is not None else None,
-                         _masks_table(Path(masks)) if masks is not None else None)
+                         _masks_table(Path(masks)) if masks is not None else None,
+                         _read_key(Path(key)) if key is not None else None)
+
+
+def _read_key(path: Path) -> dict[str, str]:
+    """A pseudonymised export's key (:data:`export.KEY_HEADER`): its names → the site's image ids; refused, naming
+    the file, when it is not such a key."""
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    header, rows = _read_table(path, ())  # any header: the key's own is checked below, and said as the key's
+    if tuple(header) != KEY_HEADER:
+        raise InputError(path, f"is not the key of a pseudonymised export (header {','.join(KEY_HEADER)}: "
+                               "site export --pseudonymise writes it to the site's logs/ folder)")
+    return {row["name"]: row["image"] for _, row in rows}
 
 
 def read_annotation_table(path: str | Path) -> ImportSources:
@@ -825,6 +845,9 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     beside = masks_beside_images(files) if same_folder else []
     yield from _add_images(store, [p for p in files if p not in beside], report, author)
     names = site_names(store)
+    if sources.key is not None:  # the export's names first: they are what its annotations were made under
+        held = set(store.image_ids())
+        names.update({name: image_id for name, image_id in sources.key.items() if image_id in held})
 
     if masks is not None or beside:
         drawn = _drawn_by(sources.drawn, report) if sources.drawn is not None and not same_folder else None
