@@ -1594,11 +1594,18 @@ def test_napari_opens_dicom_through_the_plugin_and_predicts_it_at_its_pixel_spac
     qtbot.waitUntil(lambda: viewer.layers[PRED_LAYER].data.shape == (30, 240, 320), timeout=60_000)
 
 
-def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napari_viewer, qtbot, tmp_path):
+def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napari_viewer, qtbot, tmp_path,
+                                                                      monkeypatch):
     """A cine loop opened in napari could be predicted but not labelled: only files could enter a site.
     The shown frame (where the slider is) is added, named after the layer and frame, and shown for
-    labelling; a 2-D layer is added whole; the site's own image layer and a repeat are refused."""
+    labelling; a 2-D layer is added whole; the site's own image layer and a repeat are refused; a frame of
+    pixels the site holds under another name is said."""
+    import napari.utils.notifications
+
     from napari_fedmix.annotate_widget import IMAGE_LAYER
+
+    said: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_info", said.append)
 
     viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", [])
     rng = np.random.default_rng(4)
@@ -1608,7 +1615,7 @@ def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napar
     [layer] = viewer.open(path)
     assert viewer.layers.selection.active is layer and layer.data.shape == (6, 40, 48)
     viewer.dims.set_current_step(0, 4)
-    assert widget.add_shown_image() == "loop-frame4"
+    assert widget.add_shown_image() == "loop-frame4" and said == []
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
         np.testing.assert_array_equal(store.read_image("loop-frame4"), loop[4])
         [record] = store.records()
@@ -1619,6 +1626,8 @@ def test_annotate_adds_the_frame_on_screen_of_a_loop_opened_in_napari(make_napar
     calibrated = viewer.add_image(loop, name="scan", scale=(1, 300, 250), units=("pixel", "um", "um"))
     viewer.layers.selection.active = calibrated
     assert widget.add_shown_image() == "scan-frame4"  # the slider is still on frame 4
+    assert said == ["'scan-frame4' has the same pixels as 'loop-frame4' of the site: both train, and annotations "
+                    "that disagree contradict each other (Remove image… takes one out)"]
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
         assert store.spacing("scan-frame4") == pytest.approx((0.3, 0.25))
 

@@ -242,6 +242,11 @@ class AnnotateWidget(QWidget):
         store.add_image(frame, image_id=image_id, origin=origin, spacing=layer_spacing(layer))
         self.refresh_list()
         self.image_list.setCurrentRow(store.image_ids().index(image_id))
+        if twins := store.same_pixels(image_id):  # a still stretch of a loop, a layer added twice
+            from napari.utils.notifications import show_info
+
+            show_info(f"'{image_id}' has the same pixels as '{twins[0]}' of the site: both train, and annotations "
+                      "that disagree contradict each other (Remove image… takes one out)")
         return image_id
 
     # ------------------------------------------------------------------ browsing

@@ -534,6 +534,12 @@ class SiteStore:
                                [(digest, image_id) for image_id, digest in missing.items()])
         return {image_id: kept.get(image_id) or missing[image_id] for image_id in ids}
 
+    def same_pixels(self, image_id: str) -> list[str]:
+        """The other images of the site whose pixels are ``image_id``'s (copies under other names), in import
+        order."""
+        digests = self.pixel_digests()
+        return [other for other, digest in digests.items() if digest == digests[image_id] and other != image_id]
+
     def spacing(self, image_id: str) -> tuple[float, float] | None:
         """The image's pixel spacing (row, column mm) when it was imported with one, else None."""
         rows = self._query("SELECT file FROM images WHERE id=?", (image_id,))
