@@ -862,6 +862,34 @@ def test_a_box_table_row_refused_leaves_its_images_boxes_as_they_were(tmp_path: 
         assert store.boxes("case-09") == [] and store.record("case-09").supervision == "none"
 
 
+def test_box_rows_of_classes_the_site_does_not_annotate_are_left_out_once_per_class(tmp_path: Path, capsys,
+                                                                                      rng) -> None:
+    """VinDr-CXR's table boxes 14 findings; a site annotating one of them was told of every other finding's row,
+    one problem each (tens of thousands), and, by the rule that a refused row keeps its image's boxes out, lost
+    the boxes of its own class on every image that also had another finding. Another class's box is no box of
+    the site's classes: its rows are left out, said once per class, and the site's boxes imported."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b", "c"):
+        iio.imwrite(images / f"{name}.png", rng.integers(0, 256, (40, 50), dtype=np.uint8))
+    (tmp_path / "vindr.csv").write_text(
+        "image_id,rad_id,class_name,x_min,y_min,x_max,y_max\n"
+        "a,R1,Nodule/Mass,1,1,10,10\na,R2,Aortic enlargement,5,5,20,20\na,R3,Aortic enlargement,6,5,21,20\n"
+        "b,R1,No finding,,,,\nb,R2,Cardiomegaly,2,2,30,30\nc,R1,Nodule/Mass,3,3,9,99\n")
+    site = tmp_path / "site"
+    assert main(["site", "import", str(site), "--classes", "Nodule/Mass", "--images", str(images), "--boxes",
+                 str(tmp_path / "vindr.csv")]) == 1
+    out = capsys.readouterr().out
+    assert "masks: 0  boxes: 1  tags: 0" in out and "5 problem(s)" not in out, out
+    table = tmp_path / "vindr.csv"
+    assert (f"{table}: class 'Aortic enlargement' is not a class of the site (Nodule/Mass): its 2 row(s) left out\n"
+            f"  {table}: class 'Cardiomegaly' is not a class of the site (Nodule/Mass): its 1 row(s) left out") in out
+    assert f"{table}: none of the boxes of 'c' imported" in out, "a site class's bad row still keeps its image out"
+    with SiteStore.open(site, readonly=True) as store:
+        assert [b.key for b in store.boxes("a")] == [("Nodule/Mass", 1, 1, 10, 10)]
+        assert store.boxes("b") == [] and store.boxes("c") == []
+
+
 def test_a_tags_table_whose_readers_disagree_on_an_image_gives_it_no_tag_and_says_so(tmp_path: Path, capsys,
                                                                                         rng) -> None:
     """Image-level labels read by several radiologists come a row per reader (VinDr-CXR's): the rows of one

@@ -857,8 +857,12 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     if sources.boxes is not None:
         grouped: dict[str, list[Box]] = defaultdict(list)
         refused: dict[str, int] = defaultdict(int)  # an image's refused rows: none of its boxes is imported
+        other_classes: dict[str, int] = defaultdict(int)  # rows of classes the site does not annotate: left out
         for where, image_id, row in _rows_of_site_images(_boxes_with_class(sources.boxes, store, report), names,
                                                          store.config.classes, report):
+            if row["class"] not in store.config.classes:  # VinDr's 14 findings for a site of one: not a refusal,
+                other_classes[row["class"]] += 1  # as the site's own boxes stay exhaustive for its classes
+                continue
             try:
                 corners = _box_corners(row)
             except ValueError:
@@ -873,6 +877,9 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
                 refused[image_id] += 1
                 continue
             grouped[image_id].append(box)
+        report.problems.extend(f"{sources.boxes[0]}: class '{name}' is not a class of the site "
+                               f"({', '.join(store.config.classes)}): its {count} row(s) left out"
+                               for name, count in other_classes.items())
         for image_id, count in refused.items():
             report.problems.append(f"{sources.boxes[0]}: none of the boxes of '{image_id}' imported, as {count} of "
                                    "its rows were refused (boxes are exhaustive: a lesion left out would train as "
