@@ -75,7 +75,6 @@ class ExportReport:
                 *([f"{len(self.problems)} image(s) left out (the rest is exported):"] if self.problems else []),
                 *(f"  {problem}" for problem in self.problems)]
 
-
     def _pseudonym_lines(self) -> list[str]:
         said = ("pseudonymised: images named case-…, dealt at random; no source file names (the annotators' names "
                 "are kept)")
