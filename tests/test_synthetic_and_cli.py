@@ -1121,6 +1121,26 @@ def test_a_pseudonymised_export_names_no_patient_and_its_key_stays_at_the_site(t
     assert "deleted 1 line(s) naming them from the import problem logs and export keys" in capsys.readouterr().out
     assert b"Mueller" not in key.read_bytes() and len(key.read_text().splitlines()) == 3
 
+    # the key is written before the folder appears (a kill between the two leaves no export without its key),
+    # and taken back with an export that fails at the end
+    import pathlib
+
+    from fedmix_engine.data import export
+
+    def full_disk(self, target):
+        raise OSError(28, "No space left on device", str(target))
+
+    seen, write_key = [], export._write_key
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "_write_key", lambda *a: (seen.append((tmp_path / "ordered").exists()), write_key(*a)))
+        assert main(["site", "export", str(site), str(tmp_path / "ordered"), "--pseudonymise"]) == 0
+        assert seen == [False] and (tmp_path / "ordered" / "tags.csv").exists()
+        capsys.readouterr()
+        patch.setattr(pathlib.Path, "rename", full_disk)
+        assert main(["site", "export", str(site), str(tmp_path / "failed"), "--pseudonymise"]) == 1
+    keys = sorted(p.name for p in (site / "logs").glob("export-*"))
+    assert len(keys) == 2 and key.name in keys and not (tmp_path / "failed").exists(), "the failed one's is gone"
+
 
 def test_site_import_names_the_images_it_adds_that_copy_an_image_of_the_site(tmp_path: Path, capsys, rng) -> None:
     """Public datasets hold copies of one scan under two names (BUSI has some, even one filed as benign and

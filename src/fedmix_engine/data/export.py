@@ -167,14 +167,16 @@ def _export(store: SiteStore, out: Path, images: bool, pseudonymise: bool
         atomic_write_bytes(partial / "tags.csv", tags[0].getvalue().encode())
         atomic_write_bytes(partial / MASKS_TABLE, masks[0].getvalue().encode())
         atomic_write_bytes(partial / COCO_FILE, json.dumps(coco.data, ensure_ascii=False).encode())
+        if pseudonymise:  # before the folder appears: a kill between the two leaves no export without its key
+            _write_key(store.root, names, records, report)
         if out.exists():
             out.rmdir()  # empty (checked above): a rename onto it fails on Windows
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        if report.key is not None:  # the key of an export that did not happen
+            report.key.unlink(missing_ok=True)
         raise
-    if pseudonymise:
-        _write_key(store.root, names, records, report)
     return report
 
 
