@@ -30,7 +30,7 @@ import numpy as np
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.data.imageio import tiff_bytes
-from fedmix_engine.data.site_store import LOGS, Box, ImageRecord, SiteStore
+from fedmix_engine.data.site_store import LOGS, Box, ImageRecord, SiteStore, log_stamp
 from fedmix_engine.errors import InputError
 from fedmix_engine.steps import run_steps
 
@@ -192,7 +192,7 @@ def _pseudonyms(records: list[ImageRecord]) -> dict[str, str]:
 def _write_key(site: Path, names: dict[str, str], records: list[ImageRecord], report: ExportReport) -> None:
     """The key from a pseudonymised export's names to the site's images, in ``SITE/logs/`` (mode 600: it links
     the export to the patients' files). A site it cannot be written to (read-only) is said in the report."""
-    key = site / LOGS / f"export-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}{KEY_SUFFIX}"
+    key = site / LOGS / f"export-{log_stamp(time.time())}-{secrets.token_hex(3)}{KEY_SUFFIX}"
     text, writer = _table(KEY_HEADER)
     for record in sorted(records, key=lambda record: names[record.id]):
         writer.writerow([names[record.id], record.id, record.source])

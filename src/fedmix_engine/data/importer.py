@@ -61,7 +61,15 @@ from fedmix_engine.data.imageio import (
     validate_mask,
 )
 from fedmix_engine.data.labelme import is_labelme_file, read_labelme
-from fedmix_engine.data.site_store import LOGS, Box, ImageRecord, SiteStore, annotation_time, image_id_from_path
+from fedmix_engine.data.site_store import (
+    LOGS,
+    Box,
+    ImageRecord,
+    SiteStore,
+    annotation_time,
+    image_id_from_path,
+    log_stamp,
+)
 from fedmix_engine.data.video import NOT_IMPORTED, is_video_path
 from fedmix_engine.errors import InputError
 from fedmix_engine.steps import run_steps
@@ -195,7 +203,7 @@ def write_problem_log(store: SiteStore, report: ImportReport, clock: Callable[[]
     """
     if not report.problems:
         return
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock()))
+    stamp = log_stamp(clock())
     path = store.root / LOGS / f"import-{stamp}-problems.txt"
     with contextlib.suppress(OSError):
         path.parent.mkdir(exist_ok=True)

@@ -29,6 +29,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 import unicodedata
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -116,6 +117,11 @@ def annotation_time(text: str, where: str | Path, now: Callable[[], str] = _utc_
     if when > datetime.fromisoformat(now()) + timedelta(minutes=10):
         raise InputError(where, f"annotated_at '{text}' is in the future (a wrong clock where it was written?)")
     return when.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def log_stamp(seconds: float) -> str:
+    """The UTC time in the names of the files in a site's ``logs/`` (``import-20261130T153828Z-problems.txt``)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(seconds))
 
 
 def _default_author() -> str:
