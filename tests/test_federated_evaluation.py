@@ -392,3 +392,17 @@ def test_a_held_out_folder_that_disappears_mid_federation_is_reported_and_traini
         assert event.message.endswith("; training goes on") and event.report is None
     assert [e.kind for e in events].count("uploaded") == 2 and events[-1].kind == "finished"
     assert [e["round"] for e in evaluations] == [0]
+
+
+def test_status_of_a_one_site_federation_counts_one_site(tmp_path: Path, capsys) -> None:
+    """A single hospital trying the server first: "1 site expected", not "1 sites"."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.admin import render_admin_page
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.model import ModelConfig
+
+    state = ServerState(tmp_path / "state", ServerConfig(sites=1, min_sites=1, model=ModelConfig(base_width=4)))
+    assert main(["status", "--state", str(tmp_path / "state")]) == 0
+    out = capsys.readouterr().out
+    assert "; 1 site expected, quorum 1" in out and "closes when 1 site has uploaded" in out, out
+    assert "1 site expected, quorum 1." in render_admin_page(state.status())

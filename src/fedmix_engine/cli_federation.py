@@ -254,6 +254,7 @@ def _warn_if_site_count_differs(tokens, state: Path, out=None, fewer: bool = Tru
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from fedmix_engine.federation.admin import sites_expected
     from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, read_status, space_shortfall
     from fedmix_engine.federation.tokens import TokenStore
     from fedmix_engine.fedmix.local_update import shown_loss
@@ -262,7 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = read_status(args.state)
     classes = ", ".join(status["class_names"]) or "not named"
     print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
-          f"classes {classes}; {status['sites_expected']} sites expected, quorum {status['min_sites']}")
+          f"classes {classes}; {sites_expected(status)}, quorum {status['min_sites']}")
     state = "finished" if status["finished"] else (f"round {status['round']} open{_open_for(status)}, uploaded: "
                                                     f"{', '.join(status['uploaded']) or 'none yet'}")
     print(f"rounds: {status['last_round']} of {status['rounds']} done; {state}")
@@ -300,7 +301,8 @@ def _waiting(status: dict) -> str:
                "'fedmix-engine token list' says which)")
     else:
         who = f"no upload yet from: {not_uploaded_list(missing) or 'none of the sites with a token'}"
-    rule = f"closes when {status['sites_expected']} sites have uploaded"
+    expected = status["sites_expected"]
+    rule = f"closes when {expected} site{' has' if expected == 1 else 's have'} uploaded"
     left = status["deadline_in"]
     if left is None:
         return f"{who}; {rule}"

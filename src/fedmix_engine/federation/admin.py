@@ -17,6 +17,12 @@ TEXT = "#888"  # readable on napari's dark theme and on the admin page's white
 LEGEND_CHAR_PX = 6  # a generous average glyph width at font-size 10, so a legend name is not cut off
 
 
+def sites_expected(status: dict) -> str:
+    """'2 sites expected', and '1 site expected' for a hospital trying the server alone."""
+    expected = status["sites_expected"]
+    return f"{expected} site{'' if expected == 1 else 's'} expected"
+
+
 def not_uploaded_list(missing: list[dict]) -> str:
     """The sites an open round has not heard from, each with the last round it took part in."""
     def last_in(round_number: int | None) -> str:
@@ -118,7 +124,7 @@ td,th{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}}</style>
 </head><body>
 <h1>FedMix aggregation server</h1>
 <p><b>{escape(state)}</b> — {status['last_round']} of {status['rounds']} rounds done; method {escape(status['method'])}
-(λ = {status['lam']}, β = {status['beta']}); {status['sites_expected']} sites expected, quorum {status['min_sites']}.
+(λ = {status['lam']}, β = {status['beta']}); {sites_expected(status)}, quorum {status['min_sites']}.
 Uploaded this round: {escape(waiting)}.</p>
 {failing}{renew}{changed}{scored}
 <div>{svg_lines(held_out, "held-out Dice of each round's global model") if held_out else ""}
