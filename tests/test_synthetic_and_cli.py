@@ -1171,6 +1171,17 @@ def test_site_import_names_the_images_it_adds_that_copy_an_image_of_the_site(tmp
         digests = store.pixel_digests()
         assert digests == {image_id: pixel_digest(store.read_image(image_id)) for image_id in store.image_ids()}
         assert digests["benign__1_"] == digests["malignant__7_"] != digests["benign__2_"]
+    assert main(["site", "info", str(site)]) == 0  # what the site holds, later, before training
+    assert ("copies (the pixels of an image imported before; both train): 2\n  malignant__7_ = benign__1_\n"
+            "  malignant__9_ = malignant__8_\nproblems: 0\n") in capsys.readouterr().out
+    import sqlite3
+
+    with sqlite3.connect(site / "annotations.db") as db:
+        db.execute("DELETE FROM digests WHERE image_id IN ('benign__2_', 'malignant__9_')")  # an earlier version's
+    assert main(["site", "info", str(site)]) == 0
+    assert ("copies (the pixels of an image imported before; both train): 1 (not known for 2 image(s) an earlier "
+            "napari-fedmix imported: the next import that adds an image reads them once)\n"
+            "  malignant__7_ = benign__1_\n") in capsys.readouterr().out
 
 
 def test_a_site_of_an_earlier_version_gets_its_pixel_digests_once(tmp_path: Path, rng) -> None:

@@ -88,6 +88,7 @@ def cmd_site_import(args: argparse.Namespace) -> int:
 
 
 def cmd_site_info(args: argparse.Namespace) -> int:
+    from fedmix_engine.data.importer import SHOWN_PROBLEMS, listed
     from fedmix_engine.data.network_share import ADVICE, is_network_path
     from fedmix_engine.data.site_store import SiteStore
 
@@ -106,6 +107,12 @@ def cmd_site_info(args: argparse.Namespace) -> int:
         calibrated = sum(store.spacing(image_id) is not None for image_id in store.image_ids())
         print(f"pixel spacing (mm): {calibrated} of {counts['images']} images"
               + (" (evaluate gives HD95 in mm for these)" if calibrated else ""))
+        copies, unknown = store.kept_copies()
+        head = (f"copies (the pixels of an image imported before; both train): {len(copies)}"
+                + (f" (not known for {unknown} image(s) an earlier napari-fedmix imported: the next import that "
+                   "adds an image reads them once)" if unknown else ""))
+        for line in listed(head, [f"{copy} = {first}" for copy, first in copies.items()], SHOWN_PROBLEMS) or [head]:
+            print(line)
         print(f"problems: {len(problems)}")
         for p in problems:
             print(f"  {p}")

@@ -160,20 +160,20 @@ class ImportReport:
 
     def copy_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The added images whose pixels are those of an image the site held already (none: no lines)."""
-        return _listed(f"{len(self.copies)} image(s) with the same pixels as an image of the site (a copy under "
+        return listed(f"{len(self.copies)} image(s) with the same pixels as an image of the site (a copy under "
                        "another name, as public datasets hold: both train, and annotations that disagree contradict "
                        "each other; `site remove` takes a copy out):",
                        [f"{path} = {image_id}" for path, image_id in self.copies], shown)
 
     def turned_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The added photos that photo viewers show turned (none: no lines)."""
-        return _listed(f"{len(self.turned)} photo(s) with an EXIF orientation (turned or mirrored by photo viewers): "
+        return listed(f"{len(self.turned)} photo(s) with an EXIF orientation (turned or mirrored by photo viewers): "
                        "stored as their pixels are, as napari shows them; a mask drawn where they were shown turned "
                        "will not fit:", self.turned, shown)
 
     def kept_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The site's annotations the import did not replace, newer than their files (none: no lines)."""
-        return _listed(f"kept {len(self.kept)} annotation(s) the site changed after their files were written "
+        return listed(f"kept {len(self.kept)} annotation(s) the site changed after their files were written "
                        "(site import --replace takes the files'):", self.kept, shown)
 
     def problem_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
@@ -187,7 +187,7 @@ class ImportReport:
         return [*self.problems[:shown], where]
 
 
-def _listed(head: str, items: list, shown: int) -> list[str]:
+def listed(head: str, items: list, shown: int) -> list[str]:
     """``head`` and the first ``shown`` items indented, then how many more there are (no items: no lines)."""
     if not items:
         return []
@@ -844,9 +844,9 @@ def import_sources_steps(store: SiteStore, sources: ImportSources, author: str |
     its file or table was written is kept (said in the report) unless ``replace``."""
     images, masks = sources.images, sources.masks
     report = ImportReport(read_images=images is not None)
-    listed = image_files(images, videos=True) if images is not None else []
-    files = [p for p in listed if not is_video_path(p)]
-    report.problems.extend(str(InputError(p, NOT_IMPORTED)) for p in listed if is_video_path(p))
+    found = image_files(images, videos=True) if images is not None else []
+    files = [p for p in found if not is_video_path(p)]
+    report.problems.extend(str(InputError(p, NOT_IMPORTED)) for p in found if is_video_path(p))
     # one folder for both (BUSI keeps "benign (1)_mask.png" beside "benign (1).png"): the masks are not images,
     # also without --masks (they were imported as images of their own, unlabelled, as napari's import never did)
     same_folder = images is not None and (masks is None or masks.resolve() == images.resolve())

@@ -546,6 +546,21 @@ class SiteStore:
         digests = self.pixel_digests()
         return [other for other, digest in digests.items() if digest == digests[image_id] and other != image_id]
 
+    def kept_copies(self) -> tuple[dict[str, str], int]:
+        """Each image whose pixels an image imported before it holds, with that image (copy → first), as the
+        digests kept since import tell; and how many images have no digest kept (imported by an earlier
+        version): reading every such image on each look would make `site info` slow on a large site."""
+        kept = dict(self._query_added("SELECT image_id, sha256 FROM digests"))
+        first: dict[str, str] = {}
+        copies = {}
+        unknown = 0
+        for image_id in self.image_ids():
+            if (digest := kept.get(image_id)) is None:
+                unknown += 1
+            elif (held := first.setdefault(digest, image_id)) != image_id:
+                copies[image_id] = held
+        return copies, unknown
+
     def spacing(self, image_id: str) -> tuple[float, float] | None:
         """The image's pixel spacing (row, column mm) when it was imported with one, else None."""
         rows = self._query("SELECT file FROM images WHERE id=?", (image_id,))
