@@ -161,20 +161,20 @@ class ImportReport:
     def copy_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The added images whose pixels are those of an image the site held already (none: no lines)."""
         return listed(f"{len(self.copies)} image(s) with the same pixels as an image of the site (a copy under "
-                       "another name, as public datasets hold: both train, and annotations that disagree contradict "
-                       "each other; `site remove` takes a copy out):",
-                       [f"{path} = {image_id}" for path, image_id in self.copies], shown)
+                      "another name, as public datasets hold: both train, and annotations that disagree contradict "
+                      "each other; `site remove` takes a copy out):",
+                      [f"{path} = {image_id}" for path, image_id in self.copies], shown)
 
     def turned_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The added photos that photo viewers show turned (none: no lines)."""
         return listed(f"{len(self.turned)} photo(s) with an EXIF orientation (turned or mirrored by photo viewers): "
-                       "stored as their pixels are, as napari shows them; a mask drawn where they were shown turned "
-                       "will not fit:", self.turned, shown)
+                      "stored as their pixels are, as napari shows them; a mask drawn where they were shown turned "
+                      "will not fit:", self.turned, shown)
 
     def kept_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The site's annotations the import did not replace, newer than their files (none: no lines)."""
         return listed(f"kept {len(self.kept)} annotation(s) the site changed after their files were written "
-                       "(site import --replace takes the files'):", self.kept, shown)
+                      "(site import --replace takes the files'):", self.kept, shown)
 
     def problem_lines(self, shown: int = SHOWN_PROBLEMS) -> list[str]:
         """The first ``shown`` problems and where the rest are: a thousand refused rows must not bury the
