@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the files were written (a correction in napari); without it those are kept and listed")
     p.set_defaults(func=cmd_site_import)
 
-    p = site_sub.add_parser("info", help="counts per supervision kind, classes, problems found")
+    p = site_sub.add_parser("info", help="counts per supervision kind, classes, copies, problems, models")
     p.add_argument("dir", type=Path, help="a site folder")
     p.add_argument("--images", action="store_true",
                    help="also list every image: its id, supervision, size and the file it was imported from")
