@@ -184,23 +184,6 @@ def test_site_import_killed_with_sigkill_and_run_again_gives_the_site_a_clean_im
         assert len(cut.problems()) <= 1, "at most the one write in flight"
 
 
-# The child removes images with the CLI and SIGKILLs itself when it is about to delete its n-th image file:
-# after the database's commit, before the files are all gone.
-REMOVER = textwrap.dedent("""
-    import os, pathlib, signal, sys
-    from fedmix_engine.cli import main
-    real_unlink, seen = pathlib.Path.unlink, []
-    def unlink(self, missing_ok=False):
-        if self.parent.name == "images":
-            seen.append(self)
-            if len(seen) == int(sys.argv[1]):
-                os.kill(os.getpid(), signal.SIGKILL)
-        return real_unlink(self, missing_ok=missing_ok)
-    pathlib.Path.unlink = unlink
-    sys.exit(main(sys.argv[2:]))
-""")
-
-
 @pytest.mark.parametrize(("killed_at", "again"), [(1, "the same"), (3, "the same"), (3, "another")])
 def test_a_removal_killed_part_way_is_finished_by_the_next(tmp_path: Path, rng, capsys, killed_at: int,
                                                            again: str) -> None:
@@ -211,6 +194,7 @@ def test_a_removal_killed_part_way_is_finished_by_the_next(tmp_path: Path, rng, 
     import tifffile
 
     from fedmix_engine.cli import main
+    from kill_helpers import remove_killed
 
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -222,9 +206,7 @@ def test_a_removal_killed_part_way_is_finished_by_the_next(tmp_path: Path, rng, 
             image_id = store.add_image(path)
             store.set_mask(image_id, (rng.random((24, 32)) > 0.5).astype(np.uint8))
     named = ["scan_01", "scan 02.tif", str(scans / "scan 04.tif"), "scan_05"]
-    proc = subprocess.run([sys.executable, "-c", REMOVER, str(killed_at), "site", "remove", str(site), *named],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    remove_killed(site, named, killed_at)
     with SiteStore.open(site, readonly=True) as store:
         assert store.image_ids() == ["scan_00", "scan_03"], "the rows of all four went in one commit"
         assert store.pending_removals() == ["scan_01", "scan_02", "scan_04", "scan_05"]

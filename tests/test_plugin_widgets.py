@@ -467,6 +467,40 @@ def test_annotate_import_says_which_photos_other_tools_show_turned(make_napari_v
     assert said and said[-1].startswith("1 photo(s) with an EXIF orientation") and str(photo) in said[-1]
 
 
+def test_annotate_finishes_a_removal_a_kill_left_half_done_when_it_opens_the_site(make_napari_viewer, qtbot,
+                                                                                   tmp_path, rng, monkeypatch):
+    """A `site remove` killed after its commit leaves the removed patients' files on disk until the next
+    removal; a clinician who only annotates in napari may never make one. Opening the site finishes it."""
+    import napari.utils.notifications
+
+    from fedmix_engine.data.site_store import SiteStore
+    from kill_helpers import remove_killed
+    from napari_fedmix.annotate_widget import AnnotateWidget
+
+    with SiteStore.create(tmp_path / "site", ["lesion"]) as store:
+        for k in range(4):
+            store.add_image(rng.integers(0, 256, (20, 24), dtype=np.uint8), f"scan-{k}")
+        store.set_mask("scan-2", np.pad(np.ones((4, 4), np.uint8), ((2, 14), (2, 18))))
+    remove_killed(tmp_path / "site", ["scan-1", "scan-2"], killed_at=1)
+    left = sorted(p.name for p in (tmp_path / "site").glob("*/scan-*.tif"))
+    assert left == ["scan-0.tif", "scan-1.tif", "scan-2.tif", "scan-2.tif", "scan-3.tif"], "killed at the first"
+    said: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_info", said.append)
+    widget = AnnotateWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    widget.open_site(tmp_path / "site")
+    assert said and said[-1].startswith("finished the removal of 2 image(s) that an interrupted run had taken out "
+                                        "of the database but not off the disk (their files are deleted now):\n"
+                                        "  scan-1\n  scan-2\n"), said
+    assert widget.store.pending_removals() == [] and widget.store.problems() == []
+    assert sorted(p.name for p in (tmp_path / "site").glob("*/scan-*.tif")) == ["scan-0.tif", "scan-3.tif"]
+    assert [widget.image_list.item(i).text().split()[0] for i in range(widget.image_list.count())] == [
+        "scan-0", "scan-3"]
+    said.clear()
+    widget.open_site(tmp_path / "site")
+    assert said == [], "nothing left to finish: nothing said"
+
+
 def test_annotate_import_says_which_images_copy_an_image_of_the_site(make_napari_viewer, qtbot, tmp_path, rng,
                                                                      monkeypatch):
     """Two files of one scan under two names: napari's import added both and said nothing."""

@@ -201,6 +201,13 @@ class AnnotateWidget(QWidget):
             self.tag_boxes[name] = box
             self.tags_row.addWidget(box)
         self.current_id = None
+        if not self.store.readonly:
+            from fedmix_engine.data.removal import finish_interrupted
+
+            if finished := finish_interrupted(self.store):
+                from napari.utils.notifications import show_info
+
+                show_info("\n".join(finished.lines()))
         self._others_version = self.store.writes_by_others()  # per connection: counted from this site's opening
         with self._own_changes():
             self.image_list.clear()  # no row carried over from the other site: row 0 below shows this site's first

@@ -92,6 +92,13 @@ def remove_images(store: SiteStore, names: list[str]) -> Removal:
     return removal
 
 
+def finish_interrupted(store: SiteStore) -> Removal | None:
+    """Finish the removals a kill left half done (their rows gone, their files maybe not), as the next removal
+    would; None when there is none. napari calls it when it opens a site: a clinician there may never remove
+    another image, and a withdrawn patient's pixels must not wait on the disk for one."""
+    return remove_images(store, []) if store.pending_removals() else None
+
+
 def scrub_logs(site: Path, removed: list[ImageRecord | str]) -> int:
     """Delete the lines of the site's import problem logs and export keys that name a removed image; returns
     how many. Those plain-text files outlived a removal, the source file's name often the patient's. A line
