@@ -1050,6 +1050,27 @@ def test_site_import_says_when_colour_images_go_into_a_grey_site(tmp_path: Path,
     assert "colour images" not in capsys.readouterr().out
 
 
+def test_a_pseudonymised_export_lists_its_images_in_the_order_of_their_new_names(tmp_path: Path, rng) -> None:
+    """The names were dealt at random, but the tables and the COCO file listed the images in import order,
+    which follows the source files' names (often the patients'): a partner who knew the patient list could
+    read the key back from the row order."""
+    site, out = tmp_path / "site", tmp_path / "for-partner"
+    surnames = ["Abel", "Bauer", "Braun", "Fischer", "Hoffmann", "Koch", "Meyer", "Mueller", "Richter", "Schmidt",
+                "Schulz", "Wagner"]
+    with SiteStore.create(site, ["lesion"]) as store:
+        for k, surname in enumerate(surnames):
+            store.add_image(rng.integers(0, 256, (16, 20), dtype=np.uint8), surname.lower(), origin=f"/pacs/{surname}")
+            store.set_tag(surname.lower(), "lesion", bool(k % 2))
+            store.add_box(surname.lower(), "lesion", 1, 2, 8, 9)
+    assert main(["site", "export", str(site), str(out), "--pseudonymise"]) == 0
+    dealt = [f"case-{k:03d}" for k in range(1, 13)]
+    assert [row["image"] for row in csv.DictReader((out / "tags.csv").open())] == dealt
+    assert [row["image"] for row in csv.DictReader((out / "boxes.csv").open())] == dealt
+    coco = json.loads((out / "annotations.json").read_text())
+    assert [image["file_name"] for image in sorted(coco["images"], key=lambda image: image["id"])] == [
+        f"{name}.tif" for name in dealt]
+
+
 def test_a_pseudonymised_export_names_no_patient_and_its_key_stays_at_the_site(tmp_path: Path, capsys,
                                                                                rng) -> None:
     """An export for a research partner named every image by its id and its source file, often the patient's

@@ -134,6 +134,8 @@ def _export(store: SiteStore, out: Path, images: bool, pseudonymise: bool
     try:
         records = store.records()
         names = _pseudonyms(records) if pseudonymise else {record.id: record.id for record in records}
+        if pseudonymise:  # the tables' rows, COCO's image ids and the files' times in import order would undo it
+            records.sort(key=lambda record: names[record.id])
         for n, record in enumerate(records, start=1):
             name, source = names[record.id], "" if pseudonymise else record.source
             try:  # a damaged file leaves its image out, said, not the whole site
