@@ -359,6 +359,21 @@ def test_site_remove_takes_images_out_with_their_annotations_and_nothing_on_an_u
         assert set(store.image_ids()) == set(before) - {masked, boxed}
         assert store.summary()["boxes"] == sum(r.boxes for r in before.values()) - before[boxed].boxes
     assert not (site / "images" / f"{masked}.tif").exists() and not (site / "masks" / f"{masked}.tif").exists()
+    # the clinic's folder still holds both files: the weekly import of it would bring the patient back
+    assert ("2 of them still have their source files in place: an import of their folders adds them again (a "
+            "patient who withdrew consent: delete or move the files):\n"
+            f"  {clinic / 'images' / (masked + '.png')}\n  {clinic / 'images' / (boxed + '.png')}\n") in out
+    (clinic / "images" / f"{masked}.png").unlink()
+    assert main(["site", "import", str(site), "--images", str(clinic / "images")]) == 0
+    assert "images added: 1 " in capsys.readouterr().out, "what the line warned of: the other came back"
+    assert main(["site", "remove", str(site), boxed]) == 0
+    assert (f"its source file is still in place ({clinic / 'images' / (boxed + '.png')}): an import of its folder "
+            "adds it again (a patient who withdrew consent: delete or move the file)\n") in capsys.readouterr().out
+    main(["site", "import", str(site), "--images", str(clinic / "images")])
+    (clinic / "images" / f"{boxed}.png").unlink()
+    capsys.readouterr()
+    assert main(["site", "remove", str(site), boxed]) == 0
+    assert "source file" not in capsys.readouterr().out, "deleted from the clinic's folder: nothing to say"
 
 
 def test_site_remove_deletes_the_lines_of_the_import_problem_logs_that_name_the_images(tmp_path: Path, capsys,

@@ -33,6 +33,7 @@ class Removal:
     images: list[ImageRecord] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # ids whose removal a kill interrupted, finished now
     log_lines: int = 0  # lines of the import problem logs and export keys that named them, deleted
+    sources_left: list[str] = field(default_factory=list)  # removed images' source files, still where they were
 
     @property
     def masks(self) -> int:
@@ -51,6 +52,13 @@ class Removal:
                f"{self.boxes}  tags: {self.tags}):"] if self.images or not self.finished else []
         out.extend(f"  {record.id}" + (f"  (imported from {record.source})" if record.source else "")
                    for record in self.images)
+        if len(self.images) == 1 and self.sources_left:
+            out.append(f"its source file is still in place ({self.sources_left[0]}): an import of its folder adds it "
+                       "again (a patient who withdrew consent: delete or move the file)")
+        elif self.sources_left:
+            out.append(f"{len(self.sources_left)} of them still have their source files in place: an import of "
+                       "their folders adds them again (a patient who withdrew consent: delete or move the files):")
+            out.extend(f"  {source}" for source in self.sources_left)
         if self.finished:
             out.append(f"finished the removal of {len(self.finished)} image(s) that an interrupted run had taken "
                        "out of the database but not off the disk (their files are deleted now):")
@@ -89,6 +97,8 @@ def remove_images(store: SiteStore, names: list[str]) -> Removal:
                       [image_id for image_id in store.pending_removals() if image_id not in held])
     store.remove_images(ids)
     removal.log_lines = scrub_logs(store.root, [*removal.images, *removal.finished])
+    removal.sources_left = [record.source for record in removal.images
+                            if os.path.isabs(record.source) and os.path.isfile(record.source)]
     return removal
 
 
