@@ -228,3 +228,31 @@ def test_a_removal_killed_part_way_is_finished_by_the_next(tmp_path: Path, rng, 
     assert sorted(p.name for folder in ("images", "masks") for p in (site / folder).iterdir()) == \
         sorted(f"{image_id}.tif" for image_id in kept * 2)
     assert main(["site", "remove", str(site), "scan_01"]) == 2, "finished: a name gone for good is refused again"
+
+
+def test_an_image_imported_again_while_its_removal_is_pending_is_the_new_one_alone(tmp_path: Path, rng,
+                                                                                     capsys) -> None:
+    """A removal killed after its commit, then the clinic's folder imported again before any other removal:
+    the images came back, but the site still noted their removal as pending, kept the removed masks' files,
+    and `site remove` of a name site info gave as pending would have removed the image just imported."""
+    import tifffile
+
+    from fedmix_engine.cli import main
+    from kill_helpers import remove_killed
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for k in range(4):
+        tifffile.imwrite(scans / f"scan_{k}.tif", rng.integers(0, 255, (24, 32), dtype=np.uint8))
+    site = tmp_path / "site"
+    with SiteStore.create(site, ["lesion"]) as store:
+        for path in sorted(scans.iterdir()):
+            store.set_mask(store.add_image(path), (rng.random((24, 32)) > 0.5).astype(np.uint8))
+    remove_killed(site, ["scan_1", "scan_2"], killed_at=1)
+    assert main(["site", "import", str(site), "--images", str(scans)]) == 0
+    assert "images added: 2 " in capsys.readouterr().out
+    with SiteStore.open(site, readonly=True) as store:
+        assert store.image_ids() == ["scan_0", "scan_3", "scan_1", "scan_2"]
+        assert store.pending_removals() == [] and store.problems() == []
+        assert store.read_mask("scan_1") is None and not (site / "masks" / "scan_2.tif").exists(), "removed masks"
+        np.testing.assert_array_equal(store.read_image("scan_2"), tifffile.imread(scans / "scan_2.tif"))

@@ -411,6 +411,10 @@ class SiteStore:
             # file over this one's, and delete it when its own row was refused
             with self._transaction() as db:
                 self._refuse_duplicate(image_id, where)
+                if db.execute("DELETE FROM removals WHERE image_id=?", (image_id,)).rowcount:
+                    # a removal of this id that a kill left half done: its old mask goes before the id is used anew
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.root / "masks" / f"{image_id}.tif").unlink()
                 try:
                     _write_tiff(self.root / relative, array, spacing)
                     written = True
