@@ -184,6 +184,20 @@ def test_site_import_killed_with_sigkill_and_run_again_gives_the_site_a_clean_im
         assert len(cut.problems()) <= 1, "at most the one write in flight"
 
 
+def _site_of_scans(tmp_path: Path, rng, names: list[str]) -> tuple[Path, Path]:
+    """A folder of TIFF scans named ``names`` and a site that imported them, each with a mask."""
+    import tifffile
+
+    scans, site = tmp_path / "scans", tmp_path / "site"
+    scans.mkdir()
+    for name in names:
+        tifffile.imwrite(scans / f"{name}.tif", rng.integers(0, 255, (24, 32), dtype=np.uint8))
+    with SiteStore.create(site, ["lesion"]) as store:
+        for path in sorted(scans.iterdir()):
+            store.set_mask(store.add_image(path), (rng.random((24, 32)) > 0.5).astype(np.uint8))
+    return scans, site
+
+
 @pytest.mark.parametrize(("killed_at", "again"), [(1, "the same"), (3, "the same"), (3, "another")])
 def test_a_removal_killed_part_way_is_finished_by_the_next(tmp_path: Path, rng, capsys, killed_at: int,
                                                            again: str) -> None:
@@ -191,20 +205,11 @@ def test_a_removal_killed_part_way_is_finished_by_the_next(tmp_path: Path, rng, 
     files. Images went one at a time, so the images removed before the kill were unknown names to the same
     command run again, which refused everything, and the last one's pixels stayed on disk with no way but by
     hand to delete them."""
-    import tifffile
 
     from fedmix_engine.cli import main
     from kill_helpers import remove_killed
 
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for k in range(6):
-        tifffile.imwrite(scans / f"scan {k:02d}.tif", rng.integers(0, 255, (24, 32), dtype=np.uint8))
-    site = tmp_path / "site"
-    with SiteStore.create(site, ["lesion"]) as store:
-        for path in sorted(scans.iterdir()):
-            image_id = store.add_image(path)
-            store.set_mask(image_id, (rng.random((24, 32)) > 0.5).astype(np.uint8))
+    scans, site = _site_of_scans(tmp_path, rng, [f"scan {k:02d}" for k in range(6)])
     named = ["scan_01", "scan 02.tif", str(scans / "scan 04.tif"), "scan_05"]
     remove_killed(site, named, killed_at)
     with SiteStore.open(site, readonly=True) as store:
@@ -240,14 +245,7 @@ def test_an_image_imported_again_while_its_removal_is_pending_is_the_new_one_alo
     from fedmix_engine.cli import main
     from kill_helpers import remove_killed
 
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for k in range(4):
-        tifffile.imwrite(scans / f"scan_{k}.tif", rng.integers(0, 255, (24, 32), dtype=np.uint8))
-    site = tmp_path / "site"
-    with SiteStore.create(site, ["lesion"]) as store:
-        for path in sorted(scans.iterdir()):
-            store.set_mask(store.add_image(path), (rng.random((24, 32)) > 0.5).astype(np.uint8))
+    scans, site = _site_of_scans(tmp_path, rng, [f"scan_{k}" for k in range(4)])
     remove_killed(site, ["scan_1", "scan_2"], killed_at=1)
     assert main(["site", "import", str(site), "--images", str(scans)]) == 0
     assert "images added: 2 " in capsys.readouterr().out
