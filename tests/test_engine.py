@@ -420,6 +420,14 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
     assert "no image with full ground truth" in capsys.readouterr().err
     assert main(["evaluate", str(model), str(test), "--out", str(tmp_path)]) == 2  # before any work
     assert f"{tmp_path}: is a folder; give a file name, e.g. scores.csv" in capsys.readouterr().err
+    # an earlier evaluation's scores are not replaced by a name typed again, unless asked
+    scores = tmp_path / "scores.csv"
+    scores.write_text("earlier scores\n")
+    assert main(["evaluate", str(model), str(test), "--out", str(scores), "--device", "cpu"]) == 2
+    assert (f"{scores}: exists already, and is kept: give another name, or pass --overwrite to replace it"
+            in capsys.readouterr().err) and scores.read_text() == "earlier scores\n"
+    assert main(["evaluate", str(model), str(test), "--out", str(scores), "--overwrite", "--device", "cpu"]) == 0
+    assert scores.read_text().startswith("image,") and len(scores.read_text().splitlines()) == len(rows) + 1
 
 @pytest.mark.parametrize("method", ["fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local"])
 def test_every_baseline_runs(sample: Path, method: str) -> None:

@@ -2044,6 +2044,10 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     assert "4 image(s) with full ground truth; mean Dice over images" in widget.status.text()
     assert "HD95 in mm from 2 of 4 images" in widget.status.text() and "m.safetensors (" in widget.status.text()
     assert (tmp_path / "scores.csv").read_text().count("\n") == 5 and widget.progress.value() == 4
+    # evaluating again with the same scores file keeps the first one's scores: a new name is asked for
+    widget.checkpoint.setText(str(model))
+    assert widget.run() is None and widget.worker is None
+    assert f"{tmp_path / 'scores.csv'}: exists already, and is kept: give another name" in widget.status.text()
     assert "flatter" not in widget.status.text()
     # the site's own model, scored on the images it trained on: said
     widget.checkpoint.setText(str(all_lesion_checkpoint(site / "models" / "global.safetensors")))

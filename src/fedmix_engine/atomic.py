@@ -137,12 +137,16 @@ def write_refused(folder: str | Path) -> str | None:
         return exc.strerror or str(exc)
 
 
-def check_writable_file(path: str | Path) -> Path:
+def check_writable_file(path: str | Path, replace: bool = False, how_to_replace: str = "") -> Path:
     """An output file's name, checked before the work that fills it: not a folder, in a folder that
-    exists (or is made) and is writable."""
+    exists (or is made) and is writable, and not an existing file unless ``replace`` (an earlier result is
+    not lost to a name typed again); ``how_to_replace`` says how to ask for that, e.g. "pass --overwrite"."""
     path = Path(path)
     if path.is_dir():
         raise InputError(path, "is a folder; give a file name, e.g. scores.csv")
+    if path.exists() and not replace:
+        raise InputError(path, "exists already, and is kept: give another name"
+                               + (f", or {how_to_replace} to replace it" if how_to_replace else ""))
     if not os.access(make_folder(path.parent), os.W_OK):
         raise InputError(path, f"its folder {path.parent} is not writable for you")
     return path

@@ -142,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedmix_engine.predict import Predictor
 
     if args.out:
-        check_writable_file(args.out)  # before the work, not after it
+        check_writable_file(args.out, args.overwrite, "pass --overwrite")  # before the work, not after it
     model = _model_file(args.model)
     predictor = Predictor.from_checkpoint(model, device=args.device, inference=args.inference)
     if note := own_model_note(model, args.site):
@@ -256,7 +256,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("site", type=Path, help="a site folder with masks (an image tagged all-absent counts as "
                                            "lesion-free), not trained on: e.g. a sample federation's "
                                            "eval/site-a/test, or labelled images kept apart")
-    p.add_argument("--out", type=Path, help="also write every image's metrics per class to this CSV")
+    p.add_argument("--out", type=Path, help="also write every image's metrics per class to this CSV (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     p.add_argument("--inference", choices=("net1", "mean"),
                    help="network 1 of the pair, or the mean of both (default: the checkpoint's choice, else net1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
