@@ -231,8 +231,9 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
             assert not list((state / "rounds").glob("*.tmp")), "a half-written model would hold the last space"
             waiting = FederationClient(server.url, tokens["site-c"], sample / "site-c", device="cpu")
             said = next(e for e in waiting.iter_join() if e.kind == "waiting").message  # site-c has uploaded
-            assert said == ("round 1: update delivered; the server cannot close the round (No space left on "
-                            "device): its admin must fix that, and it closes by itself then"), said
+            assert said == ("round 1: this site's update was delivered by an earlier join; the server cannot "
+                            "close the round (No space left on device): its admin must fix that, and it closes "
+                            "by itself then"), said  # uploaded above, not by this join
 
             filler.unlink()
             deadline = time.monotonic() + 30
@@ -1021,8 +1022,16 @@ def test_a_waiting_site_is_told_which_sites_the_round_waits_for(sample: Path, tm
         events = FederationClient(server.url, tokens["site-a"], site, device="cpu", poll_seconds=0.1).iter_join()
         waiting = next(event for event in events if event.kind == "waiting")
         events.close()
+        # joined again (the workstation restarted): the update it finds delivered is said to be an earlier join's
+        events = FederationClient(server.url, tokens["site-a"], site, device="cpu", poll_seconds=0.1).iter_join()
+        told = [next(events).kind]
+        rejoined = next(event for event in events if event.kind in ("waiting", "training", "uploaded"))
+        events.close()
     assert waiting.message == ("round 1: update delivered, waiting for the other sites "
                                "(not yet: site-b (in no round yet))"), waiting.message
+    assert told == ["connected"] and rejoined.message == (
+        "round 1: this site's update was delivered by an earlier join, waiting for the other sites "
+        "(not yet: site-b (in no round yet))"), rejoined.message
 
 
 def test_tls_client_that_trusts_the_certificate_works_and_plain_http_is_refused(sample: Path, tmp_path: Path) -> None:

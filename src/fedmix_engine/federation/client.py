@@ -169,6 +169,7 @@ class FederationClient:
         self._should_stop: Callable[[], bool] = lambda: False  # set by iter_join
         self._on_retry: Callable[[JoinEvent], None] = lambda event: None  # set by iter_join
         self._reconnects = 0  # times the server answered again after failing: a wait is said anew after one
+        self._sent: set[int] = set()  # rounds whose update this join delivered (others: an earlier join's)
         self._reached = False  # whether the server ever answered this client (then a name failure is transient)
         self.train_config: TrainConfig | None = None  # set from the server on connecting
 
@@ -398,14 +399,16 @@ class FederationClient:
                 return
             r = info["round"]
             if info["uploaded"]:
+                delivered = "update delivered" if r in self._sent else \
+                    "this site's update was delivered by an earlier join"  # a join restarted after its upload
                 held_up = info.get("held_up")  # the round is due but the server cannot close it (a full disk)
                 if last_wait != (r, held_up, self._reconnects):  # said again when that changes, or the server
                     # answers again after failing (a GUI showed the retries meanwhile)
                     if held_up:
-                        yield JoinEvent("waiting", f"round {r}: update delivered; the server cannot close the "
+                        yield JoinEvent("waiting", f"round {r}: {delivered}; the server cannot close the "
                                         f"round ({held_up}): its admin must fix that, and it closes by itself then", r)
                     else:
-                        yield JoinEvent("waiting", f"round {r}: update delivered, waiting for the other sites"
+                        yield JoinEvent("waiting", f"round {r}: {delivered}, waiting for the other sites"
                                         f"{self._not_yet(site, r)}", r)
                     last_wait = (r, held_up, self._reconnects)
                 self._pause(self.poll_seconds)
@@ -445,6 +448,8 @@ class FederationClient:
                         "site's folder): this join stops; its update did not count. One join per site: stop the "
                         "other, or ask the server's admin for a token of this site's own (fedmix-engine token add)")
                 accepted = now.get("last_accepted")
+                if accepted == r:
+                    self._sent.add(r)
                 if pending_state.settle(self.models_dir, self.prefix, accepted if accepted == r else None):
                     self.state = result.state  # its first send counted (it closed the round); the answer was lost
                 late = _too_late(info.get("deadline_in"), time.monotonic() - asked) if accepted != r else ""
@@ -453,6 +458,7 @@ class FederationClient:
                 self._raise_for_refusal(response, f"/{API_VERSION}/rounds/{r}/update")
                 pending_state.settle(self.models_dir, self.prefix, r)
                 self.state = result.state
+                self._sent.add(r)
                 yield JoinEvent("uploaded", f"round {r}: sent n={rep.n}, loss={shown_loss(rep.n, rep.loss)}"
                                 f"{kept_summary(rep.counts)} ({_detail(response)})", r, report=rep.to_dict())
             # scored while the other sites finish the round: off the round's critical path
