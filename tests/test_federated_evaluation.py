@@ -362,6 +362,11 @@ def test_status_of_an_open_round_says_which_sites_it_waits_for_and_when_its_dead
             "uploaded, or at the deadline (in 8 min) with at least 2") in lines, lines
     assert _waiting(read_status(root, now=now[0] + 600.0)).endswith(
         "; the deadline passed 2 min ago: it closes as soon as 2 have uploaded")
+    # --round-timeout inf (wait for every site) and very long ones read as such, not as "in inf h"
+    assert _waiting(read | {"deadline_in": float("inf")}).endswith(
+        "; closes when 2 sites have uploaded (no deadline: --round-timeout inf)")
+    assert "at the deadline (in 11,574,074 days) with at least 2" in _waiting(read | {"deadline_in": 1e12})
+    assert "at the deadline (in 50.0 h) with at least 2" in _waiting(read | {"deadline_in": 50 * 3600.0})
     assert "not yet: site-a (last in round 1), site-d (in no round yet)" in render_admin_page(served)
     finished = read_status(root, now=now[0]) | {"finished": True}
     assert "not yet" not in render_admin_page(finished)

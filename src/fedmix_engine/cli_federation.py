@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -306,6 +307,8 @@ def _waiting(status: dict) -> str:
     left = status["deadline_in"]
     if left is None:
         return f"{who}; {rule}"
+    if math.isinf(left):
+        return f"{who}; {rule} (no deadline: --round-timeout inf)"
     if left >= 0:
         return f"{who}; {rule}, or at the deadline (in {_duration(left)}) with at least {status['min_sites']}"
     return (f"{who}; the deadline passed {_duration(-left)} ago: it closes as soon as {status['min_sites']} "
@@ -313,6 +316,8 @@ def _waiting(status: dict) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds >= 72 * 3600:
+        return f"{seconds / 86400:,.0f} days"
     return f"{seconds:.0f} s" if seconds < 90 else (f"{seconds / 60:.0f} min" if seconds < 5400
                                                      else f"{seconds / 3600:.1f} h")
 
