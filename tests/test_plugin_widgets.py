@@ -147,6 +147,44 @@ def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewe
     assert len([lyr for lyr in viewer.layers if lyr.name == MASK_LAYER]) == 1, "layers are reused, not duplicated"
 
 
+def _drawn_glyph(box) -> str:
+    """What a check box's indicator shows, read from its pixels as napari's theme draws them: "empty", "–"
+    (a bar a few rows high) or "✓" (ink over most rows)."""
+    shot = box.grab().toImage()
+    side = min(shot.height(), 20)  # the indicator: a square at the left; the class name is further right
+    inner = np.array([[shot.pixel(x, y) & 0xFFFFFF for x in range(3, side - 2)] for y in range(3, side - 3)])
+    colours, counts = np.unique(inner, return_counts=True)
+    ink_rows = int(((inner != colours[counts.argmax()]).sum(axis=1) >= 3).sum())
+    return "empty" if ink_rows == 0 else ("–" if ink_rows <= side // 4 else "✓")
+
+
+def test_a_tag_box_shows_what_the_legend_says_and_a_click_steps_present_absent_unknown(make_napari_viewer, qtbot,
+                                                                                       tmp_path, images):
+    """The legend said "– absent, empty = unknown", but the boxes drew an untagged image's tag as – and an
+    absent one as an empty box: a clinician read every untagged image (boxed lesions too) as tagged
+    absent, and one who set – to say "absent" saved nothing. Each state is now drawn as the legend says,
+    read back from the pixels napari's theme paints, and saved as the tag it shows."""
+    from qtpy.QtCore import QPoint
+
+    viewer, widget = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    viewer.window.add_dock_widget(widget, name="Annotate site")  # drawn in napari's theme, as a clinician sees it
+    legend = dict((meaning, glyph) for glyph, meaning in
+                  re.findall(r"(✓|–|empty)(?: =)? (present|absent|not tagged)", widget.tag_legend.text()))
+    assert set(legend) == {"present", "absent", "not tagged"}, widget.tag_legend.text()
+    box = widget.tag_boxes["lesion"]
+    assert box.tag() is None and _drawn_glyph(box) == legend["not tagged"], "an untagged image looks untouched"
+    for expected in (True, False, None):  # one click each: present first, then absent, then not tagged again
+        qtbot.mouseClick(box, Qt.MouseButton.LeftButton, pos=QPoint(8, box.height() // 2))  # on the indicator
+        shown = {True: "present", False: "absent", None: "not tagged"}[box.tag()]
+        assert box.tag() is expected and _drawn_glyph(box) == legend[shown], (expected, _drawn_glyph(box))
+        assert widget.save() == []
+        with SiteStore.open(tmp_path / "site", readonly=True) as store:
+            assert store.tags("scan-0").get("lesion") is expected
+    widget.tag_and_next(present=False)  # Alt+A: all absent, drawn as the legend's absent
+    widget.previous_image()
+    assert box.tag() is False and _drawn_glyph(box) == legend["absent"] == "–"
+
+
 def test_annotate_save_keeps_the_view_and_another_site_shows_its_first_image(make_napari_viewer, qtbot, tmp_path,
                                                                               images):
     from napari_fedmix.annotate_widget import IMAGE_LAYER, MASK_LAYER
@@ -656,7 +694,7 @@ def test_annotate_does_not_save_over_what_another_program_wrote_to_the_shown_ima
     widget.save(force=True)  # Save now: the screen's annotations, as the clinician chose
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
         assert store.read_mask("scan-0") is None and store.tags("scan-0") == {"lesion": True}
-    widget.tag_boxes["lesion"].setCheckState(Qt.CheckState.Unchecked)  # its own saves are no conflict
+    widget.tag_boxes["lesion"].set_tag(False)  # its own saves are no conflict
     assert widget.save() == []
     widget.next_image()
     assert widget.current_id == "scan-1"

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QFileDialog,
     QHBoxLayout,
@@ -36,6 +35,8 @@ from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.layer_records import boxes_to_shapes, image_layer_pixels, layer_spacing, save_annotations
 from napari_fedmix.panel_closing import PanelClosing
+from napari_fedmix.tag_box import LEGEND as TAG_LEGEND
+from napari_fedmix.tag_box import TagBox
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class AnnotateWidget(QWidget):
         next_button.clicked.connect(self.next_image)
         self.box_class = QComboBox()
         self.box_class.currentTextChanged.connect(self._set_box_class)
-        self.tag_boxes: dict[str, QCheckBox] = {}
+        self.tag_boxes: dict[str, TagBox] = {}
         self.tags_row = QVBoxLayout()
         save_button = QPushButton("Save now")
         save_button.clicked.connect(lambda: self.save(force=True))  # the clinician's choice: the screen wins
@@ -130,8 +131,9 @@ class AnnotateWidget(QWidget):
         layout.addWidget(self.image_list)
         layout.addLayout(_row(prev_button, next_button))
         layout.addLayout(_row(QLabel("class of new boxes:"), self.box_class))
-        layout.addWidget(QLabel("image-level tags (✓ present, – absent, empty = unknown);\n"
-                                "Alt+P: the box class present, Alt+A: all absent, then the next image"))
+        self.tag_legend = QLabel(f"image-level tags ({TAG_LEGEND});\n"
+                                 "Alt+P: the box class present, Alt+A: all absent, then the next image")
+        layout.addWidget(self.tag_legend)
         layout.addLayout(self.tags_row)
         layout.addLayout(_row(save_button, remove_button))
         layout.addWidget(self.summary)
@@ -193,9 +195,7 @@ class AnnotateWidget(QWidget):
             box.setParent(None)
         self.tag_boxes = {}
         for name in self.store.config.classes:
-            box = QCheckBox(name)
-            box.setTristate(True)
-            box.setCheckState(Qt.CheckState.PartiallyChecked)
+            box = TagBox(name)
             box.stateChanged.connect(self._mark_dirty)
             box.setEnabled(not self.store.readonly)
             self.tag_boxes[name] = box
@@ -297,9 +297,7 @@ class AnnotateWidget(QWidget):
             mask_layer.editable = shapes.editable = not self.store.readonly  # after the data: a reset may set it
             tags = self.store.tags(image_id)
             for name, box in self.tag_boxes.items():
-                state = {True: Qt.CheckState.Checked, False: Qt.CheckState.Unchecked}.get(
-                    tags.get(name), Qt.CheckState.PartiallyChecked)
-                box.setCheckState(state)
+                box.set_tag(tags.get(name))
             shown_before, self.current_id = self.current_id, image_id
             # held, not looked up by name when saving: a layer deleted or renamed by hand (or napari closing,
             # which empties the layer list first) keeps what was drawn in it, to be saved
@@ -327,7 +325,7 @@ class AnnotateWidget(QWidget):
             _notify([f"{self.store.root}: opened read-only, so nothing is tagged; Alt+→ shows the next image"])
             return
         for name in [self.box_class.currentText()] if present else list(self.tag_boxes):
-            self.tag_boxes[name].setCheckState(Qt.CheckState.Checked if present else Qt.CheckState.Unchecked)
+            self.tag_boxes[name].set_tag(present)
         if not self.save() and self.unsaved is None:  # a problem keeps the image on screen to be seen
             self.next_image()
 
@@ -344,8 +342,7 @@ class AnnotateWidget(QWidget):
                                     "import in a terminal, a second napari); your edits are kept on screen, not "
                                     "saved", "Save now replaces its annotations with yours.")
         mask_layer, shapes = self._shown
-        tags = {name: {Qt.CheckState.Checked: True, Qt.CheckState.Unchecked: False}.get(
-            Qt.CheckState(box.checkState())) for name, box in self.tag_boxes.items()}
+        tags = {name: box.tag() for name, box in self.tag_boxes.items()}
         try:
             problems = save_annotations(self.store, self.current_id, np.asarray(mask_layer.data),
                                         list(shapes.data), list(shapes.features["class"]) if len(shapes.data) else [],
