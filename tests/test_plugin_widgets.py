@@ -185,6 +185,43 @@ def test_a_tag_box_shows_what_the_legend_says_and_a_click_steps_present_absent_u
     assert box.tag() is False and _drawn_glyph(box) == legend["absent"] == "–"
 
 
+def test_a_two_class_sites_boxes_show_their_class_and_a_selected_box_takes_the_class_chosen(make_napari_viewer, qtbot,
+                                                                                          tmp_path, images):
+    """On a site with two classes every box was drawn alike, its class nowhere on screen, and a box drawn
+    with the wrong class could only be deleted and drawn again. Each box now shows its class, and choosing
+    a class with boxes selected gives them that class (napari's rule for a layer's current properties)."""
+    from napari_fedmix.annotate_widget import BOX_LAYER, AnnotateWidget
+
+    viewer = make_napari_viewer()
+    widget = AnnotateWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.create_site(tmp_path / "site", ["lesion", "cyst"])
+    assert _imported(qtbot, widget, widget.import_images(images)) == []
+    widget.image_list.setCurrentRow(0)
+    boxes = viewer.layers[BOX_LAYER]
+    boxes.add_rectangles([np.array([[2, 3], [12, 25]]), np.array([[20, 10], [30, 30]])])  # both "lesion"
+    assert boxes.text.visible and list(boxes.text.values) == ["lesion", "lesion"]
+    boxes.mode = "select"
+    boxes.selected_data = {1}
+    widget.box_class.setCurrentText("cyst")  # the second box was a cyst
+    assert list(boxes.text.values) == ["lesion", "cyst"]
+    boxes.selected_data = set()
+    widget.next_image()  # saved on the way
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert [(b.class_name, b.y0, b.x0) for b in store.boxes("scan-0")] == [("lesion", 2, 3), ("cyst", 20, 10)]
+    boxes.add_rectangles([np.array([[5, 5], [15, 15]])])  # a new box: the class chosen
+    widget.box_class.setCurrentText("lesion")  # nothing selected: only new boxes change class
+    widget.previous_image()
+    assert list(viewer.layers[BOX_LAYER].text.values) == ["lesion", "cyst"]
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert [b.class_name for b in store.boxes("scan-1")] == ["cyst"]
+    # a one-class site's boxes need no label: all are its class
+    widget.create_site(tmp_path / "one-class", ["lesion"])
+    assert _imported(qtbot, widget, widget.import_images(images[:1])) == []
+    widget.image_list.setCurrentRow(0)
+    assert not viewer.layers[BOX_LAYER].text.visible
+
+
 def test_annotate_save_keeps_the_view_and_another_site_shows_its_first_image(make_napari_viewer, qtbot, tmp_path,
                                                                               images):
     from napari_fedmix.annotate_widget import IMAGE_LAYER, MASK_LAYER

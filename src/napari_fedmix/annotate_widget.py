@@ -189,8 +189,9 @@ class AnnotateWidget(QWidget):
         self.site_label.setText(f"site: {self.store.config.name} ({self.store.root}){viewing}{shared}")
         for control in [*self._adding_buttons, *self._editing_controls]:
             control.setEnabled(not self.store.readonly)
-        self.box_class.clear()
-        self.box_class.addItems(list(self.store.config.classes))
+        with self._own_changes():  # the new site's classes: no edit to the boxes on screen
+            self.box_class.clear()
+            self.box_class.addItems(list(self.store.config.classes))
         for box in self.tag_boxes.values():
             box.setParent(None)
         self.tag_boxes = {}
@@ -293,7 +294,11 @@ class AnnotateWidget(QWidget):
             shapes.data = []
             if rectangles:
                 shapes.add_rectangles(rectangles)
-                shapes.features = {"class": classes}
+            # also when there are none: napari keeps the rows of the boxes its data no longer holds, and a box
+            # drawn next took the class of the previous image's first box
+            shapes.features = {"class": np.array(classes, dtype=object)}
+            if self.box_class.currentText():  # not the last box's class, napari's default: the one chosen
+                shapes.feature_defaults["class"] = self.box_class.currentText()
             mask_layer.editable = shapes.editable = not self.store.readonly  # after the data: a reset may set it
             tags = self.store.tags(image_id)
             for name, box in self.tag_boxes.items():
@@ -490,10 +495,14 @@ class AnnotateWidget(QWidget):
         if BOX_LAYER not in self.viewer.layers:
             layer = self.viewer.add_shapes(name=BOX_LAYER, shape_type="rectangle", edge_color="yellow",
                                            face_color="transparent", edge_width=2,
-                                           features={"class": np.array([], dtype=object)})
+                                           features={"class": np.array([], dtype=object)},
+                                           text={"string": "{class}", "anchor": "upper_left", "color": "yellow",
+                                                 "size": 9})
             layer.feature_defaults["class"] = self.box_class.currentText()
         layer = self.viewer.layers[BOX_LAYER]
-        self._watch(layer, layer.events.data)
+        # each box's class over it where there is a choice (a one-class site's boxes are all its class)
+        layer.text.visible = self.store is not None and len(self.store.config.classes) > 1
+        self._watch(layer, layer.events.data, layer.events.features)
         return layer
 
     def _watch(self, layer, *events) -> None:
@@ -505,8 +514,16 @@ class AnnotateWidget(QWidget):
             self._watched.add(layer)
 
     def _set_box_class(self, name: str) -> None:
-        if name and BOX_LAYER in self.viewer.layers:
-            self.viewer.layers[BOX_LAYER].feature_defaults["class"] = name
+        """The class of new boxes and, by napari's rule for a layer's current properties, of the boxes
+        selected (in select mode): how a box drawn with the wrong class is corrected."""
+        if not name or BOX_LAYER not in self.viewer.layers:
+            return
+        layer = self.viewer.layers[BOX_LAYER]
+        if self._loading:
+            layer.feature_defaults["class"] = name
+        else:
+            layer.current_properties = {"class": np.array([name], dtype=object)}
+            layer.refresh_text()  # napari refreshes the colours it derives from features, not the text
 
     def _on_row(self, row: int) -> None:
         if self._loading or self.store is None or row < 0:
