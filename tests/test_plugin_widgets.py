@@ -1222,6 +1222,35 @@ def test_predict_overlays_sit_on_the_image_never_predict_themselves_and_name_a_b
     assert "error: layer 'slide': a multiscale (pyramid) layer of 64×96 pixels" in widget.status.text()
 
 
+def test_the_probability_overlay_leaves_the_image_as_it_was_where_the_model_sees_no_lesion(make_napari_viewer,
+                                                                                            qtbot, tmp_path):
+    """The probability overlay was blended at half opacity over the whole image: where the model saw nothing
+    it still painted magma's near-black over half of every pixel, dimming the scan a radiologist reads
+    beside the prediction. It is now added to the image (magma's black adds nothing). Read from the
+    rendered canvas."""
+    from model_helpers import all_lesion_checkpoint, no_lesion_checkpoint
+    from napari_fedmix.predict_widget import PRED_LAYER
+
+    viewer = make_napari_viewer(show=True)  # a hidden viewer's canvas renders black
+    viewer.add_image(np.full((40, 48), 160, np.uint8), name="scan", contrast_limits=(0, 255))
+    before = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    centre = tuple(n // 2 for n in before.shape[:2])
+    assert before[centre].min() > 100, "the scan is drawn where the test looks"
+
+    def predicted(checkpoint: Path) -> np.ndarray:
+        widget = _predict_widget(viewer, qtbot, checkpoint)
+        viewer.layers.selection.active = viewer.layers["scan"]
+        assert widget.predict_active() is not None
+        qtbot.waitUntil(lambda: widget._probability is not None, timeout=60_000)
+        return viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+
+    nothing = predicted(no_lesion_checkpoint(tmp_path / "none.safetensors"))
+    assert not viewer.layers[PRED_LAYER].data.any()
+    assert np.abs(nothing[centre] - before[centre]).max() <= 8, (before[centre], nothing[centre])
+    everything = predicted(all_lesion_checkpoint(tmp_path / "all.safetensors"))  # a lesion is coloured
+    assert np.ptp(before[centre]) == 0 and np.ptp(everything[centre]) > 40, (before[centre], everything[centre])
+
+
 def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewer, qtbot, tmp_path):
     """A cine loop or a volume's slices was refused ('3-D stack'); each frame is now predicted, the
     overlays are stacks on the same axes, and Stop ends a long run without touching them."""

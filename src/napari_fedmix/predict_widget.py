@@ -178,8 +178,9 @@ class PredictWidget(QWidget):
               source: tuple[str, object], spacing: tuple[float, float] | None = None) -> None:
         self._probability, self._geometry, self._source = probability, geometry, source
         self._spacing = spacing
+        # added, not laid over: magma's black (no lesion) leaves the scan as it was, undimmed
         self._overlay(PROB_LAYER, probability.max(axis=0), self.viewer.add_image, colormap="magma", opacity=0.5,
-                      contrast_limits=(0, 1))
+                      contrast_limits=(0, 1), blending="additive")
         disagree = ""
         if disagreement is not None:
             self._overlay(DISAGREE_LAYER, disagreement.max(axis=0), self.viewer.add_image, colormap="viridis",
