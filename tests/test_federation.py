@@ -864,7 +864,7 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
 
 
 def test_plot_legend_names_fit_beside_their_lines() -> None:
-    """The legend sat in a fixed 28-px margin: "samples used (÷100)" in the napari widget and any site
+    """The legend sat in a fixed 28-px margin: "samples used (hundreds)" in the napari widget and any site
     name longer than four letters on the admin page ran off the chart; a series without points (no
     validation site) was named all the same."""
     import xml.etree.ElementTree as ET
@@ -884,8 +884,8 @@ def test_plot_legend_names_fit_beside_their_lines() -> None:
         return [t.text for t in legend], lines_end, legend_start
 
     rounds = [(r, 0.1 * r) for r in range(1, 6)]
-    names, _, _ = drawn({"loss": rounds, "weight": rounds, "samples used (÷100)": rounds, "validation Dice": []})
-    assert names == ["loss", "samples used (÷100)", "weight"], "a series without points is not named"
+    names, _, _ = drawn({"loss": rounds, "weight": rounds, "samples used (hundreds)": rounds, "validation Dice": []})
+    assert names == ["loss", "samples used (hundreds)", "weight"], "a series without points is not named"
     long = "radiology-department-university-hospital-north"
     names, lines_end, _ = drawn({long: rounds, "site-b": rounds})
     assert names[0].endswith("…") and long.startswith(names[0][:-1]) and names[1] == "site-b"

@@ -1442,7 +1442,7 @@ def test_a_site_with_nothing_labelled_is_told_so_and_its_federated_round_shows_n
         train.start()
         qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
     assert "federation finished after 1 rounds" in train.status.text(), train.status.text()
-    assert train.history["loss"] == [] and train.history["samples used (÷100)"] == [(1, 0.0)]
+    assert train.history["loss"] == [] and train.history["samples used (hundreds)"] == [(1, 0.0)]
     assert train.history["weight"] == [(1, 0.0)]
 
 

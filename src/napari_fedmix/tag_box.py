@@ -13,7 +13,7 @@ from qtpy.QtWidgets import QCheckBox
 _STATE = {None: Qt.CheckState.Unchecked, True: Qt.CheckState.Checked, False: Qt.CheckState.PartiallyChecked}
 _TAG = {state: tag for tag, state in _STATE.items()}
 _NEXT = {None: True, True: False, False: None}
-LEGEND = "✓ present, – absent, empty = not tagged (unknown)"  # what the box shows, said beside the boxes
+LEGEND = "✓ present, – absent, empty = not tagged"  # what the box shows, said beside the boxes
 
 
 class TagBox(QCheckBox):

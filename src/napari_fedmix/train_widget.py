@@ -97,7 +97,7 @@ class TrainWidget(QWidget):
         _warm_up_engine()
         self.worker = None
         self._closing = PanelClosing(self, on_closed=self.stop)  # its ✕: no training left running unseen
-        self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "weight": [], "samples used (÷100)": [],
+        self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "weight": [], "samples used (hundreds)": [],
                                                             "validation Dice": []}
         self.last_checkpoint: Path | None = None
         self.device_note = ""
@@ -343,7 +343,7 @@ class TrainWidget(QWidget):
             self.history["loss"].append((r, loss))
         if weight is not None:
             self.history["weight"].append((r, weight))
-        self._add_series("samples used (÷100)", r, n / 100)
+        self._add_series("samples used (hundreds)", r, n / 100)
 
     def _add_series(self, name: str, r: int, value: float) -> None:
         from fedmix_engine.federation.admin import svg_lines
