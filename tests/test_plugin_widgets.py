@@ -189,8 +189,10 @@ def test_a_two_class_sites_boxes_show_their_class_and_a_selected_box_takes_the_c
                                                                                           tmp_path, images):
     """On a site with two classes every box was drawn alike, its class nowhere on screen, and a box drawn
     with the wrong class could only be deleted and drawn again. Each box now shows its class, and choosing
-    a class with boxes selected gives them that class (napari's rule for a layer's current properties)."""
-    from napari_fedmix.annotate_widget import BOX_LAYER, AnnotateWidget
+    a class with boxes selected gives them that class (napari's rule for a layer's current properties).
+    The class chosen is also the mask label painted, and a label chosen in napari's controls chooses it:
+    nothing on screen said which label was which class, nor tied painting to the class chosen."""
+    from napari_fedmix.annotate_widget import BOX_LAYER, MASK_LAYER, AnnotateWidget
 
     viewer = make_napari_viewer()
     widget = AnnotateWidget(viewer)
@@ -206,7 +208,20 @@ def test_a_two_class_sites_boxes_show_their_class_and_a_selected_box_takes_the_c
     widget.box_class.setCurrentText("cyst")  # the second box was a cyst
     assert list(boxes.text.values) == ["lesion", "cyst"]
     boxes.selected_data = set()
+    mask = viewer.layers[MASK_LAYER]
+    assert not widget.label_note.isHidden() and widget.label_note.text() == "mask labels: 1 lesion · 2 cyst"
+    assert mask.selected_label == 2, "cyst is painted as label 2 once chosen"
+    widget.box_class.setCurrentText("lesion")
+    assert mask.selected_label == 1
+    boxes.selected_data = {1}
+    mask.selected_label = 2  # chosen in napari's own label control: the class to draw follows …
+    assert widget.box_class.currentText() == "cyst" and list(boxes.text.values) == ["lesion", "cyst"]
+    mask.selected_label = 1  # … and a selected box keeps its class: the label was chosen for painting
+    assert widget.box_class.currentText() == "lesion" and list(boxes.text.values) == ["lesion", "cyst"]
+    widget.box_class.setCurrentText("cyst")
+    boxes.selected_data = set()
     widget.next_image()  # saved on the way
+    assert viewer.layers[MASK_LAYER].selected_label == 2
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
         assert [(b.class_name, b.y0, b.x0) for b in store.boxes("scan-0")] == [("lesion", 2, 3), ("cyst", 20, 10)]
     boxes.add_rectangles([np.array([[5, 5], [15, 15]])])  # a new box: the class chosen
@@ -219,7 +234,8 @@ def test_a_two_class_sites_boxes_show_their_class_and_a_selected_box_takes_the_c
     widget.create_site(tmp_path / "one-class", ["lesion"])
     assert _imported(qtbot, widget, widget.import_images(images[:1])) == []
     widget.image_list.setCurrentRow(0)
-    assert not viewer.layers[BOX_LAYER].text.visible
+    assert not viewer.layers[BOX_LAYER].text.visible and widget.label_note.isHidden()
+    assert widget.box_class.currentText() == "lesion" and viewer.layers[MASK_LAYER].selected_label == 1
 
 
 def test_annotate_save_keeps_the_view_and_another_site_shows_its_first_image(make_napari_viewer, qtbot, tmp_path,

@@ -130,9 +130,11 @@ class AnnotateWidget(QWidget):
         self._show_import(False)
         layout.addWidget(self.image_list)
         layout.addLayout(_row(prev_button, next_button))
-        layout.addLayout(_row(QLabel("class of new boxes:"), self.box_class))
+        layout.addLayout(_row(QLabel("class to draw:"), self.box_class))
+        self.label_note = QLabel("")  # which mask label is which class, on a site with more than one
+        layout.addWidget(self.label_note)
         self.tag_legend = QLabel(f"image-level tags ({TAG_LEGEND});\n"
-                                 "Alt+P: the box class present, Alt+A: all absent, then the next image")
+                                 "Alt+P: the class to draw present, Alt+A: all absent, then the next image")
         layout.addWidget(self.tag_legend)
         layout.addLayout(self.tags_row)
         layout.addLayout(_row(save_button, remove_button))
@@ -192,6 +194,9 @@ class AnnotateWidget(QWidget):
         with self._own_changes():  # the new site's classes: no edit to the boxes on screen
             self.box_class.clear()
             self.box_class.addItems(list(self.store.config.classes))
+        classes = self.store.config.classes
+        self.label_note.setText("mask labels: " + " · ".join(f"{k} {name}" for k, name in enumerate(classes, 1)))
+        self.label_note.setVisible(len(classes) > 1)
         for box in self.tag_boxes.values():
             box.setParent(None)
         self.tag_boxes = {}
@@ -289,6 +294,8 @@ class AnnotateWidget(QWidget):
             mask_layer = self._layer(MASK_LAYER, lambda: self.viewer.add_labels(labels, name=MASK_LAYER, opacity=0.5),
                                      labels)
             mask_layer.metadata[CLASSES_KEY] = list(self.store.config.classes)  # label k = class k (1-based)
+            if self.box_class.currentIndex() >= 0:
+                mask_layer.selected_label = self.box_class.currentIndex() + 1  # painted in the class to draw
             rectangles, classes = boxes_to_shapes(self.store.boxes(image_id))
             shapes = self._shapes_layer()
             shapes.data = []
@@ -322,7 +329,7 @@ class AnnotateWidget(QWidget):
 
     def tag_and_next(self, present: bool) -> None:
         """One key per image for a site that tags (tags are the cheap label FedMix is for): Alt+P marks
-        the class chosen for new boxes present (a one-class site's only class), Alt+A every class
+        the class to draw present (a one-class site's only class), Alt+A every class
         absent; the image is saved and the next one shown. Other classes' tags are left as they are."""
         if self.store is None or self.current_id is None:
             return
@@ -488,6 +495,8 @@ class AnnotateWidget(QWidget):
                 self.viewer.layers.remove(name)
             layer = create()
         if name == MASK_LAYER:
+            if layer not in self._watched:
+                layer.events.selected_label.connect(self._follow_label)
             self._watch(layer, layer.events.paint, layer.events.data)
         return layer
 
@@ -514,8 +523,11 @@ class AnnotateWidget(QWidget):
             self._watched.add(layer)
 
     def _set_box_class(self, name: str) -> None:
-        """The class of new boxes and, by napari's rule for a layer's current properties, of the boxes
-        selected (in select mode): how a box drawn with the wrong class is corrected."""
+        """The class to draw: the mask label painted, the class of new boxes and, by napari's rule for a
+        layer's current properties, of the boxes selected (in select mode): how a box drawn with the wrong
+        class is corrected."""
+        if name and MASK_LAYER in self.viewer.layers and self.box_class.currentIndex() >= 0:
+            self.viewer.layers[MASK_LAYER].selected_label = self.box_class.currentIndex() + 1
         if not name or BOX_LAYER not in self.viewer.layers:
             return
         layer = self.viewer.layers[BOX_LAYER]
@@ -534,6 +546,14 @@ class AnnotateWidget(QWidget):
             _notify([str(exc)])
             if self.current_id is not None:
                 self._select_shown()
+
+    def _follow_label(self, *_args) -> None:
+        """A mask label chosen in napari's own controls is the class to draw here too (new boxes, Alt+P);
+        the selected boxes keep theirs: that label was chosen for painting."""
+        label = self.viewer.layers[MASK_LAYER].selected_label if MASK_LAYER in self.viewer.layers else 0
+        if not self._loading and 1 <= label <= self.box_class.count() and label - 1 != self.box_class.currentIndex():
+            with self._own_changes():
+                self.box_class.setCurrentIndex(label - 1)
 
     def _select_shown(self) -> None:
         """Put the list's selection back on the image the layers show (and the edits go to)."""
@@ -725,10 +745,11 @@ class AnnotateWidget(QWidget):
         self.watch.stop()
         self._keys.give_back()
         for layer in list(self._watched):
-            for emitter in (layer.events.data, getattr(layer.events, "paint", None)):
-                if emitter is not None:
+            for event, slot in (("data", self._mark_dirty), ("paint", self._mark_dirty),
+                                ("features", self._mark_dirty), ("selected_label", self._follow_label)):
+                if (emitter := getattr(layer.events, event, None)) is not None:
                     with contextlib.suppress(TypeError, ValueError, RuntimeError):
-                        emitter.disconnect(self._mark_dirty)
+                        emitter.disconnect(slot)
         self._watched = weakref.WeakSet()
         self._shown = ()
         if self.store is not None:
