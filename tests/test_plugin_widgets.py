@@ -205,27 +205,27 @@ def test_a_two_class_sites_boxes_show_their_class_and_a_selected_box_takes_the_c
     assert boxes.text.visible and list(boxes.text.values) == ["lesion", "lesion"]
     boxes.mode = "select"
     boxes.selected_data = {1}
-    widget.box_class.setCurrentText("cyst")  # the second box was a cyst
+    widget.draw_class.setCurrentText("cyst")  # the second box was a cyst
     assert list(boxes.text.values) == ["lesion", "cyst"]
     boxes.selected_data = set()
     mask = viewer.layers[MASK_LAYER]
     assert not widget.label_note.isHidden() and widget.label_note.text() == "mask labels: 1 lesion · 2 cyst"
     assert mask.selected_label == 2, "cyst is painted as label 2 once chosen"
-    widget.box_class.setCurrentText("lesion")
+    widget.draw_class.setCurrentText("lesion")
     assert mask.selected_label == 1
     boxes.selected_data = {1}
     mask.selected_label = 2  # chosen in napari's own label control: the class to draw follows …
-    assert widget.box_class.currentText() == "cyst" and list(boxes.text.values) == ["lesion", "cyst"]
+    assert widget.draw_class.currentText() == "cyst" and list(boxes.text.values) == ["lesion", "cyst"]
     mask.selected_label = 1  # … and a selected box keeps its class: the label was chosen for painting
-    assert widget.box_class.currentText() == "lesion" and list(boxes.text.values) == ["lesion", "cyst"]
-    widget.box_class.setCurrentText("cyst")
+    assert widget.draw_class.currentText() == "lesion" and list(boxes.text.values) == ["lesion", "cyst"]
+    widget.draw_class.setCurrentText("cyst")
     boxes.selected_data = set()
     widget.next_image()  # saved on the way
     assert viewer.layers[MASK_LAYER].selected_label == 2
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
         assert [(b.class_name, b.y0, b.x0) for b in store.boxes("scan-0")] == [("lesion", 2, 3), ("cyst", 20, 10)]
     boxes.add_rectangles([np.array([[5, 5], [15, 15]])])  # a new box: the class chosen
-    widget.box_class.setCurrentText("lesion")  # nothing selected: only new boxes change class
+    widget.draw_class.setCurrentText("lesion")  # nothing selected: only new boxes change class
     widget.previous_image()
     assert list(viewer.layers[BOX_LAYER].text.values) == ["lesion", "cyst"]
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
@@ -235,7 +235,7 @@ def test_a_two_class_sites_boxes_show_their_class_and_a_selected_box_takes_the_c
     assert _imported(qtbot, widget, widget.import_images(images[:1])) == []
     widget.image_list.setCurrentRow(0)
     assert not viewer.layers[BOX_LAYER].text.visible and widget.label_note.isHidden()
-    assert widget.box_class.currentText() == "lesion" and viewer.layers[MASK_LAYER].selected_label == 1
+    assert widget.draw_class.currentText() == "lesion" and viewer.layers[MASK_LAYER].selected_label == 1
 
 
 def test_annotate_save_keeps_the_view_and_another_site_shows_its_first_image(make_napari_viewer, qtbot, tmp_path,
@@ -308,7 +308,7 @@ def test_annotate_opens_a_site_it_cannot_write_to_look_at_with_nothing_editable(
             assert widget.image_list.count() == 3 and widget.current_id == "scan-0"
             np.testing.assert_array_equal(viewer.layers[MASK_LAYER].data, mask)
             assert not viewer.layers[MASK_LAYER].editable and not viewer.layers[BOX_LAYER].editable
-            assert not widget.tag_boxes["lesion"].isEnabled() and not widget.box_class.isEnabled()
+            assert not widget.tag_boxes["lesion"].isEnabled() and not widget.draw_class.isEnabled()
             assert not any(button.isEnabled() for button in widget._adding_buttons)
             widget.next_image()
             assert widget.current_id == "scan-1" and len(viewer.layers[BOX_LAYER].data) == 1
@@ -343,7 +343,7 @@ def test_annotate_opens_a_site_it_cannot_write_to_look_at_with_nothing_editable(
         with SiteStore.open(disk / "site", readonly=True) as store:
             assert len(store) == 3
     widget.create_site(tmp_path / "writable", ["lesion"])  # the next site is editable again
-    assert not widget.store.readonly and widget.box_class.isEnabled()
+    assert not widget.store.readonly and widget.draw_class.isEnabled()
     assert "read-only" not in widget.site_label.text()
     assert all(button.isEnabled() for button in widget._adding_buttons)
 

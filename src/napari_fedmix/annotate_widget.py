@@ -103,8 +103,8 @@ class AnnotateWidget(QWidget):
         prev_button, next_button = QPushButton("◀ previous"), QPushButton("next ▶")
         prev_button.clicked.connect(self.previous_image)
         next_button.clicked.connect(self.next_image)
-        self.box_class = QComboBox()
-        self.box_class.currentTextChanged.connect(self._set_box_class)
+        self.draw_class = QComboBox()
+        self.draw_class.currentTextChanged.connect(self._set_draw_class)
         self.tag_boxes: dict[str, TagBox] = {}
         self.tags_row = QVBoxLayout()
         save_button = QPushButton("Save now")
@@ -115,7 +115,7 @@ class AnnotateWidget(QWidget):
         remove_button.clicked.connect(self._confirm_remove)
         self._site_buttons.append(remove_button)
         self._adding_buttons.append(remove_button)
-        self._editing_controls = [self.box_class, save_button]  # with the tag boxes: off for a read-only site
+        self._editing_controls = [self.draw_class, save_button]  # with the tag boxes: off for a read-only site
         self.summary = QLabel("")
         self.save_status = QLabel("")
         self.save_status.setWordWrap(True)
@@ -130,7 +130,7 @@ class AnnotateWidget(QWidget):
         self._show_import(False)
         layout.addWidget(self.image_list)
         layout.addLayout(_row(prev_button, next_button))
-        layout.addLayout(_row(QLabel("class to draw:"), self.box_class))
+        layout.addLayout(_row(QLabel("class to draw:"), self.draw_class))
         self.label_note = QLabel("")  # which mask label is which class, on a site with more than one
         layout.addWidget(self.label_note)
         self.tag_legend = QLabel(f"image-level tags ({TAG_LEGEND});\n"
@@ -192,15 +192,15 @@ class AnnotateWidget(QWidget):
         for control in [*self._adding_buttons, *self._editing_controls]:
             control.setEnabled(not self.store.readonly)
         with self._own_changes():  # the new site's classes: no edit to the boxes on screen
-            self.box_class.clear()
-            self.box_class.addItems(list(self.store.config.classes))
+            self.draw_class.clear()
+            self.draw_class.addItems(list(self.store.config.classes))
         classes = self.store.config.classes
         self.label_note.setText("mask labels: " + " · ".join(f"{k} {name}" for k, name in enumerate(classes, 1)))
         self.label_note.setVisible(len(classes) > 1)
         for box in self.tag_boxes.values():
             box.setParent(None)
         self.tag_boxes = {}
-        for name in self.store.config.classes:
+        for name in classes:
             box = TagBox(name)
             box.stateChanged.connect(self._mark_dirty)
             box.setEnabled(not self.store.readonly)
@@ -294,8 +294,7 @@ class AnnotateWidget(QWidget):
             mask_layer = self._layer(MASK_LAYER, lambda: self.viewer.add_labels(labels, name=MASK_LAYER, opacity=0.5),
                                      labels)
             mask_layer.metadata[CLASSES_KEY] = list(self.store.config.classes)  # label k = class k (1-based)
-            if self.box_class.currentIndex() >= 0:
-                mask_layer.selected_label = self.box_class.currentIndex() + 1  # painted in the class to draw
+            self._paint_class_to_draw(mask_layer)
             rectangles, classes = boxes_to_shapes(self.store.boxes(image_id))
             shapes = self._shapes_layer()
             shapes.data = []
@@ -304,8 +303,8 @@ class AnnotateWidget(QWidget):
             # also when there are none: napari keeps the rows of the boxes its data no longer holds, and a box
             # drawn next took the class of the previous image's first box
             shapes.features = {"class": np.array(classes, dtype=object)}
-            if self.box_class.currentText():  # not the last box's class, napari's default: the one chosen
-                shapes.feature_defaults["class"] = self.box_class.currentText()
+            if self.draw_class.currentText():  # not the last box's class, napari's default: the one chosen
+                shapes.feature_defaults["class"] = self.draw_class.currentText()
             mask_layer.editable = shapes.editable = not self.store.readonly  # after the data: a reset may set it
             tags = self.store.tags(image_id)
             for name, box in self.tag_boxes.items():
@@ -336,7 +335,7 @@ class AnnotateWidget(QWidget):
         if self.store.readonly:
             _notify([f"{self.store.root}: opened read-only, so nothing is tagged; Alt+→ shows the next image"])
             return
-        for name in [self.box_class.currentText()] if present else list(self.tag_boxes):
+        for name in [self.draw_class.currentText()] if present else list(self.tag_boxes):
             self.tag_boxes[name].set_tag(present)
         if not self.save() and self.unsaved is None:  # a problem keeps the image on screen to be seen
             self.next_image()
@@ -507,7 +506,7 @@ class AnnotateWidget(QWidget):
                                            features={"class": np.array([], dtype=object)},
                                            text={"string": "{class}", "anchor": "upper_left", "color": "yellow",
                                                  "size": 9})
-            layer.feature_defaults["class"] = self.box_class.currentText()
+            layer.feature_defaults["class"] = self.draw_class.currentText()
         layer = self.viewer.layers[BOX_LAYER]
         # each box's class over it where there is a choice (a one-class site's boxes are all its class)
         layer.text.visible = self.store is not None and len(self.store.config.classes) > 1
@@ -522,12 +521,12 @@ class AnnotateWidget(QWidget):
                 event.connect(self._mark_dirty)
             self._watched.add(layer)
 
-    def _set_box_class(self, name: str) -> None:
+    def _set_draw_class(self, name: str) -> None:
         """The class to draw: the mask label painted, the class of new boxes and, by napari's rule for a
         layer's current properties, of the boxes selected (in select mode): how a box drawn with the wrong
         class is corrected."""
-        if name and MASK_LAYER in self.viewer.layers and self.box_class.currentIndex() >= 0:
-            self.viewer.layers[MASK_LAYER].selected_label = self.box_class.currentIndex() + 1
+        if name and MASK_LAYER in self.viewer.layers:
+            self._paint_class_to_draw(self.viewer.layers[MASK_LAYER])
         if not name or BOX_LAYER not in self.viewer.layers:
             return
         layer = self.viewer.layers[BOX_LAYER]
@@ -547,13 +546,17 @@ class AnnotateWidget(QWidget):
             if self.current_id is not None:
                 self._select_shown()
 
+    def _paint_class_to_draw(self, mask_layer) -> None:
+        if self.draw_class.currentIndex() >= 0:
+            mask_layer.selected_label = self.draw_class.currentIndex() + 1  # label k = class k
+
     def _follow_label(self, *_args) -> None:
         """A mask label chosen in napari's own controls is the class to draw here too (new boxes, Alt+P);
         the selected boxes keep theirs: that label was chosen for painting."""
         label = self.viewer.layers[MASK_LAYER].selected_label if MASK_LAYER in self.viewer.layers else 0
-        if not self._loading and 1 <= label <= self.box_class.count() and label - 1 != self.box_class.currentIndex():
+        if not self._loading and 1 <= label <= self.draw_class.count() and label - 1 != self.draw_class.currentIndex():
             with self._own_changes():
-                self.box_class.setCurrentIndex(label - 1)
+                self.draw_class.setCurrentIndex(label - 1)
 
     def _select_shown(self) -> None:
         """Put the list's selection back on the image the layers show (and the edits go to)."""
