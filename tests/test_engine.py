@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
@@ -76,6 +77,38 @@ def test_checkpoint_roundtrip_and_nan_refused(tmp_path: Path) -> None:
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
     with pytest.raises(InputError, match=r"cut\.safetensors: not a readable safetensors checkpoint"):
         load_checkpoint(tmp_path / "cut.safetensors")
+
+
+def test_a_checkpoint_whose_header_does_not_fit_its_weights_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """Weights of another width than the configuration beside them raised torch's page of size mismatches
+    from predict; metadata that was not JSON, or an image_size that is not a number, a traceback; and class
+    names that did not match the outputs were blamed on a --classes nobody had given."""
+    from fedmix_engine import safetensors_layout
+    from fedmix_engine.checkpoint import FORMAT
+
+    def written(name: str, model: str, meta: str) -> Path:
+        with open(tmp_path / name, "wb") as handle:
+            safetensors_layout.write(handle, init_pair(TINY, 0), {"format": FORMAT, "model": model, "meta": meta})
+        return tmp_path / name
+
+    wider = ModelConfig(base_width=8).to_json()
+    for name, model, meta, said in [
+            ("wide", wider, "{}", r"wide\.safetensors: tensor 'net1\.\S+': shape \(\d+, .* differs from the model "
+                                   r"configuration it names \(\("),
+            ("meta", TINY.to_json(), "{not json", r"meta\.safetensors: its metadata is not JSON"),
+            ("list", TINY.to_json(), "[1]", r"list\.safetensors: its metadata is not a JSON object"),
+            ("size", TINY.to_json(), '{"image_size": "big"}', r"size\.safetensors: metadata image_size: 'big' is not "
+                                                              "a size in pixels"),
+            ("names", TINY.to_json(), '{"classes": ["lesion", "cyst"]}',
+             r"names\.safetensors: metadata classes: \['lesion', 'cyst'\] does not name the model's 1 output"),
+            ("config", '{"base_width": 3}', "{}", r"config\.safetensors: model config: not a valid model configuration "
+                                                  r"\(model\.base_width: must be an even number")]:
+        with pytest.raises(InputError, match=said):
+            load_checkpoint(written(f"{name}.safetensors", model, meta))
+    img = tmp_path / "scan.tif"
+    tifffile.imwrite(img, np.zeros((32, 32), np.uint8))
+    assert main(["predict", str(tmp_path / "wide.safetensors"), str(img), str(tmp_path / "out"),
+                 "--device", "cpu"]) == 2
 
 
 def test_metric_empty_conventions_and_values() -> None:
@@ -502,8 +535,12 @@ def test_streamed_checkpoint_is_valid_safetensors_for_every_dtype(tmp_path: Path
     loaded = load_file(str(tmp_path / "c.safetensors"))  # the reference reader accepts it
     for key, value in {**pair, **extra}.items():
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
-    _, config, meta = load_checkpoint(tmp_path / "c.safetensors")
+    save_checkpoint(tmp_path / "pair.safetensors", pair, TINY, {"round": 3})
+    _, config, meta = load_checkpoint(tmp_path / "pair.safetensors")
     assert config == TINY and meta == {"round": 3}
+    with pytest.raises(InputError, match=r"c\.safetensors: tensors: keys differ from the model configuration it "
+                                         r"names: missing \[\], unexpected \['x\.bf16'"):
+        load_checkpoint(tmp_path / "c.safetensors")  # tensors its network does not have
 
 
 def test_validation_dice_from_a_file_or_downloaded_bytes(sample: Path, tmp_path: Path) -> None:

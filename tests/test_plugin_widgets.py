@@ -220,10 +220,16 @@ def test_a_two_class_sites_boxes_show_their_class_and_a_selected_box_takes_the_c
     assert widget.draw_class.currentText() == "lesion" and list(boxes.text.values) == ["lesion", "cyst"]
     widget.draw_class.setCurrentText("cyst")
     boxes.selected_data = set()
+    painted = np.zeros((40, 48), np.uint8)
+    painted[30:35, 30:40] = 2
+    mask.data = painted  # napari names the class of the label under the cursor
+    hovered = mask.get_status((32, 35), view_direction=None, dims_displayed=[0, 1], world=True)["value"]
+    assert "class: cyst" in hovered, hovered
     widget.next_image()  # saved on the way
     assert viewer.layers[MASK_LAYER].selected_label == 2
     with SiteStore.open(tmp_path / "site", readonly=True) as store:
         assert [(b.class_name, b.y0, b.x0) for b in store.boxes("scan-0")] == [("lesion", 2, 3), ("cyst", 20, 10)]
+        np.testing.assert_array_equal(store.read_mask("scan-0"), painted)
     boxes.add_rectangles([np.array([[5, 5], [15, 15]])])  # a new box: the class chosen
     widget.draw_class.setCurrentText("lesion")  # nothing selected: only new boxes change class
     widget.previous_image()
@@ -1265,6 +1271,24 @@ def test_the_probability_overlay_leaves_the_image_as_it_was_where_the_model_sees
     assert np.abs(nothing[centre] - before[centre]).max() <= 8, (before[centre], nothing[centre])
     everything = predicted(all_lesion_checkpoint(tmp_path / "all.safetensors"))  # a lesion is coloured
     assert np.ptp(before[centre]) == 0 and np.ptp(everything[centre]) > 40, (before[centre], everything[centre])
+
+
+def test_a_two_class_prediction_says_each_class_share_and_names_the_class_under_the_cursor(make_napari_viewer,
+                                                                                            qtbot, tmp_path):
+    """A two-class model's prediction was one foreground figure in two colours, neither named."""
+    from model_helpers import all_lesion_checkpoint
+    from napari_fedmix.predict_widget import PRED_LAYER
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.full((40, 48), 160, np.uint8), name="scan")
+    widget = _predict_widget(viewer, qtbot, all_lesion_checkpoint(tmp_path / "two.safetensors",
+                                                                  classes=("lesion", "cyst")))
+    assert widget.predict_active() is not None
+    qtbot.waitUntil(lambda: widget._probability is not None, timeout=60_000)
+    assert "foreground 100.0% of the image (lesion 100.0% · cyst 0.0%)" in widget.status.text(), widget.status.text()
+    hovered = viewer.layers[PRED_LAYER].get_status((20, 20), view_direction=None, dims_displayed=[0, 1],
+                                                   world=True)["value"]
+    assert "class: lesion" in hovered, hovered
 
 
 def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewer, qtbot, tmp_path):

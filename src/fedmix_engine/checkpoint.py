@@ -18,8 +18,9 @@ import torch
 from fedmix_engine import safetensors_layout
 from fedmix_engine.atomic import atomic_open, atomic_write_bytes
 from fedmix_engine.errors import InputError
+from fedmix_engine.federation.wire import check_specs, tensor_template
 from fedmix_engine.fedmix.local_update import SiteState
-from fedmix_engine.fedmix.pair import PairState
+from fedmix_engine.fedmix.pair import PairState, pair_layout
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.safetensors_layout import header_from_bytes
 
@@ -37,11 +38,35 @@ def pair_from_bytes(data: bytes, where: str | Path) -> tuple[PairState, ModelCon
         raise InputError(where, f"not a readable safetensors checkpoint ({exc})") from exc
     if header.get("format") != FORMAT:
         raise InputError(where, f"not a FedMix checkpoint (format {header.get('format')!r}, expected {FORMAT!r})")
-    model_config = ModelConfig.from_json(header.get("model", "{}"))
+    try:
+        model_config = ModelConfig.from_json(header.get("model", "{}"))  # validated
+        check_specs(tensor_template(tensors), pair_layout(model_config), "the model configuration it names")
+    except InputError as exc:  # said of the file: which checkpoint is damaged or was written otherwise
+        raise InputError(where, str(exc)) from exc
     for key, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InputError(where, f"tensor '{key}' contains NaN or infinite values")
-    return tensors, model_config, json.loads(header.get("meta", "{}"))
+    return tensors, model_config, _checked_meta(header.get("meta", "{}"), model_config, where)
+
+
+def _checked_meta(text: str, model_config: ModelConfig, where: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata, its fields checked as far as prediction relies on them: a training size
+    in pixels, and one name per output class."""
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise InputError(where, f"its metadata is not JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise InputError(where, "its metadata is not a JSON object")
+    size = meta.get("image_size", 128)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InputError(where, f"metadata image_size: {size!r} is not a size in pixels")
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != model_config.num_classes
+                                or not all(isinstance(name, str) and name for name in classes)):
+        raise InputError(where, f"metadata classes: {classes!r} does not name the model's "
+                                f"{model_config.num_classes} output class(es)")
+    return meta
 
 
 def save_checkpoint(path: str | Path, pair: PairState, model_config: ModelConfig,

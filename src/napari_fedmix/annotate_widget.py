@@ -33,7 +33,13 @@ from qtpy.QtWidgets import (
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.latest_model import latest_model
-from napari_fedmix.layer_records import boxes_to_shapes, image_layer_pixels, layer_spacing, save_annotations
+from napari_fedmix.layer_records import (
+    boxes_to_shapes,
+    image_layer_pixels,
+    label_features,
+    layer_spacing,
+    save_annotations,
+)
 from napari_fedmix.panel_closing import PanelClosing
 from napari_fedmix.tag_box import LEGEND as TAG_LEGEND
 from napari_fedmix.tag_box import TagBox
@@ -294,6 +300,7 @@ class AnnotateWidget(QWidget):
             mask_layer = self._layer(MASK_LAYER, lambda: self.viewer.add_labels(labels, name=MASK_LAYER, opacity=0.5),
                                      labels)
             mask_layer.metadata[CLASSES_KEY] = list(self.store.config.classes)  # label k = class k (1-based)
+            mask_layer.features = label_features(self.store.config.classes)
             self._paint_class_to_draw(mask_layer)
             rectangles, classes = boxes_to_shapes(self.store.boxes(image_id))
             shapes = self._shapes_layer()

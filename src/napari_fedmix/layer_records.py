@@ -8,6 +8,12 @@ from fedmix_engine.data.site_store import Box, SiteStore
 from fedmix_engine.errors import InputError
 
 
+def label_features(classes: list[str] | tuple[str, ...]) -> dict[str, list]:
+    """A Labels layer's features naming each label's class (label k = class k), which napari shows
+    beside the label under the cursor: on a site with several classes, which colour is which."""
+    return {"index": list(range(len(classes) + 1)), "class": ["background", *classes]}
+
+
 def shapes_to_boxes(rectangles: list[np.ndarray], classes: list[str], image_shape: tuple[int, int]) -> list[Box]:
     """Rectangles (napari Shapes data, rows of (y, x) corners) → boxes clipped to the image.
 

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device
 from napari_fedmix.latest_model import latest_model
-from napari_fedmix.layer_records import image_layer_pixels, layer_spacing
+from napari_fedmix.layer_records import image_layer_pixels, label_features, layer_spacing
 from napari_fedmix.panel_closing import PanelClosing
 from napari_fedmix.workers import make_worker
 
@@ -76,6 +76,7 @@ class PredictWidget(QWidget):
         self._status_tail = ""  # after the foreground in the status line: the disagreement and the model
         self._spacing: tuple[float, float] | None = None  # the predicted layer's pixel spacing in mm
         self._source: tuple[str, object] | None = None  # the predicted layer's name and data
+        self._classes: list[str] = []  # the predicted classes' names, label k = class k
         latest_model().follow(self.checkpoint)
         form = QFormLayout(self)
         form.addRow("model", path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
@@ -178,6 +179,11 @@ class PredictWidget(QWidget):
               source: tuple[str, object], spacing: tuple[float, float] | None = None) -> None:
         self._probability, self._geometry, self._source = probability, geometry, source
         self._spacing = spacing
+        from fedmix_engine.data.dicom_seg import default_class_names
+
+        count = probability.shape[0]
+        given = self._predictor.classes if self._predictor is not None else None
+        self._classes = list(given) if given and len(given) == count else default_class_names(count)
         # added, not laid over: magma's black (no lesion) leaves the scan as it was, undimmed
         self._overlay(PROB_LAYER, probability.max(axis=0), self.viewer.add_image, colormap="magma", opacity=0.5,
                       contrast_limits=(0, 1), blending="additive")
@@ -202,11 +208,14 @@ class PredictWidget(QWidget):
 
         labels = probabilities_to_labels(self._probability, self.threshold.value() / 100)
         self._overlay(PRED_LAYER, labels, self.viewer.add_labels, opacity=0.5)
+        self.viewer.layers[PRED_LAYER].features = label_features(self._classes)
         foreground = labels > 0
         area = (f" ({int(foreground.sum()) * self._spacing[0] * self._spacing[1]:.1f} mm²)"
                 if self._spacing is not None and labels.ndim == 2 else "")
+        shares = [f"{name} {float((labels == k).mean()):.1%}" for k, name in enumerate(self._classes, 1)]
+        each = f" ({' · '.join(shares)})" if len(shares) > 1 else ""  # which class is how much of it
         self.status.setText(f"foreground {float(foreground.mean()):.1%} of the "
-                            f"{'image' if labels.ndim == 2 else 'stack'}{area}{self._status_tail}")
+                            f"{'image' if labels.ndim == 2 else 'stack'}{area}{each}{self._status_tail}")
 
     def _overlay(self, name: str, data: np.ndarray, add, **style) -> None:
         """Put ``data`` in the reused overlay ``name`` at the predicted image's geometry; a layer of

@@ -177,17 +177,18 @@ def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...
 
 
 def check_specs(specs: Mapping[str, tuple[tuple[int, ...], str]],
-                template: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
-    """Same keys, shapes and dtypes as the global model (``tensor_template``), or an error naming the tensor."""
+                template: Mapping[str, tuple[tuple[int, ...], str]], reference: str = "the global model") -> None:
+    """Same keys, shapes and dtypes as ``template`` (``tensor_template``: the global model's, or
+    ``pair.pair_layout`` of a checkpoint's config, then ``reference`` names it), or an error naming the tensor."""
     missing, extra = set(template) - set(specs), set(specs) - set(template)
     if missing or extra:
-        raise InputError("tensors", f"keys differ from the global model: missing {sorted(missing)[:3]}, "
+        raise InputError("tensors", f"keys differ from {reference}: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(extra)[:3]}")
-    for key, (shape, dtype) in specs.items():
+    for key, (shape, dtype) in sorted(specs.items()):  # the same tensor named each time
         if (tuple(shape), dtype) != template[key]:
             want_shape, want_dtype = template[key]
-            raise InputError(f"tensor '{key}'", f"shape {tuple(shape)} {dtype} differs from the global model's "
-                             f"{want_shape} {want_dtype}")
+            raise InputError(f"tensor '{key}'", f"shape {tuple(shape)} {dtype} differs from {reference} "
+                             f"({want_shape} {want_dtype})")
 
 
 def check_finite(key: str, value: torch.Tensor) -> None:

@@ -25,6 +25,15 @@ def init_pair(model_config: ModelConfig, seed: int) -> PairState:
     return state
 
 
+def pair_layout(model_config: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The keys, shapes and dtypes of a pair of this config (as ``wire.tensor_template`` gives them), built
+    on the meta device: no weights allocated, however wide the model."""
+    with torch.device("meta"):
+        net = build_model(model_config)
+    one = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in net.state_dict().items()}
+    return {prefix + k: spec for prefix in PREFIXES for k, spec in one.items()}
+
+
 def split_pair(state: PairState) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     halves = tuple({k[len(p):]: v for k, v in state.items() if k.startswith(p)} for p in PREFIXES)
     return halves[0], halves[1]
