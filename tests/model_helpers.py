@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from fedmix_engine.checkpoint import save_checkpoint
@@ -23,8 +24,10 @@ def no_lesion_checkpoint(path: Path, image_size: int = 32) -> Path:
 
 
 def _constant_checkpoint(path: Path, logit: float, image_size: int, classes: tuple[str, ...]) -> Path:
-    pair = init_pair(TINY, 0)
+    """Every output channel the same logit: with several classes, argmax gives the first."""
+    config = replace(TINY, num_classes=len(classes))
+    pair = init_pair(config, 0)
     for net in ("net1", "net2"):
         pair[f"{net}.outc.conv.weight"].zero_()
         pair[f"{net}.outc.conv.bias"].fill_(logit)
-    return save_checkpoint(path, pair, TINY, {"image_size": image_size, "classes": list(classes)})
+    return save_checkpoint(path, pair, config, {"image_size": image_size, "classes": list(classes)})
