@@ -1147,6 +1147,25 @@ def test_train_widget_checks_the_server_token_and_site_without_training(make_nap
     assert not train.check_button.isEnabled()
 
 
+def test_train_start_saves_the_mask_just_drawn_in_annotate_first(make_napari_viewer, qtbot, tmp_path, images):
+    """Annotate saves on changing image and every 15 s: a mask drawn and Start pressed at once trained
+    without it, the run having read the site before the autosave."""
+    from napari_fedmix.annotate_widget import MASK_LAYER
+    from napari_fedmix.train_widget import TrainWidget
+
+    viewer, annotate = _annotating(make_napari_viewer, qtbot, tmp_path / "site", images)
+    viewer.layers[MASK_LAYER].data = _drawn(5, 15, 6, 20)  # drawn, not yet saved
+    train = TrainWidget(viewer)
+    qtbot.addWidget(train)
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        assert store.read_mask("scan-0") is None
+    _start_local(train, tmp_path / "site" / ".." / "site", rounds=1)  # the same site, spelled otherwise
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:  # saved before the run read the site
+        np.testing.assert_array_equal(store.read_mask("scan-0"), _drawn(5, 15, 6, 20))
+    assert not annotate._dirty and annotate.current_id == "scan-0", "saved where it was drawn, and still shown"
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+
+
 def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer, qtbot, sample):
     from napari_fedmix.predict_widget import PRED_LAYER, PROB_LAYER
     from napari_fedmix.train_widget import TrainWidget

@@ -41,6 +41,7 @@ from napari_fedmix.layer_records import (
     save_annotations,
 )
 from napari_fedmix.panel_closing import PanelClosing
+from napari_fedmix.pending_edits import pending_edits
 from napari_fedmix.tag_box import LEGEND as TAG_LEGEND
 from napari_fedmix.tag_box import TagBox
 from napari_fedmix.workers import make_worker
@@ -152,6 +153,7 @@ class AnnotateWidget(QWidget):
         self.timer = QTimer(self)
         self.timer.timeout.connect(self._autosave)
         self.timer.start(AUTOSAVE_MS)
+        pending_edits().save_requested.connect(self._save_before_training)  # gone with the panel
         self.watch = QTimer(self)
         self.watch.timeout.connect(self.follow_other_programs)
         self.watch.start(WATCH_MS)
@@ -477,6 +479,11 @@ class AnnotateWidget(QWidget):
     def _autosave(self) -> None:
         if self._dirty:
             self.save()
+
+    def _save_before_training(self, site: str) -> None:
+        """Train is about to read ``site``: the edits on screen go in (an edit held for a conflict stays held)."""
+        if self.store is not None and str(self.store.root.resolve()) == site:
+            self._autosave()
 
     def _mark_dirty(self, *_args) -> None:
         if not self._loading:

@@ -32,6 +32,7 @@ from fedmix_engine.errors import InputError, error_line
 from fedmix_engine.site_models import GLOBAL_MODEL, LOCAL_MODEL, LOCAL_RUN
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.panel_closing import PanelClosing
+from napari_fedmix.pending_edits import pending_edits
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
@@ -198,6 +199,7 @@ class TrainWidget(QWidget):
                                                  "memorisation; choose a separate store with masks")
             self.status.setText(error_line(same))
             return
+        pending_edits().request_save(site)  # the mask drawn just now trains in this run
         self.history = {k: [] for k in self.history}
         if self.mode.currentIndex() == 0:
             done = 0
