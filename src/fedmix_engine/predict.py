@@ -109,6 +109,10 @@ class Predictor:
                    inference or meta.get("inference", "net1"), classes=meta.get("classes"),
                    trained_round=meta.get("round"), source=source)
 
+    def class_names(self) -> list[str]:
+        """The label names: the checkpoint's (one per output, as loading checks), else FedMix's defaults."""
+        return list(self.classes or default_class_names(self.model_config.num_classes))
+
     def describe(self) -> str:
         """What a user should know of the model predicting: its round, classes, training size and device."""
         parts = [f"round {self.trained_round}"] if self.trained_round is not None else []
@@ -407,7 +411,7 @@ class FolderBatch:
         folder, self.out = Path(folder), Path(out)
         check_batch(folder, threshold, self.out, recursive)
         count = predictor.model_config.num_classes
-        self.classes = list(classes or predictor.classes or default_class_names(count))
+        self.classes = list(classes or predictor.class_names())
         if len(self.classes) != count:
             raise InputError("classes", f"{len(self.classes)} name(s) ({', '.join(self.classes)}) for a model of "
                                         f"{count} class(es)")

@@ -179,11 +179,7 @@ class PredictWidget(QWidget):
               source: tuple[str, object], spacing: tuple[float, float] | None = None) -> None:
         self._probability, self._geometry, self._source = probability, geometry, source
         self._spacing = spacing
-        from fedmix_engine.data.dicom_seg import default_class_names
-
-        count = probability.shape[0]
-        given = self._predictor.classes if self._predictor is not None else None
-        self._classes = list(given) if given and len(given) == count else default_class_names(count)
+        self._classes = self._predictor.class_names()  # the predictor that gave ``probability``
         # added, not laid over: magma's black (no lesion) leaves the scan as it was, undimmed
         self._overlay(PROB_LAYER, probability.max(axis=0), self.viewer.add_image, colormap="magma", opacity=0.5,
                       contrast_limits=(0, 1), blending="additive")
