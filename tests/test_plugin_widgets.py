@@ -207,6 +207,9 @@ def test_a_two_class_sites_boxes_show_their_class_and_a_selected_box_takes_the_c
     boxes.selected_data = {1}
     widget.draw_class.setCurrentText("cyst")  # the second box was a cyst
     assert list(boxes.text.values) == ["lesion", "cyst"]
+    for selected, shown in (({0}, "lesion"), ({1}, "cyst"), ({0, 1}, "cyst")):  # the class of what is selected
+        boxes.selected_data = selected  # (two classes: the choice stays), as napari's controls show its colours
+        assert widget.draw_class.currentText() == shown and list(boxes.text.values) == ["lesion", "cyst"]
     boxes.selected_data = set()
     mask = viewer.layers[MASK_LAYER]
     assert not widget.label_note.isHidden() and widget.label_note.text() == "mask labels: 1 lesion · 2 cyst"

@@ -524,6 +524,8 @@ class AnnotateWidget(QWidget):
         layer = self.viewer.layers[BOX_LAYER]
         # each box's class over it where there is a choice (a one-class site's boxes are all its class)
         layer.text.visible = self.store is not None and len(self.store.config.classes) > 1
+        if layer not in self._watched:
+            layer.selected_data.events.items_changed.connect(self._follow_selection)
         self._watch(layer, layer.events.data, layer.events.features)
         return layer
 
@@ -571,6 +573,17 @@ class AnnotateWidget(QWidget):
         if not self._loading and 1 <= label <= self.draw_class.count() and label - 1 != self.draw_class.currentIndex():
             with self._own_changes():
                 self.draw_class.setCurrentIndex(label - 1)
+
+    def _follow_selection(self, *_args) -> None:
+        """Boxes selected that are all of one class show it as the class to draw, as napari's controls show
+        a selection's colours; choosing another class then gives it to them."""
+        if self._loading or BOX_LAYER not in self.viewer.layers:  # a LayerList has no get()
+            return
+        layer = self.viewer.layers[BOX_LAYER]
+        classes = {layer.features["class"].iloc[i] for i in layer.selected_data}
+        if len(classes) == 1 and self.draw_class.findText(name := classes.pop()) >= 0:
+            with self._own_changes():
+                self.draw_class.setCurrentText(name)
 
     def _select_shown(self) -> None:
         """Put the list's selection back on the image the layers show (and the edits go to)."""
@@ -767,6 +780,8 @@ class AnnotateWidget(QWidget):
                 if (emitter := getattr(layer.events, event, None)) is not None:
                     with contextlib.suppress(TypeError, ValueError, RuntimeError):
                         emitter.disconnect(slot)
+            if (selection := getattr(layer, "selected_data", None)) is not None:
+                selection.events.items_changed.disconnect(self._follow_selection)
         self._watched = weakref.WeakSet()
         self._shown = ()
         if self.store is not None:
