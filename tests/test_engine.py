@@ -1052,6 +1052,41 @@ def test_resized_masks_and_boxes_stay_on_their_image(source: int, size: int) -> 
         assert abs(mask.mean() - image.mean()) < 0.02  # the area is kept too
 
 
+def test_a_two_class_batch_gives_each_class_share_per_file_also_for_stacks_and_kept_masks(tmp_path: Path) -> None:
+    """summary.csv gave a two-class model's files one foreground figure: how much was lesion and how much
+    cyst could only be read by opening every mask."""
+    import csv
+
+    from fedmix_engine.predict import Predictor, predict_folder
+
+    config = ModelConfig(base_width=4, num_classes=2)
+    pair = init_pair(config, 0)
+    for net in ("net1", "net2"):  # class 1 everywhere, class 2 nowhere: the shares are known exactly
+        pair[f"{net}.outc.conv.weight"].zero_()
+        pair[f"{net}.outc.conv.bias"].copy_(torch.tensor([5.0, -5.0]))
+    model = save_checkpoint(tmp_path / "two.safetensors", pair, config, {"image_size": 32,
+                                                                          "classes": ["lesion", "cyst"]})
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    tifffile.imwrite(folder / "scan.tif", np.zeros((40, 48), np.uint8))
+    tifffile.imwrite(folder / "loop.tif", np.zeros((6, 40, 48), np.uint8))  # 3 or 4 pages: colour
+    (folder / "notes.txt").write_text("not an image")
+
+    def summary() -> dict[str, dict[str, str]]:
+        with open(out / "summary.csv", newline="") as handle:
+            return {row["file"]: row for row in csv.DictReader(handle)}
+
+    predict_folder(Predictor.from_checkpoint(model, "cpu"), folder, out)
+    first = summary()
+    assert list(first["scan.tif"])[5:8] == ["foreground_fraction", "foreground_lesion", "foreground_cyst"]
+    for name, frames in (("scan.tif", "1"), ("loop.tif", "6")):
+        row = first[name]
+        assert (row["frames"], row["foreground_lesion"], row["foreground_cyst"]) == (frames, "1.0", "0.0"), row
+    assert first["notes.txt"]["foreground_lesion"] == "" and first["notes.txt"]["status"].startswith("skipped")
+    predict_folder(Predictor.from_checkpoint(model, "cpu"), folder, out, resume=True)  # read back from the masks
+    assert json.loads((out / "prediction.json").read_text())["files"]["kept"] == 2 and summary() == first
+
+
 def test_batch_predict_writes_a_mask_stack_for_a_multi_page_tiff_or_a_cine_loop(tmp_path: Path) -> None:
     """A folder of cine loops or multi-page TIFFs was skipped file by file ('3-D stack'); each is now
     predicted frame by frame into a multi-page mask, while what is not a stack is still refused."""

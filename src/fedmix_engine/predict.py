@@ -282,6 +282,7 @@ class BatchRow:
     frames: int = 0  # 1 for a 2-D image, the frame count of a stack (0 when not predicted)
     seg_file: str = ""  # the DICOM SEG written beside the mask, or "not written: <reason>"; "" when not asked
     spacing: tuple[float, float] | None = None  # the image's pixel spacing (row, column mm), when it states one
+    class_fractions: tuple[float, ...] = ()  # each class's share of the pixels (label k = class k), when predicted
 
     @property
     def foreground_mm2(self) -> float:
@@ -528,7 +529,7 @@ class FolderBatch:
     def _write_summary(self, rows: list[BatchRow]) -> list[BatchRow]:
         """``summary.csv`` with the rows done and the other files as not run; returns the not-run rows."""
         not_run = [BatchRow(self._name(p), 0, 0, float("nan"), NOT_RUN) for p in self.files[len(rows):]]
-        _write_summary(self.out / SUMMARY_FILE, rows + not_run)
+        _write_summary(self.out / SUMMARY_FILE, rows + not_run, self.classes)
         return not_run
 
     def _kept_row(self, path: Path, mask_file: str) -> BatchRow | None:
@@ -547,13 +548,13 @@ class FolderBatch:
 
         try:
             with tifffile.TiffFile(mask) as tiff:
-                frames, foreground, (height, width) = len(tiff.pages), 0, tiff.pages[0].shape[:2]
+                frames, counts, (height, width) = len(tiff.pages), self._no_pixels(), tiff.pages[0].shape[:2]
                 for page in tiff.pages:
-                    foreground += int(np.count_nonzero(page.asarray()))
+                    counts += self._label_counts(page.asarray())
         except Exception:  # damaged since: predicted again
             return None
-        return BatchRow(self._name(path), height, width, round(foreground / (frames * height * width), 6), "ok",
-                        mask_file, frames, _seg_name(mask_file) if wants_seg else "", tiff_spacing(mask))
+        return self._ok_row(path, height, width, counts, mask_file, frames, _seg_name(mask_file) if wants_seg else "",
+                            tiff_spacing(mask))
 
     def _predict_file(self, predictor: Predictor, path: Path, mask_file: str,
                       threshold: float) -> Generator[FrameStep, None, BatchRow]:
@@ -574,18 +575,18 @@ class FolderBatch:
             if pixels.ndim == (3 if colour else 2):
                 mask = predictor.mask(pixels, threshold, path)
                 atomic_write_bytes(self.out / mask_file, tiff_bytes(mask, spacing))
-                return BatchRow(self._name(path), *mask.shape, round(float((mask > 0).mean()), 6), "ok", mask_file, 1,
-                                self._segmentation(path, mask, mask_file), spacing)
+                return self._ok_row(path, *mask.shape, self._label_counts(mask), mask_file, 1,
+                                    self._segmentation(path, mask, mask_file), spacing)
             frames, leading = stack_frames(pixels, colour, path)
             count, frame_name = len(frames), partial(_frame_index, leading=leading)
         kept: list[np.ndarray] | None = [] if self.dicom_seg and is_dicom_file(path) else None  # a SEG: whole
-        done = foreground = 0
+        done, counts = 0, self._no_pixels()
         with tiff_pages(self.out / mask_file, spacing) as write_page:
             for labels in predictor.iter_label_chunks(frames, threshold, path, frame_name):
                 for page in labels:
                     write_page(page)
                 done += len(labels)
-                foreground += int(np.count_nonzero(labels))
+                counts += self._label_counts(labels)
                 if kept is not None:
                     kept.append(labels)
                 yield FrameStep(path, done, max(count, done) if count else 0)  # a container's count: an estimate
@@ -593,8 +594,21 @@ class FolderBatch:
                 raise InputError(path, "no frame could be decoded")
         height, width = labels.shape[1:]
         segmentation = "" if kept is None else self._segmentation(path, np.concatenate(kept), mask_file)
-        return BatchRow(self._name(path), height, width, round(foreground / (done * height * width), 6), "ok",
-                        mask_file, done, segmentation, spacing)
+        return self._ok_row(path, height, width, counts, mask_file, done, segmentation, spacing)
+
+    def _no_pixels(self) -> np.ndarray:
+        return np.zeros(len(self.classes) + 1, np.int64)
+
+    def _label_counts(self, labels: np.ndarray) -> np.ndarray:
+        """Pixels per label, background first (labels past the classes, from a mask edited by hand: last class)."""
+        return np.bincount(np.minimum(labels.ravel(), len(self.classes)), minlength=len(self.classes) + 1)
+
+    def _ok_row(self, path: Path, height: int, width: int, counts: np.ndarray, mask_file: str, frames: int,
+                seg_file: str, spacing: tuple[float, float] | None) -> BatchRow:
+        """A predicted file's row: the foreground and each class's share of its ``frames`` pages' pixels."""
+        total = frames * height * width
+        return BatchRow(self._name(path), height, width, round(float(counts[1:].sum()) / total, 6), "ok", mask_file,
+                        frames, seg_file, spacing, tuple(round(float(c) / total, 6) for c in counts[1:]))
 
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""
@@ -654,13 +668,19 @@ def _json_bytes(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, indent=2) + "\n").encode()
 
 
-def _write_summary(path: Path, rows: list[BatchRow]) -> None:
+def _write_summary(path: Path, rows: list[BatchRow], classes: Sequence[str]) -> None:
+    """``summary.csv``; a model of several classes adds each class's share after the foreground's
+    (``foreground_<class>``)."""
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(SUMMARY_COLUMNS)
+    split = SUMMARY_COLUMNS.index("foreground_fraction") + 1
+    each = [f"foreground_{name}" for name in classes] if len(classes) > 1 else []
+    writer.writerow([*SUMMARY_COLUMNS[:split], *each, *SUMMARY_COLUMNS[split:]])
     for r in rows:  # an unknown value (no spacing, a file not predicted) is an empty cell
+        values = [getattr(r, column) for column in SUMMARY_COLUMNS]
+        shares = list(r.class_fractions) if r.class_fractions else [None] * len(each)
         writer.writerow(["" if value is None or (isinstance(value, float) and math.isnan(value)) else value
-                         for value in (getattr(r, column) for column in SUMMARY_COLUMNS)])
+                         for value in [*values[:split], *shares[:len(each)], *values[split:]]])
     atomic_write_bytes(path, text.getvalue().encode())
 
 
