@@ -212,7 +212,12 @@ def test_a_two_class_sites_boxes_show_their_class_and_a_selected_box_takes_the_c
         assert widget.draw_class.currentText() == shown and list(boxes.text.values) == ["lesion", "cyst"]
     boxes.selected_data = set()
     mask = viewer.layers[MASK_LAYER]
-    assert not widget.label_note.isHidden() and widget.label_note.text() == "mask labels: 1 lesion · 2 cyst"
+    colour_2 = "#{:02x}{:02x}{:02x}".format(*(round(255 * float(c)) for c in np.ravel(mask.colormap.map(2))[:3]))
+    assert not widget.label_note.isHidden() and widget.label_note.text().startswith("mask labels: ")
+    assert f'<span style="color: {colour_2}">■</span> 2 cyst' in widget.label_note.text(), widget.label_note.text()
+    mask.new_colormap(seed=7)  # napari's shuffle: the swatches follow
+    shuffled = "#{:02x}{:02x}{:02x}".format(*(round(255 * float(c)) for c in np.ravel(mask.colormap.map(2))[:3]))
+    assert shuffled != colour_2 and f'<span style="color: {shuffled}">■</span> 2 cyst' in widget.label_note.text()
     assert mask.selected_label == 2, "cyst is painted as label 2 once chosen"
     widget.draw_class.setCurrentText("lesion")
     assert mask.selected_label == 1

@@ -203,8 +203,7 @@ class AnnotateWidget(QWidget):
             self.draw_class.clear()
             self.draw_class.addItems(list(self.store.config.classes))
         classes = self.store.config.classes
-        self.label_note.setText("mask labels: " + " · ".join(f"{k} {name}" for k, name in enumerate(classes, 1)))
-        self.label_note.setVisible(len(classes) > 1)
+        self._describe_labels()
         for box in self.tag_boxes.values():
             box.setParent(None)
         self.tag_boxes = {}
@@ -303,6 +302,7 @@ class AnnotateWidget(QWidget):
                                      labels)
             mask_layer.metadata[CLASSES_KEY] = list(self.store.config.classes)  # label k = class k (1-based)
             mask_layer.features = label_features(self.store.config.classes)
+            self._describe_labels()
             self._paint_class_to_draw(mask_layer)
             rectangles, classes = boxes_to_shapes(self.store.boxes(image_id))
             shapes = self._shapes_layer()
@@ -510,6 +510,7 @@ class AnnotateWidget(QWidget):
         if name == MASK_LAYER:
             if layer not in self._watched:
                 layer.events.selected_label.connect(self._follow_label)
+                layer.events.colormap.connect(self._describe_labels)  # colours shuffled in napari's controls
             self._watch(layer, layer.events.paint, layer.events.data)
         return layer
 
@@ -573,6 +574,22 @@ class AnnotateWidget(QWidget):
         if not self._loading and 1 <= label <= self.draw_class.count() and label - 1 != self.draw_class.currentIndex():
             with self._own_changes():
                 self.draw_class.setCurrentIndex(label - 1)
+
+    def _describe_labels(self, *_args) -> None:
+        """Which mask label is which class, on a site with more than one, each with the colour napari paints
+        it (once the mask layer is there)."""
+        classes = self.store.config.classes if self.store is not None else []
+        layer = next((lyr for lyr in self.viewer.layers if lyr.name == MASK_LAYER), None)
+
+        def swatch(label: int) -> str:
+            if layer is None:
+                return ""
+            red, green, blue = (round(255 * float(c)) for c in np.asarray(layer.colormap.map(label)).ravel()[:3])
+            return f'<span style="color: #{red:02x}{green:02x}{blue:02x}">■</span> '
+
+        self.label_note.setText("mask labels: " + " · ".join(f"{swatch(k)}{k} {name}"
+                                                             for k, name in enumerate(classes, 1)))
+        self.label_note.setVisible(len(classes) > 1)
 
     def _follow_selection(self, *_args) -> None:
         """Boxes selected that are all of one class show it as the class to draw, as napari's controls show
@@ -776,7 +793,8 @@ class AnnotateWidget(QWidget):
         self._keys.give_back()
         for layer in list(self._watched):
             for event, slot in (("data", self._mark_dirty), ("paint", self._mark_dirty),
-                                ("features", self._mark_dirty), ("selected_label", self._follow_label)):
+                                ("features", self._mark_dirty), ("selected_label", self._follow_label),
+                                ("colormap", self._describe_labels)):
                 if (emitter := getattr(layer.events, event, None)) is not None:
                     with contextlib.suppress(TypeError, ValueError, RuntimeError):
                         emitter.disconnect(slot)
