@@ -105,6 +105,20 @@ def main(only: set[str]) -> None:
     shots["plugin-evaluate.png"] = _shot(viewer)
     viewer.window.remove_dock_widget(dock)
 
+    # a site of two classes: the class to draw, the mask labels' colours, each box's class
+    make_sample(work / "two", sites=1, images=12, eval_images=1, size=128, classes=2, mix=[0.5, 0.5, 0.0], seed=5)
+    for name in ("FedMix prediction", "FedMix probability"):
+        viewer.layers.remove(name)
+    annotate = AnnotateWidget(viewer)
+    dock = viewer.window.add_dock_widget(annotate, name="Annotate site", area="right")
+    annotate.open_site(work / "two" / "site-a")
+    records = annotate.store.records()
+    row = max(range(len(records)), key=lambda i: len({b.class_name for b in annotate.store.boxes(records[i].id)}))
+    annotate.image_list.setCurrentRow(row)
+    QApplication.processEvents()
+    shots["plugin-two-classes.png"] = _shot(viewer)
+    viewer.window.remove_dock_widget(dock)
+
     import imageio.v3 as iio
 
     OUT.mkdir(parents=True, exist_ok=True)
