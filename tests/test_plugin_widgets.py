@@ -462,6 +462,7 @@ def test_annotate_closed_and_opened_again_saves_what_was_drawn_in_either(make_na
         np.testing.assert_array_equal(store.read_mask("scan-2"), second)
         assert [(b.y0, b.x0, b.y1, b.x1) for b in store.boxes("scan-2")] == [(2, 3, 12, 25)]
         np.testing.assert_array_equal(store.read_mask("scan-0"), first)  # the closed panel wrote nothing more
+    assert not widget._dirty and not widget._watched, "the closed panel no longer hears the layers' edits"
 
 
 def test_annotate_closed_gives_back_its_keys(make_napari_viewer, qtbot, tmp_path, images):

@@ -11,6 +11,7 @@ import contextlib
 import sqlite3
 import weakref
 from collections.abc import Callable, Iterator
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,7 +68,9 @@ class AnnotateWidget(QWidget):
         self._dirty = False
         self._loading = False
         self.unsaved: str | None = None  # why the shown image's edits could not be written (disk full …)
-        self._watched: weakref.WeakSet = weakref.WeakSet()  # layers whose edits mark the image unsaved
+        # the layers listened to (their edits mark the image unsaved), each with what was connected, undone on
+        # closing; weak: a layer deleted from the viewer is not kept alive by the panel
+        self._watched: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._shown: tuple = ()  # the mask and box layers of the image shown: its edits are saved from them
         self._stamp: tuple = ()  # its annotations in the store when shown or last saved (SiteStore.annotation_stamp)
         self._others_version: int | None = None  # SiteStore.writes_by_others when the panel last looked
@@ -508,10 +511,9 @@ class AnnotateWidget(QWidget):
                 self.viewer.layers.remove(name)
             layer = create()
         if name == MASK_LAYER:
-            if layer not in self._watched:
-                layer.events.selected_label.connect(self._follow_label)
-                layer.events.colormap.connect(self._describe_labels)  # colours shuffled in napari's controls
-            self._watch(layer, layer.events.paint, layer.events.data)
+            self._watch(layer, ("events.paint", self._mark_dirty), ("events.data", self._mark_dirty),
+                        ("events.selected_label", self._follow_label),
+                        ("events.colormap", self._describe_labels))  # colours shuffled in napari's controls
         return layer
 
     def _shapes_layer(self):
@@ -525,18 +527,18 @@ class AnnotateWidget(QWidget):
         layer = self.viewer.layers[BOX_LAYER]
         # each box's class over it where there is a choice (a one-class site's boxes are all its class)
         layer.text.visible = self.store is not None and len(self.store.config.classes) > 1
-        if layer not in self._watched:
-            layer.selected_data.events.items_changed.connect(self._follow_selection)
-        self._watch(layer, layer.events.data, layer.events.features)
+        self._watch(layer, ("events.data", self._mark_dirty), ("events.features", self._mark_dirty),
+                    ("selected_data.events.items_changed", self._follow_selection))
         return layer
 
-    def _watch(self, layer, *events) -> None:
+    def _watch(self, layer, *connections: tuple[str, Callable]) -> None:
         """Hear of a layer's edits: also of one an earlier panel made (closed, then opened again from the
-        Plugins menu), whose drawing this panel must save as its own."""
+        Plugins menu), whose drawing this panel must save as its own. ``connections``: (the emitter's
+        attribute path on the layer, the slot), connected once per layer and undone on closing."""
         if layer not in self._watched:
-            for event in events:
-                event.connect(self._mark_dirty)
-            self._watched.add(layer)
+            for path, slot in connections:
+                attrgetter(path)(layer).connect(slot)
+            self._watched[layer] = connections
 
     def _set_draw_class(self, name: str) -> None:
         """The class to draw: the mask label painted, the class of new boxes and, by napari's rule for a
@@ -791,16 +793,11 @@ class AnnotateWidget(QWidget):
         self.timer.stop()
         self.watch.stop()
         self._keys.give_back()
-        for layer in list(self._watched):
-            for event, slot in (("data", self._mark_dirty), ("paint", self._mark_dirty),
-                                ("features", self._mark_dirty), ("selected_label", self._follow_label),
-                                ("colormap", self._describe_labels)):
-                if (emitter := getattr(layer.events, event, None)) is not None:
-                    with contextlib.suppress(TypeError, ValueError, RuntimeError):
-                        emitter.disconnect(slot)
-            if (selection := getattr(layer, "selected_data", None)) is not None:
-                selection.events.items_changed.disconnect(self._follow_selection)
-        self._watched = weakref.WeakSet()
+        for layer, connections in list(self._watched.items()):
+            for path, slot in connections:  # exactly what _watch connected
+                with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                    attrgetter(path)(layer).disconnect(slot)
+        self._watched = weakref.WeakKeyDictionary()
         self._shown = ()
         if self.store is not None:
             self.store.close()
