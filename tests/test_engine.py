@@ -1054,9 +1054,10 @@ def test_resized_masks_and_boxes_stay_on_their_image(source: int, size: int) -> 
 
 def test_a_two_class_batch_gives_each_class_share_per_file_also_for_stacks_and_kept_masks(tmp_path: Path) -> None:
     """summary.csv gave a two-class model's files one foreground figure: how much was lesion and how much
-    cyst could only be read by opening every mask."""
+    cyst could only be read by opening every mask; nor how many mm² of each a calibrated scan held."""
     import csv
 
+    from fedmix_engine.data.pixel_spacing import tiff_resolution
     from fedmix_engine.predict import Predictor, predict_folder
 
     config = ModelConfig(base_width=4, num_classes=2)
@@ -1068,7 +1069,7 @@ def test_a_two_class_batch_gives_each_class_share_per_file_also_for_stacks_and_k
                                                                           "classes": ["lesion", "cyst"]})
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
-    tifffile.imwrite(folder / "scan.tif", np.zeros((40, 48), np.uint8))
+    tifffile.imwrite(folder / "scan.tif", np.zeros((40, 48), np.uint8), **tiff_resolution((0.5, 0.25)))
     tifffile.imwrite(folder / "loop.tif", np.zeros((6, 40, 48), np.uint8))  # 3 or 4 pages: colour
     (folder / "notes.txt").write_text("not an image")
 
@@ -1078,10 +1079,15 @@ def test_a_two_class_batch_gives_each_class_share_per_file_also_for_stacks_and_k
 
     predict_folder(Predictor.from_checkpoint(model, "cpu"), folder, out)
     first = summary()
-    assert list(first["scan.tif"])[5:8] == ["foreground_fraction", "foreground_lesion", "foreground_cyst"]
+    assert list(first["scan.tif"])[5:11] == ["foreground_fraction", "foreground_lesion", "foreground_cyst",
+                                              "foreground_mm2", "foreground_mm2_lesion", "foreground_mm2_cyst"]
     for name, frames in (("scan.tif", "1"), ("loop.tif", "6")):
         row = first[name]
         assert (row["frames"], row["foreground_lesion"], row["foreground_cyst"]) == (frames, "1.0", "0.0"), row
+    scan, loop = first["scan.tif"], first["loop.tif"]
+    assert float(scan["foreground_mm2_lesion"]) == float(scan["foreground_mm2"]) == 40 * 48 * 0.5 * 0.25
+    assert float(scan["foreground_mm2_cyst"]) == 0.0
+    assert loop["foreground_mm2_lesion"] == loop["foreground_mm2_cyst"] == ""  # no spacing: no area
     assert first["notes.txt"]["foreground_lesion"] == "" and first["notes.txt"]["status"].startswith("skipped")
     predict_folder(Predictor.from_checkpoint(model, "cpu"), folder, out, resume=True)  # read back from the masks
     assert json.loads((out / "prediction.json").read_text())["files"]["kept"] == 2 and summary() == first

@@ -1317,6 +1317,12 @@ def test_a_two_class_prediction_says_each_class_share_and_names_the_class_under_
     hovered = viewer.layers[PRED_LAYER].get_status((20, 20), view_direction=None, dims_displayed=[0, 1],
                                                    world=True)["value"]
     assert "class: lesion" in hovered, hovered
+    # a calibrated scan (a DICOM file's 0.5 × 0.25 mm pixels) gives each class's area: a report's figure
+    viewer.add_image(np.full((40, 48), 160, np.uint8), name="mr", scale=(0.5, 0.25), units=("mm", "mm"))
+    assert widget.predict_active() is not None
+    qtbot.waitUntil(lambda: "240.0 mm²" in widget.status.text(), timeout=60_000)
+    assert ("foreground 100.0% of the image (240.0 mm²; lesion 100.0% 240.0 mm² · cyst 0.0% 0.0 mm²)"
+            in widget.status.text()), widget.status.text()
 
 
 def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewer, qtbot, tmp_path):

@@ -287,9 +287,17 @@ class BatchRow:
     @property
     def foreground_mm2(self) -> float:
         """The foreground's area in mm² (a stack's: per frame, averaged); nan without a pixel spacing."""
+        return self._mm2(self.foreground_fraction)
+
+    @property
+    def class_mm2(self) -> tuple[float, ...]:
+        """Each class's area in mm², as ``foreground_mm2``: what a two-class report needs per class."""
+        return tuple(self._mm2(share) for share in self.class_fractions)
+
+    def _mm2(self, fraction: float) -> float:
         if self.spacing is None or not self.frames:
             return float("nan")
-        return round(self.foreground_fraction * self.height * self.width * self.spacing[0] * self.spacing[1], 4)
+        return round(fraction * self.height * self.width * self.spacing[0] * self.spacing[1], 4)
 
     @property
     def spacing_row_mm(self) -> float | None:
@@ -670,17 +678,24 @@ def _json_bytes(record: dict[str, Any]) -> bytes:
 
 def _write_summary(path: Path, rows: list[BatchRow], classes: Sequence[str]) -> None:
     """``summary.csv``; a model of several classes adds each class's share after the foreground's
-    (``foreground_<class>``)."""
+    (``foreground_<class>``), and its area after the foreground's area (``foreground_mm2_<class>``)."""
     text = io.StringIO()
     writer = csv.writer(text)
-    split = SUMMARY_COLUMNS.index("foreground_fraction") + 1
-    each = [f"foreground_{name}" for name in classes] if len(classes) > 1 else []
-    writer.writerow([*SUMMARY_COLUMNS[:split], *each, *SUMMARY_COLUMNS[split:]])
+    share_at = SUMMARY_COLUMNS.index("foreground_fraction") + 1
+    area_at = SUMMARY_COLUMNS.index("foreground_mm2") + 1
+    several = len(classes) > 1
+    shares = [f"foreground_{name}" for name in classes] if several else []
+    areas = [f"foreground_mm2_{name}" for name in classes] if several else []
+    columns = SUMMARY_COLUMNS
+    writer.writerow([*columns[:share_at], *shares, *columns[share_at:area_at], *areas, *columns[area_at:]])
     for r in rows:  # an unknown value (no spacing, a file not predicted) is an empty cell
-        values = [getattr(r, column) for column in SUMMARY_COLUMNS]
-        shares = list(r.class_fractions) if r.class_fractions else [None] * len(each)
+        values = [getattr(r, column) for column in columns]
+        each_share = list(r.class_fractions) if r.class_fractions else [None] * len(shares)
+        each_area = list(r.class_mm2) if r.class_fractions else [None] * len(areas)
+        cells = [*values[:share_at], *each_share[:len(shares)], *values[share_at:area_at], *each_area[:len(areas)],
+                 *values[area_at:]]
         writer.writerow(["" if value is None or (isinstance(value, float) and math.isnan(value)) else value
-                         for value in [*values[:split], *shares[:len(each)], *values[split:]]])
+                         for value in cells])
     atomic_write_bytes(path, text.getvalue().encode())
 
 

@@ -206,12 +206,19 @@ class PredictWidget(QWidget):
         self._overlay(PRED_LAYER, labels, self.viewer.add_labels, opacity=0.5)
         self.viewer.layers[PRED_LAYER].features = label_features(self._classes)
         foreground = labels > 0
-        area = (f" ({int(foreground.sum()) * self._spacing[0] * self._spacing[1]:.1f} mm²)"
-                if self._spacing is not None and labels.ndim == 2 else "")
-        shares = [f"{name} {float((labels == k).mean()):.1%}" for k, name in enumerate(self._classes, 1)]
-        each = f" ({' · '.join(shares)})" if len(shares) > 1 else ""  # which class is how much of it
+        pixel_mm2 = self._spacing[0] * self._spacing[1] if self._spacing is not None and labels.ndim == 2 else None
+
+        def mm2(pixels: np.ndarray) -> str:
+            return f" {int(pixels.sum()) * pixel_mm2:.1f} mm²" if pixel_mm2 is not None else ""
+
+        shares = [f"{name} {float((labels == k).mean()):.1%}{mm2(labels == k)}"
+                  for k, name in enumerate(self._classes, 1)]
+        details = [mm2(foreground).strip()] if pixel_mm2 is not None else []
+        if len(shares) > 1:  # which class is how much of it
+            details.append(" · ".join(shares))
+        said = f" ({'; '.join(details)})" if details else ""
         self.status.setText(f"foreground {float(foreground.mean()):.1%} of the "
-                            f"{'image' if labels.ndim == 2 else 'stack'}{area}{each}{self._status_tail}")
+                            f"{'image' if labels.ndim == 2 else 'stack'}{said}{self._status_tail}")
 
     def _overlay(self, name: str, data: np.ndarray, add, **style) -> None:
         """Put ``data`` in the reused overlay ``name`` at the predicted image's geometry; a layer of
