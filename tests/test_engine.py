@@ -298,6 +298,33 @@ def test_weak_site_ground_truth_is_unreachable_by_the_trainer(sample: Path, monk
     assert opened and not [p for p in opened if "/masks/" in p or "/eval/" in p], opened
 
 
+def test_a_two_class_simulation_reports_each_class_test_dice_as_evaluate_scores_it(tmp_path: Path, capsys) -> None:
+    """A two-class run said one Dice per site: a model that learned the lesion and missed the cyst looked
+    half good. summary.json now gives each class's test Dice per site, the same figure ``evaluate``'s
+    per-image rows give for the run's best model."""
+    from fedmix_engine.data.synthetic import make_sample
+    from fedmix_engine.evaluation import score_site
+    from fedmix_engine.predict import Predictor
+
+    make_sample(tmp_path / "fed", sites=2, images=6, eval_images=2, seed=0, size=32, classes=2)
+    assert main(["simulate", "--sample", str(tmp_path / "fed"), "--rounds", "1", "--width", "4", "--image-size", "32",
+                 "--crop-size", "32", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    per_class = summary["test_dice_per_class"]
+    assert set(per_class) == set(summary["test_dice"]) == {"site-a", "site-b"}
+    predictor = Predictor.from_checkpoint(tmp_path / "run" / "best.safetensors", "cpu")
+    for site, classes in per_class.items():
+        rows = score_site(predictor, tmp_path / "fed" / "eval" / site / "test")
+        assert list(classes) == ["lesion", "cyst"]
+        for name, figure in classes.items():
+            assert figure == pytest.approx(np.mean([r.dice for r in rows if r.label == name]), abs=1e-4), (site, name)
+        assert np.mean(list(classes.values())) == pytest.approx(summary["test_dice"][site], abs=1e-4)
+    means = {c: np.mean([per_class[s][c] for s in per_class]) for c in ("lesion", "cyst")}
+    assert (f"test Dice per class (mean over sites): lesion {means['lesion']:.3f}, cyst {means['cyst']:.3f}"
+            in out), out
+
+
 def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path: Path, capsys) -> None:
     start = time.monotonic()
     code = main(["simulate", "--sample", str(sample), "--rounds", "2", "--width", "4", "--image-size", "32",
@@ -307,6 +334,7 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
     assert code == 0, out
     assert elapsed < 60
     assert "best round (validation)" in out and "test Dice: site-a" in out
+    assert "per class" not in out, "one class: its Dice is the test Dice already given"
     assert "pseudo-labels, last round, site-b box: kept " in out and "site-c tag: kept" in out
     assert out.splitlines()[1] == "device: cpu, fp32 (CPU requested)", "said before the first round"
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

@@ -103,6 +103,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 print(f"best round (validation): {event.best_round}")
                 print("test Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in event.test_dice.items())
                       + f"  | mean {event.test_mean:.3f}")
+                if len(means := event.class_means()) > 1:  # the mean hides a class the model misses
+                    each = ", ".join(f"{c} {v:.3f}" for c, v in means.items())
+                    print(f"test Dice per class (mean over sites): {each} (summary.json: per site)")
             audited = event.history[-1].pl_audit if event.history else {}
             for site, kinds in audited.items():  # the oracle was there: how good were the pseudo-labels?
                 for kind, a in kinds.items():

@@ -104,16 +104,20 @@ def _predicted_masks(predictor: Predictor, data: EvalSet) -> Iterator[tuple[int,
         yield k, image_id, (zk > 0).numpy(), truth
 
 
-def evaluate(predictor: Predictor, data: EvalSet) -> dict[str, float]:
-    """Mean per-image Dice (per-class Dice averaged; both empty → 1), and the mean over lesion images."""
-    scores, lesion_scores = [], []
+def evaluate(predictor: Predictor, data: EvalSet) -> dict:
+    """Mean per-image Dice (per-class Dice averaged; both empty → 1), the mean over lesion images, and
+    each class's mean Dice over the images (``dice_per_class``, in label order: which class a model of
+    several learns, which one it misses)."""
+    scores, lesion_scores, per_class = [], [], []
     for _, _, pred, truth in _predicted_masks(predictor, data):
-        score = float(np.mean([dice(p, t) for p, t in zip(pred, truth, strict=True)]))
-        scores.append(score)
+        each = [dice(p, t) for p, t in zip(pred, truth, strict=True)]
+        per_class.append(each)
+        scores.append(float(np.mean(each)))
         if truth.any():
-            lesion_scores.append(score)
+            lesion_scores.append(scores[-1])
+    class_means = [float(v) for v in np.mean(per_class, axis=0)] if per_class else []
     return {"dice": float(np.mean(scores)), "dice_lesion_images": float(np.mean(lesion_scores or [np.nan])),
-            "images": len(scores)}
+            "images": len(scores), "dice_per_class": class_means}
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,16 @@ class SimulationResult:
     test_mean: float
     out_dir: Path | None
     history: list[RoundDone] = field(default_factory=list)
+    # per site, each class's test Dice (its mean over the images): which class the model learns, which it misses
+    test_dice_per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def class_means(self) -> dict[str, float]:
+        """Each class's test Dice, averaged over the sites as ``test_mean`` is."""
+        if not self.test_dice_per_class:
+            return {}
+        classes = next(iter(self.test_dice_per_class.values()))
+        return {c: round(float(np.mean([site[c] for site in self.test_dice_per_class.values()])), 4)
+                for c in classes}
 
 
 SimulationEvent = SimulationStarted | TrainProgress | RoundDone | SimulationResult
@@ -206,9 +216,15 @@ def _nothing_to_train(site_dirs: list[Path], sites: list[_Site], method: str) ->
 
 def _evaluate_pair(pair: PairState, config: SimulationConfig, plan: DevicePlan, sites: list[_Site],
                    split: str) -> dict[str, float]:
+    return {name: scores["dice"] for name, scores in _scores(pair, config, plan, sites, split).items()}
+
+
+def _scores(pair: PairState, config: SimulationConfig, plan: DevicePlan, sites: list[_Site],
+            split: str) -> dict[str, dict]:
+    """``evaluate``'s figures per site with a ``split`` (val or test)."""
     predictor = Predictor(pair, config.model, config.train.image_size, plan, config.inference,
                           batch_size=config.train.pl_batch_size or None)
-    return {s.name: evaluate(predictor, getattr(s, split))["dice"] for s in sites if getattr(s, split) is not None}
+    return {s.name: evaluate(predictor, getattr(s, split)) for s in sites if getattr(s, split) is not None}
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "final.safetensors", "best.safetensors")
@@ -437,22 +453,26 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
         yield record
 
     if config.method == "local":
-        test = {}
+        scores = {}
         for s in sites:
             if s.test is not None and s.name in per_site_best:
-                test[s.name] = _evaluate_pair(per_site_best[s.name][2], config, plan, [s], "test")[s.name]
+                scores.update(_scores(per_site_best[s.name][2], config, plan, [s], "test"))
         best_round = -1
         val_final = {k: v[0] for k, v in per_site_best.items()}
     else:
-        test = _evaluate_pair(best_pair, config, plan, sites, "test") if eval_root else {}
+        scores = _scores(best_pair, config, plan, sites, "test") if eval_root else {}
         val_final = history[best_round - 1].val_dice if best_round else {}
+    test = {name: score["dice"] for name, score in scores.items()}
     test_mean = float(np.mean(list(test.values()))) if test else float("nan")
+    classes = sites[0].data.classes
+    per_class = {name: dict(zip(classes, (round(v, 4) for v in score["dice_per_class"]), strict=True))
+                 for name, score in scores.items()}
     result = SimulationResult(config.method, best_round, val_final, {k: round(v, 4) for k, v in test.items()},
-                              round(test_mean, 4), out, history)
+                              round(test_mean, 4), out, history, per_class)
     if out is not None:
         (out / "summary.json").write_text(_json_text(
             {"method": config.method, "best_round": best_round, "val_dice": val_final, "test_dice": result.test_dice,
-             "test_mean": result.test_mean}, indent=2) + "\n")
+             "test_mean": result.test_mean, "test_dice_per_class": per_class}, indent=2) + "\n")
     release_memory(plan)
     yield result
 
