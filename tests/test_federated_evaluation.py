@@ -298,6 +298,30 @@ def test_a_federation_without_class_names_pools_its_sites_classes_by_label_index
     assert evaluation["classes"] == {"lesion": pytest.approx(0.5)}
 
 
+def test_status_of_a_two_class_federation_gives_each_class_pooled_held_out_dice(tmp_path: Path, capsys) -> None:
+    """The server pooled each class's held-out Dice, but ``status`` printed only their mean: a federation
+    whose model found every lesion and no cyst read as half good."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.model import ModelConfig
+
+    state = ServerState(tmp_path / "state", ServerConfig(model=ModelConfig(base_width=4, num_classes=2),
+                                                         class_names=("lesion", "cyst")))
+
+    def report(images: int, lesion: float, cyst: float) -> dict:
+        return {"images": images, "dice": (lesion + cyst) / 2, "classes": {
+            name: {"images": images, "lesion_images": 1, "dice": dice, "iou": dice}
+            for name, dice in (("lesion", lesion), ("cyst", cyst))}}
+
+    assert state.accept_evaluation("site-a", 0, report(3, 0.9, 0.1)).status == 200
+    assert state.accept_evaluation("site-b", 0, report(1, 0.5, 0.5)).status == 200
+    assert main(["status", "--state", str(tmp_path / "state")]) == 0
+    out = capsys.readouterr().out
+    # pooled over 4 images: lesion (3·0.9 + 0.5)/4 = 0.8, cyst (3·0.1 + 0.5)/4 = 0.2
+    assert ("round 0 (initial model): held-out Dice 0.500 over 4 images (site-a 0.500, site-b 0.500; "
+            "lesion 0.800 · cyst 0.200)") in out, out
+
+
 def test_status_of_an_open_round_names_the_sites_that_uploaded_and_reads_a_stopped_server(tmp_path: Path,
                                                                                            capsys) -> None:
     from federation_helpers import fake_update

@@ -323,8 +323,11 @@ def _duration(seconds: float) -> str:
 
 
 def _held_out(evaluation: dict) -> str:
+    """The pooled Dice, each site's, and for several classes each class's (the mean hides a class missed)."""
     per_site = ", ".join(f"{site} {report['dice']:.3f}" for site, report in evaluation["sites"].items())
-    return f"{evaluation['dice']:.3f} over {evaluation['images']} images ({per_site})"
+    classes = evaluation.get("classes") or {}
+    per_class = "; " + " · ".join(f"{c} {d:.3f}" for c, d in classes.items()) if len(classes) > 1 else ""
+    return f"{evaluation['dice']:.3f} over {evaluation['images']} images ({per_site}{per_class})"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
