@@ -321,7 +321,7 @@ def test_a_two_class_simulation_reports_each_class_test_dice_as_evaluate_scores_
             assert figure == pytest.approx(np.mean([r.dice for r in rows if r.label == name]), abs=1e-4), (site, name)
         assert np.mean(list(classes.values())) == pytest.approx(summary["test_dice"][site], abs=1e-4)
     means = {c: np.mean([per_class[s][c] for s in per_class]) for c in ("lesion", "cyst")}
-    assert (f"test Dice per class (mean over sites): lesion {means['lesion']:.3f}, cyst {means['cyst']:.3f}"
+    assert (f"test Dice per class (mean over sites): lesion {means['lesion']:.3f} · cyst {means['cyst']:.3f}"
             in out), out
 
 
@@ -572,12 +572,13 @@ def test_streamed_checkpoint_is_valid_safetensors_for_every_dtype(tmp_path: Path
 
 
 def test_validation_dice_from_a_file_or_downloaded_bytes(sample: Path, tmp_path: Path) -> None:
-    from fedmix_engine.evaluation import EvalSet, validation_dice
+    from fedmix_engine.evaluation import EvalSet, validation_scores
 
     path = save_checkpoint(tmp_path / "c.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
     data = EvalSet.from_store(sample / "eval" / "site-a" / "val", 32, 1, 1)
-    from_file = validation_dice(path, data, "cpu")
-    assert 0.0 <= from_file <= 1.0 and validation_dice(path.read_bytes(), data, "cpu") == from_file
+    from_file = validation_scores(path, data, "cpu")
+    assert 0.0 <= from_file["dice"] <= 1.0 and validation_scores(path.read_bytes(), data, "cpu") == from_file
+    assert from_file["dice_per_class"] == {"lesion": pytest.approx(from_file["dice"])}, "one class: its Dice"
 
 
 def test_batch_predict_keeps_same_stem_masks_apart_and_a_stopped_run_says_so(tmp_path: Path, monkeypatch) -> None:

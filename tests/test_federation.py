@@ -1842,10 +1842,10 @@ def test_a_site_whose_classes_are_named_or_ordered_otherwise_is_refused_at_joini
     tokens = make_tokens(state, ["site-a", "other"])
     args = ["--sites", "1", "--min-sites", "1", "--rounds", "1", "--class-names", "lesion,cyst", *TINY_SETTINGS]
 
-    def join(site: Path, token: str, url: str) -> subprocess.CompletedProcess:
+    def join(site: Path, token: str, url: str, *more: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", url, "--token", token,
-                               "--site", str(site), "--device", "cpu"], capture_output=True, text=True, timeout=300,
-                              env=ENV)
+                               "--site", str(site), "--device", "cpu", *more], capture_output=True, text=True,
+                              timeout=300, env=ENV)
 
     with running_server(state, args) as server:
         refused = join(swapped, tokens["other"], server.url)
@@ -1853,10 +1853,19 @@ def test_a_site_whose_classes_are_named_or_ordered_otherwise_is_refused_at_joini
         assert "site's classes are cyst, lesion; the federation's are lesion, cyst, in this label order" \
             in refused.stdout
         assert server.status()["uploaded"] == []
-        joined = join(tmp_path / "fed" / "site-a", tokens["site-a"], server.url)
+        held_out = tmp_path / "fed" / "eval" / "site-a" / "test"
+        joined = join(tmp_path / "fed" / "site-a", tokens["site-a"], server.url, "--eval", str(held_out))
         assert joined.returncode == 0, joined.stdout + joined.stderr
     _, model, meta = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
     assert model.num_classes == 2 and meta["classes"] == ["lesion", "cyst"]
+    # the site's held-out scores name each class: their mean would hide a class the model misses
+    from fedmix_engine.evaluation import mean_image_dice, score_site, summarise
+    from fedmix_engine.predict import Predictor
+
+    rows = score_site(Predictor.from_checkpoint(state / "rounds" / "000001" / "global.safetensors", "cpu"), held_out)
+    lesion, cyst = (c.dice_mean for c in summarise(rows))
+    assert (f"round 1's global model: Dice {mean_image_dice(rows):.3f} (lesion {lesion:.3f} · cyst {cyst:.3f}) "
+            f"on {len(rows) // 2} held-out images (sent to the server)") in joined.stdout, joined.stdout
     saved = (state / "server.json").read_bytes()
     for where, change, message in (
             (state, ["--class-names", "cyst,lesion"], "class_names: ('lesion', 'cyst') → ('cyst', 'lesion')"),

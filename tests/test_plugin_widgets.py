@@ -1022,6 +1022,28 @@ def _start_local(widget, site: Path, rounds: int) -> None:
     widget.start()
 
 
+def test_local_training_on_two_classes_says_each_class_validation_dice(make_napari_viewer, qtbot,
+                                                                        tmp_path: Path) -> None:
+    """The validation Dice of a lesion-and-cyst site was one line in the plot, the classes averaged: a model
+    that found the lesions and none of the cysts looked half good, and its figure was not written anywhere."""
+    from fedmix_engine.evaluation import EvalSet, evaluate
+    from fedmix_engine.predict import Predictor
+    from napari_fedmix.train_widget import TrainWidget
+
+    make_sample(tmp_path / "fed", sites=1, images=6, eval_images=2, size=32, classes=2)
+    site, validation = tmp_path / "fed" / "site-a", tmp_path / "fed" / "eval" / "site-a" / "val"
+    train = TrainWidget(make_napari_viewer())
+    qtbot.addWidget(train)
+    train.validation.setText(str(validation))
+    _start_local(train, site, rounds=1)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    scores = evaluate(Predictor.from_checkpoint(site / "models" / "local" / "final.safetensors", "cpu"),
+                      EvalSet.from_store(validation, 32, 2, 1))
+    lesion, cyst = scores["dice_per_class"]["lesion"], scores["dice_per_class"]["cyst"]
+    assert (f"; validation Dice {scores['dice']:.3f} (lesion {lesion:.3f} · cyst {cyst:.3f})\n"
+            in train.status.text()), train.status.text()
+
+
 def _set_to_join(widget, site: Path, url: str, token: str) -> None:
     """The Train widget's federation fields, filled as a clinician would (CPU, not started)."""
     widget.site.setText(str(site))
@@ -1208,6 +1230,7 @@ def test_train_one_round_locally_then_predict_adds_two_layers(make_napari_viewer
     assert "; pseudo-labels kept: " in train.status.text() and " box" in train.status.text(), train.status.text()
     (r, dice), = train.history["validation Dice"]
     assert r == 1 and 0.0 <= dice <= 1.0, "the plot shows the round's validation Dice"
+    assert f"; validation Dice {dice:.3f}\n" in train.status.text(), "and the status line its figure"
     assert len(train.history["loss"]) == 1
     assert train.history["weight"] == [], "training alone, the weight would be a flat line at 1"
 

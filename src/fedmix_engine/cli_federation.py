@@ -325,9 +325,11 @@ def _duration(seconds: float) -> str:
 def _held_out(evaluation: dict) -> str:
     """The pooled Dice, each site's, and for several classes each class's (the mean hides a class missed)."""
     per_site = ", ".join(f"{site} {report['dice']:.3f}" for site, report in evaluation["sites"].items())
-    classes = evaluation.get("classes") or {}
-    per_class = "; " + " · ".join(f"{c} {d:.3f}" for c, d in classes.items()) if len(classes) > 1 else ""
-    return f"{evaluation['dice']:.3f} over {evaluation['images']} images ({per_site}{per_class})"
+    from fedmix_engine.evaluation import per_class_text
+
+    per_class = per_class_text(evaluation.get("classes") or {})
+    return f"{evaluation['dice']:.3f} over {evaluation['images']} images ({per_site}{'; ' if per_class else ''}" \
+           f"{per_class})"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

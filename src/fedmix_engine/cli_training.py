@@ -46,6 +46,7 @@ def _sites_from(args: argparse.Namespace) -> tuple[list[Path], Path | None]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import torch
 
+    from fedmix_engine.evaluation import per_class_text
     from fedmix_engine.fedmix.local_update import TrainConfig, TrainProgress, default_crop_size, shown_loss
     from fedmix_engine.model import ModelConfig
     from fedmix_engine.simulate import (
@@ -103,8 +104,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 print(f"best round (validation): {event.best_round}")
                 print("test Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in event.test_dice.items())
                       + f"  | mean {event.test_mean:.3f}")
-                if len(means := event.class_means()) > 1:  # the mean hides a class the model misses
-                    each = ", ".join(f"{c} {v:.3f}" for c, v in means.items())
+                if each := per_class_text(event.class_means()):
                     print(f"test Dice per class (mean over sites): {each} (summary.json: per site)")
             audited = event.history[-1].pl_audit if event.history else {}
             for site, kinds in audited.items():  # the oracle was there: how good were the pseudo-labels?

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from fedmix_engine.atomic import atomic_write_bytes
+from fedmix_engine.data.dicom_seg import default_class_names
 from fedmix_engine.data.site_store import ImageRecord, SiteStore
 from fedmix_engine.data.tensors import label_to_channels, resize_image
 from fedmix_engine.errors import InputError
@@ -35,6 +36,7 @@ class EvalSet:
     images: torch.Tensor  # N×C×S×S at the training size
     truths: list[np.ndarray]  # bool K×H×W at the original size
     spacings: list[tuple[float, float] | None] | None = None  # per image, (row, column) mm when imported with one
+    classes: tuple[str, ...] = ()  # the store's class names, label order (names ``dice_per_class``)
 
     @classmethod
     def from_store(cls, path: str | Path, image_size: int, num_classes: int, channels: int) -> EvalSet:
@@ -57,7 +59,8 @@ class EvalSet:
             images.append(resize_image(store.load_image(rec.id), image_size))
             truths.append(label_to_channels(mask, len(store.config.classes)))
             spacings.append(store.spacing(rec.id))
-        return cls(store.root.parent.name, [rec.id for rec in records], torch.stack(images), truths, spacings)
+        return cls(store.root.parent.name, [rec.id for rec in records], torch.stack(images), truths, spacings,
+                   tuple(store.config.classes))
 
 
 NO_FULL_TRUTH = "no image with full ground truth (a mask, or every class tagged absent)"
@@ -106,8 +109,8 @@ def _predicted_masks(predictor: Predictor, data: EvalSet) -> Iterator[tuple[int,
 
 def evaluate(predictor: Predictor, data: EvalSet) -> dict:
     """Mean per-image Dice (per-class Dice averaged; both empty → 1), the mean over lesion images, and
-    each class's mean Dice over the images (``dice_per_class``, in label order: which class a model of
-    several learns, which one it misses)."""
+    each class's mean Dice over the images (``dice_per_class``, class name → Dice in label order: which
+    class a model of several learns, which one it misses)."""
     scores, lesion_scores, per_class = [], [], []
     for _, _, pred, truth in _predicted_masks(predictor, data):
         each = [dice(p, t) for p, t in zip(pred, truth, strict=True)]
@@ -116,8 +119,15 @@ def evaluate(predictor: Predictor, data: EvalSet) -> dict:
         if truth.any():
             lesion_scores.append(scores[-1])
     class_means = [float(v) for v in np.mean(per_class, axis=0)] if per_class else []
+    names = data.classes or default_class_names(len(class_means))
     return {"dice": float(np.mean(scores)), "dice_lesion_images": float(np.mean(lesion_scores or [np.nan])),
-            "images": len(scores), "dice_per_class": class_means}
+            "images": len(scores), "dice_per_class": dict(zip(names, class_means, strict=True))}
+
+
+def per_class_text(dice: Mapping[str, float]) -> str:
+    """``lesion 0.800 · cyst 0.200``: each class's Dice for a model of several classes, whose mean hides a
+    class it misses; "" for one class (its Dice is the mean already given)."""
+    return " · ".join(f"{name} {value:.3f}" for name, value in dice.items()) if len(dice) > 1 else ""
 
 
 @dataclass(frozen=True)
@@ -158,9 +168,9 @@ def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str],
     return run_steps(iter_score_images(predictor, data, classes), (lambda step: progress(*step)) if progress else None)
 
 
-def validation_dice(checkpoint: bytes | str | Path, data: EvalSet, device: str = "auto") -> float:
-    """Mean Dice of a saved pair (file or safetensors bytes) on a labelled store: one number per round."""
-    return evaluate(Predictor.from_checkpoint(checkpoint, device), data)["dice"]
+def validation_scores(checkpoint: bytes | str | Path, data: EvalSet, device: str = "auto") -> dict:
+    """:func:`evaluate`'s figures of a saved pair (file or safetensors bytes) on a labelled store, once a round."""
+    return evaluate(Predictor.from_checkpoint(checkpoint, device), data)
 
 
 def iter_score_site(predictor: Predictor, site: str | Path) -> Generator[tuple[int, int], None, list[ImageScore]]:

@@ -464,9 +464,7 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
         val_final = history[best_round - 1].val_dice if best_round else {}
     test = {name: score["dice"] for name, score in scores.items()}
     test_mean = float(np.mean(list(test.values()))) if test else float("nan")
-    classes = sites[0].data.classes
-    per_class = {name: dict(zip(classes, (round(v, 4) for v in score["dice_per_class"]), strict=True))
-                 for name, score in scores.items()}
+    per_class = {name: {c: round(v, 4) for c, v in score["dice_per_class"].items()} for name, score in scores.items()}
     result = SimulationResult(config.method, best_round, val_final, {k: round(v, 4) for k, v in test.items()},
                               round(test_mean, 4), out, history, per_class)
     if out is not None:

@@ -8,7 +8,7 @@ event, i.e. after the current batch, and the last completed round's model stays 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,10 +80,11 @@ def _prepare_for_background_training(device: str) -> None:
 
 @dataclass(frozen=True)
 class ValidationScore:
-    """Dice of the round's model on the validation site (shown in the plot)."""
+    """Dice of the round's model on the validation site (the plot's line; the status line, per class too)."""
 
     round: int
     dice: float
+    per_class: dict[str, float] = field(default_factory=dict)
 
 
 class TrainWidget(QWidget):
@@ -260,7 +261,7 @@ class TrainWidget(QWidget):
     def _local_events(self, site: Path, done: int = 0):
         """The local run's events; ``done`` > 0 continues the run in ``SITE/models/local`` after that round."""
         from fedmix_engine.data.site_store import SiteStore
-        from fedmix_engine.evaluation import validation_dice
+        from fedmix_engine.evaluation import validation_scores
         from fedmix_engine.fedmix.local_update import TrainConfig, default_crop_size
         from fedmix_engine.model import ModelConfig
         from fedmix_engine.simulate import RoundDone, SimulationConfig, iter_simulation
@@ -284,7 +285,8 @@ class TrainWidget(QWidget):
                                      resume=bool(done)):
             yield event
             if validation is not None and isinstance(event, RoundDone):
-                yield ValidationScore(event.round, validation_dice(self.last_checkpoint, validation, config.device))
+                scores = validation_scores(self.last_checkpoint, validation, config.device)
+                yield ValidationScore(event.round, scores["dice"], scores["dice_per_class"])
 
     def _client(self, site: Path, give_up_after: float = 3600.0):
         from fedmix_engine.federation.client import FederationClient
@@ -310,6 +312,7 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:
+        from fedmix_engine.evaluation import per_class_text
         from fedmix_engine.federation.client import JoinEvent
         from fedmix_engine.fedmix.local_update import TrainProgress, shown_loss
         from fedmix_engine.fedmix.pseudo_labels import kept_summary
@@ -322,8 +325,10 @@ class TrainWidget(QWidget):
         if isinstance(progress, TrainProgress) and progress.stage == "train":
             self.batch_bar.setRange(0, progress.total)
             self.batch_bar.setValue(progress.step)
-        if isinstance(event, ValidationScore):
+        if isinstance(event, ValidationScore):  # after its round's line
             self._add_series("validation Dice", event.round, event.dice)
+            each = per_class_text(event.per_class)
+            self.status.setText(f"{self.status.text()}; validation Dice {event.dice:.3f}{f' ({each})' if each else ''}")
         if isinstance(event, RoundDone):
             site = next(iter(event.n))
             self.round_bar.setValue(event.round)
