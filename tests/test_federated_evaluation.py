@@ -313,7 +313,9 @@ def test_status_of_a_two_class_federation_gives_each_class_pooled_held_out_dice(
             name: {"images": images, "lesion_images": 1, "dice": dice, "iou": dice}
             for name, dice in (("lesion", lesion), ("cyst", cyst))}}
 
-    assert state.accept_evaluation("site-a", 0, report(3, 0.9, 0.1)).status == 200
+    recorded = state.accept_evaluation("site-a", 0, report(3, 0.9, 0.1))
+    assert recorded.status == 200 and recorded.message == ("evaluation of round 0's model recorded: Dice 0.500 "
+                                                           "(lesion 0.900 · cyst 0.100) on 3 images"), recorded.message
     assert state.accept_evaluation("site-b", 0, report(1, 0.5, 0.5)).status == 200
     assert main(["status", "--state", str(tmp_path / "state")]) == 0
     out = capsys.readouterr().out
