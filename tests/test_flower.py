@@ -184,6 +184,28 @@ def test_without_federated_evaluation_no_round_records_an_empty_evaluation(serve
     assert strategy.aggregate_evaluate(1, []) is None and recorded == []
 
 
+def test_the_serverapp_log_names_each_class_held_out_dice(tmp_path: Path, caplog) -> None:
+    """Flower's log gave a lesion-and-cyst federation's pooled Dice only: a class the model misses was hidden
+    in the mean, as in the built-in server's status before."""
+    import logging
+
+    from fedmix_engine.federation.federated_evaluation import EvaluationReport
+    from fedmix_engine.federation.flower.app import RoundRecorder
+    from fedmix_engine.federation.flower.strategy import EvaluationOutcome
+
+    def report(images: int, lesion: float, cyst: float) -> EvaluationReport:
+        return EvaluationReport.from_dict({"images": images, "dice": (lesion + cyst) / 2, "classes": {
+            name: {"images": images, "lesion_images": 1, "dice": dice, "iou": dice}
+            for name, dice in (("lesion", lesion), ("cyst", cyst))}})
+
+    settings = FlowerRunSettings.from_run_config({"out-dir": str(tmp_path / "out"), "class-names": "lesion,cyst"})
+    with caplog.at_level(logging.INFO, logger="fedmix_engine.federation.flower.app"):
+        RoundRecorder(settings).evaluation(EvaluationOutcome(1, {"node 1": report(3, 0.9, 0.1),
+                                                                 "node 2": report(1, 0.5, 0.5)}))
+    assert "round 1: held-out Dice 0.500 (lesion 0.800 · cyst 0.200) over 4 images at 2 site(s)" in caplog.text, \
+        caplog.text
+
+
 def test_replies_are_measured_against_the_global_pair_of_their_round() -> None:
     """configure_train keeps the round's global pair: a reply is refused for moving far from the model it was
     sent, not from the first one (a later round's model may have moved far from the initial one)."""
