@@ -15,15 +15,15 @@ TINY = ModelConfig(base_width=4)
 def all_lesion_checkpoint(path: Path, image_size: int = 32, classes: tuple[str, ...] = ("lesion",)) -> Path:
     """A width-4 pair that calls every pixel lesion (output weights 0, bias +5): its masks are all
     foreground, so HD95 is defined on every labelled image and areas are the image's."""
-    return _constant_checkpoint(path, 5.0, image_size, classes)
+    return constant_checkpoint(path, 5.0, image_size, classes)
 
 
 def no_lesion_checkpoint(path: Path, image_size: int = 32) -> Path:
     """A width-4 pair that calls every pixel background (bias -5: probability 0.007 everywhere)."""
-    return _constant_checkpoint(path, -5.0, image_size, ("lesion",))
+    return constant_checkpoint(path, -5.0, image_size, ("lesion",))
 
 
-def _constant_checkpoint(path: Path, logit: float, image_size: int, classes: tuple[str, ...]) -> Path:
+def constant_checkpoint(path: Path, logit: float, image_size: int, classes: tuple[str, ...]) -> Path:
     """Every output channel the same logit: with several classes, argmax gives the first."""
     config = replace(TINY, num_classes=len(classes))
     pair = init_pair(config, 0)

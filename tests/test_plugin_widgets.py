@@ -1643,6 +1643,43 @@ def test_batch_predict_writes_masks_and_csv_and_lists_the_corrupt_file(make_napa
     assert "FedMix batch masks" in viewer.layers and viewer.layers["FedMix batch masks"].data.shape == (3, 40, 48)
 
 
+def test_predict_shows_its_threshold_and_batch_predict_uses_the_one_chosen(make_napari_viewer, qtbot, tmp_path,
+                                                                          images):
+    """Predict's slider did not say which threshold it stood at, and Batch predict always cut at 0.5 (the CLI's
+    --threshold had no napari twin): a clinician who found 0.8 right on one image could not use it on the folder."""
+    import csv
+    import json
+
+    from model_helpers import constant_checkpoint
+    from napari_fedmix.predict_widget import PRED_LAYER, BatchPredictWidget
+
+    model = constant_checkpoint(tmp_path / "p073.safetensors", 1.0, 32, ("lesion",))  # probability 0.73 everywhere
+    viewer = make_napari_viewer()
+    viewer.add_image(tifffile.imread(images[0]), name="scan")
+    predict = _predict_widget(viewer, qtbot, model)
+    assert predict.threshold_value.text() == "0.50"
+    assert predict.predict_active() is not None
+    qtbot.waitUntil(lambda: predict._probability is not None, timeout=60_000)
+    assert viewer.layers[PRED_LAYER].data.all()
+    predict.threshold.setValue(80)
+    assert predict.threshold_value.text() == "0.80" and not viewer.layers[PRED_LAYER].data.any()
+
+    batch = BatchPredictWidget(viewer)
+    qtbot.addWidget(batch)
+    batch.input.setText(str(images[0].parent))
+    batch.checkpoint.setText(str(model))
+    for threshold, foreground in ((0.8, 0.0), (0.5, 1.0)):
+        out = tmp_path / f"out-{threshold}"
+        batch.output.setText(str(out))
+        batch.threshold.setValue(threshold)
+        assert batch.run() is not None
+        qtbot.waitUntil(lambda: batch.worker is None, timeout=60_000)
+        assert json.loads((out / "prediction.json").read_text())["threshold"] == threshold
+        with open(out / "summary.csv", newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if row["file"].startswith("scan-")]
+        assert len(rows) == 3 and {float(row["foreground_fraction"]) for row in rows} == {foreground}, rows
+
+
 def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napari_viewer, qtbot, tmp_path, images,
                                                                      monkeypatch):
     import csv

@@ -9,6 +9,7 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
+    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -56,6 +57,9 @@ class PredictWidget(QWidget):
         self.threshold.setRange(1, 99)
         self.threshold.setValue(50)
         self.threshold.valueChanged.connect(self._apply_threshold)
+        self.threshold_value = QLabel()  # the slider alone did not say which threshold a mask was made at
+        self.threshold.valueChanged.connect(lambda value: self.threshold_value.setText(f"{value / 100:.2f}"))
+        self.threshold_value.setText(f"{self.threshold.value() / 100:.2f}")
         self.button = QPushButton("Predict active image")
         self.button.clicked.connect(self.predict_active)
         self.show_disagreement = QCheckBox("also show where the pair's two networks disagree")
@@ -80,7 +84,10 @@ class PredictWidget(QWidget):
         latest_model().follow(self.checkpoint)
         form = QFormLayout(self)
         form.addRow("model", path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
-        form.addRow("threshold", self.threshold)
+        slider = QHBoxLayout()
+        slider.addWidget(self.threshold)
+        slider.addWidget(self.threshold_value)
+        form.addRow("threshold", slider)
         form.addRow(self.show_disagreement)
         buttons = QHBoxLayout()
         buttons.addWidget(self.button)
@@ -301,6 +308,13 @@ class BatchPredictWidget(QWidget):
         latest_model().follow(self.checkpoint)
         self._suggested_output = ""
         self.input.textChanged.connect(self._suggest_output)
+        self.threshold = QDoubleSpinBox()  # the CLI's --threshold: the one a clinician chose on Predict's slider
+        self.threshold.setRange(0.01, 0.99)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setDecimals(2)
+        self.threshold.setValue(0.5)
+        self.threshold.setToolTip("probability above which a pixel is foreground (Predict's slider shows what a "
+                                  "threshold gives on one image)")
         self.recursive = QCheckBox("include sub-folders (a PACS export's patient and series folders)")
         self.resume = QCheckBox("continue the stopped batch in this output folder (keep the masks it wrote)")
         self.open_results = QCheckBox("open the masks as one stack when done")
@@ -322,6 +336,7 @@ class BatchPredictWidget(QWidget):
                                         folder=True, files=predictable_files_filter()))
         form.addRow("model", path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
         form.addRow("output folder", path_row(self.output, self, "Output folder", folder=True))
+        form.addRow("threshold", self.threshold)
         layout.addLayout(form)
         layout.addWidget(self.recursive)
         layout.addWidget(self.resume)
@@ -343,10 +358,11 @@ class BatchPredictWidget(QWidget):
             if not (self.input.text() and self.output.text()):
                 raise InputError("images", "choose the images (a folder, or one file) and an output folder")
             recursive = self.recursive.isChecked()
-            check_batch(self.input.text(), out=self.output.text(), recursive=recursive)
+            threshold = round(self.threshold.value(), 2)
+            check_batch(self.input.text(), threshold, self.output.text(), recursive)
             predictor = Predictor.from_checkpoint(chosen_checkpoint(self.checkpoint), preferred_device())
             out = Path(self.output.text())
-            batch = iter_predict_folder(predictor, self.input.text(), out,  # makes the folder, lists the files
+            batch = iter_predict_folder(predictor, self.input.text(), out, threshold,  # makes the folder, lists files
                                         dicom_seg=self.dicom_seg.isChecked(), frame_steps=True, recursive=recursive,
                                         resume=self.resume.isChecked())
         except InputError as exc:
