@@ -414,6 +414,28 @@ def test_predict_takes_a_site_folder_and_uses_the_model_it_trained_last(tmp_path
         assert record["files"] == {"total": 1, "ok": 1} and record["finished"] >= record["started"]
 
 
+def test_evaluate_scores_the_masks_at_the_threshold_asked_for(sample: Path, tmp_path: Path, capsys) -> None:
+    """evaluate cut masks at 0.5 only: a clinic that predicts at the 0.8 it chose on Predict's slider could not
+    measure what that operating point gives on its labelled images."""
+    from fedmix_engine.evaluation import mean_image_dice, score_site
+    from fedmix_engine.predict import Predictor
+    from model_helpers import all_lesion_checkpoint, constant_checkpoint, no_lesion_checkpoint
+
+    test = sample / "eval" / "site-a" / "test"
+    p073 = constant_checkpoint(tmp_path / "p073.safetensors", 1.0, 32, ("lesion",))  # probability 0.73 everywhere
+    everything = mean_image_dice(score_site(Predictor.from_checkpoint(all_lesion_checkpoint(tmp_path / "a"), "cpu"),
+                                            test))
+    nothing = mean_image_dice(score_site(Predictor.from_checkpoint(no_lesion_checkpoint(tmp_path / "n"), "cpu"), test))
+    assert everything != nothing
+    for given, expected in (([], everything), (["--threshold", "0.7"], everything), (["--threshold", "0.8"], nothing)):
+        assert main(["evaluate", str(p073), str(test), "--device", "cpu", *given]) == 0
+        out = capsys.readouterr().out
+        assert f"): {expected:.3f}" in out.splitlines()[-1], (given, out)
+        assert ("masks at probability > 0.8" in out) == (given == ["--threshold", "0.8"]), out
+    assert main(["evaluate", str(p073), str(test), "--threshold", "1"]) == 2
+    assert "error: --threshold: a probability threshold must be in (0, 1), not 1.0" in capsys.readouterr().err
+
+
 def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_figure(sample: Path, tmp_path: Path,
                                                                                        capsys, monkeypatch) -> None:
     """How good is the federation's model on my labelled images? Per image and class, Dice, IoU and HD95;

@@ -2280,6 +2280,7 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     assert cells == ["4", "4", f"{expected.dice_mean:.3f} ± {expected.dice_std:.3f}", f"{expected.iou_mean:.3f}",
                      f"{expected.hd95_median:.1f}", f"{expected.hd95_mm_median:.2f}"]
     assert "4 image(s) with full ground truth; mean Dice over images" in widget.status.text()
+    assert "(as simulate and Train report)" in widget.status.text() and widget.threshold.value() == 0.5
     assert "HD95 in mm from 2 of 4 images" in widget.status.text() and "m.safetensors (" in widget.status.text()
     assert (tmp_path / "scores.csv").read_text().count("\n") == 5 and widget.progress.value() == 4
     # evaluating again with the same scores file keeps the first one's scores: a new name is asked for
@@ -2293,6 +2294,21 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert f"note: {site}: the model is this site's own" in widget.status.text()
+    widget.checkpoint.setText(str(model))
+
+    # at the threshold a clinic chose: 0.8, above this model's 0.73 everywhere, leaves every mask empty
+    from model_helpers import constant_checkpoint
+
+    p073 = constant_checkpoint(tmp_path / "p073.safetensors", 1.0, 32, ("lesion",))
+    widget.checkpoint.setText(str(p073))
+    widget.threshold.setValue(0.8)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    [cut] = summarise(score_site(Predictor.from_checkpoint(p073, "cpu"), site, threshold=0.8))
+    assert cut.dice_mean == 0.0 != expected.dice_mean  # every truth here holds a lesion
+    assert widget.table.item(2, 0).text() == f"{cut.dice_mean:.3f} ± {cut.dice_std:.3f}"
+    assert "(masks at probability > 0.8; simulate and Train report at 0.5)" in widget.status.text()
+    widget.threshold.setValue(0.5)
     widget.checkpoint.setText(str(model))
 
     # a site with no full ground truth is named; Stop leaves no half table

@@ -142,21 +142,23 @@ def _model_file(path: Path) -> Path:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedmix_engine.evaluation import mean_image_dice, own_model_note, score_site, summarise, write_scores
-    from fedmix_engine.predict import Predictor
+    from fedmix_engine.predict import Predictor, check_threshold
 
+    check_threshold(args.threshold)
     if args.out:
         check_writable_file(args.out, args.overwrite, "pass --overwrite")  # before the work, not after it
     model = _model_file(args.model)
     predictor = Predictor.from_checkpoint(model, device=args.device, inference=args.inference)
     if note := own_model_note(model, args.site):
         print(f"note: {note}", file=sys.stderr)
-    rows = score_site(predictor, args.site, progress=lambda done, total: progress_bar(done, total, "evaluate"))
+    rows = score_site(predictor, args.site, lambda done, total: progress_bar(done, total, "evaluate"), args.threshold)
     clear_progress_bar()
     if args.out:
         write_scores(args.out, rows)  # a failing disk: said by the command line's OSError line
     summary = summarise(rows)
     in_mm = any(c.with_spacing for c in summary)
-    print(f"{args.site}: {len({r.image for r in rows})} image(s) with full ground truth; Dice and IoU per image "
+    cut = f"; masks at probability > {args.threshold:g}" if args.threshold != 0.5 else ""
+    print(f"{args.site}: {len({r.image for r in rows})} image(s) with full ground truth{cut}; Dice and IoU per image "
           "(both empty: 1), HD95 in pixels of the image" + (" and in mm where it has a pixel spacing" if in_mm else
                                                              " (no image has a pixel spacing for mm)"))
     print(f"{'class':<16} {'images':>6} {'lesion':>6}  {'Dice mean ± std':<16} {'IoU':>5}  {'HD95 px':>7}"
@@ -168,7 +170,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{c.label:<16} {c.images:>6} {c.lesion_images:>6}  {c.dice_mean:.3f} ± {c.dice_std:.3f}    "
               f"{c.iou_mean:.3f}  {c.hd95_median:>7.1f}{mm}" + (f"  ({(undefined + partly)[2:]})"
                                                                 if undefined or partly else ""))
-    print(f"mean Dice over images (classes averaged per image, as simulate reports): {mean_image_dice(rows):.3f}"
+    reported = "as simulate reports" if args.threshold == 0.5 else "simulate reports them at 0.5"
+    print(f"mean Dice over images (classes averaged per image, {reported}): {mean_image_dice(rows):.3f}"
           + (f"; every image's metrics: {args.out}" if args.out else ""))
     return 0
 
@@ -260,6 +263,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                            "lesion-free), not trained on: e.g. a sample federation's "
                                            "eval/site-a/test, or labelled images kept apart")
     p.add_argument("--out", type=Path, help="also write every image's metrics per class to this CSV (a new file)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="probability above which a pixel is foreground (as predict's --threshold)")
     p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     p.add_argument("--inference", choices=("net1", "mean"),
                    help="network 1 of the pair, or the mean of both (default: the checkpoint's choice, else net1)")

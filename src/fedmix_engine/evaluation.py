@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +100,15 @@ def _check_fits(store: SiteStore, path: str | Path, num_classes: int, channels: 
         raise InputError(path, f"holds {store.config.channels}-channel images; the model takes {channels}")
 
 
-def _predicted_masks(predictor: Predictor, data: EvalSet) -> Iterator[tuple[int, str, np.ndarray, np.ndarray]]:
-    """(index, image id, predicted bool K×H×W, truth K×H×W) per image, the prediction at the truth's size."""
+def _predicted_masks(predictor: Predictor, data: EvalSet, threshold: float = 0.5
+                     ) -> Iterator[tuple[int, str, np.ndarray, np.ndarray]]:
+    """(index, image id, predicted bool K×H×W, truth K×H×W) per image, the prediction at the truth's size:
+    probability > ``threshold``, compared as logits (0.5: logit > 0)."""
+    cut = math.log(threshold / (1 - threshold))
     z = predictor.logits(data.images)
     for k, (image_id, truth) in enumerate(zip(data.ids, data.truths, strict=True)):
         zk = F.interpolate(z[k:k + 1], size=truth.shape[-2:], mode="bilinear", align_corners=False)[0]
-        yield k, image_id, (zk > 0).numpy(), truth
+        yield k, image_id, (zk > cut).numpy(), truth
 
 
 def evaluate(predictor: Predictor, data: EvalSet) -> dict:
@@ -144,14 +148,15 @@ class ImageScore:
     spacing: tuple[float, float] | None = None  # the image's (row, column) mm, when it has one
 
 
-def iter_score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str]
+def iter_score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str], threshold: float = 0.5
                       ) -> Generator[tuple[int, int], None, list[ImageScore]]:
     """Dice, IoU and HD95 of every image and class: the detail behind :func:`evaluate`'s mean; HD95 in
     mm too where the image has a pixel spacing (anisotropic spacing measured as such, not scaled after).
+    Masks are cut at ``threshold`` (a clinic's chosen operating point; simulate and training use 0.5).
     Yields (images done, images) after each image (HD95's distance transforms take a while on large
     images), so a GUI can show progress and stop; returns the rows."""
     rows = []
-    for k, image_id, pred, truth in _predicted_masks(predictor, data):
+    for k, image_id, pred, truth in _predicted_masks(predictor, data, threshold):
         metrics = per_class_metrics(pred, truth)
         spacing = data.spacings[k] if data.spacings else None
         in_mm = [hd95(p, t, spacing) for p, t in zip(pred, truth, strict=True)] if spacing else None
@@ -162,18 +167,13 @@ def iter_score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str
     return rows
 
 
-def score_images(predictor: Predictor, data: EvalSet, classes: Sequence[str],
-                 progress: Callable[[int, int], None] | None = None) -> list[ImageScore]:
-    """:func:`iter_score_images` to the end; ``progress(done, total)`` after each image."""
-    return run_steps(iter_score_images(predictor, data, classes), (lambda step: progress(*step)) if progress else None)
-
-
 def validation_scores(checkpoint: bytes | str | Path, data: EvalSet, device: str = "auto") -> dict:
     """:func:`evaluate`'s figures of a saved pair (file or safetensors bytes) on a labelled store, once a round."""
     return evaluate(Predictor.from_checkpoint(checkpoint, device), data)
 
 
-def iter_score_site(predictor: Predictor, site: str | Path) -> Generator[tuple[int, int], None, list[ImageScore]]:
+def iter_score_site(predictor: Predictor, site: str | Path, threshold: float = 0.5
+                    ) -> Generator[tuple[int, int], None, list[ImageScore]]:
     """:func:`iter_score_images` on a site folder's fully labelled images, ``SCORED_AT_ONCE`` at a time
     (a site of any size); a site whose classes are named in another order than the model's is refused
     (its label k would be scored as the model's class k)."""
@@ -190,14 +190,15 @@ def iter_score_site(predictor: Predictor, site: str | Path) -> Generator[tuple[i
         rows: list[ImageScore] = []
         for start in range(0, len(records), SCORED_AT_ONCE):
             part = EvalSet.from_records(store, records[start:start + SCORED_AT_ONCE], predictor.image_size)
-            rows.extend((yield from shifted(iter_score_images(predictor, part, classes), start, len(records))))
+            rows.extend((yield from shifted(iter_score_images(predictor, part, classes, threshold), start,
+                                            len(records))))
     return rows
 
 
 def score_site(predictor: Predictor, site: str | Path,
-               progress: Callable[[int, int], None] | None = None) -> list[ImageScore]:
+               progress: Callable[[int, int], None] | None = None, threshold: float = 0.5) -> list[ImageScore]:
     """:func:`iter_score_site` to the end; ``progress(done, total)`` after each image."""
-    return run_steps(iter_score_site(predictor, site), (lambda step: progress(*step)) if progress else None)
+    return run_steps(iter_score_site(predictor, site, threshold), (lambda step: progress(*step)) if progress else None)
 
 
 @dataclass(frozen=True)

@@ -385,6 +385,11 @@ def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | No
         # datasets such as BUSI keep "<name>_mask.png" beside "<name>.png": a prediction would replace it
         raise InputError(out, "is the images folder; write the masks to another folder (a predicted "
                               "<name>_mask.tif could replace a file of the same name among the images)")
+    check_threshold(threshold)
+
+
+def check_threshold(threshold: float) -> None:
+    """A probability threshold in (0, 1): 0 or 1 would make every pixel, or none, foreground."""
     if not 0 < threshold < 1:
         raise InputError("threshold", f"a probability threshold must be in (0, 1), not {threshold}")
 

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 )
 
 from fedmix_engine.errors import InputError, error_line
-from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device
+from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device, threshold_field
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.panel_closing import PanelClosing
 from napari_fedmix.workers import make_worker
@@ -49,6 +49,7 @@ class EvaluateWidget(QWidget):
         # no default: the default site is the one trained on, and its scores would flatter the model
         self.site.setPlaceholderText("a site folder with masks the model was not trained on")
         self.scores_file.setPlaceholderText("optional: every image's scores, e.g. scores.csv")
+        self.threshold = threshold_field()  # the operating point a clinic chose on Predict's slider, measured
         self.run_button, self.stop_button = QPushButton("Evaluate"), QPushButton("Stop")
         self.stop_button.setEnabled(False)
         self.run_button.clicked.connect(self.run)
@@ -70,6 +71,7 @@ class EvaluateWidget(QWidget):
         form.addRow("model", path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
         form.addRow("labelled site", path_row(self.site, self, "Labelled site folder", folder=True))
         form.addRow("scores CSV", self.scores_file)
+        form.addRow("threshold", self.threshold)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.stop_button)
@@ -97,10 +99,12 @@ class EvaluateWidget(QWidget):
         self.table.setColumnCount(0)
         self.done = (0, 0)
         self.status.setText(f"evaluating {Path(model).name} on {site}…")
-        self.worker = make_worker(lambda: (yield from iter_score_site(predictor, site)), on_error=self._on_error)
+        threshold = round(self.threshold.value(), 2)
+        self.worker = make_worker(lambda: (yield from iter_score_site(predictor, site, threshold)),
+                                  on_error=self._on_error)
         self.worker.yielded.connect(self._on_image)
         self.worker.returned.connect(lambda rows: self._show(rows, f"{Path(model).name} ({predictor.describe()})",
-                                                             scores, own_model_note(model, site)))
+                                                             scores, own_model_note(model, site), threshold))
         self.worker.aborted.connect(lambda: self.status.setText(
             f"stopped after {self.done[0]} of {self.done[1]} images: no scores (they would not be the site's)"))
         self.worker.finished.connect(self._finished)
@@ -126,9 +130,10 @@ class EvaluateWidget(QWidget):
         self.run_button.setEnabled(True)
         self.stop_button.setEnabled(False)
 
-    def _show(self, rows: list, model: str, scores: Path | None, own: str | None = None) -> None:
+    def _show(self, rows: list, model: str, scores: Path | None, own: str | None = None,
+              threshold: float = 0.5) -> None:
         """The table and status; ``model`` names the checkpoint evaluated (the field may have changed since),
-        ``own`` notes that it is the scored site's own model."""
+        ``own`` notes that it is the scored site's own model, ``threshold`` where its masks were cut."""
         from fedmix_engine.evaluation import mean_image_dice, summarise, write_scores
 
         summary = summarise(rows)
@@ -143,9 +148,10 @@ class EvaluateWidget(QWidget):
         calibrated = max((c.with_spacing for c in summary), default=0)
         in_mm = (f"HD95 in mm from {calibrated} of {images} images (those with a pixel spacing)" if calibrated
                  else "no image has a pixel spacing: HD95 in pixels only")
+        reported = ("as simulate and Train report" if threshold == 0.5
+                    else f"masks at probability > {threshold:g}; simulate and Train report at 0.5")
         notes = [f"{images} image(s) with full ground truth; mean Dice over images {mean_image_dice(rows):.3f} "
-                 "(as simulate and Train report)", f"{in_mm}; undefined where one mask is empty",
-                 f"model: {model}"]
+                 f"({reported})", f"{in_mm}; undefined where one mask is empty", f"model: {model}"]
         if scores is not None:
             try:
                 write_scores(scores, rows)

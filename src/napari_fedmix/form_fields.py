@@ -1,9 +1,9 @@
-"""The fields the Predict, Batch predict and Evaluate widgets share: a path with its browse buttons, and
-the model they run (the checkpoint chosen, on the device Preferences › FedMix names)."""
+"""The fields the Predict, Batch predict and Evaluate widgets share: a path with its browse buttons, the
+model they run (the checkpoint chosen, on the device Preferences › FedMix names) and a threshold."""
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLineEdit, QPushButton, QWidget
+from qtpy.QtWidgets import QDoubleSpinBox, QFileDialog, QHBoxLayout, QLineEdit, QPushButton, QWidget
 
 from fedmix_engine.errors import InputError
 
@@ -47,3 +47,16 @@ def chosen_checkpoint(field: QLineEdit) -> str:
         raise InputError("model", "choose a checkpoint (.safetensors) first; training, or opening a site that "
                                   "has a model, fills it in")
     return path
+
+
+def threshold_field() -> QDoubleSpinBox:
+    """A probability threshold (0.01–0.99, 0.50 by default), as the CLI's ``--threshold``: Batch predict cuts
+    its masks there and Evaluate scores them there, at the value Predict's slider showed right on one image."""
+    field = QDoubleSpinBox()
+    field.setRange(0.01, 0.99)
+    field.setSingleStep(0.05)
+    field.setDecimals(2)
+    field.setValue(0.5)
+    field.setToolTip("probability above which a pixel is foreground (Predict's slider shows what a threshold "
+                     "gives on one image)")
+    return field

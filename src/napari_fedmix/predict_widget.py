@@ -9,7 +9,6 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
-    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -23,7 +22,13 @@ from qtpy.QtWidgets import (
 )
 
 from fedmix_engine.errors import InputError, error_line
-from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device
+from napari_fedmix.form_fields import (
+    CHECKPOINT_FILES,
+    chosen_checkpoint,
+    path_row,
+    preferred_device,
+    threshold_field,
+)
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.layer_records import image_layer_pixels, label_features, layer_spacing
 from napari_fedmix.panel_closing import PanelClosing
@@ -308,13 +313,7 @@ class BatchPredictWidget(QWidget):
         latest_model().follow(self.checkpoint)
         self._suggested_output = ""
         self.input.textChanged.connect(self._suggest_output)
-        self.threshold = QDoubleSpinBox()  # the CLI's --threshold: the one a clinician chose on Predict's slider
-        self.threshold.setRange(0.01, 0.99)
-        self.threshold.setSingleStep(0.05)
-        self.threshold.setDecimals(2)
-        self.threshold.setValue(0.5)
-        self.threshold.setToolTip("probability above which a pixel is foreground (Predict's slider shows what a "
-                                  "threshold gives on one image)")
+        self.threshold = threshold_field()  # the CLI's --threshold: the one a clinician chose on Predict's slider
         self.recursive = QCheckBox("include sub-folders (a PACS export's patient and series folders)")
         self.resume = QCheckBox("continue the stopped batch in this output folder (keep the masks it wrote)")
         self.open_results = QCheckBox("open the masks as one stack when done")
