@@ -428,10 +428,13 @@ def test_evaluate_scores_the_masks_at_the_threshold_asked_for(sample: Path, tmp_
     nothing = mean_image_dice(score_site(Predictor.from_checkpoint(no_lesion_checkpoint(tmp_path / "n"), "cpu"), test))
     assert everything != nothing
     for given, expected in (([], everything), (["--threshold", "0.7"], everything), (["--threshold", "0.8"], nothing)):
-        assert main(["evaluate", str(p073), str(test), "--device", "cpu", *given]) == 0
+        scores = tmp_path / f"scores{len(given)}{given[-1:]}.csv"
+        assert main(["evaluate", str(p073), str(test), "--device", "cpu", "--out", str(scores), *given]) == 0
         out = capsys.readouterr().out
         assert f"): {expected:.3f}" in out.splitlines()[-1], (given, out)
         assert ("masks at probability > 0.8" in out) == (given == ["--threshold", "0.8"]), out
+        with open(scores, newline="") as handle:  # the CSV says where its masks were cut
+            assert {row["threshold"] for row in csv.DictReader(handle)} == {given[-1] if given else "0.5"}
     assert main(["evaluate", str(p073), str(test), "--threshold", "1"]) == 2
     assert "error: --threshold: a probability threshold must be in (0, 1), not 1.0" in capsys.readouterr().err
 

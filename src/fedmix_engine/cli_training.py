@@ -154,7 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rows = score_site(predictor, args.site, lambda done, total: progress_bar(done, total, "evaluate"), args.threshold)
     clear_progress_bar()
     if args.out:
-        write_scores(args.out, rows)  # a failing disk: said by the command line's OSError line
+        write_scores(args.out, rows, args.threshold)  # a failing disk: said by the command line's OSError line
     summary = summarise(rows)
     in_mm = any(c.with_spacing for c in summary)
     cut = f"; masks at probability > {args.threshold:g}" if args.threshold != 0.5 else ""

@@ -242,9 +242,9 @@ def mean_image_dice(rows: Sequence[ImageScore]) -> float:
     return float(np.mean([np.mean(scores) for scores in per_image.values()]))
 
 
-def write_scores(path: str | Path, rows: Sequence[ImageScore]) -> None:
-    """Every image's metrics as CSV (image, class, lesion, dice, iou, hd95_px, hd95_mm and the pixel
-    spacing it used; empty where undefined or unknown), replaced atomically."""
+def write_scores(path: str | Path, rows: Sequence[ImageScore], threshold: float = 0.5) -> None:
+    """Every image's metrics as CSV (image, class, lesion, dice, iou, hd95_px, hd95_mm, the pixel spacing
+    it used, and the threshold the masks were cut at; empty where undefined or unknown), replaced atomically."""
 
     def number(value: float, digits: int) -> str:
         return "" if np.isnan(value) else f"{value:.{digits}f}"
@@ -252,7 +252,8 @@ def write_scores(path: str | Path, rows: Sequence[ImageScore]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image", "class", "lesion", "dice", "iou", "hd95_px", "hd95_mm", "spacing_row_mm",
-                     "spacing_col_mm"])
+                     "spacing_col_mm", "threshold"])
     writer.writerows([r.image, r.label, int(r.lesion), f"{r.dice:.4f}", f"{r.iou:.4f}", number(r.hd95, 2),
-                      number(r.hd95_mm, 3), *((f"{v:g}" for v in r.spacing) if r.spacing else ("", ""))] for r in rows)
+                      number(r.hd95_mm, 3), *((f"{v:g}" for v in r.spacing) if r.spacing else ("", "")),
+                      f"{threshold:g}"] for r in rows)
     atomic_write_bytes(Path(path), buffer.getvalue().encode())

@@ -154,7 +154,7 @@ class EvaluateWidget(QWidget):
                  f"({reported})", f"{in_mm}; undefined where one mask is empty", f"model: {model}"]
         if scores is not None:
             try:
-                write_scores(scores, rows)
+                write_scores(scores, rows, threshold)
                 notes.append(f"every image's scores: {scores}")
             except OSError as exc:
                 notes.append(f"scores not saved: {scores}: {exc.strerror or exc}")
