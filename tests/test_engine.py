@@ -350,6 +350,13 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
     assert f"{tmp_path / 'run'}: holds an earlier run (metrics.jsonl" in err and "--overwrite" in err
     assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() == lines
     assert (tmp_path / "run" / "best.safetensors").read_bytes() == best
+    # a site folder as --out (a completed path) would mix the run's files with the site's: refused, even asked
+    site_files = sorted(p.relative_to(sample) for p in (sample / "site-a").rglob("*"))
+    for overwrite in ((), ("--overwrite",)):
+        assert main([*again[:-1], str(sample / "site-a"), *overwrite]) == 2
+        assert f"{sample / 'site-a'}: is a site folder (site.json): write the run to a folder of its own" \
+            in capsys.readouterr().err
+    assert sorted(p.relative_to(sample) for p in (sample / "site-a").rglob("*")) == site_files
     on_gpu = ["--device", "cuda:0", "--precision", "bf16"]  # a GPU run's command, moved to a machine without one
     assert main([*again, *on_gpu, "--overwrite"]) == 0
     device_line = capsys.readouterr().out.splitlines()[1]
