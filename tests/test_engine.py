@@ -354,8 +354,12 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
     site_files = sorted(p.relative_to(sample) for p in (sample / "site-a").rglob("*"))
     for overwrite in ((), ("--overwrite",)):
         assert main([*again[:-1], str(sample / "site-a"), *overwrite]) == 2
-        assert f"{sample / 'site-a'}: is a site folder (site.json): write the run to a folder of its own" \
-            in capsys.readouterr().err
+        assert f"{sample / 'site-a'}: is a site folder (site.json): write the run (e.g. --out runs/site-a) to a " \
+            "folder of its own" in capsys.readouterr().err
+    checkpoint = str(tmp_path / "run" / "best.safetensors")  # nor its predicted masks
+    assert main(["predict", checkpoint, str(sample / "site-b" / "images"), str(sample / "site-a")]) == 2
+    assert f"{sample / 'site-a'}: is a site folder (site.json): write the masks to a folder of its own" \
+        in capsys.readouterr().err
     assert sorted(p.relative_to(sample) for p in (sample / "site-a").rglob("*")) == site_files
     on_gpu = ["--device", "cuda:0", "--precision", "bf16"]  # a GPU run's command, moved to a machine without one
     assert main([*again, *on_gpu, "--overwrite"]) == 0

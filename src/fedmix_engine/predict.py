@@ -48,6 +48,7 @@ from fedmix_engine.data.imageio import (
 )
 from fedmix_engine.data.importer import masks_beside_images
 from fedmix_engine.data.pixel_spacing import file_spacing, tiff_spacing
+from fedmix_engine.data.site_store import refuse_site_folder
 from fedmix_engine.data.tensors import resize_image
 from fedmix_engine.data.video import is_video_path, open_video
 from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device
@@ -381,6 +382,8 @@ def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | No
         raise InputError(source, no_images_reason(source)
                          + (", or include them (--recursive; in napari: include sub-folders)" if nested else ""))
     images_folder = source.parent if source.is_file() else source
+    if out is not None:
+        refuse_site_folder(out, "the masks")
     if out is not None and Path(out).resolve() == images_folder.resolve():
         # datasets such as BUSI keep "<name>_mask.png" beside "<name>.png": a prediction would replace it
         raise InputError(out, "is the images folder; write the masks to another folder (a predicted "

@@ -34,8 +34,7 @@ import numpy as np
 from fedmix_engine.atomic import append_line, atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import save_checkpoint
 from fedmix_engine.config_diff import changed_fields
-from fedmix_engine.data.site_store import CONFIG_FILE as SITE_CONFIG
-from fedmix_engine.data.site_store import SiteStore
+from fedmix_engine.data.site_store import SiteStore, refuse_site_folder
 from fedmix_engine.data.tensors import SiteTensors, load_site_tensors
 from fedmix_engine.device import DevicePlan, plan_device, release_memory
 from fedmix_engine.environment import changed_between, describe_environment
@@ -235,9 +234,7 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
     """An earlier run's metrics and checkpoints are results: refuse to write over them unless asked,
     before any work is done (a second run with the default ``--out`` used to empty the first's metrics).
     A site folder is refused even with ``--overwrite``: a run's files would mix with the site's own."""
-    if (out / SITE_CONFIG).is_file():
-        raise InputError(out, f"is a site folder ({SITE_CONFIG}): write the run to a folder of its own, e.g. "
-                              f"--out runs/{out.name}")
+    refuse_site_folder(out, f"the run (e.g. --out runs/{out.name})")
     if overwrite or not out.is_dir():
         return
     found = [name for name in RUN_FILES if (out / name).exists()]

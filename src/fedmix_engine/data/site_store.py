@@ -98,6 +98,13 @@ CREATE TABLE IF NOT EXISTS digests (
 """
 
 
+def refuse_site_folder(folder: str | Path, what: str) -> None:
+    """An output folder that is a site's own (it holds ``site.json``) is refused: ``what`` (a run, masks)
+    would mix with the site's files, where nothing reads them and ``site info`` would not list them."""
+    if (Path(folder) / CONFIG_FILE).is_file():
+        raise InputError(folder, f"is a site folder ({CONFIG_FILE}): write {what} to a folder of its own")
+
+
 def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
