@@ -810,10 +810,13 @@ def test_a_stopped_batch_is_continued_keeping_the_masks_it_wrote_and_only_those(
     assert (out / ".notes.tmp").exists(), "only the writer's own temporary files"
     assert [row for _, _, row in batch] == reference and batch.kept == 1  # only a.tif's mask still stands
 
-    for changed, named in (({"threshold": 0.3}, "threshold"), ({"recursive": True}, "recursive")):
-        with pytest.raises(InputError, match=f"prediction.json: the earlier batch had another {named}: "):
+    for changed, named in (({"threshold": 0.3}, "threshold 0.5 (this one: 0.3)"),  # the value to set back
+                           ({"recursive": True}, "recursive False (this one: True)")):
+        with pytest.raises(InputError, match=re.escape(f"prediction.json: the earlier batch had {named}: ")):
             iter_predict_folder(predictor, folder, out, resume=True, **changed)
-    with pytest.raises(InputError, match="the earlier batch had another model sha256"):
+    digests = [hashlib.sha256(path.read_bytes()).hexdigest()[:12] for path in (first, other)]
+    with pytest.raises(InputError, match=re.escape(f"the earlier batch had model sha256 {digests[0]}… (this one: "
+                                                   f"{digests[1]}…)")):
         iter_predict_folder(Predictor.from_checkpoint(other, "cpu"), folder, out, resume=True)
     assert json.loads((out / "prediction.json").read_text())["files"]["kept"] == 1, "a refusal changes nothing"
 

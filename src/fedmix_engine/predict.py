@@ -668,12 +668,19 @@ def _resumed_start(out: Path, record: dict[str, Any]) -> str:
     if record["model"]["sha256"] is None:
         raise InputError("model", "weights held in memory cannot be matched to an earlier batch; load a checkpoint")
     model = earlier.get("model") or {}
-    differs = [key for key in RESUMED_SETTINGS if earlier.get(key) != record[key]] + [
-        f"model {key}" for key in ("sha256", "inference", "device") if model.get(key) != record["model"][key]]
+    pairs = [(key, earlier.get(key), record[key]) for key in RESUMED_SETTINGS] + [
+        (f"model {key}", model.get(key), record["model"][key]) for key in ("sha256", "inference", "device")]
+    # each with both values: a clinic continuing in napari must know which threshold to set back
+    differs = [f"{name} {_shown(before)} (this one: {_shown(now)})" for name, before, now in pairs if before != now]
     if differs:
-        raise InputError(path, f"the earlier batch had another {', '.join(differs)}: its masks are not this "
-                               "batch's; continue it with the same model and settings, or run without continuing")
+        raise InputError(path, f"the earlier batch had {', '.join(differs)}: its masks are not this batch's; "
+                               "continue it with the same model and settings, or run without continuing")
     return started
+
+
+def _shown(value: Any) -> str:
+    """A setting in a message: a digest by its first 12 characters, as git shows a commit."""
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) == 64 else str(value)
 
 
 def _now() -> str:
