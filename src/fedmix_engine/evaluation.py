@@ -134,6 +134,12 @@ def per_class_text(dice: Mapping[str, float]) -> str:
     return " · ".join(f"{name} {value:.3f}" for name, value in dice.items()) if len(dice) > 1 else ""
 
 
+def dice_text(dice: float, per_class: Mapping[str, float]) -> str:
+    """``0.500 (lesion 0.800 · cyst 0.200)``, or ``0.500`` for one class: a Dice as every scored line gives it."""
+    each = per_class_text(per_class)
+    return f"{dice:.3f} ({each})" if each else f"{dice:.3f}"
+
+
 @dataclass(frozen=True)
 class ImageScore:
     """One image's metrics for one class (docs/engine.md: the empty-mask conventions)."""

@@ -312,7 +312,7 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:
-        from fedmix_engine.evaluation import per_class_text
+        from fedmix_engine.evaluation import dice_text
         from fedmix_engine.federation.client import JoinEvent
         from fedmix_engine.fedmix.local_update import TrainProgress, shown_loss
         from fedmix_engine.fedmix.pseudo_labels import kept_summary
@@ -327,8 +327,7 @@ class TrainWidget(QWidget):
             self.batch_bar.setValue(progress.step)
         if isinstance(event, ValidationScore):  # after its round's line
             self._add_series("validation Dice", event.round, event.dice)
-            each = per_class_text(event.per_class)
-            self.status.setText(f"{self.status.text()}; validation Dice {event.dice:.3f}{f' ({each})' if each else ''}")
+            self.status.setText(f"{self.status.text()}; validation Dice {dice_text(event.dice, event.per_class)}")
         if isinstance(event, RoundDone):
             site = next(iter(event.n))
             self.round_bar.setValue(event.round)

@@ -468,7 +468,7 @@ class FederationClient:
         """Score round ``model_round``'s global model on the held-out folder (once per process) and send
         the scores; a refusal, or a held-out folder that cannot be read any more, is shown and training goes
         on: evaluation never stops the site's part in the federation."""
-        from fedmix_engine.evaluation import iter_score_site, per_class_text
+        from fedmix_engine.evaluation import dice_text, iter_score_site
         from fedmix_engine.predict import Predictor
 
         if self.held_out is None or model_round in self._scored:
@@ -504,8 +504,7 @@ class FederationClient:
             log.warning("%s: %s", path, sent)
         else:
             sent = "sent to the server"
-        each = per_class_text({label: score.dice for label, score in report.classes.items()})
-        yield JoinEvent("evaluated", f"{name}: Dice {report.dice:.3f}{f' ({each})' if each else ''} on "
+        yield JoinEvent("evaluated", f"{name}: Dice {dice_text(report.dice, report.class_dice())} on "
                         f"{report.images} held-out images ({sent})", model_round, report=report.to_dict())
 
     def _not_yet(self, site: str, round_number: int) -> str:

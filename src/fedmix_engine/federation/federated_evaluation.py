@@ -47,6 +47,10 @@ class EvaluationReport:
         return cls(summary[0].images, mean_image_dice(rows),
                    {s.label: ClassScore(s.images, s.lesion_images, s.dice_mean, s.iou_mean) for s in summary})
 
+    def class_dice(self) -> dict[str, float]:
+        """Each class's mean Dice, by name."""
+        return {label: score.dice for label, score in self.classes.items()}
+
     def to_dict(self) -> dict[str, Any]:
         return {"images": self.images, "dice": self.dice,
                 "classes": {k: vars(v) for k, v in self.classes.items()}}

@@ -364,7 +364,7 @@ class ServerState:
     def accept_evaluation(self, site: str, round_number: int, raw: Any) -> Outcome:
         """Record a site's scores of round ``round_number``'s global model on its held-out images; a site
         that scores a model again (after a restart) replaces its earlier report."""
-        from fedmix_engine.evaluation import per_class_text
+        from fedmix_engine.evaluation import dice_text
 
         try:
             report = EvaluationReport.from_dict(raw, self.config.class_names, self.config.model.num_classes)
@@ -378,9 +378,8 @@ class ServerState:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(folder / f"{site}.json", json.dumps(report.to_dict()).encode())
             self._evaluations.setdefault(round_number, {})[site] = report
-            each = per_class_text({label: score.dice for label, score in report.classes.items()})
-            return Outcome(200, f"evaluation of round {round_number}'s model recorded: Dice {report.dice:.3f}"
-                                f"{f' ({each})' if each else ''} on {report.images} images")
+            return Outcome(200, f"evaluation of round {round_number}'s model recorded: Dice "
+                                f"{dice_text(report.dice, report.class_dice())} on {report.images} images")
 
     # ------------------------------------------------------------------ uploads
     def accept_upload(self, site: str, round_number: int, body: Path) -> Outcome:

@@ -25,7 +25,7 @@ from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
-from fedmix_engine.evaluation import per_class_text
+from fedmix_engine.evaluation import dice_text
 from fedmix_engine.federation.client import check_held_out, check_site_fits_model
 from fedmix_engine.federation.federated_evaluation import EvaluationReport
 from fedmix_engine.federation.flower import FLWR_HINT, final_model, site_state
@@ -98,9 +98,8 @@ class RoundRecorder:
         line = outcome.to_dict()
         append_line(self.out / "evaluations.jsonl", json.dumps(line, sort_keys=True))
         if line["images"]:
-            each = per_class_text(line["classes"])
-            log.info("round %d: held-out Dice %.3f%s over %d images at %d site(s)", outcome.round, line["dice"],
-                     f" ({each})" if each else "", line["images"], len(outcome.reports))
+            log.info("round %d: held-out Dice %s over %d images at %d site(s)", outcome.round,
+                     dice_text(line["dice"], line["classes"]), line["images"], len(outcome.reports))
 
 
 @serverapp.main()
