@@ -78,6 +78,25 @@ def test_make_sample_mix_and_two_classes(tmp_path: Path) -> None:
         assert store.problems() == []
 
 
+def test_site_info_counts_each_class_boxes_and_tags(tmp_path: Path, capsys) -> None:
+    """site info gave a two-class site's boxes and tags as two totals: a class with few boxes, or tagged
+    absent on every image, could not be seen before training on it."""
+    from fedmix_engine.data.site_store import Box
+
+    site = tmp_path / "site"
+    with SiteStore.create(site, ["lesion", "cyst"]) as store:
+        for k in range(3):
+            store.add_image(np.zeros((32, 32), np.uint8), f"img{k}")
+        store.set_boxes("img0", [Box("lesion", 2, 2, 10, 10), Box("lesion", 12, 12, 20, 20)])
+        store.set_boxes("img1", [Box("cyst", 4, 4, 12, 12)])
+        store.set_tag("img2", "lesion", False)
+        store.set_tag("img2", "cyst", True)
+    assert main(["site", "info", str(site)]) == 0
+    info = capsys.readouterr().out
+    assert "box-supervised:  2  (boxes: 3: lesion 2 · cyst 1)" in info, info
+    assert "tag-supervised:  1  (tags: 2: lesion 0 present, 1 absent · cyst 1 present, 0 absent)" in info, info
+
+
 def test_strong_shift_adds_lookalikes_outside_the_mask_and_mild_has_none(tmp_path: Path) -> None:
     from dataclasses import replace
 
@@ -186,7 +205,7 @@ def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
     info = capsys.readouterr().out
     assert "mask-supervised: 5" in info
     assert "box-supervised:  6  (boxes: 7)" in info
-    assert "tag-supervised:  8  (tags: 8)" in info
+    assert "tag-supervised:  8  (tags: 8: 4 present, 4 absent)" in info, "how many images are lesion-free"
     assert "problems: 0" in info
     assert "models: none yet (train in napari, or join a federation)" in info
     _site_info_lists_its_models(site, capsys)

@@ -101,8 +101,13 @@ def cmd_site_info(args: argparse.Namespace) -> int:
         print(f"classes: {', '.join(store.config.classes)}  channels: {store.config.channels}")
         print(f"images: {counts['images']}")
         print(f"  mask-supervised: {counts['mask']}")
-        print(f"  box-supervised:  {counts['box']}  (boxes: {counts['boxes']})")
-        print(f"  tag-supervised:  {counts['tag']}  (tags: {counts['tags']})")
+        per_class = store.class_counts()
+        several = len(per_class) > 1
+        boxes = ": " + " · ".join(f"{c} {k['boxes']}" for c, k in per_class.items()) if several else ""
+        tags = " · ".join(f"{c + ' ' if several else ''}{k['present']} present, {k['absent']} absent"
+                          for c, k in per_class.items())
+        print(f"  box-supervised:  {counts['box']}  (boxes: {counts['boxes']}{boxes})")
+        print(f"  tag-supervised:  {counts['tag']}  (tags: {counts['tags']}: {tags})")
         print(f"  unlabelled:      {counts['none']}")
         calibrated = sum(store.spacing(image_id) is not None for image_id in store.image_ids())
         print(f"pixel spacing (mm): {calibrated} of {counts['images']} images"

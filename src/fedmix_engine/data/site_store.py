@@ -756,6 +756,18 @@ class SiteStore:
         counts["tags"] = int(self._query("SELECT COUNT(*) FROM tags")[0][0])
         return counts
 
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Per class (label order): its boxes, and the images tagged present and absent. How balanced the
+        weak labels are: a class with few boxes, or tags that are nearly all 'absent', trains little."""
+        counts = {name: {"boxes": 0, "present": 0, "absent": 0} for name in self.config.classes}
+        for name, number in self._query("SELECT class_name, COUNT(*) FROM boxes GROUP BY class_name"):
+            counts.setdefault(name, {"boxes": 0, "present": 0, "absent": 0})["boxes"] = int(number)
+        for name, present, number in self._query("SELECT class_name, present, COUNT(*) FROM tags "
+                                                 "GROUP BY class_name, present"):
+            counts.setdefault(name, {"boxes": 0, "present": 0, "absent": 0})[
+                "present" if present else "absent"] = int(number)
+        return counts
+
     def problems(self) -> list[str]:
         """Inconsistencies a backup or a crash may have left (missing files, stray files)."""
         found = []
