@@ -1384,6 +1384,11 @@ def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewe
         np.testing.assert_allclose(viewer.layers[name].scale, (1.0, 0.5, 0.5))
     assert statuses and statuses[-1] == "predicting loop: frame 6 of 6"
     assert "of the stack" in widget.status.text()
+    # a calibrated loop (a DICOM cine's 0.5 × 0.25 mm pixels): the lesion's area a frame, as summary.csv gives it
+    viewer.add_image(loop, name="calibrated loop", scale=(1.0, 0.5, 0.25), units=("pixel", "mm", "mm"))
+    predict("calibrated loop")
+    per_frame = int((viewer.layers[PRED_LAYER].data > 0).sum()) / 6 * 0.5 * 0.25
+    assert f"of the stack ({per_frame:.1f} mm² per frame, averaged)" in widget.status.text(), widget.status.text()
 
     viewer.add_image(rng.integers(0, 255, (3, 40, 48, 3), dtype=np.uint8), name="colour loop", rgb=True)
     assert predict("colour loop").shape == (1, 3, 40, 48)

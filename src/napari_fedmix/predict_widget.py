@@ -209,7 +209,7 @@ class PredictWidget(QWidget):
 
     def _apply_threshold(self) -> None:
         """The mask at the slider's threshold, and the status line's foreground (in mm² too when the
-        image layer is calibrated in a length: the lesion's size), which follows the slider."""
+        image layer is calibrated in a length: the lesion's size; a stack's per frame), which follows the slider."""
         if self._probability is None:
             return
         from fedmix_engine.predict import probabilities_to_labels
@@ -218,14 +218,16 @@ class PredictWidget(QWidget):
         self._overlay(PRED_LAYER, labels, self.viewer.add_labels, opacity=0.5)
         self.viewer.layers[PRED_LAYER].features = label_features(self._classes)
         foreground = labels > 0
-        pixel_mm2 = self._spacing[0] * self._spacing[1] if self._spacing is not None and labels.ndim == 2 else None
+        pixel_mm2 = self._spacing[0] * self._spacing[1] if self._spacing is not None else None
+        frames = 1 if labels.ndim == 2 else len(labels)  # a stack's area: per frame, averaged (as summary.csv)
 
         def mm2(pixels: np.ndarray) -> str:
-            return f" {int(pixels.sum()) * pixel_mm2:.1f} mm²" if pixel_mm2 is not None else ""
+            return f" {int(pixels.sum()) * pixel_mm2 / frames:.1f} mm²" if pixel_mm2 is not None else ""
 
         shares = [f"{name} {float((labels == k).mean()):.1%}{mm2(labels == k)}"
                   for k, name in enumerate(self._classes, 1)]
-        details = [mm2(foreground).strip()] if pixel_mm2 is not None else []
+        each_frame = " per frame, averaged" if frames > 1 else ""
+        details = [mm2(foreground).strip() + each_frame] if pixel_mm2 is not None else []
         if len(shares) > 1:  # which class is how much of it
             details.append(" · ".join(shares))
         said = f" ({'; '.join(details)})" if details else ""
