@@ -571,6 +571,8 @@ def test_annotate_import_says_which_photos_other_tools_show_turned(make_napari_v
     widget.create_site(tmp_path / "site", ["lesion"])
     assert _imported(qtbot, widget, widget.import_images([photo])) == []
     assert said and said[-1].startswith("1 photo(s) with an EXIF orientation") and str(photo) in said[-1]
+    shown = widget.viewer.layers["FedMix image"]  # 30 px high: napari would guess three grey planes
+    assert shown.rgb and shown.ndim == 2 and shown.data.shape == (30, 40, 3)
 
 
 def test_annotate_finishes_a_removal_a_kill_left_half_done_when_it_opens_the_site(make_napari_viewer, qtbot,

@@ -298,8 +298,9 @@ class AnnotateWidget(QWidget):
             image = self.store.read_image(image_id)
             mask = self.store.read_mask(image_id)
             height, width = image.shape[:2]
-            self._layer(IMAGE_LAYER, lambda: self.viewer.add_image(image, name=IMAGE_LAYER), image,
-                        rgb=image.ndim == 3)
+            # rgb said, not guessed: napari takes an H×W×3 image of a side ≤ 30 px for three grey planes
+            self._layer(IMAGE_LAYER, lambda: self.viewer.add_image(image, name=IMAGE_LAYER, rgb=image.ndim == 3),
+                        image, rgb=image.ndim == 3)
             labels = mask if mask is not None else np.zeros((height, width), np.uint8)
             mask_layer = self._layer(MASK_LAYER, lambda: self.viewer.add_labels(labels, name=MASK_LAYER, opacity=0.5),
                                      labels)
