@@ -147,6 +147,45 @@ def test_annotate_mask_boxes_and_tag_are_saved_and_shown_again(make_napari_viewe
     assert len([lyr for lyr in viewer.layers if lyr.name == MASK_LAYER]) == 1, "layers are reused, not duplicated"
 
 
+def test_annotate_shows_a_calibrated_image_in_mm_and_keeps_its_annotations_in_pixels(make_napari_viewer, qtbot,
+                                                                                    tmp_path):
+    """A site image with a pixel spacing (a DICOM scan's) was shown in pixels: napari measured nothing in mm, and
+    Predict on it gave no area. The layers now take the spacing as their scale; what is drawn stays in pixels."""
+    from napari_fedmix.annotate_widget import BOX_LAYER, IMAGE_LAYER, MASK_LAYER, AnnotateWidget
+    from napari_fedmix.layer_records import layer_spacing
+    from napari_fedmix.predict_widget import PRED_LAYER
+
+    with SiteStore.create(tmp_path / "site", ["lesion"]) as store:
+        store.add_image(np.full((40, 48), 160, np.uint8), "calibrated", spacing=(0.5, 0.25))
+        store.add_image(np.full((40, 48), 160, np.uint8), "plain")
+    viewer = make_napari_viewer()
+    widget = AnnotateWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.open_site(tmp_path / "site")
+    widget.show_image("calibrated")
+    for name in (IMAGE_LAYER, MASK_LAYER, BOX_LAYER):
+        assert layer_spacing(viewer.layers[name]) == (0.5, 0.25), name
+    mask = np.zeros((40, 48), np.uint8)
+    mask[4:12, 8:20] = 1
+    viewer.layers[MASK_LAYER].data = mask
+    viewer.layers[BOX_LAYER].add_rectangles([np.array([[2, 3], [12, 25]])])  # data coordinates: pixels
+    widget.show_image("plain")  # saves the calibrated image's edits
+    for name in (IMAGE_LAYER, MASK_LAYER, BOX_LAYER):
+        assert layer_spacing(viewer.layers[name]) is None and tuple(viewer.layers[name].scale) == (1.0, 1.0), name
+    with SiteStore.open(tmp_path / "site", readonly=True) as store:
+        np.testing.assert_array_equal(store.read_mask("calibrated"), mask)
+        assert [(b.y0, b.x0, b.y1, b.x1) for b in store.boxes("calibrated")] == [(2, 3, 12, 25)]
+
+    from model_helpers import all_lesion_checkpoint  # Predict on the shown image: the lesion's area in mm²
+
+    widget.show_image("calibrated")
+    predict = _predict_widget(viewer, qtbot, all_lesion_checkpoint(tmp_path / "all.safetensors"))
+    viewer.layers.selection.active = viewer.layers[IMAGE_LAYER]
+    assert predict.predict_active() is not None
+    qtbot.waitUntil(lambda: PRED_LAYER in viewer.layers and "mm²" in predict.status.text(), timeout=60_000)
+    assert f"of the image ({40 * 48 * 0.5 * 0.25:.1f} mm²)" in predict.status.text(), predict.status.text()
+
+
 def _drawn_glyph(box) -> str:
     """What a check box's indicator shows, read from its pixels as napari's theme draws them: "empty", "–"
     (a bar a few rows high) or "✓" (ink over most rows)."""

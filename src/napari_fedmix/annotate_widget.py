@@ -299,8 +299,9 @@ class AnnotateWidget(QWidget):
             mask = self.store.read_mask(image_id)
             height, width = image.shape[:2]
             # rgb said, not guessed: napari takes an H×W×3 image of a side ≤ 30 px for three grey planes
-            self._layer(IMAGE_LAYER, lambda: self.viewer.add_image(image, name=IMAGE_LAYER, rgb=image.ndim == 3),
-                        image, rgb=image.ndim == 3)
+            image_layer = self._layer(IMAGE_LAYER, lambda: self.viewer.add_image(image, name=IMAGE_LAYER,
+                                                                                 rgb=image.ndim == 3),
+                                      image, rgb=image.ndim == 3)
             labels = mask if mask is not None else np.zeros((height, width), np.uint8)
             mask_layer = self._layer(MASK_LAYER, lambda: self.viewer.add_labels(labels, name=MASK_LAYER, opacity=0.5),
                                      labels)
@@ -319,6 +320,11 @@ class AnnotateWidget(QWidget):
             if self.draw_class.currentText():  # not the last box's class, napari's default: the one chosen
                 shapes.feature_defaults["class"] = self.draw_class.currentText()
             mask_layer.editable = shapes.editable = not self.store.readonly  # after the data: a reset may set it
+            # the image's pixel spacing as the layers' scale: napari measures in mm, Predict gives the lesion's
+            # area; the data (mask pixels, box corners) stays in pixels, as the site keeps it
+            units, scale = _calibration(self.store.spacing(image_id))
+            for layer in (image_layer, mask_layer, shapes):
+                layer.units, layer.scale = units, scale
             tags = self.store.tags(image_id)
             for name, box in self.tag_boxes.items():
                 box.set_tag(tags.get(name))
@@ -849,3 +855,8 @@ def _open_for_annotating(root: Path) -> SiteStore:
         if not root.is_dir() or not write_refused(root):
             raise  # not a site, or damaged: the writer's error says which
     return SiteStore.open(root, readonly=True)
+
+
+def _calibration(spacing: tuple[float, float] | None) -> tuple[tuple[str, str], tuple[float, float]]:
+    """The layers' units and scale for an image of this pixel spacing (row, column mm; None: pixels)."""
+    return (("mm", "mm"), spacing) if spacing is not None else (("pixel", "pixel"), (1.0, 1.0))
