@@ -324,7 +324,7 @@ def _duration(seconds: float) -> str:
 
 def _held_out(evaluation: dict) -> str:
     """The pooled Dice, each site's, and for several classes each class's (the mean hides a class missed)."""
-    from fedmix_engine.evaluation import per_class_text
+    from fedmix_engine.dice_text import per_class_text
 
     per_site = ", ".join(f"{site} {report['dice']:.3f}" for site, report in evaluation["sites"].items())
     per_class = per_class_text(evaluation.get("classes") or {})

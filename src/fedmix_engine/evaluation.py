@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,18 +126,6 @@ def evaluate(predictor: Predictor, data: EvalSet) -> dict:
     names = data.classes or default_class_names(len(class_means))
     return {"dice": float(np.mean(scores)), "dice_lesion_images": float(np.mean(lesion_scores or [np.nan])),
             "images": len(scores), "dice_per_class": dict(zip(names, class_means, strict=True))}
-
-
-def per_class_text(dice: Mapping[str, float]) -> str:
-    """``lesion 0.800 · cyst 0.200``: each class's Dice for a model of several classes, whose mean hides a
-    class it misses; "" for one class (its Dice is the mean already given)."""
-    return " · ".join(f"{name} {value:.3f}" for name, value in dice.items()) if len(dice) > 1 else ""
-
-
-def dice_text(dice: float, per_class: Mapping[str, float]) -> str:
-    """``0.500 (lesion 0.800 · cyst 0.200)``, or ``0.500`` for one class: a Dice as every scored line gives it."""
-    each = per_class_text(per_class)
-    return f"{dice:.3f} ({each})" if each else f"{dice:.3f}"
 
 
 @dataclass(frozen=True)

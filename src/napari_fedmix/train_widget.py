@@ -312,7 +312,7 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:
-        from fedmix_engine.evaluation import dice_text
+        from fedmix_engine.dice_text import dice_text
         from fedmix_engine.federation.client import JoinEvent
         from fedmix_engine.fedmix.local_update import TrainProgress, shown_loss
         from fedmix_engine.fedmix.pseudo_labels import kept_summary

@@ -28,6 +28,7 @@ from fedmix_engine.checkpoint import pair_from_bytes
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
+from fedmix_engine.dice_text import dice_text
 from fedmix_engine.errors import FederationError, GaveUp, InputError
 from fedmix_engine.federation import pending_state
 from fedmix_engine.federation.federated_evaluation import EvaluationReport
@@ -468,7 +469,7 @@ class FederationClient:
         """Score round ``model_round``'s global model on the held-out folder (once per process) and send
         the scores; a refusal, or a held-out folder that cannot be read any more, is shown and training goes
         on: evaluation never stops the site's part in the federation."""
-        from fedmix_engine.evaluation import dice_text, iter_score_site
+        from fedmix_engine.evaluation import iter_score_site
         from fedmix_engine.predict import Predictor
 
         if self.held_out is None or model_round in self._scored:

@@ -42,6 +42,7 @@ from typing import Any
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from fedmix_engine.config_diff import changed_fields
+from fedmix_engine.dice_text import dice_text
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
 from fedmix_engine.federation.tokens import TOKENS_FILE, TOKENS_LOCK, TokenStore
@@ -364,8 +365,6 @@ class ServerState:
     def accept_evaluation(self, site: str, round_number: int, raw: Any) -> Outcome:
         """Record a site's scores of round ``round_number``'s global model on its held-out images; a site
         that scores a model again (after a restart) replaces its earlier report."""
-        from fedmix_engine.evaluation import dice_text
-
         try:
             report = EvaluationReport.from_dict(raw, self.config.class_names, self.config.model.num_classes)
         except InputError as exc:

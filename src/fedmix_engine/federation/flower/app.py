@@ -24,8 +24,8 @@ from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoi
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
+from fedmix_engine.dice_text import dice_text
 from fedmix_engine.errors import InputError
-from fedmix_engine.evaluation import dice_text
 from fedmix_engine.federation.client import check_held_out, check_site_fits_model
 from fedmix_engine.federation.federated_evaluation import EvaluationReport
 from fedmix_engine.federation.flower import FLWR_HINT, final_model, site_state
