@@ -1278,3 +1278,31 @@ def test_an_image_counts_as_fully_labelled_only_when_every_class_is_tagged_absen
         store.set_tag("cyst-present", "cyst", True)
     data = EvalSet.from_store(site, 32, 2, 1)
     assert data.ids == ["both-absent"] and not data.truths[0].any()
+
+
+def test_a_4d_stacks_mask_keeps_its_axes_so_it_lies_over_the_image_in_napari(tmp_path: Path) -> None:
+    """A time series of volumes (T×Z×H×W) was predicted frame by frame into a mask of T·Z pages that
+    read back as one axis: dropped next to its image in napari, it did not lie over it."""
+    import tifffile
+
+    from fedmix_engine.predict import Predictor, predict_folder
+
+    model = save_checkpoint(tmp_path / "m.safetensors", init_pair(TINY, 0), TINY, {"image_size": 32})
+    predictor = Predictor.from_checkpoint(model, "cpu")
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    series = rng.integers(0, 255, (2, 3, 40, 48), dtype=np.uint8)
+    tifffile.imwrite(folder / "series.tif", series, photometric="minisblack")
+    tifffile.imwrite(folder / "hyperstack.tif", series, imagej=True, metadata={"axes": "TZYX"})
+    tifffile.imwrite(folder / "loop.tif", series[0], photometric="minisblack")
+    rows = {r.file: r for r in predict_folder(predictor, folder, out)}
+    for name in ("series", "hyperstack"):
+        assert (rows[f"{name}.tif"].status, rows[f"{name}.tif"].frames) == ("ok", 6)
+        masks = tifffile.imread(out / f"{name}_mask.tif")
+        assert masks.shape == (2, 3, 40, 48), name
+        np.testing.assert_array_equal(masks[1, 2], predictor.mask(series[1, 2]))
+    assert tifffile.imread(out / "loop_mask.tif").shape == (3, 40, 48)
+    resumed = {r.file: r for r in predict_folder(predictor, folder, out, resume=True)}  # kept, read back
+    assert (resumed["series.tif"].frames, resumed["series.tif"].foreground_fraction) == (
+        6, rows["series.tif"].foreground_fraction)

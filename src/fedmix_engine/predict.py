@@ -581,11 +581,12 @@ class FolderBatch:
         if is_video_path(path):
             video = open_video(path)
             frames: Iterable[np.ndarray] = video
-            count, frame_name = video.frames, str
+            count, frame_name, leading = video.frames, str, ()
         elif (stack := tiff_stack(path)) is not None:  # read a page at a time
-            frames, count, frame_name = stack, len(stack), partial(_frame_index, leading=stack.leading)
+            frames, count, leading = stack, len(stack), stack.leading
+            frame_name = partial(_frame_index, leading=leading)
         elif is_dicom_file(path) and (loop := dicom_frames(path)) is not None:  # decoded a frame at a time
-            frames, count, frame_name = loop, loop.count, str
+            frames, count, frame_name, leading = loop, loop.count, str, ()
         else:
             pixels, colour = read_frames(path)
             if pixels.ndim == (3 if colour else 2):
@@ -597,7 +598,7 @@ class FolderBatch:
             count, frame_name = len(frames), partial(_frame_index, leading=leading)
         kept: list[np.ndarray] | None = [] if self.dicom_seg and is_dicom_file(path) else None  # a SEG: whole
         done, counts = 0, self._no_pixels()
-        with tiff_pages(self.out / mask_file, spacing) as write_page:
+        with tiff_pages(self.out / mask_file, spacing, leading) as write_page:  # T×Z×H×W read back as such
             for labels in predictor.iter_label_chunks(frames, threshold, path, frame_name):
                 for page in labels:
                     write_page(page)

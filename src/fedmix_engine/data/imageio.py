@@ -22,6 +22,7 @@ Normalisation (:func:`normalise_image`) maps every accepted image to float32 ``C
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -364,18 +365,30 @@ _TIFF_WRITE = {"compression": "zlib", "compressionargs": {"level": 1}, "metadata
 
 
 @contextlib.contextmanager
-def tiff_pages(path: str | Path, spacing: tuple[float, float] | None = None
+def tiff_pages(path: str | Path, spacing: tuple[float, float] | None = None, leading: tuple[int, ...] = ()
                ) -> Iterator[Callable[[np.ndarray], None]]:
     """Write grey ``H×W`` pages to ``path`` one at a time, as :func:`tiff_bytes` writes one (a reader
     gets the stack F×H×W), so a long video's mask is never held whole; atomically: a run stopped
-    half-way leaves no file, or the one that was there. ``spacing`` as for :func:`tiff_bytes`."""
+    half-way leaves no file, or the one that was there. ``spacing`` as for :func:`tiff_bytes`.
+    ``leading``: the image's axes before its frames when there are several (T×Z of a time series of
+    volumes), whose product the caller writes as pages; the first page then states the whole shape
+    (tifffile's ``{"shape": …}`` description), so tifffile and napari read ``T×Z×H×W`` back and the
+    mask lies over its image."""
     import tifffile
 
     from fedmix_engine.data.pixel_spacing import tiff_resolution
 
     options = {**_TIFF_WRITE, **tiff_resolution(spacing)}
+    first = True
+
+    def write(page: np.ndarray) -> None:
+        nonlocal first
+        shaped = {"description": json.dumps({"shape": [*leading, *page.shape]})} if first and len(leading) > 1 else {}
+        tiff.write(np.ascontiguousarray(page), photometric="minisblack", **options, **shaped)
+        first = False
+
     with atomic_open(path) as handle, tifffile.TiffWriter(handle) as tiff:
-        yield lambda page: tiff.write(np.ascontiguousarray(page), photometric="minisblack", **options)
+        yield write
 
 
 def _palette_indices(path: Path) -> np.ndarray | None:
