@@ -325,6 +325,35 @@ def test_a_two_class_simulation_reports_each_class_test_dice_as_evaluate_scores_
             in out), out
 
 
+def test_evaluate_scores_the_masks_predict_writes_where_two_classes_overlap(tmp_path: Path) -> None:
+    """Each class is a sigmoid channel, so a pixel can be above the threshold for two classes. Predict
+    writes the more probable one; evaluate counted the pixel for both, so its per-class Dice was not
+    that of the masks a clinic gets. Both now cut the same label mask."""
+    from fedmix_engine.evaluation import score_site
+    from fedmix_engine.predict import Predictor
+
+    make_sample(tmp_path / "fed", sites=1, images=2, eval_images=4, seed=0, size=32, classes=2)
+    config = ModelConfig(base_width=4, num_classes=2)
+    pair = init_pair(config, 0)
+    for net in ("net1", "net2"):  # both classes above 0.5 nearly everywhere; which is higher varies
+        pair[f"{net}.outc.conv.bias"] += 3.0
+    model = save_checkpoint(tmp_path / "m.safetensors", pair, config, {"image_size": 32, "classes": ["lesion", "cyst"]})
+    predictor = Predictor.from_checkpoint(model, "cpu")
+    test = tmp_path / "fed" / "eval" / "site-a" / "test"
+    rows = {(r.image, r.label): r for r in score_site(predictor, test)}
+    overlap = 0
+    with SiteStore.open(test, readonly=True) as store:
+        for image_id in store.image_ids():
+            image, truth = store.read_image(image_id), store.read_mask(image_id)
+            truth = np.zeros(image.shape[:2], np.uint8) if truth is None else truth  # lesion-free
+            overlap += int((predictor.probabilities(image) > 0.5).all(axis=0).sum())
+            labels = predictor.mask(image)
+            for k, name in enumerate(("lesion", "cyst"), start=1):
+                assert rows[image_id, name].dice == pytest.approx(dice(labels == k, truth == k), abs=1e-6), (
+                    image_id, name)
+    assert overlap > 0, "the classes overlap somewhere: the case this test is about"
+
+
 def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path: Path, capsys) -> None:
     start = time.monotonic()
     code = main(["simulate", "--sample", str(sample), "--rounds", "2", "--width", "4", "--image-size", "32",

@@ -103,12 +103,22 @@ def _check_fits(store: SiteStore, path: str | Path, num_classes: int, channels: 
 def _predicted_masks(predictor: Predictor, data: EvalSet, threshold: float = 0.5
                      ) -> Iterator[tuple[int, str, np.ndarray, np.ndarray]]:
     """(index, image id, predicted bool K×H×W, truth K×H×W) per image, the prediction at the truth's size:
-    probability > ``threshold``, compared as logits (0.5: logit > 0)."""
+    the label mask predict writes (:func:`label_channels`), probability > ``threshold`` compared as
+    logits (0.5: logit > 0)."""
     cut = math.log(threshold / (1 - threshold))
     z = predictor.logits(data.images)
     for k, (image_id, truth) in enumerate(zip(data.ids, data.truths, strict=True)):
         zk = F.interpolate(z[k:k + 1], size=truth.shape[-2:], mode="bilinear", align_corners=False)[0]
-        yield k, image_id, (zk > cut).numpy(), truth
+        yield k, image_id, label_channels(zk, cut), truth
+
+
+def label_channels(logits: torch.Tensor, cut: float = 0.0) -> np.ndarray:
+    """bool ``K×H×W``: each pixel in at most one class, the most probable of those above ``cut``, as
+    predict's label mask holds it. The classes' sigmoid channels may overlap; scored channel by channel,
+    a pixel above the threshold for two classes counted for both, and the per-class Dice was not that
+    of the masks a clinic gets (the same for one class)."""
+    winner = torch.zeros_like(logits, dtype=torch.bool).scatter_(0, logits.argmax(dim=0, keepdim=True), True)
+    return (winner & (logits > cut).any(dim=0, keepdim=True)).numpy()
 
 
 def evaluate(predictor: Predictor, data: EvalSet) -> dict:
