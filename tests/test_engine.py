@@ -325,7 +325,7 @@ def test_a_two_class_simulation_reports_each_class_test_dice_as_evaluate_scores_
             in out), out
 
 
-def test_evaluate_scores_the_masks_predict_writes_where_two_classes_overlap(tmp_path: Path) -> None:
+def test_evaluate_scores_the_masks_predict_writes_where_two_classes_overlap(tmp_path: Path, capsys) -> None:
     """Each class is a sigmoid channel, so a pixel can be above the threshold for two classes. Predict
     writes the more probable one; evaluate counted the pixel for both, so its per-class Dice was not
     that of the masks a clinic gets. Both now cut the same label mask."""
@@ -341,17 +341,25 @@ def test_evaluate_scores_the_masks_predict_writes_where_two_classes_overlap(tmp_
     predictor = Predictor.from_checkpoint(model, "cpu")
     test = tmp_path / "fed" / "eval" / "site-a" / "test"
     rows = {(r.image, r.label): r for r in score_site(predictor, test)}
-    overlap = 0
+    overlap, masks = 0, []
     with SiteStore.open(test, readonly=True) as store:
         for image_id in store.image_ids():
             image, truth = store.read_image(image_id), store.read_mask(image_id)
             truth = np.zeros(image.shape[:2], np.uint8) if truth is None else truth  # lesion-free
+            masks.append(truth)
             overlap += int((predictor.probabilities(image) > 0.5).all(axis=0).sum())
             labels = predictor.mask(image)
             for k, name in enumerate(("lesion", "cyst"), start=1):
                 assert rows[image_id, name].dice == pytest.approx(dice(labels == k, truth == k), abs=1e-6), (
                     image_id, name)
     assert overlap > 0, "the classes overlap somewhere: the case this test is about"
+    # the table's count of images holding each class reads as such for a cyst too (it said 'lesion')
+    assert main(["evaluate", str(model), str(test), "--device", "cpu"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header, cyst = next(t for t in table if t.startswith("class")), next(t for t in table if t.startswith("cyst"))
+    assert header.split()[:3] == ["class", "images", "present"], header
+    holding = sum(int((m == 2).any()) for m in masks)
+    assert cyst.split()[1:3] == [str(len(masks)), str(holding)], cyst
 
 
 def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path: Path, capsys) -> None:

@@ -2325,6 +2325,7 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     cells = [widget.table.item(row, 0).text() for row in range(widget.table.rowCount())]
     assert cells == ["4", "4", f"{expected.dice_mean:.3f} ± {expected.dice_std:.3f}", f"{expected.iou_mean:.3f}",
                      f"{expected.hd95_median:.1f}", f"{expected.hd95_mm_median:.2f}"]
+    assert widget.table.verticalHeaderItem(1).text() == "with the class"  # a cyst column's count is of cysts
     assert "4 image(s) with full ground truth; mean Dice over images" in widget.status.text()
     assert "(as simulate and Train report)" in widget.status.text() and widget.threshold.value() == 0.5
     assert "HD95 in mm from 2 of 4 images" in widget.status.text() and "m.safetensors (" in widget.status.text()

@@ -161,13 +161,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{args.site}: {len({r.image for r in rows})} image(s) with full ground truth{cut}; Dice and IoU per image "
           "(both empty: 1), HD95 in pixels of the image" + (" and in mm where it has a pixel spacing" if in_mm else
                                                              " (no image has a pixel spacing for mm)"))
-    print(f"{'class':<16} {'images':>6} {'lesion':>6}  {'Dice mean ± std':<16} {'IoU':>5}  {'HD95 px':>7}"
+    print(f"{'class':<16} {'images':>6} {'present':>7}  {'Dice mean ± std':<16} {'IoU':>5}  {'HD95 px':>7}"
           + (f"  {'HD95 mm':>7}" if in_mm else "") + "  (medians)")
     for c in summary:
         undefined = f"; {c.hd95_undefined} undefined: one mask empty" if c.hd95_undefined else ""
         partly = f"; mm from {c.with_spacing} of {c.images} images" if in_mm and c.with_spacing < c.images else ""
         mm = f"  {c.hd95_mm_median:>7.2f}" if in_mm else ""
-        print(f"{c.label:<16} {c.images:>6} {c.lesion_images:>6}  {c.dice_mean:.3f} ± {c.dice_std:.3f}    "
+        print(f"{c.label:<16} {c.images:>6} {c.lesion_images:>7}  {c.dice_mean:.3f} ± {c.dice_std:.3f}    "
               f"{c.iou_mean:.3f}  {c.hd95_median:>7.1f}{mm}" + (f"  ({(undefined + partly)[2:]})"
                                                                 if undefined or partly else ""))
     reported = "as simulate reports" if args.threshold == 0.5 else "simulate reports them at 0.5"

@@ -33,8 +33,9 @@ from napari_fedmix.workers import make_worker
 if TYPE_CHECKING:
     import napari
 
-# the table's rows, one column per class: it stays readable in a narrow dock
-METRICS = ("images", "with lesion", "Dice mean ± std", "IoU mean", "HD95 px (median)", "HD95 mm (median)")
+# the table's rows, one column per class: it stays readable in a narrow dock ("with the class": a
+# cyst column's count of images holding a cyst, not of images with a lesion)
+METRICS = ("images", "with the class", "Dice mean ± std", "IoU mean", "HD95 px (median)", "HD95 mm (median)")
 
 
 class EvaluateWidget(QWidget):
