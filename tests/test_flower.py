@@ -491,6 +491,8 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
                        # a setting's check names the key written, not the ServerConfig field it sets
                        ({"crop-size": 30}, "run config 'crop-size': must be a multiple of 16"),
                        ({"model-width": 3}, "run config 'model-width': must be an even number"),
+                       # a network no installed package offers
+                       ({"model": "nope"}, "run config 'model': unknown model 'nope'; known: unet"),
                        ({"num-server-rounds": 0}, "run config 'num-server-rounds': must be positive"),
                        ({"min-sites": 0}, "run config 'min-sites': need 1 ≤ min-sites"),
                        ({"class-names": "lesion,lesion"}, "run config 'class-names': lesion, lesion: give"),
@@ -503,6 +505,7 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
     assert ok, errors
     settings = FlowerRunSettings.from_run_config(config["tool"]["flwr"]["app"]["config"])
     assert settings.federation.rounds == 2 and settings.federation.model.base_width == 4
+    assert config["tool"]["flwr"]["app"]["config"]["model"] == "unet"  # the network, as `serve --model` sets it
     # the defaults are the built-in server's
     assert FlowerRunSettings().federation == ServerConfig()
     # an image size given alone: the crop follows it, as `serve --image-size` does; a given crop is kept

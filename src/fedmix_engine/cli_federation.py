@@ -18,7 +18,7 @@ from fedmix_engine.errors import InputError
 SERVER_OPTIONS = (("sites", "sites"), ("min_sites", "min_sites"), ("round_timeout", "round_timeout"),
                   ("rounds", "rounds"), ("method", "method"), ("lam", "lam"), ("beta", "beta"), ("seed", "seed"),
                   ("max_upload_mb", "max_upload_mb"), ("keep_models", "keep_models"), ("class_names", "class_names"))
-MODEL_OPTIONS = (("base_width", "width"), ("num_classes", "classes"), ("in_channels", "channels"))
+MODEL_OPTIONS = (("name", "model"), ("base_width", "width"), ("num_classes", "classes"), ("in_channels", "channels"))
 TRAIN_OPTIONS = (("image_size", "image_size"), ("crop_size", "crop_size"), ("batch_size", "batch_size"),
                  ("epochs", "local_epochs"), ("lr", "lr"), ("pl_warmup_rounds", "pl_warmup"))
 SETTINGS = tuple(option for part in (SERVER_OPTIONS, MODEL_OPTIONS, TRAIN_OPTIONS) for _, option in part)
@@ -393,6 +393,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="keep the global models of the last K rounds (and of the round the sites' held-out "
                             "scores rate best), 0 every round's; every round's record stays; a pair at width 64 is "
                             "138 MB a round (default 0)")
+    group.add_argument("--model", metavar="NAME", help="the network: unet (the paper's), or one an installed package "
+                                                       "offers (entry point group fedmix_engine.models; every site "
+                                                       "needs that package too; docs/engine.md) (default unet)")
     group.add_argument("--width", type=int, help="U-Net base width (64 = reference; default 16)")
     group.add_argument("--classes", type=int, help="number of classes (default 1), or as many as --class-names")
     group.add_argument("--class-names", metavar="NAME[,NAME…]",

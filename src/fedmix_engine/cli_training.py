@@ -69,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = SimulationConfig(
         method=args.method, rounds=args.rounds, seed=args.seed, lam=args.lam, beta=args.beta,
         inference=args.inference, device=args.device, precision=args.precision,
-        model=ModelConfig(in_channels=channels, num_classes=num_classes, base_width=args.width),
+        model=ModelConfig(name=args.model, in_channels=channels, num_classes=num_classes, base_width=args.width),
         train=TrainConfig(image_size=args.image_size, crop_size=args.crop_size or default_crop_size(args.image_size),
                           batch_size=args.batch_size, lr=args.lr, epochs=args.local_epochs, tau=args.tau,
                           loss=args.loss, pl_warmup_rounds=args.pl_warmup),
@@ -228,6 +228,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "repeat exactly on one machine, torch build and --threads)")
     p.add_argument("--lam", type=float, default=10.0, help="λ: weight of the loss term (paper: 10 breast/skin, 2 OCT)")
     p.add_argument("--beta", type=float, default=1.5, help="β: loss exponent (paper: 1.5 breast, 3 skin/OCT)")
+    p.add_argument("--model", default="unet", metavar="NAME",
+                   help="the network: unet (the paper's), or one an installed package offers (entry point group "
+                        "fedmix_engine.models; docs/engine.md)")
     p.add_argument("--width", type=int, default=16, help="U-Net base width (64 = the paper's 17.3 M parameters)")
     p.add_argument("--image-size", type=int, default=128, help="images are resized to this side (reference: 256)")
     p.add_argument("--crop-size", type=int,

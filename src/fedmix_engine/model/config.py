@@ -45,8 +45,7 @@ class ModelConfig:
             raise InputError("model config", f"not a valid model configuration ({exc})") from exc
 
     def validate(self) -> None:
-        if self.name not in _REGISTRY:
-            raise InputError("model.name", f"unknown model '{self.name}'; known: {', '.join(_REGISTRY)}")
+        model_builder(self.name)  # an unknown network is refused with the names that are known
         if self.in_channels not in (1, 3):
             raise InputError("model.in_channels", f"must be 1 or 3, not {self.in_channels}")
         if not 1 <= self.num_classes <= 255:
@@ -63,19 +62,59 @@ def _unet(config: ModelConfig) -> nn.Module:
 
 _REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {"unet": _unet}
 
+# Installed packages offer networks here, as pytest and napari find their plugins: in pyproject.toml,
+# [project.entry-points."fedmix_engine.models"] my-net = "my_package.nets:build_my_net"
+ENTRY_POINT_GROUP = "fedmix_engine.models"
+
 
 def register_model(name: str, builder: Callable[[ModelConfig], nn.Module]) -> None:
-    """Make another network available as ``ModelConfig(name=...)``.
+    """Make another network available as ``ModelConfig(name=...)`` in this process (an installed
+    package's entry point in :data:`ENTRY_POINT_GROUP` makes it available in every process).
 
     ``builder(config)`` returns a module mapping ``B×in_channels×H×W`` images (H, W multiples of 16)
     to ``B×num_classes×H×W`` logits; it may ignore ``base_width`` and ``bilinear``. Training,
     aggregation, the wire and checkpoints work on its state dict unchanged. Every process that builds
-    or reads such a model (each site, the server, a predictor) must register it first; a checkpoint
-    naming an unregistered network is refused with the names that are known.
+    or reads such a model (each site, the server, a predictor) must know it; a checkpoint naming an
+    unknown network is refused with the names that are known.
     """
     if not name or name in _REGISTRY:
         raise InputError("model.name", f"'{name}' is empty or already registered")
     _REGISTRY[name] = builder
+
+
+def _installed() -> dict[str, Any]:
+    """The entry points of :data:`ENTRY_POINT_GROUP` by name (read from the installed packages'
+    metadata, nothing imported); a name registered in this process is not taken from them."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in _REGISTRY}
+
+
+def known_models() -> list[str]:
+    """The networks this process can build: registered here, or offered by an installed package."""
+    return [*_REGISTRY, *sorted(_installed())]
+
+
+def model_builder(name: str) -> Callable[[ModelConfig], nn.Module]:
+    """The builder of network ``name``: registered in this process, else loaded (once) from the
+    installed package whose entry point offers it. The built-in U-Net never reads package metadata."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    entry = _installed().get(name)
+    if entry is None:
+        raise InputError("model.name", f"unknown model '{name}'; known: {', '.join(known_models())} (another "
+                                       f"network: install the package that offers it, docs/engine.md)")
+    package = f"{entry.dist.name} {entry.dist.version}" if entry.dist else "an installed package"
+    try:
+        builder = entry.load()
+    except Exception as exc:  # its import failed: named with the package, not a bare traceback
+        raise InputError("model.name", f"network '{name}' of {package} ({entry.value}) cannot be loaded: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+    if not callable(builder):
+        raise InputError("model.name", f"network '{name}' of {package}: {entry.value} is not a builder "
+                                       "(a function of a ModelConfig returning a torch module)")
+    _REGISTRY[name] = builder
+    return builder
 
 
 def build_model(config: ModelConfig) -> nn.Module:

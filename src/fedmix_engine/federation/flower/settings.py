@@ -22,7 +22,7 @@ from fedmix_engine.model import ModelConfig
 # run-config key → field of ServerConfig, of its ModelConfig, of its TrainConfig
 FEDERATION_KEYS = {"num-server-rounds": "rounds", "method": "method", "lam": "lam", "beta": "beta", "seed": "seed",
                    "min-sites": "min_sites", "round-timeout": "round_timeout"}
-MODEL_KEYS = {"model-width": "base_width", "num-classes": "num_classes", "in-channels": "in_channels"}
+MODEL_KEYS = {"model": "name", "model-width": "base_width", "num-classes": "num_classes", "in-channels": "in_channels"}
 TRAIN_KEYS = {"image-size": "image_size", "crop-size": "crop_size", "batch-size": "batch_size", "lr": "lr",
               "local-epochs": "epochs", "tau": "tau", "loss": "loss", "pl-warmup": "pl_warmup_rounds"}
 APP_KEYS = {"out-dir": "out_dir", "keep-updates": "keep_updates", "fraction-evaluate": "fraction_evaluate"}

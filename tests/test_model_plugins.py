@@ -1,0 +1,140 @@
+"""A researcher's network in an installed package (an entry point in ``fedmix_engine.models``) is
+found by every command and process: simulate, serve, join, predict, evaluate. Before, the commands
+knew only the built-in U-Net and another network could only be run from Python.
+
+The package is installed the way pip leaves it on disk (a module and its ``*.dist-info`` folder on
+the import path), and importlib.metadata finds it there; the commands run as real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import federation_helpers
+from federation_helpers import TINY_SETTINGS, free_port, make_tokens, running_server
+from fedmix_engine.checkpoint import load_checkpoint
+from fedmix_engine.cli import main
+from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.model import config as model_config
+
+NETWORK = '''
+import torch
+
+
+class TinyConv(torch.nn.Module):
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(in_channels, 6, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(6, num_classes, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def build(config):
+    return TinyConv(config.in_channels, config.num_classes)
+'''
+
+ENTRY_POINTS = """[fedmix_engine.models]
+tiny-conv = fedmix_tinynet:build
+broken = fedmix_tinynet_broken:build
+not-a-builder = fedmix_tinynet:__doc__
+"""
+
+
+@pytest.fixture()
+def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """``fedmix-tinynet 0.1`` installed on the import path of this process and of the processes it starts
+    (their environment); the registry of this process is put back afterwards."""
+    packages = tmp_path / "site-packages"
+    packages.mkdir()
+    (packages / "fedmix_tinynet.py").write_text(NETWORK)
+    (packages / "fedmix_tinynet_broken.py").write_text("raise ImportError('needs timm, which is not installed')\n")
+    info = packages / "fedmix_tinynet-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedmix-tinynet\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(ENTRY_POINTS)
+    monkeypatch.syspath_prepend(str(packages))
+    monkeypatch.setattr(model_config, "_REGISTRY", {"unet": model_config._unet})  # none another test registered
+    env = {**federation_helpers.ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(packages),
+                                                                                 os.environ.get("PYTHONPATH")]))}
+    monkeypatch.setattr(federation_helpers, "ENV", env)  # the server process finds the package too
+    return env
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedmix_engine.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_simulate_predict_and_evaluate_use_an_installed_packages_network(installed: dict[str, str],
+                                                                          tmp_path: Path, capsys) -> None:
+    make_sample(tmp_path / "fed", sites=2, images=6, eval_images=2, seed=0, size=32)
+    assert "tiny-conv" not in model_config._REGISTRY  # nothing imported before a command asks for it
+    assert model_config.known_models() == ["unet", "broken", "not-a-builder", "tiny-conv"]
+    run = tmp_path / "run"
+    assert main(["simulate", "--sample", str(tmp_path / "fed"), "--model", "tiny-conv", "--rounds", "1",
+                 "--image-size", "32", "--crop-size", "32", "--batch-size", "4", "--device", "cpu",
+                 "--out", str(run)]) == 0, capsys.readouterr().err
+    pair, config, _ = load_checkpoint(run / "best.safetensors")
+    assert config.name == "tiny-conv" and "net1.body.0.weight" in pair  # the package's network, not a U-Net
+    # a new process, which never saw the simulation, reads the checkpoint through the entry point
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "scan.tif", np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8))
+    predicted = _run(installed, "predict", str(run / "best.safetensors"), str(images), str(tmp_path / "masks"),
+                     "--device", "cpu")
+    assert predicted.returncode == 0, predicted.stderr
+    assert tifffile.imread(tmp_path / "masks" / "scan_mask.tif").shape == (40, 48)
+    held_out = tmp_path / "fed" / "eval" / "site-a" / "test"
+    scored = _run(installed, "evaluate", str(run / "best.safetensors"), str(held_out), "--device", "cpu")
+    assert scored.returncode == 0 and "mean Dice over images" in scored.stdout, scored.stderr
+    # without the package, the process names the network and what to do
+    bare = {**installed, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    missing = _run(bare, "predict", str(run / "best.safetensors"), str(images), str(tmp_path / "none"))
+    assert missing.returncode == 2
+    assert ("unknown model 'tiny-conv'; known: unet (another network: install the package that offers it"
+            in missing.stderr), missing.stderr
+
+
+def test_an_unknown_or_broken_network_is_named_under_model_before_training(installed: dict[str, str],
+                                                                          tmp_path: Path, capsys) -> None:
+    make_sample(tmp_path / "fed", sites=2, images=4, eval_images=1, seed=0, size=32)
+    for name, said in [
+        ("nope", "--model: unknown model 'nope'; known: unet, broken, not-a-builder, tiny-conv"),
+        ("broken", "--model: network 'broken' of fedmix-tinynet 0.1 (fedmix_tinynet_broken:build) cannot be "
+                   "loaded: ImportError: needs timm, which is not installed"),
+        ("not-a-builder", "--model: network 'not-a-builder' of fedmix-tinynet 0.1: fedmix_tinynet:__doc__ is not "
+                          "a builder"),
+    ]:
+        assert main(["simulate", "--sample", str(tmp_path / "fed"), "--model", name, "--rounds", "1",
+                     "--image-size", "32", "--device", "cpu", "--out", str(tmp_path / name)]) == 2
+        assert said in capsys.readouterr().err, name
+        assert not (tmp_path / name / "metrics.jsonl").exists()
+
+
+def test_serve_and_join_federate_an_installed_packages_network(installed: dict[str, str], tmp_path: Path) -> None:
+    make_sample(tmp_path / "fed", sites=2, images=6, eval_images=1, seed=0, size=32)
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a", "site-b"])
+    with running_server(state, ["--model", "tiny-conv", "--sites", "2", "--rounds", "1", *TINY_SETTINGS]) as server:
+        joins = [subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url,
+                                   "--token", tokens[name], "--site", str(tmp_path / "fed" / name), "--device", "cpu",
+                                   "--poll", "0.2"], env=installed, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+                 for name in ("site-a", "site-b")]
+        outputs = [join.communicate(timeout=300)[0] for join in joins]
+        assert all(join.returncode == 0 for join in joins), outputs
+        assert server.status()["finished"]
+    _, config, _ = load_checkpoint(tmp_path / "fed" / "site-a" / "models" / "global.safetensors")
+    assert config.name == "tiny-conv"
+    # the server's network is part of the federation's settings: a restart cannot change it
+    changed = _run(installed, "serve", "--state", str(state), "--model", "unet", "--port", str(free_port()))
+    assert changed.returncode == 2 and "fixed for the life of a federation (model.name: tiny-conv → unet)" in (
+        changed.stderr), changed.stderr
