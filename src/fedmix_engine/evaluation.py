@@ -24,7 +24,7 @@ from fedmix_engine.data.site_store import ImageRecord, SiteStore
 from fedmix_engine.data.tensors import label_to_channels, resize_image
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.metrics import dice, hd95, per_class_metrics
-from fedmix_engine.predict import Predictor
+from fedmix_engine.predict import Predictor, probabilities_to_labels
 from fedmix_engine.steps import run_steps, shifted
 
 
@@ -103,22 +103,16 @@ def _check_fits(store: SiteStore, path: str | Path, num_classes: int, channels: 
 def _predicted_masks(predictor: Predictor, data: EvalSet, threshold: float = 0.5
                      ) -> Iterator[tuple[int, str, np.ndarray, np.ndarray]]:
     """(index, image id, predicted bool K×H×W, truth K×H×W) per image, the prediction at the truth's size:
-    the label mask predict writes (:func:`label_channels`), probability > ``threshold`` compared as
-    logits (0.5: logit > 0)."""
+    the label mask predict writes, one class per pixel (the classes' sigmoid channels may overlap; scored
+    channel by channel, a pixel above the threshold for two classes counted for both, and a model of
+    several classes was scored on masks nobody gets). Probability > ``threshold`` is compared as a logit
+    (0.5: logit > 0); the rule is monotone, so predict's takes logits as they are."""
     cut = math.log(threshold / (1 - threshold))
     z = predictor.logits(data.images)
+    classes = np.arange(1, z.shape[1] + 1)[:, None, None]
     for k, (image_id, truth) in enumerate(zip(data.ids, data.truths, strict=True)):
         zk = F.interpolate(z[k:k + 1], size=truth.shape[-2:], mode="bilinear", align_corners=False)[0]
-        yield k, image_id, label_channels(zk, cut), truth
-
-
-def label_channels(logits: torch.Tensor, cut: float = 0.0) -> np.ndarray:
-    """bool ``K×H×W``: each pixel in at most one class, the most probable of those above ``cut``, as
-    predict's label mask holds it. The classes' sigmoid channels may overlap; scored channel by channel,
-    a pixel above the threshold for two classes counted for both, and the per-class Dice was not that
-    of the masks a clinic gets (the same for one class)."""
-    winner = torch.zeros_like(logits, dtype=torch.bool).scatter_(0, logits.argmax(dim=0, keepdim=True), True)
-    return (winner & (logits > cut).any(dim=0, keepdim=True)).numpy()
+        yield k, image_id, probabilities_to_labels(zk.numpy(), cut) == classes, truth
 
 
 def evaluate(predictor: Predictor, data: EvalSet) -> dict:

@@ -256,6 +256,8 @@ def _frame_index(flat: int, leading: tuple[int, ...]) -> str:
 
 
 def probabilities_to_labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """uint8 label mask of ``K×…`` per-class scores: 0 where no class is above ``threshold``, else the
+    most probable class (1..K; a tie: the first). Scores may be logits with the threshold as a logit."""
     fg = prob > threshold
     labels = (np.argmax(prob, axis=0) + 1).astype(np.uint8)
     labels[~fg.any(axis=0)] = 0
