@@ -16,56 +16,17 @@ import numpy as np
 import pytest
 import tifffile
 
-import federation_helpers
 from federation_helpers import TINY_SETTINGS, free_port, make_tokens, running_server
 from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.cli import main
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.model import config as model_config
-
-NETWORK = '''
-import torch
-
-
-class TinyConv(torch.nn.Module):
-    def __init__(self, in_channels, num_classes):
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(in_channels, 6, 3, padding=1), torch.nn.ReLU(),
-                                        torch.nn.Conv2d(6, num_classes, 1))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def build(config):
-    return TinyConv(config.in_channels, config.num_classes)
-'''
-
-ENTRY_POINTS = """[fedmix_engine.models]
-tiny-conv = fedmix_tinynet:build
-broken = fedmix_tinynet_broken:build
-not-a-builder = fedmix_tinynet:__doc__
-"""
+from model_package_helpers import install_network_package
 
 
 @pytest.fixture()
 def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """``fedmix-tinynet 0.1`` installed on the import path of this process and of the processes it starts
-    (their environment); the registry of this process is put back afterwards."""
-    packages = tmp_path / "site-packages"
-    packages.mkdir()
-    (packages / "fedmix_tinynet.py").write_text(NETWORK)
-    (packages / "fedmix_tinynet_broken.py").write_text("raise ImportError('needs timm, which is not installed')\n")
-    info = packages / "fedmix_tinynet-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedmix-tinynet\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    monkeypatch.syspath_prepend(str(packages))
-    monkeypatch.setattr(model_config, "_REGISTRY", {"unet": model_config._unet})  # none another test registered
-    env = {**federation_helpers.ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(packages),
-                                                                                 os.environ.get("PYTHONPATH")]))}
-    monkeypatch.setattr(federation_helpers, "ENV", env)  # the server process finds the package too
-    return env
+    return install_network_package(tmp_path, monkeypatch)
 
 
 def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

@@ -1063,6 +1063,37 @@ def _start_local(widget, site: Path, rounds: int) -> None:
     widget.start()
 
 
+def test_local_training_offers_a_network_an_installed_package_offers(make_napari_viewer, qtbot, sample,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    """The commands and a federation could train a network from an installed package; napari's local
+    Train built the U-Net whatever was installed. Its network row shows only when there is a choice."""
+    from fedmix_engine.checkpoint import load_checkpoint
+    from model_package_helpers import install_network_package
+    from napari_fedmix.train_widget import TrainWidget
+
+    viewer = make_napari_viewer()
+    plain = TrainWidget(viewer)
+    qtbot.addWidget(plain)
+    assert not plain.network.isVisibleTo(plain), "the U-Net alone: no row to choose from"
+    install_network_package(tmp_path, monkeypatch)
+    train = TrainWidget(viewer)
+    qtbot.addWidget(train)
+    assert train.network.isVisibleTo(train)
+    assert [train.network.itemText(k) for k in range(train.network.count())] == [
+        "unet", "broken", "not-a-builder", "tiny-conv"]
+    train.network.setCurrentText("tiny-conv")
+    _start_local(train, sample, rounds=1)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    pair, config, _ = load_checkpoint(sample / "models" / "local" / "final.safetensors")
+    assert config.name == "tiny-conv" and "net1.body.0.weight" in pair, train.status.text()
+    train.network.setCurrentText("broken")  # its package's import fails: said, nothing trained
+    train.continue_local.setChecked(False)
+    _start_local(train, sample, rounds=1)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+    assert "network 'broken' of fedmix-tinynet 0.1" in train.status.text(), train.status.text()
+    assert load_checkpoint(sample / "models" / "local" / "final.safetensors")[1].name == "tiny-conv"
+
+
 def test_local_training_on_two_classes_says_each_class_validation_dice(make_napari_viewer, qtbot,
                                                                         tmp_path: Path) -> None:
     """The validation Dice of a lesion-and-cyst site was one line in the plot, the classes averaged: a model

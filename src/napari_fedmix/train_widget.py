@@ -122,6 +122,12 @@ class TrainWidget(QWidget):
         self.ca_cert.setPlaceholderText("certificate to trust (optional)")
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
+        from fedmix_engine.model import known_models
+
+        self.network = QComboBox()  # the row shows only where a package offers another network
+        self.network.addItems(known_models())
+        self.network.setToolTip("The network trained locally: unet (the paper's), or one an installed package "
+                                "offers. In a federation the server chooses it.")
         self.rounds, self.width_spin, self.size = QSpinBox(), QSpinBox(), QSpinBox()
         self.rounds.setRange(1, 1000)
         self.rounds.setValue(10)
@@ -172,6 +178,8 @@ class TrainWidget(QWidget):
         form.addRow("device", self.device)
         form.addRow("rounds (local)", self.rounds)
         form.addRow("", self.continue_local)
+        if self.network.count() > 1:
+            form.addRow("network (local)", self.network)
         form.addRow("U-Net width (local)", self.width_spin)
         form.addRow("image size (local)", self.size)
         layout = QVBoxLayout(self)
@@ -275,8 +283,8 @@ class TrainWidget(QWidget):
                 check_held_out(held_out, site)
         size = self.size.value()
         config = SimulationConfig(method="fedmix", rounds=done + self.rounds.value(), device=self.device.currentText(),
-                                  model=ModelConfig(in_channels=channels, num_classes=classes,
-                                                    base_width=self.width_spin.value()),
+                                  model=ModelConfig(name=self.network.currentText(), in_channels=channels,
+                                                    num_classes=classes, base_width=self.width_spin.value()),
                                   train=TrainConfig(image_size=size, crop_size=default_crop_size(size),
                                                     batch_size=4))
         self.last_checkpoint = site / LOCAL_MODEL
