@@ -151,10 +151,11 @@ def make_one(kwargs: dict) -> None:
     make_sample(**kwargs)
 
 
-def _model_for(federation: Path, width: int) -> ModelConfig:
-    """The U-Net for a federation's images: its first site's channels and classes (synthetic data: grey, one)."""
+def _model_for(federation: Path, width: int, name: str = "unet") -> ModelConfig:
+    """The network for a federation's images: its first site's channels and classes (synthetic data: grey, one)."""
     with SiteStore.open(sorted(federation.glob("site-*"))[0], readonly=True) as site:
-        return ModelConfig(in_channels=site.config.channels, num_classes=len(site.config.classes), base_width=width)
+        return ModelConfig(name=name, in_channels=site.config.channels, num_classes=len(site.config.classes),
+                           base_width=width)
 
 
 def run_one(job: dict) -> dict:
@@ -211,6 +212,9 @@ def main() -> None:
                         help="run on this make-federation (or make-sample) folder instead of synthetic data: "
                              "one setting, its own; the seeds vary initialisation and training only")
     parser.add_argument("--methods", default=",".join(ORDER))
+    parser.add_argument("--model", default="unet", metavar="NAME",
+                        help="the network of every method: unet, or one an installed package offers (entry point "
+                             "group fedmix_engine.models, docs/engine.md); its runs get folders of their own")
     parser.add_argument("--lam", type=float, default=10.0)
     parser.add_argument("--beta", type=float, default=1.5)
     parser.add_argument("--lr", type=float, help="override the profile's Adam learning rate")
@@ -232,6 +236,10 @@ def main() -> None:
         parser.error(f"--full is the GPU configuration (width 64, 256² images, {prof['rounds']} rounds per "
                      f"run), days of work on a CPU, and {plan.note}; leave out --full for the CPU profile")
     rounds = args.rounds or prof["rounds"]
+    try:  # an unknown network or a package that cannot be imported: said before any data is made
+        ModelConfig(name=args.model).validate()
+    except InputError as exc:
+        parser.error(f"--model: {exc.reason}")
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in METHODS:
@@ -252,7 +260,8 @@ def main() -> None:
     started = time.time()
     jobs, samples = [], []
     suffix = "" if args.shift == "mild" else f"-{args.shift}"  # data and run folders of a non-default shift
-    run_suffix = suffix + ("" if args.loss == "dice" else f"-{args.loss.replace('+', '')}")
+    run_suffix = suffix + ("" if args.loss == "dice" else f"-{args.loss.replace('+', '')}") + (
+        "" if args.model == "unet" else f"-{args.model}")
     for setting in settings:
         spec = SETTINGS[setting]
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -263,7 +272,8 @@ def main() -> None:
                 samples.append({"out": data, "sites": 3, "images": prof["images"], "eval_images": prof["eval_images"],
                                 "seed": seed, "size": prof["size"], "supervision": spec["supervision"],
                                 "mix": spec["mix"], "shift": args.shift})
-            model = _model_for(data, prof["width"]) if setting == "data" else ModelConfig(base_width=prof["width"])
+            model = (_model_for(data, prof["width"], args.model) if setting == "data"
+                     else ModelConfig(name=args.model, base_width=prof["width"]))
             for method in methods:
                 config = SimulationConfig(method=method, rounds=rounds, seed=seed, lam=args.lam, beta=args.beta,
                                           device=prof["device"], precision=prof["precision"], model=model, train=train)
@@ -299,7 +309,9 @@ def main() -> None:
                        f", learning rate {train.lr:g}" if train.lr != prof["train"].lr else "",
                        f", {args.shift} domain shift" if args.shift != "mild" else "",
                        f", {args.loss} loss" if args.loss != "dice" else "",
+                       f", network {args.model}" if args.model != "unet" else "",
                        f", on {args.federation.name}" if args.federation else ""])
+    network = "U-Net" if args.model == "unet" else f"network {args.model}"
     lines = [f"## Quality ({'GPU --full' if args.full else 'CPU'} configuration{variant})", "",
              f"Command: `{command()}`  ", f"Machine: {machine()}  ",
              (f"Data: {args.federation} (federation.json: {len(manifest['sites'])} sites made from "
@@ -308,7 +320,7 @@ def main() -> None:
               f"Data: synthetic ultrasound-like federation ({args.shift} shift), 3 sites, "
               f"{prof['images']} training images per site, "
               f"{prof['eval_images']} validation + {prof['eval_images']} test images per site, {prof['size']}² px.  "),
-             f"Model: U-Net width {prof['width']}; {rounds} rounds × {train.epochs} local epoch(s), batch "
+             f"Model: {network} width {prof['width']}; {rounds} rounds × {train.epochs} local epoch(s), batch "
              f"{train.batch_size} (pseudo-labels and evaluation {train.pl_batch_size or 'per device'}), "
              f"crops {train.crop_size}², Adam lr {train.lr:g}; λ = {args.lam}, β = {args.beta}; "
              f"pseudo-label warm-up {args.pl_warmup} round(s); {args.seeds} seeds"

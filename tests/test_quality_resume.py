@@ -59,3 +59,25 @@ def test_a_federation_of_colour_images_gets_a_colour_model(tmp_path: Path) -> No
     assert run.returncode == 0, run.stdout + run.stderr
     model = (tmp_path / "work" / "run-data-0-fedmix" / "config.json").read_text()
     assert '"in_channels": 3' in model
+
+
+def test_the_benchmark_runs_a_network_an_installed_package_offers(tmp_path: Path, monkeypatch) -> None:
+    """A researcher's network in the paper's table: --model reaches every simulation (spawned workers
+    find it through the package's entry point), in run folders of its own; an unknown one is refused
+    before any data is made."""
+    from model_package_helpers import install_network_package
+
+    env = install_network_package(tmp_path, monkeypatch)
+    base = [sys.executable, str(QUALITY), "--settings", "a", "--methods", "fedavg-mask-only", "--seeds", "1",
+            "--jobs", "1", "--no-write", "--workdir", str(tmp_path / "work"), "--rounds", "1"]
+    run = subprocess.run([*base, "--model", "tiny-conv"], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    config = (tmp_path / "work" / "run-a-0-fedavg-mask-only-tiny-conv" / "config.json").read_text()
+    assert '"name": "tiny-conv"' in config
+    assert not (tmp_path / "work" / "run-a-0-fedavg-mask-only").exists()
+    assert "## Quality (CPU configuration, 1 rounds, network tiny-conv)" in run.stdout
+    assert "Model: network tiny-conv width" in run.stdout
+    refused = subprocess.run([*base, "--model", "nope", "--workdir", str(tmp_path / "none")], capture_output=True,
+                             text=True, timeout=600, env=env)
+    assert refused.returncode == 2 and "--model: unknown model 'nope'; known: unet, broken" in refused.stderr
+    assert not (tmp_path / "none").exists()
