@@ -85,6 +85,12 @@ def test_serve_and_join_federate_an_installed_packages_network(installed: dict[s
     state = tmp_path / "state"
     tokens = make_tokens(state, ["site-a", "site-b"])
     with running_server(state, ["--model", "tiny-conv", "--sites", "2", "--rounds", "1", *TINY_SETTINGS]) as server:
+        # a site without the package: told which network and what to do, before it trains
+        bare = {**installed, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+        checked = _run(bare, "join", "--server", server.url, "--token", tokens["site-a"], "--site",
+                       str(tmp_path / "fed" / "site-a"), "--device", "cpu", "--check")
+        assert checked.returncode == 2, checked.stdout + checked.stderr
+        assert "unknown model 'tiny-conv'; known: unet (another network: install the package" in checked.stderr
         joins = [subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "join", "--server", server.url,
                                    "--token", tokens[name], "--site", str(tmp_path / "fed" / name), "--device", "cpu",
                                    "--poll", "0.2"], env=installed, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
