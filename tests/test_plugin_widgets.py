@@ -1068,9 +1068,11 @@ def test_local_training_offers_a_network_an_installed_package_offers(make_napari
     """The commands and a federation could train a network from an installed package; napari's local
     Train built the U-Net whatever was installed. Its network row shows only when there is a choice."""
     from fedmix_engine.checkpoint import load_checkpoint
+    from fedmix_engine.model import config as model_config
     from model_package_helpers import install_network_package
     from napari_fedmix.train_widget import TrainWidget
 
+    monkeypatch.setattr(model_config, "_REGISTRY", {"unet": model_config._unet})  # whatever a test registered
     viewer = make_napari_viewer()
     plain = TrainWidget(viewer)
     qtbot.addWidget(plain)
