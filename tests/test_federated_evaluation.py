@@ -99,6 +99,11 @@ def test_sites_score_every_global_model_on_held_out_images_and_the_server_pools_
         "site-a"]
     assert f"Held-out Dice of round 2's global model: <b>{evaluations[2]['dice']:.3f}</b> over 6 images" in page
     assert "held-out Dice of each round" in page
+    # what the sites train, for the admin to check: on the page, at the server's start and in status
+    trained = ("network unet, width 4, 1 class, 1 channel; sites train at 32 px (crops 32, batch 4, 1 local epoch a "
+               "round, lr 0.001)")
+    assert f"<p>Model: {trained}.</p>" in page
+    assert f"\nmodel: {trained}\n" in (tmp_path / f"server-{server.port}.log").read_text()
 
     _status_reads_what_the_server_says(state, status, capsys)
 
@@ -122,10 +127,12 @@ def _status_reads_what_the_server_says(state: Path, served: dict, capsys) -> Non
     assert main(["status", "--state", str(state)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("federation ") and "fedmix (λ=10, β=1.5), classes lesion; 2 sites expected" in lines[0]
-    assert lines[1] == "rounds: 2 of 2 done; finished"
+    assert lines[1] == ("model: network unet, width 4, 1 class, 1 channel; sites train at 32 px (crops 32, batch 4, "
+                        "1 local epoch a round, lr 0.001)")
+    assert lines[2] == "rounds: 2 of 2 done; finished"
     final = served["evaluations"][2]
-    assert lines[2].startswith(f"round 0 (initial model): held-out Dice {served['evaluations'][0]['dice']:.3f} over 6")
-    assert lines[4].startswith("round 2: site-a w=") and lines[4].endswith(
+    assert lines[3].startswith(f"round 0 (initial model): held-out Dice {served['evaluations'][0]['dice']:.3f} over 6")
+    assert lines[5].startswith("round 2: site-a w=") and lines[5].endswith(
         f"held-out Dice {final['dice']:.3f} over 6 images (site-a {final['sites']['site-a']['dice']:.3f}, "
         f"site-b {final['sites']['site-b']['dice']:.3f}) (closed: every expected site reported)")
     assert sorted((p, p.stat().st_mtime_ns) for p in state.rglob("*")) == before, "status wrote to the state"

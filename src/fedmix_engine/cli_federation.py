@@ -255,7 +255,7 @@ def _warn_if_site_count_differs(tokens, state: Path, out=None, fewer: bool = Tru
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedmix_engine.federation.admin import sites_expected
+    from fedmix_engine.federation.admin import model_summary, sites_expected
     from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, read_status, space_shortfall
     from fedmix_engine.federation.tokens import TokenStore
     from fedmix_engine.fedmix.local_update import shown_loss
@@ -265,13 +265,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     classes = ", ".join(status["class_names"]) or "not named"
     print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
           f"classes {classes}; {sites_expected(status)}, quorum {status['min_sites']}")
+    config = load_server_config(Path(args.state) / CONFIG_FILE)
+    print(f"model: {model_summary(config)}")
     state = "finished" if status["finished"] else (f"round {status['round']} open{_open_for(status)}, uploaded: "
                                                     f"{', '.join(status['uploaded']) or 'none yet'}")
     print(f"rounds: {status['last_round']} of {status['rounds']} done; {state}")
     if not status["finished"]:
         print(_waiting(status))
-        if (short := space_shortfall(Path(args.state), load_server_config(Path(args.state) / CONFIG_FILE),
-                                     status["last_round"])) is not None:
+        if (short := space_shortfall(Path(args.state), config, status["last_round"])) is not None:
             print(f"warning: {short}")
         _warn_if_site_count_differs(TokenStore(args.state), Path(args.state), sys.stdout)
     for change in status["settings_changes"]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmix_engine.federation.certificates import expiry_warning
+
+if TYPE_CHECKING:
+    from fedmix_engine.federation.state import ServerConfig
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -21,6 +24,18 @@ def sites_expected(status: dict) -> str:
     """'2 sites expected', and '1 site expected' for a hospital trying the server alone."""
     expected = status["sites_expected"]
     return f"{expected} site{'' if expected == 1 else 's'} expected"
+
+
+def model_summary(config: ServerConfig) -> str:
+    """What the sites train (a ServerConfig's network and training settings), for the admin to check
+    at start and in ``status``: 'network unet, width 16, 1 class, 1 channel; sites train at 128 px …'."""
+    model, train = config.model, config.train
+    classes = f"{model.num_classes} class{'' if model.num_classes == 1 else 'es'}"
+    channels = f"{model.in_channels} channel{'' if model.in_channels == 1 else 's'}"
+    warmup = f", pseudo-labels from round {train.pl_warmup_rounds + 1}" if train.pl_warmup_rounds else ""
+    return (f"network {model.name}, width {model.base_width}, {classes}, {channels}; sites train at "
+            f"{train.image_size} px (crops {train.crop_size}, batch {train.batch_size}, {train.epochs} local "
+            f"epoch{'' if train.epochs == 1 else 's'} a round, lr {train.lr:g}{warmup})")
 
 
 def not_uploaded_list(missing: list[dict]) -> str:
@@ -126,6 +141,7 @@ td,th{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}}</style>
 <p><b>{escape(state)}</b> — {status['last_round']} of {status['rounds']} rounds done; method {escape(status['method'])}
 (λ = {status['lam']}, β = {status['beta']}); {sites_expected(status)}, quorum {status['min_sites']}.
 Uploaded this round: {escape(waiting)}.</p>
+{f"<p>Model: {escape(status['model_summary'])}.</p>" if status.get('model_summary') else ""}
 {failing}{renew}{changed}{scored}
 <div>{svg_lines(held_out, "held-out Dice of each round's global model") if held_out else ""}
 {svg_lines(weights, "site weight w_k per round")} {svg_lines(losses, "training loss ℓ_k per round")}

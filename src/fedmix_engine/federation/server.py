@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from fedmix_engine import __version__
 from fedmix_engine.errors import InputError
-from fedmix_engine.federation.admin import render_admin_page
+from fedmix_engine.federation.admin import model_summary, render_admin_page
 from fedmix_engine.federation.certificates import certificate_dates, certificate_names, expiry_warning
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.state import (
@@ -277,7 +277,8 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
 
     @app.get("/", response_class=HTMLResponse, dependencies=[Depends(status_reader)])
     def admin_page() -> str:
-        return render_admin_page({**status(), "space_shortfall": shortfall(), "site_count": site_count()})
+        return render_admin_page({**status(), "space_shortfall": shortfall(), "site_count": site_count(),
+                                  "model_summary": model_summary(state.config)})
 
     return app
 
@@ -371,6 +372,7 @@ def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_
         print(f"FedMix server: {address_for_sites(scheme, host, port, tls_cert)}{every}  round "
               f"{state.current_round} of {state.config.rounds}{' (finished)' if state.finished else ''}; "
               f"state in {state_dir}", flush=True)
+        print(f"model: {model_summary(state.config)}", flush=True)
         uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level=log_level)
     finally:  # a library call: the next serve in this process (a test, an embedding app) logs once, not twice
         federation_log.removeHandler(handler)
