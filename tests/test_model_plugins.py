@@ -78,6 +78,15 @@ def test_an_unknown_or_broken_network_is_named_under_model_before_training(insta
                      "--image-size", "32", "--device", "cpu", "--out", str(tmp_path / name)]) == 2
         assert said in capsys.readouterr().err, name
         assert not (tmp_path / name / "metrics.jsonl").exists()
+    # two packages offering one name: which one a checkpoint was trained with cannot be told
+    other = tmp_path / "site-packages" / "fedmix_othernet-0.2.dist-info"
+    other.mkdir()
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: fedmix-othernet\nVersion: 0.2\n")
+    (other / "entry_points.txt").write_text("[fedmix_engine.models]\ntiny-conv = fedmix_othernet:build\n")
+    assert main(["simulate", "--sample", str(tmp_path / "fed"), "--model", "tiny-conv", "--rounds", "1",
+                 "--image-size", "32", "--device", "cpu", "--out", str(tmp_path / "twice")]) == 2
+    assert ("--model: network 'tiny-conv' is offered by several installed packages (fedmix-" in (
+        err := capsys.readouterr().err)) and "fedmix_othernet:build" in err and "fedmix_tinynet:build" in err, err
 
 
 def test_serve_and_join_federate_an_installed_packages_network(installed: dict[str, str], tmp_path: Path) -> None:

@@ -82,12 +82,20 @@ def register_model(name: str, builder: Callable[[ModelConfig], nn.Module]) -> No
     _REGISTRY[name] = builder
 
 
-def _installed() -> dict[str, Any]:
+def _installed() -> dict[str, list[Any]]:
     """The entry points of :data:`ENTRY_POINT_GROUP` by name (read from the installed packages'
     metadata, nothing imported); a name registered in this process is not taken from them."""
     from importlib.metadata import entry_points
 
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in _REGISTRY}
+    offered: dict[str, list[Any]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _REGISTRY:
+            offered.setdefault(ep.name, []).append(ep)
+    return offered
+
+
+def _package(entry: Any) -> str:
+    return f"{entry.dist.name} {entry.dist.version}" if entry.dist else "an installed package"
 
 
 def known_models() -> list[str]:
@@ -100,11 +108,16 @@ def model_builder(name: str) -> Callable[[ModelConfig], nn.Module]:
     installed package whose entry point offers it. The built-in U-Net never reads package metadata."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    entry = _installed().get(name)
-    if entry is None:
+    entries = _installed().get(name, [])
+    if not entries:
         raise InputError("model.name", f"unknown model '{name}'; known: {', '.join(known_models())} (another "
                                        f"network: install the package that offers it, docs/engine.md)")
-    package = f"{entry.dist.name} {entry.dist.version}" if entry.dist else "an installed package"
+    if len({entry.value for entry in entries}) > 1:  # which one a checkpoint's weights were trained on is unknown
+        raise InputError("model.name", f"network '{name}' is offered by several installed packages ("
+                                       f"{', '.join(f'{_package(e)}: {e.value}' for e in entries)}); uninstall "
+                                       "all but the one the federation uses")
+    entry = entries[0]
+    package = _package(entry)
     try:
         builder = entry.load()
     except Exception as exc:  # its import failed: named with the package, not a bare traceback
