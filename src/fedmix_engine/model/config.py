@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from fedmix_engine.errors import InputError
 
 if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
     from torch import nn
 
 
@@ -82,19 +84,19 @@ def register_model(name: str, builder: Callable[[ModelConfig], nn.Module]) -> No
     _REGISTRY[name] = builder
 
 
-def _installed() -> dict[str, list[Any]]:
+def _installed() -> dict[str, list[EntryPoint]]:
     """The entry points of :data:`ENTRY_POINT_GROUP` by name (read from the installed packages'
     metadata, nothing imported); a name registered in this process is not taken from them."""
     from importlib.metadata import entry_points
 
-    offered: dict[str, list[Any]] = {}
+    offered: dict[str, list[EntryPoint]] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _REGISTRY:
             offered.setdefault(ep.name, []).append(ep)
     return offered
 
 
-def _package(entry: Any) -> str:
+def _package(entry: EntryPoint) -> str:
     return f"{entry.dist.name} {entry.dist.version}" if entry.dist else "an installed package"
 
 
