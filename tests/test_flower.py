@@ -264,6 +264,27 @@ def test_site_train_runs_the_engine_update_on_the_site_store(tmp_path: Path) -> 
                 site_train(message, context)
 
 
+def test_a_site_trains_the_network_of_an_installed_package_that_the_run_config_names(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """The run-config key ``model`` reaches a site's ClientApp: it builds and trains the package's network."""
+    from model_package_helpers import install_network_package
+
+    install_network_package(tmp_path, monkeypatch)
+    make_sample(tmp_path / "s", sites=1, images=6, eval_images=1, seed=0, size=32)
+    settings = FlowerRunSettings.from_run_config({"model": "tiny-conv", "image-size": 32, "crop-size": 32,
+                                                  "batch-size": 4})
+    pair = init_pair(settings.federation.model, 0)
+    assert "net1.body.0.weight" in pair  # the package's network, not a U-Net
+    request = Message(content=RecordDict({"arrays": pair_to_arrays(pair), "config": ConfigRecord(
+        {**settings.site_config(), "server-round": 1})}), metadata=_metadata(0))
+    context = Context(run_id=43, node_id=7, node_config={"site-dir": str(tmp_path / "s" / "site-a")},
+                      state=RecordDict(), run_config={})
+    out = site_train(request, context)
+    assert not out.has_error()
+    trained = out.content["arrays"].to_torch_state_dict()
+    assert set(trained) == set(pair) and max_diff(trained, pair) > 0
+
+
 @pytest.fixture
 def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """What Flower's ServerApp runtime sets before a strategy creates messages."""
