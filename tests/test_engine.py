@@ -149,6 +149,47 @@ def test_device_plan_selection_logic() -> None:
         plan_device("cpu", "int8")
 
 
+def test_an_apple_gpu_is_used_when_named_and_only_then(monkeypatch) -> None:
+    """A Mac's GPU (MPS): ``auto`` says it is there and stays on the CPU (MPS training is unverified here);
+    ``mps`` uses it, in fp32, with synchronous copies (asynchronous ones to MPS have corrupted data) and
+    its cache released; asked for on a machine without one, the CPU with a note. Before, ``mps`` was
+    refused as not a device."""
+    from fedmix_engine.device import DevicePlan, release_memory, to_device
+    from fedmix_engine.environment import describe_environment
+
+    mac = {"cuda_available": lambda: False, "mps_available": lambda: True}
+    auto = plan_device("auto", **mac)
+    assert auto.device.type == "cpu" and "Apple GPU found" in auto.note and "device mps" in auto.note
+    assert plan_device("auto", cuda_available=lambda: False, mps_available=lambda: False).note == (
+        "no GPU found: training on the CPU")
+    assert plan_device("auto", cuda_available=lambda: True, mps_available=lambda: True).device.type == "cuda"
+    mps = plan_device("MPS", "bf16", **mac)
+    assert mps.device == torch.device("mps") and mps.is_mps and not mps.is_cuda
+    assert mps.precision == "fp32" and mps.pl_batch_size == 4
+    assert mps.note == "Apple GPU (mps) requested; bf16 autocast is for CUDA GPUs only, using fp32"
+    elsewhere = plan_device("mps", cuda_available=lambda: False, mps_available=lambda: False)
+    assert elsewhere.device.type == "cpu" and elsewhere.note == (
+        "mps requested but no Apple GPU is available: using the CPU")
+    with pytest.raises(InputError, match=r"device: 'metal' is not a device; use auto, cpu, cuda, cuda:N or mps"):
+        plan_device("metal")
+
+    class Copied:  # records how a tensor was asked to move
+        def to(self, device, non_blocking=False):
+            self.asked = (str(device), non_blocking)
+            return self
+
+    cuda = DevicePlan(torch.device("cuda"), "fp32", "", 32)
+    assert to_device(Copied(), mps).asked == ("mps", False) and to_device(Copied(), cuda).asked == ("cuda", True)
+    emptied: list[str] = []
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: emptied.append("mps"))
+    release_memory(plan_device("cpu"))
+    assert emptied == []
+    release_memory(mps)
+    assert emptied == ["mps"]
+    assert describe_environment(mps.device)["gpu"] == "Apple GPU (mps)"
+    assert describe_environment(torch.device("cpu"))["gpu"] == "none"
+
+
 def test_local_update_is_deterministic_and_reports_n_and_loss(sample: Path) -> None:
     with SiteStore.open(sample / "site-b") as store, store.training_view() as view:
         data = load_site_tensors(view, 32)
@@ -405,7 +446,7 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
         assert device_line.startswith("device: cuda:0, "), device_line
     else:
         assert device_line == ("device: cpu, fp32 (cuda:0 requested but no CUDA GPU is available: using the CPU; "
-                               "bf16 autocast is GPU-only, using fp32)")
+                               "bf16 autocast is for CUDA GPUs only, using fp32)")
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
     # the checkpoint predicts a folder: one mask per image, a CSV, and a corrupt file listed
     images = tmp_path / "imgs"

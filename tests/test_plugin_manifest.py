@@ -51,3 +51,5 @@ def test_plugin_settings_are_declared_and_readable(plugin_settings) -> None:
     assert settings.training.device == "auto" and settings.sites.default_site_folder == ""
     settings.training.device = "cpu"
     assert plugin_defaults()["device"] == "cpu"
+    settings.training.device = "mps"  # a Mac's GPU
+    assert plugin_defaults()["device"] == "mps"

@@ -2255,6 +2255,29 @@ def test_prediction_runs_on_the_device_the_preferences_name(make_napari_viewer, 
     assert asked[-1] == "cpu" and (tmp_path / "out" / "scan_mask.tif").is_file()
 
 
+def test_train_offers_each_device_the_preferences_can_name(make_napari_viewer, qtbot, monkeypatch):
+    """Preferences › FedMix › device and the Train panel's device list are one list: a device the
+    preferences name but the panel lacks was silently replaced by the panel's first entry ('auto'). The
+    Apple GPU (mps) is in both."""
+    import yaml
+
+    import napari_fedmix
+    import napari_fedmix.settings
+    from napari_fedmix.train_widget import TrainWidget
+
+    manifest = yaml.safe_load((Path(napari_fedmix.__file__).parent / "napari.yaml").read_text())
+    offered = manifest["contributions"]["configurations"]["training"]["properties"]["device"]["enum"]
+    viewer = make_napari_viewer()
+    for device in offered:
+        monkeypatch.setattr(napari_fedmix.settings, "plugin_defaults",
+                            lambda device=device: {"device": device, "default_site_folder": ""})
+        train = TrainWidget(viewer)
+        qtbot.addWidget(train)
+        assert [train.device.itemText(k) for k in range(train.device.count())] == offered
+        assert train.device.currentText() == device
+    assert "mps" in offered
+
+
 def test_predict_starts_with_the_default_sites_model_without_annotate_open(make_napari_viewer, qtbot, tmp_path,
                                                                            monkeypatch):
     import napari_fedmix.settings

@@ -429,7 +429,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", help="this site's token (or FEDMIX_TOKEN, or --token-file)")
     p.add_argument("--token-file", type=Path, help="file holding this site's token")
     p.add_argument("--site", type=Path, required=True, help="this site's folder (its images never leave it)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (an Apple GPU: only when named)")
     p.add_argument("--ca-cert", help="CA or self-signed certificate to trust for HTTPS, alone (without it: what this "
                         "machine trusts, e.g. a hospital CA its IT installed)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between status checks while waiting")

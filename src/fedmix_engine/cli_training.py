@@ -246,7 +246,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", default="dice", choices=("dice", "dice+bce"), help="training loss (reference: dice)")
     p.add_argument("--inference", default="net1", choices=("net1", "mean"),
                    help="evaluate network 1 of the pair or the mean of both")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (an Apple GPU: only when named)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--out", type=Path, default=Path("runs/simulate"),
@@ -271,7 +271,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     p.add_argument("--inference", choices=("net1", "mean"),
                    help="network 1 of the pair, or the mean of both (default: the checkpoint's choice, else net1)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (an Apple GPU: only when named)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict masks for a folder of images (or one file) with a checkpoint")
@@ -286,7 +286,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is foreground")
     p.add_argument("--inference", choices=("net1", "mean"),
                    help="network 1 or the mean of both (default: what the checkpoint was evaluated with)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (an Apple GPU: only when named)")
     p.add_argument("--recursive", "-r", action="store_true",
                    help="also predict the images in the folder's sub-folders (a PACS export's patient, study and "
                         "series folders); each mask goes to the same sub-folder of the output folder")

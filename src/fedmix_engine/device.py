@@ -1,7 +1,13 @@
-"""Device choice, mixed precision and memory release: the only place that knows about CUDA.
+"""Device choice, mixed precision and memory release: the only place that knows about CUDA and MPS.
 
-Written so that the CUDA path runs where a GPU exists and its *selection logic* is testable on a
-CPU-only machine (``cuda_available``, ``device_count`` and ``bf16_supported`` can be injected).
+Written so that the GPU paths run where a GPU exists and their *selection logic* is testable on a
+CPU-only machine (``cuda_available``, ``device_count``, ``bf16_supported`` and ``mps_available`` can be
+injected).
+
+Apple-silicon GPUs (MPS) are used only when asked for (``mps``): ``auto`` says it found one and stays on
+the CPU. No Mac was at hand to verify training on MPS, and its copies have had silent-correctness bugs
+(pytorch/pytorch#139550, #189690: ``non_blocking`` copies to MPS); so ``to_device`` copies
+asynchronously only to CUDA.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from fedmix_engine.errors import InputError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES_HELP = "use auto, cpu, cuda, cuda:N or mps (an Apple GPU)"
 log = logging.getLogger(__name__)
 
 
@@ -33,34 +40,56 @@ class DevicePlan:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def is_mps(self) -> bool:
+        return self.device.type == "mps"
+
+
+def to_device(tensor: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
+    """``tensor`` on the plan's device; asynchronous only to CUDA (MPS ``non_blocking`` copies can corrupt)."""
+    return tensor.to(plan.device, non_blocking=plan.is_cuda)
+
 
 def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available: Callable[[], bool] | None = None,
                 bf16_supported: Callable[[], bool] | None = None,
-                device_count: Callable[[], int] | None = None) -> DevicePlan:
-    """Resolve ``auto|cpu|cuda|cuda:N`` and a precision into a plan, falling back to CPU with a note.
+                device_count: Callable[[], int] | None = None,
+                mps_available: Callable[[], bool] | None = None) -> DevicePlan:
+    """Resolve ``auto|cpu|cuda|cuda:N|mps`` and a precision into a plan, falling back to CPU with a note.
 
-    Mixed precision is a GPU feature here: on CPU autocast is slower for convolutions, so bf16/fp16
-    requests on CPU fall back to fp32. fp16 on GPU uses a gradient scaler; bf16 does not need one.
-    Pseudo-label batch size: 4 on CPU (measured on a 2-core EPYC at the reference width, 128²:
-    batch 1 / 4 / 16 gave 6.0 / 6.3 / 5.3 and 5.3 / 7.0 / 6.9 images/s in two runs), 32 on GPU (large
-    batches keep it busy).
+    Mixed precision is a CUDA feature here: on CPU autocast is slower for convolutions, so bf16/fp16
+    requests on CPU (and on MPS, unverified) fall back to fp32. fp16 on GPU uses a gradient scaler; bf16
+    does not need one. Pseudo-label batch size: 4 on CPU (measured on a 2-core EPYC at the reference
+    width, 128²: batch 1 / 4 / 16 gave 6.0 / 6.3 / 5.3 and 5.3 / 7.0 / 6.9 images/s in two runs), 32 on
+    CUDA (large batches keep it busy); on MPS the CPU's 4, as nothing was measured there
+    (``TrainConfig.pl_batch_size`` sets another).
     """
     cuda_available = cuda_available or torch.cuda.is_available
     device_count = device_count or torch.cuda.device_count
+    mps_available = mps_available or torch.backends.mps.is_available
     bf16_supported = bf16_supported or (lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if precision not in PRECISIONS:
         raise InputError("precision", f"'{precision}' is not one of {', '.join(PRECISIONS)}")
     requested = (requested or "auto").strip().lower()
     if requested == "auto":
         device = torch.device("cuda") if cuda_available() else torch.device("cpu")
-        note = "GPU found" if device.type == "cuda" else "no GPU found: training on the CPU"
+        if device.type == "cuda":
+            note = "GPU found"
+        elif mps_available():
+            note = "Apple GPU found but not used unless asked for (device mps): training on the CPU"
+        else:
+            note = "no GPU found: training on the CPU"
     elif requested == "cpu":
         device, note = torch.device("cpu"), "CPU requested"
+    elif requested == "mps":
+        if mps_available():
+            device, note = torch.device("mps"), "Apple GPU (mps) requested"
+        else:
+            device, note = torch.device("cpu"), "mps requested but no Apple GPU is available: using the CPU"
     elif requested.startswith("cuda"):
         try:
             device = torch.device(requested)
         except RuntimeError:
-            raise InputError("device", f"'{requested}' is not a device; use auto, cpu, cuda or cuda:N") from None
+            raise InputError("device", f"'{requested}' is not a device; {DEVICES_HELP}") from None
         if not cuda_available():
             device, note = torch.device("cpu"), f"{requested} requested but no CUDA GPU is available: using the CPU"
         elif (device.index or 0) >= (count := device_count()):
@@ -70,10 +99,10 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
         else:
             note = f"{requested} requested"
     else:
-        raise InputError("device", f"'{requested}' is not a device; use auto, cpu, cuda or cuda:N")
+        raise InputError("device", f"'{requested}' is not a device; {DEVICES_HELP}")
     used = precision
     if device.type != "cuda" and precision != "fp32":
-        used, note = "fp32", f"{note}; {precision} autocast is GPU-only, using fp32"
+        used, note = "fp32", f"{note}; {precision} autocast is for CUDA GPUs only, using fp32"
     elif device.type == "cuda" and precision == "bf16" and not bf16_supported():
         used, note = "fp16", f"{note}; this GPU has no bf16, using fp16 with loss scaling"
     return DevicePlan(device, used, note, pl_batch_size=32 if device.type == "cuda" else 4)
@@ -101,6 +130,9 @@ def release_memory(plan: DevicePlan) -> None:
     if plan.is_cuda and torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
+    elif plan.is_mps:
+        gc.collect()
+        torch.mps.empty_cache()
 
 
 @contextlib.contextmanager

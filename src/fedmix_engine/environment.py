@@ -36,6 +36,7 @@ def cpu_model() -> str:
 def describe_environment(device: torch.device | None = None) -> dict[str, str | int]:
     """Versions and hardware, as JSON-ready strings; ``gpu`` names the GPU the run uses, if any."""
     on_gpu = device is not None and device.type == "cuda"
+    on_mps = device is not None and device.type == "mps"
     return {
         "fedmix_engine": fedmix_engine.__version__,
         "torch": torch.__version__,
@@ -45,7 +46,7 @@ def describe_environment(device: torch.device | None = None) -> dict[str, str | 
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(device) if on_gpu else "none",
+        "gpu": torch.cuda.get_device_name(device) if on_gpu else "Apple GPU (mps)" if on_mps else "none",
     }
 
 

@@ -36,7 +36,7 @@ def path_row(edit: QLineEdit, parent: QWidget, title: str, folder: bool = False,
 
 
 def preferred_device() -> str:
-    """Preferences › FedMix › device: for prediction as for training (auto, cpu or cuda)."""
+    """Preferences › FedMix › device: for prediction as for training (auto, cpu, cuda or mps)."""
     from napari_fedmix.settings import plugin_defaults
 
     return plugin_defaults()["device"]

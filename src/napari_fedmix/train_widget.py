@@ -121,7 +121,7 @@ class TrainWidget(QWidget):
         token_file.clicked.connect(self._choose_token_file)
         self.ca_cert.setPlaceholderText("certificate to trust (optional)")
         self.device = QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda"])
+        self.device.addItems(["auto", "cpu", "cuda", "mps"])
         from fedmix_engine.model import known_models
 
         self.network = QComboBox()  # the row shows only where a package offers another network

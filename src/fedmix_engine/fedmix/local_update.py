@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fedmix_engine.data.tensors import KIND_MASK, KIND_TAG, TAG_ABSENT, SiteTensors
-from fedmix_engine.device import DevicePlan, autocast, grad_scaler, on_device, out_of_memory
+from fedmix_engine.device import DevicePlan, autocast, grad_scaler, on_device, out_of_memory, to_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.losses import LOSSES
 from fedmix_engine.fedmix.pair import PairState, build_pair, join_pair
@@ -260,7 +260,7 @@ def _train_step(net1: torch.nn.Module, net2: torch.nn.Module, opt1: torch.optim.
     """One step of both networks (cross pseudo supervision: each its own targets); their losses, or None
     when the GPU ran out of memory (caught here, so the step's tensors are freed as it returns)."""
     try:
-        x = x.to(plan.device, non_blocking=True)
+        x = to_device(x, plan)
         y1, y2 = y1.to(plan.device).float(), y2.to(plan.device).float()
         with autocast(plan):
             loss1 = loss_fn(net1(x), y1)

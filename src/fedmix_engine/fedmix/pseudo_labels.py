@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fedmix_engine.data.tensors import KIND_BOX, KIND_MASK, KIND_TAG, TAG_ABSENT, TAG_PRESENT, SiteTensors
-from fedmix_engine.device import DevicePlan, autocast, forward_in_batches
+from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, to_device
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def predict_binary(net: nn.Module, images: torch.Tensor, plan: DevicePlan,
 
     def step(items: slice) -> torch.Tensor:
         with autocast(plan):
-            logits = net(images[items].to(plan.device, non_blocking=True))
+            logits = net(to_device(images[items], plan))
         return (logits > 0).cpu()  # σ(z) > 0.5 ⟺ z > 0
 
     out, _ = forward_in_batches(step, len(images), batch_size or plan.pl_batch_size, plan)
