@@ -1285,16 +1285,30 @@ def test_batch_predict_writes_a_mask_stack_for_a_multi_page_tiff_or_a_cine_loop(
     assert summary["loop.tif"]["frames"] == "6" and summary["two.tif"]["frames"] == "0"
 
 
-def test_gpu_out_of_memory_halves_the_forward_batch_and_names_what_to_change_in_training(sample: Path,
-                                                                                         monkeypatch) -> None:
+OUT_OF_MEMORY = {  # as torch raises them: CUDA's has a type; MPS's allocator raises a bare RuntimeError
+    "cuda": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "mps": lambda: RuntimeError("MPS backend out of memory (MPS allocated: 7.10 GiB, other allocations: 1.02 GiB, "
+                                "max allowed: 9.07 GiB). Tried to allocate 2.00 GiB on private pool."),
+}
+
+
+@pytest.mark.parametrize("gpu", OUT_OF_MEMORY)
+def test_gpu_out_of_memory_halves_the_forward_batch_and_names_what_to_change_in_training(sample: Path, monkeypatch,
+                                                                                         gpu: str) -> None:
     """A GPU shared with napari can run out of memory: prediction and pseudo-labels went down with
-    torch's bare OutOfMemoryError. Injected here (no GPU), as torch raises it."""
+    torch's bare OutOfMemoryError (on a Mac's GPU, with a RuntimeError; it was not recognised). Injected
+    here (no GPU), as torch raises it; another RuntimeError is not taken for one."""
     import fedmix_engine.fedmix.local_update as local_update_module
     from fedmix_engine.device import forward_in_batches
     from fedmix_engine.predict import Predictor
 
-    def oom() -> torch.cuda.OutOfMemoryError:
-        return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    oom = OUT_OF_MEMORY[gpu]
+
+    def broken(items: slice) -> torch.Tensor:
+        raise RuntimeError("Given groups=1, weight of size [4, 1, 3, 3], expected input to have 1 channels")
+
+    with pytest.raises(RuntimeError, match="expected input"):
+        forward_in_batches(broken, 4, 4, CPU)
 
     sizes: list[int] = []
 

@@ -144,6 +144,12 @@ def on_device(plan: DevicePlan) -> Iterator[DevicePlan]:
         release_memory(plan)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the MPS allocator's (a plain RuntimeError: it raises no other type)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and str(exc).startswith("MPS backend out of memory"))
+
+
 def out_of_memory(plan: DevicePlan, doing: str, advice: str) -> InputError:
     """The error for a GPU that ran out of memory: what was being done, the GPU's size, what to change."""
     size = ""
@@ -156,7 +162,7 @@ def forward_in_batches(step: Callable[[slice], torch.Tensor], count: int, batch_
                        plan: DevicePlan) -> tuple[list[torch.Tensor], int]:
     """``step`` over consecutive slices of ``count`` items: a forward pass, its results on the CPU.
 
-    A GPU out-of-memory error (napari and other programs share the card) releases the cache and
+    A GPU out-of-memory error, CUDA's or MPS's (napari and other programs share the card) releases the cache and
     retries the same slice at half the batch, down to one item: a forward pass keeps nothing between
     batches, so the result is the same, only slower. Returns the results and the batch size that
     fitted, for the caller to start from next time."""
@@ -168,8 +174,10 @@ def forward_in_batches(step: Callable[[slice], torch.Tensor], count: int, batch_
             out.append(step(slice(start, stop)))
             start = stop
             continue
-        except torch.cuda.OutOfMemoryError:
-            pass  # handled outside the except block, so its traceback (and the tensors it holds) is freed first
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(exc):
+                raise
+            # handled outside the except block, so its traceback (and the tensors it holds) is freed first
         release_memory(plan)
         if batch_size == 1:
             raise out_of_memory(plan, "predicting even one image at a time",

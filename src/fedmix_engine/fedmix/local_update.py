@@ -18,7 +18,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fedmix_engine.data.tensors import KIND_MASK, KIND_TAG, TAG_ABSENT, SiteTensors
-from fedmix_engine.device import DevicePlan, autocast, grad_scaler, on_device, out_of_memory, to_device
+from fedmix_engine.device import (
+    DevicePlan,
+    autocast,
+    grad_scaler,
+    is_out_of_memory,
+    on_device,
+    out_of_memory,
+    to_device,
+)
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.losses import LOSSES
 from fedmix_engine.fedmix.pair import PairState, build_pair, join_pair
@@ -271,7 +279,9 @@ def _train_step(net1: torch.nn.Module, net2: torch.nn.Module, opt1: torch.optim.
         scaler.step(opt1)
         scaler.step(opt2)
         scaler.update()
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(exc):
+            raise
         return None
     return float(loss1.detach()), float(loss2.detach())
 
