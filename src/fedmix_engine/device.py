@@ -146,7 +146,7 @@ def on_device(plan: DevicePlan) -> Iterator[DevicePlan]:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's out-of-memory error, or the MPS allocator's (a plain RuntimeError: it raises no other type)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (  # torch.OutOfMemoryError from 2.5 on: the same class
         isinstance(exc, RuntimeError) and str(exc).startswith("MPS backend out of memory"))
 
 
@@ -174,7 +174,7 @@ def forward_in_batches(step: Callable[[slice], torch.Tensor], count: int, batch_
             out.append(step(slice(start, stop)))
             start = stop
             continue
-        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
             if not is_out_of_memory(exc):
                 raise
             # handled outside the except block, so its traceback (and the tensors it holds) is freed first

@@ -279,7 +279,7 @@ def _train_step(net1: torch.nn.Module, net2: torch.nn.Module, opt1: torch.optim.
         scaler.step(opt1)
         scaler.step(opt2)
         scaler.update()
-    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
         if not is_out_of_memory(exc):
             raise
         return None
