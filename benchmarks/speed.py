@@ -38,7 +38,7 @@ from fedmix_engine.device import plan_device
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate, fedmix_weights
 from fedmix_engine.fedmix.local_update import TrainConfig, local_update
 from fedmix_engine.fedmix.pair import build_pair, init_pair
-from fedmix_engine.fedmix.pseudo_labels import PseudoLabels
+from fedmix_engine.fedmix.pseudo_labels import PseudoLabels, predict_binary
 from fedmix_engine.model import ModelConfig, build_model
 from fedmix_engine.predict import Predictor
 from fedmix_engine.steps import run_steps
@@ -130,6 +130,23 @@ def reference_style_predict(net: torch.nn.Module, image: np.ndarray, size: int, 
     with torch.no_grad():
         p = torch.sigmoid(net(x))[0, 0].cpu().numpy()
     return np.asarray(Image.fromarray(p).resize(image.shape[::-1], Image.BILINEAR))
+
+
+def pseudo_label_throughput(model_config: ModelConfig, plan, size: int, repeats: int, images: int = 16,
+                            batches: tuple[int, ...] = (1, 4, 16)) -> list[tuple[int, float]]:
+    """Images/s of the engine's own pseudo-label pass (``predict_binary``: the plan's autocast, each batch's
+    masks back on the CPU, so a GPU's queued work is waited for, not only launched) at each batch size."""
+    net = build_model(model_config).to(plan.device)
+    x = torch.rand(images, model_config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for batch in batches:
+        def run(batch: int = batch) -> None:
+            with torch.no_grad():
+                predict_binary(net, x, plan, batch_size=batch)
+
+        run()  # warm-up
+        rows.append((batch, images / median_time(run, repeats)))
+    return rows
 
 
 def prediction_latency(model_config: ModelConfig, size: int, plan, repeats: int, side: int = 512,
@@ -310,6 +327,7 @@ def federation_overhead(model_config: ModelConfig, update_seconds: float, concur
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="GPU configuration")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (as simulate's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=6, help="images in the benchmark site")
     parser.add_argument("--width", type=int, default=64, help="U-Net base width (64 = reference)")
@@ -320,7 +338,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.full:
         args.images, args.repeats = max(args.images, 64), max(args.repeats, 5)
-    plan = plan_device("auto", "bf16" if args.full else "fp32")
+    plan = plan_device(args.device, "bf16" if args.full else "fp32")
     model_config = ModelConfig(base_width=args.width)
     peak = matmul_gflops(plan.device, args.repeats)
     print(f"matmul fp32: {peak:.1f} GFLOP/s on {plan.device}", flush=True)
@@ -351,19 +369,8 @@ def main() -> None:
               f"reference-style {base:.2f}s", flush=True)
 
     # pseudo-label batch size: forward throughput at reference width
-    net = build_model(model_config).to(plan.device).eval()
-    pl_rows = []
     pl_size = 128
-    for batch in (1, 4, 16):
-        x = torch.rand(16, 1, pl_size, pl_size)
-
-        def run(batch: int = batch, x: torch.Tensor = x) -> None:
-            with torch.no_grad():
-                for k in range(0, 16, batch):
-                    net(x[k:k + batch].to(plan.device))
-
-        run()
-        pl_rows.append((batch, 16 / median_time(run, args.repeats)))
+    pl_rows = pseudo_label_throughput(model_config, plan, pl_size, args.repeats)
 
     # aggregation: time and peak memory vs number of sites and model size, streaming vs naive
     widths = tuple(sorted({16, 32, args.width}))

@@ -24,3 +24,21 @@ def test_the_reference_style_prediction_gives_the_engines_probabilities(speed) -
     timings = speed.prediction_latency(tiny, 32, plan_device("cpu"), repeats=1, side=64, frames=3)
     assert {"engine", "forward", "reference", "stack", "per_frame"} <= set(timings)
     assert all(timings[k] > 0 for k in ("engine", "forward", "reference", "stack", "per_frame"))
+
+
+def test_the_pseudo_label_batch_rows_time_the_engines_own_pass(speed, monkeypatch) -> None:
+    """The rows that chose ``pl_batch_size`` timed a bare forward loop: on a GPU only its launch (nothing
+    waited for the results) and in fp32 under ``--full``'s bf16. They time ``predict_binary`` now,
+    whose masks come back to the CPU, batch by batch, as the pseudo-label pass's do."""
+    real = speed.predict_binary
+    asked: list[int] = []
+
+    def recorded(net, images, plan, batch_size=None):
+        asked.append(batch_size)
+        return real(net, images, plan, batch_size)
+
+    monkeypatch.setattr(speed, "predict_binary", recorded)
+    rows = speed.pseudo_label_throughput(ModelConfig(base_width=2), plan_device("cpu"), 16, repeats=1, images=4,
+                                         batches=(1, 4))
+    assert [batch for batch, _ in rows] == [1, 4] and all(rate > 0 for _, rate in rows)
+    assert asked == [1, 1, 4, 4], "a warm-up and one timed run per batch size"
