@@ -190,6 +190,34 @@ def test_an_apple_gpu_is_used_when_named_and_only_then(monkeypatch) -> None:
     assert describe_environment(torch.device("cpu"))["gpu"] == "none"
 
 
+def test_a_sites_optimiser_state_saved_on_a_gpu_reads_on_a_machine_without_it(sample: Path, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """A site's Adam moments stayed on the GPU between rounds and were saved with it: once that GPU was gone
+    (a driver update; the site folder moved) training fell back to the CPU but the state file did not
+    read, and was called damaged. Written here as a GPU writes it (torch's storage location tags);
+    read on this CPU-only machine, it continues training exactly as the state in memory does."""
+    import torch.serialization
+
+    from fedmix_engine.checkpoint import STATE_FILE, load_site_state, save_site_state
+
+    with SiteStore.open(sample / "site-a") as store, store.training_view() as view:
+        data = load_site_tensors(view, 32)
+    first = local_update(init_pair(TINY, 0), data, TINY, TINY_TRAIN, CPU, seed=1, round_index=1)
+    moments = [value for optimiser in first.state.optimizers for state in optimiser["state"].values()
+               for value in state.values() if isinstance(value, torch.Tensor)]
+    assert moments and all(value.device.type == "cpu" for value in moments), "the moments wait on the CPU"
+    real_tag = torch.serialization.location_tag
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    save_site_state(tmp_path, first.state)
+    monkeypatch.setattr(torch.serialization, "location_tag", real_tag)
+    assert b"cuda:0" in (tmp_path / STATE_FILE).read_bytes(), "written as a GPU writes it"
+    read = load_site_state(tmp_path)
+    assert read.rounds_done == 1
+    resumed = local_update(first.pair, data, TINY, TINY_TRAIN, CPU, read, seed=1, round_index=2)
+    kept = local_update(first.pair, data, TINY, TINY_TRAIN, CPU, first.state, seed=1, round_index=2)
+    assert all(torch.equal(resumed.pair[k], kept.pair[k]) for k in kept.pair)
+
+
 def test_local_update_is_deterministic_and_reports_n_and_loss(sample: Path) -> None:
     with SiteStore.open(sample / "site-b") as store, store.training_view() as view:
         data = load_site_tensors(view, 32)

@@ -115,7 +115,9 @@ def load_site_state(models_dir: Path, name: str = STATE_FILE) -> SiteState:
     if not path.exists():
         return SiteState()
     try:
-        saved = torch.load(path, weights_only=True)  # local file, still no arbitrary code
+        # local file, still no arbitrary code; on the CPU: a state an earlier version saved on a GPU kept the
+        # GPU's tensors, unreadable once that GPU is gone (a driver update) and taken for a damaged file
+        saved = torch.load(path, weights_only=True, map_location="cpu")
         return SiteState(tuple(saved["optimizers"]), int(saved["rounds_done"]))
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, TypeError) as exc:
         # a torn or overwritten file (a failing disk): torch's message alone named neither file nor remedy

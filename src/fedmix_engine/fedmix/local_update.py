@@ -243,7 +243,7 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
         new_pair = join_pair(net1, net2)
         if not all(bool(torch.isfinite(value).all()) for value in new_pair.values() if value.is_floating_point()):
             raise _diverged(config, plan, round_index, "in its last step (the weights are not finite)")
-        new_state = SiteState((opt1.state_dict(), opt2.state_dict()), state.rounds_done + 1)
+        new_state = SiteState((_on_cpu(opt1.state_dict()), _on_cpu(opt2.state_dict())), state.rounds_done + 1)
         report = LocalReport(
             n=n,
             loss=sum(losses1) / len(losses1) if losses1 else 0.0,
@@ -252,6 +252,16 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
             seconds={"pseudo_labels": round(t_pl, 4), "train": round(t_train, 4)},
         )
     yield LocalResult(new_pair, report, new_state)
+
+
+def _on_cpu(optimiser_state: dict) -> dict:
+    """An optimiser's ``state_dict`` with its tensors on the CPU. The moments (two model sizes a network) wait
+    there between rounds, so a GPU shared with napari gets that memory back while the site waits for the
+    server, and a saved state reads on a machine without that GPU. ``load_state_dict`` moves them back to
+    the parameters' device."""
+    return {**optimiser_state, "state": {
+        index: {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in moments.items()}
+        for index, moments in optimiser_state["state"].items()}}
 
 
 def _diverged(config: TrainConfig, plan: DevicePlan, round_index: int, where: str) -> InputError:
