@@ -13,6 +13,7 @@ asynchronously only to CUDA.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 from collections.abc import Callable, Iterator
@@ -53,7 +54,8 @@ def to_device(tensor: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
 def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available: Callable[[], bool] | None = None,
                 bf16_supported: Callable[[], bool] | None = None,
                 device_count: Callable[[], int] | None = None,
-                mps_available: Callable[[], bool] | None = None) -> DevicePlan:
+                mps_available: Callable[[], bool] | None = None,
+                gpu_problem: Callable[[torch.device], str | None] | None = None) -> DevicePlan:
     """Resolve ``auto|cpu|cuda|cuda:N|mps`` and a precision into a plan, falling back to CPU with a note.
 
     Mixed precision is a CUDA feature here: on CPU autocast is slower for convolutions, so bf16/fp16
@@ -61,11 +63,13 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
     does not need one. Pseudo-label batch size: 4 on CPU (measured on a 2-core EPYC at the reference
     width, 128²: batch 1 / 4 / 16 gave 6.0 / 6.3 / 5.3 and 5.3 / 7.0 / 6.9 images/s in two runs), 32 on
     CUDA (large batches keep it busy); on MPS the CPU's 4, as nothing was measured there
-    (``TrainConfig.pl_batch_size`` sets another).
+    (``TrainConfig.pl_batch_size`` sets another). A GPU chosen or named that cannot compute
+    (``gpu_problem``) gives the CPU, with the reason in the note.
     """
     cuda_available = cuda_available or torch.cuda.is_available
     device_count = device_count or torch.cuda.device_count
     mps_available = mps_available or torch.backends.mps.is_available
+    gpu_problem = gpu_problem or computes_not
     bf16_supported = bf16_supported or (lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if precision not in PRECISIONS:
         raise InputError("precision", f"'{precision}' is not one of {', '.join(PRECISIONS)}")
@@ -100,12 +104,32 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
             note = f"{requested} requested"
     else:
         raise InputError("device", f"'{requested}' is not a device; {DEVICES_HELP}")
+    if device.type != "cpu" and (problem := gpu_problem(device)):
+        device, note = torch.device("cpu"), f"{note}, but it cannot compute here ({problem}): using the CPU"
     used = precision
     if device.type != "cuda" and precision != "fp32":
         used, note = "fp32", f"{note}; {precision} autocast is for CUDA GPUs only, using fp32"
     elif device.type == "cuda" and precision == "bf16" and not bf16_supported():
         used, note = "fp16", f"{note}; this GPU has no bf16, using fp16 with loss scaling"
     return DevicePlan(device, used, note, pl_batch_size=32 if device.type == "cuda" else 4)
+
+
+def computes_not(device: torch.device) -> str | None:
+    """Why a GPU that torch lists cannot compute, or None. torch lists a card it has no kernels for, and
+    its first operation fails ('no kernel image is available for execution on the device'): Maxwell and
+    Pascal cards, common in clinics, under the CUDA 12.8+ builds of torch 2.8 on (pytorch/pytorch#157517);
+    a broken driver fails alike. One small convolution there tells, once per device and process."""
+    return _probe(str(device))
+
+
+@functools.cache
+def _probe(device: str) -> str | None:
+    try:
+        x = torch.ones(1, 1, 4, 4, device=device)
+        torch.nn.functional.conv2d(x, torch.ones(1, 1, 3, 3, device=device)).sum().item()
+    except Exception as exc:  # whatever the failure (a RuntimeError, torch's AcceleratorError), the GPU is unusable
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+    return None
 
 
 def autocast(plan: DevicePlan) -> contextlib.AbstractContextManager:
