@@ -198,12 +198,20 @@ def test_an_apple_gpu_is_used_when_named_and_only_then(monkeypatch) -> None:
         plan_device("metal")
 
     class Copied:  # records how a tensor was asked to move
+        pinned = False
+
+        def pin_memory(self):
+            self.pinned = True
+            return self
+
         def to(self, device, non_blocking=False):
-            self.asked = (str(device), non_blocking)
+            self.asked = (str(device), non_blocking, self.pinned)
             return self
 
     cuda = DevicePlan(torch.device("cuda"), "fp32", "", 32)
-    assert to_device(Copied(), mps).asked == ("mps", False) and to_device(Copied(), cuda).asked == ("cuda", True)
+    assert to_device(Copied(), mps).asked == ("mps", False, False)
+    assert to_device(Copied(), cuda).asked == ("cuda", True, True), "to CUDA: pinned, then asynchronous"
+    assert to_device(Copied(), CPU).asked == ("cpu", False, False)
     emptied: list[str] = []
     monkeypatch.setattr(torch.mps, "empty_cache", lambda: emptied.append("mps"))
     release_memory(plan_device("cpu"))
@@ -240,6 +248,45 @@ def test_a_sites_optimiser_state_saved_on_a_gpu_reads_on_a_machine_without_it(sa
     resumed = local_update(first.pair, data, TINY, TINY_TRAIN, CPU, read, seed=1, round_index=2)
     kept = local_update(first.pair, data, TINY, TINY_TRAIN, CPU, first.state, seed=1, round_index=2)
     assert all(torch.equal(resumed.pair[k], kept.pair[k]) for k in kept.pair)
+
+
+def test_training_reads_a_steps_losses_only_after_launching_the_next(sample: Path, monkeypatch) -> None:
+    """Reading a loss waits for the GPU: read at once, the CPU cropped the next batch only once the GPU was
+    idle. A step's losses are read after the next step is launched (the last one's after the loop), each
+    checked and reported as before."""
+    import fedmix_engine.fedmix.local_update as local_update_module
+
+    events: list[str] = []
+    real_step = local_update_module._train_step
+
+    class Loss:
+        def __init__(self, value: torch.Tensor, step: int) -> None:
+            self.value, self.step = value, step
+
+        def __float__(self) -> float:
+            events.append(f"read {self.step}")
+            return float(self.value)
+
+    launches = iter(range(1, 1000))
+
+    def launched(*args, **kwargs):
+        step = next(launches)
+        events.append(f"launch {step}")
+        return tuple(Loss(loss, step) for loss in real_step(*args, **kwargs))
+
+    monkeypatch.setattr(local_update_module, "_train_step", launched)
+    with SiteStore.open(sample / "site-a") as store, store.training_view() as view:
+        data = load_site_tensors(view, 32)
+    progress = [event for event in iter_local_update(init_pair(TINY, 0), data, TINY, TINY_TRAIN, CPU, seed=1,
+                                                     round_index=1)
+                if isinstance(event, TrainProgress) and event.stage == "train"]
+    steps = len(progress)
+    assert steps >= 3
+    expected = ["launch 1"] + [item for k in range(2, steps + 1) for item in (f"launch {k}", f"read {k - 1}",
+                                                                              f"read {k - 1}")]
+    assert events == [*expected, f"read {steps}", f"read {steps}"]
+    assert [event.step for event in progress] == list(range(1, steps + 1))
+    assert all(event.total == steps and math.isfinite(event.loss) for event in progress)
 
 
 def test_local_update_is_deterministic_and_reports_n_and_loss(sample: Path) -> None:

@@ -7,7 +7,7 @@ injected).
 Apple-silicon GPUs (MPS) are used only when asked for (``mps``): ``auto`` says it found one and stays on
 the CPU. No Mac was at hand to verify training on MPS, and its copies have had silent-correctness bugs
 (pytorch/pytorch#139550, #189690: ``non_blocking`` copies to MPS); so ``to_device`` copies
-asynchronously only to CUDA.
+asynchronously (from pinned memory) only to CUDA.
 """
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ class DevicePlan:
 
 
 def to_device(tensor: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
-    """``tensor`` on the plan's device; asynchronous only to CUDA (MPS ``non_blocking`` copies can corrupt)."""
-    return tensor.to(plan.device, non_blocking=plan.is_cuda)
+    """``tensor`` on the plan's device. To CUDA from pinned (page-locked) memory and asynchronously, so the
+    copy runs beside the GPU's work (torch keeps the pinned block until the copy is done); to MPS
+    synchronously (its ``non_blocking`` copies can corrupt)."""
+    if plan.is_cuda:
+        return tensor.pin_memory().to(plan.device, non_blocking=True)
+    return tensor.to(plan.device)
 
 
 def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available: Callable[[], bool] | None = None,

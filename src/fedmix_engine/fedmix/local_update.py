@@ -220,6 +220,19 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
         batches_per_epoch = (n + config.batch_size - 1) // config.batch_size
         total = batches_per_epoch * config.epochs
         step = 0
+
+        def settle(done: int, loss1: torch.Tensor, loss2: torch.Tensor) -> TrainProgress:
+            """Read a launched step's losses (on a GPU: wait for it) and check them."""
+            losses = float(loss1), float(loss2)
+            if not all(map(math.isfinite, losses)):  # every later step, and the update, would be NaN too
+                raise _diverged(config, plan, round_index, f"at step {done} of {total} (loss {losses[0]:g})")
+            losses1.append(losses[0])
+            losses2.append(losses[1])
+            return TrainProgress("train", done, total, losses[0])
+
+        # a step's losses are read after the next step is launched: on a GPU the CPU crops and copies the next
+        # batch while the GPU computes, instead of waiting for each step (on the CPU the same work, in order)
+        launched: tuple[int, torch.Tensor, torch.Tensor] | None = None
         for _ in range(config.epochs):
             order = keep[torch.randperm(n, generator=gen)] if n else keep
             for start in range(0, n, config.batch_size):
@@ -234,11 +247,11 @@ def iter_local_update(global_pair: PairState, data: SiteTensors, model_config: M
                                         "lower the batch or crop size (--batch-size, --crop-size; in a federation "
                                         "the server sets them), or train on the CPU (--device cpu)")
                 step += 1
-                if not all(map(math.isfinite, losses)):  # every later step, and the update, would be NaN too
-                    raise _diverged(config, plan, round_index, f"at step {step} of {total} (loss {losses[0]:g})")
-                losses1.append(losses[0])
-                losses2.append(losses[1])
-                yield TrainProgress("train", step, total, losses1[-1])
+                if launched is not None:
+                    yield settle(*launched)
+                launched = (step, *losses)
+        if launched is not None:
+            yield settle(*launched)
         t_train = time.perf_counter() - t1
         new_pair = join_pair(net1, net2)
         if not all(bool(torch.isfinite(value).all()) for value in new_pair.values() if value.is_floating_point()):
@@ -274,12 +287,13 @@ def _diverged(config: TrainConfig, plan: DevicePlan, round_index: int, where: st
 
 def _train_step(net1: torch.nn.Module, net2: torch.nn.Module, opt1: torch.optim.Optimizer, opt2: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, loss_fn, x: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor,
-                plan: DevicePlan) -> tuple[float, float] | None:
-    """One step of both networks (cross pseudo supervision: each its own targets); their losses, or None
-    when the GPU ran out of memory (caught here, so the step's tensors are freed as it returns)."""
+                plan: DevicePlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Launch one step of both networks (cross pseudo supervision: each its own targets); their losses, not
+    read back (that would wait for a GPU), or None when the GPU ran out of memory (caught here, so the step's
+    tensors are freed as it returns)."""
     try:
         x = to_device(x, plan)
-        y1, y2 = y1.to(plan.device).float(), y2.to(plan.device).float()
+        y1, y2 = to_device(y1, plan).float(), to_device(y2, plan).float()
         with autocast(plan):
             loss1 = loss_fn(net1(x), y1)
             loss2 = loss_fn(net2(x), y2)
@@ -293,7 +307,7 @@ def _train_step(net1: torch.nn.Module, net2: torch.nn.Module, opt1: torch.optim.
         if not is_out_of_memory(exc):
             raise
         return None
-    return float(loss1.detach()), float(loss2.detach())
+    return loss1.detach(), loss2.detach()
 
 
 def local_update(global_pair: PairState, data: SiteTensors, model_config: ModelConfig, config: TrainConfig,
