@@ -133,7 +133,7 @@ def test_dice_loss_on_empty_targets_rewards_predicting_background() -> None:
 
 def test_device_plan_selection_logic() -> None:
     assert plan_device("auto", cuda_available=lambda: False).device.type == "cpu"
-    works = {"gpu_problem": lambda device: None}  # a GPU that computes (no real one here to ask)
+    works = {"probe": lambda device: None}  # a GPU that computes (no real one here to ask)
     gpu = plan_device("auto", "bf16", cuda_available=lambda: True, bf16_supported=lambda: True, **works)
     assert gpu.device.type == "cuda" and gpu.precision == "bf16" and gpu.pl_batch_size > 1
     old = plan_device("cuda:1", "bf16", cuda_available=lambda: True, bf16_supported=lambda: False,
@@ -155,10 +155,10 @@ def test_a_gpu_that_cannot_compute_gives_the_cpu_with_the_reason() -> None:
     builds of torch 2.8 on): 'auto' chose it and training died at its first convolution with 'no kernel
     image is available'. Such a GPU, chosen or named, gives the CPU and says why. The probe itself is real:
     a device that cannot compute (here 'meta', which holds no data) is found out, the CPU is not."""
-    from fedmix_engine.device import computes_not
+    from fedmix_engine.device import unusable_reason
 
     no_kernels = "AcceleratorError: CUDA error: no kernel image is available for execution on the device"
-    broken = {"cuda_available": lambda: True, "device_count": lambda: 1, "gpu_problem": lambda device: no_kernels}
+    broken = {"cuda_available": lambda: True, "device_count": lambda: 1, "probe": lambda device: no_kernels}
     auto = plan_device("auto", "bf16", **broken)
     assert auto.device.type == "cpu" and auto.precision == "fp32" and auto.pl_batch_size == 4
     assert auto.note == (f"GPU found, but it cannot compute here ({no_kernels}): using the CPU; bf16 autocast is "
@@ -166,10 +166,17 @@ def test_a_gpu_that_cannot_compute_gives_the_cpu_with_the_reason() -> None:
     named = plan_device("cuda:0", **broken)
     assert named.device.type == "cpu" and named.note.startswith("cuda:0 requested, but it cannot compute here")
     mac = plan_device("mps", cuda_available=lambda: False, mps_available=lambda: True,
-                      gpu_problem=lambda device: "RuntimeError: MPS backend is not supported on this macOS")
+                      probe=lambda device: "RuntimeError: MPS backend is not supported on this macOS")
     assert mac.device.type == "cpu" and "Apple GPU (mps) requested, but it cannot compute here" in mac.note
-    assert computes_not(torch.device("cpu")) is None
-    assert computes_not(torch.device("meta")) == "RuntimeError: Tensor.item() cannot be called on meta tensors"
+    assert unusable_reason(torch.device("cpu")) is None
+    # the default probe, really run: on this torch build without CUDA, a GPU said to be there cannot compute
+    said = plan_device("auto", cuda_available=lambda: True, device_count=lambda: 1)
+    if torch.cuda.is_available():
+        assert said.device.type == "cuda", said.note
+    else:
+        assert said.device.type == "cpu" and said.note == ("GPU found, but it cannot compute here (AssertionError: "
+                                                           "Torch not compiled with CUDA enabled): using the CPU")
+    assert unusable_reason(torch.device("meta")) == "RuntimeError: Tensor.item() cannot be called on meta tensors"
 
 
 def test_an_apple_gpu_is_used_when_named_and_only_then(monkeypatch) -> None:
@@ -180,13 +187,13 @@ def test_an_apple_gpu_is_used_when_named_and_only_then(monkeypatch) -> None:
     from fedmix_engine.device import DevicePlan, release_memory, to_device
     from fedmix_engine.environment import describe_environment
 
-    mac = {"cuda_available": lambda: False, "mps_available": lambda: True, "gpu_problem": lambda device: None}
+    mac = {"cuda_available": lambda: False, "mps_available": lambda: True, "probe": lambda device: None}
     auto = plan_device("auto", **mac)
     assert auto.device.type == "cpu" and "Apple GPU found" in auto.note and "device mps" in auto.note
     assert plan_device("auto", cuda_available=lambda: False, mps_available=lambda: False).note == (
         "no GPU found: training on the CPU")
     assert plan_device("auto", cuda_available=lambda: True, mps_available=lambda: True,
-                       gpu_problem=lambda device: None).device.type == "cuda"
+                       probe=lambda device: None).device.type == "cuda"
     mps = plan_device("MPS", "bf16", **mac)
     assert mps.device == torch.device("mps") and mps.is_mps and not mps.is_cuda
     assert mps.precision == "fp32" and mps.pl_batch_size == 4

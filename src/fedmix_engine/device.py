@@ -1,8 +1,8 @@
 """Device choice, mixed precision and memory release: the only place that knows about CUDA and MPS.
 
 Written so that the GPU paths run where a GPU exists and their *selection logic* is testable on a
-CPU-only machine (``cuda_available``, ``device_count``, ``bf16_supported`` and ``mps_available`` can be
-injected).
+CPU-only machine (``cuda_available``, ``device_count``, ``bf16_supported``, ``mps_available`` and
+``probe`` can be injected).
 
 Apple-silicon GPUs (MPS) are used only when asked for (``mps``): ``auto`` says it found one and stays on
 the CPU. No Mac was at hand to verify training on MPS, and its copies have had silent-correctness bugs
@@ -59,7 +59,7 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
                 bf16_supported: Callable[[], bool] | None = None,
                 device_count: Callable[[], int] | None = None,
                 mps_available: Callable[[], bool] | None = None,
-                gpu_problem: Callable[[torch.device], str | None] | None = None) -> DevicePlan:
+                probe: Callable[[torch.device], str | None] | None = None) -> DevicePlan:
     """Resolve ``auto|cpu|cuda|cuda:N|mps`` and a precision into a plan, falling back to CPU with a note.
 
     Mixed precision is a CUDA feature here: on CPU autocast is slower for convolutions, so bf16/fp16
@@ -68,12 +68,12 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
     width, 128²: batch 1 / 4 / 16 gave 6.0 / 6.3 / 5.3 and 5.3 / 7.0 / 6.9 images/s in two runs), 32 on
     CUDA (large batches keep it busy); on MPS the CPU's 4, as nothing was measured there
     (``TrainConfig.pl_batch_size`` sets another). A GPU chosen or named that cannot compute
-    (``gpu_problem``) gives the CPU, with the reason in the note.
+    (``probe``, by default :func:`unusable_reason`) gives the CPU, with the reason in the note.
     """
     cuda_available = cuda_available or torch.cuda.is_available
     device_count = device_count or torch.cuda.device_count
     mps_available = mps_available or torch.backends.mps.is_available
-    gpu_problem = gpu_problem or computes_not
+    probe = probe or unusable_reason
     bf16_supported = bf16_supported or (lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if precision not in PRECISIONS:
         raise InputError("precision", f"'{precision}' is not one of {', '.join(PRECISIONS)}")
@@ -108,7 +108,7 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
             note = f"{requested} requested"
     else:
         raise InputError("device", f"'{requested}' is not a device; {DEVICES_HELP}")
-    if device.type != "cpu" and (problem := gpu_problem(device)):
+    if device.type != "cpu" and (problem := probe(device)):
         device, note = torch.device("cpu"), f"{note}, but it cannot compute here ({problem}): using the CPU"
     used = precision
     if device.type != "cuda" and precision != "fp32":
@@ -118,7 +118,7 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
     return DevicePlan(device, used, note, pl_batch_size=32 if device.type == "cuda" else 4)
 
 
-def computes_not(device: torch.device) -> str | None:
+def unusable_reason(device: torch.device) -> str | None:
     """Why a GPU that torch lists cannot compute, or None. torch lists a card it has no kernels for, and
     its first operation fails ('no kernel image is available for execution on the device'): Maxwell and
     Pascal cards, common in clinics, under the CUDA 12.8+ builds of torch 2.8 on (pytorch/pytorch#157517);
