@@ -132,7 +132,8 @@ def _probe(device: str) -> str | None:
         x = torch.ones(1, 1, 4, 4, device=device)
         torch.nn.functional.conv2d(x, torch.ones(1, 1, 3, 3, device=device)).sum().item()
     except Exception as exc:  # whatever the failure (a RuntimeError, torch's AcceleratorError), the GPU is unusable
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+        first_line = next(iter(str(exc).strip().splitlines()), "no message")
+        return f"{type(exc).__name__}: {first_line}"
     return None
 
 
@@ -190,8 +191,8 @@ def forward_in_batches(step: Callable[[slice], torch.Tensor], count: int, batch_
                        plan: DevicePlan) -> tuple[list[torch.Tensor], int]:
     """``step`` over consecutive slices of ``count`` items: a forward pass, its results on the CPU.
 
-    A GPU out-of-memory error, CUDA's or MPS's (napari and other programs share the card) releases the cache and
-    retries the same slice at half the batch, down to one item: a forward pass keeps nothing between
+    A GPU out-of-memory error (CUDA's or MPS's; napari and other programs share the card) releases the
+    cache and retries the same slice at half the batch, down to one item: a forward pass keeps nothing between
     batches, so the result is the same, only slower. Returns the results and the batch size that
     fitted, for the caller to start from next time."""
     out: list[torch.Tensor] = []

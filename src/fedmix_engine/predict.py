@@ -51,7 +51,7 @@ from fedmix_engine.data.pixel_spacing import file_spacing, tiff_spacing
 from fedmix_engine.data.site_store import refuse_site_folder
 from fedmix_engine.data.tensors import resize_image
 from fedmix_engine.data.video import is_video_path, open_video
-from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device
+from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device, to_device
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.pair import PairState, build_pair
 from fedmix_engine.folder_lock import hold_folder
@@ -133,7 +133,7 @@ class Predictor:
         """Logits for ``N×C×S×S`` images at the training size (CPU tensor out): of the predictor's
         ``inference`` (network 1, or the mean of both), or of one ``network`` ("net1", "net2")."""
         def step(items: slice) -> torch.Tensor:
-            batch = images[items].to(self.plan.device)
+            batch = to_device(images[items], self.plan)
             with autocast(self.plan):
                 if network == "net2":
                     return self.net2(batch).float().cpu()
