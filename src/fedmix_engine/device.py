@@ -13,7 +13,6 @@ asynchronously (from pinned memory) only to CUDA.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging
 from collections.abc import Callable, Iterator
@@ -122,12 +121,8 @@ def unusable_reason(device: torch.device) -> str | None:
     """Why a GPU that torch lists cannot compute, or None. torch lists a card it has no kernels for, and
     its first operation fails ('no kernel image is available for execution on the device'): Maxwell and
     Pascal cards, common in clinics, under the CUDA 12.8+ builds of torch 2.8 on (pytorch/pytorch#157517);
-    a broken driver fails alike. One small convolution there tells, once per device and process."""
-    return _probe(str(device))
-
-
-@functools.cache
-def _probe(device: str) -> str | None:
+    a broken driver fails alike. One small convolution there tells (milliseconds once the GPU is set up;
+    not remembered, so a GPU that was full a minute ago is asked again)."""
     try:
         x = torch.ones(1, 1, 4, 4, device=device)
         torch.nn.functional.conv2d(x, torch.ones(1, 1, 3, 3, device=device)).sum().item()
