@@ -141,8 +141,7 @@ def pseudo_label_throughput(model_config: ModelConfig, plan, size: int, repeats:
     rows = []
     for batch in batches:
         def run(batch: int = batch) -> None:
-            with torch.no_grad():
-                predict_binary(net, x, plan, batch_size=batch)
+            predict_binary(net, x, plan, batch_size=batch)  # without gradients, as the engine calls it
 
         run()  # warm-up
         rows.append((batch, images / median_time(run, repeats)))
