@@ -16,6 +16,19 @@ import pytest
 if importlib.util.find_spec("flwr") is None:
     collect_ignore = ["test_flower.py"]
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """A test that sets torch's thread count (``--threads 1`` run in-process sets it for the whole process)
+    leaves the next test the count it found."""
+    if "torch" not in sys.modules:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
 
 @pytest.fixture
 def rng() -> np.random.Generator:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,6 +102,18 @@ def upload(url: str, token: str, round_number: int, body: bytes, verify=True) ->
                       headers={"Authorization": f"Bearer {token}"}, verify=verify, timeout=60)
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread, as in the site processes (ENV), so in-process training matches theirs bit for bit;
+    the count before is restored (one under ``pytest -n``, the machine's otherwise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def simulate_like_the_sites(sample: Path, sites: list[str], rounds: int, out: Path) -> dict[str, torch.Tensor]:
     """The simulator's final pair for the TINY_SETTINGS federation, one torch thread as in the site processes."""
     from fedmix_engine.checkpoint import load_checkpoint
@@ -110,11 +123,8 @@ def simulate_like_the_sites(sample: Path, sites: list[str], rounds: int, out: Pa
 
     config = SimulationConfig(method="fedmix", rounds=rounds, seed=0, device="cpu", model=ModelConfig(base_width=4),
                               train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         run_simulation([sample / n for n in sites], None, config, out)
-    finally:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
     return load_checkpoint(out / "final.safetensors")[0]
 
 

@@ -12,9 +12,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 
-from federation_helpers import ENV, TINY_SETTINGS, make_tokens, running_server, simulate_like_the_sites
+from federation_helpers import (
+    ENV,
+    TINY_SETTINGS,
+    make_tokens,
+    one_torch_thread,
+    running_server,
+    simulate_like_the_sites,
+)
 from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.synthetic import make_sample
@@ -55,11 +61,8 @@ def test_sites_score_every_global_model_on_held_out_images_and_the_server_pools_
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
         client = FederationClient(server.url, tokens["site-a"], sites["site-a"], device="cpu", poll_seconds=0.2,
                                   held_out=held_out["site-a"])
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():  # as the join process beside it
             events = list(client.iter_join())
-        finally:
-            torch.set_num_threads(2)
         output = other.communicate(timeout=300)[0].decode()
         assert other.returncode == 0, output
         status = server.status()

@@ -29,13 +29,6 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # --threads 1 sets the process-wide count
-    yield
-    torch.set_num_threads(threads)
-
-
 def records(run: Path) -> list[dict]:
     """metrics.jsonl without the wall times."""
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
