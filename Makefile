@@ -16,6 +16,10 @@ FLOWER_VENV ?= .venv-flower
 FLWR        ?= flwr==1.41.0
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
 FPIP        := $(FLOWER_VENV)/bin/python -m pip --disable-pip-version-check -q
+# The suite runs in two worker processes (pytest-xdist), one test per unit of work so each worker starts
+# with one of the slow end-to-end tests (tests/conftest.py puts them first); TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
+XDIST        := -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: venv flower-venv demo test test-flower lint bench-speed bench-quality bench-alignment bench-video clean
 
@@ -35,7 +39,7 @@ $(FLOWER_STAMP): pyproject.toml Makefile
 	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
 	$(FPIP) install --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(FPIP) install $(TORCH) 2>&1 | grep -v "is ignored" || true
-	$(FPIP) install -e ".[flower]" "$(FLWR)" "pytest>=8" 2>&1 | grep -v "is ignored" || true
+	$(FPIP) install -e ".[flower]" "$(FLWR)" "pytest>=8" "pytest-xdist>=3" 2>&1 | grep -v "is ignored" || true
 	$(FLOWER_VENV)/bin/python -c "import flwr, torch, fedmix_engine.federation.flower.app; print('flwr', flwr.__version__)"
 	touch $(FLOWER_STAMP)
 
@@ -47,11 +51,11 @@ demo: venv
 ## then the Flower adapter's tests in their own environment
 test: venv lint
 	$(BIN)/npe2 validate napari-fedmix --imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 	$(MAKE) test-flower
 
 test-flower: flower-venv
-	$(FLOWER_VENV)/bin/python -m pytest -m flower tests/test_flower.py
+	$(FLOWER_VENV)/bin/python -m pytest $(XDIST) -m flower tests/test_flower.py
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks docs

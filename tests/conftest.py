@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,21 @@ import pytest
 # whose pinned FastAPI/uvicorn stay out of the napari environment); elsewhere they are not collected.
 if importlib.util.find_spec("flwr") is None:
     collect_ignore = ["test_flower.py"]
+
+# `make test` runs the suite in two worker processes (pytest-xdist). Each trains with one torch thread, as the
+# site processes do (federation_helpers.ENV): two workers of two threads each on two cores slow each other
+# down. Set before a test module imports torch; the processes the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow end-to-end tests first, file order otherwise: with one test per unit of work (`make test`
+    runs ``-n 2 --dist loadgroup``) each worker starts with one of them, instead of one worker running them
+    back to back while the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads() -> Iterator[None]:
