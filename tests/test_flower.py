@@ -564,7 +564,7 @@ class Loopback:
     """A Flower deployment of real processes on 127.0.0.1, as a site's IT would run it: a SuperLink with TLS
     (a self-signed certificate) and SuperNode authentication, SuperNodes with registered keys, ``flwr``."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, str] = ENV) -> None:
         self.tmp_path, self.keys, home = tmp_path, tmp_path / "keys", tmp_path / "flwr-home"
         self.cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"  # self-signed: its own CA
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
@@ -576,7 +576,7 @@ class Loopback:
         (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
                                           f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.cert}"\n')
         self.bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec from PATH
-        self.env = {**ENV, "FLWR_HOME": str(home), "PATH": f"{self.bin_dir}{os.pathsep}{ENV.get('PATH', '')}"}
+        self.env = {**env, "FLWR_HOME": str(home), "PATH": f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"}
         self.procs: list[subprocess.Popen] = []
         link, link_log = self.start(["flower-superlink", "--port", str(self.port), "--ssl-ca-certfile",
                                      str(self.cert), "--ssl-certfile", str(self.cert), "--ssl-keyfile", str(key),
@@ -705,19 +705,24 @@ def _wait_for(condition, what: str, timeout: float, *watched: subprocess.Popen) 
 
 
 @pytest.mark.slow
-def test_a_site_killed_while_it_trains_is_left_out_of_that_round_and_rejoins_the_next(tmp_path: Path) -> None:
+def test_a_site_killed_while_it_trains_is_left_out_of_that_round_and_rejoins_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower's own fault test, with FedMix: site-c's SuperNode and its ClientApp are SIGKILLed as round 1's
     training message reaches it. The SuperLink answers for the silent node once its heartbeats stop; the
     round aggregates the other two (exactly as the engine does) and names site-c's node; the SuperNode
     restarted with the same key trains round 2 (min-sites 3 makes the round wait for it) and gets the final
-    model; its optimiser never takes the step of the update that never arrived."""
+    model; its optimiser never takes the step of the update that never arrived. The run config names the
+    network of a package installed at the server and the sites (``model``), which every process builds."""
+    from model_package_helpers import install_network_package
+
+    env = install_network_package(tmp_path, monkeypatch)
     sample = tmp_path / "sample"
     make_sample(sample, sites=3, images=8, eval_images=3, seed=0, size=32)
     out, app = tmp_path / "out", tmp_path / "app"
-    write_flower_app(app, {"num-server-rounds": 2, "model-width": 4, "image-size": 32, "crop-size": 32,
+    write_flower_app(app, {"num-server-rounds": 2, "model": "tiny-conv", "image-size": 32, "crop-size": 32,
                            "batch-size": 4, "min-sites": 3, "round-timeout": 150.0, "out-dir": str(out),
                            "keep-updates": True, "class-names": "lesion"})
-    deployment = Loopback(tmp_path)
+    deployment = Loopback(tmp_path, env)
     config = {name: f'site-dir="{sample / name}" device="cpu"' for name in SITES}
     rounds_file = out / "rounds.jsonl"
     try:
@@ -755,8 +760,9 @@ def test_a_site_killed_while_it_trains_is_left_out_of_that_round_and_rejoins_the
     reports = [validate_update_file(p, template) for p in updates]
     expected, _ = aggregate([(p.stem, LazyUpdate(p), rep.n, rep.loss) for p, rep in zip(updates, reports, strict=True)],
                             rule)
-    round_one, _, _ = load_checkpoint(out / "round-0001" / "global.safetensors")
+    round_one, model, _ = load_checkpoint(out / "round-0001" / "global.safetensors")
     assert max_diff(round_one, expected) < 1e-6, "round 1 is the two live sites' FedMix aggregate"
+    assert model.name == "tiny-conv" and "net1.body.0.weight" in round_one, "the package's network, not a U-Net"
     final = (out / "global.safetensors").read_bytes()
     for name in SITES:
         assert (sample / name / "models" / "global.safetensors").read_bytes() == final, name
