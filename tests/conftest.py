@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +26,14 @@ if importlib.util.find_spec("flwr") is None:
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# napari saves its settings (window geometry, at every viewer's close) and its icon cache in the user's
+# folders: each test process gets folders of its own, so two workers never write one file at once and the
+# suite leaves a user's napari as it found it. Set before napari.settings is imported (napari reads it then).
+_NAPARI_HOME = Path(tempfile.mkdtemp(prefix="fedmix-tests-napari-"))
+atexit.register(shutil.rmtree, _NAPARI_HOME, ignore_errors=True)
+os.environ["NAPARI_CONFIG"] = str(_NAPARI_HOME / "settings.yaml")
+os.environ["XDG_CACHE_HOME"] = str(_NAPARI_HOME / "cache")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
