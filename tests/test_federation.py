@@ -1705,8 +1705,10 @@ def test_a_sites_update_in_the_open_round_is_left_out_when_its_token_is_revoked(
         pair, _ = global_pair(server.url, tokens["site-b"])
         assert upload(server.url, tokens["site-a"], 1, fake_update(pair, 1, n=50)).status_code == 200
         TokenStore(state).revoke("site-a")
-        time.sleep(1.5)  # the server's deadline poll sees the revocation
-        assert server.status()["uploaded"] == [], "the revoked site's update no longer counts"
+        deadline = time.monotonic() + 30  # the server's deadline poll (every 0.5 s) sees the revocation
+        while server.status()["uploaded"] != []:
+            assert time.monotonic() < deadline, "the revoked site's update no longer counts"
+            time.sleep(0.1)
         closed = upload(server.url, tokens["site-b"], 1, fake_update(pair, 2, n=10)).json()
         assert closed["round_closed"] is False, "not every expected site has reported: site-a's does not count"
         deadline = time.monotonic() + 30
