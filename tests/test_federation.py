@@ -35,7 +35,6 @@ from federation_helpers import (
     global_pair,
     make_certificates,
     make_tokens,
-    one_torch_thread,
     openssl_date,
     running_server,
     tls_listener,
@@ -1737,20 +1736,20 @@ def test_a_client_stopped_before_its_upload_is_taken_trains_that_round_again_to_
     token = make_tokens(state, ["site-a"])["site-a"]
     args = ["--sites", "1", "--min-sites", "1", "--rounds", "2", *TINY_SETTINGS]
     server = Server(state, args).start()
-    with one_torch_thread():  # as the site processes and simulate_like_the_sites
-        try:
-            client = FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1, give_up_after=1.0)
-            with pytest.raises(FederationError, match="gave up"):
-                for event in client.iter_join():
-                    progress = event.progress
-                    if progress is not None and progress.stage == "train" and progress.step == progress.total:
-                        server.kill()  # round 1 trained; its upload can no longer be taken
-            assert not list((site / "models").glob("*-state.pt")), "moments saved for an update never taken"
-            server = Server(state, args).start()  # the round is still open, with no upload
-            FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1).join()
-            assert server.status()["finished"]
-        finally:
-            server.kill()
+    torch.set_num_threads(1)  # as the site processes (the autouse fixture restores it)
+    try:
+        client = FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1, give_up_after=1.0)
+        with pytest.raises(FederationError, match="gave up"):
+            for event in client.iter_join():
+                progress = event.progress
+                if progress is not None and progress.stage == "train" and progress.step == progress.total:
+                    server.kill()  # round 1 trained; its upload can no longer be taken
+        assert not list((site / "models").glob("*-state.pt")), "moments saved for an update never taken"
+        server = Server(state, args).start()  # the round is still open, with no upload
+        FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1).join()
+        assert server.status()["finished"]
+    finally:
+        server.kill()
     worst = drift_from_the_simulator(state, sample, ["site-a"], 2, tmp_path / "sim")
     assert worst < 1e-5, f"the stopped round trained from other moments: max |Δθ| = {worst}"
 
@@ -1779,19 +1778,19 @@ def test_a_client_that_dies_after_the_server_took_its_update_resumes_with_that_r
             raise KeyboardInterrupt("the workstation lost power")
         return real_settle(models_dir, prefix, accepted_round)
 
-    with one_torch_thread():  # as the site processes and simulate_like_the_sites
-        try:
-            monkeypatch.setattr(pending_state, "settle", dies_once_round_2_is_taken)
-            with pytest.raises(KeyboardInterrupt):
-                FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1).join()
-            assert server.status()["uploaded"] == [] and server.status()["last_round"] == 2, "round 2 was taken"
-            kept = sorted(p.name.split("-state")[-1] for p in (site / "models").glob("federation-*-state*.pt"))
-            assert kept == ["-pending-0002.pt", ".pt"], "round 1's moments committed, round 2's still pending"
-            monkeypatch.setattr(pending_state, "settle", real_settle)
+    torch.set_num_threads(1)  # as the site processes (the autouse fixture restores it)
+    try:
+        monkeypatch.setattr(pending_state, "settle", dies_once_round_2_is_taken)
+        with pytest.raises(KeyboardInterrupt):
             FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1).join()
-            assert server.status()["finished"]
-        finally:
-            server.kill()
+        assert server.status()["uploaded"] == [] and server.status()["last_round"] == 2, "round 2 was taken"
+        kept = sorted(p.name.split("-state")[-1] for p in (site / "models").glob("federation-*-state*.pt"))
+        assert kept == ["-pending-0002.pt", ".pt"], "round 1's moments committed, round 2's still pending"
+        monkeypatch.setattr(pending_state, "settle", real_settle)
+        FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1).join()
+        assert server.status()["finished"]
+    finally:
+        server.kill()
     assert not list((site / "models").glob("*-state-pending-*.pt"))
     worst = drift_from_the_simulator(state, sample, ["site-a"], 3, tmp_path / "sim")
     assert worst < 1e-5, f"round 3 trained from moments without round 2's step: max |Δθ| = {worst}"
@@ -1812,23 +1811,23 @@ def test_an_upload_whose_answer_is_lost_after_it_closed_the_round_still_advances
     state = tmp_path / "state"
     token = make_tokens(state, ["site-a"])["site-a"]
     server = Server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "3", *TINY_SETTINGS]).start()
-    with one_torch_thread():  # as the site processes and simulate_like_the_sites
-        try:
-            client = FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1)
-            real_request, lost = client.http.request, []
+    torch.set_num_threads(1)  # as the site processes (the autouse fixture restores it)
+    try:
+        client = FederationClient(server.url, token, site, device="cpu", poll_seconds=0.1)
+        real_request, lost = client.http.request, []
 
-            def answer_lost_once(method, path, **kwargs):
-                response = real_request(method, path, **kwargs)
-                if path.endswith("/rounds/2/update") and not lost:
-                    lost.append(response.status_code)
-                    raise httpx.ReadError("connection reset by the proxy after the server answered")
-                return response
+        def answer_lost_once(method, path, **kwargs):
+            response = real_request(method, path, **kwargs)
+            if path.endswith("/rounds/2/update") and not lost:
+                lost.append(response.status_code)
+                raise httpx.ReadError("connection reset by the proxy after the server answered")
+            return response
 
-            client.http.request = answer_lost_once
-            events = list(client.iter_join())
-            assert lost == [200] and server.status()["finished"]
-        finally:
-            server.kill()
+        client.http.request = answer_lost_once
+        events = list(client.iter_join())
+        assert lost == [200] and server.status()["finished"]
+    finally:
+        server.kill()
     assert any(e.kind == "waiting" and "round 2 is closed" in e.message for e in events), "the resend heard 409"
     worst = drift_from_the_simulator(state, sample, ["site-a"], 3, tmp_path / "sim")
     assert worst < 1e-5, f"round 3 trained from moments without round 2's step: max |Δθ| = {worst}"
