@@ -20,6 +20,7 @@ import torch
 from fedmix_engine.checkpoint import pair_from_bytes
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import UpdateReport, encode_update
+from waiting import wait_until
 
 TINY_SETTINGS = ["--width", "4", "--image-size", "32", "--crop-size", "32", "--batch-size", "4", "--seed", "0"]
 # one torch thread per process: several processes share 2 cores without oversubscription
@@ -49,16 +50,16 @@ class Server:
         with open(self.state.parent / f"server-{self.port}.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
         verify = ssl.create_default_context(cafile=str(self.ca)) if self.tls else True
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(self.state.parent / f'server-{self.port}.log').read_text()}")
+
+        def answers() -> bool:
             try:
-                if httpx.get(f"{self.url}/v1/status", verify=verify, timeout=2).status_code == 200:
-                    return self
+                return httpx.get(f"{self.url}/v1/status", verify=verify, timeout=2).status_code == 200
             except httpx.HTTPError:
-                time.sleep(0.2)
-        raise TimeoutError("server did not start")
+                return False
+
+        wait_until(answers, "the server answering /v1/status", timeout, self.proc, every=0.2,
+                   detail=(self.state.parent / f"server-{self.port}.log").read_text)
+        return self
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -192,10 +193,7 @@ class JoinThread:
         self.thread.start()
 
     def wait_for(self, condition, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline and self.thread.is_alive(), f"{what}: {self.events}, {self.told}"
-            time.sleep(0.05)
+        wait_until(condition, what, timeout, self.thread, every=0.05, detail=lambda: f"{self.events}, {self.told}")
 
     def waiting(self) -> list[str]:
         return [e.message for e in self.events if e.kind == "waiting"]

@@ -17,6 +17,7 @@ import pytest
 
 from fedmix_engine.atomic import is_interrupted_write
 from fedmix_engine.data.site_store import SiteStore
+from waiting import wait_until
 
 # The child saves masks, boxes and tags in a tight loop and prints one line after each save
 # returns; the parent SIGKILLs it at an arbitrary moment.
@@ -39,6 +40,11 @@ CHILD = textwrap.dedent("""
         print(f"tag {image_id} {i}", flush=True)
         i += 1
 """)
+
+
+def _stderr_tail(proc: subprocess.Popen) -> str:
+    """The end of an ended child's stderr (reading a running one's would wait for it to end)."""
+    return proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
 
 
 @pytest.mark.parametrize("kill_after", [31, 98, 160])
@@ -112,11 +118,8 @@ def test_batch_predict_killed_with_sigkill_is_continued_to_what_an_uninterrupted
     checkpoint = save_checkpoint(tmp_path / "m.safetensors", init_pair(model, 0), model, {"image_size": 64})
     predict = [sys.executable, "-m", "fedmix_engine", "predict", str(checkpoint), str(folder)]
     proc = subprocess.Popen([*predict, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("*_mask.tif"))) < 8:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the batch did not write 8 masks in time"
-        time.sleep(0.01)
+    wait_until(lambda: len(list(out.glob("*_mask.tif"))) >= 8, "the batch writing 8 masks", 120, proc, every=0.01,
+               detail=lambda: _stderr_tail(proc))
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
     written = {p.name: p.stat().st_mtime_ns for p in out.glob("*_mask.tif")}
@@ -162,11 +165,8 @@ def test_site_import_killed_with_sigkill_and_run_again_gives_the_site_a_clean_im
     for folder in (tmp_path / "cut", tmp_path / "whole"):
         subprocess.run([*site, "init", str(folder), "--classes", "lesion"], check=True, capture_output=True)
     proc = run_import(tmp_path / "cut")
-    deadline = time.monotonic() + 120
-    while len(list((tmp_path / "cut" / "images").iterdir())) < 20:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the import did not get far enough in time"
-        time.sleep(0.005)
+    wait_until(lambda: len(list((tmp_path / "cut" / "images").iterdir())) >= 20, "the import adding 20 images", 120,
+               proc, every=0.005, detail=lambda: _stderr_tail(proc))
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
     with SiteStore.open(tmp_path / "cut", readonly=True) as store:

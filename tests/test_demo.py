@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -17,6 +16,7 @@ import psutil
 
 from fedmix_engine.cli import main
 from fedmix_engine.federation.local_demo import MARKER, fresh_demo_folder
+from waiting import wait_until
 
 TINY = ["--rounds", "2", "--images", "8", "--size", "32", "--width", "4"]
 
@@ -64,14 +64,17 @@ def _running_demo(out: Path, log: Path) -> tuple[subprocess.Popen, list[psutil.P
         demo = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", "demo", str(out), "--rounds", "500",
                                  "--images", "8", "--size", "32", "--width", "4"],
                                 stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and demo.poll() is None:
+
+    def started() -> list[psutil.Process] | None:
         children = psutil.Process(demo.pid).children()
-        if len(children) == 4 and "3/4" in log.read_text():
-            return demo, children
-        time.sleep(0.3)
-    _end(demo, psutil.Process(demo.pid).children() if demo.poll() is None else [])
-    raise AssertionError(f"the demo did not start its server and sites:\n{log.read_text()}")
+        return children if len(children) == 4 and "3/4" in log.read_text() else None
+
+    try:
+        return demo, wait_until(started, "the demo starting its server and sites", 90, demo, every=0.3,
+                                detail=log.read_text)
+    except AssertionError:
+        _end(demo, psutil.Process(demo.pid).children() if demo.poll() is None else [])
+        raise
 
 
 def _end(demo: subprocess.Popen, children: list[psutil.Process]) -> None:

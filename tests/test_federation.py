@@ -47,6 +47,7 @@ from fedmix_engine.federation.wire import UpdateReport, encode_update
 from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
 from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.model import ModelConfig
+from waiting import wait_until
 
 SITES = ["site-a", "site-b", "site-c"]
 
@@ -242,10 +243,9 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
                             "by itself then"), said  # uploaded above, not by this join
 
             filler.unlink()
-            deadline = time.monotonic() + 30
-            while server.status()["last_round"] < 1:  # no further upload: the server closes it by itself
-                assert time.monotonic() < deadline, "the round stayed open after space was freed"
-                time.sleep(0.2)
+            # no further upload: the server closes it by itself
+            wait_until(lambda: server.status()["last_round"] >= 1, "the round closing once space was freed", 30,
+                       server.proc, every=0.2)
             assert server.status()["history"][0]["reason"] == "every expected site reported"
             assert server.status()["close_failure"] is None and "cannot be</b>" not in httpx.get(server.url).text
             health = httpx.get(server.url + "/healthz", timeout=10)
@@ -531,10 +531,9 @@ def test_a_second_join_of_one_site_is_refused_until_the_first_is_gone_even_by_si
         first = join("site-a")
         later: list[subprocess.Popen] = []
         try:
-            deadline = time.monotonic() + 120
-            while server.status()["uploaded"] != ["site-a"]:  # it holds the site, waiting for site-b
-                assert time.monotonic() < deadline and first.poll() is None
-                time.sleep(0.1)
+            # it holds the site, waiting for site-b
+            wait_until(lambda: server.status()["uploaded"] == ["site-a"], "site-a's first join uploading", 120,
+                       first)
             second = join("site-a")
             said = second.communicate(timeout=60)[0].decode()
             assert second.returncode == 3, said
@@ -569,13 +568,11 @@ def test_join_processes_ride_out_a_server_sigkill_and_the_federation_ends_as_if_
                                  "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
                for name in sites]
     try:
-        deadline = time.monotonic() + 120
-        while True:  # round 1 closed, round 2 open (with an upload, when the moment is caught)
+        def round_two_open() -> dict | None:  # round 1 closed, round 2 open (with an upload, when it is caught)
             status = server.status()
-            if status["last_round"] >= 2 or (status["last_round"] == 1 and status["uploaded"]):
-                break
-            assert time.monotonic() < deadline and all(c.poll() is None for c in clients), status
-            time.sleep(0.02)
+            return status if status["last_round"] >= 2 or (status["last_round"] == 1 and status["uploaded"]) else None
+
+        status = wait_until(round_two_open, "round 1 closing", 120, *clients, every=0.02, detail=server.status)
         assert not status["finished"], "killed mid-federation"
         server.kill()
         time.sleep(3)  # the clients meet refused connections and back off
@@ -686,10 +683,9 @@ def test_a_join_process_sigkilled_after_training_a_round_restarts_and_the_federa
     with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "3", *TINY_SETTINGS]) as server:
         clients = {name: join(name) for name in sites}
         try:
-            deadline = time.monotonic() + 120
-            while not re.search(r"^round 2: train (\d+)/\1$", logs["site-a"].read_text(), re.M):
-                assert time.monotonic() < deadline and clients["site-a"].poll() is None, logs["site-a"].read_text()
-                time.sleep(0.01)
+            wait_until(lambda: re.search(r"^round 2: train (\d+)/\1$", logs["site-a"].read_text(), re.M),
+                       "site-a training round 2's last batch", 120, clients["site-a"], every=0.01,
+                       detail=logs["site-a"].read_text)
             os.kill(clients["site-a"].pid, signal.SIGKILL)
             assert clients["site-a"].wait(timeout=10) == -signal.SIGKILL
             assert "round 2: sent" not in logs["site-a"].read_text(), "killed before its round-2 upload"
@@ -738,9 +734,8 @@ def test_client_killed_mid_upload_round_closes_on_quorum_and_client_rejoins(tmp_
         uploader.wait(10)
         for k, name in enumerate(SITES[:2]):
             assert upload(server.url, tokens[name], 1, fake_update(pair, seed=k)).status_code == 200
-        deadline = time.monotonic() + 30
-        while server.status()["last_round"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.3)
+        wait_until(lambda: server.status()["last_round"] >= 1, "round 1 closing at its deadline", 30, server.proc,
+                   every=0.3)
         status = server.status()
         assert status["last_round"] == 1, status
         closed = status["history"][0]
@@ -1704,15 +1699,13 @@ def test_a_sites_update_in_the_open_round_is_left_out_when_its_token_is_revoked(
         pair, _ = global_pair(server.url, tokens["site-b"])
         assert upload(server.url, tokens["site-a"], 1, fake_update(pair, 1, n=50)).status_code == 200
         TokenStore(state).revoke("site-a")
-        deadline = time.monotonic() + 30  # the server's deadline poll (every 0.5 s) sees the revocation
-        while server.status()["uploaded"] != []:
-            assert time.monotonic() < deadline, "the revoked site's update no longer counts"
-            time.sleep(0.1)
+        # the server's deadline poll (every 0.5 s) sees the revocation
+        wait_until(lambda: server.status()["uploaded"] == [], "the revoked site's update no longer counting", 30,
+                   server.proc)
         closed = upload(server.url, tokens["site-b"], 1, fake_update(pair, 2, n=10)).json()
         assert closed["round_closed"] is False, "not every expected site has reported: site-a's does not count"
-        deadline = time.monotonic() + 30
-        while not server.status()["history"] and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: server.status()["history"], "round 1 closing at its deadline", 30, server.proc,
+                   every=0.2)
         [meta] = server.status()["history"]
     assert sorted(meta["sites"]) == ["site-b"] and meta["sites"]["site-b"]["weight"] == 1.0
     assert not (state / "current" / "site-a.safetensors").exists()

@@ -51,6 +51,7 @@ from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
 from fedmix_engine.fedmix.pair import init_pair
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor
+from waiting import wait_until
 
 pytestmark = pytest.mark.flower
 TINY = ModelConfig(base_width=4)
@@ -548,16 +549,9 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
 # ---------------------------------------------------------------------------------------------- deployment
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"port {port} not open after {timeout} s:\n{log.read_text()[-3000:]}")
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class Loopback:
@@ -582,7 +576,8 @@ class Loopback:
                                      str(self.cert), "--ssl-certfile", str(self.cert), "--ssl-keyfile", str(key),
                                      "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                                      "--database", str(tmp_path / "superlink.db")], "superlink")
-        _wait_for_port(self.port, link, link_log)
+        wait_until(lambda: _listening(self.port), f"the SuperLink listening on port {self.port}", 60, link,
+                   every=0.2, detail=lambda: link_log.read_text()[-3000:])
 
     def start(self, args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
         """A process in a session of its own (so it is killed with its children), its output in ``name``.log."""
@@ -695,15 +690,6 @@ def test_flower_deployment_on_loopback_aggregates_like_the_engine_and_the_simula
     assert delivery["round"] == 2 and sorted(delivery["sites"].values()) == ["saved"] * 3, delivery
 
 
-def _wait_for(condition, what: str, timeout: float, *watched: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        for proc in watched:
-            assert proc.poll() is None, f"{what}: {proc.args[0]} exited ({proc.returncode}) first"
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_a_site_killed_while_it_trains_is_left_out_of_that_round_and_rejoins_the_next(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -732,12 +718,12 @@ def test_a_site_killed_while_it_trains_is_left_out_of_that_round_and_rejoins_the
             nodes[name] = deployment.supernode(name, config[name])
         run, run_log = deployment.start(["flwr", "run", str(app), "loopback", "--stream"], "run")
         victim, victim_log = nodes["site-c"]
-        _wait_for(lambda: "Receiving: train message" in victim_log.read_text(), "site-c receives round 1",
-                  180, victim, run)
+        wait_until(lambda: "Receiving: train message" in victim_log.read_text(), "site-c receives round 1",
+                   180, victim, run, detail=lambda: run_log.read_text()[-3000:])
         os.killpg(victim.pid, signal.SIGKILL)
         assert victim.wait(timeout=20) == -signal.SIGKILL
-        _wait_for(lambda: rounds_file.is_file() and rounds_file.read_text().strip(), "round 1 closes without site-c",
-                  200, run)
+        wait_until(lambda: rounds_file.is_file() and rounds_file.read_text().strip(), "round 1 closes without site-c",
+                   200, run, detail=lambda: run_log.read_text()[-3000:])
         deployment.supernode("site-c", config["site-c"])
         assert run.wait(timeout=300) == 0, run_log.read_text()[-4000:]
     finally:

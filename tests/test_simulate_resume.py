@@ -17,6 +17,7 @@ import torch
 from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.cli import main
 from fedmix_engine.data.synthetic import make_sample
+from waiting import wait_until
 
 SETTINGS = ["--width", "4", "--image-size", "32", "--crop-size", "32", "--batch-size", "4", "--device", "cpu",
             "--threads", "1"]
@@ -33,6 +34,12 @@ def records(run: Path) -> list[dict]:
     """metrics.jsonl without the wall times."""
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rounds_written(run: Path) -> int:
+    """The whole lines of a running simulation's metrics.jsonl (a round's line may be half written)."""
+    metrics = run / "metrics.jsonl"
+    return metrics.read_text().count("\n") if metrics.exists() else 0
 
 
 def assert_same_pair(a: Path, b: Path) -> None:
@@ -73,12 +80,7 @@ def test_simulate_killed_with_sigkill_resumes_to_the_uninterrupted_result(sample
     assert main([*common, "--out", str(whole)]) == 0
     proc = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", *common, "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        metrics = killed / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.02)
+    wait_until(lambda: _rounds_written(killed) >= 2, "two rounds written", 120, proc, every=0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL, "killed mid-run, not finished"
     done = len((killed / "metrics.jsonl").read_text().splitlines())
@@ -99,11 +101,7 @@ def test_a_second_run_into_a_running_runs_folder_is_refused_and_the_lock_goes_wi
     proc = subprocess.Popen([sys.executable, "-m", "fedmix_engine.cli", *common, "--out", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2:
-                break
-            time.sleep(0.02)
+        wait_until(lambda: _rounds_written(run) >= 2, "two rounds written", 120, proc, every=0.02)
         capsys.readouterr()
         for again in (["--overwrite", "--rounds", "2"], ["--resume"]):  # old code: overwrote in 2 rounds
             assert main([*common, "--out", str(run), *again]) == 2
