@@ -43,6 +43,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+NO_SCREEN = ("this test opens Qt windows and there is no screen: DISPLAY is not set and pytest-xvfb found no "
+             "Xvfb to start one. Install Xvfb and the X libraries Qt needs (the apt-get line in .ci/run), or run "
+             "the suite under xvfb-run")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Without a screen Qt aborts the whole test process (under xdist: a worker crash and an INTERNALERROR
+    that name nothing); a widget test fails instead, saying what to install. Tests without Qt still run."""
+    screen = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("QT_QPA_PLATFORM")
+    if "qapp" in getattr(item, "fixturenames", ()) and not screen and sys.platform.startswith("linux"):
+        pytest.fail(NO_SCREEN, pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads() -> Iterator[None]:
     """A test that sets torch's thread count (``--threads 1`` run in-process sets it for the whole process)

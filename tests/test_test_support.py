@@ -1,11 +1,14 @@
-"""The tests' one waiting loop: what it returns, and that it fails soon and says why."""
+"""The suite's own support: its one waiting loop (what it returns, that it fails soon and says why), and the
+failure a widget test gives where there is no screen."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +39,18 @@ def test_it_fails_at_once_when_a_watched_process_or_thread_has_ended() -> None:
         wait_until(lambda: False, "an upload", 120, thread)
     assert time.monotonic() - started < 30
     assert wait_until(lambda: "done", "a condition already true", 120, proc) == "done", "checked before the watched"
+
+
+def test_a_widget_test_without_a_screen_fails_saying_what_to_install() -> None:
+    """Qt without a screen aborted the test process: under xdist a worker crash and an INTERNALERROR naming
+    nothing, on a developer's machine without Xvfb. The widget test fails, and the others still run."""
+    tests = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    widget_test = "test_plugin_widgets.py::test_annotate_mask_boxes_and_tag_are_saved_and_shown_again"
+    other_test = "test_test_support.py::test_it_returns_what_the_condition_returned_once_true"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xvfb", "-n", "0",
+                           str(tests / widget_test), str(tests / other_test)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tests.parent)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 passed, 1 error" in done.stdout and "Fatal Python error" not in done.stderr, done.stdout[-3000:]
+    assert "there is no screen" in done.stdout and "the apt-get line in .ci/run" in done.stdout
