@@ -568,6 +568,27 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
 
 
 
+def test_batch_predict_says_when_its_masks_cover_whole_images(tmp_path: Path, capsys) -> None:
+    """A model from a federation's first rounds may call every pixel lesion: the batch succeeded, summary.csv
+    said 1.0 in a column, and nothing told the clinician. No lesion fills its image: a note says so."""
+    import tifffile
+
+    from model_helpers import all_lesion_checkpoint, no_lesion_checkpoint
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in "abcd":
+        tifffile.imwrite(images / f"{name}.tif", np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8))
+    assert main(["predict", str(all_lesion_checkpoint(tmp_path / "all.safetensors")), str(images),
+                 str(tmp_path / "all"), "--device", "cpu"]) == 0, "a note, not a failure"
+    said = capsys.readouterr().out
+    assert ("note: 4 of 4 mask(s) cover 99% or more of their image (a.tif, b.tif, c.tif, …), which no lesion "
+            "does: the model has not learnt the lesions yet") in said, said
+    assert main(["predict", str(no_lesion_checkpoint(tmp_path / "none.safetensors")), str(images),
+                 str(tmp_path / "none"), "--device", "cpu"]) == 0
+    assert "note:" not in capsys.readouterr().out, "empty masks are lesion-free images, said by nothing"
+
+
 def test_predict_takes_a_site_folder_and_uses_the_model_it_trained_last(tmp_path: Path, capsys) -> None:
     """As napari's Predict starts with the open site's newest model, so does the command line, given the site."""
     import os
@@ -916,8 +937,9 @@ def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the
         assert main(["predict", str(checkpoint), str(export), str(out), "--recursive", "--device", "cpu"]) == 0
         printed = capsys.readouterr().out
         assert "predicted 2 image(s)" in printed
-        assert printed.splitlines()[-1] == ("  2 other file(s) are not images to predict (p01/s1/a_mask.png, "
+        assert printed.splitlines()[-2] == ("  2 other file(s) are not images to predict (p01/s1/a_mask.png, "
                                             "p01/s1/notes.txt); summary.csv lists them")
+        assert printed.splitlines()[-1].startswith("note: 2 of 2 mask(s) cover 99% or more"), "an untrained pair"
         with open(out / "summary.csv", newline="") as handle:
             rows = {r["file"]: (r["mask_file"], r["status"]) for r in csv.DictReader(handle)}
         assert rows == {"p01/s1/a.png": ("p01/s1/a_mask.tif", "ok"),
@@ -935,10 +957,11 @@ def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the
     monkeypatch.setattr("fedmix_engine.cli_training.SHOWN_PROBLEMS", 1)
     assert main(["predict", str(checkpoint), str(export), str(tmp_path / "out2"), "-r", "--device", "cpu"]) == 1
     printed = capsys.readouterr().out.splitlines()
-    assert printed[-3].startswith("  p02/broken.tif: skipped: unreadable or corrupt")
-    assert printed[-2:] == ["  … and 1 more (every file's status is in summary.csv)",
-                            "  2 other file(s) are not images to predict (p01/s1/a_mask.png, p01/s1/notes.txt); "
-                            "summary.csv lists them"]
+    assert printed[-4].startswith("  p02/broken.tif: skipped: unreadable or corrupt")
+    assert printed[-3:-1] == ["  … and 1 more (every file's status is in summary.csv)",
+                              "  2 other file(s) are not images to predict (p01/s1/a_mask.png, p01/s1/notes.txt); "
+                              "summary.csv lists them"]
+    assert printed[-1].startswith("note: 2 of 2 mask(s) cover"), "the untrained pair's masks: the note comes last"
 
 
 def test_a_stopped_batch_is_continued_keeping_the_masks_it_wrote_and_only_those(tmp_path: Path) -> None:

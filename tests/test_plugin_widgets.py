@@ -1757,6 +1757,8 @@ def test_predict_shows_its_threshold_and_batch_predict_uses_the_one_chosen(make_
         with open(out / "summary.csv", newline="") as handle:
             rows = [row for row in csv.DictReader(handle) if row["file"].startswith("scan-")]
         assert len(rows) == 3 and {float(row["foreground_fraction"]) for row in rows} == {foreground}, rows
+        # masks of whole images (no lesion is one): said, as the command line says it
+        assert ("Note: 3 of 3 mask(s) cover 99% or more of their image" in batch.status.text()) is (foreground == 1)
 
 
 def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napari_viewer, qtbot, tmp_path, images,
@@ -1853,7 +1855,8 @@ def test_batch_predict_shows_a_stacks_frames_and_cancel_stops_within_it(make_nap
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     frames = [t for t in shown if "frame" in t]
     assert frames == [f"1/2: a-loop.tif, frame {k} of 8" for k in (2, 4, 6, 8)], shown
-    assert shown[-1] == f"2 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped"
+    assert shown[-1].startswith(f"2 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped. Note: 2 of 2 "
+                                "mask(s) cover 99% or more of their image (a-loop.tif, b-scan.tif)"), shown[-1]
 
     calls: list[int] = []
     real_logits = Predictor.logits
@@ -2019,9 +2022,10 @@ def test_batch_masks_that_would_not_fit_in_free_memory_stay_on_disk(make_napari_
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(50_000))  # the mask: 20×40×48 B, twice
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert widget.status.text() == (f"1 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped; masks not "
-                                    "opened: opening this run's masks would take 75.0 KiB and 48.8 KiB are free: open "
-                                    "them from the output folder a few at a time")
+    assert widget.status.text().startswith(
+        f"1 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped; masks not opened: opening this run's "
+        "masks would take 75.0 KiB and 48.8 KiB are free: open them from the output folder a few at a time. Note: 1 "
+        "of 1 mask(s) cover 99% or more"), widget.status.text()  # an untrained pair: the note comes last
     assert "FedMix batch masks" not in viewer.layers and (tmp_path / "out" / "loop_mask.tif").is_file()
 
 
@@ -2138,7 +2142,8 @@ def test_batch_predict_takes_one_video_picked_with_its_file_button(make_napari_v
     assert asked == [predictable_files_filter()] and "*.mp4" in asked[0] and "All files (*)" in asked[0]
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert widget.status.text() == f"1 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped"
+    assert widget.status.text().startswith(f"1 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped. "
+                                           "Note: 1 of 1 mask(s) cover 99% or more"), widget.status.text()  # untrained
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["colonoscopy_mask.tif", "prediction.json",
                                                                    "summary.csv"]
     assert tifffile.imread(tmp_path / "out" / "colonoscopy_mask.tif").shape == (6, 40, 48)
@@ -2160,8 +2165,8 @@ def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(mak
     widget.recursive.setChecked(True)
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert widget.status.text() == (f"2 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped; 1 other "
-                                    "file(s) not images")
+    assert widget.status.text().startswith(f"2 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped; 1 "
+                                           "other file(s) not images. Note: 2 of 2 mask(s)"), widget.status.text()
     assert widget.skipped.count() == 0
     for series in ("p01/s1", "p02/s1"):
         assert tifffile.imread(tmp_path / "out" / series / "us_mask.tif").shape == (40, 48)
@@ -2171,8 +2176,9 @@ def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(mak
     widget.open_results.setChecked(False)
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert widget.status.text() == (f"2 mask(s) written to {tmp_path / 'out'} (2 kept from the earlier batch) "
-                                    "(summary.csv); 0 skipped; 1 other file(s) not images")
+    assert widget.status.text().startswith(f"2 mask(s) written to {tmp_path / 'out'} (2 kept from the earlier "
+                                           "batch) (summary.csv); 0 skipped; 1 other file(s) not images. Note: 2 of "
+                                           "2 mask(s) cover"), widget.status.text()  # the kept masks are read too
 
 
 def test_predict_widgets_start_with_the_model_just_trained_or_the_open_sites_newest(make_napari_viewer, qtbot,

@@ -180,7 +180,7 @@ SHOWN_PROBLEMS = 20  # images predict could not predict, listed one by one; the 
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedmix_engine.predict import RECORD_FILE, Predictor, check_batch, predict_folder
+    from fedmix_engine.predict import RECORD_FILE, Predictor, check_batch, predict_folder, whole_image_note
 
     check_batch(args.input, args.threshold, args.out, args.recursive)  # before the model loads, as napari does
     predictor = Predictor.from_checkpoint(_model_file(args.checkpoint), device=args.device, inference=args.inference)
@@ -211,6 +211,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if others:
         named = ", ".join(r.file for r in others[:3]) + (", …" if len(others) > 3 else "")
         print(f"  {len(others)} other file(s) are not images to predict ({named}); summary.csv lists them")
+    if note := whole_image_note(rows):
+        print(f"note: {note}")
     return 1 if failed or no_seg else 0
 
 

@@ -326,6 +326,7 @@ class BatchPredictWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.progress = QProgressBar()
         self.status = QLabel("")
+        self.status.setWordWrap(True)  # the output folder and a note: lines in a narrow dock, not a wider one
         self.skipped = QListWidget()
         self.worker = None
         self._closing = PanelClosing(self, on_closed=self.cancel)  # its ✕: no batch left running unseen
@@ -414,6 +415,8 @@ class BatchPredictWidget(QWidget):
         self.status.setText(error_line(exc))
 
     def _on_finished(self, batch, out: Path) -> None:
+        from fedmix_engine.predict import whole_image_note
+
         batch.close()  # a cancelled run writes its summary.csv now (the rest listed as not run)
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
@@ -421,24 +424,32 @@ class BatchPredictWidget(QWidget):
         written = [out / r.mask_file for r in self.rows if r.status == "ok"]
         skipped = sum(r.failed for r in self.rows)
         others = sum(r.status != "ok" and not r.failed for r in self.rows)
+        said = self.status.text()  # an error's line
         if self.error is None:
             stopped = f"stopped after {len(self.rows)} of {self.total} files; " if len(self.rows) < self.total else ""
             kept = f" ({batch.kept} kept from the earlier batch)" if batch.kept else ""
             not_images = f"; {others} other file(s) not images" if others else ""
-            self.status.setText(f"{stopped}{len(written)} mask(s) written to {out}{kept} (summary.csv); "
-                                f"{skipped} skipped{not_images}")
-        if self.open_results.isChecked() and written:
-            import tifffile
+            said = (f"{stopped}{len(written)} mask(s) written to {out}{kept} (summary.csv); "
+                    f"{skipped} skipped{not_images}")
+        if self.open_results.isChecked() and written and (unopened := self._open_masks(written, out)):
+            said += f"; masks not opened: {unopened}"
+        if self.error is None and (note := whole_image_note(self.rows)):
+            said += f". Note: {note}"
+        self.status.setText(said)
 
-            try:  # a long video's mask can outgrow the memory: then the masks stay on disk
-                _check_memory(2 * sum(r.frames * r.height * r.width for r in self.rows if r.status == "ok"), out,
-                              "opening this run's masks", "open them from the output folder a few at a time")
-            except InputError as exc:
-                self.status.setText(f"{self.status.text()}; masks not opened: {exc.reason}")
-                return
-            masks = [tifffile.imread(p) for p in written]
-            if len({m.shape for m in masks}) == 1:
-                self.viewer.add_labels(np.stack(masks), name="FedMix batch masks")
-            else:
-                for path, mask in zip(written, masks, strict=True):
-                    self.viewer.add_labels(mask, name=path.stem)
+    def _open_masks(self, written: list[Path], out: Path) -> str:
+        """The batch's masks as label layers (one stack when they share a shape); why not, or ""."""
+        import tifffile
+
+        try:  # a long video's mask can outgrow the memory: then the masks stay on disk
+            _check_memory(2 * sum(r.frames * r.height * r.width for r in self.rows if r.status == "ok"), out,
+                          "opening this run's masks", "open them from the output folder a few at a time")
+        except InputError as exc:
+            return exc.reason
+        masks = [tifffile.imread(p) for p in written]
+        if len({m.shape for m in masks}) == 1:
+            self.viewer.add_labels(np.stack(masks), name="FedMix batch masks")
+        else:
+            for path, mask in zip(written, masks, strict=True):
+                self.viewer.add_labels(mask, name=path.stem)
+        return ""
