@@ -327,21 +327,22 @@ NOT_AN_IMAGE = "skipped: not an image"
 MASK_BESIDE = "skipped: a mask beside its image, not an image"
 
 
-WHOLE_IMAGE = 0.99  # a mask covering this share of its image or more: no lesion does
+WHOLE_IMAGE = 0.99  # a mask covering this share of its image or more: a lesion rarely does
 
 
 def whole_image_note(rows: Sequence[BatchRow]) -> str:
-    """A note when predicted masks cover (nearly) their whole image, or "". No lesion fills its image, so such
-    masks mean a model that has not learnt the lesions yet (a federation's first rounds), images unlike those it
-    trained on, or a threshold too low; the batch still succeeded, so a clinician would not otherwise be told."""
+    """A note when predicted masks cover (nearly) their whole image, or "". A lesion rarely fills its image, so
+    such masks most likely come from a model that has not learnt the lesions yet (a federation's first rounds),
+    images unlike those it trained on, or a threshold too low; the batch still succeeded, so a clinician would
+    not otherwise be told."""
     predicted = [r for r in rows if r.status == "ok"]
     whole = [r.file for r in predicted if r.foreground_fraction >= WHOLE_IMAGE]
     if not whole:
         return ""
     named = ", ".join(whole[:3]) + (", …" if len(whole) > 3 else "")
     return (f"{len(whole)} of {len(predicted)} mask(s) cover {WHOLE_IMAGE:.0%} or more of their image ({named}), "
-            "which no lesion does: the model has not learnt the lesions yet (too few rounds), the images are "
-            "unlike those it trained on, or the threshold is too low")
+            "which a lesion rarely does: the model may not have learnt the lesions yet (too few rounds), the "
+            "images may be unlike those it trained on, or the threshold too low")
 
 
 def _seg_name(mask_file: str) -> str:
