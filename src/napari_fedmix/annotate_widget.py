@@ -49,6 +49,7 @@ from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
     import napari
+    from napari.qt.threading import WorkerBase
 
 IMAGE_LAYER, MASK_LAYER, BOX_LAYER = "FedMix image", "FedMix mask", "FedMix boxes"
 CLASSES_KEY = "fedmix_classes"  # the mask layer's metadata: the site's class names, for other widgets
@@ -231,7 +232,7 @@ class AnnotateWidget(QWidget):
         if self.image_list.count():
             self.image_list.setCurrentRow(0)
 
-    def import_images(self, paths: list[str | Path]):
+    def import_images(self, paths: list[str | Path]) -> WorkerBase:
         """Add image files in a worker; returns the worker (problems, each naming its file, are shown)."""
         from fedmix_engine.data.importer import import_files_steps
 
@@ -644,7 +645,7 @@ class AnnotateWidget(QWidget):
         if paths:
             self._guard(lambda: self.import_images(paths))
 
-    def import_folder(self, folder: str | Path, masks: str | Path | None = None):
+    def import_folder(self, folder: str | Path, masks: str | Path | None = None) -> WorkerBase:
         """Add a folder's images and their masks, in a worker; returns the worker. The masks are in
         ``masks`` (ISIC, Kvasir-SEG: a folder of their own), or else beside the images (``x_mask.png``
         next to ``x.png``, as in BUSI), and are taken as masks rather than as images."""
@@ -652,7 +653,7 @@ class AnnotateWidget(QWidget):
 
         return self._start_import(import_folder_steps(self._open_store(), folder, masks=masks or folder))
 
-    def import_table(self, path: str | Path):
+    def import_table(self, path: str | Path) -> WorkerBase:
         """Add a table's boxes or tags (told apart by its header), or a COCO file's masks and boxes, to the
         images the site holds, in a worker; returns the worker. A clinic's tags come as a spreadsheet, a row
         per image and a column per class."""
@@ -667,7 +668,7 @@ class AnnotateWidget(QWidget):
             raise InputError("import", "an import is running; wait for it or cancel it")
         return self.store
 
-    def export_site(self, folder: str | Path, images: bool = False, pseudonymise: bool = False):
+    def export_site(self, folder: str | Path, images: bool = False, pseudonymise: bool = False) -> WorkerBase:
         """Write the site's annotations (and with ``images`` its images) to ``folder``, new or empty, as
         ``fedmix-engine site export`` does (``pseudonymise``: its ``--pseudonymise``), in a worker (Cancel stops
         it, leaving no folder); returns the worker. The edits on screen are saved first: the export is what the

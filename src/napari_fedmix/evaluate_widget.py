@@ -32,6 +32,7 @@ from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
     import napari
+    from napari.qt.threading import WorkerBase
 
 # the table's rows, one column per class: it stays readable in a narrow dock ("with the class": a
 # cyst column's count of images holding a cyst, not of images with a lesion)
@@ -81,7 +82,7 @@ class EvaluateWidget(QWidget):
         form.addRow(self.table)
         form.addRow(self.status)
 
-    def run(self):
+    def run(self) -> WorkerBase | None:
         """Score the model on the site in a worker; the table and status show the result. Bad input (no
         model, a site without full ground truth, classes in another order) is said in the status line."""
         from fedmix_engine.atomic import check_writable_file

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from fedmix_engine.data.site_store import Box, SiteStore
 from fedmix_engine.errors import InputError
+
+if TYPE_CHECKING:
+    from napari.layers import Image, Layer
 
 
 def label_features(classes: list[str] | tuple[str, ...]) -> dict[str, list]:
@@ -66,7 +71,7 @@ def save_annotations(store: SiteStore, image_id: str, mask: np.ndarray, rectangl
     return problems
 
 
-def image_layer_pixels(layer, index: tuple[int, ...] = (), lazy: bool = False) -> np.ndarray:
+def image_layer_pixels(layer: Image, index: tuple[int, ...] = (), lazy: bool = False) -> np.ndarray:
     """An image layer's pixels, or one frame of them (``index`` into its leading axes), as an array: a
     lazy (dask) layer reads only what is asked for, and with ``lazy`` nothing yet (a long video's
     stack, which Predict reads a batch at a time). A multiscale (pyramid) layer, such as a whole-slide
@@ -79,7 +84,7 @@ def image_layer_pixels(layer, index: tuple[int, ...] = (), lazy: bool = False) -
     return data if lazy and hasattr(data, "shape") else np.asarray(data)
 
 
-def layer_spacing(layer) -> tuple[float, float] | None:
+def layer_spacing(layer: Layer) -> tuple[float, float] | None:
     """A layer's in-plane pixel spacing in mm (row, column) when its scale is a length (our DICOM reader
     sets mm; another reader µm), so an image added from the screen keeps it; None for pixels."""
     try:

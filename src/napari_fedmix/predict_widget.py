@@ -36,6 +36,9 @@ from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
     import napari
+    from napari.qt.threading import WorkerBase
+
+    from fedmix_engine.predict import Predictor
 
 PROB_LAYER, PRED_LAYER = "FedMix probability", "FedMix prediction"
 DISAGREE_LAYER = "FedMix networks disagree"  # |p¹ − p²|: what FedMix's agreement rule sees, per pixel
@@ -101,7 +104,7 @@ class PredictWidget(QWidget):
         form.addRow(self.to_mask)
         form.addRow(self.status)
 
-    def predictor(self):
+    def predictor(self) -> Predictor:
         from fedmix_engine.predict import Predictor
 
         key = (chosen_checkpoint(self.checkpoint), preferred_device())
@@ -110,7 +113,7 @@ class PredictWidget(QWidget):
             self._predictor_key = key
         return self._predictor
 
-    def predict_active(self):
+    def predict_active(self) -> WorkerBase | None:
         """Start prediction in a worker; returns the worker (tests wait on it). A stack (a cine loop, a
         volume's slices) is predicted frame by frame with progress, and Stop ends it between batches."""
         from fedmix_engine.data.imageio import validate_image
@@ -353,7 +356,7 @@ class BatchPredictWidget(QWidget):
         layout.addWidget(QLabel("skipped files:"))
         layout.addWidget(self.skipped)
 
-    def run(self):
+    def run(self) -> WorkerBase | None:
         from fedmix_engine.predict import Predictor, check_batch, iter_predict_folder
 
         try:

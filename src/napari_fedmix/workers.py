@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmix_engine.errors import SAID_ERRORS
+
+if TYPE_CHECKING:
+    from napari.qt.threading import WorkerBase
 
 
 class _CarriedRuntimeError(Exception):
@@ -33,7 +36,7 @@ def _carrying_runtime_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return generator
 
 
-def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Exception], None]):
+def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Exception], None]) -> WorkerBase:
     """A napari worker for ``func(*args)`` (a generator function gives a generator worker), not started."""
     from napari.qt.threading import create_worker
 

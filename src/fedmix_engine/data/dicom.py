@@ -24,14 +24,17 @@ copied into a site.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedmix_engine.errors import InputError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _PIXEL_DATA = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -56,7 +59,7 @@ def is_dicom_path(path: Path) -> bool:
     return path.suffix.lower() in DICOM_SUFFIXES or has_dicom_marker(path)
 
 
-def read_dataset(path: Path, pixels: bool = True):
+def read_dataset(path: Path, pixels: bool = True) -> Dataset:
     """The parsed file, as pydicom reads it (``pixels=False``: its header only); one without the
     128-byte preamble (written by older software) is read too."""
     import pydicom
@@ -74,7 +77,7 @@ def read_dataset(path: Path, pixels: bool = True):
         return dataset
 
 
-def pixel_spacing(dataset) -> tuple[float, float] | None:
+def pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
     """Row and column spacing in mm (PixelSpacing, an enhanced file's shared PixelMeasuresSequence, an
     X-ray's ImagerPixelSpacing, or an ultrasound image's regions); None when the file gives none or a
     malformed value."""
@@ -241,7 +244,7 @@ def dicom_frames(path: str | Path) -> DicomFrames | None:
     return DicomFrames(path, header)
 
 
-def position_along_normal(orientation, position) -> float:
+def position_along_normal(orientation: Sequence[float], position: Sequence[float]) -> float:
     """Where a slice lies along its normal (ImageOrientationPatient's row × column direction), from its
     ImagePositionPatient: the key DICOM viewers sort a volume's slices by."""
     cosines = np.asarray(orientation, dtype=float)
@@ -276,7 +279,7 @@ _TRANSFORM_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresen
                        "VOILUTSequence")
 
 
-def frame_count(dataset) -> int:
+def frame_count(dataset: Dataset) -> int:
     """NumberOfFrames, 1 when absent or 0 (pydicom's rule)."""
     from pydicom.pixels.utils import get_nr_frames
 

@@ -30,6 +30,7 @@ from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.state import (
     SERVER_LOCK,
     STORAGE_FAULTS,
+    ServerConfig,
     ServerState,
     site_count_mismatch,
     space_shortfall,
@@ -331,7 +332,8 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def serve(state_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, tls_cert: str | None = None,
-          tls_key: str | None = None, config=None, log_level: str = "info", status_access: str = "sites") -> None:
+          tls_key: str | None = None, config: ServerConfig | None = None, log_level: str = "info",
+          status_access: str = "sites") -> None:
     """Run the server until interrupted (state is durable: restarting resumes where it was)."""
     import uvicorn
 
