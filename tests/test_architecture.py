@@ -1,5 +1,6 @@
 """The engine is Qt-free and napari-free: a headless aggregator must not need a GUI stack; and only
-the Flower adapter imports flwr, so nobody who does not use Flower needs it."""
+the Flower adapter imports flwr, so nobody who does not use Flower needs it. Public functions say their
+types."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import fedmix_engine
+import napari_fedmix
 
 GUI_MODULES = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt", "vispy",
                "napari_fedmix")
@@ -72,3 +74,29 @@ def test_engine_imports_and_runs_with_gui_modules_unavailable(tmp_path: Path) ->
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "headless ok" in result.stdout
+
+
+def _public_functions(tree: ast.Module) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """A module's functions and its classes' methods whose names do not start with _ (not nested helpers)."""
+    functions = ast.FunctionDef | ast.AsyncFunctionDef
+    found = [node for node in tree.body if isinstance(node, functions)]
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        found += [node for node in cls.body if isinstance(node, functions)]
+    return [f for f in found if not f.name.startswith("_")]
+
+
+def test_public_functions_have_type_hints() -> None:
+    """Every parameter (but self and cls) and every return of a public function or method is annotated, in
+    the engine and the plugin: what a caller may pass is read from the signature."""
+    missing = []
+    for package in (ENGINE, Path(napari_fedmix.__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            for function in _public_functions(ast.parse(path.read_text(), str(path))):
+                arguments = [*function.args.posonlyargs, *function.args.args, *function.args.kwonlyargs,
+                             *filter(None, (function.args.vararg, function.args.kwarg))]
+                bare = [a.arg for a in arguments if a.annotation is None and a.arg not in ("self", "cls")]
+                if bare or function.returns is None:
+                    where = f"{path.relative_to(package.parent)}:{function.lineno} {function.name}"
+                    missing.append(f"{where}: " + (f"parameters {bare}" if bare else "") + (
+                        f"{' and ' if bare else ''}return" if function.returns is None else ""))
+    assert not missing, missing
