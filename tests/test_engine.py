@@ -589,6 +589,40 @@ def test_batch_predict_says_when_its_masks_cover_whole_images(tmp_path: Path, ca
     assert "note:" not in capsys.readouterr().out, "empty masks are lesion-free images, said by nothing"
 
 
+def test_batch_predict_names_photos_that_photo_viewers_show_turned(tmp_path: Path, capsys) -> None:
+    """A phone photo held sideways carries an EXIF orientation: its mask fits the pixels as stored (as napari
+    shows them), a photo viewer turns the photo but not the mask TIFF. The import listed such photos; a batch
+    prediction said nothing. It now notes them, and summary.csv gives each one's orientation."""
+    import csv
+
+    import tifffile
+    from PIL import Image
+
+    from model_helpers import no_lesion_checkpoint
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, orientation in (("side.jpg", 6), ("upside.png", 3), ("upright.jpg", 1), ("odd.png", 9)):  # 9: invalid
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(images / name, exif=exif)
+    tifffile.imwrite(images / "scan.tif", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    model = no_lesion_checkpoint(tmp_path / "none.safetensors")
+    for resume in ([], ["--resume"]):  # a continued batch keeps the masks and still says it
+        assert main(["predict", str(model), str(images), str(tmp_path / "out"), "--device", "cpu", *resume]) == 0
+        said = capsys.readouterr().out.splitlines()
+        assert said[-1] == ("note: 2 of 5 image(s) are photos with an EXIF orientation (side.jpg, upside.png): "
+                            "their masks fit the pixels as stored, as napari shows them, but photo viewers show "
+                            "these photos turned or mirrored, where a mask laid over them will not fit (summary.csv's "
+                            "exif_orientation column names them all)"), said
+        assert not any("cover 99%" in line for line in said)
+        with open(tmp_path / "out" / "summary.csv", newline="") as handle:
+            orientations = {row["file"]: row["exif_orientation"] for row in csv.DictReader(handle)}
+        assert orientations == {"odd.png": "", "scan.tif": "", "side.jpg": "6", "upright.jpg": "", "upside.png": "3"}
+    assert "5 kept from the earlier batch" in said[-2]
+
+
 def test_predict_takes_a_site_folder_and_uses_the_model_it_trained_last(tmp_path: Path, capsys) -> None:
     """As napari's Predict starts with the open site's newest model, so does the command line, given the site."""
     import os

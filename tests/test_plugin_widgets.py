@@ -1877,6 +1877,30 @@ def test_batch_predict_shows_a_stacks_frames_and_cancel_stops_within_it(make_nap
     assert not list((tmp_path / "out2").glob("*_mask.tif"))
 
 
+def test_batch_predict_notes_photos_that_photo_viewers_show_turned(make_napari_viewer, qtbot, tmp_path):
+    """As the command line notes them: a photo viewer turns a photo by its EXIF orientation, not its mask."""
+    from PIL import Image
+
+    from model_helpers import no_lesion_checkpoint
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)).save(folder / "side.jpg",
+                                                                                                exif=exif)
+    tifffile.imwrite(folder / "scan.tif", np.zeros((40, 48), np.uint8))
+    widget = _batch_widget(make_napari_viewer(), qtbot, folder, tmp_path / "out")
+    widget.checkpoint.setText(str(no_lesion_checkpoint(tmp_path / "none.safetensors")))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text() == (
+        f"2 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped. Note: 1 of 2 image(s) are photos with an "
+        "EXIF orientation (side.jpg): their masks fit the pixels as stored, as napari shows them, but photo viewers "
+        "show these photos turned or mirrored, where a mask laid over them will not fit (summary.csv's "
+        "exif_orientation column names them all)")
+
+
 def test_a_stack_whose_overlays_would_not_fit_in_free_memory_is_refused_before_predicting(make_napari_viewer, qtbot,
                                                                                            tmp_path, monkeypatch):
     """A long video's probability overlays (float32 per class and frame) can outgrow the memory left;

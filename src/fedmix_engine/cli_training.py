@@ -180,7 +180,14 @@ SHOWN_PROBLEMS = 20  # images predict could not predict, listed one by one; the 
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedmix_engine.predict import RECORD_FILE, Predictor, check_batch, predict_folder, whole_image_note
+    from fedmix_engine.predict import (
+        RECORD_FILE,
+        Predictor,
+        batch_notes,
+        check_batch,
+        first_names,
+        predict_folder,
+    )
 
     check_batch(args.input, args.threshold, args.out, args.recursive)  # before the model loads, as napari does
     predictor = Predictor.from_checkpoint(_model_file(args.checkpoint), device=args.device, inference=args.inference)
@@ -209,9 +216,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if len(lines) > SHOWN_PROBLEMS:
         print(f"  … and {len(lines) - SHOWN_PROBLEMS} more (every file's status is in summary.csv)")
     if others:
-        named = ", ".join(r.file for r in others[:3]) + (", …" if len(others) > 3 else "")
-        print(f"  {len(others)} other file(s) are not images to predict ({named}); summary.csv lists them")
-    if note := whole_image_note(rows):
+        print(f"  {len(others)} other file(s) are not images to predict ({first_names([r.file for r in others])}); "
+              "summary.csv lists them")
+    for note in batch_notes(rows):
         print(f"note: {note}")
     return 1 if failed or no_seg else 0
 

@@ -34,6 +34,7 @@ from fedmix_engine.data.dicom import dicom_frames
 from fedmix_engine.data.dicom_seg import default_class_names, write_dicom_seg
 from fedmix_engine.data.imageio import (
     PREDICTABLE_SUFFIXES,
+    exif_orientation,
     image_files,
     image_stem,
     is_dicom_file,
@@ -286,6 +287,7 @@ class BatchRow:
     seg_file: str = ""  # the DICOM SEG written beside the mask, or "not written: <reason>"; "" when not asked
     spacing: tuple[float, float] | None = None  # the image's pixel spacing (row, column mm), when it states one
     class_fractions: tuple[float, ...] = ()  # each class's share of the pixels (label k = class k), when predicted
+    exif_orientation: int | None = None  # a photo's EXIF orientation (2–8) when photo viewers show it turned
 
     @property
     def foreground_mm2(self) -> float:
@@ -320,7 +322,7 @@ class BatchRow:
 RECORD_FILE = "prediction.json"  # which model, settings and input made a folder's masks, and when
 SUMMARY_FILE = "summary.csv"  # a row per input file: its mask, size, foreground and status
 SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "foreground_mm2",
-                   "spacing_row_mm", "spacing_col_mm", "status", "seg_file")
+                   "spacing_row_mm", "spacing_col_mm", "status", "seg_file", "exif_orientation")
 NOT_RUN = "not run: the batch was stopped before this file"
 SUMMARY_EVERY = 10.0  # seconds between rewrites of a running batch's summary.csv (each rewrite is O(files))
 NOT_AN_IMAGE = "skipped: not an image"
@@ -328,6 +330,12 @@ MASK_BESIDE = "skipped: a mask beside its image, not an image"
 
 
 WHOLE_IMAGE = 0.99  # a mask covering this share of its image or more: a lesion rarely does
+
+
+def batch_notes(rows: Sequence[BatchRow]) -> list[str]:
+    """What a finished batch should tell its user although it succeeded: masks covering whole images, and
+    photos that photo viewers show turned (each a sentence, none when there is nothing to say)."""
+    return [note for note in (whole_image_note(rows), turned_photos_note(rows)) if note]
 
 
 def whole_image_note(rows: Sequence[BatchRow]) -> str:
@@ -339,10 +347,28 @@ def whole_image_note(rows: Sequence[BatchRow]) -> str:
     whole = [r.file for r in predicted if r.foreground_fraction >= WHOLE_IMAGE]
     if not whole:
         return ""
-    named = ", ".join(whole[:3]) + (", …" if len(whole) > 3 else "")
-    return (f"{len(whole)} of {len(predicted)} mask(s) cover {WHOLE_IMAGE:.0%} or more of their image ({named}), "
-            "which a lesion rarely does: the model may not have learnt the lesions yet (too few rounds), the "
-            "images may be unlike those it trained on, or the threshold too low")
+    return (f"{len(whole)} of {len(predicted)} mask(s) cover {WHOLE_IMAGE:.0%} or more of their image "
+            f"({first_names(whole)}), which a lesion rarely does: the model may not have learnt the lesions yet "
+            "(too few rounds), the images may be unlike those it trained on, or the threshold too low")
+
+
+def turned_photos_note(rows: Sequence[BatchRow]) -> str:
+    """A note when predicted photos have an EXIF orientation, or "". Their masks fit the pixels as stored, as
+    napari shows them (and as the site's images were imported); a photo viewer turns or mirrors such a photo
+    but not its mask TIFF, so the two would not line up there (silently so on a square photo)."""
+    predicted = [r for r in rows if r.status == "ok"]
+    turned = [r.file for r in predicted if r.exif_orientation is not None]
+    if not turned:
+        return ""
+    return (f"{len(turned)} of {len(predicted)} image(s) are photos with an EXIF orientation "
+            f"({first_names(turned)}): their masks fit the pixels as stored, as napari shows them, but photo "
+            "viewers show these photos turned or mirrored, where a mask laid over them will not fit (summary.csv's "
+            "exif_orientation column names them all)")
+
+
+def first_names(names: Sequence[str], shown: int = 3) -> str:
+    """The first names of a list for a one-line message, "…" standing for the rest."""
+    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
 
 
 def _seg_name(mask_file: str) -> str:
@@ -645,7 +671,8 @@ class FolderBatch:
         """A predicted file's row: the foreground and each class's share of its ``frames`` pages' pixels."""
         total = frames * height * width
         return BatchRow(self._name(path), height, width, round(float(counts[1:].sum()) / total, 6), "ok", mask_file,
-                        frames, seg_file, spacing, tuple(round(float(c) / total, 6) for c in counts[1:]))
+                        frames, seg_file, spacing, tuple(round(float(c) / total, 6) for c in counts[1:]),
+                        exif_orientation(path))
 
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""

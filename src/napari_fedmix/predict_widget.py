@@ -418,7 +418,7 @@ class BatchPredictWidget(QWidget):
         self.status.setText(error_line(exc))
 
     def _on_finished(self, batch, out: Path) -> None:
-        from fedmix_engine.predict import whole_image_note
+        from fedmix_engine.predict import batch_notes
 
         batch.close()  # a cancelled run writes its summary.csv now (the rest listed as not run)
         self.run_button.setEnabled(True)
@@ -436,8 +436,8 @@ class BatchPredictWidget(QWidget):
                     f"{skipped} skipped{not_images}")
         if self.open_results.isChecked() and written and (unopened := self._open_masks(written, out)):
             said += f"; masks not opened: {unopened}"
-        if self.error is None and (note := whole_image_note(self.rows)):
-            said += f". Note: {note}"
+        if self.error is None:
+            said += "".join(f". Note: {note}" for note in batch_notes(self.rows))
         self.status.setText(said)
 
     def _open_masks(self, written: list[Path], out: Path) -> str:

@@ -302,15 +302,22 @@ def turned_by_viewers(path: str | Path) -> bool:
     """Whether a photo's EXIF orientation (a phone or camera held sideways) has photo viewers and most
     annotation tools turn or mirror it. The engine keeps its pixels as stored, as napari shows them: a mask
     drawn on the turned photo does not fit them (silently so on a square one), so an import says which."""
+    return exif_orientation(path) is not None
+
+
+def exif_orientation(path: str | Path) -> int | None:
+    """A photo's EXIF orientation when photo viewers turn or mirror it (2–8), else None (as stored, no
+    orientation, not a photo format, or an unreadable header: the image was read all the same)."""
     if Path(path).suffix.lower() not in (".jpg", ".jpeg", ".png", ".tif", ".tiff"):
-        return False
+        return None
     from PIL import Image
 
     try:
         with Image.open(path) as photo:
-            return photo.getexif().get(0x0112, 1) not in (0, 1)  # 1: as stored; 0: not a valid value, ignored
-    except Exception:  # an unreadable header: the image was read all the same, so it has no orientation to say
-        return False
+            value = photo.getexif().get(0x0112, 1)
+    except Exception:
+        return None
+    return value if isinstance(value, int) and 2 <= value <= 8 else None  # 1: as stored; others: not valid
 
 
 def pixel_digest(array: np.ndarray) -> str:
