@@ -298,16 +298,12 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, bool]:
     return image, image.ndim == 3
 
 
-def turned_by_viewers(path: str | Path) -> bool:
-    """Whether a photo's EXIF orientation (a phone or camera held sideways) has photo viewers and most
-    annotation tools turn or mirror it. The engine keeps its pixels as stored, as napari shows them: a mask
-    drawn on the turned photo does not fit them (silently so on a square one), so an import says which."""
-    return exif_orientation(path) is not None
-
-
 def exif_orientation(path: str | Path) -> int | None:
-    """A photo's EXIF orientation when photo viewers turn or mirror it (2–8), else None (as stored, no
-    orientation, not a photo format, or an unreadable header: the image was read all the same)."""
+    """A photo's EXIF orientation when photo viewers and most annotation tools turn or mirror it (2–8; a
+    phone or camera held sideways), else None (as stored, no orientation, not a photo format, or an
+    unreadable header: the image was read all the same). The engine keeps the pixels as stored, as napari
+    shows them: a mask drawn on the turned photo does not fit them (silently so on a square one), so an
+    import and a batch prediction say which photos are turned."""
     if Path(path).suffix.lower() not in (".jpg", ".jpeg", ".png", ".tif", ".tiff"):
         return None
     from PIL import Image

@@ -52,12 +52,12 @@ from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.data.coco import CocoAnnotation, CocoFile, CocoImage, read_coco, region_mask
 from fedmix_engine.data.export import KEY_HEADER, MASK_HEADER, MASKS_TABLE
 from fedmix_engine.data.imageio import (
+    exif_orientation,
     image_files,
     image_stem,
     no_images_reason,
     read_image,
     read_mask_file,
-    turned_by_viewers,
     validate_mask,
 )
 from fedmix_engine.data.labelme import is_labelme_file, read_labelme
@@ -734,7 +734,7 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
                 if first != image_id:
                     report.copies.append((path, first))
                 report.colour_in_grey += store.config.channels == 1 and store.record(image_id).channels == 3
-                if turned_by_viewers(path):
+                if exif_orientation(path) is not None:
                     report.turned.append(path)
                 report.with_spacing += store.spacing(image_id) is not None
                 records[image_id] = store.record(image_id)  # a later file of its name is compared with it
