@@ -10,10 +10,10 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # The Flower adapter's environment: flwr pins exact minors of FastAPI/uvicorn/starlette/rich/packaging,
-# so it gets its own venv (engine + flwr + pytest, no napari). flwr 1.42.0 needs a certifi release the
-# package registry here does not have yet; 1.41.0 is the newest that installs.
+# so it gets its own venv (engine + flwr + pytest, no napari). The pin is the newest flwr the adapter's
+# tests passed with (1.41.0 passed too; the [flower] extra allows 1.40-1.42).
 FLOWER_VENV ?= .venv-flower
-FLWR        ?= flwr==1.41.0
+FLWR        ?= flwr==1.42.0
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
 FPIP        := $(FLOWER_VENV)/bin/python -m pip --disable-pip-version-check -q
 # The suite runs in two worker processes (pytest-xdist), one test per unit of work so each worker starts
