@@ -335,15 +335,15 @@ WHOLE_IMAGE = 0.99  # a mask covering this share of its image or more: a lesion 
 def batch_notes(rows: Sequence[BatchRow]) -> list[str]:
     """What a finished batch should tell its user although it succeeded: masks covering whole images, and
     photos that photo viewers show turned (each a sentence, none when there is nothing to say)."""
-    return [note for note in (whole_image_note(rows), turned_photos_note(rows)) if note]
+    predicted = [r for r in rows if r.status == "ok"]
+    return [note for note in (_whole_image_note(predicted), _turned_photos_note(predicted)) if note]
 
 
-def whole_image_note(rows: Sequence[BatchRow]) -> str:
+def _whole_image_note(predicted: Sequence[BatchRow]) -> str:
     """A note when predicted masks cover (nearly) their whole image, or "". A lesion rarely fills its image, so
     such masks most likely come from a model that has not learnt the lesions yet (a federation's first rounds),
     images unlike those it trained on, or a threshold too low; the batch still succeeded, so a clinician would
     not otherwise be told."""
-    predicted = [r for r in rows if r.status == "ok"]
     whole = [r.file for r in predicted if r.foreground_fraction >= WHOLE_IMAGE]
     if not whole:
         return ""
@@ -352,11 +352,10 @@ def whole_image_note(rows: Sequence[BatchRow]) -> str:
             "(too few rounds), the images may be unlike those it trained on, or the threshold too low")
 
 
-def turned_photos_note(rows: Sequence[BatchRow]) -> str:
+def _turned_photos_note(predicted: Sequence[BatchRow]) -> str:
     """A note when predicted photos have an EXIF orientation, or "". Their masks fit the pixels as stored, as
     napari shows them (and as the site's images were imported); a photo viewer turns or mirrors such a photo
     but not its mask TIFF, so the two would not line up there (silently so on a square photo)."""
-    predicted = [r for r in rows if r.status == "ok"]
     turned = [r.file for r in predicted if r.exif_orientation is not None]
     if not turned:
         return ""
