@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from fedmix_engine.atomic import check_writable_file
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import InputError, first_names
 
 
 def progress_bar(done: int, total: int, label: str, width: int = 24) -> None:
@@ -185,7 +185,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         Predictor,
         batch_notes,
         check_batch,
-        first_names,
         predict_folder,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -44,3 +45,8 @@ def error_line(exc: BaseException) -> str:
     anything else gets its type, since "[Errno 28] No space left on device" alone hides that it is an
     OSError."""
     return f"error: {exc}" if isinstance(exc, SAID_ERRORS) else f"error: {type(exc).__name__}: {exc}"
+
+
+def first_names(names: Sequence[str], shown: int = 3) -> str:
+    """The first few of a list of files or folders for a one-line message, "…" standing for the rest."""
+    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")

@@ -53,7 +53,7 @@ from fedmix_engine.data.site_store import refuse_site_folder
 from fedmix_engine.data.tensors import resize_image
 from fedmix_engine.data.video import is_video_path, open_video
 from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device, to_device
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import InputError, first_names
 from fedmix_engine.fedmix.pair import PairState, build_pair
 from fedmix_engine.folder_lock import hold_folder
 from fedmix_engine.model import ModelConfig
@@ -363,11 +363,6 @@ def _turned_photos_note(predicted: Sequence[BatchRow]) -> str:
             f"({first_names(turned)}): their masks fit the pixels as stored, as napari shows them, but photo "
             "viewers show these photos turned or mirrored, where a mask laid over them will not fit (summary.csv's "
             "exif_orientation column names them all)")
-
-
-def first_names(names: Sequence[str], shown: int = 3) -> str:
-    """The first names of a list for a one-line message, "…" standing for the rest."""
-    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
 
 
 def _seg_name(mask_file: str) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 from fedmix_engine.atomic import atomic_open
 from fedmix_engine.data.dicom import DICOM_SUFFIXES, is_dicom_path, load_dicom, read_dicom
 from fedmix_engine.data.video import NOT_IMPORTED, VIDEO_SUFFIXES, is_video_path
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import InputError, first_names
 
 _PLAIN_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")  # read by tifffile or imageio
 IMAGE_SUFFIXES = (*_PLAIN_SUFFIXES, *DICOM_SUFFIXES)
@@ -88,8 +88,7 @@ def no_images_reason(folder: Path) -> str:
         found = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common(3))
         reason += f"; it holds {found} file(s): export them as TIFF or PNG"
     if subfolders:
-        shown = ", ".join(subfolders[:3]) + (", …" if len(subfolders) > 3 else "")
-        reason += f"; sub-folders ({shown}) are not searched: give each one"
+        reason += f"; sub-folders ({first_names(subfolders)}) are not searched: give each one"
     return reason
 
 

@@ -43,7 +43,7 @@ from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.dice_text import dice_text
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import InputError, first_names
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
 from fedmix_engine.federation.tokens import TOKENS_FILE, TOKENS_LOCK, TokenStore
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
@@ -547,8 +547,8 @@ def refuse_foreign_folder(root: Path) -> None:
     held = sorted(p.name for p in root.iterdir() if p.name not in _BEFORE_A_FEDERATION
                   and not p.name.startswith(".")) if root.is_dir() else []
     if held:
-        shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
-        raise InputError(root, f"is not a server state directory (no server.json) and not empty ({shown}): to "
+        raise InputError(root, f"is not a server state directory (no server.json) and not empty "
+                               f"({first_names(held, 4)}): to "
                                "resume a federation, give the folder that holds its server.json; to start one, "
                                "give a new or empty folder (it may hold the sites' tokens)")
 
