@@ -1,4 +1,5 @@
-"""One error type for bad user input, so every layer can name the file or field at fault."""
+"""One error type for bad user input, so every layer can name the file or field at fault, and one way
+to name the first few of many files in a message (an error's or a note's)."""
 
 from __future__ import annotations
 
