@@ -18,14 +18,16 @@ def all_lesion_checkpoint(path: Path, image_size: int = 32, classes: tuple[str, 
     return constant_checkpoint(path, 5.0, image_size, classes)
 
 
-def no_lesion_checkpoint(path: Path, image_size: int = 32) -> Path:
-    """A width-4 pair that calls every pixel background (bias -5: probability 0.007 everywhere)."""
-    return constant_checkpoint(path, -5.0, image_size, ("lesion",))
+def no_lesion_checkpoint(path: Path, image_size: int = 32, in_channels: int = 1) -> Path:
+    """A width-4 pair that calls every pixel background (bias -5: probability 0.007 everywhere); grey, or
+    colour (``in_channels=3``)."""
+    return constant_checkpoint(path, -5.0, image_size, ("lesion",), in_channels)
 
 
-def constant_checkpoint(path: Path, logit: float, image_size: int, classes: tuple[str, ...]) -> Path:
+def constant_checkpoint(path: Path, logit: float, image_size: int, classes: tuple[str, ...],
+                        in_channels: int = 1) -> Path:
     """Every output channel the same logit: with several classes, argmax gives the first."""
-    config = replace(TINY, num_classes=len(classes))
+    config = replace(TINY, num_classes=len(classes), in_channels=in_channels)
     pair = init_pair(config, 0)
     for net in ("net1", "net2"):
         pair[f"{net}.outc.conv.weight"].zero_()

@@ -623,6 +623,49 @@ def test_batch_predict_names_photos_that_photo_viewers_show_turned(tmp_path: Pat
     assert "5 kept from the earlier batch" in said[-2]
 
 
+def test_batch_predict_names_colour_images_a_grey_model_saw_in_grey(tmp_path: Path, capsys) -> None:
+    """A grey model sees a colour image's luma only, so a Doppler image's flow plays no part in its mask: the
+    batch says so, naming such images (a colour stack by its first frame), and not grey saved as RGB; a
+    continued batch says it of the masks it keeps; a colour model's batch says nothing."""
+    import csv
+
+    import imageio.v3 as iio
+    import tifffile
+
+    from model_helpers import no_lesion_checkpoint
+
+    images = tmp_path / "images"
+    images.mkdir()
+    grey = np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)
+    as_rgb = np.repeat(grey[..., None], 3, axis=2)
+    doppler = as_rgb.copy()
+    doppler[10:20, 10:30] = (200, 30, 40)
+    iio.imwrite(images / "doppler.png", doppler)
+    iio.imwrite(images / "grey_as_rgb.png", as_rgb)
+    tifffile.imwrite(images / "scan.tif", grey)
+    tifffile.imwrite(images / "cine.tif", np.stack([doppler, as_rgb]), photometric="rgb")  # 2 colour pages
+    tifffile.imwrite(images / "cine_grey.tif", np.stack([as_rgb, doppler]), photometric="rgb")  # colour later
+    expected = {"cine.tif": "yes", "cine_grey.tif": "", "doppler.png": "yes", "grey_as_rgb.png": "", "scan.tif": ""}
+    model = no_lesion_checkpoint(tmp_path / "grey.safetensors")
+    for resume in ([], ["--resume"]):
+        assert main(["predict", str(model), str(images), str(tmp_path / "out"), "--device", "cpu", *resume]) == 0
+        said = capsys.readouterr().out.splitlines()
+        assert said[-1] == ("note: 2 of 5 image(s) are in colour (cine.tif, doppler.png) and the model is grey: it "
+                            "saw only their brightness (luma), so what their colour shows, such as Doppler flow, "
+                            "played no part in their masks (summary.csv's colour_as_grey column names them all)"), said
+        with open(tmp_path / "out" / "summary.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert {row["file"]: row["colour_as_grey"] for row in rows} == expected
+        assert {row["file"]: row["frames"] for row in rows} == {**dict.fromkeys(expected, "1"), "cine.tif": "2",
+                                                                 "cine_grey.tif": "2"}
+    assert "5 kept from the earlier batch" in said[-2]
+    colour_model = no_lesion_checkpoint(tmp_path / "colour.safetensors", in_channels=3)
+    assert main(["predict", str(colour_model), str(images), str(tmp_path / "colour"), "--device", "cpu"]) == 0
+    assert "note:" not in capsys.readouterr().out, "a colour model sees the colour"
+    with open(tmp_path / "colour" / "summary.csv", newline="") as handle:
+        assert {row["colour_as_grey"] for row in csv.DictReader(handle)} == {""}
+
+
 def test_predict_takes_a_site_folder_and_uses_the_model_it_trained_last(tmp_path: Path, capsys) -> None:
     """As napari's Predict starts with the open site's newest model, so does the command line, given the site."""
     import os

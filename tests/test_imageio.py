@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from fedmix_engine.data.imageio import normalise_image, read_image, validate_mask
+from fedmix_engine.data.imageio import holds_colour, normalise_image, read_image, validate_mask
 from fedmix_engine.errors import InputError
 
 
@@ -131,6 +131,26 @@ def test_normalisation_rules() -> None:
     assert normalise_image(u8, channels=3).shape == (3, 16, 16)
     already = np.full((16, 16), 0.25, np.float32)
     np.testing.assert_allclose(normalise_image(already), 0.25)
+
+
+def test_colour_is_told_from_grey_saved_as_rgb_and_from_coloured_calipers(rng: np.random.Generator) -> None:
+    """A grey model sees a colour image's luma only; batch prediction notes such images, so this must tell a
+    Doppler image (grey with a colour flow region) from grey saved as RGB, nearly so by a lossy codec, or a
+    grey scan with a little coloured text; any pixel type, and an image larger than the million pixels it reads."""
+    grey = rng.integers(0, 256, (128, 128), dtype=np.uint8)
+    as_rgb = np.repeat(grey[..., None], 3, axis=2)
+    assert not holds_colour(grey) and not holds_colour(as_rgb)
+    near = np.clip(as_rgb + rng.integers(-6, 7, as_rgb.shape), 0, 255).astype(np.uint8)  # a lossy codec's
+    assert not holds_colour(near)
+    calipers = as_rgb.copy()
+    calipers[4:9, 10:30] = (255, 255, 0)  # 100 yellow pixels: 0.6 % of the image
+    assert not holds_colour(calipers)
+    doppler = as_rgb.copy()
+    doppler[40:60, 50:70] = (200, 30, 40)  # a 20×20 flow region: 2.4 %
+    assert holds_colour(doppler)
+    assert holds_colour(doppler.astype(np.uint16) * 257) and holds_colour(doppler.astype(np.float32) / 255)
+    assert not holds_colour(np.repeat(as_rgb, 12, axis=0).repeat(12, axis=1))  # 2.4 M pixels, read on a grid
+    assert holds_colour(np.repeat(doppler, 12, axis=0).repeat(12, axis=1))
 
 
 def test_mask_validation_names_the_mask(lesion_mask: np.ndarray) -> None:

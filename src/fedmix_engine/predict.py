@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from fedmix_engine.data.dicom_seg import default_class_names, write_dicom_seg
 from fedmix_engine.data.imageio import (
     PREDICTABLE_SUFFIXES,
     exif_orientation,
+    holds_colour,
     image_files,
     image_stem,
     is_dicom_file,
@@ -288,6 +289,7 @@ class BatchRow:
     spacing: tuple[float, float] | None = None  # the image's pixel spacing (row, column mm), when it states one
     class_fractions: tuple[float, ...] = ()  # each class's share of the pixels (label k = class k), when predicted
     exif_orientation: int | None = None  # a photo's EXIF orientation (2–8) when photo viewers show it turned
+    colour_as_grey: bool = False  # a colour image (holds_colour; a stack's first frame) a grey model saw by its luma
 
     @property
     def foreground_mm2(self) -> float:
@@ -322,7 +324,8 @@ class BatchRow:
 RECORD_FILE = "prediction.json"  # which model, settings and input made a folder's masks, and when
 SUMMARY_FILE = "summary.csv"  # a row per input file: its mask, size, foreground and status
 SUMMARY_COLUMNS = ("file", "mask_file", "frames", "height", "width", "foreground_fraction", "foreground_mm2",
-                   "spacing_row_mm", "spacing_col_mm", "status", "seg_file", "exif_orientation")
+                   "spacing_row_mm", "spacing_col_mm", "status", "seg_file", "exif_orientation",
+                   "colour_as_grey")
 NOT_RUN = "not run: the batch was stopped before this file"
 SUMMARY_EVERY = 10.0  # seconds between rewrites of a running batch's summary.csv (each rewrite is O(files))
 NOT_AN_IMAGE = "skipped: not an image"
@@ -333,10 +336,12 @@ WHOLE_IMAGE = 0.99  # a mask covering this share of its image or more: a lesion 
 
 
 def batch_notes(rows: Sequence[BatchRow]) -> list[str]:
-    """What a finished batch should tell its user although it succeeded: masks covering whole images, and
-    photos that photo viewers show turned (each a sentence, none when there is nothing to say)."""
+    """What a finished batch should tell its user although it succeeded: masks covering whole images, photos
+    that photo viewers show turned, and colour images a grey model saw in grey (each a sentence, none when
+    there is nothing to say)."""
     predicted = [r for r in rows if r.status == "ok"]
-    return [note for note in (_whole_image_note(predicted), _turned_photos_note(predicted)) if note]
+    notes = (_whole_image_note(predicted), _turned_photos_note(predicted), _colour_as_grey_note(predicted))
+    return [note for note in notes if note]
 
 
 def _whole_image_note(predicted: Sequence[BatchRow]) -> str:
@@ -363,6 +368,18 @@ def _turned_photos_note(predicted: Sequence[BatchRow]) -> str:
             f"({first_names(turned)}): their masks fit the pixels as stored, as napari shows them, but photo "
             "viewers show these photos turned or mirrored, where a mask laid over them will not fit (summary.csv's "
             "exif_orientation column names them all)")
+
+
+def _colour_as_grey_note(predicted: Sequence[BatchRow]) -> str:
+    """A note when a grey model predicted colour images, or "". It sees their luma only, as it was trained on
+    grey images, so what their colour shows (a Doppler image's flow, a stain) played no part in their masks; a
+    model trained on colour images (a site made for colour) would use it. Grey saved as RGB is not noted."""
+    colour = [r.file for r in predicted if r.colour_as_grey]
+    if not colour:
+        return ""
+    return (f"{len(colour)} of {len(predicted)} image(s) are in colour ({first_names(colour)}) and the model "
+            "is grey: it saw only their brightness (luma), so what their colour shows, such as Doppler flow, "
+            "played no part in their masks (summary.csv's colour_as_grey column names them all)")
 
 
 def _seg_name(mask_file: str) -> str:
@@ -474,6 +491,7 @@ class FolderBatch:
                                         f"{count} class(es)")
         self.dicom_seg = dicom_seg
         self.frame_steps = frame_steps
+        self._grey_model = predictor.model_config.in_channels == 1
         self._record = {"fedmix_engine": __version__, "input": str(folder.resolve()), "recursive": recursive,
                         "threshold": threshold, "dicom_seg": dicom_seg, "model": predictor.provenance(),
                         "started": _now(), "finished": None, "files": {"total": 0}}
@@ -610,7 +628,7 @@ class FolderBatch:
         except Exception:  # damaged since: predicted again
             return None
         return self._ok_row(path, height, width, counts, mask_file, frames, _seg_name(mask_file) if wants_seg else "",
-                            tiff_spacing(mask))
+                            tiff_spacing(mask), self._colour_as_grey(path))
 
     def _predict_file(self, predictor: Predictor, path: Path, mask_file: str,
                       threshold: float) -> Generator[FrameStep, None, BatchRow]:
@@ -618,24 +636,13 @@ class FolderBatch:
         cine loop) or a video batch by batch, a step per batch, its pages written as they come, its
         frames read or decoded only as a batch needs them. The mask keeps the image's pixel spacing."""
         spacing = file_spacing(path)
-        if is_video_path(path):
-            video = open_video(path)
-            frames: Iterable[np.ndarray] = video
-            count, frame_name, leading = video.frames, str, ()
-        elif (stack := tiff_stack(path)) is not None:  # read a page at a time
-            frames, count, leading = stack, len(stack), stack.leading
-            frame_name = partial(_frame_index, leading=leading)
-        elif is_dicom_file(path) and (loop := dicom_frames(path)) is not None:  # decoded a frame at a time
-            frames, count, frame_name, leading = loop, loop.count, str, ()
-        else:
-            pixels, colour = read_frames(path)
-            if pixels.ndim == (3 if colour else 2):
-                mask = predictor.mask(pixels, threshold, path)
-                atomic_write_bytes(self.out / mask_file, tiff_bytes(mask, spacing))
-                return self._ok_row(path, *mask.shape, self._label_counts(mask), mask_file, 1,
-                                    self._segmentation(path, mask, mask_file), spacing)
-            frames, leading = stack_frames(pixels, colour, path)
-            count, frame_name = len(frames), partial(_frame_index, leading=leading)
+        source = _read_for_prediction(path)
+        if isinstance(source, np.ndarray):
+            mask = predictor.mask(source, threshold, path)
+            atomic_write_bytes(self.out / mask_file, tiff_bytes(mask, spacing))
+            return self._ok_row(path, *mask.shape, self._label_counts(mask), mask_file, 1,
+                                self._segmentation(path, mask, mask_file), spacing, self._colour_as_grey(path, source))
+        frames, count, frame_name, leading = source
         kept: list[np.ndarray] | None = [] if self.dicom_seg and is_dicom_file(path) else None  # a SEG: whole
         done, counts = 0, self._no_pixels()
         with tiff_pages(self.out / mask_file, spacing, leading) as write_page:  # T×Z×H×W read back as such
@@ -651,7 +658,8 @@ class FolderBatch:
                 raise InputError(path, "no frame could be decoded")
         height, width = labels.shape[1:]
         segmentation = "" if kept is None else self._segmentation(path, np.concatenate(kept), mask_file)
-        return self._ok_row(path, height, width, counts, mask_file, done, segmentation, spacing)
+        return self._ok_row(path, height, width, counts, mask_file, done, segmentation, spacing,
+                            self._colour_as_grey(path))
 
     def _no_pixels(self) -> np.ndarray:
         return np.zeros(len(self.classes) + 1, np.int64)
@@ -661,12 +669,25 @@ class FolderBatch:
         return np.bincount(np.minimum(labels.ravel(), len(self.classes)), minlength=len(self.classes) + 1)
 
     def _ok_row(self, path: Path, height: int, width: int, counts: np.ndarray, mask_file: str, frames: int,
-                seg_file: str, spacing: tuple[float, float] | None) -> BatchRow:
+                seg_file: str, spacing: tuple[float, float] | None, colour_as_grey: bool) -> BatchRow:
         """A predicted file's row: the foreground and each class's share of its ``frames`` pages' pixels."""
         total = frames * height * width
         return BatchRow(self._name(path), height, width, round(float(counts[1:].sum()) / total, 6), "ok", mask_file,
                         frames, seg_file, spacing, tuple(round(float(c) / total, 6) for c in counts[1:]),
-                        exif_orientation(path))
+                        exif_orientation(path), colour_as_grey)
+
+    def _colour_as_grey(self, path: Path, image: np.ndarray | None = None) -> bool:
+        """Whether the grey model saw only the luma of a colour image (``holds_colour``): of ``image``, the file's
+        2-D image when read already, else of its first frame, read for this (a stack's, a kept mask's image)."""
+        if not self._grey_model:
+            return False
+        try:
+            if image is None:
+                source = _read_for_prediction(path)
+                image = source if isinstance(source, np.ndarray) else next(iter(source.frames))
+            return holds_colour(validate_image(image, path))
+        except (InputError, StopIteration):  # a first frame that cannot be read or is no image: no colour to tell
+            return False
 
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""
@@ -682,6 +703,33 @@ class FolderBatch:
         except InputError as exc:
             return f"not written: {exc.reason}"
         return name
+
+
+class _Frames(NamedTuple):
+    """A stack's frames, read or decoded as they are asked for; how many (0: unknown); how frame *i* is named
+    in a refusal; the stack's axes before a frame's."""
+
+    frames: Iterable[np.ndarray]
+    count: int
+    name: Callable[[int], str]
+    leading: tuple[int, ...]
+
+
+def _read_for_prediction(path: Path) -> np.ndarray | _Frames:
+    """A file's one 2-D image, read and validated, or its frames: a video's, a multi-page TIFF's (a page at a
+    time), a multi-frame DICOM's (decoded a frame at a time), or those of a stack read whole."""
+    if is_video_path(path):
+        video = open_video(path)
+        return _Frames(video, video.frames, str, ())
+    if (stack := tiff_stack(path)) is not None:
+        return _Frames(stack, len(stack), partial(_frame_index, leading=stack.leading), stack.leading)
+    if is_dicom_file(path) and (loop := dicom_frames(path)) is not None:
+        return _Frames(loop, loop.count, str, ())
+    pixels, colour = read_frames(path)
+    if pixels.ndim == (3 if colour else 2):
+        return pixels
+    frames, leading = stack_frames(pixels, colour, path)
+    return _Frames(frames, len(frames), partial(_frame_index, leading=leading), leading)
 
 
 def iter_predict_folder(predictor: Predictor, folder: str | Path, out: str | Path, threshold: float = 0.5,
@@ -745,14 +793,14 @@ def _write_summary(path: Path, rows: list[BatchRow], classes: Sequence[str]) -> 
     areas = [f"foreground_mm2_{name}" for name in classes] if several else []
     columns = SUMMARY_COLUMNS
     writer.writerow([*columns[:share_at], *shares, *columns[share_at:area_at], *areas, *columns[area_at:]])
-    for r in rows:  # an unknown value (no spacing, a file not predicted) is an empty cell
+    for r in rows:  # an unknown value (no spacing, a file not predicted) and a no are empty cells, a yes "yes"
         values = [getattr(r, column) for column in columns]
         each_share = list(r.class_fractions) if r.class_fractions else [None] * len(shares)
         each_area = list(r.class_mm2) if r.class_fractions else [None] * len(areas)
         cells = [*values[:share_at], *each_share[:len(shares)], *values[share_at:area_at], *each_area[:len(areas)],
                  *values[area_at:]]
-        writer.writerow(["" if value is None or (isinstance(value, float) and math.isnan(value)) else value
-                         for value in cells])
+        writer.writerow(["yes" if value is True else "" if value is None or value is False
+                         or (isinstance(value, float) and math.isnan(value)) else value for value in cells])
     atomic_write_bytes(path, text.getvalue().encode())
 
 
