@@ -1487,6 +1487,41 @@ def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewe
     assert worker.abort_requested and viewer.layers[PRED_LAYER].data is shown, "the overlays were left alone"
 
 
+def test_predict_says_when_a_grey_model_saw_a_colour_image_in_grey(make_napari_viewer, qtbot, tmp_path):
+    """A Doppler image's flow is colour a grey model never sees (its luma only): the status says so after the
+    model, for an image and a colour loop (by its first frame), not for grey shown as RGB or by a colour model."""
+    from model_helpers import no_lesion_checkpoint
+
+    viewer = make_napari_viewer()
+    grey = np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)
+    as_rgb = np.repeat(grey[..., None], 3, axis=2)
+    doppler = as_rgb.copy()
+    doppler[10:20, 10:30] = (200, 30, 40)
+    viewer.add_image(doppler, name="doppler", rgb=True)
+    viewer.add_image(np.stack([doppler, as_rgb]), name="doppler loop", rgb=True)
+    viewer.add_image(as_rgb, name="grey as rgb", rgb=True)
+    viewer.add_image(grey, name="grey")
+    widget = _predict_widget(viewer, qtbot, no_lesion_checkpoint(tmp_path / "grey.safetensors"))
+
+    def said(name: str) -> str:
+        viewer.layers.selection.active = viewer.layers[name]
+        widget.predict_active()
+        qtbot.waitUntil(lambda: widget._source is not None and widget._source[0] == name, timeout=60_000)
+        return widget.status.text()
+
+    model = f"on {widget.predictor().plan.device})"  # the end of the model's description: the CPU here
+    note = ("in colour, but the model is grey: it saw only the {}'s brightness (luma), so what its colour shows, "
+            "such as Doppler flow, played no part")
+    assert said("doppler").endswith(f"{model}; {note.format('image')}"), widget.status.text()
+    widget.threshold.setValue(99)  # the status follows the slider, the note stays
+    assert widget.status.text().startswith("foreground 0.0% of the image; model:")
+    assert widget.status.text().endswith(note.format("image"))
+    assert said("doppler loop").endswith(f"{model}; {note.format('stack')}"), widget.status.text()
+    assert said("grey as rgb").endswith(model) and said("grey").endswith(model)
+    widget.checkpoint.setText(str(no_lesion_checkpoint(tmp_path / "colour.safetensors", in_channels=3)))
+    assert said("doppler").endswith(model), "a colour model sees the colour"
+
+
 def test_predict_shows_where_the_two_networks_disagree_when_asked(make_napari_viewer, qtbot, tmp_path):
     """FedMix trains two networks; where they still differ the prediction rests on the least. With the
     option on, that map is a layer on the image's axes (a stack's frame by frame); off, an earlier one is

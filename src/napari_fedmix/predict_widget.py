@@ -116,7 +116,7 @@ class PredictWidget(QWidget):
     def predict_active(self) -> WorkerBase | None:
         """Start prediction in a worker; returns the worker (tests wait on it). A stack (a cine loop, a
         volume's slices) is predicted frame by frame with progress, and Stop ends it between batches."""
-        from fedmix_engine.data.imageio import validate_image
+        from fedmix_engine.data.imageio import holds_colour, validate_image
         from fedmix_engine.predict import stack_frames
         from fedmix_engine.steps import labelled
 
@@ -135,6 +135,9 @@ class PredictWidget(QWidget):
             predictor = self.predictor()
             if stack:
                 _check_overlays_fit(frames.shape[:3], predictor.model_config.num_classes, where)
+            # a grey model sees a colour image's luma only (a stack: judged by its first frame, as batch predict)
+            colour = predictor.model_config.in_channels == 1 and rgb and holds_colour(
+                validate_image(np.asarray(frames[0]), where) if stack else data)
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -167,7 +170,9 @@ class PredictWidget(QWidget):
                         predictor.disagreement(data, where) if disagreement else None)
 
             worker = make_worker(maps, on_error=self._on_error)
-        worker.returned.connect(lambda result: self._show(*result, geometry, source, spacing))
+        note = (f"; in colour, but the model is grey: it saw only the {'stack' if stack else 'image'}'s brightness "
+                "(luma), so what its colour shows, such as Doppler flow, played no part") if colour else ""
+        worker.returned.connect(lambda result: self._show(*result, geometry, source, spacing, note))
         worker.start()
         return worker
 
@@ -191,7 +196,7 @@ class PredictWidget(QWidget):
         return active if active in images else (images[-1] if images else None)
 
     def _show(self, probability: np.ndarray, disagreement: np.ndarray | None, geometry: dict,
-              source: tuple[str, object], spacing: tuple[float, float] | None = None) -> None:
+              source: tuple[str, object], spacing: tuple[float, float] | None = None, note: str = "") -> None:
         self._probability, self._geometry, self._source = probability, geometry, source
         self._spacing = spacing
         self._classes = self._predictor.class_names()  # the predictor that gave ``probability``
@@ -207,7 +212,7 @@ class PredictWidget(QWidget):
         elif DISAGREE_LAYER in self.viewer.layers:  # an earlier image's: it would not fit this prediction
             self.viewer.layers.remove(DISAGREE_LAYER)
         model = f"{Path(self._predictor_key[0]).name} ({self._predictor.describe()})" if self._predictor else "?"
-        self._status_tail = f"{disagree}; model: {model}"
+        self._status_tail = f"{disagree}; model: {model}{note}"
         self._apply_threshold()
 
     def _apply_threshold(self) -> None:
