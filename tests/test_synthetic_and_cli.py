@@ -1070,12 +1070,15 @@ def test_site_import_says_which_photos_a_photo_viewer_shows_turned(tmp_path: Pat
 
 def test_site_import_says_when_colour_images_go_into_a_grey_site(tmp_path: Path, capsys, rng) -> None:
     """Dermoscopy or endoscopy photos imported without --channels 3 were trained as grey (their luma) and
-    nothing said so: the colour a dermatologist reads a lesion by was dropped silently."""
+    nothing said so: the colour a dermatologist reads a lesion by was dropped silently. Grey saved as RGB (an
+    ultrasound export) loses nothing, and is not counted."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(3):
         iio.imwrite(folder / f"c{i}.png", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
-    iio.imwrite(folder / "grey.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+    grey = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    iio.imwrite(folder / "grey.png", grey)
+    iio.imwrite(folder / "grey_as_rgb.png", np.repeat(grey[..., None] // 2, 3, axis=2))  # other pixels: no copy
     assert main(["site", "import", str(tmp_path / "grey"), "--classes", "lesion", "--images", str(folder)]) == 0
     assert ("colour images in this grey site: 3 (trained as grey, by their luma; a site made with --channels 3, "
             "or napari's New site… for colour images, keeps their colour)") in capsys.readouterr().out

@@ -53,6 +53,7 @@ from fedmix_engine.data.coco import CocoAnnotation, CocoFile, CocoImage, read_co
 from fedmix_engine.data.export import KEY_HEADER, MASK_HEADER, MASKS_TABLE
 from fedmix_engine.data.imageio import (
     exif_orientation,
+    holds_colour,
     image_files,
     image_stem,
     no_images_reason,
@@ -119,7 +120,7 @@ class ImportReport:
     coco_unannotated: int = 0  # images a COCO file lists without annotations (not annotated yet, or no finding)
     turned: list[Path] = field(default_factory=list)  # added photos that photo viewers show turned (EXIF)
     copies: list[tuple[Path, str]] = field(default_factory=list)  # added files of pixels the site held: (file, id)
-    colour_in_grey: int = 0  # colour images added to a grey site: trained as grey
+    colour_in_grey: int = 0  # colour images (holds_colour) added to a grey site: trained as grey
     with_spacing: int = 0  # added images whose file gave a pixel spacing (HD95 in mm)
     unchanged: int = 0  # masks, images' boxes and tags the site held as the files give them: not written again
     kept: list[str] = field(default_factory=list)  # the site's annotations newer than their files': not replaced
@@ -733,7 +734,8 @@ def _add_images(store: SiteStore, files: list[Path], report: ImportReport,
                 first = by_pixels.setdefault(store.pixel_digests([image_id])[image_id], image_id)
                 if first != image_id:
                     report.copies.append((path, first))
-                report.colour_in_grey += store.config.channels == 1 and store.record(image_id).channels == 3
+                report.colour_in_grey += (store.config.channels == 1 and store.record(image_id).channels == 3
+                                          and holds_colour(store.read_image(image_id)))  # not grey saved as RGB
                 if exif_orientation(path) is not None:
                     report.turned.append(path)
                 report.with_spacing += store.spacing(image_id) is not None
