@@ -112,6 +112,17 @@ class Predictor:
                    inference or meta.get("inference", "net1"), classes=meta.get("classes"),
                    trained_round=meta.get("round"), source=source)
 
+    def sees_in_grey(self, image: np.ndarray) -> bool:
+        """Whether this model, trained on grey images, sees only the luma of ``image``, a colour one
+        (``holds_colour``): what its colour shows (Doppler flow) plays no part in the prediction, which its user
+        should be told. False for an array that is no image, which prediction refuses by name."""
+        if self.model_config.in_channels != 1:
+            return False
+        try:
+            return holds_colour(validate_image(np.asarray(image), "image"))
+        except InputError:
+            return False
+
     def class_names(self) -> list[str]:
         """The label names: the checkpoint's (one per output, as loading checks), else FedMix's defaults."""
         return list(self.classes or default_class_names(self.model_config.num_classes))
@@ -491,7 +502,8 @@ class FolderBatch:
                                         f"{count} class(es)")
         self.dicom_seg = dicom_seg
         self.frame_steps = frame_steps
-        self._grey_model = predictor.model_config.in_channels == 1
+        # a colour model sees colour: then no image is read again to tell it
+        self._sees_in_grey = predictor.sees_in_grey if predictor.model_config.in_channels == 1 else None
         self._record = {"fedmix_engine": __version__, "input": str(folder.resolve()), "recursive": recursive,
                         "threshold": threshold, "dicom_seg": dicom_seg, "model": predictor.provenance(),
                         "started": _now(), "finished": None, "files": {"total": 0}}
@@ -677,17 +689,18 @@ class FolderBatch:
                         exif_orientation(path), colour_as_grey)
 
     def _colour_as_grey(self, path: Path, image: np.ndarray | None = None) -> bool:
-        """Whether the grey model saw only the luma of a colour image (``holds_colour``): of ``image``, the file's
-        2-D image when read already, else of its first frame, read for this (a stack's, a kept mask's image)."""
-        if not self._grey_model:
+        """Whether the grey model saw only the luma of a colour image (``Predictor.sees_in_grey``): of ``image``,
+        the file's 2-D image when read already, else of its first frame, read for this (a stack's, a kept
+        mask's image)."""
+        if self._sees_in_grey is None:
             return False
-        try:
-            if image is None:
+        if image is None:
+            try:
                 source = _read_for_prediction(path)
                 image = source if isinstance(source, np.ndarray) else next(iter(source.frames))
-            return holds_colour(validate_image(image, path))
-        except (InputError, StopIteration):  # a first frame that cannot be read or is no image: no colour to tell
-            return False
+            except (InputError, StopIteration):  # a first frame that cannot be read: no colour to tell
+                return False
+        return self._sees_in_grey(image)
 
     def _segmentation(self, path: Path, mask: np.ndarray, mask_file: str) -> str:
         """The DICOM SEG of a DICOM image's mask, when asked for: its file name, or why there is none."""

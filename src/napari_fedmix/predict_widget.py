@@ -116,7 +116,7 @@ class PredictWidget(QWidget):
     def predict_active(self) -> WorkerBase | None:
         """Start prediction in a worker; returns the worker (tests wait on it). A stack (a cine loop, a
         volume's slices) is predicted frame by frame with progress, and Stop ends it between batches."""
-        from fedmix_engine.data.imageio import holds_colour, validate_image
+        from fedmix_engine.data.imageio import validate_image
         from fedmix_engine.predict import stack_frames
         from fedmix_engine.steps import labelled
 
@@ -135,9 +135,7 @@ class PredictWidget(QWidget):
             predictor = self.predictor()
             if stack:
                 _check_overlays_fit(frames.shape[:3], predictor.model_config.num_classes, where)
-            # a grey model sees a colour image's luma only (a stack: judged by its first frame, as batch predict)
-            colour = predictor.model_config.in_channels == 1 and rgb and holds_colour(
-                validate_image(np.asarray(frames[0]), where) if stack else data)
+            colour = predictor.sees_in_grey(frames[0] if stack else data)  # a stack: its first frame, as batch's
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None

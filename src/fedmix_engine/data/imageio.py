@@ -343,7 +343,7 @@ def normalise_image(array: np.ndarray, channels: int = 1) -> np.ndarray:
 
 
 # a colour image's share of pixels whose channels lie over a tenth of the range apart: a Doppler image's
-# flow, an endoscopy or skin photo; not grey saved as RGB (equal channels, or nearly so through JPEG)
+# flow, an endoscopy or skin photo; not grey saved as RGB (equal channels, or nearly so by a lossy codec)
 # nor a scanner's small coloured text and calipers on a grey image
 COLOUR_SHARE = 0.01
 
@@ -351,8 +351,8 @@ COLOUR_SHARE = 0.01
 def holds_colour(image: np.ndarray) -> bool:
     """Whether a validated image shows colour: over ``COLOUR_SHARE`` of its pixels have channels more than
     a tenth of the range apart. A grey model sees only a colour image's luma, so what its colour meant
-    (Doppler flow) plays no part in its mask: batch prediction says so for such images. Read on a grid of
-    about a million pixels at most."""
+    (Doppler flow) plays no part in its mask: prediction says so for such images, and an import into a
+    grey site counts them. Read on a grid of about a million pixels at most."""
     if image.ndim != 3:
         return False
     step = max(1, int(np.sqrt(image.shape[0] * image.shape[1] / 2**20)))
