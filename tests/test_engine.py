@@ -645,20 +645,24 @@ def test_batch_predict_names_colour_images_a_grey_model_saw_in_grey(tmp_path: Pa
     tifffile.imwrite(images / "scan.tif", grey)
     tifffile.imwrite(images / "cine.tif", np.stack([doppler, as_rgb]), photometric="rgb")  # 2 colour pages
     tifffile.imwrite(images / "cine_grey.tif", np.stack([as_rgb, doppler]), photometric="rgb")  # colour later
-    expected = {"cine.tif": "yes", "cine_grey.tif": "", "doppler.png": "yes", "grey_as_rgb.png": "", "scan.tif": ""}
+    tifffile.imwrite(images / "volume.tif", np.stack([doppler, as_rgb]), photometric="rgb", volumetric=True,
+                     tile=(16, 16))  # a tiled volume: read whole, not a page at a time
+    expected = {"cine.tif": "yes", "cine_grey.tif": "", "doppler.png": "yes", "grey_as_rgb.png": "", "scan.tif": "",
+                "volume.tif": "yes"}
     model = no_lesion_checkpoint(tmp_path / "grey.safetensors")
     for resume in ([], ["--resume"]):
         assert main(["predict", str(model), str(images), str(tmp_path / "out"), "--device", "cpu", *resume]) == 0
         said = capsys.readouterr().out.splitlines()
-        assert said[-1] == ("note: 2 of 5 image(s) are in colour (cine.tif, doppler.png) and the model is grey: it "
+        assert said[-1] == ("note: 3 of 6 image(s) are in colour (cine.tif, doppler.png, volume.tif) and the model "
+                            "is grey: it "
                             "saw only their brightness (luma), so what their colour shows, such as Doppler flow, "
                             "played no part in their masks (summary.csv's colour_as_grey column names them all)"), said
         with open(tmp_path / "out" / "summary.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         assert {row["file"]: row["colour_as_grey"] for row in rows} == expected
         assert {row["file"]: row["frames"] for row in rows} == {**dict.fromkeys(expected, "1"), "cine.tif": "2",
-                                                                 "cine_grey.tif": "2"}
-    assert "5 kept from the earlier batch" in said[-2]
+                                                                 "cine_grey.tif": "2", "volume.tif": "2"}
+    assert "6 kept from the earlier batch" in said[-2]
     colour_model = no_lesion_checkpoint(tmp_path / "colour.safetensors", in_channels=3)
     assert main(["predict", str(colour_model), str(images), str(tmp_path / "colour"), "--device", "cpu"]) == 0
     assert "note:" not in capsys.readouterr().out, "a colour model sees the colour"

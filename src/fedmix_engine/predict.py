@@ -670,8 +670,9 @@ class FolderBatch:
                 raise InputError(path, "no frame could be decoded")
         height, width = labels.shape[1:]
         segmentation = "" if kept is None else self._segmentation(path, np.concatenate(kept), mask_file)
+        first = frames[0] if isinstance(frames, np.ndarray) else None  # a stack read whole is not read again
         return self._ok_row(path, height, width, counts, mask_file, done, segmentation, spacing,
-                            self._colour_as_grey(path))
+                            self._colour_as_grey(path, first))
 
     def _no_pixels(self) -> np.ndarray:
         return np.zeros(len(self.classes) + 1, np.int64)
@@ -690,8 +691,8 @@ class FolderBatch:
 
     def _colour_as_grey(self, path: Path, image: np.ndarray | None = None) -> bool:
         """Whether the grey model saw only the luma of a colour image (``Predictor.sees_in_grey``): of ``image``,
-        the file's 2-D image when read already, else of its first frame, read for this (a stack's, a kept
-        mask's image)."""
+        the file's 2-D image or first frame when read already, else of its first frame, read for this (a
+        stack read a page or frame at a time, a kept mask's image)."""
         if self._sees_in_grey is None:
             return False
         if image is None:
