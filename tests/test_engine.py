@@ -654,9 +654,9 @@ def test_batch_predict_names_colour_images_a_grey_model_saw_in_grey(tmp_path: Pa
         assert main(["predict", str(model), str(images), str(tmp_path / "out"), "--device", "cpu", *resume]) == 0
         said = capsys.readouterr().out.splitlines()
         assert said[-1] == ("note: 3 of 6 image(s) are in colour (cine.tif, doppler.png, volume.tif) and the model "
-                            "is grey: it "
-                            "saw only their brightness (luma), so what their colour shows, such as Doppler flow, "
-                            "played no part in their masks (summary.csv's colour_as_grey column names them all)"), said
+                            "is grey: it saw only their brightness (luma), so what their colour shows, such as Doppler "
+                            "flow, played no part in their masks (summary.csv's colour_as_grey column names them all)"
+                            ), said
         with open(tmp_path / "out" / "summary.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         assert {row["file"]: row["colour_as_grey"] for row in rows} == expected

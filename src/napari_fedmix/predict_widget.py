@@ -135,7 +135,6 @@ class PredictWidget(QWidget):
             predictor = self.predictor()
             if stack:
                 _check_overlays_fit(frames.shape[:3], predictor.model_config.num_classes, where)
-            colour = predictor.sees_in_grey(frames[0] if stack else data)  # a stack: its first frame, as batch's
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -147,11 +146,12 @@ class PredictWidget(QWidget):
         self.status.setText(f"predicting {layer.name}…")
         if stack:
             def maps():
+                colour = predictor.sees_in_grey(frames[0])  # by its first frame, as batch predict judges a stack
                 probability = yield from labelled(predictor.iter_stack_probabilities(data, rgb, where), "frame")
                 if not disagreement:
-                    return probability, None
+                    return probability, None, colour
                 return probability, (yield from labelled(predictor.iter_stack_disagreement(data, rgb, where),
-                                                         "networks' disagreement: frame"))
+                                                         "networks' disagreement: frame")), colour
 
             worker = make_worker(maps, on_error=self._on_error)
             worker.yielded.connect(lambda step: self.status.setText(
@@ -165,12 +165,10 @@ class PredictWidget(QWidget):
         else:
             def maps():
                 return (predictor.probabilities(data, where),
-                        predictor.disagreement(data, where) if disagreement else None)
+                        predictor.disagreement(data, where) if disagreement else None, predictor.sees_in_grey(data))
 
             worker = make_worker(maps, on_error=self._on_error)
-        note = (f"; in colour, but the model is grey: it saw only the {'stack' if stack else 'image'}'s brightness "
-                "(luma), so what its colour shows, such as Doppler flow, played no part") if colour else ""
-        worker.returned.connect(lambda result: self._show(*result, geometry, source, spacing, note))
+        worker.returned.connect(lambda result: self._show(*result, geometry, source, spacing))
         worker.start()
         return worker
 
@@ -193,8 +191,8 @@ class PredictWidget(QWidget):
         active = self.viewer.layers.selection.active
         return active if active in images else (images[-1] if images else None)
 
-    def _show(self, probability: np.ndarray, disagreement: np.ndarray | None, geometry: dict,
-              source: tuple[str, object], spacing: tuple[float, float] | None = None, note: str = "") -> None:
+    def _show(self, probability: np.ndarray, disagreement: np.ndarray | None, colour_as_grey: bool, geometry: dict,
+              source: tuple[str, object], spacing: tuple[float, float] | None = None) -> None:
         self._probability, self._geometry, self._source = probability, geometry, source
         self._spacing = spacing
         self._classes = self._predictor.class_names()  # the predictor that gave ``probability``
@@ -210,6 +208,9 @@ class PredictWidget(QWidget):
         elif DISAGREE_LAYER in self.viewer.layers:  # an earlier image's: it would not fit this prediction
             self.viewer.layers.remove(DISAGREE_LAYER)
         model = f"{Path(self._predictor_key[0]).name} ({self._predictor.describe()})" if self._predictor else "?"
+        seen = "image" if probability.ndim == 3 else "stack"  # K×H×W, or a stack's K×…×H×W
+        note = (f"; in colour, but the model is grey: it saw only the {seen}'s brightness (luma), so what its colour "
+                "shows, such as Doppler flow, played no part") if colour_as_grey else ""
         self._status_tail = f"{disagree}; model: {model}{note}"
         self._apply_threshold()
 
