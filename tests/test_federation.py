@@ -830,6 +830,8 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
             ("NaN loss", tokens["site-a"], save(pair, metadata={"fedmix-report": '{"n": 5, "loss": NaN}'}), 1, 422,
              "loss: must be a finite number"),
             ("no report", tokens["site-a"], save(pair), 1, 422, "carries no report"),
+            ("loss above the soft Dice's 1", tokens["site-a"], encode_update(pair, UpdateReport(5, 3.0)), 1, 422,
+             "fedmix-report.loss: 3 is above 1, the most the federation's 'dice' training loss can be"),
         ]
         for name, token, body, r, code, reason in cases:
             response = upload(url, token, r, body)

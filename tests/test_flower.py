@@ -128,16 +128,17 @@ def test_bad_replies_are_left_out_with_a_reason_and_the_round_still_aggregates()
         "nan-loss": reply(7, good[0], metrics=MetricRecord({"num-examples": 3, "train-loss": math.nan})),
         "no-report": reply(8, good[0], metrics=MetricRecord({"accuracy": 0.9})),
         "huge": reply(9, {k: v.clamp(-1, 1) * 65504 for k, v in good[0].items()}),  # finite, fp16's largest
+        "loss-above-dice": reply(10, good[0], 10, 3.0),  # the soft Dice is at most 1: it would buy the round
     }
     replies = [reply(100, good[0], 10, 0.4), *bad.values(), reply(101, good[1], 20, 0.6)]
-    strategy = FedMixStrategy(template, rule)
+    strategy = FedMixStrategy(template, rule, loss="dice")
     arrays, metrics = strategy.aggregate_train(3, replies)
 
     expected, _ = aggregate([("a", good[0], 10, 0.4), ("b", good[1], 20, 0.6)], rule)
     assert max_diff(arrays.to_torch_state_dict(), expected) < 1e-6
     refused = strategy.history[-1].refused
     assert metrics["sites-refused"] == len(bad) == len(refused)
-    reasons = dict(zip(bad, (refused[f"node {node}"] for node in range(1, 10)), strict=True))
+    reasons = dict(zip(bad, (refused[f"node {node}"] for node in range(1, 11)), strict=True))
     assert "disk full" in reasons["error"]
     assert "NaN or infinite" in reasons["nan"] and key in reasons["nan"]
     assert "differs from the global model" in reasons["shape"] and key in reasons["shape"]
@@ -146,6 +147,18 @@ def test_bad_replies_are_left_out_with_a_reason_and_the_round_still_aggregates()
     assert ".n" in reasons["negative-n"] and ".loss" in reasons["nan-loss"]
     assert "num-examples" in reasons["no-report"]
     assert "update: moves the model by " in reasons["huge"]
+    assert "fedmix-report.loss: 3 is above 1, the most the federation's 'dice' training loss" in reasons[
+        "loss-above-dice"]
+
+
+def test_the_loss_ceiling_is_the_runs_training_loss() -> None:
+    """Dice + BCE has no ceiling, so the same reply that a soft-Dice run refuses counts in a Dice + BCE run;
+    the ServerApp passes its run's loss (``loss=fed.train.loss``)."""
+    template, pair = init_pair(TINY, 0), site_pairs(1)[0]
+    for loss, refused in (("dice", 1), ("dice+bce", 0)):
+        strategy = FedMixStrategy(template, AggregationRule.for_method("fedmix"), loss=loss)
+        _, metrics = strategy.aggregate_train(1, [reply(100, pair, 10, 0.4), reply(101, pair, 10, 3.0)])
+        assert metrics["sites-refused"] == refused, loss
 
 
 def test_a_node_the_superlink_answers_for_is_named_as_that_node_not_as_the_superlink(serverapp_identity: None) -> None:

@@ -34,6 +34,22 @@ def test_validation_names_the_field(tmp_path: Path) -> None:
         read_header(path)
 
 
+def test_a_loss_the_federations_training_cannot_give_is_refused(tmp_path: Path) -> None:
+    """FedMix gives most of a site's weight by its reported loss; the soft Dice is at most 1, so a report
+    above it bought a modified site the round. Dice + BCE has no ceiling."""
+    template = {"w": ((2, 2), "float32")}
+    path = tmp_path / "u.safetensors"
+    path.write_bytes(encode_update({"w": torch.ones(2, 2)}, UpdateReport(4, 1.0, 0.999)))
+    assert validate_update_file(path, template, loss="dice").loss == 1.0, "the ceiling itself is a loss"
+    for report, field in ((UpdateReport(4, 3.0), "loss"), (UpdateReport(4, 0.2, 1.0001), "loss2")):
+        path.write_bytes(encode_update({"w": torch.ones(2, 2)}, report))
+        with pytest.raises(InputError, match=rf"^fedmix-report\.{field}: .* is above 1, the most the "
+                                             r"federation's 'dice' training loss can be"):
+            validate_update_file(path, template, loss="dice")
+        assert validate_update_file(path, template, loss="dice+bce") == report
+        assert validate_update_file(path, template) == report, "without the loss, only finite and ≥ 0"
+
+
 def test_aggregating_a_lazy_upload_reads_each_tensor_once(tmp_path: Path, monkeypatch) -> None:
     from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 

@@ -402,7 +402,8 @@ class ServerState:
                                    f"{round_number}; one update per site per round: two joins are using this "
                                    "site's token")
                 try:
-                    report = validate_update_file(body, self.template, LazyUpdate(self.global_path()))
+                    report = validate_update_file(body, self.template, LazyUpdate(self.global_path()),
+                                                  self.config.train.loss)
                 except InputError as exc:
                     return Outcome(422, f"update refused: {exc}")
                 target = self.current_dir / f"{site}.safetensors"

@@ -72,6 +72,19 @@ class UpdateReport:
             raise InputError(f"{REPORT_KEY}.counts", "must be an object of at most 64 integer counts")
         return cls(n, float(loss), float(loss2), counts)
 
+    def check_loss(self, loss: str) -> None:
+        """Refuse losses the federation's training loss (``TrainConfig.loss``) cannot give. FedMix weighs a
+        site by its reported loss (10/11 of every weight at λ = 10), so a loss above the soft Dice's 1 would
+        buy a site the round: it comes from a changed or faulty site program, not from training."""
+        from fedmix_engine.fedmix.losses import LOSS_CEILINGS
+
+        ceiling = LOSS_CEILINGS[loss]
+        for name, value in (("loss", self.loss), ("loss2", self.loss2)):
+            if value > ceiling:
+                raise InputError(f"{REPORT_KEY}.{name}", f"{value:g} is above {ceiling:g}, the most the federation's "
+                                 f"'{loss}' training loss can be: not from its training (a changed or faulty site "
+                                 "program)")
+
 
 def encode_update(pair: Mapping[str, torch.Tensor], report: UpdateReport) -> bytes:
     from safetensors.torch import save
@@ -152,9 +165,11 @@ class ChangeSize:
 
 
 def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...], str]],
-                         reference: Mapping[str, torch.Tensor] | None = None) -> UpdateReport:
+                         reference: Mapping[str, torch.Tensor] | None = None, loss: str | None = None
+                         ) -> UpdateReport:
     """Check an uploaded file against the global model: same keys, shapes, dtypes; all finite; a sane report;
-    with ``reference`` (the global pair it was trained from), a sane distance from it (``ChangeSize``).
+    with ``reference`` (the global pair it was trained from), a sane distance from it (``ChangeSize``); with
+    ``loss`` (the federation's training loss), losses it can give (``UpdateReport.check_loss``).
 
     Reads one tensor at a time, so validating costs O(largest tensor), not O(model).
     """
@@ -166,6 +181,8 @@ def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...
                       str(known).removeprefix("torch.") if known is not None else str(entry.get("dtype")))
     check_specs(specs, template)
     report = UpdateReport.parse(metadata.get(REPORT_KEY))
+    if loss is not None:
+        report.check_loss(loss)
     change = ChangeSize(reference) if reference is not None else None
     for key, value in LazyUpdate(path).items():
         check_finite(key, value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -35,3 +37,5 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 LOSSES = {"dice": soft_dice_loss, "dice+bce": dice_bce_loss}
+# The most each loss can be: the soft Dice lies in [0, 1] (both of its branches do); BCE has no ceiling.
+LOSS_CEILINGS = {"dice": 1.0, "dice+bce": math.inf}

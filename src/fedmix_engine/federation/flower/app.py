@@ -111,7 +111,7 @@ def server_main(grid: Grid, context: Context) -> None:
     save_checkpoint(recorder.out / "global-initial.safetensors", pair, fed.model, fed.checkpoint_meta(0))
     strategy = FedMixStrategy(pair, settings.rule, on_round=recorder, keep_updates=settings.keep_updates,
                               on_evaluate=recorder.evaluation, class_names=fed.class_names,
-                              num_classes=fed.model.num_classes,
+                              num_classes=fed.model.num_classes, loss=fed.train.loss,
                               min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
                               fraction_evaluate=settings.fraction_evaluate)
     if settings.fraction_evaluate > 0:  # round 0's model too, as join --eval scores it: the baseline

@@ -78,8 +78,9 @@ def report_to_metrics(report: UpdateReport) -> MetricRecord:
     return MetricRecord(metrics)
 
 
-def metrics_to_report(metrics: MetricRecord, where: str) -> UpdateReport:
-    """The same report validation as the built-in server's (``UpdateReport.from_dict``)."""
+def metrics_to_report(metrics: MetricRecord, where: str, loss: str | None = None) -> UpdateReport:
+    """The same report validation as the built-in server's (``UpdateReport.from_dict``, and with ``loss``
+    ``UpdateReport.check_loss``)."""
     if not isinstance(metrics, MetricRecord):
         raise InputError(where, f"'{METRICS}' is not a MetricRecord")
     if NUM_EXAMPLES not in metrics or TRAIN_LOSS not in metrics:
@@ -87,7 +88,10 @@ def metrics_to_report(metrics: MetricRecord, where: str) -> UpdateReport:
     raw = {"n": metrics[NUM_EXAMPLES], "loss": metrics[TRAIN_LOSS], "loss2": metrics.get(TRAIN_LOSS2, 0.0),
            "counts": {k.removeprefix(COUNT_PREFIX): v for k, v in metrics.items() if k.startswith(COUNT_PREFIX)}}
     try:
-        return UpdateReport.from_dict(raw)
+        report = UpdateReport.from_dict(raw)
+        if loss is not None:
+            report.check_loss(loss)
+        return report
     except InputError as exc:
         raise InputError(where, f"{exc.where}: {exc.reason}") from None
 
@@ -123,11 +127,12 @@ def metrics_to_evaluation(metrics: MetricRecord, where: str, class_names: tuple[
 
 
 def decode_reply(content: RecordDict, template: Mapping[str, tuple[tuple[int, ...], str]],
-                 where: str, reference: Mapping[str, torch.Tensor] | None = None
+                 where: str, reference: Mapping[str, torch.Tensor] | None = None, loss: str | None = None
                  ) -> tuple[dict[str, torch.Tensor], UpdateReport]:
     """One training reply → (the site's pair, its report), or an ``InputError`` naming what is wrong;
-    ``reference``: the global pair the reply was trained from."""
+    ``reference``: the global pair the reply was trained from; ``loss``: the run's training loss, whose
+    range the reported losses must keep (``UpdateReport.check_loss``)."""
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise InputError(where, f"the reply must hold an ArrayRecord '{ARRAYS}' and a MetricRecord '{METRICS}'")
-    report = metrics_to_report(content.metric_records[METRICS], where)
+    report = metrics_to_report(content.metric_records[METRICS], where, loss)
     return arrays_to_pair(content.array_records[ARRAYS], template, where, reference), report

@@ -103,13 +103,14 @@ class FedMixStrategy(FedAvg):
     def __init__(self, global_pair: Mapping[str, torch.Tensor], rule: AggregationRule,
                  on_round: Callable[[RoundOutcome], None] | None = None, keep_updates: bool = False,
                  on_evaluate: Callable[[EvaluationOutcome], None] | None = None, class_names: tuple[str, ...] = (),
-                 num_classes: int | None = None, **fedavg_options) -> None:
+                 num_classes: int | None = None, loss: str | None = None, **fedavg_options) -> None:
         fedavg_options.setdefault("fraction_evaluate", 0.0)  # federated evaluation only when asked for
         fedavg_options.setdefault("min_evaluate_nodes", 1)  # FedAvg's 2 would wait for ever in a 1-site run
         super().__init__(**fedavg_options)
         self.on_evaluate = on_evaluate
         self.class_names, self.num_classes = class_names, num_classes  # what an evaluation must score
         self.rule = rule
+        self.loss = loss  # the run's training loss: a reply reporting more than it can be is refused
         self.template = tensor_template(global_pair)
         self.reference: dict[str, torch.Tensor] = dict(global_pair)  # the pair this round's sites train from
         self.on_round = on_round
@@ -155,7 +156,7 @@ class FedMixStrategy(FedAvg):
                 refused[name] = f"the site reported an error: {message.error.reason}"
                 continue
             try:
-                state, report = decode_reply(message.content, self.template, name, self.reference)
+                state, report = decode_reply(message.content, self.template, name, self.reference, self.loss)
                 acc.add(name, state, report.n, report.loss)
             except InputError as exc:
                 refused[name] = str(exc)
