@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedmix_engine.errors import InputError
+from fedmix_engine.fedmix.losses import LOSS_CEILINGS
 from fedmix_engine.safetensors_layout import DTYPES, read_header
 
 if TYPE_CHECKING:
@@ -76,8 +77,6 @@ class UpdateReport:
         """Refuse losses the federation's training loss (``TrainConfig.loss``) cannot give. FedMix weighs a
         site by its reported loss (10/11 of every weight at λ = 10), so a loss above the soft Dice's 1 would
         buy a site the round: it comes from a changed or faulty site program, not from training."""
-        from fedmix_engine.fedmix.losses import LOSS_CEILINGS
-
         ceiling = LOSS_CEILINGS[loss]
         for name, value in (("loss", self.loss), ("loss2", self.loss2)):
             if value > ceiling:
