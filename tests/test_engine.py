@@ -131,6 +131,25 @@ def test_dice_loss_on_empty_targets_rewards_predicting_background() -> None:
     assert soft_dice_loss(perfect, target) < 0.01
 
 
+def test_the_loss_ceiling_the_server_enforces_holds_for_every_prediction() -> None:
+    """The server refuses a reported soft Dice above LOSS_CEILINGS['dice'] (a site taking the round by its
+    loss); an honest site must never reach it: worst predictions, saturated and fp16-range logits, empty
+    and full targets, two classes."""
+    from fedmix_engine.fedmix.losses import LOSS_CEILINGS
+
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(4, 2, 16, 16, generator=g) > 0.7).float()
+    target[:, 1] = 0  # a class with no foreground in the batch: the other branch
+    cases = [torch.where(target > 0, -1e4, 1e4), torch.full_like(target, 65504.0), torch.full_like(target, -65504.0),
+             torch.randn(4, 2, 16, 16, generator=g) * 50, torch.where(target > 0, -1e4, 1e4).half()]
+    for logits in cases:
+        for t in (target, torch.zeros_like(target), torch.ones_like(target)):
+            loss = float(soft_dice_loss(logits, t))
+            assert 0.0 <= loss <= LOSS_CEILINGS["dice"], (loss, logits.dtype)
+    worst = float(soft_dice_loss(torch.where(target > 0, -1e4, 1e4), target))
+    assert worst > 0.99, "the ceiling is tight: the worst prediction comes close to it"
+
+
 def test_device_plan_selection_logic() -> None:
     assert plan_device("auto", cuda_available=lambda: False).device.type == "cpu"
     works = {"probe": lambda device: None}  # a GPU that computes (no real one here to ask)
