@@ -127,6 +127,11 @@ def disagreement() -> Iterator[ModuleType]:
 
 
 @pytest.fixture(scope="module")
+def selection() -> Iterator[ModuleType]:
+    yield from _benchmark("selection")
+
+
+@pytest.fixture(scope="module")
 def video_frames() -> Iterator[ModuleType]:
     yield from _benchmark("video_frames")
 

@@ -1,0 +1,83 @@
+"""benchmarks/selection.py: a quality workdir's runs seen without choosing each run's round by validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedmix_engine.evaluation import EvalSet
+from model_helpers import no_lesion_checkpoint
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+METHODS = ["supervised-upper", "fedmix", "fedavg-mask-only"]  # quality.py's order
+SITES = ["site-a", "site-b", "site-c"]
+
+
+def _table(stdout: str) -> dict[str, list[float]]:
+    """The table's rows by view label: the numbers of each cell (mean of "a ± b", a percentage)."""
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith("| ") and not line.startswith("| view") and "---" not in line:
+            label, *cells = [cell.strip() for cell in line.strip("| ").split(" | ")]
+            rows[label] = [float("nan") if cell == "—" else float(cell.split(" ")[0]) for cell in cells]
+    return rows
+
+
+def test_three_views_of_the_same_runs_and_only_those_runs(tmp_path: Path, selection) -> None:
+    quality = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--settings", "a", "--methods",
+                              ",".join(METHODS), "--seeds", "2", "--rounds", "2", "--jobs", "1", "--no-write",
+                              "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert quality.returncode == 0, quality.stdout + quality.stderr
+    # the final round's model scored as the table's chosen one was: made the same model here, it must score the same
+    chosen = tmp_path / "run-a-1-fedmix"
+    shutil.copyfile(chosen / "best.safetensors", chosen / "final.safetensors")
+    # another variant's folder (quality.py --loss dice+bce) is not one of these runs
+    shutil.copytree(tmp_path / "run-a-0-fedmix", tmp_path / "run-a-0-fedmix-dicebce")
+    (tmp_path / "run-a-0-fedmix-dicebce" / "summary.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "run-a-0-fedmix" / "summary.json").read_text()),
+         "test_dice": dict.fromkeys(SITES, 0.0)}))
+
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "selection.py"), "--workdir", str(tmp_path), "--last", "2",
+                          "--no-write"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = _table(run.stdout)
+    assert list(rows) == ["chosen round (test)", "final round 2 (test)", "last 2 rounds (validation)"], run.stdout
+
+    def overall(view: str, method: str, seed: int) -> float:
+        folder = tmp_path / f"run-a-{seed}-{method}"
+        if view == "chosen":
+            return 100 * np.mean(list(json.loads((folder / "summary.json").read_text())["test_dice"].values()))
+        rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rounds] == [1, 2]
+        return 100 * np.mean([np.mean(list(r["val_dice"].values())) for r in rounds])  # rounds 1–2, all sites
+
+    for view, label in (("chosen", "chosen round (test)"), ("level", "last 2 rounds (validation)")):
+        expected = {m: [overall(view, m, s) for s in (0, 1)] for m in METHODS}
+        means = [float(np.mean(expected[m])) for m in METHODS]
+        deltas = [float(np.mean(np.subtract(expected[m], expected["fedavg-mask-only"]))) for m in METHODS[:2]]
+        share = 100 * deltas[1] / deltas[0] if deltas[0] > 0 else None
+        assert np.allclose(rows[label][:5], [*means, *deltas], atol=0.051), (label, rows[label], means, deltas)
+        if share is not None:
+            assert abs(rows[label][5] - share) < 1.5, (label, rows[label], share)
+    # the final view scores final.safetensors on each test split as simulate scored best.safetensors
+    table = json.loads((chosen / "summary.json").read_text())["test_dice"]
+    final = selection.run_views(chosen, last=2)["final"]
+    assert all(abs(final[site] - table[site]) < 1e-4 for site in SITES), (final, table)
+    # ... and reads final.safetensors, not best: a final model that finds no lesion scores the lesion-free share
+    silent = tmp_path / "run-a-0-supervised-upper"
+    no_lesion_checkpoint(silent / "final.safetensors", image_size=64)
+    final = selection.run_views(silent, last=2)["final"]
+    for site in SITES:
+        truths = EvalSet.from_store(tmp_path / "data-a-0-64-eval50" / "eval" / site / "test", 64, 1, 1).truths
+        assert 0 < final[site] == np.mean([not t.any() for t in truths]) < 1, (site, final[site])
+
+    missing = subprocess.run([sys.executable, str(BENCHMARKS / "selection.py"), "--workdir", str(tmp_path),
+                              "--methods", "fedavg-mask-only,fedmix-fixed", "--no-write"],
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0
+    assert "setting a lacks finished runs of fedmix-fixed seed 0, fedmix-fixed seed 1" in missing.stderr
