@@ -62,9 +62,10 @@ def run_views(folder: Path, last: int) -> dict[str, dict[str, float]]:
             "rounds": config["rounds"], "best_round": summary["best_round"]}
 
 
-def view_rows(views: dict[tuple[str, int], dict], methods: list[str], view: str, label: str) -> list[str]:
-    """One table row per view: each method's overall Dice (mean ± std over seeds), each method's Δ against the
-    baseline (paired by seed, mean ± standard error) and the share of the upper bound's Δ it closes."""
+def view_rows(views: dict[tuple[str, int], dict], methods: list[str], view: str, label: str) -> tuple[str, str]:
+    """A view's table row and its note. The row: each method's overall Dice (mean ± std over seeds), its Δ
+    against the baseline (paired by seed, mean ± standard error) and the share of the upper bound's Δ it
+    closes; the note: the Δs per site and per seed."""
     def overall(method: str, site: str | None = None) -> dict[int, float]:
         return {seed: 100 * (v[view][site] if site else np.mean(list(v[view].values())))
                 for (m, seed), v in views.items() if m == method}
@@ -78,16 +79,16 @@ def view_rows(views: dict[tuple[str, int], dict], methods: list[str], view: str,
     for method in others:
         mean, err = paired(overall(method), base)
         cells.append(f"{mean:+.1f} ± {err:.1f}")
-    gap = paired(overall(UPPER), base)[0] if UPPER in methods else float("nan")
+    gap, gap_err = paired(overall(UPPER), base) if UPPER in methods else (float("nan"), float("nan"))
     for method in others:
-        if method != UPPER:
-            cells.append(f"{100 * paired(overall(method), base)[0] / gap:.0f} %" if gap > 0 else "—")
+        if method != UPPER:  # as quality.py: no share of a gap within noise (a ratio of noise)
+            cells.append(f"{100 * paired(overall(method), base)[0] / gap:.0f} %" if gap > 2 * gap_err else "—")
     sites = sorted(next(iter(views.values()))[view])
     per_site = "; ".join(f"{site} " + ", ".join(f"{m} {paired(overall(m, site), overall(BASELINE, site))[0]:+.1f}"
                                                for m in others) for site in sites)
     per_seed = "; ".join(f"{m} " + ", ".join(f"{overall(m)[s] - base[s]:+.1f}" for s in sorted(base))
                          for m in others)
-    return ["| " + " | ".join(cells) + " |", f"  {label}: Δ per site: {per_site}. Δ per seed: {per_seed}."]
+    return "| " + " | ".join(cells) + " |", f"- {label}: Δ per site: {per_site}. Δ per seed: {per_seed}."
 
 
 def main() -> None:
@@ -134,7 +135,7 @@ def main() -> None:
                         ("level", f"last {args.last} rounds (validation)")):
         row, note = view_rows(views, methods, view, label)
         lines.append(row)
-        notes.append(f"- {note.strip()}")
+        notes.append(note)
     publish(f"selection-{args.setting}-rounds{n_rounds}", "\n".join([*lines, "", *notes, ""]), not args.no_write)
 
 

@@ -59,11 +59,14 @@ def test_three_views_of_the_same_runs_and_only_those_runs(tmp_path: Path, select
     for view, label in (("chosen", "chosen round (test)"), ("level", "last 2 rounds (validation)")):
         expected = {m: [overall(view, m, s) for s in (0, 1)] for m in METHODS}
         means = [float(np.mean(expected[m])) for m in METHODS]
-        deltas = [float(np.mean(np.subtract(expected[m], expected["fedavg-mask-only"]))) for m in METHODS[:2]]
-        share = 100 * deltas[1] / deltas[0] if deltas[0] > 0 else None
+        differences = [np.subtract(expected[m], expected["fedavg-mask-only"]) for m in METHODS[:2]]
+        deltas = [float(np.mean(d)) for d in differences]
         assert np.allclose(rows[label][:5], [*means, *deltas], atol=0.051), (label, rows[label], means, deltas)
-        if share is not None:
-            assert abs(rows[label][5] - share) < 1.5, (label, rows[label], share)
+        gap_err = np.std(differences[0], ddof=1) / np.sqrt(2)
+        if deltas[0] > 2 * gap_err:  # the share of FedMix in the upper bound's gap; within noise, none
+            assert abs(rows[label][5] - 100 * deltas[1] / deltas[0]) < 1.5, (label, rows[label], deltas)
+        else:
+            assert np.isnan(rows[label][5]), (label, rows[label], deltas, gap_err)
     # the final view scores final.safetensors on each test split as simulate scored best.safetensors
     table = json.loads((chosen / "summary.json").read_text())["test_dice"]
     final = selection.run_views(chosen, last=2)["final"]
