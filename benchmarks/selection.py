@@ -17,13 +17,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, publish
-from fedmix_engine.evaluation import EvalSet, validation_scores
+from fedmix_engine.evaluation import EvalSet, evaluate
 from fedmix_engine.model import ModelConfig
+from fedmix_engine.predict import Predictor
 from quality import BASELINE, ORDER, paired
 
 UPPER = "supervised-upper"
@@ -43,18 +45,20 @@ def find_runs(workdir: Path, setting: str, methods: list[str]) -> dict[tuple[str
     return runs
 
 
-def run_views(folder: Path, last: int) -> dict[str, dict[str, float]]:
-    """One run's Dice per site (0–1) in the three views: the chosen round's test, the final round's test,
-    and the mean validation over the last ``last`` rounds."""
+def run_views(folder: Path, last: int) -> dict[str, Any]:
+    """One run's Dice per site (0–1) in the three views (``chosen``: the chosen round's test, ``final``: the
+    final round's test, ``level``: the mean validation over the last ``last`` rounds), its rounds and the
+    round validation chose."""
     config = json.loads((folder / "config.json").read_text())
     model = ModelConfig.from_dict(config["model"])
     summary = json.loads((folder / "summary.json").read_text())
     sites = list(summary["test_dice"])
+    predictor = Predictor.from_checkpoint(folder / "final.safetensors", "cpu")  # loaded once for every site
     final = {}
     for site in sites:
         data = EvalSet.from_store(Path(config["eval"]) / site / "test", config["train"]["image_size"],
                                   model.num_classes, model.in_channels)
-        final[site] = validation_scores(folder / "final.safetensors", data, "cpu")["dice"]
+        final[site] = evaluate(predictor, data)["dice"]
     rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     tail = [r["val_dice"] for r in rounds if r["round"] > config["rounds"] - last]
     return {"chosen": summary["test_dice"], "final": final,
