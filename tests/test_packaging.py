@@ -42,3 +42,27 @@ def test_the_wheel_holds_every_module_the_manifest_and_the_command(tmp_path: Pat
     metadata = wheel.read(f"{info}/METADATA").decode()
     assert "Requires-Dist: torch" in metadata and "Provides-Extra: flower" in metadata
     assert (ROOT / "README.md").read_text().splitlines()[0] in metadata, "the README is the project's page"
+
+
+def test_the_citation_file_says_what_the_package_and_the_readme_say() -> None:
+    """CITATION.cff (read by GitHub's "Cite this repository" and citation managers) repeats the package's
+    version, licence and description and the README's reference to the paper: a release that bumps one and
+    not the other would have researchers cite a version that did not give their figures."""
+    import tomllib
+
+    import yaml
+
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert citation["cff-version"] == "1.2.0" and citation["message"] and citation["authors"]
+    assert (citation["title"], citation["version"], citation["license"], citation["abstract"]) == (
+        project["name"], project["version"], project["license"], project["description"])
+
+    paper = citation["preferred-citation"]
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split("## Reference", 1)[1].split())
+    assert paper["type"] == "article" and f"*{paper['title']}.*" in readme and paper["journal"] in readme
+    assert f"{paper['volume']}({paper['issue']}):{paper['start']}–{paper['end']}, {paper['year']}" in readme
+    assert paper["identifiers"][0]["value"] in readme
+    initials = ["-".join(f"{part[0]}." for part in a["given-names"].split("-")) for a in paper["authors"]]
+    named = ", ".join(f"{a['family-names']}, {i}" for a, i in zip(paper["authors"], initials, strict=True))
+    assert f"{named} *{paper['title']}.*" in readme, "the README's authors, in the same order, then the title"
