@@ -294,6 +294,10 @@ def test_predictions_of_dicom_images_are_written_as_dicom_seg_of_their_source(tm
     assert seg.SegmentSequence[0].SegmentLabel == "liver lesion" and seg.PatientID == ct.PatientID
     referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
     assert referenced == ct.SOPInstanceUID and seg.StudyInstanceUID == ct.StudyInstanceUID
+    # what a PACS lists for the series says it is a research tool's output, not a clinical result
+    assert seg.SeriesDescription == "FedMix segmentation: research use only, not for diagnosis"
+    assert seg.ContentDescription == "FedMix prediction, research use only" and seg.SeriesNumber == 9100
+    assert all(len(text) <= 64 for text in (seg.SeriesDescription, seg.ContentDescription))  # LO's limit
     # a class named in a language the source's character set cannot write (Latin-1 here) is not lost to '?'
     worded = pydicom.dcmread(write_dicom_seg(bundled("CT_small.dcm"), drawn, ["病变"], tmp_path / "worded.dcm"))
     assert worded.SegmentSequence[0].SegmentLabel == "病变" and worded.PatientName == ct.PatientName

@@ -20,6 +20,10 @@ from fedmix_engine.atomic import atomic_write_bytes
 from fedmix_engine.errors import InputError
 
 SERIES_NUMBER = 9100  # a series number PACS users can spot; the SEG series' own UID is new per file
+# What a PACS or viewer lists for the SEG series, so nobody reading the study takes it for a clinical result:
+# napari-fedmix is research software, not a medical device (README, "Intended use"). Both are LO (≤ 64 chars).
+SERIES_DESCRIPTION = "FedMix segmentation: research use only, not for diagnosis"
+CONTENT_DESCRIPTION = "FedMix prediction, research use only"
 
 
 def default_class_names(count: int) -> list[str]:
@@ -65,9 +69,10 @@ def write_dicom_seg(source: str | Path, labels: np.ndarray, classes: Sequence[st
             series_instance_uid=hd.UID(), series_number=SERIES_NUMBER, sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="napari-fedmix", manufacturer_model_name="FedMix",
             software_versions=__version__, device_serial_number="none", content_label="FEDMIX",
-            content_description="FedMix prediction", omit_empty_frames=False)
+            content_description=CONTENT_DESCRIPTION, omit_empty_frames=False)
     except Exception as exc:  # highdicom refuses sources it cannot reference with many types; a batch goes on
         raise InputError(source, f"no DICOM SEG for this image ({type(exc).__name__}: {exc})") from exc
+    seg.SeriesDescription = SERIES_DESCRIPTION  # highdicom's constructor takes none
     if not all(name.isascii() for name in classes):  # the source's character set (often Latin-1) may not
         seg.SpecificCharacterSet = "ISO_IR 192"  # write the label ('病变' became '??'); UTF-8 writes every value
     buffer = io.BytesIO()
