@@ -188,13 +188,17 @@ def test_a_gpu_that_cannot_compute_gives_the_cpu_with_the_reason() -> None:
                       probe=lambda device: "RuntimeError: MPS backend is not supported on this macOS")
     assert mac.device.type == "cpu" and "Apple GPU (mps) requested, but it cannot compute here" in mac.note
     assert unusable_reason(torch.device("cpu")) is None
-    # the default probe, really run: on this torch build without CUDA, a GPU said to be there cannot compute
+    # the default probe, really run: where no GPU can compute, a GPU said to be there is found out
     said = plan_device("auto", cuda_available=lambda: True, device_count=lambda: 1)
     if torch.cuda.is_available():
         assert said.device.type == "cuda", said.note
-    else:
+    elif torch.version.cuda is None:  # a CPU build of torch (the pinned wheel)
         assert said.device.type == "cpu" and said.note == ("GPU found, but it cannot compute here (AssertionError: "
                                                            "Torch not compiled with CUDA enabled): using the CPU")
+    else:  # a CUDA build on a machine without a usable driver (torch 2.14.1+cu130 here: "Found no NVIDIA driver")
+        assert said.device.type == "cpu", said.note
+        assert said.note.startswith("GPU found, but it cannot compute here (RuntimeError: "), said.note
+        assert said.note.endswith("): using the CPU"), said.note
     assert unusable_reason(torch.device("meta")) == "RuntimeError: Tensor.item() cannot be called on meta tensors"
 
 
