@@ -18,6 +18,7 @@ import httpx
 import torch
 
 from fedmix_engine.checkpoint import pair_from_bytes
+from fedmix_engine.federation.client import trust_store
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import UpdateReport, encode_update
 from waiting import wait_until
@@ -49,7 +50,7 @@ class Server:
             cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         with open(self.state.parent / f"server-{self.port}.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-        verify = ssl.create_default_context(cafile=str(self.ca)) if self.tls else True
+        verify = trust_store(self.ca) if self.tls else True
 
         def answers() -> bool:
             try:
@@ -67,7 +68,7 @@ class Server:
             self.proc.wait(10)
 
     def status(self) -> dict:
-        verify = ssl.create_default_context(cafile=str(self.ca)) if self.tls else True
+        verify = trust_store(self.ca) if self.tls else True
         return httpx.get(f"{self.url}/v1/status", verify=verify, timeout=10).json()
 
 
@@ -150,10 +151,13 @@ def copied_sites(sample: Path, sites: list[str], into: Path) -> dict[str, Path]:
     return copies
 
 
-def make_certificates(folder: Path, dates: dict[str, tuple[str, str]]) -> tuple[Path, Path, dict[str, Path]]:
+def make_certificates(folder: Path, dates: dict[str, tuple[str, str]],
+                      ca_key_usage: bool = True) -> tuple[Path, Path, dict[str, Path]]:
     """A test CA (``ca.pem``), one key, and a certificate for 127.0.0.1 signed by the CA for each name in
     ``dates`` (start, end as OpenSSL's YYYYMMDDHHMMSSZ): expired or not-yet-valid ones included, which
-    ``openssl req -days`` cannot make. Returns the CA, the key and the certificates."""
+    ``openssl req -days`` cannot make. Made as strict X.509 checking (Python 3.13's default) requires; with
+    ``ca_key_usage=False`` the CA lacks keyUsage, as ``openssl req -x509`` makes it by default. Returns the
+    CA, the key and the certificates."""
     folder.mkdir(parents=True, exist_ok=True)
     db = folder / "ca-db"
     db.mkdir(exist_ok=True)
@@ -162,10 +166,13 @@ def make_certificates(folder: Path, dates: dict[str, tuple[str, str]]) -> tuple[
     (folder / "ca.cnf").write_text(f"""[ ca ]\ndefault_ca = test_ca\n[ test_ca ]\ndatabase = {db}/index.txt
 new_certs_dir = {db}\nserial = {db}/serial\ndefault_md = sha256\npolicy = any\ncopy_extensions = copy
 unique_subject = no\n[ any ]\ncommonName = supplied\n""")
-    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\nauthorityKeyIdentifier=keyid\n"
+                                    "subjectKeyIdentifier=hash\nextendedKeyUsage=serverAuth\n")
     ca, ca_key, key, csr = (folder / n for n in ("ca.pem", "ca.key", "server.key", "server.csr"))
+    usage = ["-addext", "keyUsage=critical,keyCertSign,cRLSign"] if ca_key_usage else []
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
-                    str(ca), "-days", "30", "-subj", "/CN=fedmix-test-ca"], check=True, capture_output=True)
+                    str(ca), "-days", "30", "-subj", "/CN=fedmix-test-ca", "-addext",
+                    "basicConstraints=critical,CA:TRUE", *usage], check=True, capture_output=True)
     subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
                     "-subj", "/CN=fedmix-test"], check=True, capture_output=True)
     certs = {}

@@ -1109,6 +1109,33 @@ def test_a_join_trusts_a_server_certificate_of_a_ca_in_the_machines_trust_store(
         assert machine.read() != ca.read_bytes(), "the machine's own bundle is as it was"
 
 
+def test_a_ca_without_key_usage_is_refused_alike_on_every_python_and_said_so(sample: Path, tmp_path: Path) -> None:
+    """Python 3.13 checks certificates strictly by default: a site on 3.13 refused a server whose CA lacks
+    keyUsage (as `openssl req -x509` makes a CA unless told), the sites on 3.11 joined it, and the refused site
+    was told to give another --ca-cert, which cannot help. Every Python now checks alike and says what is
+    wrong; and the server's own certificate as --ca-cert (a partial chain, 3.13's other new default) is
+    trusted on every Python."""
+    from fedmix_engine.errors import FederationError
+    from fedmix_engine.federation.client import FederationClient, trust_store
+
+    ca, key, certs = make_certificates(tmp_path / "pki", {"server": (openssl_date(-3600), openssl_date(86400))},
+                                       ca_key_usage=False)
+    state = tmp_path / "state"
+    tokens = make_tokens(state, SITES)
+    args = ["--sites", "1", "--min-sites", "1", "--rounds", "1", *TINY_SETTINGS]
+    with running_server(state, args, tls=(certs["server"], key), ca=certs["server"]) as server:
+        own = httpx.get(f"{server.url}/v1/status", verify=trust_store(certs["server"]), timeout=5)
+        assert own.status_code == 200, "the server's own certificate is enough to trust it"
+        client = FederationClient(server.url, tokens["site-a"], sample / "site-a", device="cpu", ca_cert=ca,
+                                  give_up_after=5)  # a regression fails in seconds, not an hour
+        started = time.monotonic()
+        with pytest.raises(FederationError, match=r"^the server's TLS certificate \(or the CA certificate that signed "
+                                                  r"it\) is not made as X.509 requires \(CA cert does not include key "
+                                                  r"usage extension\): the server's admin must issue it again"):
+            next(client.iter_join())
+        assert time.monotonic() - started < 10, "said at once, not retried"
+
+
 def test_a_join_of_a_plain_http_server_by_an_https_address_or_by_an_unknown_name_says_so_at_once(
         sample: Path, tmp_path: Path) -> None:
     """An https:// address of a server that serves plain HTTP failed the TLS handshake (WRONG_VERSION_NUMBER),

@@ -85,14 +85,20 @@ def server_url(server: str) -> str:
 
 
 def trust_store(ca_cert: str | Path) -> ssl.SSLContext:
-    """An SSL context trusting ``ca_cert``; a missing or non-PEM file is named, not a bare OSError."""
+    """An SSL context trusting ``ca_cert``; a missing or non-PEM file is named, not a bare OSError.
+
+    The checks are Python 3.13's defaults on every Python: strict X.509 (a CA certificate without keyUsage is
+    refused) and partial chains (the server's own or an intermediate certificate may be the --ca-cert). Under
+    3.11's defaults a site on 3.13 refused a server that the sites on 3.11 joined."""
     path = Path(ca_cert)
     if not path.is_file():
         raise InputError(path, "CA certificate not found" if not path.exists() else "is not a certificate file")
     try:
-        return ssl.create_default_context(cafile=str(path))
+        context = ssl.create_default_context(cafile=str(path))
     except ssl.SSLError as exc:
         raise InputError(path, f"not a PEM certificate the TLS library can read ({exc.reason or exc})") from None
+    context.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
 
 def system_trust() -> Any:
@@ -626,6 +632,9 @@ OUT_OF_DATE = {
     9: ("the server's TLS certificate is not valid yet: this machine's clock is wrong (or the server's admin made "
         "the certificate with a start date to come)"),
 }
+# OpenSSL 3's X509_V_ERR_PATHLEN_INVALID_FOR_NON_CA (80) to X509_V_ERR_EC_KEY_EXPLICIT_PARAMS (94): a certificate
+# not made as X.509 requires (strict checking), e.g. 92, a CA certificate without keyUsage
+MALFORMED = range(80, 95)
 
 
 def environment_proxy(url: Any) -> str | None:
@@ -669,6 +678,10 @@ def _tls_fault(exc: BaseException | None) -> str | None:
     an https:// address of a plain-HTTP server. Each was retried for an hour like a server that is down,
     and each was called untrusted, asking the site for a --ca-cert that would not help with the dates."""
     if (failed := _verification_failure(exc)) is not None:
+        if failed.verify_code in MALFORMED:
+            return (f"the server's TLS certificate (or the CA certificate that signed it) is not made as X.509 "
+                    f"requires ({failed.verify_message}): the server's admin must issue it again (see "
+                    "docs/federation.md, 'Certificates a site accepts'); another --ca-cert will not help")
         return OUT_OF_DATE.get(failed.verify_code) or (
             f"the server's TLS certificate is not trusted ({failed.verify_message or failed}): give the certificate "
             "the server's admin sends with --ca-cert (napari: 'TLS certificate'), and use a server address the "
