@@ -38,17 +38,35 @@ class Server:
     def __init__(self, state: Path, args: list[str], tls: tuple[Path, Path] | None = None, ca: Path | None = None):
         self.state, self.args, self.tls = state, args, tls
         self.ca = ca or (tls[0] if tls else None)  # what a client trusts: the CA, or the self-signed certificate
-        self.port = free_port()
-        scheme = "https" if tls else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self._use_port(free_port())
 
-    def start(self, timeout: float = 60) -> Server:
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        self.log = self.state.parent / f"server-{port}.log"
+
+    def start(self, timeout: float = 60, tries: int = 3) -> Server:
+        """Start the server, or start it again on its port, and wait until it answers. free_port()'s port is
+        free when chosen, not when the server binds it a second later; if another process took it meanwhile,
+        the server refuses it at once ("is in use"), and a first start moves to another port."""
+        first = self.proc is None
+        for attempt in range(1, tries + 1):
+            try:
+                return self._start_once(timeout)
+            except AssertionError:
+                taken = self.proc.poll() is not None and "is in use" in self.log.read_text()
+                if not (first and taken) or attempt == tries:
+                    raise
+                self._use_port(free_port())
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> Server:
         cmd = [sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(self.state), "--port",
                str(self.port), *self.args]
         if self.tls:
             cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
-        with open(self.state.parent / f"server-{self.port}.log", "ab") as log:
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
         verify = trust_store(self.ca) if self.tls else True
 
@@ -59,7 +77,7 @@ class Server:
                 return False
 
         wait_until(answers, "the server answering /v1/status", timeout, self.proc, every=0.2,
-                   detail=(self.state.parent / f"server-{self.port}.log").read_text)
+                   detail=self.log.read_text)
         return self
 
     def kill(self) -> None:

@@ -106,7 +106,7 @@ def test_sites_score_every_global_model_on_held_out_images_and_the_server_pools_
     trained = ("network unet, width 4, 1 class, 1 channel; sites train at 32 px (crops 32, batch 4, 1 local epoch a "
                "round, lr 0.001)")
     assert f"<p>Model: {trained}.</p>" in page
-    assert f"\nmodel: {trained}\n" in (tmp_path / f"server-{server.port}.log").read_text()
+    assert f"\nmodel: {trained}\n" in server.log.read_text()
 
     _status_reads_what_the_server_says(state, status, capsys)
 

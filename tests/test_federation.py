@@ -119,12 +119,12 @@ def test_serve_warns_at_start_when_the_rounds_to_come_will_not_fit_on_its_disk(t
         args = ["--sites", "3", "--min-sites", "3", *TINY_SETTINGS]
         with running_server(state, [*args, "--rounds", "2"]) as server:
             assert "Disk space" not in httpx.get(f"{server.url}/", timeout=10).text
-        log = (tmp_path / f"server-{server.port}.log").read_text()
+        log = server.log.read_text()
         assert "warning: the" not in log and "round(s) to come" not in log, log
         model = (state / "rounds" / "000000" / "global.safetensors").stat().st_size
         with running_server(state, [*args, "--rounds", "1000"]) as server:
             page = httpx.get(f"{server.url}/", timeout=10).text  # the admin's page says it while it holds
-        log = (tmp_path / f"server-{server.port}.log").read_text()
+        log = server.log.read_text()
         said = (f"warning: the 1000 round(s) to come keep a global model of {model / 1e3:.1f} kB each and, with the "
                 f"sites' uploads, need up to {model * (1000 + 3) / 1e6:.1f} MB; the disk of {state} has ")
         assert said in log, log
@@ -251,7 +251,7 @@ def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_rou
             health = httpx.get(server.url + "/healthz", timeout=10)
             assert health.status_code == 200 and health.json()["failing"] == [] and health.json()["round"] == 2
         served, _, _ = load_checkpoint(state / "rounds" / "000001" / "global.safetensors")
-    log = next(tmp_path.glob("server-*.log")).read_text()
+    log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
     assert "cannot write to" in log and "round 1 could not be closed: OSError: [Errno 28]" in log
     assert log.count("round 1 could not be closed") == 1, "said once, not every half second"
@@ -286,7 +286,7 @@ def test_a_server_whose_file_system_turns_read_only_says_so_in_one_line_and_take
                                                 "admin must fix its storage, and this request is retried")
             taken = upload(server.url, tokens["site-a"], 1, body)
             assert taken.status_code == 200 and server.status()["uploaded"] == ["site-a"], taken.text
-    log = next(tmp_path.glob("server-*.log")).read_text()
+    log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
     assert "Read-only file system" in log and "check the disk, remount it (the sites retry)" in log
     assert f"{state}: the server cannot write here (Read-only file system); it stores every upload" \
@@ -659,7 +659,7 @@ def test_a_second_join_with_a_sites_token_is_stopped_and_told_why_and_its_step_d
     models = copies["site-b"] / "models"
     assert not list(models.glob("*-state-pending-*.pt")), "the refused update's step is not kept"
     assert not (models / pending_state.committed_name(second.prefix)).exists(), "nor counted as the site's state"
-    log = (tmp_path / f"server-{server.port}.log").read_text()
+    log = server.log.read_text()
     assert "two joins are using this site's token" in log
 
 
@@ -779,7 +779,7 @@ def test_more_or_fewer_sites_than_a_round_waits_for_is_said_to_the_admin(tmp_pat
         assert f"<b>Sites</b>: {html.escape(warning)}" in httpx.get(server.url + "/", timeout=10).text
     with running_server(state, []) as server:  # restarted as it was: said at the start
         pass
-    assert f"warning: {warning}" in (tmp_path / f"server-{server.port}.log").read_text()
+    assert f"warning: {warning}" in server.log.read_text()
     # too few: below the quorum no round can close; below --sites every round waits for its deadline
     for site in ("site-b", "site-c"):
         assert main(["token", "revoke", site, "--state", str(state)]) == 0
@@ -792,7 +792,7 @@ def test_more_or_fewer_sites_than_a_round_waits_for_is_said_to_the_admin(tmp_pat
     with running_server(state, ["--sites", "3"]) as server:
         pass
     assert ("warning: 2 sites hold tokens (site-a, site-d) and a round waits for 3 (--sites 3): every round waits "
-            "for its deadline (") in (tmp_path / f"server-{server.port}.log").read_text()
+            "for its deadline (") in server.log.read_text()
 
 
 def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path: Path) -> None:
@@ -850,7 +850,7 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
             assert upload(url, tokens[name], 1, fake_update(pair, seed=2)).status_code == 200
         assert server.status()["last_round"] == 1
     # the admin's journal (serve's stdout): every refusal with its site and reason, every round's weights
-    log = (tmp_path / f"server-{server.port}.log").read_text()
+    log = server.log.read_text()
     assert "warning: no --class-names: a joining site is checked for its number of classes only" in log
     assert "plain HTTP" not in log, "on 127.0.0.1 nothing crosses the network"
     assert "WARNING refused POST /v1/rounds/1/update from 127.0.0.1: unknown or revoked token" in log
@@ -954,7 +954,7 @@ def test_the_round_history_is_for_the_admin_and_the_sites_unless_made_public(tmp
                 assert refused.json()["detail"] == (
                     "the federation's status is for the admin on this machine and the sites (with their tokens); "
                     "the server's admin can open it to anyone with 'serve --status-access public'")
-        log = (tmp_path / f"server-{server.port}.log").read_text()  # on a network address without TLS
+        log = server.log.read_text()  # on a network address without TLS
         assert "warning: plain HTTP on 0.0.0.0: site tokens and model weights cross the network in clear text" \
             in log
         assert f"FedMix server: http://{machine_name()}:{server.port}/ (listening on every interface; this machine " \
@@ -1381,7 +1381,7 @@ def test_a_damaged_token_file_is_named_by_every_command_and_a_running_server_ref
     assert main(["serve", "--state", str(state), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {state / 'tokens.json'}: damaged token file (Expecting property name"), err
-    log = next(tmp_path.glob("server-*.log")).read_text()
+    log = server.log.read_text()
     assert "Traceback" not in log and "damaged token file (not a map of site names to entries" in log, log[-3000:]
     assert log.count("damaged token file (Expecting property name") == 1, "said once, not once per request"
 
@@ -1738,7 +1738,7 @@ def test_a_sites_update_in_the_open_round_is_left_out_when_its_token_is_revoked(
         [meta] = server.status()["history"]
     assert sorted(meta["sites"]) == ["site-b"] and meta["sites"]["site-b"]["weight"] == 1.0
     assert not (state / "current" / "site-a.safetensors").exists()
-    log = (tmp_path / f"server-{server.port}.log").read_text()
+    log = server.log.read_text()
     assert "round 1: site-a's update is left out: its token was revoked" in log
 
 
@@ -2273,6 +2273,32 @@ def test_serve_names_a_port_in_use_or_an_address_not_of_this_machine_before_anyt
     assert not state.exists()
 
 
+def test_the_test_server_moves_to_another_port_when_its_port_is_taken_before_it_binds(tmp_path: Path) -> None:
+    """free_port()'s port is free when chosen, not a second later when the server binds it: another test's
+    connection may take it meanwhile. The harness's first start moves on (the server refused the port at
+    once); a start again after a kill keeps its port, as the sites know it."""
+    state = tmp_path / "state"
+    server = Server(state, ["--sites", "1", "--rounds", "1", *TINY_SETTINGS])
+    first_port, first_log = server.port, server.log
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first_port))
+        taken.listen()
+        try:
+            server.start()
+            assert server.port != first_port and server.status()["round"] == 1
+            assert f"--port: {first_port} is in use on 127.0.0.1" in first_log.read_text()
+            server.kill()
+            kept = server.port
+            with socket.socket() as second:
+                second.bind(("127.0.0.1", kept))
+                second.listen()
+                with pytest.raises(AssertionError, match=r"the server answering /v1/status: .* ended first") as e:
+                    server.start(timeout=30)
+            assert server.port == kept and f"--port: {kept} is in use" in str(e.value)
+        finally:
+            server.kill()
+
+
 def test_a_running_server_warns_its_admin_of_a_certificate_nearing_expiry(tmp_path: Path, certificates) -> None:
     """A warning at start is missed in a federation that runs for months: the admin page and the status
     say it while the certificate expires within two weeks, and the log says it once a day."""
@@ -2284,7 +2310,7 @@ def test_a_running_server_warns_its_admin_of_a_certificate_nearing_expiry(tmp_pa
             verify = ssl.create_default_context(cafile=str(ca))
             page = html.unescape(httpx.get(f"{server.url}/", verify=verify, timeout=10).text)
             expires = server.status()["tls_expires_at"]
-            log_file = tmp_path / f"server-{server.port}.log"
+            log_file = server.log
             deadline = time.monotonic() + (30 if warned else 1.5)  # the deadline watcher's first polls (0.5 s apart)
             while time.monotonic() < deadline and "WARNING the server's TLS" not in log_file.read_text():
                 time.sleep(0.1)
