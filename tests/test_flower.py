@@ -579,18 +579,27 @@ class Loopback:
                         "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
         self.keys.mkdir()
         home.mkdir()
-        self.port = free_port()
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                          f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.cert}"\n')
         self.bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec from PATH
         self.env = {**env, "FLWR_HOME": str(home), "PATH": f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"}
         self.procs: list[subprocess.Popen] = []
-        link, link_log = self.start(["flower-superlink", "--port", str(self.port), "--ssl-ca-certfile",
-                                     str(self.cert), "--ssl-certfile", str(self.cert), "--ssl-keyfile", str(key),
-                                     "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                                     "--database", str(tmp_path / "superlink.db")], "superlink")
-        wait_until(lambda: _listening(self.port), f"the SuperLink listening on port {self.port}", 60, link,
-                   every=0.2, detail=lambda: link_log.read_text()[-3000:])
+        link_log = tmp_path / "superlink.log"  # each start appends to it
+        for attempt in range(1, 4):  # free_port()'s port may be taken before the SuperLink binds it: another
+            self.port = free_port()  # port then, as the engine's test server does
+            (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                              f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.cert}"\n')
+            link, _ = self.start(["flower-superlink", "--port", str(self.port), "--ssl-ca-certfile",
+                                  str(self.cert), "--ssl-certfile", str(self.cert), "--ssl-keyfile", str(key),
+                                  "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                                  "--database", str(tmp_path / f"superlink-{attempt}.db")], "superlink")
+            try:  # uvicorn says so once it holds the port (a port merely answering may be another program's)
+                wait_until(lambda: "Uvicorn running on https://127.0.0.1" in link_log.read_text(),
+                           f"the SuperLink listening on port {self.port}", 60, link, every=0.2,
+                           detail=lambda: link_log.read_text()[-3000:])
+                break
+            except AssertionError:
+                if attempt == 3 or "address already in use" not in link_log.read_text():
+                    raise
+        assert _listening(self.port)
 
     def start(self, args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
         """A process in a session of its own (so it is killed with its children), its output in ``name``.log."""
