@@ -12,10 +12,10 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -562,9 +562,8 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
 # ---------------------------------------------------------------------------------------------- deployment
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+class _PortTaken(AssertionError):
+    """The port free_port() chose was taken before the process bound it."""
 
 
 class Loopback:
@@ -582,24 +581,12 @@ class Loopback:
         self.bin_dir = Path(sys.executable).parent  # the SuperLink starts flower-superexec from PATH
         self.env = {**env, "FLWR_HOME": str(home), "PATH": f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"}
         self.procs: list[subprocess.Popen] = []
-        link_log = tmp_path / "superlink.log"  # each start appends to it
-        for attempt in range(1, 4):  # free_port()'s port may be taken before the SuperLink binds it: another
-            self.port = free_port()  # port then, as the engine's test server does
-            (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                              f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.cert}"\n')
-            link, _ = self.start(["flower-superlink", "--port", str(self.port), "--ssl-ca-certfile",
-                                  str(self.cert), "--ssl-certfile", str(self.cert), "--ssl-keyfile", str(key),
-                                  "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                                  "--database", str(tmp_path / f"superlink-{attempt}.db")], "superlink")
-            try:  # uvicorn says so once it holds the port (a port merely answering may be another program's)
-                wait_until(lambda: "Uvicorn running on https://127.0.0.1" in link_log.read_text(),
-                           f"the SuperLink listening on port {self.port}", 60, link, every=0.2,
-                           detail=lambda: link_log.read_text()[-3000:])
-                break
-            except AssertionError:
-                if attempt == 3 or "address already in use" not in link_log.read_text():
-                    raise
-        assert _listening(self.port)
+        _, self.port = self.start_on_a_free_port("superlink", lambda port: [
+            "flower-superlink", "--port", str(port), "--ssl-ca-certfile", str(self.cert), "--ssl-certfile",
+            str(self.cert), "--ssl-keyfile", str(key), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation", "--database", str(tmp_path / "superlink.db")])
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                          f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.cert}"\n')
 
     def start(self, args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
         """A process in a session of its own (so it is killed with its children), its output in ``name``.log."""
@@ -609,6 +596,34 @@ class Loopback:
                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp_path, start_new_session=True)
         self.procs.append(proc)
         return proc, log
+
+    def start_on_a_free_port(self, name: str, args: Callable[[int], list[str]]) -> tuple[subprocess.Popen, int]:
+        """``start(args(port), name)`` on a free port, once the process holds it. free_port()'s port is free when
+        chosen, not when the process binds it seconds later: taken meanwhile, the process exits, and this
+        starts it again on another port (as the engine's test server does)."""
+        for _ in range(2):
+            try:
+                return self._holding_its_port(name, args)
+            except _PortTaken:
+                pass
+        return self._holding_its_port(name, args)
+
+    def _holding_its_port(self, name: str, args: Callable[[int], list[str]]) -> tuple[subprocess.Popen, int]:
+        log, port = self.tmp_path / f"{name}.log", free_port()
+        started = log.stat().st_size if log.exists() else 0  # a process started again appends to its log
+
+        def said() -> bytes:
+            return log.read_bytes()[started:]
+
+        proc, _ = self.start(args(port), name)
+        try:  # uvicorn says so once it has bound the port (a port that merely answers may be another program's)
+            wait_until(lambda: b"Uvicorn running on" in said(), f"{name} holding port {port}", 60, proc,
+                       every=0.2, detail=lambda: said()[-3000:].decode(errors="replace"))
+        except AssertionError:
+            if b"address already in use" in said():
+                raise _PortTaken(port) from None
+            raise
+        return proc, port
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.bin_dir / "flwr"), *args], env=self.env, cwd=self.tmp_path,
@@ -624,9 +639,11 @@ class Loopback:
         return self.keys / name
 
     def supernode(self, name: str, node_config: str, *extra: str) -> tuple[subprocess.Popen, Path]:
-        return self.start(["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
-                           str(self.cert), "--auth-supernode-private-key", str(self.keys / name),
-                           "--port", str(free_port()), *extra, "--node-config", node_config], name)
+        node, _ = self.start_on_a_free_port(name, lambda port: [
+            "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.cert),
+            "--auth-supernode-private-key", str(self.keys / name), "--port", str(port), *extra,
+            "--node-config", node_config])
+        return node, self.tmp_path / f"{name}.log"
 
     def close(self) -> None:
         for proc in self.procs:
