@@ -39,7 +39,7 @@ $(FLOWER_STAMP): pyproject.toml Makefile
 	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
 	$(FPIP) install --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(FPIP) install $(TORCH) 2>&1 | grep -v "is ignored" || true
-	$(FPIP) install -e ".[flower]" "$(FLWR)" "pytest>=8" "pytest-xdist>=3" 2>&1 | grep -v "is ignored" || true
+	$(FPIP) install -e ".[flower]" "$(FLWR)" "pytest>=8" "pytest-xdist>=3" "pytest-timeout>=2.2" 2>&1 | grep -v "is ignored" || true
 	$(FLOWER_VENV)/bin/python -c "import flwr, torch, fedmix_engine.federation.flower.app; print('flwr', flwr.__version__)"
 	touch $(FLOWER_STAMP)
 

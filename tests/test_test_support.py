@@ -1,5 +1,5 @@
-"""The suite's own support: its one waiting loop (what it returns, that it fails soon and says why), and the
-failure a widget test gives where there is no screen."""
+"""The suite's own support: its one waiting loop (what it returns, that it fails soon and says why), the
+failure a widget test gives where there is no screen, and the limit that turns a hung test into a failure."""
 
 from __future__ import annotations
 
@@ -54,3 +54,32 @@ def test_a_widget_test_without_a_screen_fails_saying_what_to_install() -> None:
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 passed, 1 error" in done.stdout and "Fatal Python error" not in done.stderr, done.stdout[-3000:]
     assert "there is no screen" in done.stdout and "the apt-get line in .ci/run" in done.stdout
+
+
+HUNG_TEST = """
+import threading
+
+import pytest
+
+
+@pytest.mark.timeout(3, func_only=True)  # the test, not napari's fixtures (seconds on a busy machine)
+def test_waits_for_what_never_comes():
+    threading.Event().wait()  # a lost reply: without a limit, the run stalls until CI kills it, saying nothing
+"""
+
+
+def test_a_hung_test_fails_with_its_stack_and_every_test_has_a_limit(tmp_path: Path, pytestconfig) -> None:
+    """A deadlock or a lost reply would stall the whole run until CI's 90 minutes were up, with no result and
+    no hint. pytest-timeout (signal method) fails the hung test instead, with the stack where it waited; the
+    suite's config gives every test a limit."""
+    assert float(pytestconfig.getini("timeout")) > 0, "pyproject.toml's [tool.pytest.ini_options] timeout"
+    (tmp_path / "test_hung.py").write_text(HUNG_TEST)
+    root = Path(__file__).resolve().parents[1]
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xvfb", "-n", "0",
+                           "-c", str(root / "pyproject.toml"), "--rootdir", str(tmp_path), "test_hung.py"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Failed: Timeout (>3.0s) from pytest-timeout" in done.stdout, done.stdout[-3000:]
+    assert "threading.Event().wait()" in done.stdout, "the stack shows where it waited"
+    assert time.monotonic() - started < 90
