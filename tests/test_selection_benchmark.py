@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.evaluation import EvalSet
 from model_helpers import no_lesion_checkpoint
 
@@ -29,27 +30,32 @@ def _table(stdout: str) -> dict[str, list[float]]:
 
 
 def test_three_views_of_the_same_runs_and_only_those_runs(tmp_path: Path, selection) -> None:
-    quality = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--settings", "a", "--methods",
+    """On quality.py's runs of a small federation (--federation: the run folders of the CPU profile's synthetic
+    data, with 8 training and 10 + 10 held-out images per site where it has 32 and 50 + 50: half the time)."""
+    fed, work = tmp_path / "fed", tmp_path / "work"
+    # A masks, B boxes, C tags; lesion-free images in every test split, for the last check
+    make_sample(fed, sites=3, images=8, eval_images=10, size=64, seed=0, lesion_free=0.3)
+    quality = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--federation", str(fed), "--methods",
                               ",".join(METHODS), "--seeds", "2", "--rounds", "2", "--jobs", "1", "--no-write",
-                              "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                              "--workdir", str(work)], capture_output=True, text=True, timeout=600)
     assert quality.returncode == 0, quality.stdout + quality.stderr
     # the final round's model scored as the table's chosen one was: made the same model here, it must score the same
-    chosen = tmp_path / "run-a-1-fedmix"
+    chosen = work / "run-data-1-fedmix"
     shutil.copyfile(chosen / "best.safetensors", chosen / "final.safetensors")
     # another variant's folder (quality.py --loss dice+bce) is not one of these runs
-    shutil.copytree(tmp_path / "run-a-0-fedmix", tmp_path / "run-a-0-fedmix-dicebce")
-    (tmp_path / "run-a-0-fedmix-dicebce" / "summary.json").write_text(json.dumps(
-        {**json.loads((tmp_path / "run-a-0-fedmix" / "summary.json").read_text()),
+    shutil.copytree(work / "run-data-0-fedmix", work / "run-data-0-fedmix-dicebce")
+    (work / "run-data-0-fedmix-dicebce" / "summary.json").write_text(json.dumps(
+        {**json.loads((work / "run-data-0-fedmix" / "summary.json").read_text()),
          "test_dice": dict.fromkeys(SITES, 0.0)}))
 
-    run = subprocess.run([sys.executable, str(BENCHMARKS / "selection.py"), "--workdir", str(tmp_path), "--last", "2",
-                          "--no-write"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "selection.py"), "--workdir", str(work), "--setting", "data",
+                          "--last", "2", "--no-write"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = _table(run.stdout)
     assert list(rows) == ["chosen round (test)", "final round 2 (test)", "last 2 rounds (validation)"], run.stdout
 
     def overall(view: str, method: str, seed: int) -> float:
-        folder = tmp_path / f"run-a-{seed}-{method}"
+        folder = work / f"run-data-{seed}-{method}"
         if view == "chosen":
             return 100 * np.mean(list(json.loads((folder / "summary.json").read_text())["test_dice"].values()))
         rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -72,15 +78,15 @@ def test_three_views_of_the_same_runs_and_only_those_runs(tmp_path: Path, select
     final = selection.run_views(chosen, last=2)["final"]
     assert all(abs(final[site] - table[site]) < 1e-4 for site in SITES), (final, table)
     # ... and reads final.safetensors, not best: a final model that finds no lesion scores the lesion-free share
-    silent = tmp_path / "run-a-0-supervised-upper"
+    silent = work / "run-data-0-supervised-upper"
     no_lesion_checkpoint(silent / "final.safetensors", image_size=64)
     final = selection.run_views(silent, last=2)["final"]
     for site in SITES:
-        truths = EvalSet.from_store(tmp_path / "data-a-0-64-eval50" / "eval" / site / "test", 64, 1, 1).truths
+        truths = EvalSet.from_store(fed / "eval" / site / "test", 64, 1, 1).truths
         assert 0 < final[site] == np.mean([not t.any() for t in truths]) < 1, (site, final[site])
 
-    missing = subprocess.run([sys.executable, str(BENCHMARKS / "selection.py"), "--workdir", str(tmp_path),
-                              "--methods", "fedavg-mask-only,fedmix-fixed", "--no-write"],
+    missing = subprocess.run([sys.executable, str(BENCHMARKS / "selection.py"), "--workdir", str(work),
+                              "--setting", "data", "--methods", "fedavg-mask-only,fedmix-fixed", "--no-write"],
                              capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0
-    assert "setting a lacks finished runs of fedmix-fixed seed 0, fedmix-fixed seed 1" in missing.stderr
+    assert "setting data lacks finished runs of fedmix-fixed seed 0, fedmix-fixed seed 1" in missing.stderr
