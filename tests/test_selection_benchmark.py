@@ -90,3 +90,20 @@ def test_three_views_of_the_same_runs_and_only_those_runs(tmp_path: Path, select
                              capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0
     assert "setting data lacks finished runs of fedmix-fixed seed 0, fedmix-fixed seed 1" in missing.stderr
+
+
+def test_a_view_row_gives_the_share_of_a_real_gap_and_none_of_a_gap_within_noise(selection) -> None:
+    """The share cell with a gap beyond noise (the runs above, at 2 rounds, have none): upper 20 points above
+    mask-only at every seed (±1), FedMix 5; per site and per seed in the note."""
+    def views(upper: list[float]) -> dict:
+        base = [0.50, 0.60, 0.55]
+        dice = {"fedavg-mask-only": base, "supervised-upper": [b + u for b, u in zip(base, upper, strict=True)],
+                "fedmix": [b + 0.05 for b in base]}
+        return {(m, seed): {"final": {"site-a": d[seed], "site-b": d[seed]}} for m, d in dice.items()
+                for seed in range(3)}
+
+    row, note = selection.view_rows(views([0.19, 0.20, 0.21]), METHODS, "final", "final round 9 (test)")
+    assert row == "| final round 9 (test) | 75.0 ± 4.5 | 60.0 ± 4.1 | 55.0 ± 4.1 | +20.0 ± 0.6 | +5.0 ± 0.0 | 25 % |"
+    assert "site-a supervised-upper +20.0, fedmix +5.0" in note and "fedmix +5.0, +5.0, +5.0" in note
+    noisy, _ = selection.view_rows(views([0.30, -0.10, 0.10]), METHODS, "final", "final round 9 (test)")
+    assert noisy.endswith("| +10.0 ± 11.5 | +5.0 ± 0.0 | — |"), noisy
