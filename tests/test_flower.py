@@ -588,9 +588,13 @@ class Loopback:
         (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
                                           f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.cert}"\n')
 
+    def log(self, name: str) -> Path:
+        """Where the process started as ``name`` writes (every start of it appends)."""
+        return self.tmp_path / f"{name}.log"
+
     def start(self, args: list[str], name: str) -> tuple[subprocess.Popen, Path]:
         """A process in a session of its own (so it is killed with its children), its output in ``name``.log."""
-        log = self.tmp_path / f"{name}.log"
+        log = self.log(name)
         with open(log, "ab") as handle:  # the child keeps its own descriptor; a restart appends
             proc = subprocess.Popen([str(self.bin_dir / args[0]), *args[1:]], stdout=handle,
                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp_path, start_new_session=True)
@@ -609,7 +613,7 @@ class Loopback:
         return self._holding_its_port(name, args)
 
     def _holding_its_port(self, name: str, args: Callable[[int], list[str]]) -> tuple[subprocess.Popen, int]:
-        log, port = self.tmp_path / f"{name}.log", free_port()
+        log, port = self.log(name), free_port()
         started = log.stat().st_size if log.exists() else 0  # a process started again appends to its log
 
         def said() -> bytes:
@@ -643,7 +647,7 @@ class Loopback:
             "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.cert),
             "--auth-supernode-private-key", str(self.keys / name), "--port", str(port), *extra,
             "--node-config", node_config])
-        return node, self.tmp_path / f"{name}.log"
+        return node, self.log(name)
 
     def close(self) -> None:
         for proc in self.procs:
