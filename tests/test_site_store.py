@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -276,38 +278,30 @@ def test_written_files_get_the_umask_like_a_plain_open_and_a_replaced_file_keeps
 
 
 def _read_without_write_access(root: Path) -> str:
-    """Open ``root`` read-only as a user who cannot write to it: nobody (forked, when we are root) or us
-    with the folder made read-only. Returns 'ok <images>' or the error."""
-    def read() -> str:
-        try:
-            with SiteStore.open(root, readonly=True) as store:
-                return f"ok {len(store.records())}"
-        except Exception as exc:  # the message is the result
-            return f"{type(exc).__name__}: {exc}"
-
+    """Open ``root`` read-only as a user who cannot write to it: nobody (a child process that imports what it
+    needs as root, then drops to nobody, so nobody need not read the interpreter or the source tree, and this
+    threaded process is not forked) or us with the folder made read-only. Returns 'ok <images>' or the error."""
     if os.geteuid() != 0:
         root.chmod(0o555)
         try:
-            return read()
+            return _read_readonly(root)
         finally:
             root.chmod(0o755)
-    readable, writable = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.close(readable)
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            message = read()
-        except BaseException as exc:  # the parent reads why
-            message = f"child: {exc}"
-        os.write(writable, message.encode())
-        os._exit(0)
-    os.close(writable)
-    with os.fdopen(readable, "rb") as pipe:
-        message = pipe.read().decode()
-    os.waitpid(pid, 0)
-    return message
+    as_nobody = ("import os, sys; from pathlib import Path; from test_site_store import _read_readonly; "
+                 "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+                 "sys.stdout.write(_read_readonly(Path(sys.argv[1])))")
+    child = subprocess.run([sys.executable, "-c", as_nobody, str(root)], capture_output=True, text=True,
+                           timeout=120, cwd=Path(__file__).parent)
+    assert child.returncode == 0, child.stderr
+    return child.stdout
+
+
+def _read_readonly(root: Path) -> str:
+    try:
+        with SiteStore.open(root, readonly=True) as store:
+            return f"ok {len(store.records())}"
+    except Exception as exc:  # the message is the result
+        return f"{type(exc).__name__}: {exc}"
 
 
 @pytest.fixture()
