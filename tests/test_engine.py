@@ -1493,8 +1493,13 @@ def test_batch_predict_writes_a_mask_stack_for_a_multi_page_tiff_or_a_cine_loop(
     tifffile.imwrite(folder / "loop.tif", loop)
     tifffile.imwrite(folder / "colour-loop.tif", rng.integers(0, 255, (3, 40, 48, 3), dtype=np.uint8),
                      photometric="rgb")
-    tifffile.imwrite(folder / "planar.tif", rng.integers(0, 255, (3, 40, 48), dtype=np.uint8), photometric="rgb",
+    planar = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)  # RGB stored as planes: read as colour
+    tifffile.imwrite(folder / "planar.tif", np.moveaxis(planar, -1, 0), photometric="rgb", planarconfig="separate")
+    planar_loop = rng.integers(0, 255, (3, 40, 48, 3), dtype=np.uint8)
+    tifffile.imwrite(folder / "planar-loop.tif", np.moveaxis(planar_loop, -1, 1), photometric="rgb",
                      planarconfig="separate")
+    tifffile.imwrite(folder / "planes.tif", rng.integers(0, 255, (3, 40, 48), dtype=np.uint8),
+                     photometric="minisblack", planarconfig="separate", extrasamples=["unspecified"] * 2)
     tifffile.imwrite(folder / "two.tif", rng.integers(0, 255, (40, 48, 2), dtype=np.uint8))
     shutil.copy(get_testdata_file("examples_ybr_color.dcm"), folder / "cine.dcm")  # 30-frame ultrasound loop
     frames: list[tuple[str, int, int]] = []
@@ -1511,7 +1516,14 @@ def test_batch_predict_writes_a_mask_stack_for_a_multi_page_tiff_or_a_cine_loop(
     assert tifffile.imread(out / "colour-loop_mask.tif").shape == (3, 40, 48)
     assert (rows["cine.dcm"].frames, rows["cine.dcm"].height, rows["cine.dcm"].width) == (30, 240, 320)
     assert tifffile.imread(out / "cine_mask.tif").shape == (30, 240, 320)
-    assert rows["planar.tif"].status.startswith("skipped: channels-first colour image")
+    assert (rows["planar.tif"].status, rows["planar.tif"].frames) == ("ok", 1)
+    np.testing.assert_array_equal(tifffile.imread(out / "planar_mask.tif"), predictor.mask(planar))
+    assert [f for f in frames if f[0] == "planar-loop.tif"][-1] == ("planar-loop.tif", 3, 3), "read a page at a time"
+    loop_masks = tifffile.imread(out / "planar-loop_mask.tif")
+    assert loop_masks.shape == (3, 40, 48)
+    np.testing.assert_array_equal(loop_masks[2], predictor.mask(planar_loop[2]))
+    # planes the file does not call R, G, B may be anything: refused, not taken for colour or for frames
+    assert rows["planes.tif"].status.startswith("skipped: channels-first colour image")
     assert rows["two.tif"].status.startswith("skipped: two-channel image")
     with open(out / "summary.csv", newline="") as handle:
         summary = {row["file"]: row for row in csv.DictReader(handle)}

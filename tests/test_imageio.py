@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from fedmix_engine.data.imageio import holds_colour, normalise_image, read_image, validate_mask
+from fedmix_engine.data.imageio import holds_colour, normalise_image, read_image, tiff_stack, validate_mask
 from fedmix_engine.errors import InputError
 
 
@@ -200,6 +200,25 @@ def test_singleton_axes_and_grey_alpha_are_one_2d_image(tmp_path: Path, rng: np.
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((2, 1, 32, 32), np.uint8), photometric="minisblack")
     with pytest.raises(InputError, match=r"two\.tif: 4-D array \(2×1×32×32\)"):
         read_image(tmp_path / "two.tif")
+
+
+def test_an_rgb_tiff_stored_as_planes_is_read_as_colour(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Photoshop's 'Per Channel' TIFFs and some scanners' store R, G and B as planes (PlanarConfiguration 2),
+    which tifffile reads as 3×H×W: the file says they are colour, so the image is the same as stored per pixel.
+    Planes the file does not call R, G, B are still refused, naming the file."""
+    colour = rng.integers(0, 256, size=(32, 40, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "planes.tif", np.moveaxis(colour, -1, 0), photometric="rgb", planarconfig="separate")
+    assert tifffile.imread(tmp_path / "planes.tif").shape == (3, 32, 40)
+    np.testing.assert_array_equal(read_image(tmp_path / "planes.tif"), colour)
+    loop = rng.integers(0, 256, size=(4, 32, 40, 3), dtype=np.uint8)  # a colour cine loop, each page as planes
+    tifffile.imwrite(tmp_path / "loop.tif", np.moveaxis(loop, -1, 1), photometric="rgb", planarconfig="separate")
+    stack = tiff_stack(tmp_path / "loop.tif")  # prediction reads it a page at a time, each page as H×W×3
+    assert stack is not None and len(stack) == 4
+    np.testing.assert_array_equal(np.stack(list(stack)), loop)
+    tifffile.imwrite(tmp_path / "grey-planes.tif", np.moveaxis(colour, -1, 0), photometric="minisblack",
+                     planarconfig="separate", extrasamples=["unspecified"] * 2)
+    with pytest.raises(InputError, match=r"grey-planes\.tif: channels-first colour image \(3, 32, 40\)"):
+        read_image(tmp_path / "grey-planes.tif")
 
 
 def test_mask_with_a_singleton_axis_is_accepted(lesion_mask: np.ndarray) -> None:

@@ -2,7 +2,8 @@
 
 Accepted: TIFF (tifffile), PNG/JPEG/BMP (imageio), DICOM (pydicom, see :mod:`.dicom`: as a viewer
 shows it); 8- or 16-bit integers or floats; grey
-(H×W, or a grey PNG's H×W×2 with alpha dropped) or colour (H×W×3, H×W×4 with alpha dropped).
+(H×W, or a grey PNG's H×W×2 with alpha dropped) or colour (H×W×3, H×W×4 with alpha dropped; an RGB
+TIFF stored as planes, 3×H×W, is read as H×W×3 since the file says what its planes are).
 Axes of length 1 are dropped first: ImageJ and NumPy often save one 2-D image as 1×H×W or H×W×1.
 Refused with an :class:`InputError` naming the file: unreadable or corrupt files, 3-D stacks,
 two-channel TIFFs, empty images, non-finite floats, images of more than :data:`MAX_PIXELS` (told from
@@ -102,7 +103,7 @@ def read_array(path: str | Path) -> np.ndarray:
 
 def _read_stored(path: Path) -> tuple[np.ndarray, str]:
     """A non-DICOM image file as stored, and its axes: tifffile's for a TIFF (YX, YXS for colour
-    samples, SYX channels first, TYX, …), else YX or YXS by the shape."""
+    samples, a planar RGB page's too; SYX other channels first, TYX, …), else YX or YXS by the shape."""
     if not path.is_file():
         raise InputError(path, "file not found")
     suffix = path.suffix.lower()
@@ -120,6 +121,8 @@ def _read_stored(path: Path) -> tuple[np.ndarray, str]:
                 if "Y" in series.axes and "X" in series.axes:  # before decoding: a slide scanner's gigapixels
                     check_size(path, series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")])
                 array, axes = series.asarray(), series.axes
+                if _planar_colour(series.keyframe):
+                    array, axes = np.moveaxis(array, -3, -1), axes[:-3] + "YXS"
         else:
             import imageio.v3 as iio
             from PIL import Image
@@ -143,6 +146,15 @@ def _read_stored(path: Path) -> tuple[np.ndarray, str]:
     if array.size == 0:
         raise InputError(path, "unreadable or corrupt image file (no pixel data)")
     return array, axes
+
+
+def _planar_colour(page) -> bool:
+    """A TIFF page that stores its colour as planes (PlanarConfiguration 2: Photoshop's 'Per Channel', some
+    scanners), which tifffile reads samples first (SYX). The file says they are R, G, B, so they are moved
+    last like any colour image's, not refused as an array that might be three grey frames."""
+    import tifffile
+
+    return page.photometric == tifffile.PHOTOMETRIC.RGB and page.axes.endswith("SYX")
 
 
 # how each format's files begin: a file that begins otherwise is not that format, whatever its suffix says
@@ -237,6 +249,7 @@ class TiffStack:
 
     path: Path
     leading: tuple[int, ...]  # the stack's axes before a page's (T, Z, …), to name a frame as napari does
+    planar: bool = False  # RGB pages stored as planes: each page's samples are moved last (``_planar_colour``)
 
     def __len__(self) -> int:
         return int(np.prod(self.leading))
@@ -248,7 +261,8 @@ class TiffStack:
         try:
             with tifffile.TiffFile(self.path) as tiff:
                 for page in tiff.series[0].pages:
-                    yield page.asarray()
+                    pixels = page.asarray()
+                    yield np.moveaxis(pixels, 0, -1) if self.planar else pixels
                     done += 1
         except Exception as exc:  # tifffile raises many types for a damaged page
             raise InputError(self.path, f"page {done} unreadable ({type(exc).__name__}: {exc})") from exc
@@ -256,8 +270,8 @@ class TiffStack:
 
 def tiff_stack(path: str | Path) -> TiffStack | None:
     """The TIFF as a :class:`TiffStack` when each of its pages is a whole 2-D frame (grey, or colour
-    samples per pixel) and there are several; None otherwise (one page, planar colour, not a TIFF, not
-    readable: :func:`read_frames` then reads it, or names what is wrong)."""
+    samples per pixel or as RGB planes) and there are several; None otherwise (one page, other channels
+    first, not a TIFF, not readable: :func:`read_frames` then reads it, or names what is wrong)."""
     path = Path(path)
     if path.suffix.lower() not in (".tif", ".tiff"):
         return None
@@ -268,11 +282,13 @@ def tiff_stack(path: str | Path) -> TiffStack | None:
             series = tiff.series[0]
             page, pages = series.keyframe, len(series.pages)
             leading = tuple(n for n in series.shape[:len(series.shape) - len(page.shape)] if n > 1)
+            planar = _planar_colour(page)
     except Exception:
         return None
-    if pages < 2 or page.axes not in ("YX", "YXS") or min(page.shape[:2]) < 8 or int(np.prod(leading)) != pages:
+    frame = page.shape[1:] if planar else page.shape[:2]
+    if pages < 2 or not (planar or page.axes in ("YX", "YXS")) or min(frame) < 8 or int(np.prod(leading)) != pages:
         return None
-    return TiffStack(path, leading)
+    return TiffStack(path, leading, planar)
 
 
 def read_frames(path: str | Path) -> tuple[np.ndarray, bool]:
