@@ -781,6 +781,7 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
     assert main(["evaluate", str(model), str(test), "--out", str(tmp_path / "scores.csv"), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert f"(classes averaged per image, as simulate reports): {mean_image_dice(rows):.3f}" in out
+    assert f"{test}: {len(rows)} image(s) with full ground truth; Dice" in out  # none left out: no note
     with open(tmp_path / "scores.csv", newline="") as handle:
         written = list(csv.DictReader(handle))
     assert [(w["image"], float(w["dice"])) for w in written] == [(r.image, round(r.dice, 4)) for r in rows]
@@ -790,9 +791,16 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
 
     site = shutil.copytree(test, tmp_path / "site")
     save_checkpoint(site / "models" / "global.safetensors", init_pair(TINY, 3), TINY, {"image_size": 32})
+    with SiteStore.open(site) as store:  # and images it cannot score: how many is said, not left to guess
+        store.add_image(np.zeros((40, 48), np.uint8), "boxed")
+        store.add_box("boxed", "lesion", 5, 5, 20, 20)
+        store.add_image(np.zeros((40, 48), np.uint8), "unlabelled")
     assert main(["evaluate", str(site), str(site), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
     assert (f"note: {site}: the model is this site's own (global.safetensors in its folder), trained on these "
-            "images: these scores flatter it") in capsys.readouterr().err
+            "images: these scores flatter it") in captured.err
+    assert (f"{site}: {len(rows)} image(s) with full ground truth (2 of its {len(rows) + 2} images left out: a "
+            "box, a tag of a present class or no label gives no mask to score against); Dice") in captured.out
 
     # a site is scored a few images at a time (its memory does not grow with it), with the same rows
     import fedmix_engine.evaluation as evaluation

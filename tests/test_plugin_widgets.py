@@ -2421,6 +2421,8 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
             mask = np.zeros((40, 48), np.uint8)
             mask[5 + k:20, 8:30 - k] = 1
             store.set_mask(f"img{k}", mask)
+        store.add_image(np.zeros((40, 48), np.uint8), "boxed")  # no mask to score against: left out, and said
+        store.add_box("boxed", "lesion", 5, 5, 20, 20)
     model = all_lesion_checkpoint(tmp_path / "m.safetensors")  # HD95 defined on every image
     import napari_fedmix.settings
 
@@ -2447,7 +2449,8 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     assert cells == ["4", "4", f"{expected.dice_mean:.3f} ± {expected.dice_std:.3f}", f"{expected.iou_mean:.3f}",
                      f"{expected.hd95_median:.1f}", f"{expected.hd95_mm_median:.2f}"]
     assert widget.table.verticalHeaderItem(1).text() == "with the class"  # a cyst column's count is of cysts
-    assert "4 image(s) with full ground truth; mean Dice over images" in widget.status.text()
+    assert ("4 image(s) with full ground truth (1 of its 5 images left out: a box, a tag of a present class or no "
+            "label gives no mask to score against); mean Dice over images") in widget.status.text()
     assert "(as simulate and Train report)" in widget.status.text() and widget.threshold.value() == 0.5
     assert "HD95 in mm from 2 of 4 images" in widget.status.text() and "m.safetensors (" in widget.status.text()
     assert (tmp_path / "scores.csv").read_text().count("\n") == 5 and widget.progress.value() == 4

@@ -141,7 +141,14 @@ def _model_file(path: Path) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedmix_engine.evaluation import mean_image_dice, own_model_note, score_site, summarise, write_scores
+    from fedmix_engine.evaluation import (
+        left_out_note,
+        mean_image_dice,
+        own_model_note,
+        score_site,
+        summarise,
+        write_scores,
+    )
     from fedmix_engine.predict import Predictor, check_threshold
 
     check_threshold(args.threshold)
@@ -158,9 +165,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = summarise(rows)
     in_mm = any(c.with_spacing for c in summary)
     cut = f"; masks at probability > {args.threshold:g}" if args.threshold != 0.5 else ""
-    print(f"{args.site}: {len({r.image for r in rows})} image(s) with full ground truth{cut}; Dice and IoU per image "
-          "(both empty: 1), HD95 in pixels of the image" + (" and in mm where it has a pixel spacing" if in_mm else
-                                                             " (no image has a pixel spacing for mm)"))
+    images = len({r.image for r in rows})
+    left_out = f" ({left})" if (left := left_out_note(args.site, images)) else ""
+    spacing_note = " and in mm where it has a pixel spacing" if in_mm else " (no image has a pixel spacing for mm)"
+    print(f"{args.site}: {images} image(s) with full ground truth{left_out}{cut}; Dice and IoU "
+          f"per image (both empty: 1), HD95 in pixels of the image{spacing_note}")
     print(f"{'class':<16} {'images':>6} {'present':>7}  {'Dice mean ± std':<16} {'IoU':>5}  {'HD95 px':>7}"
           + (f"  {'HD95 mm':>7}" if in_mm else "") + "  (medians)")
     for c in summary:

@@ -92,6 +92,18 @@ def full_truth_records(store: SiteStore) -> list[ImageRecord]:
     return [rec for rec in store.records() if rec.has_mask or (set(rec.tags) == classes and not any(rec.tags.values()))]
 
 
+def left_out_note(site: str | Path, scored: int) -> str | None:
+    """How many of a site's images its scores (of ``scored`` images) leave out, when some: scores of 2 images
+    of a site of 8 say so, rather than leave their reader to guess why (a box, a tag of a present class or no
+    label at all gives no mask to score a prediction against)."""
+    with SiteStore.open(site, readonly=True) as store:
+        total = len(store)
+    if scored >= total:
+        return None
+    return (f"{total - scored} of its {total} images left out: a box, a tag of a present class or no label "
+            "gives no mask to score against")
+
+
 def _check_fits(store: SiteStore, path: str | Path, num_classes: int, channels: int) -> None:
     if len(store.config.classes) != num_classes:  # label_to_channels would drop or invent classes
         raise InputError(path, f"labelled for {len(store.config.classes)} class(es) "

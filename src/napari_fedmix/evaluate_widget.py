@@ -86,7 +86,7 @@ class EvaluateWidget(QWidget):
         """Score the model on the site in a worker; the table and status show the result. Bad input (no
         model, a site without full ground truth, classes in another order) is said in the status line."""
         from fedmix_engine.atomic import check_writable_file
-        from fedmix_engine.evaluation import iter_score_site, own_model_note
+        from fedmix_engine.evaluation import iter_score_site, left_out_note, own_model_note
         from fedmix_engine.predict import Predictor
 
         try:
@@ -102,11 +102,16 @@ class EvaluateWidget(QWidget):
         self.done = (0, 0)
         self.status.setText(f"evaluating {Path(model).name} on {site}…")
         threshold = round(self.threshold.value(), 2)
-        self.worker = make_worker(lambda: (yield from iter_score_site(predictor, site, threshold)),
-                                  on_error=self._on_error)
+
+        def scoring():  # in the worker: the site's records are read there too, not in the GUI thread
+            rows = yield from iter_score_site(predictor, site, threshold)
+            return rows, left_out_note(site, len({row.image for row in rows}))
+
+        self.worker = make_worker(scoring, on_error=self._on_error)
         self.worker.yielded.connect(self._on_image)
-        self.worker.returned.connect(lambda rows: self._show(rows, f"{Path(model).name} ({predictor.describe()})",
-                                                             scores, own_model_note(model, site), threshold))
+        self.worker.returned.connect(lambda result: self._show(
+            result[0], f"{Path(model).name} ({predictor.describe()})", scores, own_model_note(model, site), threshold,
+            result[1]))
         self.worker.aborted.connect(lambda: self.status.setText(
             f"stopped after {self.done[0]} of {self.done[1]} images: no scores (they would not be the site's)"))
         self.worker.finished.connect(self._finished)
@@ -133,9 +138,10 @@ class EvaluateWidget(QWidget):
         self.stop_button.setEnabled(False)
 
     def _show(self, rows: list, model: str, scores: Path | None, own: str | None = None,
-              threshold: float = 0.5) -> None:
+              threshold: float = 0.5, left_out: str | None = None) -> None:
         """The table and status; ``model`` names the checkpoint evaluated (the field may have changed since),
-        ``own`` notes that it is the scored site's own model, ``threshold`` where its masks were cut."""
+        ``own`` notes that it is the scored site's own model, ``threshold`` where its masks were cut,
+        ``left_out`` how many of the site's images had no full ground truth."""
         from fedmix_engine.evaluation import mean_image_dice, summarise, write_scores
 
         summary = summarise(rows)
@@ -152,7 +158,8 @@ class EvaluateWidget(QWidget):
                  else "no image has a pixel spacing: HD95 in pixels only")
         reported = ("as simulate and Train report" if threshold == 0.5
                     else f"masks at probability > {threshold:g}; simulate and Train report at 0.5")
-        notes = [f"{images} image(s) with full ground truth; mean Dice over images {mean_image_dice(rows):.3f} "
+        left = f" ({left_out})" if left_out else ""
+        notes = [f"{images} image(s) with full ground truth{left}; mean Dice over images {mean_image_dice(rows):.3f} "
                  f"({reported})", f"{in_mm}; undefined where one mask is empty", f"model: {model}"]
         if scores is not None:
             try:
