@@ -496,6 +496,19 @@ def test_join_check_finds_what_a_join_would_meet_without_taking_part(sample: Pat
         assert out[4:] == [f"writable: {site / 'models'}", "device: cpu (CPU requested)",
                            "check passed: the same command without --check takes part in the federation"], out
         assert server.status()["uploaded"] == [] and server.status()["last_round"] == 0, "it did not train"
+        # with --eval: how many held-out images each global model is scored on, and how many are left out
+        import shutil
+
+        held_out = shutil.copytree(sample / "eval" / "site-a" / "test", tmp_path / "held-out")
+        with SiteStore.open(held_out) as store:
+            labelled = len(store)
+            store.add_image(np.zeros((40, 48), np.uint8), "boxed")
+            store.add_box("boxed", "lesion", 5, 5, 20, 20)
+        assert main([*check, "--server", server.url, "--eval", str(held_out)]) == 0
+        assert capsys.readouterr().out.splitlines()[4] == (
+            f"held-out: {held_out} fits the model; each global model is scored there on its {labelled} fully labelled "
+            f"image(s) (1 of its {labelled + 1} images left out: a box, a tag of a present class or no label gives no "
+            "mask to score against)")
 
         (tmp_path / "site-a.token").write_text("fmx_" + "x" * 43)
         assert main([*check, "--server", server.url]) == 3

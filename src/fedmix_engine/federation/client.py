@@ -371,10 +371,19 @@ class FederationClient:
                 f"federation: {cfg['method']}, {cfg['rounds']} round{'s' if cfg['rounds'] != 1 else ''}; {where}",
                 f"site: {self.site_dir} fits the model ({counts['images']} images: {counts['mask']} with a mask, "
                 f"{counts['box']} with boxes, {counts['tag']} with tags){idle}",
-                *([f"held-out: {self.held_out} fits the model; each global model is scored there"]
-                  if self.held_out else []),
+                *([self._held_out_line()] if self.held_out else []),
                 f"writable: {self.models_dir}",
                 f"device: {self.plan.device} ({self.plan.note})"]
+
+    def _held_out_line(self) -> str:
+        """What ``--eval`` scores: the held-out folder's fully labelled images, and how many it leaves out."""
+        from fedmix_engine.evaluation import full_truth_records, left_out_note
+
+        with SiteStore.open(self.held_out, readonly=True) as store:
+            scored = len(full_truth_records(store))
+        left = left_out_note(self.held_out, scored)
+        return (f"held-out: {self.held_out} fits the model; each global model is scored there on its {scored} fully "
+                "labelled image(s)" + (f" ({left})" if left else ""))
 
     def _take_part(self) -> Iterator[JoinEvent]:
         cfg = self._json(f"/{API_VERSION}/config")
