@@ -128,6 +128,28 @@ def test_a_bad_setting_is_named_by_the_option_typed(tmp_path, capsys, command, g
     assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists(), "refused before anything is written"
 
 
+@pytest.mark.parametrize("argv, command, hint", [
+    (["make-sample", "out", "--images-per-site", "8"], "make-sample", "--images-per-site: did you mean --images?"),
+    (["site", "import", "site-a", "--maskz", "masks"], "site import", "--maskz: did you mean --masks?"),
+    (["simulate", "--roundz=3"], "simulate", "--roundz: did you mean --rounds?"),
+    (["simulate", "stray"], "simulate", None),
+])
+def test_an_unknown_argument_is_refused_by_its_command_with_the_nearest_option(tmp_path, capsys, monkeypatch,
+                                                                              argv, command, hint):
+    """argparse alone blamed 'fedmix-engine' with the overview's usage for a mistyped option of a command."""
+    from fedmix_engine.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: fedmix-engine {command} ")
+    assert f"fedmix-engine {command}: error: unrecognized arguments: " in err
+    assert (hint in err) if hint else ("did you mean" not in err)
+    assert list(tmp_path.iterdir()) == [], "refused before anything is written"
+
+
 def test_serve_offers_every_status_access_the_server_knows():
     from fedmix_engine.federation.server import STATUS_ACCESS
 

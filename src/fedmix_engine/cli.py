@@ -4,11 +4,13 @@ function, and prints; bad input exits with status 2 and a message naming the fil
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from fedmix_engine import __version__
 from fedmix_engine.errors import InputError
@@ -320,13 +322,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command that ran (``site import``'s, not ``fedmix-engine``'s)."""
+    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
+        parser = sub.choices[getattr(args, sub.dest)]
+    return parser
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> NoReturn:
+    """Unknown arguments refused by the command they were given to, with its usage and, for a mistyped
+    option, the nearest one it has; argparse alone blames ``fedmix-engine`` and shows the overview's usage."""
+    command = _command_parser(parser, args)
+    options = [s for action in command._actions for s in action.option_strings if s.startswith("--")]
+    hints = []
+    for extra in extras:
+        typed = extra.split("=", 1)[0]
+        if typed.startswith("-") and (near := difflib.get_close_matches(typed, options, n=1, cutoff=0.6)):
+            hints.append(f"{typed}: did you mean {near[0]}?")
+    command.error("unrecognized arguments: " + " ".join(extras) + "".join(f"\n  {h}" for h in hints))
+
+
 def _as_typed(exc: InputError, parser: argparse.ArgumentParser, args: argparse.Namespace) -> InputError:
     """A setting's error under the option the user typed (``--width``, not ``model.base_width``;
     ``--crop-size``, not ``crop_size``); any other error (a file, an option already) as it is."""
     from fedmix_engine.cli_federation import MODEL_OPTIONS, SERVER_OPTIONS, TRAIN_OPTIONS
 
-    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
-        parser = sub.choices[getattr(args, sub.dest)]  # down to the command that ran
+    parser = _command_parser(parser, args)
     options = {action.dest for action in parser._actions if action.option_strings}
     field = exc.where.removeprefix("model.").removeprefix("--").replace("-", "_")
     dest = dict((*SERVER_OPTIONS, *MODEL_OPTIONS, *TRAIN_OPTIONS)).get(field, field)
@@ -335,7 +356,9 @@ def _as_typed(exc: InputError, parser: argparse.ArgumentParser, args: argparse.N
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _refuse_unknown(parser, args, extras)
     # tifffile logs its own warning for a corrupt file ("invalid offset to first page"); the file is
     # already named and skipped or refused by our message, so on the command line it is noise
     logging.getLogger("tifffile").setLevel(logging.ERROR)
