@@ -801,6 +801,19 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
             "images: these scores flatter it") in captured.err
     assert (f"{site}: {len(rows)} image(s) with full ground truth (2 of its {len(rows) + 2} images left out: a "
             "box, a tag of a present class or no label gives no mask to score against); Dice") in captured.out
+    # a model that marks every pixel, on images without a lesion: HD95 is defined for none, written "—", not "nan"
+    with SiteStore.create(tmp_path / "negatives", ["lesion"]) as store:
+        for k in range(2):
+            store.add_image(np.zeros((32, 32), np.uint8), f"clear{k}")
+            store.set_tag(f"clear{k}", "lesion", False)
+    everywhere = init_pair(TINY, 3)
+    for net in ("net1", "net2"):
+        everywhere[f"{net}.outc.conv.bias"].fill_(30.0)
+    marking = save_checkpoint(tmp_path / "all.safetensors", everywhere, TINY, {"image_size": 32})
+    assert main(["evaluate", str(marking), str(tmp_path / "negatives"), "--device", "cpu"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("lesion "))
+    assert line.split() == ["lesion", "2", "0", "0.000", "±", "0.000", "0.000", "—", "(2", "undefined:", "one",
+                            "mask", "empty)"]
 
     # a site is scored a few images at a time (its memory does not grow with it), with the same rows
     import fedmix_engine.evaluation as evaluation

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -175,14 +176,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for c in summary:
         undefined = f"; {c.hd95_undefined} undefined: one mask empty" if c.hd95_undefined else ""
         partly = f"; mm from {c.with_spacing} of {c.images} images" if in_mm and c.with_spacing < c.images else ""
-        mm = f"  {c.hd95_mm_median:>7.2f}" if in_mm else ""
+        mm = f"  {_defined(c.hd95_mm_median, 2):>7}" if in_mm else ""
         print(f"{c.label:<16} {c.images:>6} {c.lesion_images:>7}  {c.dice_mean:.3f} ± {c.dice_std:.3f}    "
-              f"{c.iou_mean:.3f}  {c.hd95_median:>7.1f}{mm}" + (f"  ({(undefined + partly)[2:]})"
+              f"{c.iou_mean:.3f}  {_defined(c.hd95_median, 1):>7}{mm}" + (f"  ({(undefined + partly)[2:]})"
                                                                 if undefined or partly else ""))
     reported = "as simulate reports" if args.threshold == 0.5 else "simulate reports them at 0.5"
     print(f"mean Dice over images (classes averaged per image, {reported}): {mean_image_dice(rows):.3f}"
           + (f"; every image's metrics: {args.out}" if args.out else ""))
     return 0
+
+
+def _defined(value: float, digits: int) -> str:
+    """A median, or "—" where no image defines it (as the Evaluate panel writes it), not "nan"."""
+    return "—" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 SHOWN_PROBLEMS = 20  # images predict could not predict, listed one by one; the rest are counted
