@@ -1578,6 +1578,13 @@ def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_
     assert not (tmp_path / "typo").exists()
     assert main(["token", "list", "--state", str(state)]) == 0
     assert capsys.readouterr().out.startswith("site-a\tcreated ")
+    # 'status' between 'token add' and the first serve: the folder is not foreign, the federation not started
+    assert main(["token", "add", "site-b", "--state", str(state)]) == 0
+    assert main(["token", "revoke", "site-b", "--state", str(state)]) == 0
+    capsys.readouterr()
+    assert main(["status", "--state", str(state)]) == 2
+    assert capsys.readouterr().err == (f"error: {state}: no federation here yet (tokens of 1 site(s): site-a): "
+                                       f"'fedmix-engine serve --state {state}' starts it\n")
 
     (tmp_path / "a-file").write_text("keep me")
     for argv in (["token", "add", "site-b"], ["serve"]):

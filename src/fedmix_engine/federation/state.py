@@ -756,6 +756,11 @@ def read_status(root: str | Path, now: float | None = None) -> dict[str, Any]:
     root = Path(root)
     config = load_server_config(root / CONFIG_FILE) if (root / CONFIG_FILE).is_file() else None
     if config is None or not (root / "rounds").is_dir():
+        if config is None and (root / TOKENS_FILE).is_file():  # 'token add' made the folder; serve has not run
+            sites = sorted(site for site, entry in (_token_sites(TokenStore(root)) or {}).items()
+                           if not entry.get("revoked"))
+            held = f" (tokens of {len(sites)} site(s): {first_names(sites, 4)})" if sites else ""
+            raise InputError(root, f"no federation here yet{held}: 'fedmix-engine serve --state {root}' starts it")
         raise InputError(root, "not a server state directory (no server.json or rounds/)")
     completed = completed_rounds(root)
     last = completed[-1]
