@@ -1088,6 +1088,17 @@ def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the
                               "summary.csv lists them"]
     assert printed[-1].startswith("note: 2 of 2 mask(s) cover"), "the untrained pair's masks: the note comes last"
 
+    # images at the top and in sub-folders: without --recursive only the top is predicted, and that is said (not
+    # of the output folder inside, an earlier batch's output, or a hidden folder)
+    iio.imwrite(export / "top.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    assert main(["predict", str(checkpoint), str(export), str(tmp_path / "flat"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"predicted 1 image(s) into {tmp_path / 'flat'} (summary.csv, prediction.json)"
+    assert printed[1] == ("note: 2 sub-folder(s) hold images this batch did not read (p01, p02): --recursive (in "
+                          "napari: include sub-folders) predicts them too")
+    assert main(["predict", str(checkpoint), str(export), str(tmp_path / "all"), "-r", "--device", "cpu"]) == 1
+    assert "sub-folder(s)" not in capsys.readouterr().out
+
 
 def test_a_stopped_batch_is_continued_keeping_the_masks_it_wrote_and_only_those(tmp_path: Path) -> None:
     """An interrupted overnight batch started again from its first image. Continuing keeps the masks the

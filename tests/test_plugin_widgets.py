@@ -2238,6 +2238,17 @@ def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(mak
     assert widget.status.text().startswith(f"2 mask(s) written to {tmp_path / 'out'} (2 kept from the earlier "
                                            "batch) (summary.csv); 0 skipped; 1 other file(s) not images. Note: 2 of "
                                            "2 mask(s) cover"), widget.status.text()  # the kept masks are read too
+    # an image at the top as well: without include sub-folders only it is predicted, and the panel says so
+    tifffile.imwrite(export / "top.tif", np.zeros((40, 48), np.uint8))
+    widget.resume.setChecked(False)
+    widget.recursive.setChecked(False)
+    widget.output.setText(str(tmp_path / "flat"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text().startswith(
+        f"1 mask(s) written to {tmp_path / 'flat'} (summary.csv); 0 skipped. Note: 2 sub-folder(s) hold images this "
+        "batch did not read (p01, p02): --recursive (in napari: include sub-folders) predicts them too. Note: 1 of 1"
+    ), widget.status.text()
 
 
 def test_predict_widgets_start_with_the_model_just_trained_or_the_open_sites_newest(make_napari_viewer, qtbot,

@@ -201,9 +201,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_notes,
         check_batch,
         predict_folder,
+        unread_subfolders,
     )
 
     check_batch(args.input, args.threshold, args.out, args.recursive)  # before the model loads, as napari does
+    unread = [] if args.recursive else unread_subfolders(args.input, args.out)
     predictor = Predictor.from_checkpoint(_model_file(args.checkpoint), device=args.device, inference=args.inference)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
@@ -232,7 +234,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if others:
         print(f"  {len(others)} other file(s) are not images to predict ({first_names([r.file for r in others])}); "
               "summary.csv lists them")
-    for note in batch_notes(rows):
+    for note in batch_notes(rows, unread):
         print(f"note: {note}")
     return 1 if failed or no_seg else 0
 

@@ -346,13 +346,44 @@ MASK_BESIDE = "skipped: a mask beside its image, not an image"
 WHOLE_IMAGE = 0.99  # a mask covering this share of its image or more: a lesion rarely does
 
 
-def batch_notes(rows: Sequence[BatchRow]) -> list[str]:
-    """What a finished batch should tell its user although it succeeded: masks covering whole images, photos
-    that photo viewers show turned, and colour images a grey model saw in grey (each a sentence, none when
-    there is nothing to say)."""
+def batch_notes(rows: Sequence[BatchRow], unread: Sequence[str] = ()) -> list[str]:
+    """What a finished batch should tell its user although it succeeded: sub-folders of images it did not
+    read (``unread``: :func:`unread_subfolders`), masks covering whole images, photos that photo viewers show
+    turned, and colour images a grey model saw in grey (each a sentence, none when there is nothing to say)."""
     predicted = [r for r in rows if r.status == "ok"]
-    notes = (_whole_image_note(predicted), _turned_photos_note(predicted), _colour_as_grey_note(predicted))
+    notes = (_unread_note(unread), _whole_image_note(predicted), _turned_photos_note(predicted),
+             _colour_as_grey_note(predicted))
     return [note for note in notes if note]
+
+
+def unread_subfolders(source: str | Path, out: str | Path | None = None) -> list[str]:
+    """The sub-folders of a folder that hold images or videos (at any depth) which a batch without ``recursive``
+    does not read, or []. A folder with images at its top and a series or two in sub-folders was predicted in
+    part, and nothing said so (only a folder with none at its top was refused, naming --recursive). The
+    output folder, an earlier batch's output and hidden folders are left out, as ``batch_files`` leaves them."""
+    source = Path(source)
+    if not source.is_dir():
+        return []
+    skip = Path(out).resolve() if out is not None else None
+
+    def wanted(folder: Path) -> bool:
+        return not folder.name.startswith(".") and folder.resolve() != skip and not (folder / RECORD_FILE).is_file()
+
+    def holds_images(top: Path) -> bool:
+        for root, folders, files in os.walk(top):
+            folders[:] = [f for f in folders if wanted(Path(root) / f)]
+            if any(not f.startswith(".") and is_predictable_path(Path(root) / f) for f in files):
+                return True
+        return False
+
+    return [d.name for d in sorted(source.iterdir()) if d.is_dir() and wanted(d) and holds_images(d)]
+
+
+def _unread_note(unread: Sequence[str]) -> str:
+    if not unread:
+        return ""
+    return (f"{len(unread)} sub-folder(s) hold images this batch did not read ({first_names(list(unread))}): "
+            "--recursive (in napari: include sub-folders) predicts them too")
 
 
 def _whole_image_note(predicted: Sequence[BatchRow]) -> str:

@@ -338,6 +338,7 @@ class BatchPredictWidget(QWidget):
         self.worker = None
         self._closing = PanelClosing(self, on_closed=self.cancel)  # its ✕: no batch left running unseen
         self.rows: list = []
+        self.unread: list[str] = []  # sub-folders of images a batch without include sub-folders leaves
         self.total, self.error = 0, None
         layout = QVBoxLayout(self)
         form = QFormLayout()
@@ -361,7 +362,7 @@ class BatchPredictWidget(QWidget):
         layout.addWidget(self.skipped)
 
     def run(self) -> WorkerBase | None:
-        from fedmix_engine.predict import Predictor, check_batch, iter_predict_folder
+        from fedmix_engine.predict import Predictor, check_batch, iter_predict_folder, unread_subfolders
 
         try:
             if not (self.input.text() and self.output.text()):
@@ -374,6 +375,7 @@ class BatchPredictWidget(QWidget):
             batch = iter_predict_folder(predictor, self.input.text(), out, threshold,  # makes the folder, lists files
                                         dicom_seg=self.dicom_seg.isChecked(), frame_steps=True, recursive=recursive,
                                         resume=self.resume.isChecked())
+            self.unread = [] if recursive else unread_subfolders(self.input.text(), out)
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -441,7 +443,7 @@ class BatchPredictWidget(QWidget):
         if self.open_results.isChecked() and written and (unopened := self._open_masks(written, out)):
             said += f"; masks not opened: {unopened}"
         if self.error is None:
-            said += "".join(f". Note: {note}" for note in batch_notes(self.rows))
+            said += "".join(f". Note: {note}" for note in batch_notes(self.rows, self.unread))
         self.status.setText(said)
 
     def _open_masks(self, written: list[Path], out: Path) -> str:
