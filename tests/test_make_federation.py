@@ -84,8 +84,11 @@ def test_make_federation_refuses_unlabelled_sites_other_classes_and_bad_fraction
              ([str(labelled[0]), str(labelled[0])], [], "--from: a site folder is given twice"),
              ([str(labelled[0])], ["--val", "0.6", "--test", "0.5"], "leave no training images"),
              ([str(labelled[0])], ["--test", "0"], "--test: a fraction"),
-             ([str(labelled[0]), str(labelled[1])], ["--supervision", "mask"], "--supervision: names 1 kinds"),
-             ([str(labelled[0]), str(labelled[1])], ["--split-into", "2"], "--split-into: deals one source"),
+             ([str(labelled[0]), str(labelled[1])], ["--supervision", "mask"],
+              "--supervision: names 1 kind(s) (mask) for 2 site(s): give one kind per site"),
+             ([str(labelled[0]), str(labelled[1])], ["--split-into", "2"], "--split-into: deals one source's images "
+              "into K sites; give one --from folder, not 2 (several sources are one site each without it)"),
+             ([str(labelled[0])], ["--split-into", "0"], "--split-into: K sites per source must be ≥ 1"),
              ([str(tmp_path / "nowhere")], [], "nowhere: site folder not found")]
     for sources, extra, message in cases:
         assert main(["make-federation", str(out), "--from", *sources, *extra]) == 2, message

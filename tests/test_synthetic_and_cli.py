@@ -129,7 +129,7 @@ def test_strong_shift_adds_lookalikes_outside_the_mask_and_mild_has_none(tmp_pat
     (["--sites", "0"], "--sites: must be between 1 and 26"),
     (["--mix", "0.5,0.5,0.5"], "--mix: three non-negative fractions"),
     (["--supervision", "mask,scribble,tag"], "--supervision: unknown kind 'scribble'"),
-    (["--supervision", "mask,box"], "--supervision: names 2 kinds for 3 sites"),
+    (["--supervision", "mask,box"], "--supervision: names 2 kind(s) (mask,box) for 3 site(s): give one kind per site"),
 ])
 def test_make_sample_bad_arguments(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     assert main(["make-sample", str(tmp_path / "x"), "--images", "2", *argv]) == 2

@@ -103,9 +103,12 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
     out, sources = Path(out), [Path(s) for s in sources]
     if not sources:
         raise InputError("--from", "give at least one fully labelled site folder")
-    if split_into < 1 or (split_into > 1 and len(sources) != 1):
-        raise InputError("--split-into", f"deals one source into K ≥ 2 sites; got K = {split_into} for "
-                                         f"{len(sources)} source(s)")
+    if split_into < 1:
+        raise InputError("--split-into", f"K sites per source must be ≥ 1 (1: each source is one site), not "
+                                         f"{split_into}")
+    if split_into > 1 and len(sources) != 1:
+        raise InputError("--split-into", f"deals one source's images into K sites; give one --from folder, not "
+                                         f"{len(sources)} (several sources are one site each without it)")
     if max(len(sources), split_into) > 26:
         raise InputError("--from", f"at most 26 sites (site-a … site-z), not {max(len(sources), split_into)}")
     if len({s.resolve() for s in sources}) != len(sources):

@@ -29,7 +29,8 @@ def supervision_plan(sites: int, supervision: Sequence[str] | None, mix: Sequenc
         return [None] * sites
     kinds = list(supervision) if supervision else [KINDS[i % 3] for i in range(sites)]
     if len(kinds) != sites:
-        raise InputError("--supervision", f"names {len(kinds)} kinds for {sites} sites")
+        raise InputError("--supervision", f"names {len(kinds)} kind(s) ({','.join(kinds)}) for {sites} site(s): "
+                                          "give one kind per site, in site order (e.g. mask,box,tag)")
     for k in kinds:
         if k not in KINDS:
             raise InputError("--supervision", f"unknown kind '{k}'; use mask, box or tag")
