@@ -517,8 +517,10 @@ def test_join_check_finds_what_a_join_would_meet_without_taking_part(sample: Pat
         two = tmp_path / "two-classes"
         SiteStore.create(two, ["lesion", "cyst"]).close()
         assert main([*check, "--server", server.url, "--site", str(two)]) == 3
-        assert f"error: {two}: site has 2 class(es) and 1 channel(s); the federation's model expects 1 and 1" in \
-            capsys.readouterr().out
+        said = capsys.readouterr().out.splitlines()  # what passed comes first, then what failed
+        assert said[0].startswith(f"server: {server.url} answers") and said[1:3] == out[1:3]
+        assert said[3:] == [f"error: {two}: site has 2 class(es) (lesion, cyst) and 1 channel(s); the federation's "
+                            "model expects 1 and 1"], said
     monkeypatch.setattr(client, "CHECK_PATIENCE", 1.0)
     started = time.monotonic()
     assert main([*check, "--server", f"http://127.0.0.1:{free_port()}"]) == 4, "gave up: not a refusal"

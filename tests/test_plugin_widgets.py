@@ -1248,6 +1248,17 @@ def test_train_widget_checks_the_server_token_and_site_without_training(make_nap
         assert said[1:3] == ["token: accepted, as site 'site-a'", "federation: fedmix, 1 round; round 1 open"], said
         assert said[-1] == "check passed: Start takes part in the federation"
         assert server.status()["uploaded"] == [] and server.status()["last_round"] == 0, "it did not train"
+        # a site that does not fit: what passed (server, token, federation) stays above the error
+        from fedmix_engine.data.site_store import SiteStore
+
+        SiteStore.create(tmp_path / "two-classes", ["lesion", "cyst"]).close()
+        train.site.setText(str(tmp_path / "two-classes"))
+        train.check()
+        qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+        failed = train.status.text().splitlines()
+        assert failed[:3] == said[:3] and failed[3:] == [
+            f"error: {tmp_path / 'two-classes'}: site has 2 class(es) (lesion, cyst) and 1 channel(s); the "
+            "federation's model expects 1 and 1"], failed
     train.mode.setCurrentIndex(0)
     assert not train.check_button.isEnabled()
 

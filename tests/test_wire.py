@@ -78,8 +78,12 @@ def test_a_site_whose_classes_or_channels_differ_from_the_model_is_refused_by_na
     make_sample(tmp_path / "s", sites=1, images=2, eval_images=1, seed=0, size=32, classes=2)
     with SiteStore.open(tmp_path / "s" / "site-a", readonly=True) as store:
         check_site_fits_model(store, ModelConfig(base_width=4, num_classes=2))
-        with pytest.raises(InputError, match=r"site-a: site has 2 class\(es\) and 1 channel\(s\).*expects 1 and 1"):
+        with pytest.raises(InputError, match=r"site-a: site has 2 class\(es\) \(lesion, cyst\) and 1 channel\(s\); "
+                                             r"the federation's model expects 1 and 1$"):
             check_site_fits_model(store, ModelConfig(base_width=4, num_classes=1))
+        with pytest.raises(InputError, match=r"site-a: site has 2 class\(es\) \(lesion, cyst\) and 1 channel\(s\); "
+                                             r"the federation's model expects 3 \(lesion, cyst, polyp\) and 1$"):
+            check_site_fits_model(store, ModelConfig(base_width=4, num_classes=3), ("lesion", "cyst", "polyp"))
     sent = UpdateReport.from_local(LocalReport(5, 0.25, 0.5, {"mask": 5}, {"train": 1.0}))
     assert sent == UpdateReport(5, 0.25, 0.5, {"mask": 5})  # timings stay at the site
 

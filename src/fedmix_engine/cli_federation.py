@@ -197,7 +197,8 @@ def cmd_join(args: argparse.Namespace) -> int:
                               give_up_after=federation_client.CHECK_PATIENCE if args.check else 3600.0)
     try:
         if args.check:
-            print("\n".join(client.check()))
+            for line in client.iter_check():  # each as it passes: a failure follows what did pass
+                print(line, flush=True)
             print("check passed: the same command without --check takes part in the federation")
             return 0
         for event in client.iter_join():

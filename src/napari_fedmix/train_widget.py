@@ -242,14 +242,20 @@ class TrainWidget(QWidget):
             self.status.setText("choose a site folder first")
             return
 
-        def lines() -> list[str]:
+        def lines():
             from fedmix_engine.federation.client import CHECK_PATIENCE
 
-            return self._client(Path(self.site.text()), give_up_after=CHECK_PATIENCE).check()
+            yield from self._client(Path(self.site.text()), give_up_after=CHECK_PATIENCE).iter_check()
 
-        self.worker = make_worker(lines, on_error=self._on_error)
-        self.worker.returned.connect(lambda found: self.status.setText(
-            "\n".join([*found, "check passed: Start takes part in the federation"])))
+        passed: list[str] = []  # shown as they pass; a failure below them, as join --check prints it
+
+        def failed(exc: Exception) -> None:
+            self.status.setText("\n".join([*passed, error_line(exc)]))
+
+        self.worker = make_worker(lines, on_error=failed)
+        self.worker.yielded.connect(lambda line: (passed.append(line), self.status.setText("\n".join(passed))))
+        self.worker.returned.connect(lambda _: self.status.setText(
+            "\n".join([*passed, "check passed: Start takes part in the federation"])))
         self.worker.finished.connect(self._on_checked)
         for button in (self.start_button, self.check_button):
             button.setEnabled(False)

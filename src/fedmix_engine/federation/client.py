@@ -348,32 +348,38 @@ class FederationClient:
         return idle
 
     def check(self) -> list[str]:
+        """Every line of :meth:`iter_check`, when all pass."""
+        return list(self.iter_check())
+
+    def iter_check(self) -> Iterator[str]:
         """What a join would meet, found without taking part (as NVFlare's preflight check): the server reached
         and its certificate trusted, the token taken, the site (and held-out folder) fitting the federation's
         model, ``models/`` writable, the device. A site's IT runs it before the federation starts, when a
-        failed join would only show on the day. Raises what the join would raise."""
+        failed join would only show on the day. A line per item as it passes, so a failure comes after what
+        did pass (the server reached, the token taken) rather than alone; raises what the join would raise."""
         cfg = self._json(f"/{API_VERSION}/config")
-        idle = self._fitting(cfg, ModelConfig.from_dict(cfg["model"]), TrainConfig(**cfg["train"]))
+        url = self.http.base_url
+        yield (f"server: {url} answers ({'TLS certificate trusted' if url.scheme == 'https' else 'plain HTTP'}"
+               f"{f'; through the proxy {self.proxy}' if self.proxy else ''}), API {cfg['api']}, version "
+               f"{cfg.get('server_version', '?')}")
+        yield f"token: accepted, as site '{cfg['site']}'"
         info = self._json(f"/{API_VERSION}/round")
+        where = ("finished: joining now only fetches its final model" if info["finished"] else
+                 f"round {info['round']} open" + (", this site's update delivered" if info["uploaded"] else ""))
+        yield f"federation: {cfg['method']}, {cfg['rounds']} round{'s' if cfg['rounds'] != 1 else ''}; {where}"
+        idle = self._fitting(cfg, ModelConfig.from_dict(cfg["model"]), TrainConfig(**cfg["train"]))
+        with SiteStore.open(self.site_dir, readonly=True) as store:
+            counts = store.summary()
+        yield (f"site: {self.site_dir} fits the model ({counts['images']} images: {counts['mask']} with a mask, "
+               f"{counts['box']} with boxes, {counts['tag']} with tags){idle}")
+        if self.held_out:
+            yield self._held_out_line()
         make_folder(self.models_dir)
         if not os.access(self.models_dir, os.W_OK):
             raise InputError(self.models_dir, "cannot be written; a join keeps its lock, this site's optimiser "
                              "state and the final model here: make the site folder writable for this user")
-        url = self.http.base_url
-        with SiteStore.open(self.site_dir, readonly=True) as store:
-            counts = store.summary()
-        where = ("finished: joining now only fetches its final model" if info["finished"] else
-                 f"round {info['round']} open" + (", this site's update delivered" if info["uploaded"] else ""))
-        return [f"server: {url} answers ({'TLS certificate trusted' if url.scheme == 'https' else 'plain HTTP'}"
-                f"{f'; through the proxy {self.proxy}' if self.proxy else ''}), API {cfg['api']}, version "
-                f"{cfg.get('server_version', '?')}",
-                f"token: accepted, as site '{cfg['site']}'",
-                f"federation: {cfg['method']}, {cfg['rounds']} round{'s' if cfg['rounds'] != 1 else ''}; {where}",
-                f"site: {self.site_dir} fits the model ({counts['images']} images: {counts['mask']} with a mask, "
-                f"{counts['box']} with boxes, {counts['tag']} with tags){idle}",
-                *([self._held_out_line()] if self.held_out else []),
-                f"writable: {self.models_dir}",
-                f"device: {self.plan.device} ({self.plan.note})"]
+        yield f"writable: {self.models_dir}"
+        yield f"device: {self.plan.device} ({self.plan.note})"
 
     def _held_out_line(self) -> str:
         """What ``--eval`` scores: the held-out folder's fully labelled images, and how many it leaves out."""
@@ -607,8 +613,10 @@ def check_site_fits_model(store: SiteStore, model_config: ModelConfig, class_nam
     k would train the model's class k on another class, and nothing else would notice."""
     classes, channels = len(store.config.classes), store.config.channels
     if (channels, classes) != (model_config.in_channels, model_config.num_classes):
-        raise InputError(store.root, f"site has {classes} class(es) and {channels} channel(s); the federation's "
-                         f"model expects {model_config.num_classes} and {model_config.in_channels}")
+        named = f" ({', '.join(class_names)})" if class_names else ""
+        raise InputError(store.root, f"site has {classes} class(es) ({', '.join(store.config.classes)}) and "
+                         f"{channels} channel(s); the federation's model expects {model_config.num_classes}{named} "
+                         f"and {model_config.in_channels}")
     if class_names and tuple(store.config.classes) != tuple(class_names):
         raise InputError(store.root, f"site's classes are {', '.join(store.config.classes)}; the federation's are "
                                      f"{', '.join(class_names)}, in this label order (label k must mean the same "
