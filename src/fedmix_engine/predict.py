@@ -366,17 +366,14 @@ def unread_subfolders(source: str | Path, out: str | Path | None = None) -> list
         return []
     skip = Path(out).resolve() if out is not None else None
 
-    def wanted(folder: Path) -> bool:
-        return not folder.name.startswith(".") and folder.resolve() != skip and not (folder / RECORD_FILE).is_file()
-
     def holds_images(top: Path) -> bool:
         for root, folders, files in os.walk(top):
-            folders[:] = [f for f in folders if wanted(Path(root) / f)]
+            folders[:] = [f for f in folders if _read_below(Path(root) / f, skip)]
             if any(not f.startswith(".") and is_predictable_path(Path(root) / f) for f in files):
                 return True
         return False
 
-    return [d.name for d in sorted(source.iterdir()) if d.is_dir() and wanted(d) and holds_images(d)]
+    return [d.name for d in sorted(source.iterdir()) if d.is_dir() and _read_below(d, skip) and holds_images(d)]
 
 
 def _unread_note(unread: Sequence[str]) -> str:
@@ -440,6 +437,12 @@ def mask_names(files: list[Path]) -> dict[Path, str]:
             else f"{stem}_mask.tif" for path, stem in stems.items()}
 
 
+def _read_below(folder: Path, out: Path | None) -> bool:
+    """Whether a recursive batch reads a sub-folder: not a hidden one, not its output folder (``out``,
+    resolved) and not an earlier batch's (it holds a ``prediction.json``), whose masks are no images."""
+    return not folder.name.startswith(".") and folder.resolve() != out and not (folder / RECORD_FILE).is_file()
+
+
 def batch_files(source: Path, recursive: bool = False, out: Path | None = None) -> list[Path]:
     """The files a batch goes through: the one file given, the files at the top of a folder, or with
     ``recursive`` every file below it (a PACS export's patient/study/series folders), folder by folder in
@@ -450,13 +453,9 @@ def batch_files(source: Path, recursive: bool = False, out: Path | None = None) 
     if not recursive:
         return sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
     skip = out.resolve() if out is not None else None
-
-    def wanted(folder: Path) -> bool:
-        return not folder.name.startswith(".") and folder.resolve() != skip and not (folder / RECORD_FILE).is_file()
-
     found: list[Path] = []
     for root, folders, files in os.walk(source):
-        folders[:] = sorted(f for f in folders if wanted(Path(root) / f))
+        folders[:] = sorted(f for f in folders if _read_below(Path(root) / f, skip))
         found += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
     return found
 
