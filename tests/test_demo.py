@@ -119,3 +119,16 @@ def test_a_running_demos_folder_is_refused_and_a_stopped_demo_stops_its_server_a
         _end(demo, children)
     fresh_demo_folder(out)()  # free again: emptied, and the hold released
     assert [p.name for p in out.iterdir()] == [MARKER]
+
+
+def test_a_bad_demo_setting_is_refused_under_the_demos_option_before_anything_is_written(tmp_path: Path,
+                                                                                          capsys) -> None:
+    """'demo --rounds 0' wrote the sample federation, then ended with 'server: did not start; see
+    logs/server.log', where the server had said why; the settings are now checked as serve checks them."""
+    out = tmp_path / "demo"
+    for given, said in ((["--rounds", "0"], "--rounds: must be positive, not 0"),
+                        (["--width", "3"], "--width: must be an even number ≥ 2, not 3"),
+                        (["--size", "8"], "--size: must be ≥ 16 (four 2× poolings), not 8")):
+        assert main(["demo", str(out), *given]) == 2
+        assert capsys.readouterr().err == f"error: {said}\n"
+        assert not out.exists()

@@ -27,9 +27,11 @@ from fedmix_engine.atomic import make_folder
 from fedmix_engine.data.synthetic import CLASS_SETS, make_sample
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.client import wait_for_server
-from fedmix_engine.federation.state import GLOBAL_FILE, round_dir
+from fedmix_engine.federation.state import GLOBAL_FILE, ServerConfig, round_dir
 from fedmix_engine.federation.tokens import TokenStore
+from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.folder_lock import HeldFolder, hold_folder
+from fedmix_engine.model import ModelConfig
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -146,12 +148,32 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
     """Run the demo into ``out``; returns the path of the overlay PNG. Raises ``DemoStopped`` when a
     signal stops it."""
     out = Path(out)
+    demo_server_config(rounds, size, width, seed, round_timeout)  # a bad setting said now, not by the server's log
     held = fresh_demo_folder(out)
     try:
         with _stopped_by_signals():
             return _run(out, held, rounds, images, size, width, seed, round_timeout)
     finally:
         held()
+
+
+_DEMO_OPTIONS = {"rounds": "--rounds", "model.base_width": "--width", "image_size": "--size",
+                 "crop_size": "--size", "seed": "--seed"}
+
+
+def demo_server_config(rounds: int, size: int, width: int, seed: int, round_timeout: float) -> ServerConfig:
+    """The settings the demo's server is started with, checked as ``serve`` checks them and refused under the
+    demo's own option: a bad one wrote the sample data, then failed as 'server: did not start'."""
+    crop = max(16, (size * 3 // 4) // 16 * 16)
+    config = ServerConfig(sites=len(SITES), min_sites=2, round_timeout=round_timeout, rounds=rounds, seed=seed,
+                          model=ModelConfig(base_width=width),
+                          train=TrainConfig(image_size=size, crop_size=crop, batch_size=4, epochs=2),
+                          class_names=tuple(CLASS_SETS[1]))
+    try:
+        config.validate()
+    except InputError as exc:
+        raise InputError(_DEMO_OPTIONS.get(str(exc.where), exc.where), exc.reason) from None
+    return config
 
 
 def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width: int, seed: int,
@@ -168,11 +190,14 @@ def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width
     # all on this machine: a web proxy set for it (a hospital's HTTP_PROXY) must not carry the sites' requests
     loopback = ",".join(filter(None, ["127.0.0.1,localhost", env.get("NO_PROXY") or env.get("no_proxy")]))
     env.update(NO_PROXY=loopback, no_proxy=loopback)
-    crop = max(16, (size * 3 // 4) // 16 * 16)
+    config = demo_server_config(rounds, size, width, seed, round_timeout)
     server_cmd = [sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state), "--port", str(port),
-                  "--sites", "3", "--min-sites", "2", "--round-timeout", str(round_timeout), "--rounds", str(rounds),
-                  "--width", str(width), "--image-size", str(size), "--crop-size", str(crop), "--batch-size", "4",
-                  "--local-epochs", "2", "--seed", str(seed), "--class-names", ",".join(CLASS_SETS[1])]
+                  "--sites", str(config.sites), "--min-sites", str(config.min_sites),
+                  "--round-timeout", str(config.round_timeout), "--rounds", str(config.rounds),
+                  "--width", str(config.model.base_width), "--image-size", str(config.train.image_size),
+                  "--crop-size", str(config.train.crop_size), "--batch-size", str(config.train.batch_size),
+                  "--local-epochs", str(config.train.epochs), "--seed", str(config.seed),
+                  "--class-names", ",".join(config.class_names)]
     logs = out / "logs"
     logs.mkdir(parents=True)
     # the server and sites hold the folder's lock too: a demo killed with kill -9 cannot stop them, and
