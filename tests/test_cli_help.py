@@ -150,6 +150,27 @@ def test_an_unknown_argument_is_refused_by_its_command_with_the_nearest_option(t
     assert list(tmp_path.iterdir()) == [], "refused before anything is written"
 
 
+@pytest.mark.parametrize("command", ["make-sample", "make-federation", "simulate", "serve", "demo"])
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "99999999999999999999"])
+def test_a_seed_numpy_or_torch_cannot_take_is_refused_before_any_work(tmp_path, capsys, command, seed):
+    """make-sample --seed -1 ended in NumPy's 'expected non-negative integer' traceback; simulate with a
+    20-digit seed in torch's 'Overflow when unpacking long long', after the sites were loaded."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.data.synthetic import make_sample
+
+    out = tmp_path / "out"
+    if command in ("make-federation", "simulate"):
+        make_sample(tmp_path / "fed", sites=1, images=4, eval_images=2, size=32)
+    args = {"make-sample": ["make-sample", str(out), "--images", "2"],
+            "make-federation": ["make-federation", str(out), "--from", str(tmp_path / "fed" / "site-a")],
+            "simulate": ["simulate", "--sample", str(tmp_path / "fed"), "--out", str(out), "--width", "4"],
+            "serve": ["serve", "--state", str(out), "--port", "1"],
+            "demo": ["demo", str(out)]}[command]
+    assert main([*args, "--seed", seed]) == 2
+    assert capsys.readouterr().err == f"error: --seed: a seed is a whole number from 0 to 4294967295, not {seed}\n"
+    assert not out.exists(), "refused before anything is written"
+
+
 def test_serve_offers_every_status_access_the_server_knows():
     from fedmix_engine.federation.server import STATUS_ACCESS
 

@@ -57,6 +57,7 @@ from fedmix_engine.folder_lock import hold_folder
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor
 from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
+from fedmix_engine.seeds import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class SimulationConfig:
             raise InputError("--method", f"'{self.method}' is not one of {', '.join(METHODS)}")
         if self.rounds < 1:
             raise InputError("--rounds", f"must be ≥ 1, not {self.rounds}")
+        check_seed(self.seed, "--seed")
         self.train.validate()
         self.model.validate()
         AggregationRule(self.lam, self.beta)

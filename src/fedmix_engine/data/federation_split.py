@@ -27,6 +27,7 @@ from fedmix_engine.data.weak_labels import (
     supervision_plan,
 )
 from fedmix_engine.errors import InputError
+from fedmix_engine.seeds import check_seed
 
 
 def _full_truth(store: SiteStore, image_id: str) -> np.ndarray | None:
@@ -116,6 +117,7 @@ def make_federation(sources: Sequence[str | Path], out: str | Path, supervision:
     for name, fraction in (("--val", val), ("--test", test)):
         if not 0 < fraction < 1:
             raise InputError(name, f"a fraction of each site's images in (0, 1), not {fraction}")
+    check_seed(seed, "--seed")
     if val + test >= 1:
         raise InputError("--test", f"--val {val} + --test {test} leave no training images")
     kinds_per_site = supervision_plan(max(len(sources), split_into), supervision, mix)

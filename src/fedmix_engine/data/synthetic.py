@@ -38,6 +38,7 @@ from fedmix_engine.data.weak_labels import (
     supervision_plan,
 )
 from fedmix_engine.errors import InputError
+from fedmix_engine.seeds import check_seed
 
 SYNTHETIC_TIME = "2000-01-01T00:00:00+00:00"
 CLASS_SETS = {1: ("lesion",), 2: ("lesion", "cyst")}
@@ -211,6 +212,7 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
         raise InputError("--size", f"images must be at least 32 px, not {size}")
     if classes not in CLASS_SETS:
         raise InputError("--classes", f"synthetic data has 1 or 2 classes, not {classes}")
+    check_seed(seed, "--seed")
     site_kinds = supervision_plan(sites, supervision, mix)
     if out.is_dir() and any(out.iterdir()):
         raise InputError(out, "output folder is not empty; choose a new folder")

@@ -51,6 +51,7 @@ from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 from fedmix_engine.fedmix.local_update import TrainConfig, shown_loss
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.model import ModelConfig
+from fedmix_engine.seeds import check_seed
 
 log = logging.getLogger(__name__)
 # writes the machine refuses, with the HTTP status a site gets (it retries any 5xx) and what the admin must do;
@@ -113,6 +114,7 @@ class ServerConfig:
         if not (isinstance(self.keep_models, int) and self.keep_models >= 0):
             raise InputError("keep_models", f"must be a whole number ≥ 0 (0: every round's model), not "
                                             f"{self.keep_models}")
+        check_seed(self.seed)
         if not 1 <= self.min_sites <= self.sites:
             raise InputError("min_sites", f"need 1 ≤ min-sites ({self.min_sites}) ≤ sites ({self.sites})")
         AggregationRule.for_method(self.method, self.lam, self.beta)
