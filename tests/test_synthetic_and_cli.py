@@ -130,10 +130,15 @@ def test_strong_shift_adds_lookalikes_outside_the_mask_and_mild_has_none(tmp_pat
     (["--mix", "0.5,0.5,0.5"], "--mix: three non-negative fractions"),
     (["--supervision", "mask,scribble,tag"], "--supervision: unknown kind 'scribble'"),
     (["--supervision", "mask,box"], "--supervision: names 2 kind(s) (mask,box) for 3 site(s): give one kind per site"),
+    (["--mix", "nan,0.5,0.5"], "--mix: three non-negative fractions (mask,box,tag) summing to 1, got [nan, 0.5, 0.5]"),
+    (["--mix", "1.5,-0.25,-0.25"], "--mix: three non-negative fractions"),
+    (["--eval-images", "0"], "--eval-images: needs at least one validation and one test image per site, not 0"),
+    (["--size", "100000"], "--size: images must be 32 to 2048 px, not 100000"),  # was NumPy's MemoryError
 ])
 def test_make_sample_bad_arguments(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     assert main(["make-sample", str(tmp_path / "x"), "--images", "2", *argv]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def _write_clinic_folder(root: Path, rng: np.random.Generator) -> None:

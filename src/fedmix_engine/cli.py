@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=60, help="training images per site")
     p.add_argument("--eval-images", type=int, default=20, help="validation and test images per site, each")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels, 32 to 2048")
     p.add_argument("--classes", type=int, default=1, choices=(1, 2), help="1: lesion; 2: lesion and cyst")
     p.add_argument("--shift", default="mild", choices=("mild", "strong"),
                    help="domain shift between sites: mild (gain, grain, lesion size) or strong (+ look-alike lobules)")

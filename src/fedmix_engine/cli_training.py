@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -58,8 +59,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         iter_simulation,
     )
 
-    if args.threads < 0:
-        raise InputError("--threads", f"must be ≥ 0 (0: torch's default), not {args.threads}")
+    cores = os.cpu_count() or 1
+    if not 0 <= args.threads <= cores:  # far more crashed torch (libgomp cannot create them: a segfault)
+        raise InputError("--threads", f"must be 0 (torch's default) to this machine's {cores} cores, not "
+                                      f"{args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     sites, eval_root = _sites_from(args)
@@ -273,7 +276,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="evaluate network 1 of the pair or the mean of both")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (an Apple GPU: only when named)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPU")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch, at most the machine's cores (0: torch's default)")
     p.add_argument("--out", type=Path, default=Path("runs/simulate"),
                    help="output folder (metrics.jsonl, summary.json, checkpoints); must not hold an earlier run")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")

@@ -42,6 +42,7 @@ from fedmix_engine.seeds import check_seed
 
 SYNTHETIC_TIME = "2000-01-01T00:00:00+00:00"
 CLASS_SETS = {1: ("lesion",), 2: ("lesion", "cyst")}
+MAX_SAMPLE_SIZE = 2048  # px a side: a sample is for trying the tools, and its drawing holds float64 images
 
 
 @dataclass(frozen=True)
@@ -206,10 +207,13 @@ def make_sample(out: str | Path, sites: int = 3, images: int = 60, seed: int = 0
     out = Path(out)
     if sites < 1 or sites > 26:
         raise InputError("--sites", f"must be between 1 and 26, not {sites}")
-    if images < 1 or eval_images < 1:
-        raise InputError("--images", "needs at least one training and one evaluation image per site")
-    if size < 32:
-        raise InputError("--size", f"images must be at least 32 px, not {size}")
+    if images < 1:
+        raise InputError("--images", f"needs at least one training image per site, not {images}")
+    if eval_images < 1:
+        raise InputError("--eval-images", f"needs at least one validation and one test image per site, not "
+                                          f"{eval_images}")
+    if not 32 <= size <= MAX_SAMPLE_SIZE:  # larger: gigabytes of float64 per image while drawing it
+        raise InputError("--size", f"images must be 32 to {MAX_SAMPLE_SIZE} px, not {size}")
     if classes not in CLASS_SETS:
         raise InputError("--classes", f"synthetic data has 1 or 2 classes, not {classes}")
     check_seed(seed, "--seed")

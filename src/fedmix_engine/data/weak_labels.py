@@ -24,7 +24,7 @@ def supervision_plan(sites: int, supervision: Sequence[str] | None, mix: Sequenc
     if mix is not None and supervision is not None:
         raise InputError("--mix", "give either --supervision (one kind per site) or --mix (fractions), not both")
     if mix is not None:
-        if len(mix) != 3 or any(f < 0 for f in mix) or abs(sum(mix) - 1.0) > 1e-6:
+        if len(mix) != 3 or not all(0 <= f <= 1 for f in mix) or abs(sum(mix) - 1.0) > 1e-6:  # NaN fails too
             raise InputError("--mix", f"three non-negative fractions (mask,box,tag) summing to 1, got {list(mix)}")
         return [None] * sites
     kinds = list(supervision) if supervision else [KINDS[i % 3] for i in range(sites)]
