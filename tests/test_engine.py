@@ -48,6 +48,10 @@ def test_reference_unet_has_17_3_m_parameters_and_any_size_works() -> None:
     assert net(torch.zeros(1, 3, 37, 45)).shape == (1, 2, 37, 45)
     with pytest.raises(InputError, match=r"model\.base_width"):
         ModelConfig(base_width=3).validate()
+    ModelConfig(base_width=256).validate()
+    with pytest.raises(InputError, match=r"model\.base_width: must be at most 256 \(the paper's U-Net: 64\), "
+                                         r"not 100000"):
+        ModelConfig(base_width=100_000).validate()  # was a 360 GB torch.empty and its traceback
     assert ModelConfig.from_json(ModelConfig(base_width=8).to_json()) == ModelConfig(base_width=8)
 
 
@@ -57,7 +61,9 @@ def test_train_config_names_the_bad_field() -> None:
                        ({"lr": float("nan")}, "lr"), ({"weight_decay": -1.0}, "weight_decay"), ({"tau": 0.0}, "tau"),
                        ({"tau": float("nan")}, "tau"), ({"min_box_fill": 1.5}, "min_box_fill"),
                        ({"loss": "focal"}, "loss"), ({"batch_size": 0}, "batch_size"), ({"epochs": 0}, "epochs"),
-                       ({"pl_batch_size": -1}, "pl_batch_size"), ({"pl_warmup_rounds": -2}, "pl_warmup_rounds")]:
+                       ({"pl_batch_size": -1}, "pl_batch_size"), ({"pl_warmup_rounds": -2}, "pl_warmup_rounds"),
+                       ({"lr": float("inf")}, "lr"), ({"weight_decay": float("inf")}, "weight_decay"),
+                       ({"image_size": 2064, "crop_size": 224}, "image_size")]:
         with pytest.raises(InputError, match=f"^{field}: "):
             TrainConfig(**bad).validate()
 

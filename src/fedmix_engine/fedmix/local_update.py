@@ -45,6 +45,9 @@ def default_crop_size(image_size: int) -> int:
     return max(16, image_size * 7 // 8 // 16 * 16)
 
 
+MAX_IMAGE_SIZE = 2048  # px a side that sites train at; every image is resized to it, in memory
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training settings (reference values in comments; defaults sized for CPU)."""
@@ -68,6 +71,8 @@ class TrainConfig:
         """Refuse a setting that would fail late or train silently wrong; the error names its field."""
         if not self.image_size >= 16:  # else the crop's default (16) was named: "16 is larger than image_size 8"
             raise InputError("image_size", f"must be ≥ 16 (four 2× poolings), not {self.image_size}")
+        if self.image_size > MAX_IMAGE_SIZE:  # a site would resize every image to it, and run out of memory
+            raise InputError("image_size", f"must be at most {MAX_IMAGE_SIZE} px, not {self.image_size}")
         if self.crop_size > self.image_size:
             raise InputError("crop_size", f"{self.crop_size} is larger than image_size {self.image_size}")
         if self.crop_size % 16:
@@ -77,8 +82,8 @@ class TrainConfig:
         ranges = {  # each written as the condition that holds, so that NaN fails it too
             "tau": (0 < self.tau <= 1, "in (0, 1]"),
             "min_box_fill": (0 <= self.min_box_fill <= 1, "in [0, 1]"),
-            "lr": (self.lr > 0, "> 0"),
-            "weight_decay": (self.weight_decay >= 0, "≥ 0"),
+            "lr": (0 < self.lr < math.inf, "a finite number > 0"),
+            "weight_decay": (0 <= self.weight_decay < math.inf, "a finite number ≥ 0"),
             "batch_size": (self.batch_size >= 1, "≥ 1"),
             "epochs": (self.epochs >= 1, "≥ 1"),
             "pl_batch_size": (self.pl_batch_size >= 0, "≥ 0 (0: chosen per device)"),

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
     from torch import nn
 
+MAX_WIDTH = 256  # 16× the reference U-Net's parameters (277 M a network); wider does not fit a GPU to train
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -54,6 +56,9 @@ class ModelConfig:
             raise InputError("model.num_classes", f"must be 1..255, not {self.num_classes}")
         if self.base_width < 2 or self.base_width % 2:
             raise InputError("model.base_width", f"must be an even number ≥ 2, not {self.base_width}")
+        if self.base_width > MAX_WIDTH:  # larger asked for gigabytes at the first torch.empty, and a traceback
+            raise InputError("model.base_width", f"must be at most {MAX_WIDTH} (the paper's U-Net: 64), not "
+                                                 f"{self.base_width}")
 
 
 def _unet(config: ModelConfig) -> nn.Module:
