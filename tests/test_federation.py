@@ -1300,6 +1300,10 @@ def test_join_refuses_a_missing_or_empty_token_file_a_url_without_scheme_and_a_b
           "--ca-cert", str(tmp_path / "nope.pem")], f"{tmp_path / 'nope.pem'}: CA certificate not found"),
         (["--server", "https://127.0.0.1:9", "--token-file", str(tmp_path / "token"),
           "--ca-cert", str(tmp_path / "not-a-cert.pem")], f"{tmp_path / 'not-a-cert.pem'}: not a PEM certificate"),
+        # a pause of none (or NaN, which no comparison holds) polled the server without a break while waiting
+        *[(["--server", "http://127.0.0.1:9", "--token-file", str(tmp_path / "token"), "--poll", poll],
+           f"--poll: seconds between status checks must be a number ≥ 0.1, not {float(poll)}")
+          for poll in ("-1", "0", "0.01", "nan", "inf")],
     ]
     for extra, expected in cases:
         assert main([*common, *extra]) == 2, extra

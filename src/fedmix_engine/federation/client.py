@@ -11,6 +11,7 @@ and the last global model are kept in ``SITE/models/`` so a restarted client res
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -138,6 +139,9 @@ class _Stopped(Exception):
     """A stop asked for while the client waited: the join ends as if the generator had been closed."""
 
 
+MIN_POLL = 0.1  # s between a waiting site's status checks: shorter floods the server with requests
+
+
 class FederationClient:
     def __init__(self, server: str, token: str, site_dir: str | Path, device: str = "auto",
                  ca_cert: str | Path | None = None, poll_seconds: float = 1.0, max_backoff: float = 30.0,
@@ -148,6 +152,9 @@ class FederationClient:
         ``token_source``: where the token came from (a file, an option), named when it is malformed."""
         import httpx
 
+        if not MIN_POLL <= poll_seconds < math.inf:  # less (or NaN, which no comparison holds) polled without a pause
+            raise InputError("--poll", f"seconds between status checks must be a number ≥ {MIN_POLL}, not "
+                                       f"{poll_seconds}")
         if not token:
             raise InputError("--token", "no token given: ask the federation's admin for this site's token")
         if problem := token_problem(token):
