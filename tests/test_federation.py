@@ -279,6 +279,15 @@ def test_a_server_whose_file_system_turns_read_only_says_so_in_one_line_and_take
             try:
                 refused = upload(server.url, tokens["site-a"], 1, body)
                 assert main(["serve", "--state", str(state), "--port", str(free_port())]) == 2
+                assert f"{state}: the server cannot write here (Read-only file system); it stores every upload" \
+                    in capsys.readouterr().err
+                # what only reads the state still works: the admin sees where the federation stands
+                assert main(["token", "add", "site-c", "--state", str(state)]) == 2
+                assert "the server cannot write here (Read-only file system)" in capsys.readouterr().err
+                assert main(["status", "--state", str(state)]) == 0
+                assert "rounds: 0 of 1 done; round 1 open" in capsys.readouterr().out
+                assert main(["token", "list", "--state", str(state)]) == 0
+                assert capsys.readouterr().out.startswith("site-a\tcreated ")
             finally:
                 subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
             assert refused.status_code == 503, refused.text
@@ -289,8 +298,6 @@ def test_a_server_whose_file_system_turns_read_only_says_so_in_one_line_and_take
     log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
     assert "Read-only file system" in log and "check the disk, remount it (the sites retry)" in log
-    assert f"{state}: the server cannot write here (Read-only file system); it stores every upload" \
-        in capsys.readouterr().err
 
 
 def test_a_round_closing_at_its_deadline_on_a_full_disk_is_shown_as_due_and_closes_once_space_is_back(

@@ -55,14 +55,16 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _check_state_dir(state: Path) -> None:
+def _check_state_dir(state: Path, writes: bool = True) -> None:
     """A --state the server could not write is refused before it starts: it would start, answer every
-    status request, and refuse every upload (a file system remounted read-only, another user's folder)."""
+    status request, and refuse every upload (a file system remounted read-only, another user's folder).
+    A command that only reads it (``status``, ``token list``: ``writes=False``) needs no more than a folder:
+    an admin reads a read-only state, or the service account's, to see what went wrong."""
     if not state.exists():
         return  # a new one: make_folder names a folder it cannot create
     if not state.is_dir():
         raise InputError(state, "is a file, not a server state directory (--state names a folder)")
-    for folder in [state, *(sub for sub in sorted(state.iterdir()) if sub.is_dir())]:
+    for folder in [state, *(sub for sub in sorted(state.iterdir()) if sub.is_dir())] if writes else []:
         if why := write_refused(folder):
             raise InputError(folder, f"the server cannot write here ({why}); it stores every upload and "
                                      "round in --state: run it as the folder's owner, fix the permissions, or "
@@ -214,7 +216,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.tokens import TokenStore
 
-    _check_state_dir(args.state)
+    _check_state_dir(args.state, writes=args.action != "list")
     if args.action != "list" and not args.site:
         raise InputError("SITE", f"name the site: fedmix-engine token {args.action} SITE --state DIR")
     store = TokenStore(args.state)
@@ -261,7 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.tokens import TokenStore
     from fedmix_engine.fedmix.local_update import shown_loss
 
-    _check_state_dir(args.state)
+    _check_state_dir(args.state, writes=False)
     status = read_status(args.state)
     classes = ", ".join(status["class_names"]) or "not named"
     print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
