@@ -100,6 +100,7 @@ def test_the_overviews_workflow_commands_are_ones_the_parser_accepts():
 @pytest.mark.parametrize("command, given, named", [
     ("serve", ["--width", "3"], "--width: must be an even number ≥ 2, not 3"),
     ("serve", ["--lr", "inf"], "--lr: must be a finite number > 0, not inf"),
+    ("serve", ["--max-upload-mb", "inf"], "--max-upload-mb: must be a finite number of MB, not inf"),
     ("serve", ["--image-size", "100000"], "--image-size: must be at most 2048 px, not 100000"),
     ("serve", ["--crop-size", "100"], "--crop-size: must be a multiple of 16"),
     ("serve", ["--local-epochs", "0"], "--local-epochs: must be ≥ 1, not 0"),

@@ -111,6 +111,8 @@ class ServerConfig:
         for name in ("sites", "rounds", "round_timeout", "max_upload_mb"):
             if not getattr(self, name) > 0:
                 raise InputError(name, f"must be positive, not {getattr(self, name)}")
+        if self.max_upload_mb == math.inf:  # a limit in bytes: int(inf) ended the server's start in a traceback
+            raise InputError("max_upload_mb", "must be a finite number of MB, not inf")
         if not (isinstance(self.keep_models, int) and self.keep_models >= 0):
             raise InputError("keep_models", f"must be a whole number ≥ 0 (0: every round's model), not "
                                             f"{self.keep_models}")
