@@ -851,13 +851,14 @@ def test_site_import_takes_a_spreadsheets_capitalised_class_and_decimal_comma(tm
     (clinic / "tags.csv").write_text("image;class;present\ncase-12;Lesion;present\ncase-13;LESION ;absent\n"
                                      "case-14;lesion;present\n")
     (clinic / "boxes.csv").write_text('image;class;y0;x0;y1;x1\ncase-05;Lesion;3,5;4;20,4;30\n'
-                                      'case-06;lesion;3;4;1,2,3;30\n')
+                                      'case-06;lesion;3;4;1,2,3;30\ncase-07;lesion;3;4;inf;30\n')
     site = tmp_path / "site"
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(clinic / "images"),
                  "--boxes", str(clinic / "boxes.csv"), "--tags", str(clinic / "tags.csv")]) == 1
     out = capsys.readouterr().out
-    assert "boxes: 1  tags: 3" in out and "2 problem(s)" in out
+    assert "boxes: 1  tags: 3" in out and "4 problem(s)" in out
     assert "boxes.csv:3: box corners must be numbers, got ['3', '4', '1,2,3', '30']" in out
+    assert "boxes.csv:4: box corners must be finite numbers, got (3.0, 4.0, inf, 30.0)" in out  # was a traceback
     assert "boxes.csv: none of the boxes of 'case-06' imported, as 1 of its rows were refused" in out
     with SiteStore.open(site, readonly=True) as store:
         assert store.tags("case-12") == {"lesion": True} and store.tags("case-13") == {"lesion": False}

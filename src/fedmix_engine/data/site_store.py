@@ -642,8 +642,9 @@ class SiteStore:
         height, width = size
         try:
             y0, x0, y1, x1 = (round(float(v)) for v in (box.y0, box.x0, box.y1, box.x1))
-        except (TypeError, ValueError):
-            raise InputError(where, f"box corners must be numbers, got {(box.y0, box.x0, box.y1, box.x1)}") from None
+        except (TypeError, ValueError, OverflowError):  # NaN: ValueError; ±inf (or 1e400): OverflowError
+            raise InputError(where, f"box corners must be finite numbers, got "
+                                    f"{(box.y0, box.x0, box.y1, box.x1)}") from None
         if y1 <= y0 or x1 <= x0:
             raise InputError(where, f"box ({y0},{x0})–({y1},{x1}) has zero area; y1 > y0 and x1 > x0 needed")
         if y0 < 0 or x0 < 0 or y1 > height or x1 > width:
