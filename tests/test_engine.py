@@ -1249,6 +1249,14 @@ def test_simulate_without_evaluation_data_shows_training_loss_not_nan_and_names_
     [row] = [line for line in lines if line.startswith("    1 ")]
     cells = dict(zip(header.split()[1:3], row.split()[1:3], strict=True))
     assert cells["unlabelled"] == "—" and cells["site-a"] != "—" and "unlabelled: w=0.00 n=0" in row
+    assert ("note: unlabelled: no image with a mask, a box or a tag, so it adds nothing to the global model "
+            "(weight 0 every round)") in lines, "said once before the rounds, not only as n=0 in each"
+    assert main([*common, "--sites", str(sample / "site-a"), str(sample / "site-b"), "--method", "fedavg-mask-only",
+                 "--out", str(tmp_path / "mask-only")]) == 0
+    assert ("note: site-b: no image with a pixel mask (fedavg-mask-only trains on masks only), so it adds nothing "
+            "to the global model (weight 0 every round)") in capsys.readouterr().out.splitlines()
+    assert main([*common, "--out", str(tmp_path / "both-train")]) == 0
+    assert "note:" not in capsys.readouterr().out
     # ... but when no site has anything to train on, every round trained nothing and the random initial model
     # was written as best.safetensors, with a table of dashes: refused before anything is written
     assert main([*common, "--sites", str(tmp_path / "unlabelled"), "--out", str(tmp_path / "nothing")]) == 2

@@ -86,6 +86,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                  snapshot_every=args.snapshot_every):
         if isinstance(event, SimulationStarted):
             print(f"device: {event.device}, {event.precision} ({event.note})", flush=True)
+            if idle := event.idle_note(config.method):
+                print(f"note: {idle}", flush=True)
         elif isinstance(event, TrainProgress):
             progress_bar(event.step, event.total, event.stage)
         elif isinstance(event, RoundDone):

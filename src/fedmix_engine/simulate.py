@@ -97,6 +97,16 @@ class SimulationStarted:
     precision: str
     note: str  # why this device and precision (a fallback says so)
     first_round: int  # 1, or the round a resumed run continues from
+    idle: tuple[str, ...] = ()  # sites with no sample the method trains on: weight 0 every round
+
+    def idle_note(self, method: str) -> str:
+        """Which sites train on nothing, and why, or "": a wrong or empty folder among the sites otherwise
+        showed only as "n=0" in every round's line."""
+        if not self.idle:
+            return ""
+        adds = "it adds" if len(self.idle) == 1 else "they add"
+        return (f"{', '.join(self.idle)}: no image with {trained_on(method)}, so {adds} nothing to the global "
+                "model (weight 0 every round)")
 
 
 @dataclass(frozen=True)
@@ -200,6 +210,12 @@ def _load_sites(site_dirs: list[Path], eval_root: Path | None, config: Simulatio
     if config.model.num_classes != len(classes):
         raise InputError("model.num_classes", f"{config.model.num_classes} ≠ the sites' {len(classes)} classes")
     return sites
+
+
+def trained_on(method: str) -> str:
+    """What a site's image needs for ``method`` to train on it."""
+    return {"fedavg-mask-only": "a pixel mask (fedavg-mask-only trains on masks only)",
+            "supervised-upper": "full ground truth in the oracle store"}.get(method, "a mask, a box or a tag")
 
 
 def _nothing_to_train(site_dirs: list[Path], sites: list[_Site], method: str) -> InputError:
@@ -391,7 +407,8 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
             save_checkpoint(out / "final.safetensors", global_pair, config.model, {**meta, "round": snapshot.round})
             save_checkpoint(out / "best.safetensors", best_pair, config.model, {**meta, "round": best_round})
     first_round = (snapshot.round if resume else 0) + 1
-    yield SimulationStarted(str(plan.device), plan.precision, plan.note, first_round)
+    yield SimulationStarted(str(plan.device), plan.precision, plan.note, first_round,
+                            tuple(s.name for s in sites if not s.full_size))
     for rnd in range(first_round, config.rounds + 1):
         t0 = time.perf_counter()
         acc = StreamingAggregate(rule)
