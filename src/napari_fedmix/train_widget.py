@@ -236,7 +236,7 @@ class TrainWidget(QWidget):
         self.worker.start()
 
     def check(self) -> None:
-        """What a join would meet, without training (``FederationClient.check``), said in the status line:
+        """What a join would meet, without training (``FederationClient.iter_check``), said in the status line:
         the server, its certificate and the token are tried before the federation's day."""
         if not self.site.text():
             self.status.setText("choose a site folder first")

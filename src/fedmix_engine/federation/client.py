@@ -354,10 +354,6 @@ class FederationClient:
                     idle = _nothing_to_train(store, train)
         return idle
 
-    def check(self) -> list[str]:
-        """Every line of :meth:`iter_check`, when all pass."""
-        return list(self.iter_check())
-
     def iter_check(self) -> Iterator[str]:
         """What a join would meet, found without taking part (as NVFlare's preflight check): the server reached
         and its certificate trusted, the token taken, the site (and held-out folder) fitting the federation's
