@@ -148,11 +148,11 @@ def run_demo(out: str | Path, rounds: int = 8, images: int = 32, size: int = 64,
     """Run the demo into ``out``; returns the path of the overlay PNG. Raises ``DemoStopped`` when a
     signal stops it."""
     out = Path(out)
-    demo_server_config(rounds, size, width, seed, round_timeout)  # a bad setting said now, not by the server's log
+    config = demo_server_config(rounds, size, width, seed, round_timeout)  # a bad one said now, not in a log
     held = fresh_demo_folder(out)
     try:
         with _stopped_by_signals():
-            return _run(out, held, rounds, images, size, width, seed, round_timeout)
+            return _run(out, held, config, images)
     finally:
         held()
 
@@ -176,13 +176,13 @@ def demo_server_config(rounds: int, size: int, width: int, seed: int, round_time
     return config
 
 
-def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width: int, seed: int,
-         round_timeout: float) -> Path:
+def _run(out: Path, held: HeldFolder, config: ServerConfig, images: int) -> Path:
     import httpx
 
     data, state = out / "data", out / "server-state"
     print(f"1/4 writing a synthetic federation to {data} (A: masks, B: boxes, C: tags)", flush=True)
-    make_sample(data, sites=3, images=images, eval_images=12, seed=seed, size=size)
+    make_sample(data, sites=len(SITES), images=images, eval_images=12, seed=config.seed,
+                size=config.train.image_size)
     tokens = TokenStore(state)
     site_tokens = {site: tokens.add(site) for site in SITES}
     port = _free_port()
@@ -190,7 +190,6 @@ def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width
     # all on this machine: a web proxy set for it (a hospital's HTTP_PROXY) must not carry the sites' requests
     loopback = ",".join(filter(None, ["127.0.0.1,localhost", env.get("NO_PROXY") or env.get("no_proxy")]))
     env.update(NO_PROXY=loopback, no_proxy=loopback)
-    config = demo_server_config(rounds, size, width, seed, round_timeout)
     server_cmd = [sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state), "--port", str(port),
                   "--sites", str(config.sites), "--min-sites", str(config.min_sites),
                   "--round-timeout", str(config.round_timeout), "--rounds", str(config.rounds),
@@ -223,7 +222,7 @@ def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width
               "at the site and sent to the server)", flush=True)
         print("round  " + "  ".join(f"{s:>16}" for s in SITES) + "   mean Dice   time", flush=True)
         shown, started = 0, time.time()
-        while shown < rounds:
+        while shown < config.rounds:
             if any(p.poll() not in (None, 0) for p in procs):
                 raise InputError("demo", f"a process failed; see the logs in {logs}")
             sites_done = all(p.poll() is not None for p in procs[1:])  # before the status: all they sent is in it
@@ -245,6 +244,6 @@ def _run(out: Path, held: HeldFolder, rounds: int, images: int, size: int, width
     finally:
         _stop(procs)
     png = out / "predictions.png"
-    _overlay_png(round_dir(state, rounds) / GLOBAL_FILE, data, png)
+    _overlay_png(round_dir(state, config.rounds) / GLOBAL_FILE, data, png)
     print(f"4/4 wrote {png} (red: prediction of the final global model, green: ground truth; one row per site)")
     return png
