@@ -324,9 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the command that ran (``site import``'s, not ``fedmix-engine``'s)."""
+    return _command(parser, args)[0]
+
+
+def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser of the command that ran and the words that name it (``["site", "import"]``)."""
+    words: list[str] = []
     while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
-        parser = sub.choices[getattr(args, sub.dest)]
-    return parser
+        words.append(getattr(args, sub.dest))
+        parser = sub.choices[words[-1]]
+    return parser, words
+
+
+def _read_intermixed(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None,
+                     extras: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """argparse fills an optional positional (``token``'s SITE) at the first positional word it meets, with
+    nothing when an option follows, so ``token add --state DIR site-a`` left ``site-a`` over as unknown. Such
+    a command's own words are read again with options and positionals in any order."""
+    command, words = _command(parser, args)
+    if not any(not a.option_strings and a.nargs == "?" for a in command._actions):
+        return args, extras
+    argv = list(sys.argv[1:] if argv is None else argv)
+    start = next((i + len(words) for i in range(len(argv)) if argv[i:i + len(words)] == words), None)
+    if start is None:
+        return args, extras
+    again, left = command.parse_known_intermixed_args(argv[start:])
+    return argparse.Namespace(**(vars(args) | vars(again))), left
 
 
 def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> NoReturn:
@@ -357,6 +380,8 @@ def _as_typed(exc: InputError, parser: argparse.ArgumentParser, args: argparse.N
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
+    if extras:
+        args, extras = _read_intermixed(parser, args, argv, extras)
     if extras:
         _refuse_unknown(parser, args, extras)
     # tifffile logs its own warning for a corrupt file ("invalid offset to first page"); the file is
