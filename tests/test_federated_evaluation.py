@@ -398,6 +398,8 @@ def test_status_of_an_open_round_says_which_sites_it_waits_for_and_when_its_dead
             "uploaded, or at the deadline (in 8 min) with at least 2") in lines, lines
     assert _waiting(read_status(root, now=now[0] + 600.0)).endswith(
         "; the deadline passed 2 min ago: it closes as soon as 2 have uploaded")
+    assert _waiting(read_status(root, now=now[0] + 600.0) | {"min_sites": 1}).endswith(
+        "it closes as soon as 1 has uploaded")
     # --round-timeout inf (wait for every site) and very long ones read as such, not as "in inf h"
     assert _waiting(read | {"deadline_in": float("inf")}).endswith(
         "; closes when 2 sites have uploaded (no deadline: --round-timeout inf)")

@@ -1566,6 +1566,16 @@ def test_a_new_federation_is_not_started_in_a_folder_of_something_else(tmp_path:
     assert ServerState(tokens_first, config).current_round == 1
 
 
+def test_more_tokens_than_a_one_site_round_waits_for_is_said_in_the_singular(tmp_path: Path) -> None:
+    from fedmix_engine.federation.state import ServerConfig, more_sites_than_expected
+    from fedmix_engine.federation.tokens import TokenStore
+
+    make_tokens(tmp_path / "state", ["site-a", "site-b"])
+    said = more_sites_than_expected(TokenStore(tmp_path / "state"), ServerConfig(sites=1, min_sites=1))
+    assert said.startswith("2 sites hold tokens (site-a, site-b), but a round closes as soon as 1 has uploaded "
+                           "(--sites 1): the slowest is left out of every round; restart serve with --sites 2")
+
+
 def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_a_token_is_replaced(
         tmp_path: Path, capsys) -> None:
     from fedmix_engine.cli import main
@@ -1591,6 +1601,14 @@ def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_
     assert not (tmp_path / "typo").exists()
     assert main(["token", "list", "--state", str(state)]) == 0
     assert capsys.readouterr().out.startswith("site-a\tcreated ")
+    # the site after --state, as an admin types it: argparse alone left it over as "unrecognized arguments"
+    assert main(["token", "add", "--state", str(state), "site-c"]) == 0
+    assert "(token for site 'site-c'" in capsys.readouterr().err
+    assert main(["token", "revoke", "--state", str(state), "site-c"]) == 0
+    assert capsys.readouterr().out == "revoked the token of site 'site-c'\n"
+    with pytest.raises(SystemExit):
+        main(["token", "add", "--state", str(state), "site-c", "site-d"])
+    assert "fedmix-engine token: error: unrecognized arguments: site-d" in capsys.readouterr().err
     # 'status' between 'token add' and the first serve: the folder is not foreign, the federation not started
     assert main(["token", "add", "site-b", "--state", str(state)]) == 0
     assert main(["token", "revoke", "site-b", "--state", str(state)]) == 0

@@ -315,8 +315,9 @@ def _waiting(status: dict) -> str:
         return f"{who}; {rule} (no deadline: --round-timeout inf)"
     if left >= 0:
         return f"{who}; {rule}, or at the deadline (in {_duration(left)}) with at least {status['min_sites']}"
-    return (f"{who}; the deadline passed {_duration(-left)} ago: it closes as soon as {status['min_sites']} "
-            f"have uploaded")
+    quorum = status["min_sites"]
+    return (f"{who}; the deadline passed {_duration(-left)} ago: it closes as soon as {quorum} "
+            f"{'has' if quorum == 1 else 'have'} uploaded")
 
 
 def _duration(seconds: float) -> str:

@@ -591,7 +591,8 @@ def more_sites_than_expected(tokens: TokenStore, config: ServerConfig) -> str | 
     if len(active) <= config.sites:
         return None
     return (f"{len(active)} sites hold tokens ({', '.join(active)}), but a round closes as soon as {config.sites} "
-            f"have uploaded (--sites {config.sites}): the slowest is left out of every round; restart serve with "
+            f"{'has' if config.sites == 1 else 'have'} uploaded (--sites {config.sites}): the slowest is left out "
+            "of every round; restart serve with "
             f"--sites {len(active)} (it may change on a restart), or revoke the token of a site that no longer "
             "takes part")
 
