@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -2083,6 +2084,28 @@ def test_an_acknowledged_update_damaged_on_disk_is_said_and_dropped_so_the_site_
     body = tmp_path / "again.part"
     body.write_bytes(fake_update(restarted.global_pair(2), seed=7))
     assert restarted.accept_upload("site-a", 3, body).status == 200, "the site's new update is taken"
+
+
+def test_no_deadline_is_stored_as_strict_json_and_read_back_as_no_deadline(tmp_path: Path, capsys) -> None:
+    """``--round-timeout inf`` was written to server.json as ``Infinity``, which is not JSON: jq, a browser
+    or a monitoring script refused the file. It is null now, and a restart reads it back as no deadline."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    config = ServerConfig(sites=1, min_sites=1, round_timeout=float("inf"), model=ModelConfig(base_width=4))
+    ServerState(tmp_path / "state", config)
+    stored = json.loads((tmp_path / "state" / "server.json").read_text(), parse_constant=strict)
+    assert stored["round_timeout"] is None and stored["rounds"] == 10
+    again = ServerState(tmp_path / "state", config)
+    assert again.config.round_timeout == float("inf") and again.adjusted == []
+    assert main(["status", "--state", str(tmp_path / "state")]) == 0
+    assert "closes when 1 site has uploaded (no deadline: --round-timeout inf)" in capsys.readouterr().out
+    timed = ServerState(tmp_path / "state", replace(config, round_timeout=600.0))
+    assert timed.adjusted == ["round_timeout: inf → 600.0"]
+    assert json.loads((tmp_path / "state" / "server.json").read_text(), parse_constant=strict)["round_timeout"] == 600
 
 
 def test_a_damaged_round_opening_time_restarts_the_rounds_deadline(tmp_path: Path) -> None:

@@ -138,9 +138,19 @@ class ServerConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_json(self) -> bytes:
+        """server.json's text: strict JSON, which has no Infinity, so ``--round-timeout inf`` (no deadline)
+        is written as null (jq, a browser, a monitoring script read it)."""
+        raw = self.to_dict()
+        if math.isinf(self.round_timeout):
+            raw["round_timeout"] = None
+        return (json.dumps(raw, indent=2, allow_nan=False) + "\n").encode()
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ServerConfig:
         raw = dict(raw)
+        if "round_timeout" in raw and raw["round_timeout"] is None:  # null: no deadline (see to_json)
+            raw["round_timeout"] = math.inf
         model = ModelConfig.from_dict(raw.pop("model"))
         train = TrainConfig(**raw.pop("train"))
         names = tuple(raw.pop("class_names", ()))  # JSON gives a list; a server.json from before names: none
@@ -196,7 +206,7 @@ class ServerState:
             self.config = config
             make_folder(self.root / "rounds")
             self._commit_round(0, init_pair(config.model, config.seed), {"round": 0, "reason": "initial"})
-            atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+            atomic_write_bytes(config_path, config.to_json())
         self.rule = AggregationRule.for_method(self.config.method, self.config.lam, self.config.beta)
         self.federation_id = self._federation_id()
         self.current_dir = self.root / "current"
@@ -221,7 +231,7 @@ class ServerState:
         record = {"from_round": done + 1, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": adjusted}
         changes = [*self.changes, record]
         atomic_write_bytes(self.root / CHANGES_FILE, (json.dumps(changes, indent=2) + "\n").encode())
-        atomic_write_bytes(config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+        atomic_write_bytes(config_path, config.to_json())
         self.config, self.adjusted, self.changes = config, adjusted, changes
 
     def _federation_id(self) -> str:
