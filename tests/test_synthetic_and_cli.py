@@ -189,6 +189,21 @@ def _site_info_lists_its_models(site: Path, capsys) -> None:
     assert "newest" not in lines[1]
 
 
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "..", ".", " ", "tab\there"])
+def test_a_site_name_that_is_not_one_folder_is_refused_before_the_site_is_made(name: str, tmp_path: Path,
+                                                                               capsys) -> None:
+    """simulate and make-federation use a site's name as a folder (eval/<name>/oracle); '../x' reached
+    outside the evaluation tree. The folder of the refused site is not created."""
+    assert main(["site", "init", str(tmp_path / "s"), "--classes", "lesion", "--name", name]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --name: site name {name!r} must be one folder's name")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_site_name_may_be_any_single_folder_name(tmp_path: Path, capsys) -> None:
+    assert main(["site", "init", str(tmp_path / "s"), "--classes", "lesion", "--name", "Hôpital Nord (2)"]) == 0
+    assert SiteStore.open(tmp_path / "s", readonly=True).config.name == "Hôpital Nord (2)"
+
+
 def test_site_import_and_info(tmp_path: Path, capsys, rng) -> None:
     clinic = tmp_path / "clinic"
     _write_clinic_folder(clinic, rng)

@@ -373,8 +373,10 @@ def _as_typed(exc: InputError, parser: argparse.ArgumentParser, args: argparse.N
     parser = _command_parser(parser, args)
     options = {action.dest for action in parser._actions if action.option_strings}
     field = exc.where.removeprefix("model.").removeprefix("--").replace("-", "_")
-    dest = dict((*SERVER_OPTIONS, *MODEL_OPTIONS, *TRAIN_OPTIONS)).get(field, field)
-    return InputError(f"--{dest.replace('_', '-')}", exc.reason) if dest in options else exc
+    mapped = dict((*SERVER_OPTIONS, *MODEL_OPTIONS, *TRAIN_OPTIONS)).get(field, field)
+    # a setting's field under its option (model name: --model); a command's own option as it is (--name)
+    dest = next((d for d in (mapped, field) if d in options), None)
+    return InputError(f"--{dest.replace('_', '-')}", exc.reason) if dest else exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -184,6 +184,14 @@ class SiteConfig:
         return config
 
 
+def _check_site_name(name: str) -> None:
+    """A site's name is a label, but simulate and make-federation use it as a folder (``eval/<name>/``), so it
+    must stay one folder: no separator, not ``.`` or ``..``, not blank."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise InputError("name", f"site name {name!r} must be one folder's name (no / or \\, not . or .., "
+                                 "not blank): simulate finds a site's evaluation images in eval/<name>/")
+
+
 def _check_classes(classes: Iterable[str], where: str) -> tuple[str, ...]:
     classes = tuple(classes)
     if not classes:
@@ -319,6 +327,8 @@ class SiteStore:
         """Create a new, empty site folder (refuses to overwrite an existing site)."""
         root = Path(root)
         classes = _check_classes(classes, "classes")
+        if name is not None:
+            _check_site_name(name)
         if channels not in (1, 3):
             raise InputError("channels", f"must be 1 (grey) or 3 (colour), not {channels}")
         if (root / CONFIG_FILE).exists():
