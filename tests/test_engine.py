@@ -1104,6 +1104,14 @@ def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the
                           "napari: include sub-folders) predicts them too")
     assert main(["predict", str(checkpoint), str(export), str(tmp_path / "all"), "-r", "--device", "cpu"]) == 1
     assert "sub-folder(s)" not in capsys.readouterr().out
+    # predicted again into that folder, the top only: the recursive batch's masks stay, and that is said
+    assert main(["predict", str(checkpoint), str(export / "top.png"), str(tmp_path / "all"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == ("note: 2 mask file(s) in the output folder are not this batch's (p01/s1/a_mask.tif, "
+                          "p01/s2/a_mask.tif): an earlier batch wrote them, for images this one did not predict, and "
+                          "summary.csv lists this batch's only; move them away, or predict into an empty folder, for "
+                          "a folder of this batch's masks alone"), printed
+    assert (tmp_path / "all" / "p01" / "s1" / "a_mask.tif").is_file(), "noted, not deleted"
 
 
 def test_a_stopped_batch_is_continued_keeping_the_masks_it_wrote_and_only_those(tmp_path: Path) -> None:

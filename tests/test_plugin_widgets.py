@@ -2260,6 +2260,12 @@ def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(mak
         f"1 mask(s) written to {tmp_path / 'flat'} (summary.csv); 0 skipped. Note: 2 sub-folder(s) hold images this "
         "batch did not read (p01, p02): --recursive (in napari: include sub-folders) predicts them too. Note: 1 of 1"
     ), widget.status.text()
+    # into the recursive batch's folder: its masks of the sub-folders' images are not this batch's, and are named
+    widget.output.setText(str(tmp_path / "out"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert ("Note: 2 mask file(s) in the output folder are not this batch's (p01/s1/us_mask.tif, "
+            "p02/s1/us_mask.tif): an earlier batch wrote them") in widget.status.text(), widget.status.text()
 
 
 def test_predict_widgets_start_with_the_model_just_trained_or_the_open_sites_newest(make_napari_viewer, qtbot,

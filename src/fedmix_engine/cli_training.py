@@ -205,6 +205,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         Predictor,
         batch_notes,
         check_batch,
+        earlier_masks,
         predict_folder,
         unread_subfolders,
     )
@@ -239,7 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if others:
         print(f"  {len(others)} other file(s) are not images to predict ({first_names([r.file for r in others])}); "
               "summary.csv lists them")
-    for note in batch_notes(rows, unread):
+    for note in batch_notes(rows, unread, earlier_masks(args.out, rows)):
         print(f"note: {note}")
     return 1 if failed or no_seg else 0
 

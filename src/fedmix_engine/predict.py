@@ -346,14 +346,38 @@ MASK_BESIDE = "skipped: a mask beside its image, not an image"
 WHOLE_IMAGE = 0.99  # a mask covering this share of its image or more: a lesion rarely does
 
 
-def batch_notes(rows: Sequence[BatchRow], unread: Sequence[str] = ()) -> list[str]:
+def batch_notes(rows: Sequence[BatchRow], unread: Sequence[str] = (), earlier: Sequence[str] = ()) -> list[str]:
     """What a finished batch should tell its user although it succeeded: sub-folders of images it did not
-    read (``unread``: :func:`unread_subfolders`), masks covering whole images, photos that photo viewers show
-    turned, and colour images a grey model saw in grey (each a sentence, none when there is nothing to say)."""
+    read (``unread``: :func:`unread_subfolders`), masks in its folder that are not its own (``earlier``:
+    :func:`earlier_masks`), masks covering whole images, photos that photo viewers show turned, and colour
+    images a grey model saw in grey (each a sentence, none when there is nothing to say)."""
     predicted = [r for r in rows if r.status == "ok"]
-    notes = (_unread_note(unread), _whole_image_note(predicted), _turned_photos_note(predicted),
-             _colour_as_grey_note(predicted))
+    notes = (_unread_note(unread), _earlier_note(earlier), _whole_image_note(predicted),
+             _turned_photos_note(predicted), _colour_as_grey_note(predicted))
     return [note for note in notes if note]
+
+
+def earlier_masks(out: str | Path, rows: Sequence[BatchRow]) -> list[str]:
+    """The masks and DICOM SEGs in a batch's folder ``out`` that the batch (``rows``) neither wrote nor kept,
+    as paths below it: an earlier batch's, for images this one did not predict (another input folder, a file
+    now skipped). The folder holds them beside this batch's masks while its summary.csv lists only this
+    batch's, so whoever collects the folder's masks would take them for this batch's."""
+    out = Path(out)
+    ours = {name for r in rows if r.status == "ok" for name in (r.mask_file, r.seg_file) if name}
+    found = []
+    for root, folders, files in os.walk(out):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        found += [name for f in sorted(files) if f.endswith(("_mask.tif", "_seg.dcm")) and not f.startswith(".")
+                  and (name := (Path(root) / f).relative_to(out).as_posix()) not in ours]
+    return found
+
+
+def _earlier_note(earlier: Sequence[str]) -> str:
+    if not earlier:
+        return ""
+    return (f"{len(earlier)} mask file(s) in the output folder are not this batch's ({first_names(list(earlier))}): "
+            "an earlier batch wrote them, for images this one did not predict, and summary.csv lists this batch's "
+            "only; move them away, or predict into an empty folder, for a folder of this batch's masks alone")
 
 
 def unread_subfolders(source: str | Path, out: str | Path | None = None) -> list[str]:

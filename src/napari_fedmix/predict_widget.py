@@ -424,7 +424,7 @@ class BatchPredictWidget(QWidget):
         self.status.setText(error_line(exc))
 
     def _on_finished(self, batch, out: Path) -> None:
-        from fedmix_engine.predict import batch_notes
+        from fedmix_engine.predict import batch_notes, earlier_masks
 
         batch.close()  # a cancelled run writes its summary.csv now (the rest listed as not run)
         self.run_button.setEnabled(True)
@@ -443,7 +443,8 @@ class BatchPredictWidget(QWidget):
         if self.open_results.isChecked() and written and (unopened := self._open_masks(written, out)):
             said += f"; masks not opened: {unopened}"
         if self.error is None:
-            said += "".join(f". Note: {note}" for note in batch_notes(self.rows, self.unread))
+            notes = batch_notes(self.rows, self.unread, earlier_masks(out, self.rows))
+            said += "".join(f". Note: {note}" for note in notes)
         self.status.setText(said)
 
     def _open_masks(self, written: list[Path], out: Path) -> str:
