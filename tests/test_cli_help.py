@@ -109,6 +109,8 @@ def test_the_overviews_workflow_commands_are_ones_the_parser_accepts():
     ("simulate", ["--pl-warmup", "-1"], "--pl-warmup: must be ≥ 0, not -1"),
     ("simulate", ["--tau", "2"], "--tau: must be in (0, 1], not 2.0"),
     ("simulate", ["--image-size", "8"], "--image-size: must be ≥ 16 (four 2× poolings), not 8"),
+    ("simulate", ["--image-size", "32", "--crop-size", "64"], "--crop-size: must be at most the image size (32 px), "
+                                                              "not 64"),
     ("predict", ["--threshold", "2"], "--threshold: a probability threshold must be in (0, 1), not 2.0"),
 ])
 def test_a_bad_setting_is_named_by_the_option_typed(tmp_path, capsys, command, given, named):
@@ -127,7 +129,9 @@ def test_a_bad_setting_is_named_by_the_option_typed(tmp_path, capsys, command, g
         make_sample(tmp_path / "fed", sites=1, images=4, eval_images=2, size=32)
         args = ["simulate", "--sample", str(tmp_path / "fed"), "--out", str(tmp_path / "run"), *given]
     assert main(args) == 2
-    assert f"error: {named}" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert f"error: {named}" in said.err
+    assert said.out == "", "refused before simulate's 'simulating … → OUT' line, as if it had begun"
     assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists(), "refused before anything is written"
 
 

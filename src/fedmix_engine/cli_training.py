@@ -78,6 +78,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, lr=args.lr, epochs=args.local_epochs, tau=args.tau,
                           loss=args.loss, pl_warmup_rounds=args.pl_warmup),
     )
+    config.validate()  # a bad setting is said alone, not after a line that says the run began
     out = args.out
     action = "resuming" if args.resume else "simulating"
     print(f"{action} {config.method} on {len(sites)} site(s) for {config.rounds} round(s) → {out}")

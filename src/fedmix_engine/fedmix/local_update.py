@@ -74,7 +74,8 @@ class TrainConfig:
         if self.image_size > MAX_IMAGE_SIZE:  # a site would resize every image to it, and run out of memory
             raise InputError("image_size", f"must be at most {MAX_IMAGE_SIZE} px, not {self.image_size}")
         if self.crop_size > self.image_size:
-            raise InputError("crop_size", f"{self.crop_size} is larger than image_size {self.image_size}")
+            raise InputError("crop_size", f"must be at most the image size ({self.image_size} px), "
+                                          f"not {self.crop_size}")
         if self.crop_size % 16:
             raise InputError("crop_size", f"must be a multiple of 16 (four 2× poolings), not {self.crop_size}")
         if self.loss not in LOSSES:
