@@ -765,6 +765,31 @@ def test_evaluate_scores_the_masks_at_the_threshold_asked_for(sample: Path, tmp_
     assert "error: --threshold: a probability threshold must be in (0, 1), not 1.0" in capsys.readouterr().err
 
 
+def test_predict_and_evaluate_say_when_a_gpu_asked_for_is_not_used(sample: Path, tmp_path: Path, capsys,
+                                                                    monkeypatch) -> None:
+    """Neither prints a device line: '--device cuda' where the GPU is gone (a driver update) ran on the CPU,
+    many times slower, and said nothing. What the plan decides is said; auto and cpu say nothing."""
+    from model_helpers import no_lesion_checkpoint
+
+    assert plan_device("cuda", cuda_available=lambda: False).gpu_not_used
+    assert plan_device("cuda", cuda_available=lambda: True, device_count=lambda: 1,
+                       probe=lambda device: "no kernel image for this GPU").gpu_not_used
+    assert not plan_device("cuda", cuda_available=lambda: True, device_count=lambda: 1,
+                           probe=lambda device: None).gpu_not_used
+    assert not plan_device("auto", cuda_available=lambda: False).gpu_not_used and not plan_device("cpu").gpu_not_used
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this machine; a GPU machine too
+    checkpoint = no_lesion_checkpoint(tmp_path / "n")
+    test = sample / "eval" / "site-a" / "test"
+    for device, said in (("cuda", "note: cuda requested but no CUDA GPU is available: using the CPU\n"), ("cpu", ""),
+                         ("auto", "")):
+        assert main(["evaluate", str(checkpoint), str(test), "--device", device]) == 0
+        assert capsys.readouterr().err == said, device
+        assert main(["predict", str(checkpoint), str(test / "images"), str(tmp_path / f"out-{device}"),
+                     "--device", device]) == 0
+        err = capsys.readouterr().err
+        assert err.startswith(said) and ("requested" in err) == bool(said), (device, err)
+
+
 def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_figure(sample: Path, tmp_path: Path,
                                                                                        capsys, monkeypatch) -> None:
     """How good is the federation's model on my labelled images? Per image and class, Dice, IoU and HD95;

@@ -163,6 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_writable_file(args.out, args.overwrite, "pass --overwrite")  # before the work, not after it
     model = _model_file(args.model)
     predictor = Predictor.from_checkpoint(model, device=args.device, inference=args.inference)
+    _say_gpu_not_used(predictor)
     if note := own_model_note(model, args.site):
         print(f"note: {note}", file=sys.stderr)
     rows = score_site(predictor, args.site, lambda done, total: progress_bar(done, total, "evaluate"), args.threshold)
@@ -192,6 +193,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_gpu_not_used(predictor) -> None:
+    """predict and evaluate print no device line: a --device cuda on a machine whose GPU is gone (a driver
+    update) ran on the CPU, many times slower, and nothing said so."""
+    if predictor.plan.gpu_not_used:
+        print(f"note: {predictor.plan.note}", file=sys.stderr)
+
+
 def _defined(value: float, digits: int) -> str:
     """A median, or "—" where no image defines it (as the Evaluate panel writes it), not "nan"."""
     return "—" if math.isnan(value) else f"{value:.{digits}f}"
@@ -214,6 +222,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_batch(args.input, args.threshold, args.out, args.recursive)  # before the model loads, as napari does
     unread = [] if args.recursive else unread_subfolders(args.input, args.out)
     predictor = Predictor.from_checkpoint(_model_file(args.checkpoint), device=args.device, inference=args.inference)
+    _say_gpu_not_used(predictor)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     rows = predict_folder(predictor, args.input, args.out, args.threshold,
                           progress=lambda done, total, row: progress_bar(done, total, "predict"),

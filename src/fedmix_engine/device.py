@@ -35,6 +35,12 @@ class DevicePlan:
     precision: str  # the precision actually used
     note: str
     pl_batch_size: int  # pseudo-label/prediction batch size for this device (chosen by measurement)
+    requested: str = "auto"  # as asked: a GPU named and not used is worth saying where nothing else says the device
+
+    @property
+    def gpu_not_used(self) -> bool:
+        """A GPU was named (``cuda``, ``cuda:1``, ``mps``) and the CPU computes: absent, or unable to compute."""
+        return self.requested not in ("auto", "cpu") and self.device.type == "cpu"
 
     @property
     def is_cuda(self) -> bool:
@@ -114,7 +120,7 @@ def plan_device(requested: str = "auto", precision: str = "fp32", cuda_available
         used, note = "fp32", f"{note}; {precision} autocast is for CUDA GPUs only, using fp32"
     elif device.type == "cuda" and precision == "bf16" and not bf16_supported():
         used, note = "fp16", f"{note}; this GPU has no bf16, using fp16 with loss scaling"
-    return DevicePlan(device, used, note, pl_batch_size=32 if device.type == "cuda" else 4)
+    return DevicePlan(device, used, note, pl_batch_size=32 if device.type == "cuda" else 4, requested=requested)
 
 
 def unusable_reason(device: torch.device) -> str | None:
