@@ -2103,6 +2103,17 @@ def test_no_deadline_is_stored_as_strict_json_and_read_back_as_no_deadline(tmp_p
     assert again.config.round_timeout == float("inf") and again.adjusted == []
     assert main(["status", "--state", str(tmp_path / "state")]) == 0
     assert "closes when 1 site has uploaded (no deadline: --round-timeout inf)" in capsys.readouterr().out
+    # status --json, for a monitoring script: strict JSON too, with the warnings the text prints
+    make_tokens(tmp_path / "state", ["site-a", "site-b"])
+    assert main(["status", "--state", str(tmp_path / "state")]) == 0
+    text = capsys.readouterr().out
+    assert main(["status", "--state", str(tmp_path / "state"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out, parse_constant=strict)
+    assert (status["round"], status["deadline_in"], status["uploaded"]) == (1, None, [])
+    assert [s["site"] for s in status["not_uploaded"]] == ["site-a", "site-b"]
+    (warning,) = status["warnings"]
+    assert warning.startswith("2 sites hold tokens (site-a, site-b), but a round closes as soon as 1 has uploaded")
+    assert f"warning: {warning}\n" in text
     timed = ServerState(tmp_path / "state", replace(config, round_timeout=600.0))
     assert timed.adjusted == ["round_timeout: inf → 600.0"]
     assert json.loads((tmp_path / "state" / "server.json").read_text(), parse_constant=strict)["round_timeout"] == 600

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedmix_engine.atomic import write_refused
 from fedmix_engine.errors import InputError
@@ -229,7 +231,8 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(token, flush=True)  # alone on stdout, so 'token add SITE > site.token' writes a token file
         print(f"(token for site '{args.site}': shown once, stored hashed in {store.path}"
               f"{'; the earlier token of this site no longer works' if replaced else ''})", file=sys.stderr)
-        _warn_if_site_count_differs(store, Path(args.state), fewer=False)  # the last token may come later
+        if mismatch := _site_count_warning(store, Path(args.state), fewer=False):  # the last token may come later
+            print(f"warning: {mismatch}", file=sys.stderr)
     elif args.action == "revoke":
         store.revoke(args.site)
         print(f"revoked the token of site '{args.site}'")
@@ -242,19 +245,18 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_site_count_differs(tokens, state: Path, out=None, fewer: bool = True) -> None:
+def _site_count_warning(tokens, state: Path, fewer: bool = True) -> str | None:
     """Said when more sites hold tokens than the federation's rounds expect (its stored --sites), after a
     ``token add`` and in ``status``; in ``status`` (``fewer``) also when fewer do. A tokens file that cannot
     be read is ``status``'s to say."""
     from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, site_count_mismatch
 
     try:
-        config = load_server_config(state / CONFIG_FILE) if (state / CONFIG_FILE).exists() else None
-        mismatch = config and site_count_mismatch(tokens, config, fewer)
+        if not (state / CONFIG_FILE).exists():
+            return None
+        return site_count_mismatch(tokens, load_server_config(state / CONFIG_FILE), fewer)
     except (OSError, InputError):
-        return
-    if mismatch:
-        print(f"warning: {mismatch}", file=out or sys.stderr)
+        return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -265,19 +267,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     _check_state_dir(args.state, writes=False)
     status = read_status(args.state)
+    config = load_server_config(Path(args.state) / CONFIG_FILE)
+    warnings = [] if status["finished"] else [
+        warning for warning in (space_shortfall(Path(args.state), config, status["last_round"]),
+                                _site_count_warning(TokenStore(args.state), Path(args.state))) if warning]
+    if args.json:
+        print(json.dumps(_strict_json({**status, "warnings": warnings}), indent=2, allow_nan=False,
+                         ensure_ascii=False))
+        return 0
     classes = ", ".join(status["class_names"]) or "not named"
     print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
           f"classes {classes}; {sites_expected(status)}, quorum {status['min_sites']}")
-    config = load_server_config(Path(args.state) / CONFIG_FILE)
     print(f"model: {model_summary(config)}")
     state = "finished" if status["finished"] else (f"round {status['round']} open{_open_for(status)}, uploaded: "
                                                     f"{', '.join(status['uploaded']) or 'none yet'}")
     print(f"rounds: {status['last_round']} of {status['rounds']} done; {state}")
     if not status["finished"]:
         print(_waiting(status))
-        if (short := space_shortfall(Path(args.state), config, status["last_round"])) is not None:
-            print(f"warning: {short}")
-        _warn_if_site_count_differs(TokenStore(args.state), Path(args.state), sys.stdout)
+    for warning in warnings:
+        print(f"warning: {warning}")
     for change in status["settings_changes"]:
         print(f"settings changed from round {change['from_round']}: {'; '.join(change['changes'])}")
     scored = {e["round"]: e for e in status["evaluations"]}
@@ -290,6 +298,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         held_out = f"; held-out Dice {_held_out(evaluation)}" if evaluation else ""
         print(f"round {meta['round']}: {sites}{held_out} (closed: {meta['reason']})")
     return 0
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite number as None, as ``/v1/status`` gives it: JSON has no Infinity
+    (``deadline_in`` with no deadline) or NaN (a loss no sample defines), and jq refuses them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(item) for item in value]
+    return value
 
 
 def _open_for(status: dict) -> str:
@@ -421,6 +441,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                       "the open round waits for, read from the server's state directory (running "
                                       "or not)")
     p.add_argument("--state", type=Path, required=True, help="the server's state directory")
+    p.add_argument("--json", action="store_true",
+                   help="print the status as JSON (for a monitoring script): GET /v1/status's fields that the state "
+                        "directory holds, and the warnings")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("join", help="take part in a federation with this site's data",
