@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from fedmix_engine.atomic import write_refused
 from fedmix_engine.errors import InputError
@@ -264,6 +262,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, read_status, space_shortfall
     from fedmix_engine.federation.tokens import TokenStore
     from fedmix_engine.fedmix.local_update import shown_loss
+    from fedmix_engine.strict_json import strict_dumps
 
     _check_state_dir(args.state, writes=False)
     status = read_status(args.state)
@@ -272,8 +271,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         warning for warning in (space_shortfall(Path(args.state), config, status["last_round"]),
                                 _site_count_warning(TokenStore(args.state), Path(args.state))) if warning]
     if args.json:
-        print(json.dumps(_strict_json({**status, "warnings": warnings}), indent=2, allow_nan=False,
-                         ensure_ascii=False))
+        print(strict_dumps({**status, "warnings": warnings}, indent=2))
         return 0
     classes = ", ".join(status["class_names"]) or "not named"
     print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
@@ -298,18 +296,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         held_out = f"; held-out Dice {_held_out(evaluation)}" if evaluation else ""
         print(f"round {meta['round']}: {sites}{held_out} (closed: {meta['reason']})")
     return 0
-
-
-def _strict_json(value: Any) -> Any:
-    """``value`` with every non-finite number as None, as ``/v1/status`` gives it: JSON has no Infinity
-    (``deadline_in`` with no deadline) or NaN (a loss no sample defines), and jq refuses them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _strict_json(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict_json(item) for item in value]
-    return value
 
 
 def _open_for(status: dict) -> str:

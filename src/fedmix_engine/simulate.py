@@ -22,12 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -58,6 +56,7 @@ from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor
 from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
 from fedmix_engine.seeds import check_seed
+from fedmix_engine.strict_json import strict_dumps
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +401,7 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
             if config.method == "local":
                 s.pair = snapshot.site_pairs[s.name]
         # what followed the snapshot may have been cut short: the outputs are made again from it
-        atomic_write_bytes(out / "metrics.jsonl", "".join(_json_text(r) + "\n" for r in snapshot.history).encode())
+        atomic_write_bytes(out / "metrics.jsonl", "".join(strict_dumps(r) + "\n" for r in snapshot.history).encode())
         if config.method != "local":
             save_checkpoint(out / "final.safetensors", global_pair, config.model, {**meta, "round": snapshot.round})
             save_checkpoint(out / "best.safetensors", best_pair, config.model, {**meta, "round": best_round})
@@ -470,7 +469,7 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
                 {s.name: s.state for s in sites if s.state.optimizers is not None},
                 {} if federated else {s.name: s.pair for s in sites}, per_site_best), config.model)
         if out is not None:
-            append_line(out / "metrics.jsonl", _json_text(asdict(record)))
+            append_line(out / "metrics.jsonl", strict_dumps(asdict(record)))
         yield record
 
     if config.method == "local":
@@ -489,7 +488,7 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
     result = SimulationResult(config.method, best_round, val_final, {k: round(v, 4) for k, v in test.items()},
                               round(test_mean, 4), out, history, per_class)
     if out is not None:
-        (out / "summary.json").write_text(_json_text(
+        (out / "summary.json").write_text(strict_dumps(
             {"method": config.method, "best_round": best_round, "val_dice": val_final, "test_dice": result.test_dice,
              "test_mean": result.test_mean, "test_dice_per_class": per_class}, indent=2) + "\n")
     release_memory(plan)
@@ -499,21 +498,6 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
 RUN_LOCK = "run.lock"  # Windows: a running simulation's lock file in its --out (on POSIX it flocks the folder)
 _ANOTHER_RUN = ("another run is writing to this folder (a terminal's simulate, or napari's Train & federate on this "
                 "site); wait for it to end, or give this one another --out")
-
-
-def _json_text(record: Any, indent: int | None = None) -> str:
-    """JSON with ``null`` where a figure is missing (no validation data): Python writes NaN, which is not JSON
-    and which jq, JavaScript and most JSON readers refuse."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(v) for v in value]
-        return value
-
-    return json.dumps(clean(record), indent=indent, allow_nan=False)
 
 
 def run_simulation(site_dirs: list[str | Path], eval_root: str | Path | None, config: SimulationConfig,

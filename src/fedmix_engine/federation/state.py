@@ -52,6 +52,7 @@ from fedmix_engine.fedmix.local_update import TrainConfig, shown_loss
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.seeds import check_seed
+from fedmix_engine.strict_json import strict_dumps
 
 log = logging.getLogger(__name__)
 # writes the machine refuses, with the HTTP status a site gets (it retries any 5xx) and what the admin must do;
@@ -141,10 +142,7 @@ class ServerConfig:
     def to_json(self) -> bytes:
         """server.json's text: strict JSON, which has no Infinity, so ``--round-timeout inf`` (no deadline)
         is written as null (jq, a browser, a monitoring script read it)."""
-        raw = self.to_dict()
-        if math.isinf(self.round_timeout):
-            raw["round_timeout"] = None
-        return (json.dumps(raw, indent=2, allow_nan=False) + "\n").encode()
+        return (strict_dumps(self.to_dict(), indent=2) + "\n").encode()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ServerConfig:
