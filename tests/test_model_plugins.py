@@ -20,6 +20,7 @@ from federation_helpers import TINY_SETTINGS, free_port, make_tokens, running_se
 from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.cli import main
 from fedmix_engine.data.synthetic import make_sample
+from fedmix_engine.errors import InputError
 from fedmix_engine.model import config as model_config
 from model_package_helpers import install_network_package
 
@@ -116,3 +117,58 @@ def test_serve_and_join_federate_an_installed_packages_network(installed: dict[s
     changed = _run(installed, "serve", "--state", str(state), "--model", "unet", "--port", str(free_port()))
     assert changed.returncode == 2 and "fixed for the life of a federation (model.name: tiny-conv → unet)" in (
         changed.stderr), changed.stderr
+
+
+def test_a_network_that_breaks_the_contract_is_refused_by_name_before_training(tmp_path: Path, capsys,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network whose logits are not B×classes×H×W (a stride left in, the class count ignored) or that cannot
+    take the images failed mid-round, deep in the Dice loss, with torch's shape error. It is probed once when
+    built; the probe moves no BatchNorm statistic, leaves the module training and draws nothing from the RNG."""
+    import torch
+
+    from fedmix_engine.model import ModelConfig, build_model, register_model
+
+    class Refuses(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("this network needs 3 channels")
+
+    monkeypatch.setattr(model_config, "_REGISTRY", {"unet": model_config._unet})
+    monkeypatch.setattr(model_config, "_PROBED", set())
+    register_model("strided", lambda c: torch.nn.Conv2d(c.in_channels, c.num_classes, 3, stride=2, padding=1))
+    register_model("one-class", lambda c: torch.nn.Conv2d(c.in_channels, 1, 3, padding=1))
+    register_model("refuses", lambda c: Refuses())
+    register_model("normed", lambda c: torch.nn.Sequential(torch.nn.Conv2d(c.in_channels, c.num_classes, 1),
+                                                           torch.nn.BatchNorm2d(c.num_classes)))
+    make_sample(tmp_path / "fed", sites=2, images=4, eval_images=1, seed=0, size=32, classes=2)
+    for name, said in [
+        ("strided", "--model: network 'strided' maps a 2×1×32×32 batch of images to 2×2×16×16; it must return "
+                    "2×2×32×32 logits: one channel per class, at the images' size"),
+        ("one-class", "--model: network 'one-class' maps a 2×1×32×32 batch of images to 2×1×32×32; it must return "
+                      "2×2×32×32 logits"),
+        ("refuses", "--model: network 'refuses' cannot take a 2×1×32×32 batch of images: ValueError: this network "
+                    "needs 3 channels"),
+    ]:
+        assert main(["simulate", "--sample", str(tmp_path / "fed"), "--model", name, "--rounds", "1",
+                     "--image-size", "32", "--crop-size", "32", "--device", "cpu", "--out", str(tmp_path / name)]) == 2
+        assert said in capsys.readouterr().err, name
+        assert not (tmp_path / name / "metrics.jsonl").exists()
+
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+
+    with pytest.raises(InputError, match=r"model.name: network 'strided' maps a 2×1×32×32 batch of images to "
+                                         r"2×1×16×16"):
+        ServerState(tmp_path / "state", ServerConfig(model=ModelConfig(name="strided")))
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir()), "a state half made"
+
+    config = ModelConfig(name="normed", num_classes=2)
+    torch.manual_seed(7)
+    probed = build_model(config)
+    after_probe = torch.rand(3)
+    assert config in model_config._PROBED
+    torch.manual_seed(7)
+    again = build_model(config)  # probed already: not again
+    assert torch.equal(torch.rand(3), after_probe), "the probe drew from the RNG"
+    assert torch.equal(probed[0].weight, again[0].weight)
+    norm = probed[1]
+    assert probed.training and norm.training
+    assert int(norm.num_batches_tracked) == 0 and torch.equal(norm.running_var, torch.ones(2))

@@ -359,6 +359,7 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
     elif out is not None:
         check_out_folder(out, overwrite)
     plan = plan_device(config.device, config.precision)
+    global_pair = init_pair(config.model, config.seed)  # before anything is written: it probes another network
     sites = _load_sites([Path(p) for p in site_dirs], eval_root, config)
     if resume and snapshot.sites != [s.name for s in sites]:
         raise InputError("--sites", f"the run in {out} trained sites {snapshot.sites}, not {[s.name for s in sites]}")
@@ -381,7 +382,6 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
     train = config.train
     if config.method in ("fedavg-mask-only", "supervised-upper"):
         train = replace(train, pseudo_labels=config.method == "supervised-upper")
-    global_pair = init_pair(config.model, config.seed)
     meta = {"image_size": train.image_size, "inference": config.inference, "method": config.method,
             "classes": list(sites[0].data.classes)}  # names the predictions' labels (DICOM SEG segments)
     if config.method == "local":

@@ -202,8 +202,9 @@ class ServerState:
             refuse_foreign_folder(self.root)
             config.validate()
             self.config = config
+            initial = init_pair(config.model, config.seed)  # before anything is written: it probes another network
             make_folder(self.root / "rounds")
-            self._commit_round(0, init_pair(config.model, config.seed), {"round": 0, "reason": "initial"})
+            self._commit_round(0, initial, {"round": 0, "reason": "initial"})
             atomic_write_bytes(config_path, config.to_json())
         self.rule = AggregationRule.for_method(self.config.method, self.config.lam, self.config.beta)
         self.federation_id = self._federation_id()

@@ -137,10 +137,51 @@ def model_builder(name: str) -> Callable[[ModelConfig], nn.Module]:
     return builder
 
 
+_PROBED: set[ModelConfig] = set()  # another network's configurations seen to keep to the contract, this process
+
+
 def build_model(config: ModelConfig) -> nn.Module:
-    """Instantiate the network a config describes (weights randomly initialised by torch's RNG)."""
+    """Instantiate the network a config describes (weights randomly initialised by torch's RNG); another
+    network than the U-Net is probed once per configuration (:func:`_probe_output`)."""
     config.validate()
-    return _REGISTRY[config.name](config)
+    model = _REGISTRY[config.name](config)
+    if config.name != "unet" and config not in _PROBED and _probe_output(model, config):
+        _PROBED.add(config)
+    return model
+
+
+def _probe_output(model: nn.Module, config: ModelConfig) -> bool:
+    """Refuse a network that does not map ``B×in_channels×H×W`` images to ``B×num_classes×H×W`` logits (a
+    stride left in, an encoder without its decoder): it failed mid-round, deep in the loss, with torch's shape
+    error. One small batch, without gradients, in eval mode (no BatchNorm statistics move) and on a fork of the
+    RNG (training draws the same numbers as without the probe). False: not probed (built on the meta device)."""
+    import torch
+
+    weight = next(iter(model.parameters()), None)
+    if weight is not None and weight.is_meta:
+        return False
+    shape = (2, config.in_channels, 32, 32)
+    wanted = (2, config.num_classes, 32, 32)
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            out = model(torch.zeros(shape, device=weight.device if weight is not None else "cpu"))
+    except Exception as exc:  # the researcher's code: its error, named with the network and the batch
+        raise InputError("model.name", f"network '{config.name}' cannot take a {_dims(shape)} batch of images: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if got != wanted:
+        raise InputError("model.name", f"network '{config.name}' maps a {_dims(shape)} batch of images to "
+                                       f"{_dims(got) if got else type(out).__name__}; it must return {_dims(wanted)} "
+                                       "logits: one channel per class, at the images' size (docs/engine.md)")
+    return True
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape))
 
 
 def count_parameters(model: nn.Module) -> int:
