@@ -141,11 +141,11 @@ def test_a_network_that_breaks_the_contract_is_refused_by_name_before_training(t
                                                            torch.nn.BatchNorm2d(c.num_classes)))
     make_sample(tmp_path / "fed", sites=2, images=4, eval_images=1, seed=0, size=32, classes=2)
     for name, said in [
-        ("strided", "--model: network 'strided' maps a 2×1×32×32 batch of images to 2×2×16×16; it must return "
-                    "2×2×32×32 logits: one channel per class, at the images' size"),
-        ("one-class", "--model: network 'one-class' maps a 2×1×32×32 batch of images to 2×1×32×32; it must return "
-                      "2×2×32×32 logits"),
-        ("refuses", "--model: network 'refuses' cannot take a 2×1×32×32 batch of images: ValueError: this network "
+        ("strided", "--model: network 'strided' maps a 2×1×64×64 batch of images to 2×2×32×32; it must return "
+                    "2×2×64×64 logits: one channel per class, at the images' size"),
+        ("one-class", "--model: network 'one-class' maps a 2×1×64×64 batch of images to 2×1×64×64; it must return "
+                      "2×2×64×64 logits"),
+        ("refuses", "--model: network 'refuses' cannot take a 2×1×64×64 batch of images: ValueError: this network "
                     "needs 3 channels"),
     ]:
         assert main(["simulate", "--sample", str(tmp_path / "fed"), "--model", name, "--rounds", "1",
@@ -155,8 +155,8 @@ def test_a_network_that_breaks_the_contract_is_refused_by_name_before_training(t
 
     from fedmix_engine.federation.state import ServerConfig, ServerState
 
-    with pytest.raises(InputError, match=r"model.name: network 'strided' maps a 2×1×32×32 batch of images to "
-                                         r"2×1×16×16"):
+    with pytest.raises(InputError, match=r"model.name: network 'strided' maps a 2×1×64×64 batch of images to "
+                                         r"2×1×32×32"):
         ServerState(tmp_path / "state", ServerConfig(model=ModelConfig(name="strided")))
     assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir()), "a state half made"
 
