@@ -1617,6 +1617,10 @@ def test_token_and_serve_cli_refuse_a_file_as_state_and_a_bad_port_and_say_when_
     assert main(["status", "--state", str(state)]) == 2
     assert capsys.readouterr().err == (f"error: {state}: no federation here yet (tokens of 1 site(s): site-a): "
                                        f"'fedmix-engine serve --state {state}' starts it\n")
+    assert main(["status", "--state", str(tmp_path / "stat")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'stat'}: no such folder: give the folder 'serve "
+                                       "--state' was started with\n")
+    assert not (tmp_path / "stat").exists()
 
     (tmp_path / "a-file").write_text("keep me")
     for argv in (["token", "add", "site-b"], ["serve"]):

@@ -775,6 +775,8 @@ def read_status(root: str | Path, now: float | None = None) -> dict[str, Any]:
                            if not entry.get("revoked"))
             held = f" (tokens of {len(sites)} site(s): {first_names(sites, 4)})" if sites else ""
             raise InputError(root, f"no federation here yet{held}: 'fedmix-engine serve --state {root}' starts it")
+        if not root.exists():  # a typing error, most often: said as such, not as a folder of the wrong kind
+            raise InputError(root, "no such folder: give the folder 'serve --state' was started with")
         raise InputError(root, "not a server state directory (no server.json or rounds/)")
     completed = completed_rounds(root)
     last = completed[-1]
