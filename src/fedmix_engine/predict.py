@@ -343,6 +343,7 @@ NOT_AN_IMAGE = "skipped: not an image"
 MASK_BESIDE = "skipped: a mask beside its image, not an image"
 
 
+MASK_SUFFIX, SEG_SUFFIX = "_mask.tif", "_seg.dcm"  # a batch's outputs: <stem>_mask.tif, and its DICOM SEG
 WHOLE_IMAGE = 0.99  # a mask covering this share of its image or more: a lesion rarely does
 
 
@@ -367,7 +368,7 @@ def earlier_masks(out: str | Path, rows: Sequence[BatchRow]) -> list[str]:
     found = []
     for root, folders, files in os.walk(out):
         folders[:] = sorted(f for f in folders if not f.startswith("."))
-        found += [name for f in sorted(files) if f.endswith(("_mask.tif", "_seg.dcm")) and not f.startswith(".")
+        found += [name for f in sorted(files) if f.endswith((MASK_SUFFIX, SEG_SUFFIX)) and not f.startswith(".")
                   and (name := (Path(root) / f).relative_to(out).as_posix()) not in ours]
     return found
 
@@ -447,7 +448,7 @@ def _colour_as_grey_note(predicted: Sequence[BatchRow]) -> str:
 
 def _seg_name(mask_file: str) -> str:
     """The DICOM SEG written beside a mask: ``<name>_seg.dcm`` for ``<name>_mask.tif``."""
-    return mask_file.removesuffix("_mask.tif") + "_seg.dcm"
+    return mask_file.removesuffix(MASK_SUFFIX) + SEG_SUFFIX
 
 
 def mask_names(files: list[Path]) -> dict[Path, str]:
@@ -457,8 +458,8 @@ def mask_names(files: list[Path]) -> dict[Path, str]:
     Stems are compared case-insensitively: ``Scan.tif`` and ``scan.png`` collide on macOS and Windows."""
     stems = {path: image_stem(path) for path in files}
     shared = Counter(stem.lower() for stem in stems.values())
-    return {path: f"{stem}_{path.suffix.lstrip('.').lower()}_mask.tif" if shared[stem.lower()] > 1
-            else f"{stem}_mask.tif" for path, stem in stems.items()}
+    return {path: f"{stem}_{path.suffix.lstrip('.').lower()}{MASK_SUFFIX}" if shared[stem.lower()] > 1
+            else f"{stem}{MASK_SUFFIX}" for path, stem in stems.items()}
 
 
 def _read_below(folder: Path, out: Path | None) -> bool:
