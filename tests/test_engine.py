@@ -769,6 +769,7 @@ def test_predict_and_evaluate_say_when_a_gpu_asked_for_is_not_used(sample: Path,
                                                                     monkeypatch) -> None:
     """Neither prints a device line: '--device cuda' where the GPU is gone (a driver update) ran on the CPU,
     many times slower, and said nothing. What the plan decides is said; auto and cpu say nothing."""
+    from fedmix_engine.predict import Predictor
     from model_helpers import no_lesion_checkpoint
 
     assert plan_device("cuda", cuda_available=lambda: False).gpu_not_used
@@ -779,6 +780,10 @@ def test_predict_and_evaluate_say_when_a_gpu_asked_for_is_not_used(sample: Path,
     assert not plan_device("auto", cuda_available=lambda: False).gpu_not_used and not plan_device("cpu").gpu_not_used
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this machine; a GPU machine too
     checkpoint = no_lesion_checkpoint(tmp_path / "n")
+    # napari's Predict and Evaluate name the model by describe(): the device there says why too
+    assert Predictor.from_checkpoint(checkpoint, "cuda").describe().endswith(
+        "on cpu (cuda requested but no CUDA GPU is available: using the CPU)")
+    assert Predictor.from_checkpoint(checkpoint, "cpu").describe().endswith("px, on cpu")
     test = sample / "eval" / "site-a" / "test"
     for device, said in (("cuda", "note: cuda requested but no CUDA GPU is available: using the CPU\n"), ("cpu", ""),
                          ("auto", "")):

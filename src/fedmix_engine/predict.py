@@ -131,7 +131,8 @@ class Predictor:
         """What a user should know of the model predicting: its round, classes, training size and device."""
         parts = [f"round {self.trained_round}"] if self.trained_round is not None else []
         classes = ", ".join(self.classes) if self.classes else f"{self.model_config.num_classes} class(es)"
-        return ", ".join([*parts, classes, f"trained at {self.image_size} px", f"on {self.plan.device}"])
+        device = f"on {self.plan.device}" + (f" ({self.plan.note})" if self.plan.gpu_not_used else "")
+        return ", ".join([*parts, classes, f"trained at {self.image_size} px", device])
 
     def provenance(self) -> dict[str, Any]:
         """The model as a prediction's record names it: checkpoint and digest, round, classes, settings."""
