@@ -69,7 +69,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse a setting that would fail late or train silently wrong; the error names its field."""
-        if not self.image_size >= 16:  # else the crop's default (16) was named: "16 is larger than image_size 8"
+        if not self.image_size >= 16:  # else the crop's default (16) was named: "must be at most the image size (8 px)"
             raise InputError("image_size", f"must be ≥ 16 (four 2× poolings), not {self.image_size}")
         if self.image_size > MAX_IMAGE_SIZE:  # a site would resize every image to it, and run out of memory
             raise InputError("image_size", f"must be at most {MAX_IMAGE_SIZE} px, not {self.image_size}")
