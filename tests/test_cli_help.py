@@ -135,6 +135,17 @@ def test_a_bad_setting_is_named_by_the_option_typed(tmp_path, capsys, command, g
     assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists(), "refused before anything is written"
 
 
+def test_a_mistyped_flower_run_config_key_is_named_with_the_nearest_key(tmp_path, capsys):
+    from fedmix_engine.cli import main
+
+    assert main(["flower-app", str(tmp_path / "app"), "--set", "num-rounds=50", "--set", "width=16",
+                 "--set", "colour=red"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run config: unknown key(s) ['colour', 'num-rounds', 'width']; num-rounds: did you "
+                          "mean num-server-rounds?; width: did you mean model-width?; known: ['batch-size', "), err
+    assert not (tmp_path / "app").exists()
+
+
 @pytest.mark.parametrize("argv, command, hint", [
     (["make-sample", "out", "--images-per-site", "8"], "make-sample", "--images-per-site: did you mean --images?"),
     (["site", "import", "site-a", "--maskz", "masks"], "site import", "--maskz: did you mean --masks?"),

@@ -7,6 +7,7 @@ only where results go is Flower-specific. Bad values fail before round 1, naming
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -53,8 +54,10 @@ class FlowerRunSettings:
     def from_run_config(cls, raw: dict[str, Any]) -> FlowerRunSettings:
         defaults = cls().to_run_config()
         unknown = set(raw) - set(defaults)
-        if unknown:
-            raise InputError("run config", f"unknown key(s) {sorted(unknown)}; known: {sorted(defaults)}")
+        if unknown:  # a mistyped key, named with the nearest one, as the command line's options are
+            hints = "".join(f"; {key}: did you mean {near[0]}?" for key in sorted(unknown)
+                            if (near := difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)))
+            raise InputError("run config", f"unknown key(s) {sorted(unknown)}{hints}; known: {sorted(defaults)}")
         values = {}
         for key, default in defaults.items():
             value = raw.get(key, default)
