@@ -106,6 +106,9 @@ def test_the_overviews_workflow_commands_are_ones_the_parser_accepts():
     ("serve", ["--local-epochs", "0"], "--local-epochs: must be ≥ 1, not 0"),
     ("serve", ["--round-timeout", "0"], "--round-timeout: must be positive, not 0.0"),
     ("serve", ["--lam", "-1"], "--lam: λ must be a finite number ≥ 0"),
+    # a name no site may give its class: every site would be refused at joining
+    ("serve", ["--classes", "2", "--class-names", "background,cyst"], "--class-names: 'background' is implicit"),
+    ("serve", ["--class-names", "les;ion"], "--class-names: class name 'les;ion' must start with a letter or digit"),
     ("simulate", ["--pl-warmup", "-1"], "--pl-warmup: must be ≥ 0, not -1"),
     ("simulate", ["--tau", "2"], "--tau: must be in (0, 1], not 2.0"),
     ("simulate", ["--image-size", "8"], "--image-size: must be ≥ 16 (four 2× poolings), not 8"),

@@ -180,7 +180,7 @@ class SiteConfig:
         if config.format_version > FORMAT_VERSION:
             raise InputError(path, f"site format {config.format_version} is newer than this "
                              f"fedmix-engine understands ({FORMAT_VERSION}); upgrade napari-fedmix")
-        _check_classes(config.classes, str(path))
+        check_class_names(config.classes, str(path))
         return config
 
 
@@ -192,7 +192,8 @@ def _check_site_name(name: str) -> None:
                                  "not blank): simulate finds a site's evaluation images in eval/<name>/")
 
 
-def _check_classes(classes: Iterable[str], where: str) -> tuple[str, ...]:
+def check_class_names(classes: Iterable[str], where: str) -> tuple[str, ...]:
+    """A site's class names, in label order; a federation's ``--class-names`` must pass too, or no site joins."""
     classes = tuple(classes)
     if not classes:
         raise InputError(where, "a site needs at least one class, e.g. --classes lesion")
@@ -326,7 +327,7 @@ class SiteStore:
                clock: Callable[[], str] | None = None) -> SiteStore:
         """Create a new, empty site folder (refuses to overwrite an existing site)."""
         root = Path(root)
-        classes = _check_classes(classes, "classes")
+        classes = check_class_names(classes, "classes")
         if name is not None:
             _check_site_name(name)
         if channels not in (1, 3):

@@ -42,6 +42,7 @@ from typing import Any
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from fedmix_engine.config_diff import changed_fields
+from fedmix_engine.data.site_store import check_class_names
 from fedmix_engine.dice_text import dice_text
 from fedmix_engine.errors import InputError, first_names
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
@@ -127,6 +128,8 @@ class ServerConfig:
                                  or len(set(self.class_names)) != len(self.class_names) or not all(self.class_names)):
             raise InputError("class_names", f"{', '.join(self.class_names) or '(none)'}: give the model's "
                                             f"{self.model.num_classes} class(es), each once, in label order")
+        if self.class_names:  # as a site names its classes: a name no site may have ('background') admits no site
+            check_class_names(self.class_names, "class_names")
 
     def checkpoint_meta(self, round_index: int) -> dict[str, Any]:
         """What a global checkpoint of this federation carries besides its weights: the size its images were
