@@ -2219,7 +2219,8 @@ def test_batch_predict_takes_one_video_picked_with_its_file_button(make_napari_v
     assert tifffile.imread(tmp_path / "out" / "colonoscopy_mask.tif").shape == (6, 40, 48)
 
 
-def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(make_napari_viewer, qtbot, tmp_path):
+def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(make_napari_viewer, qtbot, tmp_path,
+                                                                           monkeypatch):
     """A PACS export's images sit in patient and series folders: the widget refused the export's top folder
     ('no image files'); 'include sub-folders' predicts them all, each mask in its folder's copy."""
     export = tmp_path / "export"
@@ -2266,6 +2267,16 @@ def test_batch_predict_includes_sub_folders_when_asked_and_continues_a_batch(mak
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert ("Note: 2 mask file(s) in the output folder are not this batch's (p01/s1/us_mask.tif, "
             "p02/s1/us_mask.tif): an earlier batch wrote them") in widget.status.text(), widget.status.text()
+    # a GPU named in the preferences that this machine lacks: the batch says so, as predict's CLI does
+    import torch
+
+    monkeypatch.setattr("napari_fedmix.predict_widget.preferred_device", lambda: "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    widget.output.setText(str(tmp_path / "on-gpu"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert ("(summary.csv); 0 skipped. Note: cuda requested but no CUDA GPU is available: using the CPU. Note: "
+            in widget.status.text()), widget.status.text()
 
 
 def test_predict_widgets_start_with_the_model_just_trained_or_the_open_sites_newest(make_napari_viewer, qtbot,

@@ -339,6 +339,7 @@ class BatchPredictWidget(QWidget):
         self._closing = PanelClosing(self, on_closed=self.cancel)  # its ✕: no batch left running unseen
         self.rows: list = []
         self.unread: list[str] = []  # sub-folders of images a batch without include sub-folders leaves
+        self.device_note = ""  # why the GPU named in the preferences did not predict, as predict's CLI says
         self.total, self.error = 0, None
         layout = QVBoxLayout(self)
         form = QFormLayout()
@@ -376,6 +377,7 @@ class BatchPredictWidget(QWidget):
                                         dicom_seg=self.dicom_seg.isChecked(), frame_steps=True, recursive=recursive,
                                         resume=self.resume.isChecked())
             self.unread = [] if recursive else unread_subfolders(self.input.text(), out)
+            self.device_note = predictor.plan.note if predictor.plan.gpu_not_used else ""
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -444,6 +446,8 @@ class BatchPredictWidget(QWidget):
             said += f"; masks not opened: {unopened}"
         if self.error is None:
             notes = batch_notes(self.rows, self.unread, earlier_masks(out, self.rows))
+            if self.device_note:
+                notes.insert(0, self.device_note)
             said += "".join(f". Note: {note}" for note in notes)
         self.status.setText(said)
 
