@@ -360,6 +360,11 @@ def test_predictions_of_dicom_images_are_written_as_dicom_seg_of_their_source(tm
 
         predict_folder(Predictor.from_checkpoint(checkpoint, "cpu"), folder, tmp_path / "out2", dicom_seg=True,
                        classes=["a", "b"])
+    # segment names a site could not give its classes: 'background' is label 0, not a segment
+    assert main(["predict", str(checkpoint), str(folder), str(tmp_path / "out4"), "--device", "cpu",
+                 "--classes", "Background"]) == 2
+    assert "error: --classes: 'background' is implicit (label 0); do not list it as a class" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out4").exists()
 
 
 def test_a_folder_of_slices_is_read_as_series_in_patient_order_with_their_spacing(tmp_path: Path) -> None:

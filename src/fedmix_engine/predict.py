@@ -50,7 +50,7 @@ from fedmix_engine.data.imageio import (
 )
 from fedmix_engine.data.importer import masks_beside_images
 from fedmix_engine.data.pixel_spacing import file_spacing, tiff_spacing
-from fedmix_engine.data.site_store import refuse_site_folder
+from fedmix_engine.data.site_store import check_class_names, refuse_site_folder
 from fedmix_engine.data.tensors import resize_image
 from fedmix_engine.data.video import is_video_path, open_video
 from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_device, to_device
@@ -556,6 +556,8 @@ class FolderBatch:
         if len(self.classes) != count:
             raise InputError("classes", f"{len(self.classes)} name(s) ({', '.join(self.classes)}) for a model of "
                                         f"{count} class(es)")
+        if classes:  # they name summary.csv's columns and the SEG's segments, as a site names its classes
+            check_class_names(self.classes, "classes")
         self.dicom_seg = dicom_seg
         self.frame_steps = frame_steps
         # a colour model sees colour: then no image is read again to tell it
