@@ -558,6 +558,21 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
         with pytest.raises(InputError, match="class-names"):
             FlowerRunSettings.from_run_config(bad)
 
+    # no deadline, as `serve --round-timeout inf`: TOML's inf, written back as inf, and Flower's None (no limit)
+    endless = write_flower_app(tmp_path / "endless", {"round-timeout": math.inf})
+    assert "\nround-timeout = inf\n" in endless.read_text()
+    config = tomllib.loads(endless.read_text())
+    assert validate_config(config, check_module=True, project_dir=tmp_path / "endless")[0]
+    settings = FlowerRunSettings.from_run_config(config["tool"]["flwr"]["app"]["config"])
+    assert settings.federation.round_timeout == math.inf and settings.timeout is None
+    assert FlowerRunSettings.from_run_config({"round-timeout": 240}).timeout == 240.0
+    for bad in (-math.inf, math.nan):
+        with pytest.raises(InputError, match=re.escape("'round-timeout': must be a number of seconds, or inf for no "
+                                                       f"deadline, not {bad!r}")):
+            FlowerRunSettings.from_run_config({"round-timeout": bad})
+    with pytest.raises(InputError, match=re.escape("run config 'lam': must be a finite float, not inf")):
+        FlowerRunSettings.from_run_config({"lam": math.inf})  # only the deadline may be endless
+
 
 # ---------------------------------------------------------------------------------------------- deployment
 

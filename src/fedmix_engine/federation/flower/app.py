@@ -117,9 +117,9 @@ def server_main(grid: Grid, context: Context) -> None:
     if settings.fraction_evaluate > 0:  # round 0's model too, as join --eval scores it: the baseline
         evaluate_config = ConfigRecord(settings.site_config())
         strategy.aggregate_evaluate(0, grid.send_and_receive(
-            strategy.configure_evaluate(0, pair_to_arrays(pair), evaluate_config, grid), timeout=fed.round_timeout))
+            strategy.configure_evaluate(0, pair_to_arrays(pair), evaluate_config, grid), timeout=settings.timeout))
     strategy.start(grid=grid, initial_arrays=pair_to_arrays(pair), num_rounds=fed.rounds,
-                   timeout=fed.round_timeout, train_config=ConfigRecord(settings.site_config()),
+                   timeout=settings.timeout, train_config=ConfigRecord(settings.site_config()),
                    evaluate_config=ConfigRecord(settings.site_config()))
     log.info("FedMix on Flower finished %d round(s); global pair in %s", fed.rounds, recorder.out)
     deliver_final_model(grid, settings, strategy.accepted_config)
@@ -140,7 +140,7 @@ def deliver_final_model(grid: Grid, settings: FlowerRunSettings, accepted: dict[
     messages = final_model.final_model_messages(pair, meta, settings, nodes, accepted or {})
     sent = [message.metadata for message in messages]  # the Grid gives them their ids as it sends them
     del pair  # the messages hold it
-    replies = grid.send_and_receive(messages, timeout=settings.federation.round_timeout)
+    replies = grid.send_and_receive(messages, timeout=settings.timeout)
     del messages
     record = final_model.delivery_record(replies, nodes, file_sha256(checkpoint), round_index, addressees(sent))
     atomic_write_bytes(out / final_model.DELIVERY_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())

@@ -8,6 +8,7 @@ installed (SuperLink started with ``--disable-runtime-dependency-installation``)
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,11 @@ def write_flower_app(directory: str | Path, overrides: dict[str, Any] | None = N
              "[tool.flwr.app.components]", 'serverapp = "fedmix_engine.federation.flower.app:serverapp"',
              'clientapp = "fedmix_engine.federation.flower.app:clientapp"', "",
              "[tool.flwr.app.config]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in config.items()]  # JSON scalars are TOML scalars
+    lines += [f"{key} = {_toml_scalar(value)}" for key, value in config.items()]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
+
+
+def _toml_scalar(value: Any) -> str:
+    """A run-config value in TOML: JSON's scalars are TOML's, but for no deadline, which TOML writes inf."""
+    return "inf" if value == math.inf else json.dumps(value)

@@ -28,6 +28,7 @@ TRAIN_KEYS = {"image-size": "image_size", "crop-size": "crop_size", "batch-size"
               "local-epochs": "epochs", "tau": "tau", "loss": "loss", "pl-warmup": "pl_warmup_rounds"}
 APP_KEYS = {"out-dir": "out_dir", "keep-updates": "keep_updates", "fraction-evaluate": "fraction_evaluate"}
 CLASS_NAMES_KEY = "class-names"  # ServerConfig.class_names, comma-separated ("" = only the count is checked)
+NO_DEADLINE_KEY = "round-timeout"  # may be inf (TOML's inf): every round waits for its sites, as `serve` allows
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,12 @@ class FlowerRunSettings:
             value = raw.get(key, default)
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if type(value) is not type(default) or (isinstance(value, float) and not math.isfinite(value)):
-                raise InputError(f"run config '{key}'", f"must be a finite {type(default).__name__}, not {value!r}")
+            no_deadline = key == NO_DEADLINE_KEY and value == math.inf
+            if type(value) is not type(default) or (isinstance(value, float) and not math.isfinite(value)
+                                                    and not no_deadline):
+                finite = "a number of seconds, or inf for no deadline" if key == NO_DEADLINE_KEY else \
+                    f"a finite {type(default).__name__}"
+                raise InputError(f"run config '{key}'", f"must be {finite}, not {value!r}")
             values[key] = value
 
         def pick(table: dict[str, str]) -> dict[str, Any]:
@@ -91,6 +96,12 @@ class FlowerRunSettings:
         if not 0.0 <= app["fraction_evaluate"] <= 1.0:
             raise InputError("run config 'fraction-evaluate'", f"must be from 0 to 1, not {app['fraction_evaluate']}")
         return cls(federation, **app)
+
+    @property
+    def timeout(self) -> float | None:
+        """The round timeout as Flower's ``send_and_receive`` takes it: None (no time limit) for inf."""
+        timeout = self.federation.round_timeout
+        return None if math.isinf(timeout) else timeout
 
     def site_config(self) -> dict[str, str | int]:
         """What each site receives every round (a Flower ConfigRecord: strings and numbers only)."""
