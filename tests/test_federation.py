@@ -1701,8 +1701,11 @@ def test_a_restart_may_extend_a_finished_federation_but_never_change_what_sites_
     saved = (state / "server.json").read_bytes()
     refusals = [
         (["--lam", "3", "--lr", "0.01", "--rounds", "3"],
-         "these settings are fixed for the life of a federation (lam: 10.0 → 3.0; train.lr: 0.001 → 0.01)"),
-        (["--width", "8"], "(model.base_width: 4 → 8)"),
+         # named by the options typed, which are what to leave out or set back
+         "these settings are fixed for the life of a federation (--lam: 10.0 → 3.0; --lr: 0.001 → 0.01); leave them "
+         "out to resume it, or use a new --state directory for a new one (adjustable on a restart: --sites, "
+         "--min-sites, --round-timeout, --rounds, --max-upload-mb, --keep-models)"),
+        (["--width", "8"], "(--width: 4 → 8)"),
         (["--rounds", "1"], "--rounds: the federation has completed 2 rounds; give --rounds 2 or more"),
         (["--min-sites", "2"], "--min-sites: need 1 ≤ min-sites (2) ≤ sites (1)"),
     ]
@@ -2121,6 +2124,30 @@ def test_no_deadline_is_stored_as_strict_json_and_read_back_as_no_deadline(tmp_p
     timed = ServerState(tmp_path / "state", replace(config, round_timeout=600.0))
     assert timed.adjusted == ["round_timeout: inf → 600.0"]
     assert json.loads((tmp_path / "state" / "server.json").read_text(), parse_constant=strict)["round_timeout"] == 600
+
+
+def test_a_fixed_setting_changed_is_named_by_field_in_the_engine_and_by_option_on_the_command_line(
+        tmp_path: Path) -> None:
+    """A restart that changed the width read 'model.base_width: 4 → 8', which the admin never typed; the command
+    line now names '--width' (tested with serve above). Called as a library, the engine still names the field,
+    and the error crosses a process boundary as the message it wrote."""
+    import pickle
+
+    from fedmix_engine.errors import SettingsDiffer
+    from fedmix_engine.federation.state import ServerConfig, ServerState
+
+    config = ServerConfig(sites=1, min_sites=1, model=ModelConfig(base_width=4))
+    ServerState(tmp_path / "state", config)
+    with pytest.raises(SettingsDiffer) as refused:
+        ServerState(tmp_path / "state", replace(config, model=ModelConfig(base_width=8), lam=3.0))
+    assert refused.value.reason.startswith("these settings are fixed for the life of a federation (lam: 10.0 → 3.0; "
+                                           "model.base_width: 4 → 8); ")
+    assert refused.value.reason.endswith("(adjustable on a restart: sites, min_sites, round_timeout, rounds, "
+                                         "max_upload_mb, keep_models)")
+    assert refused.value.describe(str.upper).startswith("these settings are fixed for the life of a federation "
+                                                        "(LAM: 10.0 → 3.0; MODEL.BASE_WIDTH: 4 → 8)")
+    carried = pickle.loads(pickle.dumps(refused.value))
+    assert type(carried) is InputError and str(carried) == str(refused.value)
 
 
 def test_a_damaged_round_opening_time_restarts_the_rounds_deadline(tmp_path: Path) -> None:

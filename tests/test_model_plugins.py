@@ -115,7 +115,7 @@ def test_serve_and_join_federate_an_installed_packages_network(installed: dict[s
     assert status.returncode == 0 and "\nmodel: network tiny-conv, width 4, 1 class, 1 channel;" in status.stdout
     # the server's network is part of the federation's settings: a restart cannot change it
     changed = _run(installed, "serve", "--state", str(state), "--model", "unet", "--port", str(free_port()))
-    assert changed.returncode == 2 and "fixed for the life of a federation (model.name: tiny-conv → unet)" in (
+    assert changed.returncode == 2 and "fixed for the life of a federation (--model: tiny-conv → unet)" in (
         changed.stderr), changed.stderr
 
 

@@ -126,7 +126,7 @@ def test_resume_refuses_other_settings_other_sites_fewer_rounds_and_a_folder_wit
              *SETTINGS]
     cases = [
         ([*common, "--rounds", "3", "--lr", "0.01", "--out", str(run)],
-         f"{run}: cannot resume with other settings (train.lr: 0.001 in the run, 0.01 now)"),
+         f"{run}: cannot resume with other settings (--lr: 0.001 in the run, 0.01 now)"),
         ([*common, "--rounds", "1", "--out", str(run)], f"--rounds: the run in {run} has already done 2 rounds"),
         ([*common, "--rounds", "3", "--overwrite", "--out", str(run)], "--resume: continues the run in --out"),
         ([*sites, "--rounds", "3", "--out", str(run)], "--sites: the run in"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from fedmix_engine import __version__
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import InputError, SettingsDiffer
 
 
 def _floats(text: str) -> list[float]:
@@ -372,11 +372,18 @@ def _as_typed(exc: InputError, parser: argparse.ArgumentParser, args: argparse.N
 
     parser = _command_parser(parser, args)
     options = {action.dest for action in parser._actions if action.option_strings}
-    field = exc.where.removeprefix("model.").removeprefix("--").replace("-", "_")
-    mapped = dict((*SERVER_OPTIONS, *MODEL_OPTIONS, *TRAIN_OPTIONS)).get(field, field)
-    # a setting's field under its option (model name: --model); a command's own option as it is (--name)
-    dest = next((d for d in (mapped, field) if d in options), None)
-    return InputError(f"--{dest.replace('_', '-')}", exc.reason) if dest else exc
+    fields = dict((*SERVER_OPTIONS, *MODEL_OPTIONS, *TRAIN_OPTIONS))
+
+    def option(name: str) -> str | None:
+        field = name.removeprefix("model.").removeprefix("train.").removeprefix("--").replace("-", "_")
+        # a setting's field under its option (model name: --model); a command's own option as it is (--name)
+        dest = next((d for d in (fields.get(field, field), field) if d in options), None)
+        return f"--{dest.replace('_', '-')}" if dest else None
+
+    if isinstance(exc, SettingsDiffer):  # each setting in the message by its option
+        return InputError(exc.where, exc.describe(lambda name: option(name) or name))
+    typed = option(exc.where)
+    return InputError(typed, exc.reason) if typed else exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

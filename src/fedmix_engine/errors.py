@@ -3,7 +3,7 @@ to name the first few of many files in a message (an error's or a note's)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -23,6 +23,19 @@ class InputError(ValueError):
         """Rebuilt from (where, reason) when it crosses a process boundary: a worker pool unpickling it
         from its one-string ``args`` raised TypeError in its result thread, and the pool hung."""
         return self.__class__, (self.where, self.reason)
+
+
+class SettingsDiffer(InputError):
+    """Settings that must stay as they were (a federation's for its life, a run's that resumes) asked to change.
+    ``describe`` writes the message from a function naming each setting: here by its field (``train.lr``), on the
+    command line again by the option typed (``--lr``), which is what the user has to leave out or set back."""
+
+    def __init__(self, where: str | Path, describe: Callable[[Callable[[str], str]], str]) -> None:
+        self.describe = describe
+        super().__init__(where, describe(str))
+
+    def __reduce__(self) -> tuple:
+        return InputError, (self.where, self.reason)  # its message as written: the function stays in its process
 
 
 class FederationError(RuntimeError):

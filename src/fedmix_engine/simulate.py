@@ -36,7 +36,7 @@ from fedmix_engine.data.site_store import SiteStore, refuse_site_folder
 from fedmix_engine.data.tensors import SiteTensors, load_site_tensors
 from fedmix_engine.device import DevicePlan, plan_device, release_memory
 from fedmix_engine.environment import changed_between, describe_environment
-from fedmix_engine.errors import InputError
+from fedmix_engine.errors import InputError, SettingsDiffer
 from fedmix_engine.evaluation import EvalSet, evaluate
 from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
 from fedmix_engine.fedmix.local_update import (
@@ -289,7 +289,7 @@ def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None
         stored = json.loads((out / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise InputError(out / "config.json", f"cannot resume: the run's settings are unreadable ({exc})") from None
-    differ = []
+    differ: list[str] = []  # and the settings, named by the function the message is written with
     stored_eval = stored.get("eval") if stored.get("eval") not in (None, "None") else None
     if "eval_identity" in stored:  # the same images wherever the tree now lies: a moved or copied workdir resumes
         same_eval = stored["eval_identity"] == identity
@@ -299,10 +299,11 @@ def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None
     if not same_eval:
         differ.append(f"eval: {stored_eval!r} in the run, {str(eval_root) if eval_root else None!r} now, and not "
                       "the same validation and test images (the best round is chosen on its validation split)")
-    differ += [f"{key}: {was!r} in the run, {now!r} now"
-               for key, was, now in changed_fields(stored, _config_record(config)) if key not in RESUME_MAY_DIFFER]
-    if differ:
-        raise InputError(out, "cannot resume with other settings (" + "; ".join(differ) + ")")
+    settings = [change for change in changed_fields(stored, _config_record(config))
+                if change[0] not in RESUME_MAY_DIFFER]
+    if differ or settings:
+        raise SettingsDiffer(out, lambda name: "cannot resume with other settings (" + "; ".join(
+            [*differ, *(f"{name(key)}: {was!r} in the run, {now!r} now" for key, was, now in settings)]) + ")")
     return stored
 
 

@@ -44,7 +44,7 @@ from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoi
 from fedmix_engine.config_diff import changed_fields
 from fedmix_engine.data.site_store import check_class_names
 from fedmix_engine.dice_text import dice_text
-from fedmix_engine.errors import InputError, first_names
+from fedmix_engine.errors import InputError, SettingsDiffer, first_names
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
 from fedmix_engine.federation.tokens import TOKENS_FILE, TOKENS_LOCK, TokenStore
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
@@ -167,11 +167,12 @@ class Outcome:
     round_closed: bool = False
 
 
-def setting_changes(stored: ServerConfig, new: ServerConfig) -> tuple[list[str], list[str]]:
-    """The settings that differ, as 'name: stored → new', split into (adjustable, fixed)."""
-    changes = [(key, f"{key}: {was} → {now}") for key, was, now in changed_fields(stored.to_dict(), new.to_dict())]
-    adjustable = [text for key, text in changes if key in ADJUSTABLE]
-    return adjustable, [text for key, text in changes if key not in ADJUSTABLE]
+def setting_changes(stored: ServerConfig, new: ServerConfig) -> tuple[list[str], list[tuple[str, Any, Any]]]:
+    """The settings that differ: the adjustable ones as 'name: stored → new', the fixed ones as
+    (name, stored, new)."""
+    changes = changed_fields(stored.to_dict(), new.to_dict())
+    adjustable = [f"{key}: {was} → {now}" for key, was, now in changes if key in ADJUSTABLE]
+    return adjustable, [change for change in changes if change[0] not in ADJUSTABLE]
 
 
 def load_server_config(path: Path) -> ServerConfig:
@@ -222,9 +223,11 @@ class ServerState:
         naming each, before anything is written."""
         adjusted, fixed = setting_changes(stored, config)
         if fixed:
-            raise InputError(config_path, f"these settings are fixed for the life of a federation ({'; '.join(fixed)});"
-                             " leave them out to resume it, or use a new --state directory for a new one "
-                             f"(adjustable on a restart: {', '.join(ADJUSTABLE)})")
+            raise SettingsDiffer(config_path, lambda name: (
+                "these settings are fixed for the life of a federation ("
+                f"{'; '.join(f'{name(key)}: {was} → {now}' for key, was, now in fixed)}); leave them out to resume "
+                f"it, or use a new --state directory for a new one (adjustable on a restart: "
+                f"{', '.join(map(name, ADJUSTABLE))})"))
         config.validate()
         done = self._completed_rounds()[-1]
         if config.rounds < done:
