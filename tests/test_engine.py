@@ -1063,6 +1063,42 @@ def test_a_second_batch_into_the_folder_of_a_running_one_is_refused_until_it_end
     assert sum(1 for _ in iter_predict_folder(predictor, folder, out)) == 3
 
 
+def test_a_batchs_check_reads_the_files_it_needs_not_every_file_of_an_export(tmp_path: Path, monkeypatch) -> None:
+    """A PACS export names its DICOM files without a suffix, so telling one from a report means reading its
+    header. The check before a batch (napari calls it on its GUI thread) read every file's header of the
+    folder to learn whether one was an image: on a hospital share, a frozen napari for a large export. It
+    stops at the first image now; the batch itself still lists them all, in name order."""
+    from fedmix_engine.data import imageio
+    from fedmix_engine.predict import batch_files, check_batch
+
+    dicom_header = b"\0" * 128 + b"DICM" + b"\0" * 64
+    flat, export = tmp_path / "flat", tmp_path / "export"
+    flat.mkdir()
+    for i in range(30):
+        (flat / f"IM{i:04d}").write_bytes(dicom_header)
+    (flat / "A-README").write_text("a report, sniffed first: it comes first by name")
+    for series in ("P1/S1", "P1/S2", "P2/S1"):
+        (export / series).mkdir(parents=True)
+        for i in range(10):
+            (export / series / f"IM{i:04d}").write_bytes(dicom_header)
+    sniffed: list[str] = []
+    real = imageio.is_dicom_path
+    monkeypatch.setattr(imageio, "is_dicom_path", lambda path: sniffed.append(Path(path).name) or real(path))
+    check_batch(flat, 0.5, tmp_path / "out")
+    assert sniffed == ["A-README", "IM0000"]
+    sniffed.clear()
+    check_batch(export, 0.5, tmp_path / "out", recursive=True)
+    assert sniffed == ["IM0000"]
+    assert [p.name for p in batch_files(flat)] == ["A-README", *(f"IM{i:04d}" for i in range(30))]
+    assert [p.relative_to(export).as_posix() for p in batch_files(export, True)][::10] == [
+        "P1/S1/IM0000", "P1/S2/IM0000", "P2/S1/IM0000"]
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "REPORT").write_text("no image here")
+    with pytest.raises(InputError, match="reports: no image files"):  # a folder of reports is still refused
+        check_batch(reports)
+
+
 def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the_output(tmp_path: Path, capsys,
                                                                                       monkeypatch) -> None:
     """A PACS export is patient/study/series folders; only the top folder was predicted (or it was refused

@@ -36,7 +36,6 @@ from fedmix_engine.data.imageio import (
     PREDICTABLE_SUFFIXES,
     exif_orientation,
     holds_colour,
-    image_files,
     image_stem,
     is_dicom_file,
     is_predictable_path,
@@ -474,16 +473,23 @@ def batch_files(source: Path, recursive: bool = False, out: Path | None = None) 
     ``recursive`` every file below it (a PACS export's patient/study/series folders), folder by folder in
     name order. Left out: hidden files and folders, the output folder when it lies inside, and any earlier
     batch's output folder (it holds a ``prediction.json``), whose masks are not images to predict."""
+    return list(_iter_batch_files(source, recursive, out))
+
+
+def _iter_batch_files(source: Path, recursive: bool, out: Path | None) -> Iterator[Path]:
+    """``batch_files`` one folder at a time: a check that needs one image stops at it, instead of listing a
+    whole PACS export (and sniffing every file without a suffix for DICOM) on a network share first."""
     if source.is_file():
-        return [source]
-    if not recursive:
-        return sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
-    skip = out.resolve() if out is not None else None
-    found: list[Path] = []
-    for root, folders, files in os.walk(source):
-        folders[:] = sorted(f for f in folders if _read_below(Path(root) / f, skip))
-        found += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
-    return found
+        yield source
+    elif not recursive:  # by name, from the listing's own file types: no stat per file, no Path sorted
+        with os.scandir(source) as entries:
+            names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
+        yield from (source / name for name in names)
+    else:
+        skip = out.resolve() if out is not None else None
+        for root, folders, files in os.walk(source):
+            folders[:] = sorted(f for f in folders if _read_below(Path(root) / f, skip))
+            yield from (Path(root) / f for f in sorted(files) if not f.startswith("."))
 
 
 def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | None = None,
@@ -497,11 +503,10 @@ def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | No
                                      "or video file, or a folder of them")
     elif not source.is_dir():
         raise InputError(source, "input folder or file not found")
-    elif recursive:
-        if not any(is_predictable_path(p) for p in batch_files(source, True, Path(out) if out else None)):
+    elif not any(is_predictable_path(p) for p in _iter_batch_files(source, recursive, Path(out) if out else None)):
+        if recursive:
             raise InputError(source, f"no image or video files ({', '.join(PREDICTABLE_SUFFIXES)}) in this folder "
                                      "or its sub-folders")
-    elif not image_files(source, videos=True):
         nested = any(p.is_dir() and not p.name.startswith(".") for p in source.iterdir())
         raise InputError(source, no_images_reason(source)
                          + (", or include them (--recursive; in napari: include sub-folders)" if nested else ""))
