@@ -1954,7 +1954,7 @@ def test_a_site_whose_classes_are_named_or_ordered_otherwise_is_refused_at_joini
             f"on {len(rows) // 2} held-out images (sent to the server)") in joined.stdout, joined.stdout
     saved = (state / "server.json").read_bytes()
     for where, change, message in (
-            (state, ["--class-names", "cyst,lesion"], "class_names: ('lesion', 'cyst') → ('cyst', 'lesion')"),
+            (state, ["--class-names", "cyst,lesion"], "(--class-names: ('lesion', 'cyst') → ('cyst', 'lesion'))"),
             (tmp_path / "new", ["--class-names", "lesion", "--classes", "2"],
              "--class-names: lesion: give the model's 2 class(es), each once, in label order"),
             (tmp_path / "new", ["--class-names", "lesion,lesion"], "--class-names: lesion, lesion: give")):
