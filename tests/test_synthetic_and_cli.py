@@ -737,8 +737,11 @@ def test_flower_app_folder_from_the_cli(tmp_path: Path, capsys) -> None:
     assert 'clientapp = "fedmix_engine.federation.flower.app:clientapp"' in text
     assert main(["flower-app", str(tmp_path / "bad"), "--set", "lam=ten"]) == 2
     assert "'lam'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert main(["flower-app", str(tmp_path / "bad"), "--set", "round-timeout=1e400"]) == 2  # inf is not TOML
-    assert "'round-timeout'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    for endless in ("-inf", "nan"):  # no deadline is inf, as serve's --round-timeout inf; these are no deadline
+        assert main(["flower-app", str(tmp_path / "bad"), "--set", f"round-timeout={endless}"]) == 2
+        assert "'round-timeout'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["flower-app", str(tmp_path / "endless"), "--set", "round-timeout=inf"]) == 0
+    assert "\nround-timeout = inf\n" in (tmp_path / "endless" / "pyproject.toml").read_text()
     assert main(["flower-app", str(tmp_path / "app"), "--set", "num-server-rounds=4"]) == 0  # its own: rewritten
     assert "num-server-rounds = 4" in (tmp_path / "app" / "pyproject.toml").read_text()
     (tmp_path / "project").mkdir()

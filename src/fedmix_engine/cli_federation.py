@@ -356,7 +356,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_flower_app(args: argparse.Namespace) -> int:
-    import json
+    import tomllib
 
     from fedmix_engine.federation.flower.app_dir import write_flower_app
 
@@ -365,9 +365,9 @@ def cmd_flower_app(args: argparse.Namespace) -> int:
         key, sep, raw = item.partition("=")
         if not sep:
             raise InputError("--set", f"'{item}' is not key=value")
-        try:  # numbers and booleans as TOML/JSON literals, anything else as a string
-            overrides[key.strip()] = json.loads(raw)
-        except ValueError:
+        try:  # a TOML value, as `flwr run --run-config` reads one (inf: no deadline); anything else a string
+            overrides[key.strip()] = tomllib.loads(f"value = {raw}")["value"]
+        except tomllib.TOMLDecodeError:
             overrides[key.strip()] = raw
     path = write_flower_app(args.dir, overrides)
     print(f"wrote {path}\nrun it: flwr run {args.dir} <connection>  (SuperLink and SuperNodes: docs/federation.md)")
