@@ -289,21 +289,20 @@ def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None
         stored = json.loads((out / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise InputError(out / "config.json", f"cannot resume: the run's settings are unreadable ({exc})") from None
-    differ: list[str] = []  # and the settings, named by the function the message is written with
     stored_eval = stored.get("eval") if stored.get("eval") not in (None, "None") else None
     if "eval_identity" in stored:  # the same images wherever the tree now lies: a moved or copied workdir resumes
         same_eval = stored["eval_identity"] == identity
     else:  # a run from before identities were recorded: its path
         now = eval_root.resolve() if eval_root else None
         same_eval = (Path(stored_eval).resolve() if stored_eval else None) == now
-    if not same_eval:
-        differ.append(f"eval: {stored_eval!r} in the run, {str(eval_root) if eval_root else None!r} now, and not "
-                      "the same validation and test images (the best round is chosen on its validation split)")
+    other_eval = [] if same_eval else [
+        f"eval: {stored_eval!r} in the run, {str(eval_root) if eval_root else None!r} now, and not the same "
+        "validation and test images (the best round is chosen on its validation split)"]
     settings = [change for change in changed_fields(stored, _config_record(config))
                 if change[0] not in RESUME_MAY_DIFFER]
-    if differ or settings:
+    if other_eval or settings:  # each setting named by the function the message is written with
         raise SettingsDiffer(out, lambda name: "cannot resume with other settings (" + "; ".join(
-            [*differ, *(f"{name(key)}: {was!r} in the run, {now!r} now" for key, was, now in settings)]) + ")")
+            [*other_eval, *(f"{name(key)}: {was!r} in the run, {now!r} now" for key, was, now in settings)]) + ")")
     return stored
 
 
