@@ -481,9 +481,10 @@ def _iter_batch_files(source: Path, recursive: bool, out: Path | None) -> Iterat
     whole PACS export (and sniffing every file without a suffix for DICOM) on a network share first."""
     if source.is_file():
         yield source
-    elif not recursive:  # by name, from the listing's own file types: no stat per file, no Path sorted
-        with os.scandir(source) as entries:
-            names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
+    elif not recursive:  # by name as paths sort (Windows: case-blind), from the listing's own file types: no stat
+        with os.scandir(source) as entries:  # per file, no Path compared
+            names = sorted((e.name for e in entries if not e.name.startswith(".") and e.is_file()),
+                           key=os.path.normcase)
         yield from (source / name for name in names)
     else:
         skip = out.resolve() if out is not None else None
