@@ -1092,6 +1092,26 @@ def test_a_batchs_check_reads_the_files_it_needs_not_every_file_of_an_export(tmp
     assert [p.name for p in batch_files(flat)] == ["A-README", *(f"IM{i:04d}" for i in range(30))]
     assert [p.relative_to(export).as_posix() for p in batch_files(export, True)][::10] == [
         "P1/S1/IM0000", "P1/S2/IM0000", "P2/S1/IM0000"]
+    # the batch itself: made on napari's GUI thread, it reads no more than the check did; which files are images,
+    # and their masks' names, are decided once, as the run begins (they were decided twice, first on that thread)
+    from fedmix_engine import predict
+
+    grouped: list[int] = []
+    real_beside = predict.masks_beside_images
+    monkeypatch.setattr(predict, "masks_beside_images", lambda files: grouped.append(len(files)) or real_beside(files))
+    predictor = predict.Predictor(init_pair(TINY, 0), TINY, 32, plan_device("cpu"))
+    sniffed.clear()
+    batch = predict.iter_predict_folder(predictor, flat, tmp_path / "masks")
+    assert sniffed == ["A-README", "IM0000"] and grouped == []
+    rows = [step[2] for step in batch]
+    assert grouped == [30] and len(rows) == 31  # the 30 files read as DICOM, in one folder; the report is none
+    assert rows[0].status.startswith("skipped: not an image") and rows[1].status.startswith("skipped: ")
+    # an output folder holding another's files is still refused by name, before anything is written there
+    (tmp_path / "drawn").mkdir()
+    (tmp_path / "drawn" / "IM0003_mask.tif").write_bytes(b"hand-drawn")
+    with pytest.raises(InputError, match=r"drawn: holds files this batch would replace \(IM0003_mask.tif\)"):
+        predict.iter_predict_folder(predictor, flat, tmp_path / "drawn")
+    assert (tmp_path / "drawn" / "IM0003_mask.tif").read_bytes() == b"hand-drawn"
     reports = tmp_path / "reports"
     reports.mkdir()
     (reports / "REPORT").write_text("no image here")

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -612,19 +612,22 @@ class FolderBatch:
         """A folder no batch wrote (no ``RECORD_FILE``) keeps its files: chosen by mistake, the folder of the
         hand-drawn masks (``scan_mask.tif``) had them replaced by predictions. An earlier batch's folder is
         predicted into again, its masks replaced, as a second run is asked to."""
-        if (self.out / RECORD_FILE).exists():
-            return
-        masks = self._mask_files()[0].values()
+        if (self.out / RECORD_FILE).exists() or not any(
+                name != BATCH_LOCK for _, _, files in os.walk(self.out) for name in files):
+            return  # an earlier batch's folder, or a new one (nothing but this batch's lock): no file to ask after
+        masks = self._mask_files[0].values()
         ours = [*masks, *(map(_seg_name, masks) if self.dicom_seg else ()), SUMMARY_FILE]
         if clashes := sorted(name for name in ours if (self.out / name).exists()):
             shown = ", ".join(clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
             raise InputError(self.out, f"holds files this batch would replace ({shown}) and was not written by an "
                                        f"earlier batch (no {RECORD_FILE}): choose another output folder")
 
+    @cached_property
     def _mask_files(self) -> tuple[dict[Path, str], set[Path]]:
         """Each image's mask file, in the output's copy of the image's sub-folder, and the files that are
         a dataset's own masks beside their images (BUSI), which are not images to predict; both decided
-        folder by folder, as a file's name only clashes with, or belongs to, its neighbours'."""
+        folder by folder, as a file's name only clashes with, or belongs to, its neighbours'. Once: a DICOM
+        file without a suffix is told by reading it (on a share, a round trip each)."""
         by_folder: dict[Path, list[Path]] = defaultdict(list)
         for path in self.files:
             if is_predictable_path(path):
@@ -639,7 +642,7 @@ class FolderBatch:
         return names, beside
 
     def _rows(self, predictor: Predictor, threshold: float) -> Iterator[tuple[int, int, BatchRow] | FrameStep]:
-        names, beside = self._mask_files()
+        names, beside = self._mask_files
         rows: list[BatchRow] = []
         written = time.monotonic()
         try:
