@@ -367,6 +367,39 @@ def test_predictions_of_dicom_images_are_written_as_dicom_seg_of_their_source(tm
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out4").exists()
 
 
+def test_a_study_folders_files_are_read_once_to_tell_dicom_and_napari_asks_only_until_the_first(
+        tmp_path: Path, monkeypatch) -> None:
+    """A PACS export names its files without a suffix, so telling DICOM from a report means reading each one.
+    napari asks the plugin's reader about every folder opened: it read the header of every file there (twice
+    for each DICOM file) before saying yes. Reading the folder's series read each DICOM file's header twice
+    more before decoding it. Now napari's question stops at the first DICOM file, and the series read tells
+    each file once."""
+    from collections import Counter
+
+    from fedmix_engine.data import dicom
+    from fedmix_engine.data.dicom_series import read_series
+    from napari_fedmix.dicom_reader import get_dicom_reader, read_dicom_folder
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "A-README").write_text("a report, first by name")
+    series = generate_uid()
+    for k in range(6):
+        write_slice(study / f"IM{k}", 100 + k, 2.5 * k, instance=k + 1, series=series, SeriesDescription="CT")
+    told: Counter[str] = Counter()
+    real = dicom.has_dicom_marker
+    monkeypatch.setattr(dicom, "has_dicom_marker", lambda path: told.update([Path(path).name]) or real(path))
+    assert get_dicom_reader(str(study)) is read_dicom_folder
+    assert told == {"A-README": 1, "IM0": 1}
+    told.clear()
+    (scanned,) = read_series(study).series
+    assert scanned.pixels.shape[0] == 6 and told == {"A-README": 1, **{f"IM{k}": 1 for k in range(6)}}
+    told.clear()
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "R1").write_text("no DICOM here")
+    assert get_dicom_reader(str(tmp_path / "reports")) is None and told == {"R1": 1}
+
+
 def test_a_folder_of_slices_is_read_as_series_in_patient_order_with_their_spacing(tmp_path: Path) -> None:
     """File names and instance numbers need not follow the slices' positions: the positions order them."""
     from fedmix_engine.data.dicom_series import read_series

@@ -46,6 +46,7 @@ from fedmix_engine.data.imageio import (
     tiff_pages,
     tiff_stack,
     validate_image,
+    visible_files,
 )
 from fedmix_engine.data.importer import masks_beside_images
 from fedmix_engine.data.pixel_spacing import file_spacing, tiff_spacing
@@ -481,11 +482,8 @@ def _iter_batch_files(source: Path, recursive: bool, out: Path | None) -> Iterat
     whole PACS export (and sniffing every file without a suffix for DICOM) on a network share first."""
     if source.is_file():
         yield source
-    elif not recursive:  # by name as paths sort (Windows: case-blind), from the listing's own file types: no stat
-        with os.scandir(source) as entries:  # per file, no Path compared
-            names = sorted((e.name for e in entries if not e.name.startswith(".") and e.is_file()),
-                           key=os.path.normcase)
-        yield from (source / name for name in names)
+    elif not recursive:
+        yield from visible_files(source)
     else:
         skip = out.resolve() if out is not None else None
         for root, folders, files in os.walk(source):

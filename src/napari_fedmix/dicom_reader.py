@@ -18,9 +18,10 @@ def get_dicom_reader(path: str | list[str]) -> Callable[[str | list[str]], list[
     other readers)."""
     paths = [path] if isinstance(path, str) else list(path)
     if len(paths) == 1 and Path(paths[0]).is_dir():
-        from fedmix_engine.data.imageio import image_files, is_dicom_file
+        from fedmix_engine.data.imageio import is_dicom_file, visible_files
 
-        return read_dicom_folder if any(is_dicom_file(p) for p in image_files(Path(paths[0]))) else None
+        # napari asks for every folder opened: the first DICOM file answers, each file read once at most
+        return read_dicom_folder if any(is_dicom_file(p) for p in visible_files(Path(paths[0]))) else None
     if paths and all(Path(p).suffix.lower() in DICOM_SUFFIXES and Path(p).is_file() for p in paths):
         return read_dicom_layers
     return None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmix_engine.data.dicom import load_dicom, position_along_normal, read_dataset
-from fedmix_engine.data.imageio import image_files, image_stem, is_dicom_file, validate_image
+from fedmix_engine.data.imageio import image_stem, is_dicom_file, validate_image, visible_files
 from fedmix_engine.errors import InputError
 
 
@@ -44,7 +44,7 @@ class StudyFolder:
 def read_series(folder: str | Path) -> StudyFolder:
     """Every series of the DICOM files at the top of ``folder`` (sub-folders are not searched)."""
     folder = Path(folder)
-    files = [p for p in image_files(folder) if is_dicom_file(p)]
+    files = [p for p in visible_files(folder) if is_dicom_file(p)]  # each file read once to tell DICOM
     if not files:
         raise InputError(folder, "no DICOM image files at the top of this folder")
     groups: dict[str, list[tuple[Path, object]]] = defaultdict(list)

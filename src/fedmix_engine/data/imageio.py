@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -68,11 +69,26 @@ def is_predictable_path(path: Path) -> bool:
     return is_image_path(path) or is_video_path(path)
 
 
+def visible_files(folder: Path) -> Iterator[Path]:
+    """The files at the top of ``folder`` but hidden ones, in name order as paths sort (case-blind on Windows),
+    told from folders by the listing itself: no stat per file, a round trip each on a network share. Listed
+    now; each path made as it is asked for."""
+    with os.scandir(folder) as entries:
+        names = sorted((e.name for e in entries if not e.name.startswith(".") and e.is_file()), key=os.path.normcase)
+    return (folder / name for name in names)
+
+
+def iter_image_files(folder: Path, videos: bool = False) -> Iterator[Path]:
+    """:func:`image_files` one at a time: a question about the first (is there an image? a DICOM file?) stops
+    there, as each file without an image suffix is read to tell whether it is DICOM."""
+    wanted = is_predictable_path if videos else is_image_path
+    return (path for path in visible_files(folder) if wanted(path))
+
+
 def image_files(folder: Path, videos: bool = False) -> list[Path]:
     """The image files at the top of ``folder`` (sub-folders are not searched; hidden files are skipped),
     and its videos too with ``videos`` (batch prediction reads them; a site does not)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and (is_predictable_path(p) if videos else is_image_path(p)))
+    return list(iter_image_files(folder, videos))
 
 
 def no_images_reason(folder: Path) -> str:

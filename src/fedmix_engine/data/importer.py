@@ -56,6 +56,7 @@ from fedmix_engine.data.imageio import (
     holds_colour,
     image_files,
     image_stem,
+    iter_image_files,
     no_images_reason,
     read_image,
     read_mask_file,
@@ -644,7 +645,7 @@ def read_sources(images: str | Path | None, masks: str | Path | None = None, box
         if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
             raise InputError(path, "folder not found" if folder else "file not found")
     for folder in (images, masks):
-        if folder is not None and not image_files(Path(folder)):
+        if folder is not None and next(iter_image_files(Path(folder)), None) is None:
             raise InputError(folder, no_images_reason(Path(folder)))
     boxes = (Path(boxes_csv), _box_rows(Path(boxes_csv), *_read_table(Path(boxes_csv), ("image",), _BOX_HEADERS))
              ) if boxes_csv is not None else None
