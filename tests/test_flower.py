@@ -756,7 +756,8 @@ def test_a_site_killed_while_it_trains_is_left_out_of_that_round_and_rejoins_the
     round aggregates the other two (exactly as the engine does) and names site-c's node; the SuperNode
     restarted with the same key trains round 2 (min-sites 3 makes the round wait for it) and gets the final
     model; its optimiser never takes the step of the update that never arrived. The run config names the
-    network of a package installed at the server and the sites (``model``), which every process builds."""
+    network of a package installed at the server and the sites (``model``), which every process builds. The run
+    has no deadline (``round-timeout = inf``), as ``serve --round-timeout inf`` may have."""
     from model_package_helpers import install_network_package
 
     env = install_network_package(tmp_path, monkeypatch)
@@ -764,8 +765,9 @@ def test_a_site_killed_while_it_trains_is_left_out_of_that_round_and_rejoins_the
     make_sample(sample, sites=3, images=8, eval_images=3, seed=0, size=32)
     out, app = tmp_path / "out", tmp_path / "app"
     write_flower_app(app, {"num-server-rounds": 2, "model": "tiny-conv", "image-size": 32, "crop-size": 32,
-                           "batch-size": 4, "min-sites": 3, "round-timeout": 150.0, "out-dir": str(out),
-                           "keep-updates": True, "class-names": "lesion"})
+                           "batch-size": 4, "min-sites": 3, "round-timeout": math.inf, "out-dir": str(out),
+                           "keep-updates": True, "class-names": "lesion"})  # no deadline: the SuperLink's answer
+    # for the silent node, not a timeout, closes round 1 (the waits below bound the test)
     deployment = Loopback(tmp_path, env)
     config = {name: f'site-dir="{sample / name}" device="cpu"' for name in SITES}
     rounds_file = out / "rounds.jsonl"
