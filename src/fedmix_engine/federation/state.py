@@ -167,12 +167,11 @@ class Outcome:
     round_closed: bool = False
 
 
-def setting_changes(stored: ServerConfig, new: ServerConfig) -> tuple[list[str], list[tuple[str, Any, Any]]]:
-    """The settings that differ: the adjustable ones as 'name: stored → new', the fixed ones as
-    (name, stored, new)."""
+def setting_changes(stored: ServerConfig, new: ServerConfig) -> tuple[list[tuple[str, Any, Any]],
+                                                                       list[tuple[str, Any, Any]]]:
+    """The settings that differ, each as (name, stored, new), split into (adjustable, fixed)."""
     changes = changed_fields(stored.to_dict(), new.to_dict())
-    adjustable = [f"{key}: {was} → {now}" for key, was, now in changes if key in ADJUSTABLE]
-    return adjustable, [change for change in changes if change[0] not in ADJUSTABLE]
+    return [c for c in changes if c[0] in ADJUSTABLE], [c for c in changes if c[0] not in ADJUSTABLE]
 
 
 def load_server_config(path: Path) -> ServerConfig:
@@ -221,7 +220,7 @@ class ServerState:
     def _adjust(self, stored: ServerConfig, config: ServerConfig, config_path: Path) -> None:
         """Take changed adjustable settings (e.g. more rounds for a finished federation); refuse the rest,
         naming each, before anything is written."""
-        adjusted, fixed = setting_changes(stored, config)
+        adjustable, fixed = setting_changes(stored, config)
         if fixed:
             raise SettingsDiffer(config_path, lambda name: (
                 "these settings are fixed for the life of a federation ("
@@ -229,6 +228,7 @@ class ServerState:
                 f"it, or use a new --state directory for a new one (adjustable on a restart: "
                 f"{', '.join(map(name, ADJUSTABLE))})"))
         config.validate()
+        adjusted = [f"{key}: {was} → {now}" for key, was, now in adjustable]  # for the record and the admin
         done = self._completed_rounds()[-1]
         if config.rounds < done:
             raise InputError("--rounds", f"the federation has completed {done} rounds; give --rounds {done} or more")
