@@ -1119,6 +1119,21 @@ def test_a_batchs_check_reads_the_files_it_needs_not_every_file_of_an_export(tmp
         check_batch(reports)
 
 
+def test_check_batch_names_a_file_where_the_output_folder_must_be_before_any_work(tmp_path: Path) -> None:
+    """A GUI checks its form with ``check_batch`` before its worker starts; an output folder that cannot be made
+    because a file stands in its path was said only when the batch was made, after the model had loaded."""
+    from fedmix_engine.predict import check_batch
+
+    tifffile.imwrite(tmp_path / "scan.tif", np.zeros((40, 48), np.uint8))
+    (tmp_path / "notes").write_text("a file")
+    for out in (tmp_path / "notes", tmp_path / "notes" / "masks", tmp_path / "notes" / "a" / "b"):
+        with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'notes'))}: is a file where a folder"):
+            check_batch(tmp_path, 0.5, out)
+    assert (tmp_path / "notes").read_text() == "a file"
+    check_batch(tmp_path, 0.5, tmp_path.parent / "new" / "masks")  # a folder still to be made: accepted, not made
+    assert not (tmp_path.parent / "new").exists()
+
+
 def test_batch_predict_goes_through_sub_folders_on_request_mirroring_them_in_the_output(tmp_path: Path, capsys,
                                                                                       monkeypatch) -> None:
     """A PACS export is patient/study/series folders; only the top folder was predicted (or it was refused

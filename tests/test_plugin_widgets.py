@@ -1864,6 +1864,48 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
     assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.tif")) == ["scan-0_mask.tif"]
 
 
+def test_batch_predict_loads_the_model_and_lists_the_files_off_the_gui_thread(make_napari_viewer, qtbot, tmp_path,
+                                                                             images, monkeypatch):
+    """Batch predict loaded the model and listed the folder (a header read per suffix-less file) on napari's GUI
+    thread: on a network share a PACS export's listing froze the window before the first image was predicted."""
+    import threading
+
+    from fedmix_engine import predict
+
+    widget = _batch_widget(make_napari_viewer(), qtbot, images[0].parent, tmp_path / "out")
+    threads: dict[str, threading.Thread] = {}
+    load, listing = predict.Predictor.from_checkpoint.__func__, predict.batch_files
+
+    def loading(cls, *args, **kwargs):
+        threads["model"] = threading.current_thread()
+        return load(cls, *args, **kwargs)
+
+    def listing_files(*args, **kwargs):
+        threads["files"] = threading.current_thread()
+        return listing(*args, **kwargs)
+
+    monkeypatch.setattr(predict.Predictor, "from_checkpoint", classmethod(loading))
+    monkeypatch.setattr(predict, "batch_files", listing_files)
+    assert widget.run() is not None
+    assert widget.status.text() == "loading the model and listing the files…" and not widget.run_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert set(threads) == {"model", "files"}
+    assert threading.main_thread() not in threads.values(), threads
+    assert widget.status.text().startswith(f"3 mask(s) written to {tmp_path / 'out'}"), widget.status.text()
+    assert widget.progress.maximum() == widget.progress.value() == widget.total == 4  # and the model file there
+
+    # a corrupt model is refused in the worker: said in the status line, no output folder made, Run usable again
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((8).to_bytes(8, "little") + b"{not js}")
+    widget.checkpoint.setText(str(broken))
+    widget.output.setText(str(tmp_path / "out-2"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text().startswith(f"error: {broken}: "), widget.status.text()
+    assert not (tmp_path / "out-2").exists()
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled() and widget.batch is None
+
+
 def _batch_widget(viewer, qtbot, folder: Path, out: Path):
     """The Batch predict widget filled in: ``folder`` into ``out`` with a tiny untrained model."""
     from napari_fedmix.predict_widget import BatchPredictWidget

@@ -28,12 +28,21 @@ def make_folder(path: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
-        raise InputError(blocker, "is a file where a folder is needed") from None
+        refuse_file_in_the_way(path)
+        raise InputError(path, "is a file where a folder is needed") from None
     except OSError as exc:
         raise InputError(path, f"cannot be created ({exc.strerror or exc}); choose a folder you can write to") \
             from None
     return path
+
+
+def refuse_file_in_the_way(path: str | Path) -> None:
+    """Refuse a folder still to be made when it, or the nearest of its parents that exists, is a file, as
+    ``make_folder`` would, but before any work (a GUI checks its form before it starts a worker)."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(existing, "is a file where a folder is needed")
 
 
 def _create_temporary(path: Path, mode: int | None) -> tuple[int, str]:

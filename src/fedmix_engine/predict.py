@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from fedmix_engine import __version__
-from fedmix_engine.atomic import atomic_write_bytes, make_folder, remove_interrupted_writes
+from fedmix_engine.atomic import atomic_write_bytes, make_folder, refuse_file_in_the_way, remove_interrupted_writes
 from fedmix_engine.checkpoint import checkpoint_bytes, pair_from_bytes
 from fedmix_engine.data.dicom import dicom_frames
 from fedmix_engine.data.dicom_seg import default_class_names, write_dicom_seg
@@ -512,6 +512,7 @@ def check_batch(source: str | Path, threshold: float = 0.5, out: str | Path | No
     images_folder = source.parent if source.is_file() else source
     if out is not None:
         refuse_site_folder(out, "the masks")
+        refuse_file_in_the_way(out)
     if out is not None and Path(out).resolve() == images_folder.resolve():
         # datasets such as BUSI keep "<name>_mask.png" beside "<name>.png": a prediction would replace it
         raise InputError(out, "is the images folder; write the masks to another folder (a predicted "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     import napari
     from napari.qt.threading import WorkerBase
 
-    from fedmix_engine.predict import Predictor
+    from fedmix_engine.predict import FolderBatch, Predictor
 
 PROB_LAYER, PRED_LAYER = "FedMix probability", "FedMix prediction"
 DISAGREE_LAYER = "FedMix networks disagree"  # |p¹ − p²|: what FedMix's agreement rule sees, per pixel
@@ -310,6 +311,15 @@ def _memory_size(size: float) -> str:
     return f"{size / scale:.1f} {unit}"
 
 
+@dataclass(frozen=True)
+class _BatchStarted:
+    """The worker's first item: the batch it made (files counted, output folder held) and its notes."""
+
+    batch: FolderBatch
+    unread: list[str]  # sub-folders of images the batch does not read
+    device_note: str  # why the GPU named in the preferences does not predict, or ""
+
+
 class BatchPredictWidget(QWidget):
     """Predict every image of a folder (or one image, stack or video file) into mask TIFFs and a CSV;
     odd files are skipped and listed."""
@@ -337,6 +347,7 @@ class BatchPredictWidget(QWidget):
         self.skipped = QListWidget()
         self.worker = None
         self._closing = PanelClosing(self, on_closed=self.cancel)  # its ✕: no batch left running unseen
+        self.batch = None  # the running FolderBatch, once the worker has made it
         self.rows: list = []
         self.unread: list[str] = []  # sub-folders of images a batch without include sub-folders leaves
         self.device_note = ""  # why the GPU named in the preferences did not predict, as predict's CLI says
@@ -363,29 +374,43 @@ class BatchPredictWidget(QWidget):
         layout.addWidget(self.skipped)
 
     def run(self) -> WorkerBase | None:
+        """Check the form here (a missing folder, a wrong threshold or no model are said at once), then load
+        the model, list the files and predict in a worker: on a network share the listing of a PACS export
+        took napari's window away for seconds. The worker's first item is the batch it made."""
         from fedmix_engine.predict import Predictor, check_batch, iter_predict_folder, unread_subfolders
 
         try:
             if not (self.input.text() and self.output.text()):
                 raise InputError("images", "choose the images (a folder, or one file) and an output folder")
-            recursive = self.recursive.isChecked()
-            threshold = round(self.threshold.value(), 2)
-            check_batch(self.input.text(), threshold, self.output.text(), recursive)
-            predictor = Predictor.from_checkpoint(chosen_checkpoint(self.checkpoint), preferred_device())
-            out = Path(self.output.text())
-            batch = iter_predict_folder(predictor, self.input.text(), out, threshold,  # makes the folder, lists files
-                                        dicom_seg=self.dicom_seg.isChecked(), frame_steps=True, recursive=recursive,
-                                        resume=self.resume.isChecked())
-            self.unread = [] if recursive else unread_subfolders(self.input.text(), out)
-            self.device_note = predictor.plan.note if predictor.plan.gpu_not_used else ""
+            source, out = self.input.text(), Path(self.output.text())
+            recursive, resume = self.recursive.isChecked(), self.resume.isChecked()
+            dicom_seg, threshold = self.dicom_seg.isChecked(), round(self.threshold.value(), 2)
+            check_batch(source, threshold, out, recursive)  # stops at the first image: quick on a share too
+            checkpoint, device = chosen_checkpoint(self.checkpoint), preferred_device()
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
-        self.rows, self.total, self.error = [], batch.total, None
+
+        def rows():
+            predictor = Predictor.from_checkpoint(checkpoint, device)
+            batch = iter_predict_folder(predictor, source, out, threshold, dicom_seg=dicom_seg,  # makes the folder
+                                        frame_steps=True, recursive=recursive, resume=resume)
+            try:
+                unread = [] if recursive else unread_subfolders(source, out)
+            except BaseException:
+                batch.close()
+                raise
+            yield _BatchStarted(batch, unread, predictor.plan.note if predictor.plan.gpu_not_used else "")
+            yield from batch
+
+        self.batch, self.rows, self.total, self.error = None, [], 0, None
+        self.unread, self.device_note = [], ""
         self.skipped.clear()
-        self.worker = make_worker(lambda: (yield from batch), on_error=self._on_error)
+        self.progress.setRange(0, 0)  # busy until the files are counted
+        self.status.setText("loading the model and listing the files…")
+        self.worker = make_worker(rows, on_error=self._on_error)
         self.worker.yielded.connect(self._on_row)
-        self.worker.finished.connect(lambda: self._on_finished(batch, out))
+        self.worker.finished.connect(lambda: self._on_finished(out))
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.worker.start()
@@ -407,6 +432,13 @@ class BatchPredictWidget(QWidget):
     def _on_row(self, item) -> None:
         from fedmix_engine.predict import FrameStep
 
+        if isinstance(item, _BatchStarted):
+            self.batch, self.unread, self.device_note = item.batch, item.unread, item.device_note
+            self.total = item.batch.total
+            self.progress.setRange(0, self.total)
+            self.progress.setValue(0)
+            self.status.setText(f"0/{self.total}: predicting…")
+            return
         if isinstance(item, FrameStep):  # a stack's frames: Cancel stops between two batches of them
             of = f" of {item.frames}" if item.frames else ""
             self.status.setText(f"{len(self.rows) + 1}/{self.total}: {item.file.name}, frame {item.done}{of}")
@@ -425,13 +457,19 @@ class BatchPredictWidget(QWidget):
         self.error = exc
         self.status.setText(error_line(exc))
 
-    def _on_finished(self, batch, out: Path) -> None:
+    def _on_finished(self, out: Path) -> None:
         from fedmix_engine.predict import batch_notes, earlier_masks
 
-        batch.close()  # a cancelled run writes its summary.csv now (the rest listed as not run)
+        batch, self.batch = self.batch, None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.worker = None
+        if batch is None:  # refused before its first file (a corrupt model, another batch's folder): said
+            self.progress.setRange(0, 1)
+            if self.error is None:  # cancelled while the model loaded
+                self.status.setText("stopped before the first file: nothing written")
+            return
+        batch.close()  # a cancelled run writes its summary.csv now (the rest listed as not run)
         written = [out / r.mask_file for r in self.rows if r.status == "ok"]
         skipped = sum(r.failed for r in self.rows)
         others = sum(r.status != "ok" and not r.failed for r in self.rows)
