@@ -61,7 +61,7 @@ def test_a_run_cut_short_resumes_to_exactly_the_uninterrupted_result(sample: Pat
     with open(cut / "metrics.jsonl", "a") as handle:
         handle.write('{"round": 3, "weig')
     assert main([*common, "--rounds", "3", "--out", str(cut), "--resume"]) == 0
-    assert "resuming" in capsys.readouterr().out
+    assert " 3 site(s) for 3 round(s) → " in (said := capsys.readouterr().out) and "\nresuming at round 3 " in said
     assert records(cut) == records(whole) and len(records(cut)) == 3
     assert json.loads((cut / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
     assert sorted(p.name for p in cut.glob("snapshot-*")) == ["snapshot-0003"], "older snapshots are dropped"
@@ -137,7 +137,12 @@ def test_resume_refuses_other_settings_other_sites_fewer_rounds_and_a_folder_wit
     ]
     for argv, message in cases:
         assert main([*argv, "--resume"]) == 2, argv
-        assert message in capsys.readouterr().err
+        said = capsys.readouterr()
+        assert message in said.err
+        assert said.out == "", "a refused resume printed 'resuming … → OUT' first, as if it had begun"
+    assert main([*common, "--rounds", "2", "--out", str(run)]) == 2  # a new run into it: refused, nothing said first
+    said = capsys.readouterr()
+    assert f"error: {run}: " in said.err and said.out == ""
     assert ((run / "metrics.jsonl").read_text(), (run / "final.safetensors").read_bytes()) == before
 
 

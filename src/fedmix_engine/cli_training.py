@@ -80,12 +80,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     config.validate()  # a bad setting is said alone, not after a line that says the run began
     out = args.out
-    action = "resuming" if args.resume else "simulating"
-    print(f"{action} {config.method} on {len(sites)} site(s) for {config.rounds} round(s) → {out}")
     names = None
     for event in iter_simulation(sites, eval_root, config, out, overwrite=args.overwrite, resume=args.resume,
                                  snapshot_every=args.snapshot_every):
-        if isinstance(event, SimulationStarted):
+        if isinstance(event, SimulationStarted):  # said once the run is checked: a refused one never began
+            action = f"resuming at round {event.first_round}" if args.resume else "simulating"
+            print(f"{action} {config.method} on {len(sites)} site(s) for {config.rounds} round(s) → {out}")
             print(f"device: {event.device}, {event.precision} ({event.note})", flush=True)
             if idle := event.idle_note(config.method):
                 print(f"note: {idle}", flush=True)
