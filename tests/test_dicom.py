@@ -398,6 +398,14 @@ def test_a_study_folders_files_are_read_once_to_tell_dicom_and_napari_asks_only_
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "R1").write_text("no DICOM here")
     assert get_dicom_reader(str(tmp_path / "reports")) is None and told == {"R1": 1}
+    # a Zarr store's chunks ("0.0", no image suffix) are not opened to ask: napari's own reader takes the store
+    for store, marker in (("image.zarr", ".zgroup"), ("volume", "zarr.json"), ("labels.zarr/0", ".zarray")):
+        (tmp_path / store).mkdir(parents=True)
+        (tmp_path / store / marker).write_text("{}")
+        for chunk in ("0.0", "0.1", "1.0"):
+            (tmp_path / store / chunk).write_bytes(bytes(200))
+        told.clear()
+        assert get_dicom_reader(str(tmp_path / store)) is None and not told, store
 
 
 def test_a_folder_of_slices_is_read_as_series_in_patient_order_with_their_spacing(tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ from typing import Any
 from fedmix_engine.data.dicom import DICOM_SUFFIXES
 
 LayerData = tuple[Any, dict, str]
+# a Zarr store (v2 or v3), which napari's own reader opens: its chunk files ("0.0.0") have no image suffix,
+# so telling them from DICOM files named by UID meant opening every one before napari's reader was asked
+ZARR_MARKERS = (".zarray", ".zgroup", ".zattrs", "zarr.json")
 
 
 def get_dicom_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
@@ -20,8 +23,11 @@ def get_dicom_reader(path: str | list[str]) -> Callable[[str | list[str]], list[
     if len(paths) == 1 and Path(paths[0]).is_dir():
         from fedmix_engine.data.imageio import is_dicom_file, visible_files
 
+        folder = Path(paths[0])
+        if folder.suffix.lower() == ".zarr" or any((folder / marker).exists() for marker in ZARR_MARKERS):
+            return None
         # napari asks for every folder opened: the first DICOM file answers, each file read once at most
-        return read_dicom_folder if any(is_dicom_file(p) for p in visible_files(Path(paths[0]))) else None
+        return read_dicom_folder if any(is_dicom_file(p) for p in visible_files(folder)) else None
     if paths and all(Path(p).suffix.lower() in DICOM_SUFFIXES and Path(p).is_file() for p in paths):
         return read_dicom_layers
     return None
