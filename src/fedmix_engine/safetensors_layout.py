@@ -9,19 +9,33 @@ tensor with dtype, shape and data offsets), then the tensors' bytes back to back
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fedmix_engine.errors import InputError
 
-DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                                  "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-                                  "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER = 100_000_000
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """The header's dtype codes as torch dtypes. A function, so that reading a header needs no torch:
+    ``site info`` and the model lines it prints took 2 s, 1.4 s of it importing torch."""
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}
+
+
+@functools.cache
+def _codes() -> dict[torch.dtype, str]:
+    return {dtype: code for code, dtype in torch_dtypes().items()}
 
 
 def _parse(length_bytes: bytes, header_bytes: bytes, size: int, where: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -71,12 +85,15 @@ def write(handle: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str
     for key in order:
         value = tensors[key]
         size = value.numel() * value.element_size()
-        header[key] = {"dtype": CODES[value.dtype], "shape": list(value.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": _codes()[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     handle.write(len(encoded).to_bytes(8, "little"))
     handle.write(encoded)
+    import torch
+
     for key in order:
         value = tensors[key].detach().contiguous().cpu().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
         if value.numel():

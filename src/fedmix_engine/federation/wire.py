@@ -18,7 +18,7 @@ import torch
 
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.losses import LOSS_CEILINGS
-from fedmix_engine.safetensors_layout import DTYPES, read_header
+from fedmix_engine.safetensors_layout import read_header, torch_dtypes
 
 if TYPE_CHECKING:
     from fedmix_engine.fedmix.local_update import LocalReport
@@ -113,7 +113,7 @@ class LazyUpdate(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         begin, end = (int(v) for v in entry["data_offsets"])
-        dtype = DTYPES.get(entry["dtype"])
+        dtype = torch_dtypes().get(entry["dtype"])
         if dtype is None:
             raise InputError(f"tensor '{key}'", f"unsupported dtype {entry['dtype']}")
         with open(self.path, "rb") as handle:
@@ -127,7 +127,7 @@ class LazyUpdate(Mapping[str, torch.Tensor]):
 
     def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of every tensor, from the header (nothing read)."""
-        return {k: (tuple(e["shape"]), DTYPES.get(e["dtype"])) for k, e in self._entries.items()}
+        return {k: (tuple(e["shape"]), torch_dtypes().get(e["dtype"])) for k, e in self._entries.items()}
 
     def __iter__(self):
         return iter(self._entries)
@@ -175,7 +175,7 @@ def validate_update_file(path: Path, template: Mapping[str, tuple[tuple[int, ...
     header, metadata = read_header(path)
     specs = {}
     for key, entry in header.items():
-        known = DTYPES.get(entry.get("dtype"))
+        known = torch_dtypes().get(entry.get("dtype"))
         specs[key] = (tuple(entry.get("shape", ())),
                       str(known).removeprefix("torch.") if known is not None else str(entry.get("dtype")))
     check_specs(specs, template)
