@@ -79,6 +79,8 @@ def header_from_bytes(data: bytes, where: str) -> tuple[dict[str, Any], dict[str
 
 def write(handle: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write the layout tensor by tensor (header padded with spaces to 8-byte alignment)."""
+    import torch
+
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     order = sorted(tensors)
@@ -92,8 +94,6 @@ def write(handle: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str
     encoded += b" " * (-len(encoded) % 8)
     handle.write(len(encoded).to_bytes(8, "little"))
     handle.write(encoded)
-    import torch
-
     for key in order:
         value = tensors[key].detach().contiguous().cpu().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
         if value.numel():

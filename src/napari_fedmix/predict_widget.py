@@ -393,13 +393,9 @@ class BatchPredictWidget(QWidget):
 
         def rows():
             predictor = Predictor.from_checkpoint(checkpoint, device)
+            unread = [] if recursive else unread_subfolders(source, out)  # the output folder is left out anyway
             batch = iter_predict_folder(predictor, source, out, threshold, dicom_seg=dicom_seg,  # makes the folder
                                         frame_steps=True, recursive=recursive, resume=resume)
-            try:
-                unread = [] if recursive else unread_subfolders(source, out)
-            except BaseException:
-                batch.close()
-                raise
             yield _BatchStarted(batch, unread, predictor.plan.note if predictor.plan.gpu_not_used else "")
             yield from batch
 
