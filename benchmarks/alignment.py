@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, held_out_images, machine, publish, trained_predictor
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.data.tensors import resize_channels
-from fedmix_engine.fedmix.local_update import TrainConfig
 from fedmix_engine.fedmix.metrics import dice
+from fedmix_engine.fedmix.train_config import TrainConfig
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.simulate import SimulationConfig
 

@@ -27,7 +27,7 @@ from scipy.stats import rankdata
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, held_out_images, machine, publish, trained_predictor
 from fedmix_engine.data.synthetic import make_sample
-from fedmix_engine.fedmix.local_update import TrainConfig, default_crop_size
+from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import probabilities_to_labels
 from fedmix_engine.simulate import SimulationConfig

@@ -34,7 +34,7 @@ from fedmix_engine.data.synthetic import SHIFTS, make_sample
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError, error_line
 from fedmix_engine.evaluation import EvalSet, evaluate
-from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.fedmix.train_config import TrainConfig
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor
 from fedmix_engine.run_snapshot import latest_snapshot

@@ -35,10 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, publish
 from fedmix_engine.data.tensors import KIND_BOX, KIND_MASK, KIND_TAG, TAG_PRESENT, SiteTensors
 from fedmix_engine.device import plan_device
-from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate, fedmix_weights
-from fedmix_engine.fedmix.local_update import TrainConfig, local_update
+from fedmix_engine.fedmix.aggregation import StreamingAggregate
+from fedmix_engine.fedmix.local_update import local_update
 from fedmix_engine.fedmix.pair import build_pair, init_pair
 from fedmix_engine.fedmix.pseudo_labels import PseudoLabels, predict_binary
+from fedmix_engine.fedmix.train_config import TrainConfig
+from fedmix_engine.fedmix.weights import AggregationRule, fedmix_weights
 from fedmix_engine.model import ModelConfig, build_model
 from fedmix_engine.predict import Predictor
 from fedmix_engine.steps import run_steps

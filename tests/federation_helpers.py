@@ -136,7 +136,7 @@ def one_torch_thread() -> Iterator[None]:
 def simulate_like_the_sites(sample: Path, sites: list[str], rounds: int, out: Path) -> dict[str, torch.Tensor]:
     """The simulator's final pair for the TINY_SETTINGS federation, one torch thread as in the site processes."""
     from fedmix_engine.checkpoint import load_checkpoint
-    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.fedmix.train_config import TrainConfig
     from fedmix_engine.model import ModelConfig
     from fedmix_engine.simulate import SimulationConfig, run_simulation
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedmix_engine.errors import InputError
-from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate, aggregate, fedmix_weights
+from fedmix_engine.fedmix.aggregation import StreamingAggregate, aggregate
+from fedmix_engine.fedmix.weights import AggregationRule, fedmix_weights
 
 
 def test_weights_match_hand_computation() -> None:

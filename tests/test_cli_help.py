@@ -12,8 +12,8 @@ import pytest
 
 from fedmix_engine.cli import build_parser
 from fedmix_engine.cli_federation import MODEL_OPTIONS, SERVER_OPTIONS, TRAIN_OPTIONS
-from fedmix_engine.federation.state import ServerConfig
-from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.federation.server_config import ServerConfig
+from fedmix_engine.fedmix.train_config import TrainConfig
 
 
 def _commands(parser: argparse.ArgumentParser, name: str = "fedmix-engine"):
@@ -68,7 +68,7 @@ def test_serve_help_states_the_defaults_a_new_state_directory_gets(part, options
 
 
 def test_simulate_defaults_are_the_engine_defaults():
-    from fedmix_engine.fedmix.local_update import default_crop_size
+    from fedmix_engine.fedmix.train_config import default_crop_size
 
     simulate, train = _command("simulate"), TrainConfig()
     for option, field in (("image_size", "image_size"), ("batch_size", "batch_size"),
@@ -206,7 +206,7 @@ def test_a_given_image_size_alone_is_a_valid_setting_its_crop_follows(tmp_path, 
     from fedmix_engine.cli import main
     from fedmix_engine.cli_federation import _server_config
     from fedmix_engine.data.synthetic import make_sample
-    from fedmix_engine.fedmix.local_update import default_crop_size
+    from fedmix_engine.fedmix.train_config import default_crop_size
 
     assert [default_crop_size(side) for side in (16, 32, 64, 100, 128, 256)] == [16, 16, 48, 80, 112, 224]
     assert default_crop_size(TrainConfig().image_size) == TrainConfig().crop_size, "the defaults keep the rule"

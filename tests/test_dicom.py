@@ -454,7 +454,7 @@ def test_a_simulated_models_class_names_name_its_dicom_seg_segments(tmp_path: Pa
     import highdicom as hd
 
     from fedmix_engine.data.synthetic import make_sample
-    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.fedmix.train_config import TrainConfig
     from fedmix_engine.model import ModelConfig
     from fedmix_engine.predict import Predictor, predict_folder
     from fedmix_engine.simulate import SimulationConfig, run_simulation

@@ -23,10 +23,11 @@ from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.data.tensors import KIND_BOX, KIND_MASK, KIND_TAG, load_site_tensors
 from fedmix_engine.device import plan_device
 from fedmix_engine.errors import InputError
-from fedmix_engine.fedmix.local_update import LocalResult, TrainConfig, TrainProgress, iter_local_update, local_update
+from fedmix_engine.fedmix.local_update import LocalResult, TrainProgress, iter_local_update, local_update
 from fedmix_engine.fedmix.losses import soft_dice_loss
 from fedmix_engine.fedmix.metrics import dice, hd95, iou
 from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.fedmix.train_config import TrainConfig
 from fedmix_engine.model import ModelConfig, build_model, count_parameters
 from fedmix_engine.steps import run_steps
 

@@ -119,7 +119,7 @@ def test_sites_score_every_global_model_on_held_out_images_and_the_server_pools_
 def _status_reads_what_the_server_says(state: Path, served: dict, capsys) -> None:
     """``fedmix-engine status`` reads the state directory (the server may be running) and writes nothing."""
     from fedmix_engine.cli import main
-    from fedmix_engine.federation.state import read_status
+    from fedmix_engine.federation.status import read_status
 
     before = sorted((p, p.stat().st_mtime_ns) for p in state.rglob("*"))
     status = read_status(state)
@@ -225,7 +225,8 @@ def _token(folder: Path) -> Path:
 
 
 def test_a_hand_edited_evaluation_file_stops_the_server_naming_it(tmp_path: Path) -> None:
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
     from fedmix_engine.model import ModelConfig
 
     state = ServerState(tmp_path / "state", ServerConfig(model=ModelConfig(base_width=4)))
@@ -250,9 +251,10 @@ def test_a_server_from_before_federated_evaluation_is_told_apart_and_training_go
     import uvicorn
 
     from fedmix_engine.federation.server import create_app
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
     from fedmix_engine.federation.tokens import TokenStore
-    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.fedmix.train_config import TrainConfig
     from fedmix_engine.model import ModelConfig
 
     state_dir = tmp_path / "state"
@@ -287,7 +289,8 @@ def test_a_server_from_before_federated_evaluation_is_told_apart_and_training_go
 def test_a_federation_without_class_names_pools_its_sites_classes_by_label_index(tmp_path: Path) -> None:
     """Without --class-names only the class count is fixed: site-b may call label 1 'tumour' where site-a
     says 'lesion'. Pooling looked the first site's name up in the second's report and the status failed."""
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
     from fedmix_engine.model import ModelConfig
 
     state = ServerState(tmp_path / "state", ServerConfig(model=ModelConfig(base_width=4)))
@@ -312,7 +315,8 @@ def test_status_of_a_two_class_federation_gives_each_class_pooled_held_out_dice(
     """The server pooled each class's held-out Dice, but ``status`` printed only their mean: a federation
     whose model found every lesion and no cyst read as half good."""
     from fedmix_engine.cli import main
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
     from fedmix_engine.model import ModelConfig
 
     state = ServerState(tmp_path / "state", ServerConfig(model=ModelConfig(base_width=4, num_classes=2),
@@ -338,7 +342,9 @@ def test_status_of_an_open_round_names_the_sites_that_uploaded_and_reads_a_stopp
                                                                                            capsys) -> None:
     from federation_helpers import fake_update
     from fedmix_engine.cli import main
-    from fedmix_engine.federation.state import ServerConfig, ServerState, read_status
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
+    from fedmix_engine.federation.status import read_status
     from fedmix_engine.model import ModelConfig
 
     state = ServerState(tmp_path / "state", ServerConfig(sites=2, min_sites=2, model=ModelConfig(base_width=4)))
@@ -364,7 +370,9 @@ def test_status_of_an_open_round_says_which_sites_it_waits_for_and_when_its_dead
     from fedmix_engine.cli import main
     from fedmix_engine.cli_federation import _waiting
     from fedmix_engine.federation.admin import render_admin_page
-    from fedmix_engine.federation.state import ServerConfig, ServerState, read_status
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
+    from fedmix_engine.federation.status import read_status
     from fedmix_engine.federation.tokens import TokenStore
     from fedmix_engine.model import ModelConfig
 
@@ -441,7 +449,8 @@ def test_status_of_a_one_site_federation_counts_one_site(tmp_path: Path, capsys)
     """A single hospital trying the server first: "1 site expected", not "1 sites"."""
     from fedmix_engine.cli import main
     from fedmix_engine.federation.admin import render_admin_page
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
     from fedmix_engine.model import ModelConfig
 
     state = ServerState(tmp_path / "state", ServerConfig(sites=1, min_sites=1, model=ModelConfig(base_width=4)))

@@ -45,8 +45,9 @@ from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.data.synthetic import make_sample
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.wire import UpdateReport, encode_update
-from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
-from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.fedmix.aggregation import aggregate
+from fedmix_engine.fedmix.train_config import TrainConfig
+from fedmix_engine.fedmix.weights import AggregationRule
 from fedmix_engine.model import ModelConfig
 from waiting import wait_until
 
@@ -306,7 +307,8 @@ def test_a_round_closing_at_its_deadline_on_a_full_disk_is_shown_as_due_and_clos
     """The other way a round closes, at its deadline with a quorum, fails on a full disk the same way; the
     failure is recorded for the admin page from either way, not only when every site reported."""
     from fedmix_engine.federation.admin import render_admin_page
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
     from fedmix_engine.model import ModelConfig
 
     now = [1000.0]
@@ -922,8 +924,8 @@ def test_a_site_that_trained_on_nothing_has_no_loss_on_the_admin_page_or_in_its_
     """A site with nothing labelled yet, or whose pseudo-labels were all rejected, reports n=0 and ℓ=0.0 (so its
     update stays finite); the admin page and the site's log read that as a perfect fit, and the loss plot
     dipped to 0."""
+    from fedmix_engine.dice_text import shown_loss
     from fedmix_engine.federation.admin import render_admin_page
-    from fedmix_engine.fedmix.local_update import shown_loss
 
     sites = {"busy": {"n": 12, "loss": 0.4321, "weight": 1.0}, "new": {"n": 0, "loss": 0.0, "weight": 0.0}}
     status = {"history": [{"round": r, "sites": sites, "reason": "all sites uploaded"} for r in (1, 2)],
@@ -1190,7 +1192,8 @@ def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None
 
     from fedmix_engine.federation.client import FederationClient
     from fedmix_engine.federation.server import create_app
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
     from fedmix_engine.federation.tokens import TokenStore
 
     state_dir = tmp_path / "state"
@@ -1541,7 +1544,8 @@ def test_a_new_federation_is_not_started_in_a_folder_of_something_else(tmp_path:
     holding only the tokens made for it) and elsewhere is refused, naming what the folder holds."""
     import shutil
 
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
 
     config = ServerConfig(rounds=1, model=ModelConfig(base_width=4))
     site = shutil.copytree(sample / "site-a", tmp_path / "site-a", ignore=shutil.ignore_patterns("models"))
@@ -1568,7 +1572,8 @@ def test_a_new_federation_is_not_started_in_a_folder_of_something_else(tmp_path:
 
 
 def test_more_tokens_than_a_one_site_round_waits_for_is_said_in_the_singular(tmp_path: Path) -> None:
-    from fedmix_engine.federation.state import ServerConfig, more_sites_than_expected
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.status import more_sites_than_expected
     from fedmix_engine.federation.tokens import TokenStore
 
     make_tokens(tmp_path / "state", ["site-a", "site-b"])
@@ -1967,7 +1972,8 @@ def test_a_site_whose_classes_are_named_or_ordered_otherwise_is_refused_at_joini
 def _state_with_two_rounds(root: Path, now: list[float]):
     """A server state that has closed rounds 1 and 2 (two sites each), scored round 2's model, restarted once
     with more rounds (a settings change) and holds one acknowledged update of the open round 3."""
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
 
     config = ServerConfig(sites=2, min_sites=2, rounds=3, model=ModelConfig(base_width=4))
     state = ServerState(root, config, clock=lambda: now[0])
@@ -2097,7 +2103,8 @@ def test_no_deadline_is_stored_as_strict_json_and_read_back_as_no_deadline(tmp_p
     """``--round-timeout inf`` was written to server.json as ``Infinity``, which is not JSON: jq, a browser
     or a monitoring script refused the file. It is null now, and a restart reads it back as no deadline."""
     from fedmix_engine.cli import main
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
 
     def strict(constant: str) -> None:
         raise ValueError(f"not JSON: {constant}")
@@ -2134,7 +2141,8 @@ def test_a_fixed_setting_changed_is_named_by_field_in_the_engine_and_by_option_o
     import pickle
 
     from fedmix_engine.errors import SettingsDiffer
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
 
     config = ServerConfig(sites=1, min_sites=1, model=ModelConfig(base_width=4))
     ServerState(tmp_path / "state", config)
@@ -2153,7 +2161,8 @@ def test_a_fixed_setting_changed_is_named_by_field_in_the_engine_and_by_option_o
 def test_a_damaged_round_opening_time_restarts_the_rounds_deadline(tmp_path: Path) -> None:
     """current/opened.json holding JSON of another shape (a list, a text time) raised from the server's start;
     it is read as unknown now, and the open round's deadline starts again, as when it could not be written."""
-    from fedmix_engine.federation.state import ServerState, read_status
+    from fedmix_engine.federation.state import ServerState
+    from fedmix_engine.federation.status import read_status
 
     state = tmp_path / "state"
     now = [1000.0]

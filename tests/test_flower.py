@@ -45,10 +45,11 @@ from fedmix_engine.federation.flower.app_dir import write_flower_app
 from fedmix_engine.federation.flower.records import pair_to_arrays, report_to_metrics
 from fedmix_engine.federation.flower.settings import FlowerRunSettings
 from fedmix_engine.federation.flower.strategy import FedMixStrategy
-from fedmix_engine.federation.state import ServerConfig
+from fedmix_engine.federation.server_config import ServerConfig
 from fedmix_engine.federation.wire import LazyUpdate, UpdateReport, validate_update_file
-from fedmix_engine.fedmix.aggregation import AggregationRule, aggregate
+from fedmix_engine.fedmix.aggregation import aggregate
 from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.fedmix.weights import AggregationRule
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor
 from waiting import wait_until

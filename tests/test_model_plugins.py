@@ -153,7 +153,8 @@ def test_a_network_that_breaks_the_contract_is_refused_by_name_before_training(t
         assert said in capsys.readouterr().err, name
         assert not (tmp_path / name / "metrics.jsonl").exists()
 
-    from fedmix_engine.federation.state import ServerConfig, ServerState
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
 
     with pytest.raises(InputError, match=r"model.name: network 'strided' maps a 2×1×64×64 batch of images to "
                                          r"2×1×32×32"):

@@ -148,7 +148,7 @@ def test_resume_refuses_other_settings_other_sites_fewer_rounds_and_a_folder_wit
 
 def test_with_a_snapshot_every_two_rounds_a_stop_after_round_3_resumes_from_round_2(sample: Path,
                                                                                    tmp_path: Path) -> None:
-    from fedmix_engine.fedmix.local_update import TrainConfig
+    from fedmix_engine.fedmix.train_config import TrainConfig
     from fedmix_engine.model import ModelConfig
     from fedmix_engine.simulate import RoundDone, SimulationConfig, iter_simulation, run_simulation
 

@@ -51,7 +51,8 @@ def test_a_loss_the_federations_training_cannot_give_is_refused(tmp_path: Path) 
 
 
 def test_aggregating_a_lazy_upload_reads_each_tensor_once(tmp_path: Path, monkeypatch) -> None:
-    from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
+    from fedmix_engine.fedmix.aggregation import StreamingAggregate
+    from fedmix_engine.fedmix.weights import AggregationRule
 
     tensors = {"a": torch.randn(3, 4), "b": torch.randn(5)}
     for name in ("one", "two"):

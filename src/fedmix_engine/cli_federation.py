@@ -32,8 +32,8 @@ def _server_config(args: argparse.Namespace, base):
     """``base`` (a ServerConfig: the defaults, or a state directory's stored settings) with the given options."""
     from dataclasses import replace
 
-    from fedmix_engine.federation.state import parse_class_names
-    from fedmix_engine.fedmix.local_update import default_crop_size
+    from fedmix_engine.federation.server_config import parse_class_names
+    from fedmix_engine.fedmix.train_config import default_crop_size
 
     server = _given(args, SERVER_OPTIONS)
     if "class_names" in server:
@@ -141,7 +141,7 @@ def _check_address(host: str, port: int) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fedmix_engine.federation.server import serve
-    from fedmix_engine.federation.state import CONFIG_FILE, ServerConfig, load_server_config
+    from fedmix_engine.federation.server_config import CONFIG_FILE, ServerConfig, load_server_config
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InputError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
@@ -221,7 +221,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         raise InputError("SITE", f"name the site: fedmix-engine token {args.action} SITE --state DIR")
     store = TokenStore(args.state)
     if args.action == "add":
-        from fedmix_engine.federation.state import refuse_foreign_folder
+        from fedmix_engine.federation.status import refuse_foreign_folder
 
         refuse_foreign_folder(Path(args.state))  # a site folder, or --state one level too high: nothing written
         replaced = args.site in store.sites()
@@ -247,7 +247,8 @@ def _site_count_warning(tokens, state: Path, fewer: bool = True) -> str | None:
     """Said when more sites hold tokens than the federation's rounds expect (its stored --sites), after a
     ``token add`` and in ``status``; in ``status`` (``fewer``) also when fewer do. A tokens file that cannot
     be read is ``status``'s to say."""
-    from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, site_count_mismatch
+    from fedmix_engine.federation.server_config import CONFIG_FILE, load_server_config
+    from fedmix_engine.federation.status import site_count_mismatch
 
     try:
         if not (state / CONFIG_FILE).exists():
@@ -258,10 +259,11 @@ def _site_count_warning(tokens, state: Path, fewer: bool = True) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from fedmix_engine.dice_text import shown_loss
     from fedmix_engine.federation.admin import model_summary, sites_expected
-    from fedmix_engine.federation.state import CONFIG_FILE, load_server_config, read_status, space_shortfall
+    from fedmix_engine.federation.server_config import CONFIG_FILE, load_server_config
+    from fedmix_engine.federation.status import read_status, space_shortfall
     from fedmix_engine.federation.tokens import TokenStore
-    from fedmix_engine.fedmix.local_update import shown_loss
     from fedmix_engine.strict_json import strict_dumps
 
     _check_state_dir(args.state, writes=False)

@@ -48,8 +48,9 @@ def _sites_from(args: argparse.Namespace) -> tuple[list[Path], Path | None]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import torch
 
-    from fedmix_engine.dice_text import per_class_text
-    from fedmix_engine.fedmix.local_update import TrainConfig, TrainProgress, default_crop_size, shown_loss
+    from fedmix_engine.dice_text import per_class_text, shown_loss
+    from fedmix_engine.fedmix.local_update import TrainProgress
+    from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
     from fedmix_engine.model import ModelConfig
     from fedmix_engine.simulate import (
         RoundDone,

@@ -38,12 +38,11 @@ from fedmix_engine.device import DevicePlan, plan_device, release_memory
 from fedmix_engine.environment import changed_between, describe_environment
 from fedmix_engine.errors import InputError, SettingsDiffer
 from fedmix_engine.evaluation import EvalSet, evaluate
-from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
+from fedmix_engine.fedmix.aggregation import StreamingAggregate
 from fedmix_engine.fedmix.local_update import (
     LocalResult,
     PseudoLabelsChosen,
     SiteState,
-    TrainConfig,
     TrainProgress,
     iter_local_update,
     site_seed,
@@ -51,6 +50,8 @@ from fedmix_engine.fedmix.local_update import (
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.fedmix.pseudo_label_audit import audit_pseudo_labels, load_truth
 from fedmix_engine.fedmix.pseudo_labels import needs_prediction
+from fedmix_engine.fedmix.train_config import TrainConfig
+from fedmix_engine.fedmix.weights import AggregationRule
 from fedmix_engine.folder_lock import hold_folder
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor

@@ -276,7 +276,7 @@ class TrainWidget(QWidget):
         """The local run's events; ``done`` > 0 continues the run in ``SITE/models/local`` after that round."""
         from fedmix_engine.data.site_store import SiteStore
         from fedmix_engine.evaluation import validation_scores
-        from fedmix_engine.fedmix.local_update import TrainConfig, default_crop_size
+        from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
         from fedmix_engine.model import ModelConfig
         from fedmix_engine.simulate import RoundDone, SimulationConfig, iter_simulation
 
@@ -326,9 +326,9 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:
-        from fedmix_engine.dice_text import dice_text
+        from fedmix_engine.dice_text import dice_text, shown_loss
         from fedmix_engine.federation.client import JoinEvent
-        from fedmix_engine.fedmix.local_update import TrainProgress, shown_loss
+        from fedmix_engine.fedmix.local_update import TrainProgress
         from fedmix_engine.fedmix.pseudo_labels import kept_summary
         from fedmix_engine.simulate import RoundDone, SimulationStarted
 

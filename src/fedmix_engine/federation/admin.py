@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from fedmix_engine.federation.certificates import expiry_warning
 
 if TYPE_CHECKING:
-    from fedmix_engine.federation.state import ServerConfig
+    from fedmix_engine.federation.server_config import ServerConfig
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -85,7 +85,7 @@ def svg_lines(series: dict[str, list[tuple[int, float]]], title: str, width: int
 
 
 def render_admin_page(status: dict[str, Any]) -> str:
-    from fedmix_engine.fedmix.local_update import shown_loss
+    from fedmix_engine.dice_text import shown_loss
 
     history = status["history"]
     weights: dict[str, list[tuple[int, float]]] = {}

@@ -29,7 +29,7 @@ from fedmix_engine.checkpoint import pair_from_bytes
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
-from fedmix_engine.dice_text import dice_text
+from fedmix_engine.dice_text import dice_text, shown_loss
 from fedmix_engine.errors import FederationError, GaveUp, InputError
 from fedmix_engine.federation import pending_state
 from fedmix_engine.federation.federated_evaluation import EvaluationReport
@@ -38,14 +38,13 @@ from fedmix_engine.federation.wire import API_VERSION, UpdateReport, encode_upda
 from fedmix_engine.fedmix.local_update import (
     LocalResult,
     SiteState,
-    TrainConfig,
     TrainProgress,
     iter_local_update,
-    shown_loss,
     site_seed,
 )
 from fedmix_engine.fedmix.pair import PairState
 from fedmix_engine.fedmix.pseudo_labels import kept_summary
+from fedmix_engine.fedmix.train_config import TrainConfig
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.site_models import GLOBAL_MODEL
 from fedmix_engine.steps import mapped

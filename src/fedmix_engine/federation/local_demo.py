@@ -27,9 +27,10 @@ from fedmix_engine.atomic import make_folder
 from fedmix_engine.data.synthetic import CLASS_SETS, make_sample
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.client import wait_for_server
-from fedmix_engine.federation.state import GLOBAL_FILE, ServerConfig, round_dir
+from fedmix_engine.federation.server_config import ServerConfig
+from fedmix_engine.federation.status import GLOBAL_FILE, round_dir
 from fedmix_engine.federation.tokens import TokenStore
-from fedmix_engine.fedmix.local_update import TrainConfig
+from fedmix_engine.fedmix.train_config import TrainConfig
 from fedmix_engine.folder_lock import HeldFolder, hold_folder
 from fedmix_engine.model import ModelConfig
 

@@ -27,14 +27,9 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.admin import model_summary, render_admin_page
 from fedmix_engine.federation.certificates import certificate_dates, certificate_names, expiry_warning
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
-from fedmix_engine.federation.state import (
-    SERVER_LOCK,
-    STORAGE_FAULTS,
-    ServerConfig,
-    ServerState,
-    site_count_mismatch,
-    space_shortfall,
-)
+from fedmix_engine.federation.server_config import ServerConfig
+from fedmix_engine.federation.state import STORAGE_FAULTS, ServerState
+from fedmix_engine.federation.status import SERVER_LOCK, site_count_mismatch, space_shortfall
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
 from fedmix_engine.folder_lock import hold_folder

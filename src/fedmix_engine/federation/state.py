@@ -19,7 +19,8 @@ State directory::
 An upload is acknowledged only after its file and report are durable, so a server killed at any
 moment restarts with every acknowledged upload. A round is committed by renaming a complete
 directory into place, then the uploads are removed; a crash in between is detected on restart
-(the round exists, the leftovers are discarded).
+(the round exists, the leftovers are discarded). The directory is read without the server by
+``status`` (what ``fedmix-engine status`` and the admin page say); its settings are ``server_config``.
 """
 
 from __future__ import annotations
@@ -28,32 +29,50 @@ import contextlib
 import errno
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from fedmix_engine.config_diff import changed_fields
-from fedmix_engine.data.site_store import check_class_names
-from fedmix_engine.dice_text import dice_text
-from fedmix_engine.errors import InputError, SettingsDiffer, first_names
+from fedmix_engine.dice_text import dice_text, shown_loss
+from fedmix_engine.errors import InputError, SettingsDiffer
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
-from fedmix_engine.federation.tokens import TOKENS_FILE, TOKENS_LOCK, TokenStore
+from fedmix_engine.federation.server_config import (
+    ADJUSTABLE,
+    CONFIG_FILE,
+    ServerConfig,
+    load_server_config,
+    setting_changes,
+)
+from fedmix_engine.federation.status import (
+    CHANGES_FILE,
+    EVALUATIONS,
+    GLOBAL_FILE,
+    ID_FILE,
+    completed_rounds,
+    evaluation_summaries,
+    open_round,
+    read_evaluations,
+    read_federation_id,
+    read_history,
+    read_settings_changes,
+    refuse_foreign_folder,
+    round_dir,
+    round_opened_at,
+    token_sites,
+    upload_report,
+)
+from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
-from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
-from fedmix_engine.fedmix.local_update import TrainConfig, shown_loss
+from fedmix_engine.fedmix.aggregation import StreamingAggregate
 from fedmix_engine.fedmix.pair import PairState, init_pair
-from fedmix_engine.model import ModelConfig
-from fedmix_engine.seeds import check_seed
-from fedmix_engine.strict_json import strict_dumps
+from fedmix_engine.fedmix.weights import AggregationRule
 
 log = logging.getLogger(__name__)
 # writes the machine refuses, with the HTTP status a site gets (it retries any 5xx) and what the admin must do;
@@ -66,96 +85,11 @@ STORAGE_FAULTS = {
     errno.EACCES: (503, "the server's user may not write there: fix the owner or the permissions"),
     errno.EPERM: (503, "the server's user may not write there: fix the owner or the permissions"),
 }
-CONFIG_FILE = "server.json"
-GLOBAL_FILE = "global.safetensors"  # in a round's folder: the global pair it produced
-CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
-ID_FILE = "federation-id"  # sites keep their Adam moments per federation under this id
-SERVER_LOCK = "server.lock"  # Windows: the running server's lock file (on POSIX it flocks the directory)
-EVALUATIONS = "evaluations"  # <round>/<site>.json: the sites' held-out scores of that round's global model
-
-# What an admin may change when restarting a federation: how long it runs, with how many sites, how
-# long a round waits and how large an update may be. What every site trains and how updates are
-# weighed stay fixed: changing them mid-way would mix two experiments in one round history.
-ADJUSTABLE = ("sites", "min_sites", "round_timeout", "rounds", "max_upload_mb", "keep_models")
 
 
-def parse_class_names(text: str) -> tuple[str, ...]:
-    """``"lesion, cyst"`` → ``("lesion", "cyst")``: how ``--class-names`` and Flower's ``class-names`` are written."""
-    return tuple(name.strip() for name in text.split(","))
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything every site must agree on, stored when the state directory is created (a restart may change
-    only ``ADJUSTABLE``)."""
 
-    sites: int = 3
-    min_sites: int = 2
-    round_timeout: float = 600.0
-    rounds: int = 10
-    method: str = "fedmix"
-    lam: float = 10.0
-    beta: float = 1.5
-    seed: int = 0
-    max_upload_mb: float = 512.0
-    # rounds whose global model stays on disk: the last K (and the one the sites' held-out scores rate best so
-    # far); 0: every round's. Each round's record stays. A pair at the reference width is 138 MB a round.
-    keep_models: int = 0
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(base_width=16))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    # the classes in label order: label k must mean the same class at every site, so a site whose names
-    # or order differ is refused at joining (empty: only the count is checked, as before names were stored)
-    class_names: tuple[str, ...] = ()
-
-    def validate(self) -> None:
-        """Refuse bad settings, each named by its field (``min_sites``); a front end names it as its user
-        typed it (``--min-sites``, Flower's ``min-sites``)."""
-        for name in ("sites", "rounds", "round_timeout", "max_upload_mb"):
-            if not getattr(self, name) > 0:
-                raise InputError(name, f"must be positive, not {getattr(self, name)}")
-        if self.max_upload_mb == math.inf:  # a limit in bytes: int(inf) ended the server's start in a traceback
-            raise InputError("max_upload_mb", "must be a finite number of MB, not inf")
-        if not (isinstance(self.keep_models, int) and self.keep_models >= 0):
-            raise InputError("keep_models", f"must be a whole number ≥ 0 (0: every round's model), not "
-                                            f"{self.keep_models}")
-        check_seed(self.seed)
-        if not 1 <= self.min_sites <= self.sites:
-            raise InputError("min_sites", f"need 1 ≤ min-sites ({self.min_sites}) ≤ sites ({self.sites})")
-        AggregationRule.for_method(self.method, self.lam, self.beta)
-        self.model.validate()
-        self.train.validate()
-        if self.class_names and (len(self.class_names) != self.model.num_classes
-                                 or len(set(self.class_names)) != len(self.class_names) or not all(self.class_names)):
-            raise InputError("class_names", f"{', '.join(self.class_names) or '(none)'}: give the model's "
-                                            f"{self.model.num_classes} class(es), each once, in label order")
-        if self.class_names:  # as a site names its classes: a name no site may have ('background') admits no site
-            check_class_names(self.class_names, "class_names")
-
-    def checkpoint_meta(self, round_index: int) -> dict[str, Any]:
-        """What a global checkpoint of this federation carries besides its weights: the size its images were
-        trained at (prediction resizes to it) and, when fixed, the label names (DICOM SEG segments)."""
-        meta: dict[str, Any] = {"round": round_index, "image_size": self.train.image_size}
-        if self.class_names:
-            meta["classes"] = list(self.class_names)
-        return meta
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> bytes:
-        """server.json's text: strict JSON, which has no Infinity, so ``--round-timeout inf`` (no deadline)
-        is written as null (jq, a browser, a monitoring script read it)."""
-        return (strict_dumps(self.to_dict(), indent=2) + "\n").encode()
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ServerConfig:
-        raw = dict(raw)
-        if "round_timeout" in raw and raw["round_timeout"] is None:  # null: no deadline (see to_json)
-            raw["round_timeout"] = math.inf
-        model = ModelConfig.from_dict(raw.pop("model"))
-        train = TrainConfig(**raw.pop("train"))
-        names = tuple(raw.pop("class_names", ()))  # JSON gives a list; a server.json from before names: none
-        return cls(**raw, model=model, train=train, class_names=names)
 
 
 @dataclass(frozen=True)
@@ -167,19 +101,8 @@ class Outcome:
     round_closed: bool = False
 
 
-def setting_changes(stored: ServerConfig, new: ServerConfig) -> tuple[list[tuple[str, Any, Any]],
-                                                                       list[tuple[str, Any, Any]]]:
-    """The settings that differ, each as (name, stored, new), split into (adjustable, fixed)."""
-    changes = changed_fields(stored.to_dict(), new.to_dict())
-    return [c for c in changes if c[0] in ADJUSTABLE], [c for c in changes if c[0] not in ADJUSTABLE]
 
 
-def load_server_config(path: Path) -> ServerConfig:
-    """A state directory's server.json, or an error naming it."""
-    try:
-        return ServerConfig.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise InputError(path, f"unreadable federation settings ({type(exc).__name__}: {exc})") from None
 
 
 class ServerState:
@@ -263,7 +186,7 @@ class ServerState:
                                                  "state directory and the server runs that round again")
         self.template = tensor_template(self.global_pair(self.last_round))
         self.uploads: dict[str, dict] = {}
-        opened_at = _opened_at(self.root, self.current_round)
+        opened_at = round_opened_at(self.root, self.current_round)
         if opened_at is not None:
             self.opened_at = opened_at
         else:
@@ -271,7 +194,7 @@ class ServerState:
         for report_file in sorted(self.current_dir.glob("*.json")):
             if report_file.name == "opened.json":
                 continue
-            info = _upload_report(report_file)
+            info = upload_report(report_file)
             weights = self.current_dir / f"{report_file.stem}.safetensors"
             this_round = info is not None and info["round"] == self.current_round
             if this_round and weights.exists() and file_sha256(weights) == info["sha256"]:
@@ -370,7 +293,7 @@ class ServerState:
                 "rounds": self.config.rounds, "finished": self.finished, "sites_expected": self.config.sites,
                 "min_sites": self.config.min_sites, "uploaded": sorted(self.uploads),
                 **open_round(None if self.finished else self.opened_at, self._clock(), self.config.round_timeout,
-                             sorted(self.uploads), _token_sites(self.tokens), history),
+                             sorted(self.uploads), token_sites(self.tokens), history),
                 "method": self.config.method, "lam": self.config.lam, "beta": self.config.beta,
                 "history": history, "settings_changes": self.changes, "evaluations": self.evaluations(),
                 "close_failure": self.close_failure,
@@ -552,271 +475,45 @@ class ServerState:
             os.close(fd)
 
 
-# ---------------------------------------------------------------------- reading a state directory
-# what a folder may hold before a federation starts in it: the tokens made for it ('token add' comes first)
-_BEFORE_A_FEDERATION = {TOKENS_FILE, TOKENS_LOCK, SERVER_LOCK}
 
 
-def refuse_foreign_folder(root: Path) -> None:
-    """A new federation starts in a new or empty folder: 'serve --state' given a site folder, a simulate
-    run or a --state one level too high (/srv/fedmix for /srv/fedmix/state) started one there, beside the
-    patient images or beside the real federation, whose sites then met a new federation and model. The
-    first 'token add' (before any serve) is held to the same rule: it wrote tokens.json there."""
-    if (root / CONFIG_FILE).exists():
-        return
-    held = sorted(p.name for p in root.iterdir() if p.name not in _BEFORE_A_FEDERATION
-                  and not p.name.startswith(".")) if root.is_dir() else []
-    if held:
-        raise InputError(root, f"is not a server state directory (no server.json) and not empty "
-                               f"({first_names(held, 4)}): to "
-                               "resume a federation, give the folder that holds its server.json; to start one, "
-                               "give a new or empty folder (it may hold the sites' tokens)")
 
 
-def round_dir(root: Path, r: int) -> Path:
-    """Round ``r``'s folder in a state directory (0: the initial model)."""
-    return root / "rounds" / f"{r:06d}"
 
 
-def _active_sites(tokens: TokenStore) -> list[str]:
-    return sorted(site for site, entry in tokens.sites().items() if not entry.get("revoked"))
 
 
-def fewer_sites_than_expected(tokens: TokenStore, config: ServerConfig) -> str | None:
-    """What to tell the admin when fewer sites hold tokens than a round waits for (None: enough, or none at
-    all, which serve says otherwise): every round waits for its deadline, or, below the quorum, never closes.
-    Not said at ``token add``, where it holds until the last site's token is made."""
-    active = _active_sites(tokens)
-    if not active or len(active) >= config.sites:
-        return None
-    if len(active) < config.min_sites:
-        return (f"only {len(active)} site(s) hold tokens ({', '.join(active)}) and a round needs at least "
-                f"{config.min_sites} (--min-sites {config.min_sites}): no round can close until more sites have "
-                "tokens ('token add'), or serve is restarted with a lower --min-sites")
-    return (f"{len(active)} sites hold tokens ({', '.join(active)}) and a round waits for {config.sites} (--sites "
-            f"{config.sites}): every round waits for its deadline ({config.round_timeout:g} s) before it closes "
-            f"with {len(active)}; restart serve with --sites {len(active)}, or add the other sites' tokens")
 
 
-def more_sites_than_expected(tokens: TokenStore, config: ServerConfig) -> str | None:
-    """What to tell the admin when more sites hold tokens than a round expects: a round closes as soon as
-    ``--sites`` have uploaded, so the slowest site (often the one with the most images, or with masks) is
-    left out of every round, and only its 409s said so; None when the numbers agree."""
-    active = _active_sites(tokens)
-    if len(active) <= config.sites:
-        return None
-    return (f"{len(active)} sites hold tokens ({', '.join(active)}), but a round closes as soon as {config.sites} "
-            f"{'has' if config.sites == 1 else 'have'} uploaded (--sites {config.sites}): the slowest is left out "
-            "of every round; restart serve with "
-            f"--sites {len(active)} (it may change on a restart), or revoke the token of a site that no longer "
-            "takes part")
 
 
-def site_count_mismatch(tokens: TokenStore, config: ServerConfig, fewer: bool = True) -> str | None:
-    """More sites with tokens than a round waits for, or (``fewer``) fewer: what to tell the admin, or None."""
-    return more_sites_than_expected(tokens, config) or (fewer_sites_than_expected(tokens, config) if fewer else None)
 
 
-def space_shortfall(root: Path, config: ServerConfig, last_round: int) -> str | None:
-    """Why the rounds to come will not fit on the state directory's disk, or None: every round keeps its
-    global model (a pair at the reference width is 138 MB: 100 rounds, 14 GB) and the open round holds an
-    upload per site. ``serve`` says it at the start and ``status`` every time, rather than the disk filling
-    mid-federation, when the server must refuse uploads until space is freed."""
-    model = (round_dir(root, last_round) / GLOBAL_FILE).stat().st_size
-    rounds_left = max(0, config.rounds - last_round)
-    kept = min(rounds_left, config.keep_models + 1) if config.keep_models else rounds_left  # + the best-scored
-    need = model * (kept + config.sites)
-    free = shutil.disk_usage(root).free
-    if rounds_left == 0 or need <= free:
-        return None
-    fewer = "" if config.keep_models else ", or keep fewer rounds' models (--keep-models K)"
-    return (f"the {rounds_left} round(s) to come keep a global model of {_size(model)} each"
-            f"{f' (the last {config.keep_models} of them)' if config.keep_models else ''} and, with the sites' "
-            f"uploads, need up to {_size(need)}; the disk of {root} has {_size(free)} free: free space or move the "
-            f"state directory to a larger disk now{fewer} (when the disk is full, the server refuses uploads until "
-            "space is freed)")
 
 
-def _size(n: float) -> str:
-    unit, scale = next(((u, f) for u, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= f), ("bytes", 1))
-    return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n:.0f} {unit}"
 
 
-def completed_rounds(root: Path) -> list[int]:
-    """The committed rounds (0: the initial model), read only. A round is committed by renaming its complete
-    directory into place, so its record says so; its model may have been removed since (``keep_models``)."""
-    return sorted(int(p.name) for p in (root / "rounds").iterdir() if p.name.isdigit()
-                  and (p / "meta.json").exists())
 
 
-def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:
-    """Each completed round's record (``meta.json``: reason, weights, n, ℓ per site); a damaged one is named
-    with what to do, not read as a history the sites' clients and the admin page would trip over."""
-    return [_round_record(round_dir(root, r) / "meta.json", r, newest=r == completed[-1])
-            for r in completed if r > 0]
 
 
-def _round_record(path: Path, round_number: int, newest: bool) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-        sites = meta.get("sites") if isinstance(meta, dict) else None
-        if not isinstance(meta, dict) or meta.get("round") != round_number or not isinstance(meta.get("reason"), str):
-            raise ValueError(f"not the record of round {round_number}")
-        if not isinstance(sites, dict) or not all(
-                isinstance(i, dict) and all(isinstance(i.get(k), int | float) for k in ("n", "loss", "weight"))
-                for i in sites.values()):
-            raise ValueError("its sites lack n, loss or weight")
-    except ValueError as exc:  # JSON and UTF-8 decoding errors are ValueErrors too
-        again = (f"; or move rounds/{path.parent.name} and evaluations/{path.parent.name} (if there) out of the state "
-                 f"directory, and the server runs round {round_number} again from round {round_number - 1}'s model"
-                 if newest else "")
-        raise InputError(path, f"damaged round record ({exc}): restore it from a backup of the state "
-                               f"directory{again}") from None
-    return meta
 
 
-def read_settings_changes(root: Path) -> list[dict[str, Any]]:
-    """``settings-changes.json`` (``[]`` before any change), or an error naming it. It is only the run's
-    provenance, so moving it away loses no training."""
-    path = root / CHANGES_FILE
-    if not path.exists():
-        return []
-    try:
-        changes = json.loads(path.read_text())
-        if not isinstance(changes, list) or not all(
-                isinstance(c, dict) and isinstance(c.get("from_round"), int) and isinstance(c.get("at"), str)
-                and isinstance(c.get("changes"), list) for c in changes):
-            raise ValueError("not a list of records with from_round, at and changes")
-    except ValueError as exc:
-        raise InputError(path, f"damaged record of changed settings ({exc}): restore it from a backup, or move it "
-                               "out of the state directory (it only records what earlier restarts changed)") from None
-    return changes
 
 
-def read_federation_id(root: Path) -> str | None:
-    """The federation's id (None: a state directory from before ids). The server only ever writes a
-    uuid4's 32 hex digits, and the sites name their optimiser state by it, so anything else is damage: a
-    shortened id would silently start every site's optimiser afresh; a garbled one would stop every site."""
-    path = root / ID_FILE
-    if not path.is_file():
-        return None
-    try:
-        text = path.read_text().strip()
-    except ValueError:
-        text = None
-    if text is None or not re.fullmatch(r"[0-9a-f]{32}", text):
-        raise InputError(path, "damaged federation id (not 32 hex digits): restore it from a backup; or delete it, "
-                               "and the federation gets a new id: every site's optimiser then starts afresh at its "
-                               "next round (only Adam's moments are lost)")
-    return text
 
 
-def _upload_report(path: Path) -> dict[str, Any] | None:
-    """An acknowledged upload's report (``current/<site>.json``); None when it is not one."""
-    try:
-        info = json.loads(path.read_text())
-    except ValueError:
-        return None
-    fields = {"round": int, "sha256": str, "n": int, "loss": int | float}
-    ok = isinstance(info, dict) and all(isinstance(info.get(k), t) for k, t in fields.items())
-    return info if ok else None
 
 
-def read_evaluations(root: Path) -> dict[int, dict[str, EvaluationReport]]:
-    """The sites' held-out scores per round; a file that is not a report (a hand edit) is named."""
-    found: dict[int, dict[str, EvaluationReport]] = {}
-    for path in sorted((root / EVALUATIONS).glob("[0-9]*/*.json")):  # each written atomically
-        try:
-            report = EvaluationReport.from_dict(json.loads(path.read_text()))
-        except (ValueError, InputError) as exc:
-            raise InputError(path, f"not an evaluation report ({exc}); move it out of the state directory "
-                                   "to start") from None
-        found.setdefault(int(path.parent.name), {})[path.stem] = report
-    return found
 
 
-def evaluation_summaries(evaluations: dict[int, dict[str, EvaluationReport]]) -> list[dict[str, Any]]:
-    """Per round: the pooled figures (classes named as the first site in name order names them) and each
-    site's report."""
-    out = []
-    for r, by_site in sorted(evaluations.items()):
-        ordered = dict(sorted(by_site.items()))
-        out.append({"round": r, **pooled(ordered), "sites": {s: e.to_dict() for s, e in ordered.items()}})
-    return out
 
 
-def open_round(opened_at: float | None, now: float, round_timeout: float, uploaded: list[str],
-               sites: dict[str, dict] | None, history: list[dict]) -> dict[str, Any]:
-    """Why a round is still open, for its admin: for how long (``open_for``, s), when its deadline falls
-    (``deadline_in``, s; negative once passed), and which sites with a token (not revoked) have not uploaded
-    to it (``not_uploaded``), each with the last round it took part in (None: none yet). All None for a
-    finished federation (``opened_at`` None); ``not_uploaded`` None when the tokens could not be read."""
-    if opened_at is None:
-        return {"open_for": None, "deadline_in": None, "not_uploaded": None}
-    last_round = {site: meta["round"] for meta in history for site in meta["sites"]}
-    missing = None if sites is None else [{"site": site, "last_round": last_round.get(site)}
-                                          for site, entry in sorted(sites.items())
-                                          if not entry.get("revoked") and site not in uploaded]
-    return {"open_for": round(now - opened_at, 1), "deadline_in": round(opened_at + round_timeout - now, 1),
-            "not_uploaded": missing}
 
 
-def _token_sites(tokens: TokenStore) -> dict[str, dict] | None:
-    """The sites with a token; None when the token file cannot be read (``status`` run by another user, or
-    the file damaged: ``token list`` names the fault)."""
-    try:
-        return tokens.sites()
-    except (OSError, ValueError):
-        return None
 
 
-def read_status(root: str | Path, now: float | None = None) -> dict[str, Any]:
-    """What ``/v1/status`` says, read from the state directory without writing to it: for an admin on the
-    server's machine, whether the server runs or not (``fedmix-engine status``)."""
-    root = Path(root)
-    config = load_server_config(root / CONFIG_FILE) if (root / CONFIG_FILE).is_file() else None
-    if config is None or not (root / "rounds").is_dir():
-        if config is None and (root / TOKENS_FILE).is_file():  # 'token add' made the folder; serve has not run
-            sites = sorted(site for site, entry in (_token_sites(TokenStore(root)) or {}).items()
-                           if not entry.get("revoked"))
-            held = f" (tokens of {len(sites)} site(s): {first_names(sites, 4)})" if sites else ""
-            raise InputError(root, f"no federation here yet{held}: 'fedmix-engine serve --state {root}' starts it")
-        if not root.exists():  # a typing error, most often: said as such, not as a folder of the wrong kind
-            raise InputError(root, "no such folder: give the folder 'serve --state' was started with")
-        raise InputError(root, "not a server state directory (no server.json or rounds/)")
-    completed = completed_rounds(root)
-    last = completed[-1]
-    uploaded = sorted(p.stem for p in (root / "current").glob("*.json") if p.name != "opened.json"
-                      and _upload_round(p) == last + 1)
-    history = read_history(root, completed)
-    return {"federation": read_federation_id(root),
-            "round": None if last >= config.rounds else last + 1, "last_round": last, "rounds": config.rounds,
-            "finished": last >= config.rounds, "sites_expected": config.sites, "min_sites": config.min_sites,
-            "uploaded": uploaded, **open_round(None if last >= config.rounds else _opened_at(root, last + 1),
-                                               time.time() if now is None else now, config.round_timeout, uploaded,
-                                               _token_sites(TokenStore(root)), history),
-            "method": config.method, "lam": config.lam, "beta": config.beta,
-            "class_names": list(config.class_names), "history": history,
-            "settings_changes": read_settings_changes(root),
-            "evaluations": evaluation_summaries(read_evaluations(root))}
 
 
-def _opened_at(root: Path, round_number: int) -> float | None:
-    """When round ``round_number`` opened (``current/opened.json``); None when the file is for another round,
-    or damaged (the round's deadline then starts again, as when the file could not be written)."""
-    try:
-        opened = json.loads((root / "current" / "opened.json").read_text())
-        at = float(opened["opened_at"]) if opened.get("round") == round_number else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-    return at if at is not None and math.isfinite(at) else None
 
 
-def _upload_round(report: Path) -> int | None:
-    """The round of an acknowledged upload's report; None once a running server has closed the round and
-    removed it (between listing and reading), or when it is damaged (the server discards it on start)."""
-    try:
-        info = _upload_report(report)
-    except FileNotFoundError:
-        return None
-    return None if info is None else info.get("round")

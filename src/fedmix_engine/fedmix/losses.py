@@ -7,6 +7,8 @@ import math
 import torch
 from torch.nn import functional as F
 
+from fedmix_engine.fedmix.train_config import LOSS_NAMES
+
 SMOOTH = 1.0
 
 
@@ -36,6 +38,6 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return soft_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
-LOSSES = {"dice": soft_dice_loss, "dice+bce": dice_bce_loss}
+LOSSES = dict(zip(LOSS_NAMES, (soft_dice_loss, dice_bce_loss), strict=True))  # as TrainConfig names them
 # The most each loss can be: the soft Dice lies in [0, 1] (both of its branches do); BCE has no ceiling.
 LOSS_CEILINGS = {"dice": 1.0, "dice+bce": math.inf}

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fedmix_engine.errors import InputError
-from fedmix_engine.federation.state import ServerConfig, parse_class_names
-from fedmix_engine.fedmix.aggregation import AggregationRule
-from fedmix_engine.fedmix.local_update import TrainConfig, default_crop_size
+from fedmix_engine.federation.server_config import ServerConfig, parse_class_names
+from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
+from fedmix_engine.fedmix.weights import AggregationRule
 from fedmix_engine.model import ModelConfig
 
 # run-config key → field of ServerConfig, of its ModelConfig, of its TrainConfig

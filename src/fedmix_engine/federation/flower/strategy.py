@@ -32,7 +32,8 @@ from fedmix_engine.federation.flower.records import (
 )
 from fedmix_engine.federation.flower.site_state import accepted_config
 from fedmix_engine.federation.wire import UpdateReport, tensor_template
-from fedmix_engine.fedmix.aggregation import AggregationRule, StreamingAggregate
+from fedmix_engine.fedmix.aggregation import StreamingAggregate
+from fedmix_engine.fedmix.weights import AggregationRule
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord
