@@ -1768,6 +1768,33 @@ def test_batch_predict_writes_masks_and_csv_and_lists_the_corrupt_file(make_napa
     assert "FedMix batch masks" in viewer.layers and viewer.layers["FedMix batch masks"].data.shape == (3, 40, 48)
 
 
+def test_predict_takes_the_model_written_again_at_the_same_path(make_napari_viewer, qtbot, tmp_path, images):
+    """Predict kept the model it loaded first for as long as the field named the same file. Each round of a
+    federation writes SITE/models/global.safetensors again, and training again rewrites models/local: the
+    clinician's next prediction silently came from the old weights."""
+    from model_helpers import constant_checkpoint
+    from napari_fedmix.predict_widget import PROB_LAYER
+
+    viewer = make_napari_viewer()
+    viewer.add_image(tifffile.imread(images[0]), name="scan")
+    model = tmp_path / "models" / "global.safetensors"
+    constant_checkpoint(model, 1.0, 32, ("lesion",))  # probability 0.73 everywhere
+    predict = _predict_widget(viewer, qtbot, model)
+
+    def probability() -> float:
+        assert predict.predict_active() is not None
+        qtbot.waitUntil(lambda: predict._probability is not None, timeout=60_000)
+        value = float(np.median(viewer.layers[PROB_LAYER].data))
+        predict._probability = None
+        return value
+
+    assert probability() == pytest.approx(0.731, abs=1e-3)
+    first = predict.predictor()
+    assert predict.predictor() is first, "loaded once while the file stays the same"
+    constant_checkpoint(model, -1.0, 32, ("lesion",))  # the next round's model, written over it (0.27 everywhere)
+    assert probability() == pytest.approx(0.269, abs=1e-3)
+
+
 def test_predict_shows_its_threshold_and_batch_predict_uses_the_one_chosen(make_napari_viewer, qtbot, tmp_path,
                                                                           images):
     """Predict's slider did not say which threshold it stood at, and Batch predict always cut at 0.5 (the CLI's

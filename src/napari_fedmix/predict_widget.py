@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,7 +85,7 @@ class PredictWidget(QWidget):
         self.status.setMinimumHeight(3 * self.status.fontMetrics().lineSpacing())
         self._probability: np.ndarray | None = None
         self._predictor = None
-        self._predictor_key: tuple[str, str] | None = None  # checkpoint, device
+        self._predictor_key: tuple | None = None  # checkpoint, device, the file's identity when loaded
         self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}  # the predicted layer's, all axes
         self._status_tail = ""  # after the foreground in the status line: the disagreement and the model
         self._spacing: tuple[float, float] | None = None  # the predicted layer's pixel spacing in mm
@@ -106,11 +107,14 @@ class PredictWidget(QWidget):
         form.addRow(self.status)
 
     def predictor(self) -> Predictor:
+        """The chosen model, loaded once while its file stays the same: each round of a federation (and
+        training again) writes the site's model anew at the same path, and the next prediction takes it."""
         from fedmix_engine.predict import Predictor
 
-        key = (chosen_checkpoint(self.checkpoint), preferred_device())
+        checkpoint, device = chosen_checkpoint(self.checkpoint), preferred_device()
+        key = (checkpoint, device, _file_identity(checkpoint))
         if self._predictor is None or self._predictor_key != key:
-            self._predictor = Predictor.from_checkpoint(*key)
+            self._predictor = Predictor.from_checkpoint(checkpoint, device)
             self._predictor_key = key
         return self._predictor
 
@@ -286,6 +290,16 @@ class PredictWidget(QWidget):
 
     def _place(self, overlay) -> None:
         overlay.scale, overlay.translate = self._geometry["scale"], self._geometry["translate"]
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    """What tells a file written anew at the same path (an atomic write is a new file): its inode, size
+    and modification time; None when it cannot be read (loading it then says why)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns
 
 
 def _check_overlays_fit(frames: tuple[int, int, int], classes: int, where: str) -> None:
