@@ -2512,6 +2512,46 @@ def test_tagging_takes_one_key_per_image(make_napari_viewer, qtbot, tmp_path, im
     assert widget.summary.text() == "3 images: 1 mask · 0 box · 2 tag · 0 unlabelled"
 
 
+def test_evaluate_loads_the_model_in_its_worker_and_says_when_it_is_corrupt(make_napari_viewer, qtbot, tmp_path,
+                                                                         monkeypatch):
+    """Evaluate loaded the model (140 MB at the reference width, from a share perhaps) on napari's GUI thread
+    before its worker started. It loads it in the worker now; a corrupt model is said in the status line."""
+    import threading
+
+    from fedmix_engine.predict import Predictor
+    from napari_fedmix.evaluate_widget import EvaluateWidget
+
+    site = tmp_path / "site"
+    with SiteStore.create(site, ["lesion"]) as store:
+        store.add_image(np.full((40, 48), 90, np.uint8), "img0")
+        mask = np.zeros((40, 48), np.uint8)
+        mask[5:20, 8:30] = 1
+        store.set_mask("img0", mask)
+    loaded_in: list[threading.Thread] = []
+    load = Predictor.from_checkpoint.__func__
+
+    def loading(cls, *args, **kwargs):
+        loaded_in.append(threading.current_thread())
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(loading))
+    widget = EvaluateWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    widget.site.setText(str(site))
+    widget.checkpoint.setText(str(_tiny_checkpoint(tmp_path)))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert len(loaded_in) == 1 and loaded_in[0] is not threading.main_thread()
+    assert "model: m.safetensors (" in widget.status.text() and widget.table.columnCount() == 1
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 4)
+    widget.checkpoint.setText(str(broken))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text().startswith(f"error: {broken}: "), widget.status.text()
+    assert widget.run_button.isEnabled() and not widget.stop_button.isEnabled()
+
+
 def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_does(make_napari_viewer, qtbot,
                                                                                     tmp_path, monkeypatch):
     """A clinician handed the federation's model asks how good it is on their own labelled images: the

@@ -83,8 +83,9 @@ class EvaluateWidget(QWidget):
         form.addRow(self.status)
 
     def run(self) -> WorkerBase | None:
-        """Score the model on the site in a worker; the table and status show the result. Bad input (no
-        model, a site without full ground truth, classes in another order) is said in the status line."""
+        """Score the model on the site in a worker, which also loads the model (a reference-width pair is
+        140 MB, from a share perhaps); the table and status show the result. Bad input (no model, a corrupt
+        one, a site without full ground truth, classes in another order) is said in the status line."""
         from fedmix_engine.atomic import check_writable_file
         from fedmix_engine.evaluation import iter_score_site, left_out_note, own_model_note
         from fedmix_engine.predict import Predictor
@@ -93,8 +94,7 @@ class EvaluateWidget(QWidget):
             if not (site := self.site.text().strip()):
                 raise InputError("labelled site", "choose a site folder whose images have masks")
             scores = check_writable_file(self.scores_file.text().strip()) if self.scores_file.text().strip() else None
-            model = chosen_checkpoint(self.checkpoint)
-            predictor = Predictor.from_checkpoint(model, preferred_device())
+            model, device = chosen_checkpoint(self.checkpoint), preferred_device()
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -103,15 +103,15 @@ class EvaluateWidget(QWidget):
         self.status.setText(f"evaluating {Path(model).name} on {site}…")
         threshold = round(self.threshold.value(), 2)
 
-        def scoring():  # in the worker: the site's records are read there too, not in the GUI thread
+        def scoring():  # in the worker: the model is loaded and the site's records read there, not in the GUI thread
+            predictor = Predictor.from_checkpoint(model, device)
             rows = yield from iter_score_site(predictor, site, threshold)
-            return rows, left_out_note(site, len({row.image for row in rows}))
+            return rows, left_out_note(site, len({row.image for row in rows})), predictor.describe()
 
         self.worker = make_worker(scoring, on_error=self._on_error)
         self.worker.yielded.connect(self._on_image)
         self.worker.returned.connect(lambda result: self._show(
-            result[0], f"{Path(model).name} ({predictor.describe()})", scores, own_model_note(model, site), threshold,
-            result[1]))
+            result[0], f"{Path(model).name} ({result[2]})", scores, own_model_note(model, site), threshold, result[1]))
         self.worker.aborted.connect(lambda: self.status.setText(
             f"stopped after {self.done[0]} of {self.done[1]} images: no scores (they would not be the site's)"))
         self.worker.finished.connect(self._finished)
