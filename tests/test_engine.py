@@ -84,6 +84,19 @@ def test_checkpoint_roundtrip_and_nan_refused(tmp_path: Path) -> None:
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
     with pytest.raises(InputError, match=r"cut\.safetensors: not a readable safetensors checkpoint"):
         load_checkpoint(tmp_path / "cut.safetensors")
+    # the model alone, from the header (a GUI checks it before its worker loads the weights)
+    from fedmix_engine.checkpoint import checkpoint_model
+
+    assert checkpoint_model(path) == TINY
+    with pytest.raises(InputError, match=r"cut\.safetensors: truncated"):
+        checkpoint_model(tmp_path / "cut.safetensors")
+    with pytest.raises(InputError, match=r"gone\.safetensors: checkpoint file not found"):
+        checkpoint_model(tmp_path / "gone.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors", {"format": "pt"})
+    with pytest.raises(InputError, match=r"other\.safetensors: not a FedMix checkpoint \(format 'pt'"):
+        checkpoint_model(tmp_path / "other.safetensors")
 
 
 def test_a_checkpoint_whose_header_does_not_fit_its_weights_is_refused_naming_the_file(tmp_path: Path) -> None:

@@ -1446,15 +1446,15 @@ def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewe
     loop = rng.integers(0, 255, (6, 40, 48), dtype=np.uint8)
     viewer.add_image(np.zeros((40, 48), np.uint8), name="2-D first")  # 2-D overlays exist before the stack's
     widget = _predict_widget(viewer, qtbot, checkpoint)
-    statuses: list[str] = []
+    statuses: list[str] = []  # every status line shown (a slot connected after the worker started missed some)
+    show = widget.status.setText
+    widget.status.setText = lambda text: statuses.append(text) or show(text)
 
     def predict(name: str) -> np.ndarray:
         viewer.layers.selection.active = viewer.layers[name]
         before = widget._probability
         worker = widget.predict_active()
         assert worker is not None, widget.status.text()
-        if hasattr(worker.signals, "yielded"):  # a stack's generator worker; a 2-D image's returns at once
-            worker.yielded.connect(lambda _: statuses.append(widget.status.text()))
         qtbot.waitUntil(lambda: widget._probability is not before, timeout=60_000)
         return widget._probability
 
@@ -1467,7 +1467,8 @@ def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewe
     for name in (PROB_LAYER, PRED_LAYER):
         assert viewer.layers[name].data.shape == (6, 40, 48)
         np.testing.assert_allclose(viewer.layers[name].scale, (1.0, 0.5, 0.5))
-    assert statuses and statuses[-1] == "predicting loop: frame 6 of 6"
+    progress = [text for text in statuses if text.startswith("predicting loop: ")]
+    assert progress and progress[-1] == "predicting loop: frame 6 of 6", statuses
     assert "of the stack" in widget.status.text()
     # a calibrated loop (a DICOM cine's 0.5 × 0.25 mm pixels): the lesion's area a frame, as summary.csv gives it
     viewer.add_image(loop, name="calibrated loop", scale=(1.0, 0.5, 0.25), units=("pixel", "mm", "mm"))
@@ -1768,12 +1769,22 @@ def test_batch_predict_writes_masks_and_csv_and_lists_the_corrupt_file(make_napa
     assert "FedMix batch masks" in viewer.layers and viewer.layers["FedMix batch masks"].data.shape == (3, 40, 48)
 
 
-def test_predict_takes_the_model_written_again_at_the_same_path(make_napari_viewer, qtbot, tmp_path, images):
+def test_predict_takes_the_model_written_again_at_the_same_path(make_napari_viewer, qtbot, tmp_path, images,
+                                                                monkeypatch):
     """Predict kept the model it loaded first for as long as the field named the same file. Each round of a
     federation writes SITE/models/global.safetensors again, and training again rewrites models/local: the
-    clinician's next prediction silently came from the old weights."""
+    clinician's next prediction silently came from the old weights. It loads them in its worker, not on
+    napari's GUI thread (a reference-width pair is 140 MB)."""
+    import threading
+
+    from fedmix_engine.predict import Predictor
     from model_helpers import constant_checkpoint
     from napari_fedmix.predict_widget import PROB_LAYER
+
+    loaded_in: list[threading.Thread] = []
+    load = Predictor.from_checkpoint.__func__
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(
+        lambda cls, *args, **kwargs: loaded_in.append(threading.current_thread()) or load(cls, *args, **kwargs)))
 
     viewer = make_napari_viewer()
     viewer.add_image(tifffile.imread(images[0]), name="scan")
@@ -1793,6 +1804,7 @@ def test_predict_takes_the_model_written_again_at_the_same_path(make_napari_view
     assert predict.predictor() is first, "loaded once while the file stays the same"
     constant_checkpoint(model, -1.0, 32, ("lesion",))  # the next round's model, written over it (0.27 everywhere)
     assert probability() == pytest.approx(0.269, abs=1e-3)
+    assert len(loaded_in) == 2 and threading.main_thread() not in loaded_in, loaded_in
 
 
 def test_predict_shows_its_threshold_and_batch_predict_uses_the_one_chosen(make_napari_viewer, qtbot, tmp_path,

@@ -22,7 +22,7 @@ from fedmix_engine.federation.wire import check_specs, tensor_template
 from fedmix_engine.fedmix.local_update import SiteState
 from fedmix_engine.fedmix.pair import PairState, pair_layout
 from fedmix_engine.model import ModelConfig
-from fedmix_engine.safetensors_layout import header_from_bytes
+from fedmix_engine.safetensors_layout import header_from_bytes, read_header
 
 FORMAT = "fedmix-pair/1"
 STATE_FILE = "client-state.pt"
@@ -36,10 +36,8 @@ def pair_from_bytes(data: bytes, where: str | Path) -> tuple[PairState, ModelCon
         tensors = load(data)
     except Exception as exc:
         raise InputError(where, f"not a readable safetensors checkpoint ({exc})") from exc
-    if header.get("format") != FORMAT:
-        raise InputError(where, f"not a FedMix checkpoint (format {header.get('format')!r}, expected {FORMAT!r})")
+    model_config = _model_of(header, where)
     try:
-        model_config = ModelConfig.from_json(header.get("model", "{}"))  # validated
         check_specs(tensor_template(tensors), pair_layout(model_config), "the model configuration it names")
     except InputError as exc:  # said of the file: which checkpoint is damaged or was written otherwise
         raise InputError(where, str(exc)) from exc
@@ -47,6 +45,25 @@ def pair_from_bytes(data: bytes, where: str | Path) -> tuple[PairState, ModelCon
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InputError(where, f"tensor '{key}' contains NaN or infinite values")
     return tensors, model_config, _checked_meta(header.get("meta", "{}"), model_config, where)
+
+
+def _model_of(header: dict[str, str], where: str | Path) -> ModelConfig:
+    """The model a FedMix checkpoint's header names (validated), or an error naming the file."""
+    if header.get("format") != FORMAT:
+        raise InputError(where, f"not a FedMix checkpoint (format {header.get('format')!r}, expected {FORMAT!r})")
+    try:
+        return ModelConfig.from_json(header.get("model", "{}"))
+    except InputError as exc:  # said of the file: which checkpoint is damaged or was written otherwise
+        raise InputError(where, str(exc)) from exc
+
+
+def checkpoint_model(path: str | Path) -> ModelConfig:
+    """The model a checkpoint file holds, from its header alone (a few kB, no weights read): what a GUI
+    checks before the worker that loads the weights starts (the overlays a stack's classes need)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint file not found")
+    return _model_of(read_header(path, str(path))[1], path)
 
 
 def _checked_meta(text: str, model_config: ModelConfig, where: str | Path) -> dict[str, Any]:

@@ -84,8 +84,8 @@ class PredictWidget(QWidget):
         self.status.setWordWrap(True)  # the result names the model: three lines in a narrow dock, not clipped
         self.status.setMinimumHeight(3 * self.status.fontMetrics().lineSpacing())
         self._probability: np.ndarray | None = None
-        self._predictor = None
-        self._predictor_key: tuple | None = None  # checkpoint, device, the file's identity when loaded
+        # the model loaded last, with (checkpoint, device, the file's identity); replaced whole, as a worker sets it
+        self._loaded: tuple[tuple, Predictor] | None = None
         self._geometry: dict = {"scale": (1.0, 1.0), "translate": (0.0, 0.0)}  # the predicted layer's, all axes
         self._status_tail = ""  # after the foreground in the status line: the disagreement and the model
         self._spacing: tuple[float, float] | None = None  # the predicted layer's pixel spacing in mm
@@ -107,20 +107,26 @@ class PredictWidget(QWidget):
         form.addRow(self.status)
 
     def predictor(self) -> Predictor:
-        """The chosen model, loaded once while its file stays the same: each round of a federation (and
-        training again) writes the site's model anew at the same path, and the next prediction takes it."""
+        """The chosen model on the preferred device (see ``_load``)."""
+        return self._load(chosen_checkpoint(self.checkpoint), preferred_device())
+
+    def _load(self, checkpoint: str, device: str) -> Predictor:
+        """``checkpoint`` loaded once while its file stays the same: each round of a federation (and training
+        again) writes the site's model anew at the same path, and the next prediction takes it. Called in the
+        prediction's worker: a reference-width pair is 140 MB, perhaps on a share."""
         from fedmix_engine.predict import Predictor
 
-        checkpoint, device = chosen_checkpoint(self.checkpoint), preferred_device()
         key = (checkpoint, device, _file_identity(checkpoint))
-        if self._predictor is None or self._predictor_key != key:
-            self._predictor = Predictor.from_checkpoint(checkpoint, device)
-            self._predictor_key = key
-        return self._predictor
+        if (loaded := self._loaded) is not None and loaded[0] == key:
+            return loaded[1]
+        predictor = Predictor.from_checkpoint(checkpoint, device)
+        self._loaded = (key, predictor)
+        return predictor
 
     def predict_active(self) -> WorkerBase | None:
         """Start prediction in a worker; returns the worker (tests wait on it). A stack (a cine loop, a
         volume's slices) is predicted frame by frame with progress, and Stop ends it between batches."""
+        from fedmix_engine.checkpoint import checkpoint_model
         from fedmix_engine.data.imageio import validate_image
         from fedmix_engine.predict import stack_frames
         from fedmix_engine.steps import labelled
@@ -137,9 +143,9 @@ class PredictWidget(QWidget):
                 frames, _ = stack_frames(data, rgb, where)
             else:
                 data = validate_image(np.asarray(data), where)
-            predictor = self.predictor()
-            if stack:
-                _check_overlays_fit(frames.shape[:3], predictor.model_config.num_classes, where)
+            checkpoint, device = chosen_checkpoint(self.checkpoint), preferred_device()
+            if stack:  # from the checkpoint's header: its weights are loaded in the worker
+                _check_overlays_fit(frames.shape[:3], checkpoint_model(checkpoint).num_classes, where)
         except InputError as exc:
             self.status.setText(error_line(exc))
             return None
@@ -151,12 +157,13 @@ class PredictWidget(QWidget):
         self.status.setText(f"predicting {layer.name}…")
         if stack:
             def maps():
+                predictor = self._load(checkpoint, device)
                 colour = predictor.sees_in_grey(frames[0])  # by its first frame, as batch predict judges a stack
                 probability = yield from labelled(predictor.iter_stack_probabilities(data, rgb, where), "frame")
                 if not disagreement:
-                    return probability, None, colour
+                    return probability, None, colour, predictor
                 return probability, (yield from labelled(predictor.iter_stack_disagreement(data, rgb, where),
-                                                         "networks' disagreement: frame")), colour
+                                                         "networks' disagreement: frame")), colour, predictor
 
             worker = make_worker(maps, on_error=self._on_error)
             worker.yielded.connect(lambda step: self.status.setText(
@@ -169,11 +176,12 @@ class PredictWidget(QWidget):
             self.worker = worker
         else:
             def maps():
-                return (predictor.probabilities(data, where),
-                        predictor.disagreement(data, where) if disagreement else None, predictor.sees_in_grey(data))
+                predictor = self._load(checkpoint, device)
+                return (predictor.probabilities(data, where), predictor.disagreement(data, where) if disagreement
+                        else None, predictor.sees_in_grey(data), predictor)
 
             worker = make_worker(maps, on_error=self._on_error)
-        worker.returned.connect(lambda result: self._show(*result, geometry, source, spacing))
+        worker.returned.connect(lambda result: self._show(*result, geometry, source, spacing, Path(checkpoint).name))
         worker.start()
         return worker
 
@@ -196,11 +204,13 @@ class PredictWidget(QWidget):
         active = self.viewer.layers.selection.active
         return active if active in images else (images[-1] if images else None)
 
-    def _show(self, probability: np.ndarray, disagreement: np.ndarray | None, colour_as_grey: bool, geometry: dict,
-              source: tuple[str, object], spacing: tuple[float, float] | None = None) -> None:
+    def _show(self, probability: np.ndarray, disagreement: np.ndarray | None, colour_as_grey: bool,
+              predictor: Predictor, geometry: dict, source: tuple[str, object], spacing: tuple[float, float] | None,
+              model_file: str) -> None:
+        """The overlays and status of a prediction made by ``predictor`` (loaded from ``model_file``)."""
         self._probability, self._geometry, self._source = probability, geometry, source
         self._spacing = spacing
-        self._classes = self._predictor.class_names()  # the predictor that gave ``probability``
+        self._classes = predictor.class_names()
         # added, not laid over: magma's black (no lesion) leaves the scan as it was, undimmed
         self._overlay(PROB_LAYER, probability.max(axis=0), self.viewer.add_image, colormap="magma", opacity=0.5,
                       contrast_limits=(0, 1), blending="additive")
@@ -212,7 +222,7 @@ class PredictWidget(QWidget):
             disagree = f"; the two networks differ by more than 0.5 on {differ:.1%} of it"
         elif DISAGREE_LAYER in self.viewer.layers:  # an earlier image's: it would not fit this prediction
             self.viewer.layers.remove(DISAGREE_LAYER)
-        model = f"{Path(self._predictor_key[0]).name} ({self._predictor.describe()})" if self._predictor else "?"
+        model = f"{model_file} ({predictor.describe()})"
         seen = "image" if probability.ndim == 3 else "stack"  # K×H×W, or a stack's K×…×H×W
         note = (f"; in colour, but the model is grey: it saw only the {seen}'s brightness (luma), so what its colour "
                 "shows, such as Doppler flow, played no part") if colour_as_grey else ""
