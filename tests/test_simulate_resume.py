@@ -115,6 +115,28 @@ def test_a_second_run_into_a_running_runs_folder_is_refused_and_the_lock_goes_wi
     assert main([*common[:3], "--rounds", str(len(records(run)) + 1), *SETTINGS, "--out", str(run), "--resume"]) == 0
 
 
+def test_a_resume_into_a_run_still_writing_says_so_before_it_reads_the_snapshot(sample: Path, tmp_path: Path,
+                                                                              capsys) -> None:
+    """A resume read the run's newest snapshot before it asked whether another run held the folder. The
+    running one removes its older snapshot after writing a newer one, so the resume could read a snapshot
+    half removed and say 'snapshot-0002/best.safetensors: checkpoint file not found' (seen in a full
+    suite run) instead of naming the run still writing there."""
+    from fedmix_engine.folder_lock import hold_folder
+    from fedmix_engine.simulate import RUN_LOCK
+
+    run = tmp_path / "run"
+    assert main(["simulate", "--sample", str(sample), "--rounds", "2", *SETTINGS, "--out", str(run)]) == 0
+    capsys.readouterr()
+    (run / "snapshot-0002" / "best.safetensors").unlink()  # as the running run's clean-up leaves it, mid-way
+    other = hold_folder(run, "held by the test", RUN_LOCK)  # the run still writing
+    try:
+        assert main(["simulate", "--sample", str(sample), "--rounds", "3", *SETTINGS, "--out", str(run),
+                     "--resume"]) == 2
+        assert f"error: {run}: another run is writing to this folder" in capsys.readouterr().err
+    finally:
+        other()
+
+
 def test_resume_refuses_other_settings_other_sites_fewer_rounds_and_a_folder_without_a_run(
         sample: Path, tmp_path: Path, capsys) -> None:
     common = ["simulate", "--sample", str(sample), *SETTINGS]

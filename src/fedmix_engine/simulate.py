@@ -352,6 +352,8 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
     if resume:
         if out is None or overwrite:
             raise InputError("--resume", "continues the run in --out; give --out, and not --overwrite")
+        if out.is_dir():  # held before its snapshot is read: a run still writing there replaces its snapshots
+            held.append(hold_folder(out, _ANOTHER_RUN, RUN_LOCK))
         snapshot = load_snapshot(out)
         stored = _check_resumable(out, config, eval_root, identity)
         if snapshot.round > config.rounds:
@@ -366,7 +368,8 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
         raise InputError("--sites", f"the run in {out} trained sites {snapshot.sites}, not {[s.name for s in sites]}")
     if out is not None:
         make_folder(out)
-        held.append(hold_folder(out, _ANOTHER_RUN, RUN_LOCK))
+        if not held:
+            held.append(hold_folder(out, _ANOTHER_RUN, RUN_LOCK))
         environments = _environments(stored.get("environments", []) if resume else [],
                                      snapshot.round + 1 if resume else 1, plan, out)
         if not resume:
