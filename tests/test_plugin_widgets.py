@@ -1063,6 +1063,38 @@ def _start_local(widget, site: Path, rounds: int) -> None:
     widget.start()
 
 
+def test_train_runs_with_the_fields_as_they_were_at_start(make_napari_viewer, qtbot, sample, monkeypatch) -> None:
+    """The worker read the panel's fields (rounds, width, image size, validation site, server, token) from its
+    own thread when it began, not at Start: Qt widgets belong to the GUI thread, and a field changed in that
+    moment changed the run. Start now reads them, and the worker takes that copy."""
+    import threading
+
+    from fedmix_engine.checkpoint import load_checkpoint
+    from fedmix_engine.data.site_store import SiteStore
+    from napari_fedmix.train_widget import TrainWidget
+
+    edited = threading.Event()
+    open_store = SiteStore.open.__func__
+
+    def opened_after_the_edit(cls, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            assert edited.wait(30), "the test did not edit the fields"
+        return open_store(cls, *args, **kwargs)
+
+    monkeypatch.setattr(SiteStore, "open", classmethod(opened_after_the_edit))
+    train = TrainWidget(make_napari_viewer())
+    qtbot.addWidget(train)
+    _start_local(train, sample, rounds=1)  # width 4, images at 32 px
+    train.rounds.setValue(3)
+    train.width_spin.setValue(8)
+    train.size.setValue(48)
+    edited.set()
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    _, model, meta = load_checkpoint(sample / "models" / "local" / "final.safetensors")
+    assert (model.base_width, meta["image_size"], meta["round"]) == (4, 32, 1), (model, meta)
+    assert train.round_bar.maximum() == 1
+
+
 def test_local_training_offers_a_network_an_installed_package_offers(make_napari_viewer, qtbot, sample,
                                                                      tmp_path: Path, monkeypatch) -> None:
     """The commands and a federation could train a network from an installed package; napari's local

@@ -87,6 +87,23 @@ class ValidationScore:
     per_class: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _TrainForm:
+    """The panel's fields as Start or Check read them on napari's GUI thread. The worker reads this copy, never
+    the widgets: Qt widgets belong to the GUI thread, and a field edited during a run must not change it."""
+
+    site: Path
+    validation: str  # a fully labelled site scored each round, or ""
+    device: str
+    network: str
+    rounds: int
+    width: int
+    size: int
+    server: str
+    token: str
+    ca_cert: str
+
+
 class TrainWidget(QWidget):
     # the client's retries of a server that does not answer happen inside one step of its generator (for up
     # to an hour): said from the worker thread through this signal, which Qt delivers on the GUI thread
@@ -210,6 +227,7 @@ class TrainWidget(QWidget):
             return
         pending_edits().request_save(site)  # the mask drawn just now trains in this run
         self.history = {k: [] for k in self.history}
+        form = self._form()  # read here, on the GUI thread: the worker reads this copy, never the widgets
         if self.mode.currentIndex() == 0:
             done = 0
             if self.continue_local.isChecked():
@@ -220,9 +238,9 @@ class TrainWidget(QWidget):
                     self.status.setText(error_line(InputError("continue", "this site has no earlier local run to "
                                                               "continue; train once without 'continue'")))
                     return
-            generator, total = self._local_events(site, done), done + self.rounds.value()
+            generator, total = self._local_events(form, done), done + form.rounds
         else:
-            generator, total = self._federation_events(site), 0
+            generator, total = self._federation_events(form), 0
         self.round_bar.setRange(0, total)
         self.round_bar.setValue(0)
         self.worker = make_worker(lambda: (yield from generator), on_error=self._on_error)
@@ -242,10 +260,12 @@ class TrainWidget(QWidget):
             self.status.setText("choose a site folder first")
             return
 
+        form = self._form()
+
         def lines():
             from fedmix_engine.federation.client import CHECK_PATIENCE
 
-            yield from self._client(Path(self.site.text()), give_up_after=CHECK_PATIENCE).iter_check()
+            yield from self._client(form, give_up_after=CHECK_PATIENCE).iter_check()
 
         passed: list[str] = []  # shown as they pass; a failure below them, as join --check prints it
 
@@ -272,29 +292,35 @@ class TrainWidget(QWidget):
             self.status.setText("stopping after the current batch…")
             self.worker.quit()
 
-    def _local_events(self, site: Path, done: int = 0):
+    def _form(self) -> _TrainForm:
+        return _TrainForm(Path(self.site.text()), self.validation.text(), self.device.currentText(),
+                          self.network.currentText(), self.rounds.value(), self.width_spin.value(), self.size.value(),
+                          self.server.text(), self.token.text().strip(), self.ca_cert.text())
+
+    def _local_events(self, form: _TrainForm, done: int = 0):
         """The local run's events; ``done`` > 0 continues the run in ``SITE/models/local`` after that round."""
         from fedmix_engine.data.site_store import SiteStore
-        from fedmix_engine.evaluation import validation_scores
+        from fedmix_engine.evaluation import EvalSet, validation_scores
         from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
         from fedmix_engine.model import ModelConfig
         from fedmix_engine.simulate import RoundDone, SimulationConfig, iter_simulation
 
+        site = form.site
         with SiteStore.open(site, readonly=True) as store:
             classes, channels = len(store.config.classes), store.config.channels
-        if self.validation.text():  # as a join checks its --eval: full truth, and no copy of a training image
+        if form.validation:  # as a join checks its --eval: full truth, and no copy of a training image
             from fedmix_engine.federation.client import check_held_out
 
-            with SiteStore.open(self.validation.text(), readonly=True) as held_out:
+            with SiteStore.open(form.validation, readonly=True) as held_out:
                 check_held_out(held_out, site)
-        size = self.size.value()
-        config = SimulationConfig(method="fedmix", rounds=done + self.rounds.value(), device=self.device.currentText(),
-                                  model=ModelConfig(name=self.network.currentText(), in_channels=channels,
-                                                    num_classes=classes, base_width=self.width_spin.value()),
+        size = form.size
+        config = SimulationConfig(method="fedmix", rounds=done + form.rounds, device=form.device,
+                                  model=ModelConfig(name=form.network, in_channels=channels, num_classes=classes,
+                                                    base_width=form.width),
                                   train=TrainConfig(image_size=size, crop_size=default_crop_size(size),
                                                     batch_size=4))
         self.last_checkpoint = site / LOCAL_MODEL
-        validation = self._validation_set(size, classes, channels)
+        validation = EvalSet.from_store(form.validation, size, classes, channels) if form.validation else None
         for event in iter_simulation([site], None, config, site / LOCAL_RUN, overwrite=not done,
                                      resume=bool(done)):
             yield event
@@ -302,27 +328,19 @@ class TrainWidget(QWidget):
                 scores = validation_scores(self.last_checkpoint, validation, config.device)
                 yield ValidationScore(event.round, scores["dice"], scores["dice_per_class"])
 
-    def _client(self, site: Path, give_up_after: float = 3600.0):
+    def _client(self, form: _TrainForm, give_up_after: float = 3600.0):
         from fedmix_engine.federation.client import FederationClient
 
-        return FederationClient(self.server.text(), self.token.text().strip(), site, device=self.device.currentText(),
-                                ca_cert=self.ca_cert.text() or None, give_up_after=give_up_after,
-                                held_out=self.validation.text() or None)  # the client scores each global model
+        return FederationClient(form.server, form.token, form.site, device=form.device,
+                                ca_cert=form.ca_cert or None, give_up_after=give_up_after,
+                                held_out=form.validation or None)  # the client scores each global model
 
-    def _federation_events(self, site: Path):
-        client = self._client(site)
-        self.last_checkpoint = site / GLOBAL_MODEL
+    def _federation_events(self, form: _TrainForm):
+        client = self._client(form)
+        self.last_checkpoint = form.site / GLOBAL_MODEL
         # asked between events too: waiting for the other sites yields none for minutes
         yield from client.iter_join(should_stop=lambda: self.worker is not None and self.worker.abort_requested,
                                     on_retry=self.join_retrying.emit)
-
-    def _validation_set(self, image_size: int, classes: int, channels: int):
-        """The optional validation store, preloaded once (None when not given)."""
-        from fedmix_engine.evaluation import EvalSet
-
-        if not self.validation.text():
-            return None
-        return EvalSet.from_store(self.validation.text(), image_size, classes, channels)
 
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:
