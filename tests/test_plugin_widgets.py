@@ -938,9 +938,25 @@ def test_annotate_exports_the_site_with_the_edits_on_screen_as_import_reads_it(m
     with pytest.raises(InputError, match="exists and is not an empty folder"):
         widget.export_site(out)
 
-    # Cancel after the first image: no folder that looks whole, nothing half-written left beside it
-    worker = widget.export_site(tmp_path / "stopped", images=True)
-    worker.yielded.connect(lambda _step: widget.stop_import())
+    # Cancel after the first image: no folder that looks whole, nothing half-written left beside it. Cancel is
+    # asked from the worker's thread as the first image is done: a slot connected after the export had started
+    # could miss its steps, and an export of three images could end before a Cancel from the GUI thread
+    from fedmix_engine.data import export
+
+    steps_of = export.export_steps
+
+    def cancelled_after_the_first_image(*args, **kwargs):
+        steps = steps_of(*args, **kwargs)
+        try:
+            first = next(steps)
+            widget.stop_import()  # what Cancel does, minus the label text (widgets belong to the GUI thread)
+            yield first
+            return (yield from steps)  # the report, as the export's own steps return it
+        finally:
+            steps.close()
+
+    monkeypatch.setattr(export, "export_steps", cancelled_after_the_first_image)
+    widget.export_site(tmp_path / "stopped", images=True)
     qtbot.waitUntil(lambda: widget.import_worker is None, timeout=60_000)
     assert widget.last_export is None
     assert sorted(p.name for p in tmp_path.iterdir() if "stopped" in p.name) == []
