@@ -87,11 +87,6 @@ STORAGE_FAULTS = {
 }
 
 
-
-
-
-
-
 @dataclass(frozen=True)
 class Outcome:
     """Result of an upload: HTTP status and a sentence for the site's operator."""
@@ -99,10 +94,6 @@ class Outcome:
     status: int
     message: str
     round_closed: bool = False
-
-
-
-
 
 
 class ServerState:
@@ -473,47 +464,3 @@ class ServerState:
             fd = os.open(final.parent, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
