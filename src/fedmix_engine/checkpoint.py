@@ -60,9 +60,7 @@ def _model_of(header: dict[str, str], where: str | Path) -> ModelConfig:
 def checkpoint_model(path: str | Path) -> ModelConfig:
     """The model a checkpoint file holds, from its header alone (a few kB, no weights read): what a GUI
     checks before the worker that loads the weights starts (the overlays a stack's classes need)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint file not found")
+    path = _checkpoint_file(path)
     return _model_of(read_header(path, str(path))[1], path)
 
 
@@ -96,12 +94,17 @@ def save_checkpoint(path: str | Path, pair: PairState, model_config: ModelConfig
     return path
 
 
-def checkpoint_bytes(path: str | Path) -> bytes:
-    """A checkpoint file's bytes, or an error naming the file that is not there."""
+def _checkpoint_file(path: str | Path) -> Path:
+    """``path``, or an error naming the checkpoint file that is not there."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint file not found")
-    return path.read_bytes()
+    return path
+
+
+def checkpoint_bytes(path: str | Path) -> bytes:
+    """A checkpoint file's bytes, or an error naming the file that is not there."""
+    return _checkpoint_file(path).read_bytes()
 
 
 def file_sha256(path: str | Path) -> str:
