@@ -107,6 +107,20 @@ def _tiny_checkpoint(folder: Path) -> Path:
                            {"image_size": 32})
 
 
+def _threads_loading_models(monkeypatch) -> list:
+    """The thread of every model load from now on (``Predictor.from_checkpoint``): a widget must load its model
+    in its worker, never on napari's GUI thread."""
+    import threading
+
+    from fedmix_engine.predict import Predictor
+
+    threads: list[threading.Thread] = []
+    load = Predictor.from_checkpoint.__func__
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(
+        lambda cls, *args, **kwargs: threads.append(threading.current_thread()) or load(cls, *args, **kwargs)))
+    return threads
+
+
 def _predict_widget(viewer, qtbot, checkpoint: Path):
     """A Predict widget in ``viewer`` with ``checkpoint`` chosen."""
     from napari_fedmix.predict_widget import PredictWidget
@@ -1826,15 +1840,10 @@ def test_predict_takes_the_model_written_again_at_the_same_path(make_napari_view
     napari's GUI thread (a reference-width pair is 140 MB)."""
     import threading
 
-    from fedmix_engine.predict import Predictor
     from model_helpers import constant_checkpoint
     from napari_fedmix.predict_widget import PROB_LAYER
 
-    loaded_in: list[threading.Thread] = []
-    load = Predictor.from_checkpoint.__func__
-    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(
-        lambda cls, *args, **kwargs: loaded_in.append(threading.current_thread()) or load(cls, *args, **kwargs)))
-
+    loaded_in = _threads_loading_models(monkeypatch)
     viewer = make_napari_viewer()
     viewer.add_image(tifffile.imread(images[0]), name="scan")
     model = tmp_path / "models" / "global.safetensors"
@@ -1961,24 +1970,20 @@ def test_batch_predict_loads_the_model_and_lists_the_files_off_the_gui_thread(ma
     from fedmix_engine import predict
 
     widget = _batch_widget(make_napari_viewer(), qtbot, images[0].parent, tmp_path / "out")
-    threads: dict[str, threading.Thread] = {}
-    load, listing = predict.Predictor.from_checkpoint.__func__, predict.batch_files
-
-    def loading(cls, *args, **kwargs):
-        threads["model"] = threading.current_thread()
-        return load(cls, *args, **kwargs)
+    loaded_in = _threads_loading_models(monkeypatch)
+    listed_in: list[threading.Thread] = []
+    listing = predict.batch_files
 
     def listing_files(*args, **kwargs):
-        threads["files"] = threading.current_thread()
+        listed_in.append(threading.current_thread())
         return listing(*args, **kwargs)
 
-    monkeypatch.setattr(predict.Predictor, "from_checkpoint", classmethod(loading))
     monkeypatch.setattr(predict, "batch_files", listing_files)
     assert widget.run() is not None
     assert widget.status.text() == "loading the model and listing the files…" and not widget.run_button.isEnabled()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert set(threads) == {"model", "files"}
-    assert threading.main_thread() not in threads.values(), threads
+    assert loaded_in and listed_in, "the model was loaded and the files listed"
+    assert threading.main_thread() not in loaded_in + listed_in, (loaded_in, listed_in)
     assert widget.status.text().startswith(f"3 mask(s) written to {tmp_path / 'out'}"), widget.status.text()
     assert widget.progress.maximum() == widget.progress.value() == widget.total == 4  # and the model file there
 
@@ -2579,7 +2584,6 @@ def test_evaluate_loads_the_model_in_its_worker_and_says_when_it_is_corrupt(make
     before its worker started. It loads it in the worker now; a corrupt model is said in the status line."""
     import threading
 
-    from fedmix_engine.predict import Predictor
     from napari_fedmix.evaluate_widget import EvaluateWidget
 
     site = tmp_path / "site"
@@ -2588,14 +2592,7 @@ def test_evaluate_loads_the_model_in_its_worker_and_says_when_it_is_corrupt(make
         mask = np.zeros((40, 48), np.uint8)
         mask[5:20, 8:30] = 1
         store.set_mask("img0", mask)
-    loaded_in: list[threading.Thread] = []
-    load = Predictor.from_checkpoint.__func__
-
-    def loading(cls, *args, **kwargs):
-        loaded_in.append(threading.current_thread())
-        return load(cls, *args, **kwargs)
-
-    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(loading))
+    loaded_in = _threads_loading_models(monkeypatch)
     widget = EvaluateWidget(make_napari_viewer())
     qtbot.addWidget(widget)
     widget.site.setText(str(site))
