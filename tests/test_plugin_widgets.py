@@ -1947,7 +1947,7 @@ def test_batch_predict_cancel_and_errors_are_reported_not_overwritten(make_napar
     # Cancel while the first image is predicted (from the worker's thread, so it cannot arrive late)
 
     def mask_then_cancel(self, image, threshold=0.5, where="image"):
-        widget.worker.quit()  # what Cancel does, minus the label text (widgets belong to the GUI thread)
+        widget.stop_requested.set()  # what Cancel does, minus the label text (widgets belong to the GUI thread)
         return real_mask(self, image, threshold, where)
 
     monkeypatch.setattr(Predictor, "mask", mask_then_cancel)
@@ -1996,8 +1996,80 @@ def test_batch_predict_loads_the_model_and_lists_the_files_off_the_gui_thread(ma
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.status.text().startswith(f"error: {broken}: "), widget.status.text()
     assert not (tmp_path / "out-2").exists()
-    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled() and widget.batch is None
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled() and not widget.started
 
+
+
+def test_batch_predict_ends_off_the_gui_thread_and_a_cancel_while_the_model_loads_writes_nothing(
+        make_napari_viewer, qtbot, tmp_path, images, monkeypatch):
+    """A batch's end ran on napari's GUI thread: the summary.csv of every file, the walk of the output folder
+    for an earlier batch's masks and, with 'open the masks', the reading of every mask: seconds on a share,
+    the window frozen. And a Cancel while the model loaded still made the output folder, with a summary
+    of files "not run"."""
+    import threading
+
+    import tifffile as tiff
+
+    from fedmix_engine import predict
+
+    widget = _batch_widget(make_napari_viewer(), qtbot, images[0].parent, tmp_path / "out")
+    widget.open_results.setChecked(True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old_mask.tif").write_bytes(b"")  # an earlier batch's mask, for an image not in this one
+    (tmp_path / "out" / predict.RECORD_FILE).write_text("{}")
+    threads: dict[str, set[threading.Thread]] = {"summary": set(), "walk": set(), "read": set()}
+
+    def recorded(name, function):
+        return lambda *args, **kwargs: threads[name].add(threading.current_thread()) or function(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "_write_summary", recorded("summary", predict._write_summary))
+    monkeypatch.setattr(predict, "earlier_masks", recorded("walk", predict.earlier_masks))
+    monkeypatch.setattr(tiff, "imread", recorded("read", tiff.imread))
+    shown: list[str] = []
+    monkeypatch.setattr(widget.status, "setText", lambda text: shown.append(text))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert shown[-1].startswith(f"3 mask(s) written to {tmp_path / 'out'} (summary.csv); 0 skipped; 1 other file(s) "
+                                "not images. Note: 1 mask file(s) in the output folder are not this batch's "
+                                "(old_mask.tif)"), shown[-1]  # the other file: the model, beside the images
+    layer = widget.viewer.layers["FedMix batch masks"]
+    assert layer.data.shape == (3, 40, 48)
+    assert all(threads.values()), threads
+    assert threading.main_thread() not in set.union(*threads.values()), threads
+    assert np.array_equal(layer.data[2], tiff.imread(tmp_path / "out" / "scan-2_mask.tif"))
+
+    # Cancel while the model loads: no output folder made, and said so
+    from fedmix_engine.predict import Predictor
+
+    load = Predictor.from_checkpoint.__func__
+
+    def load_then_cancel(cls, *args, **kwargs):
+        widget.stop_requested.set()  # what Cancel does, from the worker: it cannot arrive late
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(load_then_cancel))
+    widget.output.setText(str(tmp_path / "out-2"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert shown[-1] == "stopped before the first file: nothing written", shown[-1]
+    assert not (tmp_path / "out-2").exists()
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+    # Cancel after the first file: the worker writes the summary of the files not run, not the GUI thread
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(load))
+    real_mask = Predictor.mask
+
+    def mask_then_cancel(self, image, threshold=0.5, where="image"):
+        widget.stop_requested.set()
+        return real_mask(self, image, threshold, where)
+
+    monkeypatch.setattr(Predictor, "mask", mask_then_cancel)
+    threads["summary"].clear()
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert shown[-1].startswith("stopped after 2 of 4 files; 1 mask(s) written"), shown[-1]  # the model, a scan
+    assert threads["summary"] and threading.main_thread() not in threads["summary"], threads
+    assert (tmp_path / "out-2" / predict.SUMMARY_FILE).read_text().count(predict.NOT_RUN) == 2
 
 def _batch_widget(viewer, qtbot, folder: Path, out: Path):
     """The Batch predict widget filled in: ``folder`` into ``out`` with a tiny untrained model."""
@@ -2044,7 +2116,7 @@ def test_batch_predict_shows_a_stacks_frames_and_cancel_stops_within_it(make_nap
 
     def logits_then_cancel(self, batch, network=None):
         calls.append(len(batch))
-        widget.worker.quit()  # Cancel during the loop's first batch (from the worker: it cannot arrive late)
+        widget.stop_requested.set()  # Cancel during the loop's first batch (from the worker: it cannot arrive late)
         return real_logits(self, batch, network)
 
     monkeypatch.setattr(Predictor, "logits", logits_then_cancel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     import napari
     from napari.qt.threading import WorkerBase
 
-    from fedmix_engine.predict import FolderBatch, Predictor
+    from fedmix_engine.predict import BatchRow, Predictor
 
 PROB_LAYER, PRED_LAYER = "FedMix probability", "FedMix prediction"
 DISAGREE_LAYER = "FedMix networks disagree"  # |p¹ − p²|: what FedMix's agreement rule sees, per pixel
@@ -337,11 +338,21 @@ def _memory_size(size: float) -> str:
 
 @dataclass(frozen=True)
 class _BatchStarted:
-    """The worker's first item: the batch it made (files counted, output folder held) and its notes."""
+    """The worker's first item, once the batch is made (its output folder held, its files counted)."""
 
-    batch: FolderBatch
-    unread: list[str]  # sub-folders of images the batch does not read
-    device_note: str  # why the GPU named in the preferences does not predict, or ""
+    total: int  # files in the batch
+
+
+@dataclass(frozen=True)
+class _BatchEnded:
+    """The worker's last item, made after its summary.csv was written: what the finished line says, and the
+    masks to open. Made in the worker, as the folder's walk and the masks' reading can take seconds on a
+    share; only the layers are added on the GUI thread."""
+
+    kept: int  # masks kept from the stopped batch being continued
+    notes: list[str]  # what a finished batch tells its user although it succeeded
+    masks: list[tuple[str, np.ndarray]]  # the written masks and their layer names, when they are to be opened
+    unopened: str  # why the masks are not opened, or ""
 
 
 class BatchPredictWidget(QWidget):
@@ -371,11 +382,10 @@ class BatchPredictWidget(QWidget):
         self.skipped = QListWidget()
         self.worker = None
         self._closing = PanelClosing(self, on_closed=self.cancel)  # its ✕: no batch left running unseen
-        self.batch = None  # the running FolderBatch, once the worker has made it
         self.rows: list = []
-        self.unread: list[str] = []  # sub-folders of images a batch without include sub-folders leaves
-        self.device_note = ""  # why the GPU named in the preferences did not predict, as predict's CLI says
         self.total, self.error = 0, None
+        self.started, self.ended = False, None  # the worker's _BatchStarted came; its _BatchEnded, when it came
+        self.stop_requested = threading.Event()
         layout = QVBoxLayout(self)
         form = QFormLayout()
         form.addRow("images", path_row(self.input, self, "Images: a folder, or one image, stack or video file",
@@ -400,8 +410,17 @@ class BatchPredictWidget(QWidget):
     def run(self) -> WorkerBase | None:
         """Check the form here (a missing folder, a wrong threshold or no model are said at once), then load
         the model, list the files and predict in a worker: on a network share the listing of a PACS export
-        took napari's window away for seconds. The worker's first item is the batch it made."""
-        from fedmix_engine.predict import Predictor, check_batch, iter_predict_folder, unread_subfolders
+        took napari's window away for seconds. The worker's first item says the batch is made; its last,
+        after the batch's summary.csv, what the finished line says and the masks to open."""
+        from fedmix_engine.predict import (
+            FrameStep,
+            Predictor,
+            batch_notes,
+            check_batch,
+            earlier_masks,
+            iter_predict_folder,
+            unread_subfolders,
+        )
 
         try:
             if not (self.input.text() and self.output.text()):
@@ -415,16 +434,33 @@ class BatchPredictWidget(QWidget):
             self.status.setText(error_line(exc))
             return None
 
+        stop = self.stop_requested = threading.Event()  # Cancel: the worker stops and closes the batch itself
+        open_results = self.open_results.isChecked()
+
         def rows():
             predictor = Predictor.from_checkpoint(checkpoint, device)
+            if stop.is_set():
+                return  # cancelled while the model loaded: nothing written
             unread = [] if recursive else unread_subfolders(source, out)  # the output folder is left out anyway
+            device_note = [predictor.plan.note] if predictor.plan.gpu_not_used else []  # as predict's CLI says
             batch = iter_predict_folder(predictor, source, out, threshold, dicom_seg=dicom_seg,  # makes the folder
                                         frame_steps=True, recursive=recursive, resume=resume)
-            yield _BatchStarted(batch, unread, predictor.plan.note if predictor.plan.gpu_not_used else "")
-            yield from batch
+            done: list[BatchRow] = []
+            try:
+                yield _BatchStarted(batch.total)
+                for item in batch:
+                    if not isinstance(item, FrameStep):
+                        done.append(item[2])
+                    yield item
+                    if stop.is_set():  # between two files, or two batches of a stack's frames
+                        break
+            finally:
+                batch.close()  # summary.csv: the files not reached listed as not run
+            notes = device_note + batch_notes(done, unread, earlier_masks(out, done))
+            masks, unopened = _read_masks(done, out) if open_results else ([], "")
+            yield _BatchEnded(batch.kept, notes, masks, unopened)
 
-        self.batch, self.rows, self.total, self.error = None, [], 0, None
-        self.unread, self.device_note = [], ""
+        self.rows, self.total, self.error, self.started, self.ended = [], 0, None, False, None
         self.skipped.clear()
         self.progress.setRange(0, 0)  # busy until the files are counted
         self.status.setText("loading the model and listing the files…")
@@ -445,16 +481,20 @@ class BatchPredictWidget(QWidget):
         self.output.setText(self._suggested_output)
 
     def cancel(self) -> None:
+        """Stop after the current image (a stack: its current frames); the worker then closes the batch, so
+        its summary.csv is written off the GUI thread too."""
         if self.worker is not None:
             self.status.setText("stopping after the current image (a stack: its current frames)…")
-            self.worker.quit()
+            self.stop_requested.set()
 
     def _on_row(self, item) -> None:
         from fedmix_engine.predict import FrameStep
 
+        if isinstance(item, _BatchEnded):
+            self.ended = item
+            return
         if isinstance(item, _BatchStarted):
-            self.batch, self.unread, self.device_note = item.batch, item.unread, item.device_note
-            self.total = item.batch.total
+            self.started, self.total = True, item.total
             self.progress.setRange(0, self.total)
             self.progress.setValue(0)
             self.status.setText(f"0/{self.total}: predicting…")
@@ -478,50 +518,49 @@ class BatchPredictWidget(QWidget):
         self.status.setText(error_line(exc))
 
     def _on_finished(self, out: Path) -> None:
-        from fedmix_engine.predict import batch_notes, earlier_masks
-
-        batch, self.batch = self.batch, None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.worker = None
-        if batch is None:  # refused before its first file (a corrupt model, another batch's folder): said
+        if not self.started:  # refused before its first file (a corrupt model, another batch's folder): said
             self.progress.setRange(0, 1)
             if self.error is None:  # cancelled while the model loaded
                 self.status.setText("stopped before the first file: nothing written")
             return
-        batch.close()  # a cancelled run writes its summary.csv now (the rest listed as not run)
-        written = [out / r.mask_file for r in self.rows if r.status == "ok"]
+        written = [r for r in self.rows if r.status == "ok"]
         skipped = sum(r.failed for r in self.rows)
         others = sum(r.status != "ok" and not r.failed for r in self.rows)
         said = self.status.text()  # an error's line
-        if self.error is None:
+        if self.error is None and self.ended is not None:
             stopped = f"stopped after {len(self.rows)} of {self.total} files; " if len(self.rows) < self.total else ""
-            kept = f" ({batch.kept} kept from the earlier batch)" if batch.kept else ""
+            kept = f" ({self.ended.kept} kept from the earlier batch)" if self.ended.kept else ""
             not_images = f"; {others} other file(s) not images" if others else ""
             said = (f"{stopped}{len(written)} mask(s) written to {out}{kept} (summary.csv); "
                     f"{skipped} skipped{not_images}")
-        if self.open_results.isChecked() and written and (unopened := self._open_masks(written, out)):
-            said += f"; masks not opened: {unopened}"
-        if self.error is None:
-            notes = batch_notes(self.rows, self.unread, earlier_masks(out, self.rows))
-            if self.device_note:
-                notes.insert(0, self.device_note)
-            said += "".join(f". Note: {note}" for note in notes)
+            if self.ended.masks:
+                self._open_masks(self.ended.masks)
+            if self.ended.unopened:
+                said += f"; masks not opened: {self.ended.unopened}"
+            said += "".join(f". Note: {note}" for note in self.ended.notes)
         self.status.setText(said)
 
-    def _open_masks(self, written: list[Path], out: Path) -> str:
-        """The batch's masks as label layers (one stack when they share a shape); why not, or ""."""
-        import tifffile
-
-        try:  # a long video's mask can outgrow the memory: then the masks stay on disk
-            _check_memory(2 * sum(r.frames * r.height * r.width for r in self.rows if r.status == "ok"), out,
-                          "opening this run's masks", "open them from the output folder a few at a time")
-        except InputError as exc:
-            return exc.reason
-        masks = [tifffile.imread(p) for p in written]
-        if len({m.shape for m in masks}) == 1:
-            self.viewer.add_labels(np.stack(masks), name="FedMix batch masks")
+    def _open_masks(self, masks: list[tuple[str, np.ndarray]]) -> None:
+        """The batch's masks as label layers (one stack when they share a shape)."""
+        if len({mask.shape for _, mask in masks}) == 1:
+            self.viewer.add_labels(np.stack([mask for _, mask in masks]), name="FedMix batch masks")
         else:
-            for path, mask in zip(written, masks, strict=True):
-                self.viewer.add_labels(mask, name=path.stem)
-        return ""
+            for name, mask in masks:
+                self.viewer.add_labels(mask, name=name)
+
+
+def _read_masks(rows: list[BatchRow], out: Path) -> tuple[list[tuple[str, np.ndarray]], str]:
+    """A batch's written masks by layer name, read to be opened; or none, and why (they would not fit in
+    the free memory: a long video's mask can outgrow it, and then the masks stay on disk)."""
+    import tifffile
+
+    written = [r for r in rows if r.status == "ok"]
+    try:
+        _check_memory(2 * sum(r.frames * r.height * r.width for r in written), out,
+                      "opening this run's masks", "open them from the output folder a few at a time")
+    except InputError as exc:
+        return [], exc.reason
+    return [((out / r.mask_file).stem, tifffile.imread(out / r.mask_file)) for r in written], ""
