@@ -2718,9 +2718,18 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     assert widget.run() is None and f"{tmp_path}: is a folder" in widget.status.text()
 
     widget.scores_file.setText(str(tmp_path / "scores.csv"))
+    import threading
+
+    from fedmix_engine import evaluation
+
+    written_in: list[threading.Thread] = []  # the CSV is written in the worker (on a share it takes seconds)
+    write = evaluation.write_scores
+    monkeypatch.setattr(evaluation, "write_scores",
+                        lambda *args, **kwargs: written_in.append(threading.current_thread()) or write(*args, **kwargs))
     assert widget.run() is not None
     widget.checkpoint.setText(str(tmp_path / "chosen-meanwhile.safetensors"))  # the result names what was run
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert written_in and threading.main_thread() not in written_in, written_in
     [expected] = summarise(score_site(Predictor.from_checkpoint(model, "cpu"), site))
     assert widget.table.columnCount() == 1 and widget.table.horizontalHeaderItem(0).text() == "lesion"
     cells = [widget.table.item(row, 0).text() for row in range(widget.table.rowCount())]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from qtpy.QtWidgets import (
     QAbstractScrollArea,
@@ -103,15 +103,16 @@ class EvaluateWidget(QWidget):
         self.status.setText(f"evaluating {Path(model).name} on {site}…")
         threshold = round(self.threshold.value(), 2)
 
-        def scoring():  # in the worker: the model is loaded and the site's records read there, not in the GUI thread
+        def scoring():  # in the worker: the model is loaded, the site's records read and the scores written there
             predictor = Predictor.from_checkpoint(model, device)
             rows = yield from iter_score_site(predictor, site, threshold)
-            return rows, left_out_note(site, len({row.image for row in rows})), predictor.describe()
+            return _Scored(rows, f"{Path(model).name} ({predictor.describe()})", threshold,
+                           left_out_note(site, len({row.image for row in rows})), own_model_note(model, site),
+                           _saved_scores(scores, rows, threshold) if scores else "")
 
         self.worker = make_worker(scoring, on_error=self._on_error)
         self.worker.yielded.connect(self._on_image)
-        self.worker.returned.connect(lambda result: self._show(
-            result[0], f"{Path(model).name} ({result[2]})", scores, own_model_note(model, site), threshold, result[1]))
+        self.worker.returned.connect(self._show)
         self.worker.aborted.connect(lambda: self.status.setText(
             f"stopped after {self.done[0]} of {self.done[1]} images: no scores (they would not be the site's)"))
         self.worker.finished.connect(self._finished)
@@ -137,12 +138,11 @@ class EvaluateWidget(QWidget):
         self.run_button.setEnabled(True)
         self.stop_button.setEnabled(False)
 
-    def _show(self, rows: list, model: str, scores: Path | None, own: str | None = None,
-              threshold: float = 0.5, left_out: str | None = None) -> None:
-        """The table and status; ``model`` names the checkpoint evaluated (the field may have changed since),
-        ``own`` notes that it is the scored site's own model, ``threshold`` where its masks were cut,
-        ``left_out`` how many of the site's images had no full ground truth."""
-        from fedmix_engine.evaluation import mean_image_dice, summarise, write_scores
+    def _show(self, scored: _Scored) -> None:
+        """The table and status of a finished evaluation."""
+        from fedmix_engine.evaluation import mean_image_dice, summarise
+
+        rows, threshold = scored.rows, scored.threshold
 
         summary = summarise(rows)
         self.table.setColumnCount(len(summary))
@@ -158,16 +158,35 @@ class EvaluateWidget(QWidget):
                  else "no image has a pixel spacing: HD95 in pixels only")
         reported = ("as simulate and Train report" if threshold == 0.5
                     else f"masks at probability > {threshold:g}; simulate and Train report at 0.5")
-        left = f" ({left_out})" if left_out else ""
+        left = f" ({scored.left_out})" if scored.left_out else ""
         notes = [f"{images} image(s) with full ground truth{left}; mean Dice over images {mean_image_dice(rows):.3f} "
-                 f"({reported})", f"{in_mm}; undefined where one mask is empty", f"model: {model}"]
-        if scores is not None:
-            try:
-                write_scores(scores, rows, threshold)
-                notes.append(f"every image's scores: {scores}")
-            except OSError as exc:
-                notes.append(f"scores not saved: {scores}: {exc.strerror or exc}")
-        self.status.setText("\n".join(notes + ([f"note: {own}"] if own else [])))
+                 f"({reported})", f"{in_mm}; undefined where one mask is empty", f"model: {scored.model}"]
+        if scored.saved:
+            notes.append(scored.saved)
+        self.status.setText("\n".join(notes + ([f"note: {scored.own}"] if scored.own else [])))
+
+
+class _Scored(NamedTuple):
+    """What the worker found: the rows to show, and the notes made beside them (off the GUI thread)."""
+
+    rows: list  # ImageScore per image and class
+    model: str  # the checkpoint evaluated and its device (the field may have changed since)
+    threshold: float  # where the masks were cut
+    left_out: str | None  # how many of the site's images had no full ground truth
+    own: str | None  # that the model is the scored site's own
+    saved: str  # where every image's scores were written, or why not, or ""
+
+
+def _saved_scores(path: Path, rows: list, threshold: float) -> str:
+    """Every image's scores written to ``path`` (in the worker: a CSV on a share can take seconds), said in
+    the status line, as is a failure to write them (the table still shows)."""
+    from fedmix_engine.evaluation import write_scores
+
+    try:
+        write_scores(path, rows, threshold)
+        return f"every image's scores: {path}"
+    except OSError as exc:
+        return f"scores not saved: {path}: {exc.strerror or exc}"
 
 
 def _number(value: float, digits: int) -> str:
