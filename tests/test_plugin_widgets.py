@@ -1767,6 +1767,28 @@ def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(ma
     assert pause < 0.2, f"event loop blocked for {pause * 1000:.0f} ms"
 
 
+
+def test_start_right_after_stop_continues_the_local_run(make_napari_viewer, qtbot, sample):
+    """Stop made the worker quit, which left the run suspended at its last event, holding its folder's lock
+    until garbage collection: continuing it at once was refused as 'another run is writing to this folder'."""
+    from fedmix_engine.run_snapshot import snapshot_round
+    from napari_fedmix.train_widget import LOCAL_RUN, TrainWidget
+
+    train = TrainWidget(make_napari_viewer())
+    qtbot.addWidget(train)
+    _start_local(train, sample, rounds=50)
+    qtbot.waitUntil(lambda: train.round_bar.value() >= 1, timeout=120_000)
+    train.stop()
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    assert "\nstopped; model: " in train.status.text()
+    done = snapshot_round(sample / LOCAL_RUN)
+    assert done is not None and done < 50
+    train.continue_local.setChecked(True)
+    _start_local(train, sample, rounds=1)
+    qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
+    assert "error" not in train.status.text() and "\nfinished; model: " in train.status.text(), train.status.text()
+    assert train.round_bar.value() == done + 1 == snapshot_round(sample / LOCAL_RUN)
+
 def test_stop_ends_a_federation_that_waits_for_other_sites_at_once_and_frees_the_site(make_napari_viewer, qtbot,
                                                                                      sample, tmp_path):
     """Stop asks the worker to quit, which a generator sees only when it next yields; waiting for the other

@@ -8,6 +8,8 @@ event, i.e. after the current batch, and the last completed round's model stays 
 
 from __future__ import annotations
 
+import threading
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +38,8 @@ from napari_fedmix.pending_edits import pending_edits
 from napari_fedmix.workers import make_worker
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import napari
 
 
@@ -116,6 +120,7 @@ class TrainWidget(QWidget):
         _warm_up_engine()
         self.worker = None
         self._closing = PanelClosing(self, on_closed=self.stop)  # its ✕: no training left running unseen
+        self.stop_requested = threading.Event()  # Stop: the running worker's, set
         self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "weight": [], "samples used (hundreds)": [],
                                                             "validation Dice": []}
         self.last_checkpoint: Path | None = None
@@ -228,6 +233,7 @@ class TrainWidget(QWidget):
         pending_edits().request_save(site)  # the mask drawn just now trains in this run
         self.history = {k: [] for k in self.history}
         form = self._form()  # read here, on the GUI thread: the worker reads this copy, never the widgets
+        stop = threading.Event()
         if self.mode.currentIndex() == 0:
             done = 0
             if self.continue_local.isChecked():
@@ -240,10 +246,11 @@ class TrainWidget(QWidget):
                     return
             generator, total = self._local_events(form, done), done + form.rounds
         else:
-            generator, total = self._federation_events(form), 0
+            generator, total = self._federation_events(form, stop), 0
         self.round_bar.setRange(0, total)
         self.round_bar.setValue(0)
-        self.worker = make_worker(lambda: (yield from generator), on_error=self._on_error)
+        self.stop_requested = stop
+        self.worker = make_worker(_until_stopped, generator, stop, on_error=self._on_error)
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
         self.start_button.setEnabled(False)
@@ -272,7 +279,8 @@ class TrainWidget(QWidget):
         def failed(exc: Exception) -> None:
             self.status.setText("\n".join([*passed, error_line(exc)]))
 
-        self.worker = make_worker(lines, on_error=failed)
+        self.stop_requested = threading.Event()  # the panel's ✕ during a check
+        self.worker = make_worker(_until_stopped, lines(), self.stop_requested, on_error=failed)
         self.worker.yielded.connect(lambda line: (passed.append(line), self.status.setText("\n".join(passed))))
         self.worker.returned.connect(lambda _: self.status.setText(
             "\n".join([*passed, "check passed: Start takes part in the federation"])))
@@ -288,9 +296,11 @@ class TrainWidget(QWidget):
         self.check_button.setEnabled(self.mode.currentIndex() == 1)
 
     def stop(self) -> None:
+        """Stop after the current batch (a federation: at once while it waits); the worker then ends the run
+        itself (see ``_until_stopped``)."""
         if self.worker is not None:
             self.status.setText("stopping after the current batch…")
-            self.worker.quit()
+            self.stop_requested.set()
 
     def _form(self) -> _TrainForm:
         return _TrainForm(Path(self.site.text()), self.validation.text(), self.device.currentText(),
@@ -335,12 +345,11 @@ class TrainWidget(QWidget):
                                 ca_cert=form.ca_cert or None, give_up_after=give_up_after,
                                 held_out=form.validation or None)  # the client scores each global model
 
-    def _federation_events(self, form: _TrainForm):
+    def _federation_events(self, form: _TrainForm, stop: threading.Event):
         client = self._client(form)
         self.last_checkpoint = form.site / GLOBAL_MODEL
         # asked between events too: waiting for the other sites yields none for minutes
-        yield from client.iter_join(should_stop=lambda: self.worker is not None and self.worker.abort_requested,
-                                    on_retry=self.join_retrying.emit)
+        yield from client.iter_join(should_stop=stop.is_set, on_retry=self.join_retrying.emit)
 
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:
@@ -401,7 +410,7 @@ class TrainWidget(QWidget):
             if done is not None:
                 latest_model().announce(done)  # Predict and Batch predict start with it
             # not "stopped" after every last round: only when Stop asked the worker to quit
-            ended = "stopped" if self.worker is not None and self.worker.abort_requested else "finished"
+            ended = "stopped" if self.stop_requested.is_set() else "finished"
             self.status.setText(f"{self.status.text()}\n{ended}; model: {done or 'none yet'}")
         self.worker = None
 
@@ -429,3 +438,15 @@ class TrainWidget(QWidget):
         path = QFileDialog.getExistingDirectory(self, "Site folder")
         if path:
             self.site.setText(path)
+
+
+def _until_stopped(events: Iterator, stop: threading.Event) -> Iterator:
+    """``events`` until ``stop`` is set (asked after each event: a training batch), then closed here, in the
+    worker. A worker's ``quit`` left the run suspended at its last event, holding the site's run folder's
+    lock until garbage collection: Start right after Stop, to continue the run, was refused as 'another run
+    is writing to this folder'."""
+    with closing(events):
+        for event in events:
+            yield event
+            if stop.is_set():
+                return
