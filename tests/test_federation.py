@@ -2188,17 +2188,22 @@ def test_a_stop_ends_the_join_promptly_while_a_request_hangs_on_a_server_that_do
     state = tmp_path / "state"
     token = make_tokens(state, ["site-a", "site-b"])["site-a"]
     server = Server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]).start()
-    join = JoinThread(FederationClient(server.url, token, copies["site-a"], device="cpu", poll_seconds=0.2))
+    client = FederationClient(server.url, token, copies["site-a"], device="cpu", poll_seconds=0.2)
+    join = JoinThread(client)
     try:
         join.wait_for(lambda: join.waiting(), "site-a's update sent")
         os.kill(server.proc.pid, signal.SIGSTOP)  # it polls /v1/round every 0.2 s: the next poll hangs
         time.sleep(2)
         took = join.end(timeout=10)
         assert not join.thread.is_alive(), "the join still waits on the hung request"
+        closing = time.monotonic()
+        client.close()  # napari's Train closes it in its worker, before the panel says it stopped
+        closed_in = time.monotonic() - closing
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.kill()
     assert took < 1.5, f"the stop took {took:.1f} s"
+    assert closed_in < 1, f"closing the client waited {closed_in:.1f} s for the abandoned request"
     lock = copies["site-a"] / "models" / "join.lock"
     from filelock import FileLock
     FileLock(lock).acquire(timeout=0)  # released: napari's next Start is not refused as a second join

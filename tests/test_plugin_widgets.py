@@ -1084,6 +1084,13 @@ def sample(tmp_path: Path) -> Path:
     return out / "site-a"
 
 
+def _clients_made(train) -> list:
+    """Every FederationClient the Train panel ``train`` makes from now on (a Start's join, a Check)."""
+    clients: list = []
+    make = train._client
+    train._client = lambda *args, **kwargs: clients.append(make(*args, **kwargs)) or clients[-1]
+    return clients
+
 def _start_local(widget, site: Path, rounds: int) -> None:
     widget.site.setText(str(site))
     widget.device.setCurrentText("cpu")
@@ -1304,8 +1311,10 @@ def test_train_widget_checks_the_server_token_and_site_without_training(make_nap
         assert relayed == [] and train.start_button.isEnabled() and train.check_button.isEnabled()
 
         train.token.setText(token)
+        clients = _clients_made(train)
         train.check()
         qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
+        assert len(clients) == 1 and clients[0].http.is_closed, "its connections are not left to the GC"
         said = train.status.text().splitlines()
         assert said[1:3] == ["token: accepted, as site 'site-a'", "federation: fedmix, 1 round; round 1 open"], said
         assert said[-1] == "check passed: Start takes part in the federation"
@@ -1806,6 +1815,7 @@ def test_stop_ends_a_federation_that_waits_for_other_sites_at_once_and_frees_the
     qtbot.addWidget(train)
     with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "2", *TINY_SETTINGS]) as server:
         _set_to_join(train, sample, server.url, token)
+        clients = _clients_made(train)
         train.start()
         qtbot.waitUntil(lambda: "waiting for the other sites" in train.status.text(), timeout=120_000)
         time.sleep(2)  # well into the wait
@@ -1814,6 +1824,7 @@ def test_stop_ends_a_federation_that_waits_for_other_sites_at_once_and_frees_the
         qtbot.waitUntil(lambda: train.worker is None, timeout=60_000)
         took = time.monotonic() - stopped_at
         assert server.status()["uploaded"] == ["site-a"]
+        assert len(clients) == 1 and clients[0].http.is_closed, "its connections are not left to the GC"
     assert took < 5, f"Stop took {took:.1f} s while waiting for the other sites"
     assert "\nstopped; model: " in train.status.text()
     with FileLock(sample / "models" / JOIN_LOCK).acquire(timeout=0):

@@ -198,15 +198,16 @@ def cmd_join(args: argparse.Namespace) -> int:
                               poll_seconds=args.poll, held_out=args.eval, token_source=source,
                               give_up_after=federation_client.CHECK_PATIENCE if args.check else 3600.0)
     try:
-        if args.check:
-            for line in client.iter_check():  # each as it passes: a failure follows what did pass
-                print(line, flush=True)
-            print("check passed: the same command without --check takes part in the federation")
-            return 0
-        for event in client.iter_join():
-            if event.kind not in ("training", "evaluating") or (event.progress and
-                                                                 event.progress.step == event.progress.total):
-                print(event.message, flush=True)
+        with client:
+            if args.check:
+                for line in client.iter_check():  # each as it passes: a failure follows what did pass
+                    print(line, flush=True)
+                print("check passed: the same command without --check takes part in the federation")
+                return 0
+            for event in client.iter_join():
+                if event.kind not in ("training", "evaluating") or (event.progress and
+                                                                     event.progress.step == event.progress.total):
+                    print(event.message, flush=True)
     except FederationError as exc:
         print(f"error: {exc}")
         return GAVE_UP if isinstance(exc, GaveUp) else REFUSED

@@ -272,7 +272,8 @@ class TrainWidget(QWidget):
         def lines():
             from fedmix_engine.federation.client import CHECK_PATIENCE
 
-            yield from self._client(form, give_up_after=CHECK_PATIENCE).iter_check()
+            with self._client(form, give_up_after=CHECK_PATIENCE) as client:
+                yield from client.iter_check()
 
         passed: list[str] = []  # shown as they pass; a failure below them, as join --check prints it
 
@@ -346,10 +347,10 @@ class TrainWidget(QWidget):
                                 held_out=form.validation or None)  # the client scores each global model
 
     def _federation_events(self, form: _TrainForm, stop: threading.Event):
-        client = self._client(form)
         self.last_checkpoint = form.site / GLOBAL_MODEL
-        # asked between events too: waiting for the other sites yields none for minutes
-        yield from client.iter_join(should_stop=stop.is_set, on_retry=self.join_retrying.emit)
+        # stop is asked between events too: a wait for the other sites yields none for minutes
+        with self._client(form) as client:
+            yield from client.iter_join(should_stop=stop.is_set, on_retry=self.join_retrying.emit)
 
     # ------------------------------------------------------------------ events (GUI thread)
     def _on_event(self, event) -> None:

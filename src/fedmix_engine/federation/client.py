@@ -186,6 +186,17 @@ class FederationClient:
         self._reached = False  # whether the server ever answered this client (then a name failure is transient)
         self.train_config: TrainConfig | None = None  # set from the server on connecting
 
+    def close(self) -> None:
+        """Close the connections kept alive between requests: napari makes a client per Start and Check, and
+        one left to garbage collection kept its sockets open (a request a Stop abandoned fails, unread)."""
+        self.http.close()
+
+    def __enter__(self) -> FederationClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ HTTP with retries
     def _request(self, method: str, path: str, **kwargs):
         import httpx
