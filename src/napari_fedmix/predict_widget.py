@@ -35,7 +35,7 @@ from napari_fedmix.form_fields import (
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.layer_records import image_layer_pixels, label_features, layer_spacing
 from napari_fedmix.panel_closing import PanelClosing
-from napari_fedmix.workers import make_worker
+from napari_fedmix.workers import make_worker, until_stopped
 
 if TYPE_CHECKING:
     import napari
@@ -446,16 +446,12 @@ class BatchPredictWidget(QWidget):
             batch = iter_predict_folder(predictor, source, out, threshold, dicom_seg=dicom_seg,  # makes the folder
                                         frame_steps=True, recursive=recursive, resume=resume)
             done: list[BatchRow] = []
-            try:
-                yield _BatchStarted(batch.total)
-                for item in batch:
-                    if not isinstance(item, FrameStep):
-                        done.append(item[2])
-                    yield item
-                    if stop.is_set():  # between two files, or two batches of a stack's frames
-                        break
-            finally:
-                batch.close()  # summary.csv: the files not reached listed as not run
+            yield _BatchStarted(batch.total)
+            # stopped between two files, or two batches of a stack's frames: the summary lists the rest as not run
+            for item in until_stopped(batch, stop):
+                if not isinstance(item, FrameStep):
+                    done.append(item[2])
+                yield item
             notes = device_note + batch_notes(done, unread, earlier_masks(out, done))
             masks, unopened = _read_masks(done, out) if open_results else ([], "")
             yield _BatchEnded(batch.kept, notes, masks, unopened)

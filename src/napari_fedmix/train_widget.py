@@ -9,7 +9,6 @@ event, i.e. after the current batch, and the last completed round's model stays 
 from __future__ import annotations
 
 import threading
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,11 +34,9 @@ from fedmix_engine.site_models import GLOBAL_MODEL, LOCAL_MODEL, LOCAL_RUN
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.panel_closing import PanelClosing
 from napari_fedmix.pending_edits import pending_edits
-from napari_fedmix.workers import make_worker
+from napari_fedmix.workers import make_worker, until_stopped
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import napari
 
 
@@ -250,7 +247,7 @@ class TrainWidget(QWidget):
         self.round_bar.setRange(0, total)
         self.round_bar.setValue(0)
         self.stop_requested = stop
-        self.worker = make_worker(_until_stopped, generator, stop, on_error=self._on_error)
+        self.worker = make_worker(until_stopped, generator, stop, on_error=self._on_error)
         self.worker.yielded.connect(self._on_event)
         self.worker.finished.connect(self._on_finished)
         self.start_button.setEnabled(False)
@@ -281,7 +278,7 @@ class TrainWidget(QWidget):
             self.status.setText("\n".join([*passed, error_line(exc)]))
 
         self.stop_requested = threading.Event()  # the panel's ✕ during a check
-        self.worker = make_worker(_until_stopped, lines(), self.stop_requested, on_error=failed)
+        self.worker = make_worker(until_stopped, lines(), self.stop_requested, on_error=failed)
         self.worker.yielded.connect(lambda line: (passed.append(line), self.status.setText("\n".join(passed))))
         self.worker.returned.connect(lambda _: self.status.setText(
             "\n".join([*passed, "check passed: Start takes part in the federation"])))
@@ -298,7 +295,7 @@ class TrainWidget(QWidget):
 
     def stop(self) -> None:
         """Stop after the current batch (a federation: at once while it waits); the worker then ends the run
-        itself (see ``_until_stopped``)."""
+        itself (see ``until_stopped``)."""
         if self.worker is not None:
             self.status.setText("stopping after the current batch…")
             self.stop_requested.set()
@@ -440,14 +437,3 @@ class TrainWidget(QWidget):
         if path:
             self.site.setText(path)
 
-
-def _until_stopped(events: Iterator, stop: threading.Event) -> Iterator:
-    """``events`` until ``stop`` is set (asked after each event: a training batch), then closed here, in the
-    worker. A worker's ``quit`` left the run suspended at its last event, holding the site's run folder's
-    lock until garbage collection: Start right after Stop, to continue the run, was refused as 'another run
-    is writing to this folder'."""
-    with closing(events):
-        for event in events:
-            yield event
-            if stop.is_set():
-                return

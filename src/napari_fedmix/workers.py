@@ -7,7 +7,9 @@ traceback: napari's default would pop one up for them as well."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 from fedmix_engine.errors import SAID_ERRORS
@@ -50,3 +52,16 @@ def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Except
     if inspect.isgeneratorfunction(func):
         func = _carrying_runtime_errors(func)
     return create_worker(func, *args, _start_thread=False, _connect={"errored": errored})
+
+
+def until_stopped(steps: Iterable[Any], stop: threading.Event) -> Iterator[Any]:
+    """``steps`` until ``stop`` is set (asked after each step), then closed here, in the worker: a stopped
+    run releases what it holds (a folder's lock, a batch's summary.csv to write) before ``finished``, and off
+    napari's GUI thread. A worker's ``quit`` left the run suspended at its last step until garbage
+    collection: Train's Start right after Stop, to continue the run, was refused as 'another run is writing
+    to this folder'. ``steps`` needs a ``close``: a generator, a ``FolderBatch``."""
+    with closing(steps):
+        for step in steps:
+            yield step
+            if stop.is_set():
+                return
