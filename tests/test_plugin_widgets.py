@@ -1504,7 +1504,7 @@ def test_a_two_class_prediction_says_each_class_share_and_names_the_class_under_
             in widget.status.text()), widget.status.text()
 
 
-def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewer, qtbot, tmp_path):
+def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """A cine loop or a volume's slices was refused ('3-D stack'); each frame is now predicted, the
     overlays are stacks on the same axes, and Stop ends a long run without touching them."""
     from fedmix_engine.predict import Predictor
@@ -1562,12 +1562,22 @@ def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewe
     viewer.add_image(rng.integers(0, 255, (3000, 40, 48), dtype=np.uint8), name="long")
     viewer.layers.selection.active = viewer.layers["long"]
     shown = viewer.layers[PRED_LAYER].data
-    worker = widget.predict_active()
+    import gc
+    import weakref
+
+    runs: list[weakref.ref] = []  # the stack's frame loop and its frames so far: let go once stopped
+    frames_of = Predictor.iter_stack_probabilities
+    monkeypatch.setattr(Predictor, "iter_stack_probabilities", lambda self, *args, **kwargs: (
+        run := frames_of(self, *args, **kwargs), runs.append(weakref.ref(run)))[0])
+    widget.predict_active()
     assert widget.stop_button.isEnabled() and not widget.button.isEnabled(), "one stack at a time"
+    qtbot.waitUntil(lambda: statuses[-1].startswith("predicting long: frame"), timeout=60_000)
     widget.stop()
     qtbot.waitUntil(lambda: widget.status.text().startswith("stopped"), timeout=60_000)
     qtbot.waitUntil(lambda: widget.button.isEnabled() and not widget.stop_button.isEnabled(), timeout=10_000)
-    assert worker.abort_requested and viewer.layers[PRED_LAYER].data is shown, "the overlays were left alone"
+    assert viewer.layers[PRED_LAYER].data is shown, "the overlays were left alone"
+    gc.collect()
+    assert len(runs) == 1 and runs[0]() is None, "the stopped stack's frame loop is still held"
 
 
 def test_predict_says_when_a_grey_model_saw_a_colour_image_in_grey(make_napari_viewer, qtbot, tmp_path):
@@ -2810,7 +2820,24 @@ def test_evaluate_widget_scores_a_model_on_a_labelled_site_as_the_command_line_d
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert "no image with full ground truth" in widget.status.text() and widget.table.columnCount() == 0
     widget.site.setText(str(site))
+    import gc
+    import weakref
+
+    loaded: list[weakref.ref] = []  # the stopped evaluation's model: let go (superqt kept an aborted worker's run)
+    load = Predictor.from_checkpoint.__func__
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(
+        lambda cls, *args, **kwargs: (p := load(cls, *args, **kwargs), loaded.append(weakref.ref(p)))[0]))
+    score_images = evaluation.iter_score_site
+
+    def stopped_after_the_first_image(*args, **kwargs):
+        steps = score_images(*args, **kwargs)
+        yield next(steps)
+        widget.stop_requested.set()  # what Stop does, from the worker: 4 images could be scored before a click
+        return (yield from steps)
+
+    monkeypatch.setattr(evaluation, "iter_score_site", stopped_after_the_first_image)
     assert widget.run() is not None
-    widget.stop()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.status.text().startswith("stopped after") and widget.table.columnCount() == 0
+    gc.collect()
+    assert len(loaded) == 1 and loaded[0]() is None, "the stopped evaluation still holds its model"

@@ -6,6 +6,7 @@ report, and optionally every image's scores as CSV. The engine does the work (``
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -28,7 +29,7 @@ from fedmix_engine.errors import InputError, error_line
 from napari_fedmix.form_fields import CHECKPOINT_FILES, chosen_checkpoint, path_row, preferred_device, threshold_field
 from napari_fedmix.latest_model import latest_model
 from napari_fedmix.panel_closing import PanelClosing
-from napari_fedmix.workers import make_worker
+from napari_fedmix.workers import make_worker, until_stopped
 
 if TYPE_CHECKING:
     import napari
@@ -68,6 +69,7 @@ class EvaluateWidget(QWidget):
         self.status.setMinimumHeight(4 * self.status.fontMetrics().lineSpacing())
         self.worker = None
         self._closing = PanelClosing(self, on_closed=self.stop)  # its ✕: no scoring left running unseen
+        self.stop_requested = threading.Event()  # Stop: the running worker's, set
         self.done = (0, 0)
         form = QFormLayout(self)
         form.addRow("model", path_row(self.checkpoint, self, "Model checkpoint", files=CHECKPOINT_FILES))
@@ -110,11 +112,10 @@ class EvaluateWidget(QWidget):
                            left_out_note(site, len({row.image for row in rows})), own_model_note(model, site),
                            _saved_scores(scores, rows, threshold) if scores else "")
 
-        self.worker = make_worker(scoring, on_error=self._on_error)
+        self.stop_requested = threading.Event()
+        self.worker = make_worker(until_stopped, scoring(), self.stop_requested, on_error=self._on_error)
         self.worker.yielded.connect(self._on_image)
         self.worker.returned.connect(self._show)
-        self.worker.aborted.connect(lambda: self.status.setText(
-            f"stopped after {self.done[0]} of {self.done[1]} images: no scores (they would not be the site's)"))
         self.worker.finished.connect(self._finished)
         self.run_button.setEnabled(False)
         self.stop_button.setEnabled(True)
@@ -122,8 +123,9 @@ class EvaluateWidget(QWidget):
         return self.worker
 
     def stop(self) -> None:
+        """Stop after the current image; the worker then lets go of the model and the site."""
         if self.worker is not None:
-            self.worker.quit()
+            self.stop_requested.set()
 
     def _on_image(self, step: tuple[int, int]) -> None:
         self.done = step
@@ -138,10 +140,14 @@ class EvaluateWidget(QWidget):
         self.run_button.setEnabled(True)
         self.stop_button.setEnabled(False)
 
-    def _show(self, scored: _Scored) -> None:
-        """The table and status of a finished evaluation."""
+    def _show(self, scored: _Scored | None) -> None:
+        """The table and status of a finished evaluation; of a stopped one (None), only why there is none."""
         from fedmix_engine.evaluation import mean_image_dice, summarise
 
+        if scored is None:
+            self.status.setText(f"stopped after {self.done[0]} of {self.done[1]} images: no scores (they would "
+                                "not be the site's)")
+            return
         rows, threshold = scored.rows, scored.threshold
 
         summary = summarise(rows)

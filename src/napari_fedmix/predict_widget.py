@@ -80,6 +80,7 @@ class PredictWidget(QWidget):
         self.stop_button.setEnabled(False)
         self.stop_button.clicked.connect(self.stop)
         self.worker = None  # a running stack prediction
+        self.stop_requested = threading.Event()  # Stop: the running stack's, set
         self._closing = PanelClosing(self, on_closed=self.stop)  # its ✕: no prediction left running unseen
         self.status = QLabel("")
         self.status.setWordWrap(True)  # the result names the model: three lines in a narrow dock, not clipped
@@ -166,11 +167,10 @@ class PredictWidget(QWidget):
                 return probability, (yield from labelled(predictor.iter_stack_disagreement(data, rgb, where),
                                                          "networks' disagreement: frame")), colour, predictor
 
-            worker = make_worker(maps, on_error=self._on_error)
+            self.stop_requested = threading.Event()
+            worker = make_worker(until_stopped, maps(), self.stop_requested, on_error=self._on_error)
             worker.yielded.connect(lambda step: self.status.setText(
                 f"predicting {layer.name}: {step[0]} {step[1]} of {step[2]}"))
-            worker.aborted.connect(lambda: self.status.setText(
-                f"stopped: {layer.name} was not predicted (overlays unchanged)"))
             worker.finished.connect(self._stack_finished)
             self.stop_button.setEnabled(True)
             self.button.setEnabled(False)  # one stack at a time: a second would race the first for the overlays
@@ -182,7 +182,14 @@ class PredictWidget(QWidget):
                         else None, predictor.sees_in_grey(data), predictor)
 
             worker = make_worker(maps, on_error=self._on_error)
-        worker.returned.connect(lambda result: self._show(*result, geometry, source, spacing, Path(checkpoint).name))
+
+        def shown(result: tuple | None) -> None:
+            if result is None:  # a stopped stack: its frames so far were let go in the worker
+                self.status.setText(f"stopped: {layer.name} was not predicted (overlays unchanged)")
+            else:
+                self._show(*result, geometry, source, spacing, Path(checkpoint).name)
+
+        worker.returned.connect(shown)
         worker.start()
         return worker
 
@@ -197,7 +204,7 @@ class PredictWidget(QWidget):
     def stop(self) -> None:
         """Stop a running stack prediction after its current batch of frames."""
         if self.worker is not None:
-            self.worker.quit()
+            self.stop_requested.set()
 
     def _image_layer(self):
         """The active image layer, else the top one; never this widget's own probability overlay."""

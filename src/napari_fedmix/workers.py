@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
@@ -54,14 +54,20 @@ def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Except
     return create_worker(func, *args, _start_thread=False, _connect={"errored": errored})
 
 
-def until_stopped(steps: Iterable[Any], stop: threading.Event) -> Iterator[Any]:
-    """``steps`` until ``stop`` is set (asked after each step), then closed here, in the worker: a stopped
-    run releases what it holds (a folder's lock, a batch's summary.csv to write) before ``finished``, and off
-    napari's GUI thread. A worker's ``quit`` left the run suspended at its last step until garbage
-    collection: Train's Start right after Stop, to continue the run, was refused as 'another run is writing
-    to this folder'. ``steps`` needs a ``close``: a generator, a ``FolderBatch``."""
+def until_stopped(steps: Iterable[Any], stop: threading.Event) -> Generator[Any, None, Any]:
+    """``steps`` until ``stop`` is set (asked after each step), then closed here, in the worker; returns what
+    they return, or None when stopped. A worker's ``quit`` left them suspended at their last step, and
+    superqt kept the aborted worker: a stopped evaluation kept its model in memory for good, a stopped
+    training its run and its folder's lock (Start right after Stop, to continue the run, was refused as
+    'another run is writing to this folder'). Closed in the worker, a stopped run lets go of all of it
+    before ``finished``, off napari's GUI thread. ``steps`` needs a ``close``: a generator, a ``FolderBatch``."""
     with closing(steps):
-        for step in steps:
+        iterator = iter(steps)
+        while True:
+            try:
+                step = next(iterator)
+            except StopIteration as end:
+                return end.value
             yield step
             if stop.is_set():
-                return
+                return None
