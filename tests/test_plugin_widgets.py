@@ -970,10 +970,19 @@ def test_annotate_exports_the_site_with_the_edits_on_screen_as_import_reads_it(m
             steps.close()
 
     monkeypatch.setattr(export, "export_steps", cancelled_after_the_first_image)
+    import shutil
+    import threading
+
+    removed_in: list[threading.Thread] = []  # the unfinished folder: removed in the worker (a site's images: slow)
+    remove = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *args, **kwargs: (
+        removed_in.append(threading.current_thread()) if ".stopped.partial" in str(path) else None,
+        remove(path, *args, **kwargs))[1])
     widget.export_site(tmp_path / "stopped", images=True)
     qtbot.waitUntil(lambda: widget.import_worker is None, timeout=60_000)
     assert widget.last_export is None
     assert sorted(p.name for p in tmp_path.iterdir() if "stopped" in p.name) == []
+    assert removed_in and threading.main_thread() not in removed_in, removed_in
 
 
 def test_annotate_import_warns_with_the_first_problems_and_the_log_of_all(make_napari_viewer, qtbot, tmp_path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from operator import attrgetter
@@ -45,7 +46,7 @@ from napari_fedmix.panel_closing import PanelClosing
 from napari_fedmix.pending_edits import pending_edits
 from napari_fedmix.tag_box import LEGEND as TAG_LEGEND
 from napari_fedmix.tag_box import TagBox
-from napari_fedmix.workers import make_worker
+from napari_fedmix.workers import make_worker, until_stopped
 
 if TYPE_CHECKING:
     import napari
@@ -107,6 +108,7 @@ class AnnotateWidget(QWidget):
         self.cancel_import = QPushButton("Cancel import")
         self.cancel_import.clicked.connect(self.stop_import)
         self.import_worker = None
+        self.import_stop = threading.Event()  # Cancel: the running import's (or export's), set
         self.last_import = None  # the last finished import's ImportReport (None if it was cancelled)
         self.last_export = None  # the last finished export's ExportReport
         self.image_list = QListWidget()
@@ -716,11 +718,12 @@ class AnnotateWidget(QWidget):
         """Run an import's (or an export's) steps in a worker, with the progress bar and Cancel."""
         self.last_import = None
         self.cancel_import.setText(f"Cancel {what}")
-        worker = make_worker(lambda: (yield from steps), on_error=lambda exc: _notify([error_line(exc)]))
+        self.import_stop = threading.Event()
+        # a cancelled run's steps are closed in the worker (an export removes its unfinished folder there)
+        worker = make_worker(until_stopped, steps, self.import_stop, on_error=lambda exc: _notify([error_line(exc)]))
         worker.yielded.connect(self._on_import_step)
-        worker.returned.connect(done or self._on_imported)
-        # a cancelled worker keeps its generator, unclosed: closed here, an export removes its unfinished folder
-        worker.aborted.connect(steps.close)
+        shown = done or self._on_imported
+        worker.returned.connect(lambda report: None if report is None else shown(report))  # None: cancelled
         worker.finished.connect(self._on_import_finished)
         self.import_worker = worker
         self.import_bar.setRange(0, 0)  # busy until the first step says how many
@@ -731,7 +734,7 @@ class AnnotateWidget(QWidget):
     def stop_import(self) -> None:
         """Stop after the current image: every image stored so far is whole; importing again adds the rest."""
         if self.import_worker is not None:
-            self.import_worker.quit()
+            self.import_stop.set()
 
     def _on_import_step(self, step) -> None:
         self.import_bar.setRange(0, step.total)
