@@ -2,8 +2,9 @@
 
 All work runs in a napari thread worker over the engine's event generators
 (``iter_simulation`` for local training, ``FederationClient.iter_join`` for a federation): the
-GUI only shows the events. Stop asks the worker to quit; the generator is closed at its next
-event, i.e. after the current batch, and the last completed round's model stays on disk.
+GUI only shows the events. Stop sets an event the worker asks after each event; the worker then
+closes the generator (``until_stopped``), i.e. after the current batch, and the last completed
+round's model stays on disk.
 """
 
 from __future__ import annotations
@@ -407,7 +408,7 @@ class TrainWidget(QWidget):
             done = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.exists() else None
             if done is not None:
                 latest_model().announce(done)  # Predict and Batch predict start with it
-            # not "stopped" after every last round: only when Stop asked the worker to quit
+            # not "stopped" after every last round: only when Stop was asked
             ended = "stopped" if self.stop_requested.is_set() else "finished"
             self.status.setText(f"{self.status.text()}\n{ended}; model: {done or 'none yet'}")
         self.worker = None
