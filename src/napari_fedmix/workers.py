@@ -57,10 +57,11 @@ def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Except
 def until_stopped(steps: Iterable[Any], stop: threading.Event) -> Generator[Any, None, Any]:
     """``steps`` until ``stop`` is set (asked after each step), then closed here, in the worker; returns what
     they return, or None when stopped. A worker's ``quit`` left them suspended at their last step, and
-    superqt kept the aborted worker: a stopped evaluation kept its model in memory for good, a stopped
-    training its run and its folder's lock (Start right after Stop, to continue the run, was refused as
-    'another run is writing to this folder'). Closed in the worker, a stopped run lets go of all of it
-    before ``finished``, off napari's GUI thread. ``steps`` needs a ``close``: a generator, a ``FolderBatch``."""
+    napari keeps every worker it made (its window's task list holds the worker's ``quit``): a stopped
+    evaluation kept its model in memory for good, a stopped training its run and its folder's lock (Start
+    right after Stop, to continue the run, was refused as 'another run is writing to this folder'). Closed
+    in the worker, a stopped run lets go of all of it before ``finished``, off napari's GUI thread.
+    ``steps`` needs a ``close``: a generator, a ``FolderBatch``."""
     with closing(steps):
         iterator = iter(steps)
         while True:
