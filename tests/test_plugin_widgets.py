@@ -1513,6 +1513,28 @@ def test_a_two_class_prediction_says_each_class_share_and_names_the_class_under_
             in widget.status.text()), widget.status.text()
 
 
+
+def test_a_closed_image_is_let_go_after_its_prediction(make_napari_viewer, qtbot, tmp_path):
+    """napari's window keeps every worker it made while it is open, with the function the worker ran and
+    the slots connected to it: Predict's closure held the image, its result's slot the layer, after the
+    layer was closed; a clinician predicting image after image all day kept every one in memory."""
+    import gc
+    import weakref
+
+    viewer = make_napari_viewer()
+    widget = _predict_widget(viewer, qtbot, _tiny_checkpoint(tmp_path))
+    pixels = np.random.default_rng(0).integers(0, 255, (400, 480), dtype=np.uint8)
+    image, layer = weakref.ref(pixels), weakref.ref(viewer.add_image(pixels, name="scan"))
+    del pixels
+    running = [widget.predict_active()]
+    qtbot.waitUntil(lambda: widget._source is not None and not running[0].is_running, timeout=60_000)
+    qtbot.wait(50)  # the worker's connections are let go once its finished signal has been handled
+    viewer.layers.clear()  # the image closed, and the overlays
+    widget._source = widget._probability = None  # what the panel keeps of its last prediction
+    running.clear()
+    gc.collect()
+    assert layer() is None and image() is None, "the closed image is still held"
+
 def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """A cine loop or a volume's slices was refused ('3-D stack'); each frame is now predicted, the
     overlays are stacks on the same axes, and Stop ends a long run without touching them."""

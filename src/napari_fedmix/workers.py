@@ -6,10 +6,10 @@ traceback: napari's default would pop one up for them as well."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from collections.abc import Callable, Generator, Iterable
-from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 from fedmix_engine.errors import SAID_ERRORS
@@ -39,7 +39,12 @@ def _carrying_runtime_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Exception], None]) -> WorkerBase:
-    """A napari worker for ``func(*args)`` (a generator function gives a generator worker), not started."""
+    """A napari worker for ``func(*args)`` (a generator function gives a generator worker), not started.
+
+    napari's window keeps every worker it made for as long as it is open (its task list holds the worker's
+    ``quit``, and the worker's signals the function it ran): a prediction's closure held its image, its
+    result's slot the image's layer, after the layer was closed, all day. Once the worker has finished,
+    its signals' connections and its function are let go (``_let_go``)."""
     from napari.qt.threading import create_worker
 
     def errored(exc: Exception) -> None:
@@ -49,9 +54,38 @@ def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Except
         if not isinstance(exc, SAID_ERRORS):
             raise exc
 
+    job: list[Any] = [func, args]  # emptied when the worker has finished
     if inspect.isgeneratorfunction(func):
-        func = _carrying_runtime_errors(func)
-    return create_worker(func, *args, _start_thread=False, _connect={"errored": errored})
+        job[0] = _carrying_runtime_errors(func)
+
+        def run() -> Any:
+            work, arguments = job
+            return (yield from work(*arguments))
+    else:
+        def run() -> Any:
+            work, arguments = job
+            return work(*arguments)
+
+    run.__name__, run.__qualname__ = func.__name__, func.__qualname__  # what napari's close dialog names
+    worker = create_worker(run, _start_thread=False, _connect={"errored": errored})
+    # superqt emits its (private) ``_finished`` right after ``finished``, from the worker's thread: each queued
+    # delivery of ``finished`` is posted by then, so this slot runs after the widgets' ``finished`` slots. (A
+    # release posted from a ``finished`` slot could overtake a delivery the worker's thread had yet to post.)
+    worker._finished.connect(lambda _: _let_go(worker, job))
+    return worker
+
+
+_SIGNALS = ("started", "yielded", "returned", "errored", "warned", "aborted", "paused", "resumed", "finished")
+
+
+def _let_go(worker: WorkerBase, job: list[Any]) -> None:
+    """Disconnect a finished worker's signals (the widgets' slots and napari's own) and drop its function."""
+    job.clear()
+    for name in _SIGNALS:
+        signal = getattr(worker, name, None)
+        if signal is not None:
+            with contextlib.suppress(TypeError, RuntimeError):  # nothing connected; a worker Qt has deleted
+                signal.disconnect()
 
 
 def until_stopped(steps: Iterable[Any], stop: threading.Event) -> Generator[Any, None, Any]:
@@ -62,7 +96,7 @@ def until_stopped(steps: Iterable[Any], stop: threading.Event) -> Generator[Any,
     right after Stop, to continue the run, was refused as 'another run is writing to this folder'). Closed
     in the worker, a stopped run lets go of all of it before ``finished``, off napari's GUI thread.
     ``steps`` needs a ``close``: a generator, a ``FolderBatch``."""
-    with closing(steps):
+    with contextlib.closing(steps):
         iterator = iter(steps)
         while True:
             try:
