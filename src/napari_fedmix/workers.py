@@ -28,16 +28,6 @@ class _CarriedRuntimeError(Exception):
         self.original = original
 
 
-def _carrying_runtime_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    def generator(*args: Any, **kwargs: Any):
-        try:
-            return (yield from func(*args, **kwargs))
-        except RuntimeError as exc:
-            raise _CarriedRuntimeError(exc) from exc
-
-    return generator
-
-
 def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Exception], None]) -> WorkerBase:
     """A napari worker for ``func(*args)`` (a generator function gives a generator worker), not started.
 
@@ -56,11 +46,12 @@ def make_worker(func: Callable[..., Any], *args: Any, on_error: Callable[[Except
 
     job: list[Any] = [func, args]  # emptied when the worker has finished
     if inspect.isgeneratorfunction(func):
-        job[0] = _carrying_runtime_errors(func)
-
         def run() -> Any:
             work, arguments = job
-            return (yield from work(*arguments))
+            try:
+                return (yield from work(*arguments))
+            except RuntimeError as exc:
+                raise _CarriedRuntimeError(exc) from exc
     else:
         def run() -> Any:
             work, arguments = job
