@@ -108,7 +108,7 @@ class AnnotateWidget(QWidget):
         self.cancel_import = QPushButton("Cancel import")
         self.cancel_import.clicked.connect(self.stop_import)
         self.import_worker = None
-        self.import_stop = threading.Event()  # Cancel: the running import's (or export's), set
+        self.import_stop_requested = threading.Event()  # Cancel: the running import's (or export's), set
         self.last_import = None  # the last finished import's ImportReport (None if it was cancelled)
         self.last_export = None  # the last finished export's ExportReport
         self.image_list = QListWidget()
@@ -718,9 +718,10 @@ class AnnotateWidget(QWidget):
         """Run an import's (or an export's) steps in a worker, with the progress bar and Cancel."""
         self.last_import = None
         self.cancel_import.setText(f"Cancel {what}")
-        self.import_stop = threading.Event()
+        self.import_stop_requested = threading.Event()
         # a cancelled run's steps are closed in the worker (an export removes its unfinished folder there)
-        worker = make_worker(until_stopped, steps, self.import_stop, on_error=lambda exc: _notify([error_line(exc)]))
+        worker = make_worker(until_stopped, steps, self.import_stop_requested,
+                             on_error=lambda exc: _notify([error_line(exc)]))
         worker.yielded.connect(self._on_import_step)
         shown = done or self._on_imported
         worker.returned.connect(lambda report: None if report is None else shown(report))  # None: cancelled
@@ -734,7 +735,7 @@ class AnnotateWidget(QWidget):
     def stop_import(self) -> None:
         """Stop after the current image: every image stored so far is whole; importing again adds the rest."""
         if self.import_worker is not None:
-            self.import_stop.set()
+            self.import_stop_requested.set()
 
     def _on_import_step(self, step) -> None:
         self.import_bar.setRange(0, step.total)
