@@ -1371,8 +1371,9 @@ def _coco_file(clinic: Path) -> dict:
             {"id": 8, "image_id": 90, "category_id": 1, "bbox": [1, 1, 3, 3]},
             {"id": 9, "image_id": 91, "category_id": 1, "bbox": [1, 1, 3, 3]},
             {"id": 10, "image_id": 6, "category_id": 1, "bbox": [1, 1, 3]},
+            {"id": 11, "image_id": 6, "category_id": 1, "bbox": [40, 30, 20, 5]},  # past the right edge
         ],
-    }  # case-05: listed, not annotated yet; case-06: its one annotation cannot be read
+    }  # case-05: one annotation cannot be read, the other lies off the image; case-06: listed, not annotated yet
     (clinic / "coco.json").write_text(json.dumps(data))
     return {"region": region}
 
@@ -1395,6 +1396,8 @@ def test_site_import_takes_a_coco_file_regions_as_masks_rectangles_as_boxes(tmp_
     for problem in (f"{coco}: annotations[9] (id 10): bbox must be 4 numbers (x, y, width, height), got [1, 1, 3]; "
                     "left out",
                     f"{coco}: image 'elsewhere.png' is not in the site",
+                    f"{coco}: 'images/case-05.png': annotations[10] (id 11): box (30,40)–(35,60) lies outside the "
+                    "40×50 image",
                     f"{coco}: 'case-08.png' is 50×40 in the file and 40×50 in the site ('case-08'): its annotations "
                     "were drawn on another image (or the tool turned a photo by its EXIF orientation)"):
         assert problem in out, out
