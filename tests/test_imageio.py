@@ -164,6 +164,14 @@ def test_mask_validation_names_the_mask(lesion_mask: np.ndarray) -> None:
     assert white16.dtype == np.uint8 and np.array_equal(white16, lesion_mask)
     with pytest.raises(InputError, match="whole class numbers"):
         validate_mask(lesion_mask * 0.5, (48, 64), 1, "m.tif")
+    with pytest.raises(InputError, match=r"m\.tif: mask must be 2-D \(H×W\), got shape \(2, 48, 64\)"):
+        validate_mask(np.stack([lesion_mask, lesion_mask]), (48, 64), 1, "m.tif")  # a stack's masks, not one
+    with pytest.raises(InputError, match=r"m\.tif: mask pixel type complex64 is not supported"):
+        validate_mask(lesion_mask.astype(np.complex64), (48, 64), 1, "m.tif")
+    grey_as_rgba = np.repeat(lesion_mask[..., None], 4, axis=-1)
+    grey_as_rgba[..., 3] = 255  # opaque: a grey mask saved as RGBA, which is no colour mask
+    np.testing.assert_array_equal(validate_mask(grey_as_rgba, (48, 64), 1, "m.tif"), lesion_mask)
+    np.testing.assert_array_equal(validate_mask(lesion_mask.astype(bool), (48, 64), 1, "m.tif"), lesion_mask)
 
 
 def test_an_input_error_crosses_a_process_boundary_whole(tmp_path: Path) -> None:
