@@ -8,6 +8,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from fedmix_engine.data.imageio import holds_colour, normalise_image, read_image, tiff_stack, validate_mask
 from fedmix_engine.errors import InputError
@@ -79,6 +80,17 @@ def test_4d_and_tiny_and_nan_and_unsupported(tmp_path: Path) -> None:
         read_image(tmp_path / "notes.txt")
     with pytest.raises(InputError, match=r"missing\.tif: file not found"):
         read_image(tmp_path / "missing.tif")
+
+
+def test_a_black_and_white_file_is_said_to_look_like_a_mask(tmp_path: Path, lesion_mask: np.ndarray) -> None:
+    """A 1-bit file (a drawing tool's mask in the images folder) was refused as 'pixel type bool is not
+    supported', which told a clinic nothing of what to do."""
+    tifffile.imwrite(tmp_path / "lesion.tif", lesion_mask.astype(bool))
+    Image.fromarray(lesion_mask.astype(bool)).save(tmp_path / "lesion.png")
+    for name in ("lesion.tif", "lesion.png"):
+        with pytest.raises(InputError, match=rf"{name.replace('.', '[.]')}: 1-bit \(black-and-white\) pixels: a mask, "
+                                             r"not an image\? Import masks as masks \(site import --masks"):
+            read_image(tmp_path / name)
 
 
 def test_a_whole_slide_sized_image_is_refused_from_its_header_before_it_is_decoded(tmp_path: Path) -> None:

@@ -225,7 +225,11 @@ def validate_image(array: np.ndarray, where: str | Path) -> np.ndarray:
     """Check that ``array`` is one 2-D image (grey or colour) and return it as H×W or H×W×3."""
     stored = np.asarray(array)
     numeric = np.issubdtype(stored.dtype, np.integer) or np.issubdtype(stored.dtype, np.floating)
-    if stored.dtype == bool or not numeric:
+    if stored.dtype == bool:  # a 1-bit (black-and-white) file: a mask saved by a drawing tool, taken for an image
+        raise InputError(where, "1-bit (black-and-white) pixels: a mask, not an image? Import masks as masks "
+                                "(site import --masks FOLDER, or named NAME_mask.png beside their image); an image "
+                                "must be 8/16-bit integers or floats")
+    if not numeric:
         raise InputError(where, f"pixel type {stored.dtype} is not supported; use 8/16-bit integers or floats")
     array = _without_length_one_axes(stored)
     if array.ndim == 3 and array.shape[-1] == 4:
