@@ -84,3 +84,26 @@ def test_mismatched_uploads_are_refused_without_touching_the_sum() -> None:
     with pytest.raises(InputError, match="a: this site already contributed"):
         acc.add("a", good, 10, 0.5)
     assert acc.sites == ["a"] and all(torch.equal(before[k], acc._sum_n[k]) for k in before)
+
+
+def test_a_rule_the_formula_cannot_use_is_refused_by_name() -> None:
+    for lam, beta, said in ((-1.0, 1.5, "lam: λ must be"), (float("nan"), 1.5, "lam: λ must be"),
+                            (10.0, 0.0, "beta: β must be"), (10.0, float("inf"), "beta: β must be")):
+        with pytest.raises(InputError, match=said):
+            AggregationRule(lam, beta)
+    with pytest.raises(InputError, match="method: 'fedprox' is not one of"):
+        AggregationRule.for_method("fedprox")
+    assert AggregationRule.for_method("fedmix").lam == 10.0 and AggregationRule.for_method("fedavg").lam == 0.0
+
+
+def test_a_closed_aggregate_gives_the_same_result_and_takes_no_more_sites() -> None:
+    acc = StreamingAggregate(AggregationRule())
+    states = _random_states(2)
+    acc.add("a", states[0], 10, 0.5)
+    first = acc.result()
+    assert first is not None and acc.result() is first
+    with pytest.raises(InputError, match="b: this aggregate is already closed"):
+        acc.add("b", states[1], 10, 0.5)
+    idle = StreamingAggregate(AggregationRule())
+    idle.add("a", states[0], 0, 0.5)  # trained on nothing: no model to average
+    assert idle.result() is None
