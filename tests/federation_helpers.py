@@ -147,7 +147,6 @@ def simulate_like_the_sites(sample: Path, sites: list[str], rounds: int, out: Pa
     return load_checkpoint(out / "final.safetensors")[0]
 
 
-
 def drift_from_the_simulator(state: Path, sample: Path, sites: list[str], rounds: int, out: Path) -> float:
     """The largest |Δθ| between the server's global pair after ``rounds`` and the simulator's for the same
     sites: 0 up to float noise when the federation trained what the algorithm says, whatever happened to it."""

@@ -610,7 +610,6 @@ def test_simulate_cli_two_rounds_on_the_sample_federation(sample: Path, tmp_path
     assert "broken.tif" in summary and "skipped: unreadable or corrupt" in summary
 
 
-
 def test_batch_predict_says_when_its_masks_cover_whole_images(tmp_path: Path, capsys) -> None:
     """A model from a federation's first rounds may call every pixel lesion: the batch succeeded, summary.csv
     said 1.0 in a column, and nothing told the clinician. A lesion rarely fills its image: a note says so."""
@@ -905,6 +904,7 @@ def test_evaluate_scores_every_image_and_class_and_agrees_with_the_simulators_fi
             in capsys.readouterr().err) and scores.read_text() == "earlier scores\n"
     assert main(["evaluate", str(model), str(test), "--out", str(scores), "--overwrite", "--device", "cpu"]) == 0
     assert scores.read_text().startswith("image,") and len(scores.read_text().splitlines()) == len(rows) + 1
+
 
 @pytest.mark.parametrize("method", ["fedmix-fixed", "fedavg", "fedavg-mask-only", "supervised-upper", "local"])
 def test_every_baseline_runs(sample: Path, method: str) -> None:

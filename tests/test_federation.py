@@ -1014,6 +1014,7 @@ def test_a_site_takes_part_when_the_server_keeps_its_history_to_its_admin(sample
     assert kinds.count("uploaded") == 2 and kinds[-1] == "finished" and "round-closed" not in kinds
     assert (site / "models" / "global.safetensors").is_file()
 
+
 def test_a_site_with_nothing_annotated_is_told_it_takes_part_with_weight_zero(tmp_path: Path, rng) -> None:
     """A site joining before its clinicians annotated anything trained on nothing each round, and only
     'sent n=0, loss=—' hinted why: the join now says so at once, and what changes it."""

@@ -69,7 +69,6 @@ class EventLoopWatch:
                    for before, after in itertools.pairwise(ticks))
 
 
-
 @pytest.fixture
 def images(tmp_path: Path) -> list[Path]:
     rng = np.random.default_rng(0)
@@ -1100,6 +1099,7 @@ def _clients_made(train) -> list:
     train._client = lambda *args, **kwargs: clients.append(make(*args, **kwargs)) or clients[-1]
     return clients
 
+
 def _start_local(widget, site: Path, rounds: int) -> None:
     widget.site.setText(str(site))
     widget.device.setCurrentText("cpu")
@@ -1513,7 +1513,6 @@ def test_a_two_class_prediction_says_each_class_share_and_names_the_class_under_
             in widget.status.text()), widget.status.text()
 
 
-
 def test_a_closed_image_is_let_go_after_its_prediction(make_napari_viewer, qtbot, tmp_path):
     """napari's window keeps every worker it made while it is open, with the function the worker ran and
     the slots connected to it: Predict's closure held the image, its result's slot the layer, after the
@@ -1534,6 +1533,7 @@ def test_a_closed_image_is_let_go_after_its_prediction(make_napari_viewer, qtbot
     running.clear()
     gc.collect()
     assert layer() is None and image() is None, "the closed image is still held"
+
 
 def test_predict_a_stack_frame_by_frame_with_progress_and_stop(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """A cine loop or a volume's slices was refused ('3-D stack'); each frame is now predicted, the
@@ -1817,7 +1817,6 @@ def test_stop_interrupts_within_one_batch_and_the_event_loop_stays_responsive(ma
     assert pause < 0.2, f"event loop blocked for {pause * 1000:.0f} ms"
 
 
-
 def test_start_right_after_stop_continues_the_local_run(make_napari_viewer, qtbot, sample):
     """Stop made the worker quit, which left the run suspended at its last event, holding its folder's lock
     until garbage collection: continuing it at once was refused as 'another run is writing to this folder'."""
@@ -1838,6 +1837,7 @@ def test_start_right_after_stop_continues_the_local_run(make_napari_viewer, qtbo
     qtbot.waitUntil(lambda: train.worker is None, timeout=120_000)
     assert "error" not in train.status.text() and "\nfinished; model: " in train.status.text(), train.status.text()
     assert train.round_bar.value() == done + 1 == snapshot_round(sample / LOCAL_RUN)
+
 
 def test_stop_ends_a_federation_that_waits_for_other_sites_at_once_and_frees_the_site(make_napari_viewer, qtbot,
                                                                                      sample, tmp_path):
@@ -2073,7 +2073,6 @@ def test_batch_predict_loads_the_model_and_lists_the_files_off_the_gui_thread(ma
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled() and not widget.started
 
 
-
 def test_batch_predict_ends_off_the_gui_thread_and_a_cancel_while_the_model_loads_writes_nothing(
         make_napari_viewer, qtbot, tmp_path, images, monkeypatch):
     """A batch's end ran on napari's GUI thread: the summary.csv of every file, the walk of the output folder
@@ -2144,6 +2143,7 @@ def test_batch_predict_ends_off_the_gui_thread_and_a_cancel_while_the_model_load
     assert shown[-1].startswith("stopped after 2 of 4 files; 1 mask(s) written"), shown[-1]  # the model, a scan
     assert threads["summary"] and threading.main_thread() not in threads["summary"], threads
     assert (tmp_path / "out-2" / predict.SUMMARY_FILE).read_text().count(predict.NOT_RUN) == 2
+
 
 def _batch_widget(viewer, qtbot, folder: Path, out: Path):
     """The Batch predict widget filled in: ``folder`` into ``out`` with a tiny untrained model."""

@@ -437,4 +437,3 @@ class TrainWidget(QWidget):
         path = QFileDialog.getExistingDirectory(self, "Site folder")
         if path:
             self.site.setText(path)
-

@@ -78,4 +78,3 @@ def _annotation(shape: Any, where: str) -> CocoAnnotation:
     if kind in ("polygon", "rectangle", "circle"):
         raise ValueError(f"a {kind} of {len(points)} point(s)")
     raise ValueError(f"a {kind} outlines no region (polygons, circles and rectangles are read)")
-

@@ -10,4 +10,3 @@ training is ``fedmix.local_update``, and replies are validated with the same che
 from __future__ import annotations
 
 FLWR_HINT = 'the Flower adapter needs flwr: pip install "napari-fedmix[flower]"'
-

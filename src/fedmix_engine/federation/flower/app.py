@@ -215,4 +215,3 @@ def site_train(msg: Message, context: Context) -> Message:
                           METRICS: report_to_metrics(UpdateReport.from_local(result.report)),
                           CONFIG: ConfigRecord({SITE_KEY: site})})
     return Message(content, reply_to=msg)
-

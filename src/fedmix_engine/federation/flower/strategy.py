@@ -185,7 +185,6 @@ class FedMixStrategy(FedAvg):
             return None, metrics
         return pair_to_arrays(pair), metrics
 
-
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The sites' held-out scores of this round's model, pooled by images (``pooled``); a malformed or
         failed reply is left out with its reason, a site without a held-out folder is listed."""
