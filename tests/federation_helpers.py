@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -114,6 +115,16 @@ def fake_update(pair: dict[str, torch.Tensor], seed: int, n: int = 10, loss: flo
     g = torch.Generator().manual_seed(seed)
     moved = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pair.items()}
     return encode_update(moved, UpdateReport(n, loss))
+
+
+def with_header(update: bytes, change) -> bytes:
+    """``update`` with its safetensors header decoded, changed by ``change`` and encoded again."""
+    length = int.from_bytes(update[:8], "little")
+    header = json.loads(update[8:8 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + update[8 + length:]
 
 
 def upload(url: str, token: str, round_number: int, body: bytes, verify=True) -> httpx.Response:

@@ -122,7 +122,19 @@ def test_a_checkpoint_whose_header_does_not_fit_its_weights_is_refused_naming_th
             ("names", TINY.to_json(), '{"classes": ["lesion", "cyst"]}',
              r"names\.safetensors: metadata classes: \['lesion', 'cyst'\] does not name the model's 1 output"),
             ("config", '{"base_width": 3}', "{}", r"config\.safetensors: model config: not a valid model configuration "
-                                                  r"\(model\.base_width: must be an even number")]:
+                                                  r"\(model\.base_width: must be an even number"),
+            # a fraction or true passed the ranges and failed in torch (ValueError, TypeError: tracebacks)
+            ("fraction", '{"num_classes": 1.5}', "{}", r"fraction\.safetensors: model config: not a valid model "
+                                                       r"configuration \(model\.num_classes: must be a whole number, "
+                                                       r"not 1\.5\)"),
+            ("true", '{"in_channels": true}', "{}", r"true\.safetensors: .*\(model\.in_channels: must be a whole "
+                                                    r"number, not True\)"),
+            ("linear", '{"bilinear": "no"}', "{}", r"linear\.safetensors: .*\(model\.bilinear: must be true or "
+                                                   r"false, not 'no'\)"),
+            # JSON nested thousands deep: Python's RecursionError, a traceback
+            ("deep", TINY.to_json(), "[" * 20_000 + "]" * 20_000, r"deep\.safetensors: its metadata is not JSON"),
+            ("deepmodel", "[" * 20_000 + "]" * 20_000, "{}", r"deepmodel\.safetensors: model config: not a valid "
+                                                           r"model configuration")]:
         with pytest.raises(InputError, match=said):
             load_checkpoint(written(f"{name}.safetensors", model, meta))
     img = tmp_path / "scan.tif"

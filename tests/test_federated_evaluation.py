@@ -165,6 +165,7 @@ def test_the_server_refuses_a_bad_evaluation_naming_the_field_and_keeps_what_it_
             "counts": (post({**good, "images": 5}), 422, "evaluation.classes.lesion: counts 4 images"),
             "no model yet": (post(good, round_number=1), 409, "round 1 has no global model to evaluate"),
             "not JSON": (post(b"{truncated"), 400, "not JSON"),
+            "nested deep": (post(b"[" * 20_000 + b"]" * 20_000), 400, "not JSON"),  # was a RecursionError: 500
             "too large": (post(b" " * (65 * 1024)), 413, "at most 64 KiB"),
             "wrong token": (post(good, token="nope"), 401, "unknown or revoked token"),
         }

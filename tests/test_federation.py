@@ -40,6 +40,7 @@ from federation_helpers import (
     running_server,
     tls_listener,
     upload,
+    with_header,
 )
 from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.data.synthetic import make_sample
@@ -836,6 +837,7 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
         poisoned = {**pair, "net2.outc.conv.weight": pair["net2.outc.conv.weight"] * float("nan")}
         infinite = {**pair, "net1.inc.block.0.weight": pair["net1.inc.block.0.weight"] + float("inf")}
         overflowed = {k: v.clamp(-1, 1) * 65504 for k, v in pair.items()}  # finite: fp16's largest value
+        malformed_header = with_header(good, lambda header: header["net1.outc.conv.bias"].update(shape=2))
         cases = [
             ("wrong token", "fmx_not-a-token", good, 1, 401, "unknown or revoked token"),
             ("revoked token", tokens["site-x"], good, 1, 401, "unknown or revoked token"),
@@ -848,6 +850,8 @@ def test_bad_uploads_are_refused_with_reasons_and_leave_the_round_alone(tmp_path
              "update: moves the model by "),
             ("oversized", tokens["site-a"], b"\0" * (3 * 2**20), 1, 413, "exceeds the server's limit"),
             ("truncated", tokens["site-a"], good[: len(good) // 2], 1, 422, "truncated"),
+            ("malformed header", tokens["site-a"], malformed_header, 1, 422,  # was a TypeError: HTTP 500
+             "tensor 'net1.outc.conv.bias': shape 2 is not a list of sizes"),
             ("closed round", tokens["site-a"], good, 0, 409, "round 0 is closed"),
             ("future round", tokens["site-a"], good, 2, 409, "round 2 is not open"),
             ("negative n", tokens["site-a"], encode_update(pair, UpdateReport(-3, 0.3)), 1, 422,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from federation_helpers import with_header
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation.wire import LazyUpdate, UpdateReport, encode_update, read_header, validate_update_file
 
@@ -107,3 +109,107 @@ def test_an_update_may_move_the_model_by_at_most_ten_times_its_size(tmp_path: Pa
     change = ChangeSize({"w": torch.zeros(2)})  # a model of zeros has no size to move by: nothing to refuse
     change.add("w", torch.ones(2))
     change.check()
+
+
+def _set(key: str, field: str | None, value):
+    def change(header: dict) -> None:
+        if field is None or not isinstance(header.get(key), dict):  # an entry an earlier change replaced: whole
+            header[key] = value
+        else:
+            header[key][field] = value
+    return change
+
+
+def _offsets(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Where each tensor's data lies in ``encode_update``'s layout (sorted by name, back to back)."""
+    import json
+
+    data = encode_update(tensors, UpdateReport(4, 0.25))
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    return {key: header[key]["data_offsets"] for key in tensors}
+
+
+UPDATE = {"a": torch.ones(3, 4), "b": torch.ones(5), "c": torch.arange(3)}
+SPANS = _offsets(UPDATE)  # safetensors puts the 8-byte integers first: c, then a and b
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    (_set("a", None, [1, 2]), r"tensor 'a': not a tensor entry \(an object with dtype, shape and data_offsets\)"),
+    (_set("a", "dtype", ["F32"]), r"tensor 'a': dtype \['F32'\] is not a dtype's name"),
+    (_set("a", "shape", 12), r"tensor 'a': shape 12 is not a list of sizes"),
+    (_set("a", "shape", [3, -4]), r"tensor 'a': shape \[3, -4\] is not a list of sizes"),
+    (_set("a", "shape", [3.0, 4]), r"tensor 'a': shape \[3.0, 4\] is not a list of sizes"),
+    (_set("a", "data_offsets", [72, 24]), r"tensor 'a': data_offsets \[72, 24\] are not \[begin, end\] with 0 ≤ begin"),
+    (_set("a", "data_offsets", [-8, 40]), r"tensor 'a': data_offsets \[-8, 40\] are not \[begin, end\]"),
+    (_set("a", "data_offsets", [24, 72, 96]), r"tensor 'a': data_offsets \[24, 72, 96\] are not \[begin, end\]"),
+    (_set("a", "data_offsets", None), r"tensor 'a': data_offsets None are not \[begin, end\]"),
+    (_set("a", "shape", [3, 5]), r"tensor 'a': data_offsets \[24, 72\] hold 48 bytes; its shape \[3, 5\] of F32 "
+                                 r"needs 60"),
+    (_set("b", "data_offsets", [64, 84]), r"tensor 'b': its data begins at byte 64, not at 72 where tensor 'a' ends "
+                                          r"\(the tensors' data must follow each other without gaps or overlaps\)$"),
+    (_set("b", "data_offsets", [76, 96]), r"tensor 'b': its data begins at byte 76, not at 72 where tensor 'a' ends"),
+    (_set("c", "data_offsets", [8, 32]), r"tensor 'c': its data begins at byte 8, not at 0 where the data begins"),
+    (_set("__metadata__", "fedmix-report", {"n": 4, "loss": 0.25}),
+     r"not safetensors: its __metadata__ must map names to strings"),
+    (_set("__metadata__", None, ["fedmix-report"]), r"not safetensors: its __metadata__ must map names to strings"),
+])
+def test_a_malformed_header_is_refused_naming_the_tensor_or_field(tmp_path: Path, change, said: str) -> None:
+    """The rules the safetensors library applies on load. Without them a site's malformed header reached the
+    server's reading of the update as a TypeError or a torch error (HTTP 500, which the site retries for an
+    hour) and offsets pointing before the data were read as weights."""
+    assert SPANS == {"c": [0, 24], "a": [24, 72], "b": [72, 92]}
+    path = tmp_path / "u.safetensors"
+    path.write_bytes(with_header(encode_update(UPDATE, UpdateReport(4, 0.25)), change))
+    with pytest.raises(InputError, match=rf"^body: {said}"):
+        validate_update_file(path, {k: (tuple(v.shape), str(v.dtype)[6:]) for k, v in UPDATE.items()})
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {said}"):
+        read_header(path, str(path))
+
+
+def test_json_nested_thousands_deep_is_refused_as_not_json(tmp_path: Path) -> None:
+    """Python's JSON reader raises RecursionError, not ValueError, for arrays nested a few thousand deep:
+    a header or a report like that reached the server as an HTTP 500."""
+    from safetensors.torch import save
+
+    deep = "[" * 20_000 + "]" * 20_000
+    path = tmp_path / "u.safetensors"
+    path.write_bytes(save(UPDATE, metadata={"fedmix-report": deep}))
+    with pytest.raises(InputError, match=r"^fedmix-report: not valid JSON$"):
+        validate_update_file(path, {k: (tuple(v.shape), str(v.dtype)[6:]) for k, v in UPDATE.items()})
+    header = deep.encode() + b" " * (-len(deep) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(InputError, match=r"^body: not safetensors: the header is not JSON$"):
+        read_header(path)
+
+
+def test_no_damage_to_a_header_gets_past_validation_as_anything_but_a_said_refusal(tmp_path: Path) -> None:
+    """Seeded random damage to an update's header (odd values for its fields, whole entries replaced):
+    validation either refuses it by name or accepts an update whose every tensor reads back in its shape."""
+    import json
+    import random
+
+    from fedmix_engine.federation.wire import tensor_template
+
+    reference = {"a": torch.zeros(3, 4), "b": torch.zeros(5), "c": torch.arange(3)}
+    good = encode_update(UPDATE, UpdateReport(4, 0.25))
+    odd = [None, -1, 0, 10**30, 1.5, "x", [], {}, [1], [-4, 8], [8, 4], [0, 10**20], True, "F32", "I64", [3, 4, 5],
+           [[3], 4], [0, 24], [24, 72], [72, 92], [3, 4], [5], json.dumps({"n": 4, "loss": "x"}), '{"n": 4}']
+    rng, refused, accepted = random.Random(0), 0, 0
+    path = tmp_path / "u.safetensors"
+    for _ in range(400):
+        changes = []
+        for _ in range(rng.randint(1, 2)):
+            key = rng.choice(["__metadata__", "a", "b", "c"])
+            field = rng.choice({"__metadata__": ["fedmix-report", None]}.get(key, ["dtype", "shape", "data_offsets",
+                                                                                    None]))
+            changes.append(_set(key, field, rng.choice(odd)))
+        path.write_bytes(with_header(good, lambda header, changes=changes: [c(header) for c in changes]))
+        try:
+            validate_update_file(path, tensor_template(reference), reference, "dice")
+        except InputError:
+            refused += 1
+            continue
+        accepted += 1
+        lazy = LazyUpdate(path)
+        assert {k: tuple(lazy[k].shape) for k in lazy} == {k: tuple(v.shape) for k, v in reference.items()}
+    assert refused > 300 and accepted > 0, (refused, accepted)

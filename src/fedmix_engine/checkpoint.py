@@ -69,7 +69,7 @@ def _checked_meta(text: str, model_config: ModelConfig, where: str | Path) -> di
     in pixels, and one name per output class."""
     try:
         meta = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep, as no metadata is
         raise InputError(where, f"its metadata is not JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise InputError(where, "its metadata is not a JSON object")

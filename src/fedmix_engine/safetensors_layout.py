@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -46,20 +47,63 @@ def _parse(length_bytes: bytes, header_bytes: bytes, size: int, where: str) -> t
         raise InputError(where, "truncated or not safetensors: header length exceeds the body")
     try:
         header = json.loads(header_bytes)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep, which no header has
         raise InputError(where, "not safetensors: the header is not JSON") from None
     if not isinstance(header, dict):
         raise InputError(where, "not safetensors: the header is not an object")
-    metadata = header.pop("__metadata__", None) or {}
-    end = 0
-    for key, entry in header.items():
-        try:
-            end = max(end, int(entry["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise InputError(f"tensor '{key}'", "malformed safetensors entry") from None
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(where, "not safetensors: its __metadata__ must map names to strings")
+    end = _data_length(header, where)
     if 8 + length + end != size:
         raise InputError(where, f"truncated: {size} bytes received, the header describes {8 + length + end}")
     return header, metadata
+
+
+# bytes per element of the dtypes the safetensors format names (its sub-byte F4/F6 packings are not checked)
+ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _data_length(header: dict[str, Any], where: str) -> int:
+    """The length of the data the tensor entries describe, checked by the rules the safetensors library
+    applies when it loads a file: each entry a dtype name, a shape of sizes and [begin, end] offsets that
+    hold exactly its elements, the tensors' data back to back without gaps or overlaps. Without them a
+    site's malformed header reached the server's reading of the update as a TypeError (HTTP 500, retried
+    by the site for an hour) and offsets pointing into the header were read as weights."""
+    spans = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict):
+            raise InputError(where, f"tensor '{key}': not a tensor entry (an object with dtype, shape and "
+                                    "data_offsets)")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise InputError(where, f"tensor '{key}': dtype {dtype!r} is not a dtype's name")
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            raise InputError(where, f"tensor '{key}': shape {shape!r} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)
+                and offsets[0] <= offsets[1]):
+            raise InputError(where, f"tensor '{key}': data_offsets {offsets!r} are not [begin, end] with "
+                                    "0 ≤ begin ≤ end")
+        held, needed = offsets[1] - offsets[0], math.prod(shape) * ITEM_BYTES.get(dtype, 0)
+        if dtype in ITEM_BYTES and held != needed:
+            raise InputError(where, f"tensor '{key}': data_offsets {offsets} hold {held} bytes; its shape "
+                                    f"{shape} of {dtype} needs {needed}")
+        spans.append((offsets[0], offsets[1], key))
+    end, before = 0, None
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            after = f"where tensor '{before}' ends" if before is not None else "where the data begins"
+            raise InputError(where, f"tensor '{key}': its data begins at byte {begin}, not at {end} {after} (the "
+                                    "tensors' data must follow each other without gaps or overlaps)")
+        end, before = stop, key
+    return end
 
 
 def read_header(path: Path, where: str = "body") -> tuple[dict[str, Any], dict[str, str]]:

@@ -224,7 +224,7 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
             raise HTTPException(400, "the connection closed before the report was complete") from None
         try:
             raw = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep, which no report has
             raise HTTPException(400, "the evaluation report is not JSON") from None
         outcome = await on_state_thread(state.accept_evaluation, site, round_number, raw)
         if outcome.status >= 400:

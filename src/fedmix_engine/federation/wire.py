@@ -47,7 +47,7 @@ class UpdateReport:
             raise InputError(REPORT_KEY, "missing: the update carries no report (n, loss)")
         try:
             raw = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep, as no report is
             raise InputError(REPORT_KEY, "not valid JSON") from None
         return cls.from_dict(raw)
 

@@ -45,10 +45,19 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         try:
             return cls.from_dict(json.loads(text))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
             raise InputError("model config", f"not a valid model configuration ({exc})") from exc
 
     def validate(self) -> None:
+        # types first: a checkpoint's "num_classes": 1.5 or true passed the ranges below and failed in torch
+        if not isinstance(self.name, str):
+            raise InputError("model.name", f"must be a network's name, not {self.name!r}")
+        for name in ("in_channels", "num_classes", "base_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InputError(f"model.{name}", f"must be a whole number, not {value!r}")
+        if not isinstance(self.bilinear, bool):
+            raise InputError("model.bilinear", f"must be true or false, not {self.bilinear!r}")
         model_builder(self.name)  # an unknown network is refused with the names that are known
         if self.in_channels not in (1, 3):
             raise InputError("model.in_channels", f"must be 1 or 3, not {self.in_channels}")
