@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,18 +69,62 @@ def test_an_annotation_that_cannot_be_read_is_left_out_naming_it(tmp_path: Path,
 
 
 def test_a_run_length_encoding_of_another_size_or_sum_is_refused_by_name(tmp_path: Path) -> None:
+    """pycocotools 2.0.11 refuses runs that add up to more than the image, but decodes fewer (a string cut
+    short, a damaged file) leaving the rest of the mask as whatever memory held: a lesion nobody drew."""
+    pixels = np.zeros((40, 50), np.uint8, order="F")
+    pixels[20:30, 5:12] = 1
+    whole = coco_mask.encode(pixels)["counts"].decode()
     coco = read_coco(_write(tmp_path / "c.json", [
         {"id": 1, "segmentation": {"counts": [10, 1990], "size": [50, 40]}},
         {"id": 2, "segmentation": {"counts": [10, 2000], "size": [40, 50]}},
         {"id": 3, "segmentation": {"counts": "garbage~~", "size": [40, 50]}},
+        {"id": 4, "segmentation": {"counts": whole[:8], "size": [40, 50]}},  # decoded 819 pixels of noise before
+        {"id": 5, "segmentation": {"counts": whole[:4] + "l", "size": [40, 50]}},  # ends inside a number
+        {"id": 6, "segmentation": {"counts": [-5, 2005], "size": [40, 50]}},  # an OverflowError's traceback before
+        {"id": 7, "segmentation": {"counts": [10.5, 1989.5], "size": [40, 50]}},  # read as 10 and 1989 before
+        {"id": 8, "segmentation": {"counts": whole, "size": [40, 50]}},
     ]))
-    first, second, third = coco.images[0].annotations
-    with pytest.raises(ValueError, match=r"^annotations\[0\] \(id 1\): its run-length encoding is 50×40, the "
-                                         r"image 40×50$"):
-        region_mask([first], [1], 40, 50)
-    for annotation in (second, third):
-        with pytest.raises(ValueError, match=r"its segmentation cannot be decoded \(Invalid RLE"):
+    annotations = coco.images[0].annotations
+    for annotation, said in zip(annotations, [
+            r"its run-length encoding is 50×40, the image 40×50$",
+            r"its run lengths cover 2010 pixels, where its size 40×50 has 2000: the encoding is cut short or damaged$",
+            r"its run-length counts cannot be read \(a character COCO's encoding does not use, or the string ends "
+            r"inside a number\)$",
+            r"its run lengths cover 310 pixels, where its size 40×50 has 2000: the encoding is cut short",
+            r"its run-length counts cannot be read",
+            r"its run lengths must be whole numbers ≥ 0$",
+            r"its run lengths must be whole numbers ≥ 0$"], strict=False):
+        with pytest.raises(ValueError, match=rf"^{re.escape(annotation.where)}: {said}"):
             region_mask([annotation], [1], 40, 50)
+    np.testing.assert_array_equal(region_mask([annotations[-1]], [1], 40, 50), pixels)
+
+
+def test_run_lengths_reads_what_pycocotools_writes() -> None:
+    from fedmix_engine.data.coco import run_lengths
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        height, width = (int(n) for n in rng.integers(1, 60, 2))
+        pixels = np.asfortranarray((rng.random((height, width)) < rng.choice([0.0, 0.02, 0.5, 1.0])).astype(np.uint8))
+        runs = run_lengths(coco_mask.encode(pixels)["counts"].decode())
+        np.testing.assert_array_equal(np.repeat(np.arange(len(runs)) % 2, runs), pixels.ravel(order="F"))
+
+
+def test_a_polygon_far_off_its_image_is_refused_before_pycocotools_rasterises_it(tmp_path: Path) -> None:
+    """pycocotools draws each edge at 5× before it clips to the image: one point at 1e300 (a damaged file) took
+    all of the machine's memory and the process was killed. A point a little outside is drawn, clipped."""
+    coco = read_coco(_write(tmp_path / "c.json", [
+        {"id": 1, "segmentation": [[10, 5, 30, 5, 1e300, 15, 10, 15]]},
+        {"id": 2, "segmentation": [[10, 5, 30, 5, 30, -41, 10, 15]]},
+        {"id": 3, "segmentation": [[-10, -5, 60, -5, 60, 45, -10, 45, -50, 20]]},  # a little past every edge
+    ]))
+    far, above, around = coco.images[0].annotations
+    with pytest.raises(ValueError, match=r"^annotations\[0\] \(id 1\): its polygon reaches \(1e\+300, 15\), more "
+                                         r"than the image's own size off the 40×50 image: drawn on another image"):
+        region_mask([far], [1], 40, 50)
+    with pytest.raises(ValueError, match=r"its polygon reaches \(30, -41\)"):
+        region_mask([above], [1], 40, 50)
+    assert region_mask([around], [1], 40, 50).all()
 
 
 @pytest.mark.parametrize(("text", "said"), [
@@ -124,6 +169,7 @@ def test_labelme_files_are_told_from_other_json_and_name_what_they_leave_out(tmp
         "shapes[2]: a rectangle of 1 point(s); left out",
         "shapes[3]: its points must be x, y pairs of numbers; left out",
         "shapes[4]: a point outlines no region (polygons, circles and rectangles are read); left out"]
+    assert image.unread == (None, "lesion", "lesion", "lesion"), "what the importer weighs: a label, or none"
     (tmp_path / "sizeless.json").write_text('{"shapes": []}')
     with pytest.raises(InputError, match="needs 'shapes', 'imageHeight' and 'imageWidth'"):
         read_labelme(tmp_path / "sizeless.json")

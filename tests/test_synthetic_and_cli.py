@@ -1305,7 +1305,7 @@ def test_site_import_reads_the_labelme_files_beside_the_images(tmp_path: Path, c
 
     folder = tmp_path / "labelme"
     folder.mkdir()
-    for name in ("poly", "rect", "circle", "mixed", "lines", "broken", "bare"):
+    for name in ("poly", "rect", "circle", "mixed", "lines", "broken", "bare", "dotted"):
         iio.imwrite(folder / f"{name}.png", rng.integers(0, 256, (40, 50), dtype=np.uint8))
 
     def shapes(name: str, *drawn: tuple[str, str, list]) -> None:
@@ -1315,7 +1315,10 @@ def test_site_import_reads_the_labelme_files_beside_the_images(tmp_path: Path, c
                                           "flags": {}} for label, kind, points in drawn]}))
 
     pentagon = [[10, 5], [30, 5], [30, 15], [20, 25], [10, 15]]
-    shapes("poly", ("lesion", "polygon", pentagon), ("ruler", "polygon", [[1, 1], [5, 1], [3, 4]]))
+    shapes("poly", ("lesion", "polygon", pentagon), ("ruler", "polygon", [[1, 1], [5, 1], [3, 4]]),
+           ("ruler", "line", [[1, 1], [9, 9]]))  # a line is no region, and no lesion: the mask is taken
+    # a lesion marked by a point: the polygon's mask alone would train that lesion as background
+    shapes("dotted", ("lesion", "polygon", pentagon), ("lesion", "point", [[40, 30]]))
     shapes("rect", ("Lesion", "rectangle", [[30, 20], [4, 3]]))  # dragged up and left
     shapes("circle", ("lesion", "circle", [[25, 20], [25, 28]]))
     shapes("mixed", ("lesion", "polygon", pentagon), ("lesion", "rectangle", [[35, 30], [45, 35]]))
@@ -1324,11 +1327,14 @@ def test_site_import_reads_the_labelme_files_beside_the_images(tmp_path: Path, c
     site = tmp_path / "site"
     assert main(["site", "import", str(site), "--classes", "lesion", "--images", str(folder)]) == 1
     out = capsys.readouterr().out
-    assert "images added: 7" in out and "masks: 2  boxes: 3" in out, out
+    assert "images added: 8" in out and "masks: 2  boxes: 3" in out, out
     for problem in (f"{folder / 'lines.json'}: shapes[0]: a line outlines no region (polygons, circles and "
                     "rectangles are read); left out",
                     f"{folder / 'broken.json'}: not a LabelMe file that can be read",
-                    f"{folder}: LabelMe label 'ruler' is not a class of the site (lesion): its 1 shape(s) left out"):
+                    f"{folder}: LabelMe label 'ruler' is not a class of the site (lesion): its 1 shape(s) left out",
+                    f"{folder / 'dotted.json'}: 'dotted.png': 1 of its annotations of a site class cannot be read "
+                    "(listed above), so its other annotations alone would train that lesion as background: none of "
+                    "them imported"):
         assert problem in out, out
     with SiteStore.open(site, readonly=True) as store:
         expected = coco_mask.decode(coco_mask.frPyObjects([[v for p in pentagon for v in p]], 40, 50))[..., 0]
@@ -1338,6 +1344,7 @@ def test_site_import_reads_the_labelme_files_beside_the_images(tmp_path: Path, c
         assert disk[20, 25] == 1 and disk[20, 33] == 0 and abs(int(disk.sum()) - round(np.pi * 64)) < 12
         assert sorted(b.key for b in store.boxes("mixed")) == [("lesion", 5, 10, 25, 30), ("lesion", 30, 35, 35, 45)]
         assert store.read_mask("lines") is None and store.boxes("lines") == []
+        assert store.read_mask("dotted") is None and store.boxes("dotted") == []
 
 
 def _coco_file(clinic: Path) -> dict:
@@ -1352,7 +1359,8 @@ def _coco_file(clinic: Path) -> dict:
     data = {
         "images": [{"id": i + 1, "file_name": name, "height": 40, "width": 50} for i, name in files.items()]
         + [{"id": 90, "file_name": "elsewhere.png", "height": 40, "width": 50},
-           {"id": 91, "file_name": "case-08.png", "height": 50, "width": 40}],
+           {"id": 91, "file_name": "case-08.png", "height": 50, "width": 40},
+           {"id": 92, "file_name": "case-07.png", "height": 40, "width": 50}],
         "categories": [{"id": 1, "name": "Lesion"}, {"id": 2, "name": "artifact"}, {"id": 3, "name": "unused"}],
         "annotations": [
             # case-00: a region drawn by hand (a pentagon): its mask
@@ -1371,9 +1379,11 @@ def _coco_file(clinic: Path) -> dict:
             {"id": 8, "image_id": 90, "category_id": 1, "bbox": [1, 1, 3, 3]},
             {"id": 9, "image_id": 91, "category_id": 1, "bbox": [1, 1, 3, 3]},
             {"id": 10, "image_id": 6, "category_id": 1, "bbox": [1, 1, 3]},
-            {"id": 11, "image_id": 6, "category_id": 1, "bbox": [40, 30, 20, 5]},  # past the right edge
+            {"id": 12, "image_id": 6, "category_id": 1, "bbox": [2, 2, 5, 5]},
+            {"id": 11, "image_id": 92, "category_id": 1, "bbox": [40, 30, 20, 5]},  # past the right edge
         ],
-    }  # case-05: one annotation cannot be read, the other lies off the image; case-06: listed, not annotated yet
+    }  # case-05: one annotation cannot be read, so the other is not imported either (it would train the lesion
+    # the first marks as background); case-06: listed, not annotated yet; case-07: a box off the image
     (clinic / "coco.json").write_text(json.dumps(data))
     return {"region": region}
 
@@ -1396,7 +1406,10 @@ def test_site_import_takes_a_coco_file_regions_as_masks_rectangles_as_boxes(tmp_
     for problem in (f"{coco}: annotations[9] (id 10): bbox must be 4 numbers (x, y, width, height), got [1, 1, 3]; "
                     "left out",
                     f"{coco}: image 'elsewhere.png' is not in the site",
-                    f"{coco}: 'images/case-05.png': annotations[10] (id 11): box (30,40)–(35,60) lies outside the "
+                    f"{coco}: 'images/case-05.png': 1 of its annotations of a site class cannot be read (listed "
+                    "above), so its other annotations alone would train that lesion as background: none of them "
+                    "imported",
+                    f"{coco}: 'case-07.png': annotations[11] (id 11): box (30,40)–(35,60) lies outside the "
                     "40×50 image",
                     f"{coco}: 'case-08.png' is 50×40 in the file and 40×50 in the site ('case-08'): its annotations "
                     "were drawn on another image (or the tool turned a photo by its EXIF orientation)"):
@@ -1415,6 +1428,7 @@ def test_site_import_takes_a_coco_file_regions_as_masks_rectangles_as_boxes(tmp_
         assert store.read_mask("case-04") is None and sorted(b.key for b in store.boxes("case-04")) == [
             ("Lesion", 20, 5, 30, 12), ("artifact", 1, 1, 4, 4)]
         assert store.boxes("case-05") == [] and store.read_mask("case-05") is None
+        assert store.boxes("case-07") == [] and store.read_mask("case-07") is None
 
     one = tmp_path / "one-class"  # the artifact is no class here: said once, with how many were left out
     assert main(["site", "import", str(one), "--classes", "lesion", "--images", str(clinic / "images"),

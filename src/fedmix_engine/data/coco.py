@@ -62,6 +62,9 @@ class CocoImage:
     height: int
     width: int
     annotations: tuple[CocoAnnotation, ...]
+    # the categories of its annotations that cannot be read (None: a shape without a label): a site class among
+    # them means the readable ones are not all of the image's lesions, and the image gets none of them
+    unread: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ def read_coco(path: str | Path) -> CocoFile:
             raise InputError(path, f"images[{i}]: id {image['id']} is given to two images")
         images[image["id"]] = (image["file_name"], int(image["height"]), int(image["width"]))
     annotated: dict[Any, list[CocoAnnotation]] = {}
+    unread: dict[Any, list[str]] = {}
     problems, used, mentioned = [], set(), set()
     for i, raw in enumerate(data["annotations"]):
         where = f"annotations[{i}]" + (f" (id {raw['id']})" if isinstance(raw, dict) and "id" in raw else "")
@@ -114,11 +118,13 @@ def read_coco(path: str | Path) -> CocoFile:
             annotation = _annotation(raw, where, categories[raw["category_id"]])
         except ValueError as exc:
             problems.append(f"{path}: {where}: {exc}; left out")
+            unread.setdefault(raw["image_id"], []).append(categories[raw["category_id"]])
             continue
         annotated.setdefault(raw["image_id"], []).append(annotation)
         used.add(raw["category_id"])
     return CocoFile(path, tuple(categories[k] for k in sorted(used, key=_order)),
-                    tuple(CocoImage(*images[k], tuple(annotated[k])) for k in images if k in annotated),
+                    tuple(CocoImage(*images[k], tuple(annotated[k]), tuple(unread.get(k, ()))) for k in images
+                          if k in annotated),
                     len(images) - len(mentioned), tuple(problems))
 
 
@@ -133,6 +139,13 @@ def region_mask(annotations: list[CocoAnnotation], labels: list[int], height: in
         if isinstance(segmentation, dict) and segmentation["size"] != [height, width]:
             raise ValueError(f"{annotation.where}: its run-length encoding is {segmentation['size'][0]}×"
                              f"{segmentation['size'][1]}, the image {height}×{width}")
+        if isinstance(segmentation, dict):
+            _check_runs(segmentation, annotation.where)
+        if isinstance(segmentation, list) and (far := _far_point(segmentation, height, width)):
+            # pycocotools rasterises every edge at 5× before it clips: a point at 1e300 took all the memory
+            raise ValueError(f"{annotation.where}: its polygon reaches ({far[0]:g}, {far[1]:g}), more than the "
+                             f"image's own size off the {height}×{width} image: drawn on another image, or in "
+                             "other units")
         try:
             if isinstance(segmentation, list):
                 rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
@@ -141,7 +154,7 @@ def region_mask(annotations: list[CocoAnnotation], labels: list[int], height: in
             else:
                 rle = segmentation
             pixels = coco_mask.decode(rle).astype(bool)
-        except (TypeError, ValueError, KeyError, IndexError) as exc:  # pycocotools' errors for a malformed encoding
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:  # pycocotools': a bad encoding
             raise ValueError(f"{annotation.where}: its segmentation cannot be decoded ({exc})") from None
         if not pixels.any():
             raise ValueError(f"{annotation.where}: its segmentation covers no pixel of the image")
@@ -174,6 +187,57 @@ def _annotation(raw: dict, where: str, category: str) -> CocoAnnotation:
     if segmentation is None and bbox is None:
         raise ValueError("neither a bbox nor a segmentation")
     return CocoAnnotation(where, category, bbox, segmentation)
+
+
+def _far_point(polygons: list, height: int, width: int) -> tuple[float, float] | None:
+    """A polygon point more than the image's own size beyond an edge, if there is one."""
+    for polygon in polygons:
+        for x, y in zip(polygon[0::2], polygon[1::2], strict=True):
+            if not (-width <= x <= 2 * width and -height <= y <= 2 * height):
+                return x, y
+    return None
+
+
+def _check_runs(rle: dict, where: str) -> None:
+    """ValueError unless the run lengths of a run-length encoding cover exactly its height × width pixels.
+    pycocotools 2.0.11 refuses more, but decodes fewer (a file cut short, a damaged string) leaving the
+    rest of the mask as whatever memory held: a lesion nobody drew, different on every run."""
+    height, width = (int(n) for n in rle["size"])
+    counts = rle["counts"]
+    runs = run_lengths(counts) if isinstance(counts, str) else counts
+    if runs is None:
+        raise ValueError(f"{where}: its run-length counts cannot be read (a character COCO's encoding does not "
+                         "use, or the string ends inside a number)")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in runs):
+        raise ValueError(f"{where}: its run lengths must be whole numbers ≥ 0")
+    if sum(runs) != height * width:
+        raise ValueError(f"{where}: its run lengths cover {sum(runs)} pixels, where its size {height}×{width} has "
+                         f"{height * width}: the encoding is cut short or damaged")
+
+
+def run_lengths(counts: str) -> list[int] | None:
+    """The run lengths a COCO compressed counts string holds (pycocotools' ``rleFrString``: six-bit
+    characters from '0', five bits of a number each, a continuation bit, sign-extended, each run after
+    the second stored as the difference from the run two before); None if the string is not one."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                return None  # ends inside a number
+            char = ord(counts[position]) - 48
+            if not 0 <= char < 64:
+                return None
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and char & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def _is_rectangle(segmentation: list | dict) -> bool:

@@ -536,6 +536,12 @@ def _add_coco_image(store: SiteStore, path: Path, image: CocoImage, names: dict[
         raise InputError(path, f"'{image.file_name}' is {image.height}×{image.width} in the file and "
                                f"{record.height}×{record.width} in the site ('{image_id}'): its annotations were "
                                "drawn on another image (or the tool turned a photo by its EXIF orientation)")
+    unread = [c for c in image.unread if c is None or _site_class(classes, c) in classes]
+    if unread:  # as a refused box row: the readable annotations alone would train that lesion as background
+        of = "of a site class" + (" or without a label" if None in unread else "")
+        raise InputError(path, f"'{image.file_name}': {len(unread)} of its annotations {of} cannot be read (listed "
+                               "above), so its other annotations alone would train that lesion as background: none "
+                               "of them imported")
     of_classes = []
     for annotation in image.annotations:
         if (name := _site_class(classes, annotation.category)) in classes:

@@ -44,15 +44,18 @@ def read_labelme(path: Path) -> tuple[CocoImage, list[str]]:
     if not (isinstance(data, dict) and isinstance(data.get("shapes"), list) and pixel_count(data.get("imageHeight"))
             and pixel_count(data.get("imageWidth"))):
         raise InputError(path, "not a LabelMe file: it needs 'shapes', 'imageHeight' and 'imageWidth'")
-    annotations, left_out = [], []
+    annotations, left_out, unread = [], [], []
     for i, shape in enumerate(data["shapes"]):
         where = f"shapes[{i}]"
         try:
             annotations.append(_annotation(shape, where))
         except ValueError as exc:
             left_out.append(f"{path}: {where}: {exc}; left out")
+            label = shape.get("label") if isinstance(shape, dict) else None
+            unread.append(label.strip() if isinstance(label, str) and label.strip() else None)
     name = data.get("imagePath") if isinstance(data.get("imagePath"), str) and data.get("imagePath") else path.stem
-    return CocoImage(name, int(data["imageHeight"]), int(data["imageWidth"]), tuple(annotations)), left_out
+    return CocoImage(name, int(data["imageHeight"]), int(data["imageWidth"]), tuple(annotations),
+                     tuple(unread)), left_out
 
 
 def _annotation(shape: Any, where: str) -> CocoAnnotation:
