@@ -9,6 +9,7 @@ RT structure set, a JPEG-LS file and a truncated one. Files for cases those lack
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -493,3 +494,34 @@ def test_a_continued_recursive_batch_keeps_a_dicom_images_mask_and_seg_in_its_su
         [(_, _, kept)] = list(batch)
     assert first.seg_file == "p01/IM0001_seg.dcm" and (tmp_path / "out" / first.seg_file).is_file()
     assert batch.kept == 1 and kept == first
+
+
+def test_a_damaged_header_element_is_named_as_corrupt_wherever_the_file_is_read(tmp_path: Path) -> None:
+    """pydicom converts an element when it is first asked for: a value representation no DICOM has (a flipped
+    byte) was a NotImplementedError wherever that happened, and a window stored as text a TypeError, each a
+    traceback; a study folder holding such a file could not be opened at all. Found by fuzzing."""
+    from fedmix_engine.data.dicom_series import read_series
+
+    pixels = np.arange(16 * 20, dtype=np.uint16).reshape(16, 20)
+    write_dicom(tmp_path / "good.dcm", pixels)
+
+    def damaged(name: str, element: bytes, into: bytes, **attributes) -> Path:
+        path = write_dicom(tmp_path / name, pixels, **attributes)
+        data = path.read_bytes()
+        assert data.count(element) == 1
+        path.write_bytes(data.replace(element, into))
+        return path
+
+    unknown_vr = damaged("vr.dcm", b"\x08\x00\x60\x00CS", b"\x08\x00\x60\x00JS")  # Modality's VR: JS
+    text_window = damaged("window.dcm", b"\x28\x00\x50\x10DS", b"\x28\x00\x50\x10LO", WindowCenter="40",
+                          WindowWidth="400")  # WindowCenter read as text
+    said = {unknown_vr: r"unreadable or corrupt DICOM file \(NotImplementedError: Unknown Value Representation 'JS' "
+                        r"in tag \(0008,0060\)\)",
+            text_window: r"its display values \(rescale, window\) cannot be applied: damaged or not as DICOM defines "
+                         r"them \(TypeError: "}
+    for path, reason in said.items():
+        with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {reason}"):
+            read_image(path)
+    study = read_series(tmp_path)
+    assert [s.files for s in study.series] == [(tmp_path / "good.dcm",)]
+    assert len(study.skipped) == 2 and all(any(line.startswith(f"{p}: ") for line in study.skipped) for p in said)

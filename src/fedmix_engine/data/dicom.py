@@ -61,20 +61,37 @@ def is_dicom_path(path: Path) -> bool:
 
 def read_dataset(path: Path, pixels: bool = True) -> Dataset:
     """The parsed file, as pydicom reads it (``pixels=False``: its header only); one without the
-    128-byte preamble (written by older software) is read too."""
+    128-byte preamble (written by older software) is read too. pydicom converts each element when it
+    is first asked for, so a damaged element fails where it is used: see :func:`corrupt`."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
-    except InvalidDicomError:
         try:
-            dataset = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
-        except Exception as exc:
-            raise InputError(path, f"not a DICOM file ({type(exc).__name__}: {exc})") from exc
-        if "SOPClassUID" not in dataset and "Rows" not in dataset:
-            raise InputError(path, "not a DICOM file (no DICOM header)") from None
-        return dataset
+            dataset = pydicom.dcmread(path, stop_before_pixels=not pixels)
+        except InvalidDicomError:
+            try:
+                dataset = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
+            except Exception as exc:
+                raise InputError(path, f"not a DICOM file ({type(exc).__name__}: {exc})") from exc
+            if "SOPClassUID" not in dataset and "Rows" not in dataset:
+                raise InputError(path, "not a DICOM file (no DICOM header)") from None
+    except InputError:
+        raise
+    except Exception as exc:
+        raise corrupt(path, exc) from exc
+    return dataset
+
+
+def corrupt(path: Path, exc: Exception) -> InputError:
+    """The error to say for a file whose reading failed inside pydicom or on its values: a damaged element
+    (a value representation no DICOM has, a flipped byte) surfaces only where it is first used, as
+    NotImplementedError, TypeError or an OSError without an errno, a traceback instead of the file's name.
+    Converting every element on reading would find it at once, but doubled the time a study folder takes
+    to open. An OSError with an errno is the machine's (a share gone away): raised as it is."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        raise exc
+    return InputError(path, f"unreadable or corrupt DICOM file ({type(exc).__name__}: {exc})")
 
 
 def pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
@@ -135,12 +152,17 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
     rescale, window and pixel spacing in functional groups, per frame or shared, and each frame is shown
     with its own (:func:`_frame_transforms`)."""
     path = Path(path)
+    dataset = read_dataset(path)
     try:
-        dataset = read_dataset(path)
+        return _interpreted(path, dataset, frames)
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(path, f"unreadable or corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
+        raise corrupt(path, exc) from exc
+
+
+def _interpreted(path: Path, dataset: Dataset, frames: bool) -> DicomImage:
+    """:func:`load_dicom`'s reading of a parsed file (what fails here unforeseen is the file's: ``corrupt``)."""
     if str(dataset.get("Modality", "")) == "SEG":
         raise InputError(path, "a DICOM segmentation (SEG), not an image; a site's masks are read from "
                                "PNG or TIFF files")
@@ -155,7 +177,11 @@ def load_dicom(path: str | Path, frames: bool = False) -> DicomImage:
         array = dataset.pixel_array
     except Exception as exc:
         raise _undecodable(path, dataset, exc) from exc
-    pixels = _as_shown(dataset, count)(array, None)
+    try:
+        pixels = _as_shown(dataset, count)(array, None)
+    except Exception as exc:  # a damaged rescale or window (a text where a number belongs)
+        raise InputError(path, f"its display values (rescale, window) cannot be applied: damaged or not as DICOM "
+                               f"defines them ({type(exc).__name__}: {exc})") from exc
     return DicomImage(pixels, _is_colour(dataset), pixel_spacing(dataset), _frame_spacing(dataset, count))
 
 
@@ -217,7 +243,10 @@ class DicomFrames:
     def __iter__(self) -> Iterator[np.ndarray]:
         from pydicom.pixels import iter_pixels
 
-        shown = _as_shown(self.header, self.count)
+        try:
+            shown = _as_shown(self.header, self.count)
+        except Exception as exc:
+            raise corrupt(self.path, exc) from exc
         # pydicom reads a path frame by frame; a file without the preamble only parses when forced
         source = self.path if has_dicom_marker(self.path) else read_dataset(self.path)
         done = 0
@@ -237,9 +266,9 @@ def dicom_frames(path: str | Path) -> DicomFrames | None:
     path = Path(path)
     try:
         header = read_dataset(path, pixels=False)
+        if frame_count(header) < 2 or str(header.get("Modality", "")) == "SEG":  # (no pixel data in a header)
+            return None
     except Exception:
-        return None
-    if frame_count(header) < 2 or str(header.get("Modality", "")) == "SEG":  # (no pixel data in a header)
         return None
     return DicomFrames(path, header)
 

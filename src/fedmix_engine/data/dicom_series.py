@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmix_engine.data.dicom import load_dicom, position_along_normal, read_dataset
+from fedmix_engine.data.dicom import corrupt, load_dicom, position_along_normal, read_dataset
 from fedmix_engine.data.imageio import image_stem, is_dicom_file, validate_image, visible_files
 from fedmix_engine.errors import InputError
 
@@ -52,19 +52,22 @@ def read_series(folder: str | Path) -> StudyFolder:
     for path in files:
         try:
             header = read_dataset(path, pixels=False)
+            if "Rows" not in header or str(header.get("Modality", "")) == "SEG":
+                skipped.append(f"{path}: not an image ({str(header.get('Modality', '')) or 'no pixel data'})")
+                continue
+            groups[str(header.get("SeriesInstanceUID", path))].append((path, header))
         except InputError as exc:
             skipped.append(str(exc))
-            continue
-        if "Rows" not in header or str(header.get("Modality", "")) == "SEG":
-            skipped.append(f"{path}: not an image ({str(header.get('Modality', '')) or 'no pixel data'})")
-            continue
-        groups[str(header.get("SeriesInstanceUID", path))].append((path, header))
+        except Exception as exc:  # a damaged element, converted only when asked for (``corrupt``)
+            skipped.append(str(corrupt(path, exc)))
     series = []
     for members in groups.values():
         try:
             series.append(_series(members))
         except InputError as exc:
             skipped.append(str(exc))
+        except Exception as exc:  # named by the series' first file
+            skipped.append(str(corrupt(members[0][0], exc)))
     return StudyFolder(series, skipped)
 
 
