@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fedmix_engine.errors import InputError
+from fedmix_engine.json_values import is_count
 
 if TYPE_CHECKING:
     import torch
@@ -67,10 +68,6 @@ ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0"
               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _data_length(header: dict[str, Any], where: str) -> int:
     """The length of the data the tensor entries describe, checked by the rules the safetensors library
     applies when it loads a file: each entry a dtype name, a shape of sizes and [begin, end] offsets that
@@ -85,9 +82,9 @@ def _data_length(header: dict[str, Any], where: str) -> int:
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str):
             raise InputError(where, f"tensor '{key}': dtype {dtype!r} is not a dtype's name")
-        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        if not isinstance(shape, list) or not all(is_count(n) for n in shape):
             raise InputError(where, f"tensor '{key}': shape {shape!r} is not a list of sizes")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(n) for n in offsets)
                 and offsets[0] <= offsets[1]):
             raise InputError(where, f"tensor '{key}': data_offsets {offsets!r} are not [begin, end] with "
                                     "0 ≤ begin ≤ end")

@@ -19,7 +19,6 @@ the field; an annotation that cannot be read is a problem of the import, naming 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from fedmix_engine.errors import InputError
+from fedmix_engine.json_values import is_count, is_number
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def region_mask(annotations: list[CocoAnnotation], labels: list[int], height: in
 def _annotation(raw: dict, where: str, category: str) -> CocoAnnotation:
     bbox = raw.get("bbox")
     if bbox is not None and bbox != []:
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(json_number(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
             raise ValueError(f"bbox must be 4 numbers (x, y, width, height), got {bbox!r}")
         bbox = tuple(float(v) for v in bbox)
     else:
@@ -175,7 +175,7 @@ def _annotation(raw: dict, where: str, category: str) -> CocoAnnotation:
         segmentation = None
     elif isinstance(segmentation, list):
         polygons = segmentation
-        if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(json_number(v) for v in p)
+        if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(is_number(v) for v in p)
                    for p in polygons):
             raise ValueError("segmentation polygons must each be x, y pairs of at least 3 points")
     elif not (isinstance(segmentation, dict) and isinstance(segmentation.get("size"), list)
@@ -208,7 +208,7 @@ def _check_runs(rle: dict, where: str) -> None:
     if runs is None:
         raise ValueError(f"{where}: its run-length counts cannot be read (a character COCO's encoding does not "
                          "use, or the string ends inside a number)")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in runs):
+    if not all(is_count(n) for n in runs):
         raise ValueError(f"{where}: its run lengths must be whole numbers ≥ 0")
     if sum(runs) != height * width:
         raise ValueError(f"{where}: its run lengths cover {sum(runs)} pixels, where its size {height}×{width} has "
@@ -254,11 +254,6 @@ def _is_rectangle(segmentation: list | dict) -> bool:
     return len(xs) == 2 and len(ys) == 2 and len(set(points)) == 4
 
 
-def json_number(value: Any) -> bool:
-    """A finite JSON number (not a bool, which Python counts as an int)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _id(value: Any) -> bool:
     """An id as COCO files write them: a number, or a string in some tools' exports."""
     return isinstance(value, int | str) and not isinstance(value, bool)
@@ -266,9 +261,9 @@ def _id(value: Any) -> bool:
 
 def pixel_count(value: Any) -> bool:
     """A height or width: a whole number above zero (``40`` or ``40.0``)."""
-    return json_number(value) and value > 0 and float(value).is_integer()
+    return is_number(value) and value > 0 and float(value).is_integer()
 
 
 def _order(key: Any) -> tuple[int, Any]:
     """Category ids in order: numbers by value, then others (some tools write strings) as written."""
-    return (0, key) if json_number(key) else (1, str(key))
+    return (0, key) if is_number(key) else (1, str(key))

@@ -15,8 +15,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedmix_engine.data.coco import CocoAnnotation, CocoImage, json_number, pixel_count
+from fedmix_engine.data.coco import CocoAnnotation, CocoImage, pixel_count
 from fedmix_engine.errors import InputError
+from fedmix_engine.json_values import is_number
 
 CIRCLE_POINTS = 64  # a circle as a polygon of this many corners: within a tenth of a pixel for r ≤ 60
 
@@ -63,7 +64,7 @@ def _annotation(shape: Any, where: str) -> CocoAnnotation:
         raise ValueError("a shape needs a label")
     kind = shape.get("shape_type") or "polygon"  # LabelMe before 3.x wrote no type: polygons only
     points = shape.get("points")
-    if not (isinstance(points, list) and all(isinstance(p, list) and len(p) == 2 and all(json_number(v) for v in p)
+    if not (isinstance(points, list) and all(isinstance(p, list) and len(p) == 2 and all(is_number(v) for v in p)
                                              for p in points)):
         raise ValueError("its points must be x, y pairs of numbers")
     label = shape["label"].strip()

@@ -9,12 +9,12 @@ figures per round, weighting each site by the images it scored, as a pooled test
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fedmix_engine.errors import InputError
+from fedmix_engine.json_values import is_int, is_number
 
 MAX_CLASSES = 64
 EVALUATION_BYTES = 64 * 1024  # a report is a few hundred bytes; the server reads no more than this
@@ -105,13 +105,12 @@ def pooled(reports: Mapping[str, EvaluationReport]) -> dict[str, Any]:
 
 
 def _count(value: Any, where: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise InputError(where, f"must be an integer ≥ {minimum}, not {value!r}")
     return value
 
 
 def _fraction(value: Any, where: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) \
-            or not 0.0 <= value <= 1.0:
+    if not is_number(value) or not 0.0 <= value <= 1.0:
         raise InputError(where, f"must be a number from 0 to 1, not {value!r}")
     return float(value)

@@ -18,6 +18,7 @@ import torch
 
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.losses import LOSS_CEILINGS
+from fedmix_engine.json_values import is_count, is_int, is_number
 from fedmix_engine.safetensors_layout import read_header, torch_dtypes
 
 if TYPE_CHECKING:
@@ -62,14 +63,14 @@ class UpdateReport:
         if not isinstance(raw, dict):
             raise InputError(REPORT_KEY, "must be a JSON object")
         n, loss, loss2 = raw.get("n"), raw.get("loss"), raw.get("loss2", 0.0)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if not is_count(n):
             raise InputError(f"{REPORT_KEY}.n", f"sample count must be an integer ≥ 0, not {n!r}")
         for name, value in (("loss", loss), ("loss2", loss2)):
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise InputError(f"{REPORT_KEY}.{name}", f"must be a finite number ≥ 0, not {value!r}")
         counts = raw.get("counts", {})
         if not isinstance(counts, dict) or len(counts) > MAX_COUNT_KEYS or not all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in counts.items()):
+                isinstance(k, str) and is_int(v) for k, v in counts.items()):
             raise InputError(f"{REPORT_KEY}.counts", "must be an object of at most 64 integer counts")
         return cls(n, float(loss), float(loss2), counts)
 

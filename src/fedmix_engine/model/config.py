@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from fedmix_engine.errors import InputError
+from fedmix_engine.json_values import is_int
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -54,7 +55,7 @@ class ModelConfig:
             raise InputError("model.name", f"must be a network's name, not {self.name!r}")
         for name in ("in_channels", "num_classes", "base_width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not is_int(value):
                 raise InputError(f"model.{name}", f"must be a whole number, not {value!r}")
         if not isinstance(self.bilinear, bool):
             raise InputError("model.bilinear", f"must be true or false, not {self.bilinear!r}")

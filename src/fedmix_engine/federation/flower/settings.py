@@ -18,6 +18,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.server_config import ServerConfig, parse_class_names
 from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
 from fedmix_engine.fedmix.weights import AggregationRule
+from fedmix_engine.json_values import is_int
 from fedmix_engine.model import ModelConfig
 
 # run-config key → field of ServerConfig, of its ModelConfig, of its TrainConfig
@@ -62,7 +63,7 @@ class FlowerRunSettings:
         values = {}
         for key, default in defaults.items():
             value = raw.get(key, default)
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            if isinstance(default, float) and is_int(value):
                 value = float(value)
             no_deadline = key == NO_DEADLINE_KEY and value == math.inf
             if type(value) is not type(default) or (isinstance(value, float) and not math.isfinite(value)
