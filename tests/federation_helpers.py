@@ -91,6 +91,38 @@ class Server:
 
 
 @contextmanager
+def serving_in_process(app) -> Iterator[str]:
+    """An ASGI app (the real server's, perhaps changed to play an older or newer server) served by uvicorn on
+    a loopback port in this process; yields its URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, "uvicorn serving in this process", 30, every=0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def tiny_server_app(state_dir: Path, sites: int, rounds: int = 1):
+    """The real server's app for a federation of tiny models (width 4, 32 px), its state in ``state_dir``."""
+    from fedmix_engine.federation.server import create_app
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
+    from fedmix_engine.fedmix.train_config import TrainConfig
+    from fedmix_engine.model import ModelConfig
+
+    config = ServerConfig(sites=sites, min_sites=sites, rounds=rounds, model=ModelConfig(base_width=4),
+                          train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
+    return create_app(ServerState(state_dir, config), TokenStore(state_dir))
+
+
+@contextmanager
 def running_server(state: Path, args: list[str], tls: tuple[Path, Path] | None = None, ca: Path | None = None):
     server = Server(state, args, tls, ca)
     try:

@@ -69,6 +69,42 @@ def test_train_config_names_the_bad_field() -> None:
             TrainConfig(**bad).validate()
 
 
+@pytest.mark.parametrize("raw, said", [
+    ([1, 2], r"^train: must be an object of training settings, not list$"),
+    ({"schedule": "cosine", "lr": 1e-3}, r"^train: unknown setting\(s\) \['schedule'\]: written by a newer "),
+    ({"lr": "1e-3"}, r"^train\.lr: must be a finite number, not '1e-3'$"),
+    ({"lr": True}, r"^train\.lr: must be a finite number, not True$"),
+    ({"batch_size": 8.0}, r"^train\.batch_size: must be an integer, not 8\.0$"),
+    ({"epochs": True}, r"^train\.epochs: must be an integer, not True$"),
+    ({"flip": "no"}, r"^train\.flip: must be true or false, not 'no'$"),
+    ({"flip": 0}, r"^train\.flip: must be true or false, not 0$"),
+    ({"loss": None}, r"^train\.loss: must be a text, not None$"),
+    ({"intensity": -0.5}, r"^train\.intensity: must be a finite number ≥ 0, not -0\.5$"),  # NaN made every image NaN
+    ({"crop_size": 40}, r"^train\.crop_size: must be a multiple of 16"),  # validate()'s checks, named under train
+])
+def test_train_settings_written_elsewhere_are_checked_by_type_and_named(raw: object, said: str) -> None:
+    """A server's config, a Flower run's record and server.json are read by ``TrainConfig.from_dict``:
+    ``TrainConfig(**raw)`` was a TypeError for a setting of a newer version and took any type."""
+    with pytest.raises(InputError, match=said):
+        TrainConfig.from_dict(raw)
+    assert TrainConfig.from_dict({"lr": 1, "tau": 1}) == TrainConfig(lr=1.0, tau=1.0)  # JSON writes 1.0 as 1
+    with pytest.raises(InputError, match=r"^intensity: must be a finite number ≥ 0, not nan$"):
+        TrainConfig(intensity=float("nan")).validate()
+
+
+def test_json_nested_deeper_than_pythons_parser_goes_is_a_value_error() -> None:
+    """Every reader of a file or a peer's JSON catches ValueError; Python raises RecursionError for arrays a
+    few thousand deep, which escaped each of them as a traceback (an HTTP 500 at the server)."""
+    from fedmix_engine.json_values import parse_json
+
+    for deep in ("[" * 100_000 + "]" * 100_000, b'{"a": ' + b"[" * 100_000):
+        with pytest.raises(ValueError, match=r"^nested too deep to be JSON"):
+            parse_json(deep)
+    assert parse_json(b'{"a": [[1]]}') == {"a": [[1]]}
+    with pytest.raises(ValueError, match="Expecting value"):
+        parse_json("[")
+
+
 def test_checkpoint_roundtrip_and_nan_refused(tmp_path: Path) -> None:
     pair = init_pair(TINY, seed=3)
     path = save_checkpoint(tmp_path / "c.safetensors", pair, TINY, {"image_size": 32})

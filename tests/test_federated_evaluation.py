@@ -19,7 +19,9 @@ from federation_helpers import (
     make_tokens,
     one_torch_thread,
     running_server,
+    serving_in_process,
     simulate_like_the_sites,
+    tiny_server_app,
 )
 from fedmix_engine.checkpoint import load_checkpoint
 from fedmix_engine.data.site_store import SiteStore
@@ -245,41 +247,16 @@ def test_a_server_from_before_federated_evaluation_is_told_apart_and_training_go
                                                                                       tmp_path: Path) -> None:
     """Against a server without the evaluation route (404) the client says the scores were not sent and
     takes part as before."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    from fedmix_engine.federation.server import create_app
-    from fedmix_engine.federation.server_config import ServerConfig
-    from fedmix_engine.federation.state import ServerState
-    from fedmix_engine.federation.tokens import TokenStore
-    from fedmix_engine.fedmix.train_config import TrainConfig
-    from fedmix_engine.model import ModelConfig
-
     state_dir = tmp_path / "state"
     token = make_tokens(state_dir, ["site-a"])["site-a"]
-    config = ServerConfig(sites=1, min_sites=1, rounds=1, model=ModelConfig(base_width=4),
-                          train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
-    app = create_app(ServerState(state_dir, config), TokenStore(state_dir))
+    app = tiny_server_app(state_dir, sites=1)
     app.router.routes = [r for r in app.router.routes if not getattr(r, "path", "").endswith("/evaluation")]
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
     site = tmp_path / "site-a"
     shutil.copytree(sample / "site-a", site)
-    try:
-        client = FederationClient(f"http://127.0.0.1:{sock.getsockname()[1]}", token, site, device="cpu",
-                                  poll_seconds=0.1, held_out=sample / "eval" / "site-a" / "test")
+    with serving_in_process(app) as url:
+        client = FederationClient(url, token, site, device="cpu", poll_seconds=0.1,
+                                  held_out=sample / "eval" / "site-a" / "test")
         events = list(client.iter_join())
-    finally:
-        server.should_exit = True
-        thread.join(10)
     scored = [e for e in events if e.kind == "evaluated"]
     assert [e.round for e in scored] == [0, 1]
     assert all(e.message.endswith("(not sent: the server predates federated evaluation)") for e in scored)

@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import httpx
@@ -38,6 +38,8 @@ from federation_helpers import (
     make_tokens,
     openssl_date,
     running_server,
+    serving_in_process,
+    tiny_server_app,
     tls_listener,
     upload,
     with_header,
@@ -1188,24 +1190,65 @@ def test_a_join_of_a_plain_http_server_by_an_https_address_or_by_an_unknown_name
         next(mistyped.iter_join())
 
 
+@pytest.mark.parametrize("change, said", [
+    ({"schedule": "cosine"}, r"train settings from the server: unknown setting\(s\) \['schedule'\]: written by a "
+                             r"newer napari-fedmix\? Update it here"),
+    ({"lr": "1e-3"}, r"train settings from the server\.lr: must be a finite number, not '1e-3'"),
+    ({"flip": "no"}, r"train settings from the server\.flip: must be true or false, not 'no'"),
+    ({"batch_size": 0}, r"train settings from the server\.batch_size: must be ≥ 1, not 0"),
+])
+def test_train_settings_a_site_cannot_use_are_refused_by_name_at_the_join(sample: Path, tmp_path: Path, capsys,
+                                                                          change: dict, said: str) -> None:
+    """A server of a newer version sends a setting this site does not know: the join and its --check were a
+    TypeError traceback. A wrong type (a hand-edited server.json of an older version) trained on: "flip":
+    "no" is true. The real server's app, its /v1/config changed on the way out, plays that server."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.client import FederationClient, FederationError
+
+    site = copied_sites(sample, ["site-a"], tmp_path)["site-a"]
+    state_dir = tmp_path / "state"
+    token = make_tokens(state_dir, ["site-a"])["site-a"]
+    app = tiny_server_app(state_dir, sites=1)
+
+    async def other_server(scope, receive, send):
+        if scope.get("path") != "/v1/config":
+            return await app(scope, receive, send)
+        start = {}
+
+        async def rewrite(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            config = json.loads(message["body"])
+            config["train"].update(change)
+            body = json.dumps(config).encode()
+            headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+        await app(scope, receive, rewrite)
+
+    with serving_in_process(other_server) as url:
+        assert main(["join", "--check", "--server", url, "--token", token, "--site", str(site), "--device",
+                     "cpu"]) == 3, "a refusal, as an API-version mismatch is"
+        out = capsys.readouterr().out.splitlines()
+        assert out[1] == "token: accepted, as site 'site-a'", "what passed comes first"
+        assert re.fullmatch(f"error: {said}", out[-1]), out
+        with pytest.raises(FederationError, match=f"^{said}$"):
+            next(FederationClient(url, token, site, device="cpu", poll_seconds=0.1).iter_join())
+        assert httpx.get(f"{url}/v1/status").json()["uploaded"] == []
+    assert TrainConfig.from_dict(json.loads(json.dumps(asdict(TrainConfig())))) == TrainConfig()
+
+
 def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None:
     """Record every request body the server receives during a real round (site-a also scoring the models
     on its held-out images); none may hold pixels, and an evaluation report holds only counts and means."""
     import threading
 
-    import uvicorn
-
     from fedmix_engine.federation.client import FederationClient
-    from fedmix_engine.federation.server import create_app
-    from fedmix_engine.federation.server_config import ServerConfig
-    from fedmix_engine.federation.state import ServerState
-    from fedmix_engine.federation.tokens import TokenStore
 
     state_dir = tmp_path / "state"
     tokens = make_tokens(state_dir, SITES)
-    config = ServerConfig(sites=3, min_sites=3, rounds=1, model=ModelConfig(base_width=4),
-                          train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
-    app = create_app(ServerState(state_dir, config), TokenStore(state_dir))
+    app = tiny_server_app(state_dir, sites=3)
     bodies: list[bytes] = []
 
     async def recording(scope, receive, send):
@@ -1220,26 +1263,15 @@ def test_no_request_body_contains_an_image(sample: Path, tmp_path: Path) -> None
             return message
         await app(scope, tap, send)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(recording, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
+    with serving_in_process(recording) as url:
         held_out = {"site-a": sample / "eval" / "site-a" / "test"}
-        threads = [threading.Thread(target=FederationClient(f"http://127.0.0.1:{port}", tokens[n], sample / n,
-                                                            device="cpu", poll_seconds=0.1,
-                                                            held_out=held_out.get(n)).join) for n in SITES]
+        threads = [threading.Thread(target=FederationClient(url, tokens[n], sample / n, device="cpu",
+                                                            poll_seconds=0.1, held_out=held_out.get(n)).join)
+                   for n in SITES]
         for t in threads:
             t.start()
         for t in threads:
             t.join(300)
-    finally:
-        server.should_exit = True
-        thread.join(10)
     payload = b"".join(bodies)
     evaluations = [json.loads(b) for b in bodies if b.startswith(b"{")]
     uploads = [b for b in bodies if len(b) > 0 and not b.startswith(b"{")]

@@ -518,6 +518,30 @@ def test_sites_score_the_round_model_on_their_held_out_folder_and_the_strategy_p
                                                                   grid) == [], "off unless the run asks"
 
 
+@pytest.mark.parametrize("change, said", [
+    ({"fedmix-train": "[" * 50_000}, r"^fedmix-train: not JSON \(nested too deep"),  # was a RecursionError
+    ({"fedmix-train": "5"}, r"^fedmix-train: must be an object of training settings, not int$"),  # a TypeError
+    ({"fedmix-train": '{"schedule": 1}'}, r"^fedmix-train: unknown setting\(s\) \['schedule'\]"),
+    ({"fedmix-train": '{"lr": "fast"}'}, r"^fedmix-train\.lr: must be a finite number, not 'fast'$"),
+    ({"fedmix-classes": "lesion"}, r"^fedmix-classes: not JSON \(Expecting value"),  # a JSONDecodeError
+    ({"fedmix-classes": '[1, 2]'}, r"^fedmix-classes: must be a list of class names, not \[1, 2\]$"),
+    ({"fedmix-seed": "0"}, r"^fedmix-seed: must be an integer, not '0'"),
+    ({"server-round": 1.5}, r"^server-round: must be an integer, not 1\.5"),  # int() took it as round 1
+])
+def test_a_round_config_a_site_cannot_read_is_refused_by_key(change: dict, said: str) -> None:
+    """What a site receives each round is checked by key: a config from another version of the app (or
+    damaged) was a TypeError, a JSONDecodeError or a RecursionError in the ClientApp, naming nothing."""
+    from fedmix_engine.federation.flower.settings import parse_site_config
+    from fedmix_engine.federation.flower.site_state import ACCEPTED_KEY, settle
+
+    good = {**FlowerRunSettings().site_config(), "server-round": 3}
+    assert parse_site_config(good).round == 3
+    with pytest.raises(InputError, match=said):
+        parse_site_config({**good, **change})
+    with pytest.raises(InputError, match=rf"^config '{ACCEPTED_KEY}': unreadable \(nested too deep"):
+        settle(Path("unused"), 1, 1, {ACCEPTED_KEY: "[" * 50_000})
+
+
 def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(tmp_path: Path) -> None:
     import tomllib
 

@@ -21,6 +21,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.wire import check_specs, tensor_template
 from fedmix_engine.fedmix.local_update import SiteState
 from fedmix_engine.fedmix.pair import PairState, pair_layout
+from fedmix_engine.json_values import parse_json
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.safetensors_layout import header_from_bytes, read_header
 
@@ -68,8 +69,8 @@ def _checked_meta(text: str, model_config: ModelConfig, where: str | Path) -> di
     """The checkpoint's metadata, its fields checked as far as prediction relies on them: a training size
     in pixels, and one name per output class."""
     try:
-        meta = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep, as no metadata is
+        meta = parse_json(text)
+    except ValueError as exc:
         raise InputError(where, f"its metadata is not JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise InputError(where, "its metadata is not a JSON object")

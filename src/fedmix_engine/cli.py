@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from fedmix_engine import __version__
 from fedmix_engine.errors import InputError, SettingsDiffer
+from fedmix_engine.json_values import parse_json
 
 
 def _floats(text: str) -> list[float]:
@@ -161,7 +162,6 @@ def cmd_site_export(args: argparse.Namespace) -> int:
 
 def _site_model_lines(site: Path) -> list[str]:
     """A line per model the site holds, marking the one prediction takes."""
-    import json
     import time
 
     from fedmix_engine.safetensors_layout import read_header
@@ -173,7 +173,7 @@ def _site_model_lines(site: Path) -> list[str]:
         if not path.is_file():
             continue
         try:
-            meta = json.loads(read_header(path, str(path))[1].get("meta", "{}"))
+            meta = parse_json(read_header(path, str(path))[1].get("meta", "{}"))
             about = f"round {meta['round']}" if "round" in meta else "no round recorded"
         except (InputError, ValueError, OSError) as exc:
             about = f"unreadable: {exc.reason if isinstance(exc, InputError) else exc}"

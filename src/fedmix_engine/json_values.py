@@ -1,11 +1,23 @@
 """Type checks for values that a file or a peer wrote as JSON. Python counts ``true`` as the integer 1 and
 reads ``NaN`` and ``Infinity`` as floats, so ``isinstance`` alone lets them through as numbers; every reader
-of untrusted JSON (an upload's report, a safetensors header, an annotation tool's file) checks with these."""
+of untrusted JSON (an upload's report, a safetensors header, an annotation tool's file) checks with these,
+and reads the text with :func:`parse_json`."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads``, with text nested deeper than Python's parser can follow (arrays a few thousand deep
+    raise RecursionError, which no reader expects) refused as a ``ValueError`` like any other malformed
+    JSON. Nothing this project reads nests more than a few levels, so such text is damage or an attack."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deep to be JSON that anything wrote for this project") from None
 
 
 def is_int(value: Any) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fedmix_engine.errors import InputError
-from fedmix_engine.json_values import is_count
+from fedmix_engine.json_values import is_count, parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -47,8 +47,8 @@ def _parse(length_bytes: bytes, header_bytes: bytes, size: int, where: str) -> t
     if length <= 1 or length > MAX_HEADER or 8 + length > size or len(header_bytes) != length:
         raise InputError(where, "truncated or not safetensors: header length exceeds the body")
     try:
-        header = json.loads(header_bytes)
-    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep, which no header has
+        header = parse_json(header_bytes)
+    except ValueError:
         raise InputError(where, "not safetensors: the header is not JSON") from None
     if not isinstance(header, dict):
         raise InputError(where, "not safetensors: the header is not an object")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fedmix_engine.errors import InputError
-from fedmix_engine.json_values import is_count, is_number
+from fedmix_engine.json_values import is_count, is_number, parse_json
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,13 @@ def read_coco(path: str | Path) -> CocoFile:
     """Read a COCO annotation file; refused whole (naming the file and field) if it is not one."""
     path = Path(path)
     try:
-        data = json.loads(path.read_bytes())
+        data = parse_json(path.read_bytes())
     except UnicodeDecodeError as exc:
         raise InputError(path, f"not UTF-8 JSON text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise InputError(path, f"not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-    except RecursionError:  # Python's parser gives up on arrays nested thousands deep: no annotation tool's
-        raise InputError(path, "not a COCO annotation file: nested too deep to be one") from None
+    except ValueError as exc:  # nested thousands deep
+        raise InputError(path, f"not a COCO annotation file: {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
                                                                                       "categories")):
         raise InputError(path, "not a COCO annotation file: it needs the lists 'images', 'annotations' and "
@@ -210,8 +210,8 @@ def _check_runs(rle: dict, where: str) -> None:
                          "use, or the string ends inside a number)")
     if not all(is_count(n) for n in runs):
         raise ValueError(f"{where}: its run lengths must be whole numbers ≥ 0")
-    if sum(runs) != height * width:
-        raise ValueError(f"{where}: its run lengths cover {sum(runs)} pixels, where its size {height}×{width} has "
+    if (covered := sum(runs)) != height * width:
+        raise ValueError(f"{where}: its run lengths cover {covered} pixels, where its size {height}×{width} has "
                          f"{height * width}: the encoding is cut short or damaged")
 
 

@@ -10,14 +10,13 @@ flag is what a picture not yet looked at has too, so it cannot say "absent".
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from fedmix_engine.data.coco import CocoAnnotation, CocoImage, pixel_count
 from fedmix_engine.errors import InputError
-from fedmix_engine.json_values import is_number
+from fedmix_engine.json_values import is_number, parse_json
 
 CIRCLE_POINTS = 64  # a circle as a polygon of this many corners: within a tenth of a pixel for r ≤ 60
 
@@ -37,11 +36,9 @@ def read_labelme(path: Path) -> tuple[CocoImage, list[str]]:
     """The file's shapes as a :class:`CocoImage` (``file_name`` its ``imagePath``), and the shapes left out,
     each named; refused whole (naming the file) when it is not a LabelMe file that can be read."""
     try:
-        data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = parse_json(path.read_bytes())
+    except ValueError as exc:  # not UTF-8, not JSON, nested thousands deep
         raise InputError(path, f"not a LabelMe file that can be read ({exc})") from None
-    except RecursionError:  # arrays nested thousands deep: Python's parser gives up, and no LabelMe wrote it
-        raise InputError(path, "not a LabelMe file that can be read (nested too deep)") from None
     if not (isinstance(data, dict) and isinstance(data.get("shapes"), list) and pixel_count(data.get("imageHeight"))
             and pixel_count(data.get("imageWidth"))):
         raise InputError(path, "not a LabelMe file: it needs 'shapes', 'imageHeight' and 'imageWidth'")

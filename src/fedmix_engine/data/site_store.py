@@ -54,6 +54,7 @@ from fedmix_engine.data.imageio import (
 from fedmix_engine.data.network_share import is_network_path
 from fedmix_engine.data.pixel_spacing import checked_spacing, file_spacing, tiff_spacing
 from fedmix_engine.errors import InputError
+from fedmix_engine.json_values import parse_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "site.json"
@@ -166,7 +167,7 @@ class SiteConfig:
     @classmethod
     def from_file(cls, path: Path) -> SiteConfig:
         try:
-            raw = json.loads(path.read_text())
+            raw = parse_json(path.read_text())
             config = cls(str(raw["name"]), tuple(raw["classes"]), int(raw.get("channels", 1)),
                          int(raw.get("format_version", FORMAT_VERSION)))
         except FileNotFoundError:

@@ -380,7 +380,7 @@ class FederationClient:
         where = ("finished: joining now only fetches its final model" if info["finished"] else
                  f"round {info['round']} open" + (", this site's update delivered" if info["uploaded"] else ""))
         yield f"federation: {cfg['method']}, {cfg['rounds']} round{'s' if cfg['rounds'] != 1 else ''}; {where}"
-        idle = self._fitting(cfg, ModelConfig.from_dict(cfg["model"]), TrainConfig(**cfg["train"]))
+        idle = self._fitting(cfg, *_settings(cfg))
         with SiteStore.open(self.site_dir, readonly=True) as store:
             counts = store.summary()
         yield (f"site: {self.site_dir} fits the model ({counts['images']} images: {counts['mask']} with a mask, "
@@ -406,8 +406,8 @@ class FederationClient:
 
     def _take_part(self) -> Iterator[JoinEvent]:
         cfg = self._json(f"/{API_VERSION}/config")
-        site, model_config = cfg["site"], ModelConfig.from_dict(cfg["model"])
-        train = self.train_config = TrainConfig(**cfg["train"])
+        site, (model_config, train) = cfg["site"], _settings(cfg)
+        self.train_config = train
         self.prefix = federation_prefix(cfg.get("federation"))
         # moments saved before an upload this site may have died around: kept if the server took that update
         pending_state.settle(self.models_dir, self.prefix, self._json(f"/{API_VERSION}/round").get("last_accepted"))
@@ -592,6 +592,17 @@ class FederationClient:
         atomic_write_bytes(path, data)
         atomic_write_bytes(self.models_dir / f"{self.prefix}-round-{r:04d}.safetensors", data)
         return path
+
+
+def _settings(cfg: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """The network and training settings in the server's config, checked: a server of another version may
+    send a setting this site does not know, which was a TypeError traceback at the join. A refusal (exit 3),
+    as an API-version mismatch is: restarting the join mends neither."""
+    try:
+        return (ModelConfig.from_dict(cfg["model"]),
+                TrainConfig.from_dict(cfg["train"], "train settings from the server"))
+    except InputError as exc:
+        raise FederationError(str(exc)) from None
 
 
 def _nothing_to_train(store: SiteStore, train: TrainConfig) -> str:

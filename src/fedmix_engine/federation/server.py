@@ -8,7 +8,6 @@ full-width uploads cost disk, not RAM.
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import math
 import socket
@@ -33,6 +32,7 @@ from fedmix_engine.federation.status import SERVER_LOCK, site_count_mismatch, sp
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION
 from fedmix_engine.folder_lock import hold_folder
+from fedmix_engine.json_values import parse_json
 
 log = logging.getLogger(__name__)
 STATUS_ACCESS = ("local", "sites", "public")  # who may read /v1/status and the admin page; see create_app
@@ -223,8 +223,8 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         except ClientDisconnect:
             raise HTTPException(400, "the connection closed before the report was complete") from None
         try:
-            raw = json.loads(body)
-        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep, which no report has
+            raw = parse_json(body)
+        except ValueError:
             raise HTTPException(400, "the evaluation report is not JSON") from None
         outcome = await on_state_thread(state.accept_evaluation, site, round_number, raw)
         if outcome.status >= 400:

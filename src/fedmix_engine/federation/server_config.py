@@ -4,7 +4,6 @@ without torch: ``status``, ``token add`` and the admin page read it without load
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from fedmix_engine.data.site_store import check_class_names
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.train_config import TrainConfig
 from fedmix_engine.fedmix.weights import AggregationRule
+from fedmix_engine.json_values import parse_json
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.seeds import check_seed
 from fedmix_engine.strict_json import strict_dumps
@@ -101,7 +101,7 @@ class ServerConfig:
         if "round_timeout" in raw and raw["round_timeout"] is None:  # null: no deadline (see to_json)
             raw["round_timeout"] = math.inf
         model = ModelConfig.from_dict(raw.pop("model"))
-        train = TrainConfig(**raw.pop("train"))
+        train = TrainConfig.from_dict(raw.pop("train"))
         names = tuple(raw.pop("class_names", ()))  # JSON gives a list; a server.json from before names: none
         return cls(**raw, model=model, train=train, class_names=names)
 
@@ -116,6 +116,6 @@ def setting_changes(stored: ServerConfig, new: ServerConfig) -> tuple[list[tuple
 def load_server_config(path: Path) -> ServerConfig:
     """A state directory's server.json, or an error naming it."""
     try:
-        return ServerConfig.from_dict(json.loads(path.read_text()))
+        return ServerConfig.from_dict(parse_json(path.read_text()))
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise InputError(path, f"unreadable federation settings ({type(exc).__name__}: {exc})") from None

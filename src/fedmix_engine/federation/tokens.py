@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
 from fedmix_engine.errors import InputError
+from fedmix_engine.json_values import parse_json
 
 TOKENS_FILE = "tokens.json"
 TOKENS_LOCK = "tokens.lock"  # held while a command reads, changes and writes the token file
@@ -83,7 +84,7 @@ def _parse_entries(path: Path) -> dict[str, dict]:
     damaged one was edited by hand (or by a failing disk); a traceback from every command and request
     said neither which file nor what to do."""
     try:
-        entries = json.loads(path.read_bytes())
+        entries = parse_json(path.read_bytes())
         if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
                                                     for e in entries.values()):
             raise ValueError("not a map of site names to entries with a sha256")

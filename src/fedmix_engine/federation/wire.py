@@ -18,7 +18,7 @@ import torch
 
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.losses import LOSS_CEILINGS
-from fedmix_engine.json_values import is_count, is_int, is_number
+from fedmix_engine.json_values import is_count, is_int, is_number, parse_json
 from fedmix_engine.safetensors_layout import read_header, torch_dtypes
 
 if TYPE_CHECKING:
@@ -47,8 +47,8 @@ class UpdateReport:
         if not text:
             raise InputError(REPORT_KEY, "missing: the update carries no report (n, loss)")
         try:
-            raw = json.loads(text)
-        except (ValueError, RecursionError):  # RecursionError: nested thousands deep, as no report is
+            raw = parse_json(text)
+        except ValueError:
             raise InputError(REPORT_KEY, "not valid JSON") from None
         return cls.from_dict(raw)
 

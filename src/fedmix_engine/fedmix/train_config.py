@@ -5,9 +5,11 @@ them (``status``, the admin page, Flower's run config) loads no training code.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from fedmix_engine.errors import InputError
+from fedmix_engine.json_values import is_int, is_number
 
 LOSS_NAMES = ("dice", "dice+bce")  # the reference's soft Dice, or Dice + BCE (``losses.LOSSES`` has their code)
 
@@ -40,6 +42,35 @@ class TrainConfig:
     pl_batch_size: int = 0  # pseudo-label and evaluation batch; 0: chosen per device (see device.plan_device)
     pl_warmup_rounds: int = 0  # rounds (1-based) before pseudo-labels; until then masks (+ negatives beside them)
 
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "train") -> TrainConfig:
+        """Settings that another program wrote (a server's config to its sites, a Flower run's record,
+        ``server.json``), checked before anything trains with them: a setting this version does not know
+        (a newer server) is named, not a TypeError, and each value must have its setting's type (``"lr":
+        "1e-3"`` failed deep in torch, ``"flip": "no"`` was true)."""
+        if not isinstance(raw, dict):
+            raise InputError(where, f"must be an object of training settings, not {type(raw).__name__}")
+        defaults = {f.name: f.default for f in fields(cls)}
+        unknown = set(raw) - set(defaults)
+        if unknown:
+            raise InputError(where, f"unknown setting(s) {sorted(unknown)}: written by a newer napari-fedmix? "
+                                    "Update it here")
+        values = {}
+        for name, value in raw.items():
+            kind = type(defaults[name])
+            if kind is float and is_number(value):
+                value = float(value)
+            elif not (is_int(value) if kind is int else isinstance(value, kind)):
+                wanted = {float: "a finite number", int: "an integer", bool: "true or false"}.get(kind, "a text")
+                raise InputError(f"{where}.{name}", f"must be {wanted}, not {value!r}")
+            values[name] = value
+        config = cls(**values)
+        try:
+            config.validate()
+        except InputError as exc:
+            raise InputError(f"{where}.{exc.where}", exc.reason) from None
+        return config
+
     def validate(self) -> None:
         """Refuse a setting that would fail late or train silently wrong; the error names its field."""
         if not self.image_size >= 16:  # else the crop's default (16) was named: "must be at most the image size (8 px)"
@@ -58,6 +89,7 @@ class TrainConfig:
             "min_box_fill": (0 <= self.min_box_fill <= 1, "in [0, 1]"),
             "lr": (0 < self.lr < math.inf, "a finite number > 0"),
             "weight_decay": (0 <= self.weight_decay < math.inf, "a finite number ≥ 0"),
+            "intensity": (0 <= self.intensity < math.inf, "a finite number ≥ 0"),  # NaN: every image NaN
             "batch_size": (self.batch_size >= 1, "≥ 1"),
             "epochs": (self.epochs >= 1, "≥ 1"),
             "pl_batch_size": (self.pl_batch_size >= 0, "≥ 0 (0: chosen per device)"),

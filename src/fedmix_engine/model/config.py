@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from fedmix_engine.errors import InputError
-from fedmix_engine.json_values import is_int
+from fedmix_engine.json_values import is_int, parse_json
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -34,6 +34,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise InputError("model config", f"must be an object of network settings, not {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
@@ -45,8 +47,8 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         try:
-            return cls.from_dict(json.loads(text))
-        except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
+            return cls.from_dict(parse_json(text))
+        except (ValueError, TypeError) as exc:
             raise InputError("model config", f"not a valid model configuration ({exc})") from exc
 
     def validate(self) -> None:

@@ -30,6 +30,7 @@ from fedmix_engine.federation.flower.settings import FlowerRunSettings, parse_si
 from fedmix_engine.federation.flower.strategy import SITE_KEY, contributor_name, reply_node
 from fedmix_engine.federation.wire import tensor_template
 from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.json_values import parse_json
 from fedmix_engine.site_models import GLOBAL_MODEL
 
 try:
@@ -63,7 +64,7 @@ def save_final_model(msg: Message, site_dir: Path, run_id: int, node_id: int) ->
     raw = dict(msg.content.config_records[CONFIG])
     config = parse_site_config(raw)
     try:
-        meta: dict[str, Any] = json.loads(str(raw[META_KEY]))
+        meta: dict[str, Any] = parse_json(str(raw[META_KEY]))
     except (KeyError, ValueError) as exc:
         raise InputError("final model from the SuperLink", f"no readable '{META_KEY}' ({exc})") from None
     with SiteStore.open(site_dir, readonly=True) as store:

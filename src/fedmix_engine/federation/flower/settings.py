@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,7 +18,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.server_config import ServerConfig, parse_class_names
 from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
 from fedmix_engine.fedmix.weights import AggregationRule
-from fedmix_engine.json_values import is_int
+from fedmix_engine.json_values import is_int, parse_json
 from fedmix_engine.model import ModelConfig
 
 # run-config key → field of ServerConfig, of its ModelConfig, of its TrainConfig
@@ -126,13 +126,23 @@ def parse_site_config(config: dict[str, Any]) -> SiteRoundConfig:
     """What a site needs for one round, from the ConfigRecord it received."""
     try:
         model = ModelConfig.from_json(str(config["fedmix-model"]))
-        raw = json.loads(str(config["fedmix-train"]))
-        unknown = set(raw) - {f.name for f in fields(TrainConfig)}
-        if unknown:
-            raise InputError("fedmix-train", f"unknown field(s) {sorted(unknown)}: update napari-fedmix on this site")
-        train = TrainConfig(**raw)
-        train.validate()
-        names = tuple(json.loads(str(config.get("fedmix-classes", "[]"))))  # absent from a server before names
-        return SiteRoundConfig(model, train, int(config["fedmix-seed"]), int(config["server-round"]), names)
+        train = TrainConfig.from_dict(_json_field(config, "fedmix-train"), "fedmix-train")
+        names = _json_field(config, "fedmix-classes", "[]")  # absent from a server before names
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise InputError("fedmix-classes", f"must be a list of class names, not {names!r}")
+        seed, round_number = config["fedmix-seed"], config["server-round"]
     except KeyError as exc:
         raise InputError("config from the SuperLink", f"missing {exc}: is the server running the FedMix app?") from None
+    for key, value in (("fedmix-seed", seed), ("server-round", round_number)):
+        if not is_int(value):
+            raise InputError(key, f"must be an integer, not {value!r}: is the server running the FedMix app?")
+    return SiteRoundConfig(model, train, seed, round_number, tuple(names))
+
+
+def _json_field(config: dict[str, Any], key: str, default: str | None = None) -> Any:
+    """A ConfigRecord entry that holds JSON text, read; a KeyError when it is absent and has no default."""
+    text = config[key] if default is None else config.get(key, default)
+    try:
+        return parse_json(str(text))
+    except ValueError as exc:
+        raise InputError(key, f"not JSON ({exc}): is the server running this version of the FedMix app?") from None

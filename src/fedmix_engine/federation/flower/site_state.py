@@ -19,6 +19,7 @@ from typing import Any
 from fedmix_engine.errors import InputError
 from fedmix_engine.federation import pending_state
 from fedmix_engine.fedmix.local_update import SiteState
+from fedmix_engine.json_values import parse_json
 
 ACCEPTED_KEY = "fedmix-accepted"  # in the ServerApp's config: {"round": r, "nodes": [node ids aggregated in r]}
 
@@ -36,7 +37,7 @@ def settle(models_dir: Path, run_id: int, node_id: int, config: Mapping[str, Any
     """Commit this node's pending moments if the config says its update was aggregated; drop any other."""
     raw = config.get(ACCEPTED_KEY)
     try:
-        accepted = json.loads(str(raw)) if raw is not None else {"round": 0, "nodes": []}
+        accepted = parse_json(str(raw)) if raw is not None else {"round": 0, "nodes": []}
         accepted_round, nodes = int(accepted["round"]), {int(n) for n in accepted["nodes"]}
     except (ValueError, TypeError, KeyError) as exc:
         raise InputError(f"config '{ACCEPTED_KEY}'", f"unreadable ({exc}): is the server running this "
