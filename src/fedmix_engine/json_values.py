@@ -33,3 +33,13 @@ def is_count(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """A finite number, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def of_kind(value: Any, default: Any) -> bool:
+    """Whether a setting's value has its default's kind: a finite number where the default is a float (an
+    integer too: JSON and TOML write 1.0 as 1), an integer that is not a bool for an int, else its type."""
+    if isinstance(default, float):
+        return is_number(value)
+    if is_int(default):
+        return is_int(value)
+    return type(value) is type(default)

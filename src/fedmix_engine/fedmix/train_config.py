@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedmix_engine.errors import InputError
-from fedmix_engine.json_values import is_int, is_number
+from fedmix_engine.json_values import of_kind
 
 LOSS_NAMES = ("dice", "dice+bce")  # the reference's soft Dice, or Dice + BCE (``losses.LOSSES`` has their code)
 
@@ -58,12 +58,10 @@ class TrainConfig:
         values = {}
         for name, value in raw.items():
             kind = type(defaults[name])
-            if kind is float and is_number(value):
-                value = float(value)
-            elif not (is_int(value) if kind is int else isinstance(value, kind)):
+            if not of_kind(value, defaults[name]):
                 wanted = {float: "a finite number", int: "an integer", bool: "true or false"}.get(kind, "a text")
                 raise InputError(f"{where}.{name}", f"must be {wanted}, not {value!r}")
-            values[name] = value
+            values[name] = float(value) if kind is float else value
         config = cls(**values)
         try:
             config.validate()

@@ -18,7 +18,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.server_config import ServerConfig, parse_class_names
 from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
 from fedmix_engine.fedmix.weights import AggregationRule
-from fedmix_engine.json_values import is_int, parse_json
+from fedmix_engine.json_values import is_int, of_kind, parse_json
 from fedmix_engine.model import ModelConfig
 
 # run-config key → field of ServerConfig, of its ModelConfig, of its TrainConfig
@@ -63,15 +63,12 @@ class FlowerRunSettings:
         values = {}
         for key, default in defaults.items():
             value = raw.get(key, default)
-            if isinstance(default, float) and is_int(value):
-                value = float(value)
             no_deadline = key == NO_DEADLINE_KEY and value == math.inf
-            if type(value) is not type(default) or (isinstance(value, float) and not math.isfinite(value)
-                                                    and not no_deadline):
+            if not (no_deadline or of_kind(value, default)):
                 finite = "a number of seconds, or inf for no deadline" if key == NO_DEADLINE_KEY else \
                     f"a finite {type(default).__name__}"
                 raise InputError(f"run config '{key}'", f"must be {finite}, not {value!r}")
-            values[key] = value
+            values[key] = float(value) if isinstance(default, float) else value
 
         def pick(table: dict[str, str]) -> dict[str, Any]:
             return {name: values[key] for key, name in table.items()}
