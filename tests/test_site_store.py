@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -350,6 +351,120 @@ def test_a_damaged_database_is_named_in_both_modes_and_left_as_it_was(tmp_path):
         with pytest.raises(InputError, match=r"annotations\.db: cannot be .*file is not a database.*damaged"):
             SiteStore.open(root, readonly=readonly)
     assert (root / "annotations.db").read_bytes() == garbage, "nothing written over what may yet be rescued"
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_a_site_without_its_database_is_refused_not_opened_as_empty(tmp_path, grey_image, readonly):
+    """SQLite makes an empty database of a missing or empty file: a site copied without annotations.db (a
+    backup tool skipping *.db, a copy cut short) opened for writing as a site of no images, whose problems()
+    listed every image as a stray file to delete."""
+    root = tmp_path / "site"
+    with SiteStore.create(root, ["lesion"]) as store:
+        store.add_image(grey_image, "img-0")
+    image = (root / "images" / "img-0.tif").read_bytes()
+    for damage, said in ((lambda db: db.unlink(), "no"), (lambda db: db.write_bytes(b""), "an empty")):
+        damage(root / "annotations.db")
+        with pytest.raises(InputError, match=rf"^{re.escape(str(root))}: site has {said} annotations\.db \(the list "
+                                             r"of its images and their annotations\); it is damaged or not "
+                                             r"initialised: restore the site folder from a backup$"):
+            SiteStore.open(root, readonly=readonly)
+        assert not (root / "annotations.db").exists() or (root / "annotations.db").read_bytes() == b""
+        assert (root / "images" / "img-0.tif").read_bytes() == image
+
+
+def _damaged_site(root: Path, grey_image, lesion_mask, damage: str) -> None:
+    """A site of two images with a mask, boxes and tags, its database then damaged as a failing disk or an
+    interrupted copy would."""
+    import sqlite3
+
+    with SiteStore.create(root, ["lesion"]) as store:
+        for i in range(2):
+            store.add_image(grey_image, f"img-{i}")
+        store.set_mask("img-0", lesion_mask)
+        store.add_box("img-1", "lesion", 5, 5, 20, 30)
+        store.set_tag("img-1", "lesion", True)
+    db = root / "annotations.db"
+    if damage == "a column's type":  # bytes cannot be aimed at a record's type reliably: SQLite writes it
+        with sqlite3.connect(db) as connection:
+            connection.execute("UPDATE images SET height='tall' WHERE id='img-1'")
+        connection.close()
+        return
+    data = bytearray(db.read_bytes())
+    if damage == "a page zeroed":
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+            page = connection.execute("SELECT rootpage FROM sqlite_master WHERE name='images'").fetchone()[0]
+        connection.close()
+        data[(page - 1) * 4096:page * 4096] = bytes(4096)
+    elif damage == "a text byte":
+        at = data.index(b"images/img-1.tif")
+        data[at + 1] = 0xFF  # no longer UTF-8
+    elif damage == "the schema's text":
+        at = data.index(b"dtype TEXT NOT NULL")
+        data[at:at + 5] = b"dtyp_"
+    db.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("a page zeroed", r"cannot be read \(database disk image is malformed\)"),
+    ("a text byte", r"cannot be read \(Could not decode to UTF-8 column 'file'"),
+    ("the schema's text", r"cannot be read \(its table 'images' lacks the column\(s\) dtype\)"),
+    ("a column's type", r"cannot be read \(the entry of image 'img-1' is \('img-1', 'images/img-1\.tif', 'tall'"),
+])
+@pytest.mark.parametrize("readonly", [True, False])
+def test_a_database_damaged_inside_is_named_wherever_it_is_read(tmp_path, grey_image, lesion_mask, damage, said,
+                                                                readonly):
+    """A damaged page or value passed the open, and the first query to meet it raised SQLite's error (a
+    DatabaseError, a decode error, "no such column", a None file name's TypeError) with neither the file
+    nor what to do; a write-open could make a lost table anew, empty."""
+    root = tmp_path / "site"
+    _damaged_site(root, grey_image, lesion_mask, damage)
+    before = (root / "annotations.db").read_bytes()
+    expected = rf"^{re.escape(str(root / 'annotations.db'))}: {said}.*: it is damaged or not a site's database; " \
+               r"restore the site folder from a backup$"
+    with pytest.raises(InputError, match=expected), SiteStore.open(root, readonly=readonly) as store:
+        store.summary()
+        with store.training_view() as view:
+            for record in view.records:
+                view.image(record.id)
+    after = (root / "annotations.db").read_bytes()
+    # nothing written over what may yet be rescued (a writer's open sets the header's journal mode and counter)
+    assert after == before if readonly else after[100:] == before[100:]
+
+
+def test_no_damage_to_a_sites_database_escapes_as_anything_but_a_named_refusal(tmp_path, grey_image, lesion_mask):
+    """Seeded random damage (bytes changed, the file cut, a page zeroed): every use of the site either works
+    or is refused naming the database; nothing is a bare SQLite, Unicode or Type error."""
+    import random
+    import shutil
+
+    pristine = tmp_path / "pristine"
+    _damaged_site(pristine, grey_image, lesion_mask, "none")
+    rng, outcomes = random.Random(0), {"worked": 0, "refused": 0}
+    for trial in range(120):
+        root = tmp_path / f"site-{trial}"
+        shutil.copytree(pristine, root)
+        data = bytearray((root / "annotations.db").read_bytes())
+        how = rng.choice(["bytes", "cut", "page"])
+        if how == "bytes":
+            for _ in range(rng.randrange(1, 30)):
+                data[rng.randrange(100, len(data))] = rng.randrange(256)
+        elif how == "cut":
+            data = data[:rng.randrange(1, len(data))]
+        else:
+            page = rng.randrange(1, len(data) // 4096)
+            data[page * 4096:(page + 1) * 4096] = bytes(4096)
+        (root / "annotations.db").write_bytes(bytes(data))
+        try:
+            with SiteStore.open(root, readonly=rng.random() < 0.5) as store:
+                store.summary(), store.class_counts(), store.problems()
+                for record in store.records():
+                    store.boxes(record.id), store.tags(record.id), store.read_mask(record.id)
+                    store.read_image(record.id)
+            outcomes["worked"] += 1
+        except InputError as refused:
+            assert refused.where.startswith(str(root)), refused
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 40 and outcomes["worked"] > 0, outcomes
 
 
 def test_a_damaged_site_config_is_named_with_its_missing_field_and_what_to_do(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import getpass
 import hashlib
 import json
@@ -54,7 +55,7 @@ from fedmix_engine.data.imageio import (
 from fedmix_engine.data.network_share import is_network_path
 from fedmix_engine.data.pixel_spacing import checked_spacing, file_spacing, tiff_spacing
 from fedmix_engine.errors import InputError
-from fedmix_engine.json_values import parse_json
+from fedmix_engine.json_values import is_int, parse_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "site.json"
@@ -97,6 +98,21 @@ CREATE TABLE IF NOT EXISTS digests (
     image_id TEXT PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE, sha256 TEXT NOT NULL
 );
 """
+
+_ADDED_TABLES = ("removals", "digests")  # added after the first release (see _query_added)
+
+
+@functools.cache
+def _schema_columns() -> dict[str, set[str]]:
+    """Each table's columns, as :data:`_SCHEMA` creates them."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(_SCHEMA)
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT "
+                                               "LIKE 'sqlite_%'")]
+        return {table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")} for table in tables}
+    finally:
+        db.close()
 
 
 def refuse_site_folder(folder: str | Path, what: str) -> None:
@@ -280,26 +296,33 @@ def image_id_from_stem(stem: str) -> str:
 class SiteStore:
     """One site's images and annotations on disk (see module docstring)."""
 
-    def __init__(self, root: Path, config: SiteConfig, readonly: bool, clock: Callable[[], str] | None):
+    def __init__(self, root: Path, config: SiteConfig, readonly: bool, clock: Callable[[], str] | None,
+                 new: bool = False):
         self.root = root
         self.config = config
         self.readonly = readonly
         self._clock = clock or _utc_now
         self._lock = threading.RLock()
-        db = root / DB_FILE
+        db = self._db_path = root / DB_FILE
+        if not new and (not db.exists() or db.stat().st_size == 0):
+            # SQLite makes an empty database of a missing or empty file: a site copied without it (a backup
+            # tool skipping *.db, a copy cut short) opened as no images, and listed each one as a stray
+            # file to delete
+            raise InputError(root, f"site has {'an empty' if db.exists() else 'no'} {DB_FILE} (the list of its "
+                                   "images and their annotations); it is damaged or not initialised: restore the "
+                                   "site folder from a backup")
         if readonly:
-            if not db.exists():
-                raise InputError(root, f"site has no {DB_FILE}; it is damaged or not initialised")
             self._db = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
                                        check_same_thread=False)
             try:  # the first read: SQLite opens the file lazily, and a WAL file may need what it cannot create
                 self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, UnicodeDecodeError) as exc:  # UnicodeDecodeError: a damaged schema's text
                 self._db.close()
                 why = ("the site is open for writing elsewhere or was not closed cleanly, and this folder is not "
                        "writable for you; open the site once with write access (or copy the folder) and try again"
                        if isinstance(exc, sqlite3.OperationalError) else _DAMAGED)
                 raise InputError(db, f"cannot be read ({exc}): {why}") from None
+            self._check_columns()
         else:
             self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
             # WAL's shared-memory index is for one machine: a share several workstations open keeps a
@@ -311,8 +334,10 @@ class SiteStore:
                 # a removed image's rows (its source file's name may name the patient) are overwritten, not
                 # left in free pages: the default of Debian's SQLite, not of every platform's
                 self._db.execute("PRAGMA secure_delete=ON")
+                if not new:
+                    self._check_columns()  # before CREATE TABLE IF NOT EXISTS would make a lost table anew, empty
                 self._db.executescript(_SCHEMA)
-            except sqlite3.Error as exc:  # a traceback named neither the file nor what to do
+            except (sqlite3.Error, UnicodeDecodeError) as exc:  # a traceback named neither the file nor what to do
                 self._db.close()
                 why = "check that the folder and the file are writable for you" \
                     if isinstance(exc, sqlite3.OperationalError) else _DAMAGED
@@ -340,7 +365,7 @@ class SiteStore:
         make_folder(root / "images")
         (root / "masks").mkdir(exist_ok=True)
         config = SiteConfig(name or root.resolve().name, classes, channels)
-        store = cls(root, config, readonly=False, clock=clock)
+        store = cls(root, config, readonly=False, clock=clock, new=True)
         atomic_write_bytes(root / CONFIG_FILE, config.to_json().encode())
         return store
 
@@ -377,14 +402,50 @@ class SiteStore:
                         self._db.execute("ROLLBACK")  # ROLLBACK would raise and hide why
                     raise
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    raise OSError(errno.ENOSPC, "No space left on device (the site's database could not grow; "
+                                  "nothing of this change was saved)", str(self.root / DB_FILE)) from exc
+                if (damaged := self._damaged(exc)) is None:
                     raise
-                raise OSError(errno.ENOSPC, "No space left on device (the site's database could not grow; "
-                              "nothing of this change was saved)", str(self.root / DB_FILE)) from exc
+                raise damaged from None
+            except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+                if (damaged := self._damaged(exc)) is None:
+                    raise
+                raise damaged from None
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+                if (damaged := self._damaged(exc)) is None:
+                    raise
+                raise damaged from None
+
+    def _check_columns(self) -> None:
+        """Refuse a database whose tables lack a column the schema gives them: a damaged schema's text, found
+        here rather than as "no such column" from whichever query meets it first. A table this version
+        added may be absent from a site of an earlier version opened read-only."""
+        try:
+            for table, columns in _schema_columns().items():
+                held = {row[1] for row in self._query(f"PRAGMA table_info({table})")}
+                if not held and table in _ADDED_TABLES:
+                    continue
+                if not columns <= held:
+                    lacks = f"lacks the column(s) {', '.join(sorted(columns - held))}" if held else "is missing"
+                    raise InputError(self._db_path, f"cannot be read (its table '{table}' {lacks}): {_DAMAGED}")
+        except InputError:
+            self._db.close()
+            raise
+
+    def _damaged(self, exc: Exception) -> InputError | None:
+        """What a read of a damaged database raised, named as that (None: another error). A page cut short
+        or overwritten (a copy interrupted, a sync tool's conflict, a failing disk) raised SQLite's
+        "database disk image is malformed" from whatever query met it, a damaged text its decode error."""
+        damage = (isinstance(exc, UnicodeDecodeError)
+                  or getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+                  or str(exc).startswith("Could not decode to UTF-8"))
+        return InputError(self._db_path, f"cannot be read ({exc}): {_DAMAGED}") if damage else None
 
     def _query_added(self, sql: str, args: tuple = ()) -> list[tuple]:
         """A query of a table this version added (removals, digests): none in a site of an earlier version opened
@@ -534,9 +595,17 @@ class SiteStore:
                     tags.setdefault(image, {})[class_name] = bool(present)
                 rows = self._query("SELECT id, file, height, width, channels, dtype, source FROM images "
                                    f"{where.replace('image_id', 'id')} ORDER BY seq", args)
-            finally:
-                if snapshot:
-                    self._db.execute("COMMIT")
+            except BaseException:
+                if snapshot and self._db.in_transaction:  # a read: nothing to keep, and its own error is raised
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
+            if snapshot:
+                self._query("COMMIT")
+        for row in rows:  # a damaged entry's value of another type failed far from here (a None file name)
+            if not (all(isinstance(v, str) for v in (row[0], row[1], row[5], row[6])) and all(map(is_int, row[2:5]))):
+                raise InputError(self._db_path, f"cannot be read (the entry of image {row[0]!r} is {row!r}): "
+                                                f"{_DAMAGED}")
         return [
             ImageRecord(i, f, h, w, c, d, i in masked, box_counts.get(i, 0), tags.get(i, {}), src)
             for i, f, h, w, c, d, src in rows
@@ -544,10 +613,19 @@ class SiteStore:
 
     def read_image(self, image_id: str) -> np.ndarray:
         """The image as imported (H×W or H×W×3, original dtype)."""
+        return read_image(self._image_file(image_id))
+
+    def _image_file(self, image_id: str) -> Path:
         rows = self._query("SELECT file FROM images WHERE id=?", (image_id,))
         if not rows:
             raise self._unknown(image_id)
-        return read_image(self.root / rows[0][0])
+        return self._stored(rows[0][0])
+
+    def _stored(self, relative: object) -> Path:
+        """The file a database entry names; an entry that is no file name (damage) said as damage."""
+        if not isinstance(relative, str) or not relative:
+            raise InputError(self._db_path, f"cannot be read (a file's entry is {relative!r}): {_DAMAGED}")
+        return self.root / relative
 
     def pixel_digests(self, image_ids: list[str] | None = None) -> dict[str, str]:
         """The :func:`pixel_digest` of every image, or of ``image_ids``, by id in import order: copies of one
@@ -586,10 +664,7 @@ class SiteStore:
 
     def spacing(self, image_id: str) -> tuple[float, float] | None:
         """The image's pixel spacing (row, column mm) when it was imported with one, else None."""
-        rows = self._query("SELECT file FROM images WHERE id=?", (image_id,))
-        if not rows:
-            raise self._unknown(image_id)
-        return tiff_spacing(self.root / rows[0][0])
+        return tiff_spacing(self._image_file(image_id))
 
     def load_image(self, image_id: str) -> np.ndarray:
         """The image normalised for the model: float32 C×H×W in [0, 1] (C from the site config)."""
@@ -625,7 +700,7 @@ class SiteStore:
         if row is None:
             return False
         try:
-            return bool(np.array_equal(read_array(self.root / row[0]), mask))
+            return bool(np.array_equal(read_array(self._stored(row[0])), mask))
         except (InputError, OSError):  # a damaged or missing file: written anew
             return False
 
@@ -641,7 +716,7 @@ class SiteStore:
         rows = self._query("SELECT file FROM masks WHERE image_id=?", (image_id,))
         if not rows:
             return None
-        return np.asarray(read_array(self.root / rows[0][0]), dtype=np.uint8)  # a damaged file named, not bare
+        return np.asarray(read_array(self._stored(rows[0][0])), dtype=np.uint8)  # a damaged file named, not bare
 
     # ----------------------------------------------------------------- boxes
     def check_box(self, image_id: str, box: Box) -> Box:
@@ -787,11 +862,11 @@ class SiteStore:
         known = {}
         for image_id, file in self._query("SELECT id, file FROM images"):
             known[file] = image_id
-            if not (self.root / file).is_file():
+            if not self._stored(file).is_file():
                 found.append(f"{file}: image file missing for image '{image_id}'")
         for image_id, file in self._query("SELECT image_id, file FROM masks"):
             known[file] = image_id
-            if not (self.root / file).is_file():
+            if not self._stored(file).is_file():
                 found.append(f"{file}: mask file missing for image '{image_id}'")
         pending = self.pending_removals()
         found.extend(f"image '{image_id}': its removal was interrupted after the database's commit, and its files "
