@@ -1203,7 +1203,7 @@ def test_train_settings_a_site_cannot_use_are_refused_by_name_at_the_join(sample
     TypeError traceback. A wrong type (a hand-edited server.json of an older version) trained on: "flip":
     "no" is true. The real server's app, its /v1/config changed on the way out, plays that server."""
     from fedmix_engine.cli import main
-    from fedmix_engine.federation.client import FederationClient, FederationError
+    from fedmix_engine.federation.client import FederationClient
 
     site = copied_sites(sample, ["site-a"], tmp_path)["site-a"]
     state_dir = tmp_path / "state"
@@ -1229,11 +1229,11 @@ def test_train_settings_a_site_cannot_use_are_refused_by_name_at_the_join(sample
 
     with serving_in_process(other_server) as url:
         assert main(["join", "--check", "--server", url, "--token", token, "--site", str(site), "--device",
-                     "cpu"]) == 3, "a refusal, as an API-version mismatch is"
-        out = capsys.readouterr().out.splitlines()
-        assert out[1] == "token: accepted, as site 'site-a'", "what passed comes first"
-        assert re.fullmatch(f"error: {said}", out[-1]), out
-        with pytest.raises(FederationError, match=f"^{said}$"):
+                     "cpu"]) == 2, "bad input, as a network this site has no package for is"
+        said_there = capsys.readouterr()
+        assert said_there.out.splitlines()[1] == "token: accepted, as site 'site-a'", "what passed comes first"
+        assert re.fullmatch(f"error: {said}", said_there.err.splitlines()[-1]), said_there.err
+        with pytest.raises(InputError, match=f"^{said}$"):
             next(FederationClient(url, token, site, device="cpu", poll_seconds=0.1).iter_join())
         assert httpx.get(f"{url}/v1/status").json()["uploaded"] == []
     assert TrainConfig.from_dict(json.loads(json.dumps(asdict(TrainConfig())))) == TrainConfig()
