@@ -20,6 +20,24 @@ FLOWER_ADAPTER = ENGINE / "federation" / "flower"
 NEEDS_FLWR = ("records", "strategy", "app", "final_model")  # the adapter's modules that import flwr; the rest must not
 
 
+def test_json_text_is_parsed_only_through_parse_json() -> None:
+    """``json.loads`` raises RecursionError (not ValueError) for text nested thousands deep, which each reader
+    of a file or a peer's message met as a traceback (an HTTP 500 at the server); ``json_values.parse_json``
+    turns it into the ValueError every reader catches. Static: a new reader cannot forget it."""
+    offenders = []
+    for path in [*ENGINE.rglob("*.py"), *Path(napari_fedmix.__file__).parent.rglob("*.py")]:
+        if path == ENGINE / "json_values.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr in ("loads", "load") and isinstance(node.value, ast.Name)
+                    and node.value.id == "json"):
+                offenders.append(f"{path.name}:{node.lineno} calls json.{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module == "json":
+                offenders += [f"{path.name}:{node.lineno} imports {a.name} from json" for a in node.names
+                              if a.name in ("loads", "load")]
+    assert not offenders, offenders
+
+
 def test_engine_source_never_imports_gui_modules() -> None:
     """Static check: catches lazy imports inside functions too."""
     offenders = []

@@ -4,7 +4,6 @@ commands so that ``fedmix-engine site ...`` never imports torch."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from fedmix_engine.atomic import check_writable_file
 from fedmix_engine.errors import InputError, first_names
+from fedmix_engine.json_values import parse_json
 
 
 def progress_bar(done: int, total: int, label: str, width: int = 24) -> None:
@@ -235,7 +235,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     no_seg = [r for r in rows if r.seg_file.startswith("not written")]
     clear_progress_bar()
     segs = sum(r.seg_file.endswith(".dcm") for r in rows)
-    kept = json.loads((args.out / RECORD_FILE).read_text())["files"].get("kept", 0)
+    kept = parse_json((args.out / RECORD_FILE).read_text())["files"].get("kept", 0)
     done = len(rows) - len(failed) - len(others)
     print(f"predicted {done - kept} image(s) into {args.out} (summary.csv, prediction.json)"
           + (f"; {kept} kept from the earlier batch" if args.resume else "")

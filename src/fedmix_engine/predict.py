@@ -57,6 +57,7 @@ from fedmix_engine.device import DevicePlan, autocast, forward_in_batches, plan_
 from fedmix_engine.errors import InputError, first_names
 from fedmix_engine.fedmix.pair import PairState, build_pair
 from fedmix_engine.folder_lock import hold_folder
+from fedmix_engine.json_values import parse_json
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.steps import run_steps
 
@@ -140,7 +141,7 @@ class Predictor:
                 "sha256": self.source.sha256 if self.source else None,
                 "round": self.trained_round, "classes": list(self.classes) if self.classes else None,
                 "trained_at_px": self.image_size, "inference": self.inference, "device": str(self.plan.device),
-                "model": json.loads(self.model_config.to_json())}
+                "model": parse_json(self.model_config.to_json())}
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, network: str | None = None) -> torch.Tensor:
@@ -830,7 +831,7 @@ def _resumed_start(out: Path, record: dict[str, Any]) -> str:
     if not path.is_file():
         raise InputError(out, f"no earlier batch to continue here (no {RECORD_FILE}); run it without continuing")
     try:
-        earlier = json.loads(path.read_text())
+        earlier = parse_json(path.read_text())
         started = str(earlier["started"])
         datetime.fromisoformat(started)
     except (ValueError, KeyError, TypeError, OSError) as exc:

@@ -23,6 +23,7 @@ from fedmix_engine.checkpoint import load_checkpoint, load_site_state, save_chec
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.local_update import SiteState
 from fedmix_engine.fedmix.pair import PairState
+from fedmix_engine.json_values import parse_json
 from fedmix_engine.model import ModelConfig
 
 PROGRESS = "progress.json"
@@ -105,7 +106,7 @@ def load_snapshot(out: Path) -> Snapshot:
         raise InputError(out, "no completed round to resume from (the run stopped before its first round ended, "
                               "or this folder is not a simulate --out folder)")
     try:
-        progress = json.loads((folder / PROGRESS).read_text())
+        progress = parse_json((folder / PROGRESS).read_text())
         snap = Snapshot(int(progress["round"]), list(progress["sites"]), int(progress["best_round"]),
                         float(progress["best_val"]), list(progress["history"]))
         if (folder / "global.safetensors").is_file():

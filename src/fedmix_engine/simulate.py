@@ -53,6 +53,7 @@ from fedmix_engine.fedmix.pseudo_labels import needs_prediction
 from fedmix_engine.fedmix.train_config import TrainConfig
 from fedmix_engine.fedmix.weights import AggregationRule
 from fedmix_engine.folder_lock import hold_folder
+from fedmix_engine.json_values import parse_json
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor
 from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
@@ -266,7 +267,7 @@ RESUME_MAY_DIFFER = ("rounds", "device")
 
 
 def _config_record(config: SimulationConfig) -> dict:
-    return json.loads(json.dumps(asdict(config), default=str))
+    return parse_json(json.dumps(asdict(config), default=str))
 
 
 def eval_identity(eval_root: Path | None) -> str | None:
@@ -287,7 +288,7 @@ def _check_resumable(out: Path, config: SimulationConfig, eval_root: Path | None
     """Resuming with other settings would silently mix two experiments: name every differing field.
     Returns the run's stored config.json."""
     try:
-        stored = json.loads((out / "config.json").read_text())
+        stored = parse_json((out / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise InputError(out / "config.json", f"cannot resume: the run's settings are unreadable ({exc})") from None
     stored_eval = stored.get("eval") if stored.get("eval") not in (None, "None") else None

@@ -73,6 +73,7 @@ from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_
 from fedmix_engine.fedmix.aggregation import StreamingAggregate
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.fedmix.weights import AggregationRule
+from fedmix_engine.json_values import parse_json
 
 log = logging.getLogger(__name__)
 # writes the machine refuses, with the HTTP status a site gets (it retries any 5xx) and what the admin must do;
@@ -342,7 +343,7 @@ class ServerState:
                 target = self.current_dir / f"{site}.safetensors"
                 os.replace(body, target)
                 info = {"site": site, "round": round_number, "sha256": sha, "received_at": self._clock(),
-                        **json.loads(report.to_json())}
+                        **parse_json(report.to_json())}
                 try:
                     atomic_write_bytes(self.current_dir / f"{site}.json", json.dumps(info).encode())
                 except OSError:  # not acknowledged, so not kept: a full disk gets its space back

@@ -5,7 +5,6 @@ torch, so that ``status`` on the server's machine answers at once whether the se
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -17,6 +16,7 @@ from fedmix_engine.errors import InputError, first_names
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
 from fedmix_engine.federation.server_config import CONFIG_FILE, ServerConfig, load_server_config
 from fedmix_engine.federation.tokens import TOKENS_FILE, TOKENS_LOCK, TokenStore
+from fedmix_engine.json_values import parse_json
 
 GLOBAL_FILE = "global.safetensors"  # in a round's folder: the global pair it produced
 CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
@@ -128,7 +128,7 @@ def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:
 
 def _round_record(path: Path, round_number: int, newest: bool) -> dict[str, Any]:
     try:
-        meta = json.loads(path.read_text())
+        meta = parse_json(path.read_text())
         sites = meta.get("sites") if isinstance(meta, dict) else None
         if not isinstance(meta, dict) or meta.get("round") != round_number or not isinstance(meta.get("reason"), str):
             raise ValueError(f"not the record of round {round_number}")
@@ -152,7 +152,7 @@ def read_settings_changes(root: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     try:
-        changes = json.loads(path.read_text())
+        changes = parse_json(path.read_text())
         if not isinstance(changes, list) or not all(
                 isinstance(c, dict) and isinstance(c.get("from_round"), int) and isinstance(c.get("at"), str)
                 and isinstance(c.get("changes"), list) for c in changes):
@@ -184,7 +184,7 @@ def read_federation_id(root: Path) -> str | None:
 def upload_report(path: Path) -> dict[str, Any] | None:
     """An acknowledged upload's report (``current/<site>.json``); None when it is not one."""
     try:
-        info = json.loads(path.read_text())
+        info = parse_json(path.read_text())
     except ValueError:
         return None
     fields = {"round": int, "sha256": str, "n": int, "loss": int | float}
@@ -197,7 +197,7 @@ def read_evaluations(root: Path) -> dict[int, dict[str, EvaluationReport]]:
     found: dict[int, dict[str, EvaluationReport]] = {}
     for path in sorted((root / EVALUATIONS).glob("[0-9]*/*.json")):  # each written atomically
         try:
-            report = EvaluationReport.from_dict(json.loads(path.read_text()))
+            report = EvaluationReport.from_dict(parse_json(path.read_text()))
         except (ValueError, InputError) as exc:
             raise InputError(path, f"not an evaluation report ({exc}); move it out of the state directory "
                                    "to start") from None
@@ -275,7 +275,7 @@ def round_opened_at(root: Path, round_number: int) -> float | None:
     """When round ``round_number`` opened (``current/opened.json``); None when the file is for another round,
     or damaged (the round's deadline then starts again, as when the file could not be written)."""
     try:
-        opened = json.loads((root / "current" / "opened.json").read_text())
+        opened = parse_json((root / "current" / "opened.json").read_text())
         at = float(opened["opened_at"]) if opened.get("round") == round_number else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None

@@ -49,6 +49,7 @@ from fedmix_engine.federation.flower.strategy import (
 from fedmix_engine.federation.wire import UpdateReport, encode_update
 from fedmix_engine.fedmix.local_update import local_update, site_seed
 from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.json_values import parse_json
 
 try:
     from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -88,7 +89,7 @@ class RoundRecorder:
                 atomic_write_bytes(round_dir / "updates" / f"{_safe_name(name)}.safetensors",
                                    encode_update(state, outcome.reports[name]))
         line = {"round": outcome.round, "weights": outcome.weights, "refused": outcome.refused,
-                "reports": {k: json.loads(r.to_json()) for k, r in outcome.reports.items()}}
+                "reports": {k: parse_json(r.to_json()) for k, r in outcome.reports.items()}}
         append_line(self.out / "rounds.jsonl", json.dumps(line, sort_keys=True))
         log.info("round %d: weights %s; refused %s", outcome.round,
                  {k: round(w, 4) for k, w in outcome.weights.items()}, list(outcome.refused) or "none")
