@@ -6,6 +6,7 @@ import codecs
 import contextlib
 import html
 import json
+import math
 import os
 import re
 import signal
@@ -1760,6 +1761,28 @@ def test_a_restart_may_extend_a_finished_federation_but_never_change_what_sites_
     run = subprocess.run([sys.executable, "-m", "fedmix_engine.cli", "serve", "--state", str(state), "--port",
                           str(free_port())], capture_output=True, text=True, timeout=60, env=ENV)
     assert run.returncode == 2 and f"{state / 'server.json'}: unreadable federation settings" in run.stderr
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"lam": []}, "lam: must be a finite number, not []"),  # was a TypeError in the weights' own check
+    ({"rounds": "10"}, "rounds: must be an integer, not '10'"),
+    ({"sites": True}, "sites: must be an integer, not True"),
+    ({"method": 1}, "method: must be a text, not 1"),
+    ({"class_names": "lesion"}, "class_names: must be a list of class names, not 'lesion'"),
+    ({"train": {"lr": None}}, "train.lr: must be a finite number, not None"),
+])
+def test_a_hand_edited_server_json_of_the_wrong_types_is_named_by_field(tmp_path: Path, change: dict,
+                                                                        said: str) -> None:
+    from fedmix_engine.federation.server_config import ServerConfig, load_server_config
+
+    stored = ServerConfig(class_names=("lesion",)).to_dict()
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({**stored, **change}))
+    with pytest.raises(InputError) as refused:
+        load_server_config(path)
+    assert refused.value.where == str(path) and said in refused.value.reason, refused.value
+    path.write_text(json.dumps({**stored, "round_timeout": None, "lam": 10}))  # null: no deadline; 10 for 10.0
+    assert load_server_config(path) == replace(ServerConfig(class_names=("lesion",)), round_timeout=math.inf)
 
 
 def test_a_site_in_two_federations_keeps_an_optimiser_state_for_each(sample: Path, tmp_path: Path) -> None:

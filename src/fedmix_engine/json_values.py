@@ -43,3 +43,8 @@ def of_kind(value: Any, default: Any) -> bool:
     if is_int(default):
         return is_int(value)
     return type(value) is type(default)
+
+
+def kind_wanted(default: Any) -> str:
+    """What :func:`of_kind` wants for a setting of this default, as an error message says it."""
+    return {float: "a finite number", int: "an integer", bool: "true or false"}.get(type(default), "a text")

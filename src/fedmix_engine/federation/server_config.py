@@ -14,7 +14,7 @@ from fedmix_engine.data.site_store import check_class_names
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.train_config import TrainConfig
 from fedmix_engine.fedmix.weights import AggregationRule
-from fedmix_engine.json_values import parse_json
+from fedmix_engine.json_values import kind_wanted, of_kind, parse_json
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.seeds import check_seed
 from fedmix_engine.strict_json import strict_dumps
@@ -102,8 +102,15 @@ class ServerConfig:
             raw["round_timeout"] = math.inf
         model = ModelConfig.from_dict(raw.pop("model"))
         train = TrainConfig.from_dict(raw.pop("train"))
-        names = tuple(raw.pop("class_names", ()))  # JSON gives a list; a server.json from before names: none
-        return cls(**raw, model=model, train=train, class_names=names)
+        names = raw.pop("class_names", [])  # a server.json from before names: none
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise InputError("class_names", f"must be a list of class names, not {names!r}")
+        default = cls()
+        for name, value in raw.items():  # a hand edit's "lam": [] failed as a TypeError in the weights' checks
+            kept = getattr(default, name, None)
+            if kept is not None and not (of_kind(value, kept) or (name == "round_timeout" and value == math.inf)):
+                raise InputError(name, f"must be {kind_wanted(kept)}, not {value!r}")
+        return cls(**raw, model=model, train=train, class_names=tuple(names))
 
 
 def setting_changes(stored: ServerConfig, new: ServerConfig) -> tuple[list[tuple[str, Any, Any]],

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedmix_engine.errors import InputError
-from fedmix_engine.json_values import of_kind
+from fedmix_engine.json_values import kind_wanted, of_kind
 
 LOSS_NAMES = ("dice", "dice+bce")  # the reference's soft Dice, or Dice + BCE (``losses.LOSSES`` has their code)
 
@@ -57,11 +57,9 @@ class TrainConfig:
                                     "Update it here")
         values = {}
         for name, value in raw.items():
-            kind = type(defaults[name])
             if not of_kind(value, defaults[name]):
-                wanted = {float: "a finite number", int: "an integer", bool: "true or false"}.get(kind, "a text")
-                raise InputError(f"{where}.{name}", f"must be {wanted}, not {value!r}")
-            values[name] = float(value) if kind is float else value
+                raise InputError(f"{where}.{name}", f"must be {kind_wanted(defaults[name])}, not {value!r}")
+            values[name] = float(value) if isinstance(defaults[name], float) else value
         config = cls(**values)
         try:
             config.validate()
