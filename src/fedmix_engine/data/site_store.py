@@ -391,7 +391,7 @@ class SiteStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         if self.readonly:
             raise PermissionError(f"{self.root}: site opened read-only")
-        with self._lock:
+        with self._lock, self._naming_damage():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -402,25 +402,14 @@ class SiteStore:
                         self._db.execute("ROLLBACK")  # ROLLBACK would raise and hide why
                     raise
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                    raise OSError(errno.ENOSPC, "No space left on device (the site's database could not grow; "
-                                  "nothing of this change was saved)", str(self.root / DB_FILE)) from exc
-                if (damaged := self._damaged(exc)) is None:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
                     raise
-                raise damaged from None
-            except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
-                if (damaged := self._damaged(exc)) is None:
-                    raise
-                raise damaged from None
+                raise OSError(errno.ENOSPC, "No space left on device (the site's database could not grow; "
+                              "nothing of this change was saved)", str(self.root / DB_FILE)) from exc
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, args).fetchall()
-            except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
-                if (damaged := self._damaged(exc)) is None:
-                    raise
-                raise damaged from None
+        with self._lock, self._naming_damage():
+            return self._db.execute(sql, args).fetchall()
 
     def _check_columns(self) -> None:
         """Refuse a database whose tables lack a column the schema gives them: a damaged schema's text, found
@@ -438,14 +427,19 @@ class SiteStore:
             self._db.close()
             raise
 
-    def _damaged(self, exc: Exception) -> InputError | None:
-        """What a read of a damaged database raised, named as that (None: another error). A page cut short
-        or overwritten (a copy interrupted, a sync tool's conflict, a failing disk) raised SQLite's
-        "database disk image is malformed" from whatever query met it, a damaged text its decode error."""
-        damage = (isinstance(exc, UnicodeDecodeError)
-                  or getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
-                  or str(exc).startswith("Could not decode to UTF-8"))
-        return InputError(self._db_path, f"cannot be read ({exc}): {_DAMAGED}") if damage else None
+    @contextlib.contextmanager
+    def _naming_damage(self) -> Iterator[None]:
+        """A damaged database's error, raised as that: a page cut short or overwritten (a copy interrupted, a
+        sync tool's conflict, a failing disk) raised SQLite's "database disk image is malformed" from
+        whichever query met it, a damaged text its decode error, naming neither the file nor what to do."""
+        try:
+            yield
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            if not (isinstance(exc, UnicodeDecodeError)
+                    or getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+                    or str(exc).startswith("Could not decode to UTF-8")):
+                raise
+            raise InputError(self._db_path, f"cannot be read ({exc}): {_DAMAGED}") from None
 
     def _query_added(self, sql: str, args: tuple = ()) -> list[tuple]:
         """A query of a table this version added (removals, digests): none in a site of an earlier version opened
