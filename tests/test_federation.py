@@ -191,6 +191,67 @@ def test_keep_models_keeps_the_last_rounds_and_the_best_scored_models_and_every_
         ServerState(state, None)
 
 
+def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: Path, tmp_path: Path) -> None:
+    """safetensors checks a file's header, not its numbers: a weight changed on the server's disk (a failing
+    disk, a restore gone wrong) was sent to every site, and trained on. Each round's record now holds its
+    model's SHA-256 as written; a site refuses other bytes, a restart names the damage and its remedy, and
+    round 0's model (made from the seed) is made again. A state directory whose rounds/ lost every round
+    was an IndexError."""
+    import hashlib
+    import shutil
+
+    from fedmix_engine.checkpoint import file_sha256
+    from fedmix_engine.federation.client import FederationClient, FederationError
+    from fedmix_engine.federation.state import ServerState
+    from fedmix_engine.federation.status import read_status
+
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+
+    def flip_a_weight(r: int) -> None:
+        model = state / "rounds" / f"{r:06d}" / "global.safetensors"
+        data = bytearray(model.read_bytes())
+        data[-3] ^= 0x40  # a bit of the last weight: the header, and so safetensors, cannot tell
+        model.write_bytes(bytes(data))
+
+    def recorded(r: int) -> str:
+        return json.loads((state / "rounds" / f"{r:06d}" / "meta.json").read_text())["model_sha256"]
+
+    with running_server(state, ["--sites", "1", "--min-sites", "1", "--rounds", "3", *TINY_SETTINGS]) as server:
+        client = FederationClient(server.url, token, sample / "site-a", device="cpu")
+        data, r = client.download_global()
+        assert r == 0 and hashlib.sha256(data).hexdigest() == recorded(0)
+        assert upload(server.url, token, 1, fake_update(global_pair(server.url, token)[0], seed=1)).status_code == 200
+        assert client.download_global()[1] == 1
+        flip_a_weight(1)
+        with pytest.raises(FederationError, match=r"^the global model of round 1 that the server sent is not the one "
+                                                  r"it wrote \(its SHA-256 differs\): the server's copy is damaged"):
+            client.download_global()
+    with pytest.raises(InputError, match=r"000001/global\.safetensors: the newest round's global model is damaged "
+                                         r"\(its bytes are not those written.*\): restore it from a backup, or move "
+                                         r".*000001 \(and evaluations/000001\) out of the state directory"):
+        ServerState(state, None)
+    shutil.move(state / "rounds" / "000001", tmp_path / "round-1-damaged")  # the remedy it names
+    initial = recorded(0)
+    flip_a_weight(0)
+    assert ServerState(state, None).last_round == 0  # round 0's model is made again from the seed, byte for byte
+    assert file_sha256(state / "rounds" / "000000" / "global.safetensors") == initial == recorded(0)
+    # a round recorded before digests: nothing to check it by, so it is served as it is, without the header
+    meta = json.loads((state / "rounds" / "000000" / "meta.json").read_text())
+    (state / "rounds" / "000000" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                                        if k != "model_sha256"}))
+    with running_server(state, []) as server:
+        response = httpx.get(f"{server.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert response.status_code == 200 and "x-fedmix-sha256" not in response.headers
+        assert FederationClient(server.url, token, sample / "site-a", device="cpu").download_global()[1] == 0
+    shutil.rmtree(state / "rounds" / "000000")
+    said = r"rounds: holds no committed round, not even round 0 \(the initial model\): restore it from a backup"
+    with pytest.raises(InputError, match=said):
+        ServerState(state, None)
+    with pytest.raises(InputError, match=said):
+        read_status(state)
+
+
 def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_round_once_space_is_back(
         sample: Path, tmp_path: Path) -> None:
     """The state directory on a real, small file system that the test fills. An upload that cannot be stored

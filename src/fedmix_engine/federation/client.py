@@ -10,6 +10,7 @@ and the last global model are kept in ``SITE/models/`` so a restarted client res
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from fedmix_engine.errors import FederationError, GaveUp, InputError
 from fedmix_engine.federation import pending_state
 from fedmix_engine.federation.federated_evaluation import EvaluationReport
 from fedmix_engine.federation.tokens import token_problem
-from fedmix_engine.federation.wire import API_VERSION, UpdateReport, encode_update
+from fedmix_engine.federation.wire import API_VERSION, MODEL_DIGEST_HEADER, UpdateReport, encode_update
 from fedmix_engine.fedmix.local_update import (
     LocalResult,
     SiteState,
@@ -584,7 +585,13 @@ class FederationClient:
         """The newest global model (safetensors bytes) and the round it completed."""
         response = self._request("GET", f"/{API_VERSION}/model")
         self._raise_for_refusal(response, f"/{API_VERSION}/model")
-        return response.content, int(response.headers["X-FedMix-Round"])
+        r, written = int(response.headers["X-FedMix-Round"]), response.headers.get(MODEL_DIGEST_HEADER)
+        if written is not None and hashlib.sha256(response.content).hexdigest() != written:
+            # safetensors checks a header, not the numbers: a changed weight was trained on at every site
+            raise FederationError(f"the global model of round {r} that the server sent is not the one it wrote "
+                                  "(its SHA-256 differs): the server's copy is damaged on its disk; its admin "
+                                  "restarting the server is told how to mend it")
+        return response.content, r
 
     def _save_final_model(self, data: bytes, r: int) -> Path:
         """Save the final global model (``data``, already checked with ``pair_from_bytes``)."""

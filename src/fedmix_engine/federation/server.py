@@ -28,9 +28,9 @@ from fedmix_engine.federation.certificates import certificate_dates, certificate
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.server_config import ServerConfig
 from fedmix_engine.federation.state import STORAGE_FAULTS, ServerState
-from fedmix_engine.federation.status import SERVER_LOCK, site_count_mismatch, space_shortfall
+from fedmix_engine.federation.status import SERVER_LOCK, model_digest, site_count_mismatch, space_shortfall
 from fedmix_engine.federation.tokens import TokenStore
-from fedmix_engine.federation.wire import API_VERSION
+from fedmix_engine.federation.wire import API_VERSION, MODEL_DIGEST_HEADER
 from fedmix_engine.folder_lock import hold_folder
 from fedmix_engine.json_values import parse_json
 
@@ -174,8 +174,9 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
     @app.get(f"/{API_VERSION}/model")
     def global_model(site: str = Depends(site_of)) -> FileResponse:
         path, r = state.latest_global()
-        return FileResponse(path, media_type="application/octet-stream",
-                            headers={"X-FedMix-Round": str(r)}, filename=f"global-{r:06d}.safetensors")
+        digest = model_digest(state.root, r)  # as written: the site checks the bytes it receives by it
+        return FileResponse(path, media_type="application/octet-stream", filename=f"global-{r:06d}.safetensors",
+                            headers={"X-FedMix-Round": str(r), **({MODEL_DIGEST_HEADER: digest} if digest else {})})
 
     @app.post(f"/{API_VERSION}/rounds/{{round_number}}/update")
     async def upload(round_number: int, request: Request, site: str = Depends(site_of)) -> JSONResponse:

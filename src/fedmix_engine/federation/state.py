@@ -55,8 +55,10 @@ from fedmix_engine.federation.status import (
     EVALUATIONS,
     GLOBAL_FILE,
     ID_FILE,
+    MODEL_DIGEST,
     completed_rounds,
     evaluation_summaries,
+    model_digest,
     open_round,
     read_evaluations,
     read_federation_id,
@@ -171,9 +173,14 @@ class ServerState:
         completed = self._completed_rounds()
         self.last_round = completed[-1]
         self._history = read_history(self.root, completed)
-        if not self.global_path().exists():  # every other round's may be removed (keep_models), never this one
+        problem = self._newest_model_problem()
+        if problem and self.last_round == 0:  # only the initial model, made from the seed: made again
+            log.warning("round 0's initial model %s; it is made again from the seed", problem)
+            self._write_global(0, init_pair(self.config.model, self.config.seed), {"round": 0, "reason": "initial"},
+                               self.round_dir(0))
+        elif problem:
             newest = self.round_dir(self.last_round)
-            raise InputError(self.global_path(), f"the newest round's global model is missing: restore it from a "
+            raise InputError(self.global_path(), f"the newest round's global model {problem}: restore it from a "
                                                  f"backup, or move {newest} (and evaluations/{newest.name}) out of the "
                                                  "state directory and the server runs that round again")
         self.template = tensor_template(self.global_pair(self.last_round))
@@ -207,6 +214,17 @@ class ServerState:
         self._leave_out_revoked()
         if not self.finished and len(self.uploads) >= self.config.sites:
             self._close_round("all sites had reported before a restart")
+
+    def _newest_model_problem(self) -> str | None:
+        """What is wrong with the newest round's model file, if anything: every other round's may be removed
+        (keep_models), never this one; its bytes must be those written (a round from before digests: unknown)."""
+        path = self.global_path()
+        if not path.exists():
+            return "is missing"
+        recorded = model_digest(self.root, self.last_round)
+        if recorded is not None and file_sha256(path) != recorded:
+            return "is damaged (its bytes are not those written: a failing disk, a restore gone wrong)"
+        return None
 
     def _leave_out_revoked(self) -> None:
         """Drop the open round's updates of sites whose token has been revoked since they sent them: an admin
@@ -449,14 +467,20 @@ class ServerState:
                 else:
                     log.info("round %d's model removed (--keep-models %d keeps the last %d)", r, keep, keep)
 
+    def _write_global(self, r: int, pair: PairState, meta: dict, folder: Path) -> None:
+        """Round ``r``'s model and its record into ``folder``, each file atomically; the record holds the
+        model's SHA-256 as written, by which a site checks what it downloads and a restart what it starts from."""
+        save_checkpoint(folder / GLOBAL_FILE, pair, self.config.model, self.config.checkpoint_meta(r))
+        meta = {**meta, MODEL_DIGEST: file_sha256(folder / GLOBAL_FILE)}
+        atomic_write_bytes(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+
     def _commit_round(self, r: int, pair: PairState, meta: dict) -> None:
         final = self.round_dir(r)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            save_checkpoint(tmp / GLOBAL_FILE, pair, self.config.model, self.config.checkpoint_meta(r))
-            atomic_write_bytes(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+            self._write_global(r, pair, meta, tmp)
             os.replace(tmp, final)
         except BaseException:  # nothing committed; a half-written model would hold a full disk's last space
             shutil.rmtree(tmp, ignore_errors=True)

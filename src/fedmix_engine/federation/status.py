@@ -19,6 +19,7 @@ from fedmix_engine.federation.tokens import TOKENS_FILE, TOKENS_LOCK, TokenStore
 from fedmix_engine.json_values import parse_json
 
 GLOBAL_FILE = "global.safetensors"  # in a round's folder: the global pair it produced
+MODEL_DIGEST = "model_sha256"  # in a round's meta.json: its GLOBAL_FILE's SHA-256 as written
 CHANGES_FILE = "settings-changes.json"  # what each restart changed, from which round: the run's provenance
 ID_FILE = "federation-id"  # sites keep their Adam moments per federation under this id
 SERVER_LOCK = "server.lock"  # Windows: the running server's lock file (on POSIX it flocks the directory)
@@ -115,8 +116,24 @@ def _size(n: float) -> str:
 def completed_rounds(root: Path) -> list[int]:
     """The committed rounds (0: the initial model), read only. A round is committed by renaming its complete
     directory into place, so its record says so; its model may have been removed since (``keep_models``)."""
-    return sorted(int(p.name) for p in (root / "rounds").iterdir() if p.name.isdigit()
-                  and (p / "meta.json").exists())
+    folder = root / "rounds"
+    found = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()
+                   and (p / "meta.json").exists()) if folder.is_dir() else []
+    if not found:  # was an IndexError wherever the newest round was asked for
+        raise InputError(folder, "holds no committed round, not even round 0 (the initial model): restore it from "
+                                 "a backup of the state directory, or start the federation afresh with a new "
+                                 "--state directory")
+    return found
+
+
+def model_digest(root: Path, r: int) -> str | None:
+    """The SHA-256 of round ``r``'s model as it was written (None: a round recorded before digests, or a
+    record that cannot be read, which :func:`read_history` names)."""
+    try:
+        digest = parse_json(round_dir(root, r).joinpath("meta.json").read_text()).get(MODEL_DIGEST)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return digest if isinstance(digest, str) else None
 
 
 def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fedmix_engine.fedmix.local_update import LocalReport
 
 API_VERSION = "v1"
+MODEL_DIGEST_HEADER = "X-FedMix-Sha256"  # on a global model: its SHA-256 as the server wrote it
 REPORT_KEY = "fedmix-report"
 MAX_COUNT_KEYS = 64
 
