@@ -434,7 +434,7 @@ class ServerState:
         meta = {"round": self.current_round, "reason": reason, "closed_at": self._clock(),
                 "sites": {s: {"n": i["n"], "loss": i["loss"], "weight": weights[s], "counts": i.get("counts", {}),
                               "metrics": i.get("metrics", {})} for s, i in self.uploads.items()}}
-        self._commit_round(self.current_round, new, meta)
+        meta = self._commit_round(self.current_round, new, meta)  # with its model's digest, as a restart reads it
         log.info("round %d closed (%s): weights %s", self.current_round, reason,
                  ", ".join(f"{s} {w:.2f}" for s, w in sorted(weights.items())) or "none (no site trained)")
         self._history.append(meta)
@@ -467,20 +467,23 @@ class ServerState:
                 else:
                     log.info("round %d's model removed (--keep-models %d keeps the last %d)", r, keep, keep)
 
-    def _write_global(self, r: int, pair: PairState, meta: dict, folder: Path) -> None:
-        """Round ``r``'s model and its record into ``folder``, each file atomically; the record holds the
-        model's SHA-256 as written, by which a site checks what it downloads and a restart what it starts from."""
+    def _write_global(self, r: int, pair: PairState, meta: dict, folder: Path) -> dict:
+        """Round ``r``'s model and its record into ``folder``, each file atomically; returns the record, which
+        holds the model's SHA-256 as written: a site checks what it downloads by it, a restart what it starts
+        from."""
         save_checkpoint(folder / GLOBAL_FILE, pair, self.config.model, self.config.checkpoint_meta(r))
         meta = {**meta, MODEL_DIGEST: file_sha256(folder / GLOBAL_FILE)}
         atomic_write_bytes(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+        return meta
 
-    def _commit_round(self, r: int, pair: PairState, meta: dict) -> None:
+    def _commit_round(self, r: int, pair: PairState, meta: dict) -> dict:
+        """Round ``r`` committed by a directory rename; returns its record as written."""
         final = self.round_dir(r)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            self._write_global(r, pair, meta, tmp)
+            written = self._write_global(r, pair, meta, tmp)
             os.replace(tmp, final)
         except BaseException:  # nothing committed; a half-written model would hold a full disk's last space
             shutil.rmtree(tmp, ignore_errors=True)
@@ -489,3 +492,4 @@ class ServerState:
             fd = os.open(final.parent, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
+        return written
