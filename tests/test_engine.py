@@ -348,6 +348,48 @@ def test_a_sites_optimiser_state_saved_on_a_gpu_reads_on_a_machine_without_it(sa
     assert all(torch.equal(resumed.pair[k], kept.pair[k]) for k in kept.pair)
 
 
+@pytest.mark.parametrize("damage, said", [
+    (lambda opt: opt["state"][0]["exp_avg"].view(-1).__setitem__(0, float("nan")), "its exp_avg is not finite"),
+    (lambda opt: opt["state"][0]["exp_avg_sq"].view(-1).__setitem__(0, -1.0), "its exp_avg_sq is negative"),
+    (lambda opt: opt["state"][0]["step"].fill_(-1e6), "its step is negative"),  # beta ** step: OverflowError
+    (lambda opt: opt["param_groups"][0].__setitem__("lr", float("inf")), "its settings .* are out of range"),
+    (lambda opt: opt["param_groups"][0].__setitem__("betas", (0.9, 1.5)), "its settings .* are out of range"),
+])
+def test_an_optimiser_state_whose_numbers_cannot_be_trained_on_is_named_damaged(sample: Path, tmp_path: Path,
+                                                                                damage, said: str) -> None:
+    """Damage that still unpickles (found by flipping bytes of a saved state): a NaN moment made every weight
+    NaN after the round, a negative step overflowed inside torch's Adam. Named at reading, as a torn file is."""
+    from fedmix_engine.checkpoint import STATE_FILE, load_site_state, save_site_state
+
+    with SiteStore.open(sample / "site-a") as store, store.training_view() as view:
+        data = load_site_tensors(view, 32)
+    state = local_update(init_pair(TINY, 0), data, TINY, TINY_TRAIN, CPU, seed=1, round_index=1).state
+    damage(state.optimizers[1])
+    save_site_state(tmp_path, state)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / STATE_FILE))}: damaged optimiser state, "
+                                         rf"cannot be read \(ValueError: {said}\)$"):
+        load_site_state(tmp_path)
+
+
+def test_an_optimiser_state_cut_short_is_damaged_not_the_machines_failure(sample: Path, tmp_path: Path) -> None:
+    """torch's zip reader raised OSError(EINVAL) for some files cut short (it seeks where the damaged
+    archive points): the command line took it for this machine's failure (exit 1, "Invalid argument")."""
+    import random
+
+    from fedmix_engine.checkpoint import STATE_FILE, load_site_state, save_site_state
+
+    with SiteStore.open(sample / "site-a") as store, store.training_view() as view:
+        data = load_site_tensors(view, 32)
+    save_site_state(tmp_path, local_update(init_pair(TINY, 0), data, TINY, TINY_TRAIN, CPU, seed=1).state)
+    good, rng, outside = (tmp_path / STATE_FILE).read_bytes(), random.Random(0), 0
+    for _ in range(200):
+        (tmp_path / STATE_FILE).write_bytes(good[:rng.randrange(len(good))])
+        with pytest.raises(InputError, match="damaged optimiser state, cannot be read") as refused:
+            load_site_state(tmp_path)
+        outside += "archive points outside the file" in refused.value.reason
+    assert outside > 0, "some cuts reached torch's seek outside the file, and were named"
+
+
 def test_training_reads_a_steps_losses_only_after_launching_the_next(sample: Path, monkeypatch) -> None:
     """Reading a loss waits for the GPU: read at once, the CPU cropped the next batch only once the GPU was
     idle. A step's losses are read after the next step is launched (the last one's after the loop), each

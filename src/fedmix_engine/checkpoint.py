@@ -6,9 +6,11 @@ Written atomically, so a crash mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,23 @@ def save_site_state(models_dir: Path, state: SiteState, name: str = STATE_FILE) 
     atomic_write_bytes(models_dir / name, buffer.getvalue())
 
 
+def _check_moments(optimizer: dict) -> None:
+    """ValueError unless an Adam state's numbers can be trained on: damage that unpickles still gave NaN
+    moments (every weight NaN after the round), or a negative step (``beta ** step`` overflowing in torch)."""
+    for entry in optimizer["state"].values():
+        for name, value in entry.items():
+            if not (torch.is_tensor(value) and bool(torch.isfinite(value).all())):
+                raise ValueError(f"its {name} is not finite")
+            if name in ("step", "exp_avg_sq") and bool((value < 0).any()):
+                raise ValueError(f"its {name} is negative")
+    for group in optimizer["param_groups"]:
+        betas = group.get("betas", (0.9, 0.999))
+        numbers = [group.get(key, 0.0) for key in ("lr", "eps", "weight_decay")]
+        if not (all(isinstance(v, int | float) and 0 <= v < math.inf for v in numbers)
+                and len(betas) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)):
+            raise ValueError("its settings (lr, betas, eps, weight decay) are out of range")
+
+
 def load_site_state(models_dir: Path, name: str = STATE_FILE) -> SiteState:
     path = models_dir / name
     if not path.exists():
@@ -138,9 +157,17 @@ def load_site_state(models_dir: Path, name: str = STATE_FILE) -> SiteState:
     try:
         # local file, still no arbitrary code; on the CPU: a state an earlier version saved on a GPU kept the
         # GPU's tensors, unreadable once that GPU is gone (a driver update) and taken for a damaged file
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-        return SiteState(tuple(saved["optimizers"]), int(saved["rounds_done"]))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, TypeError) as exc:
+        try:
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+        except OSError as exc:  # torch's zip reader seeking where a damaged directory points: not the disk's
+            if exc.errno != errno.EINVAL:
+                raise
+            raise ValueError(f"its archive points outside the file ({exc.strerror})") from None
+        optimizers = tuple(saved["optimizers"])
+        for optimizer in optimizers:
+            _check_moments(optimizer)
+        return SiteState(optimizers, int(saved["rounds_done"]))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
         # a torn or overwritten file (a failing disk): torch's message alone named neither file nor remedy
         raise InputError(path, f"damaged optimiser state, cannot be read ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0].split('. ')[0][:200]})") from None
