@@ -384,9 +384,10 @@ def _damaged_site(root: Path, grey_image, lesion_mask, damage: str) -> None:
         store.add_box("img-1", "lesion", 5, 5, 20, 30)
         store.set_tag("img-1", "lesion", True)
     db = root / "annotations.db"
-    if damage == "a column's type":  # bytes cannot be aimed at a record's type reliably: SQLite writes it
+    if damage in ("a column's type", "a box's corner"):  # bytes cannot be aimed at a type reliably: SQLite writes it
         with sqlite3.connect(db) as connection:
-            connection.execute("UPDATE images SET height='tall' WHERE id='img-1'")
+            connection.execute("UPDATE images SET height='tall' WHERE id='img-1'" if damage == "a column's type" else
+                               "UPDATE boxes SET x0='five'")
         connection.close()
         return
     data = bytearray(db.read_bytes())
@@ -408,7 +409,8 @@ def _damaged_site(root: Path, grey_image, lesion_mask, damage: str) -> None:
     ("a page zeroed", r"cannot be read \(database disk image is malformed\)"),
     ("a text byte", r"cannot be read \(Could not decode to UTF-8 column 'file'"),
     ("the schema's text", r"cannot be read \(its table 'images' lacks the column\(s\) dtype\)"),
-    ("a column's type", r"cannot be read \(the entry of image 'img-1' is \('img-1', 'images/img-1\.tif', 'tall'"),
+    ("a column's type", r"cannot be read \(an entry of its images is \('img-1', 'images/img-1\.tif', 'tall'"),
+    ("a box's corner", r"cannot be read \(an entry of its boxes is \('lesion', 5, 'five', 20, 30"),
 ])
 @pytest.mark.parametrize("readonly", [True, False])
 def test_a_database_damaged_inside_is_named_wherever_it_is_read(tmp_path, grey_image, lesion_mask, damage, said,
@@ -425,7 +427,7 @@ def test_a_database_damaged_inside_is_named_wherever_it_is_read(tmp_path, grey_i
         store.summary()
         with store.training_view() as view:
             for record in view.records:
-                view.image(record.id)
+                view.image(record.id), view.boxes(record.id), view.tags(record.id)
     after = (root / "annotations.db").read_bytes()
     # nothing written over what may yet be rescued (a writer's open sets the header's journal mode and counter)
     assert after == before if readonly else after[100:] == before[100:]

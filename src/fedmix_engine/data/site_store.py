@@ -584,8 +584,8 @@ class SiteStore:
                 box_counts = dict(self._query(f"SELECT image_id, COUNT(*) FROM boxes {where} GROUP BY image_id", args))
                 masked = {row[0] for row in self._query(f"SELECT image_id FROM masks {where}", args)}
                 tags: dict[str, dict[str, bool]] = {}
-                for image, class_name, present in self._query(f"SELECT image_id, class_name, present FROM tags "
-                                                              f"{where}", args):
+                for image, class_name, present in self._typed(self._query(
+                        f"SELECT image_id, class_name, present FROM tags {where}", args), (str, str, int), "tags"):
                     tags.setdefault(image, {})[class_name] = bool(present)
                 rows = self._query("SELECT id, file, height, width, channels, dtype, source FROM images "
                                    f"{where.replace('image_id', 'id')} ORDER BY seq", args)
@@ -596,10 +596,7 @@ class SiteStore:
                 raise
             if snapshot:
                 self._query("COMMIT")
-        for row in rows:  # a damaged entry's value of another type failed far from here (a None file name)
-            if not (all(isinstance(v, str) for v in (row[0], row[1], row[5], row[6])) and all(map(is_int, row[2:5]))):
-                raise InputError(self._db_path, f"cannot be read (the entry of image {row[0]!r} is {row!r}): "
-                                                f"{_DAMAGED}")
+        self._typed(rows, (str, str, int, int, int, str, str), "images")
         return [
             ImageRecord(i, f, h, w, c, d, i in masked, box_counts.get(i, 0), tags.get(i, {}), src)
             for i, f, h, w, c, d, src in rows
@@ -614,6 +611,14 @@ class SiteStore:
         if not rows:
             raise self._unknown(image_id)
         return self._stored(rows[0][0])
+
+    def _typed(self, rows: list[tuple], kinds: tuple[type, ...], table: str) -> list[tuple]:
+        """``rows``, each value of its column's type: damage that breaks one (a NOT NULL, a number become a
+        text) failed far from here, as a None file name's TypeError or a box corner's comparison."""
+        for row in rows:
+            if not all(is_int(v) if kind is int else isinstance(v, kind) for v, kind in zip(row, kinds, strict=True)):
+                raise InputError(self._db_path, f"cannot be read (an entry of its {table} is {row!r}): {_DAMAGED}")
+        return rows
 
     def _stored(self, relative: object) -> Path:
         """The file a database entry names; an entry that is no file name (damage) said as damage."""
@@ -771,7 +776,7 @@ class SiteStore:
         self._require_image(image_id)
         rows = self._query("SELECT class_name, y0, x0, y1, x1, id, author, created_at FROM boxes "
                            "WHERE image_id=? ORDER BY id", (image_id,))
-        return [Box(*row) for row in rows]
+        return [Box(*row) for row in self._typed(rows, (str, int, int, int, int, int, str, str), "boxes")]
 
     # ----------------------------------------------------------------- tags
     def set_tag(self, image_id: str, class_name: str, present: bool | None, author: str | None = None,
@@ -805,9 +810,9 @@ class SiteStore:
     def tag_rows(self, image_id: str) -> list[tuple[str, bool, str, str]]:
         """The image's tags with who set them and when: (class, present, author, created_at), by class."""
         self._require_image(image_id)
-        return [(c, bool(p), a, t) for c, p, a, t in self._query(
+        return [(c, bool(p), a, t) for c, p, a, t in self._typed(self._query(
             "SELECT class_name, present, author, created_at FROM tags WHERE image_id=? ORDER BY class_name",
-            (image_id,))]
+            (image_id,)), (str, int, str, str), "tags")]
 
     def annotation_stamp(self, image_id: str) -> tuple:
         """The image's annotations as they stand, in a form that changes with every write of them (the mask's
