@@ -168,6 +168,24 @@ def test_resume_refuses_other_settings_other_sites_fewer_rounds_and_a_folder_wit
     assert ((run / "metrics.jsonl").read_text(), (run / "final.safetensors").read_bytes()) == before
 
 
+@pytest.mark.parametrize("history", [[1], ["round 1"], [{"round": 1, "loss": 0.5}]])
+def test_a_snapshot_whose_history_is_damaged_is_named_and_left_as_it_was(sample: Path, tmp_path: Path, capsys,
+                                                                         history: list) -> None:
+    """Found by fuzzing a run's snapshot: a history of records of another shape in progress.json (a failing
+    disk, a hand edit) passed the snapshot's reading and ended the resume in a TypeError traceback."""
+    run = tmp_path / "run"
+    argv = ["simulate", "--sample", str(sample), *SETTINGS, "--rounds", "1", "--out", str(run)]
+    assert main(argv) == 0
+    progress = run / "snapshot-0001" / "progress.json"
+    progress.write_text(json.dumps({**json.loads(progress.read_text()), "history": history}))
+    damaged = progress.read_bytes()
+    capsys.readouterr()
+    assert main([*argv[:-4], "--rounds", "2", "--out", str(run), "--resume"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {run / 'snapshot-0001'}: damaged snapshot, cannot resume from "
+                                              "it (TypeError: ")
+    assert progress.read_bytes() == damaged
+
+
 def test_with_a_snapshot_every_two_rounds_a_stop_after_round_3_resumes_from_round_2(sample: Path,
                                                                                    tmp_path: Path) -> None:
     from fedmix_engine.fedmix.train_config import TrainConfig

@@ -56,7 +56,7 @@ from fedmix_engine.folder_lock import hold_folder
 from fedmix_engine.json_values import parse_json
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.predict import Predictor
-from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, load_snapshot, save_snapshot
+from fedmix_engine.run_snapshot import Snapshot, clear_snapshots, latest_snapshot, load_snapshot, save_snapshot
 from fedmix_engine.seeds import check_seed
 from fedmix_engine.strict_json import strict_dumps
 
@@ -398,7 +398,11 @@ def _simulation(site_dirs: list[str | Path], eval_root: str | Path | None, confi
     history: list[RoundDone] = []
     if resume:
         best_round, best_val, per_site_best = snapshot.best_round, snapshot.best_val, snapshot.site_best
-        history = [RoundDone(**record) for record in snapshot.history]
+        try:
+            history = [RoundDone(**record) for record in snapshot.history]
+        except TypeError as exc:  # a damaged progress.json's history: records of another shape, or none
+            raise InputError(latest_snapshot(out), f"damaged snapshot, cannot resume from it (TypeError: {exc})") \
+                from None
         if snapshot.global_pair is not None:
             global_pair, best_pair = snapshot.global_pair, snapshot.best_pair
         for s in sites:
