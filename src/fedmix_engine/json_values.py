@@ -35,6 +35,11 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_text_list(value: Any) -> bool:
+    """A list of texts: class names, as a server's settings and a round's config carry them."""
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
 def of_kind(value: Any, default: Any) -> bool:
     """Whether a setting's value has its default's kind: a finite number where the default is a float (an
     integer too: JSON and TOML write 1.0 as 1), an integer that is not a bool for an int, else its type."""

@@ -14,7 +14,7 @@ from fedmix_engine.data.site_store import check_class_names
 from fedmix_engine.errors import InputError
 from fedmix_engine.fedmix.train_config import TrainConfig
 from fedmix_engine.fedmix.weights import AggregationRule
-from fedmix_engine.json_values import kind_wanted, of_kind, parse_json
+from fedmix_engine.json_values import is_text_list, kind_wanted, of_kind, parse_json
 from fedmix_engine.model import ModelConfig
 from fedmix_engine.seeds import check_seed
 from fedmix_engine.strict_json import strict_dumps
@@ -103,7 +103,7 @@ class ServerConfig:
         model = ModelConfig.from_dict(raw.pop("model"))
         train = TrainConfig.from_dict(raw.pop("train"))
         names = raw.pop("class_names", [])  # a server.json from before names: none
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        if not is_text_list(names):
             raise InputError("class_names", f"must be a list of class names, not {names!r}")
         default = cls()
         for name, value in raw.items():  # a hand edit's "lam": [] failed as a TypeError in the weights' checks

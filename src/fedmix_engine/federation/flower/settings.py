@@ -18,7 +18,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.server_config import ServerConfig, parse_class_names
 from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
 from fedmix_engine.fedmix.weights import AggregationRule
-from fedmix_engine.json_values import is_int, of_kind, parse_json
+from fedmix_engine.json_values import is_int, is_text_list, of_kind, parse_json
 from fedmix_engine.model import ModelConfig
 
 # run-config key → field of ServerConfig, of its ModelConfig, of its TrainConfig
@@ -125,7 +125,7 @@ def parse_site_config(config: dict[str, Any]) -> SiteRoundConfig:
         model = ModelConfig.from_json(str(config["fedmix-model"]))
         train = TrainConfig.from_dict(_json_field(config, "fedmix-train"), "fedmix-train")
         names = _json_field(config, "fedmix-classes", "[]")  # absent from a server before names
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        if not is_text_list(names):
             raise InputError("fedmix-classes", f"must be a list of class names, not {names!r}")
         seed, round_number = config["fedmix-seed"], config["server-round"]
     except KeyError as exc:
