@@ -109,8 +109,9 @@ def serving_in_process(app) -> Iterator[str]:
         thread.join(10)
 
 
-def tiny_server_app(state_dir: Path, sites: int, rounds: int = 1):
-    """The real server's app for a federation of tiny models (width 4, 32 px), its state in ``state_dir``."""
+def tiny_server_app(state_dir: Path, sites: int, rounds: int = 1, **app_options):
+    """The real server's app for a federation of tiny models (width 4, 32 px), its state in ``state_dir``;
+    ``app_options`` go to ``create_app``."""
     from fedmix_engine.federation.server import create_app
     from fedmix_engine.federation.server_config import ServerConfig
     from fedmix_engine.federation.state import ServerState
@@ -119,7 +120,7 @@ def tiny_server_app(state_dir: Path, sites: int, rounds: int = 1):
 
     config = ServerConfig(sites=sites, min_sites=sites, rounds=rounds, model=ModelConfig(base_width=4),
                           train=TrainConfig(image_size=32, crop_size=32, batch_size=4))
-    return create_app(ServerState(state_dir, config), TokenStore(state_dir))
+    return create_app(ServerState(state_dir, config), TokenStore(state_dir), **app_options)
 
 
 @contextmanager

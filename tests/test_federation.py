@@ -839,6 +839,61 @@ def test_client_killed_mid_upload_round_closes_on_quorum_and_client_rejoins(tmp_
         assert server.status()["uploaded"] == ["site-c"]
 
 
+def raw_post(port: int, token: str, path: str, declared: int) -> socket.socket:
+    """A POST's head on a socket of its own, its body left to the caller (Connection: close: the answer ends
+    where the server closes)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n"
+               f"Content-Length: {declared}\r\n\r\n").encode())
+    return s
+
+
+def answer_until_closed(s: socket.socket, timeout: float) -> bytes:
+    s.settimeout(timeout)
+    answer = b""
+    while chunk := s.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_request_whose_connection_goes_silent_is_dropped_with_its_part_file_and_a_slow_one_is_not(
+        tmp_path: Path, caplog) -> None:
+    """A site whose link dies without a FIN or RST (a VPN dropped, a laptop asleep) is never heard from again:
+    its upload's connection and half-written part file were kept until the server stopped, one more at every
+    retry. A body that sends nothing for the idle limit is now dropped (408, in the admin's log) with its part
+    file; one that is slow but alive is not."""
+    state = tmp_path / "state"
+    tokens = make_tokens(state, SITES[:2])
+    caplog.set_level("WARNING", logger="fedmix_engine.federation")
+    with serving_in_process(tiny_server_app(state, 2, body_idle_seconds=1.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        pair, _ = global_pair(url, tokens["site-a"])
+        body = fake_update(pair, seed=0)
+        for path, declared, sent in (("/v1/rounds/1/update", len(body), len(body) // 2),
+                                     ("/v1/rounds/1/evaluation", 500, 10)):
+            with raw_post(port, tokens["site-a"], path, declared) as s:
+                s.sendall(b"\0" * sent)
+                if path.endswith("update"):  # an evaluation report is read into memory, an update to a file
+                    wait_until(lambda: list((state / "incoming").iterdir()), "the upload's part file", 10)
+                started = time.monotonic()
+                answer = answer_until_closed(s, 20).decode()
+            assert time.monotonic() - started < 5, "dropped after the idle limit, and its connection closed"
+            assert answer.startswith("HTTP/1.1 408 "), answer
+            assert f"nothing arrived for 1 s after {sent} bytes of the body: the request was dropped" in answer
+            assert not list((state / "incoming").iterdir()), "the part file is removed"
+        logged = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith("round 1, site-a: refused (408): nothing arrived") for m in logged), logged
+        assert any(m.startswith("round 1, site-a: evaluation refused (408)") for m in logged), logged
+        with raw_post(port, tokens["site-a"], "/v1/rounds/1/update", len(body)) as s:  # 2.4 s, never 1 s idle
+            for piece in range(6):
+                time.sleep(0.4)
+                s.sendall(body[piece * len(body) // 6:(piece + 1) * len(body) // 6])
+            answer = answer_until_closed(s, 20).decode()
+        assert answer.startswith("HTTP/1.1 200 ") and '"accepted":true' in answer, answer
+        assert httpx.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {tokens['site-b']}"}
+                         ).json()["uploaded"] == ["site-a"]
+
+
 def test_more_or_fewer_sites_than_a_round_waits_for_is_said_to_the_admin(tmp_path: Path, capsys) -> None:
     """Three sites held tokens and the server expected two (--sites 2: set too low, or a site added later): a
     round closed as soon as two had uploaded, and the slowest site (in a demo, the one with masks) was left
@@ -1613,6 +1668,54 @@ def test_an_upload_a_reverse_proxy_refuses_as_too_large_says_what_the_proxys_adm
         "/v1/rounds/1/update: 413 Request Entity Too Large, answered by nginx/1.24.0: a reverse proxy in front of "
         "the server limits the size of uploads; its admin must allow the model's size (nginx: "
         "client_max_body_size, see docs/federation.md)")
+
+
+NGINX_408 = (b"<html>\r\n<head><title>408 Request Time-out</title></head>\r\n<body>\r\n<center><h1>408 Request "
+             b"Time-out</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n")
+
+
+def test_a_request_dropped_as_timed_out_is_sent_again(sample: Path) -> None:
+    """408 says the server (ours, after its idle limit, or nginx's client_body_timeout in front of it) heard
+    nothing for a while and dropped the request, which may be repeated. A join took it as a refusal and
+    stopped; it now sends the request again, as after a 5xx."""
+    import http.server
+    import threading
+
+    from fedmix_engine.federation.client import FederationClient
+
+    answers = [408, 200]
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status = answers.pop(0)
+            page = NGINX_408 if status == 408 else b'{"accepted": true, "message": "taken"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html" if status == 408 else "application/json")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def version_string(self) -> str:
+            return "nginx/1.24.0"
+
+        def log_message(self, *args) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    told = []
+    try:
+        client = FederationClient(f"http://127.0.0.1:{proxy.server_port}", "fmx_token", sample / "site-a",
+                                  device="cpu")
+        client._on_retry = told.append
+        response = client._request("POST", "/v1/rounds/1/update", content=b"x" * 1000)
+    finally:
+        proxy.shutdown()
+    assert response.status_code == 200 and response.json()["message"] == "taken" and not answers
+    assert [e.kind for e in told] == ["retrying", "reconnected"]
+    assert told[0].message == ("the server dropped the request (408: 408 Request Time-out, answered by "
+                               "nginx/1.24.0); trying again in 0.5 s")
 
 
 def test_join_warns_when_the_sites_token_can_be_read_by_other_users(tmp_path: Path, capsys) -> None:

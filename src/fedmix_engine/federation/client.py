@@ -224,13 +224,16 @@ class FederationClient:
                 reason = tls_fault or f"the server does not answer ({type(exc).__name__}: {exc}){self._via_proxy()}"
             else:
                 self._reached = True
-                if response.status_code < 500:
+                if response.status_code < 500 and response.status_code != 408:
                     if failed:
                         self._reconnects += 1
                         self._on_retry(JoinEvent("reconnected", f"the server answers again (after "
                                                  f"{time.monotonic() - started:.0f} s)"))
                     return response
-                reason = f"server error {response.status_code} ({_detail(response)})"
+                # 408: the server (or a proxy: nginx's client_body_timeout) heard nothing for a while and
+                # dropped the request, which may be sent again (RFC 9110)
+                reason = (f"the server dropped the request (408: {_detail(response)})" if response.status_code == 408
+                          else f"server error {response.status_code} ({_detail(response)})")
             failing_for = time.monotonic() - started
             if failing_for > self.give_up_after:
                 raise GaveUp(f"gave up after {self.give_up_after:.0f} s: {reason}")

@@ -14,6 +14,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,10 +37,16 @@ from fedmix_engine.json_values import parse_json
 
 log = logging.getLogger(__name__)
 STATUS_ACCESS = ("local", "sites", "public")  # who may read /v1/status and the admin page; see create_app
+# A request body that sends nothing for this long is dropped (408) and its part file removed. A site whose link
+# died without a FIN or RST (a VPN dropped, a laptop asleep) is never heard from again: without a limit its
+# connection and its half-received upload stayed until the server stopped, one more at every retry. Longer than
+# a site's own timeout (120 s), so a live site gives up and retries first; sites retry a 408 as nginx's too.
+BODY_IDLE_SECONDS = 300.0
 
 
 def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.5,
-               status_access: str = "sites", tls_expires_at: float | None = None) -> FastAPI:
+               status_access: str = "sites", tls_expires_at: float | None = None,
+               body_idle_seconds: float = BODY_IDLE_SECONDS) -> FastAPI:
     """The ASGI app for one state directory.
 
     The round history (site names, their sample counts, losses and weights) is for the admin on the
@@ -48,6 +55,7 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
     can reach the port. Behind a reverse proxy on the same machine every request is a loopback one:
     restrict the page there. ``tls_expires_at``: when the server's certificate expires (epoch seconds),
     warned of on the admin page, in the status and once a day in the log as it nears.
+    ``body_idle_seconds``: see ``BODY_IDLE_SECONDS``.
 
     Everything that touches the state (validation, aggregation, deadlines) runs on one dedicated
     thread: it is serialised by the state's lock anyway, and tensors allocated in one thread stay in
@@ -195,7 +203,7 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         received = 0
         try:
             with open(fd, "wb") as handle:
-                async for chunk in request.stream():
+                async for chunk in _body_chunks(request, body_idle_seconds):
                     received += len(chunk)
                     if received > max_bytes:
                         raise refused(413, f"update exceeds the server's limit of {state.config.max_upload_mb:g} MB")
@@ -205,6 +213,9 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         except ClientDisconnect:
             body.unlink(missing_ok=True)
             raise refused(400, "the connection closed before the body was complete") from None
+        except _BodyStalled:
+            body.unlink(missing_ok=True)
+            raise refused(408, _idle(received, body_idle_seconds)) from None
         except BaseException:
             body.unlink(missing_ok=True)
             raise
@@ -217,12 +228,16 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
     async def evaluation(round_number: int, request: Request, site: str = Depends(site_of)) -> JSONResponse:
         body = bytearray()
         try:
-            async for chunk in request.stream():
+            async for chunk in _body_chunks(request, body_idle_seconds):
                 body += chunk
                 if len(body) > EVALUATION_BYTES:  # a report is a few hundred bytes: read no more than this
                     raise HTTPException(413, f"an evaluation report is at most {EVALUATION_BYTES // 1024} KiB")
         except ClientDisconnect:
             raise HTTPException(400, "the connection closed before the report was complete") from None
+        except _BodyStalled:
+            log.warning("round %d, %s: evaluation refused (408): %s", round_number, site,
+                        _idle(len(body), body_idle_seconds))
+            raise HTTPException(408, _idle(len(body), body_idle_seconds)) from None
         try:
             raw = parse_json(body)
         except ValueError:
@@ -278,6 +293,30 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
                                   "model_summary": model_summary(state.config)})
 
     return app
+
+
+class _BodyStalled(Exception):
+    """No byte of a request's body for the idle limit (not a TimeoutError: a file system's ETIMEDOUT on the
+    part file is one, and is the storage's fault, said as such)."""
+
+
+async def _body_chunks(request: Request, idle_seconds: float) -> AsyncIterator[bytes]:
+    """The request's body as it arrives; _BodyStalled when nothing arrives for ``idle_seconds`` (the one
+    timeout uvicorn does not keep: it waits for a body's bytes as long as the connection lasts)."""
+    chunks = aiter(request.stream())
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), idle_seconds)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _BodyStalled from None
+        yield chunk
+
+
+def _idle(received: int, idle_seconds: float) -> str:
+    return (f"nothing arrived for {idle_seconds:g} s after {received} bytes of the body: the request was dropped "
+            "(a connection that died on the way, most likely); send it again")
 
 
 def _failure(exc: BaseException) -> str:
