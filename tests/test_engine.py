@@ -135,6 +135,39 @@ def test_checkpoint_roundtrip_and_nan_refused(tmp_path: Path) -> None:
         checkpoint_model(tmp_path / "other.safetensors")
 
 
+def test_a_checkpoint_whose_weights_changed_after_saving_is_refused_and_one_saved_without_a_digest_loads(
+        tmp_path: Path) -> None:
+    """safetensors checks a file's header, not its numbers: one bit flipped among the weights (a failing disk,
+    a copy gone wrong) loaded as another, finite model, to predict and train with. The header now holds the
+    weights' SHA-256 as saved, checked on every load; a checkpoint from before it loads unchecked."""
+    from fedmix_engine import safetensors_layout
+    from fedmix_engine.checkpoint import DATA_DIGEST, FORMAT
+
+    pair = init_pair(TINY, seed=3)
+    path = save_checkpoint(tmp_path / "c.safetensors", pair, TINY, {"image_size": 32})
+    data = bytearray(path.read_bytes())
+    entries, header = safetensors_layout.header_from_bytes(bytes(data), "c")
+    assert len(header[DATA_DIGEST]) == 64
+    start = 8 + int.from_bytes(data[:8], "little") + entries["net2.outc.conv.weight"]["data_offsets"][0]
+    data[start] ^= 1  # the lowest mantissa bit of a float32 (little-endian): a weight 1e-7 × its size away
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(data)
+    with pytest.raises(InputError, match=r"damaged\.safetensors: its weights are not the ones it was saved with "
+                                         r"\(their SHA-256 differs from the one in its header, data_sha256\): the "
+                                         r"file was damaged after it was saved"):
+        load_checkpoint(damaged)
+    from safetensors.torch import load_file
+
+    changed = load_file(damaged)
+    assert all(bool(torch.isfinite(v).all()) for v in changed.values()), "damage safetensors itself would miss"
+    assert not torch.equal(changed["net2.outc.conv.weight"], pair["net2.outc.conv.weight"])
+    older = tmp_path / "older.safetensors"
+    with open(older, "wb") as handle:
+        safetensors_layout.write(handle, pair, {"format": FORMAT, "model": TINY.to_json(), "meta": "{}"})
+    loaded, config, _ = load_checkpoint(older)
+    assert config == TINY and all(torch.equal(loaded[k], pair[k]) for k in pair)
+
+
 def test_a_checkpoint_whose_header_does_not_fit_its_weights_is_refused_naming_the_file(tmp_path: Path) -> None:
     """Weights of another width than the configuration beside them raised torch's page of size mismatches
     from predict; metadata that was not JSON, or an image_size that is not a number, a traceback; and class

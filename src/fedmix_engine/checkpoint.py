@@ -28,6 +28,10 @@ from fedmix_engine.model import ModelConfig
 from fedmix_engine.safetensors_layout import header_from_bytes, read_header
 
 FORMAT = "fedmix-pair/1"
+# The header's SHA-256 of the weights as saved. safetensors checks a file's header, not its numbers: a byte
+# changed among the weights (a failing disk, a copy gone wrong) loaded as other weights, to predict and train
+# with. Checkpoints saved before it was written load unchecked.
+DATA_DIGEST = "data_sha256"
 STATE_FILE = "client-state.pt"
 
 
@@ -39,6 +43,11 @@ def pair_from_bytes(data: bytes, where: str | Path) -> tuple[PairState, ModelCon
         tensors = load(data)
     except Exception as exc:
         raise InputError(where, f"not a readable safetensors checkpoint ({exc})") from exc
+    recorded = header.get(DATA_DIGEST)
+    if recorded is not None and hashlib.sha256(safetensors_layout.data_section(data)).hexdigest() != recorded:
+        raise InputError(where, "its weights are not the ones it was saved with (their SHA-256 differs from the "
+                                f"one in its header, {DATA_DIGEST}): the file was damaged after it was saved (a "
+                                "failing disk, a copy cut or changed)")
     model_config = _model_of(header, where)
     try:
         check_specs(tensor_template(tensors), pair_layout(model_config), "the model configuration it names")
@@ -91,7 +100,8 @@ def save_checkpoint(path: str | Path, pair: PairState, model_config: ModelConfig
                     meta: dict[str, Any] | None = None) -> Path:
     """Save the pair atomically, streaming tensors to disk (no in-memory copy of the file)."""
     path = Path(path)
-    header = {"format": FORMAT, "model": model_config.to_json(), "meta": json.dumps(meta or {}, sort_keys=True)}
+    header = {"format": FORMAT, "model": model_config.to_json(), "meta": json.dumps(meta or {}, sort_keys=True),
+              DATA_DIGEST: safetensors_layout.data_sha256(pair)}
     with atomic_open(path) as handle:
         safetensors_layout.write(handle, dict(pair), header)
     return path

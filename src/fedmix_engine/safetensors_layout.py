@@ -10,8 +10,10 @@ tensor with dtype, shape and data offsets), then the tensors' bytes back to back
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -120,8 +122,6 @@ def header_from_bytes(data: bytes, where: str) -> tuple[dict[str, Any], dict[str
 
 def write(handle: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write the layout tensor by tensor (header padded with spaces to 8-byte alignment)."""
-    import torch
-
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     order = sorted(tensors)
@@ -135,8 +135,29 @@ def write(handle: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str
     encoded += b" " * (-len(encoded) % 8)
     handle.write(len(encoded).to_bytes(8, "little"))
     handle.write(encoded)
-    for key in order:
+    for block in data_blocks(tensors):
+        handle.write(block)
+
+
+def data_blocks(tensors: dict[str, torch.Tensor]) -> Iterator[bytes | memoryview]:
+    """The tensors' bytes in the order the layout stores them (by name): what ``write`` writes after the
+    header, and what ``data_sha256`` digests before the header is written."""
+    import torch
+
+    for key in sorted(tensors):
         value = tensors[key].detach().contiguous().cpu().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
         if value.numel():
-            handle.write(value.numpy().tobytes() if value.dtype == torch.bool
-                         else memoryview(value.view(torch.uint8).numpy()))
+            yield value.numpy().tobytes() if value.dtype == torch.bool else memoryview(value.view(torch.uint8).numpy())
+
+
+def data_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the data section ``write`` will write for ``tensors``, without writing it."""
+    digest = hashlib.sha256()
+    for block in data_blocks(tensors):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def data_section(data: bytes) -> memoryview:
+    """The data section of a whole file held in memory (after the header), without a copy."""
+    return memoryview(data)[8 + int.from_bytes(data[:8], "little"):]
