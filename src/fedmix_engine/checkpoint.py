@@ -12,6 +12,7 @@ import io
 import json
 import math
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,24 @@ def _check_moments(optimizer: dict) -> None:
             raise ValueError("its settings (lr, betas, eps, weight decay) are out of range")
 
 
+def _check_archive(path: Path) -> None:
+    """ValueError unless each part of the state's zip archive matches the CRC-32 that torch.save wrote for
+    it: torch.load does not check them, and a byte changed among the moments (a failing disk) loaded as
+    other, finite moments to train with."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except OSError as exc:
+        if exc.errno is not None:  # the disk's (EIO), or a seek outside the file (EINVAL: said by the caller)
+            raise
+        raise ValueError(f"not a whole zip archive ({exc})") from None  # bz2's "Invalid data stream"
+    except Exception as exc:  # zipfile's and its decompressors' errors (a part's method byte changed to
+        # deflate: zlib.error): torch.save stores its parts uncompressed, so every one is damage
+        raise ValueError(f"not a whole zip archive ({exc})") from None
+    if broken is not None:
+        raise ValueError(f"its part {broken} does not match the CRC-32 it was saved with")
+
+
 def load_site_state(models_dir: Path, name: str = STATE_FILE) -> SiteState:
     path = models_dir / name
     if not path.exists():
@@ -168,8 +187,9 @@ def load_site_state(models_dir: Path, name: str = STATE_FILE) -> SiteState:
         # local file, still no arbitrary code; on the CPU: a state an earlier version saved on a GPU kept the
         # GPU's tensors, unreadable once that GPU is gone (a driver update) and taken for a damaged file
         try:
+            _check_archive(path)
             saved = torch.load(path, weights_only=True, map_location="cpu")
-        except OSError as exc:  # torch's zip reader seeking where a damaged directory points: not the disk's
+        except OSError as exc:  # a zip reader seeking where a damaged directory points: not the disk's
             if exc.errno != errno.EINVAL:
                 raise
             raise ValueError(f"its archive points outside the file ({exc.strerror})") from None
