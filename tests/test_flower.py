@@ -595,8 +595,13 @@ def test_run_config_is_checked_and_the_app_folder_passes_flowers_own_validation(
         with pytest.raises(InputError, match=re.escape("'round-timeout': must be a number of seconds, or inf for no "
                                                        f"deadline, not {bad!r}")):
             FlowerRunSettings.from_run_config({"round-timeout": bad})
-    with pytest.raises(InputError, match=re.escape("run config 'lam': must be a finite float, not inf")):
+    with pytest.raises(InputError, match=re.escape("run config 'lam': must be a finite number, not inf")):
         FlowerRunSettings.from_run_config({"lam": math.inf})  # only the deadline may be endless
+    # said as the server's and the join's settings say it ("a finite int" and "a finite str" before)
+    for key, value, wanted in (("num-server-rounds", 2.5, "an integer"), ("class-names", 3, "a text"),
+                               ("keep-updates", "yes", "true or false")):
+        with pytest.raises(InputError, match=re.escape(f"run config '{key}': must be {wanted}, not {value!r}")):
+            FlowerRunSettings.from_run_config({key: value})
 
 
 # ---------------------------------------------------------------------------------------------- deployment

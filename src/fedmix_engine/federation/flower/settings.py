@@ -18,7 +18,7 @@ from fedmix_engine.errors import InputError
 from fedmix_engine.federation.server_config import ServerConfig, parse_class_names
 from fedmix_engine.fedmix.train_config import TrainConfig, default_crop_size
 from fedmix_engine.fedmix.weights import AggregationRule
-from fedmix_engine.json_values import is_int, is_text_list, of_kind, parse_json
+from fedmix_engine.json_values import is_int, is_text_list, kind_wanted, of_kind, parse_json
 from fedmix_engine.model import ModelConfig
 
 # run-config key → field of ServerConfig, of its ModelConfig, of its TrainConfig
@@ -65,9 +65,9 @@ class FlowerRunSettings:
             value = raw.get(key, default)
             no_deadline = key == NO_DEADLINE_KEY and value == math.inf
             if not (no_deadline or of_kind(value, default)):
-                finite = "a number of seconds, or inf for no deadline" if key == NO_DEADLINE_KEY else \
-                    f"a finite {type(default).__name__}"
-                raise InputError(f"run config '{key}'", f"must be {finite}, not {value!r}")
+                wanted = "a number of seconds, or inf for no deadline" if key == NO_DEADLINE_KEY else \
+                    kind_wanted(default)
+                raise InputError(f"run config '{key}'", f"must be {wanted}, not {value!r}")
             values[key] = float(value) if isinstance(default, float) else value
 
         def pick(table: dict[str, str]) -> dict[str, Any]:
