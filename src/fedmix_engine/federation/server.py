@@ -235,9 +235,9 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         except ClientDisconnect:
             raise HTTPException(400, "the connection closed before the report was complete") from None
         except _BodyStalled:
-            log.warning("round %d, %s: evaluation refused (408): %s", round_number, site,
-                        _idle(len(body), body_idle_seconds))
-            raise HTTPException(408, _idle(len(body), body_idle_seconds)) from None
+            message = _idle(len(body), body_idle_seconds)
+            log.warning("round %d, %s: evaluation refused (408): %s", round_number, site, message)
+            raise HTTPException(408, message) from None
         try:
             raw = parse_json(body)
         except ValueError:
