@@ -143,9 +143,11 @@ def test_the_admins_reading_commands_load_no_torch(tmp_path: Path) -> None:
         assert main(["token", "list", "--state", state]) == 0
         assert main(["status", "--state", state]) == 0
         assert main(["status", "--state", state, "--json"]) == 0
+        assert main(["status", "--state", state, "--verify"]) == 0
         print("torch imported:", "torch" in sys.modules)
     """)
     result = subprocess.run([sys.executable, "-c", code, str(state_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "uploaded: site-b" in result.stdout and '"uploaded": [' in result.stdout, result.stdout
+    assert "\nmodels: 1 intact\n" in result.stdout, result.stdout
     assert result.stdout.endswith("torch imported: False\n"), result.stdout

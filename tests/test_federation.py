@@ -200,10 +200,10 @@ def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: 
     import hashlib
     import shutil
 
-    from fedmix_engine.checkpoint import file_sha256
     from fedmix_engine.federation.client import FederationClient, FederationError
     from fedmix_engine.federation.state import ServerState
     from fedmix_engine.federation.status import read_status
+    from fedmix_engine.file_digest import file_sha256
 
     state = tmp_path / "state"
     token = make_tokens(state, ["site-a"])["site-a"]
@@ -250,6 +250,55 @@ def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: 
         ServerState(state, None)
     with pytest.raises(InputError, match=said):
         read_status(state)
+
+
+def test_status_verify_checks_every_kept_model_and_names_the_damaged_ones_with_their_remedy(
+        tmp_path: Path, capsys) -> None:
+    """A start checks the newest round's model only; an older one damaged (a failing disk, a backup restored
+    wrong) went unnoticed until someone used it. 'status --verify' reads every kept model against the
+    SHA-256 recorded as it was written, says what it found, and exits 2 for damage."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
+
+    state_dir = tmp_path / "state"
+    state = ServerState(state_dir, ServerConfig(sites=1, min_sites=1, rounds=4, keep_models=3,
+                                                model=ModelConfig(base_width=4)))
+    for r in (1, 2, 3, 4):
+        body = tmp_path / "update.part"
+        body.write_bytes(fake_update(state.global_pair(r - 1), seed=r))
+        assert state.accept_upload("site-a", r, body).status == 200
+    rounds = state_dir / "rounds"
+    assert sorted(p.parent.name for p in rounds.glob("*/global.safetensors")) == ["000002", "000003", "000004"]
+    assert main(["status", "--state", str(state_dir), "--verify"]) == 0
+    assert capsys.readouterr().out.endswith("\nmodels: 3 intact, 2 removed by --keep-models\n")
+
+    def flip_a_weight(r: int) -> None:
+        model = rounds / f"{r:06d}" / "global.safetensors"
+        data = bytearray(model.read_bytes())
+        data[-3] ^= 0x40
+        model.write_bytes(bytes(data))
+
+    flip_a_weight(2)
+    meta = json.loads((rounds / "000003" / "meta.json").read_text())
+    (rounds / "000003" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "model_sha256"}))
+    assert main(["status", "--state", str(state_dir), "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert out.endswith("\nmodels: 1 intact, 1 unchecked (recorded before digests), 2 removed by --keep-models, "
+                        "1 DAMAGED\n"), out
+    assert err == (f"error: {rounds / '000002' / 'global.safetensors'}: round 2's global model is damaged (its bytes "
+                   "are not those written): restore it from a backup, or delete it: it is kept for the record, no "
+                   "site is sent it\n")
+    assert main(["status", "--state", str(state_dir), "--json", "--verify"]) == 2
+    assert json.loads(capsys.readouterr().out)["models"] == {"intact": [4], "damaged": [2], "unchecked": [3],
+                                                             "removed": [0, 1], "missing": []}
+    (rounds / "000004" / "global.safetensors").unlink()
+    assert main(["status", "--state", str(state_dir), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {rounds / '000004' / 'global.safetensors'}: round 4's global model is missing: restore it " \
+           f"from a backup, or move {rounds / '000004'} (and evaluations/000004) out of the state directory and " \
+           "the server runs that round again\n" in err, err
+    assert main(["status", "--state", str(state_dir)]) == 0, "without --verify, status reads no model"
 
 
 def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_round_once_space_is_back(

@@ -121,16 +121,6 @@ def checkpoint_bytes(path: str | Path) -> bytes:
     return _checkpoint_file(path).read_bytes()
 
 
-def file_sha256(path: str | Path) -> str:
-    """A weights file's SHA-256, read a block at a time (a reference-width pair is 140 MB): how a
-    resumed round, a re-sent upload and a site's copy of the final model are recognised."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_checkpoint(path: str | Path) -> tuple[PairState, ModelConfig, dict[str, Any]]:
     return pair_from_bytes(checkpoint_bytes(path), path)
 

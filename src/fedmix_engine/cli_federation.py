@@ -263,7 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from fedmix_engine.dice_text import shown_loss
     from fedmix_engine.federation.admin import model_summary, sites_expected
     from fedmix_engine.federation.server_config import CONFIG_FILE, load_server_config
-    from fedmix_engine.federation.status import read_status, space_shortfall
+    from fedmix_engine.federation.status import read_status, space_shortfall, verify_models
     from fedmix_engine.federation.tokens import TokenStore
     from fedmix_engine.strict_json import strict_dumps
 
@@ -273,9 +273,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     warnings = [] if status["finished"] else [
         warning for warning in (space_shortfall(Path(args.state), config, status["last_round"]),
                                 _site_count_warning(TokenStore(args.state), Path(args.state))) if warning]
+    models = verify_models(Path(args.state)) if args.verify else None
     if args.json:
-        print(strict_dumps({**status, "warnings": warnings}, indent=2))
-        return 0
+        print(strict_dumps({**status, "warnings": warnings, **({"models": models} if models else {})}, indent=2))
+        return 2 if models and (models["damaged"] or models["missing"]) else 0
     classes = ", ".join(status["class_names"]) or "not named"
     print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
           f"classes {classes}; {sites_expected(status)}, quorum {status['min_sites']}")
@@ -298,7 +299,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         evaluation = scored.get(meta["round"])
         held_out = f"; held-out Dice {_held_out(evaluation)}" if evaluation else ""
         print(f"round {meta['round']}: {sites}{held_out} (closed: {meta['reason']})")
-    return 0
+    return _said_verified(models, Path(args.state)) if models else 0
+
+
+def _said_verified(models: dict[str, list[int]], state: Path) -> int:
+    """``status --verify``'s lines: a count of each kind, then each damaged or missing model with its remedy
+    (on stderr, exit 2)."""
+    from fedmix_engine.federation.status import GLOBAL_FILE, round_dir
+
+    said = {"intact": "intact", "unchecked": "unchecked (recorded before digests)",
+            "removed": "removed by --keep-models", "damaged": "DAMAGED", "missing": "MISSING"}
+    counts = ", ".join(f"{len(models[kind])} {words}" for kind, words in said.items() if models[kind])
+    print(f"models: {counts}")
+    newest = max(r for rounds in models.values() for r in rounds)
+    for r in sorted(models["damaged"] + models["missing"]):
+        path = round_dir(state, r) / GLOBAL_FILE
+        what = "is damaged (its bytes are not those written)" if r in models["damaged"] else "is missing"
+        remedy = ("the server makes it again from the seed at its next start" if r == newest == 0 else
+                  f"restore it from a backup, or move {round_dir(state, r)} (and evaluations/{r:06d}) out of the "
+                  "state directory and the server runs that round again" if r == newest else
+                  "restore it from a backup, or delete it: it is kept for the record, no site is sent it")
+        print(f"error: {path}: round {r}'s global model {what}: {remedy}", file=sys.stderr)
+    return 2 if models["damaged"] or models["missing"] else 0
 
 
 def _open_for(status: dict) -> str:
@@ -433,6 +455,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the status as JSON (for a monitoring script): GET /v1/status's fields that the state "
                         "directory holds, and the warnings")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every kept round's model against the SHA-256 recorded when it was written "
+                        "(reads each whole: for a backup just restored, or a disk in doubt); exit 2 if one is "
+                        "damaged or the newest is missing")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("join", help="take part in a federation with this site's data",

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmix_engine.atomic import atomic_write_bytes, make_folder
-from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
 from fedmix_engine.dice_text import dice_text, shown_loss
 from fedmix_engine.errors import InputError, SettingsDiffer
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
@@ -75,6 +75,7 @@ from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_
 from fedmix_engine.fedmix.aggregation import StreamingAggregate
 from fedmix_engine.fedmix.pair import PairState, init_pair
 from fedmix_engine.fedmix.weights import AggregationRule
+from fedmix_engine.file_digest import file_sha256
 from fedmix_engine.json_values import parse_json
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from fedmix_engine.errors import InputError, first_names
 from fedmix_engine.federation.federated_evaluation import EvaluationReport, pooled
 from fedmix_engine.federation.server_config import CONFIG_FILE, ServerConfig, load_server_config
 from fedmix_engine.federation.tokens import TOKENS_FILE, TOKENS_LOCK, TokenStore
+from fedmix_engine.file_digest import file_sha256
 from fedmix_engine.json_values import parse_json
 
 GLOBAL_FILE = "global.safetensors"  # in a round's folder: the global pair it produced
@@ -134,6 +135,29 @@ def model_digest(root: Path, r: int) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return digest if isinstance(digest, str) else None
+
+
+MODEL_CHECKS = ("intact", "damaged", "unchecked", "removed", "missing")
+
+
+def verify_models(root: Path) -> dict[str, list[int]]:
+    """Every committed round's model checked against the SHA-256 its record holds, by rounds under each of
+    ``MODEL_CHECKS``: intact, damaged (other bytes), unchecked (recorded before digests), removed (an older
+    round's, by --keep-models) or missing (the newest round's, which is never removed). A start checks the
+    newest alone; this reads every kept model whole, for a backup just restored or a disk in doubt."""
+    found: dict[str, list[int]] = {kind: [] for kind in MODEL_CHECKS}
+    completed = completed_rounds(root)
+    for r in completed:
+        path = round_dir(root, r) / GLOBAL_FILE
+        recorded = model_digest(root, r)
+        if not path.exists():
+            kind = "missing" if r == completed[-1] else "removed"
+        elif recorded is None:
+            kind = "unchecked"
+        else:
+            kind = "intact" if file_sha256(path) == recorded else "damaged"
+        found[kind].append(r)
+    return found
 
 
 def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:

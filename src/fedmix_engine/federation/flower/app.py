@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from fedmix_engine.atomic import append_line, atomic_write_bytes
-from fedmix_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from fedmix_engine.checkpoint import load_checkpoint, save_checkpoint
 from fedmix_engine.data.site_store import SiteStore
 from fedmix_engine.data.tensors import load_site_tensors
 from fedmix_engine.device import plan_device
@@ -49,6 +49,7 @@ from fedmix_engine.federation.flower.strategy import (
 from fedmix_engine.federation.wire import UpdateReport, encode_update
 from fedmix_engine.fedmix.local_update import local_update, site_seed
 from fedmix_engine.fedmix.pair import init_pair
+from fedmix_engine.file_digest import file_sha256
 from fedmix_engine.json_values import parse_json
 
 try:
