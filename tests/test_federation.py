@@ -287,8 +287,8 @@ def test_status_verify_checks_every_kept_model_and_names_the_damaged_ones_with_t
     assert out.endswith("\nmodels: 1 intact, 1 unchecked (recorded before digests), 2 removed by --keep-models, "
                         "1 DAMAGED\n"), out
     assert err == (f"error: {rounds / '000002' / 'global.safetensors'}: round 2's global model is damaged (its bytes "
-                   "are not those written): restore it from a backup, or delete it: it is kept for the record, no "
-                   "site is sent it\n")
+                   "are not those written: a failing disk, a restore gone wrong): restore it from a backup, or delete "
+                   "it: it is kept for the record, no site is sent it\n")
     assert main(["status", "--state", str(state_dir), "--json", "--verify"]) == 2
     assert json.loads(capsys.readouterr().out)["models"] == {"intact": [4], "damaged": [2], "unchecked": [3],
                                                              "removed": [0, 1], "missing": []}

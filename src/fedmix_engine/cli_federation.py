@@ -274,9 +274,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         warning for warning in (space_shortfall(Path(args.state), config, status["last_round"]),
                                 _site_count_warning(TokenStore(args.state), Path(args.state))) if warning]
     models = verify_models(Path(args.state)) if args.verify else None
+    verdict = 2 if models and (models["damaged"] or models["missing"]) else 0
     if args.json:
         print(strict_dumps({**status, "warnings": warnings, **({"models": models} if models else {})}, indent=2))
-        return 2 if models and (models["damaged"] or models["missing"]) else 0
+        return verdict
     classes = ", ".join(status["class_names"]) or "not named"
     print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
           f"classes {classes}; {sites_expected(status)}, quorum {status['min_sites']}")
@@ -299,13 +300,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         evaluation = scored.get(meta["round"])
         held_out = f"; held-out Dice {_held_out(evaluation)}" if evaluation else ""
         print(f"round {meta['round']}: {sites}{held_out} (closed: {meta['reason']})")
-    return _said_verified(models, Path(args.state)) if models else 0
+    if models:
+        _say_verified(models, Path(args.state))
+    return verdict
 
 
-def _said_verified(models: dict[str, list[int]], state: Path) -> int:
+def _say_verified(models: dict[str, list[int]], state: Path) -> None:
     """``status --verify``'s lines: a count of each kind, then each damaged or missing model with its remedy
-    (on stderr, exit 2)."""
-    from fedmix_engine.federation.status import GLOBAL_FILE, round_dir
+    (on stderr)."""
+    from fedmix_engine.federation.status import GLOBAL_FILE, MODEL_DAMAGED, newest_model_remedy, round_dir
 
     said = {"intact": "intact", "unchecked": "unchecked (recorded before digests)",
             "removed": "removed by --keep-models", "damaged": "DAMAGED", "missing": "MISSING"}
@@ -314,13 +317,11 @@ def _said_verified(models: dict[str, list[int]], state: Path) -> int:
     newest = max(r for rounds in models.values() for r in rounds)
     for r in sorted(models["damaged"] + models["missing"]):
         path = round_dir(state, r) / GLOBAL_FILE
-        what = "is damaged (its bytes are not those written)" if r in models["damaged"] else "is missing"
+        what = MODEL_DAMAGED if r in models["damaged"] else "is missing"
         remedy = ("the server makes it again from the seed at its next start" if r == newest == 0 else
-                  f"restore it from a backup, or move {round_dir(state, r)} (and evaluations/{r:06d}) out of the "
-                  "state directory and the server runs that round again" if r == newest else
+                  newest_model_remedy(state, r) if r == newest else
                   "restore it from a backup, or delete it: it is kept for the record, no site is sent it")
         print(f"error: {path}: round {r}'s global model {what}: {remedy}", file=sys.stderr)
-    return 2 if models["damaged"] or models["missing"] else 0
 
 
 def _open_for(status: dict) -> str:

@@ -55,10 +55,12 @@ from fedmix_engine.federation.status import (
     EVALUATIONS,
     GLOBAL_FILE,
     ID_FILE,
+    MODEL_DAMAGED,
     MODEL_DIGEST,
     completed_rounds,
     evaluation_summaries,
     model_digest,
+    newest_model_remedy,
     open_round,
     read_evaluations,
     read_federation_id,
@@ -180,10 +182,8 @@ class ServerState:
             self._write_global(0, init_pair(self.config.model, self.config.seed), {"round": 0, "reason": "initial"},
                                self.round_dir(0))
         elif problem:
-            newest = self.round_dir(self.last_round)
-            raise InputError(self.global_path(), f"the newest round's global model {problem}: restore it from a "
-                                                 f"backup, or move {newest} (and evaluations/{newest.name}) out of the "
-                                                 "state directory and the server runs that round again")
+            raise InputError(self.global_path(), f"the newest round's global model {problem}: "
+                                                 f"{newest_model_remedy(self.root, self.last_round)}")
         self.template = tensor_template(self.global_pair(self.last_round))
         self.uploads: dict[str, dict] = {}
         opened_at = round_opened_at(self.root, self.current_round)
@@ -224,7 +224,7 @@ class ServerState:
             return "is missing"
         recorded = model_digest(self.root, self.last_round)
         if recorded is not None and file_sha256(path) != recorded:
-            return "is damaged (its bytes are not those written: a failing disk, a restore gone wrong)"
+            return MODEL_DAMAGED
         return None
 
     def _leave_out_revoked(self) -> None:

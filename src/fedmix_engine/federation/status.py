@@ -138,6 +138,14 @@ def model_digest(root: Path, r: int) -> str | None:
 
 
 MODEL_CHECKS = ("intact", "damaged", "unchecked", "removed", "missing")
+MODEL_DAMAGED = "is damaged (its bytes are not those written: a failing disk, a restore gone wrong)"
+
+
+def newest_model_remedy(root: Path, r: int) -> str:
+    """What to do when the newest round's model is missing or damaged: the server cannot go on from it."""
+    folder = round_dir(root, r)
+    return (f"restore it from a backup, or move {folder} (and evaluations/{folder.name}) out of the state "
+            "directory and the server runs that round again")
 
 
 def verify_models(root: Path) -> dict[str, list[int]]:
