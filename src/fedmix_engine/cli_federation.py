@@ -308,20 +308,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _say_verified(models: dict[str, list[int]], state: Path) -> None:
     """``status --verify``'s lines: a count of each kind, then each damaged or missing model with its remedy
     (on stderr)."""
-    from fedmix_engine.federation.status import GLOBAL_FILE, MODEL_DAMAGED, newest_model_remedy, round_dir
+    from fedmix_engine.federation.status import GLOBAL_FILE, MODEL_PROBLEMS, newest_model_remedy, round_dir
 
     said = {"intact": "intact", "unchecked": "unchecked (recorded before digests)",
             "removed": "removed by --keep-models", "damaged": "DAMAGED", "missing": "MISSING"}
     counts = ", ".join(f"{len(models[kind])} {words}" for kind, words in said.items() if models[kind])
     print(f"models: {counts}")
     newest = max(r for rounds in models.values() for r in rounds)
-    for r in sorted(models["damaged"] + models["missing"]):
+    for r, problem in sorted({r: kind for kind in MODEL_PROBLEMS for r in models[kind]}.items()):
         path = round_dir(state, r) / GLOBAL_FILE
-        what = MODEL_DAMAGED if r in models["damaged"] else "is missing"
         remedy = ("the server makes it again from the seed at its next start" if r == newest == 0 else
                   newest_model_remedy(state, r) if r == newest else
                   "restore it from a backup, or delete it: it is kept for the record, no site is sent it")
-        print(f"error: {path}: round {r}'s global model {what}: {remedy}", file=sys.stderr)
+        print(f"error: {path}: round {r}'s global model {MODEL_PROBLEMS[problem]}: {remedy}", file=sys.stderr)
 
 
 def _open_for(status: dict) -> str:

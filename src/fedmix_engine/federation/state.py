@@ -55,11 +55,11 @@ from fedmix_engine.federation.status import (
     EVALUATIONS,
     GLOBAL_FILE,
     ID_FILE,
-    MODEL_DAMAGED,
     MODEL_DIGEST,
+    MODEL_PROBLEMS,
     completed_rounds,
     evaluation_summaries,
-    model_digest,
+    model_check,
     newest_model_remedy,
     open_round,
     read_evaluations,
@@ -219,13 +219,7 @@ class ServerState:
     def _newest_model_problem(self) -> str | None:
         """What is wrong with the newest round's model file, if anything: every other round's may be removed
         (keep_models), never this one; its bytes must be those written (a round from before digests: unknown)."""
-        path = self.global_path()
-        if not path.exists():
-            return "is missing"
-        recorded = model_digest(self.root, self.last_round)
-        if recorded is not None and file_sha256(path) != recorded:
-            return MODEL_DAMAGED
-        return None
+        return MODEL_PROBLEMS.get(model_check(self.root, self.last_round, newest=True))
 
     def _leave_out_revoked(self) -> None:
         """Drop the open round's updates of sites whose token has been revoked since they sent them: an admin

@@ -138,7 +138,9 @@ def model_digest(root: Path, r: int) -> str | None:
 
 
 MODEL_CHECKS = ("intact", "damaged", "unchecked", "removed", "missing")
-MODEL_DAMAGED = "is damaged (its bytes are not those written: a failing disk, a restore gone wrong)"
+# what is said of a round's model found so, after "round N's global model"
+MODEL_PROBLEMS = {"damaged": "is damaged (its bytes are not those written: a failing disk, a restore gone wrong)",
+                  "missing": "is missing"}
 
 
 def newest_model_remedy(root: Path, r: int) -> str:
@@ -156,16 +158,19 @@ def verify_models(root: Path) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {kind: [] for kind in MODEL_CHECKS}
     completed = completed_rounds(root)
     for r in completed:
-        path = round_dir(root, r) / GLOBAL_FILE
-        recorded = model_digest(root, r)
-        if not path.exists():
-            kind = "missing" if r == completed[-1] else "removed"
-        elif recorded is None:
-            kind = "unchecked"
-        else:
-            kind = "intact" if file_sha256(path) == recorded else "damaged"
-        found[kind].append(r)
+        found[model_check(root, r, newest=r == completed[-1])].append(r)
     return found
+
+
+def model_check(root: Path, r: int, newest: bool) -> str:
+    """Round ``r``'s model file as one of ``MODEL_CHECKS`` (reads it whole when its digest is recorded)."""
+    path = round_dir(root, r) / GLOBAL_FILE
+    if not path.exists():
+        return "missing" if newest else "removed"
+    recorded = model_digest(root, r)
+    if recorded is None:
+        return "unchecked"
+    return "intact" if file_sha256(path) == recorded else "damaged"
 
 
 def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:
