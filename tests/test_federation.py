@@ -191,6 +191,14 @@ def test_keep_models_keeps_the_last_rounds_and_the_best_scored_models_and_every_
         ServerState(state, None)
 
 
+def flip_a_weight(state: Path, r: int) -> None:
+    """One bit of round ``r``'s last weight in a state directory: the header, and so safetensors, cannot tell."""
+    model = state / "rounds" / f"{r:06d}" / "global.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-3] ^= 0x40
+    model.write_bytes(bytes(data))
+
+
 def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: Path, tmp_path: Path) -> None:
     """safetensors checks a file's header, not its numbers: a weight changed on the server's disk (a failing
     disk, a restore gone wrong) was sent to every site, and trained on. Each round's record now holds its
@@ -208,12 +216,6 @@ def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: 
     state = tmp_path / "state"
     token = make_tokens(state, ["site-a"])["site-a"]
 
-    def flip_a_weight(r: int) -> None:
-        model = state / "rounds" / f"{r:06d}" / "global.safetensors"
-        data = bytearray(model.read_bytes())
-        data[-3] ^= 0x40  # a bit of the last weight: the header, and so safetensors, cannot tell
-        model.write_bytes(bytes(data))
-
     def recorded(r: int) -> str:
         return json.loads((state / "rounds" / f"{r:06d}" / "meta.json").read_text())["model_sha256"]
 
@@ -223,7 +225,7 @@ def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: 
         assert r == 0 and hashlib.sha256(data).hexdigest() == recorded(0)
         assert upload(server.url, token, 1, fake_update(global_pair(server.url, token)[0], seed=1)).status_code == 200
         assert client.download_global()[1] == 1
-        flip_a_weight(1)
+        flip_a_weight(state, 1)
         with pytest.raises(FederationError, match=r"^the global model of round 1 that the server sent is not the one "
                                                   r"it wrote \(its SHA-256 differs\): the server's copy is damaged"):
             client.download_global()
@@ -233,7 +235,7 @@ def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: 
         ServerState(state, None)
     shutil.move(state / "rounds" / "000001", tmp_path / "round-1-damaged")  # the remedy it names
     initial = recorded(0)
-    flip_a_weight(0)
+    flip_a_weight(state, 0)
     assert ServerState(state, None).last_round == 0  # round 0's model is made again from the seed, byte for byte
     assert file_sha256(state / "rounds" / "000000" / "global.safetensors") == initial == recorded(0)
     # a round recorded before digests: nothing to check it by, so it is served as it is, without the header
@@ -273,13 +275,7 @@ def test_status_verify_checks_every_kept_model_and_names_the_damaged_ones_with_t
     assert main(["status", "--state", str(state_dir), "--verify"]) == 0
     assert capsys.readouterr().out.endswith("\nmodels: 3 intact, 2 removed by --keep-models\n")
 
-    def flip_a_weight(r: int) -> None:
-        model = rounds / f"{r:06d}" / "global.safetensors"
-        data = bytearray(model.read_bytes())
-        data[-3] ^= 0x40
-        model.write_bytes(bytes(data))
-
-    flip_a_weight(2)
+    flip_a_weight(state_dir, 2)
     meta = json.loads((rounds / "000003" / "meta.json").read_text())
     (rounds / "000003" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "model_sha256"}))
     assert main(["status", "--state", str(state_dir), "--verify"]) == 2
