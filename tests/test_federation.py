@@ -798,6 +798,38 @@ def test_a_second_join_with_a_sites_token_is_stopped_and_told_why_and_its_step_d
     assert "two joins are using this site's token" in log
 
 
+def test_a_join_whose_delivered_update_the_server_drops_as_damaged_says_so_and_sends_a_new_one(
+        sample: Path, tmp_path: Path) -> None:
+    """The whole loop on a real server: site-a's update is acknowledged, then damaged on the server's disk;
+    site-b's upload makes the round due, the server drops site-a's update instead of aggregating it, and
+    site-a's join, polling, is told it has not uploaded: it says why, trains the round again and sends a new
+    update, which closes the round with both sites."""
+    from fedmix_engine.federation.client import FederationClient
+
+    copies = copied_sites(sample, ["site-a"], tmp_path)
+    state = tmp_path / "state"
+    tokens = make_tokens(state, ["site-a", "site-b"])
+    with running_server(state, ["--sites", "2", "--min-sites", "2", "--rounds", "1", *TINY_SETTINGS]) as server:
+        join = JoinThread(FederationClient(server.url, tokens["site-a"], copies["site-a"], device="cpu",
+                                           poll_seconds=0.2))
+        try:
+            join.wait_for(lambda: join.waiting(), "site-a's update delivered")
+            weights = state / "current" / "site-a.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-4] + np.float32("nan").tobytes())
+            initial, _ = global_pair(server.url, tokens["site-b"])
+            assert upload(server.url, tokens["site-b"], 1, fake_update(initial, seed=1)).status_code == 200
+            join.wait_for(lambda: any(e.kind == "finished" for e in join.events), "the federation finished")
+        finally:
+            join.end()
+        status = server.status()
+    assert sum(e.kind == "uploaded" for e in join.events) == 2, "site-a sent round 1 twice"
+    assert "round 1: the server no longer holds this site's update (damaged on its disk, its log says); this " \
+           "site trains the round again" in join.waiting()
+    assert status["finished"] and sorted(status["history"][-1]["sites"]) == ["site-a", "site-b"]
+    load_checkpoint(state / "rounds" / "000001" / "global.safetensors")  # finite: loading refuses NaN
+    assert "round 1: site-a's acknowledged update is damaged on disk" in server.log.read_text()
+
+
 def test_a_join_process_sigkilled_after_training_a_round_restarts_and_the_federation_ends_as_if_uninterrupted(
         sample: Path, tmp_path: Path) -> None:
     """A site's workstation loses power after training round 2, before its upload: the restarted `join`
@@ -2366,6 +2398,89 @@ def test_an_acknowledged_update_damaged_on_disk_is_said_and_dropped_so_the_site_
     body = tmp_path / "again.part"
     body.write_bytes(fake_update(restarted.global_pair(2), seed=7))
     assert restarted.accept_upload("site-a", 3, body).status == 200, "the site's new update is taken"
+
+
+def _damage_update_file(path: Path, damage: str) -> None:
+    """An acknowledged update's file as a failing disk or a hand leaves it."""
+    if damage == "removed":
+        path.unlink()
+    elif damage == "cut":
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    else:  # the last float32 weight's bytes turned into a NaN: still a well-formed safetensors file
+        path.write_bytes(path.read_bytes()[:-4] + np.float32("nan").tobytes())
+
+
+@pytest.mark.parametrize("damage", ["removed", "cut", "NaN over a weight"])
+def test_an_update_damaged_on_disk_before_its_round_closes_is_dropped_not_aggregated(
+        tmp_path: Path, caplog, damage: str) -> None:
+    """A restart dropped an acknowledged update whose file was damaged, but a running server aggregated it:
+    a NaN written over one weight went into the committed global model (and every site then refused it), a
+    removed file failed every close until a restart, and a cut one failed the close with an error naming the
+    upload that triggered it. The close now checks every update against the SHA-256 it was acknowledged
+    with and drops a damaged one, as a restart does; the site sends it again and the round closes whole."""
+    import logging
+
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
+
+    root = tmp_path / "state"
+    state = ServerState(root, ServerConfig(sites=2, min_sites=2, rounds=2, model=ModelConfig(base_width=4)),
+                        clock=lambda: 1000.0)
+    initial = state.global_pair(0)
+
+    def send(site: str, seed: int) -> object:
+        body = tmp_path / f"{site}.part"
+        body.write_bytes(fake_update(initial, seed=seed))
+        return state.accept_upload(site, 1, body)
+
+    assert send("site-a", 1).status == 200
+    weights = root / "current" / "site-a.safetensors"
+    _damage_update_file(weights, damage)
+    with caplog.at_level(logging.WARNING, logger="fedmix_engine.federation.state"):
+        outcome = send("site-b", 2)
+    assert (outcome.status, outcome.message, outcome.round_closed) == (200, "accepted for round 1", False)
+    assert (state.current_round, state.status()["uploaded"]) == (1, ["site-b"]), "the round waits for site-a"
+    assert state.round_info("site-a")["uploaded"] is False and state.round_info("site-b")["uploaded"] is True
+    assert "round 1: site-a's acknowledged update is damaged on disk" in caplog.text
+    assert not weights.exists() and not (root / "current" / "site-a.json").exists()
+    assert state.close_if_due() is False and state.close_failure is None
+    assert send("site-a", 3).round_closed, "site-a's new update closes the round"
+    model = state.global_pair(1)  # loading refuses NaN
+    expected, _ = aggregate([(site, load_bytes(fake_update(initial, seed=seed)), 10, 0.5)
+                             for site, seed in (("site-a", 3), ("site-b", 2))], state.rule)
+    assert max(float((model[k] - expected[k]).abs().max()) for k in expected) < 1e-6, "the intact updates only"
+    assert sorted(state.history()[-1]["sites"]) == ["site-a", "site-b"]
+
+
+def test_a_due_round_whose_updates_are_damaged_closes_only_with_a_quorum_of_intact_ones(
+        tmp_path: Path, caplog) -> None:
+    """At the deadline the close counts the intact updates only: with one of two damaged the quorum of two
+    is short and the round stays open; a third site's update then makes the quorum and the round closes."""
+    import logging
+
+    from fedmix_engine.federation.server_config import ServerConfig
+    from fedmix_engine.federation.state import ServerState
+
+    now = [1000.0]
+    root = tmp_path / "state"
+    state = ServerState(root, ServerConfig(sites=3, min_sites=2, rounds=2, round_timeout=60,
+                                           model=ModelConfig(base_width=4)), clock=lambda: now[0])
+    for k, site in enumerate(["site-a", "site-b"]):
+        body = tmp_path / f"{site}.part"
+        body.write_bytes(fake_update(state.global_pair(0), seed=k))
+        assert state.accept_upload(site, 1, body).status == 200
+    _damage_update_file(root / "current" / "site-b.safetensors", "NaN over a weight")
+    now[0] += 61
+    with caplog.at_level(logging.WARNING, logger="fedmix_engine.federation.state"):
+        assert state.close_if_due() is False
+    assert "round 1: site-b's acknowledged update is damaged on disk" in caplog.text
+    assert (state.current_round, state.status()["uploaded"]) == (1, ["site-a"])
+    body = tmp_path / "site-c.part"
+    body.write_bytes(fake_update(state.global_pair(0), seed=5))
+    assert state.accept_upload("site-c", 1, body).round_closed is False, "two of three: the deadline closes it"
+    assert state.close_if_due() is True
+    assert state.history()[-1]["reason"] == "deadline passed with 2 of 3 sites"
+    assert sorted(state.history()[-1]["sites"]) == ["site-a", "site-c"]
 
 
 def test_no_deadline_is_stored_as_strict_json_and_read_back_as_no_deadline(tmp_path: Path, capsys) -> None:

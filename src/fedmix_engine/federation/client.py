@@ -452,6 +452,10 @@ class FederationClient:
                     last_wait = (r, held_up, self._reconnects)
                 self._pause(self.poll_seconds)
                 continue
+            if r in self._sent:  # acknowledged, then dropped: the server found it damaged on its disk
+                self._sent.discard(r)
+                yield JoinEvent("waiting", f"round {r}: the server no longer holds this site's update (damaged on "
+                                "its disk, its log says); this site trains the round again", r)
             pair_bytes, model_round = self.download_global()
             if model_round != r - 1:
                 self._pause(self.poll_seconds)

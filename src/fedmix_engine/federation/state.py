@@ -195,18 +195,13 @@ class ServerState:
             if report_file.name == "opened.json":
                 continue
             info = upload_report(report_file)
-            weights = self.current_dir / f"{report_file.stem}.safetensors"
             this_round = info is not None and info["round"] == self.current_round
-            if this_round and weights.exists() and file_sha256(weights) == info["sha256"]:
+            if this_round and self._upload_intact(report_file.stem, info["sha256"]):
                 self.uploads[report_file.stem] = info
-                continue
-            if info is None or this_round:  # acknowledged, then damaged on disk: said; the site sends it again
-                log.warning("round %d: %s's acknowledged update is damaged on disk (%s or its .safetensors); it "
-                            "does not count and is removed: the site trains the round again and sends a new one",
-                            self.current_round, report_file.stem, report_file)
-            # else left over from a committed round (a crash while its files were removed)
-            report_file.unlink()
-            weights.unlink(missing_ok=True)
+            elif info is None or this_round:  # acknowledged, then damaged on disk: said; the site sends it again
+                self._drop_upload(report_file.stem)
+            else:  # left over from a committed round (a crash while its files were removed)
+                self._remove_upload_files(report_file.stem)
         for stray in self.current_dir.glob("*.safetensors"):
             if stray.stem not in self.uploads:
                 stray.unlink()
@@ -215,6 +210,37 @@ class ServerState:
         self._leave_out_revoked()
         if not self.finished and len(self.uploads) >= self.config.sites:
             self._close_round("all sites had reported before a restart")
+
+    def _upload_intact(self, site: str, sha256: str) -> bool:
+        """Whether ``site``'s acknowledged update is still the file that was validated and acknowledged."""
+        try:
+            return file_sha256(self.current_dir / f"{site}.safetensors") == sha256
+        except FileNotFoundError:
+            return False
+
+    def _drop_upload(self, site: str) -> None:
+        """Forget an acknowledged update that is damaged on disk, saying so: the site is told it has not
+        uploaded, trains the round again and sends a new update."""
+        log.warning("round %d: %s's acknowledged update is damaged on disk (%s or its .safetensors); it does not "
+                    "count and is removed: the site trains the round again and sends a new one",
+                    self.current_round, site, self.current_dir / f"{site}.json")
+        self.uploads.pop(site, None)
+        self._remove_upload_files(site)
+
+    def _remove_upload_files(self, site: str) -> None:
+        """The record first: a crash in between leaves a stray model file, which a restart removes."""
+        for suffix in (".json", ".safetensors"):
+            (self.current_dir / f"{site}{suffix}").unlink(missing_ok=True)
+
+    def _drop_damaged_uploads(self) -> bool:
+        """Before a close aggregates them, drop the acknowledged updates whose files are no longer those
+        acknowledged (a failing disk, a hand edit, a file removed), as a restart drops them; True if none was.
+        Aggregated, a damaged update had put NaN into the committed global model, a removed one had failed
+        every close until a restart, and a cut one had failed the close naming the upload that triggered it."""
+        damaged = [site for site, info in sorted(self.uploads.items()) if not self._upload_intact(site, info["sha256"])]
+        for site in damaged:
+            self._drop_upload(site)
+        return not damaged
 
     def _newest_model_problem(self) -> str | None:
         """What is wrong with the newest round's model file, if anything: every other round's may be removed
@@ -232,8 +258,7 @@ class ServerState:
             return
         for site in sorted(revoked & set(self.uploads)):
             log.warning("round %d: %s's update is left out: its token was revoked", self.current_round, site)
-            (self.current_dir / f"{site}.json").unlink(missing_ok=True)
-            (self.current_dir / f"{site}.safetensors").unlink(missing_ok=True)
+            self._remove_upload_files(site)
             del self.uploads[site]
 
     def _open_round(self) -> None:
@@ -370,12 +395,12 @@ class ServerState:
                 if len(self.uploads) < self.config.sites:
                     return Outcome(200, f"accepted for round {round_number}")
                 try:
-                    self._close("every expected site reported")
+                    closed = self._close("every expected site reported")
                 except OSError as exc:  # the update is kept and counts; close_if_due retries the close
                     log.error("round %d: every expected site reported, but the round could not be closed (%s); "
                               "retrying until it can", round_number, exc)
                     return Outcome(200, f"accepted for round {round_number}")
-                return Outcome(200, f"accepted for round {round_number}", True)
+                return Outcome(200, f"accepted for round {round_number}", closed)
         finally:
             body.unlink(missing_ok=True)
 
@@ -397,18 +422,25 @@ class ServerState:
             if self.finished:
                 return False
             self._leave_out_revoked()
-            if len(self.uploads) >= self.config.sites:
-                self._close("every expected site reported")
-                return True
-            if self._clock() < self.deadline or len(self.uploads) < self.config.min_sites:
-                return False
-            self._close(f"deadline passed with {len(self.uploads)} of {self.config.sites} sites")
-            return True
+            reason = self._close_reason()
+            return reason is not None and self._close(reason)
 
-    def _close(self, reason: str) -> None:
-        """Close the open round; a failure (a full disk) is kept for the admin page and ``/v1/status`` until
-        a later attempt succeeds."""
+    def _close_reason(self) -> str | None:
+        """Why the open round is due to close now (every expected site has reported, or the deadline has
+        passed with a quorum), or None."""
+        if len(self.uploads) >= self.config.sites:
+            return "every expected site reported"
+        if self._clock() < self.deadline or len(self.uploads) < self.config.min_sites:
+            return None
+        return f"deadline passed with {len(self.uploads)} of {self.config.sites} sites"
+
+    def _close(self, reason: str) -> bool:
+        """Close the open round, due for ``reason``, unless it is no longer due once the damaged updates are
+        dropped; whether it closed. A failure (a full disk) is kept for the admin page and ``/v1/status``
+        until a later attempt succeeds."""
         try:
+            if not self._drop_damaged_uploads() and (reason := self._close_reason()) is None:
+                return False
             self._close_round(reason)
         except OSError as exc:
             since = self.close_failure["since"] if self.close_failure else self._clock()
@@ -417,6 +449,7 @@ class ServerState:
                                   "advice": STORAGE_FAULTS.get(exc.errno, (500, "see the server's log"))[1]}
             raise
         self.close_failure = None
+        return True
 
     # ------------------------------------------------------------------ aggregation
     def _close_round(self, reason: str) -> None:
