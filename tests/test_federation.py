@@ -297,6 +297,29 @@ def test_status_verify_checks_every_kept_model_and_names_the_damaged_ones_with_t
     assert main(["status", "--state", str(state_dir)]) == 0, "without --verify, status reads no model"
 
 
+def test_status_verify_checks_the_open_rounds_acknowledged_updates_too(tmp_path: Path, capsys) -> None:
+    """An acknowledged update damaged on disk is dropped by the server before its round closes; 'status
+    --verify' says so beforehand (the disk that damaged it is in doubt), and exits 2 as for a damaged model."""
+    from fedmix_engine.cli import main
+
+    state = tmp_path / "state"
+    _state_with_two_rounds(state, [1000.0])  # site-a's update to the open round 3 is acknowledged
+    assert main(["status", "--state", str(state), "--verify"]) == 0
+    assert capsys.readouterr().out.endswith("\nmodels: 3 intact\nupdates to round 3: 1 intact\n")
+    weights = state / "current" / "site-a.safetensors"
+    _damage_update_file(weights, "NaN over a weight")
+    assert main(["status", "--state", str(state), "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert out.endswith("\nmodels: 3 intact\nupdates to round 3: 1 DAMAGED\n"), out
+    assert err == (f"error: {weights}: site-a's acknowledged update to round 3 is damaged (its bytes, or its report, "
+                   "are not those acknowledged: a failing disk, a restore gone wrong): the server drops it before the "
+                   "round closes (or at its start), and the site sends a new one; check the disk\n")
+    assert main(["status", "--state", str(state), "--json", "--verify"]) == 2
+    assert json.loads(capsys.readouterr().out)["uploads"] == {"intact": [], "damaged": ["site-a"]}
+    assert main(["status", "--state", str(state)]) == 0, "without --verify, status reads no update"
+    assert "uploaded: site-a" in capsys.readouterr().out
+
+
 def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_round_once_space_is_back(
         sample: Path, tmp_path: Path) -> None:
     """The state directory on a real, small file system that the test fills. An upload that cannot be stored

@@ -263,7 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from fedmix_engine.dice_text import shown_loss
     from fedmix_engine.federation.admin import model_summary, sites_expected
     from fedmix_engine.federation.server_config import CONFIG_FILE, load_server_config
-    from fedmix_engine.federation.status import read_status, space_shortfall, verify_models
+    from fedmix_engine.federation.status import read_status, space_shortfall, verify_models, verify_uploads
     from fedmix_engine.federation.tokens import TokenStore
     from fedmix_engine.strict_json import strict_dumps
 
@@ -274,9 +274,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         warning for warning in (space_shortfall(Path(args.state), config, status["last_round"]),
                                 _site_count_warning(TokenStore(args.state), Path(args.state))) if warning]
     models = verify_models(Path(args.state)) if args.verify else None
-    verdict = 2 if models and (models["damaged"] or models["missing"]) else 0
+    uploads = verify_uploads(Path(args.state)) if args.verify else None
+    verdict = 2 if models and (models["damaged"] or models["missing"] or uploads["damaged"]) else 0
     if args.json:
-        print(strict_dumps({**status, "warnings": warnings, **({"models": models} if models else {})}, indent=2))
+        verified = {"models": models, "uploads": uploads} if args.verify else {}
+        print(strict_dumps({**status, "warnings": warnings, **verified}, indent=2))
         return verdict
     classes = ", ".join(status["class_names"]) or "not named"
     print(f"federation {status['federation']}: {status['method']} (λ={status['lam']:g}, β={status['beta']:g}), "
@@ -302,7 +304,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"round {meta['round']}: {sites}{held_out} (closed: {meta['reason']})")
     if models:
         _say_verified(models, Path(args.state))
+        _say_verified_uploads(uploads, Path(args.state), status["last_round"] + 1)
     return verdict
+
+
+def _say_verified_uploads(uploads: dict[str, list[str]], state: Path, r: int) -> None:
+    """``status --verify``'s line for the open round's acknowledged updates (none: no line), then each
+    damaged one (on stderr): the server heals it, but the disk that damaged it is in doubt."""
+    if not (uploads["intact"] or uploads["damaged"]):
+        return
+    counts = ", ".join(f"{len(uploads[kind])} {words}" for kind, words in (("intact", "intact"),
+                                                                          ("damaged", "DAMAGED")) if uploads[kind])
+    print(f"updates to round {r}: {counts}")
+    for site in uploads["damaged"]:
+        print(f"error: {state / 'current' / site}.safetensors: {site}'s acknowledged update to round {r} is damaged "
+              "(its bytes, or its report, are not those acknowledged: a failing disk, a restore gone wrong): the "
+              "server drops it before the round closes (or at its start), and the site sends a new one; check "
+              "the disk", file=sys.stderr)
 
 
 def _say_verified(models: dict[str, list[int]], state: Path) -> None:
@@ -456,9 +474,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="print the status as JSON (for a monitoring script): GET /v1/status's fields that the state "
                         "directory holds, and the warnings")
     p.add_argument("--verify", action="store_true",
-                   help="also check every kept round's model against the SHA-256 recorded when it was written "
-                        "(reads each whole: for a backup just restored, or a disk in doubt); exit 2 if one is "
-                        "damaged or the newest is missing")
+                   help="also check every kept round's model against the SHA-256 recorded when it was written, "
+                        "and the open round's acknowledged updates against theirs (reads each whole: for a backup "
+                        "just restored, or a disk in doubt); exit 2 if one is damaged or the newest model is "
+                        "missing")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("join", help="take part in a federation with this site's data",

@@ -70,7 +70,8 @@ from fedmix_engine.federation.status import (
     round_dir,
     round_opened_at,
     token_sites,
-    upload_report,
+    upload_intact,
+    upload_reports,
 )
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import LazyUpdate, tensor_template, validate_update_file
@@ -191,17 +192,14 @@ class ServerState:
             self.opened_at = opened_at
         else:
             self._open_round()
-        for report_file in sorted(self.current_dir.glob("*.json")):
-            if report_file.name == "opened.json":
-                continue
-            info = upload_report(report_file)
+        for site, info in upload_reports(self.root):
             this_round = info is not None and info["round"] == self.current_round
-            if this_round and self._upload_intact(report_file.stem, info["sha256"]):
-                self.uploads[report_file.stem] = info
+            if this_round and upload_intact(self.root, site, info["sha256"]):
+                self.uploads[site] = info
             elif info is None or this_round:  # acknowledged, then damaged on disk: said; the site sends it again
-                self._drop_upload(report_file.stem)
+                self._drop_upload(site)
             else:  # left over from a committed round (a crash while its files were removed)
-                self._remove_upload_files(report_file.stem)
+                self._remove_upload_files(site)
         for stray in self.current_dir.glob("*.safetensors"):
             if stray.stem not in self.uploads:
                 stray.unlink()
@@ -210,13 +208,6 @@ class ServerState:
         self._leave_out_revoked()
         if not self.finished and len(self.uploads) >= self.config.sites:
             self._close_round("all sites had reported before a restart")
-
-    def _upload_intact(self, site: str, sha256: str) -> bool:
-        """Whether ``site``'s acknowledged update is still the file that was validated and acknowledged."""
-        try:
-            return file_sha256(self.current_dir / f"{site}.safetensors") == sha256
-        except FileNotFoundError:
-            return False
 
     def _drop_upload(self, site: str) -> None:
         """Forget an acknowledged update that is damaged on disk, saying so: the site is told it has not
@@ -237,7 +228,8 @@ class ServerState:
         acknowledged (a failing disk, a hand edit, a file removed), as a restart drops them; True if none was.
         Aggregated, a damaged update had put NaN into the committed global model, a removed one had failed
         every close until a restart, and a cut one had failed the close naming the upload that triggered it."""
-        damaged = [site for site, info in sorted(self.uploads.items()) if not self._upload_intact(site, info["sha256"])]
+        damaged = [site for site, info in sorted(self.uploads.items())
+                   if not upload_intact(self.root, site, info["sha256"])]
         for site in damaged:
             self._drop_upload(site)
         return not damaged

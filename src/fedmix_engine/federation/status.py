@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,40 @@ def model_check(root: Path, r: int, newest: bool) -> str:
     return "intact" if file_sha256(path) == recorded else "damaged"
 
 
+def upload_intact(root: Path, site: str, sha256: str) -> bool:
+    """Whether ``site``'s acknowledged update of the open round is still the file that was validated and
+    acknowledged (its report's SHA-256); a removed file is not."""
+    try:
+        return file_sha256(root / "current" / f"{site}.safetensors") == sha256
+    except FileNotFoundError:
+        return False
+
+
+def upload_reports(root: Path) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """Each site's acknowledged upload report in ``current/`` (None: damaged, not a report), in site order;
+    one removed between listing and reading (a running server closed the round) is skipped."""
+    for report in sorted((root / "current").glob("*.json")):
+        if report.name == "opened.json":
+            continue
+        try:
+            yield report.stem, upload_report(report)
+        except FileNotFoundError:
+            continue
+
+
+def verify_uploads(root: Path) -> dict[str, list[str]]:
+    """The open round's acknowledged updates checked as a close or a start checks them, by sites under
+    ``intact`` and ``damaged`` (a report that is not one, or weights that are not those acknowledged)."""
+    found: dict[str, list[str]] = {"intact": [], "damaged": []}
+    open_round_number = completed_rounds(root)[-1] + 1
+    for site, info in upload_reports(root):
+        if info is None:
+            found["damaged"].append(site)
+        elif info["round"] == open_round_number:
+            found["intact" if upload_intact(root, site, info["sha256"]) else "damaged"].append(site)
+    return found
+
+
 def read_history(root: Path, completed: list[int]) -> list[dict[str, Any]]:
     """Each completed round's record (``meta.json``: reason, weights, n, ℓ per site); a damaged one is named
     with what to do, not read as a history the sites' clients and the admin page would trip over."""
@@ -310,8 +345,7 @@ def read_status(root: str | Path, now: float | None = None) -> dict[str, Any]:
         raise InputError(root, "not a server state directory (no server.json or rounds/)")
     completed = completed_rounds(root)
     last = completed[-1]
-    uploaded = sorted(p.stem for p in (root / "current").glob("*.json") if p.name != "opened.json"
-                      and _upload_round(p) == last + 1)
+    uploaded = [site for site, info in upload_reports(root) if info is not None and info["round"] == last + 1]
     history = read_history(root, completed)
     return {"federation": read_federation_id(root),
             "round": None if last >= config.rounds else last + 1, "last_round": last, "rounds": config.rounds,
@@ -335,12 +369,3 @@ def round_opened_at(root: Path, round_number: int) -> float | None:
         return None
     return at if at is not None and math.isfinite(at) else None
 
-
-def _upload_round(report: Path) -> int | None:
-    """The round of an acknowledged upload's report; None once a running server has closed the round and
-    removed it (between listing and reading), or when it is damaged (the server discards it on start)."""
-    try:
-        info = upload_report(report)
-    except FileNotFoundError:
-        return None
-    return None if info is None else info.get("round")
