@@ -466,9 +466,25 @@ def test_a_round_closing_at_its_deadline_on_a_full_disk_is_shown_as_due_and_clos
         with pytest.raises(OSError):
             state.close_if_due()
         assert state.status()["close_failure"]["since"] == 1061.0, "since the first failure, not the last"
+        # each attempt aggregates and writes the model to the disk's last byte: after two failures the next
+        # waits 2 s, and the waits double up to CLOSE_RETRY_LONGEST
+        now[0] += 1.9
+        assert state.close_if_due() is False and not list((disk / "state" / "rounds").glob("*.tmp"))
+        waits = []
+        for _ in range(5):
+            before = now[0]
+            while True:
+                now[0] += 0.5
+                try:
+                    state.close_if_due()
+                except OSError:
+                    break
+            waits.append(now[0] - before)
+        assert waits == [0.5, 4.0, 8.0, 10.0, 10.0], waits  # 2 s after the second failure (1.9 s of it waited)
         filler.unlink()
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)  # another storage fault, its own advice
         try:
+            now[0] += 10
             with pytest.raises(OSError, match="Read-only file system"):
                 state.close_if_due()
             page = render_admin_page(state.status())
@@ -476,6 +492,8 @@ def test_a_round_closing_at_its_deadline_on_a_full_disk_is_shown_as_due_and_clos
             subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
         assert "The file system is read-only (remounted so after disk errors?): check the disk, remount it; the " \
                "server retries by itself." in page and "Free space" not in page
+        assert state.close_if_due() is False, "10 s after the last failure"
+        now[0] += 10
         assert state.close_if_due() and state.last_round == 1 and state.status()["close_failure"] is None
         assert state.history()[0]["reason"] == "deadline passed with 2 of 3 sites"
 

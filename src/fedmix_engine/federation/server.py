@@ -28,7 +28,7 @@ from fedmix_engine.federation.admin import model_summary, render_admin_page
 from fedmix_engine.federation.certificates import certificate_dates, certificate_names, expiry_warning
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.server_config import ServerConfig
-from fedmix_engine.federation.state import STORAGE_FAULTS, ServerState
+from fedmix_engine.federation.state import CLOSE_RETRY_LONGEST, STORAGE_FAULTS, ServerState
 from fedmix_engine.federation.status import SERVER_LOCK, model_digest, site_count_mismatch, space_shortfall
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION, MODEL_DIGEST_HEADER
@@ -90,8 +90,9 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
                     await on_state_thread(state.close_if_due)
                 except Exception as exc:  # this loop is what retries the close: it must outlive the failure
                     if str(exc) != said:
-                        log.error("round %d could not be closed: %s; retrying every %g s", state.current_round,
-                                  _failure(exc), deadline_poll)
+                        log.error("round %d could not be closed: %s; retrying by itself (after 1 s, then less "
+                                  "often, at least every %g s)", state.current_round, _failure(exc),
+                                  CLOSE_RETRY_LONGEST)
                     said = str(exc)
                 else:
                     said = None

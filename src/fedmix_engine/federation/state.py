@@ -29,6 +29,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -94,6 +95,12 @@ STORAGE_FAULTS = {
 }
 
 
+# the longest wait between attempts to close a round whose close failed (a full disk): each attempt hashes and
+# aggregates every update and writes the model up to the disk's last byte, so a server retrying twice a second
+# kept a core busy and rewrote ~100 MB a second on the full disk; the waits double from 1 s to this
+CLOSE_RETRY_LONGEST = 10.0
+
+
 @dataclass(frozen=True)
 class Outcome:
     """Result of an upload: HTTP status and a sentence for the site's operator."""
@@ -111,6 +118,8 @@ class ServerState:
         self._clock = clock
         self._lock = threading.RLock()
         self.close_failure: dict[str, Any] | None = None  # why the open round, due to close, is not closed yet
+        self._close_attempts_failed = 0  # since the last close: the wait before the next attempt doubles with them
+        self._close_retry_at = -math.inf
         config_path = self.root / CONFIG_FILE
         self.adjusted: list[str] = []  # settings this start changed ('rounds: 10 → 20'), for the admin
         self.changes = read_settings_changes(self.root)
@@ -411,7 +420,7 @@ class ServerState:
         expected site has: a close that failed when the last site uploaded (a full disk) is retried here,
         since no further upload will come to trigger it."""
         with self._lock:
-            if self.finished:
+            if self.finished or self._clock() < self._close_retry_at:
                 return False
             self._leave_out_revoked()
             reason = self._close_reason()
@@ -435,12 +444,14 @@ class ServerState:
                 return False
             self._close_round(reason)
         except OSError as exc:
+            self._close_attempts_failed += 1
+            self._close_retry_at = self._clock() + min(CLOSE_RETRY_LONGEST, 2.0 ** (self._close_attempts_failed - 1))
             since = self.close_failure["since"] if self.close_failure else self._clock()
             self.close_failure = {"round": self.current_round, "error": str(exc), "since": since,
                                   "reason": exc.strerror or type(exc).__name__,  # for the sites: no path
                                   "advice": STORAGE_FAULTS.get(exc.errno, (500, "see the server's log"))[1]}
             raise
-        self.close_failure = None
+        self.close_failure, self._close_attempts_failed, self._close_retry_at = None, 0, -math.inf
         return True
 
     # ------------------------------------------------------------------ aggregation
