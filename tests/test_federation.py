@@ -202,9 +202,11 @@ def flip_a_weight(state: Path, r: int) -> None:
 def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: Path, tmp_path: Path) -> None:
     """safetensors checks a file's header, not its numbers: a weight changed on the server's disk (a failing
     disk, a restore gone wrong) was sent to every site, and trained on. Each round's record now holds its
-    model's SHA-256 as written; a site refuses other bytes, a restart names the damage and its remedy, and
-    round 0's model (made from the seed) is made again. A state directory whose rounds/ lost every round
-    was an IndexError."""
+    model's SHA-256 as written; the running server checks its newest model before sending it, and answers
+    503 (retried by the sites) while it is damaged, telling its admin (log, page, /healthz) where only the
+    sites had known; a model restored from a backup is served at once. A restart names the damage and its
+    remedy, and round 0's model (made from the seed) is made again. A state directory whose rounds/ lost
+    every round was an IndexError."""
     import hashlib
     import shutil
 
@@ -225,10 +227,31 @@ def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: 
         assert r == 0 and hashlib.sha256(data).hexdigest() == recorded(0)
         assert upload(server.url, token, 1, fake_update(global_pair(server.url, token)[0], seed=1)).status_code == 200
         assert client.download_global()[1] == 1
+        model = state / "rounds" / "000001" / "global.safetensors"
+        written = model.read_bytes()
         flip_a_weight(state, 1)
-        with pytest.raises(FederationError, match=r"^the global model of round 1 that the server sent is not the one "
-                                                  r"it wrote \(its SHA-256 differs\): the server's copy is damaged"):
-            client.download_global()
+        impatient = FederationClient(server.url, token, sample / "site-a", device="cpu", give_up_after=0)
+        for _ in range(2):
+            with pytest.raises(FederationError, match=r"^gave up after 0 s: server error 503 \(the server's global "
+                                                      r"model of round 1 is damaged \(its bytes are not those written: "
+                                                      r"a failing disk, a restore gone wrong\): its admin must restore "
+                                                      r"it; this request is retried\)"):
+                impatient.download_global()
+        health = httpx.get(f"{server.url}/healthz", timeout=10)
+        assert health.status_code == 503 and health.json()["failing"] == [
+            "round 1's global model is damaged or missing: no site can download it"]
+        assert "<b>No site can download the global model</b>: round 1&#x27;s global model is damaged" in \
+            httpx.get(server.url + "/", timeout=10).text
+        model.write_bytes(written)  # restored from a backup: served at once, no restart
+        data, r = client.download_global()
+        assert r == 1 and hashlib.sha256(data).hexdigest() == recorded(1)
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        flip_a_weight(state, 1)
+    said = [line for line in server.log.read_text().splitlines() if "no site can download" in line.lower()
+            or "the sites cannot download it" in line]
+    assert len(said) == 1, said  # said once, not at every site's retry
+    assert f"{model}: round 1's global model is damaged (its bytes are not those written: a failing disk, a restore " \
+           "gone wrong): restore it from a backup, or move" in said[0]
     with pytest.raises(InputError, match=r"000001/global\.safetensors: the newest round's global model is damaged "
                                          r"\(its bytes are not those written.*\): restore it from a backup, or move "
                                          r".*000001 \(and evaluations/000001\) out of the state directory"):
@@ -252,6 +275,28 @@ def test_a_global_model_damaged_on_the_servers_disk_is_never_trained_on(sample: 
         ServerState(state, None)
     with pytest.raises(InputError, match=said):
         read_status(state)
+
+
+def test_a_site_refuses_a_global_model_whose_bytes_are_not_those_the_server_wrote(
+        sample: Path, tmp_path: Path, monkeypatch) -> None:
+    """The site's own check stays beside the server's: bytes other than those written, from a server that
+    sends its model unchecked (one from before that check) or a proxy that changes them, are refused by the
+    recorded SHA-256 the server sends with them, never trained on."""
+    from fedmix_engine.federation.client import FederationClient, FederationError
+    from fedmix_engine.federation.state import ServerState
+    from fedmix_engine.federation.status import model_digest
+
+    state = tmp_path / "state"
+    token = make_tokens(state, ["site-a"])["site-a"]
+    monkeypatch.setattr(ServerState, "served_model", lambda self: (self.global_path(), self.last_round,
+                                                                    model_digest(self.root, self.last_round)))
+    with serving_in_process(tiny_server_app(state, sites=1)) as url:
+        client = FederationClient(url, token, sample / "site-a", device="cpu")
+        assert client.download_global()[1] == 0
+        flip_a_weight(state, 0)
+        with pytest.raises(FederationError, match=r"^the global model of round 0 that the server sent is not the one "
+                                                  r"it wrote \(its SHA-256 differs\): the server's copy is damaged"):
+            client.download_global()
 
 
 def test_status_verify_checks_every_kept_model_and_names_the_damaged_ones_with_their_remedy(

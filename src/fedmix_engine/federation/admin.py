@@ -125,6 +125,9 @@ def render_admin_page(status: dict[str, Any]) -> str:
                f"{escape(failure['error'])}. {escape(failure['advice'][:1].upper() + failure['advice'][1:])}; "
                "the server retries by itself."
                "</p>") if failure else ""
+    damaged = status.get("model_failure")
+    failing += (f"<p style='color:#b00'><b>No site can download the global model</b>: {escape(damaged['error'])}."
+                "</p>") if damaged else ""
     expires = status.get("tls_expires_at")
     expiring = expiry_warning(expires, time.time()) if expires is not None else None
     renew = f"<p style='color:#b00'><b>Renew the TLS certificate</b>: {escape(expiring)}.</p>" if expiring else ""

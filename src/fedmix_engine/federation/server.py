@@ -29,7 +29,7 @@ from fedmix_engine.federation.certificates import certificate_dates, certificate
 from fedmix_engine.federation.federated_evaluation import EVALUATION_BYTES
 from fedmix_engine.federation.server_config import ServerConfig
 from fedmix_engine.federation.state import CLOSE_RETRY_LONGEST, STORAGE_FAULTS, ServerState
-from fedmix_engine.federation.status import SERVER_LOCK, model_digest, site_count_mismatch, space_shortfall
+from fedmix_engine.federation.status import SERVER_LOCK, site_count_mismatch, space_shortfall
 from fedmix_engine.federation.tokens import TokenStore
 from fedmix_engine.federation.wire import API_VERSION, MODEL_DIGEST_HEADER
 from fedmix_engine.folder_lock import hold_folder
@@ -182,8 +182,10 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
 
     @app.get(f"/{API_VERSION}/model")
     def global_model(site: str = Depends(site_of)) -> FileResponse:
-        path, r = state.latest_global()
-        digest = model_digest(state.root, r)  # as written: the site checks the bytes it receives by it
+        try:
+            path, r, digest = state.served_model()  # digest as written: the site checks what it receives by it
+        except InputError as exc:  # damaged on the server's disk: the site retries, the admin is told
+            raise HTTPException(503, f"{exc.reason}: its admin must restore it; this request is retried") from None
         return FileResponse(path, media_type="application/octet-stream", filename=f"global-{r:06d}.safetensors",
                             headers={"X-FedMix-Round": str(r), **({MODEL_DIGEST_HEADER: digest} if digest else {})})
 
@@ -279,6 +281,8 @@ def create_app(state: ServerState, tokens: TokenStore, deadline_poll: float = 0.
         failing = []
         if (failure := state.close_failure) is not None:
             failing.append(f"round {failure['round']} is due to close but cannot be ({failure['reason']})")
+        if (damaged := state.model_failure) is not None:
+            failing.append(f"round {damaged['round']}'s global model is damaged or missing: no site can download it")
         try:
             tokens.sites()
         except InputError:

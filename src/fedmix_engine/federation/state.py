@@ -61,6 +61,7 @@ from fedmix_engine.federation.status import (
     completed_rounds,
     evaluation_summaries,
     model_check,
+    model_digest,
     newest_model_remedy,
     open_round,
     read_evaluations,
@@ -120,6 +121,8 @@ class ServerState:
         self.close_failure: dict[str, Any] | None = None  # why the open round, due to close, is not closed yet
         self._close_attempts_failed = 0  # since the last close: the wait before the next attempt doubles with them
         self._close_retry_at = -math.inf
+        self.model_failure: dict[str, Any] | None = None  # why the newest model cannot be sent (damaged on disk)
+        self._served_intact: tuple | None = None  # the newest model's file as last found intact (round, stat)
         config_path = self.root / CONFIG_FILE
         self.adjusted: list[str] = []  # settings this start changed ('rounds: 10 → 20'), for the admin
         self.changes = read_settings_changes(self.root)
@@ -302,6 +305,33 @@ class ServerState:
         with self._lock:
             return self.global_path(), self.last_round
 
+    def served_model(self) -> tuple[Path, int, str | None]:
+        """The newest global model for a site to download: its file, round and the SHA-256 recorded as it
+        was written. InputError if the file is no longer those bytes or is gone (a failing disk, a restore
+        gone wrong): the site is answered 503 and retries, and the admin is told (log, page, /healthz),
+        where the site was sent bytes it refuses and the server said nothing. Hashed once per round: again
+        only when the file's inode, size or times change (a restore from a backup is served at once)."""
+        path, r = self.latest_global()
+        try:
+            found = path.stat()
+        except FileNotFoundError:
+            problem = "missing"
+        else:
+            seen = (r, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+            problem = "intact" if seen == self._served_intact else model_check(self.root, r, newest=True)
+        with self._lock:
+            if problem in ("intact", "unchecked"):
+                self._served_intact, self.model_failure = seen, None
+                return path, r, model_digest(self.root, r)
+            remedy = ("restart the server: it makes the initial model again from the seed" if r == 0 else
+                      f"{newest_model_remedy(self.root, r)} (at the server's restart; a restored file is served "
+                      "at once)")
+            failure = {"round": r, "error": f"round {r}'s global model {MODEL_PROBLEMS[problem]}: {remedy}"}
+            if failure != self.model_failure:
+                log.error("%s: %s; the sites cannot download it and retry", path, failure["error"])
+            self.model_failure = failure
+        raise InputError(path, f"the server's global model of round {r} {MODEL_PROBLEMS[problem]}")
+
     def round_info(self, site: str) -> dict[str, Any]:
         """What a polling site needs; cheap (no history sent). ``last_accepted``: the newest round whose
         update from this site the server took (None: none), so a restarted site knows whether the update it
@@ -327,7 +357,7 @@ class ServerState:
                              sorted(self.uploads), token_sites(self.tokens), history),
                 "method": self.config.method, "lam": self.config.lam, "beta": self.config.beta,
                 "history": history, "settings_changes": self.changes, "evaluations": self.evaluations(),
-                "close_failure": self.close_failure,
+                "close_failure": self.close_failure, "model_failure": self.model_failure,
             }
 
     def evaluations(self) -> list[dict[str, Any]]:
