@@ -365,6 +365,32 @@ def test_status_verify_checks_the_open_rounds_acknowledged_updates_too(tmp_path:
     assert "uploaded: site-a" in capsys.readouterr().out
 
 
+def test_status_verify_beside_a_running_server_takes_files_it_removes_meanwhile_for_no_damage(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    """'status --verify' reads a state directory that a running server changes: a round closing removes the
+    open round's updates, --keep-models an older model, between verify's listing and its reading. A model
+    removed so was a FileNotFoundError (exit 1, as a failure of the machine), an update a false DAMAGED."""
+    from fedmix_engine.cli import main
+    from fedmix_engine.federation import status
+
+    state = tmp_path / "state"
+    _state_with_two_rounds(state, [1000.0])  # models of rounds 0-2, site-a's update to round 3
+    real = status.file_sha256
+
+    def removed_while_read(path: Path) -> str:
+        if path.name == "site-a.safetensors":  # the round closes: every file of current/ goes
+            for leftover in path.parent.iterdir():
+                leftover.unlink()
+        elif path.parent.name == "000001":  # --keep-models removes round 1's model
+            path.unlink()
+        return real(path)
+
+    monkeypatch.setattr(status, "file_sha256", removed_while_read)
+    assert main(["status", "--state", str(state), "--verify"]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("\nmodels: 2 intact, 1 removed by --keep-models\n") and err == "", (out, err)
+
+
 def test_a_server_whose_disk_fills_says_so_keeps_every_update_and_closes_the_round_once_space_is_back(
         sample: Path, tmp_path: Path) -> None:
     """The state directory on a real, small file system that the test fills. An upload that cannot be stored

@@ -171,7 +171,10 @@ def model_check(root: Path, r: int, newest: bool) -> str:
     recorded = model_digest(root, r)
     if recorded is None:
         return "unchecked"
-    return "intact" if file_sha256(path) == recorded else "damaged"
+    try:
+        return "intact" if file_sha256(path) == recorded else "damaged"
+    except FileNotFoundError:  # removed while read: by a running server's --keep-models, or the newest gone
+        return "missing" if newest else "removed"
 
 
 def upload_intact(root: Path, site: str, sha256: str) -> bool:
@@ -190,9 +193,10 @@ def upload_reports(root: Path) -> Iterator[tuple[str, dict[str, Any] | None]]:
         if report.name == "opened.json":
             continue
         try:
-            yield report.stem, upload_report(report)
+            info = upload_report(report)
         except FileNotFoundError:
             continue
+        yield report.stem, info
 
 
 def verify_uploads(root: Path) -> dict[str, list[str]]:
@@ -201,10 +205,12 @@ def verify_uploads(root: Path) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {"intact": [], "damaged": []}
     open_round_number = completed_rounds(root)[-1] + 1
     for site, info in upload_reports(root):
-        if info is None:
+        if info is not None and info["round"] != open_round_number:
+            continue  # left over from a committed round (a crash while its files were removed)
+        if info is not None and upload_intact(root, site, info["sha256"]):
+            found["intact"].append(site)
+        elif (root / "current" / f"{site}.json").exists():  # else a running server closed the round meanwhile
             found["damaged"].append(site)
-        elif info["round"] == open_round_number:
-            found["intact" if upload_intact(root, site, info["sha256"]) else "damaged"].append(site)
     return found
 
 
